@@ -1,0 +1,50 @@
+# SynPref developer commands. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+STAMP := $(VENV)/.synpref-installed
+
+.PHONY: help setup protos kafka helm test test-unit test-integration lint demo bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml setup.py
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@test -x $(UV) || $(PY) -m pip install -q uv
+	$(UV) pip install --python $(PY) -e '.[dev,bench]'
+	@touch $(STAMP)
+
+setup: $(STAMP) protos kafka helm ## create .venv and install everything (Python packages, Kafka, helm)
+
+protos: $(STAMP) ## generate Python code from protos/ into gen/
+	$(PY) protos/generate.py
+
+kafka: ## fetch Apache Kafka and its dependencies from Maven Central into .cache/kafka
+	bash tools/kafka/fetch.sh
+
+helm: ## build the helm binary from the Go module proxy into .cache/bin
+	bash tools/helm/build.sh
+
+test: setup ## run the whole test suite (starts and stops a Kafka broker)
+	$(PY) -m pytest tests
+
+test-unit: setup ## fast unit tests only
+	$(PY) -m pytest tests -m "not integration"
+
+test-integration: setup ## integration tests against real services
+	$(PY) -m pytest tests -m integration
+
+lint: $(STAMP) ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+demo: setup ## run the curation loop on the embedded default (no cluster)
+	$(VENV)/bin/synpref run --config examples/demo.yaml
+
+bench: setup ## run the CPU benchmarks and print their figures
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean: ## remove generated code and caches (keeps .venv)
+	rm -rf gen .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""Deployable services: each a thin shell binding a pure stage function to Kafka and gRPC."""

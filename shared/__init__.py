@@ -1,0 +1,1 @@
+"""SynPref shared library: config, wire-format helpers, Kafka I/O, model loading."""

