@@ -15,7 +15,12 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-SOURCE_FOLDERS = {"shared": "synpref.shared", "services": "synpref.services", "training": "synpref.training"}
+SOURCE_FOLDERS = {
+    "shared": "synpref.shared",
+    "services": "synpref.services",
+    "training": "synpref.training",
+    "client": "synpref.client",
+}
 
 
 def generate_protos() -> None:

@@ -5,11 +5,10 @@ The output path mirrors the proto package, so generated imports
 """
 
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 from grpc_tools import protoc
-
-from importlib.resources import files
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"

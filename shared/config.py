@@ -165,9 +165,7 @@ class ServiceSettings(Section):
 class Settings(BaseSettings):
     """Everything a SynPref process reads from its environment."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True)
 
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()

@@ -1,0 +1,1 @@
+"""Python client for the SynPref RewardService (sync and asyncio)."""

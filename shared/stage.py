@@ -1,0 +1,37 @@
+"""The contract between a pure stage function and whatever runs it.
+
+A stage is `Callable[[list[PairRecord]], StageResult]`: a batch in, routed
+records out. The same function runs in process (the embedded default) and
+inside a Kafka service, where each route name is a field of TopicSettings
+("annotated", "curated", "review", ...) mapped to its topic by the runner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from synpref.v1.pair_pb2 import PairRecord
+
+
+@dataclass
+class StageResult:
+    routed: list[tuple[str, PairRecord]] = field(default_factory=list)
+    """(route, record) pairs; route names a TopicSettings field."""
+    failed: list[tuple[PairRecord, str]] = field(default_factory=list)
+    """Inputs the stage could not process, with the reason: they go to the dead-letter topic."""
+
+    def emit(self, route: str, record: PairRecord) -> None:
+        self.routed.append((route, record))
+
+    def fail(self, record: PairRecord, reason: str) -> None:
+        self.failed.append((record, reason))
+
+    def by_route(self) -> dict[str, list[PairRecord]]:
+        out: dict[str, list[PairRecord]] = {}
+        for route, record in self.routed:
+            out.setdefault(route, []).append(record)
+        return out
+
+
+Stage = Callable[[list[PairRecord]], StageResult]
