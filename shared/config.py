@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "SYNPREF_"
@@ -77,6 +77,8 @@ class TopicSettings(Section):
     review: str = "synpref.pairs.review"
     verified: str = "synpref.pairs.verified"
     dead_letter: str = "synpref.pairs.dlq"
+    discarded: str = "synpref.pairs.discarded"
+    """Pairs the human desk dropped ("cannot decide" or a split vote): kept for audit, never in D_gold."""
 
     def all(self) -> list[str]:
         return list(self.model_dump().values())
@@ -153,6 +155,36 @@ class ScorerSettings(Section):
     on_too_long: Literal["truncate", "reject"] = "truncate"
 
 
+DEFAULT_DESK_GUIDELINE = """\
+Read the conversation, then both candidates. Pick the candidate that better serves the user
+in its last turn: correct, helpful, honest and safe, following the pair's own annotation
+guideline where it has one. Judge the content, not its length or style. Choose "cannot decide"
+when both are equally good or bad, or when you lack the knowledge to judge: such pairs are
+dropped, never guessed. Use the note for anything a reviewer should know."""
+
+
+class DeskSettings(Section):
+    """The human verification desk (`synpref desk`): a web page for Stage-1 annotators."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 inside a container."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    tokens: SecretStr = SecretStr("")
+    """Comma-separated annotator:token pairs; prefer SYNPREF_DESK__TOKENS (from a Secret) over YAML."""
+    tokens_file: str = ""
+    """File with one annotator:token per line (# starts a comment); merged with `tokens`."""
+    overlap: int = Field(default=1, ge=1, le=9)
+    """How many annotators label each pair; above 1, agreement is recorded and the plurality decides."""
+    guideline: str = DEFAULT_DESK_GUIDELINE
+    """General guideline shown in the desk's guideline panel, above each pair's own guideline."""
+    lease_s: float = Field(default=1800.0, gt=0)
+    """An assigned pair not answered within this time goes back to the pool."""
+    max_pending: int = Field(default=256, ge=1)
+    """Most undecided pairs the desk holds; it stops reading the review topic beyond that."""
+    group_id: str = "synpref-desk"
+    """Consumer group on the review topic; run one desk replica per group."""
+
+
 class ServiceSettings(Section):
     host: str = "0.0.0.0"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
@@ -175,6 +207,7 @@ class Settings(BaseSettings):
     filter: FilterSettings = FilterSettings()
     writer: WriterSettings = WriterSettings()
     scorer: ScorerSettings = ScorerSettings()
+    desk: DeskSettings = DeskSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("log_level", mode="before")
