@@ -1,0 +1,278 @@
+"""Cross-request dynamic batching.
+
+Every request (gRPC Score, ScorePairs, a stream message, an HTTP shim call) hands its
+token-id lists to one Batcher per served model. A single worker task coalesces the items
+of concurrent requests: it waits at most `max_wait_ms` after the oldest queued item (or
+less, once a full batch is queued), sorts the waiting items by length so each forward pads
+little, cuts them into batches bounded by `max_batch_tokens` (padded size: items x longest)
+and `max_batch_items`, and runs the forwards one at a time on a dedicated thread, so the
+event loop keeps accepting requests while the model computes. Each reward is routed back
+to its own request by (job, index).
+
+A request whose caller cancelled it, or whose deadline passed, is answered at once; its
+items still queued are dropped before compute. The queue is bounded (`max_queue` items):
+beyond it, submit raises Overloaded instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from synpref.services.scorer.errors import DeadlineExceeded, NotReady, Overloaded, ScorerError
+from synpref.services.scorer.metrics import ScorerMetrics
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[list[list[int]]], list[float]]
+"""A batch of token-id lists in, one raw reward per list out (runs on the batcher's thread)."""
+
+WINDOW_BATCHES = 4
+"""One scheduling round takes at most this many full batches from the queue, so a long
+item waits at most a few rounds behind shorter ones that keep arriving."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    rewards: list[float]
+    queue_ms: float
+    """From submit until the first of the request's items started computing."""
+    compute_ms: float
+    """From that start until the request's last item finished."""
+    tokens: int
+    batch_size: int
+    """Largest forward any of the request's items rode in."""
+
+
+class _Job:
+    """One request's items and the future its caller awaits."""
+
+    __slots__ = ("batch_size", "future", "remaining", "rewards", "started", "submitted", "timer", "tokens")
+
+    def __init__(self, future: asyncio.Future[BatchResult], n: int, tokens: int, submitted: float) -> None:
+        self.future = future
+        self.rewards: list[float] = [0.0] * n
+        self.remaining = n
+        self.tokens = tokens
+        self.submitted = submitted
+        self.started: float | None = None
+        self.batch_size = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def deliver(self, index: int, reward: float, batch_size: int, now: float) -> None:
+        if self.future.done():  # cancelled or expired while its batch ran: nobody is waiting
+            return
+        self.rewards[index] = reward
+        self.batch_size = max(self.batch_size, batch_size)
+        self.remaining -= 1
+        if self.remaining == 0:
+            started = self.started if self.started is not None else now
+            self.future.set_result(
+                BatchResult(
+                    rewards=self.rewards,
+                    queue_ms=(started - self.submitted) * 1000.0,
+                    compute_ms=(now - started) * 1000.0,
+                    tokens=self.tokens,
+                    batch_size=self.batch_size,
+                )
+            )
+            if self.timer is not None:
+                self.timer.cancel()
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+@dataclass(slots=True)
+class _Item:
+    job: _Job
+    index: int
+    ids: list[int]
+
+
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_items: int) -> list[list[int]]:
+    """Indices grouped into batches: sorted by length, each batch's padded size
+    (items x longest) within the token budget; an item longer than the budget rides alone."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[i]  # sorted ascending: the newcomer is the longest so far
+        if current and ((len(current) + 1) * longest > max_batch_tokens or len(current) >= max_batch_items):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Batcher:
+    def __init__(
+        self,
+        forward: Forward,
+        *,
+        max_batch_tokens: int,
+        max_batch_items: int,
+        max_wait_ms: float,
+        max_queue: int,
+        name: str = "model",
+        metrics: ScorerMetrics | None = None,
+    ) -> None:
+        self.forward = forward
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_items = max_batch_items
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.name = name
+        self.metrics = metrics
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._queued_tokens = 0
+        self._wakeup = asyncio.Event()
+        # One thread: forwards of one model run one at a time, in order.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"scorer-{name}")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.forwards = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def score(self, ids: Sequence[list[int]], deadline: float | None = None) -> BatchResult:
+        """Rewards for `ids` in order. `deadline` is on the event loop's clock (loop.time())."""
+        if self._closing or self._task is None:
+            raise NotReady(f"model {self.name!r} is not accepting work (loading, replaced or draining)")
+        if not ids:
+            return BatchResult(rewards=[], queue_ms=0.0, compute_ms=0.0, tokens=0, batch_size=0)
+        if len(self._queue) + len(ids) > self.max_queue:
+            raise Overloaded(
+                f"model {self.name!r} has {len(self._queue)} items queued; {len(ids)} more would exceed "
+                f"max_queue={self.max_queue}: retry later"
+            )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[BatchResult] = loop.create_future()
+        job = _Job(future, len(ids), sum(len(x) for x in ids), loop.time())
+        if deadline is not None:
+            if deadline <= job.submitted:
+                raise DeadlineExceeded("deadline already passed on arrival")
+            job.timer = loop.call_at(
+                deadline, job.fail, DeadlineExceeded("deadline passed before the items were scored")
+            )
+        for i, x in enumerate(ids):
+            self._queue.append(_Item(job, i, x))
+        self._queued_tokens += job.tokens
+        self._set_depth()
+        self._wakeup.set()
+        # Cancelling the awaiting caller cancels `future`; the worker then skips the job's items.
+        return await future
+
+    async def close(self, drain: bool = True) -> None:
+        """Stop accepting; with drain, finish everything queued first, else fail it."""
+        self._closing = True
+        if not drain:
+            while self._queue:
+                self._queue.popleft().job.fail(NotReady("server shutting down"))
+            self._queued_tokens = 0
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+        self._set_depth()
+
+    def _set_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(self.name).set(len(self._queue))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._fill_window(loop)
+            window = self._take_window()
+            lengths = [len(it.ids) for it in window]
+            for batch_idx in plan_batches(lengths, self.max_batch_tokens, self.max_batch_items):
+                # Drop items of requests that were cancelled or expired while they waited.
+                batch = [window[i] for i in batch_idx if not window[i].job.future.done()]
+                if batch:
+                    await self._compute(loop, batch)
+
+    async def _fill_window(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait until a full batch is queued or the oldest item has waited max_wait."""
+        deadline = self._queue[0].job.submitted + self.max_wait_s
+        while (
+            not self._closing
+            and len(self._queue) < self.max_batch_items
+            and self._queued_tokens < self.max_batch_tokens
+        ):
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                return
+
+    def _take_window(self) -> list[_Item]:
+        window: list[_Item] = []
+        tokens = 0
+        limit_items = self.max_batch_items * WINDOW_BATCHES
+        limit_tokens = self.max_batch_tokens * WINDOW_BATCHES
+        while self._queue and len(window) < limit_items and (not window or tokens < limit_tokens):
+            item = self._queue.popleft()
+            tokens += len(item.ids)
+            window.append(item)
+        self._queued_tokens -= tokens
+        self._set_depth()
+        return window
+
+    async def _compute(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        start = loop.time()
+        for it in batch:
+            if it.job.started is None:
+                it.job.started = start
+        ids = [it.ids for it in batch]
+        t0 = time.perf_counter()
+        try:
+            rewards = await loop.run_in_executor(self._executor, self.forward, ids)
+        except Exception as exc:
+            log.exception("forward of %d items failed on model %s", len(batch), self.name)
+            err = ScorerError(f"model forward failed: {type(exc).__name__}: {exc}")
+            for it in batch:
+                it.job.fail(err)
+            return
+        seconds = time.perf_counter() - t0
+        self.forwards += 1
+        if len(rewards) != len(batch):
+            err = ScorerError(f"backend returned {len(rewards)} rewards for {len(batch)} items")
+            for it in batch:
+                it.job.fail(err)
+            return
+        now = loop.time()
+        for it, reward in zip(batch, rewards, strict=True):
+            it.job.deliver(it.index, float(reward), len(batch), now)
+        if self.metrics is not None:
+            tokens = sum(len(x) for x in ids)
+            padded = len(ids) * max(len(x) for x in ids)
+            self.metrics.observe_batch(self.name, len(batch), tokens, padded, seconds)

@@ -1,0 +1,175 @@
+"""The dynamic batcher with a deterministic forward (sum of ids): routing, budgets, overload,
+deadlines, cancellation and drain. The model-backed paths are in tests/integration."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from synpref.services.scorer.batcher import Batcher, plan_batches
+from synpref.services.scorer.errors import DeadlineExceeded, NotReady, Overloaded, ScorerError
+
+
+class Recorder:
+    """A forward that sums each id list and records the batches it saw; optionally blocks."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[list[int]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, batch: list[list[int]]) -> list[float]:
+        self.entered.set()
+        assert self.gate.wait(5), "test forgot to open the gate"
+        self.batches.append(batch)
+        return [float(sum(x)) for x in batch]
+
+    def seen(self) -> list[list[int]]:
+        return [x for b in self.batches for x in b]
+
+
+def make(forward: Recorder, **kw: float) -> Batcher:
+    opts = {"max_batch_tokens": 1000, "max_batch_items": 16, "max_wait_ms": 20.0, "max_queue": 100}
+    opts.update(kw)
+    return Batcher(forward, name="m", **opts)  # type: ignore[arg-type]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_plan_batches_sorts_by_length_and_respects_budget() -> None:
+    lengths = [50, 3, 40, 4, 5, 45, 200]
+    batches = plan_batches(lengths, max_batch_tokens=100, max_batch_items=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 100
+    assert [lengths[i] for i in batches[0]] == [3, 4, 5]  # shortest first, grouped together
+    assert [lengths[i] for i in batches[-1]] == [200]  # longer than the budget: alone
+
+
+def test_concurrent_requests_are_coalesced_and_routed_back() -> None:
+    rec = Recorder()
+
+    async def main() -> None:
+        b = make(rec)
+        b.start()
+        inputs = [[[i, k] for k in range(i % 3 + 1)] for i in range(40)]
+        results = await asyncio.gather(*(b.score(x) for x in inputs))
+        for x, r in zip(inputs, results, strict=True):
+            assert r.rewards == [float(sum(ids)) for ids in x]
+            assert r.tokens == sum(len(ids) for ids in x)
+        assert b.forwards < 40 / 2  # batched across requests, not one forward each
+        assert max(len(batch) for batch in rec.batches) > 1
+        await b.close()
+
+    run(main())
+
+
+def test_a_full_batch_does_not_wait_for_max_wait() -> None:
+    rec = Recorder()
+
+    async def main() -> float:
+        b = make(rec, max_batch_items=4, max_wait_ms=5000.0)
+        b.start()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await asyncio.gather(*(b.score([[i]]) for i in range(4)))
+        elapsed = loop.time() - t0
+        await b.close()
+        return elapsed
+
+    assert run(main()) < 2.0
+
+
+def test_overload_is_refused_not_queued() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+
+    async def main() -> None:
+        b = make(rec, max_queue=4, max_wait_ms=0.0)
+        b.start()
+        first = asyncio.ensure_future(b.score([[1]]))
+        while not rec.entered.is_set():  # the forward is busy with `first`
+            await asyncio.sleep(0.005)
+        queued = asyncio.ensure_future(b.score([[2], [3], [4]]))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded, match="max_queue=4"):
+            await b.score([[5], [6]])
+        rec.gate.set()
+        assert (await first).rewards == [1.0]
+        assert (await queued).rewards == [2.0, 3.0, 4.0]
+        await b.close()
+
+    run(main())
+
+
+def test_expired_and_cancelled_requests_are_dropped_before_compute() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+
+    async def main() -> None:
+        b = make(rec, max_wait_ms=0.0)
+        b.start()
+        loop = asyncio.get_running_loop()
+        blocker = asyncio.ensure_future(b.score([[1]]))
+        while not rec.entered.is_set():
+            await asyncio.sleep(0.005)
+        expiring = asyncio.ensure_future(b.score([[777]], deadline=loop.time() + 0.05))
+        cancelled = asyncio.ensure_future(b.score([[888]]))
+        kept = asyncio.ensure_future(b.score([[999]]))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        with pytest.raises(DeadlineExceeded):
+            await expiring  # answered while the forward is still blocked
+        assert not blocker.done()
+        rec.gate.set()
+        assert (await kept).rewards == [999.0]
+        await blocker
+        assert [777] not in rec.seen()
+        assert [888] not in rec.seen()
+        with pytest.raises(DeadlineExceeded):
+            await b.score([[1]], deadline=loop.time() - 1)
+        await b.close()
+
+    run(main())
+
+
+def test_close_drains_queued_work_then_refuses() -> None:
+    rec = Recorder()
+
+    async def main() -> None:
+        b = make(rec, max_wait_ms=50.0)
+        b.start()
+        pending = [asyncio.ensure_future(b.score([[i]])) for i in range(10)]
+        await asyncio.sleep(0)
+        await b.close(drain=True)
+        assert [p.result().rewards for p in pending] == [[float(i)] for i in range(10)]
+        with pytest.raises(NotReady):
+            await b.score([[1]])
+
+    run(main())
+
+
+def test_forward_failure_fails_only_that_batch() -> None:
+    calls = {"n": 0}
+
+    def flaky(batch: list[list[int]]) -> list[float]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return [float(sum(x)) for x in batch]
+
+    async def main() -> None:
+        b = Batcher(flaky, max_batch_tokens=100, max_batch_items=8, max_wait_ms=0.0, max_queue=10)
+        b.start()
+        with pytest.raises(ScorerError, match="boom"):
+            await b.score([[1]])
+        assert (await b.score([[2, 3]])).rewards == [5.0]
+        await b.close()
+
+    run(main())
