@@ -137,22 +137,46 @@ class WriterSettings(Section):
 
 
 class ScorerSettings(Section):
+    """The reward scorer service (`synpref scorer`, services/scorer, docs/scorer.md)."""
+
     host: str = "127.0.0.1"
+    """Interface the gRPC and HTTP servers bind; 0.0.0.0 in a container."""
     port: int = Field(default=50060, ge=0, le=65535)
+    """gRPC RewardService port (health and reflection on the same port); 0 = any free port."""
     http_port: int = Field(default=8080, ge=0, le=65535)
+    """HTTP port: /get_reward (OpenRLHF), /classify (vLLM shape), /metrics, /health, /admin/reload."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
+    """Separate Prometheus port; 0 = none (the same metrics stay on http_port /metrics)."""
     models: dict[str, ModelRef] = Field(default_factory=dict)
+    """Served models by name, e.g. {gold: {path: ...}, best: {path: ...}}."""
     default_model: str = "best"
+    """Model used when a request names none."""
     backend: Literal["torch", "vllm"] = "torch"
+    """torch: transformers (CPU fp32; CUDA bf16 + SDPA). vllm: optional extra, raw-logit classify."""
     device: str = "auto"
+    """auto = cuda when available, else cpu."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto = bf16 on a bf16-capable GPU, fp32 elsewhere."""
     max_length: int = Field(default=4096, ge=8)
+    """Longest item in tokens; longer ones are truncated or rejected (on_too_long)."""
     max_batch_items: int = Field(default=64, ge=1)
+    """Most items in one forward."""
     max_batch_tokens: int = Field(default=16384, ge=8)
+    """Token budget of one forward, counted padded: items x longest item."""
     max_wait_ms: float = Field(default=5.0, ge=0.0)
+    """Longest an item waits for others to share its forward."""
     max_queue: int = Field(default=4096, ge=1)
+    """Items waiting per model; beyond it requests get RESOURCE_EXHAUSTED / HTTP 429."""
     max_request_items: int = Field(default=1024, ge=1)
+    """Most items (pair sides count two) in one request; more is INVALID_ARGUMENT / HTTP 400."""
     on_too_long: Literal["truncate", "reject"] = "truncate"
+    """What to do with an item over max_length."""
+    truncation: Literal["left_turns", "left_tokens", "right"] = "left_turns"
+    """How `truncate` cuts (shared.modeling): old turns first, keeping the scored response."""
+    drain_s: float = Field(default=30.0, ge=0.0)
+    """On SIGTERM: how long in-flight requests get to finish before the servers stop."""
+    torch_threads: int = Field(default=0, ge=0)
+    """CPU threads for torch forwards; 0 = torch's default."""
 
 
 DEFAULT_DESK_GUIDELINE = """\
