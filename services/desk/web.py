@@ -1,0 +1,344 @@
+"""The desk's web shell: an aiohttp app over DeskCore, a source and a sink.
+
+API (every /api route needs `Authorization: Bearer <token>`; 401 otherwise):
+  GET  /api/session   who am I, the general guideline, the overlap
+  GET  /api/next      my current pair (or a new one) and my progress
+  POST /api/verdict   {"pair_id": str, "choice": 1 | 2 | 0, "note": str}
+  GET  /api/progress  done / waiting per annotator, outcomes, agreement
+The page (/, /static/*) holds no data, so it is served without a token; it renders
+every pair field with textContent under a Content-Security-Policy that allows only
+this origin's own script and style.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from synpref.services.desk.core import MAX_NOTE, Decided, DeskCore, DeskError
+from synpref.services.desk.queues import ReviewSource, VerdictSink
+from synpref.services.desk.tokens import TokenTable
+from synpref.shared.config import DeskSettings
+from synpref.v1.pair_pb2 import PairRecord
+
+log = logging.getLogger("synpref.desk")
+
+STATIC = Path(__file__).resolve().parent / "static"
+STATIC_FILES = {"desk.js": "text/javascript", "desk.css": "text/css"}
+PAIR_ID = re.compile(r"^[0-9A-Za-z_.:-]{1,128}$")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "font-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+TICK_S = 0.5
+MAX_BODY = 16 * 1024
+
+
+class ReviewDesk:
+    """Pairs in from `source`, decisions out to `sink`; the Python API of the embedded loop.
+
+    `refill` pulls new pairs (up to settings.max_pending held at once); `submit` records a
+    verdict and, once a pair is decided, writes it and only then acknowledges the source.
+    A decision the sink could not write stays in an outbox retried on every tick.
+    """
+
+    def __init__(
+        self,
+        source: ReviewSource,
+        sink: VerdictSink,
+        settings: DeskSettings | None = None,
+        tokens: dict[str, str] | None = None,
+        examples: Iterable[PairRecord] = (),
+        core: DeskCore | None = None,
+    ) -> None:
+        from synpref.services.desk.tokens import load_tokens
+
+        self.settings = settings or DeskSettings()
+        self.source = source
+        self.sink = sink
+        self.core = core or DeskCore(overlap=self.settings.overlap, lease_s=self.settings.lease_s)
+        self.tokens = TokenTable(tokens if tokens is not None else load_tokens(self.settings))
+        for record in examples:
+            self.core.add_example(record)
+        self._outbox: list[Decided] = []
+        self._io = asyncio.Lock()
+
+    async def refill(self) -> int:
+        """Pull new pairs up to the pending limit; returns how many were added."""
+        room = self.settings.max_pending - self.core.pending
+        if room <= 0:
+            return 0
+        async with self._io:
+            items = await self.source.fetch(room)
+            fresh = 0
+            repeats = []
+            for record, handle in items:
+                try:
+                    added = self.core.add(record, handle)
+                except DeskError as exc:
+                    # A record without an id cannot be shown or decided; the filter never emits one.
+                    log.warning("dropping review record: %s", exc.message)
+                    added = False
+                if added:
+                    fresh += 1
+                else:
+                    repeats.append(handle)
+            if repeats:
+                await self.source.ack(repeats)
+        return fresh
+
+    async def flush(self) -> int:
+        """Write decided pairs, then acknowledge their source handles; returns how many."""
+        async with self._io:
+            if not self._outbox:
+                return 0
+            batch, self._outbox = self._outbox, []
+            try:
+                await self.sink.write([(d.route, d.record) for d in batch])
+            except Exception:
+                self._outbox = batch + self._outbox
+                raise
+            await self.source.ack([d.handle for d in batch])
+            return len(batch)
+
+    async def submit(self, annotator: str, pair_id: str, choice: int, note: str) -> bool:
+        """Record a verdict; True when it decided the pair (and the decision was written)."""
+        decided = self.core.submit(annotator, pair_id, choice, note)
+        if decided is None:
+            return False
+        self._outbox.append(decided)
+        try:
+            await self.flush()
+        except Exception:
+            # The verdict is kept; the tick retries the write. The annotator need not redo it.
+            log.exception("could not write decision for %s; will retry", pair_id)
+        return True
+
+    async def tick(self) -> None:
+        try:
+            await self.flush()
+            await self.refill()
+        except Exception:
+            log.exception("desk tick failed; retrying")
+
+    async def run_ticks(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.tick()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), TICK_S)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.flush()
+        await self.source.close()
+        await self.sink.close()
+
+
+# -- HTTP ------------------------------------------------------------------------------
+
+DESK = web.AppKey("desk", ReviewDesk)
+ANNOTATOR = web.RequestKey("annotator", str)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def security_headers(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        response = _error(exc.status, exc.reason)
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@web.middleware
+async def require_token(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if not request.path.startswith("/api/"):
+        return await handler(request)
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    annotator = request.app[DESK].tokens.annotator(token.strip()) if scheme.lower() == "bearer" else None
+    if annotator is None:
+        response = _error(401, "a valid annotator token is required (Authorization: Bearer <token>)")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="synpref-desk"'
+        return response
+    request[ANNOTATOR] = annotator
+    try:
+        return await handler(request)
+    except DeskError as exc:
+        return _error(exc.status, exc.message)
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC / "index.html", headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+async def static(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    if name not in STATIC_FILES:
+        return _error(404, "not found")
+    return web.FileResponse(STATIC / name, headers={"Content-Type": f"{STATIC_FILES[name]}; charset=utf-8"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def session(request: web.Request) -> web.Response:
+    desk = request.app[DESK]
+    return web.json_response(
+        {
+            "annotator": request[ANNOTATOR],
+            "guideline": desk.settings.guideline,
+            "overlap": desk.core.overlap,
+            "max_note": MAX_NOTE,
+        }
+    )
+
+
+async def next_pair(request: web.Request) -> web.Response:
+    desk = request.app[DESK]
+    who = request[ANNOTATOR]
+    entry = desk.core.next_for(who)
+    if entry is None and await desk.refill():
+        entry = desk.core.next_for(who)
+    pair = desk.core.view(entry, who) if entry is not None else None
+    return web.json_response({"pair": pair, "progress": desk.core.progress(who)})
+
+
+async def progress(request: web.Request) -> web.Response:
+    desk = request.app[DESK]
+    return web.json_response(desk.core.progress(request[ANNOTATOR]))
+
+
+def parse_verdict(body: Any) -> tuple[str, int, str]:
+    """Validate a verdict body; DeskError(400) naming the first problem."""
+    if not isinstance(body, dict):
+        raise DeskError(400, "body must be a JSON object")
+    unknown = set(body) - {"pair_id", "choice", "note"}
+    if unknown:
+        raise DeskError(400, f"unknown fields: {', '.join(sorted(unknown))}")
+    pair_id = body.get("pair_id")
+    if not isinstance(pair_id, str) or not PAIR_ID.match(pair_id):
+        raise DeskError(400, "pair_id must be a pair id string")
+    choice = body.get("choice")
+    if isinstance(choice, bool) or not isinstance(choice, int) or choice not in (0, 1, 2):
+        raise DeskError(400, "choice must be the integer 1, 2 or 0 (cannot decide)")
+    note = body.get("note", "")
+    if not isinstance(note, str):
+        raise DeskError(400, "note must be a string")
+    if len(note) > MAX_NOTE:
+        raise DeskError(400, f"note is longer than {MAX_NOTE} characters")
+    return pair_id, choice, note
+
+
+async def verdict(request: web.Request) -> web.Response:
+    desk = request.app[DESK]
+    if request.content_type != "application/json":
+        raise DeskError(400, "send the verdict as application/json")
+    try:
+        body = json.loads(await request.text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DeskError(400, "body is not valid JSON") from None
+    pair_id, choice, note = parse_verdict(body)
+    who = request[ANNOTATOR]
+    decided = await desk.submit(who, pair_id, choice, note)
+    return web.json_response({"recorded": True, "decided": decided, "progress": desk.core.progress(who)})
+
+
+def make_app(desk: ReviewDesk, background: bool = True) -> web.Application:
+    """The aiohttp app; with `background`, a tick task keeps pulling pairs and retrying writes."""
+    app = web.Application(middlewares=[security_headers, require_token], client_max_size=MAX_BODY)
+    app[DESK] = desk
+    app.router.add_get("/", index)
+    app.router.add_get("/static/{name}", static)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/api/session", session)
+    app.router.add_get("/api/next", next_pair)
+    app.router.add_get("/api/progress", progress)
+    app.router.add_post("/api/verdict", verdict)
+
+    async def ticks(app: web.Application) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(desk.run_ticks(stop)) if background else None
+        yield
+        stop.set()
+        if task is not None:
+            await task
+        await desk.close()
+
+    app.cleanup_ctx.append(ticks)
+    return app
+
+
+class DeskServer:
+    """Runs a ReviewDesk's web app on its own event loop thread, for sync callers and tests.
+
+    `with DeskServer(desk, port=0) as server: server.url` — port 0 picks a free port.
+    """
+
+    def __init__(self, desk: ReviewDesk, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.desk = desk
+        self.host = host
+        self.port = port
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="synpref-desk", daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    def start(self) -> DeskServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        return self
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(make_app(self.desk), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        sockets = self._runner.addresses
+        self.port = int(sockets[0][1])
+        self.url = f"http://{self.host}:{self.port}"
+
+    def call(self, coro: Awaitable[Any], timeout_s: float = 30.0) -> Any:
+        """Run a coroutine on the desk's loop (e.g. desk.refill()) and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout_s)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
+            self._runner = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> DeskServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def serve_in_thread(desk: ReviewDesk, host: str = "127.0.0.1", port: int = 0) -> Iterator[DeskServer]:
+    with DeskServer(desk, host, port) as server:
+        yield server
