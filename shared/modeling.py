@@ -1,0 +1,331 @@
+"""Reward-model loading, chat-template encoding and scoring: the one implementation.
+
+The trainer, the evaluator, the scorer service and the curation loop all encode through
+`encode_conversation` / `encode_text` and score through `reward_of`, so a checkpoint gives
+the same reward wherever it runs. A reward is `logits[0][0]` of an
+AutoModelForSequenceClassification(num_labels=1), as Skywork-Reward-V2 reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Truncation = Literal["left_turns", "left_tokens", "right", "none"]
+TRUNCATIONS: tuple[str, ...] = ("left_turns", "left_tokens", "right", "none")
+Messages = Sequence[Mapping[str, str]]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One encoded sequence.
+
+    input_ids: token ids, at most max_length long unless truncation="none".
+    truncated: something was cut (old turns or tokens).
+    fits: the policy was honoured. False means the final response (or, for
+        truncation="none", the whole text) does not fit in max_length; input_ids then
+        holds a left-token-truncated fallback that callers may score, but a trainer
+        must count and report the pair rather than train on it silently.
+    dropped_turns: how many old conversation messages left_turns cut.
+    """
+
+    input_ids: list[int]
+    truncated: bool
+    fits: bool
+    dropped_turns: int = 0
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """ "auto" means bf16 on a GPU that has it, fp32 elsewhere (CPUs here lack bf16 units)."""
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def ensure_pad_token(model: Any, tokenizer: Any) -> int:
+    """Give the tokenizer a pad token and write its id into the model config.
+
+    Decoder heads read the reward at the last non-pad token, found through
+    config.pad_token_id, so the two must agree.
+    """
+    if tokenizer.pad_token_id is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ValueError("tokenizer has neither a pad, an eos nor an unk token to pad with")
+        tokenizer.pad_token = fallback
+    pad_id = int(tokenizer.pad_token_id)
+    if model is not None:
+        model.config.pad_token_id = pad_id
+    return pad_id
+
+
+def load_reward_model(path: str, device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> tuple[Any, Any]:
+    """Load a num_labels=1 sequence-classification RM and its tokenizer, in eval mode."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    device = resolve_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=resolve_dtype(dtype, device), **kwargs
+    )
+    ensure_pad_token(model, tokenizer)
+    tokenizer.padding_side = "right"
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    """Does this tokenizer put BOS in front when asked for special tokens?"""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    cached = getattr(tokenizer, "_synpref_adds_bos", None)
+    if cached is None:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+        cached = bool(ids) and ids[0] == bos
+        # Some tokenizer wrappers forbid new attributes; those recompute each time.
+        with contextlib.suppress(AttributeError):
+            tokenizer._synpref_adds_bos = cached
+    return bool(cached)
+
+
+def _single_bos(tokenizer: Any, ids: list[int]) -> list[int]:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return ids
+    while len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]
+    return ids
+
+
+def tokenize_rendered(tokenizer: Any, text: str, from_template: bool) -> list[int]:
+    """Token ids of already-rendered text, with exactly the special tokens the model expects.
+
+    Chat-template output already carries its special tokens (Llama's template even writes
+    BOS), so it is tokenized without adding any, and BOS is prepended only when the template
+    left it out but the tokenizer normally adds one. Plain text gets the tokenizer's own
+    specials ([CLS] x [SEP] for encoders). Either way a doubled BOS is collapsed to one.
+    """
+    if from_template:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if _adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
+            ids = [int(tokenizer.bos_token_id), *ids]
+    else:
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    return _single_bos(tokenizer, ids)
+
+
+def render_messages(tokenizer: Any, messages: Messages) -> tuple[str, bool]:
+    """Render messages with the chat template; encoders without one get "role: content" lines."""
+    msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        return str(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)), True
+    return "\n".join(f"{m['role']}: {m['content']}" for m in msgs), False
+
+
+def _special_prefix(tokenizer: Any, ids: list[int]) -> int:
+    """How many leading ids (BOS or CLS) a token-level cut must keep."""
+    keep = {tokenizer.bos_token_id, getattr(tokenizer, "cls_token_id", None)} - {None}
+    return 1 if ids and ids[0] in keep else 0
+
+
+def _left_tokens(tokenizer: Any, ids: list[int], max_length: int) -> list[int]:
+    head = _special_prefix(tokenizer, ids)
+    return ids[:head] + ids[len(ids) - (max_length - head) :]
+
+
+def encode_text(
+    tokenizer: Any, text: str, max_length: int, truncation: Truncation = "left_tokens", from_template: bool = False
+) -> Encoded:
+    """Encode already-rendered text. left_turns has no turns to cut here and acts as left_tokens."""
+    ids = tokenize_rendered(tokenizer, text, from_template)
+    if len(ids) <= max_length:
+        return Encoded(ids, truncated=False, fits=True)
+    if truncation == "none":
+        return Encoded(_left_tokens(tokenizer, ids, max_length), truncated=True, fits=False)
+    if truncation == "right":
+        return Encoded(ids[:max_length], truncated=True, fits=True)
+    return Encoded(_left_tokens(tokenizer, ids, max_length), truncated=True, fits=True)
+
+
+def _turn_cuts(messages: Messages, keep_last: int) -> tuple[list[Mapping[str, str]], list[list[Mapping[str, str]]]]:
+    """Leading system messages, and the conversation bodies to try, longest first.
+
+    Each candidate starts at a user turn so whole exchanges are cut, and the last user turn
+    before the response is never cut (chat templates expect one).
+    """
+    msgs = list(messages)
+    split = max(len(msgs) - keep_last, 0)
+    head, tail = msgs[:split], msgs[split:]
+    n_sys = 0
+    while n_sys < len(head) and head[n_sys]["role"] == "system":
+        n_sys += 1
+    system, body = head[:n_sys], head[n_sys:]
+    starts = [0] + [i for i in range(1, len(body)) if body[i]["role"] == "user"]
+    return system, [body[s:] + tail for s in starts]
+
+
+def encode_conversation(
+    tokenizer: Any,
+    messages: Messages,
+    max_length: int,
+    truncation: Truncation = "left_turns",
+    keep_last: int = 1,
+) -> Encoded:
+    """Encode a conversation whose last `keep_last` messages are the response being scored.
+
+    left_turns (default): cut old turns from the left, keep system prompts and the response
+    whole; fits=False when even the last exchange is too long. left_tokens: cut tokens from
+    the left (keeping BOS/CLS). right: cut the end. none: never cut, fits=False if too long.
+    """
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"unknown truncation {truncation!r}; expected one of {TRUNCATIONS}")
+    text, from_template = render_messages(tokenizer, messages)
+    ids = tokenize_rendered(tokenizer, text, from_template)
+    if len(ids) <= max_length:
+        return Encoded(ids, truncated=False, fits=True)
+    if truncation != "left_turns":
+        return encode_text(tokenizer, text, max_length, truncation, from_template)
+    system, candidates = _turn_cuts(messages, keep_last)
+    full = len(messages) - len(system)
+    for body in candidates[1:]:
+        text, from_template = render_messages(tokenizer, [*system, *body])
+        cut = tokenize_rendered(tokenizer, text, from_template)
+        if len(cut) <= max_length:
+            return Encoded(cut, truncated=True, fits=True, dropped_turns=full - len(body))
+    return Encoded(_left_tokens(tokenizer, ids, max_length), truncated=True, fits=False)
+
+
+def encode_pair(
+    tokenizer: Any, pair: Mapping[str, Any], max_length: int, truncation: Truncation = "left_turns"
+) -> tuple[Encoded, Encoded]:
+    """Encode conversation+chosen and conversation+rejected of a pair dict."""
+    conv = list(pair.get("conversation") or [])
+    chosen, rejected = list(pair["chosen"]), list(pair["rejected"])
+    return (
+        encode_conversation(tokenizer, conv + chosen, max_length, truncation, keep_last=max(len(chosen), 1)),
+        encode_conversation(tokenizer, conv + rejected, max_length, truncation, keep_last=max(len(rejected), 1)),
+    )
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def pad_batch(
+    batch_input_ids: Sequence[Sequence[int]], pad_id: int, device: Any = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest row; returns (input_ids, attention_mask)."""
+    width = max(len(ids) for ids in batch_input_ids)
+    ids = torch.full((len(batch_input_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch_input_ids), width), dtype=torch.long)
+    for row, seq in enumerate(batch_input_ids):
+        ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def reward_of(model: Any, batch_input_ids: Sequence[Sequence[int]], pad_id: int) -> list[float]:
+    """Rewards (logits[:, 0]) of a batch of id lists, padded on the right, without gradients."""
+    if not batch_input_ids:
+        return []
+    ids, mask = pad_batch(batch_input_ids, pad_id, model_device(model))
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    return [float(x) for x in logits[:, 0].float().cpu()]
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped by length (longest first) into batches of at most batch_size rows and
+    at most max_tokens padded tokens, so little compute goes to padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) >= batch_size or (max_tokens and width * (len(current) + 1) > max_tokens)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def score_sequences(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 32,
+    max_tokens: int | None = None,
+    progress: bool = False,
+) -> list[float]:
+    """Rewards of many id lists, batched by length; results in input order."""
+    out = [0.0] * len(sequences)
+    batches = length_batches([len(s) for s in sequences], batch_size, max_tokens)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="scoring", unit="batch")
+    for batch in batches:
+        for i, r in zip(batch, reward_of(model, [sequences[i] for i in batch], pad_id), strict=True):
+            out[i] = r
+    return out
+
+
+def score_pairs(
+    model: Any,
+    tokenizer: Any,
+    pairs: Iterable[Mapping[str, Any]],
+    max_length: int = 4096,
+    batch_size: int = 32,
+    truncation: Truncation = "left_turns",
+    progress: bool = False,
+) -> list[tuple[float, float]]:
+    """(r_chosen, r_rejected) for each pair dict {"conversation", "chosen", "rejected"}.
+
+    A side that does not fit under the policy is scored on its left-token-truncated
+    fallback (the response end is kept) and counted in a warning.
+    """
+    pad_id = ensure_pad_token(None, tokenizer) if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
+    seqs: list[list[int]] = []
+    unfit = 0
+    for pair in pairs:
+        for enc in encode_pair(tokenizer, pair, max_length, truncation):
+            unfit += not enc.fits
+            seqs.append(enc.input_ids)
+    if unfit:
+        log.warning(
+            "%d sequences exceed max_length=%d under %s; scored their left-truncated ends",
+            unfit,
+            max_length,
+            truncation,
+        )
+    rewards = score_sequences(model, seqs, pad_id, batch_size, progress=progress)
+    return [(rewards[i], rewards[i + 1]) for i in range(0, len(rewards), 2)]

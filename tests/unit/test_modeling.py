@@ -1,0 +1,135 @@
+"""Chat-template encoding, truncation and reward reading on tiny models and the real MiniLM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from synpref.shared.modeling import (
+    encode_conversation,
+    encode_pair,
+    encode_text,
+    length_batches,
+    load_reward_model,
+    reward_of,
+    score_pairs,
+)
+from synpref.shared.tiny import build_tiny_reward_model, minilm_path
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama", "bert"])
+def tiny(request, tmp_path_factory):
+    path = build_tiny_reward_model(tmp_path_factory.mktemp(request.param), arch=request.param, seed=1)
+    model, tok = load_reward_model(str(path))
+    return request.param, path, model, tok
+
+
+def _conv(turns: int) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": "be kind"}]
+    for i in range(turns):
+        msgs.append({"role": "user", "content": f"question number {i} " + "word " * 20})
+        msgs.append({"role": "assistant", "content": f"answer number {i} " + "word " * 20})
+    return msgs
+
+
+def test_exactly_one_bos_and_pad_in_config(tiny):
+    arch, _, model, tok = tiny
+    enc = encode_conversation(tok, _conv(1), max_length=4096)
+    assert enc.fits and not enc.truncated
+    assert model.config.pad_token_id == tok.pad_token_id is not None
+    assert not model.training
+    if arch == "llama":
+        # The template writes BOS and the tokenizer would add another: exactly one survives.
+        assert enc.input_ids[0] == tok.bos_token_id != enc.input_ids[1]
+        assert enc.input_ids.count(tok.bos_token_id) == 1
+    elif arch == "bert":
+        assert enc.input_ids[0] == tok.cls_token_id and enc.input_ids[-1] == tok.sep_token_id
+    else:
+        assert tok.bos_token_id is None
+        assert tok.decode(enc.input_ids).startswith("<|im_start|>system")
+
+
+def test_left_turns_cuts_old_turns_and_keeps_response_whole(tiny):
+    _, _, _, tok = tiny
+    msgs = _conv(6)
+    full = encode_conversation(tok, msgs, max_length=100_000)
+    last_two = encode_conversation(tok, [msgs[0], *msgs[-2:]], max_length=100_000)
+    enc = encode_conversation(tok, msgs, max_length=len(last_two.input_ids) + 5)
+    assert len(full.input_ids) > len(enc.input_ids)
+    assert enc.fits and enc.truncated and enc.dropped_turns == 10
+    assert enc.input_ids == last_two.input_ids  # system + last exchange, response untouched
+    text = tok.decode(enc.input_ids)
+    assert "question number 5" in text and "answer number 5" in text and "be kind" in text
+    assert "question number 4" not in text
+
+
+def test_unfittable_pair_is_reported_not_hidden(tiny):
+    _, _, _, tok = tiny
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "long answer " * 200}]
+    enc = encode_conversation(tok, msgs, max_length=64)
+    assert not enc.fits and enc.truncated and len(enc.input_ids) == 64
+    assert encode_conversation(tok, msgs, max_length=64, truncation="left_tokens").fits
+    right = encode_conversation(tok, msgs, max_length=64, truncation="right")
+    assert right.fits and len(right.input_ids) == 64
+    assert not encode_conversation(tok, msgs, max_length=64, truncation="none").fits
+    with pytest.raises(ValueError):
+        encode_conversation(tok, msgs, max_length=64, truncation="middle")  # type: ignore[arg-type]
+
+
+def test_plain_text_path_collapses_duplicated_bos(tiny):
+    arch, _, _, tok = tiny
+    rendered = tok.apply_chat_template(_conv(1), tokenize=False) if tok.chat_template else "user: hi"
+    enc = encode_text(tok, rendered, max_length=4096)
+    if arch == "llama":
+        assert enc.input_ids[:2] != [tok.bos_token_id] * 2
+    assert enc.input_ids == encode_conversation(tok, _conv(1), 4096).input_ids or arch == "bert"
+
+
+def test_reward_of_matches_single_text_logits(tiny):
+    _, path, model, tok = tiny
+    texts = [_conv(1), _conv(2), _conv(1)[:2]]
+    ids = [encode_conversation(tok, m, 4096).input_ids for m in texts]
+    batched = reward_of(model, ids, tok.pad_token_id)
+    fresh = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+    for seq, r in zip(ids, batched, strict=True):
+        with torch.no_grad():
+            single = fresh(input_ids=torch.tensor([seq])).logits[0][0].item()
+        assert r == pytest.approx(single, abs=1e-4)
+
+
+def test_score_pairs_in_input_order(tiny):
+    _, _, model, tok = tiny
+    pairs = [
+        {
+            "conversation": _conv(i)[:-1],
+            "chosen": [{"role": "assistant", "content": "yes " * (i + 1)}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+            "source": "t",
+        }
+        for i in range(1, 5)
+    ]
+    got = score_pairs(model, tok, pairs, max_length=4096, batch_size=3)
+    for pair, (rc, rr) in zip(pairs, got, strict=True):
+        c, r = encode_pair(tok, pair, 4096)
+        assert rc == pytest.approx(reward_of(model, [c.input_ids], tok.pad_token_id)[0], abs=1e-4)
+        assert rr == pytest.approx(reward_of(model, [r.input_ids], tok.pad_token_id)[0], abs=1e-4)
+
+
+def test_length_batches_respect_limits():
+    lengths = [5, 50, 7, 49, 6, 48, 100]
+    batches = length_batches(lengths, batch_size=3, max_tokens=150)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3 and max(lengths[i] for i in b) * len(b) <= max(150, max(lengths[i] for i in b))
+
+
+def test_real_minilm_loads_as_reward_model():
+    model, tok = load_reward_model(minilm_path())
+    enc = encode_conversation(tok, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}], 512)
+    assert enc.input_ids[0] == tok.cls_token_id and enc.input_ids.count(tok.cls_token_id) == 1
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id
+    rewards = reward_of(model, [enc.input_ids, [*enc.input_ids[:4], tok.sep_token_id]], tok.pad_token_id)
+    assert len(rewards) == 2 and all(isinstance(r, float) for r in rewards)
