@@ -179,12 +179,13 @@ class ScorerSettings(Section):
     """CPU threads for torch forwards; 0 = torch's default."""
 
 
-DEFAULT_DESK_GUIDELINE = """\
-Read the conversation, then both candidates. Pick the candidate that better serves the user
-in its last turn: correct, helpful, honest and safe, following the pair's own annotation
-guideline where it has one. Judge the content, not its length or style. Choose "cannot decide"
-when both are equally good or bad, or when you lack the knowledge to judge: such pairs are
-dropped, never guessed. Use the note for anything a reviewer should know."""
+DEFAULT_DESK_GUIDELINE = (
+    "Read the conversation, then both candidates. Pick the candidate that better serves the user in its last "
+    "turn: correct, helpful, honest and safe, following the pair's own annotation guideline where it has one. "
+    "Judge the content, not its length or style.\n\n"
+    'Choose "cannot decide" when both are equally good or bad, or when you lack the knowledge to judge: such '
+    "pairs are dropped, never guessed. Use the note for anything a reviewer should know."
+)
 
 
 class DeskSettings(Section):

@@ -133,9 +133,9 @@ function showPair(pair) {
   const a = pair.attributes || {};
   renderDl($("attributes"), [
     ["task", a.task_category], ["objectivity", a.objectivity], ["controversiality", a.controversiality],
-    ["desired", a.desired_attributes],
+    ["desired", a.desired_attributes], ["guideline", a.annotation_guideline],
   ]);
-  $("pair-guideline").textContent = a.annotation_guideline || "";
+  $("pair-heading").textContent = pair.attributes ? "This pair" : "This pair: no attributes";
   renderExamples(pair.examples || []);
   window.scrollTo(0, 0);
 }
