@@ -1,1 +1,5 @@
-"""Python client for the SynPref RewardService (sync and asyncio)."""
+"""Python client for the SynPref RewardService (sync and asyncio); `synpref score` is cli.py."""
+
+from synpref.client.client import AsyncRewardClient, PairScore, RewardClient
+
+__all__ = ["AsyncRewardClient", "PairScore", "RewardClient"]

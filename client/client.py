@@ -1,0 +1,250 @@
+"""Clients of the SynPref RewardService: `RewardClient` (blocking) and `AsyncRewardClient`.
+
+    with RewardClient("127.0.0.1:50060") as rm:
+        rewards = rm.score([[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]])
+        scores = rm.score_pairs([{"conversation": [...], "chosen": [...], "rejected": [...]}])
+
+An item is a conversation (messages ending in the assistant response to score) or text
+already rendered with the chat template. `timeout` bounds a whole call (every chunk and
+retry); large batches are cut into chunks of `chunk_size` items (the server refuses more
+than its max_request_items); UNAVAILABLE (server starting, restarting or draining) and
+RESOURCE_EXHAUSTED (queue full) are retried with capped exponential backoff and jitter,
+at most `retries` times per chunk and never past the deadline. Other errors raise
+grpc.RpcError at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from synpref.v1 import pair_pb2, reward_pb2, reward_pb2_grpc
+
+Conversation = Sequence[Mapping[str, str]]
+Item = Conversation | str
+PairDict = Mapping[str, Any]
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PairScore:
+    reward_chosen: float
+    reward_rejected: float
+    p: float
+    """sigmoid(reward_chosen - reward_rejected)"""
+
+
+def _messages(value: Conversation | str, role: str = "assistant") -> list[pair_pb2.Message]:
+    if isinstance(value, str):
+        return [pair_pb2.Message(role=role, content=value)]
+    return [pair_pb2.Message(role=str(m["role"]), content=str(m["content"])) for m in value]
+
+
+def to_item(item: Item) -> reward_pb2.ScoreItem:
+    if isinstance(item, str):
+        return reward_pb2.ScoreItem(text=item)
+    return reward_pb2.ScoreItem(conversation=reward_pb2.Conversation(messages=_messages(item)))
+
+
+def to_pair(pair: PairDict) -> reward_pb2.PairItem:
+    """{"conversation": messages, "chosen": messages | str, "rejected": messages | str}."""
+    return reward_pb2.PairItem(
+        conversation=_messages(pair.get("conversation") or []),
+        chosen=_messages(pair["chosen"]),
+        rejected=_messages(pair["rejected"]),
+    )
+
+
+def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)] or [items]
+
+
+class _Policy:
+    def __init__(self, timeout: float, retries: int, backoff_s: float, max_backoff_s: float, chunk_size: int) -> None:
+        if chunk_size < 1 or retries < 0 or timeout <= 0:
+            raise ValueError("chunk_size >= 1, retries >= 0 and timeout > 0 are required")
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.chunk_size = chunk_size
+
+    def pause(self, attempt: int, deadline: float) -> float | None:
+        """Seconds to wait before retry `attempt` (1-based), or None when out of retries/time."""
+        if attempt > self.retries:
+            return None
+        delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        if time.monotonic() + delay >= deadline:
+            return None
+        return delay
+
+
+def _pair_scores(response: reward_pb2.ScorePairsResponse) -> list[PairScore]:
+    return [PairScore(s.reward_chosen, s.reward_rejected, s.p) for s in response.scores]
+
+
+class RewardClient:
+    """Blocking client; thread-safe (one gRPC channel)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        model: str = "",
+        timeout: float = 60.0,
+        retries: int = 4,
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 2.0,
+        chunk_size: int = 256,
+    ) -> None:
+        self.address = address
+        self.model = model
+        self.policy = _Policy(timeout, retries, backoff_s, max_backoff_s, chunk_size)
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method: Callable[..., T], request: Any, deadline: float) -> T:
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return method(request, timeout=max(remaining, 0.001), wait_for_ready=attempt > 0)
+            except grpc.RpcError as exc:
+                attempt += 1
+                delay = self.policy.pause(attempt, deadline) if exc.code() in RETRYABLE else None
+                if delay is None:
+                    raise
+                time.sleep(delay)
+
+    def score(self, items: Sequence[Item], *, model: str | None = None, timeout: float | None = None) -> list[float]:
+        if not items:
+            return []
+        deadline = time.monotonic() + (timeout or self.policy.timeout)
+        out: list[float] = []
+        for chunk in _chunks(items, self.policy.chunk_size):
+            request = reward_pb2.ScoreRequest(model=model or self.model, items=[to_item(x) for x in chunk])
+            out.extend(self._call(self.stub.Score, request, deadline).rewards)
+        return out
+
+    def score_pairs(
+        self, pairs: Sequence[PairDict], *, model: str | None = None, timeout: float | None = None
+    ) -> list[PairScore]:
+        if not pairs:
+            return []
+        deadline = time.monotonic() + (timeout or self.policy.timeout)
+        out: list[PairScore] = []
+        # A pair is two items on the server: keep each chunk within chunk_size items.
+        for chunk in _chunks(pairs, max(1, self.policy.chunk_size // 2)):
+            request = reward_pb2.ScorePairsRequest(model=model or self.model, pairs=[to_pair(p) for p in chunk])
+            out.extend(_pair_scores(self._call(self.stub.ScorePairs, request, deadline)))
+        return out
+
+    def info(self, model: str = "", timeout: float | None = None) -> reward_pb2.InfoResponse:
+        deadline = time.monotonic() + (timeout or self.policy.timeout)
+        return self._call(self.stub.Info, reward_pb2.InfoRequest(model=model), deadline)
+
+
+class AsyncRewardClient:
+    """asyncio client (grpc.aio). Chunks of one call run concurrently, `concurrency` at a time,
+    so they batch with each other on the server."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        model: str = "",
+        timeout: float = 60.0,
+        retries: int = 4,
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 2.0,
+        chunk_size: int = 256,
+        concurrency: int = 4,
+    ) -> None:
+        self.address = address
+        self.model = model
+        self.policy = _Policy(timeout, retries, backoff_s, max_backoff_s, chunk_size)
+        self.concurrency = concurrency
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
+
+    async def __aenter__(self) -> AsyncRewardClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def _call(self, method: Callable[..., Any], request: Any, deadline: float) -> Any:
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return await method(request, timeout=max(remaining, 0.001), wait_for_ready=attempt > 0)
+            except grpc.aio.AioRpcError as exc:
+                attempt += 1
+                delay = self.policy.pause(attempt, deadline) if exc.code() in RETRYABLE else None
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+
+    async def _gather(self, calls: list[Callable[[], Any]]) -> list[Any]:
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def one(call: Callable[[], Any]) -> Any:
+            async with gate:
+                return await call()
+
+        return await asyncio.gather(*(one(c) for c in calls))
+
+    async def score(
+        self, items: Sequence[Item], *, model: str | None = None, timeout: float | None = None
+    ) -> list[float]:
+        if not items:
+            return []
+        deadline = time.monotonic() + (timeout or self.policy.timeout)
+        requests = [
+            reward_pb2.ScoreRequest(model=model or self.model, items=[to_item(x) for x in chunk])
+            for chunk in _chunks(items, self.policy.chunk_size)
+        ]
+        responses = await self._gather([lambda r=r: self._call(self.stub.Score, r, deadline) for r in requests])
+        return [x for resp in responses for x in resp.rewards]
+
+    async def score_pairs(
+        self, pairs: Sequence[PairDict], *, model: str | None = None, timeout: float | None = None
+    ) -> list[PairScore]:
+        if not pairs:
+            return []
+        deadline = time.monotonic() + (timeout or self.policy.timeout)
+        requests = [
+            reward_pb2.ScorePairsRequest(model=model or self.model, pairs=[to_pair(p) for p in chunk])
+            for chunk in _chunks(pairs, max(1, self.policy.chunk_size // 2))
+        ]
+        responses = await self._gather([lambda r=r: self._call(self.stub.ScorePairs, r, deadline) for r in requests])
+        return [s for resp in responses for s in _pair_scores(resp)]
+
+    async def info(self, model: str = "", timeout: float | None = None) -> reward_pb2.InfoResponse:
+        deadline = time.monotonic() + (timeout or self.policy.timeout)
+        return await self._call(self.stub.Info, reward_pb2.InfoRequest(model=model), deadline)

@@ -1,0 +1,126 @@
+"""Forward-pass backends behind one interface, chosen by `scorer.backend`.
+
+- `torch`: transformers AutoModelForSequenceClassification through shared.modeling (the
+  loader the trainer uses): fp32 on CPU; on CUDA bf16 weights (dtype auto) and SDPA
+  attention. Reward = logits[:, 0] at each sequence's last real token.
+- `vllm`: vLLM's pooling runner (`LLM.classify`) with the activation turned off, so a
+  one-label head returns its raw logit and not sigmoid(logit). vLLM is an optional extra
+  (`pip install synpref[vllm]`), imported only when chosen; it cannot be installed on the
+  development machines, so this backend has not been run here (see docs/scorer.md).
+
+Both take token ids, never text: the server tokenizes once (encoding.py) and owns the
+chat template and BOS handling whatever the backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    kind: str
+    dtype: str
+    tokenizer: Any
+
+    def forward(self, batch: list[list[int]]) -> list[float]:
+        """One raw reward per id list; runs on the batcher's thread."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class TorchBackend:
+    kind = "torch"
+
+    def __init__(self, path: str, device: str = "auto", dtype: str = "auto") -> None:
+        import torch
+
+        from synpref.shared.modeling import load_reward_model
+
+        self.device = resolve_device(device)
+        self.model, self.tokenizer = load_reward_model(path, self.device, dtype)
+        self.model.eval()
+        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        self._torch = torch
+
+    def forward(self, batch: list[list[int]]) -> list[float]:
+        from synpref.shared.modeling import reward_of
+
+        with self._torch.inference_mode():
+            return [float(r) for r in reward_of(self.model, batch, self.pad_id)]
+
+    def close(self) -> None:
+        del self.model
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+
+
+class VllmBackend:
+    """vLLM pooling runner with the classifier activation off (raw logits).
+
+    NOT RUN in this repository's tests: vLLM needs a CUDA build that these machines lack.
+    """
+
+    kind = "vllm"
+
+    def __init__(self, path: str, device: str = "auto", dtype: str = "auto", max_length: int = 4096) -> None:
+        try:
+            import vllm  # noqa: F401  (optional extra)
+            from vllm import LLM
+        except ImportError as exc:  # pragma: no cover - depends on the optional extra
+            raise RuntimeError("scorer.backend=vllm needs vLLM: pip install 'synpref[vllm]' on a CUDA machine") from exc
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.dtype = "bfloat16" if dtype == "auto" else dtype
+        kwargs: dict[str, Any] = {"model": path, "dtype": self.dtype, "max_model_len": max_length}
+        # The task/runner argument was renamed across vLLM releases (task="classify" up to
+        # 0.10, runner="pooling" after); try the new name first.
+        try:
+            self.llm = LLM(runner="pooling", **kwargs)
+        except TypeError:
+            self.llm = LLM(task="classify", **kwargs)
+        self._params = _pooling_params_without_activation()
+
+    def forward(self, batch: list[list[int]]) -> list[float]:
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in batch]
+        outputs = self.llm.classify(prompts, pooling_params=self._params, use_tqdm=False)
+        return [float(o.outputs.probs[0]) for o in outputs]
+
+    def close(self) -> None:
+        del self.llm
+
+
+def _pooling_params_without_activation() -> Any:
+    from vllm import PoolingParams
+
+    # `activation` became `use_activation` in vLLM 0.11.2.
+    for name in ("use_activation", "activation"):
+        try:
+            return PoolingParams(**{name: False})
+        except TypeError:
+            continue
+    raise RuntimeError("this vLLM has neither PoolingParams(use_activation=) nor (activation=)")
+
+
+def make_backend(kind: str, path: str, device: str, dtype: str, max_length: int) -> Backend:
+    if kind == "torch":
+        return TorchBackend(path, device, dtype)
+    if kind == "vllm":
+        return VllmBackend(path, device, dtype, max_length)
+    raise ValueError(f"unknown scorer backend {kind!r}")

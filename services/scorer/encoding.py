@@ -1,0 +1,92 @@
+"""Request items to token ids: validation, chat template, BOS, length policy.
+
+The server owns the chat template, so every client gets the same reward for the same
+conversation. Two kinds of item arrive:
+- a conversation (message list ending in the assistant response to score): rendered and
+  tokenized by shared.modeling.encode_conversation, the one implementation the trainer
+  uses too, so served rewards match trained ones;
+- text already rendered with the chat template (OpenRLHF, verl and vLLM clients send
+  this): shared.modeling.encode_text tokenizes it without adding special tokens and gives
+  it exactly one leading BOS when the tokenizer uses one. Clients differ here (verl strips
+  the BOS, OpenRLHF keeps it, a plain tokenizer call doubles it); all three give the ids
+  of the rendered template, hence the same reward as the conversation itself.
+
+Too long items are truncated to max_length or rejected, per `on_too_long`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from synpref.services.scorer.errors import InvalidInput
+from synpref.shared.modeling import Encoded, Truncation, encode_conversation, encode_text
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+Messages = Sequence[Mapping[str, Any]]
+
+
+def validate_messages(messages: Messages, what: str = "conversation") -> list[dict[str, str]]:
+    """Plain role/content dicts, or InvalidInput naming what is wrong and where."""
+    if not messages:
+        raise InvalidInput(f"{what} is empty: send at least the assistant response to score")
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise InvalidInput(f"{what} message {i} is a {type(m).__name__}, not an object with role and content")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise InvalidInput(f"{what} message {i} has role {role!r}; expected one of {sorted(ROLES)}")
+        if not isinstance(content, str):
+            raise InvalidInput(f"{what} message {i} content must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "assistant":
+        raise InvalidInput(f"{what} must end with the assistant response to score; it ends with {out[-1]['role']!r}")
+    if not any(m["content"].strip() for m in out):
+        raise InvalidInput(f"{what} has only empty messages")
+    return out
+
+
+@dataclass
+class Encoder:
+    tokenizer: Any
+    max_length: int
+    on_too_long: Literal["truncate", "reject"] = "truncate"
+    truncation: Truncation = "left_turns"
+    """How `truncate` cuts (shared.modeling): left_turns drops whole old turns and keeps the
+    response; left_tokens cuts tokens from the left; right cuts the end."""
+
+    def __post_init__(self) -> None:
+        self.from_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.pad_token: str | None = self.tokenizer.pad_token
+        self._policy: Truncation = "none" if self.on_too_long == "reject" else self.truncation
+
+    def conversation(self, messages: Messages, what: str = "conversation") -> list[int]:
+        msgs = validate_messages(messages, what)
+        return self._check(encode_conversation(self.tokenizer, msgs, self.max_length, self._policy), what)
+
+    def text(self, text: str, what: str = "text") -> list[int]:
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInput(f"{what} is empty or not a string")
+        enc = encode_text(self.tokenizer, text, self.max_length, self._policy, from_template=self.from_template)
+        return self._check(enc, what)
+
+    def _check(self, enc: Encoded, what: str) -> list[int]:
+        if not enc.fits and self.on_too_long == "reject":
+            raise InvalidInput(f"{what} is longer than max_length={self.max_length} tokens (on_too_long=reject)")
+        # With truncate, an item whose response alone overflows is scored on its
+        # left-truncated end (the response end and the reward token are kept).
+        return list(enc.input_ids)
+
+    def strip_padding(self, text: str) -> str:
+        """OpenRLHF sends decoded, left-padded sequences: drop pad tokens at either end."""
+        pad = self.pad_token
+        if not pad:
+            return text
+        while text.startswith(pad):
+            text = text[len(pad) :]
+        while text.endswith(pad):
+            text = text[: -len(pad)]
+        return text

@@ -1,0 +1,192 @@
+"""HTTP shims on aiohttp, sharing the gRPC path's batchers, so RL frameworks point at the
+scorer unchanged.
+
+- `POST /get_reward`: OpenRLHF's remote RM protocol (openrlhf/cli/serve_rm.py). Request
+  {"query": [rendered text, ...], "prompts": [...], "labels": [...]} (prompts and labels are
+  accepted and ignored); answer {"rewards": [...], "scores": [...], "extra_logs": {}}.
+  OpenRLHF's remote_rm_fn reads `rewards` (score_key) and newer experience makers also
+  `scores` and `extra_logs`. Pad tokens around each query are stripped, as serve_rm does.
+- `POST /classify` (and `/v1/classify`): vLLM's classification API. Request {"model",
+  "input": str | [str]} or {"model", "messages": [...]}; answer {"id", "object": "list",
+  "created", "model", "data": [{"index", "label", "probs": [reward], "num_classes": 1}],
+  "usage": {...}}. verl's reward loop posts one rendered text with "activation": false and
+  reads data[-1]["probs"][-1]. Rewards are raw logits unless the request asks for the
+  activation explicitly ("activation" / "use_activation": true gives sigmoid, as vLLM).
+- `GET /health`, `GET /info`, `GET /metrics` (Prometheus), `POST /admin/reload`
+  {"model", "path", "version"}: swap a served model to a new checkpoint without failing
+  requests in flight.
+
+Errors answer {"error": message, "code": status}: 400 bad input, 404 unknown model, 429
+queue full (with Retry-After), 503 not ready or draining, 504 deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from synpref.services.scorer.errors import InvalidInput, ScorerError, UnknownModel
+from synpref.services.scorer.metrics import ScorerMetrics
+from synpref.services.scorer.registry import ModelRegistry, ServedModel
+from synpref.shared.config import ModelRef
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+LABEL = "LABEL_0"  # what transformers names the single class of a num_labels=1 head
+
+
+def _error(status: int, message: str) -> web.Response:
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return web.json_response({"error": message, "code": status}, status=status, headers=headers)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return body
+
+
+def _texts(value: Any, field: str, max_items: int) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidInput(f'"{field}" must be a string or a list of strings')
+    if not value:
+        raise InvalidInput(f'"{field}" is empty')
+    if len(value) > max_items:
+        raise InvalidInput(f'"{field}" has {len(value)} items, more than max_request_items={max_items}')
+    return value
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+class HttpShims:
+    def __init__(self, registry: ModelRegistry, metrics: ScorerMetrics, max_request_items: int) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.max_request_items = max_request_items
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/get_reward", self._wrap("get_reward", self.get_reward))
+        app.router.add_post("/classify", self._wrap("classify", self.classify))
+        app.router.add_post("/v1/classify", self._wrap("classify", self.classify))
+        app.router.add_post("/admin/reload", self._wrap("reload", self.reload))
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/info", self.info)
+        app.router.add_get("/metrics", self.metrics_page)
+        return app
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            t0 = time.perf_counter()
+            status = 200
+            label = request.query.get("model") or self.registry.default_name
+            try:
+                return await handler(request)
+            except ScorerError as exc:
+                status = exc.http_status
+                return _error(status, str(exc))
+            finally:
+                self.metrics.requests.labels(label, method, str(status)).inc()
+                self.metrics.latency.labels(label, method).observe(time.perf_counter() - t0)
+
+        return wrapped
+
+    def _model(self, name: str) -> ServedModel:
+        """A served model by name; clients that send a checkpoint path (verl sends its
+        reward_model.model.path) also match on the served model_id or its folder name."""
+        if not name or name in self.registry.models:
+            return self.registry.get(name)
+        for m in self.registry.models.values():
+            if name in (m.model_id, m.model_id.rstrip("/").rsplit("/", 1)[-1]):
+                return m
+        raise UnknownModel(f"no model named {name!r} is served; served: {sorted(self.registry.models)}")
+
+    async def get_reward(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        queries = _texts(body.get("query"), "query", self.max_request_items)
+        model = self._model(str(body.get("model") or request.query.get("model", "")))
+        enc = model.encoder
+        ids = [enc.text(enc.strip_padding(q), f"query {i}") for i, q in enumerate(queries)]
+        result = await model.batcher.score(ids)
+        return web.json_response({"rewards": result.rewards, "scores": result.rewards, "extra_logs": {}})
+
+    async def classify(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        requested = str(body.get("model") or "")
+        model = self._model(requested)
+        enc = model.encoder
+        if body.get("messages") is not None:
+            if not isinstance(body["messages"], list):
+                raise InvalidInput('"messages" must be a list of {role, content} objects')
+            ids = [enc.conversation(body["messages"], "messages")]
+        else:
+            texts = _texts(body.get("input"), "input", self.max_request_items)
+            ids = [enc.text(t, f"input {i}") for i, t in enumerate(texts)]
+        activation = body.get("use_activation", body.get("activation"))
+        result = await model.batcher.score(ids)
+        values = [_sigmoid(r) if activation is True else r for r in result.rewards]
+        tokens = sum(len(x) for x in ids)
+        return web.json_response(
+            {
+                "id": f"classify-{uuid.uuid4().hex}",
+                "object": "list",
+                "created": int(time.time()),
+                "model": requested or model.name,
+                "data": [{"index": i, "label": LABEL, "probs": [v], "num_classes": 1} for i, v in enumerate(values)],
+                "usage": {
+                    "prompt_tokens": tokens,
+                    "total_tokens": tokens,
+                    "completion_tokens": 0,
+                    "prompt_tokens_details": None,
+                },
+            }
+        )
+
+    async def reload(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        name, path = body.get("model"), body.get("path")
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise InvalidInput('reload needs {"model": name, "path": checkpoint folder} (and optionally "version")')
+        try:
+            served = await self.registry.reload(name, ModelRef(path=path, version=str(body.get("version") or "")))
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"cannot load {path!r}: {exc}") from None
+        return web.json_response({"model": served.name, "version": served.version, "model_id": served.model_id})
+
+    async def health(self, request: web.Request) -> web.Response:
+        ready = bool(self.registry.models) and not self.registry.draining
+        body = {"status": "ok" if ready else "unavailable", "models": sorted(self.registry.models)}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def info(self, request: web.Request) -> web.Response:
+        s = self.registry.settings
+        models = [
+            {
+                "name": m.name,
+                "model_id": m.model_id,
+                "version": m.version,
+                "dtype": m.backend.dtype,
+                "backend": m.backend.kind,
+                "max_length": s.max_length,
+                "max_batch_items": s.max_batch_items,
+                "max_batch_tokens": s.max_batch_tokens,
+            }
+            for m in self.registry.models.values()
+        ]
+        return web.json_response({"models": models, "default_model": self.registry.default_name})
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain")

@@ -1,0 +1,92 @@
+"""`synpref scorer`: serve reward models over gRPC and HTTP from Settings.
+
+    synpref scorer --config scorer.yaml
+    synpref scorer --model best=artifacts/rm/v3 --model gold=artifacts/gold/v1 --port 50060
+
+Configuration is the `scorer` section (YAML and SYNPREF_SCORER__* variables); flags
+override it. SIGTERM or SIGINT drains in-flight work (scorer.drain_s) before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from synpref.shared.config import ConfigError, ModelRef, Settings, load_settings
+
+log = logging.getLogger("synpref.scorer")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="synpref scorer", description="Serve reward models over gRPC and HTTP.")
+    p.add_argument("--config", help="YAML settings file (default: $SYNPREF_CONFIG)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="serve a checkpoint as NAME")
+    p.add_argument("--default-model", help="model used when a request names none")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int, help="gRPC port")
+    p.add_argument("--http-port", type=int)
+    p.add_argument("--metrics-port", type=int, help="separate Prometheus port; 0 = only HTTP /metrics")
+    p.add_argument("--backend", choices=["torch", "vllm"])
+    p.add_argument("--device")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    overrides: dict = {}
+    for flag, key in (
+        ("host", "host"),
+        ("port", "port"),
+        ("http_port", "http_port"),
+        ("metrics_port", "metrics_port"),
+        ("backend", "backend"),
+        ("device", "device"),
+        ("default_model", "default_model"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[key] = value
+    if args.model:
+        models = dict(settings.scorer.models)
+        for spec in args.model:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--model wants NAME=PATH, got {spec!r}")
+            models[name] = ModelRef(path=path)
+        overrides["models"] = models
+    if not overrides:
+        return settings
+    scorer = settings.scorer.model_validate({**settings.scorer.model_dump(), **overrides})
+    return settings.model_copy(update={"scorer": scorer})
+
+
+async def serve(settings: Settings) -> None:
+    from synpref.services.scorer.server import ScorerServer
+
+    server = ScorerServer(settings.scorer)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start(load=False)
+    loader = asyncio.ensure_future(server.load())
+    await stop.wait()
+    log.info("signal received: draining for up to %.0fs", settings.scorer.drain_s)
+    loader.cancel()
+    await server.stop()
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"synpref scorer: {exc}")
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.scorer.models:
+        log.warning("no models configured (scorer.models or --model): health stays NOT_SERVING")
+    asyncio.run(serve(settings))
+    return 0

@@ -1,0 +1,131 @@
+"""Models served by name (e.g. `gold`, `best`), each with its own batcher, hot-swappable.
+
+`reload(name, path, version)` loads the new checkpoint off the event loop while the old
+one keeps serving, swaps the name to it in one step, then drains the old batcher: requests
+already queued on the old version finish on it, new ones go to the new version, and none
+fails because of the swap. The swap is exposed as `POST /admin/reload` on the HTTP port
+(see http.py) and is callable in process by a controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from synpref.services.scorer.backends import Backend, make_backend
+from synpref.services.scorer.batcher import Batcher
+from synpref.services.scorer.encoding import Encoder
+from synpref.services.scorer.errors import NotReady, UnknownModel
+from synpref.services.scorer.metrics import ScorerMetrics
+from synpref.shared.config import ModelRef, ScorerSettings
+from synpref.v1 import reward_pb2
+
+log = logging.getLogger(__name__)
+
+BackendFactory = Callable[[str, str, str, str, int], Backend]
+
+
+@dataclass
+class ServedModel:
+    name: str
+    model_id: str
+    version: str
+    backend: Backend
+    encoder: Encoder
+    batcher: Batcher
+
+    def info(self, settings: ScorerSettings) -> reward_pb2.ModelInfo:
+        return reward_pb2.ModelInfo(
+            name=self.name,
+            model_id=self.model_id,
+            version=self.version,
+            dtype=self.backend.dtype,
+            max_length=settings.max_length,
+            backend=self.backend.kind,
+            max_batch_items=settings.max_batch_items,
+            max_batch_tokens=settings.max_batch_tokens,
+        )
+
+
+def version_of(ref: ModelRef) -> str:
+    return ref.version or Path(ref.path.rstrip("/")).name
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        settings: ScorerSettings,
+        metrics: ScorerMetrics,
+        backend_factory: BackendFactory = make_backend,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.backend_factory = backend_factory
+        self.models: dict[str, ServedModel] = {}
+        self._swap_lock = asyncio.Lock()
+        self.draining = False
+        """Set on shutdown: health turns unavailable while in-flight work finishes."""
+
+    @property
+    def default_name(self) -> str:
+        if self.settings.default_model in self.models or not self.models:
+            return self.settings.default_model
+        return next(iter(self.models))
+
+    def get(self, name: str = "") -> ServedModel:
+        if not self.models:
+            raise NotReady("no model is loaded yet: retry shortly")
+        name = name or self.default_name
+        model = self.models.get(name)
+        if model is None:
+            raise UnknownModel(f"no model named {name!r} is served; served: {sorted(self.models)}")
+        return model
+
+    async def _build(self, name: str, ref: ModelRef) -> ServedModel:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        # Loading takes seconds to minutes: keep the event loop (and the old version) serving.
+        backend = await loop.run_in_executor(
+            None, self.backend_factory, s.backend, ref.path, s.device, s.dtype, s.max_length
+        )
+        encoder = Encoder(backend.tokenizer, s.max_length, s.on_too_long, s.truncation)
+        batcher = Batcher(
+            backend.forward,
+            max_batch_tokens=s.max_batch_tokens,
+            max_batch_items=s.max_batch_items,
+            max_wait_ms=s.max_wait_ms,
+            max_queue=s.max_queue,
+            name=name,
+            metrics=self.metrics,
+        )
+        batcher.start()
+        return ServedModel(name, ref.path, version_of(ref), backend, encoder, batcher)
+
+    async def load_all(self, refs: dict[str, ModelRef]) -> None:
+        for name, ref in refs.items():
+            await self.reload(name, ref)
+
+    async def reload(self, name: str, ref: ModelRef) -> ServedModel:
+        """Serve `ref` under `name`, replacing (and draining) whatever served it before."""
+        async with self._swap_lock:
+            new = await self._build(name, ref)
+            old = self.models.get(name)
+            self.models[name] = new  # from here on, new requests go to the new version
+            log.info("serving %s = %s (version %s)", name, ref.path, new.version)
+        if old is not None:
+            await self._retire(old)
+        return new
+
+    async def _retire(self, model: ServedModel) -> None:
+        await model.batcher.close(drain=True)
+        model.backend.close()
+        log.info("retired %s version %s", model.name, model.version)
+
+    async def close(self, drain: bool = True) -> None:
+        models, self.models = list(self.models.values()), {}
+        for m in models:
+            await m.batcher.close(drain=drain)
+            m.backend.close()

@@ -1,0 +1,157 @@
+"""One scorer process: the gRPC server (RewardService, health, reflection), the HTTP shims
+and the metrics page around one ModelRegistry.
+
+Start order: listeners first with health NOT_SERVING, then the models, then SERVING, so
+an orchestrator sees the process up but not ready while checkpoints load. Stop order
+(SIGTERM): NOT_SERVING, stop accepting, let in-flight requests finish within the grace
+period (their batchers keep running), then drain and free the models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from synpref.services.scorer.backends import make_backend
+from synpref.services.scorer.http import HttpShims
+from synpref.services.scorer.metrics import ScorerMetrics
+from synpref.services.scorer.registry import BackendFactory, ModelRegistry
+from synpref.services.scorer.servicer import RewardServicer
+from synpref.shared.config import ScorerSettings
+from synpref.v1 import reward_pb2, reward_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ScorerServer:
+    def __init__(self, settings: ScorerSettings, backend_factory: BackendFactory = make_backend) -> None:
+        self.settings = settings
+        self.metrics = ScorerMetrics()
+        self.registry = ModelRegistry(settings, self.metrics, backend_factory)
+        self.health = health.aio.HealthServicer()
+        self.grpc_port = 0
+        self.http_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._http: web.AppRunner | None = None
+        self._metrics_http: web.AppRunner | None = None
+
+    async def start(self, load: bool = True) -> None:
+        s = self.settings
+        if s.torch_threads:
+            import torch
+
+            torch.set_num_threads(s.torch_threads)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(
+            RewardServicer(self.registry, self.metrics, s.max_request_items), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        )
+        self.grpc_port = server.add_insecure_port(f"{s.host}:{s.port}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._grpc = server
+
+        shims = HttpShims(self.registry, self.metrics, s.max_request_items)
+        self._http, self.http_port = await _serve_http(shims.app(), s.host, s.http_port)
+        if s.metrics_port:
+            metrics_app = web.Application()
+            metrics_app.router.add_get("/metrics", shims.metrics_page)
+            self._metrics_http, _ = await _serve_http(metrics_app, s.host, s.metrics_port)
+        log.info("scorer listening: gRPC %s:%d, HTTP %s:%d", s.host, self.grpc_port, s.host, self.http_port)
+        if load:
+            await self.load()
+
+    async def load(self) -> None:
+        await self.registry.load_all(dict(self.settings.models))
+        if self.registry.models:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving models %s", sorted(self.registry.models))
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: refuse new work, finish what is in flight within `grace` seconds, then stop."""
+        grace = self.settings.drain_s if grace is None else grace
+        self.registry.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        waits = []
+        if self._grpc is not None:
+            waits.append(self._grpc.stop(grace))
+        for runner in (self._http, self._metrics_http):
+            if runner is not None:
+                waits.append(runner.cleanup())
+        await asyncio.gather(*waits)
+        await self.registry.close(drain=True)
+        log.info("scorer stopped")
+
+    async def wait(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.wait_for_termination()
+
+
+async def _serve_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
+
+
+class BackgroundScorer:
+    """A ScorerServer on its own event loop in a daemon thread: for tests, benchmarks and
+    processes (like the embedded controller) that want a scorer beside blocking code."""
+
+    def __init__(self, settings: ScorerSettings, backend_factory: BackendFactory = make_backend) -> None:
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="scorer-loop", daemon=True)
+        self._thread.start()
+        self.server = ScorerServer(settings, backend_factory)
+
+    def run(self, coro: object, timeout: float | None = 120.0) -> object:
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def start(self, load: bool = True) -> BackgroundScorer:
+        self.run(self.server.start(load=load))
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{self.server.settings.host}:{self.server.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.server.settings.host}:{self.server.http_port}"
+
+    def stop(self, grace: float = 5.0) -> None:
+        try:
+            self.run(self.server.stop(grace))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+    def __enter__(self) -> BackgroundScorer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,178 @@
+"""The gRPC RewardService (protos/synpref/v1/reward.proto) on grpc.aio.
+
+A thin shell: validate and encode the request (encoding.py), hand the ids to the model's
+batcher, shape the answer. ScorerError subclasses map to status codes (errors.py). Every
+call is counted and timed in the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from synpref.services.scorer.batcher import BatchResult
+from synpref.services.scorer.errors import InvalidInput, ScorerError
+from synpref.services.scorer.metrics import ScorerMetrics
+from synpref.services.scorer.registry import ModelRegistry, ServedModel
+from synpref.shared.pairs import message_dicts, preference_probability
+from synpref.v1 import reward_pb2, reward_pb2_grpc
+
+T = TypeVar("T")
+
+
+def encode_items(model: ServedModel, items: list[reward_pb2.ScoreItem]) -> list[list[int]]:
+    ids: list[list[int]] = []
+    for i, item in enumerate(items):
+        kind = item.WhichOneof("input")
+        if kind == "conversation":
+            ids.append(model.encoder.conversation(message_dicts(item.conversation.messages), f"item {i}"))
+        elif kind == "text":
+            ids.append(model.encoder.text(item.text, f"item {i} text"))
+        else:
+            raise InvalidInput(f"item {i} has neither a conversation nor a text")
+    return ids
+
+
+def encode_pairs(model: ServedModel, pairs: list[reward_pb2.PairItem]) -> list[list[int]]:
+    """Two id lists per pair: conversation + chosen, conversation + rejected."""
+    ids: list[list[int]] = []
+    for i, pair in enumerate(pairs):
+        conv = message_dicts(pair.conversation)
+        for side, msgs in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+            if not msgs:
+                raise InvalidInput(f"pair {i} has no {side} messages")
+            ids.append(model.encoder.conversation(conv + message_dicts(msgs), f"pair {i} {side}"))
+    return ids
+
+
+def metadata(model: ServedModel, r: BatchResult) -> reward_pb2.Metadata:
+    return reward_pb2.Metadata(
+        model=model.name,
+        version=model.version,
+        queue_ms=r.queue_ms,
+        compute_ms=r.compute_ms,
+        tokens=r.tokens,
+        batch_size=r.batch_size,
+    )
+
+
+class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
+    def __init__(self, registry: ModelRegistry, metrics: ScorerMetrics, max_request_items: int) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.max_request_items = max_request_items
+
+    def _check_size(self, n: int, what: str) -> None:
+        if n == 0:
+            raise InvalidInput(f"request has no {what}")
+        if n > self.max_request_items:
+            raise InvalidInput(
+                f"request has {n} {what}, more than max_request_items={self.max_request_items}: split it "
+                "(synpref.client chunks large batches for you)"
+            )
+
+    @staticmethod
+    def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+    async def _call(
+        self, method: str, model_name: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]
+    ) -> T:
+        t0 = time.perf_counter()
+        label = model_name or self.registry.default_name
+        code = grpc.StatusCode.OK
+        try:
+            return await work()
+        except ScorerError as exc:
+            code = exc.code
+            await context.abort(exc.code, str(exc))
+            raise  # unreachable: abort raises
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self.metrics.requests.labels(label, method, code.name).inc()
+            self.metrics.latency.labels(label, method).observe(time.perf_counter() - t0)
+
+    async def _score(self, request: reward_pb2.ScoreRequest, deadline: float | None) -> reward_pb2.ScoreResponse:
+        self._check_size(len(request.items), "items")
+        model = self.registry.get(request.model)
+        ids = encode_items(model, list(request.items))
+        r = await model.batcher.score(ids, deadline)
+        return reward_pb2.ScoreResponse(rewards=r.rewards, metadata=metadata(model, r))
+
+    async def Score(
+        self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> reward_pb2.ScoreResponse:
+        return await self._call("Score", request.model, context, lambda: self._score(request, self._deadline(context)))
+
+    async def ScorePairs(
+        self, request: reward_pb2.ScorePairsRequest, context: grpc.aio.ServicerContext
+    ) -> reward_pb2.ScorePairsResponse:
+        async def work() -> reward_pb2.ScorePairsResponse:
+            self._check_size(len(request.pairs) * 2, "pair sides")
+            model = self.registry.get(request.model)
+            ids = encode_pairs(model, list(request.pairs))
+            r = await model.batcher.score(ids, self._deadline(context))
+            scores = [
+                reward_pb2.PairScore(reward_chosen=c, reward_rejected=j, p=preference_probability(c, j))
+                for c, j in zip(r.rewards[0::2], r.rewards[1::2], strict=True)
+            ]
+            return reward_pb2.ScorePairsResponse(scores=scores, metadata=metadata(model, r))
+
+        return await self._call("ScorePairs", request.model, context, work)
+
+    async def ScoreStream(
+        self, request_iterator: AsyncIterator[reward_pb2.ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[reward_pb2.ScoreResponse]:
+        """Score each message as it arrives (so they batch with everything else in flight);
+        answer in request order. A bad message ends the stream with its status."""
+        deadline = self._deadline(context)
+        pending: asyncio.Queue[asyncio.Future[reward_pb2.ScoreResponse] | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await pending.put(asyncio.ensure_future(self._score(request, deadline)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.ensure_future(read())
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            while (task := await pending.get()) is not None:
+                try:
+                    response = await task
+                except ScorerError as exc:
+                    code = exc.code
+                    await context.abort(exc.code, str(exc))
+                yield response
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                left = pending.get_nowait()
+                if left is not None:
+                    left.cancel()
+            label = self.registry.default_name
+            self.metrics.requests.labels(label, "ScoreStream", code.name).inc()
+            self.metrics.latency.labels(label, "ScoreStream").observe(time.perf_counter() - t0)
+
+    async def Info(self, request: reward_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> reward_pb2.InfoResponse:
+        async def work() -> reward_pb2.InfoResponse:
+            s = self.registry.settings
+            if request.model:
+                models = [self.registry.get(request.model).info(s)]
+            else:
+                models = [m.info(s) for m in self.registry.models.values()]
+            return reward_pb2.InfoResponse(models=models, default_model=self.registry.default_name)
+
+        return await self._call("Info", request.model, context, work)
