@@ -1,0 +1,1 @@
+"""Annotator: preference attributes and LLM judge votes."""

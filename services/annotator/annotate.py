@@ -1,0 +1,129 @@
+"""The annotator stage: attributes, retrieved examples, judge votes, aggregate.
+
+For each pair: (a) the attribute 5-tuple from the labeller (kept if the record already has
+one); (b) up to k human-verified examples similar to (conversation, attributes), k by the
+paper's rule when the record carries p_best (8 if p <= 0.5, else ceil(8 (1 - p))), else
+max_examples; (c) n votes from every judge, run concurrently; (d) the aggregate.
+
+Pairs the best RM already gets right with margin (p_best > 0.5 + band) need no judges in
+Stage 2; when the record carries p_best (the gold-scorer ran first), they are skipped if
+`skip_confident` is set, which saves the calls and changes nothing the filter decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from synpref.services.annotator.judges import AttributeLabeller, Judge, JudgeRequest, aggregate
+from synpref.services.annotator.prompts import Example, attributes_dict
+from synpref.shared.pairs import message_dicts, now
+from synpref.shared.stage import Stage, StageResult
+from synpref.v1.pair_pb2 import PairRecord
+
+log = logging.getLogger(__name__)
+STEP = "annotator"
+
+
+class ExampleSource(Protocol):
+    """Human-verified examples similar to a pair (shared/retrieval.py provides one)."""
+
+    def examples(self, conversation: list[dict[str, str]], attributes: dict, k: int) -> list[Example]: ...
+
+
+def k_for(p: float | None, k_max: int = 8) -> int:
+    """The paper's retrieval size: k_max when the RM is wrong, fewer the surer it is right."""
+    from synpref.shared.retrieval import k_rule
+
+    return k_max if p is None else min(k_max, k_rule(p, k_max))
+
+
+class Annotator:
+    def __init__(
+        self,
+        judges: list[Judge],
+        labeller: AttributeLabeller | None = None,
+        examples: ExampleSource | None = None,
+        max_examples: int = 8,
+        skip_confident: bool = False,
+        band: float = 0.05,
+    ) -> None:
+        self.judges = judges
+        self.labeller = labeller
+        self.examples = examples
+        self.max_examples = max_examples
+        self.skip_confident = skip_confident
+        self.band = band
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def annotate_one(self, record: PairRecord) -> PairRecord:
+        out = PairRecord()
+        out.CopyFrom(record)
+        pair = out.pair
+        request = JudgeRequest(
+            pair.id, message_dicts(pair.conversation), message_dicts(pair.chosen), message_dicts(pair.rejected)
+        )
+        if self.labeller is not None and not out.attributes.task_category:
+            attributes = await self.labeller.label(request)
+            if attributes is not None:
+                out.attributes.CopyFrom(attributes)
+        attrs = attributes_dict(out.attributes) if out.attributes.task_category else {}
+        best = next((s.p for s in out.scores if s.model == "best"), None)
+        if self.skip_confident and best is not None and best > 0.5 + self.band:
+            out.lineage.steps.append(STEP)
+            return out
+        examples: list[Example] = []
+        if self.examples is not None and self.max_examples > 0:
+            k = k_for(best, self.max_examples)
+            examples = [e for e in self.examples.examples(request.conversation, attrs, k + 1) if e.id != pair.id][:k]
+        request = JudgeRequest(
+            pair.id, request.conversation, request.chosen, request.rejected, attrs, examples, dict(pair.meta)
+        )
+        results = await asyncio.gather(*(judge.judge(request) for judge in self.judges))
+        del out.votes[:]
+        for votes in results:
+            out.votes.extend(votes)
+        out.judge_aggregate.CopyFrom(aggregate(list(out.votes)))
+        del out.retrieved_example_ids[:]
+        out.retrieved_example_ids.extend(e.id for e in examples)
+        out.lineage.steps.append(STEP)
+        out.lineage.updated_at.CopyFrom(now())
+        return out
+
+    async def annotate(self, records: list[PairRecord]) -> list[PairRecord | BaseException]:
+        return await asyncio.gather(*(self.annotate_one(r) for r in records), return_exceptions=True)
+
+    def run(self, records: list[PairRecord]) -> list[PairRecord | BaseException]:
+        """Annotate synchronously on the annotator's own event loop (kept between batches)."""
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(self.annotate(records))
+
+    def stage(self) -> Stage:
+        def annotator(batch: list[PairRecord]) -> StageResult:
+            result = StageResult()
+            for record, out in zip(batch, self.run(batch), strict=True):
+                if isinstance(out, BaseException):
+                    log.warning("annotation of %s failed: %r", record.pair.id, out)
+                    result.fail(record, f"annotation failed: {type(out).__name__}: {out}")
+                else:
+                    result.emit("annotated", out)
+            return result
+
+        return annotator
+
+    def close(self) -> None:
+        if self._loop is None or self._loop.is_closed():
+            return
+        closers: list[Callable] = []
+        for judge in self.judges:
+            backend = getattr(judge, "backend", None)
+            if backend is not None and hasattr(backend, "close"):
+                closers.append(backend.close)
+        if self.labeller is not None and hasattr(self.labeller.backend, "close"):
+            closers.append(self.labeller.backend.close)
+        for close in closers:
+            self._loop.run_until_complete(close())
+        self._loop.close()

@@ -1,0 +1,199 @@
+"""Chat backends: where a prompt becomes n sampled answers.
+
+- OpenAIChat: any OpenAI-compatible /v1/chat/completions server (vLLM, SGLang, most
+  providers) over aiohttp, with a concurrency limit, a per-request timeout, retries with
+  exponential backoff on timeouts / connection errors / 429 / 5xx, and JSON answers through
+  `response_format`. The API key is read from the environment variable the settings name.
+- LocalChat: a transformers causal LM in this process (sampling with `generate`).
+
+A backend returns one entry per sample: the answer text, or None when no answer came back
+(the request failed for good). Callers turn None and unparseable text into abstentions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class ChatBackend(Protocol):
+    name: str
+
+    async def chat(
+        self, messages: Messages, *, n: int, temperature: float, response_format: dict[str, Any] | None = None
+    ) -> list[str | None]: ...
+
+
+@dataclass
+class ChatStats:
+    requests: int = 0
+    retries: int = 0
+    failures: int = 0
+
+
+class OpenAIChat:
+    """One model behind an OpenAI-compatible endpoint."""
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        *,
+        semaphore: asyncio.Semaphore | None = None,
+        max_concurrency: int = 8,
+        timeout_s: float = 60.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        max_tokens: int = 512,
+    ) -> None:
+        self.name = model
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.api_key_env = api_key_env
+        self._semaphore = semaphore
+        self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_tokens = max_tokens
+        self.stats = ChatStats()
+        self._session: aiohttp.ClientSession | None = None
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env, "")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    @property
+    def semaphore(self) -> asyncio.Semaphore:
+        # Created on first use, inside the event loop that runs the calls.
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        return self._semaphore
+
+    async def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def chat(
+        self, messages: Messages, *, n: int, temperature: float, response_format: dict[str, Any] | None = None
+    ) -> list[str | None]:
+        body: dict[str, Any] = {
+            "model": self.name,
+            "messages": messages,
+            "n": n,
+            "temperature": temperature,
+            "max_tokens": self.max_tokens,
+        }
+        if response_format is not None:
+            body["response_format"] = response_format
+        data = await self._post(body)
+        if data is None:
+            return [None] * n
+        texts: list[str | None] = []
+        for choice in data.get("choices", [])[:n] if isinstance(data, dict) else []:
+            content = (choice.get("message") or {}).get("content") if isinstance(choice, dict) else None
+            texts.append(content if isinstance(content, str) else None)
+        # A server that ignores `n` answers once: the missing samples are abstentions.
+        return texts + [None] * (n - len(texts))
+
+    async def _post(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        session = await self.session()
+        for attempt in range(self.retries + 1):
+            error: str
+            async with self.semaphore:
+                self.stats.requests += 1
+                try:
+                    async with session.post(self.url, json=body, headers=self._headers()) as resp:
+                        if resp.status == 200:
+                            try:
+                                return await resp.json(content_type=None)
+                            except (ValueError, aiohttp.ContentTypeError) as exc:
+                                error = f"invalid JSON body: {exc}"
+                        else:
+                            error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                            if resp.status not in RETRY_STATUS:
+                                self.stats.failures += 1
+                                log.warning("%s: %s (not retried)", self.name, error)
+                                return None
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+            if attempt < self.retries:
+                self.stats.retries += 1
+                delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
+                log.info("%s: %s; retry %d/%d in %.2fs", self.name, error, attempt + 1, self.retries, delay)
+                await asyncio.sleep(delay)
+        self.stats.failures += 1
+        log.warning("%s: giving up after %d attempts: %s", self.name, self.retries + 1, error)
+        return None
+
+
+class LocalChat:
+    """A transformers causal LM as a chat backend (sampling happens in a worker thread)."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str = "local", max_new_tokens: int = 64, seed: int = 0):
+        self.name = name
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.seed = seed
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_pretrained(cls, path: str, name: str | None = None, **kwargs: Any) -> LocalChat:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        return cls(
+            AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), name or path, **kwargs
+        )
+
+    def _generate(self, messages: Messages, n: int, temperature: float) -> list[str | None]:
+        import torch
+
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        enc = self.tokenizer(rendered, return_tensors="pt", add_special_tokens=False)
+        torch.manual_seed(self.seed)
+        sample = temperature > 0
+        with torch.no_grad():
+            out = self.model.generate(
+                **enc,
+                do_sample=sample,
+                temperature=temperature if sample else None,
+                top_p=None,
+                top_k=None,
+                num_return_sequences=n if sample else 1,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            )
+        prompt_len = enc["input_ids"].shape[1]
+        texts = [self.tokenizer.decode(seq[prompt_len:], skip_special_tokens=True) for seq in out]
+        return (texts * n)[:n] if not sample else texts
+
+    async def chat(
+        self, messages: Messages, *, n: int, temperature: float, response_format: dict[str, Any] | None = None
+    ) -> list[str | None]:
+        # response_format is not enforced locally: the parser decides, and junk abstains.
+        async with self._lock:
+            return await asyncio.to_thread(self._generate, messages, n, temperature)
+
+    async def close(self) -> None:
+        return None

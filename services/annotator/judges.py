@@ -1,0 +1,246 @@
+"""Judges, their answer cache, and vote aggregation.
+
+A Judge turns one JudgeRequest (a pair, its attributes, retrieved examples) into n
+JudgeVotes whose preference is relative to the pair's CURRENT label (CHOSEN = agrees).
+LLMJudge asks a ChatBackend; other judges (a simulated judge of stated accuracy for studies,
+a human desk, ...) only need `name` and `judge`.
+
+Self-consistency: each judge is sampled n times and its votes reduced by majority; the
+per-judge results are then reduced by majority across judges. Abstentions never count as
+votes; a tie is an abstention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from synpref.services.annotator.chat import ChatBackend
+from synpref.services.annotator.prompts import (
+    ATTRIBUTE_SCHEMA,
+    JUDGE_SCHEMA,
+    PROMPT_VERSION,
+    Example,
+    attribute_prompt,
+    judge_prompt,
+    parse_attributes,
+    parse_judgement,
+    response_format,
+)
+from synpref.v1.pair_pb2 import (
+    PREFERENCE_ABSTAIN,
+    PREFERENCE_CHOSEN,
+    PREFERENCE_REJECTED,
+    Attributes,
+    JudgeAggregate,
+    JudgeVote,
+)
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    pair_id: str
+    conversation: Messages
+    chosen: Messages
+    rejected: Messages
+    attributes: dict[str, Any] = field(default_factory=dict)
+    examples: list[Example] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+class Judge(Protocol):
+    name: str
+
+    async def judge(self, request: JudgeRequest) -> list[JudgeVote]: ...
+
+
+class AnswerCache:
+    """Answers on disk, one JSON file per (pair, model, prompt version, purpose).
+
+    Writes go through a temp file and a rename, so several processes may share the folder
+    and a crash never leaves half an entry. Only answers that came back are stored: a failed
+    request is retried on replay, an unparseable answer is not (it was the model's answer).
+    """
+
+    def __init__(self, root: str | Path | None) -> None:
+        self.root = Path(root) if root else None
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, *key: str) -> Path | None:
+        if self.root is None:
+            return None
+        digest = hashlib.sha256("\x1f".join(key).encode()).hexdigest()
+        return self.root / digest[:2] / f"{digest}.json"
+
+    def get(self, *key: str) -> Any:
+        path = self._path(*key)
+        if path is None or not path.exists():
+            self.misses += 1
+            return None
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return value
+
+    def put(self, value: Any, *key: str) -> None:
+        path = self._path(*key)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, path)
+
+
+def candidate_orders(pair_id: str, judge: str, samples: int, seed: int = 0) -> list[bool]:
+    """For each sample, whether chosen is shown as Candidate 2: random, but the same on replay."""
+    rng = random.Random(f"{seed}:{pair_id}:{judge}")
+    return [rng.random() < 0.5 for _ in range(samples)]
+
+
+class LLMJudge:
+    """A judge model behind a ChatBackend, sampled n times (grouped by candidate order)."""
+
+    def __init__(
+        self,
+        backend: ChatBackend,
+        samples: int = 3,
+        temperature: float = 0.7,
+        cache: AnswerCache | None = None,
+        prompt_version: str = PROMPT_VERSION,
+        json_mode: str = "json_schema",
+        seed: int = 0,
+    ) -> None:
+        self.backend = backend
+        self.name = backend.name
+        self.samples = samples
+        self.temperature = temperature
+        self.cache = cache or AnswerCache(None)
+        self.prompt_version = prompt_version
+        self.json_mode = json_mode
+        self.seed = seed
+
+    async def _answers(self, request: JudgeRequest) -> list[dict[str, Any]]:
+        key = ("judge", request.pair_id, self.name, self.prompt_version)
+        cached = self.cache.get(*key)
+        if isinstance(cached, list) and len(cached) >= self.samples:
+            return cached[: self.samples]
+        orders = candidate_orders(request.pair_id, self.name, self.samples, self.seed)
+        answers: list[dict[str, Any] | None] = [None] * self.samples
+        complete = True
+        for swapped in (False, True):
+            idx = [i for i, s in enumerate(orders) if s == swapped]
+            if not idx:
+                continue
+            first, second = (request.rejected, request.chosen) if swapped else (request.chosen, request.rejected)
+            messages = judge_prompt(request.conversation, first, second, request.attributes, request.examples)
+            texts = await self.backend.chat(
+                messages,
+                n=len(idx),
+                temperature=self.temperature,
+                response_format=response_format(JUDGE_SCHEMA, "preference", self.json_mode),
+            )
+            for i, text in zip(idx, texts, strict=True):
+                complete &= text is not None
+                answers[i] = {"sample": i, "swapped": swapped, "text": text}
+        result = [a for a in answers if a is not None]
+        if complete:
+            self.cache.put(result, *key)
+        return result
+
+    async def judge(self, request: JudgeRequest) -> list[JudgeVote]:
+        votes = []
+        for answer in await self._answers(request):
+            better, rationale = parse_judgement(answer["text"])
+            if answer["text"] is None:
+                preference, rationale = PREFERENCE_ABSTAIN, "no answer (request failed)"
+            elif better is None:
+                preference = PREFERENCE_ABSTAIN
+            else:
+                chosen_won = (better == 1) != answer["swapped"]
+                preference = PREFERENCE_CHOSEN if chosen_won else PREFERENCE_REJECTED
+            votes.append(
+                JudgeVote(
+                    judge=self.name,
+                    sample=answer["sample"],
+                    preference=preference,  # type: ignore[arg-type]
+                    candidate_order_swapped=answer["swapped"],
+                    rationale=rationale,
+                    prompt_version=self.prompt_version,
+                )
+            )
+        return votes
+
+
+class AttributeLabeller:
+    """The 5-tuple from an LLM (one low-temperature sample, cached)."""
+
+    def __init__(
+        self,
+        backend: ChatBackend,
+        cache: AnswerCache | None = None,
+        prompt_version: str = PROMPT_VERSION,
+        json_mode: str = "json_schema",
+        temperature: float = 0.0,
+    ) -> None:
+        self.backend = backend
+        self.name = backend.name
+        self.cache = cache or AnswerCache(None)
+        self.prompt_version = prompt_version
+        self.json_mode = json_mode
+        self.temperature = temperature
+
+    async def label(self, request: JudgeRequest) -> Attributes | None:
+        key = ("attributes", request.pair_id, self.name, self.prompt_version)
+        cached = self.cache.get(*key)
+        if isinstance(cached, dict) and "text" in cached:
+            text = cached["text"]
+        else:
+            (text,) = await self.backend.chat(
+                attribute_prompt(request.conversation, request.chosen, request.rejected),
+                n=1,
+                temperature=self.temperature,
+                response_format=response_format(ATTRIBUTE_SCHEMA, "attributes", self.json_mode),
+            )
+            if text is not None:
+                self.cache.put({"text": text}, *key)
+        return parse_attributes(text, self.name)
+
+
+def majority(preferences: list[int]) -> int:
+    """CHOSEN or REJECTED by strict majority of non-abstaining votes; ABSTAIN on a tie or none."""
+    counts = Counter(p for p in preferences if p in (PREFERENCE_CHOSEN, PREFERENCE_REJECTED))
+    if counts[PREFERENCE_CHOSEN] > counts[PREFERENCE_REJECTED]:
+        return PREFERENCE_CHOSEN
+    if counts[PREFERENCE_REJECTED] > counts[PREFERENCE_CHOSEN]:
+        return PREFERENCE_REJECTED
+    return PREFERENCE_ABSTAIN
+
+
+def aggregate(votes: list[JudgeVote]) -> JudgeAggregate:
+    """Self-consistency within each judge, then majority across judges."""
+    by_judge: dict[str, list[int]] = {}
+    for vote in votes:
+        by_judge.setdefault(vote.judge, []).append(vote.preference)
+    per_judge = [majority(prefs) for prefs in by_judge.values()]
+    voting = [p for p in per_judge if p != PREFERENCE_ABSTAIN]
+    overall = majority(voting)
+    agreement = (sum(p == overall for p in voting) / len(voting)) if voting and overall != PREFERENCE_ABSTAIN else 0.0
+    return JudgeAggregate(
+        preference=overall,  # type: ignore[arg-type]
+        agreement=agreement,
+        judges_voting=len(voting),
+        judges_abstaining=len(per_judge) - len(voting),
+    )

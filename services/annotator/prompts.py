@@ -1,0 +1,226 @@
+"""Prompts and answer parsing for the attribute labeller and the preference judges.
+
+PROMPT_VERSION is part of every cache key: change any prompt text, bump it, and cached
+answers to the old prompt are no longer reused.
+
+Judges see the conversation, the pair's annotation guideline and desired attributes, up to
+8 human-verified examples (with their attributes and the preferred answer), and the two
+responses as "Candidate 1" / "Candidate 2" in an order the caller randomizes. They answer
+JSON {"rationale": str, "better": 1 | 2 | 0}; 0 (a tie), anything else, or text that is not
+such JSON is an abstention, never a vote.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from synpref.shared.retrieval import Example
+from synpref.v1.pair_pb2 import (
+    CONTROVERSIALITY_HIGH,
+    CONTROVERSIALITY_LOW,
+    CONTROVERSIALITY_MEDIUM,
+    OBJECTIVITY_OBJECTIVE,
+    OBJECTIVITY_SUBJECTIVE,
+    Attributes,
+)
+
+PROMPT_VERSION = "p1"
+EXAMPLE_CHARS = 600
+"""Each text of a few-shot example is cut to this many characters: 8 of them must fit a context."""
+
+Messages = list[dict[str, str]]
+
+JUDGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"rationale": {"type": "string"}, "better": {"type": "integer", "enum": [0, 1, 2]}},
+    "required": ["rationale", "better"],
+    "additionalProperties": False,
+}
+ATTRIBUTE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "task_category": {"type": "string"},
+        "objectivity": {"type": "string", "enum": ["objective", "subjective"]},
+        "controversiality": {"type": "string", "enum": ["low", "medium", "high"]},
+        "desired_attributes": {"type": "array", "items": {"type": "string"}},
+        "annotation_guideline": {"type": "string"},
+    },
+    "required": ["task_category", "objectivity", "controversiality", "desired_attributes", "annotation_guideline"],
+    "additionalProperties": False,
+}
+
+OBJECTIVITY = {"objective": OBJECTIVITY_OBJECTIVE, "subjective": OBJECTIVITY_SUBJECTIVE}
+CONTROVERSIALITY = {"low": CONTROVERSIALITY_LOW, "medium": CONTROVERSIALITY_MEDIUM, "high": CONTROVERSIALITY_HIGH}
+
+
+def response_format(schema: dict[str, Any], name: str, mode: str) -> dict[str, Any] | None:
+    """The OpenAI `response_format` for a JSON answer ("json_schema", "json_object" or "none")."""
+    if mode == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+    if mode == "json_object":
+        return {"type": "json_object"}
+    return None
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + " [...]"
+
+
+def render_conversation(conversation: Messages, limit: int | None = None) -> str:
+    lines = []
+    for m in conversation:
+        content = _cut(m["content"], limit) if limit else m["content"]
+        lines.append(f"[{m['role']}]\n{content}")
+    return "\n\n".join(lines)
+
+
+def render_response(messages: Messages) -> str:
+    # Usually one assistant message; tool turns and multi-message answers keep their roles.
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return render_conversation(messages)
+
+
+def attributes_dict(attributes: Attributes) -> dict[str, Any]:
+    inverse_o = {v: k for k, v in OBJECTIVITY.items()}
+    inverse_c = {v: k for k, v in CONTROVERSIALITY.items()}
+    return {
+        "task_category": attributes.task_category,
+        "objectivity": inverse_o.get(attributes.objectivity, "unspecified"),
+        "controversiality": inverse_c.get(attributes.controversiality, "unspecified"),
+        "desired_attributes": list(attributes.desired_attributes),
+        "annotation_guideline": attributes.annotation_guideline,
+    }
+
+
+ATTRIBUTE_SYSTEM = (
+    "You analyse a conversation between a user and an AI assistant and describe what a good final "
+    "assistant answer must do. Answer with one JSON object only."
+)
+
+
+def attribute_prompt(conversation: Messages, chosen: Messages, rejected: Messages) -> Messages:
+    """Ask for the 5-tuple. Both responses are shown so the guideline covers what separates them."""
+    user = (
+        "Describe the preference attributes of this conversation.\n\n"
+        f"## Conversation\n{render_conversation(conversation)}\n\n"
+        f"## Response A\n{render_response(chosen)}\n\n## Response B\n{render_response(rejected)}\n\n"
+        "Return JSON with these keys:\n"
+        '- "task_category": a short category (e.g. coding, math, creative writing, advice, safety, summarization)\n'
+        '- "objectivity": "objective" if one answer is verifiably right, else "subjective"\n'
+        '- "controversiality": "low", "medium" or "high"\n'
+        '- "desired_attributes": the 2-5 qualities a good answer must have here\n'
+        '- "annotation_guideline": 1-3 sentences telling a judge how to decide which answer is better\n'
+        "Do not say which response is better."
+    )
+    return [{"role": "system", "content": ATTRIBUTE_SYSTEM}, {"role": "user", "content": user}]
+
+
+JUDGE_SYSTEM = (
+    "You are an impartial expert judge of AI assistant answers. Decide which candidate answers the "
+    "user's last turn better, following the annotation guideline. Judge substance, not length, style "
+    "or the order the candidates are shown in. Answer with one JSON object only."
+)
+
+
+def judge_prompt(
+    conversation: Messages,
+    first: Messages,
+    second: Messages,
+    attributes: dict[str, Any] | None = None,
+    examples: list[Example] = (),  # type: ignore[assignment]
+) -> Messages:
+    """The judge's messages; `first` is shown as Candidate 1 and `second` as Candidate 2."""
+    parts = []
+    if attributes and (attributes.get("annotation_guideline") or attributes.get("desired_attributes")):
+        parts.append(
+            "## Annotation guideline\n"
+            f"{attributes.get('annotation_guideline', '')}\n"
+            f"Task category: {attributes.get('task_category', '')}; "
+            f"objectivity: {attributes.get('objectivity', '')}; "
+            f"controversiality: {attributes.get('controversiality', '')}\n"
+            f"Desired attributes: {', '.join(attributes.get('desired_attributes', []))}"
+        )
+    for i, ex in enumerate(examples[:8], start=1):
+        attrs = ex.attributes or {}
+        parts.append(
+            f"## Verified example {i} (labelled by humans)\n"
+            f"Attributes: category={attrs.get('task_category', '')}, "
+            f"desired={', '.join(attrs.get('desired_attributes', []))}\n"
+            f"Guideline: {attrs.get('annotation_guideline', '')}\n"
+            f"Conversation:\n{render_conversation(ex.conversation, EXAMPLE_CHARS)}\n"
+            f"Better answer:\n{_cut(ex.preferred, EXAMPLE_CHARS)}\n"
+            f"Worse answer:\n{_cut(ex.dispreferred, EXAMPLE_CHARS)}"
+        )
+    parts.append(f"## Conversation\n{render_conversation(conversation)}")
+    parts.append(f"## Candidate 1\n{render_response(first)}")
+    parts.append(f"## Candidate 2\n{render_response(second)}")
+    parts.append(
+        'Which candidate is better? Reply with JSON: {"rationale": "<one or two sentences>", "better": 1 or 2}. '
+        'Use "better": 0 only if you truly cannot decide.'
+    )
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
+
+
+def parse_json_object(text: str | None) -> dict[str, Any] | None:
+    """The JSON object in an answer (bare, fenced, or embedded in prose), or None."""
+    if not text:
+        return None
+    candidates = [text.strip()]
+    candidates += [m.group(1).strip() for m in _FENCE.finditer(text)]
+    match = _OBJECT.search(text)
+    if match:
+        candidates.append(match.group(0))
+    for candidate in candidates:
+        try:
+            value = json.loads(candidate)
+        except (json.JSONDecodeError, ValueError):
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def parse_judgement(text: str | None) -> tuple[int | None, str]:
+    """(1 or 2 = the better candidate, None = abstention; rationale)."""
+    obj = parse_json_object(text)
+    if obj is None:
+        return None, "unparseable answer"
+    better = obj.get("better", obj.get("choice", obj.get("winner")))
+    rationale = str(obj.get("rationale", ""))[:2000]
+    if isinstance(better, str):
+        digits = re.findall(r"[012]", better)
+        better = int(digits[0]) if len(digits) == 1 else None
+    if isinstance(better, bool) or better not in (1, 2):
+        return None, rationale or f"no decision ({better!r})"
+    return int(better), rationale
+
+
+def parse_attributes(text: str | None, model: str) -> Attributes | None:
+    """The 5-tuple from an answer, or None when the answer is not usable."""
+    obj = parse_json_object(text)
+    if obj is None:
+        return None
+    category = obj.get("task_category")
+    guideline = obj.get("annotation_guideline")
+    desired = obj.get("desired_attributes")
+    if not isinstance(category, str) or not category.strip() or not isinstance(guideline, str):
+        return None
+    if isinstance(desired, str):
+        desired = [d.strip() for d in desired.split(",") if d.strip()]
+    if not isinstance(desired, list):
+        return None
+    return Attributes(
+        task_category=category.strip().lower()[:100],
+        objectivity=OBJECTIVITY.get(str(obj.get("objectivity", "")).strip().lower(), 0),  # type: ignore[arg-type]
+        controversiality=CONTROVERSIALITY.get(str(obj.get("controversiality", "")).strip().lower(), 0),  # type: ignore[arg-type]
+        desired_attributes=[str(d)[:200] for d in desired[:10]],
+        annotation_guideline=guideline.strip()[:2000],
+        annotator_model=model,
+    )

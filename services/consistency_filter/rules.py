@@ -1,0 +1,139 @@
+"""The decisions of the method, one pure function per record.
+
+Stage 1 (human in the loop): a pair the best RM gets wrong or is unsure of
+(p_best <= 0.5 + band) is a gold candidate: REVIEW, to the human review topic. A pair
+it already gets right is SKIPped this iteration (to the audit topic, still unverified).
+
+Stage 2 (automatic): KEEP when the label agrees with the gold RM (p_gold > 0.5) AND with
+either the LLM judges (aggregate prefers chosen) or the best RM (p_best > 0.5). Otherwise
+FLIP (recycle with chosen and rejected swapped, as SynPref-40M did for 14M pairs) or
+DISCARD, per FilterSettings.on_disagreement.
+
+Routes: KEEP/FLIP -> "curated", REVIEW -> "review", DISCARD/SKIP -> "discarded" (kept for
+audit). A record missing a score the rule needs is a failure (dead-letter), not a guess.
+"""
+
+from __future__ import annotations
+
+from synpref.shared.config import FilterSettings
+from synpref.shared.pairs import flipped, now
+from synpref.shared.stage import Stage, StageResult
+from synpref.v1.pair_pb2 import (
+    DECISION_DISCARD,
+    DECISION_FLIP,
+    DECISION_KEEP,
+    DECISION_REVIEW,
+    DECISION_SKIP,
+    PREFERENCE_CHOSEN,
+    PREFERENCE_REJECTED,
+    STAGE_ONE,
+    STAGE_TWO,
+    Decision,
+    DecisionRecord,
+    ModelScore,
+    PairRecord,
+)
+
+ROUTE_OF = {
+    DECISION_KEEP: "curated",
+    DECISION_FLIP: "curated",
+    DECISION_REVIEW: "review",
+    DECISION_DISCARD: "discarded",
+    DECISION_SKIP: "discarded",
+}
+STEP = "consistency-filter"
+
+
+class MissingScore(ValueError):
+    """The rule needs a model score the record does not carry."""
+
+
+def score_of(record: PairRecord, model: str) -> ModelScore | None:
+    return next((s for s in record.scores if s.model == model), None)
+
+
+def needs_annotation(p_best: float, band: float) -> bool:
+    """The best RM is wrong (p <= 0.5) or unsure (within `band` above 0.5)."""
+    return p_best <= 0.5 + band
+
+
+def _decided(record: PairRecord, decision: Decision.ValueType, rule: str, reason: str, stage) -> PairRecord:
+    out = PairRecord()
+    out.CopyFrom(record)
+    out.decision.CopyFrom(DecisionRecord(decision=decision, rule=rule, reason=reason))
+    out.lineage.stage = stage
+    out.lineage.steps.append(STEP)
+    out.lineage.updated_at.CopyFrom(now())
+    return out
+
+
+def swap_preference(value: int) -> int:
+    return {PREFERENCE_CHOSEN: PREFERENCE_REJECTED, PREFERENCE_REJECTED: PREFERENCE_CHOSEN}.get(value, value)
+
+
+def flip(record: PairRecord) -> PairRecord:
+    """flipped() swaps the texts and the scores; votes are relative to the label, so swap them too."""
+    out = flipped(record)
+    for new, old in zip(out.votes, record.votes, strict=True):
+        new.preference = swap_preference(old.preference)  # type: ignore[assignment]
+    out.judge_aggregate.preference = swap_preference(record.judge_aggregate.preference)  # type: ignore[assignment]
+    return out
+
+
+def stage1(record: PairRecord, settings: FilterSettings) -> PairRecord:
+    best = score_of(record, "best")
+    if best is None:
+        raise MissingScore("stage 1 needs the best RM's score (ModelScore 'best')")
+    if needs_annotation(best.p, settings.band):
+        why = "the best RM prefers the rejected side" if best.p <= 0.5 else "the best RM is unsure"
+        reason = f"p_best={best.p:.3f} <= 0.5+{settings.band:g}: {why}; gold candidate for human review"
+        return _decided(record, DECISION_REVIEW, "stage1.error_driven", reason, STAGE_ONE)
+    reason = f"p_best={best.p:.3f} > 0.5+{settings.band:g}: the best RM already agrees; not re-annotated"
+    return _decided(record, DECISION_SKIP, "stage1.error_driven", reason, STAGE_ONE)
+
+
+def stage2(record: PairRecord, settings: FilterSettings) -> PairRecord:
+    gold = score_of(record, "gold")
+    if gold is None:
+        raise MissingScore("stage 2 needs the gold RM's score (ModelScore 'gold')")
+    best = score_of(record, "best")
+    judges = record.judge_aggregate.preference
+    gold_agrees = gold.p > 0.5
+    judges_agree = judges == PREFERENCE_CHOSEN
+    best_agrees = best is not None and best.p > 0.5
+    facts = [
+        f"gold {'agrees' if gold_agrees else 'disagrees'} (p_gold={gold.p:.3f})",
+        "judges agree"
+        if judges_agree
+        else "judges disagree"
+        if judges == PREFERENCE_REJECTED
+        else "judges abstain or were not asked",
+        f"best RM {'agrees' if best_agrees else 'disagrees'} (p_best={best.p:.3f})" if best else "no best RM score",
+    ]
+    reason = "; ".join(facts)
+    if gold_agrees and (judges_agree or best_agrees):
+        return _decided(record, DECISION_KEEP, "stage2.consistency", reason, STAGE_TWO)
+    if settings.on_disagreement == "flip":
+        return _decided(flip(record), DECISION_FLIP, "stage2.consistency", reason + "; recycled swapped", STAGE_TWO)
+    return _decided(record, DECISION_DISCARD, "stage2.consistency", reason, STAGE_TWO)
+
+
+def decide(record: PairRecord, settings: FilterSettings) -> tuple[str, PairRecord]:
+    """(route, decided record) for one pair."""
+    out = stage1(record, settings) if settings.stage == 1 else stage2(record, settings)
+    return ROUTE_OF[out.decision.decision], out
+
+
+def make_filter_stage(settings: FilterSettings) -> Stage:
+    def consistency_filter(batch: list[PairRecord]) -> StageResult:
+        result = StageResult()
+        for record in batch:
+            try:
+                route, out = decide(record, settings)
+            except MissingScore as exc:
+                result.fail(record, str(exc))
+                continue
+            result.emit(route, out)
+        return result
+
+    return consistency_filter

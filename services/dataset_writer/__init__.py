@@ -1,0 +1,1 @@
+"""Dataset writer: kept and flipped pairs to versioned Parquet shards, exactly once."""

@@ -1,0 +1,290 @@
+"""A versioned dataset of Parquet shards with a manifest that also holds consumed offsets.
+
+Layout: <root>/<name>/<version>/part-00000.parquet ... and manifest.json.
+
+Exactly-once results with at-least-once transport: a shard is written first (temp file,
+fsync, rename), then the manifest (same dance) that lists it AND the Kafka offsets consumed
+up to it. The manifest is the commit point:
+- a crash before the manifest leaves an orphan shard, deleted on the next open, and the
+  offsets in the manifest still point before its rows, so they are consumed again;
+- a crash after it loses nothing, and the consumer seeks to the stored offsets;
+- a pair id already in the version (re-delivery, or an upstream stage that produced twice
+  before crashing) is counted as a duplicate and not written again.
+
+Columns (the Skywork-Reward-Preference format plus lineage):
+  id, conversation, chosen, rejected   -- chosen/rejected are FULL message lists, conversation
+                                          included, as in Skywork-Reward-Preference; the
+                                          conversation alone is its own column
+  source, meta_json, attributes, judge_aggregate, decision, scores, lineage
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from synpref.shared.pairs import message_dicts
+from synpref.v1.pair_pb2 import Controversiality, Decision, Objectivity, PairRecord, Preference, Stage
+
+MANIFEST = "manifest.json"
+SHARD_GLOB = "part-*.parquet"
+
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("conversation", MESSAGES),
+        ("chosen", MESSAGES),
+        ("rejected", MESSAGES),
+        ("source", pa.string()),
+        ("meta_json", pa.string()),
+        (
+            "attributes",
+            pa.struct(
+                [
+                    ("task_category", pa.string()),
+                    ("objectivity", pa.string()),
+                    ("controversiality", pa.string()),
+                    ("desired_attributes", pa.list_(pa.string())),
+                    ("annotation_guideline", pa.string()),
+                    ("annotator_model", pa.string()),
+                ]
+            ),
+        ),
+        (
+            "judge_aggregate",
+            pa.struct(
+                [
+                    ("preference", pa.string()),
+                    ("agreement", pa.float64()),
+                    ("judges_voting", pa.int32()),
+                    ("judges_abstaining", pa.int32()),
+                ]
+            ),
+        ),
+        ("decision", pa.struct([("decision", pa.string()), ("rule", pa.string()), ("reason", pa.string())])),
+        (
+            "scores",
+            pa.list_(
+                pa.struct(
+                    [
+                        ("model", pa.string()),
+                        ("version", pa.string()),
+                        ("reward_chosen", pa.float64()),
+                        ("reward_rejected", pa.float64()),
+                        ("p", pa.float64()),
+                    ]
+                )
+            ),
+        ),
+        (
+            "lineage",
+            pa.struct(
+                [
+                    ("stage", pa.string()),
+                    ("iteration", pa.int32()),
+                    ("steps", pa.list_(pa.string())),
+                    ("original_id", pa.string()),
+                    ("ingested_at", pa.string()),
+                    ("votes", pa.int32()),
+                ]
+            ),
+        ),
+    ]
+)
+
+
+def _enum(enum, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix).lower()
+
+
+def record_row(record: PairRecord) -> dict:
+    pair, attrs, agg, lin = record.pair, record.attributes, record.judge_aggregate, record.lineage
+    conversation = message_dicts(pair.conversation)
+    return {
+        "id": pair.id,
+        "conversation": conversation,
+        "chosen": conversation + message_dicts(pair.chosen),
+        "rejected": conversation + message_dicts(pair.rejected),
+        "source": pair.source,
+        "meta_json": json.dumps(dict(pair.meta), ensure_ascii=False, sort_keys=True),
+        "attributes": {
+            "task_category": attrs.task_category,
+            "objectivity": _enum(Objectivity, attrs.objectivity, "OBJECTIVITY_"),
+            "controversiality": _enum(Controversiality, attrs.controversiality, "CONTROVERSIALITY_"),
+            "desired_attributes": list(attrs.desired_attributes),
+            "annotation_guideline": attrs.annotation_guideline,
+            "annotator_model": attrs.annotator_model,
+        },
+        "judge_aggregate": {
+            "preference": _enum(Preference, agg.preference, "PREFERENCE_"),
+            "agreement": agg.agreement,
+            "judges_voting": agg.judges_voting,
+            "judges_abstaining": agg.judges_abstaining,
+        },
+        "decision": {
+            "decision": _enum(Decision, record.decision.decision, "DECISION_"),
+            "rule": record.decision.rule,
+            "reason": record.decision.reason,
+        },
+        "scores": [
+            {
+                "model": s.model,
+                "version": s.version,
+                "reward_chosen": s.reward_chosen,
+                "reward_rejected": s.reward_rejected,
+                "p": s.p,
+            }
+            for s in record.scores
+        ],
+        "lineage": {
+            "stage": _enum(Stage, lin.stage, "STAGE_"),
+            "iteration": lin.iteration,
+            "steps": list(lin.steps),
+            "original_id": lin.original_id,
+            "ingested_at": lin.ingested_at.ToJsonString() if lin.HasField("ingested_at") else "",
+            "votes": len(record.votes),
+        },
+    }
+
+
+def _utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass
+class AppendResult:
+    written: int
+    duplicates: int
+    shard: str | None
+
+
+class DatasetVersion:
+    """One version of a dataset: append batches, read the manifest, stored offsets and stats."""
+
+    def __init__(self, root: str | Path, name: str, version: str) -> None:
+        self.dir = Path(root) / name / version
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name, self.version = name, version
+        self.manifest = self._load()
+        self.ids: set[str] = set()
+        for shard in self.manifest["shards"]:
+            self.ids.update(pq.read_table(self.dir / shard["file"], columns=["id"]).column("id").to_pylist())
+
+    def _load(self) -> dict:
+        path = self.dir / MANIFEST
+        if path.exists():
+            manifest = json.loads(path.read_text())
+        else:
+            manifest = {
+                "name": self.name,
+                "version": self.version,
+                "format": "parquet",
+                "columns": SCHEMA.names,
+                "created_at": _utc(),
+                "rows": 0,
+                "shards": [],
+                "offsets": {},
+                "stats": {"by_decision": {}, "by_source": {}, "by_category": {}},
+            }
+        listed = {s["file"] for s in manifest["shards"]}
+        for orphan in self.dir.glob(SHARD_GLOB):
+            # Written by a run that crashed before its manifest: its rows will be re-consumed.
+            if orphan.name not in listed:
+                orphan.unlink()
+        for tmp in self.dir.glob(".*.tmp"):
+            tmp.unlink()
+        return manifest
+
+    @property
+    def offsets(self) -> dict[str, int]:
+        """ "topic:partition" -> next offset to consume, as of the last committed shard."""
+        return dict(self.manifest["offsets"])
+
+    @property
+    def stats(self) -> dict:
+        return {"rows": self.manifest["rows"], **self.manifest["stats"]}
+
+    def files(self) -> list[str]:
+        return [str(self.dir / s["file"]) for s in self.manifest["shards"]]
+
+    def append(self, records: Iterable[PairRecord], offsets: dict[str, int] | None = None) -> AppendResult:
+        """Write the new pairs of `records` as one shard and commit it with `offsets`."""
+        rows, duplicates, batch_ids = [], 0, set()
+        for record in records:
+            if record.pair.id in self.ids or record.pair.id in batch_ids:
+                duplicates += 1
+                continue
+            batch_ids.add(record.pair.id)
+            rows.append(record_row(record))
+        shard_name = None
+        if rows:
+            shard_name = f"part-{len(self.manifest['shards']):05d}.parquet"
+            table = pa.Table.from_pylist(rows, schema=SCHEMA)
+            _write_atomic(self.dir / shard_name, lambda p: pq.write_table(table, p))
+        if not rows and not offsets:
+            return AppendResult(0, duplicates, None)
+        manifest = json.loads(json.dumps(self.manifest))
+        if shard_name:
+            manifest["shards"].append(
+                {
+                    "file": shard_name,
+                    "rows": len(rows),
+                    "written_at": _utc(),
+                }
+            )
+            manifest["rows"] += len(rows)
+            stats = manifest["stats"]
+            for row in rows:
+                for key, value in (
+                    ("by_decision", row["decision"]["decision"]),
+                    ("by_source", row["source"]),
+                    ("by_category", row["attributes"]["task_category"] or "unlabelled"),
+                ):
+                    stats[key][value] = stats[key].get(value, 0) + 1
+        if offsets:
+            manifest["offsets"].update(offsets)
+        manifest["updated_at"] = _utc()
+        _write_atomic(self.dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
+        self.manifest = manifest
+        self.ids |= batch_ids
+        return AppendResult(len(rows), duplicates, shard_name)
+
+
+def manifest_files(root: str | Path, name: str, version: str) -> list[str]:
+    """Shard paths of a version, read from its manifest only (safe while a writer runs)."""
+    folder = Path(root) / name / version
+    manifest = json.loads((folder / MANIFEST).read_text())
+    return [str(folder / s["file"]) for s in manifest["shards"]]
+
+
+def load_dataset_version(root: str | Path, name: str, version: str):
+    """The version as a `datasets.Dataset`, from the manifest's shards."""
+    import datasets
+
+    return datasets.load_dataset("parquet", data_files=manifest_files(root, name, version), split="train")
+
+
+def decision_counts(records: Iterable[PairRecord]) -> Counter:
+    return Counter(_enum(Decision, r.decision.decision, "DECISION_") for r in records)

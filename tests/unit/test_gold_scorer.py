@@ -1,0 +1,57 @@
+"""Gold-RM scorer stage: p_gold and p_best with versions, from a fixed function and a tiny real RM."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from synpref.services.gold_scorer.scoring import ScoringModel, in_process_scorer, make_scoring_stage
+from synpref.shared.config import ModelRef, ScoringSettings
+from synpref.shared.pairs import new_pair, new_record
+
+
+def rec(text: str):
+    return new_record(new_pair([{"role": "user", "content": "q"}], [{"role": "assistant", "content": text}],
+                               [{"role": "assistant", "content": "no"}], "t"))  # fmt: skip
+
+
+def length_rm(pairs):
+    return [(len(p["chosen"][0]["content"]), len(p["rejected"][0]["content"])) for p in pairs]
+
+
+def test_scores_recorded_with_versions_and_probabilities():
+    stage = make_scoring_stage(
+        [ScoringModel("gold", "g7", length_rm), ScoringModel("best", "b3", lambda ps: [(0, 1)] * len(ps))]
+    )
+    out = stage([rec("a long answer"), rec("x")]).by_route()["scored"]
+    gold = {s.model: s for s in out[0].scores}
+    assert gold["gold"].version == "g7" and gold["best"].version == "b3"
+    assert gold["gold"].p == pytest.approx(1 / (1 + math.exp(-(13 - 2))))
+    assert gold["best"].p == pytest.approx(1 / (1 + math.e))
+    assert out[1].scores[0].p < 0.5
+    # Re-scoring replaces a role's score instead of piling up.
+    again = stage(out).by_route()["scored"]
+    assert [s.model for s in again[0].scores] == ["gold", "best"]
+
+
+def test_wrong_number_of_scores_raises():
+    stage = make_scoring_stage([ScoringModel("gold", "g", lambda ps: [])])
+    with pytest.raises(RuntimeError):
+        stage([rec("a")])
+
+
+def test_in_process_scorer_with_a_tiny_reward_model(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    from synpref.shared.tiny import build_tiny_reward_model
+
+    path = build_tiny_reward_model(tmp_path / "rm", layers=1, hidden=32, heads=2, kv_heads=1)
+    settings = ScoringSettings(gold=ModelRef(path=str(path), version="tiny-1"))
+    score = in_process_scorer(settings.gold, settings, max_length=128)
+    stage = make_scoring_stage([ScoringModel("gold", "tiny-1", score)])
+    out = stage([rec("hello there"), rec("no")]).by_route()["scored"]
+    s0, s1 = out[0].scores[0], out[1].scores[0]
+    assert s1.reward_chosen == pytest.approx(s1.reward_rejected)  # identical texts, identical rewards
+    assert s0.reward_chosen != pytest.approx(s0.reward_rejected)
+    assert 0.0 < s0.p < 1.0

@@ -1,0 +1,66 @@
+"""Dataset writer: shards + manifest, dedup per version, offsets committed with the shard."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+
+from synpref.services.dataset_writer.dataset import DatasetVersion, load_dataset_version
+from synpref.shared.pairs import new_pair, new_record
+from synpref.v1.pair_pb2 import DECISION_FLIP, DECISION_KEEP, ModelScore
+
+
+def rec(i: int, decision=DECISION_KEEP, source="s1", category="coding"):
+    r = new_record(new_pair([{"role": "user", "content": f"q{i}"}], [{"role": "assistant", "content": "a"}],
+                            [{"role": "assistant", "content": "b"}], source, {"i": str(i)}))  # fmt: skip
+    r.decision.decision = decision
+    r.decision.rule = "stage2.consistency"
+    r.attributes.task_category = category
+    r.scores.append(ModelScore(model="gold", version="g1", reward_chosen=1.0, reward_rejected=0.5, p=0.62))
+    return r
+
+
+def test_append_dedups_and_keeps_stats(tmp_path):
+    ds = DatasetVersion(tmp_path, "synpref", "v1")
+    first = ds.append([rec(0), rec(1, DECISION_FLIP, "s2", "math"), rec(0)], {"t:0": 3})
+    assert (first.written, first.duplicates) == (2, 1)
+    second = ds.append([rec(1), rec(2)], {"t:0": 5})
+    assert (second.written, second.duplicates) == (1, 1)
+    assert ds.append([rec(2)], {"t:0": 6}).shard is None  # offsets still advance
+    reopened = DatasetVersion(tmp_path, "synpref", "v1")
+    assert reopened.offsets == {"t:0": 6}
+    assert reopened.stats == {
+        "rows": 3,
+        "by_decision": {"keep": 2, "flip": 1},
+        "by_source": {"s1": 2, "s2": 1},
+        "by_category": {"coding": 2, "math": 1},
+    }
+    assert reopened.append([rec(0), rec(1), rec(2)]).duplicates == 3
+
+
+def test_orphan_shard_from_a_crash_is_removed(tmp_path):
+    ds = DatasetVersion(tmp_path, "d", "v1")
+    ds.append([rec(0)], {"t:0": 1})
+    # A crash between the shard and its manifest leaves a shard the manifest does not list.
+    pq.write_table(pq.read_table(ds.files()[0]), ds.dir / "part-00001.parquet")
+    reopened = DatasetVersion(tmp_path, "d", "v1")
+    assert not (ds.dir / "part-00001.parquet").exists()
+    assert reopened.append([rec(1)]).written == 1  # rows of the lost shard come back from Kafka
+    assert reopened.stats["rows"] == 2
+
+
+def test_loads_with_datasets_in_skywork_format(tmp_path):
+    ds = DatasetVersion(tmp_path, "d", "v1")
+    ds.append([rec(0), rec(1)], {"t:0": 2})
+    ds.append([rec(2, DECISION_FLIP)], {"t:0": 3})
+    loaded = load_dataset_version(tmp_path, "d", "v1")
+    assert loaded.num_rows == 3
+    row = loaded[0]
+    assert row["chosen"] == [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a"}]
+    assert row["conversation"] == [{"role": "user", "content": "q0"}]
+    assert row["decision"]["decision"] == "keep" and row["attributes"]["task_category"] == "coding"
+    assert row["scores"][0]["p"] == 0.62 and json.loads(row["meta_json"]) == {"i": "0"}
+    assert sorted(loaded["id"]) == sorted(r.pair.id for r in (rec(0), rec(1), rec(2)))
+    manifest = json.loads((ds.dir / "manifest.json").read_text())
+    assert [s["rows"] for s in manifest["shards"]] == [2, 1]
