@@ -1,0 +1,1 @@
+"""The pass-through stage: each input goes, unchanged, to one output route."""

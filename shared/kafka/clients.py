@@ -1,0 +1,65 @@
+"""kafka-python clients configured for the pipeline's delivery guarantees.
+
+At-least-once transport: the producer waits for all in-sync replicas (acks=all) and is
+idempotent, so its own retries never duplicate a message; consumers never auto-commit,
+the runner commits input offsets only after its outputs are acknowledged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+
+from synpref.shared.config import KafkaSettings
+
+
+def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        **kafka.client_kwargs(),
+        "acks": "all",
+        "enable_idempotence": True,
+        # Idempotence keeps order with up to 5 requests in flight per connection.
+        "max_in_flight_requests_per_connection": 5,
+        "retries": 2**31 - 1,
+        # delivery_timeout_ms bounds all retries; a record not acknowledged by then fails its future.
+        "delivery_timeout_ms": max(120_000, kafka.request_timeout_ms * 2 + 5),
+        # A batch of records leaves together: wait a few ms to fill 256 KiB batches.
+        "linger_ms": 5,
+        "batch_size": 256 * 1024,
+        "max_request_size": kafka.max_message_bytes,
+        "max_block_ms": 60_000,
+    }
+    config.update(overrides)
+    return config
+
+
+def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        **kafka.client_kwargs(),
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        # A new group starts at the beginning: pairs published before a service first started are not skipped.
+        "auto_offset_reset": "earliest",
+        "max_poll_records": kafka.max_batch,
+        "max_partition_fetch_bytes": max(kafka.max_message_bytes, 1024 * 1024),
+        "fetch_max_bytes": max(kafka.max_message_bytes, 50 * 1024 * 1024),
+        # Stages may be slow (LLM judges, RM scoring): allow 10 minutes per batch before a rebalance.
+        "max_poll_interval_ms": 600_000,
+        # Don't read records of aborted or open transactions if anyone ever writes transactionally.
+        "isolation_level": "read_committed",
+    }
+    config.update(overrides)
+    return config
+
+
+def make_producer(kafka: KafkaSettings, **overrides: Any) -> KafkaProducer:
+    return KafkaProducer(**producer_config(kafka, **overrides))
+
+
+def make_consumer(kafka: KafkaSettings, group_id: str, *topics: str, **overrides: Any) -> KafkaConsumer:
+    return KafkaConsumer(*topics, **consumer_config(kafka, group_id, **overrides))
+
+
+def make_admin(kafka: KafkaSettings, **overrides: Any) -> KafkaAdminClient:
+    return KafkaAdminClient(**{**kafka.client_kwargs(), **overrides})

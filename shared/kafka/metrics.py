@@ -1,0 +1,30 @@
+"""Prometheus metrics of the stage runner, labelled by service.
+
+Defined once per process (prometheus_client refuses duplicates), so several runners
+in one process, as in tests, share them and tell themselves apart by the label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+PROCESSED = Counter(
+    "synpref_runner_processed_records", "Input messages handled (emitted, failed or dead-lettered)", ["service"]
+)
+FAILED = Counter(
+    "synpref_runner_failed_records", "Input messages the stage could not process, by kind", ["service", "kind"]
+)
+DEAD_LETTERED = Counter("synpref_runner_dead_lettered_records", "Messages sent to the dead-letter topic", ["service"])
+EMITTED = Counter("synpref_runner_emitted_records", "Records produced, by route", ["service", "route"])
+BATCHES = Counter("synpref_runner_batches", "Batches committed", ["service"])
+CONSUMER_LAG = Gauge(
+    "synpref_runner_consumer_lag",
+    "Messages behind the end of each assigned partition",
+    ["service", "topic", "partition"],
+)
+BATCH_SECONDS = Histogram(
+    "synpref_runner_batch_seconds",
+    "Time from poll to commit of one batch",
+    ["service"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)

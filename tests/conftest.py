@@ -1,0 +1,83 @@
+"""Fixtures shared by the whole test suite.
+
+Kafka, for integration tests (`@pytest.mark.integration`). The broker starts only when
+a test first asks for one of these fixtures, and stops at the end of the session:
+a real single-node Apache Kafka 4.x (KRaft) on a free loopback port, from the jars that
+`make kafka` fetched into .cache/kafka; or, if SYNPREF_KAFKA_BOOTSTRAP is set, that
+cluster (SASL/SSL settings then come from SYNPREF_KAFKA__* variables as usual).
+The terminal summary names the broker the session ran against.
+
+  kafka_bootstrap  session   "host:port" of the broker.
+  kafka_settings   session   Settings whose kafka.bootstrap_servers points at the broker.
+  unique_topics    function  factory: unique_topics(partitions=1) -> TopicSettings with a fresh
+                             name for every route (raw, annotated, ..., dead_letter), all created.
+  unique_group     function  factory: unique_group() -> a fresh consumer-group id.
+
+Typical use:
+    def test_stage(kafka_settings, unique_topics, unique_group):
+        settings = kafka_settings.model_copy(update={"topics": unique_topics(partitions=3)})
+tests/kafka_broker.py has helpers to produce records and read topics back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+
+import pytest
+from kafka_broker import EXTERNAL_ENV, Broker, make_unique_topics, unique_name
+
+from synpref.shared.config import Settings, TopicSettings, load_settings
+
+log = logging.getLogger("synpref.tests.kafka")
+_BROKER = Broker()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    external = os.environ.get(EXTERNAL_ENV)
+    if external:
+        return f"kafka: {EXTERNAL_ENV}={external} (started on demand: no)"
+    try:
+        from synpref.shared.kafka.local_broker import kafka_home, kafka_version
+
+        return f"kafka: Apache Kafka {kafka_version()} from {kafka_home()} (started when an integration test needs it)"
+    except Exception as exc:  # jars not fetched: unit tests still run
+        return f"kafka: no local broker available ({exc})"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _BROKER.description:
+        terminalreporter.write_sep("-", "kafka broker")
+        terminalreporter.write_line(f"ran against {_BROKER.description}")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    bootstrap = _BROKER.start()
+    log.info("Kafka broker for this session: %s", _BROKER.description)
+    yield bootstrap
+    _BROKER.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_settings(kafka_bootstrap: str) -> Settings:
+    base = load_settings()
+    return base.model_copy(update={"kafka": base.kafka.model_copy(update={"bootstrap_servers": kafka_bootstrap})})
+
+
+@pytest.fixture
+def unique_topics(kafka_settings: Settings, request: pytest.FixtureRequest) -> Callable[..., TopicSettings]:
+    label = re.sub(r"[^a-zA-Z0-9]+", "-", request.node.name).strip("-").lower()[:40]
+
+    def make(partitions: int = 1) -> TopicSettings:
+        return make_unique_topics(kafka_settings.kafka, label, partitions)
+
+    return make
+
+
+@pytest.fixture
+def unique_group(request: pytest.FixtureRequest) -> Callable[[], str]:
+    label = re.sub(r"[^a-zA-Z0-9]+", "-", request.node.name).strip("-").lower()[:40]
+    return lambda: unique_name(f"g-{label}")

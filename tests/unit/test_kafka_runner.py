@@ -1,0 +1,163 @@
+"""The runner's batch logic (decode, stage, route, dead-letter, offsets) without a broker."""
+
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from synpref.shared.config import TopicSettings
+from synpref.shared.kafka.codec import (
+    DLQ_KIND,
+    DLQ_OFFSET,
+    DLQ_PARTITION,
+    DLQ_REASON,
+    DLQ_SERVICE,
+    DLQ_TOPIC,
+    decode_record,
+    encode_record,
+    header_map,
+)
+from synpref.shared.kafka.runner import RunnerStats, commit_offsets, plan_batch
+from synpref.shared.pairs import new_pair, new_record
+from synpref.shared.stage import StageResult
+from synpref.v1.pair_pb2 import PairRecord
+
+TOPICS = TopicSettings(raw="in", annotated="out-a", review="out-r", dead_letter="dlq")
+
+
+def pair_record(i: int) -> PairRecord:
+    return new_record(
+        new_pair(
+            [{"role": "user", "content": f"q{i}"}],
+            [{"role": "assistant", "content": f"good {i}"}],
+            [{"role": "assistant", "content": f"bad {i}"}],
+            source="unit",
+        )
+    )
+
+
+def message(value: bytes, headers, partition: int = 0, offset: int = 0, key: bytes | None = b"k") -> ConsumerRecord:
+    return ConsumerRecord(
+        topic="in",
+        partition=partition,
+        leader_epoch=0,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=key,
+        value=value,
+        headers=headers,
+        checksum=None,
+        serialized_key_size=len(key or b""),
+        serialized_value_size=len(value),
+        serialized_header_size=0,
+    )
+
+
+def encoded(i: int, partition: int = 0, offset: int | None = None) -> ConsumerRecord:
+    out = encode_record(pair_record(i), "in")
+    return message(out.value, out.headers, partition, i if offset is None else offset, out.key)
+
+
+def to(route):
+    def stage(batch):
+        result = StageResult()
+        for rec in batch:
+            result.emit(route, rec)
+        return result
+
+    return stage
+
+
+def test_every_decoded_record_goes_to_its_route_in_order():
+    msgs = [encoded(i) for i in range(5)]
+    plan = plan_batch(msgs, to("annotated"), TOPICS, "svc")
+    assert plan.processed == 5 and plan.dead_lettered == 0 and not plan.failed
+    assert plan.emitted == {"annotated": 5}
+    assert [o.topic for o in plan.outgoing] == ["out-a"] * 5
+    ids = [decode_record(o.value, o.headers).pair.id for o in plan.outgoing]
+    assert ids == [pair_record(i).pair.id for i in range(5)]
+    assert [o.key for o in plan.outgoing] == [i.encode() for i in ids]
+
+
+def test_undecodable_message_is_dead_lettered_with_its_origin_and_the_rest_goes_on():
+    seen = []
+
+    def stage(batch):
+        seen.extend(r.pair.id for r in batch)
+        return to("annotated")(batch)
+
+    msgs = [encoded(0), message(b"\xff\xff not protobuf", [("synpref-schema", b"v1")], 2, 99, b"bad"), encoded(1)]
+    plan = plan_batch(msgs, stage, TOPICS, "svc")
+    assert len(seen) == 2
+    assert plan.emitted == {"annotated": 2}
+    assert plan.failed == {"undecodable": 1} and plan.dead_lettered == 1
+    (dlq,) = [o for o in plan.outgoing if o.topic == "dlq"]
+    assert (dlq.key, dlq.value) == (b"bad", b"\xff\xff not protobuf")
+    h = header_map(dlq.headers)
+    assert h[DLQ_KIND] == "undecodable" and "not a synpref.v1.PairRecord protobuf" in h[DLQ_REASON]
+    assert (h[DLQ_SERVICE], h[DLQ_TOPIC], h[DLQ_PARTITION], h[DLQ_OFFSET]) == ("svc", "in", "2", "99")
+
+
+def test_stage_failures_go_to_the_dead_letter_topic_with_the_stage_reason():
+    def stage(batch):
+        result = StageResult()
+        for rec in batch:
+            if rec.pair.id == pair_record(1).pair.id:
+                result.fail(rec, "judge timed out")
+            else:
+                result.emit("review", rec)
+        return result
+
+    plan = plan_batch([encoded(0), encoded(1, partition=1, offset=7), encoded(2)], stage, TOPICS, "svc")
+    assert plan.emitted == {"review": 2} and plan.failed == {"failed": 1}
+    (dlq,) = [o for o in plan.outgoing if o.topic == "dlq"]
+    h = header_map(dlq.headers)
+    assert h[DLQ_REASON] == "judge timed out" and h[DLQ_KIND] == "failed"
+    assert (h[DLQ_PARTITION], h[DLQ_OFFSET]) == ("1", "7")
+    assert decode_record(dlq.value, dlq.headers).pair.id == pair_record(1).pair.id
+
+
+def test_a_stage_that_raises_sends_the_whole_batch_to_the_dead_letter_topic():
+    def stage(batch):
+        raise RuntimeError("model exploded")
+
+    msgs = [encoded(i) for i in range(3)]
+    plan = plan_batch(msgs, stage, TOPICS, "svc")
+    assert plan.failed == {"stage-error": 3} and plan.dead_lettered == 3 and not plan.emitted
+    assert [o.value for o in plan.outgoing] == [m.value for m in msgs]
+    assert {header_map(o.headers)[DLQ_REASON] for o in plan.outgoing} == {"stage raised RuntimeError: model exploded"}
+
+
+def test_a_stage_that_returns_the_wrong_type_counts_as_raising():
+    plan = plan_batch([encoded(0)], lambda batch: batch, TOPICS, "svc")
+    assert plan.failed == {"stage-error": 1}
+    assert "not StageResult" in header_map(plan.outgoing[0].headers)[DLQ_REASON]
+
+
+def test_an_unknown_route_is_dead_lettered_not_dropped():
+    plan = plan_batch([encoded(0)], to("nowhere"), TOPICS, "svc")
+    assert plan.failed == {"bad-route": 1} and not plan.emitted
+    assert "unknown route 'nowhere'" in header_map(plan.outgoing[0].headers)[DLQ_REASON]
+
+
+def test_stage_is_not_called_when_nothing_decodes():
+    calls = []
+    plan = plan_batch([message(b"x", [])], lambda b: calls.append(b) or StageResult(), TOPICS, "svc")
+    assert calls == [] and plan.dead_lettered == 1
+
+
+def test_commit_offsets_are_one_past_the_last_message_per_partition():
+    msgs = [encoded(0, 0, 5), encoded(1, 1, 3), encoded(2, 0, 6), encoded(3, 2, 0)]
+    assert commit_offsets(msgs) == {
+        TopicPartition("in", 0): OffsetAndMetadata(7, "", -1),
+        TopicPartition("in", 1): OffsetAndMetadata(4, "", -1),
+        TopicPartition("in", 2): OffsetAndMetadata(1, "", -1),
+    }
+
+
+def test_stats_add_up_batches():
+    stats = RunnerStats()
+    stats.add(plan_batch([encoded(0), encoded(1)], to("annotated"), TOPICS, "svc"))
+    stats.add(plan_batch([message(b"x", [])], to("annotated"), TOPICS, "svc"))
+    snap = stats.snapshot()
+    assert (snap["processed"], snap["failed"], snap["dead_lettered"], snap["batches"]) == (3, 1, 1, 2)
+    assert snap["counters"] == {"emitted.annotated": 2, "failed.undecodable": 1}
