@@ -23,7 +23,7 @@ from synpref.v1.pair_pb2 import PairRecord
 
 class ReviewSource(Protocol):
     async def fetch(self, limit: int) -> list[tuple[PairRecord, Any]]:
-        """Up to `limit` new pairs, without blocking for long; [] when none are waiting."""
+        """Up to `limit` new pairs, without blocking for long; [] when none wait. limit 0 = keep-alive."""
         ...
 
     async def ack(self, handles: list[Any]) -> None:

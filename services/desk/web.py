@@ -74,10 +74,9 @@ class ReviewDesk:
 
     async def refill(self) -> int:
         """Pull new pairs up to the pending limit; returns how many were added."""
-        room = self.settings.max_pending - self.core.pending
-        if room <= 0:
-            return 0
+        room = max(0, self.settings.max_pending - self.core.pending)
         async with self._io:
+            # A full desk still calls fetch(0): a Kafka source must keep polling to stay in its group.
             items = await self.source.fetch(room)
             fresh = 0
             repeats = []

@@ -168,3 +168,30 @@ def test_browser_labels_three_pairs_on_the_embedded_backend(browser: Any) -> Non
         result = sink.drain(min_records=3, timeout_s=10)
     check_verified(result.routed, picked)
     assert queue.acked == 3
+
+
+def test_browser_labels_three_pairs_on_kafka(browser: Any, kafka_settings: Any, unique_topics: Any) -> None:
+    from kafka_broker import produce, read_topic
+
+    from synpref.services.desk.kafka_queue import KafkaDeskQueues
+    from synpref.shared.kafka.codec import decode_record
+
+    topics = unique_topics(partitions=1)
+    settings = kafka_settings.model_copy(update={"topics": topics})
+    produce(settings.kafka, topics.review, review_records("kafka"))
+    queues = KafkaDeskQueues(settings.kafka, topics, group_id=f"desk-{topics.review}")
+    desk = ReviewDesk(queues.source, queues.sink, DeskSettings(), tokens=TOKENS)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with DeskServer(desk) as server:
+        started = time.perf_counter()
+        picked = label_three_by_keyboard(browser, server.url, ARTIFACTS / "desk-kafka.png")
+        labelled = time.perf_counter()
+        messages = read_topic(settings.kafka, topics.verified, expect=3, timeout_s=30)
+        print(
+            f"kafka: logged in and labelled 3 pairs in {labelled - started:.2f} s; "
+            f"verdicts on {topics.verified} {time.perf_counter() - labelled:.2f} s later"
+        )
+        # Offsets are committed only once each pair's decision is on the broker.
+        assert server.call(queues.committed()) == {0: 3}
+    check_verified([("verified", decode_record(m.value, m.headers)) for m in messages], picked)
+    assert read_topic(settings.kafka, topics.discarded, expect=0, timeout_s=1) == []

@@ -1,0 +1,211 @@
+"""The desk's Kafka backend: read the review topic, write the verified and discarded topics.
+
+Delivery, step by step (at-least-once, like the stage runner):
+  1. poll review records with a consumer group (auto-commit off); an undecodable message
+     goes to the dead-letter topic at once and counts as settled;
+  2. a pair stays open until its decision is produced AND flushed with acks=all;
+  3. only then is it settled, and the group's offset on its partition moves up to the
+     first offset still open: a pair decided out of order waits for the older ones.
+A desk that stops or crashes re-reads every pair after the committed offset: undecided
+pairs come back (never lost), and a pair decided after an older, still-open one may
+come back too and be labelled again (a duplicate on the verified topic, which
+downstream deduplicates by pair id). Assignments live in memory, so run one desk
+replica per consumer group.
+
+kafka-python clients are not thread-safe, so every call on them runs on one worker
+thread; the event loop only awaits it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from kafka.errors import CommitFailedError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from synpref.shared.config import KafkaSettings, TopicSettings
+from synpref.shared.kafka.clients import make_consumer, make_producer
+from synpref.shared.kafka.codec import PayloadError, dead_letter, decode_record, encode_record
+from synpref.v1.pair_pb2 import PairRecord
+
+log = logging.getLogger("synpref.desk.kafka")
+
+SERVICE = "desk"
+T = TypeVar("T")
+Handle = tuple[TopicPartition, int]
+
+
+def commit_point(open_offsets: dict[int, bool]) -> int | None:
+    """The offset to commit on a partition: the first still-open one, or one past the last settled.
+
+    `open_offsets` maps each offset handed out and not yet committed to whether it is settled.
+    None when nothing was handed out.
+    """
+    if not open_offsets:
+        return None
+    unsettled = [o for o, settled in open_offsets.items() if not settled]
+    return min(unsettled) if unsettled else max(open_offsets) + 1
+
+
+class KafkaDeskQueues:
+    """One consumer and one producer on one worker thread; `.source` and `.sink` for ReviewDesk."""
+
+    def __init__(self, kafka: KafkaSettings, topics: TopicSettings, group_id: str, flush_timeout_s: float = 60.0):
+        self.kafka = kafka
+        self.topics = topics
+        self.group_id = group_id
+        self.flush_timeout_s = flush_timeout_s
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synpref-desk-kafka")
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._open: dict[TopicPartition, dict[int, bool]] = {}
+        self._closed = False
+        self.source = KafkaReviewSource(self)
+        self.sink = KafkaVerdictSink(self)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _clients(self) -> tuple[Any, Any]:
+        if self._consumer is None:
+            self._producer = make_producer(self.kafka)
+            self._consumer = make_consumer(self.kafka, self.group_id, self.topics.review)
+            log.info("desk: consuming %s as group %s", self.topics.review, self.group_id)
+        return self._consumer, self._producer
+
+    # -- worker-thread side ----------------------------------------------------------------
+    def _fetch(self, limit: int) -> list[tuple[PairRecord, Handle]]:
+        consumer, _ = self._clients()
+        assigned = consumer.assignment()
+        if limit <= 0:
+            # Full: keep polling so the group does not evict us, but take nothing new.
+            if assigned:
+                consumer.pause(*assigned)
+            consumer.poll(timeout_ms=0)
+            return []
+        if consumer.paused():
+            consumer.resume(*consumer.paused())
+        polled = consumer.poll(timeout_ms=self.kafka.consumer_poll_ms, max_records=limit)
+        out: list[tuple[PairRecord, Handle]] = []
+        rejects = []
+        for tp, messages in polled.items():
+            offsets = self._open.setdefault(tp, {})
+            for msg in messages:
+                try:
+                    record = decode_record(msg.value, msg.headers)
+                except PayloadError as exc:
+                    rejects.append(
+                        dead_letter(
+                            self.topics.dead_letter,
+                            key=msg.key,
+                            value=msg.value,
+                            headers=msg.headers,
+                            kind="undecodable",
+                            reason=str(exc),
+                            service=SERVICE,
+                            source_topic=msg.topic,
+                            source_partition=msg.partition,
+                            source_offset=msg.offset,
+                        )
+                    )
+                    offsets[msg.offset] = True
+                    continue
+                offsets[msg.offset] = False
+                out.append((record, (tp, msg.offset)))
+        if rejects:
+            self._send([(r.topic, r.key, r.value, r.headers) for r in rejects])
+            self._commit()
+        return out
+
+    def _send(self, messages: list[tuple[str, bytes | None, bytes, Any]]) -> None:
+        _, producer = self._clients()
+        futures = [producer.send(t, key=k, value=v, headers=h) for t, k, v, h in messages]
+        producer.flush(timeout=self.flush_timeout_s)
+        failed = [f.exception for f in futures if not f.is_done or f.failed()]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(futures)} desk messages not acknowledged: {failed[0]!r}")
+
+    def _write(self, routed: list[tuple[str, PairRecord]]) -> None:
+        batch = []
+        for route, record in routed:
+            out = encode_record(record, getattr(self.topics, route))
+            batch.append((out.topic, out.key, out.value, out.headers))
+        self._send(batch)
+
+    def _ack(self, handles: list[Handle]) -> None:
+        for tp, offset in handles:
+            offsets = self._open.get(tp)
+            if offsets is not None and offset in offsets:
+                offsets[offset] = True
+        self._commit()
+
+    def _commit(self) -> None:
+        consumer, _ = self._clients()
+        commits: dict[TopicPartition, OffsetAndMetadata] = {}
+        for tp, offsets in self._open.items():
+            point = commit_point(offsets)
+            if point is None:
+                continue
+            commits[tp] = OffsetAndMetadata(point, "", -1)
+            for offset in [o for o in offsets if o < point]:
+                del offsets[offset]
+        if not commits:
+            return
+        try:
+            consumer.commit(commits)
+        except CommitFailedError as exc:
+            # The group rebalanced: the partition's new owner re-reads from the last commit (duplicates, no loss).
+            log.warning("desk: commit failed after a rebalance; open pairs will be re-delivered: %s", exc)
+
+    def _close(self) -> None:
+        consumer, producer, self._consumer, self._producer = self._consumer, self._producer, None, None
+        if producer is not None:
+            producer.close(timeout=self.flush_timeout_s)
+        if consumer is not None:
+            consumer.close(autocommit=False)
+
+    # -- event-loop side -------------------------------------------------------------------
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._run(self._close)
+        self._executor.shutdown(wait=True)
+
+    async def committed(self) -> dict[int, int | None]:
+        """partition -> this group's committed offset on the review topic (for tests and operators)."""
+        return await self._run(self._committed)
+
+    def _committed(self) -> dict[int, int | None]:
+        consumer, _ = self._clients()
+        parts = consumer.partitions_for_topic(self.topics.review) or set()
+        return {p: consumer.committed(TopicPartition(self.topics.review, p)) for p in sorted(parts)}
+
+
+class KafkaReviewSource:
+    def __init__(self, queues: KafkaDeskQueues) -> None:
+        self.queues = queues
+
+    async def fetch(self, limit: int) -> list[tuple[PairRecord, Any]]:
+        return await self.queues._run(self.queues._fetch, limit)  # type: ignore[return-value]
+
+    async def ack(self, handles: list[Any]) -> None:
+        await self.queues._run(self.queues._ack, handles)
+
+    async def close(self) -> None:
+        await self.queues.close()
+
+
+class KafkaVerdictSink:
+    def __init__(self, queues: KafkaDeskQueues) -> None:
+        self.queues = queues
+
+    async def write(self, routed: list[tuple[str, PairRecord]]) -> None:
+        await self.queues._run(self.queues._write, routed)
+
+    async def close(self) -> None:
+        await self.queues.close()
