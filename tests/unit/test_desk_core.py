@@ -210,3 +210,12 @@ def test_view_carries_attributes_and_examples() -> None:
     assert view["attributes"]["annotation_guideline"] == "run it"
     assert view["examples"][0]["available"] and view["examples"][0]["preferred"][0]["content"] == "good answer 0"
     assert view["examples"][1] == {"id": "unknown-id", "available": False}
+
+
+def test_kafka_commit_point_waits_for_the_oldest_open_pair() -> None:
+    from synpref.services.desk.kafka_queue import commit_point
+
+    assert commit_point({}) is None
+    assert commit_point({5: False, 6: True}) == 5
+    assert commit_point({5: True, 6: False, 7: True}) == 6
+    assert commit_point({5: True, 6: True}) == 7
