@@ -33,7 +33,11 @@ async function api(path, options = {}) {
   let data = null;
   try { data = await response.json(); } catch (_) { data = null; }
   if (response.status === 401) { logout("Your token was not accepted."); throw new Error("unauthorized"); }
-  if (!response.ok) throw new Error((data && data.error) || ("HTTP " + response.status));
+  if (!response.ok) {
+    const err = new Error((data && data.error) || ("HTTP " + response.status));
+    err.status = response.status;
+    throw err;
+  }
   return data;
 }
 
@@ -169,6 +173,8 @@ async function submit() {
     state.busy = false;
     setChoice(state.choice);
     report(err);
+    // 409: the assignment expired or the pair was decided meanwhile; move on to the next one.
+    if (err.status === 409) loadNext().catch(report);
   }
 }
 
