@@ -1,0 +1,162 @@
+"""Judge client against a local OpenAI-compatible server: answers, malformed, slow, 5xx; cache; aggregation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from synpref.services.annotator.chat import OpenAIChat
+from synpref.services.annotator.fake_server import FakeOpenAI
+from synpref.services.annotator.judges import (
+    AnswerCache,
+    AttributeLabeller,
+    JudgeRequest,
+    LLMJudge,
+    aggregate,
+    candidate_orders,
+)
+from synpref.services.annotator.prompts import parse_judgement
+from synpref.v1.pair_pb2 import PREFERENCE_ABSTAIN, PREFERENCE_CHOSEN, PREFERENCE_REJECTED, JudgeVote
+
+REQUEST = JudgeRequest(
+    pair_id="p1",
+    conversation=[{"role": "user", "content": "Explain tides."}],
+    chosen=[{"role": "assistant", "content": "The moon's gravity pulls the oceans, making two bulges."}],
+    rejected=[{"role": "assistant", "content": "Wind."}],
+    attributes={"annotation_guideline": "Prefer correct physics.", "desired_attributes": ["correct"]},
+)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with FakeOpenAI(slow_s=1.0, fail_first=2) as s:
+        yield s
+
+
+def judge(server, model, samples=5, cache=None, **chat):
+    backend = OpenAIChat(model, server.base_url, api_key_env="SYNPREF_TEST_KEY", backoff_s=0.01, **chat)
+    return LLMJudge(backend, samples=samples, temperature=0.7, cache=cache, seed=1)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def judged(j, request=REQUEST):
+    try:
+        return await j.judge(request)
+    finally:
+        await j.backend.close()
+
+
+def test_deterministic_answers_are_mapped_back_through_the_random_order(server, monkeypatch):
+    monkeypatch.setenv("SYNPREF_TEST_KEY", "sk-test")
+    votes = run(judged(judge(server, "judge-a", samples=8)))
+    orders = candidate_orders("p1", "judge-a", 8, 1)
+    assert any(orders) and not all(orders)  # both orders occur, so the mapping is exercised
+    assert [v.candidate_order_swapped for v in votes] == orders
+    assert [v.sample for v in votes] == list(range(8))
+    # The server prefers the longer candidate, which is "chosen" in either position.
+    assert {v.preference for v in votes} == {PREFERENCE_CHOSEN}
+    assert server.auth["Bearer sk-test"] >= 1
+    assert aggregate(votes).preference == PREFERENCE_CHOSEN
+
+
+def test_malformed_answers_are_abstentions(server):
+    votes = run(judged(judge(server, "judge-malformed", samples=3)))
+    assert [v.preference for v in votes] == [PREFERENCE_ABSTAIN] * 3
+    agg = aggregate(votes)
+    assert (agg.preference, agg.judges_voting, agg.judges_abstaining) == (PREFERENCE_ABSTAIN, 0, 1)
+
+
+def test_slow_answers_time_out_and_end_as_abstentions(server):
+    j = judge(server, "judge-slow", samples=2, timeout_s=0.2, retries=1)
+    before = server.requests["judge-slow"]
+    votes = run(judged(j))
+    assert [v.preference for v in votes] == [PREFERENCE_ABSTAIN] * 2
+    assert all("request failed" in v.rationale for v in votes)
+    assert j.backend.stats.retries >= 1 and j.backend.stats.failures >= 1
+    assert server.requests["judge-slow"] - before >= 2  # first try + one retry, per candidate order
+
+
+def test_5xx_is_retried_with_backoff_then_answers(server):
+    j = judge(server, "judge-flaky", samples=3, retries=3)
+    votes = run(judged(j))
+    assert {v.preference for v in votes} == {PREFERENCE_CHOSEN}
+    assert j.backend.stats.retries >= 2 and j.backend.stats.failures == 0
+
+
+def test_persistent_5xx_gives_abstentions_not_an_exception(server):
+    j = judge(server, "judge-down", samples=2, retries=1)
+    votes = run(judged(j))
+    assert [v.preference for v in votes] == [PREFERENCE_ABSTAIN] * 2
+
+
+def test_cache_replay_costs_no_calls(server, tmp_path):
+    cache = AnswerCache(tmp_path / "cache")
+    first = run(judged(judge(server, "judge-cached", cache=cache)))
+    calls = server.requests["judge-cached"]
+    assert calls >= 1
+    again = run(judged(judge(server, "judge-cached", cache=AnswerCache(tmp_path / "cache"))))
+    assert server.requests["judge-cached"] == calls
+    assert [v.preference for v in again] == [v.preference for v in first]
+    # A failed request is not cached: its replay asks again.
+    down_cache = AnswerCache(tmp_path / "down")
+    run(judged(judge(server, "judge-down", samples=1, cache=down_cache, retries=0)))
+    run(judged(judge(server, "judge-down", samples=1, cache=down_cache, retries=0)))
+    assert down_cache.hits == 0
+
+
+def test_attribute_labeller_parses_the_tuple(server, tmp_path):
+    labeller = AttributeLabeller(OpenAIChat("attr-model", server.base_url), cache=AnswerCache(tmp_path))
+
+    async def go():
+        try:
+            return await labeller.label(REQUEST)
+        finally:
+            await labeller.backend.close()
+
+    attrs = run(go())
+    assert attrs is not None and attrs.task_category and attrs.annotation_guideline
+    assert list(attrs.desired_attributes) == ["helpful", "correct"] and attrs.annotator_model == "attr-model"
+    bad = AttributeLabeller(OpenAIChat("attr-malformed", server.base_url))
+
+    async def go_bad():
+        try:
+            return await bad.label(REQUEST)
+        finally:
+            await bad.backend.close()
+
+    assert run(go_bad()) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"rationale": "r", "better": 2}', 2),
+        ('Sure! ```json\n{"better": 1, "rationale": "x"}\n```', 1),
+        ('prose {"better": "Candidate 2"} more prose', 2),
+        ('{"better": 0}', None),
+        ('{"better": true}', None),
+        ('{"better": 3}', None),
+        ("Candidate 1", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_parse_judgement(text, expected):
+    assert parse_judgement(text)[0] == expected
+
+
+def test_aggregation_within_then_across_judges():
+    def votes(judge, prefs):
+        return [JudgeVote(judge=judge, sample=i, preference=p) for i, p in enumerate(prefs)]
+
+    c, r, a = PREFERENCE_CHOSEN, PREFERENCE_REJECTED, PREFERENCE_ABSTAIN
+    agg = aggregate(votes("j1", [c, c, r]) + votes("j2", [r, a, a]) + votes("j3", [c, r, a]) + votes("j4", [c, a, a]))
+    # j1 -> chosen, j2 -> rejected, j3 -> tie (abstains), j4 -> chosen: 2 vs 1 across judges.
+    assert (agg.preference, agg.judges_voting, agg.judges_abstaining) == (c, 3, 1)
+    assert agg.agreement == pytest.approx(2 / 3)
+    tie = aggregate(votes("j1", [c]) + votes("j2", [r]))
+    assert tie.preference == a and tie.agreement == 0.0

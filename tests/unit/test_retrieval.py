@@ -1,0 +1,66 @@
+"""Retrieval: the k rule, MiniLM embeddings, a FAISS index that persists and grows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from synpref.shared.retrieval import Embedder, PairRetriever, VectorIndex, k_rule
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize(("p", "k"), [(0.0, 8), (0.5, 8), (0.51, 4), (0.75, 2), (0.9, 1), (0.99, 1), (1.0, 0)])
+def test_k_rule(p, k):
+    assert k_rule(p) == k
+
+
+def test_vector_index_persists_grows_and_skips_known_ids(tmp_path):
+    index = VectorIndex(3)
+    eye = np.eye(3, dtype=np.float32)
+    assert index.add(["a", "b"], eye[:2], [{"x": 1}, None]) == 2
+    assert index.add(["b", "c"], eye[1:]) == 1
+    assert index.search(eye[2:], 2)[0][0] == ("c", pytest.approx(1.0))
+    index.save(tmp_path)
+    loaded = VectorIndex.load(tmp_path)
+    assert len(loaded) == 3 and loaded.payload("a") == {"x": 1}
+    loaded.add(["d"], np.array([[0.6, 0.8, 0.0]], dtype=np.float32))
+    hits = loaded.search(np.array([[0.0, 1.0, 0.0]], dtype=np.float32), 2)[0]
+    assert [h[0] for h in hits] == ["b", "d"]
+    assert hits[1][1] == pytest.approx(0.8)
+    assert loaded.search(eye[:1], 0) == [[]]
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    torch.set_num_threads(1)
+    return Embedder(batch_size=8)
+
+
+def conv(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_minilm_retrieval_finds_the_similar_topic(embedder, tmp_path):
+    vectors = embedder.embed(["hello world", "a much longer sentence about cooking pasta"])
+    assert vectors.shape == (2, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    retriever = PairRetriever(embedder, folder=tmp_path / "idx")
+    items = [
+        {"id": "py", "conversation": conv("How do I reverse a list in Python?"),
+         "attributes": {"task_category": "coding"}, "preferred": "Use reversed() or slicing.",
+         "dispreferred": "You cannot."},
+        {"id": "cake", "conversation": conv("Give me a recipe for chocolate cake."), "preferred": "Mix...",
+         "dispreferred": "No."},
+        {"id": "tide", "conversation": conv("Why does the ocean have tides?"), "preferred": "The moon.",
+         "dispreferred": "Wind."},
+    ]  # fmt: skip
+    keys = ("conversation", "attributes", "preferred", "dispreferred")
+    assert retriever.add(items, payload_keys=keys) == 3
+    assert retriever.add(items[:1], payload_keys=keys) == 0
+    retriever.save()
+    reopened = PairRetriever(embedder, folder=tmp_path / "idx")
+    (hits,) = reopened.query([conv("How can I sort a Python list backwards?")], [{"task_category": "coding"}], [2])
+    assert hits[0][0] == "py" and len(hits) == 2
+    examples = reopened.examples(conv("baking a chocolate dessert"), {}, 1)
+    assert [e.id for e in examples] == ["cake"] and examples[0].preferred == "Mix..."
