@@ -29,7 +29,7 @@ def encode_items(model: ServedModel, items: list[reward_pb2.ScoreItem]) -> list[
     for i, item in enumerate(items):
         kind = item.WhichOneof("input")
         if kind == "conversation":
-            ids.append(model.encoder.conversation(message_dicts(item.conversation.messages), f"item {i}"))
+            ids.append(model.encoder.conversation(message_dicts(item.conversation.messages), f"item {i} conversation"))
         elif kind == "text":
             ids.append(model.encoder.text(item.text, f"item {i} text"))
         else:

@@ -1,0 +1,384 @@
+"""The scorer's gRPC side against a real server on loopback, with tiny random checkpoints
+built on the spot (a Qwen3-shaped and a Llama-shaped one, the latter for the BOS trap)."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from synpref.client import AsyncRewardClient, RewardClient
+from synpref.services.scorer.server import SERVICE_NAME, BackgroundScorer
+from synpref.shared.config import ModelRef, ScorerSettings
+from synpref.shared.tiny import build_tiny_reward_model
+from synpref.v1 import pair_pb2, reward_pb2, reward_pb2_grpc
+
+pytestmark = pytest.mark.integration
+torch.set_num_threads(1)
+
+TOPICS = ["bread", "taxes", "the moon", "a cat", "python", "rain", "music", "chess"]
+
+
+def conversation(i: int) -> list[dict[str, str]]:
+    topic = TOPICS[i % len(TOPICS)]
+    return [
+        {"role": "user", "content": f"Tell me something about {topic} (question {i})."},
+        {"role": "assistant", "content": f"Here is fact number {i} about {topic}: " + "it is nice. " * (i % 5)},
+    ]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("scorer-ckpts")
+    return {
+        "qwen": build_tiny_reward_model(root / "qwen", arch="qwen3", seed=1),
+        "qwen2": build_tiny_reward_model(root / "qwen2", arch="qwen3", seed=2),
+        "llama": build_tiny_reward_model(root / "llama", arch="llama", seed=3),
+    }
+
+
+def settings(ckpts: dict[str, Path], **kw: object) -> ScorerSettings:
+    base: dict[str, object] = {
+        "port": 0,
+        "http_port": 0,
+        "metrics_port": 0,
+        "models": {"best": ModelRef(path=str(ckpts["qwen"])), "gold": ModelRef(path=str(ckpts["llama"]))},
+        "max_wait_ms": 5.0,
+    }
+    base.update(kw)
+    return ScorerSettings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def scorer(ckpts: dict[str, Path]):
+    bg = BackgroundScorer(settings(ckpts, max_request_items=64)).start()
+    yield bg
+    bg.stop()
+
+
+@pytest.fixture(scope="module")
+def client(scorer: BackgroundScorer):
+    with RewardClient(scorer.address, timeout=30) as c:
+        yield c
+
+
+class Reference:
+    """logits[0][0] straight from AutoModelForSequenceClassification, one text at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+
+    def ids(self, messages: list[dict[str, str]]) -> list[int]:
+        enc = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=False)
+        return list(enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc)
+
+    def reward(self, messages: list[dict[str, str]]) -> float:
+        with torch.no_grad():
+            return float(self.model(torch.tensor([self.ids(messages)])).logits[0][0])
+
+
+@pytest.mark.parametrize("name,arch", [("best", "qwen"), ("gold", "llama")])
+def test_rewards_match_transformers_logits(client: RewardClient, ckpts: dict[str, Path], name: str, arch: str) -> None:
+    ref = Reference(ckpts[arch])
+    convs = [conversation(i) for i in range(6)]
+    expected = [ref.reward(c) for c in convs]
+    rendered = [ref.tok.apply_chat_template(c, tokenize=False) for c in convs]
+    # The same texts as conversations, as rendered text, and (Llama) with the BOS stripped
+    # (verl) or doubled (a plain tokenizer call on template output): all one reward.
+    variants = [convs, rendered]
+    if ref.tok.bos_token:
+        assert all(r.startswith(ref.tok.bos_token) for r in rendered)
+        variants.append([r[len(ref.tok.bos_token) :] for r in rendered])
+        variants.append([ref.tok.bos_token + r for r in rendered])
+    for items in variants:
+        got = client.score(items, model=name)
+        assert got == pytest.approx(expected, abs=1e-4)
+    assert len(set(round(x, 6) for x in expected)) == len(expected)  # distinct inputs, distinct rewards
+
+
+def test_health_reflection_and_info(scorer: BackgroundScorer, client: RewardClient, ckpts: dict[str, Path]) -> None:
+    with grpc.insecure_channel(scorer.address) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ("", SERVICE_NAME):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        answer = next(iter(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))))
+        names = {s.name for s in answer.list_services_response.service}
+        assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
+    info = client.info()
+    assert info.default_model == "best"
+    by_name = {m.name: m for m in info.models}
+    assert by_name["best"].model_id == str(ckpts["qwen"]) and by_name["best"].version == "qwen"
+    assert by_name["gold"].backend == "torch" and by_name["gold"].dtype == "float32"
+
+
+def test_health_is_not_serving_until_models_load(ckpts: dict[str, Path]) -> None:
+    bg = BackgroundScorer(settings(ckpts)).start(load=False)
+    try:
+        with grpc.insecure_channel(bg.address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            req = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            assert health.Check(req, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                reward_pb2_grpc.RewardServiceStub(ch).Score(
+                    reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(text="hi")]), timeout=5
+                )
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            bg.run(bg.server.load())
+            assert health.Check(req, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        bg.stop()
+
+
+def test_many_concurrent_clients_get_their_own_results(scorer: BackgroundScorer, ckpts: dict[str, Path]) -> None:
+    ref = Reference(ckpts["qwen"])
+    n = 48
+    expected = {i: ref.reward(conversation(i)) for i in range(n)}
+    forwards_before = scorer.server.registry.get("best").batcher.forwards
+
+    def one(i: int) -> tuple[int, float, int]:
+        stub = reward_pb2_grpc.RewardServiceStub(channels[i % len(channels)])
+        item = reward_pb2.ScoreItem(
+            conversation=reward_pb2.Conversation(messages=[pair_pb2.Message(**m) for m in conversation(i)])
+        )
+        resp = stub.Score(reward_pb2.ScoreRequest(model="best", items=[item]), timeout=30)
+        return i, resp.rewards[0], resp.metadata.batch_size
+
+    channels = [grpc.insecure_channel(scorer.address) for _ in range(8)]
+    try:
+        barrier_pool = ThreadPoolExecutor(max_workers=n)
+        results = list(barrier_pool.map(one, range(n)))
+        barrier_pool.shutdown()
+    finally:
+        for ch in channels:
+            ch.close()
+    for i, reward, _ in results:
+        assert reward == pytest.approx(expected[i], abs=1e-4), i
+    forwards = scorer.server.registry.get("best").batcher.forwards - forwards_before
+    assert forwards < n  # coalesced across requests
+    assert max(b for _, _, b in results) > 1
+
+
+def test_score_pairs_and_stream(client: RewardClient, scorer: BackgroundScorer) -> None:
+    pairs = [
+        {"conversation": conversation(i)[:1], "chosen": conversation(i)[1:], "rejected": f"Short answer {i}."}
+        for i in range(5)
+    ]
+    scores = client.score_pairs(pairs)
+    chosen = client.score([p["conversation"] + p["chosen"] for p in pairs])
+    rejected = client.score([p["conversation"] + [{"role": "assistant", "content": p["rejected"]}] for p in pairs])
+    for s, c, r in zip(scores, chosen, rejected, strict=True):
+        assert s.reward_chosen == pytest.approx(c, abs=1e-4)
+        assert s.reward_rejected == pytest.approx(r, abs=1e-4)
+        assert s.p == pytest.approx(1 / (1 + math.exp(-(s.reward_chosen - s.reward_rejected))), abs=1e-9)
+
+    texts = [f"stream message {i} " * (1 + i % 4) for i in range(12)]
+    single = client.score(texts)
+    with grpc.insecure_channel(scorer.address) as ch:
+        stub = reward_pb2_grpc.RewardServiceStub(ch)
+        requests = (reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(text=t)]) for t in texts)
+        got = [r.rewards[0] for r in stub.ScoreStream(requests, timeout=30)]
+    assert got == pytest.approx(single, abs=1e-4)
+
+
+def test_async_client_chunks_and_matches_sync(scorer: BackgroundScorer, client: RewardClient) -> None:
+    import asyncio
+
+    texts = [f"chunked text {i}" for i in range(150)]  # > max_request_items=64: must be chunked
+
+    async def main() -> list[float]:
+        async with AsyncRewardClient(scorer.address, chunk_size=40, timeout=30) as c:
+            return await c.score(texts)
+
+    got = asyncio.run(main())
+    with RewardClient(scorer.address, chunk_size=50) as small:
+        assert got == pytest.approx(small.score(texts), abs=1e-4)
+    with RewardClient(scorer.address, chunk_size=1000) as big, pytest.raises(grpc.RpcError) as err:
+        big.score(texts)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_request_items=64" in err.value.details()
+
+
+@pytest.mark.parametrize(
+    "item,fragment",
+    [
+        (reward_pb2.ScoreItem(), "neither a conversation nor a text"),
+        (reward_pb2.ScoreItem(text="   "), "empty"),
+        (reward_pb2.ScoreItem(conversation=reward_pb2.Conversation()), "conversation is empty"),
+        (
+            reward_pb2.ScoreItem(
+                conversation=reward_pb2.Conversation(messages=[pair_pb2.Message(role="user", content="q")])
+            ),
+            "must end with the assistant response",
+        ),
+        (
+            reward_pb2.ScoreItem(
+                conversation=reward_pb2.Conversation(messages=[pair_pb2.Message(role="robot", content="q")])
+            ),
+            "role 'robot'",
+        ),
+    ],
+)
+def test_bad_input_is_invalid_argument(scorer: BackgroundScorer, item: reward_pb2.ScoreItem, fragment: str) -> None:
+    with grpc.insecure_channel(scorer.address) as ch:
+        stub = reward_pb2_grpc.RewardServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Score(reward_pb2.ScoreRequest(items=[item]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in err.value.details()
+
+
+def test_empty_request_unknown_model_and_too_long(ckpts: dict[str, Path], client: RewardClient) -> None:
+    with grpc.insecure_channel(client.address) as ch:
+        stub = reward_pb2_grpc.RewardServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Score(reward_pb2.ScoreRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        client.score(["x"], model="nope")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "served: ['best', 'gold']" in err.value.details()
+
+    long_text = "word " * 400
+    with BackgroundScorer(settings(ckpts, max_length=64, on_too_long="reject")) as bg, RewardClient(bg.address) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.score([long_text])
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_length=64" in err.value.details()
+        assert len(c.score(["short"])) == 1
+    with BackgroundScorer(settings(ckpts, max_length=64)) as bg, RewardClient(bg.address) as c:
+        assert len(c.score([long_text])) == 1  # truncated, scored
+
+
+def test_overload_answers_resource_exhausted(ckpts: dict[str, Path]) -> None:
+    # A long max_wait keeps items queued; the bounded queue then refuses the excess.
+    s = settings(ckpts, max_wait_ms=1500.0, max_queue=8, max_batch_items=64)
+    with BackgroundScorer(s) as bg, grpc.insecure_channel(bg.address) as ch:
+        stub = reward_pb2_grpc.RewardServiceStub(ch)
+        req = reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(text=f"t{i}") for i in range(4)])
+        futures = [stub.Score.future(req, timeout=30) for _ in range(6)]
+        codes = []
+        for f in futures:
+            try:
+                f.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                assert "max_queue=8" in exc.details()
+        assert codes.count(grpc.StatusCode.OK) == 2
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4
+
+
+def test_deadline_expires_and_items_are_not_computed(ckpts: dict[str, Path]) -> None:
+    s = settings(ckpts, max_wait_ms=3000.0)
+    with BackgroundScorer(s) as bg, grpc.insecure_channel(bg.address) as ch:
+        stub = reward_pb2_grpc.RewardServiceStub(ch)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Score(reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(text="late")]), timeout=0.3)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - t0 < 2.0
+        batcher = bg.server.registry.get("best").batcher
+        deadline = time.monotonic() + 6
+        while batcher.depth and time.monotonic() < deadline:  # the window closes after max_wait
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert batcher.depth == 0
+        assert batcher.forwards == 0  # the expired item was dropped, never run
+
+
+def test_client_retries_unavailable_until_server_is_up(ckpts: dict[str, Path]) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result: dict[str, object] = {}
+
+    def call() -> None:
+        with RewardClient(f"127.0.0.1:{port}", retries=6, backoff_s=0.1, timeout=20) as c:
+            try:
+                result["rewards"] = c.score(["hello"])
+            except grpc.RpcError as exc:
+                result["error"] = exc.code()
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.8)
+    with BackgroundScorer(settings(ckpts, port=port)):
+        t.join(20)
+    assert "error" not in result and len(result["rewards"]) == 1  # type: ignore[arg-type]
+
+    with RewardClient(f"127.0.0.1:{port}", retries=2, backoff_s=0.05, timeout=2) as c, pytest.raises(grpc.RpcError):
+        c.score(["nobody home"])  # bounded: gives up
+
+
+def test_reload_swaps_without_failing_in_flight(ckpts: dict[str, Path]) -> None:
+    new = Reference(ckpts["qwen2"])
+    conv = conversation(3)
+    s = settings(ckpts, max_wait_ms=300.0)
+    with BackgroundScorer(s) as bg, RewardClient(bg.address, timeout=30) as c:
+        old_reward = c.score([conv])[0]
+        with ThreadPoolExecutor(8) as pool:
+            in_flight = [pool.submit(c.score, [conv]) for _ in range(8)]
+            time.sleep(0.05)  # queued on the old version's batcher, waiting out max_wait
+            bg.run(bg.server.registry.reload("best", ModelRef(path=str(ckpts["qwen2"]), version="v2")))
+            results = [f.result() for f in in_flight]
+        assert all(r == pytest.approx([old_reward], abs=1e-4) for r in results)
+        assert c.score([conv]) == pytest.approx([new.reward(conv)], abs=1e-4)
+        assert {m.name: m.version for m in c.info().models}["best"] == "v2"
+
+
+@pytest.mark.slow  # a fresh process imports torch and transformers
+def test_sigterm_drains_in_flight_requests(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        port, http_port = a.getsockname()[1], b.getsockname()[1]
+    env = {
+        **os.environ,
+        "SYNPREF_SCORER__MAX_WAIT_MS": "1500",
+        "SYNPREF_SCORER__METRICS_PORT": "0",
+        "SYNPREF_SCORER__TORCH_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "synpref.shared.cli", "scorer", "--model", f"best={ckpts['qwen']}"]
+    cmd += ["--port", str(port), "--http-port", str(http_port)]
+    log = (tmp_path / "scorer.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+            stub = reward_pb2_grpc.RewardServiceStub(ch)
+            req = reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(text="drain me")])
+            futures = [stub.Score.future(req, timeout=30) for _ in range(5)]
+            time.sleep(0.3)  # queued, waiting out max_wait
+            proc.send_signal(signal.SIGTERM)
+            rewards = [f.result().rewards[0] for f in futures]
+        assert len(rewards) == 5 and len(set(round(r, 5) for r in rewards)) == 1
+        assert proc.wait(30) == 0, (tmp_path / "scorer.log").read_text()[-3000:]
+    finally:
+        log.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
