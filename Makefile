@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.synpref-installed
 
-.PHONY: help setup protos kafka helm test test-unit test-integration lint demo bench clean
+.PHONY: help setup protos kafka helm chromium test test-unit test-integration lint demo bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py
 	$(UV) pip install --python $(PY) -e '.[dev,bench]'
 	@touch $(STAMP)
 
-setup: $(STAMP) protos kafka helm ## create .venv and install everything (Python packages, Kafka, helm)
+setup: $(STAMP) protos kafka helm chromium ## create .venv and install everything (Python packages, Kafka, helm, Chromium)
 
 protos: $(STAMP) ## generate Python code from protos/ into gen/
 	$(PY) protos/generate.py
@@ -27,7 +27,11 @@ kafka: ## fetch Apache Kafka and its dependencies from Maven Central into .cache
 helm: ## build the helm binary from the Go module proxy into .cache/bin
 	bash tools/helm/build.sh
 
-test: setup ## run the whole test suite (starts and stops a Kafka broker)
+chromium: ## install Debian's Chromium for the desk's browser test (apt-get, needs root)
+	bash tools/chromium/install.sh
+
+test: setup ## ruff, then the whole test suite (starts and stops a Kafka broker)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests
 
 test-unit: setup ## fast unit tests only
