@@ -1,0 +1,68 @@
+"""`synpref annotator`: attributes and judge votes, from the raw topic to the annotated topic."""
+
+from __future__ import annotations
+
+import argparse
+
+from synpref.services.annotator.annotate import Annotator
+from synpref.services.annotator.chat import OpenAIChat
+from synpref.services.annotator.judges import AnswerCache, AttributeLabeller, LLMJudge
+from synpref.services.annotator.prompts import PROMPT_VERSION
+from synpref.shared.config import AnnotatorSettings, JudgeSettings, Settings
+from synpref.shared.service import ServiceSpec, serve, service_parser
+from synpref.v1 import pipeline_pb2_grpc
+
+
+def prompt_version(settings: AnnotatorSettings) -> str:
+    """The configured version and the code's prompt version: a change of either misses the cache."""
+    return f"{settings.prompt_version}.{PROMPT_VERSION}"
+
+
+def chat_backend(judge: JudgeSettings, settings: AnnotatorSettings) -> OpenAIChat:
+    return OpenAIChat(
+        judge.name,
+        judge.base_url,
+        judge.api_key_env,
+        max_concurrency=settings.max_concurrency,
+        timeout_s=settings.timeout_s,
+        retries=settings.retries,
+        backoff_s=settings.backoff_s,
+        max_tokens=settings.max_tokens,
+    )
+
+
+def build_annotator(settings: Settings, examples=None) -> Annotator:
+    """The annotator the settings describe (OpenAI-compatible judges; examples from the index folder)."""
+    cfg = settings.annotator
+    cache = AnswerCache(cfg.cache_dir or None)
+    version = prompt_version(cfg)
+    judges = [
+        LLMJudge(chat_backend(j, cfg), j.samples, j.temperature, cache, version, cfg.json_mode, cfg.seed)
+        for j in cfg.judges
+    ]
+    labeller = None
+    if cfg.attribute_model is not None:
+        labeller = AttributeLabeller(chat_backend(cfg.attribute_model, cfg), cache, version, cfg.json_mode)
+    if examples is None and cfg.examples_index:
+        from synpref.shared.retrieval import Embedder, PairRetriever
+
+        examples = PairRetriever(Embedder(cfg.embedding_model), folder=cfg.examples_index)
+    return Annotator(judges, labeller, examples, cfg.max_examples, cfg.skip_confident, settings.filter.band)
+
+
+def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
+    annotator = build_annotator(settings)
+    return ServiceSpec(
+        name="annotator",
+        stage=annotator.stage(),
+        input_route=args.input_route,
+        output_routes=["annotated"],
+        grpc_service="synpref.v1.AnnotatorService",
+        add_servicer=pipeline_pb2_grpc.add_AnnotatorServiceServicer_to_server,
+    )
+
+
+def main(argv: list[str]) -> int:
+    parser = service_parser("annotator", __doc__)
+    parser.add_argument("--input-route", default="raw", help="topics field to consume (default raw)")
+    return serve(make_spec, parser.parse_args(argv))

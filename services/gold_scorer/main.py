@@ -1,0 +1,30 @@
+"""`synpref gold-scorer`: p_gold and p_best for each pair, from the annotated to the scored topic."""
+
+from __future__ import annotations
+
+import argparse
+
+from synpref.services.gold_scorer.scoring import make_scoring_stage, models_from_settings
+from synpref.shared.config import Settings
+from synpref.shared.service import ServiceSpec, serve, service_parser
+from synpref.v1 import pipeline_pb2_grpc
+
+
+def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
+    models = models_from_settings(settings.scoring)
+    if not models:
+        raise SystemExit("gold-scorer: set scoring.gold.path (and scoring.best.path), or scoring.mode=grpc")
+    return ServiceSpec(
+        name="gold-scorer",
+        stage=make_scoring_stage(models),
+        input_route=args.input_route,
+        output_routes=["scored"],
+        grpc_service="synpref.v1.GoldScorerService",
+        add_servicer=pipeline_pb2_grpc.add_GoldScorerServiceServicer_to_server,
+    )
+
+
+def main(argv: list[str]) -> int:
+    parser = service_parser("gold-scorer", __doc__)
+    parser.add_argument("--input-route", default="annotated", help="topics field to consume (default annotated)")
+    return serve(make_spec, parser.parse_args(argv))
