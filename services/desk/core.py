@@ -209,6 +209,8 @@ class DeskCore:
         self.salt = salt if salt is not None else os.urandom(16)
         self.clock = clock
         self._pending: OrderedDict[str, Entry] = OrderedDict()
+        self._holding: dict[str, str] = {}
+        """annotator -> pair id of their one open assignment (next_for hands out one at a time)."""
         self._seq = 0
         self._remember = remember
         self.decided: OrderedDict[str, Summary] = OrderedDict()
@@ -244,9 +246,12 @@ class DeskCore:
     # -- assignment ----------------------------------------------------------------------
     def _expire(self) -> None:
         t = self.clock()
-        for entry in self._pending.values():
-            for who in [w for w, deadline in entry.leases.items() if deadline <= t]:
-                del entry.leases[who]
+        for who, pid in list(self._holding.items()):
+            entry = self._pending.get(pid)
+            if entry is None or entry.leases.get(who, t) <= t:
+                if entry is not None:
+                    entry.leases.pop(who, None)
+                del self._holding[who]
 
     def _open_slots(self, entry: Entry) -> int:
         return self.overlap - len(entry.verdicts) - len(entry.leases)
@@ -254,12 +259,13 @@ class DeskCore:
     def next_for(self, annotator: str) -> Entry | None:
         """The annotator's open assignment, or a fresh one; None when nothing is left for them."""
         self._expire()
-        for entry in self._pending.values():
-            if annotator in entry.leases:
-                return entry
+        held = self._holding.get(annotator)
+        if held is not None:
+            return self._pending[held]
         for entry in self._pending.values():
             if annotator not in entry.verdicts and self._open_slots(entry) > 0:
                 entry.leases[annotator] = self.clock() + self.lease_s
+                self._holding[annotator] = entry.pair_id
                 return entry
         return None
 
@@ -284,6 +290,7 @@ class DeskCore:
         if entry is None or annotator not in entry.leases:
             raise DeskError(409, "this pair is not assigned to you (already decided, or the assignment expired)")
         del entry.leases[annotator]
+        del self._holding[annotator]
         verdict = HumanVerdict(
             annotator=annotator,
             preference=preference_of(choice, swapped(self.salt, annotator, pair_id)),
@@ -325,7 +332,6 @@ class DeskCore:
         }
 
     def progress(self, annotator: str) -> dict[str, Any]:
-        self._expire()
         multi = [s for s in self.decided.values() if s.verdicts > 1]
         return {
             "annotator": annotator,
