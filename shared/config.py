@@ -132,6 +132,8 @@ class ScoringSettings(Section):
     mode: Literal["in_process", "grpc"] = "in_process"
     scorer_address: str = "127.0.0.1:50060"
     batch_size: int = Field(default=32, ge=1)
+    max_length: int = Field(default=4096, ge=8)
+    """Token limit of one scored sequence in process (the scorer service has its own)."""
 
 
 class FilterSettings(Section):
