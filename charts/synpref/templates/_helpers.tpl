@@ -1,0 +1,195 @@
+{{/* Names, labels and the pieces every pod shares. */}}
+
+{{- define "synpref.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* <release>-synpref unless the release name already holds the chart name; kept short so
+suffixes like -gold-scorer stay under 63 characters. */}}
+{{- define "synpref.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "synpref.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "synpref.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "synpref.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "synpref.labels" -}}
+helm.sh/chart: {{ include "synpref.chart" . }}
+{{ include "synpref.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: synpref
+{{- end }}
+
+{{/* Labels of one component: (dict "ctx" $ "component" "filter") */}}
+{{- define "synpref.componentLabels" -}}
+{{ include "synpref.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "synpref.componentSelector" -}}
+{{ include "synpref.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "synpref.serviceAccountName" -}}
+{{- default (include "synpref.fullname" .) .Values.serviceAccount.name }}
+{{- end }}
+
+{{- define "synpref.controllerServiceAccountName" -}}
+{{- printf "%s-controller" (include "synpref.fullname" .) }}
+{{- end }}
+
+{{- define "synpref.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "synpref.cudaImage" -}}
+{{- printf "%s:%s" .Values.cudaImage.repository (default .Chart.AppVersion .Values.cudaImage.tag) }}
+{{- end }}
+
+{{- define "synpref.dataClaim" -}}
+{{- if .Values.persistence.enabled }}
+{{- default (printf "%s-data" (include "synpref.fullname" .)) .Values.persistence.existingClaim }}
+{{- end }}
+{{- end }}
+
+{{/* Pod-level hardening, the same for every pod (training/k8s_job.py builds the same). */}}
+{{- define "synpref.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.podSecurityContext.runAsUser }}
+runAsGroup: {{ .Values.podSecurityContext.runAsGroup }}
+fsGroup: {{ .Values.podSecurityContext.fsGroup }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "synpref.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: [ALL]
+{{- end }}
+
+{{- define "synpref.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Environment every SynPref process gets: its config file and Kafka secrets. */}}
+{{- define "synpref.env" -}}
+- name: SYNPREF_CONFIG
+  value: /etc/synpref/config.yaml
+- name: HOME
+  value: /tmp
+- name: HF_HOME
+  value: /data/cache/hf
+{{- if .Values.kafka.sasl.existingSecret }}
+- name: SYNPREF_KAFKA__SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.kafka.sasl.existingSecret }}
+      key: {{ .Values.kafka.sasl.passwordKey }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes every SynPref pod mounts: config, data (PVC or emptyDir), /tmp, Kafka TLS. */}}
+{{- define "synpref.volumes" -}}
+- name: config
+  configMap:
+    name: {{ include "synpref.fullname" . }}-config
+- name: tmp
+  emptyDir: {}
+- name: data
+{{- if .Values.persistence.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ include "synpref.dataClaim" . }}
+{{- else }}
+  emptyDir: {}
+{{- end }}
+{{- if .Values.kafka.tls.existingSecret }}
+- name: kafka-tls
+  secret:
+    secretName: {{ .Values.kafka.tls.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "synpref.volumeMounts" -}}
+- name: config
+  mountPath: /etc/synpref
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+- name: data
+  mountPath: /data
+{{- if .Values.kafka.tls.existingSecret }}
+- name: kafka-tls
+  mountPath: /etc/synpref/kafka-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The kafka section of config.yaml, from the kafka values. */}}
+{{- define "synpref.kafkaConfig" -}}
+{{- $k := .Values.kafka }}
+bootstrap_servers: {{ $k.bootstrapServers | quote }}
+security_protocol: {{ $k.securityProtocol }}
+partitions: {{ $k.partitions }}
+replication_factor: {{ $k.replicationFactor }}
+{{- if $k.sasl.mechanism }}
+sasl_mechanism: {{ $k.sasl.mechanism }}
+sasl_username: {{ $k.sasl.username | quote }}
+{{- end }}
+{{- if $k.tls.existingSecret }}
+ssl_cafile: /etc/synpref/kafka-tls/{{ $k.tls.caKey }}
+{{- if $k.tls.certKey }}
+ssl_certfile: /etc/synpref/kafka-tls/{{ $k.tls.certKey }}
+{{- end }}
+{{- if $k.tls.keyKey }}
+ssl_keyfile: /etc/synpref/kafka-tls/{{ $k.tls.keyKey }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Fail early, with a message, on values the schema cannot express. */}}
+{{- define "synpref.validateValues" -}}
+{{- $k := .Values.kafka }}
+{{- if and (hasPrefix "SASL" $k.securityProtocol) (not $k.sasl.mechanism) }}
+{{- fail "kafka.securityProtocol is SASL_* but kafka.sasl.mechanism is empty" }}
+{{- end }}
+{{- if and $k.sasl.mechanism (not (hasPrefix "SASL" $k.securityProtocol)) }}
+{{- fail "kafka.sasl.mechanism is set but kafka.securityProtocol is not SASL_PLAINTEXT or SASL_SSL" }}
+{{- end }}
+{{- if and $k.sasl.mechanism (not $k.sasl.existingSecret) }}
+{{- fail "kafka.sasl.mechanism needs kafka.sasl.existingSecret (the password is never put in values)" }}
+{{- end }}
+{{- if and (hasKey .Values.config "kafka") }}
+{{- fail "config.kafka is set by the chart from the kafka values; set those instead" }}
+{{- end }}
+{{- if and (hasKey .Values.config "service") }}
+{{- fail "config.service is set by the chart (ports the probes and Services use); remove it from config" }}
+{{- end }}
+{{- if and (gt (int .Values.training.nodes) 1) (lt (int .Values.training.gpusPerNode) 1) }}
+{{- fail "training.nodes > 1 runs torchrun across nodes and needs training.gpusPerNode >= 1" }}
+{{- end }}
+{{- end }}

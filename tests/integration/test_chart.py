@@ -1,0 +1,436 @@
+"""charts/synpref with the real helm binary (tools/helm/build.sh builds it from the Go module proxy).
+
+Covers: `helm lint --strict`; rendering with default values and every example values file;
+every rendered object validated against the Kubernetes schemas of each supported version
+(kubernetes-validate); hardening, resources and probes on every container; the RBAC the
+controller gets; values.schema.json rejecting bad values; the config the chart writes
+loading into the real Settings model; and the training Job of the CronJob being the very
+Job `synpref train submit` builds (training/k8s_job.py) for the same values.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import kubernetes_validate.utils
+import pytest
+import yaml
+
+from synpref.shared.config import load_settings
+from synpref.training.k8s_job import TrainingJobSpec, build_rendezvous_service, build_training_job, to_manifest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "synpref"
+EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
+# The chart's kubeVersion is >=1.30; these are the versions it is validated against.
+KUBE_VERSIONS = ["1.30", "1.31", "1.32", "1.33", "1.34", "1.35"]
+RELEASE, NAMESPACE = "rel", "ml"
+STAGES = ["annotator", "gold-scorer", "filter", "writer"]
+POD_KINDS = {"Deployment", "Job", "CronJob"}
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    proc = subprocess.run(
+        ["bash", str(ROOT / "tools" / "helm" / "build.sh")], capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, f"tools/helm/build.sh failed:\n{proc.stdout}\n{proc.stderr}"
+    return str(ROOT / ".cache" / "bin" / "helm")
+
+
+def run_helm(helm: str, *args: str, chart: Path = CHART) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [helm, "template", RELEASE, str(chart), "--namespace", NAMESPACE, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def render(helm: str, *args: str) -> list[dict[str, Any]]:
+    proc = run_helm(helm, *args)
+    assert proc.returncode == 0, proc.stderr
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+# name -> helm arguments; every example file, the defaults, and a few shapes worth checking.
+CASES: dict[str, list[str]] = {
+    "default": [],
+    **{f"example:{p.stem}": ["-f", str(p)] for p in EXAMPLES},
+    "no-persistence": ["--set", "persistence.enabled=false"],
+    # An integer cpu request too: quantities must come out as the same strings both ways.
+    "multi-node": ["--set", "training.nodes=3,training.gpusPerNode=4,training.resources.requests.cpu=6"],
+    "minimal": ["--set", "scorer.enabled=false,desk.enabled=false,controller.enabled=false"],
+    "no-network-policy": ["--set", "networkPolicy.enabled=false"],
+}
+
+
+@pytest.fixture(scope="session")
+def renders(helm: str) -> dict[str, list[dict[str, Any]]]:
+    return {name: render(helm, *args) for name, args in CASES.items()}
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (doc,) = find(docs, kind, name)
+    return doc
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    if doc["kind"] == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return doc["spec"]["template"]["spec"]
+
+
+def test_example_files_exist() -> None:
+    assert {p.stem for p in EXAMPLES} >= {"cpu-dev", "gpu-cluster", "external-kafka-sasl"}
+
+
+@pytest.mark.parametrize("values", [None, *EXAMPLES], ids=lambda p: p.stem if p else "default")
+def test_helm_lint_strict_is_clean(helm: str, values: Path | None) -> None:
+    args = ["-f", str(values)] if values else []
+    proc = subprocess.run([helm, "lint", "--strict", str(CHART), *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+    assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout
+
+
+def test_default_render_has_every_component(renders: dict[str, list[dict[str, Any]]]) -> None:
+    docs = renders["default"]
+    fullname = f"{RELEASE}-synpref"
+    for component in [*STAGES, "scorer"]:
+        name = f"{fullname}-{component}"
+        one(docs, "Deployment", name)
+        one(docs, "Service", name)
+        one(docs, "HorizontalPodAutoscaler", name)
+        one(docs, "PodDisruptionBudget", name)
+    for component in ("desk", "controller"):
+        one(docs, "Deployment", f"{fullname}-{component}")
+    one(docs, "ConfigMap", f"{fullname}-config")
+    one(docs, "PersistentVolumeClaim", f"{fullname}-data")
+    assert one(docs, "CronJob", f"{fullname}-train")["spec"]["suspend"] is True
+    hook = one(docs, "Job", f"{fullname}-topics")
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    assert pod_spec(hook)["containers"][0]["command"] == ["synpref", "topics"]
+    assert len(find(docs, "NetworkPolicy")) == 4
+
+
+@functools.cache
+def _schema(filename: str, version: str) -> Any:
+    return _uncached_schema(filename, version)
+
+
+_uncached_schema = kubernetes_validate.utils.schema_contents
+
+
+@pytest.fixture()
+def cached_schemas(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # kubernetes-validate re-reads the (large) definitions file on every call; this run
+    # validates a few hundred objects, so read each file once.
+    monkeypatch.setattr(kubernetes_validate.utils, "schema_contents", _schema)
+    yield
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_every_rendered_object_validates(
+    helm: str, renders: dict[str, list[dict[str, Any]]], version: str, cached_schemas: None
+) -> None:
+    # The chart's kubeVersion constraint accepts this version...
+    proc = run_helm(helm, "--kube-version", f"{version}.0")
+    assert proc.returncode == 0, proc.stderr
+    # ...and each object of each render is valid for it (strict: no unknown fields).
+    checked = 0
+    for case, docs in renders.items():
+        for doc in docs:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{case}: {doc['kind']}/{doc['metadata']['name']} invalid for {version}: {exc.message}")
+            checked += 1
+    assert checked > 100
+
+
+def test_schema_validation_would_catch_a_bad_object(cached_schemas: None) -> None:
+    bad = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": {"replicas": "two"}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, KUBE_VERSIONS[0], strict=True)
+
+
+def test_older_clusters_are_refused(helm: str) -> None:
+    proc = run_helm(helm, "--kube-version", "1.29.0")
+    assert proc.returncode != 0 and "kubeVersion" in proc.stderr
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_container_is_hardened_and_sized(renders: dict[str, list[dict[str, Any]]], case: str) -> None:
+    pods = [d for d in renders[case] if d["kind"] in POD_KINDS]
+    assert pods
+    for doc in pods:
+        where = f"{case}: {doc['kind']}/{doc['metadata']['name']}"
+        pod = pod_spec(doc)
+        psc = pod["securityContext"]
+        assert psc["runAsNonRoot"] is True, where
+        assert psc["runAsUser"] >= 1, where
+        assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        is_controller = doc["metadata"]["name"].endswith("-controller")
+        # Only the controller calls the Kubernetes API.
+        assert pod["automountServiceAccountToken"] is is_controller, where
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            csc = container["securityContext"]
+            assert csc["runAsNonRoot"] is True, where
+            assert csc["readOnlyRootFilesystem"] is True, where
+            assert csc["allowPrivilegeEscalation"] is False, where
+            assert csc["capabilities"] == {"drop": ["ALL"]}, where
+            res = container["resources"]
+            assert {"cpu", "memory"} <= set(res["requests"]), where
+            assert "memory" in res["limits"], where
+            # A read-only root needs a writable /tmp.
+            assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}, where
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_long_running_containers_have_probes_on_their_ports(
+    renders: dict[str, list[dict[str, Any]]], case: str
+) -> None:
+    expected = {"scorer": {"grpc": {"port": 50060}}, "desk": {"httpGet": {"path": "/healthz", "port": "http"}}}
+    expected |= {stage: {"grpc": {"port": 50051}} for stage in [*STAGES, "controller"]}
+    deployments = find(renders[case], "Deployment")
+    assert deployments
+    for doc in deployments:
+        (container,) = pod_spec(doc)["containers"]
+        check = expected[container["name"]]
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert check.items() <= container[probe].items(), f"{case}: {container['name']} {probe}"
+        ports = {p["containerPort"] for p in container["ports"]}
+        for spec in check.values():
+            assert spec["port"] in ports or spec["port"] == "http"
+
+
+def test_gpu_requests_node_selectors_and_tolerations_come_from_values(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = renders["example:gpu-cluster"]
+    scorer = pod_spec(one(docs, "Deployment", f"{RELEASE}-synpref-scorer"))
+    assert scorer["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert scorer["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert scorer["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    train = pod_spec(one(docs, "CronJob", f"{RELEASE}-synpref-train"))
+    assert train["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    cpu_scorer = pod_spec(one(renders["example:cpu-dev"], "Deployment", f"{RELEASE}-synpref-scorer"))
+    assert "nvidia.com/gpu" not in cpu_scorer["containers"][0]["resources"]["limits"]
+
+
+def test_rbac_grants_the_controller_only_what_it_uses(renders: dict[str, list[dict[str, Any]]]) -> None:
+    docs = renders["default"]
+    role = one(docs, "Role", f"{RELEASE}-synpref-controller")
+    granted = {
+        (g, r): sorted(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+    }
+    assert granted == {
+        ("batch", "jobs"): sorted(["create", "get", "list", "watch", "delete"]),
+        ("", "pods"): ["get", "list"],
+        ("", "pods/log"): ["get"],
+    }
+    assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")
+    binding = one(docs, "RoleBinding", f"{RELEASE}-synpref-controller")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": f"{RELEASE}-synpref-controller", "namespace": NAMESPACE}
+    ]
+    users = [d["metadata"]["name"] for d in docs if d["kind"] in POD_KINDS
+             and pod_spec(d)["serviceAccountName"] == f"{RELEASE}-synpref-controller"]  # fmt: skip
+    assert users == [f"{RELEASE}-synpref-controller"]
+    for sa in find(docs, "ServiceAccount"):
+        assert sa["automountServiceAccountToken"] is False
+    # Multi-node training: submit may create the headless Service, and nothing more.
+    multi = one(renders["multi-node"], "Role", f"{RELEASE}-synpref-controller")
+    extra = [r for r in multi["rules"] if r not in role["rules"]]
+    assert extra == [{"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]}]
+
+
+def test_hpas_target_their_deployments_which_then_leave_replicas_to_them(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    for case in ("default", "example:gpu-cluster"):
+        docs = renders[case]
+        hpas = find(docs, "HorizontalPodAutoscaler")
+        assert {h["metadata"]["name"] for h in hpas} == {f"{RELEASE}-synpref-{c}" for c in [*STAGES, "scorer"]}
+        for hpa in hpas:
+            deploy = one(docs, "Deployment", hpa["spec"]["scaleTargetRef"]["name"])
+            assert "replicas" not in deploy["spec"]
+            assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    docs = renders["example:cpu-dev"]
+    assert not find(docs, "HorizontalPodAutoscaler")
+    assert all(d["spec"]["replicas"] == 1 for d in find(docs, "Deployment"))
+
+
+def test_pdbs_and_services_select_their_pods(renders: dict[str, list[dict[str, Any]]]) -> None:
+    docs = renders["default"]
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in find(docs, "Deployment")}
+    for kind, key in (("PodDisruptionBudget", "matchLabels"), ("Service", None)):
+        for obj in find(docs, kind):
+            name = obj["metadata"]["name"]
+            if name.endswith("-train"):
+                continue
+            selector = obj["spec"]["selector"][key] if key else obj["spec"]["selector"]
+            matched = [n for n, labels in pods.items() if selector.items() <= labels.items()]
+            assert matched == [name], f"{kind}/{name} selects {matched}"
+
+
+def test_network_policies_admit_the_release_and_the_configured_peers(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = renders["example:gpu-cluster"]
+    internal = one(docs, "NetworkPolicy", f"{RELEASE}-synpref-internal")
+    release = {"app.kubernetes.io/name": "synpref", "app.kubernetes.io/instance": RELEASE}
+    assert internal["spec"]["podSelector"]["matchLabels"] == release
+    assert internal["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": release}}]}]
+    scorer = one(docs, "NetworkPolicy", f"{RELEASE}-synpref-scorer")
+    (rule,) = scorer["spec"]["ingress"]
+    assert {p["port"] for p in rule["ports"]} == {50060, 8080}
+    assert {"podSelector": {}} in rule["from"]
+    assert not find(renders["no-network-policy"], "NetworkPolicy")
+
+
+def test_pipeline_config_loads_into_the_settings_model(
+    renders: dict[str, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in CASES:
+        monkeypatch.delenv("SYNPREF_CONFIG", raising=False)
+        cm = one(renders[name], "ConfigMap", f"{RELEASE}-synpref-config")
+        path = tmp_path / f"{name.replace(':', '_')}.yaml"
+        path.write_text(cm["data"]["config.yaml"])
+        settings = load_settings(path)
+        assert settings.service.grpc_port == 50051 and settings.service.metrics_port == 9100
+        assert settings.scorer.host == "0.0.0.0" and settings.scorer.port == 50060
+        if name != "minimal":
+            assert settings.scoring.scorer_address == f"{RELEASE}-synpref-scorer:50060"
+
+
+def test_external_kafka_sasl_tls_wiring(renders: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    docs = renders["example:external-kafka-sasl"]
+    path = tmp_path / "config.yaml"
+    path.write_text(one(docs, "ConfigMap", f"{RELEASE}-synpref-config")["data"]["config.yaml"])
+    kafka = load_settings(path).kafka
+    assert kafka.security_protocol == "SASL_SSL" and kafka.sasl_mechanism == "SCRAM-SHA-512"
+    assert kafka.sasl_username == "synpref" and kafka.sasl_password is None  # never in the ConfigMap
+    assert kafka.ssl_cafile == "/etc/synpref/kafka-tls/ca.crt"
+    for doc in [d for d in docs if d["kind"] in {"Deployment", "Job"}]:
+        pod = pod_spec(doc)
+        (container,) = pod["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["SYNPREF_KAFKA__SASL_PASSWORD"]["valueFrom"] == {
+            "secretKeyRef": {"name": "kafka-credentials", "key": "password"}
+        }
+        assert {"name": "kafka-tls", "secret": {"secretName": "kafka-ca"}} in pod["volumes"]
+    annotator = pod_spec(one(docs, "Deployment", f"{RELEASE}-synpref-annotator"))["containers"][0]
+    assert annotator["envFrom"] == [{"secretRef": {"name": "synpref-api-keys"}}]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "kafka.securityProtocol=BOGUS"], "/kafka/securityProtocol"),
+        (["--set", "kafka.bootstrapServers=no-port"], "/kafka/bootstrapServers"),
+        (["--set", "training.nodes=0"], "/training/nodes"),
+        (["--set", "scorer.gpus=-1"], "/scorer/gpus"),
+        (["--set", "podSecurityContext.runAsUser=0"], "/podSecurityContext/runAsUser"),
+        (["--set", "stages.filter.autoscaling.targetCPUUtilizationPercentage=150"], "targetCPUUtilizationPercentage"),
+        (["--set", "stages.writer.resources=null"], "resources"),
+        (["--set", "stages.writer.command=shell"], "/stages/writer/command"),
+        (["--set", "persistence.size=lots"], "/persistence/size"),
+        (["--set", "typoedKey=1"], "typoedKey"),
+        (["--set", "config.kafka.bootstrap_servers=x:1"], "/config"),
+    ],
+)
+def test_values_schema_rejects_bad_values(helm: str, args: list[str], message: str) -> None:
+    proc = run_helm(helm, *args)
+    assert proc.returncode != 0
+    assert "don't meet the specifications of the schema" in proc.stderr and message in proc.stderr, proc.stderr
+    lint = subprocess.run([helm, "lint", "--strict", str(CHART), *args], capture_output=True, text=True, timeout=60)
+    assert lint.returncode != 0, lint.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "kafka.securityProtocol=SASL_SSL"], "kafka.sasl.mechanism is empty"),
+        (["--set", "kafka.securityProtocol=SASL_SSL,kafka.sasl.mechanism=PLAIN"], "kafka.sasl.existingSecret"),
+        (["--set", "kafka.sasl.mechanism=PLAIN,kafka.sasl.existingSecret=s"], "not SASL_PLAINTEXT or SASL_SSL"),
+        (["--set", "training.nodes=2,training.gpusPerNode=0"], "training.gpusPerNode >= 1"),
+    ],
+)
+def test_cross_field_checks_fail_rendering(helm: str, args: list[str], message: str) -> None:
+    # Rules between fields live in the validateValues helper (helm lint reports `fail` as
+    # INFO, so rendering is where they bite, as in `helm install`).
+    proc = run_helm(helm, *args)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
+# --- the training Job: chart template == training/k8s_job.py ------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cronjob_job_equals_the_job_train_submit_builds(renders: dict[str, list[dict[str, Any]]], case: str) -> None:
+    docs = renders[case]
+    cron = one(docs, "CronJob", f"{RELEASE}-synpref-train")
+    spec_file = one(docs, "ConfigMap", f"{RELEASE}-synpref-config")["data"]["train-job.yaml"]
+    # What `synpref train submit run-1` reads in the controller pod...
+    spec = TrainingJobSpec(**yaml.safe_load(spec_file), name="run-1")
+    built = to_manifest(build_training_job(spec))
+    # ...and what `kubectl create job --from=cronjob/...` copies: the jobTemplate's labels and spec.
+    template = cron["spec"]["jobTemplate"]
+    assert built["spec"] == template["spec"]
+    assert built["metadata"]["labels"] == template["metadata"]["labels"]
+    assert built["metadata"]["namespace"] == NAMESPACE
+    services = find(docs, "Service", spec.rendezvous_service)
+    if spec.nodes > 1:
+        (service,) = services
+        ours = to_manifest(build_rendezvous_service(spec))
+        assert ours["spec"] == service["spec"] and ours["metadata"]["labels"] == service["metadata"]["labels"]
+    else:
+        assert services == []
+
+
+def test_job_comparison_sees_a_difference(renders: dict[str, list[dict[str, Any]]]) -> None:
+    docs = renders["default"]
+    spec_file = one(docs, "ConfigMap", f"{RELEASE}-synpref-config")["data"]["train-job.yaml"]
+    spec = TrainingJobSpec(**{**yaml.safe_load(spec_file), "shm_size": "9Gi"}, name="run-1")
+    template = one(docs, "CronJob", f"{RELEASE}-synpref-train")["spec"]["jobTemplate"]
+    assert to_manifest(build_training_job(spec))["spec"] != template["spec"]
+
+
+def test_notes_say_what_was_installed_and_how_to_reach_it(helm: str, tmp_path: Path) -> None:
+    # `helm template` never renders NOTES.txt (install does, with a cluster): render a copy
+    # of the chart whose NOTES are wrapped in a ConfigMap.
+    chart = tmp_path / "synpref"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "NOTES.txt").unlink()
+    (chart / "templates" / "_notes.tpl").write_text('{{- define "notes" -}}\n' + notes + "\n{{- end }}\n")
+    (chart / "templates" / "notes.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+        'data:\n  notes: |\n    {{- include "notes" . | nindent 4 }}\n'
+    )
+    proc = run_helm(helm, chart=chart)
+    assert proc.returncode == 0, proc.stderr
+    (cm,) = [d for d in yaml.safe_load_all(proc.stdout) if d and d["metadata"]["name"] == "notes"]
+    text = cm["data"]["notes"]
+    assert f"kubectl -n {NAMESPACE} create job --from=cronjob/{RELEASE}-synpref-train" in text
+    assert f"port-forward svc/{RELEASE}-synpref-scorer 50060:50060 8080:8080" in text
+    assert f"port-forward svc/{RELEASE}-synpref-desk 8000:8000" in text
+    for stage in STAGES:
+        assert f"{RELEASE}-synpref-{stage} (gRPC 50051, metrics 9100)" in text
+    assert "secrets.apiKeys is empty" in text
