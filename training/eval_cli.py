@@ -1,0 +1,71 @@
+"""`synpref eval`: pairwise accuracy of a reward model on pair files, and RM-Bench.
+
+    synpref eval --model artifacts/rm/final --pairs eval.parquet --pairs more.jsonl
+    synpref eval --model artifacts/rm/final --rmbench ../shared/data/RM-Bench
+    synpref eval --model ... --hh-rlhf ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz
+
+Prints one JSON object; --out also writes it to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synpref eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    parser.add_argument("--pairs", action="append", default=[], help="Parquet/JSONL pair file or folder (repeatable)")
+    parser.add_argument("--hh-rlhf", action="append", default=[], help="an hh-rlhf .jsonl.gz file (repeatable)")
+    parser.add_argument("--rmbench", help="RM-Bench folder with *_filtered.json")
+    parser.add_argument("--max-length", type=int, default=4096)
+    parser.add_argument("--truncation", default="left_turns", choices=["left_turns", "left_tokens", "right", "none"])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N pairs/items of each input")
+    parser.add_argument("--out", help="also write the JSON result here")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if not (args.pairs or args.hh_rlhf or args.rmbench):
+        print("synpref eval: give --pairs, --hh-rlhf or --rmbench", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from synpref.shared.modeling import load_reward_model, score_pairs
+    from synpref.training.data import load_hh_rlhf, load_pairs, load_rmbench
+    from synpref.training.evaluation import pairwise_metrics, rmbench_eval
+
+    model, tokenizer = load_reward_model(args.model, device=args.device, dtype=args.dtype)
+    result: dict[str, Any] = {"model": args.model, "max_length": args.max_length}
+    progress = not args.no_progress
+    inputs = [(p, load_pairs([p])) for p in args.pairs] + [(p, load_hh_rlhf(p)) for p in args.hh_rlhf]
+    for name, pairset in inputs:
+        pairs = pairset.pairs[: args.limit] if args.limit else pairset.pairs
+        rewards = score_pairs(model, tokenizer, pairs, args.max_length, args.batch_size, args.truncation, progress)
+        metrics = pairwise_metrics(rewards, [p.get("source", "unknown") for p in pairs])
+        metrics["unreadable_rows"] = len(pairset.problems)
+        result[Path(name).name] = metrics
+    if args.rmbench:
+        items = load_rmbench(args.rmbench)
+        items = items[: args.limit] if args.limit else items
+        result["rmbench"] = rmbench_eval(model, tokenizer, items, args.max_length, args.batch_size, progress)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,605 @@
+"""Bradley–Terry reward-model trainer: one process, DDP or FSDP under torchrun.
+
+A step takes `global_batch_size` pairs. They are sorted by length and dealt to the ranks,
+and each rank cuts its share into micro-batches of similar length, so little compute goes
+to padding. Chosen and rejected rows of a micro-batch go through one forward pass; the
+loss of each pair, -log sigmoid(r_c - r_r - margin) (+ centering), is divided by the
+global batch size, so accumulation and data parallelism give the gradient of the mean
+over the global batch whatever the micro-batch or world size.
+
+Resumability: the data order is a function of (seed, epoch), so a checkpoint needs only the
+step number besides weights, optimizer, scheduler and RNG states. Checkpoints are written
+to a temporary folder and renamed, so a SIGKILL never leaves a half-written one behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from synpref.shared.modeling import encode_pair, ensure_pad_token, pad_batch, resolve_device
+from synpref.training.data import load_pairs, split_pairs
+from synpref.training.evaluation import pairwise_metrics
+from synpref.training.reward_config import RewardConfig
+
+log = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+@dataclass
+class TrainResult:
+    checkpoint_dir: Path
+    """Final HF checkpoint (model, tokenizer, chat template)."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """Final eval metrics plus a train summary (steps, pairs/s, tokens/s, unfit pairs)."""
+
+
+@dataclass
+class EncodedPair:
+    chosen: list[int]
+    rejected: list[int]
+    margin: float = 0.0
+
+    @property
+    def width(self) -> int:
+        return max(len(self.chosen), len(self.rejected))
+
+    @property
+    def tokens(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+@dataclass
+class EncodeReport:
+    pairs: list[EncodedPair]
+    kept: list[int]
+    """Indices (into the input) of the pairs that were encoded."""
+    unfit: int = 0
+    truncated: int = 0
+
+
+def encode_pairs(
+    tokenizer: Any, pairs: Sequence[dict[str, Any]], max_length: int, truncation: str, margin_column: str = ""
+) -> EncodeReport:
+    """Encode pairs for training; pairs that do not fit under the policy are counted, not used."""
+    out = EncodeReport(pairs=[], kept=[])
+    for i, pair in enumerate(pairs):
+        chosen, rejected = encode_pair(tokenizer, pair, max_length, truncation)  # type: ignore[arg-type]
+        if not (chosen.fits and rejected.fits):
+            out.unfit += 1
+            continue
+        out.truncated += chosen.truncated or rejected.truncated
+        margin = float(pair.get(margin_column, 0.0) or 0.0) if margin_column else 0.0
+        out.pairs.append(EncodedPair(chosen.input_ids, rejected.input_ids, margin))
+        out.kept.append(i)
+    return out
+
+
+def bt_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_coefficient: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair Bradley–Terry loss (not reduced)."""
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff)
+    if center_coefficient:
+        loss = loss + center_coefficient * (r_chosen + r_rejected) ** 2
+    return loss
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "linear":
+            return max(0.0, (total - step) / max(1, total - warmup))
+        return 1.0
+
+    return fn
+
+
+def step_order(
+    n: int, seed: int, epoch: int, global_batch: int, lengths: Sequence[int] | None, window: int
+) -> list[list[int]]:
+    """The global batches of one epoch: a seeded permutation, optionally length-grouped."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(n))
+    rng.shuffle(order)
+    steps = n // global_batch
+    batches = [order[i * global_batch : (i + 1) * global_batch] for i in range(steps)]
+    if lengths is None:
+        return batches
+    grouped: list[list[int]] = []
+    for start in range(0, steps, window):
+        pool = sorted((i for b in batches[start : start + window] for i in b), key=lambda i: -lengths[i])
+        chunk = [pool[k : k + global_batch] for k in range(0, len(pool), global_batch)]
+        rng.shuffle(chunk)
+        grouped.extend(chunk)
+    return grouped
+
+
+def rank_share(batch: Sequence[int], widths: Sequence[int], rank: int, world: int) -> list[int]:
+    """Sort a global batch by length and deal it round-robin, so every rank gets similar work."""
+    ordered = sorted(batch, key=lambda i: -widths[i])
+    return ordered[rank::world]
+
+
+def micro_batches(share: Sequence[int], widths: Sequence[int], size: int, max_tokens: int) -> list[list[int]]:
+    """Cut a length-sorted share into micro-batches of <= size pairs and <= max_tokens padded tokens."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    for i in share:
+        width = widths[current[0]] if current else widths[i]
+        too_many = len(current) >= size or (max_tokens and 2 * width * (len(current) + 1) > max_tokens)
+        if current and too_many:
+            out.append(current)
+            current = []
+        current.append(i)
+    if current:
+        out.append(current)
+    return out
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint-N folder (temporary .tmp folders are ignored)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / TRAINER_STATE).exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+class RewardTrainer:
+    """Train a num_labels=1 sequence classifier with the Bradley–Terry loss.
+
+    Pass pairs directly (train_pairs / eval_pairs) or let the config's files be read.
+    """
+
+    def __init__(
+        self, config: RewardConfig, train_pairs: list[dict] | None = None, eval_pairs: list[dict] | None = None
+    ) -> None:
+        self.config = config
+        self.rank, self.world, self.local_rank = _init_distributed()
+        self.device = torch.device(self._device_name())
+        self.is_main = self.rank == 0
+        self.out = Path(config.output_dir)
+        self.metrics_path = self.out / "metrics.jsonl"
+        if train_pairs is None:
+            train_pairs, eval_pairs = self._read_data()
+        self.train_raw = train_pairs
+        self.eval_raw = eval_pairs or []
+        self._load_model()
+        enc = encode_pairs(self.tokenizer, self.train_raw, config.max_length, config.truncation, config.margin_column)
+        self.train_data = enc.pairs
+        self.data_report = {
+            "train_pairs": len(self.train_data),
+            "train_unfit": enc.unfit,
+            "train_truncated": enc.truncated,
+        }
+        if enc.unfit:
+            log.warning(
+                "%d of %d training pairs do not fit max_length=%d under %s and are skipped",
+                enc.unfit,
+                len(self.train_raw),
+                config.max_length,
+                config.truncation,
+            )
+        eval_enc = encode_pairs(self.tokenizer, self.eval_raw, config.max_length, "left_tokens")
+        self.eval_enc = eval_enc
+        self.data_report["eval_pairs"] = len(eval_enc.pairs)
+        if config.global_batch_size < self.world:
+            raise ValueError(f"global_batch_size {config.global_batch_size} < {self.world} processes")
+        if len(self.train_data) < config.global_batch_size:
+            raise ValueError(
+                f"{len(self.train_data)} usable training pairs < global_batch_size {config.global_batch_size}"
+            )
+        self.widths = [p.width for p in self.train_data]
+        self.steps_per_epoch = len(self.train_data) // config.global_batch_size
+        self.total_steps = (
+            config.max_steps if config.max_steps > 0 else max(1, math.floor(config.num_epochs * self.steps_per_epoch))
+        )
+        self._build_optimizer()
+        self.step = 0
+
+    # ------------------------------------------------------------ setup
+
+    def _device_name(self) -> str:
+        device = resolve_device(self.config.device)
+        if device == "cuda":
+            torch.cuda.set_device(self.local_rank)
+            return f"cuda:{self.local_rank}"
+        return device
+
+    def _read_data(self) -> tuple[list[dict], list[dict]]:
+        cfg = self.config
+        if not cfg.train_files:
+            raise ValueError("no train_files given")
+        train = load_pairs(cfg.train_files)
+        for problem in train.problems[:20]:
+            log.warning("skipped: %s", problem)
+        if train.problems:
+            log.warning("%d unreadable training rows skipped", len(train.problems))
+        if cfg.eval_files:
+            return train.pairs, load_pairs(cfg.eval_files).pairs
+        return split_pairs(train.pairs, cfg.eval_fraction, cfg.split_seed)
+
+    def _load_model(self) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self.resume_from = latest_checkpoint(self.out) if cfg.resume else None
+        source = str(self.resume_from) if self.resume_from else cfg.model_name_or_path
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32)
+        self.pad_id = ensure_pad_token(model, self.tokenizer)
+        if cfg.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        model.to(self.device)
+        model.train()
+        self.model = model  # the plain module: saving and eval go through it
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.strategy = "single"
+        self.wrapped: Any = model
+        if self.world > 1:
+            use_fsdp = cfg.distributed == "fsdp" or (cfg.distributed == "auto" and self.n_params >= cfg.fsdp_min_params)
+            self.strategy = "fsdp" if use_fsdp else "ddp"
+            if use_fsdp:
+                self._shard_fsdp(model)
+            else:
+                from torch.nn.parallel import DistributedDataParallel
+
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self.wrapped = DistributedDataParallel(model, device_ids=ids)
+        if cfg.compile:
+            self.wrapped = torch.compile(self.wrapped, dynamic=True)
+
+    def _shard_fsdp(self, model: Any) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self._bf16() else None
+        kwargs = {"mp_policy": policy} if policy else {}
+        blocks = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, **kwargs)
+        fully_shard(model, **kwargs)
+
+    def _bf16(self) -> bool:
+        return self.config.precision == "bf16" or (self.config.precision == "auto" and self.device.type == "cuda")
+
+    def _autocast(self):
+        if self._bf16() and self.strategy != "fsdp":  # FSDP casts through its mixed-precision policy
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _build_optimizer(self) -> None:
+        cfg = self.config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+            fused=fused,
+        )
+        warmup = round(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.lr_scheduler, warmup, self.total_steps)
+        )
+
+    # ------------------------------------------------------------ the loop
+
+    def _global_batches(self) -> Iterator[tuple[int, list[int]]]:
+        cfg = self.config
+        lengths = self.widths if cfg.group_by_length else None
+        epoch, cached = -1, []
+        for step in range(self.step, self.total_steps):
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                cached = step_order(
+                    len(self.train_data), cfg.seed, epoch, cfg.global_batch_size, lengths, cfg.group_window
+                )
+            yield step, cached[step % self.steps_per_epoch]
+
+    def _forward(self, module: Any, pairs: Sequence[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+        seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        ids, mask = pad_batch(seqs, self.pad_id, self.device)
+        with self._autocast():
+            logits = module(input_ids=ids, attention_mask=mask).logits
+        rewards = logits[:, 0].float()
+        return rewards[: len(pairs)], rewards[len(pairs) :]
+
+    def train_step(self, batch: list[int]) -> dict[str, float]:
+        cfg = self.config
+        share = rank_share(batch, self.widths, self.rank, self.world)
+        micros = micro_batches(share, self.widths, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch)
+        # DDP averages gradients over ranks; per-pair losses are divided by the global batch,
+        # so scale back up by the world size to get the mean over the global batch.
+        # (FSDP's reduce-scatter averages the same way.)
+        scale = self.world / len(batch)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, non-pad tokens
+        for k, micro in enumerate(micros):
+            pairs = [self.train_data[i] for i in micro]
+            last = k == len(micros) - 1
+            sync = nullcontext() if last or self.strategy != "ddp" else self.wrapped.no_sync()
+            with sync:
+                r_c, r_r = self._forward(self.wrapped, pairs)
+                margin = torch.tensor([p.margin for p in pairs], device=self.device) if cfg.margin_column else None
+                per_pair = bt_loss(r_c, r_r, margin, cfg.center_rewards_coefficient)
+                (per_pair.sum() * scale).backward()
+            totals[0] += float(per_pair.detach().sum())
+            totals[1] += float((r_c > r_r).sum())
+            totals[2] += sum(p.tokens for p in pairs)
+        if self.world > 1:
+            dist.all_reduce(totals)
+        grad_norm = 0.0
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        n = len(batch)
+        return {
+            "loss": float(totals[0]) / n,
+            "accuracy": float(totals[1]) / n,
+            "tokens": float(totals[2]),
+            "grad_norm": grad_norm,
+            "lr": lr,
+        }
+
+    def train(self) -> TrainResult:
+        cfg = self.config
+        if self.resume_from is not None:
+            self._load_state(self.resume_from)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._log(
+                {
+                    "event": "start",
+                    "step": self.step,
+                    "total_steps": self.total_steps,
+                    "world": self.world,
+                    "strategy": self.strategy,
+                    "params": self.n_params,
+                    "resumed_from": str(self.resume_from or ""),
+                    **self.data_report,
+                }
+            )
+        bar = None
+        if cfg.progress and self.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step")
+        t0, pairs_done, tokens_done, window = time.perf_counter(), 0, 0.0, []
+        for step, batch in self._global_batches():
+            stats = self.train_step(batch)
+            self.step = step + 1
+            pairs_done += len(batch)
+            tokens_done += stats["tokens"]
+            window.append(stats)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
+            if self.is_main and (self.step % max(1, cfg.logging_steps) == 0 or self.step == self.total_steps):
+                elapsed = time.perf_counter() - t0
+                self._log(
+                    {
+                        "event": "train",
+                        "step": self.step,
+                        "epoch": self.step / self.steps_per_epoch,
+                        "lr": window[-1]["lr"],
+                        "loss": sum(s["loss"] for s in window) / len(window),
+                        "accuracy": sum(s["accuracy"] for s in window) / len(window),
+                        "grad_norm": window[-1]["grad_norm"],
+                        "pairs_per_s": pairs_done / elapsed,
+                        "tokens_per_s": tokens_done / elapsed,
+                    }
+                )
+                window = []
+            if (
+                cfg.eval_steps
+                and self.step % cfg.eval_steps == 0
+                and self.step < self.total_steps
+                and self.eval_enc.pairs
+            ):
+                self.evaluate()
+            if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        summary = {
+            "steps": self.step,
+            "train_seconds": elapsed,
+            "pairs_per_s": pairs_done / max(elapsed, 1e-9),
+            "tokens_per_s": tokens_done / max(elapsed, 1e-9),
+            **self.data_report,
+        }
+        metrics = self.evaluate() if self.eval_enc.pairs else {}
+        final = self.save_model(self.out / "final")
+        result = TrainResult(checkpoint_dir=final, metrics={**summary, **metrics})
+        if self.is_main:
+            self._log({"event": "done", **result.metrics, "checkpoint_dir": str(final)})
+        return result
+
+    # ------------------------------------------------------------ eval
+
+    def rewards(self, encoded: Sequence[EncodedPair]) -> list[tuple[float, float]]:
+        """(r_c, r_r) for encoded pairs; every rank computes a share, all get the whole list."""
+        cfg = self.config
+        self.model.eval()
+        mine = list(range(self.rank, len(encoded), self.world))
+        widths = [encoded[i].width for i in mine]
+        order = sorted(range(len(mine)), key=lambda j: -widths[j])
+        out: dict[int, tuple[float, float]] = {}
+        step = max(1, cfg.eval_batch_size // 2)
+        module = self.wrapped if self.strategy == "fsdp" else self.model
+        # FSDP needs every rank in every forward: pad the number of batches to the max over ranks.
+        n_batches = math.ceil(len(order) / step)
+        if self.world > 1 and self.strategy == "fsdp":
+            t = torch.tensor([n_batches], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            n_batches = int(t.item())
+        with torch.inference_mode():
+            for b in range(n_batches):
+                idx = [mine[j] for j in order[b * step : (b + 1) * step]]
+                pairs = [encoded[i] for i in idx] or [encoded[0]]
+                r_c, r_r = self._forward(module, pairs)
+                for i, c, r in zip(idx, r_c.tolist(), r_r.tolist(), strict=False):
+                    out[i] = (c, r)
+        self.model.train()
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, out)
+            for part in gathered:
+                out.update(part)
+        return [out[i] for i in range(len(encoded))]
+
+    def evaluate(self) -> dict[str, Any]:
+        rewards = self.rewards(self.eval_enc.pairs)
+        sources = [self.eval_raw[i].get("source", "unknown") for i in self.eval_enc.kept]
+        metrics = {f"eval_{k}": v for k, v in pairwise_metrics(rewards, sources).items()}
+        metrics["eval_truncated_pairs"] = self.eval_enc.truncated
+        if self.is_main:
+            self._log({"event": "eval", "step": self.step, **metrics})
+        return metrics
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def _optim_state(self) -> dict[str, Any]:
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(
+                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        return self.optimizer.state_dict()
+
+    def save_model(self, path: Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write an HF checkpoint atomically (tmp folder, then rename); returns its path."""
+        state = self._full_state_dict()
+        optim = self._optim_state() if extra is not None else None
+        rng = [None] * self.world
+        if extra is not None and self.world > 1:
+            dist.all_gather_object(rng, _rng_state())
+        elif extra is not None:
+            rng = [_rng_state()]
+        if self.is_main:
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(str(tmp), state_dict=state)
+            self.tokenizer.save_pretrained(str(tmp))
+            if extra is not None:
+                torch.save(
+                    {**extra, "optimizer": optim, "scheduler": self.scheduler.state_dict(), "rng": rng},
+                    tmp / TRAINER_STATE,
+                )
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def save_checkpoint(self) -> Path:
+        path = self.save_model(
+            self.out / f"checkpoint-{self.step}",
+            extra={"step": self.step, "world": self.world, "config": self.config.to_dict()},
+        )
+        if self.is_main and self.config.save_total_limit > 0:
+            done = sorted(
+                (p for p in self.out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                key=lambda p: int(p.name.split("-")[-1]),
+            )
+            for old in done[: -self.config.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def _load_state(self, path: Path) -> None:
+        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(
+                self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+            )
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        rng = state["rng"]
+        _set_rng_state(rng[self.rank] if self.rank < len(rng) and rng[self.rank] is not None else rng[0])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        record = {"time": time.time(), **record}
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        log.info("%s", json.dumps(record))
+
+
+def _init_distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def train_reward_model(
+    config: RewardConfig, train_pairs: list[dict] | None = None, eval_pairs: list[dict] | None = None
+) -> TrainResult:
+    """Train (or resume) per `config`; the curation controller's entry point."""
+    return RewardTrainer(config, train_pairs, eval_pairs).train()
