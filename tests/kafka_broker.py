@@ -91,20 +91,27 @@ def produce(
             producer.close(timeout=10)
 
 
-def read_topic(kafka: KafkaSettings, topic: str, expect: int, timeout_s: float = 60.0) -> list:
-    """Every message of `topic` from the beginning, read until `expect` arrived or timeout_s passed.
+def read_topic(kafka: KafkaSettings, topic: str, expect: int | None = None, timeout_s: float = 60.0) -> list:
+    """Messages of `topic` from the beginning, without a consumer group (assign + seek).
 
-    Reads without a consumer group (assign + seek), so it never disturbs the groups under test.
+    expect=None reads up to the end offsets the topic has when called; expect=N waits
+    until N messages arrived (for outputs still being written). Either way at most timeout_s.
     """
     consumer = KafkaConsumer(**kafka.client_kwargs(), enable_auto_commit=False, group_id=None)
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
+        assigned = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         consumer.assign(assigned)
         consumer.seek_to_beginning(*assigned)
+        ends = consumer.end_offsets(assigned)
         out: list = []
+
+        def done() -> bool:
+            if expect is not None:
+                return len(out) >= expect
+            return all(consumer.position(tp) >= end for tp, end in ends.items())
+
         deadline = time.monotonic() + timeout_s
-        while len(out) < expect and time.monotonic() < deadline:
+        while not done() and time.monotonic() < deadline:
             for batch in consumer.poll(timeout_ms=200, max_records=5000).values():
                 out.extend(batch)
         return out

@@ -41,7 +41,7 @@ def ensure_topics(
         "replication_factor": replication_factor or kafka.replication_factor,
         "configs": dict(configs or {}),
     }
-    admin = make_admin(kafka)
+    admin = make_admin(kafka, bootstrap_timeout_ms=int(timeout_s * 1000))
     try:
         response = admin.create_topics(
             {name: spec for name in names}, timeout_ms=int(timeout_s * 1000), raise_errors=False
@@ -80,9 +80,9 @@ def ensure_pipeline_topics(
     )
 
 
-def describe_partitions(kafka: KafkaSettings, topics: Iterable[str]) -> dict[str, int]:
+def describe_partitions(kafka: KafkaSettings, topics: Iterable[str], timeout_s: float = 30.0) -> dict[str, int]:
     """{topic: partition count} for the topics that exist."""
-    admin = make_admin(kafka)
+    admin = make_admin(kafka, bootstrap_timeout_ms=int(timeout_s * 1000))
     try:
         found = admin.describe_topics(list(topics))
     finally:

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
             replication_factor=args.replication_factor,
             timeout_s=args.timeout,
         )
-        partitions = describe_partitions(settings.kafka, names)
+        partitions = describe_partitions(settings.kafka, names, timeout_s=args.timeout)
     except Exception as exc:  # TopicAdminError, or kafka-python's errors for an unreachable cluster
         print(f"synpref topics: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kafka import ConsumerRebalanceListener
 from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
@@ -140,6 +141,20 @@ def commit_offsets(messages: Sequence[Message]) -> dict[TopicPartition, OffsetAn
     return {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in last.items()}
 
 
+class _LogRebalance(ConsumerRebalanceListener):
+    """Logs partition moves. Nothing to commit on revoke: each batch is committed before the next poll."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        if revoked:
+            log.info("%s: partitions revoked: %s", self.service, sorted((tp.topic, tp.partition) for tp in revoked))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("%s: partitions assigned: %s", self.service, sorted((tp.topic, tp.partition) for tp in assigned))
+
+
 class RunnerStats:
     """Counters for the Status RPC; updated by the runner thread, read by gRPC threads."""
 
@@ -204,7 +219,8 @@ class StageRunner:
     def open(self) -> None:
         kafka = self.settings.kafka
         self.producer = make_producer(kafka)
-        self.consumer = make_consumer(kafka, self.group_id, self.input_topic)
+        self.consumer = make_consumer(kafka, self.group_id)
+        self.consumer.subscribe([self.input_topic], listener=_LogRebalance(self.service))
         log.info("%s: consuming %s as group %s", self.service, self.input_topic, self.group_id)
 
     def run(self) -> None:
