@@ -34,7 +34,7 @@ EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
 KUBE_VERSIONS = ["1.30", "1.31", "1.32", "1.33", "1.34", "1.35"]
 RELEASE, NAMESPACE = "rel", "ml"
 STAGES = ["annotator", "gold-scorer", "filter", "writer"]
-POD_KINDS = {"Deployment", "Job", "CronJob"}
+POD_KINDS = {"Deployment", "StatefulSet", "Job", "CronJob"}
 
 
 @pytest.fixture(scope="session")
@@ -205,16 +205,17 @@ def test_long_running_containers_have_probes_on_their_ports(
 ) -> None:
     expected = {"scorer": {"grpc": {"port": 50060}}, "desk": {"httpGet": {"path": "/healthz", "port": "http"}}}
     expected |= {stage: {"grpc": {"port": 50051}} for stage in [*STAGES, "controller"]}
-    deployments = find(renders[case], "Deployment")
+    expected["kafka"] = {"tcpSocket": {"port": "kafka"}}
+    deployments = find(renders[case], "Deployment") + find(renders[case], "StatefulSet")
     assert deployments
     for doc in deployments:
         (container,) = pod_spec(doc)["containers"]
         check = expected[container["name"]]
         for probe in ("livenessProbe", "readinessProbe"):
             assert check.items() <= container[probe].items(), f"{case}: {container['name']} {probe}"
-        ports = {p["containerPort"] for p in container["ports"]}
+        ports = {p["containerPort"] for p in container["ports"]} | {p["name"] for p in container["ports"]}
         for spec in check.values():
-            assert spec["port"] in ports or spec["port"] == "http"
+            assert spec["port"] in ports
 
 
 def test_gpu_requests_node_selectors_and_tolerations_come_from_values(
@@ -434,3 +435,28 @@ def test_notes_say_what_was_installed_and_how_to_reach_it(helm: str, tmp_path: P
     for stage in STAGES:
         assert f"{RELEASE}-synpref-{stage} (gRPC 50051, metrics 9100)" in text
     assert "secrets.apiKeys is empty" in text
+
+
+def test_dev_kafka_config_is_accepted_by_kafka(renders: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    """The dev broker's server.properties and cluster id, formatted by the real Kafka storage tool."""
+    from synpref.shared.kafka.local_broker import kafka_home
+
+    docs = renders["example:cpu-dev"]
+    name = f"{RELEASE}-synpref-kafka"
+    config = one(docs, "ConfigMap", f"{RELEASE}-synpref-config")["data"]["config.yaml"]
+    assert yaml.safe_load(config)["kafka"]["bootstrap_servers"] == f"{name}:9092"
+    props = one(docs, "ConfigMap", name)["data"]["server.properties"]
+    assert f"advertised.listeners=PLAINTEXT://{name}:9092" in props
+    script = pod_spec(one(docs, "StatefulSet", name))["containers"][0]["command"][-1]
+    cluster_id = script.split(" -t ")[1].split()[0]
+    assert len(cluster_id) == 22
+    # Same file, with the data folder moved somewhere writable here.
+    local = tmp_path / "server.properties"
+    local.write_text(props.replace("log.dirs=/var/lib/kafka/data", f"log.dirs={tmp_path / 'data'}"))
+    classpath = ":".join(str(p) for p in sorted((kafka_home() / "libs").glob("*.jar")))
+    cmd = ["java", "-Xmx256m", "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone"]
+    proc = subprocess.run(
+        [*cmd, "--ignore-formatted", "-t", cluster_id, "-c", str(local)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "data" / "meta.properties").read_text().count(f"cluster.id={cluster_id}") == 1

@@ -152,7 +152,11 @@ imagePullSecrets:
 {{/* The kafka section of config.yaml, from the kafka values. */}}
 {{- define "synpref.kafkaConfig" -}}
 {{- $k := .Values.kafka }}
+{{- if .Values.devKafka.enabled }}
+bootstrap_servers: {{ printf "%s-kafka:9092" (include "synpref.fullname" .) | quote }}
+{{- else }}
 bootstrap_servers: {{ $k.bootstrapServers | quote }}
+{{- end }}
 security_protocol: {{ $k.securityProtocol }}
 partitions: {{ $k.partitions }}
 replication_factor: {{ $k.replicationFactor }}
@@ -182,6 +186,9 @@ ssl_keyfile: /etc/synpref/kafka-tls/{{ $k.tls.keyKey }}
 {{- end }}
 {{- if and $k.sasl.mechanism (not $k.sasl.existingSecret) }}
 {{- fail "kafka.sasl.mechanism needs kafka.sasl.existingSecret (the password is never put in values)" }}
+{{- end }}
+{{- if and .Values.devKafka.enabled (ne $k.securityProtocol "PLAINTEXT") }}
+{{- fail "devKafka speaks PLAINTEXT only: set kafka.securityProtocol=PLAINTEXT or use an external cluster" }}
 {{- end }}
 {{- if and (hasKey .Values.config "kafka") }}
 {{- fail "config.kafka is set by the chart from the kafka values; set those instead" }}

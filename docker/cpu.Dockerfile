@@ -1,0 +1,41 @@
+# syntax=docker/dockerfile:1
+# CPU image: the pipeline services (annotator, gold-scorer, filter, writer), ingest, topics,
+# desk and controller. Build from the repository root:
+#   docker build -f docker/cpu.Dockerfile -t synpref .
+# Not built in CI (no Docker engine there); skaffold.yaml builds it.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# --- build: compile the wheel (setup.py generates the protobuf code) into a venv ----------
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# CPU wheels of torch: the CUDA build would add gigabytes that these services never use.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --index-url "${TORCH_INDEX}" torch
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY protos/ protos/
+COPY shared/ shared/
+COPY services/ services/
+COPY training/ training/
+COPY client/ client/
+RUN pip install . && python -c "import synpref.v1.pair_pb2, synpref.shared.cli"
+
+# --- runtime: the venv only, a non-root user, nothing to compile with -------------------
+FROM ${PYTHON_IMAGE} AS runtime
+ARG UID=10001
+RUN groupadd --system --gid ${UID} synpref \
+ && useradd --system --uid ${UID} --gid ${UID} --home-dir /tmp --shell /usr/sbin/nologin synpref
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp
+WORKDIR /tmp
+# Numeric, so Kubernetes' runAsNonRoot can check it without reading /etc/passwd.
+USER ${UID}:${UID}
+EXPOSE 50051 9100 8000
+ENTRYPOINT ["synpref"]
+CMD ["--help"]
