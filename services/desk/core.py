@@ -76,12 +76,14 @@ class Decided:
 
 @dataclass
 class Summary:
-    """A decided pair as the progress panel shows it."""
+    """A decided pair: what the progress panel shows, and the decision to replay on a redelivery."""
 
     pair_id: str
     outcome: str
     agreement: float
     verdicts: int
+    route: str
+    record: PairRecord
 
 
 def swapped(salt: bytes, annotator: str, pair_id: str) -> bool:
@@ -223,7 +225,7 @@ class DeskCore:
 
     # -- intake --------------------------------------------------------------------------
     def add(self, record: PairRecord, handle: Any = None) -> bool:
-        """Queue a pair for review. False for a pair already pending or decided (a redelivery)."""
+        """Queue a pair for review. False for a pair already pending or decided (see `replay`)."""
         pid = record.pair.id
         if not pid:
             raise DeskError(400, "record has no pair id")
@@ -232,6 +234,16 @@ class DeskCore:
         self._seq += 1
         self._pending[pid] = Entry(record=record, handle=handle, seq=self._seq)
         return True
+
+    def replay(self, pair_id: str, handle: Any = None) -> Decided | None:
+        """The earlier decision on a pair that arrives again (a redelivery, or a later iteration).
+
+        Writing it again, rather than dropping the arrival, means every pair sent to review gets
+        an answer; downstream deduplicates by pair id. None if the desk has not decided it (or
+        no longer remembers it).
+        """
+        done = self.decided.get(pair_id)
+        return None if done is None else Decided(route=done.route, record=done.record, handle=handle)
 
     def add_example(self, record: PairRecord) -> None:
         self.examples[record.pair.id] = record
@@ -307,7 +319,9 @@ class DeskCore:
             self.add_example(out)
         outcome = "flipped" if out.decision.decision == Decision.DECISION_FLIP else route
         self.outcomes[outcome] += 1
-        self.decided[pair_id] = Summary(pair_id, outcome, out.human_aggregate.agreement, len(entry.verdicts))
+        self.decided[pair_id] = Summary(
+            pair_id, outcome, out.human_aggregate.agreement, len(entry.verdicts), route, out
+        )
         while len(self.decided) > self._remember:
             self.decided.popitem(last=False)
         return Decided(route=route, record=out, handle=entry.handle)

@@ -48,7 +48,9 @@ class ReviewDesk:
 
     `refill` pulls new pairs (up to settings.max_pending held at once); `submit` records a
     verdict and, once a pair is decided, writes it and only then acknowledges the source.
-    A decision the sink could not write stays in an outbox retried on every tick.
+    A decision the sink could not write stays in an outbox retried on every tick. A pair that
+    arrives again after its decision (a redelivery, or a later iteration) is not shown again:
+    its earlier decision is written once more.
     """
 
     def __init__(
@@ -80,7 +82,12 @@ class ReviewDesk:
             items = await self.source.fetch(room)
             fresh = 0
             repeats = []
+            replays = []
             for record, handle in items:
+                replay = self.core.replay(record.pair.id, handle)
+                if replay is not None:
+                    replays.append(replay)
+                    continue
                 try:
                     added = self.core.add(record, handle)
                 except DeskError as exc:
@@ -93,6 +100,9 @@ class ReviewDesk:
                     repeats.append(handle)
             if repeats:
                 await self.source.ack(repeats)
+            self._outbox.extend(replays)
+        if replays:
+            await self.flush()
         return fresh
 
     async def flush(self) -> int:

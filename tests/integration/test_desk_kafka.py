@@ -169,3 +169,30 @@ def test_synpref_desk_command_serves_and_stops_on_sigterm(
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
+
+
+def test_a_full_desk_stops_reading_and_resumes(kafka_settings: Any, unique_topics: Any, unique_group: Any) -> None:
+    topics = unique_topics(partitions=1)
+    kafka = kafka_settings.kafka
+    recs = [record(100 + i) for i in range(3)]
+    produce(kafka, topics.review, recs)
+
+    async def scenario() -> list[str]:
+        queues = KafkaDeskQueues(kafka, topics, unique_group())
+        desk = ReviewDesk(queues.source, queues.sink, DeskSettings(max_pending=1), tokens=TOKENS)
+        order = []
+        for _ in range(3):
+            await fill(desk, 1)
+            for _ in range(5):
+                await desk.refill()  # full: fetch(0) keeps the consumer alive but takes nothing
+            assert desk.core.pending == 1
+            entry = desk.core.next_for("a")
+            assert entry is not None
+            order.append(entry.pair_id)
+            assert await desk.submit("a", entry.pair_id, 1, "") is True
+        assert await queues.committed() == {0: 3}
+        await desk.close()
+        return order
+
+    assert asyncio.run(scenario()) == [r.pair.id for r in recs]
+    assert len(read_topic(kafka, topics.verified, expect=3)) == 3

@@ -192,8 +192,12 @@ def test_refuses_bad_input_and_duplicates() -> None:
         core.submit("a", "f" * 32, 1)
     assert err.value.status == 409
     assert core.submit("a", r.pair.id, 1) is not None
-    # A redelivery of a decided pair is recognised, not reviewed twice.
+    # A redelivery of a decided pair is recognised, not reviewed twice: its decision is replayed.
     assert core.add(r) is False
+    replay = core.replay(r.pair.id, handle="again")
+    assert replay is not None and replay.route == "verified" and replay.handle == "again"
+    assert replay.record.human_verdicts[0].annotator == "a"
+    assert core.replay("f" * 32) is None
 
 
 def test_view_carries_attributes_and_examples() -> None:

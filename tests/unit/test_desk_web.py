@@ -206,3 +206,21 @@ def test_tokens_parse_and_reject(tmp_path: Any) -> None:
     assert load_tokens(settings) == {"dave": "dave-token-01234567890", "carol": "carol-token-0123456789"}
     with pytest.raises(ConfigError):
         load_tokens(DeskSettings(tokens="x:same-token-0123456789,y:same-token-0123456789"))
+
+
+def test_a_pair_sent_again_after_its_decision_gets_the_same_decision() -> None:
+    async def scenario(client: TestClient, desk: ReviewDesk, queue: MemoryReviewQueue, sink: MemoryVerdictSink) -> None:
+        rec = record(5)
+        queue.push([rec])
+        pair = (await (await client.get("/api/next", headers=auth("alice"))).json())["pair"]
+        resp = await client.post("/api/verdict", headers=auth("alice"), json={"pair_id": pair["pair_id"], "choice": 0})
+        assert resp.status == 200
+        [first] = sink.drain().routed
+        queue.push([rec, rec])
+        await desk.refill()
+        # Nobody is asked again, yet each arrival is answered with the decision already made.
+        assert (await (await client.get("/api/next", headers=auth("bob"))).json())["pair"] is None
+        again = sink.drain().routed
+        assert again == [first, first] and queue.acked == 3
+
+    run(scenario)
