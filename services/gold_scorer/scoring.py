@@ -81,11 +81,12 @@ def make_scoring_stage(models: list[ScoringModel]) -> Stage:
     return gold_scorer
 
 
-def in_process_scorer(ref: ModelRef, settings: ScoringSettings, max_length: int = 4096) -> PairScorer:
+def in_process_scorer(ref: ModelRef, settings: ScoringSettings, max_length: int | None = None) -> PairScorer:
     """Load the RM once and score batches with shared/modeling (no service needed)."""
     from synpref.shared import modeling
 
     model, tokenizer = modeling.load_reward_model(ref.path)
+    max_length = max_length or settings.max_length
 
     def score(pairs: list[dict]) -> list[tuple[float, float]]:
         return [tuple(x) for x in modeling.score_pairs(model, tokenizer, pairs, max_length, settings.batch_size)]
