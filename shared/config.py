@@ -306,6 +306,9 @@ class ControllerSettings(Section):
     dataset_name: str = "synpref"
     models_dir: str = "models"
     """Where the final RM is registered (models/best -> the final checkpoint, models/registry.json)."""
+    scorer_reload_url: str = ""
+    """HTTP base URL of a running scorer (http://host:8080): its `best` and `gold` models are hot-swapped
+    to the new checkpoints (POST /admin/reload); empty = only write models/registry.json and scorer.yaml."""
 
 
 class ServiceSettings(Section):

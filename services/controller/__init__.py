@@ -1,0 +1,1 @@
+"""The two-stage curation loop: durable state, providers, simulated judges, the controller."""

