@@ -319,6 +319,16 @@ def test_pipeline_config_loads_into_the_settings_model(
             assert settings.scoring.scorer_address == f"{RELEASE}-synpref-scorer:50060"
 
 
+def test_training_config_loads_into_reward_config(renders: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    from synpref.training.reward_config import RewardConfig
+
+    for name in CASES:
+        path = tmp_path / f"{name.replace(':', '_')}.yaml"
+        path.write_text(one(renders[name], "ConfigMap", f"{RELEASE}-synpref-config")["data"]["train.yaml"])
+        config = RewardConfig.load(path)
+        assert config.model_name_or_path.startswith("/data/") and config.output_dir.startswith("/data/checkpoints/")
+
+
 def test_external_kafka_sasl_tls_wiring(renders: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
     docs = renders["example:external-kafka-sasl"]
     path = tmp_path / "config.yaml"
