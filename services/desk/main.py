@@ -11,6 +11,8 @@ import argparse
 import logging
 import sys
 
+from pydantic import ValidationError
+
 from synpref.shared.config import ConfigError, load_settings
 
 
@@ -39,10 +41,18 @@ def main(argv: list[str]) -> int:
             if v is not None
         }
         desk_settings = settings.desk.model_validate({**settings.desk.model_dump(), **overrides})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"synpref desk: invalid option: {problems}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"synpref desk: {exc}", file=sys.stderr)
+        return 2
+    try:
         from synpref.services.desk.tokens import load_tokens
 
         tokens = load_tokens(desk_settings)
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:
         print(f"synpref desk: {exc}", file=sys.stderr)
         return 2
     if not tokens:

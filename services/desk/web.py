@@ -26,8 +26,8 @@ from aiohttp import web
 
 from synpref.services.desk.core import MAX_NOTE, Decided, DeskCore, DeskError
 from synpref.services.desk.queues import ReviewSource, VerdictSink
-from synpref.services.desk.tokens import TokenTable
-from synpref.shared.config import DeskSettings
+from synpref.services.desk.tokens import TokenTable, load_tokens
+from synpref.shared.config import ConfigError, DeskSettings
 from synpref.v1.pair_pb2 import PairRecord
 
 log = logging.getLogger("synpref.desk")
@@ -62,13 +62,14 @@ class ReviewDesk:
         examples: Iterable[PairRecord] = (),
         core: DeskCore | None = None,
     ) -> None:
-        from synpref.services.desk.tokens import load_tokens
-
         self.settings = settings or DeskSettings()
         self.source = source
         self.sink = sink
         self.core = core or DeskCore(overlap=self.settings.overlap, lease_s=self.settings.lease_s)
         self.tokens = TokenTable(tokens if tokens is not None else load_tokens(self.settings))
+        if not len(self.tokens):
+            # A desk nobody can log in to would leave its pairs waiting forever.
+            raise ConfigError("the desk has no annotator tokens: set SYNPREF_DESK__TOKENS or desk.tokens_file")
         for record in examples:
             self.core.add_example(record)
         self._outbox: list[Decided] = []

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "desk"
-TOKENS = {"alice": "alice-token-0123456789"}
+TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab"}
 SCRIPT_TEXT = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"><b>bold?</b>'
 CHROMIUM_ARGS = [
     "--headless",
@@ -132,6 +132,9 @@ def label_three_by_keyboard(context: Any, url: str, shot: Path) -> dict[str, str
         picked[pair_meta.split(" ")[0]] = want
     expect(page.locator("#progress-line")).to_have_text(re.compile(r"^done 3 "))
     page.wait_for_selector("#empty:not([hidden])")
+    # With nothing left, no stale pair stays on screen.
+    expect(page.locator(".candidates")).to_be_hidden()
+    expect(page.locator("#examples-card")).to_be_hidden()
     assert page.evaluate("() => window.__pwned === undefined")
     assert errors == []
     # The same origin without a token gets nothing.
@@ -195,3 +198,40 @@ def test_browser_labels_three_pairs_on_kafka(browser: Any, kafka_settings: Any, 
         assert server.call(queues.committed()) == {0: 3}
     check_verified([("verified", decode_record(m.value, m.headers)) for m in messages], picked)
     assert read_topic(settings.kafka, topics.discarded, expect=0, timeout_s=1) == []
+
+
+def test_browser_two_annotators_on_one_pair_see_their_agreement(browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    queue, sink = MemoryReviewQueue(), MemoryVerdictSink()
+    desk = ReviewDesk(queue, sink, DeskSettings(overlap=2), tokens=TOKENS)
+    rec = review_records("overlap")[0]
+    with DeskServer(desk) as server:
+        queue.push([rec])
+        pages = {}
+        for who in ("alice", "bob"):
+            page = browser.new_page()
+            page.goto(server.url)
+            page.fill("#token", TOKENS[who])
+            page.keyboard.press("Enter")
+            page.wait_for_selector(f"#annotator:has-text('{who}')")
+            page.wait_for_selector("#cand-1-body .content")
+            pages[who] = page
+        # Both were given the same pair (overlap 2), each in their own candidate order.
+        for page in pages.values():
+            first = page.inner_text("#cand-1-body .content")
+            page.keyboard.press("1" if first.startswith("GOOD") else "2")
+            page.keyboard.press("Enter")
+            expect(page.locator("#progress-line")).to_have_text(re.compile(r"^done 1 "))
+        bob = pages["bob"]
+        expect(bob.locator("#agreement")).to_contain_text("mean agreement 100%")
+        expect(bob.locator("#agreement-recent")).to_contain_text("verified")
+        shot = ARTIFACTS / "desk-overlap.png"
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        bob.screenshot(path=str(shot), full_page=True)
+        print(f"desk screenshot: {shot}")
+        for page in pages.values():
+            page.close()
+        [(route, out)] = sink.drain(min_records=1, timeout_s=10).routed
+    assert route == "verified" and out.human_aggregate.agreement == 1.0
+    assert sorted(v.annotator for v in out.human_verdicts) == ["alice", "bob"]

@@ -206,6 +206,8 @@ def test_tokens_parse_and_reject(tmp_path: Any) -> None:
     assert load_tokens(settings) == {"dave": "dave-token-01234567890", "carol": "carol-token-0123456789"}
     with pytest.raises(ConfigError):
         load_tokens(DeskSettings(tokens="x:same-token-0123456789,y:same-token-0123456789"))
+    with pytest.raises(ConfigError, match="no annotator tokens"):
+        ReviewDesk(MemoryReviewQueue(), MemoryVerdictSink(), DeskSettings(), tokens={})
 
 
 def test_a_pair_sent_again_after_its_decision_gets_the_same_decision() -> None:

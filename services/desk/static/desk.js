@@ -99,7 +99,8 @@ function renderProgress(p) {
   }
   const a = p.agreement;
   $("agreement").textContent = a.pairs
-    ? a.pairs + " pairs labelled by several annotators; mean agreement " + Math.round(a.mean * 100) + "%, unanimous " + a.unanimous
+    ? a.pairs + (a.pairs === 1 ? " pair" : " pairs") + " labelled by several annotators; mean agreement " +
+      Math.round(a.mean * 100) + "%, unanimous " + a.unanimous
     : (p.overlap > 1 ? "No pair fully labelled yet." : "One annotator per pair: no agreement to measure.");
   const recent = $("agreement-recent").tBodies[0];
   clear(recent);
@@ -126,6 +127,7 @@ function showPair(pair) {
   state.pair = pair;
   const has = pair !== null;
   for (const node of document.querySelectorAll(".work > .card:not(#empty), .candidates")) node.hidden = !has;
+  for (const id of ["pair-heading", "attributes", "examples-card"]) $(id).hidden = !has;
   $("empty").hidden = has;
   setChoice(null);
   $("note").value = "";
