@@ -242,6 +242,7 @@ def test_rbac_grants_the_controller_only_what_it_uses(renders: dict[str, list[di
         ("batch", "jobs"): sorted(["create", "get", "list", "watch", "delete"]),
         ("", "pods"): ["get", "list"],
         ("", "pods/log"): ["get"],
+        ("", "configmaps"): ["create", "update"],
     }
     assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")
     binding = one(docs, "RoleBinding", f"{RELEASE}-synpref-controller")
@@ -413,6 +414,22 @@ def test_cronjob_job_equals_the_job_train_submit_builds(renders: dict[str, list[
         assert ours["spec"] == service["spec"] and ours["metadata"]["labels"] == service["metadata"]["labels"]
     else:
         assert services == []
+
+
+def test_controller_trains_with_the_charts_job_shape(
+    renders: dict[str, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """services/controller builds its training Jobs from config.controller.k8s_job: the same spec."""
+    monkeypatch.delenv("SYNPREF_CONFIG", raising=False)
+    for case in ("default", "example:gpu-cluster", "multi-node"):
+        data = one(renders[case], "ConfigMap", f"{RELEASE}-synpref-config")["data"]
+        path = tmp_path / "config.yaml"
+        path.write_text(data["config.yaml"])
+        controller = load_settings(path).controller
+        assert (controller.executor, controller.training) == ("kafka", "k8s")
+        assert TrainingJobSpec(**controller.k8s_job) == TrainingJobSpec(**yaml.safe_load(data["train-job.yaml"]))
+    config = yaml.safe_load(one(renders["minimal"], "ConfigMap", f"{RELEASE}-synpref-config")["data"]["config.yaml"])
+    assert "controller" not in config
 
 
 def test_job_comparison_sees_a_difference(renders: dict[str, list[dict[str, Any]]]) -> None:
