@@ -1,0 +1,168 @@
+"""Real processes: 2-rank DDP (gloo) against 1 rank, and resume after SIGKILL.
+
+Both compare final weights read back from the HF checkpoints the runs wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from synpref.shared.tiny import build_tiny_reward_model
+from synpref.training.data import write_jsonl
+
+pytestmark = pytest.mark.integration
+
+# Same fp32 arithmetic in a different summation order (gradients all-reduced over ranks,
+# rows padded to other widths), amplified by Adam where its second moment is tiny.
+DDP_ATOL = 2e-5
+# Resume restores weights, optimizer, scheduler, RNG and data position exactly.
+RESUME_ATOL = 1e-6
+
+WORDS = ["apple", "river", "stone", "cloud", "music", "paper", "light", "green", "quiet", "table"]
+
+
+def pairs(n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        k = int(torch.randint(2, 14, (1,), generator=g))
+        words = " ".join(WORDS[int(j)] for j in torch.randint(len(WORDS), (k,), generator=g))
+        out.append(
+            {
+                "conversation": [{"role": "user", "content": f"tell me about {words}"}],
+                "chosen": [{"role": "assistant", "content": f"gladly, {words[: 5 + i % 30]}"}],
+                "rejected": [{"role": "assistant", "content": f"no. {words[: 3 + i % 20]}"}],
+                "source": "synthetic",
+            }
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    data = pairs(96)
+    train = write_jsonl(data[:80], root / "train.jsonl")
+    evals = write_jsonl(data[80:], root / "eval.jsonl")
+    texts = [m["content"] for p in data for m in p["conversation"] + p["chosen"] + p["rejected"]]
+    model = build_tiny_reward_model(root / "model", arch="qwen3", texts=texts, vocab_size=300, seed=11)
+    return root, model, train, evals
+
+
+def overrides(model: Path, out: Path, train: Path, evals: Path, **extra) -> list[str]:
+    values = {
+        "model_name_or_path": model,
+        "output_dir": out,
+        "train_files": f"[{train}]",
+        "eval_files": f"[{evals}]",
+        "global_batch_size": 8,
+        "micro_batch_size": 2,
+        "learning_rate": 3e-3,
+        "lr_scheduler": "linear",
+        "warmup_ratio": 0.1,
+        "max_length": 128,
+        "progress": "false",
+        "seed": 3,
+        **extra,
+    }
+    args = []
+    for key, value in values.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> float:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= atol, f"max |diff| {worst:.3g} > {atol}"
+    return worst
+
+
+def test_two_process_ddp_matches_one_process(setup):
+    root, model, train, evals = setup
+    train_cli = [sys.executable, "-m", "synpref.training.cli"]
+    single = subprocess.run(
+        [*train_cli, *overrides(model, root / "one", train, evals, max_steps=6)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29531",
+        "-m",
+        "synpref.training.cli",
+    ]
+    ddp = subprocess.run(
+        [*torchrun, *overrides(model, root / "two", train, evals, max_steps=6)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert '"strategy": "ddp"' in (root / "two" / "metrics.jsonl").read_text()
+    before = weights(model)
+    one, two = weights(root / "one" / "final"), weights(root / "two" / "final")
+    assert all(not torch.equal(before[k], one[k]) for k in before)
+    worst = assert_same(one, two, DDP_ATOL)
+    print(f"DDP 2 ranks vs 1 rank, max |weight diff| after 6 steps: {worst:.3g}")
+
+
+def test_sigkilled_run_resumes_to_the_same_weights(setup):
+    root, model, train, evals = setup
+    cmd = [sys.executable, "-m", "synpref.training.cli"]
+    steps = 20
+    ref = subprocess.run(
+        [*cmd, *overrides(model, root / "ref", train, evals, max_steps=steps)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    out = root / "killed"
+    args = overrides(model, out, train, evals, max_steps=steps, save_steps=3, save_total_limit=2)
+    proc = subprocess.Popen([*cmd, *args], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while not (out / "checkpoint-6").exists():
+            assert proc.poll() is None, "run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint-6 in time"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "final").exists()
+    resumed = subprocess.run([*cmd, *args], env=env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert '"resumed_from": "' + str(out / "checkpoint-") in (out / "metrics.jsonl").read_text()
+    worst = assert_same(weights(root / "ref" / "final"), weights(out / "final"), RESUME_ATOL)
+    print(f"SIGKILL + resume vs uninterrupted, max |weight diff| after {steps} steps: {worst:.3g}")
