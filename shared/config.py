@@ -43,6 +43,9 @@ class KafkaSettings(Section):
     """Partitions of each topic created by `synpref topics`."""
     replication_factor: int = Field(default=1, ge=1)
     consumer_poll_ms: int = Field(default=500, ge=10)
+    session_timeout_ms: int = Field(default=45_000, ge=1000)
+    """How long a consumer that died without leaving keeps its partitions before the group moves them
+    (the broker allows 6000 to 300000 by default)."""
     max_batch: int = Field(default=256, ge=1)
     """Most records a runner hands to its stage function at once."""
     request_timeout_ms: int = Field(default=30_000, ge=1000)

@@ -46,6 +46,8 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
         "fetch_max_bytes": max(kafka.max_message_bytes, 50 * 1024 * 1024),
         # Stages may be slow (LLM judges, RM scoring): allow 10 minutes per batch before a rebalance.
         "max_poll_interval_ms": 600_000,
+        "session_timeout_ms": kafka.session_timeout_ms,
+        "heartbeat_interval_ms": max(100, min(3000, kafka.session_timeout_ms // 3)),
         # Don't read records of aborted or open transactions if anyone ever writes transactionally.
         "isolation_level": "read_committed",
     }

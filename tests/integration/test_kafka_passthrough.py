@@ -172,3 +172,64 @@ def test_ten_thousand_pairs_two_processes_corrupt_message_and_sigterm(
     assert dead.key == b"corrupt" and dead.value == b"\x0a\xff\xff\xff garbage"
     assert found[DLQ_KIND] == "undecodable" and found[DLQ_SERVICE] == "passthrough"
     assert found[DLQ_TOPIC] == topics.raw and "not a synpref.v1.PairRecord protobuf" in found[DLQ_REASON]
+
+
+def test_sigkill_mid_stream_loses_nothing(kafka_settings, unique_topics, unique_group, tmp_path):
+    """No graceful stop at all: what was produced but not committed is re-read, never lost."""
+    topics = unique_topics(partitions=3)
+    kafka = kafka_settings.kafka
+    records = [
+        new_record(
+            new_pair(
+                [{"role": "user", "content": f"kill {i}"}],
+                [{"role": "assistant", "content": "yes"}],
+                [{"role": "assistant", "content": "no"}],
+                source="sigkill",
+            )
+        )
+        for i in range(4000)
+    ]
+    env = {
+        **os.environ,
+        "SYNPREF_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "SYNPREF_KAFKA__MAX_BATCH": "100",
+        # The killed consumer never leaves the group: let the broker notice within 6 s, not 45.
+        "SYNPREF_KAFKA__SESSION_TIMEOUT_MS": "6000",
+        "SYNPREF_TOPICS__RAW": topics.raw,
+        "SYNPREF_TOPICS__ANNOTATED": topics.annotated,
+        "SYNPREF_TOPICS__DEAD_LETTER": topics.dead_letter,
+        "SYNPREF_SERVICE__GROUP_ID": unique_group(),
+        "SYNPREF_SERVICE__HOST": "127.0.0.1",
+        "SYNPREF_SERVICE__GRPC_PORT": "0",
+        "SYNPREF_SERVICE__METRICS_PORT": "0",
+        "SYNPREF_SERVICE__SHUTDOWN_GRACE_S": "1",
+    }
+    producer = make_producer(kafka)
+    first = Consumer("first", env, tmp_path)
+    procs = [first]
+    try:
+        first.wait_ready()
+        feeder = threading.Thread(target=feed, args=(kafka, topics.raw, records, producer), daemon=True)
+        feeder.start()
+        wait_for(lambda: topic_size(kafka, topics.annotated) >= 500, 60, "the first 500 outputs")
+        first.process.kill()
+        first.process.wait(timeout=10)
+        feeder.join(timeout=120)
+        assert not feeder.is_alive(), "producing took over 120 s"
+        second = Consumer("second", env, tmp_path)
+        procs.append(second)
+        second.wait_ready()
+        wait_for(lambda: topic_size(kafka, topics.annotated) >= len(records), 120, "every output")
+        assert second.terminate() == 0, second.text()[-3000:]
+    finally:
+        producer.close(timeout=10)
+        for proc in procs:
+            if proc.process.poll() is None:
+                proc.process.kill()
+                proc.process.wait(timeout=10)
+    ids = Counter(decode_record(m.value, m.headers).pair.id for m in read_topic(kafka, topics.annotated))
+    duplicates = sum(ids.values()) - len(ids)
+    print(f"\nsigkill: {len(records)} in, {len(ids)} distinct out, {duplicates} duplicates")
+    assert set(ids) == {r.pair.id for r in records}
+    # Offsets are committed after every batch, so a kill re-delivers at most the one batch in flight.
+    assert duplicates <= 100
