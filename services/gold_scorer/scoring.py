@@ -94,11 +94,12 @@ def in_process_scorer(ref: ModelRef, settings: ScoringSettings, max_length: int 
     return score
 
 
-def grpc_scorer(address: str, model_name: str) -> PairScorer:
+def grpc_scorer(address: str, model_name: str, client=None) -> PairScorer:
     """Score through the scorer service's RewardService.ScorePairs."""
-    from synpref.client import RewardClient
+    if client is None:
+        from synpref.client import RewardClient
 
-    client = RewardClient(address)
+        client = RewardClient(address)
 
     def score(pairs: list[dict]) -> list[tuple[float, float]]:
         return [(s.reward_chosen, s.reward_rejected) for s in client.score_pairs(pairs, model=model_name)]
@@ -106,15 +107,30 @@ def grpc_scorer(address: str, model_name: str) -> PairScorer:
     return score
 
 
+def served_version(client, model_name: str, fallback: str) -> str:
+    """The version the scorer reports for a served model (what really scored), else the configured one."""
+    try:
+        info = client.info(model_name, timeout=10)
+    except Exception:  # the scorer may come up later; its answers still score, the label is the config's
+        return fallback
+    return next((m.version for m in info.models if m.name == model_name and m.version), fallback)
+
+
 def models_from_settings(settings: ScoringSettings) -> list[ScoringModel]:
-    """The gold and best RMs named in settings (a role with an empty path is left out)."""
+    """The gold and best RMs named in settings (in process, a role with an empty path is left out).
+
+    In grpc mode the roles are served model names ("gold", "best") of the scorer service.
+    """
     out = []
+    client = None
+    if settings.mode == "grpc":
+        from synpref.client import RewardClient
+
+        client = RewardClient(settings.scorer_address)
     for role, ref in (("gold", settings.gold), ("best", settings.best)):
-        if not ref.path and settings.mode == "in_process":
-            continue
-        if settings.mode == "grpc":
-            scorer = grpc_scorer(settings.scorer_address, role)
-        else:
-            scorer = in_process_scorer(ref, settings)
-        out.append(ScoringModel(role, model_version(ref) or role, scorer))
+        if client is not None:
+            version = served_version(client, role, model_version(ref) or role)
+            out.append(ScoringModel(role, version, grpc_scorer(settings.scorer_address, role, client)))
+        elif ref.path:
+            out.append(ScoringModel(role, model_version(ref), in_process_scorer(ref, settings)))
     return out
