@@ -55,12 +55,40 @@ class TorchBackend:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         self._torch = torch
+        self.causal = self._right_padding_is_invisible()
+
+    def _right_padding_is_invisible(self) -> bool:
+        """Can batches skip the attention mask?
+
+        In a causal decoder, right padding comes after every real token, so no real token
+        attends to it and the head reads the last real token (found through pad_token_id,
+        not the mask). Dropping the mask then changes nothing but the attention kernel:
+        SDPA may take its is_causal kernels (flash attention on GPU) instead of a masked
+        one. Checked on a probe rather than assumed, since bidirectional encoders (BERT)
+        do see the padding.
+        """
+        from synpref.shared.modeling import reward_of
+
+        probe = [[5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7]]
+        masked = reward_of(self.model, probe, self.pad_id)
+        unmasked = self._forward_unmasked(probe)
+        tol = 1e-4 if self.dtype == "float32" else 5e-2
+        return all(abs(a - b) <= tol * max(1.0, abs(a)) for a, b in zip(masked, unmasked, strict=True))
+
+    def _forward_unmasked(self, batch: list[list[int]]) -> list[float]:
+        from synpref.shared.modeling import model_device, pad_batch
+
+        ids, _ = pad_batch(batch, self.pad_id, model_device(self.model))
+        with self._torch.inference_mode():
+            logits = self.model(input_ids=ids).logits
+        return [float(x) for x in logits[:, 0].float().cpu()]
 
     def forward(self, batch: list[list[int]]) -> list[float]:
         from synpref.shared.modeling import reward_of
 
-        with self._torch.inference_mode():
-            return [float(r) for r in reward_of(self.model, batch, self.pad_id)]
+        if self.causal:
+            return self._forward_unmasked(batch)
+        return reward_of(self.model, batch, self.pad_id)
 
     def close(self) -> None:
         del self.model

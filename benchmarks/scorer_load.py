@@ -1,0 +1,324 @@
+"""Scorer under load: 64 concurrent single-item clients (how OpenRLHF calls a remote RM).
+
+Model: a ~5M-parameter Qwen3-shaped reward model with random weights and a BPE tokenizer
+trained on the texts themselves (shared.tiny). Texts: real hh-rlhf conversations
+(../shared/data/hh-rlhf/harmless-base/test.jsonl.gz, conversation + chosen response).
+
+Three figures, same model, same texts, same torch thread count:
+  (a) naive server: the same gRPC server with batching off (max_batch_items=1,
+      max_wait_ms=0): one forward per request, one at a time, as OpenRLHF's serve_rm does;
+  (s) the scorer: cross-request dynamic batching;
+  (b) offline ceiling: the texts pre-tokenized, sorted by length over the whole set and run
+      in batches of the same token budget, no server, no tokenization in the timing.
+Clients run in a separate process (grpc.aio, one item per request, closed loop), so the
+server's event loop does not share a GIL with them. Run: .venv/bin/python benchmarks/scorer_load.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+
+Conversation = list[dict[str, str]]
+
+
+# ------------------------------------------------------------------ load generator (child)
+
+
+def drive(address: str, items: list[Conversation], concurrency: int, channels: int = 8) -> dict[str, Any]:
+    """Send every item as its own Score request from `concurrency` closed-loop clients."""
+    import grpc
+
+    from synpref.v1 import pair_pb2, reward_pb2, reward_pb2_grpc
+
+    requests = [
+        reward_pb2.ScoreRequest(
+            items=[
+                reward_pb2.ScoreItem(
+                    conversation=reward_pb2.Conversation(messages=[pair_pb2.Message(**m) for m in conv])
+                )
+            ]
+        )
+        for conv in items
+    ]
+
+    async def main() -> dict[str, Any]:
+        chans = [
+            grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(channels)
+        ]
+        stubs = [reward_pb2_grpc.RewardServiceStub(c) for c in chans]
+        for stub in stubs:  # connect and warm every channel
+            await stub.Score(requests[0], timeout=60, wait_for_ready=True)
+        latencies = [0.0] * len(requests)
+        rewards = [0.0] * len(requests)
+        batch_sizes = [0] * len(requests)
+        cursor = iter(range(len(requests)))
+
+        async def client(k: int) -> None:
+            stub = stubs[k % len(stubs)]
+            for i in cursor:
+                t = time.perf_counter()
+                resp = await stub.Score(requests[i], timeout=300)
+                latencies[i] = time.perf_counter() - t
+                rewards[i] = resp.rewards[0]
+                batch_sizes[i] = resp.metadata.batch_size
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(concurrency)))
+        wall = time.perf_counter() - t0
+        for c in chans:
+            await c.close()
+        return {"wall": wall, "latencies": latencies, "rewards": rewards, "batch_sizes": batch_sizes}
+
+    return asyncio.run(main())
+
+
+# ------------------------------------------------------------------ setup
+
+
+def load_conversations(path: Path, n: int) -> list[Conversation]:
+    from synpref.shared.sources import iter_pairs
+
+    out: list[Conversation] = []
+    for pair in iter_pairs(path):
+        conv = list(pair["conversation"]) + list(pair["chosen"])
+        if conv and conv[-1]["role"] == "assistant" and any(m["content"].strip() for m in conv):
+            out.append(conv)
+        if len(out) >= n:
+            break
+    return out
+
+
+def build_model(out: Path, convs: list[Conversation], shape: dict[str, int]) -> Path:
+    from synpref.shared.tiny import build_tiny_reward_model
+
+    texts = [m["content"] for c in convs for m in c]
+    return build_tiny_reward_model(out, arch="qwen3", texts=texts, **shape)
+
+
+def param_count(path: Path) -> tuple[int, int]:
+    """(all parameters, parameters outside the embedding)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    return total, total - embed
+
+
+def percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+# ------------------------------------------------------------------ measurements
+
+
+def offline_ceiling(
+    path: Path, ids: list[list[int]], max_batch_tokens: int, max_batch_items: int, device: str, dtype: str
+) -> dict[str, Any]:
+    """Batched forwards over the pre-tokenized set, sorted by length globally."""
+    import torch
+
+    from synpref.services.scorer.backends import TorchBackend
+    from synpref.services.scorer.batcher import plan_batches
+
+    backend = TorchBackend(str(path), device, dtype)
+    batches = plan_batches([len(x) for x in ids], max_batch_tokens, max_batch_items)
+    backend.forward([ids[0]])  # warm-up
+    rewards = [0.0] * len(ids)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for b in batches:
+        for i, r in zip(b, backend.forward([ids[i] for i in b]), strict=True):
+            rewards[i] = r
+    sync()
+    wall = time.perf_counter() - t0
+    backend.close()
+    return {"wall": wall, "rewards": rewards, "forwards": len(batches)}
+
+
+def serve_and_drive(settings: Any, items: list[Conversation], concurrency: int) -> dict[str, Any]:
+    from synpref.services.scorer.server import BackgroundScorer
+
+    with BackgroundScorer(settings) as bg:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            result = pool.apply(drive, (bg.address, items, concurrency))
+        result["forwards"] = bg.server.registry.get().batcher.forwards
+    return result
+
+
+def summarize(name: str, wall: float, n: int, tokens: int, latencies: list[float] | None) -> dict[str, float]:
+    row = {"name": name, "wall_s": wall, "items_per_s": n / wall, "tokens_per_s": tokens / wall}
+    if latencies:
+        row["p50_ms"] = percentile(latencies, 0.50) * 1000
+        row["p99_ms"] = percentile(latencies, 0.99) * 1000
+        row["mean_ms"] = statistics.fmean(latencies) * 1000
+    return row
+
+
+def run(args: argparse.Namespace, shape: dict[str, int], label: str) -> list[dict[str, Any]]:
+    import torch
+
+    from synpref.services.scorer.encoding import Encoder
+    from synpref.shared.config import ModelRef, ScorerSettings
+    from synpref.shared.modeling import load_reward_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    convs = load_conversations(Path(args.data), args.items)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="scorer-bench-"))
+    path = build_model(work / label, convs, shape)
+    total, non_embed = param_count(path)
+    base = {
+        "port": 0,
+        "http_port": 0,
+        "metrics_port": 0,
+        "models": {"best": ModelRef(path=str(path))},
+        "device": args.device,
+        "dtype": args.dtype,
+        "max_length": args.max_length,
+        "max_batch_items": args.max_batch_items,
+        "max_wait_ms": args.max_wait_ms,
+        "max_queue": 100_000,
+        "torch_threads": args.threads,
+    }
+
+    _, tok = load_reward_model(str(path), "cpu", "float32")
+    enc = Encoder(tok, args.max_length)
+    t0 = time.perf_counter()
+    ids = [enc.conversation(c) for c in convs]
+    tokenize_s = time.perf_counter() - t0
+    tokens = sum(len(x) for x in ids)
+    lengths = sorted(len(x) for x in ids)
+    print(
+        f"[{label}] {len(convs)} hh-rlhf conversations, {tokens} tokens (median {lengths[len(lengths) // 2]}, "
+        f"max {lengths[-1]}); model {total / 1e6:.2f}M params ({non_embed / 1e6:.2f}M outside the embedding); "
+        f"device {args.device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}; "
+        f"tokenizing all items takes {tokenize_s * 1000:.0f} ms",
+        flush=True,
+    )
+
+    rows: list[dict[str, Any]] = []
+    for rep in range(args.repeats):
+        # (b): the best of several token budgets, so the ceiling is not handicapped by a
+        # budget that suits the server; the scorer then runs with that same budget.
+        sweep = []
+        for budget in args.budgets:
+            off = offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype)
+            sweep.append((len(ids) / off["wall"], budget, off))
+            print(f"  rep {rep} offline, budget {budget:6d} tokens: {len(ids) / off['wall']:.1f} items/s", flush=True)
+        _, best_budget, off = max(sweep, key=lambda x: x[0])
+        reference: list[float] = off["rewards"]
+        off_row = {**summarize("(b) offline batched", off["wall"], len(ids), tokens, None), "rep": rep}
+        off_row.update(forwards=off["forwards"], mean_batch=len(ids) / off["forwards"], budget=best_budget)
+        rows.append(off_row)
+        settings = {
+            "(a) naive server": ScorerSettings(**{**base, "max_batch_items": 1, "max_wait_ms": 0.0}),
+            "(s) scorer": ScorerSettings(**{**base, "max_batch_tokens": best_budget}),
+        }
+        for name, s in settings.items():
+            if name.startswith("(a)") and args.skip_naive:
+                continue
+            res = serve_and_drive(s, convs, args.concurrency)
+            diff = max(abs(a - b) for a, b in zip(res["rewards"], reference, strict=True))
+            row = summarize(name, res["wall"], len(ids), tokens, res["latencies"])
+            row.update(rep=rep, forwards=res["forwards"], max_abs_diff=diff, budget=s.max_batch_tokens)
+            row["mean_batch"] = statistics.fmean(res["batch_sizes"])
+            rows.append(row)
+            print(
+                f"  rep {rep} {name}: {row['items_per_s']:.1f} items/s, max |reward - offline| {diff:.2e}", flush=True
+            )
+    return rows
+
+
+def report(rows: list[dict[str, Any]], flops_per_token: float | None = None, peak_flops: float | None = None) -> None:
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_name.setdefault(r["name"], []).append(r)
+    med = {name: statistics.median(r["items_per_s"] for r in rs) for name, rs in by_name.items()}
+    print("\nmedian over repeats:")
+    head = ["items/s", "tokens/s", "p50 ms", "p99 ms", "forwards", "mean batch", "budget"]
+    print(f"  {'':22s} " + " ".join(f"{h:>10s}" for h in head))
+    for name, rs in by_name.items():
+        r = sorted(rs, key=lambda x: x["items_per_s"])[len(rs) // 2]
+        extra = ""
+        if flops_per_token and peak_flops:
+            extra = f"  MFU {r['tokens_per_s'] * flops_per_token / peak_flops * 100:.2f}%"
+        cells = [
+            f"{r['items_per_s']:10.1f}",
+            f"{r['tokens_per_s']:10.0f}",
+            f"{r.get('p50_ms', float('nan')):10.1f}",
+            f"{r.get('p99_ms', float('nan')):10.1f}",
+            f"{r['forwards']:10d}",
+            f"{r.get('mean_batch', float('nan')):10.1f}",
+            f"{r['budget']:10d}",
+        ]
+        print(f"  {name:22s} " + " ".join(cells) + extra)
+    b = med.get("(b) offline batched")
+    s = med.get("(s) scorer")
+    a = med.get("(a) naive server")
+    if b and s:
+        print(f"\n  scorer / offline ceiling (b) = {s / b:.3f}  (goal >= 0.9)")
+    if a and s:
+        print(f"  scorer / naive server (a)    = {s / a:.3f}")
+    if a and b:
+        print(f"  offline (b) / naive (a)      = {b / a:.3f}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--items", type=int, default=512)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads for every measurement (0 = default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--max-batch-items", type=int, default=64)
+    p.add_argument(
+        "--budgets",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[512, 1024, 2048, 4096, 16384],
+        help="token budgets tried offline; the best is the ceiling (b) and the scorer's max_batch_tokens",
+    )
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--workdir", default="")
+    p.add_argument("--json", default="", help="also write the rows here")
+    return p
+
+
+TINY_QWEN3 = {"layers": 6, "hidden": 256, "heads": 4, "kv_heads": 2, "intermediate": 512, "vocab_size": 4000}
+
+
+def main() -> int:
+    args = parser().parse_args()
+    if not Path(args.data).exists():
+        print(f"data not found: {args.data}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rows = run(args, TINY_QWEN3, "tiny-qwen3-5m")
+    report(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

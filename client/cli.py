@@ -1,0 +1,146 @@
+"""`synpref score`: score pairs or conversations against a running scorer.
+
+    synpref score pairs ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz -o scored.jsonl
+    synpref score items conversations.jsonl --model gold
+    synpref score info
+
+pairs: any pair file shared.sources reads (hh-rlhf, PandaLM, LLMBar, RM-Bench, Skywork-style
+chosen/rejected lists, ...); writes one JSON line per pair with reward_chosen,
+reward_rejected and p = sigmoid(r_chosen - r_rejected). Rows that are no pair are counted
+on stderr, never guessed at.
+items: JSON lines, each a message list, {"messages": [...]} or {"text": rendered text};
+writes {"reward": r} per line, in order.
+The address defaults to scoring.scorer_address of the settings (--config / SYNPREF_*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+
+from synpref.client.client import Item, RewardClient
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="synpref score", description="Score pairs or conversations with a running scorer.")
+    p.add_argument("--config", help="YAML settings file (for scoring.scorer_address)")
+    p.add_argument("--address", help="scorer host:port (default: scoring.scorer_address)")
+    p.add_argument("--model", default="", help="served model name (default: the server's default)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole run")
+    p.add_argument("--chunk-size", type=int, default=256, help="items per request")
+    sub = p.add_subparsers(dest="what", required=True)
+    pairs = sub.add_parser("pairs", help="score preference pairs from a file")
+    pairs.add_argument("path")
+    pairs.add_argument("--format", default=None, help="force a shared.sources format (auto-detected otherwise)")
+    pairs.add_argument("-o", "--output", default="-", help="JSON lines out (default stdout)")
+    items = sub.add_parser("items", help="score conversations or rendered texts from JSON lines")
+    items.add_argument("path", help="JSON lines file, or - for stdin")
+    items.add_argument("-o", "--output", default="-")
+    sub.add_parser("info", help="print the served models")
+    return p.parse_args(argv)
+
+
+def read_items(stream: TextIO) -> Iterator[Item]:
+    for n, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        try:
+            value: Any = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {n}: not JSON: {exc}") from None
+        if isinstance(value, dict) and isinstance(value.get("text"), str):
+            yield value["text"]
+        elif isinstance(value, dict) and isinstance(value.get("messages"), list):
+            yield value["messages"]
+        elif isinstance(value, list):
+            yield value
+        else:
+            raise ValueError(f'line {n}: expected a message list, {{"messages": [...]}} or {{"text": "..."}}')
+
+
+def _open_out(path: str) -> TextIO:
+    return sys.stdout if path == "-" else open(path, "w", encoding="utf-8")
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    address = args.address
+    if not address:
+        from synpref.shared.config import load_settings
+
+        address = load_settings(args.config).scoring.scorer_address
+    try:
+        with RewardClient(address, model=args.model, timeout=args.timeout, chunk_size=args.chunk_size) as client:
+            if args.what == "info":
+                for m in client.info().models:
+                    print(
+                        json.dumps(
+                            {
+                                "name": m.name,
+                                "model_id": m.model_id,
+                                "version": m.version,
+                                "backend": m.backend,
+                                "dtype": m.dtype,
+                                "max_length": m.max_length,
+                            }
+                        )
+                    )
+                return 0
+            if args.what == "pairs":
+                return score_pairs(client, args)
+            return score_items(client, args)
+    except grpc.RpcError as exc:
+        print(f"synpref score: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"synpref score: {exc}", file=sys.stderr)
+        return 2
+
+
+def score_pairs(client: RewardClient, args: argparse.Namespace) -> int:
+    from synpref.shared.sources import iter_source
+
+    rows = list(iter_source(Path(args.path), fmt=args.format))
+    pairs = [r.pair for r in rows if r.pair is not None]
+    bad = [r for r in rows if r.pair is None]
+    for r in bad[:10]:
+        print(f"not a pair: {r.locator}: {r.error}", file=sys.stderr)
+    scores = client.score_pairs(pairs)
+    out = _open_out(args.output)
+    try:
+        for pair, s in zip(pairs, scores, strict=True):
+            meta = {k: pair[k] for k in ("source",) if k in pair}
+            out.write(
+                json.dumps({**meta, "reward_chosen": s.reward_chosen, "reward_rejected": s.reward_rejected, "p": s.p})
+                + "\n"
+            )
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    agree = sum(s.p > 0.5 for s in scores)
+    print(f"scored {len(scores)} pairs ({len(bad)} rows were no pair); p > 0.5 on {agree}", file=sys.stderr)
+    return 0
+
+
+def score_items(client: RewardClient, args: argparse.Namespace) -> int:
+    if args.path == "-":
+        items = list(read_items(sys.stdin))
+    else:
+        with open(args.path, encoding="utf-8") as f:
+            items = list(read_items(f))
+    rewards = client.score(items)
+    out = _open_out(args.output)
+    try:
+        for r in rewards:
+            out.write(json.dumps({"reward": r}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(f"scored {len(rewards)} items", file=sys.stderr)
+    return 0
