@@ -24,21 +24,32 @@ from __future__ import annotations
 import logging
 import os
 import re
+import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
-from kafka_broker import EXTERNAL_ENV, Broker, make_unique_topics, unique_name
 
 from synpref.shared.config import Settings, TopicSettings, load_settings
 
 log = logging.getLogger("synpref.tests.kafka")
-_BROKER = Broker()
+EXTERNAL_ENV = "SYNPREF_KAFKA_BOOTSTRAP"
+_BROKER: dict[str, Any] = {}
+"""The session's kafka_broker.Broker, once a test asked for it. kafka_broker (and so kafka-python)
+is imported only then, after pytest_configure has set the warning filters."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # kafka-python 3.0 loads its protocol schemas with importlib.resources APIs deprecated in 3.11:
+    # two hundred identical warnings per run that say nothing about this project.
+    config.addinivalue_line("filterwarnings", "ignore:read_text is deprecated:DeprecationWarning:kafka")
+    config.addinivalue_line("filterwarnings", "ignore:open_text is deprecated:DeprecationWarning:importlib")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
     external = os.environ.get(EXTERNAL_ENV)
     if external:
-        return f"kafka: {EXTERNAL_ENV}={external} (started on demand: no)"
+        return f"kafka: the external cluster {EXTERNAL_ENV}={external}"
     try:
         from synpref.shared.kafka.local_broker import kafka_home, kafka_version
 
@@ -48,17 +59,21 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if _BROKER.description:
+    broker = _BROKER.get("broker")
+    if broker is not None and broker.description:
         terminalreporter.write_sep("-", "kafka broker")
-        terminalreporter.write_line(f"ran against {_BROKER.description}")
+        terminalreporter.write_line(f"ran against {broker.description}")
 
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
-    bootstrap = _BROKER.start()
-    log.info("Kafka broker for this session: %s", _BROKER.description)
+    from kafka_broker import Broker
+
+    broker = _BROKER["broker"] = Broker()
+    bootstrap = broker.start()
+    log.info("Kafka broker for this session: %s", broker.description)
     yield bootstrap
-    _BROKER.stop()
+    broker.stop()
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +87,8 @@ def unique_topics(kafka_settings: Settings, request: pytest.FixtureRequest) -> C
     label = re.sub(r"[^a-zA-Z0-9]+", "-", request.node.name).strip("-").lower()[:40]
 
     def make(partitions: int = 1) -> TopicSettings:
+        from kafka_broker import make_unique_topics
+
         return make_unique_topics(kafka_settings.kafka, label, partitions)
 
     return make
@@ -80,4 +97,4 @@ def unique_topics(kafka_settings: Settings, request: pytest.FixtureRequest) -> C
 @pytest.fixture
 def unique_group(request: pytest.FixtureRequest) -> Callable[[], str]:
     label = re.sub(r"[^a-zA-Z0-9]+", "-", request.node.name).strip("-").lower()[:40]
-    return lambda: unique_name(f"g-{label}")
+    return lambda: f"g-{label}-{uuid.uuid4().hex[:10]}"

@@ -21,7 +21,7 @@ from synpref.shared.kafka.codec import encode_record
 from synpref.shared.kafka.local_broker import LocalKafka
 from synpref.v1.pair_pb2 import PairRecord
 
-EXTERNAL_ENV = "SYNPREF_KAFKA_BOOTSTRAP"
+EXTERNAL_ENV = "SYNPREF_KAFKA_BOOTSTRAP"  # also read by tests/conftest.py
 
 
 class Broker:

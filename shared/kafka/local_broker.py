@@ -10,6 +10,7 @@ controller listener beside the client listener, both on free loopback ports.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import logging
 import os
@@ -185,6 +186,8 @@ class LocalKafka:
             start_new_session=True,
         )
         stdout.close()
+        # A broker in its own session outlives an interpreter that dies without running __exit__.
+        atexit.register(self.stop)
         try:
             self._wait_ready()
         except BaseException:
@@ -245,6 +248,7 @@ class LocalKafka:
                 process.wait(timeout=10)
         if self.dir is not None and not self.keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+        atexit.unregister(self.stop)
 
     def __enter__(self) -> LocalKafka:
         return self.start()
