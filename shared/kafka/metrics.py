@@ -24,7 +24,7 @@ CONSUMER_LAG = Gauge(
 )
 BATCH_SECONDS = Histogram(
     "synpref_runner_batch_seconds",
-    "Time from poll to commit of one batch",
+    "Time to decode, run the stage, deliver (acked) and commit one polled batch",
     ["service"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )

@@ -7,6 +7,7 @@ import pytest
 from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 from kafka_broker import produce, read_topic, topic_size
+from prometheus_client import REGISTRY
 
 from synpref.shared.kafka.clients import make_producer
 from synpref.shared.kafka.codec import DLQ_KIND, DLQ_REASON, DLQ_TOPIC, decode_record, header_map
@@ -108,6 +109,13 @@ def test_routes_failures_and_a_raising_stage_while_going_on(kafka_settings, uniq
         ends.close()
     assert committed(settings, group, topics.raw, 3) == end_offsets
     assert runner.stats.snapshot()["processed"] == total
+    # The same counts reach Prometheus.
+    sample = REGISTRY.get_sample_value
+    assert sample("synpref_runner_processed_records_total", {"service": "it-runner"}) == total
+    assert sample("synpref_runner_failed_records_total", {"service": "it-runner", "kind": "undecodable"}) == 1
+    assert sample("synpref_runner_dead_lettered_records_total", {"service": "it-runner"}) == len(dlq)
+    emitted = sample("synpref_runner_emitted_records_total", {"service": "it-runner", "route": "annotated"})
+    assert emitted == len(annotated)
 
 
 def test_a_restarted_runner_resumes_after_its_last_commit(kafka_settings, unique_topics, unique_group):
