@@ -31,6 +31,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--decontaminate", action="append", default=[], help="benchmark prompts (.txt, one per line, or a pair file)"
     )
     parser.add_argument("--ngram", type=int, default=13, help="n-gram size of the overlap check (default 13)")
+    parser.add_argument(
+        "--seen", help="file of pair ids published by earlier runs (one per line): dedup across runs; new ids appended"
+    )
     parser.add_argument("--limit", type=int, default=0, help="read at most this many rows (0 = all)")
     parser.add_argument("--report", help="write dropped rows (JSON lines: locator, bucket, reason) here")
     parser.add_argument("--dry-run", action="store_true", help="count only; publish nothing")
@@ -48,7 +51,11 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     prompts = [p for path in args.decontaminate for p in benchmark_prompts(path)]
-    pre = Preprocessor(Decontaminator(prompts, args.ngram))
+    seen: set[str] = set()
+    if args.seen and Path(args.seen).exists():
+        seen = {line.strip() for line in Path(args.seen).read_text().splitlines() if line.strip()}
+    already = set(seen)
+    pre = Preprocessor(Decontaminator(prompts, args.ngram), seen=seen)
     rows = itertools.chain.from_iterable(iter_source(p, args.format, args.source) for p in args.paths)
     if args.limit:
         rows = itertools.islice(rows, args.limit)
@@ -74,6 +81,10 @@ def main(argv: list[str]) -> int:
         if producer is not None:
             producer.close(timeout=60)
     unacked = sum(1 for f in futures if not f.is_done or f.failed())
+    if args.seen and not args.dry_run and not unacked:
+        # Only after every send was acknowledged: a failed run must not hide its pairs from the next.
+        with Path(args.seen).open("a") as fh:
+            fh.writelines(f"{pair_id}\n" for pair_id in pre.seen - already)
     if args.report:
         with Path(args.report).open("w") as fh:
             for r in pre.rejections:

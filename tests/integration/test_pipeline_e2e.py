@@ -235,6 +235,7 @@ def test_real_pairs_through_all_services_with_crashes(kafka_settings, unique_top
     print(
         f"\nE2E: in={len(published) + GARBAGE} kept={len(kept)} flipped={len(flipped)} discarded={len(discarded)} "
         f"review={len(review)} dead_letter={len(dead)} rows_at_kill={rows_at_kill} "
-        f"dataset_rows={len(ids)} elapsed={elapsed:.1f}s phases={ {k: round(v, 1) for k, v in phases.items()} }"
+        f"dataset_rows={len(ids)} curated_messages={topic_size(kafka, topics.curated)} elapsed={elapsed:.1f}s "
+        f"phases={ {k: round(v, 1) for k, v in phases.items()} }"
     )
     assert re.match(r"^[0-9a-f]{32}$", ids[0])

@@ -78,3 +78,22 @@ def test_real_pandalm_and_hh_counts_reconcile():
     assert c.unreadable == 105 + 5  # PandaLM ties, hh-rlhf unpairable transcripts
     assert c.empty >= 4  # hh-rlhf has 4 empty completions
     assert len(records) == c.published == len({r.pair.id for r in records})
+
+
+def test_cli_dry_run_reports_and_reconciles(tmp_path, capsys):
+    from synpref.services.ingest.main import main
+
+    src = tmp_path / "pairs.jsonl"
+    lines = [{"prompt": "a", "chosen": "x", "rejected": "y"}, {"prompt": "a", "chosen": "x", "rejected": "y"},
+             {"prompt": "b", "chosen": "", "rejected": "y"}, {"prompt": "c"}]  # fmt: skip
+    src.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    report = tmp_path / "dropped.jsonl"
+    assert main([str(src), "--dry-run", "--report", str(report)]) == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (counts["read"], counts["published"], counts["duplicate"], counts["empty"], counts["unreadable"]) == (
+        4, 1, 1, 1, 1,
+    )  # fmt: skip
+    assert counts["reconciles"] and counts["topic"] is None
+    dropped = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [d["bucket"] for d in dropped] == ["duplicate", "empty", "unreadable"]
+    assert dropped[2]["locator"].endswith("pairs.jsonl#3") and "missing field" in dropped[2]["reason"]
