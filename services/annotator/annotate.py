@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from typing import Protocol
 
@@ -57,6 +58,7 @@ class Annotator:
         self.skip_confident = skip_confident
         self.band = band
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
 
     async def annotate_one(self, record: PairRecord) -> PairRecord:
         out = PairRecord()
@@ -96,10 +98,15 @@ class Annotator:
         return await asyncio.gather(*(self.annotate_one(r) for r in records), return_exceptions=True)
 
     def run(self, records: list[PairRecord]) -> list[PairRecord | BaseException]:
-        """Annotate synchronously on the annotator's own event loop (kept between batches)."""
-        if self._loop is None or self._loop.is_closed():
-            self._loop = asyncio.new_event_loop()
-        return self._loop.run_until_complete(self.annotate(records))
+        """Annotate synchronously on the annotator's own event loop (kept between batches).
+
+        The Kafka runner and gRPC ProcessBatch threads share the loop (and its HTTP sessions):
+        one batch at a time; the requests inside a batch run concurrently.
+        """
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                self._loop = asyncio.new_event_loop()
+            return self._loop.run_until_complete(self.annotate(records))
 
     def stage(self) -> Stage:
         def annotator(batch: list[PairRecord]) -> StageResult:
@@ -115,6 +122,10 @@ class Annotator:
         return annotator
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._loop is None or self._loop.is_closed():
             return
         closers: list[Callable] = []

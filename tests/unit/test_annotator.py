@@ -90,3 +90,16 @@ def test_confident_pairs_skip_judges_and_failures_go_to_dead_letter(server):
 
 def test_k_for():
     assert (k_for(None), k_for(0.3), k_for(0.95), k_for(0.3, 4)) == (8, 8, 1, 4)
+
+
+def test_batches_from_two_threads_share_the_loop(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    ann = annotator(server)
+    stage = ann.stage()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(stage, [[rec("long answer", "no")], [rec("no", "long answer")]] * 2))
+    finally:
+        ann.close()
+    assert all(len(r.routed) == 1 and not r.failed for r in results)
