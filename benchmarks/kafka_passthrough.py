@@ -6,7 +6,7 @@ runs from the first output message to the last, so process start and group join 
 reported separately instead of diluting the rate. Pairs are real hh-rlhf harmless-base
 test pairs from ../shared/data (cycled to --pairs), or synthetic ones when that is absent.
 
-    .venv/bin/python benchmarks/kafka_passthrough.py [--pairs 20000] [--consumers 1 2]
+    .venv/bin/python benchmarks/kafka_passthrough.py [--pairs 40000] [--consumers 1 2]
 
 Uses SYNPREF_KAFKA_BOOTSTRAP when set, else starts a LocalKafka for the run.
 """
@@ -166,7 +166,7 @@ def run_consumers(kafka: KafkaSettings, raw: str, n: int, consumers: int, workdi
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=20_000)
+    parser.add_argument("--pairs", type=int, default=40_000)
     parser.add_argument("--consumers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
 
