@@ -160,3 +160,21 @@ def test_aggregation_within_then_across_judges():
     assert agg.agreement == pytest.approx(2 / 3)
     tie = aggregate(votes("j1", [c]) + votes("j2", [r]))
     assert tie.preference == a and tie.agreement == 0.0
+
+
+def test_judge_prompt_carries_guideline_examples_and_candidates_in_the_given_order():
+    from synpref.services.annotator.prompts import judge_prompt
+    from synpref.shared.retrieval import Example
+
+    examples = [
+        Example(f"ex{i}", [{"role": "user", "content": f"example question {i}"}], f"good {i}", f"bad {i}",
+                {"task_category": "science", "desired_attributes": ["accurate"], "annotation_guideline": f"g{i}"})
+        for i in range(10)
+    ]  # fmt: skip
+    system, user = judge_prompt(REQUEST.conversation, REQUEST.rejected, REQUEST.chosen, REQUEST.attributes, examples)
+    text = user["content"]
+    assert system["role"] == "system" and "Prefer correct physics." in text
+    assert text.count("## Verified example") == 8  # never more than 8
+    assert "category=science" in text and "Guideline: g7" in text and "good 7" in text and "g8" not in text
+    assert text.index("## Candidate 1\nWind.") < text.index("## Candidate 2\nThe moon")
+    assert "Explain tides." in text

@@ -64,3 +64,23 @@ def test_loads_with_datasets_in_skywork_format(tmp_path):
     assert sorted(loaded["id"]) == sorted(r.pair.id for r in (rec(0), rec(1), rec(2)))
     manifest = json.loads((ds.dir / "manifest.json").read_text())
     assert [s["rows"] for s in manifest["shards"]] == [2, 1]
+
+
+def test_grpc_process_batch_writes_only_curated_decisions(tmp_path):
+    from synpref.services.dataset_writer.main import DatasetSink, WriterServicer
+    from synpref.v1.pair_pb2 import DECISION_DISCARD
+    from synpref.v1.pipeline_pb2 import ProcessBatchRequest
+
+    class Counts:
+        def __init__(self):
+            self.calls = []
+
+        def count_grpc(self, processed, failed):
+            self.calls.append((processed, failed))
+
+    service = Counts()
+    servicer = WriterServicer(service, DatasetSink(DatasetVersion(tmp_path, "d", "v2")))
+    request = ProcessBatchRequest(records=[rec(0), rec(1, DECISION_FLIP), rec(2, DECISION_DISCARD), rec(0)])
+    response = servicer.ProcessBatch(request, None)
+    assert (response.dataset_version, response.written, response.duplicates) == ("v2", 2, 1)
+    assert service.calls == [(4, 1)]
