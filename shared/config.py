@@ -295,7 +295,10 @@ class ControllerSettings(Section):
     """Full-batch optimizer steps of the head trainer (checkpoint picked every `head_eval_every`)."""
     head_eval_every: int = Field(default=25, ge=1)
     head_lr: float = Field(default=0.01, gt=0.0)
-    head_weight_decay: float = Field(default=0.0, ge=0.0)
+    head_weight_decay: float = Field(default=0.01, ge=0.0)
+    """L2 penalty of the head (Adam): on ~1k pairs an unpenalized head learns the prompts, not the preference."""
+    head_train_pooler: bool = False
+    """Also train the pooler's dense layer (more capacity; overfits small sets)."""
     train: dict[str, Any] = Field(default_factory=dict)
     """RewardConfig overrides for trainer = full (learning_rate, num_epochs, global_batch_size, ...)."""
     executor: Literal["in_process", "kafka"] = "in_process"

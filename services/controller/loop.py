@@ -99,6 +99,7 @@ class EmbeddingTable:
         self.records = records
         self.by_text: dict[str, int] = {}
         self.example_keys: list[str] = []
+        self._index: tuple[list[str], Any] | None = None
 
     def nearest(self, queries: list[str], ks: list[int], among: list[str]) -> list[list[str]]:
         from synpref.shared.retrieval import VectorIndex
@@ -106,8 +107,12 @@ class EmbeddingTable:
         among = [k for k in among if k in self.row]
         if not among or not queries:
             return [[] for _ in queries]
-        index = VectorIndex(self.vectors.shape[1])
-        index.add(among, self.vectors[[self.row[k] for k in among]])
+        cached = self._index
+        if cached is None or cached[0] != among:
+            index = VectorIndex(self.vectors.shape[1])
+            index.add(among, self.vectors[[self.row[k] for k in among]])
+            self._index = cached = (among, index)
+        index = cached[1]
         hits = index.search(self.vectors[[self.row[q] for q in queries]], max(ks, default=0))
         return [[item for item, _ in h[:k]] for h, k in zip(hits, ks, strict=True)]
 
@@ -243,6 +248,7 @@ class Controller:
         }
         self.state.results["ingest"] = {"counts": _counts(pre), "study": study, "label_noise": c.label_noise}
         self.state.results["initial_labels"] = {key_of(r): r.pair.id for r in pool}
+        self.state.results["initial_label_accuracy"] = self.label_accuracy(sorted(self.state.results["initial_labels"]))
         self.say(f"ingest: {len(pool)} pairs to curate, {len(holdout)} held out")
 
     def ensure_table(self) -> None:
@@ -492,7 +498,6 @@ class Controller:
         acc["gold"] = accuracy(self.models.score(self.handle("gold"), self.pairs(holdout)))
         s.results["holdout_accuracy"] = acc
         s.results["curated_label_accuracy"] = self.label_accuracy(self.curated_keys())
-        s.results["initial_label_accuracy"] = self.label_accuracy(sorted(s.results["initial_labels"]))
         self.say("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
 
     def as_given(self, key: str) -> dict:

@@ -164,15 +164,16 @@ def train_head(
     lr: float,
     weight_decay: float,
     seed: int,
+    train_pooler: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Full-batch Adam on -log sigmoid(r_c - r_r); keep the step with the best validation accuracy."""
+    """Full-batch Adam (L2 weight decay) on -log sigmoid(r_c - r_r); keep the step with the best validation accuracy."""
     import torch
 
     threads = torch.get_num_threads()
     # Small matrices: one thread is many times faster than two contended ones.
     torch.set_num_threads(1)
     try:
-        return _train_head(train, valid, init, steps, eval_every, lr, weight_decay, seed)
+        return _train_head(train, valid, init, steps, eval_every, lr, weight_decay, seed, train_pooler)
     finally:
         torch.set_num_threads(threads)
 
@@ -186,17 +187,18 @@ def _train_head(
     lr: float,
     weight_decay: float,
     seed: int,
+    train_pooler: bool,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     import torch
 
     torch.manual_seed(seed)
-    W = torch.tensor(init["W"], requires_grad=True)
-    b = torch.tensor(init["b"], requires_grad=True)
+    W = torch.tensor(init["W"], requires_grad=train_pooler)
+    b = torch.tensor(init["b"], requires_grad=train_pooler)
     w = torch.zeros(W.shape[0], requires_grad=True)
     c = torch.zeros((), requires_grad=True)
     hc, hr = (torch.tensor(x, dtype=torch.float32) for x in train)
     vc, vr = (torch.tensor(x, dtype=torch.float32) for x in valid)
-    opt = torch.optim.AdamW([W, b, w, c], lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.Adam([W, b, w, c] if train_pooler else [w, c], lr=lr, weight_decay=weight_decay)
 
     def reward(h: torch.Tensor) -> torch.Tensor:
         return torch.tanh(h @ W.T + b) @ w + c
@@ -245,6 +247,7 @@ class HeadModels:
             s.head_lr,
             s.head_weight_decay,
             s.seed,
+            s.head_train_pooler,
         )
         path = out_dir / f"{name}.npz"
         save_npz(path, **params)

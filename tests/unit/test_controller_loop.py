@@ -1,0 +1,149 @@
+"""The curation loop end to end, in process, on synthetic pairs with a bag-of-words RM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from synpref.services.controller import fakes
+from synpref.services.controller.loop import Controller
+from synpref.services.controller.providers import OracleHumans
+from synpref.services.controller.simulated import SimulatedJudge, label_is_true
+from synpref.services.controller.state import StateStore
+from synpref.shared.config import load_settings
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def settings_for(tmp_path: Path, **controller):
+    data = fakes.write_synthetic(tmp_path / "pairs.jsonl", 160, seed=1)
+    values = {
+        "workdir": str(tmp_path / "run"),
+        "sources": [str(data)],
+        "label_noise": 0.3,
+        "seed_fraction": 0.1,
+        "iterations": 3,
+        "patience": 3,
+        "human_budget": 6,
+        "judges": [
+            {"name": "sim-a", "accuracy": 0.85},
+            {"name": "sim-b", "accuracy": 0.8},
+            {"name": "sim-c", "accuracy": 0.75},
+        ],
+        **controller,
+    }
+    return load_settings(controller=values)
+
+
+def controller_for(settings, on_step=None) -> Controller:
+    judges = [SimulatedJudge(j, seed=0) for j in settings.controller.judges]
+    return Controller(
+        settings,
+        fakes.BagOfWordsModels(),
+        OracleHumans(),
+        judges,
+        embed=fakes.embed,
+        on_step=on_step,
+        progress=lambda _msg: None,
+    )
+
+
+def read_rows(folder: str) -> list[dict]:
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    return [row for shard in manifest["shards"] for row in pq.read_table(Path(folder) / shard["file"]).to_pylist()]
+
+
+def outcome(workdir: Path) -> dict:
+    state = StateStore(workdir).load()
+    rows = read_rows(state.results["datasets"]["curated"]["dir"])
+    return {
+        "pools": state.pools,
+        "history": state.history,
+        "stage2": state.results["stage2"],
+        "holdout": state.results["holdout_accuracy"],
+        "curated": sorted((r["id"], r["decision"]["decision"]) for r in rows),
+    }
+
+
+def test_loop_runs_both_stages_and_repairs_labels(tmp_path):
+    settings = settings_for(tmp_path)
+    state = controller_for(settings).run()
+    pools = state.pools
+    everything = [k for keys in pools.values() for k in keys]
+    assert len(everything) == len(set(everything)) == 160, "every pair is in exactly one pool"
+    assert pools["unverified"] == []
+    assert len(state.history) >= 2 and state.iteration >= 1
+    assert state.results["stage1"][0]["retrieved"] > 0
+    assert sum(e.get("to_humans", 0) for e in state.results["stage1"]) > 0
+    assert sum(state.results["stage2"]["decisions"].values()) == state.results["stage2"]["pairs"]
+    # Oracle humans and judges better than chance must leave better labels than 30% noise.
+    assert state.results["initial_label_accuracy"] == pytest.approx(0.7, abs=0.02)
+    assert state.results["curated_label_accuracy"] > state.results["initial_label_accuracy"] + 0.1
+    acc = state.results["holdout_accuracy"]
+    assert acc["final"] >= acc["as_given"]
+    # D_gold is human-verified: every label there is the source label.
+    controller = controller_for(settings)
+    assert all(label_is_true(controller.records[k]) for k in pools["gold"])
+    # Artifacts: datasets with a manifest, the registry, the best link, the report and its plots.
+    workdir = Path(settings.controller.workdir)
+    registry = json.loads((workdir / "models" / "registry.json").read_text())
+    assert set(registry) == {"best", "gold"}
+    assert (workdir / "models" / "best").resolve() == Path(registry["best"]["path"])
+    assert (workdir / "models" / "scorer.yaml").exists()
+    report = (workdir / "report.md").read_text()
+    assert "Study run" in report and "oracle" in report
+    for png in ("accuracy_per_iteration.png", "decisions_per_stage.png", "final_accuracy.png"):
+        assert (workdir / "plots" / png).stat().st_size > 1000
+    curated = len(read_rows(state.results["datasets"]["curated"]["dir"]))
+    assert curated == len(pools["gold"]) + len(pools["silver"]) + len(pools["stage2"])
+
+
+def test_stage1_stops_when_accuracy_stops_improving(tmp_path):
+    settings = settings_for(tmp_path, iterations=8, patience=1)
+    state = controller_for(settings).run()
+    assert state.stage1_stopped
+    if state.iteration < 8:
+        assert "did not improve" in state.stage1_stopped or "no unverified" in state.stage1_stopped
+
+
+@pytest.mark.parametrize("crash_after", ["seed", "s1.1.curate", "s2.curate", "final.train"])
+def test_restart_after_a_crash_gives_the_same_result(tmp_path, crash_after):
+    reference = settings_for(tmp_path / "a")
+    controller_for(reference).run()
+
+    settings = settings_for(tmp_path / "b")
+
+    def crash(step: str) -> None:
+        if step == crash_after:
+            raise Crash(step)
+
+    with pytest.raises(Crash):
+        controller_for(settings, on_step=crash).run()
+    done = StateStore(settings.controller.workdir).load().done
+    assert done[-1] == crash_after
+    resumed = controller_for(settings)
+    models = resumed.models
+    resumed.run()
+    assert outcome(Path(settings.controller.workdir)) == outcome(Path(reference.controller.workdir))
+    if crash_after == "final.train":
+        assert models.trained == 0, "a resumed run does not retrain models it already has"
+
+
+def test_a_step_interrupted_before_its_commit_runs_again(tmp_path):
+    settings = settings_for(tmp_path)
+    controller = controller_for(settings)
+
+    def boom() -> None:
+        raise Crash("in the middle of s2.gold")
+
+    controller.train_gold = boom  # type: ignore[method-assign]
+    with pytest.raises(Crash):
+        controller.run()
+    state = StateStore(settings.controller.workdir).load()
+    assert "s2.gold" not in state.done and "gold" not in state.models
+    assert controller_for(settings).run().models["gold"]["version"].startswith("gold-")

@@ -1,0 +1,60 @@
+"""The head trainer: learns, picks its step, and exports a checkpoint the ecosystem scores identically."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from synpref.services.controller.fakes import synthetic_pairs
+from synpref.services.controller.models import HeadModels, accuracy, head_rewards, train_head
+from synpref.shared.config import load_settings
+
+
+def separable(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=dim)
+    base = rng.normal(size=(n, dim))
+    step = rng.uniform(0.5, 1.5, size=(n, 1)) * direction
+    return (base + step).astype(np.float32), (base - step).astype(np.float32)
+
+
+@pytest.mark.parametrize("train_pooler", [False, True])
+def test_train_head_learns_and_picks_the_best_step(train_pooler):
+    dim = 16
+    rng = np.random.default_rng(0)
+    init = {"W": (np.eye(dim) + 0.1 * rng.normal(size=(dim, dim))).astype(np.float32), "b": np.zeros(dim, np.float32)}
+    train, valid = separable(200, dim, 1), separable(100, dim, 1)
+    params, metrics = train_head(train, valid, init, 100, 10, 0.05, 0.0, 0, train_pooler)
+    assert metrics["valid_accuracy"] > 0.9
+    assert metrics["picked_step"] in [c["step"] for c in metrics["curve"]]
+    assert max(c["valid_accuracy"] for c in metrics["curve"]) == metrics["valid_accuracy"]
+    rewards = list(zip(head_rewards(params, valid[0]), head_rewards(params, valid[1]), strict=True))
+    assert accuracy(rewards) == pytest.approx(metrics["valid_accuracy"])
+    assert np.array_equal(params["W"], init["W"]) is (not train_pooler)
+
+
+def test_exported_checkpoint_scores_like_the_cached_head(tmp_path):
+    from synpref.shared.modeling import load_reward_model, score_pairs
+
+    settings = load_settings(controller={"workdir": str(tmp_path), "max_length": 48, "head_steps": 20})
+    models = HeadModels(settings.controller, tmp_path, progress=False)
+    pairs = [
+        {
+            "conversation": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in synthetic_pairs(8)
+    ]
+    handle = models.train("t", pairs[:6], pairs[6:], tmp_path / "models")
+    assert handle.version.startswith("t-") and handle.metrics["train_pairs"] == 6
+    cached = models.score(handle, pairs)
+    folder = models.export(handle, tmp_path / "models" / handle.version)
+    model, tokenizer = load_reward_model(str(folder))
+    served = score_pairs(model, tokenizer, pairs, max_length=48)
+    assert np.allclose(np.array(cached), np.array(served), atol=1e-4)
+    assert len({round(c - r, 6) for c, r in cached}) > 1, "the head is not constant"
+    assert models.export(handle, folder) == folder, "export is idempotent"
+    # A second HeadModels on the same folder reads the feature cache instead of encoding again.
+    again = HeadModels(settings.controller, tmp_path, progress=False)
+    assert len(again.cache.cache) == len(models.cache.cache) > 0

@@ -1,0 +1,184 @@
+"""Controller parts: durable state, simulated judges and noise, human providers, executors."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import pytest
+
+from synpref.services.annotator.judges import JudgeRequest, aggregate
+from synpref.services.controller.executors import InProcessExecutor, chain
+from synpref.services.controller.providers import FileHumans, OracleHumans, TerminalHumans
+from synpref.services.controller.simulated import (
+    NOISE_KEY,
+    SimulatedJudge,
+    add_label_noise,
+    label_is_true,
+    mark_truth,
+)
+from synpref.services.controller.state import RunState, StateStore, key_of
+from synpref.shared.config import SimulatedJudgeSettings
+from synpref.shared.pairs import flipped, message_dicts, new_pair, new_record
+from synpref.shared.stage import StageResult
+from synpref.v1.pair_pb2 import (
+    DECISION_DISCARD,
+    DECISION_FLIP,
+    DECISION_KEEP,
+    PREFERENCE_ABSTAIN,
+    PREFERENCE_CHOSEN,
+    PREFERENCE_REJECTED,
+)
+
+
+def record(i: int, truth: bool = True):
+    r = new_record(
+        new_pair(
+            [{"role": "user", "content": f"question {i}"}],
+            [{"role": "assistant", "content": f"good answer {i}"}],
+            [{"role": "assistant", "content": f"bad answer {i}"}],
+            "test",
+        )
+    )
+    mark_truth(r)
+    return r if truth else flipped(r)
+
+
+def test_state_roundtrip_and_moves(tmp_path):
+    store = StateStore(tmp_path)
+    state = RunState(pools={"unverified": ["a", "b", "c"]})
+    state.move(["b", "c"], "gold")
+    state.move(["c"], "discarded")
+    assert state.pools == {"unverified": ["a"], "gold": ["b"], "discarded": ["c"]}
+    records = {key_of(r): r for r in (record(1), record(2, truth=False))}
+    state.records = store.write_records("x", records)
+    state.done.append("x")
+    store.save(state)
+    again = store.load()
+    assert again == state
+    back = store.read_records(again.records)
+    assert back.keys() == records.keys()
+    assert all(back[k] == records[k] for k in records)
+    assert not list(tmp_path.rglob("*.tmp")), "atomic writes leave no temp files"
+
+
+def test_label_noise_flips_the_stated_share_and_truth_survives_flips():
+    records = [record(i) for i in range(200)]
+    noisy = add_label_noise(records, 0.3, seed=7)
+    assert sum(NOISE_KEY in r.pair.meta for r in noisy) == 60
+    assert sum(not label_is_true(r) for r in noisy) == 60
+    assert [key_of(r) for r in noisy] == [key_of(r) for r in records], "keys stay stable under flips"
+    assert add_label_noise(records, 0.3, seed=7) == noisy, "seeded"
+    assert all(label_is_true(flipped(r)) is (not label_is_true(r)) for r in noisy[:20])
+
+
+@pytest.mark.parametrize("accuracy", [0.6, 0.9])
+def test_simulated_judge_has_its_stated_accuracy(accuracy):
+    judge = SimulatedJudge(SimulatedJudgeSettings(name="j", accuracy=accuracy, samples=1), seed=3)
+    correct = 0
+    n = 2000
+    for i in range(n):
+        r = record(i, truth=bool(i % 2))
+        p = r.pair
+        req = JudgeRequest(
+            p.id, message_dicts(p.conversation), message_dicts(p.chosen), message_dicts(p.rejected), meta=dict(p.meta)
+        )
+        (vote,) = asyncio.run(judge.judge(req))
+        agrees = vote.preference == PREFERENCE_CHOSEN
+        correct += agrees == label_is_true(r)
+    assert abs(correct / n - accuracy) < 0.035
+
+
+def test_simulated_judge_is_consistent_across_orientations_and_abstains():
+    s = SimulatedJudgeSettings(name="j", accuracy=0.7, samples=5, sample_noise=0.0, abstain=0.0)
+    judge = SimulatedJudge(s)
+    for i in range(50):
+        r = record(i)
+        truth = r.pair.meta["study_true_chosen"]
+        a = judge.votes_for(r.pair.id, message_dicts(r.pair.chosen), truth)
+        f = flipped(r)
+        b = judge.votes_for(f.pair.id, message_dicts(f.pair.chosen), truth)
+        assert {v.preference for v in a} | {v.preference for v in b} == {PREFERENCE_CHOSEN, PREFERENCE_REJECTED}
+        assert aggregate(a).preference != aggregate(b).preference
+    mute = SimulatedJudge(SimulatedJudgeSettings(name="m", abstain=1.0))
+    r = record(0)
+    assert {v.preference for v in mute.votes_for(r.pair.id, message_dicts(r.pair.chosen), "x")} == {PREFERENCE_ABSTAIN}
+    with pytest.raises(ValueError, match="study"):
+        asyncio.run(judge.judge(JudgeRequest("id", [], [], [])))
+
+
+def test_oracle_verifies_and_flips_to_the_source_label():
+    routed = OracleHumans().review([record(1), record(2, truth=False)])
+    (r1, a), (r2, b) = routed
+    assert (r1, r2) == ("verified", "verified")
+    assert a.decision.decision == DECISION_KEEP and b.decision.decision == DECISION_FLIP
+    assert label_is_true(a) and label_is_true(b)
+    assert key_of(b) == key_of(record(2)), "the flipped pair keeps its key"
+
+
+def test_file_humans_read_labels_and_abstain_on_missing(tmp_path):
+    a, b, c = record(1), record(2), record(3)
+    path = tmp_path / "labels.jsonl"
+    path.write_text(
+        json.dumps({"id": a.pair.id, "preferred": "chosen"})
+        + "\n"
+        + json.dumps({"id": b.pair.id, "preferred": "rejected"})
+    )
+    out = FileHumans(path).review([a, b, c])
+    assert [d.decision.decision for _, d in out] == [DECISION_KEEP, DECISION_FLIP, DECISION_DISCARD]
+    assert [route for route, _ in out] == ["verified", "verified", "discarded"]
+    path.write_text(json.dumps({"id": "x", "preferred": "maybe"}))
+    with pytest.raises(ValueError, match="preferred"):
+        FileHumans(path)
+
+
+def test_terminal_humans_map_candidates_back_to_labels():
+    records = [record(i) for i in range(6)]
+    out = io.StringIO()
+    asked: list[int] = []
+
+    class Reader:
+        """Answers like a careful human: picks the candidate showing the good answer; gives up on the last."""
+
+        def readline(self) -> str:
+            block = out.getvalue().rsplit("=== pair ", 1)[-1]
+            number = int(block.split("/", 1)[0])
+            asked.append(number)
+            if asked.count(1) == 1 and number == 1:
+                return "not a number\n"  # asked again
+            if number == 6:
+                return "0\n"
+            first = block.split("--- Candidate 1 ---\n", 1)[1].split("\n", 1)[0]
+            return "1\n" if first.startswith("good") else "2\n"
+
+    routed = TerminalHumans(stdin=Reader(), stdout=out, seed=1).review(records)
+    assert [d.decision.decision for _, d in routed] == [DECISION_KEEP] * 5 + [DECISION_DISCARD]
+    assert asked.count(1) == 2
+    text = out.getvalue()
+    shown_first = [b.split("--- Candidate 1 ---\n", 1)[1].split("\n", 1)[0] for b in text.split("=== pair ")[1:]]
+    assert {a.split()[0] for a in shown_first} == {"good", "bad"}, "candidate order is shuffled"
+    assert TerminalHumans(stdin=io.StringIO(""), stdout=io.StringIO()).review([record(9)])[0][0] == "discarded"
+
+
+def test_in_process_executor_batches_and_chains():
+    calls = []
+
+    def tag(name):
+        def stage(batch):
+            calls.append((name, len(batch)))
+            result = StageResult()
+            for r in batch:
+                if r.pair.id.startswith("0"):
+                    result.fail(r, "ids starting with 0 fail")
+                else:
+                    result.emit("annotated", r)
+            return result
+
+        return stage
+
+    records = [record(i) for i in range(10)]
+    result = InProcessExecutor({"x": chain(tag("a"), tag("b"))}, batch_size=4).run("x", records)
+    assert [n for name, n in calls if name == "a"] == [4, 4, 2]
+    failing = sum(r.pair.id.startswith("0") for r in records)
+    assert len(result.routed) + len(result.failed) == 10 and len(result.failed) == failing
