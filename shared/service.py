@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from kafka.errors import KafkaError
 from prometheus_client import start_http_server
 
 from synpref.shared.config import ConfigError, Settings, load_settings
@@ -236,4 +237,13 @@ def serve(make_spec: Callable[[Settings, argparse.Namespace], ServiceSpec], args
     spec = make_spec(settings, args)
     stop = threading.Event()
     install_signal_handlers(stop)
-    return Service(spec, settings, kafka=not args.grpc_only, stop=stop).run()
+    try:
+        return Service(spec, settings, kafka=not args.grpc_only, stop=stop).run()
+    except KafkaError as exc:
+        # Unreachable cluster, bad credentials, unacknowledged outputs: say so in one line and exit non-zero,
+        # so the orchestrator restarts the service and the uncommitted batch is read again.
+        print(
+            f"synpref {spec.name}: Kafka at {settings.kafka.bootstrap_servers}: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return 1

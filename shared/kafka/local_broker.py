@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import logging
 import os
 import shutil
@@ -257,3 +258,17 @@ class LocalKafka:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def main() -> None:
+    """`python -m synpref.shared.kafka.local_broker`: a broker for manual runs, until Ctrl-C."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    with LocalKafka() as kafka:
+        print(f"{kafka.describe()}; logs in {kafka.dir}. Ctrl-C stops it.", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+
+
+if __name__ == "__main__":
+    main()

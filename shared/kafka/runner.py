@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kafka import ConsumerRebalanceListener
-from kafka.errors import CommitFailedError
+from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from synpref.shared.config import Settings, TopicSettings
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 ROUTES = frozenset(TopicSettings.model_fields)
 
 
-class DeliveryError(RuntimeError):
+class DeliveryError(KafkaError):
     """Outputs of a batch were not acknowledged: its offsets stay uncommitted."""
 
 
