@@ -102,7 +102,7 @@ class VectorIndex:
         import faiss
 
         self.dim = dim
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self.ids: list[str] = []
         self.payloads: list[Any] = []
         self._row: dict[str, int] = {}

@@ -148,8 +148,8 @@ def default_source(path: Path, fmt: str) -> str:
     if fmt == "llmbar":
         lower = [p.lower() for p in parts]
         if "dataset" in lower:
-            rest = [p for p in parts[lower.index("dataset") + 1 : -1] if p != "LLMBar"]
-            return "/".join(("LLMBar", *rest))
+            kept = [p for p in parts[lower.index("dataset") + 1 : -1] if p != "LLMBar"]
+            return "/".join(("LLMBar", *kept))
         return "LLMBar/" + path.parent.name
     if fmt == "rm-bench":
         return "RM-Bench/" + path.name.split(".")[0].removesuffix("_filtered")

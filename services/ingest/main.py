@@ -13,11 +13,12 @@ import itertools
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from synpref.services.ingest.preprocess import Decontaminator, Preprocessor, benchmark_prompts
 from synpref.shared.config import ConfigError, load_settings
-from synpref.shared.sources import FORMATS, SourceError, iter_source
+from synpref.shared.sources import FORMATS, SourceError, SourceRow, iter_source
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ def main(argv: list[str]) -> int:
         seen = {line.strip() for line in Path(args.seen).read_text().splitlines() if line.strip()}
     already = set(seen)
     pre = Preprocessor(Decontaminator(prompts, args.ngram), seen=seen)
-    rows = itertools.chain.from_iterable(iter_source(p, args.format, args.source) for p in args.paths)
+    rows: Iterator[SourceRow] = itertools.chain.from_iterable(
+        iter_source(p, args.format, args.source) for p in args.paths
+    )
     if args.limit:
         rows = itertools.islice(rows, args.limit)
 
