@@ -60,6 +60,29 @@ def pair_text(conversation: Sequence[dict[str, str]], attributes: dict[str, Any]
     return "\n".join(lines)
 
 
+def record_item(record: Any) -> dict[str, Any]:
+    """A PairRecord as a retrieval item whose payload makes a judge example (its label is taken as verified)."""
+    from synpref.shared.pairs import message_dicts
+
+    pair, attrs = record.pair, record.attributes
+    attributes = {
+        "task_category": attrs.task_category,
+        "desired_attributes": list(attrs.desired_attributes),
+        "annotation_guideline": attrs.annotation_guideline,
+    }
+    return {
+        "id": pair.id,
+        "conversation": message_dicts(pair.conversation),
+        "attributes": attributes if attrs.task_category else {},
+        "preferred": "\n".join(m.content for m in pair.chosen),
+        "dispreferred": "\n".join(m.content for m in pair.rejected),
+    }
+
+
+EXAMPLE_KEYS = ("conversation", "attributes", "preferred", "dispreferred")
+"""Payload keys that `PairRetriever.examples` needs: add D_gold with `add(items, EXAMPLE_KEYS)`."""
+
+
 class Embedder:
     """Mean-pooled, normalized sentence embeddings with transformers."""
 

@@ -64,3 +64,18 @@ def test_minilm_retrieval_finds_the_similar_topic(embedder, tmp_path):
     assert hits[0][0] == "py" and len(hits) == 2
     examples = reopened.examples(conv("baking a chocolate dessert"), {}, 1)
     assert [e.id for e in examples] == ["cake"] and examples[0].preferred == "Mix..."
+
+
+def test_gold_records_become_judge_examples(embedder):
+    from synpref.shared.pairs import new_pair, new_record
+    from synpref.shared.retrieval import EXAMPLE_KEYS, record_item
+
+    record = new_record(new_pair(conv("Is the earth flat?"), [{"role": "assistant", "content": "No, it is round."}],
+                                 [{"role": "assistant", "content": "Yes."}], "gold"))  # fmt: skip
+    record.attributes.task_category = "science"
+    record.attributes.annotation_guideline = "Prefer facts."
+    retriever = PairRetriever(embedder)
+    retriever.add([record_item(record)], EXAMPLE_KEYS)
+    (example,) = retriever.examples(conv("What shape is the earth?"), {}, 3)
+    assert example.id == record.pair.id and example.preferred == "No, it is round." and example.dispreferred == "Yes."
+    assert example.attributes["annotation_guideline"] == "Prefer facts."
