@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,29 +142,38 @@ def offline_ceiling(
     rewards = [0.0] * len(ids)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for b in batches:
         for i, r in zip(b, backend.forward([ids[i] for i in b]), strict=True):
             rewards[i] = r
     sync()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     backend.close()
-    return {"wall": wall, "rewards": rewards, "forwards": len(batches)}
+    return {"wall": wall, "cpu": cpu, "rewards": rewards, "forwards": len(batches)}
 
 
 def serve_and_drive(settings: Any, items: list[Conversation], concurrency: int) -> dict[str, Any]:
+    """Server in this process (its threads), clients in a spawned one. `cpu` is this
+    process's CPU time while the clients ran: the serving cost, forwards included."""
     from synpref.services.scorer.server import BackgroundScorer
 
     with BackgroundScorer(settings) as bg:
         ctx = mp.get_context("spawn")
         with ctx.Pool(1) as pool:
+            c0 = time.process_time()
             result = pool.apply(drive, (bg.address, items, concurrency))
+            result["cpu"] = time.process_time() - c0
         result["forwards"] = bg.server.registry.get().batcher.forwards
+        result["scored"] = len(items) + WARMUP_REQUESTS
     return result
 
 
-def summarize(name: str, wall: float, n: int, tokens: int, latencies: list[float] | None) -> dict[str, float]:
-    row = {"name": name, "wall_s": wall, "items_per_s": n / wall, "tokens_per_s": tokens / wall}
+WARMUP_REQUESTS = 8  # drive() warms each of its 8 channels with one request
+
+
+def summarize(name: str, wall: float, n: int, tokens: int, latencies: list[float] | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": name, "wall_s": wall, "items_per_s": n / wall, "tokens_per_s": tokens / wall}
+    row["mean_len"] = tokens / n
     if latencies:
         row["p50_ms"] = percentile(latencies, 0.50) * 1000
         row["p99_ms"] = percentile(latencies, 0.99) * 1000
@@ -171,7 +181,10 @@ def summarize(name: str, wall: float, n: int, tokens: int, latencies: list[float
     return row
 
 
-def run(args: argparse.Namespace, shape: dict[str, int], label: str) -> list[dict[str, Any]]:
+def run(
+    args: argparse.Namespace, build: Callable[[Path, list[Conversation]], Path], label: str
+) -> list[dict[str, Any]]:
+    """All three measurements, `args.repeats` times; `build(folder, conversations)` saves the model."""
     import torch
 
     from synpref.services.scorer.encoding import Encoder
@@ -182,7 +195,8 @@ def run(args: argparse.Namespace, shape: dict[str, int], label: str) -> list[dic
         torch.set_num_threads(args.threads)
     convs = load_conversations(Path(args.data), args.items)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="scorer-bench-"))
-    path = build_model(work / label, convs, shape)
+    args.workdir = str(work)
+    path = build(work / label, convs)
     total, non_embed = param_count(path)
     base = {
         "port": 0,
@@ -209,28 +223,40 @@ def run(args: argparse.Namespace, shape: dict[str, int], label: str) -> list[dic
         f"[{label}] {len(convs)} hh-rlhf conversations, {tokens} tokens (median {lengths[len(lengths) // 2]}, "
         f"max {lengths[-1]}); model {total / 1e6:.2f}M params ({non_embed / 1e6:.2f}M outside the embedding); "
         f"device {args.device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}; "
-        f"tokenizing all items takes {tokenize_s * 1000:.0f} ms",
+        f"tokenizing all items takes {tokenize_s * 1000:.0f} ms; load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
 
+    # (b) is the best of several token budgets, so the ceiling is not handicapped by a
+    # budget chosen for the server; the scorer then runs with that same budget. Chosen on
+    # CPU time per item on CPU (robust to other processes' load), on wall time on GPU.
+    on_gpu = args.device.startswith("cuda")
+    sweep = []
+    for budget in args.budgets:
+        off = offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype)
+        cost = off["wall"] if on_gpu else off["cpu"]
+        sweep.append((cost, budget))
+        print(
+            f"  offline, budget {budget:6d} tokens: {len(ids) / off['wall']:.1f} items/s, "
+            f"{off['cpu'] / len(ids) * 1000:.1f} CPU ms/item",
+            flush=True,
+        )
+    best_budget = min(sweep)[1]
+    print(f"  ceiling budget: {best_budget} tokens", flush=True)
+    settings = {
+        "(a) naive server": ScorerSettings(**{**base, "max_batch_items": 1, "max_wait_ms": 0.0}),
+        "(s) scorer": ScorerSettings(**{**base, "max_batch_tokens": best_budget}),
+    }
+
     rows: list[dict[str, Any]] = []
     for rep in range(args.repeats):
-        # (b): the best of several token budgets, so the ceiling is not handicapped by a
-        # budget that suits the server; the scorer then runs with that same budget.
-        sweep = []
-        for budget in args.budgets:
-            off = offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype)
-            sweep.append((len(ids) / off["wall"], budget, off))
-            print(f"  rep {rep} offline, budget {budget:6d} tokens: {len(ids) / off['wall']:.1f} items/s", flush=True)
-        _, best_budget, off = max(sweep, key=lambda x: x[0])
+        off = offline_ceiling(path, ids, best_budget, args.max_batch_items, args.device, args.dtype)
         reference: list[float] = off["rewards"]
-        off_row = {**summarize("(b) offline batched", off["wall"], len(ids), tokens, None), "rep": rep}
-        off_row.update(forwards=off["forwards"], mean_batch=len(ids) / off["forwards"], budget=best_budget)
-        rows.append(off_row)
-        settings = {
-            "(a) naive server": ScorerSettings(**{**base, "max_batch_items": 1, "max_wait_ms": 0.0}),
-            "(s) scorer": ScorerSettings(**{**base, "max_batch_tokens": best_budget}),
-        }
+        row = summarize("(b) offline batched", off["wall"], len(ids), tokens, None)
+        row.update(rep=rep, forwards=off["forwards"], mean_batch=len(ids) / off["forwards"], budget=best_budget)
+        row["cpu_ms_per_item"] = off["cpu"] / len(ids) * 1000
+        rows.append(row)
+        _progress(rep, row)
         for name, s in settings.items():
             if name.startswith("(a)") and args.skip_naive:
                 continue
@@ -239,45 +265,56 @@ def run(args: argparse.Namespace, shape: dict[str, int], label: str) -> list[dic
             row = summarize(name, res["wall"], len(ids), tokens, res["latencies"])
             row.update(rep=rep, forwards=res["forwards"], max_abs_diff=diff, budget=s.max_batch_tokens)
             row["mean_batch"] = statistics.fmean(res["batch_sizes"])
+            row["cpu_ms_per_item"] = res["cpu"] / res["scored"] * 1000
             rows.append(row)
-            print(
-                f"  rep {rep} {name}: {row['items_per_s']:.1f} items/s, max |reward - offline| {diff:.2e}", flush=True
-            )
+            _progress(rep, row)
     return rows
+
+
+def _progress(rep: int, row: dict[str, Any]) -> None:
+    diff = f", max |reward - offline| {row['max_abs_diff']:.1e}" if "max_abs_diff" in row else ""
+    print(
+        f"  rep {rep} {row['name']:20s}: {row['items_per_s']:6.1f} items/s, "
+        f"{row['cpu_ms_per_item']:5.1f} CPU ms/item (serving process){diff}; load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
 
 
 def report(rows: list[dict[str, Any]], flops_per_token: float | None = None, peak_flops: float | None = None) -> None:
     by_name: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_name.setdefault(r["name"], []).append(r)
-    med = {name: statistics.median(r["items_per_s"] for r in rs) for name, rs in by_name.items()}
-    print("\nmedian over repeats:")
-    head = ["items/s", "tokens/s", "p50 ms", "p99 ms", "forwards", "mean batch", "budget"]
-    print(f"  {'':22s} " + " ".join(f"{h:>10s}" for h in head))
+    print(f"\nmedian over {len(next(iter(by_name.values())))} repeats:")
+    head = ["items/s", "tokens/s", "CPU ms/it", "p50 ms", "p99 ms", "forwards", "mean batch", "budget"]
+    print(f"  {'':22s} " + " ".join(f"{h:>10s}" for h in head) + ("  MFU" if flops_per_token and peak_flops else ""))
+    med: dict[str, dict[str, float]] = {}
     for name, rs in by_name.items():
-        r = sorted(rs, key=lambda x: x["items_per_s"])[len(rs) // 2]
+        m = {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
+        med[name] = m
+        cells = [
+            f"{m['items_per_s']:10.1f}",
+            f"{m['tokens_per_s']:10.0f}",
+            f"{m['cpu_ms_per_item']:10.1f}",
+            f"{m.get('p50_ms', float('nan')):10.1f}",
+            f"{m.get('p99_ms', float('nan')):10.1f}",
+            f"{m['forwards']:10.0f}",
+            f"{m['mean_batch']:10.1f}",
+            f"{m['budget']:10.0f}",
+        ]
         extra = ""
         if flops_per_token and peak_flops:
-            extra = f"  MFU {r['tokens_per_s'] * flops_per_token / peak_flops * 100:.2f}%"
-        cells = [
-            f"{r['items_per_s']:10.1f}",
-            f"{r['tokens_per_s']:10.0f}",
-            f"{r.get('p50_ms', float('nan')):10.1f}",
-            f"{r.get('p99_ms', float('nan')):10.1f}",
-            f"{r['forwards']:10d}",
-            f"{r.get('mean_batch', float('nan')):10.1f}",
-            f"{r['budget']:10d}",
-        ]
+            extra = f"  {m['tokens_per_s'] * flops_per_token / peak_flops * 100:.2f}%"
         print(f"  {name:22s} " + " ".join(cells) + extra)
-    b = med.get("(b) offline batched")
-    s = med.get("(s) scorer")
-    a = med.get("(a) naive server")
+    a, b, s = (med.get(k) for k in ("(a) naive server", "(b) offline batched", "(s) scorer"))
     if b and s:
-        print(f"\n  scorer / offline ceiling (b) = {s / b:.3f}  (goal >= 0.9)")
+        print(
+            f"\n  scorer / ceiling (b), throughput          = {s['items_per_s'] / b['items_per_s']:.3f}  (goal >= 0.9)"
+        )
+        print(f"  ceiling (b) / scorer, CPU cost per item    = {b['cpu_ms_per_item'] / s['cpu_ms_per_item']:.3f}")
     if a and s:
-        print(f"  scorer / naive server (a)    = {s / a:.3f}")
+        print(f"  scorer / naive server (a), throughput      = {s['items_per_s'] / a['items_per_s']:.3f}")
     if a and b:
-        print(f"  offline (b) / naive (a)      = {b / a:.3f}")
+        print(f"  ceiling (b) / naive (a), throughput        = {b['items_per_s'] / a['items_per_s']:.3f}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -313,7 +350,7 @@ def main() -> int:
         print(f"data not found: {args.data}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    rows = run(args, TINY_QWEN3, "tiny-qwen3-5m")
+    rows = run(args, lambda out, convs: build_model(out, convs, TINY_QWEN3), "tiny-qwen3-5m")
     report(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -382,3 +382,36 @@ def test_sigterm_drains_in_flight_requests(ckpts: dict[str, Path], tmp_path: Pat
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_score_cli(scorer: BackgroundScorer, client: RewardClient, tmp_path: Path) -> None:
+    import json
+
+    from synpref.client.cli import main as score_main
+
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps(conversation(1)) + "\n" + json.dumps({"text": "rendered text"}) + "\n")
+    out = tmp_path / "rewards.jsonl"
+    assert score_main(["--address", scorer.address, "items", str(items), "-o", str(out)]) == 0
+    got = [json.loads(line)["reward"] for line in out.read_text().splitlines()]
+    assert got == pytest.approx(client.score([conversation(1), "rendered text"]), abs=1e-4)
+
+    hh = tmp_path / "hh.jsonl"
+    rows = [
+        {
+            "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello, how can I help?",
+            "rejected": "\n\nHuman: Hi there\n\nAssistant: Go away.",
+        },
+        {"chosen": "\n\nHuman: A\n\nAssistant: B", "rejected": "\n\nHuman: C\n\nAssistant: D"},  # no shared prefix
+    ]
+    hh.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    scored = tmp_path / "scored.jsonl"
+    assert score_main(["--address", scorer.address, "pairs", str(hh), "-o", str(scored)]) == 0
+    lines = [json.loads(line) for line in scored.read_text().splitlines()]
+    assert len(lines) == 1  # the unpairable row is reported, not scored
+    conv = [{"role": "user", "content": "Hi there"}]
+    expected = client.score_pairs([{"conversation": conv, "chosen": "Hello, how can I help?", "rejected": "Go away."}])[
+        0
+    ]
+    assert lines[0]["p"] == pytest.approx(expected.p, abs=1e-6)
+    assert score_main(["--address", scorer.address, "--model", "nope", "items", str(items)]) == 1

@@ -1,0 +1,91 @@
+"""Request validation and the text/conversation encoding the scorer applies (tiny local tokenizers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from synpref.services.scorer.encoding import Encoder, validate_messages
+from synpref.services.scorer.errors import InvalidInput
+from synpref.shared.tiny import build_tiny_tokenizer
+
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "How do I bake bread at home?"},
+    {"role": "assistant", "content": "Mix flour, water, salt and yeast, then bake it."},
+]
+
+
+@pytest.fixture(scope="module")
+def llama_tok(tmp_path_factory: pytest.TempPathFactory):
+    return build_tiny_tokenizer(Path(tmp_path_factory.mktemp("tok")) / "llama", style="llama", vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def qwen_tok(tmp_path_factory: pytest.TempPathFactory):
+    return build_tiny_tokenizer(Path(tmp_path_factory.mktemp("tok")) / "qwen", style="qwen", vocab_size=400)
+
+
+@pytest.mark.parametrize(
+    "messages,fragment",
+    [
+        ([], "is empty"),
+        ([{"role": "user", "content": "q"}], "must end with the assistant response"),
+        ([{"role": "robot", "content": "q"}], "role 'robot'"),
+        ([{"role": "assistant", "content": 3}], "content must be a string"),
+        (["hello"], "not an object"),
+        ([{"role": "user", "content": " "}, {"role": "assistant", "content": ""}], "only empty messages"),
+    ],
+)
+def test_invalid_conversations_are_named(messages: list, fragment: str) -> None:
+    with pytest.raises(InvalidInput, match=fragment):
+        validate_messages(messages, "item 7")
+
+
+def test_valid_conversation_passes_through() -> None:
+    assert validate_messages(CONV) == CONV
+
+
+def test_rendered_text_gets_exactly_one_bos(llama_tok) -> None:
+    enc = Encoder(llama_tok, max_length=512)
+    from_conv = enc.conversation(CONV)
+    rendered = llama_tok.apply_chat_template(CONV, tokenize=False)
+    bos = llama_tok.bos_token
+    assert rendered.startswith(bos) and from_conv[0] == llama_tok.bos_token_id and from_conv[1] != from_conv[0]
+    assert enc.text(rendered) == from_conv  # OpenRLHF: BOS kept
+    assert enc.text(rendered[len(bos) :]) == from_conv  # verl: BOS stripped
+    assert enc.text(bos + rendered) == from_conv  # a plain tokenizer call: BOS doubled
+
+
+def test_no_bos_family_adds_none(qwen_tok) -> None:
+    enc = Encoder(qwen_tok, max_length=512)
+    rendered = qwen_tok.apply_chat_template(CONV, tokenize=False)
+    assert enc.text(rendered) == enc.conversation(CONV)
+    assert qwen_tok.bos_token_id is None
+
+
+def test_too_long_truncates_or_rejects(qwen_tok) -> None:
+    long_conv = [
+        {"role": "user", "content": "old question " * 40},
+        {"role": "assistant", "content": "old answer " * 40},
+        {"role": "user", "content": "new question"},
+        {"role": "assistant", "content": "new answer"},
+    ]
+    full = Encoder(qwen_tok, max_length=10_000).conversation(long_conv)
+    limit = len(full) // 2
+    cut = Encoder(qwen_tok, max_length=limit).conversation(long_conv)
+    assert len(cut) <= limit and cut[-5:] == full[-5:]  # left_turns keeps the scored response
+    with pytest.raises(InvalidInput, match=f"max_length={limit}"):
+        Encoder(qwen_tok, max_length=limit, on_too_long="reject").conversation(long_conv)
+    with pytest.raises(InvalidInput, match="max_length=16"):
+        Encoder(qwen_tok, max_length=16, on_too_long="reject").text("word " * 50)
+    assert len(Encoder(qwen_tok, max_length=16).text("word " * 50)) == 16
+
+
+def test_empty_text_and_padding(qwen_tok) -> None:
+    enc = Encoder(qwen_tok, max_length=64)
+    with pytest.raises(InvalidInput, match="empty"):
+        enc.text("  \n")
+    pad = qwen_tok.pad_token
+    assert enc.strip_padding(pad * 3 + "hello" + pad) == "hello"
