@@ -151,11 +151,15 @@ def build_tiny_reward_model(
     texts: Iterable[str] | None = None,
     max_positions: int = 2048,
     seed: int = 0,
+    head_dim: int | None = None,
+    model_vocab_size: int | None = None,
 ) -> Path:
     """Save a randomly initialised num_labels=1 reward model plus its tokenizer in `out_dir`.
 
     The folder loads with AutoModelForSequenceClassification / AutoTokenizer like any hub
     checkpoint. Dropout is off for decoders (as in Qwen3/Llama) so runs are reproducible.
+    head_dim defaults to hidden // heads (Qwen3-0.6B has 128 with hidden 1024 and 16 heads);
+    model_vocab_size pads the embedding beyond the tokenizer (to mimic a real model's shape).
     """
     import torch
     from transformers import AutoModelForSequenceClassification, BertConfig, LlamaConfig, Qwen3Config
@@ -165,7 +169,7 @@ def build_tiny_reward_model(
     tokenizer = build_tiny_tokenizer(out, texts=texts, style=style, vocab_size=vocab_size)
     inter = intermediate or hidden * 2
     common = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), model_vocab_size or 0),
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
@@ -178,7 +182,7 @@ def build_tiny_reward_model(
         config = Qwen3Config(
             **common,
             num_key_value_heads=kv_heads,
-            head_dim=hidden // heads,
+            head_dim=head_dim or hidden // heads,
             tie_word_embeddings=False,
             eos_token_id=tokenizer.eos_token_id,
         )
@@ -186,7 +190,7 @@ def build_tiny_reward_model(
         config = LlamaConfig(
             **common,
             num_key_value_heads=kv_heads,
-            head_dim=hidden // heads,
+            head_dim=head_dim or hidden // heads,
             tie_word_embeddings=False,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,

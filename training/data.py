@@ -94,10 +94,13 @@ def load_pairs(paths: Iterable[str], columns_extra: tuple[str, ...] = ()) -> Pai
     for path in paths:
         kind, files = _data_files(path)
         ds = datasets.load_dataset(kind, data_files=files, split="train")
-        default_source = Path(path).stem
+        default_source = Path(path).name.split(".")[0]
         for i, row in enumerate(ds):
             try:
-                pair = normalize_pair(row, default_source)
+                if is_hh_transcript(row):  # raw hh-rlhf files train directly
+                    pair = hh_pair(row["chosen"], row["rejected"], str(row.get("source") or default_source))
+                else:
+                    pair = normalize_pair(row, default_source)
             except (ValueError, KeyError, TypeError) as exc:
                 out.problems.append(f"{path} row {i}: {exc}")
                 continue
@@ -147,36 +150,42 @@ def _hh_messages(transcript: str) -> Msgs:
     return msgs
 
 
+def is_hh_transcript(row: Mapping[str, Any]) -> bool:
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    return isinstance(chosen, str) and isinstance(rejected, str) and "\n\nAssistant:" in chosen + rejected
+
+
+def hh_pair(chosen_text: str, rejected_text: str, source: str = "hh-rlhf") -> dict[str, Any]:
+    """Two hh-rlhf transcripts -> a pair; the conversation is the shared prefix up to the last
+    "\n\nAssistant:". ValueError when the prefixes differ or a message is empty."""
+    marker = "\n\nAssistant:"
+    cut_c, cut_r = chosen_text.rfind(marker), rejected_text.rfind(marker)
+    if cut_c < 0 or cut_r < 0 or chosen_text[:cut_c] != rejected_text[:cut_r]:
+        raise ValueError("chosen and rejected do not share a prefix")
+    return normalize_pair(
+        {
+            "conversation": _hh_messages(chosen_text[:cut_c]),
+            "chosen": [{"role": "assistant", "content": chosen_text[cut_c + len(marker) :].strip()}],
+            "rejected": [{"role": "assistant", "content": rejected_text[cut_r + len(marker) :].strip()}],
+            "source": source,
+        }
+    )
+
+
 def load_hh_rlhf(path: str | Path, source: str = "hh-rlhf") -> PairSet:
     """hh-rlhf rows {"chosen": transcript, "rejected": transcript} -> pairs.
 
-    The conversation is the shared prefix up to the last "\\n\\nAssistant:"; rows whose
-    prefixes differ (5 in harmless-base test) or whose completion is empty are problems.
+    Rows whose prefixes differ (5 in harmless-base test) or that hold an empty message are
+    problems, reported with their row number.
     """
     out = PairSet()
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         for i, line in enumerate(fh):
             row = json.loads(line)
-            cut_c, cut_r = row["chosen"].rfind("\n\nAssistant:"), row["rejected"].rfind("\n\nAssistant:")
-            prefix_c, prefix_r = row["chosen"][:cut_c], row["rejected"][:cut_r]
-            if cut_c < 0 or prefix_c != prefix_r:
-                out.problems.append(f"{path} row {i}: chosen and rejected do not share a prefix")
-                continue
-            tail = len("\n\nAssistant:")
-            chosen, rejected = row["chosen"][cut_c + tail :].strip(), row["rejected"][cut_r + tail :].strip()
             try:
-                pair = normalize_pair(
-                    {
-                        "conversation": _hh_messages(prefix_c),
-                        "chosen": [{"role": "assistant", "content": chosen}],
-                        "rejected": [{"role": "assistant", "content": rejected}],
-                        "source": source,
-                    }
-                )
+                out.pairs.append(hh_pair(row["chosen"], row["rejected"], source))
             except ValueError as exc:
                 out.problems.append(f"{path} row {i}: {exc}")
-                continue
-            out.pairs.append(pair)
     return out
 
 

@@ -360,7 +360,8 @@ class RewardTrainer:
         # so scale back up by the world size to get the mean over the global batch.
         # (FSDP's reduce-scatter averages the same way.)
         scale = self.world / len(batch)
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, non-pad tokens
+        # loss sum, correct, non-pad tokens; kept on the device so the GPU never waits on the host
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         for k, micro in enumerate(micros):
             pairs = [self.train_data[i] for i in micro]
             last = k == len(micros) - 1
@@ -370,8 +371,8 @@ class RewardTrainer:
                 margin = torch.tensor([p.margin for p in pairs], device=self.device) if cfg.margin_column else None
                 per_pair = bt_loss(r_c, r_r, margin, cfg.center_rewards_coefficient)
                 (per_pair.sum() * scale).backward()
-            totals[0] += float(per_pair.detach().sum())
-            totals[1] += float((r_c > r_r).sum())
+            totals[0] += per_pair.detach().sum()
+            totals[1] += (r_c > r_r).sum()
             totals[2] += sum(p.tokens for p in pairs)
         if self.world > 1:
             dist.all_reduce(totals)
@@ -383,10 +384,11 @@ class RewardTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         n = len(batch)
+        loss_sum, correct, tokens = totals.tolist()
         return {
-            "loss": float(totals[0]) / n,
-            "accuracy": float(totals[1]) / n,
-            "tokens": float(totals[2]),
+            "loss": loss_sum / n,
+            "accuracy": correct / n,
+            "tokens": tokens,
             "grad_norm": grad_norm,
             "lr": lr,
         }
@@ -414,7 +416,7 @@ class RewardTrainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step")
-        t0, pairs_done, tokens_done, window = time.perf_counter(), 0, 0.0, []
+        t0, cpu0, pairs_done, tokens_done, window = time.perf_counter(), time.process_time(), 0, 0.0, []
         for step, batch in self._global_batches():
             stats = self.train_step(batch)
             self.step = step + 1
@@ -455,6 +457,7 @@ class RewardTrainer:
         summary = {
             "steps": self.step,
             "train_seconds": elapsed,
+            "train_cpu_seconds": time.process_time() - cpu0,
             "pairs_per_s": pairs_done / max(elapsed, 1e-9),
             "tokens_per_s": tokens_done / max(elapsed, 1e-9),
             **self.data_report,
