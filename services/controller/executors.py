@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 KAFKA_PLANS: dict[str, tuple[str, tuple[str, ...]]] = {
     "annotate": ("raw", ("annotated",)),
     "stage2": ("raw", ("curated", "discarded")),
+    # Human review through the desk service: review topic in, its decisions out.
+    "review": ("review", ("verified", "discarded")),
 }
 
 
@@ -108,6 +110,9 @@ class KafkaExecutor:
         out = StageResult()
         if not pending:
             return out
+        # Results of an earlier batch of the same pairs (say, Stage-1 records still draining
+        # down the pipeline) carry another lineage.stage: they are not this batch's.
+        stage = records[0].lineage.stage
         consumer = make_consumer(self.settings.kafka, None, enable_auto_commit=False)  # type: ignore[arg-type]
         producer = make_producer(self.settings.kafka)
         try:
@@ -134,7 +139,7 @@ class KafkaExecutor:
                         except PayloadError:
                             continue
                         key = key_of(record)
-                        if key not in pending:
+                        if key not in pending or record.lineage.stage != stage:
                             continue
                         if route == "dead_letter":
                             reason = header_map(msg.headers).get("synpref-dlq-reason", "dead-lettered")

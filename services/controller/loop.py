@@ -62,6 +62,7 @@ from synpref.v1.pair_pb2 import (
     PREFERENCE_CHOSEN,
     PREFERENCE_REJECTED,
     STAGE_ONE,
+    STAGE_TWO,
     Decision,
     DecisionRecord,
     ModelScore,
@@ -296,6 +297,8 @@ class Controller:
 
     def ask_humans(self, keys: list[str], iteration: int) -> tuple[list[str], list[str]]:
         """Humans decide `keys`: verified ones join D_gold (flipped if they preferred rejected)."""
+        for key in keys:
+            self.records[key].lineage.stage = STAGE_ONE  # human verification is Stage 1's, seed included
         routed = self.humans.review([self.records[k] for k in keys])
         verified, dropped = [], []
         for route, record in routed:
@@ -377,13 +380,19 @@ class Controller:
         )
         entry: dict[str, Any] = {"iteration": t, "rm_errors": errors, "retrieved": len(retrieved)}
         if retrieved:
-            pb = self.score_into(retrieved, handle, "best")
-            result = self.executor.run("annotate", [self.records[k] for k in retrieved])
-            annotated = {key_of(r): r for _, r in result.routed}
-            for key, record in annotated.items():
+            for key in retrieved:
+                # Judges see every retrieved pair in Stage 1: no best-RM score yet, so an annotator
+                # that skips confident pairs (a Stage-2 setting) skips none of them.
+                record = self.records[key]
+                kept = [sc for sc in record.scores if sc.model != "best"]
+                del record.scores[:]
+                record.scores.extend(kept)
                 record.lineage.stage = STAGE_ONE
                 record.lineage.iteration = t
-                self.records[key] = record
+            result = self.executor.run("annotate", [self.records[k] for k in retrieved])
+            annotated = {key_of(r): r for _, r in result.routed}
+            self.records.update(annotated)
+            pb = self.score_into(sorted(annotated), handle, "best")
             # The stage-1 rule: pairs the RM gets wrong or is unsure of are gold candidates.
             f1 = make_filter_stage(self.settings.filter.model_copy(update={"stage": 1}))
             decided = f1([self.records[k] for k in sorted(annotated)])
@@ -441,6 +450,8 @@ class Controller:
         ]
         # The cluster's annotator sees p_best before the gold scorer runs: score here first.
         self.score_into(keys, best, "best")
+        for key in keys:
+            self.records[key].lineage.stage = STAGE_TWO
         if self.c.executor == "kafka" and self.c.scorer_reload_url:
             # The gold-scorer service scores through the scorer: serve this run's gold and best there.
             registry = {}

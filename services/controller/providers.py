@@ -172,6 +172,30 @@ class DeskHumans:
         self.server.stop()
 
 
+class KafkaDeskHumans:
+    """The desk service in a cluster: candidates go to the review topic, decisions come back.
+
+    The desk (services/desk, Kafka backend) consumes `review` and writes each decided pair to
+    `verified` or `discarded`; the loop waits for all of them (humans are slow: hours).
+    """
+
+    name = "desk (Kafka)"
+
+    def __init__(self, settings, timeout_s: float = 7 * 24 * 3600.0) -> None:
+        from synpref.services.controller.executors import KafkaExecutor
+
+        self.executor = KafkaExecutor(settings, timeout_s)
+
+    def review(self, records: list[PairRecord]) -> Routed:
+        if not records:
+            return []
+        result = self.executor.run("review", records)
+        got = {key_of(r): (route, r) for route, r in result.routed}
+        for record, _reason in result.failed:
+            got[key_of(record)] = ("discarded", record)
+        return [got[key_of(r)] for r in records]
+
+
 def make_provider(kind: str, labels_file: str = "", desk_settings=None, seed: int = 0) -> HumanProvider:
     if kind == "oracle":
         return OracleHumans()
