@@ -185,6 +185,9 @@ class ScorerSettings(Section):
     """Token budget of one forward, counted padded: items x longest item."""
     max_wait_ms: float = Field(default=5.0, ge=0.0)
     """Longest an item waits for others to share its forward."""
+    forward_overhead_tokens: int = Field(default=0, ge=0)
+    """Fixed cost of one forward in token-equivalents, for cutting batches (more padding is
+    worth it when forwards are costly); 0 = auto: 32 on CPU, 2048 on CUDA."""
     max_queue: int = Field(default=4096, ge=1)
     """Items waiting per model; beyond it requests get RESOURCE_EXHAUSTED / HTTP 429."""
     max_request_items: int = Field(default=1024, ge=1)
