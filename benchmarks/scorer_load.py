@@ -135,9 +135,12 @@ def offline_ceiling(
 
     from synpref.services.scorer.backends import TorchBackend
     from synpref.services.scorer.batcher import plan_batches
+    from synpref.services.scorer.registry import overhead_tokens
+    from synpref.shared.config import ScorerSettings
 
     backend = TorchBackend(str(path), device, dtype)
-    batches = plan_batches([len(x) for x in ids], max_batch_tokens, max_batch_items)
+    overhead = overhead_tokens(ScorerSettings(device=device), backend)  # as the server would
+    batches = plan_batches([len(x) for x in ids], max_batch_tokens, max_batch_items, overhead)
     backend.forward([ids[0]])  # warm-up
     rewards = [0.0] * len(ids)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -331,7 +334,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--budgets",
         type=lambda v: [int(x) for x in v.split(",")],
-        default=[512, 1024, 2048, 4096, 16384],
+        default=[512, 2048, 8192],
         help="token budgets tried offline; the best is the ceiling (b) and the scorer's max_batch_tokens",
     )
     p.add_argument("--max-wait-ms", type=float, default=5.0)

@@ -6,7 +6,8 @@ of concurrent requests: it waits at most `max_wait_ms` after the oldest queued i
 less, once a full batch is queued), sorts the waiting items by length so each forward pads
 little, cuts them into batches bounded by `max_batch_tokens` (padded size: items x longest)
 and `max_batch_items`, and runs the forwards one at a time on a dedicated thread, so the
-event loop keeps accepting requests while the model computes. Each reward is routed back
+event loop keeps accepting requests while the model computes (plan_batches: the cut
+that minimises padded tokens plus a per-forward overhead). Each reward is routed back
 to its own request by (job, index).
 
 A request whose caller cancelled it, or whose deadline passed, is answered at once; its
@@ -98,20 +99,40 @@ class _Item:
     ids: list[int]
 
 
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_items: int) -> list[list[int]]:
-    """Indices grouped into batches: sorted by length, each batch's padded size
-    (items x longest) within the token budget; an item longer than the budget rides alone."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+def plan_batches(
+    lengths: Sequence[int], max_batch_tokens: int, max_batch_items: int, overhead_tokens: int = 32
+) -> list[list[int]]:
+    """Indices grouped into forwards of least estimated cost.
+
+    Items are sorted by length and cut into contiguous groups; a group of n items whose
+    longest has L tokens costs `overhead_tokens + n * L` (padded tokens plus the fixed cost
+    of one forward, in token-equivalents) and must fit max_batch_items and, unless it is a
+    single item, max_batch_tokens padded tokens. The cheapest partition (dynamic
+    programming, O(items x max_batch_items)) pads little where lengths jump, and batches
+    widely where forwards are costly (GPUs: large overhead) or lengths are even.
+    """
+    n = len(lengths)
+    if n == 0:
+        return []
+    order = sorted(range(n), key=lambda i: lengths[i])
+    sizes = [lengths[i] for i in order]
+    best = [0.0] + [float("inf")] * n  # best[j]: cheapest plan for the j shortest items
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = sizes[j - 1]
+        for i in range(j - 1, max(j - max_batch_items, 0) - 1, -1):
+            count = j - i
+            if count > 1 and count * longest > max_batch_tokens:
+                break  # larger groups only exceed the budget further
+            cost = best[i] + overhead_tokens + count * longest
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
     batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[i]  # sorted ascending: the newcomer is the longest so far
-        if current and ((len(current) + 1) * longest > max_batch_tokens or len(current) >= max_batch_items):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
+    j = n
+    while j > 0:
+        batches.append(order[cut[j] : j])
+        j = cut[j]
+    batches.reverse()
     return batches
 
 
@@ -124,6 +145,7 @@ class Batcher:
         max_batch_items: int,
         max_wait_ms: float,
         max_queue: int,
+        overhead_tokens: int = 32,
         name: str = "model",
         metrics: ScorerMetrics | None = None,
     ) -> None:
@@ -132,6 +154,7 @@ class Batcher:
         self.max_batch_items = max_batch_items
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.overhead_tokens = overhead_tokens
         self.name = name
         self.metrics = metrics
         self._queue: collections.deque[_Item] = collections.deque()
@@ -211,7 +234,8 @@ class Batcher:
             await self._fill_window(loop)
             window = self._take_window()
             lengths = [len(it.ids) for it in window]
-            for batch_idx in plan_batches(lengths, self.max_batch_tokens, self.max_batch_items):
+            plan = plan_batches(lengths, self.max_batch_tokens, self.max_batch_items, self.overhead_tokens)
+            for batch_idx in plan:
                 # Drop items of requests that were cancelled or expired while they waited.
                 batch = [window[i] for i in batch_idx if not window[i].job.future.done()]
                 if batch:

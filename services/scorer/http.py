@@ -23,6 +23,7 @@ queue full (with Retry-After), 503 not ready or draining, 504 deadline.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import uuid
@@ -36,6 +37,7 @@ from synpref.services.scorer.metrics import ScorerMetrics
 from synpref.services.scorer.registry import ModelRegistry, ServedModel
 from synpref.shared.config import ModelRef
 
+log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 LABEL = "LABEL_0"  # what transformers names the single class of a num_labels=1 head
 
@@ -92,12 +94,17 @@ class HttpShims:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             t0 = time.perf_counter()
             status = 200
-            label = request.query.get("model") or self.registry.default_name
+            name = request.query.get("model", "")
+            label = name if name in self.registry.models else ("unknown" if name else "default")
             try:
                 return await handler(request)
             except ScorerError as exc:
                 status = exc.http_status
                 return _error(status, str(exc))
+            except Exception as exc:  # answer JSON, not aiohttp's HTML page
+                log.exception("%s failed", method)
+                status = 500
+                return _error(status, f"internal error: {type(exc).__name__}: {exc}")
             finally:
                 self.metrics.requests.labels(label, method, str(status)).inc()
                 self.metrics.latency.labels(label, method).observe(time.perf_counter() - t0)
@@ -162,7 +169,7 @@ class HttpShims:
             raise InvalidInput('reload needs {"model": name, "path": checkpoint folder} (and optionally "version")')
         try:
             served = await self.registry.reload(name, ModelRef(path=path, version=str(body.get("version") or "")))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # no such folder, not a checkpoint
             raise InvalidInput(f"cannot load {path!r}: {exc}") from None
         return web.json_response({"model": served.name, "version": served.version, "model_id": served.model_id})
 

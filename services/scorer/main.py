@@ -62,7 +62,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return settings.model_copy(update={"scorer": scorer})
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings) -> int:
     from synpref.services.scorer.server import ScorerServer
 
     server = ScorerServer(settings.scorer)
@@ -70,12 +70,22 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start(load=False)
+    await server.start(load=False)  # listeners up, health NOT_SERVING while models load
     loader = asyncio.ensure_future(server.load())
-    await stop.wait()
-    log.info("signal received: draining for up to %.0fs", settings.scorer.drain_s)
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if loader.done() and loader.exception() is not None:
+        # A checkpoint that does not load is fatal: exit so the orchestrator restarts or alerts.
+        log.error("loading models failed: %s", loader.exception())
+        code = 1
+    else:
+        await stopper
+        log.info("signal received: draining for up to %.0fs", settings.scorer.drain_s)
     loader.cancel()
-    await server.stop()
+    stopper.cancel()
+    await server.stop(0 if code else None)
+    return code
 
 
 def main(argv: list[str]) -> int:
@@ -88,5 +98,4 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.scorer.models:
         log.warning("no models configured (scorer.models or --model): health stays NOT_SERVING")
-    asyncio.run(serve(settings))
-    return 0
+    return asyncio.run(serve(settings))

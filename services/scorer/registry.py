@@ -50,6 +50,16 @@ class ServedModel:
         )
 
 
+def overhead_tokens(settings: ScorerSettings, backend: Backend) -> int:
+    """The configured per-forward overhead, or a default by device: on CPU a forward's fixed
+    cost is small next to its per-token work (padding dominates); on a GPU kernel launches
+    make a forward cost about as much as a couple of thousand tokens."""
+    if settings.forward_overhead_tokens:
+        return settings.forward_overhead_tokens
+    on_gpu = str(getattr(backend, "device", "cpu")).startswith("cuda") or backend.kind == "vllm"
+    return 2048 if on_gpu else 32
+
+
 def version_of(ref: ModelRef) -> str:
     return ref.version or Path(ref.path.rstrip("/")).name
 
@@ -98,6 +108,7 @@ class ModelRegistry:
             max_batch_items=s.max_batch_items,
             max_wait_ms=s.max_wait_ms,
             max_queue=s.max_queue,
+            overhead_tokens=overhead_tokens(s, backend),
             name=name,
             metrics=self.metrics,
         )

@@ -84,7 +84,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self, method: str, model_name: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]
     ) -> T:
         t0 = time.perf_counter()
-        label = model_name or self.registry.default_name
+        # Unknown names share one label, so clients cannot grow the metric's cardinality.
+        label = model_name if model_name in self.registry.models else ("unknown" if model_name else "default")
         code = grpc.StatusCode.OK
         try:
             return await work()

@@ -43,13 +43,25 @@ def run(coro):
 
 def test_plan_batches_sorts_by_length_and_respects_budget() -> None:
     lengths = [50, 3, 40, 4, 5, 45, 200]
-    batches = plan_batches(lengths, max_batch_tokens=100, max_batch_items=3)
+    batches = plan_batches(lengths, max_batch_tokens=100, max_batch_items=3, overhead_tokens=1000)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) <= 3
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 100
     assert [lengths[i] for i in batches[0]] == [3, 4, 5]  # shortest first, grouped together
     assert [lengths[i] for i in batches[-1]] == [200]  # longer than the budget: alone
+
+
+def test_plan_batches_pays_overhead_to_avoid_padding() -> None:
+    lengths = [10] * 8 + [200]
+    # Greedy packing would pad eight 10-token items to 200; the cheapest plan splits.
+    cheap = plan_batches(lengths, max_batch_tokens=10_000, max_batch_items=64, overhead_tokens=32)
+    assert sorted(map(sorted, cheap)) == [list(range(8)), [8]]
+    # When a forward costs more than the padding, everything rides together.
+    wide = plan_batches(lengths, max_batch_tokens=10_000, max_batch_items=64, overhead_tokens=5000)
+    assert len(wide) == 1
+    assert plan_batches([], 100, 4) == []
+    assert len(plan_batches([5] * 10, 100, 64, overhead_tokens=0)) == 10  # no overhead: padding-free singletons
 
 
 def test_concurrent_requests_are_coalesced_and_routed_back() -> None:
