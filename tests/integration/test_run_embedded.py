@@ -103,3 +103,28 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     assert "[seed] ..." not in out and "[s1.1.curate] ..." not in out, "finished steps are not redone"
     resumed, ref = outcome(killed), outcome(reference)
     assert resumed == ref
+    served_accuracy_matches(reference)
+
+
+def served_accuracy_matches(workdir: Path) -> None:
+    """The registered final RM, served by the scorer from scorer.yaml, scores the held-out pairs
+    exactly as the loop measured them."""
+    from synpref.client import RewardClient
+    from synpref.services.controller.state import StateStore
+    from synpref.services.gold_scorer.scoring import pair_dict
+    from synpref.services.scorer.server import BackgroundScorer
+    from synpref.shared.config import ScorerSettings
+
+    state = StateStore(workdir).load()
+    records = StateStore(workdir).read_records(state.records)
+    pairs = [pair_dict(records[k]) for k in state.pools["holdout"]]
+    scorer = yaml.safe_load((workdir / "models" / "scorer.yaml").read_text())["scorer"]
+    settings = ScorerSettings(**scorer, port=0, http_port=0, metrics_port=0)
+    bg = BackgroundScorer(settings).start()
+    try:
+        with RewardClient(bg.address, timeout=60) as client:
+            scores = client.score_pairs(pairs, model="best")
+    finally:
+        bg.stop()
+    served = sum(s.reward_chosen > s.reward_rejected for s in scores) / len(scores)
+    assert served == pytest.approx(state.results["holdout_accuracy"]["final"], abs=1e-9)
