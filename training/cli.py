@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from synpref.training.reward_config import PRESETS, RewardConfig
@@ -61,7 +62,8 @@ def main(argv: list[str]) -> int:
     from synpref.training.reward_trainer import train_reward_model
 
     result = train_reward_model(config)
-    print(json.dumps({"checkpoint_dir": str(result.checkpoint_dir), **result.metrics}, default=str))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line per job, not per rank
+        print(json.dumps({"checkpoint_dir": str(result.checkpoint_dir), **result.metrics}, default=str))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Real processes: 2-rank DDP (gloo) against 1 rank, and resume after SIGKILL.
+"""Real processes: 2-rank DDP and FSDP (gloo, CPU) against 1 rank, and resume after SIGKILL.
 
 Both compare final weights read back from the HF checkpoints the runs wrote.
 """
@@ -95,17 +95,24 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: fl
     return worst
 
 
-def test_two_process_ddp_matches_one_process(setup):
+@pytest.fixture(scope="module")
+def single_run(setup):
     root, model, train, evals = setup
-    train_cli = [sys.executable, "-m", "synpref.training.cli"]
-    single = subprocess.run(
-        [*train_cli, *overrides(model, root / "one", train, evals, max_steps=6)],
+    run = subprocess.run(
+        [sys.executable, "-m", "synpref.training.cli", *overrides(model, root / "one", train, evals, max_steps=6)],
         env=env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert run.returncode == 0, run.stderr[-3000:]
+    return weights(root / "one" / "final")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(setup, single_run, strategy):
+    root, model, train, evals = setup
+    out = root / strategy
     torchrun = [
         sys.executable,
         "-m",
@@ -113,24 +120,27 @@ def test_two_process_ddp_matches_one_process(setup):
         "--nproc-per-node",
         "2",
         "--master-port",
-        "29531",
+        "29531" if strategy == "ddp" else "29532",
         "-m",
         "synpref.training.cli",
     ]
-    ddp = subprocess.run(
-        [*torchrun, *overrides(model, root / "two", train, evals, max_steps=6)],
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert '"strategy": "ddp"' in (root / "two" / "metrics.jsonl").read_text()
+    args = overrides(model, out, train, evals, max_steps=6, distributed=strategy, save_steps=3)
+    run = subprocess.run([*torchrun, *args], env=env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f'"strategy": "{strategy}"' in (out / "metrics.jsonl").read_text()
+    assert run.stdout.count('"checkpoint_dir"') == 1  # rank 0 reports, rank 1 does not
     before = weights(model)
-    one, two = weights(root / "one" / "final"), weights(root / "two" / "final")
-    assert all(not torch.equal(before[k], one[k]) for k in before)
-    worst = assert_same(one, two, DDP_ATOL)
-    print(f"DDP 2 ranks vs 1 rank, max |weight diff| after 6 steps: {worst:.3g}")
+    assert all(not torch.equal(before[k], single_run[k]) for k in before)
+    first = weights(out / "final")
+    worst = assert_same(single_run, first, DDP_ATOL)
+    print(f"{strategy} 2 ranks vs 1 rank, max |weight diff| after 6 steps: {worst:.3g}")
+    if strategy == "fsdp":
+        # Run again: it resumes from the sharded run's checkpoint-3 (full optimizer state
+        # gathered and re-sharded) and must retrace steps 4-6 exactly.
+        again = subprocess.run([*torchrun, *args], env=env(), capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert str(out / "checkpoint-3") in (out / "metrics.jsonl").read_text()
+        assert_same(first, weights(out / "final"), RESUME_ATOL)
 
 
 def test_sigkilled_run_resumes_to_the_same_weights(setup):

@@ -1,0 +1,107 @@
+"""Pair readers: Parquet via datasets, JSONL, the Skywork shape, raw hh-rlhf, splits, RM-Bench."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from synpref.training.data import (
+    conversation_key,
+    load_hh_rlhf,
+    load_pairs,
+    load_rmbench,
+    normalize_pair,
+    split_pairs,
+    write_jsonl,
+)
+
+
+def msg(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+PAIRS = [
+    {
+        "conversation": [msg("user", f"q{i}")],
+        "chosen": [msg("assistant", f"good {i}")],
+        "rejected": [msg("assistant", f"bad {i}")],
+        "source": "s" + str(i % 3),
+    }
+    for i in range(30)
+]
+
+
+def test_parquet_dataset_folder_reads_like_the_writer_writes_it(tmp_path):
+    folder = tmp_path / "synpref" / "v1"
+    folder.mkdir(parents=True)
+    for shard in range(2):
+        rows = PAIRS[shard * 15 : (shard + 1) * 15]
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"part-{shard:05d}.parquet")
+    got = load_pairs([str(folder)])
+    assert not got.problems and len(got.pairs) == 30
+    assert got.pairs[0]["chosen"] == [msg("assistant", "good 0")] and got.pairs[0]["source"] == "s0"
+    assert len({p["id"] for p in got.pairs}) == 30
+
+
+def test_jsonl_skywork_shape_and_bad_rows(tmp_path):
+    rows = [
+        # Skywork-Reward-Preference: whole conversations sharing a prefix, no conversation column.
+        {
+            "chosen": [msg("user", "hi"), msg("assistant", "hello!")],
+            "rejected": [msg("user", "hi"), msg("assistant", "go")],
+        },
+        {"prompt": "plain prompt", "chosen": "plain good", "rejected": "plain bad", "margin": 0.5},
+        {"conversation": [msg("user", "x")], "chosen": [msg("assistant", "")], "rejected": [msg("assistant", "b")]},
+    ]
+    path = write_jsonl(rows, tmp_path / "p.jsonl.gz")
+    got = load_pairs([str(path)])
+    assert len(got.pairs) == 2 and len(got.problems) == 1 and "row 2" in got.problems[0]
+    first, second = got.pairs
+    assert first["conversation"] == [msg("user", "hi")] and first["chosen"] == [msg("assistant", "hello!")]
+    assert second["conversation"] == [msg("user", "plain prompt")] and second["margin"] == 0.5
+    assert first["source"] == "p"
+
+
+def test_raw_hh_rlhf_transcripts(tmp_path):
+    path = tmp_path / "hh.jsonl.gz"
+    with gzip.open(path, "wt") as fh:
+        fh.write(
+            json.dumps(
+                {
+                    "chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: good",
+                    "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: bad",
+                }
+            )
+            + "\n"
+        )
+        fh.write(
+            json.dumps({"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "\n\nHuman: z\n\nAssistant: w"}) + "\n"
+        )
+    direct, via_datasets = load_hh_rlhf(path), load_pairs([str(path)])
+    for got in (direct, via_datasets):
+        assert len(got.pairs) == 1 and len(got.problems) == 1 and "prefix" in got.problems[0]
+        pair = got.pairs[0]
+        assert pair["conversation"] == [msg("user", "a"), msg("assistant", "b"), msg("user", "c")]
+        assert (pair["chosen"], pair["rejected"]) == ([msg("assistant", "good")], [msg("assistant", "bad")])
+
+
+def test_split_is_seeded_and_by_conversation():
+    pairs = [normalize_pair(p) for p in PAIRS] + [normalize_pair({**PAIRS[0], "chosen": [msg("assistant", "alt")]})]
+    train, evals = split_pairs(pairs, 0.2, seed=0)
+    assert (train, evals) == split_pairs(pairs, 0.2, seed=0)
+    assert split_pairs(pairs, 0.2, seed=1) != (train, evals)
+    assert len(train) + len(evals) == len(pairs) and 5 <= len(evals) <= 8
+    assert not {conversation_key(p) for p in train} & {conversation_key(p) for p in evals}
+
+
+def test_rmbench_reader(tmp_path):
+    item = {"id": 1, "subset": "x", "prompt": "p", "chosen": ["a", "b", "c"], "rejected": ["d", "e", "f"]}
+    (tmp_path / "safety-refuse_filtered.json").write_text(json.dumps([item]))
+    items = load_rmbench(tmp_path)
+    assert items[0]["domain"] == "safety" and items[0]["chosen"] == ["a", "b", "c"]
+    with pytest.raises(FileNotFoundError):
+        load_rmbench(tmp_path / "missing")
