@@ -386,6 +386,7 @@ class K8sModels(FullModels):
 
         if self.backend is None:
             self.backend = ClusterJobs.connect()
+        out_dir.mkdir(parents=True, exist_ok=True)
         train_file = write_jsonl(train, out_dir / f"{name}.train.jsonl")
         valid_file = write_jsonl(valid, out_dir / f"{name}.valid.jsonl")
         spec = self.job_spec(name)
