@@ -68,6 +68,8 @@ def main(argv: list[str]) -> int:
         print(f"synpref run: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # faiss logs each CPU-feature build it fails to find at INFO; that reads like an error.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -182,3 +182,47 @@ def test_in_process_executor_batches_and_chains():
     assert [n for name, n in calls if name == "a"] == [4, 4, 2]
     failing = sum(r.pair.id.startswith("0") for r in records)
     assert len(result.routed) + len(result.failed) == 10 and len(result.failed) == failing
+
+
+def test_desk_humans_serve_the_web_desk_and_wait_for_its_decisions():
+    import threading
+    import time
+    import urllib.request
+
+    from synpref.services.controller.providers import DeskHumans
+    from synpref.shared.config import DeskSettings
+
+    humans = DeskHumans(DeskSettings(tokens="ann:s3cret-s3cret-s3cret", port=0), poll_s=0.1, timeout_s=60, log=lambda _m: None)
+    records = [record(i) for i in range(3)]
+    out: list = []
+    worker = threading.Thread(target=lambda: out.extend(humans.review(records)), daemon=True)
+    worker.start()
+
+    def call(path: str, body: dict | None = None) -> dict:
+        req = urllib.request.Request(
+            humans.server.url + path,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": "Bearer s3cret-s3cret-s3cret", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    try:
+        answered = 0
+        deadline = time.monotonic() + 30
+        while answered < 3 and time.monotonic() < deadline:
+            pair = call("/api/next")["pair"]
+            if pair is None:
+                time.sleep(0.1)
+                continue
+            first = pair["candidates"][0][0]["content"]
+            # keep the first two as labelled, say "cannot decide" on the last
+            choice = 0 if answered == 2 else (1 if first.startswith("good") else 2)
+            call("/api/verdict", {"pair_id": pair["pair_id"], "choice": choice, "note": ""})
+            answered += 1
+        worker.join(timeout=30)
+    finally:
+        humans.close()
+    assert [route for route, _ in out] == ["verified", "verified", "discarded"]
+    assert [key_of(r) for _, r in out] == [key_of(r) for r in records]
+    assert [r.decision.decision for _, r in out] == [DECISION_KEEP, DECISION_KEEP, DECISION_DISCARD]
