@@ -136,15 +136,20 @@ def test_real_minilm_every_parameter_changes(tmp_path):
     assert [k for k in before if torch.equal(before[k], after[k])] == []
 
 
-def test_accumulation_and_micro_batching_do_not_change_the_update(data, tmp_path):
+def test_accumulation_micro_batching_and_checkpointing_do_not_change_the_update(data, tmp_path):
     path = build_tiny_reward_model(tmp_path / "m", arch="qwen3", seed=5, texts=texts(data[0]), vocab_size=400)
     finals = []
-    for micro, cap in [(8, 0), (1, 0), (3, 200)]:
-        trainer = RewardTrainer(
-            config(path, tmp_path / f"o{micro}", micro_batch_size=micro, max_tokens_per_micro_batch=cap, max_steps=3),
-            data[0],
-            [],
+    # (pairs per forward, padded-token cap, gradient checkpointing): all give the same update.
+    for micro, cap, ckpt in [(8, 0, False), (1, 0, False), (3, 200, False), (3, 0, True)]:
+        cfg = config(
+            path,
+            tmp_path / f"o{micro}{ckpt}",
+            micro_batch_size=micro,
+            max_tokens_per_micro_batch=cap,
+            max_steps=3,
+            gradient_checkpointing=ckpt,
         )
+        trainer = RewardTrainer(cfg, data[0], [])
         trainer.train()
         finals.append(params_of(trainer.model))
     for other in finals[1:]:
