@@ -220,7 +220,26 @@ def _train_head(
             if len(vc) == 0 or acc > best[0]:
                 best = (acc, step, snapshot())
     acc, step, params = best
-    return params, {"valid_accuracy": acc, "picked_step": step, "curve": curve, "train_pairs": len(hc)}
+    # An L2-penalized head ranks well but squeezes p = sigmoid(r_c - r_r) towards 0.5, and the
+    # method reads p itself (k rule, the filter's band). Fit one scale by likelihood on the
+    # validation pairs (the training pairs when there are none); it changes no ranking.
+    calib = (vc, vr) if len(vc) else (hc, hr)
+    margins = head_rewards(params, calib[0].numpy()) - head_rewards(params, calib[1].numpy())
+    scale = fit_scale(margins)
+    params["w"] = params["w"] * scale
+    params["c"] = params["c"] * scale
+    metrics = {"valid_accuracy": acc, "picked_step": step, "curve": curve, "train_pairs": len(hc), "scale": scale}
+    return params, metrics
+
+
+def fit_scale(margins: np.ndarray, grid: np.ndarray | None = None) -> float:
+    """The s in [1, 1000] minimizing mean -log sigmoid(s * margin) (margins of correctly labelled pairs)."""
+    if len(margins) == 0:
+        return 1.0
+    grid = np.logspace(0, 3, 61) if grid is None else grid
+    m = np.asarray(margins, dtype=np.float64)
+    nll = [float(np.mean(np.logaddexp(0.0, -s * m))) for s in grid]
+    return float(grid[int(np.argmin(nll))])
 
 
 class HeadModels:

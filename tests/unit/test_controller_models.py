@@ -58,3 +58,15 @@ def test_exported_checkpoint_scores_like_the_cached_head(tmp_path):
     # A second HeadModels on the same folder reads the feature cache instead of encoding again.
     again = HeadModels(settings.controller, tmp_path, progress=False)
     assert len(again.cache.cache) == len(models.cache.cache) > 0
+
+
+def test_fit_scale_recovers_the_temperature_of_squeezed_margins():
+    from synpref.services.controller.models import fit_scale
+
+    rng = np.random.default_rng(0)
+    raw = rng.normal(0.05, 0.1, size=20000)  # an L2 head's margins: right sign, tiny size
+    agrees = rng.random(raw.size) < 1.0 / (1.0 + np.exp(-10.0 * raw))
+    signed = np.where(agrees, raw, -raw)
+    assert fit_scale(signed) == pytest.approx(10.0, rel=0.15)
+    assert fit_scale(np.array([])) == 1.0
+    assert fit_scale(np.full(10, 5.0)) >= 100.0, "all right and far apart: a large scale"
