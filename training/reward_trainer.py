@@ -75,15 +75,22 @@ class EncodeReport:
 
 
 def encode_pairs(
-    tokenizer: Any, pairs: Sequence[dict[str, Any]], max_length: int, truncation: str, margin_column: str = ""
+    tokenizer: Any,
+    pairs: Sequence[dict[str, Any]],
+    max_length: int,
+    truncation: str,
+    margin_column: str = "",
+    keep_unfit: bool = False,
 ) -> EncodeReport:
-    """Encode pairs for training; pairs that do not fit under the policy are counted, not used."""
+    """Encode pairs; those that do not fit under the policy are counted, and left out unless
+    keep_unfit (evaluation then scores their left-token-truncated fallback, as score_pairs does)."""
     out = EncodeReport(pairs=[], kept=[])
     for i, pair in enumerate(pairs):
         chosen, rejected = encode_pair(tokenizer, pair, max_length, truncation)  # type: ignore[arg-type]
         if not (chosen.fits and rejected.fits):
             out.unfit += 1
-            continue
+            if not keep_unfit:
+                continue
         out.truncated += chosen.truncated or rejected.truncated
         margin = float(pair.get(margin_column, 0.0) or 0.0) if margin_column else 0.0
         out.pairs.append(EncodedPair(chosen.input_ids, rejected.input_ids, margin))
@@ -194,6 +201,7 @@ class RewardTrainer:
         self, config: RewardConfig, train_pairs: list[dict] | None = None, eval_pairs: list[dict] | None = None
     ) -> None:
         self.config = config
+        self.unreadable = 0
         self.rank, self.world, self.local_rank = _init_distributed()
         self.device = torch.device(self._device_name())
         self.is_main = self.rank == 0
@@ -219,9 +227,11 @@ class RewardTrainer:
                 config.max_length,
                 config.truncation,
             )
-        eval_enc = encode_pairs(self.tokenizer, self.eval_raw, config.max_length, "left_tokens")
+        eval_enc = encode_pairs(self.tokenizer, self.eval_raw, config.max_length, config.truncation, keep_unfit=True)
         self.eval_enc = eval_enc
-        self.data_report["eval_pairs"] = len(eval_enc.pairs)
+        self.data_report.update(
+            eval_pairs=len(eval_enc.pairs), eval_unfit=eval_enc.unfit, unreadable_rows=self.unreadable
+        )
         if config.global_batch_size < self.world:
             raise ValueError(f"global_batch_size {config.global_batch_size} < {self.world} processes")
         if len(self.train_data) < config.global_batch_size:
@@ -250,6 +260,7 @@ class RewardTrainer:
         if not cfg.train_files:
             raise ValueError("no train_files given")
         train = load_pairs(cfg.train_files)
+        self.unreadable = len(train.problems)
         for problem in train.problems[:20]:
             log.warning("skipped: %s", problem)
         if train.problems:
@@ -507,6 +518,7 @@ class RewardTrainer:
         sources = [self.eval_raw[i].get("source", "unknown") for i in self.eval_enc.kept]
         metrics = {f"eval_{k}": v for k, v in pairwise_metrics(rewards, sources).items()}
         metrics["eval_truncated_pairs"] = self.eval_enc.truncated
+        metrics["eval_unfit_pairs"] = self.eval_enc.unfit
         if self.is_main:
             self._log({"event": "eval", "step": self.step, **metrics})
         return metrics

@@ -60,7 +60,7 @@ def texts(pairs):
 
 @pytest.fixture(scope="module")
 def data():
-    return make_pairs(48, seed=0), make_pairs(16, seed=1)
+    return make_pairs(48, seed=0), make_pairs(16, seed=1, long_every=8)  # 2 eval pairs too long
 
 
 @pytest.fixture(scope="module", params=["qwen3", "llama", "bert"])
@@ -107,10 +107,11 @@ def test_every_parameter_changes_and_checkpoint_reloads(tiny_path, data, tmp_pat
     assert (result.checkpoint_dir / "tokenizer_config.json").exists()
     assert tok.chat_template == trainer.tokenizer.chat_template
     ours = trainer.rewards(trainer.eval_enc.pairs)
-    theirs = score_pairs(model, tok, evals, max_length=128, truncation="left_tokens")
+    theirs = score_pairs(model, tok, evals, max_length=128, truncation="left_turns")
     for (a, b), (c, d) in zip(ours, theirs, strict=True):
         assert a == pytest.approx(c, abs=1e-5) and b == pytest.approx(d, abs=1e-5)
     assert result.metrics["eval_accuracy"] == pairwise_metrics(theirs)["accuracy"]
+    assert result.metrics["eval_unfit_pairs"] == 2 and result.metrics["eval_pairs"] == 16
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["event"] for r in lines][:2] == ["start", "train"] and lines[-1]["event"] == "done"
     assert set(lines[-1]["eval_accuracy_by_source"]) == {"even", "odd"}
