@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 TokenizerStyle = Literal["qwen", "llama", "bert"]
 Arch = Literal["qwen3", "llama", "bert"]
@@ -93,7 +93,7 @@ def build_tiny_tokenizer(
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+        trainer: Any = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
         tok.train_from_iterator(corpus, trainer)
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
@@ -179,7 +179,7 @@ def build_tiny_reward_model(
         num_labels=1,
     )
     if arch == "qwen3":
-        config = Qwen3Config(
+        config: Any = Qwen3Config(
             **common,
             num_key_value_heads=kv_heads,
             head_dim=head_dim or hidden // heads,

@@ -308,13 +308,14 @@ class RewardTrainer:
     def _shard_fsdp(self, model: Any) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self._bf16() else None
-        kwargs = {"mp_policy": policy} if policy else {}
+        bf16 = self._bf16()
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        policy = policy or MixedPrecisionPolicy()  # the default casts nothing
         blocks = set(getattr(model, "_no_split_modules", None) or [])
         for module in model.modules():
             if type(module).__name__ in blocks:
-                fully_shard(module, **kwargs)
-        fully_shard(model, **kwargs)
+                fully_shard(module, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
 
     def _bf16(self) -> bool:
         return self.config.precision == "bf16" or (self.config.precision == "auto" and self.device.type == "cuda")
@@ -525,7 +526,7 @@ class RewardTrainer:
 
     # ------------------------------------------------------------ checkpoints
 
-    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+    def _full_state_dict(self) -> dict[str, Any]:
         if self.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -545,7 +546,7 @@ class RewardTrainer:
         """Write an HF checkpoint atomically (tmp folder, then rename); returns its path."""
         state = self._full_state_dict()
         optim = self._optim_state() if extra is not None else None
-        rng = [None] * self.world
+        rng: list[Any] = [None] * self.world
         if extra is not None and self.world > 1:
             dist.all_gather_object(rng, _rng_state())
         elif extra is not None:
