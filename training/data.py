@@ -59,7 +59,13 @@ def normalize_pair(row: Mapping[str, Any], default_source: str = "unknown") -> d
         raise ValueError("empty message content")
     source = str(row.get("source") or default_source)
     pid = str(row.get("id") or pair_id(conversation, chosen, rejected))
-    out: dict[str, Any] = {"conversation": conversation, "chosen": chosen, "rejected": rejected, "source": source, "id": pid}
+    out: dict[str, Any] = {
+        "conversation": conversation,
+        "chosen": chosen,
+        "rejected": rejected,
+        "source": source,
+        "id": pid,
+    }
     for extra in ("margin",):
         if row.get(extra) is not None:
             out[extra] = float(row[extra])
