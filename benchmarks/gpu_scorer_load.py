@@ -80,7 +80,7 @@ def main() -> int:
     p.set_defaults(
         device="cuda",
         dtype="bfloat16",
-        items=2048,
+        items=2304,
         repeats=3,
         threads=0,
         max_length=2048,

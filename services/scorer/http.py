@@ -95,7 +95,7 @@ class HttpShims:
             t0 = time.perf_counter()
             status = 200
             name = request.query.get("model", "")
-            label = name if name in self.registry.models else ("unknown" if name else "default")
+            label = name if name in self.registry.models else ("unknown" if name else self.registry.default_name)
             try:
                 return await handler(request)
             except ScorerError as exc:
@@ -125,27 +125,34 @@ class HttpShims:
         body = await _json_body(request)
         queries = _texts(body.get("query"), "query", self.max_request_items)
         model = self._model(str(body.get("model") or request.query.get("model", "")))
-        enc = model.encoder
-        ids = [enc.text(enc.strip_padding(q), f"query {i}") for i, q in enumerate(queries)]
-        result = await model.batcher.score(ids)
+
+        def encode(m: ServedModel) -> list[list[int]]:
+            return [m.encoder.text(m.encoder.strip_padding(q), f"query {i}") for i, q in enumerate(queries)]
+
+        _, result = await self.registry.score(model.name, encode)
         return web.json_response({"rewards": result.rewards, "scores": result.rewards, "extra_logs": {}})
 
     async def classify(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         requested = str(body.get("model") or "")
         model = self._model(requested)
-        enc = model.encoder
-        if body.get("messages") is not None:
-            if not isinstance(body["messages"], list):
+        messages = body.get("messages")
+        if messages is not None:
+            if not isinstance(messages, list):
                 raise InvalidInput('"messages" must be a list of {role, content} objects')
-            ids = [enc.conversation(body["messages"], "messages")]
+
+            def encode(m: ServedModel) -> list[list[int]]:
+                return [m.encoder.conversation(messages, "messages")]
         else:
             texts = _texts(body.get("input"), "input", self.max_request_items)
-            ids = [enc.text(t, f"input {i}") for i, t in enumerate(texts)]
+
+            def encode(m: ServedModel) -> list[list[int]]:
+                return [m.encoder.text(t, f"input {i}") for i, t in enumerate(texts)]
+
         activation = body.get("use_activation", body.get("activation"))
-        result = await model.batcher.score(ids)
+        _, result = await self.registry.score(model.name, encode)
         values = [_sigmoid(r) if activation is True else r for r in result.rewards]
-        tokens = sum(len(x) for x in ids)
+        tokens = result.tokens
         return web.json_response(
             {
                 "id": f"classify-{uuid.uuid4().hex}",

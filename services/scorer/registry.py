@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from synpref.services.scorer.backends import Backend, make_backend
-from synpref.services.scorer.batcher import Batcher
+from synpref.services.scorer.batcher import Batcher, BatchResult
 from synpref.services.scorer.encoding import Encoder
 from synpref.services.scorer.errors import NotReady, UnknownModel
 from synpref.services.scorer.metrics import ScorerMetrics
@@ -26,6 +28,7 @@ from synpref.v1 import reward_pb2
 log = logging.getLogger(__name__)
 
 BackendFactory = Callable[[str, str, str, str, int], Backend]
+ENCODE_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclass
@@ -76,6 +79,9 @@ class ModelRegistry:
         self.backend_factory = backend_factory
         self.models: dict[str, ServedModel] = {}
         self._swap_lock = asyncio.Lock()
+        # Tokenizing (Rust, GIL released) runs here, off the event loop, in parallel with
+        # the forward thread and with request handling.
+        self._encode_pool = ThreadPoolExecutor(max_workers=ENCODE_THREADS, thread_name_prefix="scorer-encode")
         self.draining = False
         """Set on shutdown: health turns unavailable while in-flight work finishes."""
 
@@ -93,6 +99,22 @@ class ModelRegistry:
         if model is None:
             raise UnknownModel(f"no model named {name!r} is served; served: {sorted(self.models)}")
         return model
+
+    async def score(
+        self, name: str, encode: Callable[[ServedModel], list[list[int]]], deadline: float | None = None
+    ) -> tuple[ServedModel, BatchResult]:
+        """Encode a request with a served model's tokenizer (on the encoding threads), then
+        score it on that model's batcher. Should the name be swapped to a new version while
+        the request was being encoded, it is encoded again for the new one, so a reload
+        never fails a request."""
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            model = self.get(name)
+            ids = await loop.run_in_executor(self._encode_pool, encode, model)
+            if model.name in self.models and self.models[model.name] is not model:
+                continue  # swapped meanwhile
+            return model, await model.batcher.score(ids, deadline)
+        raise NotReady(f"model {name!r} was replaced repeatedly while this request was encoded: retry")
 
     async def _build(self, name: str, ref: ModelRef) -> ServedModel:
         s = self.settings
@@ -140,3 +162,4 @@ class ModelRegistry:
         for m in models:
             await m.batcher.close(drain=drain)
             m.backend.close()
+        self._encode_pool.shutdown(wait=False, cancel_futures=True)

@@ -85,7 +85,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     ) -> T:
         t0 = time.perf_counter()
         # Unknown names share one label, so clients cannot grow the metric's cardinality.
-        label = model_name if model_name in self.registry.models else ("unknown" if model_name else "default")
+        label = (
+            model_name
+            if model_name in self.registry.models
+            else ("unknown" if model_name else self.registry.default_name)
+        )
         code = grpc.StatusCode.OK
         try:
             return await work()
@@ -102,9 +106,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     async def _score(self, request: reward_pb2.ScoreRequest, deadline: float | None) -> reward_pb2.ScoreResponse:
         self._check_size(len(request.items), "items")
-        model = self.registry.get(request.model)
-        ids = encode_items(model, list(request.items))
-        r = await model.batcher.score(ids, deadline)
+        items = list(request.items)
+        model, r = await self.registry.score(request.model, lambda m: encode_items(m, items), deadline)
         return reward_pb2.ScoreResponse(rewards=r.rewards, metadata=metadata(model, r))
 
     async def Score(
@@ -117,9 +120,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     ) -> reward_pb2.ScorePairsResponse:
         async def work() -> reward_pb2.ScorePairsResponse:
             self._check_size(len(request.pairs) * 2, "pair sides")
-            model = self.registry.get(request.model)
-            ids = encode_pairs(model, list(request.pairs))
-            r = await model.batcher.score(ids, self._deadline(context))
+            pairs = list(request.pairs)
+            model, r = await self.registry.score(
+                request.model, lambda m: encode_pairs(m, pairs), self._deadline(context)
+            )
             scores = [
                 reward_pb2.PairScore(reward_chosen=c, reward_rejected=j, p=preference_probability(c, j))
                 for c, j in zip(r.rewards[0::2], r.rewards[1::2], strict=True)
