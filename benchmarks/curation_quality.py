@@ -118,6 +118,26 @@ def one_seed(seed: int, args, models: HeadModels, embed: CachedEmbed, workdir: P
         "DISCARD": prf([d == DECISION_DISCARD for d in decision], noisy),
     }
     undecided = sum(d not in (DECISION_KEEP, DECISION_FLIP, DECISION_DISCARD) for d in decision)
+    by_rule: dict[str, dict[str, int]] = {}
+    for k, n, d in zip(pool, noisy, decision, strict=True):
+        rule = ctl.records[k].decision.rule or "none"
+        counts = by_rule.setdefault(
+            rule,
+            {
+                "KEEP_right": 0,
+                "KEEP_wrong": 0,
+                "FLIP_right": 0,
+                "FLIP_wrong": 0,
+                "DISCARD_noisy": 0,
+                "DISCARD_clean": 0,
+            },
+        )
+        if d == DECISION_KEEP:
+            counts["KEEP_wrong" if n else "KEEP_right"] += 1
+        elif d == DECISION_FLIP:
+            counts["FLIP_right" if n else "FLIP_wrong"] += 1
+        elif d == DECISION_DISCARD:
+            counts["DISCARD_noisy" if n else "DISCARD_clean"] += 1
     hold = [ctl.records[k] for k in state.pools["holdout"]]
     test = [pair_dict(r) for r in hold]
     out_dir = Path(settings.controller.workdir) / "bench-models"
@@ -136,6 +156,7 @@ def one_seed(seed: int, args, models: HeadModels, embed: CachedEmbed, workdir: P
         "holdout": len(test),
         "noisy_pairs": sum(noisy),
         "decisions": decisions,
+        "by_rule": by_rule,
         "undecided": undecided,
         "label_accuracy": {
             "noisy": state.results["initial_label_accuracy"],
@@ -186,6 +207,8 @@ def main(argv: list[str]) -> int:
             )
             for name, d in r["decisions"].items():
                 print(f"    {name:8s} n={d['n']:4d} precision {d['precision']:.3f} recall {d['recall']:.3f}")
+            for rule, counts in sorted(r["by_rule"].items()):
+                print(f"    by rule {rule:20s} " + " ".join(f"{k}={v}" for k, v in counts.items() if v))
     mean = {k: statistics.mean(r["holdout_accuracy"][k] for r in results) for k in ("noisy", "curated", "clean")}
     gap = mean["clean"] - mean["noisy"]
     closed = (mean["curated"] - mean["noisy"]) / gap if gap > 0 else float("nan")
