@@ -23,7 +23,7 @@ from synpref.shared.config import ConfigError, Settings, load_settings
 
 def build(settings: Settings) -> Any:
     from synpref.services.controller.embedded import build_judges
-    from synpref.services.controller.executors import InProcessExecutor, KafkaExecutor
+    from synpref.services.controller.executors import KafkaExecutor
     from synpref.services.controller.loop import Controller
     from synpref.services.controller.models import make_models
     from synpref.services.controller.providers import KafkaDeskHumans, make_provider
@@ -38,10 +38,8 @@ def build(settings: Settings) -> Any:
         judges, labeller = build_judges(settings, c.seed)
         humans = make_provider(c.human, c.human_labels_file, settings.desk, c.seed)
         executor = None
-    controller = Controller(settings, models, humans, judges, executor, labeller=labeller)
-    if executor is None:
-        controller.executor = InProcessExecutor(controller.in_process_stage)
-    return controller
+    # executor None: the Controller runs the stage functions in process
+    return Controller(settings, models, humans, judges, executor, labeller=labeller)
 
 
 def main(argv: list[str]) -> int:

