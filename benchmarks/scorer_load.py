@@ -308,6 +308,14 @@ def report(rows: list[dict[str, Any]], flops_per_token: float | None = None, pea
         if flops_per_token and peak_flops:
             extra = f"  {m['tokens_per_s'] * flops_per_token / peak_flops * 100:.2f}%"
         print(f"  {name:22s} " + " ".join(cells) + extra)
+    reps = {r["rep"] for r in rows}
+    paired = {n: {r["rep"]: r for r in rs} for n, rs in by_name.items()}
+    if {"(b) offline batched", "(s) scorer"} <= paired.keys():
+        pb, ps = paired["(b) offline batched"], paired["(s) scorer"]
+        ratios = [ps[k]["items_per_s"] / pb[k]["items_per_s"] for k in sorted(reps) if k in pb and k in ps]
+        cpu = [pb[k]["cpu_ms_per_item"] / ps[k]["cpu_ms_per_item"] for k in sorted(reps) if k in pb and k in ps]
+        print("\n  per repeat, scorer / ceiling throughput: " + ", ".join(f"{x:.3f}" for x in ratios))
+        print("  per repeat, ceiling / scorer CPU cost:   " + ", ".join(f"{x:.3f}" for x in cpu))
     a, b, s = (med.get(k) for k in ("(a) naive server", "(b) offline batched", "(s) scorer"))
     if b and s:
         print(

@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
@@ -229,7 +230,7 @@ class AsyncRewardClient:
             reward_pb2.ScoreRequest(model=model or self.model, items=[to_item(x) for x in chunk])
             for chunk in _chunks(items, self.policy.chunk_size)
         ]
-        responses = await self._gather([lambda r=r: self._call(self.stub.Score, r, deadline) for r in requests])
+        responses = await self._gather([partial(self._call, self.stub.Score, r, deadline) for r in requests])
         return [x for resp in responses for x in resp.rewards]
 
     async def score_pairs(
@@ -242,7 +243,7 @@ class AsyncRewardClient:
             reward_pb2.ScorePairsRequest(model=model or self.model, pairs=[to_pair(p) for p in chunk])
             for chunk in _chunks(pairs, max(1, self.policy.chunk_size // 2))
         ]
-        responses = await self._gather([lambda r=r: self._call(self.stub.ScorePairs, r, deadline) for r in requests])
+        responses = await self._gather([partial(self._call, self.stub.ScorePairs, r, deadline) for r in requests])
         return [s for resp in responses for s in _pair_scores(resp)]
 
     async def info(self, model: str = "", timeout: float | None = None) -> reward_pb2.InfoResponse:
