@@ -86,6 +86,37 @@ def drive(address: str, items: list[Conversation], concurrency: int, channels: i
     return asyncio.run(main())
 
 
+def drive_http(url: str, texts: list[str], concurrency: int) -> dict[str, Any]:
+    """OpenRLHF's way: POST /get_reward {"query": [one rendered text]} per request."""
+    import aiohttp
+
+    async def main() -> dict[str, Any]:
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(WARMUP_REQUESTS):
+                async with session.post(url + "/get_reward", json={"query": [texts[0]]}) as resp:
+                    resp.raise_for_status()
+            latencies = [0.0] * len(texts)
+            rewards = [0.0] * len(texts)
+            cursor = iter(range(len(texts)))
+
+            async def client() -> None:
+                for i in cursor:
+                    t = time.perf_counter()
+                    async with session.post(url + "/get_reward", json={"query": [texts[i]]}) as resp:
+                        resp.raise_for_status()
+                        body = await resp.json()
+                    latencies[i] = time.perf_counter() - t
+                    rewards[i] = body["rewards"][0]
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+            wall = time.perf_counter() - t0
+        return {"wall": wall, "latencies": latencies, "rewards": rewards, "batch_sizes": [0] * len(texts)}
+
+    return asyncio.run(main())
+
+
 # ------------------------------------------------------------------ setup
 
 
@@ -155,7 +186,9 @@ def offline_ceiling(
     return {"wall": wall, "cpu": cpu, "rewards": rewards, "forwards": len(batches)}
 
 
-def serve_and_drive(settings: Any, items: list[Conversation], concurrency: int) -> dict[str, Any]:
+def serve_and_drive(
+    settings: Any, items: list[Conversation], concurrency: int, texts: list[str] | None = None
+) -> dict[str, Any]:
     """Server in this process (its threads), clients in a spawned one. `cpu` is this
     process's CPU time while the clients ran: the serving cost, forwards included."""
     from synpref.services.scorer.server import BackgroundScorer
@@ -164,7 +197,10 @@ def serve_and_drive(settings: Any, items: list[Conversation], concurrency: int) 
         ctx = mp.get_context("spawn")
         with ctx.Pool(1) as pool:
             c0 = time.process_time()
-            result = pool.apply(drive, (bg.address, items, concurrency))
+            if texts is None:
+                result = pool.apply(drive, (bg.address, items, concurrency))
+            else:
+                result = pool.apply(drive_http, (bg.http_url, texts, concurrency))
             result["cpu"] = time.process_time() - c0
         result["forwards"] = bg.server.registry.get().batcher.forwards
         result["scored"] = len(items) + WARMUP_REQUESTS
@@ -177,7 +213,7 @@ WARMUP_REQUESTS = 8  # drive() warms each of its 8 channels with one request
 def summarize(name: str, wall: float, n: int, tokens: int, latencies: list[float] | None) -> dict[str, Any]:
     row: dict[str, Any] = {"name": name, "wall_s": wall, "items_per_s": n / wall, "tokens_per_s": tokens / wall}
     row["mean_len"] = tokens / n
-    if latencies:
+    if latencies and any(latencies):
         row["p50_ms"] = percentile(latencies, 0.50) * 1000
         row["p99_ms"] = percentile(latencies, 0.99) * 1000
         row["mean_ms"] = statistics.fmean(latencies) * 1000
@@ -220,6 +256,8 @@ def run(
     t0 = time.perf_counter()
     ids = [enc.conversation(c) for c in convs]
     tokenize_s = time.perf_counter() - t0
+    # HTTP clients (OpenRLHF) send text already rendered with the chat template.
+    texts = [tok.apply_chat_template(c, tokenize=False) for c in convs]
     tokens = sum(len(x) for x in ids)
     lengths = sorted(len(x) for x in ids)
     print(
@@ -263,11 +301,11 @@ def run(
         for name, s in settings.items():
             if name.startswith("(a)") and args.skip_naive:
                 continue
-            res = serve_and_drive(s, convs, args.concurrency)
+            res = serve_and_drive(s, convs, args.concurrency, texts if args.transport == "http" else None)
             diff = max(abs(a - b) for a, b in zip(res["rewards"], reference, strict=True))
             row = summarize(name, res["wall"], len(ids), tokens, res["latencies"])
             row.update(rep=rep, forwards=res["forwards"], max_abs_diff=diff, budget=s.max_batch_tokens)
-            row["mean_batch"] = statistics.fmean(res["batch_sizes"])
+            row["mean_batch"] = res["scored"] / res["forwards"]  # items per forward, as offline
             row["cpu_ms_per_item"] = res["cpu"] / res["scored"] * 1000
             rows.append(row)
             _progress(rep, row)
@@ -347,6 +385,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument(
+        "--transport", choices=["grpc", "http"], default="grpc", help="http: OpenRLHF's POST /get_reward per item"
+    )
     p.add_argument("--workdir", default="")
     p.add_argument("--json", default="", help="also write the rows here")
     return p
