@@ -36,6 +36,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -213,10 +214,10 @@ class Controller:
         self.step("seed", self.seed)
         while not self.state.stage1_stopped:
             t = self.state.iteration + 1
-            self.step(f"s1.{t}.train", lambda t=t: self.train_working(t))
+            self.step(f"s1.{t}.train", partial(self.train_working, t))
             if self.state.stage1_stopped:
                 break
-            self.step(f"s1.{t}.curate", lambda t=t: self.curate_stage1(t))
+            self.step(f"s1.{t}.curate", partial(self.curate_stage1, t))
         self.step("s2.gold", self.train_gold)
         self.step("s2.curate", self.curate_stage2)
         self.step("final.dataset", self.write_datasets)
@@ -300,7 +301,8 @@ class Controller:
         for key in keys:
             self.records[key].lineage.stage = STAGE_ONE  # human verification is Stage 1's, seed included
         routed = self.humans.review([self.records[k] for k in keys])
-        verified, dropped = [], []
+        verified: list[str] = []
+        dropped: list[str] = []
         for route, record in routed:
             record.lineage.iteration = iteration
             key = key_of(record)
@@ -461,7 +463,8 @@ class Controller:
             reload_scorer(self.c.scorer_reload_url, registry)
         result = self.executor.run("stage2", [self.records[k] for k in keys])
         decisions: Counter[str] = Counter()
-        curated, dropped = [], []
+        curated: list[str] = []
+        dropped: list[str] = []
         for route, record in result.routed:
             key = key_of(record)
             self.records[key] = record

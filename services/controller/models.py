@@ -61,7 +61,7 @@ class RewardModels(Protocol):
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
 
     write_atomic(path, write)
 
