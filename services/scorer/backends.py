@@ -64,11 +64,15 @@ class TorchBackend:
         attends to it and the head reads the last real token (found through pad_token_id,
         not the mask). Dropping the mask then changes nothing but the attention kernel:
         SDPA may take its is_causal kernels (flash attention on GPU) instead of a masked
-        one. Checked on a probe rather than assumed, since bidirectional encoders (BERT)
-        do see the padding.
+        one. Only models whose attention layers all declare themselves causal qualify
+        (bidirectional encoders such as BERT do see the padding), and a probe batch must
+        then score the same with and without the mask.
         """
         from synpref.shared.modeling import reward_of
 
+        flags = [m.is_causal for m in self.model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+        if not flags or not all(flags):
+            return False
         probe = [[5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7]]
         masked = reward_of(self.model, probe, self.pad_id)
         unmasked = self._forward_unmasked(probe)
