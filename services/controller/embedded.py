@@ -87,7 +87,13 @@ def main(argv: list[str]) -> int:
     resumed = len(controller.state.done)
     if resumed:
         print(f"resuming {c.workdir}: {resumed} steps already done ({controller.state.done[-1]} last)")
-    state = controller.run()
+    from synpref.shared.sources import SourceError
+
+    try:
+        state = controller.run()
+    except SourceError as exc:
+        print(f"synpref run: cannot read the sources: {exc}", file=sys.stderr)
+        return 2
     close = getattr(controller.humans, "close", None)
     if close is not None:
         close()

@@ -109,3 +109,15 @@ def test_embedded_controller_uses_in_process_stages(tmp_path):
     assert isinstance(controller.humans, OracleHumans)
     assert controller.executor.stage("annotate") is not None
     assert [j.name for j in controller.judges] == ["sim-judge-a", "sim-judge-b", "sim-judge-c"]
+
+
+def test_synpref_run_reports_unreadable_sources_and_bad_config(tmp_path, capsys):
+    from synpref.services.controller import embedded
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"controller": {"sources": [str(tmp_path / "missing.jsonl")]}}))
+    assert embedded.main(["--config", str(cfg), "--workdir", str(tmp_path / "w"), "--quiet"]) == 2
+    assert "cannot read the sources" in capsys.readouterr().err
+    cfg.write_text(yaml.safe_dump({"controller": {"iterations": 0}}))
+    assert embedded.main(["--config", str(cfg)]) == 2
+    assert "controller.iterations" in capsys.readouterr().err
