@@ -192,7 +192,9 @@ def test_desk_humans_serve_the_web_desk_and_wait_for_its_decisions():
     from synpref.services.controller.providers import DeskHumans
     from synpref.shared.config import DeskSettings
 
-    humans = DeskHumans(DeskSettings(tokens="ann:s3cret-s3cret-s3cret", port=0), poll_s=0.1, timeout_s=60, log=lambda _m: None)
+    humans = DeskHumans(
+        DeskSettings(tokens="ann:s3cret-s3cret-s3cret", port=0), poll_s=0.1, timeout_s=60, log=lambda _m: None
+    )
     records = [record(i) for i in range(3)]
     out: list = []
     worker = threading.Thread(target=lambda: out.extend(humans.review(records)), daemon=True)
