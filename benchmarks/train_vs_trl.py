@@ -94,6 +94,7 @@ def run_synpref(model: Path, train: list[dict], args: argparse.Namespace, out: P
         output_dir=str(out),
         global_batch_size=args.global_batch,
         micro_batch_size=args.micro_batch,
+        max_tokens_per_micro_batch=args.micro_tokens,
         max_steps=args.steps,
         learning_rate=args.lr,
         lr_scheduler="linear",

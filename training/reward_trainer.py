@@ -14,6 +14,7 @@ to a temporary folder and renamed, so a SIGKILL never leaves a half-written one 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -289,6 +290,8 @@ class RewardTrainer:
         model.to(self.device)
         model.train()
         self.model = model  # the plain module: saving and eval go through it
+        # Decoders would otherwise build a KV cache in every training forward.
+        self.forward_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
         self.n_params = sum(p.numel() for p in model.parameters())
         self.strategy = "single"
         self.wrapped: Any = model
@@ -360,7 +363,7 @@ class RewardTrainer:
         seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         ids, mask = pad_batch(seqs, self.pad_id, self.device)
         with self._autocast():
-            logits = module(input_ids=ids, attention_mask=mask).logits
+            logits = module(input_ids=ids, attention_mask=mask, **self.forward_kwargs).logits
         rewards = logits[:, 0].float()
         return rewards[: len(pairs)], rewards[len(pairs) :]
 
