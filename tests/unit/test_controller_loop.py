@@ -111,11 +111,16 @@ def test_stage1_stops_when_accuracy_stops_improving(tmp_path):
         assert "did not improve" in state.stage1_stopped or "no unverified" in state.stage1_stopped
 
 
-@pytest.mark.parametrize("crash_after", ["seed", "s1.1.curate", "s2.curate", "final.train"])
-def test_restart_after_a_crash_gives_the_same_result(tmp_path, crash_after):
-    reference = settings_for(tmp_path / "a")
-    controller_for(reference).run()
+@pytest.fixture(scope="module")
+def reference_outcome(tmp_path_factory) -> dict:
+    """One uninterrupted run that every crash-and-resume run must reproduce."""
+    settings = settings_for(tmp_path_factory.mktemp("reference"))
+    controller_for(settings).run()
+    return outcome(Path(settings.controller.workdir))
 
+
+@pytest.mark.parametrize("crash_after", ["seed", "s1.1.curate", "s2.curate", "final.train"])
+def test_restart_after_a_crash_gives_the_same_result(tmp_path, crash_after, reference_outcome):
     settings = settings_for(tmp_path / "b")
 
     def crash(step: str) -> None:
@@ -129,7 +134,7 @@ def test_restart_after_a_crash_gives_the_same_result(tmp_path, crash_after):
     resumed = controller_for(settings)
     models = resumed.models
     resumed.run()
-    assert outcome(Path(settings.controller.workdir)) == outcome(Path(reference.controller.workdir))
+    assert outcome(Path(settings.controller.workdir)) == reference_outcome
     if crash_after == "final.train":
         assert models.trained == 0, "a resumed run does not retrain models it already has"
 
