@@ -126,6 +126,12 @@ def test_ten_thousand_pairs_two_processes_corrupt_message_and_sigterm(
     try:
         a.wait_ready()
         b.wait_ready()
+        # Under load one consumer can win all partitions at first; SIGTERM only tests something
+        # once the group has settled and a owns work.
+        for proc in (a, b):
+            wait_for(
+                lambda p=proc: re.search(r"partitions assigned: \[\(", p.text()), 90, f"{proc.name} to own partitions"
+            )
         wait_for(lambda: topic_size(kafka, topics.annotated) >= 1000, 90, "the first 1,000 outputs")
 
         # More pairs stream in while consumer a is told to stop.
