@@ -44,7 +44,7 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-demo: setup ## run the curation loop on the embedded default (no cluster)
+demo: $(STAMP) protos ## set up Python and run the curation loop on the embedded default (no cluster)
 	$(VENV)/bin/synpref run --config examples/demo.yaml
 
 bench: setup ## run the CPU benchmarks and print their figures
