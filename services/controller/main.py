@@ -15,10 +15,20 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Gauge, start_http_server
+
 from synpref.shared.config import ConfigError, Settings, load_settings
+from synpref.shared.service import install_signal_handlers
+
+CONTROLLER_HEALTH_NAME = "synpref.controller"
 
 
 def build(settings: Settings) -> Any:
@@ -47,6 +57,9 @@ def main(argv: list[str]) -> int:
         prog="synpref controller", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     p.add_argument("--config", help="YAML settings file (default: $SYNPREF_CONFIG)")
+    p.add_argument(
+        "--exit-when-done", action="store_true", help="exit once the loop finishes (default: stay up until SIGTERM)"
+    )
     args = p.parse_args(argv)
     try:
         settings = load_settings(args.config)
@@ -54,7 +67,41 @@ def main(argv: list[str]) -> int:
         print(f"synpref controller: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    controller = build(settings)
-    state = controller.run()
-    logging.getLogger(__name__).info("curation finished: %s", state.results.get("registry", {}))
-    return 0
+    log = logging.getLogger(__name__)
+    stop = threading.Event()
+    server, metrics_server = serve_health(settings)
+    try:
+        controller = build(settings)
+        # A SIGTERM during the loop ends the process at once: every step's state is written
+        # atomically, so the next pod resumes where this one stopped.
+        state = controller.run()
+        FINISHED.set(1)
+        log.info("curation finished: %s", state.results.get("registry", {}))
+        if args.exit_when_done:
+            return 0
+        # Stay up, healthy, so a Deployment does not restart a finished loop over and over.
+        install_signal_handlers(stop)
+        stop.wait()
+        return 0
+    finally:
+        server.stop(settings.service.shutdown_grace_s).wait()
+        metrics_server.shutdown()
+
+
+FINISHED = Gauge("synpref_controller_finished", "1 once the curation loop has finished")
+
+
+def serve_health(settings: Settings) -> tuple[grpc.Server, Any]:
+    """grpc.health.v1 (SERVING while the process is up) and Prometheus metrics, for probes."""
+    health_servicer = health.HealthServicer()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="controller-grpc"))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    cfg = settings.service
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    server.start()
+    for name in ("", CONTROLLER_HEALTH_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_server, _ = start_http_server(cfg.metrics_port, addr=cfg.host)
+    print(f"controller ready: grpc={cfg.host}:{port} metrics={cfg.host}:{metrics_server.server_port}", flush=True)
+    return server, metrics_server
