@@ -15,7 +15,7 @@ from pathlib import Path
 from synpref.shared.config import ModelRef, ScoringSettings
 from synpref.shared.pairs import message_dicts, now, preference_probability
 from synpref.shared.stage import Stage, StageResult
-from synpref.v1.pair_pb2 import ModelScore, PairRecord
+from synpref.v1.pair_pb2 import STAGE_ONE, ModelScore, PairRecord
 
 PairScorer = Callable[[list[dict]], list[tuple[float, float]]]
 STEP = "gold-scorer"
@@ -43,10 +43,16 @@ def model_version(ref: ModelRef) -> str:
 
 
 def make_scoring_stage(models: list[ScoringModel]) -> Stage:
-    """A stage that appends one ModelScore per model (replacing an older score of the same role)."""
+    """A stage that appends one ModelScore per model (replacing an older score of the same role).
+
+    Records marked Stage 1 (lineage.stage) are the controller's: it reads Stage-1 judging off
+    the annotated topic itself, and no gold RM exists yet. They pass by here unscored and
+    unrouted, so they never reach the Stage-2 filter or the dataset writer.
+    """
 
     def gold_scorer(batch: list[PairRecord]) -> StageResult:
         result = StageResult()
+        batch = [r for r in batch if r.lineage.stage != STAGE_ONE]
         if not batch:
             return result
         pairs = [pair_dict(r) for r in batch]

@@ -9,6 +9,7 @@ import pytest
 from synpref.services.gold_scorer.scoring import ScoringModel, in_process_scorer, make_scoring_stage
 from synpref.shared.config import ModelRef, ScoringSettings
 from synpref.shared.pairs import new_pair, new_record
+from synpref.v1.pair_pb2 import STAGE_ONE
 
 
 def rec(text: str):
@@ -33,6 +34,22 @@ def test_scores_recorded_with_versions_and_probabilities():
     # Re-scoring replaces a role's score instead of piling up.
     again = stage(out).by_route()["scored"]
     assert [s.model for s in again[0].scores] == ["gold", "best"]
+
+
+def test_stage_one_records_pass_by_unscored():
+    seen: list[int] = []
+
+    def counting_rm(pairs):
+        seen.append(len(pairs))
+        return length_rm(pairs)
+
+    stage = make_scoring_stage([ScoringModel("gold", "g", counting_rm)])
+    stage_one = rec("judged in stage 1")
+    stage_one.lineage.stage = STAGE_ONE
+    result = stage([stage_one, rec("stage 2 pair")])
+    routed = result.by_route()["scored"]
+    assert [r.pair.id for r in routed] == [rec("stage 2 pair").pair.id]
+    assert seen == [1] and not result.failed
 
 
 def test_wrong_number_of_scores_raises():
