@@ -10,6 +10,7 @@ Job `synpref train submit` builds (training/k8s_job.py) for the same values.
 
 from __future__ import annotations
 
+import base64
 import functools
 import shutil
 import subprocess
@@ -117,6 +118,14 @@ def test_default_render_has_every_component(renders: dict[str, list[dict[str, An
         one(docs, "PodDisruptionBudget", name)
     for component in ("desk", "controller"):
         one(docs, "Deployment", f"{fullname}-{component}")
+    # The desk refuses to start without tokens: with no existing Secret the chart makes one.
+    tokens = one(docs, "Secret", f"{fullname}-desk-tokens")
+    assert base64.b64decode(tokens["data"]["tokens"]).decode().startswith("admin:")
+    desk_env = {e["name"]: e for e in pod_spec(one(docs, "Deployment", f"{fullname}-desk"))["containers"][0]["env"]}
+    assert desk_env["SYNPREF_DESK__TOKENS"]["valueFrom"]["secretKeyRef"] == {
+        "name": f"{fullname}-desk-tokens",
+        "key": "tokens",
+    }
     one(docs, "ConfigMap", f"{fullname}-config")
     one(docs, "PersistentVolumeClaim", f"{fullname}-data")
     assert one(docs, "CronJob", f"{fullname}-train")["spec"]["suspend"] is True
