@@ -16,6 +16,7 @@ current batch is finished, flushed and committed before the clients close.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -150,6 +151,10 @@ class _LogRebalance(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked: Any) -> None:
         if revoked:
             log.info("%s: partitions revoked: %s", self.service, sorted((tp.topic, tp.partition) for tp in revoked))
+        for tp in revoked or ():
+            # Another member owns this partition now: its lag is that member's to report.
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(self.service, tp.topic, str(tp.partition))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("%s: partitions assigned: %s", self.service, sorted((tp.topic, tp.partition) for tp in assigned))

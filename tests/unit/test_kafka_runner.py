@@ -161,3 +161,19 @@ def test_stats_add_up_batches():
     snap = stats.snapshot()
     assert (snap["processed"], snap["failed"], snap["dead_lettered"], snap["batches"]) == (3, 1, 1, 2)
     assert snap["counters"] == {"emitted.annotated": 2, "failed.undecodable": 1}
+
+
+def test_revoked_partitions_stop_reporting_lag():
+    from synpref.shared.kafka import metrics
+    from synpref.shared.kafka.runner import _LogRebalance
+
+    metrics.CONSUMER_LAG.labels("lag-test", "in", "0").set(5)
+    metrics.CONSUMER_LAG.labels("lag-test", "in", "1").set(7)
+    _LogRebalance("lag-test").on_partitions_revoked({TopicPartition("in", 0), TopicPartition("in", 2)})
+    reported = {
+        sample.labels["partition"]
+        for family in metrics.CONSUMER_LAG.collect()
+        for sample in family.samples
+        if sample.labels["service"] == "lag-test"
+    }
+    assert reported == {"1"}
