@@ -69,8 +69,19 @@ class BatchPlan:
     processed: int = 0
 
 
-def plan_batch(messages: Sequence[Message], stage: Stage, topics: TopicSettings, service: str) -> BatchPlan:
-    """Decode, run the stage, and route: everything of a batch except the I/O."""
+# Room left under max_message_bytes for the key, headers and record framing of an output.
+FRAMING_ALLOWANCE_BYTES = 16 * 1024
+
+
+def plan_batch(
+    messages: Sequence[Message], stage: Stage, topics: TopicSettings, service: str, max_bytes: int | None = None
+) -> BatchPlan:
+    """Decode, run the stage, and route: everything of a batch except the I/O.
+
+    An output over `max_bytes` would be refused by the producer and stop the service on
+    every restart; it goes to the dead-letter topic as its input message (which the
+    broker did accept) instead.
+    """
     plan = BatchPlan(processed=len(messages))
 
     def to_dlq(msg: Message | None, kind: str, reason: str, record: PairRecord | None = None) -> None:
@@ -125,7 +136,19 @@ def plan_batch(messages: Sequence[Message], stage: Stage, topics: TopicSettings,
             plan.failed["bad-route"] += 1
             to_dlq(source.get(record.pair.id), "bad-route", f"stage emitted to unknown route {route!r}", record)
             continue
-        plan.outgoing.append(encode_record(record, getattr(topics, route)))
+        encoded = encode_record(record, getattr(topics, route))
+        if max_bytes is not None and len(encoded.value) > max_bytes - FRAMING_ALLOWANCE_BYTES:
+            plan.failed["too-large"] += 1
+            reason = (
+                f"output for route {route!r} is {len(encoded.value)} bytes, over kafka.max_message_bytes={max_bytes}"
+            )
+            source_msg = source.get(record.pair.id) or source.get(record.lineage.original_id)
+            if source_msg is not None:
+                to_dlq(source_msg, "too-large", reason)
+            else:
+                log.error("%s: %s; pair %s has no source message to dead-letter", service, reason, record.pair.id)
+            continue
+        plan.outgoing.append(encoded)
         plan.emitted[route] += 1
     for record, reason in result.failed:
         plan.failed["failed"] += 1
@@ -247,7 +270,9 @@ class StageRunner:
         if not messages:
             return 0
         started = time.perf_counter()
-        plan = plan_batch(messages, self.stage, self.settings.topics, self.service)
+        plan = plan_batch(
+            messages, self.stage, self.settings.topics, self.service, self.settings.kafka.max_message_bytes
+        )
         self._deliver(plan.outgoing)
         self._commit(messages)
         self._observe(plan, time.perf_counter() - started)

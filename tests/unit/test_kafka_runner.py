@@ -139,6 +139,25 @@ def test_an_unknown_route_is_dead_lettered_not_dropped():
     assert "unknown route 'nowhere'" in header_map(plan.outgoing[0].headers)[DLQ_REASON]
 
 
+def test_an_output_over_the_message_limit_is_dead_lettered_as_its_input():
+    def grow(batch):
+        result = StageResult()
+        for rec in batch:
+            if rec.pair.id == pair_record(1).pair.id:
+                rec.pair.meta["blob"] = "x" * 40_000
+            result.emit("annotated", rec)
+        return result
+
+    msgs = [encoded(0), encoded(1, partition=2, offset=5)]
+    plan = plan_batch(msgs, grow, TOPICS, "svc", max_bytes=32 * 1024)
+    assert plan.emitted == {"annotated": 1} and plan.failed == {"too-large": 1}
+    (dlq,) = [o for o in plan.outgoing if o.topic == "dlq"]
+    assert dlq.value == msgs[1].value, "the input, which the broker accepted, not the oversized output"
+    h = header_map(dlq.headers)
+    assert h[DLQ_KIND] == "too-large" and "over kafka.max_message_bytes=32768" in h[DLQ_REASON]
+    assert (h[DLQ_PARTITION], h[DLQ_OFFSET]) == ("2", "5")
+
+
 def test_stage_is_not_called_when_nothing_decodes():
     calls = []
     plan = plan_batch([message(b"x", [])], lambda b: calls.append(b) or StageResult(), TOPICS, "svc")
