@@ -198,6 +198,9 @@ class ScorerSettings(Section):
     """How `truncate` cuts (shared.modeling): old turns first, keeping the scored response."""
     drain_s: float = Field(default=30.0, ge=0.0)
     """On SIGTERM: how long in-flight requests get to finish before the servers stop."""
+    http_timeout_s: float = Field(default=60.0, ge=0.0)
+    """Deadline of an HTTP shim request (gRPC callers set their own); 0 = none. A client may
+    ask for a shorter one with the header X-Request-Timeout (seconds). Past it: HTTP 504."""
     torch_threads: int = Field(default=0, ge=0)
     """CPU threads for torch forwards; 0 = torch's default."""
 

@@ -22,6 +22,7 @@ queue full (with Retry-After), 503 not ready or draining, 504 deadline.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -74,10 +75,27 @@ def _sigmoid(x: float) -> float:
 
 
 class HttpShims:
-    def __init__(self, registry: ModelRegistry, metrics: ScorerMetrics, max_request_items: int) -> None:
+    def __init__(
+        self, registry: ModelRegistry, metrics: ScorerMetrics, max_request_items: int, timeout_s: float = 0.0
+    ) -> None:
         self.registry = registry
         self.metrics = metrics
         self.max_request_items = max_request_items
+        self.timeout_s = timeout_s
+
+    def _deadline(self, request: web.Request) -> float | None:
+        """The request's deadline on the event loop's clock, as the batcher takes it."""
+        timeout = self.timeout_s
+        asked = request.headers.get("X-Request-Timeout")
+        if asked is not None:
+            try:
+                value = float(asked)
+            except ValueError:
+                raise InvalidInput(f"X-Request-Timeout must be seconds, not {asked!r}") from None
+            if value <= 0:
+                raise InvalidInput("X-Request-Timeout must be positive")
+            timeout = min(timeout, value) if timeout > 0 else value
+        return asyncio.get_running_loop().time() + timeout if timeout > 0 else None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -129,7 +147,7 @@ class HttpShims:
         def encode(m: ServedModel) -> list[list[int]]:
             return [m.encoder.text(m.encoder.strip_padding(q), f"query {i}") for i, q in enumerate(queries)]
 
-        _, result = await self.registry.score(model.name, encode)
+        _, result = await self.registry.score(model.name, encode, self._deadline(request))
         return web.json_response({"rewards": result.rewards, "scores": result.rewards, "extra_logs": {}})
 
     async def classify(self, request: web.Request) -> web.Response:
@@ -150,7 +168,7 @@ class HttpShims:
                 return [m.encoder.text(t, f"input {i}") for i, t in enumerate(texts)]
 
         activation = body.get("use_activation", body.get("activation"))
-        _, result = await self.registry.score(model.name, encode)
+        _, result = await self.registry.score(model.name, encode, self._deadline(request))
         values = [_sigmoid(r) if activation is True else r for r in result.rewards]
         tokens = result.tokens
         return web.json_response(

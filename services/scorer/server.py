@@ -67,7 +67,7 @@ class ScorerServer:
         await server.start()
         self._grpc = server
 
-        shims = HttpShims(self.registry, self.metrics, s.max_request_items)
+        shims = HttpShims(self.registry, self.metrics, s.max_request_items, s.http_timeout_s)
         self._http, self.http_port = await _serve_http(shims.app(), s.host, s.http_port)
         if s.metrics_port:
             metrics_app = web.Application()

@@ -24,9 +24,12 @@ pytestmark = pytest.mark.integration
 torch.set_num_threads(1)
 
 
-def post(url: str, body: Any, raw: bytes | None = None) -> tuple[int, Any, dict[str, str]]:
+def post(
+    url: str, body: Any, raw: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any, dict[str, str]]:
     data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read()), dict(resp.headers)
@@ -183,6 +186,22 @@ def test_overload_is_429(ckpts: dict[str, Path]) -> None:
         assert statuses == [200, 429, 429, 429]
         refused = next(a for a in answers if a[0] == 429)
         assert refused[2].get("Retry-After") == "1" and "max_queue=4" in refused[1]["error"]
+
+
+def test_http_deadlines_are_504(ckpts: dict[str, Path]) -> None:
+    # The batcher holds a lone item for max_wait_ms, longer than either deadline below.
+    with BackgroundScorer(make_settings(ckpts, max_wait_ms=1500.0, http_timeout_s=0.3)) as bg:
+        status, body, _ = post(bg.http_url + "/get_reward", {"query": ["q"]})
+        assert status == 504 and "deadline" in body["error"]
+        status, body, _ = post(
+            bg.http_url + "/classify", {"model": "best", "input": ["q"]}, headers={"X-Request-Timeout": "0.1"}
+        )
+        assert status == 504
+        status, body, _ = post(bg.http_url + "/get_reward", {"query": ["q"]}, headers={"X-Request-Timeout": "soon"})
+        assert status == 400 and "X-Request-Timeout" in body["error"]
+    with BackgroundScorer(make_settings(ckpts, max_wait_ms=200.0, http_timeout_s=30.0)) as bg:
+        status, body, _ = post(bg.http_url + "/get_reward", {"query": ["q"]}, headers={"X-Request-Timeout": "20"})
+        assert status == 200 and len(body["rewards"]) == 1
 
 
 def test_admin_reload(ckpts: dict[str, Path], tmp_path: Path) -> None:
