@@ -40,9 +40,10 @@ test-unit: setup ## fast unit tests only
 test-integration: setup ## integration tests against real services
 	$(PY) -m pytest tests -m integration
 
-lint: $(STAMP) ## ruff and mypy
+lint: $(STAMP) protos ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy shared services training client
 
 demo: $(STAMP) protos ## set up Python and run the curation loop on the embedded default (no cluster)
 	$(VENV)/bin/synpref run --config examples/demo.yaml
