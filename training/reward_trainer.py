@@ -285,7 +285,11 @@ class RewardTrainer:
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5 renamed it; older releases (>= 4.51, as pyproject allows) only have the old name.
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         model.to(self.device)
         model.train()
