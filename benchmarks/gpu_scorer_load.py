@@ -28,32 +28,23 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def build_qwen3(out: Path, convs: list[list[dict[str, str]]], shape: dict[str, int]) -> Path:
-    """Like shared.tiny.build_tiny_reward_model, but with Qwen3's head_dim decoupled from
-    hidden/heads (0.6B has 16 x 128 = 2048 query width on a 1024-wide residual)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, Qwen3Config
-
-    from synpref.shared.tiny import build_tiny_tokenizer
+    """A random Qwen3-shaped RM with a tokenizer trained on the benchmark's own texts."""
+    from synpref.shared.tiny import build_tiny_reward_model
 
     texts = [m["content"] for c in convs for m in c]
-    tok = build_tiny_tokenizer(out, texts=texts, style="qwen", vocab_size=8000)
-    config = Qwen3Config(
-        vocab_size=len(tok),
-        hidden_size=shape["hidden"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"],
+    return build_tiny_reward_model(
+        out,
+        arch="qwen3",
+        layers=shape["layers"],
+        hidden=shape["hidden"],
+        heads=shape["heads"],
+        kv_heads=shape["kv_heads"],
         head_dim=shape["head_dim"],
-        intermediate_size=shape["intermediate"],
-        max_position_embeddings=8192,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
-        num_labels=1,
+        intermediate=shape["intermediate"],
+        vocab_size=8000,
+        texts=texts,
+        max_positions=8192,
     )
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(str(out))
-    return out
 
 
 def flops_per_token(shape: dict[str, int], non_embedding_params: int, mean_len: float) -> float:
