@@ -16,10 +16,12 @@ scorer encode them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -155,6 +157,20 @@ def head_rewards(params: dict[str, np.ndarray], h: np.ndarray) -> np.ndarray:
     return pooled @ params["w"] + params["c"]
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Small matrices: one thread is many times faster than two contended ones."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@one_torch_thread()
 def train_head(
     train: tuple[np.ndarray, np.ndarray],
     valid: tuple[np.ndarray, np.ndarray],
@@ -167,28 +183,6 @@ def train_head(
     train_pooler: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Full-batch Adam (L2 weight decay) on -log sigmoid(r_c - r_r); keep the step with the best validation accuracy."""
-    import torch
-
-    threads = torch.get_num_threads()
-    # Small matrices: one thread is many times faster than two contended ones.
-    torch.set_num_threads(1)
-    try:
-        return _train_head(train, valid, init, steps, eval_every, lr, weight_decay, seed, train_pooler)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train_head(
-    train: tuple[np.ndarray, np.ndarray],
-    valid: tuple[np.ndarray, np.ndarray],
-    init: dict[str, np.ndarray],
-    steps: int,
-    eval_every: int,
-    lr: float,
-    weight_decay: float,
-    seed: int,
-    train_pooler: bool,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     import torch
 
     torch.manual_seed(seed)
