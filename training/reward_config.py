@@ -93,7 +93,11 @@ class RewardConfig:
         "group_window steps), as HF Trainer does; changes batch composition.",
     )
     group_window: int = _f(32, "Steps per length-grouping window.")
-    precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 (autocast) or fp32.")
+    precision: str = _f(
+        "auto",
+        "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 (autocast), fp32, or fp64 (weights and "
+        "arithmetic in float64: slow, for numerical checks such as distributed-vs-single equality).",
+    )
     device: str = _f("auto", "auto, cpu or cuda.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     compile: bool = _f(False, "torch.compile the model (dynamic shapes).")
@@ -112,7 +116,7 @@ class RewardConfig:
         choices = {
             "truncation": ("left_turns", "left_tokens", "right", "none"),
             "lr_scheduler": ("constant", "linear"),
-            "precision": ("auto", "bf16", "fp32"),
+            "precision": ("auto", "bf16", "fp32", "fp64"),
             "distributed": ("auto", "ddp", "fsdp"),
         }
         for name, allowed in choices.items():

@@ -278,7 +278,8 @@ class RewardTrainer:
         self.resume_from = latest_checkpoint(self.out) if cfg.resume else None
         source = str(self.resume_from) if self.resume_from else cfg.model_name_or_path
         self.tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32)
+        dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype)
         self.pad_id = ensure_pad_token(model, self.tokenizer)
         if cfg.disable_dropout:
             for module in model.modules():
@@ -368,7 +369,8 @@ class RewardTrainer:
         ids, mask = pad_batch(seqs, self.pad_id, self.device)
         with self._autocast():
             logits = module(input_ids=ids, attention_mask=mask, **self.forward_kwargs).logits
-        rewards = logits[:, 0].float()
+        # bf16 logits are scored in fp32; fp64 runs keep their precision end to end.
+        rewards = logits[:, 0] if logits.dtype == torch.float64 else logits[:, 0].float()
         return rewards[: len(pairs)], rewards[len(pairs) :]
 
     def train_step(self, batch: list[int]) -> dict[str, float]:
@@ -387,7 +389,11 @@ class RewardTrainer:
             sync = nullcontext() if last or self.strategy != "ddp" else self.wrapped.no_sync()
             with sync:
                 r_c, r_r = self._forward(self.wrapped, pairs)
-                margin = torch.tensor([p.margin for p in pairs], device=self.device) if cfg.margin_column else None
+                margin = (
+                    torch.tensor([p.margin for p in pairs], device=self.device, dtype=r_c.dtype)
+                    if cfg.margin_column
+                    else None
+                )
                 per_pair = bt_loss(r_c, r_r, margin, cfg.center_rewards_coefficient)
                 (per_pair.sum() * scale).backward()
             totals[0] += per_pair.detach().sum()
