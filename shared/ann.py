@@ -1,0 +1,142 @@
+"""Retrieval at pool scale: a float16 vector file by store row, and a FAISS index over D_un.
+
+`VectorFile` keeps one embedding per PairStore row in a memory-mapped float16 file, so a
+query's vector is read from disk, not held for the whole pool (40M x 384 x 2 B = 31 GB on
+the volume, paged in as used).
+
+`AnnIndex` is the nearest-neighbour index over the unverified pool. Its type follows the
+size it is built for, as FAISS's own guidance does: exact `Flat` for up to 20k vectors,
+`IVF<nlist>,Flat` up to 2M, `IVF<nlist>,PQ<m>` beyond (nlist ~ 4 sqrt(n), trained on a
+sample). Ids are store rows; rows leave the index when they leave D_un, so every hit is an
+unverified pair. Vectors are L2-normalised and compared by inner product (cosine).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXACT_UP_TO = 20_000
+FLAT_LISTS_UP_TO = 2_000_000
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    out = np.ascontiguousarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.maximum(norms, 1e-12)
+
+
+class VectorFile:
+    """Float16 vectors by row in one memory-mapped file, `<path>` plus a `<path>.json` shape note.
+
+    Args:
+        path: the file; created with `create`, opened read-write with the constructor.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        rows, dim = (int(x) for x in self.path.with_suffix(self.path.suffix + ".shape").read_text().split())
+        self.rows, self.dim = rows, dim
+        self._map = np.memmap(self.path, dtype=np.float16, mode="r+", shape=(rows, dim))
+
+    @classmethod
+    def create(cls, path: str | Path, rows: int, dim: int) -> VectorFile:
+        """A zero-filled file for rows 0..rows-1 (sparse on disk until written)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.truncate(rows * dim * 2)
+        path.with_suffix(path.suffix + ".shape").write_text(f"{rows} {dim}\n")
+        return cls(path)
+
+    def write(self, first_row: int, vectors: np.ndarray) -> None:
+        self._map[first_row : first_row + len(vectors)] = vectors.astype(np.float16)
+
+    def read(self, rows: np.ndarray | list[int]) -> np.ndarray:
+        return np.asarray(self._map[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
+
+    def flush(self) -> None:
+        self._map.flush()
+
+
+def index_spec(n: int, dim: int) -> str:
+    """The FAISS factory string for an index meant to hold about `n` vectors of `dim`."""
+    if n <= EXACT_UP_TO:
+        return "IDMap,Flat"
+    nlist = 1 << max(4, round(math.log2(4 * math.sqrt(n))))
+    if n <= FLAT_LISTS_UP_TO:
+        return f"IVF{nlist},Flat"
+    m = next(m for m in (48, 32, 24, 16, 12, 8, 4, 2, 1) if dim % m == 0)
+    return f"IVF{nlist},PQ{m}"
+
+
+class AnnIndex:
+    """Inner-product nearest neighbours over int64 ids, persisted to one file.
+
+    Build with `AnnIndex.build(n, dim, sample)`, then `add` in chunks; `remove` takes ids out;
+    `search` returns the k best ids per query (-1 pads where fewer exist).
+
+    Args:
+        index: a FAISS index (built here or read from disk).
+        nprobe: inverted lists visited per query (IVF only): recall against speed.
+    """
+
+    def __init__(self, index: Any, nprobe: int = 32) -> None:
+        import faiss
+
+        self.index = index
+        ivf = faiss.try_extract_index_ivf(index) if "IVF" in type(index).__name__ else None
+        if ivf is not None:
+            ivf.nprobe = min(nprobe, ivf.nlist)
+
+    @classmethod
+    def build(cls, n: int, dim: int, sample: np.ndarray | None = None, nprobe: int = 32) -> AnnIndex:
+        """An empty index sized for `n` vectors; IVF kinds are trained on `sample` (~30 x nlist rows)."""
+        import faiss
+
+        spec = index_spec(n, dim)
+        index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            if sample is None or len(sample) == 0:
+                raise ValueError(f"{spec} needs a training sample")
+            index.train(normalise(sample))
+        return cls(index, nprobe)
+
+    @classmethod
+    def load(cls, path: str | Path, nprobe: int = 32, mmap: bool = False) -> AnnIndex:
+        import faiss
+
+        flags = faiss.IO_FLAG_MMAP if mmap else 0
+        return cls(faiss.read_index(str(path), flags), nprobe)
+
+    def save(self, path: str | Path) -> None:
+        """Write through a temp file and rename, so a reader never sees half an index."""
+        import faiss
+
+        from synpref.shared.files import write_atomic
+
+        write_atomic(Path(path), lambda tmp: faiss.write_index(self.index, str(tmp)))
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def add(self, ids: np.ndarray | list[int], vectors: np.ndarray) -> None:
+        self.index.add_with_ids(normalise(vectors), np.asarray(ids, dtype=np.int64))
+
+    def remove(self, ids: np.ndarray | list[int]) -> int:
+        import faiss
+
+        wanted = np.asarray(ids, dtype=np.int64)
+        if len(wanted) == 0:
+            return 0
+        return int(self.index.remove_ids(faiss.IDSelectorBatch(wanted)))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores), each (len(queries), k); ids are -1 where the index had fewer hits."""
+        if k <= 0 or len(queries) == 0 or len(self) == 0:
+            return np.full((len(queries), max(k, 0)), -1, dtype=np.int64), np.zeros((len(queries), max(k, 0)))
+        scores, ids = self.index.search(normalise(queries), k)
+        return ids, scores

@@ -1,0 +1,229 @@
+"""PairStore: every pair record of a curation run and the pool it is in, on disk.
+
+One SQLite file (WAL journal, `synchronous=FULL`) holds, per pair, a dense integer `row`
+(also the pair's id in the ANN index and the vector file), its `key` (the ingest id; a flip
+never changes it), its `pool` and the serialized PairRecord. Pool moves are appended to a
+`transitions` table, the run's audit log. Long steps record how far they got in `meta`, in
+the same transaction as the rows they wrote, so a process killed mid-step resumes after the
+last committed batch and never applies a batch twice.
+
+Memory stays bounded whatever the pool size: pools are streamed in row order in batches,
+and SQLite keeps only its page cache (`cache_mib`). See docs/architecture.md for the sizes
+at 40M pairs. SQLite needs a local file system or block storage (a RWO volume); NFS locking
+is not safe for it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from synpref.v1.pair_pb2 import PairRecord
+
+POOLS = ("unverified", "holdout", "gold", "silver", "stage2", "discarded")
+"""Pools a pair can be in: D_un, held-out, D_gold, D_silver, Stage-2 decided, discarded."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pairs (
+    row INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    pool TEXT NOT NULL,
+    record BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pairs_by_pool ON pairs (pool, row);
+CREATE TABLE IF NOT EXISTS transitions (
+    seq INTEGER PRIMARY KEY,
+    row INTEGER NOT NULL,
+    from_pool TEXT NOT NULL,
+    to_pool TEXT NOT NULL,
+    step TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+# SQLite's default limit on bound parameters is 32766 in current releases, 999 in old ones.
+_CHUNK = 900
+
+
+class PairStoreError(RuntimeError):
+    """A store operation that cannot be done as asked (unknown pool, row or key)."""
+
+
+def _check_pool(pool: str) -> str:
+    if pool not in POOLS:
+        raise PairStoreError(f"unknown pool {pool!r}; pools are {', '.join(POOLS)}")
+    return pool
+
+
+def _record(blob: bytes) -> PairRecord:
+    record = PairRecord()
+    record.ParseFromString(blob)
+    return record
+
+
+def _chunks(items: Sequence[int], size: int = _CHUNK) -> Iterator[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class PairStore:
+    """The run's pairs and pools in one SQLite file; see the module docstring.
+
+    Args:
+        path: the database file; created with its folder when missing.
+        cache_mib: SQLite page cache, the store's only memory that grows with use.
+
+    Writes outside `transaction()` commit at once; inside it they commit together at its end.
+    """
+
+    def __init__(self, path: str | Path, cache_mib: int = 64) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA cache_size=-{int(cache_mib) * 1024}")
+        self._db.executescript(_SCHEMA)
+        self._depth = 0
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> PairStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Everything written inside commits together, or not at all."""
+        outer = self._depth == 0
+        if outer:
+            self._db.execute("BEGIN IMMEDIATE")
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            self._depth -= 1
+            if outer:
+                self._db.execute("ROLLBACK")
+            raise
+        self._depth -= 1
+        if outer:
+            self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------ writing
+
+    def add(self, records: Iterable[tuple[str, str, PairRecord]]) -> int:
+        """Append (key, pool, record) rows in order; keys already stored are skipped. Returns rows added."""
+        with self.transaction():
+            cur = self._db.executemany(
+                "INSERT OR IGNORE INTO pairs (key, pool, record) VALUES (?, ?, ?)",
+                ((key, _check_pool(pool), rec.SerializeToString(deterministic=True)) for key, pool, rec in records),
+            )
+        return max(cur.rowcount, 0)
+
+    def put(self, rows: Iterable[tuple[int, PairRecord]]) -> None:
+        """Replace the records of existing rows (their pools stay)."""
+        with self.transaction():
+            self._db.executemany(
+                "UPDATE pairs SET record = ? WHERE row = ?",
+                ((rec.SerializeToString(deterministic=True), row) for row, rec in rows),
+            )
+
+    def move(self, rows: Iterable[int], to: str, step: str) -> int:
+        """Move rows to pool `to`, logging each real move under `step`. Returns how many moved."""
+        _check_pool(to)
+        wanted = sorted(set(rows))
+        moved = 0
+        with self.transaction():
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                found = self._db.execute(f"SELECT row, pool FROM pairs WHERE row IN ({marks})", chunk).fetchall()
+                if len(found) != len(chunk):
+                    missing = sorted(set(chunk) - {r for r, _ in found})
+                    raise PairStoreError(f"no such rows: {missing[:10]}")
+                changing = [(row, pool) for row, pool in found if pool != to]
+                self._db.executemany(
+                    "INSERT INTO transitions (row, from_pool, to_pool, step) VALUES (?, ?, ?, ?)",
+                    ((row, pool, to, step) for row, pool in changing),
+                )
+                self._db.executemany("UPDATE pairs SET pool = ? WHERE row = ?", ((to, row) for row, _ in changing))
+                moved += len(changing)
+        return moved
+
+    def set_meta(self, name: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
+
+    def meta(self, name: str, default: str = "") -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else default
+
+    # ------------------------------------------------------------ reading
+
+    def size(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM pairs").fetchone()[0])
+
+    def count(self, pool: str) -> int:
+        return int(self._db.execute("SELECT count(*) FROM pairs WHERE pool = ?", (_check_pool(pool),)).fetchone()[0])
+
+    def counts(self) -> dict[str, int]:
+        found = dict(self._db.execute("SELECT pool, count(*) FROM pairs GROUP BY pool").fetchall())
+        return {pool: int(found.get(pool, 0)) for pool in POOLS}
+
+    def rows(self, pool: str, after: int = -1, limit: int = 10_000) -> list[int]:
+        """Up to `limit` rows of `pool` past row `after`, in row order (page with the last one)."""
+        found = self._db.execute(
+            "SELECT row FROM pairs WHERE pool = ? AND row > ? ORDER BY row LIMIT ?", (_check_pool(pool), after, limit)
+        )
+        return [r for (r,) in found]
+
+    def scan(self, pool: str, batch: int = 1000, after: int = -1) -> Iterator[list[tuple[int, PairRecord]]]:
+        """Batches of (row, record) of `pool` in row order, from past row `after`; reads as it goes."""
+        _check_pool(pool)
+        while True:
+            found = self._db.execute(
+                "SELECT row, record FROM pairs WHERE pool = ? AND row > ? ORDER BY row LIMIT ?", (pool, after, batch)
+            ).fetchall()
+            if not found:
+                return
+            yield [(row, _record(blob)) for row, blob in found]
+            after = found[-1][0]
+
+    def get(self, rows: Sequence[int]) -> list[PairRecord]:
+        """The records of `rows`, in the order asked."""
+        by_row: dict[int, bytes] = {}
+        for chunk in _chunks(sorted(set(rows))):
+            marks = ",".join("?" * len(chunk))
+            by_row.update(self._db.execute(f"SELECT row, record FROM pairs WHERE row IN ({marks})", chunk).fetchall())
+        missing = [r for r in rows if r not in by_row]
+        if missing:
+            raise PairStoreError(f"no such rows: {missing[:10]}")
+        return [_record(by_row[r]) for r in rows]
+
+    def pools_of(self, rows: Sequence[int]) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for chunk in _chunks(sorted(set(rows))):
+            marks = ",".join("?" * len(chunk))
+            out.update(self._db.execute(f"SELECT row, pool FROM pairs WHERE row IN ({marks})", chunk).fetchall())
+        return out
+
+    def rows_of(self, keys: Sequence[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for start in range(0, len(keys), _CHUNK):
+            chunk = list(keys[start : start + _CHUNK])
+            marks = ",".join("?" * len(chunk))
+            out.update(self._db.execute(f"SELECT key, row FROM pairs WHERE key IN ({marks})", chunk).fetchall())
+        return out
+
+    def transitions(self, step: str | None = None) -> list[tuple[int, str, str, str]]:
+        """(row, from, to, step) moves in the order they happened; for audits and tests, not for 40M."""
+        query = "SELECT row, from_pool, to_pool, step FROM transitions"
+        if step is None:
+            found = self._db.execute(query + " ORDER BY seq")
+        else:
+            found = self._db.execute(query + " WHERE step = ? ORDER BY seq", (step,))
+        return [(int(row), str(a), str(b), str(s)) for row, a, b, s in found]
