@@ -9,6 +9,7 @@ Unknown keys are errors, so a typo in a config file fails loudly.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +25,9 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a timeout, wait or rate of inf/nan (YAML `.inf`, env `inf`) never ends or
+    # never compares; one rule for every float field of every section.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class KafkaSettings(Section):
@@ -380,11 +383,38 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def check_env_sections(environ: Mapping[str, str]) -> None:
+    """ConfigError for a SYNPREF_<SECTION>__<FIELD> variable whose section does not exist.
+
+    pydantic-settings reads only the names it knows, so SYNPREF_SCORRER__PORT would be ignored
+    without a word. Names without `__` are left alone: other tools use SYNPREF_ names too
+    (SYNPREF_CONFIG, SYNPREF_KAFKA_BOOTSTRAP, SYNPREF_JOB_NAME).
+    """
+    sections = sorted(
+        name
+        for name, field in Settings.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    )
+    unknown = []
+    for name in environ:
+        upper = name.upper()
+        if upper.startswith(ENV_PREFIX) and "__" in upper:
+            section = upper[len(ENV_PREFIX) :].split("__", 1)[0].lower()
+            if section not in sections:
+                unknown.append(name)
+    if unknown:
+        raise ConfigError(
+            f"unknown configuration section in environment variable(s) {', '.join(sorted(unknown))}; "
+            f"known sections: {', '.join(sections)}"
+        )
+
+
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Load settings from an optional YAML file, then SYNPREF_* variables.
 
     Raises ConfigError naming each offending field, never a bare traceback.
     """
+    check_env_sections(os.environ)
     path = path or os.environ.get(f"{ENV_PREFIX}CONFIG")
     data: dict[str, Any] = read_yaml(path) if path else {}
     data.update(overrides)
