@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.synpref-installed
 
-.PHONY: help setup protos kafka helm chromium test test-unit test-integration lint demo bench clean
+.PHONY: help setup protos kafka helm chromium test test-unit test-integration lint demo bench clean cluster cluster-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -53,3 +53,9 @@ bench: setup ## run the CPU benchmarks and print their figures
 
 clean: ## remove generated code and caches (keeps .venv)
 	rm -rf gen .pytest_cache .ruff_cache build *.egg-info
+
+cluster: ## build (first time ~15 min) and start a single-node Kubernetes cluster (needs root); see docs/cluster.md
+	bash tools/cluster/up.sh
+
+cluster-down: ## stop the cluster and remove everything it made on the host
+	bash tools/cluster/down.sh

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Tear the single-node cluster down (`make cluster-down`); safe to run at any time.
+#
+# Stops every process by the PID recorded in .cache/cluster/pids (and the containers by
+# the PIDs containerd recorded), then removes what the cluster made on the host: the
+# pods' network namespaces and mounts, the bridge and the node's dummy interface, the
+# routes, the iptables chains, the kubelet's cgroups, and the runtime state.
+# --keep-logs leaves .cache/cluster/logs for a look after a failed start; --quiet prints
+# nothing when there was nothing to do.
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+keep_logs=false
+quiet=false
+for arg in "$@"; do
+  case "$arg" in
+    --keep-logs) keep_logs=true ;;
+    --quiet) quiet=true ;;
+    *) die "unknown argument $arg" ;;
+  esac
+done
+say() { $quiet || log "$@"; }
+
+# stop_pid PID WHAT: SIGTERM, then SIGKILL if it still runs after 20 s.
+stop_pid() {
+  local pid="$1" what="$2"
+  kill -0 "$pid" 2>/dev/null || return 0
+  say "stopping $what (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null
+  local deadline=$((SECONDS + 20))
+  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -KILL "$pid" 2>/dev/null
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  fi
+}
+
+stop_recorded() {
+  local name="$1" file="$PIDS/$1.pid"
+  [[ -f "$file" ]] || return 0
+  stop_pid "$(cat "$file")" "$name"
+  rm -f "$file"
+}
+
+# The kubelet goes first, so that it does not restart the containers stopped below.
+stop_recorded kube-proxy
+stop_recorded kubelet
+stop_recorded kube-scheduler
+stop_recorded kube-controller-manager
+
+# Containers: containerd keeps each task's PIDs in its bundle; the network namespace of
+# each pod sandbox is named in its OCI spec.
+netns_files=()
+if [[ -d "$CONTAINERD_STATE/io.containerd.runtime.v2.task/k8s.io" ]]; then
+  for bundle in "$CONTAINERD_STATE"/io.containerd.runtime.v2.task/k8s.io/*/; do
+    [[ -f "$bundle/config.json" ]] || continue
+    netns="$(jq -r '.linux.namespaces[]? | select(.type == "network") | .path // empty' "$bundle/config.json")"
+    [[ "$netns" == /var/run/netns/* || "$netns" == /run/netns/* ]] && netns_files+=("$netns")
+    [[ -f "$bundle/init.pid" ]] && stop_pid "$(cat "$bundle/init.pid")" "container $(basename "$bundle")"
+  done
+  # A shim exits once its container is gone and containerd reaps the task; kill the
+  # ones that remain by their recorded PIDs.
+  for bundle in "$CONTAINERD_STATE"/io.containerd.runtime.v2.task/k8s.io/*/; do
+    [[ -f "$bundle/shim.pid" ]] && stop_pid "$(cat "$bundle/shim.pid")" "shim $(basename "$bundle")"
+  done
+fi
+stop_recorded containerd
+stop_recorded kube-apiserver
+stop_recorded etcd
+
+# Mounts under the cluster's directories and the pods' network namespaces, deepest first.
+mapfile -t mounts < <(awk '{print $5}' /proc/self/mountinfo | grep -E "^($STATE|$CONTAINERD_STATE|$CONTAINERD_ROOT)/" | sort -r)
+for netns in "${netns_files[@]}"; do
+  grep -q " $netns " /proc/self/mountinfo && mounts+=("$netns")
+done
+for mount in "${mounts[@]}"; do
+  umount "$mount" 2>/dev/null || umount -l "$mount"
+done
+for netns in "${netns_files[@]}"; do rm -f "$netns"; done
+((${#mounts[@]})) && say "unmounted ${#mounts[@]} mounts"
+
+# Network. The veth pairs went with the network namespaces.
+for link in "$BRIDGE" "$NODE_IFACE"; do
+  if ip link show "$link" >/dev/null 2>&1; then
+    say "removing link $link"
+    ip link del "$link"
+  fi
+done
+for cidr in "$SERVICE_CIDR" "$POD_CIDR"; do
+  while ip route show type blackhole "$cidr" | grep -q .; do
+    say "removing blackhole route $cidr"
+    ip route del blackhole "$cidr"
+  done
+done
+if command -v iptables >/dev/null; then
+  while iptables -C FORWARD -j "$FORWARD_CHAIN" 2>/dev/null; do iptables -D FORWARD -j "$FORWARD_CHAIN"; done
+  if iptables -S "$FORWARD_CHAIN" >/dev/null 2>&1; then
+    say "removing iptables chain $FORWARD_CHAIN"
+    iptables -F "$FORWARD_CHAIN"
+    iptables -X "$FORWARD_CHAIN"
+  fi
+  # kube-proxy knows its own rules; the kubelet's canary and firewall chains go after.
+  if [[ -x "$BIN/kube-proxy" ]] && iptables-save | grep -q '^:KUBE-'; then
+    say "removing kube-proxy's and the kubelet's iptables rules"
+    "$BIN/kube-proxy" --cleanup >/dev/null 2>&1
+    for cmd in iptables ip6tables; do
+      for table in filter nat mangle; do
+        "$cmd" -t "$table" -S 2>/dev/null | awk '/^-A .* -j KUBE-/ {sub(/^-A/, "-D"); print}' |
+          while read -r rule; do eval "$cmd -t $table $rule"; done
+        for chain in $("$cmd" -t "$table" -S 2>/dev/null | awk '/^-N KUBE-/ {print $2}'); do
+          "$cmd" -t "$table" -F "$chain"
+        done
+        for chain in $("$cmd" -t "$table" -S 2>/dev/null | awk '/^-N KUBE-/ {print $2}'); do
+          "$cmd" -t "$table" -X "$chain"
+        done
+      done
+    done
+  fi
+fi
+if [[ -f "$STATE/ip_forward.before" ]]; then
+  cat "$STATE/ip_forward.before" >/proc/sys/net/ipv4/ip_forward
+fi
+rm -f /var/lib/cni/results/"$CNI_NETWORK"-*
+
+# The kubelet's pod cgroups (cgroupfs driver, cgroup v1 plus the unified mount).
+for hierarchy in /sys/fs/cgroup/*/; do
+  [[ -d "$hierarchy/kubepods" ]] || continue
+  say "removing cgroups $hierarchy/kubepods"
+  find "$hierarchy/kubepods" -depth -type d -exec rmdir {} + 2>/dev/null
+done
+
+if $keep_logs && [[ -d "$LOGS" ]]; then
+  find "$STATE" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf {} +
+else
+  rm -rf "$STATE"
+fi
+rm -rf "$CONTAINERD_STATE"
+say "cluster down"
