@@ -29,7 +29,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 def build_qwen3(out: Path, convs: list[list[dict[str, str]]], shape: dict[str, int]) -> Path:
     """A random Qwen3-shaped RM with a tokenizer trained on the benchmark's own texts."""
-    from synpref.shared.tiny import build_tiny_reward_model
+    from testing.tiny import build_tiny_reward_model
 
     texts = [m["content"] for c in convs for m in c]
     return build_tiny_reward_model(

@@ -25,6 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# testing/ (tiny models: test support, not installed) lives at the repo root.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "A100": 312.0}
 SMOKE = {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "head_dim": 16, "intermediate": 128, "vocab": 2000}
 QWEN3_06B = {
@@ -144,9 +148,9 @@ def main() -> int:
             print("no CUDA device here: dry run only (shapes and FLOP arithmetic); nothing was measured")
         return 0
 
-    from synpref.shared.tiny import build_tiny_reward_model
     from synpref.training.reward_config import RewardConfig
     from synpref.training.reward_trainer import RewardTrainer
+    from testing.tiny import build_tiny_reward_model
 
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else "cpu"

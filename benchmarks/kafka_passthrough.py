@@ -33,11 +33,12 @@ from synpref.shared.config import KafkaSettings
 from synpref.shared.kafka.admin import ensure_topics
 from synpref.shared.kafka.clients import make_producer
 from synpref.shared.kafka.codec import encode_record
-from synpref.shared.kafka.local_broker import LocalKafka
 from synpref.shared.pairs import new_pair, new_record
 from synpref.v1.pair_pb2 import PairRecord
 
 REPO = Path(__file__).resolve().parents[1]
+# testing/ (the local broker, the pass-through service: test support, not installed) lives at the repo root.
+sys.path.insert(0, str(REPO))
 HH = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 MARK = "\n\nAssistant:"
 
@@ -127,8 +128,8 @@ def run_consumers(kafka: KafkaSettings, raw: str, n: int, consumers: int, workdi
     procs = []
     for i in range(consumers):
         log = (workdir / f"consumer-{consumers}-{i}.log").open("wb")
-        cmd = [sys.executable, "-m", "synpref.shared.cli", "passthrough"]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        cmd = [sys.executable, "-m", "testing.passthrough"]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
     first = last = None
     deadline = time.monotonic() + 600
     # One watcher connection for the whole run: a new client per check would steal CPU from the consumers.
@@ -176,6 +177,8 @@ def main() -> int:
         if external:
             bootstrap, broker = external, f"Kafka cluster at {external}"
         else:
+            from testing.local_kafka import LocalKafka
+
             local = stack.enter_context(LocalKafka())
             bootstrap, broker = local.bootstrap_servers, local.describe()
         kafka = KafkaSettings(bootstrap_servers=bootstrap)

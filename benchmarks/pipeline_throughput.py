@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import hashlib
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -37,11 +38,14 @@ from synpref.shared.config import FilterSettings, KafkaSettings, Settings, Topic
 from synpref.shared.kafka.admin import ensure_topics
 from synpref.shared.kafka.clients import make_producer
 from synpref.shared.kafka.codec import encode_record
-from synpref.shared.kafka.local_broker import LocalKafka
 from synpref.shared.kafka.runner import RunnerStats, StageRunner
 from synpref.shared.pairs import new_pair, new_record, now
 from synpref.shared.stage import Stage, StageResult
 from synpref.v1.pair_pb2 import PREFERENCE_CHOSEN, PREFERENCE_REJECTED, ModelScore, PairRecord
+
+# testing/ (the local broker: test support, not installed) lives at the repo root.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BATCH = 64
@@ -219,6 +223,8 @@ def main() -> int:
             if external:
                 bootstrap, where = external, f"external Kafka at {external}"
             else:
+                from testing.local_kafka import LocalKafka
+
                 broker = stack.enter_context(LocalKafka())
                 bootstrap, where = broker.bootstrap_servers, broker.describe()
             kafka = KafkaSettings(bootstrap_servers=bootstrap)

@@ -1,7 +1,7 @@
 """Scorer under load: 64 concurrent single-item clients (how OpenRLHF calls a remote RM).
 
 Model: a ~5M-parameter Qwen3-shaped reward model with random weights and a BPE tokenizer
-trained on the texts themselves (shared.tiny). Texts: real hh-rlhf conversations
+trained on the texts themselves (testing.tiny). Texts: real hh-rlhf conversations
 (../shared/data/hh-rlhf/harmless-base/test.jsonl.gz, conversation + chosen response).
 
 Three figures, same model, same texts, same torch thread count:
@@ -28,6 +28,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+# testing/ (tiny models: test support, not installed) lives at the repo root.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
@@ -134,7 +138,7 @@ def load_conversations(path: Path, n: int) -> list[Conversation]:
 
 
 def build_model(out: Path, convs: list[Conversation], shape: dict[str, int]) -> Path:
-    from synpref.shared.tiny import build_tiny_reward_model
+    from testing.tiny import build_tiny_reward_model
 
     texts = [m["content"] for c in convs for m in c]
     return build_tiny_reward_model(out, arch="qwen3", texts=texts, **shape)

@@ -28,6 +28,10 @@ from pathlib import Path
 
 import torch
 
+# testing/ (tiny models: test support, not installed) lives at the repo root.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
 HH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
 
@@ -55,7 +59,7 @@ def parse() -> argparse.Namespace:
 
 
 def build_model(root: Path, pairs: list[dict], seed: int) -> Path:
-    from synpref.shared.tiny import build_tiny_reward_model
+    from testing.tiny import build_tiny_reward_model
 
     texts = [m["content"] for p in pairs for k in ("conversation", "chosen", "rejected") for m in p[k]]
     # hidden 256, 4 layers, GQA 4/2 heads, MLP 768, vocab 8k: about 5M parameters.

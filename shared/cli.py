@@ -13,7 +13,6 @@ import sys
 # command -> (module exposing main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "topics": ("synpref.shared.kafka.cli", "create the pipeline's Kafka topics (idempotent)"),
-    "passthrough": ("synpref.services.passthrough.main", "run the pass-through stage (for tests and benchmarks)"),
     "train": (
         "synpref.training.cli",
         "train a Bradley-Terry reward model (`synpref train submit` runs it as a K8s Job)",

@@ -51,7 +51,7 @@ def pytest_report_header(config: pytest.Config) -> str:
     if external:
         return f"kafka: the external cluster {EXTERNAL_ENV}={external}"
     try:
-        from synpref.shared.kafka.local_broker import kafka_home, kafka_version
+        from testing.local_kafka import kafka_home, kafka_version
 
         return f"kafka: Apache Kafka {kafka_version()} from {kafka_home()} (started when an integration test needs it)"
     except Exception as exc:  # jars not fetched: unit tests still run

@@ -18,8 +18,8 @@ from synpref.shared.config import KafkaSettings, TopicSettings
 from synpref.shared.kafka.admin import ensure_topics
 from synpref.shared.kafka.clients import make_admin, make_producer
 from synpref.shared.kafka.codec import encode_record
-from synpref.shared.kafka.local_broker import LocalKafka
 from synpref.v1.pair_pb2 import PairRecord
+from testing.local_kafka import LocalKafka
 
 EXTERNAL_ENV = "SYNPREF_KAFKA_BOOTSTRAP"  # also read by tests/conftest.py
 
@@ -126,4 +126,18 @@ def topic_size(kafka: KafkaSettings, topic: str) -> int:
         parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         return sum(consumer.end_offsets(parts).values()) if parts else 0
     finally:
+        consumer.close(autocommit=False)
+
+
+def committed_to_end(kafka: KafkaSettings, group: str, topic: str) -> bool:
+    """Whether `group` has committed, on every partition of `topic`, the offset at its end: it consumed it all."""
+    consumer = KafkaConsumer(**kafka.client_kwargs(), enable_auto_commit=False, group_id=None)
+    admin = make_admin(kafka)
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        ends = consumer.end_offsets(parts)
+        committed = admin.list_group_offsets({group: parts}).get(group, {})
+        return bool(parts) and all(tp in committed and committed[tp].offset >= end for tp, end in ends.items())
+    finally:
+        admin.close()
         consumer.close(autocommit=False)

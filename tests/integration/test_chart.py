@@ -475,7 +475,7 @@ def test_notes_say_what_was_installed_and_how_to_reach_it(helm: str, tmp_path: P
 
 def test_dev_kafka_config_is_accepted_by_kafka(renders: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
     """The dev broker's server.properties and cluster id, formatted by the real Kafka storage tool."""
-    from synpref.shared.kafka.local_broker import kafka_home
+    from testing.local_kafka import kafka_home
 
     docs = renders["example:cpu-dev"]
     name = f"{RELEASE}-synpref-kafka"

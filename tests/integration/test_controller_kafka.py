@@ -18,7 +18,6 @@ import pytest
 
 from synpref.services.annotator.annotate import Annotator
 from synpref.services.consistency_filter.rules import make_filter_stage
-from synpref.services.controller import fakes
 from synpref.services.controller.executors import KafkaExecutor
 from synpref.services.controller.loop import Controller
 from synpref.services.controller.providers import KafkaDeskHumans, OracleHumans
@@ -28,6 +27,7 @@ from synpref.services.gold_scorer.scoring import make_scoring_stage
 from synpref.shared.config import load_settings
 from synpref.shared.kafka.runner import StageRunner
 from synpref.shared.stage import StageResult
+from testing import controller_fakes as fakes
 
 pytestmark = pytest.mark.integration
 
@@ -109,5 +109,8 @@ def test_loop_over_kafka_matches_the_in_process_loop(tmp_path, kafka_settings, u
         stop.set()
         for t in threads:
             t.join(timeout=30)
+    assert not [t.name for t in threads if t.is_alive()], "a stage runner did not stop within 30 s"
     assert summary(tmp_path / "kafka") == summary(tmp_path / "in-process")
-    assert sum(r.stats.snapshot().get("processed", 0) for r in runners) > 0 or all(not t.is_alive() for t in threads)
+    # Every stage really ran over Kafka: an executor that fell back to in-process work would leave one idle.
+    processed = {r.service: r.stats.snapshot().get("processed", 0) for r in runners}
+    assert all(n > 0 for n in processed.values()), processed

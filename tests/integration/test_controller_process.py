@@ -20,7 +20,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from synpref.services.controller.fakes import write_synthetic
+from testing.controller_fakes import write_synthetic
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]

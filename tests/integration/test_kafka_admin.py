@@ -31,6 +31,7 @@ def test_pipeline_topics_follow_the_config(kafka_settings):
     assert set(describe_partitions(kafka, topics.all()).values()) == {2}
 
 
+@pytest.mark.slow  # 5-8 s: `synpref topics` processes
 def test_topics_cli_is_idempotent(kafka_settings):
     base = unique_name("t-cli")
     env = {
@@ -49,6 +50,7 @@ def test_topics_cli_is_idempotent(kafka_settings):
     assert all("\texists\t" in line for line in second.stdout.strip().splitlines()), second.stdout
 
 
+@pytest.mark.slow  # 5-8 s: `synpref topics` processes
 def test_topics_cli_fails_clearly_without_a_cluster():
     env = {**os.environ, "SYNPREF_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1", "SYNPREF_KAFKA__REQUEST_TIMEOUT_MS": "2000"}
     cmd = [sys.executable, "-m", "synpref.shared.cli", "topics", "--timeout", "3", "t-never"]

@@ -1,4 +1,4 @@
-"""Acceptance: 10,000 pairs through `synpref passthrough` run as 2 consumer processes in one
+"""Acceptance: 10,000 pairs through the pass-through service (testing/passthrough.py) run as 2 consumer processes in one
 group over a 3-partition topic, with a corrupt message and a SIGTERM + restart mid-stream.
 
 At-least-once: duplicates are allowed (and counted), a missing pair is a failure.
@@ -20,6 +20,8 @@ from kafka_broker import produce, read_topic, topic_size
 from synpref.shared.kafka.clients import make_producer
 from synpref.shared.kafka.codec import DLQ_KIND, DLQ_REASON, DLQ_SERVICE, DLQ_TOPIC, decode_record, header_map
 from synpref.shared.pairs import new_pair, new_record
+from testing import REPO_ROOT
+from testing.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -27,15 +29,15 @@ N = 10_000
 
 
 class Consumer:
-    """One `synpref passthrough` process, its output in files (a full pipe would block it)."""
+    """One pass-through service process, its output in files (a full pipe would block it)."""
 
     def __init__(self, name: str, env: dict[str, str], folder: Path) -> None:
         self.name = name
         self.log = folder / f"{name}.log"
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "synpref.shared.cli", "passthrough"],
-                env=env,
+                [sys.executable, "-m", "testing.passthrough"],
+                env={**env, "PYTHONPATH": str(REPO_ROOT)},
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -75,13 +77,7 @@ def processed(consumer: Consumer) -> int:
     return int(found.group(1))
 
 
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.2)
-
-
+@pytest.mark.slow  # about 25 s: 10,000 pairs, three service processes
 def test_ten_thousand_pairs_two_processes_corrupt_message_and_sigterm(
     kafka_settings, unique_topics, unique_group, tmp_path
 ):
@@ -129,15 +125,16 @@ def test_ten_thousand_pairs_two_processes_corrupt_message_and_sigterm(
         # Under load one consumer can win all partitions at first; SIGTERM only tests something
         # once the group has settled and a owns work.
         for proc in (a, b):
-            wait_for(
+            wait_until(
                 lambda p=proc: re.search(r"partitions assigned: \[\(", p.text()), 90, f"{proc.name} to own partitions"
             )
-        wait_for(lambda: topic_size(kafka, topics.annotated) >= 1000, 90, "the first 1,000 outputs")
+        wait_until(lambda: topic_size(kafka, topics.annotated) >= 1000, 90, "the first 1,000 outputs")
 
         # More pairs stream in while consumer a is told to stop.
         feeder = threading.Thread(target=feed, args=(kafka, topics.raw, records[5000:7500], producer), daemon=True)
         feeder.start()
-        time.sleep(0.3)
+        # 5,000 pairs and the corrupt message are in; stop a once the feeder's first chunk has landed too.
+        wait_until(lambda: topic_size(kafka, topics.raw) > 5001, 60, "the feeder's first chunk")
         assert a.terminate() == 0, a.text()[-3000:]
         assert processed(a) > 0, "consumer a stopped before it handled anything"
         feeder.join(timeout=120)
@@ -147,11 +144,11 @@ def test_ten_thousand_pairs_two_processes_corrupt_message_and_sigterm(
         a2 = Consumer("a2", env, tmp_path)
         procs.append(a2)
         a2.wait_ready()
-        wait_for(lambda: re.search(r"partitions assigned: \[\(", a2.text()), 60, "a2 to be assigned partitions")
+        wait_until(lambda: re.search(r"partitions assigned: \[\(", a2.text()), 60, "a2 to be assigned partitions")
         feed(kafka, topics.raw, records[7500:], producer)
-        wait_for(lambda: topic_size(kafka, topics.annotated) >= N, 120, f"{N} outputs")
-        # Let the group settle so a late duplicate from a rebalance is counted too.
-        time.sleep(1.0)
+        wait_until(lambda: topic_size(kafka, topics.annotated) >= N, 120, f"{N} outputs")
+        # A duplicate from a late rebalance is still counted: both stop gracefully (output flushed) before
+        # the topic is read back.
         for proc in (a2, b):
             assert proc.terminate() == 0, proc.text()[-3000:]
     finally:
@@ -180,6 +177,7 @@ def test_ten_thousand_pairs_two_processes_corrupt_message_and_sigterm(
     assert found[DLQ_TOPIC] == topics.raw and "not a synpref.v1.PairRecord protobuf" in found[DLQ_REASON]
 
 
+@pytest.mark.slow  # about 20 s: two service processes and a 6 s session timeout
 def test_sigkill_mid_stream_loses_nothing(kafka_settings, unique_topics, unique_group, tmp_path):
     """No graceful stop at all: what was produced but not committed is re-read, never lost."""
     topics = unique_topics(partitions=3)
@@ -217,7 +215,7 @@ def test_sigkill_mid_stream_loses_nothing(kafka_settings, unique_topics, unique_
         first.wait_ready()
         feeder = threading.Thread(target=feed, args=(kafka, topics.raw, records, producer), daemon=True)
         feeder.start()
-        wait_for(lambda: topic_size(kafka, topics.annotated) >= 500, 60, "the first 500 outputs")
+        wait_until(lambda: topic_size(kafka, topics.annotated) >= 500, 60, "the first 500 outputs")
         first.process.kill()
         first.process.wait(timeout=10)
         feeder.join(timeout=120)
@@ -225,7 +223,7 @@ def test_sigkill_mid_stream_loses_nothing(kafka_settings, unique_topics, unique_
         second = Consumer("second", env, tmp_path)
         procs.append(second)
         second.wait_ready()
-        wait_for(lambda: topic_size(kafka, topics.annotated) >= len(records), 120, "every output")
+        wait_until(lambda: topic_size(kafka, topics.annotated) >= len(records), 120, "every output")
         assert second.terminate() == 0, second.text()[-3000:]
     finally:
         producer.close(timeout=10)

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kafka_broker import read_topic, topic_size
+from kafka_broker import committed_to_end, read_topic, topic_size
 
 from synpref.services.dataset_writer.dataset import MANIFEST, load_dataset_version
 from synpref.shared.kafka.clients import make_producer
 from synpref.shared.kafka.codec import decode_record, header_map, record_headers
-from synpref.shared.kafka.local_broker import free_port
+from testing import REPO_ROOT
+from testing.local_kafka import free_port
+from testing.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +88,7 @@ def synpref(*args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_rms(tmp_path_factory):
-    from synpref.shared.tiny import build_tiny_reward_model
+    from testing.tiny import build_tiny_reward_model
 
     root = tmp_path_factory.mktemp("rms")
     gold = build_tiny_reward_model(root / "gold-v3", layers=1, hidden=32, heads=2, kv_heads=1, seed=1)
@@ -136,8 +138,8 @@ def test_real_pairs_through_all_services_with_crashes(kafka_settings, unique_top
     env.pop("SYNPREF_KAFKA__BOOTSTRAP_SERVERS", None)
     logs = tmp_path / "logs"
     logs.mkdir()
-    fake = Proc("judges", [sys.executable, "-m", "synpref.services.annotator.fake_server", "--port", str(judge_port)],
-                env, logs).start()  # fmt: skip
+    fake_judges = [sys.executable, "-m", "testing.fake_judges", "--port", str(judge_port)]
+    fake = Proc("judges", fake_judges, {**env, "PYTHONPATH": str(REPO_ROOT)}, logs).start()
     procs = {name: Proc(name, synpref(name), env, logs) for name in ("annotator", "gold-scorer", "filter", "writer")}
     try:
         for proc in procs.values():
@@ -165,31 +167,38 @@ def test_real_pairs_through_all_services_with_crashes(kafka_settings, unique_top
 
         # Crash the filter and the writer once the writer has committed a few shards.
         manifest = tmp_path / "datasets" / "e2e" / "v1" / MANIFEST
-        while time.monotonic() - started < DEADLINE_S:
-            if manifest.exists() and json.loads(manifest.read_text())["rows"] >= 300:
-                break
-            time.sleep(0.2)
+
+        def rows_written() -> int:
+            return json.loads(manifest.read_text())["rows"] if manifest.exists() else 0
+
+        wait_until(lambda: rows_written() >= 300, DEADLINE_S - (time.monotonic() - started), "300 rows written")
         rows_at_kill = json.loads(manifest.read_text())["rows"]
         phases["killed"] = time.monotonic() - started
         procs["filter"].kill()
         procs["writer"].kill()
         assert rows_at_kill < counts["published"], "the stream ended before the crash: raise ROWS"
-        time.sleep(1.0)
         procs["filter"].start()
         procs["writer"].start()
         procs["filter"].wait_ready()
         procs["writer"].wait_ready()
 
         def outcome_sizes() -> int:
-            written = json.loads(manifest.read_text())["rows"] if manifest.exists() else 0
             others = sum(topic_size(kafka, t) for t in (topics.review, topics.discarded, topics.dead_letter))
-            return written + others
+            return rows_written() + others
 
-        while outcome_sizes() < expected and time.monotonic() - started < DEADLINE_S:
-            time.sleep(0.5)
+        left_s = DEADLINE_S - (time.monotonic() - started)
+        wait_until(lambda: outcome_sizes() >= expected, left_s, f"{expected} outcomes (rows, review, discarded, DLQ)")
         phases["drained"] = time.monotonic() - started
-        # Let re-deliveries after the restart land before counting.
-        time.sleep(3)
+        # Re-deliveries after the restart count only once the filter and the writer consumed their whole input
+        # (the groups are synpref-<service>, the runner's default).
+        wait_until(
+            lambda: (
+                committed_to_end(kafka, "synpref-filter", topics.scored)
+                and committed_to_end(kafka, "synpref-writer", topics.curated)
+            ),
+            60,
+            "the filter and the writer to commit the end of their input topics",
+        )
     finally:
         exit_codes = {name: proc.terminate() for name, proc in procs.items()}
         fake.terminate()

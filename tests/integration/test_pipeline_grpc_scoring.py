@@ -20,7 +20,7 @@ def rec(i: int):
 
 def test_grpc_mode_matches_in_process(tmp_path):
     from synpref.services.scorer.server import BackgroundScorer
-    from synpref.shared.tiny import build_tiny_reward_model
+    from testing.tiny import build_tiny_reward_model
 
     torch.set_num_threads(1)
     gold = build_tiny_reward_model(tmp_path / "gold", layers=1, hidden=32, heads=2, kv_heads=1, seed=1)

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from synpref.client import RewardClient
 from synpref.services.scorer.server import BackgroundScorer
 from synpref.shared.config import ModelRef, ScorerSettings
-from synpref.shared.tiny import build_tiny_reward_model
+from testing.tiny import build_tiny_reward_model
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)

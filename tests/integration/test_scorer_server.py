@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,8 +26,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from synpref.client import AsyncRewardClient, RewardClient
 from synpref.services.scorer.server import SERVICE_NAME, BackgroundScorer
 from synpref.shared.config import ModelRef, ScorerSettings
-from synpref.shared.tiny import build_tiny_reward_model
 from synpref.v1 import pair_pb2, reward_pb2, reward_pb2_grpc
+from testing.tiny import build_tiny_reward_model
+from testing.wait import wait_until
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)
@@ -283,6 +286,7 @@ def test_overload_answers_resource_exhausted(ckpts: dict[str, Path]) -> None:
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4
 
 
+@pytest.mark.slow  # two 3 s batching windows: the expired request's and the probe's
 def test_deadline_expires_and_items_are_not_computed(ckpts: dict[str, Path]) -> None:
     s = settings(ckpts, max_wait_ms=3000.0)
     with BackgroundScorer(s) as bg, grpc.insecure_channel(bg.address) as ch:
@@ -293,12 +297,11 @@ def test_deadline_expires_and_items_are_not_computed(ckpts: dict[str, Path]) -> 
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - t0 < 2.0
         batcher = bg.server.registry.get("best").batcher
-        deadline = time.monotonic() + 6
-        while batcher.depth and time.monotonic() < deadline:  # the window closes after max_wait
-            time.sleep(0.05)
-        time.sleep(0.2)
-        assert batcher.depth == 0
-        assert batcher.forwards == 0  # the expired item was dropped, never run
+        wait_until(lambda: batcher.depth == 0, 6, "the window to close (after max_wait)")
+        # Forwards run one at a time in queue order, so once a later request is scored any forward of the
+        # expired item would have been counted already: exactly one forward means it was dropped.
+        stub.Score(reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(text="probe")]), timeout=30)
+        assert batcher.forwards == 1
 
 
 def test_client_retries_unavailable_until_server_is_up(ckpts: dict[str, Path]) -> None:
@@ -306,9 +309,17 @@ def test_client_retries_unavailable_until_server_is_up(ckpts: dict[str, Path]) -
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     result: dict[str, object] = {}
+    retrying = threading.Event()
 
     def call() -> None:
         with RewardClient(f"127.0.0.1:{port}", retries=6, backoff_s=0.1, timeout=20) as c:
+            pause = c.policy.pause
+
+            def noted_pause(attempt: int, deadline: float) -> float | None:
+                retrying.set()
+                return pause(attempt, deadline)
+
+            c.policy.pause = noted_pause  # type: ignore[method-assign]
             try:
                 result["rewards"] = c.score(["hello"])
             except grpc.RpcError as exc:
@@ -316,7 +327,8 @@ def test_client_retries_unavailable_until_server_is_up(ckpts: dict[str, Path]) -
 
     t = threading.Thread(target=call)
     t.start()
-    time.sleep(0.8)
+    # The server starts only after the client met UNAVAILABLE and planned a retry.
+    assert retrying.wait(20), "the client never retried"
     with BackgroundScorer(settings(ckpts, port=port)):
         t.join(20)
     assert "error" not in result and len(result["rewards"]) == 1  # type: ignore[arg-type]
@@ -325,15 +337,18 @@ def test_client_retries_unavailable_until_server_is_up(ckpts: dict[str, Path]) -
         c.score(["nobody home"])  # bounded: gives up
 
 
+@pytest.mark.slow  # loads a second checkpoint while 8 requests wait (about 5 s)
 def test_reload_swaps_without_failing_in_flight(ckpts: dict[str, Path]) -> None:
     new = Reference(ckpts["qwen2"])
     conv = conversation(3)
-    s = settings(ckpts, max_wait_ms=300.0)
+    # A long window: the 8 requests wait on the old batcher until the reload closes it (closing ends the wait).
+    s = settings(ckpts, max_wait_ms=5000.0)
     with BackgroundScorer(s) as bg, RewardClient(bg.address, timeout=30) as c:
-        old_reward = c.score([conv])[0]
+        old_batcher = bg.server.registry.get("best").batcher
+        old_reward = Reference(ckpts["qwen"]).reward(conv)  # asking the server would wait out the window
         with ThreadPoolExecutor(8) as pool:
             in_flight = [pool.submit(c.score, [conv]) for _ in range(8)]
-            time.sleep(0.05)  # queued on the old version's batcher, waiting out max_wait
+            wait_until(lambda: old_batcher.depth == 8, 4, "8 requests queued on the old version's batcher")
             bg.run(bg.server.registry.reload("best", ModelRef(path=str(ckpts["qwen2"]), version="v2")))
             results = [f.result() for f in in_flight]
         assert all(r == pytest.approx([old_reward], abs=1e-4) for r in results)
@@ -341,16 +356,26 @@ def test_reload_swaps_without_failing_in_flight(ckpts: dict[str, Path]) -> None:
         assert {m.name: m.version for m in c.info().models}["best"] == "v2"
 
 
+def queue_depth(metrics_port: int, model: str = "best") -> float:
+    """The scorer's synpref_scorer_queue_depth gauge, read from its Prometheus endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found = re.search(rf'^synpref_scorer_queue_depth{{model="{model}"}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 @pytest.mark.slow  # a fresh process imports torch and transformers
 def test_sigterm_drains_in_flight_requests(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    with socket.socket() as a, socket.socket() as b:
+    with socket.socket() as a, socket.socket() as b, socket.socket() as m:
         a.bind(("127.0.0.1", 0))
         b.bind(("127.0.0.1", 0))
-        port, http_port = a.getsockname()[1], b.getsockname()[1]
+        m.bind(("127.0.0.1", 0))
+        port, http_port, metrics_port = a.getsockname()[1], b.getsockname()[1], m.getsockname()[1]
     env = {
         **os.environ,
-        "SYNPREF_SCORER__MAX_WAIT_MS": "1500",
-        "SYNPREF_SCORER__METRICS_PORT": "0",
+        # A window long enough to see the requests queued before SIGTERM, well within drain_s (30 s).
+        "SYNPREF_SCORER__MAX_WAIT_MS": "3000",
+        "SYNPREF_SCORER__METRICS_PORT": str(metrics_port),
         "SYNPREF_SCORER__TORCH_THREADS": "1",
     }
     cmd = [sys.executable, "-m", "synpref.shared.cli", "scorer", "--model", f"best={ckpts['qwen']}"]
@@ -360,19 +385,19 @@ def test_sigterm_drains_in_flight_requests(ckpts: dict[str, Path], tmp_path: Pat
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             health = health_pb2_grpc.HealthStub(ch)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
+
+            def serving() -> bool:
                 try:
-                    status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        break
+                    request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+                    return health.Check(request, timeout=1).status == health_pb2.HealthCheckResponse.SERVING
                 except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
+                    return False
+
+            wait_until(serving, 60, "the scorer process to serve")
             stub = reward_pb2_grpc.RewardServiceStub(ch)
             req = reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(text="drain me")])
             futures = [stub.Score.future(req, timeout=30) for _ in range(5)]
-            time.sleep(0.3)  # queued, waiting out max_wait
+            wait_until(lambda: queue_depth(metrics_port) == 5, 2.5, "5 requests queued, waiting out max_wait")
             proc.send_signal(signal.SIGTERM)
             rewards = [f.result().rewards[0] for f in futures]
         assert len(rewards) == 5 and len(set(round(r, 5) for r in rewards)) == 1

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from synpref.shared.tiny import build_tiny_reward_model
 from synpref.training.data import write_jsonl
+from testing.tiny import build_tiny_reward_model
 
 pytestmark = pytest.mark.integration
 

@@ -6,11 +6,11 @@ import pytest
 
 from synpref.services.annotator.annotate import Annotator, k_for
 from synpref.services.annotator.chat import OpenAIChat
-from synpref.services.annotator.fake_server import FakeOpenAI
 from synpref.services.annotator.judges import AttributeLabeller, LLMJudge
 from synpref.shared.pairs import new_pair, new_record
 from synpref.shared.retrieval import Example
 from synpref.v1.pair_pb2 import PREFERENCE_ABSTAIN, PREFERENCE_CHOSEN, PREFERENCE_REJECTED, ModelScore
+from testing.fake_judges import FakeOpenAI
 
 
 class FixedExamples:

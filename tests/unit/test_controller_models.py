@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from synpref.services.controller.fakes import synthetic_pairs
 from synpref.services.controller.models import HeadModels, accuracy, head_rewards, train_head
 from synpref.shared.config import load_settings
+from testing.controller_fakes import synthetic_pairs
 
 
 def separable(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

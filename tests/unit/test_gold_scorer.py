@@ -61,7 +61,7 @@ def test_wrong_number_of_scores_raises():
 def test_in_process_scorer_with_a_tiny_reward_model(tmp_path):
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
-    from synpref.shared.tiny import build_tiny_reward_model
+    from testing.tiny import build_tiny_reward_model
 
     path = build_tiny_reward_model(tmp_path / "rm", layers=1, hidden=32, heads=2, kv_heads=1)
     settings = ScoringSettings(gold=ModelRef(path=str(path), version="tiny-1"))

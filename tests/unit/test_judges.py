@@ -7,7 +7,6 @@ import asyncio
 import pytest
 
 from synpref.services.annotator.chat import OpenAIChat
-from synpref.services.annotator.fake_server import FakeOpenAI
 from synpref.services.annotator.judges import (
     AnswerCache,
     AttributeLabeller,
@@ -18,6 +17,7 @@ from synpref.services.annotator.judges import (
 )
 from synpref.services.annotator.prompts import parse_judgement
 from synpref.v1.pair_pb2 import PREFERENCE_ABSTAIN, PREFERENCE_CHOSEN, PREFERENCE_REJECTED, JudgeVote
+from testing.fake_judges import FakeOpenAI
 
 REQUEST = JudgeRequest(
     pair_id="p1",

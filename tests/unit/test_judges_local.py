@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 def tiny_lm(tmp_path_factory):
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from synpref.shared.tiny import build_tiny_tokenizer
+    from testing.tiny import build_tiny_tokenizer
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("tiny-lm")

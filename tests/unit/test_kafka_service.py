@@ -9,12 +9,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from synpref.services.passthrough.stage import passthrough
 from synpref.shared.config import load_settings
 from synpref.shared.pairs import new_pair, new_record
 from synpref.shared.service import Service, ServiceSpec
 from synpref.shared.stage import StageResult
 from synpref.v1 import pipeline_pb2, pipeline_pb2_grpc
+from testing.passthrough import passthrough
 
 
 def records(n):

@@ -15,7 +15,7 @@ from synpref.shared.modeling import (
     reward_of,
     score_pairs,
 )
-from synpref.shared.tiny import build_tiny_reward_model, minilm_path
+from testing.tiny import build_tiny_reward_model, minilm_path
 
 torch.set_num_threads(1)
 

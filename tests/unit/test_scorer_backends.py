@@ -10,7 +10,7 @@ import torch
 
 from synpref.services.scorer.backends import TorchBackend, make_backend
 from synpref.shared.modeling import reward_of
-from synpref.shared.tiny import build_tiny_reward_model
+from testing.tiny import build_tiny_reward_model
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ import pytest
 
 from synpref.services.scorer.encoding import Encoder, validate_messages
 from synpref.services.scorer.errors import InvalidInput
-from synpref.shared.tiny import build_tiny_tokenizer
+from testing.tiny import build_tiny_tokenizer
 
 CONV = [
     {"role": "system", "content": "Be brief."},

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from synpref.shared.modeling import load_reward_model, score_pairs
-from synpref.shared.tiny import build_tiny_reward_model, minilm_path
 from synpref.training import cli, eval_cli
 from synpref.training.evaluation import pairwise_metrics, rmbench_slices
 from synpref.training.reward_config import RewardConfig
@@ -20,6 +19,7 @@ from synpref.training.reward_trainer import (
     step_order,
     train_reward_model,
 )
+from testing.tiny import build_tiny_reward_model, minilm_path
 
 torch.set_num_threads(1)
 

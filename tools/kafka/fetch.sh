@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch Apache Kafka (org.apache.kafka:kafka_2.13) and its runtime dependencies from
-# Maven Central into .cache/kafka/libs, for the test broker (synpref.shared.kafka.local_broker).
+# Maven Central into .cache/kafka/libs, for the test broker (testing/local_kafka.py).
 # Idempotent: a stamp naming the pom's hash skips the work when nothing changed.
 # Needs mvn and a Java 17 runtime; reuses ~/.m2 when present.
 set -euo pipefail

@@ -4,10 +4,14 @@ No model hub is reachable here, so decoder tokenizers with chat templates are tr
 the spot (a small byte-level BPE from the `tokenizers` library) and models get random
 weights from a config. They are saved and loaded exactly like real checkpoints, so the
 code under test runs the same paths as with Qwen3 / Llama / BERT from a hub.
+
+From the repo root, `python -m testing.tiny OUT_DIR [--arch qwen3]` saves one such checkpoint
+(e.g. for the chart's cpu-dev example, which serves and trains tiny models).
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -201,3 +205,20 @@ def build_tiny_reward_model(
     model = AutoModelForSequenceClassification.from_config(config)
     model.save_pretrained(str(out))
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m testing.tiny", description=build_tiny_reward_model.__doc__)
+    parser.add_argument("out_dir", help="folder to write the checkpoint and tokenizer to")
+    parser.add_argument("--arch", choices=["qwen3", "llama", "bert"], default="qwen3")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = build_tiny_reward_model(args.out_dir, arch=args.arch, layers=args.layers, hidden=args.hidden, seed=args.seed)
+    print(f"tiny {args.arch} reward model in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,7 +13,7 @@ failure modes a real endpoint has:
   *cost*           sleeps `cost_s` per request (fixed-cost model calls for benchmarks)
 
 GET /stats returns request counts per model; `FakeOpenAI.requests` is the same in process.
-Run standalone: python -m synpref.services.annotator.fake_server --port 8000
+Run standalone from the repo root: python -m testing.fake_judges --port 8000
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from types import TracebackType
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]  # testing/ lives in the source checkout, never in the wheel
 DEFAULT_HOME = REPO_ROOT / ".cache" / "kafka"
 
 
@@ -261,7 +261,7 @@ class LocalKafka:
 
 
 def main() -> None:
-    """`python -m synpref.shared.kafka.local_broker`: a broker for manual runs, until Ctrl-C."""
+    """`python -m testing.local_kafka` (from the repo root): a broker for manual runs, until Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     with LocalKafka() as kafka:

@@ -1,1 +1,0 @@
-"""The pass-through stage: each input goes, unchanged, to one output route."""
