@@ -1,13 +1,15 @@
 """The desk's web shell: an aiohttp app over DeskCore, a source and a sink.
 
-API (every /api route needs `Authorization: Bearer <token>`; 401 otherwise):
+API (every /api route needs `Authorization: Bearer <token>`; 401 otherwise, and 429 with
+Retry-After once a client address has failed too often, see FailedAuthThrottle):
   GET  /api/session   who am I, the general guideline, the overlap
   GET  /api/next      my current pair (or a new one) and my progress
   POST /api/verdict   {"pair_id": str, "choice": 1 | 2 | 0, "note": str}
   GET  /api/progress  done / waiting per annotator, outcomes, agreement
 The page (/, /static/*) holds no data, so it is served without a token; it renders
 every pair field with textContent under a Content-Security-Policy that allows only
-this origin's own script and style.
+this origin's own script and style. Every response the app makes, errors included, carries
+the same security headers; an error body is JSON {"error": str} and never a traceback.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from aiohttp import web
 
 from synpref.services.desk.core import MAX_NOTE, Decided, DeskCore, DeskError
 from synpref.services.desk.queues import ReviewSource, VerdictSink
-from synpref.services.desk.tokens import TokenTable, load_tokens
+from synpref.services.desk.tokens import FailedAuthThrottle, TokenTable, load_tokens
 from synpref.shared.config import ConfigError, DeskSettings
 from synpref.v1.pair_pb2 import PairRecord
 
@@ -156,27 +158,37 @@ class ReviewDesk:
 # -- HTTP ------------------------------------------------------------------------------
 
 DESK = web.AppKey("desk", ReviewDesk)
+THROTTLE = web.AppKey("auth_throttle", FailedAuthThrottle)
 ANNOTATOR = web.RequestKey("annotator", str)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
 
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    # on_response_prepare: also reaches the 500 aiohttp itself makes if a handler escapes the middleware.
+    response.headers.update(SECURITY_HEADERS)
+
+
 @web.middleware
-async def security_headers(
+async def json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     try:
-        response = await handler(request)
+        return await handler(request)
     except web.HTTPException as exc:
-        response = _error(exc.status, exc.reason)
-    response.headers["Content-Security-Policy"] = CSP
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    response.headers["Cache-Control"] = "no-store"
-    return response
+        return _error(exc.status, exc.reason)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(500, "internal error; the desk logged it")
 
 
 @web.middleware
@@ -185,9 +197,17 @@ async def require_token(
 ) -> web.StreamResponse:
     if not request.path.startswith("/api/"):
         return await handler(request)
+    throttle = request.app[THROTTLE]
+    client = request.remote or "unknown"
+    wait_s = throttle.retry_after(client)
+    if wait_s:
+        response = _error(429, "too many failed token attempts from this address; retry later")
+        response.headers["Retry-After"] = str(wait_s)
+        return response
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     annotator = request.app[DESK].tokens.annotator(token.strip()) if scheme.lower() == "bearer" else None
     if annotator is None:
+        throttle.failed(client)
         response = _error(401, "a valid annotator token is required (Authorization: Bearer <token>)")
         response.headers["WWW-Authenticate"] = 'Bearer realm="synpref-desk"'
         return response
@@ -256,6 +276,12 @@ def parse_verdict(body: Any) -> tuple[str, int, str]:
     note = body.get("note", "")
     if not isinstance(note, str):
         raise DeskError(400, "note must be a string")
+    if not note.isascii():
+        try:
+            note.encode("utf-8")
+        except UnicodeEncodeError:
+            # JSON may escape a lone surrogate ("\\ud800"), which no UTF-8 text, so no protobuf string, can hold.
+            raise DeskError(400, "note is not valid Unicode text (a lone surrogate)") from None
     if len(note) > MAX_NOTE:
         raise DeskError(400, f"note is longer than {MAX_NOTE} characters")
     return pair_id, choice, note
@@ -269,16 +295,22 @@ async def verdict(request: web.Request) -> web.Response:
         body = json.loads(await request.text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DeskError(400, "body is not valid JSON") from None
+    except RecursionError:
+        raise DeskError(400, "body nests too deeply") from None
     pair_id, choice, note = parse_verdict(body)
     who = request[ANNOTATOR]
     decided = await desk.submit(who, pair_id, choice, note)
     return web.json_response({"recorded": True, "decided": decided, "progress": desk.core.progress(who)})
 
 
-def make_app(desk: ReviewDesk, background: bool = True) -> web.Application:
+def make_app(
+    desk: ReviewDesk, background: bool = True, auth_throttle: FailedAuthThrottle | None = None
+) -> web.Application:
     """The aiohttp app; with `background`, a tick task keeps pulling pairs and retrying writes."""
-    app = web.Application(middlewares=[security_headers, require_token], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[json_errors, require_token], client_max_size=MAX_BODY)
     app[DESK] = desk
+    app[THROTTLE] = auth_throttle or FailedAuthThrottle()
+    app.on_response_prepare.append(add_security_headers)
     app.router.add_get("/", index)
     app.router.add_get("/static/{name}", static)
     app.router.add_get("/healthz", healthz)

@@ -17,7 +17,7 @@ from synpref.shared.pairs import new_pair, new_record
 from synpref.v1.pair_pb2 import Decision, PairRecord
 
 pytestmark = pytest.mark.integration
-TOKENS = {"a": "a-token-0123456789abcdef"}
+TOKENS = {"a": "a-token-0123456789abcdef-ghijklmn"}
 
 
 def record(i: int) -> PairRecord:
@@ -117,7 +117,7 @@ def test_synpref_desk_command_serves_and_stops_on_sigterm(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    (tmp_path / "tokens").write_text("a:a-token-0123456789abcdef\n")
+    (tmp_path / "tokens").write_text("a:a-token-0123456789abcdef-ghijklmn\n")
     env = {
         **os.environ,
         "SYNPREF_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,

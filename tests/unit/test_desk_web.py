@@ -193,19 +193,20 @@ def test_overlap_two_shows_agreement_in_progress() -> None:
 
 
 def test_tokens_parse_and_reject(tmp_path: Any) -> None:
-    assert parse_tokens("a:0123456789abcdef, b:fedcba9876543210\n# c:comment") == {
-        "a": "0123456789abcdef",
-        "b": "fedcba9876543210",
-    }
-    for bad in ("a:short", "no-colon-0123456789", "a b:0123456789abcdef", "a:0123456789abcdef,a:0123456789abcdeX"):
+    hex_a, hex_b = "0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"
+    assert parse_tokens(f"a:{hex_a}, b:{hex_b}\n# c:comment") == {"a": hex_a, "b": hex_b}
+    for bad in ("a:short", f"no-colon-{hex_a}", f"a b:{hex_a}", f"a:{hex_a},a:{hex_b}", "a:0123456789abcdef"):
         with pytest.raises(ConfigError):
             parse_tokens(bad)
     path = tmp_path / "tokens"
-    path.write_text("carol:carol-token-0123456789\n")
-    settings = DeskSettings(tokens="dave:dave-token-01234567890", tokens_file=str(path))
-    assert load_tokens(settings) == {"dave": "dave-token-01234567890", "carol": "carol-token-0123456789"}
+    path.write_text("carol:carol-token-0123456789-abcdefghij\n")
+    settings = DeskSettings(tokens="dave:dave-token-01234567890-abcdefghij", tokens_file=str(path))
+    assert load_tokens(settings) == {
+        "dave": "dave-token-01234567890-abcdefghij",
+        "carol": "carol-token-0123456789-abcdefghij",
+    }
     with pytest.raises(ConfigError):
-        load_tokens(DeskSettings(tokens="x:same-token-0123456789,y:same-token-0123456789"))
+        load_tokens(DeskSettings(tokens=f"x:{hex_a},y:{hex_a}"))
     with pytest.raises(ConfigError, match="no annotator tokens"):
         ReviewDesk(MemoryReviewQueue(), MemoryVerdictSink(), DeskSettings(), tokens={})
 
