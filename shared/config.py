@@ -17,6 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from synpref.shared.roles import BEST
+from synpref.shared.sources import SourceFormat
+
 ENV_PREFIX = "SYNPREF_"
 
 
@@ -172,7 +175,7 @@ class ScorerSettings(Section):
     """Separate Prometheus port; 0 = none (the same metrics stay on http_port /metrics)."""
     models: dict[str, ModelRef] = Field(default_factory=dict)
     """Served models by name, e.g. {gold: {path: ...}, best: {path: ...}}."""
-    default_model: str = "best"
+    default_model: str = BEST
     """Model used when a request names none."""
     backend: Literal["torch", "vllm"] = "torch"
     """torch: transformers (CPU fp32; CUDA bf16 + SDPA). vllm: optional extra, raw-logit classify."""
@@ -259,8 +262,8 @@ class ControllerSettings(Section):
     """Durable state (state.json), record snapshots, models, datasets and the report go here."""
     sources: list[str] = Field(default_factory=lambda: ["../shared/data/PandaLM/testset-v1.json"])
     """Pair files or folders (any format shared/sources.py reads)."""
-    source_format: str | None = None
-    """Format of every source; None = detected per file."""
+    source_format: SourceFormat | None = None
+    """Format of every source (one of shared.sources.FORMATS); None = detected per file."""
     decontaminate: list[str] = Field(default_factory=list)
     """Benchmark prompt files: pairs sharing a 13-gram with one are removed at ingest."""
     max_pairs: int = Field(default=0, ge=0)

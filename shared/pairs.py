@@ -1,17 +1,21 @@
-"""Helpers for the v1 pair messages: stable ids, conversion, probabilities."""
+"""Operations on pairs, defined once: stable ids, v1 message conversion, sigmoid and the
+p_best rule, and the train/held-out split by conversation."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from synpref.v1.pair_pb2 import Lineage, Message, Pair, PairRecord
 
 MessageDicts = list[dict[str, str]]
+T = TypeVar("T")
 
 
 def messages(items: Iterable[Mapping[str, str]]) -> list[Message]:
@@ -74,10 +78,55 @@ def flipped(record: PairRecord) -> PairRecord:
     return out
 
 
-def preference_probability(reward_chosen: float, reward_rejected: float) -> float:
-    """p = sigmoid(r_chosen - r_rejected), computed without overflow."""
-    d = reward_chosen - reward_rejected
-    if d >= 0:
-        return 1.0 / (1.0 + math.exp(-d))
-    e = math.exp(d)
+def sigmoid(x: float) -> float:
+    """1 / (1 + e^-x), computed without overflow for any x."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
     return e / (1.0 + e)
+
+
+def preference_probability(reward_chosen: float, reward_rejected: float) -> float:
+    """p = sigmoid(r_chosen - r_rejected): the RM's probability that the label is right."""
+    return sigmoid(reward_chosen - reward_rejected)
+
+
+def needs_annotation(p_best: float, band: float) -> bool:
+    """The p_best rule: the best RM is wrong (p <= 0.5) or unsure (within `band` above 0.5).
+
+    Such a pair is a gold candidate (Stage 1) and is judged by the LLMs; any other pair the
+    best RM already gets right with margin.
+    """
+    return p_best <= 0.5 + band
+
+
+def conversation_key(conversation: MessageDicts) -> str:
+    """Content hash of a conversation: the unit that a train/held-out split never cuts."""
+    text = json.dumps(conversation, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def held_out_count(conversations: int, fraction: float) -> int:
+    """How many of `conversations` a split holds out: fraction x count rounded half up, at
+    least one when fraction > 0 (asking for held-out pairs never gives none), at most all."""
+    if fraction <= 0 or conversations == 0:
+        return 0
+    return min(conversations, max(1, math.floor(fraction * conversations + 0.5)))
+
+
+def split_by_conversation(
+    items: Sequence[T], conversation: Callable[[T], MessageDicts], fraction: float, seed: int
+) -> tuple[list[T], list[T]]:
+    """(kept, held_out) with every item of one conversation on the same side.
+
+    The distinct conversation keys are sorted, shuffled with random.Random(seed), and the
+    first held_out_count(...) of them are held out. Items keep their input order on each
+    side, so equal inputs and seed give equal splits on any machine.
+    """
+    keys = [conversation_key(conversation(item)) for item in items]
+    distinct = sorted(set(keys))
+    random.Random(seed).shuffle(distinct)
+    held = set(distinct[: held_out_count(len(distinct), fraction)])
+    kept = [item for item, key in zip(items, keys, strict=True) if key not in held]
+    held_out = [item for item, key in zip(items, keys, strict=True) if key in held]
+    return kept, held_out

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from synpref.shared.files import write_atomic
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.jsonl"
@@ -170,17 +171,16 @@ class VectorIndex:
     def save(self, folder: str | Path) -> None:
         import faiss
 
+        def write_items(tmp: Path) -> None:
+            with tmp.open("w") as fh:
+                fh.write(json.dumps({"dim": self.dim}) + "\n")
+                for item_id, payload in zip(self.ids, self.payloads, strict=True):
+                    fh.write(json.dumps({"id": item_id, "payload": payload}, ensure_ascii=False) + "\n")
+
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp_index, tmp_items = folder / f".{INDEX_FILE}.tmp", folder / f".{ITEMS_FILE}.tmp"
-        faiss.write_index(self.index, str(tmp_index))
-        with tmp_items.open("w") as fh:
-            fh.write(json.dumps({"dim": self.dim}) + "\n")
-            for item_id, payload in zip(self.ids, self.payloads, strict=True):
-                fh.write(json.dumps({"id": item_id, "payload": payload}, ensure_ascii=False) + "\n")
         # Items first: an index file never points at rows the items file lacks.
-        os.replace(tmp_items, folder / ITEMS_FILE)
-        os.replace(tmp_index, folder / INDEX_FILE)
+        write_atomic(folder / ITEMS_FILE, write_items)
+        write_atomic(folder / INDEX_FILE, lambda tmp: faiss.write_index(self.index, str(tmp)))
 
     @classmethod
     def load(cls, folder: str | Path) -> VectorIndex:

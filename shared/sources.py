@@ -32,9 +32,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-FORMATS = ("hh-rlhf", "pandalm", "llmbar", "rm-bench", "pairs")
+SourceFormat = Literal["hh-rlhf", "pandalm", "llmbar", "rm-bench", "pairs"]
+FORMATS: tuple[str, ...] = get_args(SourceFormat)
 FILE_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
 ROLES = {"system", "user", "assistant", "tool"}
 RM_BENCH_STYLES = ("concise", "detailed_plain", "detailed_markdown")
@@ -357,7 +358,7 @@ READERS = {
 # ---------------------------------------------------------------- entry point
 
 
-def _iter_file(path: Path, fmt: str | None, source: str | None) -> Iterator[SourceRow]:
+def _iter_file(path: Path, fmt: str | None, source: str | None, keep: tuple[str, ...]) -> Iterator[SourceRow]:
     records = iter_records(path)
     first = next(records, None)
     if first is None:
@@ -379,6 +380,9 @@ def _iter_file(path: Path, fmt: str | None, source: str | None) -> Iterator[Sour
             yield SourceRow(where, index, error=str(exc))
             continue
         for sub, pair in produced:
+            for column in keep:
+                if record.get(column) is not None:
+                    pair[column] = record[column]
             yield SourceRow(where, index, pair=pair, sub=sub)
 
 
@@ -387,17 +391,21 @@ def _chain(first: tuple[int, Any, str | None], rest: Iterable[tuple[int, Any, st
     yield from rest
 
 
-def iter_source(path: str | Path, fmt: str | None = None, source: str | None = None) -> Iterator[SourceRow]:
+def iter_source(
+    path: str | Path, fmt: str | None = None, source: str | None = None, keep: tuple[str, ...] = ()
+) -> Iterator[SourceRow]:
     """Every pair (or unreadable row) of a file or a directory of files, in a stable order.
 
     fmt: one of FORMATS; None = detect per file. source: the pair's source name; None =
-    derived from the path ("hh-rlhf/harmless-base", "PandaLM", ...). Raises SourceError for
-    a file that cannot be read at all; bad rows come back as SourceRow.error.
+    derived from the path ("hh-rlhf/harmless-base", "PandaLM", ...). keep: record fields
+    copied as they are onto each of its pairs when present and not null (training's
+    "margin"). Raises SourceError for a file that cannot be read at all; bad rows come back
+    as SourceRow.error.
     """
     if fmt is not None and fmt not in READERS:
         raise SourceError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     for file in source_files(Path(path)):
-        yield from _iter_file(file, fmt, source)
+        yield from _iter_file(file, fmt, source, keep)
 
 
 def iter_pairs(path: str | Path, fmt: str | None = None, source: str | None = None) -> Iterator[dict[str, Any]]:

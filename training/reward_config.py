@@ -12,7 +12,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -63,7 +63,7 @@ class RewardConfig:
     eval_fraction: float = _f(0.0, "Share of conversations held out for eval when eval_files is empty.")
     split_seed: int = _f(0, "Seed of the train/eval split (split by conversation, so no prompt is in both).")
     max_length: int = _f(4096, "Token limit of one sequence (conversation + response).")
-    truncation: str = _f(
+    truncation: Literal["left_turns", "left_tokens", "right", "none"] = _f(
         "left_turns",
         "left_turns (cut old turns, keep the response whole), left_tokens, right "
         "or none. Pairs that still do not fit are skipped and counted.",
@@ -71,7 +71,9 @@ class RewardConfig:
     margin_column: str = _f("", "Optional column with a per-pair margin m: loss -log sigmoid(r_c - r_r - m).")
     # --- optimisation
     learning_rate: float = _f(4e-6, "Peak AdamW learning rate.")
-    lr_scheduler: str = _f("linear", "constant or linear (decay to 0 at the last step), both after warmup.")
+    lr_scheduler: Literal["constant", "linear"] = _f(
+        "linear", "constant or linear (decay to 0 at the last step), both after warmup."
+    )
     warmup_ratio: float = _f(0.0, "Share of steps spent warming the learning rate up linearly from 0.")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
@@ -93,7 +95,7 @@ class RewardConfig:
         "group_window steps), as HF Trainer does; changes batch composition.",
     )
     group_window: int = _f(32, "Steps per length-grouping window.")
-    precision: str = _f(
+    precision: Literal["auto", "bf16", "fp32", "fp64"] = _f(
         "auto",
         "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 (autocast), fp32, or fp64 (weights and "
         "arithmetic in float64: slow, for numerical checks such as distributed-vs-single equality).",
@@ -101,7 +103,9 @@ class RewardConfig:
     device: str = _f("auto", "auto, cpu or cuda.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     compile: bool = _f(False, "torch.compile the model (dynamic shapes).")
-    distributed: str = _f("auto", "Under torchrun: auto (FSDP at >= fsdp_min_params, else DDP), ddp or fsdp.")
+    distributed: Literal["auto", "ddp", "fsdp"] = _f(
+        "auto", "Under torchrun: auto (FSDP at >= fsdp_min_params, else DDP), ddp or fsdp."
+    )
     fsdp_min_params: int = _f(1_000_000_000, "Parameter count from which auto picks FSDP.")
     # --- checkpoints, eval, logging
     save_steps: int = _f(0, "Save a resumable checkpoint every N steps; 0 = only the final model.")
@@ -113,13 +117,7 @@ class RewardConfig:
     progress: bool = _f(True, "Show a tqdm progress bar (rank 0).")
 
     def __post_init__(self) -> None:
-        choices = {
-            "truncation": ("left_turns", "left_tokens", "right", "none"),
-            "lr_scheduler": ("constant", "linear"),
-            "precision": ("auto", "bf16", "fp32", "fp64"),
-            "distributed": ("auto", "ddp", "fsdp"),
-        }
-        for name, allowed in choices.items():
+        for name, allowed in literal_choices(type(self)).items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.global_batch_size < 1 or self.micro_batch_size < 1:
@@ -176,6 +174,15 @@ class RewardConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def literal_choices(cls: type) -> dict[str, tuple[Any, ...]]:
+    """Field name -> allowed values, for every field annotated with a Literal type.
+
+    The annotations are the one list of choices: the check in __post_init__ reads them.
+    """
+    hints = typing.get_type_hints(cls)
+    return {name: typing.get_args(hint) for name, hint in hints.items() if typing.get_origin(hint) is Literal}
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from synpref.shared.files import replace_durably
 from synpref.shared.modeling import encode_pair, ensure_pad_token, pad_batch, resolve_device
 from synpref.training.data import load_pairs, split_pairs
 from synpref.training.evaluation import pairwise_metrics
@@ -260,14 +261,15 @@ class RewardTrainer:
         cfg = self.config
         if not cfg.train_files:
             raise ValueError("no train_files given")
-        train = load_pairs(cfg.train_files)
+        extra = (cfg.margin_column,) if cfg.margin_column else ()
+        train = load_pairs(cfg.train_files, extra)
         self.unreadable = len(train.problems)
         for problem in train.problems[:20]:
             log.warning("skipped: %s", problem)
         if train.problems:
             log.warning("%d unreadable training rows skipped", len(train.problems))
         if cfg.eval_files:
-            return train.pairs, load_pairs(cfg.eval_files).pairs
+            return train.pairs, load_pairs(cfg.eval_files, extra).pairs
         return split_pairs(train.pairs, cfg.eval_fraction, cfg.split_seed)
 
     def _load_model(self) -> None:
@@ -575,7 +577,7 @@ class RewardTrainer:
                     tmp / TRAINER_STATE,
                 )
             shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
+            replace_durably(tmp, path)
         if self.world > 1:
             dist.barrier()
         return path

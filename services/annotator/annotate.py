@@ -20,7 +20,8 @@ from typing import Protocol
 
 from synpref.services.annotator.judges import AttributeLabeller, Judge, JudgeRequest, aggregate
 from synpref.services.annotator.prompts import Example, attributes_dict
-from synpref.shared.pairs import message_dicts, now
+from synpref.shared.pairs import message_dicts, needs_annotation, now
+from synpref.shared.roles import BEST
 from synpref.shared.stage import Stage, StageResult
 from synpref.v1.pair_pb2 import PairRecord
 
@@ -72,8 +73,8 @@ class Annotator:
             if attributes is not None:
                 out.attributes.CopyFrom(attributes)
         attrs = attributes_dict(out.attributes) if out.attributes.task_category else {}
-        best = next((s.p for s in out.scores if s.model == "best"), None)
-        if self.skip_confident and best is not None and best > 0.5 + self.band:
+        best = next((s.p for s in out.scores if s.model == BEST), None)
+        if self.skip_confident and best is not None and not needs_annotation(best, self.band):
             out.lineage.steps.append(STEP)
             return out
         examples: list[Example] = []

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from synpref.services.annotator.prompts import (
     parse_judgement,
     response_format,
 )
+from synpref.shared.files import write_text_atomic
 from synpref.v1.pair_pb2 import (
     PREFERENCE_ABSTAIN,
     PREFERENCE_CHOSEN,
@@ -98,10 +98,7 @@ class AnswerCache:
         path = self._path(*key)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(value))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(value))
 
 
 def candidate_orders(pair_id: str, judge: str, samples: int, seed: int = 0) -> list[bool]:

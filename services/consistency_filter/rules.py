@@ -16,7 +16,8 @@ audit). A record missing a score the rule needs is a failure (dead-letter), not 
 from __future__ import annotations
 
 from synpref.shared.config import FilterSettings
-from synpref.shared.pairs import flipped, now
+from synpref.shared.pairs import flipped, needs_annotation, now
+from synpref.shared.roles import BEST, GOLD
 from synpref.shared.stage import Stage, StageResult
 from synpref.v1.pair_pb2 import (
     DECISION_DISCARD,
@@ -52,11 +53,6 @@ def score_of(record: PairRecord, model: str) -> ModelScore | None:
     return next((s for s in record.scores if s.model == model), None)
 
 
-def needs_annotation(p_best: float, band: float) -> bool:
-    """The best RM is wrong (p <= 0.5) or unsure (within `band` above 0.5)."""
-    return p_best <= 0.5 + band
-
-
 def _decided(record: PairRecord, decision: Decision.ValueType, rule: str, reason: str, stage) -> PairRecord:
     out = PairRecord()
     out.CopyFrom(record)
@@ -81,7 +77,7 @@ def flip(record: PairRecord) -> PairRecord:
 
 
 def stage1(record: PairRecord, settings: FilterSettings) -> PairRecord:
-    best = score_of(record, "best")
+    best = score_of(record, BEST)
     if best is None:
         raise MissingScore("stage 1 needs the best RM's score (ModelScore 'best')")
     if needs_annotation(best.p, settings.band):
@@ -93,10 +89,10 @@ def stage1(record: PairRecord, settings: FilterSettings) -> PairRecord:
 
 
 def stage2(record: PairRecord, settings: FilterSettings) -> PairRecord:
-    gold = score_of(record, "gold")
+    gold = score_of(record, GOLD)
     if gold is None:
         raise MissingScore("stage 2 needs the gold RM's score (ModelScore 'gold')")
-    best = score_of(record, "best")
+    best = score_of(record, BEST)
     judges = record.judge_aggregate.preference
     gold_agrees = gold.p > 0.5
     judges_agree = judges == PREFERENCE_CHOSEN

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from synpref.shared.config import ConfigError, Settings, load_settings
+from synpref.shared.roles import BEST
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -102,7 +103,7 @@ def main(argv: list[str]) -> int:
     print()
     print(f"done in {time.perf_counter() - started:.0f}s (this invocation)")
     print(f"report:   {r['report']}")
-    print(f"final RM: {reg['best']['path']} (version {reg['best']['version']})")
+    print(f"final RM: {reg[BEST]['path']} (version {reg[BEST]['version']})")
     for name, acc in r.get("holdout_accuracy", {}).items():
         print(f"  held-out accuracy, {name}: {acc:.3f}")
     print(f"datasets: {', '.join(v['dir'] for v in r['datasets'].values())}")

@@ -53,8 +53,10 @@ from synpref.services.controller.simulated import add_label_noise, label_is_true
 from synpref.services.controller.state import RunState, StateStore, key_of
 from synpref.services.gold_scorer.scoring import ScoringModel, make_scoring_stage, pair_dict
 from synpref.shared.config import Settings
-from synpref.shared.pairs import message_dicts, now, preference_probability
+from synpref.shared.files import replace_durably, write_text_atomic
+from synpref.shared.pairs import message_dicts, now, preference_probability, split_by_conversation
 from synpref.shared.retrieval import k_rule, pair_text
+from synpref.shared.roles import BEST, GOLD
 from synpref.shared.stage import Stage
 from synpref.v1.pair_pb2 import (
     DECISION_FLIP,
@@ -74,24 +76,17 @@ log = logging.getLogger(__name__)
 Records = dict[str, PairRecord]
 
 
-def conversation_key(record: PairRecord) -> str:
-    return json.dumps(message_dicts(record.pair.conversation), ensure_ascii=False)
-
-
-def split_holdout(records: list[PairRecord], fraction: float, seed: int) -> tuple[list[PairRecord], list[PairRecord]]:
-    """(pool, holdout), split by conversation so no prompt is on both sides."""
-    convs = sorted({conversation_key(r) for r in records})
-    random.Random(f"holdout:{seed}").shuffle(convs)
-    held = set(convs[: round(fraction * len(convs))])
-    pool = [r for r in records if conversation_key(r) not in held]
-    return pool, [r for r in records if conversation_key(r) in held]
+def _conversation(record: PairRecord) -> list[dict[str, str]]:
+    return message_dicts(record.pair.conversation)
 
 
 class EmbeddingTable:
-    """Retrieval embeddings of every pool pair (conversation + attributes), computed once.
+    """Retrieval embeddings of every pool pair's conversation, computed once at prepare.
 
-    Backs both retrieval uses: nearest unverified pairs of an RM error, and human-verified
-    examples for the judges (an annotator ExampleSource).
+    Only the conversation is embedded (pair_text without attributes: the table is built
+    before any pair is labelled). Backs both retrieval uses: nearest unverified pairs of an
+    RM error, and human-verified examples for the judges (an annotator ExampleSource, whose
+    query is the pair's own conversation row; its `attributes` argument is not used).
     """
 
     def __init__(self, keys: list[str], vectors: np.ndarray, records: Callable[[], Records]) -> None:
@@ -239,7 +234,7 @@ class Controller:
         if study:
             for r in records:
                 mark_truth(r)
-        pool, holdout = split_holdout(records, c.holdout_fraction, c.seed)
+        pool, holdout = split_by_conversation(records, _conversation, c.holdout_fraction, c.seed)
         pool.sort(key=key_of)
         if c.label_noise:
             pool = add_label_noise(pool, c.label_noise, c.seed)
@@ -339,7 +334,7 @@ class Controller:
         }
         s.history.append(entry)
         best = max(s.history, key=lambda h: (h["seed_gold_accuracy"], -h["iteration"]))
-        s.models["best"] = s.models[f"working-{best['iteration'] + 1}"]
+        s.models[BEST] = s.models[f"working-{best['iteration'] + 1}"]
         self.say(
             f"stage 1, after {t - 1} iterations: seed D_gold acc {seed_acc:.3f}, D_gold acc {gold_acc:.3f}, "
             f"held-out acc {holdout_acc:.3f}"
@@ -371,7 +366,7 @@ class Controller:
         assert self.table is not None
         handle = self.handle(f"working-{t}")
         verified = s.pool("gold") + s.pool("silver")
-        p = self.score_into(verified, handle, "best")
+        p = self.score_into(verified, handle, BEST)
         ks = [k_rule(p[k], self.c.k_max) for k in verified]
         hits = self.table.nearest(verified, ks, s.pool("unverified"))
         retrieved = sorted({k for h in hits for k in h})
@@ -386,7 +381,7 @@ class Controller:
                 # Judges see every retrieved pair in Stage 1: no best-RM score yet, so an annotator
                 # that skips confident pairs (a Stage-2 setting) skips none of them.
                 record = self.records[key]
-                kept = [sc for sc in record.scores if sc.model != "best"]
+                kept = [sc for sc in record.scores if sc.model != BEST]
                 del record.scores[:]
                 record.scores.extend(kept)
                 record.lineage.stage = STAGE_ONE
@@ -394,7 +389,7 @@ class Controller:
             result = self.executor.run("annotate", [self.records[k] for k in retrieved])
             annotated = {key_of(r): r for _, r in result.routed}
             self.records.update(annotated)
-            pb = self.score_into(sorted(annotated), handle, "best")
+            pb = self.score_into(sorted(annotated), handle, BEST)
             # The stage-1 rule: pairs the RM gets wrong or is unsure of are gold candidates.
             f1 = make_filter_stage(self.settings.filter.model_copy(update={"stage": 1}))
             decided = f1([self.records[k] for k in sorted(annotated)])
@@ -439,25 +434,25 @@ class Controller:
 
     def train_gold(self) -> None:
         s = self.state
-        handle = self.models.train("gold", self.pairs(s.pool("gold")), [], self.root / "models")
-        s.models["gold"] = handle.to_dict()
+        handle = self.models.train(GOLD, self.pairs(s.pool("gold")), [], self.root / "models")
+        s.models[GOLD] = handle.to_dict()
 
     def curate_stage2(self) -> None:
         s = self.state
         keys = s.pool("unverified")
-        gold, best = self.handle("gold"), self.handle("best")
+        gold, best = self.handle(GOLD), self.handle(BEST)
         self._stage2_models = [
-            ScoringModel("gold", gold.version, lambda pairs: self.models.score(gold, pairs)),
-            ScoringModel("best", best.version, lambda pairs: self.models.score(best, pairs)),
+            ScoringModel(GOLD, gold.version, lambda pairs: self.models.score(gold, pairs)),
+            ScoringModel(BEST, best.version, lambda pairs: self.models.score(best, pairs)),
         ]
         # The cluster's annotator sees p_best before the gold scorer runs: score here first.
-        self.score_into(keys, best, "best")
+        self.score_into(keys, best, BEST)
         for key in keys:
             self.records[key].lineage.stage = STAGE_TWO
         if self.c.executor == "kafka" and self.c.scorer_reload_url:
             # The gold-scorer service scores through the scorer: serve this run's gold and best there.
             registry = {}
-            for role, handle in (("gold", gold), ("best", best)):
+            for role, handle in ((GOLD, gold), (BEST, best)):
                 path = self.models.export(handle, self.root / "models" / handle.version)
                 registry[role] = {"path": str(path.resolve()), "version": handle.version}
             reload_scorer(self.c.scorer_reload_url, registry)
@@ -508,8 +503,8 @@ class Controller:
         given = [self.as_given(k) for k in sorted(s.results["initial_labels"])]
         baseline = self.models.train("as-given", given, [], models_dir)
         acc["as_given"] = accuracy(self.models.score(baseline, self.pairs(holdout)))
-        acc["best_working"] = accuracy(self.models.score(self.handle("best"), self.pairs(holdout)))
-        acc["gold"] = accuracy(self.models.score(self.handle("gold"), self.pairs(holdout)))
+        acc["best_working"] = accuracy(self.models.score(self.handle(BEST), self.pairs(holdout)))
+        acc[GOLD] = accuracy(self.models.score(self.handle(GOLD), self.pairs(holdout)))
         s.results["holdout_accuracy"] = acc
         s.results["curated_label_accuracy"] = self.label_accuracy(self.curated_keys())
         self.say("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
@@ -534,27 +529,27 @@ class Controller:
         if not models_dir.is_absolute():
             models_dir = self.root / models_dir
         registry: dict[str, Any] = {}
-        for role in ("final", "gold"):
+        for role in ("final", GOLD):
             handle = self.handle(role)
             path = self.models.export(handle, models_dir / handle.version)
-            registry["best" if role == "final" else "gold"] = {"path": str(path.resolve()), "version": handle.version}
-        link = models_dir / "best"
+            registry[BEST if role == "final" else GOLD] = {"path": str(path.resolve()), "version": handle.version}
+        link = models_dir / BEST
         tmp = models_dir / ".best.tmp"
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
-        tmp.symlink_to(Path(registry["best"]["path"]).name)
-        tmp.replace(link)
-        (models_dir / "registry.json").write_text(json.dumps(registry, indent=1, sort_keys=True))
+        tmp.symlink_to(Path(registry[BEST]["path"]).name)
+        replace_durably(tmp, link)
+        write_text_atomic(models_dir / "registry.json", json.dumps(registry, indent=1, sort_keys=True))
         scorer = {
             "scorer": {
                 "models": registry,
-                "default_model": "best",
+                "default_model": BEST,
                 "max_length": self.c.max_length,
             }
         }
         import yaml
 
-        (models_dir / "scorer.yaml").write_text(yaml.safe_dump(scorer, sort_keys=True))
+        write_text_atomic(models_dir / "scorer.yaml", yaml.safe_dump(scorer, sort_keys=True))
         s.results["registry"] = {"dir": str(models_dir.resolve()), **registry}
         if self.c.scorer_reload_url:
             reload_scorer(self.c.scorer_reload_url, registry)

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from synpref.services.controller.state import write_atomic
+from synpref.shared.files import replace_durably, write_atomic
 
 log = logging.getLogger(__name__)
 Pair = dict[str, Any]
@@ -294,19 +294,19 @@ class HeadModels:
             model.save_pretrained(tmp)
             model.load_state_dict(saved, strict=False)  # the cache's encoder stays as loaded
         self.cache.tokenizer.save_pretrained(tmp)
-        (tmp / "synpref_model.json").write_text(
-            json.dumps({"name": handle.name, "version": handle.version, "metrics": _jsonable(handle.metrics)}, indent=1)
-        )
+        about = {"name": handle.name, "version": handle.version, "metrics": _jsonable(handle.metrics)}
+        (tmp / "synpref_model.json").write_text(json.dumps(about, indent=1, allow_nan=False))
         if out_dir.exists():
             import shutil
 
             shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        replace_durably(tmp, out_dir)
         return out_dir
 
 
 def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if k != "curve"}
+    """Metrics without the curve; a NaN or infinite value (no validation pairs) becomes null, as JSON has no NaN."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items() if k != "curve"}
 
 
 # ---------------------------------------------------------------- full fine-tuning
@@ -363,7 +363,8 @@ class FullModels:
 
 
 class K8sModels(FullModels):
-    """Training as a Kubernetes Job on a shared volume; scoring as FullModels (or via the scorer)."""
+    """Training as a Kubernetes Job on a shared volume; scoring as FullModels: the controller
+    loads the Job's checkpoint from the shared volume and scores in its own process."""
 
     def __init__(self, settings, workdir: Path, backend: Any = None, timeout_s: float = 6 * 3600.0) -> None:
         super().__init__(settings, workdir)
@@ -451,7 +452,3 @@ def make_models(settings, workdir: Path, progress: bool = True) -> RewardModels:
     if settings.trainer == "full":
         return FullModels(settings, workdir)
     return HeadModels(settings, workdir, progress)
-
-
-def sigmoid(d: float) -> float:
-    return 1.0 / (1.0 + math.exp(-d)) if d >= 0 else math.exp(d) / (1.0 + math.exp(d))

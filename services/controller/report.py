@@ -15,6 +15,7 @@ from typing import Any
 
 from synpref.services.controller.state import RunState
 from synpref.shared.config import Settings
+from synpref.shared.roles import BEST, GOLD
 
 
 def _fmt(x: Any) -> str:
@@ -107,7 +108,7 @@ def plot_all(folder: Path, state: RunState) -> list[str]:
         names = {
             "as_given": "pairs as given",
             "best_working": "best working RM",
-            "gold": "gold RM",
+            GOLD: "gold RM",
             "final": "final RM (curated)",
         }
         keys = [k for k in names if k in acc and not math.isnan(acc[k])]
@@ -205,7 +206,7 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
             "",
             "## Serving",
             "",
-            f"- final RM: `{reg['best']['path']}` (also `{reg['dir']}/best`), version `{reg['best']['version']}`",
+            f"- final RM: `{reg[BEST]['path']}` (also `{reg['dir']}/{BEST}`), version `{reg[BEST]['version']}`",
             f"- serve it: `synpref scorer --config {reg['dir']}/scorer.yaml` "
             f"or `synpref scorer --model best={reg['dir']}/best`",
         ]

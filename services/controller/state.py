@@ -14,26 +14,16 @@ its key, so pools and lineage stay stable while labels change.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from synpref.shared.files import write_atomic
 from synpref.v1.pair_pb2 import PairBatch, PairRecord
 
 STATE_FILE = "state.json"
 POOLS = ("holdout", "gold", "silver", "unverified", "discarded")
-
-
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temp file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def key_of(record: PairRecord) -> str:

@@ -21,7 +21,6 @@ Columns (the Skywork-Reward-Preference format plus lineage):
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -31,6 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from synpref.shared.files import write_atomic
 from synpref.shared.pairs import message_dicts
 from synpref.v1.pair_pb2 import Controversiality, Decision, Objectivity, PairRecord, Preference, Stage
 
@@ -160,19 +160,6 @@ def _utc() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 @dataclass
 class AppendResult:
     written: int
@@ -242,7 +229,7 @@ class DatasetVersion:
         if rows:
             shard_name = f"part-{len(self.manifest['shards']):05d}.parquet"
             table = pa.Table.from_pylist(rows, schema=SCHEMA)
-            _write_atomic(self.dir / shard_name, lambda p: pq.write_table(table, p))
+            write_atomic(self.dir / shard_name, lambda p: pq.write_table(table, p))
         if not rows and not offsets:
             return AppendResult(0, duplicates, None)
         manifest = json.loads(json.dumps(self.manifest))
@@ -266,7 +253,7 @@ class DatasetVersion:
         if offsets:
             manifest["offsets"].update(offsets)
         manifest["updated_at"] = _utc()
-        _write_atomic(self.dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
+        write_atomic(self.dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
         self.manifest = manifest
         self.ids |= batch_ids
         return AppendResult(len(rows), duplicates, shard_name)

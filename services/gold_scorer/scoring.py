@@ -14,6 +14,7 @@ from pathlib import Path
 
 from synpref.shared.config import ModelRef, ScoringSettings
 from synpref.shared.pairs import message_dicts, now, preference_probability
+from synpref.shared.roles import BEST, GOLD
 from synpref.shared.stage import Stage, StageResult
 from synpref.v1.pair_pb2 import STAGE_ONE, ModelScore, PairRecord
 
@@ -24,7 +25,7 @@ STEP = "gold-scorer"
 @dataclass(frozen=True)
 class ScoringModel:
     role: str
-    """"gold" or "best": the ModelScore.model the filter reads."""
+    """GOLD or BEST (shared.roles): the ModelScore.model the filter reads."""
     version: str
     score: PairScorer
 
@@ -133,7 +134,7 @@ def models_from_settings(settings: ScoringSettings) -> list[ScoringModel]:
         from synpref.client import RewardClient
 
         client = RewardClient(settings.scorer_address)
-    for role, ref in (("gold", settings.gold), ("best", settings.best)):
+    for role, ref in ((GOLD, settings.gold), (BEST, settings.best)):
         if client is not None:
             version = served_version(client, role, model_version(ref) or role)
             out.append(ScoringModel(role, version, grpc_scorer(settings.scorer_address, role, client)))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -37,6 +36,7 @@ from synpref.services.scorer.errors import InvalidInput, ScorerError, UnknownMod
 from synpref.services.scorer.metrics import ScorerMetrics
 from synpref.services.scorer.registry import ModelRegistry, ServedModel
 from synpref.shared.config import ModelRef
+from synpref.shared.pairs import sigmoid
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -68,10 +68,6 @@ def _texts(value: Any, field: str, max_items: int) -> list[str]:
     if len(value) > max_items:
         raise InvalidInput(f'"{field}" has {len(value)} items, more than max_request_items={max_items}')
     return value
-
-
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 class HttpShims:
@@ -169,7 +165,7 @@ class HttpShims:
 
         activation = body.get("use_activation", body.get("activation"))
         _, result = await self.registry.score(model.name, encode, self._deadline(request))
-        values = [_sigmoid(r) if activation is True else r for r in result.rewards]
+        values = [sigmoid(r) if activation is True else r for r in result.rewards]
         tokens = result.tokens
         return web.json_response(
             {

@@ -1,4 +1,5 @@
-"""Pair readers: Parquet via datasets, JSONL, the Skywork shape, raw hh-rlhf, splits, RM-Bench."""
+"""Training's pair reader (shared.sources underneath): Parquet, JSONL, the Skywork shape, raw hh-rlhf,
+PandaLM ties, extra columns, problems by file#row, the split, RM-Bench."""
 
 from __future__ import annotations
 
@@ -9,15 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from synpref.training.data import (
-    conversation_key,
-    load_hh_rlhf,
-    load_pairs,
-    load_rmbench,
-    normalize_pair,
-    split_pairs,
-    write_jsonl,
-)
+from synpref.shared.pairs import conversation_key
+from synpref.training.data import load_hh_rlhf, load_pairs, load_rmbench, split_pairs, write_jsonl
 
 
 def msg(role: str, content: str) -> dict[str, str]:
@@ -59,7 +53,8 @@ def test_jsonl_skywork_shape_and_bad_rows(tmp_path):
     ]
     path = write_jsonl(rows, tmp_path / "p.jsonl.gz")
     got = load_pairs([str(path)])
-    assert len(got.pairs) == 2 and len(got.problems) == 1 and "row 2" in got.problems[0]
+    assert got.problems == [f"{path.as_posix()}#2: empty message content"]
+    assert len(got.pairs) == 2
     first, second = got.pairs
     assert first["conversation"] == [msg("user", "hi")] and first["chosen"] == [msg("assistant", "hello!")]
     assert second["conversation"] == [msg("user", "plain prompt")] and second["margin"] == 0.5
@@ -90,12 +85,30 @@ def test_raw_hh_rlhf_transcripts(tmp_path):
 
 
 def test_split_is_seeded_and_by_conversation():
-    pairs = [normalize_pair(p) for p in PAIRS] + [normalize_pair({**PAIRS[0], "chosen": [msg("assistant", "alt")]})]
+    pairs = [*PAIRS, {**PAIRS[0], "chosen": [msg("assistant", "alt")]}]
     train, evals = split_pairs(pairs, 0.2, seed=0)
     assert (train, evals) == split_pairs(pairs, 0.2, seed=0)
     assert split_pairs(pairs, 0.2, seed=1) != (train, evals)
-    assert len(train) + len(evals) == len(pairs) and 5 <= len(evals) <= 8
-    assert not {conversation_key(p) for p in train} & {conversation_key(p) for p in evals}
+    # 30 conversations, 0.2 of them held out: 6, with the second pair of q0 wherever q0 went.
+    assert len(train) + len(evals) == len(pairs) and len(evals) in (6, 7)
+    held = {conversation_key(p["conversation"]) for p in evals}
+    assert len(held) == 6 and not {conversation_key(p["conversation"]) for p in train} & held
+    assert split_pairs(pairs, 0.0, seed=0) == (pairs, [])
+
+
+def test_ties_extra_columns_and_own_ids(tmp_path):
+    panda = [
+        {"instruction": "i", "input": "", "response1": "a", "response2": "b", "annotator1": 1, "annotator2": 1},
+        {"instruction": "i", "input": "", "response1": "a", "response2": "b", "annotator1": 0, "annotator2": 0},
+    ]
+    (tmp_path / "panda.json").write_text(json.dumps(panda))
+    got = load_pairs([str(tmp_path / "panda.json")])
+    assert len(got.pairs) == 1 and got.problems[0].startswith(f"{(tmp_path / 'panda.json').as_posix()}#1: ")
+    assert "tie" in got.problems[0]
+    rows = [{"id": "own-7", "prompt": "p", "chosen": "c", "rejected": "r", "margin": 2, "weight": 0.5}]
+    path = write_jsonl(rows, tmp_path / "extra.jsonl")
+    (pair,) = load_pairs([str(path)], columns_extra=("weight",)).pairs
+    assert (pair["id"], pair["margin"], pair["weight"]) == ("own-7", 2, 0.5)
 
 
 def test_rmbench_reader(tmp_path):

@@ -1,0 +1,133 @@
+"""The one definition of each shared operation: atomic writes, sigmoid and the p_best rule, the split."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from synpref.shared import files
+from synpref.shared.files import write_atomic, write_text_atomic
+
+
+def test_write_atomic_replaces_the_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "sub" / "state.json"
+    write_text_atomic(path, "one")
+    write_text_atomic(path, "two")
+    assert path.read_text() == "two"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]
+
+
+def test_write_atomic_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync folder" if Path(f"/proc/self/fd/{fd}").is_dir() else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
+    write_text_atomic(tmp_path / "a.txt", "x")
+    assert events == ["fsync file", "rename", "fsync folder"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_removes_its_temp(tmp_path):
+    path = tmp_path / "a.txt"
+    write_text_atomic(path, "old")
+
+    def fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, fail)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_concurrent_writers_of_one_path_never_leave_a_mixed_file(tmp_path):
+    path = tmp_path / "cache.json"
+    texts = [str(i) * 50_000 for i in range(8)]
+    threads = [threading.Thread(target=write_text_atomic, args=(path, t)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert path.read_text() in texts
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.json"]
+
+
+def test_sigmoid_is_exact_and_does_not_overflow():
+    from synpref.shared.pairs import preference_probability, sigmoid
+
+    assert sigmoid(0.0) == 0.5
+    assert sigmoid(2.0) == pytest.approx(1 / (1 + math.exp(-2.0)), rel=1e-15)
+    assert sigmoid(-2.0) == pytest.approx(1 - sigmoid(2.0), rel=1e-15)
+    assert sigmoid(1000.0) == 1.0 and sigmoid(-1000.0) == 0.0
+    assert preference_probability(3.0, 1.0) == sigmoid(2.0)
+
+
+def test_the_p_best_rule_sends_wrong_and_unsure_pairs_to_annotation():
+    from synpref.shared.pairs import needs_annotation
+
+    assert needs_annotation(0.2, band=0.05) and needs_annotation(0.5, band=0.05)
+    assert needs_annotation(0.55, band=0.05), "the band's edge is still unsure"
+    assert not needs_annotation(0.56, band=0.05)
+    assert not needs_annotation(0.51, band=0.0)
+
+
+@pytest.mark.parametrize(
+    ("conversations", "fraction", "held"),
+    [(10, 0.0, 0), (10, 0.2, 2), (10, 0.25, 3), (10, 0.35, 4), (3, 0.1, 1), (1, 0.5, 1), (0, 0.5, 0), (4, 0.99, 4)],
+)
+def test_held_out_count_rounds_half_up_and_holds_at_least_one(conversations, fraction, held):
+    from synpref.shared.pairs import held_out_count
+
+    assert held_out_count(conversations, fraction) == held
+
+
+def _pairs(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        conversation = [{"role": "user", "content": f"question {i % (n // 2)}"}]
+        chosen = [{"role": "assistant", "content": f"good {i}"}]
+        rejected = [{"role": "assistant", "content": f"bad {i}"}]
+        out.append({"conversation": conversation, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def test_split_keeps_conversations_whole_and_is_seeded():
+    from synpref.shared.pairs import conversation_key, split_by_conversation
+
+    pairs = _pairs(40)  # 20 conversations, two pairs each
+
+    def conversation(p: dict) -> list[dict[str, str]]:
+        return p["conversation"]
+
+    kept, held = split_by_conversation(pairs, conversation, 0.25, seed=3)
+    assert len(held) == 2 * 5 and len(kept) == 30
+    assert not {conversation_key(p["conversation"]) for p in kept} & {conversation_key(p["conversation"]) for p in held}
+    assert [p for p in pairs if p in held] == held, "input order is kept"
+    assert split_by_conversation(pairs, conversation, 0.25, seed=3) == (kept, held)
+    assert split_by_conversation(pairs, conversation, 0.25, seed=4) != (kept, held)
+
+
+def test_training_and_the_controller_split_the_same_pairs_the_same_way():
+    """One key: a pair dict and its v1 record land on the same side for the same seed."""
+    from synpref.services.controller.loop import _conversation
+    from synpref.shared.pairs import new_pair, new_record, split_by_conversation
+    from synpref.training.data import split_pairs
+
+    pairs = _pairs(30)
+    records = [new_record(new_pair(p["conversation"], p["chosen"], p["rejected"], "test")) for p in pairs]
+    _, held_dicts = split_pairs(pairs, 0.2, seed=7)
+    _, held_records = split_by_conversation(records, _conversation, 0.2, seed=7)
+    assert [p["chosen"][0]["content"] for p in held_dicts] == [r.pair.chosen[0].content for r in held_records]
