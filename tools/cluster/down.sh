@@ -21,17 +21,28 @@ for arg in "$@"; do
 done
 say() { $quiet || log "$@"; }
 
-# stop_pid PID WHAT: SIGTERM, then SIGKILL if it still runs after 20 s.
+# running PID: the process exists and is not a zombie waiting for its parent.
+running() {
+  local state
+  state="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" || return 1
+  [[ -n "$state" && "$state" != Z ]]
+}
+
+# stop_pid PID WHAT [GRACE]: SIGTERM, then SIGKILL if it still runs after GRACE seconds
+# (20 by default; 0 kills at once).
 stop_pid() {
-  local pid="$1" what="$2"
-  kill -0 "$pid" 2>/dev/null || return 0
+  local pid="$1" what="$2" grace="${3:-20}"
+  running "$pid" || return 0
   say "stopping $what (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null
-  local deadline=$((SECONDS + 20))
-  while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
-  if kill -0 "$pid" 2>/dev/null; then
+  local deadline=$((SECONDS + grace))
+  if ((grace > 0)); then
+    kill -TERM "$pid" 2>/dev/null
+    while running "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
+  fi
+  if running "$pid"; then
     kill -KILL "$pid" 2>/dev/null
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    deadline=$((SECONDS + 10))
+    while running "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
   fi
 }
 
@@ -56,7 +67,8 @@ if [[ -d "$CONTAINERD_STATE/io.containerd.runtime.v2.task/k8s.io" ]]; then
     [[ -f "$bundle/config.json" ]] || continue
     netns="$(jq -r '.linux.namespaces[]? | select(.type == "network") | .path // empty' "$bundle/config.json")"
     [[ "$netns" == /var/run/netns/* || "$netns" == /run/netns/* ]] && netns_files+=("$netns")
-    [[ -f "$bundle/init.pid" ]] && stop_pid "$(cat "$bundle/init.pid")" "container $(basename "$bundle")"
+    # The cluster is going away: no grace period for its containers.
+    [[ -f "$bundle/init.pid" ]] && stop_pid "$(cat "$bundle/init.pid")" "container $(basename "$bundle")" 0
   done
   # A shim exits once its container is gone and containerd reaps the task; kill the
   # ones that remain by their recorded PIDs.
@@ -121,6 +133,13 @@ if [[ -f "$STATE/ip_forward.before" ]]; then
   cat "$STATE/ip_forward.before" >/proc/sys/net/ipv4/ip_forward
 fi
 rm -f /var/lib/cni/results/"$CNI_NETWORK"-*
+# Host directories that the kubelet or containerd made because they were missing
+# (the kubelet writes pod logs to /var/log/pods whatever its root dir is).
+if [[ -f "$STATE/created-dirs" ]]; then
+  while read -r dir; do
+    [[ -n "$dir" && -d "$dir" ]] && rm -rf "$dir"
+  done <"$STATE/created-dirs"
+fi
 
 # The kubelet's pod cgroups (cgroupfs driver, cgroup v1 plus the unified mount).
 for hierarchy in /sys/fs/cgroup/*/; do

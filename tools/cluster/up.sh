@@ -37,6 +37,12 @@ start() {
   echo $! >"$PIDS/$name.pid"
 }
 
+# Host directories the kubelet, containerd and the CNI plugins make when missing; the
+# ones that do not exist yet are removed again by down.sh.
+for dir in /var/log/pods /var/log/containers /var/run/netns /var/lib/cni; do
+  [[ -e "$dir" ]] || echo "$dir" >>"$STATE/created-dirs"
+done
+
 log "certificates and kubeconfigs"
 make_pki
 
