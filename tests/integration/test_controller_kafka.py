@@ -57,6 +57,7 @@ def summary(workdir: Path) -> dict:
     }
 
 
+@pytest.mark.slow  # about 20 s: the loop twice, once through four runners on a broker
 def test_loop_over_kafka_matches_the_in_process_loop(tmp_path, kafka_settings, unique_topics, unique_group):
     reference = controller_settings(tmp_path, "in-process")
     judges = [SimulatedJudge(j) for j in reference.controller.judges]

@@ -100,6 +100,7 @@ def ids_by_key(messages) -> set[str]:
     return {m.key.decode() for m in messages if m.key}
 
 
+@pytest.mark.slow  # about 3 minutes: five service processes, a crash and a restart
 @pytest.mark.skipif(not DATA.exists(), reason="../shared/data is not present")
 def test_real_pairs_through_all_services_with_crashes(kafka_settings, unique_topics, tmp_path, tiny_rms):
     started = time.monotonic()
