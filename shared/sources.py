@@ -73,6 +73,23 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else path.open(encoding="utf-8")
 
 
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
+
+
+def _json_line(raw: bytes) -> tuple[Any, str | None]:
+    """One JSON line: (record, None) or (None, why it is no record). Decoded line by line, so a
+    bad byte costs its own row only, not the rest of the file."""
+    try:
+        return json.loads(raw.decode("utf-8")), None
+    except UnicodeDecodeError as exc:
+        return None, f"invalid UTF-8: byte 0x{raw[exc.start]:02x} at column {exc.start + 1}"
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON line: {exc.msg} at column {exc.colno}"
+    except RecursionError:
+        return None, "invalid JSON line: nested too deeply"
+
+
 def iter_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(index, record, parse error) for each record of one file."""
     name = path.name.lower()
@@ -85,20 +102,20 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                 yield index, record, None
                 index += 1
         return
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        with _open_binary(path) as raw_lines:
+            for index, raw in enumerate(raw_lines):
+                if raw.strip():
+                    record, error = _json_line(raw)
+                    yield index, record, error
+        return
     with _open_text(path) as fh:
-        if name.endswith((".jsonl", ".jsonl.gz")):
-            for index, line in enumerate(fh):
-                if not line.strip():
-                    continue
-                try:
-                    yield index, json.loads(line), None
-                except json.JSONDecodeError as exc:
-                    yield index, None, f"invalid JSON line: {exc.msg} at column {exc.colno}"
-            return
         try:
             data = json.load(fh)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise SourceError(f"{path}: invalid JSON: {exc}") from exc
+        except RecursionError:
+            raise SourceError(f"{path}: invalid JSON: nested too deeply") from None
     if isinstance(data, dict):
         # A few dumps wrap the list: {"data": [...]} or {"rows": [...]}.
         lists = [v for v in data.values() if isinstance(v, list)]
