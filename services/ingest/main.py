@@ -1,9 +1,15 @@
 """`synpref ingest`: read pair files, normalize, drop empty / duplicate / contaminated pairs, publish.
 
 Prints one JSON line of counts (read = published + empty + duplicate + contaminated +
-unreadable) and writes every dropped row with its bucket and reason to --report.
-Records go to the raw topic keyed by pair id; the command exits non-zero if any send is not
-acknowledged. With --dry-run nothing is published.
+unreadable + oversized) and writes every dropped row with its bucket and reason to --report,
+its locator `file#row`. Records go to the raw topic keyed by pair id; a record larger than
+the topic takes (its max.message.bytes, read from the broker, or kafka.max_message_bytes if
+smaller) is reported as oversized instead of sent. A file that cannot be read on (corrupt
+Parquet, truncated gzip, a JSON file nested too deeply) is reported by name, after the rows
+read before the damage, and the other files are still read. The counts, the report and the
+--seen file (the ids Kafka acknowledged) are written whatever failed, so a rerun publishes
+none of them again. Exit status: 0, 1 if a send was not acknowledged, 2 if a file could not
+be read. With --dry-run nothing is published.
 """
 
 from __future__ import annotations
@@ -13,12 +19,16 @@ import itertools
 import json
 import logging
 import sys
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from synpref.services.ingest.preprocess import Decontaminator, Preprocessor, benchmark_prompts
-from synpref.shared.config import ConfigError, load_settings
-from synpref.shared.sources import FORMATS, SourceError, SourceRow, iter_source
+from synpref.shared.config import ConfigError, KafkaSettings, load_settings
+from synpref.shared.sources import FORMATS, SourceError, SourceRow, iter_source, source_files
+from synpref.v1.pair_pb2 import PairRecord
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,77 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+READ_ERRORS = (OSError, EOFError, ValueError, TypeError, RuntimeError, zlib.error)
+"""What a damaged file raises part-way (gzip, zlib, pyarrow, the JSON parser's RecursionError)."""
+MESSAGE_LIMIT = "max.message.bytes"
+FRAMING_BYTES = 256
+"""Over the record's, key's and headers' own bytes: the record batch header and varints."""
+
+
+@dataclass(frozen=True)
+class FileFailure:
+    path: str
+    error: str
+
+
+def read_rows(
+    paths: list[str], fmt: str | None, source: str | None, failures: list[FileFailure]
+) -> Iterator[SourceRow]:
+    """The rows of every file, file by file; a file that fails part-way is noted in `failures`
+    (after the rows it gave) and the next one is read."""
+    for path in paths:
+        try:
+            files = source_files(Path(path))
+        except SourceError as exc:
+            failures.append(FileFailure(str(path), str(exc)))
+            continue
+        for file in files:
+            where, done = file.as_posix(), 0
+            try:
+                for row in iter_source(file, fmt, source):
+                    yield row
+                    done += 1
+            except SourceError as exc:
+                failures.append(FileFailure(where, str(exc).removeprefix(f"{file}: ")))
+            except READ_ERRORS as exc:
+                failures.append(FileFailure(where, f"unreadable after {done} rows: {type(exc).__name__}: {exc}"))
+
+
+def topic_message_limit(kafka: KafkaSettings, topic: str) -> int | None:
+    """The topic's max.message.bytes, or None if the broker does not say (no such topic, no right)."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+    from kafka.errors import KafkaError
+
+    from synpref.shared.kafka.clients import make_admin
+
+    admin = make_admin(kafka)
+    try:
+        resource = ConfigResource(ConfigResourceType.TOPIC, topic, configs=[MESSAGE_LIMIT])
+        found = admin.describe_configs([resource], config_filter="all").get("topic", {}).get(topic, {})
+        value = found.get(MESSAGE_LIMIT, {}).get("value")
+        return int(value) if value else None
+    except (KafkaError, ValueError) as exc:
+        log.warning("cannot read %s of topic %s (%s)", MESSAGE_LIMIT, topic, exc)
+        return None
+    finally:
+        admin.close()
+
+
+def size_check(limit: int, topic: str) -> Callable[[PairRecord], str | None]:
+    """Why a record would be refused by a topic taking messages of up to `limit` bytes, or None."""
+    from synpref.shared.kafka.codec import record_headers
+
+    headers = sum(len(name.encode()) + len(value) + 10 for name, value in record_headers())
+
+    def too_large(record: PairRecord) -> str | None:
+        size = record.ByteSize() + len(record.pair.id.encode()) + headers + FRAMING_BYTES
+        if size <= limit:
+            return None
+        return f"record of {size} bytes is over the {limit}-byte message limit of topic {topic}"
+
+    return too_large
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
@@ -55,49 +136,71 @@ def main(argv: list[str]) -> int:
     seen: set[str] = set()
     if args.seen and Path(args.seen).exists():
         seen = {line.strip() for line in Path(args.seen).read_text().splitlines() if line.strip()}
-    already = set(seen)
-    pre = Preprocessor(Decontaminator(prompts, args.ngram), seen=seen)
-    rows: Iterator[SourceRow] = itertools.chain.from_iterable(
-        iter_source(p, args.format, args.source) for p in args.paths
-    )
+    failures: list[FileFailure] = []
+    rows: Iterator[SourceRow] = read_rows(args.paths, args.format, args.source, failures)
     if args.limit:
         rows = itertools.islice(rows, args.limit)
 
+    topic = settings.topics.raw
+    limit = settings.kafka.max_message_bytes
     producer = None
-    futures = []
     if not args.dry_run:
         from synpref.shared.kafka.clients import make_producer
-        from synpref.shared.kafka.codec import encode_record
 
-        producer = make_producer(settings.kafka)
-    try:
-        for record in pre.run(rows):
-            if producer is not None:
-                out = encode_record(record, settings.topics.raw)
-                futures.append(producer.send(out.topic, key=out.key, value=out.value, headers=out.headers))
-        if producer is not None:
-            producer.flush(timeout=300)
-    except SourceError as exc:
-        print(f"synpref ingest: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if producer is not None:
-            producer.close(timeout=60)
-    unacked = sum(1 for f in futures if not f.is_done or f.failed())
-    if args.seen and not args.dry_run and not unacked:
-        # Only after every send was acknowledged: a failed run must not hide its pairs from the next.
+        limit = min(limit, topic_message_limit(settings.kafka, topic) or limit)
+        producer = make_producer(settings.kafka, batch_size=min(256 * 1024, limit))
+    pre = Preprocessor(Decontaminator(prompts, args.ngram), seen=seen, too_large=size_check(limit, topic))
+    sent, stopped = publish(pre, rows, producer, topic)
+    acked = [pair_id for pair_id, future in sent if future.is_done and future.succeeded()]
+    unacked = len(sent) - len(acked)
+    if args.seen and acked:
+        # Only acknowledged ids, but those always: a rerun must neither skip a lost pair nor resend a kept one.
         with Path(args.seen).open("a") as fh:
-            fh.writelines(f"{pair_id}\n" for pair_id in pre.seen - already)
+            fh.writelines(f"{pair_id}\n" for pair_id in acked)
     if args.report:
         with Path(args.report).open("w") as fh:
             for r in pre.rejections:
                 fh.write(json.dumps({"locator": r.locator, "bucket": r.bucket, "reason": r.reason}) + "\n")
-    counts = pre.counts.as_dict()
+            for f in failures:
+                fh.write(json.dumps({"locator": f.path, "bucket": "unreadable-file", "reason": f.error}) + "\n")
+    counts: dict[str, Any] = pre.counts.as_dict()
     counts["reconciles"] = pre.counts.reconciles()
-    counts["topic"] = None if args.dry_run else settings.topics.raw
+    counts["topic"] = None if args.dry_run else topic
     counts["unacknowledged"] = unacked
+    counts["failed_files"] = [{"path": f.path, "error": f.error} for f in failures]
     print(json.dumps(counts, sort_keys=True), flush=True)
+    for f in failures:
+        print(f"synpref ingest: cannot read {f.path}: {f.error}", file=sys.stderr)
+    if stopped:
+        print(f"synpref ingest: publishing stopped: {stopped}", file=sys.stderr)
     if unacked:
         print(f"synpref ingest: {unacked} records were not acknowledged by Kafka", file=sys.stderr)
-        return 1
-    return 0
+    if failures:
+        return 2
+    return 1 if unacked or stopped else 0
+
+
+def publish(
+    pre: Preprocessor, rows: Iterator[SourceRow], producer: Any, topic: str
+) -> tuple[list[tuple[str, Any]], str]:
+    """Send every record; (pair id, send future) of each, and why sending stopped early ("" if it did not)."""
+    from kafka.errors import KafkaError
+
+    from synpref.shared.kafka.codec import encode_record
+
+    sent: list[tuple[str, Any]] = []
+    try:
+        for record in pre.run(rows):
+            if producer is not None:
+                out = encode_record(record, topic)
+                sent.append(
+                    (record.pair.id, producer.send(out.topic, key=out.key, value=out.value, headers=out.headers))
+                )
+        if producer is not None:
+            producer.flush(timeout=300)
+    except KafkaError as exc:
+        return sent, f"{type(exc).__name__}: {exc}"
+    finally:
+        if producer is not None:
+            producer.close(timeout=60)
+    return sent, ""

@@ -1,18 +1,20 @@
 """The paper's preprocessing as one pass over source rows.
 
 Each SourceRow ends in exactly one bucket, so the counts always reconcile:
-read = published + empty + duplicate + contaminated + unreadable.
+read = published + empty + duplicate + contaminated + unreadable + oversized.
 
-- unreadable: the reader could not make a pair of the row (reason from shared/sources.py).
+- unreadable: the reader could not make a pair of the row (reason from shared/sources.py),
+  or its text holds a lone surrogate (a JSON "\\ud800" escape) that no protobuf string can.
 - empty: a message with empty or whitespace-only content, or no conversation at all.
 - duplicate: the same (history, chosen, rejected) as an earlier pair (global, by content id).
 - contaminated: a user turn shares a 13-gram with a benchmark prompt.
+- oversized: its record would be larger than the raw topic takes (the caller's `too_large`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from synpref.shared.pairs import new_pair, new_record
 from synpref.shared.sources import SourceRow, iter_source
 from synpref.v1.pair_pb2 import PairRecord
 
-BUCKETS = ("published", "empty", "duplicate", "contaminated", "unreadable")
+BUCKETS = ("published", "empty", "duplicate", "contaminated", "unreadable", "oversized")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -90,6 +92,7 @@ class IngestCounts:
     duplicate: int = 0
     contaminated: int = 0
     unreadable: int = 0
+    oversized: int = 0
     by_source: dict[str, int] = field(default_factory=dict)
     """Published pairs per source."""
 
@@ -108,11 +111,21 @@ class Rejection:
 
 
 class Preprocessor:
-    """Turns source rows into v1 PairRecords, counting and explaining every row it drops."""
+    """Turns source rows into v1 PairRecords, counting and explaining every row it drops.
 
-    def __init__(self, decontaminator: Decontaminator | None = None, seen: set[str] | None = None) -> None:
+    too_large(record) returns why a record cannot be sent (None if it can): checked before the
+    record counts as published, so an oversized row never reaches the producer.
+    """
+
+    def __init__(
+        self,
+        decontaminator: Decontaminator | None = None,
+        seen: set[str] | None = None,
+        too_large: Callable[[PairRecord], str | None] | None = None,
+    ) -> None:
         self.decontaminator = decontaminator or Decontaminator()
         self.seen: set[str] = seen if seen is not None else set()
+        self.too_large = too_large
         self.counts = IngestCounts()
         self.rejections: list[Rejection] = []
 
@@ -140,15 +153,23 @@ class Preprocessor:
         if gram is not None:
             self._reject(row, "contaminated", "shares a benchmark n-gram: " + " ".join(gram))
             return None
-        proto = new_pair(pair["conversation"], pair["chosen"], pair["rejected"], pair["source"], pair["meta"])
+        try:
+            proto = new_pair(pair["conversation"], pair["chosen"], pair["rejected"], pair["source"], pair["meta"])
+        except UnicodeEncodeError:
+            self._reject(row, "unreadable", "text holds a lone surrogate (an escaped \\ud800-\\udfff): not Unicode")
+            return None
         if proto.id in self.seen:
             self._reject(row, "duplicate", f"same content as pair {proto.id}")
+            return None
+        record = new_record(proto)
+        record.lineage.steps.append("ingest")
+        reason = self.too_large(record) if self.too_large is not None else None
+        if reason is not None:
+            self._reject(row, "oversized", reason)
             return None
         self.seen.add(proto.id)
         self.counts.published += 1
         self.counts.by_source[proto.source] = self.counts.by_source.get(proto.source, 0) + 1
-        record = new_record(proto)
-        record.lineage.steps.append("ingest")
         return record
 
     def run(self, rows: Iterable[SourceRow]) -> Iterator[PairRecord]:

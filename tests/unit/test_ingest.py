@@ -97,3 +97,15 @@ def test_cli_dry_run_reports_and_reconciles(tmp_path, capsys):
     dropped = [json.loads(line) for line in report.read_text().splitlines()]
     assert [d["bucket"] for d in dropped] == ["duplicate", "empty", "unreadable"]
     assert dropped[2]["locator"].endswith("pairs.jsonl#3") and "missing field" in dropped[2]["reason"]
+
+
+def test_oversized_and_lone_surrogate_rows_are_counted_not_published():
+    too_large = lambda record: "too big" if record.ByteSize() > 300 else None  # noqa: E731
+    pre = Preprocessor(too_large=too_large)
+    rows = [row(0, "small"), row(1, "big", chosen="x" * 1000), row(2, "caf\ud800"), row(3, "small again")]
+    published = list(pre.run(rows))
+    assert [r.pair.meta["i"] for r in published] == ["0", "3"]
+    assert (pre.counts.oversized, pre.counts.unreadable, pre.counts.read) == (1, 1, 4) and pre.counts.reconciles()
+    assert [(r.locator, r.bucket) for r in pre.rejections] == [("t.jsonl#1", "oversized"), ("t.jsonl#2", "unreadable")]
+    # An oversized pair is not remembered as seen: a later, smaller run may still publish it.
+    assert len(pre.seen) == 2
