@@ -32,7 +32,7 @@ from kafka.errors import KafkaError
 from prometheus_client import start_http_server
 
 from synpref.shared.config import ConfigError, Settings, load_settings
-from synpref.shared.kafka.runner import ROUTES, RunnerStats, StageRunner
+from synpref.shared.kafka.runner import ROUTES, RunnerStats, Sink, StageRunner
 from synpref.shared.stage import Stage
 from synpref.v1.pipeline_pb2 import ProcessBatchRequest, ProcessBatchResponse, StatusRequest, StatusResponse
 
@@ -65,6 +65,10 @@ class ServiceSpec:
     """Builds a custom servicer; default StageServicer (fits every ProcessBatch -> ProcessBatchResponse service)."""
     counters: Callable[[], dict[str, int]] = field(default=dict)
     """Stage-specific counters for Status, e.g. decisions per kind."""
+    sink: Sink | None = None
+    """Where the runner hands routed records instead of producing them (the dataset writer's dataset)."""
+    instance_id: str | None = None
+    """Static group membership (group.instance.id) for a service that runs as one process per id."""
 
     def __post_init__(self) -> None:
         unknown = [r for r in (self.input_route, *self.output_routes) if r not in ROUTES]
@@ -172,6 +176,7 @@ class Service:
                 runner = StageRunner(
                     self.settings, self.spec.stage, service=self.spec.name,
                     input_route=self.spec.input_route, stop=self.stop, stats=self.stats,
+                    sink=self.spec.sink, instance_id=self.spec.instance_id,
                 )  # fmt: skip
                 runner.open()
             self._set_serving(True)

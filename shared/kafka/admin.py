@@ -1,16 +1,26 @@
-"""Topic administration: create the pipeline's topics from config, idempotently."""
+"""Topic administration: create the pipeline's topics from config, idempotently.
+
+Topics are created with max.message.bytes = kafka.max_message_bytes: without it they keep
+the broker's message.max.bytes (1 MiB by default), and a stage that believes the config
+produces what the topic refuses. message_limits reads the limit back, for topics that
+existed before (or were auto-created) with a smaller one.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
 
+from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import TopicAlreadyExistsError, for_code
 
 from synpref.shared.config import KafkaSettings, TopicSettings
 from synpref.shared.kafka.clients import make_admin
 
 log = logging.getLogger(__name__)
+
+
+MESSAGE_LIMIT = "max.message.bytes"
 
 
 class TopicAdminError(RuntimeError):
@@ -28,7 +38,8 @@ def ensure_topics(
 ) -> dict[str, str]:
     """Create each topic that does not exist yet; return {topic: "created" | "exists"}.
 
-    Partitions and replication default to the kafka section of the config. An existing
+    Partitions and replication default to the kafka section of the config, and so does
+    max.message.bytes (kafka.max_message_bytes; `configs` may override it). An existing
     topic is left as it is, whatever its partition count: changing that is a migration,
     not something a service should do on start. Returns only once every topic has a
     leader for every partition, so producers can write at once.
@@ -39,7 +50,7 @@ def ensure_topics(
     spec = {
         "num_partitions": partitions or kafka.partitions,
         "replication_factor": replication_factor or kafka.replication_factor,
-        "configs": dict(configs or {}),
+        "configs": {MESSAGE_LIMIT: str(kafka.max_message_bytes), **(configs or {})},
     }
     admin = make_admin(kafka, bootstrap_timeout_ms=int(timeout_s * 1000))
     try:
@@ -88,3 +99,15 @@ def describe_partitions(kafka: KafkaSettings, topics: Iterable[str], timeout_s: 
     finally:
         admin.close()
     return {t["name"]: len(t["partitions"]) for t in found if t.get("error_code", 0) == 0}
+
+
+def message_limits(kafka: KafkaSettings, topics: Iterable[str], timeout_s: float = 30.0) -> dict[str, int]:
+    """{topic: max.message.bytes} for the topics that exist."""
+    names = list(dict.fromkeys(topics))
+    admin = make_admin(kafka, bootstrap_timeout_ms=int(timeout_s * 1000))
+    try:
+        resources = [ConfigResource(ConfigResourceType.TOPIC, name, configs=[MESSAGE_LIMIT]) for name in names]
+        found = admin.describe_configs(resources, config_filter="all").get("topic", {})
+    finally:
+        admin.close()
+    return {name: int(configs[MESSAGE_LIMIT]["value"]) for name, configs in found.items() if MESSAGE_LIMIT in configs}

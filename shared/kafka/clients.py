@@ -2,16 +2,24 @@
 
 At-least-once transport: the producer waits for all in-sync replicas (acks=all) and is
 idempotent, so its own retries never duplicate a message; consumers never auto-commit,
-the runner commits input offsets only after its outputs are acknowledged.
+the runner commits input offsets only after its outputs are acknowledged. Outbox (and
+deliver, for one batch) is the one place that checks those acknowledgements.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
 
 from synpref.shared.config import KafkaSettings
+from synpref.shared.kafka.codec import Outgoing
+
+
+class DeliveryError(KafkaError):
+    """Messages were not acknowledged: whatever they stand for must not be committed."""
 
 
 def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
@@ -24,9 +32,10 @@ def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
         "retries": 2**31 - 1,
         # delivery_timeout_ms bounds all retries; a record not acknowledged by then fails its future.
         "delivery_timeout_ms": max(120_000, kafka.request_timeout_ms * 2 + 5),
-        # A batch of records leaves together: wait a few ms to fill 256 KiB batches.
+        # A batch of records leaves together: wait a few ms to fill 256 KiB batches. The broker checks
+        # a whole batch against max.message.bytes, so a batch never outgrows that limit.
         "linger_ms": 5,
-        "batch_size": 256 * 1024,
+        "batch_size": min(256 * 1024, kafka.max_message_bytes),
         "max_request_size": kafka.max_message_bytes,
         "max_block_ms": 60_000,
     }
@@ -65,3 +74,46 @@ def make_consumer(kafka: KafkaSettings, group_id: str, *topics: str, **overrides
 
 def make_admin(kafka: KafkaSettings, **overrides: Any) -> KafkaAdminClient:
     return KafkaAdminClient(**{**kafka.client_kwargs(), **overrides})
+
+
+class Outbox:
+    """Messages sent through one producer and not yet known to be acknowledged.
+
+    A failed flush is final: every later send or flush raises the same DeliveryError, so a
+    caller that swallowed it (a rebalance callback, say) cannot commit past the loss.
+    """
+
+    def __init__(self, producer: Any, timeout_s: float) -> None:
+        self.producer = producer
+        self.timeout_s = timeout_s
+        self._futures: list[Any] = []
+        self._error: DeliveryError | None = None
+
+    def send(self, outgoing: Iterable[Outgoing]) -> None:
+        if self._error is not None:
+            raise self._error
+        for out in outgoing:
+            self._futures.append(self.producer.send(out.topic, key=out.key, value=out.value, headers=out.headers))
+
+    def flush(self) -> int:
+        """Wait for every message sent so far; DeliveryError unless all were acknowledged. Returns how many."""
+        if self._error is not None:
+            raise self._error
+        futures, self._futures = self._futures, []
+        if not futures:
+            return 0
+        self.producer.flush(timeout=self.timeout_s)
+        errors = [f.exception for f in futures if not f.is_done or f.failed()]
+        if errors:
+            self._error = DeliveryError(
+                f"{len(errors)} of {len(futures)} messages not acknowledged; first: {errors[0]!r}"
+            )
+            raise self._error
+        return len(futures)
+
+
+def deliver(producer: Any, outgoing: Iterable[Outgoing], timeout_s: float) -> int:
+    """Send and wait: DeliveryError unless every message was acknowledged."""
+    outbox = Outbox(producer, timeout_s)
+    outbox.send(outgoing)
+    return outbox.flush()

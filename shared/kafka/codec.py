@@ -3,13 +3,15 @@
 Every message the pipeline writes carries `synpref-schema: v1` and the protobuf type
 it holds, so a consumer can refuse a payload from a newer or foreign producer instead
 of misreading it. Dead-letter messages keep the original key, value and headers and
-add `synpref-dlq-*` headers that say why and where the message came from.
+add `synpref-dlq-*` headers that say why and where the message came from; a copy the
+dead-letter topic would refuse as too large keeps only the key and those headers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from google.protobuf.message import DecodeError
 
@@ -26,12 +28,22 @@ DLQ_SERVICE = "synpref-dlq-service"
 DLQ_TOPIC = "synpref-dlq-source-topic"
 DLQ_PARTITION = "synpref-dlq-source-partition"
 DLQ_OFFSET = "synpref-dlq-source-offset"
+DLQ_DROPPED = "synpref-dlq-dropped-bytes"
+"""Set when the payload was left out of the dead-letter entry: how many bytes it had."""
 
 Headers = list[tuple[str, bytes]]
 """Kafka headers as kafka-python sends and returns them."""
 
 MAX_REASON_CHARS = 2000
 """Reasons are truncated: a header is no place for a whole traceback."""
+
+
+FRAMING_BYTES = 128
+"""Over key, value and header bytes: the record batch header (61 bytes) and the record's own varints."""
+HEADER_FRAMING_BYTES = 10
+"""The two length varints of each header."""
+MAX_KEPT_KEY_BYTES = 1024
+"""A reduced dead-letter entry keeps the key only up to this size (a pair id is 32 bytes)."""
 
 
 class PayloadError(ValueError):
@@ -46,6 +58,23 @@ class Outgoing:
     key: bytes | None
     value: bytes
     headers: Headers
+
+    @property
+    def size(self) -> int:
+        """Bytes the broker counts against max.message.bytes for this message sent alone, uncompressed."""
+        headers = sum(len(name.encode()) + len(value) + HEADER_FRAMING_BYTES for name, value in self.headers)
+        return len(self.key or b"") + len(self.value) + headers + FRAMING_BYTES
+
+
+class Message(Protocol):
+    """What is read from a consumed message (kafka-python's ConsumerRecord has it)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Any
 
 
 def header_map(headers: Iterable[tuple[str, bytes | None]] | None) -> dict[str, str]:
@@ -101,19 +130,65 @@ def dead_letter(
     source_topic: str,
     source_partition: int,
     source_offset: int,
+    max_bytes: int | None = None,
 ) -> Outgoing:
     """The original message, unchanged, plus headers that say why it could not be processed.
 
-    kind is "undecodable" (bad payload), "failed" (the stage rejected the record) or
-    "stage-error" (the stage raised on the batch holding it).
+    kind is "undecodable" (bad payload), "failed" (the stage rejected the record),
+    "stage-error" (the stage raised on it), "bad-route" or "too-large" (an output over the
+    limit). A copy over `max_bytes` would be refused by the broker, and a refused dead
+    letter stops the service on every restart: it is reduced to the key (when small), the
+    reason and the source position, with DLQ_DROPPED saying how many bytes were left out.
     """
-    kept = [(name, v or b"") for name, v in headers or () if not name.startswith("synpref-dlq-")]
-    kept += [
+    provenance = [
         (DLQ_KIND, kind.encode()),
-        (DLQ_REASON, reason[:MAX_REASON_CHARS].encode("utf-8", errors="replace")),
         (DLQ_SERVICE, service.encode()),
         (DLQ_TOPIC, source_topic.encode()),
         (DLQ_PARTITION, str(source_partition).encode()),
         (DLQ_OFFSET, str(source_offset).encode()),
     ]
-    return Outgoing(topic=topic, key=key, value=value or b"", headers=kept)
+    kept = [(name, v or b"") for name, v in headers or () if not name.startswith("synpref-dlq-")]
+    full = Outgoing(topic, key, value or b"", [*kept, *provenance, (DLQ_REASON, _reason(reason))])
+    if max_bytes is None or full.size <= max_bytes:
+        return full
+    dropped = len(value or b"") + sum(len(v) for _, v in kept)
+    reason = f"{reason}; the message ({dropped} bytes) is left out: its dead-letter copy is over {max_bytes} bytes"
+    small_key = key if key is not None and len(key) <= MAX_KEPT_KEY_BYTES else None
+    reduced = [*provenance, (DLQ_DROPPED, str(dropped).encode()), (DLQ_REASON, _reason(reason))]
+    return Outgoing(topic, small_key, b"", reduced)
+
+
+def dead_letter_for(
+    msg: Message | None,
+    topic: str,
+    *,
+    kind: str,
+    reason: str,
+    service: str,
+    record: PairRecord | None = None,
+    max_bytes: int | None = None,
+) -> Outgoing:
+    """The dead-letter entry for consumed message `msg`: the message itself, or `record` (the
+    stage's version of it) when given. msg is None only for a record with no source message."""
+    if record is not None:
+        original = encode_record(record, topic)
+    else:
+        assert msg is not None, "a dead letter needs a message or a record"
+        original = Outgoing(topic, msg.key, msg.value or b"", list(msg.headers or ()))
+    return dead_letter(
+        topic,
+        key=original.key,
+        value=original.value,
+        headers=original.headers,
+        kind=kind,
+        reason=reason,
+        service=service,
+        source_topic=msg.topic if msg else "",
+        source_partition=msg.partition if msg else -1,
+        source_offset=msg.offset if msg else -1,
+        max_bytes=max_bytes,
+    )
+
+
+def _reason(reason: str) -> bytes:
+    return reason[:MAX_REASON_CHARS].encode("utf-8", errors="replace")

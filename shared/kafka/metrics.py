@@ -6,6 +6,10 @@ in one process, as in tests, share them and tell themselves apart by the label.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 PROCESSED = Counter(
@@ -28,3 +32,24 @@ BATCH_SECONDS = Histogram(
     ["service"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
+
+
+def report_lag(consumer: Any, service: str) -> None:
+    """Set CONSUMER_LAG for every partition `consumer` owns and has a position on."""
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is None:
+            continue
+        try:
+            position = consumer.position(tp, timeout_ms=0)
+        except Exception:  # no position yet for a partition just assigned: no lag to report
+            continue
+        if position is not None:
+            CONSUMER_LAG.labels(service, tp.topic, str(tp.partition)).set(max(0, highwater - position))
+
+
+def forget_lag(service: str, revoked: Iterable[Any]) -> None:
+    """Drop the lag of partitions another member owns now: theirs to report."""
+    for tp in revoked:
+        with contextlib.suppress(KeyError):
+            CONSUMER_LAG.remove(service, tp.topic, str(tp.partition))

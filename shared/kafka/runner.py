@@ -3,25 +3,30 @@
 One iteration, in this order (the order is the guarantee):
   1. poll up to kafka.max_batch messages from the input topic;
   2. decode them; an undecodable message goes to the dead-letter topic with the error;
-  3. call the stage on the decoded batch; a stage that raises sends the whole batch to
-     the dead-letter topic with the exception, and the loop goes on;
-  4. produce every routed record to its route's topic, and every failure to the
-     dead-letter topic;
-  5. flush the producer and check that every message was acknowledged (acks=all);
-  6. only then commit the input offsets (auto-commit is off).
-A crash anywhere before 6 re-delivers the batch: at-least-once, never lost. A stop
+  3. call the stage on the decoded batch; if it raises, call it again one record at a
+     time, so only the records it raises on go to the dead-letter topic;
+  4. send every routed record to its route's topic (or hand it to the sink, if the
+     runner has one), every failure to the dead-letter topic; an output or dead letter
+     the topic would refuse as too large is dead-lettered without its payload instead;
+  5. checkpoint, quix-streams' order: flush the sink, flush the producer and check that
+     every message was acknowledged (acks=all), then commit the input offsets (auto-commit
+     is off). Without a sink every batch is a checkpoint; with one, when the sink is due.
+A crash anywhere before 5 re-delivers the batch: at-least-once, never lost. A stop
 request (SIGTERM in a service, an Event in tests) is honoured between batches, so the
-current batch is finished, flushed and committed before the clients close.
+current batch is finished and checkpointed before the clients close.
+
+A sink that keeps the input offsets itself (the dataset writer's manifest) is a commit
+point rather than an output: it is flushed after the producer's acknowledgements, and on
+assignment each partition is sought to the offset it kept (exactly-once into the sink).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,29 +36,35 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from synpref.shared.config import Settings, TopicSettings
 from synpref.shared.kafka import metrics
-from synpref.shared.kafka.clients import make_consumer, make_producer
-from synpref.shared.kafka.codec import Outgoing, PayloadError, dead_letter, decode_record, encode_record
+from synpref.shared.kafka.admin import message_limits
+from synpref.shared.kafka.clients import DeliveryError, Outbox, make_consumer, make_producer
+from synpref.shared.kafka.codec import Message, Outgoing, PayloadError, dead_letter_for, decode_record, encode_record
 from synpref.shared.stage import Stage, StageResult
 from synpref.v1.pair_pb2 import PairRecord
 
 log = logging.getLogger(__name__)
 
 ROUTES = frozenset(TopicSettings.model_fields)
+__all__ = ["ROUTES", "DeliveryError", "Message", "RunnerStats", "Sink", "StageRunner", "plan_batch"]
 
 
-class DeliveryError(KafkaError):
-    """Outputs of a batch were not acknowledged: its offsets stay uncommitted."""
+class Sink(Protocol):
+    """Where routed records go instead of Kafka topics (quix-streams' BatchingSink)."""
 
+    keeps_offsets: bool
+    """True when flush stores the offsets as the sink's own commit point (and stored_offsets reads them)."""
 
-class Message(Protocol):
-    """What the runner reads from a consumed message (kafka-python's ConsumerRecord has it)."""
+    def write(self, routed: list[tuple[str, PairRecord]]) -> None:
+        """Take the routed records of one batch; durable only once flush returns."""
 
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Any
+    def due(self) -> bool:
+        """Whether enough is buffered (rows, age) to checkpoint now."""
+
+    def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Make everything written durable; `offsets` are the next offsets it covers."""
+
+    def stored_offsets(self) -> Mapping[TopicPartition, int]:
+        """Where each partition resumes (only called when keeps_offsets)."""
 
 
 @dataclass
@@ -61,50 +72,49 @@ class BatchPlan:
     """What one batch turns into: messages to produce and the counts behind them."""
 
     outgoing: list[Outgoing] = field(default_factory=list)
+    sunk: list[tuple[str, PairRecord]] = field(default_factory=list)
+    """Routed records for the sink (a runner with a sink), instead of outgoing messages."""
     emitted: Counter[str] = field(default_factory=Counter)
-    """Records produced per route."""
+    """Records produced (or sunk) per route."""
     failed: Counter[str] = field(default_factory=Counter)
-    """Inputs that went to the dead-letter topic, per kind: undecodable, failed, stage-error, bad-route."""
+    """Inputs that went to the dead-letter topic, per kind: undecodable, failed, stage-error, bad-route, too-large."""
     dead_lettered: int = 0
     processed: int = 0
 
 
-# Room left under max_message_bytes for the key, headers and record framing of an output.
-FRAMING_ALLOWANCE_BYTES = 16 * 1024
+def call_stage(stage: Stage, batch: list[PairRecord]) -> StageResult:
+    result = stage(batch)
+    if not isinstance(result, StageResult):
+        raise TypeError(f"stage returned {type(result).__name__}, not StageResult")
+    return result
 
 
 def plan_batch(
-    messages: Sequence[Message], stage: Stage, topics: TopicSettings, service: str, max_bytes: int | None = None
+    messages: Sequence[Message],
+    stage: Stage,
+    topics: TopicSettings,
+    service: str,
+    max_bytes: int | None = None,
+    topic_limits: Mapping[str, int] | None = None,
+    to_sink: bool = False,
 ) -> BatchPlan:
     """Decode, run the stage, and route: everything of a batch except the I/O.
 
-    An output over `max_bytes` would be refused by the producer and stop the service on
-    every restart; it goes to the dead-letter topic as its input message (which the
-    broker did accept) instead.
+    A message over the limit of its topic (`max_bytes`, or less where `topic_limits` says
+    so) would be refused and stop the service on every restart: an output that large is
+    dead-lettered as its input, and a dead letter that large keeps only its provenance.
     """
     plan = BatchPlan(processed=len(messages))
+    limits = topic_limits or {}
+
+    def limit(topic: str) -> int | None:
+        return min(max_bytes, limits.get(topic, max_bytes)) if max_bytes is not None else limits.get(topic)
 
     def to_dlq(msg: Message | None, kind: str, reason: str, record: PairRecord | None = None) -> None:
-        if record is not None:
-            encoded = encode_record(record, topics.dead_letter)
-            key, value, headers = encoded.key, encoded.value, encoded.headers
-        else:
-            assert msg is not None
-            key, value, headers = msg.key, msg.value, msg.headers
-        plan.outgoing.append(
-            dead_letter(
-                topics.dead_letter,
-                key=key,
-                value=value,
-                headers=headers,
-                kind=kind,
-                reason=reason,
-                service=service,
-                source_topic=msg.topic if msg else "",
-                source_partition=msg.partition if msg else -1,
-                source_offset=msg.offset if msg else -1,
-            )
-        )
+        dlq = topics.dead_letter
+        plan.outgoing.append(dead_letter_for(msg, dlq, kind=kind, reason=reason, service=service, record=record,
+                                             max_bytes=limit(dlq)))  # fmt: skip
+        plan.failed[kind] += 1
         plan.dead_lettered += 1
 
     decoded: list[tuple[Message, PairRecord]] = []
@@ -112,75 +122,96 @@ def plan_batch(
         try:
             decoded.append((msg, decode_record(msg.value, msg.headers)))
         except PayloadError as exc:
-            plan.failed["undecodable"] += 1
             to_dlq(msg, "undecodable", str(exc))
     if not decoded:
         return plan
 
     try:
-        result = stage([record for _, record in decoded])
-        if not isinstance(result, StageResult):
-            raise TypeError(f"stage returned {type(result).__name__}, not StageResult")
+        results = [call_stage(stage, [record for _, record in decoded])]
     except Exception as exc:
-        log.exception("%s: stage raised on a batch of %d; sending it to the dead-letter topic", service, len(decoded))
-        reason = f"stage raised {type(exc).__name__}: {exc}"
-        for msg, _ in decoded:
-            plan.failed["stage-error"] += 1
-            to_dlq(msg, "stage-error", reason)
-        return plan
+        results = []
+        if len(decoded) == 1:
+            log.warning("%s: stage raised on one record: %r", service, exc)
+            to_dlq(decoded[0][0], "stage-error", stage_error(exc))
+        else:
+            log.warning("%s: stage raised on a batch of %d (%r); retrying one record at a time",
+                        service, len(decoded), exc)  # fmt: skip
+            for msg, record in decoded:
+                try:
+                    results.append(call_stage(stage, [record]))
+                except Exception as one:
+                    log.warning("%s: stage raised on %s:%d@%d: %r", service, msg.topic, msg.partition, msg.offset, one)
+                    to_dlq(msg, "stage-error", stage_error(one))
 
     # Stage outputs name no source message; find it by pair id for the dead-letter headers.
     source = {record.pair.id: msg for msg, record in decoded}
-    for route, record in result.routed:
-        if route not in ROUTES:
-            plan.failed["bad-route"] += 1
-            to_dlq(source.get(record.pair.id), "bad-route", f"stage emitted to unknown route {route!r}", record)
-            continue
-        encoded = encode_record(record, getattr(topics, route))
-        if max_bytes is not None and len(encoded.value) > max_bytes - FRAMING_ALLOWANCE_BYTES:
-            plan.failed["too-large"] += 1
-            reason = (
-                f"output for route {route!r} is {len(encoded.value)} bytes, over kafka.max_message_bytes={max_bytes}"
-            )
-            source_msg = source.get(record.pair.id) or source.get(record.lineage.original_id)
-            if source_msg is not None:
-                to_dlq(source_msg, "too-large", reason)
+    for result in results:
+        for route, record in result.routed:
+            if route not in ROUTES:
+                to_dlq(source.get(record.pair.id), "bad-route", f"stage emitted to unknown route {route!r}", record)
+            elif to_sink:
+                plan.sunk.append((route, record))
+                plan.emitted[route] += 1
             else:
-                log.error("%s: %s; pair %s has no source message to dead-letter", service, reason, record.pair.id)
-            continue
-        plan.outgoing.append(encoded)
-        plan.emitted[route] += 1
-    for record, reason in result.failed:
-        plan.failed["failed"] += 1
-        to_dlq(source.get(record.pair.id), "failed", reason, record)
+                encoded = encode_record(record, getattr(topics, route))
+                cap = limit(encoded.topic)
+                if cap is None or encoded.size <= cap:
+                    plan.outgoing.append(encoded)
+                    plan.emitted[route] += 1
+                    continue
+                reason = f"output for route {route!r} is {encoded.size} bytes, over the {cap} of topic {encoded.topic}"
+                source_msg = source.get(record.pair.id) or source.get(record.lineage.original_id)
+                if source_msg is not None:
+                    to_dlq(source_msg, "too-large", reason)
+                else:
+                    log.error("%s: %s; pair %s has no source message to dead-letter", service, reason, record.pair.id)
+        for record, reason in result.failed:
+            to_dlq(source.get(record.pair.id), "failed", reason, record)
     return plan
 
 
-def commit_offsets(messages: Sequence[Message]) -> dict[TopicPartition, OffsetAndMetadata]:
-    """The offsets to commit after a batch: one past the last message of each partition."""
+def stage_error(exc: Exception) -> str:
+    return f"stage raised {type(exc).__name__}: {exc}"
+
+
+def next_offsets(messages: Sequence[Message]) -> dict[TopicPartition, int]:
+    """One past the last message of each partition: where a consumer resumes after them."""
     last: dict[TopicPartition, int] = {}
     for msg in messages:
         tp = TopicPartition(msg.topic, msg.partition)
         last[tp] = max(last.get(tp, -1), msg.offset)
-    return {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in last.items()}
+    return {tp: offset + 1 for tp, offset in last.items()}
 
 
-class _LogRebalance(ConsumerRebalanceListener):
-    """Logs partition moves. Nothing to commit on revoke: each batch is committed before the next poll."""
+def commit_offsets(messages: Sequence[Message]) -> dict[TopicPartition, OffsetAndMetadata]:
+    """The offsets to commit after a batch: one past the last message of each partition."""
+    return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets(messages).items()}
 
-    def __init__(self, service: str) -> None:
-        self.service = service
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Checkpoints what is buffered before partitions move; seeks a sink's partitions to its offsets."""
+
+    def __init__(self, runner: StageRunner) -> None:
+        self.runner = runner
 
     def on_partitions_revoked(self, revoked: Any) -> None:
+        service = self.runner.service
         if revoked:
-            log.info("%s: partitions revoked: %s", self.service, sorted((tp.topic, tp.partition) for tp in revoked))
-        for tp in revoked or ():
-            # Another member owns this partition now: its lag is that member's to report.
-            with contextlib.suppress(KeyError):
-                metrics.CONSUMER_LAG.remove(self.service, tp.topic, str(tp.partition))
+            log.info("%s: partitions revoked: %s", service, sorted((tp.topic, tp.partition) for tp in revoked))
+            # Still the owner: whatever a sink buffered for these partitions is flushed and committed now.
+            self.runner.checkpoint()
+        metrics.forget_lag(service, revoked or ())
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        log.info("%s: partitions assigned: %s", self.service, sorted((tp.topic, tp.partition) for tp in assigned))
+        runner = self.runner
+        log.info("%s: partitions assigned: %s", runner.service, sorted((tp.topic, tp.partition) for tp in assigned))
+        if runner.sink is None or not runner.sink.keeps_offsets:
+            return
+        stored = runner.sink.stored_offsets()
+        for tp in assigned:
+            if tp in stored:
+                runner.consumer.seek(tp, stored[tp])
+                log.info("%s: %s:%d resumes at stored offset %d", runner.service, tp.topic, tp.partition, stored[tp])
 
 
 class RunnerStats:
@@ -205,6 +236,11 @@ class RunnerStats:
             for kind, n in plan.failed.items():
                 self.counters[f"failed.{kind}"] += n
 
+    def count(self, name: str, n: int) -> None:
+        """A counter of the service's own (a sink's rows written, say)."""
+        with self._lock:
+            self.counters[name] += n
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
@@ -217,7 +253,13 @@ class RunnerStats:
 
 
 class StageRunner:
-    """Runs `stage` over the input topic of `input_route` until `stop` is set."""
+    """Runs `stage` over the input topic of `input_route` until `stop` is set.
+
+    instance_id makes the consumer a static group member (group.instance.id): a restart
+    with the same id takes its partitions back at once instead of waiting out
+    kafka.session_timeout_ms for the group to drop the old member. Only for a service
+    that runs one process per id (a second one with the same id fences the first).
+    """
 
     def __init__(
         self,
@@ -230,6 +272,8 @@ class StageRunner:
         stop: threading.Event | None = None,
         stats: RunnerStats | None = None,
         flush_timeout_s: float = 120.0,
+        sink: Sink | None = None,
+        instance_id: str | None = None,
     ) -> None:
         if input_route not in ROUTES:
             raise ValueError(f"unknown input route {input_route!r}; one of {sorted(ROUTES)}")
@@ -241,57 +285,101 @@ class StageRunner:
         self.stop = stop or threading.Event()
         self.stats = stats or RunnerStats()
         self.flush_timeout_s = flush_timeout_s
+        self.sink = sink
+        self.instance_id = instance_id
+        self.topic_limits: dict[str, int] = {}
         self.consumer: Any = None
         self.producer: Any = None
+        self.outbox: Outbox | None = None
+        self._pending: dict[TopicPartition, int] = {}
+        """Next offsets of everything processed since the last checkpoint."""
 
     def open(self) -> None:
         kafka = self.settings.kafka
-        self.producer = make_producer(kafka)
-        self.consumer = make_consumer(kafka, self.group_id)
-        self.consumer.subscribe([self.input_topic], listener=_LogRebalance(self.service))
-        log.info("%s: consuming %s as group %s", self.service, self.input_topic, self.group_id)
+        self.topic_limits = self._read_limits()
+        smallest = min([kafka.max_message_bytes, *self.topic_limits.values()])
+        self.producer = make_producer(kafka, batch_size=min(256 * 1024, smallest))
+        self.outbox = Outbox(self.producer, self.flush_timeout_s)
+        static = {"group_instance_id": self.instance_id} if self.instance_id else {}
+        self.consumer = make_consumer(kafka, self.group_id, **static)
+        self.consumer.subscribe([self.input_topic], listener=_Rebalance(self))
+        log.info("%s: consuming %s as group %s%s", self.service, self.input_topic, self.group_id,
+                 f" (static member {self.instance_id})" if self.instance_id else "")  # fmt: skip
+
+    def _read_limits(self) -> dict[str, int]:
+        """max.message.bytes of the topics this runner writes, where smaller than the config's."""
+        kafka, topics = self.settings.kafka, self.settings.topics
+        try:
+            found = message_limits(kafka, topics.all(), timeout_s=kafka.request_timeout_ms / 1000)
+        except KafkaError as exc:  # no DescribeConfigs permission, say: the config's limit it is
+            log.warning("%s: cannot read the topics' max.message.bytes (%s); assuming %d",
+                        self.service, exc, kafka.max_message_bytes)  # fmt: skip
+            return {}
+        smaller = {topic: n for topic, n in found.items() if n < kafka.max_message_bytes}
+        for topic, n in smaller.items():
+            log.warning("%s: topic %s takes messages up to %d bytes, less than kafka.max_message_bytes=%d",
+                        self.service, topic, n, kafka.max_message_bytes)  # fmt: skip
+        return smaller
 
     def run(self) -> None:
-        """Loop until stop is set, then finish the batch in hand, commit, and close the clients."""
+        """Loop until stop is set, then checkpoint what is in hand and close the clients."""
         if self.consumer is None:
             self.open()
         try:
             while not self.stop.is_set():
                 self.run_once()
+            self.checkpoint()
         finally:
             self.close()
 
     def run_once(self) -> int:
-        """Poll one batch and take it through to its commit; returns how many messages it held."""
+        """Poll one batch and take it through (to its commit, unless a sink is not due); returns its size."""
         polled = self.consumer.poll(
             timeout_ms=self.settings.kafka.consumer_poll_ms, max_records=self.settings.kafka.max_batch
         )
         messages = [msg for batch in polled.values() for msg in batch]
-        if not messages:
-            return 0
-        started = time.perf_counter()
-        plan = plan_batch(
-            messages, self.stage, self.settings.topics, self.service, self.settings.kafka.max_message_bytes
-        )
-        self._deliver(plan.outgoing)
-        self._commit(messages)
-        self._observe(plan, time.perf_counter() - started)
+        if messages:
+            started = time.perf_counter()
+            plan = plan_batch(messages, self.stage, self.settings.topics, self.service,
+                              self.settings.kafka.max_message_bytes, self.topic_limits,
+                              to_sink=self.sink is not None)  # fmt: skip
+            assert self.outbox is not None
+            self.outbox.send(plan.outgoing)
+            if self.sink is not None:
+                self.sink.write(plan.sunk)
+            self._pending.update(next_offsets(messages))
+            if self.sink is None or self.sink.due():
+                self.checkpoint()
+            self._observe(plan, time.perf_counter() - started)
+        elif self.sink is not None and self.sink.due():
+            self.checkpoint()
         return len(messages)
 
-    def _deliver(self, outgoing: list[Outgoing]) -> None:
-        futures = [self.producer.send(out.topic, key=out.key, value=out.value, headers=out.headers) for out in outgoing]
-        self.producer.flush(timeout=self.flush_timeout_s)
-        errors = [f.exception for f in futures if not f.is_done or f.failed()]
-        if errors:
-            # Not committing is what keeps the batch: the next owner of these partitions re-reads it.
-            raise DeliveryError(f"{len(errors)} of {len(futures)} outputs not acknowledged; first: {errors[0]!r}")
+    def checkpoint(self) -> None:
+        """Flush the sink, wait for every acknowledgement, commit; nothing to do when nothing was processed."""
+        offsets, sink = self._pending, self.sink
+        if not offsets or self.outbox is None:
+            return
+        if sink is not None and not sink.keeps_offsets:
+            sink.flush(offsets)
+        # Not committing is what keeps the batch when this raises: the next owner of its partitions re-reads it.
+        self.outbox.flush()
+        if sink is not None and sink.keeps_offsets:
+            sink.flush(offsets)
+        self._pending = {}
+        self._commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()})
 
-    def _commit(self, messages: Sequence[Message]) -> None:
+    def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
         try:
-            self.consumer.commit(commit_offsets(messages))
+            self.consumer.commit(offsets)
         except CommitFailedError as exc:
             # The group rebalanced while we worked: the new owner re-reads the batch (a duplicate, not a loss).
             log.warning("%s: commit failed after a rebalance, the batch will be re-delivered: %s", self.service, exc)
+        except KafkaError as exc:
+            if self.sink is None or not self.sink.keeps_offsets:
+                raise
+            # The sink's stored offsets are the truth; Kafka's copy only feeds lag dashboards.
+            log.warning("%s: Kafka offset commit failed (the sink has the offsets): %s", self.service, exc)
 
     def _observe(self, plan: BatchPlan, seconds: float) -> None:
         self.stats.add(plan)
@@ -304,22 +392,13 @@ class StageRunner:
             metrics.EMITTED.labels(service, route).inc(n)
         for kind, n in plan.failed.items():
             metrics.FAILED.labels(service, kind).inc(n)
-        for tp in self.consumer.assignment():
-            highwater = self.consumer.highwater(tp)
-            if highwater is None:
-                continue
-            try:
-                position = self.consumer.position(tp, timeout_ms=0)
-            except Exception:  # no position yet for a partition just assigned: no lag to report
-                continue
-            if position is not None:
-                metrics.CONSUMER_LAG.labels(service, tp.topic, str(tp.partition)).set(max(0, highwater - position))
+        metrics.report_lag(self.consumer, service)
 
     def close(self) -> None:
         consumer, producer, self.consumer, self.producer = self.consumer, self.producer, None, None
         if producer is not None:
             producer.close(timeout=self.flush_timeout_s)
         if consumer is not None:
-            # Offsets were committed batch by batch; leaving the group now hands partitions over at once.
+            # Offsets were committed at each checkpoint; a dynamic member leaving now hands partitions over at once.
             consumer.close(autocommit=False)
         log.info("%s: stopped after %s", self.service, self.stats.snapshot())

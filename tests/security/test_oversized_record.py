@@ -21,7 +21,15 @@ from synpref_procs import Proc, watch_alive, write_config
 
 from synpref.shared.config import TopicSettings
 from synpref.shared.kafka.admin import ensure_topics
-from synpref.shared.kafka.codec import DLQ_KIND, DLQ_OFFSET, DLQ_REASON, DLQ_TOPIC, decode_record, header_map
+from synpref.shared.kafka.codec import (
+    DLQ_DROPPED,
+    DLQ_KIND,
+    DLQ_OFFSET,
+    DLQ_REASON,
+    DLQ_TOPIC,
+    decode_record,
+    header_map,
+)
 from synpref.shared.pairs import new_pair, new_record
 from synpref.v1.pair_pb2 import PREFERENCE_CHOSEN, ModelScore, PairRecord
 
@@ -105,7 +113,8 @@ def test_a_record_near_the_topic_limit_fails_alone_and_the_filter_keeps_running(
         ), "each valid pair exactly once"
         (entry,) = dead
         headers = header_map(entry.headers)
-        assert headers[DLQ_KIND] == "too-large" and str(NEAR_LIMIT) in headers[DLQ_REASON]
+        assert headers[DLQ_KIND] == "too-large" and "left out" in headers[DLQ_REASON]
+        assert int(headers[DLQ_DROPPED]) >= NEAR_LIMIT
         assert (headers[DLQ_TOPIC], headers[DLQ_OFFSET]) == (topics.scored, "1")
         assert entry.key == big.pair.id.encode()
         assert len(entry.value) < 64 * 1024, "the dead-letter entry keeps the reason, not the oversized payload"

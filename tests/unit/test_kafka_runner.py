@@ -5,6 +5,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from synpref.shared.config import TopicSettings
 from synpref.shared.kafka.codec import (
+    DLQ_DROPPED,
     DLQ_KIND,
     DLQ_OFFSET,
     DLQ_PARTITION,
@@ -116,7 +117,7 @@ def test_stage_failures_go_to_the_dead_letter_topic_with_the_stage_reason():
     assert decode_record(dlq.value, dlq.headers).pair.id == pair_record(1).pair.id
 
 
-def test_a_stage_that_raises_sends_the_whole_batch_to_the_dead_letter_topic():
+def test_a_stage_that_raises_on_every_record_dead_letters_each_with_its_reason():
     def stage(batch):
         raise RuntimeError("model exploded")
 
@@ -125,6 +126,27 @@ def test_a_stage_that_raises_sends_the_whole_batch_to_the_dead_letter_topic():
     assert plan.failed == {"stage-error": 3} and plan.dead_lettered == 3 and not plan.emitted
     assert [o.value for o in plan.outgoing] == [m.value for m in msgs]
     assert {header_map(o.headers)[DLQ_REASON] for o in plan.outgoing} == {"stage raised RuntimeError: model exploded"}
+
+
+def test_a_stage_that_raises_on_a_batch_is_retried_one_record_at_a_time():
+    poison = pair_record(2).pair.id
+    calls = []
+
+    def stage(batch):
+        calls.append(len(batch))
+        if any(r.pair.id == poison for r in batch):
+            raise ValueError(f"cannot score {poison}")
+        return to("annotated")(batch)
+
+    msgs = [encoded(i) for i in range(5)]
+    plan = plan_batch(msgs, stage, TOPICS, "svc")
+    assert calls == [5, 1, 1, 1, 1, 1]
+    assert plan.emitted == {"annotated": 4} and plan.failed == {"stage-error": 1}
+    (dlq,) = [o for o in plan.outgoing if o.topic == "dlq"]
+    assert dlq.value == msgs[2].value and header_map(dlq.headers)[DLQ_OFFSET] == "2"
+    assert header_map(dlq.headers)[DLQ_REASON] == f"stage raised ValueError: cannot score {poison}"
+    outputs = [decode_record(o.value, o.headers).pair.id for o in plan.outgoing if o.topic == "out-a"]
+    assert outputs == [pair_record(i).pair.id for i in (0, 1, 3, 4)]
 
 
 def test_a_stage_that_returns_the_wrong_type_counts_as_raising():
@@ -154,8 +176,34 @@ def test_an_output_over_the_message_limit_is_dead_lettered_as_its_input():
     (dlq,) = [o for o in plan.outgoing if o.topic == "dlq"]
     assert dlq.value == msgs[1].value, "the input, which the broker accepted, not the oversized output"
     h = header_map(dlq.headers)
-    assert h[DLQ_KIND] == "too-large" and "over kafka.max_message_bytes=32768" in h[DLQ_REASON]
+    assert h[DLQ_KIND] == "too-large" and "over the 32768 of topic out-a" in h[DLQ_REASON]
     assert (h[DLQ_PARTITION], h[DLQ_OFFSET]) == ("2", "5")
+
+
+def test_a_dead_letter_over_the_limit_keeps_its_provenance_but_not_its_payload():
+    def grow(batch):
+        result = StageResult()
+        for rec in batch:
+            if "blob" in rec.pair.meta:
+                rec.pair.meta["blob"] += "x" * 100
+            result.emit("annotated", rec)
+        return result
+
+    # The input just fits its topic; the output is larger, and so is the input's copy with dead-letter headers.
+    big = pair_record(1)
+    big.pair.meta["blob"] = "y" * 29_600
+    out = encode_record(big, "in")
+    msg = message(out.value, out.headers, partition=1, offset=9, key=out.key)
+    assert 29_700 < out.size <= 30_000
+    limits = {"out-a": 30_000, "dlq": 30_000}
+    plan = plan_batch([msg, encoded(0)], grow, TOPICS, "svc", max_bytes=64 * 1024, topic_limits=limits)
+    assert plan.failed == {"too-large": 1} and plan.emitted == {"annotated": 1}
+    (dlq,) = [o for o in plan.outgoing if o.topic == "dlq"]
+    assert dlq.value == b"" and dlq.key == out.key and dlq.size <= 30_000
+    h = header_map(dlq.headers)
+    assert (h[DLQ_KIND], h[DLQ_TOPIC], h[DLQ_PARTITION], h[DLQ_OFFSET]) == ("too-large", "in", "1", "9")
+    assert h[DLQ_DROPPED] == str(len(out.value) + sum(len(v) for _, v in out.headers))
+    assert "over the 30000 of topic out-a" in h[DLQ_REASON] and "left out" in h[DLQ_REASON]
 
 
 def test_stage_is_not_called_when_nothing_decodes():
@@ -184,15 +232,19 @@ def test_stats_add_up_batches():
 
 def test_revoked_partitions_stop_reporting_lag():
     from synpref.shared.kafka import metrics
-    from synpref.shared.kafka.runner import _LogRebalance
 
     metrics.CONSUMER_LAG.labels("lag-test", "in", "0").set(5)
     metrics.CONSUMER_LAG.labels("lag-test", "in", "1").set(7)
-    _LogRebalance("lag-test").on_partitions_revoked({TopicPartition("in", 0), TopicPartition("in", 2)})
-    reported = {
-        sample.labels["partition"]
+    metrics.forget_lag("lag-test", {TopicPartition("in", 0), TopicPartition("in", 2)})
+    assert reported_lag("lag-test") == {"1": 7}
+
+
+def reported_lag(service: str) -> dict[str, float]:
+    from synpref.shared.kafka import metrics
+
+    return {
+        sample.labels["partition"]: sample.value
         for family in metrics.CONSUMER_LAG.collect()
         for sample in family.samples
-        if sample.labels["service"] == "lag-test"
+        if sample.labels["service"] == service
     }
-    assert reported == {"1"}
