@@ -1,34 +1,35 @@
 """`synpref writer`: kept and flipped pairs from the curated topic into a versioned Parquet dataset.
 
-The writer is a batching sink with its own loop (not the generic StageRunner) because its
-offsets are committed WITH its shards: the manifest written after each shard stores the
-next offset of every partition, and on (re)assignment the consumer seeks to those stored
-offsets. Kafka's committed offsets are also updated, best effort, for lag monitoring.
-Order of one flush: produce dead letters and wait for their acks, write the shard, write
-the manifest (the commit point), commit to Kafka.
+The writer is the stage runner with a sink: the stage dead-letters what is not KEEP or
+FLIP, the runner hands the rest to ManifestSink, and a checkpoint (shard_rows buffered,
+or flush_interval_s since the oldest) writes one shard. Its offsets are committed WITH
+the shard: the manifest written after it stores the next offset of every partition, and
+on (re)assignment the runner seeks to those stored offsets, so a pair is written once
+even across crashes. Order of a checkpoint: dead letters acknowledged, shard, manifest
+(the commit point), then Kafka's committed offsets (best effort, for lag monitoring).
 
-Run one writer per dataset version (one replica): the manifest has a single author.
+Run one writer per dataset version (one replica): the manifest has a single author. Its
+consumer is a static group member named after the version, so a restarted writer takes
+its partitions back at once instead of after kafka.session_timeout_ms.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
-from kafka import ConsumerRebalanceListener
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import TopicPartition
 from prometheus_client import Counter as PromCounter
 
-from synpref.services.dataset_writer.dataset import DatasetVersion
-from synpref.shared.config import Settings
-from synpref.shared.kafka import metrics
-from synpref.shared.kafka.clients import make_consumer, make_producer
-from synpref.shared.kafka.codec import PayloadError, dead_letter, decode_record, encode_record
+from synpref.services.dataset_writer.dataset import AppendResult, DatasetVersion
+from synpref.shared.config import Settings, WriterSettings
 from synpref.shared.kafka.runner import RunnerStats
-from synpref.shared.service import Service, ServiceSpec, configure_logging, install_signal_handlers, service_parser
+from synpref.shared.service import Service, ServiceSpec, serve, service_parser
 from synpref.shared.stage import StageResult
 from synpref.v1 import pipeline_pb2_grpc
 from synpref.v1.pair_pb2 import DECISION_FLIP, DECISION_KEEP, PairRecord
@@ -45,14 +46,25 @@ def tp_key(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
 
 
+def writable_only(batch: list[PairRecord]) -> StageResult:
+    """The writer's stage: KEEP and FLIP go on to the dataset, anything else to the dead-letter topic."""
+    result = StageResult()
+    for record in batch:
+        if record.decision.decision in WRITABLE:
+            result.emit("curated", record)
+        else:
+            result.fail(record, "only KEEP and FLIP decisions are written to the dataset")
+    return result
+
+
 class DatasetSink:
-    """The dataset plus a lock: the Kafka loop and gRPC ProcessBatch both append."""
+    """The dataset plus a lock: the Kafka runner and gRPC ProcessBatch both append."""
 
     def __init__(self, dataset: DatasetVersion) -> None:
         self.dataset = dataset
         self.lock = threading.Lock()
 
-    def write(self, records: list[PairRecord], offsets: dict[str, int] | None = None):
+    def write(self, records: list[PairRecord], offsets: dict[str, int] | None = None) -> AppendResult:
         with self.lock:
             before = dict(self.dataset.stats["by_decision"])
             result = self.dataset.append(records, offsets)
@@ -64,152 +76,50 @@ class DatasetSink:
             DUPLICATES.labels(self.dataset.version).inc(result.duplicates)
         return result
 
-
-class Seeker(ConsumerRebalanceListener):
-    """On assignment, start each partition where the manifest says the dataset stopped."""
-
-    def __init__(self, loop: WriterLoop) -> None:
-        self.loop = loop
-
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        # Whatever is buffered is flushed while we still own its partitions.
-        self.loop.flush()
-
-    def on_partitions_assigned(self, assigned: Any) -> None:
-        stored = self.loop.sink.dataset.offsets
-        for tp in assigned:
-            offset = stored.get(tp_key(tp.topic, tp.partition))
-            if offset is not None:
-                self.loop.consumer.seek(tp, offset)
-                log.info("writer: %s:%d resumes at stored offset %d", tp.topic, tp.partition, offset)
+    def stored_offsets(self) -> dict[TopicPartition, int]:
+        with self.lock:
+            stored = dict(self.dataset.offsets)
+        out = {}
+        for key, offset in stored.items():
+            topic, partition = key.rsplit(":", 1)
+            out[TopicPartition(topic, int(partition))] = offset
+        return out
 
 
-class WriterLoop:
-    def __init__(self, settings: Settings, sink: DatasetSink, stop: threading.Event, stats: RunnerStats) -> None:
-        self.settings = settings
-        self.sink = sink
-        self.stop = stop
+class ManifestSink:
+    """The runner's sink: rows buffered until due, then one shard committed with its offsets."""
+
+    keeps_offsets = True
+
+    def __init__(self, target: DatasetSink, cfg: WriterSettings, stats: RunnerStats | None = None) -> None:
+        self.target = target
+        self.cfg = cfg
         self.stats = stats
-        self.topic = settings.topics.curated
-        self.group = settings.service.group_id or f"synpref-{SERVICE}"
-        self.consumer: Any = None
-        self.producer: Any = None
         self.buffer: list[PairRecord] = []
-        self.positions: dict[str, int] = {}
-        self.dlq: list[Any] = []
-        self.oldest = 0.0
-        self.processed = 0
+        self.oldest: float | None = None
+        """When the first record (or offset) since the last flush arrived."""
 
-    def open(self) -> None:
-        self.producer = make_producer(self.settings.kafka)
-        self.consumer = make_consumer(self.settings.kafka, self.group)
-        self.consumer.subscribe([self.topic], listener=Seeker(self))
-
-    def _to_dlq(self, msg: Any, kind: str, reason: str, record: PairRecord | None = None) -> None:
-        if record is not None:
-            enc = encode_record(record, self.settings.topics.dead_letter)
-            key, value, headers = enc.key, enc.value, enc.headers
-        else:
-            key, value, headers = msg.key, msg.value, msg.headers
-        self.dlq.append(
-            dead_letter(
-                self.settings.topics.dead_letter,
-                key=key,
-                value=value,
-                headers=headers,
-                kind=kind,
-                reason=reason,
-                service=SERVICE,
-                source_topic=msg.topic,
-                source_partition=msg.partition,
-                source_offset=msg.offset,
-            )
-        )
-
-    def take(self, messages: list[Any]) -> None:
-        for msg in messages:
-            if not self.buffer and not self.dlq and not self.positions:
-                self.oldest = time.monotonic()
-            self.positions[tp_key(msg.topic, msg.partition)] = msg.offset + 1
-            self.processed += 1
-            try:
-                record = decode_record(msg.value, msg.headers)
-            except PayloadError as exc:
-                self._to_dlq(msg, "undecodable", str(exc))
-                continue
-            if record.decision.decision not in WRITABLE:
-                self._to_dlq(msg, "failed", "only KEEP and FLIP decisions are written to the dataset", record)
-                continue
-            self.buffer.append(record)
+    def write(self, routed: list[tuple[str, PairRecord]]) -> None:
+        if self.oldest is None:
+            # Offsets advance even when no row does (dead letters, duplicates): they are due too.
+            self.oldest = time.monotonic()
+        self.buffer.extend(record for _, record in routed)
 
     def due(self) -> bool:
-        if not self.positions:
+        if self.oldest is None:
             return False
-        cfg = self.settings.writer
-        return len(self.buffer) >= cfg.shard_rows or time.monotonic() - self.oldest >= cfg.flush_interval_s
+        return len(self.buffer) >= self.cfg.shard_rows or time.monotonic() - self.oldest >= self.cfg.flush_interval_s
 
-    def flush(self) -> None:
-        if not self.positions:
-            return
-        if self.dlq:
-            futures = [self.producer.send(o.topic, key=o.key, value=o.value, headers=o.headers) for o in self.dlq]
-            self.producer.flush(timeout=120)
-            failed = [f for f in futures if not f.is_done or f.failed()]
-            if failed:
-                raise RuntimeError(f"{len(failed)} dead letters not acknowledged; nothing committed")
-        result = self.sink.write(self.buffer, self.positions)
-        offsets = {}
-        for key, offset in self.positions.items():
-            topic, partition = key.rsplit(":", 1)
-            offsets[TopicPartition(topic, int(partition))] = OffsetAndMetadata(offset, "", -1)
-        try:
-            self.consumer.commit(offsets)
-        except Exception as exc:  # the manifest is the truth; Kafka's copy only feeds lag dashboards
-            log.warning("writer: Kafka offset commit failed (the manifest has them): %s", exc)
-        with self.stats._lock:
-            self.stats.processed += self.processed
-            self.stats.dead_lettered += len(self.dlq)
-            self.stats.failed += len(self.dlq)
-            self.stats.batches += 1
-            self.stats.counters["written"] += result.written
-            self.stats.counters["duplicates"] += result.duplicates
-        metrics.PROCESSED.labels(SERVICE).inc(self.processed)
-        metrics.DEAD_LETTERED.labels(SERVICE).inc(len(self.dlq))
-        metrics.BATCHES.labels(SERVICE).inc()
+    def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
+        result = self.target.write(self.buffer, {tp_key(tp.topic, tp.partition): n for tp, n in offsets.items()})
+        if self.stats is not None:
+            self.stats.count("written", result.written)
+            self.stats.count("duplicates", result.duplicates)
         log.info("writer: +%d rows (%d duplicates) -> %s", result.written, result.duplicates, result.shard)
-        self.buffer, self.positions, self.dlq, self.processed = [], {}, [], 0
+        self.buffer, self.oldest = [], None
 
-    def lag(self) -> None:
-        for tp in self.consumer.assignment():
-            high = self.consumer.highwater(tp)
-            if high is None:
-                continue
-            try:
-                position = self.consumer.position(tp, timeout_ms=0)
-            except Exception:
-                continue
-            if position is not None:
-                metrics.CONSUMER_LAG.labels(SERVICE, tp.topic, str(tp.partition)).set(max(0, high - position))
-
-    def run(self) -> None:
-        if self.consumer is None:
-            self.open()
-        try:
-            while not self.stop.is_set():
-                polled = self.consumer.poll(
-                    timeout_ms=self.settings.kafka.consumer_poll_ms, max_records=self.settings.kafka.max_batch
-                )
-                self.take([m for batch in polled.values() for m in batch])
-                if self.due():
-                    self.flush()
-                    self.lag()
-            self.flush()
-        finally:
-            consumer, producer, self.consumer, self.producer = self.consumer, self.producer, None, None
-            if producer is not None:
-                producer.close(timeout=30)
-            if consumer is not None:
-                consumer.close(autocommit=False)
+    def stored_offsets(self) -> dict[TopicPartition, int]:
+        return self.target.stored_offsets()
 
 
 class WriterServicer:
@@ -231,61 +141,34 @@ class WriterServicer:
         return self.service.status()
 
 
-def main(argv: list[str]) -> int:
-    parser = service_parser(SERVICE, __doc__)
-    args = parser.parse_args(argv)
-    from synpref.shared.config import ConfigError, load_settings
-
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(exc, flush=True)
-        return 2
-    configure_logging(settings.log_level)
+def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
     cfg = settings.writer
-    sink = DatasetSink(DatasetVersion(cfg.root, cfg.name, cfg.version))
+    target = DatasetSink(DatasetVersion(cfg.root, cfg.name, cfg.version))
+    manifest_sink = ManifestSink(target, cfg)
 
     def counters() -> dict[str, int]:
-        stats = sink.dataset.stats
+        stats = target.dataset.stats
         out = {"rows": stats["rows"]}
         out.update({f"decision.{k}": v for k, v in stats["by_decision"].items()})
         return out
 
-    spec = ServiceSpec(
+    def make_servicer(service: Service) -> WriterServicer:
+        manifest_sink.stats = service.stats
+        return WriterServicer(service, target)
+
+    return ServiceSpec(
         name=SERVICE,
-        stage=lambda batch: StageResult(),  # unused: the writer is a sink with its own loop
+        stage=writable_only,
         input_route="curated",
         output_routes=[],
         grpc_service="synpref.v1.DatasetWriterService",
         add_servicer=pipeline_pb2_grpc.add_DatasetWriterServiceServicer_to_server,
-        make_servicer=lambda service: WriterServicer(service, sink),
+        make_servicer=make_servicer,
         counters=counters,
+        sink=manifest_sink,
+        instance_id=f"{SERVICE}-{cfg.name}-{cfg.version}",
     )
-    stop = threading.Event()
-    install_signal_handlers(stop)
-    service = Service(spec, settings, kafka=False, stop=stop)
-    loop = None
-    if not args.grpc_only:
-        loop = WriterLoop(settings, sink, stop, service.stats)
-        loop.open()
-    errors: list[BaseException] = []
 
-    def run_loop() -> None:
-        assert loop is not None
-        try:
-            loop.run()
-        except BaseException as exc:  # stop the whole service: a writer that cannot commit must not look healthy
-            log.exception("writer: loop failed")
-            errors.append(exc)
-            stop.set()
 
-    thread = threading.Thread(target=run_loop, name="writer-loop") if loop else None
-    if thread:
-        thread.start()
-    try:
-        code = service.run()
-    finally:
-        stop.set()
-        if thread:
-            thread.join()
-    return 1 if errors else code
+def main(argv: list[str]) -> int:
+    return serve(make_spec, service_parser(SERVICE, __doc__).parse_args(argv))
