@@ -100,8 +100,8 @@ class KafkaExecutor:
     def run(self, name: str, records: list[PairRecord]) -> StageResult:
         from kafka import TopicPartition
 
-        from synpref.shared.kafka.clients import make_consumer, make_producer
-        from synpref.shared.kafka.codec import PayloadError, decode_record, encode_record, header_map
+        from synpref.shared.kafka.clients import deliver, make_consumer, make_producer
+        from synpref.shared.kafka.codec import DLQ_REASON, PayloadError, decode_record, encode_record, header_map
 
         input_route, outputs = self.plans[name]
         topics = self.settings.topics
@@ -125,10 +125,8 @@ class KafkaExecutor:
             for tp in parts:
                 consumer.position(tp)  # resolve the end offsets now, before publishing
             in_topic = getattr(topics, input_route)
-            for record in records:
-                msg = encode_record(record, in_topic)
-                producer.send(msg.topic, key=msg.key, value=msg.value, headers=msg.headers)
-            producer.flush(timeout=60)
+            # DeliveryError unless every record was acknowledged: one lost here would only time out later.
+            deliver(producer, [encode_record(record, in_topic) for record in records], timeout_s=60)
             deadline = time.monotonic() + self.timeout_s
             while pending and time.monotonic() < deadline:
                 for tp, msgs in consumer.poll(timeout_ms=500).items():
@@ -142,7 +140,7 @@ class KafkaExecutor:
                         if key not in pending or record.lineage.stage != stage:
                             continue
                         if route == "dead_letter":
-                            reason = header_map(msg.headers).get("synpref-dlq-reason", "dead-lettered")
+                            reason = header_map(msg.headers).get(DLQ_REASON, "dead-lettered")
                             out.fail(pending.pop(key), reason)
                         else:
                             pending.pop(key)

@@ -28,8 +28,9 @@ from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from synpref.shared.config import KafkaSettings, TopicSettings
-from synpref.shared.kafka.clients import make_consumer, make_producer
-from synpref.shared.kafka.codec import PayloadError, dead_letter, decode_record, encode_record
+from synpref.shared.kafka import metrics
+from synpref.shared.kafka.clients import deliver, make_consumer, make_producer
+from synpref.shared.kafka.codec import Outgoing, PayloadError, dead_letter_for, decode_record, encode_record
 from synpref.v1.pair_pb2 import PairRecord
 
 log = logging.getLogger("synpref.desk.kafka")
@@ -98,43 +99,27 @@ class KafkaDeskQueues:
                 try:
                     record = decode_record(msg.value, msg.headers)
                 except PayloadError as exc:
-                    rejects.append(
-                        dead_letter(
-                            self.topics.dead_letter,
-                            key=msg.key,
-                            value=msg.value,
-                            headers=msg.headers,
-                            kind="undecodable",
-                            reason=str(exc),
-                            service=SERVICE,
-                            source_topic=msg.topic,
-                            source_partition=msg.partition,
-                            source_offset=msg.offset,
-                        )
-                    )
+                    rejects.append(self._dead_letter(msg, str(exc)))
                     offsets[msg.offset] = True
                     continue
                 offsets[msg.offset] = False
                 out.append((record, (tp, msg.offset)))
         if rejects:
-            self._send([(r.topic, r.key, r.value, r.headers) for r in rejects])
+            self._send(rejects)
             self._commit()
+        metrics.report_lag(consumer, SERVICE)
         return out
 
-    def _send(self, messages: list[tuple[str, bytes | None, bytes, Any]]) -> None:
+    def _dead_letter(self, msg: Any, reason: str) -> Outgoing:
+        dlq, limit = self.topics.dead_letter, self.kafka.max_message_bytes
+        return dead_letter_for(msg, dlq, kind="undecodable", reason=reason, service=SERVICE, max_bytes=limit)
+
+    def _send(self, messages: list[Outgoing]) -> None:
         _, producer = self._clients()
-        futures = [producer.send(t, key=k, value=v, headers=h) for t, k, v, h in messages]
-        producer.flush(timeout=self.flush_timeout_s)
-        failed = [f.exception for f in futures if not f.is_done or f.failed()]
-        if failed:
-            raise RuntimeError(f"{len(failed)} of {len(futures)} desk messages not acknowledged: {failed[0]!r}")
+        deliver(producer, messages, self.flush_timeout_s)
 
     def _write(self, routed: list[tuple[str, PairRecord]]) -> None:
-        batch = []
-        for route, record in routed:
-            out = encode_record(record, getattr(self.topics, route))
-            batch.append((out.topic, out.key, out.value, out.headers))
-        self._send(batch)
+        self._send([encode_record(record, getattr(self.topics, route)) for route, record in routed])
 
     def _ack(self, handles: list[Handle]) -> None:
         for tp, offset in handles:
