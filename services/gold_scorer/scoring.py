@@ -20,6 +20,7 @@ from synpref.v1.pair_pb2 import STAGE_ONE, ModelScore, PairRecord
 
 PairScorer = Callable[[list[dict]], list[tuple[float, float]]]
 STEP = "gold-scorer"
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,19 @@ def pair_dict(record: PairRecord) -> dict:
     }
 
 
+def pair_problem(record: PairRecord) -> str | None:
+    """Why this pair cannot be scored, or None: checked per record, so one bad pair fails alone
+    instead of making the scorer raise on its whole batch."""
+    pair = record.pair
+    if not pair.chosen or not pair.rejected:
+        return "pair has no chosen or no rejected response to score"
+    for part in ("conversation", "chosen", "rejected"):
+        for message in getattr(pair, part):
+            if message.role not in ROLES:
+                return f"{part} has a message with role {message.role!r}; roles are {', '.join(ROLES)}"
+    return None
+
+
 def model_version(ref: ModelRef) -> str:
     return ref.version or Path(ref.path.rstrip("/")).name or ref.path
 
@@ -53,7 +67,16 @@ def make_scoring_stage(models: list[ScoringModel]) -> Stage:
 
     def gold_scorer(batch: list[PairRecord]) -> StageResult:
         result = StageResult()
-        batch = [r for r in batch if r.lineage.stage != STAGE_ONE]
+        scorable = []
+        for record in batch:
+            if record.lineage.stage == STAGE_ONE:
+                continue
+            problem = pair_problem(record)
+            if problem is None:
+                scorable.append(record)
+            else:
+                result.fail(record, problem)
+        batch = scorable
         if not batch:
             return result
         pairs = [pair_dict(r) for r in batch]
