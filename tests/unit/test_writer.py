@@ -84,3 +84,26 @@ def test_grpc_process_batch_writes_only_curated_decisions(tmp_path):
     response = servicer.ProcessBatch(request, None)
     assert (response.dataset_version, response.written, response.duplicates) == ("v2", 2, 1)
     assert service.calls == [(4, 1)]
+
+
+def test_manifest_sink_writes_a_shard_with_its_offsets_when_due(tmp_path):
+    from kafka.structs import TopicPartition
+
+    from synpref.services.dataset_writer.main import DatasetSink, ManifestSink, writable_only
+    from synpref.shared.config import WriterSettings
+    from synpref.v1.pair_pb2 import DECISION_DISCARD
+
+    target = DatasetSink(DatasetVersion(tmp_path, "d", "v1"))
+    sink = ManifestSink(target, WriterSettings(root=str(tmp_path), shard_rows=2, flush_interval_s=3600))
+    routed = writable_only([rec(0), rec(1, DECISION_DISCARD), rec(2, DECISION_FLIP)])
+    assert [r.pair.id for r, _ in routed.failed] == [rec(1).pair.id]
+    assert not sink.due()
+    sink.write(routed.routed[:1])
+    assert not sink.due(), "one row, young: not due"
+    sink.write(routed.routed[1:])
+    assert sink.due()
+    sink.flush({TopicPartition("t", 0): 3, TopicPartition("t", 1): 8})
+    assert not sink.due() and sink.buffer == []
+    reopened = DatasetVersion(tmp_path, "d", "v1")
+    assert reopened.stats["rows"] == 2 and reopened.offsets == {"t:0": 3, "t:1": 8}
+    assert sink.stored_offsets() == {TopicPartition("t", 0): 3, TopicPartition("t", 1): 8}
