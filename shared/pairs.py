@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from synpref.v1.pair_pb2 import Lineage, Message, Pair, PairRecord
+from synpref.v1.pair_pb2 import PREFERENCE_CHOSEN, PREFERENCE_REJECTED, Lineage, Message, Pair, PairRecord
 
 MessageDicts = list[dict[str, str]]
 T = TypeVar("T")
@@ -59,8 +59,18 @@ def new_record(pair: Pair) -> PairRecord:
     return PairRecord(pair=pair, lineage=Lineage(ingested_at=now(), updated_at=now()))
 
 
+def swap_preference(value: int) -> int:
+    """CHOSEN <-> REJECTED; other values (unspecified, tie, abstain) stay."""
+    return {PREFERENCE_CHOSEN: PREFERENCE_REJECTED, PREFERENCE_REJECTED: PREFERENCE_CHOSEN}.get(value, value)
+
+
 def flipped(record: PairRecord) -> PairRecord:
-    """The same pair with chosen and rejected swapped, under a new content id."""
+    """The same pair with chosen and rejected swapped, under a new content id.
+
+    Everything stated relative to the label turns with it: model scores (rewards swap,
+    p -> 1 - p), the judges' votes and aggregate (a vote for "chosen" becomes one for
+    "rejected") and which candidate slot showed the chosen side. The one flip of the project: humans, judges and the consistency filter use it.
+    """
     out = PairRecord()
     out.CopyFrom(record)
     pair = out.pair
@@ -75,6 +85,10 @@ def flipped(record: PairRecord) -> PairRecord:
     for score in out.scores:
         score.reward_chosen, score.reward_rejected = score.reward_rejected, score.reward_chosen
         score.p = 1.0 - score.p
+    for vote in out.votes:
+        vote.preference = swap_preference(vote.preference)  # type: ignore[assignment]  # proto enums are ints
+        vote.candidate_order_swapped = not vote.candidate_order_swapped  # the new chosen sat in the other slot
+    out.judge_aggregate.preference = swap_preference(out.judge_aggregate.preference)  # type: ignore[assignment]
     return out
 
 

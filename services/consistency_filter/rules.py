@@ -63,19 +63,6 @@ def _decided(record: PairRecord, decision: Decision.ValueType, rule: str, reason
     return out
 
 
-def swap_preference(value: int) -> int:
-    return {PREFERENCE_CHOSEN: PREFERENCE_REJECTED, PREFERENCE_REJECTED: PREFERENCE_CHOSEN}.get(value, value)
-
-
-def flip(record: PairRecord) -> PairRecord:
-    """flipped() swaps the texts and the scores; votes are relative to the label, so swap them too."""
-    out = flipped(record)
-    for new, old in zip(out.votes, record.votes, strict=True):
-        new.preference = swap_preference(old.preference)  # type: ignore[assignment]
-    out.judge_aggregate.preference = swap_preference(record.judge_aggregate.preference)  # type: ignore[assignment]
-    return out
-
-
 def stage1(record: PairRecord, settings: FilterSettings) -> PairRecord:
     best = score_of(record, BEST)
     if best is None:
@@ -110,7 +97,7 @@ def stage2(record: PairRecord, settings: FilterSettings) -> PairRecord:
     if gold_agrees and (judges_agree or best_agrees):
         return _decided(record, DECISION_KEEP, "stage2.consistency", reason, STAGE_TWO)
     if settings.on_disagreement == "flip":
-        return _decided(flip(record), DECISION_FLIP, "stage2.consistency", reason + "; recycled swapped", STAGE_TWO)
+        return _decided(flipped(record), DECISION_FLIP, "stage2.consistency", reason + "; recycled swapped", STAGE_TWO)
     return _decided(record, DECISION_DISCARD, "stage2.consistency", reason, STAGE_TWO)
 
 

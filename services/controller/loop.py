@@ -45,7 +45,7 @@ import numpy as np
 from synpref.services.annotator.annotate import Annotator
 from synpref.services.annotator.judges import Judge
 from synpref.services.annotator.prompts import Example
-from synpref.services.consistency_filter.rules import flip, make_filter_stage
+from synpref.services.consistency_filter.rules import make_filter_stage
 from synpref.services.controller.executors import InProcessExecutor, StageExecutor, chain
 from synpref.services.controller.models import ModelHandle, RewardModels, accuracy
 from synpref.services.controller.providers import HumanProvider
@@ -54,7 +54,7 @@ from synpref.services.controller.state import RunState, StateStore, key_of
 from synpref.services.gold_scorer.scoring import ScoringModel, make_scoring_stage, pair_dict
 from synpref.shared.config import Settings
 from synpref.shared.files import replace_durably, write_text_atomic
-from synpref.shared.pairs import message_dicts, now, preference_probability, split_by_conversation
+from synpref.shared.pairs import flipped, message_dicts, now, preference_probability, split_by_conversation
 from synpref.shared.retrieval import k_rule, pair_text
 from synpref.shared.roles import BEST, GOLD
 from synpref.shared.stage import Stage
@@ -414,15 +414,15 @@ class Controller:
 
     def judge_labels(self, keys: list[str], t: int) -> tuple[int, int, int]:
         """D_silver gets the judges' label; an abstaining panel leaves the pair unverified."""
-        kept, flipped, moved = 0, 0, []
+        kept, turned, moved = 0, 0, []
         for key in keys:
             record = self.records[key]
             pref = record.judge_aggregate.preference
             if pref == PREFERENCE_CHOSEN:
                 decision, reason, kept = DECISION_KEEP, "judges agree with the label", kept + 1
             elif pref == PREFERENCE_REJECTED:
-                record = flip(record)
-                decision, reason, flipped = DECISION_FLIP, "judges prefer the rejected response", flipped + 1
+                record = flipped(record)
+                decision, reason, turned = DECISION_FLIP, "judges prefer the rejected response", turned + 1
             else:
                 continue
             record.decision.CopyFrom(DecisionRecord(decision=decision, rule="stage1.judges", reason=reason))
@@ -430,7 +430,7 @@ class Controller:
             self.records[key] = record
             moved.append(key)
         self.state.move(moved, "silver")
-        return kept, flipped, len(keys) - len(moved)
+        return kept, turned, len(keys) - len(moved)
 
     def train_gold(self) -> None:
         s = self.state

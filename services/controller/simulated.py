@@ -14,8 +14,8 @@ import random
 from collections.abc import Mapping, Sequence
 
 from synpref.services.annotator.judges import JudgeRequest
-from synpref.services.consistency_filter.rules import flip
 from synpref.shared.config import SimulatedJudgeSettings
+from synpref.shared.pairs import flipped
 from synpref.v1.pair_pb2 import (
     PREFERENCE_ABSTAIN,
     PREFERENCE_CHOSEN,
@@ -58,7 +58,7 @@ def add_label_noise(records: list[PairRecord], rate: float, seed: int) -> list[P
     out = []
     for i, record in enumerate(records):
         if i in chosen:
-            record = flip(record)
+            record = flipped(record)
             record.pair.meta[NOISE_KEY] = "1"
         out.append(record)
     return out

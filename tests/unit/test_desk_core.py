@@ -223,3 +223,27 @@ def test_kafka_commit_point_waits_for_the_oldest_open_pair() -> None:
     assert commit_point({5: False, 6: True}) == 5
     assert commit_point({5: True, 6: False, 7: True}) == 6
     assert commit_point({5: True, 6: True}) == 7
+
+
+def test_a_human_flip_turns_the_judges_votes_with_the_label() -> None:
+    # Judges preferred the rejected side; the human agrees: after the flip the judges' votes
+    # and aggregate must point at the new chosen side, as the consistency filter's flips do.
+    from synpref.v1.pair_pb2 import JudgeAggregate, JudgeVote, ModelScore
+
+    rec = record(4)
+    rec.votes.extend(
+        [JudgeVote(judge="a", preference=P.PREFERENCE_REJECTED), JudgeVote(judge="b", preference=P.PREFERENCE_ABSTAIN)]
+    )
+    rec.judge_aggregate.CopyFrom(JudgeAggregate(preference=P.PREFERENCE_REJECTED))
+    rec.scores.append(ModelScore(model="best", reward_chosen=1.0, reward_rejected=3.0, p=0.12))
+    core = DeskCore(overlap=1)
+    core.add(rec, handle="h")
+    assert core.next_for("ann") is not None
+    decided = core.submit("ann", rec.pair.id, choice_for(core, "ann", rec.pair.id, want_chosen=False))
+    assert decided is not None and decided.record.decision.decision == Decision.DECISION_FLIP
+    out = decided.record
+    assert [v.preference for v in out.votes] == [P.PREFERENCE_CHOSEN, P.PREFERENCE_ABSTAIN]
+    assert [v.candidate_order_swapped for v in out.votes] == [True, True]
+    assert out.judge_aggregate.preference == P.PREFERENCE_CHOSEN
+    assert (out.scores[0].reward_chosen, out.scores[0].reward_rejected) == (3.0, 1.0)
+    assert out.scores[0].p == 1.0 - 0.12  # exactly what flipping computes
