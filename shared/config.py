@@ -170,7 +170,7 @@ class ScorerSettings(Section):
     port: int = Field(default=50060, ge=0, le=65535)
     """gRPC RewardService port (health and reflection on the same port); 0 = any free port."""
     http_port: int = Field(default=8080, ge=0, le=65535)
-    """HTTP port: /get_reward (OpenRLHF), /classify (vLLM shape), /metrics, /health, /admin/reload."""
+    """HTTP port for RL clients: /get_reward (OpenRLHF), /classify (vLLM shape), /metrics, /health."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     """Separate Prometheus port; 0 = none (the same metrics stay on http_port /metrics)."""
     models: dict[str, ModelRef] = Field(default_factory=dict)
@@ -209,6 +209,32 @@ class ScorerSettings(Section):
     ask for a shorter one with the header X-Request-Timeout (seconds). Past it: HTTP 504."""
     torch_threads: int = Field(default=0, ge=0)
     """CPU threads for torch forwards; 0 = torch's default."""
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    """Largest HTTP body and gRPC message; a larger HTTP body is refused unread with 413."""
+    max_encode_queue: int = Field(default=64, ge=1)
+    """Requests being read or tokenized at once; beyond it HTTP 429 / RESOURCE_EXHAUSTED."""
+    max_chars_per_token: int = Field(default=32, ge=1)
+    """Bound on the characters one token covers: a text over max_length x this is cut (on the
+    side truncation keeps) before tokenizing; shorter texts are untouched (docs/scorer.md)."""
+    max_models: int = Field(default=8, ge=1)
+    """Most served model names; an admin reload of a new name beyond it is refused (409)."""
+    model_root: str = ""
+    """Admin reloads load only checkpoint folders under this folder (required with admin)."""
+    admin_port: int = Field(default=8081, ge=0, le=65535)
+    """Admin port (POST /admin/reload, /admin/unload), apart from the RL-facing http_port."""
+    admin_token_file: str = ""
+    """File holding the admin bearer token (a mounted Secret); required with admin."""
+    admin_enabled: bool = False
+    """Serve the admin port; needs admin_token_file and model_root."""
+
+    @field_validator("admin_enabled")
+    @classmethod
+    def _admin_needs_token_and_root(cls, enabled: bool, info: Any) -> bool:
+        if enabled:
+            for key in ("admin_token_file", "model_root"):
+                if not info.data.get(key):
+                    raise ValueError(f"admin_enabled needs scorer.{key}: admin without it is refused")
+        return enabled
 
 
 DEFAULT_DESK_GUIDELINE = (
@@ -325,8 +351,11 @@ class ControllerSettings(Section):
     models_dir: str = "models"
     """Where the final RM is registered (models/best -> the final checkpoint, models/registry.json)."""
     scorer_reload_url: str = ""
-    """HTTP base URL of a running scorer (http://host:8080): its `best` and `gold` models are hot-swapped
-    to the new checkpoints (POST /admin/reload); empty = only write models/registry.json and scorer.yaml."""
+    """Admin base URL of a running scorer (http://host:8081, its scorer.admin_port): its `best` and `gold`
+    models are hot-swapped to the new checkpoints (POST /admin/reload); empty = only write
+    models/registry.json and scorer.yaml. The checkpoints must lie under the scorer's model_root."""
+    scorer_admin_token_file: str = ""
+    """File with the scorer's admin bearer token (the Secret the scorer reads), for scorer_reload_url."""
 
 
 class ServiceSettings(Section):

@@ -455,7 +455,7 @@ class Controller:
             for role, handle in ((GOLD, gold), (BEST, best)):
                 path = self.models.export(handle, self.root / "models" / handle.version)
                 registry[role] = {"path": str(path.resolve()), "version": handle.version}
-            reload_scorer(self.c.scorer_reload_url, registry)
+            reload_scorer(self.c.scorer_reload_url, registry, token_file=self.c.scorer_admin_token_file)
         result = self.executor.run("stage2", [self.records[k] for k in keys])
         decisions: Counter[str] = Counter()
         curated: list[str] = []
@@ -552,7 +552,7 @@ class Controller:
         write_text_atomic(models_dir / "scorer.yaml", yaml.safe_dump(scorer, sort_keys=True))
         s.results["registry"] = {"dir": str(models_dir.resolve()), **registry}
         if self.c.scorer_reload_url:
-            reload_scorer(self.c.scorer_reload_url, registry)
+            reload_scorer(self.c.scorer_reload_url, registry, token_file=self.c.scorer_admin_token_file)
 
     def report(self) -> None:
         from synpref.services.controller.report import write_report
@@ -561,15 +561,17 @@ class Controller:
         self.state.results["report"] = str(path)
 
 
-def reload_scorer(base_url: str, registry: dict[str, Any], timeout_s: float = 120.0) -> None:
-    """Hot-swap each registered model in a running scorer (POST /admin/reload)."""
+def reload_scorer(base_url: str, registry: dict[str, Any], timeout_s: float = 120.0, token_file: str = "") -> None:
+    """Hot-swap each registered model in a running scorer (POST /admin/reload on its admin
+    port, with the bearer token from token_file)."""
     import urllib.request
 
+    headers = {"Content-Type": "application/json"}
+    if token_file:
+        headers["Authorization"] = "Bearer " + Path(token_file).read_text().strip()
     for name, ref in registry.items():
         body = json.dumps({"model": name, "path": ref["path"], "version": ref["version"]}).encode()
-        req = urllib.request.Request(
-            base_url.rstrip("/") + "/admin/reload", data=body, headers={"Content-Type": "application/json"}
-        )
+        req = urllib.request.Request(base_url.rstrip("/") + "/admin/reload", data=body, headers=headers)
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             log.info("scorer reloaded %s: %s", name, resp.read().decode()[:200])
 

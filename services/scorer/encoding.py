@@ -12,6 +12,14 @@ conversation. Two kinds of item arrive:
   of the rendered template, hence the same reward as the conversation itself.
 
 Too long items are truncated to max_length or rejected, per `on_too_long`.
+
+Before tokenizing, a text (or message) longer than `max_length * max_chars_per_token`
+characters is cut to that many, on the side the truncation keeps (the end for the left
+policies and for `reject`, whose fallback keeps the end; the start for `right`). A token
+covers at most `max_chars_per_token` characters (32 by default: real vocabularies' longest
+pieces are runs of spaces or punctuation), so a cut text still holds at least max_length
+tokens and truncates to the same ids; texts under the budget are not touched. This bounds the
+tokenizer's time and memory whatever a client sends.
 """
 
 from __future__ import annotations
@@ -28,6 +36,26 @@ ROLES = frozenset({"system", "user", "assistant", "tool"})
 Messages = Sequence[Mapping[str, Any]]
 
 
+def check_utf8(text: str, what: str) -> None:
+    """JSON may carry lone surrogates (\\ud800) that no tokenizer can encode: a client error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} is not valid UTF-8 text (it holds a lone surrogate)") from None
+
+
+def cut_text(text: str, budget: int, keep_end: bool, prefix: str | None = None) -> str:
+    """At most `budget` characters of text, from its end or its start. A leading `prefix`
+    (the BOS string a rendered template starts with) survives a cut from the left, as
+    token-level left truncation keeps BOS."""
+    if len(text) <= budget:
+        return text
+    if not keep_end:
+        return text[:budget]
+    head = prefix if prefix and text.startswith(prefix) else ""
+    return head + text[len(text) - budget :]
+
+
 def validate_messages(messages: Messages, what: str = "conversation") -> list[dict[str, str]]:
     """Plain role/content dicts, or InvalidInput naming what is wrong and where."""
     if not messages:
@@ -41,6 +69,7 @@ def validate_messages(messages: Messages, what: str = "conversation") -> list[di
             raise InvalidInput(f"{what} message {i} has role {role!r}; expected one of {sorted(ROLES)}")
         if not isinstance(content, str):
             raise InvalidInput(f"{what} message {i} content must be a string, got {type(content).__name__}")
+        check_utf8(content, f"{what} message {i} content")
         out.append({"role": role, "content": content})
     if out[-1]["role"] != "assistant":
         raise InvalidInput(f"{what} must end with the assistant response to score; it ends with {out[-1]['role']!r}")
@@ -57,19 +86,32 @@ class Encoder:
     truncation: Truncation = "left_turns"
     """How `truncate` cuts (shared.modeling): left_turns drops whole old turns and keeps the
     response; left_tokens cuts tokens from the left; right cuts the end."""
+    max_chars_per_token: int = 32
+    """Characters one token covers at most: texts are cut to max_length times this first."""
 
     def __post_init__(self) -> None:
         self.from_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.pad_token: str | None = self.tokenizer.pad_token
         self._policy: Truncation = "none" if self.on_too_long == "reject" else self.truncation
+        self.char_budget = self.max_length * self.max_chars_per_token
+        self._keep_end = self._policy != "right"
+        self._bos: str | None = getattr(self.tokenizer, "bos_token", None)
+
+    def cut(self, text: str) -> str:
+        return cut_text(text, self.char_budget, self._keep_end, self._bos)
 
     def conversation(self, messages: Messages, what: str = "conversation") -> list[int]:
         msgs = validate_messages(messages, what)
+        # Each message is cut alone: one over the budget holds more than max_length tokens,
+        # so left_turns drops it (or falls back to the end) exactly as it would uncut.
+        msgs = [{"role": m["role"], "content": cut_text(m["content"], self.char_budget, self._keep_end)} for m in msgs]
         return self._check(encode_conversation(self.tokenizer, msgs, self.max_length, self._policy), what)
 
     def text(self, text: str, what: str = "text") -> list[int]:
         if not isinstance(text, str) or not text.strip():
             raise InvalidInput(f"{what} is empty or not a string")
+        text = self.cut(text)
+        check_utf8(text, what)
         enc = encode_text(self.tokenizer, text, self.max_length, self._policy, from_template=self.from_template)
         return self._check(enc, what)
 
@@ -81,12 +123,14 @@ class Encoder:
         return list(enc.input_ids)
 
     def strip_padding(self, text: str) -> str:
-        """OpenRLHF sends decoded, left-padded sequences: drop pad tokens at either end."""
+        """OpenRLHF sends decoded, left-padded sequences: drop pad tokens at either end.
+        Indices move, the text is copied once: slicing per pad was quadratic in the padding."""
         pad = self.pad_token
         if not pad:
             return text
-        while text.startswith(pad):
-            text = text[len(pad) :]
-        while text.endswith(pad):
-            text = text[: -len(pad)]
-        return text
+        start, end = 0, len(text)
+        while text.startswith(pad, start, end):
+            start += len(pad)
+        while end - start >= len(pad) and text.endswith(pad, start, end):
+            end -= len(pad)
+        return text[start:end]

@@ -43,3 +43,24 @@ class NotReady(ScorerError):
 
     code = grpc.StatusCode.UNAVAILABLE
     http_status = 503
+
+
+class PayloadTooLarge(ScorerError):
+    """A request body over scorer.max_body_bytes, refused before it is read."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 413
+
+
+class TooManyModels(ScorerError):
+    """A new served name beyond scorer.max_models: unload one first."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 409
+
+
+class Unauthorized(ScorerError):
+    """An admin call without the right bearer token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401

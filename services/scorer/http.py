@@ -12,12 +12,13 @@ scorer unchanged.
   "usage": {...}}. verl's reward loop posts one rendered text with "activation": false and
   reads data[-1]["probs"][-1]. Rewards are raw logits unless the request asks for the
   activation explicitly ("activation" / "use_activation": true gives sigmoid, as vLLM).
-- `GET /health`, `GET /info`, `GET /metrics` (Prometheus), `POST /admin/reload`
-  {"model", "path", "version"}: swap a served model to a new checkpoint without failing
-  requests in flight.
+- `GET /health`, `GET /info`, `GET /metrics` (Prometheus). Reloading models is not here:
+  it is on the admin port, behind a token (admin.py), so RL code cannot swap its own RM.
 
-Errors answer {"error": message, "code": status}: 400 bad input, 404 unknown model, 429
-queue full (with Retry-After), 503 not ready or draining, 504 deadline.
+Errors answer {"error": message, "code": status}: 400 bad input, 404 unknown model, 413 body
+over max_body_bytes, 429 queue full (with Retry-After), 503 not ready or draining, 504
+deadline. A body is read only once its request holds an encode-queue slot, so at most
+max_encode_queue bodies are in memory being parsed or tokenized.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,10 +34,9 @@ from typing import Any
 
 from aiohttp import web
 
-from synpref.services.scorer.errors import InvalidInput, ScorerError, UnknownModel
+from synpref.services.scorer.errors import InvalidInput, PayloadTooLarge, ScorerError, UnknownModel
 from synpref.services.scorer.metrics import ScorerMetrics
-from synpref.services.scorer.registry import ModelRegistry, ServedModel
-from synpref.shared.config import ModelRef
+from synpref.services.scorer.registry import Check, ModelRegistry, ServedModel
 from synpref.shared.pairs import sigmoid
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,17 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message, "code": status}, status=status, headers=headers)
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def _json_body(request: web.Request, limit: int) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body has {request.content_length} bytes, more than max_body_bytes={limit}")
     try:
         body = await request.json(loads=json.loads)
+    except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
+        raise PayloadTooLarge(f"request body is larger than max_body_bytes={limit}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object")
     return body
@@ -70,14 +77,34 @@ def _texts(value: Any, field: str, max_items: int) -> list[str]:
     return value
 
 
+def _activation(body: dict[str, Any]) -> bool:
+    value = body.get("use_activation", body.get("activation", False))
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidInput(f'"activation" / "use_activation" must be true or false, not {value!r}'[:200])
+    return value
+
+
 class HttpShims:
     def __init__(
-        self, registry: ModelRegistry, metrics: ScorerMetrics, max_request_items: int, timeout_s: float = 0.0
+        self,
+        registry: ModelRegistry,
+        metrics: ScorerMetrics,
+        max_request_items: int,
+        timeout_s: float = 0.0,
+        max_body_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
         self.max_request_items = max_request_items
         self.timeout_s = timeout_s
+        self.max_body_bytes = max_body_bytes
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        """The JSON body, read while holding an encode-queue slot (429 when none is free)."""
+        with self.registry.encode_queue.slot():
+            return await _json_body(request, self.max_body_bytes)
 
     def _deadline(self, request: web.Request) -> float | None:
         """The request's deadline on the event loop's clock, as the batcher takes it."""
@@ -87,18 +114,17 @@ class HttpShims:
             try:
                 value = float(asked)
             except ValueError:
-                raise InvalidInput(f"X-Request-Timeout must be seconds, not {asked!r}") from None
-            if value <= 0:
-                raise InvalidInput("X-Request-Timeout must be positive")
+                raise InvalidInput(f"X-Request-Timeout must be seconds, not {asked[:40]!r}") from None
+            if not math.isfinite(value) or value <= 0:
+                raise InvalidInput(f"X-Request-Timeout must be a positive number of seconds, not {asked[:40]!r}")
             timeout = min(timeout, value) if timeout > 0 else value
         return asyncio.get_running_loop().time() + timeout if timeout > 0 else None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_post("/get_reward", self._wrap("get_reward", self.get_reward))
         app.router.add_post("/classify", self._wrap("classify", self.classify))
         app.router.add_post("/v1/classify", self._wrap("classify", self.classify))
-        app.router.add_post("/admin/reload", self._wrap("reload", self.reload))
         app.router.add_get("/health", self.health)
         app.router.add_get("/info", self.info)
         app.router.add_get("/metrics", self.metrics_page)
@@ -136,36 +162,47 @@ class HttpShims:
         raise UnknownModel(f"no model named {name!r} is served; served: {sorted(self.registry.models)}")
 
     async def get_reward(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await self._body(request)
+        deadline = self._deadline(request)
         queries = _texts(body.get("query"), "query", self.max_request_items)
         model = self._model(str(body.get("model") or request.query.get("model", "")))
 
-        def encode(m: ServedModel) -> list[list[int]]:
-            return [m.encoder.text(m.encoder.strip_padding(q), f"query {i}") for i, q in enumerate(queries)]
+        def encode(m: ServedModel, check: Check) -> list[list[int]]:
+            ids = []
+            for i, q in enumerate(queries):
+                check()
+                ids.append(m.encoder.text(m.encoder.strip_padding(q), f"query {i}"))
+            return ids
 
-        _, result = await self.registry.score(model.name, encode, self._deadline(request))
+        _, result = await self.registry.score(model.name, encode, deadline)
         return web.json_response({"rewards": result.rewards, "scores": result.rewards, "extra_logs": {}})
 
     async def classify(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await self._body(request)
+        deadline = self._deadline(request)
         requested = str(body.get("model") or "")
         model = self._model(requested)
+        activation = _activation(body)
         messages = body.get("messages")
         if messages is not None:
             if not isinstance(messages, list):
                 raise InvalidInput('"messages" must be a list of {role, content} objects')
 
-            def encode(m: ServedModel) -> list[list[int]]:
+            def encode(m: ServedModel, check: Check) -> list[list[int]]:
+                check()
                 return [m.encoder.conversation(messages, "messages")]
         else:
             texts = _texts(body.get("input"), "input", self.max_request_items)
 
-            def encode(m: ServedModel) -> list[list[int]]:
-                return [m.encoder.text(t, f"input {i}") for i, t in enumerate(texts)]
+            def encode(m: ServedModel, check: Check) -> list[list[int]]:
+                ids = []
+                for i, t in enumerate(texts):
+                    check()
+                    ids.append(m.encoder.text(t, f"input {i}"))
+                return ids
 
-        activation = body.get("use_activation", body.get("activation"))
-        _, result = await self.registry.score(model.name, encode, self._deadline(request))
-        values = [sigmoid(r) if activation is True else r for r in result.rewards]
+        _, result = await self.registry.score(model.name, encode, deadline)
+        values = [sigmoid(r) if activation else r for r in result.rewards]
         tokens = result.tokens
         return web.json_response(
             {
@@ -182,17 +219,6 @@ class HttpShims:
                 },
             }
         )
-
-    async def reload(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        name, path = body.get("model"), body.get("path")
-        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
-            raise InvalidInput('reload needs {"model": name, "path": checkpoint folder} (and optionally "version")')
-        try:
-            served = await self.registry.reload(name, ModelRef(path=path, version=str(body.get("version") or "")))
-        except (OSError, ValueError) as exc:  # no such folder, not a checkpoint
-            raise InvalidInput(f"cannot load {path!r}: {exc}") from None
-        return web.json_response({"model": served.name, "version": served.version, "model_id": served.model_id})
 
     async def health(self, request: web.Request) -> web.Response:
         ready = bool(self.registry.models) and not self.registry.draining

@@ -3,16 +3,24 @@
 `reload(name, path, version)` loads the new checkpoint off the event loop while the old
 one keeps serving, swaps the name to it in one step, then drains the old batcher: requests
 already queued on the old version finish on it, new ones go to the new version, and none
-fails because of the swap. The swap is exposed as `POST /admin/reload` on the HTTP port
-(see http.py) and is callable in process by a controller.
+fails because of the swap. The swap is exposed as `POST /admin/reload` on the admin port
+(admin.py, behind a token) and is callable in process by a controller. At most
+`max_models` names are served; `unload(name)` frees one.
+
+Tokenizing is bounded too: at most `max_encode_queue` requests are being read or tokenized at
+once (EncodeQueue; beyond it Overloaded), and an encode checks the request's deadline, and
+whether its caller is still waiting, before each item.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +28,7 @@ from pathlib import Path
 from synpref.services.scorer.backends import Backend, make_backend
 from synpref.services.scorer.batcher import Batcher, BatchResult
 from synpref.services.scorer.encoding import Encoder
-from synpref.services.scorer.errors import NotReady, UnknownModel
+from synpref.services.scorer.errors import DeadlineExceeded, NotReady, Overloaded, TooManyModels, UnknownModel
 from synpref.services.scorer.metrics import ScorerMetrics
 from synpref.shared.config import ModelRef, ScorerSettings
 from synpref.v1 import reward_pb2
@@ -29,6 +37,31 @@ log = logging.getLogger(__name__)
 
 BackendFactory = Callable[[str, str, str, str, int], Backend]
 ENCODE_THREADS = min(4, os.cpu_count() or 1)
+Check = Callable[[], None]
+"""Called by an encode before each item: raises DeadlineExceeded once the request expired or
+its caller stopped waiting, so the encoding threads drop abandoned work."""
+Encode = Callable[["ServedModel", Check], list[list[int]]]
+
+
+class EncodeQueue:
+    """Counts requests being read or tokenized; a request beyond `capacity` is refused
+    (HTTP 429 / RESOURCE_EXHAUSTED) instead of queueing without bound. Event-loop only."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.pending = 0
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.pending >= self.capacity:
+            raise Overloaded(
+                f"{self.pending} requests are being read or tokenized (max_encode_queue={self.capacity}): retry later"
+            )
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
 
 
 @dataclass
@@ -82,6 +115,7 @@ class ModelRegistry:
         # Tokenizing (Rust, GIL released) runs here, off the event loop, in parallel with
         # the forward thread and with request handling.
         self._encode_pool = ThreadPoolExecutor(max_workers=ENCODE_THREADS, thread_name_prefix="scorer-encode")
+        self.encode_queue = EncodeQueue(settings.max_encode_queue)
         self.draining = False
         """Set on shutdown: health turns unavailable while in-flight work finishes."""
 
@@ -100,17 +134,29 @@ class ModelRegistry:
             raise UnknownModel(f"no model named {name!r} is served; served: {sorted(self.models)}")
         return model
 
-    async def score(
-        self, name: str, encode: Callable[[ServedModel], list[list[int]]], deadline: float | None = None
-    ) -> tuple[ServedModel, BatchResult]:
+    async def score(self, name: str, encode: Encode, deadline: float | None = None) -> tuple[ServedModel, BatchResult]:
         """Encode a request with a served model's tokenizer (on the encoding threads), then
         score it on that model's batcher. Should the name be swapped to a new version while
         the request was being encoded, it is encoded again for the new one, so a reload
-        never fails a request."""
+        never fails a request. `deadline` is on the event loop's clock (time.monotonic)."""
         loop = asyncio.get_running_loop()
+        abandoned = threading.Event()
+
+        def check() -> None:
+            if abandoned.is_set():
+                raise DeadlineExceeded("the caller stopped waiting")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("deadline passed before the request was tokenized")
+
         for _ in range(3):
             model = self.get(name)
-            ids = await loop.run_in_executor(self._encode_pool, encode, model)
+            check()
+            with self.encode_queue.slot():
+                try:
+                    ids = await loop.run_in_executor(self._encode_pool, encode, model, check)
+                except asyncio.CancelledError:
+                    abandoned.set()  # the thread stops at its next item
+                    raise
             if model.name in self.models and self.models[model.name] is not model:
                 continue  # swapped meanwhile
             return model, await model.batcher.score(ids, deadline)
@@ -123,7 +169,7 @@ class ModelRegistry:
         backend = await loop.run_in_executor(
             None, self.backend_factory, s.backend, ref.path, s.device, s.dtype, s.max_length
         )
-        encoder = Encoder(backend.tokenizer, s.max_length, s.on_too_long, s.truncation)
+        encoder = Encoder(backend.tokenizer, s.max_length, s.on_too_long, s.truncation, s.max_chars_per_token)
         batcher = Batcher(
             backend.forward,
             max_batch_tokens=s.max_batch_tokens,
@@ -144,6 +190,10 @@ class ModelRegistry:
     async def reload(self, name: str, ref: ModelRef) -> ServedModel:
         """Serve `ref` under `name`, replacing (and draining) whatever served it before."""
         async with self._swap_lock:
+            if name not in self.models and len(self.models) >= self.settings.max_models:
+                raise TooManyModels(
+                    f"{len(self.models)} models are served (max_models={self.settings.max_models}): unload one first"
+                )
             new = await self._build(name, ref)
             old = self.models.get(name)
             self.models[name] = new  # from here on, new requests go to the new version
@@ -151,6 +201,15 @@ class ModelRegistry:
         if old is not None:
             await self._retire(old)
         return new
+
+    async def unload(self, name: str) -> None:
+        """Stop serving `name`: new requests get UnknownModel, queued ones finish."""
+        async with self._swap_lock:
+            model = self.models.pop(name, None)
+        if model is None:
+            raise UnknownModel(f"no model named {name!r} is served; served: {sorted(self.models)}")
+        log.info("unloading %s", name)
+        await self._retire(model)
 
     async def _retire(self, model: ServedModel) -> None:
         await model.batcher.close(drain=True)

@@ -1,5 +1,6 @@
-"""One scorer process: the gRPC server (RewardService, health, reflection), the HTTP shims
-and the metrics page around one ModelRegistry.
+"""One scorer process: the gRPC server (RewardService, health, reflection), the HTTP shims,
+the metrics page and, when scorer.admin_enabled, the token-guarded admin port around one
+ModelRegistry.
 
 Start order: listeners first with health NOT_SERVING, then the models, then SERVING, so
 an orchestrator sees the process up but not ready while checkpoints load. Stop order
@@ -17,18 +18,19 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from synpref.services.scorer.admin import AdminApi, read_token
 from synpref.services.scorer.backends import make_backend
 from synpref.services.scorer.http import HttpShims
 from synpref.services.scorer.metrics import ScorerMetrics
 from synpref.services.scorer.registry import BackendFactory, ModelRegistry
-from synpref.services.scorer.servicer import RewardServicer
+from synpref.services.scorer.servicer import RewardServicer, add_to_server
 from synpref.shared.config import ScorerSettings
-from synpref.v1 import reward_pb2, reward_pb2_grpc
+from synpref.v1 import reward_pb2
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_SEND_BYTES = 64 * 1024 * 1024
 
 
 class ScorerServer:
@@ -39,25 +41,27 @@ class ScorerServer:
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
         self.http_port = 0
+        self.admin_port = 0
+        self._admin_http: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
         self._metrics_http: web.AppRunner | None = None
 
     async def start(self, load: bool = True) -> None:
         s = self.settings
+        # Read before any listener opens: a missing or empty token file stops the process.
+        admin_token = read_token(s.admin_token_file) if s.admin_enabled else ""
         if s.torch_threads:
             import torch
 
             torch.set_num_threads(s.torch_threads)
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", s.max_body_bytes),
+                ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ]
         )
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(
-            RewardServicer(self.registry, self.metrics, s.max_request_items), server
-        )
+        add_to_server(RewardServicer(self.registry, self.metrics, s.max_request_items), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
@@ -67,8 +71,12 @@ class ScorerServer:
         await server.start()
         self._grpc = server
 
-        shims = HttpShims(self.registry, self.metrics, s.max_request_items, s.http_timeout_s)
+        shims = HttpShims(self.registry, self.metrics, s.max_request_items, s.http_timeout_s, s.max_body_bytes)
         self._http, self.http_port = await _serve_http(shims.app(), s.host, s.http_port)
+        if s.admin_enabled:
+            admin = AdminApi(self.registry, admin_token, s.model_root)
+            self._admin_http, self.admin_port = await _serve_http(admin.app(), s.host, s.admin_port)
+            log.info("scorer admin listening on %s:%d", s.host, self.admin_port)
         if s.metrics_port:
             metrics_app = web.Application()
             metrics_app.router.add_get("/metrics", shims.metrics_page)
@@ -95,7 +103,7 @@ class ScorerServer:
         waits = []
         if self._grpc is not None:
             waits.append(self._grpc.stop(grace))
-        for runner in (self._http, self._metrics_http):
+        for runner in (self._http, self._metrics_http, self._admin_http):
             if runner is not None:
                 waits.append(runner.cleanup())
         await asyncio.gather(*waits)
@@ -142,6 +150,10 @@ class BackgroundScorer:
     @property
     def http_url(self) -> str:
         return f"http://{self.server.settings.host}:{self.server.http_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.server.settings.host}:{self.server.admin_port}"
 
     def stop(self, grace: float = 5.0) -> None:
         try:

@@ -3,6 +3,10 @@
 A thin shell: validate and encode the request (encoding.py), hand the ids to the model's
 batcher, shape the answer. ScorerError subclasses map to status codes (errors.py). Every
 call is counted and timed in the metrics.
+
+Requests are parsed by `add_to_server`'s deserializers, which turn a message that does not
+parse (corrupt wire format, bad UTF-8 in a string) into a CorruptRequest, answered with
+INVALID_ARGUMENT; grpc itself would answer UNKNOWN.
 """
 
 from __future__ import annotations
@@ -13,20 +17,46 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from synpref.services.scorer.batcher import BatchResult
 from synpref.services.scorer.errors import InvalidInput, ScorerError
 from synpref.services.scorer.metrics import ScorerMetrics
-from synpref.services.scorer.registry import ModelRegistry, ServedModel
+from synpref.services.scorer.registry import Check, ModelRegistry, ServedModel
 from synpref.shared.pairs import message_dicts, preference_probability
 from synpref.v1 import reward_pb2, reward_pb2_grpc
 
 T = TypeVar("T")
+SERVICE_NAME = "synpref.v1.RewardService"
 
 
-def encode_items(model: ServedModel, items: list[reward_pb2.ScoreItem]) -> list[list[int]]:
+class CorruptRequest:
+    """What the deserializers hand the servicer for bytes that are not a valid message."""
+
+    def __init__(self, type_name: str, error: str) -> None:
+        self.message = f"request is not a valid {type_name}: {error}"
+        self.model = ""
+
+
+def _parser(message_type: type[Message]) -> Callable[[bytes], Message | CorruptRequest]:
+    def parse(data: bytes) -> Message | CorruptRequest:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return CorruptRequest(message_type.DESCRIPTOR.full_name, str(exc))
+
+    return parse
+
+
+def _valid(request: object) -> None:
+    if isinstance(request, CorruptRequest):
+        raise InvalidInput(request.message)
+
+
+def encode_items(model: ServedModel, items: list[reward_pb2.ScoreItem], check: Check) -> list[list[int]]:
     ids: list[list[int]] = []
     for i, item in enumerate(items):
+        check()
         kind = item.WhichOneof("input")
         if kind == "conversation":
             ids.append(model.encoder.conversation(message_dicts(item.conversation.messages), f"item {i} conversation"))
@@ -37,10 +67,11 @@ def encode_items(model: ServedModel, items: list[reward_pb2.ScoreItem]) -> list[
     return ids
 
 
-def encode_pairs(model: ServedModel, pairs: list[reward_pb2.PairItem]) -> list[list[int]]:
+def encode_pairs(model: ServedModel, pairs: list[reward_pb2.PairItem], check: Check) -> list[list[int]]:
     """Two id lists per pair: conversation + chosen, conversation + rejected."""
     ids: list[list[int]] = []
     for i, pair in enumerate(pairs):
+        check()
         conv = message_dicts(pair.conversation)
         for side, msgs in (("chosen", pair.chosen), ("rejected", pair.rejected)):
             if not msgs:
@@ -105,9 +136,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             self.metrics.latency.labels(label, method).observe(time.perf_counter() - t0)
 
     async def _score(self, request: reward_pb2.ScoreRequest, deadline: float | None) -> reward_pb2.ScoreResponse:
+        _valid(request)
         self._check_size(len(request.items), "items")
         items = list(request.items)
-        model, r = await self.registry.score(request.model, lambda m: encode_items(m, items), deadline)
+        model, r = await self.registry.score(request.model, lambda m, check: encode_items(m, items, check), deadline)
         return reward_pb2.ScoreResponse(rewards=r.rewards, metadata=metadata(model, r))
 
     async def Score(
@@ -119,10 +151,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self, request: reward_pb2.ScorePairsRequest, context: grpc.aio.ServicerContext
     ) -> reward_pb2.ScorePairsResponse:
         async def work() -> reward_pb2.ScorePairsResponse:
+            _valid(request)
             self._check_size(len(request.pairs) * 2, "pair sides")
             pairs = list(request.pairs)
             model, r = await self.registry.score(
-                request.model, lambda m: encode_pairs(m, pairs), self._deadline(context)
+                request.model, lambda m, check: encode_pairs(m, pairs, check), self._deadline(context)
             )
             scores = [
                 reward_pb2.PairScore(reward_chosen=c, reward_rejected=j, p=preference_probability(c, j))
@@ -173,6 +206,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     async def Info(self, request: reward_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> reward_pb2.InfoResponse:
         async def work() -> reward_pb2.InfoResponse:
+            _valid(request)
             s = self.registry.settings
             if request.model:
                 models = [self.registry.get(request.model).info(s)]
@@ -181,3 +215,31 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             return reward_pb2.InfoResponse(models=models, default_model=self.registry.default_name)
 
         return await self._call("Info", request.model, context, work)
+
+
+def add_to_server(servicer: RewardServicer, server: grpc.aio.Server) -> None:
+    """reward_pb2_grpc.add_RewardServiceServicer_to_server, with deserializers that do not throw."""
+    handlers = {
+        "Score": grpc.unary_unary_rpc_method_handler(
+            servicer.Score,
+            request_deserializer=_parser(reward_pb2.ScoreRequest),
+            response_serializer=reward_pb2.ScoreResponse.SerializeToString,
+        ),
+        "ScorePairs": grpc.unary_unary_rpc_method_handler(
+            servicer.ScorePairs,
+            request_deserializer=_parser(reward_pb2.ScorePairsRequest),
+            response_serializer=reward_pb2.ScorePairsResponse.SerializeToString,
+        ),
+        "ScoreStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ScoreStream,
+            request_deserializer=_parser(reward_pb2.ScoreRequest),
+            response_serializer=reward_pb2.ScoreResponse.SerializeToString,
+        ),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info,
+            request_deserializer=_parser(reward_pb2.InfoRequest),
+            response_serializer=reward_pb2.InfoResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

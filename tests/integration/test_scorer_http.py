@@ -147,7 +147,6 @@ def test_verl_classify(scorer: BackgroundScorer, ckpts: dict[str, Path]) -> None
         ("/classify", {"model": "missing", "input": "x"}, None, 404, "no model named 'missing'"),
         ("/classify", {"model": "best", "input": 3}, None, 400, '"input" must be'),
         ("/classify", {"model": "best", "messages": [{"role": "user", "content": "q"}]}, None, 400, "must end with"),
-        ("/admin/reload", {"model": "best"}, None, 400, "reload needs"),
     ],
 )
 def test_bad_requests(
@@ -205,15 +204,29 @@ def test_http_deadlines_are_504(ckpts: dict[str, Path]) -> None:
 
 
 def test_admin_reload(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    fresh = build_tiny_reward_model(tmp_path / "v7", arch="qwen3", seed=7)
-    with BackgroundScorer(make_settings(ckpts)) as bg:
+    build_tiny_reward_model(tmp_path / "v7", arch="qwen3", seed=7)
+    (tmp_path / "token").write_text("t0ken")
+    admin = {
+        "admin_enabled": True,
+        "admin_port": 0,
+        "admin_token_file": str(tmp_path / "token"),
+        "model_root": str(tmp_path),
+    }
+    with BackgroundScorer(make_settings(ckpts, **admin)) as bg:
+        auth = {"Authorization": "Bearer t0ken"}
         text = "swap me please"
         _, before, _ = post(bg.http_url + "/get_reward", {"query": [text], "model": "gold"})
-        status, body, _ = post(bg.http_url + "/admin/reload", {"model": "gold", "path": str(fresh), "version": "v7"})
+        status, body, _ = post(
+            bg.admin_url + "/admin/reload", {"model": "gold", "path": "v7", "version": "v7"}, None, auth
+        )
         assert status == 200 and body["version"] == "v7"
         _, after, _ = post(bg.http_url + "/get_reward", {"query": [text], "model": "gold"})
         assert after["rewards"] != pytest.approx(before["rewards"], abs=1e-6)
-        status, body, _ = post(bg.http_url + "/admin/reload", {"model": "gold", "path": str(tmp_path / "absent")})
-        assert status == 400 and "cannot load" in body["error"]
+        (tmp_path / "broken").mkdir()
+        (tmp_path / "broken" / "config.json").write_text("{}")
+        status, body, _ = post(bg.admin_url + "/admin/reload", {"model": "gold", "path": "broken"}, None, auth)
+        assert status == 400 and "does not load" in body["error"]
+        status, body, _ = post(bg.admin_url + "/admin/reload", {"model": "best"}, None, auth)
+        assert status == 400 and "reload needs" in body["error"]
         _, still, _ = post(bg.http_url + "/get_reward", {"query": [text], "model": "gold"})
         assert still["rewards"] == after["rewards"]  # a failed reload keeps the old version serving

@@ -89,3 +89,30 @@ def test_empty_text_and_padding(qwen_tok) -> None:
         enc.text("  \n")
     pad = qwen_tok.pad_token
     assert enc.strip_padding(pad * 3 + "hello" + pad) == "hello"
+
+
+@pytest.mark.parametrize("truncation", ["left_tokens", "left_turns", "right"])
+def test_cutting_characters_first_keeps_the_ids(llama_tok, qwen_tok, truncation: str) -> None:
+    """Texts over max_length x max_chars_per_token characters are cut before tokenizing, on
+    the side truncation keeps; the ids are those of the uncut text."""
+    words = " ".join(f"word{i % 97} and more" for i in range(400))
+    for tok in (llama_tok, qwen_tok):
+        cut = Encoder(tok, 32, truncation=truncation, max_chars_per_token=8)  # type: ignore[arg-type]
+        uncut = Encoder(tok, 32, truncation=truncation, max_chars_per_token=10**6)  # type: ignore[arg-type]
+        assert len(words) > cut.char_budget
+        assert cut.text(words) == uncut.text(words)
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": words}], tokenize=False
+        )
+        assert cut.text(rendered) == uncut.text(rendered)
+        conv = [*CONV[:2], {"role": "assistant", "content": words}]
+        assert cut.conversation(conv) == uncut.conversation(conv)
+        short = CONV[2]["content"]
+        assert len(short) < cut.char_budget and cut.text(short) == uncut.text(short)
+
+
+def test_strip_padding_is_linear_in_the_padding(llama_tok) -> None:
+    enc = Encoder(llama_tok, 64)
+    pad = llama_tok.pad_token
+    assert enc.strip_padding(pad * 200_000 + "hello" + pad * 200_000) == "hello"
+    assert enc.strip_padding(pad * 3) == ""

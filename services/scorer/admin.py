@@ -1,0 +1,100 @@
+"""The scorer's admin API, on its own port (scorer.admin_port), for the controller only.
+
+RL code trained against a reward model must not be able to swap it (that is reward hacking
+by design), so the RL-facing HTTP port has no admin routes. Here every call needs
+`Authorization: Bearer <token>`, the token read from scorer.admin_token_file (a mounted
+Secret) and compared in constant time; the chart admits only the controller to this port.
+
+- `POST /admin/reload {"model", "path", "version"}`: serve the checkpoint folder `path`
+  (relative to scorer.model_root, or absolute inside it) as `model`, draining the version it
+  replaces. Paths resolving outside the root (symlinks and `..` included), missing folders
+  and hub ids are all refused with the same words, so answers do not tell which paths exist.
+  A new name beyond scorer.max_models is 409.
+- `POST /admin/unload {"model"}`: stop serving a name.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from pathlib import Path
+
+from aiohttp import web
+
+from synpref.services.scorer.errors import InvalidInput, ScorerError, Unauthorized
+from synpref.services.scorer.http import Handler, _error, _json_body
+from synpref.services.scorer.registry import ModelRegistry
+from synpref.shared.config import ModelRef
+
+log = logging.getLogger(__name__)
+MAX_ADMIN_BODY = 64 * 1024
+REFUSED = "path must name a checkpoint folder under scorer.model_root"
+
+
+def read_token(path: str) -> str:
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"scorer.admin_token_file {path} is empty: refusing to serve admin without a token")
+    return token
+
+
+def checkpoint_under(root: Path, path: str) -> Path:
+    """The resolved checkpoint folder `path` names inside `root`, or InvalidInput(REFUSED)."""
+    candidate = Path(path)
+    if not candidate.is_absolute():
+        candidate = root / candidate
+    try:
+        resolved = candidate.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise InvalidInput(REFUSED) from None
+    if not resolved.is_relative_to(root) or not (resolved / "config.json").is_file():
+        raise InvalidInput(REFUSED)
+    return resolved
+
+
+class AdminApi:
+    def __init__(self, registry: ModelRegistry, token: str, model_root: str) -> None:
+        self.registry = registry
+        self._token = token.encode()
+        self.root = Path(model_root).resolve()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_ADMIN_BODY, middlewares=[self._guard])
+        app.router.add_post("/admin/reload", self.reload)
+        app.router.add_post("/admin/unload", self.unload)
+        return app
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            log.warning("admin call to %s without a valid token from %s", request.path, request.remote)
+            return _error(Unauthorized.http_status, "admin calls need Authorization: Bearer <scorer admin token>")
+        try:
+            return await handler(request)
+        except ScorerError as exc:
+            return _error(exc.http_status, str(exc))
+
+    async def reload(self, request: web.Request) -> web.Response:
+        body = await _json_body(request, MAX_ADMIN_BODY)
+        name, path = body.get("model"), body.get("path")
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise InvalidInput('reload needs {"model": name, "path": checkpoint folder} (and optionally "version")')
+        folder = checkpoint_under(self.root, path)
+        ref = ModelRef(path=str(folder), version=str(body.get("version") or ""))
+        try:
+            served = await self.registry.reload(name, ref)
+        except ScorerError:
+            raise
+        except Exception:  # not a loadable checkpoint: details go to the log, not the caller
+            log.exception("reloading %s from %s failed", name, folder)
+            raise InvalidInput("that checkpoint does not load; the scorer's log says why") from None
+        return web.json_response({"model": served.name, "version": served.version, "model_id": served.model_id})
+
+    async def unload(self, request: web.Request) -> web.Response:
+        body = await _json_body(request, MAX_ADMIN_BODY)
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            raise InvalidInput('unload needs {"model": name}')
+        await self.registry.unload(name)
+        return web.json_response({"unloaded": name})
