@@ -4,17 +4,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.synpref-installed
+# The editable install is a link tree (setup.py): adding or removing a module changes its
+# folder, and that reinstalls.
+PACKAGE_DIRS := $(shell find shared services training client protos/synpref -type d -not -name __pycache__ 2>/dev/null)
+# mypy checks the installed packages, so first-party imports resolve (synpref.v1 is generated).
+MYPY_PACKAGES := -p synpref.shared -p synpref.services -p synpref.training -p synpref.client
 
-.PHONY: help setup protos kafka helm chromium test test-unit test-integration lint demo bench clean cluster cluster-down
+.PHONY: help install setup protos kafka helm chromium test test-unit test-integration lint wheel-smoke demo bench clean cluster cluster-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py $(PACKAGE_DIRS)
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@test -x $(UV) || $(PY) -m pip install -q uv
 	$(UV) pip install --python $(PY) -e '.[dev,bench]'
 	@touch $(STAMP)
+
+install: $(STAMP) protos ## create .venv and install the Python packages only (what lint, test-unit and demo need)
 
 setup: $(STAMP) protos kafka helm chromium ## create .venv and install everything (Python packages, Kafka, helm, Chromium)
 
@@ -30,20 +37,24 @@ helm: ## build the helm binary from the Go module proxy into .cache/bin
 chromium: ## install Debian's Chromium for the desk's browser test (apt-get, needs root)
 	bash tools/chromium/install.sh
 
-test: setup ## ruff, then the whole test suite (starts and stops a Kafka broker)
+test: setup ## ruff, the wheel smoke check, then the whole test suite (starts and stops a Kafka broker)
 	$(VENV)/bin/ruff check .
+	bash tools/wheel_smoke.sh
 	$(PY) -m pytest tests
 
-test-unit: setup ## fast unit tests only
+test-unit: $(STAMP) protos ## fast unit tests only (no Kafka, helm or Chromium needed)
 	$(PY) -m pytest tests -m "not integration"
 
 test-integration: setup ## integration tests against real services
 	$(PY) -m pytest tests -m integration
 
-lint: $(STAMP) protos ## ruff and mypy
+lint: $(STAMP) protos ## ruff check, ruff format --check, mypy on the installed synpref packages
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy shared services training client
+	$(VENV)/bin/mypy $(MYPY_PACKAGES)
+
+wheel-smoke: ## build the sdist and wheel, install the wheel in a clean venv, score one conversation
+	bash tools/wheel_smoke.sh
 
 demo: $(STAMP) protos ## set up Python and run the curation loop on the embedded default (no cluster)
 	$(VENV)/bin/synpref run --config examples/demo.yaml
@@ -51,8 +62,8 @@ demo: $(STAMP) protos ## set up Python and run the curation loop on the embedded
 bench: setup ## run the CPU benchmarks and print their figures
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 
-clean: ## remove generated code and caches (keeps .venv)
-	rm -rf gen .pytest_cache .ruff_cache build *.egg-info
+clean: ## remove generated code, build output and caches (keeps .venv; the next make reinstalls)
+	rm -rf gen .pytest_cache .ruff_cache .mypy_cache build dist *.egg-info $(STAMP)
 
 cluster: ## build (first time ~15 min) and start a single-node Kubernetes cluster (needs root); see docs/cluster.md
 	bash tools/cluster/up.sh

@@ -1,10 +1,15 @@
-"""Packaging hook: folder-to-import mapping and protobuf code generation.
+"""Build hook: generate the protobuf code, and make editable installs strict.
 
-The top-level folders are subpackages of one import namespace, `synpref`:
-shared/ -> synpref.shared, services/<name>/ -> synpref.services.<name>,
-training/ -> synpref.training, and the code generated from protos/synpref/v1
-(into the git-ignored gen/) -> synpref.v1. Generated code is never committed or
-edited; `make protos` runs the same generation for editable installs.
+Packages and their folders (shared/ -> synpref.shared, ..., gen/synpref/v1 -> synpref.v1)
+are declared statically in pyproject.toml. This file only adds what a static table cannot:
+
+- protos/generate.py compiles protos/synpref/v1/*.proto into the git-ignored gen/ before
+  the build (and before setuptools lists the package files, so an sdist or a fresh clone
+  builds); generated code is never committed or edited.
+- Editable installs are strict: setuptools builds a link tree under build/ and puts it on
+  sys.path with one static line in site-packages, instead of an import hook that only a
+  running interpreter understands, so mypy, pyright and IDEs resolve `synpref.*` to the
+  files. The price: a module added or removed needs a reinstall (`make` redoes it).
 """
 
 import subprocess
@@ -15,30 +20,10 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-SOURCE_FOLDERS = {
-    "shared": "synpref.shared",
-    "services": "synpref.services",
-    "training": "synpref.training",
-    "client": "synpref.client",
-}
 
 
 def generate_protos() -> None:
     subprocess.run([sys.executable, str(ROOT / "protos" / "generate.py")], check=True)
-
-
-def discover_packages() -> tuple[list[str], dict[str, str]]:
-    packages: list[str] = []
-    package_dir: dict[str, str] = {}
-    for folder, name in SOURCE_FOLDERS.items():
-        for init in sorted((ROOT / folder).rglob("__init__.py")):
-            rel = init.parent.relative_to(ROOT)
-            dotted = ".".join([name, *rel.parts[1:]])
-            packages.append(dotted)
-            package_dir[dotted] = rel.as_posix()
-    packages.append("synpref.v1")
-    package_dir["synpref.v1"] = "gen/synpref/v1"
-    return packages, package_dir
 
 
 class BuildPyWithProtos(build_py):
@@ -49,5 +34,4 @@ class BuildPyWithProtos(build_py):
 
 if not (ROOT / "gen" / "synpref" / "v1" / "__init__.py").exists():
     generate_protos()
-_packages, _package_dir = discover_packages()
-setup(packages=_packages, package_dir=_package_dir, cmdclass={"build_py": BuildPyWithProtos})
+setup(cmdclass={"build_py": BuildPyWithProtos}, options={"editable_wheel": {"mode": "strict"}})

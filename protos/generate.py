@@ -34,6 +34,8 @@ def main() -> int:
         print(f"protoc failed with exit code {rc}", file=sys.stderr)
         return rc
     (pkg_dir / "__init__.py").write_text('"""Generated from protos/synpref/v1 by protos/generate.py. Do not edit."""\n')
+    # PEP 561 marker: type checkers read the generated .pyi stubs of the installed package.
+    (pkg_dir / "py.typed").write_text("")
     return 0
 
 
