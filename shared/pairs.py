@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from synpref.v1.pair_pb2 import PREFERENCE_CHOSEN, PREFERENCE_REJECTED, Lineage, Message, Pair, PairRecord
+from synpref.v1.pair_pb2 import PREFERENCE_CHOSEN, PREFERENCE_REJECTED, Lineage, Message, Pair, PairRecord, Preference
 
 MessageDicts = list[dict[str, str]]
 T = TypeVar("T")
@@ -59,7 +59,7 @@ def new_record(pair: Pair) -> PairRecord:
     return PairRecord(pair=pair, lineage=Lineage(ingested_at=now(), updated_at=now()))
 
 
-def swap_preference(value: int) -> int:
+def swap_preference(value: Preference) -> Preference:
     """CHOSEN <-> REJECTED; other values (unspecified, tie, abstain) stay."""
     return {PREFERENCE_CHOSEN: PREFERENCE_REJECTED, PREFERENCE_REJECTED: PREFERENCE_CHOSEN}.get(value, value)
 
@@ -86,9 +86,9 @@ def flipped(record: PairRecord) -> PairRecord:
         score.reward_chosen, score.reward_rejected = score.reward_rejected, score.reward_chosen
         score.p = 1.0 - score.p
     for vote in out.votes:
-        vote.preference = swap_preference(vote.preference)  # type: ignore[assignment]  # proto enums are ints
+        vote.preference = swap_preference(vote.preference)
         vote.candidate_order_swapped = not vote.candidate_order_swapped  # the new chosen sat in the other slot
-    out.judge_aggregate.preference = swap_preference(out.judge_aggregate.preference)  # type: ignore[assignment]
+    out.judge_aggregate.preference = swap_preference(out.judge_aggregate.preference)
     return out
 
 

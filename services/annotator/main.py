@@ -6,7 +6,7 @@ import argparse
 
 from synpref.services.annotator.annotate import Annotator
 from synpref.services.annotator.chat import OpenAIChat
-from synpref.services.annotator.judges import AnswerCache, AttributeLabeller, LLMJudge
+from synpref.services.annotator.judges import AnswerCache, AttributeLabeller, Judge, LLMJudge
 from synpref.services.annotator.prompts import PROMPT_VERSION
 from synpref.shared.config import AnnotatorSettings, JudgeSettings, Settings
 from synpref.shared.service import ServiceSpec, serve, service_parser
@@ -36,7 +36,7 @@ def build_annotator(settings: Settings, examples=None) -> Annotator:
     cfg = settings.annotator
     cache = AnswerCache(cfg.cache_dir or None)
     version = prompt_version(cfg)
-    judges = [
+    judges: list[Judge] = [
         LLMJudge(chat_backend(j, cfg), j.samples, j.temperature, cache, version, cfg.json_mode, cfg.seed)
         for j in cfg.judges
     ]

@@ -53,7 +53,7 @@ def score_of(record: PairRecord, model: str) -> ModelScore | None:
     return next((s for s in record.scores if s.model == model), None)
 
 
-def _decided(record: PairRecord, decision: Decision.ValueType, rule: str, reason: str, stage) -> PairRecord:
+def _decided(record: PairRecord, decision: Decision, rule: str, reason: str, stage) -> PairRecord:
     out = PairRecord()
     out.CopyFrom(record)
     out.decision.CopyFrom(DecisionRecord(decision=decision, rule=rule, reason=reason))

@@ -42,7 +42,8 @@ def build(settings: Settings) -> Any:
     models = make_models(c, Path(c.workdir), progress=False)
     if c.executor == "kafka":
         executor: Any = KafkaExecutor(settings, c.stage_timeout_s)
-        judges, labeller = [], None  # the annotator service holds the judges
+        judges: list[Any] = []  # the annotator service holds the judges
+        labeller: Any = None
         humans: Any = KafkaDeskHumans(settings) if c.human == "desk" else make_provider(c.human, c.human_labels_file)
     else:
         judges, labeller = build_judges(settings, c.seed)

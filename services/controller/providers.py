@@ -18,6 +18,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, TextIO
 
@@ -45,7 +46,7 @@ class HumanProvider(Protocol):
         ...
 
 
-def _decide_all(records: list[PairRecord], annotator: str, prefs: list[int], note: str = "") -> Routed:
+def _decide_all(records: list[PairRecord], annotator: str, prefs: Sequence[int], note: str = "") -> Routed:
     out = []
     for record, pref in zip(records, prefs, strict=True):
         verdict = HumanVerdict(annotator=annotator, preference=pref, note=note, at=now())  # type: ignore[arg-type]

@@ -92,7 +92,7 @@ def swapped(salt: bytes, annotator: str, pair_id: str) -> bool:
     return bool(digest[0] & 1)
 
 
-def preference_of(choice: int, is_swapped: bool) -> Preference.ValueType:
+def preference_of(choice: int, is_swapped: bool) -> Preference:
     """Map a candidate number back to the pair's own labels."""
     if choice == 0:
         return Preference.PREFERENCE_ABSTAIN
@@ -108,7 +108,7 @@ _OPPOSITE = {
 
 def aggregate(verdicts: list[HumanVerdict]) -> HumanAggregate:
     """Plurality of the verdicts; a tie at the top, or "cannot decide" on top, abstains."""
-    counts: dict[int, int] = {}
+    counts: dict[Preference, int] = {}
     for v in verdicts:
         counts[v.preference] = counts.get(v.preference, 0) + 1
     top = max(counts.values())

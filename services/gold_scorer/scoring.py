@@ -119,7 +119,7 @@ def in_process_scorer(ref: ModelRef, settings: ScoringSettings, max_length: int 
     max_length = max_length or settings.max_length
 
     def score(pairs: list[dict]) -> list[tuple[float, float]]:
-        return [tuple(x) for x in modeling.score_pairs(model, tokenizer, pairs, max_length, settings.batch_size)]
+        return modeling.score_pairs(model, tokenizer, pairs, max_length, settings.batch_size)
 
     return score
 
