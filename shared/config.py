@@ -416,29 +416,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def check_env_sections(environ: Mapping[str, str]) -> None:
-    """ConfigError for a SYNPREF_<SECTION>__<FIELD> variable whose section does not exist.
-
-    pydantic-settings reads only the names it knows, so SYNPREF_SCORRER__PORT would be ignored
-    without a word. Names without `__` are left alone: other tools use SYNPREF_ names too
-    (SYNPREF_CONFIG, SYNPREF_KAFKA_BOOTSTRAP, SYNPREF_JOB_NAME).
-    """
-    sections = sorted(
+    """ConfigError for a SYNPREF_<SECTION>__<FIELD> variable of no section: pydantic-settings would ignore
+    SYNPREF_SCORRER__PORT. Names without `__` are not only ours (SYNPREF_CONFIG, SYNPREF_JOB_NAME)."""
+    sections = sorted(name for name, f in Settings.model_fields.items() if hasattr(f.annotation, "model_fields"))
+    unknown = sorted(
         name
-        for name, field in Settings.model_fields.items()
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-    )
-    unknown = []
-    for name in environ:
-        upper = name.upper()
-        if upper.startswith(ENV_PREFIX) and "__" in upper:
-            section = upper[len(ENV_PREFIX) :].split("__", 1)[0].lower()
-            if section not in sections:
-                unknown.append(name)
+        for name in environ
+        if name.upper().startswith(ENV_PREFIX) and "__" in name
+        and name[len(ENV_PREFIX) :].split("__")[0].lower() not in sections
+    )  # fmt: skip
     if unknown:
-        raise ConfigError(
-            f"unknown configuration section in environment variable(s) {', '.join(sorted(unknown))}; "
-            f"known sections: {', '.join(sections)}"
-        )
+        known = ", ".join(sections)
+        raise ConfigError(f"unknown section in environment variable(s) {', '.join(unknown)}; known sections: {known}")
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
