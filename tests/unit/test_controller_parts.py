@@ -192,9 +192,8 @@ def test_desk_humans_serve_the_web_desk_and_wait_for_its_decisions():
     from synpref.services.controller.providers import DeskHumans
     from synpref.shared.config import DeskSettings
 
-    humans = DeskHumans(
-        DeskSettings(tokens="ann:s3cret-s3cret-s3cret", port=0), poll_s=0.1, timeout_s=60, log=lambda _m: None
-    )
+    token = "s3cret-desk-token-for-the-loop-test-0123"  # the desk wants >= 32 URL-safe characters
+    humans = DeskHumans(DeskSettings(tokens=f"ann:{token}", port=0), poll_s=0.1, timeout_s=60, log=lambda _m: None)
     records = [record(i) for i in range(3)]
     out: list = []
     worker = threading.Thread(target=lambda: out.extend(humans.review(records)), daemon=True)
@@ -204,7 +203,7 @@ def test_desk_humans_serve_the_web_desk_and_wait_for_its_decisions():
         req = urllib.request.Request(
             humans.server.url + path,
             data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": "Bearer s3cret-s3cret-s3cret", "Content-Type": "application/json"},
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
