@@ -132,7 +132,8 @@ def test_default_render_has_every_component(renders: dict[str, list[dict[str, An
     hook = one(docs, "Job", f"{fullname}-topics")
     assert hook["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
     assert pod_spec(hook)["containers"][0]["command"] == ["synpref", "topics"]
-    assert len(find(docs, "NetworkPolicy")) == 4
+    # internal, metrics, scorer-internal, scorer-admin, scorer (RL clients), desk
+    assert len(find(docs, "NetworkPolicy")) == 6
 
 
 @functools.cache
