@@ -53,6 +53,22 @@ def test_the_editable_install_resolves_synpref_without_an_import_hook() -> None:
     assert Path(spec.origin).resolve() == ROOT / "shared" / "pairs.py"
 
 
+def test_the_editable_install_links_every_source_module() -> None:
+    spec = importlib.util.find_spec("synpref")
+    assert spec is not None and spec.submodule_search_locations is not None
+    installed = [Path(p) for p in spec.submodule_search_locations]
+    missing = []
+    for name, folder in setuptools_table()["package-dir"].items():
+        if name == GENERATED:
+            continue
+        for source in (ROOT / folder).rglob("*.py"):
+            rel = Path(name.removeprefix("synpref.")) / source.relative_to(ROOT / folder)
+            if not any((root / rel).exists() for root in installed):
+                missing.append(str(source.relative_to(ROOT)))
+    # The link tree holds the modules that existed at install time.
+    assert not missing, f"modules newer than the editable install (run `make install`): {missing}"
+
+
 # Two cross-module errors: pair_id returns str (shared/pairs.py), and a Pair's id is a string
 # field (the stubs generated from protos/). Both would be Any, and pass, if synpref did not resolve.
 PLANTED = """\
