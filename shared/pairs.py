@@ -69,7 +69,8 @@ def flipped(record: PairRecord) -> PairRecord:
 
     Everything stated relative to the label turns with it: model scores (rewards swap,
     p -> 1 - p), the judges' votes and aggregate (a vote for "chosen" becomes one for
-    "rejected") and which candidate slot showed the chosen side. The one flip of the project: humans, judges and the consistency filter use it.
+    "rejected") and which candidate slot showed the chosen side. The one flip of the project:
+    humans, judges and the consistency filter use it.
     """
     out = PairRecord()
     out.CopyFrom(record)
