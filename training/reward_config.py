@@ -83,8 +83,23 @@ class RewardConfig:
     num_epochs: float = _f(1.0, "Passes over the training pairs (fractions allowed).")
     max_steps: int = _f(-1, "Optimizer steps; overrides num_epochs when > 0.")
     global_batch_size: int = _f(256, "Pairs per optimizer step, over all processes and accumulation steps.")
-    micro_batch_size: int = _f(8, "Most pairs in one forward pass (chosen and rejected together: 2x rows).")
-    max_tokens_per_micro_batch: int = _f(0, "Cap on padded tokens of one forward (both sides); 0 = no cap.")
+    micro_batch_size: int = _f(
+        8,
+        "Most pairs in one forward pass (chosen and rejected together: 2x rows). With the auto "
+        "token budget on a GPU it sets the envelope instead: short pairs fill it with more pairs.",
+    )
+    max_tokens_per_micro_batch: int = _f(
+        -1,
+        "Cap on the tokens of one forward (both sides; padded, or real when packed). -1 = auto: "
+        "2 x max_length (at least 1024) on CPU, 2 x max_length x micro_batch_size capped by "
+        "free memory on GPU; 0 = no cap (a whole micro_batch_size padded to its longest).",
+    )
+    packing: Literal["auto", "on", "off"] = _f(
+        "auto",
+        "Padding-free packing of decoder RMs (many sequences in one row, position_ids restarting). "
+        "auto = on with flash-attention (CUDA + flash_attn installed), else off: without a "
+        "varlen kernel the block-diagonal mask costs more than the padding it removes.",
+    )
     center_rewards_coefficient: float = _f(0.0, "Weight of the reward-centering term mean((r_c + r_r)^2); 0 = off.")
     disable_dropout: bool = _f(True, "Set every dropout probability to 0 (as TRL does for reward models).")
     seed: int = _f(42, "Seed of initialisation, data order and dropout.")
@@ -92,7 +107,8 @@ class RewardConfig:
     group_by_length: bool = _f(
         False,
         "Also group pairs of similar length into the same step (within windows of "
-        "group_window steps), as HF Trainer does; changes batch composition.",
+        "group_window steps), as HF Trainer does. Off by default: it changes which pairs share "
+        "a step (so the training trajectory), while the token budget removes padding without that.",
     )
     group_window: int = _f(32, "Steps per length-grouping window.")
     precision: Literal["auto", "bf16", "fp32", "fp64"] = _f(
@@ -120,6 +136,8 @@ class RewardConfig:
         for name, allowed in literal_choices(type(self)).items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.max_tokens_per_micro_batch < -1:
+            raise ValueError("max_tokens_per_micro_batch must be -1 (auto), 0 (no cap) or a token count")
         if self.global_batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("global_batch_size and micro_batch_size must be >= 1")
         if not 0.0 <= self.eval_fraction < 1.0 or not 0.0 <= self.warmup_ratio < 1.0:

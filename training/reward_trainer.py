@@ -1,8 +1,9 @@
 """Bradley–Terry reward-model trainer: one process, DDP or FSDP under torchrun.
 
 A step takes `global_batch_size` pairs. They are sorted by length and dealt to the ranks,
-and each rank cuts its share into micro-batches of similar length, so little compute goes
-to padding. Chosen and rejected rows of a micro-batch go through one forward pass; the
+and each rank cuts its share into micro-batches under a token budget (auto by default:
+training/batching.py), padded to similar lengths or packed padding-free into one row
+(training/packing.py). Chosen and rejected rows of a micro-batch go through one forward; the
 loss of each pair, -log sigmoid(r_c - r_r - margin) (+ centering), is divided by the
 global batch size, so accumulation and data parallelism give the gradient of the mean
 over the global batch whatever the micro-batch or world size.
@@ -14,12 +15,9 @@ to a temporary folder and renamed, so a SIGKILL never leaves a half-written one 
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
-import os
-import random
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -28,20 +26,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from synpref.shared.files import replace_durably
-from synpref.shared.modeling import encode_pair, ensure_pad_token, pad_batch, resolve_device
+from synpref.shared.modeling import pad_batch, resolve_device
+from synpref.training.batching import (
+    EncodedPair,
+    bt_loss,
+    encode_pairs,
+    lr_lambda,
+    micro_batches,
+    packed_micro_batches,
+    rank_share,
+    step_order,
+)
+from synpref.training.checkpointing import (
+    TRAINER_STATE,
+    full_state_dict,
+    latest_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    prune_checkpoints,
+    rng_state,
+    set_rng_state,
+)
 from synpref.training.data import load_pairs, split_pairs
 from synpref.training.evaluation import pairwise_metrics
+from synpref.training.model_setup import init_distributed, load_for_training, micro_batch_plan, uses_bf16
+from synpref.training.packing import packed_rewards
 from synpref.training.reward_config import RewardConfig
 
 log = logging.getLogger(__name__)
-
-TRAINER_STATE = "trainer_state.pt"
 
 
 @dataclass
@@ -50,147 +66,6 @@ class TrainResult:
     """Final HF checkpoint (model, tokenizer, chat template)."""
     metrics: dict[str, Any] = field(default_factory=dict)
     """Final eval metrics plus a train summary (steps, pairs/s, tokens/s, unfit pairs)."""
-
-
-@dataclass
-class EncodedPair:
-    chosen: list[int]
-    rejected: list[int]
-    margin: float = 0.0
-
-    @property
-    def width(self) -> int:
-        return max(len(self.chosen), len(self.rejected))
-
-    @property
-    def tokens(self) -> int:
-        return len(self.chosen) + len(self.rejected)
-
-
-@dataclass
-class EncodeReport:
-    pairs: list[EncodedPair]
-    kept: list[int]
-    """Indices (into the input) of the pairs that were encoded."""
-    unfit: int = 0
-    truncated: int = 0
-
-
-def encode_pairs(
-    tokenizer: Any,
-    pairs: Sequence[dict[str, Any]],
-    max_length: int,
-    truncation: str,
-    margin_column: str = "",
-    keep_unfit: bool = False,
-) -> EncodeReport:
-    """Encode pairs; those that do not fit under the policy are counted, and left out unless
-    keep_unfit (evaluation then scores their left-token-truncated fallback, as score_pairs does)."""
-    out = EncodeReport(pairs=[], kept=[])
-    for i, pair in enumerate(pairs):
-        chosen, rejected = encode_pair(tokenizer, pair, max_length, truncation)  # type: ignore[arg-type]
-        if not (chosen.fits and rejected.fits):
-            out.unfit += 1
-            if not keep_unfit:
-                continue
-        out.truncated += chosen.truncated or rejected.truncated
-        margin = float(pair.get(margin_column, 0.0) or 0.0) if margin_column else 0.0
-        out.pairs.append(EncodedPair(chosen.input_ids, rejected.input_ids, margin))
-        out.kept.append(i)
-    return out
-
-
-def bt_loss(
-    r_chosen: torch.Tensor,
-    r_rejected: torch.Tensor,
-    margin: torch.Tensor | None = None,
-    center_coefficient: float = 0.0,
-) -> torch.Tensor:
-    """Per-pair Bradley–Terry loss (not reduced)."""
-    diff = r_chosen - r_rejected
-    if margin is not None:
-        diff = diff - margin
-    loss = -F.logsigmoid(diff)
-    if center_coefficient:
-        loss = loss + center_coefficient * (r_chosen + r_rejected) ** 2
-    return loss
-
-
-def lr_lambda(kind: str, warmup: int, total: int):
-    def fn(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "linear":
-            return max(0.0, (total - step) / max(1, total - warmup))
-        return 1.0
-
-    return fn
-
-
-def step_order(
-    n: int, seed: int, epoch: int, global_batch: int, lengths: Sequence[int] | None, window: int
-) -> list[list[int]]:
-    """The global batches of one epoch: a seeded permutation, optionally length-grouped."""
-    rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(n))
-    rng.shuffle(order)
-    steps = n // global_batch
-    batches = [order[i * global_batch : (i + 1) * global_batch] for i in range(steps)]
-    if lengths is None:
-        return batches
-    grouped: list[list[int]] = []
-    for start in range(0, steps, window):
-        pool = sorted((i for b in batches[start : start + window] for i in b), key=lambda i: -lengths[i])
-        chunk = [pool[k : k + global_batch] for k in range(0, len(pool), global_batch)]
-        rng.shuffle(chunk)
-        grouped.extend(chunk)
-    return grouped
-
-
-def rank_share(batch: Sequence[int], widths: Sequence[int], rank: int, world: int) -> list[int]:
-    """Sort a global batch by length and deal it round-robin, so every rank gets similar work."""
-    ordered = sorted(batch, key=lambda i: -widths[i])
-    return ordered[rank::world]
-
-
-def micro_batches(share: Sequence[int], widths: Sequence[int], size: int, max_tokens: int) -> list[list[int]]:
-    """Cut a length-sorted share into micro-batches of <= size pairs and <= max_tokens padded tokens."""
-    out: list[list[int]] = []
-    current: list[int] = []
-    for i in share:
-        width = widths[current[0]] if current else widths[i]
-        too_many = len(current) >= size or (max_tokens and 2 * width * (len(current) + 1) > max_tokens)
-        if current and too_many:
-            out.append(current)
-            current = []
-        current.append(i)
-    if current:
-        out.append(current)
-    return out
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """Newest complete checkpoint-N folder (temporary .tmp folders are ignored)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    done = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / TRAINER_STATE).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 class RewardTrainer:
@@ -204,7 +79,7 @@ class RewardTrainer:
     ) -> None:
         self.config = config
         self.unreadable = 0
-        self.rank, self.world, self.local_rank = _init_distributed()
+        self.rank, self.world, self.local_rank = init_distributed()
         self.device = torch.device(self._device_name())
         self.is_main = self.rank == 0
         self.out = Path(config.output_dir)
@@ -273,65 +148,23 @@ class RewardTrainer:
         return split_pairs(train.pairs, cfg.eval_fraction, cfg.split_seed)
 
     def _load_model(self) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         cfg = self.config
-        torch.manual_seed(cfg.seed)
         self.resume_from = latest_checkpoint(self.out) if cfg.resume else None
         source = str(self.resume_from) if self.resume_from else cfg.model_name_or_path
-        self.tokenizer = AutoTokenizer.from_pretrained(source)
-        dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype)
-        self.pad_id = ensure_pad_token(model, self.tokenizer)
-        if cfg.disable_dropout:
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
-        if cfg.gradient_checkpointing:
-            # transformers 5 renamed it; older releases (>= 4.51, as pyproject allows) only have the old name.
-            if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        model.to(self.device)
-        model.train()
-        self.model = model  # the plain module: saving and eval go through it
-        # Decoders would otherwise build a KV cache in every training forward.
-        self.forward_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-        self.n_params = sum(p.numel() for p in model.parameters())
-        self.strategy = "single"
-        self.wrapped: Any = model
-        if self.world > 1:
-            use_fsdp = cfg.distributed == "fsdp" or (cfg.distributed == "auto" and self.n_params >= cfg.fsdp_min_params)
-            self.strategy = "fsdp" if use_fsdp else "ddp"
-            if use_fsdp:
-                self._shard_fsdp(model)
-            else:
-                from torch.nn.parallel import DistributedDataParallel
-
-                ids = [self.device.index] if self.device.type == "cuda" else None
-                self.wrapped = DistributedDataParallel(model, device_ids=ids)
-        if cfg.compile:
-            self.wrapped = torch.compile(self.wrapped, dynamic=True)
-
-    def _shard_fsdp(self, model: Any) -> None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        bf16 = self._bf16()
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-        policy = policy or MixedPrecisionPolicy()  # the default casts nothing
-        blocks = set(getattr(model, "_no_split_modules", None) or [])
-        for module in model.modules():
-            if type(module).__name__ in blocks:
-                fully_shard(module, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-
-    def _bf16(self) -> bool:
-        return self.config.precision == "bf16" or (self.config.precision == "auto" and self.device.type == "cuda")
+        loaded = load_for_training(cfg, source, self.device, self.world)
+        self.model, self.wrapped, self.tokenizer, self.pad_id = (
+            loaded.model,
+            loaded.wrapped,
+            loaded.tokenizer,
+            loaded.pad_id,
+        )
+        self.strategy, self.n_params, self.forward_kwargs = loaded.strategy, loaded.n_params, loaded.forward_kwargs
+        self.capture = loaded.capture
+        self.micro_pairs, self.micro_tokens = micro_batch_plan(cfg, loaded, self.device, self.world)
 
     def _autocast(self):
-        if self._bf16() and self.strategy != "fsdp":  # FSDP casts through its mixed-precision policy
+        # FSDP casts through its mixed-precision policy.
+        if uses_bf16(self.config.precision, self.device) and self.strategy != "fsdp":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
@@ -368,17 +201,26 @@ class RewardTrainer:
 
     def _forward(self, module: Any, pairs: Sequence[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
         seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-        ids, mask = pad_batch(seqs, self.pad_id, self.device)
         with self._autocast():
-            logits = module(input_ids=ids, attention_mask=mask, **self.forward_kwargs).logits
+            if self.capture is not None:
+                rewards = packed_rewards(module, self.capture, seqs, self.device, self.forward_kwargs)
+            else:
+                ids, mask = pad_batch(seqs, self.pad_id, self.device)
+                rewards = module(input_ids=ids, attention_mask=mask, **self.forward_kwargs).logits[:, 0]
         # bf16 logits are scored in fp32; fp64 runs keep their precision end to end.
-        rewards = logits[:, 0] if logits.dtype == torch.float64 else logits[:, 0].float()
+        rewards = rewards if rewards.dtype == torch.float64 else rewards.float()
         return rewards[: len(pairs)], rewards[len(pairs) :]
+
+    def _micro_batches(self, share: list[int], encoded: Sequence[EncodedPair], pairs: int) -> list[list[int]]:
+        """Indices into `encoded`: packed rows under the token budget, or padded length-sorted groups."""
+        if self.capture is not None:
+            return packed_micro_batches(share, [p.tokens for p in encoded], self.micro_tokens)
+        return micro_batches(share, [p.width for p in encoded], pairs, self.micro_tokens)
 
     def train_step(self, batch: list[int]) -> dict[str, float]:
         cfg = self.config
         share = rank_share(batch, self.widths, self.rank, self.world)
-        micros = micro_batches(share, self.widths, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch)
+        micros = self._micro_batches(share, self.train_data, self.micro_pairs)
         # DDP averages gradients over ranks; per-pair losses are divided by the global batch,
         # so scale back up by the world size to get the mean over the global batch.
         # (FSDP's reduce-scatter averages the same way.)
@@ -434,6 +276,9 @@ class RewardTrainer:
                     "world": self.world,
                     "strategy": self.strategy,
                     "params": self.n_params,
+                    "packed": self.capture is not None,
+                    "micro_batch_pairs": self.micro_pairs,
+                    "micro_batch_tokens": self.micro_tokens,
                     "resumed_from": str(self.resume_from or ""),
                     **self.data_report,
                 }
@@ -502,21 +347,19 @@ class RewardTrainer:
         """(r_c, r_r) for encoded pairs; every rank computes a share, all get the whole list."""
         cfg = self.config
         self.model.eval()
-        mine = list(range(self.rank, len(encoded), self.world))
-        widths = [encoded[i].width for i in mine]
-        order = sorted(range(len(mine)), key=lambda j: -widths[j])
+        mine = sorted(range(self.rank, len(encoded), self.world), key=lambda i: -encoded[i].width)
+        groups = self._micro_batches(mine, encoded, max(1, cfg.eval_batch_size // 2))
         out: dict[int, tuple[float, float]] = {}
-        step = max(1, cfg.eval_batch_size // 2)
         module = self.wrapped if self.strategy == "fsdp" else self.model
         # FSDP needs every rank in every forward: pad the number of batches to the max over ranks.
-        n_batches = math.ceil(len(order) / step)
+        n_batches = len(groups)
         if self.world > 1 and self.strategy == "fsdp":
             t = torch.tensor([n_batches], device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             n_batches = int(t.item())
         with torch.inference_mode():
             for b in range(n_batches):
-                idx = [mine[j] for j in order[b * step : (b + 1) * step]]
+                idx = groups[b] if b < len(groups) else []
                 pairs = [encoded[i] for i in idx] or [encoded[0]]
                 r_c, r_r = self._forward(module, pairs)
                 for i, c, r in zip(idx, r_c.tolist(), r_r.tolist(), strict=False):
@@ -541,31 +384,15 @@ class RewardTrainer:
 
     # ------------------------------------------------------------ checkpoints
 
-    def _full_state_dict(self) -> dict[str, Any]:
-        if self.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-
-    def _optim_state(self) -> dict[str, Any]:
-        if self.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            return get_optimizer_state_dict(
-                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
-        return self.optimizer.state_dict()
-
     def save_model(self, path: Path, extra: dict[str, Any] | None = None) -> Path:
         """Write an HF checkpoint atomically (tmp folder, then rename); returns its path."""
-        state = self._full_state_dict()
-        optim = self._optim_state() if extra is not None else None
+        state = full_state_dict(self.model, self.strategy)
+        optim = optimizer_state(self.model, self.optimizer, self.strategy) if extra is not None else None
         rng: list[Any] = [None] * self.world
         if extra is not None and self.world > 1:
-            dist.all_gather_object(rng, _rng_state())
+            dist.all_gather_object(rng, rng_state())
         elif extra is not None:
-            rng = [_rng_state()]
+            rng = [rng_state()]
         if self.is_main:
             tmp = path.with_name(path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -588,28 +415,16 @@ class RewardTrainer:
             extra={"step": self.step, "world": self.world, "config": self.config.to_dict()},
         )
         if self.is_main and self.config.save_total_limit > 0:
-            done = sorted(
-                (p for p in self.out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                key=lambda p: int(p.name.split("-")[-1]),
-            )
-            for old in done[: -self.config.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(self.out, self.config.save_total_limit)
         return path
 
     def _load_state(self, path: Path) -> None:
         state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
-        if self.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(
-                self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
-            )
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.strategy)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         rng = state["rng"]
-        _set_rng_state(rng[self.rank] if self.rank < len(rng) and rng[self.rank] is not None else rng[0])
+        set_rng_state(rng[self.rank] if self.rank < len(rng) and rng[self.rank] is not None else rng[0])
         log.info("resumed from %s at step %d", path, self.step)
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -617,16 +432,6 @@ class RewardTrainer:
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         log.info("%s", json.dumps(record))
-
-
-def _init_distributed() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 1, 0
 
 
 def train_reward_model(

@@ -9,16 +9,10 @@ import torch
 
 from synpref.shared.modeling import load_reward_model, score_pairs
 from synpref.training import cli, eval_cli
+from synpref.training.batching import bt_loss, micro_batches, rank_share, step_order
 from synpref.training.evaluation import pairwise_metrics, rmbench_slices
 from synpref.training.reward_config import RewardConfig
-from synpref.training.reward_trainer import (
-    RewardTrainer,
-    bt_loss,
-    micro_batches,
-    rank_share,
-    step_order,
-    train_reward_model,
-)
+from synpref.training.reward_trainer import RewardTrainer, train_reward_model
 from testing.tiny import build_tiny_reward_model, minilm_path
 
 torch.set_num_threads(1)
@@ -140,15 +134,18 @@ def test_real_minilm_every_parameter_changes(tmp_path):
 def test_accumulation_micro_batching_and_checkpointing_do_not_change_the_update(data, tmp_path):
     path = build_tiny_reward_model(tmp_path / "m", arch="qwen3", seed=5, texts=texts(data[0]), vocab_size=400)
     finals = []
-    # (pairs per forward, padded-token cap, gradient checkpointing): all give the same update.
-    for micro, cap, ckpt in [(8, 0, False), (1, 0, False), (3, 200, False), (3, 0, True)]:
+    # (pairs per forward, token cap (-1 auto, 0 none), gradient checkpointing, packing): all give the same update.
+    runs = [(8, 0, False, "off"), (1, 0, False, "off"), (3, 200, False, "off"), (3, 0, True, "off")]
+    runs += [(8, -1, False, "auto"), (8, 300, False, "on"), (8, 0, True, "on")]
+    for k, (micro, cap, ckpt, packing) in enumerate(runs):
         cfg = config(
             path,
-            tmp_path / f"o{micro}{ckpt}",
+            tmp_path / f"o{k}",
             micro_batch_size=micro,
             max_tokens_per_micro_batch=cap,
             max_steps=3,
             gradient_checkpointing=ckpt,
+            packing=packing,
             precision="fp64",
         )
         trainer = RewardTrainer(cfg, data[0], [])

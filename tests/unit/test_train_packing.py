@@ -1,0 +1,121 @@
+"""Padding-free packing and the automatic micro-batch plan of the Bradley–Terry trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from synpref.shared.modeling import encode_pair, load_reward_model, pad_batch
+from synpref.training.batching import auto_token_budget, memory_token_cap, packed_micro_batches
+from synpref.training.model_setup import load_for_training
+from synpref.training.packing import ScoreCapture, pack_sequences, packed_rewards, packing_problem
+from synpref.training.reward_config import RewardConfig
+from synpref.training.reward_trainer import RewardTrainer
+from testing.tiny import build_tiny_reward_model
+from tests.unit.test_train import config, make_pairs, texts
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama"])
+def decoder(request, tmp_path_factory):
+    pairs = make_pairs(12, seed=4, long_every=5)
+    path = build_tiny_reward_model(
+        tmp_path_factory.mktemp(request.param), arch=request.param, seed=2, texts=texts(pairs), vocab_size=400
+    )
+    return path, pairs
+
+
+def sequences(tokenizer, pairs) -> list[list[int]]:
+    return [enc.input_ids for pair in pairs for enc in encode_pair(tokenizer, pair, 512, "left_turns")]
+
+
+def test_pack_sequences_restarts_positions_and_marks_ends():
+    ids, positions, ends = pack_sequences([[5, 6, 7], [8], [9, 10]])
+    assert ids.tolist() == [[5, 6, 7, 8, 9, 10]]
+    assert positions.tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert ends.tolist() == [2, 3, 5]
+
+
+def test_packed_rewards_equal_padded_and_single_rewards_in_fp32(decoder):
+    path, pairs = decoder
+    model, tokenizer = load_reward_model(str(path))
+    seqs = sequences(tokenizer, pairs)
+    assert len({len(s) for s in seqs}) > 3  # lengths differ a lot (every 5th rejected is long)
+    with torch.inference_mode():
+        ids, mask = pad_batch(seqs, tokenizer.pad_token_id)
+        padded = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+        single = torch.stack([model(input_ids=torch.tensor([s])).logits[0, 0] for s in seqs])
+        packed = packed_rewards(model, ScoreCapture(model.score), seqs, "cpu")
+    assert packed.dtype == torch.float32 and packed.shape == padded.shape
+    torch.testing.assert_close(packed, single, rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+    # A packed row without its position restarts lets tokens attend across sequences: different rewards.
+    with torch.inference_mode():
+        run_on = model(input_ids=torch.tensor([[t for s in seqs[:2] for t in s]])).logits[0, 0]
+    assert abs(float(run_on) - float(packed[1])) > 1e-4
+
+
+def test_packed_gradients_equal_padded_gradients(decoder):
+    path, pairs = decoder
+    grads = []
+    for packed in (False, True):
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float64)
+        _, tokenizer = load_reward_model(str(path))
+        seqs = sequences(tokenizer, pairs[:4])
+        if packed:
+            rewards = packed_rewards(model, ScoreCapture(model.score), seqs, "cpu")
+        else:
+            ids, mask = pad_batch(seqs, tokenizer.pad_token_id)
+            rewards = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+        (rewards[0::2] - rewards[1::2]).sigmoid().log().sum().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 5
+    for k, g in grads[0].items():
+        torch.testing.assert_close(grads[1][k], g, rtol=1e-9, atol=1e-12, msg=k)
+
+
+def test_encoders_are_not_packed(tmp_path):
+    path = build_tiny_reward_model(tmp_path / "bert", arch="bert", texts=texts(make_pairs(4)), vocab_size=300)
+    model, _ = load_reward_model(str(path))
+    assert "score" in packing_problem(model)
+    with pytest.raises(ValueError, match="packing: on"):
+        load_for_training(RewardConfig(packing="on"), str(path), torch.device("cpu"), 1)
+    loaded = load_for_training(RewardConfig(packing="auto"), str(path), torch.device("cpu"), 1)
+    assert loaded.capture is None
+
+
+def test_cpu_defaults_pad_under_an_automatic_token_budget_and_packing_on_trains(decoder, tmp_path):
+    path, _ = decoder
+    train = make_pairs(16, seed=1)
+    auto = RewardTrainer(config(path, tmp_path / "auto", max_steps=1), train, train[:6])
+    # On CPU auto means padded micro-batches (no varlen kernel), budget max(2 x max_length, 1024).
+    assert auto.capture is None and (auto.micro_pairs, auto.micro_tokens) == (3, 1024)
+    packed = RewardTrainer(config(path, tmp_path / "packed", max_steps=1, packing="on"), train, train[:6])
+    assert packed.capture is not None
+    before = packed.rewards(packed.eval_enc.pairs)
+    for (a, b), (c, d) in zip(auto.rewards(auto.eval_enc.pairs), before, strict=True):
+        assert a == pytest.approx(c, abs=1e-5) and b == pytest.approx(d, abs=1e-5)
+    result = packed.train()
+    assert result.metrics["steps"] == 1 and packed.rewards(packed.eval_enc.pairs) != before
+
+
+def test_packed_micro_batches_respect_the_budget():
+    tokens = [300, 200, 900, 100, 100, 2000]
+    rows = packed_micro_batches(range(6), tokens, max_tokens=1000)
+    assert rows == [[0, 1], [2, 3], [4], [5]]  # a pair over the budget runs alone
+    assert packed_micro_batches(range(6), tokens, max_tokens=0) == [list(range(6))]  # 0: no cap
+
+
+def test_auto_token_budget_per_device():
+    assert auto_token_budget(512, 8, "cpu") == 1024
+    assert auto_token_budget(128, 8, "cpu") == 1024 and auto_token_budget(4096, 8, "cpu") == 8192
+    assert auto_token_budget(4096, 8, "cuda") == 65536  # memory unknown: the micro_batch_size envelope
+    assert auto_token_budget(4096, 8, "cuda", memory_tokens=20000) == 20000
+    assert auto_token_budget(4096, 8, "cuda", memory_tokens=100) == 8192  # one longest pair always runs
+    # Qwen3-0.6B (28 layers, hidden 1024) on 139 GiB: ~57k tokens of activations; checkpointing holds more.
+    full = memory_token_cap(139 * 2**30, 596_000_000, 28, 1024, checkpointing=False)
+    ckpt = memory_token_cap(139 * 2**30, 596_000_000, 28, 1024, checkpointing=True)
+    assert 40_000 < full < 80_000 and ckpt > 10 * full
+    assert memory_token_cap(2**30, 596_000_000, 28, 1024, checkpointing=False) == 0

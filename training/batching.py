@@ -1,0 +1,190 @@
+"""What goes into each forward pass of the Bradley–Terry trainer: pure functions, no model.
+
+Encoding (pairs to token ids), the loss, the learning-rate schedule, the data order of an
+epoch, the share of each rank, the micro-batches of a share (padded or packed), and the
+token budget a micro-batch gets when the config leaves it to the trainer.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from synpref.shared.modeling import encode_pair
+
+# Below about a thousand tokens per forward, a CPU spends a visible share of its time outside
+# the matmuls (measured on the 5M-parameter benchmark model; see docs/training.md).
+CPU_MIN_TOKENS = 1024
+# Bytes of saved activations per token and hidden unit of one decoder layer under bf16
+# autocast, without the s^2 attention term that flash / memory-efficient kernels do not keep
+# (Korthikanti et al. 2022, "Reducing Activation Recomputation", table 2: 34 s b h).
+ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER = 34
+# fp32 weights, fp32 gradients and two fp32 AdamW moments.
+STATE_BYTES_PER_PARAM = 16
+
+
+@dataclass
+class EncodedPair:
+    chosen: list[int]
+    rejected: list[int]
+    margin: float = 0.0
+
+    @property
+    def width(self) -> int:
+        return max(len(self.chosen), len(self.rejected))
+
+    @property
+    def tokens(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+@dataclass
+class EncodeReport:
+    pairs: list[EncodedPair]
+    kept: list[int]
+    """Indices (into the input) of the pairs that were encoded."""
+    unfit: int = 0
+    truncated: int = 0
+
+
+def encode_pairs(
+    tokenizer: Any,
+    pairs: Sequence[dict[str, Any]],
+    max_length: int,
+    truncation: str,
+    margin_column: str = "",
+    keep_unfit: bool = False,
+) -> EncodeReport:
+    """Encode pairs; those that do not fit under the policy are counted, and left out unless
+    keep_unfit (evaluation then scores their left-token-truncated fallback, as score_pairs does)."""
+    out = EncodeReport(pairs=[], kept=[])
+    for i, pair in enumerate(pairs):
+        chosen, rejected = encode_pair(tokenizer, pair, max_length, truncation)  # type: ignore[arg-type]
+        if not (chosen.fits and rejected.fits):
+            out.unfit += 1
+            if not keep_unfit:
+                continue
+        out.truncated += chosen.truncated or rejected.truncated
+        margin = float(pair.get(margin_column, 0.0) or 0.0) if margin_column else 0.0
+        out.pairs.append(EncodedPair(chosen.input_ids, rejected.input_ids, margin))
+        out.kept.append(i)
+    return out
+
+
+def bt_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_coefficient: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair Bradley–Terry loss (not reduced)."""
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff)
+    if center_coefficient:
+        loss = loss + center_coefficient * (r_chosen + r_rejected) ** 2
+    return loss
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "linear":
+            return max(0.0, (total - step) / max(1, total - warmup))
+        return 1.0
+
+    return fn
+
+
+def step_order(
+    n: int, seed: int, epoch: int, global_batch: int, lengths: Sequence[int] | None, window: int
+) -> list[list[int]]:
+    """The global batches of one epoch: a seeded permutation, optionally length-grouped."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(n))
+    rng.shuffle(order)
+    steps = n // global_batch
+    batches = [order[i * global_batch : (i + 1) * global_batch] for i in range(steps)]
+    if lengths is None:
+        return batches
+    grouped: list[list[int]] = []
+    for start in range(0, steps, window):
+        pool = sorted((i for b in batches[start : start + window] for i in b), key=lambda i: -lengths[i])
+        chunk = [pool[k : k + global_batch] for k in range(0, len(pool), global_batch)]
+        rng.shuffle(chunk)
+        grouped.extend(chunk)
+    return grouped
+
+
+def rank_share(batch: Sequence[int], widths: Sequence[int], rank: int, world: int) -> list[int]:
+    """Sort a global batch by length and deal it round-robin, so every rank gets similar work."""
+    ordered = sorted(batch, key=lambda i: -widths[i])
+    return ordered[rank::world]
+
+
+def micro_batches(share: Sequence[int], widths: Sequence[int], size: int, max_tokens: int) -> list[list[int]]:
+    """Cut a length-sorted share into micro-batches of <= size pairs and <= max_tokens padded tokens."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    for i in share:
+        width = widths[current[0]] if current else widths[i]
+        too_many = len(current) >= size or (max_tokens and 2 * width * (len(current) + 1) > max_tokens)
+        if current and too_many:
+            out.append(current)
+            current = []
+        current.append(i)
+    if current:
+        out.append(current)
+    return out
+
+
+def packed_micro_batches(share: Sequence[int], tokens: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Cut a share into packed rows of <= max_tokens real tokens (both sides of each pair; 0 =
+    no cap, one row); a pair longer than the budget gets a row of its own."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i in share:
+        if current and max_tokens and used + tokens[i] > max_tokens:
+            out.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += tokens[i]
+    if current:
+        out.append(current)
+    return out
+
+
+def memory_token_cap(free_bytes: int, params: int, layers: int, hidden: int, checkpointing: bool) -> int:
+    """Tokens of one forward whose saved activations fit in half the memory left after the
+    training state (the other half is headroom for temporaries and fragmentation)."""
+    left = free_bytes - STATE_BYTES_PER_PARAM * params
+    per_layer = ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER * hidden
+    # With checkpointing only each layer's input (2 bytes per unit in bf16) stays, plus one layer's activations.
+    per_token = 2 * hidden * layers + per_layer if checkpointing else per_layer * layers
+    return max(0, left // 2 // max(1, per_token))
+
+
+def auto_token_budget(max_length: int, micro_batch_size: int, device_type: str, memory_tokens: int = 0) -> int:
+    """The token budget of one forward when max_tokens_per_micro_batch is -1 (auto).
+
+    CPU: a forward costs its padded tokens and throughput is flat above ~1k tokens, so the
+    smallest budget that holds a longest pair wastes least: 2 x max_length, at least 1024.
+    GPU: the envelope micro_batch_size longest pairs need (2 x max_length x micro_batch_size),
+    so short pairs fill it with more pairs, capped by what memory holds (memory_tokens > 0).
+    Never below one longest pair, which always runs.
+    """
+    one_pair = 2 * max_length
+    if device_type == "cpu":
+        return max(one_pair, CPU_MIN_TOKENS)
+    budget = one_pair * micro_batch_size
+    if memory_tokens > 0:
+        budget = min(budget, memory_tokens)
+    return max(one_pair, budget)

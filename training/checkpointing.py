@@ -1,0 +1,84 @@
+"""Checkpoint pieces of the Bradley–Terry trainer: full state dicts (gathered under FSDP),
+optimizer state, per-rank RNG states, and finding / pruning checkpoint-N folders.
+
+A checkpoint is an HF folder plus `trainer_state.pt` (optimizer, scheduler, step, RNG).
+The data order is a function of (seed, epoch), so the step number is the data position.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
+def _numbered(root: Path) -> list[Path]:
+    return sorted((p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()), key=_step_of)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint-N folder (temporary .tmp folders are ignored)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    done = [p for p in _numbered(root) if (p / TRAINER_STATE).exists()]
+    return done[-1] if done else None
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoint-N folders."""
+    for old in _numbered(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def full_state_dict(model: Any, strategy: str) -> dict[str, Any]:
+    """The whole model's weights on the CPU (gathered from the shards under FSDP)."""
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def optimizer_state(model: Any, optimizer: torch.optim.Optimizer, strategy: str) -> dict[str, Any]:
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any], strategy: str) -> None:
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)

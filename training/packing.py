@@ -1,0 +1,95 @@
+"""Padding-free packing for decoder reward models (OpenRLHF's trick).
+
+The chosen and rejected sequences of many pairs are concatenated into one row with
+`position_ids` restarting at 0 for each sequence and no attention mask. Transformers reads
+the restarts as sequence boundaries: flash-attention kernels run varlen (no token attends
+across a boundary and no compute goes to padding); SDPA and eager attention get a
+block-diagonal causal mask, which is exact but still costs the whole row's square.
+The reward of a sequence is the score head's output at its last token, read through a
+forward hook on the head, so the call still goes through the DDP / FSDP / compiled wrapper.
+
+Only decoder heads named `score` (Llama, Qwen, Mistral, Gemma, ... sequence classifiers)
+are packed; encoders (BERT's `classifier`) attend both ways and keep padded batches.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import torch
+
+# Attention implementations that take packed rows as varlen, without a square mask.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def packing_problem(model: Any) -> str:
+    """Why the model cannot be packed, or "" when it can."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return "this transformers release does not read packed position_ids (needs >= 4.56)"
+    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
+        return f"{type(model).__name__} has no decoder `score` head (encoders keep padded batches)"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not packed"
+    return ""
+
+
+def flash_attention_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+class ScoreCapture:
+    """Keeps the score head's per-token output of the forward run inside `with capture:`."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        self.armed = False
+        self.value: torch.Tensor | None = None
+        self.handle = head.register_forward_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        if self.armed:
+            self.value = output
+
+    def __enter__(self) -> ScoreCapture:
+        self.armed, self.value = True, None
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.armed = False
+
+    def take(self) -> torch.Tensor:
+        if self.value is None:
+            raise RuntimeError("the score head did not run in the packed forward")
+        value, self.value = self.value, None
+        return value
+
+
+def pack_sequences(
+    seqs: Sequence[Sequence[int]], device: Any = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids [1, T], position_ids [1, T], index of each sequence's last token)."""
+    lengths = [len(s) for s in seqs]
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    positions = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])
+    ends = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
+    return ids[None].to(device), positions[None].to(device), ends.to(device)
+
+
+def packed_rewards(
+    module: Any,
+    capture: ScoreCapture,
+    seqs: Sequence[Sequence[int]],
+    device: Any,
+    forward_kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Rewards (score at each sequence's last token) of seqs packed into one row."""
+    ids, positions, ends = pack_sequences(seqs, device)
+    # Transformers reads position restarts as boundaries only without a cache (and without a mask).
+    kwargs = {**(forward_kwargs or {}), "use_cache": False}
+    with capture:
+        module(input_ids=ids, position_ids=positions, **kwargs)
+    return capture.take()[0, ends, 0]
