@@ -75,6 +75,30 @@ def stage1(record: PairRecord, settings: FilterSettings) -> PairRecord:
     return _decided(record, DECISION_SKIP, "stage1.error_driven", reason, STAGE_ONE)
 
 
+def silver_label(record: PairRecord) -> PairRecord | None:
+    """Stage 1's label for a retrieved pair not sent to humans: the judges' (D_silver).
+
+    KEEP when the judges prefer the chosen side, FLIP (swapped) when they prefer the rejected
+    one; None when the panel abstained, which leaves the pair unverified.
+    """
+    pref = record.judge_aggregate.preference
+    if pref == PREFERENCE_CHOSEN:
+        out, decision, reason = record, DECISION_KEEP, "judges agree with the label"
+    elif pref == PREFERENCE_REJECTED:
+        out, decision, reason = flipped(record), DECISION_FLIP, "judges prefer the rejected response"
+    else:
+        return None
+    out.decision.CopyFrom(DecisionRecord(decision=decision, rule="stage1.judges", reason=reason))
+    out.lineage.updated_at.CopyFrom(now())
+    return out
+
+
+def human_candidates(p_best: dict[str, float], budget: int) -> list[str]:
+    """Stage 1's choice for humans among the gold candidates: the RM's worst errors first (lowest
+    p_best, ties by key for a reproducible order), up to the human budget."""
+    return sorted(p_best, key=lambda k: (p_best[k], k))[:budget]
+
+
 def stage2(record: PairRecord, settings: FilterSettings) -> PairRecord:
     gold = score_of(record, GOLD)
     if gold is None:

@@ -1,30 +1,10 @@
 """The controller: the two-stage curation loop of DESIGN.md section 1, as resumable steps.
 
-Steps, in order (each runs once; a restarted controller skips the ones state.json lists):
-  ingest          read sources; normalize, dedup, decontaminate (services/ingest); split off a
-                  held-out set (by conversation); study runs record the source label and may add
-                  seeded label noise to the curated pool
-  prepare         embed conversations for retrieval (and cache RM features, trainer = head)
-  seed            humans verify a seed share of the pool: the first D_gold
-  s1.<t>.train    train the working RM on D_silver and the still-unverified pool (as labelled;
-                  at small scale D_silver alone is too small to learn from), pick the step by
-                  D_gold accuracy; stop Stage 1 after `iterations` or `patience` iterations
-                  without a better seed-D_gold accuracy
-  s1.<t>.curate   p for every verified pair; retrieve k(p) nearest unverified pairs (k rule);
-                  LLM judges label them; the ones the RM gets wrong or is unsure of (stage-1
-                  filter) go to humans, worst first, up to the budget: D_gold; the rest go to
-                  D_silver with the judges' label (flipped when they prefer "rejected"); judges
-                  that abstain leave a pair unverified
-  s2.gold         the gold RM on all human-verified pairs
-  s2.curate       the pairs still unverified: gold and best RM scores, judges for those the best
-                  RM does not already get right, the consistency filter (KEEP / FLIP / DISCARD)
-  final.dataset   versioned Parquet datasets: the human-verified pairs, and the curated set
-                  (D_gold + D_silver + Stage-2 KEEP and FLIP)
-  final.train     the final RM on the curated set; it and an RM on the pairs as given are
-                  measured on the held-out pairs
-  final.register  HF checkpoint under models/, models/best -> it, registry.json, scorer.yaml,
-                  and a hot reload of a running scorer when one is named
-  report          report.md with the Figure-7-style plots
+Steps, in order, each run once (a restarted controller skips the ones state.json lists):
+ingest, prepare, seed, s1.<t>.train and s1.<t>.curate per Stage-1 iteration, s2.gold,
+s2.curate, final.dataset, final.train, final.register, report. docs/curation.md says what
+each does and which stage functions it calls; the method's rules are in
+services/consistency_filter/rules.py, retrieval in embeddings.py, publishing in publish.py.
 """
 
 from __future__ import annotations
@@ -44,17 +24,17 @@ import numpy as np
 
 from synpref.services.annotator.annotate import Annotator
 from synpref.services.annotator.judges import Judge
-from synpref.services.annotator.prompts import Example
-from synpref.services.consistency_filter.rules import make_filter_stage
+from synpref.services.consistency_filter.rules import human_candidates, make_filter_stage, silver_label
+from synpref.services.controller.embeddings import EmbeddingTable
 from synpref.services.controller.executors import InProcessExecutor, StageExecutor, chain
 from synpref.services.controller.models import ModelHandle, RewardModels, accuracy
 from synpref.services.controller.providers import HumanProvider
+from synpref.services.controller.publish import reload_scorer, write_registry
 from synpref.services.controller.simulated import add_label_noise, label_is_true, mark_truth
 from synpref.services.controller.state import RunState, StateStore, key_of
 from synpref.services.gold_scorer.scoring import ScoringModel, make_scoring_stage, pair_dict
 from synpref.shared.config import Settings
-from synpref.shared.files import replace_durably, write_text_atomic
-from synpref.shared.pairs import flipped, message_dicts, now, preference_probability, split_by_conversation
+from synpref.shared.pairs import message_dicts, preference_probability, split_by_conversation
 from synpref.shared.retrieval import k_rule, pair_text
 from synpref.shared.roles import BEST, GOLD
 from synpref.shared.stage import Stage
@@ -62,12 +42,9 @@ from synpref.v1.pair_pb2 import (
     DECISION_FLIP,
     DECISION_KEEP,
     DECISION_REVIEW,
-    PREFERENCE_CHOSEN,
-    PREFERENCE_REJECTED,
     STAGE_ONE,
     STAGE_TWO,
     Decision,
-    DecisionRecord,
     ModelScore,
     PairRecord,
 )
@@ -78,60 +55,6 @@ Records = dict[str, PairRecord]
 
 def _conversation(record: PairRecord) -> list[dict[str, str]]:
     return message_dicts(record.pair.conversation)
-
-
-class EmbeddingTable:
-    """Retrieval embeddings of every pool pair's conversation, computed once at prepare.
-
-    Only the conversation is embedded (pair_text without attributes: the table is built
-    before any pair is labelled). Backs both retrieval uses: nearest unverified pairs of an
-    RM error, and human-verified examples for the judges (an annotator ExampleSource, whose
-    query is the pair's own conversation row; its `attributes` argument is not used).
-    """
-
-    def __init__(self, keys: list[str], vectors: np.ndarray, records: Callable[[], Records]) -> None:
-        self.keys = keys
-        self.row = {k: i for i, k in enumerate(keys)}
-        self.vectors = vectors
-        self.records = records
-        self.by_text: dict[str, int] = {}
-        self.example_keys: list[str] = []
-        self._index: tuple[list[str], Any] | None = None
-
-    def nearest(self, queries: list[str], ks: list[int], among: list[str]) -> list[list[str]]:
-        from synpref.shared.retrieval import VectorIndex
-
-        among = [k for k in among if k in self.row]
-        if not among or not queries:
-            return [[] for _ in queries]
-        cached = self._index
-        if cached is None or cached[0] != among:
-            index = VectorIndex(self.vectors.shape[1])
-            index.add(among, self.vectors[[self.row[k] for k in among]])
-            self._index = cached = (among, index)
-        index = cached[1]
-        hits = index.search(self.vectors[[self.row[q] for q in queries]], max(ks, default=0))
-        return [[item for item, _ in h[:k]] for h, k in zip(hits, ks, strict=True)]
-
-    def examples(self, conversation: list[dict[str, str]], attributes: dict, k: int) -> list[Example]:
-        text = json.dumps(conversation, ensure_ascii=False)
-        row = self.by_text.get(text)
-        if row is None or not self.example_keys or k <= 0:
-            return []
-        (hits,) = self.nearest([self.keys[row]], [k], self.example_keys)
-        records = self.records()
-        out = []
-        for key in hits:
-            r = records[key]
-            out.append(
-                Example(
-                    id=r.pair.id,
-                    conversation=message_dicts(r.pair.conversation),
-                    preferred="\n".join(m.content for m in r.pair.chosen),
-                    dispreferred="\n".join(m.content for m in r.pair.rejected),
-                )
-            )
-        return out
 
 
 class Controller:
@@ -243,7 +166,8 @@ class Controller:
             "holdout": sorted(key_of(r) for r in holdout),
             "unverified": sorted(key_of(r) for r in pool),
         }
-        self.state.results["ingest"] = {"counts": _counts(pre), "study": study, "label_noise": c.label_noise}
+        counts = {k: v for k, v in pre.counts.as_dict().items() if isinstance(v, int)}
+        self.state.results["ingest"] = {"counts": counts, "study": study, "label_noise": c.label_noise}
         self.state.results["initial_labels"] = {key_of(r): r.pair.id for r in pool}
         self.state.results["initial_label_accuracy"] = self.label_accuracy(sorted(self.state.results["initial_labels"]))
         self.say(f"ingest: {len(pool)} pairs to curate, {len(holdout)} held out")
@@ -394,8 +318,7 @@ class Controller:
             f1 = make_filter_stage(self.settings.filter.model_copy(update={"stage": 1}))
             decided = f1([self.records[k] for k in sorted(annotated)])
             review = [key_of(r) for _, r in decided.routed if r.decision.decision == DECISION_REVIEW]
-            review.sort(key=lambda k: (pb[k], k))
-            to_humans = review[: self.c.human_budget]
+            to_humans = human_candidates({k: pb[k] for k in review}, self.c.human_budget)
             gold_added, dropped = self.ask_humans(to_humans, t)
             silver, flipped, abstained = self.judge_labels([k for k in sorted(annotated) if k not in set(to_humans)], t)
             entry.update(
@@ -413,24 +336,18 @@ class Controller:
         s.results.setdefault("stage1", []).append(entry)
 
     def judge_labels(self, keys: list[str], t: int) -> tuple[int, int, int]:
-        """D_silver gets the judges' label; an abstaining panel leaves the pair unverified."""
-        kept, turned, moved = 0, 0, []
+        """D_silver gets the judges' label (rules.silver_label); an abstaining panel leaves the pair unverified."""
+        counts: Counter[int] = Counter()
+        moved = []
         for key in keys:
-            record = self.records[key]
-            pref = record.judge_aggregate.preference
-            if pref == PREFERENCE_CHOSEN:
-                decision, reason, kept = DECISION_KEEP, "judges agree with the label", kept + 1
-            elif pref == PREFERENCE_REJECTED:
-                record = flipped(record)
-                decision, reason, turned = DECISION_FLIP, "judges prefer the rejected response", turned + 1
-            else:
+            record = silver_label(self.records[key])
+            if record is None:
                 continue
-            record.decision.CopyFrom(DecisionRecord(decision=decision, rule="stage1.judges", reason=reason))
-            record.lineage.updated_at.CopyFrom(now())
+            counts[record.decision.decision] += 1
             self.records[key] = record
             moved.append(key)
         self.state.move(moved, "silver")
-        return kept, turned, len(keys) - len(moved)
+        return counts[DECISION_KEEP], counts[DECISION_FLIP], len(keys) - len(moved)
 
     def train_gold(self) -> None:
         s = self.state
@@ -533,23 +450,7 @@ class Controller:
             handle = self.handle(role)
             path = self.models.export(handle, models_dir / handle.version)
             registry[BEST if role == "final" else GOLD] = {"path": str(path.resolve()), "version": handle.version}
-        link = models_dir / BEST
-        tmp = models_dir / ".best.tmp"
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        tmp.symlink_to(Path(registry[BEST]["path"]).name)
-        replace_durably(tmp, link)
-        write_text_atomic(models_dir / "registry.json", json.dumps(registry, indent=1, sort_keys=True))
-        scorer = {
-            "scorer": {
-                "models": registry,
-                "default_model": BEST,
-                "max_length": self.c.max_length,
-            }
-        }
-        import yaml
-
-        write_text_atomic(models_dir / "scorer.yaml", yaml.safe_dump(scorer, sort_keys=True))
+        write_registry(models_dir, registry, self.c.max_length)
         s.results["registry"] = {"dir": str(models_dir.resolve()), **registry}
         if self.c.scorer_reload_url:
             reload_scorer(self.c.scorer_reload_url, registry, token_file=self.c.scorer_admin_token_file)
@@ -559,33 +460,6 @@ class Controller:
 
         path = write_report(self.root, self.state, self.settings)
         self.state.results["report"] = str(path)
-
-
-def reload_scorer(base_url: str, registry: dict[str, Any], timeout_s: float = 120.0, token_file: str = "") -> None:
-    """Hot-swap each registered model in a running scorer (POST /admin/reload on its admin
-    port, with the bearer token from token_file)."""
-    import urllib.request
-
-    headers = {"Content-Type": "application/json"}
-    if token_file:
-        headers["Authorization"] = "Bearer " + Path(token_file).read_text().strip()
-    for name, ref in registry.items():
-        body = json.dumps({"model": name, "path": ref["path"], "version": ref["version"]}).encode()
-        req = urllib.request.Request(base_url.rstrip("/") + "/admin/reload", data=body, headers=headers)
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            log.info("scorer reloaded %s: %s", name, resp.read().decode()[:200])
-
-
-def _counts(pre: Any) -> dict[str, int]:
-    counts = getattr(pre, "counts", None)
-    if counts is None:
-        return {}
-    try:
-        from dataclasses import asdict
-
-        return {k: v for k, v in asdict(counts).items() if isinstance(v, int)}
-    except TypeError:
-        return {}
 
 
 def clear(workdir: str | Path) -> None:

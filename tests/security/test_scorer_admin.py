@@ -153,7 +153,7 @@ def test_admin_cannot_be_enabled_without_a_token(root: Path, tmp_path: Path) -> 
 
 
 def test_the_controller_reloads_with_the_token(root: Path) -> None:
-    from synpref.services.controller.loop import reload_scorer
+    from synpref.services.controller.publish import reload_scorer
 
     registry = {"best": {"path": str(root / "models" / "v2"), "version": "v2"}}
     with BackgroundScorer(admin_settings(root)) as bg:

@@ -1,0 +1,69 @@
+"""The controller's retrieval table: one embedding per pool pair, and the searches on it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from synpref.services.annotator.prompts import Example
+from synpref.shared.pairs import message_dicts
+from synpref.v1.pair_pb2 import PairRecord
+
+Records = dict[str, PairRecord]
+
+
+class EmbeddingTable:
+    """Retrieval embeddings of every pool pair's conversation, computed once at prepare.
+
+    Only the conversation is embedded (pair_text without attributes: the table is built
+    before any pair is labelled). Backs both retrieval uses: nearest unverified pairs of an
+    RM error, and human-verified examples for the judges (an annotator ExampleSource, whose
+    query is the pair's own conversation row; its `attributes` argument is not used).
+    """
+
+    def __init__(self, keys: list[str], vectors: np.ndarray, records: Callable[[], Records]) -> None:
+        self.keys = keys
+        self.row = {k: i for i, k in enumerate(keys)}
+        self.vectors = vectors
+        self.records = records
+        self.by_text: dict[str, int] = {}
+        self.example_keys: list[str] = []
+        self._index: tuple[list[str], Any] | None = None
+
+    def nearest(self, queries: list[str], ks: list[int], among: list[str]) -> list[list[str]]:
+        from synpref.shared.retrieval import VectorIndex
+
+        among = [k for k in among if k in self.row]
+        if not among or not queries:
+            return [[] for _ in queries]
+        cached = self._index
+        if cached is None or cached[0] != among:
+            index = VectorIndex(self.vectors.shape[1])
+            index.add(among, self.vectors[[self.row[k] for k in among]])
+            self._index = cached = (among, index)
+        index = cached[1]
+        hits = index.search(self.vectors[[self.row[q] for q in queries]], max(ks, default=0))
+        return [[item for item, _ in h[:k]] for h, k in zip(hits, ks, strict=True)]
+
+    def examples(self, conversation: list[dict[str, str]], attributes: dict, k: int) -> list[Example]:
+        text = json.dumps(conversation, ensure_ascii=False)
+        row = self.by_text.get(text)
+        if row is None or not self.example_keys or k <= 0:
+            return []
+        (hits,) = self.nearest([self.keys[row]], [k], self.example_keys)
+        records = self.records()
+        out = []
+        for key in hits:
+            r = records[key]
+            out.append(
+                Example(
+                    id=r.pair.id,
+                    conversation=message_dicts(r.pair.conversation),
+                    preferred="\n".join(m.content for m in r.pair.chosen),
+                    dispreferred="\n".join(m.content for m in r.pair.rejected),
+                )
+            )
+        return out

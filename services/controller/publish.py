@@ -1,0 +1,43 @@
+"""Publishing the run's models: the registry files a scorer serves from, and hot reload of a running one."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from synpref.shared.files import replace_durably, write_text_atomic
+from synpref.shared.roles import BEST
+
+log = logging.getLogger(__name__)
+
+
+def reload_scorer(base_url: str, registry: dict[str, Any], timeout_s: float = 120.0, token_file: str = "") -> None:
+    """Hot-swap each registered model in a running scorer (POST /admin/reload on its admin
+    port, with the bearer token from token_file)."""
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if token_file:
+        headers["Authorization"] = "Bearer " + Path(token_file).read_text().strip()
+    for name, ref in registry.items():
+        body = json.dumps({"model": name, "path": ref["path"], "version": ref["version"]}).encode()
+        req = urllib.request.Request(base_url.rstrip("/") + "/admin/reload", data=body, headers=headers)
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            log.info("scorer reloaded %s: %s", name, resp.read().decode()[:200])
+
+
+def write_registry(models_dir: Path, registry: dict[str, Any], max_length: int) -> None:
+    """models/best -> the final checkpoint, registry.json, and a scorer.yaml that serves the registry."""
+    import yaml
+
+    link = models_dir / BEST
+    tmp = models_dir / ".best.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(Path(registry[BEST]["path"]).name)
+    replace_durably(tmp, link)
+    write_text_atomic(models_dir / "registry.json", json.dumps(registry, indent=1, sort_keys=True))
+    scorer = {"scorer": {"models": registry, "default_model": BEST, "max_length": max_length}}
+    write_text_atomic(models_dir / "scorer.yaml", yaml.safe_dump(scorer, sort_keys=True))
