@@ -59,7 +59,7 @@ def test_flip_swaps_texts_scores_and_votes():
     _, out = decide(rec, FilterSettings(stage=2, on_disagreement="flip"))
     assert out.pair.chosen[0].content == "b" and out.pair.rejected[0].content == "a"
     assert out.pair.id != rec.pair.id and out.lineage.original_id == rec.pair.id
-    assert next(s.p for s in out.scores if s.model == "gold") == pytest.approx(0.7)
+    assert next(s.p for s in out.scores if s.model == "gold") == 1.0 - 0.3  # the flip's p -> 1 - p, exactly
     assert out.judge_aggregate.preference == PREFERENCE_CHOSEN
     assert out.votes[0].preference == PREFERENCE_CHOSEN
 
