@@ -41,6 +41,26 @@ def _f(default: Any, help_: str, **kw: Any) -> Any:
 
 @dataclass
 class RewardConfig:
+    """Every knob of Bradley-Terry reward-model training; each field's help is in its metadata.
+
+    Fields, grouped:
+        model: model_name_or_path, output_dir.
+        data: train_files, eval_files, eval_fraction, split_seed, max_length, truncation,
+            margin_column.
+        optimisation: learning_rate, lr_scheduler, warmup_ratio, weight_decay, adam_beta1,
+            adam_beta2, adam_epsilon, max_grad_norm, num_epochs, max_steps, global_batch_size,
+            micro_batch_size, max_tokens_per_micro_batch, packing, center_rewards_coefficient,
+            disable_dropout, seed.
+        speed: group_by_length, group_window, precision, device, gradient_checkpointing,
+            compile, distributed, fsdp_min_params.
+        checkpoints, eval, logging: save_steps, save_total_limit, resume, eval_steps,
+            eval_batch_size, logging_steps, progress.
+
+    Construction validates: Literal-typed fields hold one of their choices, batch sizes are
+    >= 1, max_tokens_per_micro_batch >= -1, eval_fraction and warmup_ratio are in [0, 1); a
+    single string for train_files or eval_files becomes a one-item list. Raises ValueError.
+    """
+
     # --- model
     model_name_or_path: str = _f(
         "",
@@ -151,10 +171,16 @@ class RewardConfig:
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
+        """Field name -> its help text."""
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RewardConfig:
+        """A config from `values`: an optional "preset" key's values first, then the rest on top.
+
+        Values are coerced to the field types (strings to int/float/bool, a string to a one-item
+        list); unknown keys or presets raise ValueError.
+        """
         values = dict(values)
         preset = values.pop("preset", None)
         if preset and preset not in PRESETS:
@@ -191,6 +217,7 @@ class RewardConfig:
         return cls.from_dict(values)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as a plain dict (dataclasses.asdict)."""
         return dataclasses.asdict(self)
 
 

@@ -43,6 +43,20 @@ def k_for(p: float | None, k_max: int = 8) -> int:
 
 
 class Annotator:
+    """Adds attributes, retrieved examples, judge votes and their aggregate to pair records.
+
+    Args:
+        judges: every judge votes on every annotated pair; judges run concurrently.
+        labeller: labels the attribute 5-tuple of records that have none; None skips it.
+        examples: where retrieved human-verified examples come from; None sends none.
+        max_examples: most examples per pair (k_for picks fewer when p_best is known); 0 sends none.
+        skip_confident: when a record carries a p_best score the best RM gets right by more
+            than `band`, pass it through without judges.
+        band: the margin around 0.5 used by `skip_confident`.
+
+    Input records are never mutated: each result is a copy.
+    """
+
     def __init__(
         self,
         judges: list[Judge],
@@ -62,6 +76,7 @@ class Annotator:
         self._lock = threading.Lock()
 
     async def annotate_one(self, record: PairRecord) -> PairRecord:
+        """An annotated copy of `record` (votes, aggregate and retrieved example ids replaced)."""
         out = PairRecord()
         out.CopyFrom(record)
         pair = out.pair
@@ -96,6 +111,7 @@ class Annotator:
         return out
 
     async def annotate(self, records: list[PairRecord]) -> list[PairRecord | BaseException]:
+        """Annotate `records` concurrently; each entry is the annotated record or the exception it raised."""
         return await asyncio.gather(*(self.annotate_one(r) for r in records), return_exceptions=True)
 
     def run(self, records: list[PairRecord]) -> list[PairRecord | BaseException]:
@@ -110,6 +126,8 @@ class Annotator:
             return self._loop.run_until_complete(self.annotate(records))
 
     def stage(self) -> Stage:
+        """The annotator as a Stage: annotated records go to route "annotated", failures to the failed list."""
+
         def annotator(batch: list[PairRecord]) -> StageResult:
             result = StageResult()
             for record, out in zip(batch, self.run(batch), strict=True):
@@ -123,6 +141,7 @@ class Annotator:
         return annotator
 
     def close(self) -> None:
+        """Close the judges' and labeller's backends on the annotator's event loop, then the loop itself."""
         with self._lock:
             self._close()
 

@@ -58,6 +58,27 @@ def _conversation(record: PairRecord) -> list[dict[str, str]]:
 
 
 class Controller:
+    """The two-stage curation loop over one workdir, run as resumable named steps.
+
+    Args:
+        settings: the whole configuration; `settings.controller` (kept as `self.c`) holds the
+            workdir, sources, iteration limits, budgets and executor choice.
+        models: trains, scores and exports reward models (RewardModels).
+        humans: the human verifiers asked about Stage-1 gold candidates and the seed.
+        judges: the LLM judges the in-process annotator stage calls.
+        executor: runs the "annotate" and "stage2" stages; default: in process, built by
+            `in_process_stage`.
+        embed: texts -> vectors for retrieval; default: an Embedder of
+            `settings.annotator.embedding_model`, built on first use.
+        on_step: called with each step's name after the step is committed.
+        progress: receives one-line progress messages (default `print`).
+        labeller: the attribute labeller handed to the annotator, if any.
+
+    Construction loads state.json and the records snapshot it names, so a new Controller on
+    an existing workdir resumes where the last one stopped: `run` skips every step already in
+    `state.done`.
+    """
+
     def __init__(
         self,
         settings: Settings,
@@ -90,6 +111,7 @@ class Controller:
     # ------------------------------------------------------------ plumbing
 
     def step(self, name: str, fn: Callable[[], None]) -> None:
+        """Run `fn` as step `name` unless state.done lists it, then snapshot the records and commit the state."""
         if name in self.state.done:
             return
         started = time.perf_counter()
@@ -104,18 +126,27 @@ class Controller:
             self.on_step(name)
 
     def pool_sizes(self) -> dict[str, int]:
+        """Pool name -> number of record keys in it, sorted by name."""
         return {k: len(v) for k, v in sorted(self.state.pools.items())}
 
     def pairs(self, keys: list[str]) -> list[dict]:
+        """The records of `keys` as pair dicts (gold_scorer.scoring.pair_dict), in order."""
         return [pair_dict(self.records[k]) for k in keys]
 
     def handle(self, role: str) -> ModelHandle:
+        """The ModelHandle recorded in the state for model role `role` (KeyError if none)."""
         return ModelHandle.from_dict(self.state.models[role])
 
     def seed_keys(self) -> list[str]:
+        """Keys of the seed pairs humans verified in the seed step (empty before it)."""
         return list(self.state.results.get("seed_gold", []))
 
     def in_process_stage(self, name: str) -> Stage:
+        """The Stage for executor stage `name`: "annotate" or "stage2"; KeyError otherwise.
+
+        "stage2" chains the gold/best scoring stage, an annotator that skips confident pairs, and
+        the stage-2 filter.
+        """
         if name == "annotate":
             return Annotator(self.judges, self.labeller, self.table, max_examples=min(self.c.k_max, 8)).stage()
         if name == "stage2":
@@ -127,6 +158,7 @@ class Controller:
     # ------------------------------------------------------------ the loop
 
     def run(self) -> RunState:
+        """Run every step not yet done, in order (Stage 1 until it stops, then Stage 2, final), and return the state."""
         self.step("ingest", self.ingest)
         self.ensure_table()
         self.step("seed", self.seed)
@@ -147,6 +179,7 @@ class Controller:
     # ------------------------------------------------------------ steps
 
     def ingest(self) -> None:
+        """Read, preprocess and split the sources into the unverified pool and a held-out set (by conversation)."""
         from synpref.services.ingest.preprocess import ingest_paths
 
         c = self.c
@@ -207,6 +240,7 @@ class Controller:
         return self.embed(texts)
 
     def seed(self) -> None:
+        """Sample `seed_fraction` of the unverified pool (at least 2 pairs) for humans to verify into D_gold."""
         pool = list(self.state.pool("unverified"))
         rng = random.Random(f"seed:{self.c.seed}")
         n = max(2, round(self.c.seed_fraction * len(pool)))
@@ -271,6 +305,7 @@ class Controller:
             s.stage1_stopped = "no unverified pairs left"
 
     def score_into(self, keys: list[str], handle: ModelHandle, role: str) -> dict[str, float]:
+        """Score `keys` with `handle`, replace each record's `role` score, and return key -> p(chosen > rejected)."""
         rewards = self.models.score(handle, self.pairs(keys))
         out = {}
         for key, (rc, rr) in zip(keys, rewards, strict=True):
@@ -286,6 +321,13 @@ class Controller:
         return out
 
     def curate_stage1(self, t: int) -> None:
+        """Stage-1 iteration t: retrieve, annotate and route unverified pairs.
+
+        Retrieves unverified pairs near the verified ones (more neighbours for those the working
+        RM gets wrong), annotates them and runs the stage-1 filter; review candidates go to the
+        humans (within human_budget), the rest get the judges' label into D_silver, or stay
+        unverified when the panel abstains.
+        """
         s = self.state
         assert self.table is not None
         handle = self.handle(f"working-{t}")
@@ -350,11 +392,13 @@ class Controller:
         return counts[DECISION_KEEP], counts[DECISION_FLIP], len(keys) - len(moved)
 
     def train_gold(self) -> None:
+        """Train the gold RM on D_gold alone and record it under the gold role."""
         s = self.state
         handle = self.models.train(GOLD, self.pairs(s.pool("gold")), [], self.root / "models")
         s.models[GOLD] = handle.to_dict()
 
     def curate_stage2(self) -> None:
+        """Stage 2: score, annotate and filter every pair still unverified; curated ones join the stage2 pool."""
         s = self.state
         keys = s.pool("unverified")
         gold, best = self.handle(GOLD), self.handle(BEST)
@@ -395,10 +439,12 @@ class Controller:
         self.say(f"stage 2: {dict(decisions)} of {len(keys)} pairs ({annotated} sent to judges)")
 
     def curated_keys(self) -> list[str]:
+        """Keys of the curated set: D_gold, then D_silver, then the Stage-2 keeps."""
         s = self.state
         return s.pool("gold") + s.pool("silver") + s.pool("stage2")
 
     def write_datasets(self) -> None:
+        """Write two dataset versions, human-verified (D_gold) and curated, under workdir/datasets."""
         from synpref.services.dataset_writer.dataset import DatasetVersion
 
         root = self.root / "datasets"
@@ -410,6 +456,7 @@ class Controller:
         self.state.results["datasets"] = out
 
     def train_final(self) -> None:
+        """Train the final RM on the curated set; record its held-out accuracy beside as-given, best and gold."""
         s = self.state
         models_dir = self.root / "models"
         final = self.models.train("final", self.pairs(self.curated_keys()), [], models_dir)
@@ -441,6 +488,7 @@ class Controller:
         return (sum(known) / len(known)) if known else None
 
     def register(self) -> None:
+        """Export the final and gold RMs to models_dir, write the scorer registry, reload the scorer if configured."""
         s = self.state
         models_dir = Path(self.c.models_dir)
         if not models_dir.is_absolute():
@@ -456,6 +504,7 @@ class Controller:
             reload_scorer(self.c.scorer_reload_url, registry, token_file=self.c.scorer_admin_token_file)
 
     def report(self) -> None:
+        """Write the run report (controller/report.py) and record its path in the results."""
         from synpref.services.controller.report import write_report
 
         path = write_report(self.root, self.state, self.settings)

@@ -27,11 +27,18 @@ POOLS = ("holdout", "gold", "silver", "unverified", "discarded")
 
 
 def key_of(record: PairRecord) -> str:
+    """A record's stable key: its ingest id (lineage.original_id), else its pair id."""
     return record.lineage.original_id or record.pair.id
 
 
 @dataclass
 class RunState:
+    """Everything a restarted controller needs, saved as state.json by StateStore.
+
+    Fields are plain JSON values (lists, dicts, strings), so `dataclasses.asdict` round-trips
+    them. A record key is in at most one pool once `move` has placed it.
+    """
+
     done: list[str] = field(default_factory=list)
     """Steps completed, in order."""
     records: str = ""
@@ -50,9 +57,11 @@ class RunState:
     """Stage-2 decisions, dataset versions, final accuracies, counts from ingest."""
 
     def pool(self, name: str) -> list[str]:
+        """The key list of pool `name`, created empty if missing (the same list object, so edits stick)."""
         return self.pools.setdefault(name, [])
 
     def move(self, keys: Iterable[str], to: str) -> None:
+        """Move `keys` into pool `to`, out of every other pool; new keys are appended sorted, without duplicates."""
         moving = set(keys)
         for name in list(self.pools):
             if name != to:
@@ -70,11 +79,13 @@ class StateStore:
         self.path = self.root / STATE_FILE
 
     def load(self) -> RunState:
+        """The saved RunState, or a fresh one when no state file exists yet."""
         if not self.path.exists():
             return RunState()
         return RunState(**json.loads(self.path.read_text()))
 
     def save(self, state: RunState) -> None:
+        """Write `state` as state.json atomically (temp file, fsync, rename): the step's commit point."""
         text = json.dumps(asdict(state), indent=1, sort_keys=True)
         write_atomic(self.path, lambda p: p.write_text(text))
 
@@ -87,6 +98,7 @@ class StateStore:
         return rel
 
     def read_records(self, rel: str) -> dict[str, PairRecord]:
+        """Key -> record from the snapshot at workdir-relative `rel`; empty when `rel` is empty."""
         if not rel:
             return {}
         batch = PairBatch()

@@ -40,6 +40,8 @@ item waits at most a few rounds behind shorter ones that keep arriving."""
 
 @dataclass(frozen=True)
 class BatchResult:
+    """What one `Batcher.score` call gets back: its rewards in input order, plus timings and sizes."""
+
     rewards: list[float]
     queue_ms: float
     """From submit until the first of the request's items started computing."""
@@ -137,6 +139,23 @@ def plan_batches(
 
 
 class Batcher:
+    """Coalesces the scoring requests for one model into padded-token-efficient forwards.
+
+    Args:
+        forward: token-id lists -> one raw reward each; runs on the batcher's single thread.
+        max_batch_tokens: padded-token bound of one forward (items x longest); a single item
+            may exceed it.
+        max_batch_items: most items in one forward.
+        max_wait_ms: longest the oldest queued item waits for a fuller batch.
+        max_queue: most queued items; a `score` call that would exceed it raises Overloaded.
+        overhead_tokens: the fixed cost of one forward, in tokens, used by plan_batches.
+        name: the model name, in errors, metrics labels and the thread name.
+        metrics: where queue depth and batch statistics go; None records nothing.
+
+    `start` must be called on the running event loop before `score`; forwards run one at a
+    time, in order.
+    """
+
     def __init__(
         self,
         forward: Forward,
@@ -168,13 +187,16 @@ class Batcher:
 
     @property
     def depth(self) -> int:
+        """Items queued and not yet taken into a scheduling window."""
         return len(self._queue)
 
     @property
     def closing(self) -> bool:
+        """True once `close` has been called: `score` then raises NotReady."""
         return self._closing
 
     def start(self) -> None:
+        """Start the worker task on the running event loop; `score` raises NotReady until this is called."""
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
     async def score(self, ids: Sequence[list[int]], deadline: float | None = None) -> BatchResult:
