@@ -41,6 +41,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class PairScore:
+    """The score of one preference pair: each response's reward and p, the probability chosen is preferred."""
+
     reward_chosen: float
     reward_rejected: float
     p: float
@@ -54,6 +56,7 @@ def _messages(value: Conversation | str, role: str = "assistant") -> list[pair_p
 
 
 def to_item(item: Item) -> reward_pb2.ScoreItem:
+    """A ScoreItem: `text` for a string (already rendered), else the conversation's messages."""
     if isinstance(item, str):
         return reward_pb2.ScoreItem(text=item)
     return reward_pb2.ScoreItem(conversation=reward_pb2.Conversation(messages=_messages(item)))
@@ -123,6 +126,7 @@ class RewardClient:
         self.close()
 
     def close(self) -> None:
+        """Close the gRPC channel."""
         self.channel.close()
 
     def _call(self, method: Callable[..., T], request: Any, deadline: float) -> T:
@@ -139,6 +143,10 @@ class RewardClient:
                 time.sleep(delay)
 
     def score(self, items: Sequence[Item], *, model: str | None = None, timeout: float | None = None) -> list[float]:
+        """One reward per item, in order; `model` defaults to the client's (empty: the server's default).
+
+        Items are sent in chunks of chunk_size; `timeout` (default the client's) bounds the whole call.
+        """
         if not items:
             return []
         deadline = time.monotonic() + (timeout or self.policy.timeout)
@@ -151,6 +159,7 @@ class RewardClient:
     def score_pairs(
         self, pairs: Sequence[PairDict], *, model: str | None = None, timeout: float | None = None
     ) -> list[PairScore]:
+        """One PairScore per pair, in order; chunks of chunk_size // 2 pairs (two items each on the server)."""
         if not pairs:
             return []
         deadline = time.monotonic() + (timeout or self.policy.timeout)
@@ -162,6 +171,7 @@ class RewardClient:
         return out
 
     def info(self, model: str = "", timeout: float | None = None) -> reward_pb2.InfoResponse:
+        """The server's InfoResponse for `model` (empty: the server's default model)."""
         deadline = time.monotonic() + (timeout or self.policy.timeout)
         return self._call(self.stub.Info, reward_pb2.InfoRequest(model=model), deadline)
 
@@ -196,6 +206,7 @@ class AsyncRewardClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the gRPC channel."""
         await self.channel.close()
 
     async def _call(self, method: Callable[..., Any], request: Any, deadline: float) -> Any:
@@ -223,6 +234,7 @@ class AsyncRewardClient:
     async def score(
         self, items: Sequence[Item], *, model: str | None = None, timeout: float | None = None
     ) -> list[float]:
+        """One reward per item, in order; chunks run concurrently, at most `concurrency` at a time."""
         if not items:
             return []
         deadline = time.monotonic() + (timeout or self.policy.timeout)
@@ -236,6 +248,7 @@ class AsyncRewardClient:
     async def score_pairs(
         self, pairs: Sequence[PairDict], *, model: str | None = None, timeout: float | None = None
     ) -> list[PairScore]:
+        """One PairScore per pair, in order; chunks run concurrently, at most `concurrency` at a time."""
         if not pairs:
             return []
         deadline = time.monotonic() + (timeout or self.policy.timeout)
@@ -247,5 +260,6 @@ class AsyncRewardClient:
         return [s for resp in responses for s in _pair_scores(resp)]
 
     async def info(self, model: str = "", timeout: float | None = None) -> reward_pb2.InfoResponse:
+        """The server's InfoResponse for `model` (empty: the server's default model)."""
         deadline = time.monotonic() + (timeout or self.policy.timeout)
         return await self._call(self.stub.Info, reward_pb2.InfoRequest(model=model), deadline)

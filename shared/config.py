@@ -28,12 +28,16 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
+    """Base of every settings section: unknown keys are errors, values are frozen, and inf/nan floats are refused."""
+
     # allow_inf_nan=False: a timeout, wait or rate of inf/nan (YAML `.inf`, env `inf`) never ends or
     # never compares; one rule for every float field of every section.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class KafkaSettings(Section):
+    """The `kafka` section: broker connection and security, topic creation defaults, consumer and producer limits."""
+
     bootstrap_servers: str = "127.0.0.1:9092"
     """Comma-separated host:port list of the cluster to use."""
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -79,6 +83,8 @@ class KafkaSettings(Section):
 
 
 class TopicSettings(Section):
+    """The `topics` section: the name of each pipeline topic, by role."""
+
     raw: str = "synpref.pairs.raw"
     annotated: str = "synpref.pairs.annotated"
     scored: str = "synpref.pairs.scored"
@@ -90,10 +96,13 @@ class TopicSettings(Section):
     """Pairs the human desk dropped ("cannot decide" or a split vote): kept for audit, never in D_gold."""
 
     def all(self) -> list[str]:
+        """Every topic name, in field order."""
         return list(self.model_dump().values())
 
 
 class ModelRef(Section):
+    """A reward model to load: its checkpoint path and the version label written to lineage."""
+
     path: str = ""
     """Checkpoint folder or hub id of an AutoModelForSequenceClassification RM."""
     version: str = ""
@@ -101,6 +110,8 @@ class ModelRef(Section):
 
 
 class JudgeSettings(Section):
+    """One LLM judge on an OpenAI-compatible endpoint: model name, URL, API-key variable, samples, temperature."""
+
     name: str
     """Model name sent to the OpenAI-compatible endpoint."""
     base_url: str = "http://127.0.0.1:8000/v1"
@@ -111,6 +122,8 @@ class JudgeSettings(Section):
 
 
 class AnnotatorSettings(Section):
+    """The `annotator` section: judges, attribute labeller, retrieval of examples and request limits."""
+
     judges: list[JudgeSettings] = Field(default_factory=list)
     attribute_model: JudgeSettings | None = None
     max_concurrency: int = Field(default=8, ge=1)
@@ -136,6 +149,8 @@ class AnnotatorSettings(Section):
 
 
 class ScoringSettings(Section):
+    """The `scoring` section: the gold and best RMs, scored in process or through the scorer service."""
+
     gold: ModelRef = ModelRef()
     best: ModelRef = ModelRef()
     mode: Literal["in_process", "grpc"] = "in_process"
@@ -146,6 +161,8 @@ class ScoringSettings(Section):
 
 
 class FilterSettings(Section):
+    """The `filter` section: the stage whose rule applies, the uncertainty band, what to do on disagreement."""
+
     stage: Literal[1, 2] = 2
     band: float = Field(default=0.05, ge=0.0, lt=0.5)
     """Pairs with |p_best - 0.5| <= band count as uncertain and are (re-)annotated."""
@@ -153,6 +170,8 @@ class FilterSettings(Section):
 
 
 class WriterSettings(Section):
+    """The `writer` section: where dataset shards go (root/name/version) and when a shard is flushed."""
+
     root: str = "artifacts/datasets"
     name: str = "synpref"
     version: str = "v1"
@@ -359,6 +378,8 @@ class ControllerSettings(Section):
 
 
 class ServiceSettings(Section):
+    """The `service` section of each stage service: bind host, gRPC and metrics ports, consumer group, grace."""
+
     host: str = "0.0.0.0"
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     metrics_port: int = Field(default=9100, ge=0, le=65535)
@@ -398,11 +419,13 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Source order: environment variables first, then init kwargs (the YAML file and overrides)."""
         # Environment beats the YAML file, which arrives as init kwargs.
         return env_settings, init_settings
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in YAML file `path` (empty file: {}); ConfigError if missing, invalid, or not a mapping."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
