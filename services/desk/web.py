@@ -136,6 +136,7 @@ class ReviewDesk:
         return True
 
     async def tick(self) -> None:
+        """Flush decided pairs, then refill; an error is logged and left for the next tick."""
         try:
             await self.flush()
             await self.refill()
@@ -143,12 +144,14 @@ class ReviewDesk:
             log.exception("desk tick failed; retrying")
 
     async def run_ticks(self, stop: asyncio.Event) -> None:
+        """Tick every TICK_S seconds until `stop` is set."""
         while not stop.is_set():
             await self.tick()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), TICK_S)
 
     async def close(self) -> None:
+        """Flush what is decided (errors ignored), then close the source and the sink."""
         with contextlib.suppress(Exception):
             await self.flush()
         await self.source.close()
@@ -174,6 +177,7 @@ def _error(status: int, message: str) -> web.Response:
 
 
 async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Add SECURITY_HEADERS to every response, aiohttp's own error pages included."""
     # on_response_prepare: also reaches the 500 aiohttp itself makes if a handler escapes the middleware.
     response.headers.update(SECURITY_HEADERS)
 
@@ -182,6 +186,7 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
 async def json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    """Turn HTTP exceptions and unexpected errors into JSON error responses (unexpected ones logged, as 500)."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -195,6 +200,10 @@ async def json_errors(
 async def require_token(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    """Guard /api/*: a valid annotator bearer token is required, and repeated failures from one address get 429.
+
+    The annotator's name is stored in request[ANNOTATOR]; DeskError from a handler becomes its JSON error.
+    """
     if not request.path.startswith("/api/"):
         return await handler(request)
     throttle = request.app[THROTTLE]
@@ -219,10 +228,12 @@ async def require_token(
 
 
 async def index(request: web.Request) -> web.StreamResponse:
+    """GET /: the desk's single page."""
     return web.FileResponse(STATIC / "index.html", headers={"Content-Type": "text/html; charset=utf-8"})
 
 
 async def static(request: web.Request) -> web.StreamResponse:
+    """GET /static/{name}: one of STATIC_FILES, else 404."""
     name = request.match_info["name"]
     if name not in STATIC_FILES:
         return _error(404, "not found")
@@ -230,10 +241,12 @@ async def static(request: web.Request) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: {"status": "ok"}."""
     return web.json_response({"status": "ok"})
 
 
 async def session(request: web.Request) -> web.Response:
+    """GET /api/session: the annotator's name, the guideline, the overlap and the note length limit."""
     desk = request.app[DESK]
     return web.json_response(
         {
@@ -246,6 +259,7 @@ async def session(request: web.Request) -> web.Response:
 
 
 async def next_pair(request: web.Request) -> web.Response:
+    """GET /api/next: the next pair for this annotator (refilling once if none is pending) and their progress."""
     desk = request.app[DESK]
     who = request[ANNOTATOR]
     entry = desk.core.next_for(who)
@@ -256,6 +270,7 @@ async def next_pair(request: web.Request) -> web.Response:
 
 
 async def progress(request: web.Request) -> web.Response:
+    """GET /api/progress: this annotator's progress."""
     desk = request.app[DESK]
     return web.json_response(desk.core.progress(request[ANNOTATOR]))
 
@@ -288,6 +303,7 @@ def parse_verdict(body: Any) -> tuple[str, int, str]:
 
 
 async def verdict(request: web.Request) -> web.Response:
+    """POST /api/verdict: record a JSON verdict {pair_id, choice, note}; answers whether the pair is now decided."""
     desk = request.app[DESK]
     if request.content_type != "application/json":
         raise DeskError(400, "send the verdict as application/json")
@@ -348,6 +364,7 @@ class DeskServer:
         self._runner: web.AppRunner | None = None
 
     def start(self) -> DeskServer:
+        """Start the loop thread and the web app on it; returns self once listening (`url` is set)."""
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
         return self
@@ -366,6 +383,7 @@ class DeskServer:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout_s)  # type: ignore[arg-type]
 
     def stop(self) -> None:
+        """Clean up the web app (closing the desk), stop the loop and join its thread."""
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
             self._runner = None
@@ -382,5 +400,6 @@ class DeskServer:
 
 @contextlib.contextmanager
 def serve_in_thread(desk: ReviewDesk, host: str = "127.0.0.1", port: int = 0) -> Iterator[DeskServer]:
+    """A started DeskServer for `desk`, stopped on exit."""
     with DeskServer(desk, host, port) as server:
         yield server
