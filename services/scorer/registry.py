@@ -53,6 +53,7 @@ class EncodeQueue:
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
+        """Hold one encoding slot for the block; Overloaded when all `capacity` slots are taken."""
         if self.pending >= self.capacity:
             raise Overloaded(
                 f"{self.pending} requests are being read or tokenized (max_encode_queue={self.capacity}): retry later"
@@ -66,6 +67,8 @@ class EncodeQueue:
 
 @dataclass
 class ServedModel:
+    """One loaded model version as served: its name, checkpoint id, version, backend, encoder and batcher."""
+
     name: str
     model_id: str
     version: str
@@ -74,6 +77,7 @@ class ServedModel:
     batcher: Batcher
 
     def info(self, settings: ScorerSettings) -> reward_pb2.ModelInfo:
+        """The model's ModelInfo for Info responses, with the batching limits from `settings`."""
         return reward_pb2.ModelInfo(
             name=self.name,
             model_id=self.model_id,
@@ -97,10 +101,22 @@ def overhead_tokens(settings: ScorerSettings, backend: Backend) -> int:
 
 
 def version_of(ref: ModelRef) -> str:
+    """The ref's version label, else its checkpoint folder's name."""
     return ref.version or Path(ref.path.rstrip("/")).name
 
 
 class ModelRegistry:
+    """The scorer's served models by name, their hot reload, and the encode-then-batch path of a request.
+
+    Args:
+        settings: the scorer section (models, device, batching and queue limits).
+        metrics: where batchers and the registry record their metrics.
+        backend_factory: builds a Backend from (kind, path, device, dtype, max_length); tests pass fakes.
+
+    Tokenizing runs on a small thread pool, bounded by `encode_queue`; a reload swaps a name to
+    its new version without failing requests in flight.
+    """
+
     def __init__(
         self,
         settings: ScorerSettings,
@@ -121,11 +137,13 @@ class ModelRegistry:
 
     @property
     def default_name(self) -> str:
+        """The configured default model if it is served (or nothing is), else the first served one."""
         if self.settings.default_model in self.models or not self.models:
             return self.settings.default_model
         return next(iter(self.models))
 
     def get(self, name: str = "") -> ServedModel:
+        """The served model `name` (empty: the default); NotReady if none is loaded, UnknownModel if unknown."""
         if not self.models:
             raise NotReady("no model is loaded yet: retry shortly")
         name = name or self.default_name
@@ -184,6 +202,7 @@ class ModelRegistry:
         return ServedModel(name, ref.path, version_of(ref), backend, encoder, batcher)
 
     async def load_all(self, refs: dict[str, ModelRef]) -> None:
+        """Load every ref, one after another, through `reload`."""
         for name, ref in refs.items():
             await self.reload(name, ref)
 
@@ -217,6 +236,7 @@ class ModelRegistry:
         log.info("retired %s version %s", model.name, model.version)
 
     async def close(self, drain: bool = True) -> None:
+        """Stop serving: close each model's batcher (draining it if `drain`) and backend, then the encode pool."""
         models, self.models = list(self.models.values()), {}
         for m in models:
             await m.batcher.close(drain=drain)
