@@ -3,7 +3,6 @@ built on the spot (a Qwen3-shaped and a Llama-shaped one, the latter for the BOS
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import signal
@@ -26,7 +25,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from synpref.client import AsyncRewardClient, RewardClient
 from synpref.services.scorer.server import SERVICE_NAME, BackgroundScorer
 from synpref.shared.config import ModelRef, ScorerSettings
+from synpref.shared.pairs import preference_probability
 from synpref.v1 import pair_pb2, reward_pb2, reward_pb2_grpc
+from testing.numerics import approx_fp32_forward, fp32_forward_tolerance
 from testing.tiny import build_tiny_reward_model
 from testing.wait import wait_until
 
@@ -110,7 +111,8 @@ def test_rewards_match_transformers_logits(client: RewardClient, ckpts: dict[str
         variants.append([ref.tok.bos_token + r for r in rendered])
     for items in variants:
         got = client.score(items, model=name)
-        assert got == pytest.approx(expected, abs=1e-4)
+        # The server's padded batch vs the reference one text at a time: fp32 in another order.
+        assert got == approx_fp32_forward(expected)
     assert len(set(round(x, 6) for x in expected)) == len(expected)  # distinct inputs, distinct rewards
 
 
@@ -171,8 +173,9 @@ def test_many_concurrent_clients_get_their_own_results(scorer: BackgroundScorer,
     finally:
         for ch in channels:
             ch.close()
+    scale = max(abs(r) for r in expected.values())
     for i, reward, _ in results:
-        assert reward == pytest.approx(expected[i], abs=1e-4), i
+        assert reward == approx_fp32_forward(expected[i], scale), i  # coalesced batches vs one at a time
     forwards = scorer.server.registry.get("best").batcher.forwards - forwards_before
     assert forwards < n  # coalesced across requests
     assert max(b for _, _, b in results) > 1
@@ -186,10 +189,11 @@ def test_score_pairs_and_stream(client: RewardClient, scorer: BackgroundScorer) 
     scores = client.score_pairs(pairs)
     chosen = client.score([p["conversation"] + p["chosen"] for p in pairs])
     rejected = client.score([p["conversation"] + [{"role": "assistant", "content": p["rejected"]}] for p in pairs])
-    for s, c, r in zip(scores, chosen, rejected, strict=True):
-        assert s.reward_chosen == pytest.approx(c, abs=1e-4)
-        assert s.reward_rejected == pytest.approx(r, abs=1e-4)
-        assert s.p == pytest.approx(1 / (1 + math.exp(-(s.reward_chosen - s.reward_rejected))), abs=1e-9)
+    # ScorePairs batches chosen with rejected, Score each side alone: fp32 in another order.
+    scale = max(abs(x) for x in chosen + rejected)
+    assert [s.reward_chosen for s in scores] == approx_fp32_forward(chosen, scale)
+    assert [s.reward_rejected for s in scores] == approx_fp32_forward(rejected, scale)
+    assert all(s.p == preference_probability(s.reward_chosen, s.reward_rejected) for s in scores)  # same doubles
 
     texts = [f"stream message {i} " * (1 + i % 4) for i in range(12)]
     single = client.score(texts)
@@ -197,7 +201,7 @@ def test_score_pairs_and_stream(client: RewardClient, scorer: BackgroundScorer) 
         stub = reward_pb2_grpc.RewardServiceStub(ch)
         requests = (reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(text=t)]) for t in texts)
         got = [r.rewards[0] for r in stub.ScoreStream(requests, timeout=30)]
-    assert got == pytest.approx(single, abs=1e-4)
+    assert got == approx_fp32_forward(single)  # one request per text vs one batch
 
 
 def test_async_client_chunks_and_matches_sync(scorer: BackgroundScorer, client: RewardClient) -> None:
@@ -211,7 +215,7 @@ def test_async_client_chunks_and_matches_sync(scorer: BackgroundScorer, client: 
 
     got = asyncio.run(main())
     with RewardClient(scorer.address, chunk_size=50) as small:
-        assert got == pytest.approx(small.score(texts), abs=1e-4)
+        assert got == approx_fp32_forward(small.score(texts))  # chunks of 40 vs 50: other batches
     with RewardClient(scorer.address, chunk_size=1000) as big, pytest.raises(grpc.RpcError) as err:
         big.score(texts)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -351,8 +355,9 @@ def test_reload_swaps_without_failing_in_flight(ckpts: dict[str, Path]) -> None:
             wait_until(lambda: old_batcher.depth == 8, 4, "8 requests queued on the old version's batcher")
             bg.run(bg.server.registry.reload("best", ModelRef(path=str(ckpts["qwen2"]), version="v2")))
             results = [f.result() for f in in_flight]
-        assert all(r == pytest.approx([old_reward], abs=1e-4) for r in results)
-        assert c.score([conv]) == pytest.approx([new.reward(conv)], abs=1e-4)
+        # The server's fp32 forwards vs the reference's: another batch, kernel and thread count.
+        assert all(r == approx_fp32_forward([old_reward]) for r in results)
+        assert c.score([conv]) == approx_fp32_forward([new.reward(conv)])
         assert {m.name: m.version for m in c.info().models}["best"] == "v2"
 
 
@@ -400,7 +405,9 @@ def test_sigterm_drains_in_flight_requests(ckpts: dict[str, Path], tmp_path: Pat
             wait_until(lambda: queue_depth(metrics_port) == 5, 2.5, "5 requests queued, waiting out max_wait")
             proc.send_signal(signal.SIGTERM)
             rewards = [f.result().rewards[0] for f in futures]
-        assert len(rewards) == 5 and len(set(round(r, 5) for r in rewards)) == 1
+        # One text five times, drained in one batch: one reward up to fp32 rounding between rows.
+        assert len(rewards) == 5
+        assert max(rewards) - min(rewards) <= fp32_forward_tolerance(max(abs(r) for r in rewards))
         assert proc.wait(30) == 0, (tmp_path / "scorer.log").read_text()[-3000:]
     finally:
         log.close()
@@ -419,7 +426,9 @@ def test_score_cli(scorer: BackgroundScorer, client: RewardClient, tmp_path: Pat
     out = tmp_path / "rewards.jsonl"
     assert score_main(["--address", scorer.address, "items", str(items), "-o", str(out)]) == 0
     got = [json.loads(line)["reward"] for line in out.read_text().splitlines()]
-    assert got == pytest.approx(client.score([conversation(1), "rendered text"]), abs=1e-4)
+    # The same two items in one request, nothing else in flight: the same forward, exactly;
+    # JSON carries a double's repr, which round-trips.
+    assert got == client.score([conversation(1), "rendered text"])
 
     hh = tmp_path / "hh.jsonl"
     rows = [
@@ -438,7 +447,7 @@ def test_score_cli(scorer: BackgroundScorer, client: RewardClient, tmp_path: Pat
     expected = client.score_pairs([{"conversation": conv, "chosen": "Hello, how can I help?", "rejected": "Go away."}])[
         0
     ]
-    assert lines[0]["p"] == pytest.approx(expected.p, abs=1e-6)
+    assert lines[0]["p"] == expected.p  # the same pair, alone in its request: the same forward
     assert score_main(["--address", scorer.address, "--model", "nope", "items", str(items)]) == 1
 
 
