@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synpref.shared.ann import AnnIndex, VectorFile
+from synpref.shared.ann import AnnIndex, VectorFile, training_rows
 from synpref.shared.pairstore import PairStore
 from synpref.v1.pair_pb2 import Decision, DecisionRecord, Message, Pair, PairRecord
 
@@ -126,7 +126,7 @@ def run(n: int, workdir: Path, iterations: int = 8, seed_rows: int = 1000) -> li
 
     started = time.perf_counter()
     rng = np.random.default_rng(0)
-    sample_rows = np.sort(rng.choice(np.arange(1, n + 1), size=min(n, 50_000), replace=False))
+    sample_rows = np.sort(rng.choice(np.arange(1, n + 1), size=max(1, training_rows(n, DIM)), replace=False))
     index = AnnIndex.build(n, DIM, sample=vectors.read(sample_rows), nprobe=16)
     for start in range(1, n + 1, 50_000):
         rows = np.arange(start, min(start + 50_000, n + 1))

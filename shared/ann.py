@@ -73,6 +73,15 @@ def index_spec(n: int, dim: int) -> str:
     return f"IVF{nlist},PQ{m}"
 
 
+def training_rows(n: int, dim: int) -> int:
+    """Rows to train the index for `n` vectors on: 40 per inverted list (FAISS asks for >= 39), at most n."""
+    spec = index_spec(n, dim)
+    if not spec.startswith("IVF"):
+        return 0
+    nlist = int(spec[3:].split(",")[0])
+    return min(n, 40 * nlist)
+
+
 class AnnIndex:
     """Inner-product nearest neighbours over int64 ids, persisted to one file.
 

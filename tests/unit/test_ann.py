@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from synpref.shared.ann import AnnIndex, VectorFile, index_spec, normalise
+from synpref.shared.ann import AnnIndex, VectorFile, index_spec, normalise, training_rows
 
 
 def test_index_kind_follows_the_size():
     assert index_spec(5_000, 384) == "IDMap,Flat"
     assert index_spec(1_000_000, 384) == "IVF4096,Flat"
     assert index_spec(40_000_000, 384) == "IVF32768,PQ48"
+    assert (training_rows(5_000, 384), training_rows(1_000_000, 384), training_rows(30_000, 8)) == (0, 163_840, 20_480)
 
 
 def clustered(n: int, dim: int, seed: int) -> np.ndarray:
