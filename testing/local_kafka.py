@@ -56,8 +56,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def new_cluster_id() -> str:
-    """A Kafka cluster id: a UUID in unpadded URL-safe base64 (what `kafka-storage random-uuid` prints)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A Kafka cluster id: a UUID in unpadded URL-safe base64 (what `kafka-storage random-uuid` prints).
+
+    Like Kafka's own Uuid.randomUuid, never one that starts with "-": StorageTool would read it
+    as an option and the broker would not start (about 1 start in 64 failed that way).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def server_properties(data_dir: Path, port: int, controller_port: int, host: str = "127.0.0.1") -> str:

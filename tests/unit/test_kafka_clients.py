@@ -54,3 +54,11 @@ def test_invalid_kafka_settings_fail_loudly(bad):
 
     with pytest.raises(ConfigError):
         load_settings(kafka=bad)
+
+
+def test_local_broker_cluster_ids_never_start_with_a_dash():
+    # StorageTool reads "-t -abc..." as an option: such an id made a broker start fail at random.
+    from testing.local_kafka import new_cluster_id
+
+    ids = [new_cluster_id() for _ in range(5000)]  # ~78 would start with "-" if nothing prevented it
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)
