@@ -37,8 +37,9 @@ helm: ## build the helm binary from the Go module proxy into .cache/bin
 chromium: ## install Debian's Chromium for the desk's browser test (apt-get, needs root)
 	bash tools/chromium/install.sh
 
-test: setup ## ruff, the wheel smoke check, then the whole test suite (starts and stops a Kafka broker)
+test: setup ## ruff, mypy, the wheel smoke check, then the whole test suite (starts and stops a Kafka broker)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy $(MYPY_PACKAGES)
 	bash tools/wheel_smoke.sh
 	$(PY) -m pytest tests
 
