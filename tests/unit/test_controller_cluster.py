@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from synpref.services.controller import main as controller_main
+from synpref.services.controller.cluster_models import K8sModels
 from synpref.services.controller.executors import KafkaExecutor
-from synpref.services.controller.models import K8sModels
 from synpref.services.controller.providers import KafkaDeskHumans, OracleHumans
 from synpref.shared.config import load_settings
 from synpref.training.k8s_job import build_training_job, to_manifest

@@ -14,7 +14,7 @@ from synpref.training.reward_config import RewardConfig, literal_choices
 
 def test_every_enum_like_reward_config_field_is_a_literal_and_is_checked():
     choices = literal_choices(RewardConfig)
-    assert set(choices) == {"truncation", "lr_scheduler", "precision", "distributed"}
+    assert set(choices) == {"truncation", "lr_scheduler", "precision", "distributed", "packing"}
     assert "fp64" in choices["precision"]
     defaults = {f.name: f.default for f in dataclasses.fields(RewardConfig)}
     for name, allowed in choices.items():
