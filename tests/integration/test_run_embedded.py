@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from testing.controller_fakes import write_synthetic
+from testing.numerics import fp32_forward_tolerance, near_ties
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,5 +127,10 @@ def served_accuracy_matches(workdir: Path) -> None:
             scores = client.score_pairs(pairs, model="best")
     finally:
         bg.stop()
-    served = sum(s.reward_chosen > s.reward_rejected for s in scores) / len(scores)
-    assert served == pytest.approx(state.results["holdout_accuracy"]["final"], abs=1e-9)
+    # The loop scored with its head on cached features, the scorer runs the exported checkpoint:
+    # the same fp32 model in other kernels, so only pairs tied within that rounding may change side.
+    rewards = [(s.reward_chosen, s.reward_rejected) for s in scores]
+    tolerance = fp32_forward_tolerance(max(abs(r) for pair in rewards for r in pair))
+    served = sum(c > r for c, r in rewards)
+    measured = round(state.results["holdout_accuracy"]["final"] * len(rewards))
+    assert abs(served - measured) <= near_ties(rewards, tolerance)
