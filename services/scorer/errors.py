@@ -6,61 +6,47 @@ import grpc
 
 
 class ScorerError(Exception):
-    """Base class: carries the gRPC code and HTTP status a client should see."""
+    """Base class: carries the gRPC code and HTTP status a client should see.
+
+    A subclass names both in its class line: `class X(ScorerError, code=..., http_status=...)`.
+    """
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     http_status: int = 500
 
+    def __init_subclass__(cls, *, code: grpc.StatusCode, http_status: int, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.code = code
+        cls.http_status = http_status
 
-class InvalidInput(ScorerError):
+
+class InvalidInput(ScorerError, code=grpc.StatusCode.INVALID_ARGUMENT, http_status=400):
     """Malformed, empty, too many or too long items: the caller must change the request."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    http_status = 400
+
+class UnknownModel(ScorerError, code=grpc.StatusCode.NOT_FOUND, http_status=404):
+    """No model is served under the requested name."""
 
 
-class UnknownModel(ScorerError):
-    code = grpc.StatusCode.NOT_FOUND
-    http_status = 404
-
-
-class Overloaded(ScorerError):
+class Overloaded(ScorerError, code=grpc.StatusCode.RESOURCE_EXHAUSTED, http_status=429):
     """The bounded queue is full: the caller should back off and retry."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    http_status = 429
 
-
-class DeadlineExceeded(ScorerError):
+class DeadlineExceeded(ScorerError, code=grpc.StatusCode.DEADLINE_EXCEEDED, http_status=504):
     """The request's deadline passed before its items were computed; they were dropped."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-    http_status = 504
 
-
-class NotReady(ScorerError):
+class NotReady(ScorerError, code=grpc.StatusCode.UNAVAILABLE, http_status=503):
     """Models are still loading, or the server is draining for shutdown."""
 
-    code = grpc.StatusCode.UNAVAILABLE
-    http_status = 503
 
-
-class PayloadTooLarge(ScorerError):
+class PayloadTooLarge(ScorerError, code=grpc.StatusCode.RESOURCE_EXHAUSTED, http_status=413):
     """A request body over scorer.max_body_bytes, refused before it is read."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    http_status = 413
 
-
-class TooManyModels(ScorerError):
+class TooManyModels(ScorerError, code=grpc.StatusCode.RESOURCE_EXHAUSTED, http_status=409):
     """A new served name beyond scorer.max_models: unload one first."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    http_status = 409
 
-
-class Unauthorized(ScorerError):
+class Unauthorized(ScorerError, code=grpc.StatusCode.UNAUTHENTICATED, http_status=401):
     """An admin call without the right bearer token."""
-
-    code = grpc.StatusCode.UNAUTHENTICATED
-    http_status = 401

@@ -217,29 +217,24 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         return await self._call("Info", request.model, context, work)
 
 
+def _handler(
+    kind: Callable[..., grpc.RpcMethodHandler],
+    method: Callable[..., object],
+    request: type[Message],
+    response: type[Message],
+) -> grpc.RpcMethodHandler:
+    """A method handler of `kind` (grpc.unary_unary_rpc_method_handler, ...) whose deserializer does not throw."""
+    return kind(method, request_deserializer=_parser(request), response_serializer=response.SerializeToString)
+
+
 def add_to_server(servicer: RewardServicer, server: grpc.aio.Server) -> None:
     """reward_pb2_grpc.add_RewardServiceServicer_to_server, with deserializers that do not throw."""
+    unary, stream = grpc.unary_unary_rpc_method_handler, grpc.stream_stream_rpc_method_handler
     handlers = {
-        "Score": grpc.unary_unary_rpc_method_handler(
-            servicer.Score,
-            request_deserializer=_parser(reward_pb2.ScoreRequest),
-            response_serializer=reward_pb2.ScoreResponse.SerializeToString,
-        ),
-        "ScorePairs": grpc.unary_unary_rpc_method_handler(
-            servicer.ScorePairs,
-            request_deserializer=_parser(reward_pb2.ScorePairsRequest),
-            response_serializer=reward_pb2.ScorePairsResponse.SerializeToString,
-        ),
-        "ScoreStream": grpc.stream_stream_rpc_method_handler(
-            servicer.ScoreStream,
-            request_deserializer=_parser(reward_pb2.ScoreRequest),
-            response_serializer=reward_pb2.ScoreResponse.SerializeToString,
-        ),
-        "Info": grpc.unary_unary_rpc_method_handler(
-            servicer.Info,
-            request_deserializer=_parser(reward_pb2.InfoRequest),
-            response_serializer=reward_pb2.InfoResponse.SerializeToString,
-        ),
+        "Score": _handler(unary, servicer.Score, reward_pb2.ScoreRequest, reward_pb2.ScoreResponse),
+        "ScorePairs": _handler(unary, servicer.ScorePairs, reward_pb2.ScorePairsRequest, reward_pb2.ScorePairsResponse),
+        "ScoreStream": _handler(stream, servicer.ScoreStream, reward_pb2.ScoreRequest, reward_pb2.ScoreResponse),
+        "Info": _handler(unary, servicer.Info, reward_pb2.InfoRequest, reward_pb2.InfoResponse),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
