@@ -24,6 +24,25 @@ def _fmt(x: Any) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
+def _per_iteration_axes(ax: Any, iterations: list[int], ylabel: str, title: str) -> None:
+    ax.set_xlabel("Stage-1 iteration")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_xticks(iterations)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig: Any, path: Path) -> str:
+    """Write the figure to `path` and close it; the file's name, for the report's list."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
 def plot_all(folder: Path, state: RunState) -> list[str]:
     import matplotlib
 
@@ -40,30 +59,14 @@ def plot_all(folder: Path, state: RunState) -> list[str]:
         ax.plot(it, [h["gold_accuracy"] for h in hist], "s--", label="all D_gold")
         if any(not math.isnan(h["holdout_accuracy"]) for h in hist):
             ax.plot(it, [h["holdout_accuracy"] for h in hist], "^:", label="held-out")
-        ax.set_xlabel("Stage-1 iteration")
-        ax.set_ylabel("pairwise accuracy")
-        ax.set_title("Working RM accuracy per iteration")
-        ax.set_xticks(it)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "accuracy_per_iteration.png", dpi=120)
-        plt.close(fig)
-        files.append("accuracy_per_iteration.png")
+        _per_iteration_axes(ax, it, "pairwise accuracy", "Working RM accuracy per iteration")
+        files.append(_save(fig, folder / "accuracy_per_iteration.png"))
 
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for pool in ("gold", "silver", "unverified"):
             ax.plot(it, [h[pool] for h in hist], "o-", label=f"D_{pool}" if pool != "unverified" else "D_un")
-        ax.set_xlabel("Stage-1 iteration")
-        ax.set_ylabel("pairs")
-        ax.set_title("Pools per iteration")
-        ax.set_xticks(it)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "pools_per_iteration.png", dpi=120)
-        plt.close(fig)
-        files.append("pools_per_iteration.png")
+        _per_iteration_axes(ax, it, "pairs", "Pools per iteration")
+        files.append(_save(fig, folder / "pools_per_iteration.png"))
 
     s1 = state.results.get("stage1", [])
     s2 = state.results.get("stage2", {}).get("decisions", {})
@@ -98,10 +101,7 @@ def plot_all(folder: Path, state: RunState) -> list[str]:
     ax.set_yticks(range(len(groups)), list(groups))
     ax.set_xlabel("pairs")
     ax.set_title("Decisions per stage")
-    fig.tight_layout()
-    fig.savefig(folder / "decisions_per_stage.png", dpi=120)
-    plt.close(fig)
-    files.append("decisions_per_stage.png")
+    files.append(_save(fig, folder / "decisions_per_stage.png"))
 
     acc = state.results.get("holdout_accuracy", {})
     if acc:
@@ -121,10 +121,7 @@ def plot_all(folder: Path, state: RunState) -> list[str]:
         ax.set_ylabel("held-out pairwise accuracy")
         ax.set_title("Final RM accuracy")
         ax.tick_params(axis="x", labelsize=7)
-        fig.tight_layout()
-        fig.savefig(folder / "final_accuracy.png", dpi=120)
-        plt.close(fig)
-        files.append("final_accuracy.png")
+        files.append(_save(fig, folder / "final_accuracy.png"))
     return files
 
 
