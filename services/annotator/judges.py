@@ -107,7 +107,21 @@ def candidate_orders(pair_id: str, judge: str, samples: int, seed: int = 0) -> l
     return [rng.random() < 0.5 for _ in range(samples)]
 
 
-class LLMJudge:
+class _CachedLLM:
+    """A model behind a ChatBackend whose answers are cached per pair, model and prompt version."""
+
+    def __init__(
+        self, backend: ChatBackend, cache: AnswerCache | None, prompt_version: str, json_mode: str, temperature: float
+    ) -> None:
+        self.backend = backend
+        self.name = backend.name
+        self.cache = cache or AnswerCache(None)
+        self.prompt_version = prompt_version
+        self.json_mode = json_mode
+        self.temperature = temperature
+
+
+class LLMJudge(_CachedLLM):
     """A judge model behind a ChatBackend, sampled n times (grouped by candidate order)."""
 
     def __init__(
@@ -120,13 +134,8 @@ class LLMJudge:
         json_mode: str = "json_schema",
         seed: int = 0,
     ) -> None:
-        self.backend = backend
-        self.name = backend.name
+        super().__init__(backend, cache, prompt_version, json_mode, temperature)
         self.samples = samples
-        self.temperature = temperature
-        self.cache = cache or AnswerCache(None)
-        self.prompt_version = prompt_version
-        self.json_mode = json_mode
         self.seed = seed
 
     async def _answers(self, request: JudgeRequest) -> list[dict[str, Any]]:
@@ -181,7 +190,7 @@ class LLMJudge:
         return votes
 
 
-class AttributeLabeller:
+class AttributeLabeller(_CachedLLM):
     """The 5-tuple from an LLM (one low-temperature sample, cached)."""
 
     def __init__(
@@ -192,12 +201,7 @@ class AttributeLabeller:
         json_mode: str = "json_schema",
         temperature: float = 0.0,
     ) -> None:
-        self.backend = backend
-        self.name = backend.name
-        self.cache = cache or AnswerCache(None)
-        self.prompt_version = prompt_version
-        self.json_mode = json_mode
-        self.temperature = temperature
+        super().__init__(backend, cache, prompt_version, json_mode, temperature)
 
     async def label(self, request: JudgeRequest) -> Attributes | None:
         key = ("attributes", request.pair_id, self.name, self.prompt_version)
