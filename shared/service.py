@@ -223,11 +223,20 @@ def configure_logging(level: str) -> None:
         logging.getLogger("kafka").setLevel(logging.WARNING)
 
 
-def service_parser(spec_name: str, description: str | None = None) -> argparse.ArgumentParser:
-    """The options every service takes; add your own before calling serve()."""
+def service_parser(
+    spec_name: str, description: str | None = None, *, input_route: str | None = None
+) -> argparse.ArgumentParser:
+    """The options every service takes; add your own before calling serve().
+
+    `input_route`: the default of --input-route, for a service whose input topic is chosen at start.
+    """
     parser = argparse.ArgumentParser(prog=f"synpref {spec_name}", description=description)
     parser.add_argument("--config", help="YAML config file (default: $SYNPREF_CONFIG)")
     parser.add_argument("--grpc-only", action="store_true", help="serve ProcessBatch over gRPC without Kafka")
+    if input_route is not None:
+        parser.add_argument(
+            "--input-route", default=input_route, help=f"topics field to consume (default {input_route})"
+        )
     return parser
 
 

@@ -41,8 +41,7 @@ def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = service_parser("passthrough", __doc__)
-    parser.add_argument("--input-route", default="raw", help="topics field to consume (default raw)")
+    parser = service_parser("passthrough", __doc__, input_route="raw")
     parser.add_argument("--output-route", default="annotated", help="topics field to emit to (default annotated)")
     return serve(make_spec, parser.parse_args(sys.argv[1:] if argv is None else argv))
 

@@ -63,6 +63,4 @@ def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
 
 
 def main(argv: list[str]) -> int:
-    parser = service_parser("annotator", __doc__)
-    parser.add_argument("--input-route", default="raw", help="topics field to consume (default raw)")
-    return serve(make_spec, parser.parse_args(argv))
+    return serve(make_spec, service_parser("annotator", __doc__, input_route="raw").parse_args(argv))

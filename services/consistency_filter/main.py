@@ -53,6 +53,4 @@ def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
 
 
 def main(argv: list[str]) -> int:
-    parser = service_parser("filter", __doc__)
-    parser.add_argument("--input-route", default="scored", help="topics field to consume (default scored)")
-    return serve(make_spec, parser.parse_args(argv))
+    return serve(make_spec, service_parser("filter", __doc__, input_route="scored").parse_args(argv))

@@ -25,6 +25,4 @@ def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
 
 
 def main(argv: list[str]) -> int:
-    parser = service_parser("gold-scorer", __doc__)
-    parser.add_argument("--input-route", default="annotated", help="topics field to consume (default annotated)")
-    return serve(make_spec, parser.parse_args(argv))
+    return serve(make_spec, service_parser("gold-scorer", __doc__, input_route="annotated").parse_args(argv))
