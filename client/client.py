@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -75,6 +75,17 @@ def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)] or [items]
 
 
+def _score_requests(items: Sequence[Item], model: str, chunk_size: int) -> Iterator[reward_pb2.ScoreRequest]:
+    for chunk in _chunks(items, chunk_size):
+        yield reward_pb2.ScoreRequest(model=model, items=[to_item(x) for x in chunk])
+
+
+def _pair_requests(pairs: Sequence[PairDict], model: str, chunk_size: int) -> Iterator[reward_pb2.ScorePairsRequest]:
+    # A pair is two items on the server: keep each request within chunk_size items.
+    for chunk in _chunks(pairs, max(1, chunk_size // 2)):
+        yield reward_pb2.ScorePairsRequest(model=model, pairs=[to_pair(p) for p in chunk])
+
+
 class _Policy:
     def __init__(self, timeout: float, retries: int, backoff_s: float, max_backoff_s: float, chunk_size: int) -> None:
         if chunk_size < 1 or retries < 0 or timeout <= 0:
@@ -84,6 +95,10 @@ class _Policy:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.chunk_size = chunk_size
+
+    def deadline(self, timeout: float | None) -> float:
+        """The monotonic time by which a call with `timeout` (None: the client's) must end."""
+        return time.monotonic() + (timeout or self.timeout)
 
     def pause(self, attempt: int, deadline: float) -> float | None:
         """Seconds to wait before retry `attempt` (1-based), or None when out of retries/time."""
@@ -149,10 +164,9 @@ class RewardClient:
         """
         if not items:
             return []
-        deadline = time.monotonic() + (timeout or self.policy.timeout)
+        deadline = self.policy.deadline(timeout)
         out: list[float] = []
-        for chunk in _chunks(items, self.policy.chunk_size):
-            request = reward_pb2.ScoreRequest(model=model or self.model, items=[to_item(x) for x in chunk])
+        for request in _score_requests(items, model or self.model, self.policy.chunk_size):
             out.extend(self._call(self.stub.Score, request, deadline).rewards)
         return out
 
@@ -162,17 +176,15 @@ class RewardClient:
         """One PairScore per pair, in order; chunks of chunk_size // 2 pairs (two items each on the server)."""
         if not pairs:
             return []
-        deadline = time.monotonic() + (timeout or self.policy.timeout)
+        deadline = self.policy.deadline(timeout)
         out: list[PairScore] = []
-        # A pair is two items on the server: keep each chunk within chunk_size items.
-        for chunk in _chunks(pairs, max(1, self.policy.chunk_size // 2)):
-            request = reward_pb2.ScorePairsRequest(model=model or self.model, pairs=[to_pair(p) for p in chunk])
+        for request in _pair_requests(pairs, model or self.model, self.policy.chunk_size):
             out.extend(_pair_scores(self._call(self.stub.ScorePairs, request, deadline)))
         return out
 
     def info(self, model: str = "", timeout: float | None = None) -> reward_pb2.InfoResponse:
         """The server's InfoResponse for `model` (empty: the server's default model)."""
-        deadline = time.monotonic() + (timeout or self.policy.timeout)
+        deadline = self.policy.deadline(timeout)
         return self._call(self.stub.Info, reward_pb2.InfoRequest(model=model), deadline)
 
 
@@ -237,11 +249,8 @@ class AsyncRewardClient:
         """One reward per item, in order; chunks run concurrently, at most `concurrency` at a time."""
         if not items:
             return []
-        deadline = time.monotonic() + (timeout or self.policy.timeout)
-        requests = [
-            reward_pb2.ScoreRequest(model=model or self.model, items=[to_item(x) for x in chunk])
-            for chunk in _chunks(items, self.policy.chunk_size)
-        ]
+        deadline = self.policy.deadline(timeout)
+        requests = _score_requests(items, model or self.model, self.policy.chunk_size)
         responses = await self._gather([partial(self._call, self.stub.Score, r, deadline) for r in requests])
         return [x for resp in responses for x in resp.rewards]
 
@@ -251,15 +260,12 @@ class AsyncRewardClient:
         """One PairScore per pair, in order; chunks run concurrently, at most `concurrency` at a time."""
         if not pairs:
             return []
-        deadline = time.monotonic() + (timeout or self.policy.timeout)
-        requests = [
-            reward_pb2.ScorePairsRequest(model=model or self.model, pairs=[to_pair(p) for p in chunk])
-            for chunk in _chunks(pairs, max(1, self.policy.chunk_size // 2))
-        ]
+        deadline = self.policy.deadline(timeout)
+        requests = _pair_requests(pairs, model or self.model, self.policy.chunk_size)
         responses = await self._gather([partial(self._call, self.stub.ScorePairs, r, deadline) for r in requests])
         return [s for resp in responses for s in _pair_scores(resp)]
 
     async def info(self, model: str = "", timeout: float | None = None) -> reward_pb2.InfoResponse:
         """The server's InfoResponse for `model` (empty: the server's default model)."""
-        deadline = time.monotonic() + (timeout or self.policy.timeout)
+        deadline = self.policy.deadline(timeout)
         return await self._call(self.stub.Info, reward_pb2.InfoRequest(model=model), deadline)
