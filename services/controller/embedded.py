@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -76,9 +77,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     c = settings.controller
     if args.fresh:
-        from synpref.services.controller.loop import clear
-
-        clear(c.workdir)
+        shutil.rmtree(c.workdir, ignore_errors=True)  # --fresh: start over
     started = time.perf_counter()
     try:
         controller = build_controller(settings, progress=not args.quiet)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from synpref.services.annotator.prompts import Example
 from synpref.shared.pairs import message_dicts
+from synpref.shared.retrieval import pair_text
 from synpref.v1.pair_pb2 import PairRecord
 
 Records = dict[str, PairRecord]
@@ -67,3 +69,31 @@ class EmbeddingTable:
                 )
             )
         return out
+
+
+def load_or_embed_table(
+    path: Path,
+    keys: list[str],
+    records: Callable[[], Records],
+    embed: Callable[[list[str]], np.ndarray],
+    say: Callable[[str], None],
+) -> EmbeddingTable:
+    """The table of `keys`: vectors from the npz cache at `path`, or embedded now and cached there."""
+    from synpref.services.controller.models import save_npz
+
+    if path.exists():
+        data = np.load(path)
+        vectors = data["vectors"]
+        if data["keys"].tolist() != keys:
+            raise RuntimeError(f"{path} does not match the pool; remove it to recompute")
+    else:
+        by_key = records()
+        texts = [pair_text(message_dicts(by_key[k].pair.conversation)) for k in keys]
+        say(f"prepare: embedding {len(texts)} conversations for retrieval")
+        vectors = embed(texts)
+        save_npz(path, keys=np.array(keys), vectors=vectors)
+    table = EmbeddingTable(keys, vectors, records)
+    by_key = records()
+    for i, k in enumerate(keys):
+        table.by_text[json.dumps(message_dicts(by_key[k].pair.conversation), ensure_ascii=False)] = i
+    return table

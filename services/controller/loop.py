@@ -9,15 +9,12 @@ services/consistency_filter/rules.py, retrieval in embeddings.py, publishing in 
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,17 +22,18 @@ import numpy as np
 from synpref.services.annotator.annotate import Annotator
 from synpref.services.annotator.judges import Judge
 from synpref.services.consistency_filter.rules import human_candidates, make_filter_stage, silver_label
-from synpref.services.controller.embeddings import EmbeddingTable
+from synpref.services.controller.embeddings import EmbeddingTable, load_or_embed_table
 from synpref.services.controller.executors import InProcessExecutor, StageExecutor, chain
+from synpref.services.controller.final_steps import FinalSteps
 from synpref.services.controller.models import ModelHandle, RewardModels, accuracy
 from synpref.services.controller.providers import HumanProvider
-from synpref.services.controller.publish import reload_scorer, write_registry
-from synpref.services.controller.simulated import add_label_noise, label_is_true, mark_truth
+from synpref.services.controller.publish import export_registry
+from synpref.services.controller.simulated import add_label_noise, mark_truth
 from synpref.services.controller.state import RunState, StateStore, key_of
-from synpref.services.gold_scorer.scoring import ScoringModel, make_scoring_stage, pair_dict
+from synpref.services.gold_scorer.scoring import ScoringModel, make_scoring_stage, set_score
 from synpref.shared.config import Settings
-from synpref.shared.pairs import message_dicts, preference_probability, split_by_conversation
-from synpref.shared.retrieval import k_rule, pair_text
+from synpref.shared.pairs import message_dicts, split_by_conversation
+from synpref.shared.retrieval import k_rule
 from synpref.shared.roles import BEST, GOLD
 from synpref.shared.stage import Stage
 from synpref.v1.pair_pb2 import (
@@ -45,7 +43,6 @@ from synpref.v1.pair_pb2 import (
     STAGE_ONE,
     STAGE_TWO,
     Decision,
-    ModelScore,
     PairRecord,
 )
 
@@ -57,7 +54,7 @@ def _conversation(record: PairRecord) -> list[dict[str, str]]:
     return message_dicts(record.pair.conversation)
 
 
-class Controller:
+class Controller(FinalSteps):
     """The two-stage curation loop over one workdir, run as resumable named steps.
 
     Args:
@@ -128,14 +125,6 @@ class Controller:
     def pool_sizes(self) -> dict[str, int]:
         """Pool name -> number of record keys in it, sorted by name."""
         return {k: len(v) for k, v in sorted(self.state.pools.items())}
-
-    def pairs(self, keys: list[str]) -> list[dict]:
-        """The records of `keys` as pair dicts (gold_scorer.scoring.pair_dict), in order."""
-        return [pair_dict(self.records[k]) for k in keys]
-
-    def handle(self, role: str) -> ModelHandle:
-        """The ModelHandle recorded in the state for model role `role` (KeyError if none)."""
-        return ModelHandle.from_dict(self.state.models[role])
 
     def seed_keys(self) -> list[str]:
         """Keys of the seed pairs humans verified in the seed step (empty before it)."""
@@ -211,21 +200,7 @@ class Controller:
             return
         keys = sorted(k for k in self.records if k not in set(self.state.pools.get("holdout", [])))
         path = self.root / "features" / "retrieval.npz"
-        if path.exists():
-            data = np.load(path)
-            vectors = data["vectors"]
-            if data["keys"].tolist() != keys:
-                raise RuntimeError(f"{path} does not match the pool; remove it to recompute")
-        else:
-            texts = [pair_text(message_dicts(self.records[k].pair.conversation)) for k in keys]
-            self.say(f"prepare: embedding {len(texts)} conversations for retrieval")
-            vectors = self._embed(texts)
-            from synpref.services.controller.models import save_npz
-
-            save_npz(path, keys=np.array(keys), vectors=vectors)
-        self.table = EmbeddingTable(keys, vectors, lambda: self.records)
-        for i, k in enumerate(keys):
-            self.table.by_text[json.dumps(message_dicts(self.records[k].pair.conversation), ensure_ascii=False)] = i
+        self.table = load_or_embed_table(path, keys, lambda: self.records, self._embed, self.say)
         self.table.example_keys = [k for k in self.state.pools.get("gold", []) if k in self.table.row]
         prepare = getattr(self.models, "prepare", None)
         if prepare is not None:
@@ -307,18 +282,10 @@ class Controller:
     def score_into(self, keys: list[str], handle: ModelHandle, role: str) -> dict[str, float]:
         """Score `keys` with `handle`, replace each record's `role` score, and return key -> p(chosen > rejected)."""
         rewards = self.models.score(handle, self.pairs(keys))
-        out = {}
-        for key, (rc, rr) in zip(keys, rewards, strict=True):
-            record = self.records[key]
-            kept = [sc for sc in record.scores if sc.model != role]
-            del record.scores[:]
-            record.scores.extend(kept)
-            p = preference_probability(rc, rr)
-            record.scores.append(
-                ModelScore(model=role, version=handle.version, reward_chosen=rc, reward_rejected=rr, p=p)
-            )
-            out[key] = p
-        return out
+        return {
+            key: set_score(self.records[key], role, handle.version, rc, rr)
+            for key, (rc, rr) in zip(keys, rewards, strict=True)
+        }
 
     def curate_stage1(self, t: int) -> None:
         """Stage-1 iteration t: retrieve, annotate and route unverified pairs.
@@ -412,11 +379,7 @@ class Controller:
             self.records[key].lineage.stage = STAGE_TWO
         if self.c.executor == "kafka" and self.c.scorer_reload_url:
             # The gold-scorer service scores through the scorer: serve this run's gold and best there.
-            registry = {}
-            for role, handle in ((GOLD, gold), (BEST, best)):
-                path = self.models.export(handle, self.root / "models" / handle.version)
-                registry[role] = {"path": str(path.resolve()), "version": handle.version}
-            reload_scorer(self.c.scorer_reload_url, registry, token_file=self.c.scorer_admin_token_file)
+            self.reload(export_registry(self.models, {GOLD: gold, BEST: best}, self.root / "models"))
         result = self.executor.run("stage2", [self.records[k] for k in keys])
         decisions: Counter[str] = Counter()
         curated: list[str] = []
@@ -437,80 +400,3 @@ class Controller:
             "failed": len(result.failed),
         }
         self.say(f"stage 2: {dict(decisions)} of {len(keys)} pairs ({annotated} sent to judges)")
-
-    def curated_keys(self) -> list[str]:
-        """Keys of the curated set: D_gold, then D_silver, then the Stage-2 keeps."""
-        s = self.state
-        return s.pool("gold") + s.pool("silver") + s.pool("stage2")
-
-    def write_datasets(self) -> None:
-        """Write two dataset versions, human-verified (D_gold) and curated, under workdir/datasets."""
-        from synpref.services.dataset_writer.dataset import DatasetVersion
-
-        root = self.root / "datasets"
-        out = {}
-        for version, keys in (("human-verified", self.state.pool("gold")), ("curated", self.curated_keys())):
-            dv = DatasetVersion(root, self.c.dataset_name, version)
-            dv.append(self.records[k] for k in sorted(keys))
-            out[version] = {"dir": str(dv.dir), **dv.stats}
-        self.state.results["datasets"] = out
-
-    def train_final(self) -> None:
-        """Train the final RM on the curated set; record its held-out accuracy beside as-given, best and gold."""
-        s = self.state
-        models_dir = self.root / "models"
-        final = self.models.train("final", self.pairs(self.curated_keys()), [], models_dir)
-        s.models["final"] = final.to_dict()
-        holdout = s.pool("holdout")
-        acc: dict[str, float] = {"final": accuracy(self.models.score(final, self.pairs(holdout)))}
-        # The same budget on the pairs as they came in (in a study, with their noise).
-        given = [self.as_given(k) for k in sorted(s.results["initial_labels"])]
-        baseline = self.models.train("as-given", given, [], models_dir)
-        acc["as_given"] = accuracy(self.models.score(baseline, self.pairs(holdout)))
-        acc["best_working"] = accuracy(self.models.score(self.handle(BEST), self.pairs(holdout)))
-        acc[GOLD] = accuracy(self.models.score(self.handle(GOLD), self.pairs(holdout)))
-        s.results["holdout_accuracy"] = acc
-        s.results["curated_label_accuracy"] = self.label_accuracy(self.curated_keys())
-        self.say("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
-
-    def as_given(self, key: str) -> dict:
-        """The pair with the label it had at ingest (after any study noise); only flips change an id."""
-        record = self.records[key]
-        pair = pair_dict(record)
-        if record.pair.id != self.state.results["initial_labels"][key]:
-            pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
-        return pair
-
-    def label_accuracy(self, keys: list[str]) -> float | None:
-        """Study only: share of these pairs whose current label is the source's."""
-        truths = [label_is_true(self.records[k]) for k in keys]
-        known = [t for t in truths if t is not None]
-        return (sum(known) / len(known)) if known else None
-
-    def register(self) -> None:
-        """Export the final and gold RMs to models_dir, write the scorer registry, reload the scorer if configured."""
-        s = self.state
-        models_dir = Path(self.c.models_dir)
-        if not models_dir.is_absolute():
-            models_dir = self.root / models_dir
-        registry: dict[str, Any] = {}
-        for role in ("final", GOLD):
-            handle = self.handle(role)
-            path = self.models.export(handle, models_dir / handle.version)
-            registry[BEST if role == "final" else GOLD] = {"path": str(path.resolve()), "version": handle.version}
-        write_registry(models_dir, registry, self.c.max_length)
-        s.results["registry"] = {"dir": str(models_dir.resolve()), **registry}
-        if self.c.scorer_reload_url:
-            reload_scorer(self.c.scorer_reload_url, registry, token_file=self.c.scorer_admin_token_file)
-
-    def report(self) -> None:
-        """Write the run report (controller/report.py) and record its path in the results."""
-        from synpref.services.controller.report import write_report
-
-        path = write_report(self.root, self.state, self.settings)
-        self.state.results["report"] = str(path)
-
-
-def clear(workdir: str | Path) -> None:
-    """Remove a run's workdir (for `synpref run --fresh`)."""
-    shutil.rmtree(workdir, ignore_errors=True)

@@ -41,3 +41,12 @@ def write_registry(models_dir: Path, registry: dict[str, Any], max_length: int) 
     write_text_atomic(models_dir / "registry.json", json.dumps(registry, indent=1, sort_keys=True))
     scorer = {"scorer": {"models": registry, "default_model": BEST, "max_length": max_length}}
     write_text_atomic(models_dir / "scorer.yaml", yaml.safe_dump(scorer, sort_keys=True))
+
+
+def export_registry(models: Any, handles: dict[str, Any], models_dir: Path) -> dict[str, dict[str, str]]:
+    """Export each role's ModelHandle under models_dir/<version>; returns the registry (role -> path, version)."""
+    registry = {}
+    for role, handle in handles.items():
+        path = models.export(handle, models_dir / handle.version)
+        registry[role] = {"path": str(path.resolve()), "version": handle.version}
+    return registry

@@ -109,3 +109,20 @@ class SimulatedJudge:
         if not truth:
             raise ValueError(f"pair {request.pair_id} has no {TRUTH_KEY}: a simulated judge needs a study run")
         return self.votes_for(request.pair_id, request.chosen, truth)
+
+
+def label_accuracy(records: Sequence[PairRecord]) -> float | None:
+    """Study only: share of these records whose current label is the source's (None when none is known)."""
+    truths = [label_is_true(r) for r in records]
+    known = [t for t in truths if t is not None]
+    return (sum(known) / len(known)) if known else None
+
+
+def pair_as_given(record: PairRecord, ingest_id: str) -> dict:
+    """The pair with the label it had at ingest (id `ingest_id`): flipped back if it was flipped since."""
+    from synpref.services.gold_scorer.scoring import pair_dict
+
+    pair = pair_dict(record)
+    if record.pair.id != ingest_id:
+        pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
+    return pair

@@ -57,6 +57,20 @@ def model_version(ref: ModelRef) -> str:
     return ref.version or Path(ref.path.rstrip("/")).name or ref.path
 
 
+def set_score(record: PairRecord, role: str, version: str, reward_chosen: float, reward_rejected: float) -> float:
+    """Replace `record`'s score by `role` with these rewards; returns p = sigmoid(r_chosen - r_rejected)."""
+    p = preference_probability(float(reward_chosen), float(reward_rejected))
+    kept = [s for s in record.scores if s.model != role]
+    del record.scores[:]
+    record.scores.extend(kept)
+    record.scores.append(
+        ModelScore(
+            model=role, version=version, reward_chosen=float(reward_chosen), reward_rejected=float(reward_rejected), p=p
+        )
+    )
+    return p
+
+
 def make_scoring_stage(models: list[ScoringModel]) -> Stage:
     """A stage that appends one ModelScore per model (replacing an older score of the same role).
 
@@ -90,19 +104,7 @@ def make_scoring_stage(models: list[ScoringModel]) -> Stage:
             out = PairRecord()
             out.CopyFrom(record)
             for model in models:
-                r_c, r_r = scored[model.role][i]
-                kept = [s for s in out.scores if s.model != model.role]
-                del out.scores[:]
-                out.scores.extend(kept)
-                out.scores.append(
-                    ModelScore(
-                        model=model.role,
-                        version=model.version,
-                        reward_chosen=float(r_c),
-                        reward_rejected=float(r_r),
-                        p=preference_probability(float(r_c), float(r_r)),
-                    )
-                )
+                set_score(out, model.role, model.version, *scored[model.role][i])
             out.lineage.steps.append(STEP)
             out.lineage.updated_at.CopyFrom(now())
             result.emit("scored", out)
