@@ -24,6 +24,7 @@ FLAT_LISTS_UP_TO = 2_000_000
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
+    """`vectors` as contiguous float32 rows scaled to unit length (zero rows stay zero)."""
     out = np.ascontiguousarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return out / np.maximum(norms, 1e-12)
@@ -53,12 +54,15 @@ class VectorFile:
         return cls(path)
 
     def write(self, first_row: int, vectors: np.ndarray) -> None:
+        """Store `vectors` (as float16) at rows `first_row` onwards."""
         self._map[first_row : first_row + len(vectors)] = vectors.astype(np.float16)
 
     def read(self, rows: np.ndarray | list[int]) -> np.ndarray:
+        """The vectors at `rows`, as float32."""
         return np.asarray(self._map[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
 
     def flush(self) -> None:
+        """Flush the memory map to disk."""
         self._map.flush()
 
 
@@ -116,6 +120,7 @@ class AnnIndex:
 
     @classmethod
     def load(cls, path: str | Path, nprobe: int = 32, mmap: bool = False) -> AnnIndex:
+        """Read an index written by `save`; `mmap` maps it instead of reading it into memory."""
         import faiss
 
         flags = faiss.IO_FLAG_MMAP if mmap else 0
@@ -133,9 +138,11 @@ class AnnIndex:
         return int(self.index.ntotal)
 
     def add(self, ids: np.ndarray | list[int], vectors: np.ndarray) -> None:
+        """Add `vectors` (normalised here) under the given integer ids."""
         self.index.add_with_ids(normalise(vectors), np.asarray(ids, dtype=np.int64))
 
     def remove(self, ids: np.ndarray | list[int]) -> int:
+        """Remove the given ids from the index; returns how many were removed."""
         import faiss
 
         wanted = np.asarray(ids, dtype=np.int64)

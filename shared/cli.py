@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def usage() -> str:
+    """The `synpref` usage text listing every command and its help line."""
     width = max(len(name) for name in COMMANDS)
     lines = ["usage: synpref <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -40,6 +41,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch `synpref <command> ...` to the command module's `main`; its exit code, or 2 for an unknown command."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

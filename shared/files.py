@@ -46,4 +46,5 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically (see `write_atomic`)."""
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

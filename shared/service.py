@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 
 def package_version() -> str:
+    """The installed synpref version, or "0+unknown" when the package is not installed."""
     try:
         return version("synpref")
     except PackageNotFoundError:
@@ -84,6 +85,10 @@ class StageServicer:
         self.spec = service.spec
 
     def ProcessBatch(self, request: ProcessBatchRequest, context: grpc.ServicerContext) -> ProcessBatchResponse:
+        """Run the stage on the request's records; answers the routed records and the ids that failed.
+
+        A stage that raises aborts the call with INTERNAL.
+        """
         try:
             result = self.spec.stage(list(request.records))
         except Exception as exc:
@@ -96,6 +101,7 @@ class StageServicer:
         )
 
     def Status(self, request: StatusRequest, context: grpc.ServicerContext) -> StatusResponse:
+        """The service's status and counters (see Service.status)."""
         return self.service.status()
 
 
@@ -120,11 +126,13 @@ class Service:
         self._grpc_counts = {"grpc.processed": 0, "grpc.failed": 0}
 
     def count_grpc(self, processed: int, failed: int) -> None:
+        """Add `processed` and `failed` to the gRPC counters (thread-safe)."""
         with self._grpc_lock:
             self._grpc_counts["grpc.processed"] += processed
             self._grpc_counts["grpc.failed"] += failed
 
     def status(self) -> StatusResponse:
+        """A StatusResponse snapshot: serving flag, stage counters, gRPC counters and the topics it reads and writes."""
         snap = self.stats.snapshot()
         with self._grpc_lock:
             counters = {**snap["counters"], **self._grpc_counts, **self.spec.counters()}
@@ -195,6 +203,7 @@ class Service:
             self.shutdown()
 
     def shutdown(self) -> None:
+        """Stop serving: mark health as shutting down, stop gRPC within the grace period, close the metrics server."""
         self.serving = False
         self.health.enter_graceful_shutdown()
         if self.server is not None:
@@ -217,6 +226,7 @@ def install_signal_handlers(stop: threading.Event) -> None:
 
 
 def configure_logging(level: str) -> None:
+    """Log to stderr at `level`; below DEBUG, kafka-python's own logging is quieted to WARNING."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if level != "DEBUG":
         # kafka-python logs every connection at INFO.

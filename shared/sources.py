@@ -49,6 +49,16 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class SourceRow:
+    """One record of a source file: a pair dict, or the error that kept it from being one.
+
+    Attributes:
+        path: the file the record came from.
+        row: 0-based record index in the file.
+        pair: the pair dict (see the module docstring), or None when `error` is set.
+        error: why the record is no pair, or None.
+        sub: which pair of a multi-pair record; empty otherwise.
+    """
+
     path: str
     row: int
     """0-based record index in the file (line number - 1 for JSON lines)."""
@@ -59,6 +69,7 @@ class SourceRow:
 
     @property
     def locator(self) -> str:
+        """`path#row`, plus `/sub` for a multi-pair record: where to find the record again."""
         return f"{self.path}#{self.row}" + (f"/{self.sub}" if self.sub else "")
 
 
@@ -128,6 +139,10 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
 
 
 def source_files(path: Path) -> list[Path]:
+    """The readable files under `path` (recursively, sorted), or `[path]` itself for a file.
+
+    Raises SourceError when `path` does not exist.
+    """
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(FILE_SUFFIXES))
     if not path.exists():
@@ -239,6 +254,10 @@ def _hh_turns(prefix: str) -> Messages:
 
 
 def read_hh_rlhf(record: Any, source: str) -> Iterator[tuple[str, dict]]:
+    """One pair from an HH-RLHF record: the shared transcript before the last Assistant turn is the conversation.
+
+    Raises RowError when the two transcripts have no Assistant turn or different prefixes.
+    """
     if not isinstance(record, dict):
         raise RowError("record is not an object")
     chosen, rejected = _text(record.get("chosen"), "chosen"), _text(record.get("rejected"), "rejected")
@@ -262,6 +281,7 @@ def read_hh_rlhf(record: Any, source: str) -> Iterator[tuple[str, dict]]:
 
 
 def read_pandalm(record: Any, source: str) -> Iterator[tuple[str, dict]]:
+    """One pair from a PandaLM record by majority of the annotator votes; a tie or no majority is a RowError."""
     if not isinstance(record, dict):
         raise RowError("record is not an object")
     votes = [record.get(k) for k in sorted(record) if k.startswith("annotator")]
@@ -282,6 +302,7 @@ def read_pandalm(record: Any, source: str) -> Iterator[tuple[str, dict]]:
 
 
 def read_llmbar(record: Any, source: str) -> Iterator[tuple[str, dict]]:
+    """One pair from an LLMBar record; `label` (1 or 2) names the preferred output."""
     if not isinstance(record, dict):
         raise RowError("record is not an object")
     label = record.get("label")
@@ -297,6 +318,7 @@ def _slice(i: int, j: int) -> str:
 
 
 def read_rm_bench(record: Any, source: str) -> Iterator[tuple[str, dict]]:
+    """All 9 pairs of an RM-Bench record (3 chosen x 3 rejected styles), keyed `c{i}-r{j}`, styles in meta."""
     if not isinstance(record, dict):
         raise RowError("record is not an object")
     chosen, rejected = record.get("chosen"), record.get("rejected")
@@ -326,6 +348,11 @@ def _split_common_prefix(chosen: Messages, rejected: Messages) -> tuple[Messages
 
 
 def read_pairs(record: Any, source: str) -> Iterator[tuple[str, dict]]:
+    """One pair from the common chosen/rejected shapes (strings or message lists, optional prompt).
+
+    Without a prompt field the shared prefix of the two lists is the conversation; a prompt
+    that both lists repeat is stripped. The row's own `source` field overrides `source`.
+    """
     if not isinstance(record, dict):
         raise RowError("record is not an object")
     for key in ("chosen", "rejected"):

@@ -16,18 +16,23 @@ from synpref.v1.pair_pb2 import PairRecord
 
 @dataclass
 class StageResult:
+    """What a stage made of one batch: records routed to output topics, and records that failed."""
+
     routed: list[tuple[str, PairRecord]] = field(default_factory=list)
     """(route, record) pairs; route names a TopicSettings field."""
     failed: list[tuple[PairRecord, str]] = field(default_factory=list)
     """Inputs the stage could not process, with the reason: they go to the dead-letter topic."""
 
     def emit(self, route: str, record: PairRecord) -> None:
+        """Send `record` to `route` (a TopicSettings field name)."""
         self.routed.append((route, record))
 
     def fail(self, record: PairRecord, reason: str) -> None:
+        """Mark `record` as failed with `reason`; it goes to the dead-letter topic."""
         self.failed.append((record, reason))
 
     def by_route(self) -> dict[str, list[PairRecord]]:
+        """The routed records grouped by route, in emit order."""
         out: dict[str, list[PairRecord]] = {}
         for route, record in self.routed:
             out.setdefault(route, []).append(record)

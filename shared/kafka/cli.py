@@ -11,6 +11,7 @@ from synpref.shared.kafka.admin import describe_partitions, ensure_topics
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse `synpref topics` options."""
     parser = argparse.ArgumentParser(prog="synpref topics", description=__doc__)
     parser.add_argument("--config", help="YAML config file (default: $SYNPREF_CONFIG)")
     parser.add_argument("--partitions", type=int, help="partitions per topic (default: kafka.partitions)")
@@ -24,6 +25,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    """Create the topics that are missing and print each topic's outcome and partition count.
+
+    Returns 0 on success, 1 when the cluster calls fail, 2 for a bad config.
+    """
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

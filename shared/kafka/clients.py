@@ -23,6 +23,10 @@ class DeliveryError(KafkaError):
 
 
 def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
+    """kafka-python producer settings: idempotent, acks=all, unlimited retries, batches within max.message.bytes.
+
+    `overrides` replace any of them.
+    """
     config: dict[str, Any] = {
         **kafka.client_kwargs(),
         "acks": "all",
@@ -44,6 +48,9 @@ def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
 
 
 def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> dict[str, Any]:
+    """kafka-python consumer settings for `group_id`: manual commits, earliest reset, read_committed,
+    10 minutes allowed per batch. `overrides` replace any of them.
+    """
     config: dict[str, Any] = {
         **kafka.client_kwargs(),
         "group_id": group_id,
@@ -65,14 +72,17 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
 
 
 def make_producer(kafka: KafkaSettings, **overrides: Any) -> KafkaProducer:
+    """A KafkaProducer with `producer_config(kafka, **overrides)`."""
     return KafkaProducer(**producer_config(kafka, **overrides))
 
 
 def make_consumer(kafka: KafkaSettings, group_id: str, *topics: str, **overrides: Any) -> KafkaConsumer:
+    """A KafkaConsumer in `group_id` with `consumer_config`, subscribed to `topics` if any are given."""
     return KafkaConsumer(*topics, **consumer_config(kafka, group_id, **overrides))
 
 
 def make_admin(kafka: KafkaSettings, **overrides: Any) -> KafkaAdminClient:
+    """A KafkaAdminClient for the configured cluster."""
     return KafkaAdminClient(**{**kafka.client_kwargs(), **overrides})
 
 
@@ -90,6 +100,7 @@ class Outbox:
         self._error: DeliveryError | None = None
 
     def send(self, outgoing: Iterable[Outgoing]) -> None:
+        """Hand `outgoing` to the producer without waiting; raises the earlier DeliveryError if a flush failed."""
         if self._error is not None:
             raise self._error
         for out in outgoing:

@@ -86,6 +86,7 @@ def header_map(headers: Iterable[tuple[str, bytes | None]] | None) -> dict[str, 
 
 
 def record_headers() -> Headers:
+    """The Kafka headers every PairRecord message carries: schema version and record type."""
     return [(SCHEMA_HEADER, SCHEMA_VERSION.encode()), (TYPE_HEADER, RECORD_TYPE.encode())]
 
 

@@ -83,6 +83,7 @@ class BatchPlan:
 
 
 def call_stage(stage: Stage, batch: list[PairRecord]) -> StageResult:
+    """Run `stage` on `batch`; TypeError when it returns anything but a StageResult."""
     result = stage(batch)
     if not isinstance(result, StageResult):
         raise TypeError(f"stage returned {type(result).__name__}, not StageResult")
@@ -171,6 +172,7 @@ def plan_batch(
 
 
 def stage_error(exc: Exception) -> str:
+    """The failure reason recorded for a stage that raised `exc`."""
     return f"stage raised {type(exc).__name__}: {exc}"
 
 
@@ -226,6 +228,7 @@ class RunnerStats:
         self.counters: Counter[str] = Counter()
 
     def add(self, plan: BatchPlan) -> None:
+        """Fold one batch's outcome into the totals and the per-route and per-kind counters (thread-safe)."""
         with self._lock:
             self.processed += plan.processed
             self.failed += sum(plan.failed.values())
@@ -242,6 +245,7 @@ class RunnerStats:
             self.counters[name] += n
 
     def snapshot(self) -> dict[str, Any]:
+        """A consistent copy of the totals and counters, as a plain dict."""
         with self._lock:
             return {
                 "processed": self.processed,
@@ -295,6 +299,10 @@ class StageRunner:
         """Next offsets of everything processed since the last checkpoint."""
 
     def open(self) -> None:
+        """Connect: read the output topics' message limits, create the producer and outbox, subscribe the consumer.
+
+        A static `instance_id` makes the consumer a static group member.
+        """
         kafka = self.settings.kafka
         self.topic_limits = self._read_limits()
         smallest = min([kafka.max_message_bytes, *self.topic_limits.values()])
@@ -395,6 +403,7 @@ class StageRunner:
         metrics.report_lag(self.consumer, service)
 
     def close(self) -> None:
+        """Close the producer (flushing within the timeout) and the consumer, without committing offsets."""
         consumer, producer, self.consumer, self.producer = self.consumer, self.producer, None, None
         if producer is not None:
             producer.close(timeout=self.flush_timeout_s)
