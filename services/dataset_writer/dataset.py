@@ -15,7 +15,9 @@ Columns (the Skywork-Reward-Preference format plus lineage):
   id, conversation, chosen, rejected   -- chosen/rejected are FULL message lists, conversation
                                           included, as in Skywork-Reward-Preference; the
                                           conversation alone is its own column
-  source, meta_json, attributes, judge_aggregate, decision, scores, lineage
+  source, meta_json, attributes, judge_aggregate, decision, scores, lineage,
+  split                                -- "train" (pairs to train on) or "heldout" (the
+                                          controller's measurement split, never curated)
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from synpref.v1.pair_pb2 import Controversiality, Decision, Objectivity, PairRec
 
 MANIFEST = "manifest.json"
 SHARD_GLOB = "part-*.parquet"
+TRAIN, HELDOUT = "train", "heldout"
+SPLITS = (TRAIN, HELDOUT)
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 SCHEMA = pa.schema(
@@ -98,6 +102,7 @@ SCHEMA = pa.schema(
                 ]
             ),
         ),
+        ("split", pa.string()),
     ]
 )
 
@@ -106,7 +111,10 @@ def _enum(enum, value: int, prefix: str) -> str:
     return enum.Name(value).removeprefix(prefix).lower()
 
 
-def record_row(record: PairRecord) -> dict:
+def record_row(record: PairRecord, split: str = TRAIN) -> dict:
+    """The Parquet row of `record`, in split `split` (SPLITS)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     pair, attrs, agg, lin = record.pair, record.attributes, record.judge_aggregate, record.lineage
     conversation = message_dicts(pair.conversation)
     return {
@@ -153,6 +161,7 @@ def record_row(record: PairRecord) -> dict:
             "ingested_at": lin.ingested_at.ToJsonString() if lin.HasField("ingested_at") else "",
             "votes": len(record.votes),
         },
+        "split": split,
     }
 
 
@@ -193,7 +202,7 @@ class DatasetVersion:
                 "rows": 0,
                 "shards": [],
                 "offsets": {},
-                "stats": {"by_decision": {}, "by_source": {}, "by_category": {}},
+                "stats": {"by_decision": {}, "by_source": {}, "by_category": {}, "by_split": {}},
             }
         listed = {s["file"] for s in manifest["shards"]}
         for orphan in self.dir.glob(SHARD_GLOB):
@@ -216,15 +225,17 @@ class DatasetVersion:
     def files(self) -> list[str]:
         return [str(self.dir / s["file"]) for s in self.manifest["shards"]]
 
-    def append(self, records: Iterable[PairRecord], offsets: dict[str, int] | None = None) -> AppendResult:
-        """Write the new pairs of `records` as one shard and commit it with `offsets`."""
+    def append(
+        self, records: Iterable[PairRecord], offsets: dict[str, int] | None = None, split: str = TRAIN
+    ) -> AppendResult:
+        """Write the new pairs of `records` as one shard in split `split` and commit it with `offsets`."""
         rows, duplicates, batch_ids = [], 0, set()
         for record in records:
             if record.pair.id in self.ids or record.pair.id in batch_ids:
                 duplicates += 1
                 continue
             batch_ids.add(record.pair.id)
-            rows.append(record_row(record))
+            rows.append(record_row(record, split))
         shard_name = None
         if rows:
             shard_name = f"part-{len(self.manifest['shards']):05d}.parquet"
@@ -248,8 +259,10 @@ class DatasetVersion:
                     ("by_decision", row["decision"]["decision"]),
                     ("by_source", row["source"]),
                     ("by_category", row["attributes"]["task_category"] or "unlabelled"),
+                    ("by_split", row["split"]),
                 ):
-                    stats[key][value] = stats[key].get(value, 0) + 1
+                    counts = stats.setdefault(key, {})  # by_split is missing from older manifests
+                    counts[value] = counts.get(value, 0) + 1
         if offsets:
             manifest["offsets"].update(offsets)
         manifest["updated_at"] = _utc()

@@ -34,14 +34,17 @@ def config(tmp_path: Path, name: str, data: Path) -> Path:
             "sources": [str(data)],
             "holdout_fraction": 0.2,
             "seed_fraction": 0.15,
-            "label_noise": 0.3,
             "iterations": 2,
             "patience": 2,
             "human_budget": 4,
             "max_length": 48,
             "head_steps": 60,
             "head_eval_every": 20,
-            "judges": [{"name": "sim-a", "accuracy": 0.85}, {"name": "sim-b", "accuracy": 0.75}],
+            "study": {
+                "human": "oracle",
+                "label_noise": 0.3,
+                "judges": [{"name": "sim-a", "accuracy": 0.85}, {"name": "sim-b", "accuracy": 0.75}],
+            },
         }
     }
     path = tmp_path / f"{name}.yaml"
@@ -69,16 +72,19 @@ def run(cfg: Path, kill_at: str | None = None) -> tuple[int, str]:
 
 def outcome(workdir: Path) -> dict:
     state = json.loads((workdir / "state.json").read_text())
-    folder = Path(state["results"]["datasets"]["curated"]["dir"])
-    manifest = json.loads((folder / "manifest.json").read_text())
-    rows = [r for s in manifest["shards"] for r in pq.read_table(folder / s["file"]).to_pylist()]
+    rows = {}
+    for version, written in state["results"]["datasets"].items():
+        folder = Path(written["dir"])
+        manifest = json.loads((folder / "manifest.json").read_text())
+        table = [r for s in manifest["shards"] for r in pq.read_table(folder / s["file"]).to_pylist()]
+        rows[version] = sorted((r["id"], r["decision"]["decision"], r["split"], json.dumps(r["chosen"])) for r in table)
     return {
         "pools": state["pools"],
         "history": state["history"],
         "stage1": state["results"]["stage1"],
         "stage2": state["results"]["stage2"],
         "holdout": state["results"]["holdout_accuracy"],
-        "rows": sorted((r["id"], r["decision"]["decision"], json.dumps(r["chosen"])) for r in rows),
+        "rows": rows,
         "final": state["models"]["final"]["version"],
     }
 
@@ -104,6 +110,8 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     assert "[seed] ..." not in out and "[s1.1.curate] ..." not in out, "finished steps are not redone"
     resumed, ref = outcome(killed), outcome(reference)
     assert resumed == ref
+    assert set(ref["rows"]) == {"human-verified", "kept", "curated", "heldout"}
+    assert len(ref["rows"]["heldout"]) == len(ref["pools"]["holdout"]) > 0
     served_accuracy_matches(reference)
 
 

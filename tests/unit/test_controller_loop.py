@@ -25,23 +25,26 @@ def settings_for(tmp_path: Path, **controller):
     values = {
         "workdir": str(tmp_path / "run"),
         "sources": [str(data)],
-        "label_noise": 0.3,
         "seed_fraction": 0.1,
         "iterations": 3,
         "patience": 3,
         "human_budget": 6,
-        "judges": [
-            {"name": "sim-a", "accuracy": 0.85},
-            {"name": "sim-b", "accuracy": 0.8},
-            {"name": "sim-c", "accuracy": 0.75},
-        ],
+        "study": {
+            "human": "oracle",
+            "label_noise": 0.3,
+            "judges": [
+                {"name": "sim-a", "accuracy": 0.85},
+                {"name": "sim-b", "accuracy": 0.8},
+                {"name": "sim-c", "accuracy": 0.75},
+            ],
+        },
         **controller,
     }
     return load_settings(controller=values)
 
 
 def controller_for(settings, on_step=None) -> Controller:
-    judges = [SimulatedJudge(j, seed=0) for j in settings.controller.judges]
+    judges = [SimulatedJudge(j, seed=0) for j in settings.controller.study.judges]
     return Controller(
         settings,
         fakes.BagOfWordsModels(),
@@ -101,8 +104,25 @@ def test_loop_runs_both_stages_and_repairs_labels(tmp_path):
     assert "Study run" in report and "oracle" in report
     for png in ("accuracy_per_iteration.png", "decisions_per_stage.png", "final_accuracy.png"):
         assert (workdir / "plots" / png).stat().st_size > 1000
-    curated = len(read_rows(state.results["datasets"]["curated"]["dir"]))
-    assert curated == len(pools["gold"]) + len(pools["silver"]) + len(pools["stage2"])
+    datasets = state.results["datasets"]
+    assert list(datasets) == ["human-verified", "kept", "curated", "heldout"]
+    rows = {version: read_rows(v["dir"]) for version, v in datasets.items()}
+    assert len(rows["curated"]) == len(pools["gold"]) + len(pools["silver"]) + len(pools["stage2"])
+    assert len(rows["human-verified"]) == len(pools["gold"])
+    # kept = the curated rows whose label was confirmed (KEEP); flipped ones (humans', judges', Stage 2's) are not.
+    decided = [(r["decision"]["decision"], r["id"]) for r in rows["curated"]]
+    by_decision = {d: sorted(i for decision, i in decided if decision == d) for d in ("keep", "flip")}
+    assert by_decision["keep"] and by_decision["flip"], "this run exercises both kept and flipped pairs"
+    assert sorted(r["id"] for r in rows["kept"]) == by_decision["keep"]
+    assert len(by_decision["keep"]) + len(by_decision["flip"]) == len(rows["curated"])
+    assert {r["decision"]["decision"] for r in rows["human-verified"]} <= {"keep", "flip"}
+    # The held-out fifth is written too, and every row says which split it is in.
+    holdout_ids = sorted(controller.records[k].pair.id for k in pools["holdout"])
+    assert holdout_ids and sorted(r["id"] for r in rows["heldout"]) == holdout_ids
+    assert {r["split"] for r in rows["heldout"]} == {"heldout"}
+    assert {r["split"] for v in ("human-verified", "kept", "curated") for r in rows[v]} == {"train"}
+    assert datasets["heldout"]["by_split"] == {"heldout": len(holdout_ids)}
+    assert "## Datasets" in report and "heldout" in report and "kept" in report
 
 
 def test_stage1_stops_when_accuracy_stops_improving(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from synpref.services.dataset_writer.dataset import DatasetVersion, load_dataset_version
 from synpref.shared.pairs import new_pair, new_record
@@ -35,8 +36,16 @@ def test_append_dedups_and_keeps_stats(tmp_path):
         "by_decision": {"keep": 2, "flip": 1},
         "by_source": {"s1": 2, "s2": 1},
         "by_category": {"coding": 2, "math": 1},
+        "by_split": {"train": 3},
     }
     assert reopened.append([rec(0), rec(1), rec(2)]).duplicates == 3
+
+
+def test_split_must_be_train_or_heldout(tmp_path):
+    ds = DatasetVersion(tmp_path, "d", "v1")
+    with pytest.raises(ValueError, match="split must be one of"):
+        ds.append([rec(0)], split="test")
+    assert ds.stats["rows"] == 0 and ds.files() == []
 
 
 def test_orphan_shard_from_a_crash_is_removed(tmp_path):
@@ -53,9 +62,15 @@ def test_orphan_shard_from_a_crash_is_removed(tmp_path):
 def test_loads_with_datasets_in_skywork_format(tmp_path):
     ds = DatasetVersion(tmp_path, "d", "v1")
     ds.append([rec(0), rec(1)], {"t:0": 2})
-    ds.append([rec(2, DECISION_FLIP)], {"t:0": 3})
+    ds.append([rec(2, DECISION_FLIP)], {"t:0": 3}, split="heldout")
     loaded = load_dataset_version(tmp_path, "d", "v1")
     assert loaded.num_rows == 3
+    assert dict(zip(loaded["id"], loaded["split"], strict=True)) == {
+        rec(0).pair.id: "train",
+        rec(1).pair.id: "train",
+        rec(2, DECISION_FLIP).pair.id: "heldout",
+    }
+    assert ds.stats["by_split"] == {"train": 2, "heldout": 1}
     row = loaded[0]
     assert row["chosen"] == [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a"}]
     assert row["conversation"] == [{"role": "user", "content": "q0"}]
