@@ -32,6 +32,7 @@ REFUSED = "path must name a checkpoint folder under scorer.model_root"
 
 
 def read_token(path: str) -> str:
+    """The admin token in the file at `path`, stripped; ValueError when it is empty."""
     token = Path(path).read_text().strip()
     if not token:
         raise ValueError(f"scorer.admin_token_file {path} is empty: refusing to serve admin without a token")
@@ -53,12 +54,21 @@ def checkpoint_under(root: Path, path: str) -> Path:
 
 
 class AdminApi:
+    """The admin routes (`POST /admin/reload`, `POST /admin/unload`), each behind `Authorization: Bearer <token>`.
+
+    Args:
+        registry: the served models.
+        token: the admin token; a call without it gets 401.
+        model_root: reload only accepts checkpoint folders inside this one.
+    """
+
     def __init__(self, registry: ModelRegistry, token: str, model_root: str) -> None:
         self.registry = registry
         self._token = token.encode()
         self.root = Path(model_root).resolve()
 
     def app(self) -> web.Application:
+        """The aiohttp application with the token guard and both admin routes."""
         app = web.Application(client_max_size=MAX_ADMIN_BODY, middlewares=[self._guard])
         app.router.add_post("/admin/reload", self.reload)
         app.router.add_post("/admin/unload", self.unload)
@@ -76,6 +86,9 @@ class AdminApi:
             return _error(exc.http_status, str(exc))
 
     async def reload(self, request: web.Request) -> web.Response:
+        """`{"model", "path", "version"?}`: serve the checkpoint folder (inside model_root) under the name,
+        replacing the old model. A checkpoint that fails to load answers 400; the log says why.
+        """
         body = await _json_body(request, MAX_ADMIN_BODY)
         name, path = body.get("model"), body.get("path")
         if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
@@ -92,6 +105,7 @@ class AdminApi:
         return web.json_response({"model": served.name, "version": served.version, "model_id": served.model_id})
 
     async def unload(self, request: web.Request) -> web.Response:
+        """`{"model"}`: stop serving the named model."""
         body = await _json_body(request, MAX_ADMIN_BODY)
         name = body.get("model")
         if not isinstance(name, str) or not name:

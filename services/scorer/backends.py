@@ -21,6 +21,14 @@ log = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
+    """A loaded reward model: raw rewards for token-id lists.
+
+    Attributes:
+        kind: "torch" or "vllm".
+        dtype: the weights' dtype name, as /info reports it.
+        tokenizer: the model's tokenizer, used by the encoder.
+    """
+
     kind: str
     dtype: str
     tokenizer: Any
@@ -29,10 +37,13 @@ class Backend(Protocol):
         """One raw reward per id list; runs on the batcher's thread."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Free the model (and its GPU memory)."""
+        ...
 
 
 def resolve_device(device: str) -> str:
+    """ "auto" becomes "cuda" when a GPU is visible, else "cpu"; any other value is returned as is."""
     if device != "auto":
         return device
     import torch
@@ -41,6 +52,12 @@ def resolve_device(device: str) -> str:
 
 
 class TorchBackend:
+    """A transformers sequence-classification reward model run in-process with torch.
+
+    Batches of a causal model skip the attention mask when a probe shows right padding does
+    not change its rewards (see `_right_padding_is_invisible`).
+    """
+
     kind = "torch"
 
     def __init__(self, path: str, device: str = "auto", dtype: str = "auto") -> None:
@@ -88,6 +105,7 @@ class TorchBackend:
         return [float(x) for x in logits[:, 0].float().cpu()]
 
     def forward(self, batch: list[list[int]]) -> list[float]:
+        """One raw reward per id list (unmasked right-padded batches when the model is causal)."""
         from synpref.shared.modeling import reward_of
 
         if self.causal:
@@ -95,6 +113,7 @@ class TorchBackend:
         return reward_of(self.model, batch, self.pad_id)
 
     def close(self) -> None:
+        """Drop the model and, on CUDA, empty the allocator cache."""
         del self.model
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()
@@ -128,6 +147,7 @@ class VllmBackend:
         self._params = _pooling_params_without_activation()
 
     def forward(self, batch: list[list[int]]) -> list[float]:
+        """One raw logit per id list from vLLM's classify with the activation off."""
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in batch]
@@ -135,6 +155,7 @@ class VllmBackend:
         return [float(o.outputs.probs[0]) for o in outputs]
 
     def close(self) -> None:
+        """Drop the vLLM engine."""
         del self.llm
 
 
@@ -151,6 +172,7 @@ def _pooling_params_without_activation() -> Any:
 
 
 def make_backend(kind: str, path: str, device: str, dtype: str, max_length: int) -> Backend:
+    """A "torch" or "vllm" backend for the checkpoint at `path`; ValueError for another kind."""
     if kind == "torch":
         return TorchBackend(path, device, dtype)
     if kind == "vllm":

@@ -80,6 +80,14 @@ def validate_messages(messages: Messages, what: str = "conversation") -> list[di
 
 @dataclass
 class Encoder:
+    """Turns request inputs into token ids for one model, within max_length.
+
+    Attributes:
+        tokenizer: the model's tokenizer (its chat template renders conversations).
+        max_length: most tokens per item.
+        on_too_long: "truncate" cuts an item over max_length; "reject" answers InvalidInput.
+    """
+
     tokenizer: Any
     max_length: int
     on_too_long: Literal["truncate", "reject"] = "truncate"
@@ -98,9 +106,12 @@ class Encoder:
         self._bos: str | None = getattr(self.tokenizer, "bos_token", None)
 
     def cut(self, text: str) -> str:
+        """`text` cut to the character budget (max_length x max_chars_per_token): its end is kept (its start with
+        truncation="right"), and a leading BOS survives."""
         return cut_text(text, self.char_budget, self._keep_end, self._bos)
 
     def conversation(self, messages: Messages, what: str = "conversation") -> list[int]:
+        """Token ids of a validated message list rendered with the chat template, each message pre-cut."""
         msgs = validate_messages(messages, what)
         # Each message is cut alone: one over the budget holds more than max_length tokens,
         # so left_turns drops it (or falls back to the end) exactly as it would uncut.
@@ -108,6 +119,7 @@ class Encoder:
         return self._check(encode_conversation(self.tokenizer, msgs, self.max_length, self._policy), what)
 
     def text(self, text: str, what: str = "text") -> list[int]:
+        """Token ids of an already rendered text; InvalidInput when it is empty or not a string."""
         if not isinstance(text, str) or not text.strip():
             raise InvalidInput(f"{what} is empty or not a string")
         text = self.cut(text)

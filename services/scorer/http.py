@@ -87,6 +87,16 @@ def _activation(body: dict[str, Any]) -> bool:
 
 
 class HttpShims:
+    """The HTTP routes of the scorer (see the module docstring), scoring through the registry's batchers.
+
+    Args:
+        registry: the served models.
+        metrics: request counters and latencies, labelled by model and route.
+        max_request_items: most texts per request.
+        timeout_s: default request deadline; 0 = none. A request's X-Request-Timeout may only shorten it.
+        max_body_bytes: largest request body accepted.
+    """
+
     def __init__(
         self,
         registry: ModelRegistry,
@@ -121,6 +131,7 @@ class HttpShims:
         return asyncio.get_running_loop().time() + timeout if timeout > 0 else None
 
     def app(self) -> web.Application:
+        """The aiohttp application with every route of the module docstring."""
         app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_post("/get_reward", self._wrap("get_reward", self.get_reward))
         app.router.add_post("/classify", self._wrap("classify", self.classify))
@@ -162,6 +173,7 @@ class HttpShims:
         raise UnknownModel(f"no model named {name!r} is served; served: {sorted(self.registry.models)}")
 
     async def get_reward(self, request: web.Request) -> web.Response:
+        """OpenRLHF's `POST /get_reward`: raw rewards of the `query` texts, pad tokens around each stripped."""
         body = await self._body(request)
         deadline = self._deadline(request)
         queries = _texts(body.get("query"), "query", self.max_request_items)
@@ -178,6 +190,9 @@ class HttpShims:
         return web.json_response({"rewards": result.rewards, "scores": result.rewards, "extra_logs": {}})
 
     async def classify(self, request: web.Request) -> web.Response:
+        """vLLM's `POST /classify`: rewards of `input` texts or one `messages` conversation, as raw
+        logits unless the request asks for the activation (sigmoid).
+        """
         body = await self._body(request)
         deadline = self._deadline(request)
         requested = str(body.get("model") or "")
@@ -221,11 +236,13 @@ class HttpShims:
         )
 
     async def health(self, request: web.Request) -> web.Response:
+        """`GET /health`: 200 with the served models when ready, 503 when none is loaded or draining."""
         ready = bool(self.registry.models) and not self.registry.draining
         body = {"status": "ok" if ready else "unavailable", "models": sorted(self.registry.models)}
         return web.json_response(body, status=200 if ready else 503)
 
     async def info(self, request: web.Request) -> web.Response:
+        """`GET /info`: each served model's name, id, version, dtype, backend and batch limits."""
         s = self.registry.settings
         models = [
             {
@@ -243,4 +260,5 @@ class HttpShims:
         return web.json_response({"models": models, "default_model": self.registry.default_name})
 
     async def metrics_page(self, request: web.Request) -> web.Response:
+        """`GET /metrics`: the Prometheus text page."""
         return web.Response(body=self.metrics.render(), content_type="text/plain")

@@ -20,6 +20,7 @@ log = logging.getLogger("synpref.scorer")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse `synpref scorer` options."""
     p = argparse.ArgumentParser(prog="synpref scorer", description="Serve reward models over gRPC and HTTP.")
     p.add_argument("--config", help="YAML settings file (default: $SYNPREF_CONFIG)")
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="serve a checkpoint as NAME")
@@ -34,6 +35,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    """The config file's settings with the command-line overrides applied to the scorer section.
+
+    Raises ConfigError for a `--model` that is not NAME=PATH.
+    """
     settings = load_settings(args.config)
     overrides: dict = {}
     for flag, key in (
@@ -63,6 +68,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 async def serve(settings: Settings) -> int:
+    """Run a scorer until SIGTERM/SIGINT, then drain; returns 1 when the models fail to load, else 0."""
     from synpref.services.scorer.server import ScorerServer
 
     server = ScorerServer(settings.scorer)
@@ -89,6 +95,7 @@ async def serve(settings: Settings) -> int:
 
 
 def main(argv: list[str]) -> int:
+    """`synpref scorer`: serve the configured models; 2 for a bad config."""
     args = parse_args(argv)
     try:
         settings = settings_from(args)

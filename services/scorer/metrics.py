@@ -13,6 +13,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class ScorerMetrics:
+    """The scorer's Prometheus metrics (requests, latency, items, tokens, batch sizes and padding, queue
+    depth, forward time), labelled by model, in their own CollectorRegistry unless one is given.
+    """
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -56,6 +60,7 @@ class ScorerMetrics:
         )
 
     def observe_batch(self, model: str, items: int, tokens: int, padded_tokens: int, seconds: float) -> None:
+        """Record one model forward: items, real tokens, padding share of `padded_tokens`, time and tokens/s."""
         self.batch_items.labels(model).observe(items)
         self.items.labels(model).inc(items)
         self.tokens.labels(model).inc(tokens)
@@ -66,4 +71,5 @@ class ScorerMetrics:
             self.tokens_per_second.labels(model).set(tokens / seconds)
 
     def render(self) -> bytes:
+        """The registry's metrics in the Prometheus text format."""
         return generate_latest(self.registry)

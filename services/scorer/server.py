@@ -34,6 +34,13 @@ MAX_SEND_BYTES = 64 * 1024 * 1024
 
 
 class ScorerServer:
+    """One scorer process around a ModelRegistry: gRPC, the HTTP shims, and optional admin and metrics ports.
+
+    Args:
+        settings: the scorer section; ports 0 pick free ones (read back from grpc_port, http_port, admin_port).
+        backend_factory: builds a Backend per model (make_backend; tests pass a fake).
+    """
+
     def __init__(self, settings: ScorerSettings, backend_factory: BackendFactory = make_backend) -> None:
         self.settings = settings
         self.metrics = ScorerMetrics()
@@ -48,6 +55,10 @@ class ScorerServer:
         self._metrics_http: web.AppRunner | None = None
 
     async def start(self, load: bool = True) -> None:
+        """Open the listeners with health NOT_SERVING, then (if `load`) load the models and turn SERVING.
+
+        With admin_enabled, a missing or empty token file fails here before any port opens.
+        """
         s = self.settings
         # Read before any listener opens: a missing or empty token file stops the process.
         admin_token = read_token(s.admin_token_file) if s.admin_enabled else ""
@@ -86,6 +97,7 @@ class ScorerServer:
             await self.load()
 
     async def load(self) -> None:
+        """Load every configured model; health turns SERVING once at least one is served."""
         await self.registry.load_all(dict(self.settings.models))
         if self.registry.models:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -111,6 +123,7 @@ class ScorerServer:
         log.info("scorer stopped")
 
     async def wait(self) -> None:
+        """Block until the gRPC server terminates."""
         if self._grpc is not None:
             await self._grpc.wait_for_termination()
 
@@ -140,22 +153,27 @@ class BackgroundScorer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
     def start(self, load: bool = True) -> BackgroundScorer:
+        """Start the server on the background loop (and load its models if `load`); returns self."""
         self.run(self.server.start(load=load))
         return self
 
     @property
     def address(self) -> str:
+        """`host:port` of the gRPC listener."""
         return f"{self.server.settings.host}:{self.server.grpc_port}"
 
     @property
     def http_url(self) -> str:
+        """Base URL of the HTTP shims."""
         return f"http://{self.server.settings.host}:{self.server.http_port}"
 
     @property
     def admin_url(self) -> str:
+        """Base URL of the admin API (meaningful only with admin_enabled)."""
         return f"http://{self.server.settings.host}:{self.server.admin_port}"
 
     def stop(self, grace: float = 5.0) -> None:
+        """Stop the server with `grace` seconds to drain, then stop the loop and join its thread."""
         try:
             self.run(self.server.stop(grace))
         finally:

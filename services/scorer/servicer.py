@@ -54,6 +54,7 @@ def _valid(request: object) -> None:
 
 
 def encode_items(model: ServedModel, items: list[reward_pb2.ScoreItem], check: Check) -> list[list[int]]:
+    """Token ids of each ScoreItem (a conversation or a text); InvalidInput for an item with neither."""
     ids: list[list[int]] = []
     for i, item in enumerate(items):
         check()
@@ -81,6 +82,7 @@ def encode_pairs(model: ServedModel, pairs: list[reward_pb2.PairItem], check: Ch
 
 
 def metadata(model: ServedModel, r: BatchResult) -> reward_pb2.Metadata:
+    """The response Metadata of a scored batch: model, version, queue and compute times, tokens, batch size."""
     return reward_pb2.Metadata(
         model=model.name,
         version=model.version,
@@ -92,6 +94,10 @@ def metadata(model: ServedModel, r: BatchResult) -> reward_pb2.Metadata:
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
+    """The gRPC RewardService over a ModelRegistry; ScorerErrors abort with their status code, and
+    every call is counted in the metrics by model, method and status.
+    """
+
     def __init__(self, registry: ModelRegistry, metrics: ScorerMetrics, max_request_items: int) -> None:
         self.registry = registry
         self.metrics = metrics
@@ -145,11 +151,14 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     async def Score(
         self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> reward_pb2.ScoreResponse:
+        """Raw rewards of the request's items, in order."""
         return await self._call("Score", request.model, context, lambda: self._score(request, self._deadline(context)))
 
     async def ScorePairs(
         self, request: reward_pb2.ScorePairsRequest, context: grpc.aio.ServicerContext
     ) -> reward_pb2.ScorePairsResponse:
+        """Both rewards of each pair and p = sigmoid(r_chosen - r_rejected)."""
+
         async def work() -> reward_pb2.ScorePairsResponse:
             _valid(request)
             self._check_size(len(request.pairs) * 2, "pair sides")
@@ -205,6 +214,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             self.metrics.latency.labels(label, "ScoreStream").observe(time.perf_counter() - t0)
 
     async def Info(self, request: reward_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> reward_pb2.InfoResponse:
+        """Info on the named model, or on every served model when none is named."""
+
         async def work() -> reward_pb2.InfoResponse:
             _valid(request)
             s = self.registry.settings
