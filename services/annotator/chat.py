@@ -28,15 +28,21 @@ RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
 class ChatBackend(Protocol):
+    """A chat model the judges call: `name` identifies it in votes and logs."""
+
     name: str
 
     async def chat(
         self, messages: Messages, *, n: int, temperature: float, response_format: dict[str, Any] | None = None
-    ) -> list[str | None]: ...
+    ) -> list[str | None]:
+        """`n` sampled answers to `messages`; None stands for a sample that failed (an abstention)."""
+        ...
 
 
 @dataclass
 class ChatStats:
+    """Counts of HTTP requests sent, retries and calls given up on, per backend."""
+
     requests: int = 0
     retries: int = 0
     failures: int = 0
@@ -79,17 +85,20 @@ class OpenAIChat:
 
     @property
     def semaphore(self) -> asyncio.Semaphore:
+        """The semaphore bounding concurrent requests (the shared one if given, else one of max_concurrency)."""
         # Created on first use, inside the event loop that runs the calls.
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
         return self._semaphore
 
     async def session(self) -> aiohttp.ClientSession:
+        """The aiohttp session, opened on first use and reopened after close."""
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         return self._session
 
     async def close(self) -> None:
+        """Close the HTTP session, if open."""
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -97,6 +106,10 @@ class OpenAIChat:
     async def chat(
         self, messages: Messages, *, n: int, temperature: float, response_format: dict[str, Any] | None = None
     ) -> list[str | None]:
+        """`n` answers from one chat/completions call; None for every sample when the call fails after retries.
+
+        Missing choices (a server that ignores `n`) are padded with None.
+        """
         body: dict[str, Any] = {
             "model": self.name,
             "messages": messages,
@@ -160,6 +173,7 @@ class LocalChat:
 
     @classmethod
     def from_pretrained(cls, path: str, name: str | None = None, **kwargs: Any) -> LocalChat:
+        """A LocalChat over the causal LM and tokenizer at `path`; `name` defaults to the path."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         return cls(
@@ -191,9 +205,11 @@ class LocalChat:
     async def chat(
         self, messages: Messages, *, n: int, temperature: float, response_format: dict[str, Any] | None = None
     ) -> list[str | None]:
+        """`n` sampled answers generated in a worker thread, one generation at a time; response_format is ignored."""
         # response_format is not enforced locally: the parser decides, and junk abstains.
         async with self._lock:
             return await asyncio.to_thread(self._generate, messages, n, temperature)
 
     async def close(self) -> None:
+        """Nothing to release."""
         return None

@@ -155,6 +155,7 @@ class KafkaDeskQueues:
 
     # -- event-loop side -------------------------------------------------------------------
     async def close(self) -> None:
+        """Close the producer and consumer on the worker thread (no commit), then stop the thread; idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -172,25 +173,37 @@ class KafkaDeskQueues:
 
 
 class KafkaReviewSource:
+    """The ReviewSource side of KafkaDeskQueues: fetches from the review topic, acks by committing offsets."""
+
     def __init__(self, queues: KafkaDeskQueues) -> None:
         self.queues = queues
 
     async def fetch(self, limit: int) -> list[tuple[PairRecord, Any]]:
+        """Up to `limit` records from the review topic with their (partition, offset) handles.
+
+        Undecodable messages go to the dead-letter topic; limit 0 pauses the partitions and only polls (keep-alive).
+        """
         return await self.queues._run(self.queues._fetch, limit)  # type: ignore[return-value]
 
     async def ack(self, handles: list[Any]) -> None:
+        """Mark these offsets settled and commit every partition up to its first unsettled offset."""
         await self.queues._run(self.queues._ack, handles)
 
     async def close(self) -> None:
+        """Close the shared queues (both sides)."""
         await self.queues.close()
 
 
 class KafkaVerdictSink:
+    """The VerdictSink side of KafkaDeskQueues: produces decisions to their routes' topics."""
+
     def __init__(self, queues: KafkaDeskQueues) -> None:
         self.queues = queues
 
     async def write(self, routed: list[tuple[str, PairRecord]]) -> None:
+        """Produce each (route, record) to the route's topic and wait until all are acknowledged."""
         await self.queues._run(self.queues._write, routed)
 
     async def close(self) -> None:
+        """Close the shared queues (both sides)."""
         await self.queues.close()

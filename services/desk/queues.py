@@ -22,6 +22,8 @@ from synpref.v1.pair_pb2 import PairRecord
 
 
 class ReviewSource(Protocol):
+    """Where the desk gets pairs to review: (record, handle) pairs, acknowledged by handle once settled."""
+
     async def fetch(self, limit: int) -> list[tuple[PairRecord, Any]]:
         """Up to `limit` new pairs, without blocking for long; [] when none wait. limit 0 = keep-alive."""
         ...
@@ -30,15 +32,21 @@ class ReviewSource(Protocol):
         """These pairs are settled (decision written, or a duplicate): never deliver them again."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release the source's connections."""
+        ...
 
 
 class VerdictSink(Protocol):
+    """Where the desk writes its decisions; a write is durable when it returns."""
+
     async def write(self, routed: list[tuple[str, PairRecord]]) -> None:
         """Write (route, record) items, route a TopicSettings field; durable when this returns."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release the sink's connections."""
+        ...
 
 
 class MemoryReviewQueue:
@@ -50,6 +58,7 @@ class MemoryReviewQueue:
         self.acked = 0
 
     def push(self, records: Iterable[PairRecord]) -> int:
+        """Queue `records` for the desk (thread-safe); returns how many were queued."""
         records = list(records)
         with self._lock:
             self._items.extend(records)
@@ -60,16 +69,19 @@ class MemoryReviewQueue:
             return len(self._items)
 
     async def fetch(self, limit: int) -> list[tuple[PairRecord, Any]]:
+        """Take up to `limit` queued records, oldest first; their handles are None."""
         with self._lock:
             n = min(limit, len(self._items))
             return [(self._items.popleft(), None) for _ in range(n)]
 
     async def ack(self, handles: list[Any]) -> None:
+        """Count the settled handles in `acked`; nothing else to commit in memory."""
         # Nothing to commit in memory; the count lets callers see that decisions landed.
         with self._lock:
             self.acked += len(handles)
 
     async def close(self) -> None:
+        """Nothing to release."""
         return None
 
 
@@ -81,6 +93,7 @@ class MemoryVerdictSink:
         self._cond = threading.Condition()
 
     async def write(self, routed: list[tuple[str, PairRecord]]) -> None:
+        """Keep `routed` for `drain` and wake a waiting `drain`."""
         with self._cond:
             self._routed.extend(routed)
             self._cond.notify_all()
@@ -98,4 +111,5 @@ class MemoryVerdictSink:
         return StageResult(routed=taken)
 
     async def close(self) -> None:
+        """Nothing to release."""
         return None
