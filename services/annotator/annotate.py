@@ -32,7 +32,9 @@ STEP = "annotator"
 class ExampleSource(Protocol):
     """Human-verified examples similar to a pair (shared/retrieval.py provides one)."""
 
-    def examples(self, conversation: list[dict[str, str]], attributes: dict, k: int) -> list[Example]: ...
+    def examples(self, conversation: list[dict[str, str]], attributes: dict, k: int) -> list[Example]:
+        """Up to `k` verified examples for a pair with this conversation and these attributes."""
+        ...
 
 
 def k_for(p: float | None, k_max: int = 8) -> int:

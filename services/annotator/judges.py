@@ -47,6 +47,8 @@ Messages = list[dict[str, str]]
 
 @dataclass(frozen=True)
 class JudgeRequest:
+    """One pair to judge: its messages, optional attributes and D_gold examples for the prompt, and meta."""
+
     pair_id: str
     conversation: Messages
     chosen: Messages
@@ -57,9 +59,13 @@ class JudgeRequest:
 
 
 class Judge(Protocol):
+    """Anything that votes on a pair: `name` labels its votes."""
+
     name: str
 
-    async def judge(self, request: JudgeRequest) -> list[JudgeVote]: ...
+    async def judge(self, request: JudgeRequest) -> list[JudgeVote]:
+        """The judge's votes on the pair (one per sample; abstentions included)."""
+        ...
 
 
 class AnswerCache:
@@ -82,6 +88,7 @@ class AnswerCache:
         return self.root / digest[:2] / f"{digest}.json"
 
     def get(self, *key: str) -> Any:
+        """The cached answer under `key`, or None (counted as a miss) when absent, unreadable or caching is off."""
         path = self._path(*key)
         if path is None or not path.exists():
             self.misses += 1
@@ -95,6 +102,7 @@ class AnswerCache:
         return value
 
     def put(self, value: Any, *key: str) -> None:
+        """Store `value` under `key` atomically; does nothing when caching is off."""
         path = self._path(*key)
         if path is None:
             return
@@ -167,6 +175,9 @@ class LLMJudge(_CachedLLM):
         return result
 
     async def judge(self, request: JudgeRequest) -> list[JudgeVote]:
+        """One vote per sampled answer: which response won, mapped back through the candidate order;
+        a failed request or an unparseable answer abstains.
+        """
         votes = []
         for answer in await self._answers(request):
             better, rationale = parse_judgement(answer["text"])
@@ -204,6 +215,7 @@ class AttributeLabeller(_CachedLLM):
         super().__init__(backend, cache, prompt_version, json_mode, temperature)
 
     async def label(self, request: JudgeRequest) -> Attributes | None:
+        """The pair's attribute 5-tuple from one (cached) answer, or None when it is not usable."""
         key = ("attributes", request.pair_id, self.name, self.prompt_version)
         cached = self.cache.get(*key)
         if isinstance(cached, dict) and "text" in cached:

@@ -19,6 +19,7 @@ def prompt_version(settings: AnnotatorSettings) -> str:
 
 
 def chat_backend(judge: JudgeSettings, settings: AnnotatorSettings) -> OpenAIChat:
+    """An OpenAIChat for one configured judge, with the annotator's concurrency, timeout and retry settings."""
     return OpenAIChat(
         judge.name,
         judge.base_url,
@@ -51,6 +52,7 @@ def build_annotator(settings: Settings, examples=None) -> Annotator:
 
 
 def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
+    """The annotator service: the annotator stage, reading `--input-route` and writing the annotated topic."""
     annotator = build_annotator(settings)
     return ServiceSpec(
         name="annotator",
@@ -63,4 +65,5 @@ def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
 
 
 def main(argv: list[str]) -> int:
+    """`synpref annotator`: run the annotator service until SIGTERM."""
     return serve(make_spec, service_parser("annotator", __doc__, input_route="raw").parse_args(argv))

@@ -69,6 +69,7 @@ def _cut(text: str, limit: int) -> str:
 
 
 def render_conversation(conversation: Messages, limit: int | None = None) -> str:
+    """Messages as `[role]` headed blocks for a judge prompt; `limit` cuts each content to that many characters."""
     lines = []
     for m in conversation:
         content = _cut(m["content"], limit) if limit else m["content"]
@@ -77,6 +78,7 @@ def render_conversation(conversation: Messages, limit: int | None = None) -> str
 
 
 def render_response(messages: Messages) -> str:
+    """A response's text: the lone message's content, or its messages rendered with their roles."""
     # Usually one assistant message; tool turns and multi-message answers keep their roles.
     if len(messages) == 1:
         return messages[0]["content"]
@@ -84,6 +86,7 @@ def render_response(messages: Messages) -> str:
 
 
 def attributes_dict(attributes: Attributes) -> dict[str, Any]:
+    """An Attributes proto as a plain dict, with the enum values named ("unspecified" when unknown)."""
     inverse_o = {v: k for k, v in OBJECTIVITY.items()}
     inverse_c = {v: k for k, v in CONTROVERSIALITY.items()}
     return {

@@ -34,6 +34,7 @@ def counted(stage: Stage, counts: Counter[str], lock: threading.Lock) -> Stage:
 
 
 def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
+    """The filter service: the filter stage (counting decisions for Status), writing curated, review or discarded."""
     counts: Counter[str] = Counter()
     lock = threading.Lock()
 
@@ -53,4 +54,5 @@ def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
 
 
 def main(argv: list[str]) -> int:
+    """`synpref filter`: run the consistency filter service until SIGTERM."""
     return serve(make_spec, service_parser("filter", __doc__, input_route="scored").parse_args(argv))

@@ -50,6 +50,7 @@ class MissingScore(ValueError):
 
 
 def score_of(record: PairRecord, model: str) -> ModelScore | None:
+    """The record's ModelScore from `model` (GOLD or BEST), or None."""
     return next((s for s in record.scores if s.model == model), None)
 
 
@@ -64,6 +65,9 @@ def _decided(record: PairRecord, decision: Decision, rule: str, reason: str, sta
 
 
 def stage1(record: PairRecord, settings: FilterSettings) -> PairRecord:
+    """Stage 1, error-driven: REVIEW (a gold candidate for humans) when the best RM is wrong or within
+    `band` of 0.5, else SKIP. MissingScore without the best RM's score.
+    """
     best = score_of(record, BEST)
     if best is None:
         raise MissingScore("stage 1 needs the best RM's score (ModelScore 'best')")
@@ -100,6 +104,10 @@ def human_candidates(p_best: dict[str, float], budget: int) -> list[str]:
 
 
 def stage2(record: PairRecord, settings: FilterSettings) -> PairRecord:
+    """Stage 2, consistency: KEEP when the gold RM agrees with the label and so do the judges or the best RM;
+    otherwise FLIP (recycled with the sides swapped) or DISCARD, as settings.on_disagreement says.
+    MissingScore without the gold RM's score.
+    """
     gold = score_of(record, GOLD)
     if gold is None:
         raise MissingScore("stage 2 needs the gold RM's score (ModelScore 'gold')")
@@ -132,6 +140,8 @@ def decide(record: PairRecord, settings: FilterSettings) -> tuple[str, PairRecor
 
 
 def make_filter_stage(settings: FilterSettings) -> Stage:
+    """The filter as a Stage: each record routed by its decision; a record missing a score fails."""
+
     def consistency_filter(batch: list[PairRecord]) -> StageResult:
         result = StageResult()
         for record in batch:

@@ -54,6 +54,10 @@ class DeskError(Exception):
 
 @dataclass
 class Entry:
+    """A pair waiting at the desk: its record, the source handle to ack, arrival order, open
+    assignments and the verdicts collected so far (by annotator).
+    """
+
     record: PairRecord
     handle: Any
     seq: int
@@ -63,11 +67,14 @@ class Entry:
 
     @property
     def pair_id(self) -> str:
+        """The pair's id."""
         return self.record.pair.id
 
 
 @dataclass
 class Decided:
+    """A settled pair: the route its record goes to, the record with its verdicts, and the handle to ack."""
+
     route: str
     """"verified" (D_gold) or "discarded"; both are TopicSettings fields."""
     record: PairRecord
@@ -246,6 +253,7 @@ class DeskCore:
         return None if done is None else Decided(route=done.route, record=done.record, handle=handle)
 
     def add_example(self, record: PairRecord) -> None:
+        """Keep `record` as the newest example, forgetting the oldest beyond `remember`."""
         self.examples[record.pair.id] = record
         self.examples.move_to_end(record.pair.id)
         while len(self.examples) > self._remember:
@@ -253,6 +261,7 @@ class DeskCore:
 
     @property
     def pending(self) -> int:
+        """Number of pairs waiting for verdicts."""
         return len(self._pending)
 
     # -- assignment ----------------------------------------------------------------------
@@ -346,6 +355,9 @@ class DeskCore:
         }
 
     def progress(self, annotator: str) -> dict[str, Any]:
+        """The progress page's numbers for `annotator`: own and everyone's counts, outcomes, and the
+        agreement of pairs decided by more than one annotator (with the last ten).
+        """
         multi = [s for s in self.decided.values() if s.verdicts > 1]
         return {
             "annotator": annotator,

@@ -17,6 +17,7 @@ from synpref.shared.config import ConfigError, load_settings
 
 
 def parser() -> argparse.ArgumentParser:
+    """The `synpref desk` argument parser; each option overrides a desk setting."""
     p = argparse.ArgumentParser(prog="synpref desk", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="YAML settings file (else SYNPREF_CONFIG, then defaults)")
     p.add_argument("--host", help="listen address (desk.host)")
@@ -27,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    """`synpref desk`: serve the review desk over Kafka until SIGINT/SIGTERM; 2 for a bad config or no tokens."""
     args = parser().parse_args(argv)
     try:
         settings = load_settings(args.config)

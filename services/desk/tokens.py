@@ -60,6 +60,10 @@ def parse_tokens(text: str, where: str = "tokens") -> dict[str, str]:
 
 
 def load_tokens(settings: DeskSettings) -> dict[str, str]:
+    """annotator -> token from desk.tokens and desk.tokens_file together.
+
+    Raises ConfigError for an unreadable file, an annotator named in both, or two annotators sharing a token.
+    """
     tokens = parse_tokens(settings.tokens.get_secret_value(), "desk.tokens")
     if settings.tokens_file:
         try:
@@ -76,10 +80,13 @@ def load_tokens(settings: DeskSettings) -> dict[str, str]:
 
 
 def digest(token: str) -> bytes:
+    """SHA-256 of the token: the table compares digests, never the tokens themselves."""
     return hashlib.sha256(token.encode()).digest()
 
 
 class TokenTable:
+    """Finds the annotator a bearer token belongs to; holds only the tokens' digests."""
+
     def __init__(self, tokens: dict[str, str]) -> None:
         self._by_digest = {digest(t): a for a, t in tokens.items()}
 
@@ -87,6 +94,7 @@ class TokenTable:
         return len(self._by_digest)
 
     def annotator(self, token: str) -> str | None:
+        """The annotator whose token this is, or None (also for an empty or non-ASCII token)."""
         # A header that is not ASCII (aiohttp keeps undecodable bytes as surrogates) is no token.
         if not token or not token.isascii():
             return None
@@ -128,6 +136,7 @@ class FailedAuthThrottle:
         return 0 if tokens >= 1 else math.ceil((1 - tokens) / self.rate_per_s)
 
     def failed(self, client: str) -> None:
+        """Take one token from `client`'s bucket after a failed login, pruning buckets beyond max_clients."""
         now = self._clock()
         tokens = self._tokens(client, now)
         self._buckets.pop(client, None)

@@ -11,6 +11,7 @@ from synpref.v1 import pipeline_pb2_grpc
 
 
 def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
+    """The gold-scorer service; exits when no scoring model is configured."""
     models = models_from_settings(settings.scoring)
     if not models:
         raise SystemExit("gold-scorer: set scoring.gold.path (and scoring.best.path), or scoring.mode=grpc")
@@ -25,4 +26,5 @@ def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
 
 
 def main(argv: list[str]) -> int:
+    """`synpref gold-scorer`: run the gold scorer service until SIGTERM."""
     return serve(make_spec, service_parser("gold-scorer", __doc__, input_route="annotated").parse_args(argv))

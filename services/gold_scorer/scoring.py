@@ -25,6 +25,8 @@ ROLES = ("system", "user", "assistant", "tool")
 
 @dataclass(frozen=True)
 class ScoringModel:
+    """One RM the gold scorer runs: its role, the version written into each ModelScore, and its pair scorer."""
+
     role: str
     """GOLD or BEST (shared.roles): the ModelScore.model the filter reads."""
     version: str
@@ -32,6 +34,7 @@ class ScoringModel:
 
 
 def pair_dict(record: PairRecord) -> dict:
+    """The record's conversation, chosen and rejected as message dicts, the shape a PairScorer takes."""
     pair = record.pair
     return {
         "conversation": message_dicts(pair.conversation),
@@ -54,6 +57,7 @@ def pair_problem(record: PairRecord) -> str | None:
 
 
 def model_version(ref: ModelRef) -> str:
+    """The checkpoint's version: `ref.version`, else the folder name, else the path."""
     return ref.version or Path(ref.path.rstrip("/")).name or ref.path
 
 
