@@ -36,6 +36,10 @@ class EmbeddingTable:
         self._index: tuple[list[str], Any] | None = None
 
     def nearest(self, queries: list[str], ks: list[int], among: list[str]) -> list[list[str]]:
+        """For each query key, its `ks[i]` nearest keys among `among` (unknown keys ignored).
+
+        The index over `among` is cached while `among` stays the same.
+        """
         from synpref.shared.retrieval import VectorIndex
 
         among = [k for k in among if k in self.row]
@@ -51,6 +55,7 @@ class EmbeddingTable:
         return [[item for item, _ in h[:k]] for h, k in zip(hits, ks, strict=True)]
 
     def examples(self, conversation: list[dict[str, str]], attributes: dict, k: int) -> list[Example]:
+        """Up to `k` example pairs nearest to this conversation (found by its exact text); [] when unknown."""
         text = json.dumps(conversation, ensure_ascii=False)
         row = self.by_text.get(text)
         if row is None or not self.example_keys or k <= 0:

@@ -34,7 +34,11 @@ KAFKA_PLANS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 class StageExecutor(Protocol):
-    def run(self, name: str, records: list[PairRecord]) -> StageResult: ...
+    """Runs a named pipeline step on a batch of records: here in-process, or through Kafka."""
+
+    def run(self, name: str, records: list[PairRecord]) -> StageResult:
+        """The routed and failed records of step `name` on `records`."""
+        ...
 
 
 def chain(*stages: Stage) -> Stage:
@@ -63,9 +67,11 @@ class InProcessExecutor:
         self.batch_size = batch_size
 
     def stage(self, name: str) -> Stage:
+        """The stage function of step `name`."""
         return self.stages[name] if isinstance(self.stages, dict) else self.stages(name)
 
     def run(self, name: str, records: list[PairRecord]) -> StageResult:
+        """Run step `name` over `records` in batches of batch_size; results are concatenated in order."""
         stage = self.stage(name)
         out = StageResult()
         for start in range(0, len(records), self.batch_size):
@@ -98,6 +104,9 @@ class KafkaExecutor:
         self.plans = plans
 
     def run(self, name: str, records: list[PairRecord]) -> StageResult:
+        """Publish `records` to the step's input topic and collect each one's result from its output or
+        dead-letter topic; TimeoutError when some are not back within timeout_s.
+        """
         from kafka import TopicPartition
 
         from synpref.shared.kafka.clients import deliver, make_consumer, make_producer

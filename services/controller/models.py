@@ -62,9 +62,13 @@ class ModelHandle:
 class RewardModels(Protocol):
     """What the controller needs of a reward-model backend: train, score pairs, export a checkpoint."""
 
-    def train(self, name: str, train: list[Pair], valid: list[Pair], out_dir: Path) -> ModelHandle: ...
+    def train(self, name: str, train: list[Pair], valid: list[Pair], out_dir: Path) -> ModelHandle:
+        """Train reward model `name` on `train` (validating on `valid`) into `out_dir`; a handle to it."""
+        ...
 
-    def score(self, handle: ModelHandle, pairs: list[Pair]) -> list[tuple[float, float]]: ...
+    def score(self, handle: ModelHandle, pairs: list[Pair]) -> list[tuple[float, float]]:
+        """(reward_chosen, reward_rejected) of each pair under the model."""
+        ...
 
     def export(self, handle: ModelHandle, out_dir: Path) -> Path:
         """An HF checkpoint folder of the model (written if needed)."""

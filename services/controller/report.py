@@ -51,6 +51,9 @@ def _save(fig: Any, path: Path) -> str:
 
 
 def plot_all(folder: Path, state: RunState) -> list[str]:
+    """Draw the run's plots (accuracy and pools per iteration, decisions per stage, ...) as PNGs into
+    `folder`; returns their file names.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,6 +136,7 @@ def plot_all(folder: Path, state: RunState) -> list[str]:
 
 
 def write_report(root: Path, state: RunState, settings: Settings) -> Path:
+    """Write `report.md` (run summary, per-iteration tables, Stage 2, datasets, plots) under `root`; its path."""
     c = settings.controller
     r = state.results
     plots = plot_all(root / "plots", state)

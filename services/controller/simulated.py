@@ -29,6 +29,7 @@ NOISE_KEY = "study_label_noise"
 
 
 def digest(messages: Sequence[Mapping[str, str]]) -> str:
+    """A 16-hex-digit hash of a message list's roles and contents: how a study marks the true chosen side."""
     text = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -79,6 +80,7 @@ class SimulatedJudge:
         self.seed = seed
 
     def votes_for(self, pair_id: str, chosen: Sequence[Mapping[str, str]], truth: str) -> list[JudgeVote]:
+        """The judge's seeded votes on a pair whose true chosen side hashes to `truth` (see the class)."""
         s = self.settings
         # Keyed by the true side, not the current orientation: a flipped copy of a pair gets
         # the same belief about which response is better.
@@ -105,6 +107,7 @@ class SimulatedJudge:
         return votes
 
     async def judge(self, request: JudgeRequest) -> list[JudgeVote]:
+        """Votes on the request; ValueError when its meta lacks the study's truth key."""
         truth = request.meta.get(TRUTH_KEY)
         if not truth:
             raise ValueError(f"pair {request.pair_id} has no {TRUTH_KEY}: a simulated judge needs a study run")
