@@ -28,6 +28,7 @@ from synpref.client.client import Item, RewardClient
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse `synpref score` options and its subcommand (pairs, items or info)."""
     p = argparse.ArgumentParser(prog="synpref score", description="Score pairs or conversations with a running scorer.")
     p.add_argument("--config", help="YAML settings file (for scoring.scorer_address)")
     p.add_argument("--address", help="scorer host:port (default: scoring.scorer_address)")
@@ -47,6 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def read_items(stream: TextIO) -> Iterator[Item]:
+    """Items from JSON lines: a message list, `{"messages": [...]}` or `{"text": ...}` each; ValueError otherwise."""
     for n, line in enumerate(stream, 1):
         if not line.strip():
             continue
@@ -69,6 +71,7 @@ def _open_out(path: str) -> TextIO:
 
 
 def main(argv: list[str]) -> int:
+    """`synpref score`: run the subcommand against the scorer; 1 for a gRPC error, 2 for bad input."""
     args = parse_args(argv)
     address = args.address
     if not address:
@@ -104,6 +107,10 @@ def main(argv: list[str]) -> int:
 
 
 def score_pairs(client: RewardClient, args: argparse.Namespace) -> int:
+    """Score the pairs of a source file and write one JSON line per pair (rewards and p).
+
+    Rows that are no pair are counted (the first ten printed) on stderr.
+    """
     from synpref.shared.sources import iter_source
 
     rows = list(iter_source(Path(args.path), fmt=args.format))
@@ -129,6 +136,7 @@ def score_pairs(client: RewardClient, args: argparse.Namespace) -> int:
 
 
 def score_items(client: RewardClient, args: argparse.Namespace) -> int:
+    """Score the items of a JSON lines file (or stdin) and write one `{"reward"}` line per item."""
     if args.path == "-":
         items = list(read_items(sys.stdin))
     else:
