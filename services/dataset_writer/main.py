@@ -43,6 +43,7 @@ WRITABLE = {DECISION_KEEP, DECISION_FLIP}
 
 
 def tp_key(topic: str, partition: int) -> str:
+    """`topic:partition`, the key of a partition's offset in the manifest."""
     return f"{topic}:{partition}"
 
 
@@ -65,6 +66,9 @@ class DatasetSink:
         self.lock = threading.Lock()
 
     def write(self, records: list[PairRecord], offsets: dict[str, int] | None = None) -> AppendResult:
+        """Append the new pairs of `records` as one shard, committed with `offsets` if given, under the lock;
+        counts rows by decision and duplicates in Prometheus.
+        """
         with self.lock:
             before = dict(self.dataset.stats["by_decision"])
             result = self.dataset.append(records, offsets)
@@ -77,6 +81,7 @@ class DatasetSink:
         return result
 
     def stored_offsets(self) -> dict[TopicPartition, int]:
+        """The next offset of each partition, as stored in the current manifest."""
         with self.lock:
             stored = dict(self.dataset.offsets)
         out = {}
@@ -100,17 +105,20 @@ class ManifestSink:
         """When the first record (or offset) since the last flush arrived."""
 
     def write(self, routed: list[tuple[str, PairRecord]]) -> None:
+        """Buffer the routed records; the first write since the last flush starts the flush clock."""
         if self.oldest is None:
             # Offsets advance even when no row does (dead letters, duplicates): they are due too.
             self.oldest = time.monotonic()
         self.buffer.extend(record for _, record in routed)
 
     def due(self) -> bool:
+        """True when shard_rows records are buffered or flush_interval_s has passed since the oldest write."""
         if self.oldest is None:
             return False
         return len(self.buffer) >= self.cfg.shard_rows or time.monotonic() - self.oldest >= self.cfg.flush_interval_s
 
     def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Write the buffer as one shard whose manifest stores `offsets`, then empty the buffer."""
         result = self.target.write(self.buffer, {tp_key(tp.topic, tp.partition): n for tp, n in offsets.items()})
         if self.stats is not None:
             self.stats.count("written", result.written)
@@ -119,6 +127,7 @@ class ManifestSink:
         self.buffer, self.oldest = [], None
 
     def stored_offsets(self) -> dict[TopicPartition, int]:
+        """The offsets the dataset's manifest stores, where the runner seeks on assignment."""
         return self.target.stored_offsets()
 
 
@@ -130,6 +139,7 @@ class WriterServicer:
         self.sink = sink
 
     def ProcessBatch(self, request: Any, context: grpc.ServicerContext) -> WriteBatchResponse:
+        """Write the request's KEEP and FLIP records at once; answers the version, rows written and duplicates."""
         records = [r for r in request.records if r.decision.decision in WRITABLE]
         result = self.sink.write(records)
         self.service.count_grpc(len(request.records), len(request.records) - len(records))
@@ -138,10 +148,14 @@ class WriterServicer:
         )
 
     def Status(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """The service's status and counters."""
         return self.service.status()
 
 
 def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
+    """The writer service: `writable_only` on the curated topic, with ManifestSink as the runner's sink and a
+    static group member named after the dataset version.
+    """
     cfg = settings.writer
     target = DatasetSink(DatasetVersion(cfg.root, cfg.name, cfg.version))
     manifest_sink = ManifestSink(target, cfg)
@@ -171,4 +185,5 @@ def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
 
 
 def main(argv: list[str]) -> int:
+    """`synpref writer`: run the dataset writer until SIGTERM."""
     return serve(make_spec, service_parser(SERVICE, __doc__).parse_args(argv))
