@@ -41,6 +41,8 @@ class JobError(RuntimeError):
 
 
 class Toleration(BaseModel):
+    """A Kubernetes pod toleration (fields as in the pod spec; tolerationSeconds may be given by its API name)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     key: str | None = None
@@ -51,6 +53,8 @@ class Toleration(BaseModel):
 
 
 class EnvVar(BaseModel):
+    """One environment variable set in the training container."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
@@ -112,9 +116,11 @@ class TrainingJobSpec(BaseModel):
 
     @property
     def multi_node(self) -> bool:
+        """True when the Job spans more than one node (it then needs the rendezvous Service)."""
         return self.nodes > 1
 
     def pod_labels(self) -> dict[str, str]:
+        """The pod's labels: the spec's labels plus `app.kubernetes.io/component: train`."""
         return {**self.labels, "app.kubernetes.io/component": "train"}
 
     def service_selector(self) -> dict[str, str]:
@@ -282,6 +288,7 @@ def to_manifest(obj: Any) -> dict[str, Any]:
 
 
 def validate_timeout(timeout_s: float) -> float:
+    """`timeout_s` as a float; ValueError unless it is a finite number in (0, MAX_WAIT_S]."""
     if not isinstance(timeout_s, int | float) or isinstance(timeout_s, bool) or not math.isfinite(timeout_s):
         raise ValueError(f"timeout must be a finite number of seconds, got {timeout_s!r}")
     if not 0 < timeout_s <= MAX_WAIT_S:
@@ -330,6 +337,10 @@ class JobBackend:
                 raise self._error("creating", "Service", spec.namespace, name, exc) from exc
 
     def submit(self, spec: TrainingJobSpec) -> client.V1Job:
+        """Create the training Job (and, for a multi-node one, its rendezvous Service first).
+
+        Raises ValueError for a name that is no DNS label, JobError when the API refuses.
+        """
         if not spec.name or not _DNS_LABEL.match(spec.name):
             raise ValueError(f"a Job name is a DNS label (lowercase letters, digits, '-'), got {spec.name!r}")
         if spec.multi_node:
