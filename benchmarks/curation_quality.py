@@ -94,17 +94,16 @@ def one_seed(seed: int, args, models: HeadModels, embed: CachedEmbed, workdir: P
             "sources": [str(args.data)],
             "holdout_fraction": 0.2,
             "seed_fraction": 0.1,
-            "label_noise": args.noise,
             "seed": seed,
             "iterations": args.iterations,
             "patience": 2,
             "human_budget": args.human_budget,
-            "judges": JUDGES,
+            "study": {"human": "oracle", "label_noise": args.noise, "judges": JUDGES},
             "max_length": args.max_length,
         },
         filter={"on_disagreement": args.on_disagreement},
     )
-    judges = [SimulatedJudge(j, seed) for j in settings.controller.judges]
+    judges = [SimulatedJudge(j, seed) for j in settings.controller.study.judges]
     ctl = Controller(settings, models, OracleHumans(), judges, embed=embed, progress=lambda m: None)
     started = time.perf_counter()
     state = ctl.run()

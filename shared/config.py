@@ -173,13 +173,33 @@ class SimulatedJudgeSettings(Section):
     """Probability of abstaining on a pair (an unparseable answer or a tie)."""
 
 
+class StudySettings(Section):
+    """A study: simulated parts, named as such in the report, for measuring the method; never a default.
+
+    Without a `controller.study` section the loop runs for real: the LLM judges of annotator.judges
+    and human verification by controller.human (the desk or the terminal).
+
+    Fields:
+        judges: simulated judges of stated accuracy, used instead of annotator.judges (empty = the real ones).
+        human: who verifies: "oracle" (the source labels, as perfect annotators), "file" (verdicts from
+            human_labels_file) or "real" (controller.human: real people, e.g. with simulated judges).
+        human_labels_file: JSONL of {"id", "preferred": "chosen"|"rejected"|"abstain"} for human = file.
+        label_noise: flip this share of the curated pool's labels (seeded) to measure what curation repairs.
+    """
+
+    judges: list[SimulatedJudgeSettings] = Field(default_factory=list)
+    human: Literal["oracle", "file", "real"] = "oracle"
+    human_labels_file: str = ""
+    label_noise: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
 class ControllerSettings(Section):
     """The two-stage curation loop (`synpref run` in one process, `synpref controller` in a cluster)."""
 
     workdir: str = "artifacts/run"
     """Durable state (state.json), record snapshots, models, datasets and the report go here."""
-    sources: list[str] = Field(default_factory=lambda: ["../shared/data/PandaLM/testset-v1.json"])
-    """Pair files or folders (any format shared/sources.py reads)."""
+    sources: list[str] = Field(default_factory=list)
+    """Pair files or folders (any format shared/sources.py reads); required."""
     source_format: SourceFormat | None = None
     """Format of every source (one of shared.sources.FORMATS); None = detected per file."""
     decontaminate: list[str] = Field(default_factory=list)
@@ -188,30 +208,20 @@ class ControllerSettings(Section):
     """Use at most this many pairs (a seeded sample); 0 = all."""
     holdout_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     """Share of pairs (split by conversation) kept out of curation to measure RMs on their source labels."""
-    seed_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
-    """Share of the remaining pairs verified by the human provider first: the seed D_gold."""
-    label_noise: float = Field(default=0.0, ge=0.0, lt=1.0)
-    """Study only: flip this share of the curated pool's labels (seeded) to measure what curation repairs."""
+    seed_pairs: int = Field(default=500, ge=2)
+    """Pairs verified by humans first: the seed D_gold (a count: a share of 40M would be millions)."""
+    seed_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """If set, the seed is this share of the pool instead of seed_pairs (small studies)."""
     seed: int = 0
     iterations: int = Field(default=4, ge=1)
     """Most Stage-1 iterations (the paper ran 8)."""
     patience: int = Field(default=2, ge=1)
     """Stop Stage 1 after this many iterations without a better D_gold accuracy."""
-    human: Literal["oracle", "file", "terminal", "desk"] = "oracle"
-    """Human verification: oracle (the source labels; study only), file (labels read from a file; study only),
-    terminal (a prompt on this terminal) or desk (the web desk)."""
-    human_labels_file: str = ""
-    """JSONL of {"id", "preferred": "chosen"|"rejected"|"abstain"} for human = file."""
+    human: Literal["terminal", "desk"] = "desk"
+    """Human verification: desk (the web desk; over Kafka in a cluster) or terminal (a prompt on this terminal).
+    A study may replace the humans (study.human)."""
     human_budget: int = Field(default=32, ge=0)
     """Most pairs sent to humans per Stage-1 iteration (gold candidates, the RM's worst errors first)."""
-    judges: list[SimulatedJudgeSettings] = Field(
-        default_factory=lambda: [
-            SimulatedJudgeSettings(name="sim-judge-a", accuracy=0.8),
-            SimulatedJudgeSettings(name="sim-judge-b", accuracy=0.75),
-            SimulatedJudgeSettings(name="sim-judge-c", accuracy=0.7),
-        ]
-    )
-    """Simulated judges (study only); leave empty to use annotator.judges (real LLM judges)."""
     k_max: int = Field(default=8, ge=1, le=64)
     """Retrieval size for a pair the RM gets wrong; k = ceil(k_max (1 - p)) otherwise."""
     trainer: Literal["head", "full"] = "head"
@@ -248,6 +258,20 @@ class ControllerSettings(Section):
     models/registry.json and scorer.yaml. The checkpoints must lie under the scorer's model_root."""
     scorer_admin_token_file: str = ""
     """File with the scorer's admin bearer token (the Secret the scorer reads), for scorer_reload_url."""
+    study: StudySettings | None = None
+    """A study with simulated parts (see StudySettings); None = a real run."""
+
+    @property
+    def human_provider(self) -> str:
+        """The verifier in effect: the study's oracle or file, else controller.human."""
+        if self.study is not None and self.study.human != "real":
+            return self.study.human
+        return self.human
+
+    def seed_size(self, pool: int) -> int:
+        """Pairs to verify first out of a pool of `pool`: seed_pairs, or seed_fraction of it (at least 2)."""
+        wanted = round(self.seed_fraction * pool) if self.seed_fraction is not None else self.seed_pairs
+        return min(pool, max(2, wanted))
 
 
 class ServiceSettings(Section):

@@ -31,18 +31,35 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_runnable(settings: Settings) -> None:
+    """Refuse, with what to set, a loop that has no pairs or no judges (there is no silent simulated default)."""
+    c = settings.controller
+    if not c.sources:
+        raise ConfigError("controller.sources is empty: list the pair files or folders to curate")
+    if not settings.annotator.judges and not (c.study and c.study.judges):
+        raise ConfigError(
+            "no LLM judges configured: set annotator.judges (OpenAI-compatible endpoints: name, base_url, model;"
+            " see docs/pipeline.md), or, for a study with simulated judges, controller.study.judges"
+        )
+
+
 def build_judges(settings: Settings, seed: int) -> tuple[list[Any], Any]:
-    """Simulated judges (study only) when controller.judges lists any, else the annotator's LLM judges."""
-    if settings.controller.judges:
+    """The study's simulated judges when it lists any, else the annotator's LLM judges."""
+    study = settings.controller.study
+    if study is not None and study.judges:
         from synpref.services.controller.simulated import SimulatedJudge
 
-        return [SimulatedJudge(j, seed) for j in settings.controller.judges], None
+        return [SimulatedJudge(j, seed) for j in study.judges], None
     from synpref.services.annotator.main import build_annotator
 
     annotator = build_annotator(settings)
     if not annotator.judges:
-        raise ConfigError("no judges: list controller.judges (simulated, for studies) or annotator.judges (LLMs)")
+        raise ConfigError("no judges: set annotator.judges (LLMs) or, for a study, controller.study.judges")
     return annotator.judges, annotator.labeller
+
+
+def labels_file(c: Any) -> str:
+    return c.study.human_labels_file if c.study is not None else ""
 
 
 def build_controller(settings: Settings, progress: bool = True, executor: Any = None, on_step: Any = None):
@@ -52,7 +69,7 @@ def build_controller(settings: Settings, progress: bool = True, executor: Any = 
 
     c = settings.controller
     models = make_models(c, Path(c.workdir), progress)
-    humans = make_provider(c.human, c.human_labels_file, settings.desk, c.seed)
+    humans = make_provider(c.human_provider, labels_file(c), settings.desk, c.seed)
     judges, labeller = build_judges(settings, c.seed)
     say = print if progress else (lambda _msg: None)
     return Controller(settings, models, humans, judges, executor, on_step=on_step, progress=say, labeller=labeller)
@@ -66,6 +83,7 @@ def main(argv: list[str]) -> int:
             settings = settings.model_copy(
                 update={"controller": settings.controller.model_copy(update={"workdir": args.workdir})}
             )
+        check_runnable(settings)
     except ConfigError as exc:
         print(f"synpref run: {exc}", file=sys.stderr)
         return 2

@@ -175,21 +175,22 @@ class Controller(FinalSteps):
         records, pre = ingest_paths(c.sources, c.source_format, None, c.decontaminate)
         if c.max_pairs and len(records) > c.max_pairs:
             records = random.Random(f"sample:{c.seed}").sample(records, c.max_pairs)
-        study = c.human in ("oracle", "file") or bool(c.judges) or c.label_noise > 0
+        study = c.study is not None
+        label_noise = c.study.label_noise if c.study is not None else 0.0
         if study:
             for r in records:
                 mark_truth(r)
         pool, holdout = split_by_conversation(records, _conversation, c.holdout_fraction, c.seed)
         pool.sort(key=key_of)
-        if c.label_noise:
-            pool = add_label_noise(pool, c.label_noise, c.seed)
+        if label_noise:
+            pool = add_label_noise(pool, label_noise, c.seed)
         self.records = {key_of(r): r for r in pool + holdout}
         self.state.pools = {
             "holdout": sorted(key_of(r) for r in holdout),
             "unverified": sorted(key_of(r) for r in pool),
         }
         counts = {k: v for k, v in pre.counts.as_dict().items() if isinstance(v, int)}
-        self.state.results["ingest"] = {"counts": counts, "study": study, "label_noise": c.label_noise}
+        self.state.results["ingest"] = {"counts": counts, "study": study, "label_noise": label_noise}
         self.state.results["initial_labels"] = {key_of(r): r.pair.id for r in pool}
         self.state.results["initial_label_accuracy"] = self.label_accuracy(sorted(self.state.results["initial_labels"]))
         self.say(f"ingest: {len(pool)} pairs to curate, {len(holdout)} held out")
@@ -215,10 +216,10 @@ class Controller(FinalSteps):
         return self.embed(texts)
 
     def seed(self) -> None:
-        """Sample `seed_fraction` of the unverified pool (at least 2 pairs) for humans to verify into D_gold."""
+        """Sample the seed (controller.seed_pairs, or seed_fraction of the pool) for humans to verify into D_gold."""
         pool = list(self.state.pool("unverified"))
         rng = random.Random(f"seed:{self.c.seed}")
-        n = max(2, round(self.c.seed_fraction * len(pool)))
+        n = self.c.seed_size(len(pool))
         picked = sorted(rng.sample(pool, min(n, len(pool))))
         verified, dropped = self.ask_humans(picked, iteration=0)
         self.state.results["seed_gold"] = verified

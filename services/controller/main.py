@@ -32,7 +32,7 @@ CONTROLLER_HEALTH_NAME = "synpref.controller"
 
 
 def build(settings: Settings) -> Any:
-    from synpref.services.controller.embedded import build_judges
+    from synpref.services.controller.embedded import build_judges, labels_file
     from synpref.services.controller.executors import KafkaExecutor
     from synpref.services.controller.loop import Controller
     from synpref.services.controller.models import make_models
@@ -44,10 +44,11 @@ def build(settings: Settings) -> Any:
         executor: Any = KafkaExecutor(settings, c.stage_timeout_s)
         judges: list[Any] = []  # the annotator service holds the judges
         labeller: Any = None
-        humans: Any = KafkaDeskHumans(settings) if c.human == "desk" else make_provider(c.human, c.human_labels_file)
+        human = c.human_provider
+        humans: Any = KafkaDeskHumans(settings) if human == "desk" else make_provider(human, labels_file(c))
     else:
         judges, labeller = build_judges(settings, c.seed)
-        humans = make_provider(c.human, c.human_labels_file, settings.desk, c.seed)
+        humans = make_provider(c.human_provider, labels_file(c), settings.desk, c.seed)
         executor = None
     # executor None: the Controller runs the stage functions in process
     return Controller(settings, models, humans, judges, executor, labeller=labeller)
@@ -64,6 +65,9 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         settings = load_settings(args.config)
+        from synpref.services.controller.embedded import check_runnable
+
+        check_runnable(settings)
     except ConfigError as exc:
         print(f"synpref controller: {exc}", file=sys.stderr)
         return 2

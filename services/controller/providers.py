@@ -202,7 +202,7 @@ def make_provider(kind: str, labels_file: str = "", desk_settings=None, seed: in
         return OracleHumans()
     if kind == "file":
         if not labels_file:
-            raise ValueError("controller.human = file needs controller.human_labels_file")
+            raise ValueError("study.human = file needs study.human_labels_file")
         return FileHumans(labels_file)
     if kind == "terminal":
         return TerminalHumans(seed=seed)

@@ -37,11 +37,14 @@ def controller_settings(tmp_path: Path, name: str, **extra):
     controller = {
         "workdir": str(tmp_path / name),
         "sources": [str(data)],
-        "label_noise": 0.3,
         "seed_fraction": 0.1,
         "iterations": 2,
         "human_budget": 4,
-        "judges": [{"name": "sim-a", "accuracy": 0.85}, {"name": "sim-b", "accuracy": 0.75}],
+        "study": {
+            "human": "oracle",
+            "label_noise": 0.3,
+            "judges": [{"name": "sim-a", "accuracy": 0.85}, {"name": "sim-b", "accuracy": 0.75}],
+        },
     }
     return load_settings(controller=controller, **extra)
 
@@ -60,7 +63,7 @@ def summary(workdir: Path) -> dict:
 @pytest.mark.slow  # about 20 s: the loop twice, once through four runners on a broker
 def test_loop_over_kafka_matches_the_in_process_loop(tmp_path, kafka_settings, unique_topics, unique_group):
     reference = controller_settings(tmp_path, "in-process")
-    judges = [SimulatedJudge(j) for j in reference.controller.judges]
+    judges = [SimulatedJudge(j) for j in reference.controller.study.judges]
     Controller(
         reference, fakes.BagOfWordsModels(), OracleHumans(), judges, embed=fakes.embed, progress=lambda _m: None
     ).run()
@@ -89,7 +92,7 @@ def test_loop_over_kafka_matches_the_in_process_loop(tmp_path, kafka_settings, u
     f2 = settings.filter.model_copy(update={"stage": 2})
     services = {
         "annotator": (
-            Annotator([SimulatedJudge(j) for j in base.controller.judges], skip_confident=True).stage(),
+            Annotator([SimulatedJudge(j) for j in base.controller.study.judges], skip_confident=True).stage(),
             "raw",
         ),
         "gold-scorer": (scorer, "annotated"),

@@ -38,7 +38,7 @@ def test_controller_serves_health_finishes_and_stops_on_sigterm(tmp_path):
             "max_length": 48,
             "head_steps": 40,
             "head_eval_every": 20,
-            "judges": [{"name": "sim-a", "accuracy": 0.85}],
+            "study": {"human": "oracle", "judges": [{"name": "sim-a", "accuracy": 0.85}]},
         },
     }
     cfg = tmp_path / "controller.yaml"

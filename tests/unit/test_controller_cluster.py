@@ -93,7 +93,6 @@ def test_cluster_controller_wires_kafka_executor_desk_and_k8s(tmp_path):
             "human": "desk",
             "training": "k8s",
             "k8s_job": {"image": "x"},
-            "judges": [],
         }
     )
     controller = controller_main.build(settings)
@@ -104,7 +103,9 @@ def test_cluster_controller_wires_kafka_executor_desk_and_k8s(tmp_path):
 
 
 def test_embedded_controller_uses_in_process_stages(tmp_path):
-    settings = load_settings(controller={"workdir": str(tmp_path), "human": "oracle", "trainer": "full"})
+    sims = [{"name": f"sim-judge-{x}", "accuracy": 0.8} for x in "abc"]
+    study = {"human": "oracle", "judges": sims}
+    settings = load_settings(controller={"workdir": str(tmp_path), "trainer": "full", "study": study})
     controller = controller_main.build(settings)
     assert isinstance(controller.humans, OracleHumans)
     assert controller.executor.stage("annotate") is not None
@@ -115,9 +116,37 @@ def test_synpref_run_reports_unreadable_sources_and_bad_config(tmp_path, capsys)
     from synpref.services.controller import embedded
 
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"controller": {"sources": [str(tmp_path / "missing.jsonl")]}}))
+    study = {"judges": [{"name": "sim-a"}]}
+    cfg.write_text(yaml.safe_dump({"controller": {"sources": [str(tmp_path / "missing.jsonl")], "study": study}}))
     assert embedded.main(["--config", str(cfg), "--workdir", str(tmp_path / "w"), "--quiet"]) == 2
     assert "cannot read the sources" in capsys.readouterr().err
     cfg.write_text(yaml.safe_dump({"controller": {"iterations": 0}}))
     assert embedded.main(["--config", str(cfg)]) == 2
     assert "controller.iterations" in capsys.readouterr().err
+
+
+def test_a_real_run_refuses_to_start_without_judges_or_sources(tmp_path, capsys):
+    # Production is the default: no study section means real judges and real humans, and no
+    # simulated judge stands in when none is configured.
+    from synpref.services.controller import embedded
+    from synpref.services.controller import main as cluster_main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"controller": {"sources": [str(data)], "workdir": str(tmp_path / "w")}}))
+    assert embedded.main(["--config", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no LLM judges configured" in err and "annotator.judges" in err and "controller.study.judges" in err
+    assert cluster_main.main(["--config", str(cfg)]) == 2
+    assert "no LLM judges configured" in capsys.readouterr().err
+    cfg.write_text(yaml.safe_dump({"controller": {"study": {"judges": [{"name": "sim-a"}]}}}))
+    assert embedded.main(["--config", str(cfg), "--quiet"]) == 2
+    assert "controller.sources is empty" in capsys.readouterr().err
+
+
+def test_the_defaults_are_a_real_run_with_the_desk():
+    c = load_settings().controller
+    assert c.study is None and c.human == "desk" and c.human_provider == "desk"
+    assert c.seed_size(40_000_000) == 500 and c.seed_size(100) == 100  # a count, not a share of 40M
+    assert c.model_copy(update={"seed_fraction": 0.1}).seed_size(1000) == 100
