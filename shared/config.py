@@ -275,14 +275,22 @@ class ControllerSettings(Section):
 
 
 class ServiceSettings(Section):
-    """The `service` section of each stage service: bind host, gRPC and metrics ports, consumer group, grace."""
+    """The `service` section of each stage service: bind host, gRPC and metrics ports, consumer group, grace,
+    and who may call the gRPC API."""
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
+    """Bind address of the gRPC and metrics ports; loopback unless set (the chart sets 0.0.0.0 for its pods)."""
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     group_id: str = ""
     """Consumer group; empty = synpref-<service name>."""
     shutdown_grace_s: float = Field(default=20.0, ge=0.0)
+    grpc_token_file: str = ""
+    """File holding the bearer token every gRPC call but grpc.health.v1 must carry (`authorization: Bearer
+    <token>`); empty = no token (keep the service on loopback then)."""
+    grpc_process_batch: bool = False
+    """Serve ProcessBatch while the service consumes Kafka (with --grpc-only it is always served): off, so
+    no caller can slip records past the topics (and into the writer's dataset)."""
 
 
 class Settings(BaseSettings):

@@ -10,11 +10,18 @@ A service is a pure stage plus a ServiceSpec naming its topics and its gRPC serv
   - then: health NOT_SERVING, the runner finishes its batch and commits, gRPC drains
     for service.shutdown_grace_s, the process exits 0.
 Port 0 picks a free port; the line "<name> ready: grpc=... metrics=..." names the real ones.
+
+Who may call (GrpcGuard): with service.grpc_token_file every RPC but grpc.health.v1 must carry
+`authorization: Bearer <token>` (UNAUTHENTICATED otherwise). Health stays open because the
+kubelet's gRPC probe sends no metadata; it tells only SERVING or not. While the service consumes
+Kafka, ProcessBatch answers UNIMPLEMENTED unless service.grpc_process_batch: records enter through
+the topics, not past them. Both ports bind service.host, loopback unless configured.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
 import logging
 import signal
 import sys
@@ -23,6 +30,7 @@ from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -31,7 +39,7 @@ from grpc_reflection.v1alpha import reflection
 from kafka.errors import KafkaError
 from prometheus_client import start_http_server
 
-from synpref.shared.config import ConfigError, Settings, load_settings
+from synpref.shared.config import ConfigError, ServiceSettings, Settings, load_settings
 from synpref.shared.kafka.runner import ROUTES, RunnerStats, Sink, StageRunner
 from synpref.shared.stage import Stage
 from synpref.v1.pipeline_pb2 import ProcessBatchRequest, ProcessBatchResponse, StatusRequest, StatusResponse
@@ -75,6 +83,69 @@ class ServiceSpec:
         unknown = [r for r in (self.input_route, *self.output_routes) if r not in ROUTES]
         if unknown:
             raise ValueError(f"{self.name}: unknown routes {unknown}; routes are {sorted(ROUTES)}")
+
+
+HEALTH_METHODS = f"/{health.SERVICE_NAME}/"
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def read_grpc_token(path: str) -> str:
+    """The bearer token in `path` (surrounding whitespace dropped: Secrets made from files keep the newline)."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"service.grpc_token_file {path}: {exc.strerror or exc}") from exc
+    if len(token) < 16:
+        raise ConfigError(f"service.grpc_token_file {path}: the token must be at least 16 characters")
+    return token
+
+
+def grpc_auth_metadata(cfg: ServiceSettings) -> list[tuple[str, str]]:
+    """Metadata a caller of a pipeline service sends (metadata=... on each call); none without a token file."""
+    return [("authorization", f"Bearer {read_grpc_token(cfg.grpc_token_file)}")] if cfg.grpc_token_file else []
+
+
+def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that only aborts with `code`."""
+
+    def abort(_request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(code, details)
+
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        abort, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+
+
+class GrpcGuard(grpc.ServerInterceptor):
+    """The bearer-token check (all but health) and the ProcessBatch switch, in front of every servicer."""
+
+    def __init__(self, token: str | None, process_batch: bool) -> None:
+        self._expected = f"Bearer {token}".encode() if token else None
+        self._process_batch = process_batch
+
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or details.method.startswith(HEALTH_METHODS):
+            return handler
+        if self._expected is not None:
+            given = [v for k, v in details.invocation_metadata or () if k == "authorization"]
+            # One header, compared in constant time: the reply's timing says nothing about a guess.
+            presented = given[0].encode() if len(given) == 1 and isinstance(given[0], str) else b""
+            if not hmac.compare_digest(presented, self._expected):
+                return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        if not self._process_batch and details.method.endswith("/ProcessBatch"):
+            return _refusal(
+                handler,
+                grpc.StatusCode.UNIMPLEMENTED,
+                "ProcessBatch is off while the service consumes Kafka (service.grpc_process_batch)",
+            )
+        return handler
 
 
 class StageServicer:
@@ -159,8 +230,14 @@ class Service:
         """Open the gRPC server and the metrics endpoint, both reporting not ready yet."""
         cfg = self.settings.service
         self._set_serving(False)
+        token = read_grpc_token(cfg.grpc_token_file) if cfg.grpc_token_file else None
+        if token is None and cfg.host not in LOOPBACK_HOSTS:
+            log.warning("%s: gRPC on %s without service.grpc_token_file: anyone who reaches it may call it",
+                        self.spec.name, cfg.host)  # fmt: skip
+        guard = GrpcGuard(token, process_batch=cfg.grpc_process_batch or not self.kafka)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{self.spec.name}-grpc")
+            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{self.spec.name}-grpc"),
+            interceptors=[guard],
         )
         servicer = self.spec.make_servicer(self) if self.spec.make_servicer else StageServicer(self)
         self.spec.add_servicer(servicer, self.server)
@@ -263,6 +340,9 @@ def serve(make_spec: Callable[[Settings, argparse.Namespace], ServiceSpec], args
     install_signal_handlers(stop)
     try:
         return Service(spec, settings, kafka=not args.grpc_only, stop=stop).run()
+    except ConfigError as exc:  # an unreadable or too short service.grpc_token_file
+        print(f"synpref {spec.name}: {exc}", file=sys.stderr)
+        return 2
     except KafkaError as exc:
         # Unreachable cluster, bad credentials, unacknowledged outputs: say so in one line and exit non-zero,
         # so the orchestrator restarts the service and the uncommitted batch is read again.

@@ -133,7 +133,7 @@ def test_default_render_has_every_component(renders: dict[str, list[dict[str, An
     assert hook["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
     assert pod_spec(hook)["containers"][0]["command"] == ["synpref", "topics"]
     # internal, metrics, scorer-internal, scorer-admin, scorer (RL clients), desk
-    assert len(find(docs, "NetworkPolicy")) == 6
+    assert len(find(docs, "NetworkPolicy")) == 8  # default-deny, stages-grpc, metrics, training, 3 scorer, desk
 
 
 @functools.cache
@@ -304,10 +304,10 @@ def test_network_policies_admit_the_release_and_the_configured_peers(
     renders: dict[str, list[dict[str, Any]]],
 ) -> None:
     docs = renders["example:gpu-cluster"]
-    internal = one(docs, "NetworkPolicy", f"{RELEASE}-synpref-internal")
+    deny = one(docs, "NetworkPolicy", f"{RELEASE}-synpref-default-deny")
     release = {"app.kubernetes.io/name": "synpref", "app.kubernetes.io/instance": RELEASE}
-    assert internal["spec"]["podSelector"]["matchLabels"] == release
-    assert internal["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": release}}]}]
+    assert deny["spec"]["podSelector"]["matchLabels"] == release
+    assert deny["spec"]["ingress"] == []  # ports open one by one (tests/security/test_pipeline_grpc_chart.py)
     scorer = one(docs, "NetworkPolicy", f"{RELEASE}-synpref-scorer")
     (rule,) = scorer["spec"]["ingress"]
     assert {p["port"] for p in rule["ports"]} == {50060, 8080}
