@@ -23,6 +23,7 @@ from synpref.shared.roles import BEST
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse `synpref run` options: --config, --workdir, --fresh and --quiet."""
     p = argparse.ArgumentParser(prog="synpref run", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", help="YAML settings file (default: $SYNPREF_CONFIG)")
     p.add_argument("--workdir", help="override controller.workdir")
@@ -59,10 +60,16 @@ def build_judges(settings: Settings, seed: int) -> tuple[list[Any], Any]:
 
 
 def labels_file(c: Any) -> str:
+    """The study's human labels file, or "" when the controller settings `c` hold no study."""
     return c.study.human_labels_file if c.study is not None else ""
 
 
 def build_controller(settings: Settings, progress: bool = True, executor: Any = None, on_step: Any = None):
+    """A Controller that runs every stage in this process (unless `executor` is given).
+
+    Its models, human provider and judges come from `settings`; `progress` prints progress lines,
+    and `on_step` is called with each step's name once the step is committed.
+    """
     from synpref.services.controller.loop import Controller
     from synpref.services.controller.models import make_models
     from synpref.services.controller.providers import make_provider
@@ -76,6 +83,9 @@ def build_controller(settings: Settings, progress: bool = True, executor: Any = 
 
 
 def main(argv: list[str]) -> int:
+    """`synpref run`: run (or resume) the curation loop and print where its report, final RM and
+    datasets are; 0 when done, 2 for a bad config or unreadable sources.
+    """
     args = parse_args(argv)
     try:
         settings = load_settings(args.config)

@@ -32,6 +32,9 @@ CONTROLLER_HEALTH_NAME = "synpref.controller"
 
 
 def build(settings: Settings) -> Any:
+    """The cluster's Controller: with controller.executor = kafka the stages run in the Kafka
+    services and human = desk goes to the desk service; otherwise stages and judges run in process.
+    """
     from synpref.services.controller.embedded import build_judges, labels_file
     from synpref.services.controller.executors import KafkaExecutor
     from synpref.services.controller.loop import Controller
@@ -55,6 +58,9 @@ def build(settings: Settings) -> Any:
 
 
 def main(argv: list[str]) -> int:
+    """`synpref controller`: serve health and metrics, run (or resume) the curation loop, then stay up
+    until SIGTERM (or exit with --exit-when-done); 0 when done, 2 for a bad config.
+    """
     p = argparse.ArgumentParser(
         prog="synpref controller", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )

@@ -39,6 +39,12 @@ PREFERENCES = {"chosen": PREFERENCE_CHOSEN, "rejected": PREFERENCE_REJECTED, "ab
 
 
 class HumanProvider(Protocol):
+    """Who verifies the Stage-1 gold candidates (and the seed) for the curation loop.
+
+    `name` says which provider it is; `review` returns every record decided by
+    services/desk/core.decide, routed "verified" or "discarded".
+    """
+
     name: str
 
     def review(self, records: list[PairRecord]) -> Routed:
@@ -60,6 +66,7 @@ class OracleHumans:
     name = "oracle (study only)"
 
     def review(self, records: list[PairRecord]) -> Routed:
+        """Decide each record by the source's own label; ValueError for a record that carries none."""
         prefs = []
         for record in records:
             truth = label_is_true(record)
@@ -90,6 +97,7 @@ class FileHumans:
             self.labels[str(row["id"])] = PREFERENCES[row["preferred"]]
 
     def review(self, records: list[PairRecord]) -> Routed:
+        """Decide each record by the file's verdict for its id; a pair the file does not list is abstained on."""
         prefs = [self.labels.get(r.pair.id, PREFERENCE_ABSTAIN) for r in records]
         return _decide_all(records, f"file:{self.path.name}", prefs)
 
@@ -131,6 +139,7 @@ class TerminalHumans:
         return PREFERENCE_CHOSEN if picked_chosen else PREFERENCE_REJECTED
 
     def review(self, records: list[PairRecord]) -> Routed:
+        """Ask about each record in turn on the terminal; at end of input the rest are abstained on."""
         prefs = [self._ask(r, i, len(records)) for i, r in enumerate(records, 1)]
         return _decide_all(records, "terminal", prefs)
 
@@ -153,6 +162,10 @@ class DeskHumans:
         self.log = log
 
     def review(self, records: list[PairRecord]) -> Routed:
+        """Queue the records at the desk and wait for all their verdicts, polling every `poll_s`.
+
+        Returns them decided in the given order; TimeoutError when some are still undecided after `timeout_s`.
+        """
         if not records:
             return []
         self.queue.push(records)
@@ -170,6 +183,7 @@ class DeskHumans:
         return [got[key_of(r)] for r in records]
 
     def close(self) -> None:
+        """Stop the desk's web server."""
         self.server.stop()
 
 
@@ -188,6 +202,10 @@ class KafkaDeskHumans:
         self.executor = KafkaExecutor(settings, timeout_s)
 
     def review(self, records: list[PairRecord]) -> Routed:
+        """Send the records to the review topic and wait for their decisions, in the given order.
+
+        A record the desk dead-letters is routed "discarded"; TimeoutError when some are not back in `timeout_s`.
+        """
         if not records:
             return []
         result = self.executor.run("review", records)
@@ -198,6 +216,9 @@ class KafkaDeskHumans:
 
 
 def make_provider(kind: str, labels_file: str = "", desk_settings=None, seed: int = 0) -> HumanProvider:
+    """The human provider `kind` names: "oracle", "file" (needs `labels_file`), "terminal" (asks in an
+    order drawn from `seed`) or "desk" (served with `desk_settings`); ValueError for any other kind.
+    """
     if kind == "oracle":
         return OracleHumans()
     if kind == "file":
