@@ -171,6 +171,14 @@ def _utc() -> str:
 
 @dataclass
 class AppendResult:
+    """What one `DatasetVersion.append` did.
+
+    Attributes:
+        written: new rows written (0 when the batch held none).
+        duplicates: records skipped because their pair id is already in the version or earlier in the batch.
+        shard: the file name of the shard written, or None when no rows were written.
+    """
+
     written: int
     duplicates: int
     shard: str | None
@@ -220,9 +228,11 @@ class DatasetVersion:
 
     @property
     def stats(self) -> dict:
+        """The manifest's row count and its counts by decision, source, task category and split."""
         return {"rows": self.manifest["rows"], **self.manifest["stats"]}
 
     def files(self) -> list[str]:
+        """Paths of the version's shards, in the order they were written."""
         return [str(self.dir / s["file"]) for s in self.manifest["shards"]]
 
     def append(
@@ -287,4 +297,5 @@ def load_dataset_version(root: str | Path, name: str, version: str):
 
 
 def decision_counts(records: Iterable[PairRecord]) -> Counter:
+    """How many of `records` carry each decision, keyed by lower-case name ("keep", "flip", ...)."""
     return Counter(_enum(Decision, r.decision.decision, "DECISION_") for r in records)
