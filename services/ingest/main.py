@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from synpref.services.ingest.preprocess import Decontaminator, Preprocessor, benchmark_prompts
+from synpref.services.ingest.preprocess import Decontaminator, Preprocessor, builtin_sets
 from synpref.shared.config import ConfigError, KafkaSettings, load_settings
 from synpref.shared.sources import FORMATS, SourceError, SourceRow, iter_source, source_files
 from synpref.v1.pair_pb2 import PairRecord
@@ -39,7 +39,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--format", choices=FORMATS, help="input format (default: detected per file)")
     parser.add_argument("--source", help="source name recorded on every pair (default: from the path)")
     parser.add_argument(
-        "--decontaminate", action="append", default=[], help="benchmark prompts (.txt, one per line, or a pair file)"
+        "--decontaminate",
+        action="append",
+        default=[],
+        help="a built-in benchmark set (" + ", ".join(builtin_sets()) + ") or benchmark prompts "
+        "(.txt, one per line, or a pair file); repeatable",
     )
     parser.add_argument("--ngram", type=int, default=13, help="n-gram size of the overlap check (default 13)")
     parser.add_argument(
@@ -132,7 +136,11 @@ def main(argv: list[str]) -> int:
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
-    prompts = [p for path in args.decontaminate for p in benchmark_prompts(path)]
+    try:
+        decontaminator = Decontaminator.from_sources(args.decontaminate, args.ngram)
+    except (OSError, ValueError, SourceError) as exc:
+        print(f"--decontaminate: {exc}", file=sys.stderr)
+        return 2
     seen: set[str] = set()
     if args.seen and Path(args.seen).exists():
         seen = {line.strip() for line in Path(args.seen).read_text().splitlines() if line.strip()}
@@ -149,7 +157,7 @@ def main(argv: list[str]) -> int:
 
         limit = min(limit, topic_message_limit(settings.kafka, topic) or limit)
         producer = make_producer(settings.kafka, batch_size=min(256 * 1024, limit))
-    pre = Preprocessor(Decontaminator(prompts, args.ngram), seen=seen, too_large=size_check(limit, topic))
+    pre = Preprocessor(decontaminator, seen=seen, too_large=size_check(limit, topic))
     sent, stopped = publish(pre, rows, producer, topic)
     acked = [pair_id for pair_id, future in sent if future.is_done and future.succeeded()]
     unacked = len(sent) - len(acked)

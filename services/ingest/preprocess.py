@@ -13,9 +13,12 @@ read = published + empty + duplicate + contaminated + unreadable + oversized.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from synpref.shared.pairs import new_pair, new_record
@@ -24,26 +27,65 @@ from synpref.v1.pair_pb2 import PairRecord
 
 BUCKETS = ("published", "empty", "duplicate", "contaminated", "unreadable", "oversized")
 _WORD = re.compile(r"\w+", re.UNICODE)
+BUILTIN_DIR = Path(__file__).resolve().parent / "data"  # resolve: an editable install links this file
+"""Built-in benchmark sets: <name>.ngrams, made by tools/decontam/build_ngrams.py, shipped in the wheel."""
+SET_SUFFIX = ".ngrams"
+SET_FORMAT = "synpref-ngram-hashes-v1"
+HASH_NAME = "blake2b-64"
+DIGEST_BYTES = 8
 
 
 def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def gram_digest(gram: Sequence[str]) -> bytes:
+    """A stable 8-byte digest of a word sequence: BLAKE2b-64 of the words joined by spaces.
+
+    Words (see `words`) hold no spaces, so the join is unambiguous; the digest is the same in
+    every process (Python's hash() is not), which lets a built-in set ship as digests only.
+    """
+    return hashlib.blake2b(" ".join(gram).encode("utf-8"), digest_size=DIGEST_BYTES).digest()
+
+
+@lru_cache(maxsize=1 << 16)
+def _word_digest(word: str) -> bytes:
+    return gram_digest((word,))
+
+
 class Decontaminator:
     """Finds any n-gram (default 13 words) shared with a benchmark prompt.
 
     Prompts shorter than n words are matched whole, as a contiguous word sequence, so a
-    short benchmark question cannot slip through by being short.
+    short benchmark question cannot slip through by being short. Grams are kept as
+    gram_digest values only, so a built-in set (BUILTIN_DIR, written by `save`) holds no
+    prompt text; the first words of the short prompts (also digests) let `overlap` try the
+    short lengths only where one of them starts.
     """
 
     def __init__(self, prompts: Iterable[str] = (), n: int = 13) -> None:
         self.n = n
-        self.grams: set[tuple[str, ...]] = set()
+        self.grams: set[bytes] = set()
         self.short_lengths: set[int] = set()
+        self.short_starts: set[bytes] = set()
         self.prompts = 0
         for prompt in prompts:
             self.add(prompt)
+
+    @classmethod
+    def from_sources(cls, sources: Iterable[str | Path], n: int = 13) -> Decontaminator:
+        """The grams of every source: a built-in set's name (builtin_sets) or a prompts file (benchmark_prompts)."""
+        deco = cls(n=n)
+        builtin = builtin_sets()
+        for source in sources:
+            if str(source) in builtin:
+                deco.add_set(builtin[str(source)])
+            elif not Path(source).exists():
+                raise ValueError(f"{source}: no such file, nor a built-in set (those are: {', '.join(builtin)})")
+            else:
+                for prompt in benchmark_prompts(source):
+                    deco.add(prompt)
+        return deco
 
     def add(self, prompt: str) -> None:
         tokens = words(prompt)
@@ -51,22 +93,71 @@ class Decontaminator:
             return
         self.prompts += 1
         if len(tokens) < self.n:
-            self.grams.add(tuple(tokens))
+            self.grams.add(gram_digest(tokens))
             self.short_lengths.add(len(tokens))
+            self.short_starts.add(_word_digest(tokens[0]))
             return
-        self.grams.update(tuple(tokens[i : i + self.n]) for i in range(len(tokens) - self.n + 1))
+        self.grams.update(gram_digest(tokens[i : i + self.n]) for i in range(len(tokens) - self.n + 1))
 
     def overlap(self, text: str) -> tuple[str, ...] | None:
-        """The first shared n-gram, or None."""
+        """The first shared n-gram (then the shortest short prompt, earliest first), or None."""
         if not self.grams:
             return None
         tokens = words(text)
-        for k in (self.n, *sorted(self.short_lengths)):
-            for i in range(len(tokens) - k + 1):
-                gram = tuple(tokens[i : i + k])
-                if gram in self.grams:
-                    return gram
+        for i in range(len(tokens) - self.n + 1):
+            if gram_digest(tokens[i : i + self.n]) in self.grams:
+                return tuple(tokens[i : i + self.n])
+        if not self.short_lengths:
+            return None
+        starts = [i for i, token in enumerate(tokens) if _word_digest(token) in self.short_starts]
+        for k in sorted(self.short_lengths):
+            for i in starts:
+                if i + k <= len(tokens) and gram_digest(tokens[i : i + k]) in self.grams:
+                    return tuple(tokens[i : i + k])
         return None
+
+    def save(self, path: str | Path) -> int:
+        """Write the digests as a built-in set file; returns its size in bytes.
+
+        Format: one JSON header line (n, hash, prompts, short_lengths, grams, short_starts), then
+        the `grams` digests and the `short_starts` digests, 8 bytes each, each list sorted.
+        Sorted and timestamp-free, so the same prompts always give the same bytes.
+        """
+        header = {
+            "format": SET_FORMAT,
+            "hash": HASH_NAME,
+            "n": self.n,
+            "prompts": self.prompts,
+            "short_lengths": sorted(self.short_lengths),
+            "grams": len(self.grams),
+            "short_starts": len(self.short_starts),
+        }
+        body = b"".join(sorted(self.grams)) + b"".join(sorted(self.short_starts))
+        data = (json.dumps(header, sort_keys=True) + "\n").encode() + body
+        Path(path).write_bytes(data)
+        return len(data)
+
+    def add_set(self, path: str | Path) -> None:
+        """Add a set file written by `save` (same n; ValueError otherwise)."""
+        line, _, body = Path(path).read_bytes().partition(b"\n")
+        header = json.loads(line)
+        if header.get("format") != SET_FORMAT or header.get("hash") != HASH_NAME:
+            raise ValueError(f"{path}: not a {SET_FORMAT} file of {HASH_NAME} digests")
+        if header["n"] != self.n:
+            raise ValueError(f"{path} holds {header['n']}-grams; an overlap check of {self.n}-grams needs prompt files")
+        count = header["grams"] + header["short_starts"]
+        if len(body) != count * DIGEST_BYTES:
+            raise ValueError(f"{path}: {len(body)} bytes of digests, the header says {count} x {DIGEST_BYTES}")
+        digests = [body[i : i + DIGEST_BYTES] for i in range(0, len(body), DIGEST_BYTES)]
+        self.grams.update(digests[: header["grams"]])
+        self.short_starts.update(digests[header["grams"] :])
+        self.short_lengths.update(header["short_lengths"])
+        self.prompts += header["prompts"]
+
+
+def builtin_sets() -> dict[str, Path]:
+    """Name -> file of the benchmark n-gram sets that ship with the package (e.g. "rmbench")."""
+    return {p.name.removesuffix(SET_SUFFIX): p for p in sorted(BUILTIN_DIR.glob("*" + SET_SUFFIX))}
 
 
 def benchmark_prompts(path: str | Path) -> list[str]:
@@ -186,8 +277,10 @@ def ingest_paths(
     decontaminate: Iterable[str | Path] = (),
     ngram: int = 13,
 ) -> tuple[list[PairRecord], Preprocessor]:
-    """In-process ingest (the embedded loop): all records of the files, and the preprocessor with its counts."""
-    prompts = [p for path in decontaminate for p in benchmark_prompts(path)]
-    pre = Preprocessor(Decontaminator(prompts, ngram))
+    """In-process ingest (the embedded loop): all records of the files, and the preprocessor with its counts.
+
+    `decontaminate` names built-in benchmark sets (builtin_sets) or prompt files (benchmark_prompts).
+    """
+    pre = Preprocessor(Decontaminator.from_sources(decontaminate, ngram))
     records = [r for path in paths for r in pre.run(iter_source(path, fmt, source))]
     return records, pre

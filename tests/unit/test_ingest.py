@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from synpref.services.ingest.preprocess import Decontaminator, Preprocessor, benchmark_prompts, ingest_paths
+import pytest
+
+from synpref.services.ingest.preprocess import (
+    Decontaminator,
+    Preprocessor,
+    benchmark_prompts,
+    builtin_sets,
+    ingest_paths,
+    words,
+)
 from synpref.shared.pairs import pair_id
 from synpref.shared.sources import SourceRow
 
@@ -109,3 +119,88 @@ def test_oversized_and_lone_surrogate_rows_are_counted_not_published():
     assert [(r.locator, r.bucket) for r in pre.rejections] == [("t.jsonl#1", "oversized"), ("t.jsonl#2", "unreadable")]
     # An oversized pair is not remembered as seen: a later, smaller run may still publish it.
     assert len(pre.seen) == 2
+
+
+RM_BENCH = DATA / "RM-Bench"
+needs_rm_bench = pytest.mark.skipif(
+    not RM_BENCH.is_dir(), reason=f"RM-Bench prompts ({RM_BENCH}) are not here to test the built-in set against"
+)
+
+
+@needs_rm_bench
+def test_builtin_rmbench_set_removes_a_pair_sharing_a_13gram_and_keeps_the_rest():
+    prompt = next(p for p in benchmark_prompts(RM_BENCH / "chat_filtered.json") if len(words(p)) >= 20)
+    gram = words(prompt)[3:16]
+    pre = Preprocessor(Decontaminator.from_sources(["rmbench"]))
+    rows = [
+        # The 13 words inside other text, upper case and with other punctuation: still the same 13-gram.
+        row(0, "Here is my question. " + ", ".join(gram).upper() + "? Thanks!"),
+        row(1, "Here is my question. " + " ".join(gram[:12]) + " and nothing more"),  # 12 words: no 13-gram
+        row(2, "Write a limerick about a cat who learns to play the trombone in a marching band"),
+    ]
+    published = list(pre.run(rows))
+    assert [r.pair.meta["i"] for r in published] == ["1", "2"]
+    assert pre.counts.contaminated == 1 and pre.rejections[0].reason.endswith(" ".join(gram))
+    assert pre.decontaminator.prompts == len(set(benchmark_prompts(RM_BENCH)))
+
+
+@needs_rm_bench
+def test_builtin_rmbench_set_is_current_and_flags_what_the_prompt_files_flag(tmp_path):
+    from tools.decontam.build_ngrams import main as build
+
+    shipped = builtin_sets()["rmbench"]
+    assert build(["rmbench", *map(str, sorted(RM_BENCH.glob("*.json"))), "--out-dir", str(tmp_path)]) == 0
+    print(f"\n{shipped.name}: {shipped.stat().st_size} bytes", file=sys.stderr)
+    assert (tmp_path / shipped.name).read_bytes() == shipped.read_bytes(), (
+        "rebuild it with tools/decontam/build_ngrams.py"
+    )
+    assert shipped.stat().st_size < 256 * 1024, "package data stays small"
+    from_files = Decontaminator.from_sources(sorted(RM_BENCH.glob("*.json")))
+    builtin = Decontaminator.from_sources(["rmbench"])
+    assert (builtin.grams, builtin.short_lengths, builtin.short_starts) == (
+        from_files.grams, from_files.short_lengths, from_files.short_starts,
+    )  # fmt: skip
+    # Real sources that overlap RM-Bench (PandaLM and LLMBar share AlpacaEval-style instructions with it).
+    sources = [DATA / "PandaLM", DATA / "LLMBar"]
+    with_builtin = ingest_paths(sources, decontaminate=["rmbench"])[1]
+    with_files = ingest_paths(sources, decontaminate=sorted(RM_BENCH.glob("*.json")))[1]
+    flagged = [(r.locator, r.reason) for r in with_builtin.rejections if r.bucket == "contaminated"]
+    assert flagged and flagged == [(r.locator, r.reason) for r in with_files.rejections if r.bucket == "contaminated"]
+
+
+def test_builtin_set_needs_its_own_n_and_unknown_names_are_files():
+    with pytest.raises(ValueError, match="holds 13-grams"):
+        Decontaminator.from_sources(["rmbench"], n=10)
+    with pytest.raises(ValueError, match=r"nor a built-in set .*rmbench"):
+        Decontaminator.from_sources(["no-such-set"])
+
+
+def test_saved_set_round_trips_and_a_truncated_one_is_refused(tmp_path):
+    deco = Decontaminator([BENCH, "What is 2 + 2?"])
+    size = deco.save(tmp_path / "b.ngrams")
+    loaded = Decontaminator()
+    loaded.add_set(tmp_path / "b.ngrams")
+    assert loaded.overlap("so, what is 2 + 2? tell me") == ("what", "is", "2", "2")
+    assert loaded.overlap(BENCH.upper()) is not None and loaded.overlap("what is 3 + 2") is None
+    assert loaded.prompts == 2
+    (tmp_path / "b.ngrams").write_bytes((tmp_path / "b.ngrams").read_bytes()[: size - 3])
+    with pytest.raises(ValueError, match="bytes of digests"):
+        Decontaminator().add_set(tmp_path / "b.ngrams")
+
+
+@needs_rm_bench
+def test_cli_decontaminates_with_the_builtin_set(tmp_path, capsys):
+    from synpref.services.ingest.main import main
+
+    prompt = next(p for p in benchmark_prompts(RM_BENCH / "code_filtered.json") if len(words(p)) >= 13)
+    src = tmp_path / "pairs.jsonl"
+    lines = [
+        {"prompt": prompt, "chosen": "x", "rejected": "y"},
+        {"prompt": "a fresh question", "chosen": "x", "rejected": "y"},
+    ]
+    src.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert main([str(src), "--dry-run", "--decontaminate", "rmbench"]) == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (counts["read"], counts["published"], counts["contaminated"]) == (2, 1, 1)
+    assert main([str(src), "--dry-run", "--decontaminate", "rmbench", "--ngram", "10"]) == 2
+    assert "holds 13-grams" in capsys.readouterr().err
