@@ -59,34 +59,39 @@ stop_recorded kubelet
 stop_recorded kube-scheduler
 stop_recorded kube-controller-manager
 
-# Containers: containerd keeps each task's PIDs in its bundle; the network namespace of
-# each pod sandbox is named in its OCI spec.
+# Containers: containerd keeps each task's PIDs in its bundle (init.pid, shim.pid), and
+# each pod sandbox's network namespace is named in its OCI spec. All of it is read before
+# anything is stopped, since containerd deletes a bundle as soon as its task has exited.
 netns_files=()
-if [[ -d "$CONTAINERD_STATE/io.containerd.runtime.v2.task/k8s.io" ]]; then
-  for bundle in "$CONTAINERD_STATE"/io.containerd.runtime.v2.task/k8s.io/*/; do
-    [[ -f "$bundle/config.json" ]] || continue
+container_pids=()
+shim_pids=()
+for bundle in "$CONTAINERD_STATE"/io.containerd.runtime.v2.task/k8s.io/*/; do
+  [[ -d "$bundle" ]] || continue
+  if [[ -f "$bundle/config.json" ]]; then
     netns="$(jq -r '.linux.namespaces[]? | select(.type == "network") | .path // empty' "$bundle/config.json")"
-    [[ "$netns" == /var/run/netns/* || "$netns" == /run/netns/* ]] && netns_files+=("$netns")
-    # The cluster is going away: no grace period for its containers.
-    [[ -f "$bundle/init.pid" ]] && stop_pid "$(cat "$bundle/init.pid")" "container $(basename "$bundle")" 0
-  done
-  # A shim exits once its container is gone and containerd reaps the task; kill the
-  # ones that remain by their recorded PIDs.
-  for bundle in "$CONTAINERD_STATE"/io.containerd.runtime.v2.task/k8s.io/*/; do
-    [[ -f "$bundle/shim.pid" ]] && stop_pid "$(cat "$bundle/shim.pid")" "shim $(basename "$bundle")"
-  done
-fi
+    # Only a sandbox names a file under /var/run/netns (a symlink to /run here);
+    # its containers join the sandbox's namespace through /proc.
+    [[ "$netns" == /var/run/netns/* || "$netns" == /run/netns/* ]] && netns_files+=("/run/netns/${netns##*/}")
+  fi
+  [[ -f "$bundle/init.pid" ]] && container_pids+=("$(cat "$bundle/init.pid")")
+  [[ -f "$bundle/shim.pid" ]] && shim_pids+=("$(cat "$bundle/shim.pid")")
+done
+# The cluster is going away: no grace period for its containers.
+for pid in "${container_pids[@]}"; do stop_pid "$pid" "container process" 0; done
 stop_recorded containerd
+# A shim outlives containerd by design; stop the ones still there by their recorded PIDs.
+for pid in "${shim_pids[@]}"; do stop_pid "$pid" "containerd shim" 5; done
 stop_recorded kube-apiserver
 stop_recorded etcd
 
 # Mounts under the cluster's directories and the pods' network namespaces, deepest first.
 mapfile -t mounts < <(awk '{print $5}' /proc/self/mountinfo | grep -E "^($STATE|$CONTAINERD_STATE|$CONTAINERD_ROOT)/" | sort -r)
-for netns in "${netns_files[@]}"; do
-  grep -q " $netns " /proc/self/mountinfo && mounts+=("$netns")
-done
+mounts+=("${netns_files[@]}")
 for mount in "${mounts[@]}"; do
-  umount "$mount" 2>/dev/null || umount -l "$mount"
+  # A path can be mounted more than once (mount propagation): unmount until it is not.
+  while awk -v m="$mount" '$5 == m {found = 1} END {exit !found}' /proc/self/mountinfo; do
+    umount "$mount" 2>/dev/null || umount -l "$mount" || break
+  done
 done
 for netns in "${netns_files[@]}"; do rm -f "$netns"; done
 ((${#mounts[@]})) && say "unmounted ${#mounts[@]} mounts"
@@ -112,7 +117,8 @@ if command -v iptables >/dev/null; then
     iptables -X "$FORWARD_CHAIN"
   fi
   # kube-proxy knows its own rules; the kubelet's canary and firewall chains go after.
-  if [[ -x "$BIN/kube-proxy" ]] && iptables-save | grep -q '^:KUBE-'; then
+  # (grep -c, not -q: an early exit of grep would fail iptables-save's pipe.)
+  if [[ -x "$BIN/kube-proxy" ]] && (($(iptables-save | grep -c '^:KUBE-') > 0)); then
     say "removing kube-proxy's and the kubelet's iptables rules"
     "$BIN/kube-proxy" --cleanup >/dev/null 2>&1
     for cmd in iptables ip6tables; do

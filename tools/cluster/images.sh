@@ -4,7 +4,8 @@
 #
 # No registry can be reached, so registry.k8s.io/pause and the CoreDNS image cannot be
 # pulled. Each image is a static binary on an empty base, saved as a docker-archive that
-# tools/cluster/up.sh imports into the node's containerd.
+# tools/cluster/up.sh imports into the node's containerd (every NAME.tar whose image,
+# named in NAME.ref, containerd does not have yet).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -18,7 +19,7 @@ build_image() {
   local sum
   sum="$( (cd "$rootfs" && find . -printf '%p %l %m\n' | sort && find . -type f -print0 | sort -z | xargs -0 sha256sum) | sha256sum | cut -d' ' -f1)"
   sum+=" $image $entrypoint"
-  if [[ -f "$archive" && -f "$stamp" && "$(cat "$stamp")" == "$sum" ]]; then
+  if [[ -f "$archive" && -f "$IMAGES/$name.ref" && "$(cat "$stamp" 2>/dev/null)" == "$sum" ]]; then
     log "image $image already in $archive"
     return
   fi
@@ -32,6 +33,7 @@ build_image() {
   rm -f "$archive"
   "${BUILDAH[@]}" push --quiet "$image" "docker-archive:$archive:$image"
   echo "$sum" >"$stamp"
+  echo "$image" >"$IMAGES/$name.ref"
 }
 
 scratch="$(mktemp -d)"

@@ -48,7 +48,9 @@ make_pki
 
 log "network: $NODE_IFACE $NODE_IP, blackhole routes, forward guard"
 cat /proc/sys/net/ipv4/ip_forward >"$STATE/ip_forward.before"
-ip link add "$NODE_IFACE" type dummy
+# An empty bridge stands in for a dummy interface: this VM's kernel has no dummy driver.
+ip link add "$NODE_IFACE" type bridge
+echo 1 >"/proc/sys/net/ipv6/conf/$NODE_IFACE/disable_ipv6"
 ip addr add "$NODE_IP/32" dev "$NODE_IFACE"
 ip link set "$NODE_IFACE" up
 # No packet for a ClusterIP or a pod address may leave by the default route, even while
@@ -131,10 +133,12 @@ TOML
 start containerd containerd --config "$STATE/containerd.toml"
 CTR=(ctr --address "$CONTAINERD_SOCK" -n k8s.io)
 wait_for "containerd" 30 "${CTR[@]}" version
-for image in pause:"$PAUSE_IMAGE" coredns:"$COREDNS_IMAGE" busybox:"$BUSYBOX_IMAGE"; do
-  if ! "${CTR[@]}" images ls -q | grep -qx "${image#*:}"; then
-    log "importing ${image#*:}"
-    "${CTR[@]}" images import "$IMAGES/${image%%:*}.tar" >/dev/null
+# Every locally built image (NAME.tar, its reference in NAME.ref) that containerd lacks.
+for ref_file in "$IMAGES"/*.ref; do
+  image="$(cat "$ref_file")"
+  if ! "${CTR[@]}" images ls -q | grep -qxF "$image"; then
+    log "importing $image"
+    "${CTR[@]}" images import "${ref_file%.ref}.tar" >/dev/null
   fi
 done
 
@@ -158,7 +162,7 @@ start kube-apiserver "$BIN/kube-apiserver" \
 wait_for "kube-apiserver /readyz" 120 kubectl_admin get --raw /readyz
 
 log "kube-controller-manager and kube-scheduler"
-envsubst '${BUSYBOX_IMAGE}' <"$ROOT/tools/cluster/addons/recycler-pod.yaml" >"$STATE/recycler-pod.yaml"
+BUSYBOX_IMAGE="$BUSYBOX_IMAGE" envsubst '${BUSYBOX_IMAGE}' <"$ROOT/tools/cluster/addons/recycler-pod.yaml" >"$STATE/recycler-pod.yaml"
 start kube-controller-manager "$BIN/kube-controller-manager" \
   --kubeconfig "$STATE/controller-manager.kubeconfig" \
   --authentication-kubeconfig "$STATE/controller-manager.kubeconfig" \
