@@ -30,21 +30,40 @@ STATE_BYTES_PER_PARAM = 16
 
 @dataclass
 class EncodedPair:
+    """A training pair as token ids.
+
+    Attributes:
+        chosen: token ids of the conversation plus the chosen response.
+        rejected: token ids of the conversation plus the rejected response.
+        margin: subtracted from r_chosen - r_rejected in the loss (0.0 without a margin column).
+    """
+
     chosen: list[int]
     rejected: list[int]
     margin: float = 0.0
 
     @property
     def width(self) -> int:
+        """The longer side's length: the padded width the pair needs."""
         return max(len(self.chosen), len(self.rejected))
 
     @property
     def tokens(self) -> int:
+        """Real tokens of both sides together: what the pair takes of a packed row."""
         return len(self.chosen) + len(self.rejected)
 
 
 @dataclass
 class EncodeReport:
+    """What `encode_pairs` made of its input.
+
+    Attributes:
+        pairs: the encoded pairs, in input order.
+        kept: the input index of each encoded pair.
+        unfit: pairs with a side that does not fit under the truncation policy (skipped unless keep_unfit).
+        truncated: encoded pairs with at least one side cut.
+    """
+
     pairs: list[EncodedPair]
     kept: list[int]
     """Indices (into the input) of the pairs that were encoded."""
@@ -93,6 +112,10 @@ def bt_loss(
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The LambdaLR factor for a step: linear warm-up over `warmup` steps, then for "linear" a linear
+    decay to 0 at `total`; any other kind ("constant") stays at 1.
+    """
+
     def fn(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup

@@ -19,6 +19,7 @@ TRAINER_STATE = "trainer_state.pt"
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy and torch RNG states (and every CUDA device's when CUDA is there)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -26,6 +27,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states `rng_state` returned; the CUDA ones when the state holds them and CUDA is available."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -66,6 +68,7 @@ def full_state_dict(model: Any, strategy: str) -> dict[str, Any]:
 
 
 def optimizer_state(model: Any, optimizer: torch.optim.Optimizer, strategy: str) -> dict[str, Any]:
+    """The optimizer's state dict; under FSDP ("fsdp" strategy) gathered in full onto the CPU."""
     if strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -76,6 +79,7 @@ def optimizer_state(model: Any, optimizer: torch.optim.Optimizer, strategy: str)
 
 
 def load_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any], strategy: str) -> None:
+    """Load a state dict `optimizer_state` wrote into `optimizer` (sharding it again under FSDP)."""
     if strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

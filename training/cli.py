@@ -17,6 +17,7 @@ from synpref.training.reward_config import PRESETS, RewardConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `synpref train` argument parser."""
     parser = argparse.ArgumentParser(
         prog="synpref train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -37,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    """`synpref train`: train per the config (--config, --preset, --set) and print the final
+    checkpoint and metrics as one JSON line on rank 0; `synpref train submit ...` submits a
+    Kubernetes Job instead (k8s_job.main_submit). 2 for a bad config or no model_name_or_path.
+    """
     if argv and argv[0] == "submit":
         from synpref.training import k8s_job
 

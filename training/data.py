@@ -28,6 +28,13 @@ ALWAYS_KEPT = ("margin",)
 
 @dataclass
 class PairSet:
+    """Pairs read from files, and the rows that could not be read.
+
+    Attributes:
+        pairs: the training pair dicts (see the module docstring).
+        problems: one line per unreadable row: "file#row: why".
+    """
+
     pairs: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     """One line per unreadable row: "file#row: why"."""
@@ -64,6 +71,7 @@ def load_hh_rlhf(path: str | Path, source: str | None = None) -> PairSet:
 
 
 def write_jsonl(pairs: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write `pairs` as JSON lines to `path` (gzipped when it ends in .gz); returns the path."""
     path = Path(path)
     opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
     with opener(path, "wt", encoding="utf-8") as fh:

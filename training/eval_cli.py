@@ -18,6 +18,7 @@ from typing import Any
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `synpref eval` argument parser."""
     parser = argparse.ArgumentParser(
         prog="synpref eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    """`synpref eval`: score the inputs with the model and print the JSON result (also to --out);
+    2 when no --pairs, --hh-rlhf or --rmbench is given.
+    """
     args = build_parser().parse_args(argv)
     if not (args.pairs or args.hh_rlhf or args.rmbench):
         print("synpref eval: give --pairs, --hh-rlhf or --rmbench", file=sys.stderr)

@@ -29,6 +29,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedModel:
+    """A model loaded and wrapped for training, with what the trainer needs beside it.
+
+    Attributes:
+        model: the plain module: saving and eval go through it.
+        wrapped: what the training forward calls (DDP / FSDP / compiled, or the model itself).
+        tokenizer: the model's tokenizer.
+        pad_id: the token id batches are padded with.
+        strategy: "single", "ddp" or "fsdp".
+        n_params: parameters of the whole (unsharded) model.
+        forward_kwargs: extra arguments of every forward ({"use_cache": False} where the model takes it).
+        capture: the packed rewards' score capture, or None for padded micro-batches.
+    """
+
     model: Any
     """The plain module: saving and eval go through it."""
     wrapped: Any
@@ -43,6 +56,9 @@ class LoadedModel:
 
 
 def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); joins the process group (NCCL on CUDA, else gloo) when
+    WORLD_SIZE > 1, and (0, 1, 0) for a single process.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -53,6 +69,7 @@ def init_distributed() -> tuple[int, int, int]:
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether the forward runs in bf16: precision "bf16", or "auto" on a CUDA device."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
@@ -81,6 +98,14 @@ def _choose_packing(cfg: RewardConfig, model: Any) -> bool:
 
 
 def load_for_training(cfg: RewardConfig, source: str, device: torch.device, world: int) -> LoadedModel:
+    """Load `source` (a hub id or folder, or the checkpoint to resume) and its tokenizer as a
+    one-label sequence classifier on `device`, in fp64 for precision "fp64" else fp32, seeded with `cfg.seed`.
+
+    Dropout is disabled and gradient checkpointing enabled as `cfg` asks, packing is chosen (with
+    flash-attention 2 when `cfg.packing` allows it on CUDA and flash_attn is installed), and with
+    `world` > 1 the model is wrapped in DDP, or sharded with FSDP (`cfg.distributed`, or "auto"
+    from `cfg.fsdp_min_params`); `cfg.compile` compiles the result.
+    """
     from transformers import AutoTokenizer
 
     torch.manual_seed(cfg.seed)
@@ -124,6 +149,9 @@ def load_for_training(cfg: RewardConfig, source: str, device: torch.device, worl
 
 
 def shard_fsdp(model: Any, bf16: bool) -> None:
+    """Shard `model` with FSDP2: each of its `_no_split_modules` blocks, then the root; `bf16` computes in
+    bf16 and reduces gradients in fp32.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None

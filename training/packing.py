@@ -39,6 +39,7 @@ def packing_problem(model: Any) -> str:
 
 
 def flash_attention_installed() -> bool:
+    """Whether the flash_attn package can be imported."""
     return importlib.util.find_spec("flash_attn") is not None
 
 
@@ -62,6 +63,7 @@ class ScoreCapture:
         self.armed = False
 
     def take(self) -> torch.Tensor:
+        """The output captured in the last `with capture:` block, handed over once; RuntimeError if there is none."""
         if self.value is None:
             raise RuntimeError("the score head did not run in the packed forward")
         value, self.value = self.value, None

@@ -62,6 +62,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
+    """What `RewardTrainer.train` returns.
+
+    Attributes:
+        checkpoint_dir: the final HF checkpoint (model, tokenizer, chat template), output_dir/final.
+        metrics: the final eval metrics plus a train summary (steps, pairs/s, tokens/s, unfit pairs).
+    """
+
     checkpoint_dir: Path
     """Final HF checkpoint (model, tokenizer, chat template)."""
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -218,6 +225,12 @@ class RewardTrainer:
         return micro_batches(share, [p.width for p in encoded], pairs, self.micro_tokens)
 
     def train_step(self, batch: list[int]) -> dict[str, float]:
+        """One optimizer step on a global batch (indices into the training data).
+
+        This rank's share runs as micro-batches with gradients accumulated; returns the batch's mean
+        loss and accuracy, its tokens, the gradient norm before clipping (0.0 when max_grad_norm <= 0)
+        and the learning rate used.
+        """
         cfg = self.config
         share = rank_share(batch, self.widths, self.rank, self.world)
         micros = self._micro_batches(share, self.train_data, self.micro_pairs)
@@ -263,6 +276,12 @@ class RewardTrainer:
         }
 
     def train(self) -> TrainResult:
+        """Run the steps left up to `total_steps` (after loading the checkpoint `config.resume` found).
+
+        Every logging_steps the main rank appends to output_dir/metrics.jsonl; every eval_steps the
+        eval pairs (if any) are evaluated and every save_steps a checkpoint is saved. At the end the
+        eval pairs are evaluated once more and the model is saved to output_dir/final.
+        """
         cfg = self.config
         if self.resume_from is not None:
             self._load_state(self.resume_from)
@@ -373,6 +392,9 @@ class RewardTrainer:
         return [out[i] for i in range(len(encoded))]
 
     def evaluate(self) -> dict[str, Any]:
+        """Pairwise metrics of the eval pairs, keys prefixed "eval_", with their truncated and unfit counts;
+        logged to metrics.jsonl by the main rank.
+        """
         rewards = self.rewards(self.eval_enc.pairs)
         sources = [self.eval_raw[i].get("source", "unknown") for i in self.eval_enc.kept]
         metrics = {f"eval_{k}": v for k, v in pairwise_metrics(rewards, sources).items()}
@@ -410,6 +432,9 @@ class RewardTrainer:
         return path
 
     def save_checkpoint(self) -> Path:
+        """Save output_dir/checkpoint-{step} with the state to resume from (optimizer, scheduler,
+        step, config, every rank's RNG), keep only the newest save_total_limit (when > 0); returns its path.
+        """
         path = self.save_model(
             self.out / f"checkpoint-{self.step}",
             extra={"step": self.step, "world": self.world, "config": self.config.to_dict()},
