@@ -130,6 +130,10 @@ class GrpcGuard(grpc.ServerInterceptor):
         self._process_batch = process_batch
 
     def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        """The call's handler, or one that only aborts: UNAUTHENTICATED when a token is set and the
+        call does not carry exactly one matching authorization header (health calls are exempt), and
+        UNIMPLEMENTED for ProcessBatch while it is switched off.
+        """
         handler = continuation(details)
         if handler is None or details.method.startswith(HEALTH_METHODS):
             return handler

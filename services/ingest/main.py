@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse `synpref ingest` options: the paths, --format, --source, --decontaminate, --ngram, --seen,
+    --limit, --report, --dry-run and --config.
+    """
     parser = argparse.ArgumentParser(prog="synpref ingest", description=__doc__)
     parser.add_argument("paths", nargs="+", help="pair files or folders")
     parser.add_argument("--format", choices=FORMATS, help="input format (default: detected per file)")
@@ -65,6 +68,13 @@ FRAMING_BYTES = 256
 
 @dataclass(frozen=True)
 class FileFailure:
+    """A file (or path) that could not be read to its end.
+
+    Attributes:
+        path: the path given, or the file under it that failed.
+        error: why, as reported on stderr and in --report.
+    """
+
     path: str
     error: str
 
@@ -128,6 +138,10 @@ def size_check(limit: int, topic: str) -> Callable[[PairRecord], str | None]:
 
 
 def main(argv: list[str]) -> int:
+    """`synpref ingest`: preprocess the files, publish to the raw topic and print the counts as one
+    JSON line; 0, 1 if a send was not acknowledged (or publishing stopped), 2 for a bad config or
+    --decontaminate source, or a file that could not be read.
+    """
     args = parse_args(argv)
     try:
         settings = load_settings(args.config)

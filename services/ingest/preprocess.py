@@ -36,6 +36,7 @@ DIGEST_BYTES = 8
 
 
 def words(text: str) -> list[str]:
+    """The lower-cased words of `text` (runs of letters, digits and underscores): what the n-gram check compares."""
     return _WORD.findall(text.lower())
 
 
@@ -88,6 +89,9 @@ class Decontaminator:
         return deco
 
     def add(self, prompt: str) -> None:
+        """Add the n-grams of one benchmark prompt (a prompt shorter than n words as a whole); a prompt
+        without words is ignored.
+        """
         tokens = words(prompt)
         if not tokens:
             return
@@ -177,6 +181,19 @@ def benchmark_prompts(path: str | Path) -> list[str]:
 
 @dataclass
 class IngestCounts:
+    """How many rows ingest read and the bucket each ended in (see the module docstring).
+
+    Attributes:
+        read: rows read.
+        published: rows made into a record to publish.
+        empty: rows with an empty message or no conversation.
+        duplicate: rows with the same content id as an earlier pair (or one in `seen`).
+        contaminated: rows whose user turns share an n-gram with a benchmark prompt.
+        unreadable: rows that are no pair, or whose text holds a lone surrogate.
+        oversized: rows whose record `too_large` refused (larger than the raw topic takes).
+        by_source: published pairs per source.
+    """
+
     read: int = 0
     published: int = 0
     empty: int = 0
@@ -188,14 +205,18 @@ class IngestCounts:
     """Published pairs per source."""
 
     def reconciles(self) -> bool:
+        """Whether `read` equals the sum of the buckets (it always should)."""
         return self.read == sum(getattr(self, b) for b in BUCKETS)
 
     def as_dict(self) -> dict:
+        """The counts as a dict (by_source included)."""
         return asdict(self)
 
 
 @dataclass(frozen=True)
 class Rejection:
+    """A dropped row: its locator (`file#row`), its bucket (BUCKETS) and the reason."""
+
     locator: str
     bucket: str
     reason: str
@@ -264,6 +285,7 @@ class Preprocessor:
         return record
 
     def run(self, rows: Iterable[SourceRow]) -> Iterator[PairRecord]:
+        """The records of `rows` to publish, lazily; dropped rows are counted and kept in `rejections`."""
         for row in rows:
             record = self.process(row)
             if record is not None:
