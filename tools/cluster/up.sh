@@ -39,7 +39,8 @@ start() {
 
 # Host directories the kubelet, containerd and the CNI plugins make when missing; the
 # ones that do not exist yet are removed again by down.sh.
-for dir in /var/log/pods /var/log/containers /var/run/netns /var/lib/cni; do
+# (/run/containerd: containerd 1.6 puts its shims' sockets there whatever its state dir.)
+for dir in /var/log/pods /var/log/containers /var/run/netns /var/lib/cni /run/containerd; do
   [[ -e "$dir" ]] || echo "$dir" >>"$STATE/created-dirs"
 done
 
@@ -125,6 +126,8 @@ state = "$CONTAINERD_STATE"
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        Root = "$CONTAINERD_STATE/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$STATE/cni"
