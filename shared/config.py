@@ -217,6 +217,11 @@ class ControllerSettings(Section):
     """Most Stage-1 iterations (the paper ran 8)."""
     patience: int = Field(default=2, ge=1)
     """Stop Stage 1 after this many iterations without a better D_gold accuracy."""
+    working_train: Literal["silver", "silver+unverified"] = "silver"
+    """What the working RM learns from. silver (the paper): D_silver, choosing its checkpoint and the best RM
+    on all of D_gold, which it never sees (the first iteration, with no D_silver yet, learns from the seed
+    D_gold). silver+unverified: also the unverified pool as labelled (more data for tiny pools, but the best
+    RM then votes in Stage 2 on pairs it was fit on)."""
     human: Literal["terminal", "desk"] = "desk"
     """Human verification: desk (the web desk; over Kafka in a cluster) or terminal (a prompt on this terminal).
     A study may replace the humans (study.human)."""

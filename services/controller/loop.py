@@ -126,10 +126,6 @@ class Controller(FinalSteps):
         """Pool name -> number of record keys in it, sorted by name."""
         return {k: len(v) for k, v in sorted(self.state.pools.items())}
 
-    def seed_keys(self) -> list[str]:
-        """Keys of the seed pairs humans verified in the seed step (empty before it)."""
-        return list(self.state.results.get("seed_gold", []))
-
     def in_process_stage(self, name: str) -> Stage:
         """The Stage for executor stage `name`: "annotate" or "stage2"; KeyError otherwise.
 
@@ -244,13 +240,19 @@ class Controller(FinalSteps):
         return verified, dropped
 
     def train_working(self, t: int) -> None:
-        """Iteration t's working RM; decides whether Stage 1 goes on."""
+        """Iteration t's working RM (on D_silver, chosen on all of D_gold); picks the best RM; decides whether
+        Stage 1 goes on."""
         s = self.state
-        train_keys = s.pool("silver") + s.pool("unverified")
-        seed = self.seed_keys()
-        handle = self.models.train(f"working-{t}", self.pairs(train_keys), self.pairs(seed), self.root / "models")
-        gold_acc = accuracy(self.models.score(handle, self.pairs(s.pool("gold"))))
-        seed_acc = float(handle.metrics.get("valid_accuracy", float("nan")))
+        gold = s.pool("gold")
+        train_keys = s.pool("silver") + (s.pool("unverified") if self.c.working_train == "silver+unverified" else [])
+        # With no D_silver yet (the first iteration) the RM learns from the seed D_gold, and nothing is left
+        # to choose its checkpoint on: its D_gold accuracy is then a training figure.
+        on_gold = not train_keys
+        train_keys = train_keys or gold
+        valid = [] if on_gold else gold
+        handle = self.models.train(f"working-{t}", self.pairs(train_keys), self.pairs(valid), self.root / "models")
+        gold_acc = accuracy(self.models.score(handle, self.pairs(gold)))
+        valid_acc = float(handle.metrics.get("valid_accuracy", float("nan")))
         holdout = s.pool("holdout")
         holdout_acc = accuracy(self.models.score(handle, self.pairs(holdout))) if holdout else float("nan")
         s.models[f"working-{t}"] = handle.to_dict()
@@ -258,7 +260,8 @@ class Controller(FinalSteps):
             "iteration": t - 1,
             "model": handle.version,
             "train_pairs": len(train_keys),
-            "seed_gold_accuracy": seed_acc,
+            "trained_on_gold": on_gold,
+            "valid_accuracy": valid_acc,
             "gold_accuracy": gold_acc,
             "holdout_accuracy": holdout_acc,
             "gold": len(s.pool("gold")),
@@ -267,18 +270,33 @@ class Controller(FinalSteps):
             "label_accuracy": self.label_accuracy(train_keys),
         }
         s.history.append(entry)
-        best = max(s.history, key=lambda h: (h["seed_gold_accuracy"], -h["iteration"]))
-        s.models[BEST] = s.models[f"working-{best['iteration'] + 1}"]
+        best = self.select_best()
+        entry["best_iteration"] = best
         self.say(
-            f"stage 1, after {t - 1} iterations: seed D_gold acc {seed_acc:.3f}, D_gold acc {gold_acc:.3f}, "
-            f"held-out acc {holdout_acc:.3f}"
+            f"stage 1, after {t - 1} iterations: D_gold acc {gold_acc:.3f}, held-out acc {holdout_acc:.3f}; "
+            f"best RM: iteration {best}"
         )
         if t - 1 >= self.c.iterations:
             s.stage1_stopped = f"ran {self.c.iterations} iterations"
-        elif t - 1 - best["iteration"] >= self.c.patience:
+        elif t - 1 - best >= self.c.patience:
             s.stage1_stopped = f"D_gold accuracy did not improve for {self.c.patience} iterations"
         elif not s.pool("unverified"):
             s.stage1_stopped = "no unverified pairs left"
+
+    def select_best(self) -> int:
+        """The best RM: of this run's working RMs, the most accurate on all of today's D_gold (re-scored, as
+        D_gold grows), earliest on ties; RMs that learned from D_gold compete only while no other exists."""
+        s = self.state
+        gold = self.pairs(s.pool("gold"))
+        candidates = [h for h in s.history if not h["trained_on_gold"]] or s.history
+        scored = []
+        for h in candidates:
+            handle = self.handle(f"working-{h['iteration'] + 1}")
+            scored.append((accuracy(self.models.score(handle, gold)), -h["iteration"]))
+        acc, neg_iteration = max(scored)
+        s.models[BEST] = s.models[f"working-{-neg_iteration + 1}"]
+        s.results["best_rm"] = {"iteration": -neg_iteration, "gold_accuracy": acc, "gold_pairs": len(gold)}
+        return -neg_iteration
 
     def score_into(self, keys: list[str], handle: ModelHandle, role: str) -> dict[str, float]:
         """Score `keys` with `handle`, replace each record's `role` score, and return key -> p(chosen > rejected)."""

@@ -65,7 +65,6 @@ def plot_all(folder: Path, state: RunState) -> list[str]:
     if hist:
         it = [h["iteration"] for h in hist]
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot(it, [h["seed_gold_accuracy"] for h in hist], "o-", label="seed D_gold (validation)")
         ax.plot(it, [h["gold_accuracy"] for h in hist], "s--", label="all D_gold")
         if any(not math.isnan(h["holdout_accuracy"]) for h in hist):
             ax.plot(it, [h["holdout_accuracy"] for h in hist], "^:", label="held-out")
@@ -164,13 +163,14 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
         "",
         "## Stage 1: working RM per iteration",
         "",
-        "| iteration | train pairs | seed D_gold acc | D_gold acc | held-out acc | D_gold | D_silver | D_un |"
+        "| iteration | train pairs | learned D_gold | D_gold acc | best RM | held-out acc | D_gold | D_silver | D_un |"
         + (" label acc of training pairs |" if study else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if study else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if study else ""),
     ]
     for h in state.history:
         row = (
-            f"| {h['iteration']} | {h['train_pairs']} | {_fmt(h['seed_gold_accuracy'])} | {_fmt(h['gold_accuracy'])} "
+            f"| {h['iteration']} | {h['train_pairs']} | {'yes' if h.get('trained_on_gold') else 'no'} "
+            f"| {_fmt(h['gold_accuracy'])} | {h.get('best_iteration', '')} "
             f"| {_fmt(h['holdout_accuracy'])} | {h['gold']} | {h['silver']} | {h['unverified']} |"
         )
         lines.append(row + (f" {_fmt(h.get('label_accuracy'))} |" if study else ""))

@@ -43,11 +43,11 @@ def settings_for(tmp_path: Path, **controller):
     return load_settings(controller=values)
 
 
-def controller_for(settings, on_step=None) -> Controller:
+def controller_for(settings, on_step=None, models=None) -> Controller:
     judges = [SimulatedJudge(j, seed=0) for j in settings.controller.study.judges]
     return Controller(
         settings,
-        fakes.BagOfWordsModels(),
+        models or fakes.BagOfWordsModels(),
         OracleHumans(),
         judges,
         embed=fakes.embed,
@@ -128,11 +128,13 @@ def test_loop_runs_both_stages_and_repairs_labels(tmp_path):
 def test_stage1_stops_when_accuracy_stops_improving(tmp_path):
     settings = settings_for(tmp_path, iterations=8, patience=1)
     state = controller_for(settings).run()
-    accuracies = [h["seed_gold_accuracy"] for h in state.history]
-    # patience=1: Stage 1 ends after the first iteration that beats no earlier one (a tie is no improvement).
-    flat = [i for i in range(1, len(accuracies)) if accuracies[i] <= max(accuracies[:i])]
-    assert flat, f"accuracy rose every iteration ({accuracies}): this run does not exercise patience"
-    assert len(state.history) == flat[0] + 1 < 8 + 1
+    bests = [h["best_iteration"] for h in state.history]
+    # patience=1: Stage 1 ends at the first iteration whose RM is not the best on today's D_gold
+    # (the best RM is re-chosen on all of D_gold each iteration; a tie keeps the earlier one).
+    stale = [h["iteration"] for h in state.history if h["iteration"] - h["best_iteration"] >= 1]
+    assert stale, f"every iteration's RM was the best ({bests}): this run does not exercise patience"
+    assert state.history[-1]["iteration"] == stale[0] < 8
+    assert state.models["best"] == state.models[f"working-{bests[-1] + 1}"]
     assert state.stage1_stopped == "D_gold accuracy did not improve for 1 iterations"
 
 
@@ -177,3 +179,34 @@ def test_a_step_interrupted_before_its_commit_runs_again(tmp_path):
     state = StateStore(settings.controller.workdir).load()
     assert "s2.gold" not in state.done and "gold" not in state.models
     assert controller_for(settings).run().models["gold"]["version"].startswith("gold-")
+
+
+class RecordingModels(fakes.BagOfWordsModels):
+    """Remembers which prompts each model trained and validated on (prompts are unique per pair)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, set[str], set[str]]] = []
+
+    def train(self, name, train, valid, out_dir):
+        prompts = [{p["conversation"][0]["content"] for p in pairs} for pairs in (train, valid)]
+        self.calls.append((name, *prompts))
+        return super().train(name, train, valid, out_dir)
+
+
+def test_the_working_rm_learns_d_silver_and_the_best_is_chosen_on_all_of_d_gold(tmp_path):
+    # DESIGN.md 1: train on D_silver, choose on D_gold. Only the first iteration (no D_silver yet)
+    # learns from the seed D_gold; later RMs never see D_gold, and the best is re-chosen on all of it.
+    models = RecordingModels()
+    settings = settings_for(tmp_path, iterations=3, patience=3)
+    controller = controller_for(settings, models=models)
+    state = controller.run()
+    prompt = {k: r.pair.conversation[0].content for k, r in controller.records.items()}
+    first, *later = [c for c in models.calls if c[0].startswith("working-")]
+    assert first[1] == {prompt[k] for k in state.results["seed_gold"]} and first[2] == set()
+    gold = {prompt[k] for k in state.pools["gold"]}
+    for name, train, valid in later:
+        assert train and not train & gold, name  # D_silver only
+        assert valid and valid <= gold, name  # chosen on D_gold (as it was then)
+    assert state.results["best_rm"]["gold_pairs"] == len(gold)
+    assert state.models["best"] == state.models[f"working-{state.results['best_rm']['iteration'] + 1}"]
