@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Mapping, Sequence
 
@@ -72,6 +73,12 @@ class SimulatedJudge:
     Each of `samples` votes repeats that belief, flipped with probability `sample_noise`
     (so self-consistency has something to do), or abstains with probability `abstain`.
     Deterministic: the same pair gets the same votes on every replay.
+
+    error_mode "length_correlated" (correlated errors, study only): the belief is wrong with
+    probability error_probability(...), higher where the better response is the shorter one,
+    and the coin is shared by every judge of the panel (keyed by pair, not judge), so a pair
+    that fools one judge fools every judge at least as error-prone; majority voting then
+    cannot average the errors away, as it can with independent judges.
     """
 
     def __init__(self, settings: SimulatedJudgeSettings, seed: int = 0) -> None:
@@ -79,14 +86,30 @@ class SimulatedJudge:
         self.settings = settings
         self.seed = seed
 
-    def votes_for(self, pair_id: str, chosen: Sequence[Mapping[str, str]], truth: str) -> list[JudgeVote]:
-        """The judge's seeded votes on a pair whose true chosen side hashes to `truth` (see the class)."""
+    def votes_for(
+        self,
+        pair_id: str,
+        chosen: Sequence[Mapping[str, str]],
+        truth: str,
+        rejected: Sequence[Mapping[str, str]] = (),
+    ) -> list[JudgeVote]:
+        """The judge's seeded votes on a pair whose true chosen side hashes to `truth` (see the class).
+
+        `rejected` is needed by error_mode length_correlated (ValueError without it).
+        """
         s = self.settings
         # Keyed by the true side, not the current orientation: a flipped copy of a pair gets
         # the same belief about which response is better.
         rng = random.Random(f"{self.seed}:{self.name}:{truth}")
-        believes_truth = rng.random() < s.accuracy
         chosen_is_true = digest(chosen) == truth
+        if s.error_mode == "independent":
+            believes_truth = rng.random() < s.accuracy
+        else:
+            if not rejected:
+                raise ValueError(f"error_mode {s.error_mode} needs the rejected response of pair {pair_id}")
+            better, worse = (chosen, rejected) if chosen_is_true else (rejected, chosen)
+            shared = random.Random(f"{self.seed}:panel:{truth}").random()
+            believes_truth = shared >= error_probability(s.accuracy, s.length_bias, better, worse)
         belief = PREFERENCE_CHOSEN if believes_truth == chosen_is_true else PREFERENCE_REJECTED
         other = PREFERENCE_REJECTED if belief == PREFERENCE_CHOSEN else PREFERENCE_CHOSEN
         votes = []
@@ -111,7 +134,19 @@ class SimulatedJudge:
         truth = request.meta.get(TRUTH_KEY)
         if not truth:
             raise ValueError(f"pair {request.pair_id} has no {TRUTH_KEY}: a simulated judge needs a study run")
-        return self.votes_for(request.pair_id, request.chosen, truth)
+        return self.votes_for(request.pair_id, request.chosen, truth, request.rejected)
+
+
+def error_probability(
+    accuracy: float, length_bias: float, better: Sequence[Mapping[str, str]], worse: Sequence[Mapping[str, str]]
+) -> float:
+    """A length-biased judge's chance of preferring `worse`: (1 - accuracy) at equal lengths, up to
+    twice that (capped at 1) where the better response is much the shorter, down to 0 where it is much
+    the longer. d = (len worse - len better) / (len worse + len better), in characters."""
+    n_better = sum(len(m["content"]) for m in better)
+    n_worse = sum(len(m["content"]) for m in worse)
+    d = (n_worse - n_better) / max(1, n_worse + n_better)
+    return min(1.0, 2.0 * (1.0 - accuracy) / (1.0 + math.exp(-length_bias * d)))
 
 
 def label_accuracy(records: Sequence[PairRecord]) -> float | None:
