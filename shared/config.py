@@ -171,6 +171,12 @@ class SimulatedJudgeSettings(Section):
     sample_noise: float = Field(default=0.0, ge=0.0, le=0.5)
     abstain: float = Field(default=0.0, ge=0.0, le=1.0)
     """Probability of abstaining on a pair (an unparseable answer or a tie)."""
+    error_mode: Literal["independent", "length_correlated"] = "independent"
+    """independent: each judge errs on its own seeded coin per pair. length_correlated: the judges of a
+    panel share one coin per pair and err more often where the better response is the shorter one
+    (a verbosity bias), so their errors coincide; `accuracy` is then the accuracy on equal-length pairs."""
+    length_bias: float = Field(default=4.0, ge=0.0)
+    """length_correlated only: steepness of the error's dependence on the relative length difference."""
 
 
 class StudySettings(Section):
