@@ -61,7 +61,7 @@ build_kubernetes() {
   echo "package kbuild" >"$mod/kbuild.go"
   local pkgs=()
   for cmd in "${K8S_COMMANDS[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$cmd"); done
-  echo "building kubernetes $K8S_VERSION (${K8S_COMMANDS[*]}); ~11 min cold, under a minute warm"
+  echo "building kubernetes $K8S_VERSION (${K8S_COMMANDS[*]}); ~11 min cold on an idle machine, ~2 min to relink with warm Go caches"
   (
     cd "$mod"
     GOFLAGS="-mod=mod -buildvcs=false" "${NICE[@]}" go get "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION"

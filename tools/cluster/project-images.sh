@@ -42,7 +42,7 @@ trap 'rm -rf "$scratch"' EXIT
 if ! "${BUILDAH[@]}" inspect --type image "$BASE_IMAGE" >/dev/null 2>&1; then
   log "debootstrap $SUITE from $MIRROR"
   started=$SECONDS
-  debootstrap --variant=minbase \
+  nice -n 10 debootstrap --variant=minbase \
     --include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates \
     "$SUITE" "$scratch/rootfs" "$MIRROR" >"$scratch/debootstrap.log" 2>&1 ||
     { tail -20 "$scratch/debootstrap.log" >&2; die "debootstrap failed"; }
@@ -64,7 +64,7 @@ for name in "${names[@]}"; do
   started=$SECONDS
   (
     cd "$ROOT"
-    "${BUILDAH[@]}" bud --isolation=chroot --pull=never --layers \
+    nice -n 10 "${BUILDAH[@]}" bud --isolation=chroot --pull=never --layers \
       --build-arg "PYTHON_IMAGE=$BASE_IMAGE" --build-arg "TORCH_INDEX=$PIP_INDEX" \
       --volume "$HOST_CA:/etc/pip-ca.crt:ro" --volume "$scratch/pip.conf:/etc/pip.conf:ro" \
       -f "docker/$name.Dockerfile" -t "$image" .
