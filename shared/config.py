@@ -208,8 +208,9 @@ class ControllerSettings(Section):
     """Pair files or folders (any format shared/sources.py reads); required."""
     source_format: SourceFormat | None = None
     """Format of every source (one of shared.sources.FORMATS); None = detected per file."""
-    decontaminate: list[str] = Field(default_factory=list)
-    """Benchmark prompt files: pairs sharing a 13-gram with one are removed at ingest."""
+    decontaminate: list[str] = Field(default_factory=lambda: ["rmbench"])
+    """Built-in benchmark sets (rmbench) or prompt files: pairs sharing a 13-gram with one are removed at
+    ingest; [] turns it off."""
     max_pairs: int = Field(default=0, ge=0)
     """Use at most this many pairs (a seeded sample); 0 = all."""
     holdout_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)

@@ -44,10 +44,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--decontaminate",
         action="append",
-        default=[],
+        default=None,
         help="a built-in benchmark set (" + ", ".join(builtin_sets()) + ") or benchmark prompts "
-        "(.txt, one per line, or a pair file); repeatable",
+        "(.txt, one per line, or a pair file); repeatable (default: rmbench)",
     )
+    parser.add_argument("--no-decontaminate", action="store_true", help="check against no benchmark at all")
     parser.add_argument("--ngram", type=int, default=13, help="n-gram size of the overlap check (default 13)")
     parser.add_argument(
         "--seen", help="file of pair ids published by earlier runs (one per line): dedup across runs; new ids appended"
@@ -56,7 +57,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--report", help="write dropped rows (JSON lines: locator, bucket, reason) here")
     parser.add_argument("--dry-run", action="store_true", help="count only; publish nothing")
     parser.add_argument("--config", help="YAML config file (default: $SYNPREF_CONFIG)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Decontamination is on unless turned off: a benchmark prompt in training data inflates every score.
+    if args.no_decontaminate:
+        args.decontaminate = []
+    elif args.decontaminate is None:
+        args.decontaminate = ["rmbench"]
+    return args
 
 
 READ_ERRORS = (OSError, EOFError, ValueError, TypeError, RuntimeError, zlib.error)
