@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from synpref.services.annotator.prompts import Example
+from synpref.services.annotator.prompts import Example, attributes_dict
 from synpref.shared.pairs import message_dicts
 from synpref.shared.retrieval import pair_text
 from synpref.v1.pair_pb2 import PairRecord
@@ -71,6 +71,7 @@ class EmbeddingTable:
                     conversation=message_dicts(r.pair.conversation),
                     preferred="\n".join(m.content for m in r.pair.chosen),
                     dispreferred="\n".join(m.content for m in r.pair.rejected),
+                    attributes=attributes_dict(r.attributes) if r.attributes.task_category else {},
                 )
             )
         return out
@@ -93,7 +94,7 @@ def load_or_embed_table(
             raise RuntimeError(f"{path} does not match the pool; remove it to recompute")
     else:
         by_key = records()
-        texts = [pair_text(message_dicts(by_key[k].pair.conversation)) for k in keys]
+        texts = [pair_text(message_dicts(by_key[k].pair.conversation), embedded_attributes(by_key[k])) for k in keys]
         say(f"prepare: embedding {len(texts)} conversations for retrieval")
         vectors = embed(texts)
         save_npz(path, keys=np.array(keys), vectors=vectors)
@@ -102,3 +103,9 @@ def load_or_embed_table(
     for i, k in enumerate(keys):
         table.by_text[json.dumps(message_dicts(by_key[k].pair.conversation), ensure_ascii=False)] = i
     return table
+
+
+def embedded_attributes(record: PairRecord) -> dict[str, Any] | None:
+    """The attributes retrieval embeds with the conversation (DESIGN.md 1: embed (x, attributes)); None when the
+    pair has none yet (a study's pairs, or pairs the labeller has not seen)."""
+    return attributes_dict(record.attributes) if record.attributes.task_category else None

@@ -207,7 +207,8 @@ class Controller(FinalSteps):
         if self.embed is None:
             from synpref.shared.retrieval import Embedder
 
-            embedder = Embedder(self.settings.annotator.embedding_model, max_length=128)
+            # MiniLM's own limit (256 word pieces): conversation and attributes are embedded whole where they fit.
+            embedder = Embedder(self.settings.annotator.embedding_model)
             self.embed = embedder.embed
         return self.embed(texts)
 

@@ -230,3 +230,25 @@ def test_desk_humans_serve_the_web_desk_and_wait_for_its_decisions():
     assert [route for route, _ in out] == ["verified", "verified", "discarded"]
     assert [key_of(r) for _, r in out] == [key_of(r) for r in records]
     assert [r.decision.decision for _, r in out] == [DECISION_KEEP, DECISION_KEEP, DECISION_DISCARD]
+
+
+def test_judge_examples_carry_the_human_verified_pairs_attributes():
+    # Judges see attributed examples (DESIGN.md 1); retrieval embeds (conversation, attributes).
+    import numpy as np
+
+    from synpref.services.controller.embeddings import EmbeddingTable, embedded_attributes
+    from synpref.v1.pair_pb2 import Attributes
+
+    plain, labelled = record(1), record(2)
+    labelled.attributes.CopyFrom(
+        Attributes(task_category="coding", desired_attributes=["correct"], annotation_guideline="run it")
+    )
+    records = {"a": plain, "b": labelled}
+    table = EmbeddingTable(["a", "b"], np.eye(2, dtype=np.float32), lambda: records)
+    table.by_text = {
+        json.dumps(message_dicts(r.pair.conversation), ensure_ascii=False): i for i, r in enumerate([plain, labelled])
+    }
+    table.example_keys = ["b"]
+    (example,) = table.examples(message_dicts(plain.pair.conversation), {}, k=2)
+    assert example.attributes["task_category"] == "coding" and example.attributes["annotation_guideline"] == "run it"
+    assert embedded_attributes(plain) is None and embedded_attributes(labelled)["desired_attributes"] == ["correct"]
