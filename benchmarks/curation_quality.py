@@ -1,54 +1,85 @@
-"""Curation quality on real human-labelled pairs: does the loop repair label noise?
+"""Curation quality: does the human-AI loop beat the obvious alternatives? A study, every simulated part named.
 
-Setup (a study, every simulated part named): PandaLM's human-labelled test pairs
-(../shared/data); 20% of conversations held out with their true labels; of the rest, a
-seeded 30% of labels flipped; 10% verified by oracle "humans" (the true labels: study only);
-simulated judges of stated accuracy. The loop runs in process with the CPU head trainer.
+Pool: the learnable human-labelled sets of ../shared/data (PandaLM's non-tie majority pairs
+and all 9 style pairs of every RM-Bench item), 20% of prompts held out with their true
+labels; of the rest a seeded share of labels is flipped (label noise). "Humans" are an
+oracle (the true labels, study only); judges are simulated (three, of stated accuracy), in
+one of two error modes: independent coins, or length_correlated (a shared verbosity bias,
+see services/controller/simulated.py).
 
-Measured, per seed and as a mean:
- (1) precision and recall of the loop's KEEP / FLIP / DISCARD decisions against the true
-     labels (a KEEP is right on a clean pair, a FLIP on a noisy one; DISCARD precision =
-     share of discarded pairs that were noisy);
- (2) held-out accuracy of RMs trained with the same backbone and budget on the noisy pool,
-     the curated set, and the clean pool; and the share of the noisy-to-clean gap closed.
+For each noise level, judge error mode, human budget (share of the pool a human verifies:
+half as the seed, half over the Stage-1 iterations) and seed, the real Controller runs to
+the gold RM; Stage 2 then runs twice from the same state, once per disagreement rule.
+Training sets compared, every one trained and evaluated identically:
+  noisy            the pool as given
+  gold only        the human-verified pairs alone (the same pairs the loop's humans saw)
+  judges only      every pool pair labelled by the judges' majority, no humans ("raw LLM curation")
+  curated (flip)   the loop's curated set, Stage 2 flipping on disagreement
+  curated (discard) the same, discarding on disagreement
+  clean            the pool with its true labels (an oracle: the ceiling)
+Each set trains two reward models on frozen MiniLM features: the loop's own linear head
+(HeadModels) and a small MLP head with capacity (hidden layer, early stopping on 10% of its
+own training set); held-out accuracy on true labels, overall, per source set and on the
+RM-Bench hard / normal / easy slices. A learning curve of both heads on clean pairs shows
+whether quantity can matter at all. Writes report.md, results.json and PNG plots.
 
-    .venv/bin/python benchmarks/curation_quality.py [--seeds 0 1 2] [--noise 0.3]
+    .venv/bin/python benchmarks/curation_quality.py [--budgets 0.01 0.02 0.05 0.1] [--noise 0.15 0.3]
+        [--error-modes independent length_correlated] [--seeds 0 1 2] [--out artifacts/quality]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from synpref.services.annotator.judges import aggregate
 from synpref.services.controller.loop import Controller
-from synpref.services.controller.models import HeadModels, accuracy
+from synpref.services.controller.models import HeadModels, one_torch_thread
 from synpref.services.controller.providers import OracleHumans
-from synpref.services.controller.simulated import NOISE_KEY, SimulatedJudge, label_is_true
+from synpref.services.controller.simulated import TRUTH_KEY, SimulatedJudge, label_is_true, pair_as_given
 from synpref.services.gold_scorer.scoring import pair_dict
-from synpref.shared.config import load_settings
-from synpref.v1.pair_pb2 import DECISION_DISCARD, DECISION_FLIP, DECISION_KEEP
+from synpref.shared.config import SimulatedJudgeSettings, load_settings
+from synpref.v1.pair_pb2 import PREFERENCE_REJECTED, PairRecord
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "PandaLM" / "testset-v1.json"
+DATA = ROOT.parent / "shared" / "data"
+SOURCES = [DATA / "PandaLM" / "testset-v1.json"] + [
+    DATA / "RM-Bench" / f"{name}_filtered.json" for name in ("chat", "code", "safety-refuse", "safety-response")
+]
 JUDGES = [
     {"name": "sim-judge-a", "accuracy": 0.8, "samples": 3, "sample_noise": 0.1},
     {"name": "sim-judge-b", "accuracy": 0.75, "samples": 3, "sample_noise": 0.1},
     {"name": "sim-judge-c", "accuracy": 0.7, "samples": 3, "sample_noise": 0.1},
 ]
+BASELINES = ["noisy", "gold only", "judges only", "curated (flip)", "curated (discard)", "clean"]
+HEADS = ["mlp", "linear"]
+# The heads the sweep trains (--heads); the learning curve always trains both.
+SWEEP_HEADS = list(HEADS)
+ITERATIONS = 2
+# Set from the command line in main(): the RM sequence length and an optional pool sample.
+ENCODING = {"max_length": 256, "max_pairs": 0}
+Pair = dict[str, Any]
 
 
 class CachedEmbed:
-    """The retrieval embedder, memoized across seeds (the texts are the same)."""
+    """The retrieval embedder, memoized in memory and on disk (the texts repeat across runs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.memo: dict[str, np.ndarray] = {}
+        if path.exists():
+            data = np.load(path)
+            self.memo = dict(zip(data["texts"].tolist(), data["vectors"], strict=True))
         self.embedder = None
 
     def __call__(self, texts: list[str]) -> np.ndarray:
@@ -60,169 +91,516 @@ class CachedEmbed:
                 self.embedder = Embedder(max_length=128)
             for t, v in zip(todo, self.embedder.embed(todo), strict=True):
                 self.memo[t] = v
+            np.savez(self.path, texts=np.array(list(self.memo)), vectors=np.stack(list(self.memo.values())))
         return np.stack([self.memo[t] for t in texts])
 
 
-def prf(pred: list[bool], truth: list[bool]) -> dict[str, float | int]:
-    tp = sum(p and t for p, t in zip(pred, truth, strict=True))
-    n_pred, n_true = sum(pred), sum(truth)
-    return {
-        "n": n_pred,
-        "precision": tp / n_pred if n_pred else float("nan"),
-        "recall": tp / n_true if n_true else float("nan"),
-    }
+# ---------------------------------------------------------------- the MLP head
 
 
-def true_pair(record) -> dict:
+@one_torch_thread()
+def train_mlp(hc: np.ndarray, hr: np.ndarray, seed: int, hidden: int = 128, max_epochs: int = 30) -> Any:
+    """A Bradley-Terry MLP reward head on frozen features; early stopping on a seeded 10% of its own pairs.
+
+    Hyperparameters are fixed a priori (never tuned on the held-out set): one hidden GELU layer,
+    dropout 0.1, AdamW lr 1e-3, weight decay 0.01, batches of 128, patience 3 epochs.
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(hc))
+    n_valid = max(1, len(hc) // 10) if len(hc) >= 10 else 0
+    valid, train = order[:n_valid], order[n_valid:]
+    xc, xr = torch.tensor(hc, dtype=torch.float32), torch.tensor(hr, dtype=torch.float32)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(hc.shape[1], hidden), torch.nn.GELU(), torch.nn.Dropout(0.1), torch.nn.Linear(hidden, 1)
+    )
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
+
+    def valid_accuracy() -> float:
+        net.eval()
+        with torch.no_grad():
+            v = torch.tensor(valid)
+            acc = float((net(xc[v]) > net(xr[v])).float().mean())
+        net.train()
+        return acc
+
+    best = (-1.0, {k: v.clone() for k, v in net.state_dict().items()})
+    stale = 0
+    for _ in range(max_epochs):
+        for batch in np.array_split(rng.permutation(train), max(1, math.ceil(len(train) / 128))):
+            b = torch.tensor(batch)
+            loss = torch.nn.functional.softplus(-(net(xc[b]) - net(xr[b]))).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if not n_valid:
+            continue
+        acc = valid_accuracy()
+        if acc > best[0]:
+            best, stale = (acc, {k: v.clone() for k, v in net.state_dict().items()}), 0
+        else:
+            stale += 1
+            if stale >= 3:
+                break
+    if n_valid:
+        net.load_state_dict(best[1])
+    return net.eval()
+
+
+class Evaluator:
+    """Trains both heads on a pair set and measures them on the held-out pairs (true labels)."""
+
+    def __init__(self, models: HeadModels, workdir: Path) -> None:
+        self.models = models
+        self.workdir = workdir
+
+    def heldout(self, records: list[PairRecord]) -> dict[str, Any]:
+        pairs = [pair_dict(r) for r in records]
+        groups: dict[str, list[int]] = {"all": list(range(len(records)))}
+        for i, r in enumerate(records):
+            groups.setdefault(r.pair.source.split("/")[0], []).append(i)
+            if r.pair.meta.get("slice"):
+                groups.setdefault(f"RM-Bench {r.pair.meta['slice']}", []).append(i)
+        return {"pairs": pairs, "groups": groups, "features": self.models.cache.features(pairs)}
+
+    def evaluate(
+        self, name: str, train: list[Pair], test: dict[str, Any], seed: int, heads: list[str] | None = None
+    ) -> dict[str, dict[str, float]]:
+        heads = SWEEP_HEADS if heads is None else heads
+        out: dict[str, dict[str, float]] = {}
+        right: dict[str, np.ndarray] = {}
+        if "linear" in heads:
+            handle = self.models.train(name.replace(" ", "_"), train, [], self.workdir / "bench-models")
+            right["linear"] = np.array([c > r for c, r in self.models.score(handle, test["pairs"])])
+        hc, hr = self.models.cache.features(train)
+        net = train_mlp(hc, hr, seed)
+        import torch
+
+        with torch.no_grad():
+            tc, tr = (torch.tensor(x, dtype=torch.float32) for x in test["features"])
+            right["mlp"] = (net(tc) > net(tr)).squeeze(1).numpy()
+        for head, ok in right.items():
+            out[head] = {g: float(ok[idx].mean()) for g, idx in test["groups"].items() if idx}
+        return out
+
+
+# ---------------------------------------------------------------- one loop run
+
+
+class StopAfterGold(Exception):
+    pass
+
+
+def judge_panel(mode: str, seed: int) -> list[SimulatedJudge]:
+    return [SimulatedJudge(SimulatedJudgeSettings(**j, error_mode=mode), seed) for j in JUDGES]
+
+
+def loop_settings(workdir: Path, seed: int, noise: float, mode: str, seed_pairs: int, per_iteration: int, rule: str):
+    return load_settings(
+        controller={
+            "workdir": str(workdir),
+            "sources": [str(p) for p in SOURCES],
+            # RM-Bench is a training source here (held out by prompt), so the default RM-Bench
+            # decontamination would remove it: off, deliberately.
+            "decontaminate": [],
+            "holdout_fraction": 0.2,
+            "seed_pairs": seed_pairs,
+            "seed": seed,
+            "iterations": ITERATIONS,
+            "patience": 2,
+            "human_budget": per_iteration,
+            "study": {
+                "human": "oracle",
+                "label_noise": noise,
+                "judges": [dict(j, error_mode=mode) for j in JUDGES],
+            },
+            "max_length": ENCODING["max_length"],
+            "max_pairs": ENCODING["max_pairs"],
+        },
+        filter={"on_disagreement": rule},
+    )
+
+
+def run_loop(
+    workdir: Path, seed: int, noise: float, mode: str, budget: int, models: HeadModels, embed: CachedEmbed
+) -> dict[str, Controller]:
+    """The loop up to the gold RM, then Stage 2 once per disagreement rule from that same state."""
+    seed_pairs = max(2, budget // 2)
+    per_iteration = max(1, math.ceil((budget - seed_pairs) / ITERATIONS))
+
+    def stop(step: str) -> None:
+        if step == "s2.gold":
+            raise StopAfterGold
+
+    def controller(path: Path, rule: str, on_step=None) -> Controller:
+        settings = loop_settings(path, seed, noise, mode, seed_pairs, per_iteration, rule)
+        judges = judge_panel(mode, seed)
+        return Controller(
+            settings, models, OracleHumans(), judges, embed=embed, on_step=on_step, progress=lambda m: None
+        )
+
+    base = workdir / "flip"
+    with contextlib.suppress(StopAfterGold):
+        controller(base, "flip", stop).run()
+    shutil.copytree(base, workdir / "discard")
+    out = {}
+    for rule in ("flip", "discard"):
+        ctl = controller(workdir / rule, rule)
+        ctl.ensure_table()
+        ctl.step("s2.curate", ctl.curate_stage2)
+        out[rule] = ctl
+    return out
+
+
+def judges_only(ctl: Controller, pool: list[str], mode: str, seed: int) -> tuple[list[Pair], float]:
+    """Every pool pair labelled by the judges' majority (ties keep the label as given); label accuracy."""
+    panel = judge_panel(mode, seed)
+    pairs, right = [], 0
+    for key in pool:
+        record = ctl.records[key]
+        pair = pair_as_given(record, ctl.state.results["initial_labels"][key])
+        truth = record.pair.meta[TRUTH_KEY]
+        votes = [v for j in panel for v in j.votes_for(key, pair["chosen"], truth, pair["rejected"])]
+        if aggregate(votes).preference == PREFERENCE_REJECTED:
+            pair = dict(pair, chosen=pair["rejected"], rejected=pair["chosen"])
+        pairs.append(pair)
+        right += pair["chosen"] == true_pair(record)["chosen"]
+    return pairs, right / len(pool)
+
+
+def true_pair(record: PairRecord) -> Pair:
     pair = pair_dict(record)
     if not label_is_true(record):
         pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
     return pair
 
 
-def noisy_pair(record, initial_id: str) -> dict:
-    pair = pair_dict(record)
-    if record.pair.id != initial_id:
-        pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
-    return pair
+# ---------------------------------------------------------------- the sweep
 
 
-def one_seed(seed: int, args, models: HeadModels, embed: CachedEmbed, workdir: Path) -> dict:
-    settings = load_settings(
-        controller={
-            "workdir": str(workdir / f"seed-{seed}"),
-            "sources": [str(args.data)],
-            "holdout_fraction": 0.2,
-            "seed_fraction": 0.1,
-            "seed": seed,
-            "iterations": args.iterations,
-            "patience": 2,
-            "human_budget": args.human_budget,
-            "study": {"human": "oracle", "label_noise": args.noise, "judges": JUDGES},
-            "max_length": args.max_length,
-        },
-        filter={"on_disagreement": args.on_disagreement},
-    )
-    judges = [SimulatedJudge(j, seed) for j in settings.controller.study.judges]
-    ctl = Controller(settings, models, OracleHumans(), judges, embed=embed, progress=lambda m: None)
-    started = time.perf_counter()
-    state = ctl.run()
-    loop_s = time.perf_counter() - started
-    pool = sorted(state.results["initial_labels"])
-    noisy = [NOISE_KEY in ctl.records[k].pair.meta for k in pool]
-    decision = [ctl.records[k].decision.decision for k in pool]
-    decisions = {
-        "KEEP": prf([d == DECISION_KEEP for d in decision], [not n for n in noisy]),
-        "FLIP": prf([d == DECISION_FLIP for d in decision], noisy),
-        "DISCARD": prf([d == DECISION_DISCARD for d in decision], noisy),
-    }
-    undecided = sum(d not in (DECISION_KEEP, DECISION_FLIP, DECISION_DISCARD) for d in decision)
-    by_rule: dict[str, dict[str, int]] = {}
-    for k, n, d in zip(pool, noisy, decision, strict=True):
-        rule = ctl.records[k].decision.rule or "none"
-        counts = by_rule.setdefault(
-            rule,
-            {
-                "KEEP_right": 0,
-                "KEEP_wrong": 0,
-                "FLIP_right": 0,
-                "FLIP_wrong": 0,
-                "DISCARD_noisy": 0,
-                "DISCARD_clean": 0,
-            },
+def sweep(args, models: HeadModels, embed: CachedEmbed, evaluator: Evaluator, work: Path, say, on_row) -> list[dict]:
+    rows: list[dict] = []
+    for noise in args.noise:
+        for mode in args.error_modes:
+            for seed in args.seeds:
+                fixed: dict[str, Any] = {}
+                for budget_share in args.budgets:
+                    started = time.perf_counter()
+                    run_dir = work / f"n{noise}-{mode}-s{seed}-b{budget_share}"
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    # The pool size is known after ingest; a first controller on the run dir finds it.
+                    pool_n = args.pool_size
+                    budget = max(4, round(budget_share * pool_n))
+                    ctls = run_loop(run_dir, seed, noise, mode, budget, models, embed)
+                    ctl = ctls["flip"]
+                    pool = sorted(ctl.state.results["initial_labels"])
+                    test = evaluator.heldout([ctl.records[k] for k in ctl.state.pools["holdout"]])
+                    if not fixed:
+                        judged, judge_label_acc = judges_only(ctl, pool, mode, seed)
+                        given = ctl.state.results["initial_labels"]
+                        fixed = {
+                            "noisy": evaluator.evaluate(
+                                "noisy", [pair_as_given(ctl.records[k], given[k]) for k in pool], test, seed
+                            ),
+                            "judges only": evaluator.evaluate("judges only", judged, test, seed),
+                            "clean": evaluator.evaluate("clean", [true_pair(ctl.records[k]) for k in pool], test, seed),
+                            "judges_label_accuracy": judge_label_acc,
+                        }
+                    gold = ctl.state.pool("gold")
+                    acc = {k: fixed[k] for k in ("noisy", "judges only", "clean")}
+                    acc["gold only"] = evaluator.evaluate("gold only", ctl.pairs(gold), test, seed)
+                    sizes = {"noisy": len(pool), "judges only": len(pool), "clean": len(pool), "gold only": len(gold)}
+                    label_acc = {"noisy": ctl.state.results["initial_label_accuracy"]}
+                    label_acc["judges only"] = fixed["judges_label_accuracy"]
+                    for rule, c in ctls.items():
+                        keys = c.curated_keys()
+                        acc[f"curated ({rule})"] = evaluator.evaluate(f"curated {rule}", c.pairs(keys), test, seed)
+                        sizes[f"curated ({rule})"] = len(keys)
+                        label_acc[f"curated ({rule})"] = c.label_accuracy(keys)
+                    row = {
+                        "noise": noise,
+                        "error_mode": mode,
+                        "seed": seed,
+                        "budget_share": budget_share,
+                        "humans_verified": len(gold),  # oracle humans verify every pair they are shown
+                        "pool": len(pool),
+                        "holdout": len(test["pairs"]),
+                        "train_pairs": sizes,
+                        "label_accuracy": label_acc,
+                        "accuracy": acc,
+                        "seconds": round(time.perf_counter() - started, 1),
+                    }
+                    rows.append(row)
+                    on_row(rows)
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    say(
+                        f"noise {noise} {mode} seed {seed} budget {budget_share:.0%} "
+                        f"({row['humans_verified']} verified, {row['seconds']}s): "
+                        + ", ".join(f"{b} {acc[b][SWEEP_HEADS[0]]['all']:.3f}" for b in BASELINES)
+                        + f" ({SWEEP_HEADS[0]} head)"
+                    )
+    return rows
+
+
+def learning_curve(args, models: HeadModels, evaluator: Evaluator, work: Path) -> list[dict]:
+    """Both heads on clean pool pairs, 100 -> all, on seed 0's split (three subsample seeds)."""
+    settings = loop_settings(work / "curve", 0, 0.0, "independent", 2, 1, "flip")
+    ctl = Controller(settings, models, OracleHumans(), [], progress=lambda m: None)
+    ctl.step("ingest", ctl.ingest)
+    pool = sorted(ctl.state.results["initial_labels"])
+    test = evaluator.heldout([ctl.records[k] for k in ctl.state.pools["holdout"]])
+    clean = [true_pair(ctl.records[k]) for k in pool]
+    sizes = [n for n in args.curve_sizes if n < len(clean)] + [len(clean)]
+    out = []
+    for n in sizes:
+        for s in range(args.curve_samples if n < len(clean) else 1):
+            pick = np.random.default_rng(s).choice(len(clean), n, replace=False)
+            acc = evaluator.evaluate(f"curve-{n}", [clean[i] for i in pick], test, s, HEADS)
+            out.append({"pairs": n, "sample": s, "mlp": acc["mlp"]["all"], "linear": acc["linear"]["all"]})
+    shutil.rmtree(work / "curve", ignore_errors=True)
+    return out
+
+
+def count_pool(work: Path, models: HeadModels) -> int:
+    """Pool size (seed 0's split), after encoding every pair once (the feature cache is saved as it completes)."""
+    settings = loop_settings(work / "count", 0, 0.0, "independent", 2, 1, "flip")
+    ctl = Controller(settings, models, OracleHumans(), [], progress=lambda m: None)
+    ctl.step("ingest", ctl.ingest)
+    models.prepare(ctl.pairs(sorted(ctl.records)))
+    n = len(ctl.state.results["initial_labels"])
+    shutil.rmtree(work / "count", ignore_errors=True)
+    return n
+
+
+# ---------------------------------------------------------------- report
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cells(rows: list[dict]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["noise"], r["error_mode"], r["budget_share"]), []).append(r)
+    return out
+
+
+def verdicts(rows: list[dict], head: str) -> list[str]:
+    """The issue's two tests, per cell: paired per-seed differences, and the share of the gap closed."""
+    lines = []
+    for (noise, mode, share), rs in sorted(cells(rows).items()):
+        for rule in ("flip", "discard"):
+            cur = f"curated ({rule})"
+            parts = []
+            for rival in ("gold only", "judges only"):
+                diffs = [r["accuracy"][cur][head]["all"] - r["accuracy"][rival][head]["all"] for r in rs]
+                m, sd = mean_sd(diffs)
+                beats = all(d > 0 for d in diffs) and m > sd
+                parts.append(f"vs {rival} {m:+.3f} (sd {sd:.3f}, {'beats' if beats else 'does not beat'})")
+            acc = {b: statistics.mean(r["accuracy"][b][head]["all"] for r in rs) for b in ("noisy", cur, "clean")}
+            gap = acc["clean"] - acc["noisy"]
+            closed = (acc[cur] - acc["noisy"]) / gap if gap > 0 else float("nan")
+            lines.append(f"| {noise:.0%} | {mode} | {share:.0%} | {rule} | {'; '.join(parts)} | {closed:.2f} |")
+    return lines
+
+
+def plots(rows: list[dict], curve: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    combos = sorted({(r["noise"], r["error_mode"]) for r in rows})
+    for head in SWEEP_HEADS:
+        fig, axes = plt.subplots(1, len(combos), figsize=(5.5 * len(combos), 4.2), squeeze=False)
+        for ax, (noise, mode) in zip(axes[0], combos, strict=True):
+            budgets = sorted({r["budget_share"] for r in rows if (r["noise"], r["error_mode"]) == (noise, mode)})
+            for b in BASELINES:
+                ms, sds = [], []
+                for share in budgets:
+                    vals = [
+                        r["accuracy"][b][head]["all"]
+                        for r in rows
+                        if (r["noise"], r["error_mode"], r["budget_share"]) == (noise, mode, share)
+                    ]
+                    m, sd = mean_sd(vals)
+                    ms.append(m)
+                    sds.append(sd)
+                x = [100 * s for s in budgets]
+                ax.plot(x, ms, marker="o", label=b, linestyle="--" if b in ("noisy", "clean") else "-")
+                ax.fill_between(x, np.subtract(ms, sds), np.add(ms, sds), alpha=0.15)
+            ax.set_xscale("log")
+            ax.set_xticks([100 * s for s in budgets], [f"{100 * s:g}%" for s in budgets])
+            ax.set_xlabel("human budget (share of pool verified)")
+            ax.set_ylabel(f"held-out accuracy ({head} head)")
+            ax.set_title(f"label noise {noise:.0%}, judges {mode}")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        name = f"budget_{head}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    # Per set and RM-Bench slices, at the largest budget of the first combo, MLP head.
+    noise, mode = combos[0]
+    share = max(r["budget_share"] for r in rows if (r["noise"], r["error_mode"]) == (noise, mode))
+    rs = [r for r in rows if (r["noise"], r["error_mode"], r["budget_share"]) == (noise, mode, share)]
+    for name, groups in (
+        ("per_set.png", ["all", "PandaLM", "RM-Bench"]),
+        ("rmbench_slices.png", ["RM-Bench hard", "RM-Bench normal", "RM-Bench easy"]),
+    ):
+        fig, ax = plt.subplots(figsize=(9, 4))
+        width = 0.8 / len(BASELINES)
+        for i, b in enumerate(BASELINES):
+            stats = [mean_sd([r["accuracy"][b][SWEEP_HEADS[0]].get(g, float("nan")) for r in rs]) for g in groups]
+            ax.bar(
+                np.arange(len(groups)) + i * width, [m for m, _ in stats], width, yerr=[s for _, s in stats], label=b
+            )
+        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
+        ax.set_ylim(0.4, None)
+        ax.set_ylabel(f"held-out accuracy ({SWEEP_HEADS[0]} head)")
+        ax.set_title(f"noise {noise:.0%}, judges {mode}, budget {share:.0%}; mean ± sd over seeds")
+        ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for head in HEADS:
+        sizes = sorted({c["pairs"] for c in curve})
+        stats = [mean_sd([c[head] for c in curve if c["pairs"] == n]) for n in sizes]
+        ax.errorbar(sizes, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", label=f"{head} head")
+    ax.set_xscale("log")
+    ax.set_xlabel("clean training pairs")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("learning curve (clean labels)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "learning_curve.png", dpi=110)
+    plt.close(fig)
+    written.append("learning_curve.png")
+    return written
+
+
+def report(args, rows: list[dict], curve: list[dict], figures: list[str], pool: int) -> str:
+    lines = [
+        "# Curation quality: the loop against the obvious alternatives (a study)",
+        "",
+        f"Pool: PandaLM + RM-Bench (all 9 style pairs), about {pool} pairs to curate, 20% of prompts held out."
+        f" Noise {args.noise}, judge error modes {args.error_modes}, budgets {args.budgets}, seeds {args.seeds}."
+        " Judges simulated: " + ", ".join(f"{j['name']}@{j['accuracy']}" for j in JUDGES) + "; humans: oracle.",
+        "",
+        "## Held-out accuracy, mean ± sd over seeds",
+        "",
+    ]
+    for head in SWEEP_HEADS:
+        lines += [f"### {head} head", "", "| noise | judges | budget | verified | " + " | ".join(BASELINES) + " |"]
+        lines.append("|" + "---|" * (4 + len(BASELINES)))
+        for (noise, mode, share), rs in sorted(cells(rows).items()):
+            vals = [mean_sd([r["accuracy"][b][head]["all"] for r in rs]) for b in BASELINES]
+            verified = statistics.mean(r["humans_verified"] for r in rs)
+            lines.append(
+                f"| {noise:.0%} | {mode} | {share:.0%} | {verified:.0f} | "
+                + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in vals)
+                + " |"
+            )
+        lines += [
+            "",
+            "Curated vs the rivals (paired over seeds; 'beats' = better in every seed and mean > sd), gap closed = "
+            "(curated - noisy) / (clean - noisy) of the means:",
+            "",
+            "| noise | judges | budget | rule | curated minus rival | gap closed |",
+            "|---|---|---|---|---|---|",
+            *verdicts(rows, head),
+            "",
+        ]
+    lines += ["## Training-set label accuracy and size (mean over seeds)", "", "| noise | judges | budget | "]
+    lines[-1] += " | ".join(b for b in BASELINES if b not in ("clean", "gold only")) + " | curated sizes |"
+    lines.append("|" + "---|" * 8)
+    for (noise, mode, share), rs in sorted(cells(rows).items()):
+        la = [statistics.mean(r["label_accuracy"][b] for r in rs) for b in BASELINES if b not in ("clean", "gold only")]
+        size = [statistics.mean(r["train_pairs"][f"curated ({k})"] for r in rs) for k in ("flip", "discard")]
+        lines.append(
+            f"| {noise:.0%} | {mode} | {share:.0%} | "
+            + " | ".join(f"{v:.3f}" for v in la)
+            + f" | {size[0]:.0f} / {size[1]:.0f} |"
         )
-        if d == DECISION_KEEP:
-            counts["KEEP_wrong" if n else "KEEP_right"] += 1
-        elif d == DECISION_FLIP:
-            counts["FLIP_right" if n else "FLIP_wrong"] += 1
-        elif d == DECISION_DISCARD:
-            counts["DISCARD_noisy" if n else "DISCARD_clean"] += 1
-    hold = [ctl.records[k] for k in state.pools["holdout"]]
-    test = [pair_dict(r) for r in hold]
-    out_dir = Path(settings.controller.workdir) / "bench-models"
-    trained = {
-        "noisy": [noisy_pair(ctl.records[k], state.results["initial_labels"][k]) for k in pool],
-        "curated": [pair_dict(ctl.records[k]) for k in ctl.curated_keys()],
-        "clean": [true_pair(ctl.records[k]) for k in pool],
-    }
-    acc = {
-        name: accuracy(models.score(models.train(name, pairs, [], out_dir), test)) for name, pairs in trained.items()
-    }
-    gap = acc["clean"] - acc["noisy"]
-    return {
-        "seed": seed,
-        "pairs": len(pool),
-        "holdout": len(test),
-        "noisy_pairs": sum(noisy),
-        "decisions": decisions,
-        "by_rule": by_rule,
-        "undecided": undecided,
-        "label_accuracy": {
-            "noisy": state.results["initial_label_accuracy"],
-            "curated": state.results["curated_label_accuracy"],
-        },
-        "curated_pairs": len(trained["curated"]),
-        "holdout_accuracy": acc,
-        "gap_closed": (acc["curated"] - acc["noisy"]) / gap if gap > 0 else float("nan"),
-        "stage1_iterations": state.iteration,
-        "stage2_decisions": state.results["stage2"]["decisions"],
-        "loop_seconds": round(loop_s, 1),
-    }
+    lines += [
+        "",
+        "## Learning curve on clean pairs (held-out accuracy)",
+        "",
+        "| pairs | mlp | linear |",
+        "|---|---|---|",
+    ]
+    for n in sorted({c["pairs"] for c in curve}):
+        m = [mean_sd([c[h] for c in curve if c["pairs"] == n]) for h in HEADS]
+        lines.append(f"| {n} | {m[0][0]:.3f} ± {m[0][1]:.3f} | {m[1][0]:.3f} ± {m[1][1]:.3f} |")
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--noise", type=float, default=0.3)
-    p.add_argument("--iterations", type=int, default=2)
-    p.add_argument("--human-budget", type=int, default=24)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--on-disagreement", choices=["flip", "discard"], default="flip")
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--noise", type=float, nargs="+", default=[0.15, 0.3])
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1])
+    p.add_argument(
+        "--error-modes",
+        nargs="+",
+        choices=["independent", "length_correlated"],
+        default=["independent", "length_correlated"],
+    )
+    p.add_argument("--heads", nargs="+", choices=HEADS, default=HEADS, help="heads the sweep trains")
+    p.add_argument("--no-curve", action="store_true", help="skip the learning curve")
+    p.add_argument("--curve-sizes", type=int, nargs="+", default=[100, 200, 400, 800, 1600, 3200])
+    p.add_argument("--curve-samples", type=int, default=3, help="subsamples per learning-curve size")
+    p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "quality")
+    p.add_argument("--work", type=Path, default=ROOT / "artifacts" / "quality-work", help="feature caches, runs")
+    p.add_argument("--max-length", type=int, default=256, help="RM sequence length (tokens)")
+    p.add_argument("--max-pairs", type=int, default=0, help="use a seeded sample of this many pairs (0 = all)")
     args = p.parse_args(argv)
-    if not args.data.exists():
-        print(f"no data at {args.data}", file=sys.stderr)
+    missing = [s for s in SOURCES if not s.exists()]
+    if missing:
+        print(f"no data at {missing}", file=sys.stderr)
         return 2
-    print(
-        f"curation quality: {args.data.name}, noise {args.noise:.0%}, seeds {args.seeds}, judges "
-        + ", ".join(f"{j['name']}@{j['accuracy']}" for j in JUDGES)
-        + " (simulated), humans: oracle (study only)"
-    )
-    results = []
-    with tempfile.TemporaryDirectory(prefix="synpref-bench-") as tmp:
-        workdir = Path(tmp)
-        first = load_settings(controller={"workdir": str(workdir), "max_length": args.max_length})
-        models = HeadModels(first.controller, workdir, progress=True)
-        embed = CachedEmbed()
-        for seed in args.seeds:
-            r = one_seed(seed, args, models, embed, workdir)
-            results.append(r)
-            a = r["holdout_accuracy"]
-            print(
-                f"seed {seed}: held-out acc noisy {a['noisy']:.3f} curated {a['curated']:.3f} clean {a['clean']:.3f}"
-                f" -> gap closed {r['gap_closed']:.2f}; label acc {r['label_accuracy']['noisy']:.3f} -> "
-                f"{r['label_accuracy']['curated']:.3f}; loop {r['loop_seconds']}s"
-            )
-            for name, d in r["decisions"].items():
-                print(f"    {name:8s} n={d['n']:4d} precision {d['precision']:.3f} recall {d['recall']:.3f}")
-            for rule, counts in sorted(r["by_rule"].items()):
-                print(f"    by rule {rule:20s} " + " ".join(f"{k}={v}" for k, v in counts.items() if v))
-    mean = {k: statistics.mean(r["holdout_accuracy"][k] for r in results) for k in ("noisy", "curated", "clean")}
-    gap = mean["clean"] - mean["noisy"]
-    closed = (mean["curated"] - mean["noisy"]) / gap if gap > 0 else float("nan")
-    print(
-        f"mean over {len(results)} seeds: noisy {mean['noisy']:.3f} curated {mean['curated']:.3f} "
-        f"clean {mean['clean']:.3f}; gap closed (of the means) {closed:.2f}"
-    )
-    for name in ("KEEP", "FLIP", "DISCARD"):
-        ps = [r["decisions"][name]["precision"] for r in results]
-        rs = [r["decisions"][name]["recall"] for r in results]
-        print(f"  {name:8s} precision {statistics.mean(ps):.3f} recall {statistics.mean(rs):.3f} (mean over seeds)")
-    if args.json:
-        args.json.write_text(
-            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ENCODING.update(max_length=args.max_length, max_pairs=args.max_pairs)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.0f}s] {message}", flush=True)
+
+    settings = load_settings(controller={"workdir": str(work), "max_length": args.max_length})
+    models = HeadModels(settings.controller, work, progress=True)
+    embed = CachedEmbed(work / "retrieval-memo.npz")
+    evaluator = Evaluator(models, work)
+    args.pool_size = count_pool(work, models)
+    say(f"pool: {args.pool_size} pairs to curate; sources {[s.name for s in SOURCES]}")
+
+    def write(rows: list[dict], curve: list[dict]) -> str:
+        # After every row, so that a sweep cut short still leaves its figures.
+        (args.out / "results.json").write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "curve": curve}, indent=1)
         )
+        figures = plots(rows, curve or [{"pairs": 0, "sample": 0, "mlp": 0.0, "linear": 0.0}], args.out)
+        text = report(args, rows, curve, figures, args.pool_size)
+        (args.out / "report.md").write_text(text)
+        return text
+
+    SWEEP_HEADS[:] = args.heads
+    rows = sweep(args, models, embed, evaluator, work, say, lambda rows: write(rows, []))
+    curve = [] if args.no_curve else learning_curve(args, models, evaluator, work)
+    if curve:
+        say("learning curve: " + ", ".join(f"{c['pairs']}: mlp {c['mlp']:.3f} lin {c['linear']:.3f}" for c in curve))
+    print(write(rows, curve))
+    say(f"wrote {args.out / 'report.md'}")
     return 0
 
 
