@@ -253,6 +253,11 @@ class ControllerSettings(Section):
     """Also train the pooler's dense layer (more capacity; overfits small sets)."""
     train: dict[str, Any] = Field(default_factory=dict)
     """RewardConfig overrides for trainer = full (learning_rate, num_epochs, global_batch_size, ...)."""
+    train_config_file: str = ""
+    """A RewardConfig YAML under `train` (the chart mounts its training.config at /etc/synpref/train.yaml and
+    points here), so controller-made Jobs train as `kubectl create job --from=cronjob/<release>-train` does."""
+    train_roles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per-role RewardConfig overrides on top of both, by role: working, gold, final, as-given."""
     executor: Literal["in_process", "kafka"] = "in_process"
     """Where stages run: in this process, or in the Kafka services (the cluster controller)."""
     stage_timeout_s: float = Field(default=600.0, gt=0)

@@ -3,36 +3,71 @@ cluster calls it makes (ClusterJobs)."""
 
 from __future__ import annotations
 
+import re
+import uuid
 from pathlib import Path
 from typing import Any
 
 from synpref.services.controller.models import FullModels, ModelHandle, Pair, accuracy
+from synpref.shared.files import write_text_atomic
+
+RUN_LABEL = "synpref.io/run"
+MODEL_LABEL = "synpref.io/model"
+
+
+def dns_part(text: str, limit: int) -> str:
+    """`text` as lowercase letters, digits and '-', at most `limit` long, no '-' at either end."""
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    return cleaned[:limit].rstrip("-") or "x"
+
+
+def run_id(workdir: Path) -> str:
+    """This run's id: 8 hex digits made once and kept in workdir/run_id, so restarts find their Jobs."""
+    path = workdir / "run_id"
+    if not path.exists():
+        write_text_atomic(path, uuid.uuid4().hex[:8] + "\n")
+    return path.read_text().strip()
 
 
 class K8sModels(FullModels):
     """Training as a Kubernetes Job on a shared volume; scoring as FullModels: the controller
-    loads the Job's checkpoint from the shared volume and scores in its own process."""
+    loads the Job's checkpoint from the shared volume and scores in its own process.
+
+    Each attempt gets its own Job name (<model>-<run id>-a<n>), so a rerun never meets HTTP 409
+    from a finished Job still inside its TTL. Jobs carry the run id and model in labels: a
+    restarted controller adopts this run's Job for the model (waits for a running one, takes a
+    complete one) instead of training again; after a failed attempt it starts the next one,
+    which resumes from the checkpoints the failed one left in the same output folder.
+    """
 
     def __init__(self, settings, workdir: Path, backend: Any = None, timeout_s: float = 6 * 3600.0) -> None:
         super().__init__(settings, workdir)
         self.workdir = workdir
         self.backend = backend
         self.timeout_s = timeout_s
+        self.run_id = run_id(workdir)
 
-    def job_spec(self, name: str) -> Any:
-        """The TrainingJobSpec of run `name`: the settings' k8s_job values, with a Job name derived from `name`."""
+    def job_labels(self, name: str) -> dict[str, str]:
+        """Labels that find this run's Jobs for model `name` again after a restart."""
+        return {**dict(self.s.k8s_job).get("labels", {}), RUN_LABEL: self.run_id, MODEL_LABEL: dns_part(name, 40)}
+
+    def job_spec(self, name: str, attempt: int = 1) -> Any:
+        """The TrainingJobSpec of attempt `attempt` of model `name`: the settings' k8s_job values, a unique name."""
         from synpref.training.k8s_job import TrainingJobSpec
 
         values = dict(self.s.k8s_job)
-        job = f"synpref-rm-{name}".lower().replace("_", "-").replace(".", "-")[:52]
-        values.update(name=job, config_map=f"{job}-config")
+        suffix = f"-{self.run_id}-a{attempt}"
+        job = dns_part(f"rm-{name}", 52 - len(suffix) - len("-config")) + suffix
+        values.update(name=job, config_map=f"{job}-config", labels=self.job_labels(name))
         return TrainingJobSpec(**values)
 
-    def config_map(self, spec: Any, train_file: Path, valid_file: Path, out_dir: Path) -> dict[str, Any]:
+    def config_map(
+        self, spec: Any, train_file: Path, valid_file: Path, out_dir: Path, role: str = ""
+    ) -> dict[str, Any]:
         """The ConfigMap the Job mounts: the RewardConfig as YAML (paths on the shared volume)."""
         import yaml
 
-        config = self.reward_config(out_dir)
+        config = self.reward_config(out_dir, role)
         config.train_files = [str(train_file)]
         config.eval_files = [str(valid_file)]
         return {
@@ -43,21 +78,27 @@ class K8sModels(FullModels):
         }
 
     def train(self, name: str, train: list[Pair], valid: list[Pair], out_dir: Path) -> ModelHandle:
-        """Write the pairs to the shared volume, create the ConfigMap and the Job, wait for it."""
+        """Adopt this run's Job for `name`, or write the pairs, the ConfigMap and a new attempt's Job; wait for it."""
+        from synpref.services.controller.models import role_of
         from synpref.training.data import write_jsonl
 
         if self.backend is None:
             self.backend = ClusterJobs.connect()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        train_file = write_jsonl(train, out_dir / f"{name}.train.jsonl")
-        valid_file = write_jsonl(valid, out_dir / f"{name}.valid.jsonl")
-        spec = self.job_spec(name)
-        self.backend.apply_config_map(self.config_map(spec, train_file, valid_file, out_dir / name))
-        self.backend.submit(spec)
-        status = self.backend.wait(spec.namespace, spec.name, self.timeout_s)
+        namespace = self.job_spec(name).namespace
+        jobs = self.backend.find(namespace, self.job_labels(name))
+        adopt = next((job for job, status in jobs if status in ("Active", "Complete")), None)
+        if adopt is None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            train_file = write_jsonl(train, out_dir / f"{name}.train.jsonl")
+            valid_file = write_jsonl(valid, out_dir / f"{name}.valid.jsonl")
+            spec = self.job_spec(name, attempt=len(jobs) + 1)
+            self.backend.apply_config_map(self.config_map(spec, train_file, valid_file, out_dir / name, role_of(name)))
+            self.backend.submit(spec)
+            adopt = spec.name
+        status = self.backend.wait(namespace, adopt, self.timeout_s)
         if status != "Complete":
-            raise RuntimeError(f"training job {spec.namespace}/{spec.name} ended {status}")
-        handle = ModelHandle(name, str(out_dir / name / "final"), f"{name}-{spec.name}")
+            raise RuntimeError(f"training job {namespace}/{adopt} ended {status}")
+        handle = ModelHandle(name, str(out_dir / name / "final"), f"{name}-{adopt}")
         if valid:
             handle.metrics["valid_accuracy"] = accuracy(self.score(handle, valid))
         return handle
@@ -88,6 +129,18 @@ class ClusterJobs:
             if exc.status != 409:
                 raise
             core.replace_namespaced_config_map(meta["name"], meta["namespace"], manifest)
+
+    def find(self, namespace: str, labels: dict[str, str]) -> list[tuple[str, str]]:
+        """(name, "Active" | "Complete" | "Failed") of the Jobs carrying all `labels`, oldest first."""
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        found = self.backend.batch.list_namespaced_job(namespace, label_selector=selector).items
+        found.sort(key=lambda job: job.metadata.creation_timestamp or 0)
+        out = []
+        for job in found:
+            done = [c.type for c in (job.status and job.status.conditions) or [] if c.status == "True"]
+            status = next((t for t in done if t in ("Complete", "Failed")), "Active")
+            out.append((job.metadata.name, status))
+        return out
 
     def submit(self, spec: Any) -> Any:
         """Submit the training Job of `spec`."""

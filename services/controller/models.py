@@ -336,6 +336,11 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- full fine-tuning
 
 
+def role_of(name: str) -> str:
+    """The training role of model `name` (working-3 -> working): the key of controller.train_roles."""
+    return name.split("-")[0] if name.startswith("working-") else name
+
+
 class FullModels:
     """Fine-tune the whole backbone with synpref.training; score with shared/modeling."""
 
@@ -344,8 +349,11 @@ class FullModels:
         self.backbone = settings.backbone or default_backbone()
         self._loaded: dict[str, tuple[Any, Any]] = {}
 
-    def reward_config(self, out_dir: Path):
-        """The RewardConfig of a run into out_dir: small-run defaults, overridden by the settings' `train` mapping."""
+    def reward_config(self, out_dir: Path, role: str = ""):
+        """The RewardConfig of a run into out_dir: small-run defaults, then train_config_file, the `train`
+        mapping and the role's train_roles entry, each over the one before."""
+        import yaml
+
         from synpref.training.reward_config import RewardConfig
 
         values = {
@@ -358,14 +366,18 @@ class FullModels:
             "micro_batch_size": 8,
             "learning_rate": 3e-5,
         }
+        if self.s.train_config_file:
+            values.update(yaml.safe_load(Path(self.s.train_config_file).read_text()) or {})
         values.update(self.s.train)
+        values.update(self.s.train_roles.get(role, {}))
+        values.update(output_dir=str(out_dir))  # where the controller reads the checkpoint from
         return RewardConfig.from_dict(values)
 
     def train(self, name: str, train: list[Pair], valid: list[Pair], out_dir: Path) -> ModelHandle:
         """Fine-tune on `train` (global batch capped at the pair count); adds valid_accuracy when `valid` is given."""
         from synpref.training.reward_trainer import train_reward_model
 
-        config = self.reward_config(out_dir / name)
+        config = self.reward_config(out_dir / name, role_of(name))
         if len(train) < config.global_batch_size:
             config.global_batch_size = max(1, len(train))
             config.micro_batch_size = min(config.micro_batch_size, config.global_batch_size)

@@ -18,15 +18,23 @@ from synpref.training.reward_config import RewardConfig
 
 
 class FakeJobs:
-    def __init__(self, status: str = "Complete") -> None:
+    """The cluster calls K8sModels makes, over an in-memory list of Jobs (name, labels, status)."""
+
+    def __init__(self, status: str = "Complete", existing: list[tuple[str, dict, str]] | None = None) -> None:
         self.status = status
+        self.jobs: list[tuple[str, dict, str]] = list(existing or [])
         self.calls: list[tuple[str, object]] = []
+
+    def find(self, namespace, labels):
+        self.calls.append(("find", labels))
+        return [(name, status) for name, have, status in self.jobs if labels.items() <= have.items()]
 
     def apply_config_map(self, manifest):
         self.calls.append(("config_map", manifest))
 
     def submit(self, spec):
         self.calls.append(("submit", spec))
+        self.jobs.append((spec.name, dict(spec.labels), "Active"))
 
     def wait(self, namespace, name, timeout_s):
         self.calls.append(("wait", (namespace, name)))
@@ -65,9 +73,11 @@ def test_k8s_training_writes_data_config_and_job(tmp_path):
     models = K8sModels(k8s_settings(tmp_path).controller, tmp_path, backend=jobs)
     handle = models.train("working-1", PAIRS, [], tmp_path / "models")
     kinds = [c[0] for c in jobs.calls]
-    assert kinds == ["config_map", "submit", "wait"]
-    manifest, spec = jobs.calls[0][1], jobs.calls[1][1]
-    assert spec.name == "synpref-rm-working-1" and spec.config_map == manifest["metadata"]["name"]
+    assert kinds == ["find", "config_map", "submit", "wait"]
+    manifest, spec = jobs.calls[1][1], jobs.calls[2][1]
+    run = (tmp_path / "run_id").read_text().strip()
+    assert spec.name == f"rm-working-1-{run}-a1" and spec.config_map == manifest["metadata"]["name"]
+    assert spec.labels["synpref.io/run"] == run and spec.labels["synpref.io/model"] == "working-1"
     assert manifest["metadata"]["namespace"] == spec.namespace == "curation"
     config = RewardConfig.from_dict(yaml.safe_load(manifest["data"][spec.config_key]))
     assert config.model_name_or_path == "/models/qwen3-0.6b" and config.learning_rate == 4e-6
@@ -76,7 +86,45 @@ def test_k8s_training_writes_data_config_and_job(tmp_path):
     assert [p["conversation"] for p in train] == [p["conversation"] for p in PAIRS]
     assert handle.path == str(tmp_path / "models" / "working-1" / "final")
     job = to_manifest(build_training_job(spec))
-    assert job["kind"] == "Job" and job["metadata"]["name"] == "synpref-rm-working-1"
+    assert job["kind"] == "Job" and job["metadata"]["name"] == spec.name
+
+
+def test_a_restarted_controller_adopts_its_job_and_retries_a_failed_one_under_a_new_name(tmp_path):
+    settings = k8s_settings(tmp_path).controller
+    first = K8sModels(settings, tmp_path, backend=FakeJobs())
+    labels = first.job_labels("gold")
+    # A Job of this run for "gold" is still running: the restarted controller waits for it, creating nothing.
+    running = FakeJobs(existing=[("rm-gold-x-a1", labels, "Active")])
+    handle = K8sModels(settings, tmp_path, backend=running).train("gold", PAIRS, [], tmp_path / "models")
+    assert [c[0] for c in running.calls] == ["find", "wait"] and running.calls[1][1] == ("curation", "rm-gold-x-a1")
+    assert handle.path == str(tmp_path / "models" / "gold" / "final")
+    # Attempt 1 failed: attempt 2 gets its own name (no 409 from the finished Job within its TTL).
+    failed = FakeJobs(existing=[("rm-gold-x-a1", labels, "Failed")])
+    K8sModels(settings, tmp_path, backend=failed).train("gold", PAIRS, [], tmp_path / "models")
+    submitted = [c[1] for c in failed.calls if c[0] == "submit"]
+    assert [s.name for s in submitted] == [f"rm-gold-{first.run_id}-a2"]
+    # Another run (another workdir) never adopts this run's Jobs.
+    other = FakeJobs(existing=[("rm-gold-x-a1", labels, "Active")])
+    K8sModels(settings, tmp_path / "other", backend=other).train("gold", PAIRS, [], tmp_path / "models")
+    assert any(c[0] == "submit" for c in other.calls)
+
+
+def test_controller_jobs_train_with_the_charts_config_and_per_role_overrides(tmp_path):
+    chart_config = tmp_path / "train.yaml"
+    chart_config.write_text(yaml.safe_dump({"learning_rate": 1e-6, "max_length": 8192, "gradient_checkpointing": True}))
+    base = k8s_settings(tmp_path).controller
+    settings = base.model_copy(
+        update={"train_config_file": str(chart_config), "train": {}, "train_roles": {"final": {"learning_rate": 3e-6}}}
+    )
+    jobs = FakeJobs()
+    models = K8sModels(settings, tmp_path, backend=jobs)
+    models.train("working-2", PAIRS, [], tmp_path / "models")
+    models.train("final", PAIRS, [], tmp_path / "models")
+    maps = [m for kind, m in jobs.calls if kind == "config_map"]
+    configs = [RewardConfig.from_dict(yaml.safe_load(m["data"]["train.yaml"])) for m in maps]
+    assert [c.learning_rate for c in configs] == [1e-6, 3e-6]
+    assert all(c.max_length == 8192 and c.gradient_checkpointing for c in configs)
+    assert configs[1].output_dir == str(tmp_path / "models" / "final")
 
 
 def test_a_failed_training_job_stops_the_step(tmp_path):
