@@ -12,7 +12,8 @@ matrix; the causal half actually needed is reported beside it. Peak: dense bf16 
 SXM 989 TFLOP/s). Goal: MFU >= 35%.
 
     python benchmarks/gpu_train_mfu.py                # on a GPU
-    python benchmarks/gpu_train_mfu.py --dry-run      # anywhere: shapes and FLOP arithmetic only
+    python benchmarks/gpu_train_mfu.py --dry-run      # anywhere: shapes, FLOP arithmetic, H200 token budget
+    python benchmarks/gpu_train_mfu.py --packing off  # padded micro-batches, to compare with packing
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--global-batch", type=int, default=32, help="pairs per optimizer step")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, kernels, compile)")
+    p.add_argument(
+        "--micro-tokens", type=int, default=-1, help="token budget per forward (-1: the trainer's auto budget)"
+    )
+    p.add_argument(
+        "--packing",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="auto packs with flash-attention 2 when flash_attn is installed, else pads",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, help="override the dense bf16 peak of the GPU")
@@ -143,6 +153,14 @@ def main() -> int:
     for name in ("H100 SXM", "H200"):
         need = 0.35 * PEAK_BF16_TFLOPS[name] * 1e12 / full
         print(f"35% MFU on {name} ({PEAK_BF16_TFLOPS[name]:.0f} TFLOP/s bf16) needs {need:,.0f} tokens/s")
+    from synpref.training.batching import auto_token_budget, memory_token_cap
+
+    h200 = memory_token_cap(139 * 2**30, total, s["layers"], s["hidden"], args.gradient_checkpointing)
+    budget = auto_token_budget(args.seq_len, args.micro_batch, "cuda", h200)
+    print(
+        f"auto token budget on an H200 (139 GiB free): {budget:,} tokens per forward "
+        f"(memory holds ~{h200:,}; envelope {2 * args.seq_len * args.micro_batch:,})"
+    )
     if args.dry_run or not (torch.cuda.is_available() or args.smoke):
         if not args.dry_run:
             print("no CUDA device here: dry run only (shapes and FLOP arithmetic); nothing was measured")
@@ -179,6 +197,8 @@ def main() -> int:
         output_dir=str(root / "out"),
         global_batch_size=args.global_batch,
         micro_batch_size=args.micro_batch,
+        max_tokens_per_micro_batch=args.micro_tokens,
+        packing=args.packing,
         max_steps=steps,
         learning_rate=1e-5,
         max_length=args.seq_len,
@@ -191,6 +211,12 @@ def main() -> int:
         resume=False,
     )
     trainer = RewardTrainer(cfg, pairs, [])
+    attention = getattr(trainer.model.config, "_attn_implementation", "?")
+    print(
+        f"plan: attention {attention}, packed={trainer.capture is not None}, <= {trainer.micro_pairs} pairs and "
+        f"<= {trainer.micro_tokens or 'unlimited'} tokens per forward",
+        flush=True,
+    )
     batches = list(trainer._global_batches())
     for _, batch in batches[: args.warmup]:
         trainer.train_step(batch)
@@ -213,6 +239,9 @@ def main() -> int:
         "tflops_causal": tps * causal / 1e12,
         "peak_tflops": peak,
         "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        "attention": attention,
+        "packed": trainer.capture is not None,
+        "token_budget": trainer.micro_tokens,
         "args": vars(args),
     }
     if peak:

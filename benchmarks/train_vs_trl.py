@@ -8,11 +8,13 @@ schedule, seed and number of steps. Both run in fp32 (TRL's bf16 default is ~17x
 on CPUs without bf16 units) without gradient checkpointing (pointless for a 5M model).
 Both final models are scored on the held-out pairs by the same code.
 
+SynPref runs with its defaults (automatic token budget, packing auto) unless a SynPref-only
+flag below is given, so the comparison is what a user who sets nothing gets.
 Prints pairs/s and non-pad tokens/s of each training loop, their ratio, and eval accuracy.
 Rates are given per CPU second of the process (with one torch thread, the work done, which
 other jobs on a shared machine do not inflate) and per wall second.
 
-    .venv/bin/python benchmarks/train_vs_trl.py --steps 30
+    .venv/bin/python benchmarks/train_vs_trl.py --steps 20 --order synpref,trl,trl,synpref
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--data", default=str(HH))
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--global-batch", type=int, default=16)
-    p.add_argument("--micro-batch", type=int, default=16, help="SynPref: most pairs per forward (TRL: whole batch)")
-    p.add_argument("--micro-tokens", type=int, default=1024, help="SynPref: most padded tokens per forward")
+    # SynPref-only knobs: unset, the trainer's defaults apply (what a user who sets nothing gets).
+    p.add_argument("--micro-batch", type=int, help="SynPref: most pairs per forward (default: the trainer's)")
+    p.add_argument("--micro-tokens", type=int, help="SynPref: token budget per forward (default: auto)")
+    p.add_argument("--packing", choices=["auto", "on", "off"], help="SynPref: packing (default: auto)")
+    p.add_argument("--group-by-length", action="store_true", help="SynPref: length-grouped steps")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 makes CPU seconds a clean measure)")
@@ -93,12 +98,17 @@ def run_synpref(model: Path, train: list[dict], args: argparse.Namespace, out: P
     from synpref.training.reward_config import RewardConfig
     from synpref.training.reward_trainer import RewardTrainer
 
+    own = {
+        "micro_batch_size": args.micro_batch,
+        "max_tokens_per_micro_batch": args.micro_tokens,
+        "packing": args.packing,
+        "group_by_length": args.group_by_length or None,
+    }
     cfg = RewardConfig(
+        **{k: v for k, v in own.items() if v is not None},
         model_name_or_path=str(model),
         output_dir=str(out),
         global_batch_size=args.global_batch,
-        micro_batch_size=args.micro_batch,
-        max_tokens_per_micro_batch=args.micro_tokens,
         max_steps=args.steps,
         learning_rate=args.lr,
         lr_scheduler="linear",
@@ -113,6 +123,11 @@ def run_synpref(model: Path, train: list[dict], args: argparse.Namespace, out: P
     )
     start = time.perf_counter()
     trainer = RewardTrainer(cfg, train, [])
+    print(
+        f"synpref plan: packed={trainer.capture is not None}, <= {trainer.micro_pairs} pairs and "
+        f"<= {trainer.micro_tokens or 'unlimited'} tokens per forward, group_by_length={cfg.group_by_length}",
+        flush=True,
+    )
     result = trainer.train()
     total = time.perf_counter() - start
     m = result.metrics
