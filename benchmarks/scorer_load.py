@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -191,15 +193,20 @@ def offline_ceiling(
 
 
 def serve_and_drive(
-    settings: Any, items: list[Conversation], concurrency: int, texts: list[str] | None = None
+    settings: Any,
+    items: list[Conversation],
+    concurrency: int,
+    texts: list[str] | None = None,
+    around: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
 ) -> dict[str, Any]:
     """Server in this process (its threads), clients in a spawned one. `cpu` is this
-    process's CPU time while the clients ran: the serving cost, forwards included."""
+    process's CPU time while the clients ran: the serving cost, forwards included.
+    `around()` wraps the clients' run only (scorer_profile.py attaches a profiler there)."""
     from synpref.services.scorer.server import BackgroundScorer
 
     with BackgroundScorer(settings) as bg:
         ctx = mp.get_context("spawn")
-        with ctx.Pool(1) as pool:
+        with ctx.Pool(1) as pool, around():
             c0 = time.process_time()
             if texts is None:
                 result = pool.apply(drive, (bg.address, items, concurrency))

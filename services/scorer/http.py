@@ -157,8 +157,7 @@ class HttpShims:
                 status = 500
                 return _error(status, f"internal error: {type(exc).__name__}: {exc}")
             finally:
-                self.metrics.requests.labels(label, method, str(status)).inc()
-                self.metrics.latency.labels(label, method).observe(time.perf_counter() - t0)
+                self.metrics.observe_request(label, method, str(status), time.perf_counter() - t0)
 
         return wrapped
 

@@ -6,6 +6,8 @@ in one process without clashing on the global default registry.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -59,16 +61,37 @@ class ScorerMetrics:
             registry=r,
         )
 
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: labels() validates and locks on every call,
+        and requests and forwards record several metrics each. Label sets are bounded (served
+        names, "unknown", methods, codes), so the cache is too."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def observe_request(self, model: str, method: str, code: str, seconds: float) -> None:
+        """Count one answered request by model, method and status code, and record its latency."""
+        self.child(self.requests, model, method, code).inc()
+        self.child(self.latency, model, method).observe(seconds)
+
+    def set_queue_depth(self, model: str, depth: int) -> None:
+        """Items of `model` waiting for a forward."""
+        self.child(self.queue_depth, model).set(depth)
+
     def observe_batch(self, model: str, items: int, tokens: int, padded_tokens: int, seconds: float) -> None:
         """Record one model forward: items, real tokens, padding share of `padded_tokens`, time and tokens/s."""
-        self.batch_items.labels(model).observe(items)
-        self.items.labels(model).inc(items)
-        self.tokens.labels(model).inc(tokens)
-        self.forward_seconds.labels(model).observe(seconds)
+        self.child(self.batch_items, model).observe(items)
+        self.child(self.items, model).inc(items)
+        self.child(self.tokens, model).inc(tokens)
+        self.child(self.forward_seconds, model).observe(seconds)
         if padded_tokens:
-            self.batch_padding.labels(model).observe(1.0 - tokens / padded_tokens)
+            self.child(self.batch_padding, model).observe(1.0 - tokens / padded_tokens)
         if seconds > 0:
-            self.tokens_per_second.labels(model).set(tokens / seconds)
+            self.child(self.tokens_per_second, model).set(tokens / seconds)
 
     def render(self) -> bytes:
         """The registry's metrics in the Prometheus text format."""

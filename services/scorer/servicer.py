@@ -138,8 +138,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
-            self.metrics.requests.labels(label, method, code.name).inc()
-            self.metrics.latency.labels(label, method).observe(time.perf_counter() - t0)
+            self.metrics.observe_request(label, method, code.name, time.perf_counter() - t0)
 
     async def _score(self, request: reward_pb2.ScoreRequest, deadline: float | None) -> reward_pb2.ScoreResponse:
         _valid(request)
@@ -210,8 +209,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 if left is not None:
                     left.cancel()
             label = self.registry.default_name
-            self.metrics.requests.labels(label, "ScoreStream", code.name).inc()
-            self.metrics.latency.labels(label, "ScoreStream").observe(time.perf_counter() - t0)
+            self.metrics.observe_request(label, "ScoreStream", code.name, time.perf_counter() - t0)
 
     async def Info(self, request: reward_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> reward_pb2.InfoResponse:
         """Info on the named model, or on every served model when none is named."""

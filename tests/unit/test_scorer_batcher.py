@@ -98,6 +98,36 @@ def test_a_full_batch_does_not_wait_for_max_wait() -> None:
     assert run(main()) < 2.0
 
 
+def test_one_round_sorts_everything_queued_not_just_a_few_batches() -> None:
+    """A closed loop of clients queues several batches' worth while a forward runs; the
+    next round must sort all of it, or short and long items alternate across rounds and
+    pad (the CPU cost scorer_load.py measured)."""
+    rec = Recorder()
+    rec.gate.clear()
+
+    async def main() -> None:
+        b = make(rec, max_batch_tokens=20, max_batch_items=4, max_wait_ms=0.0)
+        b.start()
+        blocker = asyncio.ensure_future(b.score([[0]]))
+        while not rec.entered.is_set():  # the forward thread is now busy with the blocker
+            await asyncio.sleep(0.001)
+        # 24 items, six batches' worth (more than the old four-batch window), short and long alternating.
+        lengths = [2 if i % 2 == 0 else 8 for i in range(24)]
+        calls = [asyncio.ensure_future(b.score([[1] * n])) for n in lengths]
+        deadline = asyncio.get_running_loop().time() + 5
+        while b.depth < len(calls):
+            assert asyncio.get_running_loop().time() < deadline, "requests were not queued"
+            await asyncio.sleep(0.001)
+        rec.gate.set()
+        await asyncio.gather(blocker, *calls)
+        widths = [len(batch[0]) for batch in rec.batches[1:]]
+        assert widths == sorted(widths)  # every short item ran before any long one
+        assert all(len(ids) == len(batch[0]) for batch in rec.batches[1:] for ids in batch)  # no padding
+        await b.close()
+
+    run(main())
+
+
 def test_overload_is_refused_not_queued() -> None:
     rec = Recorder()
     rec.gate.clear()
