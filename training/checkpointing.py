@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from synpref.shared.files import replace_durably
+
 TRAINER_STATE = "trainer_state.pt"
 
 
@@ -86,3 +88,18 @@ def load_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: di
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state)
+
+
+def write_checkpoint(
+    path: Path, model: Any, tokenizer: Any, weights: dict[str, Any], trainer_state: dict[str, Any] | None
+) -> None:
+    """Write an HF folder (plus trainer_state.pt when given) to path.tmp, then rename it to path,
+    so a kill mid-write leaves the previous checkpoint whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), state_dict=weights)
+    tokenizer.save_pretrained(str(tmp))
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+    shutil.rmtree(path, ignore_errors=True)
+    replace_durably(tmp, path)

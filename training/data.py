@@ -89,6 +89,20 @@ def split_pairs(pairs: list[dict[str, Any]], eval_fraction: float, seed: int) ->
     return split_by_conversation(pairs, _conversation, eval_fraction, seed)
 
 
+def read_config_pairs(
+    train_files: list[str], eval_files: list[str], eval_fraction: float, split_seed: int, margin_column: str = ""
+) -> tuple[list[dict], list[dict], list[str]]:
+    """(train, eval, problems) as the trainer's config names them: eval_files when given, else
+    eval_fraction of the train files' conversations held out; problems are the unreadable train rows."""
+    if not train_files:
+        raise ValueError("no train_files given")
+    extra = (margin_column,) if margin_column else ()
+    train = load_pairs(train_files, extra)
+    if eval_files:
+        return train.pairs, load_pairs(eval_files, extra).pairs, train.problems
+    return *split_pairs(train.pairs, eval_fraction, split_seed), train.problems
+
+
 # ------------------------------------------------------------ RM-Bench, for its 3x3 style accuracy
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -29,7 +28,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from synpref.shared.files import replace_durably
 from synpref.shared.modeling import pad_batch, resolve_device
 from synpref.training.batching import (
     EncodedPair,
@@ -50,8 +48,9 @@ from synpref.training.checkpointing import (
     prune_checkpoints,
     rng_state,
     set_rng_state,
+    write_checkpoint,
 )
-from synpref.training.data import load_pairs, split_pairs
+from synpref.training.data import read_config_pairs
 from synpref.training.evaluation import pairwise_metrics
 from synpref.training.model_setup import init_distributed, load_for_training, micro_batch_plan, uses_bf16
 from synpref.training.packing import packed_rewards
@@ -92,7 +91,14 @@ class RewardTrainer:
         self.out = Path(config.output_dir)
         self.metrics_path = self.out / "metrics.jsonl"
         if train_pairs is None:
-            train_pairs, eval_pairs = self._read_data()
+            train_pairs, eval_pairs, problems = read_config_pairs(
+                config.train_files, config.eval_files, config.eval_fraction, config.split_seed, config.margin_column
+            )
+            self.unreadable = len(problems)
+            for problem in problems[:20]:
+                log.warning("skipped: %s", problem)
+            if problems:
+                log.warning("%d unreadable training rows skipped", len(problems))
         self.train_raw = train_pairs
         self.eval_raw = eval_pairs or []
         self._load_model()
@@ -139,34 +145,14 @@ class RewardTrainer:
             return f"cuda:{self.local_rank}"
         return device
 
-    def _read_data(self) -> tuple[list[dict], list[dict]]:
-        cfg = self.config
-        if not cfg.train_files:
-            raise ValueError("no train_files given")
-        extra = (cfg.margin_column,) if cfg.margin_column else ()
-        train = load_pairs(cfg.train_files, extra)
-        self.unreadable = len(train.problems)
-        for problem in train.problems[:20]:
-            log.warning("skipped: %s", problem)
-        if train.problems:
-            log.warning("%d unreadable training rows skipped", len(train.problems))
-        if cfg.eval_files:
-            return train.pairs, load_pairs(cfg.eval_files, extra).pairs
-        return split_pairs(train.pairs, cfg.eval_fraction, cfg.split_seed)
-
     def _load_model(self) -> None:
         cfg = self.config
         self.resume_from = latest_checkpoint(self.out) if cfg.resume else None
         source = str(self.resume_from) if self.resume_from else cfg.model_name_or_path
         loaded = load_for_training(cfg, source, self.device, self.world)
-        self.model, self.wrapped, self.tokenizer, self.pad_id = (
-            loaded.model,
-            loaded.wrapped,
-            loaded.tokenizer,
-            loaded.pad_id,
-        )
-        self.strategy, self.n_params, self.forward_kwargs = loaded.strategy, loaded.n_params, loaded.forward_kwargs
-        self.capture = loaded.capture
+        self.model, self.wrapped, self.tokenizer = loaded.model, loaded.wrapped, loaded.tokenizer
+        self.pad_id, self.strategy, self.n_params = loaded.pad_id, loaded.strategy, loaded.n_params
+        self.forward_kwargs, self.capture = loaded.forward_kwargs, loaded.capture
         self.micro_pairs, self.micro_tokens = micro_batch_plan(cfg, loaded, self.device, self.world)
 
     def _autocast(self):
@@ -416,17 +402,10 @@ class RewardTrainer:
         elif extra is not None:
             rng = [rng_state()]
         if self.is_main:
-            tmp = path.with_name(path.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save_pretrained(str(tmp), state_dict=state)
-            self.tokenizer.save_pretrained(str(tmp))
+            resume = None
             if extra is not None:
-                torch.save(
-                    {**extra, "optimizer": optim, "scheduler": self.scheduler.state_dict(), "rng": rng},
-                    tmp / TRAINER_STATE,
-                )
-            shutil.rmtree(path, ignore_errors=True)
-            replace_durably(tmp, path)
+                resume = {**extra, "optimizer": optim, "scheduler": self.scheduler.state_dict(), "rng": rng}
+            write_checkpoint(path, self.model, self.tokenizer, state, resume)
         if self.world > 1:
             dist.barrier()
         return path
