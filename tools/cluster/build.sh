@@ -134,5 +134,5 @@ build_etcd
 build_coredns
 build_kubernetes
 "$BIN/kubectl" version --client
-"$BIN/etcd" --version | head -1
-"$BIN/coredns" -version | head -1
+"$BIN/etcd" --version | sed -n 1p
+"$BIN/coredns" -version | sed -n 1p

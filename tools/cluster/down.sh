@@ -104,7 +104,7 @@ for link in "$BRIDGE" "$NODE_IFACE"; do
   fi
 done
 for cidr in "$SERVICE_CIDR" "$POD_CIDR"; do
-  while ip route show type blackhole "$cidr" | grep -q .; do
+  while [[ -n "$(ip route show type blackhole "$cidr")" ]]; do
     say "removing blackhole route $cidr"
     ip route del blackhole "$cidr"
   done

@@ -10,7 +10,7 @@ PACKAGES=(containerd runc containernetworking-plugins iptables conntrack buildah
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$'; then
+  if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -x 'install ok installed' >/dev/null; then
     missing+=("$pkg")
   fi
 done

@@ -16,7 +16,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 BASE_IMAGE="localhost/python:3.11-slim-bookworm"
 SUITE="bookworm"
 # The mirror apt already uses on this machine.
-MIRROR="$(sed -n 's/^URIs: *\(http[^ ]*debian\)\/* *$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1)"
+MIRROR="$(sed -n 's/^URIs: *\(http[^ ]*debian\)\/* *$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | sed -n 1p)"
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
 HOST_CA="${HOST_CA:-${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}}"
 # pip's index inside the build: the one pip uses on the host (PyPI unless configured).
@@ -74,7 +74,7 @@ for name in "${names[@]}"; do
   rm -f "$archive"
   "${BUILDAH[@]}" push --quiet "$image" "docker-archive:$archive:$image"
   echo "$image" >"$IMAGES/synpref-$name.ref"
-  size="$("${BUILDAH[@]}" images --format '{{.Size}}' "$image" | head -1)"
+  size="$("${BUILDAH[@]}" images --format '{{.Size}}' "$image" | sed -n 1p)"
   log "$image built in ${built}s, saved in $((SECONDS - started - built))s: $size, archive $(du -h "$archive" | cut -f1)"
   if pid_alive containerd; then
     started=$SECONDS

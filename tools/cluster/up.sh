@@ -139,7 +139,7 @@ wait_for "containerd" 30 "${CTR[@]}" version
 # Every locally built image (NAME.tar, its reference in NAME.ref) that containerd lacks.
 for ref_file in "$IMAGES"/*.ref; do
   image="$(cat "$ref_file")"
-  if ! "${CTR[@]}" images ls -q | grep -qxF "$image"; then
+  if ! "${CTR[@]}" images ls -q | grep -xF "$image" >/dev/null; then
     log "importing $image"
     "${CTR[@]}" images import "${ref_file%.ref}.tar" >/dev/null
   fi
@@ -233,7 +233,7 @@ YAML
 start kube-proxy "$BIN/kube-proxy" --config "$STATE/kube-proxy.yaml"
 # Nothing may use a Service before kube-proxy has programmed it.
 wait_for "kube-proxy rules for the kubernetes Service" 60 \
-  bash -c "iptables -t nat -S KUBE-SERVICES | grep -q -- '-d $KUBERNETES_SERVICE_IP/32'"
+  bash -c "iptables -t nat -S KUBE-SERVICES | grep -- '-d $KUBERNETES_SERVICE_IP/32' >/dev/null"
 
 log "CoreDNS and storage"
 kubectl_admin wait --for=condition=Ready "node/$NODE_NAME" --timeout=90s >/dev/null
