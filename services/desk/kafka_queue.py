@@ -1,36 +1,41 @@
 """The desk's Kafka backend: read the review topic, write the verified and discarded topics.
 
-Delivery, step by step (at-least-once, like the stage runner):
-  1. poll review records with a consumer group (auto-commit off); an undecodable message
-     goes to the dead-letter topic at once and counts as settled;
-  2. a pair stays open until its decision is produced AND flushed with acks=all;
+The desk runs on the shared StageRunner (shared/kafka/runner.py) with a pass-through
+stage and a sink, ReviewInbox, that holds the records until the desk decides them.
+Delivery, step by step (at-least-once, like every stage):
+  1. the runner polls the review topic (auto-commit off); an undecodable message goes to
+     the dead-letter topic through the runner's dead-letter helper and counts as settled;
+  2. a pair stays open until its decision is produced through the runner's producer AND
+     acknowledged (acks=all);
   3. only then is it settled, and the group's offset on its partition moves up to the
      first offset still open: a pair decided out of order waits for the older ones.
 A desk that stops or crashes re-reads every pair after the committed offset: undecided
 pairs come back (never lost), and a pair decided after an older, still-open one may
 come back too and be labelled again (a duplicate on the verified topic, which
 downstream deduplicates by pair id). Assignments live in memory, so run one desk
-replica per consumer group.
+replica per consumer group. A full desk (desk.max_pending) pauses its partitions and
+only polls to stay in the group.
 
-kafka-python clients are not thread-safe, so every call on them runs on one worker
-thread; the event loop only awaits it.
+kafka-python clients are not thread-safe, so every call on the runner runs on one
+worker thread; the event loop only awaits it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from kafka.errors import CommitFailedError
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import TopicPartition
 
-from synpref.shared.config import KafkaSettings, TopicSettings
-from synpref.shared.kafka import metrics
-from synpref.shared.kafka.clients import deliver, make_consumer, make_producer
-from synpref.shared.kafka.codec import Outgoing, PayloadError, dead_letter_for, decode_record, encode_record
+from synpref.shared.config import DeskSettings, KafkaSettings, Settings, TopicSettings
+from synpref.shared.kafka.clients import deliver
+from synpref.shared.kafka.codec import Message, encode_record
+from synpref.shared.kafka.runner import StageRunner
+from synpref.shared.stage import StageResult
 from synpref.v1.pair_pb2 import PairRecord
 
 log = logging.getLogger("synpref.desk.kafka")
@@ -40,30 +45,118 @@ T = TypeVar("T")
 Handle = tuple[TopicPartition, int]
 
 
-def commit_point(open_offsets: dict[int, bool]) -> int | None:
-    """The offset to commit on a partition: the first still-open one, or one past the last settled.
+def commit_point(open_offsets: dict[int, bool], polled_to: int | None = None) -> int | None:
+    """The offset to commit on a partition: the first still-open one, else where polling got to.
 
-    `open_offsets` maps each offset handed out and not yet committed to whether it is settled.
-    None when nothing was handed out.
+    `open_offsets` maps each offset handed out and not yet committed to whether it is settled;
+    `polled_to` is one past the last message processed (dead letters included). Without it,
+    one past the last settled offset; None when nothing was handed out.
     """
-    if not open_offsets:
-        return None
     unsettled = [o for o, settled in open_offsets.items() if not settled]
-    return min(unsettled) if unsettled else max(open_offsets) + 1
+    if unsettled:
+        return min(unsettled)
+    if polled_to is not None:
+        return polled_to
+    return max(open_offsets) + 1 if open_offsets else None
+
+
+def pass_through(batch: list[PairRecord]) -> StageResult:
+    """The desk's stage: every review record goes to the desk (the inbox) as it is."""
+    return StageResult(routed=[("review", record) for record in batch])
+
+
+class ReviewInbox:
+    """The runner's sink for the desk: records wait here until fetched, offsets until settled."""
+
+    keeps_offsets = False
+
+    def __init__(self) -> None:
+        self.waiting: deque[tuple[PairRecord, Handle | None]] = deque()
+        self.open: dict[TopicPartition, dict[int, bool]] = {}
+        self.polled_to: dict[TopicPartition, int] = {}
+        self.committed: dict[TopicPartition, int] = {}
+
+    def write(self, routed: list[tuple[str, PairRecord]]) -> None:
+        """Take records without their offsets (unused: the runner calls write_sourced)."""
+        self.write_sourced(routed, [None] * len(routed))
+
+    def write_sourced(self, routed: list[tuple[str, PairRecord]], sources: list[Message | None]) -> None:
+        """Hold each record for the desk, its offset open until the desk settles it."""
+        for (_, record), msg in zip(routed, sources, strict=True):
+            handle = None
+            if msg is not None:
+                handle = (TopicPartition(msg.topic, msg.partition), msg.offset)
+                self.open.setdefault(handle[0], {})[msg.offset] = False
+            self.waiting.append((record, handle))
+
+    def take(self, limit: int) -> list[tuple[PairRecord, Handle | None]]:
+        """Up to `limit` held records, oldest first."""
+        return [self.waiting.popleft() for _ in range(min(limit, len(self.waiting)))]
+
+    def settle(self, handles: list[Any]) -> None:
+        """Mark these (partition, offset) handles settled; unknown ones are ignored."""
+        for handle in handles:
+            if handle is None:
+                continue
+            tp, offset = handle
+            offsets = self.open.get(tp)
+            if offsets is not None and offset in offsets:
+                offsets[offset] = True
+
+    def due(self) -> bool:
+        """Every batch is a checkpoint: dead letters are acknowledged and settled offsets committed at once."""
+        return True
+
+    def flush(self, offsets: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """Nothing to write; note how far polling got and return what is safe to commit."""
+        for tp, offset in offsets.items():
+            self.polled_to[tp] = max(self.polled_to.get(tp, 0), offset)
+        return self.safe_offsets()
+
+    def safe_offsets(self) -> dict[TopicPartition, int]:
+        """Per partition, the first offset still open (or where polling got to), where it moved since the last call."""
+        moved: dict[TopicPartition, int] = {}
+        for tp, polled in self.polled_to.items():
+            offsets = self.open.get(tp, {})
+            point = commit_point(offsets, polled)
+            if point is None or point == self.committed.get(tp):
+                continue
+            moved[tp] = self.committed[tp] = point
+            for offset in [o for o in offsets if o < point]:
+                del offsets[offset]
+        return moved
+
+    def stored_offsets(self) -> Mapping[TopicPartition, int]:
+        """None of its own: the group's committed offsets are where the desk resumes."""
+        return {}
 
 
 class KafkaDeskQueues:
-    """One consumer and one producer on one worker thread; `.source` and `.sink` for ReviewDesk."""
+    """A StageRunner with a ReviewInbox on one worker thread; `.source` and `.sink` for ReviewDesk."""
 
-    def __init__(self, kafka: KafkaSettings, topics: TopicSettings, group_id: str, flush_timeout_s: float = 60.0):
-        self.kafka = kafka
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topics: TopicSettings,
+        group_id: str,
+        flush_timeout_s: float = 60.0,
+        max_pending: int | None = None,
+    ) -> None:
         self.topics = topics
-        self.group_id = group_id
-        self.flush_timeout_s = flush_timeout_s
+        self.inbox = ReviewInbox()
+        # A poll takes no more than the desk may hold, so the inbox never runs far ahead of the desk.
+        cap = DeskSettings().max_pending if max_pending is None else max_pending
+        polled = kafka.model_copy(update={"max_batch": max(1, min(kafka.max_batch, cap))})
+        self.runner = StageRunner(
+            Settings(kafka=polled, topics=topics),
+            pass_through,
+            service=SERVICE,
+            input_route="review",
+            group_id=group_id,
+            flush_timeout_s=flush_timeout_s,
+            sink=self.inbox,
+        )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synpref-desk-kafka")
-        self._consumer: Any = None
-        self._producer: Any = None
-        self._open: dict[TopicPartition, dict[int, bool]] = {}
         self._closed = False
         self.source = KafkaReviewSource(self)
         self.sink = KafkaVerdictSink(self)
@@ -71,87 +164,38 @@ class KafkaDeskQueues:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _clients(self) -> tuple[Any, Any]:
-        if self._consumer is None:
-            self._producer = make_producer(self.kafka)
-            self._consumer = make_consumer(self.kafka, self.group_id, self.topics.review)
-            log.info("desk: consuming %s as group %s", self.topics.review, self.group_id)
-        return self._consumer, self._producer
+    def _opened(self) -> StageRunner:
+        if self.runner.consumer is None:
+            self.runner.open()
+        return self.runner
 
     # -- worker-thread side ----------------------------------------------------------------
-    def _fetch(self, limit: int) -> list[tuple[PairRecord, Handle]]:
-        consumer, _ = self._clients()
-        assigned = consumer.assignment()
-        if limit <= 0:
-            # Full: keep polling so the group does not evict us, but take nothing new.
-            if assigned:
-                consumer.pause(*assigned)
+    def _fetch(self, limit: int) -> list[tuple[PairRecord, Handle | None]]:
+        runner = self._opened()
+        consumer = runner.consumer
+        if len(self.inbox.waiting) >= limit:
+            # Full: keep polling so the group does not evict us, but read nothing new.
+            if consumer.assignment():
+                consumer.pause(*consumer.assignment())
             consumer.poll(timeout_ms=0)
-            return []
+            return self.inbox.take(limit)
         if consumer.paused():
             consumer.resume(*consumer.paused())
-        polled = consumer.poll(timeout_ms=self.kafka.consumer_poll_ms, max_records=limit)
-        out: list[tuple[PairRecord, Handle]] = []
-        rejects = []
-        for tp, messages in polled.items():
-            offsets = self._open.setdefault(tp, {})
-            for msg in messages:
-                try:
-                    record = decode_record(msg.value, msg.headers)
-                except PayloadError as exc:
-                    rejects.append(self._dead_letter(msg, str(exc)))
-                    offsets[msg.offset] = True
-                    continue
-                offsets[msg.offset] = False
-                out.append((record, (tp, msg.offset)))
-        if rejects:
-            self._send(rejects)
-            self._commit()
-        metrics.report_lag(consumer, SERVICE)
-        return out
-
-    def _dead_letter(self, msg: Any, reason: str) -> Outgoing:
-        dlq, limit = self.topics.dead_letter, self.kafka.max_message_bytes
-        return dead_letter_for(msg, dlq, kind="undecodable", reason=reason, service=SERVICE, max_bytes=limit)
-
-    def _send(self, messages: list[Outgoing]) -> None:
-        _, producer = self._clients()
-        deliver(producer, messages, self.flush_timeout_s)
+        runner.run_once()
+        return self.inbox.take(limit)
 
     def _write(self, routed: list[tuple[str, PairRecord]]) -> None:
-        self._send([encode_record(record, getattr(self.topics, route)) for route, record in routed])
+        runner = self._opened()
+        messages = [encode_record(record, getattr(self.topics, route)) for route, record in routed]
+        deliver(runner.producer, messages, runner.flush_timeout_s)
 
-    def _ack(self, handles: list[Handle]) -> None:
-        for tp, offset in handles:
-            offsets = self._open.get(tp)
-            if offsets is not None and offset in offsets:
-                offsets[offset] = True
-        self._commit()
-
-    def _commit(self) -> None:
-        consumer, _ = self._clients()
-        commits: dict[TopicPartition, OffsetAndMetadata] = {}
-        for tp, offsets in self._open.items():
-            point = commit_point(offsets)
-            if point is None:
-                continue
-            commits[tp] = OffsetAndMetadata(point, "", -1)
-            for offset in [o for o in offsets if o < point]:
-                del offsets[offset]
-        if not commits:
-            return
-        try:
-            consumer.commit(commits)
-        except CommitFailedError as exc:
-            # The group rebalanced: the partition's new owner re-reads from the last commit (duplicates, no loss).
-            log.warning("desk: commit failed after a rebalance; open pairs will be re-delivered: %s", exc)
+    def _ack(self, handles: list[Any]) -> None:
+        runner = self._opened()
+        self.inbox.settle(handles)
+        runner.commit(self.inbox.safe_offsets())
 
     def _close(self) -> None:
-        consumer, producer, self._consumer, self._producer = self._consumer, self._producer, None, None
-        if producer is not None:
-            producer.close(timeout=self.flush_timeout_s)
-        if consumer is not None:
-            consumer.close(autocommit=False)
+        self.runner.close()
 
     # -- event-loop side -------------------------------------------------------------------
     async def close(self) -> None:
@@ -167,7 +211,7 @@ class KafkaDeskQueues:
         return await self._run(self._committed)
 
     def _committed(self) -> dict[int, int | None]:
-        consumer, _ = self._clients()
+        consumer = self._opened().consumer
         parts = consumer.partitions_for_topic(self.topics.review) or set()
         return {p: consumer.committed(TopicPartition(self.topics.review, p)) for p in sorted(parts)}
 

@@ -67,7 +67,9 @@ def main(argv: list[str]) -> int:
     from synpref.services.desk.kafka_queue import KafkaDeskQueues
     from synpref.services.desk.web import ReviewDesk, make_app
 
-    queues = KafkaDeskQueues(settings.kafka, settings.topics, desk_settings.group_id)
+    queues = KafkaDeskQueues(
+        settings.kafka, settings.topics, desk_settings.group_id, max_pending=desk_settings.max_pending
+    )
     desk = ReviewDesk(queues.source, queues.sink, desk_settings, tokens=tokens)
     logging.getLogger("synpref.desk").info(
         "desk for %d annotators, overlap %d, on http://%s:%d",

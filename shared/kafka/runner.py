@@ -49,7 +49,11 @@ __all__ = ["ROUTES", "DeliveryError", "Message", "RunnerStats", "Sink", "StageRu
 
 
 class Sink(Protocol):
-    """Where routed records go instead of Kafka topics (quix-streams' BatchingSink)."""
+    """Where routed records go instead of Kafka topics (quix-streams' BatchingSink).
+
+    A sink that also defines write_sourced(routed, sources) is handed each record's input
+    message (or None) instead of write: the desk tracks offsets per record.
+    """
 
     keeps_offsets: bool
     """True when flush stores the offsets as the sink's own commit point (and stored_offsets reads them)."""
@@ -60,8 +64,12 @@ class Sink(Protocol):
     def due(self) -> bool:
         """Whether enough is buffered (rows, age) to checkpoint now."""
 
-    def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
-        """Make everything written durable; `offsets` are the next offsets it covers."""
+    def flush(self, offsets: Mapping[TopicPartition, int]) -> Mapping[TopicPartition, int] | None:
+        """Make everything written durable; `offsets` are the next offsets it covers.
+
+        A sink that holds records back (the desk, until they are decided) returns the
+        offsets that are safe to commit instead; None commits `offsets`.
+        """
 
     def stored_offsets(self) -> Mapping[TopicPartition, int]:
         """Where each partition resumes (only called when keeps_offsets)."""
@@ -74,6 +82,8 @@ class BatchPlan:
     outgoing: list[Outgoing] = field(default_factory=list)
     sunk: list[tuple[str, PairRecord]] = field(default_factory=list)
     """Routed records for the sink (a runner with a sink), instead of outgoing messages."""
+    sunk_from: list[Message | None] = field(default_factory=list)
+    """The input message of each sunk record (by pair id, in order), for a sink with `write_sourced`."""
     emitted: Counter[str] = field(default_factory=Counter)
     """Records produced (or sunk) per route."""
     failed: Counter[str] = field(default_factory=Counter)
@@ -119,6 +129,7 @@ def plan_batch(
         plan.dead_lettered += 1
 
     decoded: list[tuple[Message, PairRecord]] = []
+    arrivals: dict[str, list[Message]] = {}
     for msg in messages:
         try:
             decoded.append((msg, decode_record(msg.value, msg.headers)))
@@ -126,6 +137,8 @@ def plan_batch(
             to_dlq(msg, "undecodable", str(exc))
     if not decoded:
         return plan
+    for msg, record in decoded:
+        arrivals.setdefault(record.pair.id, []).append(msg)
 
     try:
         results = [call_stage(stage, [record for _, record in decoded])]
@@ -152,6 +165,9 @@ def plan_batch(
                 to_dlq(source.get(record.pair.id), "bad-route", f"stage emitted to unknown route {route!r}", record)
             elif to_sink:
                 plan.sunk.append((route, record))
+                # A pair id seen twice in one batch takes its messages in turn, so each offset is sunk once.
+                same_id = arrivals.get(record.pair.id)
+                plan.sunk_from.append(same_id.pop(0) if same_id else None)
                 plan.emitted[route] += 1
             else:
                 encoded = encode_record(record, getattr(topics, route))
@@ -354,7 +370,11 @@ class StageRunner:
             assert self.outbox is not None
             self.outbox.send(plan.outgoing)
             if self.sink is not None:
-                self.sink.write(plan.sunk)
+                write_sourced = getattr(self.sink, "write_sourced", None)
+                if write_sourced is not None:
+                    write_sourced(plan.sunk, plan.sunk_from)
+                else:
+                    self.sink.write(plan.sunk)
             self._pending.update(next_offsets(messages))
             if self.sink is None or self.sink.due():
                 self.checkpoint()
@@ -368,14 +388,20 @@ class StageRunner:
         offsets, sink = self._pending, self.sink
         if not offsets or self.outbox is None:
             return
+        safe: Mapping[TopicPartition, int] | None = None
         if sink is not None and not sink.keeps_offsets:
-            sink.flush(offsets)
+            safe = sink.flush(offsets)
         # Not committing is what keeps the batch when this raises: the next owner of its partitions re-reads it.
         self.outbox.flush()
         if sink is not None and sink.keeps_offsets:
-            sink.flush(offsets)
+            safe = sink.flush(offsets)
         self._pending = {}
-        self._commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()})
+        self.commit(offsets if safe is None else safe)
+
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Commit these next offsets now; only for what is already flushed and acknowledged."""
+        if offsets:
+            self._commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()})
 
     def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
         try:
