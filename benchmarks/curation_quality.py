@@ -282,17 +282,18 @@ def true_pair(record: PairRecord) -> Pair:
 
 def sweep(args, models: HeadModels, embed: CachedEmbed, evaluator: Evaluator, work: Path, say, on_row) -> list[dict]:
     rows: list[dict] = []
+    # Seeds innermost, so that a sweep cut short has every seed of the budgets it reached;
+    # the budget-independent baselines are trained once per (noise, mode, seed).
+    fixed_by: dict[tuple, dict[str, Any]] = {}
     for noise in args.noise:
         for mode in args.error_modes:
-            for seed in args.seeds:
-                fixed: dict[str, Any] = {}
-                for budget_share in args.budgets:
+            for budget_share in args.budgets:
+                for seed in args.seeds:
+                    fixed = fixed_by.setdefault((noise, mode, seed), {})
                     started = time.perf_counter()
                     run_dir = work / f"n{noise}-{mode}-s{seed}-b{budget_share}"
                     shutil.rmtree(run_dir, ignore_errors=True)
-                    # The pool size is known after ingest; a first controller on the run dir finds it.
-                    pool_n = args.pool_size
-                    budget = max(4, round(budget_share * pool_n))
+                    budget = max(4, round(budget_share * args.pool_size))
                     ctls = run_loop(run_dir, seed, noise, mode, budget, models, embed)
                     ctl = ctls["flip"]
                     pool = sorted(ctl.state.results["initial_labels"])
@@ -300,7 +301,7 @@ def sweep(args, models: HeadModels, embed: CachedEmbed, evaluator: Evaluator, wo
                     if not fixed:
                         judged, judge_label_acc = judges_only(ctl, pool, mode, seed)
                         given = ctl.state.results["initial_labels"]
-                        fixed = {
+                        fixed |= {
                             "noisy": evaluator.evaluate(
                                 "noisy", [pair_as_given(ctl.records[k], given[k]) for k in pool], test, seed
                             ),
@@ -414,61 +415,66 @@ def plots(rows: list[dict], curve: list[dict], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    combos = sorted({(r["noise"], r["error_mode"]) for r in rows})
-    for head in SWEEP_HEADS:
-        fig, axes = plt.subplots(1, len(combos), figsize=(5.5 * len(combos), 4.2), squeeze=False)
-        for ax, (noise, mode) in zip(axes[0], combos, strict=True):
-            budgets = sorted({r["budget_share"] for r in rows if (r["noise"], r["error_mode"]) == (noise, mode)})
-            for b in BASELINES:
-                ms, sds = [], []
-                for share in budgets:
-                    vals = [
-                        r["accuracy"][b][head]["all"]
-                        for r in rows
-                        if (r["noise"], r["error_mode"], r["budget_share"]) == (noise, mode, share)
-                    ]
-                    m, sd = mean_sd(vals)
-                    ms.append(m)
-                    sds.append(sd)
-                x = [100 * s for s in budgets]
-                ax.plot(x, ms, marker="o", label=b, linestyle="--" if b in ("noisy", "clean") else "-")
-                ax.fill_between(x, np.subtract(ms, sds), np.add(ms, sds), alpha=0.15)
-            ax.set_xscale("log")
-            ax.set_xticks([100 * s for s in budgets], [f"{100 * s:g}%" for s in budgets])
-            ax.set_xlabel("human budget (share of pool verified)")
-            ax.set_ylabel(f"held-out accuracy ({head} head)")
-            ax.set_title(f"label noise {noise:.0%}, judges {mode}")
-            ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=8)
-        fig.tight_layout()
-        name = f"budget_{head}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
-    # Per set and RM-Bench slices, at the largest budget of the first combo, MLP head.
-    noise, mode = combos[0]
-    share = max(r["budget_share"] for r in rows if (r["noise"], r["error_mode"]) == (noise, mode))
-    rs = [r for r in rows if (r["noise"], r["error_mode"], r["budget_share"]) == (noise, mode, share)]
-    for name, groups in (
-        ("per_set.png", ["all", "PandaLM", "RM-Bench"]),
-        ("rmbench_slices.png", ["RM-Bench hard", "RM-Bench normal", "RM-Bench easy"]),
-    ):
-        fig, ax = plt.subplots(figsize=(9, 4))
-        width = 0.8 / len(BASELINES)
-        for i, b in enumerate(BASELINES):
-            stats = [mean_sd([r["accuracy"][b][SWEEP_HEADS[0]].get(g, float("nan")) for r in rs]) for g in groups]
-            ax.bar(
-                np.arange(len(groups)) + i * width, [m for m, _ in stats], width, yerr=[s for _, s in stats], label=b
-            )
-        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
-        ax.set_ylim(0.4, None)
-        ax.set_ylabel(f"held-out accuracy ({SWEEP_HEADS[0]} head)")
-        ax.set_title(f"noise {noise:.0%}, judges {mode}, budget {share:.0%}; mean ± sd over seeds")
-        ax.legend(fontsize=7, ncol=3)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
+    if rows:  # a curve-only run (--budgets with no value) has no sweep to plot
+        combos = sorted({(r["noise"], r["error_mode"]) for r in rows})
+        for head in SWEEP_HEADS:
+            fig, axes = plt.subplots(1, len(combos), figsize=(5.5 * len(combos), 4.2), squeeze=False)
+            for ax, (noise, mode) in zip(axes[0], combos, strict=True):
+                budgets = sorted({r["budget_share"] for r in rows if (r["noise"], r["error_mode"]) == (noise, mode)})
+                for b in BASELINES:
+                    ms, sds = [], []
+                    for share in budgets:
+                        vals = [
+                            r["accuracy"][b][head]["all"]
+                            for r in rows
+                            if (r["noise"], r["error_mode"], r["budget_share"]) == (noise, mode, share)
+                        ]
+                        m, sd = mean_sd(vals)
+                        ms.append(m)
+                        sds.append(sd)
+                    x = [100 * s for s in budgets]
+                    ax.plot(x, ms, marker="o", label=b, linestyle="--" if b in ("noisy", "clean") else "-")
+                    ax.fill_between(x, np.subtract(ms, sds), np.add(ms, sds), alpha=0.15)
+                ax.set_xscale("log")
+                ax.set_xticks([100 * s for s in budgets], [f"{100 * s:g}%" for s in budgets])
+                ax.set_xlabel("human budget (share of pool verified)")
+                ax.set_ylabel(f"held-out accuracy ({head} head)")
+                ax.set_title(f"label noise {noise:.0%}, judges {mode}")
+                ax.grid(alpha=0.3)
+            axes[0][0].legend(fontsize=8)
+            fig.tight_layout()
+            name = f"budget_{head}.png"
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            written.append(name)
+        # Per set and RM-Bench slices, at the largest budget of the first combo, MLP head.
+        noise, mode = combos[0]
+        share = max(r["budget_share"] for r in rows if (r["noise"], r["error_mode"]) == (noise, mode))
+        rs = [r for r in rows if (r["noise"], r["error_mode"], r["budget_share"]) == (noise, mode, share)]
+        for name, groups in (
+            ("per_set.png", ["all", "PandaLM", "RM-Bench"]),
+            ("rmbench_slices.png", ["RM-Bench hard", "RM-Bench normal", "RM-Bench easy"]),
+        ):
+            fig, ax = plt.subplots(figsize=(9, 4))
+            width = 0.8 / len(BASELINES)
+            for i, b in enumerate(BASELINES):
+                stats = [mean_sd([r["accuracy"][b][SWEEP_HEADS[0]].get(g, float("nan")) for r in rs]) for g in groups]
+                ax.bar(
+                    np.arange(len(groups)) + i * width,
+                    [m for m, _ in stats],
+                    width,
+                    yerr=[s for _, s in stats],
+                    label=b,
+                )
+            ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
+            ax.set_ylim(0.4, None)
+            ax.set_ylabel(f"held-out accuracy ({SWEEP_HEADS[0]} head)")
+            ax.set_title(f"noise {noise:.0%}, judges {mode}, budget {share:.0%}; mean ± sd over seeds")
+            ax.legend(fontsize=7, ncol=3)
+            fig.tight_layout()
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            written.append(name)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for head in HEADS:
         sizes = sorted({c["pairs"] for c in curve})
@@ -548,7 +554,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--noise", type=float, nargs="+", default=[0.15, 0.3])
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1])
+    p.add_argument("--budgets", type=float, nargs="*", default=[0.01, 0.02, 0.05, 0.1])
     p.add_argument(
         "--error-modes",
         nargs="+",
