@@ -96,6 +96,8 @@ class Tally:
 
     outcomes: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     ok_latencies: list[float] = field(default_factory=list)
+    # well-formed outcomes by 10 s bucket of their scheduled start: shows when errors cluster
+    timeline: Counter[tuple[int, str]] = field(default_factory=Counter)
     skipped: int = 0  # not sent: the client's in-flight bound was reached
 
     def by(self, phase: str | None = None, kind_good: bool | None = None) -> Counter[str]:
@@ -179,6 +181,8 @@ async def open_loop(
         try:
             status = await post(session, url, body, 30)
             tally.outcomes[(phase, kind, classify(status))] += 1
+            if kind == "good":
+                tally.timeline[(int((scheduled - t0) // 10), classify(status))] += 1
             if phase == "soak" and kind == "good" and status == 200:
                 tally.ok_latencies.append(time.monotonic() - scheduled)
         finally:
@@ -384,6 +388,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             for phase in ("soak", "drain")
         },
+        "timeline_10s_well_formed": [
+            {"t_s": b * 10, **{c: n for (bb, c), n in sorted(tally.timeline.items()) if bb == b}}
+            for b in sorted({b for b, _ in tally.timeline})
+        ],
         "drain": {
             "sigterm_at_s": times["sigterm"],
             "exited_after_s": times["exit"] - times["sigterm"],
@@ -420,6 +428,9 @@ def report(r: dict[str, Any]) -> None:
         print(f"{phase}: well-formed {rows['well_formed']}")
         for kind, counts in rows["hostile"].items():
             print(f"{phase}:   {kind:15s} {counts}")
+    for row in r["timeline_10s_well_formed"]:
+        if any(c in row for c in ("504", "other_5xx", "conn_timeout", "conn_reset")):
+            print(f"  well-formed outcomes at t={row['t_s']} s: {row}")
     d = r["drain"]
     print(f"drain: scorer exited {d['exited_after_s']:.1f} s after SIGTERM with code {d['exit_code']}")
     print(f"RSS flat within 10% of the post-warm-up value: {'PASS' if v['rss_flat_10pct'] else 'FAIL'}")
