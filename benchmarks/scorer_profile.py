@@ -65,7 +65,7 @@ def thread_cpu() -> dict[str, float]:
     """CPU seconds of each thread of this process so far, by thread name (Python's name, else the OS's)."""
     names = {t.native_id: t.name for t in threading.enumerate()}
     tick = os.sysconf("SC_CLK_TCK")
-    out: collections.Counter[str] = collections.Counter()
+    out: collections.defaultdict[str, float] = collections.defaultdict(float)
     for task in Path("/proc/self/task").iterdir():
         try:
             stat = (task / "stat").read_text()
@@ -112,7 +112,7 @@ def main() -> int:
             proc.wait(60)
 
     def profiled(settings: Any, *a: Any, **kw: Any) -> dict[str, Any]:
-        return original(settings, *a, **kw, around=py_spy)
+        return original(settings, *a, **{**kw, "around": py_spy})
 
     scorer_load.serve_and_drive = profiled
     args.repeats, args.skip_naive = 1, True
