@@ -15,6 +15,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from synpref.v1.pair_pb2 import PREFERENCE_CHOSEN, PREFERENCE_REJECTED, Lineage, Message, Pair, PairRecord, Preference
 
 MessageDicts = list[dict[str, str]]
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+"""Message roles a chat template knows; any other is bad input."""
 T = TypeVar("T")
 
 
@@ -150,3 +152,16 @@ def split_by_conversation(
     kept = [item for item, key in zip(items, keys, strict=True) if key not in held]
     held_out = [item for item, key in zip(items, keys, strict=True) if key in held]
     return kept, held_out
+
+
+def pair_problem(record: PairRecord) -> str | None:
+    """Why this pair cannot be judged or scored, or None: checked per record by the stages, so one bad
+    pair fails alone instead of making a stage raise on its whole batch."""
+    pair = record.pair
+    if not pair.chosen or not pair.rejected:
+        return "pair has no chosen or no rejected response"
+    for part in ("conversation", "chosen", "rejected"):
+        for message in getattr(pair, part):
+            if message.role not in ROLES:
+                return f"{part} has a message with role {message.role!r}; roles are {', '.join(sorted(ROLES))}"
+    return None

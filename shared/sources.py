@@ -34,10 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from synpref.shared.pairs import ROLES
+
 SourceFormat = Literal["hh-rlhf", "pandalm", "llmbar", "rm-bench", "pairs"]
 FORMATS: tuple[str, ...] = get_args(SourceFormat)
 FILE_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
-ROLES = {"system", "user", "assistant", "tool"}
 RM_BENCH_STYLES = ("concise", "detailed_plain", "detailed_markdown")
 
 Messages = list[dict[str, str]]

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from synpref.services.annotator.judges import AttributeLabeller, Judge, JudgeRequest, aggregate
 from synpref.services.annotator.prompts import Example, attributes_dict
-from synpref.shared.pairs import message_dicts, needs_annotation, now
+from synpref.shared.pairs import message_dicts, needs_annotation, now, pair_problem
 from synpref.shared.roles import BEST
 from synpref.shared.stage import Stage, StageResult
 from synpref.v1.pair_pb2 import PairRecord
@@ -132,7 +132,14 @@ class Annotator:
 
         def annotator(batch: list[PairRecord]) -> StageResult:
             result = StageResult()
-            for record, out in zip(batch, self.run(batch), strict=True):
+            judgeable = []
+            for record in batch:
+                problem = pair_problem(record)
+                if problem is None:
+                    judgeable.append(record)
+                else:
+                    result.fail(record, problem)
+            for record, out in zip(judgeable, self.run(judgeable) if judgeable else [], strict=True):
                 if isinstance(out, BaseException):
                     log.warning("annotation of %s failed: %r", record.pair.id, out)
                     result.fail(record, f"annotation failed: {type(out).__name__}: {out}")

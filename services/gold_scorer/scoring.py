@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from synpref.shared.config import ModelRef, ScoringSettings
-from synpref.shared.pairs import message_dicts, now, preference_probability
+from synpref.shared.pairs import message_dicts, now, pair_problem, preference_probability
 from synpref.shared.roles import BEST, GOLD
 from synpref.shared.stage import Stage, StageResult
 from synpref.v1.pair_pb2 import STAGE_ONE, ModelScore, PairRecord
 
 PairScorer = Callable[[list[dict]], list[tuple[float, float]]]
 STEP = "gold-scorer"
-ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -41,19 +40,6 @@ def pair_dict(record: PairRecord) -> dict:
         "chosen": message_dicts(pair.chosen),
         "rejected": message_dicts(pair.rejected),
     }
-
-
-def pair_problem(record: PairRecord) -> str | None:
-    """Why this pair cannot be scored, or None: checked per record, so one bad pair fails alone
-    instead of making the scorer raise on its whole batch."""
-    pair = record.pair
-    if not pair.chosen or not pair.rejected:
-        return "pair has no chosen or no rejected response to score"
-    for part in ("conversation", "chosen", "rejected"):
-        for message in getattr(pair, part):
-            if message.role not in ROLES:
-                return f"{part} has a message with role {message.role!r}; roles are {', '.join(ROLES)}"
-    return None
 
 
 def model_version(ref: ModelRef) -> str:

@@ -30,8 +30,7 @@ from typing import Any, Literal
 
 from synpref.services.scorer.errors import InvalidInput
 from synpref.shared.modeling import Encoded, Truncation, encode_conversation, encode_text
-
-ROLES = frozenset({"system", "user", "assistant", "tool"})
+from synpref.shared.pairs import ROLES
 
 Messages = Sequence[Mapping[str, Any]]
 

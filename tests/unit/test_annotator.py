@@ -103,3 +103,22 @@ def test_batches_from_two_threads_share_the_loop(server):
     finally:
         ann.close()
     assert all(len(r.routed) == 1 and not r.failed for r in results)
+
+
+def test_a_bad_pair_fails_alone_before_any_judge_sees_it(server):
+    # The poison-message benchmark sent a pair with an unknown role: it must go to the dead-letter
+    # topic with the reason (shared.pairs.pair_problem, as the gold-scorer checks), and the good
+    # pairs of its batch are still judged.
+    bad_role = rec("x", "y")
+    bad_role.pair.conversation[0].role = "narrator"
+    no_rejected = rec("x", "y")
+    del no_rejected.pair.rejected[:]
+    ann = annotator(server)
+    try:
+        result = ann.stage()([rec("a long and careful answer", "no"), bad_role, no_rejected])
+    finally:
+        ann.close()
+    (good,) = result.by_route()["annotated"]
+    assert len(good.votes) == 9
+    reasons = sorted(reason for _, reason in result.failed)
+    assert len(reasons) == 2 and "role 'narrator'" in reasons[0] and "no chosen or no rejected" in reasons[1]
