@@ -189,12 +189,30 @@ def _turn_cuts(messages: Messages, keep_last: int) -> tuple[list[Mapping[str, st
     return system, [body[s:] + tail for s in starts]
 
 
+MAX_CHARS_PER_TOKEN = 32
+"""Most characters one token covers (real vocabularies' longest tokens are shorter): a text longer than
+max_length times this is over max_length tokens whatever the tokenizer."""
+
+
+def cut_text(text: str, budget: int, keep_end: bool, prefix: str | None = None) -> str:
+    """At most `budget` characters of text, from its end or its start. A leading `prefix`
+    (the BOS string a rendered template starts with) survives a cut from the left, as
+    token-level left truncation keeps BOS."""
+    if len(text) <= budget:
+        return text
+    if not keep_end:
+        return text[:budget]
+    head = prefix if prefix and text.startswith(prefix) else ""
+    return head + text[len(text) - budget :]
+
+
 def encode_conversation(
     tokenizer: Any,
     messages: Messages,
     max_length: int,
     truncation: Truncation = "left_turns",
     keep_last: int = 1,
+    max_chars_per_token: int = MAX_CHARS_PER_TOKEN,
 ) -> Encoded:
     """Encode a conversation whose last `keep_last` messages are the response being scored.
 
@@ -204,6 +222,13 @@ def encode_conversation(
     """
     if truncation not in TRUNCATIONS:
         raise ValueError(f"unknown truncation {truncation!r}; expected one of {TRUNCATIONS}")
+    if truncation != "none":
+        # Each message is cut to the budget alone before tokenizing: one over it holds more than
+        # max_length tokens, so left_turns drops it (or falls back to its end) as it would uncut,
+        # and a megabyte message costs a budget's worth of tokenizer time, not a megabyte's.
+        budget = max_length * max_chars_per_token
+        keep_end = truncation != "right"
+        messages = [{"role": m["role"], "content": cut_text(m["content"], budget, keep_end)} for m in messages]
     text, from_template = render_messages(tokenizer, messages)
     ids = tokenize_rendered(tokenizer, text, from_template)
     if len(ids) <= max_length:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from synpref.services.scorer.errors import InvalidInput
-from synpref.shared.modeling import Encoded, Truncation, encode_conversation, encode_text
+from synpref.shared.modeling import Encoded, Truncation, cut_text, encode_conversation, encode_text
 from synpref.shared.pairs import ROLES
 
 Messages = Sequence[Mapping[str, Any]]
@@ -41,18 +41,6 @@ def check_utf8(text: str, what: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidInput(f"{what} is not valid UTF-8 text (it holds a lone surrogate)") from None
-
-
-def cut_text(text: str, budget: int, keep_end: bool, prefix: str | None = None) -> str:
-    """At most `budget` characters of text, from its end or its start. A leading `prefix`
-    (the BOS string a rendered template starts with) survives a cut from the left, as
-    token-level left truncation keeps BOS."""
-    if len(text) <= budget:
-        return text
-    if not keep_end:
-        return text[:budget]
-    head = prefix if prefix and text.startswith(prefix) else ""
-    return head + text[len(text) - budget :]
 
 
 def validate_messages(messages: Messages, what: str = "conversation") -> list[dict[str, str]]:
@@ -112,10 +100,10 @@ class Encoder:
     def conversation(self, messages: Messages, what: str = "conversation") -> list[int]:
         """Token ids of a validated message list rendered with the chat template, each message pre-cut."""
         msgs = validate_messages(messages, what)
-        # Each message is cut alone: one over the budget holds more than max_length tokens,
-        # so left_turns drops it (or falls back to the end) exactly as it would uncut.
-        msgs = [{"role": m["role"], "content": cut_text(m["content"], self.char_budget, self._keep_end)} for m in msgs]
-        return self._check(encode_conversation(self.tokenizer, msgs, self.max_length, self._policy), what)
+        encoded = encode_conversation(
+            self.tokenizer, msgs, self.max_length, self._policy, max_chars_per_token=self.max_chars_per_token
+        )
+        return self._check(encoded, what)
 
     def text(self, text: str, what: str = "text") -> list[int]:
         """Token ids of an already rendered text; InvalidInput when it is empty or not a string."""

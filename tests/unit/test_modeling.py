@@ -137,3 +137,19 @@ def test_real_minilm_loads_as_reward_model():
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id
     rewards = reward_of(model, [enc.input_ids, [*enc.input_ids[:4], tok.sep_token_id]], tok.pad_token_id)
     assert len(rewards) == 2 and all(isinstance(r, float) for r in rewards)
+
+
+@pytest.mark.parametrize("truncation", ["left_turns", "left_tokens", "right"])
+def test_messages_are_cut_to_the_character_budget_before_tokenizing(tiny, truncation):
+    # A message over max_length x 32 characters is over max_length tokens for any vocabulary, so
+    # its far side goes before tokenizing: the kept tokens are those of the uncut text, and a
+    # megabyte response (a poison record near the topic limit) no longer costs a megabyte of
+    # tokenizer time in the gold-scorer, the controller or the trainer.
+    _, _, _, tok = tiny
+    words = " ".join(f"w{i % 97}" for i in range(4000))  # ~19k characters
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": words}]
+    cut = encode_conversation(tok, msgs, 64, truncation)
+    uncut = encode_conversation(tok, msgs, 64, truncation, max_chars_per_token=10**9)
+    assert cut.input_ids == uncut.input_ids and (cut.truncated, cut.fits) == (uncut.truncated, uncut.fits)
+    # "none" never cuts: an item too long is reported, not shortened.
+    assert not encode_conversation(tok, msgs, 64, "none").fits
