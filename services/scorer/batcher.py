@@ -186,6 +186,10 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.forwards = 0
+        # Tokens submitted and not yet computed or dropped, and the recent compute cost of one token
+        # (moving average): together the wait a new request would see, for admission.
+        self._backlog_tokens = 0
+        self._seconds_per_token = 0.0
 
     @property
     def depth(self) -> int:
@@ -218,12 +222,21 @@ class Batcher:
         if deadline is not None:
             if deadline <= job.submitted:
                 raise DeadlineExceeded("deadline already passed on arrival")
+            # Shed now (429) what would only time out later (504): the work queued ahead of this
+            # request, at the recent cost per token, would outlast its deadline.
+            wait = (self._backlog_tokens + job.tokens) * self._seconds_per_token
+            if job.submitted + wait > deadline:
+                raise Overloaded(
+                    f"model {self.name!r} has about {wait:.1f}s of work queued, more than the request's "
+                    f"{deadline - job.submitted:.1f}s deadline: retry later"
+                )
             job.timer = loop.call_at(
                 deadline, job.fail, DeadlineExceeded("deadline passed before the items were scored")
             )
         for i, x in enumerate(ids):
             self._queue.append(_Item(job, i, x))
         self._queued_tokens += job.tokens
+        self._backlog_tokens += job.tokens
         self._set_depth()
         self._wakeup.set()
         # Cancelling the awaiting caller cancels `future`; the worker then skips the job's items.
@@ -234,7 +247,9 @@ class Batcher:
         self._closing = True
         if not drain:
             while self._queue:
-                self._queue.popleft().job.fail(NotReady("server shutting down"))
+                item = self._queue.popleft()
+                item.job.fail(NotReady("server shutting down"))
+                self._backlog_tokens -= len(item.ids)
             self._queued_tokens = 0
         self._wakeup.set()
         if self._task is not None:
@@ -264,6 +279,7 @@ class Batcher:
                 batch = [window[i] for i in batch_idx if not window[i].job.future.done()]
                 if batch:
                     await self._compute(loop, batch)
+                self._backlog_tokens -= sum(len(window[i].ids) for i in batch_idx)
 
     async def _fill_window(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait until a full batch is queued or the oldest item has waited max_wait."""
@@ -313,6 +329,10 @@ class Batcher:
             return
         seconds = time.perf_counter() - t0
         self.forwards += 1
+        per_token = seconds / max(1, sum(len(x) for x in ids))
+        self._seconds_per_token = (
+            per_token if not self._seconds_per_token else 0.8 * self._seconds_per_token + 0.2 * per_token
+        )
         if len(rewards) != len(batch):
             err = ScorerError(f"backend returned {len(rewards)} rewards for {len(batch)} items")
             for it in batch:

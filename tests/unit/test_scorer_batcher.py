@@ -215,3 +215,32 @@ def test_forward_failure_fails_only_that_batch() -> None:
         await b.close()
 
     run(main())
+
+
+def test_a_request_that_would_outwait_its_deadline_is_shed_at_once() -> None:
+    # The soak benchmark saw 504s: requests accepted into a queue whose work outlasted their
+    # deadline. The batcher knows the recent cost per token and the tokens queued ahead, so such a
+    # request gets Overloaded (429 / RESOURCE_EXHAUSTED) on arrival instead of timing out later.
+    import time
+
+    def slow(batch: list[list[int]]) -> list[float]:
+        time.sleep(0.002 * sum(len(x) for x in batch))  # 2 ms a token
+        return [float(len(x)) for x in batch]
+
+    async def main() -> None:
+        b = Batcher(slow, name="m", max_batch_tokens=50, max_batch_items=4, max_wait_ms=1.0, max_queue=1000)
+        b.start()
+        loop = asyncio.get_running_loop()
+        await b.score([[1] * 10])  # one forward: the batcher learns ~2 ms a token
+        backlog = [asyncio.ensure_future(b.score([[1] * 10])) for _ in range(50)]  # ~1 s of work
+        await asyncio.sleep(0)
+        started = loop.time()
+        with pytest.raises(Overloaded, match="more than the request's"):
+            await b.score([[1] * 10], deadline=loop.time() + 0.2)
+        assert loop.time() - started < 0.1  # refused on arrival, not after waiting
+        ok = await b.score([[1] * 10], deadline=loop.time() + 30)  # room enough: accepted and served
+        assert ok.rewards == [10.0]
+        await asyncio.gather(*backlog)
+        await b.close()
+
+    run(main())
