@@ -1,0 +1,88 @@
+"""Reading pair files as records: JSON, JSON lines (gzipped or not) and Parquet, one record at a time.
+
+shared/sources.py turns these records into pairs, format by format.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+FILE_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
+
+
+class SourceError(ValueError):
+    """A file that cannot be read at all (not a single bad row)."""
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else path.open(encoding="utf-8")
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
+
+
+def _json_line(raw: bytes) -> tuple[Any, str | None]:
+    """One JSON line: (record, None) or (None, why it is no record). Decoded line by line, so a
+    bad byte costs its own row only, not the rest of the file."""
+    try:
+        return json.loads(raw.decode("utf-8")), None
+    except UnicodeDecodeError as exc:
+        return None, f"invalid UTF-8: byte 0x{raw[exc.start]:02x} at column {exc.start + 1}"
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON line: {exc.msg} at column {exc.colno}"
+    except RecursionError:
+        return None, "invalid JSON line: nested too deeply"
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """(index, record, parse error) for each record of one file."""
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        index = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                yield index, record, None
+                index += 1
+        return
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        with _open_binary(path) as raw_lines:
+            for index, raw in enumerate(raw_lines):
+                if raw.strip():
+                    record, error = _json_line(raw)
+                    yield index, record, error
+        return
+    with _open_text(path) as fh:
+        try:
+            data = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SourceError(f"{path}: invalid JSON: {exc}") from exc
+        except RecursionError:
+            raise SourceError(f"{path}: invalid JSON: nested too deeply") from None
+    if isinstance(data, dict):
+        # A few dumps wrap the list: {"data": [...]} or {"rows": [...]}.
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise SourceError(f"{path}: a JSON file must hold a list of records (or one list in an object)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise SourceError(f"{path}: a JSON file must hold a list of records, not {type(data).__name__}")
+    yield from ((i, r, None) for i, r in enumerate(data))
+
+
+def source_files(path: Path) -> list[Path]:
+    """The readable files under `path` (recursively, sorted), or `[path]` itself for a file.
+
+    Raises SourceError when `path` does not exist.
+    """
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(FILE_SUFFIXES))
+    if not path.exists():
+        raise SourceError(f"{path}: no such file or directory")
+    return [path]
