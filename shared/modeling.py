@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -80,11 +81,16 @@ def ensure_pad_token(model: Any, tokenizer: Any) -> int:
 
 
 def load_reward_model(path: str, device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> tuple[Any, Any]:
-    """Load a num_labels=1 sequence-classification RM and its tokenizer, in eval mode."""
+    """Load a num_labels=1 sequence-classification RM and its tokenizer, in eval mode.
+
+    A local folder loads with local_files_only: nothing it names (a remote-code hook, a tokenizer
+    elsewhere) sends transformers to a hub. A hub id loads as transformers does.
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     device = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    kwargs.setdefault("local_files_only", Path(path).is_dir())
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=kwargs["local_files_only"])
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, dtype=resolve_dtype(dtype, device), **kwargs
     )

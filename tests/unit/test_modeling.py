@@ -153,3 +153,21 @@ def test_messages_are_cut_to_the_character_budget_before_tokenizing(tiny, trunca
     assert cut.input_ids == uncut.input_ids and (cut.truncated, cut.fits) == (uncut.truncated, uncut.fits)
     # "none" never cuts: an item too long is reported, not shortened.
     assert not encode_conversation(tok, msgs, 64, "none").fits
+
+
+def test_a_local_folder_loads_without_asking_a_hub(tiny, monkeypatch):
+    # Issue 12: a model folder (an admin reload, a registry path) loads local_files_only, so nothing
+    # in it can send transformers to a hub; the model still loads and scores as before.
+    import transformers
+
+    _, path, _, _ = tiny
+    seen = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def spy(name, *args, **kwargs):
+        seen.append(kwargs.get("local_files_only"))
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    model, _ = load_reward_model(str(path))
+    assert seen == [True] and model.config.num_labels == 1
