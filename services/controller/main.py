@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge, start_http_server
 
 from synpref.shared.config import ConfigError, Settings, load_settings
-from synpref.shared.service import install_signal_handlers
+from synpref.shared.service import install_signal_handlers, wait_for_stop
 
 CONTROLLER_HEALTH_NAME = "synpref.controller"
 
@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
             return 0
         # Stay up, healthy, so a Deployment does not restart a finished loop over and over.
         install_signal_handlers(stop)
-        stop.wait()
+        wait_for_stop(stop)
         return 0
     finally:
         server.stop(settings.service.shutdown_grace_s).wait()
