@@ -69,7 +69,20 @@ def main(argv: list[str]) -> int:
     result = train_reward_model(config)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line per job, not per rank
         print(json.dumps({"checkpoint_dir": str(result.checkpoint_dir), **result.metrics}, default=str))
+    leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Tear the process group down before the interpreter exits: left to the exit handlers, a
+    gloo rank can abort ("terminate called without an active exception") while its peer is
+    still closing the shared connections, failing a job whose training finished.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
