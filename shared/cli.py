@@ -13,6 +13,7 @@ import sys
 # command -> (module exposing main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "topics": ("synpref.shared.kafka.cli", "create the pipeline's Kafka topics (idempotent)"),
+    "secrets": ("synpref.shared.k8s_secrets", "create the release's token Secrets once (the chart's hook Job)"),
     "train": (
         "synpref.training.cli",
         "train a Bradley-Terry reward model (`synpref train submit` runs it as a K8s Job)",
