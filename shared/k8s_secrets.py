@@ -152,9 +152,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    """Ensure every --secret, printing `created` or `kept` per Secret; 1 if any could not be ensured."""
+    """Ensure every --secret, printing `created` or `kept` per Secret.
+
+    Returns 0 when all are there, 1 when one could not be ensured, 2 without credentials.
+    """
+    from kubernetes.config import ConfigException
+
     args = parse_args(argv)
-    api = connect(args.kubeconfig, args.context)
+    try:
+        api = connect(args.kubeconfig, args.context)
+    except ConfigException as exc:
+        print(f"synpref secrets: no Kubernetes credentials: {exc}", file=sys.stderr)
+        return 2
     failed = False
     for wanted in args.secrets:
         try:

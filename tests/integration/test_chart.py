@@ -10,11 +10,11 @@ Job `synpref train submit` builds (training/k8s_job.py) for the same values.
 
 from __future__ import annotations
 
-import base64
 import functools
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,9 @@ import kubernetes_validate.utils
 import pytest
 import yaml
 
+from synpref.shared.cli import COMMANDS
 from synpref.shared.config import load_settings
+from synpref.shared.k8s_secrets import parse_args as parse_secrets_args
 from synpref.training.k8s_job import TrainingJobSpec, build_rendezvous_service, build_training_job, to_manifest
 
 pytestmark = pytest.mark.integration
@@ -71,7 +73,13 @@ CASES: dict[str, list[str]] = {
     "multi-node": ["--set", "training.nodes=3,training.gpusPerNode=4,training.resources.requests.cpu=6"],
     "minimal": ["--set", "scorer.enabled=false,desk.enabled=false,controller.enabled=false"],
     "no-network-policy": ["--set", "networkPolicy.enabled=false"],
+    # The user brings every token Secret: no hook Job, no generated anything.
+    "named-secrets": [
+        "--set",
+        "desk.tokensSecret=my-desk,scorer.admin.tokenSecret=my-admin,grpcAuth.tokenSecret=my-grpc",
+    ],
 }
+SECRETS_HOOK = f"{RELEASE}-synpref-secrets"
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +100,19 @@ def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
     if doc["kind"] == "CronJob":
         return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     return doc["spec"]["template"]["spec"]
+
+
+def ensured(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """(name, key, format) of each Secret the secrets hook Job creates if missing; empty without the Job."""
+    jobs = find(docs, "Job", SECRETS_HOOK)
+    if not jobs:
+        return set()
+    command = pod_spec(jobs[0])["containers"][0]["command"]
+    # The rendered command line, read by the command's own parser.
+    assert command[:2] == ["synpref", "secrets"] and COMMANDS["secrets"][0] == "synpref.shared.k8s_secrets"
+    args = parse_secrets_args(command[2:])
+    assert (args.action, args.namespace) == ("ensure", NAMESPACE)
+    return {astuple(wanted) for wanted in args.secrets}
 
 
 def test_example_files_exist() -> None:
@@ -118,9 +139,8 @@ def test_default_render_has_every_component(renders: dict[str, list[dict[str, An
         one(docs, "PodDisruptionBudget", name)
     for component in ("desk", "controller"):
         one(docs, "Deployment", f"{fullname}-{component}")
-    # The desk refuses to start without tokens: with no existing Secret the chart makes one.
-    tokens = one(docs, "Secret", f"{fullname}-desk-tokens")
-    assert base64.b64decode(tokens["data"]["tokens"]).decode().startswith("admin:")
+    # The desk refuses to start without tokens: with no Secret named, the hook Job makes one.
+    assert (f"{fullname}-desk-tokens", "tokens", "desk") in ensured(docs)
     desk_env = {e["name"]: e for e in pod_spec(one(docs, "Deployment", f"{fullname}-desk"))["containers"][0]["env"]}
     assert desk_env["SYNPREF_DESK__TOKENS"]["valueFrom"]["secretKeyRef"] == {
         "name": f"{fullname}-desk-tokens",
@@ -193,9 +213,9 @@ def test_every_container_is_hardened_and_sized(renders: dict[str, list[dict[str,
         assert psc["runAsNonRoot"] is True, where
         assert psc["runAsUser"] >= 1, where
         assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, where
-        is_controller = doc["metadata"]["name"].endswith("-controller")
-        # Only the controller calls the Kubernetes API.
-        assert pod["automountServiceAccountToken"] is is_controller, where
+        calls_the_api = doc["metadata"]["name"] in (f"{RELEASE}-synpref-controller", SECRETS_HOOK)
+        # Only the controller and the secrets hook call the Kubernetes API.
+        assert pod["automountServiceAccountToken"] is calls_the_api, where
         for container in pod.get("initContainers", []) + pod["containers"]:
             csc = container["securityContext"]
             assert csc["runAsNonRoot"] is True, where
@@ -269,6 +289,98 @@ def test_rbac_grants_the_controller_only_what_it_uses(renders: dict[str, list[di
     multi = one(renders["multi-node"], "Role", f"{RELEASE}-synpref-controller")
     extra = [r for r in multi["rules"] if r not in role["rules"]]
     assert extra == [{"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]}]
+
+
+# --- token Secrets: made once by a hook Job, never rendered -------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rendering_is_deterministic_and_renders_no_secret(helm: str, case: str) -> None:
+    # A value generated at render time would differ between these two renders, and a GitOps
+    # tool (which renders with `helm template`) would apply a new token on every sync.
+    first, second = run_helm(helm, *CASES[case]), run_helm(helm, *CASES[case])
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    docs = [d for d in yaml.safe_load_all(first.stdout) if d]
+    assert not find(docs, "Secret")
+
+
+def secret_refs(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(Secret, key) of every single-key reference a pod of the release makes (env and volume items)."""
+    refs = set()
+    for doc in (d for d in docs if d["kind"] in POD_KINDS):
+        pod = pod_spec(doc)
+        for container in pod["containers"]:
+            for env in container.get("env", []):
+                if ref := env.get("valueFrom", {}).get("secretKeyRef"):
+                    refs.add((ref["name"], ref["key"]))
+        for volume in pod.get("volumes", []):
+            for item in volume.get("secret", {}).get("items", []):
+                refs.add((volume["secret"]["secretName"], item["key"]))
+    return refs
+
+
+def test_the_hook_ensures_exactly_the_token_secrets_nobody_named(renders: dict[str, list[dict[str, Any]]]) -> None:
+    full = f"{RELEASE}-synpref"
+    every = {(f"{full}-desk-tokens", "tokens", "desk"), (f"{full}-scorer-admin", "token", "token"),
+             (f"{full}-grpc-token", "token", "token")}  # fmt: skip
+    assert ensured(renders["default"]) == every
+    # Scorer, desk and controller off: only the stages' token is needed.
+    assert ensured(renders["minimal"]) == {(f"{full}-grpc-token", "token", "token")}
+    for case, docs in renders.items():
+        made = {(name, key) for name, key, _ in ensured(docs)}
+        # Each Secret the hook makes is one a pod reads, under the key the pod reads...
+        generated = {(name, key) for name, key in secret_refs(docs) if name.startswith(f"{full}-")}
+        assert made == generated, case
+    # ...and with every Secret named by the user, nothing is made and the pods read the user's.
+    named = renders["named-secrets"]
+    assert not [d for d in named if d["metadata"]["name"] == SECRETS_HOOK]
+    assert {("my-desk", "tokens"), ("my-admin", "token"), ("my-grpc", "token")} <= secret_refs(named)
+
+
+def test_a_partly_named_set_makes_only_the_rest(helm: str) -> None:
+    docs = render(helm, "--set", "desk.tokensSecret=my-desk,desk.tokensKey=list")
+    assert {name for name, _, _ in ensured(docs)} == {
+        f"{RELEASE}-synpref-scorer-admin",
+        f"{RELEASE}-synpref-grpc-token",
+    }
+    assert ("my-desk", "list") in secret_refs(docs)
+
+
+def test_the_secrets_hook_runs_first_with_only_get_and_create(renders: dict[str, list[dict[str, Any]]]) -> None:
+    docs = renders["default"]
+    hook_objects = [d for d in docs if d["metadata"]["name"] == SECRETS_HOOK]
+    assert sorted(d["kind"] for d in hook_objects) == ["Job", "Role", "RoleBinding", "ServiceAccount"]
+    weights: dict[str, int] = {}
+    for doc in hook_objects:
+        notes = doc["metadata"]["annotations"]
+        # Helm runs these before the release's objects; Argo CD maps them to PreSync hooks.
+        assert notes["helm.sh/hook"] == "pre-install,pre-upgrade"
+        assert notes["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+        weights[doc["kind"]] = int(notes["helm.sh/hook-weight"])
+    assert max(weights[k] for k in ("ServiceAccount", "Role", "RoleBinding")) < weights["Job"] < 0
+    # The topics hook runs after install; nothing else may run before the Secrets exist.
+    other_pre_hooks = [d for d in docs if "pre-install" in d["metadata"].get("annotations", {}).get("helm.sh/hook", "")
+                       and d["metadata"]["name"] != SECRETS_HOOK]  # fmt: skip
+    assert other_pre_hooks == []
+    role = one(docs, "Role", SECRETS_HOOK)
+    names = sorted(name for name, _, _ in ensured(docs))
+    get_rule, create_rule = role["rules"]
+    assert sorted(get_rule["resourceNames"]) == names
+    assert {k: v for k, v in get_rule.items() if k != "resourceNames"} == {
+        "apiGroups": [""],
+        "resources": ["secrets"],
+        "verbs": ["get"],
+    }
+    # `create` cannot be limited by name (Kubernetes RBAC); nothing may update, patch or delete.
+    assert create_rule == {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}
+    binding = one(docs, "RoleBinding", SECRETS_HOOK)
+    assert binding["roleRef"]["name"] == SECRETS_HOOK
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": SECRETS_HOOK, "namespace": NAMESPACE}]
+    pod = pod_spec(one(docs, "Job", SECRETS_HOOK))
+    assert pod["serviceAccountName"] == SECRETS_HOOK and pod["restartPolicy"] == "Never"
+    # It runs before the release's ConfigMap and PVC exist: it must not mount them.
+    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {}}]
 
 
 def test_hpas_target_their_deployments_which_then_leave_replicas_to_them(
@@ -348,7 +460,8 @@ def test_external_kafka_sasl_tls_wiring(renders: dict[str, list[dict[str, Any]]]
     assert kafka.security_protocol == "SASL_SSL" and kafka.sasl_mechanism == "SCRAM-SHA-512"
     assert kafka.sasl_username == "synpref" and kafka.sasl_password is None  # never in the ConfigMap
     assert kafka.ssl_cafile == "/etc/synpref/kafka-tls/ca.crt"
-    for doc in [d for d in docs if d["kind"] in {"Deployment", "Job"}]:
+    # Every pod but the secrets hook's (it talks to the Kubernetes API only) gets the Kafka credentials.
+    for doc in [d for d in docs if d["kind"] in {"Deployment", "Job"} and d["metadata"]["name"] != SECRETS_HOOK]:
         pod = pod_spec(doc)
         (container,) = pod["containers"]
         env = {e["name"]: e for e in container["env"]}

@@ -1,10 +1,11 @@
 """Issue 12, desk: the chart's generated desk token must not change on every render.
 
-The real helm renders the chart against a minimal Kubernetes API on loopback that holds the
-desk's token Secret (`--dry-run=server`, so the template's `lookup` reaches it): the value is
-kept, render after render. Without a cluster `lookup` finds nothing, so each render makes a
-new token (docs/desk.md tells GitOps users to set desk.tokensSecret); every generated token
-must pass the desk's own token rule, or the default desk would refuse to start.
+The chart renders no token at all: without desk.tokensSecret its pre-install/pre-upgrade hook
+Job (`synpref secrets ensure`) creates the desk's token Secret once and never replaces it. So
+a render against a cluster that holds the Secret (the real helm with `--dry-run=server`, against
+a minimal Kubernetes API on loopback) is byte for byte the render without one, and two renders
+without a cluster (what GitOps tools do) are too. The token the hook makes must pass the desk's
+own token rule, or the default desk would refuse to start.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 import yaml
 
 from synpref.services.desk.tokens import parse_tokens, token_problem
+from synpref.shared.k8s_secrets import new_value, parse_wanted
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +44,7 @@ def helm() -> str:
 
 
 class KubeApi(BaseHTTPRequestHandler):
-    """Just enough of the API server for helm's discovery, release lookup and the chart's `lookup`."""
+    """Just enough of the API server for helm's discovery and release lookup; it holds the desk's Secret."""
 
     secrets: ClassVar[dict[str, dict[str, str]]] = {SECRET: {"tokens": base64.b64encode(KEPT.encode()).decode()}}
 
@@ -100,8 +102,7 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     thread.join(timeout=10)
 
 
-def desk_tokens(helm: str, *args: str) -> str | None:
-    """The rendered desk token Secret's list, or None if the chart rendered no such Secret."""
+def render(helm: str, *args: str) -> str:
     proc = subprocess.run(
         [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args],
         capture_output=True,
@@ -109,24 +110,33 @@ def desk_tokens(helm: str, *args: str) -> str | None:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    for doc in yaml.safe_load_all(proc.stdout):
-        if doc and doc.get("kind") == "Secret" and doc["metadata"]["name"] == SECRET:
-            return base64.b64decode(doc["data"]["tokens"]).decode()
-    return None
+    return proc.stdout
 
 
-def test_an_existing_token_secret_is_kept_on_every_render(helm: str, kubeconfig: Path) -> None:
-    renders = [desk_tokens(helm, "--dry-run=server", "--kubeconfig", str(kubeconfig)) for _ in range(2)]
-    assert renders == [KEPT, KEPT]
+def desk_specs(rendered: str) -> list[str]:
+    """The `--secret NAME:KEY:FORMAT` arguments of the secrets hook Job that name the desk's Secret."""
+    for doc in yaml.safe_load_all(rendered):
+        assert not (doc and doc.get("kind") == "Secret"), f"the chart rendered Secret {doc['metadata']['name']}"
+        if doc and doc.get("kind") == "Job" and doc["metadata"]["name"] == f"{RELEASE}-synpref-secrets":
+            command = doc["spec"]["template"]["spec"]["containers"][0]["command"]
+            return [arg for arg in command if arg.startswith(f"{SECRET}:")]
+    return []
 
 
-def test_without_a_cluster_each_render_makes_a_new_valid_token(helm: str) -> None:
-    first, second = desk_tokens(helm), desk_tokens(helm)
-    assert first is not None and second is not None and first != second
-    for rendered in (first, second):
-        token = parse_tokens(rendered)["admin"]
+def test_a_render_with_the_secret_in_the_cluster_equals_one_without(helm: str, kubeconfig: Path) -> None:
+    with_cluster = [render(helm, "--dry-run=server", "--kubeconfig", str(kubeconfig)) for _ in range(2)]
+    without = [render(helm) for _ in range(2)]
+    assert with_cluster[0] == with_cluster[1] == without[0] == without[1]
+    assert desk_specs(without[0]) == [f"{SECRET}:tokens:desk"]
+
+
+def test_the_token_the_hook_makes_passes_the_desk_rule(helm: str) -> None:
+    (spec,) = desk_specs(render(helm))
+    wanted = parse_wanted(spec)
+    for _ in range(50):
+        token = parse_tokens(new_value(wanted.format))["admin"]
         assert token_problem(token) is None
 
 
 def test_a_named_secret_renders_no_token_at_all(helm: str) -> None:
-    assert desk_tokens(helm, "--set", "desk.tokensSecret=my-desk-tokens") is None
+    assert desk_specs(render(helm, "--set", "desk.tokensSecret=my-desk-tokens")) == []

@@ -65,7 +65,9 @@ def test_only_the_controller_reaches_the_admin_port(args: list[str]) -> None:
     config = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.yaml"])
     assert config["scorer"]["admin_enabled"] is True and config["scorer"]["model_root"]
     assert config["controller"]["scorer_reload_url"] == f"http://rel-synpref-scorer:{ADMIN_PORT}"
-    secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "rel-synpref-scorer-admin")
+    # No token is rendered: the chart's pre-install/pre-upgrade hook Job creates the Secret once.
+    hook = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["name"] == "rel-synpref-secrets")
+    assert "rel-synpref-scorer-admin:token:token" in hook["spec"]["template"]["spec"]["containers"][0]["command"]
     for component in ("scorer", "controller"):
         pod = next(
             d["spec"]["template"]["spec"]
@@ -73,4 +75,4 @@ def test_only_the_controller_reaches_the_admin_port(args: list[str]) -> None:
             if d["kind"] == "Deployment" and d["metadata"]["name"] == f"rel-synpref-{component}"
         )
         volumes = {v["name"]: v for v in pod["volumes"]}
-        assert volumes["scorer-admin"]["secret"]["secretName"] == secret["metadata"]["name"]
+        assert volumes["scorer-admin"]["secret"]["secretName"] == "rel-synpref-scorer-admin"

@@ -258,3 +258,8 @@ def test_the_command_creates_then_keeps_through_the_kubernetes_client(
     assert cli.main(argv) == 0
     assert handler.secrets["d"]["data"]["tokens"] == first
     assert capsys.readouterr().out.splitlines() == ["created Secret ml/d (key tokens)", "kept Secret ml/d (key tokens)"]
+
+
+def test_without_credentials_the_command_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ensure", "--namespace", NS, "--kubeconfig", str(tmp_path / "none"), "--secret", "s:token"]) == 2
+    assert "no Kubernetes credentials" in capsys.readouterr().err
