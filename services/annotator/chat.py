@@ -74,7 +74,11 @@ class OpenAIChat:
         self.backoff_s = backoff_s
         self.max_tokens = max_tokens
         self.stats = ChatStats()
-        self._session: aiohttp.ClientSession | None = None
+        # A session and a semaphore belong to the event loop they were first used on, and one
+        # backend is called from several loops (the controller runs an Annotator, each with its
+        # own loop, per stage): one of each per loop.
+        self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+        self._semaphores: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -85,23 +89,37 @@ class OpenAIChat:
 
     @property
     def semaphore(self) -> asyncio.Semaphore:
-        """The semaphore bounding concurrent requests (the shared one if given, else one of max_concurrency)."""
-        # Created on first use, inside the event loop that runs the calls.
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.max_concurrency)
-        return self._semaphore
+        """The semaphore bounding concurrent requests: the shared one if given, else one of max_concurrency
+        for the running event loop."""
+        if self._semaphore is not None:
+            return self._semaphore
+        loop = asyncio.get_running_loop()
+        if loop not in self._semaphores:
+            self._forget_closed_loops()
+            self._semaphores[loop] = asyncio.Semaphore(self.max_concurrency)
+        return self._semaphores[loop]
 
     async def session(self) -> aiohttp.ClientSession:
-        """The aiohttp session, opened on first use and reopened after close."""
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
-        return self._session
+        """The running event loop's aiohttp session, opened on first use and reopened after close."""
+        loop = asyncio.get_running_loop()
+        session = self._sessions.get(loop)
+        if session is None or session.closed:
+            self._forget_closed_loops()
+            session = self._sessions[loop] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        return session
+
+    def _forget_closed_loops(self) -> None:
+        # A closed loop can no longer run its session's close(): drop what belonged to it.
+        for loop in [loop for loop in self._sessions if loop.is_closed()]:
+            del self._sessions[loop]
+        for loop in [loop for loop in self._semaphores if loop.is_closed()]:
+            del self._semaphores[loop]
 
     async def close(self) -> None:
-        """Close the HTTP session, if open."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close the running event loop's HTTP session, if open."""
+        session = self._sessions.pop(asyncio.get_running_loop(), None)
+        if session is not None:
+            await session.close()
 
     async def chat(
         self, messages: Messages, *, n: int, temperature: float, response_format: dict[str, Any] | None = None
