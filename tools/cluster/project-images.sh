@@ -2,18 +2,23 @@
 # Build the project's images from docker/<name>.Dockerfile with buildah, on a Debian base
 # made locally by debootstrap, and hand them to the node's containerd (issue 13, item 2).
 #
-#   bash tools/cluster/project-images.sh [cpu|cuda]...     (default: cpu)
+#   bash tools/cluster/project-images.sh [cpu|cuda|kafka]...     (default: cpu)
 #
-# No registry serves python:3.11-slim-bookworm here, so the base is debootstrap's minbase
-# plus Debian's Python 3.11, committed as localhost/python:3.11-slim-bookworm. The package
+# No registry serves the Dockerfiles' base images here, so the bases are made locally from
+# debootstrap's minbase: Debian's Python 3.11 as localhost/python:3.11-slim-bookworm (cpu,
+# cuda), Debian's OpenJDK 17 JRE as localhost/debian/openjdk-17-jre:bookworm and that plus
+# Maven and the JDK as localhost/debian/maven-openjdk-17:bookworm (kafka). The package
 # registries' TLS is re-signed by a CA in the host's bundle: the bundle and a pip.conf naming
-# it are mounted read-only into the build's RUN steps and nothing of them stays in the image.
+# it (for Maven: the host's Java truststore, over the base's own) are mounted read-only into
+# the build's RUN steps and nothing of them stays in the image.
 # Each image is saved as .cache/cluster-images/synpref-<name>.tar (+ .ref), which
 # tools/cluster/up.sh imports; a running cluster gets it imported right away.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-BASE_IMAGE="localhost/python:3.11-slim-bookworm"
+PYTHON_BASE="localhost/python:3.11-slim-bookworm"
+JRE_BASE="localhost/debian/openjdk-17-jre:bookworm"
+MAVEN_BASE="localhost/debian/maven-openjdk-17:bookworm"
 SUITE="bookworm"
 # The mirror apt already uses on this machine.
 MIRROR="$(sed -n 's/^URIs: *\(http[^ ]*debian\)\/* *$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | sed -n 1p)"
@@ -22,6 +27,9 @@ HOST_CA="${HOST_CA:-${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}}"
 # pip's index inside the build: the one pip uses on the host (PyPI unless configured).
 PIP_INDEX="$(pip config get global.index-url 2>/dev/null || true)"
 PIP_INDEX="${PIP_INDEX:-https://pypi.org/simple}"
+# Maven's JVM trusts a Java truststore, not a PEM bundle: the host's, which Debian's
+# ca-certificates-java builds from the same CAs (made from HOST_CA below when missing).
+JAVA_TRUSTSTORE="${JAVA_TRUSTSTORE:-/etc/ssl/certs/java/cacerts}"
 # overlay, not vfs: these images hold gigabytes of wheels in several layers.
 BUILDAH=(buildah --root "$ROOT/.cache/buildah-project/root" --runroot /run/synpref-buildah-project
   --storage-driver overlay)
@@ -39,34 +47,88 @@ mkdir -p "$IMAGES"
 scratch="$(mktemp -d "$ROOT/.cache/project-images.XXXXXX")"
 trap 'rm -rf "$scratch"' EXIT
 
-if ! "${BUILDAH[@]}" inspect --type image "$BASE_IMAGE" >/dev/null 2>&1; then
-  log "debootstrap $SUITE from $MIRROR"
-  started=$SECONDS
-  nice -n 10 debootstrap --variant=minbase \
-    --include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates \
-    "$SUITE" "$scratch/rootfs" "$MIRROR" >"$scratch/debootstrap.log" 2>&1 ||
+# make_debian_base IMAGE PACKAGES CMD: debootstrap's minbase with PACKAGES (comma-separated),
+# committed as IMAGE, once; later runs reuse it.
+make_debian_base() {
+  local image="$1" packages="$2" cmd="$3"
+  "${BUILDAH[@]}" inspect --type image "$image" >/dev/null 2>&1 && return 0
+  log "debootstrap $SUITE with $packages from $MIRROR"
+  local started=$SECONDS rootfs="$scratch/rootfs"
+  nice -n 19 debootstrap --variant=minbase --include="$packages" \
+    "$SUITE" "$rootfs" "$MIRROR" >"$scratch/debootstrap.log" 2>&1 ||
     { tail -20 "$scratch/debootstrap.log" >&2; die "debootstrap failed"; }
-  rm -rf "$scratch/rootfs/var/cache/apt/archives/"*.deb "$scratch/rootfs/var/lib/apt/lists/"*
-  tar -C "$scratch/rootfs" -cf "$scratch/rootfs.tar" .
+  rm -rf "$rootfs/var/cache/apt/archives/"*.deb "$rootfs/var/lib/apt/lists/"*
+  tar -C "$rootfs" -cf "$scratch/rootfs.tar" .
+  local container
   container="$("${BUILDAH[@]}" from scratch)"
   "${BUILDAH[@]}" add "$container" "$scratch/rootfs.tar" / >/dev/null
   "${BUILDAH[@]}" config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    --env LANG=C.UTF-8 --cmd python3 "$container"
-  "${BUILDAH[@]}" commit --quiet --rm "$container" "$BASE_IMAGE" >/dev/null
-  rm -rf "$scratch/rootfs" "$scratch/rootfs.tar"
-  log "base $BASE_IMAGE in $((SECONDS - started))s"
-fi
+    --env LANG=C.UTF-8 --cmd "$cmd" "$container"
+  "${BUILDAH[@]}" commit --quiet --rm "$container" "$image" >/dev/null
+  rm -rf "$rootfs" "$scratch/rootfs.tar"
+  log "base $image in $((SECONDS - started))s"
+}
+
+# The Maven builder: the JRE base plus Debian's maven and JDK, installed with apt (Debian's
+# mirror is plain HTTP; apt checks the packages' signatures itself).
+make_maven_base() {
+  "${BUILDAH[@]}" inspect --type image "$MAVEN_BASE" >/dev/null 2>&1 && return 0
+  make_debian_base "$JRE_BASE" openjdk-17-jre-headless,ca-certificates java
+  log "adding maven and openjdk-17-jdk-headless to $JRE_BASE"
+  local started=$SECONDS container
+  container="$("${BUILDAH[@]}" from --pull=never "$JRE_BASE")"
+  nice -n 19 "${BUILDAH[@]}" run --isolation=chroot "$container" -- sh -c \
+    'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends maven openjdk-17-jdk-headless && apt-get clean && rm -rf /var/lib/apt/lists/*' \
+    >"$scratch/apt.log" 2>&1 || { tail -20 "$scratch/apt.log" >&2; die "apt-get in $JRE_BASE failed"; }
+  "${BUILDAH[@]}" config --cmd mvn "$container"
+  "${BUILDAH[@]}" commit --quiet --rm "$container" "$MAVEN_BASE" >/dev/null
+  log "base $MAVEN_BASE in $((SECONDS - started))s"
+}
+
+# A JKS truststore made from the PEM bundle, for hosts without Debian's Java cacerts.
+truststore_from_bundle() {
+  local store="$1" i=0 cert
+  csplit -s -z -f "$scratch/ca-" "$HOST_CA" '/-----BEGIN CERTIFICATE-----/' '{*}'
+  for cert in "$scratch"/ca-*; do
+    i=$((i + 1))
+    nice -n 19 keytool -importcert -noprompt -storetype JKS -keystore "$store" -storepass changeit \
+      -alias "ca-$i" -file "$cert" >/dev/null 2>&1 || die "keytool could not import $cert"
+  done
+  rm -f "$scratch"/ca-*
+}
 
 printf '[global]\ncert = /etc/pip-ca.crt\nindex-url = %s\n' "$PIP_INDEX" >"$scratch/pip.conf"
 for name in "${names[@]}"; do
-  image="localhost/synpref/$name:dev"
+  case "$name" in
+    kafka)
+      make_maven_base
+      make_debian_base "$JRE_BASE" openjdk-17-jre-headless,ca-certificates java
+      # Tagged with the Kafka version of tools/kafka/pom.xml, like apache/kafka:<version>.
+      kafka_version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$ROOT/tools/kafka/pom.xml")"
+      [[ -n "$kafka_version" ]] || die "no <kafka.version> in tools/kafka/pom.xml"
+      image="localhost/synpref/kafka:$kafka_version"
+      truststore="$JAVA_TRUSTSTORE"
+      if [[ ! -f "$truststore" ]]; then
+        truststore="$scratch/cacerts"
+        truststore_from_bundle "$truststore"
+      fi
+      # Over the bases' own Java truststore (Debian's ca-certificates-java): the path exists
+      # in both stages, so the mount leaves no file behind in the image.
+      build_args=(--build-arg "MAVEN_IMAGE=$MAVEN_BASE" --build-arg "JRE_IMAGE=$JRE_BASE"
+        --volume "$truststore:/etc/ssl/certs/java/cacerts:ro")
+      ;;
+    *)
+      make_debian_base "$PYTHON_BASE" python3,python3-venv,python3-pip,python-is-python3,ca-certificates python3
+      image="localhost/synpref/$name:dev"
+      build_args=(--build-arg "PYTHON_IMAGE=$PYTHON_BASE" --build-arg "TORCH_INDEX=$PIP_INDEX"
+        --volume "$HOST_CA:/etc/pip-ca.crt:ro" --volume "$scratch/pip.conf:/etc/pip.conf:ro")
+      ;;
+  esac
   log "building $image from docker/$name.Dockerfile"
   started=$SECONDS
   (
     cd "$ROOT"
-    nice -n 10 "${BUILDAH[@]}" bud --isolation=chroot --pull=never --layers \
-      --build-arg "PYTHON_IMAGE=$BASE_IMAGE" --build-arg "TORCH_INDEX=$PIP_INDEX" \
-      --volume "$HOST_CA:/etc/pip-ca.crt:ro" --volume "$scratch/pip.conf:/etc/pip.conf:ro" \
+    nice -n 19 "${BUILDAH[@]}" bud --isolation=chroot --pull=never --layers "${build_args[@]}" \
       -f "docker/$name.Dockerfile" -t "$image" .
   )
   built=$((SECONDS - started))

@@ -1,0 +1,3 @@
+#!/bin/sh
+# Apache Kafka's bin/kafka-storage.sh for this image: format, info, random-uuid, ...
+exec "$(dirname -- "$0")/kafka-run-class.sh" kafka.tools.StorageTool "$@"
