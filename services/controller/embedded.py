@@ -39,7 +39,8 @@ def check_runnable(settings: Settings) -> None:
         raise ConfigError("controller.sources is empty: list the pair files or folders to curate")
     if not settings.annotator.judges and not (c.study and c.study.judges):
         raise ConfigError(
-            "no LLM judges configured: set annotator.judges (OpenAI-compatible endpoints: name, base_url, model;"
+            "no LLM judges configured: set annotator.judges (OpenAI-compatible endpoints:"
+            " name = the model name, base_url, api_key_env;"
             " see docs/pipeline.md), or, for a study with simulated judges, controller.study.judges"
         )
 

@@ -33,6 +33,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "synpref"
 EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
+# The judges and sources every install must give (the chart refuses to render without them).
+BASE_VALUES = CHART / "ci" / "base-values.yaml"
 # The chart's kubeVersion is >=1.30; these are the versions it is validated against.
 KUBE_VERSIONS = ["1.30", "1.31", "1.32", "1.33", "1.34", "1.35"]
 RELEASE, NAMESPACE = "rel", "ml"
@@ -49,9 +51,11 @@ def helm() -> str:
     return str(ROOT / ".cache" / "bin" / "helm")
 
 
-def run_helm(helm: str, *args: str, chart: Path = CHART) -> subprocess.CompletedProcess[str]:
+def run_helm(helm: str, *args: str, chart: Path = CHART, base: bool = True) -> subprocess.CompletedProcess[str]:
+    """`helm template` of `chart` with BASE_VALUES first (unless not `base`), then `args`."""
+    first = ["-f", str(BASE_VALUES)] if base else []
     return subprocess.run(
-        [helm, "template", RELEASE, str(chart), "--namespace", NAMESPACE, *args],
+        [helm, "template", RELEASE, str(chart), "--namespace", NAMESPACE, *first, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -121,10 +125,12 @@ def test_example_files_exist() -> None:
 
 @pytest.mark.parametrize("values", [None, *EXAMPLES], ids=lambda p: p.stem if p else "default")
 def test_helm_lint_strict_is_clean(helm: str, values: Path | None) -> None:
-    args = ["-f", str(values)] if values else []
+    # Without the base values the templates fail early and lint would pass on what it never rendered.
+    args = ["-f", str(BASE_VALUES), *(["-f", str(values)] if values else [])]
     proc = subprocess.run([helm, "lint", "--strict", str(CHART), *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+    assert "Fail:" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout
 
 
@@ -442,6 +448,45 @@ def test_pipeline_config_loads_into_the_settings_model(
             assert settings.scoring.scorer_address == f"{RELEASE}-synpref-scorer:50060"
 
 
+JUDGES_MISSING = "the controller and the annotator need LLM judges: set config.annotator.judges"
+SOURCES_MISSING = "controller.enabled needs config.controller.sources"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], JUDGES_MISSING),
+        (["--set", "controller.enabled=false"], JUDGES_MISSING),  # the annotator pods still need them
+        (["--set-json", 'config.annotator.judges=[{"name":"j","base_url":"http://j/v1"}]'], SOURCES_MISSING),
+        (["--set-json", 'config.controller.study={"judges":[{"name":"sim"}]}'], JUDGES_MISSING),
+    ],
+)
+def test_bare_defaults_refuse_a_controller_without_judges_or_sources(helm: str, args: list[str], message: str) -> None:
+    proc = run_helm(helm, *args, base=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_without_controller_and_annotator_nothing_needs_judges(helm: str) -> None:
+    proc = run_helm(helm, "--set", "controller.enabled=false,stages.annotator.enabled=false", base=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_default_controller_is_production_with_the_desk_and_scores_through_the_scorer(
+    renders: dict[str, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SYNPREF_CONFIG", raising=False)
+    for name in ("default", "example:gpu-cluster", "example:cpu-dev"):
+        path = tmp_path / f"{name.replace(':', '_')}.yaml"
+        path.write_text(one(renders[name], "ConfigMap", f"{RELEASE}-synpref-config")["data"]["config.yaml"])
+        settings = load_settings(path)
+        c = settings.controller
+        assert c.study is None and c.human == "desk" and c.sources, name
+        assert settings.annotator.judges, name
+        assert c.executor == "kafka" and c.scorer_reload_url == f"http://{RELEASE}-synpref-scorer:8081", name
+        assert settings.scoring.mode == "grpc" and settings.scoring.scorer_address == f"{RELEASE}-synpref-scorer:50060"
+        assert one(renders[name], "Deployment", f"{RELEASE}-synpref-controller")
+
+
 def test_training_config_loads_into_reward_config(renders: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
     from synpref.training.reward_config import RewardConfig
 
@@ -552,7 +597,8 @@ def test_controller_trains_with_the_charts_job_shape(
         assert (controller.executor, controller.training) == ("kafka", "k8s")
         assert TrainingJobSpec(**controller.k8s_job) == TrainingJobSpec(**yaml.safe_load(data["train-job.yaml"]))
     config = yaml.safe_load(one(renders["minimal"], "ConfigMap", f"{RELEASE}-synpref-config")["data"]["config.yaml"])
-    assert "controller" not in config
+    # The controller is off: the chart adds none of its cluster settings (the base values' sources stay).
+    assert config["controller"] == {"sources": ["/data/input"]}
 
 
 def test_job_comparison_sees_a_difference(renders: dict[str, list[dict[str, Any]]]) -> None:

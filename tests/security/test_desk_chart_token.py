@@ -104,7 +104,17 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def render(helm: str, *args: str) -> str:
     proc = subprocess.run(
-        [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args],
+        [
+            helm,
+            "template",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            NAMESPACE,
+            "-f",
+            str(CHART / "ci" / "base-values.yaml"),
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=120,

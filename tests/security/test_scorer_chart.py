@@ -21,7 +21,19 @@ def render(*args: str) -> list[dict[str, Any]]:
     if not HELM.exists():
         subprocess.run(["bash", str(ROOT / "tools" / "helm" / "build.sh")], check=True, timeout=1200)
     proc = subprocess.run(
-        [str(HELM), "template", "rel", str(CHART), "--namespace", "ml", *args], capture_output=True, text=True
+        [
+            str(HELM),
+            "template",
+            "rel",
+            str(CHART),
+            "--namespace",
+            "ml",
+            "-f",
+            str(CHART / "ci" / "base-values.yaml"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     return [d for d in yaml.safe_load_all(proc.stdout) if d]

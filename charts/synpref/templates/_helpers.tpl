@@ -199,4 +199,14 @@ ssl_keyfile: /etc/synpref/kafka-tls/{{ $k.tls.keyKey }}
 {{- if and (gt (int .Values.training.nodes) 1) (lt (int .Values.training.gpusPerNode) 1) }}
 {{- fail "training.nodes > 1 runs torchrun across nodes and needs training.gpusPerNode >= 1" }}
 {{- end }}
+{{- /* No silent default stands in for the judges or the pairs: the services would only crash-loop
+(the annotator with an empty panel, the controller with exit 2) on what is checkable here. The study's
+simulated judges run in the controller's own process, never in the annotator pods. */}}
+{{- $judges := dig "annotator" "judges" list .Values.config }}
+{{- if and (or .Values.controller.enabled .Values.stages.annotator.enabled) (not $judges) }}
+{{- fail "the controller and the annotator need LLM judges: set config.annotator.judges (OpenAI-compatible endpoints: name = the model name, base_url, api_key_env; see docs/deploy.md), or set controller.enabled=false and stages.annotator.enabled=false" }}
+{{- end }}
+{{- if and .Values.controller.enabled (not (dig "controller" "sources" list .Values.config)) }}
+{{- fail "controller.enabled needs config.controller.sources: the pair files or folders to curate, on the volume (e.g. [/data/input]); or set controller.enabled=false" }}
+{{- end }}
 {{- end }}
