@@ -110,12 +110,14 @@ def preload(kafka: KafkaSettings, topic: str, records: list[PairRecord]) -> tupl
 
 def run_consumers(kafka: KafkaSettings, raw: str, n: int, consumers: int, workdir: Path) -> dict[str, float]:
     out_topic = f"bench-out-{uuid.uuid4().hex[:8]}"
-    ensure_topics(kafka, [out_topic, f"{out_topic}.dlq"], partitions=3, replication_factor=1)
+    # The pass-through reads both stages' raw topics: Stage 1's is an empty one of its own.
+    ensure_topics(kafka, [out_topic, f"{out_topic}.dlq", f"{out_topic}.s1"], partitions=3, replication_factor=1)
     env = {
         **os.environ,
         "SYNPREF_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "SYNPREF_TOPICS__RAW": raw,
-        "SYNPREF_TOPICS__ANNOTATED": out_topic,
+        "SYNPREF_TOPICS__S1_RAW": f"{out_topic}.s1",
+        "SYNPREF_TOPICS__S2_RAW": raw,
+        "SYNPREF_TOPICS__S2_ANNOTATED": out_topic,
         "SYNPREF_TOPICS__DEAD_LETTER": f"{out_topic}.dlq",
         "SYNPREF_SERVICE__GROUP_ID": f"bench-{uuid.uuid4().hex[:8]}",
         "SYNPREF_SERVICE__HOST": "127.0.0.1",

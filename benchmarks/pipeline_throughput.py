@@ -133,9 +133,9 @@ def run_in_process(
     buffered: list[PairRecord] = []
     for i in range(0, len(records), BATCH):
         batch = records[i : i + BATCH]
-        annotated = [r for _, r in timed("annotate", annotate, batch).routed]
-        scored = [r for _, r in timed("score", score, annotated).routed]
-        buffered += [r for route, r in timed("filter", decide, scored).routed if route == "curated"]
+        scored = [r for _, r in timed("score", score, batch).routed]
+        annotated = [r for _, r in timed("annotate", annotate, scored).routed]
+        buffered += [r for route, r in timed("filter", decide, annotated).routed if route == "curated"]
         if len(buffered) >= SHARD_ROWS:  # shards of the same size as the Kafka writer's
             timed("write", dataset.append, buffered)
             buffered = []
@@ -158,8 +158,8 @@ def run_kafka(
     stop = threading.Event()
     runners = []
     decide = make_filter_stage(settings.filter)
-    for name, route, stage in (("annotator", "raw", annotate), ("gold-scorer", "annotated", score),
-                               ("filter", "scored", decide)):  # fmt: skip
+    for name, route, stage in (("gold-scorer", "raw", score), ("annotator", "scored", annotate),
+                               ("filter", "annotated", decide)):  # fmt: skip
         for _ in range(consumers):
             runner = StageRunner(settings, stage, service=name, input_route=route, group_id=f"{base}-{name}", stop=stop)
             runner.open()
@@ -182,7 +182,7 @@ def run_kafka(
     producer = make_producer(kafka)
     started = time.perf_counter()
     for record in records:
-        out = encode_record(record, topics.raw)
+        out = encode_record(record, topics.s2_raw)
         producer.send(out.topic, key=out.key, value=out.value, headers=out.headers)
     producer.flush(60)
     while writer_stats.processed < len(records) and time.perf_counter() - started < 600:

@@ -48,9 +48,9 @@ from synpref.v1.pair_pb2 import DECISION_DISCARD, DECISION_KEEP, PairRecord  # n
 from testing.local_kafka import free_port  # noqa: E402
 
 STAGES = {  # stage -> (synpref command, input route, output routes; [] = dataset rows)
-    "annotator": ("annotator", "raw", ["annotated"]),
-    "gold-scorer": ("gold-scorer", "annotated", ["scored"]),
-    "filter": ("filter", "scored", ["curated", "review", "discarded"]),
+    "gold-scorer": ("gold-scorer", "s2_raw", ["s2_scored"]),
+    "annotator": ("annotator", "s2_scored", ["s2_annotated"]),
+    "filter": ("filter", "s2_annotated", ["s2_decided"]),
     "writer": ("writer", "curated", []),
 }
 

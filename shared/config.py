@@ -70,13 +70,28 @@ class KafkaSettings(Section):
         return kwargs
 
 
-class TopicSettings(Section):
-    """The `topics` section: the name of each pipeline topic, by role."""
+STAGE_ROUTES = ("raw", "scored", "annotated", "decided")
+"""Routes with one topic per curation stage (fields s1_<route>, s2_<route>): docs/architecture.md, Topics."""
 
-    raw: str = "synpref.pairs.raw"
-    annotated: str = "synpref.pairs.annotated"
-    scored: str = "synpref.pairs.scored"
+
+class TopicSettings(Section):
+    """The `topics` section: the name of each pipeline topic, by role.
+
+    Stage 1 and Stage 2 each have their own raw -> scored -> annotated -> decided topics. A stage
+    service reads both stages' topics of its input route and writes each record to the topic of
+    its lineage.stage (stage_topic), so the stages never share a topic.
+    """
+
+    s1_raw: str = "synpref.s1.raw"
+    s1_scored: str = "synpref.s1.scored"
+    s1_annotated: str = "synpref.s1.annotated"
+    s1_decided: str = "synpref.s1.decided"
+    s2_raw: str = "synpref.s2.raw"
+    s2_scored: str = "synpref.s2.scored"
+    s2_annotated: str = "synpref.s2.annotated"
+    s2_decided: str = "synpref.s2.decided"
     curated: str = "synpref.pairs.curated"
+    """KEEP and FLIP pairs for the dataset writer."""
     review: str = "synpref.pairs.review"
     verified: str = "synpref.pairs.verified"
     dead_letter: str = "synpref.pairs.dlq"
@@ -86,6 +101,20 @@ class TopicSettings(Section):
     def all(self) -> list[str]:
         """Every topic name, in field order."""
         return list(self.model_dump().values())
+
+    def stage_topic(self, route: str, stage: int) -> str:
+        """The topic of `route` for a record of `stage` (its lineage.stage): a stage route's topic of that
+        stage (a record no controller staged, stage 0 from `synpref ingest`, is Stage 2's, the automatic
+        one), else the route's own topic."""
+        if route not in STAGE_ROUTES:
+            return getattr(self, route)
+        return getattr(self, f"s{1 if stage == 1 else 2}_{route}")
+
+    def topics_of(self, route: str) -> list[str]:
+        """The topics of `route`: both stages' for a stage route (what a service reading it consumes)."""
+        if route in STAGE_ROUTES:
+            return [self.stage_topic(route, 1), self.stage_topic(route, 2)]
+        return [getattr(self, route)]
 
 
 class JudgeSettings(Section):

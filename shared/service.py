@@ -219,8 +219,8 @@ class Service:
             processed=snap["processed"],
             failed=snap["failed"],
             dead_lettered=snap["dead_lettered"],
-            input_topic=getattr(topics, self.spec.input_route),
-            output_topics=[getattr(topics, r) for r in self.spec.output_routes],
+            input_topic=",".join(topics.topics_of(self.spec.input_route)),
+            output_topics=[t for r in self.spec.output_routes for t in topics.topics_of(r)],
             counters=counters,
         )
 
@@ -269,7 +269,7 @@ class Service:
                 )  # fmt: skip
                 runner.open()
             self._set_serving(True)
-            where = f"input={runner.input_topic} group={runner.group_id}" if runner else "gRPC only"
+            where = f"input={','.join(runner.input_topics)} group={runner.group_id}" if runner else "gRPC only"
             host = self.settings.service.host
             print(
                 f"{self.spec.name} ready: grpc={host}:{self.grpc_port} metrics={host}:{self.metrics_port} {where}",

@@ -8,6 +8,8 @@ max_examples; (c) n votes from every judge, run concurrently; (d) the aggregate.
 Pairs the best RM already gets right with margin (p_best > 0.5 + band) need no judges in
 Stage 2; when the record carries p_best (the gold-scorer ran first), they are skipped if
 `skip_confident` is set, which saves the calls and changes nothing the filter decides.
+A Stage-1 record's p_best is the working RM's, the one Stage 1 checks: judges see every
+such pair with max_examples examples, whatever its p.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from synpref.services.annotator.prompts import Example, attributes_dict
 from synpref.shared.pairs import message_dicts, needs_annotation, now, pair_problem
 from synpref.shared.roles import BEST
 from synpref.shared.stage import Stage, StageResult
-from synpref.v1.pair_pb2 import PairRecord
+from synpref.v1.pair_pb2 import STAGE_ONE, PairRecord
 
 log = logging.getLogger(__name__)
 STEP = "annotator"
@@ -90,7 +92,7 @@ class Annotator:
             if attributes is not None:
                 out.attributes.CopyFrom(attributes)
         attrs = attributes_dict(out.attributes) if out.attributes.task_category else {}
-        best = next((s.p for s in out.scores if s.model == BEST), None)
+        best = None if out.lineage.stage == STAGE_ONE else next((s.p for s in out.scores if s.model == BEST), None)
         if self.skip_confident and best is not None and not needs_annotation(best, self.band):
             out.lineage.steps.append(STEP)
             return out

@@ -1,4 +1,8 @@
-"""`synpref annotator`: attributes and judge votes, from the raw topic to the annotated topic."""
+"""`synpref annotator`: attributes and judge votes, from the scored to the annotated topics (each stage's own).
+
+Stage-2 pairs the best RM already gets right are passed on without judges when
+annotator.skip_confident is set (the chart sets it, as the in-process loop does).
+"""
 
 from __future__ import annotations
 
@@ -52,7 +56,8 @@ def build_annotator(settings: Settings, examples=None) -> Annotator:
 
 
 def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
-    """The annotator service: the annotator stage, reading `--input-route` and writing the annotated topic."""
+    """The annotator service: the annotator stage, reading `--input-route` and writing each record's stage's
+    annotated topic."""
     annotator = build_annotator(settings)
     return ServiceSpec(
         name="annotator",
@@ -66,4 +71,4 @@ def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
 
 def main(argv: list[str]) -> int:
     """`synpref annotator`: run the annotator service until SIGTERM."""
-    return serve(make_spec, service_parser("annotator", __doc__, input_route="raw").parse_args(argv))
+    return serve(make_spec, service_parser("annotator", __doc__, input_route="scored").parse_args(argv))

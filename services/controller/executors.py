@@ -1,11 +1,14 @@
 """Where the loop's stages run: in this process, or in the Kafka services of a cluster.
 
-The loop asks for named steps over a batch of records and gets a StageResult back:
-  "annotate": Stage-1 judging of retrieved pairs (annotator)      -> route "annotated"
-  "stage2":   Stage-2 curation of the pairs left in D_un           -> "curated" / "discarded"
-              (in process: gold-scorer, annotator skipping the pairs the best RM already
-              gets right, consistency filter; in the cluster the same three services,
-              chained by their topics).
+The loop asks for named steps over a batch of records and gets a StageResult back. Both
+stages run the same chain, score -> annotate -> filter (docs/architecture.md, Data flow):
+  "stage1": retrieved pairs of a Stage-1 iteration (working RM, judges, stage-1 rule)
+            -> "review" / "discarded" (REVIEW: gold candidates; SKIP)
+  "stage2": the pairs left in D_un (gold and best RM, judges where the best RM is not
+            sure, KEEP / FLIP / DISCARD)                         -> "curated" / "discarded"
+  "review": human verification through the desk                 -> "verified" / "discarded"
+In process the stage functions are chained here; in the cluster the same functions run as
+the gold-scorer, annotator and filter services, chained by each stage's own topics.
 Records that fail come back in StageResult.failed (dead-letter topic in the cluster).
 Results are matched to inputs by record key (the ingest id, stable across flips).
 """
@@ -17,20 +20,23 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from synpref.services.consistency_filter.rules import ROUTE_OF
 from synpref.services.controller.state import key_of
 from synpref.shared.config import Settings
 from synpref.shared.stage import Stage, StageResult
-from synpref.v1.pair_pb2 import DECISION_DISCARD, DECISION_SKIP, PairRecord
+from synpref.v1.pair_pb2 import PairRecord
 
 log = logging.getLogger(__name__)
 
-# name -> (input route, output routes) in the cluster's topic graph
+# name -> (input topic field, output topic fields) in the cluster's topic graph
 KAFKA_PLANS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "annotate": ("raw", ("annotated",)),
-    "stage2": ("raw", ("curated", "discarded")),
+    "stage1": ("s1_raw", ("s1_decided",)),
+    "stage2": ("s2_raw", ("s2_decided",)),
     # Human review through the desk service: review topic in, its decisions out.
     "review": ("review", ("verified", "discarded")),
 }
+DECIDED = frozenset({"s1_decided", "s2_decided"})
+"""The filter's output topics: a record's route there is its decision's (rules.ROUTE_OF), as in process."""
 
 
 class StageExecutor(Protocol):
@@ -81,11 +87,9 @@ class InProcessExecutor:
         return out
 
 
-def route_of(record: PairRecord, outputs: tuple[str, ...], topic_route: str) -> str:
-    """The route a consumed record came from (the filter's discarded SKIP/DISCARD land on "discarded")."""
-    if topic_route in outputs:
-        return topic_route
-    return "discarded" if record.decision.decision in (DECISION_DISCARD, DECISION_SKIP) else topic_route
+def route_of(record: PairRecord, topic_route: str) -> str:
+    """The route of a record consumed from the topic of `topic_route`: its decision's on a decided topic."""
+    return ROUTE_OF[record.decision.decision] if topic_route in DECIDED else topic_route
 
 
 class KafkaExecutor:
@@ -119,9 +123,6 @@ class KafkaExecutor:
         out = StageResult()
         if not pending:
             return out
-        # Results of an earlier batch of the same pairs (say, Stage-1 records still draining
-        # down the pipeline) carry another lineage.stage: they are not this batch's.
-        stage = records[0].lineage.stage
         consumer = make_consumer(self.settings.kafka, None, enable_auto_commit=False)  # type: ignore[arg-type]
         producer = make_producer(self.settings.kafka)
         try:
@@ -146,14 +147,16 @@ class KafkaExecutor:
                         except PayloadError:
                             continue
                         key = key_of(record)
-                        if key not in pending or record.lineage.stage != stage:
+                        if key not in pending:
                             continue
                         if route == "dead_letter":
                             reason = header_map(msg.headers).get(DLQ_REASON, "dead-lettered")
                             out.fail(pending.pop(key), reason)
+                        elif route in DECIDED and record.decision.decision not in ROUTE_OF:
+                            out.fail(pending.pop(key), f"no decision on {tp.topic}")
                         else:
                             pending.pop(key)
-                            out.emit(route_of(record, outputs, route), record)
+                            out.emit(route_of(record, route), record)
             if pending:
                 raise TimeoutError(f"{name}: {len(pending)} of {len(records)} records not back in {self.timeout_s:g}s")
             return out

@@ -21,7 +21,7 @@ import numpy as np
 
 from synpref.services.annotator.annotate import Annotator
 from synpref.services.annotator.judges import Judge
-from synpref.services.consistency_filter.rules import human_candidates, make_filter_stage, silver_label
+from synpref.services.consistency_filter.rules import human_candidates, make_filter_stage, score_of, silver_label
 from synpref.services.controller.embeddings import EmbeddingTable, load_or_embed_table
 from synpref.services.controller.executors import InProcessExecutor, StageExecutor, chain
 from synpref.services.controller.final_steps import FinalSteps
@@ -63,8 +63,8 @@ class Controller(FinalSteps):
         models: trains, scores and exports reward models (RewardModels).
         humans: the human verifiers asked about Stage-1 gold candidates and the seed.
         judges: the LLM judges the in-process annotator stage calls.
-        executor: runs the "annotate" and "stage2" stages; default: in process, built by
-            `in_process_stage`.
+        executor: runs the "stage1" and "stage2" chains (score -> annotate -> filter); default: in
+            process, built by `in_process_stage`.
         embed: texts -> vectors for retrieval; default: an Embedder of
             `settings.annotator.embedding_model`, built on first use.
         on_step: called with each step's name after the step is committed.
@@ -103,7 +103,8 @@ class Controller(FinalSteps):
         self.state = self.store.load()
         self.records: Records = self.store.read_records(self.state.records)
         self.table: EmbeddingTable | None = None
-        self._stage2_models: list[ScoringModel] = []
+        self._stage_models: list[ScoringModel] = []
+        """The RMs the scoring stage of the current stage uses (in the cluster the scorer serves them)."""
 
     # ------------------------------------------------------------ plumbing
 
@@ -127,18 +128,17 @@ class Controller(FinalSteps):
         return {k: len(v) for k, v in sorted(self.state.pools.items())}
 
     def in_process_stage(self, name: str) -> Stage:
-        """The Stage for executor stage `name`: "annotate" or "stage2"; KeyError otherwise.
+        """The Stage for executor stage `name`: "stage1" or "stage2"; KeyError otherwise.
 
-        "stage2" chains the gold/best scoring stage, an annotator that skips confident pairs, and
-        the stage-2 filter.
+        Both chain the same three stages the cluster's services run: scoring (Stage 1: the working
+        RM as BEST; Stage 2: gold and best), the annotator (in Stage 2 it skips the pairs the best
+        RM already gets right; Stage-1 pairs are all judged) and the filter with the stage's rule.
         """
-        if name == "annotate":
-            return Annotator(self.judges, self.labeller, self.table, max_examples=min(self.c.k_max, 8)).stage()
-        if name == "stage2":
-            f = self.settings.filter.model_copy(update={"stage": 2})
-            annotator = Annotator(self.judges, self.labeller, self.table, skip_confident=True, band=f.band)
-            return chain(make_scoring_stage(self._stage2_models), annotator.stage(), make_filter_stage(f))
-        raise KeyError(name)
+        stage = {"stage1": 1, "stage2": 2}[name]
+        f = self.settings.filter.model_copy(update={"stage": stage})
+        max_examples = min(self.c.k_max, 8) if stage == 1 else 8
+        annotator = Annotator(self.judges, self.labeller, self.table, max_examples, skip_confident=True, band=f.band)
+        return chain(make_scoring_stage(self._stage_models), annotator.stage(), make_filter_stage(f))
 
     # ------------------------------------------------------------ the loop
 
@@ -299,6 +299,15 @@ class Controller(FinalSteps):
         s.results["best_rm"] = {"iteration": -neg_iteration, "gold_accuracy": acc, "gold_pairs": len(gold)}
         return -neg_iteration
 
+    def serve_models(self, handles: dict[str, ModelHandle]) -> None:
+        """The RMs the next stage's scoring uses, by role: in process, scored here; in the cluster the
+        gold-scorer service scores through the scorer, which is given them (controller.scorer_reload_url)."""
+        self._stage_models = [
+            ScoringModel(role, handle.version, partial(self.models.score, handle)) for role, handle in handles.items()
+        ]
+        if self.c.executor == "kafka" and self.c.scorer_reload_url:
+            self.reload(export_registry(self.models, handles, self.root / "models"))
+
     def score_into(self, keys: list[str], handle: ModelHandle, role: str) -> dict[str, float]:
         """Score `keys` with `handle`, replace each record's `role` score, and return key -> p(chosen > rejected)."""
         rewards = self.models.score(handle, self.pairs(keys))
@@ -331,23 +340,18 @@ class Controller(FinalSteps):
         entry: dict[str, Any] = {"iteration": t, "rm_errors": errors, "retrieved": len(retrieved)}
         if retrieved:
             for key in retrieved:
-                # Judges see every retrieved pair in Stage 1: no best-RM score yet, so an annotator
-                # that skips confident pairs (a Stage-2 setting) skips none of them.
                 record = self.records[key]
-                kept = [sc for sc in record.scores if sc.model != BEST]
-                del record.scores[:]
-                record.scores.extend(kept)
                 record.lineage.stage = STAGE_ONE
                 record.lineage.iteration = t
-            result = self.executor.run("annotate", [self.records[k] for k in retrieved])
+            self.serve_models({BEST: handle})
+            # Scored by the working RM, judged, and decided by the stage-1 rule: pairs the RM gets
+            # wrong or is unsure of are gold candidates (REVIEW).
+            result = self.executor.run("stage1", [self.records[k] for k in retrieved])
             annotated = {key_of(r): r for _, r in result.routed}
             self.records.update(annotated)
-            pb = self.score_into(sorted(annotated), handle, BEST)
-            # The stage-1 rule: pairs the RM gets wrong or is unsure of are gold candidates.
-            f1 = make_filter_stage(self.settings.filter.model_copy(update={"stage": 1}))
-            decided = f1([self.records[k] for k in sorted(annotated)])
-            review = [key_of(r) for _, r in decided.routed if r.decision.decision == DECISION_REVIEW]
-            to_humans = human_candidates({k: pb[k] for k in review}, self.c.human_budget)
+            review = [k for k, r in annotated.items() if r.decision.decision == DECISION_REVIEW]
+            pb = {k: score.p for k in review if (score := score_of(annotated[k], BEST)) is not None}
+            to_humans = human_candidates(pb, self.c.human_budget)
             gold_added, dropped = self.ask_humans(to_humans, t)
             silver, flipped, abstained = self.judge_labels([k for k in sorted(annotated) if k not in set(to_humans)], t)
             entry.update(
@@ -388,18 +392,9 @@ class Controller(FinalSteps):
         """Stage 2: score, annotate and filter every pair still unverified; curated ones join the stage2 pool."""
         s = self.state
         keys = s.pool("unverified")
-        gold, best = self.handle(GOLD), self.handle(BEST)
-        self._stage2_models = [
-            ScoringModel(GOLD, gold.version, lambda pairs: self.models.score(gold, pairs)),
-            ScoringModel(BEST, best.version, lambda pairs: self.models.score(best, pairs)),
-        ]
-        # The cluster's annotator sees p_best before the gold scorer runs: score here first.
-        self.score_into(keys, best, BEST)
         for key in keys:
             self.records[key].lineage.stage = STAGE_TWO
-        if self.c.executor == "kafka" and self.c.scorer_reload_url:
-            # The gold-scorer service scores through the scorer: serve this run's gold and best there.
-            self.reload(export_registry(self.models, {GOLD: gold, BEST: best}, self.root / "models"))
+        self.serve_models({GOLD: self.handle(GOLD), BEST: self.handle(BEST)})
         result = self.executor.run("stage2", [self.records[k] for k in keys])
         decisions: Counter[str] = Counter()
         curated: list[str] = []

@@ -1,4 +1,4 @@
-"""`synpref gold-scorer`: p_gold and p_best for each pair, from the annotated to the scored topic."""
+"""`synpref gold-scorer`: p_gold and p_best for each pair, from the raw to the scored topics (each stage's own)."""
 
 from __future__ import annotations
 
@@ -27,4 +27,4 @@ def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
 
 def main(argv: list[str]) -> int:
     """`synpref gold-scorer`: run the gold scorer service until SIGTERM."""
-    return serve(make_spec, service_parser("gold-scorer", __doc__, input_route="annotated").parse_args(argv))
+    return serve(make_spec, service_parser("gold-scorer", __doc__, input_route="raw").parse_args(argv))

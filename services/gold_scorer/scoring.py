@@ -1,4 +1,8 @@
-"""Score each pair with the gold RM and the current best RM; record p_gold and p_best.
+"""Score each pair with the RMs of its stage; record p_gold and p_best.
+
+Stage 1 has no gold RM yet: its records get the iteration's working RM's p under the BEST
+role (the stage-1 rule reads it). Stage 2 records, and records no controller staged, get
+every configured model (gold and best).
 
 A PairScorer is any function from a list of pair dicts ({"conversation", "chosen",
 "rejected"} message lists) to [(reward_chosen, reward_rejected)]. Two come with the
@@ -17,6 +21,9 @@ from synpref.shared.pairs import message_dicts, now, pair_problem, preference_pr
 from synpref.shared.roles import BEST, GOLD
 from synpref.shared.stage import Stage, StageResult
 from synpref.v1.pair_pb2 import STAGE_ONE, ModelScore, PairRecord
+
+STAGE_ONE_ROLES = (BEST,)
+"""What Stage 1 is scored with: the working RM, served and recorded as BEST."""
 
 PairScorer = Callable[[list[dict]], list[tuple[float, float]]]
 STEP = "gold-scorer"
@@ -62,45 +69,53 @@ def set_score(record: PairRecord, role: str, version: str, reward_chosen: float,
 
 
 def make_scoring_stage(models: list[ScoringModel]) -> Stage:
-    """A stage that appends one ModelScore per model (replacing an older score of the same role).
+    """A stage that appends one ModelScore per model of the record's stage (replacing an older score of
+    the same role): Stage-1 records only the BEST role's, the others every model's. A record with no
+    model to score it fails."""
 
-    Records marked Stage 1 (lineage.stage) are the controller's: it reads Stage-1 judging off
-    the annotated topic itself, and no gold RM exists yet. They pass by here unscored and
-    unrouted, so they never reach the Stage-2 filter or the dataset writer.
-    """
+    def stage_models(record: PairRecord) -> list[ScoringModel]:
+        if record.lineage.stage == STAGE_ONE:
+            return [m for m in models if m.role in STAGE_ONE_ROLES]
+        return models
 
     def gold_scorer(batch: list[PairRecord]) -> StageResult:
         result = StageResult()
-        scorable = []
+        groups: dict[tuple[str, ...], list[PairRecord]] = {}
         for record in batch:
-            if record.lineage.stage == STAGE_ONE:
-                continue
             problem = pair_problem(record)
+            if problem is None and not stage_models(record):
+                problem = f"no scoring model for stage {record.lineage.stage}"
             if problem is None:
-                scorable.append(record)
+                groups.setdefault(tuple(m.role for m in stage_models(record)), []).append(record)
             else:
                 result.fail(record, problem)
-        batch = scorable
-        if not batch:
-            return result
-        pairs = [pair_dict(r) for r in batch]
-        scored: dict[str, list[tuple[float, float]]] = {}
-        for model in models:
-            rewards = model.score(pairs)
-            if len(rewards) != len(batch):
-                raise RuntimeError(f"{model.role} scorer returned {len(rewards)} scores for {len(batch)} pairs")
-            scored[model.role] = rewards
-        for i, record in enumerate(batch):
-            out = PairRecord()
-            out.CopyFrom(record)
-            for model in models:
-                set_score(out, model.role, model.version, *scored[model.role][i])
-            out.lineage.steps.append(STEP)
-            out.lineage.updated_at.CopyFrom(now())
-            result.emit("scored", out)
+        for records in groups.values():
+            for record in score_batch(records, stage_models(records[0])):
+                result.emit("scored", record)
         return result
 
     return gold_scorer
+
+
+def score_batch(batch: list[PairRecord], models: list[ScoringModel]) -> list[PairRecord]:
+    """Copies of `batch` with each model's score set; RuntimeError when a scorer returns the wrong count."""
+    pairs = [pair_dict(r) for r in batch]
+    scored: dict[str, list[tuple[float, float]]] = {}
+    for model in models:
+        rewards = model.score(pairs)
+        if len(rewards) != len(batch):
+            raise RuntimeError(f"{model.role} scorer returned {len(rewards)} scores for {len(batch)} pairs")
+        scored[model.role] = rewards
+    out = []
+    for i, record in enumerate(batch):
+        copy = PairRecord()
+        copy.CopyFrom(record)
+        for model in models:
+            set_score(copy, model.role, model.version, *scored[model.role][i])
+        copy.lineage.steps.append(STEP)
+        copy.lineage.updated_at.CopyFrom(now())
+        out.append(copy)
+    return out
 
 
 def in_process_scorer(ref: ModelRef, settings: ScoringSettings, max_length: int | None = None) -> PairScorer:

@@ -170,7 +170,7 @@ def main(argv: list[str]) -> int:
     if args.limit:
         rows = itertools.islice(rows, args.limit)
 
-    topic = settings.topics.raw
+    topic = settings.topics.s2_raw  # a stream with no controller is Stage 2: the automatic stage
     limit = settings.kafka.max_message_bytes
     producer = None
     if not args.dry_run:

@@ -34,7 +34,7 @@ from kafka import ConsumerRebalanceListener
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from synpref.shared.config import Settings, TopicSettings
+from synpref.shared.config import STAGE_ROUTES, Settings, TopicSettings
 from synpref.shared.kafka import metrics
 from synpref.shared.kafka.admin import message_limits
 from synpref.shared.kafka.clients import DeliveryError, Outbox, make_consumer, make_producer
@@ -44,7 +44,8 @@ from synpref.v1.pair_pb2 import PairRecord
 
 log = logging.getLogger(__name__)
 
-ROUTES = frozenset(TopicSettings.model_fields)
+ROUTES = frozenset(TopicSettings.model_fields) | frozenset(STAGE_ROUTES)
+"""Topic fields, and the stage routes (raw, scored, ...) that go to the topic of each record's lineage.stage."""
 __all__ = ["ROUTES", "DeliveryError", "Message", "RunnerStats", "Sink", "StageRunner", "plan_batch"]
 
 
@@ -170,7 +171,7 @@ def plan_batch(
                 plan.sunk_from.append(same_id.pop(0) if same_id else None)
                 plan.emitted[route] += 1
             else:
-                encoded = encode_record(record, getattr(topics, route))
+                encoded = encode_record(record, topics.stage_topic(route, record.lineage.stage))
                 cap = limit(encoded.topic)
                 if cap is None or encoded.size <= cap:
                     plan.outgoing.append(encoded)
@@ -273,7 +274,7 @@ class RunnerStats:
 
 
 class StageRunner:
-    """Runs `stage` over the input topic of `input_route` until `stop` is set.
+    """Runs `stage` over the input topics of `input_route` (both stages' for a stage route) until `stop` is set.
 
     instance_id makes the consumer a static group member (group.instance.id): a restart
     with the same id takes its partitions back at once instead of waiting out
@@ -300,7 +301,7 @@ class StageRunner:
         self.settings = settings
         self.stage = stage
         self.service = service
-        self.input_topic: str = getattr(settings.topics, input_route)
+        self.input_topics: list[str] = settings.topics.topics_of(input_route)
         self.group_id = group_id or settings.service.group_id or f"synpref-{service}"
         self.stop = stop or threading.Event()
         self.stats = stats or RunnerStats()
@@ -326,8 +327,12 @@ class StageRunner:
         self.outbox = Outbox(self.producer, self.flush_timeout_s)
         static = {"group_instance_id": self.instance_id} if self.instance_id else {}
         self.consumer = make_consumer(kafka, self.group_id, **static)
-        self.consumer.subscribe([self.input_topic], listener=_Rebalance(self))
-        log.info("%s: consuming %s as group %s%s", self.service, self.input_topic, self.group_id,
+        # Metadata first: a group leader that assigns before it knows the topics' partitions hands
+        # out none, and kafka-python rejoins only once its metadata refreshes (minutes).
+        for topic in self.input_topics:
+            self.consumer.partitions_for_topic(topic)
+        self.consumer.subscribe(self.input_topics, listener=_Rebalance(self))
+        log.info("%s: consuming %s as group %s%s", self.service, ", ".join(self.input_topics), self.group_id,
                  f" (static member {self.instance_id})" if self.instance_id else "")  # fmt: skip
 
     def _read_limits(self) -> dict[str, int]:

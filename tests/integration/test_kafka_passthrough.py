@@ -99,16 +99,18 @@ def test_ten_thousand_pairs_two_processes_corrupt_message_and_sigterm(
 
     # First half, with a corrupt message in the middle of it: what follows it must still flow.
     producer = make_producer(kafka)
-    produce(kafka, topics.raw, records[:2500], producer=producer)
-    producer.send(topics.raw, key=b"corrupt", value=b"\x0a\xff\xff\xff garbage", headers=[("synpref-schema", b"v1")])
-    produce(kafka, topics.raw, records[2500:5000], producer=producer)
+    produce(kafka, topics.s2_raw, records[:2500], producer=producer)
+    producer.send(topics.s2_raw, key=b"corrupt", value=b"\x0a\xff\xff\xff garbage", headers=[("synpref-schema", b"v1")])
+    produce(kafka, topics.s2_raw, records[2500:5000], producer=producer)
 
     env = {
         **os.environ,
         "SYNPREF_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
         "SYNPREF_KAFKA__MAX_BATCH": "200",
-        "SYNPREF_TOPICS__RAW": topics.raw,
-        "SYNPREF_TOPICS__ANNOTATED": topics.annotated,
+        # The pass-through reads both stages' raw topics; unstaged records go to Stage 2's.
+        "SYNPREF_TOPICS__S1_RAW": topics.s1_raw,
+        "SYNPREF_TOPICS__S2_RAW": topics.s2_raw,
+        "SYNPREF_TOPICS__S2_ANNOTATED": topics.s2_annotated,
         "SYNPREF_TOPICS__DEAD_LETTER": topics.dead_letter,
         "SYNPREF_SERVICE__GROUP_ID": unique_group(),
         "SYNPREF_SERVICE__HOST": "127.0.0.1",
@@ -128,13 +130,13 @@ def test_ten_thousand_pairs_two_processes_corrupt_message_and_sigterm(
             wait_until(
                 lambda p=proc: re.search(r"partitions assigned: \[\(", p.text()), 90, f"{proc.name} to own partitions"
             )
-        wait_until(lambda: topic_size(kafka, topics.annotated) >= 1000, 90, "the first 1,000 outputs")
+        wait_until(lambda: topic_size(kafka, topics.s2_annotated) >= 1000, 90, "the first 1,000 outputs")
 
         # More pairs stream in while consumer a is told to stop.
-        feeder = threading.Thread(target=feed, args=(kafka, topics.raw, records[5000:7500], producer), daemon=True)
+        feeder = threading.Thread(target=feed, args=(kafka, topics.s2_raw, records[5000:7500], producer), daemon=True)
         feeder.start()
         # 5,000 pairs and the corrupt message are in; stop a once the feeder's first chunk has landed too.
-        wait_until(lambda: topic_size(kafka, topics.raw) > 5001, 60, "the feeder's first chunk")
+        wait_until(lambda: topic_size(kafka, topics.s2_raw) > 5001, 60, "the feeder's first chunk")
         assert a.terminate() == 0, a.text()[-3000:]
         assert processed(a) > 0, "consumer a stopped before it handled anything"
         feeder.join(timeout=120)
@@ -145,8 +147,8 @@ def test_ten_thousand_pairs_two_processes_corrupt_message_and_sigterm(
         procs.append(a2)
         a2.wait_ready()
         wait_until(lambda: re.search(r"partitions assigned: \[\(", a2.text()), 60, "a2 to be assigned partitions")
-        feed(kafka, topics.raw, records[7500:], producer)
-        wait_until(lambda: topic_size(kafka, topics.annotated) >= N, 120, f"{N} outputs")
+        feed(kafka, topics.s2_raw, records[7500:], producer)
+        wait_until(lambda: topic_size(kafka, topics.s2_annotated) >= N, 120, f"{N} outputs")
         # A duplicate from a late rebalance is still counted: both stop gracefully (output flushed) before
         # the topic is read back.
         for proc in (a2, b):
@@ -158,7 +160,7 @@ def test_ten_thousand_pairs_two_processes_corrupt_message_and_sigterm(
                 proc.process.kill()
                 proc.process.wait(timeout=10)
 
-    out = read_topic(kafka, topics.annotated)
+    out = read_topic(kafka, topics.s2_annotated)
     ids = Counter(decode_record(m.value, m.headers).pair.id for m in out)
     missing = expected - set(ids)
     duplicates = sum(ids.values()) - len(ids)
@@ -174,7 +176,7 @@ def test_ten_thousand_pairs_two_processes_corrupt_message_and_sigterm(
     found = header_map(dead.headers)
     assert dead.key == b"corrupt" and dead.value == b"\x0a\xff\xff\xff garbage"
     assert found[DLQ_KIND] == "undecodable" and found[DLQ_SERVICE] == "passthrough"
-    assert found[DLQ_TOPIC] == topics.raw and "not a synpref.v1.PairRecord protobuf" in found[DLQ_REASON]
+    assert found[DLQ_TOPIC] == topics.s2_raw and "not a synpref.v1.PairRecord protobuf" in found[DLQ_REASON]
 
 
 @pytest.mark.slow  # about 20 s: two service processes and a 6 s session timeout
@@ -199,8 +201,10 @@ def test_sigkill_mid_stream_loses_nothing(kafka_settings, unique_topics, unique_
         "SYNPREF_KAFKA__MAX_BATCH": "100",
         # The killed consumer never leaves the group: let the broker notice within 6 s, not 45.
         "SYNPREF_KAFKA__SESSION_TIMEOUT_MS": "6000",
-        "SYNPREF_TOPICS__RAW": topics.raw,
-        "SYNPREF_TOPICS__ANNOTATED": topics.annotated,
+        # The pass-through reads both stages' raw topics; unstaged records go to Stage 2's.
+        "SYNPREF_TOPICS__S1_RAW": topics.s1_raw,
+        "SYNPREF_TOPICS__S2_RAW": topics.s2_raw,
+        "SYNPREF_TOPICS__S2_ANNOTATED": topics.s2_annotated,
         "SYNPREF_TOPICS__DEAD_LETTER": topics.dead_letter,
         "SYNPREF_SERVICE__GROUP_ID": unique_group(),
         "SYNPREF_SERVICE__HOST": "127.0.0.1",
@@ -213,9 +217,9 @@ def test_sigkill_mid_stream_loses_nothing(kafka_settings, unique_topics, unique_
     procs = [first]
     try:
         first.wait_ready()
-        feeder = threading.Thread(target=feed, args=(kafka, topics.raw, records, producer), daemon=True)
+        feeder = threading.Thread(target=feed, args=(kafka, topics.s2_raw, records, producer), daemon=True)
         feeder.start()
-        wait_until(lambda: topic_size(kafka, topics.annotated) >= 500, 60, "the first 500 outputs")
+        wait_until(lambda: topic_size(kafka, topics.s2_annotated) >= 500, 60, "the first 500 outputs")
         first.process.kill()
         first.process.wait(timeout=10)
         feeder.join(timeout=120)
@@ -223,7 +227,7 @@ def test_sigkill_mid_stream_loses_nothing(kafka_settings, unique_topics, unique_
         second = Consumer("second", env, tmp_path)
         procs.append(second)
         second.wait_ready()
-        wait_until(lambda: topic_size(kafka, topics.annotated) >= len(records), 120, "every output")
+        wait_until(lambda: topic_size(kafka, topics.s2_annotated) >= len(records), 120, "every output")
         assert second.terminate() == 0, second.text()[-3000:]
     finally:
         producer.close(timeout=10)
@@ -231,7 +235,7 @@ def test_sigkill_mid_stream_loses_nothing(kafka_settings, unique_topics, unique_
             if proc.process.poll() is None:
                 proc.process.kill()
                 proc.process.wait(timeout=10)
-    ids = Counter(decode_record(m.value, m.headers).pair.id for m in read_topic(kafka, topics.annotated))
+    ids = Counter(decode_record(m.value, m.headers).pair.id for m in read_topic(kafka, topics.s2_annotated))
     duplicates = sum(ids.values()) - len(ids)
     print(f"\nsigkill: {len(records)} in, {len(ids)} distinct out, {duplicates} duplicates")
     assert set(ids) == {r.pair.id for r in records}

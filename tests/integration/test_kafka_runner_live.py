@@ -73,11 +73,11 @@ def test_routes_failures_and_a_raising_stage_while_going_on(kafka_settings, uniq
                 result.emit("review" if int(r.pair.meta["i"]) % 2 else "annotated", r)
         return result
 
-    produce(settings.kafka, topics.raw, records[:200])
+    produce(settings.kafka, topics.s2_raw, records[:200])
     producer = make_producer(settings.kafka)
-    producer.send(topics.raw, key=b"junk", value=b"\x08\x96\x01 not a record", headers=[("synpref-schema", b"v1")])
+    producer.send(topics.s2_raw, key=b"junk", value=b"\x08\x96\x01 not a record", headers=[("synpref-schema", b"v1")])
     producer.flush(timeout=30)
-    produce(settings.kafka, topics.raw, records[200:], producer=producer)
+    produce(settings.kafka, topics.s2_raw, records[200:], producer=producer)
     producer.close(timeout=10)
 
     group = unique_group()
@@ -85,7 +85,7 @@ def test_routes_failures_and_a_raising_stage_while_going_on(kafka_settings, uniq
     total = len(records) + 1
     run_until(runner, lambda: runner.stats.snapshot()["processed"] >= total)
 
-    annotated = {decode_record(m.value, m.headers).pair.id for m in read_topic(settings.kafka, topics.annotated)}
+    annotated = {decode_record(m.value, m.headers).pair.id for m in read_topic(settings.kafka, topics.s2_annotated)}
     review = {decode_record(m.value, m.headers).pair.id for m in read_topic(settings.kafka, topics.review)}
     dlq = read_topic(settings.kafka, topics.dead_letter)
     kinds = [header_map(m.headers)[DLQ_KIND] for m in dlq]
@@ -94,7 +94,7 @@ def test_routes_failures_and_a_raising_stage_while_going_on(kafka_settings, uniq
     assert bomb in stage_errors
     assert kinds.count("undecodable") == 1 and kinds.count("failed") == (0 if rejected in stage_errors else 1)
     junk = next(m for m in dlq if m.key == b"junk")
-    assert header_map(junk.headers)[DLQ_TOPIC] == topics.raw
+    assert header_map(junk.headers)[DLQ_TOPIC] == topics.s2_raw
     assert "not a synpref.v1.PairRecord protobuf" in header_map(junk.headers)[DLQ_REASON]
     everything = annotated | review | stage_errors | ({rejected} if "failed" in kinds else set())
     assert everything == {r.pair.id for r in records}
@@ -102,12 +102,11 @@ def test_routes_failures_and_a_raising_stage_while_going_on(kafka_settings, uniq
     # Offsets were committed up to the end of every partition, and nothing was re-read.
     ends = KafkaConsumer(**settings.kafka.client_kwargs(), group_id=None)
     try:
-        end_offsets = {
-            tp.partition: off for tp, off in ends.end_offsets([TopicPartition(topics.raw, p) for p in range(3)]).items()
-        }
+        parts = [TopicPartition(topics.s2_raw, p) for p in range(3)]
+        end_offsets = {tp.partition: off for tp, off in ends.end_offsets(parts).items()}
     finally:
         ends.close()
-    assert committed(settings, group, topics.raw, 3) == end_offsets
+    assert committed(settings, group, topics.s2_raw, 3) == end_offsets
     assert runner.stats.snapshot()["processed"] == total
     # The same counts reach Prometheus.
     sample = REGISTRY.get_sample_value
@@ -124,7 +123,7 @@ def test_a_restarted_runner_resumes_after_its_last_commit(kafka_settings, unique
         update={"topics": topics, "kafka": kafka_settings.kafka.model_copy(update={"max_batch": 50})}
     )
     records = pair_records(400, "resume")
-    produce(settings.kafka, topics.raw, records)
+    produce(settings.kafka, topics.s2_raw, records)
     group = unique_group()
 
     def passthrough(batch):
@@ -138,11 +137,11 @@ def test_a_restarted_runner_resumes_after_its_last_commit(kafka_settings, unique
     handled = sum(first.run_once() for _ in range(40) if first.stats.snapshot()["processed"] < 120)
     first.close()
     assert 120 <= handled < 400
-    assert committed(settings, group, topics.raw, 1) == {0: handled}
+    assert committed(settings, group, topics.s2_raw, 1) == {0: handled}
 
     second = StageRunner(settings, passthrough, service="it-resume", group_id=group)
     run_until(second, lambda: second.stats.snapshot()["processed"] >= 400 - handled)
     assert second.stats.snapshot()["processed"] == 400 - handled
-    out = read_topic(settings.kafka, topics.annotated, 400)
+    out = read_topic(settings.kafka, topics.s2_annotated, 400)
     assert [decode_record(m.value, m.headers).pair.id for m in out] == [r.pair.id for r in records]
-    assert topic_size(settings.kafka, topics.annotated) == 400
+    assert topic_size(settings.kafka, topics.s2_annotated) == 400

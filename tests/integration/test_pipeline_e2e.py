@@ -1,5 +1,7 @@
-"""End to end on a real broker: real pairs through ingest, annotator, gold-scorer, filter and writer,
+"""End to end on a real broker: real pairs through ingest, gold-scorer, annotator, filter and writer,
 each a separate `synpref` process; the filter and the writer are SIGKILLed mid-stream and restarted.
+With no controller the stream is Stage 2 (its own s2 topics) and the filter routes decisions
+straight to the writer and the audit topics (--by-decision).
 
 Judges are a fake OpenAI-compatible server (its own process, loopback); the gold and best RMs
 are tiny random Qwen3 models. Afterwards: every pair that went in comes out exactly once
@@ -141,7 +143,8 @@ def test_real_pairs_through_all_services_with_crashes(kafka_settings, unique_top
     logs.mkdir()
     fake_judges = [sys.executable, "-m", "testing.fake_judges", "--port", str(judge_port)]
     fake = Proc("judges", fake_judges, {**env, "PYTHONPATH": str(REPO_ROOT)}, logs).start()
-    procs = {name: Proc(name, synpref(name), env, logs) for name in ("annotator", "gold-scorer", "filter", "writer")}
+    commands = {"gold-scorer": [], "annotator": [], "filter": ["--by-decision"], "writer": []}
+    procs = {name: Proc(name, synpref(name, *args), env, logs) for name, args in commands.items()}
     try:
         for proc in procs.values():
             proc.start()
@@ -159,7 +162,7 @@ def test_real_pairs_through_all_services_with_crashes(kafka_settings, unique_top
         producer = make_producer(kafka)
         for i in range(GARBAGE):
             producer.send(
-                topics.raw, key=f"garbage-{i}".encode(), value=b"\x00not a protobuf", headers=record_headers()
+                topics.s2_raw, key=f"garbage-{i}".encode(), value=b"\x00not a protobuf", headers=record_headers()
             )
         producer.flush(30)
         producer.close()
@@ -194,7 +197,7 @@ def test_real_pairs_through_all_services_with_crashes(kafka_settings, unique_top
         # (the groups are synpref-<service>, the runner's default).
         wait_until(
             lambda: (
-                committed_to_end(kafka, "synpref-filter", topics.scored)
+                committed_to_end(kafka, "synpref-filter", topics.s2_annotated)
                 and committed_to_end(kafka, "synpref-writer", topics.curated)
             ),
             60,
@@ -205,7 +208,7 @@ def test_real_pairs_through_all_services_with_crashes(kafka_settings, unique_top
         fake.terminate()
 
     assert exit_codes == {name: 0 for name in procs}, {n: procs[n].log.read_text()[-2000:] for n in procs}
-    published = ids_by_key(read_topic(kafka, topics.raw)) - {f"garbage-{i}" for i in range(GARBAGE)}
+    published = ids_by_key(read_topic(kafka, topics.s2_raw)) - {f"garbage-{i}" for i in range(GARBAGE)}
     assert len(published) == counts["published"]
 
     dataset = load_dataset_version(tmp_path / "datasets", "e2e", "v1")
@@ -233,14 +236,14 @@ def test_real_pairs_through_all_services_with_crashes(kafka_settings, unique_top
     row = dataset[0]
     assert row["attributes"]["task_category"] and row["decision"]["reason"]
     assert {s["model"]: s["version"] for s in row["scores"]} == {"gold": "gold-v3", "best": "best-v7"}
-    assert row["lineage"]["steps"][:4] == ["ingest", "annotator", "gold-scorer", "consistency-filter"]
+    assert row["lineage"]["steps"][:4] == ["ingest", "gold-scorer", "annotator", "consistency-filter"]
     assert row["chosen"][: len(row["conversation"])] == row["conversation"]
     stats = json.loads(manifest.read_text())["stats"]
     assert sum(stats["by_decision"].values()) == len(ids)
     assert procs["writer"].runs == 2 and procs["filter"].runs == 2
 
     elapsed = time.monotonic() - started
-    sample = decode_record(read_topic(kafka, topics.scored, expect=1)[0].value, record_headers())
+    sample = decode_record(read_topic(kafka, topics.s2_annotated, expect=1)[0].value, record_headers())
     assert len(sample.votes) == 3  # judge-a x 2 samples + judge-b x 1
     print(
         f"\nE2E: in={len(published) + GARBAGE} kept={len(kept)} flipped={len(flipped)} discarded={len(discarded)} "

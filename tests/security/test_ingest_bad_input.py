@@ -50,7 +50,7 @@ def raw_topic(kafka: Any, label: str) -> str:
 def ingest(kafka: Any, topic: str, tmp_path: Path, *paths: Path) -> tuple[int, dict[str, Any] | None, str]:
     """Exit status, the counts line (None if there was none) and stderr of one run."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SYNPREF_")}
-    env.update({"SYNPREF_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "SYNPREF_TOPICS__RAW": topic})
+    env.update({"SYNPREF_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "SYNPREF_TOPICS__S2_RAW": topic})
     cmd = [sys.executable, "-m", "synpref.shared.cli", "ingest", *map(str, paths)]
     cmd += ["--seen", str(tmp_path / "seen.txt"), "--report", str(tmp_path / "report.jsonl")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -92,11 +92,11 @@ def test_a_record_near_the_topic_limit_fails_alone_and_the_filter_keeps_running(
     ensure_topics(kafka, topics.all(), partitions=1, replication_factor=1,
                   configs={"max.message.bytes": str(BROKER_DEFAULT_LIMIT)})  # fmt: skip
     before, big, after = keepable(0), keepable(1, size=NEAR_LIMIT), keepable(2)
-    assert produce(kafka, topics.scored, [before, big, after]) == 3  # the broker accepts all three
+    assert produce(kafka, topics.s2_annotated, [before, big, after]) == 3  # the broker accepts all three
     group = unique_group()
     config = write_config(tmp_path / "config.yaml", kafka.bootstrap_servers, topics,
                           service={"group_id": group}, filter={"stage": 2})  # fmt: skip
-    filt = Proc("filter", ["filter"], config, tmp_path).start()
+    filt = Proc("filter", ["filter", "--by-decision"], config, tmp_path).start()
     try:
         filt.wait_ready()
         curated: list = []
@@ -105,7 +105,7 @@ def test_a_record_near_the_topic_limit_fails_alone_and_the_filter_keeps_running(
         def settled() -> bool:
             curated[:] = read_topic(kafka, topics.curated)
             dead[:] = read_topic(kafka, topics.dead_letter)
-            return len(curated) >= 2 and len(dead) >= 1 and committed(kafka, group, topics.scored) == 3
+            return len(curated) >= 2 and len(dead) >= 1 and committed(kafka, group, topics.s2_annotated) == 3
 
         watch_alive(filt, settled, 90, "both valid pairs curated, the big one dead-lettered, and offsets committed")
         assert sorted(decode_record(m.value, m.headers).pair.id for m in curated) == sorted(
@@ -115,7 +115,7 @@ def test_a_record_near_the_topic_limit_fails_alone_and_the_filter_keeps_running(
         headers = header_map(entry.headers)
         assert headers[DLQ_KIND] == "too-large" and "left out" in headers[DLQ_REASON]
         assert int(headers[DLQ_DROPPED]) >= NEAR_LIMIT
-        assert (headers[DLQ_TOPIC], headers[DLQ_OFFSET]) == (topics.scored, "1")
+        assert (headers[DLQ_TOPIC], headers[DLQ_OFFSET]) == (topics.s2_annotated, "1")
         assert entry.key == big.pair.id.encode()
         assert len(entry.value) < 64 * 1024, "the dead-letter entry keeps the reason, not the oversized payload"
     finally:

@@ -42,7 +42,7 @@ def test_only_the_bad_records_of_a_batch_are_dead_lettered(
     id_only.pair.id = "only-an-id"
     bad_role = pair(99, user_role="hacker")
     # Published before the service starts, so its first poll takes all seven as one batch.
-    produce(kafka, topics.annotated, [*valid[:2], id_only, *valid[2:4], bad_role, valid[4]])
+    produce(kafka, topics.s2_raw, [*valid[:2], id_only, *valid[2:4], bad_role, valid[4]])
     gold = build_tiny_reward_model(tmp_path / "gold", layers=1, hidden=32, heads=2, kv_heads=1, seed=1)
     config = write_config(
         tmp_path / "config.yaml", kafka.bootstrap_servers, topics,
@@ -56,7 +56,7 @@ def test_only_the_bad_records_of_a_batch_are_dead_lettered(
         dead: list = []
 
         def all_out() -> bool:
-            scored[:] = read_topic(kafka, topics.scored)
+            scored[:] = read_topic(kafka, topics.s2_scored)
             dead[:] = read_topic(kafka, topics.dead_letter)
             return len(scored) + len(dead) >= 7
 

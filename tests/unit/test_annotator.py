@@ -9,7 +9,14 @@ from synpref.services.annotator.chat import OpenAIChat
 from synpref.services.annotator.judges import AttributeLabeller, LLMJudge
 from synpref.shared.pairs import new_pair, new_record
 from synpref.shared.retrieval import Example
-from synpref.v1.pair_pb2 import PREFERENCE_ABSTAIN, PREFERENCE_CHOSEN, PREFERENCE_REJECTED, ModelScore
+from synpref.v1.pair_pb2 import (
+    PREFERENCE_ABSTAIN,
+    PREFERENCE_CHOSEN,
+    PREFERENCE_REJECTED,
+    STAGE_ONE,
+    STAGE_TWO,
+    ModelScore,
+)
 from testing.fake_judges import FakeOpenAI
 
 
@@ -86,6 +93,21 @@ def test_confident_pairs_skip_judges_and_failures_go_to_dead_letter(server):
     (skipped,) = result.by_route()["annotated"]
     assert len(skipped.votes) == 0 and skipped.attributes.task_category
     assert len(result.failed) == 1 and "judge bug" in result.failed[0][1]
+
+
+def test_stage_one_pairs_are_judged_with_every_example_whatever_the_working_rms_p(server):
+    examples = FixedExamples()
+    ann = annotator(server, examples, skip_confident=True, band=0.05)
+    stage_one, stage_two = rec("a long and careful answer", "no", 0.9), rec("a careful answer", "no", 0.9)
+    stage_one.lineage.stage, stage_two.lineage.stage = STAGE_ONE, STAGE_TWO
+    try:
+        result = ann.stage()([stage_one, stage_two])
+    finally:
+        ann.close()
+    judged, skipped = result.by_route()["annotated"]
+    # Stage 1 checks the working RM: its p neither skips the judges nor trims the examples.
+    assert len(judged.votes) == 9 and len(judged.retrieved_example_ids) == 8 and examples.asked == [9]
+    assert len(skipped.votes) == 0  # Stage 2: the best RM already gets it right
 
 
 def test_k_for():

@@ -156,7 +156,7 @@ def test_embedded_controller_uses_in_process_stages(tmp_path):
     settings = load_settings(controller={"workdir": str(tmp_path), "trainer": "full", "study": study})
     controller = controller_main.build(settings)
     assert isinstance(controller.humans, OracleHumans)
-    assert controller.executor.stage("annotate") is not None
+    assert controller.executor.stage("stage1") is not None
     assert [j.name for j in controller.judges] == ["sim-judge-a", "sim-judge-b", "sim-judge-c"]
 
 

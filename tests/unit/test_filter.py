@@ -16,6 +16,8 @@ from synpref.v1.pair_pb2 import (
     PREFERENCE_ABSTAIN,
     PREFERENCE_CHOSEN,
     PREFERENCE_REJECTED,
+    STAGE_ONE,
+    STAGE_TWO,
     JudgeVote,
     ModelScore,
 )
@@ -88,3 +90,22 @@ def test_missing_scores_fail_to_dead_letter():
     assert [r for r, _ in result.routed] == ["curated"]
     stage1 = make_filter_stage(FilterSettings(stage=1))
     assert len(stage1([record(p_gold=0.9)]).failed) == 1
+
+
+def test_the_service_applies_each_records_stage_rule_and_writes_it_to_decided():
+    from synpref.services.consistency_filter.main import by_stage
+
+    settings = FilterSettings(stage=2, on_disagreement="discard")
+    stage_one, stage_two = record(p_best=0.3), record(p_gold=0.9, p_best=0.8)
+    stage_one.lineage.stage, stage_two.lineage.stage = STAGE_ONE, STAGE_TWO
+    result = by_stage(settings)([stage_one, stage_two, record(p_gold=0.2, p_best=0.9)])
+    assert not result.failed
+    decided = [(route, r.decision.decision, r.lineage.stage) for route, r in result.routed]
+    # The configured stage (2) applies only to a record no controller staged.
+    assert decided == [
+        ("decided", DECISION_REVIEW, STAGE_ONE),
+        ("decided", DECISION_KEEP, STAGE_TWO),
+        ("decided", DECISION_DISCARD, STAGE_TWO),
+    ]
+    by_decision = by_stage(settings, by_decision=True)([stage_one, stage_two])
+    assert [route for route, _ in by_decision.routed] == ["review", "curated"]

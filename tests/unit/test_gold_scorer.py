@@ -39,20 +39,27 @@ def test_scores_recorded_with_versions_and_probabilities():
     assert [s.model for s in again[0].scores] == ["gold", "best"]
 
 
-def test_stage_one_records_pass_by_unscored():
-    seen: list[int] = []
+def test_each_stage_is_scored_with_its_models():
+    seen: dict[str, list[int]] = {"gold": [], "best": []}
 
-    def counting_rm(pairs):
-        seen.append(len(pairs))
-        return length_rm(pairs)
+    def counting(role):
+        def rm(pairs):
+            seen[role].append(len(pairs))
+            return length_rm(pairs)
 
-    stage = make_scoring_stage([ScoringModel("gold", "g", counting_rm)])
+        return rm
+
+    stage = make_scoring_stage([ScoringModel(r, r[0], counting(r)) for r in ("gold", "best")])
     stage_one = rec("judged in stage 1")
     stage_one.lineage.stage = STAGE_ONE
     result = stage([stage_one, rec("stage 2 pair")])
-    routed = result.by_route()["scored"]
-    assert [r.pair.id for r in routed] == [rec("stage 2 pair").pair.id]
-    assert seen == [1] and not result.failed
+    routed = {r.pair.id: [s.model for s in r.scores] for r in result.by_route()["scored"]}
+    # Stage 1 has no gold RM: its pairs get the working RM's p (as best) only; the others both.
+    assert routed == {stage_one.pair.id: ["best"], rec("stage 2 pair").pair.id: ["gold", "best"]}
+    assert seen == {"gold": [1], "best": [1, 1]} and not result.failed
+    # A stage without a model to score it fails its records instead of passing them on unscored.
+    gold_only = make_scoring_stage([ScoringModel("gold", "g", length_rm)])([stage_one])
+    assert gold_only.failed == [(stage_one, "no scoring model for stage 1")] and not gold_only.routed
 
 
 def test_wrong_number_of_scores_raises():

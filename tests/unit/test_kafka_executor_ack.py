@@ -61,8 +61,8 @@ def test_an_unacknowledged_publish_raises_instead_of_waiting_for_results(monkeyp
     monkeypatch.setattr(clients, "make_consumer", lambda kafka, group, **kw: IdleConsumer())
     pair = new_pair([{"role": "user", "content": "q"}], [{"role": "assistant", "content": "a"}],
                     [{"role": "assistant", "content": "b"}], source="unit")  # fmt: skip
-    executor = KafkaExecutor(Settings(topics=TopicSettings(raw="in")), timeout_s=30)
+    executor = KafkaExecutor(Settings(topics=TopicSettings(s1_raw="in")), timeout_s=30)
     with pytest.raises(DeliveryError, match="1 of 1 messages not acknowledged"):
-        executor.run("annotate", [new_record(pair)])
+        executor.run("stage1", [new_record(pair)])
     assert IdleConsumer.polls == 0, "no wait for results of a batch that was never published"
     assert producer.closed

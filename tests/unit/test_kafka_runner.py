@@ -19,9 +19,9 @@ from synpref.shared.kafka.codec import (
 from synpref.shared.kafka.runner import RunnerStats, commit_offsets, plan_batch
 from synpref.shared.pairs import new_pair, new_record
 from synpref.shared.stage import StageResult
-from synpref.v1.pair_pb2 import PairRecord
+from synpref.v1.pair_pb2 import STAGE_ONE, STAGE_TWO, STAGE_UNSPECIFIED, PairRecord
 
-TOPICS = TopicSettings(raw="in", annotated="out-a", review="out-r", dead_letter="dlq")
+TOPICS = TopicSettings(s2_raw="in", s2_annotated="out-a", review="out-r", dead_letter="dlq")
 
 
 def pair_record(i: int) -> PairRecord:
@@ -66,6 +66,22 @@ def to(route):
         return result
 
     return stage
+
+
+def test_a_stage_route_goes_to_the_topic_of_each_records_stage():
+    topics = TopicSettings(s1_annotated="s1-a", s2_annotated="s2-a")
+    records = []
+    for i, stage in enumerate((STAGE_ONE, STAGE_TWO, STAGE_UNSPECIFIED, STAGE_ONE)):
+        record = pair_record(i)
+        record.lineage.stage = stage
+        records.append(record)
+    msgs = [
+        message(encode_record(r, "in").value, encode_record(r, "in").headers, offset=i) for i, r in enumerate(records)
+    ]
+    plan = plan_batch(msgs, to("annotated"), topics, "svc")
+    # Stage 1 never reaches a Stage-2 topic; a record no controller staged is Stage 2's.
+    assert [o.topic for o in plan.outgoing] == ["s1-a", "s2-a", "s2-a", "s1-a"]
+    assert topics.topics_of("annotated") == ["s1-a", "s2-a"] and topics.topics_of("review") == [topics.review]
 
 
 def test_every_decoded_record_goes_to_its_route_in_order():

@@ -77,7 +77,9 @@ def test_process_batch_runs_the_stage_and_status_counts_it(running):
     assert list(reply.failed_ids) == []
     status = stub.Status(pipeline_pb2.StatusRequest(), timeout=5)
     assert status.service == "passthrough" and status.serving
-    assert status.input_topic == "synpref.pairs.raw" and list(status.output_topics) == ["synpref.pairs.annotated"]
+    # A stage route reads both stages' topics and writes to either.
+    assert status.input_topic == "synpref.s1.raw,synpref.s2.raw"
+    assert list(status.output_topics) == ["synpref.s1.annotated", "synpref.s2.annotated"]
     assert status.counters["grpc.processed"] == 4
 
 

@@ -18,7 +18,7 @@ from synpref.shared.pairs import new_pair, new_record
 from synpref.shared.stage import StageResult
 from synpref.v1.pair_pb2 import PairRecord
 
-TOPICS = TopicSettings(raw="in", curated="out", dead_letter="dlq")
+TOPICS = TopicSettings(s2_raw="in", curated="out", dead_letter="dlq")
 TP = TopicPartition("in", 0)
 
 
@@ -105,7 +105,7 @@ def keep_all(batch: list[PairRecord]) -> StageResult:
 
 def runner_with(batches: list[list[ConsumerRecord]], sink: ListSink | None, log: list[str]) -> StageRunner:
     settings = Settings(topics=TOPICS)
-    runner = StageRunner(settings, keep_all, service="sink-test", input_route="raw", sink=sink)
+    runner = StageRunner(settings, keep_all, service="sink-test", input_route="s2_raw", sink=sink)
     runner.consumer = FakeConsumer(log, batches)
     runner.producer = FakeProducer(log)
     runner.outbox = Outbox(runner.producer, 5)

@@ -46,7 +46,7 @@ def call(server: grpc_testing.Server, method: str, request):
 
 def test_process_batch_decides_routes_and_counts():
     settings = load_settings(filter={"stage": 2, "on_disagreement": "flip"})
-    server, _ = served(make_spec(settings, argparse.Namespace(input_route="scored")), settings)
+    server, _ = served(make_spec(settings, argparse.Namespace(input_route="annotated")), settings)
     keep, flip, unscored = record("keep", 0.9, 0.2), record("flip", 0.4, 0.9), record("unscored")
     response, code, _ = call(server, "ProcessBatch", ProcessBatchRequest(records=[keep, flip, unscored]))
     assert code == grpc.StatusCode.OK
@@ -56,8 +56,9 @@ def test_process_batch_decides_routes_and_counts():
 
     status, code, _ = call(server, "Status", StatusRequest())
     assert code == grpc.StatusCode.OK
-    assert status.service == "filter" and status.input_topic == settings.topics.scored
-    assert list(status.output_topics) == [settings.topics.curated, settings.topics.review, settings.topics.discarded]
+    topics = settings.topics
+    assert status.service == "filter" and status.input_topic == f"{topics.s1_annotated},{topics.s2_annotated}"
+    assert list(status.output_topics) == [topics.s1_decided, topics.s2_decided]
     assert status.counters["grpc.processed"] == 3 and status.counters["grpc.failed"] == 1
     assert status.counters["decision.keep"] == 1 and status.counters["decision.flip"] == 1
 
