@@ -105,6 +105,8 @@ class Controller(FinalSteps):
         self.table: EmbeddingTable | None = None
         self._stage_models: list[ScoringModel] = []
         """The RMs the scoring stage of the current stage uses (in the cluster the scorer serves them)."""
+        self._annotators: dict[int, Annotator] = {}
+        """One per stage for the whole run: its event loop and the judges' HTTP sessions are reused."""
 
     # ------------------------------------------------------------ plumbing
 
@@ -136,14 +138,29 @@ class Controller(FinalSteps):
         """
         stage = {"stage1": 1, "stage2": 2}[name]
         f = self.settings.filter.model_copy(update={"stage": stage})
-        max_examples = min(self.c.k_max, 8) if stage == 1 else 8
-        annotator = Annotator(self.judges, self.labeller, self.table, max_examples, skip_confident=True, band=f.band)
-        return chain(make_scoring_stage(self._stage_models), annotator.stage(), make_filter_stage(f))
+        if stage not in self._annotators:
+            max_examples = min(self.c.k_max, 8) if stage == 1 else 8
+            self._annotators[stage] = Annotator(
+                self.judges, self.labeller, self.table, max_examples, skip_confident=True, band=f.band
+            )
+        return chain(make_scoring_stage(self._stage_models), self._annotators[stage].stage(), make_filter_stage(f))
+
+    def close(self) -> None:
+        """Close the in-process annotators' judge sessions and event loops (a later stage makes new ones)."""
+        for annotator in self._annotators.values():
+            annotator.close()
+        self._annotators.clear()
 
     # ------------------------------------------------------------ the loop
 
     def run(self) -> RunState:
         """Run every step not yet done, in order (Stage 1 until it stops, then Stage 2, final), and return the state."""
+        try:
+            return self._run_steps()
+        finally:
+            self.close()
+
+    def _run_steps(self) -> RunState:
         self.step("ingest", self.ingest)
         self.ensure_table()
         self.step("seed", self.seed)

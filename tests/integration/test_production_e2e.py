@@ -211,6 +211,8 @@ def test_a_real_run_with_served_llm_judges_and_the_web_desk(tmp_path: Path) -> N
 
     assert rc == 0, out[-4000:]
     assert "synpref scorer --config" in out
+    # The judges' HTTP sessions are closed with the run (one annotator per stage, closed at the end).
+    assert "Unclosed client session" not in out, out[-4000:]
     workdir = tmp_path / "run"
     state = json.loads((workdir / "state.json").read_text())
     assert state["results"]["ingest"]["study"] is False
