@@ -141,6 +141,7 @@ for name in "${names[@]}"; do
   if pid_alive containerd; then
     started=$SECONDS
     ctr --address "$CONTAINERD_SOCK" -n k8s.io images import "$archive" >/dev/null
+    touch "$IMAGES/synpref-$name.imported"
     log "imported into the node's containerd in $((SECONDS - started))s"
   fi
 done

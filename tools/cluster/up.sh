@@ -136,12 +136,17 @@ TOML
 start containerd containerd --config "$STATE/containerd.toml"
 CTR=(ctr --address "$CONTAINERD_SOCK" -n k8s.io)
 wait_for "containerd" 30 "${CTR[@]}" version
-# Every locally built image (NAME.tar, its reference in NAME.ref) that containerd lacks.
+# Every locally built image (NAME.tar, its reference in NAME.ref) that containerd lacks, or whose
+# archive is newer than its last import (NAME.imported): a rebuilt image keeps its tag (:dev), and
+# a check by name alone kept serving the stale one.
 for ref_file in "$IMAGES"/*.ref; do
   image="$(cat "$ref_file")"
-  if ! "${CTR[@]}" images ls -q | grep -xF "$image" >/dev/null; then
+  archive="${ref_file%.ref}.tar"
+  stamp="${ref_file%.ref}.imported"
+  if ! "${CTR[@]}" images ls -q | grep -xF "$image" >/dev/null || [[ "$archive" -nt "$stamp" ]]; then
     log "importing $image"
-    "${CTR[@]}" images import "${ref_file%.ref}.tar" >/dev/null
+    "${CTR[@]}" images import "$archive" >/dev/null
+    touch "$stamp"
   fi
 done
 
