@@ -1,0 +1,257 @@
+"""A real `helm install` of charts/synpref on a live cluster, then `helm uninstall`.
+
+Runs only against a live cluster whose node already holds the locally built images
+(`make cluster`, `bash tools/cluster/project-images.sh cpu kafka`; docs/cluster.md): KUBECONFIG
+must point at it. Otherwise the test is skipped and says why. Not wired into `make test`.
+
+    KUBECONFIG=$PWD/.cache/cluster/admin.kubeconfig .venv/bin/python -m pytest -m cluster tests/cluster -s
+
+The release comes up in two steps, as a user brings one up: `helm install` without the scorer
+(the chart creates the data PVC, and the scorer exits 1 without its model), the tiny reward model
+copied onto the PVC through the writer's pod, then `helm upgrade` with tests/cluster/values.yaml
+as it is. Both steps run the hook Jobs (secrets before, topics after); a `kubectl --watch` records
+them reaching Complete, since Helm deletes a hook Job as soon as it succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+log = logging.getLogger("synpref.tests.cluster")
+REPO = Path(__file__).resolve().parents[2]
+VALUES = Path(__file__).with_name("values.yaml")
+# Its name holds the chart's, so every object is named synpref-<part>.
+# Its name holds the chart's, so the objects are named synpref-<part>.
+RELEASE = "synpref"
+# The images tests/cluster/values.yaml names with pullPolicy Never: they must be on the node.
+IMAGES = ("localhost/synpref/cpu:dev", "localhost/synpref/kafka:4.4.0")
+# What `helm uninstall` leaves on purpose (docs/deploy.md): the token Secrets the secrets hook
+# made (they belong to no release) and the data PVC (helm.sh/resource-policy: keep). The dev
+# broker's PVC goes with its StatefulSet (persistentVolumeClaimRetentionPolicy).
+KEPT = {
+    ("Secret", f"{RELEASE}-desk-tokens"),
+    ("Secret", f"{RELEASE}-scorer-admin"),
+    ("Secret", f"{RELEASE}-grpc-token"),
+    ("PersistentVolumeClaim", f"{RELEASE}-data"),
+}
+# Objects every namespace has, or that the API server makes by itself.
+NAMESPACE_DEFAULTS = {("ConfigMap", "kube-root-ca.crt"), ("ServiceAccount", "default")}
+HOOK_JOBS = (f"{RELEASE}-secrets", f"{RELEASE}-topics")
+INSTALL_TIMEOUT_S = 900
+
+
+def _tool(name: str, cached: Path) -> str | None:
+    return str(cached) if cached.is_file() else shutil.which(name)
+
+
+KUBECTL = _tool("kubectl", REPO / ".cache/cluster-bin/kubectl")
+HELM = _tool("helm", REPO / ".cache/bin/helm")
+
+
+def _run(args: list[str], timeout: float = 120, check: bool = True) -> str:
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def _kubectl_json(*args: str) -> Any:
+    assert KUBECTL
+    return json.loads(_run([KUBECTL, *args, "-o", "json"]))
+
+
+def _skip_reason() -> str | None:
+    """Why this machine has no cluster to install on, or None."""
+    if not os.environ.get("KUBECONFIG"):
+        return "KUBECONFIG is not set (start one with `make cluster`)"
+    if not KUBECTL or not HELM:
+        return "kubectl or helm not found (.cache/cluster-bin/kubectl, .cache/bin/helm or PATH)"
+    proc = subprocess.run([KUBECTL, "get", "--raw", "/readyz"], capture_output=True, text=True, timeout=20)
+    if proc.returncode != 0:
+        return f"no live cluster at KUBECONFIG={os.environ['KUBECONFIG']}: {proc.stderr.strip()[:200]}"
+    nodes = json.loads(_run([KUBECTL, "get", "nodes", "-o", "json"]))["items"]
+    on_node = {name for node in nodes for image in node["status"].get("images", []) for name in image.get("names", [])}
+    missing = [image for image in IMAGES if image not in on_node]
+    if missing:
+        return f"the node lacks {missing} (tools/cluster/project-images.sh cpu kafka)"
+    return None
+
+
+class JobWatch:
+    """`kubectl get jobs --watch` in the background: every condition each Job reached."""
+
+    def __init__(self, namespace: str) -> None:
+        assert KUBECTL
+        self.conditions: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+        self._proc = subprocess.Popen(
+            [KUBECTL, "-n", namespace, "get", "jobs", "--watch", "--output-watch-events", "-o", "json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout
+        decoder = json.JSONDecoder()
+        buffer = ""
+        for line in self._proc.stdout:
+            buffer += line
+            while buffer.strip():
+                try:
+                    event, end = decoder.raw_decode(buffer.lstrip())
+                except json.JSONDecodeError:
+                    break  # an object still being written
+                buffer = buffer.lstrip()[end:]
+                job = event.get("object", {})
+                reached = {c["type"] for c in job.get("status", {}).get("conditions", []) if c.get("status") == "True"}
+                with self._lock:
+                    self.conditions.setdefault(job.get("metadata", {}).get("name", "?"), set()).update(reached)
+
+    def reached(self, job: str, condition: str) -> bool:
+        with self._lock:
+            return condition in self.conditions.get(job, set())
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=10)
+
+
+def _wait_for(what: str, seconds: float, condition: Callable[[], bool], detail: Callable[[], str]) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds:.0f}s waiting for {what}:\n{detail()}")
+        time.sleep(2)
+
+
+def _pods(namespace: str) -> list[dict[str, Any]]:
+    return _kubectl_json("-n", namespace, "get", "pods")["items"]
+
+
+def _unready(namespace: str) -> list[str]:
+    """Pods that are not Ready, except those of finished Jobs."""
+    out = []
+    for pod in _pods(namespace):
+        if pod["status"].get("phase") == "Succeeded":
+            continue
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
+        if not ready:
+            out.append(pod["metadata"]["name"])
+    return out
+
+
+def _describe(namespace: str) -> str:
+    assert KUBECTL
+    pods = _run([KUBECTL, "-n", namespace, "get", "pods,jobs,pvc", "-o", "wide"], check=False)
+    events = _run([KUBECTL, "-n", namespace, "get", "events", "--sort-by=.lastTimestamp"], check=False)
+    return f"{pods}\n{events[-4000:]}"
+
+
+def _helm(*args: str) -> float:
+    assert HELM
+    started = time.monotonic()
+    _run(
+        [HELM, *args, "--wait", "--wait-for-jobs", "--timeout", f"{INSTALL_TIMEOUT_S}s"], timeout=INSTALL_TIMEOUT_S + 60
+    )
+    return time.monotonic() - started
+
+
+def _leftovers(namespace: str) -> set[tuple[str, str]]:
+    """(kind, name) of every object in the namespace, events and endpoint slices aside."""
+    assert KUBECTL
+    kinds = _run([KUBECTL, "api-resources", "--verbs=list", "--namespaced", "-o", "name"]).split()
+    skip = {"events", "events.events.k8s.io", "endpointslices.discovery.k8s.io", "endpoints"}
+    listed = _kubectl_json("-n", namespace, "get", ",".join(k for k in kinds if k not in skip))
+    return {(item["kind"], item["metadata"]["name"]) for item in listed["items"]}
+
+
+def _orphans(namespace: str) -> set[tuple[str, str]]:
+    return _leftovers(namespace) - KEPT - NAMESPACE_DEFAULTS
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    assert KUBECTL
+    name = f"synpref-it-{uuid.uuid4().hex[:6]}"
+    _run([KUBECTL, "create", "namespace", name])
+    yield name
+    # The kept PVCs and Secrets go with the namespace; the PVs are recycled for the next run.
+    _run([KUBECTL, "delete", "namespace", name, "--wait=true", "--timeout=300s"], timeout=330, check=False)
+
+
+def test_install_every_pod_ready_and_uninstall_leaves_only_kept(namespace: str, tmp_path: Path) -> None:
+    assert KUBECTL and HELM
+    started = time.monotonic()
+    model = tmp_path / "tiny-rm"
+    _run([sys.executable, "-m", "testing.tiny", str(model)], timeout=300)
+    jobs = JobWatch(namespace)
+    try:
+        chart = str(REPO / "charts/synpref")
+        base = ["-n", namespace, "-f", str(VALUES)]
+        installed_s = _helm("install", RELEASE, chart, *base, "--set", "scorer.enabled=false")
+        log.info("helm install (no scorer) took %.0fs", installed_s)
+        _wait_for("every pod Ready after install", 300, lambda: not _unready(namespace), lambda: _describe(namespace))
+        for job in HOOK_JOBS:
+            assert jobs.reached(job, "Complete"), f"hook Job {job} never reached Complete: {jobs.conditions}"
+
+        writer = next(
+            p["metadata"]["name"] for p in _pods(namespace) if p["metadata"]["name"].startswith(f"{RELEASE}-writer")
+        )
+        _run([KUBECTL, "-n", namespace, "exec", writer, "--", "mkdir", "-p", "/data/models"])
+        _run([KUBECTL, "-n", namespace, "cp", str(model), f"{writer}:/data/models/tiny-rm"], timeout=300)
+
+        upgraded_s = _helm("upgrade", RELEASE, chart, *base)
+        log.info("helm upgrade (scorer on) took %.0fs", upgraded_s)
+        _wait_for("every pod Ready after upgrade", 300, lambda: not _unready(namespace), lambda: _describe(namespace))
+        pods = _pods(namespace)
+        components = {p["metadata"]["labels"].get("app.kubernetes.io/component") for p in pods}
+        assert {"scorer", "desk", "kafka", "gold-scorer", "filter", "writer"} <= components, components
+
+        version = _kubectl_json("version")["serverVersion"]["gitVersion"]
+        node = _kubectl_json("get", "nodes")["items"][0]["status"]["nodeInfo"]
+        log.info("Kubernetes %s, node runtime %s", version, node["containerRuntimeVersion"])
+        digests = {
+            (s["image"], s["imageID"])
+            for p in pods
+            for s in p["status"].get("containerStatuses", [])
+            if s.get("imageID")
+        }
+        for image, digest in sorted(digests):
+            log.info("image %s = %s", image, digest)
+        assert {image for image, _ in digests} >= set(IMAGES)
+
+        _run([HELM, "uninstall", RELEASE, "-n", namespace, "--wait", "--timeout", "300s"], timeout=360)
+    finally:
+        jobs.stop()
+    # Deletion is asynchronous (the garbage collector, finalizers): wait until only the kept
+    # objects are left, and fail naming the rest.
+    _wait_for(
+        "helm uninstall to leave only the kept Secrets and PVC",
+        180,
+        lambda: not _orphans(namespace),
+        lambda: f"left: {sorted(_orphans(namespace))}",
+    )
+    missing = KEPT - _leftovers(namespace)
+    assert not missing, f"objects the chart keeps on purpose are gone: {sorted(missing)}"
+    log.info("install, upgrade, uninstall in %.0fs", time.monotonic() - started)
