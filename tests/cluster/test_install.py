@@ -85,7 +85,10 @@ def _skip_reason() -> str | None:
     if proc.returncode != 0:
         return f"no live cluster at KUBECONFIG={os.environ['KUBECONFIG']}: {proc.stderr.strip()[:200]}"
     nodes = json.loads(_run([KUBECTL, "get", "nodes", "-o", "json"]))["items"]
-    on_node = {name for node in nodes for image in node["status"].get("images", []) for name in image.get("names", [])}
+    # Images known only by their ID (a replaced build) have names: null.
+    on_node = {
+        name for node in nodes for image in node["status"].get("images", []) for name in image.get("names") or []
+    }
     missing = [image for image in IMAGES if image not in on_node]
     if missing:
         return f"the node lacks {missing} (tools/cluster/project-images.sh cpu kafka)"

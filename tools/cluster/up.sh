@@ -145,8 +145,18 @@ for ref_file in "$IMAGES"/*.ref; do
   stamp="${ref_file%.ref}.imported"
   if ! "${CTR[@]}" images ls -q | grep -xF "$image" >/dev/null || [[ "$archive" -nt "$stamp" ]]; then
     log "importing $image"
+    old_digest="$("${CTR[@]}" images ls | awk -v ref="$image" '$1 == ref {print $3}')"
     "${CTR[@]}" images import "$archive" >/dev/null
     touch "$stamp"
+    new_digest="$("${CTR[@]}" images ls | awk -v ref="$image" '$1 == ref {print $3}')"
+    # The CRI plugin also names each image by its ID (sha256:...). After a re-import of a new
+    # build, that name still pins the replaced one (7 GB for the CPU image): drop it.
+    if [[ -n "$old_digest" && "$old_digest" != "$new_digest" ]]; then
+      "${CTR[@]}" images ls | awk -v d="$old_digest" '$3 == d && $1 ~ /^sha256:/ {print $1}' |
+        while read -r stale; do
+          "${CTR[@]}" images rm --sync "$stale" >/dev/null
+        done
+    fi
   fi
 done
 
