@@ -79,6 +79,9 @@ def _skip_reason() -> str | None:
     """Why this machine has no cluster to install on, or None."""
     if not os.environ.get("KUBECONFIG"):
         return "KUBECONFIG is not set (start one with `make cluster`)"
+    if not all(Path(f).is_file() for f in os.environ["KUBECONFIG"].split(os.pathsep)):
+        # kubectl would fall back to localhost:8080 without saying so.
+        return f"KUBECONFIG={os.environ['KUBECONFIG']} names no file (the cluster is down)"
     if not KUBECTL or not HELM:
         return "kubectl or helm not found (.cache/cluster-bin/kubectl, .cache/bin/helm or PATH)"
     proc = subprocess.run([KUBECTL, "get", "--raw", "/readyz"], capture_output=True, text=True, timeout=20)
