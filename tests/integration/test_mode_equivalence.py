@@ -1,0 +1,83 @@
+"""The same seeded run over real pairs gives the same decisions and datasets in process and over Kafka.
+
+The small version of benchmarks/mode_equivalence.py (read it for the set-up): 200 real pairs,
+`synpref run` in process, then `synpref controller` with the gold-scorer, annotator, filter,
+scorer and desk as separate processes on the broker, once clean and once with the controller
+SIGKILLed mid-Stage-1 and the annotator mid-Stage-2 (each restarted). Judges: the
+deterministic fake OpenAI server; humans: the web desk (embedded in process, the desk service
+over Kafka), answered over HTTP from one deterministic verdict list in both modes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "mode_equivalence.py"
+PAIRS = 200
+DECISIONS = ("record only in one run", "pool", "decision", "rule", "label", "flipped", "votes", "scored roles")
+
+
+def load_benchmark() -> Any:
+    spec = importlib.util.spec_from_file_location("mode_equivalence", BENCHMARK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BENCH = load_benchmark()
+
+
+@pytest.fixture(scope="module")
+def report(kafka_bootstrap, tmp_path_factory) -> dict[str, Any]:
+    if not BENCH.DATA.exists():
+        pytest.skip("../shared/data is not present")
+    root = tmp_path_factory.mktemp("mode-equivalence")
+    found = BENCH.run_equivalence(PAIRS, root, kafka_bootstrap, kill=True, timeout_s=600, humans="desk")
+    (root / "report.md").write_text(BENCH.markdown(found))
+    print(json.dumps(found["seconds"]))
+    return found
+
+
+def differences(report: dict[str, Any], run: str, kinds: tuple[str, ...]) -> dict[str, Any]:
+    """The run's differences whose kind starts with one of `kinds`."""
+    return {k: v for k, v in report[run]["differences"].items() if k.startswith(kinds)}
+
+
+def version_differences(report: dict[str, Any], run: str) -> dict[str, Any]:
+    """The known "score version" differences: per record ("score version[role]") and per dataset row."""
+    return {k: v for k, v in report[run]["differences"].items() if v["cause"] == BENCH.KNOWN_CAUSES["score version"]}
+
+
+def unexplained(report: dict[str, Any], run: str) -> dict[str, Any]:
+    """Differences no known cause explains (dataset columns included)."""
+    return {k: v for k, v in report[run]["differences"].items() if v["cause"] == "unexplained"}
+
+
+@pytest.mark.parametrize("run", ["kafka", "kafka-killed"])
+def test_pools_decisions_labels_votes_and_datasets_match(report, run):
+    assert report[run]["pools"] == report["in_process"]["pools"]
+    assert report[run]["decisions"] == report["in_process"]["decisions"]
+    assert report[run]["datasets"] == report["in_process"]["datasets"]
+    assert differences(report, run, DECISIONS) == {}
+    assert unexplained(report, run) == {}
+    assert report[run]["max_p_gap"] < 1e-4
+
+
+def test_the_killed_run_really_was_killed_mid_step(report):
+    controller, annotator = report["kafka-killed"]["events"]
+    assert controller.startswith("controller SIGKILLed") and "batch in flight" in controller, controller
+    assert annotator.startswith("annotator SIGKILLed") and "in s2.curate" in annotator, annotator
+
+
+@pytest.mark.xfail(strict=True, reason=BENCH.KNOWN_CAUSES["score version"])
+@pytest.mark.parametrize("run", ["kafka", "kafka-killed"])
+def test_score_versions_match(report, run):
+    assert version_differences(report, run) == {}
