@@ -311,9 +311,12 @@ def run_kafka(
     timeout_s: float,
     answerer: DeskAnswerer | None = None,
 ) -> dict:
-    """The controller and the stage services as separate processes on the broker; with `kill`, SIGKILL the
-    controller once mid-Stage-1 (its first curate batch in flight) and the annotator once mid-Stage-2, restarting
-    each. Returns wall seconds and what was killed when."""
+    """The controller, scorer, stage services (and desk, with `answerer`) as separate processes on the broker.
+
+    With `kill`: SIGKILL the controller once mid-Stage-1 (the first Stage-1 batch of more than one pair
+    published and partly decided) and the annotator once mid-Stage-2 (judging), restarting each. Returns wall
+    seconds and what was killed when (and whether the step had already committed: then it says so).
+    """
     work = root / name
     models = work / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -355,8 +358,8 @@ def run_kafka(
     scorer = Proc("scorer", synpref("scorer", "--config", str(cfg)), logs, env).start()
     wait_until(lambda: port_open(admin_port) or not scorer.alive(), 120, "the scorer's admin port")
     services = {
-        name: Proc(name, synpref(cmd, "--config", str(cfg)), logs, env)
-        for name, cmd in (("gold-scorer", "gold-scorer"), ("annotator", "annotator"), ("filter", "filter"))
+        service: Proc(service, synpref(service, "--config", str(cfg)), logs, env)
+        for service in ("gold-scorer", "annotator", "filter")
     }
     if answerer is not None:
         services["desk"] = Proc("desk", synpref("desk", "--config", str(cfg)), logs, env)
