@@ -21,6 +21,10 @@ RUN mvn -q -B -Dstyle.color=never dependency:copy-dependencies \
  && version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' pom.xml)" \
  && test -f "/opt/kafka/libs/kafka_2.13-$version.jar" \
  && echo "$version" > /opt/kafka/version
+# The scripts (Kafka's own are not in the jars) and the default config, next to the jars, so
+# the runtime stage copies one finished tree from this stage and nothing from the context.
+COPY docker/kafka/ /opt/kafka/
+RUN chmod 0755 /opt/kafka/bin/*.sh && chmod 0644 /opt/kafka/config/*
 
 # --- runtime: a JRE, the jars, the scripts, a non-root user --------------------------------
 FROM ${JRE_IMAGE} AS runtime
@@ -31,10 +35,7 @@ RUN groupadd --system --gid ${UID} kafka \
  && useradd --system --uid ${UID} --gid ${UID} --home-dir /tmp --shell /usr/sbin/nologin kafka \
  && mkdir -p /var/lib/kafka/data \
  && chown ${UID}:${UID} /var/lib/kafka/data
-COPY --from=build /opt/kafka/libs/ /opt/kafka/libs/
-COPY --from=build /opt/kafka/version /opt/kafka/version
-COPY docker/kafka/config/ /opt/kafka/config/
-COPY --chmod=0755 docker/kafka/bin/ /opt/kafka/bin/
+COPY --from=build /opt/kafka/ /opt/kafka/
 # Logs go to stdout; LOG_DIR (GC logs) defaults to /tmp, the writable folder when the root
 # filesystem is read-only.
 ENV PATH=/opt/kafka/bin:$PATH \
