@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # about 4 minutes on 2 cores: three runs, seven processes
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "mode_equivalence.py"
 PAIRS = 200
