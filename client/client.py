@@ -47,6 +47,8 @@ class PairScore:
     reward_rejected: float
     p: float
     """sigmoid(reward_chosen - reward_rejected)"""
+    version: str = ""
+    """The served version of the model that scored it (a reload can change it between calls)."""
 
 
 def _messages(value: Conversation | str, role: str = "assistant") -> list[pair_pb2.Message]:
@@ -111,7 +113,8 @@ class _Policy:
 
 
 def _pair_scores(response: reward_pb2.ScorePairsResponse) -> list[PairScore]:
-    return [PairScore(s.reward_chosen, s.reward_rejected, s.p) for s in response.scores]
+    version = response.metadata.version
+    return [PairScore(s.reward_chosen, s.reward_rejected, s.p, version) for s in response.scores]
 
 
 class RewardClient:

@@ -12,7 +12,7 @@ gRPC through the scorer service (mode = "grpc"). Tests and benchmarks pass their
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,9 @@ from synpref.v1.pair_pb2 import STAGE_ONE, ModelScore, PairRecord
 STAGE_ONE_ROLES = (BEST,)
 """What Stage 1 is scored with: the working RM, served and recorded as BEST."""
 
-PairScorer = Callable[[list[dict]], list[tuple[float, float]]]
+ScoredPair = tuple[float, float] | tuple[float, float, str]
+"""(reward chosen, reward rejected), and from a served model the version that scored them."""
+PairScorer = Callable[[list[dict]], Sequence[ScoredPair]]
 STEP = "gold-scorer"
 
 
@@ -100,7 +102,7 @@ def make_scoring_stage(models: list[ScoringModel]) -> Stage:
 def score_batch(batch: list[PairRecord], models: list[ScoringModel]) -> list[PairRecord]:
     """Copies of `batch` with each model's score set; RuntimeError when a scorer returns the wrong count."""
     pairs = [pair_dict(r) for r in batch]
-    scored: dict[str, list[tuple[float, float]]] = {}
+    scored: dict[str, Sequence[ScoredPair]] = {}
     for model in models:
         rewards = model.score(pairs)
         if len(rewards) != len(batch):
@@ -111,7 +113,10 @@ def score_batch(batch: list[PairRecord], models: list[ScoringModel]) -> list[Pai
         copy = PairRecord()
         copy.CopyFrom(record)
         for model in models:
-            set_score(copy, model.role, model.version, *scored[model.role][i])
+            row = scored[model.role][i]
+            # A served model says which version scored the pair: the scorer may have reloaded since start-up.
+            version = row[2] if len(row) == 3 and row[2] else model.version
+            set_score(copy, model.role, version, row[0], row[1])
         copy.lineage.steps.append(STEP)
         copy.lineage.updated_at.CopyFrom(now())
         out.append(copy)
@@ -138,14 +143,16 @@ def grpc_scorer(address: str, model_name: str, client=None) -> PairScorer:
 
         client = RewardClient(address)
 
-    def score(pairs: list[dict]) -> list[tuple[float, float]]:
-        return [(s.reward_chosen, s.reward_rejected) for s in client.score_pairs(pairs, model=model_name)]
+    def score(pairs: list[dict]) -> list[ScoredPair]:
+        return [(s.reward_chosen, s.reward_rejected, s.version) for s in client.score_pairs(pairs, model=model_name)]
 
     return score
 
 
 def served_version(client, model_name: str, fallback: str) -> str:
-    """The version the scorer reports for a served model (what really scored), else the configured one."""
+    """The version the scorer reports for a served model at start-up, else the configured one: the label of
+    a score whose response names no version (each response names the version that scored it).
+    """
     try:
         info = client.info(model_name, timeout=10)
     except Exception:  # the scorer may come up later; its answers still score, the label is the config's

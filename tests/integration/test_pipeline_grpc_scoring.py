@@ -51,3 +51,26 @@ def test_grpc_mode_matches_in_process(tmp_path):
         # p = sigmoid(r_c - r_r) and sigmoid' <= 1/4: a margin off by 2 tolerances moves p by half of one.
         p_bound = fp32_forward_tolerance(scale) / 2
         assert [s.p for s in served] == pytest.approx([s.p for s in local], rel=0, abs=p_bound)
+
+
+def test_scores_name_the_version_that_scored_them_after_a_reload(tmp_path):
+    # The controller reloads the scorer each iteration; a gold-scorer started before must label
+    # each score with the version the scorer served for it, not the one it saw at start-up.
+    from synpref.services.scorer.server import BackgroundScorer
+    from testing.tiny import build_tiny_reward_model
+
+    torch.set_num_threads(1)
+    first = build_tiny_reward_model(tmp_path / "first", layers=1, hidden=32, heads=2, kv_heads=1, seed=1)
+    second = build_tiny_reward_model(tmp_path / "second", layers=1, hidden=32, heads=2, kv_heads=1, seed=2)
+    served = {"gold": ModelRef(path=str(first), version="gold-1"), "best": ModelRef(path=str(first), version="best-1")}
+    scorer = BackgroundScorer(ScorerSettings(port=0, http_port=0, metrics_port=0, models=served, max_length=256))
+    scorer.start()
+    try:
+        stage = make_scoring_stage(models_from_settings(ScoringSettings(mode="grpc", scorer_address=scorer.address)))
+        before = stage([rec(0)]).by_route()["scored"][0]
+        scorer.run(scorer.server.registry.reload("best", ModelRef(path=str(second), version="best-2")))
+        after = stage([rec(1)]).by_route()["scored"][0]
+    finally:
+        scorer.stop()
+    assert {s.model: s.version for s in before.scores} == {"gold": "gold-1", "best": "best-1"}
+    assert {s.model: s.version for s in after.scores} == {"gold": "gold-1", "best": "best-2"}
