@@ -78,6 +78,8 @@ class ServiceSpec:
     """Where the runner hands routed records instead of producing them (the dataset writer's dataset)."""
     instance_id: str | None = None
     """Static group membership (group.instance.id) for a service that runs as one process per id."""
+    close: Callable[[], None] | None = None
+    """Releases what the stage holds (the annotator's HTTP sessions and event loop) once nothing calls it."""
 
     def __post_init__(self) -> None:
         unknown = [r for r in (self.input_route, *self.output_routes) if r not in ROUTES]
@@ -292,6 +294,11 @@ class Service:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
+        if self.spec.close is not None:
+            try:
+                self.spec.close()
+            except Exception:  # the process is exiting anyway: say so, and let the exit code stand
+                log.exception("%s: closing the stage failed", self.spec.name)
         log.info("%s: stopped", self.spec.name)
 
 

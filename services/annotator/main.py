@@ -66,6 +66,7 @@ def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
         output_routes=["annotated"],
         grpc_service="synpref.v1.AnnotatorService",
         add_servicer=pipeline_pb2_grpc.add_AnnotatorServiceServicer_to_server,
+        close=annotator.close,  # the judges' HTTP sessions: unclosed, aiohttp reports them at exit
     )
 
 

@@ -138,3 +138,22 @@ def test_spec_rejects_unknown_routes():
             grpc_service="synpref.v1.PassthroughService",
             add_servicer=pipeline_pb2_grpc.add_PassthroughServiceServicer_to_server,
         )
+
+
+def test_stopping_the_service_closes_the_stage_once_after_grpc_stops():
+    # The annotator's judge sessions are released only through this hook (else aiohttp reports
+    # "Unclosed client session" at every shutdown).
+    closed: list[bool] = []
+    service_spec = spec()
+    service_spec.close = lambda: closed.append(service.server is not None and service.serving is False)
+    settings = load_settings(service={"host": "127.0.0.1", "grpc_port": 0, "metrics_port": 0, "shutdown_grace_s": 1})
+    service = Service(service_spec, settings, kafka=False)
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not service.serving and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert service.serving and closed == []
+    service.stop.set()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and closed == [True]
