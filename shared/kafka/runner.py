@@ -218,7 +218,9 @@ class _Rebalance(ConsumerRebalanceListener):
         if revoked:
             log.info("%s: partitions revoked: %s", service, sorted((tp.topic, tp.partition) for tp in revoked))
             # Still the owner: whatever a sink buffered for these partitions is flushed and committed now.
-            self.runner.checkpoint()
+            # kafka-python 3 calls this on the consumer's IO thread, where a blocking commit raises:
+            # the commit is queued instead, ahead of the JoinGroup on the coordinator's connection.
+            self.runner.checkpoint(blocking=False)
         metrics.forget_lag(service, revoked or ())
 
     def on_partitions_assigned(self, assigned: Any) -> None:
@@ -388,8 +390,8 @@ class StageRunner:
             self.checkpoint()
         return len(messages)
 
-    def checkpoint(self) -> None:
-        """Flush the sink, wait for every acknowledgement, commit; nothing to do when nothing was processed."""
+    def checkpoint(self, blocking: bool = True) -> None:
+        """Flush the sink, wait for every acknowledgement, commit (sent, not awaited, unless `blocking`)."""
         offsets, sink = self._pending, self.sink
         if not offsets or self.outbox is None:
             return
@@ -401,12 +403,15 @@ class StageRunner:
         if sink is not None and sink.keeps_offsets:
             safe = sink.flush(offsets)
         self._pending = {}
-        self.commit(offsets if safe is None else safe)
+        self.commit(offsets if safe is None else safe, blocking)
 
-    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+    def commit(self, offsets: Mapping[TopicPartition, int], blocking: bool = True) -> None:
         """Commit these next offsets now; only for what is already flushed and acknowledged."""
-        if offsets:
-            self._commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()})
+        if not offsets:
+            return
+        commits = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
+        # Not blocking: a failure is logged by kafka-python's callback; the next owner re-reads the batch.
+        self._commit(commits) if blocking else self.consumer.commit_async(commits)
 
     def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
         try:

@@ -145,3 +145,62 @@ def test_a_restarted_runner_resumes_after_its_last_commit(kafka_settings, unique
     out = read_topic(settings.kafka, topics.s2_annotated, 400)
     assert [decode_record(m.value, m.headers).pair.id for m in out] == [r.pair.id for r in records]
     assert topic_size(settings.kafka, topics.s2_annotated) == 400
+
+
+class HoldingSink:
+    """Keeps everything until a checkpoint: its offsets stay pending between batches, as the writer's do."""
+
+    keeps_offsets = False
+
+    def __init__(self) -> None:
+        self.rows: list[str] = []
+        self.flushed: list[int] = []
+
+    def write(self, routed):
+        self.rows += [r.pair.id for _, r in routed]
+
+    def due(self) -> bool:
+        return False
+
+    def flush(self, offsets):
+        self.flushed.append(len(self.rows))
+        return None
+
+
+def test_a_rebalance_with_buffered_offsets_checkpoints_instead_of_crashing(kafka_settings, unique_topics, unique_group):
+    # kafka-python 3 runs the rebalance listener on the consumer's IO thread, where a blocking commit
+    # raises: a writer whose sink held offsets crashed ("User rebalance callback throws an error")
+    # when another member joined its group.
+    topics = unique_topics(partitions=2)
+    settings = kafka_settings.model_copy(update={"topics": topics})
+    produce(settings.kafka, topics.s2_raw, pair_records(40, "rebalance"))
+    group, sink = unique_group(), HoldingSink()
+
+    def passthrough(batch):
+        result = StageResult()
+        for r in batch:
+            result.emit("annotated", r)
+        return result
+
+    runner = StageRunner(settings, passthrough, service="it-rebalance", group_id=group, sink=sink)
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while runner.stats.snapshot()["processed"] < 40 and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.1)
+    assert runner.stats.snapshot()["processed"] == 40 and sink.flushed == []
+    joiner = KafkaConsumer(topics.s2_raw, **settings.kafka.client_kwargs(), group_id=group, enable_auto_commit=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not sink.flushed and time.monotonic() < deadline and thread.is_alive():
+            joiner.poll(timeout_ms=200)
+        assert thread.is_alive(), "the runner died in the rebalance"
+        assert sink.flushed == [40]  # the revocation checkpointed what the sink held
+        while sum(v or 0 for v in committed(settings, group, topics.s2_raw, 2).values()) < 40:
+            assert time.monotonic() < deadline, committed(settings, group, topics.s2_raw, 2)
+            joiner.poll(timeout_ms=200)
+    finally:
+        joiner.close(autocommit=False)
+        runner.stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
