@@ -18,6 +18,8 @@ from typing import Any, Literal, Protocol, cast
 
 from kubernetes import client
 
+from synpref.shared.kube import api_client
+
 Format = Literal["token", "desk"]
 FORMATS: tuple[Format, ...] = ("token", "desk")
 """token: the bare token. desk: the desk's `annotator:token` list holding one `admin` token."""
@@ -112,16 +114,7 @@ def ensure_secret(api: SecretsApi, namespace: str, wanted: WantedSecret) -> Lite
 
 def connect(kubeconfig: str | None = None, context: str | None = None) -> client.CoreV1Api:
     """In-cluster credentials when running in a pod, otherwise the kube config file."""
-    from kubernetes import config as kube_config
-
-    configuration = client.Configuration()
-    try:
-        if kubeconfig or context:
-            raise kube_config.ConfigException("kube config requested explicitly")
-        kube_config.load_incluster_config(client_configuration=configuration)
-    except kube_config.ConfigException:
-        kube_config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
-    return client.CoreV1Api(client.ApiClient(configuration))
+    return client.CoreV1Api(api_client(kubeconfig, context))
 
 
 def _wanted_arg(spec: str) -> WantedSecret:

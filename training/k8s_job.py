@@ -306,16 +306,9 @@ class JobBackend:
     @classmethod
     def connect(cls, kubeconfig: str | None = None, context: str | None = None) -> JobBackend:
         """In-cluster credentials when running in a pod, otherwise the kube config file."""
-        from kubernetes import config as kube_config
+        from synpref.shared.kube import api_client
 
-        configuration = client.Configuration()
-        try:
-            if kubeconfig or context:
-                raise kube_config.ConfigException("kube config requested explicitly")
-            kube_config.load_incluster_config(client_configuration=configuration)
-        except kube_config.ConfigException:
-            kube_config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
-        return cls(client.ApiClient(configuration))
+        return cls(api_client(kubeconfig, context))
 
     @staticmethod
     def _error(action: str, kind: str, namespace: str, name: str, exc: client.ApiException) -> JobError:
