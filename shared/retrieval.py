@@ -7,23 +7,60 @@ so inner product in a FAISS IndexFlatIP is cosine similarity. The index maps str
 (index.faiss + items.jsonl) and grows: adding an id already present is a no-op.
 
 k rule of the paper: k = k_max (8) when p <= 0.5 (the RM is wrong), else ceil(k_max (1 - p)).
+
+The judges' example index (D_gold, human-verified pairs) is rewritten whole by the loop
+(`write_example_index`) and re-read by every annotator (`ReloadingExamples`). Its folder:
+
+    CURRENT              one line: the name of the live version folder
+    v-<content hash>/    index.faiss + items.jsonl, never changed once named
+
+A write builds a `.staging-*` folder, fsyncs it, renames it to `v-<hash of its files>`,
+then replaces CURRENT atomically, and discards versions other than the new and the
+previous one (renamed to `.trash-*` first, so a `v-*` folder is always whole). A reader
+reads CURRENT, then loads that version; when a later write removed it meanwhile, it reads
+CURRENT again. One writer at a time (the controller). A folder without CURRENT that holds
+a `PairRetriever.save` index (index.faiss + items.jsonl) is read as a single version.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from synpref.shared.files import write_atomic
+from synpref.shared.files import fsync_folder, replace_durably, write_atomic, write_text_atomic
+from synpref.v1.pair_pb2 import (
+    CONTROVERSIALITY_HIGH,
+    CONTROVERSIALITY_LOW,
+    CONTROVERSIALITY_MEDIUM,
+    OBJECTIVITY_OBJECTIVE,
+    OBJECTIVITY_SUBJECTIVE,
+    Attributes,
+    PairRecord,
+)
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.jsonl"
+CURRENT_FILE = "CURRENT"
+VERSION_PREFIX = "v-"
+LOAD_TRIES = 10
+"""Reads of CURRENT a load may take when writes keep removing the version it read."""
+
+Embed = Callable[[list[str]], np.ndarray]
+"""Texts to L2-normalised float32 rows, one per text, in order (e.g. `Embedder.embed`)."""
+
+OBJECTIVITY = {"objective": OBJECTIVITY_OBJECTIVE, "subjective": OBJECTIVITY_SUBJECTIVE}
+CONTROVERSIALITY = {"low": CONTROVERSIALITY_LOW, "medium": CONTROVERSIALITY_MEDIUM, "high": CONTROVERSIALITY_HIGH}
 
 
 @dataclass(frozen=True)
@@ -62,20 +99,32 @@ def pair_text(conversation: Sequence[dict[str, str]], attributes: dict[str, Any]
     return "\n".join(lines)
 
 
-def record_item(record: Any) -> dict[str, Any]:
-    """A PairRecord as a retrieval item whose payload makes a judge example (its label is taken as verified)."""
+def attributes_dict(attributes: Attributes) -> dict[str, Any]:
+    """An Attributes proto as a plain dict, with the enum values named ("unspecified" when unknown)."""
+    inverse_o = {v: k for k, v in OBJECTIVITY.items()}
+    inverse_c = {v: k for k, v in CONTROVERSIALITY.items()}
+    return {
+        "task_category": attributes.task_category,
+        "objectivity": inverse_o.get(attributes.objectivity, "unspecified"),
+        "controversiality": inverse_c.get(attributes.controversiality, "unspecified"),
+        "desired_attributes": list(attributes.desired_attributes),
+        "annotation_guideline": attributes.annotation_guideline,
+    }
+
+
+def record_item(record: PairRecord) -> dict[str, Any]:
+    """A PairRecord as a retrieval item whose payload makes a judge example (its label is taken as verified).
+
+    Its attributes are the record's (as the annotator shows a pair's own) when it has a task
+    category, else none.
+    """
     from synpref.shared.pairs import message_dicts
 
-    pair, attrs = record.pair, record.attributes
-    attributes = {
-        "task_category": attrs.task_category,
-        "desired_attributes": list(attrs.desired_attributes),
-        "annotation_guideline": attrs.annotation_guideline,
-    }
+    pair = record.pair
     return {
         "id": pair.id,
         "conversation": message_dicts(pair.conversation),
-        "attributes": attributes if attrs.task_category else {},
+        "attributes": attributes_dict(record.attributes) if record.attributes.task_category else {},
         "preferred": "\n".join(m.content for m in pair.chosen),
         "dispreferred": "\n".join(m.content for m in pair.rejected),
     }
@@ -121,14 +170,26 @@ class Embedder:
         return out
 
 
+def _faiss_index(dim: int) -> Any:
+    import faiss
+
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def _header_line(dim: int) -> str:
+    return json.dumps({"dim": dim}) + "\n"
+
+
+def _item_line(item_id: str, payload: Any) -> str:
+    return json.dumps({"id": item_id, "payload": payload}, ensure_ascii=False) + "\n"
+
+
 class VectorIndex:
     """FAISS inner-product index over normalized vectors, keyed by string ids, persistent."""
 
     def __init__(self, dim: int) -> None:
-        import faiss
-
         self.dim = dim
-        self.index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.index: Any = _faiss_index(dim)
         self.ids: list[str] = []
         self.payloads: list[Any] = []
         self._row: dict[str, int] = {}
@@ -176,10 +237,10 @@ class VectorIndex:
         import faiss
 
         def write_items(tmp: Path) -> None:
-            with tmp.open("w") as fh:
-                fh.write(json.dumps({"dim": self.dim}) + "\n")
+            with tmp.open("w", encoding="utf-8") as fh:
+                fh.write(_header_line(self.dim))
                 for item_id, payload in zip(self.ids, self.payloads, strict=True):
-                    fh.write(json.dumps({"id": item_id, "payload": payload}, ensure_ascii=False) + "\n")
+                    fh.write(_item_line(item_id, payload))
 
         folder = Path(folder)
         # Items first: an index file never points at rows the items file lacks.
@@ -192,7 +253,7 @@ class VectorIndex:
         import faiss
 
         folder = Path(folder)
-        with (folder / ITEMS_FILE).open() as fh:
+        with (folder / ITEMS_FILE).open(encoding="utf-8") as fh:
             header = json.loads(fh.readline())
             items = [json.loads(line) for line in fh if line.strip()]
         out = cls(int(header["dim"]))
@@ -247,18 +308,172 @@ class PairRetriever:
     def examples(self, conversation: list[dict[str, str]], attributes: dict, k: int) -> list[Example]:
         """Human-verified examples for a judge prompt (items added with payload preferred/dispreferred)."""
         (hits,) = self.query([conversation], [attributes], [k])
-        out = []
-        for item_id, _score in hits:
-            payload = self.index.payload(item_id) or {}
-            if "preferred" not in payload:
-                continue
-            out.append(
-                Example(
-                    id=item_id,
-                    conversation=payload.get("conversation") or [],
-                    preferred=payload["preferred"],
-                    dispreferred=payload.get("dispreferred", ""),
-                    attributes=payload.get("attributes") or {},
-                )
+        return hit_examples(self.index, hits)
+
+
+def hit_examples(index: VectorIndex, hits: Iterable[tuple[str, float]]) -> list[Example]:
+    """The hits whose payload is a judge example (has "preferred"), as Examples, in order."""
+    out = []
+    for item_id, _score in hits:
+        payload = index.payload(item_id) or {}
+        if "preferred" not in payload:
+            continue
+        out.append(
+            Example(
+                id=item_id,
+                conversation=payload.get("conversation") or [],
+                preferred=payload["preferred"],
+                dispreferred=payload.get("dispreferred", ""),
+                attributes=payload.get("attributes") or {},
             )
-        return out
+        )
+    return out
+
+
+def write_example_index(
+    folder: str | Path, records: Iterable[PairRecord], embed: Embed, dim: int, batch: int = 256
+) -> int:
+    """Replace the judges' example index in `folder` with `records` (human-verified pairs); returns their number.
+
+    Each record is one example: id = its pair id, vector = `embed` of `pair_text` of its
+    conversation and attributes, payload = what `Example` needs (`record_item`). A repeated
+    id keeps its first record. Records are streamed: items are written as they come and texts
+    embedded `batch` at a time. The same records give byte-identical files and the same
+    version name. See the module docstring for the folder's layout and why a reader never
+    sees a half-written index.
+    """
+    import faiss
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for leftover in [*folder.glob(".staging-*"), *folder.glob(".trash-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # a crashed writer's; there is one writer
+    staging = folder / f".staging-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        index = _faiss_index(dim)
+        seen: set[str] = set()
+        texts: list[str] = []
+
+        def add_batch() -> None:
+            vectors = np.asarray(embed(texts), dtype=np.float32)
+            if vectors.shape != (len(texts), dim):
+                raise ValueError(f"embed gave shape {vectors.shape} for {len(texts)} texts of dim {dim}")
+            rows = np.arange(index.ntotal, index.ntotal + len(texts), dtype=np.int64)
+            index.add_with_ids(np.ascontiguousarray(vectors), rows)
+            texts.clear()
+
+        with (staging / ITEMS_FILE).open("w", encoding="utf-8") as items:
+            items.write(_header_line(dim))
+            for record in records:
+                item = record_item(record)
+                if item["id"] in seen:
+                    continue
+                seen.add(item["id"])
+                items.write(_item_line(item["id"], {key: item[key] for key in EXAMPLE_KEYS}))
+                texts.append(pair_text(item["conversation"], item["attributes"]))
+                if len(texts) >= batch:
+                    add_batch()
+            if texts:
+                add_batch()
+            items.flush()
+            os.fsync(items.fileno())
+        faiss.write_index(index, str(staging / INDEX_FILE))
+        with (staging / INDEX_FILE).open("rb") as fh:
+            os.fsync(fh.fileno())
+        fsync_folder(staging)
+
+        version = VERSION_PREFIX + _files_hash(staging / ITEMS_FILE, staging / INDEX_FILE)
+        previous = _read_current(folder)
+        if not (folder / version).exists():  # when it exists it is whole and has these very bytes
+            replace_durably(staging, folder / version)
+        write_text_atomic(folder / CURRENT_FILE, version + "\n")
+        # The previous version stays for readers that read CURRENT just before this write.
+        for child in folder.glob(VERSION_PREFIX + "*"):
+            if child.name not in (version, previous):
+                _discard(child)
+        return len(seen)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _files_hash(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:20]
+
+
+def _read_current(folder: Path) -> str | None:
+    """The version CURRENT names, or None when there is no CURRENT."""
+    try:
+        name = (folder / CURRENT_FILE).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    if not name.startswith(VERSION_PREFIX) or "/" in name or os.sep in name:
+        raise ValueError(f"{folder / CURRENT_FILE} names {name!r}, not a version folder")
+    return name
+
+
+def _discard(version_folder: Path) -> None:
+    # Renamed away first: a crash mid-delete then leaves a .trash-* folder, never a partial version.
+    trash = version_folder.with_name(f".trash-{uuid.uuid4().hex[:12]}")
+    os.replace(version_folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+class ReloadingExamples:
+    """The judges' ExampleSource over a folder `write_example_index` keeps rewriting.
+
+    Every `examples` call reads CURRENT (one small file) and loads the index again when it
+    names another version than the one in memory, so a batch published after a write is
+    judged with that write's examples. No index yet: no examples. Safe to call from several
+    threads: loads are serialised; a loaded index is never changed, only replaced.
+    """
+
+    def __init__(self, folder: str | Path, embedder: Embedder | Embed) -> None:
+        self.folder = Path(folder)
+        self._embed: Embed = embedder if callable(embedder) else embedder.embed
+        self._lock = threading.Lock()
+        self._loaded: tuple[str, VectorIndex] | None = None
+
+    def examples(self, conversation: list[dict[str, str]], attributes: dict, k: int) -> list[Example]:
+        """Up to `k` verified examples nearest to (conversation, attributes) in the folder's current index."""
+        index = self.current_index()
+        if index is None or k <= 0 or len(index) == 0:
+            return []
+        (hits,) = index.search(self._embed([pair_text(conversation, attributes)]), k)
+        return hit_examples(index, hits)
+
+    def current_index(self) -> VectorIndex | None:
+        """The index the folder holds now (loaded when it changed since the last call); None when it holds none."""
+        with self._lock:
+            for _ in range(LOAD_TRIES):
+                version = self._version_on_disk()
+                if version is None:
+                    self._loaded = None
+                    return None
+                if self._loaded is not None and self._loaded[0] == version:
+                    return self._loaded[1]
+                try:
+                    index = VectorIndex.load(self._version_folder(version))
+                except FileNotFoundError:
+                    continue  # a newer write removed this version while it loaded: read CURRENT again
+                self._loaded = (version, index)
+                return index
+            raise RuntimeError(f"{self.folder}: no version could be loaded in {LOAD_TRIES} reads of {CURRENT_FILE}")
+
+    def _version_on_disk(self) -> str | None:
+        version = _read_current(self.folder)
+        if version is not None:
+            return version
+        try:  # a single PairRetriever.save index: its index file, written last, names the version
+            st = (self.folder / INDEX_FILE).stat()
+        except FileNotFoundError:
+            return None
+        return f"flat:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+    def _version_folder(self, version: str) -> Path:
+        return self.folder if version.startswith("flat:") else self.folder / version

@@ -49,9 +49,10 @@ def build_annotator(settings: Settings, examples=None) -> Annotator:
     if cfg.attribute_model is not None:
         labeller = AttributeLabeller(chat_backend(cfg.attribute_model, cfg), cache, version, cfg.json_mode)
     if examples is None and cfg.examples_index:
-        from synpref.shared.retrieval import Embedder, PairRetriever
+        from synpref.shared.retrieval import Embedder, ReloadingExamples
 
-        examples = PairRetriever(Embedder(cfg.embedding_model), folder=cfg.examples_index)
+        # Re-read on every call: the controller rewrites the index before it publishes the batches that need it.
+        examples = ReloadingExamples(cfg.examples_index, Embedder(cfg.embedding_model))
     return Annotator(judges, labeller, examples, cfg.max_examples, cfg.skip_confident, settings.filter.band)
 
 

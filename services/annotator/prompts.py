@@ -16,15 +16,11 @@ import json
 import re
 from typing import Any
 
-from synpref.shared.retrieval import Example
-from synpref.v1.pair_pb2 import (
-    CONTROVERSIALITY_HIGH,
-    CONTROVERSIALITY_LOW,
-    CONTROVERSIALITY_MEDIUM,
-    OBJECTIVITY_OBJECTIVE,
-    OBJECTIVITY_SUBJECTIVE,
-    Attributes,
-)
+# attributes_dict and the enum name maps live in shared (the example index writes attributes too);
+# attributes_dict is re-exported for the callers that import it from here.
+from synpref.shared.retrieval import CONTROVERSIALITY, OBJECTIVITY, Example
+from synpref.shared.retrieval import attributes_dict as attributes_dict
+from synpref.v1.pair_pb2 import Attributes
 
 PROMPT_VERSION = "p1"
 EXAMPLE_CHARS = 600
@@ -50,9 +46,6 @@ ATTRIBUTE_SCHEMA: dict[str, Any] = {
     "required": ["task_category", "objectivity", "controversiality", "desired_attributes", "annotation_guideline"],
     "additionalProperties": False,
 }
-
-OBJECTIVITY = {"objective": OBJECTIVITY_OBJECTIVE, "subjective": OBJECTIVITY_SUBJECTIVE}
-CONTROVERSIALITY = {"low": CONTROVERSIALITY_LOW, "medium": CONTROVERSIALITY_MEDIUM, "high": CONTROVERSIALITY_HIGH}
 
 
 def response_format(schema: dict[str, Any], name: str, mode: str) -> dict[str, Any] | None:
@@ -83,19 +76,6 @@ def render_response(messages: Messages) -> str:
     if len(messages) == 1:
         return messages[0]["content"]
     return render_conversation(messages)
-
-
-def attributes_dict(attributes: Attributes) -> dict[str, Any]:
-    """An Attributes proto as a plain dict, with the enum values named ("unspecified" when unknown)."""
-    inverse_o = {v: k for k, v in OBJECTIVITY.items()}
-    inverse_c = {v: k for k, v in CONTROVERSIALITY.items()}
-    return {
-        "task_category": attributes.task_category,
-        "objectivity": inverse_o.get(attributes.objectivity, "unspecified"),
-        "controversiality": inverse_c.get(attributes.controversiality, "unspecified"),
-        "desired_attributes": list(attributes.desired_attributes),
-        "annotation_guideline": attributes.annotation_guideline,
-    }
 
 
 ATTRIBUTE_SYSTEM = (
