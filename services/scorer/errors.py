@@ -37,7 +37,12 @@ class DeadlineExceeded(ScorerError, code=grpc.StatusCode.DEADLINE_EXCEEDED, http
 
 
 class NotReady(ScorerError, code=grpc.StatusCode.UNAVAILABLE, http_status=503):
-    """Models are still loading, or the server is draining for shutdown."""
+    """Models are still loading, or the server is draining for shutdown: retrying soon helps."""
+
+
+class NoModel(ScorerError, code=grpc.StatusCode.FAILED_PRECONDITION, http_status=503):
+    """No model is loaded and none is loading: retrying soon does not help until one arrives
+    (an admin reload, or a checkpoint copied to a configured path)."""
 
 
 class PayloadTooLarge(ScorerError, code=grpc.StatusCode.RESOURCE_EXHAUSTED, http_status=413):

@@ -16,9 +16,10 @@ scorer unchanged.
   it is on the admin port, behind a token (admin.py), so RL code cannot swap its own RM.
 
 Errors answer {"error": message, "code": status}: 400 bad input, 404 unknown model, 413 body
-over max_body_bytes, 429 queue full (with Retry-After), 503 not ready or draining, 504
-deadline. A body is read only once its request holds an encode-queue slot, so at most
-max_encode_queue bodies are in memory being parsed or tokenized.
+over max_body_bytes, 429 queue full (with Retry-After), 503 no model loaded (the message says
+how models arrive), still loading or draining, 504 deadline. A body is read only once its
+request holds an encode-queue slot, so at most max_encode_queue bodies are in memory being
+parsed or tokenized.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from aiohttp import web
 
 from synpref.services.scorer.errors import InvalidInput, PayloadTooLarge, ScorerError, UnknownModel
 from synpref.services.scorer.metrics import ScorerMetrics
-from synpref.services.scorer.registry import Check, ModelRegistry, ServedModel
+from synpref.services.scorer.registry import NO_MODEL, Check, ModelRegistry, ServedModel
 from synpref.shared.pairs import sigmoid
 
 log = logging.getLogger(__name__)
@@ -235,9 +236,12 @@ class HttpShims:
         )
 
     async def health(self, request: web.Request) -> web.Response:
-        """`GET /health`: 200 with the served models when ready, 503 when none is loaded or draining."""
+        """`GET /health`: 200 with the served models when ready, 503 when none is loaded (saying how
+        models arrive) or draining."""
         ready = bool(self.registry.models) and not self.registry.draining
-        body = {"status": "ok" if ready else "unavailable", "models": sorted(self.registry.models)}
+        body: dict[str, Any] = {"status": "ok" if ready else "unavailable", "models": sorted(self.registry.models)}
+        if not self.registry.models:
+            body["error"] = NO_MODEL
         return web.json_response(body, status=200 if ready else 503)
 
     async def info(self, request: web.Request) -> web.Response:

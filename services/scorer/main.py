@@ -5,6 +5,9 @@
 
 Configuration is the `scorer` section (YAML and SYNPREF_SCORER__* variables); flags
 override it. SIGTERM or SIGINT drains in-flight work (scorer.drain_s) before exiting.
+No models, or configured checkpoints that do not exist yet, are not an error: the process
+serves (health "" SERVING) and waits for them (see server.py); a checkpoint that exists but
+does not load exits 1.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 async def serve(settings: Settings) -> int:
-    """Run a scorer until SIGTERM/SIGINT, then drain; returns 1 when the models fail to load, else 0."""
+    """Run a scorer until SIGTERM/SIGINT, then drain; returns 1 when a checkpoint that exists fails to load, else 0."""
     from synpref.services.scorer.server import ScorerServer
 
     server = ScorerServer(settings.scorer)
@@ -76,13 +79,13 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start(load=False)  # listeners up, health NOT_SERVING while models load
+    await server.start(load=False)  # listeners up, "" SERVING; RewardService NOT_SERVING until a model loads
     loader = asyncio.ensure_future(server.load())
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if loader.done() and loader.exception() is not None:
-        # A checkpoint that does not load is fatal: exit so the orchestrator restarts or alerts.
+        # A checkpoint that is there but does not load is fatal: exit so the orchestrator restarts or alerts.
         log.error("loading models failed: %s", loader.exception())
         code = 1
     else:
@@ -104,5 +107,11 @@ def main(argv: list[str]) -> int:
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.scorer.models:
-        log.warning("no models configured (scorer.models or --model): health stays NOT_SERVING")
+        from synpref.services.scorer.server import SERVICE_NAME
+
+        log.warning(
+            "no models configured (scorer.models or --model): serving without one; %s is NOT_SERVING and "
+            "scoring calls fail until a model is reloaded on the admin port",
+            SERVICE_NAME,
+        )
     return asyncio.run(serve(settings))

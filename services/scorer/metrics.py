@@ -46,6 +46,9 @@ class ScorerMetrics:
             buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
             registry=r,
         )
+        self.models_loaded = Gauge(
+            "synpref_scorer_models_loaded", "Models served now; 0 until one is loaded", registry=r
+        )
         self.queue_depth = Gauge("synpref_scorer_queue_depth", "Items waiting for a forward", ["model"], registry=r)
         self.tokens = Counter(
             "synpref_scorer_tokens", "Tokens run through the model (rate() gives tokens/s)", ["model"], registry=r

@@ -5,7 +5,8 @@ one keeps serving, swaps the name to it in one step, then drains the old batcher
 already queued on the old version finish on it, new ones go to the new version, and none
 fails because of the swap. The swap is exposed as `POST /admin/reload` on the admin port
 (admin.py, behind a token) and is callable in process by a controller. At most
-`max_models` names are served; `unload(name)` frees one.
+`max_models` names are served; `unload(name)` frees one. With none served, a request fails
+with NotReady (UNAVAILABLE: retry) while one is loading, else NoModel (FAILED_PRECONDITION).
 
 Tokenizing is bounded too: at most `max_encode_queue` requests are being read or tokenized at
 once (EncodeQueue; beyond it Overloaded), and an encode checks the request's deadline, and
@@ -20,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,14 @@ from pathlib import Path
 from synpref.services.scorer.backends import Backend, make_backend
 from synpref.services.scorer.batcher import Batcher, BatchResult
 from synpref.services.scorer.encoding import Encoder
-from synpref.services.scorer.errors import DeadlineExceeded, NotReady, Overloaded, TooManyModels, UnknownModel
+from synpref.services.scorer.errors import (
+    DeadlineExceeded,
+    NoModel,
+    NotReady,
+    Overloaded,
+    TooManyModels,
+    UnknownModel,
+)
 from synpref.services.scorer.metrics import ScorerMetrics
 from synpref.shared.config import ModelRef, ScorerSettings
 from synpref.v1 import reward_pb2
@@ -41,6 +49,10 @@ Check = Callable[[], None]
 """Called by an encode before each item: raises DeadlineExceeded once the request expired or
 its caller stopped waiting, so the encoding threads drop abandoned work."""
 Encode = Callable[["ServedModel", Check], list[list[int]]]
+NO_MODEL = (
+    "no model is loaded: models arrive by a reload on the scorer's admin port (POST /admin/reload; "
+    "the controller sends one after training) or when a checkpoint appears at a path in scorer.models"
+)
 
 
 class EncodeQueue:
@@ -112,6 +124,7 @@ class ModelRegistry:
         settings: the scorer section (models, device, batching and queue limits).
         metrics: where batchers and the registry record their metrics.
         backend_factory: builds a Backend from (kind, path, device, dtype, max_length); tests pass fakes.
+        on_change: awaited after each swap or unload (the server turns its health with it).
 
     Tokenizing runs on a small thread pool, bounded by `encode_queue`; a reload swaps a name to
     its new version without failing requests in flight.
@@ -122,11 +135,16 @@ class ModelRegistry:
         settings: ScorerSettings,
         metrics: ScorerMetrics,
         backend_factory: BackendFactory = make_backend,
+        on_change: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.backend_factory = backend_factory
+        self.on_change = on_change
         self.models: dict[str, ServedModel] = {}
+        self.loading: set[str] = set()
+        """Names whose checkpoint is being (or, at start-up, about to be) loaded. While nothing is
+        served, a request gets NotReady (retry) if one is coming, else NoModel."""
         self._swap_lock = asyncio.Lock()
         # Tokenizing (Rust, GIL released) runs here, off the event loop, in parallel with
         # the forward thread and with request handling.
@@ -143,9 +161,12 @@ class ModelRegistry:
         return next(iter(self.models))
 
     def get(self, name: str = "") -> ServedModel:
-        """The served model `name` (empty: the default); NotReady if none is loaded, UnknownModel if unknown."""
+        """The served model `name` (empty: the default); UnknownModel if unknown. With none served:
+        NotReady while one is loading, else NoModel."""
         if not self.models:
-            raise NotReady("no model is loaded yet: retry shortly")
+            if self.loading:
+                raise NotReady(f"no model is loaded yet; loading {sorted(self.loading)}: retry shortly")
+            raise NoModel(NO_MODEL)
         name = name or self.default_name
         model = self.models.get(name)
         if model is None:
@@ -201,22 +222,23 @@ class ModelRegistry:
         batcher.start()
         return ServedModel(name, ref.path, version_of(ref), backend, encoder, batcher)
 
-    async def load_all(self, refs: dict[str, ModelRef]) -> None:
-        """Load every ref, one after another, through `reload`."""
-        for name, ref in refs.items():
-            await self.reload(name, ref)
-
     async def reload(self, name: str, ref: ModelRef) -> ServedModel:
         """Serve `ref` under `name`, replacing (and draining) whatever served it before."""
-        async with self._swap_lock:
-            if name not in self.models and len(self.models) >= self.settings.max_models:
-                raise TooManyModels(
-                    f"{len(self.models)} models are served (max_models={self.settings.max_models}): unload one first"
-                )
-            new = await self._build(name, ref)
-            old = self.models.get(name)
-            self.models[name] = new  # from here on, new requests go to the new version
-            log.info("serving %s = %s (version %s)", name, ref.path, new.version)
+        self.loading.add(name)
+        try:
+            async with self._swap_lock:
+                if name not in self.models and len(self.models) >= self.settings.max_models:
+                    raise TooManyModels(
+                        f"{len(self.models)} models are served (max_models={self.settings.max_models}): "
+                        "unload one first"
+                    )
+                new = await self._build(name, ref)
+                old = self.models.get(name)
+                self.models[name] = new  # from here on, new requests go to the new version
+                log.info("serving %s = %s (version %s)", name, ref.path, new.version)
+        finally:
+            self.loading.discard(name)
+        await self._changed()
         if old is not None:
             await self._retire(old)
         return new
@@ -228,7 +250,13 @@ class ModelRegistry:
         if model is None:
             raise UnknownModel(f"no model named {name!r} is served; served: {sorted(self.models)}")
         log.info("unloading %s", name)
+        await self._changed()
         await self._retire(model)
+
+    async def _changed(self) -> None:
+        self.metrics.models_loaded.set(len(self.models))
+        if self.on_change is not None:
+            await self.on_change()
 
     async def _retire(self, model: ServedModel) -> None:
         await model.batcher.close(drain=True)

@@ -2,16 +2,23 @@
 the metrics page and, when scorer.admin_enabled, the token-guarded admin port around one
 ModelRegistry.
 
-Start order: listeners first with health NOT_SERVING, then the models, then SERVING, so
-an orchestrator sees the process up but not ready while checkpoints load. Stop order
-(SIGTERM): NOT_SERVING, stop accepting, let in-flight requests finish within the grace
-period (their batchers keep running), then drain and free the models.
+Health (grpc.health.v1) has two meanings. The overall service "" is SERVING as soon as the
+listeners are up: the process is alive and answers, so the pod is Ready (and `helm install
+--wait` finishes) before any model exists. `synpref.v1.RewardService` is SERVING only while
+at least one model is served: it follows every load, reload and unload. A configured model
+whose checkpoint is not there yet is a warning, not an exit: the server starts without it and
+loads it once the folder appears (checked every `missing_poll_s`), unless a reload on the
+admin port served the name first. A checkpoint that is there but does not load stays fatal.
+
+Stop order (SIGTERM): both NOT_SERVING, stop accepting, let in-flight requests finish within
+the grace period (their batchers keep running), then drain and free the models.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import grpc
 from aiohttp import web
@@ -22,15 +29,18 @@ from synpref.services.scorer.admin import AdminApi, read_token
 from synpref.services.scorer.backends import make_backend
 from synpref.services.scorer.http import HttpShims
 from synpref.services.scorer.metrics import ScorerMetrics
-from synpref.services.scorer.registry import BackendFactory, ModelRegistry
+from synpref.services.scorer.registry import NO_MODEL, BackendFactory, ModelRegistry
 from synpref.services.scorer.servicer import RewardServicer, add_to_server
-from synpref.shared.config import ScorerSettings
+from synpref.shared.config import ModelRef, ScorerSettings
 from synpref.v1 import reward_pb2
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+OVERALL = ""
+"""The health service name of the server as a whole, which Kubernetes' gRPC probes check."""
 MAX_SEND_BYTES = 64 * 1024 * 1024
+MISSING_POLL_S = 10.0
 
 
 class ScorerServer:
@@ -44,8 +54,12 @@ class ScorerServer:
     def __init__(self, settings: ScorerSettings, backend_factory: BackendFactory = make_backend) -> None:
         self.settings = settings
         self.metrics = ScorerMetrics()
-        self.registry = ModelRegistry(settings, self.metrics, backend_factory)
+        self.registry = ModelRegistry(settings, self.metrics, backend_factory, on_change=self._model_health)
         self.health = health.aio.HealthServicer()
+        self.missing: dict[str, ModelRef] = {}
+        """Configured models whose checkpoint was not there at load: loaded once it appears."""
+        self.missing_poll_s = MISSING_POLL_S
+        self._watcher: asyncio.Task[None] | None = None
         self.grpc_port = 0
         self.http_port = 0
         self.admin_port = 0
@@ -55,13 +69,15 @@ class ScorerServer:
         self._metrics_http: web.AppRunner | None = None
 
     async def start(self, load: bool = True) -> None:
-        """Open the listeners with health NOT_SERVING, then (if `load`) load the models and turn SERVING.
+        """Open the listeners, turn "" SERVING, then (if `load`) load the configured models.
 
         With admin_enabled, a missing or empty token file fails here before any port opens.
         """
         s = self.settings
         # Read before any listener opens: a missing or empty token file stops the process.
         admin_token = read_token(s.admin_token_file) if s.admin_enabled else ""
+        # Until load() has tried them, the configured models count as loading: UNAVAILABLE, not "no model".
+        self.registry.loading.update(s.models)
         if s.torch_threads:
             import torch
 
@@ -78,7 +94,8 @@ class ScorerServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
         )
         self.grpc_port = server.add_insecure_port(f"{s.host}:{s.port}")
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in (OVERALL, SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._grpc = server
 
@@ -93,25 +110,73 @@ class ScorerServer:
             metrics_app.router.add_get("/metrics", shims.metrics_page)
             self._metrics_http, _ = await _serve_http(metrics_app, s.host, s.metrics_port)
         log.info("scorer listening: gRPC %s:%d, HTTP %s:%d", s.host, self.grpc_port, s.host, self.http_port)
+        await self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
         if load:
             await self.load()
 
     async def load(self) -> None:
-        """Load every configured model; health turns SERVING once at least one is served."""
-        await self.registry.load_all(dict(self.settings.models))
+        """Load every configured model, one after another. A checkpoint that is not there is
+        logged and watched for (see `missing`); one that is there but fails to load raises."""
+        for name, ref in self.settings.models.items():
+            try:
+                await self.registry.reload(name, ref)
+            except Exception as exc:
+                if Path(ref.path).exists():
+                    raise
+                self.missing[name] = ref
+                log.warning(
+                    "model %r: checkpoint %s does not exist (%s: %s); serving without it. It is loaded when "
+                    "the folder appears (checked every %g s), or reload one on the admin port "
+                    "(POST /admin/reload; the controller does after training)",
+                    name,
+                    ref.path,
+                    type(exc).__name__,
+                    str(exc)[:200],
+                    self.missing_poll_s,
+                )
         if self.registry.models:
-            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("serving models %s", sorted(self.registry.models))
+        else:
+            log.warning("no model is served: %s", NO_MODEL)
+        if self.missing and self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._watch_missing())
 
-    async def _set_health(self, status: int) -> None:
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
+    async def _watch_missing(self) -> None:
+        """Load each missing configured model once its folder appears; a name served meanwhile
+        (an admin reload) is dropped. A folder still being copied fails to load: tried again."""
+        failed: set[str] = set()
+        while self.missing:
+            await asyncio.sleep(self.missing_poll_s)
+            for name, ref in list(self.missing.items()):
+                if name in self.registry.models:
+                    del self.missing[name]
+                    continue
+                if name in self.registry.loading or not Path(ref.path).exists():
+                    continue
+                try:
+                    await self.registry.reload(name, ref)
+                except Exception:
+                    if name not in failed:  # once, not every poll, for a folder that never loads
+                        log.exception("model %r: %s appeared but does not load yet; trying again", name, ref.path)
+                    failed.add(name)
+                    continue
+                del self.missing[name]
+                log.info("model %r loaded from %s, which appeared after start-up", name, ref.path)
+
+    async def _model_health(self) -> None:
+        """RewardService is SERVING while a model is served (and not draining); "" is left as it is."""
+        serving = bool(self.registry.models) and not self.registry.draining
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(SERVICE_NAME, status)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: refuse new work, finish what is in flight within `grace` seconds, then stop."""
         grace = self.settings.drain_s if grace is None else grace
         self.registry.draining = True
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._watcher is not None:
+            self._watcher.cancel()
+        for name in (OVERALL, SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         waits = []
         if self._grpc is not None:
             waits.append(self._grpc.stop(grace))

@@ -449,15 +449,3 @@ def test_score_cli(scorer: BackgroundScorer, client: RewardClient, tmp_path: Pat
     ]
     assert lines[0]["p"] == expected.p  # the same pair, alone in its request: the same forward
     assert score_main(["--address", scorer.address, "--model", "nope", "items", str(items)]) == 1
-
-
-def test_a_checkpoint_that_does_not_load_is_fatal(tmp_path: Path) -> None:
-    import asyncio
-
-    from synpref.services.scorer.main import serve
-    from synpref.shared.config import load_settings
-
-    scorer = ScorerSettings(
-        port=0, http_port=0, metrics_port=0, models={"best": ModelRef(path=str(tmp_path / "absent"))}
-    )
-    assert asyncio.run(asyncio.wait_for(serve(load_settings(scorer=scorer)), 120)) == 1
