@@ -43,10 +43,12 @@ from typing import Any
 import numpy as np
 
 from synpref.services.annotator.judges import aggregate
+from synpref.services.controller.final_steps import CURATED
 from synpref.services.controller.loop import Controller
 from synpref.services.controller.models import HeadModels, one_torch_thread
 from synpref.services.controller.providers import OracleHumans
 from synpref.services.controller.simulated import TRUTH_KEY, SimulatedJudge, label_is_true, pair_as_given
+from synpref.services.controller.state import key_of
 from synpref.services.gold_scorer.scoring import pair_dict
 from synpref.shared.config import SimulatedJudgeSettings, load_settings
 from synpref.v1.pair_pb2 import PREFERENCE_REJECTED, PairRecord
@@ -242,25 +244,33 @@ def run_loop(
         )
 
     base = workdir / "flip"
+    first = controller(base, "flip", stop)
     with contextlib.suppress(StopAfterGold):
-        controller(base, "flip", stop).run()
+        first.run()
+    first.store.close()  # the copy below takes the SQLite file whole
     shutil.copytree(base, workdir / "discard")
     out = {}
     for rule in ("flip", "discard"):
         ctl = controller(workdir / rule, rule)
-        ctl.ensure_table()
         ctl.step("s2.curate", ctl.curate_stage2)
         out[rule] = ctl
     return out
 
 
-def judges_only(ctl: Controller, pool: list[str], mode: str, seed: int) -> tuple[list[Pair], float]:
+def pool_of(ctl: Controller) -> list[tuple[PairRecord, Pair]]:
+    """Every pair the loop curated from (not held out) with its label as given, in row order."""
+    store = ctl.pairstore
+    rows = list(store.all_rows(("unverified", "discarded", *CURATED)))
+    given = store.given(rows)
+    return [(r, pair_as_given(r, given[row])) for row, r in zip(rows, store.get(rows), strict=True)]
+
+
+def judges_only(pool: list[tuple[PairRecord, Pair]], mode: str, seed: int) -> tuple[list[Pair], float]:
     """Every pool pair labelled by the judges' majority (ties keep the label as given); label accuracy."""
     panel = judge_panel(mode, seed)
     pairs, right = [], 0
-    for key in pool:
-        record = ctl.records[key]
-        pair = pair_as_given(record, ctl.state.results["initial_labels"][key])
+    for record, pair in pool:
+        key = key_of(record)
         truth = record.pair.meta[TRUTH_KEY]
         votes = [v for j in panel for v in j.votes_for(key, pair["chosen"], truth, pair["rejected"])]
         if aggregate(votes).preference == PREFERENCE_REJECTED:
@@ -296,30 +306,27 @@ def sweep(args, models: HeadModels, embed: CachedEmbed, evaluator: Evaluator, wo
                     budget = max(4, round(budget_share * args.pool_size))
                     ctls = run_loop(run_dir, seed, noise, mode, budget, models, embed)
                     ctl = ctls["flip"]
-                    pool = sorted(ctl.state.results["initial_labels"])
-                    test = evaluator.heldout([ctl.records[k] for k in ctl.state.pools["holdout"]])
+                    pool = pool_of(ctl)
+                    test = evaluator.heldout(list(ctl.records("holdout")))
                     if not fixed:
-                        judged, judge_label_acc = judges_only(ctl, pool, mode, seed)
-                        given = ctl.state.results["initial_labels"]
+                        judged, judge_label_acc = judges_only(pool, mode, seed)
                         fixed |= {
-                            "noisy": evaluator.evaluate(
-                                "noisy", [pair_as_given(ctl.records[k], given[k]) for k in pool], test, seed
-                            ),
+                            "noisy": evaluator.evaluate("noisy", [given for _, given in pool], test, seed),
                             "judges only": evaluator.evaluate("judges only", judged, test, seed),
-                            "clean": evaluator.evaluate("clean", [true_pair(ctl.records[k]) for k in pool], test, seed),
+                            "clean": evaluator.evaluate("clean", [true_pair(r) for r, _ in pool], test, seed),
                             "judges_label_accuracy": judge_label_acc,
                         }
-                    gold = ctl.state.pool("gold")
+                    gold = list(ctl.view("gold"))
                     acc = {k: fixed[k] for k in ("noisy", "judges only", "clean")}
-                    acc["gold only"] = evaluator.evaluate("gold only", ctl.pairs(gold), test, seed)
+                    acc["gold only"] = evaluator.evaluate("gold only", gold, test, seed)
                     sizes = {"noisy": len(pool), "judges only": len(pool), "clean": len(pool), "gold only": len(gold)}
                     label_acc = {"noisy": ctl.state.results["initial_label_accuracy"]}
                     label_acc["judges only"] = fixed["judges_label_accuracy"]
                     for rule, c in ctls.items():
-                        keys = c.curated_keys()
-                        acc[f"curated ({rule})"] = evaluator.evaluate(f"curated {rule}", c.pairs(keys), test, seed)
-                        sizes[f"curated ({rule})"] = len(keys)
-                        label_acc[f"curated ({rule})"] = c.label_accuracy(keys)
+                        curated = list(c.view(CURATED))
+                        acc[f"curated ({rule})"] = evaluator.evaluate(f"curated {rule}", curated, test, seed)
+                        sizes[f"curated ({rule})"] = len(curated)
+                        label_acc[f"curated ({rule})"] = c.label_accuracy(CURATED)
                     row = {
                         "noise": noise,
                         "error_mode": mode,
@@ -350,9 +357,8 @@ def learning_curve(args, models: HeadModels, evaluator: Evaluator, work: Path) -
     settings = loop_settings(work / "curve", 0, 0.0, "independent", 2, 1, "flip")
     ctl = Controller(settings, models, OracleHumans(), [], progress=lambda m: None)
     ctl.step("ingest", ctl.ingest)
-    pool = sorted(ctl.state.results["initial_labels"])
-    test = evaluator.heldout([ctl.records[k] for k in ctl.state.pools["holdout"]])
-    clean = [true_pair(ctl.records[k]) for k in pool]
+    test = evaluator.heldout(list(ctl.records("holdout")))
+    clean = [true_pair(r) for r, _ in pool_of(ctl)]
     sizes = [n for n in args.curve_sizes if n < len(clean)] + [len(clean)]
     out = []
     for n in sizes:
@@ -369,8 +375,8 @@ def count_pool(work: Path, models: HeadModels) -> int:
     settings = loop_settings(work / "count", 0, 0.0, "independent", 2, 1, "flip")
     ctl = Controller(settings, models, OracleHumans(), [], progress=lambda m: None)
     ctl.step("ingest", ctl.ingest)
-    models.prepare(ctl.pairs(sorted(ctl.records)))
-    n = len(ctl.state.results["initial_labels"])
+    models.prepare(ctl.view(("unverified", "holdout")))
+    n = ctl.pairstore.count("unverified")
     shutil.rmtree(work / "count", ignore_errors=True)
     return n
 

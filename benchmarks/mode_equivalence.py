@@ -270,7 +270,9 @@ def write_yaml(path: Path, config: dict[str, Any]) -> Path:
 def run_in_process(root: Path, base: dict[str, Any], timeout_s: float) -> float:
     """`synpref run` on the config; returns its wall seconds."""
     work = root / "in-process"
-    config = merged(base, controller={"workdir": str(work)}, annotator={"cache_dir": str(root / "cache-in-process")})
+    # The judges' example index: the loop writes it, the annotator reads it (in this process here).
+    annotator = {"cache_dir": str(root / "cache-in-process"), "examples_index": str(root / "examples-in-process")}
+    config = merged(base, controller={"workdir": str(work)}, annotator=annotator)
     cfg = write_yaml(root / "in-process.yaml", config)
     started = time.perf_counter()
     with (root / "in-process.log").open("w") as log:
@@ -328,7 +330,8 @@ def run_kafka(
             "scorer_reload_url": f"http://127.0.0.1:{admin_port}",
             "scorer_admin_token_file": str(token),
         },
-        annotator={"cache_dir": str(root / f"cache-{name}")},
+        # The controller writes the judges' example index here and the annotator processes read it.
+        annotator={"cache_dir": str(root / f"cache-{name}"), "examples_index": str(root / f"examples-{name}")},
         scoring={"mode": "grpc", "scorer_address": f"127.0.0.1:{scorer_port}"},
         desk={"port": desk_port, "group_id": f"modeq-desk-{name}-{os.getpid()}"},
         scorer={
@@ -442,13 +445,14 @@ def run_view(work: Path) -> dict[str, Any]:
     """What a run decided, per record key: pool, decision, label, votes, p per role; and its datasets' rows."""
     import pyarrow.parquet as pq
 
-    from synpref.services.controller.state import StateStore, key_of
+    from synpref.services.controller.state import StateStore, key_of, read_pools, read_records
     from synpref.v1.pair_pb2 import Decision
 
     store = StateStore(work)
     state = store.load()
-    records = store.read_records(state.records)
-    pool_of = {k: pool for pool, keys in state.pools.items() for k in keys}
+    store.close()
+    records = read_records(work)
+    pool_of = {k: pool for pool, keys in read_pools(work).items() for k in keys}
     pairs = {}
     for key, r in records.items():
         pairs[key] = {

@@ -6,9 +6,10 @@ the volume, paged in as used).
 
 `AnnIndex` is the nearest-neighbour index over the unverified pool. Its type follows the
 size it is built for, as FAISS's own guidance does: exact `Flat` for up to 20k vectors,
-`IVF<nlist>,Flat` up to 2M, `IVF<nlist>,PQ<m>` beyond (nlist ~ 4 sqrt(n), trained on a
-sample). Ids are store rows; rows leave the index when they leave D_un, so every hit is an
-unverified pair. Vectors are L2-normalised and compared by inner product (cosine).
+`IVF<nlist>,SQ8` up to 2M (one byte a dimension: 1M x 384-d = 384 MB in memory),
+`IVF<nlist>,PQ<m>` beyond (nlist ~ 4 sqrt(n), trained on a sample). Ids are store rows;
+rows leave the index when they leave D_un, so every hit is an unverified pair. Vectors are
+L2-normalised and compared by inner product (cosine).
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ class VectorFile:
         """Store `vectors` (as float16) at rows `first_row` onwards."""
         self._map[first_row : first_row + len(vectors)] = vectors.astype(np.float16)
 
+    def write_rows(self, rows: np.ndarray | list[int], vectors: np.ndarray) -> None:
+        """Store `vectors` (as float16) at the given rows, in order."""
+        self._map[np.asarray(rows, dtype=np.int64)] = vectors.astype(np.float16)
+
     def read(self, rows: np.ndarray | list[int]) -> np.ndarray:
         """The vectors at `rows`, as float32."""
         return np.asarray(self._map[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
@@ -72,7 +77,7 @@ def index_spec(n: int, dim: int) -> str:
         return "IDMap,Flat"
     nlist = 1 << max(4, round(math.log2(4 * math.sqrt(n))))
     if n <= FLAT_LISTS_UP_TO:
-        return f"IVF{nlist},Flat"
+        return f"IVF{nlist},SQ8"
     m = next(m for m in (48, 32, 24, 16, 12, 8, 4, 2, 1) if dim % m == 0)
     return f"IVF{nlist},PQ{m}"
 
@@ -150,9 +155,25 @@ class AnnIndex:
             return 0
         return int(self.index.remove_ids(faiss.IDSelectorBatch(wanted)))
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, scores), each (len(queries), k); ids are -1 where the index had fewer hits."""
+    def search(self, queries: np.ndarray, k: int, slack: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores), each (len(queries), k), best first; ids are -1 where the index had fewer hits.
+
+        Equal scores are ordered by id: pairs that share a conversation embed identically, and an
+        IVF list's order depends on its history of adds and removes, so without this a resumed
+        run (index rebuilt) and an uninterrupted one (rows removed) could pick different ties.
+        `slack` extra hits are fetched so a tie at the k-th place is decided by id, not by position.
+        """
         if k <= 0 or len(queries) == 0 or len(self) == 0:
             return np.full((len(queries), max(k, 0)), -1, dtype=np.int64), np.zeros((len(queries), max(k, 0)))
-        scores, ids = self.index.search(normalise(queries), k)
+        wide = min(k + max(slack, 0), len(self))
+        scores, ids = self.index.search(normalise(queries), wide)
+        # -1 pads sort last: their score is -inf for FAISS inner product; push them explicitly.
+        keyed_scores = np.where(ids < 0, -np.inf, scores)
+        order = np.lexsort((ids, -keyed_scores), axis=1)[:, :k]
+        ids = np.take_along_axis(ids, order, axis=1)
+        scores = np.take_along_axis(scores, order, axis=1)
+        if ids.shape[1] < k:
+            pad = k - ids.shape[1]
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+            scores = np.pad(scores, ((0, 0), (0, pad)))
         return ids, scores

@@ -232,7 +232,8 @@ class ControllerSettings(Section):
     """The two-stage curation loop (`synpref run` in one process, `synpref controller` in a cluster)."""
 
     workdir: str = "artifacts/run"
-    """Durable state (state.json), record snapshots, models, datasets and the report go here."""
+    """Durable state (pairs.sqlite: every pair, its pool and the run state; state.json, a readable copy),
+    retrieval vectors, models, datasets and the report go here."""
     sources: list[str] = Field(default_factory=list)
     """Pair files or folders (any format shared/sources.py reads); required."""
     source_format: SourceFormat | None = None
@@ -289,6 +290,9 @@ class ControllerSettings(Section):
     """Per-role RewardConfig overrides on top of both, by role: working, gold, final, as-given."""
     executor: Literal["in_process", "kafka"] = "in_process"
     """Where stages run: in this process, or in the Kafka services (the cluster controller)."""
+    batch_pairs: int = Field(default=10_000, ge=1)
+    """Pairs per batch of a long step: one executor round trip (one publish over Kafka) and one PairStore
+    commit, so a restart loses at most one batch of work."""
     stage_timeout_s: float = Field(default=600.0, gt=0)
     """Most seconds to wait for a batch to come back from the Kafka services."""
     training: Literal["local", "k8s"] = "local"

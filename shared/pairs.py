@@ -128,6 +128,21 @@ def conversation_key(conversation: MessageDicts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def unit_interval(text: str) -> float:
+    """A number in [0, 1) fixed by `text` (blake2b): a per-item coin that needs no count and no order."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2.0**64
+
+
+def is_held_out(conversation: MessageDicts, fraction: float, seed: int) -> bool:
+    """Whether a pair of this conversation is held out: each conversation is, with probability `fraction`.
+
+    Decided per conversation by a seeded hash, so a split streams (no pass over all pairs first),
+    every pair of one conversation lands on the same side, and a pair's side does not depend on
+    which other pairs came with it.
+    """
+    return fraction > 0 and unit_interval(f"holdout:{seed}:{conversation_key(conversation)}") < fraction
+
+
 def held_out_count(conversations: int, fraction: float) -> int:
     """How many of `conversations` a split holds out: fraction x count rounded half up, at
     least one when fraction > 0 (asking for held-out pairs never gives none), at most all."""

@@ -2,7 +2,8 @@
 
 One SQLite file (WAL journal, `synchronous=FULL`) holds, per pair, a dense integer `row`
 (also the pair's id in the ANN index and the vector file), its `key` (the ingest id; a flip
-never changes it), its `pool` and the serialized PairRecord. Pool moves are appended to a
+never changes it), its `pool`, the pair id it was `given` with (its label as it came in, to
+train the as-given baseline) and the serialized PairRecord. Pool moves are appended to a
 `transitions` table, the run's audit log. Long steps record how far they got in `meta`, in
 the same transaction as the rows they wrote, so a process killed mid-step resumes after the
 last committed batch and never applies a batch twice.
@@ -30,6 +31,7 @@ CREATE TABLE IF NOT EXISTS pairs (
     row INTEGER PRIMARY KEY,
     key TEXT NOT NULL UNIQUE,
     pool TEXT NOT NULL,
+    given TEXT NOT NULL,
     record BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pairs_by_pool ON pairs (pool, row);
@@ -61,6 +63,13 @@ def _record(blob: bytes) -> PairRecord:
     record = PairRecord()
     record.ParseFromString(blob)
     return record
+
+
+def _pools(pool: str | Sequence[str]) -> tuple[str, ...]:
+    pools = (pool,) if isinstance(pool, str) else tuple(pool)
+    for name in pools:
+        _check_pool(name)
+    return pools
 
 
 def _chunks(items: Sequence[int], size: int = _CHUNK) -> Iterator[Sequence[int]]:
@@ -116,14 +125,32 @@ class PairStore:
         if outer:
             self._db.execute("COMMIT")
 
+    def commit_point(self) -> None:
+        """Inside the outermost `transaction()`: commit what is written so far and go on in a new one.
+
+        Long steps call it after each batch (with the batch's cursor in `meta`), so a killed process
+        keeps the batches before it; outside a transaction writes are already committed.
+        """
+        if self._depth > 1:
+            raise PairStoreError("commit_point inside a nested transaction would split its caller's writes")
+        if self._depth == 1:
+            self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+
     # ------------------------------------------------------------ writing
 
     def add(self, records: Iterable[tuple[str, str, PairRecord]]) -> int:
-        """Append (key, pool, record) rows in order; keys already stored are skipped. Returns rows added."""
+        """Append (key, pool, record) rows in order; keys already stored are skipped. Returns rows added.
+
+        Each row's `given` is its record's pair id now: the label it came in with.
+        """
         with self.transaction():
             cur = self._db.executemany(
-                "INSERT OR IGNORE INTO pairs (key, pool, record) VALUES (?, ?, ?)",
-                ((key, _check_pool(pool), rec.SerializeToString(deterministic=True)) for key, pool, rec in records),
+                "INSERT OR IGNORE INTO pairs (key, pool, given, record) VALUES (?, ?, ?, ?)",
+                (
+                    (key, _check_pool(pool), rec.pair.id, rec.SerializeToString(deterministic=True))
+                    for key, pool, rec in records
+                ),
             )
         return max(cur.rowcount, 0)
 
@@ -156,6 +183,16 @@ class PairStore:
                 moved += len(changing)
         return moved
 
+    def drop(self, rows: Iterable[int]) -> int:
+        """Delete rows (a sample taken at ingest); their row numbers are not reused. Returns rows deleted."""
+        wanted = sorted(set(rows))
+        deleted = 0
+        with self.transaction():
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                deleted += self._db.execute(f"DELETE FROM pairs WHERE row IN ({marks})", chunk).rowcount
+        return deleted
+
     def set_meta(self, name: str, value: str) -> None:
         """Store `value` under `name` in the meta table, replacing any old value."""
         self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
@@ -180,19 +217,37 @@ class PairStore:
         found = dict(self._db.execute("SELECT pool, count(*) FROM pairs GROUP BY pool").fetchall())
         return {pool: int(found.get(pool, 0)) for pool in POOLS}
 
-    def rows(self, pool: str, after: int = -1, limit: int = 10_000) -> list[int]:
-        """Up to `limit` rows of `pool` past row `after`, in row order (page with the last one)."""
+    def max_row(self) -> int:
+        """The highest row ever stored (0 when empty): the size a by-row file needs, less one."""
+        return int(self._db.execute("SELECT coalesce(max(row), 0) FROM pairs").fetchone()[0])
+
+    def rows(self, pool: str | Sequence[str], after: int = -1, limit: int = 10_000) -> list[int]:
+        """Up to `limit` rows of `pool` (one or several) past row `after`, in row order (page with the last one)."""
+        pools = _pools(pool)
+        marks = ",".join("?" * len(pools))
         found = self._db.execute(
-            "SELECT row FROM pairs WHERE pool = ? AND row > ? ORDER BY row LIMIT ?", (_check_pool(pool), after, limit)
+            f"SELECT row FROM pairs WHERE pool IN ({marks}) AND row > ? ORDER BY row LIMIT ?", (*pools, after, limit)
         )
         return [r for (r,) in found]
 
-    def scan(self, pool: str, batch: int = 1000, after: int = -1) -> Iterator[list[tuple[int, PairRecord]]]:
-        """Batches of (row, record) of `pool` in row order, from past row `after`; reads as it goes."""
-        _check_pool(pool)
+    def all_rows(self, pool: str | Sequence[str], page: int = 100_000) -> Iterator[int]:
+        """Every row of `pool` (one or several) in row order, read a page at a time."""
+        after = -1
+        while found := self.rows(pool, after, page):
+            yield from found
+            after = found[-1]
+
+    def scan(
+        self, pool: str | Sequence[str], batch: int = 1000, after: int = -1
+    ) -> Iterator[list[tuple[int, PairRecord]]]:
+        """Batches of (row, record) of `pool` (one or several) in row order, from past row `after`; reads as it
+        goes."""
+        pools = _pools(pool)
+        marks = ",".join("?" * len(pools))
         while True:
             found = self._db.execute(
-                "SELECT row, record FROM pairs WHERE pool = ? AND row > ? ORDER BY row LIMIT ?", (pool, after, batch)
+                f"SELECT row, record FROM pairs WHERE pool IN ({marks}) AND row > ? ORDER BY row LIMIT ?",
+                (*pools, after, batch),
             ).fetchall()
             if not found:
                 return
@@ -209,6 +264,25 @@ class PairStore:
         if missing:
             raise PairStoreError(f"no such rows: {missing[:10]}")
         return [_record(by_row[r]) for r in rows]
+
+    def given(self, rows: Sequence[int]) -> dict[int, str]:
+        """The pair id each of `rows` came in with (its as-given label); rows not in the store are left out."""
+        out: dict[int, str] = {}
+        for chunk in _chunks(sorted(set(rows))):
+            marks = ",".join("?" * len(chunk))
+            out.update(self._db.execute(f"SELECT row, given FROM pairs WHERE row IN ({marks})", chunk).fetchall())
+        return out
+
+    def keys_by_pool(self) -> dict[str, list[str]]:
+        """Pool -> keys in row order, for every non-empty pool; for audits and tests, not for 40M."""
+        out: dict[str, list[str]] = {}
+        for key, pool in self._db.execute("SELECT key, pool FROM pairs ORDER BY row"):
+            out.setdefault(pool, []).append(key)
+        return out
+
+    def records_by_key(self) -> dict[str, PairRecord]:
+        """Key -> record of every pair; for audits and tests, not for 40M."""
+        return {key: _record(blob) for key, blob in self._db.execute("SELECT key, record FROM pairs ORDER BY row")}
 
     def pools_of(self, rows: Sequence[int]) -> dict[int, str]:
         """The pool of each of `rows`; rows not in the store are left out."""

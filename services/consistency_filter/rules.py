@@ -15,6 +15,8 @@ audit). A record missing a score the rule needs is a failure (dead-letter), not 
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from synpref.shared.config import FilterSettings
 from synpref.shared.pairs import flipped, needs_annotation, now
 from synpref.shared.roles import BEST, GOLD
@@ -47,6 +49,9 @@ STEP = "consistency-filter"
 
 class MissingScore(ValueError):
     """The rule needs a model score the record does not carry."""
+
+
+Key = TypeVar("Key", str, int)
 
 
 def score_of(record: PairRecord, model: str) -> ModelScore | None:
@@ -97,9 +102,9 @@ def silver_label(record: PairRecord) -> PairRecord | None:
     return out
 
 
-def human_candidates(p_best: dict[str, float], budget: int) -> list[str]:
+def human_candidates(p_best: dict[Key, float], budget: int) -> list[Key]:
     """Stage 1's choice for humans among the gold candidates: the RM's worst errors first (lowest
-    p_best, ties by key for a reproducible order), up to the human budget."""
+    p_best, ties by key or store row for a reproducible order), up to the human budget."""
     return sorted(p_best, key=lambda k: (p_best[k], k))[:budget]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ class K8sModels(FullModels):
             "data": {spec.config_key: yaml.safe_dump(config.to_dict(), sort_keys=True)},
         }
 
-    def train(self, name: str, train: list[Pair], valid: list[Pair], out_dir: Path) -> ModelHandle:
+    def train(self, name: str, train: Sequence[Pair], valid: Sequence[Pair], out_dir: Path) -> ModelHandle:
         """Adopt this run's Job for `name`, or write the pairs, the ConfigMap and a new attempt's Job; wait for it."""
         from synpref.services.controller.models import role_of
         from synpref.training.data import write_jsonl

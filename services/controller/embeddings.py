@@ -1,111 +1,156 @@
-"""The controller's retrieval table: one embedding per pool pair, and the searches on it."""
+"""The controller's retrieval over the pool: one vector per store row on disk, a FAISS index over D_un.
+
+`embed_pool` writes the retrieval embedding of every pair to be curated (conversation and
+attributes, `pair_text`) into a float16 `VectorFile` indexed by store row, a batch at a time.
+`train_index` trains the AnnIndex kind its size calls for on a fixed sample and saves the
+empty trained index, so a restarted controller rebuilds the same index (`PoolRetrieval`)
+from the rows still in D_un. Rows leave the index as they leave D_un, and searches order
+ties by row (`AnnIndex.search`), so a rebuilt index and a maintained one give the same hits.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
-from synpref.services.annotator.prompts import Example, attributes_dict
+from synpref.services.annotator.prompts import attributes_dict
+from synpref.services.gold_scorer.scoring import pair_dict
+from synpref.shared.ann import AnnIndex, VectorFile, training_rows
 from synpref.shared.pairs import message_dicts
+from synpref.shared.pairstore import PairStore
 from synpref.shared.retrieval import pair_text
 from synpref.v1.pair_pb2 import PairRecord
 
-Records = dict[str, PairRecord]
-
-
-class EmbeddingTable:
-    """Retrieval embeddings of every pool pair's conversation, computed once at prepare.
-
-    Only the conversation is embedded (pair_text without attributes: the table is built
-    before any pair is labelled). Backs both retrieval uses: nearest unverified pairs of an
-    RM error, and human-verified examples for the judges (an annotator ExampleSource, whose
-    query is the pair's own conversation row; its `attributes` argument is not used).
-    """
-
-    def __init__(self, keys: list[str], vectors: np.ndarray, records: Callable[[], Records]) -> None:
-        self.keys = keys
-        self.row = {k: i for i, k in enumerate(keys)}
-        self.vectors = vectors
-        self.records = records
-        self.by_text: dict[str, int] = {}
-        self.example_keys: list[str] = []
-        self._index: tuple[list[str], Any] | None = None
-
-    def nearest(self, queries: list[str], ks: list[int], among: list[str]) -> list[list[str]]:
-        """For each query key, its `ks[i]` nearest keys among `among` (unknown keys ignored).
-
-        The index over `among` is cached while `among` stays the same.
-        """
-        from synpref.shared.retrieval import VectorIndex
-
-        among = [k for k in among if k in self.row]
-        if not among or not queries:
-            return [[] for _ in queries]
-        cached = self._index
-        if cached is None or cached[0] != among:
-            index = VectorIndex(self.vectors.shape[1])
-            index.add(among, self.vectors[[self.row[k] for k in among]])
-            self._index = cached = (among, index)
-        index = cached[1]
-        hits = index.search(self.vectors[[self.row[q] for q in queries]], max(ks, default=0))
-        return [[item for item, _ in h[:k]] for h, k in zip(hits, ks, strict=True)]
-
-    def examples(self, conversation: list[dict[str, str]], attributes: dict, k: int) -> list[Example]:
-        """Up to `k` example pairs nearest to this conversation (found by its exact text); [] when unknown."""
-        text = json.dumps(conversation, ensure_ascii=False)
-        row = self.by_text.get(text)
-        if row is None or not self.example_keys or k <= 0:
-            return []
-        (hits,) = self.nearest([self.keys[row]], [k], self.example_keys)
-        records = self.records()
-        out = []
-        for key in hits:
-            r = records[key]
-            out.append(
-                Example(
-                    id=r.pair.id,
-                    conversation=message_dicts(r.pair.conversation),
-                    preferred="\n".join(m.content for m in r.pair.chosen),
-                    dispreferred="\n".join(m.content for m in r.pair.rejected),
-                    attributes=attributes_dict(r.attributes) if r.attributes.task_category else {},
-                )
-            )
-        return out
-
-
-def load_or_embed_table(
-    path: Path,
-    keys: list[str],
-    records: Callable[[], Records],
-    embed: Callable[[list[str]], np.ndarray],
-    say: Callable[[str], None],
-) -> EmbeddingTable:
-    """The table of `keys`: vectors from the npz cache at `path`, or embedded now and cached there."""
-    from synpref.services.controller.models import save_npz
-
-    if path.exists():
-        data = np.load(path)
-        vectors = data["vectors"]
-        if data["keys"].tolist() != keys:
-            raise RuntimeError(f"{path} does not match the pool; remove it to recompute")
-    else:
-        by_key = records()
-        texts = [pair_text(message_dicts(by_key[k].pair.conversation), embedded_attributes(by_key[k])) for k in keys]
-        say(f"prepare: embedding {len(texts)} conversations for retrieval")
-        vectors = embed(texts)
-        save_npz(path, keys=np.array(keys), vectors=vectors)
-    table = EmbeddingTable(keys, vectors, records)
-    by_key = records()
-    for i, k in enumerate(keys):
-        table.by_text[json.dumps(message_dicts(by_key[k].pair.conversation), ensure_ascii=False)] = i
-    return table
+VECTORS_FILE = "retrieval/vectors.f16"
+TRAINED_INDEX_FILE = "retrieval/trained.faiss"
+UNVERIFIED = "unverified"
 
 
 def embedded_attributes(record: PairRecord) -> dict[str, Any] | None:
     """The attributes retrieval embeds with the conversation (DESIGN.md 1: embed (x, attributes)); None when the
     pair has none yet (a study's pairs, or pairs the labeller has not seen)."""
     return attributes_dict(record.attributes) if record.attributes.task_category else None
+
+
+def retrieval_text(record: PairRecord) -> str:
+    """What retrieval embeds for a pair: its conversation and, where labelled, its attributes."""
+    return pair_text(message_dicts(record.pair.conversation), embedded_attributes(record))
+
+
+def embed_pool(
+    store: PairStore,
+    path: Path,
+    pools: Sequence[str],
+    embed: Callable[[list[str]], np.ndarray],
+    say: Callable[[str], None],
+    batch: int = 1024,
+) -> VectorFile:
+    """Embed every pair of `pools` into a VectorFile at `path` (rows 0..max_row), streaming the store."""
+    total = sum(store.count(p) for p in pools)
+    say(f"prepare: embedding {total} conversations for retrieval")
+    vectors: VectorFile | None = None
+    done = 0
+    for chunk in store.scan(pools, batch=batch):
+        out = np.asarray(embed([retrieval_text(r) for _, r in chunk]), dtype=np.float32)
+        if vectors is None:
+            vectors = VectorFile.create(path, store.max_row() + 1, out.shape[1])
+        # Rows of one scan batch are increasing but not always adjacent (other pools in between).
+        rows = np.array([row for row, _ in chunk], dtype=np.int64)
+        vectors.write_rows(rows, out)
+        done += len(chunk)
+        if done % (batch * 100) < batch:
+            say(f"prepare: embedded {done}/{total}")
+    if vectors is None:
+        raise ValueError("nothing to embed: the pool is empty")
+    vectors.flush()
+    return vectors
+
+
+def train_index(store: PairStore, vectors: VectorFile, path: Path) -> None:
+    """Train the AnnIndex kind D_un's size calls for on an evenly spaced sample of it; save it empty."""
+    rows = np.fromiter(store.all_rows(UNVERIFIED), dtype=np.int64)
+    wanted = training_rows(len(rows), vectors.dim)
+    sample = vectors.read(rows[:: max(1, len(rows) // wanted)][:wanted]) if wanted else None
+    AnnIndex.build(len(rows), vectors.dim, sample).save(path)
+
+
+class PoolRetrieval:
+    """Nearest unverified pairs of given pairs, over the AnnIndex of D_un (rebuilt from the store on start).
+
+    Args:
+        store: the run's PairStore.
+        vectors: the VectorFile of `embed_pool`.
+        trained: the trained empty index of `train_index`.
+    """
+
+    def __init__(self, store: PairStore, vectors: VectorFile, trained: Path, chunk: int = 50_000) -> None:
+        self.store = store
+        self.vectors = vectors
+        self.index = AnnIndex.load(trained)
+        pending: list[int] = []
+        for row in store.all_rows(UNVERIFIED):
+            pending.append(row)
+            if len(pending) == chunk:
+                self.index.add(pending, vectors.read(pending))
+                pending = []
+        if pending:
+            self.index.add(pending, vectors.read(pending))
+
+    def leave(self, rows: Iterable[int]) -> None:
+        """Take rows that left D_un out of the index."""
+        self.index.remove(list(rows))
+
+    def nearest(self, queries: Sequence[int], ks: Sequence[int], batch: int = 10_000) -> set[int]:
+        """The union of each query row's `ks[i]` nearest unverified rows."""
+        found: set[int] = set()
+        for start in range(0, len(queries), batch):
+            rows, k = list(queries[start : start + batch]), list(ks[start : start + batch])
+            hits, _ = self.index.search(self.vectors.read(rows), max(k, default=0))
+            for hit, wanted in zip(hits, k, strict=True):
+                found.update(int(r) for r in hit[:wanted] if r >= 0)
+        return found
+
+
+class PairView(Sequence[dict]):
+    """The pairs of some store rows as pair dicts (`pair_dict`), read from the store as they are used.
+
+    What the RM trainers are given: `len`, indexing, slicing and iteration work without
+    holding every pair. `transform(record, row)` replaces `pair_dict` (the as-given baseline).
+    """
+
+    def __init__(
+        self,
+        store: PairStore,
+        rows: Iterable[int],
+        transform: Callable[[Sequence[PairRecord], Sequence[int]], list[dict]] | None = None,
+        batch: int = 2048,
+    ) -> None:
+        self.store = store
+        self.rows = np.fromiter(rows, dtype=np.int64)
+        self.transform = transform
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _dicts(self, rows: Sequence[int]) -> list[dict]:
+        records = self.store.get(rows)
+        return self.transform(records, rows) if self.transform else [pair_dict(r) for r in records]
+
+    @overload
+    def __getitem__(self, index: int) -> dict: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[dict]: ...
+
+    def __getitem__(self, index: int | slice) -> dict | list[dict]:
+        if isinstance(index, slice):
+            return self._dicts(self.rows[index].tolist())
+        return self._dicts([int(self.rows[index])])[0]
+
+    def __iter__(self) -> Iterator[dict]:
+        for start in range(0, len(self.rows), self.batch):
+            yield from self._dicts(self.rows[start : start + self.batch].tolist())

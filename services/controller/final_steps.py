@@ -3,21 +3,26 @@ step uses, mixed into Controller (loop.py) so that file holds the orchestration 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from synpref.services.controller.embeddings import PairView
+from synpref.services.controller.intake import pool_label_accuracy
 from synpref.services.controller.models import ModelHandle, RewardModels, accuracy
 from synpref.services.controller.publish import export_registry, reload_scorer, write_registry
-from synpref.services.controller.simulated import label_accuracy, pair_as_given
+from synpref.services.controller.simulated import pair_as_given
 from synpref.services.controller.state import RunState
-from synpref.services.gold_scorer.scoring import pair_dict
 from synpref.shared.config import ControllerSettings, Settings
+from synpref.shared.pairstore import PairStore
 from synpref.shared.roles import BEST, GOLD
 from synpref.v1.pair_pb2 import DECISION_KEEP, PairRecord
 
+CURATED = ("gold", "silver", "stage2")
+"""The curated pools (kept + flipped): D_gold, D_silver and Stage 2's keeps and flips."""
+
 
 class FinalSteps:
-    """Steps final.dataset, final.train, final.register and report, plus record lookups.
+    """Steps final.dataset, final.train, final.register and report, plus model lookups.
 
     Controller sets the attributes declared here in its constructor.
     """
@@ -25,41 +30,39 @@ class FinalSteps:
     settings: Settings
     c: ControllerSettings
     state: RunState
-    records: dict[str, PairRecord]
+    pairstore: PairStore
     models: RewardModels
     root: Path
     say: Callable[[str], None]
 
-    def pairs(self, keys: list[str]) -> list[dict]:
-        """The records of `keys` as pair dicts (gold_scorer.scoring.pair_dict), in order."""
-        return [pair_dict(self.records[k]) for k in keys]
+    def view(self, pools: str | Sequence[str]) -> PairView:
+        raise NotImplementedError  # Controller.view
 
     def handle(self, role: str) -> ModelHandle:
         """The ModelHandle recorded in the state for model role `role` (KeyError if none)."""
         return ModelHandle.from_dict(self.state.models[role])
 
-    def curated_keys(self) -> list[str]:
-        """Keys of the curated set (kept + flipped): D_gold, then D_silver, then the Stage-2 keeps and flips."""
-        s = self.state
-        return s.pool("gold") + s.pool("silver") + s.pool("stage2")
+    def records(
+        self, pools: str | Sequence[str], keep: Callable[[PairRecord], bool] | None = None
+    ) -> Iterator[PairRecord]:
+        """The records of `pools` in row order (those `keep` accepts), streamed from the store."""
+        for chunk in self.pairstore.scan(pools, batch=self.c.batch_pairs):
+            yield from (r for _, r in chunk if keep is None or keep(r))
 
-    def kept_keys(self) -> list[str]:
-        """Keys of the curated pairs whose label was confirmed as given: DecisionRecord KEEP.
+    def dataset_versions(self) -> dict[str, tuple[Iterator[PairRecord], str]]:
+        """Version name -> (records, split) of the datasets final.dataset writes.
 
-        That is humans' KEEP in D_gold, the judges' KEEP in D_silver and Stage 2's KEEP; a pair
-        whose label was swapped (FLIP, by humans, judges or Stage 2) is in `curated` only.
+        kept: the curated pairs whose label was confirmed as given (DecisionRecord KEEP: humans' KEEP in
+        D_gold, the judges' in D_silver, Stage 2's); curated adds the flipped ones (the paper trained on
+        the kept 26M; its 40M includes the flips).
         """
-        return [k for k in self.curated_keys() if self.records[k].decision.decision == DECISION_KEEP]
-
-    def dataset_versions(self) -> dict[str, tuple[list[str], str]]:
-        """Version name -> (record keys, split) of the datasets final.dataset writes."""
         from synpref.services.dataset_writer.dataset import HELDOUT, TRAIN  # pyarrow: only when writing
 
         return {
-            "human-verified": (self.state.pool("gold"), TRAIN),
-            "kept": (self.kept_keys(), TRAIN),
-            "curated": (self.curated_keys(), TRAIN),
-            "heldout": (self.state.pool("holdout"), HELDOUT),
+            "human-verified": (self.records("gold"), TRAIN),
+            "kept": (self.records(CURATED, lambda r: r.decision.decision == DECISION_KEEP), TRAIN),
+            "curated": (self.records(CURATED), TRAIN),
+            "heldout": (self.records("holdout"), HELDOUT),
         }
 
     def write_datasets(self) -> None:
@@ -68,9 +71,9 @@ class FinalSteps:
 
         root = self.root / "datasets"
         out = {}
-        for version, (keys, split) in self.dataset_versions().items():
+        for version, (records, split) in self.dataset_versions().items():
             dv = DatasetVersion(root, self.c.dataset_name, version)
-            dv.append((self.records[k] for k in sorted(keys)), split=split)
+            dv.append(records, split=split)
             out[version] = {"dir": str(dv.dir), **dv.stats}
         self.state.results["datasets"] = out
 
@@ -79,27 +82,29 @@ class FinalSteps:
         as-given, best and gold."""
         s = self.state
         models_dir = self.root / "models"
-        final = self.models.train("final", self.pairs(self.curated_keys()), [], models_dir)
+        final = self.models.train("final", self.view(CURATED), [], models_dir)
         s.models["final"] = final.to_dict()
-        holdout = s.pool("holdout")
-        acc: dict[str, float] = {"final": accuracy(self.models.score(final, self.pairs(holdout)))}
-        # The same budget on the pairs as they came in (in a study, with their noise).
-        given = [self.as_given(k) for k in sorted(s.results["initial_labels"])]
+        holdout = self.view("holdout")
+        acc: dict[str, float] = {"final": accuracy(self.models.score(final, holdout))}
+        # The same budget on the pairs as they came in (in a study, with their noise): every pair that was
+        # in D_un after ingest, with the label it came in with.
+        given = PairView(self.pairstore, self.pairstore.all_rows(("unverified", "discarded", *CURATED)), self.as_given)
         baseline = self.models.train("as-given", given, [], models_dir)
-        acc["as_given"] = accuracy(self.models.score(baseline, self.pairs(holdout)))
-        acc["best_working"] = accuracy(self.models.score(self.handle(BEST), self.pairs(holdout)))
-        acc[GOLD] = accuracy(self.models.score(self.handle(GOLD), self.pairs(holdout)))
+        acc["as_given"] = accuracy(self.models.score(baseline, holdout))
+        acc["best_working"] = accuracy(self.models.score(self.handle(BEST), holdout))
+        acc[GOLD] = accuracy(self.models.score(self.handle(GOLD), holdout))
         s.results["holdout_accuracy"] = acc
-        s.results["curated_label_accuracy"] = self.label_accuracy(self.curated_keys())
+        s.results["curated_label_accuracy"] = self.label_accuracy(CURATED)
         self.say("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
 
-    def as_given(self, key: str) -> dict:
-        """The pair with the label it had at ingest (after any study noise); only flips change an id."""
-        return pair_as_given(self.records[key], self.state.results["initial_labels"][key])
+    def as_given(self, records: Sequence[PairRecord], rows: Sequence[int]) -> list[dict]:
+        """The pairs with the labels they had at ingest (after any study noise): flipped back where flipped since."""
+        given = self.pairstore.given(rows)
+        return [pair_as_given(r, given[row]) for r, row in zip(records, rows, strict=True)]
 
-    def label_accuracy(self, keys: list[str]) -> float | None:
-        """Study only: share of these pairs whose current label is the source's."""
-        return label_accuracy([self.records[k] for k in keys])
+    def label_accuracy(self, pools: str | tuple[str, ...]) -> float | None:
+        """Study only: share of the pairs of `pools` whose current label is the source's."""
+        return pool_label_accuracy(self.pairstore, pools) if self.c.study is not None else None
 
     def register(self) -> None:
         """Export the final and gold RMs to models_dir, write the scorer registry, reload the scorer if configured."""

@@ -1,60 +1,58 @@
 """The controller: the two-stage curation loop of DESIGN.md section 1, as resumable steps.
 
-Steps, in order, each run once (a restarted controller skips the ones state.json lists):
+Steps, in order, each run once (a restarted controller skips the ones the run state lists):
 ingest, prepare, seed, s1.<t>.train and s1.<t>.curate per Stage-1 iteration, s2.gold,
-s2.curate, final.dataset, final.train, final.register, report. docs/curation.md says what
-each does and which stage functions it calls; the method's rules are in
-services/consistency_filter/rules.py, retrieval in embeddings.py, publishing in publish.py.
+s2.curate, final.dataset, final.train, final.register, report. Pairs and pools live in the
+PairStore (state.py), never all in memory: steps stream pools a batch at a time. docs/curation.md
+says what each step does; the method's rules are in services/consistency_filter/rules.py,
+retrieval in embeddings.py, ingest in intake.py, publishing in publish.py.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from synpref.services.annotator.annotate import Annotator
 from synpref.services.annotator.judges import Judge
-from synpref.services.consistency_filter.rules import human_candidates, make_filter_stage, score_of, silver_label
-from synpref.services.controller.embeddings import EmbeddingTable, load_or_embed_table
+from synpref.services.consistency_filter.rules import make_filter_stage
+from synpref.services.controller.curation import CurationSteps
+from synpref.services.controller.embeddings import (
+    TRAINED_INDEX_FILE,
+    VECTORS_FILE,
+    PairView,
+    PoolRetrieval,
+    embed_pool,
+    train_index,
+)
 from synpref.services.controller.executors import InProcessExecutor, StageExecutor, chain
 from synpref.services.controller.final_steps import FinalSteps
 from synpref.services.controller.models import ModelHandle, RewardModels, accuracy
 from synpref.services.controller.providers import HumanProvider
 from synpref.services.controller.publish import export_registry
-from synpref.services.controller.simulated import add_label_noise, mark_truth
 from synpref.services.controller.state import RunState, StateStore, key_of
-from synpref.services.gold_scorer.scoring import ScoringModel, make_scoring_stage, set_score
+from synpref.services.gold_scorer.scoring import ScoringModel, make_scoring_stage
+from synpref.shared.ann import VectorFile
 from synpref.shared.config import Settings
-from synpref.shared.pairs import message_dicts, split_by_conversation
-from synpref.shared.retrieval import k_rule
 from synpref.shared.roles import BEST, GOLD
 from synpref.shared.stage import Stage
 from synpref.v1.pair_pb2 import (
-    DECISION_FLIP,
-    DECISION_KEEP,
-    DECISION_REVIEW,
     STAGE_ONE,
-    STAGE_TWO,
-    Decision,
     PairRecord,
 )
 
 log = logging.getLogger(__name__)
-Records = dict[str, PairRecord]
 
 
-def _conversation(record: PairRecord) -> list[dict[str, str]]:
-    return message_dicts(record.pair.conversation)
-
-
-class Controller(FinalSteps):
+class Controller(CurationSteps, FinalSteps):
     """The two-stage curation loop over one workdir, run as resumable named steps.
 
     Args:
@@ -65,15 +63,15 @@ class Controller(FinalSteps):
         judges: the LLM judges the in-process annotator stage calls.
         executor: runs the "stage1" and "stage2" chains (score -> annotate -> filter); default: in
             process, built by `in_process_stage`.
-        embed: texts -> vectors for retrieval; default: an Embedder of
+        embed: texts -> vectors for retrieval and the judges' examples; default: an Embedder of
             `settings.annotator.embedding_model`, built on first use.
         on_step: called with each step's name after the step is committed.
         progress: receives one-line progress messages (default `print`).
         labeller: the attribute labeller handed to the annotator, if any.
 
-    Construction loads state.json and the records snapshot it names, so a new Controller on
-    an existing workdir resumes where the last one stopped: `run` skips every step already in
-    `state.done`.
+    Construction opens the workdir's PairStore and reads the committed run state, so a new
+    Controller on an existing workdir resumes where the last one stopped: `run` skips every
+    step already in `state.done`, and a long step goes on after its last committed batch.
     """
 
     def __init__(
@@ -99,10 +97,13 @@ class Controller(FinalSteps):
         self.on_step = on_step
         self.say = progress
         self.store = StateStore(self.c.workdir)
+        self.pairstore = self.store.pairs
         self.root = self.store.root
         self.state = self.store.load()
-        self.records: Records = self.store.read_records(self.state.records)
-        self.table: EmbeddingTable | None = None
+        self.current_step = ""
+        self._vectors: VectorFile | None = None
+        self._retrieval: PoolRetrieval | None = None
+        self._examples: Any = None
         self._stage_models: list[ScoringModel] = []
         """The RMs the scoring stage of the current stage uses (in the cluster the scorer serves them)."""
         self._annotators: dict[int, Annotator] = {}
@@ -111,23 +112,48 @@ class Controller(FinalSteps):
     # ------------------------------------------------------------ plumbing
 
     def step(self, name: str, fn: Callable[[], None]) -> None:
-        """Run `fn` as step `name` unless state.done lists it, then snapshot the records and commit the state."""
+        """Run `fn` as step `name` unless state.done lists it: its writes and the state naming it done commit
+        together (a long step also commits after each batch, see `commit_batch`)."""
         if name in self.state.done:
             return
         started = time.perf_counter()
         self.say(f"[{name}] ...")
-        fn()
-        self.state.records = self.store.write_records(name.replace("/", "_"), self.records)
-        self.state.done.append(name)
-        self.state.results.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 2)
-        self.store.save(self.state)
+        self.current_step = name
+        try:
+            with self.pairstore.transaction():
+                fn()
+                self.state.done.append(name)
+                self.state.results.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 2)
+                self.state.results["pools"] = self.pool_sizes()
+                self.store.save(self.state)
+        except BaseException:
+            # Rolled back: forget what this process changed in memory and go back to the committed state.
+            self.state = self.store.load()
+            self._retrieval = None
+            raise
+        self.store.mirror(self.state)
         self.say(f"[{name}] done in {time.perf_counter() - started:.1f}s  pools: {self.pool_sizes()}")
         if self.on_step is not None:
             self.on_step(name)
 
+    def commit_batch(self, progress: dict[str, Any]) -> None:
+        """Commit the current step's writes so far with its `progress` (cursor, counters): a restart goes on
+        from here."""
+        self.pairstore.set_meta(f"progress:{self.current_step}", json.dumps(progress, sort_keys=True))
+        self.pairstore.commit_point()
+
+    def progress_of(self, default: dict[str, Any]) -> dict[str, Any]:
+        """The current step's last committed progress, or `default` when it has none."""
+        text = self.pairstore.meta(f"progress:{self.current_step}")
+        return json.loads(text) if text else default
+
     def pool_sizes(self) -> dict[str, int]:
-        """Pool name -> number of record keys in it, sorted by name."""
-        return {k: len(v) for k, v in sorted(self.state.pools.items())}
+        """Pool name -> number of pairs in it, sorted by name."""
+        return dict(sorted(self.pairstore.counts().items()))
+
+    def view(self, pools: str | Sequence[str]) -> PairView:
+        """The pairs of `pools` as pair dicts, in row order, read as used."""
+        return PairView(self.pairstore, self.pairstore.all_rows(pools))
 
     def in_process_stage(self, name: str) -> Stage:
         """The Stage for executor stage `name`: "stage1" or "stage2"; KeyError otherwise.
@@ -141,7 +167,7 @@ class Controller(FinalSteps):
         if stage not in self._annotators:
             max_examples = min(self.c.k_max, 8) if stage == 1 else 8
             self._annotators[stage] = Annotator(
-                self.judges, self.labeller, self.table, max_examples, skip_confident=True, band=f.band
+                self.judges, self.labeller, self.example_source(), max_examples, skip_confident=True, band=f.band
             )
         return chain(make_scoring_stage(self._stage_models), self._annotators[stage].stage(), make_filter_stage(f))
 
@@ -150,6 +176,57 @@ class Controller(FinalSteps):
         for annotator in self._annotators.values():
             annotator.close()
         self._annotators.clear()
+
+    # ------------------------------------------------------------ retrieval and examples
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        if self.embed is None:
+            from synpref.shared.retrieval import Embedder
+
+            # MiniLM's own limit (256 word pieces): conversation and attributes are embedded whole where they fit.
+            embedder = Embedder(self.settings.annotator.embedding_model)
+            self.embed = embedder.embed
+        return self.embed(texts)
+
+    def vectors(self) -> VectorFile:
+        """The retrieval vectors of the prepare step, by store row."""
+        if self._vectors is None:
+            self._vectors = VectorFile(self.root / VECTORS_FILE)
+        return self._vectors
+
+    def retrieval(self) -> PoolRetrieval:
+        """The ANN index over D_un, rebuilt from the store when this process first needs it."""
+        if self._retrieval is None:
+            self._retrieval = PoolRetrieval(self.pairstore, self.vectors(), self.root / TRAINED_INDEX_FILE)
+        return self._retrieval
+
+    def left_unverified(self, rows: Sequence[int]) -> None:
+        """Rows that moved out of D_un leave the ANN index too (if this process has built it)."""
+        if self._retrieval is not None and rows:
+            self._retrieval.leave(rows)
+
+    @property
+    def examples_dir(self) -> Path:
+        """Where the judges' example index lives: annotator.examples_index (the cluster's annotators read it
+        there), else <workdir>/examples."""
+        configured = self.settings.annotator.examples_index
+        return Path(configured) if configured else self.root / "examples"
+
+    def example_source(self) -> Any:
+        """The judges' human-verified examples, re-read whenever the loop rewrites the index."""
+        if self._examples is None:
+            from synpref.shared.retrieval import ReloadingExamples
+
+            self._examples = ReloadingExamples(self.examples_dir, self._embed)
+        return self._examples
+
+    def refresh_examples(self) -> None:
+        """Rewrite the judges' example index from today's D_gold (with attributes), before the next batch."""
+        from synpref.shared.retrieval import write_example_index
+
+        gold = (record for chunk in self.pairstore.scan("gold") for _, record in chunk)
+        n = write_example_index(self.examples_dir, gold, self._embed, self.vectors().dim)
+        self.say(f"examples: {n} human-verified pairs indexed for the judges")
 
     # ------------------------------------------------------------ the loop
 
@@ -162,7 +239,10 @@ class Controller(FinalSteps):
 
     def _run_steps(self) -> RunState:
         self.step("ingest", self.ingest)
-        self.ensure_table()
+        self.step("prepare", self.prepare)
+        prepare = getattr(self.models, "prepare", None)
+        if prepare is not None:
+            prepare(self.view(("unverified", "holdout", "gold", "silver", "stage2", "discarded")))
         self.step("seed", self.seed)
         while not self.state.stage1_stopped:
             t = self.state.iteration + 1
@@ -181,111 +261,80 @@ class Controller(FinalSteps):
     # ------------------------------------------------------------ steps
 
     def ingest(self) -> None:
-        """Read, preprocess and split the sources into the unverified pool and a held-out set (by conversation)."""
-        from synpref.services.ingest.preprocess import ingest_paths
+        """Stream the sources into the PairStore: preprocessed, split by conversation into D_un and held-out."""
+        from synpref.services.controller.intake import ingest_sources
 
-        c = self.c
-        records, pre = ingest_paths(c.sources, c.source_format, None, c.decontaminate)
-        if c.max_pairs and len(records) > c.max_pairs:
-            records = random.Random(f"sample:{c.seed}").sample(records, c.max_pairs)
-        study = c.study is not None
-        label_noise = c.study.label_noise if c.study is not None else 0.0
-        if study:
-            for r in records:
-                mark_truth(r)
-        pool, holdout = split_by_conversation(records, _conversation, c.holdout_fraction, c.seed)
-        pool.sort(key=key_of)
-        if label_noise:
-            pool = add_label_noise(pool, label_noise, c.seed)
-        self.records = {key_of(r): r for r in pool + holdout}
-        self.state.pools = {
-            "holdout": sorted(key_of(r) for r in holdout),
-            "unverified": sorted(key_of(r) for r in pool),
-        }
-        counts = {k: v for k, v in pre.counts.as_dict().items() if isinstance(v, int)}
-        self.state.results["ingest"] = {"counts": counts, "study": study, "label_noise": label_noise}
-        self.state.results["initial_labels"] = {key_of(r): r.pair.id for r in pool}
-        self.state.results["initial_label_accuracy"] = self.label_accuracy(sorted(self.state.results["initial_labels"]))
-        self.say(f"ingest: {len(pool)} pairs to curate, {len(holdout)} held out")
+        if self.pairstore.size():
+            raise RuntimeError(f"{self.pairstore.path} already holds pairs from another run; use a new workdir")
+        self.state.results.update(ingest_sources(self.pairstore, self.c, self.say))
 
-    def ensure_table(self) -> None:
-        """Retrieval embeddings (cached in the workdir) and, for the head trainer, RM features."""
-        if self.table is not None:
-            return
-        keys = sorted(k for k in self.records if k not in set(self.state.pools.get("holdout", [])))
-        path = self.root / "features" / "retrieval.npz"
-        self.table = load_or_embed_table(path, keys, lambda: self.records, self._embed, self.say)
-        self.table.example_keys = [k for k in self.state.pools.get("gold", []) if k in self.table.row]
-        prepare = getattr(self.models, "prepare", None)
-        if prepare is not None:
-            prepare(self.pairs(sorted(self.records)))
-
-    def _embed(self, texts: list[str]) -> np.ndarray:
-        if self.embed is None:
-            from synpref.shared.retrieval import Embedder
-
-            # MiniLM's own limit (256 word pieces): conversation and attributes are embedded whole where they fit.
-            embedder = Embedder(self.settings.annotator.embedding_model)
-            self.embed = embedder.embed
-        return self.embed(texts)
+    def prepare(self) -> None:
+        """Embed D_un for retrieval (vectors by row on disk) and train the ANN index for its size."""
+        vectors = embed_pool(self.pairstore, self.root / VECTORS_FILE, ("unverified",), self._embed, self.say)
+        train_index(self.pairstore, vectors, self.root / TRAINED_INDEX_FILE)
+        self._vectors = vectors
 
     def seed(self) -> None:
         """Sample the seed (controller.seed_pairs, or seed_fraction of the pool) for humans to verify into D_gold."""
-        pool = list(self.state.pool("unverified"))
-        rng = random.Random(f"seed:{self.c.seed}")
+        pool = list(self.pairstore.all_rows("unverified"))
         n = self.c.seed_size(len(pool))
-        picked = sorted(rng.sample(pool, min(n, len(pool))))
+        picked = sorted(random.Random(f"seed:{self.c.seed}").sample(pool, min(n, len(pool))))
         verified, dropped = self.ask_humans(picked, iteration=0)
-        self.state.results["seed_gold"] = verified
+        self.state.results["seed_gold"] = [key_of(r) for r in self.pairstore.get(verified)]
         self.state.results["seed_human"] = {"verified": len(verified), "discarded": len(dropped)}
 
-    def ask_humans(self, keys: list[str], iteration: int) -> tuple[list[str], list[str]]:
-        """Humans decide `keys`: verified ones join D_gold (flipped if they preferred rejected)."""
-        for key in keys:
-            self.records[key].lineage.stage = STAGE_ONE  # human verification is Stage 1's, seed included
-        routed = self.humans.review([self.records[k] for k in keys])
-        verified: list[str] = []
-        dropped: list[str] = []
-        for route, record in routed:
+    def ask_humans(self, rows: list[int], iteration: int) -> tuple[list[int], list[int]]:
+        """Humans decide `rows`: verified ones join D_gold (flipped if they preferred rejected), the rest are
+        discarded; the judges' example index is rewritten."""
+        records = self.pairstore.get(rows)
+        row_of = {key_of(r): row for r, row in zip(records, rows, strict=True)}
+        for record in records:
+            record.lineage.stage = STAGE_ONE  # human verification is Stage 1's, seed included
+        verified: list[int] = []
+        dropped: list[int] = []
+        updates: list[tuple[int, PairRecord]] = []
+        for route, record in self.humans.review(records) if records else []:
             record.lineage.iteration = iteration
-            key = key_of(record)
-            self.records[key] = record
-            (verified if route == "verified" else dropped).append(key)
-        self.state.move(verified, "gold")
-        self.state.move(dropped, "discarded")
-        if self.table is not None:
-            self.table.example_keys = [k for k in self.state.pool("gold") if k in self.table.row]
+            row = row_of[key_of(record)]
+            updates.append((row, record))
+            (verified if route == "verified" else dropped).append(row)
+        self.pairstore.put(updates)
+        self.pairstore.move(verified, "gold", self.current_step)
+        self.pairstore.move(dropped, "discarded", self.current_step)
+        self.left_unverified(verified + dropped)
+        self.refresh_examples()
         return verified, dropped
 
     def train_working(self, t: int) -> None:
         """Iteration t's working RM (on D_silver, chosen on all of D_gold); picks the best RM; decides whether
         Stage 1 goes on."""
         s = self.state
-        gold = s.pool("gold")
-        train_keys = s.pool("silver") + (s.pool("unverified") if self.c.working_train == "silver+unverified" else [])
+        pools = ("silver", "unverified") if self.c.working_train == "silver+unverified" else ("silver",)
+        gold = self.view("gold")
+        train = self.view(pools)
         # With no D_silver yet (the first iteration) the RM learns from the seed D_gold, and nothing is left
         # to choose its checkpoint on: its D_gold accuracy is then a training figure.
-        on_gold = not train_keys
-        train_keys = train_keys or gold
-        valid = [] if on_gold else gold
-        handle = self.models.train(f"working-{t}", self.pairs(train_keys), self.pairs(valid), self.root / "models")
-        gold_acc = accuracy(self.models.score(handle, self.pairs(gold)))
-        valid_acc = float(handle.metrics.get("valid_accuracy", float("nan")))
-        holdout = s.pool("holdout")
-        holdout_acc = accuracy(self.models.score(handle, self.pairs(holdout))) if holdout else float("nan")
+        on_gold = len(train) == 0
+        if on_gold:
+            train, pools = gold, ("gold",)
+        handle = self.models.train(f"working-{t}", train, [] if on_gold else gold, self.root / "models")
+        gold_acc = accuracy(self.models.score(handle, gold))
+        holdout = self.view("holdout")
+        holdout_acc = accuracy(self.models.score(handle, holdout)) if len(holdout) else float("nan")
         s.models[f"working-{t}"] = handle.to_dict()
+        counts = self.pairstore.counts()
         entry = {
             "iteration": t - 1,
             "model": handle.version,
-            "train_pairs": len(train_keys),
+            "train_pairs": len(train),
             "trained_on_gold": on_gold,
-            "valid_accuracy": valid_acc,
+            "valid_accuracy": float(handle.metrics.get("valid_accuracy", float("nan"))),
             "gold_accuracy": gold_acc,
             "holdout_accuracy": holdout_acc,
-            "gold": len(s.pool("gold")),
-            "silver": len(s.pool("silver")),
-            "unverified": len(s.pool("unverified")),
-            "label_accuracy": self.label_accuracy(train_keys),
+            "gold": counts["gold"],
+            "silver": counts["silver"],
+            "unverified": counts["unverified"],
+            "label_accuracy": self.label_accuracy(pools),
         }
         s.history.append(entry)
         best = self.select_best()
@@ -298,14 +347,14 @@ class Controller(FinalSteps):
             s.stage1_stopped = f"ran {self.c.iterations} iterations"
         elif t - 1 - best >= self.c.patience:
             s.stage1_stopped = f"D_gold accuracy did not improve for {self.c.patience} iterations"
-        elif not s.pool("unverified"):
+        elif not counts["unverified"]:
             s.stage1_stopped = "no unverified pairs left"
 
     def select_best(self) -> int:
         """The best RM: of this run's working RMs, the most accurate on all of today's D_gold (re-scored, as
         D_gold grows), earliest on ties; RMs that learned from D_gold compete only while no other exists."""
         s = self.state
-        gold = self.pairs(s.pool("gold"))
+        gold = self.view("gold")
         candidates = [h for h in s.history if not h["trained_on_gold"]] or s.history
         scored = []
         for h in candidates:
@@ -325,110 +374,7 @@ class Controller(FinalSteps):
         if self.c.executor == "kafka" and self.c.scorer_reload_url:
             self.reload(export_registry(self.models, handles, self.root / "models"))
 
-    def score_into(self, keys: list[str], handle: ModelHandle, role: str) -> dict[str, float]:
-        """Score `keys` with `handle`, replace each record's `role` score, and return key -> p(chosen > rejected)."""
-        rewards = self.models.score(handle, self.pairs(keys))
-        return {
-            key: set_score(self.records[key], role, handle.version, rc, rr)
-            for key, (rc, rr) in zip(keys, rewards, strict=True)
-        }
-
-    def curate_stage1(self, t: int) -> None:
-        """Stage-1 iteration t: retrieve, annotate and route unverified pairs.
-
-        Retrieves unverified pairs near the verified ones (more neighbours for those the working
-        RM gets wrong), annotates them and runs the stage-1 filter; review candidates go to the
-        humans (within human_budget), the rest get the judges' label into D_silver, or stay
-        unverified when the panel abstains.
-        """
-        s = self.state
-        assert self.table is not None
-        handle = self.handle(f"working-{t}")
-        verified = s.pool("gold") + s.pool("silver")
-        p = self.score_into(verified, handle, BEST)
-        ks = [k_rule(p[k], self.c.k_max) for k in verified]
-        hits = self.table.nearest(verified, ks, s.pool("unverified"))
-        retrieved = sorted({k for h in hits for k in h})
-        errors = sum(1 for k in verified if p[k] <= 0.5)
-        self.say(
-            f"stage 1 iteration {t}: RM wrong on {errors}/{len(verified)} verified pairs; "
-            f"retrieved {len(retrieved)} unverified pairs"
-        )
-        entry: dict[str, Any] = {"iteration": t, "rm_errors": errors, "retrieved": len(retrieved)}
-        if retrieved:
-            for key in retrieved:
-                record = self.records[key]
-                record.lineage.stage = STAGE_ONE
-                record.lineage.iteration = t
-            self.serve_models({BEST: handle})
-            # Scored by the working RM, judged, and decided by the stage-1 rule: pairs the RM gets
-            # wrong or is unsure of are gold candidates (REVIEW).
-            result = self.executor.run("stage1", [self.records[k] for k in retrieved])
-            annotated = {key_of(r): r for _, r in result.routed}
-            self.records.update(annotated)
-            review = [k for k, r in annotated.items() if r.decision.decision == DECISION_REVIEW]
-            pb = {k: score.p for k in review if (score := score_of(annotated[k], BEST)) is not None}
-            to_humans = human_candidates(pb, self.c.human_budget)
-            gold_added, dropped = self.ask_humans(to_humans, t)
-            silver, flipped, abstained = self.judge_labels([k for k in sorted(annotated) if k not in set(to_humans)], t)
-            entry.update(
-                annotated=len(annotated),
-                failed=len(result.failed),
-                gold_candidates=len(review),
-                to_humans=len(to_humans),
-                human_verified=len(gold_added),
-                human_discarded=len(dropped),
-                silver_kept=silver,
-                silver_flipped=flipped,
-                judges_abstained=abstained,
-            )
-        s.iteration = t
-        s.results.setdefault("stage1", []).append(entry)
-
-    def judge_labels(self, keys: list[str], t: int) -> tuple[int, int, int]:
-        """D_silver gets the judges' label (rules.silver_label); an abstaining panel leaves the pair unverified."""
-        counts: Counter[int] = Counter()
-        moved = []
-        for key in keys:
-            record = silver_label(self.records[key])
-            if record is None:
-                continue
-            counts[record.decision.decision] += 1
-            self.records[key] = record
-            moved.append(key)
-        self.state.move(moved, "silver")
-        return counts[DECISION_KEEP], counts[DECISION_FLIP], len(keys) - len(moved)
-
     def train_gold(self) -> None:
         """Train the gold RM on D_gold alone and record it under the gold role."""
-        s = self.state
-        handle = self.models.train(GOLD, self.pairs(s.pool("gold")), [], self.root / "models")
-        s.models[GOLD] = handle.to_dict()
-
-    def curate_stage2(self) -> None:
-        """Stage 2: score, annotate and filter every pair still unverified; curated ones join the stage2 pool."""
-        s = self.state
-        keys = s.pool("unverified")
-        for key in keys:
-            self.records[key].lineage.stage = STAGE_TWO
-        self.serve_models({GOLD: self.handle(GOLD), BEST: self.handle(BEST)})
-        result = self.executor.run("stage2", [self.records[k] for k in keys])
-        decisions: Counter[str] = Counter()
-        curated: list[str] = []
-        dropped: list[str] = []
-        for route, record in result.routed:
-            key = key_of(record)
-            self.records[key] = record
-            decisions[Decision.Name(record.decision.decision).removeprefix("DECISION_")] += 1
-            (curated if route == "curated" else dropped).append(key)
-        s.move(curated, "stage2")
-        s.move(dropped, "discarded")
-        annotated = sum(1 for _, r in result.routed if len(r.votes))
-        s.results["stage2"] = {
-            "pairs": len(keys),
-            "decisions": dict(decisions),
-            "annotated": annotated,
-            "skipped_annotation": len(result.routed) - annotated,
-            "failed": len(result.failed),
-        }
-        self.say(f"stage 2: {dict(decisions)} of {len(keys)} pairs ({annotated} sent to judges)")
+        handle = self.models.train(GOLD, self.view("gold"), [], self.root / "models")
+        self.state.models[GOLD] = handle.to_dict()

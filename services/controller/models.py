@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,11 +62,11 @@ class ModelHandle:
 class RewardModels(Protocol):
     """What the controller needs of a reward-model backend: train, score pairs, export a checkpoint."""
 
-    def train(self, name: str, train: list[Pair], valid: list[Pair], out_dir: Path) -> ModelHandle:
+    def train(self, name: str, train: Sequence[Pair], valid: Sequence[Pair], out_dir: Path) -> ModelHandle:
         """Train reward model `name` on `train` (validating on `valid`) into `out_dir`; a handle to it."""
         ...
 
-    def score(self, handle: ModelHandle, pairs: list[Pair]) -> list[tuple[float, float]]:
+    def score(self, handle: ModelHandle, pairs: Sequence[Pair]) -> list[tuple[float, float]]:
         """(reward_chosen, reward_rejected) of each pair under the model."""
         ...
 
@@ -126,7 +126,7 @@ class FeatureCache:
         pooler = self.model.bert.pooler.dense
         return {"W": pooler.weight.detach().numpy().copy(), "b": pooler.bias.detach().numpy().copy()}
 
-    def _encode(self, pairs: list[Pair]) -> list[list[int]]:
+    def _encode(self, pairs: Sequence[Pair]) -> list[list[int]]:
         from synpref.shared.modeling import encode_pair
 
         seqs = []
@@ -135,7 +135,7 @@ class FeatureCache:
                 seqs.append(enc.input_ids)
         return seqs
 
-    def features(self, pairs: list[Pair], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def features(self, pairs: Sequence[Pair], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(chosen, rejected) [CLS] states, each (n, hidden)."""
         import torch
 
@@ -266,11 +266,11 @@ class HeadModels:
         self.cache = FeatureCache(self.backbone, settings.max_length, workdir / "features")
         self.progress = progress
 
-    def prepare(self, pairs: list[Pair]) -> None:
+    def prepare(self, pairs: Sequence[Pair]) -> None:
         """Encode (and cache) every sequence the run will score, once, with a progress bar."""
         self.cache.features(pairs, progress=self.progress)
 
-    def train(self, name: str, train: list[Pair], valid: list[Pair], out_dir: Path) -> ModelHandle:
+    def train(self, name: str, train: Sequence[Pair], valid: Sequence[Pair], out_dir: Path) -> ModelHandle:
         """Train the head on the cached features; saves `<name>.npz` in out_dir, version `<name>-<params digest>`."""
         s = self.s
         params, metrics = train_head(
@@ -293,7 +293,7 @@ class HeadModels:
         data = np.load(handle.path)
         return {k: data[k] for k in data.files}
 
-    def score(self, handle: ModelHandle, pairs: list[Pair]) -> list[tuple[float, float]]:
+    def score(self, handle: ModelHandle, pairs: Sequence[Pair]) -> list[tuple[float, float]]:
         """(reward_chosen, reward_rejected) per pair, from the head's params over the cached features."""
         params = self._params(handle)
         hc, hr = self.cache.features(pairs)
@@ -373,7 +373,7 @@ class FullModels:
         values.update(output_dir=str(out_dir))  # where the controller reads the checkpoint from
         return RewardConfig.from_dict(values)
 
-    def train(self, name: str, train: list[Pair], valid: list[Pair], out_dir: Path) -> ModelHandle:
+    def train(self, name: str, train: Sequence[Pair], valid: Sequence[Pair], out_dir: Path) -> ModelHandle:
         """Fine-tune on `train` (global batch capped at the pair count); adds valid_accuracy when `valid` is given."""
         from synpref.training.reward_trainer import train_reward_model
 
@@ -381,14 +381,15 @@ class FullModels:
         if len(train) < config.global_batch_size:
             config.global_batch_size = max(1, len(train))
             config.micro_batch_size = min(config.micro_batch_size, config.global_batch_size)
-        result = train_reward_model(config, train, valid)
+        # The local trainer tokenizes its whole set up front; the cluster's Jobs read it from a file instead.
+        result = train_reward_model(config, list(train), list(valid))
         handle = ModelHandle(name, str(result.checkpoint_dir), f"{name}-{Path(result.checkpoint_dir).parent.name}")
         handle.metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float | str)}
         if valid:
             handle.metrics["valid_accuracy"] = accuracy(self.score(handle, valid))
         return handle
 
-    def score(self, handle: ModelHandle, pairs: list[Pair]) -> list[tuple[float, float]]:
+    def score(self, handle: ModelHandle, pairs: Sequence[Pair]) -> list[tuple[float, float]]:
         """(reward_chosen, reward_rejected) per pair; each checkpoint is loaded once and kept."""
         from synpref.shared import modeling
 

@@ -159,7 +159,7 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
         f"- ingest: {json.dumps(r.get('ingest', {}).get('counts', {}))}",
         f"- seed D_gold: {json.dumps(r.get('seed_human', {}))} by `{human}`",
         f"- Stage 1 stopped: {state.stage1_stopped or 'still running'} (after {state.iteration} iterations)",
-        f"- pools now: {json.dumps({k: len(v) for k, v in sorted(state.pools.items())})}",
+        f"- pools now: {json.dumps(r.get('pools', {}))}",
         "",
         "## Stage 1: working RM per iteration",
         "",

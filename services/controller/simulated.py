@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from synpref.services.annotator.judges import JudgeRequest
 from synpref.shared.config import SimulatedJudgeSettings
-from synpref.shared.pairs import flipped
+from synpref.shared.pairs import flipped, unit_interval
 from synpref.v1.pair_pb2 import (
     PREFERENCE_ABSTAIN,
     PREFERENCE_CHOSEN,
@@ -52,18 +52,14 @@ def label_is_true(record: PairRecord) -> bool | None:
     return digest(_dicts(record.pair.chosen)) == truth
 
 
-def add_label_noise(records: list[PairRecord], rate: float, seed: int) -> list[PairRecord]:
-    """Flip a seeded `rate` share of the labels (the records must carry TRUTH_KEY)."""
-    rng = random.Random(f"noise:{seed}")
-    n = round(rate * len(records))
-    chosen = set(rng.sample(range(len(records)), n)) if n else set()
-    out = []
-    for i, record in enumerate(records):
-        if i in chosen:
-            record = flipped(record)
-            record.pair.meta[NOISE_KEY] = "1"
-        out.append(record)
-    return out
+def with_label_noise(record: PairRecord, rate: float, seed: int) -> PairRecord:
+    """The record flipped with probability `rate` (a seeded coin per pair key), marked NOISE_KEY when it is."""
+    key = record.lineage.original_id or record.pair.id
+    if rate <= 0 or unit_interval(f"noise:{seed}:{key}") >= rate:
+        return record
+    noisy = flipped(record)
+    noisy.pair.meta[NOISE_KEY] = "1"
+    return noisy
 
 
 class SimulatedJudge:

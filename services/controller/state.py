@@ -1,11 +1,15 @@
-"""Durable controller state: one JSON file plus record snapshots, each written atomically.
+"""Durable controller state: the PairStore (every record and its pool) and a small run summary in it.
 
-The state file is the commit point. A step writes its artifacts first (records snapshot,
-model, dataset shard), then the state file naming them and the step as done, through a
-temp file, fsync and rename. A controller killed at any point restarts from the last
-state file: the interrupted step runs again from the same inputs and, being a
-deterministic function of them, produces the same outputs, overwriting any half-written
-artifact of the first attempt.
+The commit point is one SQLite transaction. A step runs inside a transaction of the run's
+PairStore; its writes (records, pool moves) and the run summary naming the step as done
+commit together at its end. A long step commits after each batch (`PairStore.commit_point`)
+with a cursor saying how far it got, so a controller killed mid-step keeps the finished
+batches and goes on after them; one killed anywhere else restarts the step from the same
+inputs and, the step being a deterministic function of them, produces the same outputs,
+overwriting any artifact (model, dataset shard) the first attempt half wrote.
+
+`state.json` beside the store is a readable copy of the summary, written after each commit;
+the store's copy is the one a restart reads.
 
 Records are keyed by their ingest id (`key`): a flip changes a pair's content id, never
 its key, so pools and lineage stay stable while labels change.
@@ -14,16 +18,17 @@ its key, so pools and lineage stay stable while labels change.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from synpref.shared.files import write_atomic
-from synpref.v1.pair_pb2 import PairBatch, PairRecord
+from synpref.shared.pairstore import PairStore
+from synpref.v1.pair_pb2 import PairRecord
 
 STATE_FILE = "state.json"
-POOLS = ("holdout", "gold", "silver", "unverified", "discarded")
+STORE_FILE = "pairs.sqlite"
+_STATE_META = "run_state"
 
 
 def key_of(record: PairRecord) -> str:
@@ -33,18 +38,13 @@ def key_of(record: PairRecord) -> str:
 
 @dataclass
 class RunState:
-    """Everything a restarted controller needs, saved as state.json by StateStore.
+    """The run summary a restarted controller needs beside the PairStore: small, whatever the pool size.
 
-    Fields are plain JSON values (lists, dicts, strings), so `dataclasses.asdict` round-trips
-    them. A record key is in at most one pool once `move` has placed it.
+    Fields are plain JSON values (lists, dicts, strings), so `dataclasses.asdict` round-trips them.
     """
 
     done: list[str] = field(default_factory=list)
     """Steps completed, in order."""
-    records: str = ""
-    """Snapshot file (relative to the workdir) holding every record's current version."""
-    pools: dict[str, list[str]] = field(default_factory=dict)
-    """Pool name -> record keys (see POOLS)."""
     iteration: int = 0
     """Stage-1 iterations completed."""
     stage1_stopped: str = ""
@@ -54,53 +54,47 @@ class RunState:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Role -> {"path", "version", ...} of models trained so far (best, gold, final, ...)."""
     results: dict[str, Any] = field(default_factory=dict)
-    """Stage-2 decisions, dataset versions, final accuracies, counts from ingest."""
-
-    def pool(self, name: str) -> list[str]:
-        """The key list of pool `name`, created empty if missing (the same list object, so edits stick)."""
-        return self.pools.setdefault(name, [])
-
-    def move(self, keys: Iterable[str], to: str) -> None:
-        """Move `keys` into pool `to`, out of every other pool; new keys are appended sorted, without duplicates."""
-        moving = set(keys)
-        for name in list(self.pools):
-            if name != to:
-                self.pools[name] = [k for k in self.pools[name] if k not in moving]
-        have = set(self.pool(to))
-        self.pools[to].extend(k for k in sorted(moving) if k not in have)
+    """Pool sizes, Stage-2 decisions, dataset versions, final accuracies, counts from ingest."""
 
 
 class StateStore:
-    """The workdir: state.json, snapshots/, and helpers to read and write them."""
+    """The workdir: the PairStore (`pairs.sqlite`) holding records, pools and the run summary, and state.json."""
 
-    def __init__(self, workdir: str | Path) -> None:
+    def __init__(self, workdir: str | Path, cache_mib: int = 64) -> None:
         self.root = Path(workdir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.path = self.root / STATE_FILE
+        self.pairs = PairStore(self.root / STORE_FILE, cache_mib=cache_mib)
+
+    def close(self) -> None:
+        """Close the PairStore."""
+        self.pairs.close()
 
     def load(self) -> RunState:
-        """The saved RunState, or a fresh one when no state file exists yet."""
-        if not self.path.exists():
-            return RunState()
-        return RunState(**json.loads(self.path.read_text()))
+        """The committed RunState, or a fresh one for a new workdir."""
+        text = self.pairs.meta(_STATE_META)
+        return RunState(**json.loads(text)) if text else RunState()
 
     def save(self, state: RunState) -> None:
-        """Write `state` as state.json atomically (temp file, fsync, rename): the step's commit point."""
+        """Write `state` into the store (committed with the caller's transaction), then state.json if committed."""
+        text = json.dumps(asdict(state), indent=1, sort_keys=True)
+        self.pairs.set_meta(_STATE_META, text)
+
+    def mirror(self, state: RunState) -> None:
+        """Write the readable copy state.json atomically (temp file, fsync, rename)."""
         text = json.dumps(asdict(state), indent=1, sort_keys=True)
         write_atomic(self.path, lambda p: p.write_text(text))
 
-    def write_records(self, name: str, records: dict[str, PairRecord]) -> str:
-        """Snapshot every record (in key order) as one PairBatch; returns its workdir-relative path."""
-        rel = f"snapshots/{name}.pb"
-        batch = PairBatch(records=[records[k] for k in sorted(records)])
-        data = batch.SerializeToString(deterministic=True)
-        write_atomic(self.root / rel, lambda p: p.write_bytes(data))
-        return rel
 
-    def read_records(self, rel: str) -> dict[str, PairRecord]:
-        """Key -> record from the snapshot at workdir-relative `rel`; empty when `rel` is empty."""
-        if not rel:
-            return {}
-        batch = PairBatch()
-        batch.ParseFromString((self.root / rel).read_bytes())
-        return {key_of(r): r for r in batch.records}
+def read_pools(workdir: str | Path) -> dict[str, list[str]]:
+    """Pool -> keys in row order, every pool named (empty ones too); for audits and tests, not for 40M."""
+    from synpref.shared.pairstore import POOLS
+
+    with PairStore(Path(workdir) / STORE_FILE) as store:
+        return {pool: [] for pool in POOLS} | store.keys_by_pool()
+
+
+def read_records(workdir: str | Path) -> dict[str, PairRecord]:
+    """Key -> current record of every pair of a run; for audits and tests, not for 40M."""
+    with PairStore(Path(workdir) / STORE_FILE) as store:
+        return store.records_by_key()

@@ -23,7 +23,7 @@ from synpref.services.controller.executors import KafkaExecutor
 from synpref.services.controller.loop import Controller
 from synpref.services.controller.providers import KafkaDeskHumans, OracleHumans
 from synpref.services.controller.simulated import SimulatedJudge, mark_truth
-from synpref.services.controller.state import StateStore
+from synpref.services.controller.state import StateStore, read_pools
 from synpref.services.gold_scorer.scoring import ScoringModel, make_scoring_stage
 from synpref.shared.config import STAGE_ROUTES, SimulatedJudgeSettings, load_settings
 from synpref.shared.kafka.codec import decode_record
@@ -56,7 +56,7 @@ def controller_settings(tmp_path: Path, name: str, **extra):
 def summary(workdir: Path) -> dict:
     state = StateStore(workdir).load()
     return {
-        "pools": state.pools,
+        "pools": read_pools(workdir),
         "history": state.history,
         "stage1": state.results["stage1"],
         "stage2": state.results["stage2"]["decisions"],

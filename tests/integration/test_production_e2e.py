@@ -191,7 +191,7 @@ def read_datasets(state: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 @pytest.mark.skipif(not PANDALM.exists(), reason="../shared/data is not present")
 def test_a_real_run_with_served_llm_judges_and_the_web_desk(tmp_path: Path) -> None:
-    from synpref.services.controller.state import StateStore
+    from synpref.services.controller.state import read_pools, read_records
     from synpref.v1.pair_pb2 import PREFERENCE_ABSTAIN
 
     judge_a = build_tiny_chat_lm(tmp_path / "judge-a", seed=0)
@@ -215,6 +215,7 @@ def test_a_real_run_with_served_llm_judges_and_the_web_desk(tmp_path: Path) -> N
     assert "Unclosed client session" not in out, out[-4000:]
     workdir = tmp_path / "run"
     state = json.loads((workdir / "state.json").read_text())
+    pools = read_pools(workdir)
     assert state["results"]["ingest"]["study"] is False
 
     # The desk: every pair it showed was answered over HTTP and decided by that one verdict.
@@ -225,7 +226,7 @@ def test_a_real_run_with_served_llm_judges_and_the_web_desk(tmp_path: Path) -> N
     outcomes = replies[-1]["progress"]["outcomes"]
     assert outcomes.get("verified", 0) + outcomes.get("flipped", 0) == len(verified)
     assert outcomes.get("discarded", 0) == len(replies) - len(verified)
-    assert len(state["pools"]["gold"]) == len(verified)
+    assert len(pools["gold"]) == len(verified)
 
     # The judge server: every annotated pair was a request to each judge, and every request was answered.
     stage1 = state["results"]["stage1"]
@@ -243,16 +244,15 @@ def test_a_real_run_with_served_llm_judges_and_the_web_desk(tmp_path: Path) -> N
     assert answered == sum(received.values())
 
     # Unparseable answers are abstentions, never a crash: no vote, no silver label, no attributes.
-    records = StateStore(workdir).read_records(state["records"])
+    records = read_records(workdir)
     votes = [v for r in records.values() for v in r.votes]
     assert votes and {v.judge for v in votes} == {str(judge_a), str(judge_b)}
     assert all(v.preference == PREFERENCE_ABSTAIN for v in votes)
-    assert not state["pools"].get("silver")
+    assert not pools["silver"]
     assert not any(r.attributes.task_category for r in records.values())
 
     # The datasets: Parquet versions with the pools' rows and a split column.
     rows = read_datasets(state)
-    pools = state["pools"]
     curated = pools["gold"] + pools.get("silver", []) + pools.get("stage2", [])
     expected = {
         "human-verified": (len(pools["gold"]), "train"),

@@ -71,6 +71,8 @@ def run(cfg: Path, kill_at: str | None = None) -> tuple[int, str]:
 
 
 def outcome(workdir: Path) -> dict:
+    from synpref.services.controller.state import read_pools
+
     state = json.loads((workdir / "state.json").read_text())
     rows = {}
     for version, written in state["results"]["datasets"].items():
@@ -79,7 +81,7 @@ def outcome(workdir: Path) -> dict:
         table = [r for s in manifest["shards"] for r in pq.read_table(folder / s["file"]).to_pylist()]
         rows[version] = sorted((r["id"], r["decision"]["decision"], r["split"], json.dumps(r["chosen"])) for r in table)
     return {
-        "pools": state["pools"],
+        "pools": read_pools(workdir),
         "history": state["history"],
         "stage1": state["results"]["stage1"],
         "stage2": state["results"]["stage2"],
@@ -119,14 +121,14 @@ def served_accuracy_matches(workdir: Path) -> None:
     """The registered final RM, served by the scorer from scorer.yaml, scores the held-out pairs
     exactly as the loop measured them."""
     from synpref.client import RewardClient
-    from synpref.services.controller.state import StateStore
+    from synpref.services.controller.state import StateStore, read_pools, read_records
     from synpref.services.gold_scorer.scoring import pair_dict
     from synpref.services.scorer.server import BackgroundScorer
     from synpref.shared.config import ScorerSettings
 
     state = StateStore(workdir).load()
-    records = StateStore(workdir).read_records(state.records)
-    pairs = [pair_dict(records[k]) for k in state.pools["holdout"]]
+    records = read_records(workdir)
+    pairs = [pair_dict(records[k]) for k in read_pools(workdir)["holdout"]]
     scorer = yaml.safe_load((workdir / "models" / "scorer.yaml").read_text())["scorer"]
     settings = ScorerSettings(**scorer, port=0, http_port=0, metrics_port=0)
     bg = BackgroundScorer(settings).start()

@@ -15,9 +15,9 @@ from synpref.services.controller.providers import FileHumans, OracleHumans, Term
 from synpref.services.controller.simulated import (
     NOISE_KEY,
     SimulatedJudge,
-    add_label_noise,
     label_is_true,
     mark_truth,
+    with_label_noise,
 )
 from synpref.services.controller.state import RunState, StateStore, key_of
 from synpref.shared.config import SimulatedJudgeSettings
@@ -46,31 +46,34 @@ def record(i: int, truth: bool = True):
     return r if truth else flipped(r)
 
 
-def test_state_roundtrip_and_moves(tmp_path):
+def test_run_state_commits_with_the_store_and_is_mirrored_readably(tmp_path):
     store = StateStore(tmp_path)
-    state = RunState(pools={"unverified": ["a", "b", "c"]})
-    state.move(["b", "c"], "gold")
-    state.move(["c"], "discarded")
-    assert state.pools == {"unverified": ["a"], "gold": ["b"], "discarded": ["c"]}
-    records = {key_of(r): r for r in (record(1), record(2, truth=False))}
-    state.records = store.write_records("x", records)
-    state.done.append("x")
-    store.save(state)
-    again = store.load()
-    assert again == state
-    back = store.read_records(again.records)
-    assert back.keys() == records.keys()
-    assert all(back[k] == records[k] for k in records)
+    state = RunState(done=["ingest"], iteration=2, results={"x": 1})
+    with store.pairs.transaction():
+        store.save(state)
+    store.mirror(state)
+    assert StateStore(tmp_path).load() == state
+    assert json.loads((tmp_path / "state.json").read_text())["done"] == ["ingest"]
+    # A save inside a transaction that rolls back is not the committed state.
+    later = RunState(done=["ingest", "prepare"])
+    with pytest.raises(RuntimeError), store.pairs.transaction():
+        store.save(later)
+        raise RuntimeError("killed before the commit")
+    assert StateStore(tmp_path).load() == state
     assert not list(tmp_path.rglob("*.tmp")), "atomic writes leave no temp files"
 
 
-def test_label_noise_flips_the_stated_share_and_truth_survives_flips():
-    records = [record(i) for i in range(200)]
-    noisy = add_label_noise(records, 0.3, seed=7)
-    assert sum(NOISE_KEY in r.pair.meta for r in noisy) == 60
-    assert sum(not label_is_true(r) for r in noisy) == 60
+def test_label_noise_flips_about_the_stated_share_and_truth_survives_flips():
+    records = [record(i) for i in range(2000)]
+    noisy = [with_label_noise(r, 0.3, seed=7) for r in records]
+    flips = sum(NOISE_KEY in r.pair.meta for r in noisy)
+    assert abs(flips - 600) < 4 * (2000 * 0.21) ** 0.5, flips  # a seeded coin per pair: within 4 sigma
+    assert sum(not label_is_true(r) for r in noisy) == flips
     assert [key_of(r) for r in noisy] == [key_of(r) for r in records], "keys stay stable under flips"
-    assert add_label_noise(records, 0.3, seed=7) == noisy, "seeded"
+    assert [with_label_noise(r, 0.3, seed=7) for r in records] == noisy, "seeded"
+    assert [with_label_noise(r, 0.3, seed=8) for r in records] != noisy
+    # A pair's coin is its own: the same pair is flipped or not whatever came with it.
+    assert [with_label_noise(r, 0.3, seed=7) for r in records[::-1]] == noisy[::-1]
     assert all(label_is_true(flipped(r)) is (not label_is_true(r)) for r in noisy[:20])
 
 
@@ -232,23 +235,43 @@ def test_desk_humans_serve_the_web_desk_and_wait_for_its_decisions():
     assert [r.decision.decision for _, r in out] == [DECISION_KEEP, DECISION_KEEP, DECISION_DISCARD]
 
 
-def test_judge_examples_carry_the_human_verified_pairs_attributes():
-    # Judges see attributed examples (DESIGN.md 1); retrieval embeds (conversation, attributes).
-    import numpy as np
-
-    from synpref.services.controller.embeddings import EmbeddingTable, embedded_attributes
+def test_retrieval_embeds_attributes_finds_only_unverified_rows_and_views_stream(tmp_path):
+    # DESIGN.md 1: retrieval embeds (conversation, attributes); hits are D_un rows, and rows that
+    # leave D_un leave the index; the RM trainers get pairs as a lazy view of store rows.
+    from synpref.services.controller.embeddings import (
+        PairView,
+        PoolRetrieval,
+        embed_pool,
+        embedded_attributes,
+        retrieval_text,
+        train_index,
+    )
+    from synpref.shared.pairstore import PairStore
     from synpref.v1.pair_pb2 import Attributes
+    from testing.controller_fakes import embed
 
     plain, labelled = record(1), record(2)
     labelled.attributes.CopyFrom(
         Attributes(task_category="coding", desired_attributes=["correct"], annotation_guideline="run it")
     )
-    records = {"a": plain, "b": labelled}
-    table = EmbeddingTable(["a", "b"], np.eye(2, dtype=np.float32), lambda: records)
-    table.by_text = {
-        json.dumps(message_dicts(r.pair.conversation), ensure_ascii=False): i for i, r in enumerate([plain, labelled])
-    }
-    table.example_keys = ["b"]
-    (example,) = table.examples(message_dicts(plain.pair.conversation), {}, k=2)
-    assert example.attributes["task_category"] == "coding" and example.attributes["annotation_guideline"] == "run it"
     assert embedded_attributes(plain) is None and embedded_attributes(labelled)["desired_attributes"] == ["correct"]
+    assert "coding" in retrieval_text(labelled) and "coding" not in retrieval_text(plain)
+
+    store = PairStore(tmp_path / "pairs.sqlite")
+    store.add((f"k{i}", "holdout" if i % 5 == 0 else "unverified", record(i)) for i in range(40))
+    vectors = embed_pool(store, tmp_path / "v.f16", ("unverified",), embed, lambda _m: None, batch=7)
+    train_index(store, vectors, tmp_path / "trained.faiss")
+    retrieval = PoolRetrieval(store, vectors, tmp_path / "trained.faiss", chunk=9)
+    unverified = store.rows("unverified")
+    assert len(retrieval.index) == len(unverified) == 32
+    query = unverified[3]
+    hits = retrieval.nearest([query], [4])
+    assert query in hits and len(hits) == 4 and hits <= set(unverified)
+    store.move([query], "gold", step="test")
+    retrieval.leave([query])
+    assert query not in retrieval.nearest([query], [4])
+
+    view = PairView(store, store.all_rows("unverified"), batch=5)
+    assert len(view) == 31 and view[0]["chosen"][0]["content"].startswith("good")
+    assert [p["conversation"] for p in view] == [p["conversation"] for p in view[0:31]]
+    store.close()

@@ -124,14 +124,14 @@ def test_split_keeps_conversations_whole_and_is_seeded():
     assert split_by_conversation(pairs, conversation, 0.25, seed=4) != (kept, held)
 
 
-def test_training_and_the_controller_split_the_same_pairs_the_same_way():
-    """One key: a pair dict and its v1 record land on the same side for the same seed."""
-    from synpref.services.controller.loop import _conversation
-    from synpref.shared.pairs import new_pair, new_record, split_by_conversation
-    from synpref.training.data import split_pairs
+def test_the_controllers_streaming_split_keeps_conversations_whole_and_is_seeded():
+    """The controller decides each pair's side as it streams in: by a seeded coin per conversation."""
+    from synpref.shared.pairs import is_held_out
 
-    pairs = _pairs(30)
-    records = [new_record(new_pair(p["conversation"], p["chosen"], p["rejected"], "test")) for p in pairs]
-    _, held_dicts = split_pairs(pairs, 0.2, seed=7)
-    _, held_records = split_by_conversation(records, _conversation, 0.2, seed=7)
-    assert [p["chosen"][0]["content"] for p in held_dicts] == [r.pair.chosen[0].content for r in held_records]
+    pairs = _pairs(4000)  # 2000 conversations, two pairs each
+    held = [is_held_out(p["conversation"], 0.2, seed=7) for p in pairs]
+    assert held[:2000] == held[2000:], "both pairs of a conversation land on the same side"
+    assert abs(sum(held[:2000]) - 400) < 4 * (2000 * 0.16) ** 0.5
+    assert [is_held_out(p["conversation"], 0.2, seed=7) for p in pairs[::-1]] == held[::-1], "order-free"
+    assert [is_held_out(p["conversation"], 0.2, seed=8) for p in pairs] != held
+    assert not any(is_held_out(p["conversation"], 0.0, seed=7) for p in pairs)

@@ -1,0 +1,181 @@
+"""The loop's curation steps (Stage-1 curate, Stage 2) and their batching, mixed into Controller (loop.py).
+
+Both stages send pairs through the executor's chain (score -> annotate -> filter) a batch of
+`controller.batch_pairs` at a time and commit each batch's records with the step's progress,
+so a killed controller goes on after the last committed batch; the rules that decide what a
+result means (silver label, human candidates, KEEP / FLIP) are in consistency_filter/rules.py.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from synpref.services.consistency_filter.rules import human_candidates, score_of, silver_label
+from synpref.services.controller.embeddings import PoolRetrieval
+from synpref.services.controller.executors import StageExecutor
+from synpref.services.controller.models import ModelHandle, RewardModels
+from synpref.services.controller.state import RunState, key_of
+from synpref.services.gold_scorer.scoring import pair_dict, set_score
+from synpref.shared.config import ControllerSettings
+from synpref.shared.pairstore import PairStore
+from synpref.shared.retrieval import k_rule
+from synpref.shared.roles import BEST, GOLD
+from synpref.v1.pair_pb2 import DECISION_FLIP, DECISION_KEEP, DECISION_REVIEW, STAGE_ONE, STAGE_TWO, Decision
+
+
+class CurationSteps:
+    """Steps s<t>.curate and s2.curate. Controller provides the attributes and methods declared here."""
+
+    c: ControllerSettings
+    state: RunState
+    pairstore: PairStore
+    models: RewardModels
+    executor: StageExecutor
+    current_step: str
+    say: Callable[[str], None]
+    handle: Callable[[str], ModelHandle]
+    retrieval: Callable[[], PoolRetrieval]
+    serve_models: Callable[[dict[str, ModelHandle]], None]
+    ask_humans: Callable[[list[int], int], tuple[list[int], list[int]]]
+    left_unverified: Callable[[Sequence[int]], None]
+    commit_batch: Callable[[dict[str, Any]], None]
+    progress_of: Callable[[dict[str, Any]], dict[str, Any]]
+
+    def score_verified(self, handle: ModelHandle) -> tuple[list[int], list[float]]:
+        """Score D_gold and D_silver with `handle` (as BEST, written into the records); their rows and p."""
+        rows: list[int] = []
+        ps: list[float] = []
+        for chunk in self.pairstore.scan(("gold", "silver"), batch=self.c.batch_pairs):
+            rewards = self.models.score(handle, [pair_dict(r) for _, r in chunk])
+            for (row, record), (rc, rr) in zip(chunk, rewards, strict=True):
+                rows.append(row)
+                ps.append(set_score(record, BEST, handle.version, rc, rr))
+            self.pairstore.put(chunk)
+        return rows, ps
+
+    def curate_stage1(self, t: int) -> None:
+        """Stage-1 iteration t: retrieve, annotate and route unverified pairs.
+
+        Retrieves unverified pairs near the verified ones (more neighbours for those the working
+        RM gets wrong), runs them through score -> annotate -> the stage-1 filter a batch at a
+        time (each batch committed), then sends review candidates to the humans (within
+        human_budget) and gives the rest the judges' label into D_silver, or leaves them
+        unverified when the panel abstains.
+        """
+        handle = self.handle(f"working-{t}")
+        verified, p = self.score_verified(handle)
+        retrieved = sorted(self.retrieval().nearest(verified, [k_rule(x, self.c.k_max) for x in p]))
+        errors = sum(1 for x in p if x <= 0.5)
+        self.say(
+            f"stage 1 iteration {t}: RM wrong on {errors}/{len(verified)} verified pairs; "
+            f"retrieved {len(retrieved)} unverified pairs"
+        )
+        entry: dict[str, Any] = {"iteration": t, "rm_errors": errors, "retrieved": len(retrieved)}
+        if retrieved:
+            self.serve_models({BEST: handle})
+            failed = self.run_batches("stage1", retrieved, t)
+            # Scored by the working RM, judged, and decided by the stage-1 rule: pairs the RM gets
+            # wrong or is unsure of are gold candidates (REVIEW).
+            annotated: list[int] = []
+            review: dict[int, float] = {}
+            for start in range(0, len(retrieved), self.c.batch_pairs):
+                rows = retrieved[start : start + self.c.batch_pairs]
+                for row, record in zip(rows, self.pairstore.get(rows), strict=True):
+                    if record.lineage.stage != STAGE_ONE or record.lineage.iteration != t:
+                        continue  # failed in every attempt: not annotated this iteration
+                    annotated.append(row)
+                    score = score_of(record, BEST)
+                    if record.decision.decision == DECISION_REVIEW and score is not None:
+                        review[row] = score.p
+            to_humans = human_candidates(review, self.c.human_budget)
+            gold_added, dropped = self.ask_humans(to_humans, t)
+            humans = set(to_humans)
+            silver, flipped, abstained = self.judge_labels([r for r in annotated if r not in humans])
+            entry.update(
+                annotated=len(annotated),
+                failed=failed,
+                gold_candidates=len(review),
+                to_humans=len(to_humans),
+                human_verified=len(gold_added),
+                human_discarded=len(dropped),
+                silver_kept=silver,
+                silver_flipped=flipped,
+                judges_abstained=abstained,
+            )
+        self.state.iteration = t
+        self.state.results.setdefault("stage1", []).append(entry)
+
+    def run_batches(self, name: str, rows: list[int], t: int) -> int:
+        """Send `rows` through the executor's stage-1 chain a batch at a time, committing each batch's
+        records; goes on after the last committed batch on a restart. Returns how many failed."""
+        progress = self.progress_of({"next": 0, "failed": 0})
+        for start in range(progress["next"], len(rows), self.c.batch_pairs):
+            batch = rows[start : start + self.c.batch_pairs]
+            records = self.pairstore.get(batch)
+            for record in records:
+                record.lineage.stage = STAGE_ONE
+                record.lineage.iteration = t
+            row_of = {key_of(r): row for r, row in zip(records, batch, strict=True)}
+            result = self.executor.run(name, records)
+            self.pairstore.put((row_of[key_of(r)], r) for _, r in result.routed)
+            progress = {"next": start + len(batch), "failed": progress["failed"] + len(result.failed)}
+            self.commit_batch(progress)
+        return int(progress["failed"])
+
+    def judge_labels(self, rows: list[int]) -> tuple[int, int, int]:
+        """D_silver gets the judges' label (rules.silver_label); an abstaining panel leaves the pair unverified."""
+        counts: Counter[int] = Counter()
+        for start in range(0, len(rows), self.c.batch_pairs):
+            batch = rows[start : start + self.c.batch_pairs]
+            labelled = []
+            for row, record in zip(batch, self.pairstore.get(batch), strict=True):
+                out = silver_label(record)
+                if out is not None:
+                    counts[out.decision.decision] += 1
+                    labelled.append((row, out))
+            self.pairstore.put(labelled)
+            moved = [row for row, _ in labelled]
+            self.pairstore.move(moved, "silver", self.current_step)
+            self.left_unverified(moved)
+        return counts[DECISION_KEEP], counts[DECISION_FLIP], len(rows) - sum(counts.values())
+
+    def curate_stage2(self) -> None:
+        """Stage 2: score, annotate and filter every pair still unverified, a batch at a time (each batch
+        committed with its cursor); curated ones join the stage2 pool, the rest are discarded."""
+        self.serve_models({GOLD: self.handle(GOLD), BEST: self.handle(BEST)})
+        progress = self.progress_of({"after": -1, "pairs": 0, "annotated": 0, "failed": 0, "decisions": {}})
+        decisions: Counter[str] = Counter(progress["decisions"])
+        while rows := self.pairstore.rows("unverified", after=progress["after"], limit=self.c.batch_pairs):
+            records = self.pairstore.get(rows)
+            for record in records:
+                record.lineage.stage = STAGE_TWO
+            row_of = {key_of(r): row for r, row in zip(records, rows, strict=True)}
+            result = self.executor.run("stage2", records)
+            curated: list[int] = []
+            dropped: list[int] = []
+            for route, record in result.routed:
+                decisions[Decision.Name(record.decision.decision).removeprefix("DECISION_")] += 1
+                (curated if route == "curated" else dropped).append(row_of[key_of(record)])
+            self.pairstore.put((row_of[key_of(r)], r) for _, r in result.routed)
+            self.pairstore.move(curated, "stage2", self.current_step)
+            self.pairstore.move(dropped, "discarded", self.current_step)
+            self.left_unverified(curated + dropped)
+            progress = {
+                "after": rows[-1],
+                "pairs": progress["pairs"] + len(rows),
+                "annotated": progress["annotated"] + sum(1 for _, r in result.routed if len(r.votes)),
+                "failed": progress["failed"] + len(result.failed),
+                "decisions": dict(decisions),
+            }
+            self.commit_batch(progress)
+        routed = progress["pairs"] - progress["failed"]
+        self.state.results["stage2"] = {
+            "pairs": progress["pairs"],
+            "decisions": dict(decisions),
+            "annotated": progress["annotated"],
+            "skipped_annotation": routed - progress["annotated"],
+            "failed": progress["failed"],
+        }
+        self.say(f"stage 2: {dict(decisions)} of {progress['pairs']} pairs ({progress['annotated']} sent to judges)")

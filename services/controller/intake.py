@@ -1,0 +1,76 @@
+"""The loop's ingest step: stream the sources into the PairStore, split held-out pairs off as they come.
+
+Every pair is read, preprocessed (normalise, dedup, decontaminate: services/ingest) and
+written to the store a batch at a time, in the `unverified` pool or, for a seeded share of
+conversations (`shared.pairs.is_held_out`), the `holdout` pool. Nothing is held whole, so the
+step's memory does not grow with the sources. A study also marks each pair's true label and
+may flip a seeded share of them (label noise) before they are stored: the store's `given`
+column keeps the label each pair came in with.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from itertools import islice
+from typing import Any
+
+from synpref.services.controller.simulated import label_is_true, mark_truth, with_label_noise
+from synpref.services.controller.state import key_of
+from synpref.shared.config import ControllerSettings
+from synpref.shared.pairs import is_held_out, message_dicts
+from synpref.shared.pairstore import PairStore
+from synpref.v1.pair_pb2 import PairRecord
+
+BATCH = 2000
+
+
+def ingest_sources(store: PairStore, c: ControllerSettings, say: Callable[[str], None]) -> dict[str, Any]:
+    """Fill an empty store from `c.sources`; returns the ingest counts and the study's label figures."""
+    from synpref.services.ingest.preprocess import Decontaminator, Preprocessor
+    from synpref.shared.sources import iter_source
+
+    pre = Preprocessor(Decontaminator.from_sources(c.decontaminate))
+    study = c.study is not None
+    noise = c.study.label_noise if c.study is not None else 0.0
+
+    def pooled() -> Iterator[tuple[str, str, PairRecord]]:
+        for path in c.sources:
+            for record in pre.run(iter_source(path, c.source_format, None)):
+                if study:
+                    mark_truth(record)
+                held = is_held_out(message_dicts(record.pair.conversation), c.holdout_fraction, c.seed)
+                if noise and not held:
+                    record = with_label_noise(record, noise, c.seed)
+                yield key_of(record), "holdout" if held else "unverified", record
+
+    added = 0
+    stream = pooled()
+    while chunk := list(islice(stream, BATCH)):
+        added += store.add(chunk)
+        if added % (BATCH * 50) < BATCH:
+            say(f"ingest: {added} pairs stored")
+    if c.max_pairs and store.size() > c.max_pairs:
+        # A seeded sample of rows: the pair count of the run, not of the files.
+        rows = list(store.all_rows(("unverified", "holdout")))
+        keep = set(random.Random(f"sample:{c.seed}").sample(range(len(rows)), c.max_pairs))
+        store.drop(r for i, r in enumerate(rows) if i not in keep)
+    counts = {k: v for k, v in pre.counts.as_dict().items() if isinstance(v, int)}
+    pools = store.counts()
+    say(f"ingest: {pools['unverified']} pairs to curate, {pools['holdout']} held out")
+    return {
+        "ingest": {"counts": counts, "study": study, "label_noise": noise},
+        "initial_label_accuracy": pool_label_accuracy(store, "unverified") if study else None,
+    }
+
+
+def pool_label_accuracy(store: PairStore, pool: str | tuple[str, ...]) -> float | None:
+    """Study only: share of the pool's pairs whose current label is the source's (None when none is known)."""
+    right = known = 0
+    for chunk in store.scan(pool, batch=BATCH):
+        for _, record in chunk:
+            truth = label_is_true(record)
+            if truth is not None:
+                known += 1
+                right += truth
+    return right / known if known else None
