@@ -49,7 +49,8 @@ def build_annotator(settings: Settings, examples=None) -> Annotator:
     if cfg.attribute_model is not None:
         labeller = AttributeLabeller(chat_backend(cfg.attribute_model, cfg), cache, version, cfg.json_mode)
     if examples is None and cfg.examples_index:
-        from synpref.shared.retrieval import Embedder, ReloadingExamples
+        from synpref.shared.examples import ReloadingExamples
+        from synpref.shared.retrieval import Embedder
 
         # Re-read on every call: the controller rewrites the index before it publishes the batches that need it.
         examples = ReloadingExamples(cfg.examples_index, Embedder(cfg.embedding_model))

@@ -215,14 +215,14 @@ class Controller(CurationSteps, FinalSteps):
     def example_source(self) -> Any:
         """The judges' human-verified examples, re-read whenever the loop rewrites the index."""
         if self._examples is None:
-            from synpref.shared.retrieval import ReloadingExamples
+            from synpref.shared.examples import ReloadingExamples
 
             self._examples = ReloadingExamples(self.examples_dir, self._embed)
         return self._examples
 
     def refresh_examples(self) -> None:
         """Rewrite the judges' example index from today's D_gold (with attributes), before the next batch."""
-        from synpref.shared.retrieval import write_example_index
+        from synpref.shared.examples import write_example_index
 
         gold = (record for chunk in self.pairstore.scan("gold") for _, record in chunk)
         n = write_example_index(self.examples_dir, gold, self._embed, self.vectors().dim)

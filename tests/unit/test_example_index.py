@@ -8,18 +8,9 @@ import threading
 
 import numpy as np
 
+from synpref.shared.examples import CURRENT_FILE, VERSION_PREFIX, ReloadingExamples, write_example_index
 from synpref.shared.pairs import message_dicts, new_pair, new_record
-from synpref.shared.retrieval import (
-    CURRENT_FILE,
-    EXAMPLE_KEYS,
-    ITEMS_FILE,
-    VERSION_PREFIX,
-    ReloadingExamples,
-    VectorIndex,
-    attributes_dict,
-    pair_text,
-    write_example_index,
-)
+from synpref.shared.retrieval import EXAMPLE_KEYS, ITEMS_FILE, VectorIndex, attributes_dict, pair_text
 from synpref.v1.pair_pb2 import OBJECTIVITY_OBJECTIVE, PairRecord
 
 DIM = 256
