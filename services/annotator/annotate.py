@@ -25,7 +25,7 @@ from synpref.services.annotator.prompts import Example, attributes_dict
 from synpref.shared.pairs import message_dicts, needs_annotation, now, pair_problem
 from synpref.shared.roles import BEST
 from synpref.shared.stage import Stage, StageResult
-from synpref.v1.pair_pb2 import STAGE_ONE, PairRecord
+from synpref.v1.pair_pb2 import STAGE_ONE, Attributes, PairRecord
 
 log = logging.getLogger(__name__)
 STEP = "annotator"
@@ -128,6 +128,32 @@ class Annotator:
             if self._loop is None or self._loop.is_closed():
                 self._loop = asyncio.new_event_loop()
             return self._loop.run_until_complete(self.annotate(records))
+
+    def label(self, records: list[PairRecord]) -> list[Attributes | None]:
+        """The labeller's attribute 5-tuple for each record, concurrently on the annotator's event loop; None where
+        the answer was unusable or the call failed (the annotator stage asks again when it judges the pair)."""
+        labeller = self.labeller
+        if labeller is None:
+            return [None] * len(records)
+
+        async def one(record: PairRecord) -> Attributes | None:
+            pair = record.pair
+            request = JudgeRequest(
+                pair.id, message_dicts(pair.conversation), message_dicts(pair.chosen), message_dicts(pair.rejected)
+            )
+            try:
+                return await labeller.label(request)
+            except Exception as exc:  # one failed call leaves one pair unlabelled, not the batch
+                log.warning("attribute labelling of %s failed: %r", pair.id, exc)
+                return None
+
+        async def all_of() -> list[Attributes | None]:
+            return list(await asyncio.gather(*(one(r) for r in records)))
+
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                self._loop = asyncio.new_event_loop()
+            return self._loop.run_until_complete(all_of())
 
     def stage(self) -> Stage:
         """The annotator as a Stage: annotated records go to route "annotated", failures to the failed list."""

@@ -1,7 +1,7 @@
 """The controller: the two-stage curation loop of DESIGN.md section 1, as resumable steps.
 
 Steps, in order, each run once (a restarted controller skips the ones the run state lists):
-ingest, prepare, seed, s1.<t>.train and s1.<t>.curate per Stage-1 iteration, s2.gold,
+ingest, attributes, prepare, seed, s1.<t>.train and s1.<t>.curate per Stage-1 iteration, s2.gold,
 s2.curate, final.dataset, final.train, final.register, report. Pairs and pools live in the
 PairStore (state.py), never all in memory: steps stream pools a batch at a time. docs/curation.md
 says what each step does; the method's rules are in services/consistency_filter/rules.py,
@@ -239,6 +239,7 @@ class Controller(CurationSteps, FinalSteps):
 
     def _run_steps(self) -> RunState:
         self.step("ingest", self.ingest)
+        self.step("attributes", self.label_attributes)
         self.step("prepare", self.prepare)
         prepare = getattr(self.models, "prepare", None)
         if prepare is not None:
@@ -267,6 +268,33 @@ class Controller(CurationSteps, FinalSteps):
         if self.pairstore.size():
             raise RuntimeError(f"{self.pairstore.path} already holds pairs from another run; use a new workdir")
         self.state.results.update(ingest_sources(self.pairstore, self.c, self.say))
+
+    def label_attributes(self) -> None:
+        """Label every pair to be curated with its attribute 5-tuple (the annotator's labeller), a batch at a
+        time, so retrieval embeds (conversation, attributes) as DESIGN.md 1 says; nothing to do without a
+        labeller (annotator.attribute_model), and pairs whose answer is unusable stay unlabelled."""
+        if self.labeller is None:
+            self.say("attributes: no labeller configured (annotator.attribute_model); retrieval embeds conversations")
+            return
+        if 0 not in self._annotators:
+            self._annotators[0] = Annotator([], self.labeller)
+        progress = self.progress_of({"after": -1, "labelled": 0, "unusable": 0})
+        for chunk in self.pairstore.scan("unverified", batch=self.c.batch_pairs, after=progress["after"]):
+            labels = self._annotators[0].label([r for _, r in chunk])
+            labelled = []
+            for (row, record), attributes in zip(chunk, labels, strict=True):
+                if attributes is not None:
+                    record.attributes.CopyFrom(attributes)
+                    labelled.append((row, record))
+            self.pairstore.put(labelled)
+            progress = {
+                "after": chunk[-1][0],
+                "labelled": progress["labelled"] + len(labelled),
+                "unusable": progress["unusable"] + len(chunk) - len(labelled),
+            }
+            self.commit_batch(progress)
+            self.say(f"attributes: {progress['labelled']} pairs labelled, {progress['unusable']} unusable answers")
+        self.state.results["attributes"] = {k: progress[k] for k in ("labelled", "unusable")}
 
     def prepare(self) -> None:
         """Embed D_un for retrieval (vectors by row on disk) and train the ANN index for its size."""

@@ -234,8 +234,11 @@ def test_a_real_run_with_served_llm_judges_and_the_web_desk(tmp_path: Path) -> N
     assert all(e.get("failed", 0) == 0 for e in stage1) and stage2["failed"] == 0
     annotated_s1 = sum(e.get("annotated", 0) for e in stage1)
     assert set(received) == {str(judge_a), str(judge_b), str(labeller)}, server_log[-3000:]
-    # The labeller is asked about every pair the annotator sees (its answers never parse, so never cached)...
-    assert received[str(labeller)] == annotated_s1 + stage2["pairs"]
+    # The labeller is asked about every pair to curate in the attributes step, then again by the annotator
+    # about every pair it sees (its answers never parse, so nothing is labelled or cached)...
+    attributes = state["results"]["attributes"]
+    assert attributes["labelled"] == 0 and attributes["unusable"] > 0
+    assert received[str(labeller)] == attributes["unusable"] + annotated_s1 + stage2["pairs"]
     # ...the judges about the same pairs, less the Stage-2 pairs the best RM is already sure of.
     assert received[str(judge_a)] == received[str(judge_b)]
     assert annotated_s1 <= received[str(judge_a)] <= annotated_s1 + stage2["pairs"]

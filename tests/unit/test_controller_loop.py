@@ -210,6 +210,51 @@ def test_a_kill_between_batches_resumes_after_the_last_committed_batch(tmp_path,
     assert sum(again) == total - 2 * 8, "the two committed batches are not sent again"
 
 
+class CategoryLabeller:
+    """A test labeller: a category from the pair's id; no usable answer for about every fifth pair."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.backend = None
+
+    async def label(self, request):
+        from synpref.v1.pair_pb2 import Attributes
+
+        self.asked.append(request.pair_id)
+        number = int(request.pair_id[:8], 16)
+        if number % 5 == 0:
+            return None
+        return Attributes(task_category=f"topic-{number % 3}", desired_attributes=["correct"])
+
+
+def test_the_attributes_step_labels_the_pool_before_retrieval_embeds_it(tmp_path):
+    # DESIGN.md 1: retrieval embeds (conversation, attributes), so the pool is labelled before the prepare
+    # step embeds it; an unusable answer leaves the pair unlabelled (the annotator asks again when judging).
+    settings = settings_for(tmp_path, iterations=1, patience=1)
+    labeller = CategoryLabeller()
+    controller = controller_for(settings)
+    controller.labeller = labeller
+    texts: list[str] = []
+
+    def embed(batch: list[str]):
+        texts.extend(batch)
+        return fakes.embed(batch)
+
+    controller.embed = embed
+    state = controller.run()
+    attributes = state.results["attributes"]
+    pools = read_pools(settings.controller.workdir)
+    curated_from = 160 - len(pools["holdout"])
+    assert attributes["labelled"] + attributes["unusable"] == curated_from
+    assert attributes["unusable"] > 0 and attributes["labelled"] > attributes["unusable"]
+    records = read_records(settings.controller.workdir)
+    assert sum(bool(r.attributes.task_category) for r in records.values()) >= attributes["labelled"]
+    # Every labelled pair was embedded with its category (the first curated_from texts are the prepare step's).
+    embedded = texts[:curated_from]
+    assert sum("category: topic-" in t for t in embedded) == attributes["labelled"]
+    assert not any(records[k].attributes.task_category for k in pools["holdout"]), "held-out pairs are not curated"
+
+
 def test_a_step_interrupted_before_its_commit_runs_again(tmp_path):
     settings = settings_for(tmp_path)
     controller = controller_for(settings)
