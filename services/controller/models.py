@@ -36,7 +36,7 @@ Pair = dict[str, Any]
 
 @dataclass
 class ModelHandle:
-    """A trained reward model as the controller records it in state.json.
+    """A trained reward model as the controller records it in the run state.
 
     Fields: name (the role or run name it was trained as), path (.npz head params or a checkpoint folder), version (the
     label written to lineage and the registry), metrics (whatever the trainer reported, e.g.

@@ -3,7 +3,7 @@
 Plots: D_gold accuracy per Stage-1 iteration (with held-out accuracy when there is a
 held-out set), pool sizes per iteration, decisions per stage, and held-out accuracy of
 the final RM next to the RM trained on the pairs as given, the best working RM and the
-gold RM. Every figure in the text comes from state.json; nothing is computed twice.
+gold RM. Every figure in the text comes from the run state (state.json); nothing is computed twice.
 """
 
 from __future__ import annotations
