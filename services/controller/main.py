@@ -5,7 +5,8 @@ Same loop and state as `synpref run`, other executors: stages run in the Kafka s
 the desk service (human = desk: review topic out, verified/discarded back), RMs train as
 Kubernetes Jobs (controller.training = k8s) on a volume shared with the controller
 (controller.workdir must be on it), and each new gold/best RM is hot-swapped into the
-scorer (controller.scorer_reload_url). Restarting the pod resumes from the PairStore on its volume (the last committed step or batch).
+scorer (controller.scorer_reload_url). Restarting the pod resumes from the PairStore on its
+volume, after the last committed step or batch.
 
     synpref controller --config /etc/synpref/config.yaml
 """
