@@ -72,7 +72,8 @@ def render(helm: str, *args: str) -> list[dict[str, Any]]:
 CASES: dict[str, list[str]] = {
     "default": [],
     **{f"example:{p.stem}": ["-f", str(p)] for p in EXAMPLES},
-    "no-persistence": ["--set", "persistence.enabled=false"],
+    # The controller needs the PVC (its state, the judges' examples): without one it is refused.
+    "no-persistence": ["--set", "persistence.enabled=false,controller.enabled=false"],
     # An integer cpu request too: quantities must come out as the same strings both ways.
     "multi-node": ["--set", "training.nodes=3,training.gpusPerNode=4,training.resources.requests.cpu=6"],
     "minimal": ["--set", "scorer.enabled=false,desk.enabled=false,controller.enabled=false"],

@@ -149,6 +149,18 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
+{{/* Where the controller keeps its durable state (pairs.sqlite, vectors.f16, d_un.faiss, models):
+config.controller.workdir, else a folder on the data volume. */}}
+{{- define "synpref.controllerWorkdir" -}}
+{{- default "/data/controller" (dig "controller" "workdir" "" .Values.config) }}
+{{- end }}
+
+{{/* The judges' example index the controller rewrites after each human round and every annotator
+pod re-reads: config.annotator.examples_index, else a folder on the data volume they all mount. */}}
+{{- define "synpref.examplesIndex" -}}
+{{- default "/data/examples" (dig "annotator" "examples_index" "" .Values.config) }}
+{{- end }}
+
 {{/* The kafka section of config.yaml, from the kafka values. */}}
 {{- define "synpref.kafkaConfig" -}}
 {{- $k := .Values.kafka }}
@@ -205,6 +217,19 @@ simulated judges run in the controller's own process, never in the annotator pod
 {{- $judges := dig "annotator" "judges" list .Values.config }}
 {{- if and (or .Values.controller.enabled .Values.stages.annotator.enabled) (not $judges) }}
 {{- fail "the controller and the annotator need LLM judges: set config.annotator.judges (OpenAI-compatible endpoints: name = the model name, base_url, api_key_env; see docs/deploy.md), or set controller.enabled=false and stages.annotator.enabled=false" }}
+{{- end }}
+{{- if .Values.controller.enabled }}
+{{- /* The controller's state must outlive its pod, and the annotators must see the examples it writes:
+both on the data PVC, which every SynPref pod mounts at /data. */}}
+{{- if not .Values.persistence.enabled }}
+{{- fail "controller.enabled needs persistence.enabled: the controller keeps its state (pairs.sqlite) and the judges' examples, which the annotator pods read, on the data volume; or set controller.enabled=false" }}
+{{- end }}
+{{- if not (hasPrefix "/data/" (include "synpref.controllerWorkdir" .)) }}
+{{- fail "config.controller.workdir must be a folder under /data (the data volume): elsewhere the controller's state is lost with its pod" }}
+{{- end }}
+{{- if not (hasPrefix "/data/" (include "synpref.examplesIndex" .)) }}
+{{- fail "config.annotator.examples_index must be a folder under /data (the data volume), where both the controller and the annotator pods see it" }}
+{{- end }}
 {{- end }}
 {{- if and .Values.controller.enabled (not (dig "controller" "sources" list .Values.config)) }}
 {{- fail "controller.enabled needs config.controller.sources: the pair files or folders to curate, on the volume (e.g. [/data/input]); or set controller.enabled=false" }}
