@@ -184,8 +184,10 @@ class RssSampler:
 class StepRecorder:
     """The Controller's on_step: wall time and peak RSS of each step, since the previous one ended."""
 
-    def __init__(self, say: Callable[[str], None]) -> None:
+    def __init__(self, say: Callable[[str], None], partial: Path | None = None) -> None:
         self.say = say
+        self.partial = partial
+        """Where the steps so far are written after each step, so a run cut short still leaves its figures."""
         self.steps: list[dict[str, Any]] = []
         self.sampler = RssSampler().start()
         self.hwm_resets = reset_peak()
@@ -207,6 +209,8 @@ class StepRecorder:
         }
         self.steps.append(entry)
         self.say(f"step {name}: {entry['seconds']:.1f}s, peak RSS {entry['peak_rss_mb']:.0f} MB")
+        if self.partial is not None:
+            self.partial.write_text(json.dumps({"steps": self.steps, "max_rss_mb": round(self.max_rss_kb / 1024, 1)}))
         if self.hwm_resets:
             self.hwm_resets = reset_peak()
         self.last = time.perf_counter()
@@ -256,7 +260,7 @@ def run_size(n: int, workdir: Path, iterations: int, seed: int, say: Callable[[s
     del texts
     settings = loop_settings(workdir, source, iterations, seed)
     judges = [SimulatedJudge(SimulatedJudgeSettings(**j), seed) for j in JUDGES]
-    recorder = StepRecorder(say)
+    recorder = StepRecorder(say, workdir.parent / f"partial-{n}.json")
     loop_started = time.perf_counter()
     try:
         controller = Controller(
@@ -330,11 +334,18 @@ def ratios(small: dict[str, Any], big: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(run: dict[str, Any]) -> str:
-    lines = [f"{run['pairs']:,} pairs: {run['total_s']:.1f}s, max RSS {run['max_rss_mb']:.0f} MB ({run['rss_method']})"]
+    if "error" in run:
+        head = f"{run['pairs']:,} pairs: cut short ({run['error']}), max RSS so far {run['max_rss_mb']:.0f} MB"
+    else:
+        head = (
+            f"{run['pairs']:,} pairs: {run['total_s']:.1f}s, max RSS {run['max_rss_mb']:.0f} MB ({run['rss_method']})"
+        )
+    lines = [head]
     lines.append(f"  {'step':<16} {'seconds':>9} {'peak RSS MB':>12} {'RSS after MB':>13}")
     for s in run["steps"]:
         lines.append(f"  {s['step']:<16} {s['seconds']:>9.1f} {s['peak_rss_mb']:>12.0f} {s['rss_after_mb']:>13.0f}")
-    lines.append(f"  pools: {run['pools']}; stage 1 stopped: {run['stage1_stopped']}")
+    if "pools" in run:
+        lines.append(f"  pools: {run['pools']}; stage 1 stopped: {run['stage1_stopped']}")
     return "\n".join(lines)
 
 
@@ -342,10 +353,13 @@ def summary(runs: list[dict[str, Any]], max_rss_gb: float) -> dict[str, Any]:
     out: dict[str, Any] = {
         "max_rss_gb": max_rss_gb,
         "rss_check": {
-            str(r["pairs"]): "under" if r["max_rss_mb"] < max_rss_gb * 1024 else "OVER" for r in runs if "steps" in r
+            str(r["pairs"]): ("under" if r["max_rss_mb"] < max_rss_gb * 1024 else "OVER")
+            + (" (run cut short)" if "error" in r else "")
+            for r in runs
+            if "steps" in r
         },
     }
-    done = sorted((r for r in runs if "steps" in r), key=lambda r: r["pairs"])
+    done = sorted((r for r in runs if "error" not in r), key=lambda r: r["pairs"])
     if len(done) > 1:
         out["time_ratio"] = ratios(done[0], done[-1])
     return out
@@ -383,7 +397,12 @@ def run_isolated(n: int, args: argparse.Namespace, say: Callable[[str], None]) -
     done = subprocess.run(command, check=False)
     if done.returncode != 0 or not out.exists():
         say(f"{n} pairs: the child process failed (exit {done.returncode})")
-        return {"pairs": n, "error": f"exit {done.returncode}"}
+        partial = args.workdir / f"partial-{n}.json"
+        return {
+            "pairs": n,
+            "error": f"exit {done.returncode}",
+            **(json.loads(partial.read_text()) if partial.exists() else {}),
+        }
     return json.loads(out.read_text())["runs"][0]
 
 
@@ -435,7 +454,7 @@ def main(argv: list[str]) -> int:
         for step, ratio in r["per_step"].items():
             print(f"  {step:<16} {ratio}")
     print(f"wrote {out}")
-    return 0 if all("steps" in r for r in runs) else 1
+    return 0 if all("error" not in r for r in runs) else 1
 
 
 if __name__ == "__main__":
