@@ -290,6 +290,9 @@ class ControllerSettings(Section):
     """Per-role RewardConfig overrides on top of both, by role: working, gold, final, as-given."""
     executor: Literal["in_process", "kafka"] = "in_process"
     """Where stages run: in this process, or in the Kafka services (the cluster controller)."""
+    eval_pairs: int = Field(default=20_000, ge=0)
+    """Most held-out pairs each Stage-1 iteration's RM is measured on (an evenly spaced sample of the held-out
+    rows; 0 = all); the final accuracies always use all of them."""
     batch_pairs: int = Field(default=10_000, ge=1)
     """Pairs per batch of a long step: one executor round trip (one publish over Kafka) and one PairStore
     commit, so a restart loses at most one batch of work."""

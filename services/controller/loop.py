@@ -347,7 +347,7 @@ class Controller(CurationSteps, FinalSteps):
             train, pools = gold, ("gold",)
         handle = self.models.train(f"working-{t}", train, [] if on_gold else gold, self.root / "models")
         gold_acc = accuracy(self.models.score(handle, gold))
-        holdout = self.view("holdout")
+        holdout = self.holdout_sample()
         holdout_acc = accuracy(self.models.score(handle, holdout)) if len(holdout) else float("nan")
         s.models[f"working-{t}"] = handle.to_dict()
         counts = self.pairstore.counts()
@@ -377,6 +377,14 @@ class Controller(CurationSteps, FinalSteps):
             s.stage1_stopped = f"D_gold accuracy did not improve for {self.c.patience} iterations"
         elif not counts["unverified"]:
             s.stage1_stopped = "no unverified pairs left"
+
+    def holdout_sample(self) -> PairView:
+        """The held-out pairs a Stage-1 iteration is measured on: at most controller.eval_pairs, evenly spaced."""
+        rows = np.fromiter(self.pairstore.all_rows("holdout"), dtype=np.int64)
+        cap = self.c.eval_pairs
+        if cap and len(rows) > cap:
+            rows = rows[:: -(-len(rows) // cap)][:cap]
+        return PairView(self.pairstore, rows.tolist())
 
     def select_best(self) -> int:
         """The best RM: of this run's working RMs, the most accurate on all of today's D_gold (re-scored, as

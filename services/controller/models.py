@@ -390,10 +390,13 @@ class FullModels:
         return handle
 
     def score(self, handle: ModelHandle, pairs: Sequence[Pair]) -> list[tuple[float, float]]:
-        """(reward_chosen, reward_rejected) per pair; each checkpoint is loaded once and kept."""
+        """(reward_chosen, reward_rejected) per pair; the last checkpoint scored with stays loaded."""
         from synpref.shared import modeling
 
         if handle.path not in self._loaded:
+            # One checkpoint in memory at a time: select_best scores every working RM in turn, and a
+            # controller pod holding all of them would grow by a model per iteration.
+            self._loaded.clear()
             self._loaded[handle.path] = modeling.load_reward_model(handle.path)
         model, tokenizer = self._loaded[handle.path]
         return modeling.score_pairs(model, tokenizer, pairs, self.s.max_length)

@@ -255,6 +255,19 @@ def test_the_attributes_step_labels_the_pool_before_retrieval_embeds_it(tmp_path
     assert not any(records[k].attributes.task_category for k in pools["holdout"]), "held-out pairs are not curated"
 
 
+def test_iterations_are_measured_on_a_capped_evenly_spaced_sample_of_the_held_out_pairs(tmp_path):
+    settings = settings_for(tmp_path, eval_pairs=5)
+    controller = controller_for(settings)
+    controller.step("ingest", controller.ingest)
+    held = read_pools(settings.controller.workdir)["holdout"]
+    sample = controller.holdout_sample()
+    assert len(held) > 10 and len(sample) == 5
+    rows = sample.rows.tolist()
+    assert rows == sorted(rows) and rows[0] == controller.pairstore.rows("holdout")[0]
+    controller.c = controller.c.model_copy(update={"eval_pairs": 0})
+    assert len(controller.holdout_sample()) == len(held)
+
+
 def test_a_step_interrupted_before_its_commit_runs_again(tmp_path):
     settings = settings_for(tmp_path)
     controller = controller_for(settings)
