@@ -4,6 +4,7 @@ step uses, mixed into Controller (loop.py) so that file holds the orchestration 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 
 from synpref.services.controller.embeddings import PairView
@@ -16,6 +17,9 @@ from synpref.shared.config import ControllerSettings, Settings
 from synpref.shared.pairstore import PairStore
 from synpref.shared.roles import BEST, GOLD
 from synpref.v1.pair_pb2 import DECISION_KEEP, PairRecord
+
+SHARD_ROWS = 50_000
+"""Pairs per Parquet shard of a dataset version the loop writes."""
 
 CURATED = ("gold", "silver", "stage2")
 """The curated pools (kept + flipped): D_gold, D_silver and Stage 2's keeps and flips."""
@@ -73,7 +77,9 @@ class FinalSteps:
         out = {}
         for version, (records, split) in self.dataset_versions().items():
             dv = DatasetVersion(root, self.c.dataset_name, version)
-            dv.append(records, split=split)
+            # One Parquet shard per SHARD_ROWS pairs: a shard's rows are built in memory before it is written.
+            while shard := list(islice(records, SHARD_ROWS)):
+                dv.append(shard, split=split)
             out[version] = {"dir": str(dv.dir), **dv.stats}
         self.state.results["datasets"] = out
 

@@ -268,6 +268,21 @@ def test_iterations_are_measured_on_a_capped_evenly_spaced_sample_of_the_held_ou
     assert len(controller.holdout_sample()) == len(held)
 
 
+def test_datasets_are_written_a_shard_at_a_time(tmp_path, monkeypatch):
+    # The dataset step streams each version from the store: a shard's rows are the only ones in memory.
+    from synpref.services.controller import final_steps
+
+    monkeypatch.setattr(final_steps, "SHARD_ROWS", 7)
+    settings = settings_for(tmp_path, iterations=1, patience=1)
+    state = controller_for(settings).run()
+    curated = state.results["datasets"]["curated"]
+    manifest = json.loads((Path(curated["dir"]) / "manifest.json").read_text())
+    assert [s["rows"] for s in manifest["shards"]][:-1] == [7] * (len(manifest["shards"]) - 1)
+    pools = read_pools(settings.controller.workdir)
+    assert curated["rows"] == len(pools["gold"]) + len(pools["silver"]) + len(pools["stage2"]) > 14
+    assert len(read_rows(curated["dir"])) == curated["rows"]
+
+
 def test_a_step_interrupted_before_its_commit_runs_again(tmp_path):
     settings = settings_for(tmp_path)
     controller = controller_for(settings)
