@@ -22,8 +22,9 @@ are not the loop are cheap and named (testing/hashed.py):
   label noise   10% of the pool's labels flipped (seeded), so curation has something to do
 
 Per step (the Controller's on_step callback fires after each step commits) it records the
-wall time since the previous step ended (so work done between steps, such as building the
-retrieval table before `seed`, counts in the next step) and the peak RSS during it: the
+wall time and this process's CPU time (user + system, all threads) since the previous step ended
+(so work done between steps counts in the next step; on a shared machine the CPU time is the
+figure other jobs do not distort) and the peak RSS during it: the
 kernel's high-water mark (VmHWM, reset after each step through /proc/self/clear_refs where
 that is allowed) and, beside it, a sampler thread reading VmRSS every 50 ms. Each size runs
 in its own process, so one size's memory does not count against the next.
@@ -193,9 +194,10 @@ class StepRecorder:
         self.hwm_resets = reset_peak()
         self.max_rss_kb = 0
         self.last = time.perf_counter()
+        self.last_cpu = time.process_time()
 
     def on_step(self, name: str) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         sampled = self.sampler.take()
         hwm = status_kb("VmHWM") if self.hwm_resets else 0
         # ru_maxrss is the same high-water mark: read before the reset, or it is lost with it.
@@ -203,6 +205,7 @@ class StepRecorder:
         entry = {
             "step": name,
             "seconds": round(now - self.last, 3),
+            "cpu_s": round(cpu - self.last_cpu, 3),
             "peak_rss_mb": round(max(hwm, sampled) / 1024, 1),
             "sampled_peak_rss_mb": round(sampled / 1024, 1),
             "rss_after_mb": round(status_kb("VmRSS") / 1024, 1),
@@ -213,7 +216,7 @@ class StepRecorder:
             self.partial.write_text(json.dumps({"steps": self.steps, "max_rss_mb": round(self.max_rss_kb / 1024, 1)}))
         if self.hwm_resets:
             self.hwm_resets = reset_peak()
-        self.last = time.perf_counter()
+        self.last, self.last_cpu = time.perf_counter(), time.process_time()
 
     def close(self) -> None:
         self.sampler.stop()
@@ -314,23 +317,28 @@ def step_group(name: str) -> str:
     return f"s1.*.{parts[2]}" if len(parts) == 3 and parts[0] == "s1" else name
 
 
-def grouped(run: dict[str, Any]) -> dict[str, float]:
+def grouped(run: dict[str, Any], field: str = "seconds") -> dict[str, float]:
     out: dict[str, float] = {}
     for step in run["steps"]:
-        out[step_group(step["step"])] = out.get(step_group(step["step"]), 0.0) + step["seconds"]
+        key = step_group(step["step"])
+        out[key] = out.get(key, 0.0) + step.get(field, 0.0)
     return out
 
 
 def ratios(small: dict[str, Any], big: dict[str, Any]) -> dict[str, Any]:
-    """Time of the big run over the small one, per step group and in total, beside the pair ratio."""
-    a, b = grouped(small), grouped(big)
-    per_step = {k: round(b[k] / a[k], 2) if a.get(k) else None for k in b}
-    return {
+    """Wall and CPU time of the big run over the small one, per step group and in total, beside the pair ratio."""
+    out: dict[str, Any] = {
         "sizes": [small["pairs"], big["pairs"]],
         "pair_ratio": round(big["pairs"] / small["pairs"], 2),
-        "total": round(big["total_s"] / small["total_s"], 2),
-        "per_step": per_step,
     }
+    for field, name in (("seconds", "wall"), ("cpu_s", "cpu")):
+        a, b = grouped(small, field), grouped(big, field)
+        total_a, total_b = sum(a.values()), sum(b.values())
+        out[name] = {
+            "total": round(total_b / total_a, 2) if total_a else None,
+            "per_step": {k: round(b[k] / a[k], 2) if a.get(k) else None for k in b},
+        }
+    return out
 
 
 def table(run: dict[str, Any]) -> str:
@@ -341,9 +349,12 @@ def table(run: dict[str, Any]) -> str:
             f"{run['pairs']:,} pairs: {run['total_s']:.1f}s, max RSS {run['max_rss_mb']:.0f} MB ({run['rss_method']})"
         )
     lines = [head]
-    lines.append(f"  {'step':<16} {'seconds':>9} {'peak RSS MB':>12} {'RSS after MB':>13}")
+    lines.append(f"  {'step':<16} {'wall s':>9} {'CPU s':>9} {'peak RSS MB':>12} {'RSS after MB':>13}")
     for s in run["steps"]:
-        lines.append(f"  {s['step']:<16} {s['seconds']:>9.1f} {s['peak_rss_mb']:>12.0f} {s['rss_after_mb']:>13.0f}")
+        cpu = s.get("cpu_s", float("nan"))
+        lines.append(
+            f"  {s['step']:<16} {s['seconds']:>9.1f} {cpu:>9.1f} {s['peak_rss_mb']:>12.0f} {s['rss_after_mb']:>13.0f}"
+        )
     if "pools" in run:
         lines.append(f"  pools: {run['pools']}; stage 1 stopped: {run['stage1_stopped']}")
     return "\n".join(lines)

@@ -45,9 +45,10 @@ def test_loop_scale_reports_every_step_of_a_small_run(tmp_path: Path) -> None:
         assert step in names
     assert names[-4:] == ["final.dataset", "final.train", "final.register", "report"]
     for s in run["steps"]:
-        assert s["seconds"] > 0, s
+        assert s["seconds"] > 0 and s["cpu_s"] >= 0, s
         assert 10 < s["peak_rss_mb"] < 4096, s
         assert 0 < s["rss_after_mb"] < 4096, s
+    assert 0 < sum(s["cpu_s"] for s in run["steps"]) < 4 * run["total_s"]
     assert run["max_rss_mb"] >= max(s["peak_rss_mb"] for s in run["steps"])
     assert sum(s["seconds"] for s in run["steps"]) == pytest.approx(run["total_s"], rel=0.05)
     assert result["rss_check"] == {"3000": "under"}
