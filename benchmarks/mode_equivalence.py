@@ -13,11 +13,13 @@ In Kafka mode every part is its own process: the controller (executor = kafka), 
 (scoring through the scorer service, which the controller reloads over its admin port),
 annotator, consistency filter, scorer and desk.
 
-Three runs: in process; Kafka clean; Kafka with SIGKILLs (the controller once mid-Stage-1,
-the annotator once mid-Stage-2, each restarted). Each Kafka run is compared with the in-process
-one: pool of every pair, Stage-2 decision and rule, the pair's label (flipped or not), judge
-votes, RM p per role (tolerance 1e-4) and every dataset version's rows (ids, labels, split).
-The report (report.json, report.md) lists each difference with what it is.
+Three runs: in process; Kafka clean; Kafka with SIGKILLs, each process restarted (Kills: the
+controller and then the gold-scorer mid-Stage-1, the annotator and then the filter mid-Stage-2;
+the controller runs with batch_pairs 64, so a restart goes on after its last committed batch;
+the dataset writer takes no part, final.dataset writes the Parquet itself). Each Kafka run is
+compared with the in-process one: pool of every pair, Stage-2 decision and rule, the pair's
+label (flipped or not), judge votes, RM p per role (tolerance 1e-4) and every dataset
+version's rows (ids, labels, split). The report (report.json, report.md) lists each difference with what it is.
 """
 
 from __future__ import annotations
@@ -245,6 +247,9 @@ def base_config(root: Path, n: int, judge_url: str, labels: Path, humans: str, t
             "max_length": 128,
             "head_steps": 100,
             "head_eval_every": 25,
+            # Small batches: the killed run's SIGKILLs land between committed batches, so a restart goes
+            # on after the last committed one (the default, 10000, is one batch at these sizes).
+            "batch_pairs": 64,
             **who,
         },
         "desk": {"host": "127.0.0.1", "port": 0, "tokens": f"modeq:{token}"},
@@ -308,9 +313,9 @@ def run_kafka(
 ) -> dict:
     """The controller, scorer, stage services (and desk, with `answerer`) as separate processes on the broker.
 
-    With `kill`: SIGKILL the controller once mid-Stage-1 (the first Stage-1 batch of more than one pair
-    published and partly decided) and the annotator once mid-Stage-2 (judging), restarting each. Returns wall
-    seconds and what was killed when (and whether the step had already committed: then it says so).
+    With `kill`: SIGKILL the controller and the gold-scorer mid-Stage-1, the annotator and the filter
+    mid-Stage-2, restarting each (Kills). Returns wall seconds and what was killed when (and whether the
+    step had already committed: then it says so).
     """
     work = root / name
     models = work / "models"
@@ -321,7 +326,8 @@ def run_kafka(
     scorer_port, admin_port, desk_port = free_port(), free_port(), free_port()
     config = merged(
         base,
-        kafka={"bootstrap_servers": bootstrap, "consumer_poll_ms": 200, "max_batch": 64},
+        # Stages poll 16 records at a time, a quarter of the controller's batch (base_config: batch_pairs).
+        kafka={"bootstrap_servers": bootstrap, "consumer_poll_ms": 200, "max_batch": 16},
         topics=kafka_topics(bootstrap, name),
         controller={
             "workdir": str(work),
@@ -373,43 +379,10 @@ def run_kafka(
     try:
         controller.start()
         if kill:
-            # Mid-Stage-1: the first Stage-1 batch of more than one pair published and partly decided.
-            def big_batch() -> re.Match | None:
-                if not controller.alive():
-                    raise RuntimeError(f"controller exited:\n{controller.text()[-4000:]}")
-                found = re.search(r"stage 1 iteration (\d+): .* retrieved ([2-9]|\d\d+) ", controller.since_start())
-                return found
-
-            wait_until(big_batch, timeout_s, "a Stage-1 batch of more than one pair")
-            t = int(big_batch().group(1))  # type: ignore[union-attr]
-            decided = config["topics"]["s1_decided"]
-            before = messages_in(bootstrap, decided)
-            step_done = f"[s1.{t}.curate] done"
-            wait_until(
-                lambda: messages_in(bootstrap, decided) > before or step_done in controller.since_start(),
-                timeout_s,
-                f"a decided record on {decided}",
-            )
-            controller.kill()
-            committed = step_done in controller.since_start()
-            where = f"after s1.{t}.curate had committed" if committed else f"in s1.{t}.curate, its batch in flight"
-            events.append(f"controller SIGKILLed at {time.perf_counter() - started:.1f}s, {where}")
-            controller.start()
-            controller.wait_for("[s2.curate] ...", timeout_s)
-            annotator = services["annotator"]
-            # Mid-Stage-2: once the judges have answered a Stage-2 request.
-            before = sum(judges.requests.values())
-            wait_until(
-                lambda: sum(judges.requests.values()) > before or "[s2.curate] done" in controller.since_start(),
-                timeout_s,
-                "Stage-2 judging",
-            )
-            annotator.kill()
-            committed = "[s2.curate] done" in controller.since_start()
-            where = "after s2.curate had committed" if committed else "in s2.curate, judging"
-            events.append(f"annotator SIGKILLed at {time.perf_counter() - started:.1f}s, {where}")
-            annotator.start()
-            annotator.wait_for(" ready: ", 180)
+            kills = Kills(controller, services, config, bootstrap, work, started, timeout_s)
+            kills.stage1()
+            kills.stage2(judges)
+            events = kills.events
         wait_until(lambda: not controller.alive(), timeout_s, "the controller to finish")
         assert controller.p is not None
         if controller.p.returncode != 0:
@@ -420,16 +393,164 @@ def run_kafka(
             proc.stop()
 
 
-def messages_in(bootstrap: str, topic: str) -> int:
-    """How many messages the topic's partitions hold (end offsets summed)."""
-    from kafka import KafkaConsumer, TopicPartition
+class Kills:
+    """The SIGKILLs of the killed run, each restarted, each recorded in `events` with where it landed.
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    Stage 1: the controller in the first Stage-1 step with more than one pair, once its second batch (with
+    fewer than three, its first) is partly decided; then, once the restarted controller has sent a batch
+    again, the gold-scorer after its first scored records of it. Stage 2: the annotator once the judges
+    answered a Stage-2 request; then the filter after its first decided records once the annotator is
+    back. A stage polls kafka.max_batch (16) records at a
+    time and the controller sends batch_pairs (64), so a stage killed after its first output of a batch
+    still holds the rest of it. Every wait is on the controller's log, the topics' end offsets or the
+    judges' request count, with a deadline. (The dataset writer takes no part in the loop: the
+    controller's final.dataset step writes the Parquet versions itself.)
+    """
+
+    def __init__(
+        self,
+        controller: Proc,
+        services: dict[str, Proc],
+        config: dict[str, Any],
+        bootstrap: str,
+        work: Path,
+        started: float,
+        timeout_s: float,
+    ) -> None:
+        self.controller, self.services = controller, services
+        self.topics: dict[str, str] = config["topics"]
+        self.batch_pairs: int = config["controller"]["batch_pairs"]
+        self.bootstrap, self.work, self.started, self.timeout_s = bootstrap, work, started, timeout_s
+        self.events: list[str] = []
+
+    def count(self, route: str) -> int:
+        return messages_in(self.bootstrap, self.topics[route])
+
+    def logged(self, line: str) -> bool:
+        """Whether the controller logged `line` in any of its runs (a step is done once)."""
+        return line in self.controller.text()
+
+    def running(self) -> bool:
+        """True while the controller runs; RuntimeError once it has exited (it is waited on only while alive)."""
+        if not self.controller.alive():
+            raise RuntimeError(f"controller exited:\n{self.controller.text()[-4000:]}")
+        return True
+
+    def wait_for_more(self, route: str, than: int, give_up: str) -> None:
+        """Wait until the topic of `route` holds more than `than` messages (or the controller logs `give_up`)."""
+        wait_until(
+            lambda: self.running() and (self.count(route) > than or self.logged(give_up)),
+            self.timeout_s,
+            f"a record on {route}",
+        )
+
+    def step(self) -> str:
+        """Where the controller is: in its last started step, or just after it."""
+        started = re.findall(r"^\[(\S+)\] \.\.\.$", self.controller.text(), re.MULTILINE)
+        name = started[-1] if started else "start-up"
+        return f"after {name} had committed" if self.logged(f"[{name}] done") else f"in {name}"
+
+    def kill_and_restart(self, proc: Proc, where: str) -> None:
+        proc.kill()
+        self.events.append(f"{proc.name} SIGKILLed at {time.perf_counter() - self.started:.1f}s, {where}")
+        proc.start()
+        proc.wait_for(" ready: ", 180)
+
+    def kill_at_output(self, name: str, route: str, base: int, give_up: str, doing: str) -> None:
+        """SIGKILL service `name` once its output topic `route` holds more than `base` messages: the where
+        says the step the controller is in and how many records the service had put out since `base`."""
+        self.wait_for_more(route, base, give_up)
+        proc = self.services[name]
+        proc.kill()  # at once: the where is read after the kill, from what the topics and log hold then
+        where = f"{self.step()}, {self.count(route) - base} records {doing} since the batch was sent"
+        self.events.append(f"{name} SIGKILLed at {time.perf_counter() - self.started:.1f}s, {where}")
+        proc.start()
+        proc.wait_for(" ready: ", 180)
+
+    def stage1(self) -> None:
+        controller = self.controller
+
+        def big_batch() -> re.Match | None:
+            self.running()
+            return re.search(r"stage 1 iteration (\d+): .* retrieved ([2-9]|\d\d+) ", controller.since_start())
+
+        wait_until(big_batch, self.timeout_s, "a Stage-1 batch of more than one pair")
+        found = big_batch()
+        assert found is not None
+        step, retrieved = f"s1.{found.group(1)}.curate", int(found.group(2))
+        done = f"[{step}] done"
+        # With three batches or more, once the second is partly decided: the first is committed, and the
+        # restarted controller goes on after it. Else once the first is partly decided.
+        batch = self.batch_pairs
+        self.wait_for_more("s1_decided", self.count("s1_decided") + (batch if retrieved > 2 * batch else 0), done)
+        controller.kill()
+        if self.logged(done):
+            where = f"after {step} had committed"
+        else:
+            committed = json.loads(committed_progress(self.work, step) or '{"next": 0}')["next"]
+            where = f"in {step}, its batch in flight ({committed} of {retrieved} pairs in committed batches)"
+        self.events.append(f"controller SIGKILLed at {time.perf_counter() - self.started:.1f}s, {where}")
+        # The restarted controller sends its uncommitted batch again (or, had the step committed, the next
+        # step's first batch): the gold-scorer is killed once it has scored some of it.
+        sent_before = self.count("s1_raw")
+        controller.start()
+        self.wait_for_more("s1_raw", sent_before, "[s2.curate] ...")
+        self.kill_at_output("gold-scorer", "s1_scored", self.count("s1_scored"), "[s2.curate] ...", "scored")
+
+    def stage2(self, judges: Any) -> None:
+        done = "[s2.curate] done"
+        self.controller.wait_for("[s2.curate] ...", self.timeout_s)
+        before = sum(judges.requests.values())
+
+        def judged() -> bool:
+            return self.running() and (sum(judges.requests.values()) > before or self.logged(done))
+
+        wait_until(judged, self.timeout_s, "Stage-2 judging")
+        self.kill_and_restart(self.services["annotator"], self.stage2_where("judging"))
+        # The restarted annotator finishes the batch; the filter is killed once it has decided some of it.
+        self.kill_at_output("filter", "s2_decided", self.count("s2_decided"), done, "decided")
+
+    def stage2_where(self, doing: str) -> str:
+        if self.logged("[s2.curate] done"):
+            return "after s2.curate had committed"
+        progress = json.loads(committed_progress(self.work, "s2.curate") or '{"pairs": 0}')
+        return f"in s2.curate, {doing} ({progress['pairs']} pairs in committed batches)"
+
+
+def committed_progress(work: Path, step: str) -> str:
+    """The controller's last committed progress of `step` (JSON, "" if none), read from its store read-only
+    (a WAL reader: the controller, alive or not, is never blocked)."""
+    import sqlite3
+
+    from synpref.services.controller.state import STORE_FILE
+
+    db = sqlite3.connect(f"file:{work / STORE_FILE}?mode=ro", uri=True, timeout=30)
     try:
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        return sum(consumer.end_offsets(parts).values())
+        row = db.execute("SELECT value FROM meta WHERE name = ?", (f"progress:{step}",)).fetchone()
+        return str(row[0]) if row else ""
     finally:
-        consumer.close()
+        db.close()
+
+
+def messages_in(bootstrap: str, topic: str, timeout_s: float = 120) -> int:
+    """How many messages the topic's partitions hold (end offsets summed). Asks again for up to timeout_s
+    while the broker answers with an error: on a loaded machine a local broker is briefly fenced at times."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+            try:
+                parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+                return sum(consumer.end_offsets(parts).values())
+            finally:
+                consumer.close()
+        except KafkaError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)  # the broker is not answering now: ask again, within the deadline
 
 
 def port_open(port: int) -> bool:

@@ -3,7 +3,8 @@
 The small version of benchmarks/mode_equivalence.py (read it for the set-up): 200 real pairs,
 `synpref run` in process, then `synpref controller` with the gold-scorer, annotator, filter,
 scorer and desk as separate processes on the broker, once clean and once with the controller
-SIGKILLed mid-Stage-1 and the annotator mid-Stage-2 (each restarted). Judges: the
+and the gold-scorer SIGKILLed mid-Stage-1 and the annotator and the filter mid-Stage-2 (each
+restarted; the controller commits Stage-1 and Stage-2 batches of 64 pairs). Judges: the
 deterministic fake OpenAI server; humans: the web desk (embedded in process, the desk service
 over Kafka), answered over HTTP from one deterministic verdict list in both modes.
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]  # about 4 minutes on 2 cores: three runs, seven processes
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # about 6 minutes on 2 cores: three runs, seven processes
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "mode_equivalence.py"
 PAIRS = 200
@@ -67,9 +68,11 @@ def test_pools_decisions_labels_votes_and_datasets_match(report, run):
 
 
 def test_the_killed_run_really_was_killed_mid_step(report):
-    controller, annotator = report["kafka-killed"]["events"]
+    controller, gold_scorer, annotator, filter_ = report["kafka-killed"]["events"]
     assert controller.startswith("controller SIGKILLed") and "batch in flight" in controller, controller
+    assert gold_scorer.startswith("gold-scorer SIGKILLed") and " in s1." in gold_scorer, gold_scorer
     assert annotator.startswith("annotator SIGKILLed") and "in s2.curate" in annotator, annotator
+    assert filter_.startswith("filter SIGKILLed") and "in s2.curate" in filter_, filter_
 
 
 @pytest.mark.parametrize("run", ["kafka", "kafka-killed"])
