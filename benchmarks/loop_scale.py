@@ -152,11 +152,16 @@ def reset_peak() -> bool:
 
 
 class RssSampler:
-    """A daemon thread reading VmRSS every `interval_s`; `take()` returns the peak since the last take."""
+    """A daemon thread reading VmRSS and RssAnon every `interval_s`; `take()` returns their peaks since the last take.
+
+    RssAnon leaves out file pages mapped into the process (the vector file, SQLite's and FAISS's maps), which
+    VmRSS counts although the kernel can drop them under pressure.
+    """
 
     def __init__(self, interval_s: float = 0.05) -> None:
         self.interval_s = interval_s
         self._peak = 0
+        self._peak_anon = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -167,15 +172,16 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            rss = status_kb("VmRSS")
+            rss, anon = status_kb("VmRSS"), status_kb("RssAnon")
             with self._lock:
-                self._peak = max(self._peak, rss)
+                self._peak, self._peak_anon = max(self._peak, rss), max(self._peak_anon, anon)
 
-    def take(self) -> int:
-        """Peak VmRSS (kB) seen since the previous take (the current RSS if the thread has not sampled)."""
+    def take(self) -> tuple[int, int]:
+        """Peak VmRSS and peak RssAnon (kB) since the previous take (the current ones if it has not sampled)."""
         with self._lock:
             peak, self._peak = max(self._peak, status_kb("VmRSS")), 0
-        return peak
+            anon, self._peak_anon = max(self._peak_anon, status_kb("RssAnon")), 0
+        return peak, anon
 
     def stop(self) -> None:
         self._stop.set()
@@ -198,7 +204,7 @@ class StepRecorder:
 
     def on_step(self, name: str) -> None:
         now, cpu = time.perf_counter(), time.process_time()
-        sampled = self.sampler.take()
+        sampled, sampled_anon = self.sampler.take()
         hwm = status_kb("VmHWM") if self.hwm_resets else 0
         # ru_maxrss is the same high-water mark: read before the reset, or it is lost with it.
         self.max_rss_kb = max(self.max_rss_kb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, hwm, sampled)
@@ -208,6 +214,7 @@ class StepRecorder:
             "cpu_s": round(cpu - self.last_cpu, 3),
             "peak_rss_mb": round(max(hwm, sampled) / 1024, 1),
             "sampled_peak_rss_mb": round(sampled / 1024, 1),
+            "sampled_peak_anon_mb": round(sampled_anon / 1024, 1),
             "rss_after_mb": round(status_kb("VmRSS") / 1024, 1),
         }
         self.steps.append(entry)
@@ -349,11 +356,12 @@ def table(run: dict[str, Any]) -> str:
             f"{run['pairs']:,} pairs: {run['total_s']:.1f}s, max RSS {run['max_rss_mb']:.0f} MB ({run['rss_method']})"
         )
     lines = [head]
-    lines.append(f"  {'step':<16} {'wall s':>9} {'CPU s':>9} {'peak RSS MB':>12} {'RSS after MB':>13}")
+    lines.append(f"  {'step':<16} {'wall s':>9} {'CPU s':>9} {'peak RSS MB':>12} {'anon MB':>8} {'RSS after MB':>13}")
     for s in run["steps"]:
-        cpu = s.get("cpu_s", float("nan"))
+        cpu, anon = s.get("cpu_s", float("nan")), s.get("sampled_peak_anon_mb", float("nan"))
         lines.append(
-            f"  {s['step']:<16} {s['seconds']:>9.1f} {cpu:>9.1f} {s['peak_rss_mb']:>12.0f} {s['rss_after_mb']:>13.0f}"
+            f"  {s['step']:<16} {s['seconds']:>9.1f} {cpu:>9.1f} {s['peak_rss_mb']:>12.0f} {anon:>8.0f}"
+            f" {s['rss_after_mb']:>13.0f}"
         )
     if "pools" in run:
         lines.append(f"  pools: {run['pools']}; stage 1 stopped: {run['stage1_stopped']}")

@@ -48,6 +48,7 @@ def test_loop_scale_reports_every_step_of_a_small_run(tmp_path: Path) -> None:
         assert s["seconds"] > 0 and s["cpu_s"] >= 0, s
         assert 10 < s["peak_rss_mb"] < 4096, s
         assert 0 < s["rss_after_mb"] < 4096, s
+        assert 0 < s["sampled_peak_anon_mb"] <= s["peak_rss_mb"] + 1, s
     assert 0 < sum(s["cpu_s"] for s in run["steps"]) < 4 * run["total_s"]
     assert run["max_rss_mb"] >= max(s["peak_rss_mb"] for s in run["steps"])
     assert sum(s["seconds"] for s in run["steps"]) == pytest.approx(run["total_s"], rel=0.05)
