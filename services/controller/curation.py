@@ -122,6 +122,7 @@ class CurationSteps:
             self.pairstore.put((row_of[key_of(r)], r) for _, r in result.routed)
             progress = {"next": start + len(batch), "failed": progress["failed"] + len(result.failed)}
             self.commit_batch(progress)
+            self.say(f"{name}: {progress['next']}/{len(rows)} pairs through score, annotate and filter")
         return int(progress["failed"])
 
     def judge_labels(self, rows: list[int]) -> tuple[int, int, int]:
@@ -170,6 +171,7 @@ class CurationSteps:
                 "decisions": dict(decisions),
             }
             self.commit_batch(progress)
+            self.say(f"stage 2: {progress['pairs']} pairs decided, {progress['failed']} failed")
         routed = progress["pairs"] - progress["failed"]
         self.state.results["stage2"] = {
             "pairs": progress["pairs"],
