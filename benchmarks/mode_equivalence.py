@@ -327,7 +327,9 @@ def run_kafka(
     config = merged(
         base,
         # Stages poll 16 records at a time, a quarter of the controller's batch (base_config: batch_pairs).
-        kafka={"bootstrap_servers": bootstrap, "consumer_poll_ms": 200, "max_batch": 16},
+        # A 15 s session (default 45 s): a restarted stage waits out its killed predecessor's session
+        # before its group hands it the partitions.
+        kafka={"bootstrap_servers": bootstrap, "consumer_poll_ms": 200, "max_batch": 16, "session_timeout_ms": 15_000},
         topics=kafka_topics(bootstrap, name),
         controller={
             "workdir": str(work),

@@ -41,7 +41,7 @@ def report(kafka_bootstrap, tmp_path_factory) -> dict[str, Any]:
     if not BENCH.DATA.exists():
         pytest.skip("../shared/data is not present")
     root = tmp_path_factory.mktemp("mode-equivalence")
-    found = BENCH.run_equivalence(PAIRS, root, kafka_bootstrap, kill=True, timeout_s=600, humans="desk")
+    found = BENCH.run_equivalence(PAIRS, root, kafka_bootstrap, kill=True, timeout_s=1500, humans="desk")
     (root / "report.md").write_text(BENCH.markdown(found))
     print(json.dumps(found["seconds"]))
     return found
