@@ -18,7 +18,7 @@ from synpref.shared.pairstore import PairStore
 from synpref.shared.roles import BEST, GOLD
 from synpref.v1.pair_pb2 import DECISION_KEEP, PairRecord
 
-SHARD_ROWS = 50_000
+SHARD_ROWS = 20_000
 """Pairs per Parquet shard of a dataset version the loop writes."""
 
 CURATED = ("gold", "silver", "stage2")
