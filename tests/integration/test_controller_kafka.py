@@ -160,7 +160,7 @@ def test_each_stage_runs_score_annotate_filter_on_its_own_topics(kafka_settings,
     threads = [threading.Thread(target=r.run, name=r.service, daemon=True) for r in runners]
     for t in threads:
         t.start()
-    executor = KafkaExecutor(settings, timeout_s=120)
+    executor = KafkaExecutor(settings, timeout_s=300)
     try:
         one = executor.run("stage1", staged(8, STAGE_ONE))
         s2_sizes = [topic_size(kafka, getattr(topics, f"s2_{route}")) for route in STAGE_ROUTES]
