@@ -248,8 +248,15 @@ def loop_settings(workdir: Path, source: Path, iterations: int, seed: int):
     )
 
 
-def run_size(n: int, workdir: Path, iterations: int, seed: int, say: Callable[[str], None]) -> dict[str, Any]:
-    """Build n pairs under workdir, run the whole loop on them and return the per-step figures."""
+class StopAfter(Exception):
+    """Raised from on_step after the step --stop-after names (that step is committed and measured)."""
+
+
+def run_size(
+    n: int, workdir: Path, iterations: int, seed: int, say: Callable[[str], None], stop_after: str = ""
+) -> dict[str, Any]:
+    """Build n pairs under workdir, run the loop on them (to the end, or to `stop_after`) and return the
+    per-step figures."""
     from synpref.services.controller.loop import Controller
     from synpref.services.controller.providers import OracleHumans
     from synpref.services.controller.simulated import SimulatedJudge
@@ -271,6 +278,12 @@ def run_size(n: int, workdir: Path, iterations: int, seed: int, say: Callable[[s
     settings = loop_settings(workdir, source, iterations, seed)
     judges = [SimulatedJudge(SimulatedJudgeSettings(**j), seed) for j in JUDGES]
     recorder = StepRecorder(say, workdir.parent / f"partial-{n}.json")
+
+    def on_step(name: str) -> None:
+        recorder.on_step(name)
+        if name == stop_after:
+            raise StopAfter(name)
+
     loop_started = time.perf_counter()
     try:
         controller = Controller(
@@ -279,10 +292,13 @@ def run_size(n: int, workdir: Path, iterations: int, seed: int, say: Callable[[s
             OracleHumans(),
             judges,  # type: ignore[arg-type]
             embed=HashedEmbedder().embed,
-            on_step=recorder.on_step,
+            on_step=on_step,
             progress=lambda message: say("  " + message),
         )
-        state = controller.run()
+        try:
+            state = controller.run()
+        except StopAfter:
+            state = controller.state
     finally:
         recorder.close()
     total_s = time.perf_counter() - loop_started
@@ -413,6 +429,8 @@ def run_isolated(n: int, args: argparse.Namespace, say: Callable[[str], None]) -
     ]
     if args.keep:
         command.append("--keep")
+    if args.stop_after:
+        command += ["--stop-after", args.stop_after]
     done = subprocess.run(command, check=False)
     if done.returncode != 0 or not out.exists():
         say(f"{n} pairs: the child process failed (exit {done.returncode})")
@@ -435,6 +453,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-rss-gb", type=float, default=4.0, help="report whether peak RSS stayed under this")
     p.add_argument("--keep", action="store_true", help="keep each size's workdir (default: removed after)")
     p.add_argument("--in-process", action="store_true", help="run every size in this process (no child process)")
+    p.add_argument("--stop-after", default="", help="end each run after this step (e.g. prepare: time the early steps)")
     args = p.parse_args(argv)
     counts = sizes(args.pairs) or [100_000, 1_000_000]
     out = args.out or args.workdir / "results.json"
@@ -451,7 +470,7 @@ def main(argv: list[str]) -> int:
     runs: list[dict[str, Any]] = []
     for n in counts:
         if args.in_process or len(counts) == 1:
-            run = run_size(n, args.workdir / f"pairs-{n}", args.iterations, args.seed, say)
+            run = run_size(n, args.workdir / f"pairs-{n}", args.iterations, args.seed, say, args.stop_after)
             if not args.keep:
                 shutil.rmtree(args.workdir / f"pairs-{n}", ignore_errors=True)
         else:

@@ -7,7 +7,7 @@ the volume, paged in as used).
 `AnnIndex` is the nearest-neighbour index over the unverified pool. Its type follows the
 size it is built for, as FAISS's own guidance does: exact `Flat` for up to 20k vectors,
 `IVF<nlist>,SQ8` up to 2M (one byte a dimension: 1M x 384-d = 384 MB in memory),
-`IVF<nlist>,PQ<m>` beyond (nlist ~ 4 sqrt(n), trained on a sample). Ids are store rows;
+`IVF<nlist>,PQ<m>` beyond (nlist ~ 4 sqrt(n) in steps of 64, trained on a sample). Ids are store rows;
 rows leave the index when they leave D_un, so every hit is an unverified pair. Vectors are
 L2-normalised and compared by inner product (cosine).
 """
@@ -75,7 +75,9 @@ def index_spec(n: int, dim: int) -> str:
     """The FAISS factory string for an index meant to hold about `n` vectors of `dim`."""
     if n <= EXACT_UP_TO:
         return "IDMap,Flat"
-    nlist = 1 << max(4, round(math.log2(4 * math.sqrt(n))))
+    # nlist ~ 4 sqrt(n) in steps of 64 (not a power of two): k-means work (training rows x nlist, with
+    # 40 rows a list) then grows as n, where rounding to powers of two made it 16x for 10x the pairs.
+    nlist = max(64, 64 * round(4 * math.sqrt(n) / 64))
     if n <= FLAT_LISTS_UP_TO:
         return f"IVF{nlist},SQ8"
     m = next(m for m in (48, 32, 24, 16, 12, 8, 4, 2, 1) if dim % m == 0)

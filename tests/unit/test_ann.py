@@ -9,9 +9,19 @@ from synpref.shared.ann import AnnIndex, VectorFile, index_spec, normalise, trai
 
 def test_index_kind_follows_the_size():
     assert index_spec(5_000, 384) == "IDMap,Flat"
-    assert index_spec(1_000_000, 384) == "IVF4096,SQ8"
-    assert index_spec(40_000_000, 384) == "IVF32768,PQ48"
-    assert (training_rows(5_000, 384), training_rows(1_000_000, 384), training_rows(30_000, 8)) == (0, 163_840, 20_480)
+    assert index_spec(1_000_000, 384) == "IVF3968,SQ8"
+    assert index_spec(40_000_000, 384) == "IVF25280,PQ48"
+    assert (training_rows(5_000, 384), training_rows(1_000_000, 384), training_rows(30_000, 8)) == (0, 158_720, 28_160)
+
+
+def test_index_training_work_grows_no_faster_than_the_pairs():
+    # k-means work = training rows x lists; 10x the pairs must not cost more than 10x (it was 16x
+    # from 100k to 1M when the list count was rounded to a power of two).
+    def work(n: int) -> int:
+        return training_rows(n, 384) * int(index_spec(n, 384)[3:].split(",")[0])
+
+    for small in (30_000, 100_000, 200_000):
+        assert work(10 * small) <= 10 * work(small), small
 
 
 def clustered(n: int, dim: int, seed: int) -> np.ndarray:
@@ -24,7 +34,7 @@ def test_ivf_recall_against_exact_search_and_removal():
     n, dim = 30_000, 32
     vectors = clustered(n, dim, seed=0).astype(np.float32)
     ids = np.arange(100, 100 + n)
-    index = AnnIndex.build(n, dim, sample=vectors[::5], nprobe=16)
+    index = AnnIndex.build(n, dim, sample=vectors[::5])  # the default nprobe (32)
     assert "IVF" in type(index.index).__name__
     for start in range(0, n, 7_000):
         index.add(ids[start : start + 7_000], vectors[start : start + 7_000])
