@@ -486,11 +486,15 @@ def main(argv: list[str]) -> int:
         print(f"{int(n):,} pairs: peak RSS {verdict} {args.max_rss_gb:g} GB")
     if "time_ratio" in final:
         r = final["time_ratio"]
-        print(
-            f"time ratio {r['sizes'][1]:,} / {r['sizes'][0]:,} pairs: {r['total']} overall (pairs x{r['pair_ratio']})"
-        )
-        for step, ratio in r["per_step"].items():
-            print(f"  {step:<16} {ratio}")
+        for kind in ("wall", "cpu"):
+            if kind not in r:
+                continue
+            print(
+                f"{kind} time ratio {r['sizes'][1]:,} / {r['sizes'][0]:,} pairs: {r[kind]['total']} overall "
+                f"(pairs x{r['pair_ratio']})"
+            )
+            for step, ratio in r[kind]["per_step"].items():
+                print(f"  {step:<16} {ratio}")
     print(f"wrote {out}")
     return 0 if all("error" not in r for r in runs) else 1
 
