@@ -25,12 +25,33 @@ from synpref.v1.pair_pb2 import PairRecord
 BATCH = 2000
 
 
+class StoredIds:
+    """Ingest's dedup set on disk: a content id is taken if the PairStore holds it as a key, or if it is
+    in the batch not yet written. Nothing grows with the pool (a set of every id would: ~130 B a pair)."""
+
+    def __init__(self, store: PairStore) -> None:
+        self.store = store
+        self.pending: set[str] = set()
+
+    def __contains__(self, pair_id: object) -> bool:
+        return isinstance(pair_id, str) and (pair_id in self.pending or bool(self.store.rows_of([pair_id])))
+
+    def add(self, pair_id: str) -> None:
+        """Take `pair_id` for the batch in flight (stored by the next `PairStore.add`)."""
+        self.pending.add(pair_id)
+
+    def written(self) -> None:
+        """The batch in flight is in the store now."""
+        self.pending.clear()
+
+
 def ingest_sources(store: PairStore, c: ControllerSettings, say: Callable[[str], None]) -> dict[str, Any]:
     """Fill an empty store from `c.sources`; returns the ingest counts and the study's label figures."""
     from synpref.services.ingest.preprocess import Decontaminator, Preprocessor
     from synpref.shared.sources import iter_source
 
-    pre = Preprocessor(Decontaminator.from_sources(c.decontaminate))
+    seen = StoredIds(store)
+    pre = Preprocessor(Decontaminator.from_sources(c.decontaminate), seen=seen, keep_rejections=1000)
     study = c.study is not None
     noise = c.study.label_noise if c.study is not None else 0.0
 
@@ -48,6 +69,7 @@ def ingest_sources(store: PairStore, c: ControllerSettings, say: Callable[[str],
     stream = pooled()
     while chunk := list(islice(stream, BATCH)):
         added += store.add(chunk)
+        seen.written()
         if added % (BATCH * 50) < BATCH:
             say(f"ingest: {added} pairs stored")
     if c.max_pairs and store.size() > c.max_pairs:

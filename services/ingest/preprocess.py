@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Protocol
 
 from synpref.shared.pairs import new_pair, new_record
 from synpref.shared.sources import SourceRow, iter_source
@@ -222,28 +223,41 @@ class Rejection:
     reason: str
 
 
+class SeenIds(Protocol):
+    """Content ids already taken: a set, or a store that answers membership from disk (the loop's ingest)."""
+
+    def __contains__(self, pair_id: object) -> bool: ...
+
+    def add(self, pair_id: str) -> None: ...
+
+
 class Preprocessor:
     """Turns source rows into v1 PairRecords, counting and explaining every row it drops.
 
     too_large(record) returns why a record cannot be sent (None if it can): checked before the
     record counts as published, so an oversized row never reaches the producer.
+    keep_rejections: how many dropped rows to keep with their reasons (None = all; the counts
+    are always complete), so a source full of duplicates does not grow memory.
     """
 
     def __init__(
         self,
         decontaminator: Decontaminator | None = None,
-        seen: set[str] | None = None,
+        seen: SeenIds | None = None,
         too_large: Callable[[PairRecord], str | None] | None = None,
+        keep_rejections: int | None = None,
     ) -> None:
         self.decontaminator = decontaminator or Decontaminator()
-        self.seen: set[str] = seen if seen is not None else set()
+        self.seen: SeenIds = seen if seen is not None else set()
         self.too_large = too_large
+        self.keep_rejections = keep_rejections
         self.counts = IngestCounts()
         self.rejections: list[Rejection] = []
 
     def _reject(self, row: SourceRow, bucket: str, reason: str) -> None:
         setattr(self.counts, bucket, getattr(self.counts, bucket) + 1)
-        self.rejections.append(Rejection(row.locator, bucket, reason))
+        if self.keep_rejections is None or len(self.rejections) < self.keep_rejections:
+            self.rejections.append(Rejection(row.locator, bucket, reason))
 
     def process(self, row: SourceRow) -> PairRecord | None:
         """The record to publish, or None (the row is counted in its bucket)."""

@@ -283,6 +283,30 @@ def test_datasets_are_written_a_shard_at_a_time(tmp_path, monkeypatch):
     assert len(read_rows(curated["dir"])) == curated["rows"]
 
 
+def test_ingest_drops_duplicates_against_the_store_not_a_set_in_memory(tmp_path):
+    # The source twice over, in two files: every pair of the second copy is a duplicate, found by the
+    # store's keys (ingest keeps no set of every id), and counted.
+    from synpref.services.controller.intake import StoredIds
+
+    settings = settings_for(tmp_path)
+    source = Path(settings.controller.sources[0])
+    copy = tmp_path / "again.jsonl"
+    copy.write_text(source.read_text())
+    settings = settings.model_copy(
+        update={"controller": settings.controller.model_copy(update={"sources": [str(source), str(copy)]})}
+    )
+    controller = controller_for(settings)
+    controller.step("ingest", controller.ingest)
+    counts = controller.state.results["ingest"]["counts"]
+    assert counts["published"] == 160 and counts["duplicate"] == 160
+    assert controller.pairstore.size() == 160
+    ids = StoredIds(controller.pairstore)
+    key = read_pools(settings.controller.workdir)["unverified"][0]
+    assert key in ids and "not-a-key" not in ids
+    ids.add("pending")
+    assert "pending" in ids and not ids.written() and "pending" not in ids
+
+
 def test_a_step_interrupted_before_its_commit_runs_again(tmp_path):
     settings = settings_for(tmp_path)
     controller = controller_for(settings)
