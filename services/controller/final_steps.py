@@ -3,6 +3,7 @@ step uses, mixed into Controller (loop.py) so that file holds the orchestration 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -76,7 +77,10 @@ class FinalSteps:
         root = self.root / "datasets"
         out = {}
         for version, (records, split) in self.dataset_versions().items():
-            dv = DatasetVersion(root, self.c.dataset_name, version)
+            # From empty, so a rerun after a kill does not append to the first attempt's shards; the store's
+            # pairs are unique, so the version keeps no set of its ids.
+            shutil.rmtree(root / self.c.dataset_name / version, ignore_errors=True)
+            dv = DatasetVersion(root, self.c.dataset_name, version, dedup=False)
             # One Parquet shard per SHARD_ROWS pairs: a shard's rows are built in memory before it is written.
             while shard := list(islice(records, SHARD_ROWS)):
                 dv.append(shard, split=split)

@@ -185,15 +185,22 @@ class AppendResult:
 
 
 class DatasetVersion:
-    """One version of a dataset: append batches, read the manifest, stored offsets and stats."""
+    """One version of a dataset: append batches, read the manifest, stored offsets and stats.
 
-    def __init__(self, root: str | Path, name: str, version: str) -> None:
+    dedup: skip pairs whose id the version already holds (a set of every id, loaded from the
+    shards at open: the writer service needs it for redelivered messages). A writer whose input
+    has unique ids and that starts from an empty version (the loop's dataset step) turns it off,
+    so its memory does not grow with the version.
+    """
+
+    def __init__(self, root: str | Path, name: str, version: str, dedup: bool = True) -> None:
         self.dir = Path(root) / name / version
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name, self.version = name, version
+        self.dedup = dedup
         self.manifest = self._load()
         self.ids: set[str] = set()
-        for shard in self.manifest["shards"]:
+        for shard in self.manifest["shards"] if dedup else []:
             self.ids.update(pq.read_table(self.dir / shard["file"], columns=["id"]).column("id").to_pylist())
 
     def _load(self) -> dict:
@@ -278,7 +285,8 @@ class DatasetVersion:
         manifest["updated_at"] = _utc()
         write_atomic(self.dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
         self.manifest = manifest
-        self.ids |= batch_ids
+        if self.dedup:
+            self.ids |= batch_ids
         return AppendResult(len(rows), duplicates, shard_name)
 
 
