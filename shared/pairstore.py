@@ -20,6 +20,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from synpref.v1.pair_pb2 import PairRecord
 
@@ -254,12 +255,17 @@ class PairStore:
             yield [(row, _record(blob)) for row, blob in found]
             after = found[-1][0]
 
-    def get(self, rows: Sequence[int]) -> list[PairRecord]:
-        """The records of `rows`, in the order asked."""
-        by_row: dict[int, bytes] = {}
+    def _column(self, column: str, rows: Sequence[int]) -> dict[int, Any]:
+        """Row -> `column` (one of the pairs table's) for each of `rows` the store holds."""
+        out: dict[int, Any] = {}
         for chunk in _chunks(sorted(set(rows))):
             marks = ",".join("?" * len(chunk))
-            by_row.update(self._db.execute(f"SELECT row, record FROM pairs WHERE row IN ({marks})", chunk).fetchall())
+            out.update(self._db.execute(f"SELECT row, {column} FROM pairs WHERE row IN ({marks})", chunk).fetchall())
+        return out
+
+    def get(self, rows: Sequence[int]) -> list[PairRecord]:
+        """The records of `rows`, in the order asked."""
+        by_row = self._column("record", rows)
         missing = [r for r in rows if r not in by_row]
         if missing:
             raise PairStoreError(f"no such rows: {missing[:10]}")
@@ -267,11 +273,7 @@ class PairStore:
 
     def given(self, rows: Sequence[int]) -> dict[int, str]:
         """The pair id each of `rows` came in with (its as-given label); rows not in the store are left out."""
-        out: dict[int, str] = {}
-        for chunk in _chunks(sorted(set(rows))):
-            marks = ",".join("?" * len(chunk))
-            out.update(self._db.execute(f"SELECT row, given FROM pairs WHERE row IN ({marks})", chunk).fetchall())
-        return out
+        return self._column("given", rows)
 
     def keys_by_pool(self) -> dict[str, list[str]]:
         """Pool -> keys in row order, for every non-empty pool; for audits and tests, not for 40M."""
@@ -286,11 +288,7 @@ class PairStore:
 
     def pools_of(self, rows: Sequence[int]) -> dict[int, str]:
         """The pool of each of `rows`; rows not in the store are left out."""
-        out: dict[int, str] = {}
-        for chunk in _chunks(sorted(set(rows))):
-            marks = ",".join("?" * len(chunk))
-            out.update(self._db.execute(f"SELECT row, pool FROM pairs WHERE row IN ({marks})", chunk).fetchall())
-        return out
+        return self._column("pool", rows)
 
     def rows_of(self, keys: Sequence[str]) -> dict[str, int]:
         """The row of each of `keys`; keys not in the store are left out."""
