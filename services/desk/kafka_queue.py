@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from kafka.structs import TopicPartition
 
 from synpref.shared.config import DeskSettings, KafkaSettings, Settings, TopicSettings
-from synpref.shared.kafka.clients import deliver
+from synpref.shared.kafka.clients import deliver, poll_group
 from synpref.shared.kafka.codec import Message, encode_record
 from synpref.shared.kafka.runner import StageRunner
 from synpref.shared.stage import StageResult
@@ -177,7 +177,7 @@ class KafkaDeskQueues:
             # Full: keep polling so the group does not evict us, but read nothing new.
             if consumer.assignment():
                 consumer.pause(*consumer.assignment())
-            consumer.poll(timeout_ms=0)
+            poll_group(consumer, timeout_ms=0)
             return self.inbox.take(limit)
         if consumer.paused():
             consumer.resume(*consumer.paused())

@@ -8,14 +8,18 @@ deliver, for one batch) is the one place that checks those acknowledgements.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.coordinator.base import MemberState
 from kafka.errors import KafkaError
 
 from synpref.shared.config import KafkaSettings
 from synpref.shared.kafka.codec import Outgoing
+
+log = logging.getLogger(__name__)
 
 
 class DeliveryError(KafkaError):
@@ -79,6 +83,36 @@ def make_producer(kafka: KafkaSettings, **overrides: Any) -> KafkaProducer:
 def make_consumer(kafka: KafkaSettings, group_id: str, *topics: str, **overrides: Any) -> KafkaConsumer:
     """A KafkaConsumer in `group_id` with `consumer_config`, subscribed to `topics` if any are given."""
     return KafkaConsumer(*topics, **consumer_config(kafka, group_id, **overrides))
+
+
+def poll_group(consumer: KafkaConsumer, timeout_ms: int, max_records: int | None = None) -> dict[Any, list[Any]]:
+    """consumer.poll for a group member, then recover_lost_join: every group consumer of ours polls through this."""
+    polled = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+    recover_lost_join(consumer)
+    return polled
+
+
+def recover_lost_join(consumer: KafkaConsumer) -> bool:
+    """Rejoin if kafka-python (3.0.12) dropped a finished JoinGroup/SyncGroup; True when it did.
+
+    Its join_group_async hands a join that outlives one poll's timeout to the next poll, but only
+    while need_rejoin() holds. When the group leader rejoins because the metadata changed (a
+    consumer's first seconds on new topics, say), performing the assignment makes need_rejoin()
+    false, so a join that finished between polls is never processed: the member stays
+    REBALANCING with heartbeats off and no partitions, the broker evicts it a session later, and
+    poll() returns at once forever (a busy loop; tests/integration/test_kafka_lost_join.py).
+    Asking for a rejoin sends a new JoinGroup, which the next poll does process.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or getattr(coordinator, "state", None) is not MemberState.REBALANCING:
+        return False
+    join = getattr(coordinator, "_join_task", None)
+    if (join is not None and not join.is_done) or coordinator.need_rejoin():
+        return False  # a join is in flight, or the next poll joins anyway
+    log.warning("group %s: kafka-python lost a finished join (REBALANCING, no join in flight): rejoining",
+                coordinator.group_id)  # fmt: skip
+    coordinator.request_rejoin()
+    return True
 
 
 def make_admin(kafka: KafkaSettings, **overrides: Any) -> KafkaAdminClient:

@@ -37,7 +37,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from synpref.shared.config import STAGE_ROUTES, Settings, TopicSettings
 from synpref.shared.kafka import metrics
 from synpref.shared.kafka.admin import message_limits
-from synpref.shared.kafka.clients import DeliveryError, Outbox, make_consumer, make_producer
+from synpref.shared.kafka.clients import DeliveryError, Outbox, make_consumer, make_producer, poll_group
 from synpref.shared.kafka.codec import Message, Outgoing, PayloadError, dead_letter_for, decode_record, encode_record
 from synpref.shared.stage import Stage, StageResult
 from synpref.v1.pair_pb2 import PairRecord
@@ -365,9 +365,7 @@ class StageRunner:
 
     def run_once(self) -> int:
         """Poll one batch and take it through (to its commit, unless a sink is not due); returns its size."""
-        polled = self.consumer.poll(
-            timeout_ms=self.settings.kafka.consumer_poll_ms, max_records=self.settings.kafka.max_batch
-        )
+        polled = poll_group(self.consumer, self.settings.kafka.consumer_poll_ms, self.settings.kafka.max_batch)
         messages = [msg for batch in polled.values() for msg in batch]
         if messages:
             started = time.perf_counter()

@@ -18,6 +18,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -98,6 +100,19 @@ def tiny_rms(tmp_path_factory):
     return gold, best
 
 
+@contextmanager
+def stall_report(procs: dict[str, Proc], kafka, topics) -> Iterator[None]:
+    """On a timeout, say where the stream stopped: each stage topic's size and each service's log tail."""
+    try:
+        yield
+    except TimeoutError as e:
+        names = ("s2_raw", "s2_scored", "s2_annotated", "curated", "review", "discarded", "dead_letter")
+        sizes = {n: topic_size(kafka, getattr(topics, n)) for n in names}
+        tails = "\n".join(f"--- {n} (pid {p.p.pid if p.p else None}, exit {p.p.poll() if p.p else None})\n"
+                          f"{p.log.read_text()[-4000:]}" for n, p in procs.items())  # fmt: skip
+        raise AssertionError(f"{e}\ntopic sizes: {sizes}\n{tails}") from e
+
+
 def ids_by_key(messages) -> set[str]:
     return {m.key.decode() for m in messages if m.key}
 
@@ -175,7 +190,8 @@ def test_real_pairs_through_all_services_with_crashes(kafka_settings, unique_top
         def rows_written() -> int:
             return json.loads(manifest.read_text())["rows"] if manifest.exists() else 0
 
-        wait_until(lambda: rows_written() >= 300, DEADLINE_S - (time.monotonic() - started), "300 rows written")
+        with stall_report(procs, kafka, topics):
+            wait_until(lambda: rows_written() >= 300, DEADLINE_S - (time.monotonic() - started), "300 rows written")
         rows_at_kill = json.loads(manifest.read_text())["rows"]
         phases["killed"] = time.monotonic() - started
         procs["filter"].kill()
@@ -191,7 +207,9 @@ def test_real_pairs_through_all_services_with_crashes(kafka_settings, unique_top
             return rows_written() + others
 
         left_s = DEADLINE_S - (time.monotonic() - started)
-        wait_until(lambda: outcome_sizes() >= expected, left_s, f"{expected} outcomes (rows, review, discarded, DLQ)")
+        outcomes_wanted = f"{expected} outcomes (rows, review, discarded, DLQ)"
+        with stall_report(procs, kafka, topics):
+            wait_until(lambda: outcome_sizes() >= expected, left_s, outcomes_wanted)
         phases["drained"] = time.monotonic() - started
         # Re-deliveries after the restart count only once the filter and the writer consumed their whole input
         # (the groups are synpref-<service>, the runner's default).
