@@ -9,7 +9,9 @@ up to it. The manifest is the commit point:
   offsets in the manifest still point before its rows, so they are consumed again;
 - a crash after it loses nothing, and the consumer seeks to the stored offsets;
 - a pair id already in the version (re-delivery, or an upstream stage that produced twice
-  before crashing) is counted as a duplicate and not written again.
+  before crashing) is counted as a duplicate and not written again. The version's ids are kept
+  on disk (IdIndex, .dedup-ids.sqlite, updated after the manifest and caught up from the
+  shards on open), not in memory: a 40M-pair version would need ~4 GB as a Python set.
 
 Columns (the Skywork-Reward-Preference format plus lineage):
   id, conversation, chosen, rejected   -- chosen/rejected are FULL message lists, conversation
@@ -23,9 +25,10 @@ Columns (the Skywork-Reward-Preference format plus lineage):
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +41,7 @@ from synpref.v1.pair_pb2 import Controversiality, Decision, Objectivity, PairRec
 
 MANIFEST = "manifest.json"
 SHARD_GLOB = "part-*.parquet"
+ID_INDEX = ".dedup-ids.sqlite"
 TRAIN, HELDOUT = "train", "heldout"
 SPLITS = (TRAIN, HELDOUT)
 
@@ -184,13 +188,64 @@ class AppendResult:
     shard: str | None
 
 
+class IdIndex:
+    """The pair ids of a version's first `shards` shards, in SQLite: membership without holding the ids.
+
+    The manifest is the commit point, and this index follows it: ids are added after the manifest
+    lists their shard, in one transaction with the count of shards indexed. So a crash leaves the
+    index behind the manifest, never ahead of it, and opening catches up from the missing shards
+    (`shard_ids` reads one shard's ids). An index ahead of the manifest (a manifest restored by
+    hand) is rebuilt.
+    """
+
+    _CHUNK = 500  # ids per IN (...) query, under SQLite's bound-parameter limit
+
+    def __init__(self, path: Path, shard_files: Sequence[str], shard_ids: Callable[[str], list[str]]) -> None:
+        # One writer at a time (DatasetSink holds a lock), from the runner thread or a gRPC thread.
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # WAL + NORMAL: no corruption on a crash; a lost last transaction is caught up from the shards.
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages: the B-tree's upper levels stay cached
+        self.db.execute("CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY) WITHOUT ROWID")
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'shards'").fetchone()
+        indexed = row[0] if row else 0
+        if indexed > len(shard_files):
+            self.db.execute("DELETE FROM ids")
+            indexed = 0
+        for number in range(indexed, len(shard_files)):
+            self.add(shard_ids(shard_files[number]), number + 1)
+
+    def known(self, ids: Sequence[str]) -> set[str]:
+        """Which of `ids` the index holds."""
+        found: set[str] = set()
+        for start in range(0, len(ids), self._CHUNK):
+            chunk = ids[start : start + self._CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in self.db.execute(f"SELECT id FROM ids WHERE id IN ({marks})", chunk))
+        return found
+
+    def add(self, ids: Iterable[str], shards: int) -> None:
+        """Add one shard's ids and record that the first `shards` shards are indexed, in one transaction."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT OR IGNORE INTO ids VALUES (?)", ((i,) for i in ids))
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('shards', ?)", (shards,))
+
+    def __len__(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM ids").fetchone()[0])
+
+    def close(self) -> None:
+        self.db.close()
+
+
 class DatasetVersion:
     """One version of a dataset: append batches, read the manifest, stored offsets and stats.
 
-    dedup: skip pairs whose id the version already holds (a set of every id, loaded from the
-    shards at open: the writer service needs it for redelivered messages). A writer whose input
-    has unique ids and that starts from an empty version (the loop's dataset step) turns it off,
-    so its memory does not grow with the version.
+    dedup: skip pairs whose id the version already holds (IdIndex on disk: the writer service
+    needs it for redelivered messages). A writer whose input has unique ids and that starts from
+    an empty version (the loop's dataset step) turns it off.
     """
 
     def __init__(self, root: str | Path, name: str, version: str, dedup: bool = True) -> None:
@@ -199,9 +254,19 @@ class DatasetVersion:
         self.name, self.version = name, version
         self.dedup = dedup
         self.manifest = self._load()
-        self.ids: set[str] = set()
-        for shard in self.manifest["shards"] if dedup else []:
-            self.ids.update(pq.read_table(self.dir / shard["file"], columns=["id"]).column("id").to_pylist())
+        self.index: IdIndex | None = None
+        if dedup:
+            files = [s["file"] for s in self.manifest["shards"]]
+            self.index = IdIndex(self.dir / ID_INDEX, files, self._shard_ids)
+
+    def _shard_ids(self, file: str) -> list[str]:
+        return pq.read_table(self.dir / file, columns=["id"]).column("id").to_pylist()
+
+    def close(self) -> None:
+        """Close the id index (the version stays readable; appending needs a new DatasetVersion)."""
+        if self.index is not None:
+            self.index.close()
+            self.index = None
 
     def _load(self) -> dict:
         path = self.dir / MANIFEST
@@ -246,9 +311,11 @@ class DatasetVersion:
         self, records: Iterable[PairRecord], offsets: dict[str, int] | None = None, split: str = TRAIN
     ) -> AppendResult:
         """Write the new pairs of `records` as one shard in split `split` and commit it with `offsets`."""
+        records = list(records)
+        known = self.index.known([r.pair.id for r in records]) if self.index is not None else set()
         rows, duplicates, batch_ids = [], 0, set()
         for record in records:
-            if record.pair.id in self.ids or record.pair.id in batch_ids:
+            if record.pair.id in known or record.pair.id in batch_ids:
                 duplicates += 1
                 continue
             batch_ids.add(record.pair.id)
@@ -285,8 +352,8 @@ class DatasetVersion:
         manifest["updated_at"] = _utc()
         write_atomic(self.dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
         self.manifest = manifest
-        if self.dedup:
-            self.ids |= batch_ids
+        if self.index is not None and shard_name:
+            self.index.add(batch_ids, len(manifest["shards"]))
         return AppendResult(len(rows), duplicates, shard_name)
 
 

@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from synpref.services.dataset_writer.dataset import DatasetVersion, load_dataset_version
+from synpref.services.dataset_writer.dataset import ID_INDEX, MANIFEST, DatasetVersion, load_dataset_version
 from synpref.shared.pairs import new_pair, new_record
 from synpref.v1.pair_pb2 import DECISION_FLIP, DECISION_KEEP, ModelScore
 
@@ -20,6 +20,10 @@ def rec(i: int, decision=DECISION_KEEP, source="s1", category="coding"):
     r.attributes.task_category = category
     r.scores.append(ModelScore(model="gold", version="g1", reward_chosen=1.0, reward_rejected=0.5, p=0.62))
     return r
+
+
+def records(start: int, stop: int) -> list:
+    return [rec(i) for i in range(start, stop)]
 
 
 def test_append_dedups_and_keeps_stats(tmp_path):
@@ -122,3 +126,38 @@ def test_manifest_sink_writes_a_shard_with_its_offsets_when_due(tmp_path):
     reopened = DatasetVersion(tmp_path, "d", "v1")
     assert reopened.stats["rows"] == 2 and reopened.offsets == {"t:0": 3, "t:1": 8}
     assert sink.stored_offsets() == {TopicPartition("t", 0): 3, TopicPartition("t", 1): 8}
+
+
+def test_dedup_ids_live_on_disk_and_catch_up_after_a_crash(tmp_path):
+    # The version's ids are in its IdIndex, not a set: reopening reads no shard when the index is current.
+    ds = DatasetVersion(tmp_path, "d", "v1")
+    ds.append(records(0, 5))
+    saved = (tmp_path / "d" / "v1" / ID_INDEX).read_bytes()
+    ds.append(records(5, 9))
+    ds.close()
+    assert not hasattr(ds, "ids")
+    # A crash after the manifest listed the second shard but before its ids were indexed.
+    index_file = tmp_path / "d" / "v1" / ID_INDEX
+    for extra in index_file.parent.glob(ID_INDEX + "-*"):
+        extra.unlink()
+    index_file.write_bytes(saved)
+    reopened = DatasetVersion(tmp_path, "d", "v1")
+    assert reopened.index is not None and len(reopened.index) == 9
+    result = reopened.append(records(3, 12))
+    assert (result.written, result.duplicates) == (3, 6)
+    assert reopened.stats["rows"] == 12
+    reopened.close()
+
+
+def test_an_index_ahead_of_the_manifest_is_rebuilt(tmp_path):
+    ds = DatasetVersion(tmp_path, "d", "v1")
+    ds.append(records(0, 4))
+    manifest = (tmp_path / "d" / "v1" / MANIFEST).read_text()
+    ds.append(records(4, 8))
+    ds.close()
+    # The manifest restored to its first shard by hand: the second shard is an orphan and its pairs are new again.
+    (tmp_path / "d" / "v1" / MANIFEST).write_text(manifest)
+    reopened = DatasetVersion(tmp_path, "d", "v1")
+    assert reopened.index is not None and len(reopened.index) == 4
+    assert reopened.append(records(2, 8)).written == 4
+    reopened.close()
