@@ -20,13 +20,16 @@ import json
 import logging
 import sys
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from synpref.services.ingest.preprocess import Decontaminator, Preprocessor, builtin_sets
+from synpref.services.ingest.preprocess import Decontaminator, Preprocessor, Rejection, builtin_sets
 from synpref.shared.config import ConfigError, KafkaSettings, load_settings
+from synpref.shared.idset import DiskIdSet
 from synpref.shared.sources import FORMATS, SourceError, SourceRow, iter_source, source_files
 from synpref.v1.pair_pb2 import PairRecord
 
@@ -70,6 +73,7 @@ READ_ERRORS = (OSError, EOFError, ValueError, TypeError, RuntimeError, zlib.erro
 """What a damaged file raises part-way (gzip, zlib, pyarrow, the JSON parser's RecursionError)."""
 MESSAGE_LIMIT = "max.message.bytes"
 FRAMING_BYTES = 256
+SETTLE_EVERY = 10_000  # sends in flight before the completed ones at their head are settled
 """Over the record's, key's and headers' own bytes: the record batch header and varints."""
 
 
@@ -162,9 +166,6 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError, SourceError) as exc:
         print(f"--decontaminate: {exc}", file=sys.stderr)
         return 2
-    seen: set[str] = set()
-    if args.seen and Path(args.seen).exists():
-        seen = {line.strip() for line in Path(args.seen).read_text().splitlines() if line.strip()}
     failures: list[FileFailure] = []
     rows: Iterator[SourceRow] = read_rows(args.paths, args.format, args.source, failures)
     if args.limit:
@@ -178,20 +179,32 @@ def main(argv: list[str]) -> int:
 
         limit = min(limit, topic_message_limit(settings.kafka, topic) or limit)
         producer = make_producer(settings.kafka, batch_size=min(256 * 1024, limit))
-    pre = Preprocessor(decontaminator, seen=seen, too_large=size_check(limit, topic))
-    sent, stopped = publish(pre, rows, producer, topic)
-    acked = [pair_id for pair_id, future in sent if future.is_done and future.succeeded()]
-    unacked = len(sent) - len(acked)
-    if args.seen and acked:
-        # Only acknowledged ids, but those always: a rerun must neither skip a lost pair nor resend a kept one.
-        with Path(args.seen).open("a") as fh:
-            fh.writelines(f"{pair_id}\n" for pair_id in acked)
-    if args.report:
-        with Path(args.report).open("w") as fh:
-            for r in pre.rejections:
-                fh.write(json.dumps({"locator": r.locator, "bucket": r.bucket, "reason": r.reason}) + "\n")
+    # Nothing here grows with the input: the seen ids are on disk, the report and the --seen file are
+    # written as rows are dropped and sends acknowledged (a killed run keeps what it had acknowledged).
+    with ExitStack() as stack:
+        seen = stack.enter_context(DiskIdSet())
+        if args.seen and Path(args.seen).exists():
+            with Path(args.seen).open() as fh:
+                seen.update(line.strip() for line in fh if line.strip())
+        report = stack.enter_context(Path(args.report).open("w")) if args.report else None
+        acked_file = stack.enter_context(Path(args.seen).open("a")) if args.seen else None
+
+        def on_reject(r: Rejection) -> None:
+            if report is not None:
+                report.write(json.dumps({"locator": r.locator, "bucket": r.bucket, "reason": r.reason}) + "\n")
+
+        def on_acked(pair_ids: list[str]) -> None:
+            # Only acknowledged ids, but those always: a rerun must neither skip a lost pair nor resend a kept one.
+            if acked_file is not None:
+                acked_file.writelines(f"{pair_id}\n" for pair_id in pair_ids)
+                acked_file.flush()
+
+        pre = Preprocessor(decontaminator, seen=seen, too_large=size_check(limit, topic), keep_rejections=0,
+                           on_reject=on_reject)  # fmt: skip
+        unacked, stopped = publish(pre, rows, producer, topic, on_acked)
+        if report is not None:
             for f in failures:
-                fh.write(json.dumps({"locator": f.path, "bucket": "unreadable-file", "reason": f.error}) + "\n")
+                report.write(json.dumps({"locator": f.path, "bucket": "unreadable-file", "reason": f.error}) + "\n")
     counts: dict[str, Any] = pre.counts.as_dict()
     counts["reconciles"] = pre.counts.reconciles()
     counts["topic"] = None if args.dry_run else topic
@@ -210,26 +223,51 @@ def main(argv: list[str]) -> int:
 
 
 def publish(
-    pre: Preprocessor, rows: Iterator[SourceRow], producer: Any, topic: str
-) -> tuple[list[tuple[str, Any]], str]:
-    """Send every record; (pair id, send future) of each, and why sending stopped early ("" if it did not)."""
+    pre: Preprocessor,
+    rows: Iterator[SourceRow],
+    producer: Any,
+    topic: str,
+    on_acked: Callable[[list[str]], None] = lambda ids: None,
+) -> tuple[int, str]:
+    """Send every record; the number not acknowledged, and why sending stopped early ("" if it did not).
+
+    on_acked gets the ids of acknowledged records as their sends complete; only sends in flight are held.
+    """
     from kafka.errors import KafkaError
 
     from synpref.shared.kafka.codec import encode_record
 
-    sent: list[tuple[str, Any]] = []
+    in_flight: deque[tuple[str, Any]] = deque()
+    unacked = 0
+
+    def settle(everything: bool) -> None:
+        nonlocal unacked
+        acked = []
+        while in_flight and (everything or in_flight[0][1].is_done):
+            pair_id, future = in_flight.popleft()
+            if future.is_done and future.succeeded():
+                acked.append(pair_id)
+            else:
+                unacked += 1
+        if acked:
+            on_acked(acked)
+
+    stopped = ""
     try:
         for record in pre.run(rows):
             if producer is not None:
                 out = encode_record(record, topic)
-                sent.append(
+                in_flight.append(
                     (record.pair.id, producer.send(out.topic, key=out.key, value=out.value, headers=out.headers))
                 )
+                if len(in_flight) >= SETTLE_EVERY:
+                    settle(everything=False)
         if producer is not None:
             producer.flush(timeout=300)
     except KafkaError as exc:
-        return sent, f"{type(exc).__name__}: {exc}"
+        stopped = f"{type(exc).__name__}: {exc}"
     finally:
         if producer is not None:
             producer.close(timeout=60)
-    return sent, ""
+        settle(everything=True)
+    return unacked, stopped

@@ -238,6 +238,7 @@ class Preprocessor:
     record counts as published, so an oversized row never reaches the producer.
     keep_rejections: how many dropped rows to keep with their reasons (None = all; the counts
     are always complete), so a source full of duplicates does not grow memory.
+    on_reject: called with every rejection as it happens (`synpref ingest` streams its report).
     """
 
     def __init__(
@@ -246,18 +247,23 @@ class Preprocessor:
         seen: SeenIds | None = None,
         too_large: Callable[[PairRecord], str | None] | None = None,
         keep_rejections: int | None = None,
+        on_reject: Callable[[Rejection], None] | None = None,
     ) -> None:
         self.decontaminator = decontaminator or Decontaminator()
         self.seen: SeenIds = seen if seen is not None else set()
         self.too_large = too_large
         self.keep_rejections = keep_rejections
+        self.on_reject = on_reject
         self.counts = IngestCounts()
         self.rejections: list[Rejection] = []
 
     def _reject(self, row: SourceRow, bucket: str, reason: str) -> None:
         setattr(self.counts, bucket, getattr(self.counts, bucket) + 1)
+        rejection = Rejection(row.locator, bucket, reason)
+        if self.on_reject is not None:
+            self.on_reject(rejection)
         if self.keep_rejections is None or len(self.rejections) < self.keep_rejections:
-            self.rejections.append(Rejection(row.locator, bucket, reason))
+            self.rejections.append(rejection)
 
     def process(self, row: SourceRow) -> PairRecord | None:
         """The record to publish, or None (the row is counted in its bucket)."""

@@ -204,3 +204,75 @@ def test_cli_decontaminates_with_the_builtin_set(tmp_path, capsys):
     assert (counts["read"], counts["published"], counts["contaminated"]) == (2, 1, 1)
     assert main([str(src), "--dry-run", "--decontaminate", "rmbench", "--ngram", "10"]) == 2
     assert "holds 13-grams" in capsys.readouterr().err
+
+
+class Sent:
+    """A finished send: acknowledged unless `ok` is False."""
+
+    def __init__(self, ok: bool = True) -> None:
+        self.is_done, self.ok = True, ok
+
+    def succeeded(self) -> bool:
+        return self.ok
+
+
+class Producer:
+    def __init__(self, fail: set[str]) -> None:
+        self.fail, self.sent = fail, 0
+
+    def send(self, topic, key, value, headers):
+        self.sent += 1
+        return Sent(key.decode() not in self.fail)
+
+    def flush(self, timeout):
+        pass
+
+    def close(self, timeout):
+        pass
+
+
+def test_publish_hands_over_acknowledged_ids_as_they_complete(monkeypatch):
+    # Nothing per pair is held to the end: acknowledged ids go out in settled groups while sending goes on.
+    import synpref.services.ingest.main as ingest
+
+    monkeypatch.setattr(ingest, "SETTLE_EVERY", 3)
+    rows = [row(i, f"prompt {i}") for i in range(8)]
+    records = list(Preprocessor().run(rows))
+    producer = Producer(fail={records[4].pair.id})
+    handed: list[list[str]] = []
+    unacked, stopped = ingest.publish(Preprocessor(), iter(rows), producer, "t", handed.append)
+    assert (unacked, stopped, producer.sent) == (1, "", 8)
+    assert len(handed) == 3 and [len(h) for h in handed] == [3, 2, 2]  # settled at 3 and 6 in flight, then the rest
+    assert [i for h in handed for i in h] == [r.pair.id for r in records if r.pair.id != records[4].pair.id]
+
+
+def test_cli_seen_ids_come_from_disk_and_skip_earlier_pairs(tmp_path, capsys):
+    from synpref.services.ingest.main import main
+
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p, "chosen": "x", "rejected": "y"}) + "\n" for p in "abc"))
+    first = Preprocessor()
+    ids = [r.pair.id for r in first.run(row(i, p, "x", "y") for i, p in enumerate("abc"))]
+    seen = tmp_path / "seen.txt"
+    seen.write_text(ids[0] + "\n" + ids[2] + "\n")
+    assert main([str(src), "--dry-run", "--seen", str(seen)]) == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (counts["published"], counts["duplicate"]) == (1, 2), counts
+
+
+def test_disk_id_set_answers_membership_before_and_after_a_flush(tmp_path):
+    from synpref.shared.idset import DiskIdSet
+
+    with DiskIdSet(flush_every=2) as ids:
+        ids.add("a")
+        assert "a" in ids and "b" not in ids and 7 not in ids
+        ids.update(["b", "c", "a"])
+        assert {"a", "b", "c"} <= {i for i in "abcd" if i in ids} and "d" not in ids
+        assert len(ids) == 3
+        folder = ids.path.parent
+    assert not folder.exists()  # a temporary set leaves nothing behind
+    kept = tmp_path / "ids.sqlite"
+    with DiskIdSet(kept) as ids:
+        ids.add("x")
+    with DiskIdSet(kept) as ids:
+        assert "x" in ids and len(ids) == 1
