@@ -9,7 +9,7 @@ from kafka.structs import TopicPartition
 from kafka_broker import produce, read_topic, topic_size
 from prometheus_client import REGISTRY
 
-from synpref.shared.kafka.clients import make_producer
+from synpref.shared.kafka.clients import make_producer, poll_group
 from synpref.shared.kafka.codec import DLQ_KIND, DLQ_REASON, DLQ_TOPIC, decode_record, header_map
 from synpref.shared.kafka.runner import StageRunner
 from synpref.shared.pairs import new_pair, new_record
@@ -193,12 +193,12 @@ def test_a_rebalance_with_buffered_offsets_checkpoints_instead_of_crashing(kafka
     try:
         deadline = time.monotonic() + 60
         while not sink.flushed and time.monotonic() < deadline and thread.is_alive():
-            joiner.poll(timeout_ms=200)
+            poll_group(joiner, timeout_ms=200)
         assert thread.is_alive(), "the runner died in the rebalance"
         assert sink.flushed == [40]  # the revocation checkpointed what the sink held
         while sum(v or 0 for v in committed(settings, group, topics.s2_raw, 2).values()) < 40:
             assert time.monotonic() < deadline, committed(settings, group, topics.s2_raw, 2)
-            joiner.poll(timeout_ms=200)
+            poll_group(joiner, timeout_ms=200)
     finally:
         joiner.close(autocommit=False)
         runner.stop.set()
