@@ -234,6 +234,11 @@ class ControllerSettings(Section):
     workdir: str = "artifacts/run"
     """Durable state (pairs.sqlite: every pair, its pool and the run state; state.json, a readable copy),
     retrieval vectors, models, datasets and the report go here."""
+    store_dir: str = ""
+    """Where the controller's own files go instead (pairs.sqlite, state.json, the retrieval vectors and
+    index); empty = workdir. Only the controller opens them, so where the shared volume is ReadWriteMany
+    (a network file system, which SQLite does not support) they belong on a ReadWriteOnce volume of
+    their own: the chart's controller.stateVolume."""
     sources: list[str] = Field(default_factory=list)
     """Pair files or folders (any format shared/sources.py reads); required."""
     source_format: SourceFormat | None = None

@@ -106,7 +106,8 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     c = settings.controller
     if args.fresh:
-        shutil.rmtree(c.workdir, ignore_errors=True)  # --fresh: start over
+        for folder in {c.workdir, c.store_dir} - {""}:  # --fresh: start over
+            shutil.rmtree(folder, ignore_errors=True)
     started = time.perf_counter()
     try:
         controller = build_controller(settings, progress=not args.quiet)

@@ -96,9 +96,10 @@ class Controller(CurationSteps, FinalSteps):
         self.embed = embed
         self.on_step = on_step
         self.say = progress
-        self.store = StateStore(self.c.workdir)
+        self.store = StateStore(self.c.store_dir or self.c.workdir)
         self.pairstore = self.store.pairs
-        self.root = self.store.root
+        self.root = Path(self.c.workdir)  # models, datasets, the report: what Jobs and other pods share
+        self.root.mkdir(parents=True, exist_ok=True)
         self.state = self.store.load()
         self.current_step = ""
         self._vectors: VectorFile | None = None
@@ -191,13 +192,13 @@ class Controller(CurationSteps, FinalSteps):
     def vectors(self) -> VectorFile:
         """The retrieval vectors of the prepare step, by store row."""
         if self._vectors is None:
-            self._vectors = VectorFile(self.root / VECTORS_FILE)
+            self._vectors = VectorFile(self.store.root / VECTORS_FILE)
         return self._vectors
 
     def retrieval(self) -> PoolRetrieval:
         """The ANN index over D_un, rebuilt from the store when this process first needs it."""
         if self._retrieval is None:
-            self._retrieval = PoolRetrieval(self.pairstore, self.vectors(), self.root / TRAINED_INDEX_FILE)
+            self._retrieval = PoolRetrieval(self.pairstore, self.vectors(), self.store.root / TRAINED_INDEX_FILE)
         return self._retrieval
 
     def left_unverified(self, rows: Sequence[int]) -> None:
@@ -298,8 +299,8 @@ class Controller(CurationSteps, FinalSteps):
 
     def prepare(self) -> None:
         """Embed D_un for retrieval (vectors by row on disk) and train the ANN index for its size."""
-        vectors = embed_pool(self.pairstore, self.root / VECTORS_FILE, ("unverified",), self._embed, self.say)
-        train_index(self.pairstore, vectors, self.root / TRAINED_INDEX_FILE)
+        vectors = embed_pool(self.pairstore, self.store.root / VECTORS_FILE, ("unverified",), self._embed, self.say)
+        train_index(self.pairstore, vectors, self.store.root / TRAINED_INDEX_FILE)
         self._vectors = vectors
 
     def seed(self) -> None:

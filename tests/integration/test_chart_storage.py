@@ -100,3 +100,19 @@ def test_without_the_controller_nothing_is_filled_in(helm: str) -> None:
 def test_controller_state_off_the_data_volume_is_refused(helm: str, args: list[str], message: str) -> None:
     proc = run_helm(helm, *args)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def test_the_store_can_have_a_read_write_once_volume_of_its_own(helm: str) -> None:
+    # A ReadWriteMany data volume is a network file system, which SQLite does not support.
+    docs = render(helm, "--set", "controller.stateVolume.enabled=true", "--set", "controller.stateVolume.size=7Gi")
+    controller = pipeline_config(docs)["controller"]
+    assert controller["store_dir"] == "/state"
+    assert claim_under(docs, "controller", controller["store_dir"]) == f"{FULLNAME}-controller-state"
+    assert claim_under(docs, "controller", controller["workdir"]) == f"{FULLNAME}-data"  # models, datasets: shared
+    claim = one(docs, "PersistentVolumeClaim", f"{FULLNAME}-controller-state")
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "7Gi"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    default = render(helm)
+    assert "store_dir" not in pipeline_config(default)["controller"]
+    assert not [d for d in default if d["metadata"]["name"] == f"{FULLNAME}-controller-state"]

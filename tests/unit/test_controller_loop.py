@@ -61,11 +61,11 @@ def read_rows(folder: str) -> list[dict]:
     return [row for shard in manifest["shards"] for row in pq.read_table(Path(folder) / shard["file"]).to_pylist()]
 
 
-def outcome(workdir: Path) -> dict:
-    state = StateStore(workdir).load()
+def outcome(workdir: Path, store: Path | None = None) -> dict:
+    state = StateStore(store or workdir).load()
     rows = read_rows(state.results["datasets"]["curated"]["dir"])
     return {
-        "pools": read_pools(workdir),
+        "pools": read_pools(store or workdir),
         "history": state.history,
         "stage2": state.results["stage2"],
         "holdout": state.results["holdout_accuracy"],
@@ -351,3 +351,14 @@ def test_the_working_rm_learns_d_silver_and_the_best_is_chosen_on_all_of_d_gold(
         assert valid and valid <= gold, name  # chosen on D_gold (as it was then)
     assert state.results["best_rm"]["gold_pairs"] == len(gold)
     assert state.models["best"] == state.models[f"working-{state.results['best_rm']['iteration'] + 1}"]
+
+
+def test_the_store_can_live_apart_from_the_shared_workdir(tmp_path, reference_outcome):
+    # The chart's controller.stateVolume: SQLite on its own ReadWriteOnce volume, the rest on the shared one.
+    settings = settings_for(tmp_path / "split", store_dir=str(tmp_path / "state"))
+    controller_for(settings).run()
+    workdir, store = Path(settings.controller.workdir), tmp_path / "state"
+    assert outcome(workdir, store) == reference_outcome
+    assert {"pairs.sqlite", "state.json", "retrieval"} <= {p.name for p in store.iterdir()}
+    assert not (workdir / "pairs.sqlite").exists() and not (workdir / "retrieval").exists()
+    assert (workdir / "models").is_dir() and (workdir / "datasets").is_dir() and (workdir / "report.md").is_file()
