@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from kafka.structs import TopicPartition
 
 from synpref.shared.config import DeskSettings, KafkaSettings, Settings, TopicSettings
-from synpref.shared.kafka.clients import deliver, poll_group
+from synpref.shared.kafka.clients import deliver
 from synpref.shared.kafka.codec import Message, encode_record
 from synpref.shared.kafka.runner import StageRunner
 from synpref.shared.stage import StageResult
@@ -174,10 +174,13 @@ class KafkaDeskQueues:
         runner = self._opened()
         consumer = runner.consumer
         if len(self.inbox.waiting) >= limit:
-            # Full: keep polling so the group does not evict us, but read nothing new.
+            # Full: keep polling so the group does not evict us, but read nothing new. A whole poll, not
+            # poll(0): kafka-python 3.0.12 can only finish a group join inside a poll that waits for it
+            # (a consumer polling with 0 stays REBALANCING and cannot commit). A rebalance that ends in
+            # this poll assigns the partitions afresh, unpaused: what it then reads goes to the inbox.
             if consumer.assignment():
                 consumer.pause(*consumer.assignment())
-            poll_group(consumer, timeout_ms=0)
+            runner.run_once()
             return self.inbox.take(limit)
         if consumer.paused():
             consumer.resume(*consumer.paused())
