@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import sqlite3
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 
 class DiskIdSet:
     """Ids in an SQLite table; a temporary file (removed on close) unless `path` is given."""
 
+    _CHUNK = 500  # ids per IN (...) query, under SQLite's bound-parameter limit
+
     def __init__(self, path: str | Path | None = None, flush_every: int = 10_000) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="synpref-ids-") if path is None else None
         self.path = Path(self._tmp.name) / "ids.sqlite" if self._tmp is not None else Path(path or "")
-        self.db = sqlite3.connect(self.path, isolation_level=None)
+        # Callers serialise their use (the writer's DatasetSink holds a lock), from any one thread.
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=OFF" if self._tmp is not None else "PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages
@@ -33,6 +36,15 @@ class DiskIdSet:
         if item in self.pending:
             return True
         return self.db.execute("SELECT 1 FROM ids WHERE id = ?", (item,)).fetchone() is not None
+
+    def known(self, ids: Sequence[str]) -> set[str]:
+        """Which of `ids` the set holds: one query per 500 ids instead of one per id."""
+        found = {i for i in ids if i in self.pending}
+        for start in range(0, len(ids), self._CHUNK):
+            chunk = ids[start : start + self._CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in self.db.execute(f"SELECT id FROM ids WHERE id IN ({marks})", chunk))
+        return found
 
     def add(self, item: str) -> None:
         self.pending.add(item)

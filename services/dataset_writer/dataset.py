@@ -25,7 +25,6 @@ Columns (the Skywork-Reward-Preference format plus lineage):
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from synpref.shared.files import write_atomic
+from synpref.shared.idset import DiskIdSet
 from synpref.shared.pairs import message_dicts
 from synpref.v1.pair_pb2 import Controversiality, Decision, Objectivity, PairRecord, Preference, Stage
 
@@ -188,8 +188,8 @@ class AppendResult:
     shard: str | None
 
 
-class IdIndex:
-    """The pair ids of a version's first `shards` shards, in SQLite: membership without holding the ids.
+class IdIndex(DiskIdSet):
+    """The pair ids of a version's first `shards` shards, on disk: membership without holding the ids.
 
     The manifest is the commit point, and this index follows it: ids are added after the manifest
     lists their shard, in one transaction with the count of shards indexed. So a crash leaves the
@@ -198,16 +198,8 @@ class IdIndex:
     hand) is rebuilt.
     """
 
-    _CHUNK = 500  # ids per IN (...) query, under SQLite's bound-parameter limit
-
     def __init__(self, path: Path, shard_files: Sequence[str], shard_ids: Callable[[str], list[str]]) -> None:
-        # One writer at a time (DatasetSink holds a lock), from the runner thread or a gRPC thread.
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        # WAL + NORMAL: no corruption on a crash; a lost last transaction is caught up from the shards.
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages: the B-tree's upper levels stay cached
-        self.db.execute("CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY) WITHOUT ROWID")
+        super().__init__(path)
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         row = self.db.execute("SELECT value FROM meta WHERE key = 'shards'").fetchone()
         indexed = row[0] if row else 0
@@ -215,29 +207,14 @@ class IdIndex:
             self.db.execute("DELETE FROM ids")
             indexed = 0
         for number in range(indexed, len(shard_files)):
-            self.add(shard_ids(shard_files[number]), number + 1)
+            self.add_shard(shard_ids(shard_files[number]), number + 1)
 
-    def known(self, ids: Sequence[str]) -> set[str]:
-        """Which of `ids` the index holds."""
-        found: set[str] = set()
-        for start in range(0, len(ids), self._CHUNK):
-            chunk = ids[start : start + self._CHUNK]
-            marks = ",".join("?" * len(chunk))
-            found.update(r[0] for r in self.db.execute(f"SELECT id FROM ids WHERE id IN ({marks})", chunk))
-        return found
-
-    def add(self, ids: Iterable[str], shards: int) -> None:
+    def add_shard(self, ids: Iterable[str], shards: int) -> None:
         """Add one shard's ids and record that the first `shards` shards are indexed, in one transaction."""
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany("INSERT OR IGNORE INTO ids VALUES (?)", ((i,) for i in ids))
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('shards', ?)", (shards,))
-
-    def __len__(self) -> int:
-        return int(self.db.execute("SELECT count(*) FROM ids").fetchone()[0])
-
-    def close(self) -> None:
-        self.db.close()
 
 
 class DatasetVersion:
@@ -252,7 +229,6 @@ class DatasetVersion:
         self.dir = Path(root) / name / version
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name, self.version = name, version
-        self.dedup = dedup
         self.manifest = self._load()
         self.index: IdIndex | None = None
         if dedup:
@@ -353,7 +329,7 @@ class DatasetVersion:
         write_atomic(self.dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
         self.manifest = manifest
         if self.index is not None and shard_name:
-            self.index.add(batch_ids, len(manifest["shards"]))
+            self.index.add_shard(batch_ids, len(manifest["shards"]))
         return AppendResult(len(rows), duplicates, shard_name)
 
 

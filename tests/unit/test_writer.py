@@ -128,13 +128,19 @@ def test_manifest_sink_writes_a_shard_with_its_offsets_when_due(tmp_path):
     assert sink.stored_offsets() == {TopicPartition("t", 0): 3, TopicPartition("t", 1): 8}
 
 
+def two_shards(tmp_path, first: int, last: int, keep: str) -> tuple[DatasetVersion, bytes]:
+    """Pairs 0..first-1 and first..last-1 as two shards; the closed version and its file `keep` after the first."""
+    ds = DatasetVersion(tmp_path, "d", "v1")
+    ds.append(records(0, first))
+    saved = (tmp_path / "d" / "v1" / keep).read_bytes()
+    ds.append(records(first, last))
+    ds.close()
+    return ds, saved
+
+
 def test_dedup_ids_live_on_disk_and_catch_up_after_a_crash(tmp_path):
     # The version's ids are in its IdIndex, not a set: reopening reads no shard when the index is current.
-    ds = DatasetVersion(tmp_path, "d", "v1")
-    ds.append(records(0, 5))
-    saved = (tmp_path / "d" / "v1" / ID_INDEX).read_bytes()
-    ds.append(records(5, 9))
-    ds.close()
+    ds, saved = two_shards(tmp_path, 5, 9, ID_INDEX)
     assert not hasattr(ds, "ids")
     # A crash after the manifest listed the second shard but before its ids were indexed.
     index_file = tmp_path / "d" / "v1" / ID_INDEX
@@ -150,13 +156,9 @@ def test_dedup_ids_live_on_disk_and_catch_up_after_a_crash(tmp_path):
 
 
 def test_an_index_ahead_of_the_manifest_is_rebuilt(tmp_path):
-    ds = DatasetVersion(tmp_path, "d", "v1")
-    ds.append(records(0, 4))
-    manifest = (tmp_path / "d" / "v1" / MANIFEST).read_text()
-    ds.append(records(4, 8))
-    ds.close()
+    _, manifest = two_shards(tmp_path, 4, 8, MANIFEST)
     # The manifest restored to its first shard by hand: the second shard is an orphan and its pairs are new again.
-    (tmp_path / "d" / "v1" / MANIFEST).write_text(manifest)
+    (tmp_path / "d" / "v1" / MANIFEST).write_bytes(manifest)
     reopened = DatasetVersion(tmp_path, "d", "v1")
     assert reopened.index is not None and len(reopened.index) == 4
     assert reopened.append(records(2, 8)).written == 4
