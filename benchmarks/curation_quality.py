@@ -290,15 +290,30 @@ def true_pair(record: PairRecord) -> Pair:
 # ---------------------------------------------------------------- the sweep
 
 
-def sweep(args, models: HeadModels, embed: CachedEmbed, evaluator: Evaluator, work: Path, say, on_row) -> list[dict]:
-    rows: list[dict] = []
+def cell_of(row: dict) -> tuple[float, str, float, int]:
+    return (float(row["noise"]), row["error_mode"], float(row["budget_share"]), int(row["seed"]))
+
+
+def sweep(
+    args, models: HeadModels, embed: CachedEmbed, evaluator: Evaluator, work: Path, say, on_row, done: list[dict]
+) -> list[dict]:
+    """Every (noise, mode, budget, seed) cell not already in `done` (rows of a resumed run, kept)."""
+    rows: list[dict] = list(done)
+    finished = {cell_of(r) for r in done}
     # Seeds innermost, so that a sweep cut short has every seed of the budgets it reached;
     # the budget-independent baselines are trained once per (noise, mode, seed).
     fixed_by: dict[tuple, dict[str, Any]] = {}
+    for r in done:
+        fixed_by[(r["noise"], r["error_mode"], r["seed"])] = {
+            **{k: r["accuracy"][k] for k in ("noisy", "judges only", "clean")},
+            "judges_label_accuracy": r["label_accuracy"]["judges only"],
+        }
     for noise in args.noise:
         for mode in args.error_modes:
             for budget_share in args.budgets:
                 for seed in args.seeds:
+                    if (noise, mode, budget_share, seed) in finished:
+                        continue
                     fixed = fixed_by.setdefault((noise, mode, seed), {})
                     started = time.perf_counter()
                     run_dir = work / f"n{noise}-{mode}-s{seed}-b{budget_share}"
@@ -556,6 +571,23 @@ def report(args, rows: list[dict], curve: list[dict], figures: list[str], pool: 
     return "\n".join(lines) + "\n"
 
 
+# Settings a kept row must share with this run; the sweep's axes (noise, modes, budgets,
+# seeds) may differ, which is the point of resuming.
+SAME_FOR_RESUME = ("heads", "max_length", "max_pairs")
+
+
+def resumed_rows(args) -> list[dict]:
+    """The rows of a previous run in --out, if it used the same settings (else SystemExit)."""
+    path = args.out / "results.json"
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text())
+    differing = [k for k in SAME_FOR_RESUME if previous["args"].get(k) != str(getattr(args, k))]
+    if differing:
+        raise SystemExit(f"--resume: {path} was made with other {differing}; use another --out")
+    return list(previous["rows"])
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -575,6 +607,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "artifacts" / "quality-work", help="feature caches, runs")
     p.add_argument("--max-length", type=int, default=256, help="RM sequence length (tokens)")
     p.add_argument("--max-pairs", type=int, default=0, help="use a seeded sample of this many pairs (0 = all)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows of --out/results.json made with the same settings and run only the missing cells",
+    )
     args = p.parse_args(argv)
     missing = [s for s in SOURCES if not s.exists()]
     if missing:
@@ -607,7 +644,10 @@ def main(argv: list[str]) -> int:
         return text
 
     SWEEP_HEADS[:] = args.heads
-    rows = sweep(args, models, embed, evaluator, work, say, lambda rows: write(rows, []))
+    done = resumed_rows(args) if args.resume else []
+    if done:
+        say(f"resuming: {len(done)} rows kept from {args.out / 'results.json'}")
+    rows = sweep(args, models, embed, evaluator, work, say, lambda rows: write(rows, []), done)
     curve = [] if args.no_curve else learning_curve(args, models, evaluator, work)
     if curve:
         say("learning curve: " + ", ".join(f"{c['pairs']}: mlp {c['mlp']:.3f} lin {c['linear']:.3f}" for c in curve))

@@ -81,3 +81,28 @@ def test_fit_scale_recovers_the_temperature_of_squeezed_margins():
     assert fit_scale(signed) == 10.0
     assert fit_scale(np.array([])) == 1.0
     assert fit_scale(np.full(10, 5.0)) >= 100.0, "all right and far apart: a large scale"
+
+
+def test_feature_cache_tokenizes_a_pair_once(tmp_path, monkeypatch):
+    from synpref.services.controller.models import FeatureCache, default_backbone
+
+    cache = FeatureCache(default_backbone(), 48, tmp_path)
+    pairs = [
+        {
+            "conversation": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in synthetic_pairs(4)
+    ]
+    first = cache.features(pairs)
+    encoded: list[int] = []
+    encode = cache._encode
+    monkeypatch.setattr(cache, "_encode", lambda batch: encoded.append(len(batch)) or encode(batch))
+    again = cache.features(list(reversed(pairs)))
+    assert encoded == [0]  # every pair known: no tokenizer pass
+    assert np.array_equal(again[0], first[0][::-1]) and np.array_equal(again[1], first[1][::-1])
+    changed = [{**pairs[0], "chosen": [{"role": "assistant", "content": "something else entirely"}]}]
+    new = cache.features(changed)
+    assert encoded == [0, 1]  # new content is encoded, not looked up by a stale key
+    assert not np.array_equal(new[0][0], first[0][0]) and np.array_equal(new[1][0], first[1][0])
