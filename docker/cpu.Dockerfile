@@ -2,6 +2,7 @@
 # CPU image: the pipeline services (annotator, gold-scorer, filter, writer), ingest, topics,
 # desk and controller. Build from the repository root:
 #   docker build -f docker/cpu.Dockerfile -t synpref .
+#   docker build -f docker/cpu.Dockerfile --build-arg EXTRAS=judge-server -t synpref:judges .
 # Not built in CI (no Docker engine there); skaffold.yaml builds it.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -21,7 +22,9 @@ COPY shared/ shared/
 COPY services/ services/
 COPY training/ training/
 COPY client/ client/
-RUN pip install . && python -c "import synpref.v1.pair_pb2, synpref.shared.cli"
+# EXTRAS=judge-server adds `transformers serve` (the chart's devJudges: small judges on CPU).
+ARG EXTRAS=""
+RUN pip install ".${EXTRAS:+[${EXTRAS}]}" && python -c "import synpref.v1.pair_pb2, synpref.shared.cli"
 
 # --- runtime: the venv only, a non-root user, nothing to compile with -------------------
 FROM ${PYTHON_IMAGE} AS runtime

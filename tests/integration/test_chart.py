@@ -78,6 +78,7 @@ CASES: dict[str, list[str]] = {
     "multi-node": ["--set", "training.nodes=3,training.gpusPerNode=4,training.resources.requests.cpu=6"],
     "minimal": ["--set", "scorer.enabled=false,desk.enabled=false,controller.enabled=false"],
     "no-network-policy": ["--set", "networkPolicy.enabled=false"],
+    "dev-judges": ["--set", "devJudges.enabled=true"],
     # The user brings every token Secret: no hook Job, no generated anything.
     "named-secrets": [
         "--set",
@@ -243,6 +244,7 @@ def test_long_running_containers_have_probes_on_their_ports(
     expected = {"scorer": {"grpc": {"port": 50060}}, "desk": {"httpGet": {"path": "/healthz", "port": "http"}}}
     expected |= {stage: {"grpc": {"port": 50051}} for stage in [*STAGES, "controller"]}
     expected["kafka"] = {"tcpSocket": {"port": "kafka"}}
+    expected["judges"] = {"httpGet": {"path": "/health", "port": "http"}}
     deployments = find(renders[case], "Deployment") + find(renders[case], "StatefulSet")
     assert deployments
     for doc in deployments:
@@ -657,3 +659,20 @@ def test_dev_kafka_config_is_accepted_by_kafka(renders: dict[str, list[dict[str,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "data" / "meta.properties").read_text().count(f"cluster.id={cluster_id}") == 1
+
+
+def test_dev_judges_serve_models_from_the_data_volume_to_the_release(renders):
+    docs = renders["dev-judges"]
+    name = f"{RELEASE}-synpref-judges"
+    spec = pod_spec(one(docs, "Deployment", name))
+    (container,) = spec["containers"]
+    assert container["command"][:2] == ["transformers", "serve"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
+    data = next(v for v in spec["volumes"] if v["name"] == "data")
+    assert data["persistentVolumeClaim"]["claimName"] == f"{RELEASE}-synpref-data"
+    assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
+    assert one(docs, "Service", name)["spec"]["ports"][0]["port"] == 8000
+    policy = one(docs, "NetworkPolicy", f"{RELEASE}-synpref-dev-judges")
+    assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 8000}]
+    assert not find(renders["default"], "Deployment", name)

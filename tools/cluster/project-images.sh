@@ -120,7 +120,9 @@ for name in "${names[@]}"; do
     *)
       make_debian_base "$PYTHON_BASE" python3,python3-venv,python3-pip,python-is-python3,ca-certificates python3
       image="localhost/synpref/$name:dev"
+      # The cluster's CPU image also serves the dev judges (`transformers serve`, chart devJudges).
       build_args=(--build-arg "PYTHON_IMAGE=$PYTHON_BASE" --build-arg "TORCH_INDEX=$PIP_INDEX"
+        --build-arg "EXTRAS=${SYNPREF_IMAGE_EXTRAS-judge-server}"
         --volume "$HOST_CA:/etc/pip-ca.crt:ro" --volume "$scratch/pip.conf:/etc/pip.conf:ro")
       ;;
   esac
