@@ -676,3 +676,14 @@ def test_dev_judges_serve_models_from_the_data_volume_to_the_release(renders):
     policy = one(docs, "NetworkPolicy", f"{RELEASE}-synpref-dev-judges")
     assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 8000}]
     assert not find(renders["default"], "Deployment", name)
+
+
+def test_without_the_controller_the_filter_routes_decisions_to_the_writer(renders):
+    # With the controller off nobody reads the decided topics; the filter must route by decision
+    # (curated -> the writer, review, discarded), or a pipeline-only release writes nothing.
+    def filter_command(case: str) -> list[str]:
+        (container,) = pod_spec(one(renders[case], "Deployment", f"{RELEASE}-synpref-filter"))["containers"]
+        return container["command"]
+
+    assert filter_command("minimal") == ["synpref", "filter", "--by-decision"]
+    assert filter_command("default") == ["synpref", "filter"]

@@ -127,6 +127,11 @@ for name in "${names[@]}"; do
       ;;
   esac
   log "building $image from docker/$name.Dockerfile"
+  # A rebuild needs about twice the image's size free (the copied layer, then its commit); the
+  # previous archive and, once replaced, the previous image (7 GB each for the CPU image) go first.
+  archive="$IMAGES/synpref-$name.tar"
+  rm -f "$archive"
+  previous="$("${BUILDAH[@]}" images --quiet --no-trunc "$image" 2>/dev/null | sed -n 1p || true)"
   started=$SECONDS
   (
     cd "$ROOT"
@@ -134,8 +139,10 @@ for name in "${names[@]}"; do
       -f "docker/$name.Dockerfile" -t "$image" .
   )
   built=$((SECONDS - started))
-  archive="$IMAGES/synpref-$name.tar"
-  rm -f "$archive"
+  current="$("${BUILDAH[@]}" images --quiet --no-trunc "$image" | sed -n 1p)"
+  if [[ -n "$previous" && "$previous" != "$current" ]]; then
+    "${BUILDAH[@]}" rmi "$previous" >/dev/null 2>&1 || log "kept the previous $image ($previous): still in use"
+  fi
   "${BUILDAH[@]}" push --quiet "$image" "docker-archive:$archive:$image"
   echo "$image" >"$IMAGES/synpref-$name.ref"
   size="$("${BUILDAH[@]}" images --format '{{.Size}}' "$image" | sed -n 1p)"

@@ -1,0 +1,153 @@
+"""Real pairs through the pipeline's pods on a live cluster, judged by an LLM server in the cluster.
+
+The release of tests/cluster/values.yaml plus pipeline-values.yaml: the dev broker, the scorer
+serving the tiny reward model as gold and best, the gold-scorer, annotator, filter and writer pods,
+and the chart's dev judge server (`transformers serve`) over two tiny random chat LMs. The models
+and a PandaLM file from ../shared/data are copied onto the data volume, then `helm upgrade` turns
+on the ingest Job. Every published pair must end in exactly one outcome (a dataset row kept or
+flipped, review, discarded, dead-letter), the dataset on the volume holds no pair twice, and the
+judges must have been asked. A random LM never answers the JSON a judge prompt asks for, so
+every vote is an abstention; the run must still finish.
+
+    KUBECONFIG=$PWD/.cache/cluster/admin.kubeconfig .venv/bin/python -m pytest -m cluster tests/cluster -s
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from testing.judge_server import REQUEST_LINE, build_tiny_chat_lm
+from tests.cluster.test_install import (
+    HELM,
+    KUBECTL,
+    RELEASE,
+    REPO,
+    VALUES,
+    _describe,
+    _helm,
+    _pods,
+    _run,
+    _unready,
+    _wait_for,
+    namespace,
+)
+
+__all__ = ["namespace"]  # the fixture, shared with test_install.py
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+log = logging.getLogger("synpref.tests.cluster")
+PIPELINE_VALUES = Path(__file__).with_name("pipeline-values.yaml")
+OUTCOMES_SCRIPT = Path(__file__).with_name("outcomes_in_pod.py")
+PANDALM = REPO.parent / "shared" / "data" / "PandaLM" / "testset-v1.json"
+PAIRS = 60
+FLOW_TIMEOUT_S = 900
+
+
+def _pod(namespace: str, component: str) -> str:
+    for pod in _pods(namespace):
+        labels = pod["metadata"].get("labels", {})
+        if labels.get("app.kubernetes.io/component") == component and pod["status"].get("phase") == "Running":
+            return str(pod["metadata"]["name"])
+    raise AssertionError(f"no running {component} pod:\n{_describe(namespace)}")
+
+
+def _outcomes(namespace: str) -> dict:
+    """outcomes_in_pod.py's report, run in the writer's pod (the image, the volume, the broker)."""
+    assert KUBECTL
+    pod = _pod(namespace, "writer")
+    script = OUTCOMES_SCRIPT.read_text()
+    proc = _run_input([KUBECTL, "-n", namespace, "exec", "-i", pod, "--", "python", "-"], script, timeout=180)
+    return json.loads(proc.strip().splitlines()[-1])
+
+
+def _run_input(args: list[str], stdin: str, timeout: float) -> str:
+    proc = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args[:6])} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def _settled(report: dict) -> bool:
+    outcomes = sum(len(report[k]) for k in ("kept", "flipped", "review", "discarded", "dead_letter"))
+    return bool(report["raw"]) and outcomes >= len(report["raw"]) and not any(report["lag"].values())
+
+
+@pytest.mark.skipif(not PANDALM.exists(), reason=f"{PANDALM} is not present")
+def test_real_pairs_flow_through_the_pods_with_judges_served_in_the_cluster(namespace: str, tmp_path: Path) -> None:
+    assert KUBECTL and HELM
+    started = time.monotonic()
+    models = tmp_path / "models"
+    _run([sys.executable, "-m", "testing.tiny", str(models / "tiny-rm")], timeout=300)
+    build_tiny_chat_lm(models / "judge-a", seed=1)
+    build_tiny_chat_lm(models / "judge-b", seed=2)
+
+    chart = str(REPO / "charts/synpref")
+    base = ["-n", namespace, "-f", str(VALUES), "-f", str(PIPELINE_VALUES)]
+    installed_s = _helm("install", RELEASE, chart, *base)
+    log.info("helm install (pipeline, judges, no ingest yet) took %.0fs", installed_s)
+    _wait_for("every pod Ready after install", 300, lambda: not _unready(namespace), lambda: _describe(namespace))
+
+    writer = _pod(namespace, "writer")
+    _run([KUBECTL, "-n", namespace, "exec", writer, "--", "mkdir", "-p", "/data/input"])
+    _run([KUBECTL, "-n", namespace, "cp", str(models), f"{writer}:/data/models"], timeout=300)
+    _run([KUBECTL, "-n", namespace, "cp", str(PANDALM), f"{writer}:/data/input/pandalm.json"], timeout=300)
+
+    ingest = [
+        "--set",
+        "ingest.enabled=true",
+        "--set-json",
+        f'ingest.args=["--no-decontaminate","--limit","{PAIRS}","/data/input/pandalm.json"]',
+    ]
+    upgraded_s = _helm("upgrade", RELEASE, chart, *base, *ingest)
+    log.info("helm upgrade (ingest Job to Complete) took %.0fs", upgraded_s)
+    job_log = _run([KUBECTL, "-n", namespace, "logs", f"job/{RELEASE}-ingest-2"])
+    counts = json.loads([line for line in job_log.splitlines() if line.startswith("{")][-1])
+    log.info("ingest: %s", counts)
+    assert counts["published"] > 0 and counts["unacknowledged"] == 0, counts
+
+    reports: list[dict] = []
+
+    def settled() -> bool:
+        reports.append(_outcomes(namespace))
+        return _settled(reports[-1])
+
+    _wait_for(
+        "every published pair to reach one outcome",
+        FLOW_TIMEOUT_S,
+        settled,
+        lambda: (
+            json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in reports[-1].items()})
+            + "\n"
+            + _describe(namespace)
+        ),
+    )
+    report = reports[-1]
+    raw = set(report["raw"])
+    assert len(raw) == len(report["raw"]) == counts["published"]
+    outcomes = [set(report[k]) for k in ("kept", "flipped", "review", "discarded", "dead_letter")]
+    union = set().union(*outcomes)
+    assert sum(len(report[k]) for k in ("kept", "flipped", "review", "discarded", "dead_letter")) == len(union), (
+        "a pair has two outcomes, or a row was written twice"
+    )
+    assert union == raw, f"missing {sorted(raw - union)[:5]}, unexpected {sorted(union - raw)[:5]}"
+    assert report["rows"] == len(report["kept"]) + len(report["flipped"]) > 0
+
+    judges_log = _run([KUBECTL, "-n", namespace, "logs", _pod(namespace, "judges")])
+    asked = {m: judges_log.count(f"Model: {m},") for m in set(REQUEST_LINE.findall(judges_log))}
+    log.info("judge requests by model: %s", asked)
+    assert set(asked) == {"/data/models/judge-a", "/data/models/judge-b"}, asked
+    log.info(
+        "pipeline in the cluster: %d pairs -> %d kept, %d flipped, %d review, %d discarded, %d dead-letter in %.0fs",
+        len(raw),
+        *(len(s) for s in outcomes),
+        time.monotonic() - started,
+    )
+    _run([HELM, "uninstall", RELEASE, "-n", namespace, "--wait", "--timeout", "300s"], timeout=360)
