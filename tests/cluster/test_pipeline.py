@@ -4,10 +4,12 @@ The release of tests/cluster/values.yaml plus pipeline-values.yaml: the dev brok
 serving the tiny reward model as gold and best, the gold-scorer, annotator, filter and writer pods,
 and the chart's dev judge server (`transformers serve`) over two tiny random chat LMs. The models
 and a PandaLM file from ../shared/data are copied onto the data volume, then `helm upgrade` turns
-on the ingest Job. Every published pair must end in exactly one outcome (a dataset row kept or
-flipped, review, discarded, dead-letter), the dataset on the volume holds no pair twice, and the
-judges must have been asked. A random LM never answers the JSON a judge prompt asks for, so
-every vote is an abstention; the run must still finish.
+on the ingest Job. Mid-run the writer and then the filter pod are force-deleted (no SIGTERM),
+and a `helm upgrade` with a changed value rolls every pod. Every published pair must still end in
+exactly one outcome (a dataset row kept or flipped, review, discarded, dead-letter: none lost),
+the dataset on the volume holds no pair twice, and the judges must have been asked. A random LM
+never answers the JSON a judge prompt asks for, so every vote is an abstention; the run must
+still finish.
 
     KUBECONFIG=$PWD/.cache/cluster/admin.kubeconfig .venv/bin/python -m pytest -m cluster tests/cluster -s
 """
@@ -19,6 +21,7 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,16 +50,22 @@ log = logging.getLogger("synpref.tests.cluster")
 PIPELINE_VALUES = Path(__file__).with_name("pipeline-values.yaml")
 OUTCOMES_SCRIPT = Path(__file__).with_name("outcomes_in_pod.py")
 PANDALM = REPO.parent / "shared" / "data" / "PandaLM" / "testset-v1.json"
-PAIRS = 60
+PAIRS = 1000  # all of PandaLM's test set: about 700 pairs to publish
 FLOW_TIMEOUT_S = 900
 
 
-def _pod(namespace: str, component: str) -> str:
-    for pod in _pods(namespace):
-        labels = pod["metadata"].get("labels", {})
-        if labels.get("app.kubernetes.io/component") == component and pod["status"].get("phase") == "Running":
-            return str(pod["metadata"]["name"])
-    raise AssertionError(f"no running {component} pod:\n{_describe(namespace)}")
+def _pod(namespace: str, component: str, wait_s: float = 180) -> str:
+    """A Running pod of `component`, waiting up to wait_s for one (a replacement after a kill)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for pod in _pods(namespace):
+            meta = pod["metadata"]
+            mine = meta.get("labels", {}).get("app.kubernetes.io/component") == component
+            if mine and pod["status"].get("phase") == "Running" and not meta.get("deletionTimestamp"):
+                return str(meta["name"])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no running {component} pod:\n{_describe(namespace)}")
+        time.sleep(2)
 
 
 def _outcomes(namespace: str) -> dict:
@@ -81,7 +90,7 @@ def _settled(report: dict) -> bool:
 
 
 @pytest.mark.skipif(not PANDALM.exists(), reason=f"{PANDALM} is not present")
-def test_real_pairs_flow_through_the_pods_with_judges_served_in_the_cluster(namespace: str, tmp_path: Path) -> None:
+def test_real_pairs_through_the_pods_with_judges_kills_and_an_upgrade(namespace: str, tmp_path: Path) -> None:
     assert KUBECTL and HELM
     started = time.monotonic()
     models = tmp_path / "models"
@@ -118,6 +127,33 @@ def test_real_pairs_flow_through_the_pods_with_judges_served_in_the_cluster(name
     def settled() -> bool:
         reports.append(_outcomes(namespace))
         return _settled(reports[-1])
+
+    def progress() -> str:
+        return json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in reports[-1].items()})
+
+    def rows_past(count: int) -> Callable[[], bool]:
+        def reached() -> bool:
+            reports.append(_outcomes(namespace))
+            return bool(reports[-1]["rows"] > count)
+
+        return reached
+
+    # Chaos mid-run: the writer, then the filter, force-deleted (no SIGTERM, no last commit), each
+    # once rows have landed since the previous blow; then a rolling `helm upgrade` of every pod.
+    for component in ("writer", "filter"):
+        before = reports[-1]["rows"] if reports else 0
+        _wait_for(f"rows past {before} before killing the {component}", FLOW_TIMEOUT_S, rows_past(before), progress)
+        victim = _pod(namespace, component)
+        _run([KUBECTL, "-n", namespace, "delete", "pod", victim, "--grace-period=0", "--force"])
+        log.info("force-deleted %s at %s", victim, progress())
+        assert reports[-1]["rows"] < counts["published"], "the stream ended before the kill: raise PAIRS"
+    before = reports[-1]["rows"]
+    _wait_for(f"rows past {before} before the upgrade", FLOW_TIMEOUT_S, rows_past(before), progress)
+    rolled = ["--set", "config.log_level=DEBUG", "--set", "ingest.enabled=false"]
+    at_upgrade = progress()
+    upgraded_s = _helm("upgrade", RELEASE, chart, *base, *rolled)
+    log.info("helm upgrade with a changed value (every pod rolls) at %s took %.0fs", at_upgrade, upgraded_s)
+    assert reports[-1]["rows"] < counts["published"], "the stream ended before the upgrade: raise PAIRS"
 
     _wait_for(
         "every published pair to reach one outcome",
