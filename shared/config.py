@@ -243,6 +243,9 @@ class ControllerSettings(Section):
     """Pair files or folders (any format shared/sources.py reads); required."""
     source_format: SourceFormat | None = None
     """Format of every source (one of shared.sources.FORMATS); None = detected per file."""
+    source_wait_s: float = Field(default=0.0, ge=0.0)
+    """How long ingest waits for a missing local source to appear (copied onto the volume after the
+    install); 0 = fail at once, as `synpref run` does. The chart sets a day."""
     decontaminate: list[str] = Field(default_factory=lambda: ["rmbench"])
     """Built-in benchmark sets (rmbench) or prompt files: pairs sharing a 13-gram with one are removed at
     ingest; [] turns it off."""

@@ -107,6 +107,20 @@ class KafkaExecutor:
         self.timeout_s = timeout_s
         self.plans = plans
 
+    def _partitions(self, consumer, topics) -> dict[str, list[int]]:
+        """Each topic's partitions, waiting up to timeout_s for topics not created yet (in a cluster,
+        the chart's topics hook runs only once every pod of the release is Ready, this one too)."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            found = {t: sorted(consumer.partitions_for_topic(t) or ()) for t in topics}
+            missing = sorted(t for t, parts in found.items() if not parts)
+            if not missing:
+                return found
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"topics {missing} do not exist after {self.timeout_s:g}s: create them")
+            log.warning("waiting for topics %s to be created", missing)
+            time.sleep(5)
+
     def run(self, name: str, records: list[PairRecord]) -> StageResult:
         """Publish `records` to the step's input topic and collect each one's result from its output or
         dead-letter topic; TimeoutError when some are not back within timeout_s.
@@ -126,10 +140,7 @@ class KafkaExecutor:
         consumer = make_consumer(self.settings.kafka, None, enable_auto_commit=False)  # type: ignore[arg-type]
         producer = make_producer(self.settings.kafka)
         try:
-            parts = []
-            for topic in by_topic:
-                found = consumer.partitions_for_topic(topic) or set()
-                parts += [TopicPartition(topic, p) for p in sorted(found)]
+            parts = [TopicPartition(t, p) for t, found in self._partitions(consumer, by_topic).items() for p in found]
             consumer.assign(parts)
             consumer.seek_to_end(*parts)
             for tp in parts:

@@ -10,9 +10,12 @@ column keeps the label each pair came in with.
 
 from __future__ import annotations
 
+import math
 import random
+import time
 from collections.abc import Callable, Iterator
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 from synpref.services.controller.simulated import label_is_true, mark_truth, with_label_noise
@@ -45,11 +48,31 @@ class StoredIds:
         self.pending.clear()
 
 
+def wait_for_sources(
+    sources: list[str], wait_s: float, say: Callable[[str], None], sleep: Callable[[float], None] = time.sleep
+) -> None:
+    """Return once every local source exists; after wait_s, let ingest raise its error on the missing one.
+
+    In a cluster the sources are copied onto the volume after `helm install`: waiting (health
+    SERVING) instead of exiting keeps the controller out of CrashLoopBackOff and `helm --wait` green.
+    """
+    deadline = time.monotonic() + wait_s
+    said = -math.inf
+    while missing := [s for s in sources if "://" not in s and not Path(s).exists()]:
+        if time.monotonic() >= deadline:
+            return
+        if time.monotonic() - said >= 60:
+            say(f"waiting for sources {missing} (up to {wait_s:g}s): copy the pairs onto the volume")
+            said = time.monotonic()
+        sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+
+
 def ingest_sources(store: PairStore, c: ControllerSettings, say: Callable[[str], None]) -> dict[str, Any]:
     """Fill an empty store from `c.sources`; returns the ingest counts and the study's label figures."""
     from synpref.services.ingest.preprocess import Decontaminator, Preprocessor
     from synpref.shared.sources import iter_source
 
+    wait_for_sources(c.sources, c.source_wait_s, say)
     seen = StoredIds(store)
     pre = Preprocessor(Decontaminator.from_sources(c.decontaminate), seen=seen, keep_rejections=1000)
     study = c.study is not None

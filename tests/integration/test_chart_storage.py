@@ -116,3 +116,11 @@ def test_the_store_can_have_a_read_write_once_volume_of_its_own(helm: str) -> No
     default = render(helm)
     assert "store_dir" not in pipeline_config(default)["controller"]
     assert not [d for d in default if d["metadata"]["name"] == f"{FULLNAME}-controller-state"]
+
+
+def test_the_controller_waits_a_day_for_sources_copied_in_after_the_install(helm):
+    # Sources land on the volume after `helm install`; exiting meanwhile crash-looped the controller,
+    # failed `helm install --wait`, and so kept the post-install topics hook from ever running.
+    assert pipeline_config(render(helm))["controller"]["source_wait_s"] == 86400
+    kept = render(helm, "--set", "config.controller.source_wait_s=0")
+    assert pipeline_config(kept)["controller"]["source_wait_s"] == 0
