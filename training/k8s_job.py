@@ -348,7 +348,9 @@ class JobBackend:
         deadline = time.monotonic() + validate_timeout(timeout_s)
         while True:
             try:
-                job = self.batch.read_namespaced_job_status(name, namespace)
+                # The Job itself carries its status: `get` on jobs, which the chart's controller Role
+                # grants; read_namespaced_job_status needs jobs/status as well (403 on the cluster).
+                job = self.batch.read_namespaced_job(name, namespace)
             except client.ApiException as exc:
                 raise self._error("reading", "Job", namespace, name, exc) from exc
             for cond in (job.status and job.status.conditions) or []:

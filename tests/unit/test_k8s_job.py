@@ -279,6 +279,10 @@ class FakeApi(BaseHTTPRequestHandler):
             else:
                 self.status(404, "NotFound", f'services "{name}" not found')
             return
+        if parts[-1] == "status":
+            # As the chart's controller Role: `get` on jobs, not on the jobs/status subresource.
+            self.status(403, "Forbidden", 'cannot get resource "jobs/status" in API group "batch"')
+            return
         name = parts[parts.index("jobs") + 1]
         job = self.jobs.get(name)
         if job is None:
