@@ -1,0 +1,166 @@
+"""The curation loop in the cluster: the controller, its training Jobs, the scorer's hot reload, the desk.
+
+The release of values.yaml + pipeline-values.yaml + controller-values.yaml. The controller starts
+before its pairs are on the volume and waits for them (Ready meanwhile, so `helm install --wait`
+passes and the topics hook runs). The test then copies the models and 150 PandaLM pairs in and
+answers every pair the desk shows, over HTTP through `kubectl port-forward`, with the token the
+secrets hook made. The controller runs seed, Stage 1, Stage 2 and the final steps through the
+stage pods and the dev judges, trains each RM as a Kubernetes Job under its own ServiceAccount,
+and hot-reloads the scorer with them; the test waits for "curation finished" and checks the Jobs,
+the reloads, the report and the datasets on the volume.
+
+    KUBECONFIG=$PWD/.cache/cluster/admin.kubeconfig .venv/bin/python -m pytest -m cluster tests/cluster -s
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testing.judge_server import build_tiny_chat_lm
+from tests.cluster.test_install import (
+    HELM,
+    KUBECTL,
+    RELEASE,
+    REPO,
+    VALUES,
+    _describe,
+    _helm,
+    _kubectl_json,
+    _run,
+    namespace,
+)
+from tests.cluster.test_pipeline import PANDALM, PIPELINE_VALUES, _pod
+
+__all__ = ["namespace"]  # the fixture, shared with test_install.py
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+log = logging.getLogger("synpref.tests.cluster")
+CONTROLLER_VALUES = Path(__file__).with_name("controller-values.yaml")
+LOOP_TIMEOUT_S = 1200
+
+
+class DeskHumans:
+    """Answers every pair the desk shows (1 and 2 in turn), through a port-forward it restarts
+    whenever the desk pod changes."""
+
+    def __init__(self, namespace: str) -> None:
+        assert KUBECTL
+        secret = _kubectl_json("-n", namespace, "get", "secret", f"{RELEASE}-desk-tokens")
+        entry = base64.b64decode(secret["data"]["tokens"]).decode().split()[0]
+        self.token = entry.split(":", 1)[1]
+        self.namespace = namespace
+        self.answered = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _forward(self) -> tuple[subprocess.Popen[bytes], str]:
+        assert KUBECTL
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = [KUBECTL, "-n", self.namespace, "port-forward", f"svc/{RELEASE}-desk", f"{port}:8000"]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(2)
+        return proc, f"http://127.0.0.1:{port}"
+
+    def _call(self, url: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+        with urllib.request.urlopen(urllib.request.Request(url + path, data=data, headers=headers), timeout=30) as r:
+            return dict(json.loads(r.read()))
+
+    def _run(self) -> None:
+        proc, url = self._forward()
+        try:
+            while not self.stop.is_set():
+                try:
+                    pair = self._call(url, "/api/next")["pair"]
+                    if pair:
+                        choice = 1 + self.answered % 2
+                        self._call(url, "/api/verdict", {"pair_id": pair["pair_id"], "choice": choice})
+                        self.answered += 1
+                    else:
+                        self.stop.wait(2)
+                except (urllib.error.URLError, OSError):
+                    proc.terminate()
+                    self.stop.wait(2)
+                    proc, url = self._forward()
+        finally:
+            proc.terminate()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=40)
+
+
+def test_the_controller_runs_the_loop_with_jobs_reloads_and_the_desk(namespace: str, tmp_path: Path) -> None:
+    assert KUBECTL and HELM
+    started = time.monotonic()
+    models = tmp_path / "models"
+    _run([sys.executable, "-m", "testing.tiny", str(models / "tiny-base")], timeout=300)
+    _run([sys.executable, "-m", "testing.tiny", str(models / "tiny-rm")], timeout=300)
+    build_tiny_chat_lm(models / "judge-a", seed=1)
+    build_tiny_chat_lm(models / "judge-b", seed=2)
+
+    chart = str(REPO / "charts/synpref")
+    values = ["-f", str(VALUES), "-f", str(PIPELINE_VALUES), "-f", str(CONTROLLER_VALUES)]
+    installed_s = _helm("install", RELEASE, chart, "-n", namespace, *values)
+    log.info("helm install with the controller (no sources yet) took %.0fs", installed_s)
+    controller = _pod(namespace, "controller")
+    waiting = _run([KUBECTL, "-n", namespace, "logs", controller])
+    assert "waiting for sources" in waiting, waiting[-2000:]
+
+    writer = _pod(namespace, "writer")
+    _run([KUBECTL, "-n", namespace, "exec", writer, "--", "mkdir", "-p", "/data/input"])
+    _run([KUBECTL, "-n", namespace, "cp", str(models), f"{writer}:/data/models"], timeout=300)
+    _run([KUBECTL, "-n", namespace, "cp", str(PANDALM), f"{writer}:/data/input/pandalm.json"], timeout=300)
+
+    humans = DeskHumans(namespace)
+    try:
+        deadline = time.monotonic() + LOOP_TIMEOUT_S
+        logs = [KUBECTL, "-n", namespace, "logs", f"deploy/{RELEASE}-controller"]
+        while "curation finished" not in (text := _run(logs)):
+            if time.monotonic() > deadline:
+                tail = f"{text[-3000:]}\n{_describe(namespace)}"
+                raise AssertionError(f"no 'curation finished' after {LOOP_TIMEOUT_S}s:\n{tail}")
+            time.sleep(10)
+    finally:
+        humans.close()
+    log.info("loop finished in %.0fs; the desk's humans answered %d pairs", time.monotonic() - started, humans.answered)
+    assert humans.answered >= 16  # the seed, at least
+
+    pod = _kubectl_json("-n", namespace, "get", "pod", _pod(namespace, "controller"))
+    assert pod["spec"]["serviceAccountName"] == f"{RELEASE}-controller"
+    jobs = _kubectl_json("-n", namespace, "get", "jobs")["items"]
+    done = {
+        j["metadata"]["name"]
+        for j in jobs
+        if any(c["type"] == "Complete" and c["status"] == "True" for c in j["status"].get("conditions", []))
+    }
+    log.info("training Jobs completed: %s", sorted(done))
+    for role in ("working-1", "final", "gold"):
+        assert any(name.startswith(f"rm-{role}-") for name in done), (role, sorted(done))
+    reloads = [line for line in text.splitlines() if "scorer reloaded" in line]
+    assert any('"version": "final-' in line for line in reloads), reloads
+    assert any('"model": "gold"' in line for line in reloads), reloads
+
+    listing = _run([KUBECTL, "-n", namespace, "exec", writer, "--", "ls", "/data/controller/datasets/synpref"])
+    assert {"curated", "human-verified", "kept"} <= set(listing.split()), listing
+    report = _run([KUBECTL, "-n", namespace, "exec", writer, "--", "cat", "/data/controller/report.md"])
+    assert "## Final RM" in report
+    log.info("controller loop in the cluster: %.0fs in all", time.monotonic() - started)
