@@ -148,7 +148,7 @@ class FeatureCache:
 
         digests = [_pair_digest(pair) for pair in pairs]
         known = [self._pair_keys.get(d) for d in digests]
-        misses = [i for i, k in enumerate(known) if k is None or k[0] not in self.cache or k[1] not in self.cache]
+        misses = [i for i, k in enumerate(known) if k is None]  # a remembered pair's features are cached
         seqs: list[list[int]] = [[] for _ in range(2 * len(pairs))]
         keys = [key for k in known for key in (k or ("", ""))]
         encoded = self._encode([pairs[i] for i in misses])

@@ -30,21 +30,20 @@ from typing import Any
 import pytest
 
 from testing.judge_server import build_tiny_chat_lm
-from tests.cluster.test_install import (
+from tests.cluster.kube import (
     HELM,
     KUBECTL,
+    PANDALM,
+    PIPELINE_VALUES,
     RELEASE,
     REPO,
     VALUES,
     _describe,
     _helm,
     _kubectl_json,
+    _pod,
     _run,
-    namespace,
 )
-from tests.cluster.test_pipeline import PANDALM, PIPELINE_VALUES, _pod
-
-__all__ = ["namespace"]  # the fixture, shared with test_install.py
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,45 +26,28 @@ from pathlib import Path
 import pytest
 
 from testing.judge_server import REQUEST_LINE, build_tiny_chat_lm
-from tests.cluster.test_install import (
+from tests.cluster.kube import (
     HELM,
     KUBECTL,
+    PANDALM,
+    PIPELINE_VALUES,
     RELEASE,
     REPO,
     VALUES,
     _describe,
     _helm,
-    _pods,
+    _pod,
     _run,
     _unready,
     _wait_for,
-    namespace,
 )
-
-__all__ = ["namespace"]  # the fixture, shared with test_install.py
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 log = logging.getLogger("synpref.tests.cluster")
-PIPELINE_VALUES = Path(__file__).with_name("pipeline-values.yaml")
 OUTCOMES_SCRIPT = Path(__file__).with_name("outcomes_in_pod.py")
-PANDALM = REPO.parent / "shared" / "data" / "PandaLM" / "testset-v1.json"
 PAIRS = 1000  # all of PandaLM's test set: about 700 pairs to publish
 FLOW_TIMEOUT_S = 900
-
-
-def _pod(namespace: str, component: str, wait_s: float = 180) -> str:
-    """A Running pod of `component`, waiting up to wait_s for one (a replacement after a kill)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        for pod in _pods(namespace):
-            meta = pod["metadata"]
-            mine = meta.get("labels", {}).get("app.kubernetes.io/component") == component
-            if mine and pod["status"].get("phase") == "Running" and not meta.get("deletionTimestamp"):
-                return str(meta["name"])
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no running {component} pod:\n{_describe(namespace)}")
-        time.sleep(2)
 
 
 def _outcomes(namespace: str) -> dict:
@@ -73,15 +55,8 @@ def _outcomes(namespace: str) -> dict:
     assert KUBECTL
     pod = _pod(namespace, "writer")
     script = OUTCOMES_SCRIPT.read_text()
-    proc = _run_input([KUBECTL, "-n", namespace, "exec", "-i", pod, "--", "python", "-"], script, timeout=180)
+    proc = _run([KUBECTL, "-n", namespace, "exec", "-i", pod, "--", "python", "-"], timeout=180, stdin=script)
     return json.loads(proc.strip().splitlines()[-1])
-
-
-def _run_input(args: list[str], stdin: str, timeout: float) -> str:
-    proc = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args[:6])} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout
 
 
 def _settled(report: dict) -> bool:
