@@ -10,7 +10,7 @@ PACKAGE_DIRS := $(shell find shared services training client protos/synpref -typ
 # mypy checks the installed packages, so first-party imports resolve (synpref.v1 is generated).
 MYPY_PACKAGES := -p synpref.shared -p synpref.services -p synpref.training -p synpref.client
 
-.PHONY: help install setup protos kafka helm chromium test test-unit test-integration lint wheel-smoke demo bench clean cluster cluster-down
+.PHONY: help install setup protos kafka helm chromium test test-cluster test-unit test-integration lint wheel-smoke demo bench clean cluster cluster-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -37,11 +37,15 @@ helm: ## build the helm binary from the Go module proxy into .cache/bin
 chromium: ## install Debian's Chromium for the desk's browser test (apt-get, needs root)
 	bash tools/chromium/install.sh
 
-test: setup ## ruff, mypy, the wheel smoke check, then the whole test suite (starts and stops a Kafka broker)
+test: setup ## ruff, mypy, the wheel smoke check, the test suite (a Kafka broker), then tests/cluster on a local cluster
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy $(MYPY_PACKAGES)
 	bash tools/wheel_smoke.sh
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --ignore=tests/cluster
+	bash tools/cluster/test.sh
+
+test-cluster: setup ## tests/cluster only: build and start the cluster and the images, run them, tear it down
+	bash tools/cluster/test.sh
 
 test-unit: $(STAMP) protos ## fast unit tests only (no Kafka, helm or Chromium needed)
 	$(PY) -m pytest tests -m "not integration"

@@ -1,8 +1,9 @@
 """What the cluster tests share: the tools, the release's names, running kubectl and helm, waiting.
 
-The tests run against a live cluster whose node holds the locally built images (`make cluster`,
-`bash tools/cluster/project-images.sh cpu kafka`; docs/cluster.md), named by KUBECONFIG;
-`skip_reason` says why not when there is none.
+The tests run against a live cluster whose node holds the locally built images, named by
+KUBECONFIG: `make test` makes one with tools/cluster/test.sh (`make cluster`,
+`bash tools/cluster/project-images.sh cpu kafka` by hand; docs/cluster.md). `_skip_reason` says
+why not when there is none.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def _kubectl_json(*args: str) -> Any:
 
 def _skip_reason() -> str | None:
     """Why this machine has no cluster to install on, or None."""
+    if os.environ.get("SYNPREF_CLUSTER_UNAVAILABLE"):
+        # tools/cluster/test.sh found that this machine cannot host the cluster.
+        return f"this machine cannot host the cluster: {os.environ['SYNPREF_CLUSTER_UNAVAILABLE']}"
     if not os.environ.get("KUBECONFIG"):
         return "KUBECONFIG is not set (start one with `make cluster`)"
     if not all(Path(f).is_file() for f in os.environ["KUBECONFIG"].split(os.pathsep)):
@@ -99,6 +103,19 @@ def _describe(namespace: str) -> str:
     pods = _run([KUBECTL, "-n", namespace, "get", "pods,jobs,pvc", "-o", "wide"], check=False)
     events = _run([KUBECTL, "-n", namespace, "get", "events", "--sort-by=.lastTimestamp"], check=False)
     return f"{pods}\n{events[-4000:]}"
+
+
+def _log_tails(namespace: str, lines: int = 15) -> str:
+    """The last lines of every running pod's log (a stall's first clue)."""
+    assert KUBECTL
+    out = []
+    for pod in _pods(namespace):
+        if pod["status"].get("phase") != "Running":
+            continue
+        name = pod["metadata"]["name"]
+        tail = _run([KUBECTL, "-n", namespace, "logs", name, "--all-containers", f"--tail={lines}"], check=False)
+        out.append(f"--- {name}\n{tail}")
+    return "\n".join(out)
 
 
 def _helm(*args: str) -> float:

@@ -45,7 +45,8 @@ from tests.cluster.kube import (
     _run,
 )
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+# Above LOOP_TIMEOUT_S and the install, so a stall fails with the controller's log.
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 log = logging.getLogger("synpref.tests.cluster")
 CONTROLLER_VALUES = Path(__file__).with_name("controller-values.yaml")

@@ -2,7 +2,8 @@
 
 Runs only against a live cluster whose node already holds the locally built images
 (`make cluster`, `bash tools/cluster/project-images.sh cpu kafka`; docs/cluster.md): KUBECONFIG
-must point at it. Otherwise the test is skipped and says why. Not wired into `make test`.
+must point at it. Otherwise the test is skipped and says why. `make test` runs it through
+tools/cluster/test.sh, which starts that cluster and builds the images first.
 
     KUBECONFIG=$PWD/.cache/cluster/admin.kubeconfig .venv/bin/python -m pytest -m cluster tests/cluster -s
 
@@ -28,6 +29,7 @@ import pytest
 from tests.cluster.kube import (
     HELM,
     IMAGES,
+    INSTALL_TIMEOUT_S,
     KUBECTL,
     RELEASE,
     REPO,
@@ -41,7 +43,8 @@ from tests.cluster.kube import (
     _wait_for,
 )
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+# Above the two helm waits (INSTALL_TIMEOUT_S each), so a stuck install fails with its own diagnostics.
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(2 * INSTALL_TIMEOUT_S + 600)]
 
 log = logging.getLogger("synpref.tests.cluster")
 # What `helm uninstall` leaves on purpose (docs/deploy.md): the token Secrets the secrets hook

@@ -36,18 +36,20 @@ from tests.cluster.kube import (
     VALUES,
     _describe,
     _helm,
+    _log_tails,
     _pod,
     _run,
     _unready,
     _wait_for,
 )
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+# Above the test's own waits, so a stall fails with the stages' counts and the pods' events.
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 log = logging.getLogger("synpref.tests.cluster")
 OUTCOMES_SCRIPT = Path(__file__).with_name("outcomes_in_pod.py")
 PAIRS = 1000  # all of PandaLM's test set: about 700 pairs to publish
-FLOW_TIMEOUT_S = 900
+FLOW_TIMEOUT_S = 600
 
 
 def _outcomes(namespace: str) -> dict:
@@ -106,6 +108,9 @@ def test_real_pairs_through_the_pods_with_judges_kills_and_an_upgrade(namespace:
     def progress() -> str:
         return json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in reports[-1].items()})
 
+    def stalled() -> str:
+        return f"{progress()}\n{_describe(namespace)}\n{_log_tails(namespace)}"
+
     def rows_past(count: int) -> Callable[[], bool]:
         def reached() -> bool:
             reports.append(_outcomes(namespace))
@@ -117,13 +122,13 @@ def test_real_pairs_through_the_pods_with_judges_kills_and_an_upgrade(namespace:
     # once rows have landed since the previous blow; then a rolling `helm upgrade` of every pod.
     for component in ("writer", "filter"):
         before = reports[-1]["rows"] if reports else 0
-        _wait_for(f"rows past {before} before killing the {component}", FLOW_TIMEOUT_S, rows_past(before), progress)
+        _wait_for(f"rows past {before} before killing the {component}", FLOW_TIMEOUT_S, rows_past(before), stalled)
         victim = _pod(namespace, component)
         _run([KUBECTL, "-n", namespace, "delete", "pod", victim, "--grace-period=0", "--force"])
         log.info("force-deleted %s at %s", victim, progress())
         assert reports[-1]["rows"] < counts["published"], "the stream ended before the kill: raise PAIRS"
     before = reports[-1]["rows"]
-    _wait_for(f"rows past {before} before the upgrade", FLOW_TIMEOUT_S, rows_past(before), progress)
+    _wait_for(f"rows past {before} before the upgrade", FLOW_TIMEOUT_S, rows_past(before), stalled)
     rolled = ["--set", "config.log_level=DEBUG", "--set", "ingest.enabled=false"]
     at_upgrade = progress()
     upgraded_s = _helm("upgrade", RELEASE, chart, *base, *rolled)
@@ -134,11 +139,7 @@ def test_real_pairs_through_the_pods_with_judges_kills_and_an_upgrade(namespace:
         "every published pair to reach one outcome",
         FLOW_TIMEOUT_S,
         settled,
-        lambda: (
-            json.dumps({k: (len(v) if isinstance(v, list) else v) for k, v in reports[-1].items()})
-            + "\n"
-            + _describe(namespace)
-        ),
+        stalled,
     )
     report = reports[-1]
     raw = set(report["raw"])
