@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "desk": ("synpref.services.desk.main", "web desk for human verification"),
     "run": ("synpref.services.controller.embedded", "run the whole curation loop on one machine (no cluster)"),
     "controller": ("synpref.services.controller.main", "drive the curation loop in a cluster"),
+    "health": ("synpref.shared.health_cli", "check gRPC health and HTTP endpoints (the chart's `helm test`)"),
 }
 
 

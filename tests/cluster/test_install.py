@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -143,6 +144,12 @@ def test_install_every_pod_ready_and_uninstall_leaves_only_kept(namespace: str, 
         pods = _pods(namespace)
         components = {p["metadata"]["labels"].get("app.kubernetes.io/component") for p in pods}
         assert {"scorer", "desk", "kafka", "gold-scorer", "filter", "writer"} <= components, components
+
+        # `helm test`: the chart's test Pod asks every stage, the scorer and the desk for their health.
+        tested = _run([HELM, "test", RELEASE, "-n", namespace, "--logs", "--timeout", "300s"], timeout=360)
+        log.info("helm test:\n%s", tested)
+        assert re.search(r"Phase:\s+Succeeded", tested), tested
+        assert tested.count(": ok") >= 6, tested  # 4 stages' gRPC, the scorer's gRPC and HTTP, the desk
 
         version = _kubectl_json("version")["serverVersion"]["gitVersion"]
         node = _kubectl_json("get", "nodes")["items"][0]["status"]["nodeInfo"]

@@ -25,6 +25,7 @@ import yaml
 
 from synpref.shared.cli import COMMANDS
 from synpref.shared.config import load_settings
+from synpref.shared.health_cli import parse_args as parse_health_args
 from synpref.shared.k8s_secrets import parse_args as parse_secrets_args
 from synpref.training.k8s_job import TrainingJobSpec, build_rendezvous_service, build_training_job, to_manifest
 
@@ -39,7 +40,7 @@ BASE_VALUES = CHART / "ci" / "base-values.yaml"
 KUBE_VERSIONS = ["1.30", "1.31", "1.32", "1.33", "1.34", "1.35"]
 RELEASE, NAMESPACE = "rel", "ml"
 STAGES = ["annotator", "gold-scorer", "filter", "writer"]
-POD_KINDS = {"Deployment", "StatefulSet", "Job", "CronJob"}
+POD_KINDS = {"Deployment", "StatefulSet", "Job", "CronJob", "Pod"}
 
 
 @pytest.fixture(scope="session")
@@ -103,6 +104,8 @@ def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 
 def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    if doc["kind"] == "Pod":
+        return dict(doc["spec"])
     if doc["kind"] == "CronJob":
         return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     return doc["spec"]["template"]["spec"]
@@ -687,3 +690,30 @@ def test_without_the_controller_the_filter_routes_decisions_to_the_writer(render
 
     assert filter_command("minimal") == ["synpref", "filter", "--by-decision"]
     assert filter_command("default") == ["synpref", "filter"]
+
+
+@pytest.mark.parametrize("case", ["default", "dev-judges", "minimal"])
+def test_helm_test_pod_checks_every_enabled_endpoint_through_its_service(
+    renders: dict[str, list[dict[str, Any]]], case: str
+) -> None:
+    docs = renders[case]
+    pod = one(docs, "Pod", f"{RELEASE}-synpref-test-health")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    command = container["command"]
+    assert command[:2] == ["synpref", "health"] and COMMANDS["health"][0] == "synpref.shared.health_cli"
+    targets = parse_health_args(command[2:]).targets
+    services = {d["metadata"]["name"]: {p["port"] for p in d["spec"]["ports"]} for d in find(docs, "Service")}
+    for target in targets:
+        host_port = target.split("://", 1)[-1].split("/", 1)[0]
+        host, port = host_port.rsplit(":", 1)
+        assert int(port) in services.get(host, set()), f"{target}: no Service {host} with port {port}"
+    # Every Deployment behind a Service is asked, on the port its probes use.
+    probed = {t.split("://", 1)[-1].split(":", 1)[0] for t in targets}
+    for deployment in find(docs, "Deployment"):
+        name = deployment["metadata"]["name"]
+        assert name in probed or name not in services or name.endswith("-controller"), f"{name} is not checked"
+
+
+def test_without_helm_test_no_test_pod(helm: str) -> None:
+    assert not find(render(helm, "--set", "helmTest.enabled=false"), "Pod")

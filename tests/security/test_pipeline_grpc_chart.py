@@ -79,7 +79,16 @@ def test_each_port_is_open_only_to_its_callers(case: str) -> None:
         opened = set().union(*(ports for ports, _ in rules)) if rules else set()
         if component in STAGES:
             assert opened - {SCORER_METRICS} == {GRPC, METRICS}, (component, opened)
-            assert peers_of(rules, GRPC) == [[controller_peer]], (component, peers_of(rules, GRPC))
+            # `helm test`'s Pod asks for health only; every other call needs the stages' token.
+            test_peer = {
+                "podSelector": {
+                    "matchLabels": {
+                        **controller_peer["podSelector"]["matchLabels"],
+                        "app.kubernetes.io/component": "test",
+                    }
+                }
+            }
+            assert peers_of(rules, GRPC) == [[controller_peer, test_peer]], (component, peers_of(rules, GRPC))
         elif component == "desk":
             assert DESK_HTTP in opened and GRPC not in opened, opened
         else:
