@@ -7,16 +7,20 @@ answers every pair the desk shows, over HTTP through `kubectl port-forward`, wit
 secrets hook made. The controller runs seed, Stage 1, Stage 2 and the final steps through the
 stage pods and the dev judges, trains each RM as a Kubernetes Job under its own ServiceAccount,
 and hot-reloads the scorer with them; the test waits for "curation finished" and checks the Jobs,
-the reloads, the report and the datasets on the volume.
+the reloads, the report and the datasets on the volume. Mid-run the controller's pod is force-deleted
+twice (waiting for a training Job, then in Stage 2): every pair taken in must still end in exactly one
+pool and the curated dataset must hold each curated pair once.
 
     KUBECONFIG=$PWD/.cache/cluster/admin.kubeconfig .venv/bin/python -m pytest -m cluster tests/cluster -s
 """
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -51,6 +55,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(2400)]
 log = logging.getLogger("synpref.tests.cluster")
 CONTROLLER_VALUES = Path(__file__).with_name("controller-values.yaml")
 LOOP_TIMEOUT_S = 1200
+OUTCOMES_SCRIPT = Path(__file__).with_name("controller_outcomes_in_pod.py")
 
 
 class DeskHumans:
@@ -108,6 +113,44 @@ class DeskHumans:
         self.thread.join(timeout=40)
 
 
+def _job_names(namespace: str) -> list[str]:
+    return [job["metadata"]["name"] for job in _kubectl_json("-n", namespace, "get", "jobs")["items"]]
+
+
+def _force_delete_controller(namespace: str) -> tuple[str, str]:
+    """Force-delete the running controller pod; its name and its log up to then."""
+    assert KUBECTL
+    victim = _pod(namespace, "controller")
+    before = _run([KUBECTL, "-n", namespace, "logs", victim], check=False)
+    _run([KUBECTL, "-n", namespace, "delete", "pod", victim, "--grace-period=0", "--force"])
+    log.info("force-deleted %s after: %s", victim, before.strip().splitlines()[-1:] if before.strip() else "")
+    return victim, before
+
+
+def _every_pair_once(namespace: str, first_log: str) -> None:
+    """Every pair the intake took in (the first pod's "[ingest] done" line) ended in one pool, none still
+    unverified, and the curated dataset holds the curated pools' pairs, each once."""
+    assert KUBECTL
+    taken = re.search(r"\[ingest\] done in [0-9.]+s\s+pools: (\{[^}]*\})", first_log)
+    assert taken, f"no '[ingest] done' line in the first controller's log:\n{first_log[-3000:]}"
+    ingested = sum(ast.literal_eval(taken.group(1)).values())
+    script = OUTCOMES_SCRIPT.read_text()
+    report = json.loads(
+        _run([KUBECTL, "-n", namespace, "exec", "-i", _pod(namespace, "writer"), "--", "python", "-"], stdin=script)
+    )
+    log.info(
+        "controller outcomes after two kills: ingested %d, pools %s, %d curated rows",
+        ingested,
+        report["pools"],
+        len(report["row_ids"]),
+    )
+    assert report["stored"] == sum(report["pools"].values()) == ingested > 0, (ingested, report["pools"])
+    assert report["pools"]["unverified"] == 0, report["pools"]
+    rows = report["row_ids"]
+    assert len(rows) == len(set(rows)), "a curated row is written twice"
+    assert sorted(rows) == sorted(report["curated_ids"]), "the curated dataset differs from the curated pools"
+
+
 def test_the_controller_runs_the_loop_with_jobs_reloads_and_the_desk(namespace: str, tmp_path: Path) -> None:
     assert KUBECTL and HELM
     started = time.monotonic()
@@ -131,18 +174,28 @@ def test_the_controller_runs_the_loop_with_jobs_reloads_and_the_desk(namespace: 
     _run([KUBECTL, "-n", namespace, "cp", str(PANDALM), f"{writer}:/data/input/pandalm.json"], timeout=300)
 
     humans = DeskHumans(namespace)
+    # Chaos: the controller's pod force-deleted (no SIGTERM) while it waits for its first training Job,
+    # and its replacement force-deleted again once it is in Stage 2 (pairs out on Kafka); each new pod
+    # resumes from the state on the volume. Each victim's log is kept (its pod is gone afterwards).
+    kills: list[tuple[str, str]] = []
     try:
         deadline = time.monotonic() + LOOP_TIMEOUT_S
         logs = [KUBECTL, "-n", namespace, "logs", f"deploy/{RELEASE}-controller"]
-        while "curation finished" not in (text := _run(logs)):
+        # A replacement pod that is not running yet has no log to show.
+        while "curation finished" not in (text := _run(logs, check=False)):
             if time.monotonic() > deadline:
                 tail = f"{text[-3000:]}\n{_describe(namespace)}"
                 raise AssertionError(f"no 'curation finished' after {LOOP_TIMEOUT_S}s:\n{tail}")
-            time.sleep(10)
+            first = not kills and any(n.startswith("rm-working-1-") for n in _job_names(namespace))
+            if first or (len(kills) == 1 and "[s2.curate] ..." in text):
+                kills.append(_force_delete_controller(namespace))
+            time.sleep(3)
     finally:
         humans.close()
     log.info("loop finished in %.0fs; the desk's humans answered %d pairs", time.monotonic() - started, humans.answered)
     assert humans.answered >= 16  # the seed, at least
+    assert len(kills) == 2, f"the controller was killed {len(kills)} times, not twice: {[k for k, _ in kills]}"
+    _every_pair_once(namespace, kills[0][1])
 
     pod = _kubectl_json("-n", namespace, "get", "pod", _pod(namespace, "controller"))
     assert pod["spec"]["serviceAccountName"] == f"{RELEASE}-controller"
@@ -155,6 +208,8 @@ def test_the_controller_runs_the_loop_with_jobs_reloads_and_the_desk(namespace: 
     log.info("training Jobs completed: %s", sorted(done))
     for role in ("working-1", "final", "gold"):
         assert any(name.startswith(f"rm-{role}-") for name in done), (role, sorted(done))
+    # The first replacement adopted the Job its predecessor was waiting for instead of starting another.
+    assert not [name for name in _job_names(namespace) if name.startswith("rm-working-1-") and "-a1" not in name]
     reloads = [line for line in text.splitlines() if "scorer reloaded" in line]
     assert any('"version": "final-' in line for line in reloads), reloads
     assert any('"model": "gold"' in line for line in reloads), reloads

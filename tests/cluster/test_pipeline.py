@@ -9,7 +9,9 @@ and a `helm upgrade` with a changed value rolls every pod. Every published pair 
 exactly one outcome (a dataset row kept or flipped, review, discarded, dead-letter: none lost),
 the dataset on the volume holds no pair twice, and the judges must have been asked. A random LM
 never answers the JSON a judge prompt asks for, so every vote is an abstention; the run must
-still finish.
+still finish. Then `kubectl create job --from=cronjob/synpref-train` trains the final RM from that
+dataset and the scorer serves it (tests/cluster/final_rm.py): rewards over gRPC, /get_reward and
+/classify within 1e-4 of AutoModelForSequenceClassification on the checkpoint.
 
     KUBECONFIG=$PWD/.cache/cluster/admin.kubeconfig .venv/bin/python -m pytest -m cluster tests/cluster -s
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from testing.judge_server import REQUEST_LINE, build_tiny_chat_lm
+from tests.cluster.final_rm import check_serving, train_from_the_cronjob
 from tests.cluster.kube import (
     HELM,
     KUBECTL,
@@ -50,6 +53,8 @@ log = logging.getLogger("synpref.tests.cluster")
 OUTCOMES_SCRIPT = Path(__file__).with_name("outcomes_in_pod.py")
 PAIRS = 1000  # all of PandaLM's test set: about 700 pairs to publish
 FLOW_TIMEOUT_S = 600
+# training.config.output_dir of pipeline-values.yaml, and the trainer's final/ in it.
+FINAL_CHECKPOINT = "/data/checkpoints/cluster-e2e-v1/final"
 
 
 def _outcomes(namespace: str) -> dict:
@@ -162,4 +167,9 @@ def test_real_pairs_through_the_pods_with_judges_kills_and_an_upgrade(namespace:
         *(len(s) for s in outcomes),
         time.monotonic() - started,
     )
+
+    # The final RM from the curated dataset, as an operator trains it, then served to RL-side clients.
+    train_from_the_cronjob(namespace, "rm-final-1")
+    check_serving(namespace, FINAL_CHECKPOINT, models / "tiny-rm", tmp_path)
+    log.info("pipeline, final RM and serving checks in %.0fs", time.monotonic() - started)
     _run([HELM, "uninstall", RELEASE, "-n", namespace, "--wait", "--timeout", "300s"], timeout=360)
