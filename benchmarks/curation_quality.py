@@ -42,16 +42,19 @@ from typing import Any
 
 import numpy as np
 
-from synpref.services.annotator.judges import aggregate
 from synpref.services.controller.final_steps import CURATED
 from synpref.services.controller.loop import Controller
 from synpref.services.controller.models import HeadModels, one_torch_thread
 from synpref.services.controller.providers import OracleHumans
-from synpref.services.controller.simulated import TRUTH_KEY, SimulatedJudge, label_is_true, pair_as_given
-from synpref.services.controller.state import key_of
+from synpref.services.controller.simulated import (
+    SimulatedJudge,
+    judges_majority_label,
+    label_is_true,
+    pair_as_given,
+)
 from synpref.services.gold_scorer.scoring import pair_dict
 from synpref.shared.config import SimulatedJudgeSettings, load_settings
-from synpref.v1.pair_pb2 import PREFERENCE_REJECTED, PairRecord
+from synpref.v1.pair_pb2 import PairRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -268,15 +271,8 @@ def pool_of(ctl: Controller) -> list[tuple[PairRecord, Pair]]:
 def judges_only(pool: list[tuple[PairRecord, Pair]], mode: str, seed: int) -> tuple[list[Pair], float]:
     """Every pool pair labelled by the judges' majority (ties keep the label as given); label accuracy."""
     panel = judge_panel(mode, seed)
-    pairs, right = [], 0
-    for record, pair in pool:
-        key = key_of(record)
-        truth = record.pair.meta[TRUTH_KEY]
-        votes = [v for j in panel for v in j.votes_for(key, pair["chosen"], truth, pair["rejected"])]
-        if aggregate(votes).preference == PREFERENCE_REJECTED:
-            pair = dict(pair, chosen=pair["rejected"], rejected=pair["chosen"])
-        pairs.append(pair)
-        right += pair["chosen"] == true_pair(record)["chosen"]
+    pairs = [judges_majority_label(panel, record, pair) for record, pair in pool]
+    right = sum(pair["chosen"] == true_pair(record)["chosen"] for (record, _), pair in zip(pool, pairs, strict=True))
     return pairs, right / len(pool)
 
 

@@ -12,7 +12,7 @@ from synpref.services.controller.embeddings import PairView
 from synpref.services.controller.intake import pool_label_accuracy
 from synpref.services.controller.models import ModelHandle, RewardModels, accuracy
 from synpref.services.controller.publish import export_registry, reload_scorer, write_registry
-from synpref.services.controller.simulated import pair_as_given
+from synpref.services.controller.simulated import SimulatedJudge, judges_majority_label, pair_as_given
 from synpref.services.controller.state import RunState
 from synpref.shared.config import ControllerSettings, Settings
 from synpref.shared.pairstore import PairStore
@@ -101,6 +101,18 @@ class FinalSteps:
         given = PairView(self.pairstore, self.pairstore.all_rows(("unverified", "discarded", *CURATED)), self.as_given)
         baseline = self.models.train("as-given", given, [], models_dir)
         acc["as_given"] = accuracy(self.models.score(baseline, holdout))
+        study = self.c.study
+        if study is not None and study.judges:
+            # A study's simulated judges (seeded as where they voted) label every pair for free; with LLM judges
+            # this would be a judge pass over the whole pool, so production runs leave the baseline out.
+            panel = [SimulatedJudge(j, self.c.seed) for j in study.judges]
+
+            def judged(records: Sequence[PairRecord], rows: Sequence[int]) -> list[dict]:
+                pairs = self.as_given(records, rows)
+                return [judges_majority_label(panel, r, p) for r, p in zip(records, pairs, strict=True)]
+
+            judges_only = self.models.train("judges-only", PairView(self.pairstore, given.rows, judged), [], models_dir)
+            acc["judges_only"] = accuracy(self.models.score(judges_only, holdout))
         acc["best_working"] = accuracy(self.models.score(self.handle(BEST), holdout))
         acc[GOLD] = accuracy(self.models.score(self.handle(GOLD), holdout))
         s.results["holdout_accuracy"] = acc

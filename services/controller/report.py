@@ -17,6 +17,20 @@ from synpref.services.controller.state import RunState
 from synpref.shared.config import Settings
 from synpref.shared.roles import BEST, GOLD
 
+# The held-out table's rows (FinalSteps.train_final): what each RM was trained on, all with the same trainer.
+TRAINED_ON = {
+    "final": "the curated set (kept + flipped)",
+    "as_given": "every pool pair with the label it came in with",
+    "judges_only": "every pool pair labelled by the judges' majority, no humans",
+    "best_working": "the last Stage-1 working RM",
+    GOLD: "the human-verified pairs only (D_gold)",
+}
+JUDGES_ONLY_NOTE = (
+    "- judges only: a study's baseline (its simulated judges label every pair for free); with LLM judges it "
+    "would take a judge pass over the whole pool, so it is not trained."
+)
+COLORS = {"as_given": "#999", "judges_only": "#b5b", GOLD: "#e90", "best_working": "#57b", "final": "#2a7"}
+
 DATASETS_NOTE = (
     "Versions: `human-verified` = D_gold; `kept` = curated pairs whose label was confirmed as given "
     "(decision KEEP); `curated` = kept + flipped (D_gold + D_silver + Stage-2 KEEP and FLIP, "
@@ -116,13 +130,14 @@ def plot_all(folder: Path, state: RunState) -> list[str]:
     if acc:
         names = {
             "as_given": "pairs as given",
+            "judges_only": "judges only",
+            GOLD: "gold only (humans)",
             "best_working": "best working RM",
-            GOLD: "gold RM",
             "final": "final RM (curated)",
         }
         keys = [k for k in names if k in acc and not math.isnan(acc[k])]
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        bars = ax.bar([names[k] for k in keys], [acc[k] for k in keys], color=["#999", "#57b", "#e90", "#2a7"])
+        bars = ax.bar([names[k] for k in keys], [acc[k] for k in keys], color=[COLORS[k] for k in keys])
         for bar, k in zip(bars, keys, strict=True):
             ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{acc[k]:.3f}", ha="center", va="bottom")
         ax.set_ylim(0, 1)
@@ -199,8 +214,10 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
     ]
     acc = r.get("holdout_accuracy", {})
     if acc:
-        lines += ["## Final RM", "", "| model | held-out accuracy |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in acc.items()]
+        lines += ["## Final RM", "", "| model | trained on | held-out accuracy |", "|---|---|---|"]
+        lines += [f"| {k} | {TRAINED_ON.get(k, '')} | {_fmt(v)} |" for k, v in acc.items()]
+        if "judges_only" not in acc:
+            lines += ["", JUDGES_ONLY_NOTE]
         if study:
             lines += [
                 "",

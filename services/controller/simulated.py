@@ -14,7 +14,8 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 
-from synpref.services.annotator.judges import JudgeRequest
+from synpref.services.annotator.judges import JudgeRequest, aggregate
+from synpref.services.controller.state import key_of
 from synpref.shared.config import SimulatedJudgeSettings
 from synpref.shared.pairs import flipped, unit_interval
 from synpref.v1.pair_pb2 import (
@@ -159,4 +160,16 @@ def pair_as_given(record: PairRecord, ingest_id: str) -> dict:
     pair = pair_dict(record)
     if record.pair.id != ingest_id:
         pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
+    return pair
+
+
+def judges_majority_label(panel: Sequence[SimulatedJudge], record: PairRecord, pair: dict) -> dict:
+    """`pair` (record's pair, as given) labelled by the panel alone: swapped when the majority of every
+    judge's votes prefers its rejected side, left as it is on a tie or when all abstain. The votes are the
+    seeded ones the judges cast on this pair in the loop, so this is the "judges only" baseline (the
+    paper's raw LLM curation: LLM labels on every pair, no humans) that a study can afford."""
+    truth = record.pair.meta[TRUTH_KEY]
+    votes = [v for j in panel for v in j.votes_for(key_of(record), pair["chosen"], truth, pair["rejected"])]
+    if aggregate(votes).preference == PREFERENCE_REJECTED:
+        return dict(pair, chosen=pair["rejected"], rejected=pair["chosen"])
     return pair

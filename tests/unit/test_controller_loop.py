@@ -92,6 +92,8 @@ def test_loop_runs_both_stages_and_repairs_labels(tmp_path):
     assert state.results["curated_label_accuracy"] > state.results["initial_label_accuracy"] + 0.1
     acc = state.results["holdout_accuracy"]
     assert acc["final"] >= acc["as_given"]
+    # The alternatives a team weighs, trained the same way: humans only (gold) and judges only (a study's).
+    assert set(acc) == {"final", "as_given", "judges_only", "best_working", "gold"}
     # D_gold is human-verified: every label there is the source label.
     assert all(label_is_true(records[k]) for k in pools["gold"])
     # Artifacts: datasets with a manifest, the registry, the best link, the report and its plots.
@@ -102,6 +104,8 @@ def test_loop_runs_both_stages_and_repairs_labels(tmp_path):
     assert (workdir / "models" / "scorer.yaml").exists()
     report = (workdir / "report.md").read_text()
     assert "Study run" in report and "oracle" in report
+    assert "| judges_only | every pool pair labelled by the judges' majority, no humans |" in report
+    assert "| gold | the human-verified pairs only (D_gold) |" in report
     for png in ("accuracy_per_iteration.png", "decisions_per_stage.png", "final_accuracy.png"):
         assert (workdir / "plots" / png).stat().st_size > 1000
     datasets = state.results["datasets"]

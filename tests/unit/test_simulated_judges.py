@@ -8,7 +8,13 @@ import math
 import pytest
 
 from synpref.services.annotator.judges import JudgeRequest
-from synpref.services.controller.simulated import SimulatedJudge, error_probability, label_is_true, mark_truth
+from synpref.services.controller.simulated import (
+    SimulatedJudge,
+    error_probability,
+    judges_majority_label,
+    label_is_true,
+    mark_truth,
+)
 from synpref.shared.config import SimulatedJudgeSettings
 from synpref.shared.pairs import flipped, message_dicts, new_pair, new_record
 from synpref.v1.pair_pb2 import PREFERENCE_CHOSEN
@@ -75,3 +81,25 @@ def test_length_correlated_judge_is_consistent_across_orientations_and_needs_the
     r = pair(0, 80, 200)
     with pytest.raises(ValueError, match="rejected"):
         j.votes_for(r.pair.id, message_dicts(r.pair.chosen), r.pair.meta["study_true_chosen"])
+
+
+def test_judges_only_label_is_the_panels_majority_and_agrees_with_the_votes_it_cast():
+    from synpref.services.gold_scorer.scoring import pair_dict
+
+    records = [pair(i, 100, 100, truth=bool(i % 2)) for i in range(200)]
+    right_panel = [judge("r", 1.0, "independent")]
+    wrong_panel = [judge("w", 0.0, "independent")]
+    mute = [SimulatedJudge(SimulatedJudgeSettings(name="m", abstain=1.0), seed=5)]
+    for r in records:
+        given = pair_dict(r)
+        swapped = dict(given, chosen=given["rejected"], rejected=given["chosen"])
+        truth_first = given if label_is_true(r) else swapped
+        assert judges_majority_label(right_panel, r, given) == truth_first
+        assert judges_majority_label(wrong_panel, r, given) != truth_first
+        assert judges_majority_label(mute, r, given) == given  # every judge abstains: as given
+    # A 0.8 judge in the loop (judge()) and in the baseline believe the same thing about a pair.
+    panel = [judge("j", 0.8, "independent")]
+    for r in records[:50]:
+        given = pair_dict(r)
+        # Left as given exactly when its vote is CHOSEN: when it is right about a true label or wrong about a false one.
+        assert (judges_majority_label(panel, r, given) == given) == (right(panel[0], r) == label_is_true(r))
