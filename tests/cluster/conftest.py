@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -13,6 +14,9 @@ from tests.cluster.kube import KUBECTL, _run, _skip_reason
 @pytest.fixture
 def namespace() -> Iterator[str]:
     reason = _skip_reason()
+    if reason and os.environ.get("SYNPREF_CLUSTER_REQUIRED"):
+        # tools/cluster/test.sh built and started the cluster: nothing may be missing now.
+        pytest.fail(f"the cluster tools/cluster/test.sh started is not usable: {reason}")
     if reason:
         pytest.skip(reason)
     assert KUBECTL

@@ -81,6 +81,11 @@ for pid in "${container_pids[@]}"; do stop_pid "$pid" "container process" 0; don
 stop_recorded containerd
 # A shim outlives containerd by design; stop the ones still there by their recorded PIDs.
 for pid in "${shim_pids[@]}"; do stop_pid "$pid" "containerd shim" 5; done
+# A shim whose bundle had no shim.pid yet (a sandbox still starting, measured after a test run) is
+# found by the socket address it was started with: only this cluster's containerd listens there.
+for pid in $(pgrep -f -- "containerd-shim-runc-v2 .*-address $CONTAINERD_SOCK( |$)" || true); do
+  stop_pid "$pid" "containerd shim (unrecorded)" 5
+done
 stop_recorded kube-apiserver
 stop_recorded etcd
 
