@@ -146,10 +146,10 @@ def test_install_every_pod_ready_and_uninstall_leaves_only_kept(namespace: str, 
         assert {"scorer", "desk", "kafka", "gold-scorer", "filter", "writer"} <= components, components
 
         # `helm test`: the chart's test Pod asks every stage, the scorer and the desk for their health.
-        tested = _run([HELM, "test", RELEASE, "-n", namespace, "--logs", "--timeout", "300s"], timeout=360)
-        log.info("helm test:\n%s", tested)
+        # A passed test Pod is deleted at once (its hook policy), so its log is not asked for here.
+        tested = _run([HELM, "test", RELEASE, "-n", namespace, "--timeout", "300s"], timeout=360)
+        log.info("helm test:\n%s", tested[: tested.find("NOTES:")])
         assert re.search(r"Phase:\s+Succeeded", tested), tested
-        assert tested.count(": ok") >= 6, tested  # 4 stages' gRPC, the scorer's gRPC and HTTP, the desk
 
         version = _kubectl_json("version")["serverVersion"]["gitVersion"]
         node = _kubectl_json("get", "nodes")["items"][0]["status"]["nodeInfo"]

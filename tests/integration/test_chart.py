@@ -699,6 +699,8 @@ def test_helm_test_pod_checks_every_enabled_endpoint_through_its_service(
     docs = renders[case]
     pod = one(docs, "Pod", f"{RELEASE}-synpref-test-health")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    # helm uninstall leaves hook objects behind: a passed test Pod must delete itself.
+    assert "hook-succeeded" in pod["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
     (container,) = pod["spec"]["containers"]
     command = container["command"]
     assert command[:2] == ["synpref", "health"] and COMMANDS["health"][0] == "synpref.shared.health_cli"
