@@ -40,3 +40,9 @@ class StageResult:
 
 
 Stage = Callable[[list[PairRecord]], StageResult]
+
+
+class StageUnavailable(RuntimeError):
+    """A stage cannot run now for a reason outside its batch: a service it calls has no model loaded
+    yet, is down or is shedding load. A Kafka runner reads the batch again after a pause instead of
+    dead-lettering records that are not at fault."""

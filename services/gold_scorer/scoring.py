@@ -19,7 +19,7 @@ from pathlib import Path
 from synpref.shared.config import ModelRef, ScoringSettings
 from synpref.shared.pairs import message_dicts, now, pair_problem, preference_probability
 from synpref.shared.roles import BEST, GOLD
-from synpref.shared.stage import Stage, StageResult
+from synpref.shared.stage import Stage, StageResult, StageUnavailable
 from synpref.v1.pair_pb2 import STAGE_ONE, ModelScore, PairRecord
 
 STAGE_ONE_ROLES = (BEST,)
@@ -137,14 +137,27 @@ def in_process_scorer(ref: ModelRef, settings: ScoringSettings, max_length: int 
 
 
 def grpc_scorer(address: str, model_name: str, client=None) -> PairScorer:
-    """Score through the scorer service's RewardService.ScorePairs."""
+    """Score through the scorer service's RewardService.ScorePairs. The scorer starting, restarting or
+    draining, shedding load, serving no model yet or not (yet) this one (models arrive by reloads), or too
+    slow, is StageUnavailable: the runner reads the batch again later. Any other error is the pairs' own."""
+    import grpc
+
     if client is None:
         from synpref.client import RewardClient
 
         client = RewardClient(address)
+    codes = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "NOT_FOUND", "DEADLINE_EXCEEDED")
+    not_serving_now = frozenset(getattr(grpc.StatusCode, code) for code in codes)
 
     def score(pairs: list[dict]) -> list[ScoredPair]:
-        return [(s.reward_chosen, s.reward_rejected, s.version) for s in client.score_pairs(pairs, model=model_name)]
+        try:
+            scored = client.score_pairs(pairs, model=model_name)
+        except grpc.RpcError as exc:
+            if exc.code() in not_serving_now:
+                why = f"scorer {address} cannot score with {model_name!r} now: {exc.details()}"
+                raise StageUnavailable(why) from exc
+            raise
+        return [(s.reward_chosen, s.reward_rejected, s.version) for s in scored]
 
     return score
 

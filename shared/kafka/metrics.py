@@ -21,6 +21,11 @@ FAILED = Counter(
 DEAD_LETTERED = Counter("synpref_runner_dead_lettered_records", "Messages sent to the dead-letter topic", ["service"])
 EMITTED = Counter("synpref_runner_emitted_records", "Records produced, by route", ["service", "route"])
 BATCHES = Counter("synpref_runner_batches", "Batches committed", ["service"])
+UNAVAILABLE = Counter(
+    "synpref_runner_stage_unavailable",
+    "Batches put back because a dependency of the stage could not serve",
+    ["service"],
+)
 CONSUMER_LAG = Gauge(
     "synpref_runner_consumer_lag",
     "Messages behind the end of each assigned partition",

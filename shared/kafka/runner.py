@@ -26,27 +26,26 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from kafka import ConsumerRebalanceListener
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from synpref.shared.config import STAGE_ROUTES, Settings, TopicSettings
+from synpref.shared.config import Settings
 from synpref.shared.kafka import metrics
 from synpref.shared.kafka.admin import message_limits
+from synpref.shared.kafka.batch import ROUTES, BatchPlan, next_offsets, plan_batch
 from synpref.shared.kafka.clients import DeliveryError, Outbox, make_consumer, make_producer, poll_group
-from synpref.shared.kafka.codec import Message, Outgoing, PayloadError, dead_letter_for, decode_record, encode_record
-from synpref.shared.stage import Stage, StageResult
+from synpref.shared.kafka.codec import Message
+from synpref.shared.stage import Stage, StageUnavailable
 from synpref.v1.pair_pb2 import PairRecord
 
 log = logging.getLogger(__name__)
-
-ROUTES = frozenset(TopicSettings.model_fields) | frozenset(STAGE_ROUTES)
-"""Topic fields, and the stage routes (raw, scored, ...) that go to the topic of each record's lineage.stage."""
 __all__ = ["ROUTES", "DeliveryError", "Message", "RunnerStats", "Sink", "StageRunner", "plan_batch"]
+# A stage whose dependency cannot serve (StageUnavailable) has its batch read again after 1, 2, 4 ... s.
+UNAVAILABLE_MAX_PAUSE_S = 30.0
 
 
 class Sink(Protocol):
@@ -74,137 +73,6 @@ class Sink(Protocol):
 
     def stored_offsets(self) -> Mapping[TopicPartition, int]:
         """Where each partition resumes (only called when keeps_offsets)."""
-
-
-@dataclass
-class BatchPlan:
-    """What one batch turns into: messages to produce and the counts behind them."""
-
-    outgoing: list[Outgoing] = field(default_factory=list)
-    sunk: list[tuple[str, PairRecord]] = field(default_factory=list)
-    """Routed records for the sink (a runner with a sink), instead of outgoing messages."""
-    sunk_from: list[Message | None] = field(default_factory=list)
-    """The input message of each sunk record (by pair id, in order), for a sink with `write_sourced`."""
-    emitted: Counter[str] = field(default_factory=Counter)
-    """Records produced (or sunk) per route."""
-    failed: Counter[str] = field(default_factory=Counter)
-    """Inputs that went to the dead-letter topic, per kind: undecodable, failed, stage-error, bad-route, too-large."""
-    dead_lettered: int = 0
-    processed: int = 0
-
-
-def call_stage(stage: Stage, batch: list[PairRecord]) -> StageResult:
-    """Run `stage` on `batch`; TypeError when it returns anything but a StageResult."""
-    result = stage(batch)
-    if not isinstance(result, StageResult):
-        raise TypeError(f"stage returned {type(result).__name__}, not StageResult")
-    return result
-
-
-def plan_batch(
-    messages: Sequence[Message],
-    stage: Stage,
-    topics: TopicSettings,
-    service: str,
-    max_bytes: int | None = None,
-    topic_limits: Mapping[str, int] | None = None,
-    to_sink: bool = False,
-) -> BatchPlan:
-    """Decode, run the stage, and route: everything of a batch except the I/O.
-
-    A message over the limit of its topic (`max_bytes`, or less where `topic_limits` says
-    so) would be refused and stop the service on every restart: an output that large is
-    dead-lettered as its input, and a dead letter that large keeps only its provenance.
-    """
-    plan = BatchPlan(processed=len(messages))
-    limits = topic_limits or {}
-
-    def limit(topic: str) -> int | None:
-        return min(max_bytes, limits.get(topic, max_bytes)) if max_bytes is not None else limits.get(topic)
-
-    def to_dlq(msg: Message | None, kind: str, reason: str, record: PairRecord | None = None) -> None:
-        dlq = topics.dead_letter
-        plan.outgoing.append(dead_letter_for(msg, dlq, kind=kind, reason=reason, service=service, record=record,
-                                             max_bytes=limit(dlq)))  # fmt: skip
-        plan.failed[kind] += 1
-        plan.dead_lettered += 1
-
-    decoded: list[tuple[Message, PairRecord]] = []
-    arrivals: dict[str, list[Message]] = {}
-    for msg in messages:
-        try:
-            decoded.append((msg, decode_record(msg.value, msg.headers)))
-        except PayloadError as exc:
-            to_dlq(msg, "undecodable", str(exc))
-    if not decoded:
-        return plan
-    for msg, record in decoded:
-        arrivals.setdefault(record.pair.id, []).append(msg)
-
-    try:
-        results = [call_stage(stage, [record for _, record in decoded])]
-    except Exception as exc:
-        results = []
-        if len(decoded) == 1:
-            log.warning("%s: stage raised on one record: %r", service, exc)
-            to_dlq(decoded[0][0], "stage-error", stage_error(exc))
-        else:
-            log.warning("%s: stage raised on a batch of %d (%r); retrying one record at a time",
-                        service, len(decoded), exc)  # fmt: skip
-            for msg, record in decoded:
-                try:
-                    results.append(call_stage(stage, [record]))
-                except Exception as one:
-                    log.warning("%s: stage raised on %s:%d@%d: %r", service, msg.topic, msg.partition, msg.offset, one)
-                    to_dlq(msg, "stage-error", stage_error(one))
-
-    # Stage outputs name no source message; find it by pair id for the dead-letter headers.
-    source = {record.pair.id: msg for msg, record in decoded}
-    for result in results:
-        for route, record in result.routed:
-            if route not in ROUTES:
-                to_dlq(source.get(record.pair.id), "bad-route", f"stage emitted to unknown route {route!r}", record)
-            elif to_sink:
-                plan.sunk.append((route, record))
-                # A pair id seen twice in one batch takes its messages in turn, so each offset is sunk once.
-                same_id = arrivals.get(record.pair.id)
-                plan.sunk_from.append(same_id.pop(0) if same_id else None)
-                plan.emitted[route] += 1
-            else:
-                encoded = encode_record(record, topics.stage_topic(route, record.lineage.stage))
-                cap = limit(encoded.topic)
-                if cap is None or encoded.size <= cap:
-                    plan.outgoing.append(encoded)
-                    plan.emitted[route] += 1
-                    continue
-                reason = f"output for route {route!r} is {encoded.size} bytes, over the {cap} of topic {encoded.topic}"
-                source_msg = source.get(record.pair.id) or source.get(record.lineage.original_id)
-                if source_msg is not None:
-                    to_dlq(source_msg, "too-large", reason)
-                else:
-                    log.error("%s: %s; pair %s has no source message to dead-letter", service, reason, record.pair.id)
-        for record, reason in result.failed:
-            to_dlq(source.get(record.pair.id), "failed", reason, record)
-    return plan
-
-
-def stage_error(exc: Exception) -> str:
-    """The failure reason recorded for a stage that raised `exc`."""
-    return f"stage raised {type(exc).__name__}: {exc}"
-
-
-def next_offsets(messages: Sequence[Message]) -> dict[TopicPartition, int]:
-    """One past the last message of each partition: where a consumer resumes after them."""
-    last: dict[TopicPartition, int] = {}
-    for msg in messages:
-        tp = TopicPartition(msg.topic, msg.partition)
-        last[tp] = max(last.get(tp, -1), msg.offset)
-    return {tp: offset + 1 for tp, offset in last.items()}
-
-
-def commit_offsets(messages: Sequence[Message]) -> dict[TopicPartition, OffsetAndMetadata]:
-    """The offsets to commit after a batch: one past the last message of each partition."""
-    return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets(messages).items()}
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -316,6 +184,8 @@ class StageRunner:
         self.outbox: Outbox | None = None
         self._pending: dict[TopicPartition, int] = {}
         """Next offsets of everything processed since the last checkpoint."""
+        self._unavailable = 0
+        """Batches in a row whose stage raised StageUnavailable."""
 
     def open(self) -> None:
         """Connect: read the output topics' message limits, create the producer and outbox, subscribe the consumer.
@@ -369,9 +239,14 @@ class StageRunner:
         messages = [msg for batch in polled.values() for msg in batch]
         if messages:
             started = time.perf_counter()
-            plan = plan_batch(messages, self.stage, self.settings.topics, self.service,
-                              self.settings.kafka.max_message_bytes, self.topic_limits,
-                              to_sink=self.sink is not None)  # fmt: skip
+            try:
+                plan = plan_batch(messages, self.stage, self.settings.topics, self.service,
+                                  self.settings.kafka.max_message_bytes, self.topic_limits,
+                                  to_sink=self.sink is not None)  # fmt: skip
+            except StageUnavailable as exc:
+                self._read_again_later(messages, exc)
+                return 0
+            self._unavailable = 0
             assert self.outbox is not None
             self.outbox.send(plan.outgoing)
             if self.sink is not None:
@@ -387,6 +262,23 @@ class StageRunner:
         elif self.sink is not None and self.sink.due():
             self.checkpoint()
         return len(messages)
+
+    def _read_again_later(self, messages: list[Message], exc: StageUnavailable) -> None:
+        """Seek back to the batch's first offsets and pause (1, 2, 4 ... 30 s): the stage's dependency,
+        not the batch, failed, so nothing is dead-lettered or committed. Heartbeats go on meanwhile."""
+        first: dict[TopicPartition, int] = {}
+        for msg in messages:
+            tp = TopicPartition(msg.topic, msg.partition)
+            first[tp] = min(first.get(tp, msg.offset), msg.offset)
+        owned = self.consumer.assignment()
+        for tp, offset in first.items():
+            if tp in owned:  # a partition lost meanwhile is re-read by its new owner from the commit
+                self.consumer.seek(tp, offset)
+        self._unavailable += 1
+        pause = min(UNAVAILABLE_MAX_PAUSE_S, 2.0 ** (self._unavailable - 1))
+        log.warning("%s: %s; reading the batch of %d again in %.0fs", self.service, exc, len(messages), pause)
+        metrics.UNAVAILABLE.labels(self.service).inc()
+        self.stop.wait(pause)
 
     def checkpoint(self, blocking: bool = True) -> None:
         """Flush the sink, wait for every acknowledgement, commit (sent, not awaited, unless `blocking`)."""

@@ -7,8 +7,8 @@ from kafka.structs import TopicPartition
 
 from synpref.services.desk.kafka_queue import ReviewInbox, pass_through
 from synpref.shared.config import TopicSettings
+from synpref.shared.kafka.batch import plan_batch
 from synpref.shared.kafka.codec import encode_record
-from synpref.shared.kafka.runner import plan_batch
 from synpref.shared.pairs import new_pair, new_record
 
 TP = TopicPartition("in", 0)

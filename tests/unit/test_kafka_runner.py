@@ -1,9 +1,11 @@
 """The runner's batch logic (decode, stage, route, dead-letter, offsets) without a broker."""
 
+import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from synpref.shared.config import TopicSettings
+from synpref.shared.kafka.batch import commit_offsets, plan_batch
 from synpref.shared.kafka.codec import (
     DLQ_DROPPED,
     DLQ_KIND,
@@ -16,9 +18,9 @@ from synpref.shared.kafka.codec import (
     encode_record,
     header_map,
 )
-from synpref.shared.kafka.runner import RunnerStats, commit_offsets, plan_batch
+from synpref.shared.kafka.runner import RunnerStats
 from synpref.shared.pairs import new_pair, new_record
-from synpref.shared.stage import StageResult
+from synpref.shared.stage import StageResult, StageUnavailable
 from synpref.v1.pair_pb2 import STAGE_ONE, STAGE_TWO, STAGE_UNSPECIFIED, PairRecord
 
 TOPICS = TopicSettings(s2_raw="in", s2_annotated="out-a", review="out-r", dead_letter="dlq")
@@ -264,3 +266,19 @@ def reported_lag(service: str) -> dict[str, float]:
         for sample in family.samples
         if sample.labels["service"] == service
     }
+
+
+@pytest.mark.parametrize("fails_on", ["batch", "one record"])
+def test_a_stage_whose_dependency_cannot_serve_fails_the_whole_batch_instead_of_dead_lettering(fails_on):
+    msgs = [encoded(i) for i in range(4)]
+    bad = pair_record(2).pair.id
+
+    def stage(batch):
+        if fails_on == "batch" or any(r.pair.id == bad for r in batch):
+            if len(batch) == 1 or fails_on == "batch":
+                raise StageUnavailable("the scorer has no model yet")
+            raise RuntimeError("a batch error, so the runner retries one record at a time")
+        return StageResult(routed=[("annotated", r) for r in batch])
+
+    with pytest.raises(StageUnavailable, match="no model yet"):
+        plan_batch(msgs, stage, TOPICS, "unit")
