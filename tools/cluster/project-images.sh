@@ -149,8 +149,16 @@ for name in "${names[@]}"; do
   log "$image built in ${built}s, saved in $((SECONDS - started - built))s: $size, archive $(du -h "$archive" | cut -f1)"
   if pid_alive containerd; then
     started=$SECONDS
-    ctr --address "$CONTAINERD_SOCK" -n k8s.io images import "$archive" >/dev/null
+    CTR=(ctr --address "$CONTAINERD_SOCK" -n k8s.io)
+    old_digest="$("${CTR[@]}" images ls | awk -v ref="$image" '$1 == ref {print $3}')"
+    "${CTR[@]}" images import "$archive" >/dev/null
     touch "$IMAGES/synpref-$name.imported"
+    # As in up.sh: the CRI plugin's ID name (sha256:...) of the replaced build would pin its 7 GB.
+    new_digest="$("${CTR[@]}" images ls | awk -v ref="$image" '$1 == ref {print $3}')"
+    if [[ -n "$old_digest" && "$old_digest" != "$new_digest" ]]; then
+      "${CTR[@]}" images ls | awk -v d="$old_digest" '$3 == d && $1 ~ /^sha256:/ {print $1}' |
+        while read -r stale; do "${CTR[@]}" images rm --sync "$stale" >/dev/null; done
+    fi
     log "imported into the node's containerd in $((SECONDS - started))s"
   fi
 done
