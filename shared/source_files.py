@@ -76,13 +76,37 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     yield from ((i, r, None) for i, r in enumerate(data))
 
 
+# The dataset writer's version folder (services/dataset_writer/dataset.py): its manifest lists the shards.
+DATASET_MANIFEST = "manifest.json"
+
+
+def _manifest_shards(folder: Path) -> list[Path] | None:
+    """The shards a dataset version's manifest lists, or None when `folder` holds no such manifest."""
+    try:
+        shards = json.loads((folder / DATASET_MANIFEST).read_text()).get("shards")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in shards):
+        return None
+    return [folder / s["file"] for s in shards]
+
+
 def source_files(path: Path) -> list[Path]:
     """The readable files under `path` (recursively, sorted), or `[path]` itself for a file.
 
-    Raises SourceError when `path` does not exist.
+    A dataset version folder of the writer (one with a manifest listing shards) contributes the shards its
+    manifest lists, not its manifest or a shard still being written. Raises SourceError when `path` does
+    not exist.
     """
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(FILE_SUFFIXES))
+        versions = {m.parent: shards for m in path.rglob(DATASET_MANIFEST) if (shards := _manifest_shards(m.parent))}
+        listed = [shard for shards in versions.values() for shard in shards]
+        loose = [
+            p
+            for p in path.rglob("*")
+            if p.is_file() and p.name.lower().endswith(FILE_SUFFIXES) and not any(v in p.parents for v in versions)
+        ]
+        return sorted(listed + loose)
     if not path.exists():
         raise SourceError(f"{path}: no such file or directory")
     return [path]

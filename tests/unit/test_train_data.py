@@ -118,3 +118,26 @@ def test_rmbench_reader(tmp_path):
     assert items[0]["domain"] == "safety" and items[0]["chosen"] == ["a", "b", "c"]
     with pytest.raises(FileNotFoundError):
         load_rmbench(tmp_path / "missing")
+
+
+def test_the_writers_own_version_folder_trains_from_its_manifest(tmp_path):
+    # Defect 13 (the cluster's CronJob): `train_files: [<root>/<name>/<version>]` read manifest.json as a
+    # pair file and failed. The manifest's shards are read instead, and a shard it does not list yet
+    # (a writer mid-flush) is left out.
+    from synpref.services.dataset_writer.dataset import DatasetVersion
+    from synpref.shared.pairs import new_pair, new_record
+
+    records = [
+        new_record(new_pair([msg("user", f"q {i}")], [msg("assistant", f"good {i}")], [msg("assistant", "bad")], "w"))
+        for i in range(12)
+    ]
+    version = DatasetVersion(tmp_path / "datasets", "curated", "v1")
+    version.append(records[:7])
+    version.append(records[7:])
+    version.close()
+    folder = tmp_path / "datasets" / "curated" / "v1"
+    pq.write_table(pa.Table.from_pylist(PAIRS[:3]), folder / "part-99999.parquet")  # not in the manifest
+    for path in (folder, tmp_path / "datasets"):
+        got = load_pairs([str(path)])
+        assert not got.problems, got.problems
+        assert sorted(p["id"] for p in got.pairs) == sorted(r.pair.id for r in records)
