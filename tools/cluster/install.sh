@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Install the node's Debian packages (idempotent): containerd, runc, the CNI plugins,
-# iptables and conntrack for kube-proxy, buildah and busybox-static for local images.
+# iptables and conntrack for kube-proxy, buildah and busybox-static for local images, jq for the scripts.
 #
 # Nothing here starts a service: the cluster scripts run containerd themselves, with
 # their own config and state under .cache/cluster, and stop it by its recorded PID.
 set -euo pipefail
 
-PACKAGES=(containerd runc containernetworking-plugins iptables conntrack buildah busybox-static)
+PACKAGES=(containerd runc containernetworking-plugins iptables conntrack buildah busybox-static jq)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

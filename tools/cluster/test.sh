@@ -58,9 +58,17 @@ node_lists_images() {
 }
 wait_for "the node to list the project's images" 180 node_lists_images || exit 1
 log "project images on the node after $((SECONDS - images_started))s"
+# What the tests run on, in the CI log: versions, the node's runtime, the images' digests.
+log "Kubernetes $(kubectl_admin version -o json | jq -r '.serverVersion.gitVersion'), node runtime" \
+  "$(kubectl_admin get nodes -o jsonpath='{.items[0].status.nodeInfo.containerRuntimeVersion}')"
+kubectl_admin get nodes -o json |
+  jq -r '.items[0].status.images[] | select(any((.names // [])[]; startswith("localhost/synpref/"))) | .names | join(" ")' |
+  while read -r names; do log "image $names"; done
 tests_started=$SECONDS
-# This machine hosts the cluster: a test that finds none fails instead of skipping.
-KUBECONFIG="$KUBECONFIG_ADMIN" SYNPREF_CLUSTER_REQUIRED=1 "$PY" -m pytest tests/cluster -m cluster "$@"
+# This machine hosts the cluster: a test that finds none fails instead of skipping. The tests' own
+# figures (timings, outcomes, reward gaps) are logged at INFO, shown live.
+KUBECONFIG="$KUBECONFIG_ADMIN" SYNPREF_CLUSTER_REQUIRED=1 "$PY" -m pytest tests/cluster -m cluster \
+  -o log_cli=true -o log_cli_level=INFO "$@"
 rc=$?
 log "cluster tests exited $rc after $((SECONDS - tests_started))s; cluster part $((SECONDS - started))s in all"
 exit $rc
