@@ -17,19 +17,18 @@ from synpref.services.controller.state import RunState
 from synpref.shared.config import Settings
 from synpref.shared.roles import BEST, GOLD
 
-# The held-out table's rows (FinalSteps.train_final): what each RM was trained on, all with the same trainer.
-TRAINED_ON = {
-    "final": "the curated set (kept + flipped)",
-    "as_given": "every pool pair with the label it came in with",
-    "judges_only": "every pool pair labelled by the judges' majority, no humans",
-    "best_working": "the last Stage-1 working RM",
-    GOLD: "the human-verified pairs only (D_gold)",
+# The held-out table's rows (FinalSteps.train_final), all RMs trained alike: plot label, bar colour, trained on.
+HELDOUT_ROWS = {
+    "as_given": ("pairs as given", "#999", "every pool pair with the label it came in with"),
+    "judges_only": ("judges only", "#b5b", "every pool pair labelled by the judges' majority, no humans"),
+    GOLD: ("gold only (humans)", "#e90", "the human-verified pairs only (D_gold)"),
+    "best_working": ("best working RM", "#57b", "the last Stage-1 working RM"),
+    "final": ("final RM (curated)", "#2a7", "the curated set (kept + flipped)"),
 }
 JUDGES_ONLY_NOTE = (
     "- judges only: a study's baseline (its simulated judges label every pair for free); with LLM judges it "
     "would take a judge pass over the whole pool, so it is not trained."
 )
-COLORS = {"as_given": "#999", "judges_only": "#b5b", GOLD: "#e90", "best_working": "#57b", "final": "#2a7"}
 
 DATASETS_NOTE = (
     "Versions: `human-verified` = D_gold; `kept` = curated pairs whose label was confirmed as given "
@@ -128,16 +127,11 @@ def plot_all(folder: Path, state: RunState) -> list[str]:
 
     acc = state.results.get("holdout_accuracy", {})
     if acc:
-        names = {
-            "as_given": "pairs as given",
-            "judges_only": "judges only",
-            GOLD: "gold only (humans)",
-            "best_working": "best working RM",
-            "final": "final RM (curated)",
-        }
-        keys = [k for k in names if k in acc and not math.isnan(acc[k])]
+        keys = [k for k in HELDOUT_ROWS if k in acc and not math.isnan(acc[k])]
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        bars = ax.bar([names[k] for k in keys], [acc[k] for k in keys], color=[COLORS[k] for k in keys])
+        bars = ax.bar(
+            [HELDOUT_ROWS[k][0] for k in keys], [acc[k] for k in keys], color=[HELDOUT_ROWS[k][1] for k in keys]
+        )
         for bar, k in zip(bars, keys, strict=True):
             ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{acc[k]:.3f}", ha="center", va="bottom")
         ax.set_ylim(0, 1)
@@ -215,7 +209,7 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
     acc = r.get("holdout_accuracy", {})
     if acc:
         lines += ["## Final RM", "", "| model | trained on | held-out accuracy |", "|---|---|---|"]
-        lines += [f"| {k} | {TRAINED_ON.get(k, '')} | {_fmt(v)} |" for k, v in acc.items()]
+        lines += [f"| {k} | {HELDOUT_ROWS.get(k, ('', '', ''))[2]} | {_fmt(v)} |" for k, v in acc.items()]
         if "judges_only" not in acc:
             lines += ["", JUDGES_ONLY_NOTE]
         if study:

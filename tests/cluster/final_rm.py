@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from synpref.client import RewardClient
-from tests.cluster.kube import KUBECTL, RELEASE, _describe, _kubectl_json, _pod, _run, _wait_for
+from tests.cluster.kube import KUBECTL, RELEASE, _describe, _free_port, _kubectl_json, _pod, _run, _wait_for
 
 log = logging.getLogger("synpref.tests.cluster")
 TOLERANCE = 1e-4
@@ -66,12 +66,6 @@ def train_from_the_cronjob(namespace: str, job: str) -> float:
     assert states[-1] == "Complete", f"Job {job} {states[-1]}:\n{logs}\n{_describe(namespace)}"
     log.info("Job %s (from the CronJob) Complete in %.0fs; log tail:\n%s", job, time.monotonic() - started, logs)
     return time.monotonic() - started
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

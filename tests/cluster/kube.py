@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -34,6 +35,13 @@ def _tool(name: str, cached: Path) -> str | None:
 
 KUBECTL = _tool("kubectl", REPO / ".cache/cluster-bin/kubectl")
 HELM = _tool("helm", REPO / ".cache/bin/helm")
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on now (for a port-forward's local end)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _run(args: list[str], timeout: float = 120, check: bool = True, stdin: str | None = None) -> str:

@@ -21,7 +21,6 @@ import base64
 import json
 import logging
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -43,6 +42,7 @@ from tests.cluster.kube import (
     REPO,
     VALUES,
     _describe,
+    _free_port,
     _helm,
     _kubectl_json,
     _pod,
@@ -75,9 +75,7 @@ class DeskHumans:
 
     def _forward(self) -> tuple[subprocess.Popen[bytes], str]:
         assert KUBECTL
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = _free_port()
         args = [KUBECTL, "-n", self.namespace, "port-forward", f"svc/{RELEASE}-desk", f"{port}:8000"]
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(2)
