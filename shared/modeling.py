@@ -137,12 +137,22 @@ def tokenize_rendered(tokenizer: Any, text: str, from_template: bool) -> list[in
     specials ([CLS] x [SEP] for encoders). Either way a doubled BOS is collapsed to one.
     """
     if from_template:
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = token_ids(tokenizer, text, add_special_tokens=False)
         if _adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
             ids = [int(tokenizer.bos_token_id), *ids]
     else:
-        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        ids = token_ids(tokenizer, text, add_special_tokens=True)
     return _single_bos(tokenizer, ids)
+
+
+def token_ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """`tokenizer(text)["input_ids"]`, straight from a fast tokenizer's Rust backend when no
+    truncation or padding is set on it: the same ids without transformers' per-call Python
+    (about a fifth of a short text's tokenizing time). Slow tokenizers go through the call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return list(backend.encode(text, add_special_tokens=add_special_tokens).ids)
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 def render_messages(tokenizer: Any, messages: Messages) -> tuple[str, bool]:

@@ -186,7 +186,7 @@ class HttpShims:
                 ids.append(m.encoder.text(m.encoder.strip_padding(q), f"query {i}"))
             return ids
 
-        _, result = await self.registry.score(model.name, encode, deadline)
+        _, result = await self.registry.score(model.name, encode, deadline, request.content_length)
         return web.json_response({"rewards": result.rewards, "scores": result.rewards, "extra_logs": {}})
 
     async def classify(self, request: web.Request) -> web.Response:
@@ -216,7 +216,7 @@ class HttpShims:
                     ids.append(m.encoder.text(t, f"input {i}"))
                 return ids
 
-        _, result = await self.registry.score(model.name, encode, deadline)
+        _, result = await self.registry.score(model.name, encode, deadline, request.content_length)
         values = [sigmoid(r) if activation else r for r in result.rewards]
         tokens = result.tokens
         return web.json_response(

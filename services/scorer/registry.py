@@ -10,7 +10,10 @@ with NotReady (UNAVAILABLE: retry) while one is loading, else NoModel (FAILED_PR
 
 Tokenizing is bounded too: at most `max_encode_queue` requests are being read or tokenized at
 once (EncodeQueue; beyond it Overloaded), and an encode checks the request's deadline, and
-whether its caller is still waiting, before each item.
+whether its caller is still waiting, before each item. A small request (at most
+INLINE_ENCODE_BYTES on the wire, the common single-item call of an RL rollout) is tokenized on
+the event loop itself: that takes a few hundred microseconds, less than the hand-off to an
+encoding thread and back cost in CPU (docs/scorer.md, serving overhead).
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ log = logging.getLogger(__name__)
 
 BackendFactory = Callable[[str, str, str, str, int], Backend]
 ENCODE_THREADS = min(4, os.cpu_count() or 1)
+INLINE_ENCODE_BYTES = 16_384
+"""Requests up to this size are tokenized on the event loop (about 1 ms at most); larger ones on
+the encoding threads, so that one big request does not stall every other caller."""
 Check = Callable[[], None]
 """Called by an encode before each item: raises DeadlineExceeded once the request expired or
 its caller stopped waiting, so the encoding threads drop abandoned work."""
@@ -146,8 +152,8 @@ class ModelRegistry:
         """Names whose checkpoint is being (or, at start-up, about to be) loaded. While nothing is
         served, a request gets NotReady (retry) if one is coming, else NoModel."""
         self._swap_lock = asyncio.Lock()
-        # Tokenizing (Rust, GIL released) runs here, off the event loop, in parallel with
-        # the forward thread and with request handling.
+        # Tokenizing of requests over INLINE_ENCODE_BYTES runs here, off the event loop, in
+        # parallel with the forward thread and with request handling.
         self._encode_pool = ThreadPoolExecutor(max_workers=ENCODE_THREADS, thread_name_prefix="scorer-encode")
         self.encode_queue = EncodeQueue(settings.max_encode_queue)
         self.draining = False
@@ -173,11 +179,15 @@ class ModelRegistry:
             raise UnknownModel(f"no model named {name!r} is served; served: {sorted(self.models)}")
         return model
 
-    async def score(self, name: str, encode: Encode, deadline: float | None = None) -> tuple[ServedModel, BatchResult]:
-        """Encode a request with a served model's tokenizer (on the encoding threads), then
-        score it on that model's batcher. Should the name be swapped to a new version while
-        the request was being encoded, it is encoded again for the new one, so a reload
-        never fails a request. `deadline` is on the event loop's clock (time.monotonic)."""
+    async def score(
+        self, name: str, encode: Encode, deadline: float | None = None, size: int | None = None
+    ) -> tuple[ServedModel, BatchResult]:
+        """Encode a request with a served model's tokenizer, then score it on that model's
+        batcher. A request of known `size` (bytes on the wire) up to INLINE_ENCODE_BYTES is
+        encoded on the event loop, any other on the encoding threads. Should the name be
+        swapped to a new version while the request was being encoded, it is encoded again
+        for the new one, so a reload never fails a request. `deadline` is on the event
+        loop's clock (time.monotonic)."""
         loop = asyncio.get_running_loop()
         abandoned = threading.Event()
 
@@ -187,6 +197,13 @@ class ModelRegistry:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed before the request was tokenized")
 
+        if size is not None and size <= INLINE_ENCODE_BYTES:
+            model = self.get(name)
+            check()
+            with self.encode_queue.slot():  # refused alike when the queue is full
+                ids = encode(model, check)
+            # No await between encoding and submitting: no swap can come in between.
+            return model, await model.batcher.score(ids, deadline)
         for _ in range(3):
             model = self.get(name)
             check()

@@ -144,7 +144,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         _valid(request)
         self._check_size(len(request.items), "items")
         items = list(request.items)
-        model, r = await self.registry.score(request.model, lambda m, check: encode_items(m, items, check), deadline)
+        model, r = await self.registry.score(
+            request.model, lambda m, check: encode_items(m, items, check), deadline, request.ByteSize()
+        )
         return reward_pb2.ScoreResponse(rewards=r.rewards, metadata=metadata(model, r))
 
     async def Score(
@@ -163,7 +165,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             self._check_size(len(request.pairs) * 2, "pair sides")
             pairs = list(request.pairs)
             model, r = await self.registry.score(
-                request.model, lambda m, check: encode_pairs(m, pairs, check), self._deadline(context)
+                request.model,
+                lambda m, check: encode_pairs(m, pairs, check),
+                self._deadline(context),
+                request.ByteSize(),
             )
             scores = [
                 reward_pb2.PairScore(reward_chosen=c, reward_rejected=j, p=preference_probability(c, j))

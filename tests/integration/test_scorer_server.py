@@ -116,6 +116,25 @@ def test_rewards_match_transformers_logits(client: RewardClient, ckpts: dict[str
     assert len(set(round(x, 6) for x in expected)) == len(expected)  # distinct inputs, distinct rewards
 
 
+def test_small_requests_are_tokenized_on_the_event_loop_large_ones_on_threads(
+    scorer: BackgroundScorer, client: RewardClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from synpref.services.scorer import registry, servicer
+
+    threads: list[str] = []
+    real = servicer.encode_items
+
+    def spy(*args: object) -> list[list[int]]:
+        threads.append(threading.current_thread().name)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(servicer, "encode_items", spy)
+    small = client.score([conversation(1)])
+    large = client.score(["word " * (registry.INLINE_ENCODE_BYTES // 4)])  # over the bound: to a thread
+    assert len(small) == len(large) == 1
+    assert threads[0] == "scorer-loop" and threads[1].startswith("scorer-encode"), threads
+
+
 def test_health_reflection_and_info(scorer: BackgroundScorer, client: RewardClient, ckpts: dict[str, Path]) -> None:
     with grpc.insecure_channel(scorer.address) as ch:
         health = health_pb2_grpc.HealthStub(ch)

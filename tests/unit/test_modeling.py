@@ -14,6 +14,7 @@ from synpref.shared.modeling import (
     load_reward_model,
     reward_of,
     score_pairs,
+    token_ids,
 )
 from testing.numerics import approx_fp32_forward
 from testing.tiny import build_tiny_reward_model, minilm_path
@@ -137,6 +138,24 @@ def test_real_minilm_loads_as_reward_model():
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id
     rewards = reward_of(model, [enc.input_ids, [*enc.input_ids[:4], tok.sep_token_id]], tok.pad_token_id)
     assert len(rewards) == 2 and all(isinstance(r, float) for r in rewards)
+
+
+TEXTS = ["hello", "", "  two  spaces\n\nand lines", "Ünïcödé ✓ 漢字 🙂", "<|im_start|>user\nhi<|im_end|>\n"]
+
+
+@pytest.mark.parametrize("add_special_tokens", [False, True])
+def test_token_ids_from_the_rust_backend_are_the_tokenizer_calls(tiny, add_special_tokens):
+    _, _, _, tok = tiny
+    minilm_tok = load_reward_model(minilm_path())[1]
+    for t in (tok, minilm_tok):
+        t("x")  # a call without truncation clears the backend's (MiniLM's tokenizer.json sets 128)
+        assert t.backend_tokenizer.truncation is None  # else token_ids takes the call, and this test nothing
+        texts = [*TEXTS, t.decode([5, 6, 7]), (t.bos_token or "") + "x" + (t.eos_token or "")]
+        for text in texts:
+            assert token_ids(t, text, add_special_tokens) == t(text, add_special_tokens=add_special_tokens)["input_ids"]
+    # A truncation left on the backend (transformers sets it for a truncating call) is not inherited.
+    tok.backend_tokenizer.enable_truncation(8)
+    assert len(token_ids(tok, "word " * 50, add_special_tokens)) > 8
 
 
 @pytest.mark.parametrize("truncation", ["left_turns", "left_tokens", "right"])
