@@ -5,10 +5,11 @@ token-id lists to one Batcher per served model. A single worker task coalesces t
 of concurrent requests: it waits at most `max_wait_ms` after the oldest queued item (or
 less, once a full batch is queued), sorts the waiting items by length so each forward pads
 little, cuts them into batches bounded by `max_batch_tokens` (padded size: items x longest)
-and `max_batch_items`, and runs the forwards one at a time on a dedicated thread, so the
-event loop keeps accepting requests while the model computes (plan_batches: the cut
-that minimises padded tokens plus a per-forward overhead). Each reward is routed back
-to its own request by (job, index).
+and `max_batch_items` (plan_batches: the cut that minimises padded tokens plus a per-forward
+overhead), and runs the batch holding the oldest item on a dedicated thread, so the event
+loop keeps accepting requests while the model computes. Before each forward it plans again
+over what is left and what arrived meanwhile. Each reward is routed back to its own request
+by (job, index).
 
 A request whose caller cancelled it, or whose deadline passed, is answered at once; its
 items still queued are dropped before compute. The queue is bounded (`max_queue` items):
@@ -34,10 +35,10 @@ Forward = Callable[[list[list[int]]], list[float]]
 """A batch of token-id lists in, one raw reward per list out (runs on the batcher's thread)."""
 
 WINDOW_BATCHES = 32
-"""One scheduling round takes at most this many full batches from the queue, so a long
-item waits at most one bounded round behind shorter ones that keep arriving. Wide, because
-a round sorts only what it takes: a window of a few batches (on CPU, a dozen items) pads
-and splits forwards far more than sorting all queued items does."""
+"""At most this many full batches' worth of items are planned together (the pending set), so
+planning stays cheap under a deep queue. Wide, because a plan sorts only what it sees: a window
+of a few batches (on CPU, a dozen items) pads and splits forwards far more than sorting all
+queued items does."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,8 @@ class Batcher:
         self.name = name
         self.metrics = metrics
         self._queue: collections.deque[_Item] = collections.deque()
+        self._pending: list[_Item] = []
+        """Items taken from the queue and planned, not yet computed, oldest first."""
         self._queued_tokens = 0
         self._wakeup = asyncio.Event()
         # One thread: forwards of one model run one at a time, in order.
@@ -246,10 +249,11 @@ class Batcher:
         """Stop accepting; with drain, finish everything queued first, else fail it."""
         self._closing = True
         if not drain:
-            while self._queue:
-                item = self._queue.popleft()
+            for item in [*self._pending, *self._queue]:
                 item.job.fail(NotReady("server shutting down"))
                 self._backlog_tokens -= len(item.ids)
+            self._queue.clear()
+            self._pending = []
             self._queued_tokens = 0
         self._wakeup.set()
         if self._task is not None:
@@ -264,22 +268,41 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
+            if not self._queue and not self._pending:
                 if self._closing:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            await self._fill_window(loop)
-            window = self._take_window()
-            lengths = [len(it.ids) for it in window]
-            plan = plan_batches(lengths, self.max_batch_tokens, self.max_batch_items, self.overhead_tokens)
-            for batch_idx in plan:
-                # Drop items of requests that were cancelled or expired while they waited.
-                batch = [window[i] for i in batch_idx if not window[i].job.future.done()]
-                if batch:
-                    await self._compute(loop, batch)
-                self._backlog_tokens -= sum(len(window[i].ids) for i in batch_idx)
+            if not self._pending:
+                await self._fill_window(loop)
+            self._take_window()
+            batch = self._next_batch()
+            if batch:
+                await self._compute(loop, batch)
+                self._backlog_tokens -= sum(len(it.ids) for it in batch)
+
+    def _next_batch(self) -> list[_Item]:
+        """The forward to run next: the pending items are planned together (plan_batches) and
+        the group holding the oldest one is taken; the rest wait for the next plan, which also
+        sees what arrived meanwhile. Planning once per forward, not once per round, lets an
+        item left over from one plan batch with later arrivals of its length instead of riding
+        alone or padded; taking the oldest one's group bounds every item's wait."""
+        live: list[_Item] = []
+        for it in self._pending:  # drop items of requests cancelled or expired while they waited
+            if it.job.future.done():
+                self._backlog_tokens -= len(it.ids)
+            else:
+                live.append(it)
+        if not live:
+            self._pending = []
+            return []
+        plan = plan_batches(
+            [len(it.ids) for it in live], self.max_batch_tokens, self.max_batch_items, self.overhead_tokens
+        )
+        chosen = set(next(group for group in plan if 0 in group))
+        self._pending = [it for i, it in enumerate(live) if i not in chosen]
+        return [live[i] for i in sorted(chosen)]
 
     async def _fill_window(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait until a full batch is queued or the oldest item has waited max_wait."""
@@ -299,18 +322,19 @@ class Batcher:
             finally:
                 timer.cancel()
 
-    def _take_window(self) -> list[_Item]:
-        window: list[_Item] = []
-        tokens = 0
+    def _take_window(self) -> None:
+        """Move queued items, oldest first, into the pending set, up to WINDOW_BATCHES full batches."""
         limit_items = self.max_batch_items * WINDOW_BATCHES
         limit_tokens = self.max_batch_tokens * WINDOW_BATCHES
-        while self._queue and len(window) < limit_items and (not window or tokens < limit_tokens):
+        tokens = sum(len(it.ids) for it in self._pending)
+        taken = 0
+        while self._queue and len(self._pending) < limit_items and (not self._pending or tokens < limit_tokens):
             item = self._queue.popleft()
             tokens += len(item.ids)
-            window.append(item)
-        self._queued_tokens -= tokens
+            taken += len(item.ids)
+            self._pending.append(item)
+        self._queued_tokens -= taken
         self._set_depth()
-        return window
 
     async def _compute(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         start = loop.time()

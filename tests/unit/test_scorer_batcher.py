@@ -98,10 +98,10 @@ def test_a_full_batch_does_not_wait_for_max_wait() -> None:
     assert run(main()) < 2.0
 
 
-def test_one_round_sorts_everything_queued_not_just_a_few_batches() -> None:
-    """A closed loop of clients queues several batches' worth while a forward runs; the
-    next round must sort all of it, or short and long items alternate across rounds and
-    pad (the CPU cost scorer_load.py measured)."""
+def test_a_plan_sees_everything_queued_and_serves_the_oldest_first() -> None:
+    """A closed loop of clients queues several batches' worth while a forward runs; the next
+    plan must sort all of it, or short and long items share forwards and pad (the CPU cost
+    scorer_load.py measured), and each forward serves the oldest waiting item."""
     rec = Recorder()
     rec.gate.clear()
 
@@ -113,16 +113,59 @@ def test_one_round_sorts_everything_queued_not_just_a_few_batches() -> None:
             await asyncio.sleep(0.001)
         # 24 items, six batches' worth (more than the old four-batch window), short and long alternating.
         lengths = [2 if i % 2 == 0 else 8 for i in range(24)]
-        calls = [asyncio.ensure_future(b.score([[1] * n])) for n in lengths]
+        calls = [asyncio.ensure_future(b.score([[i] * n])) for i, n in enumerate(lengths)]
         deadline = asyncio.get_running_loop().time() + 5
         while b.depth < len(calls):
             assert asyncio.get_running_loop().time() < deadline, "requests were not queued"
             await asyncio.sleep(0.001)
         rec.gate.set()
         await asyncio.gather(blocker, *calls)
-        widths = [len(batch[0]) for batch in rec.batches[1:]]
-        assert widths == sorted(widths)  # every short item ran before any long one
-        assert all(len(ids) == len(batch[0]) for batch in rec.batches[1:] for ids in batch)  # no padding
+        batches = rec.batches[1:]
+        assert all(len(ids) == len(batch[0]) for batch in batches for ids in batch)  # no padding
+        assert len(batches) == 12 // 4 + 12 // 2  # full batches: four short or two long items each
+        served: set[int] = set()
+        for batch in batches:  # each forward holds the oldest item still waiting
+            oldest = min(set(range(24)) - served)
+            assert oldest in {ids[0] for ids in batch}
+            served |= {ids[0] for ids in batch}
+        await b.close()
+
+    run(main())
+
+
+def test_a_leftover_item_batches_with_later_arrivals() -> None:
+    """Five equal items and four-item batches leave one over; items arriving during the first
+    forward join it in the second, instead of the leftover riding alone."""
+    release = [threading.Event() for _ in range(3)]
+    batches: list[list[list[int]]] = []
+    entered = threading.Event()
+
+    def forward(batch: list[list[int]]) -> list[float]:
+        entered.set()
+        assert release[min(len(batches), 2)].wait(5)
+        batches.append(batch)
+        return [0.0] * len(batch)
+
+    async def main() -> None:
+        b = Batcher(forward, max_batch_tokens=100, max_batch_items=4, max_wait_ms=0.0, max_queue=100, name="m")
+        b.start()
+        blocker = asyncio.ensure_future(b.score([[0]]))
+        while not entered.is_set():
+            await asyncio.sleep(0.001)
+        first = [asyncio.ensure_future(b.score([[1] * 5])) for _ in range(5)]
+        while b.depth < 5:
+            await asyncio.sleep(0.001)
+        entered.clear()
+        release[0].set()  # the blocker ends; the next forward takes four of the five
+        while not entered.is_set():
+            await asyncio.sleep(0.001)
+        later = [asyncio.ensure_future(b.score([[2] * 5])) for _ in range(3)]
+        while b.depth < 3:
+            await asyncio.sleep(0.001)
+        release[1].set()
+        release[2].set()
+        await asyncio.gather(blocker, *first, *later)
+        assert [len(x) for x in batches] == [1, 4, 4]  # the leftover and the three later ones together
         await b.close()
 
     run(main())
