@@ -151,6 +151,10 @@ def token_ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     (about a fifth of a short text's tokenizing time). Slow tokenizers go through the call."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and backend.truncation is None and backend.padding is None:
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: a fifth less time.
+        fast = getattr(backend, "encode_batch_fast", None)
+        if fast is not None:
+            return list(fast([text], add_special_tokens=add_special_tokens)[0].ids)
         return list(backend.encode(text, add_special_tokens=add_special_tokens).ids)
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
