@@ -190,7 +190,8 @@ def offline_ceiling(
     sync()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     backend.close()
-    return {"wall": wall, "cpu": cpu, "rewards": rewards, "forwards": len(batches)}
+    padded = sum(len(b) * max(len(ids[i]) for i in b) for b in batches)
+    return {"wall": wall, "cpu": cpu, "rewards": rewards, "forwards": len(batches), "padded": padded}
 
 
 def _decoy_server(settings: Any, seconds_per_padded_token: float, conn: Any) -> None:
@@ -213,21 +214,21 @@ def _decoy_server(settings: Any, seconds_per_padded_token: float, conn: Any) -> 
 
 
 def offline_ceiling_neighbour_busy(
-    path: Path, ids: list[list[int]], budget: int, args: argparse.Namespace, settings: Any, items: list[Conversation]
+    path: Path,
+    ids: list[list[int]],
+    budget: int,
+    args: argparse.Namespace,
+    settings: Any,
+    items: list[Conversation],
+    seconds_per_padded_token: float,
 ) -> dict[str, Any]:
     """The ceiling's pass while the other cores carry what they carry while (s) serves: the same
     64 clients, against a decoy scorer in another process whose forwards sleep. On a 2-core machine
     the model's own CPU time per item rises when the neighbour core is busy (shared cache, memory
     bandwidth, clock), and (s) always runs beside its clients; this ceiling pays that too."""
-    from synpref.services.scorer.batcher import plan_batches
-
-    first = offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype)
-
-    plan = plan_batches([len(x) for x in ids], budget, args.max_batch_items)
-    padded = sum(len(g) * max(len(ids[i]) for i in g) for g in plan)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    decoy = ctx.Process(target=_decoy_server, args=(settings, first["wall"] / padded, child), daemon=True)
+    decoy = ctx.Process(target=_decoy_server, args=(settings, seconds_per_padded_token, child), daemon=True)
     decoy.start()
     try:
         address = parent.recv()
@@ -356,10 +357,6 @@ def run(
         # mean of the two: on shared cores the same work's CPU time drifts by 10% over a minute.
         off = offline_ceiling(path, ids, best_budget, args.max_batch_items, args.device, args.dtype)
         reference: list[float] = off["rewards"]
-        row = summarize("(b) offline batched", off["wall"], len(ids), tokens, None)
-        row.update(rep=rep, forwards=off["forwards"], mean_batch=len(ids) / off["forwards"], budget=best_budget)
-        row["cpu_ms_per_item"] = off["cpu"] / len(ids) * 1000
-        rows.append(row)
         for name, s in settings.items():
             if name.startswith("(a)") and args.skip_naive:
                 continue
@@ -372,20 +369,27 @@ def run(
             rows.append(row)
             _progress(rep, row)
         after = offline_ceiling(path, ids, best_budget, args.max_batch_items, args.device, args.dtype)
-        ceiling = next(r for r in rows if r["rep"] == rep and r["name"] == "(b) offline batched")
-        before_ms, after_ms = ceiling["cpu_ms_per_item"], after["cpu"] / len(ids) * 1000
-        ceiling.update(summarize(ceiling["name"], (off["wall"] + after["wall"]) / 2, len(ids), tokens, None))
-        ceiling["cpu_ms_per_item"] = (before_ms + after_ms) / 2
-        ceiling["cpu_ms_before_after"] = [before_ms, after_ms]
-        _progress(rep, ceiling, f" (before {before_ms:.1f}, after {after_ms:.1f})")
+        mean = {k: (off[k] + after[k]) / 2 for k in ("wall", "cpu", "forwards")}
+        row = _ceiling_row("(b) offline batched", mean, rep, len(ids), tokens, best_budget)
+        row["cpu_ms_before_after"] = [off["cpu"] / len(ids) * 1000, after["cpu"] / len(ids) * 1000]
+        rows.append(row)
+        _progress(rep, row, " (before {:.1f}, after {:.1f})".format(*row["cpu_ms_before_after"]))
         if args.ceiling_neighbour_busy:
-            busy = offline_ceiling_neighbour_busy(path, ids, best_budget, args, settings["(s) scorer"], convs)
-            row = summarize(NEIGHBOUR_BUSY, busy["wall"], len(ids), tokens, None)
-            row.update(rep=rep, forwards=busy["forwards"], mean_batch=len(ids) / busy["forwards"], budget=best_budget)
-            row["cpu_ms_per_item"] = busy["cpu"] / len(ids) * 1000
-            rows.append(row)
-            _progress(rep, row)
+            per_token = mean["wall"] / off["padded"]  # the decoy's forwards sleep as long as the real ones
+            busy = offline_ceiling_neighbour_busy(
+                path, ids, best_budget, args, settings["(s) scorer"], convs, per_token
+            )
+            rows.append(_ceiling_row(NEIGHBOUR_BUSY, busy, rep, len(ids), tokens, best_budget))
+            _progress(rep, rows[-1])
     return rows
+
+
+def _ceiling_row(name: str, off: dict[str, Any], rep: int, n: int, tokens: int, budget: int) -> dict[str, Any]:
+    """A report row of an offline pass (its wall, cpu and forwards)."""
+    row = summarize(name, off["wall"], n, tokens, None)
+    row.update(rep=rep, forwards=off["forwards"], mean_batch=n / off["forwards"], budget=budget)
+    row["cpu_ms_per_item"] = off["cpu"] / n * 1000
+    return row
 
 
 NEIGHBOUR_BUSY = "(b') ceiling, busy"
