@@ -45,8 +45,16 @@ Conversation = list[dict[str, str]]
 # ------------------------------------------------------------------ load generator (child)
 
 
-def drive(address: str, items: list[Conversation], concurrency: int, channels: int = 8) -> dict[str, Any]:
-    """Send every item as its own Score request from `concurrency` closed-loop clients."""
+def drive(
+    address: str,
+    items: list[Conversation],
+    concurrency: int,
+    channels: int = 8,
+    stream: bool = False,
+    ready: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """Send every item as its own Score request from `concurrency` closed-loop clients; with
+    `stream`, each client holds one ScoreStream and sends each item as its next message."""
     import grpc
 
     from synpref.v1 import pair_pb2, reward_pb2, reward_pb2_grpc
@@ -69,6 +77,7 @@ def drive(address: str, items: list[Conversation], concurrency: int, channels: i
         stubs = [reward_pb2_grpc.RewardServiceStub(c) for c in chans]
         for stub in stubs:  # connect and warm every channel
             await stub.Score(requests[0], timeout=60, wait_for_ready=True)
+        ready()
         latencies = [0.0] * len(requests)
         rewards = [0.0] * len(requests)
         batch_sizes = [0] * len(requests)
@@ -76,12 +85,20 @@ def drive(address: str, items: list[Conversation], concurrency: int, channels: i
 
         async def client(k: int) -> None:
             stub = stubs[k % len(stubs)]
+            call = stub.ScoreStream(timeout=300) if stream else None
             for i in cursor:
                 t = time.perf_counter()
-                resp = await stub.Score(requests[i], timeout=300)
+                if call is None:
+                    resp = await stub.Score(requests[i], timeout=300)
+                else:
+                    await call.write(requests[i])
+                    resp = await call.read()
                 latencies[i] = time.perf_counter() - t
                 rewards[i] = resp.rewards[0]
                 batch_sizes[i] = resp.metadata.batch_size
+            if call is not None:
+                await call.done_writing()
+                await call.code()
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(concurrency)))
@@ -93,7 +110,9 @@ def drive(address: str, items: list[Conversation], concurrency: int, channels: i
     return asyncio.run(main())
 
 
-def drive_http(url: str, texts: list[str], concurrency: int) -> dict[str, Any]:
+def drive_http(
+    url: str, texts: list[str], concurrency: int, ready: Callable[[], None] = lambda: None
+) -> dict[str, Any]:
     """OpenRLHF's way: POST /get_reward {"query": [one rendered text]} per request."""
     import aiohttp
 
@@ -103,6 +122,7 @@ def drive_http(url: str, texts: list[str], concurrency: int) -> dict[str, Any]:
             for _ in range(WARMUP_REQUESTS):
                 async with session.post(url + "/get_reward", json={"query": [texts[0]]}) as resp:
                     resp.raise_for_status()
+            ready()
             latencies = [0.0] * len(texts)
             rewards = [0.0] * len(texts)
             cursor = iter(range(len(texts)))
@@ -243,33 +263,61 @@ def offline_ceiling_neighbour_busy(
     return off
 
 
+def _client_process(conn: Any, target: str, items: list[Any], concurrency: int, transport: str) -> None:
+    """The clients, in a spawned process: connect and warm up, report ready, wait for go, run."""
+
+    def ready() -> None:
+        conn.send("ready")
+        conn.recv()
+
+    if transport == "http":
+        result = drive_http(target, items, concurrency, ready)
+    else:
+        result = drive(target, items, concurrency, stream=transport == "grpc-stream", ready=ready)
+    conn.send(result)
+
+
 def serve_and_drive(
     settings: Any,
     items: list[Conversation],
     concurrency: int,
     texts: list[str] | None = None,
     around: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+    transport: str = "grpc",
 ) -> dict[str, Any]:
     """Server in this process (its threads), clients in a spawned one. `cpu` is this
-    process's CPU time while the clients ran: the serving cost, forwards included.
-    `around()` wraps the clients' run only (scorer_profile.py attaches a profiler there)."""
+    process's CPU time while the clients ran, after they connected and warmed up: the
+    serving cost, forwards included, and nothing of the harness (a bare Process and Pipe:
+    no pool threads here). `around()` wraps the clients' run only (scorer_profile.py
+    attaches a profiler there). transport: grpc (a unary Score per item), grpc-stream (each
+    client sends its items on one ScoreStream) or http (`texts` to POST /get_reward)."""
     from synpref.services.scorer.server import BackgroundScorer
 
     with BackgroundScorer(settings) as bg:
         ctx = mp.get_context("spawn")
-        with ctx.Pool(1) as pool, around():
-            c0 = time.process_time()
-            if texts is None:
-                result = pool.apply(drive, (bg.address, items, concurrency))
-            else:
-                result = pool.apply(drive_http, (bg.http_url, texts, concurrency))
-            result["cpu"] = time.process_time() - c0
-        result["forwards"] = bg.server.registry.get().batcher.forwards
-        result["scored"] = len(items) + WARMUP_REQUESTS
+        parent, child = ctx.Pipe()
+        target = bg.http_url if transport == "http" else bg.address
+        work = texts if transport == "http" else items
+        proc = ctx.Process(target=_client_process, args=(child, target, work, concurrency, transport), daemon=True)
+        proc.start()
+        try:
+            if parent.recv() != "ready":
+                raise RuntimeError("the client process did not start")
+            batcher = bg.server.registry.get().batcher
+            forwards = batcher.forwards
+            with around():
+                c0 = time.process_time()
+                parent.send("go")
+                result = parent.recv()
+                result["cpu"] = time.process_time() - c0
+            result["forwards"] = batcher.forwards - forwards
+        finally:
+            proc.join(60)
+        result["scored"] = len(items)
     return result
 
 
-WARMUP_REQUESTS = 8  # drive() warms each of its 8 channels with one request
+WARMUP_REQUESTS = 8  # drive_http() warms its connections with this many requests
 
 
 def summarize(name: str, wall: float, n: int, tokens: int, latencies: list[float] | None) -> dict[str, Any]:
@@ -351,16 +399,17 @@ def run(
         "(s) scorer": ScorerSettings(**{**base, "max_batch_tokens": best_budget}),
     }
 
+    # Each transport after the first is its own scorer row, run side by side in every repeat.
+    runs = [] if args.skip_naive else [("(a) naive server", settings["(a) naive server"], args.transport[0])]
+    runs += [(scorer_row(t, args.transport), settings["(s) scorer"], t) for t in args.transport]
     rows: list[dict[str, Any]] = []
     for rep in range(args.repeats):
         # The ceiling runs before and after the servers (ABBA within a repeat) and counts as the
         # mean of the two: on shared cores the same work's CPU time drifts by 10% over a minute.
         off = offline_ceiling(path, ids, best_budget, args.max_batch_items, args.device, args.dtype)
         reference: list[float] = off["rewards"]
-        for name, s in settings.items():
-            if name.startswith("(a)") and args.skip_naive:
-                continue
-            res = serve_and_drive(s, convs, args.concurrency, texts if args.transport == "http" else None)
+        for name, s, transport in runs:
+            res = serve_and_drive(s, convs, args.concurrency, texts, transport=transport)
             diff = max(abs(a - b) for a, b in zip(res["rewards"], reference, strict=True))
             row = summarize(name, res["wall"], len(ids), tokens, res["latencies"])
             row.update(rep=rep, forwards=res["forwards"], max_abs_diff=diff, budget=s.max_batch_tokens)
@@ -382,6 +431,11 @@ def run(
             rows.append(_ceiling_row(NEIGHBOUR_BUSY, busy, rep, len(ids), tokens, best_budget))
             _progress(rep, rows[-1])
     return rows
+
+
+def scorer_row(transport: str, transports: list[str]) -> str:
+    """The report name of the scorer's row for `transport`: the first one given is "(s) scorer"."""
+    return "(s) scorer" if transport == transports[0] else f"(s) scorer, {transport}"
 
 
 def _ceiling_row(name: str, off: dict[str, Any], rep: int, n: int, tokens: int, budget: int) -> dict[str, Any]:
@@ -437,6 +491,14 @@ def report(rows: list[dict[str, Any]], flops_per_token: float | None = None, pea
         cpu = [pb[k]["cpu_ms_per_item"] / ps[k]["cpu_ms_per_item"] for k in sorted(reps) if k in pb and k in ps]
         print("\n  per repeat, scorer / ceiling throughput: " + ", ".join(f"{x:.3f}" for x in ratios))
         print("  per repeat, ceiling / scorer CPU cost:   " + ", ".join(f"{x:.3f}" for x in cpu))
+        for other in sorted(n for n in paired if n.startswith("(s) scorer, ")):
+            po = paired[other]
+            cost = [pb[k]["cpu_ms_per_item"] / po[k]["cpu_ms_per_item"] for k in sorted(reps) if k in pb and k in po]
+            print(
+                f"  per repeat, ceiling / {other[4:]} CPU cost: "
+                + ", ".join(f"{x:.3f}" for x in cost)
+                + f" (median {statistics.median(cost):.3f})"
+            )
         if NEIGHBOUR_BUSY in paired:
             pn = paired[NEIGHBOUR_BUSY]
             busy = [pn[k]["cpu_ms_per_item"] / ps[k]["cpu_ms_per_item"] for k in sorted(reps) if k in pn and k in ps]
@@ -455,6 +517,17 @@ def report(rows: list[dict[str, Any]], flops_per_token: float | None = None, pea
         print(f"  scorer / naive server (a), throughput      = {s['items_per_s'] / a['items_per_s']:.3f}")
     if a and b:
         print(f"  ceiling (b) / naive (a), throughput        = {b['items_per_s'] / a['items_per_s']:.3f}")
+
+
+TRANSPORTS = ("grpc", "grpc-stream", "http")
+
+
+def _transports(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in TRANSPORTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"transports must be among {', '.join(TRANSPORTS)}; got {value!r}")
+    return list(dict.fromkeys(names))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -477,7 +550,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument(
-        "--transport", choices=["grpc", "http"], default="grpc", help="http: OpenRLHF's POST /get_reward per item"
+        "--transport",
+        type=_transports,
+        default=["grpc"],
+        help="comma-separated, each a scorer row of its own (the first is '(s) scorer'): grpc: a unary Score "
+        "call per item; grpc-stream: each client sends its items on one ScoreStream; http: OpenRLHF's POST "
+        "/get_reward per item",
     )
     p.add_argument(
         "--ceiling-neighbour-busy",

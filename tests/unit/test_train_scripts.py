@@ -43,3 +43,4 @@ def test_gpu_train_mfu_smoke_trains_through_the_trainer(tmp_path):
 def test_gpu_scorer_load_dry_run_completes():
     out = run("gpu_scorer_load.py", "--dry-run")
     assert "scorer / ceiling (b), throughput" in out
+    assert "ceiling / scorer, grpc-stream CPU cost" in out  # the clients also ran on ScoreStreams
