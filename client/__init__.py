@@ -1,5 +1,5 @@
 """Python client for the SynPref RewardService (sync and asyncio); `synpref score` is cli.py."""
 
-from synpref.client.client import AsyncRewardClient, PairScore, RewardClient
+from synpref.client.client import AsyncRewardClient, PairScore, RewardClient, ScoreSession
 
-__all__ = ["AsyncRewardClient", "PairScore", "RewardClient"]
+__all__ = ["AsyncRewardClient", "PairScore", "RewardClient", "ScoreSession"]

@@ -241,6 +241,37 @@ def test_async_client_chunks_and_matches_sync(scorer: BackgroundScorer, client: 
     assert "max_request_items=64" in err.value.details()
 
 
+def test_stream_session_scores_call_after_call_and_recovers_from_a_bad_one(
+    scorer: BackgroundScorer, client: RewardClient
+) -> None:
+    """A ScoreSession answers each call on one stream with the unary call's rewards; a bad
+    message ends that stream with INVALID_ARGUMENT and the next call opens a new one."""
+    import asyncio
+
+    convs = [conversation(i) for i in range(6)]
+    expected = client.score(convs, model="gold")
+
+    async def main() -> tuple[list[list[float]], grpc.StatusCode, list[float], list[float]]:
+        async with AsyncRewardClient(scorer.address, timeout=30, model="gold") as c:
+            async with c.stream() as session:
+                one_by_one = [await session.score([conv]) for conv in convs]
+                first_stream = session._call
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await session.score([[{"role": "user", "content": "no response to score"}]])
+                again = await session.score(convs[:2])
+                assert session._call is not first_stream  # the failed stream was dropped
+            # Calls on one session take turns; two sessions run side by side.
+            async with c.stream() as a, c.stream() as b:
+                both = await asyncio.gather(a.score(convs[:3]), b.score(convs[3:]), a.score(convs[3:]))
+        return one_by_one, err.value.code(), again, [x for r in both for x in r]
+
+    one_by_one, code, again, both = asyncio.run(main())
+    assert [r[0] for r in one_by_one] == approx_fp32_forward(expected)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert again == approx_fp32_forward(expected[:2])
+    assert both == approx_fp32_forward(expected + expected[3:])
+
+
 @pytest.mark.parametrize(
     "item,fragment",
     [
