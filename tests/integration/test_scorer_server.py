@@ -358,6 +358,31 @@ def test_deadline_expires_and_items_are_not_computed(ckpts: dict[str, Path]) -> 
         assert batcher.forwards == 1
 
 
+def test_stream_session_timeout_drops_the_stream_so_a_late_answer_is_never_the_next_ones(
+    ckpts: dict[str, Path],
+) -> None:
+    import asyncio
+
+    # A lone item waits max_wait (1.5 s) for company: longer than the first call's timeout.
+    with BackgroundScorer(settings(ckpts, max_wait_ms=1500.0)) as bg:
+
+        async def main() -> tuple[float, list[float], list[float]]:
+            async with AsyncRewardClient(bg.address, timeout=30) as c, c.stream() as session:
+                t0 = time.monotonic()
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await session.score(["the slow one"], timeout=0.3)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                waited = time.monotonic() - t0
+                after = await session.score(["the next one"])
+                direct = await c.score(["the slow one", "the next one"])
+            return waited, after, direct
+
+        waited, after, direct = asyncio.run(main())
+    assert waited < 1.2
+    assert direct[0] != direct[1]
+    assert after == approx_fp32_forward([direct[1]])
+
+
 def test_client_retries_unavailable_until_server_is_up(ckpts: dict[str, Path]) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
