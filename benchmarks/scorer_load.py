@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -263,6 +264,33 @@ def offline_ceiling_neighbour_busy(
     return off
 
 
+def thread_cpu() -> dict[tuple[int, str], float]:
+    """CPU seconds of each live thread of this process so far, by (thread id, name): Python's name
+    without its pool suffix ("scorer-best" for the forward thread of model "best"), else the OS's."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[tuple[int, str], float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+            comm = (task / "comm").read_text().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat.rpartition(")")[2].split()
+        tid = int(task.name)
+        name = names.get(tid, f"native {comm}").rstrip("_0123456789")
+        out[(tid, name)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
+def cpu_by_thread(before: dict[tuple[int, str], float], after: dict[tuple[int, str], float]) -> dict[str, float]:
+    """CPU seconds each thread name spent between two `thread_cpu()` readings."""
+    out: dict[str, float] = {}
+    for key, seconds in after.items():
+        out[key[1]] = out.get(key[1], 0.0) + seconds - before.get(key, 0.0)
+    return out
+
+
 def _client_process(conn: Any, target: str, items: list[Any], concurrency: int, transport: str) -> None:
     """The clients, in a spawned process: connect and warm up, report ready, wait for go, run."""
 
@@ -306,10 +334,11 @@ def serve_and_drive(
             batcher = bg.server.registry.get().batcher
             forwards = batcher.forwards
             with around():
-                c0 = time.process_time()
+                c0, threads0 = time.process_time(), thread_cpu()
                 parent.send("go")
                 result = parent.recv()
                 result["cpu"] = time.process_time() - c0
+                result["threads"] = cpu_by_thread(threads0, thread_cpu())
             result["forwards"] = batcher.forwards - forwards
         finally:
             proc.join(60)
@@ -351,7 +380,7 @@ def run(
         "port": 0,
         "http_port": 0,
         "metrics_port": 0,
-        "models": {"best": ModelRef(path=str(path))},
+        "models": {FORWARD_MODEL: ModelRef(path=str(path))},
         "device": args.device,
         "dtype": args.dtype,
         "max_length": args.max_length,
@@ -415,6 +444,10 @@ def run(
             row.update(rep=rep, forwards=res["forwards"], max_abs_diff=diff, budget=s.max_batch_tokens)
             row["mean_batch"] = res["scored"] / res["forwards"]  # items per forward, as offline
             row["cpu_ms_per_item"] = res["cpu"] / res["scored"] * 1000
+            # The forward thread's CPU is the model's cost inside the server; the rest is serving.
+            forward = res["threads"].get(f"scorer-{FORWARD_MODEL}", 0.0) / res["scored"] * 1000
+            row["forward_cpu_ms_per_item"] = forward
+            row["serving_cpu_ms_per_item"] = row["cpu_ms_per_item"] - forward
             rows.append(row)
             _progress(rep, row)
         after = offline_ceiling(path, ids, best_budget, args.max_batch_items, args.device, args.dtype)
@@ -431,6 +464,9 @@ def run(
             rows.append(_ceiling_row(NEIGHBOUR_BUSY, busy, rep, len(ids), tokens, best_budget))
             _progress(rep, rows[-1])
     return rows
+
+
+FORWARD_MODEL = "best"  # the served name; its batcher's thread is "scorer-best"
 
 
 def scorer_row(transport: str, transports: list[str]) -> str:
@@ -451,6 +487,8 @@ NEIGHBOUR_BUSY = "(b') ceiling, busy"
 
 def _progress(rep: int, row: dict[str, Any], note: str = "") -> None:
     diff = f", max |reward - offline| {row['max_abs_diff']:.1e}" if "max_abs_diff" in row else note
+    if "forward_cpu_ms_per_item" in row:
+        diff += f" (forward thread {row['forward_cpu_ms_per_item']:.1f}, serving {row['serving_cpu_ms_per_item']:.2f})"
     print(
         f"  rep {rep} {row['name']:20s}: {row['items_per_s']:6.1f} items/s, "
         f"{row['cpu_ms_per_item']:5.1f} CPU ms/item (serving process){diff}; load {os.getloadavg()[0]:.1f}",
@@ -491,6 +529,16 @@ def report(rows: list[dict[str, Any]], flops_per_token: float | None = None, pea
         cpu = [pb[k]["cpu_ms_per_item"] / ps[k]["cpu_ms_per_item"] for k in sorted(reps) if k in pb and k in ps]
         print("\n  per repeat, scorer / ceiling throughput: " + ", ".join(f"{x:.3f}" for x in ratios))
         print("  per repeat, ceiling / scorer CPU cost:   " + ", ".join(f"{x:.3f}" for x in cpu))
+        model = [
+            ps[k]["forward_cpu_ms_per_item"] / pb[k]["cpu_ms_per_item"] for k in sorted(reps) if k in pb and k in ps
+        ]
+        serving = [ps[k]["serving_cpu_ms_per_item"] for k in sorted(reps) if k in ps]
+        print(
+            "  per repeat, the scorer's forward thread / ceiling CPU cost: "
+            + ", ".join(f"{x:.3f}" for x in model)
+            + "; serving (all its other threads), CPU ms/item: "
+            + ", ".join(f"{x:.2f}" for x in serving)
+        )
         for other in sorted(n for n in paired if n.startswith("(s) scorer, ")):
             po = paired[other]
             cost = [pb[k]["cpu_ms_per_item"] / po[k]["cpu_ms_per_item"] for k in sorted(reps) if k in pb and k in po]

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,23 +60,6 @@ def summarize(raw: Path, top: int = 10) -> dict[str, Any]:
     return {"total": total, "top": self_time.most_common(top), "parts": parts}
 
 
-def thread_cpu() -> dict[str, float]:
-    """CPU seconds of each thread of this process so far, by thread name (Python's name, else the OS's)."""
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    tick = os.sysconf("SC_CLK_TCK")
-    out: collections.defaultdict[str, float] = collections.defaultdict(float)
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-            comm = (task / "comm").read_text().strip()
-        except OSError:  # the thread ended meanwhile
-            continue
-        fields = stat.rpartition(")")[2].split()
-        name = names.get(int(task.name), f"native {comm}").rstrip("_0123456789")
-        out[name] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-    return dict(out)
-
-
 def main() -> int:
     args = scorer_load.parser().parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -102,12 +84,11 @@ def main() -> int:
         ]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # py-spy attaches while the client process starts
-        cpu0 = thread_cpu()
+        cpu0 = scorer_load.thread_cpu()
         try:
             yield
         finally:
-            cpu1 = thread_cpu()
-            threads.update({k: v - cpu0.get(k, 0.0) for k, v in cpu1.items()})
+            threads.update(scorer_load.cpu_by_thread(cpu0, scorer_load.thread_cpu()))
             proc.send_signal(signal.SIGINT)  # py-spy writes its file and exits
             proc.wait(60)
 
