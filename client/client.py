@@ -322,9 +322,14 @@ class ScoreSession:
         if self._call is None:
             self._call = self.stub.ScoreStream(wait_for_ready=True)
         call = self._call
-        await call.write(request)
-        response = await call.read()
-        if response is grpc.aio.EOF:  # the server ended the stream (draining): UNAVAILABLE, as a new call would get
+        try:
+            await call.write(request)
+            response = await call.read()
+        except asyncio.InvalidStateError:  # the server ended the stream before this write
+            response = grpc.aio.EOF
+        if response is grpc.aio.EOF:
+            # The server ended the stream with OK: it is draining. Retry on a new stream, which the
+            # channel opens on a server that is not (as a new unary call would).
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "the server ended the stream"
             )

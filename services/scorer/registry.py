@@ -158,6 +158,13 @@ class ModelRegistry:
         self.encode_queue = EncodeQueue(settings.max_encode_queue)
         self.draining = False
         """Set on shutdown: health turns unavailable while in-flight work finishes."""
+        self.drain_started = asyncio.Event()
+        """Set with `draining`: open ScoreStreams end once their messages in flight are answered."""
+
+    def start_draining(self) -> None:
+        """Shutdown has begun: health turns unavailable and open streams wind down (see `drain_started`)."""
+        self.draining = True
+        self.drain_started.set()
 
     @property
     def default_name(self) -> str:

@@ -172,7 +172,7 @@ class ScorerServer:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: refuse new work, finish what is in flight within `grace` seconds, then stop."""
         grace = self.settings.drain_s if grace is None else grace
-        self.registry.draining = True
+        self.registry.start_draining()
         if self._watcher is not None:
             self._watcher.cancel()
         for name in (OVERALL, SERVICE_NAME):

@@ -182,18 +182,26 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self, request_iterator: AsyncIterator[reward_pb2.ScoreRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[reward_pb2.ScoreResponse]:
         """Score each message as it arrives (so they batch with everything else in flight);
-        answer in request order. A bad message ends the stream with its status."""
+        answer in request order. A bad message ends the stream with its status. When the
+        server starts draining, the stream stops reading, answers what it has read and ends
+        with OK: a client (ScoreSession) then opens a new stream, on another server, instead
+        of holding this one open for the whole grace period."""
         deadline = self._deadline(context)
         pending: asyncio.Queue[asyncio.Future[reward_pb2.ScoreResponse] | None] = asyncio.Queue()
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._score(request, deadline)))
+                    pending.put_nowait(asyncio.ensure_future(self._score(request, deadline)))
             finally:
-                await pending.put(None)
+                pending.put_nowait(None)
+
+        async def stop_reading_on_drain() -> None:
+            await self.registry.drain_started.wait()
+            reader.cancel()
 
         reader = asyncio.ensure_future(read())
+        watcher = asyncio.ensure_future(stop_reading_on_drain())
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -209,6 +217,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             raise
         finally:
             reader.cancel()
+            watcher.cancel()
             while not pending.empty():
                 left = pending.get_nowait()
                 if left is not None:

@@ -383,6 +383,35 @@ def test_stream_session_timeout_drops_the_stream_so_a_late_answer_is_never_the_n
     assert after == approx_fp32_forward([direct[1]])
 
 
+def test_a_draining_server_ends_open_streams_and_the_session_moves_to_the_next_server(
+    ckpts: dict[str, Path],
+) -> None:
+    """An idle ScoreStream does not hold a stopping server for its whole grace period: the
+    stream ends with OK, and the session's next call opens a new one on the server now there."""
+    import asyncio
+
+    first = BackgroundScorer(settings(ckpts)).start()
+    address, port = first.address, first.server.grpc_port
+
+    async def main() -> tuple[list[float], float, list[float]]:
+        loop = asyncio.get_running_loop()
+        async with AsyncRewardClient(address, timeout=60) as c, c.stream() as session:
+            before = await session.score(["drain me"])
+            t0 = time.monotonic()
+            await loop.run_in_executor(None, first.stop, 20.0)  # grace 20 s
+            stopped_in = time.monotonic() - t0
+            second = BackgroundScorer(settings(ckpts, port=port)).start()
+            try:
+                after = await session.score(["drain me"])
+            finally:
+                await loop.run_in_executor(None, second.stop)
+        return before, stopped_in, after
+
+    before, stopped_in, after = asyncio.run(main())
+    assert stopped_in < 5.0
+    assert after == approx_fp32_forward(before)
+
+
 def test_client_retries_unavailable_until_server_is_up(ckpts: dict[str, Path]) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
