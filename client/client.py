@@ -281,6 +281,11 @@ class AsyncRewardClient:
         return ScoreSession(self.stub, model or self.model, self.policy)
 
 
+def _stream_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """The error a unary call would raise, for what the session detects on its stream itself."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
 class ScoreSession:
     """Scores one request after another on a single ScoreStream (opened on first use).
 
@@ -331,9 +336,7 @@ class ScoreSession:
         if response is grpc.aio.EOF:
             # The server ended the stream with OK: it is draining. Retry on a new stream, which the
             # channel opens on a server that is not (as a new unary call would).
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "the server ended the stream"
-            )
+            raise _stream_error(grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
         return response
 
     async def score(self, items: Sequence[Item], *, timeout: float | None = None) -> list[float]:
@@ -350,11 +353,8 @@ class ScoreSession:
                     return list(response.rewards)
                 except TimeoutError:
                     self._drop()
-                    raise grpc.aio.AioRpcError(
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        grpc.aio.Metadata(),
-                        grpc.aio.Metadata(),
-                        "no answer on the stream within the timeout",
+                    raise _stream_error(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, "no answer on the stream within the timeout"
                     ) from None
                 except grpc.aio.AioRpcError as exc:
                     self._drop()

@@ -156,14 +156,17 @@ class ModelRegistry:
         # parallel with the forward thread and with request handling.
         self._encode_pool = ThreadPoolExecutor(max_workers=ENCODE_THREADS, thread_name_prefix="scorer-encode")
         self.encode_queue = EncodeQueue(settings.max_encode_queue)
-        self.draining = False
-        """Set on shutdown: health turns unavailable while in-flight work finishes."""
         self.drain_started = asyncio.Event()
-        """Set with `draining`: open ScoreStreams end once their messages in flight are answered."""
+        """Set on shutdown: health turns unavailable while in-flight work finishes, and open
+        ScoreStreams end once their messages in flight are answered."""
+
+    @property
+    def draining(self) -> bool:
+        """True once `start_draining` was called."""
+        return self.drain_started.is_set()
 
     def start_draining(self) -> None:
         """Shutdown has begun: health turns unavailable and open streams wind down (see `drain_started`)."""
-        self.draining = True
         self.drain_started.set()
 
     @property
