@@ -14,6 +14,12 @@ by (job, index).
 A request whose caller cancelled it, or whose deadline passed, is answered at once; its
 items still queued are dropped before compute. The queue is bounded (`max_queue` items):
 beyond it, submit raises Overloaded instead of growing memory.
+
+`score_encoding` takes a request still to be tokenized: while a forward runs, its tokenizing
+waits for that forward's end and runs, back to back with the others that arrived meanwhile,
+before the next plan. Each would cost two to three times as much tokenized alone between
+other work (cold caches: docs/scorer.md), and none could join a forward before the next plan
+anyway.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ log = logging.getLogger(__name__)
 
 Forward = Callable[[list[list[int]]], list[float]]
 """A batch of token-id lists in, one raw reward per list out (runs on the batcher's thread)."""
+Encode = Callable[[], Sequence[list[int]]]
+"""A request's tokenizing, run on the event loop: its token-id lists, or the request's own error."""
 
 WINDOW_BATCHES = 32
 """At most this many full batches' worth of items are planned together (the pending set), so
@@ -193,6 +201,9 @@ class Batcher:
         # (moving average): together the wait a new request would see, for admission.
         self._backlog_tokens = 0
         self._seconds_per_token = 0.0
+        self._computing = False
+        self._deferred: list[tuple[Encode, float | None, asyncio.Future[BatchResult]]] = []
+        """Requests waiting for the running forward's end to be tokenized (score_encoding)."""
 
     @property
     def depth(self) -> int:
@@ -210,17 +221,48 @@ class Batcher:
 
     async def score(self, ids: Sequence[list[int]], deadline: float | None = None) -> BatchResult:
         """Rewards for `ids` in order. `deadline` is on the event loop's clock (loop.time())."""
+        self._check_open()
+        # Cancelling the awaiting caller cancels the future; the worker then skips the job's items.
+        return await self._submit(ids, deadline)
+
+    async def score_encoding(self, encode: Encode, deadline: float | None = None) -> BatchResult:
+        """Rewards for the ids `encode()` gives. While a forward runs, `encode` waits for its end
+        and runs with the other requests that arrived meanwhile, just before the next plan;
+        otherwise at once. Its exceptions are the caller's."""
+        self._check_open()
+        if not self._computing:
+            return await self._submit(encode(), deadline)
+        if len(self._queue) + len(self._deferred) >= self.max_queue:
+            raise Overloaded(
+                f"model {self.name!r} has {len(self._queue) + len(self._deferred)} items and requests queued "
+                f"(max_queue={self.max_queue}): retry later"
+            )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[BatchResult] = loop.create_future()
+        if deadline is not None:
+            timer = loop.call_at(deadline, _expire, future)
+            future.add_done_callback(lambda _: timer.cancel())
+        self._deferred.append((encode, deadline, future))
+        return await future
+
+    def _check_open(self) -> None:
         if self._closing or self._task is None:
             raise NotReady(f"model {self.name!r} is not accepting work (loading, replaced or draining)")
+
+    def _submit(
+        self, ids: Sequence[list[int]], deadline: float | None, future: asyncio.Future[BatchResult] | None = None
+    ) -> asyncio.Future[BatchResult]:
+        """Queue `ids` as one job (admission checks first); the future (`future`, or a new one) of its result."""
+        loop = asyncio.get_running_loop()
+        future = future or loop.create_future()
         if not ids:
-            return BatchResult(rewards=[], queue_ms=0.0, compute_ms=0.0, tokens=0, batch_size=0)
+            future.set_result(BatchResult(rewards=[], queue_ms=0.0, compute_ms=0.0, tokens=0, batch_size=0))
+            return future
         if len(self._queue) + len(ids) > self.max_queue:
             raise Overloaded(
                 f"model {self.name!r} has {len(self._queue)} items queued; {len(ids)} more would exceed "
                 f"max_queue={self.max_queue}: retry later"
             )
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[BatchResult] = loop.create_future()
         job = _Job(future, len(ids), sum(len(x) for x in ids), loop.time())
         if deadline is not None:
             if deadline <= job.submitted:
@@ -242,13 +284,28 @@ class Batcher:
         self._backlog_tokens += job.tokens
         self._set_depth()
         self._wakeup.set()
-        # Cancelling the awaiting caller cancels `future`; the worker then skips the job's items.
-        return await future
+        return future
+
+    def _encode_deferred(self) -> None:
+        """Tokenize and queue, back to back, the requests that arrived during the forward just ended.
+        Requests accepted before a drain began are queued while it runs: the drain finishes them."""
+        deferred, self._deferred = self._deferred, []
+        for encode, deadline, outer in deferred:
+            if outer.done():  # the caller stopped waiting
+                continue
+            try:
+                self._submit(encode(), deadline, outer)
+            except Exception as exc:  # the request's own error (bad input, deadline, overload)
+                outer.set_exception(exc)
 
     async def close(self, drain: bool = True) -> None:
         """Stop accepting; with drain, finish everything queued first, else fail it."""
         self._closing = True
         if not drain:
+            for _, _, future in self._deferred:
+                if not future.done():
+                    future.set_exception(NotReady("server shutting down"))
+            self._deferred = []
             for item in [*self._pending, *self._queue]:
                 item.job.fail(NotReady("server shutting down"))
                 self._backlog_tokens -= len(item.ids)
@@ -341,6 +398,14 @@ class Batcher:
         for it in batch:
             if it.job.started is None:
                 it.job.started = start
+        self._computing = True
+        try:
+            await self._run_forward(loop, batch)
+        finally:
+            self._computing = False
+            self._encode_deferred()
+
+    async def _run_forward(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         ids = [it.ids for it in batch]
         t0 = time.perf_counter()
         try:
@@ -369,3 +434,8 @@ class Batcher:
             tokens = sum(len(x) for x in ids)
             padded = len(ids) * max(len(x) for x in ids)
             self.metrics.observe_batch(self.name, len(batch), tokens, padded, seconds)
+
+
+def _expire(future: asyncio.Future[BatchResult]) -> None:
+    if not future.done():
+        future.set_exception(DeadlineExceeded("deadline passed before the items were scored"))

@@ -13,7 +13,8 @@ once (EncodeQueue; beyond it Overloaded), and an encode checks the request's dea
 whether its caller is still waiting, before each item. A small request (at most
 INLINE_ENCODE_BYTES on the wire, the common single-item call of an RL rollout) is tokenized on
 the event loop itself: that takes a few hundred microseconds, less than the hand-off to an
-encoding thread and back cost in CPU (docs/scorer.md, serving overhead).
+encoding thread and back cost in CPU (docs/scorer.md, serving overhead); while the model's
+forward runs, at its end, with the others that arrived meanwhile (Batcher.score_encoding).
 """
 
 from __future__ import annotations
@@ -69,13 +70,17 @@ class EncodeQueue:
         self.capacity = capacity
         self.pending = 0
 
-    @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one encoding slot for the block; Overloaded when all `capacity` slots are taken."""
+    def check(self) -> None:
+        """Overloaded when all `capacity` slots are taken."""
         if self.pending >= self.capacity:
             raise Overloaded(
                 f"{self.pending} requests are being read or tokenized (max_encode_queue={self.capacity}): retry later"
             )
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one encoding slot for the block; Overloaded when all `capacity` slots are taken."""
+        self.check()
         self.pending += 1
         try:
             yield
@@ -210,10 +215,10 @@ class ModelRegistry:
         if size is not None and size <= INLINE_ENCODE_BYTES:
             model = self.get(name)
             check()
-            with self.encode_queue.slot():  # refused alike when the queue is full
-                ids = encode(model, check)
-            # No await between encoding and submitting: no swap can come in between.
-            return model, await model.batcher.score(ids, deadline)
+            self.encode_queue.check()  # refused alike when the queue is full
+            # Tokenized and queued on this model's batcher in one step (at once, or with the others
+            # that arrive during its running forward): no swap can come in between.
+            return model, await model.batcher.score_encoding(lambda: encode(model, check), deadline)
         for _ in range(3):
             model = self.get(name)
             check()

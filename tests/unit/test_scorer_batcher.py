@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import pytest
 
 from synpref.services.scorer.batcher import Batcher, plan_batches
-from synpref.services.scorer.errors import DeadlineExceeded, NotReady, Overloaded, ScorerError
+from synpref.services.scorer.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded, ScorerError
 
 
 class Recorder:
@@ -287,3 +288,80 @@ def test_a_request_that_would_outwait_its_deadline_is_shed_at_once() -> None:
         await b.close()
 
     run(main())
+
+
+def test_requests_arriving_during_a_forward_are_tokenized_together_at_its_end() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    encoded: list[str] = []
+
+    def encoder(name: str, ids: list[list[int]] | Exception) -> Callable[[], list[list[int]]]:
+        def encode() -> list[list[int]]:
+            encoded.append(name)
+            if isinstance(ids, Exception):
+                raise ids
+            return ids
+
+        return encode
+
+    async def main() -> None:
+        b = make(rec, max_wait_ms=0.0)
+        b.start()
+        loop = asyncio.get_running_loop()
+        # Idle batcher: tokenized at once.
+        first = asyncio.ensure_future(b.score_encoding(encoder("first", [[1]])))
+        await asyncio.sleep(0)
+        assert encoded == ["first"]
+        while not rec.entered.is_set():
+            await asyncio.sleep(0.005)
+        # A forward runs: these wait for its end, and are then tokenized back to back.
+        a = asyncio.ensure_future(b.score_encoding(encoder("a", [[2], [3]])))
+        bad = asyncio.ensure_future(b.score_encoding(encoder("bad", InvalidInput("bad item"))))
+        gone = asyncio.ensure_future(b.score_encoding(encoder("gone", [[4]])))
+        expiring = asyncio.ensure_future(b.score_encoding(encoder("late", [[5]]), deadline=loop.time() + 0.05))
+        c = asyncio.ensure_future(b.score_encoding(encoder("c", [[6]])))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        with pytest.raises(DeadlineExceeded):
+            await expiring  # answered on time, while the forward is still blocked
+        assert encoded == ["first"]
+        rec.gate.set()
+        assert (await first).rewards == [1.0]
+        assert (await a).rewards == [2.0, 3.0] and (await c).rewards == [6.0]
+        with pytest.raises(InvalidInput, match="bad item"):
+            await bad
+        assert encoded == ["first", "a", "bad", "c"]  # the cancelled and the expired were never tokenized
+        # Everything tokenized at the forward's end rode in the next forward together.
+        assert rec.batches[1] == [[2], [3], [6]]
+        await b.close()
+
+    run(main())
+
+
+def test_requests_waiting_for_a_forward_are_finished_by_a_drain_and_failed_by_a_hard_stop() -> None:
+    for drain in (True, False):
+        rec = Recorder()
+        rec.gate.clear()
+
+        async def main(drain: bool = drain, rec: Recorder = rec) -> None:
+            b = make(rec, max_wait_ms=0.0)
+            b.start()
+            blocker = asyncio.ensure_future(b.score([[1]]))
+            while not rec.entered.is_set():
+                await asyncio.sleep(0.005)
+            waiting = asyncio.ensure_future(b.score_encoding(lambda: [[7]]))
+            await asyncio.sleep(0)
+            closing = asyncio.ensure_future(b.close(drain=drain))
+            await asyncio.sleep(0.01)
+            rec.gate.set()
+            await closing
+            await blocker
+            if drain:
+                assert (await waiting).rewards == [7.0]
+            else:
+                with pytest.raises(NotReady):
+                    await waiting
+            with pytest.raises(NotReady):
+                await b.score_encoding(lambda: [[1]])
+
+        run(main())
