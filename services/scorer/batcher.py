@@ -275,9 +275,7 @@ class Batcher:
                     f"model {self.name!r} has about {wait:.1f}s of work queued, more than the request's "
                     f"{deadline - job.submitted:.1f}s deadline: retry later"
                 )
-            job.timer = loop.call_at(
-                deadline, job.fail, DeadlineExceeded("deadline passed before the items were scored")
-            )
+            job.timer = loop.call_at(deadline, _expire, future)
         for i, x in enumerate(ids):
             self._queue.append(_Item(job, i, x))
         self._queued_tokens += job.tokens
@@ -437,5 +435,6 @@ class Batcher:
 
 
 def _expire(future: asyncio.Future[BatchResult]) -> None:
+    """A request's deadline timer: answer it with DeadlineExceeded unless it is answered already."""
     if not future.done():
         future.set_exception(DeadlineExceeded("deadline passed before the items were scored"))
