@@ -37,6 +37,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -230,8 +231,9 @@ def loop_settings(workdir: Path, seed: int, noise: float, mode: str, seed_pairs:
 
 def run_loop(
     workdir: Path, seed: int, noise: float, mode: str, budget: int, models: HeadModels, embed: CachedEmbed
-) -> dict[str, Controller]:
-    """The loop up to the gold RM, then Stage 2 once per disagreement rule from that same state."""
+) -> tuple[dict[str, Controller], dict[str, Any]]:
+    """The loop up to the gold RM, then Stage 2 once per disagreement rule from that same state; also what
+    the auto rule measured and chose there."""
     seed_pairs = max(2, budget // 2)
     per_iteration = max(1, math.ceil((budget - seed_pairs) / ITERATIONS))
 
@@ -250,6 +252,8 @@ def run_loop(
     first = controller(base, "flip", stop)
     with contextlib.suppress(StopAfterGold):
         first.run()
+    first.measure_gold()  # what `on_disagreement: auto` would choose here (the row's "auto")
+    auto = first.state.results["gold_rm"]
     first.store.close()  # the copy below takes the SQLite file whole
     shutil.copytree(base, workdir / "discard")
     out = {}
@@ -257,7 +261,7 @@ def run_loop(
         ctl = controller(workdir / rule, rule)
         ctl.step("s2.curate", ctl.curate_stage2)
         out[rule] = ctl
-    return out
+    return out, auto
 
 
 def pool_of(ctl: Controller) -> list[tuple[PairRecord, Pair]]:
@@ -315,7 +319,7 @@ def sweep(
                     run_dir = work / f"n{noise}-{mode}-s{seed}-b{budget_share}"
                     shutil.rmtree(run_dir, ignore_errors=True)
                     budget = max(4, round(budget_share * args.pool_size))
-                    ctls = run_loop(run_dir, seed, noise, mode, budget, models, embed)
+                    ctls, auto = run_loop(run_dir, seed, noise, mode, budget, models, embed)
                     ctl = ctls["flip"]
                     pool = pool_of(ctl)
                     test = evaluator.heldout(list(ctl.records("holdout")))
@@ -349,6 +353,7 @@ def sweep(
                         "train_pairs": sizes,
                         "label_accuracy": label_acc,
                         "accuracy": acc,
+                        "auto": auto,
                         "seconds": round(time.perf_counter() - started, 1),
                     }
                     rows.append(row)
@@ -542,7 +547,27 @@ def report(args, rows: list[dict], curve: list[dict], figures: list[str], pool: 
             *verdicts(rows, head),
             "",
         ]
-    lines += ["## Training-set label accuracy and size (mean over seeds)", "", "| noise | judges | budget | "]
+    lines += [
+        "## What `filter.on_disagreement: auto` chose",
+        "",
+        "A probe gold RM trained on 80% of D_gold, scored on the other 20%; auto flips only if its accuracy's "
+        "90% lower bound reaches flip_min_gold_accuracy, else discards (so its accuracy is that rule's column).",
+        "",
+        "| noise | judges | budget | held-out D_gold pairs | probe accuracy | lower bound | auto chose |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (noise, mode, share), rs in sorted(cells(rows).items()):
+        autos = [r["auto"] for r in rs if r.get("auto")]
+        if not autos:
+            continue
+        measured = [a["held_out_accuracy"] for a in autos if a["held_out_accuracy"] is not None]
+        chose = ", ".join(f"{rule} x{n}" for rule, n in Counter(a["on_disagreement"] for a in autos).items())
+        probe = f"{statistics.mean(measured):.3f}" if measured else "-"
+        lines.append(
+            f"| {noise:.0%} | {mode} | {share:.0%} | {statistics.mean(a['held_out_pairs'] for a in autos):.0f} | "
+            f"{probe} | {statistics.mean(a['accuracy_lower_bound'] for a in autos):.3f} | {chose} |"
+        )
+    lines += ["", "## Training-set label accuracy and size (mean over seeds)", "", "| noise | judges | budget | "]
     lines[-1] += " | ".join(b for b in BASELINES if b not in ("clean", "gold only")) + " | curated sizes |"
     lines.append("|" + "---|" * 8)
     for (noise, mode, share), rs in sorted(cells(rows).items()):

@@ -174,7 +174,13 @@ class FilterSettings(Section):
     stage: Literal[1, 2] = 2
     band: float = Field(default=0.05, ge=0.0, lt=0.5)
     """Pairs with |p_best - 0.5| <= band count as uncertain and are (re-)annotated."""
-    on_disagreement: Literal["flip", "discard"] = "flip"
+    on_disagreement: Literal["flip", "discard", "auto"] = "auto"
+    """What Stage 2 does with a pair the gold RM and the others do not back: flip it (recycle it swapped, the
+    paper's rule), discard it, or auto: discard it unless the controller measures the gold RM strong enough to
+    overrule labels (flip_min_gold_accuracy). A filter service running auto on its own discards; the study
+    behind the default is in docs/curation.md."""
+    flip_min_gold_accuracy: float = Field(default=0.75, gt=0.5, le=1.0)
+    """auto flips when a gold RM's accuracy on held-out human-verified pairs reaches this (its 90% lower bound)."""
 
 
 class WriterSettings(Section):

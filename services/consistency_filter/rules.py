@@ -7,7 +7,10 @@ it already gets right is SKIPped this iteration (to the audit topic, still unver
 Stage 2 (automatic): KEEP when the label agrees with the gold RM (p_gold > 0.5) AND with
 either the LLM judges (aggregate prefers chosen) or the best RM (p_best > 0.5). Otherwise
 FLIP (recycle with chosen and rejected swapped, as SynPref-40M did for 14M pairs) or
-DISCARD, per FilterSettings.on_disagreement.
+DISCARD, per FilterSettings.on_disagreement. Under `auto` the filter discards, and the
+controller recycles those pairs (`recycle`) once it has measured the gold RM strong enough
+(`disagreement_rule`): a flip overrules the label on the gold RM's word, which pays only
+where that word is more often right than the label.
 
 Routes: KEEP/FLIP -> "curated", REVIEW -> "review", DISCARD/SKIP -> "discarded" (kept for
 audit). A record missing a score the rule needs is a failure (dead-letter), not a guess.
@@ -45,6 +48,9 @@ ROUTE_OF = {
     DECISION_SKIP: "discarded",
 }
 STEP = "consistency-filter"
+STAGE2_RULE = "stage2.consistency"
+LOWER_BOUND_Z = 1.2816
+"""z of a one-sided 90% bound."""
 
 
 class MissingScore(ValueError):
@@ -132,10 +138,41 @@ def stage2(record: PairRecord, settings: FilterSettings) -> PairRecord:
     ]
     reason = "; ".join(facts)
     if gold_agrees and (judges_agree or best_agrees):
-        return _decided(record, DECISION_KEEP, "stage2.consistency", reason, STAGE_TWO)
+        return _decided(record, DECISION_KEEP, STAGE2_RULE, reason, STAGE_TWO)
     if settings.on_disagreement == "flip":
-        return _decided(flipped(record), DECISION_FLIP, "stage2.consistency", reason + "; recycled swapped", STAGE_TWO)
-    return _decided(record, DECISION_DISCARD, "stage2.consistency", reason, STAGE_TWO)
+        return _decided(flipped(record), DECISION_FLIP, STAGE2_RULE, reason + "; recycled swapped", STAGE_TWO)
+    return _decided(record, DECISION_DISCARD, STAGE2_RULE, reason, STAGE_TWO)
+
+
+def accuracy_lower_bound(correct: int, n: int, z: float = LOWER_BOUND_Z) -> float:
+    """Wilson lower bound of the accuracy `correct`/`n`; 0 for no pairs. Few held-out pairs give a low bound,
+    so a gold RM measured on a handful of pairs is not trusted on its point estimate."""
+    if n <= 0:
+        return 0.0
+    p = correct / n
+    centre = p + z * z / (2 * n)
+    spread = z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5
+    return (centre - spread) / (1 + z * z / n)
+
+
+def disagreement_rule(correct: int, n: int, min_accuracy: float) -> tuple[str, float]:
+    """What `on_disagreement: auto` does after a gold RM got `correct` of `n` held-out human-verified pairs
+    right: ("flip" or "discard", the accuracy's lower bound). Flip only when the bound reaches min_accuracy."""
+    bound = accuracy_lower_bound(correct, n)
+    return ("flip" if bound >= min_accuracy else "discard"), bound
+
+
+def recycle(record: PairRecord, why: str) -> PairRecord:
+    """A pair Stage 2 discarded for disagreement (under auto), recycled instead: the FLIP the flip rule makes,
+    its reason extended by `why`. Other records are returned unchanged."""
+    d = record.decision
+    if d.decision != DECISION_DISCARD or d.rule != STAGE2_RULE:
+        return record
+    out = flipped(record)
+    reason = f"{d.reason}; recycled swapped ({why})"
+    out.decision.CopyFrom(DecisionRecord(decision=DECISION_FLIP, rule=STAGE2_RULE, reason=reason))
+    out.lineage.updated_at.CopyFrom(now())
+    return out
 
 
 def decide(record: PairRecord, settings: FilterSettings) -> tuple[str, PairRecord]:

@@ -10,25 +10,47 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from synpref.services.consistency_filter.rules import human_candidates, score_of, silver_label
-from synpref.services.controller.embeddings import PoolRetrieval
+import numpy as np
+
+from synpref.services.consistency_filter.rules import (
+    disagreement_rule,
+    human_candidates,
+    recycle,
+    score_of,
+    silver_label,
+)
+from synpref.services.controller.embeddings import PairView, PoolRetrieval
 from synpref.services.controller.executors import StageExecutor
 from synpref.services.controller.models import ModelHandle, RewardModels
 from synpref.services.controller.state import RunState, key_of
 from synpref.services.gold_scorer.scoring import pair_dict, set_score
-from synpref.shared.config import ControllerSettings
+from synpref.shared.config import ControllerSettings, Settings
 from synpref.shared.pairstore import PairStore
 from synpref.shared.retrieval import k_rule
 from synpref.shared.roles import BEST, GOLD
-from synpref.v1.pair_pb2 import DECISION_FLIP, DECISION_KEEP, DECISION_REVIEW, STAGE_ONE, STAGE_TWO, Decision
+from synpref.v1.pair_pb2 import (
+    DECISION_FLIP,
+    DECISION_KEEP,
+    DECISION_REVIEW,
+    STAGE_ONE,
+    STAGE_TWO,
+    Decision,
+    PairRecord,
+)
+
+GOLD_PROBE_HELD_OUT = 0.2
+"""Share of D_gold the auto rule's probe gold RM is scored on, not trained on."""
 
 
 class CurationSteps:
     """Steps s<t>.curate and s2.curate. Controller provides the attributes and methods declared here."""
 
     c: ControllerSettings
+    settings: Settings
+    root: Path
     state: RunState
     pairstore: PairStore
     models: RewardModels
@@ -142,6 +164,45 @@ class CurationSteps:
             self.left_unverified(moved)
         return counts[DECISION_KEEP], counts[DECISION_FLIP], len(rows) - sum(counts.values())
 
+    def measure_gold(self) -> None:
+        """For `filter.on_disagreement: auto`: how far a gold RM can be trusted to overrule labels. A probe
+        gold RM learns from D_gold less a held-out fifth (seeded) and is scored on that fifth; Stage 2 then
+        flips disagreements if its accuracy's lower bound reaches flip_min_gold_accuracy, else discards them."""
+        rows = np.fromiter(self.pairstore.all_rows("gold"), dtype=np.int64)
+        held = np.random.default_rng(self.c.seed).random(len(rows)) < GOLD_PROBE_HELD_OUT
+        correct = n = 0
+        if 0 < held.sum() < len(rows):
+            probe = self.models.train("gold-probe", PairView(self.pairstore, rows[~held]), [], self.root / "models")
+            rewards = self.models.score(probe, PairView(self.pairstore, rows[held]))
+            correct, n = sum(c > r for c, r in rewards), len(rewards)
+        minimum = self.settings.filter.flip_min_gold_accuracy
+        rule, bound = disagreement_rule(correct, n, minimum)
+        self.state.results["gold_rm"] = {
+            "held_out_pairs": n,
+            "held_out_accuracy": correct / n if n else None,
+            "accuracy_lower_bound": bound,
+            "flip_min_gold_accuracy": minimum,
+            "on_disagreement": rule,
+        }
+        acc = f"{correct / n:.3f} on {n} held-out D_gold pairs" if n else f"not measurable ({len(rows)} D_gold pairs)"
+        self.say(f"stage 2: gold RM accuracy {acc}, lower bound {bound:.3f} vs {minimum:g}: disagreements {rule}")
+
+    def resolve_disagreements(self, routed: list[tuple[str, PairRecord]]) -> list[tuple[str, PairRecord]]:
+        """Under auto with a gold RM measured strong, the pairs the filter discarded for disagreement are
+        recycled swapped (rules.recycle), in process and from the cluster's filter alike."""
+        gold = self.state.results.get("gold_rm") or {}
+        if self.settings.filter.on_disagreement != "auto" or gold.get("on_disagreement") != "flip":
+            return routed
+        why = (
+            f"auto: gold RM held-out accuracy {gold['held_out_accuracy']:.3f}, lower bound "
+            f"{gold['accuracy_lower_bound']:.3f} >= {gold['flip_min_gold_accuracy']:g}"
+        )
+        out = []
+        for route, record in routed:
+            recycled = recycle(record, why)
+            out.append(("curated", recycled) if recycled is not record else (route, record))
+        return out
+
     def curate_stage2(self) -> None:
         """Stage 2: score, annotate and filter every pair still unverified, a batch at a time (each batch
         committed with its cursor); curated ones join the stage2 pool, the rest are discarded."""
@@ -154,6 +215,7 @@ class CurationSteps:
                 record.lineage.stage = STAGE_TWO
             row_of = {key_of(r): row for r, row in zip(records, rows, strict=True)}
             result = self.executor.run("stage2", records)
+            result.routed = self.resolve_disagreements(result.routed)
             curated: list[int] = []
             dropped: list[int] = []
             for route, record in result.routed:

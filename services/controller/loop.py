@@ -412,6 +412,9 @@ class Controller(CurationSteps, FinalSteps):
             self.reload(export_registry(self.models, handles, self.root / "models"))
 
     def train_gold(self) -> None:
-        """Train the gold RM on D_gold alone and record it under the gold role."""
+        """Train the gold RM on D_gold alone and record it under the gold role; under `filter.on_disagreement:
+        auto`, first measure how far a gold RM trained so can be trusted (measure_gold)."""
+        if self.settings.filter.on_disagreement == "auto":
+            self.measure_gold()
         handle = self.models.train(GOLD, self.view("gold"), [], self.root / "models")
         self.state.models[GOLD] = handle.to_dict()

@@ -204,8 +204,19 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
         f"not re-annotated (best RM already right): {s2.get('skipped_annotation', 0)}; "
         f"failed: {s2.get('failed', 0)}",
         f"- decisions: {json.dumps(s2.get('decisions', {}))}",
-        "",
     ]
+    gold = r.get("gold_rm")
+    if gold:  # filter.on_disagreement: auto
+        measured = (
+            f"{gold['held_out_accuracy']:.3f} on {gold['held_out_pairs']} held-out D_gold pairs"
+            if gold["held_out_pairs"]
+            else "not measurable (too few D_gold pairs)"
+        )
+        lines.append(
+            f"- disagreements (auto): {gold['on_disagreement']}; probe gold RM accuracy {measured}, "
+            f"90% lower bound {gold['accuracy_lower_bound']:.3f} against {gold['flip_min_gold_accuracy']:g}"
+        )
+    lines.append("")
     acc = r.get("holdout_accuracy", {})
     if acc:
         lines += ["## Final RM", "", "| model | trained on | held-out accuracy |", "|---|---|---|"]

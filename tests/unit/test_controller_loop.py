@@ -366,3 +366,35 @@ def test_the_store_can_live_apart_from_the_shared_workdir(tmp_path, reference_ou
     assert {"pairs.sqlite", "state.json", "retrieval"} <= {p.name for p in store.iterdir()}
     assert not (workdir / "pairs.sqlite").exists() and not (workdir / "retrieval").exists()
     assert (workdir / "models").is_dir() and (workdir / "datasets").is_dir() and (workdir / "report.md").is_file()
+
+
+@pytest.mark.parametrize(("min_accuracy", "resolved"), [(0.51, "flip"), (1.0, "discard")])
+def test_auto_disagreement_rule_flips_only_with_a_gold_rm_measured_strong(tmp_path, min_accuracy, resolved):
+    """`on_disagreement: auto` measures a probe gold RM on held-out D_gold and then decides Stage 2's
+    disagreements exactly as the rule it resolved to would have (only the reasons say why)."""
+    auto = load_settings(
+        controller=settings_for(tmp_path / "auto").controller.model_dump(),
+        filter={"on_disagreement": "auto", "flip_min_gold_accuracy": min_accuracy},
+    )
+    state = controller_for(auto).run()
+    gold = state.results["gold_rm"]
+    assert gold["on_disagreement"] == resolved
+    assert gold["held_out_pairs"] > 0 and gold["accuracy_lower_bound"] <= gold["held_out_accuracy"]
+    decisions = state.results["stage2"]["decisions"]
+    assert ("FLIP" in decisions) == (resolved == "flip") and ("DISCARD" in decisions) == (resolved == "discard")
+
+    fixed = load_settings(
+        controller=settings_for(tmp_path / "fixed").controller.model_dump(), filter={"on_disagreement": resolved}
+    )
+    controller_for(fixed).run()
+    assert outcome(Path(auto.controller.workdir))["curated"] == outcome(Path(fixed.controller.workdir))["curated"]
+    reasons = [
+        r.decision.reason
+        for r in read_records(auto.controller.workdir).values()
+        if r.decision.rule == "stage2.consistency"
+    ]
+    assert any("auto: gold RM held-out accuracy" in r for r in reasons) == (resolved == "flip")
+    assert (
+        f"- disagreements (auto): {resolved}; probe gold RM accuracy"
+        in (Path(auto.controller.workdir) / "report.md").read_text()
+    )

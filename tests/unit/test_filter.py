@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from synpref.services.consistency_filter.rules import decide, make_filter_stage
+from synpref.services.consistency_filter.rules import (
+    accuracy_lower_bound,
+    decide,
+    disagreement_rule,
+    make_filter_stage,
+    recycle,
+)
 from synpref.shared.config import FilterSettings
 from synpref.shared.pairs import new_pair, new_record
 from synpref.v1.pair_pb2 import (
@@ -35,6 +41,32 @@ def record(p_gold=None, p_best=None, judges=None):
         rec.judge_aggregate.preference = judges
         rec.votes.append(JudgeVote(judge="j", preference=judges))
     return rec
+
+
+def test_auto_mode_discards_and_recycle_makes_the_flip_rules_record():
+    """A filter running auto on its own discards; the controller's recycle of that record, once it trusts the
+    gold RM, is the record the flip rule makes (reason aside)."""
+    rec = record(0.3, 0.2, PREFERENCE_REJECTED)
+    route, discarded = decide(rec, FilterSettings(stage=2, on_disagreement="auto"))
+    assert (route, discarded.decision.decision) == ("discarded", DECISION_DISCARD)
+    _, flip = decide(rec, FilterSettings(stage=2, on_disagreement="flip"))
+    out = recycle(discarded, "auto: strong gold RM")
+    assert out.decision.decision == DECISION_FLIP and out.decision.reason.endswith("(auto: strong gold RM)")
+    for m in (out, flip):
+        m.decision.reason = ""
+        m.lineage.updated_at.Clear()
+    assert out == flip
+    kept = decide(record(0.9, 0.8, PREFERENCE_CHOSEN), FilterSettings(stage=2, on_disagreement="auto"))[1]
+    assert recycle(kept, "x") is kept  # only Stage 2's disagreement discards are recycled
+
+
+def test_the_auto_rule_trusts_a_gold_rm_only_on_enough_held_out_pairs():
+    assert accuracy_lower_bound(0, 0) == 0.0
+    assert accuracy_lower_bound(9, 10) < accuracy_lower_bound(90, 100) < accuracy_lower_bound(900, 1000) < 0.9
+    assert accuracy_lower_bound(900, 1000) == pytest.approx(0.8876, abs=1e-3)  # Wilson, one-sided 90%
+    assert disagreement_rule(9, 10, 0.75) == ("discard", pytest.approx(accuracy_lower_bound(9, 10)))
+    assert disagreement_rule(90, 100, 0.75)[0] == "flip"
+    assert disagreement_rule(60, 100, 0.75)[0] == "discard"
 
 
 @pytest.mark.parametrize(
