@@ -360,8 +360,9 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def role_of(name: str) -> str:
-    """The training role of model `name` (working-3 -> working): the key of controller.train_roles."""
-    return name.split("-")[0] if name.startswith("working-") else name
+    """The training role of model `name` (working-3 -> working; gold-probe, the auto rule's probe, trains as
+    gold): the key of controller.train_roles."""
+    return name.split("-")[0] if name.startswith(("working-", "gold-")) else name
 
 
 class FullModels:

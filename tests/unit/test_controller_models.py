@@ -106,3 +106,9 @@ def test_feature_cache_tokenizes_a_pair_once(tmp_path, monkeypatch):
     new = cache.features(changed)
     assert encoded == [0, 1]  # new content is encoded, not looked up by a stale key
     assert not np.array_equal(new[0][0], first[0][0]) and np.array_equal(new[1][0], first[1][0])
+
+
+def test_the_auto_rules_probe_trains_with_the_gold_role():
+    from synpref.services.controller.models import role_of
+
+    assert [role_of(n) for n in ("working-3", "gold", "gold-probe", "final")] == ["working", "gold", "gold", "final"]
