@@ -180,7 +180,9 @@ class FilterSettings(Section):
     overrule labels (flip_min_gold_accuracy). A filter service running auto on its own discards; the study
     behind the default is in docs/curation.md."""
     flip_min_gold_accuracy: float = Field(default=0.75, gt=0.5, le=1.0)
-    """auto flips when a gold RM's accuracy on held-out human-verified pairs reaches this (its 90% lower bound)."""
+    """auto flips when a gold RM's accuracy on held-out human-verified pairs reaches this (its 90% lower bound)..."""
+    flip_min_held_out_pairs: int = Field(default=30, ge=1)
+    """...measured on at least this many pairs (a perfect score on 10 pairs still bounds at 0.86)."""
 
 
 class WriterSettings(Section):

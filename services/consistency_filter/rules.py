@@ -155,11 +155,12 @@ def accuracy_lower_bound(correct: int, n: int, z: float = LOWER_BOUND_Z) -> floa
     return (centre - spread) / (1 + z * z / n)
 
 
-def disagreement_rule(correct: int, n: int, min_accuracy: float) -> tuple[str, float]:
+def disagreement_rule(correct: int, n: int, min_accuracy: float, min_pairs: int = 30) -> tuple[str, float]:
     """What `on_disagreement: auto` does after a gold RM got `correct` of `n` held-out human-verified pairs
-    right: ("flip" or "discard", the accuracy's lower bound). Flip only when the bound reaches min_accuracy."""
+    right: ("flip" or "discard", the accuracy's lower bound). Flip only when the bound reaches min_accuracy
+    on at least min_pairs pairs."""
     bound = accuracy_lower_bound(correct, n)
-    return ("flip" if bound >= min_accuracy else "discard"), bound
+    return ("flip" if bound >= min_accuracy and n >= min_pairs else "discard"), bound
 
 
 def recycle(record: PairRecord, why: str) -> PairRecord:

@@ -167,7 +167,8 @@ class CurationSteps:
     def measure_gold(self) -> None:
         """For `filter.on_disagreement: auto`: how far a gold RM can be trusted to overrule labels. A probe
         gold RM learns from D_gold less a held-out fifth (seeded) and is scored on that fifth; Stage 2 then
-        flips disagreements if its accuracy's lower bound reaches flip_min_gold_accuracy, else discards them."""
+        flips disagreements if its accuracy's lower bound reaches flip_min_gold_accuracy on at least
+        flip_min_held_out_pairs pairs, else discards them."""
         rows = np.fromiter(self.pairstore.all_rows("gold"), dtype=np.int64)
         held = np.random.default_rng(self.c.seed).random(len(rows)) < GOLD_PROBE_HELD_OUT
         correct = n = 0
@@ -176,12 +177,13 @@ class CurationSteps:
             rewards = self.models.score(probe, PairView(self.pairstore, rows[held]))
             correct, n = sum(c > r for c, r in rewards), len(rewards)
         minimum = self.settings.filter.flip_min_gold_accuracy
-        rule, bound = disagreement_rule(correct, n, minimum)
+        rule, bound = disagreement_rule(correct, n, minimum, self.settings.filter.flip_min_held_out_pairs)
         self.state.results["gold_rm"] = {
             "held_out_pairs": n,
             "held_out_accuracy": correct / n if n else None,
             "accuracy_lower_bound": bound,
             "flip_min_gold_accuracy": minimum,
+            "flip_min_held_out_pairs": self.settings.filter.flip_min_held_out_pairs,
             "on_disagreement": rule,
         }
         acc = f"{correct / n:.3f} on {n} held-out D_gold pairs" if n else f"not measurable ({len(rows)} D_gold pairs)"

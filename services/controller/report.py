@@ -214,7 +214,8 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
         )
         lines.append(
             f"- disagreements (auto): {gold['on_disagreement']}; probe gold RM accuracy {measured}, "
-            f"90% lower bound {gold['accuracy_lower_bound']:.3f} against {gold['flip_min_gold_accuracy']:g}"
+            f"90% lower bound {gold['accuracy_lower_bound']:.3f} against {gold['flip_min_gold_accuracy']:g} "
+            f"(on at least {gold.get('flip_min_held_out_pairs', 1)} pairs)"
         )
     lines.append("")
     acc = r.get("holdout_accuracy", {})

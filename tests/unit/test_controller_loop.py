@@ -374,7 +374,8 @@ def test_auto_disagreement_rule_flips_only_with_a_gold_rm_measured_strong(tmp_pa
     disagreements exactly as the rule it resolved to would have (only the reasons say why)."""
     auto = load_settings(
         controller=settings_for(tmp_path / "auto").controller.model_dump(),
-        filter={"on_disagreement": "auto", "flip_min_gold_accuracy": min_accuracy},
+        # The synthetic D_gold holds a few held-out pairs only: the minimum count is lowered to 1 here.
+        filter={"on_disagreement": "auto", "flip_min_gold_accuracy": min_accuracy, "flip_min_held_out_pairs": 1},
     )
     state = controller_for(auto).run()
     gold = state.results["gold_rm"]

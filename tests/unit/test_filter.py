@@ -67,6 +67,8 @@ def test_the_auto_rule_trusts_a_gold_rm_only_on_enough_held_out_pairs():
     assert disagreement_rule(9, 10, 0.75) == ("discard", pytest.approx(accuracy_lower_bound(9, 10)))
     assert disagreement_rule(90, 100, 0.75)[0] == "flip"
     assert disagreement_rule(60, 100, 0.75)[0] == "discard"
+    assert accuracy_lower_bound(10, 10) > 0.75 and disagreement_rule(10, 10, 0.75)[0] == "discard"  # under 30 pairs
+    assert disagreement_rule(10, 10, 0.75, min_pairs=10)[0] == "flip"
 
 
 @pytest.mark.parametrize(
