@@ -175,7 +175,7 @@ class CurationSteps:
         if 0 < held.sum() < len(rows):
             probe = self.models.train("gold-probe", PairView(self.pairstore, rows[~held]), [], self.root / "models")
             rewards = self.models.score(probe, PairView(self.pairstore, rows[held]))
-            correct, n = sum(c > r for c, r in rewards), len(rewards)
+            correct, n = int(sum(bool(c > r) for c, r in rewards)), len(rewards)
         minimum = self.settings.filter.flip_min_gold_accuracy
         rule, bound = disagreement_rule(correct, n, minimum, self.settings.filter.flip_min_held_out_pairs)
         self.state.results["gold_rm"] = {
