@@ -155,7 +155,13 @@ def accuracy_lower_bound(correct: int, n: int, z: float = LOWER_BOUND_Z) -> floa
     return (centre - spread) / (1 + z * z / n)
 
 
-def disagreement_rule(correct: int, n: int, min_accuracy: float, min_pairs: int = 30) -> tuple[str, float]:
+MIN_HELD_OUT_PAIRS: int = FilterSettings.model_fields["flip_min_held_out_pairs"].default
+"""The configured default, so the rule and the settings cannot disagree."""
+
+
+def disagreement_rule(
+    correct: int, n: int, min_accuracy: float, min_pairs: int = MIN_HELD_OUT_PAIRS
+) -> tuple[str, float]:
     """What `on_disagreement: auto` does after a gold RM got `correct` of `n` held-out human-verified pairs
     right: ("flip" or "discard", the accuracy's lower bound). Flip only when the bound reaches min_accuracy
     on at least min_pairs pairs."""
