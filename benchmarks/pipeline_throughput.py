@@ -8,7 +8,7 @@ model. The consistency filter and the Parquet dataset writer are the real ones.
   (what the embedded single-machine loop does).
 - kafka: every stage is a real StageRunner (decode, stage, produce acks=all, flush, commit)
   in its own thread, `--consumers` per stage in one consumer group, over 2-partition topics;
-  the writer is the real WriterLoop (shards + manifest with offsets). The clock runs from
+  the writer is the real writer service's runner (shards + manifest with offsets). The clock runs from
   the first produced pair to the writer having taken all of them; group joins happen before.
 
 Pairs are real (LLMBar, PandaLM, hh-rlhf from ../shared/data through the ingest
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from synpref.services.consistency_filter.rules import make_filter_stage
 from synpref.services.dataset_writer.dataset import DatasetVersion
-from synpref.services.dataset_writer.main import DatasetSink, WriterLoop
+from synpref.services.dataset_writer.main import DatasetSink, ManifestSink, writable_only
 from synpref.services.ingest.preprocess import ingest_paths
 from synpref.shared.config import FilterSettings, KafkaSettings, Settings, TopicSettings, WriterSettings
 from synpref.shared.kafka.admin import ensure_topics
@@ -140,6 +140,7 @@ def run_in_process(
             timed("write", dataset.append, buffered)
             buffered = []
     timed("write", dataset.append, buffered)
+    dataset.close()
     return time.perf_counter() - started, dataset.stats["rows"], spent
 
 
@@ -165,7 +166,9 @@ def run_kafka(
             runner.open()
             runners.append(runner)
     writer_stats = RunnerStats()
-    writer = WriterLoop(settings, DatasetSink(DatasetVersion(root, "bench", base)), stop, writer_stats)
+    target = DatasetSink(DatasetVersion(root, "bench", base))
+    writer = StageRunner(settings, writable_only, service="writer", input_route="curated", group_id=f"{base}-writer",
+                         stop=stop, stats=writer_stats, sink=ManifestSink(target, settings.writer))  # fmt: skip
     writer.open()
     threads = [threading.Thread(target=r.run, daemon=True) for r in runners]
     threads.append(threading.Thread(target=writer.run, daemon=True))
@@ -192,7 +195,8 @@ def run_kafka(
     for t in threads:
         t.join(60)
     producer.close(10)
-    return elapsed, writer.sink.dataset.stats["rows"]
+    target.dataset.close()
+    return elapsed, target.dataset.stats["rows"]
 
 
 def main() -> int:
@@ -213,7 +217,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="synpref-bench-") as tmp:
         root = Path(tmp)
         # pyarrow's first Table.from_pylist pays a one-off start-up of seconds: not per-pair work.
-        DatasetVersion(root, "bench", "warm-up").append(records[:1])
+        with DatasetVersion(root, "bench", "warm-up") as warm_up:
+            warm_up.append(records[:1])
         seconds, rows, spent = run_in_process(records, annotate, score, root)
         rate = len(records) / seconds
         where_time = ", ".join(f"{k} {v:.2f} s" for k, v in spent.items())

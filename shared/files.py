@@ -7,10 +7,17 @@ rename and the folder (which holds the name) after it.
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
+import socket
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
+
+log = logging.getLogger(__name__)
 
 
 def fsync_folder(folder: Path) -> None:
@@ -48,3 +55,58 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically (see `write_atomic`)."""
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+class FileLock:
+    """An exclusive lock (flock) on `path`, for one author of a folder across processes and pods.
+
+    The kernel drops it when its holder exits, however it exits: a writer pod that is force-deleted
+    while its replacement starts hands the lock over once its container is gone. The holder's host
+    and pid are written into the file for the waiters' logs. `timeout_s` None waits for as long as
+    it takes (a pod's replacement); a number raises TimeoutError after that long. A second lock on
+    the same path in the same process raises at once instead of waiting for itself.
+    """
+
+    def __init__(self, path: Path, timeout_s: float | None = None, log_every_s: float = 30.0) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        me = f"{socket.gethostname()} pid {os.getpid()}"
+        fh: TextIO = open(path, "a+", encoding="utf-8")  # noqa: SIM115 -- held until release()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        next_log = time.monotonic()
+        try:
+            while True:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    fh.seek(0)
+                    holder = fh.read().strip() or "an unknown process"
+                    if holder == me:
+                        raise RuntimeError(f"{path} is already held by this process: release it first") from None
+                    now = time.monotonic()
+                    if deadline is not None and now >= deadline:
+                        raise TimeoutError(f"{path} is held by {holder} (waited {timeout_s:.0f}s)") from None
+                    if now >= next_log:
+                        log.warning("waiting for %s, held by %s", path, holder)
+                        next_log = now + log_every_s
+                    time.sleep(0.2)
+        except BaseException:
+            fh.close()
+            raise
+        fh.seek(0)
+        fh.truncate()
+        fh.write(me)
+        fh.flush()
+        self._fh: TextIO | None = fh
+
+    @property
+    def held(self) -> bool:
+        """Whether this object still holds the lock."""
+        return self._fh is not None
+
+    def release(self) -> None:
+        """Give the lock up (closing the file drops the flock); a second call does nothing."""
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()

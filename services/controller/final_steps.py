@@ -80,11 +80,11 @@ class FinalSteps:
             # From empty, so a rerun after a kill does not append to the first attempt's shards; the store's
             # pairs are unique, so the version keeps no set of its ids.
             shutil.rmtree(root / self.c.dataset_name / version, ignore_errors=True)
-            dv = DatasetVersion(root, self.c.dataset_name, version, dedup=False)
-            # One Parquet shard per SHARD_ROWS pairs: a shard's rows are built in memory before it is written.
-            while shard := list(islice(records, SHARD_ROWS)):
-                dv.append(shard, split=split)
-            out[version] = {"dir": str(dv.dir), **dv.stats}
+            with DatasetVersion(root, self.c.dataset_name, version, dedup=False) as dv:
+                # One Parquet shard per SHARD_ROWS pairs: a shard's rows are built in memory before it is written.
+                while shard := list(islice(records, SHARD_ROWS)):
+                    dv.append(shard, split=split)
+                out[version] = {"dir": str(dv.dir), **dv.stats}
         self.state.results["datasets"] = out
 
     def train_final(self) -> None:

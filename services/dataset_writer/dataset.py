@@ -13,6 +13,13 @@ up to it. The manifest is the commit point:
   on disk (IdIndex, .dedup-ids.sqlite, updated after the manifest and caught up from the
   shards on open), not in memory: a 40M-pair version would need ~4 GB as a Python set.
 
+One author at a time: opening a version takes its writer lock (.writer.lock, flock) and holds it
+until close(). A second writer (a rolling update's new pod, the replacement of a force-deleted pod
+whose container still runs, a second replica) waits for it, then reads the manifest the first one
+left. Without it the two kept their own copy of the manifest and shared the id index: the second
+overwrote the first's last shards out of the manifest, then skipped their re-delivered pairs as
+duplicates (pairs lost; seen on a live cluster).
+
 Columns (the Skywork-Reward-Preference format plus lineage):
   id, conversation, chosen, rejected   -- chosen/rejected are FULL message lists, conversation
                                           included, as in Skywork-Reward-Preference; the
@@ -34,7 +41,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from synpref.shared.files import write_atomic
+from synpref.shared.files import FileLock, write_atomic
 from synpref.shared.idset import DiskIdSet
 from synpref.shared.pairs import message_dicts
 from synpref.v1.pair_pb2 import Controversiality, Decision, Objectivity, PairRecord, Preference, Stage
@@ -42,6 +49,7 @@ from synpref.v1.pair_pb2 import Controversiality, Decision, Objectivity, PairRec
 MANIFEST = "manifest.json"
 SHARD_GLOB = "part-*.parquet"
 ID_INDEX = ".dedup-ids.sqlite"
+WRITER_LOCK = ".writer.lock"
 TRAIN, HELDOUT = "train", "heldout"
 SPLITS = (TRAIN, HELDOUT)
 
@@ -223,12 +231,18 @@ class DatasetVersion:
     dedup: skip pairs whose id the version already holds (IdIndex on disk: the writer service
     needs it for redelivered messages). A writer whose input has unique ids and that starts from
     an empty version (the loop's dataset step) turns it off.
+
+    Opening waits for the version's writer lock (lock_timeout_s None: as long as it takes, else
+    TimeoutError); close() or the end of the process releases it. Readers use manifest_files.
     """
 
-    def __init__(self, root: str | Path, name: str, version: str, dedup: bool = True) -> None:
+    def __init__(
+        self, root: str | Path, name: str, version: str, dedup: bool = True, lock_timeout_s: float | None = None
+    ) -> None:
         self.dir = Path(root) / name / version
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name, self.version = name, version
+        self.lock = FileLock(self.dir / WRITER_LOCK, lock_timeout_s)
         self.manifest = self._load()
         self.index: IdIndex | None = None
         if dedup:
@@ -239,10 +253,18 @@ class DatasetVersion:
         return pq.read_table(self.dir / file, columns=["id"]).column("id").to_pylist()
 
     def close(self) -> None:
-        """Close the id index (the version stays readable; appending needs a new DatasetVersion)."""
+        """Close the id index and release the writer lock (the version stays readable; appending needs a new
+        DatasetVersion)."""
         if self.index is not None:
             self.index.close()
             self.index = None
+        self.lock.release()
+
+    def __enter__(self) -> DatasetVersion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _load(self) -> dict:
         path = self.dir / MANIFEST
@@ -287,6 +309,8 @@ class DatasetVersion:
         self, records: Iterable[PairRecord], offsets: dict[str, int] | None = None, split: str = TRAIN
     ) -> AppendResult:
         """Write the new pairs of `records` as one shard in split `split` and commit it with `offsets`."""
+        if not self.lock.held:
+            raise RuntimeError(f"{self.dir} was closed: open a new DatasetVersion to append")
         records = list(records)
         known = self.index.known([r.pair.id for r in records]) if self.index is not None else set()
         rows, duplicates, batch_ids = [], 0, set()

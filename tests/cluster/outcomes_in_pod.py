@@ -3,7 +3,7 @@
 Reads the release's own config (SYNPREF_CONFIG), every outcome topic from the beginning without a
 consumer group, and the writer's dataset version on the data volume, and prints one JSON object:
 the pair ids of the raw Stage-2 topic, of each outcome (kept and flipped rows of the dataset, review,
-discarded, dead-letter) and the committed offsets of the filter's and the writer's groups. Only
+discarded, dead-letter) and the lag of every stage's consumer group. Only
 synpref's own dependencies are used: this runs in the project image, which holds no test code.
 """
 
@@ -68,7 +68,10 @@ def main() -> None:
                     out["flipped"].append(row["lineage"]["original_id"])
                 else:
                     out["kept"].append(row["id"])
+    # Every stage's group, so a stall names the stage it is in.
     out["lag"] = {
+        "gold-scorer": lag(s.kafka, kwargs, "synpref-gold-scorer", t.s2_raw),
+        "annotator": lag(s.kafka, kwargs, "synpref-annotator", t.s2_scored),
         "filter": lag(s.kafka, kwargs, "synpref-filter", t.s2_annotated),
         "writer": lag(s.kafka, kwargs, "synpref-writer", t.curated),
     }

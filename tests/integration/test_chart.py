@@ -146,8 +146,11 @@ def test_default_render_has_every_component(renders: dict[str, list[dict[str, An
         name = f"{fullname}-{component}"
         one(docs, "Deployment", name)
         one(docs, "Service", name)
-        one(docs, "HorizontalPodAutoscaler", name)
         one(docs, "PodDisruptionBudget", name)
+        # The writer is one pod per dataset version (its manifest has one author), replaced by Recreate.
+        assert bool(find(docs, "HorizontalPodAutoscaler", name)) == (component != "writer")
+    writer = one(docs, "Deployment", f"{fullname}-writer")
+    assert writer["spec"]["replicas"] == 1 and writer["spec"]["strategy"] == {"type": "Recreate"}
     for component in ("desk", "controller"):
         one(docs, "Deployment", f"{fullname}-{component}")
     # The desk refuses to start without tokens: with no Secret named, the hook Job makes one.
@@ -401,7 +404,8 @@ def test_hpas_target_their_deployments_which_then_leave_replicas_to_them(
     for case in ("default", "example:gpu-cluster"):
         docs = renders[case]
         hpas = find(docs, "HorizontalPodAutoscaler")
-        assert {h["metadata"]["name"] for h in hpas} == {f"{RELEASE}-synpref-{c}" for c in [*STAGES, "scorer"]}
+        autoscaled = [c for c in [*STAGES, "scorer"] if c != "writer"]
+        assert {h["metadata"]["name"] for h in hpas} == {f"{RELEASE}-synpref-{c}" for c in autoscaled}
         for hpa in hpas:
             deploy = one(docs, "Deployment", hpa["spec"]["scaleTargetRef"]["name"])
             assert "replicas" not in deploy["spec"]
@@ -555,6 +559,8 @@ def test_values_schema_rejects_bad_values(helm: str, args: list[str], message: s
         (["--set", "kafka.securityProtocol=SASL_SSL,kafka.sasl.mechanism=PLAIN"], "kafka.sasl.existingSecret"),
         (["--set", "kafka.sasl.mechanism=PLAIN,kafka.sasl.existingSecret=s"], "not SASL_PLAINTEXT or SASL_SSL"),
         (["--set", "training.nodes=2,training.gpusPerNode=0"], "training.gpusPerNode >= 1"),
+        (["--set", "stages.writer.replicaCount=2"], "stages.writer runs one pod per dataset version"),
+        (["--set", "stages.writer.autoscaling.enabled=true"], "stages.writer runs one pod per dataset version"),
     ],
 )
 def test_cross_field_checks_fail_rendering(helm: str, args: list[str], message: str) -> None:

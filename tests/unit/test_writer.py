@@ -33,6 +33,7 @@ def test_append_dedups_and_keeps_stats(tmp_path):
     second = ds.append([rec(1), rec(2)], {"t:0": 5})
     assert (second.written, second.duplicates) == (1, 1)
     assert ds.append([rec(2)], {"t:0": 6}).shard is None  # offsets still advance
+    ds.close()
     reopened = DatasetVersion(tmp_path, "synpref", "v1")
     assert reopened.offsets == {"t:0": 6}
     assert reopened.stats == {
@@ -57,6 +58,7 @@ def test_orphan_shard_from_a_crash_is_removed(tmp_path):
     ds.append([rec(0)], {"t:0": 1})
     # A crash between the shard and its manifest leaves a shard the manifest does not list.
     pq.write_table(pq.read_table(ds.files()[0]), ds.dir / "part-00001.parquet")
+    ds.close()
     reopened = DatasetVersion(tmp_path, "d", "v1")
     assert not (ds.dir / "part-00001.parquet").exists()
     assert reopened.append([rec(1)]).written == 1  # rows of the lost shard come back from Kafka
@@ -123,9 +125,10 @@ def test_manifest_sink_writes_a_shard_with_its_offsets_when_due(tmp_path):
     assert sink.due()
     sink.flush({TopicPartition("t", 0): 3, TopicPartition("t", 1): 8})
     assert not sink.due() and sink.buffer == []
+    assert sink.stored_offsets() == {TopicPartition("t", 0): 3, TopicPartition("t", 1): 8}
+    target.dataset.close()
     reopened = DatasetVersion(tmp_path, "d", "v1")
     assert reopened.stats["rows"] == 2 and reopened.offsets == {"t:0": 3, "t:1": 8}
-    assert sink.stored_offsets() == {TopicPartition("t", 0): 3, TopicPartition("t", 1): 8}
 
 
 def two_shards(tmp_path, first: int, last: int, keep: str) -> tuple[DatasetVersion, bytes]:
@@ -163,3 +166,58 @@ def test_an_index_ahead_of_the_manifest_is_rebuilt(tmp_path):
     assert reopened.index is not None and len(reopened.index) == 4
     assert reopened.append(records(2, 8)).written == 4
     reopened.close()
+
+
+HOLDER = """
+import sys
+from synpref.services.dataset_writer.dataset import DatasetVersion
+from tests.unit.test_writer import records
+ds = DatasetVersion(sys.argv[1], "d", "v1")
+ds.append(records(0, 4), {"t:0": 4})
+print("held", flush=True)
+sys.stdin.readline()
+ds.append(records(4, 7), {"t:0": 7})  # written after the second writer asked for the version
+"""
+
+
+def test_a_second_writer_waits_for_the_first_and_reads_what_it_left(tmp_path):
+    """A rolling update's new writer pod opens the version while the old one still writes: it must wait, then
+    see the old one's last shard (before the lock it kept a stale manifest and lost those pairs)."""
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=repo, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert first.stdout is not None and first.stdout.readline().strip() == "held"
+        with pytest.raises(TimeoutError, match=r"held by .* pid \d+"):
+            DatasetVersion(tmp_path, "d", "v1", lock_timeout_s=0.5)
+        opened: list[DatasetVersion] = []
+        second = threading.Thread(target=lambda: opened.append(DatasetVersion(tmp_path, "d", "v1")), daemon=True)
+        second.start()
+        second.join(1.0)
+        assert not opened, "the second writer opened the version while the first still held it"
+        first.communicate("go\n", timeout=60)
+        assert first.returncode == 0
+        second.join(30)
+    finally:
+        first.kill()
+    [ds] = opened
+    assert ds.stats["rows"] == 7 and ds.offsets == {"t:0": 7}
+    assert ds.append(records(0, 8)).written == 1  # re-delivered pairs are duplicates; none is lost
+    ds.close()
+    DatasetVersion(tmp_path, "d", "v1", lock_timeout_s=0).close()  # close() released it
+
+
+def test_opening_a_version_twice_in_one_process_fails_at_once(tmp_path):
+    with DatasetVersion(tmp_path, "d", "v1") as ds:
+        with pytest.raises(RuntimeError, match="already held by this process"):
+            DatasetVersion(tmp_path, "d", "v1")
+        ds.append(records(0, 2))
+    with pytest.raises(RuntimeError, match="was closed"):
+        ds.append(records(2, 3))
+    with DatasetVersion(tmp_path, "d", "v1") as reopened:
+        assert reopened.stats["rows"] == 2

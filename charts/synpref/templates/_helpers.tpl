@@ -208,6 +208,10 @@ ssl_keyfile: /etc/synpref/kafka-tls/{{ $k.tls.keyKey }}
 {{- if and (hasKey .Values.config "service") }}
 {{- fail "config.service is set by the chart (ports the probes and Services use); remove it from config" }}
 {{- end }}
+{{- $writer := .Values.stages.writer }}
+{{- if and $writer.enabled (or $writer.autoscaling.enabled (gt (int $writer.replicaCount) 1)) }}
+{{- fail "stages.writer runs one pod per dataset version (its manifest has one author): set stages.writer.replicaCount=1 and stages.writer.autoscaling.enabled=false" }}
+{{- end }}
 {{- if and (gt (int .Values.training.nodes) 1) (lt (int .Values.training.gpusPerNode) 1) }}
 {{- fail "training.nodes > 1 runs torchrun across nodes and needs training.gpusPerNode >= 1" }}
 {{- end }}
