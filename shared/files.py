@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 log = logging.getLogger(__name__)
+LOCK_WAIT_LOG_EVERY_S = 30.0
 
 
 def fsync_folder(folder: Path) -> None:
@@ -67,9 +68,7 @@ class FileLock:
     the same path in the same process raises at once instead of waiting for itself.
     """
 
-    def __init__(self, path: Path, timeout_s: float | None = None, log_every_s: float = 30.0) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, timeout_s: float | None = None) -> None:
         me = f"{socket.gethostname()} pid {os.getpid()}"
         fh: TextIO = open(path, "a+", encoding="utf-8")  # noqa: SIM115 -- held until release()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -89,7 +88,7 @@ class FileLock:
                         raise TimeoutError(f"{path} is held by {holder} (waited {timeout_s:.0f}s)") from None
                     if now >= next_log:
                         log.warning("waiting for %s, held by %s", path, holder)
-                        next_log = now + log_every_s
+                        next_log = now + LOCK_WAIT_LOG_EVERY_S
                     time.sleep(0.2)
         except BaseException:
             fh.close()
