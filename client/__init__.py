@@ -1,5 +1,12 @@
 """Python client for the SynPref RewardService (sync and asyncio); `synpref score` is cli.py."""
 
-from synpref.client.client import AsyncRewardClient, PairScore, RewardClient, ScoreSession
+from synpref.client.client import (
+    AsyncRewardClient,
+    PairScore,
+    RewardClient,
+    ScoreSession,
+    TokenIds,
+    check_tokenizer,
+)
 
-__all__ = ["AsyncRewardClient", "PairScore", "RewardClient", "ScoreSession"]
+__all__ = ["AsyncRewardClient", "PairScore", "RewardClient", "ScoreSession", "TokenIds", "check_tokenizer"]

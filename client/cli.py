@@ -8,7 +8,7 @@ pairs: any pair file shared.sources reads (hh-rlhf, PandaLM, LLMBar, RM-Bench, S
 chosen/rejected lists, ...); writes one JSON line per pair with reward_chosen,
 reward_rejected and p = sigmoid(r_chosen - r_rejected). Rows that are no pair are counted
 on stderr, never guessed at.
-items: JSON lines, each a message list, {"messages": [...]} or {"text": rendered text};
+items: JSON lines, each a message list, {"messages": [...]}, {"text": rendered text} or {"token_ids": [...]};
 writes {"reward": r} per line, in order.
 The address defaults to scoring.scorer_address of the settings (--config / SYNPREF_*).
 """
@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 import grpc
 
-from synpref.client.client import Item, RewardClient
+from synpref.client.client import Item, RewardClient, TokenIds
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -48,7 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def read_items(stream: TextIO) -> Iterator[Item]:
-    """Items from JSON lines: a message list, `{"messages": [...]}` or `{"text": ...}` each; ValueError otherwise."""
+    """Items from JSON lines: a message list, `{"messages": [...]}`, `{"text": ...}` or `{"token_ids": [...]}` each;
+    ValueError otherwise."""
     for n, line in enumerate(stream, 1):
         if not line.strip():
             continue
@@ -60,10 +61,18 @@ def read_items(stream: TextIO) -> Iterator[Item]:
             yield value["text"]
         elif isinstance(value, dict) and isinstance(value.get("messages"), list):
             yield value["messages"]
+        elif isinstance(value, dict) and _int_list(value.get("token_ids")):
+            yield TokenIds(value["token_ids"])
         elif isinstance(value, list):
             yield value
         else:
-            raise ValueError(f'line {n}: expected a message list, {{"messages": [...]}} or {{"text": "..."}}')
+            raise ValueError(
+                f'line {n}: expected a message list, {{"messages": [...]}}, {{"text": "..."}} or {{"token_ids": [...]}}'
+            )
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
 
 
 def _open_out(path: str) -> TextIO:

@@ -7,13 +7,16 @@ costs the server about half that of a unary call (docs/scorer.md, serving overhe
         rewards = rm.score([[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]])
         scores = rm.score_pairs([{"conversation": [...], "chosen": [...], "rejected": [...]}])
 
-An item is a conversation (messages ending in the assistant response to score) or text
-already rendered with the chat template. `timeout` bounds a whole call (every chunk and
-retry); large batches are cut into chunks of `chunk_size` items (the server refuses more
-than its max_request_items); UNAVAILABLE (server starting, restarting or draining) and
-RESOURCE_EXHAUSTED (queue full) are retried with capped exponential backoff and jitter,
-at most `retries` times per chunk and never past the deadline. Other errors raise
-grpc.RpcError at once.
+An item is a conversation (messages ending in the assistant response to score), text
+already rendered with the chat template, or `TokenIds` of that text made with the served
+model's own tokenizer (an RL worker whose policy shares it has them from generation; the
+server then skips tokenizing, most of its serving cost; `check_tokenizer` verifies first).
+
+`timeout` bounds a whole call (every chunk and retry); large batches are cut into chunks
+of `chunk_size` items (the server refuses more than its max_request_items); UNAVAILABLE
+(server starting, restarting or draining) and RESOURCE_EXHAUSTED (queue full) are retried
+with capped exponential backoff and jitter, at most `retries` times per chunk and never
+past the deadline. Other errors raise grpc.RpcError at once.
 """
 
 from __future__ import annotations
@@ -31,7 +34,19 @@ import grpc
 from synpref.v1 import pair_pb2, reward_pb2, reward_pb2_grpc
 
 Conversation = Sequence[Mapping[str, str]]
-Item = Conversation | str
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """An item as token ids: the conversation rendered with the served model's chat template and
+    tokenized with its tokenizer, special tokens included (what
+    `synpref.shared.modeling.encode_conversation` gives). The server checks them against its
+    vocabulary and max_length and scores them as they are."""
+
+    ids: Sequence[int]
+
+
+Item = Conversation | str | TokenIds
 PairDict = Mapping[str, Any]
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -61,7 +76,10 @@ def _messages(value: Conversation | str, role: str = "assistant") -> list[pair_p
 
 
 def to_item(item: Item) -> reward_pb2.ScoreItem:
-    """A ScoreItem: `text` for a string (already rendered), else the conversation's messages."""
+    """A ScoreItem: `token_ids` for TokenIds, `text` for a string (already rendered), else the conversation's
+    messages."""
+    if isinstance(item, TokenIds):
+        return reward_pb2.ScoreItem(token_ids=reward_pb2.TokenIds(ids=item.ids))
     if isinstance(item, str):
         return reward_pb2.ScoreItem(text=item)
     return reward_pb2.ScoreItem(conversation=reward_pb2.Conversation(messages=_messages(item)))
@@ -74,6 +92,20 @@ def to_pair(pair: PairDict) -> reward_pb2.PairItem:
         chosen=_messages(pair["chosen"]),
         rejected=_messages(pair["rejected"]),
     )
+
+
+def check_tokenizer(info: reward_pb2.InfoResponse, tokenizer: Any) -> None:
+    """ValueError unless `tokenizer` (a transformers tokenizer) is the one the model of `info` (a
+    one-model Info answer) encodes with: TokenIds made by another would score as other text."""
+    from synpref.shared.tokenizer_hash import tokenizer_sha256
+
+    model = info.models[0]
+    mine = tokenizer_sha256(tokenizer)
+    if model.tokenizer_sha256 != mine:
+        raise ValueError(
+            f"model {model.name!r} (version {model.version}) encodes with tokenizer {model.tokenizer_sha256[:12]}, "
+            f"this one is {mine[:12]}: send conversations or texts, or load the model's own tokenizer"
+        )
 
 
 def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
@@ -193,6 +225,10 @@ class RewardClient:
         deadline = self.policy.deadline(timeout)
         return self._call(self.stub.Info, reward_pb2.InfoRequest(model=model), deadline)
 
+    def check_tokenizer(self, tokenizer: Any, model: str = "") -> None:
+        """ValueError unless `tokenizer` is the served model's (empty: the default): check before sending TokenIds."""
+        check_tokenizer(self.info(model or self.model), tokenizer)
+
 
 class AsyncRewardClient:
     """asyncio client (grpc.aio). Chunks of one call run concurrently, `concurrency` at a time,
@@ -275,6 +311,10 @@ class AsyncRewardClient:
         """The server's InfoResponse for `model` (empty: the server's default model)."""
         deadline = self.policy.deadline(timeout)
         return await self._call(self.stub.Info, reward_pb2.InfoRequest(model=model), deadline)
+
+    async def check_tokenizer(self, tokenizer: Any, model: str = "") -> None:
+        """ValueError unless `tokenizer` is the served model's (empty: the default): check before sending TokenIds."""
+        check_tokenizer(await self.info(model or self.model), tokenizer)
 
     def stream(self, *, model: str | None = None) -> ScoreSession:
         """A ScoreSession on this client's channel: `async with client.stream() as s: await s.score(items)`."""

@@ -182,7 +182,12 @@ def encode_text(
     tokenizer: Any, text: str, max_length: int, truncation: Truncation = "left_tokens", from_template: bool = False
 ) -> Encoded:
     """Encode already-rendered text. left_turns has no turns to cut here and acts as left_tokens."""
-    ids = tokenize_rendered(tokenizer, text, from_template)
+    return fit_ids(tokenizer, tokenize_rendered(tokenizer, text, from_template), max_length, truncation)
+
+
+def fit_ids(tokenizer: Any, ids: list[int], max_length: int, truncation: Truncation = "left_tokens") -> Encoded:
+    """Token ids of a rendered text within max_length: cut from the left (a leading BOS kept), or
+    from the right with truncation="right"; with "none", `fits` is False when they are too long."""
     if len(ids) <= max_length:
         return Encoded(ids, truncated=False, fits=True)
     if truncation == "none":

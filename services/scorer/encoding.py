@@ -1,7 +1,7 @@
 """Request items to token ids: validation, chat template, BOS, length policy.
 
 The server owns the chat template, so every client gets the same reward for the same
-conversation. Two kinds of item arrive:
+conversation. Three kinds of item arrive:
 - a conversation (message list ending in the assistant response to score): rendered and
   tokenized by shared.modeling.encode_conversation, the one implementation the trainer
   uses too, so served rewards match trained ones;
@@ -9,7 +9,11 @@ conversation. Two kinds of item arrive:
   this): shared.modeling.encode_text tokenizes it without adding special tokens and gives
   it exactly one leading BOS when the tokenizer uses one. Clients differ here (verl strips
   the BOS, OpenRLHF keeps it, a plain tokenizer call doubles it); all three give the ids
-  of the rendered template, hence the same reward as the conversation itself.
+  of the rendered template, hence the same reward as the conversation itself;
+- token ids of that rendered text, from the model's own tokenizer (an RL worker whose policy
+  shares it has them from generation; ModelInfo.tokenizer_sha256 lets it check): checked
+  against the vocabulary and max_length, not tokenized again. Tokenizing is most of what
+  serving a request costs the scorer on CPU (docs/scorer.md).
 
 Too long items are truncated to max_length or rejected, per `on_too_long`.
 
@@ -26,11 +30,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 from synpref.services.scorer.errors import InvalidInput
-from synpref.shared.modeling import Encoded, Truncation, cut_text, encode_conversation, encode_text
+from synpref.shared.modeling import (
+    Encoded,
+    Truncation,
+    cut_text,
+    encode_conversation,
+    encode_text,
+    fit_ids,
+)
 from synpref.shared.pairs import ROLES
+from synpref.shared.tokenizer_hash import tokenizer_sha256
 
 Messages = Sequence[Mapping[str, Any]]
 
@@ -91,6 +104,12 @@ class Encoder:
         self.char_budget = self.max_length * self.max_chars_per_token
         self._keep_end = self._policy != "right"
         self._bos: str | None = getattr(self.tokenizer, "bos_token", None)
+        self.vocab_size = len(self.tokenizer)
+
+    @cached_property
+    def tokenizer_sha256(self) -> str:
+        """The tokenizer's fingerprint (shared.tokenizer_hash), for Info."""
+        return tokenizer_sha256(self.tokenizer)
 
     def cut(self, text: str) -> str:
         """`text` cut to the character budget (max_length x max_chars_per_token): its end is kept (its start with
@@ -113,6 +132,20 @@ class Encoder:
         check_utf8(text, what)
         enc = encode_text(self.tokenizer, text, self.max_length, self._policy, from_template=self.from_template)
         return self._check(enc, what)
+
+    def token_ids(self, ids: Sequence[int], what: str = "token_ids") -> list[int]:
+        """A client's ids of a rendered conversation, as they are when within the vocabulary and
+        max_length (cut by the truncation policy, or InvalidInput with on_too_long="reject")."""
+        ids = list(ids)
+        if not ids:
+            raise InvalidInput(f"{what} is empty")
+        low, high = min(ids), max(ids)
+        if low < 0 or high >= self.vocab_size:
+            raise InvalidInput(
+                f"{what} holds id {low if low < 0 else high}, outside the model's vocabulary [0, {self.vocab_size}): "
+                "were they made by another tokenizer? (Info's tokenizer_sha256 names this model's)"
+            )
+        return self._check(fit_ids(self.tokenizer, ids, self.max_length, self._policy), what)
 
     def _check(self, enc: Encoded, what: str) -> list[int]:
         if not enc.fits and self.on_too_long == "reject":

@@ -110,6 +110,7 @@ class ServedModel:
             backend=self.backend.kind,
             max_batch_items=settings.max_batch_items,
             max_batch_tokens=settings.max_batch_tokens,
+            tokenizer_sha256=self.encoder.tokenizer_sha256,
         )
 
 
@@ -241,6 +242,8 @@ class ModelRegistry:
             None, self.backend_factory, s.backend, ref.path, s.device, s.dtype, s.max_length
         )
         encoder = Encoder(backend.tokenizer, s.max_length, s.on_too_long, s.truncation, s.max_chars_per_token)
+        # Hashing a real tokenizer's definition takes a fraction of a second: not on the event loop.
+        await loop.run_in_executor(None, lambda: encoder.tokenizer_sha256)
         batcher = Batcher(
             backend.forward,
             max_batch_tokens=s.max_batch_tokens,

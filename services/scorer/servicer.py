@@ -54,17 +54,19 @@ def _valid(request: object) -> None:
 
 
 def encode_items(model: ServedModel, items: list[reward_pb2.ScoreItem], check: Check) -> list[list[int]]:
-    """Token ids of each ScoreItem (a conversation or a text); InvalidInput for an item with neither."""
+    """Token ids of each ScoreItem (a conversation, a text or token ids); InvalidInput for an item with none."""
     ids: list[list[int]] = []
     for i, item in enumerate(items):
         check()
         kind = item.WhichOneof("input")
         if kind == "conversation":
             ids.append(model.encoder.conversation(message_dicts(item.conversation.messages), f"item {i} conversation"))
+        elif kind == "token_ids":
+            ids.append(model.encoder.token_ids(item.token_ids.ids, f"item {i} token_ids"))
         elif kind == "text":
             ids.append(model.encoder.text(item.text, f"item {i} text"))
         else:
-            raise InvalidInput(f"item {i} has neither a conversation nor a text")
+            raise InvalidInput(f"item {i} has no input: a conversation, a text or token_ids")
     return ids
 
 

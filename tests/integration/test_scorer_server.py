@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from synpref.client import AsyncRewardClient, RewardClient
+from synpref.client import AsyncRewardClient, RewardClient, TokenIds
 from synpref.services.scorer.server import SERVICE_NAME, BackgroundScorer
 from synpref.shared.config import ModelRef, ScorerSettings
 from synpref.shared.pairs import preference_probability
@@ -114,6 +114,29 @@ def test_rewards_match_transformers_logits(client: RewardClient, ckpts: dict[str
         # The server's padded batch vs the reference one text at a time: fp32 in another order.
         assert got == approx_fp32_forward(expected)
     assert len(set(round(x, 6) for x in expected)) == len(expected)  # distinct inputs, distinct rewards
+
+
+@pytest.mark.parametrize("name,arch", [("best", "qwen"), ("gold", "llama")])
+def test_token_ids_score_as_their_conversation_after_the_tokenizer_check(
+    scorer: BackgroundScorer, client: RewardClient, ckpts: dict[str, Path], name: str, arch: str
+) -> None:
+    import asyncio
+
+    ref = Reference(ckpts[arch])  # the client's own copy of the model's tokenizer (an RL worker's)
+    convs = [conversation(i) for i in range(6)]
+    client.check_tokenizer(ref.tok, model=name)
+    other = Reference(ckpts["llama" if arch == "qwen" else "qwen"]).tok
+    with pytest.raises(ValueError, match=f"model {name!r} .* encodes with tokenizer"):
+        client.check_tokenizer(other, model=name)
+    items = [TokenIds(ref.ids(c)) for c in convs]
+    expected = client.score(convs, model=name)
+    assert client.score(items, model=name) == approx_fp32_forward(expected)
+
+    async def session() -> list[float]:
+        async with AsyncRewardClient(scorer.address, model=name, timeout=30) as c, c.stream() as s:
+            return [(await s.score([item]))[0] for item in items]
+
+    assert asyncio.run(session()) == approx_fp32_forward(expected)
 
 
 def test_small_requests_are_tokenized_on_the_event_loop_large_ones_on_threads(
@@ -275,8 +298,11 @@ def test_stream_session_scores_call_after_call_and_recovers_from_a_bad_one(
 @pytest.mark.parametrize(
     "item,fragment",
     [
-        (reward_pb2.ScoreItem(), "neither a conversation nor a text"),
+        (reward_pb2.ScoreItem(), "has no input"),
         (reward_pb2.ScoreItem(text="   "), "empty"),
+        (reward_pb2.ScoreItem(token_ids=reward_pb2.TokenIds()), "item 0 token_ids is empty"),
+        (reward_pb2.ScoreItem(token_ids=reward_pb2.TokenIds(ids=[5, -1])), "holds id -1, outside"),
+        (reward_pb2.ScoreItem(token_ids=reward_pb2.TokenIds(ids=[5, 10**6])), "holds id 1000000, outside"),
         (reward_pb2.ScoreItem(conversation=reward_pb2.Conversation()), "conversation is empty"),
         (
             reward_pb2.ScoreItem(
@@ -316,7 +342,10 @@ def test_empty_request_unknown_model_and_too_long(ckpts: dict[str, Path], client
         with pytest.raises(grpc.RpcError) as err:
             c.score([long_text])
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_length=64" in err.value.details()
-        assert len(c.score(["short"])) == 1
+        with pytest.raises(grpc.RpcError) as err:
+            c.score([TokenIds([7] * 65)])
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_length=64" in err.value.details()
+        assert len(c.score(["short", TokenIds([7] * 64)])) == 2
     with BackgroundScorer(settings(ckpts, max_length=64)) as bg, RewardClient(bg.address) as c:
         assert len(c.score([long_text])) == 1  # truncated, scored
 

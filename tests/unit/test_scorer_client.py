@@ -8,7 +8,8 @@ import time
 import pytest
 
 from synpref.client.cli import read_items
-from synpref.client.client import _chunks, _Policy, to_item, to_pair
+from synpref.client.client import TokenIds, _chunks, _Policy, check_tokenizer, to_item, to_pair
+from synpref.v1 import reward_pb2
 
 
 def test_items_and_pairs_become_protos() -> None:
@@ -20,6 +21,28 @@ def test_items_and_pairs_become_protos() -> None:
     pair = to_pair({"conversation": conv[:1], "chosen": "yes", "rejected": [{"role": "assistant", "content": "no"}]})
     assert pair.chosen[0].role == "assistant" and pair.chosen[0].content == "yes"
     assert pair.rejected[0].content == "no" and pair.conversation[0].content == "q"
+
+
+def test_token_ids_items_and_the_tokenizer_check() -> None:
+    item = to_item(TokenIds([3, 1, 4]))
+    assert item.WhichOneof("input") == "token_ids" and list(item.token_ids.ids) == [3, 1, 4]
+
+    class Slow:  # no fast backend: the fingerprint covers the vocabulary and chat template
+        chat_template = "{{ messages }}"
+
+        def get_vocab(self) -> dict[str, int]:
+            return {"a": 0, "b": 1}
+
+    from synpref.shared.tokenizer_hash import tokenizer_sha256
+
+    info = reward_pb2.InfoResponse(
+        models=[reward_pb2.ModelInfo(name="best", version="v3", tokenizer_sha256=tokenizer_sha256(Slow()))]
+    )
+    check_tokenizer(info, Slow())
+    other = Slow()
+    other.chat_template = "{{ messages | length }}"
+    with pytest.raises(ValueError, match="model 'best' \\(version v3\\) encodes with tokenizer"):
+        check_tokenizer(info, other)
 
 
 def test_chunks_cover_everything_in_order() -> None:
@@ -40,14 +63,17 @@ def test_retry_budget_is_bounded_by_count_and_deadline() -> None:
         _Policy(timeout=0, retries=1, backoff_s=0.1, max_backoff_s=1, chunk_size=1)
 
 
-def test_cli_reads_the_three_item_shapes() -> None:
+def test_cli_reads_the_four_item_shapes() -> None:
     lines = io.StringIO(
         '[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]\n'
         "\n"
         '{"messages": [{"role": "assistant", "content": "b"}]}\n'
         '{"text": "rendered"}\n'
+        '{"token_ids": [1, 5, 9]}\n'
     )
     items = list(read_items(lines))
     assert items[0][1]["content"] == "a" and items[1][0]["content"] == "b" and items[2] == "rendered"
-    with pytest.raises(ValueError, match="line 1"):
-        list(read_items(io.StringIO('{"foo": 1}\n')))
+    assert items[3] == TokenIds([1, 5, 9])
+    for bad in ('{"foo": 1}', '{"token_ids": [1, "2"]}', '{"token_ids": [true]}'):
+        with pytest.raises(ValueError, match="line 1: expected"):
+            list(read_items(io.StringIO(bad + "\n")))

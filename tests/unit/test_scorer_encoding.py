@@ -116,3 +116,37 @@ def test_strip_padding_is_linear_in_the_padding(llama_tok) -> None:
     pad = llama_tok.pad_token
     assert enc.strip_padding(pad * 200_000 + "hello" + pad * 200_000) == "hello"
     assert enc.strip_padding(pad * 3) == ""
+
+
+def test_token_ids_are_checked_and_fitted_not_tokenized_again(llama_tok) -> None:
+    enc = Encoder(llama_tok, max_length=512)
+    ids = enc.conversation(CONV)
+    assert enc.token_ids(ids) == ids and enc.token_ids(tuple(ids), "item 3 token_ids") == ids
+    with pytest.raises(InvalidInput, match="item 3 token_ids is empty"):
+        enc.token_ids([], "item 3 token_ids")
+    for bad in (-1, len(llama_tok)):
+        with pytest.raises(InvalidInput, match=f"holds id {bad}, outside the model's vocabulary"):
+            enc.token_ids([*ids, bad])
+    # Over max_length, cut as a rendered text of those ids would be: the end kept behind the BOS,
+    # the start with truncation="right", refused with on_too_long="reject".
+    short = 8
+    assert Encoder(llama_tok, max_length=short).token_ids(ids) == ids[:1] + ids[-(short - 1) :]
+    assert Encoder(llama_tok, max_length=short, truncation="right").token_ids(ids) == ids[:short]
+    with pytest.raises(InvalidInput, match="longer than max_length=8"):
+        Encoder(llama_tok, max_length=short, on_too_long="reject").token_ids(ids)
+
+
+def test_tokenizer_fingerprint_names_the_ids_a_tokenizer_makes(llama_tok, qwen_tok, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from synpref.shared.tokenizer_hash import tokenizer_sha256
+
+    llama_tok.save_pretrained(tmp_path / "copy")
+    again = AutoTokenizer.from_pretrained(tmp_path / "copy")
+    assert tokenizer_sha256(again) == tokenizer_sha256(llama_tok) == Encoder(llama_tok, 64).tokenizer_sha256
+    again(["a b", "c"], padding=True, truncation=True, max_length=4)  # sets the backend's padding and truncation
+    again.pad_token = again.eos_token
+    assert tokenizer_sha256(again) == tokenizer_sha256(llama_tok)
+    assert tokenizer_sha256(qwen_tok) != tokenizer_sha256(llama_tok)
+    again.chat_template = (again.chat_template or "") + " "
+    assert tokenizer_sha256(again) != tokenizer_sha256(llama_tok)
