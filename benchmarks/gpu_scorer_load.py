@@ -76,8 +76,9 @@ def main() -> int:
         threads=0,
         max_length=2048,
         budgets=[16384, 32768, 65536],
-        # On a GPU the event loop, not the model, bounds the request rate: show both transports.
-        transport=["grpc", "grpc-stream"],
+        # On a GPU the event loop, not the model, bounds the request rate: show the transports,
+        # and token-id input (no tokenizing on the loop).
+        transport=["grpc", "grpc-stream", "grpc-stream-ids"],
     )
     args = p.parse_args()
     shape = QWEN3_0_6B

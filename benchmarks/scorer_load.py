@@ -48,28 +48,26 @@ Conversation = list[dict[str, str]]
 
 def drive(
     address: str,
-    items: list[Conversation],
+    items: list[Conversation] | list[list[int]],
     concurrency: int,
     channels: int = 8,
     stream: bool = False,
     ready: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Send every item as its own Score request from `concurrency` closed-loop clients; with
-    `stream`, each client holds one ScoreStream and sends each item as its next message."""
+    `stream`, each client holds one ScoreStream and sends each item as its next message. An item
+    is a conversation, or its token ids (a list of ints: sent as TokenIds)."""
     import grpc
 
     from synpref.v1 import pair_pb2, reward_pb2, reward_pb2_grpc
 
-    requests = [
-        reward_pb2.ScoreRequest(
-            items=[
-                reward_pb2.ScoreItem(
-                    conversation=reward_pb2.Conversation(messages=[pair_pb2.Message(**m) for m in conv])
-                )
-            ]
-        )
-        for conv in items
-    ]
+    def item(x: Conversation | list[int]) -> reward_pb2.ScoreItem:
+        if x and isinstance(x[0], int):
+            return reward_pb2.ScoreItem(token_ids=reward_pb2.TokenIds(ids=x))
+        messages = [pair_pb2.Message(**m) for m in x]  # type: ignore[arg-type]
+        return reward_pb2.ScoreItem(conversation=reward_pb2.Conversation(messages=messages))
+
+    requests = [reward_pb2.ScoreRequest(items=[item(x)]) for x in items]
 
     async def main() -> dict[str, Any]:
         chans = [
@@ -301,7 +299,7 @@ def _client_process(conn: Any, target: str, items: list[Any], concurrency: int, 
     if transport == "http":
         result = drive_http(target, items, concurrency, ready)
     else:
-        result = drive(target, items, concurrency, stream=transport == "grpc-stream", ready=ready)
+        result = drive(target, items, concurrency, stream=transport.startswith("grpc-stream"), ready=ready)
     conn.send(result)
 
 
@@ -312,20 +310,23 @@ def serve_and_drive(
     texts: list[str] | None = None,
     around: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
     transport: str = "grpc",
+    ids: list[list[int]] | None = None,
 ) -> dict[str, Any]:
     """Server in this process (its threads), clients in a spawned one. `cpu` is this
     process's CPU time while the clients ran, after they connected and warmed up: the
     serving cost, forwards included, and nothing of the harness (a bare Process and Pipe:
     no pool threads here). `around()` wraps the clients' run only (scorer_profile.py
     attaches a profiler there). transport: grpc (a unary Score per item), grpc-stream (each
-    client sends its items on one ScoreStream) or http (`texts` to POST /get_reward)."""
+    client sends its items on one ScoreStream), grpc-stream-ids (the same with each item's
+    token ids `ids`, as a client sharing the model's tokenizer sends them) or http (`texts` to
+    POST /get_reward)."""
     from synpref.services.scorer.server import BackgroundScorer
 
     with BackgroundScorer(settings) as bg:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         target = bg.http_url if transport == "http" else bg.address
-        work = texts if transport == "http" else items
+        work = {"http": texts, "grpc-stream-ids": ids}.get(transport, items)
         proc = ctx.Process(target=_client_process, args=(child, target, work, concurrency, transport), daemon=True)
         proc.start()
         try:
@@ -438,7 +439,7 @@ def run(
         off = offline_ceiling(path, ids, best_budget, args.max_batch_items, args.device, args.dtype)
         reference: list[float] = off["rewards"]
         for name, s, transport in runs:
-            res = serve_and_drive(s, convs, args.concurrency, texts, transport=transport)
+            res = serve_and_drive(s, convs, args.concurrency, texts, transport=transport, ids=ids)
             diff = max(abs(a - b) for a, b in zip(res["rewards"], reference, strict=True))
             row = summarize(name, res["wall"], len(ids), tokens, res["latencies"])
             row.update(rep=rep, forwards=res["forwards"], max_abs_diff=diff, budget=s.max_batch_tokens)
@@ -567,7 +568,7 @@ def report(rows: list[dict[str, Any]], flops_per_token: float | None = None, pea
         print(f"  ceiling (b) / naive (a), throughput        = {b['items_per_s'] / a['items_per_s']:.3f}")
 
 
-TRANSPORTS = ("grpc", "grpc-stream", "http")
+TRANSPORTS = ("grpc", "grpc-stream", "grpc-stream-ids", "http")
 
 
 def _transports(value: str) -> list[str]:
@@ -603,7 +604,7 @@ def parser() -> argparse.ArgumentParser:
         default=["grpc"],
         help="comma-separated, each a scorer row of its own (the first is '(s) scorer'): grpc: a unary Score "
         "call per item; grpc-stream: each client sends its items on one ScoreStream; http: OpenRLHF's POST "
-        "/get_reward per item",
+        "/get_reward per item; grpc-stream-ids: grpc-stream with token ids (TokenIds) instead of conversations",
     )
     p.add_argument(
         "--ceiling-neighbour-busy",

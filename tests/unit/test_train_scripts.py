@@ -44,3 +44,4 @@ def test_gpu_scorer_load_dry_run_completes():
     out = run("gpu_scorer_load.py", "--dry-run")
     assert "scorer / ceiling (b), throughput" in out
     assert "ceiling / scorer, grpc-stream CPU cost" in out  # the clients also ran on ScoreStreams
+    assert "ceiling / scorer, grpc-stream-ids CPU cost" in out  # and sent token ids on them
