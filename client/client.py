@@ -94,16 +94,22 @@ def to_pair(pair: PairDict) -> reward_pb2.PairItem:
     )
 
 
-def check_tokenizer(info: reward_pb2.InfoResponse, tokenizer: Any) -> None:
-    """ValueError unless `tokenizer` (a transformers tokenizer) is the one the model of `info` (a
-    one-model Info answer) encodes with: TokenIds made by another would score as other text."""
+def check_tokenizer(info: reward_pb2.InfoResponse, tokenizer: Any, model: str = "") -> None:
+    """ValueError unless `tokenizer` (a transformers tokenizer) is the one `model` (empty: the
+    server's default) encodes with, per an Info answer: TokenIds made by another would score as
+    other text."""
     from synpref.shared.tokenizer_hash import tokenizer_sha256
 
-    model = info.models[0]
+    name = model or info.default_model
+    served = next((m for m in info.models if m.name == name), None)
+    if served is None:
+        raise ValueError(f"the server's Info names no model {name!r}: {[m.name for m in info.models]}")
+    if not served.tokenizer_sha256:
+        raise ValueError(f"model {name!r} reports no tokenizer_sha256 (a scorer older than token-id input)")
     mine = tokenizer_sha256(tokenizer)
-    if model.tokenizer_sha256 != mine:
+    if served.tokenizer_sha256 != mine:
         raise ValueError(
-            f"model {model.name!r} (version {model.version}) encodes with tokenizer {model.tokenizer_sha256[:12]}, "
+            f"model {name!r} (version {served.version}) encodes with tokenizer {served.tokenizer_sha256[:12]}, "
             f"this one is {mine[:12]}: send conversations or texts, or load the model's own tokenizer"
         )
 
@@ -227,7 +233,8 @@ class RewardClient:
 
     def check_tokenizer(self, tokenizer: Any, model: str = "") -> None:
         """ValueError unless `tokenizer` is the served model's (empty: the default): check before sending TokenIds."""
-        check_tokenizer(self.info(model or self.model), tokenizer)
+        name = model or self.model
+        check_tokenizer(self.info(name), tokenizer, name)
 
 
 class AsyncRewardClient:
@@ -314,7 +321,8 @@ class AsyncRewardClient:
 
     async def check_tokenizer(self, tokenizer: Any, model: str = "") -> None:
         """ValueError unless `tokenizer` is the served model's (empty: the default): check before sending TokenIds."""
-        check_tokenizer(await self.info(model or self.model), tokenizer)
+        name = model or self.model
+        check_tokenizer(await self.info(name), tokenizer, name)
 
     def stream(self, *, model: str | None = None) -> ScoreSession:
         """A ScoreSession on this client's channel: `async with client.stream() as s: await s.score(items)`."""

@@ -125,6 +125,8 @@ def test_token_ids_score_as_their_conversation_after_the_tokenizer_check(
     ref = Reference(ckpts[arch])  # the client's own copy of the model's tokenizer (an RL worker's)
     convs = [conversation(i) for i in range(6)]
     client.check_tokenizer(ref.tok, model=name)
+    if name == "best":  # no name: Info lists every model, the check picks the default
+        client.check_tokenizer(ref.tok)
     other = Reference(ckpts["llama" if arch == "qwen" else "qwen"]).tok
     with pytest.raises(ValueError, match=f"model {name!r} .* encodes with tokenizer"):
         client.check_tokenizer(other, model=name)

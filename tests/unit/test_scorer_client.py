@@ -35,14 +35,24 @@ def test_token_ids_items_and_the_tokenizer_check() -> None:
 
     from synpref.shared.tokenizer_hash import tokenizer_sha256
 
-    info = reward_pb2.InfoResponse(
-        models=[reward_pb2.ModelInfo(name="best", version="v3", tokenizer_sha256=tokenizer_sha256(Slow()))]
-    )
-    check_tokenizer(info, Slow())
     other = Slow()
     other.chat_template = "{{ messages | length }}"
+    info = reward_pb2.InfoResponse(  # no name asked: every model, the default named
+        default_model="best",
+        models=[
+            reward_pb2.ModelInfo(name="gold", version="v1", tokenizer_sha256=tokenizer_sha256(other)),
+            reward_pb2.ModelInfo(name="best", version="v3", tokenizer_sha256=tokenizer_sha256(Slow())),
+            reward_pb2.ModelInfo(name="old", version="v0"),
+        ],
+    )
+    check_tokenizer(info, Slow())
+    check_tokenizer(info, other, "gold")
     with pytest.raises(ValueError, match="model 'best' \\(version v3\\) encodes with tokenizer"):
         check_tokenizer(info, other)
+    with pytest.raises(ValueError, match="names no model 'nope'"):
+        check_tokenizer(info, other, "nope")
+    with pytest.raises(ValueError, match="'old' reports no tokenizer_sha256"):
+        check_tokenizer(info, other, "old")
 
 
 def test_chunks_cover_everything_in_order() -> None:
