@@ -491,12 +491,6 @@ def _ceiling_row(name: str, off: dict[str, Any], rep: int, n: int, tokens: int, 
 NEIGHBOUR_BUSY = "(b') ceiling, busy"
 
 
-def _ceiling(row: dict[str, Any], ceiling_row: dict[str, Any], key: str) -> float:
-    """The ceiling's `key` a scorer row compares with: the passes beside it, else its repeat's mean."""
-    own = {"items_per_s": "ceiling_items_per_s", "cpu_ms_per_item": "ceiling_cpu_ms_per_item"}[key]
-    return float(row.get(own, ceiling_row[key]))
-
-
 def _progress(rep: int, row: dict[str, Any], note: str = "") -> None:
     diff = f", max |reward - offline| {row['max_abs_diff']:.1e}" if "max_abs_diff" in row else note
     if "forward_cpu_ms_per_item" in row:
@@ -538,17 +532,14 @@ def report(rows: list[dict[str, Any]], flops_per_token: float | None = None, pea
     ratios: list[float] = []
     cpu: list[float] = []
     if {"(b) offline batched", "(s) scorer"} <= paired.keys():
-        pb, ps = paired["(b) offline batched"], paired["(s) scorer"]
-        ratios = [ps[k]["items_per_s"] / _ceiling(ps[k], pb[k], "items_per_s") for k in sorted(reps) if k in ps]
-        cpu = [_ceiling(ps[k], pb[k], "cpu_ms_per_item") / ps[k]["cpu_ms_per_item"] for k in sorted(reps) if k in ps]
+        ps = paired["(s) scorer"]
+        # Every server row carries the ceiling of the passes beside it (run()).
+        ratios = [ps[k]["items_per_s"] / ps[k]["ceiling_items_per_s"] for k in sorted(reps) if k in ps]
+        cpu = [ps[k]["ceiling_cpu_ms_per_item"] / ps[k]["cpu_ms_per_item"] for k in sorted(reps) if k in ps]
         print("\n  each scorer row against the ceiling passes run just before and after it:")
         print("  per repeat, scorer / ceiling throughput: " + ", ".join(f"{x:.3f}" for x in ratios))
         print("  per repeat, ceiling / scorer CPU cost:   " + ", ".join(f"{x:.3f}" for x in cpu))
-        model = [
-            ps[k]["forward_cpu_ms_per_item"] / _ceiling(ps[k], pb[k], "cpu_ms_per_item")
-            for k in sorted(reps)
-            if k in ps
-        ]
+        model = [ps[k]["forward_cpu_ms_per_item"] / ps[k]["ceiling_cpu_ms_per_item"] for k in sorted(reps) if k in ps]
         serving = [ps[k]["serving_cpu_ms_per_item"] for k in sorted(reps) if k in ps]
         print(
             "  per repeat, the scorer's forward thread / ceiling CPU cost: "
@@ -558,9 +549,7 @@ def report(rows: list[dict[str, Any]], flops_per_token: float | None = None, pea
         )
         for other in sorted(n for n in paired if n.startswith("(s) scorer, ")):
             po = paired[other]
-            cost = [
-                _ceiling(po[k], pb[k], "cpu_ms_per_item") / po[k]["cpu_ms_per_item"] for k in sorted(reps) if k in po
-            ]
+            cost = [po[k]["ceiling_cpu_ms_per_item"] / po[k]["cpu_ms_per_item"] for k in sorted(reps) if k in po]
             print(
                 f"  per repeat, ceiling / {other[4:]} CPU cost: "
                 + ", ".join(f"{x:.3f}" for x in cost)

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from synpref.shared.tokenizer_hash import tokenizer_sha256
 from synpref.v1 import pair_pb2, reward_pb2, reward_pb2_grpc
 
 Conversation = Sequence[Mapping[str, str]]
@@ -98,8 +99,6 @@ def check_tokenizer(info: reward_pb2.InfoResponse, tokenizer: Any, model: str = 
     """ValueError unless `tokenizer` (a transformers tokenizer) is the one `model` (empty: the
     server's default) encodes with, per an Info answer: TokenIds made by another would score as
     other text."""
-    from synpref.shared.tokenizer_hash import tokenizer_sha256
-
     name = model or info.default_model
     served = next((m for m in info.models if m.name == name), None)
     if served is None:
