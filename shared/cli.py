@@ -19,7 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train a Bradley-Terry reward model (`synpref train submit` runs it as a K8s Job)",
     ),
     "eval": ("synpref.training.eval_cli", "evaluate a reward model on pair files or RM-Bench"),
-    "scorer": ("synpref.services.scorer.main", "serve reward models over gRPC and HTTP"),
+    "scorer": (
+        "synpref.services.scorer.main",
+        "serve reward models over gRPC and HTTP (`reload`/`unload` one on a running scorer)",
+    ),
     "score": ("synpref.client.cli", "score pairs or conversations against a running scorer"),
     "ingest": ("synpref.services.ingest.main", "read pair files, normalize, dedup, decontaminate, publish"),
     "annotator": ("synpref.services.annotator.main", "attribute and judge annotation service"),

@@ -9,23 +9,18 @@ from typing import Any
 
 from synpref.shared.files import replace_durably, write_text_atomic
 from synpref.shared.roles import BEST
+from synpref.shared.scorer_admin import read_admin_token, reload_model
 
 log = logging.getLogger(__name__)
 
 
 def reload_scorer(base_url: str, registry: dict[str, Any], timeout_s: float = 120.0, token_file: str = "") -> None:
     """Hot-swap each registered model in a running scorer (POST /admin/reload on its admin
-    port, with the bearer token from token_file)."""
-    import urllib.request
-
-    headers = {"Content-Type": "application/json"}
-    if token_file:
-        headers["Authorization"] = "Bearer " + Path(token_file).read_text().strip()
+    port, with the bearer token from token_file); ScorerAdminError with the scorer's words on a refusal."""
+    token = read_admin_token(token_file) if token_file else ""
     for name, ref in registry.items():
-        body = json.dumps({"model": name, "path": ref["path"], "version": ref["version"]}).encode()
-        req = urllib.request.Request(base_url.rstrip("/") + "/admin/reload", data=body, headers=headers)
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            log.info("scorer reloaded %s: %s", name, resp.read().decode()[:200])
+        answer = reload_model(base_url, name, ref["path"], ref["version"], token, timeout_s)
+        log.info("scorer reloaded %s: %s", name, answer)
 
 
 def write_registry(models_dir: Path, registry: dict[str, Any], max_length: int) -> None:

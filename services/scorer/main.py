@@ -2,6 +2,7 @@
 
     synpref scorer --config scorer.yaml
     synpref scorer --model best=artifacts/rm/v3 --model gold=artifacts/gold/v1 --port 50060
+    synpref scorer reload best v4 --url http://synpref-scorer:8081 --token-file F   (admin_cli.py)
 
 Configuration is the `scorer` section (YAML and SYNPREF_SCORER__* variables); flags
 override it. SIGTERM or SIGINT drains in-flight work (scorer.drain_s) before exiting.
@@ -98,7 +99,12 @@ async def serve(settings: Settings) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """`synpref scorer`: serve the configured models; 2 for a bad config."""
+    """`synpref scorer`: serve the configured models; 2 for a bad config. `reload` and `unload` call a
+    running scorer's admin port instead (admin_cli.py)."""
+    if argv and argv[0] in ("reload", "unload"):
+        from synpref.services.scorer.admin_cli import main as admin_main
+
+        return admin_main(argv)
     args = parse_args(argv)
     try:
         settings = settings_from(args)

@@ -154,10 +154,54 @@ def test_admin_cannot_be_enabled_without_a_token(root: Path, tmp_path: Path) -> 
 
 def test_the_controller_reloads_with_the_token(root: Path) -> None:
     from synpref.services.controller.publish import reload_scorer
+    from synpref.shared.scorer_admin import ScorerAdminError
 
     registry = {"best": {"path": str(root / "models" / "v2"), "version": "v2"}}
     with BackgroundScorer(admin_settings(root)) as bg:
-        with pytest.raises(urllib.error.HTTPError):
+        with pytest.raises(ScorerAdminError, match="401: admin calls need Authorization"):
             reload_scorer(bg.admin_url, registry)
         reload_scorer(bg.admin_url, registry, token_file=str(root / "token"))
         assert bg.server.registry.models["best"].version == "v2"
+
+
+def test_operators_reload_and_unload_from_the_command_line(
+    root: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from synpref.shared.cli import main as synpref
+
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-token")
+    token = ["--token-file", str(root / "token")]
+    with BackgroundScorer(admin_settings(root)) as bg:
+        url = ["--url", bg.admin_url]
+        before = reward(bg)
+        assert synpref(["scorer", "reload", "best", "v2", *url, *token]) == 0
+        answer = json.loads(capsys.readouterr().out)
+        assert answer["model"] == "best" and answer["version"] == "v2"  # the folder's name by default
+        assert bg.server.registry.models["best"].version == "v2" and reward(bg) != before
+
+        # Refusals print the scorer's reason and exit 1; the served version stays.
+        assert synpref(["scorer", "reload", "best", "../outside", *url, *token]) == 1
+        assert "path must name a checkpoint folder under scorer.model_root" in capsys.readouterr().err
+        assert synpref(["scorer", "reload", "best", "v1", *url, "--token-file", str(wrong)]) == 1
+        assert "401: admin calls need Authorization" in capsys.readouterr().err
+        assert synpref(["scorer", "reload", "best", "v1", *url, "--token-file", str(tmp_path / "none")]) == 1
+        assert "cannot read the admin token file" in capsys.readouterr().err
+        assert bg.server.registry.models["best"].version == "v2"
+
+        # The controller's settings are the defaults: inside its pod no flag is needed.
+        monkeypatch.setenv("SYNPREF_CONTROLLER__SCORER_RELOAD_URL", bg.admin_url)
+        monkeypatch.setenv("SYNPREF_CONTROLLER__SCORER_ADMIN_TOKEN_FILE", str(root / "token"))
+        assert synpref(["scorer", "reload", "canary", "v1", "--version", "v1-rc"]) == 0
+        assert bg.server.registry.models["canary"].version == "v1-rc"
+        capsys.readouterr()
+        assert synpref(["scorer", "unload", "canary"]) == 0
+        assert json.loads(capsys.readouterr().out) == {"unloaded": "canary"}
+        assert "canary" not in bg.server.registry.models
+        port = bg.admin_url.rsplit(":", 1)[1]
+    # Nothing listening: said so, exit 1, no traceback.
+    assert synpref(["scorer", "unload", "best", "--url", f"http://127.0.0.1:{port}", *token, "--timeout", "5"]) == 1
+    assert "cannot reach the scorer's admin port" in capsys.readouterr().err
+    monkeypatch.delenv("SYNPREF_CONTROLLER__SCORER_RELOAD_URL")
+    assert synpref(["scorer", "unload", "best"]) == 2
+    assert "--url http://<scorer>:8081" in capsys.readouterr().err

@@ -1,0 +1,72 @@
+"""A client of the scorer's admin port (services/scorer/admin.py): reload and unload.
+
+Used by the controller after training and by `synpref scorer reload|unload` (an operator
+publishing a checkpoint a kubectl-triggered training Job wrote, or rolling back to an older
+one). Torch-free: the controller's image and an operator's laptop need only the standard
+library for it.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+class ScorerAdminError(RuntimeError):
+    """An admin call the scorer refused (status: its HTTP status) or could not be made (status 0)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}" if status else message)
+        self.status = status
+        self.message = message
+
+
+def read_admin_token(path: str) -> str:
+    """The bearer token in the file at `path` (the mounted Secret), stripped; ScorerAdminError when it is
+    missing or empty, since a call without it can only be refused."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ScorerAdminError(0, f"cannot read the admin token file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise ScorerAdminError(0, f"the admin token file {path} is empty")
+    return token
+
+
+def admin_post(base_url: str, route: str, body: dict[str, Any], token: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """POST `body` to `base_url` + `route` with the bearer token; the JSON answer, or ScorerAdminError
+    carrying the scorer's own words (its JSON `error`) and status."""
+    url = base_url.rstrip("/") + route
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = "Bearer " + token
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+            answer: dict[str, Any] = json.loads(resp.read() or b"{}")
+            return answer
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            message = str(json.loads(raw).get("error") or raw.decode(errors="replace"))
+        except (ValueError, AttributeError):
+            message = raw.decode(errors="replace").strip() or str(exc.reason)
+        raise ScorerAdminError(exc.code, message) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ScorerAdminError(0, f"cannot reach the scorer's admin port at {url}: {reason}") from None
+
+
+def reload_model(
+    base_url: str, name: str, path: str, version: str = "", token: str = "", timeout_s: float = 120.0
+) -> dict[str, Any]:
+    """Serve the checkpoint folder `path` (under the scorer's model_root) as `name`: {model, version, model_id}."""
+    return admin_post(base_url, "/admin/reload", {"model": name, "path": path, "version": version}, token, timeout_s)
+
+
+def unload_model(base_url: str, name: str, token: str = "", timeout_s: float = 60.0) -> dict[str, Any]:
+    """Stop serving `name`: {unloaded}."""
+    return admin_post(base_url, "/admin/unload", {"model": name}, token, timeout_s)
