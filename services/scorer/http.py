@@ -7,7 +7,8 @@ scorer unchanged.
   OpenRLHF's remote_rm_fn reads `rewards` (score_key) and newer experience makers also
   `scores` and `extra_logs`. Pad tokens around each query are stripped, as serve_rm does.
 - `POST /classify` (and `/v1/classify`): vLLM's classification API. Request {"model",
-  "input": str | [str]} or {"model", "messages": [...]}; answer {"id", "object": "list",
+  "input": str | [str] | [int] | [[int]]} (texts, or token ids of rendered conversations made
+  by the model's tokenizer: /info's tokenizer_sha256) or {"model", "messages": [...]}; answer {"id", "object": "list",
   "created", "model", "data": [{"index", "label", "probs": [reward], "num_classes": 1}],
   "usage": {...}}. verl's reward loop posts one rendered text with "activation": false and
   reads data[-1]["probs"][-1]. Rewards are raw logits unless the request asks for the
@@ -76,6 +77,31 @@ def _texts(value: Any, field: str, max_items: int) -> list[str]:
     if len(value) > max_items:
         raise InvalidInput(f'"{field}" has {len(value)} items, more than max_request_items={max_items}')
     return value
+
+
+def _inputs(value: Any, max_items: int) -> list[str | list[int]]:
+    """vLLM's `input`: a text, a list of texts, one token-id list, or a list of token-id lists."""
+    if isinstance(value, list) and value and all(_is_id(v) for v in value):
+        value = [value]  # one prompt as token ids
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        if not all(v and all(_is_id(x) for x in v) for v in value):
+            raise InvalidInput('"input" token ids must be non-empty lists of integers')
+        if len(value) > max_items:
+            raise InvalidInput(f'"input" has {len(value)} items, more than max_request_items={max_items}')
+        return list(value)
+    if (
+        isinstance(value, list)
+        and any(not isinstance(v, str) for v in value)
+        and any(isinstance(v, str) for v in value)
+    ):
+        raise InvalidInput('"input" mixes texts and token ids: send one kind per request')
+    if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise InvalidInput('"input" must be a string, a list of strings, or token ids ([int] or [[int]])')
+    return list(_texts(value, "input", max_items))
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _activation(body: dict[str, Any]) -> bool:
@@ -190,7 +216,7 @@ class HttpShims:
         return web.json_response({"rewards": result.rewards, "scores": result.rewards, "extra_logs": {}})
 
     async def classify(self, request: web.Request) -> web.Response:
-        """vLLM's `POST /classify`: rewards of `input` texts or one `messages` conversation, as raw
+        """vLLM's `POST /classify`: rewards of `input` texts or token ids, or one `messages` conversation, as raw
         logits unless the request asks for the activation (sigmoid).
         """
         body = await self._body(request)
@@ -207,13 +233,14 @@ class HttpShims:
                 check()
                 return [m.encoder.conversation(messages, "messages")]
         else:
-            texts = _texts(body.get("input"), "input", self.max_request_items)
+            inputs = _inputs(body.get("input"), self.max_request_items)
 
             def encode(m: ServedModel, check: Check) -> list[list[int]]:
                 ids = []
-                for i, t in enumerate(texts):
+                for i, x in enumerate(inputs):
                     check()
-                    ids.append(m.encoder.text(t, f"input {i}"))
+                    what = f"input {i}"
+                    ids.append(m.encoder.text(x, what) if isinstance(x, str) else m.encoder.token_ids(x, what))
                 return ids
 
         _, result = await self.registry.score(model.name, encode, deadline, request.content_length)
@@ -245,7 +272,8 @@ class HttpShims:
         return web.json_response(body, status=200 if ready else 503)
 
     async def info(self, request: web.Request) -> web.Response:
-        """`GET /info`: each served model's name, id, version, dtype, backend and batch limits."""
+        """`GET /info`: each served model's name, id, version, dtype, backend, batch limits and
+        tokenizer fingerprint (tokenizer_sha256: whose token ids /classify takes)."""
         s = self.registry.settings
         models = [
             {
@@ -257,6 +285,7 @@ class HttpShims:
                 "max_length": s.max_length,
                 "max_batch_items": s.max_batch_items,
                 "max_batch_tokens": s.max_batch_tokens,
+                "tokenizer_sha256": m.encoder.tokenizer_sha256,
             }
             for m in self.registry.models.values()
         ]

@@ -18,6 +18,7 @@ from synpref.client import RewardClient
 from synpref.services.scorer.server import BackgroundScorer
 from synpref.shared.config import ModelRef, ScorerSettings
 from synpref.shared.pairs import sigmoid
+from synpref.shared.tokenizer_hash import tokenizer_sha256
 from testing.numerics import approx_fp32_forward
 from testing.tiny import build_tiny_reward_model
 
@@ -139,6 +140,17 @@ def test_verl_classify(scorer: BackgroundScorer, ckpts: dict[str, Path]) -> None
     _, chat, _ = post(scorer.http_url + "/classify", {"model": "best", "messages": conversation})
     assert chat["data"][0]["probs"][0] == expected
 
+    # Token ids, as vLLM takes them: one prompt ([int]) or several ([[int]]), from the model's tokenizer.
+    ids = tok.apply_chat_template(conversation, tokenize=True)["input_ids"]
+    _, info = get(scorer.http_url + "/info")
+    fingerprint = {m["name"]: m["tokenizer_sha256"] for m in json.loads(info)["models"]}
+    assert fingerprint["best"] == tokenizer_sha256(tok) != fingerprint["gold"]
+    status, one, _ = post(scorer.http_url + "/classify", {"model": "best", "input": ids})
+    assert status == 200 and one["data"][0]["probs"][0] == expected
+    assert one["usage"]["prompt_tokens"] == len(ids)
+    _, two, _ = post(scorer.http_url + "/classify", {"model": "best", "input": [ids, ids]})
+    assert [d["probs"][0] for d in two["data"]] == approx_fp32_forward([expected, expected])
+
 
 @pytest.mark.parametrize(
     "path,body,raw,status,fragment",
@@ -149,7 +161,12 @@ def test_verl_classify(scorer: BackgroundScorer, ckpts: dict[str, Path]) -> None
         ("/get_reward", {"query": ["a"] * 17}, None, 400, "max_request_items=16"),
         ("/get_reward", {"query": ["  "]}, None, 400, "empty"),
         ("/classify", {"model": "missing", "input": "x"}, None, 404, "no model named 'missing'"),
-        ("/classify", {"model": "best", "input": 3}, None, 400, '"input" must be'),
+        ("/classify", {"model": "best", "input": 3}, None, 400, '"input" must be a string, a list of strings, or'),
+        ("/classify", {"model": "best", "input": [5, "x"]}, None, 400, "mixes texts and token ids"),
+        ("/classify", {"model": "best", "input": [[5, 6], []]}, None, 400, "non-empty lists of integers"),
+        ("/classify", {"model": "best", "input": [[5, 6.5]]}, None, 400, "non-empty lists of integers"),
+        ("/classify", {"model": "best", "input": [[5] * 3] * 17}, None, 400, "max_request_items=16"),
+        ("/classify", {"model": "best", "input": [5, 10**6]}, None, 400, "outside the model's vocabulary"),
         ("/classify", {"model": "best", "messages": [{"role": "user", "content": "q"}]}, None, 400, "must end with"),
     ],
 )
