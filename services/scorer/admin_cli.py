@@ -19,8 +19,6 @@ import sys
 from synpref.shared.config import ConfigError, load_settings
 from synpref.shared.scorer_admin import ScorerAdminError, read_admin_token, reload_model, unload_model
 
-COMMANDS = ("reload", "unload")
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse `synpref scorer reload|unload` options."""

@@ -7,12 +7,13 @@ scorer unchanged.
   OpenRLHF's remote_rm_fn reads `rewards` (score_key) and newer experience makers also
   `scores` and `extra_logs`. Pad tokens around each query are stripped, as serve_rm does.
 - `POST /classify` (and `/v1/classify`): vLLM's classification API. Request {"model",
-  "input": str | [str] | [int] | [[int]]} (texts, or token ids of rendered conversations made
-  by the model's tokenizer: /info's tokenizer_sha256) or {"model", "messages": [...]}; answer {"id", "object": "list",
-  "created", "model", "data": [{"index", "label", "probs": [reward], "num_classes": 1}],
-  "usage": {...}}. verl's reward loop posts one rendered text with "activation": false and
-  reads data[-1]["probs"][-1]. Rewards are raw logits unless the request asks for the
-  activation explicitly ("activation" / "use_activation": true gives sigmoid, as vLLM).
+  "input": str | [str] | [int] | [[int]]} (texts, or token ids of rendered conversations
+  made by the model's tokenizer: /info's tokenizer_sha256) or {"model", "messages": [...]};
+  answer {"id", "object": "list", "created", "model", "data": [{"index", "label", "probs":
+  [reward], "num_classes": 1}], "usage": {...}}. verl's reward loop posts one rendered text
+  with "activation": false and reads data[-1]["probs"][-1]. Rewards are raw logits unless the
+  request asks for the activation explicitly ("activation" / "use_activation": true gives
+  sigmoid, as vLLM).
 - `GET /health`, `GET /info`, `GET /metrics` (Prometheus). Reloading models is not here:
   it is on the admin port, behind a token (admin.py), so RL code cannot swap its own RM.
 
