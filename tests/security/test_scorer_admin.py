@@ -5,6 +5,7 @@ scorer.model_root, and serves at most scorer.max_models names. Real servers on l
 from __future__ import annotations
 
 import json
+import logging
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -152,7 +153,7 @@ def test_admin_cannot_be_enabled_without_a_token(root: Path, tmp_path: Path) -> 
         bg.stop()
 
 
-def test_the_controller_reloads_with_the_token(root: Path) -> None:
+def test_the_controller_reloads_with_the_token(root: Path, caplog: pytest.LogCaptureFixture) -> None:
     from synpref.services.controller.publish import reload_scorer
     from synpref.shared.scorer_admin import ScorerAdminError
 
@@ -160,8 +161,11 @@ def test_the_controller_reloads_with_the_token(root: Path) -> None:
     with BackgroundScorer(admin_settings(root)) as bg:
         with pytest.raises(ScorerAdminError, match="401: admin calls need Authorization"):
             reload_scorer(bg.admin_url, registry)
-        reload_scorer(bg.admin_url, registry, token_file=str(root / "token"))
+        with caplog.at_level(logging.INFO, logger="synpref.services.controller.publish"):
+            reload_scorer(bg.admin_url, registry, token_file=str(root / "token"))
         assert bg.server.registry.models["best"].version == "v2"
+        # The log line carries the scorer's JSON answer (tests/cluster/test_controller.py greps it).
+        assert any('"model": "best", "version": "v2"' in r.getMessage() for r in caplog.records)
 
 
 def test_operators_reload_and_unload_from_the_command_line(
