@@ -41,13 +41,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     """0 when the scorer did it, 1 when it refused or could not be reached, 2 for bad usage."""
     args = parse_args(argv)
-    try:
-        controller = load_settings(args.config).controller
-    except (ConfigError, ValueError) as exc:
-        print(f"synpref scorer {args.command}: {exc}", file=sys.stderr)
-        return 2
-    url = args.url or controller.scorer_reload_url
-    token_file = args.token_file or controller.scorer_admin_token_file
+    url, token_file = args.url, args.token_file
+    if not url or not token_file:  # the settings only fill in what the flags leave out
+        try:
+            controller = load_settings(args.config).controller
+        except (ConfigError, ValueError) as exc:
+            print(f"synpref scorer {args.command}: {exc}", file=sys.stderr)
+            return 2
+        url = url or controller.scorer_reload_url
+        token_file = token_file or controller.scorer_admin_token_file
     if not url or not token_file:
         print(
             f"synpref scorer {args.command}: name the scorer's admin port and its token: --url http://<scorer>:8081 "

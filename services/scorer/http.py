@@ -32,8 +32,8 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -45,6 +45,9 @@ from synpref.shared.pairs import sigmoid
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 LABEL = "LABEL_0"  # what transformers names the single class of a num_labels=1 head
+
+
+T = TypeVar("T")
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -68,37 +71,33 @@ async def _json_body(request: web.Request, limit: int) -> dict[str, Any]:
     return body
 
 
-def _texts(value: Any, field: str, max_items: int) -> list[str]:
+def _texts(value: Any, field: str, max_items: int, accepted: str = "a string or a list of strings") -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InvalidInput(f'"{field}" must be a string or a list of strings')
-    if not value:
+        raise InvalidInput(f'"{field}" must be {accepted}')
+    return _bounded(value, field, max_items)
+
+
+def _bounded(items: list[T], field: str, max_items: int) -> list[T]:
+    if not items:
         raise InvalidInput(f'"{field}" is empty')
-    if len(value) > max_items:
-        raise InvalidInput(f'"{field}" has {len(value)} items, more than max_request_items={max_items}')
-    return value
+    if len(items) > max_items:
+        raise InvalidInput(f'"{field}" has {len(items)} items, more than max_request_items={max_items}')
+    return items
 
 
-def _inputs(value: Any, max_items: int) -> list[str | list[int]]:
+def _inputs(value: Any, max_items: int) -> Sequence[str | list[int]]:
     """vLLM's `input`: a text, a list of texts, one token-id list, or a list of token-id lists."""
     if isinstance(value, list) and value and all(_is_id(v) for v in value):
         value = [value]  # one prompt as token ids
     if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
         if not all(v and all(_is_id(x) for x in v) for v in value):
             raise InvalidInput('"input" token ids must be non-empty lists of integers')
-        if len(value) > max_items:
-            raise InvalidInput(f'"input" has {len(value)} items, more than max_request_items={max_items}')
-        return list(value)
-    if (
-        isinstance(value, list)
-        and any(not isinstance(v, str) for v in value)
-        and any(isinstance(v, str) for v in value)
-    ):
+        return _bounded(value, "input", max_items)
+    if isinstance(value, list) and len({isinstance(v, str) for v in value}) == 2:
         raise InvalidInput('"input" mixes texts and token ids: send one kind per request')
-    if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-        raise InvalidInput('"input" must be a string, a list of strings, or token ids ([int] or [[int]])')
-    return list(_texts(value, "input", max_items))
+    return _texts(value, "input", max_items, "a string, a list of strings, or token ids ([int] or [[int]])")
 
 
 def _is_id(value: Any) -> bool:
