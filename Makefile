@@ -10,20 +10,25 @@ PACKAGE_DIRS := $(shell find shared services training client protos/synpref -typ
 # mypy checks the installed packages, so first-party imports resolve (synpref.v1 is generated).
 MYPY_PACKAGES := -p synpref.shared -p synpref.services -p synpref.training -p synpref.client
 
-.PHONY: help install setup protos kafka helm chromium test test-cluster test-unit test-integration lint wheel-smoke demo bench clean cluster cluster-down
+.PHONY: help install setup lock protos kafka helm chromium test test-cluster test-unit test-integration lint wheel-smoke demo bench clean cluster cluster-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml setup.py $(PACKAGE_DIRS)
+# constraints.txt pins every package (tools/lock/compile.sh says why); `make lock` rewrites it.
+$(STAMP): pyproject.toml setup.py constraints.txt $(PACKAGE_DIRS)
 	@test -x $(PY) || python3 -m venv $(VENV)
-	@test -x $(UV) || $(PY) -m pip install -q uv
-	$(UV) pip install --python $(PY) -e '.[dev,bench]'
+	@$(UV) --version 2>/dev/null | grep -qF "uv $$(sed -n 's/^uv==//p' constraints.txt) " || $(PY) -m pip install -q -c constraints.txt uv
+	$(UV) pip install --python $(PY) -c constraints.txt --build-constraint constraints.txt -e '.[dev,bench]'
 	@touch $(STAMP)
 
 install: $(STAMP) protos ## create .venv and install the Python packages only (what lint, test-unit and demo need)
 
 setup: $(STAMP) protos kafka helm chromium ## create .venv and install everything (Python packages, Kafka, helm, Chromium)
+
+lock: ## re-resolve constraints.txt from pyproject.toml (ARGS=--upgrade moves every pin to the newest release)
+	@test -x $(UV) || $(MAKE) install
+	bash tools/lock/compile.sh $(ARGS)
 
 protos: $(STAMP) ## generate Python code from protos/ into gen/
 	$(PY) protos/generate.py

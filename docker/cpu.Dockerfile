@@ -12,10 +12,14 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# CPU wheels of torch: the CUDA build would add gigabytes that these services never use.
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX}" torch
 WORKDIR /src
+# Every package at the version CI passed with (constraints.txt, `make lock`), the wheel's
+# build requirements included (PIP_CONSTRAINT reaches pip's isolated build environment).
+COPY constraints.txt ./
+# CPU wheels of torch, at the locked version: the CUDA build would add gigabytes that these
+# services never use. Its dependencies are brought to the locked versions by the install below.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --index-url "${TORCH_INDEX}" "torch==$(sed -n 's/^torch==//p' constraints.txt)"
 COPY pyproject.toml setup.py README.md ./
 COPY protos/ protos/
 COPY shared/ shared/
@@ -24,7 +28,8 @@ COPY training/ training/
 COPY client/ client/
 # EXTRAS=judge-server adds `transformers serve` (the chart's devJudges: small judges on CPU).
 ARG EXTRAS=""
-RUN pip install ".${EXTRAS:+[${EXTRAS}]}" && python -c "import synpref.v1.pair_pb2, synpref.shared.cli"
+RUN PIP_CONSTRAINT=/src/constraints.txt pip install ".${EXTRAS:+[${EXTRAS}]}" \
+ && python -c "import synpref.v1.pair_pb2, synpref.shared.cli"
 
 # --- runtime: the venv only, a non-root user, nothing to compile with -------------------
 FROM ${PYTHON_IMAGE} AS runtime

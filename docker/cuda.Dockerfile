@@ -16,10 +16,16 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# Every package at the version CI passed with (constraints.txt, `make lock`), the wheel's
+# build requirements included. vLLM pins its own torch: build EXTRAS=vllm with
+# --build-arg CONSTRAINTS= (empty) to let it choose, as `pip install 'synpref[vllm]'` does.
+ARG CONSTRAINTS=/src/constraints.txt
+COPY constraints.txt ./
 # cu128 wheels run on Hopper and Blackwell; override for older drivers (e.g. .../whl/cu124).
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
-RUN pip install --index-url "${TORCH_INDEX}" --extra-index-url https://pypi.org/simple torch
-WORKDIR /src
+RUN pip install --index-url "${TORCH_INDEX}" --extra-index-url https://pypi.org/simple \
+      "torch${CONSTRAINTS:+==$(sed -n 's/^torch==//p' constraints.txt)}"
 COPY pyproject.toml setup.py README.md ./
 COPY protos/ protos/
 COPY shared/ shared/
@@ -28,7 +34,8 @@ COPY training/ training/
 COPY client/ client/
 # EXTRAS=vllm adds the vLLM scorer backend.
 ARG EXTRAS=""
-RUN pip install ".${EXTRAS:+[${EXTRAS}]}" && python -c "import torch, synpref.v1.reward_pb2, synpref.shared.cli"
+RUN ${CONSTRAINTS:+env PIP_CONSTRAINT=${CONSTRAINTS}} pip install ".${EXTRAS:+[${EXTRAS}]}" \
+ && python -c "import torch, synpref.v1.reward_pb2, synpref.shared.cli"
 
 # --- runtime -----------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

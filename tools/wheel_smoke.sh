@@ -26,7 +26,7 @@ fail() {
 }
 
 echo "wheel smoke: building the sdist and the wheel"
-"$UV" build --quiet --python "$ROOT/.venv/bin/python" --out-dir "$WORK/dist" "$ROOT"
+"$UV" build --quiet --python "$ROOT/.venv/bin/python" --build-constraint "$ROOT/constraints.txt" --out-dir "$WORK/dist" "$ROOT"
 SDIST=$(echo "$WORK"/dist/synpref-*.tar.gz)
 WHEEL=$(echo "$WORK"/dist/synpref-*.whl)
 [[ -f $SDIST && -f $WHEEL ]] || fail "uv build made no sdist or no wheel"
@@ -53,7 +53,7 @@ EOF
 
 echo "wheel smoke: installing the wheel into a clean venv"
 "$UV" venv --quiet --python "$ROOT/.venv/bin/python" "$WORK/venv"
-"$UV" pip install --quiet --python "$WORK/venv/bin/python" "$WHEEL"
+"$UV" pip install --quiet --python "$WORK/venv/bin/python" -c "$ROOT/constraints.txt" "$WHEEL"
 BIN=$WORK/venv/bin
 cd "$WORK" # nothing of the checkout on sys.path from here on
 

@@ -157,10 +157,12 @@ def test_real_pairs_through_the_pods_with_judges_kills_and_an_upgrade(namespace:
     assert union == raw, f"missing {sorted(raw - union)[:5]}, unexpected {sorted(union - raw)[:5]}"
     assert report["rows"] == len(report["kept"]) + len(report["flipped"]) > 0
 
-    judges_log = _run([KUBECTL, "-n", namespace, "logs", _pod(namespace, "judges")])
+    judges = _pod(namespace, "judges")
+    judges_log = _run([KUBECTL, "-n", namespace, "logs", judges])
     asked = {m: judges_log.count(f"Model: {m},") for m in set(REQUEST_LINE.findall(judges_log))}
     log.info("judge requests by model: %s", asked)
-    assert set(asked) == {"/data/models/judge-a", "/data/models/judge-b"}, asked
+    # No request line at all has meant a transformers release that logs requests otherwise (5.25): see constraints.txt.
+    assert set(asked) == {"/data/models/judge-a", "/data/models/judge-b"}, f"{asked}; {judges}:\n{judges_log[-3000:]}"
     log.info(
         "pipeline in the cluster: %d pairs -> %d kept, %d flipped, %d review, %d discarded, %d dead-letter in %.0fs",
         len(raw),

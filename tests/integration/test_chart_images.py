@@ -92,7 +92,16 @@ def test_wheel_builds_from_the_docker_context_alone(tmp_path: Path) -> None:
             shutil.copy2(src, context / source)
     assert not (context / "gen").exists()
     proc = subprocess.run(
-        [str(ROOT / ".venv/bin/uv"), "build", "--wheel", "--out-dir", str(tmp_path / "dist"), str(context)],
+        [
+            str(ROOT / ".venv/bin/uv"),
+            "build",
+            "--wheel",
+            "--build-constraint",
+            str(ROOT / "constraints.txt"),
+            "--out-dir",
+            str(tmp_path / "dist"),
+            str(context),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
