@@ -211,6 +211,13 @@ def test_the_controller_runs_the_loop_with_jobs_reloads_and_the_desk(namespace: 
     reloads = [line for line in text.splitlines() if "scorer reloaded" in line]
     assert any('"version": "final-' in line for line in reloads), reloads
     assert any('"model": "gold"' in line for line in reloads), reloads
+    # An operator's reload and unload as docs/deploy.md writes them: the CLI in the controller's pod, its
+    # admin URL and token file from the chart, the checkpoint path relative to the scorer's model_root.
+    operator = [KUBECTL, "-n", namespace, "exec", f"deploy/{RELEASE}-controller", "--", "synpref", "scorer"]
+    reloaded = json.loads(_run([*operator, "reload", "canary", "models/tiny-rm", "--version", "operator-1"]))
+    assert (reloaded["model"], reloaded["version"]) == ("canary", "operator-1"), reloaded
+    assert json.loads(_run([*operator, "unload", "canary"])) == {"unloaded": "canary"}
+    log.info("operator reload and unload through `synpref scorer` in the controller's pod: %s", reloaded)
 
     listing = _run([KUBECTL, "-n", namespace, "exec", writer, "--", "ls", "/data/controller/datasets/synpref"])
     assert {"curated", "human-verified", "kept"} <= set(listing.split()), listing
