@@ -18,7 +18,7 @@ help: ## list the targets
 # constraints.txt pins every package (tools/lock/compile.sh says why); `make lock` rewrites it.
 $(STAMP): pyproject.toml setup.py constraints.txt $(PACKAGE_DIRS)
 	@test -x $(PY) || python3 -m venv $(VENV)
-	@$(UV) --version 2>/dev/null | grep -qF "uv $$(sed -n 's/^uv==//p' constraints.txt) " || $(PY) -m pip install -q -c constraints.txt uv
+	$(PY) -m pip install -q -c constraints.txt uv
 	$(UV) pip install --python $(PY) -c constraints.txt --build-constraint constraints.txt -e '.[dev,bench]'
 	@touch $(STAMP)
 
