@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 
 from synpref.shared.config_base import ModelRef, Section
+from synpref.shared.cpus import validate_mode
 from synpref.shared.roles import BEST
 
 
@@ -56,7 +57,11 @@ class ScorerSettings(Section):
     """Deadline of an HTTP shim request (gRPC callers set their own); 0 = none. A client may
     ask for a shorter one with the header X-Request-Timeout (seconds). Past it: HTTP 504."""
     torch_threads: int = Field(default=0, ge=0)
-    """CPU threads for torch forwards; 0 = torch's default."""
+    """CPU threads for torch forwards; 0 = one per forward CPU when cpu_binding is set, else torch's default."""
+    cpu_binding: str = "off"
+    """On CPU: a CPU list ("1-7") binds each model's forward thread (and torch's threads it starts) to those
+    CPUs and the serving threads (gRPC, HTTP, tokenizing) to the other allowed ones (shared/cpus.py); off:
+    the scheduler decides. Ignored on a GPU."""
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     """Largest HTTP body and gRPC message; a larger HTTP body is refused unread with 413."""
     max_encode_queue: int = Field(default=64, ge=1)
@@ -74,6 +79,11 @@ class ScorerSettings(Section):
     """File holding the admin bearer token (a mounted Secret); required with admin."""
     admin_enabled: bool = False
     """Serve the admin port; needs admin_token_file and model_root."""
+
+    @field_validator("cpu_binding")
+    @classmethod
+    def _cpu_binding_mode(cls, mode: str) -> str:
+        return validate_mode(mode)
 
     @field_validator("admin_enabled")
     @classmethod

@@ -162,6 +162,7 @@ class Batcher:
         overhead_tokens: the fixed cost of one forward, in tokens, used by plan_batches.
         name: the model name, in errors, metrics labels and the thread name.
         metrics: where queue depth and batch statistics go; None records nothing.
+        thread_init: run first on the forward thread (its CPU binding: shared/cpus.py).
 
     `start` must be called on the running event loop before `score`; forwards run one at a
     time, in order.
@@ -178,6 +179,7 @@ class Batcher:
         overhead_tokens: int = 32,
         name: str = "model",
         metrics: ScorerMetrics | None = None,
+        thread_init: Callable[[], object] | None = None,
     ) -> None:
         self.forward = forward
         self.max_batch_tokens = max_batch_tokens
@@ -193,7 +195,11 @@ class Batcher:
         self._queued_tokens = 0
         self._wakeup = asyncio.Event()
         # One thread: forwards of one model run one at a time, in order.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"scorer-{name}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix=f"scorer-{name}",
+            initializer=thread_init,
+        )
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.forwards = 0

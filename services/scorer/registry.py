@@ -162,6 +162,8 @@ class ModelRegistry:
         # parallel with the forward thread and with request handling.
         self._encode_pool = ThreadPoolExecutor(max_workers=ENCODE_THREADS, thread_name_prefix="scorer-encode")
         self.encode_queue = EncodeQueue(settings.max_encode_queue)
+        self.forward_thread_init: Callable[[], object] | None = None
+        """Run first on each model's forward thread: the server's CPU binding, if any (shared/cpus.py)."""
         self.drain_started = asyncio.Event()
         """Set on shutdown: health turns unavailable while in-flight work finishes, and open
         ScoreStreams end once their messages in flight are answered."""
@@ -253,6 +255,7 @@ class ModelRegistry:
             overhead_tokens=overhead_tokens(s, backend),
             name=name,
             metrics=self.metrics,
+            thread_init=self.forward_thread_init,
         )
         batcher.start()
         return ServedModel(name, ref.path, version_of(ref), backend, encoder, batcher)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -26,11 +27,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from synpref.services.scorer.admin import AdminApi, read_token
-from synpref.services.scorer.backends import make_backend
+from synpref.services.scorer.backends import make_backend, resolve_device
 from synpref.services.scorer.http import HttpShims
 from synpref.services.scorer.metrics import ScorerMetrics
 from synpref.services.scorer.registry import NO_MODEL, BackendFactory, ModelRegistry
 from synpref.services.scorer.servicer import RewardServicer, add_to_server
+from synpref.shared import cpus
 from synpref.shared.config import ModelRef, ScorerSettings
 from synpref.v1 import reward_pb2
 
@@ -82,6 +84,7 @@ class ScorerServer:
             import torch
 
             torch.set_num_threads(s.torch_threads)
+        self._bind_cpus()
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", s.max_body_bytes),
@@ -113,6 +116,27 @@ class ScorerServer:
         await self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
         if load:
             await self.load()
+
+    def _bind_cpus(self) -> None:
+        """Apply scorer.cpu_binding (shared/cpus.py): this thread (the event loop's) and the gRPC, HTTP and
+        tokenizing threads it starts serve on the serving CPUs; each model's forward thread computes on
+        the forward CPUs, with one torch thread per CPU unless torch_threads says otherwise."""
+        s = self.settings
+        if s.cpu_binding == "off":
+            return
+        device = resolve_device(s.device) if s.backend == "torch" else s.backend
+        binding = cpus.plan(s.cpu_binding, device, cpus.allowed_cpus())
+        if binding is None:
+            return
+        cpus.bind_this_thread(binding.serving)
+        threads = s.torch_threads or len(binding.forward)
+        self.registry.forward_thread_init = partial(cpus.bind_compute_thread, binding.forward, threads)
+        log.info(
+            "CPU binding: forwards on CPUs %s (%d torch threads each), serving on CPUs %s",
+            cpus.format_cpulist(binding.forward),
+            threads,
+            cpus.format_cpulist(binding.serving),
+        )
 
     async def load(self) -> None:
         """Load every configured model, one after another. A checkpoint that is not there is

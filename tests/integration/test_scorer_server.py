@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from synpref.client import AsyncRewardClient, RewardClient, TokenIds
+from synpref.services.scorer import registry
 from synpref.services.scorer.server import SERVICE_NAME, BackgroundScorer
 from synpref.shared.config import ModelRef, ScorerSettings
 from synpref.shared.pairs import preference_probability
@@ -584,3 +585,33 @@ def test_score_cli(scorer: BackgroundScorer, client: RewardClient, tmp_path: Pat
     ]
     assert lines[0]["p"] == expected.p  # the same pair, alone in its request: the same forward
     assert score_main(["--address", scorer.address, "--model", "nope", "items", str(items)]) == 1
+
+
+def _affinity_of_threads(prefix: str) -> list[frozenset[int]]:
+    return [frozenset(os.sched_getaffinity(t.native_id)) for t in threading.enumerate() if t.name.startswith(prefix)]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to bind apart")
+def test_cpu_binding_puts_forwards_on_their_cpus_and_serving_on_the_others(
+    scorer: BackgroundScorer, client: RewardClient, ckpts: dict[str, Path]
+) -> None:
+    allowed = frozenset(os.sched_getaffinity(0))  # the test's own thread: never bound
+    forward = frozenset({max(allowed)})
+    client.score([conversation(3)], model="best")
+    assert _affinity_of_threads("scorer-best_") == [allowed]  # the default, off: nothing bound
+    assert frozenset(os.sched_getaffinity(scorer._thread.native_id)) == allowed
+
+    bound = BackgroundScorer(
+        settings(ckpts, cpu_binding=str(max(allowed)), models={"bound": ModelRef(path=str(ckpts["qwen"]))})
+    ).start()
+    try:
+        with RewardClient(bound.address, timeout=30) as c:
+            rewards = c.score([conversation(3)])
+            c.score(["word " * (registry.INLINE_ENCODE_BYTES // 4)])  # tokenized on an encode thread
+        assert rewards == pytest.approx(client.score([conversation(3)], model="best"), rel=1e-5)
+        assert _affinity_of_threads("scorer-bound_") == [forward]
+        assert frozenset(os.sched_getaffinity(bound._thread.native_id)) == allowed - forward
+        encoders = _affinity_of_threads("scorer-encode")
+        assert allowed - forward in encoders
+    finally:
+        bound.stop()
