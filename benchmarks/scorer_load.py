@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -186,9 +186,42 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def offline_ceiling(
+    path: Path,
+    ids: list[list[int]],
+    max_batch_tokens: int,
+    max_batch_items: int,
+    device: str,
+    dtype: str,
+    binding: tuple[frozenset[int], int] | None = None,
+) -> dict[str, Any]:
+    """Batched forwards over the pre-tokenized set, sorted by length globally; with `binding` (CPUs,
+    torch threads), on the CPUs and with the threads the scorer's forward thread gets."""
+    with _bound(binding):
+        return _offline_ceiling(path, ids, max_batch_tokens, max_batch_items, device, dtype)
+
+
+@contextlib.contextmanager
+def _bound(binding: tuple[frozenset[int], int] | None) -> Iterator[None]:
+    """This thread on `binding`'s CPUs with its torch threads for the block, as the scorer binds its forward thread."""
+    if binding is None:
+        yield
+        return
+    import torch
+
+    from synpref.shared.cpus import bind_compute_thread
+
+    before, threads = frozenset(os.sched_getaffinity(0)), torch.get_num_threads()
+    bind_compute_thread(*binding)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+        torch.set_num_threads(threads)
+
+
+def _offline_ceiling(
     path: Path, ids: list[list[int]], max_batch_tokens: int, max_batch_items: int, device: str, dtype: str
 ) -> dict[str, Any]:
-    """Batched forwards over the pre-tokenized set, sorted by length globally."""
     import torch
 
     from synpref.services.scorer.backends import TorchBackend
@@ -255,7 +288,7 @@ def offline_ceiling_neighbour_busy(
         with ctx.Pool(1) as pool:
             pool.apply_async(drive, (address, items * 20, args.concurrency))
             time.sleep(3.0)  # the clients are connected and in their closed loop
-            off = offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype)
+            off = offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding)
             pool.terminate()
     finally:
         parent.send("stop")
@@ -367,7 +400,9 @@ def run(
     """All three measurements, `args.repeats` times; `build(folder, conversations)` saves the model."""
     import torch
 
+    from synpref.services.scorer.backends import resolve_device
     from synpref.services.scorer.encoding import Encoder
+    from synpref.shared import cpus
     from synpref.shared.config import ModelRef, ScorerSettings
     from synpref.shared.modeling import load_reward_model
 
@@ -390,7 +425,11 @@ def run(
         "max_wait_ms": args.max_wait_ms,
         "max_queue": 100_000,
         "torch_threads": args.threads,
+        "cpu_binding": args.cpu_binding,
     }
+    # The ceiling computes where and as the scorer's forward thread does (scorer.cpu_binding: shared/cpus.py).
+    binding = cpus.plan(args.cpu_binding, resolve_device(args.device), cpus.allowed_cpus())
+    args.binding = None if binding is None else (binding.forward, args.threads or len(binding.forward))
 
     _, tok = load_reward_model(str(path), "cpu", "float32")
     enc = Encoder(tok, args.max_length)
@@ -404,26 +443,28 @@ def run(
     print(
         f"[{label}] {len(convs)} hh-rlhf conversations, {tokens} tokens (median {lengths[len(lengths) // 2]}, "
         f"max {lengths[-1]}); model {total / 1e6:.2f}M params ({non_embed / 1e6:.2f}M outside the embedding); "
-        f"device {args.device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}; "
+        f"device {args.device}, dtype {args.dtype}, torch threads {torch.get_num_threads()}, "
+        f"CPU binding {_binding_text(args.binding)}; "
         f"tokenizing all items takes {tokenize_s * 1000:.0f} ms; load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
 
     # (b) is the best of several token budgets, so the ceiling is not handicapped by a
     # budget chosen for the server; the scorer then runs with that same budget. Chosen on
-    # CPU time per item on CPU (robust to other processes' load), on wall time on GPU.
+    # CPU time per item on CPU (robust to other processes' load), on wall time on GPU. Each
+    # budget runs twice, in the order A B C C B A: a single pass each would pick whichever
+    # budget ran while the machine was fastest (the same pass drifts by 10-20% within minutes).
     on_gpu = args.device.startswith("cuda")
-    sweep = []
-    for budget in args.budgets:
-        off = offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype)
-        cost = off["wall"] if on_gpu else off["cpu"]
-        sweep.append((cost, budget))
+    costs: dict[int, list[float]] = {budget: [] for budget in args.budgets}
+    for budget in [*args.budgets, *reversed(args.budgets)]:
+        off = offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding)
+        costs[budget].append(off["wall"] if on_gpu else off["cpu"])
         print(
             f"  offline, budget {budget:6d} tokens: {len(ids) / off['wall']:.1f} items/s, "
             f"{off['cpu'] / len(ids) * 1000:.1f} CPU ms/item",
             flush=True,
         )
-    best_budget = min(sweep)[1]
+    best_budget = min(args.budgets, key=lambda budget: statistics.fmean(costs[budget]))
     print(f"  ceiling budget: {best_budget} tokens", flush=True)
     settings = {
         "(a) naive server": ScorerSettings(**{**base, "max_batch_items": 1, "max_wait_ms": 0.0}),
@@ -438,11 +479,13 @@ def run(
         # The ceiling runs before and after every server row, which counts against the mean of the
         # two passes beside it: on shared cores the same work's CPU time drifts by 10% and more
         # within a minute, so a ceiling measured once per repeat favours whichever row ran nearer it.
-        passes = [offline_ceiling(path, ids, best_budget, args.max_batch_items, args.device, args.dtype)]
+        passes = [offline_ceiling(path, ids, best_budget, args.max_batch_items, args.device, args.dtype, args.binding)]
         reference: list[float] = passes[0]["rewards"]
         for name, s, transport in runs:
             res = serve_and_drive(s, convs, args.concurrency, texts, transport=transport, ids=ids)
-            passes.append(offline_ceiling(path, ids, best_budget, args.max_batch_items, args.device, args.dtype))
+            passes.append(
+                offline_ceiling(path, ids, best_budget, args.max_batch_items, args.device, args.dtype, args.binding)
+            )
             diff = max(abs(a - b) for a, b in zip(res["rewards"], reference, strict=True))
             row = summarize(name, res["wall"], len(ids), tokens, res["latencies"])
             row.update(rep=rep, forwards=res["forwards"], max_abs_diff=diff, budget=s.max_batch_tokens)
@@ -470,6 +513,12 @@ def run(
             rows.append(_ceiling_row(NEIGHBOUR_BUSY, busy, rep, len(ids), tokens, best_budget))
             _progress(rep, rows[-1])
     return rows
+
+
+def _binding_text(binding: tuple[frozenset[int], int] | None) -> str:
+    from synpref.shared.cpus import format_cpulist
+
+    return "off" if binding is None else f"forwards and ceiling on CPUs {format_cpulist(binding[0])}"
 
 
 FORWARD_MODEL = "best"  # the served name; its batcher's thread is "scorer-best"
@@ -592,6 +641,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads for every measurement (0 = default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--cpu-binding",
+        default="off",
+        help="the scorer's scorer.cpu_binding (off, or the forward CPUs); the ceiling computes on the same CPUs",
+    )
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--max-batch-items", type=int, default=64)
