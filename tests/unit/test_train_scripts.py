@@ -4,6 +4,7 @@ session spends its minutes measuring, not debugging."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,9 @@ def test_gpu_train_mfu_smoke_trains_through_the_trainer(tmp_path):
 
 @pytest.mark.slow  # a fresh process imports torch and transformers and serves a shrunk model
 def test_gpu_scorer_load_dry_run_completes():
-    out = run("gpu_scorer_load.py", "--dry-run")
+    cpu = str(min(os.sched_getaffinity(0)))  # the dry run is on CPU: bind the forwards and the ceiling there
+    out = run("gpu_scorer_load.py", "--dry-run", "--cpu-binding", cpu)
+    assert f"CPU binding forwards and ceiling on CPUs {cpu};" in out
     assert "scorer / ceiling (b), throughput" in out
     assert "ceiling / scorer, grpc-stream CPU cost" in out  # the clients also ran on ScoreStreams
     assert "ceiling / scorer, grpc-stream-ids CPU cost" in out  # and sent token ids on them
