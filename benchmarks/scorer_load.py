@@ -208,15 +208,14 @@ def _bound(binding: tuple[frozenset[int], int] | None) -> Iterator[None]:
         return
     import torch
 
-    from synpref.shared.cpus import bind_compute_thread
+    from synpref.shared import cpus
 
-    before, threads = frozenset(os.sched_getaffinity(0)), torch.get_num_threads()
-    bind_compute_thread(*binding)
+    before, threads = cpus.allowed_cpus(), torch.get_num_threads()
+    cpus.bind_compute_thread(*binding)
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
-        torch.set_num_threads(threads)
+        cpus.bind_compute_thread(before, threads)
 
 
 def _offline_ceiling(
@@ -429,7 +428,7 @@ def run(
     }
     # The ceiling computes where and as the scorer's forward thread does (scorer.cpu_binding: shared/cpus.py).
     binding = cpus.plan(args.cpu_binding, resolve_device(args.device), cpus.allowed_cpus())
-    args.binding = None if binding is None else (binding.forward, args.threads or len(binding.forward))
+    args.binding = None if binding is None else (binding.forward, binding.torch_threads(args.threads))
 
     _, tok = load_reward_model(str(path), "cpu", "float32")
     enc = Encoder(tok, args.max_length)

@@ -26,6 +26,10 @@ class CpuBinding:
     forward: frozenset[int]
     serving: frozenset[int]
 
+    def torch_threads(self, configured: int) -> int:
+        """Torch threads per forward thread: the configured count, or (0) one per forward CPU."""
+        return configured or len(self.forward)
+
 
 def parse_cpulist(text: str) -> frozenset[int]:
     """Linux's CPU list syntax ("1-3,6") as a set; ValueError for anything else or an empty range."""

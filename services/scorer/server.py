@@ -129,7 +129,7 @@ class ScorerServer:
         if binding is None:
             return
         cpus.bind_this_thread(binding.serving)
-        threads = s.torch_threads or len(binding.forward)
+        threads = binding.torch_threads(s.torch_threads)
         self.registry.forward_thread_init = partial(cpus.bind_compute_thread, binding.forward, threads)
         log.info(
             "CPU binding: forwards on CPUs %s (%d torch threads each), serving on CPUs %s",
