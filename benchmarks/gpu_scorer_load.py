@@ -85,6 +85,8 @@ def main() -> int:
     if args.dry_run:
         shape = DRY_RUN
         args.device, args.dtype, args.items, args.repeats, args.budgets = "cpu", "float32", 64, 1, [2048]
+        if args.ceiling == "auto":
+            args.ceiling = "beside"  # what a GPU run does (scorer_load.py --ceiling auto)
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():

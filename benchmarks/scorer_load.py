@@ -9,9 +9,10 @@ Three figures, same model, same texts, same torch thread count:
       max_wait_ms=0): one forward per request, one at a time, as OpenRLHF's serve_rm does;
   (s) the scorer: cross-request dynamic batching;
   (b) offline ceiling: the texts pre-tokenized, sorted by length over the whole set and run
-      in batches of the same token budget, no server, no tokenization in the timing; run
-      before and after every server row, each row compared with the mean of the two passes
-      beside it.
+      in batches of the same token budget, no server, no tokenization in the timing. On CPU
+      (--ceiling interleaved) it runs in turns with each server row, half a second each
+      (benchmarks/interleave.py), so both see the same machine; on GPU (--ceiling beside) it
+      runs before and after every server row, which is compared with the mean of the two.
 Clients run in a separate process (grpc.aio, one item per request, closed loop), so the
 server's event loop does not share a GIL with them. Run: .venv/bin/python benchmarks/scorer_load.py
 """
@@ -455,9 +456,11 @@ def run(
     # budget ran while the machine was fastest (the same pass drifts by 10-20% within minutes).
     on_gpu = args.device.startswith("cuda")
     costs: dict[int, list[float]] = {budget: [] for budget in args.budgets}
+    references: dict[int, list[float]] = {}
     for budget in [*args.budgets, *reversed(args.budgets)]:
         off = offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding)
         costs[budget].append(off["wall"] if on_gpu else off["cpu"])
+        references[budget] = off["rewards"]
         print(
             f"  offline, budget {budget:6d} tokens: {len(ids) / off['wall']:.1f} items/s, "
             f"{off['cpu'] / len(ids) * 1000:.1f} CPU ms/item",
@@ -465,6 +468,10 @@ def run(
         )
     best_budget = min(args.budgets, key=lambda budget: statistics.fmean(costs[budget]))
     print(f"  ceiling budget: {best_budget} tokens", flush=True)
+    method = args.ceiling if args.ceiling != "auto" else ("beside" if on_gpu else "interleaved")
+    if method == "interleaved" and on_gpu:
+        raise SystemExit("--ceiling interleaved is for CPU: a stopped process's GPU kernels keep running")
+    reference = references[best_budget]
     settings = {
         "(a) naive server": ScorerSettings(**{**base, "max_batch_items": 1, "max_wait_ms": 0.0}),
         "(s) scorer": ScorerSettings(**{**base, "max_batch_tokens": best_budget}),
@@ -474,43 +481,128 @@ def run(
     runs = [] if args.skip_naive else [("(a) naive server", settings["(a) naive server"], args.transport[0])]
     runs += [(scorer_row(t, args.transport), settings["(s) scorer"], t) for t in args.transport]
     rows: list[dict[str, Any]] = []
+    print(f"  ceiling method: {method}", flush=True)
     for rep in range(args.repeats):
-        # The ceiling runs before and after every server row, which counts against the mean of the
-        # two passes beside it: on shared cores the same work's CPU time drifts by 10% and more
-        # within a minute, so a ceiling measured once per repeat favours whichever row ran nearer it.
-        passes = [offline_ceiling(path, ids, best_budget, args.max_batch_items, args.device, args.dtype, args.binding)]
-        reference: list[float] = passes[0]["rewards"]
-        for name, s, transport in runs:
-            res = serve_and_drive(s, convs, args.concurrency, texts, transport=transport, ids=ids)
-            passes.append(
-                offline_ceiling(path, ids, best_budget, args.max_batch_items, args.device, args.dtype, args.binding)
-            )
-            diff = max(abs(a - b) for a, b in zip(res["rewards"], reference, strict=True))
-            row = summarize(name, res["wall"], len(ids), tokens, res["latencies"])
-            row.update(rep=rep, forwards=res["forwards"], max_abs_diff=diff, budget=s.max_batch_tokens)
-            row["mean_batch"] = res["scored"] / res["forwards"]  # items per forward, as offline
-            row["cpu_ms_per_item"] = res["cpu"] / res["scored"] * 1000
-            # The forward thread's CPU is the model's cost inside the server; the rest is serving.
-            forward = res["threads"].get(f"scorer-{FORWARD_MODEL}", 0.0) / res["scored"] * 1000
-            row["forward_cpu_ms_per_item"] = forward
-            row["serving_cpu_ms_per_item"] = row["cpu_ms_per_item"] - forward
-            beside = passes[-2:]
-            row["ceiling_cpu_ms_per_item"] = statistics.fmean(p["cpu"] for p in beside) / len(ids) * 1000
-            row["ceiling_items_per_s"] = len(ids) / statistics.fmean(p["wall"] for p in beside)
-            rows.append(row)
-            _progress(rep, row)
-        mean = {k: statistics.fmean(p[k] for p in passes) for k in ("wall", "cpu", "forwards")}
-        row = _ceiling_row("(b) offline batched", mean, rep, len(ids), tokens, best_budget)
-        row["cpu_ms_passes"] = [p["cpu"] / len(ids) * 1000 for p in passes]
-        rows.append(row)
-        _progress(rep, row, " (passes: " + ", ".join(f"{x:.1f}" for x in row["cpu_ms_passes"]) + ")")
+        if method == "interleaved":
+            rows += _interleaved_repeat(args, rep, runs, convs, texts, ids, path, best_budget, reference, tokens)
+        else:
+            rows += _beside_repeat(args, rep, runs, convs, texts, ids, path, best_budget, tokens)
         if args.ceiling_neighbour_busy:
-            per_token = mean["wall"] / passes[0]["padded"]  # the decoy's forwards sleep as long as the real ones
+            ceiling = next(r for r in reversed(rows) if r["name"] == "(b) offline batched")
+            per_token = ceiling["wall_s"] / ceiling["padded"]  # the decoy's forwards sleep as long as the real ones
             busy = offline_ceiling_neighbour_busy(
                 path, ids, best_budget, args, settings["(s) scorer"], convs, per_token
             )
             rows.append(_ceiling_row(NEIGHBOUR_BUSY, busy, rep, len(ids), tokens, best_budget))
             _progress(rep, rows[-1])
+    return rows
+
+
+def _server_row(
+    name: str, res: dict[str, Any], rep: int, ids: list[list[int]], tokens: int, reference: list[float], budget: int
+) -> dict[str, Any]:
+    """The report row of one server run (`res` from serve_and_drive), before its ceiling is added."""
+    diff = max(abs(a - b) for a, b in zip(res["rewards"], reference, strict=True))
+    row = summarize(name, res["wall"], len(ids), tokens, res["latencies"])
+    row.update(rep=rep, forwards=res["forwards"], max_abs_diff=diff, budget=budget)
+    row["mean_batch"] = len(ids) / res["forwards"]  # items per forward, as offline
+    row["cpu_ms_per_item"] = res["cpu"] / len(ids) * 1000
+    # The forward thread's CPU is the model's cost inside the server; the rest is serving.
+    forward = res["threads"].get(f"scorer-{FORWARD_MODEL}", 0.0) / len(ids) * 1000
+    row["forward_cpu_ms_per_item"] = forward
+    row["serving_cpu_ms_per_item"] = row["cpu_ms_per_item"] - forward
+    return row
+
+
+def _interleaved_repeat(
+    args: argparse.Namespace,
+    rep: int,
+    runs: list[tuple[str, Any, str]],
+    convs: list[Conversation],
+    texts: list[str],
+    ids: list[list[int]],
+    path: Path,
+    budget: int,
+    reference: list[float],
+    tokens: int,
+) -> list[dict[str, Any]]:
+    """Every server row of one repeat, each in turns with its own ceiling (benchmarks/interleave.py)."""
+    import interleave
+
+    spec = interleave.Ceiling(
+        path, ids, budget, args.max_batch_items, args.device, args.dtype, args.threads, args.binding, seed=rep
+    )
+    rows, ceilings = [], []
+    for name, s, transport in runs:
+        work = {"http": texts, "grpc-stream-ids": ids}.get(transport, convs)
+        res, off = interleave.serve_and_drive(s, work, args.concurrency, transport, spec, args.quantum_ms / 1000)
+        row = _server_row(name, res, rep, ids, tokens, reference, budget)
+        row["ceiling_cpu_ms_per_item"] = off["cpu"] / off["items"] * 1000
+        row["ceiling_items_per_s"] = off["items"] / off["wall"]
+        row["ceiling_turns"] = off["turns"]
+        rows.append(row)
+        ceilings.append(off)
+        _progress(rep, row, f"; ceiling in turns with it {row['ceiling_cpu_ms_per_item']:.1f} CPU ms/item")
+    done = sum(c["items"] for c in ceilings)
+    total = {"wall": sum(c["wall"] for c in ceilings), "cpu": sum(c["cpu"] for c in ceilings)}
+    # Per item of the set: the ceiling's pass over all len(ids) items, from the parts of passes it ran.
+    mean = {"wall": total["wall"] / done * len(ids), "cpu": total["cpu"] / done * len(ids)}
+    mean["forwards"] = ceilings[0]["batches"]
+    row = _ceiling_row("(b) offline batched", mean, rep, len(ids), tokens, budget)
+    row["padded"] = ceilings[0]["padded"]
+    rows.append(row)
+    _progress(rep, row, f" (in turns with the rows: {done / len(ids):.2f} passes)")
+    if args.ceiling_aa:
+        seconds = rows[0]["wall_s"] + ceilings[0]["wall"]  # as long as the first row took, turns included
+        a, b = interleave.ceiling_against_itself(spec, seconds, args.quantum_ms / 1000)
+        row = {"name": CEILING_AA, "rep": rep, "a_cpu_ms_per_item": a["cpu"] / a["items"] * 1000}
+        row["b_cpu_ms_per_item"] = b["cpu"] / b["items"] * 1000
+        row["ratio"] = row["a_cpu_ms_per_item"] / row["b_cpu_ms_per_item"]
+        rows.append(row)
+        print(
+            f"  rep {rep} {CEILING_AA}: A / B CPU cost {row['ratio']:.3f} ({row['a_cpu_ms_per_item']:.1f}, "
+            f"{row['b_cpu_ms_per_item']:.1f} CPU ms/item; {a['turns']} turns)",
+            flush=True,
+        )
+    return rows
+
+
+CEILING_AA = "(b/b) ceiling A/A"
+
+
+def _beside_repeat(
+    args: argparse.Namespace,
+    rep: int,
+    runs: list[tuple[str, Any, str]],
+    convs: list[Conversation],
+    texts: list[str],
+    ids: list[list[int]],
+    path: Path,
+    budget: int,
+    tokens: int,
+) -> list[dict[str, Any]]:
+    """Every server row of one repeat, with the ceiling run before and after each (GPU)."""
+    # The ceiling runs before and after every server row, which counts against the mean of the
+    # two passes beside it: on shared cores the same work's CPU time drifts by 10% and more
+    # within a minute, so a ceiling measured once per repeat favours whichever row ran nearer it.
+    passes = [offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding)]
+    reference: list[float] = passes[0]["rewards"]
+    rows = []
+    for name, s, transport in runs:
+        res = serve_and_drive(s, convs, args.concurrency, texts, transport=transport, ids=ids)
+        passes.append(offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding))
+        row = _server_row(name, res, rep, ids, tokens, reference, budget)
+        beside = passes[-2:]
+        row["ceiling_cpu_ms_per_item"] = statistics.fmean(p["cpu"] for p in beside) / len(ids) * 1000
+        row["ceiling_items_per_s"] = len(ids) / statistics.fmean(p["wall"] for p in beside)
+        rows.append(row)
+        _progress(rep, row)
+    mean = {k: statistics.fmean(p[k] for p in passes) for k in ("wall", "cpu", "forwards")}
+    row = _ceiling_row("(b) offline batched", mean, rep, len(ids), tokens, budget)
+    row["cpu_ms_passes"] = [p["cpu"] / len(ids) * 1000 for p in passes]
+    row["padded"] = passes[0]["padded"]
+    rows.append(row)
+    _progress(rep, row, " (passes: " + ", ".join(f"{x:.1f}" for x in row["cpu_ms_passes"]) + ")")
     return rows
 
 
@@ -540,9 +632,10 @@ NEIGHBOUR_BUSY = "(b') ceiling, busy"
 
 
 def _progress(rep: int, row: dict[str, Any], note: str = "") -> None:
-    diff = f", max |reward - offline| {row['max_abs_diff']:.1e}" if "max_abs_diff" in row else note
+    diff = f", max |reward - offline| {row['max_abs_diff']:.1e}" if "max_abs_diff" in row else ""
     if "forward_cpu_ms_per_item" in row:
         diff += f" (forward thread {row['forward_cpu_ms_per_item']:.1f}, serving {row['serving_cpu_ms_per_item']:.2f})"
+    diff += note
     print(
         f"  rep {rep} {row['name']:20s}: {row['items_per_s']:6.1f} items/s, "
         f"{row['cpu_ms_per_item']:5.1f} CPU ms/item (serving process){diff}; load {os.getloadavg()[0]:.1f}",
@@ -552,8 +645,10 @@ def _progress(rep: int, row: dict[str, Any], note: str = "") -> None:
 
 def report(rows: list[dict[str, Any]], flops_per_token: float | None = None, peak_flops: float | None = None) -> None:
     by_name: dict[str, list[dict[str, Any]]] = {}
+    aa = [r["ratio"] for r in rows if r["name"] == CEILING_AA]
     for r in rows:
-        by_name.setdefault(r["name"], []).append(r)
+        if r["name"] != CEILING_AA:
+            by_name.setdefault(r["name"], []).append(r)
     print(f"\nmedian over {len(next(iter(by_name.values())))} repeats:")
     head = ["items/s", "tokens/s", "CPU ms/it", "p50 ms", "p99 ms", "forwards", "mean batch", "budget"]
     print(f"  {'':22s} " + " ".join(f"{h:>10s}" for h in head) + ("  MFU" if flops_per_token and peak_flops else ""))
@@ -584,7 +679,7 @@ def report(rows: list[dict[str, Any]], flops_per_token: float | None = None, pea
         # Every server row carries the ceiling of the passes beside it (run()).
         ratios = [ps[k]["items_per_s"] / ps[k]["ceiling_items_per_s"] for k in sorted(reps) if k in ps]
         cpu = [ps[k]["ceiling_cpu_ms_per_item"] / ps[k]["cpu_ms_per_item"] for k in sorted(reps) if k in ps]
-        print("\n  each scorer row against the ceiling passes run just before and after it:")
+        print("\n  each scorer row against its ceiling (in turns with it, or the passes just before and after it):")
         print("  per repeat, scorer / ceiling throughput: " + ", ".join(f"{x:.3f}" for x in ratios))
         print("  per repeat, ceiling / scorer CPU cost:   " + ", ".join(f"{x:.3f}" for x in cpu))
         model = [ps[k]["forward_cpu_ms_per_item"] / ps[k]["ceiling_cpu_ms_per_item"] for k in sorted(reps) if k in ps]
@@ -602,6 +697,11 @@ def report(rows: list[dict[str, Any]], flops_per_token: float | None = None, pea
                 f"  per repeat, ceiling / {other[4:]} CPU cost: "
                 + ", ".join(f"{x:.3f}" for x in cost)
                 + f" (median {statistics.median(cost):.3f})"
+            )
+        if aa:
+            print(
+                "  per repeat, the ceiling against itself in turns (A/A: the method's own spread): "
+                + ", ".join(f"{x:.3f}" for x in aa)
             )
         if NEIGHBOUR_BUSY in paired:
             pn = paired[NEIGHBOUR_BUSY]
@@ -668,6 +768,20 @@ def parser() -> argparse.ArgumentParser:
         "--ceiling-neighbour-busy",
         action="store_true",
         help="also time the ceiling while the clients load a decoy scorer whose forwards sleep (b')",
+    )
+    p.add_argument(
+        "--ceiling",
+        choices=("auto", "interleaved", "beside"),
+        default="auto",
+        help="how (b) is timed against each server row: interleaved (in turns, --quantum-ms each; CPU only) or "
+        "beside (a pass before and after the row); auto: interleaved on CPU, beside on GPU",
+    )
+    p.add_argument("--quantum-ms", type=float, default=500.0, help="the turn length of --ceiling interleaved")
+    p.add_argument(
+        "--ceiling-aa",
+        action="store_true",
+        help="with --ceiling interleaved, also run two copies of the ceiling in turns each repeat (an A/A test: "
+        "how far the method's ratio moves when both sides do the same work)",
     )
     p.add_argument("--workdir", default="")
     p.add_argument("--json", default="", help="also write the rows here")
