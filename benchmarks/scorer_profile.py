@@ -97,6 +97,7 @@ def main() -> int:
 
     scorer_load.serve_and_drive = profiled
     args.repeats, args.skip_naive = 1, True
+    args.ceiling = "beside"  # py-spy samples the server in this process (--ceiling interleaved runs it in another)
     rows = scorer_load.run(args, lambda o, convs: scorer_load.build_model(o, convs, scorer_load.TINY_QWEN3), "profile")
     s = summarize(out)
     print("forwards: " + ", ".join(f"{r['name']} {r['forwards']} ({r['mean_batch']:.1f} items each)" for r in rows))
