@@ -76,6 +76,7 @@ def main() -> int:
         threads=0,
         max_length=2048,
         budgets=[16384, 32768, 65536],
+        scorer_budget="ceiling",  # wide forwards pay on a GPU: the scorer takes the ceiling's budget
         # On a GPU the event loop, not the model, bounds the request rate: show the transports,
         # and token-id input (no tokenizing on the loop).
         transport=["grpc", "grpc-stream", "grpc-stream-ids"],

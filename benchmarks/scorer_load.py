@@ -7,9 +7,9 @@ trained on the texts themselves (testing.tiny). Texts: real hh-rlhf conversation
 Three figures, same model, same texts, same torch thread count:
   (a) naive server: the same gRPC server with batching off (max_batch_items=1,
       max_wait_ms=0): one forward per request, one at a time, as OpenRLHF's serve_rm does;
-  (s) the scorer: cross-request dynamic batching;
+  (s) the scorer: cross-request dynamic batching, with its default max_batch_tokens (--scorer-budget);
   (b) offline ceiling: the texts pre-tokenized, sorted by length over the whole set and run
-      in batches of the same token budget, no server, no tokenization in the timing. On CPU
+      in batches of the best of --budgets, no server, no tokenization in the timing. On CPU
       (--ceiling interleaved) it runs in turns with each server row, half a second each
       (benchmarks/interleave.py), so both see the same machine; on GPU (--ceiling beside) it
       runs before and after every server row, which is compared with the mean of the two.
@@ -450,7 +450,7 @@ def run(
     )
 
     # (b) is the best of several token budgets, so the ceiling is not handicapped by a
-    # budget chosen for the server; the scorer then runs with that same budget. Chosen on
+    # budget chosen for the server; the scorer runs with its own default budget (--scorer-budget). Chosen on
     # CPU time per item on CPU (robust to other processes' load), on wall time on GPU. Each
     # budget runs twice, in the order A B C C B A: a single pass each would pick whichever
     # budget ran while the machine was fastest (the same pass drifts by 10-20% within minutes).
@@ -467,14 +467,18 @@ def run(
             flush=True,
         )
     best_budget = min(args.budgets, key=lambda budget: statistics.fmean(costs[budget]))
-    print(f"  ceiling budget: {best_budget} tokens", flush=True)
+    print(
+        f"  ceiling budget: {best_budget} tokens; the scorer's max_batch_tokens: "
+        f"{scorer_budget(args.scorer_budget, best_budget)} (--scorer-budget {args.scorer_budget})",
+        flush=True,
+    )
     method = args.ceiling if args.ceiling != "auto" else ("beside" if on_gpu else "interleaved")
     if method == "interleaved" and on_gpu:
         raise SystemExit("--ceiling interleaved is for CPU: a stopped process's GPU kernels keep running")
     reference = references[best_budget]
     settings = {
         "(a) naive server": ScorerSettings(**{**base, "max_batch_items": 1, "max_wait_ms": 0.0}),
-        "(s) scorer": ScorerSettings(**{**base, "max_batch_tokens": best_budget}),
+        "(s) scorer": ScorerSettings(**{**base, "max_batch_tokens": scorer_budget(args.scorer_budget, best_budget)}),
     }
 
     # Each transport after the first is its own scorer row, run side by side in every repeat.
@@ -536,7 +540,7 @@ def _interleaved_repeat(
     for name, s, transport in runs:
         work = {"http": texts, "grpc-stream-ids": ids}.get(transport, convs)
         res, off = interleave.serve_and_drive(s, work, args.concurrency, transport, spec, args.quantum_ms / 1000)
-        row = _server_row(name, res, rep, ids, tokens, reference, budget)
+        row = _server_row(name, res, rep, ids, tokens, reference, s.max_batch_tokens)
         row["ceiling_cpu_ms_per_item"] = off["cpu"] / off["items"] * 1000
         row["ceiling_items_per_s"] = off["items"] / off["wall"]
         row["ceiling_turns"] = off["turns"]
@@ -591,7 +595,7 @@ def _beside_repeat(
     for name, s, transport in runs:
         res = serve_and_drive(s, convs, args.concurrency, texts, transport=transport, ids=ids)
         passes.append(offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding))
-        row = _server_row(name, res, rep, ids, tokens, reference, budget)
+        row = _server_row(name, res, rep, ids, tokens, reference, s.max_batch_tokens)
         beside = passes[-2:]
         row["ceiling_cpu_ms_per_item"] = statistics.fmean(p["cpu"] for p in beside) / len(ids) * 1000
         row["ceiling_items_per_s"] = len(ids) / statistics.fmean(p["wall"] for p in beside)
@@ -604,6 +608,23 @@ def _beside_repeat(
     rows.append(row)
     _progress(rep, row, " (passes: " + ", ".join(f"{x:.1f}" for x in row["cpu_ms_passes"]) + ")")
     return rows
+
+
+def scorer_budget(choice: str, ceiling_budget: int) -> int:
+    """The scorer's max_batch_tokens for --scorer-budget: its own default, the ceiling's best budget, or a number."""
+    from synpref.shared.config import ScorerSettings
+
+    if choice == "default":
+        return ScorerSettings().max_batch_tokens
+    return ceiling_budget if choice == "ceiling" else int(choice)
+
+
+def _scorer_budget_choice(value: str) -> str:
+    if value in ("default", "ceiling") or (value.isdigit() and int(value) >= 8):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"--scorer-budget is default, ceiling or a token count of at least 8; got {value!r}"
+    )
 
 
 def _binding_text(binding: tuple[frozenset[int], int] | None) -> str:
@@ -753,6 +774,13 @@ def parser() -> argparse.ArgumentParser:
         type=lambda v: [int(x) for x in v.split(",")],
         default=[512, 2048, 8192],
         help="token budgets tried offline; the best is the ceiling (b) and the scorer's max_batch_tokens",
+    )
+    p.add_argument(
+        "--scorer-budget",
+        type=_scorer_budget_choice,
+        default="default",
+        help="the scorer's max_batch_tokens: default (its own setting, as deployed), ceiling (the budget the "
+        "ceiling chose) or a token count; the ceiling always takes the best of --budgets",
     )
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--skip-naive", action="store_true")
