@@ -486,6 +486,8 @@ def run(
     runs += [(scorer_row(t, args.transport), settings["(s) scorer"], t) for t in args.transport]
     rows: list[dict[str, Any]] = []
     print(f"  ceiling method: {method}", flush=True)
+    if args.ceiling_aa and method != "interleaved":
+        print("  --ceiling-aa applies to --ceiling interleaved only: no A/A rows", flush=True)
     for rep in range(args.repeats):
         if method == "interleaved":
             rows += _interleaved_repeat(args, rep, runs, convs, texts, ids, path, best_budget, reference, tokens)
@@ -657,9 +659,10 @@ def _progress(rep: int, row: dict[str, Any], note: str = "") -> None:
     if "forward_cpu_ms_per_item" in row:
         diff += f" (forward thread {row['forward_cpu_ms_per_item']:.1f}, serving {row['serving_cpu_ms_per_item']:.2f})"
     diff += note
+    where = " (serving process)" if "forward_cpu_ms_per_item" in row else ""
     print(
         f"  rep {rep} {row['name']:20s}: {row['items_per_s']:6.1f} items/s, "
-        f"{row['cpu_ms_per_item']:5.1f} CPU ms/item (serving process){diff}; load {os.getloadavg()[0]:.1f}",
+        f"{row['cpu_ms_per_item']:5.1f} CPU ms/item{where}{diff}; load {os.getloadavg()[0]:.1f}",
         flush=True,
     )
 
