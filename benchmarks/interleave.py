@@ -5,7 +5,9 @@ ceiling measured before and after a row still moves its ratio by +-5%. Here the 
 ceiling take turns in short quanta instead: the server and its clients each run in a process of
 their own, the ceiling in a third, and this process alternates them with SIGSTOP/SIGCONT
 (quantum q: the row runs q, then the ceiling runs q, ...). Whatever the machine does at the scale
-of seconds, both see it alike; the cost of a switch (caches refilled) is paid by both.
+of seconds, both see it alike; the cost of a switch (caches refilled) is paid by both. What it
+cannot remove is per process: two copies of the ceiling in turns (ceiling_against_itself, an A/A
+test) still differed by up to 9% on a 2-core VM, so read one repeat's ratio with that spread.
 
 Each side measures only its own CPU: the server's process time while the clients ran, the
 ceiling's CPU around each of its forwards. The ceiling cycles through its globally sorted
