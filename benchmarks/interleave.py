@@ -62,20 +62,14 @@ def _ceiling_main(spec: Ceiling, conn: Any) -> None:
     """The offline pass, in its own process: batches of the global sort, in a shuffled order per
     pass, until told to stop; reports its CPU, items and forwards."""
     import torch
-    from scorer_load import _bound
-
-    from synpref.services.scorer.backends import TorchBackend
-    from synpref.services.scorer.batcher import plan_batches
-    from synpref.services.scorer.registry import overhead_tokens
-    from synpref.shared.config import ScorerSettings
+    from scorer_load import _bound, ceiling_backend
 
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     with _bound(spec.binding):
-        backend = TorchBackend(str(spec.path), spec.device, spec.dtype)
-        overhead = overhead_tokens(ScorerSettings(device=spec.device), backend)
-        batches = plan_batches([len(x) for x in spec.ids], spec.max_batch_tokens, spec.max_batch_items, overhead)
-        backend.forward([spec.ids[0]])  # warm-up
+        backend, batches = ceiling_backend(
+            spec.path, spec.ids, spec.max_batch_tokens, spec.max_batch_items, spec.device, spec.dtype
+        )
         rng = random.Random(spec.seed)
         conn.send("ready")
         conn.recv()  # go

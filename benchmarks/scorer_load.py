@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,11 +220,10 @@ def _bound(binding: tuple[frozenset[int], int] | None) -> Iterator[None]:
         cpus.bind_compute_thread(before, threads)
 
 
-def _offline_ceiling(
+def ceiling_backend(
     path: Path, ids: list[list[int]], max_batch_tokens: int, max_batch_items: int, device: str, dtype: str
-) -> dict[str, Any]:
-    import torch
-
+) -> tuple[Any, list[list[int]]]:
+    """The ceiling's backend, warmed up, and its batches: the whole set sorted by length and cut as the server would."""
     from synpref.services.scorer.backends import TorchBackend
     from synpref.services.scorer.batcher import plan_batches
     from synpref.services.scorer.registry import overhead_tokens
@@ -233,6 +233,15 @@ def _offline_ceiling(
     overhead = overhead_tokens(ScorerSettings(device=device), backend)  # as the server would
     batches = plan_batches([len(x) for x in ids], max_batch_tokens, max_batch_items, overhead)
     backend.forward([ids[0]])  # warm-up
+    return backend, batches
+
+
+def _offline_ceiling(
+    path: Path, ids: list[list[int]], max_batch_tokens: int, max_batch_items: int, device: str, dtype: str
+) -> dict[str, Any]:
+    import torch
+
+    backend, batches = ceiling_backend(path, ids, max_batch_tokens, max_batch_items, device, dtype)
     rewards = [0.0] * len(ids)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
@@ -360,7 +369,7 @@ def serve_and_drive(
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         target = bg.http_url if transport == "http" else bg.address
-        work = {"http": texts, "grpc-stream-ids": ids}.get(transport, items)
+        work = _work_for(transport, items, texts, ids)
         proc = ctx.Process(target=_client_process, args=(child, target, work, concurrency, transport), daemon=True)
         proc.start()
         try:
@@ -379,6 +388,13 @@ def serve_and_drive(
             proc.join(60)
         result["scored"] = len(items)
     return result
+
+
+def _work_for(
+    transport: str, convs: list[Conversation], texts: list[str] | None, ids: list[list[int]] | None
+) -> list[Any]:
+    """What the clients of `transport` send: rendered texts (http), token ids (grpc-stream-ids) or conversations."""
+    return {"http": texts, "grpc-stream-ids": ids}.get(transport) or convs
 
 
 WARMUP_REQUESTS = 8  # drive_http() warms its connections with this many requests
@@ -485,14 +501,13 @@ def run(
     runs = [] if args.skip_naive else [("(a) naive server", settings["(a) naive server"], args.transport[0])]
     runs += [(scorer_row(t, args.transport), settings["(s) scorer"], t) for t in args.transport]
     rows: list[dict[str, Any]] = []
+    workload = Workload(path, convs, texts, ids, tokens, best_budget, reference)
     print(f"  ceiling method: {method}", flush=True)
     if args.ceiling_aa and method != "interleaved":
         print("  --ceiling-aa applies to --ceiling interleaved only: no A/A rows", flush=True)
     for rep in range(args.repeats):
-        if method == "interleaved":
-            rows += _interleaved_repeat(args, rep, runs, convs, texts, ids, path, best_budget, reference, tokens)
-        else:
-            rows += _beside_repeat(args, rep, runs, convs, texts, ids, path, best_budget, tokens)
+        repeat = _interleaved_repeat if method == "interleaved" else _beside_repeat
+        rows += repeat(args, rep, runs, workload)
         if args.ceiling_neighbour_busy:
             ceiling = next(r for r in reversed(rows) if r["name"] == "(b) offline batched")
             per_token = ceiling["wall_s"] / ceiling["padded"]  # the decoy's forwards sleep as long as the real ones
@@ -504,12 +519,25 @@ def run(
     return rows
 
 
-def _server_row(
-    name: str, res: dict[str, Any], rep: int, ids: list[list[int]], tokens: int, reference: list[float], budget: int
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Workload:
+    """What every repeat measures on: the model, the items in each client form, and the ceiling's
+    budget and rewards (the budget sweep's pass at that budget)."""
+
+    path: Path
+    convs: list[Conversation]
+    texts: list[str]
+    ids: list[list[int]]
+    tokens: int
+    budget: int
+    reference: list[float]
+
+
+def _server_row(name: str, res: dict[str, Any], rep: int, w: Workload, budget: int) -> dict[str, Any]:
     """The report row of one server run (`res` from serve_and_drive), before its ceiling is added."""
-    diff = max(abs(a - b) for a, b in zip(res["rewards"], reference, strict=True))
-    row = summarize(name, res["wall"], len(ids), tokens, res["latencies"])
+    ids = w.ids
+    diff = max(abs(a - b) for a, b in zip(res["rewards"], w.reference, strict=True))
+    row = summarize(name, res["wall"], len(ids), w.tokens, res["latencies"])
     row.update(rep=rep, forwards=res["forwards"], max_abs_diff=diff, budget=budget)
     row["mean_batch"] = len(ids) / res["forwards"]  # items per forward, as offline
     row["cpu_ms_per_item"] = res["cpu"] / len(ids) * 1000
@@ -521,28 +549,20 @@ def _server_row(
 
 
 def _interleaved_repeat(
-    args: argparse.Namespace,
-    rep: int,
-    runs: list[tuple[str, Any, str]],
-    convs: list[Conversation],
-    texts: list[str],
-    ids: list[list[int]],
-    path: Path,
-    budget: int,
-    reference: list[float],
-    tokens: int,
+    args: argparse.Namespace, rep: int, runs: list[tuple[str, Any, str]], w: Workload
 ) -> list[dict[str, Any]]:
     """Every server row of one repeat, each in turns with its own ceiling (benchmarks/interleave.py)."""
     import interleave
 
+    ids, tokens, budget = w.ids, w.tokens, w.budget
     spec = interleave.Ceiling(
-        path, ids, budget, args.max_batch_items, args.device, args.dtype, args.threads, args.binding, seed=rep
+        w.path, ids, budget, args.max_batch_items, args.device, args.dtype, args.threads, args.binding, seed=rep
     )
     rows, ceilings = [], []
     for name, s, transport in runs:
-        work = {"http": texts, "grpc-stream-ids": ids}.get(transport, convs)
+        work = _work_for(transport, w.convs, w.texts, ids)
         res, off = interleave.serve_and_drive(s, work, args.concurrency, transport, spec, args.quantum_ms / 1000)
-        row = _server_row(name, res, rep, ids, tokens, reference, s.max_batch_tokens)
+        row = _server_row(name, res, rep, w, s.max_batch_tokens)
         row["ceiling_cpu_ms_per_item"] = off["cpu"] / off["items"] * 1000
         row["ceiling_items_per_s"] = off["items"] / off["wall"]
         row["ceiling_turns"] = off["turns"]
@@ -577,27 +597,20 @@ CEILING_AA = "(b/b) ceiling A/A"
 
 
 def _beside_repeat(
-    args: argparse.Namespace,
-    rep: int,
-    runs: list[tuple[str, Any, str]],
-    convs: list[Conversation],
-    texts: list[str],
-    ids: list[list[int]],
-    path: Path,
-    budget: int,
-    tokens: int,
+    args: argparse.Namespace, rep: int, runs: list[tuple[str, Any, str]], w: Workload
 ) -> list[dict[str, Any]]:
     """Every server row of one repeat, with the ceiling run before and after each (GPU)."""
     # The ceiling runs before and after every server row, which counts against the mean of the
     # two passes beside it: on shared cores the same work's CPU time drifts by 10% and more
     # within a minute, so a ceiling measured once per repeat favours whichever row ran nearer it.
+    path, ids, tokens, budget = w.path, w.ids, w.tokens, w.budget
     passes = [offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding)]
-    reference: list[float] = passes[0]["rewards"]
+    w = replace(w, reference=passes[0]["rewards"])  # this repeat's own first pass, as before
     rows = []
     for name, s, transport in runs:
-        res = serve_and_drive(s, convs, args.concurrency, texts, transport=transport, ids=ids)
+        res = serve_and_drive(s, w.convs, args.concurrency, w.texts, transport=transport, ids=ids)
         passes.append(offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding))
-        row = _server_row(name, res, rep, ids, tokens, reference, s.max_batch_tokens)
+        row = _server_row(name, res, rep, w, s.max_batch_tokens)
         beside = passes[-2:]
         row["ceiling_cpu_ms_per_item"] = statistics.fmean(p["cpu"] for p in beside) / len(ids) * 1000
         row["ceiling_items_per_s"] = len(ids) / statistics.fmean(p["wall"] for p in beside)
