@@ -98,6 +98,17 @@ async def serve(settings: Settings) -> int:
     return code
 
 
+def log_allocator(device: str) -> None:
+    """Say which malloc serves this process, with how to get tcmalloc where a CPU model would run on glibc's."""
+    from synpref.shared.malloc import HINT, current_allocator
+
+    allocator = current_allocator()
+    if allocator == "glibc" and not device.startswith("cuda"):
+        log.info("memory allocator: glibc malloc; %s", HINT)
+    else:
+        log.info("memory allocator: %s", allocator)
+
+
 def main(argv: list[str]) -> int:
     """`synpref scorer`: serve the configured models; 2 for a bad config. `reload` and `unload` call a
     running scorer's admin port instead (admin_cli.py)."""
@@ -112,6 +123,7 @@ def main(argv: list[str]) -> int:
         print(f"synpref scorer: {exc}")
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_allocator(settings.scorer.device)
     if not settings.scorer.models:
         from synpref.services.scorer.server import SERVICE_NAME
 
