@@ -34,13 +34,24 @@ RUN PIP_CONSTRAINT=/src/constraints.txt pip install ".${EXTRAS:+[${EXTRAS}]}" \
 # --- runtime: the venv only, a non-root user, nothing to compile with -------------------
 FROM ${PYTHON_IMAGE} AS runtime
 ARG UID=10001
+# tcmalloc for every process: glibc's malloc returns PyTorch's large CPU activation buffers to
+# the kernel after each forward and page-faults them back on the next; tcmalloc keeps them
+# (about 8% less CPU per scored item, docs/scorer.md "Memory allocator"). A fixed path, so
+# LD_PRELOAD does not depend on the architecture's library directory.
+RUN apt-get update -q \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 \
+ && rm -rf /var/lib/apt/lists/* \
+ && ln -s "$(dpkg -L libtcmalloc-minimal4 | grep '/libtcmalloc_minimal\.so\.4$')" /usr/local/lib/libtcmalloc_minimal.so.4 \
+ && test -e /usr/local/lib/libtcmalloc_minimal.so.4
 RUN groupadd --system --gid ${UID} synpref \
  && useradd --system --uid ${UID} --gid ${UID} --home-dir /tmp --shell /usr/sbin/nologin synpref
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    HOME=/tmp
+    HOME=/tmp \
+    LD_PRELOAD=/usr/local/lib/libtcmalloc_minimal.so.4 \
+    TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776
 WORKDIR /tmp
 # Numeric, so Kubernetes' runAsNonRoot can check it without reading /etc/passwd.
 USER ${UID}:${UID}

@@ -144,6 +144,9 @@ def test_install_every_pod_ready_and_uninstall_leaves_only_kept(namespace: str, 
         pods = _pods(namespace)
         components = {p["metadata"]["labels"].get("app.kubernetes.io/component") for p in pods}
         assert {"scorer", "desk", "kafka", "gold-scorer", "filter", "writer"} <= components, components
+        # The CPU image (the scorer's here) preloads tcmalloc; the scorer logs which malloc it got.
+        scorer_log = _run([KUBECTL, "-n", namespace, "logs", f"deploy/{RELEASE}-scorer"])
+        assert "memory allocator: tcmalloc" in scorer_log, scorer_log[-2000:]
 
         # `helm test`: the chart's test Pod asks every stage, the scorer and the desk for their health.
         # A passed test Pod is deleted at once (its hook policy), so its log is not asked for here.

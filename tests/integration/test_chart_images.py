@@ -10,6 +10,7 @@ the modules the chart runs are in it.
 from __future__ import annotations
 
 import fnmatch
+import re
 import shutil
 import subprocess
 import zipfile
@@ -47,6 +48,13 @@ def build_copies(dockerfile: Path) -> list[str]:
     return sources
 
 
+def runtime_steps(dockerfile: Path) -> list[tuple[str, str]]:
+    """The instructions of the last stage, the one the image is."""
+    steps = instructions(dockerfile)
+    last_from = max(i for i, (word, _) in enumerate(steps) if word == "FROM")
+    return steps[last_from:]
+
+
 def test_both_images_exist() -> None:
     # The two SynPref images, and the dev broker's (the chart's devKafka where no registry serves one).
     assert {p.name for p in DOCKERFILES} == {"cpu.Dockerfile", "cuda.Dockerfile", "kafka.Dockerfile"}
@@ -57,8 +65,7 @@ def test_multi_stage_and_non_root(dockerfile: Path) -> None:
     steps = instructions(dockerfile)
     stages = [rest for word, rest in steps if word == "FROM"]
     assert len(stages) >= 2, "build and runtime stages"
-    last_from = max(i for i, (word, _) in enumerate(steps) if word == "FROM")
-    runtime = steps[last_from:]
+    runtime = runtime_steps(dockerfile)
     users = [rest for word, rest in runtime if word == "USER"]
     assert users == ["${UID}:${UID}"]
     uid = next(rest.split("=", 1)[1] for word, rest in runtime if word == "ARG" and rest.startswith("UID="))
@@ -67,6 +74,16 @@ def test_multi_stage_and_non_root(dockerfile: Path) -> None:
     # The runtime stage gets what the build stage made (venv, jars), never the sources or a compiler.
     assert all(rest.startswith("--from=build") for word, rest in runtime if word == "COPY")
     assert not any("gcc" in rest or "build-essential" in rest for word, rest in runtime if word == "RUN")
+
+
+def test_the_cpu_image_preloads_the_tcmalloc_it_installs() -> None:
+    # docs/scorer.md, "Memory allocator": a preload of a path that is not there would only warn at every start.
+    runtime = runtime_steps(ROOT / "docker/cpu.Dockerfile")
+    runs = " ".join(rest for word, rest in runtime if word == "RUN")
+    preload = re.search(r"LD_PRELOAD=(\S+)", " ".join(rest for word, rest in runtime if word == "ENV"))
+    assert preload, "no LD_PRELOAD in the runtime stage"
+    assert "libtcmalloc-minimal4" in runs
+    assert "ln -s" in runs and f"test -e {preload.group(1)}" in runs
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
