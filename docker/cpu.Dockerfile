@@ -36,7 +36,7 @@ FROM ${PYTHON_IMAGE} AS runtime
 ARG UID=10001
 # tcmalloc for every process: glibc's malloc returns PyTorch's large CPU activation buffers to
 # the kernel after each forward and page-faults them back on the next; tcmalloc keeps them
-# (about 8% less CPU per scored item, docs/scorer.md "Memory allocator"). A fixed path, so
+# (figures in docs/scorer.md, "Memory allocator, measured"). A fixed path, so
 # LD_PRELOAD does not depend on the architecture's library directory.
 RUN apt-get update -q \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 \

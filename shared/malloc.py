@@ -1,10 +1,9 @@
 """Which malloc this process runs on, read from its own memory map.
 
 On CPU, glibc's malloc hands PyTorch's large activation buffers back to the kernel after each
-forward and page-faults them in again on the next: 400-1,900 faults and 1-4 ms of system time
-per scored item of the 4.57M benchmark model. tcmalloc keeps them, and the scorer's CPU per item
-fell by about 8% (docs/scorer.md, "Memory allocator"). The CPU image preloads it; a process
-started elsewhere says which allocator it got, so an operator can tell.
+forward and page-faults them in again on the next; tcmalloc keeps them (figures in docs/scorer.md,
+"Memory allocator, measured"). The CPU image preloads it; a process started elsewhere says which
+allocator it got, so an operator can tell.
 """
 
 from __future__ import annotations
