@@ -3,7 +3,7 @@ SDPA) on one H100/H200, the same 64 single-item clients against (a) the naive se
 (b) the offline batched ceiling. Reports items/s, tokens/s, p50/p99 latency and model
 FLOPs utilisation (useful FLOPs only: padding is not counted).
 
-Goal (issue 4): scorer >= 5x (a) and >= 0.9x (b).
+Goal (issue 15, Part B): the scorer >= 5x (a)'s throughput and >= 0.95x (b)'s.
 
     .venv/bin/python benchmarks/gpu_scorer_load.py            # on a GPU machine
     .venv/bin/python benchmarks/gpu_scorer_load.py --dry-run  # CPU, shrunk model: checks the code path only
