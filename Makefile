@@ -10,7 +10,7 @@ PACKAGE_DIRS := $(shell find shared services training client protos/synpref -typ
 # mypy checks the installed packages, so first-party imports resolve (synpref.v1 is generated).
 MYPY_PACKAGES := -p synpref.shared -p synpref.services -p synpref.training -p synpref.client
 
-.PHONY: help install setup lock protos kafka helm chromium test test-cluster test-unit test-integration lint wheel-smoke demo bench clean cluster cluster-down
+.PHONY: help install setup lock protos kafka helm chromium test test-cluster test-unit test-integration lint wheel-smoke gpu-bundle demo bench clean cluster cluster-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -65,6 +65,9 @@ lint: $(STAMP) protos ## ruff check, ruff format --check, mypy on the installed 
 
 wheel-smoke: ## build the sdist and wheel, install the wheel in a clean venv, score one conversation
 	bash tools/wheel_smoke.sh
+
+gpu-bundle: $(STAMP) protos ## gather .gpu/ for a run on a lent GPU machine and check it on the CPU paths (docs/gpu.md)
+	bash tools/gpu/bundle.sh --check
 
 demo: $(STAMP) protos ## set up Python and run the curation loop on the embedded default (no cluster)
 	$(VENV)/bin/synpref run --config examples/demo.yaml
