@@ -80,12 +80,15 @@ def main() -> int:
         # On a GPU the event loop, not the model, bounds the request rate: show the transports,
         # and token-id input (no tokenizing on the loop).
         transport=["grpc", "grpc-stream", "grpc-stream-ids"],
+        # The 64 clients in 8 processes: one process of them cannot send what a GPU scorer takes.
+        client_processes=8,
     )
     args = p.parse_args()
     shape = QWEN3_0_6B
     if args.dry_run:
         shape = DRY_RUN
         args.device, args.dtype, args.items, args.repeats, args.budgets = "cpu", "float32", 64, 1, [2048]
+        args.client_processes = 2  # the split clients' path, on few cores
         if args.ceiling == "auto":
             args.ceiling = "beside"  # what a GPU run does (scorer_load.py --ceiling auto)
     import torch

@@ -354,40 +354,69 @@ def serve_and_drive(
     around: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
     transport: str = "grpc",
     ids: list[list[int]] | None = None,
+    client_processes: int = 1,
 ) -> dict[str, Any]:
-    """Server in this process (its threads), clients in a spawned one. `cpu` is this
+    """Server in this process (its threads), clients in spawned ones. `cpu` is this
     process's CPU time while the clients ran, after they connected and warmed up: the
-    serving cost, forwards included, and nothing of the harness (a bare Process and Pipe:
+    serving cost, forwards included, and nothing of the harness (bare Processes and Pipes:
     no pool threads here). `around()` wraps the clients' run only (scorer_profile.py
     attaches a profiler there). transport: grpc (a unary Score per item), grpc-stream (each
     client sends its items on one ScoreStream), grpc-stream-ids (the same with each item's
     token ids `ids`, as a client sharing the model's tokenizer sends them) or http (`texts` to
-    POST /get_reward)."""
+    POST /get_reward). `client_processes` splits the clients and the items (every k-th)
+    between that many processes (a Python gRPC client spends CPU per request on the order of the
+    server's, so on a GPU one process of clients, not the scorer, could bound the rate); then
+    `wall` runs from "go" to the last process's answer."""
     from synpref.services.scorer.server import BackgroundScorer
 
     with BackgroundScorer(settings) as bg:
         ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
         target = bg.http_url if transport == "http" else bg.address
         work = _work_for(transport, items, texts, ids)
-        proc = ctx.Process(target=_client_process, args=(child, target, work, concurrency, transport), daemon=True)
-        proc.start()
+        k = max(1, min(client_processes, concurrency, len(work)))
+        conns, procs = [], []
+        for j in range(k):
+            parent, child = ctx.Pipe()
+            share = concurrency // k + (1 if j < concurrency % k else 0)
+            args = (child, target, work[j::k], share, transport)
+            procs.append(ctx.Process(target=_client_process, args=args, daemon=True))
+            procs[-1].start()
+            conns.append(parent)
         try:
-            if parent.recv() != "ready":
-                raise RuntimeError("the client process did not start")
+            if any(conn.recv() != "ready" for conn in conns):
+                raise RuntimeError("a client process did not start")
             batcher = bg.server.registry.get().batcher
             forwards = batcher.forwards
             with around():
                 c0, threads0 = time.process_time(), thread_cpu()
-                parent.send("go")
-                result = parent.recv()
-                result["cpu"] = time.process_time() - c0
-                result["threads"] = cpu_by_thread(threads0, thread_cpu())
-            result["forwards"] = batcher.forwards - forwards
+                t0 = time.perf_counter()
+                for conn in conns:
+                    conn.send("go")
+                parts = [conn.recv() for conn in conns]
+                wall = time.perf_counter() - t0
+                cpu = time.process_time() - c0
+                threads = cpu_by_thread(threads0, thread_cpu())
+            result = _merge_clients(parts, len(work))
+            result.update(cpu=cpu, threads=threads, forwards=batcher.forwards - forwards)
+            if k > 1:
+                result["wall"] = wall
         finally:
-            proc.join(60)
+            for proc in procs:
+                proc.join(60)
         result["scored"] = len(items)
     return result
+
+
+def _merge_clients(parts: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """The client processes' results as one: part j holds items j, j+k, j+2k, ... in order."""
+    k = len(parts)
+    merged: dict[str, Any] = {"wall": parts[0]["wall"]}
+    for key in ("latencies", "rewards", "batch_sizes"):
+        values = [0.0] * n
+        for j, part in enumerate(parts):
+            values[j::k] = part[key]
+        merged[key] = values
+    return merged
 
 
 def _work_for(
@@ -505,6 +534,8 @@ def run(
     print(f"  ceiling method: {method}", flush=True)
     if args.ceiling_aa and method != "interleaved":
         print("  --ceiling-aa applies to --ceiling interleaved only: no A/A rows", flush=True)
+    if args.client_processes > 1 and method == "interleaved":
+        print("  --client-processes applies to --ceiling beside only: the clients run in one process", flush=True)
     for rep in range(args.repeats):
         repeat = _interleaved_repeat if method == "interleaved" else _beside_repeat
         rows += repeat(args, rep, runs, workload)
@@ -608,7 +639,9 @@ def _beside_repeat(
     w = replace(w, reference=passes[0]["rewards"])  # this repeat's own first pass, as before
     rows = []
     for name, s, transport in runs:
-        res = serve_and_drive(s, w.convs, args.concurrency, w.texts, transport=transport, ids=ids)
+        res = serve_and_drive(
+            s, w.convs, args.concurrency, w.texts, transport=transport, ids=ids, client_processes=args.client_processes
+        )
         passes.append(offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding))
         row = _server_row(name, res, rep, w, s.max_batch_tokens)
         beside = passes[-2:]
@@ -775,6 +808,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--items", type=int, default=512)
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="processes the clients are split between (--ceiling beside only): on a GPU one process of 64 "
+        "Python gRPC clients, not the scorer, could bound the rate",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads for every measurement (0 = default)")
     p.add_argument("--device", default="cpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,6 @@ def test_gpu_scorer_load_dry_run_completes():
     assert "scorer / ceiling (b), throughput" in out
     assert "ceiling / scorer, grpc-stream CPU cost" in out  # the clients also ran on ScoreStreams
     assert "ceiling / scorer, grpc-stream-ids CPU cost" in out  # and sent token ids on them
+    # Each item's reward came back to its own item, though two client processes sent them (every other item each).
+    diffs = [float(x) for x in re.findall(r"max \|reward - offline\| (\S+)", out)]
+    assert len(diffs) == 4 and max(diffs) < 1e-4, diffs  # fp32 batched vs batched: a few ulps of float32
