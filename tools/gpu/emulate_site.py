@@ -10,15 +10,13 @@ there. Versions are this venv's, not the image's: only presence is emulated.
 from __future__ import annotations
 
 import importlib.metadata as md
-import re
 import sys
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name as normalise
+
 HERE = Path(__file__).resolve().parent
-
-
-def normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def device_packages() -> set[str]:
@@ -30,11 +28,12 @@ def device_packages() -> set[str]:
 
 
 def requirement_names(dist: md.Distribution) -> set[str]:
+    """The names `dist` requires outside its extras, under this interpreter's markers."""
     names = set()
-    for req in dist.requires or []:
-        if "extra ==" in req:
-            continue
-        names.add(normalise(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0]))
+    for text in dist.requires or []:
+        req = Requirement(text)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            names.add(normalise(req.name))
     return names
 
 
