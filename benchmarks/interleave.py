@@ -43,6 +43,7 @@ class Ceiling:
     torch_threads: int
     binding: tuple[frozenset[int], int] | None = None
     seed: int = 0
+    compile: bool = False
 
 
 def _server_main(settings: Any, conn: Any) -> None:
@@ -68,7 +69,7 @@ def _ceiling_main(spec: Ceiling, conn: Any) -> None:
         torch.set_num_threads(spec.torch_threads)
     with _bound(spec.binding):
         backend, batches = ceiling_backend(
-            spec.path, spec.ids, spec.max_batch_tokens, spec.max_batch_items, spec.device, spec.dtype
+            spec.path, spec.ids, spec.max_batch_tokens, spec.max_batch_items, spec.device, spec.dtype, spec.compile
         )
         rng = random.Random(spec.seed)
         conn.send("ready")

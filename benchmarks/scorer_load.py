@@ -195,11 +195,13 @@ def offline_ceiling(
     device: str,
     dtype: str,
     binding: tuple[frozenset[int], int] | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Batched forwards over the pre-tokenized set, sorted by length globally; with `binding` (CPUs,
-    torch threads), on the CPUs and with the threads the scorer's forward thread gets."""
+    torch threads), on the CPUs and with the threads the scorer's forward thread gets; with `compile`,
+    through the compiled forward the scorer then serves (scorer.compile)."""
     with _bound(binding):
-        return _offline_ceiling(path, ids, max_batch_tokens, max_batch_items, device, dtype)
+        return _offline_ceiling(path, ids, max_batch_tokens, max_batch_items, device, dtype, compile)
 
 
 @contextlib.contextmanager
@@ -221,7 +223,13 @@ def _bound(binding: tuple[frozenset[int], int] | None) -> Iterator[None]:
 
 
 def ceiling_backend(
-    path: Path, ids: list[list[int]], max_batch_tokens: int, max_batch_items: int, device: str, dtype: str
+    path: Path,
+    ids: list[list[int]],
+    max_batch_tokens: int,
+    max_batch_items: int,
+    device: str,
+    dtype: str,
+    compile: bool = False,
 ) -> tuple[Any, list[list[int]]]:
     """The ceiling's backend, warmed up, and its batches: the whole set sorted by length and cut as the server would."""
     from synpref.services.scorer.backends import TorchBackend
@@ -229,7 +237,9 @@ def ceiling_backend(
     from synpref.services.scorer.registry import overhead_tokens
     from synpref.shared.config import ScorerSettings
 
-    backend = TorchBackend(str(path), device, dtype)
+    backend = TorchBackend(str(path), device, dtype, compile)
+    if compile and not backend.compiled:
+        raise RuntimeError("--compile: the model did not compile (see the warning above)")
     overhead = overhead_tokens(ScorerSettings(device=device), backend)  # as the server would
     batches = plan_batches([len(x) for x in ids], max_batch_tokens, max_batch_items, overhead)
     backend.forward([ids[0]])  # warm-up
@@ -237,11 +247,17 @@ def ceiling_backend(
 
 
 def _offline_ceiling(
-    path: Path, ids: list[list[int]], max_batch_tokens: int, max_batch_items: int, device: str, dtype: str
+    path: Path,
+    ids: list[list[int]],
+    max_batch_tokens: int,
+    max_batch_items: int,
+    device: str,
+    dtype: str,
+    compile: bool = False,
 ) -> dict[str, Any]:
     import torch
 
-    backend, batches = ceiling_backend(path, ids, max_batch_tokens, max_batch_items, device, dtype)
+    backend, batches = ceiling_backend(path, ids, max_batch_tokens, max_batch_items, device, dtype, compile)
     rewards = [0.0] * len(ids)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
@@ -265,8 +281,8 @@ def _decoy_server(settings: Any, seconds_per_padded_token: float, conn: Any) -> 
         time.sleep(seconds_per_padded_token * len(batch) * max(len(x) for x in batch))
         return [0.0] * len(batch)
 
-    def factory(kind: str, path: str, device: str, dtype: str, max_length: int) -> Any:
-        backend = make_backend(kind, path, device, dtype, max_length)
+    def factory(kind: str, path: str, device: str, dtype: str, max_length: int, compile: bool) -> Any:
+        backend = make_backend(kind, path, device, dtype, max_length)  # sleeps instead of forwards: nothing to compile
         backend.forward = sleeping  # type: ignore[method-assign]
         return backend
 
@@ -297,7 +313,9 @@ def offline_ceiling_neighbour_busy(
         with ctx.Pool(1) as pool:
             pool.apply_async(drive, (address, items * 20, args.concurrency))
             time.sleep(3.0)  # the clients are connected and in their closed loop
-            off = offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding)
+            off = offline_ceiling(
+                path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding, args.compile
+            )
             pool.terminate()
     finally:
         parent.send("stop")
@@ -466,6 +484,7 @@ def run(
         "models": {FORWARD_MODEL: ModelRef(path=str(path))},
         "device": args.device,
         "dtype": args.dtype,
+        "compile": args.compile,
         "max_length": args.max_length,
         "max_batch_items": args.max_batch_items,
         "max_wait_ms": args.max_wait_ms,
@@ -504,7 +523,9 @@ def run(
     costs: dict[int, list[float]] = {budget: [] for budget in args.budgets}
     references: dict[int, list[float]] = {}
     for budget in [*args.budgets, *reversed(args.budgets)]:
-        off = offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding)
+        off = offline_ceiling(
+            path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding, args.compile
+        )
         costs[budget].append(off["wall"] if on_gpu else off["cpu"])
         references[budget] = off["rewards"]
         print(
@@ -588,7 +609,16 @@ def _interleaved_repeat(
 
     ids, tokens, budget = w.ids, w.tokens, w.budget
     spec = interleave.Ceiling(
-        w.path, ids, budget, args.max_batch_items, args.device, args.dtype, args.threads, args.binding, seed=rep
+        w.path,
+        ids,
+        budget,
+        args.max_batch_items,
+        args.device,
+        args.dtype,
+        args.threads,
+        args.binding,
+        seed=rep,
+        compile=args.compile,
     )
     rows, ceilings = [], []
     for name, s, transport in runs:
@@ -636,14 +666,20 @@ def _beside_repeat(
     # two passes beside it: on shared cores the same work's CPU time drifts by 10% and more
     # within a minute, so a ceiling measured once per repeat favours whichever row ran nearer it.
     path, ids, tokens, budget = w.path, w.ids, w.tokens, w.budget
-    passes = [offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding)]
+    passes = [
+        offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding, args.compile)
+    ]
     w = replace(w, reference=passes[0]["rewards"])  # this repeat's own first pass, as before
     rows = []
     for name, s, transport in runs:
         res = serve_and_drive(
             s, w.convs, args.concurrency, w.texts, transport=transport, ids=ids, client_processes=args.client_processes
         )
-        passes.append(offline_ceiling(path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding))
+        passes.append(
+            offline_ceiling(
+                path, ids, budget, args.max_batch_items, args.device, args.dtype, args.binding, args.compile
+            )
+        )
         row = _server_row(name, res, rep, w, s.max_batch_tokens)
         beside = passes[-2:]
         row["ceiling_cpu_ms_per_item"] = statistics.fmean(p["cpu"] for p in beside) / len(ids) * 1000
@@ -825,6 +861,9 @@ def parser() -> argparse.ArgumentParser:
         help="the scorer's scorer.cpu_binding (off, or the forward CPUs); the ceiling computes on the same CPUs",
     )
     p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--compile", action="store_true", help="scorer.compile, and the ceiling through the same compiled forward"
+    )
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--max-batch-items", type=int, default=64)
     p.add_argument(

@@ -32,6 +32,10 @@ class ScorerSettings(Section):
     """auto = cuda when available, else cpu."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto = bf16 on a bf16-capable GPU, fp32 elsewhere."""
+    compile: bool = False
+    """torch backend: run forwards through torch.compile (dynamic shapes), compiled at load before the
+    model serves and checked against the eager model; on failure the eager model serves (a warning).
+    Tens of seconds more per load; needs a C++ compiler on CPU (docs/scorer.md, "Compiled forwards")."""
     max_length: int = Field(default=4096, ge=8)
     """Longest item in tokens; longer ones are truncated or rejected (on_too_long)."""
     max_batch_items: int = Field(default=64, ge=1)

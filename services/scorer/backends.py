@@ -55,12 +55,13 @@ class TorchBackend:
     """A transformers sequence-classification reward model run in-process with torch.
 
     Batches of a causal model skip the attention mask when a probe shows right padding does
-    not change its rewards (see `_right_padding_is_invisible`).
+    not change its rewards (see `_right_padding_is_invisible`). With `compile`, forwards run
+    through torch.compile (see `_compile`); `compiled` says whether they do.
     """
 
     kind = "torch"
 
-    def __init__(self, path: str, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(self, path: str, device: str = "auto", dtype: str = "auto", compile: bool = False) -> None:
         import torch
 
         from synpref.shared.modeling import load_reward_model
@@ -72,7 +73,9 @@ class TorchBackend:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         self._torch = torch
+        self._run: Any = self.model
         self.causal = self._right_padding_is_invisible()
+        self.compiled = compile and self._compile()
 
     def _right_padding_is_invisible(self) -> bool:
         """Can batches skip the attention mask?
@@ -96,12 +99,37 @@ class TorchBackend:
         tol = 1e-4 if self.dtype == "float32" else 5e-2
         return all(abs(a - b) <= tol * max(1.0, abs(a)) for a, b in zip(masked, unmasked, strict=True))
 
+    def _compile(self) -> bool:
+        """Swap in torch.compile'd forwards (dynamic shapes), compiled now on probe batches so that
+        requests never wait for a compilation, and kept only where they score the probes as the
+        eager model does; False (eager kept, with a warning) when compiling fails or differs.
+
+        Compiling fuses the small operators around the matrix products (norms, rotary, activations)
+        and drops per-module Python dispatch: measured on CPU in docs/scorer.md. It costs tens of
+        seconds per load and needs a C++ compiler on CPU (Triton on CUDA).
+        """
+        # A batch of 1 and a length of 1 are specialised by the compiler: each mix is its own graph.
+        probes = [[[5]], [[5, 6, 7, 8, 9]], [[5], [6], [7]], [[5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7]]]
+        eager = [self.forward(probe) for probe in probes]
+        try:
+            self._run = self._torch.compile(self.model, dynamic=True)
+            tol = 1e-4 if self.dtype == "float32" else 5e-2
+            for probe, want in zip(probes, eager, strict=True):
+                got = self.forward(probe)
+                if not all(abs(a - b) <= tol * max(1.0, abs(a)) for a, b in zip(want, got, strict=True)):
+                    raise RuntimeError(f"compiled rewards {got} differ from eager {want} on probe {probe}")
+        except Exception as exc:  # any compiler failure leaves a working eager model
+            log.warning("scorer.compile: serving the eager model (%s: %s)", type(exc).__name__, exc)
+            self._run = self.model
+            return False
+        return True
+
     def _forward_unmasked(self, batch: list[list[int]]) -> list[float]:
         from synpref.shared.modeling import model_device, pad_batch
 
         ids, _ = pad_batch(batch, self.pad_id, model_device(self.model))
         with self._torch.inference_mode():
-            logits = self.model(input_ids=ids).logits
+            logits = self._run(input_ids=ids).logits
         return [float(x) for x in logits[:, 0].float().cpu()]
 
     def forward(self, batch: list[list[int]]) -> list[float]:
@@ -110,7 +138,7 @@ class TorchBackend:
 
         if self.causal:
             return self._forward_unmasked(batch)
-        return reward_of(self.model, batch, self.pad_id)
+        return reward_of(self._run, batch, self.pad_id)
 
     def close(self) -> None:
         """Drop the model and, on CUDA, empty the allocator cache."""
@@ -171,10 +199,11 @@ def _pooling_params_without_activation() -> Any:
     raise RuntimeError("this vLLM has neither PoolingParams(use_activation=) nor (activation=)")
 
 
-def make_backend(kind: str, path: str, device: str, dtype: str, max_length: int) -> Backend:
-    """A "torch" or "vllm" backend for the checkpoint at `path`; ValueError for another kind."""
+def make_backend(kind: str, path: str, device: str, dtype: str, max_length: int, compile: bool = False) -> Backend:
+    """A "torch" or "vllm" backend for the checkpoint at `path`; ValueError for another kind.
+    `compile` is the torch backend's (vLLM compiles its own graphs)."""
     if kind == "torch":
-        return TorchBackend(path, device, dtype)
+        return TorchBackend(path, device, dtype, compile)
     if kind == "vllm":
         return VllmBackend(path, device, dtype, max_length)
     raise ValueError(f"unknown scorer backend {kind!r}")

@@ -47,7 +47,7 @@ from synpref.v1 import reward_pb2
 
 log = logging.getLogger(__name__)
 
-BackendFactory = Callable[[str, str, str, str, int], Backend]
+BackendFactory = Callable[[str, str, str, str, int, bool], Backend]
 ENCODE_THREADS = min(4, os.cpu_count() or 1)
 INLINE_ENCODE_BYTES = 16_384
 """Requests up to this size are tokenized on the event loop (about 1 ms at most); larger ones on
@@ -135,7 +135,7 @@ class ModelRegistry:
     Args:
         settings: the scorer section (models, device, batching and queue limits).
         metrics: where batchers and the registry record their metrics.
-        backend_factory: builds a Backend from (kind, path, device, dtype, max_length); tests pass fakes.
+        backend_factory: builds a Backend from (kind, path, device, dtype, max_length, compile); tests pass fakes.
         on_change: awaited after each swap or unload (the server turns its health with it).
 
     Tokenizing runs on a small thread pool, bounded by `encode_queue`; a reload swaps a name to
@@ -241,7 +241,7 @@ class ModelRegistry:
         loop = asyncio.get_running_loop()
         # Loading takes seconds to minutes: keep the event loop (and the old version) serving.
         backend = await loop.run_in_executor(
-            None, self.backend_factory, s.backend, ref.path, s.device, s.dtype, s.max_length
+            None, self.backend_factory, s.backend, ref.path, s.device, s.dtype, s.max_length, s.compile
         )
         encoder = Encoder(backend.tokenizer, s.max_length, s.on_too_long, s.truncation, s.max_chars_per_token)
         # Hashing a real tokenizer's definition takes a fraction of a second: not on the event loop.

@@ -36,3 +36,29 @@ def test_mask_is_dropped_only_where_padding_is_invisible(tmp_path: Path, arch: s
     singles = [reward_of(backend.model, [ids], backend.pad_id)[0] for ids in batch]
     # Padded batch (mask dropped where causal) vs one at a time: fp32 summed in another order.
     assert backend.forward(batch) == approx_fp32_forward(singles)
+
+
+@pytest.mark.slow
+def test_compiled_forwards_score_as_the_eager_model(tmp_path: Path) -> None:
+    path = build_tiny_reward_model(tmp_path / "qwen3", arch="qwen3", layers=1, hidden=32, heads=2, kv_heads=1)
+    eager = TorchBackend(str(path), "cpu", "float32")
+    compiled = TorchBackend(str(path), "cpu", "float32", compile=True)
+    assert compiled.compiled and not eager.compiled
+    # Shapes the load-time probes did not compile: a wider batch, longer rows, a single long row.
+    for batch in ([[5 + i % 50 for i in range(n)] for n in (3, 17, 40, 9, 1)], [[7] * 64], [[5, 9], [11, 12]]):
+        # Fused kernels sum in another order than eager ones: the fp32 forward bound.
+        assert compiled.forward(batch) == approx_fp32_forward(eager.forward(batch))
+
+
+def test_a_model_that_fails_to_compile_serves_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = build_tiny_reward_model(tmp_path / "qwen3", arch="qwen3", layers=1, hidden=32, heads=2, kv_heads=1)
+    eager = TorchBackend(str(path), "cpu", "float32")
+
+    def broken(model: object, **_: object) -> object:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    backend = make_backend("torch", str(path), "cpu", "float32", 128, compile=True)
+    assert isinstance(backend, TorchBackend) and not backend.compiled
+    batch = [[5, 6, 7], [8, 9]]
+    assert backend.forward(batch) == eager.forward(batch)
