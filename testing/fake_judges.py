@@ -92,6 +92,8 @@ class FakeOpenAI:
         n = int(body.get("n", 1))
         if "down" in model:
             return web.json_response({"error": {"message": "unavailable"}}, status=503)
+        if "forbidden" in model:  # a status the client must not retry
+            return web.json_response({"error": {"message": "no access to this model"}}, status=403)
         if "flaky" in model:
             key = model + hashlib.sha256(prompt.encode()).hexdigest()
             self._attempts[key] += 1

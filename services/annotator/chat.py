@@ -8,6 +8,9 @@
 
 A backend returns one entry per sample: the answer text, or None when no answer came back
 (the request failed for good). Callers turn None and unparseable text into abstentions.
+
+OpenAIChat counts its HTTP attempts and their time per model in Prometheus (JUDGE_ATTEMPTS,
+JUDGE_SECONDS, JUDGE_GAVE_UP), so an operator sees which judge endpoint is slow or failing.
 """
 
 from __future__ import annotations
@@ -16,12 +19,33 @@ import asyncio
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
+from prometheus_client import Counter, Histogram
 
 log = logging.getLogger(__name__)
+
+# Defined once per process (prometheus_client refuses duplicates); backends differ by the model label.
+JUDGE_ATTEMPTS = Counter(
+    "synpref_judge_http_attempts",
+    "HTTP requests to a chat endpoint, by model and result: ok, retryable (timeout, connection error, "
+    "408/409/425/429/5xx, a 200 without JSON) or refused (another status: not retried)",
+    ["model", "result"],
+)
+JUDGE_SECONDS = Histogram(
+    "synpref_judge_http_seconds",
+    "Time of one HTTP request to a chat endpoint, answer read, whatever its result",
+    ["model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120),
+)
+JUDGE_GAVE_UP = Counter(
+    "synpref_judge_gave_up_calls",
+    "Chat calls that got no answer after their retries: every sample of the call abstains",
+    ["model"],
+)
 
 Messages = list[dict[str, str]]
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -150,32 +174,45 @@ class OpenAIChat:
     async def _post(self, body: dict[str, Any]) -> dict[str, Any] | None:
         session = await self.session()
         for attempt in range(self.retries + 1):
-            error: str
             async with self.semaphore:
                 self.stats.requests += 1
-                try:
-                    async with session.post(self.url, json=body, headers=self._headers()) as resp:
-                        if resp.status == 200:
-                            try:
-                                return await resp.json(content_type=None)
-                            except (ValueError, aiohttp.ContentTypeError) as exc:
-                                error = f"invalid JSON body: {exc}"
-                        else:
-                            error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                            if resp.status not in RETRY_STATUS:
-                                self.stats.failures += 1
-                                log.warning("%s: %s (not retried)", self.name, error)
-                                return None
-                except (TimeoutError, aiohttp.ClientError) as exc:
-                    error = f"{type(exc).__name__}: {exc}"
+                started = time.monotonic()
+                data, error, retryable = await self._attempt(session, body)
+                JUDGE_SECONDS.labels(self.name).observe(time.monotonic() - started)
+            result = "ok" if error is None else "retryable" if retryable else "refused"
+            JUDGE_ATTEMPTS.labels(self.name, result).inc()
+            if error is None:
+                return data
+            if not retryable:
+                self.stats.failures += 1
+                JUDGE_GAVE_UP.labels(self.name).inc()
+                log.warning("%s: %s (not retried)", self.name, error)
+                return None
             if attempt < self.retries:
                 self.stats.retries += 1
                 delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
                 log.info("%s: %s; retry %d/%d in %.2fs", self.name, error, attempt + 1, self.retries, delay)
                 await asyncio.sleep(delay)
         self.stats.failures += 1
+        JUDGE_GAVE_UP.labels(self.name).inc()
         log.warning("%s: giving up after %d attempts: %s", self.name, self.retries + 1, error)
         return None
+
+    async def _attempt(
+        self, session: aiohttp.ClientSession, body: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, str | None, bool]:
+        """One HTTP request: (the decoded answer, None, _) or (None, what went wrong, whether to retry)."""
+        try:
+            async with session.post(self.url, json=body, headers=self._headers()) as resp:
+                if resp.status == 200:
+                    try:
+                        return await resp.json(content_type=None), None, False
+                    except (ValueError, aiohttp.ContentTypeError) as exc:
+                        return None, f"invalid JSON body: {exc}", True
+                error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return None, error, resp.status in RETRY_STATUS
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return None, f"{type(exc).__name__}: {exc}", True
 
 
 class LocalChat:

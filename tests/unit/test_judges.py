@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from prometheus_client import REGISTRY
 
 from synpref.services.annotator.chat import OpenAIChat
 from synpref.services.annotator.judges import (
@@ -91,6 +92,27 @@ def test_persistent_5xx_gives_abstentions_not_an_exception(server):
     j = judge(server, "judge-down", samples=2, retries=1)
     votes = run(judged(j))
     assert [v.preference for v in votes] == [PREFERENCE_ABSTAIN] * 2
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_attempts_are_counted_per_model_and_result(server):
+    flaky, down, refused = (judge(server, m, samples=1, retries=3) for m in ("m-flaky", "m-down", "m-forbidden"))
+    for j in (flaky, down, refused):
+        run(judged(j))
+    attempts = "synpref_judge_http_attempts_total"
+    # fail_first=2: two 503s, then the answer; a judge that is down is tried 1 + 3 times.
+    assert metric(attempts, model="m-flaky", result="retryable") == 2
+    assert metric(attempts, model="m-flaky", result="ok") == 1
+    assert metric(attempts, model="m-down", result="retryable") == 4
+    assert metric(attempts, model="m-forbidden", result="refused") == 1  # 403: not retried
+    assert server.requests["m-forbidden"] == 1
+    gave_up = "synpref_judge_gave_up_calls_total"
+    assert [metric(gave_up, model=m) for m in ("m-flaky", "m-down", "m-forbidden")] == [0, 1, 1]
+    assert metric("synpref_judge_http_seconds_count", model="m-down") == 4
+    assert metric("synpref_judge_http_seconds_sum", model="m-down") > 0
 
 
 def test_cache_replay_costs_no_calls(server, tmp_path):
