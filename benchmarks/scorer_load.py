@@ -200,8 +200,22 @@ def offline_ceiling(
     """Batched forwards over the pre-tokenized set, sorted by length globally; with `binding` (CPUs,
     torch threads), on the CPUs and with the threads the scorer's forward thread gets; with `compile`,
     through the compiled forward the scorer then serves (scorer.compile)."""
+    import torch
+
     with _bound(binding):
-        return _offline_ceiling(path, ids, max_batch_tokens, max_batch_items, device, dtype, compile)
+        backend, batches = ceiling_backend(path, ids, max_batch_tokens, max_batch_items, device, dtype, compile)
+        rewards = [0.0] * len(ids)
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for b in batches:
+            for i, r in zip(b, backend.forward([ids[i] for i in b]), strict=True):
+                rewards[i] = r
+        sync()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        backend.close()
+        padded = sum(len(b) * max(len(ids[i]) for i in b) for b in batches)
+        return {"wall": wall, "cpu": cpu, "rewards": rewards, "forwards": len(batches), "padded": padded}
 
 
 @contextlib.contextmanager
@@ -244,32 +258,6 @@ def ceiling_backend(
     batches = plan_batches([len(x) for x in ids], max_batch_tokens, max_batch_items, overhead)
     backend.forward([ids[0]])  # warm-up
     return backend, batches
-
-
-def _offline_ceiling(
-    path: Path,
-    ids: list[list[int]],
-    max_batch_tokens: int,
-    max_batch_items: int,
-    device: str,
-    dtype: str,
-    compile: bool = False,
-) -> dict[str, Any]:
-    import torch
-
-    backend, batches = ceiling_backend(path, ids, max_batch_tokens, max_batch_items, device, dtype, compile)
-    rewards = [0.0] * len(ids)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    t0, c0 = time.perf_counter(), time.process_time()
-    for b in batches:
-        for i, r in zip(b, backend.forward([ids[i] for i in b]), strict=True):
-            rewards[i] = r
-    sync()
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    backend.close()
-    padded = sum(len(b) * max(len(ids[i]) for i in b) for b in batches)
-    return {"wall": wall, "cpu": cpu, "rewards": rewards, "forwards": len(batches), "padded": padded}
 
 
 def _decoy_server(settings: Any, seconds_per_padded_token: float, conn: Any) -> None:

@@ -112,6 +112,12 @@ class TorchBackend:
         probes = [[[5]], [[5, 6, 7, 8, 9]], [[5], [6], [7]], [[5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7]]]
         eager = [self.forward(probe) for probe in probes]
         try:
+            # Instances of one architecture share graphs; each other shape of model (gold and best,
+            # a reload of another size) adds its own ~4, past torch's default limit of 8 per code
+            # object, beyond which forwards quietly run eager (cache_size_limit before torch 2.6).
+            dynamo_config = self._torch._dynamo.config
+            limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+            setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
             self._run = self._torch.compile(self.model, dynamic=True)
             tol = 1e-4 if self.dtype == "float32" else 5e-2
             for probe, want in zip(probes, eager, strict=True):
