@@ -24,6 +24,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from synpref.client import AsyncRewardClient, RewardClient, TokenIds
 from synpref.services.scorer import registry
+from synpref.services.scorer.backends import TorchBackend
 from synpref.services.scorer.server import SERVICE_NAME, BackgroundScorer
 from synpref.shared.config import ModelRef, ScorerSettings
 from synpref.shared.pairs import preference_probability
@@ -615,3 +616,19 @@ def test_cpu_binding_puts_forwards_on_their_cpus_and_serving_on_the_others(
         assert allowed - forward in encoders
     finally:
         bound.stop()
+
+
+@pytest.mark.slow
+def test_scorer_compile_serves_compiled_forwards_that_score_as_eager(ckpts: dict[str, Path]) -> None:
+    items = [conversation(i) for i in range(12)]
+    only_best = {"best": ModelRef(path=str(ckpts["qwen"]))}
+    with BackgroundScorer(settings(ckpts, models=only_best)) as bg, RewardClient(bg.address) as c:
+        backend = bg.server.registry.get("best").backend
+        assert isinstance(backend, TorchBackend) and not backend.compiled
+        eager = c.score(items)
+    with BackgroundScorer(settings(ckpts, models=only_best, compile=True)) as bg, RewardClient(bg.address) as c:
+        backend = bg.server.registry.get("best").backend
+        assert isinstance(backend, TorchBackend) and backend.compiled  # the setting reached the backend
+        compiled = c.score(items)
+    # Fused kernels sum in another order, and batches form differently between the two runs.
+    assert compiled == approx_fp32_forward(eager)
