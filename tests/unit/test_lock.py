@@ -9,6 +9,7 @@ exactly the pinned versions, or the suite ran on something CI will not install.
 from __future__ import annotations
 
 import re
+import sysconfig
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -58,7 +59,10 @@ def test_every_requirement_is_pinned_to_a_version_that_satisfies_it() -> None:
 
 def test_this_venv_holds_the_pinned_versions() -> None:
     locked = pins()
-    installed = {canonicalize_name(d.metadata["Name"]): Version(d.version) for d in metadata.distributions()}
+    # The venv's own site-packages only: importing setuptools (torch.compile's C++ builds do) puts
+    # its _vendor folder, with its own packaging release, on sys.path for the rest of the process.
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonicalize_name(d.metadata["Name"]): Version(d.version) for d in metadata.distributions(path=site)}
     # Local labels (torch's +cpu, +cu128) are builds of the same release.
     differ = {
         name: f"{installed[name]} installed, {version} pinned"
