@@ -120,7 +120,12 @@ SCHEMA = pa.schema(
 
 
 def _enum(enum, value: int, prefix: str) -> str:
-    return enum.Name(value).removeprefix(prefix).lower()
+    # proto3 enums are open: a newer producer's value parses here without a name; it is written
+    # as its number, so the pair is kept rather than failing the whole shard.
+    try:
+        return enum.Name(value).removeprefix(prefix).lower()
+    except ValueError:
+        return str(value)
 
 
 def record_row(record: PairRecord, split: str = TRAIN) -> dict:

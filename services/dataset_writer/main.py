@@ -26,7 +26,7 @@ import grpc
 from kafka.structs import TopicPartition
 from prometheus_client import Counter as PromCounter
 
-from synpref.services.dataset_writer.dataset import AppendResult, DatasetVersion
+from synpref.services.dataset_writer.dataset import AppendResult, DatasetVersion, record_row
 from synpref.shared.config import Settings, WriterSettings
 from synpref.shared.kafka.runner import RunnerStats
 from synpref.shared.service import Service, ServiceSpec, serve, service_parser
@@ -48,13 +48,20 @@ def tp_key(topic: str, partition: int) -> str:
 
 
 def writable_only(batch: list[PairRecord]) -> StageResult:
-    """The writer's stage: KEEP and FLIP go on to the dataset, anything else to the dead-letter topic."""
+    """The writer's stage: KEEP and FLIP go on to the dataset, anything else to the dead-letter topic,
+    and so does a record that cannot become a Parquet row (an out-of-range timestamp): caught here,
+    per record, it would otherwise fail the shard's flush and stop the writer on every restart."""
     result = StageResult()
     for record in batch:
-        if record.decision.decision in WRITABLE:
-            result.emit("curated", record)
-        else:
+        if record.decision.decision not in WRITABLE:
             result.fail(record, "only KEEP and FLIP decisions are written to the dataset")
+            continue
+        try:
+            record_row(record)
+        except ValueError as exc:
+            result.fail(record, f"not writable as a dataset row: {exc}")
+            continue
+        result.emit("curated", record)
     return result
 
 
@@ -139,8 +146,9 @@ class WriterServicer:
         self.sink = sink
 
     def ProcessBatch(self, request: Any, context: grpc.ServicerContext) -> WriteBatchResponse:
-        """Write the request's KEEP and FLIP records at once; answers the version, rows written and duplicates."""
-        records = [r for r in request.records if r.decision.decision in WRITABLE]
+        """Write the request's writable records (writable_only) at once; answers the version, rows written and
+        duplicates."""
+        records = [r for _, r in writable_only(list(request.records)).routed]
         result = self.sink.write(records)
         self.service.count_grpc(len(request.records), len(request.records) - len(records))
         return WriteBatchResponse(

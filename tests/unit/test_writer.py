@@ -131,6 +131,25 @@ def test_manifest_sink_writes_a_shard_with_its_offsets_when_due(tmp_path):
     assert reopened.stats["rows"] == 2 and reopened.offsets == {"t:0": 3, "t:1": 8}
 
 
+def test_a_record_that_cannot_become_a_row_goes_to_the_dead_letter_topic_not_the_shard(tmp_path):
+    """An out-of-range timestamp would fail the shard's flush on every restart; an enum value this
+    build does not name (a newer producer's) is written as its number."""
+    from synpref.services.dataset_writer.main import writable_only
+
+    bad_time, new_enum = rec(1), rec(2)
+    bad_time.lineage.ingested_at.seconds = 10**12
+    new_enum.attributes.objectivity = 7
+    routed = writable_only([rec(0), bad_time, new_enum])
+    assert [(r.pair.id, why.split(":")[0]) for r, why in routed.failed] == [
+        (bad_time.pair.id, "not writable as a dataset row")
+    ]
+    ds = DatasetVersion(tmp_path, "d", "v1")
+    ds.append([r for _, r in routed.routed])
+    ds.close()
+    rows = load_dataset_version(tmp_path, "d", "v1")
+    assert sorted(r["attributes"]["objectivity"] for r in rows) == ["7", "unspecified"]
+
+
 def two_shards(tmp_path, first: int, last: int, keep: str) -> tuple[DatasetVersion, bytes]:
     """Pairs 0..first-1 and first..last-1 as two shards; the closed version and its file `keep` after the first."""
     ds = DatasetVersion(tmp_path, "d", "v1")
