@@ -13,7 +13,9 @@ model's own tokenizer (an RL worker whose policy shares it has them from generat
 server then skips tokenizing, most of its serving cost; `check_tokenizer` verifies first).
 
 `timeout` bounds a whole call (every chunk and retry); large batches are cut into chunks
-of `chunk_size` items (the server refuses more than its max_request_items); UNAVAILABLE
+of at most `chunk_size` items (the server refuses more than its max_request_items) and
+`max_request_bytes` serialized bytes (it refuses a request over its max_body_bytes, 32 MiB by
+default; a single larger item goes alone); UNAVAILABLE
 (server starting, restarting or draining) and RESOURCE_EXHAUSTED (queue full) are retried
 with capped exponential backoff and jitter, at most `retries` times per chunk and never
 past the deadline. Other errors raise grpc.RpcError at once.
@@ -24,12 +26,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from synpref.shared.tokenizer_hash import tokenizer_sha256
 from synpref.v1 import pair_pb2, reward_pb2, reward_pb2_grpc
@@ -56,6 +59,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -113,30 +117,58 @@ def check_tokenizer(info: reward_pb2.InfoResponse, tokenizer: Any, model: str = 
         )
 
 
-def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
-    return [items[i : i + size] for i in range(0, len(items), size)] or [items]
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+"""Default bound on one request's size: half the scorer's default max_body_bytes, for headroom."""
+FIELD_OVERHEAD_BYTES = 16
+"""A repeated field's tag and length prefix per element, rounded up."""
 
 
-def _score_requests(items: Sequence[Item], model: str, chunk_size: int) -> Iterator[reward_pb2.ScoreRequest]:
-    for chunk in _chunks(items, chunk_size):
-        yield reward_pb2.ScoreRequest(model=model, items=[to_item(x) for x in chunk])
+def _chunks(messages: Iterable[M], count: int, max_bytes: int) -> Iterator[list[M]]:
+    """Consecutive runs of at most `count` messages and `max_bytes` serialized bytes, in order; a message
+    larger than `max_bytes` goes alone (the server then answers for it)."""
+    run: list[M] = []
+    size = 0
+    for message in messages:
+        n = message.ByteSize() + FIELD_OVERHEAD_BYTES
+        if run and (len(run) == count or size + n > max_bytes):
+            yield run
+            run, size = [], 0
+        run.append(message)
+        size += n
+    if run:
+        yield run
 
 
-def _pair_requests(pairs: Sequence[PairDict], model: str, chunk_size: int) -> Iterator[reward_pb2.ScorePairsRequest]:
+def _score_requests(items: Sequence[Item], model: str, policy: _Policy) -> Iterator[reward_pb2.ScoreRequest]:
+    for run in _chunks((to_item(x) for x in items), policy.chunk_size, policy.max_request_bytes):
+        yield reward_pb2.ScoreRequest(model=model, items=run)
+
+
+def _pair_requests(pairs: Sequence[PairDict], model: str, policy: _Policy) -> Iterator[reward_pb2.ScorePairsRequest]:
     # A pair is two items on the server: keep each request within chunk_size items.
-    for chunk in _chunks(pairs, max(1, chunk_size // 2)):
-        yield reward_pb2.ScorePairsRequest(model=model, pairs=[to_pair(p) for p in chunk])
+    runs = _chunks((to_pair(p) for p in pairs), max(1, policy.chunk_size // 2), policy.max_request_bytes)
+    for run in runs:
+        yield reward_pb2.ScorePairsRequest(model=model, pairs=run)
 
 
 class _Policy:
-    def __init__(self, timeout: float, retries: int, backoff_s: float, max_backoff_s: float, chunk_size: int) -> None:
-        if chunk_size < 1 or retries < 0 or timeout <= 0:
-            raise ValueError("chunk_size >= 1, retries >= 0 and timeout > 0 are required")
+    def __init__(
+        self,
+        timeout: float,
+        retries: int,
+        backoff_s: float,
+        max_backoff_s: float,
+        chunk_size: int,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+    ) -> None:
+        if chunk_size < 1 or retries < 0 or timeout <= 0 or max_request_bytes < 1:
+            raise ValueError("chunk_size >= 1, retries >= 0, timeout > 0 and max_request_bytes >= 1 are required")
         self.timeout = timeout
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.chunk_size = chunk_size
+        self.max_request_bytes = max_request_bytes
 
     def deadline(self, timeout: float | None) -> float:
         """The monotonic time by which a call with `timeout` (None: the client's) must end."""
@@ -170,10 +202,11 @@ class RewardClient:
         backoff_s: float = 0.1,
         max_backoff_s: float = 2.0,
         chunk_size: int = 256,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ) -> None:
         self.address = address
         self.model = model
-        self.policy = _Policy(timeout, retries, backoff_s, max_backoff_s, chunk_size)
+        self.policy = _Policy(timeout, retries, backoff_s, max_backoff_s, chunk_size, max_request_bytes)
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
 
@@ -203,13 +236,14 @@ class RewardClient:
     def score(self, items: Sequence[Item], *, model: str | None = None, timeout: float | None = None) -> list[float]:
         """One reward per item, in order; `model` defaults to the client's (empty: the server's default).
 
-        Items are sent in chunks of chunk_size; `timeout` (default the client's) bounds the whole call.
+        Items are sent in chunks (chunk_size, max_request_bytes); `timeout` (default the client's) bounds the
+        whole call.
         """
         if not items:
             return []
         deadline = self.policy.deadline(timeout)
         out: list[float] = []
-        for request in _score_requests(items, model or self.model, self.policy.chunk_size):
+        for request in _score_requests(items, model or self.model, self.policy):
             out.extend(self._call(self.stub.Score, request, deadline).rewards)
         return out
 
@@ -221,7 +255,7 @@ class RewardClient:
             return []
         deadline = self.policy.deadline(timeout)
         out: list[PairScore] = []
-        for request in _pair_requests(pairs, model or self.model, self.policy.chunk_size):
+        for request in _pair_requests(pairs, model or self.model, self.policy):
             out.extend(_pair_scores(self._call(self.stub.ScorePairs, request, deadline)))
         return out
 
@@ -251,10 +285,11 @@ class AsyncRewardClient:
         max_backoff_s: float = 2.0,
         chunk_size: int = 256,
         concurrency: int = 4,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ) -> None:
         self.address = address
         self.model = model
-        self.policy = _Policy(timeout, retries, backoff_s, max_backoff_s, chunk_size)
+        self.policy = _Policy(timeout, retries, backoff_s, max_backoff_s, chunk_size, max_request_bytes)
         self.concurrency = concurrency
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
@@ -298,7 +333,7 @@ class AsyncRewardClient:
         if not items:
             return []
         deadline = self.policy.deadline(timeout)
-        requests = _score_requests(items, model or self.model, self.policy.chunk_size)
+        requests = _score_requests(items, model or self.model, self.policy)
         responses = await self._gather([partial(self._call, self.stub.Score, r, deadline) for r in requests])
         return [x for resp in responses for x in resp.rewards]
 
@@ -309,7 +344,7 @@ class AsyncRewardClient:
         if not pairs:
             return []
         deadline = self.policy.deadline(timeout)
-        requests = _pair_requests(pairs, model or self.model, self.policy.chunk_size)
+        requests = _pair_requests(pairs, model or self.model, self.policy)
         responses = await self._gather([partial(self._call, self.stub.ScorePairs, r, deadline) for r in requests])
         return [s for resp in responses for s in _pair_scores(resp)]
 

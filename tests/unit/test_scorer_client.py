@@ -8,7 +8,7 @@ import time
 import pytest
 
 from synpref.client.cli import read_items
-from synpref.client.client import TokenIds, _chunks, _Policy, check_tokenizer, to_item, to_pair
+from synpref.client.client import TokenIds, _chunks, _pair_requests, _Policy, check_tokenizer, to_item, to_pair
 from synpref.v1 import reward_pb2
 
 
@@ -55,10 +55,29 @@ def test_token_ids_items_and_the_tokenizer_check() -> None:
         check_tokenizer(info, other, "old")
 
 
-def test_chunks_cover_everything_in_order() -> None:
-    items = list(range(10))
-    chunks = _chunks(items, 4)
-    assert [list(c) for c in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+def test_chunks_cover_everything_in_order_within_count_and_bytes() -> None:
+    texts = [reward_pb2.ScoreItem(text=str(i) * n) for i, n in enumerate([1, 1, 1, 1, 1, 1, 1, 1, 1, 1])]
+    assert [[int(m.text) for m in run] for run in _chunks(texts, 4, 10**6)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    sizes = [100, 100, 5000, 100, 100, 100]  # one item over the byte bound goes alone
+    items = [reward_pb2.ScoreItem(text="x" * n) for n in sizes]
+    runs = list(_chunks(items, 64, 400))
+    assert [[len(m.text) for m in run] for run in runs] == [[100, 100], [5000], [100, 100, 100]]
+    assert all(sum(m.ByteSize() for m in run) <= 400 for run in runs if len(run) > 1)
+    assert list(_chunks([], 4, 10)) == []
+
+
+def test_requests_are_cut_by_bytes_so_long_pairs_stay_under_the_servers_body_limit() -> None:
+    long = "y" * 100_000
+    pairs = [
+        {"conversation": [{"role": "user", "content": f"q{i}"}], "chosen": [{"role": "assistant", "content": long}],
+         "rejected": [{"role": "assistant", "content": "n"}]}
+        for i in range(10)
+    ]  # fmt: skip
+    policy = _Policy(timeout=10, retries=0, backoff_s=0.1, max_backoff_s=1, chunk_size=256, max_request_bytes=250_000)
+    requests = list(_pair_requests(pairs, "gold", policy))
+    assert [len(r.pairs) for r in requests] == [2, 2, 2, 2, 2]
+    assert all(r.ByteSize() <= 250_000 for r in requests)
+    assert [p.conversation[0].content for r in requests for p in r.pairs] == [f"q{i}" for i in range(10)]
 
 
 def test_retry_budget_is_bounded_by_count_and_deadline() -> None:
