@@ -163,6 +163,10 @@ class ScoringSettings(Section):
     best: ModelRef = ModelRef()
     mode: Literal["in_process", "grpc"] = "in_process"
     scorer_address: str = "127.0.0.1:50060"
+    timeout_s: float = Field(default=60.0, gt=0, le=120)
+    """Deadline of one call to the scorer service (grpc mode); a batch that misses it is retried in halves for at
+    most three deadlines (gold_scorer.scoring.SPLIT_TIMEOUTS), which with this bound stays within Kafka's
+    10-minute poll interval."""
     batch_size: int = Field(default=32, ge=1)
     max_length: int = Field(default=4096, ge=8)
     """Token limit of one scored sequence in process (the scorer service has its own)."""

@@ -12,6 +12,7 @@ gRPC through the scorer service (mode = "grpc"). Tests and benchmarks pass their
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,28 +137,44 @@ def in_process_scorer(ref: ModelRef, settings: ScoringSettings, max_length: int 
     return score
 
 
-def grpc_scorer(address: str, model_name: str, client=None) -> PairScorer:
-    """Score through the scorer service's RewardService.ScorePairs. The scorer starting, restarting or
-    draining, shedding load, serving no model yet or not (yet) this one (models arrive by reloads), or too
-    slow, is StageUnavailable: the runner reads the batch again later. Any other error is the pairs' own."""
+SPLIT_TIMEOUTS = 3
+"""How many of its timeouts one batch may spend on halving itself before the scorer counts as too slow now."""
+
+
+def grpc_scorer(address: str, model_name: str, client=None, timeout_s: float = 60.0) -> PairScorer:
+    """Score through the scorer service's RewardService.ScorePairs, each call within `timeout_s`. The scorer
+    starting, restarting or draining, shedding load, serving no model yet or not (yet) this one (models arrive
+    by reloads), or too slow, is StageUnavailable: the runner reads the batch again later. Any other error is
+    the pairs' own.
+
+    A batch that misses the deadline is scored again in halves, each with its own deadline, while the batch has
+    spent under SPLIT_TIMEOUTS of them: re-reading the same batch could only miss it again when the batch's
+    size, not the scorer's state, is why. The bound keeps one batch well inside Kafka's poll interval."""
     import grpc
 
     if client is None:
         from synpref.client import RewardClient
 
-        client = RewardClient(address)
+        client = RewardClient(address, timeout=timeout_s)
     codes = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "NOT_FOUND", "DEADLINE_EXCEEDED")
     not_serving_now = frozenset(getattr(grpc.StatusCode, code) for code in codes)
 
-    def score(pairs: list[dict]) -> list[ScoredPair]:
+    def call(pairs: list[dict], split_until: float) -> list[ScoredPair]:
         try:
-            scored = client.score_pairs(pairs, model=model_name)
+            scored = client.score_pairs(pairs, model=model_name, timeout=timeout_s)
         except grpc.RpcError as exc:
-            if exc.code() in not_serving_now:
+            code = exc.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED and len(pairs) > 1 and time.monotonic() < split_until:
+                half = len(pairs) // 2
+                return call(pairs[:half], split_until) + call(pairs[half:], split_until)
+            if code in not_serving_now:
                 why = f"scorer {address} cannot score with {model_name!r} now: {exc.details()}"
                 raise StageUnavailable(why) from exc
             raise
         return [(s.reward_chosen, s.reward_rejected, s.version) for s in scored]
+
+    def score(pairs: list[dict]) -> list[ScoredPair]:
+        return call(pairs, time.monotonic() + SPLIT_TIMEOUTS * timeout_s)
 
     return score
 
@@ -183,11 +200,12 @@ def models_from_settings(settings: ScoringSettings) -> list[ScoringModel]:
     if settings.mode == "grpc":
         from synpref.client import RewardClient
 
-        client = RewardClient(settings.scorer_address)
+        client = RewardClient(settings.scorer_address, timeout=settings.timeout_s)
     for role, ref in ((GOLD, settings.gold), (BEST, settings.best)):
         if client is not None:
             version = served_version(client, role, model_version(ref) or role)
-            out.append(ScoringModel(role, version, grpc_scorer(settings.scorer_address, role, client)))
+            scorer = grpc_scorer(settings.scorer_address, role, client, settings.timeout_s)
+            out.append(ScoringModel(role, version, scorer))
         elif ref.path:
             out.append(ScoringModel(role, model_version(ref), in_process_scorer(ref, settings)))
     return out

@@ -85,3 +85,60 @@ def test_in_process_scorer_with_a_tiny_reward_model(tmp_path):
     assert s1.reward_chosen == approx_fp32_forward(s1.reward_rejected, scale)
     assert s0.reward_chosen != approx_fp32_forward(s0.reward_rejected, scale)
     assert 0.0 < s0.p < 1.0
+
+
+def _slow_scorer_client(limit: int, calls: list[int]):
+    """A scorer client that scores up to `limit` pairs within its deadline and misses it above."""
+    import grpc
+
+    from synpref.client.client import PairScore
+
+    class Deadline(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+
+        def details(self):
+            return "Deadline Exceeded"
+
+    class Client:
+        def score_pairs(self, pairs, model, timeout):
+            calls.append(len(pairs))
+            if len(pairs) > limit:
+                raise Deadline()
+            return [PairScore(float(len(p["chosen"][0]["content"])), 0.0, 0.5, "v1") for p in pairs]
+
+    return Client()
+
+
+def test_a_batch_too_slow_for_one_deadline_is_scored_in_halves():
+    from synpref.services.gold_scorer.scoring import grpc_scorer
+
+    pairs = [
+        {"conversation": [], "chosen": [{"role": "assistant", "content": "x" * i}], "rejected": []} for i in range(10)
+    ]
+    calls: list[int] = []
+    score = grpc_scorer("x", "gold", _slow_scorer_client(3, calls), timeout_s=30)
+    assert [r[0] for r in score(pairs)] == [float(i) for i in range(10)]
+    assert calls == [10, 5, 2, 3, 5, 2, 3]
+
+
+def test_a_scorer_too_slow_for_even_one_pair_is_unavailable_not_the_pairs_fault():
+    from synpref.services.gold_scorer.scoring import grpc_scorer
+    from synpref.shared.stage import StageUnavailable
+
+    pairs = [{"conversation": [], "chosen": [{"role": "assistant", "content": "x"}], "rejected": []}] * 4
+    calls: list[int] = []
+    with pytest.raises(StageUnavailable, match="cannot score with 'gold' now"):
+        grpc_scorer("x", "gold", _slow_scorer_client(0, calls), timeout_s=30)(pairs)
+    assert calls == [4, 2, 1]  # halves down to a single pair, then unavailable (the runner reads the batch again)
+
+
+def test_halving_stops_once_the_batch_has_spent_its_deadlines():
+    from synpref.services.gold_scorer.scoring import grpc_scorer
+    from synpref.shared.stage import StageUnavailable
+
+    pairs = [{"conversation": [], "chosen": [{"role": "assistant", "content": "x"}], "rejected": []}] * 8
+    calls: list[int] = []
+    with pytest.raises(StageUnavailable):
+        grpc_scorer("x", "gold", _slow_scorer_client(1, calls), timeout_s=1e-9)(pairs)
+    assert calls == [8]  # the split budget (SPLIT_TIMEOUTS deadlines) was spent by the first call
