@@ -10,10 +10,11 @@ from pathlib import Path
 
 from synpref.services.controller.embeddings import PairView
 from synpref.services.controller.intake import pool_label_accuracy
-from synpref.services.controller.models import ModelHandle, RewardModels, accuracy
+from synpref.services.controller.models import ModelHandle, RewardModels
 from synpref.services.controller.publish import export_registry, reload_scorer, write_registry
 from synpref.services.controller.simulated import SimulatedJudge, judges_majority_label, pair_as_given
 from synpref.services.controller.state import RunState
+from synpref.services.gold_scorer.scoring import pair_dict
 from synpref.shared.config import ControllerSettings, Settings
 from synpref.shared.pairstore import PairStore
 from synpref.shared.roles import BEST, GOLD
@@ -94,13 +95,12 @@ class FinalSteps:
         models_dir = self.root / "models"
         final = self.models.train("final", self.view(CURATED), [], models_dir)
         s.models["final"] = final.to_dict()
-        holdout = self.view("holdout")
-        acc: dict[str, float] = {"final": accuracy(self.models.score(final, holdout))}
+        acc: dict[str, float] = {"final": self.holdout_accuracy(final)}
         # The same budget on the pairs as they came in (in a study, with their noise): every pair that was
         # in D_un after ingest, with the label it came in with.
         given = PairView(self.pairstore, self.pairstore.all_rows(("unverified", "discarded", *CURATED)), self.as_given)
         baseline = self.models.train("as-given", given, [], models_dir)
-        acc["as_given"] = accuracy(self.models.score(baseline, holdout))
+        acc["as_given"] = self.holdout_accuracy(baseline)
         study = self.c.study
         if study is not None and study.judges:
             # A study's simulated judges (seeded as where they voted) label every pair for free; with LLM judges
@@ -112,12 +112,23 @@ class FinalSteps:
                 return [judges_majority_label(panel, r, p) for r, p in zip(records, pairs, strict=True)]
 
             judges_only = self.models.train("judges-only", PairView(self.pairstore, given.rows, judged), [], models_dir)
-            acc["judges_only"] = accuracy(self.models.score(judges_only, holdout))
-        acc["best_working"] = accuracy(self.models.score(self.handle(BEST), holdout))
-        acc[GOLD] = accuracy(self.models.score(self.handle(GOLD), holdout))
+            acc["judges_only"] = self.holdout_accuracy(judges_only)
+        acc["best_working"] = self.holdout_accuracy(self.handle(BEST))
+        acc[GOLD] = self.holdout_accuracy(self.handle(GOLD))
         s.results["holdout_accuracy"] = acc
         s.results["curated_label_accuracy"] = self.label_accuracy(CURATED)
         self.say("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+
+    def holdout_accuracy(self, handle: ModelHandle) -> float:
+        """`accuracy` of `handle` on every held-out pair, scored controller.batch_pairs pairs at a time (as
+        score_verified scores), so memory grows with the batch, not the held-out pool; NaN for none."""
+        right = total = 0
+        for chunk in self.pairstore.scan("holdout", batch=self.c.batch_pairs):
+            rewards = self.models.score(handle, [pair_dict(r) for _, r in chunk])
+            right += sum(1 for c, r in rewards if c > r)
+            total += len(rewards)
+        # accuracy()'s np.mean sums the booleans exactly in float64 and divides once: the same quotient.
+        return right / total if total else float("nan")
 
     def as_given(self, records: Sequence[PairRecord], rows: Sequence[int]) -> list[dict]:
         """The pairs with the labels they had at ingest (after any study noise): flipped back where flipped since."""

@@ -399,3 +399,57 @@ def test_auto_disagreement_rule_flips_only_with_a_gold_rm_measured_strong(tmp_pa
         f"- disagreements (auto): {resolved}; probe gold RM accuracy"
         in (Path(auto.controller.workdir) / "report.md").read_text()
     )
+
+
+class ScoreSizes(fakes.BagOfWordsModels):
+    """Records the step and the number of pairs of every score call, and the handle of every model trained."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = lambda: ""
+        self.scored: list[tuple[str, int]] = []
+        self.handles: dict[str, object] = {}
+
+    def train(self, name, train, valid, out_dir):
+        self.handles[name] = handle = super().train(name, train, valid, out_dir)
+        return handle
+
+    def score(self, handle, pairs):
+        self.scored.append((self.step(), len(pairs)))
+        return super().score(handle, pairs)
+
+
+def test_the_final_step_scores_the_held_out_pairs_a_batch_at_a_time(tmp_path):
+    # final.train measures every RM on all held-out pairs, but never hands the scorer more than
+    # controller.batch_pairs of them at once (tokenized pairs or features of 8M held-out pairs would
+    # not fit the controller); the accuracies are those of scoring the whole held-out set in one call.
+    import numpy as np
+
+    from synpref.services.controller.models import ModelHandle, accuracy, save_npz
+
+    models = ScoreSizes()
+    settings = settings_for(tmp_path, batch_pairs=7)
+    controller = controller_for(settings, models=models)
+    models.step = lambda: controller.current_step
+    state = controller.run()
+    held = controller.view("holdout")
+    assert len(held) > 3 * 7 and len(held) % 7, "several batches, the last one short"
+    final = [n for step, n in models.scored if step == "final.train"]
+    assert sum(final) == 5 * len(held) and max(final) == 7
+    handles = {
+        "final": models.handles["final"],
+        "as_given": models.handles["as-given"],
+        "judges_only": models.handles["judges-only"],
+        "best_working": ModelHandle.from_dict(state.models["best"]),
+        "gold": ModelHandle.from_dict(state.models["gold"]),
+    }
+
+    def whole(handle: ModelHandle) -> float:
+        return accuracy(fakes.BagOfWordsModels.score(models, handle, held))
+
+    assert state.results["holdout_accuracy"] == {key: whole(h) for key, h in handles.items()}
+    # The models above are all right on this easy set; a random one is not, and is measured the same.
+    path = tmp_path / "random.npz"
+    save_npz(path, w=np.random.default_rng(0).normal(size=fakes.DIM))
+    random = ModelHandle("random", str(path), "random-0")
+    assert 0 < controller.holdout_accuracy(random) == whole(random) < 1
