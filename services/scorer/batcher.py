@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from synpref.services.scorer.admission import ForwardCost
 from synpref.services.scorer.errors import DeadlineExceeded, NotReady, Overloaded, ScorerError
 from synpref.services.scorer.metrics import ScorerMetrics
 
@@ -203,18 +204,18 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.forwards = 0
-        # Tokens submitted and not yet computed or dropped, and the recent compute cost of one token
-        # (moving average): together the wait a new request would see, for admission.
+        # Tokens submitted and not yet computed or dropped, and the recent forwards' cost: together
+        # the wait a new request would see, for admission.
         self._backlog_tokens = 0
-        self._seconds_per_token = 0.0
+        self._cost = ForwardCost()
         self._computing = False
         self._deferred: list[tuple[Encode, float | None, asyncio.Future[BatchResult]]] = []
         """Requests waiting for the running forward's end to be tokenized (score_encoding)."""
 
     @property
     def depth(self) -> int:
-        """Items queued and not yet taken into a scheduling window."""
-        return len(self._queue)
+        """Items waiting for a forward: queued, or taken into the planning window."""
+        return len(self._queue) + len(self._pending)
 
     @property
     def closing(self) -> bool:
@@ -238,9 +239,9 @@ class Batcher:
         self._check_open()
         if not self._computing:
             return await self._submit(encode(), deadline)
-        if len(self._queue) + len(self._deferred) >= self.max_queue:
+        if self.depth + len(self._deferred) >= self.max_queue:
             raise Overloaded(
-                f"model {self.name!r} has {len(self._queue) + len(self._deferred)} items and requests queued "
+                f"model {self.name!r} has {self.depth + len(self._deferred)} items and requests queued "
                 f"(max_queue={self.max_queue}): retry later"
             )
         loop = asyncio.get_running_loop()
@@ -264,9 +265,9 @@ class Batcher:
         if not ids:
             future.set_result(BatchResult(rewards=[], queue_ms=0.0, compute_ms=0.0, tokens=0, batch_size=0))
             return future
-        if len(self._queue) + len(ids) > self.max_queue:
+        if self.depth + len(ids) > self.max_queue:
             raise Overloaded(
-                f"model {self.name!r} has {len(self._queue)} items queued; {len(ids)} more would exceed "
+                f"model {self.name!r} has {self.depth} items queued; {len(ids)} more would exceed "
                 f"max_queue={self.max_queue}: retry later"
             )
         job = _Job(future, len(ids), sum(len(x) for x in ids), loop.time())
@@ -274,14 +275,18 @@ class Batcher:
             if deadline <= job.submitted:
                 raise DeadlineExceeded("deadline already passed on arrival")
             # Shed now (429) what would only time out later (504): the work queued ahead of this
-            # request, at the recent cost per token, would outlast its deadline.
-            wait = (self._backlog_tokens + job.tokens) * self._seconds_per_token
-            if job.submitted + wait > deadline:
+            # request, at the recent forwards' cost, would outlast its deadline. Nothing queued ahead:
+            # admitted, so a misjudged cost cannot refuse work for good (each forward corrects it).
+            items, tokens = self.depth + len(ids), self._backlog_tokens + job.tokens
+            forwards = max(-(-items // self.max_batch_items), -(-tokens // self.max_batch_tokens))
+            wait = self._cost.seconds(tokens, forwards)
+            if self._backlog_tokens and job.submitted + wait > deadline:
                 raise Overloaded(
                     f"model {self.name!r} has about {wait:.1f}s of work queued, more than the request's "
                     f"{deadline - job.submitted:.1f}s deadline: retry later"
                 )
-            job.timer = loop.call_at(deadline, _expire, future)
+            job.timer = timer = loop.call_at(deadline, _expire, future)
+            future.add_done_callback(lambda _: timer.cancel())  # a cancelled caller's timer goes too
         for i, x in enumerate(ids):
             self._queue.append(_Item(job, i, x))
         self._queued_tokens += job.tokens
@@ -324,7 +329,7 @@ class Batcher:
 
     def _set_depth(self) -> None:
         if self.metrics is not None:
-            self.metrics.set_queue_depth(self.name, len(self._queue))
+            self.metrics.set_queue_depth(self.name, self.depth)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -339,6 +344,7 @@ class Batcher:
                 await self._fill_window(loop)
             self._take_window()
             batch = self._next_batch()
+            self._set_depth()
             if batch:
                 await self._compute(loop, batch)
                 self._backlog_tokens -= sum(len(it.ids) for it in batch)
@@ -395,7 +401,6 @@ class Batcher:
             taken += len(item.ids)
             self._pending.append(item)
         self._queued_tokens -= taken
-        self._set_depth()
 
     async def _compute(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         start = loop.time()
@@ -422,10 +427,7 @@ class Batcher:
             return
         seconds = time.perf_counter() - t0
         self.forwards += 1
-        per_token = seconds / max(1, sum(len(x) for x in ids))
-        self._seconds_per_token = (
-            per_token if not self._seconds_per_token else 0.8 * self._seconds_per_token + 0.2 * per_token
-        )
+        self._cost.observe(sum(len(x) for x in ids), seconds)
         if len(rewards) != len(batch):
             err = ScorerError(f"backend returned {len(rewards)} rewards for {len(batch)} items")
             for it in batch:

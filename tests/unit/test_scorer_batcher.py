@@ -365,3 +365,80 @@ def test_requests_waiting_for_a_forward_are_finished_by_a_drain_and_failed_by_a_
                 await b.score_encoding(lambda: [[1]])
 
         run(main())
+
+
+def test_forward_cost_separates_a_forwards_fixed_cost_from_its_cost_per_token() -> None:
+    from synpref.services.scorer.admission import ForwardCost
+
+    cost = ForwardCost()
+    assert cost.seconds(1000, 1) == 0.0  # nothing measured yet: nothing to shed on
+    for tokens in [2000, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 800]:
+        cost.observe(tokens, 0.020 + 1e-5 * tokens)  # 20 ms a forward, 10 us a token
+    fixed, per_token = cost.fit()
+    assert fixed == pytest.approx(0.020, rel=1e-6) and per_token == pytest.approx(1e-5, rel=1e-6)
+    assert cost.seconds(2000, 1) == pytest.approx(0.040, rel=1e-6)
+    same = ForwardCost()
+    for _ in range(3):
+        same.observe(10, 0.02)  # one size only: the mean cost per token
+    assert same.fit() == (0.0, pytest.approx(0.002))
+
+
+def test_after_one_item_forwards_a_long_request_is_not_shed_on_a_quiet_server() -> None:
+    # Found in review: with the mean cost per token, one-item forwards (mostly fixed cost) made a
+    # 2000-token request look 7 s long, and an idle server refused it (429) on every retry.
+    import time
+
+    def forward(batch: list[list[int]]) -> list[float]:
+        time.sleep(0.020 + 1e-5 * sum(len(x) for x in batch))  # 20 ms a forward, 10 us a token
+        return [float(len(x)) for x in batch]
+
+    async def main() -> None:
+        b = Batcher(forward, name="m", max_batch_tokens=16384, max_batch_items=64, max_wait_ms=1.0, max_queue=4096)
+        b.start()
+        loop = asyncio.get_running_loop()
+        for _ in range(10):
+            await b.score([[1] * 5])  # an RL worker's single items, one at a time
+        result = await b.score([[1] * 2000], deadline=loop.time() + 2.0)
+        assert result.rewards == [2000.0]
+        singles = [asyncio.ensure_future(b.score([[1] * 5])) for _ in range(3)]
+        await asyncio.sleep(0)  # queued ahead: now the fit (one 2000-token forward seen) judges the wait
+        assert (await b.score([[1] * 2000], deadline=loop.time() + 2.0)).rewards == [2000.0]
+        await asyncio.gather(*singles)
+        await b.close()
+
+    run(main())
+
+
+def test_items_taken_into_the_planning_window_still_count_against_max_queue() -> None:
+    # Found in review: admission counted only the queue, not the items already planned, so the
+    # backlog could grow by a window (32 batches) past max_queue while the depth metric read 0.
+    gates = [threading.Event() for _ in range(8)]
+    entered = [threading.Event() for _ in range(8)]
+    calls: list[int] = []
+
+    def forward(batch: list[list[int]]) -> list[float]:
+        k = len(calls)
+        calls.append(len(batch))
+        entered[k].set()
+        assert gates[k].wait(5), "test forgot to open the gate"
+        return [float(sum(x)) for x in batch]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        b = Batcher(forward, name="m", max_batch_tokens=1000, max_batch_items=2, max_wait_ms=0.0, max_queue=4)
+        b.start()
+        first = asyncio.ensure_future(b.score([[1], [1]]))
+        await loop.run_in_executor(None, entered[0].wait, 5)
+        second = asyncio.ensure_future(b.score([[2], [2], [2], [2]]))
+        await asyncio.sleep(0.01)
+        gates[0].set()
+        await loop.run_in_executor(None, entered[1].wait, 5)  # two of them compute, two are planned
+        assert b.depth == 2
+        with pytest.raises(Overloaded, match="max_queue=4"):
+            await b.score([[3], [3], [3]])
+        for gate in gates:
+            gate.set()
+        await asyncio.gather(first, second)
+        await b.close()
+
+    run(main())
