@@ -27,6 +27,8 @@ class Backend(Protocol):
         kind: "torch" or "vllm".
         dtype: the weights' dtype name, as /info reports it.
         tokenizer: the model's tokenizer, used by the encoder.
+        max_positions: optional; the most tokens the model can embed (position_limit), when it has a limit:
+            the server's max_length is capped to it.
     """
 
     kind: str
@@ -76,6 +78,7 @@ class TorchBackend:
         self._run: Any = self.model
         self.causal = self._right_padding_is_invisible()
         self.compiled = compile and self._compile()
+        self.max_positions = position_limit(self.model)
 
     def _right_padding_is_invisible(self) -> bool:
         """Can batches skip the attention mask?
@@ -205,6 +208,25 @@ def _pooling_params_without_activation() -> Any:
         except TypeError:
             continue
     raise RuntimeError("this vLLM has neither PoolingParams(use_activation=) nor (activation=)")
+
+
+POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+"""Module names of learned absolute position tables in transformers' models (BERT/RoBERTa, GPT-2, OPT)."""
+
+
+def position_limit(model: Any) -> int | None:
+    """The most tokens a model with learned absolute positions (BERT, RoBERTa, GPT-2, OPT) can embed: its
+    position table, less the offset RoBERTa (past its padding index) and OPT add to every position. Longer
+    items fail the forward, and with it every other caller's item in the batch. None for position schemes
+    without a table (RoPE, ALiBi, relative), where length is the model's affair."""
+    import torch
+
+    limits = [
+        m.num_embeddings - (m.padding_idx + 1 if m.padding_idx is not None else 0) - int(getattr(m, "offset", 0))
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES
+    ]
+    return min(limits) if limits else None
 
 
 def make_backend(kind: str, path: str, device: str, dtype: str, max_length: int, compile: bool = False) -> Backend:

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
 
+from jinja2 import TemplateError
+
 from synpref.services.scorer.errors import InvalidInput
 from synpref.shared.modeling import (
     Encoded,
@@ -119,9 +121,12 @@ class Encoder:
     def conversation(self, messages: Messages, what: str = "conversation") -> list[int]:
         """Token ids of a validated message list rendered with the chat template, each message pre-cut."""
         msgs = validate_messages(messages, what)
-        encoded = encode_conversation(
-            self.tokenizer, msgs, self.max_length, self._policy, max_chars_per_token=self.max_chars_per_token
-        )
+        try:
+            encoded = encode_conversation(
+                self.tokenizer, msgs, self.max_length, self._policy, max_chars_per_token=self.max_chars_per_token
+            )
+        except TemplateError as exc:  # the template's raise_exception: no system role, roles not alternating, ...
+            raise InvalidInput(f"{what}: the model's chat template refuses it: {exc}") from exc
         return self._check(encoded, what)
 
     def text(self, text: str, what: str = "text") -> list[int]:

@@ -282,7 +282,7 @@ class HttpShims:
                 "version": m.version,
                 "dtype": m.backend.dtype,
                 "backend": m.backend.kind,
-                "max_length": s.max_length,
+                "max_length": m.encoder.max_length,
                 "max_batch_items": s.max_batch_items,
                 "max_batch_tokens": s.max_batch_tokens,
                 "tokenizer_sha256": m.encoder.tokenizer_sha256,

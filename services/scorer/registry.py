@@ -100,13 +100,14 @@ class ServedModel:
     batcher: Batcher
 
     def info(self, settings: ScorerSettings) -> reward_pb2.ModelInfo:
-        """The model's ModelInfo for Info responses, with the batching limits from `settings`."""
+        """The model's ModelInfo for Info responses, with the batching limits from `settings` and its own max_length
+        (the server's, capped to what the model can embed)."""
         return reward_pb2.ModelInfo(
             name=self.name,
             model_id=self.model_id,
             version=self.version,
             dtype=self.backend.dtype,
-            max_length=settings.max_length,
+            max_length=self.encoder.max_length,
             backend=self.backend.kind,
             max_batch_items=settings.max_batch_items,
             max_batch_tokens=settings.max_batch_tokens,
@@ -243,7 +244,10 @@ class ModelRegistry:
         backend = await loop.run_in_executor(
             None, self.backend_factory, s.backend, ref.path, s.device, s.dtype, s.max_length, s.compile
         )
-        encoder = Encoder(backend.tokenizer, s.max_length, s.on_too_long, s.truncation, s.max_chars_per_token)
+        max_length = min(s.max_length, getattr(backend, "max_positions", None) or s.max_length)
+        if max_length < s.max_length:
+            log.warning("model %s embeds at most %d positions: its max_length is %d", name, max_length, max_length)
+        encoder = Encoder(backend.tokenizer, max_length, s.on_too_long, s.truncation, s.max_chars_per_token)
         # Hashing a real tokenizer's definition takes a fraction of a second: not on the event loop.
         await loop.run_in_executor(None, lambda: encoder.tokenizer_sha256)
         batcher = Batcher(

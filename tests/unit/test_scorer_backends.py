@@ -62,3 +62,30 @@ def test_a_model_that_fails_to_compile_serves_eager(tmp_path: Path, monkeypatch:
     assert isinstance(backend, TorchBackend) and not backend.compiled
     batch = [[5, 6, 7], [8, 9]]
     assert backend.forward(batch) == eager.forward(batch)
+
+
+def test_position_limit_is_the_learned_position_table_less_its_offset() -> None:
+    import transformers as tf
+
+    from synpref.services.scorer.backends import position_limit
+
+    small = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 100}
+    bert = tf.BertForSequenceClassification(tf.BertConfig(max_position_embeddings=64, intermediate_size=32, **small))
+    roberta = tf.RobertaForSequenceClassification(
+        tf.RobertaConfig(max_position_embeddings=66, pad_token_id=1, intermediate_size=32, **small)
+    )  # positions start past the padding index: 64 usable
+    gpt2 = tf.GPT2ForSequenceClassification(
+        tf.GPT2Config(n_positions=64, n_embd=16, n_layer=1, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0)
+    )
+    opt = tf.OPTForSequenceClassification(
+        tf.OPTConfig(max_position_embeddings=64, ffn_dim=32, word_embed_proj_dim=16, **small)
+    )  # its table has 2 more rows, for the offset it adds
+    qwen = tf.Qwen3ForSequenceClassification(
+        tf.Qwen3Config(max_position_embeddings=64, head_dim=8, num_key_value_heads=1, intermediate_size=32, **small)
+    )
+    assert [position_limit(m) for m in (bert, roberta, gpt2, opt)] == [64, 64, 64, 64]
+    assert position_limit(qwen) is None  # RoPE: no table
+    ids = torch.ones(1, 65, dtype=torch.long)
+    for m in (bert, gpt2):  # one more than the limit fails the forward: why the server caps max_length to it
+        with pytest.raises((RuntimeError, IndexError)):
+            m(input_ids=ids)

@@ -150,3 +150,19 @@ def test_tokenizer_fingerprint_names_the_ids_a_tokenizer_makes(llama_tok, qwen_t
     assert tokenizer_sha256(qwen_tok) != tokenizer_sha256(llama_tok)
     again.chat_template = (again.chat_template or "") + " "
     assert tokenizer_sha256(again) != tokenizer_sha256(llama_tok)
+
+
+def test_a_conversation_the_chat_template_refuses_is_invalid_input(qwen_tok) -> None:
+    # Mistral's and Gemma's templates raise_exception on a system message; that is the caller's
+    # input to fix (INVALID_ARGUMENT / 400), not a server error (UNKNOWN / 500).
+    import copy
+
+    strict = copy.copy(qwen_tok)
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}\n{% endfor %}"
+    )
+    enc = Encoder(strict, max_length=64)
+    with pytest.raises(InvalidInput, match="chat template refuses it: System role not supported"):
+        enc.conversation(CONV, "item 0 conversation")
+    assert enc.conversation(CONV[1:])  # without the system message it renders
