@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from synpref.services.scorer.errors import InvalidInput, PayloadTooLarge, ScorerError, UnknownModel
+from synpref.services.scorer.errors import InvalidInput, NotReady, PayloadTooLarge, ScorerError, UnknownModel
 from synpref.services.scorer.metrics import ScorerMetrics
 from synpref.services.scorer.registry import NO_MODEL, Check, ModelRegistry, ServedModel
 from synpref.shared.pairs import sigmoid
@@ -190,13 +190,17 @@ class HttpShims:
 
     def _model(self, name: str) -> ServedModel:
         """A served model by name; clients that send a checkpoint path (verl sends its
-        reward_model.model.path) also match on the served model_id or its folder name."""
-        if not name or name in self.registry.models:
-            return self.registry.get(name)
-        for m in self.registry.models.values():
+        reward_model.model.path) also match on the served model_id or its folder name. A name that matches
+        nothing served while models load is NotReady (503: it may be one of them), as the gRPC service answers."""
+        registry = self.registry
+        if not name or name in registry.models or name in registry.loading or not registry.models:
+            return registry.get(name)
+        for m in registry.models.values():
             if name in (m.model_id, m.model_id.rstrip("/").rsplit("/", 1)[-1]):
                 return m
-        raise UnknownModel(f"no model named {name!r} is served; served: {sorted(self.registry.models)}")
+        if registry.loading:
+            raise NotReady(f"no served model matches {name!r}; loading {sorted(registry.loading)}: retry shortly")
+        raise UnknownModel(f"no model named {name!r} is served; served: {sorted(registry.models)}")
 
     async def get_reward(self, request: web.Request) -> web.Response:
         """OpenRLHF's `POST /get_reward`: raw rewards of the `query` texts, pad tokens around each stripped."""

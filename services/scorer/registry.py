@@ -186,8 +186,8 @@ class ModelRegistry:
         return next(iter(self.models))
 
     def get(self, name: str = "") -> ServedModel:
-        """The served model `name` (empty: the default); UnknownModel if unknown. With none served:
-        NotReady while one is loading, else NoModel."""
+        """The served model `name` (empty: the default); UnknownModel if unknown. NotReady while it (or, with
+        none served, any model) is loading; with none served and none loading, NoModel."""
         if not self.models:
             if self.loading:
                 raise NotReady(f"no model is loaded yet; loading {sorted(self.loading)}: retry shortly")
@@ -195,6 +195,8 @@ class ModelRegistry:
         name = name or self.default_name
         model = self.models.get(name)
         if model is None:
+            if name in self.loading:  # configured and loading after the first (start-up loads one at a time)
+                raise NotReady(f"model {name!r} is loading: retry shortly")
             raise UnknownModel(f"no model named {name!r} is served; served: {sorted(self.models)}")
         return model
 

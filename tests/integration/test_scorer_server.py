@@ -197,6 +197,32 @@ def test_health_is_not_serving_until_models_load(ckpts: dict[str, Path]) -> None
         bg.stop()
 
 
+def test_a_model_still_loading_is_unavailable_by_name_not_unknown(scorer: BackgroundScorer) -> None:
+    # Start-up loads the configured models one at a time: a request naming one not yet served must
+    # be retried (UNAVAILABLE / 503), not told it does not exist (NOT_FOUND / 404). Found in review.
+    import json
+    import urllib.error
+
+    scorer.server.registry.loading.add("late")
+    try:
+        with grpc.insecure_channel(scorer.address) as ch, pytest.raises(grpc.RpcError) as err:
+            request = reward_pb2.ScoreRequest(model="late", items=[reward_pb2.ScoreItem(text="hi")])
+            reward_pb2_grpc.RewardServiceStub(ch).Score(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "'late' is loading" in err.value.details()
+        for name in ("late", "/models/late-checkpoint"):  # verl names its checkpoint path
+            body = json.dumps({"model": name, "input": "hi"}).encode()
+            post = urllib.request.Request(scorer.http_url + "/classify", data=body, method="POST")
+            with pytest.raises(urllib.error.HTTPError) as http_err:
+                urllib.request.urlopen(post, timeout=10)
+            assert http_err.value.code == 503, name
+    finally:
+        scorer.server.registry.loading.discard("late")
+    with grpc.insecure_channel(scorer.address) as ch, pytest.raises(grpc.RpcError) as err:
+        request = reward_pb2.ScoreRequest(model="late", items=[reward_pb2.ScoreItem(text="hi")])
+        reward_pb2_grpc.RewardServiceStub(ch).Score(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND  # nothing loading: it is unknown
+
+
 def test_many_concurrent_clients_get_their_own_results(scorer: BackgroundScorer, ckpts: dict[str, Path]) -> None:
     ref = Reference(ckpts["qwen"])
     n = 48
