@@ -128,7 +128,7 @@ def load_for_training(cfg: RewardConfig, source: str, device: torch.device, worl
     model.to(device)
     model.train()
     # The hook goes on before any wrapping, so DDP, FSDP and compile all see it.
-    capture = ScoreCapture(model.score) if _choose_packing(cfg, model) else None
+    capture = ScoreCapture(model.score, model.config.pad_token_id) if _choose_packing(cfg, model) else None
     # Decoders would otherwise build a KV cache in every training forward.
     forward_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     n_params = sum(p.numel() for p in model.parameters())

@@ -44,9 +44,11 @@ def flash_attention_installed() -> bool:
 
 
 class ScoreCapture:
-    """Keeps the score head's per-token output of the forward run inside `with capture:`."""
+    """Keeps the score head's per-token output of the forward run inside `with capture:`; `pad_id` is the
+    model's config.pad_token_id, which decides the token its reward is read at (pack_sequences)."""
 
-    def __init__(self, head: torch.nn.Module) -> None:
+    def __init__(self, head: torch.nn.Module, pad_id: int | None = None) -> None:
+        self.pad_id = pad_id
         self.armed = False
         self.value: torch.Tensor | None = None
         self.handle = head.register_forward_hook(self._hook)
@@ -71,14 +73,26 @@ class ScoreCapture:
 
 
 def pack_sequences(
-    seqs: Sequence[Sequence[int]], device: Any = "cpu"
+    seqs: Sequence[Sequence[int]], device: Any = "cpu", pad_id: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids [1, T], position_ids [1, T], index of each sequence's last token)."""
+    """(input_ids [1, T], position_ids [1, T], index of the token each sequence's reward is read at).
+
+    That token is the one transformers' sequence classifiers read in a padded batch: the last that is not
+    `pad_id` (its start if all are). Where a tokenizer has no pad token, EOS stands in for it, and a chat
+    template that ends with EOS then has its reward read at the token before: packed rewards must be read
+    there too, or a model trained packed is served (and evaluated padded) at a position it never learned.
+    """
     lengths = [len(s) for s in seqs]
     ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
     positions = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])
-    ends = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
-    return ids[None].to(device), positions[None].to(device), ends.to(device)
+    ends, start = [], 0
+    for s in seqs:
+        last = len(s) - 1
+        while pad_id is not None and last > 0 and s[last] == pad_id:
+            last -= 1
+        ends.append(start + last)
+        start += len(s)
+    return ids[None].to(device), positions[None].to(device), torch.tensor(ends, dtype=torch.long).to(device)
 
 
 def packed_rewards(
@@ -89,7 +103,7 @@ def packed_rewards(
     forward_kwargs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Rewards (score at each sequence's last token) of seqs packed into one row."""
-    ids, positions, ends = pack_sequences(seqs, device)
+    ids, positions, ends = pack_sequences(seqs, device, capture.pad_id)
     # Transformers reads position restarts as boundaries only without a cache (and without a mask).
     kwargs = {**(forward_kwargs or {}), "use_cache": False}
     with capture:

@@ -126,3 +126,35 @@ def test_auto_token_budget_per_device():
     ckpt = memory_token_cap(139 * 2**30, 596_000_000, 28, 1024, checkpointing=True)
     assert 40_000 < full < 80_000 and ckpt > 10 * full
     assert memory_token_cap(2**30, 596_000_000, 28, 1024, checkpointing=False) == 0
+
+
+def test_packed_rewards_are_read_where_padded_ones_are_when_eos_stands_in_for_pad(tmp_path):
+    # Found in review: a tokenizer without a pad token gets EOS as pad (Llama 3); its template ends each
+    # sequence with that token, so a padded batch (and the scorer) reads the reward one token earlier.
+    # The packed path read the EOS itself: a model trained packed was served at a position it never learned.
+    import json
+    import shutil
+
+    from synpref.shared.modeling import reward_of
+
+    pairs = make_pairs(6, seed=4)
+    path = build_tiny_reward_model(tmp_path / "llama", arch="llama", seed=2, texts=texts(pairs), vocab_size=400)
+    nopad = tmp_path / "llama-no-pad"
+    shutil.copytree(path, nopad)
+    for name, key in (("tokenizer_config.json", "pad_token"), ("config.json", "pad_token_id")):
+        config = json.loads((nopad / name).read_text())
+        config.pop(key, None)
+        (nopad / name).write_text(json.dumps(config))
+    model, tokenizer = load_reward_model(str(nopad))
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == model.config.pad_token_id
+    seqs = sequences(tokenizer, pairs)
+    assert all(s[-1] == tokenizer.eos_token_id for s in seqs)  # the template ends with the stand-in pad
+    with torch.inference_mode():
+        padded = torch.tensor(reward_of(model, seqs, tokenizer.pad_token_id))
+        packed = packed_rewards(model, ScoreCapture(model.score, model.config.pad_token_id), seqs, "cpu")
+        at_eos = packed_rewards(model, ScoreCapture(model.score), seqs, "cpu")  # the old reading
+    tolerance = fp32_forward_tolerance(float(padded.abs().max()))
+    torch.testing.assert_close(packed, padded, rtol=0, atol=tolerance)
+    assert (at_eos - padded).abs().max() > 10 * tolerance
+    _, _, ends = pack_sequences([[5, 6, 2, 2], [2, 2], [7]], pad_id=2)
+    assert ends.tolist() == [1, 4, 6]  # trailing pads skipped; an all-pad sequence reads its first token
