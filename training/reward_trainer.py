@@ -210,6 +210,14 @@ class RewardTrainer:
             return packed_micro_batches(share, [p.tokens for p in encoded], self.micro_tokens)
         return micro_batches(share, [p.width for p in encoded], pairs, self.micro_tokens)
 
+    def _max_over_fsdp_ranks(self, n: int) -> int:
+        """Max of n over ranks under FSDP, whose collectives need every rank in every forward/backward."""
+        if self.world == 1 or self.strategy != "fsdp":
+            return n
+        t = torch.tensor([n], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def train_step(self, batch: list[int]) -> dict[str, float]:
         """One optimizer step on a global batch (indices into the training data).
 
@@ -220,16 +228,17 @@ class RewardTrainer:
         cfg = self.config
         share = rank_share(batch, self.widths, self.rank, self.world)
         micros = self._micro_batches(share, self.train_data, self.micro_pairs)
-        # DDP averages gradients over ranks; per-pair losses are divided by the global batch,
-        # so scale back up by the world size to get the mean over the global batch.
-        # (FSDP's reduce-scatter averages the same way.)
+        # DDP averages gradients over ranks (FSDP's reduce-scatter too); per-pair losses are divided by the
+        # global batch, so scale back up by the world size to get the mean over the global batch.
         scale = self.world / len(batch)
         # loss sum, correct, non-pad tokens; kept on the device so the GPU never waits on the host
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # FSDP needs every rank in every pass: a rank short of micro-batches reruns its shortest pair, loss x 0.
+        real = len(micros)
+        micros += [share[-1:]] * (self._max_over_fsdp_ranks(real) - real)
         for k, micro in enumerate(micros):
             pairs = [self.train_data[i] for i in micro]
-            last = k == len(micros) - 1
-            sync = nullcontext() if last or self.strategy != "ddp" else self.wrapped.no_sync()
+            sync = nullcontext() if k == len(micros) - 1 or self.strategy != "ddp" else self.wrapped.no_sync()
             with sync:
                 r_c, r_r = self._forward(self.wrapped, pairs)
                 margin = (
@@ -238,10 +247,11 @@ class RewardTrainer:
                     else None
                 )
                 per_pair = bt_loss(r_c, r_r, margin, cfg.center_rewards_coefficient)
-                (per_pair.sum() * scale).backward()
-            totals[0] += per_pair.detach().sum()
-            totals[1] += (r_c > r_r).sum()
-            totals[2] += sum(p.tokens for p in pairs)
+                (per_pair.sum() * (scale if k < real else 0.0)).backward()
+            if k < real:
+                totals[0] += per_pair.detach().sum()
+                totals[1] += (r_c > r_r).sum()
+                totals[2] += sum(p.tokens for p in pairs)
         if self.world > 1:
             dist.all_reduce(totals)
         grad_norm = 0.0
@@ -356,12 +366,7 @@ class RewardTrainer:
         groups = self._micro_batches(mine, encoded, max(1, cfg.eval_batch_size // 2))
         out: dict[int, tuple[float, float]] = {}
         module = self.wrapped if self.strategy == "fsdp" else self.model
-        # FSDP needs every rank in every forward: pad the number of batches to the max over ranks.
-        n_batches = len(groups)
-        if self.world > 1 and self.strategy == "fsdp":
-            t = torch.tensor([n_batches], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            n_batches = int(t.item())
+        n_batches = self._max_over_fsdp_ranks(len(groups))  # ranks short of batches run encoded[0]
         with torch.inference_mode():
             for b in range(n_batches):
                 idx = groups[b] if b < len(groups) else []

@@ -1,10 +1,12 @@
-"""Real processes: 2-rank DDP and FSDP (gloo, CPU) against 1 rank, and resume after SIGKILL.
+"""Real processes: 2-rank DDP and FSDP (gloo, CPU) against 1 rank, FSDP with ranks that get
+different numbers of micro-batches, and resume after SIGKILL.
 
-Both compare final weights read back from the HF checkpoints the runs wrote.
+All compare final weights read back from the HF checkpoints the runs wrote.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -86,6 +88,33 @@ def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
+def torchrun(port: str) -> list[str]:
+    """The command that starts synpref.training.cli on 2 local ranks."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
+
+
+def run_bounded(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run cmd; past `timeout` seconds fail the test instead of waiting on a hung run. SIGTERM lets
+    torchrun stop the ranks it started (each in a session of its own), SIGKILL if it does not."""
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"{cmd[2]} still running after {timeout} s (hung?):\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def train_records(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == "train"]
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
@@ -129,19 +158,9 @@ def single_run(setup):
 def test_two_processes_match_one_process(setup, single_run, strategy):
     root, model, train, evals = setup
     out = root / strategy
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29531" if strategy == "ddp" else "29532",
-        "-m",
-        "synpref.training.cli",
-    ]
+    cli = [*torchrun("29531" if strategy == "ddp" else "29532"), "-m", "synpref.training.cli"]
     args = overrides(model, out, train, evals, max_steps=6, distributed=strategy, save_steps=3, precision="fp64")
-    run = subprocess.run([*torchrun, *args], env=env(), capture_output=True, text=True, timeout=300)
+    run = subprocess.run([*cli, *args], env=env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert f'"strategy": "{strategy}"' in (out / "metrics.jsonl").read_text()
     assert run.stdout.count('"checkpoint_dir"') == 1  # rank 0 reports, rank 1 does not
@@ -155,10 +174,41 @@ def test_two_processes_match_one_process(setup, single_run, strategy):
     if strategy == "fsdp":
         # Run again: it resumes from the sharded run's checkpoint-3 (full optimizer state
         # gathered and re-sharded) and must retrace steps 4-6 exactly.
-        again = subprocess.run([*torchrun, *args], env=env(), capture_output=True, text=True, timeout=300)
+        again = subprocess.run([*cli, *args], env=env(), capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stderr[-3000:]
         assert str(out / "checkpoint-3") in (out / "metrics.jsonl").read_text()
         assert_close_to_update(first, weights(out / "final"), update)
+
+
+def test_fsdp_with_uneven_micro_batch_counts_matches_one_process(setup):
+    """5 pairs a step, one to a micro-batch: rank 0 runs 3 micro-batches a step, rank 1 runs 2. FSDP
+    collectives need both ranks in every forward and backward, so rank 1 must run a third pass that
+    adds nothing; without it the run hangs. Losses and weights must match one process's."""
+    root, model, train, evals = setup
+    extra = {
+        "global_batch_size": 5,
+        "micro_batch_size": 1,
+        "max_tokens_per_micro_batch": 0,
+        "max_steps": 2,
+        "logging_steps": 1,
+        "precision": "fp64",
+    }
+    one = run_bounded(
+        [sys.executable, "-m", "synpref.training.cli", *overrides(model, root / "odd-one", train, evals, **extra)],
+        timeout=120,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    args = overrides(model, root / "odd-fsdp", train, evals, distributed="fsdp", **extra)
+    run = run_bounded([*torchrun("29533"), "-m", "synpref.training.cli", *args], timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected, got = train_records(root / "odd-one"), train_records(root / "odd-fsdp")
+    assert [r["step"] for r in got] == [1, 2]
+    for want, have in zip(expected, got, strict=True):
+        # step 2's loss comes from the weights step 1's gradient made, so it checks that gradient too
+        for key in ("loss", "accuracy", "grad_norm"):
+            assert have[key] == pytest.approx(want[key], rel=1e-12, abs=1e-15), (want["step"], key)
+    before, single = weights(model), weights(root / "odd-one" / "final")
+    assert_close_to_update(single, weights(root / "odd-fsdp" / "final"), largest_update(before, single))
 
 
 def test_sigkilled_run_resumes_to_the_same_weights(setup):
