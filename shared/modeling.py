@@ -238,12 +238,15 @@ def encode_conversation(
     truncation: Truncation = "left_turns",
     keep_last: int = 1,
     max_chars_per_token: int = MAX_CHARS_PER_TOKEN,
+    min_dropped_turns: int = 0,
 ) -> Encoded:
     """Encode a conversation whose last `keep_last` messages are the response being scored.
 
     left_turns (default): cut old turns from the left, keep system prompts and the response
     whole; fits=False when even the last exchange is too long. left_tokens: cut tokens from
     the left (keeping BOS/CLS). right: cut the end. none: never cut, fits=False if too long.
+    `min_dropped_turns` (left_turns): drop at least this many turns, as the other side of a pair
+    needed (encode_pair).
     """
     if truncation not in TRUNCATIONS:
         raise ValueError(f"unknown truncation {truncation!r}; expected one of {TRUNCATIONS}")
@@ -256,13 +259,15 @@ def encode_conversation(
         messages = [{"role": m["role"], "content": cut_text(m["content"], budget, keep_end)} for m in messages]
     text, from_template = render_messages(tokenizer, messages)
     ids = tokenize_rendered(tokenizer, text, from_template)
-    if len(ids) <= max_length:
+    if len(ids) <= max_length and not (min_dropped_turns and truncation == "left_turns"):
         return Encoded(ids, truncated=False, fits=True)
     if truncation != "left_turns":
         return encode_text(tokenizer, text, max_length, truncation, from_template)
     system, candidates = _turn_cuts(messages, keep_last)
     full = len(messages) - len(system)
     for body in candidates[1:]:
+        if full - len(body) < min_dropped_turns:
+            continue
         text, from_template = render_messages(tokenizer, [*system, *body])
         cut = tokenize_rendered(tokenizer, text, from_template)
         if len(cut) <= max_length:
@@ -271,15 +276,34 @@ def encode_conversation(
 
 
 def encode_pair(
-    tokenizer: Any, pair: Mapping[str, Any], max_length: int, truncation: Truncation = "left_turns"
+    tokenizer: Any,
+    pair: Mapping[str, Any],
+    max_length: int,
+    truncation: Truncation = "left_turns",
+    max_chars_per_token: int = MAX_CHARS_PER_TOKEN,
 ) -> tuple[Encoded, Encoded]:
-    """Encode conversation+chosen and conversation+rejected of a pair dict."""
+    """Encode conversation+chosen and conversation+rejected of a pair dict. With left_turns both sides keep
+    the same turns: where one response is long enough to need old turns dropped, the other drops them too,
+    or the two rewards would be compared under different contexts (and context length would track
+    response length, a shortcut a model can learn)."""
     conv = list(pair.get("conversation") or [])
-    chosen, rejected = list(pair["chosen"]), list(pair["rejected"])
-    return (
-        encode_conversation(tokenizer, conv + chosen, max_length, truncation, keep_last=max(len(chosen), 1)),
-        encode_conversation(tokenizer, conv + rejected, max_length, truncation, keep_last=max(len(rejected), 1)),
-    )
+    sides = (list(pair["chosen"]), list(pair["rejected"]))
+
+    def encode(response: list, drop: int = 0) -> Encoded:
+        keep = max(len(response), 1)
+        return encode_conversation(
+            tokenizer, conv + response, max_length, truncation, keep, max_chars_per_token, min_dropped_turns=drop
+        )
+
+    chosen, rejected = encode(sides[0]), encode(sides[1])
+    drop = max(chosen.dropped_turns, rejected.dropped_turns)
+    if truncation != "left_turns" or not (chosen.fits and rejected.fits):
+        return chosen, rejected
+    if chosen.dropped_turns < drop and (again := encode(sides[0], drop)).fits:
+        chosen = again
+    elif rejected.dropped_turns < drop and (again := encode(sides[1], drop)).fits:
+        rejected = again
+    return chosen, rejected
 
 
 # ---------------------------------------------------------------- scoring

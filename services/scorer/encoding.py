@@ -41,6 +41,7 @@ from synpref.shared.modeling import (
     Truncation,
     cut_text,
     encode_conversation,
+    encode_pair,
     encode_text,
     fit_ids,
 )
@@ -128,6 +129,19 @@ class Encoder:
         except TemplateError as exc:  # the template's raise_exception: no system role, roles not alternating, ...
             raise InvalidInput(f"{what}: the model's chat template refuses it: {exc}") from exc
         return self._check(encoded, what)
+
+    def pair(self, conversation: Messages, chosen: Messages, rejected: Messages, what: str) -> list[list[int]]:
+        """Token ids of conversation + chosen and conversation + rejected, both cut to the same turns
+        (shared.modeling.encode_pair, as the trainer encodes pairs)."""
+        n = len(conversation)
+        with_chosen = validate_messages([*conversation, *chosen], f"{what} chosen")
+        with_rejected = validate_messages([*conversation, *rejected], f"{what} rejected")
+        pair = {"conversation": with_chosen[:n], "chosen": with_chosen[n:], "rejected": with_rejected[n:]}
+        try:
+            sides = encode_pair(self.tokenizer, pair, self.max_length, self._policy, self.max_chars_per_token)
+        except TemplateError as exc:
+            raise InvalidInput(f"{what}: the model's chat template refuses it: {exc}") from exc
+        return [self._check(enc, f"{what} {side}") for enc, side in zip(sides, ("chosen", "rejected"), strict=True)]
 
     def text(self, text: str, what: str = "text") -> list[int]:
         """Token ids of an already rendered text; InvalidInput when it is empty or not a string."""

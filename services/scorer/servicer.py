@@ -75,11 +75,11 @@ def encode_pairs(model: ServedModel, pairs: list[reward_pb2.PairItem], check: Ch
     ids: list[list[int]] = []
     for i, pair in enumerate(pairs):
         check()
-        conv = message_dicts(pair.conversation)
         for side, msgs in (("chosen", pair.chosen), ("rejected", pair.rejected)):
             if not msgs:
                 raise InvalidInput(f"pair {i} has no {side} messages")
-            ids.append(model.encoder.conversation(conv + message_dicts(msgs), f"pair {i} {side}"))
+        conv, chosen, rejected = (message_dicts(m) for m in (pair.conversation, pair.chosen, pair.rejected))
+        ids.extend(model.encoder.pair(conv, chosen, rejected, f"pair {i}"))
     return ids
 
 

@@ -68,6 +68,24 @@ def test_left_turns_cuts_old_turns_and_keeps_response_whole(tiny):
     assert "question number 4" not in text
 
 
+def test_left_turns_cuts_both_sides_of_a_pair_to_the_same_turns(tiny):
+    # Found in review: each side dropped old turns on its own, so a short response kept the whole
+    # conversation while a long one to the same prompt kept only the last exchange.
+    _, _, _, tok = tiny
+    msgs = _conv(4)
+    conv, short = msgs[:-1], [{"role": "assistant", "content": "ok"}]
+    long = [{"role": "assistant", "content": "a much longer answer " * 12}]
+    alone = encode_conversation(tok, conv + short, max_length=100_000)
+    budget = len(alone.input_ids) + 4  # the short side fits whole, the long one must drop turns
+    chosen, rejected = encode_pair(tok, {"conversation": conv, "chosen": short, "rejected": long}, budget)
+    assert rejected.dropped_turns > 0 and chosen.dropped_turns == rejected.dropped_turns
+    assert chosen.fits and rejected.fits and len(chosen.input_ids) < len(alone.input_ids)
+    kept = [tok.decode(e.input_ids) for e in (chosen, rejected)]
+    assert all("question number 3" in t and "be kind" in t and "question number 0" not in t for t in kept)
+    flipped = encode_pair(tok, {"conversation": conv, "chosen": long, "rejected": short}, budget)
+    assert [e.input_ids for e in flipped] == [rejected.input_ids, chosen.input_ids]
+
+
 def test_unfittable_pair_is_reported_not_hidden(tiny):
     _, _, _, tok = tiny
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "long answer " * 200}]

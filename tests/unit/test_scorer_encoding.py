@@ -166,3 +166,17 @@ def test_a_conversation_the_chat_template_refuses_is_invalid_input(qwen_tok) -> 
     with pytest.raises(InvalidInput, match="chat template refuses it: System role not supported"):
         enc.conversation(CONV, "item 0 conversation")
     assert enc.conversation(CONV[1:])  # without the system message it renders
+
+
+def test_a_pair_is_encoded_as_the_trainer_encodes_it(qwen_tok) -> None:
+    # ScorePairs scores the gold and best RMs' p for the pipeline: its two sides must keep the same
+    # turns, exactly as shared.modeling.encode_pair cuts them for training.
+    from synpref.shared.modeling import encode_pair
+
+    conv = [{"role": "user", "content": f"question {i} " + "word " * 15} for i in range(3)]
+    conv = [m for i, q in enumerate(conv) for m in (q, {"role": "assistant", "content": f"answer {i}"})][:-1]
+    short, long = [{"role": "assistant", "content": "ok"}], [{"role": "assistant", "content": "longer answer " * 10}]
+    enc = Encoder(qwen_tok, max_length=200)
+    got = enc.pair(conv, short, long, "pair 0")
+    want = encode_pair(qwen_tok, {"conversation": conv, "chosen": short, "rejected": long}, 200)
+    assert got == [w.input_ids for w in want] and want[0].dropped_turns == want[1].dropped_turns > 0
