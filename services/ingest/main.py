@@ -7,9 +7,11 @@ the topic takes (its max.message.bytes, read from the broker, or kafka.max_messa
 smaller) is reported as oversized instead of sent. A file that cannot be read on (corrupt
 Parquet, truncated gzip, a JSON file nested too deeply) is reported by name, after the rows
 read before the damage, and the other files are still read. The counts, the report and the
---seen file (the ids Kafka acknowledged) are written whatever failed, so a rerun publishes
-none of them again. Exit status: 0, 1 if a send was not acknowledged, 2 if a file could not
-be read. With --dry-run nothing is published.
+--seen file (the ids Kafka acknowledged, appended within about a second of their
+acknowledgement) are written whatever failed, so a rerun publishes none of them again. SIGTERM or
+SIGINT stops sending, waits up to STOP_TIMEOUT_S for the sends in flight and records them. Exit
+status: 0, 1 if a send was not acknowledged or publishing stopped, 2 if a file could not be read.
+With --dry-run nothing is published.
 """
 
 from __future__ import annotations
@@ -18,14 +20,18 @@ import argparse
 import itertools
 import json
 import logging
+import os
+import signal
 import sys
+import threading
+import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from synpref.services.ingest.preprocess import Decontaminator, Preprocessor, Rejection, builtin_sets
 from synpref.shared.config import ConfigError, KafkaSettings, load_settings
@@ -73,8 +79,16 @@ READ_ERRORS = (OSError, EOFError, ValueError, TypeError, RuntimeError, zlib.erro
 """What a damaged file raises part-way (gzip, zlib, pyarrow, the JSON parser's RecursionError)."""
 MESSAGE_LIMIT = "max.message.bytes"
 FRAMING_BYTES = 256
-SETTLE_EVERY = 10_000  # sends in flight before the completed ones at their head are settled
 """Over the record's, key's and headers' own bytes: the record batch header and varints."""
+HAND_OVER_S = 1.0
+"""Acknowledged ids wait at most this long (while the loop runs) before going to on_acked / --seen."""
+HAND_OVER_IDS = 1000
+"""...or until this many have gathered: one buffered write (and flush) of --seen per group."""
+FLUSH_TIMEOUT_S = 300.0
+"""After the last send, how long the sends in flight may take to be acknowledged."""
+STOP_TIMEOUT_S = 10.0
+"""The same after SIGTERM / SIGINT, plus STOP_CLOSE_S to close: well inside Kubernetes' 30 s grace period."""
+STOP_CLOSE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -180,14 +194,17 @@ def main(argv: list[str]) -> int:
         limit = min(limit, topic_message_limit(settings.kafka, topic) or limit)
         producer = make_producer(settings.kafka, batch_size=min(256 * 1024, limit))
     # Nothing here grows with the input: the seen ids are on disk, the report and the --seen file are
-    # written as rows are dropped and sends acknowledged (a killed run keeps what it had acknowledged).
+    # written as rows are dropped and sends acknowledged (a killed run keeps what was acknowledged up to
+    # about HAND_OVER_S before; SIGTERM and SIGINT stop it with everything acknowledged recorded).
     with ExitStack() as stack:
         seen = stack.enter_context(DiskIdSet())
         if args.seen and Path(args.seen).exists():
             with Path(args.seen).open() as fh:
                 seen.update(line.strip() for line in fh if line.strip())
         report = stack.enter_context(Path(args.report).open("w")) if args.report else None
-        acked_file = stack.enter_context(Path(args.seen).open("a")) if args.seen else None
+        acked_file = stack.enter_context(open_seen(Path(args.seen))) if args.seen else None
+        if acked_file is not None:
+            stack.callback(sync, acked_file)  # before it closes: on disk, not only with the kernel
 
         def on_reject(r: Rejection) -> None:
             if report is not None:
@@ -195,13 +212,15 @@ def main(argv: list[str]) -> int:
 
         def on_acked(pair_ids: list[str]) -> None:
             # Only acknowledged ids, but those always: a rerun must neither skip a lost pair nor resend a kept one.
+            # publish() hands them over in groups (HAND_OVER_S, HAND_OVER_IDS), each written, then flushed.
             if acked_file is not None:
                 acked_file.writelines(f"{pair_id}\n" for pair_id in pair_ids)
                 acked_file.flush()
 
         pre = Preprocessor(decontaminator, seen=seen, too_large=size_check(limit, topic), keep_rejections=0,
                            on_reject=on_reject)  # fmt: skip
-        unacked, stopped = publish(pre, rows, producer, topic, on_acked)
+        with stop_on_signals() as stop:
+            unacked, stopped = publish(pre, rows, producer, topic, on_acked, stop)
         if report is not None:
             for f in failures:
                 report.write(json.dumps({"locator": f.path, "bucket": "unreadable-file", "reason": f.error}) + "\n")
@@ -222,52 +241,135 @@ def main(argv: list[str]) -> int:
     return 1 if unacked or stopped else 0
 
 
+def open_seen(path: Path) -> IO[str]:
+    """The --seen file, open to append ids; a last line cut short by a killed run is ended first, so the
+    next id starts a line of its own (the cut one reads back as an id no pair has)."""
+    fh = path.open("a")
+    if fh.tell() > 0:
+        with path.open("rb") as tail:
+            tail.seek(-1, os.SEEK_END)
+            if tail.read(1) != b"\n":
+                fh.write("\n")
+    return fh
+
+
+def sync(fh: IO[str]) -> None:
+    """Flush `fh` and fsync it (the end of a run: its --seen ids survive a crash of the machine too)."""
+    fh.flush()
+    try:
+        os.fsync(fh.fileno())
+    except OSError as exc:  # a pipe or a file system without fsync: the ids are written all the same
+        log.warning("cannot fsync %s: %s", getattr(fh, "name", fh), exc)
+
+
+@contextmanager
+def stop_on_signals(signums: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[Callable[[], str]]:
+    """While in effect, SIGTERM and SIGINT ask publish() to stop: the callable this gives says which came
+    ("" before). The stop is bounded (STOP_TIMEOUT_S), so a second signal is not needed (nor special), as
+    in shared/service.py. Off the main thread, where Python takes no signals, it changes nothing."""
+    reason = ""
+    previous: dict[int, Any] = {}
+
+    def handle(signum: int, frame: Any) -> None:
+        nonlocal reason  # only a flag: the loop may be anywhere, in a write to --seen, in kafka-python
+        reason = reason or f"{signal.Signals(signum).name} received"
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in signums:
+            before = signal.signal(signum, handle)
+            previous[signum] = signal.SIG_DFL if before is None else before
+    try:
+        yield lambda: reason
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+
+
 def publish(
     pre: Preprocessor,
-    rows: Iterator[SourceRow],
+    rows: Iterable[SourceRow],
     producer: Any,
     topic: str,
     on_acked: Callable[[list[str]], None] = lambda ids: None,
+    stop: Callable[[], str] = lambda: "",
 ) -> tuple[int, str]:
     """Send every record; the number not acknowledged, and why sending stopped early ("" if it did not).
 
-    on_acked gets the ids of acknowledged records as their sends complete; only sends in flight are held.
+    on_acked gets the ids of acknowledged records as their sends complete, in groups: at least every
+    HAND_OVER_S while rows are read and sent (or every HAND_OVER_IDS ids), and the rest at the end; only
+    sends in flight are held. Before each row the finished sends at the head of those in flight are
+    settled (no flush of the producer). When stop() says why (a signal), no row is read after it and
+    the sends in flight get STOP_TIMEOUT_S to be acknowledged.
     """
-    from kafka.errors import KafkaError
+    from kafka.errors import KafkaError, KafkaTimeoutError
 
     from synpref.shared.kafka.codec import encode_record
 
     in_flight: deque[tuple[str, Any]] = deque()
+    acked: list[str] = []
     unacked = 0
+    handed_at = time.monotonic()
 
-    def settle(everything: bool) -> None:
+    def settle(everything: bool = False) -> None:
         nonlocal unacked
-        acked = []
         while in_flight and (everything or in_flight[0][1].is_done):
             pair_id, future = in_flight.popleft()
             if future.is_done and future.succeeded():
                 acked.append(pair_id)
             else:
                 unacked += 1
-        if acked:
-            on_acked(acked)
+
+    def hand_over(now: bool = False) -> None:
+        nonlocal handed_at
+        clock = time.monotonic()
+        if acked and (now or len(acked) >= HAND_OVER_IDS or clock - handed_at >= HAND_OVER_S):
+            on_acked(acked.copy())
+            acked.clear()
+            handed_at = clock
+
+    def ticking(rows: Iterable[SourceRow]) -> Iterator[SourceRow]:
+        # Per row, so dropped rows (no send) hand over too: a peek at the head, a clock read.
+        it = iter(rows)
+        while not stop():
+            settle()
+            hand_over()
+            row = next(it, None)
+            if row is None:
+                return
+            yield row
+
+    def drain() -> None:
+        # Wait for the sends in flight in short flushes, settling between them; a signal shortens the wait.
+        deadline = time.monotonic() + FLUSH_TIMEOUT_S
+        stopping = False
+        while in_flight:
+            clock = time.monotonic()
+            if not stopping and stop():
+                stopping, deadline = True, min(deadline, clock + STOP_TIMEOUT_S)
+                log.warning("%s: sending stopped; waiting up to %.0f s for %d sends in flight",
+                            stop(), deadline - clock, len(in_flight))  # fmt: skip
+            if clock >= deadline:
+                return
+            with suppress(KafkaTimeoutError):  # 1 s at a time: the acknowledged ones go to --seen meanwhile
+                producer.flush(timeout=min(1.0, deadline - clock))
+            settle()
+            hand_over()
 
     stopped = ""
     try:
-        for record in pre.run(rows):
+        for record in pre.run(ticking(rows)):
             if producer is not None:
                 out = encode_record(record, topic)
                 in_flight.append(
                     (record.pair.id, producer.send(out.topic, key=out.key, value=out.value, headers=out.headers))
                 )
-                if len(in_flight) >= SETTLE_EVERY:
-                    settle(everything=False)
         if producer is not None:
-            producer.flush(timeout=300)
+            drain()
     except KafkaError as exc:
         stopped = f"{type(exc).__name__}: {exc}"
     finally:
         if producer is not None:
-            producer.close(timeout=60)
+            producer.close(timeout=STOP_CLOSE_S if stop() else 60)
         settle(everything=True)
-    return unacked, stopped
+        hand_over(now=True)
+    return unacked, "; ".join(filter(None, (stop(), stopped)))

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -207,43 +211,232 @@ def test_cli_decontaminates_with_the_builtin_set(tmp_path, capsys):
 
 
 class Sent:
-    """A finished send: acknowledged unless `ok` is False."""
+    """A finished send: acknowledged unless `ok` is False; `is_done` False until flushed (`at_flush`)."""
 
-    def __init__(self, ok: bool = True) -> None:
-        self.is_done, self.ok = True, ok
+    def __init__(self, ok: bool = True, done: bool = True) -> None:
+        self.is_done, self.ok = done, ok
 
     def succeeded(self) -> bool:
-        return self.ok
+        return self.is_done and self.ok
 
 
 class Producer:
-    def __init__(self, fail: set[str]) -> None:
-        self.fail, self.sent = fail, 0
+    """Sends acknowledged at once, or (at_flush) only when flushed, as a real producer's lingering batches;
+    never, if `hang` (a broker that stopped answering). Send number `stop_at` sets `stop` (as a SIGTERM would)."""
+
+    def __init__(
+        self, fail: set[str] = frozenset(), at_flush: bool = False, hang: bool = False, stop_at: int = 0
+    ) -> None:
+        self.fail, self.at_flush, self.hang, self.stop_at = fail, at_flush, hang, stop_at
+        self.sent, self.flushes, self.pending, self.stop = 0, 0, [], ""
 
     def send(self, topic, key, value, headers):
         self.sent += 1
-        return Sent(key.decode() not in self.fail)
+        if self.sent == self.stop_at:
+            self.stop = "SIGTERM received"
+        future = Sent(key.decode() not in self.fail, done=not (self.at_flush or self.hang))
+        self.pending.append(future)
+        return future
 
     def flush(self, timeout):
-        pass
+        from kafka.errors import KafkaTimeoutError
+
+        self.flushes += 1
+        if self.hang:
+            time.sleep(timeout)
+            raise KafkaTimeoutError("Timeout waiting for future")
+        for future in self.pending:
+            future.is_done = True
 
     def close(self, timeout):
         pass
 
 
-def test_publish_hands_over_acknowledged_ids_as_they_complete(monkeypatch):
-    # Nothing per pair is held to the end: acknowledged ids go out in settled groups while sending goes on.
+def pairs(n: int, dropped_at: dict[int, float], snapshot):
+    """n distinct rows; before row i (up to n) in `dropped_at`, a pause of that many seconds and a duplicate
+    of row 0 (dropped, so nothing is sent); at the end `snapshot()`, while publish() is still in its loop."""
+    for i in range(n + 1):
+        if i in dropped_at:
+            time.sleep(dropped_at[i])
+            yield row(10**6 + i, "prompt 0")
+        if i < n:
+            yield row(i, f"prompt {i}")
+    snapshot()
+
+
+def test_publish_hands_over_acknowledged_ids_in_groups_as_they_complete(monkeypatch):
+    # Nothing per pair is held to the end: acknowledged ids go out in groups while sending goes on.
     import synpref.services.ingest.main as ingest
 
-    monkeypatch.setattr(ingest, "SETTLE_EVERY", 3)
+    monkeypatch.setattr(ingest, "HAND_OVER_IDS", 3, raising=False)
+    monkeypatch.setattr(ingest, "HAND_OVER_S", 3600, raising=False)
     rows = [row(i, f"prompt {i}") for i in range(8)]
     records = list(Preprocessor().run(rows))
     producer = Producer(fail={records[4].pair.id})
     handed: list[list[str]] = []
     unacked, stopped = ingest.publish(Preprocessor(), iter(rows), producer, "t", handed.append)
     assert (unacked, stopped, producer.sent) == (1, "", 8)
-    assert len(handed) == 3 and [len(h) for h in handed] == [3, 2, 2]  # settled at 3 and 6 in flight, then the rest
+    assert [len(h) for h in handed] == [3, 3, 1], handed  # every 3 acknowledged, then the rest at the end
     assert [i for h in handed for i in h] == [r.pair.id for r in records if r.pair.id != records[4].pair.id]
+
+
+def test_publish_hands_over_within_the_interval_before_the_loop_ends(monkeypatch):
+    # A killed run keeps what was acknowledged up to HAND_OVER_S before it: the groups go out while rows are
+    # still read, by count and by time, the latter also while only dropped rows come (no send to tick on).
+    import synpref.services.ingest.main as ingest
+
+    monkeypatch.setattr(ingest, "HAND_OVER_IDS", 200, raising=False)
+    monkeypatch.setattr(ingest, "HAND_OVER_S", 0.2, raising=False)
+    handed: list[str] = []
+    during: list[int] = []
+    rows = pairs(500, dropped_at={460: 0.3, 500: 0.3}, snapshot=lambda: during.append(len(handed)))
+    unacked, stopped = ingest.publish(Preprocessor(), rows, Producer(), "t", handed.extend)
+    assert (unacked, stopped, len(handed)) == (0, "", 500)
+    # In the loop, before its end: 400 by count, the next 60 and the last 40 by time, each on a dropped row.
+    assert during == [500], during
+
+
+def test_publish_stops_on_request_and_waits_a_bounded_time(monkeypatch):
+    import synpref.services.ingest.main as ingest
+
+    # Acknowledged only when flushed: the stop flushes, and every acknowledged id is handed over.
+    pre, handed, producer = Preprocessor(), [], Producer(at_flush=True, stop_at=300)
+    rows = (row(i, f"prompt {i}") for i in range(1000))
+    unacked, stopped = ingest.publish(pre, rows, producer, "t", handed.extend, lambda: producer.stop)
+    assert (unacked, stopped, producer.sent, len(handed), pre.counts.read) == (0, "SIGTERM received", 300, 300, 300)
+    assert producer.flushes == 1 and pre.counts.reconciles()
+    # A broker that no longer answers: the stop still ends within STOP_TIMEOUT_S (and STOP_CLOSE_S).
+    monkeypatch.setattr(ingest, "STOP_TIMEOUT_S", 0.5)
+    producer, started = Producer(hang=True, stop_at=300), time.monotonic()
+    rows = (row(i, f"prompt {i}") for i in range(1000))
+    unacked, stopped = ingest.publish(Preprocessor(), rows, producer, "t", handed.extend, lambda: producer.stop)
+    assert (unacked, stopped, producer.sent, producer.flushes) == (300, "SIGTERM received", 300, 1)
+    assert time.monotonic() - started < 5
+
+
+def test_stop_on_signals_turns_sigterm_and_sigint_into_a_request(monkeypatch):
+    from synpref.services.ingest.main import stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with stop_on_signals() as stop:
+        assert stop() == ""
+        signal.raise_signal(signal.SIGTERM)
+        assert stop() == "SIGTERM received"
+        signal.raise_signal(signal.SIGINT)  # not a KeyboardInterrupt, and the first reason stands
+        assert stop() == "SIGTERM received"
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def fake_kafka(monkeypatch, producer) -> None:
+    import synpref.services.ingest.main as ingest
+    import synpref.shared.kafka.clients as clients
+
+    monkeypatch.setattr(clients, "make_producer", lambda *a, **k: producer)
+    monkeypatch.setattr(ingest, "topic_message_limit", lambda *a: None)
+
+
+def test_cli_seen_file_cut_short_by_a_kill_is_appended_to_on_a_line_of_its_own(tmp_path, monkeypatch, capsys):
+    from synpref.services.ingest.main import main
+
+    fake_kafka(monkeypatch, Producer())
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p, "chosen": "x", "rejected": "y"}) + "\n" for p in "abc"))
+    ids = [r.pair.id for r in Preprocessor().run(row(i, p, "x", "y") for i, p in enumerate("abc"))]
+    seen = tmp_path / "seen.txt"
+    seen.write_text(ids[0] + "\n" + ids[1][:7])  # the last write of a killed run, cut short
+    assert main([str(src), "--no-decontaminate", "--seen", str(seen)]) == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (counts["published"], counts["duplicate"], counts["unacknowledged"]) == (2, 1, 0), counts
+    assert seen.read_text().splitlines() == [ids[0], ids[1][:7], ids[1], ids[2]]
+    assert main([str(src), "--no-decontaminate", "--seen", str(seen)]) == 0  # and a rerun sends nothing
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["published"] == 0
+
+
+# `synpref ingest --seen` in a process of its own, on a fake Kafka: acknowledged at once and SIGKILLed
+# after FAKE_AT sends and a pause, or acknowledged when flushed and slow after FAKE_AT sends (for a SIGTERM).
+CHILD = """
+import os, signal, sys, time
+import synpref.services.ingest.main as ingest
+import synpref.shared.kafka.clients as clients
+
+MODE, AT = os.environ["FAKE_MODE"], int(os.environ["FAKE_AT"])
+
+class Future:
+    def __init__(self, done):
+        self.is_done = done
+    def succeeded(self):
+        return self.is_done
+
+class Producer:
+    def __init__(self):
+        self.sent, self.pending = 0, []
+    def send(self, topic, key, value, headers):
+        self.sent += 1
+        if MODE == "kill":
+            if self.sent == AT + 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.sent == AT:
+                time.sleep(ingest.HAND_OVER_S + 0.3 if hasattr(ingest, "HAND_OVER_S") else 1.3)
+            return Future(True)
+        if self.sent == AT:
+            print("READY", flush=True)
+        if self.sent > AT:
+            time.sleep(0.02)
+        self.pending.append(Future(False))
+        return self.pending[-1]
+    def flush(self, timeout):
+        for future in self.pending:
+            future.is_done = True
+    def close(self, timeout):
+        pass
+
+clients.make_producer = lambda *a, **k: Producer()
+ingest.topic_message_limit = lambda *a: None
+sys.exit(ingest.main(sys.argv[1:]))
+"""
+
+
+def ingest_child(tmp_path: Path, mode: str, at: int, n: int) -> tuple[subprocess.Popen, Path]:
+    src, seen = tmp_path / "pairs.jsonl", tmp_path / "seen.txt"
+    src.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "x", "rejected": "y"}) + "\n" for i in range(n)))
+    env = {**os.environ, "FAKE_MODE": mode, "FAKE_AT": str(at)}
+    env.pop("SYNPREF_CONFIG", None)
+    argv = [sys.executable, "-c", CHILD, str(src), "--no-decontaminate", "--seen", str(seen)]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), seen
+
+
+def finish(child: subprocess.Popen, timeout: float = 25) -> tuple[str, str]:
+    try:
+        return child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        raise
+
+
+def test_cli_killed_run_has_recorded_what_was_acknowledged_a_second_before(tmp_path):
+    # SIGKILL (an OOM kill, a node going away) runs no finally: 500 sends acknowledged, a second and more
+    # passed, then the kill. Every one of them is in --seen (before the fix: none, until 10,000 were in flight).
+    child, seen = ingest_child(tmp_path, "kill", at=500, n=2000)
+    _, err = finish(child)
+    assert child.returncode == -signal.SIGKILL, err[-2000:]
+    ids = seen.read_text().splitlines()
+    assert len(ids) == len(set(ids)) == 500
+
+
+def test_cli_sigterm_stops_publishing_records_every_acknowledged_id_and_fails(tmp_path):
+    # A Kubernetes Job deleted or evicted: SIGTERM, then SIGKILL 30 s later. Sending stops, the sends in
+    # flight are flushed (acknowledged), their ids recorded, and the exit status says the run is unfinished.
+    child, seen = ingest_child(tmp_path, "term", at=300, n=3000)
+    assert child.stdout is not None and child.stdout.readline().strip() == "READY"
+    child.send_signal(signal.SIGTERM)
+    out, err = finish(child)
+    assert child.returncode == 1, err[-2000:]
+    assert "publishing stopped: SIGTERM received" in err
+    counts = json.loads(out.strip().splitlines()[-1])
+    assert counts["reconciles"] and counts["unacknowledged"] == 0 and 300 <= counts["published"] < 3000, counts
+    ids = seen.read_text().splitlines()
+    assert len(ids) == len(set(ids)) == counts["published"]
 
 
 def test_cli_seen_ids_come_from_disk_and_skip_earlier_pairs(tmp_path, capsys):
