@@ -30,6 +30,19 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder`, and `folder`: its contents reach the disk before a rename
+    publishes it (a folder renamed into place after a power loss could otherwise hold empty files)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_folder(Path(root))
+
+
 def replace_durably(tmp: Path, path: Path) -> None:
     """Rename `tmp` (a file, folder or link in the same folder) over `path`, then fsync the folder."""
     os.replace(tmp, path)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from synpref.shared.files import replace_durably
+from synpref.shared.files import fsync_tree, replace_durably
 
 TRAINER_STATE = "trainer_state.pt"
 
@@ -93,13 +93,14 @@ def load_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: di
 def write_checkpoint(
     path: Path, model: Any, tokenizer: Any, weights: dict[str, Any], trainer_state: dict[str, Any] | None
 ) -> None:
-    """Write an HF folder (plus trainer_state.pt when given) to path.tmp, then rename it to path,
-    so a kill mid-write leaves the previous checkpoint whole."""
+    """Write an HF folder (plus trainer_state.pt when given) to path.tmp, fsync it, then rename it to path,
+    so a kill or a power loss mid-write leaves the previous checkpoint whole and this one absent or whole."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), state_dict=weights)
     tokenizer.save_pretrained(str(tmp))
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER_STATE)
+    fsync_tree(tmp)
     shutil.rmtree(path, ignore_errors=True)
     replace_durably(tmp, path)
