@@ -5,8 +5,8 @@ from synpref.client.client import (
     PairScore,
     RewardClient,
     ScoreSession,
-    TokenIds,
     check_tokenizer,
 )
+from synpref.client.messages import TokenIds
 
 __all__ = ["AsyncRewardClient", "PairScore", "RewardClient", "ScoreSession", "TokenIds", "check_tokenizer"]

@@ -24,7 +24,8 @@ from typing import Any, TextIO
 
 import grpc
 
-from synpref.client.client import Item, RewardClient, TokenIds
+from synpref.client.client import RewardClient
+from synpref.client.messages import Item, TokenIds
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

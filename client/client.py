@@ -26,40 +26,46 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import Message
 
+from synpref.client.messages import (
+    MAX_REQUEST_BYTES,
+    Item,
+    PairDict,
+    chunks,
+    to_item,
+    to_pair,
+)
 from synpref.shared.tokenizer_hash import tokenizer_sha256
-from synpref.v1 import pair_pb2, reward_pb2, reward_pb2_grpc
+from synpref.v1 import reward_pb2, reward_pb2_grpc
 
-Conversation = Sequence[Mapping[str, str]]
-
-
-@dataclass(frozen=True)
-class TokenIds:
-    """An item as token ids: the conversation rendered with the served model's chat template and
-    tokenized with its tokenizer, special tokens included (what
-    `synpref.shared.modeling.encode_conversation` gives). The server checks them against its
-    vocabulary and max_length and scores them as they are."""
-
-    ids: Sequence[int]
-
-
-Item = Conversation | str | TokenIds
-PairDict = Mapping[str, Any]
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+TOO_LARGE = "message larger than max"
+"""In gRPC's own RESOURCE_EXHAUSTED for a message over a receive or send limit ("Received message larger
+than max (N vs. M)"): the same request fails again, so it is not retried."""
+
+
+def too_large(exc: grpc.RpcError) -> bool:
+    """Whether `exc` refused the request for its size, which no retry changes (a smaller request may pass)."""
+    return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and TOO_LARGE in (exc.details() or "")
+
+
+def retryable(exc: grpc.RpcError) -> bool:
+    """UNAVAILABLE (starting, restarting, draining) and RESOURCE_EXHAUSTED (queue full), not a size refusal."""
+    return exc.code() in RETRYABLE and not too_large(exc)
+
+
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 T = TypeVar("T")
-M = TypeVar("M", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -72,31 +78,6 @@ class PairScore:
     """sigmoid(reward_chosen - reward_rejected)"""
     version: str = ""
     """The served version of the model that scored it (a reload can change it between calls)."""
-
-
-def _messages(value: Conversation | str, role: str = "assistant") -> list[pair_pb2.Message]:
-    if isinstance(value, str):
-        return [pair_pb2.Message(role=role, content=value)]
-    return [pair_pb2.Message(role=str(m["role"]), content=str(m["content"])) for m in value]
-
-
-def to_item(item: Item) -> reward_pb2.ScoreItem:
-    """A ScoreItem: `token_ids` for TokenIds, `text` for a string (already rendered), else the conversation's
-    messages."""
-    if isinstance(item, TokenIds):
-        return reward_pb2.ScoreItem(token_ids=reward_pb2.TokenIds(ids=item.ids))
-    if isinstance(item, str):
-        return reward_pb2.ScoreItem(text=item)
-    return reward_pb2.ScoreItem(conversation=reward_pb2.Conversation(messages=_messages(item)))
-
-
-def to_pair(pair: PairDict) -> reward_pb2.PairItem:
-    """{"conversation": messages, "chosen": messages | str, "rejected": messages | str}."""
-    return reward_pb2.PairItem(
-        conversation=_messages(pair.get("conversation") or []),
-        chosen=_messages(pair["chosen"]),
-        rejected=_messages(pair["rejected"]),
-    )
 
 
 def check_tokenizer(info: reward_pb2.InfoResponse, tokenizer: Any, model: str = "") -> None:
@@ -117,36 +98,14 @@ def check_tokenizer(info: reward_pb2.InfoResponse, tokenizer: Any, model: str = 
         )
 
 
-MAX_REQUEST_BYTES = 16 * 1024 * 1024
-"""Default bound on one request's size: half the scorer's default max_body_bytes, for headroom."""
-FIELD_OVERHEAD_BYTES = 16
-"""A repeated field's tag and length prefix per element, rounded up."""
-
-
-def _chunks(messages: Iterable[M], count: int, max_bytes: int) -> Iterator[list[M]]:
-    """Consecutive runs of at most `count` messages and `max_bytes` serialized bytes, in order; a message
-    larger than `max_bytes` goes alone (the server then answers for it)."""
-    run: list[M] = []
-    size = 0
-    for message in messages:
-        n = message.ByteSize() + FIELD_OVERHEAD_BYTES
-        if run and (len(run) == count or size + n > max_bytes):
-            yield run
-            run, size = [], 0
-        run.append(message)
-        size += n
-    if run:
-        yield run
-
-
 def _score_requests(items: Sequence[Item], model: str, policy: _Policy) -> Iterator[reward_pb2.ScoreRequest]:
-    for run in _chunks((to_item(x) for x in items), policy.chunk_size, policy.max_request_bytes):
+    for run in chunks((to_item(x) for x in items), policy.chunk_size, policy.max_request_bytes):
         yield reward_pb2.ScoreRequest(model=model, items=run)
 
 
 def _pair_requests(pairs: Sequence[PairDict], model: str, policy: _Policy) -> Iterator[reward_pb2.ScorePairsRequest]:
     # A pair is two items on the server: keep each request within chunk_size items.
-    runs = _chunks((to_pair(p) for p in pairs), max(1, policy.chunk_size // 2), policy.max_request_bytes)
+    runs = chunks((to_pair(p) for p in pairs), max(1, policy.chunk_size // 2), policy.max_request_bytes)
     for run in runs:
         yield reward_pb2.ScorePairsRequest(model=model, pairs=run)
 
@@ -228,7 +187,7 @@ class RewardClient:
                 return method(request, timeout=max(remaining, 0.001), wait_for_ready=attempt > 0)
             except grpc.RpcError as exc:
                 attempt += 1
-                delay = self.policy.pause(attempt, deadline) if exc.code() in RETRYABLE else None
+                delay = self.policy.pause(attempt, deadline) if retryable(exc) else None
                 if delay is None:
                     raise
                 time.sleep(delay)
@@ -312,7 +271,7 @@ class AsyncRewardClient:
                 return await method(request, timeout=max(remaining, 0.001), wait_for_ready=attempt > 0)
             except grpc.aio.AioRpcError as exc:
                 attempt += 1
-                delay = self.policy.pause(attempt, deadline) if exc.code() in RETRYABLE else None
+                delay = self.policy.pause(attempt, deadline) if retryable(exc) else None
                 if delay is None:
                     raise
                 await asyncio.sleep(delay)
@@ -441,7 +400,7 @@ class ScoreSession:
                 except grpc.aio.AioRpcError as exc:
                     self._drop()
                     attempt += 1
-                    delay = self.policy.pause(attempt, deadline) if exc.code() in RETRYABLE else None
+                    delay = self.policy.pause(attempt, deadline) if retryable(exc) else None
                     if delay is None:
                         raise
                     await asyncio.sleep(delay)

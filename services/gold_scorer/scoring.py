@@ -149,8 +149,11 @@ def grpc_scorer(address: str, model_name: str, client=None, timeout_s: float = 6
 
     A batch that misses the deadline is scored again in halves, each with its own deadline, while the batch has
     spent under SPLIT_TIMEOUTS of them: re-reading the same batch could only miss it again when the batch's
-    size, not the scorer's state, is why. The bound keeps one batch well inside Kafka's poll interval."""
+    size, not the scorer's state, is why. The bound keeps one batch well inside Kafka's poll interval. A
+    request over the scorer's message limit is split likewise; a single pair over it is the pair's error."""
     import grpc
+
+    from synpref.client.client import too_large
 
     if client is None:
         from synpref.client import RewardClient
@@ -163,10 +166,13 @@ def grpc_scorer(address: str, model_name: str, client=None, timeout_s: float = 6
         try:
             scored = client.score_pairs(pairs, model=model_name, timeout=timeout_s)
         except grpc.RpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED and len(pairs) > 1 and time.monotonic() < split_until:
+            code, size = exc.code(), too_large(exc)
+            slow = code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() < split_until
+            if (slow or size) and len(pairs) > 1:
                 half = len(pairs) // 2
                 return call(pairs[:half], split_until) + call(pairs[half:], split_until)
+            if size:  # one pair over the scorer's message limit: the pair's own error (dead-lettered)
+                raise
             if code in not_serving_now:
                 why = f"scorer {address} cannot score with {model_name!r} now: {exc.details()}"
                 raise StageUnavailable(why) from exc

@@ -223,6 +223,25 @@ def test_a_model_still_loading_is_unavailable_by_name_not_unknown(scorer: Backgr
     assert err.value.code() == grpc.StatusCode.NOT_FOUND  # nothing loading: it is unknown
 
 
+def test_a_request_over_the_servers_message_limit_is_not_retried(ckpts: dict[str, Path]) -> None:
+    # gRPC refuses it with RESOURCE_EXHAUSTED, the code of a full queue too: the client retried it until
+    # its deadline. Found in review.
+    bg = BackgroundScorer(settings(ckpts, max_body_bytes=4096)).start()
+    try:
+        with RewardClient(bg.address, timeout=30, retries=4, backoff_s=0.5) as c:
+            sent: list[int] = []
+            score = c.stub.Score
+            c.stub.Score = lambda request, **kw: sent.append(request.ByteSize()) or score(request, **kw)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                c.score(["x" * 10_000])
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(sent) == 1
+            assert time.monotonic() - started < 5
+            assert c.score(["short"])  # a request within the limit is served
+    finally:
+        bg.stop()
+
+
 def test_many_concurrent_clients_get_their_own_results(scorer: BackgroundScorer, ckpts: dict[str, Path]) -> None:
     ref = Reference(ckpts["qwen"])
     n = 48

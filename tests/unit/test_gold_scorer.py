@@ -142,3 +142,33 @@ def test_halving_stops_once_the_batch_has_spent_its_deadlines():
     with pytest.raises(StageUnavailable):
         grpc_scorer("x", "gold", _slow_scorer_client(1, calls), timeout_s=1e-9)(pairs)
     assert calls == [8]  # the split budget (SPLIT_TIMEOUTS deadlines) was spent by the first call
+
+
+def test_a_request_over_the_scorers_message_limit_is_split_and_a_single_pair_over_it_is_its_own_error():
+    import grpc
+
+    from synpref.client.client import PairScore
+    from synpref.services.gold_scorer.scoring import grpc_scorer
+
+    class TooLarge(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def details(self):
+            return "SERVER: Received message larger than max (80106 vs. 65536)"
+
+    calls: list[int] = []
+
+    class Client:
+        def score_pairs(self, pairs, model, timeout):
+            calls.append(len(pairs))
+            if sum(len(p["chosen"][0]["content"]) for p in pairs) > 20:
+                raise TooLarge()
+            return [PairScore(1.0, 0.0, 0.73, "v1") for _ in pairs]
+
+    short = {"conversation": [], "chosen": [{"role": "assistant", "content": "x" * 5}], "rejected": []}
+    assert len(grpc_scorer("x", "gold", Client())([short] * 8)) == 8
+    assert calls == [8, 4, 4]  # 40 characters are over the limit of 20, 20 are within it
+    huge = {"conversation": [], "chosen": [{"role": "assistant", "content": "x" * 50}], "rejected": []}
+    with pytest.raises(grpc.RpcError):  # not StageUnavailable: the runner dead-letters the pair
+        grpc_scorer("x", "gold", Client())([huge])

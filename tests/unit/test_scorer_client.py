@@ -8,7 +8,9 @@ import time
 import pytest
 
 from synpref.client.cli import read_items
-from synpref.client.client import TokenIds, _chunks, _pair_requests, _Policy, check_tokenizer, to_item, to_pair
+from synpref.client.client import _pair_requests, _Policy, check_tokenizer
+from synpref.client.messages import TokenIds, to_item, to_pair
+from synpref.client.messages import chunks as _chunks
 from synpref.v1 import reward_pb2
 
 

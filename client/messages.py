@@ -1,0 +1,76 @@
+"""What the client sends: request items and pairs as protobuf messages, and requests cut to size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
+
+from synpref.v1 import pair_pb2, reward_pb2
+
+M = TypeVar("M", bound=Message)
+
+Conversation = Sequence[Mapping[str, str]]
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """An item as token ids: the conversation rendered with the served model's chat template and
+    tokenized with its tokenizer, special tokens included (what
+    `synpref.shared.modeling.encode_conversation` gives). The server checks them against its
+    vocabulary and max_length and scores them as they are."""
+
+    ids: Sequence[int]
+
+
+Item = Conversation | str | TokenIds
+PairDict = Mapping[str, Any]
+
+
+def _messages(value: Conversation | str, role: str = "assistant") -> list[pair_pb2.Message]:
+    if isinstance(value, str):
+        return [pair_pb2.Message(role=role, content=value)]
+    return [pair_pb2.Message(role=str(m["role"]), content=str(m["content"])) for m in value]
+
+
+def to_item(item: Item) -> reward_pb2.ScoreItem:
+    """A ScoreItem: `token_ids` for TokenIds, `text` for a string (already rendered), else the conversation's
+    messages."""
+    if isinstance(item, TokenIds):
+        return reward_pb2.ScoreItem(token_ids=reward_pb2.TokenIds(ids=item.ids))
+    if isinstance(item, str):
+        return reward_pb2.ScoreItem(text=item)
+    return reward_pb2.ScoreItem(conversation=reward_pb2.Conversation(messages=_messages(item)))
+
+
+def to_pair(pair: PairDict) -> reward_pb2.PairItem:
+    """{"conversation": messages, "chosen": messages | str, "rejected": messages | str}."""
+    return reward_pb2.PairItem(
+        conversation=_messages(pair.get("conversation") or []),
+        chosen=_messages(pair["chosen"]),
+        rejected=_messages(pair["rejected"]),
+    )
+
+
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+"""Default bound on one request's size: half the scorer's default max_body_bytes, for headroom."""
+FIELD_OVERHEAD_BYTES = 16
+"""A repeated field's tag and length prefix per element, rounded up."""
+
+
+def chunks(messages: Iterable[M], count: int, max_bytes: int) -> Iterator[list[M]]:
+    """Consecutive runs of at most `count` messages and `max_bytes` serialized bytes, in order; a message
+    larger than `max_bytes` goes alone (the server then answers for it)."""
+    run: list[M] = []
+    size = 0
+    for message in messages:
+        n = message.ByteSize() + FIELD_OVERHEAD_BYTES
+        if run and (len(run) == count or size + n > max_bytes):
+            yield run
+            run, size = [], 0
+        run.append(message)
+        size += n
+    if run:
+        yield run
