@@ -15,13 +15,14 @@ Results are matched to inputs by record key (the ingest id, stable across flips)
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 from synpref.services.consistency_filter.rules import ROUTE_OF
-from synpref.services.controller.state import key_of
+from synpref.services.controller.state import StepVerdicts, key_of
 from synpref.shared.config import Settings
 from synpref.shared.stage import Stage, StageResult
 from synpref.v1.pair_pb2 import PairRecord
@@ -100,6 +101,13 @@ class KafkaExecutor:
     an earlier, interrupted attempt at it, which are the same: stages are deterministic and
     the key matches). A batch not fully back within `timeout_s` raises TimeoutError; the
     loop's durable state makes the retry safe.
+
+    With a `journal` (the human review: state.StepVerdicts) results are not to be had again
+    for free, so a retry neither skips nor repeats them: the first attempt notes the output
+    positions it starts from and, once acknowledged, the keys it published; a retry reads
+    the outputs from those positions (results written while no controller listened are
+    collected, not lost) and publishes only the records never published. Each result goes to
+    `journal.record` as it is consumed.
     """
 
     def __init__(self, settings: Settings, timeout_s: float = 600.0, plans=KAFKA_PLANS) -> None:
@@ -121,9 +129,9 @@ class KafkaExecutor:
             log.warning("waiting for topics %s to be created", missing)
             time.sleep(5)
 
-    def run(self, name: str, records: list[PairRecord]) -> StageResult:
+    def run(self, name: str, records: list[PairRecord], journal: StepVerdicts | None = None) -> StageResult:
         """Publish `records` to the step's input topic and collect each one's result from its output or
-        dead-letter topic; TimeoutError when some are not back within timeout_s.
+        dead-letter topic; TimeoutError when some are not back within timeout_s. `journal`: see the class.
         """
         from kafka import TopicPartition
 
@@ -142,12 +150,24 @@ class KafkaExecutor:
         try:
             parts = [TopicPartition(t, p) for t, found in self._partitions(consumer, by_topic).items() for p in found]
             consumer.assign(parts)
-            consumer.seek_to_end(*parts)
-            for tp in parts:
-                consumer.position(tp)  # resolve the end offsets now, before publishing
+            started = json.loads(journal.note("offsets") or "{}") if journal is not None else {}
+            if started:  # a retry: read back from where the first attempt started
+                for tp in parts:
+                    consumer.seek(tp, started.get(f"{tp.topic}:{tp.partition}", 0))
+            else:
+                consumer.seek_to_end(*parts)
+                # Resolve the end offsets now, before publishing.
+                started = {f"{tp.topic}:{tp.partition}": consumer.position(tp) for tp in parts}
+                if journal is not None:
+                    journal.set_note("offsets", json.dumps(started, sort_keys=True))
+            published = set(json.loads(journal.note("published") or "[]")) if journal is not None else set()
+            sending = [record for record in records if key_of(record) not in published]
             in_topic = getattr(topics, input_route)
             # DeliveryError unless every record was acknowledged: one lost here would only time out later.
-            deliver(producer, [encode_record(record, in_topic) for record in records], timeout_s=60)
+            deliver(producer, [encode_record(record, in_topic) for record in sending], timeout_s=60)
+            if journal is not None and sending:
+                published.update(key_of(record) for record in sending)
+                journal.set_note("published", json.dumps(sorted(published)))
             deadline = time.monotonic() + self.timeout_s
             while pending and time.monotonic() < deadline:
                 for tp, msgs in consumer.poll(timeout_ms=500).items():
@@ -168,6 +188,8 @@ class KafkaExecutor:
                         else:
                             pending.pop(key)
                             out.emit(route_of(record, route), record)
+                            if journal is not None:
+                                journal.record(route_of(record, route), record)
             if pending:
                 raise TimeoutError(f"{name}: {len(pending)} of {len(records)} records not back in {self.timeout_s:g}s")
             return out

@@ -38,7 +38,7 @@ from synpref.services.controller.final_steps import FinalSteps
 from synpref.services.controller.models import ModelHandle, RewardModels, accuracy
 from synpref.services.controller.providers import HumanProvider
 from synpref.services.controller.publish import export_registry
-from synpref.services.controller.state import RunState, StateStore, key_of
+from synpref.services.controller.state import VERDICTS_FILE, RunState, StateStore, VerdictLog, key_of, review_once
 from synpref.services.gold_scorer.scoring import ScoringModel, make_scoring_stage
 from synpref.shared.ann import VectorFile
 from synpref.shared.config import Settings
@@ -98,6 +98,7 @@ class Controller(CurationSteps, FinalSteps):
         self.say = progress
         self.store = StateStore(self.c.store_dir or self.c.workdir)
         self.pairstore = self.store.pairs
+        self.verdicts = VerdictLog(self.store.root / VERDICTS_FILE)  # human verdicts, durable as they arrive
         self.root = Path(self.c.workdir)  # models, datasets, the report: what Jobs and other pods share
         self.root.mkdir(parents=True, exist_ok=True)
         self.state = self.store.load()
@@ -268,6 +269,7 @@ class Controller(CurationSteps, FinalSteps):
 
         if self.pairstore.size():
             raise RuntimeError(f"{self.pairstore.path} already holds pairs from another run; use a new workdir")
+        self.verdicts.clear()
         self.state.results.update(ingest_sources(self.pairstore, self.c, self.say))
 
     def label_attributes(self) -> None:
@@ -314,7 +316,8 @@ class Controller(CurationSteps, FinalSteps):
 
     def ask_humans(self, rows: list[int], iteration: int) -> tuple[list[int], list[int]]:
         """Humans decide `rows`: verified ones join D_gold (flipped if they preferred rejected), the rest are
-        discarded; the judges' example index is rewritten."""
+        discarded; the judges' example index is rewritten. Each verdict is kept as it arrives (state.VerdictLog): a
+        retried step asks only about the pairs not decided by its earlier attempts."""
         records = self.pairstore.get(rows)
         row_of = {key_of(r): row for r, row in zip(records, rows, strict=True)}
         for record in records:
@@ -322,7 +325,7 @@ class Controller(CurationSteps, FinalSteps):
         verified: list[int] = []
         dropped: list[int] = []
         updates: list[tuple[int, PairRecord]] = []
-        for route, record in self.humans.review(records) if records else []:
+        for route, record in review_once(self.humans, self.verdicts, self.current_step, records, self.say):
             record.lineage.iteration = iteration
             row = row_of[key_of(record)]
             updates.append((row, record))

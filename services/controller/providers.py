@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 from synpref.services.controller.simulated import label_is_true
-from synpref.services.controller.state import key_of
+from synpref.services.controller.state import StepVerdicts, key_of
 from synpref.services.desk.core import decide
 from synpref.shared.pairs import now
 from synpref.v1.pair_pb2 import (
@@ -42,7 +42,10 @@ class HumanProvider(Protocol):
     """Who verifies the Stage-1 gold candidates (and the seed) for the curation loop.
 
     `name` says which provider it is; `review` returns every record decided by
-    services/desk/core.decide, routed "verified" or "discarded".
+    services/desk/core.decide, routed "verified" or "discarded". A provider whose verdicts
+    arrive one by one sets `journals = True` and takes `review(records, journal=...)`: it calls
+    `journal.record(route, record)` as each is decided, so the controller keeps it durably at
+    once (state.StepVerdicts); the others' verdicts are kept when `review` returns.
     """
 
     name: str
@@ -106,6 +109,7 @@ class TerminalHumans:
     """Ask on a terminal: the two responses as Candidate 1/2 in random order; 1, 2 or 0 (cannot decide)."""
 
     name = "terminal"
+    journals = True
 
     def __init__(self, stdin: TextIO | None = None, stdout: TextIO | None = None, seed: int = 0) -> None:
         self.stdin = stdin or sys.stdin
@@ -138,16 +142,23 @@ class TerminalHumans:
         picked_chosen = (answer == "1") != swapped
         return PREFERENCE_CHOSEN if picked_chosen else PREFERENCE_REJECTED
 
-    def review(self, records: list[PairRecord]) -> Routed:
-        """Ask about each record in turn on the terminal; at end of input the rest are abstained on."""
-        prefs = [self._ask(r, i, len(records)) for i, r in enumerate(records, 1)]
-        return _decide_all(records, "terminal", prefs)
+    def review(self, records: list[PairRecord], journal: StepVerdicts | None = None) -> Routed:
+        """Ask about each record in turn on the terminal (each answer goes to `journal` at once); at end of
+        input the rest are abstained on."""
+        out = []
+        for i, record in enumerate(records, 1):
+            routed = _decide_all([record], "terminal", [self._ask(record, i, len(records))])
+            if journal is not None:
+                journal.record(*routed[0])
+            out.extend(routed)
+        return out
 
 
 class DeskHumans:
     """The web desk, embedded: pairs go to its queue; the loop waits until all are decided."""
 
     name = "desk"
+    journals = True
 
     def __init__(self, settings, poll_s: float = 1.0, timeout_s: float = 24 * 3600.0, log=print) -> None:
         from synpref.services.desk.queues import MemoryReviewQueue, MemoryVerdictSink
@@ -161,8 +172,9 @@ class DeskHumans:
         self.timeout_s = timeout_s
         self.log = log
 
-    def review(self, records: list[PairRecord]) -> Routed:
-        """Queue the records at the desk and wait for all their verdicts, polling every `poll_s`.
+    def review(self, records: list[PairRecord], journal: StepVerdicts | None = None) -> Routed:
+        """Queue the records at the desk and wait for all their verdicts, polling every `poll_s`; each decided
+        pair goes to `journal` as soon as the desk settles it.
 
         Returns them decided in the given order; TimeoutError when some are still undecided after `timeout_s`.
         """
@@ -177,6 +189,8 @@ class DeskHumans:
             self.server.call(self.desk.refill())
             for route, rec in self.sink.drain(min_records=1, timeout_s=self.poll_s).routed:
                 got[key_of(rec)] = (route, rec)
+                if journal is not None:
+                    journal.record(route, rec)
         missing = [r for r in records if key_of(r) not in got]
         if missing:
             raise TimeoutError(f"desk: {len(missing)} pairs undecided after {self.timeout_s:g}s")
@@ -195,20 +209,23 @@ class KafkaDeskHumans:
     """
 
     name = "desk (Kafka)"
+    journals = True
 
     def __init__(self, settings, timeout_s: float = 7 * 24 * 3600.0) -> None:
         from synpref.services.controller.executors import KafkaExecutor
 
         self.executor = KafkaExecutor(settings, timeout_s)
 
-    def review(self, records: list[PairRecord]) -> Routed:
+    def review(self, records: list[PairRecord], journal: StepVerdicts | None = None) -> Routed:
         """Send the records to the review topic and wait for their decisions, in the given order.
 
-        A record the desk dead-letters is routed "discarded"; TimeoutError when some are not back in `timeout_s`.
+        With a `journal` each decision is kept as it is consumed and a retry of the step reads back the
+        decisions the desk wrote meanwhile, republishing nothing (KafkaExecutor). A record the desk
+        dead-letters is routed "discarded"; TimeoutError when some are not back in `timeout_s`.
         """
         if not records:
             return []
-        result = self.executor.run("review", records)
+        result = self.executor.run("review", records, journal)
         got = {key_of(r): (route, r) for route, r in result.routed}
         for record, _reason in result.failed:
             got[key_of(record)] = ("discarded", record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -11,7 +12,7 @@ import pytest
 from synpref.services.controller.loop import Controller
 from synpref.services.controller.providers import OracleHumans
 from synpref.services.controller.simulated import SimulatedJudge, label_is_true
-from synpref.services.controller.state import StateStore, read_pools, read_records
+from synpref.services.controller.state import StateStore, key_of, read_pools, read_records
 from synpref.shared.config import load_settings
 from testing import controller_fakes as fakes
 
@@ -324,6 +325,82 @@ def test_a_step_interrupted_before_its_commit_runs_again(tmp_path):
     state = StateStore(settings.controller.workdir).load()
     assert "s2.gold" not in state.done and "gold" not in state.models
     assert controller_for(settings).run().models["gold"]["version"].startswith("gold-")
+
+
+class CountingHumans(OracleHumans):
+    """Oracle verdicts, counting how often each pair is put to the humans."""
+
+    def __init__(self, asked: Counter[str]) -> None:
+        self.asked = asked
+
+    def review(self, records):
+        self.asked.update(key_of(r) for r in records)
+        return super().review(records)
+
+
+@pytest.mark.parametrize("step", ["seed", "s1.1.curate"])
+def test_verdicts_given_before_a_crash_are_not_asked_again(tmp_path, step, reference_outcome):
+    # Killed after the humans answered, before the step committed: the step's writes roll back, but
+    # the verdicts were kept as they came (state.VerdictLog), so the retried step asks nobody again.
+    settings = settings_for(tmp_path)
+    asked: Counter[str] = Counter()
+    controller = controller_for(settings)
+    controller.humans = CountingHumans(asked)
+    refresh = controller.refresh_examples
+
+    def killed() -> None:  # the last thing ask_humans does, inside the step's transaction
+        if controller.current_step == step:
+            raise Crash(f"killed in {step} after the humans answered")
+        refresh()
+
+    controller.refresh_examples = killed  # type: ignore[method-assign]
+    with pytest.raises(Crash):
+        controller.run()
+    assert step not in StateStore(settings.controller.workdir).load().done
+    before = sum(asked.values())
+    resumed = controller_for(settings)
+    resumed.humans = CountingHumans(asked)
+    state = resumed.run()
+    assert max(asked.values()) == 1, f"asked twice: {[k for k, n in asked.items() if n > 1]}"
+    to_humans = state.results["seed_human"]["verified"] + state.results["seed_human"]["discarded"]
+    assert sum(asked.values()) == to_humans + sum(e.get("to_humans", 0) for e in state.results["stage1"])
+    assert sum(asked.values()) > before > 0
+    assert outcome(Path(settings.controller.workdir)) == reference_outcome
+
+
+def test_desk_verdicts_are_kept_one_by_one_while_the_loop_waits(tmp_path, reference_outcome):
+    # A provider that, like the desk, gets verdicts one at a time records each in the journal as it
+    # comes: a pod killed during the long wait loses none of the verdicts already given.
+    settings = settings_for(tmp_path)
+    asked: Counter[str] = Counter()
+
+    class SlowDesk:
+        name = "desk (test)"
+        journals = True
+
+        def __init__(self, die_after: int = 0) -> None:
+            self.die_after = die_after
+
+        def review(self, records, journal=None):
+            out = []
+            for record in records:
+                asked[key_of(record)] += 1
+                out.extend(OracleHumans().review([record]))
+                journal.record(*out[-1])
+                if len(out) == self.die_after:
+                    raise Crash(f"pod restarted after {len(out)} verdicts of {len(records)}")
+            return out
+
+    controller = controller_for(settings)
+    controller.humans = SlowDesk(die_after=5)
+    with pytest.raises(Crash):
+        controller.run()
+    assert "seed" not in StateStore(settings.controller.workdir).load().done and sum(asked.values()) == 5
+    resumed = controller_for(settings)
+    resumed.humans = SlowDesk()
+    resumed.run()
+    assert max(asked.values()) == 1
+    assert outcome(Path(settings.controller.workdir)) == reference_outcome
 
 
 class RecordingModels(fakes.BagOfWordsModels):

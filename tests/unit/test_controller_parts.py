@@ -202,7 +202,13 @@ def test_desk_humans_serve_the_web_desk_and_wait_for_its_decisions():
     humans = DeskHumans(DeskSettings(tokens=f"ann:{token}", port=0), poll_s=0.1, timeout_s=60, log=lambda _m: None)
     records = [record(i) for i in range(3)]
     out: list = []
-    worker = threading.Thread(target=lambda: out.extend(humans.review(records)), daemon=True)
+    kept: list = []  # the journal: each decided pair as the desk settles it, before review returns
+
+    class Journal:
+        def record(self, route, decided) -> None:
+            kept.append((route, key_of(decided)))
+
+    worker = threading.Thread(target=lambda: out.extend(humans.review(records, journal=Journal())), daemon=True)
     worker.start()
 
     def call(path: str, body: dict | None = None) -> dict:
@@ -227,12 +233,17 @@ def test_desk_humans_serve_the_web_desk_and_wait_for_its_decisions():
             choice = 0 if answered == 2 else (1 if first.startswith("good") else 2)
             call("/api/verdict", {"pair_id": pair["pair_id"], "choice": choice, "note": ""})
             answered += 1
+            if answered == 1:
+                while not kept and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert len(kept) == 1 and worker.is_alive(), "the first verdict is kept while the loop still waits"
         worker.join(timeout=30)
     finally:
         humans.close()
     assert [route for route, _ in out] == ["verified", "verified", "discarded"]
     assert [key_of(r) for _, r in out] == [key_of(r) for r in records]
     assert [r.decision.decision for _, r in out] == [DECISION_KEEP, DECISION_KEEP, DECISION_DISCARD]
+    assert sorted(kept) == sorted((route, key_of(r)) for route, r in out)
 
 
 def test_retrieval_embeds_attributes_finds_only_unverified_rows_and_views_stream(tmp_path):
