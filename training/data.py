@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,26 +40,42 @@ class PairSet:
     """One line per unreadable row: "file#row: why"."""
 
 
+def iter_pairs(
+    paths: Iterable[str | Path],
+    columns_extra: tuple[str, ...] = (),
+    fmt: str | None = None,
+    source: str | None = None,
+) -> Iterator[tuple[dict[str, Any] | None, str]]:
+    """Stream the pairs of files or folders (format detected per file unless `fmt`), one at a time:
+    (pair, "") for a training pair, (None, "file#row: why") for a row that is none."""
+    for path in paths:
+        for row in iter_source(path, fmt, source, keep=(*ALWAYS_KEPT, *columns_extra)):
+            if row.pair is None:
+                yield None, f"{row.locator}: {row.error}"
+                continue
+            pair = row.pair
+            messages = pair["conversation"] + pair["chosen"] + pair["rejected"]
+            if any(not m["content"].strip() for m in messages):
+                yield None, f"{row.locator}: empty message content"
+                continue
+            own_id = pair["meta"].get("id") if not row.sub else None
+            pair["id"] = own_id or pair_id(pair["conversation"], pair["chosen"], pair["rejected"])
+            yield pair, ""
+
+
 def load_pairs(
     paths: Iterable[str | Path],
     columns_extra: tuple[str, ...] = (),
     fmt: str | None = None,
     source: str | None = None,
 ) -> PairSet:
-    """Read pair files or folders (format detected per file unless `fmt`); bad rows become problems."""
+    """Read pair files or folders (format detected per file unless `fmt`); bad rows become problems.
+    Holds every pair: for evaluation sets; training streams them (`iter_pairs`, training/data_cache.py)."""
     out = PairSet()
-    for path in paths:
-        for row in iter_source(path, fmt, source, keep=(*ALWAYS_KEPT, *columns_extra)):
-            if row.pair is None:
-                out.problems.append(f"{row.locator}: {row.error}")
-                continue
-            pair = row.pair
-            messages = pair["conversation"] + pair["chosen"] + pair["rejected"]
-            if any(not m["content"].strip() for m in messages):
-                out.problems.append(f"{row.locator}: empty message content")
-                continue
-            own_id = pair["meta"].get("id") if not row.sub else None
-            pair["id"] = own_id or pair_id(pair["conversation"], pair["chosen"], pair["rejected"])
+    for pair, problem in iter_pairs(paths, columns_extra, fmt, source):
+        if pair is None:
+            out.problems.append(problem)
+        else:
             out.pairs.append(pair)
     return out
 
@@ -87,20 +103,6 @@ def _conversation(pair: Mapping[str, Any]) -> list[dict[str, str]]:
 def split_pairs(pairs: list[dict[str, Any]], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, eval) by conversation: shared.pairs.split_by_conversation, the controller's rule too."""
     return split_by_conversation(pairs, _conversation, eval_fraction, seed)
-
-
-def read_config_pairs(
-    train_files: list[str], eval_files: list[str], eval_fraction: float, split_seed: int, margin_column: str = ""
-) -> tuple[list[dict], list[dict], list[str]]:
-    """(train, eval, problems) as the trainer's config names them: eval_files when given, else
-    eval_fraction of the train files' conversations held out; problems are the unreadable train rows."""
-    if not train_files:
-        raise ValueError("no train_files given")
-    extra = (margin_column,) if margin_column else ()
-    train = load_pairs(train_files, extra)
-    if eval_files:
-        return train.pairs, load_pairs(eval_files, extra).pairs, train.problems
-    return *split_pairs(train.pairs, eval_fraction, split_seed), train.problems
 
 
 # ------------------------------------------------------------ RM-Bench, for its 3x3 style accuracy

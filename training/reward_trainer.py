@@ -32,7 +32,6 @@ from synpref.shared.modeling import pad_batch, resolve_device
 from synpref.training.batching import (
     EncodedPair,
     bt_loss,
-    encode_pairs,
     lr_lambda,
     micro_batches,
     packed_micro_batches,
@@ -50,11 +49,12 @@ from synpref.training.checkpointing import (
     set_rng_state,
     write_checkpoint,
 )
-from synpref.training.data import read_config_pairs
+from synpref.training.data_cache import prepare_data
 from synpref.training.evaluation import pairwise_metrics
 from synpref.training.model_setup import init_distributed, load_for_training, micro_batch_plan, uses_bf16
 from synpref.training.packing import packed_rewards
 from synpref.training.reward_config import RewardConfig
+from synpref.training.token_store import pair_tokens, pair_widths
 
 log = logging.getLogger(__name__)
 
@@ -84,51 +84,24 @@ class RewardTrainer:
         self, config: RewardConfig, train_pairs: list[dict] | None = None, eval_pairs: list[dict] | None = None
     ) -> None:
         self.config = config
-        self.unreadable = 0
         self.rank, self.world, self.local_rank = init_distributed()
         self.device = torch.device(self._device_name())
         self.is_main = self.rank == 0
         self.out = Path(config.output_dir)
         self.metrics_path = self.out / "metrics.jsonl"
-        if train_pairs is None:
-            train_pairs, eval_pairs, problems = read_config_pairs(
-                config.train_files, config.eval_files, config.eval_fraction, config.split_seed, config.margin_column
-            )
-            self.unreadable = len(problems)
-            for problem in problems[:20]:
-                log.warning("skipped: %s", problem)
-            if problems:
-                log.warning("%d unreadable training rows skipped", len(problems))
-        self.train_raw = train_pairs
-        self.eval_raw = eval_pairs or []
+        if train_pairs is None and not config.train_files:
+            raise ValueError("no train_files given")
         self._load_model()
-        enc = encode_pairs(self.tokenizer, self.train_raw, config.max_length, config.truncation, config.margin_column)
-        self.train_data = enc.pairs
-        self.data_report = {
-            "train_pairs": len(self.train_data),
-            "train_unfit": enc.unfit,
-            "train_truncated": enc.truncated,
-        }
-        if enc.unfit:
-            log.warning(
-                "%d of %d training pairs do not fit max_length=%d under %s and are skipped",
-                enc.unfit,
-                len(self.train_raw),
-                config.max_length,
-                config.truncation,
-            )
-        eval_enc = encode_pairs(self.tokenizer, self.eval_raw, config.max_length, config.truncation, keep_unfit=True)
-        self.eval_enc = eval_enc
-        self.data_report.update(
-            eval_pairs=len(eval_enc.pairs), eval_unfit=eval_enc.unfit, unreadable_rows=self.unreadable
-        )
+        data = prepare_data(config, self.tokenizer, self.out, train_pairs, eval_pairs)
+        # Compact arrays, memory-mapped from output_dir/token_cache when read from files.
+        self.train_data, self.eval_enc, self.data_report = data.train.pairs, data.eval, data.report
         if config.global_batch_size < self.world:
             raise ValueError(f"global_batch_size {config.global_batch_size} < {self.world} processes")
         if len(self.train_data) < config.global_batch_size:
             raise ValueError(
                 f"{len(self.train_data)} usable training pairs < global_batch_size {config.global_batch_size}"
             )
-        self.widths = [p.width for p in self.train_data]
+        self.widths = pair_widths(self.train_data)
         self.steps_per_epoch = len(self.train_data) // config.global_batch_size
         self.total_steps = (
             config.max_steps if config.max_steps > 0 else max(1, math.floor(config.num_epochs * self.steps_per_epoch))
@@ -207,8 +180,8 @@ class RewardTrainer:
     def _micro_batches(self, share: list[int], encoded: Sequence[EncodedPair], pairs: int) -> list[list[int]]:
         """Indices into `encoded`: packed rows under the token budget, or padded length-sorted groups."""
         if self.capture is not None:
-            return packed_micro_batches(share, [p.tokens for p in encoded], self.micro_tokens)
-        return micro_batches(share, [p.width for p in encoded], pairs, self.micro_tokens)
+            return packed_micro_batches(share, pair_tokens(encoded), self.micro_tokens)
+        return micro_batches(share, pair_widths(encoded), pairs, self.micro_tokens)
 
     def _max_over_fsdp_ranks(self, n: int) -> int:
         """Max of n over ranks under FSDP, whose collectives need every rank in every forward/backward."""
@@ -362,7 +335,8 @@ class RewardTrainer:
         """(r_c, r_r) for encoded pairs; every rank computes a share, all get the whole list."""
         cfg = self.config
         self.model.eval()
-        mine = sorted(range(self.rank, len(encoded), self.world), key=lambda i: -encoded[i].width)
+        widths = pair_widths(encoded)
+        mine = sorted(range(self.rank, len(encoded), self.world), key=lambda i: -widths[i])
         groups = self._micro_batches(mine, encoded, max(1, cfg.eval_batch_size // 2))
         out: dict[int, tuple[float, float]] = {}
         module = self.wrapped if self.strategy == "fsdp" else self.model
@@ -387,7 +361,7 @@ class RewardTrainer:
         logged to metrics.jsonl by the main rank.
         """
         rewards = self.rewards(self.eval_enc.pairs)
-        sources = [self.eval_raw[i].get("source", "unknown") for i in self.eval_enc.kept]
+        sources = self.eval_enc.pairs.source_list()
         metrics = {f"eval_{k}": v for k, v in pairwise_metrics(rewards, sources).items()}
         metrics["eval_truncated_pairs"] = self.eval_enc.truncated
         metrics["eval_unfit_pairs"] = self.eval_enc.unfit

@@ -1,0 +1,249 @@
+"""The trainer's data: pair files streamed once through the tokenizer into PairStores, cached on disk.
+
+No pair dict outlives its encoding. With `train_files` the pairs are read one at a time
+(training/data.py `iter_pairs`), encoded (training/token_store.py) and appended to memory-mapped
+arrays under output_dir/token_cache/<key>/ (train/, eval/, report.json). The key hashes what
+decides the token ids and the split: the files' paths, sizes and mtimes, the tokenizer's
+fingerprint (shared/tokenizer_hash.py), max_length, truncation, margin_column, eval_fraction and
+split_seed, the source files of the reading, splitting and encoding code, and the transformers /
+tokenizers versions. A rerun or resume with the same key maps the cache instead of encoding again;
+the ranks of one run take a file lock, so one of them encodes and the others map its files (one
+page cache for all). Building a new key removes the other keys' folders.
+
+With `eval_fraction` (no eval_files) a first pass reads only the conversations' keys (32 bytes a
+pair) and makes the split of shared.pairs.split_by_conversation, pair for pair; the second pass
+encodes each pair into the train or the eval store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import sys
+import uuid
+from array import array
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from synpref.shared import modeling, pairs, source_files, sources
+from synpref.shared.files import FileLock, replace_durably
+from synpref.shared.pairs import conversation_key, held_out_count
+from synpref.shared.tokenizer_hash import tokenizer_sha256
+from synpref.training import data, token_store
+from synpref.training.token_store import EncodedSet, PairEncoder, PairStore
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = "token_cache"
+REPORT_FILE = "report.json"
+# Bump when the layout of a cache folder changes.
+CACHE_VERSION = 1
+PROBLEMS_KEPT = 20
+
+
+@dataclass
+class TrainingData:
+    """Encoded train and eval pairs, and the data report of metrics.jsonl's start line.
+
+    Attributes:
+        train: training pairs that fit, in input order, with their margins.
+        eval: every eval pair (an unfit one as its left-token-truncated fallback), with its source.
+        report: train_pairs, train_unfit, train_truncated, eval_pairs, eval_unfit, unreadable_rows.
+        problems: the first unreadable rows, "file#row: why".
+        folder: the cache folder the stores are mapped from; None when built in memory.
+    """
+
+    train: EncodedSet
+    eval: EncodedSet
+    report: dict[str, int]
+    problems: list[str]
+    folder: Path | None = None
+
+
+def prepare_data(
+    config: Any,
+    tokenizer: Any,
+    out: Path,
+    train_pairs: Iterable[Mapping[str, Any]] | None = None,
+    eval_pairs: Iterable[Mapping[str, Any]] | None = None,
+) -> TrainingData:
+    """Pairs given: encoded in memory. Else config.train_files / eval_files, from the cache under `out`
+    (built first when missing). Logs the first unreadable rows and the unfit count."""
+    if train_pairs is not None:
+        result = _encode(config, tokenizer, None, train_pairs, eval_pairs or [], None, [])
+    else:
+        if not config.train_files:
+            raise ValueError("no train_files given")
+        result = _cached(config, tokenizer, out / CACHE_DIR)
+    report = result.report
+    for problem in result.problems:
+        log.warning("skipped: %s", problem)
+    if report["unreadable_rows"]:
+        log.warning("%d unreadable training rows skipped", report["unreadable_rows"])
+    if report["train_unfit"]:
+        log.warning(
+            "%d of %d training pairs do not fit max_length=%d under %s and are skipped",
+            report["train_unfit"],
+            report["train_pairs"] + report["train_unfit"],
+            config.max_length,
+            config.truncation,
+        )
+    return result
+
+
+def cache_key(config: Any, tokenizer: Any) -> tuple[str, dict[str, Any]]:
+    """(key, what it hashes) of the cache folder for config's files under this tokenizer."""
+
+    def files(paths: list[str]) -> list[Any]:
+        out = []
+        for path in paths:
+            listed = []
+            for file in source_files.source_files(Path(path)):
+                stat = file.stat()
+                listed.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns])
+            out.append([str(path), listed])
+        return out
+
+    import tokenizers
+    import transformers
+
+    code = hashlib.sha256()
+    for module in (modeling, pairs, sources, source_files, data, token_store, sys.modules[__name__]):
+        code.update(Path(str(module.__file__)).read_bytes())
+    spec = {
+        "version": CACHE_VERSION,
+        "train_files": files(config.train_files),
+        "eval_files": files(config.eval_files),
+        "eval_fraction": 0.0 if config.eval_files else config.eval_fraction,
+        "split_seed": config.split_seed,
+        "margin_column": config.margin_column,
+        "max_length": config.max_length,
+        "truncation": config.truncation,
+        "tokenizer": tokenizer_sha256(tokenizer),
+        "code": code.hexdigest(),
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32], spec
+
+
+def held_out_mask(paths: list[str], columns_extra: tuple[str, ...], fraction: float, seed: int) -> np.ndarray | None:
+    """Per readable pair of `paths` (in reading order), whether split_by_conversation holds it out;
+    None when nothing is. Holds 32 bytes a pair (the conversation keys) while it runs."""
+    if fraction <= 0:
+        return None
+    digests = bytearray()
+    for pair, _ in data.iter_pairs(paths, columns_extra):
+        if pair is not None:
+            digests += bytes.fromhex(conversation_key(list(pair.get("conversation") or [])))
+    keys = np.frombuffer(bytes(digests), dtype="S32")
+    # Sorted raw digests are sorted hex keys; the shuffle only moves positions, so shuffling indices
+    # with the same Random(seed) picks the same keys as shuffling the key list.
+    distinct = np.unique(keys)
+    order = array("q", range(len(distinct)))
+    random.Random(seed).shuffle(order)
+    count = held_out_count(len(distinct), fraction)
+    picked = np.frombuffer(order, dtype=np.int64)[:count] if count else np.zeros(0, dtype=np.int64)
+    return np.isin(keys, distinct[picked])
+
+
+def _encode(
+    config: Any,
+    tokenizer: Any,
+    folder: Path | None,
+    train_pairs: Iterable[Mapping[str, Any] | None],
+    eval_pairs: Iterable[Mapping[str, Any]],
+    held: np.ndarray | None,
+    problems: list[str],
+) -> TrainingData:
+    """Encode train pairs (a None is an unreadable row, its problem already listed) and eval pairs;
+    the train pairs `held` marks (by readable-pair number) go to eval instead."""
+    args = (tokenizer, config.max_length, config.truncation)
+    train = PairEncoder(*args, config.margin_column, folder=folder / "train" if folder else None)
+    evals = PairEncoder(*args, keep_unfit=True, folder=folder / "eval" if folder else None)
+    unreadable = readable = 0
+    for pair in train_pairs:
+        if pair is None:
+            unreadable += 1
+            continue
+        (evals if held is not None and held[readable] else train).add(pair)
+        readable += 1
+    for pair in eval_pairs:
+        evals.add(pair)
+    train_set, eval_set = train.finish(), evals.finish()
+    report = {
+        "train_pairs": len(train_set.pairs),
+        "train_unfit": train_set.unfit,
+        "train_truncated": train_set.truncated,
+        "eval_pairs": len(eval_set.pairs),
+        "eval_unfit": eval_set.unfit,
+        "unreadable_rows": unreadable,
+    }
+    return TrainingData(train_set, eval_set, report, problems[:PROBLEMS_KEPT], folder)
+
+
+def _build(config: Any, tokenizer: Any, folder: Path, spec: dict[str, Any]) -> None:
+    """Stream config's files into stores under `folder`, then write report.json."""
+    extra = (config.margin_column,) if config.margin_column else ()
+    held = None
+    if not config.eval_files:
+        held = held_out_mask(config.train_files, extra, config.eval_fraction, config.split_seed)
+    problems: list[str] = []
+
+    def train_rows() -> Iterable[Mapping[str, Any] | None]:
+        for pair, problem in data.iter_pairs(config.train_files, extra):
+            if pair is None and len(problems) < PROBLEMS_KEPT:
+                problems.append(problem)
+            yield pair
+
+    eval_rows = (pair for pair, _ in data.iter_pairs(config.eval_files, extra) if pair is not None)
+    built = _encode(config, tokenizer, folder, train_rows(), eval_rows, held, problems)
+    record = {
+        "report": built.report,
+        "eval_truncated": built.eval.truncated,
+        "problems": problems,
+        "key": spec,
+    }
+    (folder / REPORT_FILE).write_text(json.dumps(record, indent=1))
+
+
+def _open(folder: Path) -> TrainingData:
+    record = json.loads((folder / REPORT_FILE).read_text())
+    report = record["report"]
+    train = EncodedSet(PairStore.open(folder / "train"), report["train_unfit"], report["train_truncated"])
+    evals = EncodedSet(PairStore.open(folder / "eval"), report["eval_unfit"], record["eval_truncated"])
+    return TrainingData(train, evals, report, record["problems"], folder)
+
+
+def _cached(config: Any, tokenizer: Any, root: Path) -> TrainingData:
+    root.mkdir(parents=True, exist_ok=True)
+    key, spec = cache_key(config, tokenizer)
+    folder = root / key
+    lock = FileLock(root / f"{key}.lock")
+    try:
+        if (folder / REPORT_FILE).exists():
+            log.info("token cache: reusing %s", folder)
+        else:
+            tmp = root / f".{key}.{uuid.uuid4().hex[:12]}.tmp"
+            try:
+                _build(config, tokenizer, tmp, spec)
+                shutil.rmtree(folder, ignore_errors=True)
+                replace_durably(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            for other in root.iterdir():
+                # Other keys' folders (and folders left by a killed build) go; lock files stay.
+                if other.is_dir() and other.name != key:
+                    log.info("token cache: removing %s (other inputs)", other)
+                    shutil.rmtree(other, ignore_errors=True)
+            log.info("token cache: built %s", folder)
+        return _open(folder)
+    finally:
+        lock.release()
