@@ -158,3 +158,27 @@ def test_fsync_tree_syncs_every_file_and_folder_before_a_checkpoint_is_renamed_i
     assert sorted(p.removeprefix(root) for p in synced) == sorted(
         ["", "/sub", "/model.safetensors", "/config.json", "/sub/tokenizer.json"]
     )
+
+
+def test_a_split_keeps_every_continuation_of_a_prompt_on_one_side():
+    # Found in review: the key hashed the whole conversation, so hh-rlhf pairs opening with the same
+    # prompt and going on differently were split apart: 37 of 424 held-out pairs had their prompt in training.
+    import hashlib
+    import json
+
+    from synpref.shared.pairs import conversation_key, is_held_out, split_by_conversation
+
+    def conv(prompt: str, turns: int) -> list[dict[str, str]]:
+        out = [{"role": "system", "content": "be kind"}, {"role": "user", "content": prompt}]
+        for t in range(turns):
+            out += [{"role": "assistant", "content": f"a{t}"}, {"role": "user", "content": f"{prompt} more {t}"}]
+        return out
+
+    items = [conv(f"prompt {p}", t) for p in range(40) for t in range(4)]
+    kept, held = split_by_conversation(items, lambda c: c, 0.25, seed=3)
+    first = {c[1]["content"] for c in held}
+    assert held and kept and not first & {c[1]["content"] for c in kept}
+    assert all(is_held_out(c, 0.3, 7) == is_held_out(conv(c[1]["content"], 0), 0.3, 7) for c in items)
+    single = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}][:1]
+    whole = json.dumps(single, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    assert conversation_key(single) == hashlib.sha256(whole.encode()).hexdigest()  # single-turn draws unchanged
