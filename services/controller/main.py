@@ -47,7 +47,12 @@ def build(settings: Settings) -> Any:
     if c.executor == "kafka":
         executor: Any = KafkaExecutor(settings, c.stage_timeout_s)
         judges: list[Any] = []  # the annotator service holds the judges
+        # The attribute labeller runs here, as embedded: it labels D_un before retrieval embeds it.
         labeller: Any = None
+        if settings.annotator.attribute_model is not None and not (c.study is not None and c.study.judges):
+            from synpref.services.annotator.main import build_annotator
+
+            labeller = build_annotator(settings).labeller
         human = c.human_provider
         humans: Any = KafkaDeskHumans(settings) if human == "desk" else make_provider(human, labels_file(c))
     else:

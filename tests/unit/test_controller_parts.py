@@ -286,3 +286,16 @@ def test_retrieval_embeds_attributes_finds_only_unverified_rows_and_views_stream
     assert len(view) == 31 and view[0]["chosen"][0]["content"].startswith("good")
     assert [p["conversation"] for p in view] == [p["conversation"] for p in view[0:31]]
     store.close()
+
+
+def test_over_kafka_the_controller_still_labels_attributes_when_a_labeller_is_configured(tmp_path):
+    # Found in review: executor kafka left the labeller out, so retrieval embedded bare conversations and
+    # the cluster ran another method than the embedded default (DESIGN.md 1: conversation + attributes).
+    from synpref.services.controller.main import build
+    from synpref.shared.config import load_settings
+
+    judge = {"name": "m", "base_url": "http://127.0.0.1:9/v1"}
+    controller = {"workdir": str(tmp_path), "sources": ["x.jsonl"], "executor": "kafka", "training": "k8s"}
+    with_labeller = load_settings(controller=controller, annotator={"judges": [judge], "attribute_model": judge})
+    assert build(with_labeller).labeller is not None
+    assert build(load_settings(controller=controller, annotator={"judges": [judge]})).labeller is None
