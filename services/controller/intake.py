@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -97,7 +98,7 @@ def ingest_sources(store: PairStore, c: ControllerSettings, say: Callable[[str],
             say(f"ingest: {added} pairs stored")
     if c.max_pairs and store.size() > c.max_pairs:
         # A seeded sample of rows: the pair count of the run, not of the files.
-        rows = list(store.all_rows(("unverified", "holdout")))
+        rows = array("q", store.all_rows(("unverified", "holdout")))  # 8 bytes a row, not a list's ~40
         keep = set(random.Random(f"sample:{c.seed}").sample(range(len(rows)), c.max_pairs))
         store.drop(r for i, r in enumerate(rows) if i not in keep)
     counts = {k: v for k, v in pre.counts.as_dict().items() if isinstance(v, int)}
