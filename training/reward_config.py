@@ -147,6 +147,9 @@ class RewardConfig:
     save_steps: int = _f(0, "Save a resumable checkpoint every N steps; 0 = only the final model.")
     save_total_limit: int = _f(2, "Keep this many periodic checkpoints (oldest removed first).")
     resume: bool = _f(True, "Continue from the newest complete checkpoint in output_dir, if any.")
+    keep_token_cache: bool = _f(
+        False, "Keep output_dir/token_cache once training ends (reruns on the same data skip encoding)."
+    )
     eval_steps: int = _f(0, "Evaluate every N steps; 0 = only at the end.")
     eval_batch_size: int = _f(32, "Sequences per eval forward.")
     logging_steps: int = _f(10, "Write a metrics line every N steps.")

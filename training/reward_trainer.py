@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -95,6 +96,7 @@ class RewardTrainer:
         data = prepare_data(config, self.tokenizer, self.out, train_pairs, eval_pairs)
         # Compact arrays, memory-mapped from output_dir/token_cache when read from files.
         self.train_data, self.eval_enc, self.data_report = data.train.pairs, data.eval, data.report
+        self.token_cache = data.folder
         if config.global_batch_size < self.world:
             raise ValueError(f"global_batch_size {config.global_batch_size} < {self.world} processes")
         if len(self.train_data) < config.global_batch_size:
@@ -327,6 +329,9 @@ class RewardTrainer:
         result = TrainResult(checkpoint_dir=final, metrics={**summary, **metrics})
         if self.is_main:
             self._log({"event": "done", **result.metrics, "checkpoint_dir": str(final)})
+            if self.token_cache is not None and not cfg.keep_token_cache:
+                # ~4 bytes a token for resumes; each loop iteration's run would otherwise leave one behind.
+                shutil.rmtree(self.token_cache, ignore_errors=True)
         return result
 
     # ------------------------------------------------------------ eval

@@ -160,3 +160,22 @@ def test_cache_is_reused_for_the_same_inputs_and_rebuilt_for_others(tokenizer, t
     assert rebuilt.report["unreadable_rows"] == 0 and rebuilt.report["train_pairs"] + rebuilt.report["eval_pairs"] > 0
     folders = [p.name for p in (tmp_path / "out" / CACHE_DIR).iterdir() if p.is_dir()]
     assert folders == [rebuilt.folder.name]
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_token_cache_is_removed_once_training_ends_unless_kept(tmp_path, keep):
+    # Each curation iteration trains in its own output_dir: at ~4 bytes a token a cache left behind
+    # by every run would fill the volume at scale. It serves resumes, so it lives as long as the run.
+    from synpref.training.reward_trainer import RewardTrainer
+    from testing.tiny import build_tiny_reward_model
+    from tests.unit.test_train import config, make_pairs, texts
+
+    pairs = make_pairs(16, seed=0)
+    path = build_tiny_reward_model(tmp_path / "m", arch="qwen3", seed=3, texts=texts(pairs), vocab_size=300)
+    write_jsonl(pairs, tmp_path / "train.jsonl")
+    out = tmp_path / "out"
+    cfg = config(path, out, max_steps=1, train_files=[str(tmp_path / "train.jsonl")], keep_token_cache=keep)
+    trainer = RewardTrainer(cfg)
+    assert trainer.token_cache is not None and trainer.token_cache.is_dir()
+    trainer.train()
+    assert (out / "final").is_dir() and trainer.token_cache.exists() == keep
