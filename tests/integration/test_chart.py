@@ -528,6 +528,19 @@ def test_external_kafka_sasl_tls_wiring(renders: dict[str, list[dict[str, Any]]]
     assert annotator["envFrom"] == [{"secretRef": {"name": "synpref-api-keys"}}]
 
 
+def test_the_controller_gets_the_api_keys_when_it_runs_the_attribute_labeller(helm: str) -> None:
+    def controller(*args: str) -> dict[str, Any]:
+        docs = render(helm, "--set", "secrets.apiKeys=llm-keys", *args)
+        return pod_spec(one(docs, "Deployment", f"{RELEASE}-synpref-controller"))["containers"][0]
+
+    labeller = [
+        "--set",
+        "config.annotator.attribute_model.name=m,config.annotator.attribute_model.base_url=http://x/v1",
+    ]
+    assert controller(*labeller)["envFrom"] == [{"secretRef": {"name": "llm-keys"}}]
+    assert "envFrom" not in controller()  # no labeller: the keys stay with the annotator
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
