@@ -133,10 +133,9 @@ def plan_batch(
                     continue
                 reason = f"output for route {route!r} is {encoded.size} bytes, over the {cap} of topic {encoded.topic}"
                 source_msg = source.get(record.pair.id) or source.get(record.lineage.original_id)
-                if source_msg is not None:
-                    to_dlq(source_msg, "too-large", reason)
-                else:
-                    log.error("%s: %s; pair %s has no source message to dead-letter", service, reason, record.pair.id)
+                # With no source message found (a stage that changed the id without original_id) the output
+                # itself is dead-lettered, cut to what the dead-letter topic takes, rather than lost.
+                to_dlq(source_msg, "too-large", reason, None if source_msg is not None else record)
         for record, reason in result.failed:
             to_dlq(source.get(record.pair.id), "failed", reason, record)
     return plan

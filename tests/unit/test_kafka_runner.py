@@ -198,6 +198,26 @@ def test_an_output_over_the_message_limit_is_dead_lettered_as_its_input():
     assert (h[DLQ_PARTITION], h[DLQ_OFFSET]) == ("2", "5")
 
 
+def test_an_oversized_output_with_no_source_message_is_dead_lettered_not_only_logged():
+    # Found in review: a stage that changed the pair id without lineage.original_id left its oversized
+    # output with no input to dead-letter; it was logged and its input offset committed: the pair was lost.
+    def rename_and_grow(batch):
+        result = StageResult()
+        for source in batch:
+            rec = type(source)()
+            rec.CopyFrom(source)  # a new record, as stages that copy make
+            rec.pair.id, rec.lineage.original_id = "renamed-" + rec.pair.id, ""
+            rec.pair.meta["blob"] = "x" * 40_000
+            result.emit("annotated", rec)
+        return result
+
+    plan = plan_batch([encoded(0)], rename_and_grow, TOPICS, "svc", max_bytes=32 * 1024)
+    assert plan.failed == {"too-large": 1} and plan.dead_lettered == 1 and not plan.emitted
+    (dlq,) = [o for o in plan.outgoing if o.topic == "dlq"]
+    h = header_map(dlq.headers)
+    assert h[DLQ_KIND] == "too-large" and dlq.size <= 32 * 1024
+
+
 def test_a_dead_letter_over_the_limit_keeps_its_provenance_but_not_its_payload():
     def grow(batch):
         result = StageResult()
