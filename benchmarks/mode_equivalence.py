@@ -326,10 +326,11 @@ def run_kafka(
     scorer_port, admin_port, desk_port = free_port(), free_port(), free_port()
     config = merged(
         base,
-        # Stages poll 16 records at a time, a quarter of the controller's batch (base_config: batch_pairs).
+        # Stages poll 8 records at a time, an eighth of the controller's batch (base_config: batch_pairs), so a
+        # Stage 2 of two dozen pairs still reaches the filter in several polls and its kill lands mid-step.
         # A 15 s session (default 45 s): a restarted stage waits out its killed predecessor's session
         # before its group hands it the partitions.
-        kafka={"bootstrap_servers": bootstrap, "consumer_poll_ms": 200, "max_batch": 16, "session_timeout_ms": 15_000},
+        kafka={"bootstrap_servers": bootstrap, "consumer_poll_ms": 200, "max_batch": 8, "session_timeout_ms": 15_000},
         topics=kafka_topics(bootstrap, name),
         controller={
             "workdir": str(work),
@@ -402,7 +403,7 @@ class Kills:
     fewer than three, its first) is partly decided; then, once the restarted controller has sent a batch
     again, the gold-scorer after its first scored records of it. Stage 2: the annotator once the judges
     answered a Stage-2 request; then the filter after its first decided records once the annotator is
-    back. A stage polls kafka.max_batch (16) records at a
+    back. A stage polls kafka.max_batch (8) records at a
     time and the controller sends batch_pairs (64), so a stage killed after its first output of a batch
     still holds the rest of it. Every wait is on the controller's log, the topics' end offsets or the
     judges' request count, with a deadline. (The dataset writer takes no part in the loop: the
