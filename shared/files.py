@@ -22,7 +22,7 @@ LOCK_WAIT_LOG_EVERY_S = 30.0
 
 
 def fsync_folder(folder: Path) -> None:
-    """Make a rename or a new name in `folder` durable."""
+    """Make a rename or a new name in `folder` durable (any path: a file's data too)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -35,11 +35,7 @@ def fsync_tree(folder: Path) -> None:
     publishes it (a folder renamed into place after a power loss could otherwise hold empty files)."""
     for root, _, files in os.walk(folder):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_folder(Path(root, name))
         fsync_folder(Path(root))
 
 

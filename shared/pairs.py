@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import random
+from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
@@ -155,6 +156,14 @@ def held_out_count(conversations: int, fraction: float) -> int:
     return min(conversations, max(1, math.floor(fraction * conversations + 0.5)))
 
 
+def held_out_positions(distinct: int, fraction: float, seed: int) -> array[int]:
+    """Which of `distinct` sorted conversation keys a split holds out, as positions in that order: the first
+    held_out_count(...) after a random.Random(seed) shuffle (8 bytes a key while it runs)."""
+    order = array("q", range(distinct))
+    random.Random(seed).shuffle(order)
+    return order[: held_out_count(distinct, fraction)]
+
+
 def split_by_conversation(
     items: Sequence[T], conversation: Callable[[T], MessageDicts], fraction: float, seed: int
 ) -> tuple[list[T], list[T]]:
@@ -166,8 +175,7 @@ def split_by_conversation(
     """
     keys = [conversation_key(conversation(item)) for item in items]
     distinct = sorted(set(keys))
-    random.Random(seed).shuffle(distinct)
-    held = set(distinct[: held_out_count(len(distinct), fraction)])
+    held = {distinct[i] for i in held_out_positions(len(distinct), fraction, seed)}
     kept = [item for item, key in zip(items, keys, strict=True) if key not in held]
     held_out = [item for item, key in zip(items, keys, strict=True) if key in held]
     return kept, held_out

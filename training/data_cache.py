@@ -20,11 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import shutil
 import sys
 import uuid
-from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ import numpy as np
 
 from synpref.shared import modeling, pairs, source_files, sources
 from synpref.shared.files import FileLock, replace_durably
-from synpref.shared.pairs import conversation_key, held_out_count
+from synpref.shared.pairs import conversation_key, held_out_positions
 from synpref.shared.tokenizer_hash import tokenizer_sha256
 from synpref.training import data, token_store
 from synpref.training.token_store import EncodedSet, PairEncoder, PairStore
@@ -144,13 +142,8 @@ def held_out_mask(paths: list[str], columns_extra: tuple[str, ...], fraction: fl
         if pair is not None:
             digests += bytes.fromhex(conversation_key(list(pair.get("conversation") or [])))
     keys = np.frombuffer(bytes(digests), dtype="S32")
-    # Sorted raw digests are sorted hex keys; the shuffle only moves positions, so shuffling indices
-    # with the same Random(seed) picks the same keys as shuffling the key list.
-    distinct = np.unique(keys)
-    order = array("q", range(len(distinct)))
-    random.Random(seed).shuffle(order)
-    count = held_out_count(len(distinct), fraction)
-    picked = np.frombuffer(order, dtype=np.int64)[:count] if count else np.zeros(0, dtype=np.int64)
+    distinct = np.unique(keys)  # sorted raw digests are sorted hex keys: split_by_conversation's order
+    picked = np.frombuffer(held_out_positions(len(distinct), fraction, seed), dtype=np.int64)
     return np.isin(keys, distinct[picked])
 
 
