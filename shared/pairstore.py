@@ -19,6 +19,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -185,11 +186,14 @@ class PairStore:
         return moved
 
     def drop(self, rows: Iterable[int]) -> int:
-        """Delete rows (a sample taken at ingest); their row numbers are not reused. Returns rows deleted."""
-        wanted = sorted(set(rows))
+        """Delete rows (a sample taken at ingest); their row numbers are not reused. Returns rows deleted.
+
+        `rows` is read a chunk at a time: dropping most of a 40M-pair pool must not hold all its row numbers
+        in a set (~60 B each); a row given twice is deleted once and counted once."""
         deleted = 0
+        it = iter(rows)
         with self.transaction():
-            for chunk in _chunks(wanted):
+            while chunk := sorted(set(islice(it, _CHUNK))):
                 marks = ",".join("?" * len(chunk))
                 deleted += self._db.execute(f"DELETE FROM pairs WHERE row IN ({marks})", chunk).rowcount
         return deleted

@@ -5,6 +5,7 @@ shared/sources.py turns these records into pairs, format by format.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 from collections.abc import Iterator
@@ -19,11 +20,13 @@ class SourceError(ValueError):
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else path.open(encoding="utf-8")
+    # utf-8-sig: a file saved with a byte-order mark (Windows editors) would otherwise not parse at all.
+    gz = path.name.lower().endswith(".gz")  # lower: iter_records picks the reader by the lower-cased name
+    return gzip.open(path, "rt", encoding="utf-8-sig") if gz else path.open(encoding="utf-8-sig")
 
 
 def _open_binary(path: Path):
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb")
 
 
 def _json_line(raw: bytes) -> tuple[Any, str | None]:
@@ -54,6 +57,8 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     if name.endswith((".jsonl", ".jsonl.gz")):
         with _open_binary(path) as raw_lines:
             for index, raw in enumerate(raw_lines):
+                if index == 0:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)  # else the first record is "invalid JSON"
                 if raw.strip():
                     record, error = _json_line(raw)
                     yield index, record, error
@@ -99,7 +104,10 @@ def source_files(path: Path) -> list[Path]:
     not exist.
     """
     if path.is_dir():
-        versions = {m.parent: shards for m in path.rglob(DATASET_MANIFEST) if (shards := _manifest_shards(m.parent))}
+        # `is not None`: a version whose manifest lists no shard yet (only offsets committed) is still a version;
+        # its manifest is no pair file and a shard not yet listed is not committed.
+        found = ((m.parent, _manifest_shards(m.parent)) for m in path.rglob(DATASET_MANIFEST))
+        versions = {folder: shards for folder, shards in found if shards is not None}
         listed = [shard for shards in versions.values() for shard in shards]
         loose = [
             p

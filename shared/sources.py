@@ -329,7 +329,12 @@ def _iter_file(path: Path, fmt: str | None, source: str | None, keep: tuple[str,
     first = next(records, None)
     if first is None:
         return
-    file_fmt = fmt or detect_format(path, first[1])
+    sample = first[1]
+    if fmt is None and first[2] is not None:
+        # A bad first line must not decide the format of the whole file (an hh-rlhf file read as "pairs" gives
+        # every row as "no conversation"): detect from the first record that parses.
+        sample = next((record for _, record, error in iter_records(path) if error is None), None)
+    file_fmt = fmt or detect_format(path, sample)
     if file_fmt not in READERS:
         raise SourceError(f"unknown format {file_fmt!r}; known: {', '.join(FORMATS)}")
     reader = READERS[file_fmt]

@@ -1,6 +1,6 @@
 """`synpref ingest`: read pair files, normalize, drop empty / duplicate / contaminated pairs, publish.
 
-Prints one JSON line of counts (read = published + empty + duplicate + contaminated +
+Prints one JSON line of counts (read = published + empty + identical + duplicate + contaminated +
 unreadable + oversized) and writes every dropped row with its bucket and reason to --report,
 its locator `file#row`. Records go to the raw topic keyed by pair id; a record larger than
 the topic takes (its max.message.bytes, read from the broker, or kafka.max_message_bytes if

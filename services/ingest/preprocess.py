@@ -1,11 +1,13 @@
 """The paper's preprocessing as one pass over source rows.
 
 Each SourceRow ends in exactly one bucket, so the counts always reconcile:
-read = published + empty + duplicate + contaminated + unreadable + oversized.
+read = published + empty + identical + duplicate + contaminated + unreadable + oversized.
 
 - unreadable: the reader could not make a pair of the row (reason from shared/sources.py),
   or its text holds a lone surrogate (a JSON "\\ud800" escape) that no protobuf string can.
 - empty: a message with empty or whitespace-only content, or no conversation at all.
+- identical: chosen and rejected are the same messages: no preference to learn (a Bradley-Terry loss of
+  log 2 whatever the model, a held-out pair no model gets right), and a flip keeps its id.
 - duplicate: the same (history, chosen, rejected) as an earlier pair (global, by content id).
 - contaminated: a user turn shares a 13-gram with a benchmark prompt.
 - oversized: its record would be larger than the raw topic takes (the caller's `too_large`).
@@ -26,7 +28,7 @@ from synpref.shared.pairs import new_pair, new_record
 from synpref.shared.sources import SourceRow, iter_source
 from synpref.v1.pair_pb2 import PairRecord
 
-BUCKETS = ("published", "empty", "duplicate", "contaminated", "unreadable", "oversized")
+BUCKETS = ("published", "empty", "identical", "duplicate", "contaminated", "unreadable", "oversized")
 _WORD = re.compile(r"\w+", re.UNICODE)
 BUILTIN_DIR = Path(__file__).resolve().parent / "data"  # resolve: an editable install links this file
 """Built-in benchmark sets: <name>.ngrams, made by tools/decontam/build_ngrams.py, shipped in the wheel."""
@@ -188,6 +190,7 @@ class IngestCounts:
         read: rows read.
         published: rows made into a record to publish.
         empty: rows with an empty message or no conversation.
+        identical: rows whose chosen and rejected responses are the same messages.
         duplicate: rows with the same content id as an earlier pair (or one in `seen`).
         contaminated: rows whose user turns share an n-gram with a benchmark prompt.
         unreadable: rows that are no pair, or whose text holds a lone surrogate.
@@ -198,6 +201,7 @@ class IngestCounts:
     read: int = 0
     published: int = 0
     empty: int = 0
+    identical: int = 0
     duplicate: int = 0
     contaminated: int = 0
     unreadable: int = 0
@@ -280,6 +284,9 @@ class Preprocessor:
                 if not message["content"].strip():
                     self._reject(row, "empty", f"{part}[{i}] has empty content")
                     return None
+        if pair["chosen"] == pair["rejected"]:
+            self._reject(row, "identical", "chosen and rejected are the same: no preference")
+            return None
         user_text = "\n".join(m["content"] for m in pair["conversation"] if m["role"] == "user")
         gram = self.decontaminator.overlap(user_text)
         if gram is not None:
