@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 from collections.abc import Callable
 from typing import Protocol
@@ -92,7 +93,9 @@ class Annotator:
             if attributes is not None:
                 out.attributes.CopyFrom(attributes)
         attrs = attributes_dict(out.attributes) if out.attributes.task_category else {}
-        best = None if out.lineage.stage == STAGE_ONE else next((s.p for s in out.scores if s.model == BEST), None)
+        # A NaN p (a diverged RM) is no score: it neither skips the judges nor trims the examples.
+        scores = (s.p for s in out.scores if s.model == BEST and math.isfinite(s.p))
+        best = None if out.lineage.stage == STAGE_ONE else next(scores, None)
         if self.skip_confident and best is not None and not needs_annotation(best, self.band):
             out.lineage.steps.append(STEP)
             return out

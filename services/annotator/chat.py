@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -164,9 +165,12 @@ class OpenAIChat:
         data = await self._post(body)
         if data is None:
             return [None] * n
+        # Any other shape (choices null beside an error, a message that is not an object) is no answer.
+        choices = data.get("choices") if isinstance(data, dict) else None
         texts: list[str | None] = []
-        for choice in data.get("choices", [])[:n] if isinstance(data, dict) else []:
-            content = (choice.get("message") or {}).get("content") if isinstance(choice, dict) else None
+        for choice in choices[:n] if isinstance(choices, list) else []:
+            message = choice.get("message") if isinstance(choice, dict) else None
+            content = message.get("content") if isinstance(message, dict) else None
             texts.append(content if isinstance(content, str) else None)
         # A server that ignores `n` answers once: the missing samples are abstentions.
         return texts + [None] * (n - len(texts))
@@ -209,7 +213,8 @@ class OpenAIChat:
                         return await resp.json(content_type=None), None, False
                     except (ValueError, aiohttp.ContentTypeError) as exc:
                         return None, f"invalid JSON body: {exc}", True
-                error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                # errors="replace": a proxy's error page in another charset must not turn a 502 into an exception.
+                error = f"HTTP {resp.status}: {(await resp.text(errors='replace'))[:200]}"
                 return None, error, resp.status in RETRY_STATUS
         except (TimeoutError, aiohttp.ClientError) as exc:
             return None, f"{type(exc).__name__}: {exc}", True
@@ -224,7 +229,9 @@ class LocalChat:
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.seed = seed
-        self._lock = asyncio.Lock()
+        # A thread lock taken in the worker thread: an asyncio.Lock binds to the first event loop that waits on it,
+        # and one backend serves several (an annotator per stage), possibly from several threads at once.
+        self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, path: str, name: str | None = None, **kwargs: Any) -> LocalChat:
@@ -262,8 +269,11 @@ class LocalChat:
     ) -> list[str | None]:
         """`n` sampled answers generated in a worker thread, one generation at a time; response_format is ignored."""
         # response_format is not enforced locally: the parser decides, and junk abstains.
-        async with self._lock:
-            return await asyncio.to_thread(self._generate, messages, n, temperature)
+        return await asyncio.to_thread(self._generate_one_at_a_time, messages, n, temperature)
+
+    def _generate_one_at_a_time(self, messages: Messages, n: int, temperature: float) -> list[str | None]:
+        with self._lock:
+            return self._generate(messages, n, temperature)
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -13,11 +13,13 @@ controller recycles those pairs (`recycle`) once it has measured the gold RM str
 where that word is more often right than the label.
 
 Routes: KEEP/FLIP -> "curated", REVIEW -> "review", DISCARD/SKIP -> "discarded" (kept for
-audit). A record missing a score the rule needs is a failure (dead-letter), not a guess.
+audit). A record missing a score the rule needs is a failure (dead-letter), not a guess; so is one
+whose score is NaN (a diverged RM), which every comparison would otherwise read as a disagreement.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TypeVar
 
 from synpref.shared.config import FilterSettings
@@ -61,8 +63,8 @@ Key = TypeVar("Key", str, int)
 
 
 def score_of(record: PairRecord, model: str) -> ModelScore | None:
-    """The record's ModelScore from `model` (GOLD or BEST), or None."""
-    return next((s for s in record.scores if s.model == model), None)
+    """The record's ModelScore from `model` (GOLD or BEST), or None, also when its p is not finite."""
+    return next((s for s in record.scores if s.model == model and math.isfinite(s.p)), None)
 
 
 def _decided(record: PairRecord, decision: Decision, rule: str, reason: str, stage) -> PairRecord:
@@ -81,7 +83,7 @@ def stage1(record: PairRecord, settings: FilterSettings) -> PairRecord:
     """
     best = score_of(record, BEST)
     if best is None:
-        raise MissingScore("stage 1 needs the best RM's score (ModelScore 'best')")
+        raise MissingScore("stage 1 needs the best RM's score (ModelScore 'best' with a finite p)")
     if needs_annotation(best.p, settings.band):
         why = "the best RM prefers the rejected side" if best.p <= 0.5 else "the best RM is unsure"
         reason = f"p_best={best.p:.3f} <= 0.5+{settings.band:g}: {why}; gold candidate for human review"
@@ -121,7 +123,7 @@ def stage2(record: PairRecord, settings: FilterSettings) -> PairRecord:
     """
     gold = score_of(record, GOLD)
     if gold is None:
-        raise MissingScore("stage 2 needs the gold RM's score (ModelScore 'gold')")
+        raise MissingScore("stage 2 needs the gold RM's score (ModelScore 'gold' with a finite p)")
     best = score_of(record, BEST)
     judges = record.judge_aggregate.preference
     gold_agrees = gold.p > 0.5
