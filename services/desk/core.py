@@ -242,6 +242,11 @@ class DeskCore:
         self._pending[pid] = Entry(record=record, handle=handle, seq=self._seq)
         return True
 
+    def holds(self, pair_id: str, handle: Any) -> bool:
+        """Whether the pending pair `pair_id` came with this very handle (a redelivery of its own message)."""
+        entry = self._pending.get(pair_id)
+        return entry is not None and handle is not None and entry.handle == handle
+
     def replay(self, pair_id: str, handle: Any = None) -> Decided | None:
         """The earlier decision on a pair that arrives again (a redelivery, or a later iteration).
 

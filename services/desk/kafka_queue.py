@@ -180,12 +180,22 @@ class KafkaDeskQueues:
             # this poll assigns the partitions afresh, unpaused: what it then reads goes to the inbox.
             if consumer.assignment():
                 consumer.pause(*consumer.assignment())
-            runner.run_once()
-            return self.inbox.take(limit)
-        if consumer.paused():
+        elif consumer.paused():
             consumer.resume(*consumer.paused())
-        runner.run_once()
+        # A commit that failed earlier is retried here: an idle desk polls nothing, so no checkpoint would.
+        self._committing(runner.run_once)
+        self._committing(lambda: runner.commit(self.inbox.safe_offsets()))
         return self.inbox.take(limit)
+
+    def _committing(self, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception:
+            # The inbox counts its offsets as committed before the commit is sent; after a failure it must
+            # offer them again, or they stay uncommitted until more pairs arrive and a restart re-reads
+            # pairs the annotators already decided.
+            self.inbox.committed.clear()
+            raise
 
     def _write(self, routed: list[tuple[str, PairRecord]]) -> None:
         runner = self._opened()
@@ -195,7 +205,7 @@ class KafkaDeskQueues:
     def _ack(self, handles: list[Any]) -> None:
         runner = self._opened()
         self.inbox.settle(handles)
-        runner.commit(self.inbox.safe_offsets())
+        self._committing(lambda: runner.commit(self.inbox.safe_offsets()))
 
     def _close(self) -> None:
         self.runner.close()

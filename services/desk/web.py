@@ -75,21 +75,24 @@ class ReviewDesk:
         for record in examples:
             self.core.add_example(record)
         self._outbox: list[Decided] = []
+        self._acks: list[Any] = []
+        """Source handles settled without a write (duplicates), or whose ack failed: acked on the next flush."""
         self._io = asyncio.Lock()
 
     async def refill(self) -> int:
         """Pull new pairs up to the pending limit; returns how many were added."""
-        room = max(0, self.settings.max_pending - self.core.pending)
         async with self._io:
+            # Measured under the lock: a refill from /api/next and one from the tick must not both fill the room.
+            room = max(0, self.settings.max_pending - self.core.pending)
             # A full desk still calls fetch(0): a Kafka source must keep polling to stay in its group.
             items = await self.source.fetch(room)
             fresh = 0
-            repeats = []
-            replays = []
+            settled = False
             for record, handle in items:
                 replay = self.core.replay(record.pair.id, handle)
                 if replay is not None:
-                    replays.append(replay)
+                    self._outbox.append(replay)
+                    settled = True
                     continue
                 try:
                     added = self.core.add(record, handle)
@@ -99,27 +102,38 @@ class ReviewDesk:
                     added = False
                 if added:
                     fresh += 1
-                else:
-                    repeats.append(handle)
-            if repeats:
-                await self.source.ack(repeats)
-            self._outbox.extend(replays)
-        if replays:
-            await self.flush()
+                elif not self.core.holds(record.pair.id, handle):
+                    # Its own message again (a rebalance re-reads from the commit) must stay open until the
+                    # pair is decided: acking it would commit past an undecided pair, lost on a crash.
+                    self._acks.append(handle)
+                    settled = True
+        if settled:
+            try:
+                await self.flush()
+            except Exception:
+                # Kept in the outbox and the ack list; the tick retries. The new pairs can be shown meanwhile.
+                log.exception("could not settle repeated review records; will retry")
         return fresh
 
     async def flush(self) -> int:
-        """Write decided pairs, then acknowledge their source handles; returns how many."""
+        """Write decided pairs, then acknowledge their source handles (and any ack that failed before);
+        returns how many pairs were written."""
         async with self._io:
-            if not self._outbox:
-                return 0
             batch, self._outbox = self._outbox, []
-            try:
-                await self.sink.write([(d.route, d.record) for d in batch])
-            except Exception:
-                self._outbox = batch + self._outbox
-                raise
-            await self.source.ack([d.handle for d in batch])
+            if batch:
+                try:
+                    await self.sink.write([(d.route, d.record) for d in batch])
+                except Exception:
+                    self._outbox = batch + self._outbox
+                    raise
+            handles, self._acks = self._acks + [d.handle for d in batch], []
+            if handles:
+                try:
+                    await self.source.ack(handles)
+                except Exception:
+                    # Written but not acknowledged: acked again later, or the source never lets these offsets go.
+                    self._acks = handles + self._acks
+                    raise
             return len(batch)
 
     async def submit(self, annotator: str, pair_id: str, choice: int, note: str) -> bool:
