@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def result_key(path: str, paths: list[str], result: dict[str, Any]) -> str:
+    """The file's name, or the path as given where names repeat (hh-rlhf's folders each hold a
+    test.jsonl.gz) or clash with a key of the result: one input's metrics never replace another's."""
+    name = Path(path).name
+    if sum(Path(p).name == name for p in paths) > 1 or name in result or name == "rmbench":
+        return path
+    return name
+
+
 def main(argv: list[str]) -> int:
     """`synpref eval`: score the inputs with the model and print the JSON result (also to --out);
     2 when no --pairs, --hh-rlhf or --rmbench is given.
@@ -54,12 +63,12 @@ def main(argv: list[str]) -> int:
     result: dict[str, Any] = {"model": args.model, "max_length": args.max_length}
     progress = not args.no_progress
     inputs = [(p, load_pairs([p])) for p in args.pairs] + [(p, load_hh_rlhf(p)) for p in args.hh_rlhf]
-    for name, pairset in inputs:
+    for path, pairset in inputs:
         pairs = pairset.pairs[: args.limit] if args.limit else pairset.pairs
         rewards = score_pairs(model, tokenizer, pairs, args.max_length, args.batch_size, args.truncation, progress)
         metrics = pairwise_metrics(rewards, [p.get("source", "unknown") for p in pairs])
         metrics["unreadable_rows"] = len(pairset.problems)
-        result[Path(name).name] = metrics
+        result[result_key(path, [p for p, _ in inputs], result)] = metrics
     if args.rmbench:
         items = load_rmbench(args.rmbench)
         items = items[: args.limit] if args.limit else items

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import urllib3
 import yaml
 from kubernetes import client
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,6 +34,9 @@ DEFAULT_SPEC_PATH = "/etc/synpref/train-job.yaml"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 CONTAINER_NAME = "train"
 MAX_WAIT_S = 7 * 24 * 3600.0
+REQUEST_TIMEOUT_S = 30.0
+"""Longest one status read may take (the client retries a read a few times within a poll)."""
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -90,8 +94,9 @@ class TrainingJobSpec(BaseModel):
     nodes: int = Field(default=1, ge=1, le=1024)
     gpus_per_node: int = Field(default=1, ge=0, le=64)
     gpu_resource_name: str = "nvidia.com/gpu"
-    resources: dict[str, dict[str, str | int]] = Field(default_factory=dict)
-    """Container requests/limits for cpu and memory; the GPU limit is added from gpus_per_node."""
+    resources: dict[str, dict[str, str | int | float]] = Field(default_factory=dict)
+    """Container requests/limits for cpu and memory; the GPU limit is added from gpus_per_node.
+    Numbers are allowed because the chart's schema allows them (`cpu: 0.5` in values)."""
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     service_account: str = "default"
@@ -344,21 +349,36 @@ class JobBackend:
             raise self._error("creating", "Job", spec.namespace, spec.name, exc) from exc
 
     def wait(self, namespace: str, name: str, timeout_s: float, poll_s: float = 5.0) -> str:
-        """Poll until the Job completes or fails; returns "Complete" or "Failed"."""
+        """Poll until the Job completes or fails; returns "Complete" or "Failed".
+
+        A wait lasts hours: an API server that is briefly away (restart, upgrade, 5xx, 429, a dropped
+        connection) is polled again until the deadline; a missing or forbidden Job fails at once.
+        """
         deadline = time.monotonic() + validate_timeout(timeout_s)
+        last_error = ""
         while True:
+            remaining = deadline - time.monotonic()
             try:
                 # The Job itself carries its status: `get` on jobs, which the chart's controller Role
                 # grants; read_namespaced_job_status needs jobs/status as well (403 on the cluster).
-                job = self.batch.read_namespaced_job(name, namespace)
+                # Bounded: without a request timeout a stalled connection blocks past any deadline.
+                job = self.batch.read_namespaced_job(
+                    name, namespace, _request_timeout=min(max(remaining, 1.0), REQUEST_TIMEOUT_S)
+                )
             except client.ApiException as exc:
-                raise self._error("reading", "Job", namespace, name, exc) from exc
-            for cond in (job.status and job.status.conditions) or []:
-                if cond.status == "True" and cond.type in ("Complete", "Failed"):
-                    return str(cond.type)
+                if exc.status not in TRANSIENT_STATUSES:
+                    raise self._error("reading", "Job", namespace, name, exc) from exc
+                last_error = f"; last error: HTTP {exc.status} {exc.reason}"
+            except urllib3.exceptions.HTTPError as exc:
+                last_error = f"; last error: {type(exc).__name__}: {exc}"
+            else:
+                last_error = ""
+                for cond in (job.status and job.status.conditions) or []:
+                    if cond.status == "True" and cond.type in ("Complete", "Failed"):
+                        return str(cond.type)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"Job {namespace}/{name} did not finish within {timeout_s:g}s")
+                raise TimeoutError(f"Job {namespace}/{name} did not finish within {timeout_s:g}s{last_error}")
             time.sleep(min(poll_s, remaining))
 
 

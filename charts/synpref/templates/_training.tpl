@@ -2,8 +2,14 @@
 training/k8s_job.py turns into a Job, and as the CronJob's jobTemplate. A test renders
 both and proves the Jobs equal. */}}
 
+{{/* Labels of the training Jobs, their pods and Service: no chart or app version. The controller
+finds its Jobs by these labels after a restart, and a `helm upgrade` that bumps a version restarts it:
+with the version in them it would no longer see its running Job and resubmit under a taken name. */}}
 {{- define "synpref.trainLabels" -}}
-{{ include "synpref.componentLabels" (dict "ctx" . "component" "train") }}
+{{ include "synpref.selectorLabels" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: synpref
+app.kubernetes.io/component: train
 {{- end }}
 
 {{- define "synpref.trainService" -}}
