@@ -2,8 +2,9 @@
 
 - OpenAIChat: any OpenAI-compatible /v1/chat/completions server (vLLM, SGLang, most
   providers) over aiohttp, with a concurrency limit, a per-request timeout, retries with
-  exponential backoff on timeouts / connection errors / 429 / 5xx, and JSON answers through
-  `response_format`. The API key is read from the environment variable the settings name.
+  exponential backoff on timeouts / connection errors / 429 / 5xx (never sooner than the server's
+  Retry-After, up to timeout_s), and JSON answers through `response_format`. The API key is
+  read from the environment variable the settings name.
 - LocalChat: a transformers causal LM in this process (sampling with `generate`).
 
 A backend returns one entry per sample: the answer text, or None when no answer came back
@@ -22,6 +23,8 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import aiohttp
@@ -50,6 +53,26 @@ JUDGE_GAVE_UP = Counter(
 
 Messages = list[dict[str, str]]
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+# Most seconds a server's Retry-After makes a judge wait before one retry: a provider's rate-limit window is
+# seconds to a minute, and an hour-long answer (or a bogus date) must not park a Stage 2 batch.
+MAX_RETRY_AFTER_S = 60.0
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds a Retry-After header asks to wait (delta-seconds or an HTTP-date), capped; None when absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        # An HTTP-date is GMT; "-0000" parses without a zone, which timestamp() would take as local time.
+        seconds = when.replace(tzinfo=when.tzinfo or UTC).timestamp() - time.time()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 class ChatBackend(Protocol):
@@ -181,7 +204,7 @@ class OpenAIChat:
             async with self.semaphore:
                 self.stats.requests += 1
                 started = time.monotonic()
-                data, error, retryable = await self._attempt(session, body)
+                data, error, retryable, wait_s = await self._attempt(session, body)
                 JUDGE_SECONDS.labels(self.name).observe(time.monotonic() - started)
             result = "ok" if error is None else "retryable" if retryable else "refused"
             JUDGE_ATTEMPTS.labels(self.name, result).inc()
@@ -195,6 +218,10 @@ class OpenAIChat:
             if attempt < self.retries:
                 self.stats.retries += 1
                 delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
+                # A rate-limited (429) or overloaded (503) server says when to come back: retrying sooner only
+                # spends the retries, and the judge abstains while the provider is still refusing. No longer
+                # than one request may take, so a call stays within what timeout_s and retries promise.
+                delay = max(delay, min(wait_s or 0.0, self.timeout_s))
                 log.info("%s: %s; retry %d/%d in %.2fs", self.name, error, attempt + 1, self.retries, delay)
                 await asyncio.sleep(delay)
         self.stats.failures += 1
@@ -204,20 +231,22 @@ class OpenAIChat:
 
     async def _attempt(
         self, session: aiohttp.ClientSession, body: dict[str, Any]
-    ) -> tuple[dict[str, Any] | None, str | None, bool]:
-        """One HTTP request: (the decoded answer, None, _) or (None, what went wrong, whether to retry)."""
+    ) -> tuple[dict[str, Any] | None, str | None, bool, float | None]:
+        """One HTTP request: (the decoded answer, None, _, _) or (None, what went wrong, whether to retry, the
+        server's Retry-After in seconds or None)."""
         try:
             async with session.post(self.url, json=body, headers=self._headers()) as resp:
                 if resp.status == 200:
                     try:
-                        return await resp.json(content_type=None), None, False
+                        return await resp.json(content_type=None), None, False, None
                     except (ValueError, aiohttp.ContentTypeError) as exc:
-                        return None, f"invalid JSON body: {exc}", True
+                        return None, f"invalid JSON body: {exc}", True, None
                 # errors="replace": a proxy's error page in another charset must not turn a 502 into an exception.
                 error = f"HTTP {resp.status}: {(await resp.text(errors='replace'))[:200]}"
-                return None, error, resp.status in RETRY_STATUS
+                wait_s = retry_after_s(resp.headers.get("Retry-After"))
+                return None, error, resp.status in RETRY_STATUS, wait_s
         except (TimeoutError, aiohttp.ClientError) as exc:
-            return None, f"{type(exc).__name__}: {exc}", True
+            return None, f"{type(exc).__name__}: {exc}", True, None
 
 
 class LocalChat:
