@@ -3,22 +3,23 @@
 Sources, lowest to highest precedence: field defaults, a YAML file
 (`--config` or SYNPREF_CONFIG), then environment variables with the prefix
 SYNPREF_ and `__` between nested names (SYNPREF_KAFKA__BOOTSTRAP_SERVERS=...).
-Unknown keys are errors, so a typo in a config file fails loudly. The sections of the
+Unknown keys and keys given twice are errors, so a typo in a config file fails loudly; a list, mapping
+or section set in one variable is JSON (SYNPREF_CONTROLLER__SOURCES='["a.jsonl"]'). The sections of the
 serving processes (scorer, desk) are in config_serving.py and are importable from here.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
-from synpref.shared.config_base import ENV_PREFIX, ConfigError, ModelRef, Section
+from synpref.shared.config_base import ENV_PREFIX, ConfigError, ModelRef, Section, read_yaml
 from synpref.shared.config_serving import DeskSettings, ScorerSettings
 from synpref.shared.sources import SourceFormat
 
@@ -402,20 +403,6 @@ class Settings(BaseSettings):
         return env_settings, init_settings
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in YAML file `path` (empty file: {}); ConfigError if missing, invalid, or not a mapping."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {path}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level, not {type(data).__name__}")
-    return data
-
-
 def check_env_sections(environ: Mapping[str, str]) -> None:
     """ConfigError for a SYNPREF_<SECTION>__<FIELD> variable of no section: pydantic-settings would ignore
     SYNPREF_SCORRER__PORT. Names without `__` are not only ours (SYNPREF_CONFIG, SYNPREF_JOB_NAME)."""
@@ -442,6 +429,11 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     data.update(overrides)
     try:
         return Settings(**data)
+    except SettingsError as exc:  # a variable of a list, mapping or section that does not parse as JSON
+        field = re.search(r'field "(\w+)"', str(exc))  # pydantic-settings names the section, not the variable
+        prefix = f"{ENV_PREFIX}{field[1] if field else ''}".upper()
+        names = sorted(n for n in os.environ if n.upper().startswith(prefix))
+        raise ConfigError(f"{exc}: a list, mapping or section set in {', '.join(names)} must be JSON") from None
     except ValidationError as exc:
         lines = [f"invalid configuration{f' in {path}' if path else ''}:"]
         for err in exc.errors():

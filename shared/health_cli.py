@@ -11,6 +11,7 @@ target says how it ended, and the exit code is 0 only when every target passed.
 from __future__ import annotations
 
 import argparse
+import http.client
 import time
 import urllib.error
 import urllib.request
@@ -44,6 +45,8 @@ def http_ok(url: str, timeout_s: float) -> str | None:
         return f"HTTP {exc.code}"
     except (urllib.error.URLError, OSError) as exc:
         return str(getattr(exc, "reason", exc))
+    except (http.client.HTTPException, ValueError) as exc:  # not HTTP (a gRPC port), a bad URL: a failure, no crash
+        return f"{type(exc).__name__}: {str(exc)!r}"  # repr: what a non-HTTP peer sent stays on one line
 
 
 def check(target: str, wait_s: float, timeout_s: float) -> str | None:

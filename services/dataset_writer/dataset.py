@@ -213,14 +213,18 @@ class IdIndex(DiskIdSet):
 
     def __init__(self, path: Path, shard_files: Sequence[str], shard_ids: Callable[[str], list[str]]) -> None:
         super().__init__(path)
-        self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-        row = self.db.execute("SELECT value FROM meta WHERE key = 'shards'").fetchone()
-        indexed = row[0] if row else 0
-        if indexed > len(shard_files):
-            self.db.execute("DELETE FROM ids")
-            indexed = 0
-        for number in range(indexed, len(shard_files)):
-            self.add_shard(shard_ids(shard_files[number]), number + 1)
+        try:
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'shards'").fetchone()
+            indexed = row[0] if row else 0
+            if indexed > len(shard_files):
+                self.db.execute("DELETE FROM ids")
+                indexed = 0
+            for number in range(indexed, len(shard_files)):
+                self.add_shard(shard_ids(shard_files[number]), number + 1)
+        except BaseException:
+            self.close()  # a listed shard missing or unreadable: no connection left open behind the error
+            raise
 
     def add_shard(self, ids: Iterable[str], shards: int) -> None:
         """Add one shard's ids and record that the first `shards` shards are indexed, in one transaction."""
@@ -248,11 +252,17 @@ class DatasetVersion:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name, self.version = name, version
         self.lock = FileLock(self.dir / WRITER_LOCK, lock_timeout_s)
-        self.manifest = self._load()
         self.index: IdIndex | None = None
-        if dedup:
-            files = [s["file"] for s in self.manifest["shards"]]
-            self.index = IdIndex(self.dir / ID_INDEX, files, self._shard_ids)
+        try:
+            self.manifest = self._load()
+            if dedup:
+                files = [s["file"] for s in self.manifest["shards"]]
+                self.index = IdIndex(self.dir / ID_INDEX, files, self._shard_ids)
+        except BaseException:
+            # A corrupt manifest or a listed shard gone: the exception's traceback keeps this half-built object,
+            # and with it the lock, so a retry in this process would fail as "already held by this process".
+            self.lock.release()
+            raise
 
     def _shard_ids(self, file: str) -> list[str]:
         return pq.read_table(self.dir / file, columns=["id"]).column("id").to_pylist()
