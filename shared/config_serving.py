@@ -48,7 +48,8 @@ class ScorerSettings(Section):
     """Fixed cost of one forward in token-equivalents, for cutting batches (more padding is
     worth it when forwards are costly); 0 = auto: 32 on CPU, 2048 on CUDA."""
     max_queue: int = Field(default=4096, ge=1)
-    """Items waiting per model; beyond it requests get RESOURCE_EXHAUSTED / HTTP 429."""
+    """Items waiting per model; beyond it requests get RESOURCE_EXHAUSTED / HTTP 429 (one is admitted whatever
+    its size when nothing is queued)."""
     max_request_items: int = Field(default=1024, ge=1)
     """Most items (pair sides count two) in one request; more is INVALID_ARGUMENT / HTTP 400."""
     on_too_long: Literal["truncate", "reject"] = "truncate"

@@ -265,7 +265,8 @@ class Batcher:
         if not ids:
             future.set_result(BatchResult(rewards=[], queue_ms=0.0, compute_ms=0.0, tokens=0, batch_size=0))
             return future
-        if self.depth + len(ids) > self.max_queue:
+        # Nothing queued: admitted whatever its size (max_request_items may exceed max_queue: never refused idle).
+        if self.depth and self.depth + len(ids) > self.max_queue:
             raise Overloaded(
                 f"model {self.name!r} has {self.depth} items queued; {len(ids)} more would exceed "
                 f"max_queue={self.max_queue}: retry later"

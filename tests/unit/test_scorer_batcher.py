@@ -442,3 +442,17 @@ def test_items_taken_into_the_planning_window_still_count_against_max_queue() ->
         await b.close()
 
     run(main())
+
+
+def test_a_request_larger_than_max_queue_is_admitted_when_nothing_is_queued() -> None:
+    # Found in review: max_request_items (1024) above max_queue refused such a request even on an idle
+    # model, and clients retry Overloaded: the gold scorer looped on the same batch for good.
+    rec = Recorder()
+
+    async def main() -> None:
+        b = make(rec, max_queue=4, max_wait_ms=0.0)
+        b.start()
+        assert (await b.score([[1]] * 6)).rewards == [1.0] * 6
+        await b.close()
+
+    run(main())
