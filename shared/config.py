@@ -155,6 +155,9 @@ class AnnotatorSettings(Section):
     """First retry delay; doubled on each retry, with jitter."""
     seed: int = 0
     """Seeds the Candidate 1/2 order of each (pair, judge, sample); the same seed replays the same prompts."""
+    batch_deadline_s: float = Field(default=480.0, gt=0, le=570)
+    """The annotator service's time for one batch; calls still running then abstain. Under Kafka's 10-minute poll
+    interval, or a slow judge gets the consumer evicted and the same batch read again for as long as it is slow."""
 
 
 class ScoringSettings(Section):

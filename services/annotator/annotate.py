@@ -10,6 +10,12 @@ Stage 2; when the record carries p_best (the gold-scorer ran first), they are sk
 `skip_confident` is set, which saves the calls and changes nothing the filter decides.
 A Stage-1 record's p_best is the working RM's, the one Stage 1 checks: judges see every
 such pair with max_examples examples, whatever its p.
+
+A batch has a deadline (`batch_deadline_s`; the service sets annotator.batch_deadline_s): judge
+and labeller calls still running when it passes are cancelled and their samples abstain, with the
+deadline as the rationale. The Kafka consumer must poll again within max.poll.interval.ms (10 min);
+a slow or hung judge would otherwise keep the batch past it, the consumer would leave its group,
+and the same batch would be read and overrun again for as long as the judge stays slow.
 """
 
 from __future__ import annotations
@@ -18,18 +24,27 @@ import asyncio
 import logging
 import math
 import threading
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+from prometheus_client import Counter
 
 from synpref.services.annotator.judges import AttributeLabeller, Judge, JudgeRequest, aggregate
 from synpref.services.annotator.prompts import Example, attributes_dict
 from synpref.shared.pairs import message_dicts, needs_annotation, now, pair_problem
 from synpref.shared.roles import BEST
 from synpref.shared.stage import Stage, StageResult
-from synpref.v1.pair_pb2 import STAGE_ONE, Attributes, PairRecord
+from synpref.v1.pair_pb2 import PREFERENCE_ABSTAIN, STAGE_ONE, Attributes, JudgeVote, PairRecord
 
 log = logging.getLogger(__name__)
 STEP = "annotator"
+T = TypeVar("T")
+LATE = "no answer before the batch deadline (annotator.batch_deadline_s)"
+JUDGE_LATE = Counter(
+    "synpref_judge_deadline_calls",
+    "Judge calls cancelled at the annotator's batch deadline: their samples abstain",
+    ["model"],
+)
 
 
 class ExampleSource(Protocol):
@@ -58,6 +73,7 @@ class Annotator:
         skip_confident: when a record carries a p_best score the best RM gets right by more
             than `band`, pass it through without judges.
         band: the margin around 0.5 used by `skip_confident`.
+        batch_deadline_s: seconds a batch may take; calls still running then abstain. None: no deadline.
 
     Input records are never mutated: each result is a copy.
     """
@@ -70,6 +86,7 @@ class Annotator:
         max_examples: int = 8,
         skip_confident: bool = False,
         band: float = 0.05,
+        batch_deadline_s: float | None = None,
     ) -> None:
         self.judges = judges
         self.labeller = labeller
@@ -77,11 +94,13 @@ class Annotator:
         self.max_examples = max_examples
         self.skip_confident = skip_confident
         self.band = band
+        self.batch_deadline_s = batch_deadline_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
 
-    async def annotate_one(self, record: PairRecord) -> PairRecord:
-        """An annotated copy of `record` (votes, aggregate and retrieved example ids replaced)."""
+    async def annotate_one(self, record: PairRecord, deadline: float | None = None) -> PairRecord:
+        """An annotated copy of `record` (votes, aggregate and retrieved example ids replaced); calls still
+        running at `deadline` (the event loop's clock) abstain."""
         out = PairRecord()
         out.CopyFrom(record)
         pair = out.pair
@@ -89,7 +108,7 @@ class Annotator:
             pair.id, message_dicts(pair.conversation), message_dicts(pair.chosen), message_dicts(pair.rejected)
         )
         if self.labeller is not None and not out.attributes.task_category:
-            attributes = await self.labeller.label(request)
+            attributes = await _until(self.labeller.label(request), deadline, self.labeller.name)
             if attributes is not None:
                 out.attributes.CopyFrom(attributes)
         attrs = attributes_dict(out.attributes) if out.attributes.task_category else {}
@@ -106,7 +125,7 @@ class Annotator:
         request = JudgeRequest(
             pair.id, request.conversation, request.chosen, request.rejected, attrs, examples, dict(pair.meta)
         )
-        results = await asyncio.gather(*(judge.judge(request) for judge in self.judges))
+        results = await asyncio.gather(*(_votes(judge, request, deadline) for judge in self.judges))
         del out.votes[:]
         for votes in results:
             out.votes.extend(votes)
@@ -119,7 +138,10 @@ class Annotator:
 
     async def annotate(self, records: list[PairRecord]) -> list[PairRecord | BaseException]:
         """Annotate `records` concurrently; each entry is the annotated record or the exception it raised."""
-        return await asyncio.gather(*(self.annotate_one(r) for r in records), return_exceptions=True)
+        deadline = None
+        if self.batch_deadline_s is not None:
+            deadline = asyncio.get_running_loop().time() + self.batch_deadline_s
+        return await asyncio.gather(*(self.annotate_one(r, deadline) for r in records), return_exceptions=True)
 
     def run(self, records: list[PairRecord]) -> list[PairRecord | BaseException]:
         """Annotate synchronously on the annotator's own event loop (kept between batches).
@@ -198,3 +220,27 @@ class Annotator:
         for close in closers:
             self._loop.run_until_complete(close())
         self._loop.close()
+
+
+async def _until(call: Awaitable[T], deadline: float | None, name: str) -> T | None:
+    """`await call`, or None (the call cancelled) once the event loop's clock passes `deadline`."""
+    if deadline is None:
+        return await call
+    try:
+        return await asyncio.wait_for(call, max(0.0, deadline - asyncio.get_running_loop().time()))
+    except TimeoutError:
+        JUDGE_LATE.labels(name).inc()
+        log.warning("%s: no answer before the batch deadline (annotator.batch_deadline_s)", name)
+        return None
+
+
+async def _votes(judge: Judge, request: JudgeRequest, deadline: float | None) -> list[JudgeVote]:
+    """The judge's votes, or one abstention per sample naming the deadline when the call outlasts it."""
+    votes = await _until(judge.judge(request), deadline, judge.name)
+    if votes is not None:
+        return votes
+    version = getattr(judge, "prompt_version", "")
+    return [
+        JudgeVote(judge=judge.name, sample=i, preference=PREFERENCE_ABSTAIN, rationale=LATE, prompt_version=version)
+        for i in range(getattr(judge, "samples", 1))
+    ]

@@ -54,7 +54,9 @@ def build_annotator(settings: Settings, examples=None) -> Annotator:
 
         # Re-read on every call: the controller rewrites the index before it publishes the batches that need it.
         examples = ReloadingExamples(cfg.examples_index, Embedder(cfg.embedding_model))
-    return Annotator(judges, labeller, examples, cfg.max_examples, cfg.skip_confident, settings.filter.band)
+    return Annotator(
+        judges, labeller, examples, cfg.max_examples, cfg.skip_confident, settings.filter.band, cfg.batch_deadline_s
+    )
 
 
 def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
