@@ -27,6 +27,7 @@ from typing import Any, Literal
 import urllib3
 import yaml
 from kubernetes import client
+from kubernetes.config.config_exception import ConfigException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DEFAULT_SPEC_PATH = "/etc/synpref/train-job.yaml"
@@ -319,6 +320,10 @@ class JobBackend:
     def _error(action: str, kind: str, namespace: str, name: str, exc: client.ApiException) -> JobError:
         return JobError(f"{action} {kind} {namespace}/{name} failed: HTTP {exc.status} {exc.reason}: {exc.body or ''}")
 
+    def _unreachable(self, action: str, kind: str, namespace: str, name: str, exc: Exception) -> JobError:
+        host, reason = self.batch.api_client.configuration.host, getattr(exc, "reason", None) or exc
+        return JobError(f"{action} {kind} {namespace}/{name} failed: API server {host} unreachable: {reason}")
+
     def ensure_rendezvous_service(self, spec: TrainingJobSpec) -> None:
         """Create the headless Service unless it exists (the chart creates it for multi-node values)."""
         name = spec.rendezvous_service
@@ -328,11 +333,15 @@ class JobBackend:
         except client.ApiException as exc:
             if exc.status != 404:
                 raise self._error("reading", "Service", spec.namespace, name, exc) from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise self._unreachable("reading", "Service", spec.namespace, name, exc) from exc
         try:
             self.core.create_namespaced_service(spec.namespace, build_rendezvous_service(spec))
         except client.ApiException as exc:
             if exc.status != 409:  # created meanwhile by another submit: fine
                 raise self._error("creating", "Service", spec.namespace, name, exc) from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise self._unreachable("creating", "Service", spec.namespace, name, exc) from exc
 
     def submit(self, spec: TrainingJobSpec) -> client.V1Job:
         """Create the training Job (and, for a multi-node one, its rendezvous Service first).
@@ -347,6 +356,9 @@ class JobBackend:
             return self.batch.create_namespaced_job(spec.namespace, build_training_job(spec))
         except client.ApiException as exc:
             raise self._error("creating", "Job", spec.namespace, spec.name, exc) from exc
+        except urllib3.exceptions.HTTPError as exc:
+            # Connection refused, DNS, TLS: the CLI prints one line naming the server, not a traceback.
+            raise self._unreachable("creating", "Job", spec.namespace, spec.name, exc) from exc
 
     def wait(self, namespace: str, name: str, timeout_s: float, poll_s: float = 5.0) -> str:
         """Poll until the Job completes or fails; returns "Complete" or "Failed".
@@ -428,7 +440,8 @@ def main_submit(argv: list[str]) -> int:
         if not args.wait:
             return 0
         outcome = backend.wait(spec.namespace, spec.name, args.timeout)
-    except (JobError, TimeoutError, ValueError) as exc:
+    except (JobError, TimeoutError, ValueError, ConfigException) as exc:
+        # ConfigException: no kube config and not in a pod, or a context that is not in it.
         print(f"synpref train submit: {exc}", file=sys.stderr)
         return 1
     print(f"Job {spec.namespace}/{spec.name}: {outcome}")

@@ -3,6 +3,7 @@ cluster calls it makes (ClusterJobs)."""
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from synpref.shared.files import write_text_atomic
 
 RUN_LABEL = "synpref.io/run"
 MODEL_LABEL = "synpref.io/model"
+log = logging.getLogger(__name__)
 
 
 def dns_part(text: str, limit: int) -> str:
@@ -106,10 +108,17 @@ class K8sModels(FullModels):
 
 
 class ClusterJobs:
-    """JobBackend plus the ConfigMap call the controller needs (create, or replace on a rerun)."""
+    """JobBackend plus the ConfigMap call the controller needs (create, or replace on a rerun).
+
+    A submitted Job becomes the owner of its ConfigMap, so the garbage collector deletes the
+    ConfigMap with the Job (ttlSecondsAfterFinished): the Role grants no delete on ConfigMaps,
+    and one ConfigMap per attempt would otherwise stay forever.
+    """
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
+        self.pending: dict[tuple[str, str], dict[str, Any]] = {}
+        """ConfigMaps applied and not yet owned, by (namespace, name); submit hands each to its Job."""
 
     @classmethod
     def connect(cls) -> ClusterJobs:
@@ -130,6 +139,7 @@ class ClusterJobs:
             if exc.status != 409:
                 raise
             core.replace_namespaced_config_map(meta["name"], meta["namespace"], manifest)
+        self.pending[(meta["namespace"], meta["name"])] = manifest
 
     def find(self, namespace: str, labels: dict[str, str]) -> list[tuple[str, str]]:
         """(name, "Active" | "Complete" | "Failed") of the Jobs carrying all `labels`, oldest first."""
@@ -144,8 +154,25 @@ class ClusterJobs:
         return out
 
     def submit(self, spec: Any) -> Any:
-        """Submit the training Job of `spec`."""
-        return self.backend.submit(spec)
+        """Submit the training Job of `spec`, then make it the owner of the ConfigMap it mounts."""
+        import urllib3
+        from kubernetes import client
+
+        job = self.backend.submit(spec)
+        manifest = self.pending.pop((spec.namespace, spec.config_map), None)
+        if manifest is None or job is None or not job.metadata.uid:
+            return job
+        # The ConfigMap is created before the Job (a pod would wait on a missing volume, and one
+        # never made after a crash would hold an adopted Job forever), so ownership comes after:
+        # `update`, which the Role grants; no blockOwnerDeletion, which would need jobs/finalizers.
+        owner = {"apiVersion": "batch/v1", "kind": "Job", "name": job.metadata.name, "uid": job.metadata.uid}
+        owned = {**manifest, "metadata": {**manifest["metadata"], "ownerReferences": [owner]}}
+        try:
+            self.backend.core.replace_namespaced_config_map(spec.config_map, spec.namespace, owned)
+        except (client.ApiException, urllib3.exceptions.HTTPError) as exc:
+            # The Job is running: a ConfigMap left behind is not worth failing the training for.
+            log.warning("ConfigMap %s/%s not handed to its Job (left behind): %s", spec.namespace, spec.config_map, exc)
+        return job
 
     def wait(self, namespace: str, name: str, timeout_s: float) -> str:
         """Wait up to timeout_s for Job `namespace/name` to end: "Complete" or "Failed" (TimeoutError after)."""

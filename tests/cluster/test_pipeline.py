@@ -99,7 +99,10 @@ def test_real_pairs_through_the_pods_with_judges_kills_and_an_upgrade(namespace:
     ]
     upgraded_s = _helm("upgrade", RELEASE, chart, *base, *ingest)
     log.info("helm upgrade (ingest Job to Complete) took %.0fs", upgraded_s)
-    job_log = _run([KUBECTL, "-n", namespace, "logs", f"job/{RELEASE}-ingest-2"])
+    # The Job is named after a hash of its spec (an upgrade that leaves it alone keeps it): found by its label.
+    selector = "app.kubernetes.io/component=ingest"
+    job = _run([KUBECTL, "-n", namespace, "get", "jobs", "-l", selector, "-o", "jsonpath={.items[0].metadata.name}"])
+    job_log = _run([KUBECTL, "-n", namespace, "logs", f"job/{job.strip()}"])
     counts = json.loads([line for line in job_log.splitlines() if line.startswith("{")][-1])
     log.info("ingest: %s", counts)
     assert counts["published"] > 0 and counts["unacknowledged"] == 0, counts
