@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
-from synpref.shared.config_base import ENV_PREFIX, ConfigError, ModelRef, Section, read_yaml
+from synpref.shared.config_base import ENV_PREFIX, ConfigError, Judges, JudgeSettings, ModelRef, Section, read_yaml
 from synpref.shared.config_serving import DeskSettings, ScorerSettings
 from synpref.shared.sources import SourceFormat
 
@@ -118,22 +118,10 @@ class TopicSettings(Section):
         return [getattr(self, route)]
 
 
-class JudgeSettings(Section):
-    """One LLM judge on an OpenAI-compatible endpoint: model name, URL, API-key variable, samples, temperature."""
-
-    name: str
-    """Model name sent to the OpenAI-compatible endpoint."""
-    base_url: str = "http://127.0.0.1:8000/v1"
-    api_key_env: str = "OPENAI_API_KEY"
-    """Name of the environment variable holding the API key (never the key itself)."""
-    samples: int = Field(default=3, ge=1)
-    temperature: float = Field(default=0.7, ge=0.0)
-
-
 class AnnotatorSettings(Section):
     """The `annotator` section: judges, attribute labeller, retrieval of examples and request limits."""
 
-    judges: list[JudgeSettings] = Field(default_factory=list)
+    judges: Judges = Field(default_factory=list)
     attribute_model: JudgeSettings | None = None
     max_concurrency: int = Field(default=8, ge=1)
     timeout_s: float = Field(default=60.0, gt=0)
@@ -335,6 +323,10 @@ class ControllerSettings(Section):
     models/registry.json and scorer.yaml. The checkpoints must lie under the scorer's model_root."""
     scorer_admin_token_file: str = ""
     """File with the scorer's admin bearer token (the Secret the scorer reads), for scorer_reload_url."""
+    scorer_models_file: str = ""
+    """The scorers' scorer.models_file as this process sees it (absolute, or relative to workdir), on a volume
+    they share: each hot-swap (and the final registry) is also written there, atomically, so every scorer
+    replica, ones started later included, converges on it; an admin reload reaches one replica only. Empty = none."""
     study: StudySettings | None = None
     """A study with simulated parts (see StudySettings); None = a real run."""
 

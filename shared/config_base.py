@@ -1,12 +1,14 @@
-"""The base of every settings section, the error a bad configuration raises, and reading its YAML file."""
+"""The base of every settings section, the error a bad configuration raises, reading its YAML file, and the
+settings of one LLM judge (with its key rule)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 ENV_PREFIX = "SYNPREF_"
 
@@ -30,6 +32,48 @@ class ModelRef(Section):
     """Checkpoint folder or hub id of an AutoModelForSequenceClassification RM."""
     version: str = ""
     """Version label recorded in lineage; defaults to the folder name."""
+
+
+def default_api_key_env(base_url: str) -> str:
+    """The key variable of a judge that names none: OPENAI_API_KEY for OpenAI's own API over https, else "" (no
+    key). The OpenAI key must not reach a local server or another provider, nor cross a network in clear text."""
+    url = urlsplit(base_url.strip())
+    return "OPENAI_API_KEY" if url.scheme.lower() == "https" and url.hostname == "api.openai.com" else ""
+
+
+class JudgeSettings(Section):
+    """One LLM judge on an OpenAI-compatible endpoint: model name, URL, API-key variable, samples, temperature."""
+
+    name: str
+    """Model name sent to the OpenAI-compatible endpoint; unique among the judges."""
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = ""
+    """Name of the environment variable holding the API key (never the key itself); "" = no key. Unset: OPENAI_API_KEY
+    for https://api.openai.com, no key for any other endpoint (name its variable there)."""
+    samples: int = Field(default=3, ge=1)
+    temperature: float = Field(default=0.7, ge=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_key_env(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "api_key_env" not in data:
+            base_url = data.get("base_url", cls.model_fields["base_url"].default)
+            return {**data, "api_key_env": default_api_key_env(str(base_url))}
+        return data
+
+
+def unique_judges(judges: list[JudgeSettings]) -> list[JudgeSettings]:
+    """`judges`, or ValueError naming a judge name given twice: the name keys the answer cache, the Candidate 1/2
+    order and the judge's majority vote, so two such judges would read each other's answers and vote as one."""
+    names = [j.name for j in judges]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"judge name(s) {twice} given more than once; give one judge more samples instead")
+    return judges
+
+
+Judges = Annotated[list[JudgeSettings], AfterValidator(unique_judges)]
+"""The `annotator.judges` list: names unique."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

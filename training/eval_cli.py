@@ -31,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--limit", type=int, default=0, help="use only the first N pairs/items of each input")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=0,
+        help="read only the first N pairs of each input (unreadable_rows counts the rows read); RM-Bench: N items",
+    )
     parser.add_argument("--out", help="also write the JSON result here")
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -46,6 +51,22 @@ def result_key(path: str, paths: list[str], result: dict[str, Any]) -> str:
     return name
 
 
+def read_pairs(path: str, fmt: str | None, limit: int) -> tuple[list[dict[str, Any]], int]:
+    """The pairs of `path` (the first `limit` when > 0, reading no further) and how many unreadable rows were read."""
+    from synpref.training.data import iter_pairs
+
+    pairs: list[dict[str, Any]] = []
+    problems = 0
+    for pair, _ in iter_pairs([path], fmt=fmt):
+        if pair is None:
+            problems += 1
+            continue
+        pairs.append(pair)
+        if len(pairs) == limit:
+            break
+    return pairs, problems
+
+
 def main(argv: list[str]) -> int:
     """`synpref eval`: score the inputs with the model and print the JSON result (also to --out);
     2 when no --pairs, --hh-rlhf or --rmbench is given.
@@ -56,20 +77,24 @@ def main(argv: list[str]) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from synpref.shared.modeling import load_reward_model, score_pairs
-    from synpref.training.data import load_hh_rlhf, load_pairs, load_rmbench
+    from synpref.training.data import load_rmbench
     from synpref.training.evaluation import pairwise_metrics, rmbench_eval
 
     model, tokenizer = load_reward_model(args.model, device=args.device, dtype=args.dtype)
     result: dict[str, Any] = {"model": args.model, "max_length": args.max_length}
     progress = not args.no_progress
-    inputs = [(p, load_pairs([p])) for p in args.pairs] + [(p, load_hh_rlhf(p)) for p in args.hh_rlhf]
-    for path, pairset in inputs:
-        pairs = pairset.pairs[: args.limit] if args.limit else pairset.pairs
+    inputs = [(p, None) for p in args.pairs] + [(p, "hh-rlhf") for p in args.hh_rlhf]
+    paths = [p for p, _ in inputs]
+    # One input at a time, read no further than --limit pairs: a 40M-pair file is not held to score its first N.
+    for path, fmt in inputs:
+        pairs, problems = read_pairs(path, fmt, args.limit)
         rewards = score_pairs(model, tokenizer, pairs, args.max_length, args.batch_size, args.truncation, progress)
         metrics = pairwise_metrics(rewards, [p.get("source", "unknown") for p in pairs])
-        metrics["unreadable_rows"] = len(pairset.problems)
-        result[result_key(path, [p for p, _ in inputs], result)] = metrics
+        metrics["unreadable_rows"] = problems
+        result[result_key(path, paths, result)] = metrics
+        del pairs, rewards
     if args.rmbench:
+        # A JSON array per subset (a few thousand items) read whole: --limit cuts it after reading.
         items = load_rmbench(args.rmbench)
         items = items[: args.limit] if args.limit else items
         result["rmbench"] = rmbench_eval(model, tokenizer, items, args.max_length, args.batch_size, progress)

@@ -182,7 +182,8 @@ class RewardConfig:
         """A config from `values`: an optional "preset" key's values first, then the rest on top.
 
         Values are coerced to the field types (strings to int/float/bool, a string to a one-item
-        list); unknown keys or presets raise ValueError.
+        list); unknown keys or presets, and a value that is no such type (a boolean other than
+        true/false, yes/no, on/off, 1/0; a fractional count), raise ValueError.
         """
         values = dict(values)
         preset = values.pop("preset", None)
@@ -239,10 +240,22 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return [value]
         return [str(v) for v in value]
     try:
-        if hint is bool and isinstance(value, str):
-            return value.lower() in ("1", "true", "yes", "on")
-        if hint in (int, float, str, bool):
+        if hint is bool:
+            return _boolean(value)
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError("not a whole number")  # int() would truncate: save_steps 2.5 is no 2
+        if hint in (int, float, str):
             return hint(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{key}: cannot read {value!r} as {hint.__name__}") from exc
     return value
+
+
+def _boolean(value: Any) -> bool:
+    # Strictly: a typo ("ture") read as False would silently turn an option off.
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true/false, yes/no, on/off or 1/0")

@@ -4,7 +4,8 @@
   providers) over aiohttp, with a concurrency limit, a per-request timeout, retries with
   exponential backoff on timeouts / connection errors / 429 / 5xx (never sooner than the server's
   Retry-After, up to timeout_s), and JSON answers through `response_format`. The API key is
-  read from the environment variable the settings name.
+  read from the environment variable the settings name; none named: OPENAI_API_KEY for
+  https://api.openai.com only, no key elsewhere (config_base.default_api_key_env).
 - LocalChat: a transformers causal LM in this process (sampling with `generate`).
 
 A backend returns one entry per sample: the answer text, or None when no answer came back
@@ -29,6 +30,8 @@ from typing import Any, Protocol
 
 import aiohttp
 from prometheus_client import Counter, Histogram
+
+from synpref.shared.config_base import default_api_key_env
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +106,7 @@ class OpenAIChat:
         self,
         model: str,
         base_url: str,
-        api_key_env: str = "OPENAI_API_KEY",
+        api_key_env: str | None = None,
         *,
         semaphore: asyncio.Semaphore | None = None,
         max_concurrency: int = 8,
@@ -114,7 +117,7 @@ class OpenAIChat:
     ) -> None:
         self.name = model
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.api_key_env = api_key_env
+        self.api_key_env = default_api_key_env(base_url) if api_key_env is None else api_key_env
         self._semaphore = semaphore
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
@@ -130,7 +133,7 @@ class OpenAIChat:
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env, "")
+        key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
         if key:
             headers["Authorization"] = f"Bearer {key}"
         return headers
