@@ -84,6 +84,14 @@ class ScorerSettings(Section):
     """File holding the admin bearer token (a mounted Secret); required with admin."""
     admin_enabled: bool = False
     """Serve the admin port; needs admin_token_file and model_root."""
+    models_file: str = ""
+    """JSON or YAML file of served models, {name: {path, version}} (the shape of an admin reload), relative
+    to model_root or absolute; empty = none. Loaded at start and re-read every models_file_poll_s: a name
+    whose entry changed is reloaded as an admin reload would (the old version serves meanwhile; a load that
+    fails is logged and tried again). The controller writes it (controller.scorer_models_file) so that every
+    replica, including ones started later, serves what the one reached by an admin reload serves."""
+    models_file_poll_s: float = Field(default=5.0, gt=0.0)
+    """How often models_file is re-read."""
 
     @field_validator("cpu_binding")
     @classmethod

@@ -1,4 +1,5 @@
-"""A client of the scorer's admin port (services/scorer/admin.py): reload and unload.
+"""A client of the scorer's admin port (services/scorer/admin.py): reload and unload; and the
+writer of scorer.models_file, which every scorer replica polls (an admin call reaches one).
 
 Used by the controller after training and by `synpref scorer reload|unload` (an operator
 publishing a checkpoint a kubectl-triggered training Job wrote, or rolling back to an older
@@ -13,6 +14,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from synpref.shared.files import write_text_atomic
 
 
 class ScorerAdminError(RuntimeError):
@@ -70,3 +73,18 @@ def reload_model(
 def unload_model(base_url: str, name: str, token: str = "", timeout_s: float = 60.0) -> dict[str, Any]:
     """Stop serving `name`: {unloaded}."""
     return admin_post(base_url, "/admin/unload", {"model": name}, token, timeout_s)
+
+
+def write_models_file(path: Path, models: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Set `models` ({name: {path, version}}) in the scorers' scorer.models_file at `path`, keeping the names it
+    lists besides (as an admin reload leaves the other names served); written atomically (temp file, fsync,
+    rename), so a scorer polling it reads the old file or the new one. Returns what the file now lists."""
+    try:
+        listed = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, or unreadable: the new entries alone
+        listed = {}
+    if not isinstance(listed, dict):
+        listed = {}
+    listed.update({name: {"path": ref["path"], "version": ref.get("version", "")} for name, ref in models.items()})
+    write_text_atomic(path, json.dumps(listed, indent=1, sort_keys=True) + "\n")
+    return listed

@@ -18,6 +18,7 @@ from synpref.services.gold_scorer.scoring import pair_dict
 from synpref.shared.config import ControllerSettings, Settings
 from synpref.shared.pairstore import PairStore
 from synpref.shared.roles import BEST, GOLD
+from synpref.shared.scorer_admin import write_models_file
 from synpref.v1.pair_pb2 import DECISION_KEEP, PairRecord
 
 SHARD_ROWS = 20_000
@@ -148,12 +149,19 @@ class FinalSteps:
         registry = export_registry(self.models, {BEST: self.handle("final"), GOLD: self.handle(GOLD)}, models_dir)
         write_registry(models_dir, registry, self.c.max_length)
         s.results["registry"] = {"dir": str(models_dir.resolve()), **registry}
-        if self.c.scorer_reload_url:
+        if self.c.scorer_reload_url or self.c.scorer_models_file:
             self.reload(registry)
 
     def reload(self, registry: dict[str, dict[str, str]]) -> None:
-        """Hot-swap the registry's models into the scorer at controller.scorer_reload_url."""
-        reload_scorer(self.c.scorer_reload_url, registry, token_file=self.c.scorer_admin_token_file)
+        """Hot-swap the registry's models into the scorers: write them to controller.scorer_models_file, which
+        every scorer replica polls (pods started later included), then reload them at
+        controller.scorer_reload_url, whose one replica switches at once. The file goes first, so that the other
+        replicas converge even when that call fails."""
+        if self.c.scorer_models_file:
+            path = Path(self.c.scorer_models_file)
+            write_models_file(path if path.is_absolute() else self.root / path, registry)
+        if self.c.scorer_reload_url:
+            reload_scorer(self.c.scorer_reload_url, registry, token_file=self.c.scorer_admin_token_file)
 
     def report(self) -> None:
         """Write the run report (controller/report.py) and record its path in the results."""

@@ -408,11 +408,12 @@ class Controller(CurationSteps, FinalSteps):
 
     def serve_models(self, handles: dict[str, ModelHandle]) -> None:
         """The RMs the next stage's scoring uses, by role: in process, scored here; in the cluster the
-        gold-scorer service scores through the scorer, which is given them (controller.scorer_reload_url)."""
+        gold-scorer service scores through the scorers, which are given them (controller.scorer_models_file, polled by
+        every replica, and controller.scorer_reload_url, which switches one at once)."""
         self._stage_models = [
             ScoringModel(role, handle.version, partial(self.models.score, handle)) for role, handle in handles.items()
         ]
-        if self.c.executor == "kafka" and self.c.scorer_reload_url:
+        if self.c.executor == "kafka" and (self.c.scorer_reload_url or self.c.scorer_models_file):
             self.reload(export_registry(self.models, handles, self.root / "models"))
 
     def train_gold(self) -> None:

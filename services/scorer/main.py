@@ -124,12 +124,12 @@ def main(argv: list[str]) -> int:
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log_allocator(settings.scorer.device)
-    if not settings.scorer.models:
+    if not settings.scorer.models and not settings.scorer.models_file:
         from synpref.services.scorer.server import SERVICE_NAME
 
         log.warning(
-            "no models configured (scorer.models or --model): serving without one; %s is NOT_SERVING and "
-            "scoring calls fail until a model is reloaded on the admin port",
+            "no models configured (scorer.models, scorer.models_file or --model): serving without one; %s is "
+            "NOT_SERVING and scoring calls fail until a model is reloaded on the admin port",
             SERVICE_NAME,
         )
     return asyncio.run(serve(settings))

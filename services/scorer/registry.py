@@ -58,7 +58,8 @@ its caller stopped waiting, so the encoding threads drop abandoned work."""
 Encode = Callable[["ServedModel", Check], list[list[int]]]
 NO_MODEL = (
     "no model is loaded: models arrive by a reload on the scorer's admin port (POST /admin/reload; "
-    "the controller sends one after training) or when a checkpoint appears at a path in scorer.models"
+    "the controller sends one after training), by scorer.models_file (the controller writes it), or when a "
+    "checkpoint appears at a path in scorer.models"
 )
 
 

@@ -10,6 +10,11 @@ whose checkpoint is not there yet is a warning, not an exit: the server starts w
 loads it once the folder appears (checked every `missing_poll_s`), unless a reload on the
 admin port served the name first. A checkpoint that is there but does not load stays fatal.
 
+An admin reload reaches one process (one pod behind a Service). With scorer.models_file, every
+replica converges instead: each loads the models that file lists at start and re-reads it every
+models_file_poll_s (ModelsFile), reloading a name whose entry changed through the same
+ModelRegistry.reload an admin reload takes. The controller writes the file (controller.scorer_models_file).
+
 Stop order (SIGTERM): both NOT_SERVING, stop accepting, let in-flight requests finish within
 the grace period (their batchers keep running), then drain and free the models.
 """
@@ -17,7 +22,9 @@ the grace period (their batchers keep running), then drain and free the models.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import time
 from functools import partial
 from pathlib import Path
 
@@ -26,11 +33,11 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from synpref.services.scorer.admin import AdminApi, read_token
+from synpref.services.scorer.admin import AdminApi, checkpoint_under, read_token
 from synpref.services.scorer.backends import make_backend, resolve_device
 from synpref.services.scorer.http import HttpShims
 from synpref.services.scorer.metrics import ScorerMetrics
-from synpref.services.scorer.registry import NO_MODEL, BackendFactory, ModelRegistry
+from synpref.services.scorer.registry import NO_MODEL, BackendFactory, ModelRegistry, version_of
 from synpref.services.scorer.servicer import RewardServicer, add_to_server
 from synpref.shared import cpus
 from synpref.shared.config import ModelRef, ScorerSettings
@@ -43,6 +50,108 @@ OVERALL = ""
 """The health service name of the server as a whole, which Kubernetes' gRPC probes check."""
 MAX_SEND_BYTES = 64 * 1024 * 1024
 MISSING_POLL_S = 10.0
+MODELS_FILE_MAX_RETRY_S = 300.0
+"""Longest wait before a models_file entry that failed to load is tried again (the wait doubles from the poll)."""
+
+
+class ModelsFile:
+    """scorer.models_file, {name: {path, version}}: what every replica should serve.
+
+    Each `sync` reads the file; when its content changed, the entries that differ from what is
+    served become wanted, and each wanted one is loaded through `registry.reload` (the old version
+    serves until the new one is in). A load that fails (a folder not yet there or still being
+    copied, a path outside model_root) is logged and tried again later; a file that is missing or
+    does not parse is logged and changes nothing. A name the file no longer lists keeps serving.
+    """
+
+    def __init__(self, settings: ScorerSettings, registry: ModelRegistry) -> None:
+        root = Path(settings.model_root) if settings.model_root else Path()
+        path = Path(settings.models_file)
+        self.path = path if path.is_absolute() else root / path
+        self.root = root.resolve() if settings.model_root else None
+        self.poll_s = settings.models_file_poll_s
+        self.registry = registry
+        self.wanted: dict[str, ModelRef] = {}
+        self._digest: bytes | None = None
+        self._failures: dict[str, int] = {}
+        self._retry_at: dict[str, float] = {}
+
+    async def watch(self) -> None:
+        """Sync every poll_s until cancelled."""
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.sync()
+            except Exception:  # never let one bad poll end the watch
+                log.exception("scorer.models_file %s: sync failed; trying again", self.path)
+
+    async def sync(self) -> None:
+        """Re-read the file and load what it wants that is not served yet (or is due for a retry)."""
+        try:
+            raw = await asyncio.to_thread(self.path.read_bytes)
+        except OSError as exc:
+            if self._digest != b"":  # once per disappearance, not every poll
+                log.info("scorer.models_file %s cannot be read yet (%s): waiting for it", self.path, exc)
+            self._digest = b""
+        else:
+            digest = hashlib.sha256(raw).digest()
+            if digest != self._digest:
+                self._digest = digest
+                self._read(raw)
+        await self._load_wanted()
+
+    def _read(self, raw: bytes) -> None:
+        import yaml  # YAML is a superset of JSON: both shapes parse
+
+        try:
+            data = yaml.safe_load(raw) or {}
+            if not isinstance(data, dict):
+                raise ValueError("not a mapping of model names")
+            wanted = {str(name): ModelRef.model_validate(ref) for name, ref in data.items()}
+            if empty := sorted(name for name, ref in wanted.items() if not ref.path):
+                raise ValueError(f"no path for {empty}")
+        except Exception as exc:
+            log.error("scorer.models_file %s is not {name: {path, version}}: %s; ignored", self.path, exc)
+            return
+        self.wanted = wanted
+        self._failures.clear()
+        self._retry_at.clear()
+        log.info("scorer.models_file %s lists %s", self.path, sorted(wanted))
+
+    def _resolve(self, ref: ModelRef) -> ModelRef:
+        """The entry with its checkpoint folder resolved as an admin reload resolves it (under model_root)."""
+        if self.root is None:
+            return ref
+        return ModelRef(path=str(checkpoint_under(self.root, ref.path)), version=ref.version)
+
+    async def _load_wanted(self) -> None:
+        for name, entry in list(self.wanted.items()):
+            if name in self.registry.loading or time.monotonic() < self._retry_at.get(name, 0.0):
+                continue
+            try:
+                ref = self._resolve(entry)
+                served = self.registry.models.get(name)
+                if served is None or (served.model_id, served.version) != (ref.path, version_of(ref)):
+                    await self.registry.reload(name, ref)
+            except Exception as exc:
+                if self.wanted.get(name) is not entry:  # a newer file names another checkpoint: try that one
+                    continue
+                failures = self._failures[name] = self._failures.get(name, 0) + 1
+                delay = min(MODELS_FILE_MAX_RETRY_S, self.poll_s * 2**failures)
+                self._retry_at[name] = time.monotonic() + delay
+                log.warning(
+                    "scorer.models_file: model %r from %s does not load (%s: %s); trying again in %g s",
+                    name,
+                    entry.path,
+                    type(exc).__name__,
+                    str(exc)[:300],
+                    delay,
+                    exc_info=failures == 1,
+                )
+                continue
+            if self.wanted.get(name) is entry:  # not replaced by a newer file meanwhile
+                del self.wanted[name]
+                self._failures.pop(name, None)
 
 
 class ScorerServer:
@@ -62,6 +171,8 @@ class ScorerServer:
         """Configured models whose checkpoint was not there at load: loaded once it appears."""
         self.missing_poll_s = MISSING_POLL_S
         self._watcher: asyncio.Task[None] | None = None
+        self.models_file = ModelsFile(settings, self.registry) if settings.models_file else None
+        self._file_watcher: asyncio.Task[None] | None = None
         self.grpc_port = 0
         self.http_port = 0
         self.admin_port = 0
@@ -158,6 +269,10 @@ class ScorerServer:
                     str(exc)[:200],
                     self.missing_poll_s,
                 )
+        if self.models_file is not None:
+            await self.models_file.sync()  # never raises for the file's sake: its failures are retried
+            if self._file_watcher is None:
+                self._file_watcher = asyncio.ensure_future(self.models_file.watch())
         if self.registry.models:
             log.info("serving models %s", sorted(self.registry.models))
         else:
@@ -197,8 +312,9 @@ class ScorerServer:
         """Drain: refuse new work, finish what is in flight within `grace` seconds, then stop."""
         grace = self.settings.drain_s if grace is None else grace
         self.registry.start_draining()
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for watcher in (self._watcher, self._file_watcher):
+            if watcher is not None:
+                watcher.cancel()
         for name in (OVERALL, SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         waits = []
