@@ -8,6 +8,11 @@ A PairScorer is any function from a list of pair dicts ({"conversation", "chosen
 "rejected"} message lists) to [(reward_chosen, reward_rejected)]. Two come with the
 project: in process through shared/modeling (ScoringSettings.mode = "in_process") and over
 gRPC through the scorer service (mode = "grpc"). Tests and benchmarks pass their own.
+
+Over gRPC, with scorer.models_file set (the chart sets it in every pod's config), a score from a
+scorer replica that still serves another version than the file names is not recorded: the batch is
+read again shortly (StageUnavailable). The controller writes each stage's models to that file; the
+replica its admin call reached switches at once, the others within their next poll of the file.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from synpref.shared.config import ModelRef, ScoringSettings
+from synpref.shared.config import ModelRef, ScorerSettings, ScoringSettings
 from synpref.shared.pairs import message_dicts, now, pair_problem, preference_probability
 from synpref.shared.roles import BEST, GOLD
 from synpref.shared.stage import Stage, StageResult, StageUnavailable
@@ -141,7 +146,44 @@ SPLIT_TIMEOUTS = 3
 """How many of its timeouts one batch may spend on halving itself before the scorer counts as too slow now."""
 
 
-def grpc_scorer(address: str, model_name: str, client=None, timeout_s: float = 60.0) -> PairScorer:
+class ExpectedVersions:
+    """The version scorer.models_file names for each served model, re-read when the file changes (its mtime or
+    size); None for a model it does not name, or while the file is missing or does not parse."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._versions: dict[str, str] = {}
+
+    @classmethod
+    def from_settings(cls, scorer: ScorerSettings) -> ExpectedVersions | None:
+        if not scorer.models_file:
+            return None
+        path = Path(scorer.models_file)
+        return cls(path if path.is_absolute() or not scorer.model_root else Path(scorer.model_root) / path)
+
+    def __call__(self, model_name: str) -> str | None:
+        import yaml
+
+        try:
+            stat = self.path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if stamp != self._stamp:
+                data = yaml.safe_load(self.path.read_bytes()) or {}
+                self._versions = {str(k): model_version(ModelRef.model_validate(v)) for k, v in data.items()}
+                self._stamp = stamp
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            self._stamp, self._versions = None, {}  # the scorers ignore such a file too
+        return self._versions.get(model_name)
+
+
+def grpc_scorer(
+    address: str,
+    model_name: str,
+    client=None,
+    timeout_s: float = 60.0,
+    expected: Callable[[str], str | None] | None = None,
+) -> PairScorer:
     """Score through the scorer service's RewardService.ScorePairs, each call within `timeout_s`. The scorer
     starting, restarting or draining, shedding load, serving no model yet or not (yet) this one (models arrive
     by reloads), or too slow, is StageUnavailable: the runner reads the batch again later. Any other error is
@@ -180,7 +222,13 @@ def grpc_scorer(address: str, model_name: str, client=None, timeout_s: float = 6
         return [(s.reward_chosen, s.reward_rejected, s.version) for s in scored]
 
     def score(pairs: list[dict]) -> list[ScoredPair]:
-        return call(pairs, time.monotonic() + SPLIT_TIMEOUTS * timeout_s)
+        scored = call(pairs, time.monotonic() + SPLIT_TIMEOUTS * timeout_s)
+        want = expected(model_name) if expected is not None else None
+        stale = sorted({v for row in scored if want and isinstance(v := row[-1], str) and v and v != want})
+        if stale:
+            why = f"scorer {address} served {model_name!r} as {stale}, scorer.models_file names {want!r}"
+            raise StageUnavailable(f"{why}: a replica that has not loaded it yet")
+        return scored
 
     return score
 
@@ -196,13 +244,15 @@ def served_version(client, model_name: str, fallback: str) -> str:
     return next((m.version for m in info.models if m.name == model_name and m.version), fallback)
 
 
-def models_from_settings(settings: ScoringSettings) -> list[ScoringModel]:
+def models_from_settings(settings: ScoringSettings, scorer: ScorerSettings | None = None) -> list[ScoringModel]:
     """The gold and best RMs named in settings (in process, a role with an empty path is left out).
 
-    In grpc mode the roles are served model names ("gold", "best") of the scorer service.
+    In grpc mode the roles are served model names ("gold", "best") of the scorer service; with `scorer`'s
+    models_file, a score of another version than the file names is retried (see the module docstring).
     """
     out = []
     client = None
+    expected = ExpectedVersions.from_settings(scorer) if scorer is not None else None
     if settings.mode == "grpc":
         from synpref.client import RewardClient
 
@@ -210,8 +260,8 @@ def models_from_settings(settings: ScoringSettings) -> list[ScoringModel]:
     for role, ref in ((GOLD, settings.gold), (BEST, settings.best)):
         if client is not None:
             version = served_version(client, role, model_version(ref) or role)
-            scorer = grpc_scorer(settings.scorer_address, role, client, settings.timeout_s)
-            out.append(ScoringModel(role, version, scorer))
+            pair_scorer = grpc_scorer(settings.scorer_address, role, client, settings.timeout_s, expected)
+            out.append(ScoringModel(role, version, pair_scorer))
         elif ref.path:
             out.append(ScoringModel(role, model_version(ref), in_process_scorer(ref, settings)))
     return out

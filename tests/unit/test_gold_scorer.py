@@ -172,3 +172,34 @@ def test_a_request_over_the_scorers_message_limit_is_split_and_a_single_pair_ove
     huge = {"conversation": [], "chosen": [{"role": "assistant", "content": "x" * 50}], "rejected": []}
     with pytest.raises(grpc.RpcError):  # not StageUnavailable: the runner dead-letters the pair
         grpc_scorer("x", "gold", Client())([huge])
+
+
+def test_a_score_from_a_replica_that_has_not_loaded_the_models_files_version_is_read_again(tmp_path):
+    # Found in review: scorer replicas converge on scorer.models_file within a poll, and a replica that has not
+    # yet loaded the controller's new model scored the next stage's pairs with the old one, recorded as such.
+    import json
+
+    from synpref.client.client import PairScore
+    from synpref.services.gold_scorer.scoring import ExpectedVersions, grpc_scorer
+    from synpref.shared.config import ScorerSettings
+    from synpref.shared.stage import StageUnavailable
+
+    served = {"version": "working-1"}
+
+    class Client:
+        def score_pairs(self, pairs, model, timeout):
+            return [PairScore(1.0, 0.0, 0.73, served["version"]) for _ in pairs]
+
+    (tmp_path / "models.json").write_text(json.dumps({"best": {"path": "/data/rm/working-2"}}))
+    expected = ExpectedVersions.from_settings(ScorerSettings(model_root=str(tmp_path), models_file="models.json"))
+    score = grpc_scorer("x", "best", Client(), expected=expected)
+    pair = {"conversation": [], "chosen": [{"role": "assistant", "content": "x"}], "rejected": []}
+    with pytest.raises(StageUnavailable, match=r"served 'best' as \['working-1'\].*names 'working-2'"):
+        score([pair])
+    served["version"] = "working-2"  # the replica loaded it
+    assert score([pair]) == [(1.0, 0.0, "working-2")]
+    # A model the file does not name, or no file at all, is not checked.
+    assert grpc_scorer("x", "gold", Client(), expected=expected)([pair])[0][2] == "working-2"
+    (tmp_path / "models.json").unlink()
+    served["version"] = "anything"
+    assert score([pair])[0][2] == "anything"
