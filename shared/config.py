@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
+from synpref.shared import config_base
 from synpref.shared.config_base import ENV_PREFIX, ConfigError, Judges, JudgeSettings, ModelRef, Section, read_yaml
 from synpref.shared.config_serving import DeskSettings, ScorerSettings
 from synpref.shared.sources import SourceFormat
@@ -121,7 +122,7 @@ class TopicSettings(Section):
 class AnnotatorSettings(Section):
     """The `annotator` section: judges, attribute labeller, retrieval of examples and request limits."""
 
-    judges: Judges = Field(default_factory=list)
+    judges: Judges[JudgeSettings] = Field(default_factory=list)
     attribute_model: JudgeSettings | None = None
     max_concurrency: int = Field(default=8, ge=1)
     timeout_s: float = Field(default=60.0, gt=0)
@@ -226,7 +227,7 @@ class StudySettings(Section):
         label_noise: flip this share of the curated pool's labels (seeded) to measure what curation repairs.
     """
 
-    judges: list[SimulatedJudgeSettings] = Field(default_factory=list)
+    judges: Judges[SimulatedJudgeSettings] = Field(default_factory=list)
     human: Literal["oracle", "file", "real"] = "oracle"
     human_labels_file: str = ""
     label_noise: float = Field(default=0.0, ge=0.0, lt=1.0)
@@ -430,8 +431,10 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         names = sorted(n for n in os.environ if n.upper().startswith(prefix))
         raise ConfigError(f"{exc}: a list, mapping or section set in {', '.join(names)} must be JSON") from None
     except ValidationError as exc:
-        lines = [f"invalid configuration{f' in {path}' if path else ''}:"]
+        lines = ["invalid configuration:"]
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {where}: {err['msg']}")
+            from_file = path and (err["loc"] or ("",))[0] not in overrides  # an override replaces the file's section
+            came = config_base.value_origin(err["loc"], os.environ, path if from_file else None)
+            lines.append(f"  {where}: {err['msg']}" + (f" ({came})" if came else ""))
         raise ConfigError("\n".join(lines)) from None

@@ -3,8 +3,10 @@ settings of one LLM judge (with its key rule)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from itertools import takewhile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -62,9 +64,18 @@ class JudgeSettings(Section):
         return data
 
 
-def unique_judges(judges: list[JudgeSettings]) -> list[JudgeSettings]:
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+NamedT = TypeVar("NamedT", bound=_Named)
+
+
+def unique_judges(judges: list[NamedT]) -> list[NamedT]:
     """`judges`, or ValueError naming a judge name given twice: the name keys the answer cache, the Candidate 1/2
-    order and the judge's majority vote, so two such judges would read each other's answers and vote as one."""
+    order and the judge's majority vote (a simulated judge's seeded belief too), so two such judges would read
+    each other's answers and vote as one."""
     names = [j.name for j in judges]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -72,8 +83,23 @@ def unique_judges(judges: list[JudgeSettings]) -> list[JudgeSettings]:
     return judges
 
 
-Judges = Annotated[list[JudgeSettings], AfterValidator(unique_judges)]
-"""The `annotator.judges` list: names unique."""
+Judges = Annotated[list[NamedT], AfterValidator(unique_judges)]
+"""A list of judges with unique names: `Judges[JudgeSettings]` (annotator.judges), `Judges[SimulatedJudgeSettings]`
+(controller.study.judges)."""
+
+
+def value_origin(loc: tuple[int | str, ...], environ: Mapping[str, str], path: str | Path | None) -> str:
+    """Where the value at `loc` (a pydantic error's) could have come from: the SYNPREF_ variables in `environ` that
+    could have set it (its own, a section above it set as JSON, or, for an error about a whole section, one below
+    it), and the YAML file `path` unless the field's own variable set it (the environment beats the file; a
+    section's JSON is merged with the file's section, so it may not hold the field)."""
+    keys = [str(k).upper() for k in takewhile(lambda k: isinstance(k, str), loc)]
+    own = [ENV_PREFIX + "__".join(keys[:i]) for i in range(1, len(keys) + 1)]
+    names = sorted(n for n in environ if n.upper() in own or (own and n.upper().startswith(own[-1] + "__")))
+    origins = [f"set by {', '.join(names)}"] if names else []
+    if path and not (own and own[-1] in (n.upper() for n in names)):
+        origins.append(f"in {path}")
+    return " or ".join(origins)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

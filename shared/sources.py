@@ -19,8 +19,8 @@ Formats (auto-detected from the first record's keys; `fmt` overrides):
 - "pairs": the common shapes: chosen/rejected as strings or message lists (Skywork-Reward-
   Preference: full message lists including the prompt, the shared prefix becomes the
   conversation), with an optional prompt/conversation as a string or a message list.
-Containers: a JSON list, JSON lines, Parquet (optionally .gz for the JSON ones), or a
-directory, read recursively in sorted order.
+Containers: a JSON list, JSON lines, Parquet (optionally .gz for the JSON ones), Arrow (a
+Hugging Face save_to_disk folder), or a directory, read recursively in sorted order.
 """
 
 from __future__ import annotations
@@ -107,10 +107,22 @@ def default_source(path: Path, fmt: str) -> str:
             return "/".join(("LLMBar", *kept))
         return "LLMBar/" + path.parent.name
     if fmt == "rm-bench":
-        return "RM-Bench/" + path.name.split(".")[0].removesuffix("_filtered")
+        return "RM-Bench/" + _stem(path).removesuffix("_filtered")
     if fmt == "pandalm":
         return "PandaLM"
-    return path.name.split(".")[0]
+    return _stem(path)
+
+
+_SAVED_SHARD = re.compile(r"data-\d+-of-\d+\.arrow")
+
+
+def _stem(path: Path) -> str:
+    """The file's name before its suffixes; for a save_to_disk shard (all named data-0000n-of-0000m) the
+    dataset's folder, with the DatasetDict's folder before a split's."""
+    if not _SAVED_SHARD.fullmatch(path.name):
+        return path.name.split(".")[0]
+    folder = path.parent
+    return f"{folder.parent.name}/{folder.name}" if (folder.parent / "dataset_dict.json").is_file() else folder.name
 
 
 # ---------------------------------------------------------------- helpers
