@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -92,6 +93,12 @@ class ScorerSettings(Section):
     replica, including ones started later, serves what the one reached by an admin reload serves."""
     models_file_poll_s: float = Field(default=5.0, gt=0.0)
     """How often models_file is re-read."""
+
+    def models_file_path(self) -> Path | None:
+        """models_file as a path (relative ones under model_root), or None when it is not set."""
+        if not self.models_file:
+            return None
+        return Path(self.model_root or ".") / self.models_file  # an absolute models_file stays itself
 
     @field_validator("cpu_binding")
     @classmethod

@@ -157,10 +157,8 @@ class ExpectedVersions:
 
     @classmethod
     def from_settings(cls, scorer: ScorerSettings) -> ExpectedVersions | None:
-        if not scorer.models_file:
-            return None
-        path = Path(scorer.models_file)
-        return cls(path if path.is_absolute() or not scorer.model_root else Path(scorer.model_root) / path)
+        path = scorer.models_file_path()
+        return cls(path) if path is not None else None
 
     def __call__(self, model_name: str) -> str | None:
         import yaml

@@ -64,11 +64,9 @@ class ModelsFile:
     does not parse is logged and changes nothing. A name the file no longer lists keeps serving.
     """
 
-    def __init__(self, settings: ScorerSettings, registry: ModelRegistry) -> None:
-        root = Path(settings.model_root) if settings.model_root else Path()
-        path = Path(settings.models_file)
-        self.path = path if path.is_absolute() else root / path
-        self.root = root.resolve() if settings.model_root else None
+    def __init__(self, path: Path, settings: ScorerSettings, registry: ModelRegistry) -> None:
+        self.path = path
+        self.root = Path(settings.model_root).resolve() if settings.model_root else None
         self.poll_s = settings.models_file_poll_s
         self.registry = registry
         self.wanted: dict[str, ModelRef] = {}
@@ -171,7 +169,8 @@ class ScorerServer:
         """Configured models whose checkpoint was not there at load: loaded once it appears."""
         self.missing_poll_s = MISSING_POLL_S
         self._watcher: asyncio.Task[None] | None = None
-        self.models_file = ModelsFile(settings, self.registry) if settings.models_file else None
+        path = settings.models_file_path()
+        self.models_file = ModelsFile(path, settings, self.registry) if path is not None else None
         self._file_watcher: asyncio.Task[None] | None = None
         self.grpc_port = 0
         self.http_port = 0
