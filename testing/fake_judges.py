@@ -175,3 +175,30 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+async def chat_once_against(handler: Any, n: int = 1, **chat_kwargs: Any) -> tuple[list[str | None], int]:
+    """One OpenAIChat call against an aiohttp `handler(attempt)` on a loopback port, where `attempt` counts the
+    requests from 1; (the answers, how many requests the handler saw). For tests of a judge endpoint's odd
+    replies (error pages, rate limits) that the named behaviours above do not cover."""
+    from synpref.services.annotator.chat import OpenAIChat
+
+    seen: list[int] = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        seen.append(1)
+        return handler(len(seen))
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    chat = OpenAIChat("m", f"http://127.0.0.1:{port}/v1", **chat_kwargs)
+    try:
+        return await chat.chat([{"role": "user", "content": "x"}], n=n, temperature=0.0), len(seen)
+    finally:
+        await chat.close()
+        await runner.cleanup()

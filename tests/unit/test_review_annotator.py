@@ -15,7 +15,7 @@ from synpref.shared.config import FilterSettings
 from synpref.shared.pairs import new_pair, new_record
 from synpref.shared.retrieval import Example
 from synpref.v1.pair_pb2 import DECISION_KEEP, PREFERENCE_CHOSEN, STAGE_ONE, STAGE_TWO, ModelScore, PairRecord
-from testing.fake_judges import FakeOpenAI
+from testing.fake_judges import FakeOpenAI, chat_once_against
 
 NAN = math.nan
 
@@ -86,28 +86,8 @@ def test_a_nan_best_score_does_not_skip_the_judges_and_the_gold_agreeing_pair_is
 
 
 async def _serve_then_chat(handler, retries: int = 2) -> tuple[list[str | None], int]:
-    """One OpenAIChat call against `handler`; (the answers, how many requests the handler saw)."""
-    from aiohttp import web
-
-    seen = []
-
-    async def completions(request: web.Request) -> web.StreamResponse:
-        seen.append(1)
-        return handler(len(seen))
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    chat = OpenAIChat("m", f"http://127.0.0.1:{port}/v1", retries=retries, backoff_s=0.001)
-    try:
-        return await chat.chat([{"role": "user", "content": "x"}], n=2, temperature=0.0), len(seen)
-    finally:
-        await chat.close()
-        await runner.cleanup()
+    """One OpenAIChat call (n=2) against `handler`; (the answers, how many requests the handler saw)."""
+    return await chat_once_against(handler, n=2, retries=retries, backoff_s=0.001)
 
 
 def test_a_bad_gateway_page_that_is_not_utf8_is_retried_not_raised():

@@ -8,7 +8,7 @@ from email.utils import formatdate
 
 from aiohttp import web
 
-from synpref.services.annotator.chat import OpenAIChat
+from testing.fake_judges import chat_once_against
 
 ANSWER = {"choices": [{"message": {"content": '{"better": 1}'}}]}
 
@@ -18,27 +18,13 @@ async def _chat_against(
 ) -> tuple[list[str | None], int]:
     """One call (3 retries, 1 ms backoff) to a server that answers `status` + Retry-After until `limited_until`
     (time.monotonic()), then 200; (the answers, how many requests the server saw)."""
-    seen = []
 
-    async def completions(request: web.Request) -> web.Response:
-        seen.append(1)
+    def answer(attempt: int) -> web.Response:
         if time.monotonic() < limited_until:
             return web.Response(status=status, text="rate limited", headers={"Retry-After": retry_after})
         return web.json_response(ANSWER)
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    chat = OpenAIChat("m", f"http://127.0.0.1:{port}/v1", retries=3, backoff_s=0.001, timeout_s=timeout_s)
-    try:
-        return await chat.chat([{"role": "user", "content": "x"}], n=1, temperature=0.0), len(seen)
-    finally:
-        await chat.close()
-        await runner.cleanup()
+    return await chat_once_against(answer, retries=3, backoff_s=0.001, timeout_s=timeout_s)
 
 
 def test_a_429_with_retry_after_seconds_is_retried_after_that_wait_not_given_up():
