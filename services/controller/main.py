@@ -63,6 +63,18 @@ def build(settings: Settings) -> Any:
     return Controller(settings, models, humans, judges, executor, labeller=labeller)
 
 
+def check_kafka_models(settings: Settings) -> None:
+    """ConfigError when stages run in the Kafka services but the controller has no way to give the scorers the
+    RMs it trains: the gold scorer would then score every stage with whatever the scorers were started with
+    (or wait for a model forever), and the loop's decisions would not come from its own gold and best RMs."""
+    c = settings.controller
+    if c.executor == "kafka" and not (c.scorer_reload_url or c.scorer_models_file):
+        raise ConfigError(
+            "controller.executor is kafka, but neither controller.scorer_models_file nor controller.scorer_reload_url "
+            "is set: the stages' scores would not come from the RMs this loop trains (the chart sets both)"
+        )
+
+
 def main(argv: list[str]) -> int:
     """`synpref controller`: serve health and metrics, run (or resume) the curation loop, then stay up
     until SIGTERM (or exit with --exit-when-done); 0 when done, 2 for a bad config.
@@ -79,6 +91,7 @@ def main(argv: list[str]) -> int:
         settings = load_settings(args.config)
         from synpref.services.controller.embedded import check_runnable
 
+        check_kafka_models(settings)
         check_runnable(settings)
     except ConfigError as exc:
         print(f"synpref controller: {exc}", file=sys.stderr)

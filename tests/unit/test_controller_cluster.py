@@ -150,6 +150,20 @@ def test_cluster_controller_wires_kafka_executor_desk_and_k8s(tmp_path):
     assert controller.judges == []
 
 
+def test_controller_over_kafka_with_no_way_to_serve_its_rms_is_a_config_error(tmp_path, capsys):
+    # Before: it started, and the gold scorer scored every stage with whatever the scorers held (or waited for a
+    # model until stage_timeout_s), so no decision came from the RMs the loop trained.
+    config = tmp_path / "c.yaml"
+    controller = {"workdir": str(tmp_path), "executor": "kafka", "human": "desk", "sources": ["x.jsonl"]}
+    config.write_text(yaml.safe_dump({"controller": controller}))
+    assert controller_main.main(["--config", str(config), "--exit-when-done"]) == 2
+    err = capsys.readouterr().err
+    assert "scorer_models_file" in err and "scorer_reload_url" in err
+    for key in ("scorer_models_file", "scorer_reload_url"):
+        ok = load_settings(controller={**controller, key: "http://s:8081" if key.endswith("url") else "m.json"})
+        controller_main.check_kafka_models(ok)  # either one is enough
+
+
 def test_embedded_controller_uses_in_process_stages(tmp_path):
     sims = [{"name": f"sim-judge-{x}", "accuracy": 0.8} for x in "abc"]
     study = {"human": "oracle", "judges": sims}
