@@ -9,12 +9,19 @@ from __future__ import annotations
 import codecs
 import gzip
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TextIO
 
 FILE_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet", ".arrow")
 BATCH_ROWS = 1024
+JSON_WINDOW = 1 << 18
+"""Characters of a JSON file read at a time: a JSON list is decoded record by record from such a window (one
+record larger than it widens it), so a file of 40M pairs is never held whole."""
+_SPACE = re.compile(r"[ \t\n\r]*")  # the white space JSON allows
+_CUT = 16  # a decode error this near the window's end may be a token the window cut, not bad JSON
+_ONE_LIST = "a JSON file must hold a list of records (or one list in an object)"
 
 
 class SourceError(ValueError):
@@ -74,22 +81,130 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                     record, error = _json_line(raw)
                     yield index, record, error
         return
+    yield from ((i, r, None) for i, r in enumerate(_json_records(path)))
+
+
+class _JsonText:
+    """A JSON text read through a window, one value at a time (json.JSONDecoder.raw_decode); errors name the
+    line, column and character as json.load would."""
+
+    def __init__(self, fh: TextIO, path: Path) -> None:
+        self.fh, self.path, self.decoder = fh, path, json.JSONDecoder()
+        self.buf, self.pos, self.eof = "", 0, False
+        self.start = 0  # file position (in characters) of buf[0]
+        self.lines, self.line_start = 0, 0  # newlines before buf[0]; the file position after the last of them
+
+    def _more(self) -> bool:
+        """Drop what was decoded and append the next piece of the file; False at its end."""
+        if self.eof:
+            return False
+        # At least what is left: a record larger than the window doubles it, so decoding it stays linear.
+        chunk = self.fh.read(max(JSON_WINDOW, len(self.buf) - self.pos))
+        if not chunk:
+            self.eof = True  # buf stays as it is: an error names a position in it
+            return False
+        if newlines := self.buf.count("\n", 0, self.pos):
+            self.lines += newlines
+            self.line_start = self.start + self.buf.rfind("\n", 0, self.pos) + 1
+        self.start += self.pos
+        self.buf, self.pos = self.buf[self.pos :] + chunk, 0
+        return True
+
+    def fail(self, msg: str) -> NoReturn:
+        pos = self.pos
+        line = self.lines + self.buf.count("\n", 0, pos) + 1
+        last = self.buf.rfind("\n", 0, pos)
+        column = pos - last if last >= 0 else self.start + pos - self.line_start + 1
+        raise SourceError(f"{self.path}: invalid JSON: {msg}: line {line} column {column} (char {self.start + pos})")
+
+    def peek(self) -> str:
+        """The next character after white space, or "" at the end of the file."""
+        while True:
+            self.pos = _SPACE.match(self.buf, self.pos).end()  # type: ignore[union-attr]  # matches ""
+            if self.pos < len(self.buf) or not self._more():
+                return self.buf[self.pos : self.pos + 1]
+
+    def take(self, chars: str, expected: str) -> str:
+        char = self.peek()
+        if not char or char not in chars:
+            self.fail(f"Expecting {expected}")
+        self.pos += 1
+        return char
+
+    def value(self) -> Any:
+        self.peek()
+        while True:
+            try:
+                value, end = self.decoder.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as exc:
+                # An unterminated string reports where it starts; any other cut token fails at the window's end.
+                cut = exc.msg.startswith("Unterminated string") or exc.pos >= len(self.buf) - _CUT
+                if not (cut and self._more()):
+                    self.pos = exc.pos
+                    self.fail(exc.msg)
+            except RecursionError:
+                raise SourceError(f"{self.path}: invalid JSON: nested too deeply") from None
+            else:
+                # A number decoded this near the window's end may go on past it ("1.", "1e-" cut there decode as 1).
+                if end < len(self.buf) - _CUT or not self._more():
+                    self.pos = end
+                    return value
+
+    def items(self) -> Iterator[Any]:
+        """The values of the list that starts here."""
+        self.take("[", "'['")
+        if self.peek() == "]":
+            self.pos += 1
+            return
+        while True:
+            yield self.value()
+            if self.take(",]", "',' delimiter") == "]":
+                return
+
+    def wrapped_items(self) -> Iterator[Any]:
+        """The values of the one list among the values of the object that starts here ({"data": [...]}). A second
+        list is an error found only once the first was read."""
+        self.take("{", "'{'")
+        lists = 0
+        if self.peek() == "}":
+            self.pos += 1
+        else:
+            while True:
+                if self.peek() != '"':
+                    self.fail("Expecting property name enclosed in double quotes")
+                self.value()
+                self.take(":", "':' delimiter")
+                if self.peek() != "[":
+                    self.value()
+                elif lists:
+                    raise SourceError(f"{self.path}: {_ONE_LIST}")
+                else:
+                    lists = 1
+                    yield from self.items()
+                if self.take(",}", "',' delimiter") == "}":
+                    break
+        if lists == 0:
+            raise SourceError(f"{self.path}: {_ONE_LIST}")
+
+
+def _json_records(path: Path) -> Iterator[Any]:
+    """The records of a JSON file holding a list of them (or an object with one list among its values), one by one."""
     with _open_text(path) as fh:
+        text = _JsonText(fh, path)
         try:
-            data = json.load(fh)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            first = text.peek()
+            if first == "[":
+                yield from text.items()
+            elif first == "{":
+                yield from text.wrapped_items()
+            else:
+                data = text.value()
+            if text.peek():
+                text.fail("Extra data")
+        except UnicodeDecodeError as exc:
             raise SourceError(f"{path}: invalid JSON: {exc}") from exc
-        except RecursionError:
-            raise SourceError(f"{path}: invalid JSON: nested too deeply") from None
-    if isinstance(data, dict):
-        # A few dumps wrap the list: {"data": [...]} or {"rows": [...]}.
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise SourceError(f"{path}: a JSON file must hold a list of records (or one list in an object)")
-        data = lists[0]
-    if not isinstance(data, list):
+    if first not in ("[", "{"):
         raise SourceError(f"{path}: a JSON file must hold a list of records, not {type(data).__name__}")
-    yield from ((i, r, None) for i, r in enumerate(data))
 
 
 def _arrow_batches(path: Path) -> Iterator[Any]:
@@ -131,7 +246,7 @@ def _manifest_shards(folder: Path) -> list[Path] | None:
 
 # A Hugging Face `Dataset.save_to_disk` folder: state.json lists the Arrow files; it and dataset_info.json are
 # metadata. A DatasetDict adds dataset_dict.json ({"splits": [...]}) above one such folder per split.
-SAVED_STATE, SAVED_DICT = "state.json", "dataset_dict.json"
+SAVED_STATE, SAVED_DICT, SAVED_INFO = "state.json", "dataset_dict.json", "dataset_info.json"
 
 
 def _saved_dataset_files(folder: Path) -> list[Path] | None:
@@ -147,12 +262,25 @@ def _saved_dataset_files(folder: Path) -> list[Path] | None:
     return [folder / f["filename"] for f in files]
 
 
-def _is_saved_dict(path: Path) -> bool:
-    try:
-        splits = json.loads(path.read_text()).get("splits")
-    except (OSError, ValueError, AttributeError):
+def _is_metadata(path: Path) -> bool:
+    """A DatasetDict's dataset_dict.json, or the dataset_info.json that `datasets` writes beside its Arrow files
+    (in its cache folder too, which has no state.json): metadata, not pair files."""
+    if path.name not in (SAVED_DICT, SAVED_INFO):
         return False
-    return isinstance(splits, list)
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if path.name == SAVED_INFO:
+        return isinstance(meta, dict) and "features" in meta
+    return isinstance(meta, dict) and isinstance(meta.get("splits"), list)
+
+
+def _is_cache_file(path: Path) -> bool:
+    """An Arrow file `datasets` wrote for a map/filter result (cache-<fingerprint>[_<rank>_of_<n>].arrow): a
+    derived copy of rows a folder already holds, so a scan that read it would count them twice."""
+    name = path.name.lower()
+    return name.startswith("cache-") and name.endswith(".arrow")
 
 
 def source_files(path: Path) -> list[Path]:
@@ -160,8 +288,8 @@ def source_files(path: Path) -> list[Path]:
 
     A dataset version folder of the writer (one with a manifest listing shards) contributes the shards its
     manifest lists, not its manifest or a shard still being written; a Hugging Face save_to_disk folder
-    contributes the Arrow files its state.json lists, not its metadata. Raises SourceError when `path`
-    does not exist.
+    contributes the Arrow files its state.json lists, not its metadata. A loose `datasets` cache file
+    (cache-*.arrow) or dataset_info.json is no pair file either. Raises SourceError when `path` does not exist.
     """
     if path.is_dir():
         # `is not None`: a version whose manifest lists no shard yet (only offsets committed) is still a version;
@@ -177,7 +305,8 @@ def source_files(path: Path) -> list[Path]:
             if p.is_file()
             and p.name.lower().endswith(FILE_SUFFIXES)
             and not any(v in p.parents for v in versions)
-            and not (p.name == SAVED_DICT and _is_saved_dict(p))
+            and not _is_cache_file(p)
+            and not _is_metadata(p)
         ]
         return sorted(listed + loose)
     if not path.exists():

@@ -292,7 +292,10 @@ def read_pairs(record: Any, source: str) -> Iterator[tuple[str, dict]]:
     for key in ("chosen", "rejected"):
         if key not in record:
             raise RowError(f"missing field {key!r}")
-    prompt_key = next((k for k in ("conversation", "prompt", "history", "messages") if k in record), None)
+    # `is not None`: in a Parquet/Arrow file (or pandas' JSON lines) every row has every column, null where it had
+    # none; a null `conversation` must not hide the `prompt` its row holds.
+    prompt_keys = ("conversation", "prompt", "history", "messages")
+    prompt_key = next((k for k in prompt_keys if record.get(k) is not None), None)
     prompt_value = record.get(prompt_key) if prompt_key else None
     if isinstance(prompt_value, list):
         conversation: Messages | None = _messages(prompt_value, prompt_key or "prompt")
