@@ -289,7 +289,8 @@ def source_files(path: Path) -> list[Path]:
     A dataset version folder of the writer (one with a manifest listing shards) contributes the shards its
     manifest lists, not its manifest or a shard still being written; a Hugging Face save_to_disk folder
     contributes the Arrow files its state.json lists, not its metadata. A loose `datasets` cache file
-    (cache-*.arrow) or dataset_info.json is no pair file either. Raises SourceError when `path` does not exist.
+    (cache-*.arrow) or dataset_info.json is no pair file either, nor a hidden one. Raises SourceError when
+    `path` does not exist.
     """
     if path.is_dir():
         # `is not None`: a version whose manifest lists no shard yet (only offsets committed) is still a version;
@@ -307,6 +308,8 @@ def source_files(path: Path) -> list[Path]:
             and not any(v in p.parents for v in versions)
             and not _is_cache_file(p)
             and not _is_metadata(p)
+            # Hidden files and folders (macOS `._x.json`, `.ipynb_checkpoints/`) hold no pairs of the user's.
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
         ]
         return sorted(listed + loose)
     if not path.exists():

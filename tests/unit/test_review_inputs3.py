@@ -239,3 +239,17 @@ def test_a_null_prompt_field_does_not_hide_the_prompt_another_field_holds(tmp_pa
             [{"role": "user", "content": "q1"}],
             [{"role": "user", "content": "q2"}],
         ], name
+
+
+def test_a_folder_scan_skips_hidden_files_and_folders(tmp_path):
+    # Before: macOS's `._pairs.json` (AppleDouble bytes) and Jupyter's `.ipynb_checkpoints/` copies were read as
+    # pair files: the first failed the file, the second counted every pair twice.
+    from synpref.shared.source_files import source_files
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    (tmp_path / "._pairs.jsonl").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "pairs-checkpoint.jsonl").write_text(pairs.read_text())
+    assert source_files(tmp_path) == [pairs]
+    assert source_files(tmp_path / "._pairs.jsonl") == [tmp_path / "._pairs.jsonl"]  # named directly: read
