@@ -51,6 +51,19 @@ def _json_line(raw: bytes) -> tuple[Any, str | None]:
         return None, "invalid JSON line: nested too deeply"
 
 
+def _is_json_lines(path: Path) -> bool:
+    """Whether a `.json` file holds JSON lines, as `datasets`' Dataset.to_json and pandas' to_json(lines=True) write
+    under that name: its first line is a whole object and another line follows, or that object is a pair."""
+    with _open_binary(path) as fh:
+        first = fh.readline().removeprefix(codecs.BOM_UTF8)
+        if not first.lstrip().startswith(b"{"):
+            return False
+        record, error = _json_line(first)
+        if error is not None or not isinstance(record, dict):
+            return False  # an object over several lines: one that wraps the list
+        return "chosen" in record or any(line.strip() for line in fh)
+
+
 def iter_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(index, record, parse error) for each record of one file."""
     name = path.name.lower()
@@ -72,7 +85,7 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                     yield index, record, None
                     index += 1
         return
-    if name.endswith((".jsonl", ".jsonl.gz")):
+    if name.endswith((".jsonl", ".jsonl.gz")) or _is_json_lines(path):
         with _open_binary(path) as raw_lines:
             for index, raw in enumerate(raw_lines):
                 if index == 0:

@@ -128,7 +128,6 @@ def test_malformed_json_fails_the_file_with_json_loads_message_and_position(
     ("text", "why"),
     [
         ('{"a": 1, "b": "x"}', "one list in an object"),
-        ('{"chosen": [1], "rejected": [2]}', "one list in an object"),
         ("{}", "one list in an object"),
         ("5", "not int"),
         ('"text"', "not str"),
@@ -253,3 +252,24 @@ def test_a_folder_scan_skips_hidden_files_and_folders(tmp_path):
     (tmp_path / ".ipynb_checkpoints" / "pairs-checkpoint.jsonl").write_text(pairs.read_text())
     assert source_files(tmp_path) == [pairs]
     assert source_files(tmp_path / "._pairs.jsonl") == [tmp_path / "._pairs.jsonl"]  # named directly: read
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_json_lines_under_a_json_name_are_read_as_json_lines(tmp_path, rows):
+    # `Dataset.to_json("x.json")` writes JSON lines by default. Before: "Extra data" failed the file, and a
+    # one-line file of a message-list pair was read as a wrapper object, its `chosen` messages taken for records.
+    from datasets import Dataset
+
+    from synpref.shared.source_files import iter_records
+
+    pair = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    pair["rejected"] = [pair["chosen"][0], {"role": "assistant", "content": "b"}]
+    path = tmp_path / "pairs.json"
+    Dataset.from_list([pair] * rows).to_json(str(path))
+    assert [r for _, r, _ in iter_records(path)] == [pair] * rows
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text('{"data": [\n' + ",\n".join([json.dumps(pair)] * rows) + "\n]}\n")
+    assert [r for _, r, _ in iter_records(wrapped)] == [pair] * rows
+    one_line = tmp_path / "one_line.json"
+    one_line.write_text(json.dumps({"data": [pair] * rows}))
+    assert [r for _, r, _ in iter_records(one_line)] == [pair] * rows
