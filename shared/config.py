@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from synpref.shared import config_base
@@ -28,13 +28,15 @@ from synpref.shared.sources import SourceFormat
 class KafkaSettings(Section):
     """The `kafka` section: broker connection and security, topic creation defaults, consumer and producer limits."""
 
+    # A validation error quotes its input: a mistyped sasl_password (a YAML number) would be printed.
+    model_config = ConfigDict(hide_input_in_errors=True)
     bootstrap_servers: str = "127.0.0.1:9092"
     """Comma-separated host:port list of the cluster to use."""
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_username: str | None = None
-    sasl_password: str | None = None
-    """Prefer SYNPREF_KAFKA__SASL_PASSWORD (from a Secret) over the YAML file."""
+    sasl_password: SecretStr | None = None
+    """Never printed (repr, errors); prefer SYNPREF_KAFKA__SASL_PASSWORD (from a Secret) over the YAML file."""
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
@@ -63,7 +65,7 @@ class KafkaSettings(Section):
             kwargs.update(
                 sasl_mechanism=self.sasl_mechanism,
                 sasl_plain_username=self.sasl_username,
-                sasl_plain_password=self.sasl_password,
+                sasl_plain_password=None if self.sasl_password is None else self.sasl_password.get_secret_value(),
             )
         for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
             value = getattr(self, key)
@@ -366,7 +368,10 @@ class ServiceSettings(Section):
 class Settings(BaseSettings):
     """Everything a SynPref process reads from its environment."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True)
+    # hide_input_in_errors: an error must not print kafka.sasl_password (load_settings prints no input anyway).
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True, hide_input_in_errors=True
+    )
 
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()

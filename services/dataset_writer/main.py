@@ -11,6 +11,11 @@ even across crashes. Order of a checkpoint: dead letters acknowledged, shard, ma
 Run one writer per dataset version (one replica): the manifest has a single author. Its
 consumer is a static group member named after the version, so a restarted writer takes
 its partitions back at once instead of after kafka.session_timeout_ms.
+
+A version holds every curated pair the topic has (from its earliest retained offset), whatever
+other versions were written before it: every version's writer is in the one group
+synpref-writer, whose committed offsets are another version's, so a partition the manifest
+has no offset for (a new version, or one that never saw that partition) starts at offset 0.
 """
 
 from __future__ import annotations
@@ -98,6 +103,18 @@ class DatasetSink:
         return out
 
 
+class ResumeAt(dict[TopicPartition, int]):
+    """Where each partition resumes: its manifest offset, else 0, the topic's beginning (an offset retention
+    removed is reset to the earliest one: the consumers' auto_offset_reset). Never the group's committed offset,
+    which another version's writer (same group) moved."""
+
+    def __contains__(self, tp: object) -> bool:
+        return True
+
+    def __missing__(self, tp: TopicPartition) -> int:
+        return 0
+
+
 class ManifestSink:
     """The runner's sink: rows buffered until due, then one shard committed with its offsets."""
 
@@ -133,9 +150,9 @@ class ManifestSink:
         log.info("writer: +%d rows (%d duplicates) -> %s", result.written, result.duplicates, result.shard)
         self.buffer, self.oldest = [], None
 
-    def stored_offsets(self) -> dict[TopicPartition, int]:
-        """The offsets the dataset's manifest stores, where the runner seeks on assignment."""
-        return self.target.stored_offsets()
+    def stored_offsets(self) -> ResumeAt:
+        """Where the runner seeks each assigned partition: the manifest's offset, else the beginning (ResumeAt)."""
+        return ResumeAt(self.target.stored_offsets())
 
 
 class WriterServicer:

@@ -25,7 +25,7 @@ suffixes like -gold-scorer stay under 63 characters. */}}
 
 {{- define "synpref.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "synpref.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 {{- end }}
 
 {{- define "synpref.labels" -}}

@@ -40,7 +40,7 @@ limits:
 {{/* Spec file for `synpref train submit` (TrainingJobSpec fields; name given at submit). */}}
 {{- define "synpref.trainJobSpec" -}}
 {{- $t := .Values.training }}
-namespace: {{ .Release.Namespace }}
+namespace: {{ .Release.Namespace | quote }}
 image: {{ include "synpref.cudaImage" . }}
 image_pull_policy: {{ .Values.cudaImage.pullPolicy }}
 image_pull_secrets: {{ toJson .Values.imagePullSecrets }}
