@@ -78,6 +78,8 @@ class ServiceSpec:
     """Where the runner hands routed records instead of producing them (the dataset writer's dataset)."""
     instance_id: str | None = None
     """Static group membership (group.instance.id) for a service that runs as one process per id."""
+    group_id: str | None = None
+    """Consumer group when service.group_id is not set; default synpref-<name>."""
     close: Callable[[], None] | None = None
     """Releases what the stage holds (the annotator's HTTP sessions and event loop) once nothing calls it."""
 
@@ -268,6 +270,7 @@ class Service:
                     self.settings, self.spec.stage, service=self.spec.name,
                     input_route=self.spec.input_route, stop=self.stop, stats=self.stats,
                     sink=self.spec.sink, instance_id=self.spec.instance_id,
+                    group_id=self.settings.service.group_id or self.spec.group_id,
                 )  # fmt: skip
                 runner.open()
             self._set_serving(True)

@@ -9,13 +9,14 @@ even across crashes. Order of a checkpoint: dead letters acknowledged, shard, ma
 (the commit point), then Kafka's committed offsets (best effort, for lag monitoring).
 
 Run one writer per dataset version (one replica): the manifest has a single author. Its
-consumer is a static group member named after the version, so a restarted writer takes
-its partitions back at once instead of after kafka.session_timeout_ms.
+consumer group is the version's own (synpref-writer-<name>-<version>, unless service.group_id
+is set), and it is a static member named after the version, so a restarted writer takes its
+partitions back at once instead of after kafka.session_timeout_ms.
 
 A version holds every curated pair the topic has (from its earliest retained offset), whatever
-other versions were written before it: every version's writer is in the one group
-synpref-writer, whose committed offsets are another version's, so a partition the manifest
-has no offset for (a new version, or one that never saw that partition) starts at offset 0.
+other versions were written before it: a partition the manifest has no offset for (a new
+version, or one that never saw that partition) starts at offset 0, never at a committed group
+offset (one set by hand, or by a writer of another version in the same group, as all were once).
 """
 
 from __future__ import annotations
@@ -206,6 +207,9 @@ def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
         counters=counters,
         sink=manifest_sink,
         instance_id=f"{SERVICE}-{cfg.name}-{cfg.version}",
+        # A group per version: versions written side by side would otherwise split the partitions between them
+        # (each missing the other's until one stops), and the group's lag would mix versions.
+        group_id=f"synpref-{SERVICE}-{cfg.name}-{cfg.version}",
     )
 
 

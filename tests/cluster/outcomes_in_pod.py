@@ -73,7 +73,7 @@ def main() -> None:
         "gold-scorer": lag(s.kafka, kwargs, "synpref-gold-scorer", t.s2_raw),
         "annotator": lag(s.kafka, kwargs, "synpref-annotator", t.s2_scored),
         "filter": lag(s.kafka, kwargs, "synpref-filter", t.s2_annotated),
-        "writer": lag(s.kafka, kwargs, "synpref-writer", t.curated),
+        "writer": lag(s.kafka, kwargs, f"synpref-writer-{w.name}-{w.version}", t.curated),
     }
     print(json.dumps(out))
 

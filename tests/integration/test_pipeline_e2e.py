@@ -212,11 +212,11 @@ def test_real_pairs_through_all_services_with_crashes(kafka_settings, unique_top
             wait_until(lambda: outcome_sizes() >= expected, left_s, outcomes_wanted)
         phases["drained"] = time.monotonic() - started
         # Re-deliveries after the restart count only once the filter and the writer consumed their whole input
-        # (the groups are synpref-<service>, the runner's default).
+        # (the groups are synpref-<service>, the runner's default, and the writer's synpref-writer-<name>-<version>).
         wait_until(
             lambda: (
                 committed_to_end(kafka, "synpref-filter", topics.s2_annotated)
-                and committed_to_end(kafka, "synpref-writer", topics.curated)
+                and committed_to_end(kafka, "synpref-writer-e2e-v1", topics.curated)
             ),
             60,
             "the filter and the writer to commit the end of their input topics",

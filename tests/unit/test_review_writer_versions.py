@@ -56,7 +56,7 @@ def seeks_on_assignment(root: Path, version: str, assigned: set[TopicPartition])
 
 
 def test_a_new_version_starts_at_the_beginning_not_at_the_previous_versions_offsets(tmp_path: Path) -> None:
-    # v1 was written up to offsets 5 and 7; the group synpref-writer committed them too.
+    # v1 was written up to offsets 5 and 7; its group (all versions shared synpref-writer then) committed them too.
     with DatasetVersion(tmp_path, "d", "v1") as v1:
         v1.append([kept(0)], {"t:0": 5, "t:1": 7})
     # Before: v2 had nothing to seek to and resumed at the group's (v1's) offsets, so it held none of v1's pairs.
@@ -69,6 +69,17 @@ def test_a_partition_the_manifest_has_no_offset_for_starts_at_the_beginning(tmp_
         v1.append([kept(0)], {"t:0": 3})
     assert seeks_on_assignment(tmp_path, "v1", {T0, T1}) == {T0: 3, T1: 0}
     assert ManifestSink(DatasetSink(DatasetVersion(tmp_path, "d", "v3")), WriterSettings()).stored_offsets() == {}
+
+
+def test_each_version_has_its_own_consumer_group_unless_one_is_set(tmp_path: Path) -> None:
+    # Before: every version was in synpref-writer, so two versions running side by side split the partitions (each
+    # missing the other's until one stopped) and the group's lag mixed versions.
+    specs = []
+    for version in ("v1", "v2"):
+        spec = make_spec(Settings(writer=WriterSettings(root=str(tmp_path), name="d", version=version)), None)  # type: ignore[arg-type]
+        specs.append(spec)
+        spec.sink.target.dataset.close()  # type: ignore[union-attr]
+    assert [s.group_id for s in specs] == ["synpref-writer-d-v1", "synpref-writer-d-v2"]
 
 
 def run_writer(settings: Settings, version: str, rows: int, timeout_s: float) -> int:
