@@ -8,10 +8,12 @@ token budget a micro-batch gets when the config leaves it to the trainer.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -126,24 +128,61 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return fn
 
 
+class EpochOrder:
+    """The global batches of one epoch: one (steps, global_batch) int array, not a Python int a pair.
+
+    `order[k]` is batch k as a list (one batch at a time is small); `rows` is the whole array.
+    """
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> list[int]:
+        return self.rows[k].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (self[k] for k in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EpochOrder) and np.array_equal(self.rows, other.rows)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _shuffled_range(n: int, rng: random.Random) -> np.ndarray:
+    """`rng.shuffle(list(range(n)))` on a flat array: the same swaps and draws, so the same order (and rng
+    state) as the list, at 4 bytes a pair instead of ~45 (and faster: ~20 s at 40M pairs on one core)."""
+    order = array("i" if n < 2**31 else "q", range(n))
+    randbelow = rng._randbelow  # type: ignore[attr-defined]  # what Random.shuffle draws each swap with
+    for i in reversed(range(1, n)):
+        j = randbelow(i + 1)
+        order[i], order[j] = order[j], order[i]
+    return np.frombuffer(order, dtype=np.int32 if order.typecode == "i" else np.int64)
+
+
 def step_order(
     n: int, seed: int, epoch: int, global_batch: int, lengths: Sequence[int] | None, window: int
-) -> list[list[int]]:
-    """The global batches of one epoch: a seeded permutation, optionally length-grouped."""
+) -> EpochOrder:
+    """The global batches of one epoch: a seeded permutation, optionally length-grouped (pairs sorted by
+    length, longest first, within each `window` of batches, and the window's batches shuffled)."""
     rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(n))
-    rng.shuffle(order)
     steps = n // global_batch
-    batches = [order[i * global_batch : (i + 1) * global_batch] for i in range(steps)]
+    rows = _shuffled_range(n, rng)[: steps * global_batch].reshape(steps, global_batch)
     if lengths is None:
-        return batches
-    grouped: list[list[int]] = []
+        return EpochOrder(rows)
+    widths = np.asarray(lengths)
+    grouped = np.empty_like(rows)
     for start in range(0, steps, window):
-        pool = sorted((i for b in batches[start : start + window] for i in b), key=lambda i: -lengths[i])
-        chunk = [pool[k : k + global_batch] for k in range(0, len(pool), global_batch)]
-        rng.shuffle(chunk)
-        grouped.extend(chunk)
-    return grouped
+        pool = rows[start : start + window].ravel()
+        # stable, like sorted(key=-length): equal lengths keep their shuffled order
+        chunk = pool[np.argsort(-widths[pool], kind="stable")].reshape(-1, global_batch)
+        picks = list(range(len(chunk)))
+        rng.shuffle(picks)  # the draws a shuffle of the chunk's batches makes
+        grouped[start : start + len(chunk)] = chunk[picks]
+    return EpochOrder(grouped)
 
 
 def rank_share(batch: Sequence[int], widths: Sequence[int], rank: int, world: int) -> list[int]:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from synpref.shared import modeling, pairs, source_files, sources
-from synpref.shared.files import FileLock, replace_durably
+from synpref.shared.files import FileLock, fsync_tree, replace_durably
 from synpref.shared.pairs import conversation_key, held_out_positions
 from synpref.shared.tokenizer_hash import tokenizer_sha256
 from synpref.training import data, token_store
@@ -96,15 +96,35 @@ def prepare_data(
     return result
 
 
-def cache_key(config: Any, tokenizer: Any) -> tuple[str, dict[str, Any]]:
-    """(key, what it hashes) of the cache folder for config's files under this tokenizer."""
+Listing = list[tuple[str, list[Path]]]
+"""Each train or eval path with the files under it (shared.source_files) at one moment."""
 
-    def files(paths: list[str]) -> list[Any]:
+
+def list_files(paths: list[str]) -> Listing:
+    """`paths` with their files now: the key and every pass of a build read this one listing, so a shard a
+    dataset writer commits meanwhile is in neither (the next run's key sees it)."""
+    return [(path, source_files.source_files(Path(path))) for path in paths]
+
+
+def cache_key(
+    config: Any, tokenizer: Any, listing: tuple[Listing, Listing] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """(key, what it hashes) of the cache folder for config's files (as `listing` lists the train and eval
+    files, else as listed now) under this tokenizer."""
+    train, evals = listing or (list_files(config.train_files), list_files(config.eval_files))
+
+    def files(paths: Listing) -> list[Any]:
         out = []
-        for path in paths:
+        for path, found in paths:
             listed = []
-            for file in source_files.source_files(Path(path)):
-                stat = file.stat()
+            for file in found:
+                try:
+                    stat = file.stat()
+                except FileNotFoundError:
+                    # Only a file a manifest or state.json lists can be missing here: name that list.
+                    raise source_files.SourceError(
+                        f"{file}: no such file, but {_listed_by(file, Path(path))} lists it"
+                    ) from None
                 listed.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns])
             out.append([str(path), listed])
         return out
@@ -117,8 +137,8 @@ def cache_key(config: Any, tokenizer: Any) -> tuple[str, dict[str, Any]]:
         code.update(Path(str(module.__file__)).read_bytes())
     spec = {
         "version": CACHE_VERSION,
-        "train_files": files(config.train_files),
-        "eval_files": files(config.eval_files),
+        "train_files": files(train),
+        "eval_files": files(evals),
         "eval_fraction": 0.0 if config.eval_files else config.eval_fraction,
         "split_seed": config.split_seed,
         "margin_column": config.margin_column,
@@ -132,7 +152,20 @@ def cache_key(config: Any, tokenizer: Any) -> tuple[str, dict[str, Any]]:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32], spec
 
 
-def held_out_mask(paths: list[str], columns_extra: tuple[str, ...], fraction: float, seed: int) -> np.ndarray | None:
+def _listed_by(file: Path, root: Path) -> str:
+    """The dataset manifest or save_to_disk state.json under `root` that lists `file`."""
+    for folder in file.parents:
+        if folder != root and root not in folder.parents:
+            break
+        for name in (source_files.DATASET_MANIFEST, source_files.SAVED_STATE):
+            if (folder / name).is_file():
+                return str(folder / name)
+    return f"a manifest.json or state.json under {root}"
+
+
+def held_out_mask(
+    paths: Iterable[str | Path], columns_extra: tuple[str, ...], fraction: float, seed: int
+) -> np.ndarray | None:
     """Per readable pair of `paths` (in reading order), whether split_by_conversation holds it out;
     None when nothing is. Holds 32 bytes a pair (the conversation keys) while it runs."""
     if fraction <= 0:
@@ -166,8 +199,12 @@ def _encode(
         if pair is None:
             unreadable += 1
             continue
+        if held is not None and readable >= len(held):
+            raise _changed(len(held), "more")
         (evals if held is not None and held[readable] else train).add(pair)
         readable += 1
+    if held is not None and readable < len(held):
+        raise _changed(len(held), f"{readable}")
     for pair in eval_pairs:
         evals.add(pair)
     train_set, eval_set = train.finish(), evals.finish()
@@ -182,21 +219,30 @@ def _encode(
     return TrainingData(train_set, eval_set, report, problems[:PROBLEMS_KEPT], folder)
 
 
-def _build(config: Any, tokenizer: Any, folder: Path, spec: dict[str, Any]) -> None:
-    """Stream config's files into stores under `folder`, then write report.json."""
+def _changed(split: int, now: str) -> source_files.SourceError:
+    # The split's mask is by position: another count means another pairing of mask and pairs.
+    return source_files.SourceError(
+        f"the train files changed while the token cache was built ({split} readable pairs when the split was made, "
+        f"{now} when encoded): train from files that are no longer written to"
+    )
+
+
+def _build(config: Any, tokenizer: Any, folder: Path, spec: dict[str, Any], listing: tuple[Listing, Listing]) -> None:
+    """Stream the listed files into stores under `folder`, then write report.json."""
     extra = (config.margin_column,) if config.margin_column else ()
+    train_files, eval_files = ([file for _, files in paths for file in files] for paths in listing)
     held = None
     if not config.eval_files:
-        held = held_out_mask(config.train_files, extra, config.eval_fraction, config.split_seed)
+        held = held_out_mask(train_files, extra, config.eval_fraction, config.split_seed)
     problems: list[str] = []
 
     def train_rows() -> Iterable[Mapping[str, Any] | None]:
-        for pair, problem in data.iter_pairs(config.train_files, extra):
+        for pair, problem in data.iter_pairs(train_files, extra):
             if pair is None and len(problems) < PROBLEMS_KEPT:
                 problems.append(problem)
             yield pair
 
-    eval_rows = (pair for pair, _ in data.iter_pairs(config.eval_files, extra) if pair is not None)
+    eval_rows = (pair for pair, _ in data.iter_pairs(eval_files, extra) if pair is not None)
     built = _encode(config, tokenizer, folder, train_rows(), eval_rows, held, problems)
     record = {
         "report": built.report,
@@ -217,7 +263,8 @@ def _open(folder: Path) -> TrainingData:
 
 def _cached(config: Any, tokenizer: Any, root: Path) -> TrainingData:
     root.mkdir(parents=True, exist_ok=True)
-    key, spec = cache_key(config, tokenizer)
+    listing = list_files(config.train_files), list_files(config.eval_files)
+    key, spec = cache_key(config, tokenizer, listing)
     folder = root / key
     lock = FileLock(root / f"{key}.lock")
     try:
@@ -226,7 +273,10 @@ def _cached(config: Any, tokenizer: Any, root: Path) -> TrainingData:
         else:
             tmp = root / f".{key}.{uuid.uuid4().hex[:12]}.tmp"
             try:
-                _build(config, tokenizer, tmp, spec)
+                _build(config, tokenizer, tmp, spec, listing)
+                # report.json and the store folders' entries too: after a power loss a published folder with an
+                # empty report would fail every later attempt (they resume in this output_dir) until removed.
+                fsync_tree(tmp)
                 shutil.rmtree(folder, ignore_errors=True)
                 replace_durably(tmp, folder)
             finally:

@@ -158,9 +158,9 @@ class RewardTrainer:
     def _global_batches(self) -> Iterator[tuple[int, list[int]]]:
         cfg = self.config
         lengths = self.widths if cfg.group_by_length else None
-        epoch, cached = -1, []
+        epoch, cached = -1, None
         for step in range(self.step, self.total_steps):
-            if step // self.steps_per_epoch != epoch:
+            if cached is None or step // self.steps_per_epoch != epoch:
                 epoch = step // self.steps_per_epoch
                 cached = step_order(
                     len(self.train_data), cfg.seed, epoch, cfg.global_batch_size, lengths, cfg.group_window
