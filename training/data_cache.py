@@ -106,6 +106,26 @@ def list_files(paths: list[str]) -> Listing:
     return [(path, source_files.source_files(Path(path))) for path in paths]
 
 
+def listing_of_rank0(config: Any) -> tuple[Listing, Listing]:
+    """The train and eval files as rank 0 lists them, on every rank. Ranks that each listed on their own could
+    see a shard a writer committed between them: other cache keys, two builds at once (each removing the
+    other's folder), and ranks training on other data (other step counts: a hang)."""
+    import torch.distributed as dist
+
+    many = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    box: list[Any] = [None]
+    if not many or dist.get_rank() == 0:
+        try:
+            box[0] = (list_files(config.train_files), list_files(config.eval_files))
+        except source_files.SourceError as exc:
+            box[0] = exc  # sent on, so the other ranks raise it too instead of waiting for a listing
+    if many:
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], source_files.SourceError):
+        raise box[0]
+    return box[0]
+
+
 def cache_key(
     config: Any, tokenizer: Any, listing: tuple[Listing, Listing] | None = None
 ) -> tuple[str, dict[str, Any]]:
@@ -263,7 +283,7 @@ def _open(folder: Path) -> TrainingData:
 
 def _cached(config: Any, tokenizer: Any, root: Path) -> TrainingData:
     root.mkdir(parents=True, exist_ok=True)
-    listing = list_files(config.train_files), list_files(config.eval_files)
+    listing = listing_of_rank0(config)
     key, spec = cache_key(config, tokenizer, listing)
     folder = root / key
     lock = FileLock(root / f"{key}.lock")

@@ -203,3 +203,60 @@ def test_the_token_cache_is_on_disk_before_it_is_published(tmp_path, monkeypatch
     cfg = RewardConfig(output_dir=str(tmp_path / "out"), train_files=[str(train)], max_length=64)
     data_cache.prepare_data(cfg, tokenizer, tmp_path / "out")
     assert published == [set()], f"published before they were on disk: {published}"
+
+
+RANKS_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+from types import SimpleNamespace
+from synpref.shared.source_files import SourceError
+from synpref.training.data_cache import listing_of_rank0
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+os.chdir(sys.argv[rank + 1])  # each rank sees its own "data" folder: as if a shard landed between their listings
+config = SimpleNamespace(train_files=["data"], eval_files=[])
+try:
+    got = [[path, [str(f) for f in files]] for path, files in listing_of_rank0(config)[0]]
+except SourceError as exc:
+    got = f"SourceError: {exc}"
+with open(os.path.join(sys.argv[3], f"rank{rank}.json"), "w") as fh:
+    json.dump(got, fh)
+dist.destroy_process_group()
+"""
+
+
+def run_two_ranks(tmp_path: Path, seen_by_0: list[str] | None, seen_by_1: list[str]) -> list[object]:
+    """What listing_of_rank0 returns on each of 2 real gloo ranks whose `data` folders hold these files (None:
+    no folder); each result is the train listing or the SourceError's text."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    folders = []
+    for rank, names in enumerate((seen_by_0, seen_by_1)):
+        folder = tmp_path / f"rank{rank}"
+        (folder / "data").mkdir(parents=True) if names is not None else folder.mkdir()
+        for name in names or []:
+            (folder / "data" / name).write_text("")
+        folders.append(str(folder))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    proc = subprocess.run([*cmd, *folders, str(tmp_path)], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.integration  # two real gloo ranks under torchrun, ~8 s
+def test_every_rank_takes_rank_0s_file_listing(tmp_path: Path) -> None:
+    # Before: each rank listed the train files itself; a shard committed between two ranks' listings gave them other
+    # cache keys (two builds at once, each removing the other's folder) and other data (other step counts: a hang).
+    got = run_two_ranks(tmp_path, ["a.jsonl"], ["a.jsonl", "b.jsonl"])
+    assert got[0] == got[1] == [["data", ["data/a.jsonl"]]]
+
+
+@pytest.mark.integration
+def test_a_listing_error_on_rank_0_reaches_every_rank_instead_of_a_wait(tmp_path: Path) -> None:
+    got = run_two_ranks(tmp_path, None, ["a.jsonl"])
+    assert all(isinstance(g, str) and g.startswith("SourceError: data: no such file") for g in got), got
