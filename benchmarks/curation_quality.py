@@ -55,6 +55,7 @@ from synpref.services.controller.simulated import (
 )
 from synpref.services.gold_scorer.scoring import pair_dict
 from synpref.shared.config import SimulatedJudgeSettings, load_settings
+from synpref.shared.files import write_atomic, write_text_atomic
 from synpref.v1.pair_pb2 import PairRecord
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,8 +98,13 @@ class CachedEmbed:
                 self.embedder = Embedder(max_length=128)
             for t, v in zip(todo, self.embedder.embed(todo), strict=True):
                 self.memo[t] = v
-            np.savez(self.path, texts=np.array(list(self.memo)), vectors=np.stack(list(self.memo.values())))
+            # Atomic: a run stopped while saving would leave a memo that np.load cannot read on the next start.
+            write_atomic(self.path, self._save)
         return np.stack([self.memo[t] for t in texts])
+
+    def _save(self, path: Path) -> None:
+        with path.open("wb") as fh:  # a file, not a name: np.savez would add ".npz" to the temp name
+            np.savez(fh, texts=np.array(list(self.memo)), vectors=np.stack(list(self.memo.values())))
 
 
 # ---------------------------------------------------------------- the MLP head
@@ -592,6 +598,18 @@ def report(args, rows: list[dict], curve: list[dict], figures: list[str], pool: 
     return "\n".join(lines) + "\n"
 
 
+def write_outputs(args, rows: list[dict], curve: list[dict]) -> str:
+    """results.json, the figures and report.md in --out; the report's text. Called after every row, so that a
+    sweep cut short still leaves its figures; atomic, so that one stopped while writing leaves the last
+    results.json whole for --resume (a truncated one lost every row)."""
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "curve": curve}
+    write_text_atomic(args.out / "results.json", json.dumps(results, indent=1))
+    figures = plots(rows, curve or [{"pairs": 0, "sample": 0, "mlp": 0.0, "linear": 0.0}], args.out)
+    text = report(args, rows, curve, figures, args.pool_size)
+    write_text_atomic(args.out / "report.md", text)
+    return text
+
+
 # Settings a kept row must share with this run; the sweep's axes (noise, modes, budgets,
 # seeds) may differ, which is the point of resuming.
 SAME_FOR_RESUME = ("heads", "max_length", "max_pairs")
@@ -654,25 +672,15 @@ def main(argv: list[str]) -> int:
     args.pool_size = count_pool(work, models)
     say(f"pool: {args.pool_size} pairs to curate; sources {[s.name for s in SOURCES]}")
 
-    def write(rows: list[dict], curve: list[dict]) -> str:
-        # After every row, so that a sweep cut short still leaves its figures.
-        (args.out / "results.json").write_text(
-            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "curve": curve}, indent=1)
-        )
-        figures = plots(rows, curve or [{"pairs": 0, "sample": 0, "mlp": 0.0, "linear": 0.0}], args.out)
-        text = report(args, rows, curve, figures, args.pool_size)
-        (args.out / "report.md").write_text(text)
-        return text
-
     SWEEP_HEADS[:] = args.heads
     done = resumed_rows(args) if args.resume else []
     if done:
         say(f"resuming: {len(done)} rows kept from {args.out / 'results.json'}")
-    rows = sweep(args, models, embed, evaluator, work, say, lambda rows: write(rows, []), done)
+    rows = sweep(args, models, embed, evaluator, work, say, lambda rows: write_outputs(args, rows, []), done)
     curve = [] if args.no_curve else learning_curve(args, models, evaluator, work)
     if curve:
         say("learning curve: " + ", ".join(f"{c['pairs']}: mlp {c['mlp']:.3f} lin {c['linear']:.3f}" for c in curve))
-    print(write(rows, curve))
+    print(write_outputs(args, rows, curve))
     say(f"wrote {args.out / 'report.md'}")
     return 0
 

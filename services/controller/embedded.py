@@ -65,6 +65,18 @@ def labels_file(c: Any) -> str:
     return c.study.human_labels_file if c.study is not None else ""
 
 
+def start_over(folder: Path) -> None:
+    """--fresh: empty `folder`. A symlinked workdir has its target emptied: rmtree refuses a link, and ignoring
+    that resumed the old run instead of starting over."""
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
 def build_controller(settings: Settings, progress: bool = True, executor: Any = None, on_step: Any = None):
     """A Controller that runs every stage in this process (unless `executor` is given).
 
@@ -105,9 +117,17 @@ def main(argv: list[str]) -> int:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     c = settings.controller
-    if args.fresh:
-        for folder in {c.workdir, c.store_dir} - {""}:  # --fresh: start over
-            shutil.rmtree(folder, ignore_errors=True)
+    folders = [Path(f) for f in sorted({c.workdir, c.store_dir} - {""})]
+    for folder in folders:
+        if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+            print(f"synpref run: {folder} exists and is not a folder: set another workdir", file=sys.stderr)
+            return 2
+    try:
+        for folder in folders if args.fresh else ():
+            start_over(folder)
+    except OSError as exc:
+        print(f"synpref run: --fresh cannot remove {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     try:
         controller = build_controller(settings, progress=not args.quiet)

@@ -22,7 +22,7 @@ HELDOUT_ROWS = {
     "as_given": ("pairs as given", "#999", "every pool pair with the label it came in with"),
     "judges_only": ("judges only", "#b5b", "every pool pair labelled by the judges' majority, no humans"),
     GOLD: ("gold only (humans)", "#e90", "the human-verified pairs only (D_gold)"),
-    "best_working": ("best working RM", "#57b", "the last Stage-1 working RM"),
+    "best_working": ("best working RM", "#57b", "the Stage-1 working RM most accurate on D_gold (not always the last)"),
     "final": ("final RM (curated)", "#2a7", "the curated set (kept + flipped)"),
 }
 JUDGES_ONLY_NOTE = (

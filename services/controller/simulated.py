@@ -66,7 +66,9 @@ def with_label_noise(record: PairRecord, rate: float, seed: int) -> PairRecord:
 class SimulatedJudge:
     """A judge of stated accuracy, for studies: it knows the truth and lies on purpose.
 
-    Per (judge, pair) a seeded belief is drawn: the true label with probability `accuracy`.
+    Per (judge, pair) a seeded belief is drawn: the true label with probability `accuracy`. The pair is
+    both its responses (the true chosen and the other), so pairs that share one response (RM-Bench pairs
+    each chosen response with three rejected ones) get beliefs of their own.
     Each of `samples` votes repeats that belief, flipped with probability `sample_noise`
     (so self-consistency has something to do), or abstains with probability `abstain`.
     Deterministic: the same pair gets the same votes on every replay.
@@ -92,20 +94,22 @@ class SimulatedJudge:
     ) -> list[JudgeVote]:
         """The judge's seeded votes on a pair whose true chosen side hashes to `truth` (see the class).
 
-        `rejected` is needed by error_mode length_correlated (ValueError without it).
+        The belief is keyed by both responses; without `rejected` by the chosen one alone, and error_mode
+        length_correlated raises ValueError.
         """
         s = self.settings
-        # Keyed by the true side, not the current orientation: a flipped copy of a pair gets
-        # the same belief about which response is better.
-        rng = random.Random(f"{self.seed}:{self.name}:{truth}")
         chosen_is_true = digest(chosen) == truth
+        better, worse = (chosen, rejected) if chosen_is_true else (rejected, chosen)
+        # Keyed by the true side and the other one, not the current orientation: a flipped copy of a
+        # pair gets the same belief about which response is better.
+        key = f"{truth}:{digest(worse)}" if rejected else truth
+        rng = random.Random(f"{self.seed}:{self.name}:{key}")
         if s.error_mode == "independent":
             believes_truth = rng.random() < s.accuracy
         else:
             if not rejected:
                 raise ValueError(f"error_mode {s.error_mode} needs the rejected response of pair {pair_id}")
-            better, worse = (chosen, rejected) if chosen_is_true else (rejected, chosen)
-            shared = random.Random(f"{self.seed}:panel:{truth}").random()
+            shared = random.Random(f"{self.seed}:panel:{key}").random()
             believes_truth = shared >= error_probability(s.accuracy, s.length_bias, better, worse)
         belief = PREFERENCE_CHOSEN if believes_truth == chosen_is_true else PREFERENCE_REJECTED
         other = PREFERENCE_REJECTED if belief == PREFERENCE_CHOSEN else PREFERENCE_CHOSEN
