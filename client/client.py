@@ -283,7 +283,12 @@ class AsyncRewardClient:
             async with gate:
                 return await call()
 
-        return await asyncio.gather(*(one(c) for c in calls))
+        tasks = [asyncio.ensure_future(one(c)) for c in calls]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:  # one chunk failed: the others' results are lost, so stop their work and retries
+                task.cancel()
 
     async def score(
         self, items: Sequence[Item], *, model: str | None = None, timeout: float | None = None

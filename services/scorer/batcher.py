@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from synpref.services.scorer.admission import ForwardCost
+from synpref.services.scorer.admission import ForwardCost, plan_batches
 from synpref.services.scorer.errors import DeadlineExceeded, NotReady, Overloaded, ScorerError
 from synpref.services.scorer.metrics import ScorerMetrics
 
@@ -113,43 +113,6 @@ class _Item:
     ids: list[int]
 
 
-def plan_batches(
-    lengths: Sequence[int], max_batch_tokens: int, max_batch_items: int, overhead_tokens: int = 32
-) -> list[list[int]]:
-    """Indices grouped into forwards of least estimated cost.
-
-    Items are sorted by length and cut into contiguous groups; a group of n items whose
-    longest has L tokens costs `overhead_tokens + n * L` (padded tokens plus the fixed cost
-    of one forward, in token-equivalents) and must fit max_batch_items and, unless it is a
-    single item, max_batch_tokens padded tokens. The cheapest partition (dynamic
-    programming, O(items x max_batch_items)) pads little where lengths jump, and batches
-    widely where forwards are costly (GPUs: large overhead) or lengths are even.
-    """
-    n = len(lengths)
-    if n == 0:
-        return []
-    order = sorted(range(n), key=lambda i: lengths[i])
-    sizes = [lengths[i] for i in order]
-    best = [0.0] + [float("inf")] * n  # best[j]: cheapest plan for the j shortest items
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        longest = sizes[j - 1]
-        for i in range(j - 1, max(j - max_batch_items, 0) - 1, -1):
-            count = j - i
-            if count > 1 and count * longest > max_batch_tokens:
-                break  # larger groups only exceed the budget further
-            cost = best[i] + overhead_tokens + count * longest
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    batches: list[list[int]] = []
-    j = n
-    while j > 0:
-        batches.append(order[cut[j] : j])
-        j = cut[j]
-    batches.reverse()
-    return batches
-
-
 class Batcher:
     """Coalesces the scoring requests for one model into padded-token-efficient forwards.
 
@@ -211,6 +174,7 @@ class Batcher:
         self._computing = False
         self._deferred: list[tuple[Encode, float | None, asyncio.Future[BatchResult]]] = []
         """Requests waiting for the running forward's end to be tokenized (score_encoding)."""
+        self._purge_soon = False
 
     @property
     def depth(self) -> int:
@@ -250,6 +214,7 @@ class Batcher:
             timer = loop.call_at(deadline, _expire, future)
             future.add_done_callback(lambda _: timer.cancel())
         self._deferred.append((encode, deadline, future))
+        future.add_done_callback(self._abandoned)
         return await future
 
     def _check_open(self) -> None:
@@ -288,6 +253,7 @@ class Batcher:
                 )
             job.timer = timer = loop.call_at(deadline, _expire, future)
             future.add_done_callback(lambda _: timer.cancel())  # a cancelled caller's timer goes too
+        future.add_done_callback(self._abandoned)
         for i, x in enumerate(ids):
             self._queue.append(_Item(job, i, x))
         self._queued_tokens += job.tokens
@@ -295,6 +261,25 @@ class Batcher:
         self._set_depth()
         self._wakeup.set()
         return future
+
+    def _abandoned(self, future: asyncio.Future[BatchResult]) -> None:
+        # A request cancelled or expired while a long forward runs must free its places in the queue now,
+        # not at that forward's end: else an idle-looking scorer refuses new work (Overloaded) meanwhile.
+        if not self._purge_soon and (future.cancelled() or future.exception() is not None):
+            self._purge_soon = True  # one purge per loop turn, however many requests were dropped in it
+            asyncio.get_running_loop().call_soon(self._purge)
+
+    def _purge(self) -> None:
+        """Drop the queued and planned items, and the requests waiting to be tokenized, nobody waits for."""
+        self._purge_soon = False
+        gone = [it for it in (*self._queue, *self._pending) if it.job.future.done()]
+        if gone:
+            self._queue = collections.deque(it for it in self._queue if not it.job.future.done())
+            self._pending = [it for it in self._pending if not it.job.future.done()]
+            self._queued_tokens = sum(len(it.ids) for it in self._queue)
+            self._backlog_tokens -= sum(len(it.ids) for it in gone)
+            self._set_depth()
+        self._deferred = [d for d in self._deferred if not d[2].done()]
 
     def _encode_deferred(self) -> None:
         """Tokenize and queue, back to back, the requests that arrived during the forward just ended.

@@ -37,7 +37,14 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from synpref.services.scorer.errors import InvalidInput, NotReady, PayloadTooLarge, ScorerError, UnknownModel
+from synpref.services.scorer.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    NotReady,
+    PayloadTooLarge,
+    ScorerError,
+    UnknownModel,
+)
 from synpref.services.scorer.metrics import ScorerMetrics
 from synpref.services.scorer.registry import NO_MODEL, Check, ModelRegistry, ServedModel
 from synpref.shared.pairs import sigmoid
@@ -48,6 +55,8 @@ LABEL = "LABEL_0"  # what transformers names the single class of a num_labels=1 
 
 
 T = TypeVar("T")
+MODEL_LABEL = web.RequestKey("synpref_model", str)
+"""Where a handler leaves the served name it resolved (from the body), for the metrics label."""
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -138,10 +147,16 @@ class HttpShims:
         self.timeout_s = timeout_s
         self.max_body_bytes = max_body_bytes
 
-    async def _body(self, request: web.Request) -> dict[str, Any]:
-        """The JSON body, read while holding an encode-queue slot (429 when none is free)."""
+    async def _body(self, request: web.Request, deadline: float | None) -> dict[str, Any]:
+        """The JSON body, read while holding an encode-queue slot (429 when none is free) and by the deadline:
+        a client stalled mid-upload must not hold its slot (and with max_encode_queue of them, the scorer) for good.
+        """
         with self.registry.encode_queue.slot():
-            return await _json_body(request, self.max_body_bytes)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await _json_body(request, self.max_body_bytes)
+            except TimeoutError:
+                raise DeadlineExceeded("the request body did not arrive before the request's deadline") from None
 
     def _deadline(self, request: web.Request) -> float | None:
         """The request's deadline on the event loop's clock, as the batcher takes it."""
@@ -176,6 +191,9 @@ class HttpShims:
             label = name if name in self.registry.models else ("unknown" if name else self.registry.default_name)
             try:
                 return await handler(request)
+            except asyncio.CancelledError:
+                status = 499  # the client closed the connection (nginx's code), or the server stops
+                raise
             except ScorerError as exc:
                 status = exc.http_status
                 return _error(status, str(exc))
@@ -184,6 +202,7 @@ class HttpShims:
                 status = 500
                 return _error(status, f"internal error: {type(exc).__name__}: {exc}")
             finally:
+                label = request.get(MODEL_LABEL, label)
                 self.metrics.observe_request(label, method, str(status), time.perf_counter() - t0)
 
         return wrapped
@@ -204,10 +223,11 @@ class HttpShims:
 
     async def get_reward(self, request: web.Request) -> web.Response:
         """OpenRLHF's `POST /get_reward`: raw rewards of the `query` texts, pad tokens around each stripped."""
-        body = await self._body(request)
         deadline = self._deadline(request)
+        body = await self._body(request, deadline)
         queries = _texts(body.get("query"), "query", self.max_request_items)
         model = self._model(str(body.get("model") or request.query.get("model", "")))
+        request[MODEL_LABEL] = model.name
 
         def encode(m: ServedModel, check: Check) -> list[list[int]]:
             ids = []
@@ -223,10 +243,11 @@ class HttpShims:
         """vLLM's `POST /classify`: rewards of `input` texts or token ids, or one `messages` conversation, as raw
         logits unless the request asks for the activation (sigmoid).
         """
-        body = await self._body(request)
         deadline = self._deadline(request)
+        body = await self._body(request, deadline)
         requested = str(body.get("model") or "")
         model = self._model(requested)
+        request[MODEL_LABEL] = model.name
         activation = _activation(body)
         messages = body.get("messages")
         if messages is not None:

@@ -333,7 +333,9 @@ class ScorerServer:
 
 
 async def _serve_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
+    # handler_cancellation: a request whose client left is cancelled, so its items leave the queue (max_queue)
+    # instead of being computed for nobody while the client (OpenRLHF after its timeout) posts the batch again.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
