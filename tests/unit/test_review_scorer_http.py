@@ -29,17 +29,22 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 20))
 
 
+async def busy_batcher(gate: Gate) -> tuple[Batcher, asyncio.Future]:
+    """A started Batcher (max_queue 4) whose first forward, of one item, runs held at `gate`; (it, that request)."""
+    b = Batcher(gate, name="m", max_batch_tokens=1000, max_batch_items=16, max_wait_ms=0.0, max_queue=4)
+    b.start()
+    blocker = asyncio.ensure_future(b.score([[1]]))
+    await asyncio.get_running_loop().run_in_executor(None, gate.entered.wait, 5)
+    return b, blocker
+
+
 def test_cancelled_queued_items_stop_counting_against_max_queue_before_the_forward_ends() -> None:
     # Items of a cancelled request stayed queued (and in depth, the backlog and the metric) until the
     # running forward ended, so under client cancellations an idle-looking scorer refused new work.
     gate = Gate()
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        b = Batcher(gate, name="m", max_batch_tokens=1000, max_batch_items=16, max_wait_ms=0.0, max_queue=4)
-        b.start()
-        blocker = asyncio.ensure_future(b.score([[1]]))
-        await loop.run_in_executor(None, gate.entered.wait, 5)
+        b, blocker = await busy_batcher(gate)
         late = asyncio.ensure_future(b.score_encoding(lambda: [[3]]))  # waits for the forward's end
         gone = asyncio.ensure_future(b.score([[2], [2], [2]]))
         await asyncio.sleep(0.01)
@@ -64,10 +69,7 @@ def test_requests_expired_in_the_queue_stop_counting_against_max_queue() -> None
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        b = Batcher(gate, name="m", max_batch_tokens=1000, max_batch_items=16, max_wait_ms=0.0, max_queue=4)
-        b.start()
-        blocker = asyncio.ensure_future(b.score([[1]]))
-        await loop.run_in_executor(None, gate.entered.wait, 5)
+        b, blocker = await busy_batcher(gate)
         expiring = asyncio.ensure_future(b.score([[2]] * 4, deadline=loop.time() + 0.05))
         with pytest.raises(Exception, match="deadline"):
             await expiring
