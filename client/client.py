@@ -359,11 +359,24 @@ class ScoreSession:
         await self.close()
 
     async def close(self) -> None:
-        """End the stream (half-close, then wait for the server's status)."""
+        """End the stream: half-close, then wait for the server's status, at most the client's
+        `timeout` (the stream has no deadline: a hung server or a partition would block forever);
+        past it the stream is cancelled."""
         call, self._call = self._call, None
-        if call is not None and not call.done():
-            await call.done_writing()
-            await call.code()
+        if call is None or call.done():
+            return
+        try:
+            await asyncio.wait_for(self._finish(call), self.policy.timeout)
+        except TimeoutError:
+            pass
+        finally:
+            if not call.done():  # timed out, or close itself was cancelled
+                call.cancel()
+
+    @staticmethod
+    async def _finish(call: Any) -> None:
+        await call.done_writing()
+        await call.code()
 
     def _drop(self) -> None:
         if self._call is not None:

@@ -28,6 +28,11 @@ from synpref.v1 import reward_pb2, reward_pb2_grpc
 
 T = TypeVar("T")
 SERVICE_NAME = "synpref.v1.RewardService"
+STREAM_IN_FLIGHT = 32
+"""Most messages of one ScoreStream read and not yet answered (scoring, or waiting to be sent):
+beyond it the stream stops reading and HTTP/2 flow control holds the client's writes, so a client
+that writes without reading (or faster than the model scores) cannot grow the server's memory and
+the model's queue without bound."""
 
 
 class CorruptRequest:
@@ -100,10 +105,17 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     every call is counted in the metrics by model, method and status.
     """
 
-    def __init__(self, registry: ModelRegistry, metrics: ScorerMetrics, max_request_items: int) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        metrics: ScorerMetrics,
+        max_request_items: int,
+        max_stream_in_flight: int = STREAM_IN_FLIGHT,
+    ) -> None:
         self.registry = registry
         self.metrics = metrics
         self.max_request_items = max_request_items
+        self.max_stream_in_flight = max_stream_in_flight
 
     def _check_size(self, n: int, what: str) -> None:
         if n == 0:
@@ -119,16 +131,17 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         remaining = context.time_remaining()
         return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
+    def _label(self, model_name: str) -> str:
+        # Unknown names share one label, so clients cannot grow the metric's cardinality.
+        if model_name in self.registry.models:
+            return model_name
+        return "unknown" if model_name else self.registry.default_name
+
     async def _call(
         self, method: str, model_name: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]
     ) -> T:
         t0 = time.perf_counter()
-        # Unknown names share one label, so clients cannot grow the metric's cardinality.
-        label = (
-            model_name
-            if model_name in self.registry.models
-            else ("unknown" if model_name else self.registry.default_name)
-        )
+        label = self._label(model_name)
         code = grpc.StatusCode.OK
         try:
             return await work()
@@ -187,14 +200,23 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         answer in request order. A bad message ends the stream with its status. When the
         server starts draining, the stream stops reading, answers what it has read and ends
         with OK: a client (ScoreSession) then opens a new stream, on another server, instead
-        of holding this one open for the whole grace period."""
+        of holding this one open for the whole grace period. At most `max_stream_in_flight`
+        messages are read and unanswered at a time. Counted in the metrics under the model the
+        first message names."""
         deadline = self._deadline(context)
         pending: asyncio.Queue[asyncio.Future[reward_pb2.ScoreResponse] | None] = asyncio.Queue()
+        in_flight = asyncio.Semaphore(self.max_stream_in_flight)
+        first_model: str | None = None
 
         async def read() -> None:
+            nonlocal first_model
             try:
+                await in_flight.acquire()  # a slot for the next message, released once its answer is sent
                 async for request in request_iterator:
+                    if first_model is None:
+                        first_model = request.model
                     pending.put_nowait(asyncio.ensure_future(self._score(request, deadline)))
+                    await in_flight.acquire()
             finally:
                 pending.put_nowait(None)
 
@@ -214,6 +236,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                     code = exc.code
                     await context.abort(exc.code, str(exc))
                 yield response
+                in_flight.release()
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -224,7 +247,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 left = pending.get_nowait()
                 if left is not None:
                     left.cancel()
-            label = self.registry.default_name
+            label = self._label(first_model or "")
             self.metrics.observe_request(label, "ScoreStream", code.name, time.perf_counter() - t0)
 
     async def Info(self, request: reward_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> reward_pb2.InfoResponse:
