@@ -152,6 +152,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
+        except Exception:
+            code = grpc.StatusCode.UNKNOWN  # what grpc answers for it; counted OK before
+            raise
         finally:
             self.metrics.observe_request(label, method, code.name, time.perf_counter() - t0)
 
@@ -239,6 +242,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 in_flight.release()
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            if code == grpc.StatusCode.OK:  # not the abort of a ScorerError above
+                code = grpc.StatusCode.UNKNOWN
             raise
         finally:
             reader.cancel()

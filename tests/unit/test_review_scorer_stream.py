@@ -164,3 +164,39 @@ def test_closing_a_session_on_a_hung_server_returns_within_the_timeout() -> None
             await server.stop(0)
 
     run(main())
+
+
+class _BrokenEncoder:
+    def text(self, text: str, what: str) -> list[int]:
+        raise RuntimeError("tokenizer crashed")
+
+
+def test_an_unexpected_error_is_counted_as_unknown_not_ok() -> None:
+    # Before: an exception that is no ScorerError reached the caller as UNKNOWN but was counted code="OK".
+    gates = {"best": Gate(opened=True)}
+
+    async def main() -> None:
+        server, address, registry, batchers = await _scorer(gates)
+        registry.models["best"].encoder = _BrokenEncoder()  # type: ignore[assignment]
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = reward_pb2_grpc.RewardServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as unary:
+                    await stub.Score(_text("best", "ab"), timeout=5)
+                with pytest.raises(grpc.aio.AioRpcError) as stream:
+                    async for _ in stub.ScoreStream(iter([_text("best", "ab")]), timeout=5):
+                        pass
+                assert unary.value.code() == stream.value.code() == grpc.StatusCode.UNKNOWN
+            page = ""
+            for _ in range(100):  # the server counts a stream as its handler ends, maybe after the client saw it
+                page = registry.metrics.render().decode()
+                if 'method="ScoreStream"' in page:
+                    break
+                await asyncio.sleep(0.01)
+            for method in ("Score", "ScoreStream"):
+                assert f'synpref_scorer_requests_total{{code="UNKNOWN",method="{method}",model="best"}} 1.0' in page
+            assert 'code="OK"' not in page
+        finally:
+            await _stop(server, gates, batchers)
+
+    run(main())
