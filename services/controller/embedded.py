@@ -137,6 +137,13 @@ def main(argv: list[str]) -> int:
     resumed = len(controller.state.done)
     if resumed:
         print(f"resuming {c.workdir}: {resumed} steps already done ({controller.state.done[-1]} last)")
+        ingested = controller.state.results.get("ingest", {}).get("sources", c.sources)
+        if ingested != c.sources:
+            print(
+                f"synpref run: warning: this run's pairs came from {', '.join(ingested)}; controller.sources now "
+                f"lists {', '.join(c.sources)}, which a resumed run does not read (--fresh to curate them)",
+                file=sys.stderr,
+            )
     from synpref.shared.sources import SourceError
 
     try:

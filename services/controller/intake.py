@@ -68,10 +68,22 @@ def wait_for_sources(
         sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
 
+def source_stamp(sources: list[str]) -> list[tuple[str, int, int]]:
+    """(file, size, mtime) of every pair file of the local sources, in reading order."""
+    from synpref.shared.source_files import source_files
+
+    stamp = []
+    for source in sources:
+        for file in source_files(Path(source)) if "://" not in source else ():
+            st = file.stat()
+            stamp.append((str(file), st.st_size, st.st_mtime_ns))
+    return stamp
+
+
 def ingest_sources(store: PairStore, c: ControllerSettings, say: Callable[[str], None]) -> dict[str, Any]:
     """Fill an empty store from `c.sources`; returns the ingest counts and the study's label figures."""
     from synpref.services.ingest.preprocess import Decontaminator, Preprocessor
-    from synpref.shared.sources import iter_source
+    from synpref.shared.sources import SourceError, iter_source
 
     wait_for_sources(c.sources, c.source_wait_s, say)
     seen = StoredIds(store)
@@ -89,6 +101,9 @@ def ingest_sources(store: PairStore, c: ControllerSettings, say: Callable[[str],
                     record = with_label_noise(record, noise, c.seed)
                 yield key_of(record), "holdout" if held else "unverified", record
 
+    # Sources copied onto the volume after the controller started appear before their copy ends (a folder
+    # first, then its files): pairs read from a source that changed meanwhile would be part of it.
+    stamp = source_stamp(c.sources)
     added = 0
     stream = pooled()
     while chunk := list(islice(stream, BATCH)):
@@ -96,16 +111,31 @@ def ingest_sources(store: PairStore, c: ControllerSettings, say: Callable[[str],
         seen.written()
         if added % (BATCH * 50) < BATCH:
             say(f"ingest: {added} pairs stored")
+    if (now := source_stamp(c.sources)) != stamp:
+        changed = sorted({f for f, *_ in set(now) ^ set(stamp)})
+        raise SourceError(
+            f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} changed while ingest read the sources "
+            "(still being copied?): nothing was stored; run again once they are complete"
+        )
+    counts = {k: v for k, v in pre.counts.as_dict().items() if isinstance(v, int)}
     if c.max_pairs and store.size() > c.max_pairs:
         # A seeded sample of rows: the pair count of the run, not of the files.
         rows = array("q", store.all_rows(("unverified", "holdout")))  # 8 bytes a row, not a list's ~40
         keep = set(random.Random(f"sample:{c.seed}").sample(range(len(rows)), c.max_pairs))
-        store.drop(r for i, r in enumerate(rows) if i not in keep)
-    counts = {k: v for k, v in pre.counts.as_dict().items() if isinstance(v, int)}
+        # Counted, so that the report's published pairs add up to the pools.
+        counts["sampled_out"] = store.drop(r for i, r in enumerate(rows) if i not in keep)
     pools = store.counts()
+    if not pools["unverified"]:
+        nonzero = {k: v for k, v in counts.items() if v}
+        # Refused here, inside the step's transaction: nothing is recorded, and a rerun on fixed sources ingests.
+        raise SourceError(
+            f"no pair to curate in {', '.join(c.sources)} (ingest counts {nonzero}, {pools['holdout']} held out): "
+            "check the files, controller.source_format and controller.decontaminate"
+        )
     say(f"ingest: {pools['unverified']} pairs to curate, {pools['holdout']} held out")
     return {
-        "ingest": {"counts": counts, "study": study, "label_noise": noise},
+        # The sources this pool came from: a resumed run reads none, whatever the config lists by then.
+        "ingest": {"counts": counts, "study": study, "label_noise": noise, "sources": list(c.sources)},
         "initial_label_accuracy": pool_label_accuracy(store, "unverified") if study else None,
     }
 

