@@ -28,6 +28,7 @@ from prometheus_client import Gauge, start_http_server
 
 from synpref.shared.config import ConfigError, Settings, load_settings
 from synpref.shared.service import install_signal_handlers, wait_for_stop
+from synpref.shared.sources import SourceError
 
 CONTROLLER_HEALTH_NAME = "synpref.controller"
 
@@ -113,6 +114,11 @@ def main(argv: list[str]) -> int:
         install_signal_handlers(stop)
         wait_for_stop(stop)
         return 0
+    except SourceError as exc:
+        # Unreadable, empty, or still being copied onto the volume: one line, and the pod's restart tries again
+        # (the failed step recorded nothing).
+        print(f"synpref controller: cannot read the sources: {exc}", file=sys.stderr)
+        return 1
     finally:
         server.stop(settings.service.shutdown_grace_s).wait()
         metrics_server.shutdown()

@@ -187,6 +187,18 @@ def test_synpref_run_reports_unreadable_sources_and_bad_config(tmp_path, capsys)
     assert "controller.iterations" in capsys.readouterr().err
 
 
+def test_synpref_controller_says_in_one_line_that_its_sources_hold_no_pair(tmp_path, capsys):
+    # Before: a traceback (exit 1) from deep in the loop; the pod's restart is still what retries.
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("not json\n")
+    cfg = tmp_path / "c.yaml"
+    controller = {"sources": [str(data)], "workdir": str(tmp_path / "w"), "study": {"judges": [{"name": "sim-a"}]}}
+    cfg.write_text(yaml.safe_dump({"controller": controller, "service": {"grpc_port": 0, "metrics_port": 0}}))
+    assert controller_main.main(["--config", str(cfg), "--exit-when-done"]) == 1
+    err = capsys.readouterr().err
+    assert "synpref controller: cannot read the sources: no pair to curate" in err and "Traceback" not in err
+
+
 def test_a_real_run_refuses_to_start_without_judges_or_sources(tmp_path, capsys):
     # Production is the default: no study section means real judges and real humans, and no
     # simulated judge stands in when none is configured.
