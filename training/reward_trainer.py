@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -51,7 +52,7 @@ from synpref.training.checkpointing import (
     write_checkpoint,
 )
 from synpref.training.data_cache import prepare_data
-from synpref.training.evaluation import pairwise_metrics
+from synpref.training.evaluation import reward_metrics
 from synpref.training.model_setup import init_distributed, load_for_training, micro_batch_plan, uses_bf16
 from synpref.training.packing import packed_rewards
 from synpref.training.reward_config import RewardConfig
@@ -338,12 +339,20 @@ class RewardTrainer:
 
     def rewards(self, encoded: Sequence[EncodedPair]) -> list[tuple[float, float]]:
         """(r_c, r_r) for encoded pairs; every rank computes a share, all get the whole list."""
+        chosen, rejected = self.reward_arrays(encoded)
+        return list(zip(chosen.tolist(), rejected.tolist(), strict=True))
+
+    def reward_arrays(self, encoded: Sequence[EncodedPair]) -> tuple[np.ndarray, np.ndarray]:
+        """float64 r_c and r_r of encoded pairs. Rank k scores pairs k, k + world, ...; every rank gets the
+        whole arrays by one tensor gather (16 bytes a pair), not Python objects pickled through the group."""
         cfg = self.config
         self.model.eval()
-        widths = pair_widths(encoded)
-        mine = sorted(range(self.rank, len(encoded), self.world), key=lambda i: -widths[i])
-        groups = self._micro_batches(mine, encoded, max(1, cfg.eval_batch_size // 2))
-        out: dict[int, tuple[float, float]] = {}
+        # This rank's pairs, widest first (stable: sorted() by -width did the same, with a key object per pair).
+        order = np.argsort(-np.asarray(pair_widths(encoded))[self.rank :: self.world], kind="stable")
+        groups = self._micro_batches(
+            (order * self.world + self.rank).tolist(), encoded, max(1, cfg.eval_batch_size // 2)
+        )
+        share = torch.zeros(2, -(-len(encoded) // self.world), dtype=torch.float64)
         module = self.wrapped if self.strategy == "fsdp" else self.model
         n_batches = self._max_over_fsdp_ranks(len(groups))  # ranks short of batches run encoded[0]
         with torch.inference_mode():
@@ -351,23 +360,28 @@ class RewardTrainer:
                 idx = groups[b] if b < len(groups) else []
                 pairs = [encoded[i] for i in idx] or [encoded[0]]
                 r_c, r_r = self._forward(module, pairs)
-                for i, c, r in zip(idx, r_c.tolist(), r_r.tolist(), strict=False):
-                    out[i] = (c, r)
+                if idx:
+                    slots = torch.tensor(idx, dtype=torch.int64) // self.world
+                    share[:, slots] = torch.stack((r_c, r_r)).cpu().double()
         self.model.train()
-        if self.world > 1:
-            gathered: list[Any] = [None] * self.world
-            dist.all_gather_object(gathered, out)
-            for part in gathered:
-                out.update(part)
-        return [out[i] for i in range(len(encoded))]
+        if self.world == 1:
+            out = share.numpy()
+            return out[0], out[1]
+        on = self.device if dist.get_backend() == "nccl" else torch.device("cpu")  # gloo gathers host tensors
+        parts = [torch.empty_like(share, device=on) for _ in range(self.world)]
+        dist.all_gather(parts, share.to(on))
+        out = np.empty((2, len(encoded)), dtype=np.float64)
+        for rank, part in enumerate(parts):
+            out[:, rank :: self.world] = part[:, : len(range(rank, len(encoded), self.world))].cpu().numpy()
+        return out[0], out[1]
 
     def evaluate(self) -> dict[str, Any]:
         """Pairwise metrics of the eval pairs, keys prefixed "eval_", with their truncated and unfit counts;
         logged to metrics.jsonl by the main rank.
         """
-        rewards = self.rewards(self.eval_enc.pairs)
-        sources = self.eval_enc.pairs.source_list()
-        metrics = {f"eval_{k}": v for k, v in pairwise_metrics(rewards, sources).items()}
+        store = self.eval_enc.pairs
+        found = reward_metrics(*self.reward_arrays(store), np.asarray(store.sources), store.source_names)
+        metrics = {f"eval_{k}": v for k, v in found.items()}
         metrics["eval_truncated_pairs"] = self.eval_enc.truncated
         metrics["eval_unfit_pairs"] = self.eval_enc.unfit
         if self.is_main:
