@@ -10,6 +10,8 @@ reward_rejected and p = sigmoid(r_chosen - r_rejected). Rows that are no pair ar
 on stderr, never guessed at.
 items: JSON lines, each a message list, {"messages": [...]}, {"text": rendered text} or {"token_ids": [...]};
 writes {"reward": r} per line, in order.
+Both read, score and write a few requests' worth at a time, in input order: a file of any size runs in
+bounded memory, and a failure keeps the lines written before it (stderr says how many).
 The address defaults to scoring.scorer_address of the settings (--config / SYNPREF_*).
 """
 
@@ -18,14 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from itertools import chain, islice
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import grpc
 
 from synpref.client.client import RewardClient
-from synpref.client.messages import Item, TokenIds
+from synpref.client.messages import Item, PairDict, TokenIds
+
+T = TypeVar("T")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -76,8 +83,33 @@ def _int_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
 
 
-def _open_out(path: str) -> TextIO:
-    return sys.stdout if path == "-" else open(path, "w", encoding="utf-8")
+BATCH_REQUESTS = 8
+"""Requests' worth of input read, scored and written at a time: memory is bounded by it, not by the file."""
+
+
+def _batches(values: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(values)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def _left(deadline: float) -> float:
+    # Passed as a call's timeout: at 0 the client would fall back to its own, so past the deadline the call
+    # gets a moment and fails with DEADLINE_EXCEEDED.
+    return max(deadline - time.monotonic(), 0.001)
+
+
+@contextmanager
+def _output(path: str, batches: Iterator[list[T]]) -> Iterator[tuple[TextIO, Iterator[list[T]]]]:
+    """The output stream and the batches, the first read before the output is truncated (a missing or unreadable
+    input fails with the old output intact); written lines are flushed batch by batch by the caller."""
+    first = next(batches, [])
+    rest = chain([first], batches)
+    if path == "-":
+        yield sys.stdout, rest
+        return
+    with open(path, "w", encoding="utf-8") as out:
+        yield out, rest
 
 
 def main(argv: list[str]) -> int:
@@ -117,48 +149,59 @@ def main(argv: list[str]) -> int:
 
 
 def score_pairs(client: RewardClient, args: argparse.Namespace) -> int:
-    """Score the pairs of a source file and write one JSON line per pair (rewards and p).
+    """Score the pairs of a source file and write one JSON line per pair (rewards and p), batch by batch in
+    input order: a failure keeps what was written before it.
 
     Rows that are no pair are counted (the first ten printed) on stderr.
     """
     from synpref.shared.sources import iter_source
 
-    rows = list(iter_source(Path(args.path), fmt=args.format))
-    pairs = [r.pair for r in rows if r.pair is not None]
-    bad = [r for r in rows if r.pair is None]
-    for r in bad[:10]:
-        print(f"not a pair: {r.locator}: {r.error}", file=sys.stderr)
-    scores = client.score_pairs(pairs)
-    out = _open_out(args.output)
+    deadline = time.monotonic() + args.timeout
+    bad = scored = agree = 0
+
+    def pairs() -> Iterator[PairDict]:
+        nonlocal bad
+        for r in iter_source(Path(args.path), fmt=args.format):
+            if r.pair is not None:
+                yield r.pair
+                continue
+            if bad < 10:
+                print(f"not a pair: {r.locator}: {r.error}", file=sys.stderr)
+            bad += 1
+
+    size = max(1, args.chunk_size // 2) * BATCH_REQUESTS
     try:
-        for pair, s in zip(pairs, scores, strict=True):
-            meta = {k: pair[k] for k in ("source",) if k in pair}
-            out.write(
-                json.dumps({**meta, "reward_chosen": s.reward_chosen, "reward_rejected": s.reward_rejected, "p": s.p})
-                + "\n"
-            )
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    agree = sum(s.p > 0.5 for s in scores)
-    print(f"scored {len(scores)} pairs ({len(bad)} rows were no pair); p > 0.5 on {agree}", file=sys.stderr)
+        with _output(args.output, _batches(pairs(), size)) as (out, batches):
+            for batch in batches:
+                scores = client.score_pairs(batch, timeout=_left(deadline))
+                for pair, s in zip(batch, scores, strict=True):
+                    meta = {k: pair[k] for k in ("source",) if k in pair}
+                    row = {**meta, "reward_chosen": s.reward_chosen, "reward_rejected": s.reward_rejected, "p": s.p}
+                    out.write(json.dumps(row) + "\n")
+                out.flush()
+                scored += len(scores)
+                agree += sum(s.p > 0.5 for s in scores)
+    finally:  # on an error too: what was written, for a rerun on the rest
+        print(f"scored {scored} pairs ({bad} rows were no pair); p > 0.5 on {agree}", file=sys.stderr)
     return 0
 
 
 def score_items(client: RewardClient, args: argparse.Namespace) -> int:
-    """Score the items of a JSON lines file (or stdin) and write one `{"reward"}` line per item."""
-    if args.path == "-":
-        items = list(read_items(sys.stdin))
-    else:
-        with open(args.path, encoding="utf-8") as f:
-            items = list(read_items(f))
-    rewards = client.score(items)
-    out = _open_out(args.output)
+    """Score the items of a JSON lines file (or stdin) and write one `{"reward"}` line per item, batch by batch
+    in input order: a failure keeps what was written before it."""
+    deadline = time.monotonic() + args.timeout
+    scored = 0
+    size = args.chunk_size * BATCH_REQUESTS
     try:
-        for r in rewards:
-            out.write(json.dumps({"reward": r}) + "\n")
+        with (
+            nullcontext(sys.stdin) if args.path == "-" else open(args.path, encoding="utf-8") as stream,
+            _output(args.output, _batches(read_items(stream), size)) as (out, batches),
+        ):
+            for batch in batches:
+                for r in client.score(batch, timeout=_left(deadline)):
+                    out.write(json.dumps({"reward": r}) + "\n")
+                out.flush()
+                scored += len(batch)
     finally:
-        if out is not sys.stdout:
-            out.close()
-    print(f"scored {len(rewards)} items", file=sys.stderr)
+        print(f"scored {scored} items", file=sys.stderr)
     return 0

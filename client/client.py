@@ -28,7 +28,6 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, TypeVar
 
 import grpc
@@ -249,6 +248,8 @@ class AsyncRewardClient:
         self.address = address
         self.model = model
         self.policy = _Policy(timeout, retries, backoff_s, max_backoff_s, chunk_size, max_request_bytes)
+        if concurrency < 1:  # no call could ever start: score() would wait forever, past any timeout
+            raise ValueError("concurrency >= 1 is required")
         self.concurrency = concurrency
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
@@ -276,19 +277,36 @@ class AsyncRewardClient:
                     raise
                 await asyncio.sleep(delay)
 
-    async def _gather(self, calls: list[Callable[[], Any]]) -> list[Any]:
-        gate = asyncio.Semaphore(self.concurrency)
-
-        async def one(call: Callable[[], Any]) -> Any:
-            async with gate:
-                return await call()
-
-        tasks = [asyncio.ensure_future(one(c)) for c in calls]
+    async def _gather(self, method: Callable[..., Any], requests: Iterator[Any], deadline: float) -> list[Any]:
+        """The responses in request order, at most `concurrency` calls in flight. A request is made only when its
+        call can start, so a call of millions of items holds `concurrency` requests, not all of them at once."""
+        responses: list[Any] = []
+        running: dict[asyncio.Task[Any], int] = {}
         try:
-            return await asyncio.gather(*tasks)
+            for request in requests:
+                if len(running) >= self.concurrency:
+                    await self._collect(running, responses)
+                running[asyncio.ensure_future(self._call(method, request, deadline))] = len(responses)
+                responses.append(None)
+            while running:
+                await self._collect(running, responses)
+            return responses
         finally:
-            for task in tasks:  # one chunk failed: the others' results are lost, so stop their work and retries
+            for task in running:  # one chunk failed: the others' results are lost, so stop their work and retries
                 task.cancel()
+
+    @staticmethod
+    async def _collect(running: dict[asyncio.Task[Any], int], responses: list[Any]) -> None:
+        """Wait for a call of `running` to end and put its response in place; raise the error of a failed one."""
+        done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        failed: BaseException | None = None
+        for task in done:  # every error retrieved, raised or not: no "never retrieved" warning
+            index, error = running.pop(task), task.exception()
+            if error is None:
+                responses[index] = task.result()
+            failed = failed or error
+        if failed is not None:
+            raise failed
 
     async def score(
         self, items: Sequence[Item], *, model: str | None = None, timeout: float | None = None
@@ -298,7 +316,7 @@ class AsyncRewardClient:
             return []
         deadline = self.policy.deadline(timeout)
         requests = _score_requests(items, model or self.model, self.policy)
-        responses = await self._gather([partial(self._call, self.stub.Score, r, deadline) for r in requests])
+        responses = await self._gather(self.stub.Score, requests, deadline)
         return [x for resp in responses for x in resp.rewards]
 
     async def score_pairs(
@@ -309,7 +327,7 @@ class AsyncRewardClient:
             return []
         deadline = self.policy.deadline(timeout)
         requests = _pair_requests(pairs, model or self.model, self.policy)
-        responses = await self._gather([partial(self._call, self.stub.ScorePairs, r, deadline) for r in requests])
+        responses = await self._gather(self.stub.ScorePairs, requests, deadline)
         return [s for resp in responses for s in _pair_scores(resp)]
 
     async def info(self, model: str = "", timeout: float | None = None) -> reward_pb2.InfoResponse:
