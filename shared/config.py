@@ -251,13 +251,17 @@ class ControllerSettings(Section):
     source_format: SourceFormat | None = None
     """Format of every source (one of shared.sources.FORMATS); None = detected per file."""
     source_wait_s: float = Field(default=0.0, ge=0.0)
-    """How long ingest waits for a missing local source to appear (copied onto the volume after the
-    install); 0 = fail at once, as `synpref run` does. The chart sets a day."""
+    """How long ingest waits for a missing local source (or a folder with no pair file yet) copied onto the
+    volume after the install, then for it to settle; 0 = fail at once, as `synpref run` does. The chart sets a day."""
+    source_settle_s: float = Field(default=10.0, ge=0.0)
+    """Within source_wait_s, ingest starts once the sources' files, sizes and mtimes are unchanged this long
+    (a copy still running would be refused mid-read and the pod restarted); 0 = at once."""
     decontaminate: list[str] = Field(default_factory=lambda: ["rmbench"])
     """Built-in benchmark sets (rmbench) or prompt files: pairs sharing a 13-gram with one are removed at
     ingest; [] turns it off."""
     max_pairs: int = Field(default=0, ge=0)
-    """Use at most this many pairs (a seeded sample); 0 = all."""
+    """Use at most this many pairs, a seeded sample of both pools taken after ingest (the report's ingest counts
+    name the pairs it dropped `sampled_out`); 0 = all."""
     holdout_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     """Share of pairs (split by conversation) kept out of curation to measure RMs on their source labels."""
     seed_pairs: int = Field(default=500, ge=2)

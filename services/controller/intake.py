@@ -24,6 +24,7 @@ from synpref.services.controller.state import key_of
 from synpref.shared.config import ControllerSettings
 from synpref.shared.pairs import is_held_out, message_dicts
 from synpref.shared.pairstore import PairStore
+from synpref.shared.source_files import FILE_SUFFIXES, source_files
 from synpref.v1.pair_pb2 import PairRecord
 
 BATCH = 2000
@@ -50,28 +51,63 @@ class StoredIds:
 
 
 def wait_for_sources(
-    sources: list[str], wait_s: float, say: Callable[[str], None], sleep: Callable[[float], None] = time.sleep
+    sources: list[str],
+    wait_s: float,
+    say: Callable[[str], None],
+    sleep: Callable[[float], None] = time.sleep,
+    settle_s: float = 0.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Return once every local source exists; after wait_s, let ingest raise its error on the missing one.
+    """Return once every local source holds pair files that have been unchanged for settle_s; after wait_s,
+    let ingest raise its error on the missing or changing one.
 
     In a cluster the sources are copied onto the volume after `helm install`: waiting (health
     SERVING) instead of exiting keeps the controller out of CrashLoopBackOff and `helm --wait` green.
+    A copy (`kubectl cp`) makes the folder first and then grows its files one by one, and ingest refuses
+    sources that change while it reads them, so an empty folder counts as missing and a copy in progress
+    is waited out (listing, sizes and mtimes unchanged for settle_s).
     """
-    deadline = time.monotonic() + wait_s
+    local = [s for s in sources if "://" not in s]
+    suffixes = ", ".join(FILE_SUFFIXES)
+    deadline = clock() + wait_s
     said = -math.inf
-    while missing := [s for s in sources if "://" not in s and not Path(s).exists()]:
-        if time.monotonic() >= deadline:
+    while missing := [s for s in local if not _has_pair_files(s)]:
+        if clock() >= deadline:
             return
-        if time.monotonic() - said >= 60:
-            say(f"waiting for sources {missing} (up to {wait_s:g}s): copy the pairs onto the volume")
-            said = time.monotonic()
-        sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        if clock() - said >= 60:
+            say(f"waiting for sources {missing} (up to {wait_s:g}s): copy the pair files ({suffixes}) onto the volume")
+            said = clock()
+        sleep(min(5.0, max(0.0, deadline - clock())))
+    stamp, since, said = _stamp_or_error(local), clock(), -math.inf
+    while clock() - since < settle_s:
+        if clock() >= deadline:
+            if said > -math.inf:  # seen changing (not merely out of time, as `synpref run` always is: wait_s 0)
+                say(f"sources {local} still changed within the last {settle_s:g}s at the end of the wait: reading them")
+            return
+        sleep(max(0.0, min(5.0, since + settle_s - clock(), deadline - clock())))
+        if (now := _stamp_or_error(local)) != stamp:
+            stamp, since = now, clock()
+            if clock() - said >= 60:
+                say(f"sources {local} are changing (still being copied?): waiting until {settle_s:g}s pass unchanged")
+                said = clock()
+
+
+def _has_pair_files(source: str) -> bool:
+    try:
+        return Path(source).exists() and bool(source_files(Path(source)))
+    except (OSError, ValueError):  # removed or rewritten while listed: not there yet
+        return False
+
+
+def _stamp_or_error(sources: list[str]) -> list[tuple[str, int, int]] | str:
+    try:
+        return source_stamp(sources)
+    except (OSError, ValueError) as exc:  # a file renamed or removed between listing and stat: a change too
+        return repr(exc)
 
 
 def source_stamp(sources: list[str]) -> list[tuple[str, int, int]]:
     """(file, size, mtime) of every pair file of the local sources, in reading order."""
-    from synpref.shared.source_files import source_files
-
     stamp = []
     for source in sources:
         for file in source_files(Path(source)) if "://" not in source else ():
@@ -85,7 +121,7 @@ def ingest_sources(store: PairStore, c: ControllerSettings, say: Callable[[str],
     from synpref.services.ingest.preprocess import Decontaminator, Preprocessor
     from synpref.shared.sources import SourceError, iter_source
 
-    wait_for_sources(c.sources, c.source_wait_s, say)
+    wait_for_sources(c.sources, c.source_wait_s, say, settle_s=c.source_settle_s)
     seen = StoredIds(store)
     pre = Preprocessor(Decontaminator.from_sources(c.decontaminate), seen=seen, keep_rejections=1000)
     study = c.study is not None
