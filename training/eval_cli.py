@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,25 +52,30 @@ def result_key(path: str, paths: list[str], result: dict[str, Any]) -> str:
     return name
 
 
-def read_pairs(path: str, fmt: str | None, limit: int) -> tuple[list[dict[str, Any]], int]:
-    """The pairs of `path` (the first `limit` when > 0, reading no further) and how many unreadable rows were read."""
-    from synpref.training.data import iter_pairs
+class PairReader:
+    """The pairs of `path` (the first `limit` when > 0, reading no further), streamed; `problems` counts the
+    unreadable rows read."""
 
-    pairs: list[dict[str, Any]] = []
-    problems = 0
-    for pair, _ in iter_pairs([path], fmt=fmt):
-        if pair is None:
-            problems += 1
-            continue
-        pairs.append(pair)
-        if len(pairs) == limit:
-            break
-    return pairs, problems
+    def __init__(self, path: str, fmt: str | None, limit: int) -> None:
+        self.path, self.fmt, self.limit, self.problems = path, fmt, limit, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from synpref.training.data import iter_pairs
+
+        read = 0
+        for pair, _ in iter_pairs([self.path], fmt=self.fmt):
+            if pair is None:
+                self.problems += 1
+                continue
+            yield pair
+            read += 1
+            if read == self.limit:
+                return
 
 
 def main(argv: list[str]) -> int:
     """`synpref eval`: score the inputs with the model and print the JSON result (also to --out);
-    2 when no --pairs, --hh-rlhf or --rmbench is given.
+    2 when no --pairs, --hh-rlhf or --rmbench is given, or one of them is missing.
     """
     args = build_parser().parse_args(argv)
     if not (args.pairs or args.hh_rlhf or args.rmbench):
@@ -78,24 +84,37 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from synpref.shared.modeling import load_reward_model, score_pairs
     from synpref.training.data import load_rmbench
-    from synpref.training.evaluation import pairwise_metrics, rmbench_eval
+    from synpref.training.evaluation import reward_metrics, rmbench_eval, stream_rewards
 
+    # Checked before any scoring: a mistyped last input would otherwise end the run with a traceback, and no result,
+    # after hours spent on the inputs before it. RM-Bench is a few thousand items, read first for the same reason.
+    missing = [p for p in [*args.pairs, *args.hh_rlhf] if not Path(p).exists()]
+    if missing:
+        print(f"synpref eval: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        items = load_rmbench(args.rmbench) if args.rmbench else []
+    except FileNotFoundError as e:
+        print(f"synpref eval: {e}", file=sys.stderr)
+        return 2
     model, tokenizer = load_reward_model(args.model, device=args.device, dtype=args.dtype)
     result: dict[str, Any] = {"model": args.model, "max_length": args.max_length}
     progress = not args.no_progress
     inputs = [(p, None) for p in args.pairs] + [(p, "hh-rlhf") for p in args.hh_rlhf]
     paths = [p for p, _ in inputs]
-    # One input at a time, read no further than --limit pairs: a 40M-pair file is not held to score its first N.
+    # One input at a time, streamed a chunk of pairs at a time and read no further than --limit pairs: a 40M-pair
+    # file is not held, to score it whole or its first N.
     for path, fmt in inputs:
-        pairs, problems = read_pairs(path, fmt, args.limit)
-        rewards = score_pairs(model, tokenizer, pairs, args.max_length, args.batch_size, args.truncation, progress)
-        metrics = pairwise_metrics(rewards, [p.get("source", "unknown") for p in pairs])
-        metrics["unreadable_rows"] = problems
+        reader = PairReader(path, fmt, args.limit)
+
+        def score(chunk: list[dict[str, Any]]) -> list[tuple[float, float]]:
+            return score_pairs(model, tokenizer, chunk, args.max_length, args.batch_size, args.truncation, False)
+
+        metrics = reward_metrics(*stream_rewards(score, reader, progress))
+        metrics["unreadable_rows"] = reader.problems
         result[result_key(path, paths, result)] = metrics
-        del pairs, rewards
     if args.rmbench:
         # A JSON array per subset (a few thousand items) read whole: --limit cuts it after reading.
-        items = load_rmbench(args.rmbench)
         items = items[: args.limit] if args.limit else items
         result["rmbench"] = rmbench_eval(model, tokenizer, items, args.max_length, args.batch_size, progress)
     text = json.dumps(result, indent=2)

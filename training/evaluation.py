@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
+from array import array
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from synpref.shared.modeling import encode_conversation, score_sequences
+
+EVAL_CHUNK_PAIRS = 16384
+"""Pairs encoded and scored at a time by stream_rewards: the pair dicts and token lists an input holds at once."""
 
 
 def pairwise_metrics(rewards: Sequence[tuple[float, float]], sources: Sequence[Any] | None = None) -> dict[str, Any]:
@@ -59,6 +64,38 @@ def reward_metrics(
         out["accuracy_by_source"] = {s: ok / k for s, (ok, k) in sorted(by.items())}
         out["pairs_by_source"] = {s: k for s, (_, k) in sorted(by.items())}
     return out
+
+
+def stream_rewards(
+    score: Callable[[list[Mapping[str, Any]]], Sequence[tuple[float, float]]],
+    pairs: Iterable[Mapping[str, Any]],
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Any]]:
+    """`score`'s (r_chosen, r_rejected) of `pairs` as reward_metrics takes them (chosen, rejected, source codes,
+    names), read and scored EVAL_CHUNK_PAIRS at a time: what stays is 20 bytes a pair, where holding a
+    multi-million-pair file's dicts and token lists took several KB a pair. Length batches form within a chunk,
+    so a reward differs from whole-input batching by the float rounding of its padding only."""
+    chosen, rejected, coded = array("d"), array("d"), array("i")
+    codes: dict[Any, int] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="scoring", unit="pair")
+    stream = iter(pairs)
+    while chunk := list(itertools.islice(stream, EVAL_CHUNK_PAIRS)):
+        rewards = score(chunk)
+        if len(rewards) != len(chunk):
+            raise ValueError(f"{len(rewards)} rewards for {len(chunk)} pairs")
+        coded.extend(codes.setdefault(p.get("source", "unknown"), len(codes)) for p in chunk)
+        chosen.extend(c for c, _ in rewards)
+        rejected.extend(r for _, r in rewards)
+        if bar is not None:
+            bar.update(len(chunk))
+        del chunk, rewards  # before the next chunk is read, not after
+    if bar is not None:
+        bar.close()
+    return np.frombuffer(chosen), np.frombuffer(rejected), np.frombuffer(coded, dtype=np.intc), list(codes)
 
 
 def _floats(x: np.ndarray, chunk: int = 1 << 16) -> Iterator[float]:
