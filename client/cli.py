@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -177,13 +178,19 @@ def score_pairs(client: RewardClient, args: argparse.Namespace) -> int:
                 for pair, s in zip(batch, scores, strict=True):
                     meta = {k: pair[k] for k in ("source",) if k in pair}
                     row = {**meta, "reward_chosen": s.reward_chosen, "reward_rejected": s.reward_rejected, "p": s.p}
-                    out.write(json.dumps(row) + "\n")
+                    out.write(_json_line(row))
                 out.flush()
                 scored += len(scores)
                 agree += sum(s.p > 0.5 for s in scores)
     finally:  # on an error too: what was written, for a rerun on the rest
         print(f"scored {scored} pairs ({bad} rows were no pair); p > 0.5 on {agree}", file=sys.stderr)
     return 0
+
+
+def _json_line(row: dict[str, Any]) -> str:
+    """One output line; a diverged model's NaN or infinite reward is null: Python's `NaN` is no JSON, and strict
+    readers (jq, Go, JavaScript) reject the whole file."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}) + "\n"
 
 
 def score_items(client: RewardClient, args: argparse.Namespace) -> int:
@@ -199,7 +206,7 @@ def score_items(client: RewardClient, args: argparse.Namespace) -> int:
         ):
             for batch in batches:
                 for r in client.score(batch, timeout=_left(deadline)):
-                    out.write(json.dumps({"reward": r}) + "\n")
+                    out.write(_json_line({"reward": r}))
                 out.flush()
                 scored += len(batch)
     finally:

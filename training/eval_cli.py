@@ -119,7 +119,8 @@ def main(argv: list[str]) -> int:
         result["rmbench"] = rmbench_eval(model, tokenizer, items, args.max_length, args.batch_size, progress)
     text = json.dumps(result, indent=2)
     print(text)
-    if args.out:
+    if args.out:  # its folder made here: a missing one failed the write after all the scoring
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     return 0
 

@@ -160,3 +160,20 @@ def test_async_client_refuses_a_concurrency_under_one() -> None:
             AsyncRewardClient("127.0.0.1:1", concurrency=0)
 
     asyncio.run(main())
+
+
+def test_a_non_finite_reward_is_written_as_null_not_as_nan(
+    fake: type[FakeClient], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: json.dumps wrote NaN and Infinity, which no strict JSON reader accepts.
+    monkeypatch.setattr(fake, "score", lambda self, items, timeout=None: [math.nan, math.inf, 1.5][: len(items)])
+    src = tmp_path / "items.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a", "b", "c")))
+    out = tmp_path / "rewards.jsonl"
+    assert cli.main(["--address", "x:1", "items", str(src), "-o", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert [json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}")) for line in lines] == [
+        {"reward": None},
+        {"reward": None},
+        {"reward": 1.5},
+    ]

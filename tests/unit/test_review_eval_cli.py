@@ -126,3 +126,15 @@ def test_eval_refuses_a_missing_input_before_scoring_any(
         assert eval_cli.main(["--model", "m", "--pairs", good, *extra, "--no-progress"]) == 2
         assert scored == [] and Path(extra[1]).name in capsys.readouterr().err
     assert eval_cli.main(["--model", "m", "--pairs", good, "--no-progress"]) == 0 and scored == [4]
+
+
+def test_eval_writes_out_into_a_folder_it_makes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: --out in a folder that did not exist failed the write after all the scoring (FileNotFoundError).
+    import synpref.shared.modeling as modeling
+
+    monkeypatch.setattr(modeling, "load_reward_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(modeling, "score_pairs", lambda m, t, pairs, *a: [(1.0, 0.0)] * len(pairs))
+    good = str(write_jsonl([pair(i) for i in range(4)], tmp_path / "good.jsonl"))
+    out = tmp_path / "results" / "run-1" / "eval.json"
+    assert eval_cli.main(["--model", "m", "--pairs", good, "--no-progress", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["model"] == "m"
