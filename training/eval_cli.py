@@ -13,7 +13,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,7 @@ def main(argv: list[str]) -> int:
     for path, fmt in inputs:
         reader = PairReader(path, fmt, args.limit)
 
-        def score(chunk: list[dict[str, Any]]) -> list[tuple[float, float]]:
+        def score(chunk: list[Mapping[str, Any]]) -> list[tuple[float, float]]:
             return score_pairs(model, tokenizer, chunk, args.max_length, args.batch_size, args.truncation, False)
 
         metrics = reward_metrics(*stream_rewards(score, reader, progress))
