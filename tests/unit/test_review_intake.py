@@ -194,3 +194,34 @@ def test_a_run_resumed_with_other_sources_says_so_and_reports_the_sources_it_cur
     assert f"pairs came from {first}" in capsys.readouterr().err
     report = write_report(tmp_path, StateStore(edited.controller.workdir).load(), edited).read_text()
     assert f"- sources: {first}\n" in report and "label noise: 30%" in report
+
+
+def test_the_max_pairs_sample_is_taken_in_one_pass_without_holding_the_rows():
+    # random.sample(range(n), k) held a list of n ints and a set of k: ~1.8 GB for 20M of 40M pairs.
+    import random
+    import tracemalloc
+    from array import array
+
+    from synpref.services.controller.intake import unsampled
+
+    rows = array("q", range(1000, 401_000))
+    tracemalloc.start()
+    try:
+        out = 0
+        for _ in unsampled(rows, 100_000, random.Random("sample:0")):
+            out += 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out == 300_000
+    assert peak < 100_000, peak
+    dropped = list(unsampled(rows[:20], 7, random.Random("sample:1")))
+    assert len(dropped) == 13 and dropped == sorted(dropped)  # in row order, each row once
+    assert dropped == list(unsampled(rows[:20], 7, random.Random("sample:1")))  # the seed decides the sample
+    # Uniform: every row is kept with probability k / n.
+    kept = [0] * 10
+    for trial in range(4000):
+        left_out = set(unsampled(range(10), 3, random.Random(trial)))
+        for row in range(10):
+            kept[row] += row not in left_out
+    assert all(abs(k / 4000 - 0.3) < 0.03 for k in kept), kept
