@@ -99,3 +99,17 @@ def bind_compute_thread(cpus: frozenset[int], torch_threads: int) -> None:
     import torch
 
     torch.set_num_threads(torch_threads)
+
+
+def usable_cpu_count(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process can keep busy: its cpuset, capped by a cgroup v2 CPU quota (a pod's CPU limit is a quota,
+    not a cpuset, so the cpuset alone reports every CPU of the node)."""
+    count = len(allowed_cpus())
+    try:
+        with open(os.path.join(cgroup_root, "cpu.max")) as fh:
+            quota, period = fh.read().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 CPU controller here: the cpuset decides
+    return count

@@ -35,7 +35,8 @@ from synpref.shared import modeling, pairs, source_files, sources
 from synpref.shared.files import FileLock, fsync_tree, replace_durably
 from synpref.shared.pairs import conversation_key, held_out_positions
 from synpref.shared.tokenizer_hash import tokenizer_sha256
-from synpref.training import data, token_store
+from synpref.training import data, parallel_encoding, token_store
+from synpref.training.parallel_encoding import PairEncoding, resolve_workers
 from synpref.training.token_store import EncodedSet, PairEncoder, PairStore
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def cache_key(
     import transformers
 
     code = hashlib.sha256()
-    for module in (modeling, pairs, sources, source_files, data, token_store, sys.modules[__name__]):
+    for module in (modeling, pairs, sources, source_files, data, token_store, parallel_encoding, sys.modules[__name__]):
         code.update(Path(str(module.__file__)).read_bytes())
     spec = {
         "version": CACHE_VERSION,
@@ -231,18 +232,19 @@ def _encode(
     train = PairEncoder(*args, config.margin_column, folder=folder / "train" if folder else None)
     evals = PairEncoder(*args, keep_unfit=True, folder=folder / "eval" if folder else None)
     unreadable = readable = 0
-    for pair in train_pairs:
-        if pair is None:
-            unreadable += 1
-            continue
-        if held is not None and readable >= len(held):
-            raise _changed(len(held), "more")
-        (evals if held is not None and held[readable] else train).add(pair)
-        readable += 1
-    if held is not None and readable < len(held):
-        raise _changed(len(held), f"{readable}")
-    for pair in eval_pairs:
-        evals.add(pair)
+    with PairEncoding(*args, resolve_workers(config.encode_workers)) as encoding:
+        for pair, sides in encoding.map(train_pairs):
+            if pair is None or sides is None:
+                unreadable += 1
+                continue
+            if held is not None and readable >= len(held):
+                raise _changed(len(held), "more")
+            (evals if held is not None and held[readable] else train).add_encoded(pair, sides)
+            readable += 1
+        if held is not None and readable < len(held):
+            raise _changed(len(held), f"{readable}")
+        for pair, sides in encoding.map(eval_pairs):
+            evals.add_encoded(pair, sides)  # type: ignore[arg-type]
     train_set, eval_set = train.finish(), evals.finish()
     report = {
         "train_pairs": len(train_set.pairs),

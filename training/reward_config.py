@@ -46,7 +46,7 @@ class RewardConfig:
     Fields, grouped:
         model: model_name_or_path, output_dir.
         data: train_files, eval_files, eval_fraction, split_seed, max_length, truncation,
-            margin_column.
+            margin_column, encode_workers.
         optimisation: learning_rate, lr_scheduler, warmup_ratio, weight_decay, adam_beta1,
             adam_beta2, adam_epsilon, max_grad_norm, num_epochs, max_steps, global_batch_size,
             micro_batch_size, max_tokens_per_micro_batch, packing, center_rewards_coefficient,
@@ -89,6 +89,11 @@ class RewardConfig:
         "or none. Pairs that still do not fit are skipped and counted.",
     )
     margin_column: str = _f("", "Optional column with a per-pair margin m: loss -log sigmoid(r_c - r_r - m).")
+    encode_workers: int = _f(
+        0,
+        "Processes that tokenize the pairs into the token cache: 0 = one per usable CPU (at most 16), "
+        "1 = in the trainer's process. The cache's ids do not depend on it.",
+    )
     # --- optimisation
     learning_rate: float = _f(4e-6, "Peak AdamW learning rate.")
     lr_scheduler: Literal["constant", "linear"] = _f(
@@ -161,6 +166,8 @@ class RewardConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.max_tokens_per_micro_batch < -1:
             raise ValueError("max_tokens_per_micro_batch must be -1 (auto), 0 (no cap) or a token count")
+        if self.encode_workers < 0:
+            raise ValueError("encode_workers must be 0 (one per usable CPU) or a process count")
         if self.global_batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("global_batch_size and micro_batch_size must be >= 1")
         if not 0.0 <= self.eval_fraction < 1.0 or not 0.0 <= self.warmup_ratio < 1.0:

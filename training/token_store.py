@@ -19,7 +19,7 @@ from typing import Any, overload
 
 import numpy as np
 
-from synpref.shared.modeling import encode_pair
+from synpref.shared.modeling import Encoded, encode_pair
 from synpref.training.batching import EncodedPair
 
 IDS_FILE = "ids.int32"
@@ -206,7 +206,11 @@ class PairEncoder:
 
     def add(self, pair: Mapping[str, Any]) -> None:
         """Encode one pair and append it (or count it as unfit)."""
-        chosen, rejected = encode_pair(self.tokenizer, pair, self.max_length, self.truncation)  # type: ignore[arg-type]
+        self.add_encoded(pair, encode_pair(self.tokenizer, pair, self.max_length, self.truncation))  # type: ignore[arg-type]
+
+    def add_encoded(self, pair: Mapping[str, Any], sides: tuple[Encoded, Encoded]) -> None:
+        """Append a pair encoded elsewhere (training/parallel_encoding.py) with this encoder's settings."""
+        chosen, rejected = sides
         if not (chosen.fits and rejected.fits):
             self.unfit += 1
             if not self.keep_unfit:
