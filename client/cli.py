@@ -10,8 +10,9 @@ reward_rejected and p = sigmoid(r_chosen - r_rejected). Rows that are no pair ar
 on stderr, never guessed at.
 items: JSON lines, each a message list, {"messages": [...]}, {"text": rendered text} or {"token_ids": [...]};
 writes {"reward": r} per line, in order.
-Both read, score and write a few requests' worth at a time, in input order: a file of any size runs in
-bounded memory, and a failure keeps the lines written before it (stderr says how many).
+Both keep --concurrency requests in flight and write their results in input order: a file of any size runs in
+bounded memory, and a failure keeps the lines written before it (stderr says how many). --timeout bounds each
+request (retries included), not the run: a large file takes as long as it takes.
 The address defaults to scoring.scorer_address of the settings (--config / SYNPREF_*).
 """
 
@@ -21,8 +22,9 @@ import argparse
 import json
 import math
 import sys
-import time
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from itertools import chain, islice
 from pathlib import Path
@@ -34,6 +36,7 @@ from synpref.client.client import RewardClient
 from synpref.client.messages import Item, PairDict, TokenIds
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -42,8 +45,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", help="YAML settings file (for scoring.scorer_address)")
     p.add_argument("--address", help="scorer host:port (default: scoring.scorer_address)")
     p.add_argument("--model", default="", help="served model name (default: the server's default)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole run")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request, its retries included")
     p.add_argument("--chunk-size", type=int, default=256, help="items per request")
+    p.add_argument(
+        "--concurrency", type=int, default=4, help="requests in flight at once (the server batches them together)"
+    )
     sub = p.add_subparsers(dest="what", required=True)
     pairs = sub.add_parser("pairs", help="score preference pairs from a file")
     pairs.add_argument("path")
@@ -84,20 +90,29 @@ def _int_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
 
 
-BATCH_REQUESTS = 8
-"""Requests' worth of input read, scored and written at a time: memory is bounded by it, not by the file."""
-
-
 def _batches(values: Iterable[T], size: int) -> Iterator[list[T]]:
     it = iter(values)
     while batch := list(islice(it, size)):
         yield batch
 
 
-def _left(deadline: float) -> float:
-    # Passed as a call's timeout: at 0 the client would fall back to its own, so past the deadline the call
-    # gets a moment and fails with DEADLINE_EXCEEDED.
-    return max(deadline - time.monotonic(), 0.001)
+def _in_order(
+    pool: ThreadPoolExecutor, call: Callable[[list[T]], R], chunks: Iterator[list[T]], ahead: int
+) -> Iterator[tuple[list[T], R]]:
+    """(chunk, call(chunk)) in input order, `ahead` calls in flight: memory is bounded by them, not by the file.
+    A failed call raises once every chunk before it is yielded; the calls after it are cancelled."""
+    pending: deque[tuple[list[T], Future[R]]] = deque()
+    try:
+        while True:
+            while len(pending) < ahead and (chunk := next(chunks, None)) is not None:
+                pending.append((chunk, pool.submit(call, chunk)))
+            if not pending:
+                return
+            chunk, future = pending.popleft()
+            yield chunk, future.result()
+    finally:
+        for _, future in pending:
+            future.cancel()
 
 
 @contextmanager
@@ -116,6 +131,9 @@ def _output(path: str, batches: Iterator[list[T]]) -> Iterator[tuple[TextIO, Ite
 def main(argv: list[str]) -> int:
     """`synpref score`: run the subcommand against the scorer; 1 for a gRPC error, 2 for bad input."""
     args = parse_args(argv)
+    if args.concurrency < 1 or args.chunk_size < 1 or not args.timeout > 0:
+        print("synpref score: --concurrency and --chunk-size must be >= 1 and --timeout > 0", file=sys.stderr)
+        return 2
     address = args.address
     if not address:
         from synpref.shared.config import load_settings
@@ -157,7 +175,6 @@ def score_pairs(client: RewardClient, args: argparse.Namespace) -> int:
     """
     from synpref.shared.sources import iter_source
 
-    deadline = time.monotonic() + args.timeout
     bad = scored = agree = 0
 
     def pairs() -> Iterator[PairDict]:
@@ -170,12 +187,16 @@ def score_pairs(client: RewardClient, args: argparse.Namespace) -> int:
                 print(f"not a pair: {r.locator}: {r.error}", file=sys.stderr)
             bad += 1
 
-    size = max(1, args.chunk_size // 2) * BATCH_REQUESTS
+    def call(chunk: list[PairDict]) -> list[Any]:
+        return client.score_pairs(chunk, timeout=args.timeout)
+
     try:
-        with _output(args.output, _batches(pairs(), size)) as (out, batches):
-            for batch in batches:
-                scores = client.score_pairs(batch, timeout=_left(deadline))
-                for pair, s in zip(batch, scores, strict=True):
+        with (
+            _output(args.output, _batches(pairs(), max(1, args.chunk_size // 2))) as (out, chunks),
+            _pool(args.concurrency) as pool,
+        ):
+            for chunk, scores in _in_order(pool, call, chunks, args.concurrency):
+                for pair, s in zip(chunk, scores, strict=True):
                     meta = {k: pair[k] for k in ("source",) if k in pair}
                     row = {**meta, "reward_chosen": s.reward_chosen, "reward_rejected": s.reward_rejected, "p": s.p}
                     out.write(_json_line(row))
@@ -187,6 +208,17 @@ def score_pairs(client: RewardClient, args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _pool(workers: int) -> Iterator[ThreadPoolExecutor]:
+    """Threads for the blocking client's calls; on leaving, queued calls are cancelled and running ones are not
+    waited for (the client's channel closes next, which ends them)."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="synpref-score")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _json_line(row: dict[str, Any]) -> str:
     """One output line; a diverged model's NaN or infinite reward is null: Python's `NaN` is no JSON, and strict
     readers (jq, Go, JavaScript) reject the whole file."""
@@ -196,19 +228,22 @@ def _json_line(row: dict[str, Any]) -> str:
 def score_items(client: RewardClient, args: argparse.Namespace) -> int:
     """Score the items of a JSON lines file (or stdin) and write one `{"reward"}` line per item, batch by batch
     in input order: a failure keeps what was written before it."""
-    deadline = time.monotonic() + args.timeout
     scored = 0
-    size = args.chunk_size * BATCH_REQUESTS
+
+    def call(chunk: list[Item]) -> list[float]:
+        return client.score(chunk, timeout=args.timeout)
+
     try:
         with (
             nullcontext(sys.stdin) if args.path == "-" else open(args.path, encoding="utf-8") as stream,
-            _output(args.output, _batches(read_items(stream), size)) as (out, batches),
+            _output(args.output, _batches(read_items(stream), args.chunk_size)) as (out, chunks),
+            _pool(args.concurrency) as pool,
         ):
-            for batch in batches:
-                for r in client.score(batch, timeout=_left(deadline)):
+            for chunk, rewards in _in_order(pool, call, chunks, args.concurrency):
+                for r in rewards:
                     out.write(_json_line({"reward": r}))
                 out.flush()
-                scored += len(batch)
+                scored += len(chunk)
     finally:
         print(f"scored {scored} items", file=sys.stderr)
     return 0

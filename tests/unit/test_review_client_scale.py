@@ -177,3 +177,52 @@ def test_a_non_finite_reward_is_written_as_null_not_as_nan(
         {"reward": None},
         {"reward": 1.5},
     ]
+
+
+def test_score_keeps_concurrency_requests_in_flight_and_writes_in_input_order(
+    fake: type[FakeClient], tmp_path: Path
+) -> None:
+    # Before: one blocking request at a time, so a scorer batched nothing across a file's requests.
+    import threading
+    import time
+
+    lock, flight, peak = threading.Lock(), [0], [0]
+
+    def slow_first_calls() -> None:
+        with lock:
+            flight[0] += 1
+            peak[0] = max(peak[0], flight[0])
+            n = len(fake.calls)
+        time.sleep(0.05 if n % 3 == 1 else 0.005)  # some calls end after the ones sent after them
+        with lock:
+            flight[0] -= 1
+
+    fake.on_call = slow_first_calls
+    src = tmp_path / "items.jsonl"
+    src.write_text("".join(json.dumps({"text": "x" * i}) + "\n" for i in range(60)))
+    out = tmp_path / "rewards.jsonl"
+    args = ["--address", "x:1", "--chunk-size", "2", "--concurrency", "3", "items", str(src), "-o", str(out)]
+    assert cli.main(args) == 0
+    assert [json.loads(line)["reward"] for line in out.read_text().splitlines()] == [float(i) for i in range(60)]
+    assert peak[0] == 3 and sum(fake.calls) == 60
+    for bad in (["--concurrency", "0"], ["--chunk-size", "0"], ["--timeout", "0"]):
+        assert cli.main(["--address", "x:1", *bad, "items", str(src)]) == 2
+
+
+def test_score_timeout_bounds_each_request_not_the_whole_run(
+    fake: type[FakeClient], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: --timeout (600 s) was the whole run's deadline: a file that takes longer than that to score failed
+    # part way with DEADLINE_EXCEEDED, however fast each request was.
+    timeouts: list[float | None] = []
+    real_score = FakeClient.score
+
+    def score(self: FakeClient, items: Sequence[Any], *, timeout: float | None = None) -> list[float]:
+        timeouts.append(timeout)
+        return real_score(self, items, timeout=timeout)
+
+    monkeypatch.setattr(FakeClient, "score", score)
+    src = tmp_path / "items.jsonl"
+    src.write_text("".join(json.dumps({"text": "x"}) + "\n" for _ in range(10)))
+    assert cli.main(["--address", "x:1", "--timeout", "7", "--chunk-size", "1", "items", str(src), "-o", "-"]) == 0
+    assert timeouts == [7.0] * 10
