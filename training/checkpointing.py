@@ -90,6 +90,15 @@ def load_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: di
         optimizer.load_state_dict(state)
 
 
+def read_trainer_state(checkpoint: Path, mmap: bool = True) -> dict[str, Any]:
+    """A checkpoint's trainer_state.pt, memory-mapped unless `mmap` is False. Under FSDP every rank reads the whole
+    optimizer state and keeps its shard: read into each rank's own memory that is the whole state once per rank
+    (Adam's moments of an 8B model are 64 GB, times 8 ranks); mapped, the ranks share one copy in the page cache.
+    Off where the optimizer would keep the loaded tensors themselves (unsharded, on the CPU): they would hold the
+    file's disk space after the checkpoint is pruned."""
+    return torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=False, mmap=mmap)  # type: ignore[no-any-return]
+
+
 def write_checkpoint(
     path: Path, model: Any, tokenizer: Any, weights: dict[str, Any], trainer_state: dict[str, Any] | None
 ) -> None:

@@ -41,12 +41,12 @@ from synpref.training.batching import (
     step_order,
 )
 from synpref.training.checkpointing import (
-    TRAINER_STATE,
     full_state_dict,
     latest_checkpoint,
     load_optimizer_state,
     optimizer_state,
     prune_checkpoints,
+    read_trainer_state,
     rng_state,
     set_rng_state,
     write_checkpoint,
@@ -421,7 +421,7 @@ class RewardTrainer:
         return path
 
     def _load_state(self, path: Path) -> None:
-        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+        state = read_trainer_state(path, mmap=self.strategy == "fsdp" or self.device.type != "cpu")
         load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.strategy)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])

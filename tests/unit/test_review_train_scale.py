@@ -260,3 +260,28 @@ def test_every_rank_takes_rank_0s_file_listing(tmp_path: Path) -> None:
 def test_a_listing_error_on_rank_0_reaches_every_rank_instead_of_a_wait(tmp_path: Path) -> None:
     got = run_two_ranks(tmp_path, None, ["a.jsonl"])
     assert all(isinstance(g, str) and g.startswith("SourceError: data: no such file") for g in got), got
+
+
+def _anon_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("RssAnon:"))
+
+
+def test_a_resumed_optimizer_state_is_read_from_the_page_cache_not_copied_into_each_rank(tmp_path: Path) -> None:
+    # Under FSDP each rank torch.load-ed the whole trainer_state.pt into its own memory to keep its shard: the
+    # optimizer's full state once per rank (8 x 64 GB of Adam moments for an 8B model). Mapped, they share one copy.
+    import torch
+
+    from synpref.training.checkpointing import TRAINER_STATE, read_trainer_state
+
+    moments = torch.arange(32 << 20, dtype=torch.int32)  # 128 MiB
+    torch.save({"optimizer": {"state": {0: {"exp_avg": moments}}}, "step": 3}, tmp_path / TRAINER_STATE)
+    del moments
+    before = _anon_bytes()
+    state = read_trainer_state(tmp_path)
+    read = state["optimizer"]["state"][0]["exp_avg"]
+    assert int(read[-1]) == (32 << 20) - 1 and int(read.sum()) > 0  # every page read
+    assert _anon_bytes() - before < 32 << 20
+    assert state["step"] == 3
+    copied = read_trainer_state(tmp_path, mmap=False)["optimizer"]["state"][0]["exp_avg"]
+    assert torch.equal(copied, read)
