@@ -119,7 +119,7 @@ def human_candidates(p_best: dict[Key, float], budget: int) -> list[Key]:
 def stage2(record: PairRecord, settings: FilterSettings) -> PairRecord:
     """Stage 2, consistency: KEEP when the gold RM agrees with the label and so do the judges or the best RM;
     otherwise FLIP (recycled with the sides swapped) or DISCARD, as settings.on_disagreement says.
-    MissingScore without the gold RM's score.
+    MissingScore without the gold RM's score, or where the best RM's would decide and its p is not finite.
     """
     gold = score_of(record, GOLD)
     if gold is None:
@@ -128,6 +128,10 @@ def stage2(record: PairRecord, settings: FilterSettings) -> PairRecord:
     judges = record.judge_aggregate.preference
     gold_agrees = gold.p > 0.5
     judges_agree = judges == PREFERENCE_CHOSEN
+    if gold_agrees and not judges_agree and best is None and any(s.model == BEST for s in record.scores):
+        # The best RM's word decides this pair, and it scored it NaN (diverged): read as "no best RM", a
+        # pair the gold RM agrees with would be flipped or discarded on no evidence.
+        raise MissingScore("stage 2 needs the best RM's score here (gold agrees, judges do not); its p is not finite")
     best_agrees = best is not None and best.p > 0.5
     facts = [
         f"gold {'agrees' if gold_agrees else 'disagrees'} (p_gold={gold.p:.3f})",

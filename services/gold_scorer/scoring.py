@@ -17,6 +17,7 @@ replica its admin call reached switches at once, the others within their next po
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ ScoredPair = tuple[float, float] | tuple[float, float, str]
 """(reward chosen, reward rejected), and from a served model the version that scored them."""
 PairScorer = Callable[[list[dict]], Sequence[ScoredPair]]
 STEP = "gold-scorer"
+log = logging.getLogger("synpref.services.gold_scorer")
 
 
 @dataclass(frozen=True)
@@ -98,21 +100,50 @@ def make_scoring_stage(models: list[ScoringModel]) -> Stage:
             else:
                 result.fail(record, problem)
         for records in groups.values():
-            for record in score_batch(records, stage_models(records[0])):
-                result.emit("scored", record)
+            for record, error in score_each_alone_on_error(records, stage_models(records[0])):
+                if error is None:
+                    result.emit("scored", record)
+                else:
+                    result.fail(record, error)
         return result
 
     return gold_scorer
 
 
+class ScoreCountError(RuntimeError):
+    """A scorer returned another number of scores than it was given pairs: its fault, not any pair's."""
+
+
+def score_each_alone_on_error(
+    batch: list[PairRecord], models: list[ScoringModel]
+) -> list[tuple[PairRecord, str | None]]:
+    """(scored copy, None) for each record of `batch`; where scoring the batch raises, each record is scored
+    alone and one that still raises is (itself, the reason) instead: one pair a chat template or the scorer
+    refuses must not fail its batch (in process, that stopped the controller on every restart).
+    StageUnavailable and ScoreCountError are no pair's fault and propagate; so does the batch's error when
+    every one of its pairs fails alone too (a broken scorer, not bad pairs)."""
+    try:
+        return [(record, None) for record in score_batch(batch, models)]
+    except (StageUnavailable, ScoreCountError):
+        raise
+    except Exception as exc:
+        if len(batch) == 1:
+            return [(batch[0], f"scoring raised {type(exc).__name__}: {exc}")]
+        log.warning("scoring a batch of %d raised %r; scoring its pairs one at a time", len(batch), exc)
+        out = [one for record in batch for one in score_each_alone_on_error([record], models)]
+        if all(error is not None for _, error in out):
+            raise
+        return out
+
+
 def score_batch(batch: list[PairRecord], models: list[ScoringModel]) -> list[PairRecord]:
-    """Copies of `batch` with each model's score set; RuntimeError when a scorer returns the wrong count."""
+    """Copies of `batch` with each model's score set; ScoreCountError when a scorer returns the wrong count."""
     pairs = [pair_dict(r) for r in batch]
     scored: dict[str, Sequence[ScoredPair]] = {}
     for model in models:
         rewards = model.score(pairs)
         if len(rewards) != len(batch):
-            raise RuntimeError(f"{model.role} scorer returned {len(rewards)} scores for {len(batch)} pairs")
+            raise ScoreCountError(f"{model.role} scorer returned {len(rewards)} scores for {len(batch)} pairs")
         scored[model.role] = rewards
     out = []
     for i, record in enumerate(batch):
