@@ -52,6 +52,9 @@ ID_INDEX = ".dedup-ids.sqlite"
 WRITER_LOCK = ".writer.lock"
 TRAIN, HELDOUT = "train", "heldout"
 SPLITS = (TRAIN, HELDOUT)
+ROW_GROUP_ROWS = 1000
+"""Rows converted and written at a time (one Parquet row group each): a shard of 20,000 long pairs built whole
+held ~5x its text (Python rows, an Arrow table with the conversation three times, the encoded row group)."""
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 SCHEMA = pa.schema(
@@ -182,6 +185,15 @@ def record_row(record: PairRecord, split: str = TRAIN) -> dict:
     }
 
 
+def version_dir(root: str | Path, name: str, version: str) -> Path:
+    """<root>/<name>/<version>, where name and version are each one plain folder name: "../x", "a/b", an absolute
+    path or "" would put the version outside `root` or over another one (and the writer deletes files there)."""
+    for what, part in (("name", name), ("version", version)):
+        if part in ("", ".", "..") or "/" in part or "\\" in part or "\0" in part:
+            raise ValueError(f"dataset {what} must be one plain folder name, not {part!r}")
+    return Path(root) / name / version
+
+
 def _utc() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -248,13 +260,14 @@ class DatasetVersion:
     def __init__(
         self, root: str | Path, name: str, version: str, dedup: bool = True, lock_timeout_s: float | None = None
     ) -> None:
-        self.dir = Path(root) / name / version
+        self.dir = version_dir(root, name, version)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name, self.version = name, version
         self.lock = FileLock(self.dir / WRITER_LOCK, lock_timeout_s)
         self.index: IdIndex | None = None
         try:
             self.manifest = self._load()
+            self._check_schema()
             if dedup:
                 files = [s["file"] for s in self.manifest["shards"]]
                 self.index = IdIndex(self.dir / ID_INDEX, files, self._shard_ids)
@@ -306,6 +319,19 @@ class DatasetVersion:
             tmp.unlink()
         return manifest
 
+    def _check_schema(self) -> None:
+        # `datasets` refuses a whole version whose shards differ in columns or types, so a shard in this build's
+        # schema must not join ones an older build wrote (e.g. before the split column): that version is closed.
+        if not self.manifest["shards"]:
+            return
+        last = self.manifest["shards"][-1]["file"]
+        found = pq.read_schema(self.dir / last).remove_metadata()
+        if not found.equals(SCHEMA):
+            raise ValueError(
+                f"{self.dir}: {last} has another schema than this build writes (columns {found.names}, "
+                f"not {SCHEMA.names}): appending would make the version unreadable; write a new version"
+            )
+
     @property
     def offsets(self) -> dict[str, int]:
         """ "topic:partition" -> next offset to consume, as of the last committed shard."""
@@ -326,42 +352,38 @@ class DatasetVersion:
         """Write the new pairs of `records` as one shard in split `split` and commit it with `offsets`."""
         if not self.lock.held:
             raise RuntimeError(f"{self.dir} was closed: open a new DatasetVersion to append")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
         records = list(records)
         known = self.index.known([r.pair.id for r in records]) if self.index is not None else set()
-        rows, duplicates, batch_ids = [], 0, set()
+        new, duplicates, batch_ids = [], 0, set()
         for record in records:
             if record.pair.id in known or record.pair.id in batch_ids:
                 duplicates += 1
                 continue
             batch_ids.add(record.pair.id)
-            rows.append(record_row(record, split))
+            new.append(record)
+        stats: dict[str, Counter[str]] = {}
         shard_name = None
-        if rows:
+        if new:
             shard_name = f"part-{len(self.manifest['shards']):05d}.parquet"
-            table = pa.Table.from_pylist(rows, schema=SCHEMA)
-            write_atomic(self.dir / shard_name, lambda p: pq.write_table(table, p))
-        if not rows and not offsets:
+            write_atomic(self.dir / shard_name, lambda p: _write_shard(p, new, split, stats))
+        if not new and not offsets:
             return AppendResult(0, duplicates, None)
         manifest = json.loads(json.dumps(self.manifest))
         if shard_name:
             manifest["shards"].append(
                 {
                     "file": shard_name,
-                    "rows": len(rows),
+                    "rows": len(new),
                     "written_at": _utc(),
                 }
             )
-            manifest["rows"] += len(rows)
-            stats = manifest["stats"]
-            for row in rows:
-                for key, value in (
-                    ("by_decision", row["decision"]["decision"]),
-                    ("by_source", row["source"]),
-                    ("by_category", row["attributes"]["task_category"] or "unlabelled"),
-                    ("by_split", row["split"]),
-                ):
-                    counts = stats.setdefault(key, {})  # by_split is missing from older manifests
-                    counts[value] = counts.get(value, 0) + 1
+            manifest["rows"] += len(new)
+            for key, counted in stats.items():
+                counts = manifest["stats"].setdefault(key, {})  # by_split is missing from older manifests
+                for value, n in counted.items():
+                    counts[value] = counts.get(value, 0) + n
         if offsets:
             manifest["offsets"].update(offsets)
         manifest["updated_at"] = _utc()
@@ -369,12 +391,29 @@ class DatasetVersion:
         self.manifest = manifest
         if self.index is not None and shard_name:
             self.index.add_shard(batch_ids, len(manifest["shards"]))
-        return AppendResult(len(rows), duplicates, shard_name)
+        return AppendResult(len(new), duplicates, shard_name)
+
+
+def _write_shard(path: Path, records: Sequence[PairRecord], split: str, stats: dict[str, Counter[str]]) -> None:
+    """Write `records` as one Parquet file, ROW_GROUP_ROWS rows converted at a time, counting them into `stats`."""
+    with pq.ParquetWriter(path, SCHEMA) as writer:
+        for start in range(0, len(records), ROW_GROUP_ROWS):
+            rows = [record_row(r, split) for r in records[start : start + ROW_GROUP_ROWS]]
+            for row in rows:
+                for key, value in (
+                    ("by_decision", row["decision"]["decision"]),
+                    ("by_source", row["source"]),
+                    ("by_category", row["attributes"]["task_category"] or "unlabelled"),
+                    ("by_split", row["split"]),
+                ):
+                    stats.setdefault(key, Counter())[value] += 1
+            writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
+            del rows  # else it lives on while the next slice's rows are built: two slices at a time
 
 
 def manifest_files(root: str | Path, name: str, version: str) -> list[str]:
     """Shard paths of a version, read from its manifest only (safe while a writer runs)."""
-    folder = Path(root) / name / version
+    folder = version_dir(root, name, version)
     manifest = json.loads((folder / MANIFEST).read_text())
     return [str(folder / s["file"]) for s in manifest["shards"]]
 
