@@ -20,8 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from synpref.shared.files import fsync_folder, write_text_atomic
+
 EXACT_UP_TO = 20_000
 FLAT_LISTS_UP_TO = 2_000_000
+HITS_PER_SEARCH = 1 << 22
+"""Most (id, score) hits one FAISS search call returns (48 MB): queries that tie widely are searched in parts."""
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
@@ -51,7 +55,9 @@ class VectorFile:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as fh:
             fh.truncate(rows * dim * 2)
-        path.with_suffix(path.suffix + ".shape").write_text(f"{rows} {dim}\n")
+        # Durable (fsynced, with its folder): the prepare step that wrote it commits next, and a shape note
+        # lost to a machine crash after that left a run that could neither go on nor redo the step.
+        write_text_atomic(path.with_suffix(path.suffix + ".shape"), f"{rows} {dim}\n")
         return cls(path)
 
     def write(self, first_row: int, vectors: np.ndarray) -> None:
@@ -67,8 +73,10 @@ class VectorFile:
         return np.asarray(self._map[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
 
     def flush(self) -> None:
-        """Flush the memory map to disk."""
+        """Flush the memory map to disk, and the file's size and name with it (fsync of file and folder)."""
         self._map.flush()
+        fsync_folder(self.path)
+        fsync_folder(self.path.parent)
 
 
 def index_spec(n: int, dim: int) -> str:
@@ -163,19 +171,41 @@ class AnnIndex:
         Equal scores are ordered by id: pairs that share a conversation embed identically, and an
         IVF list's order depends on its history of adds and removes, so without this a resumed
         run (index rebuilt) and an uninterrupted one (rows removed) could pick different ties.
-        `slack` extra hits are fetched so a tie at the k-th place is decided by id, not by position.
+        `slack` extra hits are fetched so a tie at the k-th place is decided by id, not by position;
+        a query whose last fetched hit still ties its k-th is searched again, twice as wide, until
+        the tie ends inside what was fetched (FAISS keeps whichever equal hits it met first).
         """
         if k <= 0 or len(queries) == 0 or len(self) == 0:
             return np.full((len(queries), max(k, 0)), -1, dtype=np.int64), np.zeros((len(queries), max(k, 0)))
+        queries = normalise(queries)
+        out_ids = np.full((len(queries), k), -1, dtype=np.int64)
+        out_scores = np.zeros((len(queries), k), dtype=np.float32)
+        pending = np.arange(len(queries))
         wide = min(k + max(slack, 0), len(self))
-        scores, ids = self.index.search(normalise(queries), wide)
-        # -1 pads sort last: their score is -inf for FAISS inner product; push them explicitly.
-        keyed_scores = np.where(ids < 0, -np.inf, scores)
-        order = np.lexsort((ids, -keyed_scores), axis=1)[:, :k]
-        ids = np.take_along_axis(ids, order, axis=1)
-        scores = np.take_along_axis(scores, order, axis=1)
-        if ids.shape[1] < k:
-            pad = k - ids.shape[1]
-            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-            scores = np.pad(scores, ((0, 0), (0, pad)))
-        return ids, scores
+        while len(pending):
+            tied: list[np.ndarray] = []
+            step = max(1, HITS_PER_SEARCH // wide)  # a wide search holds queries x wide hits
+            for start in range(0, len(pending), step):
+                part = pending[start : start + step]
+                scores, ids = self.index.search(queries[part], wide)
+                out_ids[part], out_scores[part] = _best_by_id(ids, scores, k)
+                if wide < len(self):  # then wide >= k + slack
+                    # FAISS returns hits best first: a last hit scoring as high as the k-th may hide more ties.
+                    tied.append(part[(ids[:, -1] >= 0) & (scores[:, -1] >= scores[:, k - 1])])
+            pending = np.concatenate(tied) if tied else pending[:0]
+            wide = min(2 * wide, len(self))
+        return out_ids, out_scores
+
+
+def _best_by_id(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of FAISS's (ids, scores) rows, equal scores by id, -1 (and score 0) padded to k columns."""
+    # -1 pads sort last: their score is -inf for FAISS inner product; push them explicitly.
+    keyed_scores = np.where(ids < 0, -np.inf, scores)
+    order = np.lexsort((ids, -keyed_scores), axis=1)[:, :k]
+    ids = np.take_along_axis(ids, order, axis=1)
+    scores = np.take_along_axis(scores, order, axis=1)
+    if ids.shape[1] < k:
+        pad = k - ids.shape[1]
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        scores = np.pad(scores, ((0, 0), (0, pad)))
+    return ids, scores

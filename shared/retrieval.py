@@ -54,8 +54,8 @@ class Example:
 
 
 def k_rule(p: float, k_max: int = 8) -> int:
-    """Items to retrieve for a pair the RM scores p = sigmoid(r_w - r_l)."""
-    if p <= 0.5:
+    """Items to retrieve for a pair the RM scores p = sigmoid(r_w - r_l); a NaN p (a diverged RM) gets k_max."""
+    if not p > 0.5:  # also NaN, which ceil below cannot take: the stage-1 step failed on every restart
         return k_max
     return max(0, min(k_max, math.ceil(k_max * (1.0 - p))))
 
@@ -68,13 +68,18 @@ def default_model_path() -> str:
 
 
 def pair_text(conversation: Sequence[dict[str, str]], attributes: dict[str, Any] | None = None) -> str:
-    """What is embedded: the conversation, then the attributes that describe the task."""
-    lines = [f"{m['role']}: {m['content']}" for m in conversation]
+    """What is embedded: the attributes that describe the task, then the conversation.
+
+    Attributes come first because the encoder truncates (MiniLM: 256 word pieces): after a long
+    conversation they were cut off, and such pairs were retrieved by their first turns alone.
+    """
+    lines = []
     if attributes:
         if attributes.get("task_category"):
             lines.append(f"category: {attributes['task_category']}")
         if attributes.get("desired_attributes"):
             lines.append("desired: " + ", ".join(attributes["desired_attributes"]))
+    lines.extend(f"{m['role']}: {m['content']}" for m in conversation)
     return "\n".join(lines)
 
 

@@ -73,7 +73,9 @@ def train_index(store: PairStore, vectors: VectorFile, path: Path) -> None:
     """Train the AnnIndex kind D_un's size calls for on an evenly spaced sample of it; save it empty."""
     rows = np.fromiter(store.all_rows(UNVERIFIED), dtype=np.int64)
     wanted = training_rows(len(rows), vectors.dim)
-    sample = vectors.read(rows[:: max(1, len(rows) // wanted)][:wanted]) if wanted else None
+    # Spread over the whole pool: rows follow the sources' order, and a whole-number stride cut to `wanted`
+    # rows left the last sources out (up to half the pool), whose pairs then fell into lists not made for them.
+    sample = vectors.read(rows[np.arange(wanted, dtype=np.int64) * len(rows) // wanted]) if wanted else None
     AnnIndex.build(len(rows), vectors.dim, sample).save(path)
 
 
