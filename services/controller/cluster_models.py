@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,23 @@ def dns_part(text: str, limit: int) -> str:
     return cleaned[:limit].rstrip("-") or "x"
 
 
-def run_id(workdir: Path) -> str:
-    """This run's id: 8 hex digits made once and kept in workdir/run_id, so restarts find their Jobs."""
+def run_id(workdir: Path, new: bool = False) -> str:
+    """This run's id: 8 hex digits made once (again when `new`) and kept in workdir/run_id, so restarts find
+    their Jobs."""
     path = workdir / "run_id"
-    if not path.exists():
+    if new or not path.exists():
         write_text_atomic(path, uuid.uuid4().hex[:8] + "\n")
     return path.read_text().strip()
+
+
+def next_attempt(jobs: Iterable[str]) -> int:
+    """The attempt number after the highest one among `jobs` (this run's Job names for a model), 1 for none.
+
+    Not their count: each finished Job is deleted on its own TTL, oldest first, so with a1 gone and a2 left
+    a count would name the next attempt a2 again (HTTP 409 on every restart until a2's TTL runs out).
+    """
+    found = (re.fullmatch(r".*-a(\d+)", name) for name in jobs)
+    return max((int(m.group(1)) for m in found if m), default=0) + 1
 
 
 class K8sModels(FullModels):
@@ -49,6 +60,12 @@ class K8sModels(FullModels):
         self.backend = backend
         self.timeout_s = timeout_s
         self.run_id = run_id(workdir)
+
+    def new_run(self) -> None:
+        """A new run starts in this workdir (its ingest step): a new run id. The workdir outlives a run's store
+        (controller.store_dir, its own volume): a run started on a new store would otherwise adopt the earlier
+        run's finished Jobs, still there within their TTL, and curate with RMs trained on another run's pairs."""
+        self.run_id = run_id(self.workdir, new=True)
 
     def job_labels(self, name: str) -> dict[str, str]:
         """Labels that find this run's Jobs for model `name` again after a restart."""
@@ -94,7 +111,7 @@ class K8sModels(FullModels):
             out_dir.mkdir(parents=True, exist_ok=True)
             train_file = write_jsonl(train, out_dir / f"{name}.train.jsonl")
             valid_file = write_jsonl(valid, out_dir / f"{name}.valid.jsonl")
-            spec = self.job_spec(name, attempt=len(jobs) + 1)
+            spec = self.job_spec(name, attempt=next_attempt(job for job, _ in jobs))
             self.backend.apply_config_map(self.config_map(spec, train_file, valid_file, out_dir / name, role_of(name)))
             self.backend.submit(spec)
             adopt = spec.name

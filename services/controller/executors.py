@@ -99,8 +99,12 @@ class KafkaExecutor:
     The consumer is assigned the output (and dead-letter) partitions and positioned at their
     ends before anything is published, so it sees exactly the results of this batch (or of
     an earlier, interrupted attempt at it, which are the same: stages are deterministic and
-    the key matches). A batch not fully back within `timeout_s` raises TimeoutError; the
-    loop's durable state makes the retry safe.
+    the key matches). A batch none of whose missing results comes back for `timeout_s` raises
+    TimeoutError; the loop's durable state makes the retry safe. The wait is since the last
+    result, not for the whole batch: a retry republishes the batch behind the first attempt's
+    backlog and needs as long again, so a pipeline slower than batch / timeout_s but working
+    would time out on every attempt, never finish the step, and pile a batch of duplicate work
+    onto the services each time.
 
     With a `journal` (the human review: state.StepVerdicts) results are not to be had again
     for free, so a retry neither skips nor repeats them: the first attempt notes the output
@@ -131,7 +135,8 @@ class KafkaExecutor:
 
     def run(self, name: str, records: list[PairRecord], journal: StepVerdicts | None = None) -> StageResult:
         """Publish `records` to the step's input topic and collect each one's result from its output or
-        dead-letter topic; TimeoutError when some are not back within timeout_s. `journal`: see the class.
+        dead-letter topic; TimeoutError when some are not back and none came for timeout_s. `journal`: see
+        the class.
         """
         from kafka import TopicPartition
 
@@ -180,6 +185,7 @@ class KafkaExecutor:
                         key = key_of(record)
                         if key not in pending:
                             continue
+                        deadline = time.monotonic() + self.timeout_s  # still coming: wait on
                         if route == "dead_letter":
                             reason = header_map(msg.headers).get(DLQ_REASON, "dead-lettered")
                             out.fail(pending.pop(key), reason)
@@ -191,7 +197,9 @@ class KafkaExecutor:
                             if journal is not None:
                                 journal.record(route_of(record, route), record)
             if pending:
-                raise TimeoutError(f"{name}: {len(pending)} of {len(records)} records not back in {self.timeout_s:g}s")
+                raise TimeoutError(
+                    f"{name}: {len(pending)} of {len(records)} records not back, none for {self.timeout_s:g}s"
+                )
             return out
         finally:
             consumer.close()

@@ -271,6 +271,9 @@ class Controller(CurationSteps, FinalSteps):
         if self.pairstore.size():
             raise RuntimeError(f"{self.pairstore.path} already holds pairs from another run; use a new workdir")
         self.verdicts.clear()
+        new_run = getattr(self.models, "new_run", None)
+        if new_run is not None:
+            new_run()  # K8sModels: Jobs left by an earlier run in this workdir are not this run's
         self.state.results.update(ingest_sources(self.pairstore, self.c, self.say))
 
     def label_attributes(self) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from synpref.shared.files import replace_durably, write_atomic
+from synpref.shared.files import fsync_tree, replace_durably, write_atomic
 
 log = logging.getLogger(__name__)
 Pair = dict[str, Any]
@@ -343,6 +343,9 @@ class HeadModels:
         self.cache.tokenizer.save_pretrained(tmp)
         about = {"name": handle.name, "version": handle.version, "metrics": _jsonable(handle.metrics)}
         (tmp / "synpref_model.json").write_text(json.dumps(about, indent=1, allow_nan=False))
+        # The files reach the disk before the rename publishes them: after a power loss the folder could
+        # otherwise hold an empty config.json or weights, which this check reuses and the registry serves.
+        fsync_tree(tmp)
         if out_dir.exists():
             import shutil
 

@@ -1,0 +1,232 @@
+"""Review 39, area E: the controller's loop after ingest (rounds, models, report), one test per defect."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from synpref.services.controller.cluster_models import K8sModels
+from synpref.shared.config import load_settings
+from synpref.training.k8s_job import JobError
+
+PAIRS = [
+    {
+        "conversation": [{"role": "user", "content": f"question {i}"}],
+        "chosen": [{"role": "assistant", "content": f"a careful right answer {i}"}],
+        "rejected": [{"role": "assistant", "content": f"wrong {i}"}],
+    }
+    for i in range(8)
+]
+
+
+class Jobs:
+    """The cluster calls K8sModels makes over in-memory Jobs; creating a name that exists is HTTP 409, as there."""
+
+    def __init__(self, existing: list[tuple[str, dict, str]]) -> None:
+        self.jobs = list(existing)
+        self.submitted: list[str] = []
+
+    def find(self, namespace, labels):
+        return [(name, status) for name, have, status in self.jobs if labels.items() <= have.items()]
+
+    def apply_config_map(self, manifest):
+        pass
+
+    def submit(self, spec):
+        if any(name == spec.name for name, _, _ in self.jobs):
+            raise JobError(f"creating Job {spec.namespace}/{spec.name} failed: HTTP 409 Conflict: AlreadyExists")
+        self.submitted.append(spec.name)
+        self.jobs.append((spec.name, dict(spec.labels), "Active"))
+
+    def wait(self, namespace, name, timeout_s):
+        return "Complete"
+
+
+def test_a_retry_after_older_attempts_expired_gets_a_new_job_name(tmp_path):
+    # Attempt 1 failed and its TTL has deleted it; attempt 2 failed later and is still there. The next
+    # attempt is a3: counting the Jobs left named it a2 again, refused with 409 on every restart.
+    settings = load_settings(
+        controller={"workdir": str(tmp_path), "training": "k8s", "k8s_job": {"image": "t:1", "namespace": "ns"}}
+    )
+    probe = K8sModels(settings.controller, tmp_path, backend=Jobs([]))
+    a2 = probe.job_spec("gold", attempt=2).name
+    jobs = Jobs([(a2, probe.job_labels("gold"), "Failed")])
+    handle = K8sModels(settings.controller, tmp_path, backend=jobs).train("gold", PAIRS, [], tmp_path / "models")
+    assert jobs.submitted == [probe.job_spec("gold", attempt=3).name]
+    assert handle.version == f"gold-{jobs.submitted[0]}"
+
+
+def test_an_exported_head_checkpoint_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    # register (and each Stage-2 export) is recorded done once export returns: the checkpoint's files must be
+    # fsynced before the rename that publishes them, or a power loss leaves a named folder of empty files
+    # that a resumed run reuses (config.json exists) and the scorer is pointed at.
+    from synpref.services.controller.models import HeadModels
+
+    settings = load_settings(controller={"workdir": str(tmp_path), "max_length": 32, "head_steps": 5})
+    models = HeadModels(settings.controller, tmp_path, progress=False)
+    handle = models.train("final", PAIRS[:6], PAIRS[6:], tmp_path / "models")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    folder = models.export(handle, tmp_path / "models" / handle.version)
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors"} <= names
+    synced_names = {Path(p).name for p in synced if Path(p).parent.name == f".{folder.name}.tmp"}
+    assert names <= synced_names, f"not fsynced before the rename: {sorted(names - synced_names)}"
+
+
+def test_a_new_run_in_a_kept_workdir_trains_its_own_models(tmp_path):
+    # A run's store lives apart from the shared workdir (controller.store_dir, its own volume). A new run on a
+    # new store beside the old workdir adopted the old run's finished Job for working-1 (same run id, same
+    # model label) and curated with an RM trained on the other run's pairs.
+    from synpref.services.controller.loop import Controller
+    from synpref.services.controller.providers import OracleHumans
+    from testing import controller_fakes as fakes
+
+    data = fakes.write_synthetic(tmp_path / "pairs.jsonl", 40, seed=1)
+    values = {
+        "workdir": str(tmp_path / "work"),
+        "sources": [str(data)],
+        "training": "k8s",
+        "k8s_job": {"image": "t:1", "namespace": "ns"},
+        "study": {"human": "oracle"},
+    }
+    first = load_settings(controller={**values, "store_dir": str(tmp_path / "state-1")}).controller
+    old = K8sModels(first, Path(first.workdir), backend=Jobs([]))
+    old.train("working-1", PAIRS, [], Path(first.workdir) / "models")  # the old run's Job, Complete
+    settings = load_settings(controller={**values, "store_dir": str(tmp_path / "state-2")})
+    jobs = Jobs(old.backend.jobs)
+    models = K8sModels(settings.controller, Path(settings.controller.workdir), backend=jobs)
+    controller = Controller(settings, models, OracleHumans(), [], embed=fakes.embed, progress=lambda _m: None)
+    try:
+        controller.step("ingest", controller.ingest)
+    finally:
+        controller.store.close()
+        controller.verdicts.close()
+    handle = models.train("working-1", PAIRS, [], Path(settings.controller.workdir) / "models")
+    assert len(jobs.submitted) == 1, "the old run's Job was adopted"
+    assert handle.version != f"working-1-{old.backend.submitted[0]}"
+
+
+class SlowPipeline:
+    """Topics as lists and a Stage-2 pipeline that decides `per_poll` input messages per consumer poll, each
+    poll taking a second of a fake clock; the executor's consumer and producer over them."""
+
+    def __init__(self, topics, per_poll: int) -> None:
+        from collections import defaultdict
+
+        self.names, self.per_poll, self.now, self.done = topics, per_poll, 0.0, 0
+        self.topics: dict[str, list] = defaultdict(list)
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def work(self) -> None:
+        from types import SimpleNamespace
+
+        from synpref.shared.kafka.codec import decode_record, encode_record
+        from synpref.v1.pair_pb2 import DECISION_KEEP
+
+        for msg in self.topics[self.names.s2_raw][self.done : self.done + self.per_poll]:
+            record = decode_record(msg.value, msg.headers)
+            record.decision.decision = DECISION_KEEP
+            sent = encode_record(record, self.names.s2_decided)
+            self.topics[self.names.s2_decided].append(SimpleNamespace(value=sent.value, headers=sent.headers))
+            self.done += 1
+
+    def producer(self):
+        from types import SimpleNamespace
+
+        pipeline = self
+
+        class Producer:
+            def send(self, topic, key, value, headers):
+                pipeline.topics[topic].append(SimpleNamespace(value=value, headers=headers))
+                return SimpleNamespace(is_done=True, exception=None, failed=lambda: False)
+
+            def flush(self, timeout): ...
+
+            def close(self): ...
+
+        return Producer()
+
+    def consumer(self):
+        pipeline = self
+
+        class Consumer:
+            def __init__(self) -> None:
+                self.pos: dict = {}
+
+            def partitions_for_topic(self, topic):
+                return {0}
+
+            def assign(self, parts):
+                self.pos = dict.fromkeys(parts, 0)
+
+            def seek_to_end(self, *parts):
+                for tp in parts:
+                    self.pos[tp] = len(pipeline.topics[tp.topic])
+
+            def position(self, tp):
+                return self.pos[tp]
+
+            def poll(self, timeout_ms):
+                pipeline.now += 1.0
+                pipeline.work()
+                out = {tp: pipeline.topics[tp.topic][at:] for tp, at in self.pos.items()}
+                self.pos = {tp: len(pipeline.topics[tp.topic]) for tp in self.pos}
+                return out
+
+            def close(self): ...
+
+        return Consumer()
+
+
+def stage2_records(n: int) -> list:
+    from synpref.shared.pairs import new_pair, new_record
+
+    return [
+        new_record(new_pair(p["conversation"], p["chosen"], p["rejected"], source="unit"))
+        for p in ({**PAIRS[0], "conversation": [{"role": "user", "content": f"slow question {i}"}]} for i in range(n))
+    ]
+
+
+@pytest.mark.parametrize("per_poll", [1, 0])
+def test_a_batch_still_coming_back_is_waited_for_and_a_stalled_one_times_out(monkeypatch, per_poll):
+    # 30 pairs at one a second against a 10 s timeout: the old whole-batch deadline raised at 10 s, and the
+    # restarted step republished the batch behind the first one's backlog and timed out again, for ever. A
+    # pipeline that returns nothing for the timeout still fails the step.
+    from synpref.services.controller import executors
+    from synpref.shared.config import Settings, TopicSettings
+    from synpref.shared.kafka import clients
+
+    topics = TopicSettings()
+    pipeline = SlowPipeline(topics, per_poll)
+    monkeypatch.setattr(executors, "time", pipeline)
+    monkeypatch.setattr(clients, "make_producer", lambda kafka: pipeline.producer())
+    monkeypatch.setattr(clients, "make_consumer", lambda kafka, group, **kw: pipeline.consumer())
+    records = stage2_records(30)
+    executor = executors.KafkaExecutor(Settings(topics=topics), timeout_s=10)
+    if per_poll == 0:
+        with pytest.raises(TimeoutError, match="30 of 30 records not back"):
+            executor.run("stage2", records)
+        assert pipeline.now <= 11
+        return
+    result = executor.run("stage2", records)
+    assert sorted(r.pair.id for _, r in result.routed) == sorted(r.pair.id for r in records)
+    assert {route for route, _ in result.routed} == {"curated"} and not result.failed
+    assert len(pipeline.topics[topics.s2_raw]) == 30, "published once"
+
+
+if __name__ == "__main__":
+    pytest.main([__file__])
