@@ -316,7 +316,7 @@ class ControllerSettings(Section):
     """Pairs per batch of a long step: one executor round trip (one publish over Kafka) and one PairStore
     commit, so a restart loses at most one batch of work."""
     stage_timeout_s: float = Field(default=600.0, gt=0)
-    """Most seconds to wait for a batch to come back from the Kafka services."""
+    """Most seconds to wait with no result of a batch coming back from the Kafka services (not for all of it)."""
     training: Literal["local", "k8s"] = "local"
     """Where RMs train: in this process, or as Kubernetes Jobs (the cluster controller)."""
     k8s_job: dict[str, Any] = Field(default_factory=dict)

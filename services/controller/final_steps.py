@@ -74,14 +74,15 @@ class FinalSteps:
 
     def write_datasets(self) -> None:
         """Write the dataset versions (dataset_versions) under workdir/datasets/<name>/."""
-        from synpref.services.dataset_writer.dataset import DatasetVersion
+        from synpref.services.dataset_writer.dataset import DatasetVersion, version_dir
 
         root = self.root / "datasets"
         out = {}
         for version, (records, split) in self.dataset_versions().items():
             # From empty, so a rerun after a kill does not append to the first attempt's shards; the store's
             # pairs are unique, so the version keeps no set of its ids.
-            shutil.rmtree(root / self.c.dataset_name / version, ignore_errors=True)
+            # version_dir first: a dataset_name such as ".." is refused before anything is removed.
+            shutil.rmtree(version_dir(root, self.c.dataset_name, version), ignore_errors=True)
             with DatasetVersion(root, self.c.dataset_name, version, dedup=False) as dv:
                 # One Parquet shard per SHARD_ROWS pairs: a shard's rows are built in memory before it is written.
                 while shard := list(islice(records, SHARD_ROWS)):

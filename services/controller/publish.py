@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ def write_registry(models_dir: Path, registry: dict[str, Any], max_length: int) 
     tmp = models_dir / ".best.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
-    tmp.symlink_to(Path(registry[BEST]["path"]).name)
+    # Relative to the link's folder, wherever the checkpoint is: the full trainer's and the k8s Jobs' final model is
+    # models/final/final, and a link to its last name alone pointed at models/final (no checkpoint there).
+    tmp.symlink_to(os.path.relpath(registry[BEST]["path"], models_dir))
     replace_durably(tmp, link)
     write_text_atomic(models_dir / "registry.json", json.dumps(registry, indent=1, sort_keys=True))
     scorer = {"scorer": {"models": registry, "default_model": BEST, "max_length": max_length}}

@@ -230,3 +230,43 @@ def test_a_batch_still_coming_back_is_waited_for_and_a_stalled_one_times_out(mon
 
 if __name__ == "__main__":
     pytest.main([__file__])
+
+
+@pytest.mark.parametrize("where", ["models/final/final", "models/v3", "elsewhere/ckpt"])
+def test_models_best_points_at_the_final_checkpoint_wherever_it_was_written(tmp_path, where):
+    # The link named the checkpoint folder's last name inside models/: right for the head trainer's models/<version>,
+    # but the full trainer's and the k8s Jobs' final model is models/final/final (best -> models/final, no
+    # checkpoint), and a models_dir elsewhere left a dangling link. report.md tells users to serve models/best.
+    from synpref.services.controller.publish import write_registry
+    from synpref.shared.roles import BEST
+
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    checkpoint = tmp_path / where
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")
+    write_registry(models_dir, {BEST: {"path": str(checkpoint)}}, 128)
+    assert (models_dir / "best" / "config.json").exists()
+    assert (models_dir / "best").resolve() == checkpoint.resolve()
+
+
+def test_a_dataset_name_that_is_not_one_folder_name_removes_nothing(tmp_path):
+    # write_datasets removed <workdir>/datasets/<name>/<version> before DatasetVersion refused the name: with
+    # dataset_name ".." that was <workdir>/curated, beside the datasets folder.
+    from types import SimpleNamespace
+
+    from synpref.services.controller.final_steps import FinalSteps
+
+    (tmp_path / "datasets").mkdir()  # a workdir after its first run
+    kept = tmp_path / "curated"
+    kept.mkdir()
+    (kept / "keep.txt").write_text("x")
+    steps = SimpleNamespace(
+        root=tmp_path,
+        c=SimpleNamespace(dataset_name=".."),
+        state=SimpleNamespace(results={}),
+        dataset_versions=lambda: {"curated": (iter([]), "train")},
+    )
+    with pytest.raises(ValueError, match="one plain folder name"):
+        FinalSteps.write_datasets(steps)  # type: ignore[arg-type]
+    assert (kept / "keep.txt").exists()
