@@ -40,6 +40,10 @@ def retrieval_text(record: PairRecord) -> str:
     return pair_text(message_dicts(record.pair.conversation), embedded_attributes(record))
 
 
+COMMIT_EVERY = 100
+"""Embedding batches between two durable progress points: a restart re-embeds at most this many (~100k pairs)."""
+
+
 def embed_pool(
     store: PairStore,
     path: Path,
@@ -47,13 +51,21 @@ def embed_pool(
     embed: Callable[[list[str]], np.ndarray],
     say: Callable[[str], None],
     batch: int = 1024,
+    resume: tuple[int, int] = (-1, 0),
+    commit: Callable[[int, int], None] | None = None,
 ) -> VectorFile:
-    """Embed every pair of `pools` into a VectorFile at `path` (rows 0..max_row), streaming the store."""
+    """Embed every pair of `pools` into a VectorFile at `path` (rows 0..max_row), streaming the store.
+
+    Every COMMIT_EVERY batches the file is flushed to disk and `commit(last row embedded, pairs embedded)` records
+    the progress: a restart passes it back as `resume` and goes on from there in the same file (at 40M pairs the
+    pool takes hours to embed; a crash near the end re-embedded all of it)."""
     total = sum(store.count(p) for p in pools)
-    say(f"prepare: embedding {total} conversations for retrieval")
-    vectors: VectorFile | None = None
-    done = 0
-    for chunk in store.scan(pools, batch=batch):
+    after, done = resume
+    vectors = VectorFile(path) if after >= 0 and path.exists() else None
+    if vectors is None:
+        after, done = -1, 0
+    say(f"prepare: embedding {total - done} of {total} conversations for retrieval")
+    for n, chunk in enumerate(store.scan(pools, batch=batch, after=after), 1):
         out = np.asarray(embed([retrieval_text(r) for _, r in chunk]), dtype=np.float32)
         if vectors is None:
             vectors = VectorFile.create(path, store.max_row() + 1, out.shape[1])
@@ -61,7 +73,10 @@ def embed_pool(
         rows = np.array([row for row, _ in chunk], dtype=np.int64)
         vectors.write_rows(rows, out)
         done += len(chunk)
-        if done % (batch * 100) < batch:
+        if n % COMMIT_EVERY == 0:
+            vectors.flush()  # on disk before the progress that says so
+            if commit is not None:
+                commit(int(rows[-1]), done)
             say(f"prepare: embedded {done}/{total}")
     if vectors is None:
         raise ValueError("nothing to embed: the pool is empty")

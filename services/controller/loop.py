@@ -305,7 +305,16 @@ class Controller(CurationSteps, FinalSteps):
 
     def prepare(self) -> None:
         """Embed D_un for retrieval (vectors by row on disk) and train the ANN index for its size."""
-        vectors = embed_pool(self.pairstore, self.store.root / VECTORS_FILE, ("unverified",), self._embed, self.say)
+        progress = self.progress_of({"after": -1, "embedded": 0})
+        vectors = embed_pool(
+            self.pairstore,
+            self.store.root / VECTORS_FILE,
+            ("unverified",),
+            self._embed,
+            self.say,
+            resume=(progress["after"], progress["embedded"]),
+            commit=lambda after, done: self.commit_batch({"after": after, "embedded": done}),
+        )
         train_index(self.pairstore, vectors, self.store.root / TRAINED_INDEX_FILE)
         self._vectors = vectors
 

@@ -270,3 +270,47 @@ def test_a_dataset_name_that_is_not_one_folder_name_removes_nothing(tmp_path):
     with pytest.raises(ValueError, match="one plain folder name"):
         FinalSteps.write_datasets(steps)  # type: ignore[arg-type]
     assert (kept / "keep.txt").exists()
+
+
+def test_a_prepare_step_stopped_part_way_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    # The pool's embeddings had no progress: a controller stopped at 90% of a 40M-pair prepare (hours of MiniLM)
+    # embedded all of it again, since the step started over and VectorFile.create emptied the file.
+    from synpref.services.controller import embeddings
+    from synpref.services.controller.loop import VECTORS_FILE
+    from testing import controller_fakes as fakes
+    from tests.unit.test_review_intake import controller_for, settings_for
+
+    monkeypatch.setattr(embeddings, "COMMIT_EVERY", 2)
+    source = fakes.write_synthetic(tmp_path / "pairs.jsonl", 400, seed=1)
+    settings = settings_for(tmp_path, [source])
+    embedded: list[str] = []
+
+    def embed_then_stop(texts: list[str]):
+        if len(embedded) >= 5 * 16:  # stopped in the sixth batch: batches 1-4 committed, the fifth not
+            raise KeyboardInterrupt
+        embedded.extend(texts)
+        return fakes.embed(texts)
+
+    controller = controller_for(settings)
+    controller.step("ingest", controller.ingest)
+    from functools import partial
+
+    from synpref.services.controller import loop
+
+    monkeypatch.setattr(loop, "embed_pool", partial(embeddings.embed_pool, batch=16))
+    controller.embed = embed_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        controller.step("prepare", controller.prepare)
+    first = len(embedded)
+    assert 0 < first < controller.pairstore.count("unverified")
+
+    again = controller_for(settings)  # a restart
+    again.embed = lambda texts: embedded.extend(texts) or fakes.embed(texts)
+    again.step("prepare", again.prepare)
+    total = again.pairstore.count("unverified")
+    assert first == 80 and len(embedded) == total + 16  # only the fifth batch, not committed, embedded twice
+    rows = list(again.pairstore.all_rows("unverified"))
+    texts = [embeddings.retrieval_text(r) for r in again.pairstore.get(rows)]
+    want = fakes.embed(texts).astype("float16").astype("float32")
+    got = embeddings.VectorFile(again.store.root / VECTORS_FILE).read(rows)
+    assert (abs(got - want) < 1e-6).all()  # every row written, the first attempt's rows too
