@@ -254,6 +254,9 @@ class Controller(CurationSteps, FinalSteps):
             if self.state.stage1_stopped:
                 break
             self.step(f"s1.{t}.curate", partial(self.curate_stage1, t))
+        # Stage 2 queries no index: dropped, it would be kept up to date (a scan of every IVF list per batch of
+        # removals) and held in memory (~2 GB at 40M pairs) for nothing.
+        self._retrieval = None
         self.step("s2.gold", self.train_gold)
         self.step("s2.curate", self.curate_stage2)
         self.step("final.dataset", self.write_datasets)

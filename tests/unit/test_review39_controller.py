@@ -314,3 +314,25 @@ def test_a_prepare_step_stopped_part_way_goes_on_where_it_stopped(tmp_path, monk
     want = fakes.embed(texts).astype("float16").astype("float32")
     got = embeddings.VectorFile(again.store.root / VECTORS_FILE).read(rows)
     assert (abs(got - want) < 1e-6).all()  # every row written, the first attempt's rows too
+
+
+def test_stage_2_does_not_keep_stage_1s_retrieval_index_up_to_date(tmp_path, monkeypatch):
+    # After Stage 1 nothing queries the index of D_un, but it stayed in memory and every Stage 2 batch removed its
+    # pairs from it (an IVF remove scans every list).
+    from synpref.services.controller import embeddings
+    from testing import controller_fakes as fakes
+    from tests.unit.test_review_intake import controller_for, settings_for
+
+    left: list[str] = []
+    leave = embeddings.PoolRetrieval.leave
+
+    def spy(self, rows):
+        left.append(controller.current_step)
+        return leave(self, rows)
+
+    monkeypatch.setattr(embeddings.PoolRetrieval, "leave", spy)
+    source = fakes.write_synthetic(tmp_path / "pairs.jsonl", 150, seed=2)
+    controller = controller_for(settings_for(tmp_path, [source]))
+    controller.run()
+    assert any(step.startswith("s1.") for step in left)
+    assert not [step for step in left if step.startswith("s2.")]
