@@ -7,6 +7,7 @@ token budget a micro-batch gets when the config leaves it to the trainer.
 
 from __future__ import annotations
 
+import math
 import random
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -113,6 +114,16 @@ def bt_loss(
     return loss
 
 
+def check_finite(step: int, loss_sum: torch.Tensor, grad_norm: float) -> None:
+    """Raise FloatingPointError when a step's loss or gradient norm is NaN or infinite, before the update:
+    one step on it would make every weight NaN, and the run would go on to save a NaN final model as done."""
+    if not (math.isfinite(grad_norm) and bool(torch.isfinite(loss_sum))):
+        raise FloatingPointError(
+            f"step {step}: non-finite loss or gradient norm (a diverged model, or a NaN or infinite margin); "
+            "no update was made and output_dir's checkpoints are as they were"
+        )
+
+
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     """The LambdaLR factor for a step: linear warm-up over `warmup` steps, then for "linear" a linear
     decay to 0 at `total`; any other kind ("constant") stays at 1.
@@ -207,14 +218,19 @@ def micro_batches(share: Sequence[int], widths: Sequence[int], size: int, max_to
     return out
 
 
-def packed_micro_batches(share: Sequence[int], tokens: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Cut a share into packed rows of <= max_tokens real tokens (both sides of each pair; 0 =
-    no cap, one row); a pair longer than the budget gets a row of its own."""
+def packed_micro_batches(
+    share: Sequence[int], tokens: Sequence[int], max_tokens: int, max_pairs: int = 0
+) -> list[list[int]]:
+    """Cut a share into packed rows of <= max_tokens real tokens (both sides of each pair) and <= max_pairs
+    pairs (0 = no cap; both 0: one row); a pair longer than the budget gets a row of its own. The pair cap
+    is what bounds a row when the token cap is off (max_tokens_per_micro_batch 0), as it bounds a padded
+    micro-batch: without it the whole share (or a rank's whole eval set) went into one forward."""
     out: list[list[int]] = []
     current: list[int] = []
     used = 0
     for i in share:
-        if current and max_tokens and used + tokens[i] > max_tokens:
+        full = (max_tokens and used + tokens[i] > max_tokens) or (max_pairs and len(current) >= max_pairs)
+        if current and full:
             out.append(current)
             current, used = [], 0
         current.append(i)

@@ -2,13 +2,17 @@
 optimizer state, per-rank RNG states, and finding / pruning checkpoint-N folders.
 
 A checkpoint is an HF folder plus `trainer_state.pt` (optimizer, scheduler, step, RNG).
-The data order is a function of (seed, epoch), so the step number is the data position.
+The data order is a function of (seed, epoch), so the step number is the data position; a checkpoint records
+what decides that order (data_order), and a resume on other data or in another order is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,8 @@ import torch
 from synpref.shared.files import fsync_tree, replace_durably
 
 TRAINER_STATE = "trainer_state.pt"
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict[str, Any]:
@@ -60,6 +66,45 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_checkpoints(output_dir: Path, source: str = "") -> list[Path]:
+    """Remove every checkpoint-N folder (another run's, when a run starts without resuming) but the model this
+    run started from (`source`, its model_name_or_path); returns the removed ones.
+
+    Left in place they outlive this run's own: save_total_limit keeps the highest step numbers, so an old
+    run's checkpoint-900 pruned this run's checkpoint-100 at once, and a later resume took the old run's."""
+    start = Path(source).resolve() if source else None
+    stale = [p for p in _numbered(output_dir) if p.resolve() != start] if output_dir.is_dir() else []
+    for old in stale:
+        log.warning("removing %s: a checkpoint of an earlier run, and this run does not resume", old)
+        shutil.rmtree(old, ignore_errors=True)
+    return stale
+
+
+def data_order(train_tokens: Sequence[int], config: Any) -> dict[str, Any]:
+    """What decides the pairs of every step (so what a checkpoint's step number means): the training pairs,
+    fingerprinted by their token counts, and the order's config (seed, global batch, length grouping)."""
+    digest = hashlib.sha256(np.ascontiguousarray(train_tokens, dtype=np.int64).data).hexdigest()
+    order = {"pairs": len(train_tokens), "pair_tokens_sha256": digest, "seed": config.seed}
+    order.update(global_batch_size=config.global_batch_size, group_by_length=config.group_by_length)
+    if config.group_by_length:
+        order["group_window"] = config.group_window
+    return order
+
+
+def check_data_order(checkpoint: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Raise ValueError when a checkpoint's run took its steps from other data or in another order than this
+    run would: resumed, its step N would be another place in other data (pairs trained twice or never).
+    Checkpoints written before the order was recorded (saved None) are taken as they are."""
+    if saved is None:
+        return
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+    if changed:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: it was trained on other data or in another order "
+            f"({'; '.join(changed)}); set resume: false to start over, or use another output_dir"
+        )
+
+
 def full_state_dict(model: Any, strategy: str) -> dict[str, Any]:
     """The whole model's weights on the CPU (gathered from the shards under FSDP)."""
     if strategy == "fsdp":
@@ -90,13 +135,16 @@ def load_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: di
         optimizer.load_state_dict(state)
 
 
-def read_trainer_state(checkpoint: Path, mmap: bool = True) -> dict[str, Any]:
+def read_trainer_state(checkpoint: Path, mmap: bool = True, order: dict[str, Any] | None = None) -> dict[str, Any]:
     """A checkpoint's trainer_state.pt, memory-mapped unless `mmap` is False. Under FSDP every rank reads the whole
     optimizer state and keeps its shard: read into each rank's own memory that is the whole state once per rank
     (Adam's moments of an 8B model are 64 GB, times 8 ranks); mapped, the ranks share one copy in the page cache.
     Off where the optimizer would keep the loaded tensors themselves (unsharded, on the CPU): they would hold the
-    file's disk space after the checkpoint is pruned."""
-    return torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=False, mmap=mmap)  # type: ignore[no-any-return]
+    file's disk space after the checkpoint is pruned. With `order` (this run's data_order), check_data_order first."""
+    state: dict[str, Any] = torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=False, mmap=mmap)
+    if order is not None:
+        check_data_order(checkpoint, state.get("order"), order)
+    return state
 
 
 def write_checkpoint(

@@ -151,7 +151,11 @@ class RewardConfig:
     # --- checkpoints, eval, logging
     save_steps: int = _f(0, "Save a resumable checkpoint every N steps; 0 = only the final model.")
     save_total_limit: int = _f(2, "Keep this many periodic checkpoints (oldest removed first).")
-    resume: bool = _f(True, "Continue from the newest complete checkpoint in output_dir, if any.")
+    resume: bool = _f(
+        True,
+        "Continue from the newest complete checkpoint in output_dir, if any (refused when it was trained on other "
+        "data or in another order). A run that does not resume removes output_dir's earlier checkpoint-N folders.",
+    )
     keep_token_cache: bool = _f(
         False, "Keep output_dir/token_cache once training ends (reruns on the same data skip encoding)."
     )

@@ -34,6 +34,7 @@ from synpref.shared.modeling import pad_batch, resolve_device
 from synpref.training.batching import (
     EncodedPair,
     bt_loss,
+    check_finite,
     lr_lambda,
     micro_batches,
     packed_micro_batches,
@@ -41,12 +42,14 @@ from synpref.training.batching import (
     step_order,
 )
 from synpref.training.checkpointing import (
+    data_order,
     full_state_dict,
     latest_checkpoint,
     load_optimizer_state,
     optimizer_state,
     prune_checkpoints,
     read_trainer_state,
+    remove_checkpoints,
     rng_state,
     set_rng_state,
     write_checkpoint,
@@ -105,6 +108,7 @@ class RewardTrainer:
                 f"{len(self.train_data)} usable training pairs < global_batch_size {config.global_batch_size}"
             )
         self.widths = pair_widths(self.train_data)
+        self.data_order = data_order(pair_tokens(self.train_data), config)
         self.steps_per_epoch = len(self.train_data) // config.global_batch_size
         self.total_steps = (
             config.max_steps if config.max_steps > 0 else max(1, math.floor(config.num_epochs * self.steps_per_epoch))
@@ -183,7 +187,7 @@ class RewardTrainer:
     def _micro_batches(self, share: list[int], encoded: Sequence[EncodedPair], pairs: int) -> list[list[int]]:
         """Indices into `encoded`: packed rows under the token budget, or padded length-sorted groups."""
         if self.capture is not None:
-            return packed_micro_batches(share, pair_tokens(encoded), self.micro_tokens)
+            return packed_micro_batches(share, pair_tokens(encoded), self.micro_tokens, pairs)
         return micro_batches(share, pair_widths(encoded), pairs, self.micro_tokens)
 
     def _max_over_fsdp_ranks(self, n: int) -> int:
@@ -233,6 +237,7 @@ class RewardTrainer:
         grad_norm = 0.0
         if cfg.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+        check_finite(self.step + 1, totals[0], grad_norm)  # before the update; all-reduced: every rank raises
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -257,6 +262,8 @@ class RewardTrainer:
         cfg = self.config
         if self.resume_from is not None:
             self._load_state(self.resume_from)
+        elif self.is_main:
+            remove_checkpoints(self.out, cfg.model_name_or_path)  # this run's must be the newest a resume finds
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self._log(
@@ -285,7 +292,8 @@ class RewardTrainer:
             self.step = step + 1
             pairs_done += len(batch)
             tokens_done += stats["tokens"]
-            window.append(stats)
+            if self.is_main:  # only rank 0 logs and empties the window (else ~400 B a step, held for the run)
+                window.append(stats)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.2f}")
@@ -409,19 +417,18 @@ class RewardTrainer:
         return path
 
     def save_checkpoint(self) -> Path:
-        """Save output_dir/checkpoint-{step} with the state to resume from (optimizer, scheduler,
-        step, config, every rank's RNG), keep only the newest save_total_limit (when > 0); returns its path.
-        """
+        """Save output_dir/checkpoint-{step} with the state to resume from (optimizer, scheduler, step, config,
+        data order, every rank's RNG), keep only the newest save_total_limit (when > 0); returns its path."""
         path = self.save_model(
             self.out / f"checkpoint-{self.step}",
-            extra={"step": self.step, "world": self.world, "config": self.config.to_dict()},
+            extra={"step": self.step, "world": self.world, "config": self.config.to_dict(), "order": self.data_order},
         )
         if self.is_main and self.config.save_total_limit > 0:
             prune_checkpoints(self.out, self.config.save_total_limit)
         return path
 
     def _load_state(self, path: Path) -> None:
-        state = read_trainer_state(path, mmap=self.strategy == "fsdp" or self.device.type != "cpu")
+        state = read_trainer_state(path, self.strategy == "fsdp" or self.device.type != "cpu", self.data_order)
         load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.strategy)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
