@@ -98,3 +98,17 @@ def unique_topics(kafka_settings: Settings, request: pytest.FixtureRequest) -> C
 def unique_group(request: pytest.FixtureRequest) -> Callable[[], str]:
     label = re.sub(r"[^a-zA-Z0-9]+", "-", request.node.name).strip("-").lower()[:40]
     return lambda: f"g-{label}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths `os.fsync` is called on from here on, in order (durability tests)."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    return synced

@@ -137,7 +137,7 @@ def test_the_controllers_streaming_split_keeps_conversations_whole_and_is_seeded
     assert not any(is_held_out(p["conversation"], 0.0, seed=7) for p in pairs)
 
 
-def test_fsync_tree_syncs_every_file_and_folder_before_a_checkpoint_is_renamed_into_place(tmp_path, monkeypatch):
+def test_fsync_tree_syncs_every_file_and_folder_before_a_checkpoint_is_renamed_into_place(tmp_path, fsynced):
     # Found in review: a checkpoint folder was renamed into place with none of its files fsynced; after a
     # power loss the rename can survive while the files come back empty, and resume fails on every try.
     from synpref.shared.files import fsync_tree
@@ -145,17 +145,9 @@ def test_fsync_tree_syncs_every_file_and_folder_before_a_checkpoint_is_renamed_i
     (tmp_path / "ckpt" / "sub").mkdir(parents=True)
     for name in ("model.safetensors", "config.json", "sub/tokenizer.json"):
         (tmp_path / "ckpt" / name).write_text(name)
-    synced: list[str] = []
-    real = os.fsync
-
-    def record(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", record)
     fsync_tree(tmp_path / "ckpt")
     root = str(tmp_path / "ckpt")
-    assert sorted(p.removeprefix(root) for p in synced) == sorted(
+    assert sorted(p.removeprefix(root) for p in fsynced) == sorted(
         ["", "/sub", "/model.safetensors", "/config.json", "/sub/tokenizer.json"]
     )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -58,7 +57,7 @@ def test_a_retry_after_older_attempts_expired_gets_a_new_job_name(tmp_path):
     assert handle.version == f"gold-{jobs.submitted[0]}"
 
 
-def test_an_exported_head_checkpoint_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+def test_an_exported_head_checkpoint_is_on_disk_before_it_is_renamed_into_place(tmp_path, fsynced):
     # register (and each Stage-2 export) is recorded done once export returns: the checkpoint's files must be
     # fsynced before the rename that publishes them, or a power loss leaves a named folder of empty files
     # that a resumed run reuses (config.json exists) and the scorer is pointed at.
@@ -67,18 +66,11 @@ def test_an_exported_head_checkpoint_is_on_disk_before_it_is_renamed_into_place(
     settings = load_settings(controller={"workdir": str(tmp_path), "max_length": 32, "head_steps": 5})
     models = HeadModels(settings.controller, tmp_path, progress=False)
     handle = models.train("final", PAIRS[:6], PAIRS[6:], tmp_path / "models")
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    fsynced.clear()  # the export's, not the training's
     folder = models.export(handle, tmp_path / "models" / handle.version)
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors"} <= names
-    synced_names = {Path(p).name for p in synced if Path(p).parent.name == f".{folder.name}.tmp"}
+    synced_names = {Path(p).name for p in fsynced if Path(p).parent.name == f".{folder.name}.tmp"}
     assert names <= synced_names, f"not fsynced before the rename: {sorted(names - synced_names)}"
 
 

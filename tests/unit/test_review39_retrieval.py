@@ -131,20 +131,11 @@ def test_a_nan_score_from_a_diverged_rm_retrieves_k_max_instead_of_failing_the_s
     assert [k_rule(p) for p in (0.2, 0.5, 0.75, 1.0)] == [8, 8, 2, 0]
 
 
-def test_the_vector_file_and_its_shape_note_are_durable_once_flushed(tmp_path: Path, monkeypatch):
+def test_the_vector_file_and_its_shape_note_are_durable_once_flushed(tmp_path: Path, fsynced: list[str]):
     # The prepare step commits right after embed_pool's flush; the shape note was written without fsync
     # and the file's name never fsynced, so a machine crash could leave a run whose prepare is done
     # and whose vectors cannot be opened ("not enough values to unpack").
-    import os
-
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    synced = fsynced
     folder = tmp_path / "retrieval"
     vf = VectorFile.create(folder / "vectors.f16", rows=4, dim=3)
     vf.write(1, np.ones((2, 3)))
