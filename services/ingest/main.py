@@ -360,9 +360,12 @@ def publish(
         for record in pre.run(ticking(rows)):
             if producer is not None:
                 out = encode_record(record, topic)
-                in_flight.append(
-                    (record.pair.id, producer.send(out.topic, key=out.key, value=out.value, headers=out.headers))
-                )
+                try:
+                    future = producer.send(out.topic, key=out.key, value=out.value, headers=out.headers)
+                except KafkaError:
+                    unacked += 1  # counted as published, never sent: published - unacknowledged is what Kafka has
+                    raise
+                in_flight.append((record.pair.id, future))
         if producer is not None:
             drain()
     except KafkaError as exc:

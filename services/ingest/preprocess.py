@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -38,8 +40,30 @@ HASH_NAME = "blake2b-64"
 DIGEST_BYTES = 8
 
 
+@lru_cache(maxsize=1)
+def _invisible() -> re.Pattern[str]:
+    """Every format character (Unicode category Cf: soft hyphen, zero-width spaces and joiners, BOM, bidi
+    marks, tags): they show nothing, yet each one splits a word. As a class of ~20 ranges: one of ~160
+    single characters made the scan 10x slower."""
+    ranges: list[list[int]] = []
+    for c in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(c)) == "Cf":
+            if ranges and ranges[-1][1] == c - 1:
+                ranges[-1][1] = c
+            else:
+                ranges.append([c, c])
+    return re.compile("[" + "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges) + "]")
+
+
 def words(text: str) -> list[str]:
-    """The lower-cased words of `text` (runs of letters, digits and underscores): what the n-gram check compares."""
+    """The lower-cased words of `text` (runs of letters, digits and underscores): what the n-gram check compares.
+
+    Format characters removed and NFKC applied first, so text that reads the same is the same words: a soft
+    hyphen or zero-width space inside a word, full-width letters and ligatures ("\ufb01" is "fi") would
+    otherwise hide a benchmark prompt from the check. ASCII text needs neither.
+    """
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", _invisible().sub("", text))
     return _WORD.findall(text.lower())
 
 
@@ -171,14 +195,23 @@ def benchmark_prompts(path: str | Path) -> list[str]:
     """First-turn prompts of a benchmark: a .txt file (one per line) or any pair file/folder."""
     path = Path(path)
     if path.suffix == ".txt":
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    prompts = []
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"{path}: no benchmark prompt (a .txt file holds one a line)")
+        return prompts
+    prompts, rows, error = [], 0, None
     for row in iter_source(path):
+        rows += 1
         if row.pair is None:
+            error = error or f"{row.locator}: {row.error}"
             continue
         first_user = next((m["content"] for m in row.pair["conversation"] if m["role"] == "user"), "")
         if first_user:
             prompts.append(first_user)
+    if not prompts:
+        # Refused, not an empty set: a check against nothing passes every contaminated pair without a word.
+        why = f"none of its {rows} rows is a pair with a user prompt ({error or 'no user turn'})" if rows else "empty"
+        raise ValueError(f"{path}: no benchmark prompt: {why}; give prompt-only sets as .txt, one prompt a line")
     return prompts
 
 
@@ -287,7 +320,11 @@ class Preprocessor:
         if pair["chosen"] == pair["rejected"]:
             self._reject(row, "identical", "chosen and rejected are the same: no preference")
             return None
-        user_text = "\n".join(m["content"] for m in pair["conversation"] if m["role"] == "user")
+        # The user turns of the responses too: full trajectories (arena-style, both sides with the same later user
+        # turns) keep only the prefix up to the first answer in the conversation. Each distinct turn once.
+        parts = ("conversation", "chosen", "rejected")
+        turns = (m["content"] for part in parts for m in pair[part] if m["role"] == "user")
+        user_text = "\n".join(dict.fromkeys(turns))
         gram = self.decontaminator.overlap(user_text)
         if gram is not None:
             self._reject(row, "contaminated", "shares a benchmark n-gram: " + " ".join(gram))
