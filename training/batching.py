@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,10 +92,18 @@ def encode_pairs(
             if not keep_unfit:
                 continue
         out.truncated += chosen.truncated or rejected.truncated
-        margin = float(pair.get(margin_column, 0.0) or 0.0) if margin_column else 0.0
-        out.pairs.append(EncodedPair(chosen.input_ids, rejected.input_ids, margin))
+        out.pairs.append(EncodedPair(chosen.input_ids, rejected.input_ids, pair_margin(pair, margin_column)))
         out.kept.append(i)
     return out
+
+
+def pair_margin(pair: Mapping[str, Any], column: str) -> float:
+    """The pair's margin from `column` (0.0 without a column or a value); ValueError for a NaN or infinite one,
+    which would make the first step that trains on it NaN, hours into a run."""
+    margin = float(pair.get(column, 0.0) or 0.0) if column else 0.0
+    if not math.isfinite(margin):
+        raise ValueError(f"margin_column {column!r} is {margin} for pair {pair.get('id', '?')}: fix or drop the pair")
+    return margin
 
 
 def bt_loss(

@@ -20,7 +20,7 @@ from typing import Any, overload
 import numpy as np
 
 from synpref.shared.modeling import Encoded, encode_pair
-from synpref.training.batching import EncodedPair
+from synpref.training.batching import EncodedPair, pair_margin
 
 IDS_FILE = "ids.int32"
 ARRAYS = ("offsets", "margins", "widths", "tokens", "sources")
@@ -216,7 +216,7 @@ class PairEncoder:
             if not self.keep_unfit:
                 return
         self.truncated += chosen.truncated or rejected.truncated
-        margin = float(pair.get(self.margin_column, 0.0) or 0.0) if self.margin_column else 0.0
+        margin = pair_margin(pair, self.margin_column)
         self.writer.add(chosen.input_ids, rejected.input_ids, margin, pair.get("source", "unknown"))
 
     def finish(self) -> EncodedSet:

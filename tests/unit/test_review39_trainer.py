@@ -120,12 +120,30 @@ def test_a_resume_refuses_a_checkpoint_of_other_data_and_retraces_its_own(model_
         assert torch.equal(v, want[k]), k
 
 
-def test_a_nan_margin_stops_the_run_before_the_update(model_path, tmp_path):
-    pairs = make_pairs(16)
-    pairs[3]["m"] = math.nan  # a missing float in a Parquet column reads as NaN
-    trainer = RewardTrainer(config(model_path, tmp_path, margin_column="m", max_steps=2), pairs, [])
+def test_a_non_finite_step_stops_the_run_before_the_update(model_path, tmp_path, monkeypatch):
+    from synpref.training import reward_trainer
+
+    real, calls = reward_trainer.bt_loss, []
+
+    def diverging(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * math.nan if len(calls) > 2 else loss  # a diverged step after two good micro-batches
+
+    monkeypatch.setattr(reward_trainer, "bt_loss", diverging)
+    trainer = RewardTrainer(config(model_path, tmp_path, max_steps=3), make_pairs(16), [])
     with pytest.raises(FloatingPointError, match=r"step \d: non-finite loss"):
         trainer.train()
     # Before: that step made every weight NaN and the run saved them as its final model, reported "done".
     assert all(bool(torch.isfinite(v).all()) for v in trainer.model.parameters())
     assert not (tmp_path / "final").exists()
+
+
+def test_a_nan_margin_is_refused_when_the_pairs_are_encoded(model_path, tmp_path):
+    # A missing float in a Parquet margin column reads as NaN: kept, it made the first step that drew the pair NaN,
+    # hours into a run; refused while encoding, it names the pair.
+    pairs = make_pairs(16)
+    pairs[3]["m"] = math.nan
+    pairs[3]["id"] = "p3"
+    with pytest.raises(ValueError, match="margin_column 'm' is nan for pair p3"):
+        RewardTrainer(config(model_path, tmp_path, margin_column="m", max_steps=2), pairs, [])
