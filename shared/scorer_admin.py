@@ -80,7 +80,7 @@ def write_models_file(path: Path, models: dict[str, dict[str, str]]) -> dict[str
     lists besides (as an admin reload leaves the other names served); written atomically (temp file, fsync,
     rename), so a scorer polling it reads the old file or the new one. Returns what the file now lists."""
     try:
-        listed = json.loads(path.read_text(encoding="utf-8"))
+        listed = _parse_models(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # none yet, or unreadable: the new entries alone
         listed = {}
     if not isinstance(listed, dict):
@@ -88,3 +88,17 @@ def write_models_file(path: Path, models: dict[str, dict[str, str]]) -> dict[str
     listed.update({name: {"path": ref["path"], "version": ref.get("version", "")} for name, ref in models.items()})
     write_text_atomic(path, json.dumps(listed, indent=1, sort_keys=True) + "\n")
     return listed
+
+
+def _parse_models(text: str) -> Any:
+    """The models file's content: JSON as written here, or YAML, which scorers read too (an operator's edit,
+    docs/scorer.md): read as JSON alone, a YAML file's other names were dropped from it on the next write."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        import yaml  # only for a file not written here; the admin client itself needs the standard library alone
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(str(exc)) from None

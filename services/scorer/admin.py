@@ -46,7 +46,7 @@ def checkpoint_under(root: Path, path: str) -> Path:
         candidate = root / candidate
     try:
         resolved = candidate.resolve(strict=True)
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte in the path (else a 500)
         raise InvalidInput(REFUSED) from None
     if not resolved.is_relative_to(root) or not (resolved / "config.json").is_file():
         raise InvalidInput(REFUSED)

@@ -153,8 +153,14 @@ class TorchBackend:
 
     def close(self) -> None:
         """Drop the model and, on CUDA, empty the allocator cache."""
+        # `_run` is the model itself (or its compiled wrapper): while it holds the weights, emptying
+        # the cache frees nothing and the replaced version's memory stays reserved after a reload.
         del self.model
+        self._run = None
         if self.device.startswith("cuda"):
+            import gc
+
+            gc.collect()  # a compiled model sits in reference cycles: free it before emptying the cache
             self._torch.cuda.empty_cache()
 
 
@@ -167,6 +173,13 @@ class VllmBackend:
     kind = "vllm"
 
     def __init__(self, path: str, device: str = "auto", dtype: str = "auto", max_length: int = 4096) -> None:
+        # vLLM takes no device: it places the model on the first visible GPU. Another device named here
+        # (cuda:1, cpu) would be silently ignored and the model served on a GPU the operator did not pick.
+        if device not in ("auto", "cuda", "cuda:0"):
+            raise ValueError(
+                f"scorer.backend=vllm cannot place the model on device {device!r}: it uses the first visible GPU; "
+                "set scorer.device to auto and pick the GPU with CUDA_VISIBLE_DEVICES"
+            )
         try:
             import vllm  # noqa: F401  (optional extra)
             from vllm import LLM

@@ -121,7 +121,7 @@ class Encoder:
 
     def conversation(self, messages: Messages, what: str = "conversation") -> list[int]:
         """Token ids of a validated message list rendered with the chat template, each message pre-cut."""
-        msgs = validate_messages(messages, what)
+        msgs = self._cut_messages(validate_messages(messages, what))
         try:
             encoded = encode_conversation(
                 self.tokenizer, msgs, self.max_length, self._policy, max_chars_per_token=self.max_chars_per_token
@@ -134,14 +134,22 @@ class Encoder:
         """Token ids of conversation + chosen and conversation + rejected, both cut to the same turns
         (shared.modeling.encode_pair, as the trainer encodes pairs)."""
         n = len(conversation)
-        with_chosen = validate_messages([*conversation, *chosen], f"{what} chosen")
-        with_rejected = validate_messages([*conversation, *rejected], f"{what} rejected")
+        with_chosen = self._cut_messages(validate_messages([*conversation, *chosen], f"{what} chosen"))
+        with_rejected = self._cut_messages(validate_messages([*conversation, *rejected], f"{what} rejected"))
         pair = {"conversation": with_chosen[:n], "chosen": with_chosen[n:], "rejected": with_rejected[n:]}
         try:
             sides = encode_pair(self.tokenizer, pair, self.max_length, self._policy, self.max_chars_per_token)
         except TemplateError as exc:
             raise InvalidInput(f"{what}: the model's chat template refuses it: {exc}") from exc
         return [self._check(enc, f"{what} {side}") for enc, side in zip(sides, ("chosen", "rejected"), strict=True)]
+
+    def _cut_messages(self, msgs: list[dict[str, str]]) -> list[dict[str, str]]:
+        """Messages cut to the character budget (their ends kept) under on_too_long="reject": shared.modeling
+        cuts only when it truncates, so a megabyte message was tokenized whole just to be rejected. A message
+        over the budget holds over max_length tokens cut or not (it is rejected either way); others are kept."""
+        if self._policy != "none":
+            return msgs  # encode_conversation cuts them itself
+        return [{"role": m["role"], "content": cut_text(m["content"], self.char_budget, True)} for m in msgs]
 
     def text(self, text: str, what: str = "text") -> list[int]:
         """Token ids of an already rendered text; InvalidInput when it is empty or not a string."""

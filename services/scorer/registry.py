@@ -166,6 +166,9 @@ class ModelRegistry:
         self.encode_queue = EncodeQueue(settings.max_encode_queue)
         self.forward_thread_init: Callable[[], object] | None = None
         """Run first on each model's forward thread: the server's CPU binding, if any (shared/cpus.py)."""
+        self._retiring: set[asyncio.Future[None]] = set()
+        """Swaps and unloads past their point of no return (health update, old version's drain and
+        free): they finish even when their caller is cancelled, and `close` waits for them."""
         self.drain_started = asyncio.Event()
         """Set on shutdown: health turns unavailable while in-flight work finishes, and open
         ScoreStreams end once their messages in flight are answered."""
@@ -247,23 +250,27 @@ class ModelRegistry:
         backend = await loop.run_in_executor(
             None, self.backend_factory, s.backend, ref.path, s.device, s.dtype, s.max_length, s.compile
         )
-        max_length = min(s.max_length, getattr(backend, "max_positions", None) or s.max_length)
-        if max_length < s.max_length:
-            log.warning("model %s embeds at most %d positions: its max_length is %d", name, max_length, max_length)
-        encoder = Encoder(backend.tokenizer, max_length, s.on_too_long, s.truncation, s.max_chars_per_token)
-        # Hashing a real tokenizer's definition takes a fraction of a second: not on the event loop.
-        await loop.run_in_executor(None, lambda: encoder.tokenizer_sha256)
-        batcher = Batcher(
-            backend.forward,
-            max_batch_tokens=s.max_batch_tokens,
-            max_batch_items=s.max_batch_items,
-            max_wait_ms=s.max_wait_ms,
-            max_queue=s.max_queue,
-            overhead_tokens=overhead_tokens(s, backend),
-            name=name,
-            metrics=self.metrics,
-            thread_init=self.forward_thread_init,
-        )
+        try:
+            max_length = min(s.max_length, getattr(backend, "max_positions", None) or s.max_length)
+            if max_length < s.max_length:
+                log.warning("model %s embeds at most %d positions: its max_length is %d", name, max_length, max_length)
+            encoder = Encoder(backend.tokenizer, max_length, s.on_too_long, s.truncation, s.max_chars_per_token)
+            # Hashing a real tokenizer's definition takes a fraction of a second: not on the event loop.
+            await loop.run_in_executor(None, lambda: encoder.tokenizer_sha256)
+            batcher = Batcher(
+                backend.forward,
+                max_batch_tokens=s.max_batch_tokens,
+                max_batch_items=s.max_batch_items,
+                max_wait_ms=s.max_wait_ms,
+                max_queue=s.max_queue,
+                overhead_tokens=overhead_tokens(s, backend),
+                name=name,
+                metrics=self.metrics,
+                thread_init=self.forward_thread_init,
+            )
+        except BaseException:  # failed or abandoned (its caller cancelled) after the weights loaded: free them
+            backend.close()
+            raise
         batcher.start()
         return ServedModel(name, ref.path, version_of(ref), backend, encoder, batcher)
 
@@ -283,9 +290,7 @@ class ModelRegistry:
                 log.info("serving %s = %s (version %s)", name, ref.path, new.version)
         finally:
             self.loading.discard(name)
-        await self._changed()
-        if old is not None:
-            await self._retire(old)
+        await self._settle(old)
         return new
 
     async def unload(self, name: str) -> None:
@@ -295,8 +300,21 @@ class ModelRegistry:
         if model is None:
             raise UnknownModel(f"no model named {name!r} is served; served: {sorted(self.models)}")
         log.info("unloading %s", name)
+        await self._settle(model)
+
+    async def _settle(self, old: ServedModel | None) -> None:
+        """After a swap or unload: update health, then drain and free `old`. Shielded from the caller's
+        cancellation (an admin client that timed out while the model loaded): cancelling the drain would
+        cancel the old batcher's worker, stranding the requests queued on it and never freeing its model."""
+        task = asyncio.ensure_future(self._changed_then_retire(old))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        await asyncio.shield(task)
+
+    async def _changed_then_retire(self, old: ServedModel | None) -> None:
         await self._changed()
-        await self._retire(model)
+        if old is not None:
+            await self._retire(old)
 
     async def _changed(self) -> None:
         self.metrics.models_loaded.set(len(self.models))
@@ -304,12 +322,16 @@ class ModelRegistry:
             await self.on_change()
 
     async def _retire(self, model: ServedModel) -> None:
-        await model.batcher.close(drain=True)
-        model.backend.close()
+        try:
+            await model.batcher.close(drain=True)
+        finally:
+            model.backend.close()
         log.info("retired %s version %s", model.name, model.version)
 
     async def close(self, drain: bool = True) -> None:
         """Stop serving: close each model's batcher (draining it if `drain`) and backend, then the encode pool."""
+        if self._retiring:  # versions replaced or unloaded just before: their drains finish first
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         models, self.models = list(self.models.values()), {}
         for m in models:
             await m.batcher.close(drain=drain)

@@ -216,7 +216,9 @@ class ScorerServer:
         self._http, self.http_port = await _serve_http(shims.app(), s.host, s.http_port)
         if s.admin_enabled:
             admin = AdminApi(self.registry, admin_token, s.model_root)
-            self._admin_http, self.admin_port = await _serve_http(admin.app(), s.host, s.admin_port)
+            # A reload goes on when its caller leaves (the controller gives up after 120 s; a large model loads
+            # longer): cancelled, the loaded model was thrown away and the next try loaded it all again.
+            self._admin_http, self.admin_port = await _serve_http(admin.app(), s.host, s.admin_port, cancel=False)
             log.info("scorer admin listening on %s:%d", s.host, self.admin_port)
         if s.metrics_port:
             metrics_app = web.Application()
@@ -332,10 +334,10 @@ class ScorerServer:
             await self._grpc.wait_for_termination()
 
 
-async def _serve_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def _serve_http(app: web.Application, host: str, port: int, cancel: bool = True) -> tuple[web.AppRunner, int]:
     # handler_cancellation: a request whose client left is cancelled, so its items leave the queue (max_queue)
     # instead of being computed for nobody while the client (OpenRLHF after its timeout) posts the batch again.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0, handler_cancellation=True)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0, handler_cancellation=cancel)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -209,3 +209,36 @@ def test_operators_reload_and_unload_from_the_command_line(
     monkeypatch.delenv("SYNPREF_CONTROLLER__SCORER_RELOAD_URL")
     assert synpref(["scorer", "unload", "best"]) == 2
     assert "--url http://<scorer>:8081" in capsys.readouterr().err
+
+
+def test_a_reload_whose_caller_gave_up_still_completes(root: Path) -> None:
+    # The controller's admin call gives up after 120 s, and a large model loads for longer: the admin server
+    # cancelled the handler when its client left, so the loaded model was thrown away and every retry loaded it
+    # again (and gave up again).
+    import socket
+    import time
+
+    with BackgroundScorer(admin_settings(root)) as bg:
+        registry = bg.server.registry
+        load = registry.backend_factory
+
+        def slow_load(*args: Any) -> Any:
+            time.sleep(1.5)
+            return load(*args)
+
+        registry.backend_factory = slow_load
+        before = reward(bg)
+        body = json.dumps({"model": "best", "path": "v2", "version": "v2-late"}).encode()
+        host, port = bg.admin_url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as conn:
+            head = (
+                f"POST /admin/reload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            conn.sendall(head.encode() + body)
+            time.sleep(0.3)  # the load has started; the caller leaves
+        deadline = time.monotonic() + 20
+        while registry.models["best"].version != "v2-late" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert registry.models["best"].version == "v2-late"
+        assert reward(bg) != before
