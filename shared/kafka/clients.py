@@ -147,7 +147,14 @@ class Outbox:
         futures, self._futures = self._futures, []
         if not futures:
             return 0
-        self.producer.flush(timeout=self.timeout_s)
+        try:
+            self.producer.flush(timeout=self.timeout_s)
+        except KafkaError as exc:
+            # kafka-python gives up after the timeout with messages still unacknowledged. Their futures are
+            # dropped above, so this fails for good like any other loss: a later flush that waited only for
+            # newer messages would let the caller commit past these.
+            self._error = DeliveryError(f"{len(futures)} messages not all acknowledged: {exc!r}")
+            raise self._error from exc
         errors = [f.exception for f in futures if not f.is_done or f.failed()]
         if errors:
             self._error = DeliveryError(

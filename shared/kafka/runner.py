@@ -240,22 +240,15 @@ class StageRunner:
         if messages:
             started = time.perf_counter()
             try:
-                plan = plan_batch(messages, self.stage, self.settings.topics, self.service,
-                                  self.settings.kafka.max_message_bytes, self.topic_limits,
-                                  to_sink=self.sink is not None)  # fmt: skip
+                plan = self._hand_over(messages)
             except StageUnavailable as exc:
                 self._read_again_later(messages, exc)
                 return 0
-            self._unavailable = 0
-            assert self.outbox is not None
-            self.outbox.send(plan.outgoing)
-            if self.sink is not None:
-                write_sourced = getattr(self.sink, "write_sourced", None)
-                if write_sourced is not None:
-                    write_sourced(plan.sunk, plan.sunk_from)
-                else:
-                    self.sink.write(plan.sunk)
-            self._pending.update(next_offsets(messages))
+            except BaseException:
+                # The batch is neither sent in full nor in the sink, but the consumer's position is past it: a
+                # caller that goes on (the desk's next tick) would poll the next batch and commit past this one.
+                self._rewind(messages)
+                raise
             if self.sink is None or self.sink.due():
                 self.checkpoint()
             self._observe(plan, time.perf_counter() - started)
@@ -263,9 +256,26 @@ class StageRunner:
             self.checkpoint()
         return len(messages)
 
-    def _read_again_later(self, messages: list[Message], exc: StageUnavailable) -> None:
-        """Seek back to the batch's first offsets and pause (1, 2, 4 ... 30 s): the stage's dependency,
-        not the batch, failed, so nothing is dead-lettered or committed. Heartbeats go on meanwhile."""
+    def _hand_over(self, messages: list[Message]) -> BatchPlan:
+        """Run the stage on a polled batch, send what it produced, hand the sink its records and note the
+        batch's offsets as pending; StageUnavailable (from the stage) before anything is sent."""
+        plan = plan_batch(messages, self.stage, self.settings.topics, self.service,
+                          self.settings.kafka.max_message_bytes, self.topic_limits,
+                          to_sink=self.sink is not None)  # fmt: skip
+        self._unavailable = 0
+        assert self.outbox is not None
+        self.outbox.send(plan.outgoing)
+        if self.sink is not None:
+            write_sourced = getattr(self.sink, "write_sourced", None)
+            if write_sourced is not None:
+                write_sourced(plan.sunk, plan.sunk_from)
+            else:
+                self.sink.write(plan.sunk)
+        self._pending.update(next_offsets(messages))
+        return plan
+
+    def _rewind(self, messages: list[Message]) -> None:
+        """Seek each partition of the batch that is still ours back to the batch's first offset on it."""
         first: dict[TopicPartition, int] = {}
         for msg in messages:
             tp = TopicPartition(msg.topic, msg.partition)
@@ -274,10 +284,20 @@ class StageRunner:
         for tp, offset in first.items():
             if tp in owned:  # a partition lost meanwhile is re-read by its new owner from the commit
                 self.consumer.seek(tp, offset)
+
+    def _read_again_later(self, messages: list[Message], exc: StageUnavailable) -> None:
+        """Seek back to the batch's first offsets and pause (1, 2, 4 ... 30 s): the stage's dependency,
+        not the batch, failed, so nothing is dead-lettered or committed. Heartbeats go on meanwhile."""
+        self._rewind(messages)
         self._unavailable += 1
-        pause = min(UNAVAILABLE_MAX_PAUSE_S, 2.0 ** (self._unavailable - 1))
+        # The exponent is capped too: 2.0 ** 1024 overflows, after some 8.5 hours of 30 s pauses (a gold
+        # scorer waiting for models the controller is still training).
+        pause = min(UNAVAILABLE_MAX_PAUSE_S, 2.0 ** min(self._unavailable - 1, 16))
         log.warning("%s: %s; reading the batch of %d again in %.0fs", self.service, exc, len(messages), pause)
         metrics.UNAVAILABLE.labels(self.service).inc()
+        # No batch goes through meanwhile, so _observe does not run: the lag would stay at its last value
+        # (0, say) however far behind the input topic gets while the dependency is down.
+        metrics.report_lag(self.consumer, self.service)
         self.stop.wait(pause)
 
     def checkpoint(self, blocking: bool = True) -> None:
@@ -330,6 +350,11 @@ class StageRunner:
 
     def close(self) -> None:
         """Close the producer (flushing within the timeout) and the consumer, without committing offsets."""
+        # run() checkpointed on its way out unless something failed; what is pending now is after a failure (an
+        # unacknowledged output, a sink that could not write) and is left for the next owner to read again. The
+        # revocation KafkaConsumer.close runs would checkpoint it once more: it failed again and kafka-python
+        # raised "User rebalance callback throws an error" in place of the real error, leaving its client open.
+        self._pending = {}
         consumer, producer, self.consumer, self.producer = self.consumer, self.producer, None, None
         if producer is not None:
             producer.close(timeout=self.flush_timeout_s)
