@@ -51,9 +51,10 @@ def main(argv: list[str]) -> int:
         print(f"synpref desk: {exc}", file=sys.stderr)
         return 2
     try:
-        from synpref.services.desk.tokens import load_tokens
+        from synpref.services.desk.tokens import check_overlap, load_tokens
 
         tokens = load_tokens(desk_settings)
+        check_overlap(desk_settings.overlap, len(tokens))
     except ConfigError as exc:
         print(f"synpref desk: {exc}", file=sys.stderr)
         return 2

@@ -37,6 +37,25 @@ def token_problem(token: str) -> str | None:
     return None
 
 
+def _named(annotator: str) -> str:
+    """How an error names an entry's annotator field: never quoting one long enough to be a token.
+
+    An entry written the wrong way round (`token:annotator`) puts the secret in the annotator field,
+    and startup errors go to the pod's log.
+    """
+    if len(annotator) >= MIN_TOKEN:
+        return f"annotator of {len(annotator)} characters (not shown: as long as a token; is it token:annotator?)"
+    return f"annotator {annotator!r}"
+
+
+def check_overlap(overlap: int, annotators: int) -> None:
+    """ConfigError when a pair needs more annotators than hold tokens: no pair could ever be decided."""
+    if overlap > annotators:
+        raise ConfigError(
+            f"desk.overlap is {overlap} but only {annotators} annotator(s) have tokens: no pair could be decided"
+        )
+
+
 def parse_tokens(text: str, where: str = "tokens") -> dict[str, str]:
     """annotator -> token from comma- or newline-separated `annotator:token` entries."""
     out: dict[str, str] = {}
@@ -49,12 +68,14 @@ def parse_tokens(text: str, where: str = "tokens") -> dict[str, str]:
             # Without a colon the entry may be a bare token: say where it is, not what it is.
             raise ConfigError(f"{where}: entry {number} is not annotator:token")
         if not ANNOTATOR_ID.match(annotator):
-            raise ConfigError(f"{where}: want annotator:token, annotator of [A-Za-z0-9_.@-], got {annotator!r}")
+            raise ConfigError(
+                f"{where}: entry {number}: want annotator:token, annotator of [A-Za-z0-9_.@-], got {_named(annotator)}"
+            )
         problem = token_problem(token)
         if problem:
-            raise ConfigError(f"{where}: the token of annotator {annotator!r} {problem}")
+            raise ConfigError(f"{where}: entry {number}: the token of {_named(annotator)} {problem}")
         if annotator in out:
-            raise ConfigError(f"{where}: annotator {annotator!r} appears twice")
+            raise ConfigError(f"{where}: entry {number}: {_named(annotator)} appears twice")
         out[annotator] = token
     return out
 
@@ -72,7 +93,7 @@ def load_tokens(settings: DeskSettings) -> dict[str, str]:
             raise ConfigError(f"desk.tokens_file: cannot read {settings.tokens_file}: {exc}") from exc
         for annotator, token in parse_tokens(text, settings.tokens_file).items():
             if annotator in tokens:
-                raise ConfigError(f"annotator {annotator!r} is in both desk.tokens and {settings.tokens_file}")
+                raise ConfigError(f"{_named(annotator)} is in both desk.tokens and {settings.tokens_file}")
             tokens[annotator] = token
     if len(set(tokens.values())) != len(tokens):
         raise ConfigError("two annotators share one token")

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from synpref.services.desk.core import MAX_NOTE, Decided, DeskCore, DeskError
 from synpref.services.desk.queues import ReviewSource, VerdictSink
-from synpref.services.desk.tokens import FailedAuthThrottle, TokenTable, load_tokens
+from synpref.services.desk.tokens import FailedAuthThrottle, TokenTable, check_overlap, load_tokens
 from synpref.shared.config import ConfigError, DeskSettings
 from synpref.v1.pair_pb2 import PairRecord
 
@@ -72,6 +72,7 @@ class ReviewDesk:
         if not len(self.tokens):
             # A desk nobody can log in to would leave its pairs waiting forever.
             raise ConfigError("the desk has no annotator tokens: set SYNPREF_DESK__TOKENS or desk.tokens_file")
+        check_overlap(self.core.overlap, len(self.tokens))
         for record in examples:
             self.core.add_example(record)
         self._outbox: list[Decided] = []
@@ -165,9 +166,13 @@ class ReviewDesk:
                 await asyncio.wait_for(stop.wait(), TICK_S)
 
     async def close(self) -> None:
-        """Flush what is decided (errors ignored), then close the source and the sink."""
-        with contextlib.suppress(Exception):
+        """Flush what is decided (a failure is logged, not raised), then close the source and the sink."""
+        try:
             await self.flush()
+        except Exception:
+            # Their source handles stay unacknowledged, so the pairs come back after a restart, but the
+            # annotators' verdicts on them are gone: say so, or the operator never learns why.
+            log.exception("closing with %d decided pairs unwritten: their verdicts are lost", len(self._outbox))
         await self.source.close()
         await self.sink.close()
 
@@ -322,7 +327,8 @@ async def verdict(request: web.Request) -> web.Response:
     if request.content_type != "application/json":
         raise DeskError(400, "send the verdict as application/json")
     try:
-        body = json.loads(await request.text())
+        # JSON is UTF-8 (RFC 8259): a charset parameter is ignored, so an unknown one is no 500.
+        body = json.loads((await request.read()).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DeskError(400, "body is not valid JSON") from None
     except RecursionError:
