@@ -31,7 +31,7 @@ from prometheus_client import Counter
 
 from synpref.services.annotator.judges import AttributeLabeller, Judge, JudgeRequest, aggregate
 from synpref.services.annotator.prompts import Example, attributes_dict
-from synpref.shared.pairs import message_dicts, needs_annotation, now, pair_problem
+from synpref.shared.pairs import message_dicts, needs_annotation, now, pair_id, pair_problem
 from synpref.shared.roles import BEST
 from synpref.shared.stage import Stage, StageResult
 from synpref.v1.pair_pb2 import PREFERENCE_ABSTAIN, STAGE_ONE, Attributes, JudgeVote, PairRecord
@@ -121,7 +121,16 @@ class Annotator:
         examples: list[Example] = []
         if self.examples is not None and self.max_examples > 0:
             k = k_for(best, self.max_examples)
-            examples = [e for e in self.examples.examples(request.conversation, attrs, k + 1) if e.id != pair.id][:k]
+            # Never the pair itself, nor its flipped twin (a FLIP verdict puts the pair in D_gold under the id of
+            # the swapped orientation): either would show the judges the very verdict they are asked for.
+            twin = pair_id(request.conversation, request.rejected, request.chosen)
+            own = {pair.id, out.lineage.original_id, twin} - {""}
+            found = self.examples.examples(request.conversation, attrs, k + 1)
+            examples = [e for e in found if e.id not in own]
+            if len(examples) < k and len(found) == k + 1:  # more than one of them was among the nearest
+                found = self.examples.examples(request.conversation, attrs, k + len(own))
+                examples = [e for e in found if e.id not in own]
+            examples = examples[:k]
         request = JudgeRequest(
             pair.id, request.conversation, request.chosen, request.rejected, attrs, examples, dict(pair.meta)
         )

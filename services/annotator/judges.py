@@ -130,7 +130,11 @@ class _CachedLLM:
 
 
 class LLMJudge(_CachedLLM):
-    """A judge model behind a ChatBackend, sampled n times (grouped by candidate order)."""
+    """A judge model behind a ChatBackend, sampled n times (grouped by candidate order).
+
+    Its cached answers carry a digest of the prompt they answered: a replay with other examples,
+    attributes, temperature or JSON mode asks again instead of reusing them.
+    """
 
     def __init__(
         self,
@@ -146,10 +150,24 @@ class LLMJudge(_CachedLLM):
         self.samples = samples
         self.seed = seed
 
+    def _context(self, request: JudgeRequest) -> str:
+        """A digest of everything the answers depend on beyond the cache key: the rendered prompt (attributes and
+        retrieved examples included: D_gold grows every iteration), the sampling temperature and the JSON mode."""
+        r = request
+        prompt = judge_prompt(r.conversation, r.chosen, r.rejected, r.attributes, r.examples)
+        text = json.dumps([prompt, self.temperature, self.json_mode], ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
     async def _answers(self, request: JudgeRequest) -> list[dict[str, Any]]:
         key = ("judge", request.pair_id, self.name, self.prompt_version)
+        context = self._context(request)
         cached = self.cache.get(*key)
-        if isinstance(cached, list) and len(cached) >= self.samples:
+        # Answers to another prompt (other examples or attributes) are stale: ask again and overwrite them.
+        if (
+            isinstance(cached, list)
+            and len(cached) >= self.samples
+            and all(isinstance(a, dict) and a.get("context") == context for a in cached[: self.samples])
+        ):
             return cached[: self.samples]
         orders = candidate_orders(request.pair_id, self.name, self.samples, self.seed)
         answers: list[dict[str, Any] | None] = [None] * self.samples
@@ -168,7 +186,7 @@ class LLMJudge(_CachedLLM):
             )
             for i, text in zip(idx, texts, strict=True):
                 complete &= text is not None
-                answers[i] = {"sample": i, "swapped": swapped, "text": text}
+                answers[i] = {"sample": i, "swapped": swapped, "text": text, "context": context}
         result = [a for a in answers if a is not None]
         if complete:
             self.cache.put(result, *key)
