@@ -149,6 +149,30 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
+{{/* Seconds a stage pod gets between SIGTERM and SIGKILL: on SIGTERM it finishes the batch in hand, sends
+and commits it, then drains gRPC for service.shutdown_grace_s (20 s; config.service is the chart's). An
+annotator batch runs up to annotator.batch_deadline_s (480 s) and a gold-scorer batch up to three scorer
+deadlines per model (gold, best: 6 x scoring.timeout_s), so a fixed 30 s SIGKILLed every such batch in
+flight on a rollout, node drain or HPA scale-down (its work redone, outputs already sent duplicated).
+(dict "ctx" $ "component" "annotator") */}}
+{{- define "synpref.stageGraceSeconds" -}}
+{{- $cfg := .ctx.Values.config }}
+{{- $batch := 0 }}
+{{- if eq .component "annotator" }}
+{{- $batch = dig "annotator" "batch_deadline_s" 480 $cfg }}
+{{- else if eq .component "gold-scorer" }}
+{{- $batch = mulf 6 (dig "scoring" "timeout_s" 60 $cfg) }}
+{{- end }}
+{{- if $batch }}{{ add (ceil $batch | int) 50 }}{{ else }}30{{ end }}
+{{- end }}
+
+{{/* The scorer's: in-flight requests get config.scorer.drain_s (30 s) on gRPC and the HTTP shims' fixed 30 s
+at once, then the models' batchers drain and close. A grace of exactly the drain killed that last step, and
+a larger drain_s was cut to 30 s. */}}
+{{- define "synpref.scorerGraceSeconds" -}}
+{{- add (ceil (maxf 30 (dig "scorer" "drain_s" 30 .Values.config)) | int) 30 }}
+{{- end }}
+
 {{/* Where the controller keeps its durable state (pairs.sqlite, vectors.f16, d_un.faiss, models):
 config.controller.workdir, else a folder on the data volume. */}}
 {{- define "synpref.controllerWorkdir" -}}
@@ -207,6 +231,17 @@ ssl_keyfile: /etc/synpref/kafka-tls/{{ $k.tls.keyKey }}
 {{- end }}
 {{- if and (hasKey .Values.config "service") }}
 {{- fail "config.service is set by the chart (ports the probes and Services use); remove it from config" }}
+{{- end }}
+{{- /* config.yaml is a ConfigMap that every pod mounts and anyone who may read ConfigMaps reads: no secret
+goes in it (kafka.sasl.existingSecret, desk.tokensSecret and secrets.apiKeys carry them as Secrets). */}}
+{{- if dig "desk" "tokens" "" .Values.config }}
+{{- fail "config.desk.tokens would put the desk's tokens in the release ConfigMap, in plain text: name a Secret holding them in desk.tokensSecret instead (or leave both empty and the chart's hook makes one)" }}
+{{- end }}
+{{- $llms := concat (dig "annotator" "judges" list .Values.config) (list (dig "annotator" "attribute_model" dict .Values.config)) }}
+{{- range $llms }}
+{{- if and (kindIs "map" .) (or (hasKey . "api_key") (hasKey . "apiKey")) }}
+{{- fail "config.annotator judges and attribute_model take api_key_env (the name of an environment variable), never the key: the key would sit in the release ConfigMap in plain text. Put it in a Secret named by secrets.apiKeys" }}
+{{- end }}
 {{- end }}
 {{- $writer := .Values.stages.writer }}
 {{- if and $writer.enabled (or $writer.autoscaling.enabled (gt (int $writer.replicaCount) 1)) }}
