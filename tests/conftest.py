@@ -44,6 +44,12 @@ def pytest_configure(config: pytest.Config) -> None:
     # two hundred identical warnings per run that say nothing about this project.
     config.addinivalue_line("filterwarnings", "ignore:read_text is deprecated:DeprecationWarning:kafka")
     config.addinivalue_line("filterwarnings", "ignore:open_text is deprecated:DeprecationWarning:importlib")
+    # transformers gives its loggers one StreamHandler on the sys.stderr of the moment it first logs: inside a
+    # test using capsys that stream is closed after the test, and every later transformers warning printed
+    # "--- Logging error ---" and a traceback into whichever test came next. Made now, on the session's stderr.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -112,3 +118,13 @@ def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(os, "fsync", record)
     return synced
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A CLI's logging.basicConfig binds a handler to the test's captured stderr: left on the root logger, the next
+    test's log records go to that closed stream ("--- Logging error ---" and a traceback in its stderr)."""
+    handlers, level = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
