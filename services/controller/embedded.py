@@ -65,6 +65,29 @@ def labels_file(c: Any) -> str:
     return c.study.human_labels_file if c.study is not None else ""
 
 
+# What a run writes into its workdir and store_dir (state.py, loop.py, models.py, report.py): --fresh empties
+# only a folder holding some of them, never one that holds something else alone (`--workdir .`, a home).
+RUN_ENTRIES = frozenset(
+    {"state.json", "pairs.sqlite", "verdicts.sqlite", "retrieval", "models", "datasets", "examples", "features"}
+    | {"plots", "report.md", "run_id"}
+)
+
+
+def fresh_refusal(folder: Path, sources: list[str], folders: list[Path]) -> str:
+    """Why --fresh must not empty `folder` ("" when it may): it holds a source of the run, or it is not empty
+    and holds nothing a run writes (its entries, or the run's other folder of `folders`)."""
+    if not folder.is_dir():
+        return ""
+    inside = [src for src in sources if Path(src).resolve().is_relative_to(folder.resolve())]
+    if inside:
+        return f"--fresh would delete the sources {', '.join(inside)} inside {folder}: set another workdir"
+    own = {f.resolve() for f in folders}
+    names = {child.name for child in folder.iterdir()}
+    if names and not names & RUN_ENTRIES and not any(child.resolve() in own for child in folder.iterdir()):
+        return f"--fresh refuses to empty {folder}: it holds no run ({', '.join(sorted(names)[:3])}, ...)"
+    return ""
+
+
 def start_over(folder: Path) -> None:
     """--fresh: empty `folder`. A symlinked workdir has its target emptied: rmtree refuses a link, and ignoring
     that resumed the old run instead of starting over."""
@@ -97,7 +120,8 @@ def build_controller(settings: Settings, progress: bool = True, executor: Any = 
 
 def main(argv: list[str]) -> int:
     """`synpref run`: run (or resume) the curation loop and print where its report, final RM and
-    datasets are; 0 when done, 2 for a bad config or unreadable sources.
+    datasets are; 0 when done, 1 when the humans' input ended (a rerun resumes), 2 for a bad config or
+    unreadable sources.
     """
     args = parse_args(argv)
     try:
@@ -122,6 +146,10 @@ def main(argv: list[str]) -> int:
         if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
             print(f"synpref run: {folder} exists and is not a folder: set another workdir", file=sys.stderr)
             return 2
+    for folder in folders if args.fresh else ():
+        if refusal := fresh_refusal(folder, c.sources, folders):
+            print(f"synpref run: {refusal}", file=sys.stderr)
+            return 2
     try:
         for folder in folders if args.fresh else ():
             start_over(folder)
@@ -144,6 +172,7 @@ def main(argv: list[str]) -> int:
                 f"lists {', '.join(c.sources)}, which a resumed run does not read (--fresh to curate them)",
                 file=sys.stderr,
             )
+    from synpref.services.controller.providers import HumanInputEnded
     from synpref.shared.sources import SourceError
 
     try:
@@ -151,6 +180,9 @@ def main(argv: list[str]) -> int:
     except SourceError as exc:
         print(f"synpref run: cannot read the sources: {exc}", file=sys.stderr)
         return 2
+    except HumanInputEnded as exc:  # the verdicts given are kept: rerunning goes on from them
+        print(f"synpref run: stopped, {exc}", file=sys.stderr)
+        return 1
     close = getattr(controller.humans, "close", None)
     if close is not None:
         close()

@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge, start_http_server
 
+from synpref.services.controller.providers import HumanInputEnded
 from synpref.shared.config import ConfigError, Settings, load_settings
 from synpref.shared.service import install_signal_handlers, wait_for_stop
 from synpref.shared.sources import SourceError
@@ -118,6 +119,9 @@ def main(argv: list[str]) -> int:
         # Unreadable, empty, or still being copied onto the volume: one line, and the pod's restart tries again
         # (the failed step recorded nothing).
         print(f"synpref controller: cannot read the sources: {exc}", file=sys.stderr)
+        return 1
+    except HumanInputEnded as exc:  # controller.human: terminal whose input closed; the answers given are kept
+        print(f"synpref controller: stopped, {exc}", file=sys.stderr)
         return 1
     finally:
         server.stop(settings.service.shutdown_grace_s).wait()

@@ -25,7 +25,7 @@ from typing import Protocol, TextIO
 from synpref.services.controller.simulated import label_is_true
 from synpref.services.controller.state import StepVerdicts, key_of
 from synpref.services.desk.core import decide
-from synpref.shared.pairs import now
+from synpref.shared.pairs import now, swap_preference
 from synpref.v1.pair_pb2 import (
     PREFERENCE_ABSTAIN,
     PREFERENCE_CHOSEN,
@@ -35,6 +35,12 @@ from synpref.v1.pair_pb2 import (
 )
 
 Routed = list[tuple[str, PairRecord]]
+
+
+class HumanInputEnded(RuntimeError):
+    """The humans' input ended with pairs still to decide (a terminal whose stdin closed or was never one)."""
+
+
 PREFERENCES = {"chosen": PREFERENCE_CHOSEN, "rejected": PREFERENCE_REJECTED, "abstain": PREFERENCE_ABSTAIN}
 
 
@@ -83,7 +89,8 @@ class FileHumans:
     """Study only: verdicts from JSONL lines {"id": pair id, "preferred": "chosen"|"rejected"|"abstain"}.
 
     "chosen"/"rejected" are relative to the pair as it is listed (its id is the content id
-    of that orientation). A pair missing from the file is abstained on, so it is discarded.
+    of that orientation); a pair listed by its ingest id and flipped since (a study's label noise) gets the
+    verdict turned. A pair missing from the file is abstained on, so it is discarded.
     """
 
     name = "labels file (study only)"
@@ -100,9 +107,19 @@ class FileHumans:
             self.labels[str(row["id"])] = PREFERENCES[row["preferred"]]
 
     def review(self, records: list[PairRecord]) -> Routed:
-        """Decide each record by the file's verdict for its id; a pair the file does not list is abstained on."""
-        prefs = [self.labels.get(r.pair.id, PREFERENCE_ABSTAIN) for r in records]
-        return _decide_all(records, f"file:{self.path.name}", prefs)
+        """Decide each record by the file's verdict for its id, or for its ingest id (the other orientation: the
+        verdict turns with it); a pair the file lists under neither is abstained on."""
+        return _decide_all(records, f"file:{self.path.name}", [self._preference(r) for r in records])
+
+    def _preference(self, record: PairRecord) -> int:
+        if record.pair.id in self.labels:
+            return self.labels[record.pair.id]
+        # A file written from the source lists a pair by its ingest id; the study's label noise flipped some pairs
+        # since, under a new id. Missed, they were abstained on and discarded: the very pairs curation should repair.
+        ingest_id = key_of(record)
+        if ingest_id != record.pair.id and ingest_id in self.labels:
+            return swap_preference(self.labels[ingest_id])  # type: ignore[arg-type]
+        return PREFERENCE_ABSTAIN
 
 
 class TerminalHumans:
@@ -132,8 +149,15 @@ class TerminalHumans:
             w.write("Which is better? [1/2, 0 = cannot decide]: ")
             w.flush()
             line = self.stdin.readline()
-            if not line:  # end of input: abstain on the rest rather than guess
-                return PREFERENCE_ABSTAIN
+            if not line:
+                # End of input is no human's "cannot decide": abstaining would discard every pair left for good
+                # (a run under nohup or in a pod would discard its whole seed). Stop; the answers given are kept.
+                w.write("\n")
+                raise HumanInputEnded(
+                    f"terminal: input ended at pair {i} of {n}; the {i - 1} answers given are kept, the other "
+                    f"{n - i + 1} pairs were not decided: run again on a terminal to go on (controller.human: desk "
+                    "serves them on the web instead)"
+                )
             answer = line.strip()
             if answer in ("0", "1", "2"):
                 break
@@ -143,8 +167,8 @@ class TerminalHumans:
         return PREFERENCE_CHOSEN if picked_chosen else PREFERENCE_REJECTED
 
     def review(self, records: list[PairRecord], journal: StepVerdicts | None = None) -> Routed:
-        """Ask about each record in turn on the terminal (each answer goes to `journal` at once); at end of
-        input the rest are abstained on."""
+        """Ask about each record in turn on the terminal (each answer goes to `journal` at once); HumanInputEnded
+        when the input ends before every record is decided (the answers given are in `journal`)."""
         out = []
         for i, record in enumerate(records, 1):
             routed = _decide_all([record], "terminal", [self._ask(record, i, len(records))])

@@ -11,7 +11,7 @@ import pytest
 
 from synpref.services.annotator.judges import JudgeRequest, aggregate
 from synpref.services.controller.executors import InProcessExecutor, chain
-from synpref.services.controller.providers import FileHumans, OracleHumans, TerminalHumans
+from synpref.services.controller.providers import FileHumans, HumanInputEnded, OracleHumans, TerminalHumans
 from synpref.services.controller.simulated import (
     NOISE_KEY,
     SimulatedJudge,
@@ -164,7 +164,8 @@ def test_terminal_humans_map_candidates_back_to_labels():
     text = out.getvalue()
     shown_first = [b.split("--- Candidate 1 ---\n", 1)[1].split("\n", 1)[0] for b in text.split("=== pair ")[1:]]
     assert {a.split()[0] for a in shown_first} == {"good", "bad"}, "candidate order is shuffled"
-    assert TerminalHumans(stdin=io.StringIO(""), stdout=io.StringIO()).review([record(9)])[0][0] == "discarded"
+    with pytest.raises(HumanInputEnded, match="input ended"):  # end of input decides nothing: the run stops
+        TerminalHumans(stdin=io.StringIO(""), stdout=io.StringIO()).review([record(9)])
 
 
 def test_in_process_executor_batches_and_chains():
