@@ -4,7 +4,8 @@
     synpref eval --model artifacts/rm/final --rmbench ../shared/data/RM-Bench
     synpref eval --model ... --hh-rlhf ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz
 
-Prints one JSON object; --out also writes it to a file.
+Prints one JSON object; --out also writes it to a file. An input that cannot be read on (a truncated gzip, invalid
+JSON) gets {"error": ...} in place of its metrics, the others are still scored, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -13,9 +14,27 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Iterator, Mapping
+import zlib
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+READ_ERRORS = (OSError, EOFError, ValueError, zlib.error)
+"""What a file that cannot be read on raises (SourceError, JSON and Arrow errors are ValueErrors; a truncated gzip
+is an EOFError, a corrupt one an OSError or zlib.error)."""
+
+
+def whole_number(least: int) -> Callable[[str], int]:
+    """An argparse type: an int of at least `least`."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is below {least}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,14 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pairs", action="append", default=[], help="Parquet/JSONL pair file or folder (repeatable)")
     parser.add_argument("--hh-rlhf", action="append", default=[], help="an hh-rlhf .jsonl.gz file (repeatable)")
     parser.add_argument("--rmbench", help="RM-Bench folder with *_filtered.json")
-    parser.add_argument("--max-length", type=int, default=4096)
+    parser.add_argument("--max-length", type=whole_number(1), default=4096)
     parser.add_argument("--truncation", default="left_turns", choices=["left_turns", "left_tokens", "right", "none"])
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=whole_number(1), default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument(
         "--limit",
-        type=int,
+        # >= 0: a -1 meant as "no limit" read every pair but cut RM-Bench's last item (items[:-1]), silently.
+        type=whole_number(0),
         default=0,
         help="read only the first N pairs of each input (unreadable_rows counts the rows read); RM-Bench: N items",
     )
@@ -54,37 +74,44 @@ def result_key(path: str, paths: list[str], result: dict[str, Any]) -> str:
 
 class PairReader:
     """The pairs of `path` (the first `limit` when > 0, reading no further), streamed; `problems` counts the
-    unreadable rows read."""
+    unreadable rows read; `error` says why the file could not be read on, where it could not."""
 
     def __init__(self, path: str, fmt: str | None, limit: int) -> None:
-        self.path, self.fmt, self.limit, self.problems = path, fmt, limit, 0
+        self.path, self.fmt, self.limit, self.problems, self.error = path, fmt, limit, 0, ""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from synpref.training.data import iter_pairs
 
         read = 0
-        for pair, _ in iter_pairs([self.path], fmt=self.fmt):
-            if pair is None:
-                self.problems += 1
-                continue
-            yield pair
-            read += 1
-            if read == self.limit:
-                return
+        try:
+            for pair, _ in iter_pairs([self.path], fmt=self.fmt):
+                if pair is None:
+                    self.problems += 1
+                    continue
+                yield pair
+                read += 1
+                if read == self.limit:
+                    return
+        except READ_ERRORS as e:
+            # Ends this input only: raised out of main, it lost the results of every input scored before it
+            # (hours of scoring), printed nothing and wrote no --out.
+            self.error = f"{self.path}: {type(e).__name__}: {e}"
 
 
 def main(argv: list[str]) -> int:
     """`synpref eval`: score the inputs with the model and print the JSON result (also to --out);
-    2 when no --pairs, --hh-rlhf or --rmbench is given, or one of them is missing.
+    2 when no --pairs, --hh-rlhf or --rmbench is given, or one of them is missing or not RM-Bench's shape;
+    1 when an input could not be read to its end (its entry says why).
     """
     args = build_parser().parse_args(argv)
     if not (args.pairs or args.hh_rlhf or args.rmbench):
         print("synpref eval: give --pairs, --hh-rlhf or --rmbench", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from synpref.shared.files import write_text_atomic
     from synpref.shared.modeling import load_reward_model, score_pairs
     from synpref.training.data import load_rmbench
-    from synpref.training.evaluation import reward_metrics, rmbench_eval, stream_rewards
+    from synpref.training.evaluation import check_rmbench_items, reward_metrics, rmbench_eval, stream_rewards
 
     # Checked before any scoring: a mistyped last input would otherwise end the run with a traceback, and no result,
     # after hours spent on the inputs before it. RM-Bench is a few thousand items, read first for the same reason.
@@ -94,14 +121,19 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         items = load_rmbench(args.rmbench) if args.rmbench else []
+        check_rmbench_items(items)
     except FileNotFoundError as e:
         print(f"synpref eval: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError) as e:  # invalid JSON, a missing field, an item not 3 x 3
+        print(f"synpref eval: {args.rmbench}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     model, tokenizer = load_reward_model(args.model, device=args.device, dtype=args.dtype)
     result: dict[str, Any] = {"model": args.model, "max_length": args.max_length}
     progress = not args.no_progress
     inputs = [(p, None) for p in args.pairs] + [(p, "hh-rlhf") for p in args.hh_rlhf]
     paths = [p for p, _ in inputs]
+    failed = False
     # One input at a time, streamed a chunk of pairs at a time and read no further than --limit pairs: a 40M-pair
     # file is not held, to score it whole or its first N.
     for path, fmt in inputs:
@@ -111,18 +143,24 @@ def main(argv: list[str]) -> int:
             return score_pairs(model, tokenizer, chunk, args.max_length, args.batch_size, args.truncation, False)
 
         metrics = reward_metrics(*stream_rewards(score, reader, progress))
+        if reader.error:
+            # The metrics of the pairs read before it are not the file's: only their count is kept.
+            metrics = {"error": reader.error, "pairs_scored": metrics["pairs"]}
+            failed = True
         metrics["unreadable_rows"] = reader.problems
         result[result_key(path, paths, result)] = metrics
     if args.rmbench:
         # A JSON array per subset (a few thousand items) read whole: --limit cuts it after reading.
         items = items[: args.limit] if args.limit else items
-        result["rmbench"] = rmbench_eval(model, tokenizer, items, args.max_length, args.batch_size, progress)
+        result["rmbench"] = rmbench_eval(
+            model, tokenizer, items, args.max_length, args.batch_size, progress, args.truncation
+        )
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:  # its folder made here: a missing one failed the write after all the scoring
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    return 0
+        # Atomic: a full disk or a kill mid-write left a truncated JSON in place of the previous result.
+        write_text_atomic(Path(args.out), text + "\n")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

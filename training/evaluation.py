@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from synpref.shared.modeling import encode_conversation, score_sequences
+from synpref.shared.modeling import Truncation, encode_conversation, score_sequences
 
 EVAL_CHUNK_PAIRS = 16384
 """Pairs encoded and scored at a time by stream_rewards: the pair dicts and token lists an input holds at once."""
@@ -136,6 +136,24 @@ def rmbench_slices(matrices: Sequence[list[list[float]]]) -> dict[str, float]:
     }
 
 
+RMBENCH_STYLES = 3
+"""Responses per side of an RM-Bench item: concise, detailed plain, detailed markdown."""
+
+
+def check_rmbench_items(items: Iterable[Mapping[str, Any]]) -> None:
+    """Raise ValueError naming the first item that does not hold 3 chosen and 3 rejected responses: the rewards
+    are read back 6 an item, so one such item shifted every later item's grid onto its neighbours' responses
+    (silently wrong slices), or failed the run with an IndexError after all the scoring."""
+    for n, item in enumerate(items):
+        sides = [item.get("chosen"), item.get("rejected")]
+        if not all(isinstance(s, list) and len(s) == RMBENCH_STYLES for s in sides):
+            shape = " x ".join(str(len(s)) if isinstance(s, list) else type(s).__name__ for s in sides)
+            raise ValueError(
+                f"RM-Bench item {item.get('id', n)!r} ({item.get('subset', '?')}): chosen x rejected is {shape}, "
+                f"not {RMBENCH_STYLES} x {RMBENCH_STYLES}"
+            )
+
+
 def rmbench_eval(
     model: Any,
     tokenizer: Any,
@@ -143,17 +161,19 @@ def rmbench_eval(
     max_length: int = 4096,
     batch_size: int = 16,
     progress: bool = False,
+    truncation: Truncation = "left_turns",
 ) -> dict[str, Any]:
     """Score every item's 3 chosen and 3 rejected responses; slices overall and per domain.
 
-    `average` is the mean of the domain accuracies, as RM-Bench's own table reports it.
+    `<slice>_domain_average` is the mean of the domain accuracies, as RM-Bench's own table reports it.
     """
+    check_rmbench_items(items)
     seqs: list[list[int]] = []
     unfit = 0
     for item in items:
         for response in [*item["chosen"], *item["rejected"]]:
             msgs = [{"role": "user", "content": item["prompt"]}, {"role": "assistant", "content": str(response)}]
-            enc = encode_conversation(tokenizer, msgs, max_length, truncation="left_turns")
+            enc = encode_conversation(tokenizer, msgs, max_length, truncation=truncation)
             unfit += not enc.fits
             seqs.append(enc.input_ids)
     rewards = score_sequences(model, seqs, int(tokenizer.pad_token_id), batch_size, progress=progress)
