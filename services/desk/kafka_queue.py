@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from kafka.structs import TopicPartition
 
 from synpref.shared.config import DeskSettings, KafkaSettings, Settings, TopicSettings
-from synpref.shared.kafka.clients import deliver
+from synpref.shared.kafka.clients import DeliveryError, deliver
 from synpref.shared.kafka.codec import Message, encode_record
 from synpref.shared.kafka.runner import StageRunner
 from synpref.shared.stage import StageResult
@@ -53,10 +53,12 @@ def commit_point(open_offsets: dict[int, bool], polled_to: int | None = None) ->
     one past the last settled offset; None when nothing was handed out.
     """
     unsettled = [o for o, settled in open_offsets.items() if not settled]
+    if polled_to is not None:
+        # Never past polled_to: offsets read after it (a batch whose dead letters were not acknowledged) may
+        # hold a dead letter below their first open pair.
+        return min([polled_to, *unsettled])
     if unsettled:
         return min(unsettled)
-    if polled_to is not None:
-        return polled_to
     return max(open_offsets) + 1 if open_offsets else None
 
 
@@ -183,7 +185,20 @@ class KafkaDeskQueues:
         elif consumer.paused():
             consumer.resume(*consumer.paused())
         # A commit that failed earlier is retried here: an idle desk polls nothing, so no checkpoint would.
-        self._committing(runner.run_once)
+        polled_to = dict(self.inbox.polled_to)
+        try:
+            self._committing(runner.run_once)
+        except DeliveryError:
+            # The checkpoint flushes the inbox, which notes how far polling got, before it waits for the
+            # batch's dead letters; they were not acknowledged, so the commits of decided pairs (_ack) must stop
+            # where the last acknowledged batch ended, or they would move past the lost dead letters.
+            self.inbox.polled_to = polled_to
+            # The runner's outbox fails for good after a loss, so every later poll would raise again: the desk
+            # would never read another pair while /healthz says ok. Fresh clients rejoin the group and read
+            # again from its committed offsets, which stop before the lost dead letters.
+            log.warning("desk: dead letters were not acknowledged; reconnecting to read them again")
+            self.runner.close()
+            raise
         self._committing(lambda: runner.commit(self.inbox.safe_offsets()))
         return self.inbox.take(limit)
 
