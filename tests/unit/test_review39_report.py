@@ -7,7 +7,6 @@ import io
 import json
 import sqlite3
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -25,44 +24,6 @@ def record(i: int):
             "test",
         )
     )
-
-
-@pytest.fixture
-def light_run(monkeypatch):
-    """`synpref run` with the test stand-ins for the MiniLM head and the retrieval embedder (seconds, not minutes)."""
-    import synpref.services.controller.models as models
-    import synpref.shared.retrieval as retrieval
-    from testing import controller_fakes as fakes
-
-    class Embedder:
-        def __init__(self, *args, **kwargs) -> None:
-            pass
-
-        def embed(self, texts):
-            return fakes.embed(texts)
-
-    monkeypatch.setattr(models, "make_models", lambda *args, **kwargs: fakes.BagOfWordsModels())
-    monkeypatch.setattr(retrieval, "Embedder", Embedder)
-
-    def config(tmp_path: Path, workdir: Path, pairs: int, **controller) -> Path:
-        import yaml
-
-        data = fakes.write_synthetic(tmp_path / f"pairs-{pairs}.jsonl", pairs, seed=1)
-        judges = [{"name": "sim-a", "accuracy": 0.85}, {"name": "sim-b", "accuracy": 0.75}]
-        settings = {
-            "workdir": str(workdir),
-            "sources": [str(data)],
-            "seed_fraction": 0.1,
-            "iterations": 1,
-            "patience": 1,
-            "human_budget": 4,
-            "study": {"human": "oracle", "label_noise": 0.3, "judges": judges},
-        } | controller
-        path = tmp_path / f"run-{pairs}.yaml"
-        path.write_text(yaml.safe_dump({"controller": settings}))
-        return path
-
-    return config
 
 
 def test_terminal_end_of_input_stops_instead_of_discarding_the_rest(tmp_path):

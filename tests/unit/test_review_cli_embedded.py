@@ -126,44 +126,6 @@ def test_quality_retrieval_memo_stopped_while_saving_stays_readable(tmp_path, mo
     assert list(bench.CachedEmbed(tmp_path / "memo.npz").memo) == ["first text"]
 
 
-@pytest.fixture
-def light_run(monkeypatch):
-    """`synpref run` with the test stand-ins for the MiniLM head and the retrieval embedder (seconds, not minutes)."""
-    import synpref.services.controller.models as models
-    import synpref.shared.retrieval as retrieval
-    from testing import controller_fakes as fakes
-
-    class Embedder:
-        def __init__(self, *args, **kwargs) -> None:
-            pass
-
-        def embed(self, texts):
-            return fakes.embed(texts)
-
-    monkeypatch.setattr(models, "make_models", lambda *args, **kwargs: fakes.BagOfWordsModels())
-    monkeypatch.setattr(retrieval, "Embedder", Embedder)
-
-    def config(tmp_path: Path, workdir: Path, pairs: int) -> Path:
-        import yaml
-
-        data = fakes.write_synthetic(tmp_path / f"pairs-{pairs}.jsonl", pairs, seed=1)
-        judges = [{"name": "sim-a", "accuracy": 0.85}, {"name": "sim-b", "accuracy": 0.75}]
-        controller = {
-            "workdir": str(workdir),
-            "sources": [str(data)],
-            "seed_fraction": 0.1,
-            "iterations": 1,
-            "patience": 1,
-            "human_budget": 4,
-            "study": {"human": "oracle", "label_noise": 0.3, "judges": judges},
-        }
-        path = tmp_path / f"run-{pairs}.yaml"
-        path.write_text(yaml.safe_dump({"controller": controller}))
-        return path
-
-    return config
-
-
 def test_run_fresh_starts_over_in_a_symlinked_workdir(tmp_path, light_run, capsys):
     # artifacts/ on a bigger disk, linked: rmtree refuses a symlink and the error was ignored, so --fresh
     # resumed the finished run and printed its old results as the new ones.
