@@ -2,45 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from synpref.shared.config import load_settings
+from tests.integration.test_chart import RELEASE, render
+from tests.integration.test_chart import helm as helm  # the fixture: helm built once
+from tests.integration.test_chart import run_helm as template
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "synpref"
-BASE_VALUES = CHART / "ci" / "base-values.yaml"
-RELEASE, NAMESPACE = "rel", "ml"
-
-
-@pytest.fixture(scope="module")
-def helm() -> str:
-    proc = subprocess.run(
-        ["bash", str(ROOT / "tools" / "helm" / "build.sh")], capture_output=True, text=True, timeout=1200
-    )
-    assert proc.returncode == 0, f"tools/helm/build.sh failed:\n{proc.stdout}\n{proc.stderr}"
-    return str(ROOT / ".cache" / "bin" / "helm")
-
-
-def template(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", str(BASE_VALUES), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def render(helm: str, *args: str) -> list[dict[str, Any]]:
-    proc = template(helm, *args)
-    assert proc.returncode == 0, proc.stderr
-    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
 def grace(docs: list[dict[str, Any]], component: str) -> int:

@@ -17,32 +17,15 @@ from prometheus_client import REGISTRY
 from synpref.services.desk.kafka_queue import KafkaDeskQueues
 from synpref.shared.kafka.clients import DeliveryError, make_producer
 from synpref.shared.kafka.runner import StageRunner
-from synpref.shared.pairs import new_pair, new_record
 from synpref.shared.stage import StageResult, StageUnavailable
 from synpref.v1.pair_pb2 import PairRecord
+from testing.passthrough import passthrough as passthrough_to
+from tests.integration.test_kafka_runner_live import pair_records
 
 pytestmark = pytest.mark.integration
 
 
-def pair_records(n: int, tag: str) -> list[PairRecord]:
-    return [
-        new_record(
-            new_pair(
-                [{"role": "user", "content": f"{tag} question {i}"}],
-                [{"role": "assistant", "content": "better"}],
-                [{"role": "assistant", "content": "worse"}],
-                source="it",
-            )
-        )
-        for i in range(n)
-    ]
-
-
-def passthrough(batch: list[PairRecord]) -> StageResult:
-    result = StageResult()
-    for r in batch:
-        result.emit("annotated", r)
-    return result
+passthrough = passthrough_to("annotated")
 
 
 def committed(settings: Any, group: str, topic: str) -> int | None:
