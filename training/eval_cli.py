@@ -4,8 +4,13 @@
     synpref eval --model artifacts/rm/final --rmbench ../shared/data/RM-Bench
     synpref eval --model ... --hh-rlhf ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz
 
-Prints one JSON object; --out also writes it to a file. An input that cannot be read on (a truncated gzip, invalid
-JSON) gets {"error": ...} in place of its metrics, the others are still scored, and the exit status is 1.
+Prints one JSON object: "model", "max_length", each input's metrics under its file's name (its path where names
+repeat or the name is one of the result's own keys), and "rmbench". --out also writes it to a file, atomically, before
+scoring and again after each input and RM-Bench: until the run ends the file lists what is still to come under
+"pending", so a crash (RM-Bench out of memory after hours of pair scoring) keeps every input scored before it; the
+finished file is the printed result. An input that cannot be read on (a truncated gzip, invalid JSON), or an RM-Bench
+that fails while scored, gets {"error": ...} in place of its metrics, the rest is still scored, and the exit status
+is 1.
 """
 
 from __future__ import annotations
@@ -15,10 +20,14 @@ import json
 import logging
 import sys
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("synpref.eval")
+
+RESULT_FIELDS = ("model", "max_length", "rmbench", "pending")
+"""The result's own keys: no input is keyed by one of them."""
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error)
 """What a file that cannot be read on raises (SourceError, JSON and Arrow errors are ValueErrors; a truncated gzip
 is an EOFError, a corrupt one an OSError or zlib.error)."""
@@ -63,13 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def result_key(path: str, paths: list[str], result: dict[str, Any]) -> str:
-    """The file's name, or the path as given where names repeat (hh-rlhf's folders each hold a
-    test.jsonl.gz) or clash with a key of the result: one input's metrics never replace another's."""
+def result_key(path: str, paths: list[str], taken: Collection[str] = RESULT_FIELDS) -> str:
+    """The file's name; the path as given where names repeat (hh-rlhf's folders each hold a test.jsonl.gz) or the
+    name is `taken` (the result's own keys); the absolute path where the path as given is taken too (`--pairs
+    model`, which replaced the model's name, or `--pairs rmbench`, replaced by RM-Bench's figures). Of distinct
+    files, no two get the same key: a name key holds no "/", so no other input's path or absolute path equals it."""
     name = Path(path).name
-    if sum(Path(p).name == name for p in paths) > 1 or name in result or name == "rmbench":
-        return path
-    return name
+    if name not in taken and sum(Path(p).name == name for p in paths) == 1:
+        return name
+    return path if path not in taken else str(Path(path).absolute())
 
 
 class PairReader:
@@ -119,6 +130,13 @@ def main(argv: list[str]) -> int:
     if missing:
         print(f"synpref eval: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return 2
+    inputs = [(p, None) for p in args.pairs] + [(p, "hh-rlhf") for p in args.hh_rlhf]
+    paths = [p for p, _ in inputs]
+    resolved = [Path(p).resolve() for p in paths]
+    if repeated := [p for p, r in zip(paths, resolved, strict=True) if resolved.count(r) > 1]:
+        # Scored twice for nothing, and two inputs with one key would be one result.
+        print(f"synpref eval: the same input given twice: {', '.join(repeated)}", file=sys.stderr)
+        return 2
     try:
         items = load_rmbench(args.rmbench) if args.rmbench else []
         check_rmbench_items(items)
@@ -128,15 +146,25 @@ def main(argv: list[str]) -> int:
     except (ValueError, KeyError) as e:  # invalid JSON, a missing field, an item not 3 x 3
         print(f"synpref eval: {args.rmbench}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    model, tokenizer = load_reward_model(args.model, device=args.device, dtype=args.dtype)
     result: dict[str, Any] = {"model": args.model, "max_length": args.max_length}
+    keys = [result_key(p, paths) for p in paths]
+    pending = [*keys, *(["rmbench"] if args.rmbench else [])]
+
+    def save() -> None:
+        # Atomic, after every input: results were written once, at the end, so an RM-Bench out of memory (or any
+        # crash or kill) after hours of pair scoring lost them all; a full disk or a kill mid-write left a truncated
+        # JSON in place of the previous result. Its folder is made here.
+        if args.out:
+            partial = {**result, "pending": pending} if pending else result
+            write_text_atomic(Path(args.out), json.dumps(partial, indent=2) + "\n")
+
+    save()  # before the model loads: an --out that cannot be written fails now, not after the scoring
+    model, tokenizer = load_reward_model(args.model, device=args.device, dtype=args.dtype)
     progress = not args.no_progress
-    inputs = [(p, None) for p in args.pairs] + [(p, "hh-rlhf") for p in args.hh_rlhf]
-    paths = [p for p, _ in inputs]
     failed = False
     # One input at a time, streamed a chunk of pairs at a time and read no further than --limit pairs: a 40M-pair
     # file is not held, to score it whole or its first N.
-    for path, fmt in inputs:
+    for (path, fmt), key in zip(inputs, keys, strict=True):
         reader = PairReader(path, fmt, args.limit)
 
         def score(chunk: list[Mapping[str, Any]]) -> list[tuple[float, float]]:
@@ -148,18 +176,24 @@ def main(argv: list[str]) -> int:
             metrics = {"error": reader.error, "pairs_scored": metrics["pairs"]}
             failed = True
         metrics["unreadable_rows"] = reader.problems
-        result[result_key(path, paths, result)] = metrics
+        result[key] = metrics
+        pending.remove(key)
+        log.info("%s: %s", key, json.dumps(metrics))  # on stderr as it comes, for a run without --out
+        save()
     if args.rmbench:
         # A JSON array per subset (a few thousand items) read whole: --limit cuts it after reading.
         items = items[: args.limit] if args.limit else items
-        result["rmbench"] = rmbench_eval(
-            model, tokenizer, items, args.max_length, args.batch_size, progress, args.truncation
-        )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:  # its folder made here: a missing one failed the write after all the scoring
-        # Atomic: a full disk or a kill mid-write left a truncated JSON in place of the previous result.
-        write_text_atomic(Path(args.out), text + "\n")
+        try:
+            result["rmbench"] = rmbench_eval(
+                model, tokenizer, items, args.max_length, args.batch_size, progress, args.truncation
+            )
+        except Exception as e:  # out of GPU memory, a tokenizer error: the inputs' results are still printed
+            log.exception("RM-Bench failed")
+            result["rmbench"] = {"error": f"{type(e).__name__}: {e}"}
+            failed = True
+        pending.remove("rmbench")
+    print(json.dumps(result, indent=2))  # first: a final write that fails (a full disk) still leaves it printed
+    save()
     return 1 if failed else 0
 
 

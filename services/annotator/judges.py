@@ -220,7 +220,13 @@ class LLMJudge(_CachedLLM):
 
 
 class AttributeLabeller(_CachedLLM):
-    """The 5-tuple from an LLM (one low-temperature sample, cached)."""
+    """The 5-tuple from an LLM (one low-temperature sample, cached).
+
+    The two responses are shown in an order drawn per pair (seeded like the judges' candidate orders, so a replay
+    sends the same prompt): a chosen response always shown first leaked the label into the guideline and desired
+    attributes the judges then follow. Its cached answer carries a digest of the prompt it answered, as LLMJudge's
+    do: an answer to another prompt (an older order or text, another temperature or JSON mode) is asked again.
+    """
 
     def __init__(
         self,
@@ -229,25 +235,37 @@ class AttributeLabeller(_CachedLLM):
         prompt_version: str = PROMPT_VERSION,
         json_mode: str = "json_schema",
         temperature: float = 0.0,
+        seed: int = 0,
     ) -> None:
         super().__init__(backend, cache, prompt_version, json_mode, temperature)
+        self.seed = seed
+
+    def prompt(self, request: JudgeRequest) -> tuple[Messages, bool]:
+        """The labeller's messages for the pair, and whether the chosen response is shown second (as Response B)."""
+        # Its own stream ("attributes/<name>"): a model that is also a judge does not tie this order to its sample 0.
+        (swapped,) = candidate_orders(request.pair_id, f"attributes/{self.name}", 1, self.seed)
+        first, second = (request.rejected, request.chosen) if swapped else (request.chosen, request.rejected)
+        return attribute_prompt(request.conversation, first, second), swapped
 
     async def label(self, request: JudgeRequest) -> Attributes | None:
         """The pair's attribute 5-tuple from one (cached) answer, or None when it is not usable."""
         key = ("attributes", request.pair_id, self.name, self.prompt_version)
+        messages, swapped = self.prompt(request)
+        text = json.dumps([messages, self.temperature, self.json_mode], ensure_ascii=False, sort_keys=True)
+        context = hashlib.sha256(text.encode()).hexdigest()
         cached = self.cache.get(*key)
-        if isinstance(cached, dict) and "text" in cached:
-            text = cached["text"]
+        if isinstance(cached, dict) and "text" in cached and cached.get("context") == context:
+            answer = cached["text"]
         else:
-            (text,) = await self.backend.chat(
-                attribute_prompt(request.conversation, request.chosen, request.rejected),
+            (answer,) = await self.backend.chat(
+                messages,
                 n=1,
                 temperature=self.temperature,
                 response_format=response_format(ATTRIBUTE_SCHEMA, "attributes", self.json_mode),
             )
-            if text is not None:
-                self.cache.put({"text": text}, *key)
-        return parse_attributes(text, self.name)
+            if answer is not None:
+                self.cache.put({"text": answer, "swapped": swapped, "context": context}, *key)
+        return parse_attributes(answer, self.name)
 
 
 def majority(preferences: list[int]) -> int:

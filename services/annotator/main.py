@@ -47,7 +47,9 @@ def build_annotator(settings: Settings, examples=None) -> Annotator:
     ]
     labeller = None
     if cfg.attribute_model is not None:
-        labeller = AttributeLabeller(chat_backend(cfg.attribute_model, cfg), cache, version, cfg.json_mode)
+        labeller = AttributeLabeller(
+            chat_backend(cfg.attribute_model, cfg), cache, version, cfg.json_mode, seed=cfg.seed
+        )
     if examples is None and cfg.examples_index:
         from synpref.shared.examples import ReloadingExamples
         from synpref.shared.retrieval import Embedder

@@ -1,7 +1,12 @@
 """Prompts and answer parsing for the attribute labeller and the preference judges.
 
 PROMPT_VERSION is part of every cache key: change any prompt text, bump it, and cached
-answers to the old prompt are no longer reused.
+answers to the old prompt are no longer reused. Cached answers also carry a digest of the
+prompt they answered, so a prompt that renders differently (other attributes or examples, another
+response order) is asked again even under the same version.
+
+The attribute labeller sees the conversation and both responses as "Response A" / "Response B",
+in an order the caller randomizes per pair (never the chosen one always first).
 
 Judges see the conversation, the pair's annotation guideline and desired attributes, up to
 8 human-verified examples (with their attributes and the preferred answer), and the two
@@ -97,12 +102,17 @@ ATTRIBUTE_SYSTEM = (
 )
 
 
-def attribute_prompt(conversation: Messages, chosen: Messages, rejected: Messages) -> Messages:
-    """Ask for the 5-tuple. Both responses are shown so the guideline covers what separates them."""
+def attribute_prompt(conversation: Messages, first: Messages, second: Messages) -> Messages:
+    """Ask for the 5-tuple; `first` is shown as Response A and `second` as Response B.
+
+    Both responses are shown so the guideline covers what separates them. The caller randomizes which of chosen
+    and rejected comes first: with the chosen one always "Response A", the label leaked into the guideline the
+    judges then follow.
+    """
     user = (
         "Describe the preference attributes of this conversation.\n\n"
         f"## Conversation\n{render_conversation(conversation)}\n\n"
-        f"## Response A\n{render_response(chosen)}\n\n## Response B\n{render_response(rejected)}\n\n"
+        f"## Response A\n{render_response(first)}\n\n## Response B\n{render_response(second)}\n\n"
         "Return JSON with these keys:\n"
         '- "task_category": a short category (e.g. coding, math, creative writing, advice, safety, summarization)\n'
         '- "objectivity": "objective" if one answer is verifiably right, else "subjective"\n'
