@@ -15,6 +15,7 @@ L2-normalised and compared by inner product (cosine).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,43 @@ def training_rows(n: int, dim: int) -> int:
     return min(n, 40 * nlist)
 
 
+class LiveRows:
+    """The rows a search may return, as a bitmap of `size` bits (5 MB at 40M rows): FAISS skips the others
+    while it scans (`IDSelectorBitmap`), so rows leave a search without the index file changing."""
+
+    def __init__(self, size: int, rows: Iterable[int] = ()) -> None:
+        self.size = size
+        self._alive = np.zeros(size, dtype=bool)
+        chunk: list[int] = []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) == 1 << 20:
+                self._alive[chunk] = True
+                chunk = []
+        self._alive[chunk] = True
+        self.count = int(self._alive.sum())
+        self._bits = np.packbits(self._alive, bitorder="little")
+
+    def discard(self, rows: Sequence[int]) -> None:
+        """Rows no search returns from now on (rows already gone or past `size` are ignored)."""
+        wanted = np.asarray(rows, dtype=np.int64)
+        wanted = wanted[(wanted >= 0) & (wanted < self.size)]
+        wanted = wanted[self._alive[wanted]]
+        if len(wanted):
+            self._alive[wanted] = False
+            self.count -= len(np.unique(wanted))
+            np.bitwise_and.at(self._bits, wanted >> 3, ~(1 << (wanted & 7)).astype(np.uint8))
+
+    def __contains__(self, row: int) -> bool:
+        return 0 <= row < self.size and bool(self._alive[row])
+
+    def selector(self) -> Any:
+        """A FAISS selector over the bitmap; it reads the array in place, which must outlive the search."""
+        import faiss
+
+        return faiss.IDSelectorBitmap(self.size, faiss.swig_ptr(self._bits))
+
+
 class AnnIndex:
     """Inner-product nearest neighbours over int64 ids, persisted to one file.
 
@@ -117,8 +155,9 @@ class AnnIndex:
 
         self.index = index
         ivf = faiss.try_extract_index_ivf(index) if "IVF" in type(index).__name__ else None
+        self.nprobe = 0
         if ivf is not None:
-            ivf.nprobe = min(nprobe, ivf.nlist)
+            self.nprobe = ivf.nprobe = min(nprobe, ivf.nlist)
 
     @classmethod
     def build(cls, n: int, dim: int, sample: np.ndarray | None = None, nprobe: int = 32) -> AnnIndex:
@@ -135,7 +174,8 @@ class AnnIndex:
 
     @classmethod
     def load(cls, path: str | Path, nprobe: int = 32, mmap: bool = False) -> AnnIndex:
-        """Read an index written by `save`; `mmap` maps it instead of reading it into memory."""
+        """Read an index written by `save`; `mmap` maps it (read-only: search it with `live` instead of
+        `remove`) instead of reading it into memory."""
         import faiss
 
         flags = faiss.IO_FLAG_MMAP if mmap else 0
@@ -165,8 +205,11 @@ class AnnIndex:
             return 0
         return int(self.index.remove_ids(faiss.IDSelectorBatch(wanted)))
 
-    def search(self, queries: np.ndarray, k: int, slack: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, slack: int = 8, live: LiveRows | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores), each (len(queries), k), best first; ids are -1 where the index had fewer hits.
+        With `live`, only ids in it are returned (the index holds others).
 
         Equal scores are ordered by id: pairs that share a conversation embed identically, and an
         IVF list's order depends on its history of adds and removes, so without this a resumed
@@ -175,26 +218,42 @@ class AnnIndex:
         a query whose last fetched hit still ties its k-th is searched again, twice as wide, until
         the tie ends inside what was fetched (FAISS keeps whichever equal hits it met first).
         """
-        if k <= 0 or len(queries) == 0 or len(self) == 0:
+        size = len(self) if live is None else min(len(self), live.count)
+        if k <= 0 or len(queries) == 0 or size == 0:
             return np.full((len(queries), max(k, 0)), -1, dtype=np.int64), np.zeros((len(queries), max(k, 0)))
+        selector = live.selector() if live is not None else None  # held here: the params only point to it
+        params = self._params(selector)
         queries = normalise(queries)
         out_ids = np.full((len(queries), k), -1, dtype=np.int64)
         out_scores = np.zeros((len(queries), k), dtype=np.float32)
         pending = np.arange(len(queries))
-        wide = min(k + max(slack, 0), len(self))
+        wide = min(k + max(slack, 0), size)
         while len(pending):
             tied: list[np.ndarray] = []
             step = max(1, HITS_PER_SEARCH // wide)  # a wide search holds queries x wide hits
             for start in range(0, len(pending), step):
                 part = pending[start : start + step]
-                scores, ids = self.index.search(queries[part], wide)
+                scores, ids = self.index.search(queries[part], wide, params=params)
                 out_ids[part], out_scores[part] = _best_by_id(ids, scores, k)
-                if wide < len(self):  # then wide >= k + slack
+                if wide < size:  # then wide >= k + slack
                     # FAISS returns hits best first: a last hit scoring as high as the k-th may hide more ties.
                     tied.append(part[(ids[:, -1] >= 0) & (scores[:, -1] >= scores[:, k - 1])])
             pending = np.concatenate(tied) if tied else pending[:0]
-            wide = min(2 * wide, len(self))
+            wide = min(2 * wide, size)
         return out_ids, out_scores
+
+    def _params(self, selector: Any) -> Any:
+        import faiss
+
+        if selector is None:
+            return None
+        if not self.nprobe:
+            flat = faiss.SearchParameters()
+            flat.sel = selector
+            return flat
+        ivf = faiss.SearchParametersIVF()
+        ivf.sel, ivf.nprobe = selector, self.nprobe
+        return ivf
 
 
 def _best_by_id(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,9 +3,13 @@
 `embed_pool` writes the retrieval embedding of every pair to be curated (conversation and
 attributes, `pair_text`) into a float16 `VectorFile` indexed by store row, a batch at a time.
 `train_index` trains the AnnIndex kind its size calls for on a fixed sample and saves the
-empty trained index, so a restarted controller rebuilds the same index (`PoolRetrieval`)
-from the rows still in D_un. Rows leave the index as they leave D_un, and searches order
-ties by row (`AnnIndex.search`), so a rebuilt index and a maintained one give the same hits.
+empty trained index; `fill_index` adds D_un to it and saves that once. `PoolRetrieval` maps
+the filled file (FAISS `IO_FLAG_MMAP`: the lists stay on disk, paged in as searched, ~2.2 GB
+at 40M pairs) and searches only the rows still in D_un (`LiveRows`, a bitmap built from the
+store on start), so a restarted controller reads no vector and builds no index again. Rows
+leave D_un by a bit; the pool is fixed after ingest, so the rows in D_un are always a subset
+of those filled. Searches order ties by row (`AnnIndex.search`), so hits depend on the rows
+alone, not on how the index was filled.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 
 from synpref.services.annotator.prompts import attributes_dict
 from synpref.services.gold_scorer.scoring import pair_dict
-from synpref.shared.ann import AnnIndex, VectorFile, training_rows
+from synpref.shared.ann import AnnIndex, LiveRows, VectorFile, training_rows
 from synpref.shared.pairs import message_dicts
 from synpref.shared.pairstore import PairStore
 from synpref.shared.retrieval import pair_text
@@ -26,6 +30,7 @@ from synpref.v1.pair_pb2 import PairRecord
 
 VECTORS_FILE = "retrieval/vectors.f16"
 TRAINED_INDEX_FILE = "retrieval/trained.faiss"
+FILLED_INDEX_FILE = "retrieval/d_un.faiss"
 UNVERIFIED = "unverified"
 
 
@@ -94,38 +99,50 @@ def train_index(store: PairStore, vectors: VectorFile, path: Path) -> None:
     AnnIndex.build(len(rows), vectors.dim, sample).save(path)
 
 
+def fill_index(store: PairStore, vectors: VectorFile, trained: Path, path: Path, chunk: int = 50_000) -> None:
+    """Add every row of D_un to the trained index and save it to `path` (atomically). The lists are built in
+    memory, once per run (~2.2 GB at 40M pairs, in the prepare step); every later use maps the file."""
+    index = AnnIndex.load(trained)
+    pending: list[int] = []
+    for row in store.all_rows(UNVERIFIED):
+        pending.append(row)
+        if len(pending) == chunk:
+            index.add(pending, vectors.read(pending))
+            pending = []
+    if pending:
+        index.add(pending, vectors.read(pending))
+    index.save(path)
+
+
 class PoolRetrieval:
-    """Nearest unverified pairs of given pairs, over the AnnIndex of D_un (rebuilt from the store on start).
+    """Nearest unverified pairs of given pairs, over the filled AnnIndex of D_un, mapped from disk.
 
     Args:
         store: the run's PairStore.
         vectors: the VectorFile of `embed_pool`.
         trained: the trained empty index of `train_index`.
+        filled: the index `fill_index` wrote; filled here first when missing (a workdir prepared before it
+            existed).
     """
 
-    def __init__(self, store: PairStore, vectors: VectorFile, trained: Path, chunk: int = 50_000) -> None:
+    def __init__(self, store: PairStore, vectors: VectorFile, trained: Path, filled: Path) -> None:
         self.store = store
         self.vectors = vectors
-        self.index = AnnIndex.load(trained)
-        pending: list[int] = []
-        for row in store.all_rows(UNVERIFIED):
-            pending.append(row)
-            if len(pending) == chunk:
-                self.index.add(pending, vectors.read(pending))
-                pending = []
-        if pending:
-            self.index.add(pending, vectors.read(pending))
+        if not filled.exists():
+            fill_index(store, vectors, trained, filled)
+        self.index = AnnIndex.load(filled, mmap=True)
+        self.live = LiveRows(store.max_row() + 1, store.all_rows(UNVERIFIED))
 
     def leave(self, rows: Iterable[int]) -> None:
-        """Take rows that left D_un out of the index."""
-        self.index.remove(list(rows))
+        """Rows that left D_un are no longer returned."""
+        self.live.discard(list(rows))
 
     def nearest(self, queries: Sequence[int], ks: Sequence[int], batch: int = 10_000) -> set[int]:
         """The union of each query row's `ks[i]` nearest unverified rows."""
         found: set[int] = set()
         for start in range(0, len(queries), batch):
             rows, k = list(queries[start : start + batch]), list(ks[start : start + batch])
-            hits, _ = self.index.search(self.vectors.read(rows), max(k, default=0))
+            hits, _ = self.index.search(self.vectors.read(rows), max(k, default=0), live=self.live)
             for hit, wanted in zip(hits, k, strict=True):
                 found.update(int(r) for r in hit[:wanted] if r >= 0)
         return found

@@ -27,11 +27,13 @@ from synpref.services.annotator.judges import Judge
 from synpref.services.consistency_filter.rules import make_filter_stage
 from synpref.services.controller.curation import CurationSteps
 from synpref.services.controller.embeddings import (
+    FILLED_INDEX_FILE,
     TRAINED_INDEX_FILE,
     VECTORS_FILE,
     PairView,
     PoolRetrieval,
     embed_pool,
+    fill_index,
     train_index,
 )
 from synpref.services.controller.executors import InProcessExecutor, StageExecutor, chain
@@ -198,9 +200,10 @@ class Controller(CurationSteps, FinalSteps):
         return self._vectors
 
     def retrieval(self) -> PoolRetrieval:
-        """The ANN index over D_un, rebuilt from the store when this process first needs it."""
+        """The ANN index over D_un (mapped from disk; D_un's rows from the store) once this process needs it."""
         if self._retrieval is None:
-            self._retrieval = PoolRetrieval(self.pairstore, self.vectors(), self.store.root / TRAINED_INDEX_FILE)
+            trained, filled = self.store.root / TRAINED_INDEX_FILE, self.store.root / FILLED_INDEX_FILE
+            self._retrieval = PoolRetrieval(self.pairstore, self.vectors(), trained, filled)
         return self._retrieval
 
     def left_unverified(self, rows: Sequence[int]) -> None:
@@ -254,8 +257,7 @@ class Controller(CurationSteps, FinalSteps):
             if self.state.stage1_stopped:
                 break
             self.step(f"s1.{t}.curate", partial(self.curate_stage1, t))
-        # Stage 2 queries no index: dropped, it would be kept up to date (a scan of every IVF list per batch of
-        # removals) and held in memory (~2 GB at 40M pairs) for nothing.
+        # Stage 2 queries no index: its mapping and D_un's bitmap are dropped.
         self._retrieval = None
         self.step("s2.gold", self.train_gold)
         self.step("s2.curate", self.curate_stage2)
@@ -319,6 +321,7 @@ class Controller(CurationSteps, FinalSteps):
             commit=lambda after, done: self.commit_batch({"after": after, "embedded": done}),
         )
         train_index(self.pairstore, vectors, self.store.root / TRAINED_INDEX_FILE)
+        fill_index(self.pairstore, vectors, self.store.root / TRAINED_INDEX_FILE, self.store.root / FILLED_INDEX_FILE)
         self._vectors = vectors
 
     def seed(self) -> None:

@@ -255,6 +255,7 @@ def test_retrieval_embeds_attributes_finds_only_unverified_rows_and_views_stream
         PoolRetrieval,
         embed_pool,
         embedded_attributes,
+        fill_index,
         retrieval_text,
         train_index,
     )
@@ -273,7 +274,8 @@ def test_retrieval_embeds_attributes_finds_only_unverified_rows_and_views_stream
     store.add((f"k{i}", "holdout" if i % 5 == 0 else "unverified", record(i)) for i in range(40))
     vectors = embed_pool(store, tmp_path / "v.f16", ("unverified",), embed, lambda _m: None, batch=7)
     train_index(store, vectors, tmp_path / "trained.faiss")
-    retrieval = PoolRetrieval(store, vectors, tmp_path / "trained.faiss", chunk=9)
+    fill_index(store, vectors, tmp_path / "trained.faiss", tmp_path / "d_un.faiss", chunk=9)
+    retrieval = PoolRetrieval(store, vectors, tmp_path / "trained.faiss", tmp_path / "d_un.faiss")
     unverified = store.rows("unverified")
     assert len(retrieval.index) == len(unverified) == 32
     query = unverified[3]

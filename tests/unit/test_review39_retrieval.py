@@ -66,6 +66,9 @@ class RowsOnly:
         assert pool == "unverified"
         return self._rows.tolist()
 
+    def max_row(self) -> int:
+        return int(self._rows.max())
+
 
 def test_the_index_is_trained_on_the_whole_pool_not_on_its_first_sources(tmp_path: Path):
     # Store rows follow the sources' order. The sample was rows[::n // wanted][:wanted]: for 60k pairs
@@ -86,7 +89,7 @@ def test_the_index_is_trained_on_the_whole_pool_not_on_its_first_sources(tmp_pat
     vf.write(0, vectors)
     store = RowsOnly(np.arange(n))
     train_index(store, vf, tmp_path / "trained.faiss")  # type: ignore[arg-type]
-    retrieval = PoolRetrieval(store, vf, tmp_path / "trained.faiss")  # type: ignore[arg-type]
+    retrieval = PoolRetrieval(store, vf, tmp_path / "trained.faiss", tmp_path / "d_un.faiss")  # type: ignore[arg-type]
 
     queries = (last[rng.integers(0, 64, 200)] + 0.3 * rng.normal(size=(200, dim))).astype(np.float32)
     stored = vf.read(np.arange(n))
