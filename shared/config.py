@@ -192,6 +192,8 @@ class WriterSettings(Section):
     version: str = "v1"
     shard_rows: int = Field(default=5000, ge=1)
     """A shard (and its offsets commit) is written once this many rows are buffered..."""
+    shard_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    """...or their Kafka messages (values as received) add up to this many bytes (a record over it is written)..."""
     flush_interval_s: float = Field(default=5.0, gt=0)
     """...or once the oldest buffered message is this old, whichever comes first."""
 
@@ -351,8 +353,7 @@ class ControllerSettings(Section):
 
 
 class ServiceSettings(Section):
-    """The `service` section of each stage service: bind host, gRPC and metrics ports, consumer group, grace,
-    and who may call the gRPC API."""
+    """The `service` section of each stage service: bind host, ports, consumer group, grace, who may call gRPC."""
 
     host: str = "127.0.0.1"
     """Bind address of the gRPC and metrics ports; loopback unless set (the chart sets 0.0.0.0 for its pods)."""
@@ -404,7 +405,6 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Source order: environment variables first, then init kwargs (the YAML file and overrides)."""
-        # Environment beats the YAML file, which arrives as init kwargs.
         return env_settings, init_settings
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from itertools import islice
 from pathlib import Path
 
 from synpref.services.controller.embeddings import PairView
@@ -74,7 +73,7 @@ class FinalSteps:
 
     def write_datasets(self) -> None:
         """Write the dataset versions (dataset_versions) under workdir/datasets/<name>/."""
-        from synpref.services.dataset_writer.dataset import DatasetVersion, version_dir
+        from synpref.services.dataset_writer.dataset import DatasetVersion, size_bounded, version_dir
 
         root = self.root / "datasets"
         out = {}
@@ -84,8 +83,9 @@ class FinalSteps:
             # version_dir first: a dataset_name such as ".." is refused before anything is removed.
             shutil.rmtree(version_dir(root, self.c.dataset_name, version), ignore_errors=True)
             with DatasetVersion(root, self.c.dataset_name, version, dedup=False) as dv:
-                # One Parquet shard per SHARD_ROWS pairs: a shard's rows are built in memory before it is written.
-                while shard := list(islice(records, SHARD_ROWS)):
+                # One Parquet shard per SHARD_ROWS pairs or writer.shard_bytes of them: a shard's records are held
+                # before it is written (20,000 long pairs could be GBs).
+                for shard in size_bounded(records, SHARD_ROWS, self.settings.writer.shard_bytes):
                     dv.append(shard, split=split)
                 out[version] = {"dir": str(dv.dir), **dv.stats}
         self.state.results["datasets"] = out

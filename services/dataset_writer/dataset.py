@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +54,9 @@ TRAIN, HELDOUT = "train", "heldout"
 SPLITS = (TRAIN, HELDOUT)
 ROW_GROUP_ROWS = 1000
 """Rows converted and written at a time (one Parquet row group each): a shard of 20,000 long pairs built whole
-held ~5x its text (Python rows, an Arrow table with the conversation three times, the encoded row group)."""
+held ~5x its text (Python rows, an Arrow table with the conversation three times, the encoded row group)..."""
+ROW_GROUP_BYTES = 32 * 1024 * 1024
+"""...or fewer, once their records' serialized size reaches this: 1,000 pairs of 8 MiB would be 8 GB of text."""
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 SCHEMA = pa.schema(
@@ -394,11 +396,27 @@ class DatasetVersion:
         return AppendResult(len(new), duplicates, shard_name)
 
 
+def size_bounded(records: Iterable[PairRecord], max_rows: int, max_bytes: int) -> Iterator[list[PairRecord]]:
+    """`records` in consecutive lists of max_rows records, or fewer once their serialized size reaches max_bytes
+    (a record over it is a list of its own): the shards or row groups of a writer whose records may be long."""
+    chunk: list[PairRecord] = []
+    size = 0
+    for record in records:
+        chunk.append(record)
+        size += record.ByteSize()
+        if len(chunk) >= max_rows or size >= max_bytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
 def _write_shard(path: Path, records: Sequence[PairRecord], split: str, stats: dict[str, Counter[str]]) -> None:
-    """Write `records` as one Parquet file, ROW_GROUP_ROWS rows converted at a time, counting them into `stats`."""
+    """Write `records` as one Parquet file, a row group (ROW_GROUP_ROWS, ROW_GROUP_BYTES) converted at a time,
+    counting them into `stats`."""
     with pq.ParquetWriter(path, SCHEMA) as writer:
-        for start in range(0, len(records), ROW_GROUP_ROWS):
-            rows = [record_row(r, split) for r in records[start : start + ROW_GROUP_ROWS]]
+        for group in size_bounded(records, ROW_GROUP_ROWS, ROW_GROUP_BYTES):
+            rows = [record_row(r, split) for r in group]
             for row in rows:
                 for key, value in (
                     ("by_decision", row["decision"]["decision"]),

@@ -1,8 +1,8 @@
 """`synpref writer`: kept and flipped pairs from the curated topic into a versioned Parquet dataset.
 
 The writer is the stage runner with a sink: the stage dead-letters what is not KEEP or
-FLIP, the runner hands the rest to ManifestSink, and a checkpoint (shard_rows buffered,
-or flush_interval_s since the oldest) writes one shard. Its offsets are committed WITH
+FLIP, the runner hands the rest to ManifestSink, and a checkpoint (shard_rows or shard_bytes
+buffered, or flush_interval_s since the oldest) writes one shard. Its offsets are committed WITH
 the shard: the manifest written after it stores the next offset of every partition, and
 on (re)assignment the runner seeks to those stored offsets, so a pair is written once
 even across crashes. Order of a checkpoint: dead letters acknowledged, shard, manifest
@@ -34,6 +34,7 @@ from prometheus_client import Counter as PromCounter
 
 from synpref.services.dataset_writer.dataset import AppendResult, DatasetVersion, record_row
 from synpref.shared.config import Settings, WriterSettings
+from synpref.shared.kafka.codec import Message
 from synpref.shared.kafka.runner import RunnerStats
 from synpref.shared.service import Service, ServiceSpec, serve, service_parser
 from synpref.shared.stage import StageResult
@@ -117,7 +118,11 @@ class ResumeAt(dict[TopicPartition, int]):
 
 
 class ManifestSink:
-    """The runner's sink: rows buffered until due, then one shard committed with its offsets."""
+    """The runner's sink: rows buffered until due, then one shard committed with its offsets.
+
+    Due is checked after each polled batch, so a buffer holds at most shard_bytes plus one batch (the consumer
+    fetches at most kafka.max_batch records and about 50 MiB at a time: shared/kafka/clients.py).
+    """
 
     keeps_offsets = True
 
@@ -126,21 +131,33 @@ class ManifestSink:
         self.cfg = cfg
         self.stats = stats
         self.buffer: list[PairRecord] = []
+        self.buffered_bytes = 0
+        """The size of the buffered records' Kafka message values (serialized size where none is known)."""
         self.oldest: float | None = None
         """When the first record (or offset) since the last flush arrived."""
 
     def write(self, routed: list[tuple[str, PairRecord]]) -> None:
-        """Buffer the routed records; the first write since the last flush starts the flush clock."""
+        """Buffer the routed records, each counted at its serialized size (write_sourced, with no messages)."""
+        self.write_sourced(routed, [None] * len(routed))
+
+    def write_sourced(self, routed: list[tuple[str, PairRecord]], sources: list[Message | None]) -> None:
+        """Buffer the routed records, each counted at the length of its input message's value (free to count; the
+        runner calls this instead of write); the first write since the last flush starts the flush clock."""
         if self.oldest is None:
             # Offsets advance even when no row does (dead letters, duplicates): they are due too.
             self.oldest = time.monotonic()
-        self.buffer.extend(record for _, record in routed)
+        for (_, record), source in zip(routed, sources, strict=True):
+            # Only the length is kept: holding the message would keep its value alive beside the decoded record.
+            self.buffered_bytes += len(source.value) if source is not None and source.value else record.ByteSize()
+            self.buffer.append(record)
 
     def due(self) -> bool:
-        """True when shard_rows records are buffered or flush_interval_s has passed since the oldest write."""
+        """True when shard_rows records or shard_bytes of them are buffered, or flush_interval_s has passed since
+        the oldest write (a record over shard_bytes makes it due at once: written, never dropped)."""
         if self.oldest is None:
             return False
-        return len(self.buffer) >= self.cfg.shard_rows or time.monotonic() - self.oldest >= self.cfg.flush_interval_s
+        full = len(self.buffer) >= self.cfg.shard_rows or self.buffered_bytes >= self.cfg.shard_bytes
+        return full or time.monotonic() - self.oldest >= self.cfg.flush_interval_s
 
     def flush(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Write the buffer as one shard whose manifest stores `offsets`, then empty the buffer."""
@@ -149,7 +166,7 @@ class ManifestSink:
             self.stats.count("written", result.written)
             self.stats.count("duplicates", result.duplicates)
         log.info("writer: +%d rows (%d duplicates) -> %s", result.written, result.duplicates, result.shard)
-        self.buffer, self.oldest = [], None
+        self.buffer, self.buffered_bytes, self.oldest = [], 0, None
 
     def stored_offsets(self) -> ResumeAt:
         """Where the runner seeks each assigned partition: the manifest's offset, else the beginning (ResumeAt)."""

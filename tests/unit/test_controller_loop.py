@@ -533,3 +533,14 @@ def test_the_final_step_scores_the_held_out_pairs_a_batch_at_a_time(tmp_path):
     save_npz(path, w=np.random.default_rng(0).normal(size=fakes.DIM))
     random = ModelHandle("random", str(path), "random-0")
     assert 0 < controller.holdout_accuracy(random) == whole(random) < 1
+
+
+def test_the_dataset_step_cuts_shards_at_writer_shard_bytes_too(tmp_path):
+    # Shards were cut by row count only (20,000 pairs held before each write, GBs of long conversations): the
+    # in-process writer follows writer.shard_bytes as the writer service does.
+    settings = settings_for(tmp_path, iterations=1, patience=1)
+    settings = settings.model_copy(update={"writer": settings.writer.model_copy(update={"shard_bytes": 1})})
+    state = controller_for(settings).run()
+    curated = state.results["datasets"]["curated"]
+    manifest = json.loads((Path(curated["dir"]) / "manifest.json").read_text())
+    assert [s["rows"] for s in manifest["shards"]] == [1] * curated["rows"] and curated["rows"] > 14
