@@ -7,8 +7,8 @@
 Configuration is the `scorer` section (YAML and SYNPREF_SCORER__* variables); flags
 override it. SIGTERM or SIGINT drains in-flight work (scorer.drain_s) before exiting.
 No models, or configured checkpoints that do not exist yet, are not an error: the process
-serves (health "" SERVING) and waits for them (see server.py); a checkpoint that exists but
-does not load exits 1.
+serves (health "" SERVING once the others are loaded) and waits for them (see server.py); a
+checkpoint that exists but does not load exits 1.
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start(load=False)  # listeners up, "" SERVING; RewardService NOT_SERVING until a model loads
+    # Listeners up, "liveness" SERVING; "" (readiness) once the load pass below is over; RewardService once a
+    # model is served.
+    await server.start(load=False)
     loader = asyncio.ensure_future(server.load())
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)

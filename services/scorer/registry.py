@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -156,9 +157,11 @@ class ModelRegistry:
         self.backend_factory = backend_factory
         self.on_change = on_change
         self.models: dict[str, ServedModel] = {}
-        self.loading: set[str] = set()
-        """Names whose checkpoint is being (or, at start-up, about to be) loaded. While nothing is
-        served, a request gets NotReady (retry) if one is coming, else NoModel."""
+        self.loading: Counter[str] = Counter()
+        """How many loads of each name are under way (or, at start-up, about to be). A name stays here
+        until the last of its loads ends: two reloads of one name can overlap (the second waits for the
+        swap lock), and the first to finish must not make the name read "no model" while the other
+        loads. While nothing is served, a request gets NotReady (retry) if one is coming, else NoModel."""
         self._swap_lock = asyncio.Lock()
         # Tokenizing of requests over INLINE_ENCODE_BYTES runs here, off the event loop, in
         # parallel with the forward thread and with request handling.
@@ -172,6 +175,18 @@ class ModelRegistry:
         self.drain_started = asyncio.Event()
         """Set on shutdown: health turns unavailable while in-flight work finishes, and open
         ScoreStreams end once their messages in flight are answered."""
+
+    def begin_loading(self, name: str) -> None:
+        """Count one more load of `name` under way (see `loading`)."""
+        self.loading[name] += 1
+
+    def end_loading(self, name: str) -> None:
+        """One load of `name` ended; the name leaves `loading` with the last of them."""
+        left = self.loading[name] - 1
+        if left > 0:
+            self.loading[name] = left
+        else:
+            self.loading.pop(name, None)
 
     @property
     def draining(self) -> bool:
@@ -276,7 +291,7 @@ class ModelRegistry:
 
     async def reload(self, name: str, ref: ModelRef) -> ServedModel:
         """Serve `ref` under `name`, replacing (and draining) whatever served it before."""
-        self.loading.add(name)
+        self.begin_loading(name)
         try:
             async with self._swap_lock:
                 if name not in self.models and len(self.models) >= self.settings.max_models:
@@ -289,7 +304,7 @@ class ModelRegistry:
                 self.models[name] = new  # from here on, new requests go to the new version
                 log.info("serving %s = %s (version %s)", name, ref.path, new.version)
         finally:
-            self.loading.discard(name)
+            self.end_loading(name)
         await self._settle(old)
         return new
 

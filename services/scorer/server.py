@@ -2,20 +2,25 @@
 the metrics page and, when scorer.admin_enabled, the token-guarded admin port around one
 ModelRegistry.
 
-Health (grpc.health.v1) has two meanings. The overall service "" is SERVING as soon as the
-listeners are up: the process is alive and answers, so the pod is Ready (and `helm install
---wait` finishes) before any model exists. `synpref.v1.RewardService` is SERVING only while
-at least one model is served: it follows every load, reload and unload. A configured model
-whose checkpoint is not there yet is a warning, not an exit: the server starts without it and
-loads it once the folder appears (checked every `missing_poll_s`), unless a reload on the
-admin port served the name first. A checkpoint that is there but does not load stays fatal.
+Health (grpc.health.v1) has three services. "liveness" is SERVING as soon as the listeners are
+up: the process is alive and answers (the chart's startup and liveness probes; loading a model,
+minutes at 8B, never fails them). The overall service "" is readiness (the readiness probe): SERVING
+once the start-up load pass is over, i.e. every configured model whose checkpoint exists, and every
+entry of scorer.models_file at start, was tried. So a pod added by the HPA, or a rolling update's
+new pod, gets traffic only once the models it starts with are in; one whose configured checkpoints
+do not exist yet is Ready at once (`helm install --wait` finishes before any model is trained).
+`synpref.v1.RewardService` is SERVING only while at least one model is served: it follows every
+load, reload and unload. A configured model whose checkpoint is not there yet is a warning, not an
+exit: the server starts without it and loads it once the folder appears (checked every
+`missing_poll_s`), unless a reload on the admin port served the name first. A checkpoint that is
+there but does not load stays fatal: the process exits without ever turning "" SERVING.
 
 An admin reload reaches one process (one pod behind a Service). With scorer.models_file, every
 replica converges instead: each loads the models that file lists at start and re-reads it every
 models_file_poll_s (ModelsFile), reloading a name whose entry changed through the same
 ModelRegistry.reload an admin reload takes. The controller writes the file (controller.scorer_models_file).
 
-Stop order (SIGTERM): both NOT_SERVING, stop accepting, let in-flight requests finish within
+Stop order (SIGTERM): "" and RewardService NOT_SERVING, stop accepting, let in-flight requests finish within
 the grace period (their batchers keep running), then drain and free the models.
 """
 
@@ -47,7 +52,11 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 OVERALL = ""
-"""The health service name of the server as a whole, which Kubernetes' gRPC probes check."""
+"""The health service name of the server as a whole, which the chart's readinessProbe checks: SERVING once
+the start-up load pass is over (ScorerServer.load), NOT_SERVING before it and while draining."""
+LIVENESS = "liveness"
+"""The health service name the chart's startupProbe and livenessProbe name: SERVING once the listeners are
+up, whatever is loading."""
 MAX_SEND_BYTES = 64 * 1024 * 1024
 MISSING_POLL_S = 10.0
 MODELS_FILE_MAX_RETRY_S = 300.0
@@ -172,6 +181,8 @@ class ScorerServer:
         path = settings.models_file_path()
         self.models_file = ModelsFile(path, settings, self.registry) if path is not None else None
         self._file_watcher: asyncio.Task[None] | None = None
+        self._startup_marks: set[str] = set()
+        """Configured names counted as loading from `start` until `load` has tried each (registry.loading)."""
         self.grpc_port = 0
         self.http_port = 0
         self.admin_port = 0
@@ -181,7 +192,8 @@ class ScorerServer:
         self._metrics_http: web.AppRunner | None = None
 
     async def start(self, load: bool = True) -> None:
-        """Open the listeners, turn "" SERVING, then (if `load`) load the configured models.
+        """Open the listeners, turn "liveness" SERVING, then (if `load`) load the configured models, after
+        which "" (readiness) turns SERVING. Without `load`, "" waits for a call of `load`.
 
         With admin_enabled, a missing or empty token file fails here before any port opens.
         """
@@ -189,7 +201,9 @@ class ScorerServer:
         # Read before any listener opens: a missing or empty token file stops the process.
         admin_token = read_token(s.admin_token_file) if s.admin_enabled else ""
         # Until load() has tried them, the configured models count as loading: UNAVAILABLE, not "no model".
-        self.registry.loading.update(s.models)
+        for name in s.models:
+            self.registry.begin_loading(name)
+        self._startup_marks.update(s.models)
         if s.torch_threads:
             import torch
 
@@ -207,7 +221,7 @@ class ScorerServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
         )
         self.grpc_port = server.add_insecure_port(f"{s.host}:{s.port}")
-        for name in (OVERALL, SERVICE_NAME):
+        for name in (OVERALL, LIVENESS, SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._grpc = server
@@ -225,7 +239,7 @@ class ScorerServer:
             metrics_app.router.add_get("/metrics", shims.metrics_page)
             self._metrics_http, _ = await _serve_http(metrics_app, s.host, s.metrics_port)
         log.info("scorer listening: gRPC %s:%d, HTTP %s:%d", s.host, self.grpc_port, s.host, self.http_port)
-        await self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         if load:
             await self.load()
 
@@ -251,8 +265,10 @@ class ScorerServer:
         )
 
     async def load(self) -> None:
-        """Load every configured model, one after another. A checkpoint that is not there is
-        logged and watched for (see `missing`); one that is there but fails to load raises."""
+        """The start-up load pass: load every configured model, one after another, then what
+        scorer.models_file lists, then turn "" (readiness) SERVING. A checkpoint that is not there is
+        logged and watched for (see `missing`) and does not hold readiness back; one that is there but
+        fails to load raises, and "" stays NOT_SERVING (the process exits)."""
         for name, ref in self.settings.models.items():
             try:
                 await self.registry.reload(name, ref)
@@ -270,16 +286,26 @@ class ScorerServer:
                     str(exc)[:200],
                     self.missing_poll_s,
                 )
+            finally:
+                self._end_startup_mark(name)
         if self.models_file is not None:
             await self.models_file.sync()  # never raises for the file's sake: its failures are retried
             if self._file_watcher is None:
                 self._file_watcher = asyncio.ensure_future(self.models_file.watch())
+        if not self.registry.draining:
+            await self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
         if self.registry.models:
             log.info("serving models %s", sorted(self.registry.models))
         else:
             log.warning("no model is served: %s", NO_MODEL)
         if self.missing and self._watcher is None:
             self._watcher = asyncio.ensure_future(self._watch_missing())
+
+    def _end_startup_mark(self, name: str) -> None:
+        """`load` has tried configured model `name`: it counts as loading no longer for start-up's sake."""
+        if name in self._startup_marks:
+            self._startup_marks.discard(name)
+            self.registry.end_loading(name)
 
     async def _watch_missing(self) -> None:
         """Load each missing configured model once its folder appears; a name served meanwhile
@@ -304,7 +330,8 @@ class ScorerServer:
                 log.info("model %r loaded from %s, which appeared after start-up", name, ref.path)
 
     async def _model_health(self) -> None:
-        """RewardService is SERVING while a model is served (and not draining); "" is left as it is."""
+        """RewardService is SERVING while a model is served (and not draining); "" and "liveness" are left as
+        they are."""
         serving = bool(self.registry.models) and not self.registry.draining
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set(SERVICE_NAME, status)
@@ -316,6 +343,7 @@ class ScorerServer:
         for watcher in (self._watcher, self._file_watcher):
             if watcher is not None:
                 watcher.cancel()
+        # "liveness" stays SERVING: the process is alive while it drains (the listener stops answering next).
         for name in (OVERALL, SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         waits = []

@@ -8,7 +8,7 @@ tools/cluster/test.sh, which starts that cluster and builds the images first.
     KUBECONFIG=$PWD/.cache/cluster/admin.kubeconfig .venv/bin/python -m pytest -m cluster tests/cluster -s
 
 The release comes up in two steps, as a user brings one up: `helm install` without the scorer
-(the chart creates the data PVC, and the scorer exits 1 without its model), the tiny reward model
+(the chart creates the data PVC, which the scorer's model goes on), the tiny reward model
 copied onto the PVC through the writer's pod, then `helm upgrade` with tests/cluster/values.yaml
 as it is. Both steps run the hook Jobs (secrets before, topics after); a `kubectl --watch` records
 them reaching Complete, since Helm deletes a hook Job as soon as it succeeded.

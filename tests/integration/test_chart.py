@@ -257,10 +257,27 @@ def test_long_running_containers_have_probes_on_their_ports(
         (container,) = pod_spec(doc)["containers"]
         check = expected[container["name"]]
         for probe in ("livenessProbe", "readinessProbe"):
-            assert check.items() <= container[probe].items(), f"{case}: {container['name']} {probe}"
+            for handler, spec in check.items():  # the probe may name more (the scorer's gRPC health service)
+                assert spec.items() <= container[probe][handler].items(), f"{case}: {container['name']} {probe}"
         ports = {p["containerPort"] for p in container["ports"]} | {p["name"] for p in container["ports"]}
         for spec in check.values():
             assert spec["port"] in ports
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case != "minimal"])
+def test_the_scorer_is_live_once_it_listens_and_ready_once_its_start_up_models_loaded(
+    renders: dict[str, list[dict[str, Any]]], case: str
+) -> None:
+    """Startup and liveness ask the scorer's "liveness" health service (SERVING once it listens: a model that
+    loads for minutes must not get the pod killed); readiness asks "" (SERVING once the models it starts with
+    are loaded: no traffic to a pod still loading). Before, all three asked "", SERVING once it listened."""
+    from synpref.services.scorer.server import LIVENESS, OVERALL
+
+    (container,) = pod_spec(one(renders[case], "Deployment", f"{RELEASE}-synpref-scorer"))["containers"]
+    for probe in ("startupProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": 50060, "service": LIVENESS}, f"{case}: {probe}"
+    # No service named is the overall service "" (Kubernetes sends the empty name).
+    assert container["readinessProbe"]["grpc"].get("service", "") == OVERALL, case
 
 
 def test_gpu_requests_node_selectors_and_tolerations_come_from_values(

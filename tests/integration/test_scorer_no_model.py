@@ -2,7 +2,7 @@
 
 On a fresh install the models come later (the controller trains them and reloads the scorer,
 or someone copies a checkpoint onto the volume). So a scorer with no model, or with a
-configured checkpoint that is not there yet, stays up: health "" SERVING (the pod's probes),
+configured checkpoint that is not there yet, stays up: health "" SERVING (the readiness probe),
 synpref.v1.RewardService NOT_SERVING until a model is served, scoring calls failing fast with a
 message saying how models arrive. Real servers on loopback, tiny checkpoints built on the spot.
 """

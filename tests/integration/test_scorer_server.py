@@ -203,7 +203,7 @@ def test_a_model_still_loading_is_unavailable_by_name_not_unknown(scorer: Backgr
     import json
     import urllib.error
 
-    scorer.server.registry.loading.add("late")
+    scorer.server.registry.begin_loading("late")
     try:
         with grpc.insecure_channel(scorer.address) as ch, pytest.raises(grpc.RpcError) as err:
             request = reward_pb2.ScoreRequest(model="late", items=[reward_pb2.ScoreItem(text="hi")])
@@ -216,7 +216,7 @@ def test_a_model_still_loading_is_unavailable_by_name_not_unknown(scorer: Backgr
                 urllib.request.urlopen(post, timeout=10)
             assert http_err.value.code == 503, name
     finally:
-        scorer.server.registry.loading.discard("late")
+        scorer.server.registry.end_loading("late")
     with grpc.insecure_channel(scorer.address) as ch, pytest.raises(grpc.RpcError) as err:
         request = reward_pb2.ScoreRequest(model="late", items=[reward_pb2.ScoreItem(text="hi")])
         reward_pb2_grpc.RewardServiceStub(ch).Score(request, timeout=10)
