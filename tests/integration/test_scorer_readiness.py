@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from synpref.services.scorer.server import LIVENESS, OVERALL, SERVICE_NAME, BackgroundScorer
 from synpref.shared.config import ModelRef, ScorerSettings
 from synpref.v1 import reward_pb2, reward_pb2_grpc
+from testing.scorer_fakes import LengthBackend
 from testing.tiny import build_tiny_tokenizer
 
 pytestmark = pytest.mark.integration
@@ -36,20 +37,6 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-class FakeBackend:
-    kind = "torch"
-    dtype = "float32"
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-
-    def forward(self, batch: list[list[int]]) -> list[float]:
-        return [float(len(ids)) for ids in batch]
-
-    def close(self) -> None:
-        pass
-
-
 class GatedLoads:
     """A backend factory: a path that does not exist fails as a real load does; one that exists signals
     `entered`, waits for `gate`, then loads, unless it is a folder named `broken`."""
@@ -59,14 +46,14 @@ class GatedLoads:
         self.entered = threading.Event()
         self.gate = threading.Event()
 
-    def __call__(self, kind: str, path: str, device: str, dtype: str, max_length: int, compile: bool) -> FakeBackend:
+    def __call__(self, kind: str, path: str, device: str, dtype: str, max_length: int, compile: bool) -> LengthBackend:
         if not Path(path).exists():
             raise FileNotFoundError(path)
         self.entered.set()
         assert self.gate.wait(30), "the test never opened the gate"
         if Path(path).name == "broken":
             raise ValueError(f"{path} is not a checkpoint")
-        return FakeBackend(self.tokenizer)
+        return LengthBackend(self.tokenizer)
 
 
 def health(address: str) -> dict[str, int]:

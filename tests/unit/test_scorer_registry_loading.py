@@ -15,6 +15,7 @@ from synpref.services.scorer.errors import NoModel, NotReady
 from synpref.services.scorer.metrics import ScorerMetrics
 from synpref.services.scorer.registry import ModelRegistry
 from synpref.shared.config import ModelRef, ScorerSettings
+from testing.scorer_fakes import LengthBackend
 from testing.tiny import build_tiny_tokenizer
 
 BROKEN = "/m/broken"
@@ -26,20 +27,6 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-class FakeBackend:
-    kind = "torch"
-    dtype = "float32"
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-
-    def forward(self, batch: list[list[int]]) -> list[float]:
-        return [float(len(ids)) for ids in batch]
-
-    def close(self) -> None:
-        pass
-
-
 class GatedLoads:
     """A backend factory whose load of each path signals `entered[path]`, then waits for `gates[path]`."""
 
@@ -48,12 +35,12 @@ class GatedLoads:
         self.entered = {path: threading.Event() for path in paths}
         self.gates = {path: threading.Event() for path in paths}
 
-    def __call__(self, kind: str, path: str, device: str, dtype: str, max_length: int, compile: bool) -> FakeBackend:
+    def __call__(self, kind: str, path: str, device: str, dtype: str, max_length: int, compile: bool) -> LengthBackend:
         self.entered[path].set()
         assert self.gates[path].wait(10), f"the test never opened the gate of {path}"
         if path == BROKEN:
             raise OSError(f"{path} is not a checkpoint")
-        return FakeBackend(self.tokenizer)
+        return LengthBackend(self.tokenizer)
 
     def open_all(self) -> None:
         for gate in self.gates.values():

@@ -1,0 +1,21 @@
+"""A scorer backend for tests that need the registry or the server, not a model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LengthBackend:
+    """A loaded "model" whose reward for an item is its token count."""
+
+    kind = "torch"
+    dtype = "float32"
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def forward(self, batch: list[list[int]]) -> list[float]:
+        return [float(len(ids)) for ids in batch]
+
+    def close(self) -> None:
+        pass
