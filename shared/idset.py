@@ -2,7 +2,7 @@
 
 For dedup over inputs too large for a Python set (~100 B an id: ~4 GB at the paper's 40M
 pairs). Adds are buffered and written in transactions of `flush_every`; lookups see them
-at once.
+at once. `bulk_load` adds millions at once (ingest's --seen file) by sorting them first.
 """
 
 from __future__ import annotations
@@ -63,6 +63,37 @@ class DiskIdSet:
             self.db.execute("BEGIN")
             self.db.executemany("INSERT OR IGNORE INTO ids VALUES (?)", ((i,) for i in self.pending))
         self.pending.clear()
+
+    def bulk_load(self, ids: Iterable[str]) -> None:
+        """Add many ids (duplicates ignored), several times faster than `update` from a few million on.
+
+        `update` puts each id at a random place in the B-tree: once the tree outgrows the page cache,
+        every insert reads and rewrites a page. Here the ids are appended to an unindexed table in a
+        scratch file beside the set, sorted once by SQLite (an external merge sort: memory bounded by
+        cache_size, runs spilled to SQLite's temporary directory) and inserted in key order, which fills
+        the pages one after another. Peak disk is about three times the set's size (scratch table, sort
+        runs, the set); the scratch file is removed at the end.
+        """
+        self.flush()
+        scratch = self.path.with_name(self.path.name + ".load")
+        scratch.unlink(missing_ok=True)  # left by a killed load: not ours to add
+        # A rollback journal, not WAL, for the one big insert: the -wal file would grow to the set's size and stay.
+        self.db.execute("PRAGMA journal_mode=DELETE")
+        self.db.execute("ATTACH DATABASE ? AS load", (str(scratch),))
+        try:
+            self.db.execute("PRAGMA load.journal_mode=OFF")  # a scratch table: nothing to roll back to
+            self.db.execute("PRAGMA load.synchronous=OFF")
+            self.db.execute("CREATE TABLE load.staged (id TEXT NOT NULL)")
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.executemany("INSERT INTO load.staged VALUES (?)", ((i,) for i in ids))
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.execute("INSERT OR IGNORE INTO ids SELECT id FROM load.staged ORDER BY id")
+        finally:
+            self.db.execute("DETACH DATABASE load")
+            scratch.unlink(missing_ok=True)
+            self.db.execute("PRAGMA journal_mode=WAL")
 
     def __len__(self) -> int:
         self.flush()

@@ -200,7 +200,7 @@ def main(argv: list[str]) -> int:
         seen = stack.enter_context(DiskIdSet())
         if args.seen and Path(args.seen).exists():
             with Path(args.seen).open() as fh:
-                seen.update(line.strip() for line in fh if line.strip())
+                seen.bulk_load(stripped for line in fh if (stripped := line.strip()))
         report = stack.enter_context(Path(args.report).open("w")) if args.report else None
         acked_file = stack.enter_context(open_seen(Path(args.seen))) if args.seen else None
         if acked_file is not None:
