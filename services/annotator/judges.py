@@ -17,9 +17,9 @@ import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
+from synpref.services.annotator.answer_cache import AnswerCache as AnswerCache
 from synpref.services.annotator.chat import ChatBackend
 from synpref.services.annotator.prompts import (
     ATTRIBUTE_SCHEMA,
@@ -32,7 +32,6 @@ from synpref.services.annotator.prompts import (
     parse_judgement,
     response_format,
 )
-from synpref.shared.files import write_text_atomic
 from synpref.v1.pair_pb2 import (
     PREFERENCE_ABSTAIN,
     PREFERENCE_CHOSEN,
@@ -66,47 +65,6 @@ class Judge(Protocol):
     async def judge(self, request: JudgeRequest) -> list[JudgeVote]:
         """The judge's votes on the pair (one per sample; abstentions included)."""
         ...
-
-
-class AnswerCache:
-    """Answers on disk, one JSON file per (pair, model, prompt version, purpose).
-
-    Writes go through a temp file and a rename, so several processes may share the folder
-    and a crash never leaves half an entry. Only answers that came back are stored: a failed
-    request is retried on replay, an unparseable answer is not (it was the model's answer).
-    """
-
-    def __init__(self, root: str | Path | None) -> None:
-        self.root = Path(root) if root else None
-        self.hits = 0
-        self.misses = 0
-
-    def _path(self, *key: str) -> Path | None:
-        if self.root is None:
-            return None
-        digest = hashlib.sha256("\x1f".join(key).encode()).hexdigest()
-        return self.root / digest[:2] / f"{digest}.json"
-
-    def get(self, *key: str) -> Any:
-        """The cached answer under `key`, or None (counted as a miss) when absent, unreadable or caching is off."""
-        path = self._path(*key)
-        if path is None or not path.exists():
-            self.misses += 1
-            return None
-        try:
-            value = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            self.misses += 1
-            return None
-        self.hits += 1
-        return value
-
-    def put(self, value: Any, *key: str) -> None:
-        """Store `value` under `key` atomically; does nothing when caching is off."""
-        path = self._path(*key)
-        if path is None:
-            return
-        write_text_atomic(path, json.dumps(value))
 
 
 def candidate_orders(pair_id: str, judge: str, samples: int, seed: int = 0) -> list[bool]:

@@ -39,7 +39,7 @@ def chat_backend(judge: JudgeSettings, settings: AnnotatorSettings) -> OpenAICha
 def build_annotator(settings: Settings, examples=None) -> Annotator:
     """The annotator the settings describe (OpenAI-compatible judges; examples from the index folder)."""
     cfg = settings.annotator
-    cache = AnswerCache(cfg.cache_dir or None)
+    cache = AnswerCache(cfg.cache_dir or None, cfg.cache_ttl_days)
     version = prompt_version(cfg)
     judges: list[Judge] = [
         LLMJudge(chat_backend(j, cfg), j.samples, j.temperature, cache, version, cfg.json_mode, cfg.seed)
