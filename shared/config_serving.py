@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
 
 from synpref.shared.config_base import ModelRef, Section
 from synpref.shared.cpus import validate_mode
@@ -144,3 +144,8 @@ class DeskSettings(Section):
     """Most undecided pairs the desk holds; it stops reading the review topic beyond that."""
     group_id: str = "synpref-desk"
     """Consumer group on the review topic; run one desk replica per group."""
+    trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list)
+    """CIDRs of the proxies in front of the desk (an Ingress controller's pods) whose X-Forwarded-For the login
+    throttle believes; empty = key on the TCP peer (docs/desk.md)."""
+    unready_after_s: float = Field(default=60.0, gt=0)
+    """/readyz answers 503 once a Kafka read, write or commit has failed for this long without a success."""

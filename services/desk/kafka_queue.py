@@ -17,13 +17,17 @@ replica per consumer group. A full desk (desk.max_pending) pauses its partitions
 only polls to stay in the group.
 
 kafka-python clients are not thread-safe, so every call on the runner runs on one
-worker thread; the event loop only awaits it.
+worker thread; the event loop only awaits it. Clients closed after a failure are reopened
+after a back-off (1, 2, 4 ... 60 s, reset by a poll that succeeds); KafkaHealth records
+which operations fail and since when, for the desk's /readyz.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +47,77 @@ log = logging.getLogger("synpref.desk.kafka")
 SERVICE = "desk"
 T = TypeVar("T")
 Handle = tuple[TopicPartition, int]
+RECONNECT_FIRST_S = 1.0
+RECONNECT_MAX_S = 60.0
+
+
+class ReconnectPending(Exception):
+    """The Kafka clients were closed after a failure and the back-off before reopening them has not run out."""
+
+
+class ReconnectBackoff:
+    """How long to wait before reopening the Kafka clients: first_s, doubled for each failure in a row, at most
+    max_s; `succeeded` resets it."""
+
+    def __init__(
+        self,
+        first_s: float = RECONNECT_FIRST_S,
+        max_s: float = RECONNECT_MAX_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.first_s, self.max_s, self.clock = first_s, max_s, clock
+        self.failures = 0
+        self.not_before = 0.0
+
+    def failed(self) -> float:
+        """Count a failure; returns the delay before the next attempt."""
+        self.failures += 1
+        # The exponent is capped too: 2.0 ** 1024 overflows after a long enough outage.
+        delay = min(self.max_s, self.first_s * 2.0 ** min(self.failures - 1, 16))
+        self.not_before = self.clock() + delay
+        return delay
+
+    def wait_s(self) -> float:
+        """Seconds left before the next attempt may start; 0 = now."""
+        return max(0.0, self.not_before - self.clock())
+
+    def succeeded(self) -> None:
+        self.failures, self.not_before = 0, 0.0
+
+
+class KafkaHealth:
+    """Which of the desk's Kafka operations (read, write, commit) fail, since when, and with what.
+
+    Written on the worker thread, read by /readyz on the event loop, hence the lock.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._failing: dict[str, tuple[float, str]] = {}
+        """operation -> (first failure with no success since, the last failure's exception type)."""
+
+    def failed(self, operation: str, exc: BaseException) -> None:
+        with self._lock:
+            since = self._failing.get(operation, (self.clock(), ""))[0]
+            self._failing[operation] = (since, type(exc).__name__)
+
+    def succeeded(self, operation: str) -> None:
+        with self._lock:
+            self._failing.pop(operation, None)
+
+    def problem(self, bound_s: float) -> str | None:
+        """Why the desk cannot work, when an operation has failed for longer than `bound_s`; else None.
+
+        Names the operation and the exception type only: /readyz answers anyone, the log has the details.
+        """
+        now = self.clock()
+        with self._lock:
+            late = sorted((since, op, kind) for op, (since, kind) in self._failing.items() if now - since > bound_s)
+        if not late:
+            return None
+        since, operation, kind = late[0]
+        return f"Kafka {operation} failing for {now - since:.0f}s ({kind}); see the desk's log"
 
 
 def commit_point(open_offsets: dict[int, bool], polled_to: int | None = None) -> int | None:
@@ -143,8 +218,14 @@ class KafkaDeskQueues:
         group_id: str,
         flush_timeout_s: float = 60.0,
         max_pending: int | None = None,
+        unready_after_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.topics = topics
+        self.unready_after_s = DeskSettings().unready_after_s if unready_after_s is None else unready_after_s
+        self.health = KafkaHealth(clock)
+        self.backoff = ReconnectBackoff(clock=clock)
+        self._connect_failed = False
         self.inbox = ReviewInbox()
         # A poll takes no more than the desk may hold, so the inbox never runs far ahead of the desk.
         cap = DeskSettings().max_pending if max_pending is None else max_pending
@@ -166,10 +247,42 @@ class KafkaDeskQueues:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _opened(self) -> StageRunner:
+    def _opened(self, waits: bool = True) -> StageRunner:
+        """The runner, connected; ReconnectPending while the back-off after a failure runs. A caller that does not
+        `wait` (an annotator's decision: its write and commit) reconnects at once unless connecting itself failed:
+        the tick polls every half second, decisions come at a human pace."""
         if self.runner.consumer is None:
-            self.runner.open()
+            if self.backoff.wait_s() > 0 and (waits or self._connect_failed):
+                raise ReconnectPending("the Kafka clients were closed after a failure; reconnecting after a back-off")
+            try:
+                self.runner.open()
+            except Exception:
+                self._connect_failed = True
+                self._disconnect("could not connect to Kafka")
+                raise
+            self._connect_failed = False
         return self.runner
+
+    def _disconnect(self, why: str) -> None:
+        """Close the clients (a producer made before the consumer failed too) and start the back-off."""
+        delay = self.backoff.failed()
+        log.warning("desk: %s; reconnecting in %.0fs (failure %d in a row)", why, delay, self.backoff.failures)
+        try:
+            self.runner.close()
+        except Exception:
+            log.exception("desk: closing the Kafka clients failed")
+
+    def _tracked(self, operation: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` and record in `health` whether `operation` works."""
+        try:
+            result = fn(*args)
+        except ReconnectPending:
+            raise  # not a new failure: the one that closed the clients is still on record
+        except Exception as exc:
+            self.health.failed(operation, exc)
+            raise
+        self.health.succeeded(operation)
+        return result
 
     # -- worker-thread side ----------------------------------------------------------------
     def _fetch(self, limit: int) -> list[tuple[PairRecord, Handle | None]]:
@@ -195,11 +308,12 @@ class KafkaDeskQueues:
             self.inbox.polled_to = polled_to
             # The runner's outbox fails for good after a loss, so every later poll would raise again: the desk
             # would never read another pair while /healthz says ok. Fresh clients rejoin the group and read
-            # again from its committed offsets, which stop before the lost dead letters.
-            log.warning("desk: dead letters were not acknowledged; reconnecting to read them again")
-            self.runner.close()
+            # again from its committed offsets, which stop before the lost dead letters. A producer refused for
+            # good fails the same way after each reconnect: the back-off keeps that from happening every tick.
+            self._disconnect("dead letters were not acknowledged; reading them again on fresh clients")
             raise
         self._committing(lambda: runner.commit(self.inbox.safe_offsets()))
+        self.backoff.succeeded()
         return self.inbox.take(limit)
 
     def _committing(self, step: Callable[[], object]) -> None:
@@ -213,12 +327,12 @@ class KafkaDeskQueues:
             raise
 
     def _write(self, routed: list[tuple[str, PairRecord]]) -> None:
-        runner = self._opened()
+        runner = self._opened(waits=False)
         messages = [encode_record(record, getattr(self.topics, route)) for route, record in routed]
         deliver(runner.producer, messages, runner.flush_timeout_s)
 
     def _ack(self, handles: list[Any]) -> None:
-        runner = self._opened()
+        runner = self._opened(waits=False)
         self.inbox.settle(handles)
         self._committing(lambda: runner.commit(self.inbox.safe_offsets()))
 
@@ -239,7 +353,7 @@ class KafkaDeskQueues:
         return await self._run(self._committed)
 
     def _committed(self) -> dict[int, int | None]:
-        consumer = self._opened().consumer
+        consumer = self._opened(waits=False).consumer
         parts = consumer.partitions_for_topic(self.topics.review) or set()
         return {p: consumer.committed(TopicPartition(self.topics.review, p)) for p in sorted(parts)}
 
@@ -254,12 +368,20 @@ class KafkaReviewSource:
         """Up to `limit` records from the review topic with their (partition, offset) handles.
 
         Undecodable messages go to the dead-letter topic; limit 0 pauses the partitions and only polls (keep-alive).
+        Nothing while the clients wait out a reconnect back-off.
         """
-        return await self.queues._run(self.queues._fetch, limit)  # type: ignore[return-value]
+        try:
+            return await self.queues._run(self.queues._tracked, "read", self.queues._fetch, limit)  # type: ignore[return-value]
+        except ReconnectPending:
+            return []
+
+    def problem(self) -> str | None:
+        """Why the desk cannot work: a Kafka operation failing for longer than desk.unready_after_s; None if none."""
+        return self.queues.health.problem(self.queues.unready_after_s)
 
     async def ack(self, handles: list[Any]) -> None:
         """Mark these offsets settled and commit every partition up to its first unsettled offset."""
-        await self.queues._run(self.queues._ack, handles)
+        await self.queues._run(self.queues._tracked, "commit", self.queues._ack, handles)
 
     async def close(self) -> None:
         """Close the shared queues (both sides)."""
@@ -274,7 +396,7 @@ class KafkaVerdictSink:
 
     async def write(self, routed: list[tuple[str, PairRecord]]) -> None:
         """Produce each (route, record) to the route's topic and wait until all are acknowledged."""
-        await self.queues._run(self.queues._write, routed)
+        await self.queues._run(self.queues._tracked, "write", self.queues._write, routed)
 
     async def close(self) -> None:
         """Close the shared queues (both sides)."""

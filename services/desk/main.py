@@ -69,7 +69,11 @@ def main(argv: list[str]) -> int:
     from synpref.services.desk.web import ReviewDesk, make_app
 
     queues = KafkaDeskQueues(
-        settings.kafka, settings.topics, desk_settings.group_id, max_pending=desk_settings.max_pending
+        settings.kafka,
+        settings.topics,
+        desk_settings.group_id,
+        max_pending=desk_settings.max_pending,
+        unready_after_s=desk_settings.unready_after_s,
     )
     desk = ReviewDesk(queues.source, queues.sink, desk_settings, tokens=tokens)
     logging.getLogger("synpref.desk").info(
@@ -80,5 +84,6 @@ def main(argv: list[str]) -> int:
         desk_settings.port,
     )
     # run_app stops on SIGINT/SIGTERM; the app's cleanup flushes pending decisions and closes Kafka clients.
+    # /readyz asks queues.source.problem() whether Kafka has failed for longer than desk.unready_after_s.
     web.run_app(make_app(desk), host=desk_settings.host, port=desk_settings.port, print=None, access_log=None)
     return 0

@@ -1,7 +1,7 @@
 """The desk's web shell: an aiohttp app over DeskCore, a source and a sink.
 
 API (every /api route needs `Authorization: Bearer <token>`; 401 otherwise, and 429 with
-Retry-After once a client address has failed too often, see FailedAuthThrottle):
+Retry-After once a client address has failed too often, see FailedAuthThrottle and client_address):
   GET  /api/session   who am I, the general guideline, the overlap
   GET  /api/next      my current pair (or a new one) and my progress
   POST /api/verdict   {"pair_id": str, "choice": 1 | 2 | 0, "note": str}
@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import re
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from pydantic import IPvAnyNetwork
 
 from synpref.services.desk.core import MAX_NOTE, Decided, DeskCore, DeskError
 from synpref.services.desk.queues import ReviewSource, VerdictSink
@@ -65,8 +67,7 @@ class ReviewDesk:
         core: DeskCore | None = None,
     ) -> None:
         self.settings = settings or DeskSettings()
-        self.source = source
-        self.sink = sink
+        self.source, self.sink = source, sink
         self.core = core or DeskCore(overlap=self.settings.overlap, lease_s=self.settings.lease_s)
         self.tokens = TokenTable(tokens if tokens is not None else load_tokens(self.settings))
         if not len(self.tokens):
@@ -79,6 +80,7 @@ class ReviewDesk:
         self._acks: list[Any] = []
         """Source handles settled without a write (duplicates), or whose ack failed: acked on the next flush."""
         self._io = asyncio.Lock()
+        self._tick_error = ""
 
     async def refill(self) -> int:
         """Pull new pairs up to the pending limit; returns how many were added."""
@@ -87,8 +89,7 @@ class ReviewDesk:
             room = max(0, self.settings.max_pending - self.core.pending)
             # A full desk still calls fetch(0): a Kafka source must keep polling to stay in its group.
             items = await self.source.fetch(room)
-            fresh = 0
-            settled = False
+            fresh, settled = 0, False
             for record, handle in items:
                 replay = self.core.replay(record.pair.id, handle)
                 if replay is not None:
@@ -151,12 +152,15 @@ class ReviewDesk:
         return True
 
     async def tick(self) -> None:
-        """Flush decided pairs, then refill; an error is logged and left for the next tick."""
+        """Flush decided pairs, then refill; an error is logged (once while it repeats) and left for the next tick."""
         try:
             await self.flush()
             await self.refill()
-        except Exception:
-            log.exception("desk tick failed; retrying")
+            self._tick_error = ""
+        except Exception as exc:
+            # Every half second while Kafka is down: one traceback per distinct error, not 120 a minute.
+            repeated, self._tick_error = repr(exc) == self._tick_error, repr(exc)
+            log.log(logging.DEBUG if repeated else logging.ERROR, "desk tick failed; retrying", exc_info=True)
 
     async def run_ticks(self, stop: asyncio.Event) -> None:
         """Tick every TICK_S seconds until `stop` is set."""
@@ -189,6 +193,28 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `text` holds (an IPv4-mapped IPv6 one as IPv4); None if it holds none."""
+    try:
+        ip = ipaddress.ip_address(text.strip().removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return None
+    return (ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+def client_address(peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[IPvAnyNetwork]) -> str:
+    """The login throttle's key: the TCP peer, or if that is a trusted proxy the right-most X-Forwarded-For entry that
+    is not one (nginx's real_ip_recursive; never the left-most, which the client writes); a non-address there: peer."""
+    peer_ip = _ip(peer or "")
+    if peer_ip is None or not any(peer_ip in net for net in trusted):
+        return peer or "unknown"
+    hops = [_ip(hop) for header in forwarded_for for hop in header.split(",")]
+    for ip in reversed(hops):
+        if ip is None or not any(ip in net for net in trusted):
+            return str(ip or peer_ip)
+    return str(hops[0] or peer_ip) if hops else str(peer_ip)  # all trusted: the furthest proxy we can believe
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -226,7 +252,8 @@ async def require_token(
     if not request.path.startswith("/api/"):
         return await handler(request)
     throttle = request.app[THROTTLE]
-    client = request.remote or "unknown"
+    proxies = request.app[DESK].settings.trusted_proxies
+    client = client_address(request.remote, request.headers.getall("X-Forwarded-For", []), proxies)
     wait_s = throttle.retry_after(client)
     if wait_s:
         response = _error(429, "too many failed token attempts from this address; retry later")
@@ -260,27 +287,29 @@ async def static(request: web.Request) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """GET /healthz: {"status": "ok"}."""
+    """GET /healthz (liveness): {"status": "ok"} while the event loop answers."""
     return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """GET /readyz (readiness): 503 and the reason the source's `problem()` gives (KafkaReviewSource), else 200."""
+    reason = getattr(request.app[DESK].source, "problem", lambda: None)()
+    body = {"status": "ready"} if reason is None else {"status": "unready", "reason": reason}
+    return web.json_response(body, status=200 if reason is None else 503)
 
 
 async def session(request: web.Request) -> web.Response:
     """GET /api/session: the annotator's name, the guideline, the overlap and the note length limit."""
     desk = request.app[DESK]
+    who, overlap = request[ANNOTATOR], desk.core.overlap
     return web.json_response(
-        {
-            "annotator": request[ANNOTATOR],
-            "guideline": desk.settings.guideline,
-            "overlap": desk.core.overlap,
-            "max_note": MAX_NOTE,
-        }
+        {"annotator": who, "guideline": desk.settings.guideline, "overlap": overlap, "max_note": MAX_NOTE}
     )
 
 
 async def next_pair(request: web.Request) -> web.Response:
     """GET /api/next: the next pair for this annotator (refilling once if none is pending) and their progress."""
-    desk = request.app[DESK]
-    who = request[ANNOTATOR]
+    desk, who = request.app[DESK], request[ANNOTATOR]
     entry = desk.core.next_for(who)
     if entry is None and await desk.refill():
         entry = desk.core.next_for(who)
@@ -350,6 +379,7 @@ def make_app(
     app.router.add_get("/", index)
     app.router.add_get("/static/{name}", static)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/session", session)
     app.router.add_get("/api/next", next_pair)
     app.router.add_get("/api/progress", progress)
@@ -375,10 +405,7 @@ class DeskServer:
     """
 
     def __init__(self, desk: ReviewDesk, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.desk = desk
-        self.host = host
-        self.port = port
-        self.url = ""
+        self.desk, self.host, self.port, self.url = desk, host, port, ""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="synpref-desk", daemon=True)
         self._runner: web.AppRunner | None = None
@@ -392,10 +419,8 @@ class DeskServer:
     async def _start(self) -> None:
         self._runner = web.AppRunner(make_app(self.desk), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        sockets = self._runner.addresses
-        self.port = int(sockets[0][1])
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        self.port = int(self._runner.addresses[0][1])
         self.url = f"http://{self.host}:{self.port}"
 
     def call(self, coro: Awaitable[Any], timeout_s: float = 30.0) -> Any:

@@ -247,7 +247,8 @@ def test_every_container_is_hardened_and_sized(renders: dict[str, list[dict[str,
 def test_long_running_containers_have_probes_on_their_ports(
     renders: dict[str, list[dict[str, Any]]], case: str
 ) -> None:
-    expected = {"scorer": {"grpc": {"port": 50060}}, "desk": {"httpGet": {"path": "/healthz", "port": "http"}}}
+    # The path is each container's own (the desk: /healthz live, /readyz ready: test_desk_health.py).
+    expected = {"scorer": {"grpc": {"port": 50060}}, "desk": {"httpGet": {"port": "http"}}}
     expected |= {stage: {"grpc": {"port": 50051}} for stage in [*STAGES, "controller"]}
     expected["kafka"] = {"tcpSocket": {"port": "kafka"}}
     expected["judges"] = {"httpGet": {"path": "/health", "port": "http"}}
