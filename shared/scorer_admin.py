@@ -19,7 +19,8 @@ from synpref.shared.files import write_text_atomic
 
 
 class ScorerAdminError(RuntimeError):
-    """An admin call the scorer refused (status: its HTTP status) or could not be made (status 0)."""
+    """An admin call the scorer refused (status: its HTTP status), or one that could not be made or whose 200
+    was not the scorer's JSON object (status 0)."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"{status}: {message}" if status else message)
@@ -49,8 +50,7 @@ def admin_post(base_url: str, route: str, body: dict[str, Any], token: str, time
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-            answer: dict[str, Any] = json.loads(resp.read() or b"{}")
-            return answer
+            raw_answer = resp.read()
     except urllib.error.HTTPError as exc:
         raw = exc.read()
         try:
@@ -61,6 +61,20 @@ def admin_post(base_url: str, route: str, body: dict[str, Any], token: str, time
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ScorerAdminError(0, f"cannot reach the scorer's admin port at {url}: {reason}") from None
+    return _json_object(url, raw_answer)
+
+
+def _json_object(url: str, raw: bytes) -> dict[str, Any]:
+    """The JSON object a 200 carried (empty: {}); ScorerAdminError naming the URL and the first 200 characters
+    otherwise: a proxy or a misrouted Service answering 200 with HTML is not the scorer, and its page says why."""
+    try:
+        answer = json.loads(raw or b"{}")
+    except ValueError:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not text
+        answer = None
+    if not isinstance(answer, dict):
+        shown = raw[:200].decode(errors="replace").strip()
+        raise ScorerAdminError(0, f"{url} answered 200 with something other than a JSON object: {shown!r}")
+    return answer
 
 
 def reload_model(

@@ -5,7 +5,8 @@ written to the store a batch at a time, in the `unverified` pool or, for a seede
 conversations (`shared.pairs.is_held_out`), the `holdout` pool. Nothing is held whole, so the
 step's memory does not grow with the sources. A study also marks each pair's true label and
 may flip a seeded share of them (label noise) before they are stored: the store's `given`
-column keeps the label each pair came in with.
+column keeps the label each pair came in with. A pair whose record is over `kafka.max_message_bytes` is counted as
+oversized, as `synpref ingest` counts one: in a cluster every batch is published to the stages' topics, which refuse it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from synpref.services.controller.simulated import label_is_true, mark_truth, with_label_noise
 from synpref.services.controller.state import key_of
-from synpref.shared.config import ControllerSettings
+from synpref.shared.config import ControllerSettings, KafkaSettings
 from synpref.shared.pairs import is_held_out, message_dicts
 from synpref.shared.pairstore import PairStore
 from synpref.shared.source_files import FILE_SUFFIXES, source_files
@@ -116,14 +117,24 @@ def source_stamp(sources: list[str]) -> list[tuple[str, int, int]]:
     return stamp
 
 
-def ingest_sources(store: PairStore, c: ControllerSettings, say: Callable[[str], None]) -> dict[str, Any]:
-    """Fill an empty store from `c.sources`; returns the ingest counts and the study's label figures."""
+DEFAULT_MESSAGE_BYTES: int = KafkaSettings.model_fields["max_message_bytes"].default
+
+
+def ingest_sources(
+    store: PairStore, c: ControllerSettings, say: Callable[[str], None], max_message_bytes: int = DEFAULT_MESSAGE_BYTES
+) -> dict[str, Any]:
+    """Fill an empty store from `c.sources`; returns the ingest counts and the study's label figures.
+    `max_message_bytes`: the settings' kafka.max_message_bytes, the most a record published to the stages may hold."""
     from synpref.services.ingest.preprocess import Decontaminator, Preprocessor
+    from synpref.shared.kafka.message_limit import MessageLimit
     from synpref.shared.sources import SourceError, iter_source
 
     wait_for_sources(c.sources, c.source_wait_s, say, settle_s=c.source_settle_s)
     seen = StoredIds(store)
-    pre = Preprocessor(Decontaminator.from_sources(c.decontaminate), seen=seen, keep_rejections=1000)
+    # The same limit in process as in a cluster, so that both curate the same pool.
+    too_large = MessageLimit(max_message_bytes, "the stages' topics (kafka.max_message_bytes)")
+    decontaminator = Decontaminator.from_sources(c.decontaminate)
+    pre = Preprocessor(decontaminator, seen=seen, too_large=too_large, keep_rejections=1000)
     study = c.study is not None
     noise = c.study.label_noise if c.study is not None else 0.0
 

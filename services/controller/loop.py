@@ -279,7 +279,9 @@ class Controller(CurationSteps, FinalSteps):
         new_run = getattr(self.models, "new_run", None)
         if new_run is not None:
             new_run()  # K8sModels: Jobs left by an earlier run in this workdir are not this run's
-        self.state.results.update(ingest_sources(self.pairstore, self.c, self.say))
+        self.state.results.update(
+            ingest_sources(self.pairstore, self.c, self.say, self.settings.kafka.max_message_bytes)
+        )
 
     def label_attributes(self) -> None:
         """Label every pair to be curated with its attribute 5-tuple (the annotator's labeller), a batch at a

@@ -36,8 +36,8 @@ from typing import IO, Any
 from synpref.services.ingest.preprocess import Decontaminator, Preprocessor, Rejection, builtin_sets
 from synpref.shared.config import ConfigError, KafkaSettings, load_settings
 from synpref.shared.idset import DiskIdSet
+from synpref.shared.kafka.message_limit import MessageLimit
 from synpref.shared.sources import FORMATS, SourceError, SourceRow, iter_source, source_files
-from synpref.v1.pair_pb2 import PairRecord
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 READ_ERRORS = (OSError, EOFError, ValueError, TypeError, RuntimeError, zlib.error)
 """What a damaged file raises part-way (gzip, zlib, pyarrow, the JSON parser's RecursionError)."""
 MESSAGE_LIMIT = "max.message.bytes"
-FRAMING_BYTES = 256
-"""Over the record's, key's and headers' own bytes: the record batch header and varints."""
 HAND_OVER_S = 1.0
 """Acknowledged ids wait at most this long (while the loop runs) before going to on_acked / --seen."""
 HAND_OVER_IDS = 1000
@@ -147,21 +145,6 @@ def topic_message_limit(kafka: KafkaSettings, topic: str) -> int | None:
         admin.close()
 
 
-def size_check(limit: int, topic: str) -> Callable[[PairRecord], str | None]:
-    """Why a record would be refused by a topic taking messages of up to `limit` bytes, or None."""
-    from synpref.shared.kafka.codec import record_headers
-
-    headers = sum(len(name.encode()) + len(value) + 10 for name, value in record_headers())
-
-    def too_large(record: PairRecord) -> str | None:
-        size = record.ByteSize() + len(record.pair.id.encode()) + headers + FRAMING_BYTES
-        if size <= limit:
-            return None
-        return f"record of {size} bytes is over the {limit}-byte message limit of topic {topic}"
-
-    return too_large
-
-
 def main(argv: list[str]) -> int:
     """`synpref ingest`: preprocess the files, publish to the raw topic and print the counts as one
     JSON line; 0, 1 if a send was not acknowledged (or publishing stopped), 2 for a bad config or
@@ -217,8 +200,8 @@ def main(argv: list[str]) -> int:
                 acked_file.writelines(f"{pair_id}\n" for pair_id in pair_ids)
                 acked_file.flush()
 
-        pre = Preprocessor(decontaminator, seen=seen, too_large=size_check(limit, topic), keep_rejections=0,
-                           on_reject=on_reject)  # fmt: skip
+        too_large = MessageLimit(limit, f"topic {topic}")
+        pre = Preprocessor(decontaminator, seen=seen, too_large=too_large, keep_rejections=0, on_reject=on_reject)
         with stop_on_signals() as stop:
             unacked, stopped = publish(pre, rows, producer, topic, on_acked, stop)
         if report is not None:

@@ -11,6 +11,10 @@ read = published + empty + identical + duplicate + contaminated + unreadable + o
 - duplicate: the same (history, chosen, rejected) as an earlier pair (global, by content id).
 - contaminated: a user turn shares a 13-gram with a benchmark prompt.
 - oversized: its record would be larger than the raw topic takes (the caller's `too_large`).
+
+A row that fits several lands in the first that applies, in the order checked: unreadable, empty, identical, oversized
+by its text's length alone (MessageLimit.text_over: certain, and free, so a megabyte message is refused before the
+n-gram check cuts it into words), contaminated, unreadable (lone surrogate), duplicate, oversized (the whole record).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
+from synpref.shared.kafka.message_limit import MessageLimit
 from synpref.shared.pairs import new_pair, new_record
 from synpref.shared.sources import SourceRow, iter_source
 from synpref.v1.pair_pb2 import PairRecord
@@ -272,7 +277,8 @@ class Preprocessor:
     """Turns source rows into v1 PairRecords, counting and explaining every row it drops.
 
     too_large(record) returns why a record cannot be sent (None if it can): checked before the
-    record counts as published, so an oversized row never reaches the producer.
+    record counts as published, so an oversized row never reaches the producer; a MessageLimit also refuses,
+    before decontamination, a row whose text alone is over its limit.
     keep_rejections: how many dropped rows to keep with their reasons (None = all; the counts
     are always complete), so a source full of duplicates does not grow memory.
     on_reject: called with every rejection as it happens (`synpref ingest` streams its report).
@@ -320,9 +326,14 @@ class Preprocessor:
         if pair["chosen"] == pair["rejected"]:
             self._reject(row, "identical", "chosen and rejected are the same: no preference")
             return None
+        parts = ("conversation", "chosen", "rejected")
+        if isinstance(self.too_large, MessageLimit):
+            reason = self.too_large.text_over(m["content"] for part in parts for m in pair[part])
+            if reason is not None:
+                self._reject(row, "oversized", reason)
+                return None
         # The user turns of the responses too: full trajectories (arena-style, both sides with the same later user
         # turns) keep only the prefix up to the first answer in the conversation. Each distinct turn once.
-        parts = ("conversation", "chosen", "rejected")
         turns = (m["content"] for part in parts for m in pair[part] if m["role"] == "user")
         user_text = "\n".join(dict.fromkeys(turns))
         gram = self.decontaminator.overlap(user_text)
