@@ -279,6 +279,8 @@ def test_the_scorer_is_live_once_it_listens_and_ready_once_its_start_up_models_l
         assert container[probe]["grpc"] == {"port": 50060, "service": LIVENESS}, f"{case}: {probe}"
     # No service named is the overall service "" (Kubernetes sends the empty name).
     assert container["readinessProbe"]["grpc"].get("service", "") == OVERALL, case
+    # Readiness now waits for the load, so a rollout's progress deadline must outlast it (600 s by default).
+    assert one(renders[case], "Deployment", f"{RELEASE}-synpref-scorer")["spec"]["progressDeadlineSeconds"] >= 1800
 
 
 def test_gpu_requests_node_selectors_and_tolerations_come_from_values(
