@@ -108,29 +108,34 @@ class LiveRows:
 
     def __init__(self, size: int, rows: Iterable[int] = ()) -> None:
         self.size = size
-        self._alive = np.zeros(size, dtype=bool)
+        self._bits = np.zeros((size + 7) // 8, dtype=np.uint8)  # row r: bit r % 8 of byte r // 8 (FAISS's order)
         chunk: list[int] = []
         for row in rows:
             chunk.append(row)
             if len(chunk) == 1 << 20:
-                self._alive[chunk] = True
+                self._set(chunk)
                 chunk = []
-        self._alive[chunk] = True
-        self.count = int(self._alive.sum())
-        self._bits = np.packbits(self._alive, bitorder="little")
+        self._set(chunk)
+        self.count = int(np.bitwise_count(self._bits).sum())
+
+    def _set(self, rows: list[int]) -> None:
+        wanted = np.asarray(rows, dtype=np.int64)
+        np.bitwise_or.at(self._bits, wanted >> 3, (1 << (wanted & 7)).astype(np.uint8))
+
+    def _alive(self, rows: np.ndarray) -> np.ndarray:
+        return ((self._bits[rows >> 3] >> (rows & 7)) & 1).astype(bool)
 
     def discard(self, rows: Sequence[int]) -> None:
         """Rows no search returns from now on (rows already gone or past `size` are ignored)."""
-        wanted = np.asarray(rows, dtype=np.int64)
+        wanted = np.unique(np.asarray(rows, dtype=np.int64))
         wanted = wanted[(wanted >= 0) & (wanted < self.size)]
-        wanted = wanted[self._alive[wanted]]
+        wanted = wanted[self._alive(wanted)]
         if len(wanted):
-            self._alive[wanted] = False
-            self.count -= len(np.unique(wanted))
+            self.count -= len(wanted)
             np.bitwise_and.at(self._bits, wanted >> 3, ~(1 << (wanted & 7)).astype(np.uint8))
 
     def __contains__(self, row: int) -> bool:
-        return 0 <= row < self.size and bool(self._alive[row])
+        return 0 <= row < self.size and bool(self._alive(np.array([row], dtype=np.int64))[0])
 
     def selector(self) -> Any:
         """A FAISS selector over the bitmap; it reads the array in place, which must outlive the search."""

@@ -86,6 +86,12 @@ class _CachedLLM:
         self.json_mode = json_mode
         self.temperature = temperature
 
+    def prompt_digest(self, prompt: Any) -> str:
+        """A digest of everything a cached answer depends on beyond its key: the rendered prompt, the sampling
+        temperature and the JSON mode. An answer cached under another digest is stale: asked again."""
+        text = json.dumps([prompt, self.temperature, self.json_mode], ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
 
 class LLMJudge(_CachedLLM):
     """A judge model behind a ChatBackend, sampled n times (grouped by candidate order).
@@ -109,12 +115,10 @@ class LLMJudge(_CachedLLM):
         self.seed = seed
 
     def _context(self, request: JudgeRequest) -> str:
-        """A digest of everything the answers depend on beyond the cache key: the rendered prompt (attributes and
-        retrieved examples included: D_gold grows every iteration), the sampling temperature and the JSON mode."""
+        """The prompt digest of the request (attributes and retrieved examples included: D_gold grows every
+        iteration)."""
         r = request
-        prompt = judge_prompt(r.conversation, r.chosen, r.rejected, r.attributes, r.examples)
-        text = json.dumps([prompt, self.temperature, self.json_mode], ensure_ascii=False, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return self.prompt_digest(judge_prompt(r.conversation, r.chosen, r.rejected, r.attributes, r.examples))
 
     async def _answers(self, request: JudgeRequest) -> list[dict[str, Any]]:
         key = ("judge", request.pair_id, self.name, self.prompt_version)
@@ -209,8 +213,7 @@ class AttributeLabeller(_CachedLLM):
         """The pair's attribute 5-tuple from one (cached) answer, or None when it is not usable."""
         key = ("attributes", request.pair_id, self.name, self.prompt_version)
         messages, swapped = self.prompt(request)
-        text = json.dumps([messages, self.temperature, self.json_mode], ensure_ascii=False, sort_keys=True)
-        context = hashlib.sha256(text.encode()).hexdigest()
+        context = self.prompt_digest(messages)
         cached = self.cache.get(*key)
         if isinstance(cached, dict) and "text" in cached and cached.get("context") == context:
             answer = cached["text"]

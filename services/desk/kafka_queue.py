@@ -38,7 +38,7 @@ from kafka.structs import TopicPartition
 from synpref.shared.config import DeskSettings, KafkaSettings, Settings, TopicSettings
 from synpref.shared.kafka.clients import DeliveryError, deliver
 from synpref.shared.kafka.codec import Message, encode_record
-from synpref.shared.kafka.runner import StageRunner
+from synpref.shared.kafka.runner import StageRunner, capped_backoff
 from synpref.shared.stage import StageResult
 from synpref.v1.pair_pb2 import PairRecord
 
@@ -72,8 +72,7 @@ class ReconnectBackoff:
     def failed(self) -> float:
         """Count a failure; returns the delay before the next attempt."""
         self.failures += 1
-        # The exponent is capped too: 2.0 ** 1024 overflows after a long enough outage.
-        delay = min(self.max_s, self.first_s * 2.0 ** min(self.failures - 1, 16))
+        delay = capped_backoff(self.failures, self.max_s, self.first_s)
         self.not_before = self.clock() + delay
         return delay
 

@@ -43,9 +43,16 @@ from synpref.shared.stage import Stage, StageUnavailable
 from synpref.v1.pair_pb2 import PairRecord
 
 log = logging.getLogger(__name__)
-__all__ = ["ROUTES", "DeliveryError", "Message", "RunnerStats", "Sink", "StageRunner", "plan_batch"]
+__all__ = ["ROUTES", "DeliveryError", "Message", "RunnerStats", "Sink", "StageRunner", "capped_backoff", "plan_batch"]
 # A stage whose dependency cannot serve (StageUnavailable) has its batch read again after 1, 2, 4 ... s.
 UNAVAILABLE_MAX_PAUSE_S = 30.0
+
+
+def capped_backoff(failures: int, max_s: float, first_s: float = 1.0) -> float:
+    """first_s doubled for each failure in a row after the first, at most max_s. The exponent is capped too:
+    2.0 ** 1024 overflows, after some 8.5 hours of 30 s pauses (a gold scorer waiting for models the
+    controller is still training)."""
+    return min(max_s, first_s * 2.0 ** min(max(failures - 1, 0), 16))
 
 
 class Sink(Protocol):
@@ -290,9 +297,7 @@ class StageRunner:
         not the batch, failed, so nothing is dead-lettered or committed. Heartbeats go on meanwhile."""
         self._rewind(messages)
         self._unavailable += 1
-        # The exponent is capped too: 2.0 ** 1024 overflows, after some 8.5 hours of 30 s pauses (a gold
-        # scorer waiting for models the controller is still training).
-        pause = min(UNAVAILABLE_MAX_PAUSE_S, 2.0 ** min(self._unavailable - 1, 16))
+        pause = capped_backoff(self._unavailable, UNAVAILABLE_MAX_PAUSE_S)
         log.warning("%s: %s; reading the batch of %d again in %.0fs", self.service, exc, len(messages), pause)
         metrics.UNAVAILABLE.labels(self.service).inc()
         # No batch goes through meanwhile, so _observe does not run: the lag would stay at its last value
