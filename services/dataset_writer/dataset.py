@@ -20,13 +20,7 @@ left. Without it the two kept their own copy of the manifest and shared the id i
 overwrote the first's last shards out of the manifest, then skipped their re-delivered pairs as
 duplicates (pairs lost; seen on a live cluster).
 
-Columns (the Skywork-Reward-Preference format plus lineage):
-  id, conversation, chosen, rejected   -- chosen/rejected are FULL message lists, conversation
-                                          included, as in Skywork-Reward-Preference; the
-                                          conversation alone is its own column
-  source, meta_json, attributes, judge_aggregate, decision, scores, lineage,
-  split                                -- "train" (pairs to train on) or "heldout" (the
-                                          controller's measurement split, never curated)
+The row format (columns, conversion) is rows.py.
 """
 
 from __future__ import annotations
@@ -41,150 +35,28 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from synpref.services.dataset_writer.rows import (
+    HELDOUT,
+    SCHEMA,
+    SPLITS,
+    TRAIN,
+    record_row,
+    row_problem,
+)
 from synpref.shared.files import FileLock, write_atomic
 from synpref.shared.idset import DiskIdSet
-from synpref.shared.pairs import message_dicts
-from synpref.v1.pair_pb2 import Controversiality, Decision, Objectivity, PairRecord, Preference, Stage
+from synpref.v1.pair_pb2 import PairRecord
 
+__all__ = ["HELDOUT", "SCHEMA", "SPLITS", "TRAIN", "DatasetVersion", "record_row", "row_problem"]
 MANIFEST = "manifest.json"
 SHARD_GLOB = "part-*.parquet"
 ID_INDEX = ".dedup-ids.sqlite"
 WRITER_LOCK = ".writer.lock"
-TRAIN, HELDOUT = "train", "heldout"
-SPLITS = (TRAIN, HELDOUT)
 ROW_GROUP_ROWS = 1000
 """Rows converted and written at a time (one Parquet row group each): a shard of 20,000 long pairs built whole
 held ~5x its text (Python rows, an Arrow table with the conversation three times, the encoded row group)..."""
 ROW_GROUP_BYTES = 32 * 1024 * 1024
 """...or fewer, once their records' serialized size reaches this: 1,000 pairs of 8 MiB would be 8 GB of text."""
-
-MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("conversation", MESSAGES),
-        ("chosen", MESSAGES),
-        ("rejected", MESSAGES),
-        ("source", pa.string()),
-        ("meta_json", pa.string()),
-        (
-            "attributes",
-            pa.struct(
-                [
-                    ("task_category", pa.string()),
-                    ("objectivity", pa.string()),
-                    ("controversiality", pa.string()),
-                    ("desired_attributes", pa.list_(pa.string())),
-                    ("annotation_guideline", pa.string()),
-                    ("annotator_model", pa.string()),
-                ]
-            ),
-        ),
-        (
-            "judge_aggregate",
-            pa.struct(
-                [
-                    ("preference", pa.string()),
-                    ("agreement", pa.float64()),
-                    ("judges_voting", pa.int32()),
-                    ("judges_abstaining", pa.int32()),
-                ]
-            ),
-        ),
-        ("decision", pa.struct([("decision", pa.string()), ("rule", pa.string()), ("reason", pa.string())])),
-        (
-            "scores",
-            pa.list_(
-                pa.struct(
-                    [
-                        ("model", pa.string()),
-                        ("version", pa.string()),
-                        ("reward_chosen", pa.float64()),
-                        ("reward_rejected", pa.float64()),
-                        ("p", pa.float64()),
-                    ]
-                )
-            ),
-        ),
-        (
-            "lineage",
-            pa.struct(
-                [
-                    ("stage", pa.string()),
-                    ("iteration", pa.int32()),
-                    ("steps", pa.list_(pa.string())),
-                    ("original_id", pa.string()),
-                    ("ingested_at", pa.string()),
-                    ("votes", pa.int32()),
-                ]
-            ),
-        ),
-        ("split", pa.string()),
-    ]
-)
-
-
-def _enum(enum, value: int, prefix: str) -> str:
-    # proto3 enums are open: a newer producer's value parses here without a name; it is written
-    # as its number, so the pair is kept rather than failing the whole shard.
-    try:
-        return enum.Name(value).removeprefix(prefix).lower()
-    except ValueError:
-        return str(value)
-
-
-def record_row(record: PairRecord, split: str = TRAIN) -> dict:
-    """The Parquet row of `record`, in split `split` (SPLITS)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    pair, attrs, agg, lin = record.pair, record.attributes, record.judge_aggregate, record.lineage
-    conversation = message_dicts(pair.conversation)
-    return {
-        "id": pair.id,
-        "conversation": conversation,
-        "chosen": conversation + message_dicts(pair.chosen),
-        "rejected": conversation + message_dicts(pair.rejected),
-        "source": pair.source,
-        "meta_json": json.dumps(dict(pair.meta), ensure_ascii=False, sort_keys=True),
-        "attributes": {
-            "task_category": attrs.task_category,
-            "objectivity": _enum(Objectivity, attrs.objectivity, "OBJECTIVITY_"),
-            "controversiality": _enum(Controversiality, attrs.controversiality, "CONTROVERSIALITY_"),
-            "desired_attributes": list(attrs.desired_attributes),
-            "annotation_guideline": attrs.annotation_guideline,
-            "annotator_model": attrs.annotator_model,
-        },
-        "judge_aggregate": {
-            "preference": _enum(Preference, agg.preference, "PREFERENCE_"),
-            "agreement": agg.agreement,
-            "judges_voting": agg.judges_voting,
-            "judges_abstaining": agg.judges_abstaining,
-        },
-        "decision": {
-            "decision": _enum(Decision, record.decision.decision, "DECISION_"),
-            "rule": record.decision.rule,
-            "reason": record.decision.reason,
-        },
-        "scores": [
-            {
-                "model": s.model,
-                "version": s.version,
-                "reward_chosen": s.reward_chosen,
-                "reward_rejected": s.reward_rejected,
-                "p": s.p,
-            }
-            for s in record.scores
-        ],
-        "lineage": {
-            "stage": _enum(Stage, lin.stage, "STAGE_"),
-            "iteration": lin.iteration,
-            "steps": list(lin.steps),
-            "original_id": lin.original_id,
-            "ingested_at": lin.ingested_at.ToJsonString() if lin.HasField("ingested_at") else "",
-            "votes": len(record.votes),
-        },
-        "split": split,
-    }
 
 
 def version_dir(root: str | Path, name: str, version: str) -> Path:
@@ -441,8 +313,3 @@ def load_dataset_version(root: str | Path, name: str, version: str):
     import datasets
 
     return datasets.load_dataset("parquet", data_files=manifest_files(root, name, version), split="train")
-
-
-def decision_counts(records: Iterable[PairRecord]) -> Counter:
-    """How many of `records` carry each decision, keyed by lower-case name ("keep", "flip", ...)."""
-    return Counter(_enum(Decision, r.decision.decision, "DECISION_") for r in records)

@@ -32,7 +32,7 @@ import grpc
 from kafka.structs import TopicPartition
 from prometheus_client import Counter as PromCounter
 
-from synpref.services.dataset_writer.dataset import AppendResult, DatasetVersion, record_row
+from synpref.services.dataset_writer.dataset import AppendResult, DatasetVersion, row_problem
 from synpref.shared.config import Settings, WriterSettings
 from synpref.shared.kafka.codec import Message
 from synpref.shared.kafka.runner import RunnerStats
@@ -63,10 +63,9 @@ def writable_only(batch: list[PairRecord]) -> StageResult:
         if record.decision.decision not in WRITABLE:
             result.fail(record, "only KEEP and FLIP decisions are written to the dataset")
             continue
-        try:
-            record_row(record)
-        except ValueError as exc:
-            result.fail(record, f"not writable as a dataset row: {exc}")
+        problem = row_problem(record)
+        if problem is not None:
+            result.fail(record, f"not writable as a dataset row: {problem}")
             continue
         result.emit("curated", record)
     return result

@@ -150,6 +150,27 @@ def test_a_record_that_cannot_become_a_row_goes_to_the_dead_letter_topic_not_the
     assert sorted(r["attributes"]["objectivity"] for r in rows) == ["7", "unspecified"]
 
 
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [(0, 0), (253402300799, 999999999), (-62135596800, 0), (253402300800, 0), (-62135596801, 0), (10**12, 0)],
+)
+def test_row_problem_names_exactly_the_records_record_row_refuses(seconds, nanos):
+    """The writer's stage checks records with row_problem instead of building each row (it built every row twice,
+    ~30% of the writer's CPU); the check must refuse what record_row refuses and nothing else."""
+    from synpref.services.dataset_writer.rows import record_row, row_problem
+
+    r = rec(0)
+    r.lineage.ingested_at.seconds, r.lineage.ingested_at.nanos = seconds, nanos
+    try:
+        record_row(r)
+        converts = True
+    except ValueError:
+        converts = False
+    problem = row_problem(r)
+    assert (problem is None) == converts
+    assert converts or problem.startswith("lineage.ingested_at")
+
+
 def two_shards(tmp_path, first: int, last: int, keep: str) -> tuple[DatasetVersion, bytes]:
     """Pairs 0..first-1 and first..last-1 as two shards; the closed version and its file `keep` after the first."""
     ds = DatasetVersion(tmp_path, "d", "v1")
