@@ -8,7 +8,9 @@ read = published + empty + identical + duplicate + contaminated + unreadable + o
 - empty: a message with empty or whitespace-only content, or no conversation at all.
 - identical: chosen and rejected are the same messages: no preference to learn (a Bradley-Terry loss of
   log 2 whatever the model, a held-out pair no model gets right), and a flip keeps its id.
-- duplicate: the same (history, chosen, rejected) as an earlier pair (global, by content id).
+- duplicate: the same (history, chosen, rejected) as an earlier pair (global, by content id), or the same comparison
+  with chosen and rejected swapped (`swapped` counts those: two sources disagree on the label; the first read is
+  kept and curation checks its label, where both would train the model in opposite directions).
 - contaminated: a user turn shares a 13-gram with a benchmark prompt.
 - oversized: its record would be larger than the raw topic takes (the caller's `too_large`).
 
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 from synpref.shared.kafka.message_limit import MessageLimit
-from synpref.shared.pairs import new_pair, new_record
+from synpref.shared.pairs import new_pair, new_record, pair_id
 from synpref.shared.sources import SourceRow, iter_source
 from synpref.v1.pair_pb2 import PairRecord
 
@@ -229,7 +231,8 @@ class IngestCounts:
         published: rows made into a record to publish.
         empty: rows with an empty message or no conversation.
         identical: rows whose chosen and rejected responses are the same messages.
-        duplicate: rows with the same content id as an earlier pair (or one in `seen`).
+        duplicate: rows with the same content id as an earlier pair (or one in `seen`), or the same comparison swapped.
+        swapped: of `duplicate`, the rows whose swapped pair (chosen and rejected exchanged) was seen.
         contaminated: rows whose user turns share an n-gram with a benchmark prompt.
         unreadable: rows that are no pair, or whose text holds a lone surrogate.
         oversized: rows whose record `too_large` refused (larger than the raw topic takes).
@@ -244,6 +247,7 @@ class IngestCounts:
     contaminated: int = 0
     unreadable: int = 0
     oversized: int = 0
+    swapped: int = 0
     by_source: dict[str, int] = field(default_factory=dict)
     """Published pairs per source."""
 
@@ -347,6 +351,11 @@ class Preprocessor:
             return None
         if proto.id in self.seen:
             self._reject(row, "duplicate", f"same content as pair {proto.id}")
+            return None
+        mirror = pair_id(pair["conversation"], pair["rejected"], pair["chosen"])
+        if mirror in self.seen:
+            self.counts.swapped += 1
+            self._reject(row, "duplicate", f"pair {mirror} with chosen and rejected swapped: the sources disagree")
             return None
         record = new_record(proto)
         record.lineage.steps.append("ingest")

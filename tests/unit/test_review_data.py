@@ -87,6 +87,25 @@ def test_identical_chosen_and_rejected_are_dropped_at_ingest(tmp_path: Path) -> 
     assert all(flipped(r).pair.id != r.pair.id for r in published)
 
 
+def test_a_pair_seen_with_its_sides_swapped_is_a_duplicate(tmp_path: Path) -> None:
+    # Two sources with the same comparison and opposite labels gave two pairs that train the model in opposite
+    # directions (a net loss of log 2 on the pair): the first read is kept, for curation to check its label.
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "b", "rejected": "a"}]
+    rows.append({"prompt": "q2", "chosen": "b", "rejected": "a"})  # another prompt: not the same comparison
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pre = Preprocessor()
+    published = list(pre.run(iter_source(path)))
+    assert [r.pair.chosen[0].content for r in published] == ["a", "b"]
+    assert (pre.counts.duplicate, pre.counts.swapped) == (1, 1) and pre.counts.reconciles()
+    [rejection] = pre.rejections
+    assert rejection.locator.endswith("p.jsonl#1") and published[0].pair.id in rejection.reason
+    # Against ids taken by an earlier run (`synpref ingest --seen`, the controller's store) as well.
+    again = Preprocessor(seen={flipped(published[0]).pair.id})
+    assert [r.pair.source for r in again.run(iter_source(path))] == [published[1].pair.source]
+    assert (again.counts.duplicate, again.counts.swapped) == (2, 1)
+
+
 def test_dropping_most_of_a_large_pool_streams_the_rows(tmp_path: Path) -> None:
     # intake drops all rows but a max_pairs sample with a generator; drop() made a set and a sorted list of
     # every row first (~70 MB a million rows: gigabytes at 40M pairs).
