@@ -150,15 +150,19 @@ def stage2(record: PairRecord, settings: FilterSettings) -> PairRecord:
     return _decided(record, DECISION_DISCARD, STAGE2_RULE, reason, STAGE_TWO)
 
 
+def accuracy_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson interval of an accuracy measured on `n` pairs (z 1.96: 95%, two-sided); (0, 1) for no pairs."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = accuracy + z * z / (2 * n)
+    spread = z * ((accuracy * (1 - accuracy) + z * z / (4 * n)) / n) ** 0.5
+    return (centre - spread) / (1 + z * z / n), (centre + spread) / (1 + z * z / n)
+
+
 def accuracy_lower_bound(correct: int, n: int, z: float = LOWER_BOUND_Z) -> float:
     """Wilson lower bound of the accuracy `correct`/`n`; 0 for no pairs. Few held-out pairs give a low bound,
     so a gold RM measured on a handful of pairs is not trusted on its point estimate."""
-    if n <= 0:
-        return 0.0
-    p = correct / n
-    centre = p + z * z / (2 * n)
-    spread = z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5
-    return (centre - spread) / (1 + z * z / n)
+    return accuracy_interval(correct / n, n, z)[0] if n > 0 else 0.0
 
 
 MIN_HELD_OUT_PAIRS: int = FilterSettings.model_fields["flip_min_held_out_pairs"].default

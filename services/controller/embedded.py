@@ -173,6 +173,7 @@ def main(argv: list[str]) -> int:
                 file=sys.stderr,
             )
     from synpref.services.controller.providers import HumanInputEnded
+    from synpref.services.controller.report import interval_text
     from synpref.shared.sources import SourceError
 
     try:
@@ -192,8 +193,10 @@ def main(argv: list[str]) -> int:
     print(f"done in {time.perf_counter() - started:.0f}s (this invocation)")
     print(f"report:   {r['report']}")
     print(f"final RM: {reg[BEST]['path']} (version {reg[BEST]['version']})")
+    n = r.get("holdout_pairs")
     for name, acc in r.get("holdout_accuracy", {}).items():
-        print(f"  held-out accuracy, {name}: {acc:.3f}")
+        interval = f" (95% {interval_text(acc, n)} on {n} pairs)" if n else ""
+        print(f"  held-out accuracy, {name}: {acc:.3f}{interval}")
     print(f"datasets: {', '.join(v['dir'] for v in r['datasets'].values())}")
     print("serve it:")
     print(f"  synpref scorer --config {reg['dir']}/scorer.yaml")

@@ -118,6 +118,7 @@ class FinalSteps:
         acc["best_working"] = self.holdout_accuracy(self.handle(BEST))
         acc[GOLD] = self.holdout_accuracy(self.handle(GOLD))
         s.results["holdout_accuracy"] = acc
+        s.results["holdout_pairs"] = self.pairstore.count("holdout")
         s.results["curated_label_accuracy"] = self.label_accuracy(CURATED)
         self.say("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
 

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from synpref.services.consistency_filter.rules import accuracy_interval
 from synpref.services.controller.state import RunState
 from synpref.shared.config import Settings
 from synpref.shared.files import write_atomic, write_text_atomic
@@ -30,6 +31,20 @@ JUDGES_ONLY_NOTE = (
     "- judges only: a study's baseline (its simulated judges label every pair for free); with LLM judges it "
     "would take a judge pass over the whole pool, so it is not trained."
 )
+
+HELDOUT_NOTE = (
+    "- intervals: Wilson, on the {n} held-out pairs; where two rows' intervals overlap, this run does not tell "
+    "them apart (a small study's differences are mostly noise: benchmarks/curation_quality.py compares with seeds)."
+)
+
+
+def interval_text(accuracy: float | None, n: int | None) -> str:
+    """The accuracy's 95% Wilson interval on n held-out pairs, as "0.36-0.56"; "n/a" where there is none."""
+    if accuracy is None or not n or math.isnan(accuracy):
+        return "n/a"
+    low, high = accuracy_interval(accuracy, n)
+    return f"{low:.2f}-{high:.2f}"
+
 
 DATASETS_NOTE = (
     "Versions: `human-verified` = D_gold; `kept` = curated pairs whose label was confirmed as given "
@@ -231,8 +246,14 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
     lines.append("")
     acc = r.get("holdout_accuracy", {})
     if acc:
-        lines += ["## Final RM", "", "| model | trained on | held-out accuracy |", "|---|---|---|"]
-        lines += [f"| {k} | {HELDOUT_ROWS.get(k, ('', '', ''))[2]} | {_fmt(v)} |" for k, v in acc.items()]
+        n = r.get("holdout_pairs")
+        lines += ["## Final RM", "", "| model | trained on | held-out accuracy | 95% interval |", "|---|---|---|---|"]
+        lines += [
+            f"| {k} | {HELDOUT_ROWS.get(k, ('', '', ''))[2]} | {_fmt(v)} | {interval_text(v, n)} |"
+            for k, v in acc.items()
+        ]
+        if n:
+            lines += ["", HELDOUT_NOTE.format(n=n)]
         if "judges_only" not in acc:
             lines += ["", JUDGES_ONLY_NOTE]
         if study:

@@ -11,6 +11,7 @@ import pytest
 
 from synpref.services.controller.loop import Controller
 from synpref.services.controller.providers import OracleHumans
+from synpref.services.controller.report import interval_text
 from synpref.services.controller.simulated import SimulatedJudge, label_is_true
 from synpref.services.controller.state import StateStore, key_of, read_pools, read_records
 from synpref.shared.config import load_settings
@@ -107,6 +108,10 @@ def test_loop_runs_both_stages_and_repairs_labels(tmp_path):
     assert "Study run" in report and "oracle" in report
     assert "| judges_only | every pool pair labelled by the judges' majority, no humans |" in report
     assert "| gold | the human-verified pairs only (D_gold) |" in report
+    # Each accuracy with its 95% interval on the held-out pairs: a small run's differences read as the noise they are.
+    assert state.results["holdout_pairs"] == len(pools["holdout"])
+    assert f"| {interval_text(acc['final'], len(pools['holdout']))} |" in report
+    assert f"on the {len(pools['holdout'])} held-out pairs" in report
     for png in ("accuracy_per_iteration.png", "decisions_per_stage.png", "final_accuracy.png"):
         assert (workdir / "plots" / png).stat().st_size > 1000
     datasets = state.results["datasets"]

@@ -71,6 +71,15 @@ def test_the_auto_rule_trusts_a_gold_rm_only_on_enough_held_out_pairs():
     assert disagreement_rule(10, 10, 0.75, min_pairs=10)[0] == "flip"
 
 
+def test_the_accuracy_interval_is_wilsons_two_sided_95_percent():
+    from synpref.services.consistency_filter.rules import accuracy_interval
+
+    assert accuracy_interval(0.5, 100) == (pytest.approx(0.4038, abs=1e-4), pytest.approx(0.5962, abs=1e-4))
+    low, high = accuracy_interval(1.0, 10)  # never past 1, unlike the normal approximation
+    assert low == pytest.approx(0.7225, abs=1e-4) and high == pytest.approx(1.0)
+    assert accuracy_interval(0.7, 0) == (0.0, 1.0)
+
+
 @pytest.mark.parametrize(
     ("p_gold", "p_best", "judges", "expected"),
     [
