@@ -16,10 +16,11 @@ downstream deduplicates by pair id). Assignments live in memory, so run one desk
 replica per consumer group. A full desk (desk.max_pending) pauses its partitions and
 only polls to stay in the group.
 
-kafka-python clients are not thread-safe, so every call on the runner runs on one
-worker thread; the event loop only awaits it. Clients closed after a failure are reopened
-after a back-off (1, 2, 4 ... 60 s, reset by a poll that succeeds); KafkaHealth records
-which operations fail and since when, for the desk's /readyz.
+kafka-python clients are not thread-safe, so every call on the runner runs on one worker thread; the
+event loop only awaits it. Clients closed after a failure are reopened after a back-off (1, 2, 4 ... 60 s,
+reset by a poll that succeeds); KafkaHealth records which operations fail and since when, for the desk's
+/readyz. An empty poll does not fail when the broker is gone: a desk that heard nothing from Kafka for
+probe_every_s asks it for metadata (_probe_if_quiet).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ T = TypeVar("T")
 Handle = tuple[TopicPartition, int]
 RECONNECT_FIRST_S = 1.0
 RECONNECT_MAX_S = 60.0
+PROBE_EVERY_MAX_S, PROBE_TIMEOUT_MAX_S = 15.0, 5.0  # an idle desk's metadata requests: interval, timeout
 
 
 class ReconnectPending(Exception):
@@ -96,9 +98,10 @@ class KafkaHealth:
         self._failing: dict[str, tuple[float, str]] = {}
         """operation -> (first failure with no success since, the last failure's exception type)."""
 
-    def failed(self, operation: str, exc: BaseException) -> None:
+    def failed(self, operation: str, exc: BaseException, since: float | None = None) -> None:
+        """Note a failure; a first one counts from `since` (default: now)."""
         with self._lock:
-            since = self._failing.get(operation, (self.clock(), ""))[0]
+            since = self._failing.get(operation, (self.clock() if since is None else since, ""))[0]
             self._failing[operation] = (since, type(exc).__name__)
 
     def succeeded(self, operation: str) -> None:
@@ -224,6 +227,10 @@ class KafkaDeskQueues:
         self.unready_after_s = DeskSettings().unready_after_s if unready_after_s is None else unready_after_s
         self.health = KafkaHealth(clock)
         self.backoff = ReconnectBackoff(clock=clock)
+        self.probe_every_s = min(self.unready_after_s / 4, PROBE_EVERY_MAX_S)
+        self.probe_timeout_ms = int(1000 * min(PROBE_TIMEOUT_MAX_S, max(1.0, self.probe_every_s)))
+        self._probe_error = ""
+        self._heard_from_kafka()
         self._connect_failed = False
         self.inbox = ReviewInbox()
         # A poll takes no more than the desk may hold, so the inbox never runs far ahead of the desk.
@@ -260,6 +267,7 @@ class KafkaDeskQueues:
                 self._disconnect("could not connect to Kafka")
                 raise
             self._connect_failed = False
+            self._heard_from_kafka()  # open() read the topics' metadata
         return self.runner
 
     def _disconnect(self, why: str) -> None:
@@ -299,7 +307,7 @@ class KafkaDeskQueues:
         # A commit that failed earlier is retried here: an idle desk polls nothing, so no checkpoint would.
         polled_to = dict(self.inbox.polled_to)
         try:
-            self._committing(runner.run_once)
+            polled = self._committing(runner.run_once)
         except DeliveryError:
             # The checkpoint flushes the inbox, which notes how far polling got, before it waits for the
             # batch's dead letters; they were not acknowledged, so the commits of decided pairs (_ack) must stop
@@ -311,13 +319,51 @@ class KafkaDeskQueues:
             # good fails the same way after each reconnect: the back-off keeps that from happening every tick.
             self._disconnect("dead letters were not acknowledged; reading them again on fresh clients")
             raise
-        self._committing(lambda: runner.commit(self.inbox.safe_offsets()))
+        self._commit_settled(runner)
+        if polled:
+            self._heard_from_kafka()
+        else:
+            self._probe_if_quiet(consumer)
         self.backoff.succeeded()
         return self.inbox.take(limit)
 
-    def _committing(self, step: Callable[[], object]) -> None:
+    def _heard_from_kafka(self) -> None:
+        """The broker answered: no metadata request is needed for another probe_every_s."""
+        self._heard_at = self.health.clock()
+        self._probe_at = self._heard_at + self.probe_every_s
+        self.health.succeeded("metadata")
+        if self._probe_error:
+            log.info("desk: Kafka answers again")
+        self._probe_error = ""
+
+    def _probe_if_quiet(self, consumer: Any) -> None:
+        """Ask the broker for metadata once nothing was heard from it for probe_every_s; never raises."""
+        now = self.health.clock()
+        if now < self._probe_at:
+            return
+        self._probe_at = now + self.probe_every_s
         try:
-            step()
+            # One metadata round trip, KafkaTimeoutError after timeout_ms. Not topics(): kafka-python 3.0.12 waits for
+            # it without a bound while no broker answers; bootstrap_connected() is True only while a bootstrap runs.
+            consumer.bootstrap(timeout_ms=self.probe_timeout_ms, refresh=True)
+        except Exception as exc:
+            # Counted from the last sign of the broker: /readyz turns 503 about unready_after_s after it went.
+            self.health.failed("metadata", exc, since=self._heard_at)
+            repeated, self._probe_error = repr(exc) == self._probe_error, repr(exc)
+            log.log(logging.DEBUG if repeated else logging.WARNING, "desk: Kafka did not answer a metadata request "
+                    "(%r); asking again every %.0fs", exc, self.probe_every_s)  # fmt: skip
+            return
+        self._heard_from_kafka()
+
+    def _commit_settled(self, runner: StageRunner) -> None:
+        offsets = self.inbox.safe_offsets()
+        self._committing(lambda: runner.commit(offsets))
+        if offsets:
+            self._heard_from_kafka()
+
+    def _committing(self, step: Callable[[], T]) -> T:
+        try:
+            return step()
         except Exception:
             # The inbox counts its offsets as committed before the commit is sent; after a failure it must
             # offer them again, or they stay uncommitted until more pairs arrive and a restart re-reads
@@ -329,11 +375,13 @@ class KafkaDeskQueues:
         runner = self._opened(waits=False)
         messages = [encode_record(record, getattr(self.topics, route)) for route, record in routed]
         deliver(runner.producer, messages, runner.flush_timeout_s)
+        if messages:
+            self._heard_from_kafka()
 
     def _ack(self, handles: list[Any]) -> None:
         runner = self._opened(waits=False)
         self.inbox.settle(handles)
-        self._committing(lambda: runner.commit(self.inbox.safe_offsets()))
+        self._commit_settled(runner)
 
     def _close(self) -> None:
         self.runner.close()

@@ -743,6 +743,9 @@ def test_helm_test_pod_checks_every_enabled_endpoint_through_its_service(
     command = container["command"]
     assert command[:2] == ["synpref", "health"] and COMMANDS["health"][0] == "synpref.shared.health_cli"
     targets = parse_health_args(command[2:]).targets
+    # The desk is asked whether it works (its Kafka operations do), not only whether it answers.
+    desk = find(docs, "Deployment", f"{RELEASE}-synpref-desk")
+    assert [t for t in targets if "-desk:" in t] == [f"http://{RELEASE}-synpref-desk:8000/readyz"] * len(desk)
     services = {d["metadata"]["name"]: {p["port"] for p in d["spec"]["ports"]} for d in find(docs, "Service")}
     for target in targets:
         host_port = target.split("://", 1)[-1].split("/", 1)[0]

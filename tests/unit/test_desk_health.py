@@ -1,4 +1,4 @@
-"""The desk's Kafka health: the reconnect back-off, KafkaHealth, and /healthz (liveness) vs /readyz (readiness)."""
+"""The desk's Kafka health: reconnect back-off, KafkaHealth, the idle metadata request, /healthz vs /readyz."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
-from kafka.errors import KafkaConnectionError
+from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 from kafka.structs import TopicPartition
 
 from synpref.services.desk import MemoryReviewQueue, MemoryVerdictSink, ReviewDesk, make_app
@@ -46,6 +46,9 @@ class RefusingRunner:
 
         def paused(self) -> set[TopicPartition]:
             return set()
+
+        def bootstrap(self, timeout_ms: int | None = None, refresh: bool = False) -> None:
+            """The metadata request of an idle desk: the broker answers."""
 
     def __init__(self, refusals: int, unreachable: int = 0) -> None:
         self.refusals = refusals
@@ -273,3 +276,117 @@ def test_a_tick_error_that_repeats_is_logged_once(caplog: pytest.LogCaptureFixtu
     failed = [r.levelno for r in caplog.records if r.getMessage() == "desk tick failed; retrying"]
     # Five failures in a row: one traceback, then DEBUG; after a good tick the next failure is an ERROR again.
     assert failed == [logging.ERROR, *[logging.DEBUG] * 4, logging.ERROR]
+
+
+class IdleRunner(RefusingRunner):
+    """Connects and polls without error, `polled` records a poll (0: nothing arrives, the desk is idle); its
+    consumer's metadata requests (KafkaConsumer.bootstrap(refresh=True)) time out while `down`, as when the broker
+    is gone: kafka-python's poll only returns nothing then."""
+
+    def __init__(self) -> None:
+        super().__init__(refusals=0)
+        self.polled = 0
+        self.down = False
+        self.probes: list[tuple[int | None, bool]] = []
+
+    def open(self) -> None:
+        super().open()
+        self.consumer.bootstrap = self.bootstrap
+
+    def bootstrap(self, timeout_ms: int | None = None, refresh: bool = False) -> None:
+        self.probes.append((timeout_ms, refresh))
+        if self.down:
+            raise KafkaTimeoutError("Unable to bootstrap from ['kafka-0.internal:9092']")
+
+    def run_once(self) -> int:
+        return self.polled
+
+
+@pytest.mark.parametrize(
+    ("unready_after_s", "every_s", "timeout_ms"),
+    [(2.0, 0.5, 1000), (20.0, 5.0, 5000), (60.0, 15.0, 5000), (600, 15, 5000)],
+)
+def test_the_metadata_request_is_bounded(unready_after_s: float, every_s: float, timeout_ms: int) -> None:
+    queues = queues_with(IdleRunner(), Clock(), unready_after_s)
+    try:
+        assert (queues.probe_every_s, queues.probe_timeout_ms) == (every_s, timeout_ms)
+    finally:
+        queues._executor.shutdown()
+
+
+def test_an_idle_desk_turns_unready_when_the_broker_is_gone_and_ready_when_it_is_back() -> None:
+    async def main() -> None:
+        clock, runner = Clock(), IdleRunner()
+        queues = queues_with(runner, clock, unready_after_s=20.0)  # a metadata request every 5 s while idle
+        desk = ReviewDesk(queues.source, queues.sink, DeskSettings(), tokens=TOKENS)
+        async with TestClient(TestServer(make_app(desk, background=False))) as client:
+
+            async def status(path: str) -> tuple[int, dict[str, Any]]:
+                resp = await client.get(path)
+                return resp.status, await resp.json()
+
+            await tick_for(queues, clock, 30.0)
+            assert await status("/readyz") == (200, {"status": "ready"})
+            # Every 5 s of the 60 ticks, not every tick; bounded, and a fresh round trip each time.
+            assert 5 <= len(runner.probes) <= 7 and set(runner.probes) == {(5000, True)}, runner.probes
+            runner.down, probes = True, len(runner.probes)  # the broker is gone; the desk polls nothing, no error
+            await tick_for(queues, clock, 10.0)
+            assert (await status("/readyz"))[0] == 200
+            await tick_for(queues, clock, 10.5)  # unready_after_s since it was gone (and a tick)
+            code, body = await status("/readyz")
+            assert code == 503 and body["status"] == "unready", body
+            assert body["reason"].startswith("Kafka metadata failing for "), body
+            assert "(KafkaTimeoutError)" in body["reason"] and "kafka-0.internal" not in body["reason"]
+            assert await status("/healthz") == (200, {"status": "ok"})
+            assert len(runner.probes) - probes <= 5, runner.probes  # still one every 5 s
+            runner.down = False
+            await tick_for(queues, clock, 5.5)
+            assert await status("/readyz") == (200, {"status": "ready"})
+
+    asyncio.run(main())
+
+
+def test_a_desk_that_hears_from_kafka_sends_no_metadata_request() -> None:
+    async def main() -> None:
+        clock, runner = Clock(), IdleRunner()
+        queues = queues_with(runner, clock, unready_after_s=20.0)
+        try:
+            runner.polled = 1  # pairs arrive: every poll shows the broker is there
+            await tick_for(queues, clock, 120.0)
+            assert runner.probes == []
+            runner.polled, runner.down = 0, True
+            await tick_for(queues, clock, 30.0)
+            assert queues.source.problem() is not None
+            runner.polled = 1  # a poll that brings records is as good as an answered metadata request
+            await tick_for(queues, clock, TICK_S)
+            assert queues.source.problem() is None
+        finally:
+            await queues.close()
+
+    asyncio.run(main())
+
+
+def test_a_metadata_request_that_keeps_failing_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        clock, runner = Clock(), IdleRunner()
+        queues = queues_with(runner, clock, unready_after_s=20.0)
+        try:
+            runner.down = True
+            await tick_for(queues, clock, 60.0)  # 12 failed requests
+            runner.down = False
+            await tick_for(queues, clock, 10.0)
+            runner.down = True
+            await tick_for(queues, clock, 10.0)
+        finally:
+            await queues.close()
+
+    with caplog.at_level(logging.DEBUG, logger="synpref.desk.kafka"):
+        asyncio.run(main())
+    said = [(r.levelno, r.getMessage().split(" (")[0]) for r in caplog.records if r.name == "synpref.desk.kafka"]
+    failed = "desk: Kafka did not answer a metadata request"
+    assert [s for s in said if s[0] > logging.DEBUG] == [
+        (logging.WARNING, failed),
+        (logging.INFO, "desk: Kafka answers again"),
+        (logging.WARNING, failed),
+    ], said
+    assert said.count((logging.DEBUG, failed)) >= 10
