@@ -1,16 +1,14 @@
 """Training runs as Kubernetes Jobs: one pure builder, a thin API backend, `synpref train submit`.
 
-The Helm chart renders the same Job twice from one set of values: as the jobTemplate of the
-suspended CronJob `<release>-train` (for `kubectl create job --from=cronjob/...`) and as a
-spec file (`train-job.yaml` in the release ConfigMap) that `synpref train submit` reads and
-hands to `build_training_job`. tests/integration/test_chart.py renders both and proves the
-two Jobs equal, so the chart template and this builder cannot drift apart silently.
+The Helm chart renders the same Job twice from one set of values: as the jobTemplate of the suspended CronJob
+`<release>-train` (for `kubectl create job --from=cronjob/...`) and as a spec file (`train-job.yaml` in the release
+ConfigMap) that `synpref train submit` reads and hands to `build_training_job`. tests/integration/test_chart.py renders
+both and proves the two Jobs equal, so the chart template and this builder cannot drift apart silently.
 
-One node with one GPU runs `synpref train`; more GPUs or nodes run torchrun. Multi-node is
-an Indexed Job whose pods share the subdomain of a headless Service, so pod 0 is reachable
-at `<job>-0.<service>` and serves the c10d rendezvous. The job name comes from the pod's
-own `batch.kubernetes.io/job-name` label, which is what lets a Job cloned from the CronJob
-under any name find its own pod 0.
+One node with one GPU runs `synpref train`; more GPUs or nodes run torchrun. Multi-node is an Indexed Job whose pods
+share the subdomain of a headless Service, so pod 0 is reachable at `<job>-0.<service>` and serves the c10d rendezvous.
+The job name comes from the pod's own `batch.kubernetes.io/job-name` label, which is what lets a Job cloned from the
+CronJob under any name find its own pod 0.
 """
 
 from __future__ import annotations
@@ -253,8 +251,12 @@ def build_training_job(spec: TrainingJobSpec) -> client.V1Job:
         containers=[_container(spec)],
         volumes=_volumes(spec),
     )
+    # Evicted, preempted or drained pods are made again, not counted: with backoffLimit 0 a node upgrade failed the run.
+    disruption = client.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")
+    ignore = client.V1PodFailurePolicyRule(action="Ignore", on_pod_conditions=[disruption])
     job_spec = client.V1JobSpec(
         backoff_limit=spec.backoff_limit,
+        pod_failure_policy=client.V1PodFailurePolicy(rules=[ignore]),
         ttl_seconds_after_finished=spec.ttl_seconds_after_finished,
         active_deadline_seconds=spec.active_deadline_seconds,
         template=client.V1PodTemplateSpec(metadata=client.V1ObjectMeta(labels=spec.pod_labels()), spec=pod),

@@ -15,6 +15,11 @@ from synpref.shared.files import write_text_atomic
 
 RUN_LABEL = "synpref.io/run"
 MODEL_LABEL = "synpref.io/model"
+MAX_FAILED_ATTEMPTS = 3
+"""Failed Jobs of a model after which no new attempt starts: each restart of the controller would start one."""
+MIN_TTL_S = 24 * 3600
+"""Least ttlSecondsAfterFinished of the controller's Jobs: a finished Job must outlive the controller's next
+read of it, and a restart of the controller, or its model is trained again (TTL 0 deletes it before a read)."""
 log = logging.getLogger(__name__)
 
 
@@ -51,14 +56,19 @@ class K8sModels(FullModels):
     from a finished Job still inside its TTL. Jobs carry the run id and model in labels: a
     restarted controller adopts this run's Job for the model (waits for a running one, takes a
     complete one) instead of training again; after a failed attempt it starts the next one,
-    which resumes from the checkpoints the failed one left in the same output folder.
+    which resumes from the checkpoints the failed one left in the same output folder, up to
+    MAX_FAILED_ATTEMPTS failed ones.
     """
 
-    def __init__(self, settings, workdir: Path, backend: Any = None, timeout_s: float = 6 * 3600.0) -> None:
+    def __init__(self, settings, workdir: Path, backend: Any = None, timeout_s: float | None = None) -> None:
+        from synpref.training.k8s_job import MAX_WAIT_S
+
         super().__init__(settings, workdir)
         self.workdir = workdir
         self.backend = backend
-        self.timeout_s = timeout_s
+        # The Job's own activeDeadlineSeconds is the limit on its run: a shorter wait here only made the controller
+        # give up on a healthy Job (a final RM at 40M pairs trains for days), crash, and wait on it again.
+        self.timeout_s = MAX_WAIT_S if timeout_s is None else timeout_s
         self.run_id = run_id(workdir)
 
     def new_run(self) -> None:
@@ -79,7 +89,14 @@ class K8sModels(FullModels):
         suffix = f"-{self.run_id}-a{attempt}"
         job = dns_part(f"rm-{name}", 52 - len(suffix) - len("-config")) + suffix
         values.update(name=job, config_map=f"{job}-config", labels=self.job_labels(name))
-        return TrainingJobSpec(**values)
+        spec = TrainingJobSpec(**values)
+        ttl = spec.ttl_seconds_after_finished
+        if ttl is not None and ttl < MIN_TTL_S:
+            log.warning(
+                "training Jobs are kept %ds after they finish, not %ds: the controller reads them", MIN_TTL_S, ttl
+            )
+            spec = spec.model_copy(update={"ttl_seconds_after_finished": MIN_TTL_S})
+        return spec
 
     def config_map(
         self, spec: Any, train_file: Path, valid_file: Path, out_dir: Path, role: str = ""
@@ -107,6 +124,13 @@ class K8sModels(FullModels):
         namespace = self.job_spec(name).namespace
         jobs = self.backend.find(namespace, self.job_labels(name))
         adopt = next((job for job, status in jobs if status in ("Active", "Complete")), None)
+        failed = [job for job, status in jobs if status == "Failed"]
+        if adopt is None and len(failed) >= MAX_FAILED_ATTEMPTS:
+            # Not a new Job on every restart: a failure that repeats (OOM, a bad image or config) needs a person.
+            raise RuntimeError(
+                f"training {name}: {len(failed)} attempts failed ({', '.join(failed)} in {namespace}); see their logs"
+                f" (kubectl logs job/<name>), fix the cause, and delete them to try again"
+            )
         if adopt is None:
             out_dir.mkdir(parents=True, exist_ok=True)
             train_file = write_jsonl(train, out_dir / f"{name}.train.jsonl")

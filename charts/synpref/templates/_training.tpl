@@ -95,6 +95,13 @@ security:
 {{- $t := .Values.training }}
 {{- $multi := gt (int $t.nodes) 1 }}
 backoffLimit: {{ $t.backoffLimit }}
+# A pod evicted, preempted or on a drained node is made again, not counted against backoffLimit.
+podFailurePolicy:
+  rules:
+    - action: Ignore
+      onPodConditions:
+        - type: DisruptionTarget
+          status: "True"
 ttlSecondsAfterFinished: {{ $t.ttlSecondsAfterFinished }}
 {{- if $t.activeDeadlineSeconds }}
 activeDeadlineSeconds: {{ $t.activeDeadlineSeconds }}
