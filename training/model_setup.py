@@ -89,12 +89,11 @@ def _from_pretrained(source: str, dtype: torch.dtype, flash: bool) -> Any:
 def _choose_packing(cfg: RewardConfig, model: Any) -> bool:
     if cfg.packing == "off":
         return False
-    problem = packing_problem(model)
     if cfg.packing == "on":
-        if problem:
+        if problem := packing_problem(model):
             raise ValueError(f"packing: on, but {problem}")
         return True
-    return not problem and getattr(model.config, "_attn_implementation", "") in VARLEN_ATTENTION
+    return getattr(model.config, "_attn_implementation", "") in VARLEN_ATTENTION and not packing_problem(model)
 
 
 def load_for_training(cfg: RewardConfig, source: str, device: torch.device, world: int) -> LoadedModel:
@@ -102,7 +101,7 @@ def load_for_training(cfg: RewardConfig, source: str, device: torch.device, worl
     one-label sequence classifier on `device`, in fp64 for precision "fp64" else fp32, seeded with `cfg.seed`.
 
     Dropout is disabled and gradient checkpointing enabled as `cfg` asks, packing is chosen (with
-    flash-attention 2 when `cfg.packing` allows it on CUDA and flash_attn is installed), and with
+    flash-attention 2 when `cfg.packing` allows it on CUDA in bf16 and flash_attn is installed), and with
     `world` > 1 the model is wrapped in DDP, or sharded with FSDP (`cfg.distributed`, or "auto"
     from `cfg.fsdp_min_params`); `cfg.compile` compiles the result.
     """
@@ -111,7 +110,9 @@ def load_for_training(cfg: RewardConfig, source: str, device: torch.device, worl
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(source)
     dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
-    flash = cfg.packing != "off" and device.type == "cuda" and flash_attention_installed()
+    # Flash-attention kernels take bf16/fp16 only: an fp32 or fp64 run loaded with them failed in its first forward.
+    flash = cfg.packing != "off" and device.type == "cuda" and uses_bf16(cfg.precision, device)
+    flash = flash and flash_attention_installed()
     model = _from_pretrained(source, dtype, flash)
     pad_id = ensure_pad_token(model, tokenizer)
     if cfg.disable_dropout:

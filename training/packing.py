@@ -35,7 +35,36 @@ def packing_problem(model: Any) -> str:
         return f"{type(model).__name__} has no decoder `score` head (encoders keep padded batches)"
     if getattr(model.config, "is_encoder_decoder", False):
         return "encoder-decoder models are not packed"
+    if packed_sequences_leak(model):
+        return f"{type(model).__name__} lets packed sequences attend to each other (it ignores position restarts)"
     return ""
+
+
+@torch.no_grad()
+def packed_sequences_leak(model: Any) -> bool:
+    """Whether a sequence's packed reward depends on the sequence packed before it. Some decoders with a `score`
+    head (OPT, Falcon, Bloom) build their mask or positions without reading position restarts: packed, every
+    sequence attended to the ones before it in its row, and the model was trained and evaluated on that.
+
+    The same row with only the first sequence's tokens changed: the shapes (so the kernels) are the same, and
+    where boundaries hold the second reward is the same, in bf16 too."""
+    was_training, device = model.training, next(model.parameters()).device
+    ids = [t for t in range(1, 64) if t != model.config.pad_token_id][:8]
+    tail = ids[6:8]
+    flash = getattr(model.config, "_attn_implementation", "") in VARLEN_ATTENTION
+    model.eval()  # dropout would differ between the two forwards
+    try:
+        rewards = []
+        for head in (ids[0:3], ids[3:6]):
+            capture = ScoreCapture(model.score, model.config.pad_token_id)
+            try:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=flash):  # flash kernels take bf16
+                    rewards.append(packed_rewards(model, capture, [head, tail], device)[1].float())
+            finally:
+                capture.handle.remove()
+    finally:
+        model.train(was_training)
+    return not torch.allclose(rewards[0], rewards[1], rtol=1e-5, atol=1e-6)
 
 
 def flash_attention_installed() -> bool:
