@@ -9,12 +9,16 @@ Secret) and compared in constant time; the chart admits only the controller to t
   (relative to scorer.model_root, or absolute inside it) as `model`, draining the version it
   replaces. Paths resolving outside the root (symlinks and `..` included), missing folders
   and hub ids are all refused with the same words, so answers do not tell which paths exist.
-  A new name beyond scorer.max_models is 409.
+  A new name beyond scorer.max_models is 409. A reload of the checkpoint and version the name
+  serves already answers at once, and a repeat of a reload under way waits for that one: a
+  caller that gave up on a long load (the controller after 120 s; an 8B model loads longer)
+  and asks again must not load it all over again, and time out again.
 - `POST /admin/unload {"model"}`: stop serving a name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from pathlib import Path
@@ -23,7 +27,7 @@ from aiohttp import web
 
 from synpref.services.scorer.errors import InvalidInput, ScorerError, Unauthorized
 from synpref.services.scorer.http import Handler, _error, _json_body
-from synpref.services.scorer.registry import ModelRegistry
+from synpref.services.scorer.registry import ModelRegistry, ServedModel, version_of
 from synpref.shared.config import ModelRef
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,8 @@ class AdminApi:
         self.registry = registry
         self._token = token.encode()
         self.root = Path(model_root).resolve()
+        self._latest: dict[str, tuple[tuple[str, str], asyncio.Future[ServedModel]]] = {}
+        """Each name's last reload asked for here: its (checkpoint, version) and its load, until it ends."""
 
     def app(self) -> web.Application:
         """The aiohttp application with the token guard and both admin routes."""
@@ -77,7 +83,9 @@ class AdminApi:
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+        # surrogateescape: a header that is not UTF-8 is a wrong token (401), not an encoding error (500).
+        presented = given.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self._token):
             log.warning("admin call to %s without a valid token from %s", request.path, request.remote)
             return _error(Unauthorized.http_status, "admin calls need Authorization: Bearer <scorer admin token>")
         try:
@@ -96,13 +104,33 @@ class AdminApi:
         folder = checkpoint_under(self.root, path)
         ref = ModelRef(path=str(folder), version=str(body.get("version") or ""))
         try:
-            served = await self.registry.reload(name, ref)
+            served = await self._reload_once(name, ref)
         except ScorerError:
             raise
         except Exception:  # not a loadable checkpoint: details go to the log, not the caller
             log.exception("reloading %s from %s failed", name, folder)
             raise InvalidInput("that checkpoint does not load; the scorer's log says why") from None
         return web.json_response({"model": served.name, "version": served.version, "model_id": served.model_id})
+
+    async def _reload_once(self, name: str, ref: ModelRef) -> ServedModel:
+        """`ref` served as `name`: by the load under way when it is the name's last one asked for; at once when it
+        is served and no load of the name is under way (one of another version would replace it after); else by a
+        new load, queued behind any under way."""
+        key = (ref.path, version_of(ref))
+        latest = self._latest.get(name)
+        if latest is not None and latest[0] == key and not latest[1].done():
+            return await latest[1]
+        served = self.registry.models.get(name)
+        if served is not None and name not in self.registry.loading and (served.model_id, served.version) == key:
+            return served
+        load = asyncio.ensure_future(self.registry.reload(name, ref))
+        self._latest[name] = (key, load)
+        load.add_done_callback(lambda _: self._forget(name, load))
+        return await load
+
+    def _forget(self, name: str, load: asyncio.Future[ServedModel]) -> None:
+        if name in self._latest and self._latest[name][1] is load:
+            del self._latest[name]
 
     async def unload(self, request: web.Request) -> web.Response:
         """`{"model"}`: stop serving the named model."""

@@ -12,8 +12,8 @@ scorer unchanged.
   answer {"id", "object": "list", "created", "model", "data": [{"index", "label", "probs":
   [reward], "num_classes": 1}], "usage": {...}}. verl's reward loop posts one rendered text
   with "activation": false and reads data[-1]["probs"][-1]. Rewards are raw logits unless the
-  request asks for the activation explicitly ("activation" / "use_activation": true gives
-  sigmoid, as vLLM).
+  request asks for the activation explicitly (the first of "softmax", "activation",
+  "use_activation" that is not null, as vLLM reads them; true gives sigmoid).
 - `GET /health`, `GET /info`, `GET /metrics` (Prometheus). Reloading models is not here:
   it is on the admin port, behind a token (admin.py), so RL code cannot swap its own RM.
 
@@ -21,7 +21,7 @@ Errors answer {"error": message, "code": status}: 400 bad input, 404 unknown mod
 over max_body_bytes, 429 queue full (with Retry-After), 503 no model loaded (the message says
 how models arrive), still loading or draining, 504 deadline. A body is read only once its
 request holds an encode-queue slot, so at most max_encode_queue bodies are in memory being
-parsed or tokenized.
+parsed or tokenized, and must arrive by the deadline and within BODY_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -55,6 +55,11 @@ LABEL = "LABEL_0"  # what transformers names the single class of a num_labels=1 
 
 
 T = TypeVar("T")
+BODY_TIMEOUT_S = 60.0
+"""Longest a request body may take to arrive, whatever the request's deadline (also with none: http_timeout_s
+0): a client stalled mid-upload holds one of max_encode_queue slots, which gRPC requests share."""
+ACTIVATION_FIELDS = ("softmax", "activation", "use_activation")
+"""vLLM's names for applying the activation, in the order it reads them (the first one set decides)."""
 MODEL_LABEL = web.RequestKey("synpref_model", str)
 """Where a handler leaves the served name it resolved (from the body), for the metrics label."""
 
@@ -71,8 +76,8 @@ async def _json_body(request: web.Request, limit: int) -> dict[str, Any]:
         body = await request.json(loads=json.loads)
     except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
         raise PayloadTooLarge(f"request body is larger than max_body_bytes={limit}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    except (ValueError, LookupError) as exc:  # not JSON (a number past int's digit limit too), or an unknown charset
+        raise InvalidInput(f"request body is not valid JSON: {exc}"[:300]) from None
     except RecursionError:
         raise InvalidInput("request body is nested too deeply") from None
     if not isinstance(body, dict):
@@ -114,12 +119,16 @@ def _is_id(value: Any) -> bool:
 
 
 def _activation(body: dict[str, Any]) -> bool:
-    value = body.get("use_activation", body.get("activation", False))
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise InvalidInput(f'"activation" / "use_activation" must be true or false, not {value!r}'[:200])
-    return value
+    """Whether the request asks for sigmoid: the first of ACTIVATION_FIELDS that is not null, as vLLM reads
+    them (a client sending every field of vLLM's request has the others null); none set: raw logits."""
+    for field in ACTIVATION_FIELDS:
+        value = body.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, bool):
+            raise InvalidInput(f'"{field}" must be true or false, not {value!r}'[:200])
+        return value
+    return False
 
 
 class HttpShims:
@@ -148,15 +157,19 @@ class HttpShims:
         self.max_body_bytes = max_body_bytes
 
     async def _body(self, request: web.Request, deadline: float | None) -> dict[str, Any]:
-        """The JSON body, read while holding an encode-queue slot (429 when none is free) and by the deadline:
-        a client stalled mid-upload must not hold its slot (and with max_encode_queue of them, the scorer) for good.
+        """The JSON body, read while holding an encode-queue slot (429 when none is free), by the deadline and
+        within BODY_TIMEOUT_S: a client stalled mid-upload must not hold its slot (and with max_encode_queue of
+        them, the scorer) for good, also where requests have no deadline.
         """
+        by = asyncio.get_running_loop().time() + BODY_TIMEOUT_S
         with self.registry.encode_queue.slot():
             try:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(by if deadline is None else min(deadline, by)):
                     return await _json_body(request, self.max_body_bytes)
             except TimeoutError:
-                raise DeadlineExceeded("the request body did not arrive before the request's deadline") from None
+                raise DeadlineExceeded(
+                    f"the request body did not arrive before the request's deadline (or within {BODY_TIMEOUT_S:g} s)"
+                ) from None
 
     def _deadline(self, request: web.Request) -> float | None:
         """The request's deadline on the event loop's clock, as the batcher takes it."""
