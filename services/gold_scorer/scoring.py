@@ -110,8 +110,14 @@ def make_scoring_stage(models: list[ScoringModel]) -> Stage:
     return gold_scorer
 
 
-class ScoreCountError(RuntimeError):
-    """A scorer returned another number of scores than it was given pairs: its fault, not any pair's."""
+class ScoreCountError(StageUnavailable):
+    """A scorer returned another number of scores than it was given pairs: its fault, not any pair's, so the
+    batch is read again later (a dead letter per pair would lose the stream to one scorer bug)."""
+
+
+class ScorerFailed(RuntimeError):
+    """The scorer answered an error that names no pair (INTERNAL: a forward failed, say of CUDA memory; UNKNOWN;
+    ...): a pair's fault only where the scorer scores others meanwhile, else the scorer's (see below)."""
 
 
 def score_each_alone_on_error(
@@ -120,20 +126,38 @@ def score_each_alone_on_error(
     """(scored copy, None) for each record of `batch`; where scoring the batch raises, each record is scored
     alone and one that still raises is (itself, the reason) instead: one pair a chat template or the scorer
     refuses must not fail its batch (in process, that stopped the controller on every restart).
-    StageUnavailable and ScoreCountError are no pair's fault and propagate; so does the batch's error when
-    every one of its pairs fails alone too (a broken scorer, not bad pairs)."""
+    StageUnavailable (ScoreCountError too) is no pair's fault and propagates. Where no pair scores, alone
+    either, a ScorerFailed among the errors is the scorer's state and raises StageUnavailable: the runner
+    reads the batch again later, whereas a lone pair's failure would be dead-lettered, and plan_batch retries
+    a raising stage one record at a time. Else the batch's error propagates (a broken in-process scorer)."""
     try:
         return [(record, None) for record in score_batch(batch, models)]
-    except (StageUnavailable, ScoreCountError):
+    except StageUnavailable:
         raise
     except Exception as exc:
         if len(batch) == 1:
-            return [(batch[0], f"scoring raised {type(exc).__name__}: {exc}")]
-        log.warning("scoring a batch of %d raised %r; scoring its pairs one at a time", len(batch), exc)
-        out = [one for record in batch for one in score_each_alone_on_error([record], models)]
-        if all(error is not None for _, error in out):
-            raise
-        return out
+            alone: list[tuple[PairRecord, Exception | None]] = [(batch[0], exc)]
+        else:
+            log.warning("scoring a batch of %d raised %r; scoring its pairs one at a time", len(batch), exc)
+            alone = [score_alone(record, models) for record in batch]
+        if all(error is not None for _, error in alone):
+            failed = next((e for _, e in alone if isinstance(e, ScorerFailed)), None)
+            if failed is not None:
+                why = f"every pair of a batch of {len(batch)} failed, alone too: {failed}"
+                raise StageUnavailable(f"{why}; nothing shows a pair is at fault") from failed
+            if len(batch) > 1:
+                raise
+        return [(r, None if e is None else f"scoring raised {type(e).__name__}: {e}") for r, e in alone]
+
+
+def score_alone(record: PairRecord, models: list[ScoringModel]) -> tuple[PairRecord, Exception | None]:
+    """(scored copy, None), or (record, the error) where scoring it raises anything but StageUnavailable."""
+    try:
+        return score_batch([record], models)[0], None
+    except StageUnavailable:
+        raise
+    except Exception as exc:
+        return record, exc
 
 
 def score_batch(batch: list[PairRecord], models: list[ScoringModel]) -> list[PairRecord]:
@@ -215,8 +239,8 @@ def grpc_scorer(
 ) -> PairScorer:
     """Score through the scorer service's RewardService.ScorePairs, each call within `timeout_s`. The scorer
     starting, restarting or draining, shedding load, serving no model yet or not (yet) this one (models arrive
-    by reloads), or too slow, is StageUnavailable: the runner reads the batch again later. Any other error is
-    the pairs' own.
+    by reloads), or too slow, is StageUnavailable: the runner reads the batch again later. INVALID_ARGUMENT and
+    OUT_OF_RANGE are the pairs' own (grpc.RpcError); any other error is ScorerFailed.
 
     A batch that misses the deadline is scored again in halves, each with its own deadline, while the batch has
     spent under SPLIT_TIMEOUTS of them: re-reading the same batch could only miss it again when the batch's
@@ -232,6 +256,8 @@ def grpc_scorer(
         client = RewardClient(address, timeout=timeout_s)
     codes = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "NOT_FOUND", "DEADLINE_EXCEEDED")
     not_serving_now = frozenset(getattr(grpc.StatusCode, code) for code in codes)
+    # What the scorer answers for a request it refuses for its content (services/scorer/errors.py InvalidInput).
+    the_pairs_own = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
 
     def call(pairs: list[dict], split_until: float) -> list[ScoredPair]:
         try:
@@ -247,7 +273,12 @@ def grpc_scorer(
             if code in not_serving_now:
                 why = f"scorer {address} cannot score with {model_name!r} now: {exc.details()}"
                 raise StageUnavailable(why) from exc
-            raise
+            if code in the_pairs_own:
+                raise
+            # INTERNAL, UNKNOWN, CANCELLED ...: a failed forward fails every item batched with it, other callers'
+            # too, so the caller sorts out (score_each_alone_on_error) whether a pair or the scorer is at fault.
+            why = f"scorer {address} failed {len(pairs)} pair(s) with {model_name!r}: {code.name}: {exc.details()}"
+            raise ScorerFailed(why) from exc
         return [(s.reward_chosen, s.reward_rejected, s.version) for s in scored]
 
     def score(pairs: list[dict]) -> list[ScoredPair]:
