@@ -227,17 +227,19 @@ class ScorerServer:
         self._grpc = server
 
         shims = HttpShims(self.registry, self.metrics, s.max_request_items, s.http_timeout_s, s.max_body_bytes)
-        self._http, self.http_port = await _serve_http(shims.app(), s.host, s.http_port)
+        self._http, self.http_port = await _serve_http(shims.app(), s.host, s.http_port, drain_s=s.drain_s)
         if s.admin_enabled:
             admin = AdminApi(self.registry, admin_token, s.model_root)
             # A reload goes on when its caller leaves (the controller gives up after 120 s; a large model loads
             # longer): cancelled, the loaded model was thrown away and the next try loaded it all again.
-            self._admin_http, self.admin_port = await _serve_http(admin.app(), s.host, s.admin_port, cancel=False)
+            self._admin_http, self.admin_port = await _serve_http(
+                admin.app(), s.host, s.admin_port, cancel=False, drain_s=s.drain_s
+            )
             log.info("scorer admin listening on %s:%d", s.host, self.admin_port)
         if s.metrics_port:
             metrics_app = web.Application()
             metrics_app.router.add_get("/metrics", shims.metrics_page)
-            self._metrics_http, _ = await _serve_http(metrics_app, s.host, s.metrics_port)
+            self._metrics_http, _ = await _serve_http(metrics_app, s.host, s.metrics_port, drain_s=s.drain_s)
         log.info("scorer listening: gRPC %s:%d, HTTP %s:%d", s.host, self.grpc_port, s.host, self.http_port)
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         if load:
@@ -362,10 +364,14 @@ class ScorerServer:
             await self._grpc.wait_for_termination()
 
 
-async def _serve_http(app: web.Application, host: str, port: int, cancel: bool = True) -> tuple[web.AppRunner, int]:
+async def _serve_http(
+    app: web.Application, host: str, port: int, cancel: bool = True, drain_s: float = 30.0
+) -> tuple[web.AppRunner, int]:
     # handler_cancellation: a request whose client left is cancelled, so its items leave the queue (max_queue)
     # instead of being computed for nobody while the client (OpenRLHF after its timeout) posts the batch again.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0, handler_cancellation=cancel)
+    # shutdown_timeout: in-flight HTTP requests get scorer.drain_s, as gRPC's do (it was a fixed 30 s; aiohttp
+    # reads 0 as no limit).
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=max(drain_s, 0.001), handler_cancellation=cancel)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

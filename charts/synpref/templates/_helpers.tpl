@@ -166,9 +166,9 @@ flight on a rollout, node drain or HPA scale-down (its work redone, outputs alre
 {{- if $batch }}{{ add (ceil $batch | int) 50 }}{{ else }}30{{ end }}
 {{- end }}
 
-{{/* The scorer's: in-flight requests get config.scorer.drain_s (30 s) on gRPC and the HTTP shims' fixed 30 s
-at once, then the models' batchers drain and close. A grace of exactly the drain killed that last step, and
-a larger drain_s was cut to 30 s. */}}
+{{/* The scorer's: in-flight requests get config.scorer.drain_s (30 s) on gRPC and on the HTTP shims at once,
+then the models' batchers drain and close: 30 s beyond the drain for that (a grace of exactly the drain killed
+that last step). At least 60 s. */}}
 {{- define "synpref.scorerGraceSeconds" -}}
 {{- add (ceil (maxf 30 (dig "scorer" "drain_s" 30 .Values.config)) | int) 30 }}
 {{- end }}
