@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,6 +21,10 @@ MAX_FAILED_ATTEMPTS = 3
 MIN_TTL_S = 24 * 3600
 """Least ttlSecondsAfterFinished of the controller's Jobs: a finished Job must outlive the controller's next
 read of it, and a restart of the controller, or its model is trained again (TTL 0 deletes it before a read)."""
+RUN_FILE = ".synpref-run"
+"""In a model's output folder: the id of the run whose Jobs train there."""
+FIND_WAIT_S = 900.0
+"""Longest `ClusterJobs.find` asks again an API server answering a transient error (a control-plane upgrade)."""
 log = logging.getLogger(__name__)
 
 
@@ -98,6 +103,30 @@ class K8sModels(FullModels):
             spec = spec.model_copy(update={"ttl_seconds_after_finished": MIN_TTL_S})
         return spec
 
+    def output_dir(self, out_dir: Path, name: str, adopting: bool = False) -> Path:
+        """The folder this run's Jobs of model `name` train into: out_dir/name, claimed for this run (RUN_FILE)
+        when it is empty, else out_dir/<name>-<run id>. A restart of the run finds the same one, and an attempt
+        resumes from the checkpoints an earlier attempt left there; another run's folder (a kept workdir) is
+        never used: its checkpoints are refused as other data (every attempt failed), and a Job of that run
+        still running would write its `final` where this run's model is read from."""
+        own, folder = out_dir / f"{name}-{self.run_id}", out_dir / name
+        if own.is_dir():
+            return own
+        try:
+            claimed: str | None = (folder / RUN_FILE).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            claimed = None
+        if claimed == self.run_id:
+            return folder
+        if claimed is None and (not folder.exists() or not any(folder.iterdir())):
+            folder.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(folder / RUN_FILE, self.run_id + "\n")
+            return folder
+        if claimed is None and adopting:
+            return folder  # this run's Job started before folders were claimed (an upgrade while it ran) trains there
+        own.mkdir(parents=True, exist_ok=True)
+        return own
+
     def config_map(
         self, spec: Any, train_file: Path, valid_file: Path, out_dir: Path, role: str = ""
     ) -> dict[str, Any]:
@@ -131,18 +160,19 @@ class K8sModels(FullModels):
                 f"training {name}: {len(failed)} attempts failed ({', '.join(failed)} in {namespace}); see their logs"
                 f" (kubectl logs job/<name>), fix the cause, and delete them to try again"
             )
+        folder = self.output_dir(out_dir, name, adopting=adopt is not None)
         if adopt is None:
             out_dir.mkdir(parents=True, exist_ok=True)
             train_file = write_jsonl(train, out_dir / f"{name}.train.jsonl")
             valid_file = write_jsonl(valid, out_dir / f"{name}.valid.jsonl")
             spec = self.job_spec(name, attempt=next_attempt(job for job, _ in jobs))
-            self.backend.apply_config_map(self.config_map(spec, train_file, valid_file, out_dir / name, role_of(name)))
+            self.backend.apply_config_map(self.config_map(spec, train_file, valid_file, folder, role_of(name)))
             self.backend.submit(spec)
             adopt = spec.name
         status = self.backend.wait(namespace, adopt, self.timeout_s)
         if status != "Complete":
             raise RuntimeError(f"training job {namespace}/{adopt} ended {status}")
-        handle = ModelHandle(name, str(out_dir / name / "final"), f"{name}-{adopt}")
+        handle = ModelHandle(name, str(folder / "final"), f"{name}-{adopt}")
         if valid:
             handle.metrics["valid_accuracy"] = accuracy(self.score(handle, valid))
         return handle
@@ -184,8 +214,31 @@ class ClusterJobs:
 
     def find(self, namespace: str, labels: dict[str, str]) -> list[tuple[str, str]]:
         """(name, "Active" | "Complete" | "Failed") of the Jobs carrying all `labels`, oldest first."""
+        import urllib3
+        from kubernetes import client
+
+        from synpref.training.k8s_job import TRANSIENT_STATUSES, JobError
+
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        found = self.backend.batch.list_namespaced_job(namespace, label_selector=selector).items
+        deadline, pause = time.monotonic() + FIND_WAIT_S, 1.0
+        while True:
+            try:
+                found = self.backend.batch.list_namespaced_job(namespace, label_selector=selector).items
+                break
+            except (client.ApiException, urllib3.exceptions.HTTPError) as exc:
+                # A 5xx, 429 or dropped connection is routine while the control plane is upgraded: without
+                # asking again the controller exited, and every restart read the same unavailable API.
+                if isinstance(exc, client.ApiException) and exc.status not in TRANSIENT_STATUSES:
+                    raise
+                why = f"HTTP {exc.status} {exc.reason}" if isinstance(exc, client.ApiException) else repr(exc)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise JobError(
+                        f"listing the Jobs {selector} in {namespace} failed for {FIND_WAIT_S:.0f}s; last error: {why}"
+                    ) from exc
+                log.warning("listing the Jobs %s in %s failed (%s); asking again", selector, namespace, why)
+                time.sleep(min(pause, left))
+                pause = min(2 * pause, 30.0)
         found.sort(key=lambda job: job.metadata.creation_timestamp or 0)
         out = []
         for job in found:

@@ -5,22 +5,57 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from synpref.shared.files import replace_durably, write_text_atomic
 from synpref.shared.roles import BEST
-from synpref.shared.scorer_admin import read_admin_token, reload_model
+from synpref.shared.scorer_admin import ScorerAdminError, read_admin_token, reload_model
 
 log = logging.getLogger(__name__)
+RELOAD_WAIT_S = 1800.0
+"""Longest reload_scorer asks again a scorer that is not up yet (the chart starts it with the controller) or still
+loading (an 8B checkpoint from a volume can take longer than one call's timeout)."""
+RETRY_STATUSES = frozenset({502, 503, 504})
+"""Answers a proxy or a scorer that is starting or overloaded gives; any other is the scorer's refusal."""
 
 
-def reload_scorer(base_url: str, registry: dict[str, Any], timeout_s: float = 120.0, token_file: str = "") -> None:
+def reload_scorer(
+    base_url: str,
+    registry: dict[str, Any],
+    timeout_s: float = 120.0,
+    token_file: str = "",
+    wait_s: float = RELOAD_WAIT_S,
+) -> None:
     """Hot-swap each registered model in a running scorer (POST /admin/reload on its admin
-    port, with the bearer token from token_file); ScorerAdminError with the scorer's words on a refusal."""
+    port, with the bearer token from token_file); ScorerAdminError with the scorer's words on a refusal.
+
+    A call that timed out or found no scorer is made again, up to wait_s in all: the scorer answers a repeat
+    of a reload under way by waiting for that load (services/scorer/admin.py), so nothing is loaded twice."""
     token = read_admin_token(token_file) if token_file else ""
+    deadline = time.monotonic() + wait_s
     for name, ref in registry.items():
-        answer = reload_model(base_url, name, ref["path"], ref["version"], token, timeout_s)
+        pause = 1.0
+        while True:
+            try:
+                answer = reload_model(base_url, name, ref["path"], ref["version"], token, timeout_s)
+                break
+            except ScorerAdminError as exc:
+                # Status 0 is also a 200 that was not the scorer's JSON (a misrouted Service): only a failed
+                # connection or read (the OSError it was raised from) is worth asking again.
+                if exc.status not in RETRY_STATUSES and not (exc.status == 0 and isinstance(exc.__context__, OSError)):
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ScorerAdminError(
+                        exc.status,
+                        f"the scorer at {base_url} did not serve {name} ({ref['path']}, version {ref['version']})"
+                        f" within {wait_s:.0f}s of asking; last error: {exc.message}",
+                    ) from None
+                log.warning("scorer reload of %s not done yet (%s); asking again", name, exc.message)
+                time.sleep(min(pause, left))
+                pause = min(2 * pause, 30.0)
         # As the scorer answered it (JSON): the cluster test and operators grep `"version": "final-`.
         log.info("scorer reloaded %s: %s", name, json.dumps(answer))
 
