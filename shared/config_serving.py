@@ -57,8 +57,12 @@ class ScorerSettings(Section):
     """What to do with an item over max_length."""
     truncation: Literal["left_turns", "left_tokens", "right"] = "left_turns"
     """How `truncate` cuts (shared.modeling): old turns first, keeping the scored response."""
+    shutdown_delay_s: float = Field(default=0.0, ge=0.0)
+    """On SIGTERM, before the drain: health turns NOT_SERVING at once but the listeners keep accepting and
+    serving for this long, so requests routed here while the pod leaves the Service's endpoints (seconds on
+    Kubernetes) are answered, not refused. Skipped by a server never ready; 0 = none. The chart sets 5."""
     drain_s: float = Field(default=30.0, ge=0.0)
-    """On SIGTERM: how long in-flight requests get to finish before the servers stop."""
+    """On SIGTERM (after shutdown_delay_s): how long in-flight requests get to finish before the servers stop."""
     http_timeout_s: float = Field(default=60.0, ge=0.0)
     """Deadline of an HTTP shim request (gRPC callers set their own); 0 = none. A client may
     ask for a shorter one with the header X-Request-Timeout (seconds). Past it: HTTP 504."""

@@ -155,6 +155,8 @@ class HttpShims:
         self.max_request_items = max_request_items
         self.timeout_s = timeout_s
         self.max_body_bytes = max_body_bytes
+        self.stopping = False
+        """The server's stop began (its shutdown delay): /health answers 503, as gRPC health says NOT_SERVING."""
 
     async def _body(self, request: web.Request, deadline: float | None) -> dict[str, Any]:
         """The JSON body, read while holding an encode-queue slot (429 when none is free), by the deadline and
@@ -302,8 +304,8 @@ class HttpShims:
 
     async def health(self, request: web.Request) -> web.Response:
         """`GET /health`: 200 with the served models when ready, 503 when none is loaded (saying how
-        models arrive) or draining."""
-        ready = bool(self.registry.models) and not self.registry.draining
+        models arrive), stopping or draining."""
+        ready = bool(self.registry.models) and not self.registry.draining and not self.stopping
         body: dict[str, Any] = {"status": "ok" if ready else "unavailable", "models": sorted(self.registry.models)}
         if not self.registry.models:
             body["error"] = NO_MODEL

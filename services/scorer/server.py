@@ -20,8 +20,9 @@ replica converges instead: each loads the models that file lists at start and re
 models_file_poll_s (ModelsFile), reloading a name whose entry changed through the same
 ModelRegistry.reload an admin reload takes. The controller writes the file (controller.scorer_models_file).
 
-Stop order (SIGTERM): "" and RewardService NOT_SERVING, stop accepting, let in-flight requests finish within
-the grace period (their batchers keep running), then drain and free the models.
+Stop order (SIGTERM): "" and RewardService NOT_SERVING; if the server was ever ready, go on accepting and
+serving for scorer.shutdown_delay_s (the pod leaves the endpoints meanwhile); then stop accepting, let
+in-flight requests finish within the grace period (their batchers keep running), then drain and free the models.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 OVERALL = ""
 """The health service name of the server as a whole, which the chart's readinessProbe checks: SERVING once
-the start-up load pass is over (ScorerServer.load), NOT_SERVING before it and while draining."""
+the start-up load pass is over (ScorerServer.load), NOT_SERVING before it and from the start of `stop`."""
 LIVENESS = "liveness"
 """The health service name the chart's startupProbe and livenessProbe name: SERVING once the listeners are
 up, whatever is loading."""
@@ -183,6 +184,11 @@ class ScorerServer:
         self._file_watcher: asyncio.Task[None] | None = None
         self._startup_marks: set[str] = set()
         """Configured names counted as loading from `start` until `load` has tried each (registry.loading)."""
+        self._shims: HttpShims | None = None
+        self._ready = False
+        """"" turned SERVING once: only then can the pod be in a Service's endpoints (see `stop`)."""
+        self._stopping = False
+        """`stop` began: no load or reload turns health SERVING again (the lame duck is not draining yet)."""
         self.grpc_port = 0
         self.http_port = 0
         self.admin_port = 0
@@ -226,7 +232,9 @@ class ScorerServer:
         await server.start()
         self._grpc = server
 
-        shims = HttpShims(self.registry, self.metrics, s.max_request_items, s.http_timeout_s, s.max_body_bytes)
+        self._shims = shims = HttpShims(
+            self.registry, self.metrics, s.max_request_items, s.http_timeout_s, s.max_body_bytes
+        )
         self._http, self.http_port = await _serve_http(shims.app(), s.host, s.http_port, drain_s=s.drain_s)
         if s.admin_enabled:
             admin = AdminApi(self.registry, admin_token, s.model_root)
@@ -294,8 +302,9 @@ class ScorerServer:
             await self.models_file.sync()  # never raises for the file's sake: its failures are retried
             if self._file_watcher is None:
                 self._file_watcher = asyncio.ensure_future(self.models_file.watch())
-        if not self.registry.draining:
+        if not self._stopping:
             await self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
+            self._ready = True
         if self.registry.models:
             log.info("serving models %s", sorted(self.registry.models))
         else:
@@ -332,22 +341,33 @@ class ScorerServer:
                 log.info("model %r loaded from %s, which appeared after start-up", name, ref.path)
 
     async def _model_health(self) -> None:
-        """RewardService is SERVING while a model is served (and not draining); "" and "liveness" are left as
+        """RewardService is SERVING while a model is served (and `stop` has not begun); "" and "liveness" are left as
         they are."""
-        serving = bool(self.registry.models) and not self.registry.draining
+        serving = bool(self.registry.models) and not self._stopping
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set(SERVICE_NAME, status)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain: refuse new work, finish what is in flight within `grace` seconds, then stop."""
+    async def stop(self, grace: float | None = None, delay: float | None = None) -> None:
+        """Turn not ready, go on serving for `delay` seconds (scorer.shutdown_delay_s) if "" was ever SERVING,
+        then drain: refuse new work, finish what is in flight within `grace` seconds (scorer.drain_s), stop."""
         grace = self.settings.drain_s if grace is None else grace
-        self.registry.start_draining()
+        delay = self.settings.shutdown_delay_s if delay is None else delay
+        self._stopping = True
+        if self._shims is not None:
+            self._shims.stopping = True  # HTTP /health 503 too: a load balancer probing it stops routing here
         for watcher in (self._watcher, self._file_watcher):
             if watcher is not None:
                 watcher.cancel()
         # "liveness" stays SERVING: the process is alive while it drains (the listener stops answering next).
         for name in (OVERALL, SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if delay > 0 and self._ready:
+            # Kubernetes removes the pod from the endpoints while it sends SIGTERM, and kube-proxy, ingresses and
+            # clients learn it seconds later: until then new connections still come here, and a closed listener
+            # refuses them. Streams keep going too: ended now, a client would reopen its stream on this same pod.
+            log.info("not ready; still serving for %g s while the pod leaves the endpoints, then draining", delay)
+            await asyncio.sleep(delay)
+        self.registry.start_draining()
         waits = []
         if self._grpc is not None:
             waits.append(self._grpc.stop(grace))

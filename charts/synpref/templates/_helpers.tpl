@@ -166,11 +166,14 @@ flight on a rollout, node drain or HPA scale-down (its work redone, outputs alre
 {{- if $batch }}{{ add (ceil $batch | int) 50 }}{{ else }}30{{ end }}
 {{- end }}
 
-{{/* The scorer's: in-flight requests get config.scorer.drain_s (30 s) on gRPC and on the HTTP shims at once,
-then the models' batchers drain and close: 30 s beyond the drain for that (a grace of exactly the drain killed
-that last step). At least 60 s. */}}
+{{/* The scorer's: first config.scorer.shutdown_delay_s (the chart's 5 s) not ready but still serving while the
+pod leaves the endpoints; then in-flight requests get config.scorer.drain_s (30 s) on gRPC and on the HTTP
+shims at once, then the models' batchers drain and close: 30 s beyond the drain for that (a grace of exactly
+the drain killed that last step). At least 60 s plus the delay. */}}
 {{- define "synpref.scorerGraceSeconds" -}}
-{{- add (ceil (maxf 30 (dig "scorer" "drain_s" 30 .Values.config)) | int) 30 }}
+{{- $cfg := .Values.config }}
+{{- $delay := dig "scorer" "shutdown_delay_s" 0 $cfg }}
+{{- add (ceil (addf (maxf 30 (dig "scorer" "drain_s" 30 $cfg)) $delay) | int) 30 }}
 {{- end }}
 
 {{/* Where the controller keeps its durable state (pairs.sqlite, vectors.f16, d_un.faiss, models):
