@@ -8,6 +8,12 @@ train the as-given baseline) and the serialized PairRecord. Pool moves are appen
 the same transaction as the rows they wrote, so a process killed mid-step resumes after the
 last committed batch and never applies a batch twice.
 
+One writer at a time: each commit counts itself in `meta`, and a store refuses to begin a write
+transaction when the count moved since its own last commit (or, before any, since it opened):
+another process (a second controller: a force-deleted pod's replacement, a second `synpref run`
+on the same workdir) committed meanwhile, so this one's idea of the run is stale. Open the store
+before reading the run state from it, so that what was read is never newer than the count.
+
 Memory stays bounded whatever the pool size: pools are streamed in row order in batches,
 and SQLite keeps only its page cache (`cache_mib`). See docs/architecture.md for the sizes
 at 40M pairs. SQLite needs a local file system or block storage (a RWO volume); NFS locking
@@ -49,6 +55,13 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 # SQLite's default limit on bound parameters is 32766 in current releases, 999 in old ones.
 _CHUNK = 900
+
+_COMMITS = "store_commits"
+"""Meta row counting the store's commits (see the module docstring)."""
+
+# The WAL keeps the size of the largest transaction until the last connection closes: ingest writes the
+# whole pool in one, so without a limit a 100 GB store carries a 100 GB -wal file beside it for the run.
+_WAL_KEEP_BYTES = 64 * 1024 * 1024
 
 
 class PairStoreError(RuntimeError):
@@ -95,9 +108,11 @@ class PairStore:
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA journal_size_limit={_WAL_KEEP_BYTES}")
         self._db.execute(f"PRAGMA cache_size=-{int(cache_mib) * 1024}")
         self._db.executescript(_SCHEMA)
         self._depth = 0
+        self._commits = int(self.meta(_COMMITS, "0"))
 
     def close(self) -> None:
         """Close the SQLite connection."""
@@ -111,21 +126,43 @@ class PairStore:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """Everything written inside commits together, or not at all."""
+        """Everything written inside commits together, or not at all.
+
+        Raises PairStoreError at the start when another process committed since this one last did (see the
+        module docstring)."""
         outer = self._depth == 0
         if outer:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._begin()
         self._depth += 1
         try:
             yield
-        except BaseException:
-            self._depth -= 1
             if outer:
+                self._commit()
+        except BaseException:
+            # SQLITE_FULL, IOERR and a failed COMMIT roll the transaction back themselves: a second ROLLBACK
+            # would replace their error with "cannot rollback - no transaction is active".
+            if outer and self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
-        self._depth -= 1
-        if outer:
-            self._db.execute("COMMIT")
+        finally:
+            self._depth -= 1
+
+    def _begin(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        now = int(self.meta(_COMMITS, "0"))
+        if now != self._commits:
+            self._db.execute("ROLLBACK")
+            raise PairStoreError(
+                f"{self.path} was written by another process since this one read it (commit {now}, this process "
+                f"knows {self._commits}): a second controller on the same store? This one stops rather than "
+                "overwrite it with a stale run state"
+            )
+
+    def _commit(self) -> None:
+        count = self._commits + 1
+        self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (_COMMITS, str(count)))
+        self._db.execute("COMMIT")
+        self._commits = count
 
     def commit_point(self) -> None:
         """Inside the outermost `transaction()`: commit what is written so far and go on in a new one.
@@ -136,8 +173,8 @@ class PairStore:
         if self._depth > 1:
             raise PairStoreError("commit_point inside a nested transaction would split its caller's writes")
         if self._depth == 1:
-            self._db.execute("COMMIT")
-            self._db.execute("BEGIN IMMEDIATE")
+            self._commit()
+            self._begin()
 
     # ------------------------------------------------------------ writing
 
@@ -200,7 +237,8 @@ class PairStore:
 
     def set_meta(self, name: str, value: str) -> None:
         """Store `value` under `name` in the meta table, replacing any old value."""
-        self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
+        with self.transaction():
+            self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
 
     def meta(self, name: str, default: str = "") -> str:
         """The meta value stored under `name`, or `default` when none is."""
