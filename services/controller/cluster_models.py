@@ -6,13 +6,12 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from synpref.services.controller.models import FullModels, ModelHandle, Pair, accuracy
-from synpref.shared.files import write_text_atomic
+from synpref.services.controller.run_folders import claim_folder, run_id
 
 RUN_LABEL = "synpref.io/run"
 MODEL_LABEL = "synpref.io/model"
@@ -21,8 +20,6 @@ MAX_FAILED_ATTEMPTS = 3
 MIN_TTL_S = 24 * 3600
 """Least ttlSecondsAfterFinished of the controller's Jobs: a finished Job must outlive the controller's next
 read of it, and a restart of the controller, or its model is trained again (TTL 0 deletes it before a read)."""
-RUN_FILE = ".synpref-run"
-"""In a model's output folder: the id of the run whose Jobs train there."""
 FIND_WAIT_S = 900.0
 """Longest `ClusterJobs.find` asks again an API server answering a transient error (a control-plane upgrade)."""
 log = logging.getLogger(__name__)
@@ -32,15 +29,6 @@ def dns_part(text: str, limit: int) -> str:
     """`text` as lowercase letters, digits and '-', at most `limit` long, no '-' at either end."""
     cleaned = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
     return cleaned[:limit].rstrip("-") or "x"
-
-
-def run_id(workdir: Path, new: bool = False) -> str:
-    """This run's id: 8 hex digits made once (again when `new`) and kept in workdir/run_id, so restarts find
-    their Jobs."""
-    path = workdir / "run_id"
-    if new or not path.exists():
-        write_text_atomic(path, uuid.uuid4().hex[:8] + "\n")
-    return path.read_text().strip()
 
 
 def next_attempt(jobs: Iterable[str]) -> int:
@@ -109,23 +97,7 @@ class K8sModels(FullModels):
         resumes from the checkpoints an earlier attempt left there; another run's folder (a kept workdir) is
         never used: its checkpoints are refused as other data (every attempt failed), and a Job of that run
         still running would write its `final` where this run's model is read from."""
-        own, folder = out_dir / f"{name}-{self.run_id}", out_dir / name
-        if own.is_dir():
-            return own
-        try:
-            claimed: str | None = (folder / RUN_FILE).read_text().strip()
-        except (FileNotFoundError, NotADirectoryError):
-            claimed = None
-        if claimed == self.run_id:
-            return folder
-        if claimed is None and (not folder.exists() or not any(folder.iterdir())):
-            folder.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(folder / RUN_FILE, self.run_id + "\n")
-            return folder
-        if claimed is None and adopting:
-            return folder  # this run's Job started before folders were claimed (an upgrade while it ran) trains there
-        own.mkdir(parents=True, exist_ok=True)
-        return own
+        return claim_folder(out_dir, name, self.run_id, adopting)
 
     def config_map(
         self, spec: Any, train_file: Path, valid_file: Path, out_dir: Path, role: str = ""

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from synpref.services.controller.run_folders import claim_folder, run_id
 from synpref.shared.files import fsync_tree, replace_durably, write_atomic
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,7 @@ class ModelHandle:
     """A trained reward model as the controller records it in the run state.
 
     Fields: name (the role or run name it was trained as), path (.npz head params or a checkpoint folder), version (the
-    label written to lineage and the registry), metrics (whatever the trainer reported, e.g.
-    valid_accuracy).
+    label written to lineage and the registry), metrics (whatever the trainer reported, e.g. valid_accuracy).
     """
 
     name: str
@@ -64,15 +64,12 @@ class RewardModels(Protocol):
 
     def train(self, name: str, train: Sequence[Pair], valid: Sequence[Pair], out_dir: Path) -> ModelHandle:
         """Train reward model `name` on `train` (validating on `valid`) into `out_dir`; a handle to it."""
-        ...
 
     def score(self, handle: ModelHandle, pairs: Sequence[Pair]) -> list[tuple[float, float]]:
         """(reward_chosen, reward_rejected) of each pair under the model."""
-        ...
 
     def export(self, handle: ModelHandle, out_dir: Path) -> Path:
         """An HF checkpoint folder of the model (written if needed)."""
-        ...
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -101,7 +98,7 @@ def default_backbone() -> str:
 
 
 class FeatureCache:
-    """[CLS] states of the frozen backbone per encoded sequence, cached on disk by token ids."""
+    """[CLS] states of the frozen backbone per encoded sequence, cached on disk by backbone weights and token ids."""
 
     def __init__(self, backbone: str, max_length: int, folder: Path, batch_size: int = 32) -> None:
         import torch
@@ -115,7 +112,10 @@ class FeatureCache:
             raise ValueError(f"trainer = head needs a BERT-family backbone with a pooler; {backbone} is not one")
         self.model = model.eval()
         self.batch_size = batch_size
-        self.path = folder / f"features-{hashlib.sha256(f'{backbone}:{max_length}'.encode()).hexdigest()[:12]}.npz"
+        key = hashlib.sha256(f"{backbone}:{max_length}".encode())
+        for tensor in model.state_dict().values():  # not the path alone: a checkpoint replaced there has other states
+            key.update(tensor.detach().contiguous().numpy())
+        self.path = folder / f"features-{key.hexdigest()[:12]}.npz"
         self.cache: dict[str, np.ndarray] = {}
         # Pair content digest -> its two sequences' cache keys. Scoring the same pairs again
         # (every Stage-2 batch, every evaluation) then costs a hash, not a tokenizer pass,
@@ -375,6 +375,11 @@ class FullModels:
         self.s = settings
         self.backbone = settings.backbone or default_backbone()
         self._loaded: dict[str, tuple[Any, Any]] = {}
+        self.workdir, self.run_id = workdir, run_id(workdir)
+
+    def new_run(self) -> None:
+        """A new run starts in this workdir (its ingest step): its models train in folders of their own."""
+        self.run_id = run_id(self.workdir, new=True)
 
     def reward_config(self, out_dir: Path, role: str = ""):
         """The RewardConfig of a run into out_dir: small-run defaults, then train_config_file, the `train`
@@ -404,13 +409,14 @@ class FullModels:
         """Fine-tune on `train` (global batch capped at the pair count); adds valid_accuracy when `valid` is given."""
         from synpref.training.reward_trainer import train_reward_model
 
-        config = self.reward_config(out_dir / name, role_of(name))
+        config = self.reward_config(claim_folder(out_dir, name, self.run_id), role_of(name))
         if len(train) < config.global_batch_size:
             config.global_batch_size = max(1, len(train))
             config.micro_batch_size = min(config.micro_batch_size, config.global_batch_size)
         # The local trainer tokenizes its whole set up front; the cluster's Jobs read it from a file instead.
         result = train_reward_model(config, list(train), list(valid))
-        handle = ModelHandle(name, str(result.checkpoint_dir), f"{name}-{Path(result.checkpoint_dir).parent.name}")
+        # The run id in the version: a scorer asked to serve the path and version it serves keeps what it has loaded.
+        handle = ModelHandle(name, str(result.checkpoint_dir), f"{name}-{self.run_id}")
         handle.metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float | str)}
         if valid:
             handle.metrics["valid_accuracy"] = accuracy(self.score(handle, valid))
