@@ -192,7 +192,17 @@ def in_process_scorer(ref: ModelRef, settings: ScoringSettings, max_length: int 
     max_length = max_length or settings.max_length
 
     def score(pairs: list[dict]) -> list[tuple[float, float]]:
-        return modeling.score_pairs(model, tokenizer, pairs, max_length, settings.batch_size)
+        import torch
+
+        try:
+            return modeling.score_pairs(model, tokenizer, pairs, max_length, settings.batch_size)
+        except torch.OutOfMemoryError as exc:
+            # The device's memory, not the pairs: where nothing scores, alone either, the batch is read again later
+            # (score_each_alone_on_error), where a RuntimeError per pair dead-lettered them all; one pair too
+            # large to score alone while others score is still dead-lettered alone.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise ScorerFailed(f"{ref.path} ran out of memory scoring {len(pairs)} pair(s): {exc}") from exc
 
     return score
 

@@ -227,3 +227,31 @@ def test_a_scorer_answering_the_wrong_number_of_scores_has_the_batch_read_again(
     with pytest.raises(StageUnavailable, match=r"returned 0 scores for \d pairs"):
         plan = plan_batch([consumed(record(i), i) for i in range(3)], stage, TOPICS, "gold-scorer")
         pytest.fail(f"dead-lettered {plan.failed}")
+
+
+def test_an_in_process_model_out_of_memory_has_the_batch_read_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process (scoring.mode local: the controller's own gold scorer), a device out of memory for every pair was
+    a RuntimeError per pair: each dead-lettered, lost to curation. One pair too large alone is still dead-lettered."""
+    import torch
+
+    from synpref.services.gold_scorer.scoring import in_process_scorer
+    from synpref.shared import modeling
+
+    oom_for: dict[str, bool] = {"all": True}
+
+    def score_pairs(model: Any, tokenizer: Any, pairs: list[dict], *args: Any) -> list[tuple[float, float]]:
+        if oom_for["all"] or any(POISON in str(p) for p in pairs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return [(1.0, 0.0)] * len(pairs)
+
+    monkeypatch.setattr(modeling, "load_reward_model", lambda path: (None, None))
+    monkeypatch.setattr(modeling, "score_pairs", score_pairs)
+    scorer = in_process_scorer(ModelRef(path="/m/gold"), ScoringSettings())
+    stage = make_scoring_stage([ScoringModel("gold", "g1", scorer)])
+    for size in (3, 1):
+        with pytest.raises(StageUnavailable, match="out of memory"):
+            plan = plan_batch([consumed(record(i), i) for i in range(size)], stage, TOPICS, "gold-scorer")
+            pytest.fail(f"dead-lettered {plan.failed}")
+    oom_for["all"] = False
+    plan = plan_batch([consumed(record(0), 0), consumed(record(1, POISON), 1)], stage, TOPICS, "gold-scorer")
+    assert plan.failed == {"failed": 1} and plan.emitted == {"scored": 1}
