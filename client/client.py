@@ -15,10 +15,13 @@ server then skips tokenizing, most of its serving cost; `check_tokenizer` verifi
 `timeout` bounds a whole call (every chunk and retry); large batches are cut into chunks
 of at most `chunk_size` items (the server refuses more than its max_request_items) and
 `max_request_bytes` serialized bytes (it refuses a request over its max_body_bytes, 32 MiB by
-default; a single larger item goes alone); UNAVAILABLE
-(server starting, restarting or draining) and RESOURCE_EXHAUSTED (queue full) are retried
-with capped exponential backoff and jitter, at most `retries` times per chunk and never
-past the deadline. Other errors raise grpc.RpcError at once.
+default; a single larger item goes alone); UNAVAILABLE (server starting, restarting or
+draining) and RESOURCE_EXHAUSTED (queue full) are retried with capped exponential backoff
+and jitter, at most `retries` times per chunk and never past the deadline. Other errors
+raise grpc.RpcError at once.
+
+`address` is any gRPC target: in Kubernetes, `dns:///<release>-synpref-scorer-headless:50060`
+(the chart's headless Service) spreads the calls over every scorer pod (docs/scorer.md).
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ from synpref.client.messages import (
     MAX_REQUEST_BYTES,
     Item,
     PairDict,
+    check_tokenizer,
     chunks,
     to_item,
     to_pair,
 )
-from synpref.shared.tokenizer_hash import tokenizer_sha256
 from synpref.v1 import reward_pb2, reward_pb2_grpc
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -63,6 +66,9 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Calls go round every address the target resolves to (the scorer's headless Service: every pod); gRPC's default,
+    # pick_first, sends them all to one (and a ClusterIP Service is one address, balanced per connection only).
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 T = TypeVar("T")
 
@@ -77,24 +83,6 @@ class PairScore:
     """sigmoid(reward_chosen - reward_rejected)"""
     version: str = ""
     """The served version of the model that scored it (a reload can change it between calls)."""
-
-
-def check_tokenizer(info: reward_pb2.InfoResponse, tokenizer: Any, model: str = "") -> None:
-    """ValueError unless `tokenizer` (a transformers tokenizer) is the one `model` (empty: the
-    server's default) encodes with, per an Info answer: TokenIds made by another would score as
-    other text."""
-    name = model or info.default_model
-    served = next((m for m in info.models if m.name == name), None)
-    if served is None:
-        raise ValueError(f"the server's Info names no model {name!r}: {[m.name for m in info.models]}")
-    if not served.tokenizer_sha256:
-        raise ValueError(f"model {name!r} reports no tokenizer_sha256 (a scorer older than token-id input)")
-    mine = tokenizer_sha256(tokenizer)
-    if served.tokenizer_sha256 != mine:
-        raise ValueError(
-            f"model {name!r} (version {served.version}) encodes with tokenizer {served.tokenizer_sha256[:12]}, "
-            f"this one is {mine[:12]}: send conversations or texts, or load the model's own tokenizer"
-        )
 
 
 def _score_requests(items: Sequence[Item], model: str, policy: _Policy) -> Iterator[reward_pb2.ScoreRequest]:
@@ -402,14 +390,22 @@ class ScoreSession:
             self._call = None
 
     async def _once(self, request: reward_pb2.ScoreRequest) -> reward_pb2.ScoreResponse:
-        if self._call is None:
+        fresh = self._call is None
+        if fresh:
             self._call = self.stub.ScoreStream(wait_for_ready=True)
         call = self._call
         try:
             await call.write(request)
-            response = await call.read()
         except asyncio.InvalidStateError:  # the server ended the stream before this write
             response = grpc.aio.EOF
+        except grpc.aio.AioRpcError as exc:
+            if fresh:
+                raise
+            # An earlier call's stream broke while idle (the scorer's max_connection_age grace, a restart) and gRPC
+            # failed this write, with INTERNAL: the request never left, so it is retried on a new stream.
+            raise _stream_error(grpc.StatusCode.UNAVAILABLE, f"the stream broke: {exc.details()}") from exc
+        else:
+            response = await call.read()
         if response is grpc.aio.EOF:
             # The server ended the stream with OK: it is draining. Retry on a new stream, which the
             # channel opens on a server that is not (as a new unary call would).

@@ -1,4 +1,5 @@
-"""What the client sends: request items and pairs as protobuf messages, and requests cut to size."""
+"""What the client sends: request items and pairs as protobuf messages, requests cut to size, and the check that
+TokenIds items were made with the served model's tokenizer."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
+from synpref.shared.tokenizer_hash import tokenizer_sha256
 from synpref.v1 import pair_pb2, reward_pb2
 
 M = TypeVar("M", bound=Message)
@@ -74,3 +76,21 @@ def chunks(messages: Iterable[M], count: int, max_bytes: int) -> Iterator[list[M
         size += n
     if run:
         yield run
+
+
+def check_tokenizer(info: reward_pb2.InfoResponse, tokenizer: Any, model: str = "") -> None:
+    """ValueError unless `tokenizer` (a transformers tokenizer) is the one `model` (empty: the
+    server's default) encodes with, per an Info answer: TokenIds made by another would score as
+    other text."""
+    name = model or info.default_model
+    served = next((m for m in info.models if m.name == name), None)
+    if served is None:
+        raise ValueError(f"the server's Info names no model {name!r}: {[m.name for m in info.models]}")
+    if not served.tokenizer_sha256:
+        raise ValueError(f"model {name!r} reports no tokenizer_sha256 (a scorer older than token-id input)")
+    mine = tokenizer_sha256(tokenizer)
+    if served.tokenizer_sha256 != mine:
+        raise ValueError(
+            f"model {name!r} (version {served.version}) encodes with tokenizer {served.tokenizer_sha256[:12]}, "
+            f"this one is {mine[:12]}: send conversations or texts, or load the model's own tokenizer"
+        )

@@ -61,6 +61,13 @@ class ScorerSettings(Section):
     """On SIGTERM, before the drain: health turns NOT_SERVING at once but the listeners keep accepting and
     serving for this long, so requests routed here while the pod leaves the Service's endpoints (seconds on
     Kubernetes) are answered, not refused. Skipped by a server never ready; 0 = none. The chart sets 5."""
+    max_connection_age_s: float = Field(default=300.0, ge=0.0)
+    """Each gRPC connection gets GOAWAY after about this long (+-10% jitter) and its client reconnects, so clients
+    spread over replicas an HPA adds (kube-proxy balances connections, not calls); 0 = never: a client stays on
+    the pod it first reached (services/scorer/grpc_options.py, docs/scorer.md "Several replicas")."""
+    max_connection_age_grace_s: float = Field(default=30.0, ge=0.0)
+    """After that GOAWAY, how long calls in flight on the old connection get to finish; past it they, and a
+    ScoreStream still open, end with UNAVAILABLE (the synpref client retries them on the new connection)."""
     drain_s: float = Field(default=30.0, ge=0.0)
     """On SIGTERM (after shutdown_delay_s): how long in-flight requests get to finish before the servers stop."""
     http_timeout_s: float = Field(default=60.0, ge=0.0)

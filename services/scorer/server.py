@@ -41,6 +41,7 @@ from grpc_reflection.v1alpha import reflection
 
 from synpref.services.scorer.admin import AdminApi, checkpoint_under, read_token
 from synpref.services.scorer.backends import make_backend, resolve_device
+from synpref.services.scorer.grpc_options import server_options
 from synpref.services.scorer.http import HttpShims
 from synpref.services.scorer.metrics import ScorerMetrics
 from synpref.services.scorer.registry import NO_MODEL, BackendFactory, ModelRegistry, version_of
@@ -58,7 +59,6 @@ the start-up load pass is over (ScorerServer.load), NOT_SERVING before it and fr
 LIVENESS = "liveness"
 """The health service name the chart's startupProbe and livenessProbe name: SERVING once the listeners are
 up, whatever is loading."""
-MAX_SEND_BYTES = 64 * 1024 * 1024
 MISSING_POLL_S = 10.0
 MODELS_FILE_MAX_RETRY_S = 300.0
 """Longest wait before a models_file entry that failed to load is tried again (the wait doubles from the poll)."""
@@ -215,12 +215,7 @@ class ScorerServer:
 
             torch.set_num_threads(s.torch_threads)
         self._bind_cpus()
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", s.max_body_bytes),
-                ("grpc.max_send_message_length", MAX_SEND_BYTES),
-            ]
-        )
+        server = grpc.aio.server(options=server_options(s))
         add_to_server(RewardServicer(self.registry, self.metrics, s.max_request_items), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

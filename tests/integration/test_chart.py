@@ -440,7 +440,7 @@ def test_pdbs_and_services_select_their_pods(renders: dict[str, list[dict[str, A
     for kind, key in (("PodDisruptionBudget", "matchLabels"), ("Service", None)):
         for obj in find(docs, kind):
             name = obj["metadata"]["name"]
-            if name.endswith("-train"):
+            if name.endswith(("-train", "-headless")):
                 continue
             selector = obj["spec"]["selector"][key] if key else obj["spec"]["selector"]
             matched = [n for n, labels in pods.items() if selector.items() <= labels.items()]
