@@ -11,7 +11,7 @@ import json
 import math
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from synpref.training.k8s_job import (
     training_command,
     validate_timeout,
 )
+from testing.json_api import JsonHandler
 
 LABELS = {"app.kubernetes.io/instance": "rel", "app.kubernetes.io/name": "synpref"}
 
@@ -231,7 +232,7 @@ def test_submit_reports_bad_input_with_exit_2(tmp_path: Path, capsys: pytest.Cap
 # --- the backend, over HTTP to a loopback stand-in for the API server ---------------------
 
 
-class FakeApi(BaseHTTPRequestHandler):
+class FakeApi(JsonHandler):
     """Keeps created Jobs and Services; Jobs finish as `outcome` after `polls_to_finish` reads."""
 
     jobs: dict[str, dict[str, Any]]
@@ -240,17 +241,6 @@ class FakeApi(BaseHTTPRequestHandler):
     outcome = "Complete"
     polls_to_finish = 2
     forbid_jobs = False
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def reply(self, code: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def status(self, code: int, reason: str, message: str) -> None:
         self.reply(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,

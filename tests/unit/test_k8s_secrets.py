@@ -12,7 +12,7 @@ import base64
 import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from synpref.shared.k8s_secrets import (
     parse_args,
     parse_wanted,
 )
+from testing.json_api import JsonHandler
 
 NS = "ml"
 
@@ -192,21 +193,10 @@ def test_main_reports_each_secret_without_printing_a_value(
 # --- the whole command through the real client -----------------------------------------
 
 
-class LoopbackApi(BaseHTTPRequestHandler):
+class LoopbackApi(JsonHandler):
     """GET and POST of core/v1 Secrets in one namespace, answered like the API server."""
 
     secrets: dict[str, dict[str, Any]]
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def reply(self, code: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self) -> None:
         name = self.path.split("?")[0].rsplit("/", 1)[1]

@@ -11,7 +11,7 @@ import json
 import subprocess
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -24,6 +24,7 @@ from kubernetes import client
 from synpref.services.controller.cluster_models import ClusterJobs, K8sModels
 from synpref.shared.config import load_settings
 from synpref.training.k8s_job import JobBackend, TrainingJobSpec, build_training_job, to_manifest
+from testing.json_api import JsonHandler
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "synpref"
@@ -52,7 +53,7 @@ def settings(tmp_path: Path, **job: Any) -> Any:
 # --- a loopback API server with a TTL controller ----------------------------------------------
 
 
-class Cluster(BaseHTTPRequestHandler):
+class Cluster(JsonHandler):
     """Jobs, ConfigMaps; a Job is finished (Complete) by the time it is first read, and the TTL controller
     deletes a finished Job whose ttlSecondsAfterFinished is shorter than the controller's poll interval
     before that read comes (as on a cluster: it deletes within a second or so of the TTL running out)."""
@@ -60,17 +61,6 @@ class Cluster(BaseHTTPRequestHandler):
     jobs: dict[str, dict[str, Any]]
     created: list[str]
     config_maps: dict[str, dict[str, Any]]
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def reply(self, code: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def not_found(self, name: str) -> None:
         body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}
