@@ -19,3 +19,13 @@ class LengthBackend:
 
     def close(self) -> None:
         pass
+
+
+class CharEncoder:
+    """The little of an Encoder the HTTP /get_reward path uses: each text's ids are its characters' codes."""
+
+    def strip_padding(self, text: str) -> str:
+        return text
+
+    def text(self, text: str, what: str) -> list[int]:
+        return [ord(c) for c in text]

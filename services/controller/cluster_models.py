@@ -12,6 +12,7 @@ from typing import Any
 
 from synpref.services.controller.models import FullModels, ModelHandle, Pair, accuracy
 from synpref.services.controller.run_folders import claim_folder, run_id
+from synpref.shared.retry import backoff_pauses
 
 RUN_LABEL = "synpref.io/run"
 MODEL_LABEL = "synpref.io/model"
@@ -192,7 +193,7 @@ class ClusterJobs:
         from synpref.training.k8s_job import TRANSIENT_STATUSES, JobError
 
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        deadline, pause = time.monotonic() + FIND_WAIT_S, 1.0
+        pauses = backoff_pauses(time.monotonic() + FIND_WAIT_S, time.monotonic)
         while True:
             try:
                 found = self.backend.batch.list_namespaced_job(namespace, label_selector=selector).items
@@ -203,14 +204,13 @@ class ClusterJobs:
                 if isinstance(exc, client.ApiException) and exc.status not in TRANSIENT_STATUSES:
                     raise
                 why = f"HTTP {exc.status} {exc.reason}" if isinstance(exc, client.ApiException) else repr(exc)
-                left = deadline - time.monotonic()
-                if left <= 0:
+                pause = next(pauses, None)
+                if pause is None:
                     raise JobError(
                         f"listing the Jobs {selector} in {namespace} failed for {FIND_WAIT_S:.0f}s; last error: {why}"
                     ) from exc
                 log.warning("listing the Jobs %s in %s failed (%s); asking again", selector, namespace, why)
-                time.sleep(min(pause, left))
-                pause = min(2 * pause, 30.0)
+                time.sleep(pause)
         found.sort(key=lambda job: job.metadata.creation_timestamp or 0)
         out = []
         for job in found:

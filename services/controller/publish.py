@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from synpref.shared.files import replace_durably, write_text_atomic
+from synpref.shared.retry import backoff_pauses
 from synpref.shared.roles import BEST
 from synpref.shared.scorer_admin import ScorerAdminError, read_admin_token, reload_model
 
@@ -36,7 +37,7 @@ def reload_scorer(
     token = read_admin_token(token_file) if token_file else ""
     deadline = time.monotonic() + wait_s
     for name, ref in registry.items():
-        pause = 1.0
+        pauses = backoff_pauses(deadline, time.monotonic)
         while True:
             try:
                 answer = reload_model(base_url, name, ref["path"], ref["version"], token, timeout_s)
@@ -46,16 +47,15 @@ def reload_scorer(
                 # connection or read (the OSError it was raised from) is worth asking again.
                 if exc.status not in RETRY_STATUSES and not (exc.status == 0 and isinstance(exc.__context__, OSError)):
                     raise
-                left = deadline - time.monotonic()
-                if left <= 0:
+                pause = next(pauses, None)
+                if pause is None:
                     raise ScorerAdminError(
                         exc.status,
                         f"the scorer at {base_url} did not serve {name} ({ref['path']}, version {ref['version']})"
                         f" within {wait_s:.0f}s of asking; last error: {exc.message}",
                     ) from None
                 log.warning("scorer reload of %s not done yet (%s); asking again", name, exc.message)
-                time.sleep(min(pause, left))
-                pause = min(2 * pause, 30.0)
+                time.sleep(pause)
         # As the scorer answered it (JSON): the cluster test and operators grep `"version": "final-`.
         log.info("scorer reloaded %s: %s", name, json.dumps(answer))
 

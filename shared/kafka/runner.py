@@ -39,6 +39,7 @@ from synpref.shared.kafka.admin import message_limits
 from synpref.shared.kafka.batch import ROUTES, BatchPlan, next_offsets, plan_batch
 from synpref.shared.kafka.clients import DeliveryError, Outbox, make_consumer, make_producer, poll_group
 from synpref.shared.kafka.codec import Message
+from synpref.shared.retry import capped_backoff
 from synpref.shared.stage import Stage, StageUnavailable
 from synpref.v1.pair_pb2 import PairRecord
 
@@ -46,13 +47,6 @@ log = logging.getLogger(__name__)
 __all__ = ["ROUTES", "DeliveryError", "Message", "RunnerStats", "Sink", "StageRunner", "capped_backoff", "plan_batch"]
 # A stage whose dependency cannot serve (StageUnavailable) has its batch read again after 1, 2, 4 ... s.
 UNAVAILABLE_MAX_PAUSE_S = 30.0
-
-
-def capped_backoff(failures: int, max_s: float, first_s: float = 1.0) -> float:
-    """first_s doubled for each failure in a row after the first, at most max_s. The exponent is capped too:
-    2.0 ** 1024 overflows, after some 8.5 hours of 30 s pauses (a gold scorer waiting for models the
-    controller is still training)."""
-    return min(max_s, first_s * 2.0 ** min(max(failures - 1, 0), 16))
 
 
 class Sink(Protocol):

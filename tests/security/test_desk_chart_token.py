@@ -11,19 +11,19 @@ own token rule, or the default desk would refuse to start.
 from __future__ import annotations
 
 import base64
-import json
 import subprocess
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pytest
 import yaml
 
 from synpref.services.desk.tokens import parse_tokens, token_problem
 from synpref.shared.k8s_secrets import new_value, parse_wanted
+from testing.json_api import JsonHandler
 
 pytestmark = pytest.mark.integration
 
@@ -43,21 +43,10 @@ def helm() -> str:
     return str(ROOT / ".cache" / "bin" / "helm")
 
 
-class KubeApi(BaseHTTPRequestHandler):
+class KubeApi(JsonHandler):
     """Just enough of the API server for helm's discovery and release lookup; it holds the desk's Secret."""
 
     secrets: ClassVar[dict[str, dict[str, str]]] = {SECRET: {"tokens": base64.b64encode(KEPT.encode()).decode()}}
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def reply(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self) -> None:
         path = self.path.split("?")[0]

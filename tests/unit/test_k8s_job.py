@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ from synpref.training.k8s_job import (
     training_command,
     validate_timeout,
 )
-from testing.json_api import JsonHandler
+from testing.json_api import JsonHandler, serving
 
 LABELS = {"app.kubernetes.io/instance": "rel", "app.kubernetes.io/name": "synpref"}
 
@@ -287,16 +285,10 @@ class FakeApi(JsonHandler):
 @pytest.fixture()
 def api() -> Iterator[tuple[JobBackend, type[FakeApi]]]:
     handler = type("Api", (FakeApi,), {"jobs": {}, "services": {}, "calls": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    configuration = client.Configuration()
-    configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving(handler) as url:
+        configuration = client.Configuration()
+        configuration.host = url
         yield JobBackend(client.ApiClient(configuration)), handler
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_backend_submits_single_node_job_without_service(api: tuple[JobBackend, type[FakeApi]]) -> None:

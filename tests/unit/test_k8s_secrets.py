@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from synpref.shared.k8s_secrets import (
     parse_args,
     parse_wanted,
 )
-from testing.json_api import JsonHandler
+from testing.json_api import JsonHandler, serving
 
 NS = "ml"
 
@@ -217,24 +215,18 @@ class LoopbackApi(JsonHandler):
 @pytest.fixture()
 def kubeconfig(tmp_path: Path) -> Iterator[tuple[Path, type[LoopbackApi]]]:
     handler = type("Api", (LoopbackApi,), {"secrets": {}})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"}}],
-        "users": [{"name": "u", "user": {"token": "unused"}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
-        "current-context": "c",
-    }
-    path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump(config))
-    try:
+    with serving(handler) as url:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "c", "cluster": {"server": url}}],
+            "users": [{"name": "u", "user": {"token": "unused"}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+            "current-context": "c",
+        }
+        path = tmp_path / "kubeconfig"
+        path.write_text(yaml.safe_dump(config))
         yield path, handler
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_the_command_creates_then_keeps_through_the_kubernetes_client(

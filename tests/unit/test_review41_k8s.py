@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -24,7 +22,7 @@ from kubernetes import client
 from synpref.services.controller.cluster_models import ClusterJobs, K8sModels
 from synpref.shared.config import load_settings
 from synpref.training.k8s_job import JobBackend, TrainingJobSpec, build_training_job, to_manifest
-from testing.json_api import JsonHandler
+from testing.json_api import JsonHandler, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "synpref"
@@ -109,17 +107,10 @@ class Cluster(JsonHandler):
 @pytest.fixture()
 def cluster() -> Iterator[tuple[ClusterJobs, type[Cluster]]]:
     handler = type("Api", (Cluster,), {"jobs": {}, "created": [], "config_maps": {}})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    configuration = client.Configuration()
-    configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving(handler) as url:
+        configuration = client.Configuration()
+        configuration.host = url
         yield ClusterJobs(JobBackend(client.ApiClient(configuration))), handler
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def test_a_job_with_a_short_ttl_is_trained_once_and_its_outcome_read(

@@ -18,7 +18,7 @@ from synpref.services.scorer.metrics import ScorerMetrics
 from synpref.services.scorer.registry import ModelRegistry, ServedModel
 from synpref.services.scorer.server import _serve_http
 from synpref.shared.config import ScorerSettings
-from testing.scorer_fakes import LengthBackend
+from testing.scorer_fakes import CharEncoder, LengthBackend
 from testing.tiny import build_tiny_tokenizer
 
 TOKEN = "review41-admin-token"
@@ -224,14 +224,6 @@ def test_a_stalled_upload_frees_its_encode_slot_without_a_request_deadline(monke
 # --- 3. vLLM's activation fields: the first one set decides ---------------------------------------------------
 
 
-class _Encoder:
-    def strip_padding(self, text: str) -> str:
-        return text
-
-    def text(self, text: str, what: str) -> list[int]:
-        return [ord(c) for c in text]
-
-
 async def _shims_with_model() -> tuple[web.AppRunner, int, Batcher]:
     from synpref.services.scorer.http import HttpShims
 
@@ -241,7 +233,7 @@ async def _shims_with_model() -> tuple[web.AppRunner, int, Batcher]:
     b = Batcher(lambda ids: [float(len(x)) for x in ids], name="best", max_batch_tokens=1000, max_batch_items=16,
                 max_wait_ms=0.0, max_queue=64)  # fmt: skip
     b.start()
-    registry.models["best"] = ServedModel("best", "/m/best", "v1", None, _Encoder(), b)  # type: ignore[arg-type]
+    registry.models["best"] = ServedModel("best", "/m/best", "v1", None, CharEncoder(), b)  # type: ignore[arg-type]
     return runner, port, b
 
 

@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from kubernetes import client
 
 from synpref.training import eval_cli
 from synpref.training.k8s_job import JobBackend, JobError, build_training_job, load_spec, to_manifest
+from testing.json_api import JsonHandler
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "synpref"
@@ -122,14 +123,11 @@ def test_wait_keeps_its_deadline_when_the_api_server_stops_answering(silent_serv
     assert time.monotonic() - start < 30
 
 
-class FlakyApi(BaseHTTPRequestHandler):
+class FlakyApi(JsonHandler):
     """Answers the first `blips` reads of the Job with 503, then the Job as Complete."""
 
     blips = 2
     reads = 0
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
     def do_GET(self) -> None:
         cls = type(self)
@@ -140,12 +138,7 @@ class FlakyApi(BaseHTTPRequestHandler):
             code = 200
             body = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "run-1", "namespace": "ml"},
                     "status": {"conditions": [{"type": "Complete", "status": "True"}]}}  # fmt: skip
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.reply(code, body)
 
 
 def test_wait_rides_out_a_brief_api_server_outage() -> None:

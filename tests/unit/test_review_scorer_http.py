@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from synpref.services.scorer.batcher import Batcher
+from testing.scorer_fakes import CharEncoder
 
 
 class Gate:
@@ -135,16 +136,6 @@ def test_a_client_that_stalls_mid_body_does_not_hold_an_encode_slot_past_its_dea
     run(main())
 
 
-class _Encoder:
-    """The little of an Encoder the /get_reward path uses: each text's ids are its characters' codes."""
-
-    def strip_padding(self, text: str) -> str:
-        return text
-
-    def text(self, text: str, what: str) -> list[int]:
-        return [ord(c) for c in text]
-
-
 def test_a_client_that_disconnects_while_its_request_waits_frees_its_queue_places() -> None:
     # aiohttp keeps running a handler whose client went away: its items stayed queued (counting against
     # max_queue) and were computed for nobody, while OpenRLHF re-posts the same batch after its timeout.
@@ -157,7 +148,7 @@ def test_a_client_that_disconnects_while_its_request_waits_frees_its_queue_place
         runner, port, registry = await _shims_server(timeout_s=30.0)
         b = Batcher(gate, name="best", max_batch_tokens=1000, max_batch_items=16, max_wait_ms=0.0, max_queue=8)
         b.start()
-        registry.models["best"] = ServedModel("best", "ckpt", "v1", None, _Encoder(), b)  # type: ignore[arg-type]
+        registry.models["best"] = ServedModel("best", "ckpt", "v1", None, CharEncoder(), b)  # type: ignore[arg-type]
         blocker = asyncio.ensure_future(b.score([[1]]))
         await loop.run_in_executor(None, gate.entered.wait, 5)
         _, writer = await _post(port, b'{"query": ["zz"]}', content_length=17)
@@ -226,7 +217,7 @@ def test_http_requests_are_counted_under_the_model_their_body_names() -> None:
             b = Batcher(Gate(), name=name, max_batch_tokens=1000, max_batch_items=16, max_wait_ms=0.0, max_queue=8)
             b.start()
             batchers.append(b)
-            registry.models[name] = ServedModel(name, f"/m/{name}", "v1", None, _Encoder(), b)  # type: ignore[arg-type]
+            registry.models[name] = ServedModel(name, f"/m/{name}", "v1", None, CharEncoder(), b)  # type: ignore[arg-type]
         batchers[1].forward.open.set()  # type: ignore[attr-defined]
         for path, body in (
             ("/classify", {"model": "gold", "input": "ab"}),
