@@ -28,19 +28,14 @@ from kubernetes import client
 from kubernetes.config.config_exception import ConfigException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from synpref.training.k8s_api import REQUEST_TIMEOUT_S, TRANSIENT_STATUSES, JobError, bounded, to_manifest
+
 DEFAULT_SPEC_PATH = "/etc/synpref/train-job.yaml"
 """Where the chart mounts the spec file rendered from its `training` values."""
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 CONTAINER_NAME = "train"
 MAX_WAIT_S = 7 * 24 * 3600.0
-REQUEST_TIMEOUT_S = 30.0
-"""Longest one status read may take (the client retries a read a few times within a poll)."""
-TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-
-
-class JobError(RuntimeError):
-    """A Kubernetes API call about a training Job failed; the message names namespace/name."""
 
 
 class Toleration(BaseModel):
@@ -290,11 +285,6 @@ def build_rendezvous_service(spec: TrainingJobSpec) -> client.V1Service:
     )
 
 
-def to_manifest(obj: Any) -> dict[str, Any]:
-    """The JSON form the API server receives (camelCase keys, no nulls)."""
-    return client.ApiClient().sanitize_for_serialization(obj)
-
-
 def validate_timeout(timeout_s: float) -> float:
     """`timeout_s` as a float; ValueError unless it is a finite number in (0, MAX_WAIT_S]."""
     if not isinstance(timeout_s, int | float) or isinstance(timeout_s, bool) or not math.isfinite(timeout_s):
@@ -308,6 +298,7 @@ class JobBackend:
     """Thin layer over the batch/v1 and core/v1 APIs; every failure names namespace/name."""
 
     def __init__(self, api_client: client.ApiClient) -> None:
+        api_client = bounded(api_client)  # every call of the backend, and of ClusterJobs over it
         self.batch = client.BatchV1Api(api_client)
         self.core = client.CoreV1Api(api_client)
 
@@ -320,11 +311,13 @@ class JobBackend:
 
     @staticmethod
     def _error(action: str, kind: str, namespace: str, name: str, exc: client.ApiException) -> JobError:
-        return JobError(f"{action} {kind} {namespace}/{name} failed: HTTP {exc.status} {exc.reason}: {exc.body or ''}")
+        why = f"{action} {kind} {namespace}/{name} failed: HTTP {exc.status} {exc.reason}: {exc.body or ''}"
+        return JobError(why, exc.status, exc.status in TRANSIENT_STATUSES)
 
     def _unreachable(self, action: str, kind: str, namespace: str, name: str, exc: Exception) -> JobError:
         host, reason = self.batch.api_client.configuration.host, getattr(exc, "reason", None) or exc
-        return JobError(f"{action} {kind} {namespace}/{name} failed: API server {host} unreachable: {reason}")
+        why = f"{action} {kind} {namespace}/{name} failed: API server {host} unreachable: {reason}"
+        return JobError(why, transient=True)
 
     def ensure_rendezvous_service(self, spec: TrainingJobSpec) -> None:
         """Create the headless Service unless it exists (the chart creates it for multi-node values)."""
@@ -380,6 +373,9 @@ class JobBackend:
                     name, namespace, _request_timeout=min(max(remaining, 1.0), REQUEST_TIMEOUT_S)
                 )
             except client.ApiException as exc:
+                if exc.status == 404:  # ttlSecondsAfterFinished 0, or a person: not a bare 404 and its JSON body
+                    gone = "the Job was deleted (its ttlSecondsAfterFinished, or someone) before its outcome was read"
+                    raise JobError(f"reading Job {namespace}/{name} failed: HTTP 404 Not Found: {gone}", 404) from exc
                 if exc.status not in TRANSIENT_STATUSES:
                     raise self._error("reading", "Job", namespace, name, exc) from exc
                 last_error = f"; last error: HTTP {exc.status} {exc.reason}"

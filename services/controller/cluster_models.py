@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from synpref.services.controller.models import FullModels, ModelHandle, Pair, accuracy
 from synpref.services.controller.run_folders import claim_folder, run_id
@@ -22,8 +22,10 @@ MIN_TTL_S = 24 * 3600
 """Least ttlSecondsAfterFinished of the controller's Jobs: a finished Job must outlive the controller's next
 read of it, and a restart of the controller, or its model is trained again (TTL 0 deletes it before a read)."""
 FIND_WAIT_S = 900.0
-"""Longest `ClusterJobs.find` asks again an API server answering a transient error (a control-plane upgrade)."""
+"""Longest ClusterJobs asks again an API server answering a transient error (a control-plane upgrade): in each
+look-up of the Jobs, each write of a ConfigMap, each create of a Job."""
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def dns_part(text: str, limit: int) -> str:
@@ -171,46 +173,63 @@ class ClusterJobs:
 
         return cls(JobBackend.connect())
 
-    def apply_config_map(self, manifest: dict[str, Any]) -> None:
-        """Create the ConfigMap, or replace it if one of that name exists."""
-        from kubernetes import client
-
-        core = self.backend.core
-        meta = manifest["metadata"]
-        try:
-            core.create_namespaced_config_map(meta["namespace"], manifest)
-        except client.ApiException as exc:
-            if exc.status != 409:
-                raise
-            core.replace_namespaced_config_map(meta["name"], meta["namespace"], manifest)
-        self.pending[(meta["namespace"], meta["name"])] = manifest
-
-    def find(self, namespace: str, labels: dict[str, str]) -> list[tuple[str, str]]:
-        """(name, "Active" | "Complete" | "Failed") of the Jobs carrying all `labels`, oldest first."""
+    def _asking_again(self, what: str, call: Callable[[], T]) -> T:
+        """call(), asked again with a capped back-off for up to FIND_WAIT_S while it fails with a transient error;
+        then JobError naming `what` and the last error. Any other error is raised at once, as it came."""
         import urllib3
         from kubernetes import client
 
         from synpref.training.k8s_job import TRANSIENT_STATUSES, JobError
 
-        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
         pauses = backoff_pauses(time.monotonic() + FIND_WAIT_S, time.monotonic)
         while True:
             try:
-                found = self.backend.batch.list_namespaced_job(namespace, label_selector=selector).items
-                break
-            except (client.ApiException, urllib3.exceptions.HTTPError) as exc:
-                # A 5xx, 429 or dropped connection is routine while the control plane is upgraded: without
-                # asking again the controller exited, and every restart read the same unavailable API.
-                if isinstance(exc, client.ApiException) and exc.status not in TRANSIENT_STATUSES:
-                    raise
-                why = f"HTTP {exc.status} {exc.reason}" if isinstance(exc, client.ApiException) else repr(exc)
+                return call()
+            except (client.ApiException, urllib3.exceptions.HTTPError, JobError) as exc:
+                # A 5xx, 429, dropped or silent connection is routine while the control plane is upgraded: without
+                # asking again the controller exited, and every restart met the same unavailable API.
+                if isinstance(exc, client.ApiException):
+                    if exc.status not in TRANSIENT_STATUSES:
+                        raise
+                    why = f"HTTP {exc.status} {exc.reason}"
+                elif isinstance(exc, JobError):
+                    if not exc.transient:
+                        raise
+                    why = str(exc)
+                else:
+                    why = repr(exc)
                 pause = next(pauses, None)
                 if pause is None:
-                    raise JobError(
-                        f"listing the Jobs {selector} in {namespace} failed for {FIND_WAIT_S:.0f}s; last error: {why}"
-                    ) from exc
-                log.warning("listing the Jobs %s in %s failed (%s); asking again", selector, namespace, why)
+                    raise JobError(f"{what} failed for {FIND_WAIT_S:.0f}s; last error: {why}") from exc
+                log.warning("%s failed (%s); asking again", what, why)
                 time.sleep(pause)
+
+    def apply_config_map(self, manifest: dict[str, Any]) -> None:
+        """Create the ConfigMap, or replace it if one of that name exists (also one an earlier try created
+        whose answer was lost)."""
+        from kubernetes import client
+
+        core = self.backend.core
+        meta = manifest["metadata"]
+
+        def apply() -> None:
+            try:
+                core.create_namespaced_config_map(meta["namespace"], manifest)
+            except client.ApiException as exc:
+                if exc.status != 409:
+                    raise
+                core.replace_namespaced_config_map(meta["name"], meta["namespace"], manifest)
+
+        self._asking_again(f"writing the ConfigMap {meta['namespace']}/{meta['name']}", apply)
+        self.pending[(meta["namespace"], meta["name"])] = manifest
+
+    def find(self, namespace: str, labels: dict[str, str]) -> list[tuple[str, str]]:
+        """(name, "Active" | "Complete" | "Failed") of the Jobs carrying all `labels`, oldest first."""
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        found = self._asking_again(
+            f"listing the Jobs {selector} in {namespace}",
+            lambda: self.backend.batch.list_namespaced_job(namespace, label_selector=selector).items,
+        )
         found.sort(key=lambda job: job.metadata.creation_timestamp or 0)
         out = []
         for job in found:
@@ -224,7 +243,24 @@ class ClusterJobs:
         import urllib3
         from kubernetes import client
 
-        job = self.backend.submit(spec)
+        from synpref.training.k8s_job import JobError
+
+        tries = 0
+
+        def create() -> Any:
+            nonlocal tries
+            tries += 1
+            try:
+                return self.backend.submit(spec)
+            except JobError as exc:
+                if exc.status != 409 or tries == 1:
+                    raise
+            # An earlier try created the Job and its answer was lost (a dropped or silent connection): the name is
+            # this attempt's own, so the Job is too. Failing here left it running untracked until a restart.
+            log.warning("Job %s/%s exists: created by a try whose answer was lost", spec.namespace, spec.name)
+            return self.backend.batch.read_namespaced_job(spec.name, spec.namespace)
+
+        job = self._asking_again(f"creating the Job {spec.namespace}/{spec.name}", create)
         manifest = self.pending.pop((spec.namespace, spec.config_map), None)
         if manifest is None or job is None or not job.metadata.uid:
             return job
@@ -234,8 +270,11 @@ class ClusterJobs:
         owner = {"apiVersion": "batch/v1", "kind": "Job", "name": job.metadata.name, "uid": job.metadata.uid}
         owned = {**manifest, "metadata": {**manifest["metadata"], "ownerReferences": [owner]}}
         try:
-            self.backend.core.replace_namespaced_config_map(spec.config_map, spec.namespace, owned)
-        except (client.ApiException, urllib3.exceptions.HTTPError) as exc:
+            self._asking_again(
+                f"handing the ConfigMap {spec.namespace}/{spec.config_map} to its Job",
+                lambda: self.backend.core.replace_namespaced_config_map(spec.config_map, spec.namespace, owned),
+            )
+        except (client.ApiException, urllib3.exceptions.HTTPError, JobError) as exc:
             # The Job is running: a ConfigMap left behind is not worth failing the training for.
             log.warning("ConfigMap %s/%s not handed to its Job (left behind): %s", spec.namespace, spec.config_map, exc)
         return job
