@@ -64,7 +64,8 @@ class ScorerSettings(Section):
     max_connection_age_s: float = Field(default=300.0, ge=0.0)
     """Each gRPC connection gets GOAWAY after about this long (+-10% jitter) and its client reconnects, so clients
     spread over replicas an HPA adds (kube-proxy balances connections, not calls); 0 = never: a client stays on
-    the pod it first reached (services/scorer/grpc_options.py, docs/scorer.md "Several replicas")."""
+    the pod it first reached (services/scorer/grpc_options.py, docs/scorer.md "Several replicas"). An HTTP
+    keep-alive connection is closed after its first response past this age, for the same reason (http.py)."""
     max_connection_age_grace_s: float = Field(default=30.0, ge=0.0)
     """After that GOAWAY, how long calls in flight on the old connection get to finish; past it they, and a
     ScoreStream still open, end with UNAVAILABLE (the synpref client retries them on the new connection)."""

@@ -125,7 +125,8 @@ def score_each_alone_on_error(
 ) -> list[tuple[PairRecord, str | None]]:
     """(scored copy, None) for each record of `batch`; where scoring the batch raises, each record is scored
     alone and one that still raises is (itself, the reason) instead: one pair a chat template or the scorer
-    refuses must not fail its batch (in process, that stopped the controller on every restart).
+    refuses must not fail its batch (in process, that stopped the controller on every restart). A pair the
+    scorer failed alone (ScorerFailed) while others scored is tried alone once more first: that may be transient.
     StageUnavailable (ScoreCountError too) is no pair's fault and propagates. Where no pair scores, alone
     either, a ScorerFailed among the errors is the scorer's state and raises StageUnavailable: the runner
     reads the batch again later, whereas a lone pair's failure would be dead-lettered, and plan_batch retries
@@ -140,6 +141,10 @@ def score_each_alone_on_error(
         else:
             log.warning("scoring a batch of %d raised %r; scoring its pairs one at a time", len(batch), exc)
             alone = [score_alone(record, models) for record in batch]
+            if any(error is None for _, error in alone):
+                # Others score meanwhile, so a pair the scorer failed (not refused) may be its own fault, or one
+                # transient failure (a CUDA hiccup): one more try alone before it is dead-lettered.
+                alone = [score_alone(r, models) if isinstance(e, ScorerFailed) else (r, e) for r, e in alone]
         if all(error is not None for _, error in alone):
             failed = next((e for _, e in alone if isinstance(e, ScorerFailed)), None)
             if failed is not None:

@@ -17,6 +17,10 @@ scorer unchanged.
 - `GET /health`, `GET /info`, `GET /metrics` (Prometheus). Reloading models is not here:
   it is on the admin port, behind a token (admin.py), so RL code cannot swap its own RM.
 
+A keep-alive connection that has served requests for longer than scorer.max_connection_age_s gets its next
+response with `Connection: close` (0 = never), as gRPC connections get GOAWAY: kube-proxy balances connections,
+so a client that reconnects may reach a replica the HPA added.
+
 Errors answer {"error": message, "code": status}: 400 bad input, 404 unknown model, 413 body
 over max_body_bytes, 429 queue full (with Retry-After), 503 no model loaded (the message says
 how models arrive), still loading or draining, 504 deadline. A body is read only once its
@@ -32,6 +36,7 @@ import logging
 import math
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -157,6 +162,8 @@ class HttpShims:
         self.max_body_bytes = max_body_bytes
         self.stopping = False
         """The server's stop began (its shutdown delay): /health answers 503, as gRPC health says NOT_SERVING."""
+        self._first_request: weakref.WeakKeyDictionary[asyncio.BaseTransport, float] = weakref.WeakKeyDictionary()
+        """Each open connection's first request time (aiohttp's protocol objects take no weak references)."""
 
     async def _body(self, request: web.Request, deadline: float | None) -> dict[str, Any]:
         """The JSON body, read while holding an encode-queue slot (429 when none is free), by the deadline and
@@ -189,7 +196,7 @@ class HttpShims:
 
     def app(self) -> web.Application:
         """The aiohttp application with every route of the module docstring."""
-        app = web.Application(client_max_size=self.max_body_bytes)
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._age_out])
         app.router.add_post("/get_reward", self._wrap("get_reward", self.get_reward))
         app.router.add_post("/classify", self._wrap("classify", self.classify))
         app.router.add_post("/v1/classify", self._wrap("classify", self.classify))
@@ -197,6 +204,17 @@ class HttpShims:
         app.router.add_get("/info", self.info)
         app.router.add_get("/metrics", self.metrics_page)
         return app
+
+    @web.middleware
+    async def _age_out(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Close a keep-alive connection after its first response past max_connection_age_s (module docstring)."""
+        response = await handler(request)
+        max_age = self.registry.settings.max_connection_age_s
+        if max_age > 0 and (transport := request.transport) is not None:
+            now = asyncio.get_running_loop().time()
+            if now - self._first_request.setdefault(transport, now) > max_age:
+                response.force_close()
+        return response
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
@@ -240,9 +258,13 @@ class HttpShims:
         """OpenRLHF's `POST /get_reward`: raw rewards of the `query` texts, pad tokens around each stripped."""
         deadline = self._deadline(request)
         body = await self._body(request, deadline)
-        queries = _texts(body.get("query"), "query", self.max_request_items)
+        query = body.get("query")
+        # An RL step with nothing to score posts an empty list: serve_rm answers empty rewards, and so do we.
+        queries = [] if query == [] else _texts(query, "query", self.max_request_items)
         model = self._model(str(body.get("model") or request.query.get("model", "")))
         request[MODEL_LABEL] = model.name
+        if not queries:
+            return web.json_response({"rewards": [], "scores": [], "extra_logs": {}})
 
         def encode(m: ServedModel, check: Check) -> list[list[int]]:
             ids = []

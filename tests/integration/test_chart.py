@@ -474,7 +474,8 @@ def test_pipeline_config_loads_into_the_settings_model(
         assert settings.service.grpc_port == 50051 and settings.service.metrics_port == 9100
         assert settings.scorer.host == "0.0.0.0" and settings.scorer.port == 50060
         if name != "minimal":
-            assert settings.scoring.scorer_address == f"{RELEASE}-synpref-scorer:50060"
+            # The headless Service: the gold scorer's round_robin channel calls every scorer pod.
+            assert settings.scoring.scorer_address == f"dns:///{RELEASE}-synpref-scorer-headless.{NAMESPACE}.svc:50060"
 
 
 JUDGES_MISSING = "the controller and the annotator need LLM judges: set config.annotator.judges"
@@ -512,7 +513,8 @@ def test_default_controller_is_production_with_the_desk_and_scores_through_the_s
         assert c.study is None and c.human == "desk" and c.sources, name
         assert settings.annotator.judges, name
         assert c.executor == "kafka" and c.scorer_reload_url == f"http://{RELEASE}-synpref-scorer:8081", name
-        assert settings.scoring.mode == "grpc" and settings.scoring.scorer_address == f"{RELEASE}-synpref-scorer:50060"
+        assert settings.scoring.mode == "grpc"
+        assert settings.scoring.scorer_address == f"dns:///{RELEASE}-synpref-scorer-headless.{NAMESPACE}.svc:50060"
         assert one(renders[name], "Deployment", f"{RELEASE}-synpref-controller")
 
 
