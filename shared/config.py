@@ -3,7 +3,8 @@
 Sources, lowest to highest precedence: field defaults, a YAML file
 (`--config` or SYNPREF_CONFIG), then environment variables with the prefix
 SYNPREF_ and `__` between nested names (SYNPREF_KAFKA__BOOTSTRAP_SERVERS=...).
-Unknown keys and keys given twice are errors, so a typo in a config file fails loudly; a list, mapping
+Unknown keys and keys given twice are errors, so a typo in a config file fails loudly, as does one in a
+variable's name (config_env.py says which SYNPREF_ names are not settings); a list, mapping
 or section set in one variable is JSON (SYNPREF_CONTROLLER__SOURCES='["a.jsonl"]'). The sections of the
 serving processes (scorer, desk) are in config_serving.py and are importable from here.
 """
@@ -19,7 +20,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
-from synpref.shared import config_base
+from synpref.shared import config_base, config_env
 from synpref.shared.config_base import ENV_PREFIX, ConfigError, Judges, JudgeSettings, ModelRef, Section, read_yaml
 from synpref.shared.config_serving import DeskSettings, ScorerSettings
 from synpref.shared.sources import SourceFormat
@@ -410,18 +411,10 @@ class Settings(BaseSettings):
 
 
 def check_env_sections(environ: Mapping[str, str]) -> None:
-    """ConfigError for a SYNPREF_<SECTION>__<FIELD> variable of no section: pydantic-settings would ignore
-    SYNPREF_SCORRER__PORT. Names without `__` are not only ours (SYNPREF_CONFIG, SYNPREF_JOB_NAME)."""
-    sections = sorted(name for name, f in Settings.model_fields.items() if hasattr(f.annotation, "model_fields"))
-    unknown = sorted(
-        name
-        for name in environ
-        if name.upper().startswith(ENV_PREFIX) and "__" in name
-        and name[len(ENV_PREFIX) :].split("__")[0].lower() not in sections
-    )  # fmt: skip
-    if unknown:
-        known = ", ".join(sections)
-        raise ConfigError(f"unknown section in environment variable(s) {', '.join(unknown)}; known sections: {known}")
+    """ConfigError for a SYNPREF_<SECTION>__<FIELD> variable of no section (config_env.check_env_sections)."""
+    config_env.check_env_sections(
+        environ, [n for n, f in Settings.model_fields.items() if hasattr(f.annotation, "model_fields")]
+    )
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
@@ -434,7 +427,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     data: dict[str, Any] = read_yaml(path) if path else {}
     data.update(overrides)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except SettingsError as exc:  # a variable of a list, mapping or section that does not parse as JSON
         field = re.search(r'field "(\w+)"', str(exc))  # pydantic-settings names the section, not the variable
         prefix = f"{ENV_PREFIX}{field[1] if field else ''}".upper()
@@ -448,3 +441,6 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             came = config_base.value_origin(err["loc"], os.environ, path if from_file else None)
             lines.append(f"  {where}: {err['msg']}" + (f" ({came})" if came else ""))
         raise ConfigError("\n".join(lines)) from None
+    keys = [j.api_key_env for j in settings.annotator.judges]  # an operator's own names, maybe SYNPREF_...
+    config_env.check_env_names(os.environ, list(Settings.model_fields), keys)
+    return settings

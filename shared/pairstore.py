@@ -12,7 +12,9 @@ One writer at a time: each commit counts itself in `meta`, and a store refuses t
 transaction when the count moved since its own last commit (or, before any, since it opened):
 another process (a second controller: a force-deleted pod's replacement, a second `synpref run`
 on the same workdir) committed meanwhile, so this one's idea of the run is stale. Open the store
-before reading the run state from it, so that what was read is never newer than the count.
+before reading the run state from it, so that what was read is never newer than the count. While
+the other one holds its write transaction (a controller's whole step), a write here waits SQLite's
+busy timeout and then stops with a PairStoreError naming the store.
 
 Memory stays bounded whatever the pool size: pools are streamed in row order in batches,
 and SQLite keeps only its page cache (`cache_mib`). See docs/architecture.md for the sizes
@@ -63,6 +65,10 @@ _COMMITS = "store_commits"
 # whole pool in one, so without a limit a 100 GB store carries a 100 GB -wal file beside it for the run.
 _WAL_KEEP_BYTES = 64 * 1024 * 1024
 
+# How long a write waits for another connection's write transaction (SQLite's busy timeout): enough for a short
+# one (an audit with the sqlite3 shell); past it the holder is taken for a second controller (see `_begin`).
+_BUSY_TIMEOUT_S = 5.0
+
 
 class PairStoreError(RuntimeError):
     """A store operation that cannot be done as asked (unknown pool, row or key)."""
@@ -105,7 +111,7 @@ class PairStore:
     def __init__(self, path: str | Path, cache_mib: int = 64) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(f"PRAGMA journal_size_limit={_WAL_KEEP_BYTES}")
@@ -148,7 +154,18 @@ class PairStore:
             self._depth -= 1
 
     def _begin(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if not getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY"):
+                raise
+            # A controller's step holds the write transaction for as long as it runs: this is not contention that
+            # waiting longer would end, and a bare "database is locked" names neither the file nor the cause.
+            raise PairStoreError(
+                f"{self.path} is held by another process: its write transaction did not end within "
+                f"{_BUSY_TIMEOUT_S:g}s. A second controller on the same store (a force-deleted pod's replacement, "
+                "a second `synpref run` on the same workdir)? This one stops rather than wait for it"
+            ) from exc
         now = int(self.meta(_COMMITS, "0"))
         if now != self._commits:
             self._db.execute("ROLLBACK")

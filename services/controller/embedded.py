@@ -184,6 +184,8 @@ def main(argv: list[str]) -> int:
     except HumanInputEnded as exc:  # the verdicts given are kept: rerunning goes on from them
         print(f"synpref run: stopped, {exc}", file=sys.stderr)
         return 1
+    finally:
+        controller.close()  # checkpoints the stores' WAL files into pairs.sqlite and verdicts.sqlite
     close = getattr(controller.humans, "close", None)
     if close is not None:
         close()

@@ -47,10 +47,7 @@ from synpref.shared.ann import VectorFile
 from synpref.shared.config import Settings
 from synpref.shared.roles import BEST, GOLD
 from synpref.shared.stage import Stage
-from synpref.v1.pair_pb2 import (
-    STAGE_ONE,
-    PairRecord,
-)
+from synpref.v1.pair_pb2 import STAGE_ONE, PairRecord
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +173,17 @@ class Controller(CurationSteps, FinalSteps):
             )
         return chain(make_scoring_stage(self._stage_models), self._annotators[stage].stage(), make_filter_stage(f))
 
-    def close(self) -> None:
+    def close_stages(self) -> None:
         """Close the in-process annotators' judge sessions and event loops (a later stage makes new ones)."""
         for annotator in self._annotators.values():
             annotator.close()
         self._annotators.clear()
+
+    def close(self) -> None:
+        """Close the annotators, the VerdictLog and the PairStore; the controller is done. Twice is fine."""
+        self.close_stages()
+        self.verdicts.close()
+        self.store.close()
 
     # ------------------------------------------------------------ retrieval and examples
 
@@ -241,7 +244,7 @@ class Controller(CurationSteps, FinalSteps):
         try:
             return self._run_steps()
         finally:
-            self.close()
+            self.close_stages()  # the stores stay open for the caller (close() closes them)
 
     def _run_steps(self) -> RunState:
         self.step("ingest", self.ingest)

@@ -109,6 +109,7 @@ def main(argv: list[str]) -> int:
         state = controller.run()
         FINISHED.set(1)
         log.info("curation finished: %s", state.results.get("registry", {}))
+        controller.close()  # a finished loop stays up: its stores' WAL files are checkpointed and closed now
         if args.exit_when_done:
             return 0
         # Stay up, healthy, so a Deployment does not restart a finished loop over and over.
