@@ -33,7 +33,7 @@ from typing import Any, TextIO, TypeVar
 import grpc
 
 from synpref.client.client import RewardClient
-from synpref.client.messages import Item, PairDict, TokenIds
+from synpref.client.messages import Item, PairDict, TokenIds, to_item
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -75,15 +75,25 @@ def read_items(stream: TextIO) -> Iterator[Item]:
         if isinstance(value, dict) and isinstance(value.get("text"), str):
             yield value["text"]
         elif isinstance(value, dict) and isinstance(value.get("messages"), list):
-            yield value["messages"]
+            yield _conversation(n, value["messages"])
         elif isinstance(value, dict) and _int_list(value.get("token_ids")):
             yield TokenIds(value["token_ids"])
         elif isinstance(value, list):
-            yield value
+            yield _conversation(n, value)
         else:
             raise ValueError(
                 f'line {n}: expected a message list, {{"messages": [...]}}, {{"text": "..."}} or {{"token_ids": [...]}}'
             )
+
+
+def _conversation(n: int, messages: list[Any]) -> list[Any]:
+    """`messages`, or ValueError naming line `n` when one is no {role, content} of strings (found when the line is
+    read: from the request it failed in a worker thread, without the line)."""
+    try:
+        to_item(messages)
+    except ValueError as exc:
+        raise ValueError(f"line {n}: {exc}") from None
+    return messages
 
 
 def _int_list(value: object) -> bool:

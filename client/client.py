@@ -345,7 +345,7 @@ class ScoreSession:
     an open stream costs the server about half that of a unary Score call (with tokenizing, about
     30% less serving CPU per item, docs/scorer.md). Calls on one session run one
     at a time (concurrent ones wait their turn); run one session per concurrent caller so
-    their items batch together on the server. `timeout` bounds each call, retries included.
+    their items batch together on the server. `timeout` bounds each call, turn and retries included.
     A call that fails or times out drops the stream (a late answer must not be read as the
     next call's) and the next call opens a new one; UNAVAILABLE and RESOURCE_EXHAUSTED are
     retried on a new stream, as the unary calls are.
@@ -418,7 +418,14 @@ class ScoreSession:
             return []
         deadline = self.policy.deadline(timeout)
         request = reward_pb2.ScoreRequest(model=self.model, items=[to_item(x) for x in items])
-        async with self._turn:
+        try:  # the wait for the turn counts: a slow or hung call before this one must not hold it past its timeout
+            if self._turn.locked():
+                await asyncio.wait_for(self._turn.acquire(), max(deadline - time.monotonic(), 0.001))
+            else:
+                await self._turn.acquire()  # free: taken at once, without wait_for's task
+        except TimeoutError:
+            raise _stream_error(grpc.StatusCode.DEADLINE_EXCEEDED, "waited past the timeout for its turn") from None
+        try:
             attempt = 0
             while True:
                 try:
@@ -439,3 +446,5 @@ class ScoreSession:
                 except BaseException:
                     self._drop()  # cancelled mid-call: the answer would arrive for the next one
                     raise
+        finally:
+            self._turn.release()

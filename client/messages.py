@@ -34,7 +34,18 @@ PairDict = Mapping[str, Any]
 def _messages(value: Conversation | str, role: str = "assistant") -> list[pair_pb2.Message]:
     if isinstance(value, str):
         return [pair_pb2.Message(role=role, content=value)]
-    return [pair_pb2.Message(role=str(m["role"]), content=str(m["content"])) for m in value]
+    return [_message(i, m) for i, m in enumerate(value)]
+
+
+def _message(i: int, m: object) -> pair_pb2.Message:
+    """ValueError unless `m` has string role and content: str() of a None content (an assistant turn with only tool
+    calls) or of a list of content parts would be scored as the text "None" or as the list's repr."""
+    if not isinstance(m, Mapping):
+        raise ValueError(f"message {i} is a {type(m).__name__}, not an object with role and content")
+    for field in ("role", "content"):
+        if not isinstance(m.get(field), str):
+            raise ValueError(f"message {i} {field} must be a string, got {type(m.get(field)).__name__}")
+    return pair_pb2.Message(role=m["role"], content=m["content"])
 
 
 def to_item(item: Item) -> reward_pb2.ScoreItem:
