@@ -11,14 +11,14 @@ import math
 import random
 from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synpref.shared.modeling import encode_pair
+from synpref.shared.modeling import Encoded, encode_pair
 
 # Below about a thousand tokens per forward, a CPU spends a visible share of its time outside
 # the matmuls (measured on the 5M-parameter benchmark model; see docs/training.md).
@@ -65,6 +65,7 @@ class EncodeReport:
         kept: the input index of each encoded pair.
         unfit: pairs with a side that does not fit under the truncation policy (skipped unless keep_unfit).
         truncated: encoded pairs with at least one side cut.
+        identical: pairs whose chosen and rejected are the same (always skipped: see compared_sides).
     """
 
     pairs: list[EncodedPair]
@@ -72,6 +73,7 @@ class EncodeReport:
     """Indices (into the input) of the pairs that were encoded."""
     unfit: int = 0
     truncated: int = 0
+    identical: int = 0
 
 
 def encode_pairs(
@@ -86,7 +88,12 @@ def encode_pairs(
     keep_unfit (evaluation then scores their left-token-truncated fallback, as score_pairs does)."""
     out = EncodeReport(pairs=[], kept=[])
     for i, pair in enumerate(pairs):
-        chosen, rejected = encode_pair(tokenizer, pair, max_length, truncation)  # type: ignore[arg-type]
+        sides = encode_pair(tokenizer, pair, max_length, truncation)  # type: ignore[arg-type]
+        compared = compared_sides(tokenizer, pair, sides, max_length, keep_unfit)
+        if compared is None:
+            out.identical += 1
+            continue
+        chosen, rejected = compared
         if not (chosen.fits and rejected.fits):
             out.unfit += 1
             if not keep_unfit:
@@ -95,6 +102,23 @@ def encode_pairs(
         out.pairs.append(EncodedPair(chosen.input_ids, rejected.input_ids, pair_margin(pair, margin_column)))
         out.kept.append(i)
     return out
+
+
+def compared_sides(
+    tokenizer: Any, pair: Mapping[str, Any], sides: tuple[Encoded, Encoded], max_length: int, keep_unfit: bool
+) -> tuple[Encoded, Encoded] | None:
+    """A pair's encoded sides, or None when chosen and rejected are the same: a Bradley-Terry loss of log 2
+    whatever the model and a held-out pair no model gets right (ingest drops them; files read here may hold
+    them). Sides that only truncation made equal (`right` cuts both responses off a conversation over
+    max_length) do not fit, and their fallback (built when keep_unfit) is the left-token-truncated ends."""
+    chosen, rejected = sides
+    if chosen.input_ids != rejected.input_ids:
+        return sides
+    if pair["chosen"] == pair["rejected"] or not (chosen.truncated or rejected.truncated):
+        return None
+    if keep_unfit:
+        chosen, rejected = encode_pair(tokenizer, pair, max_length, "left_tokens")  # type: ignore[arg-type]
+    return replace(chosen, fits=False), replace(rejected, fits=False)
 
 
 def pair_margin(pair: Mapping[str, Any], column: str) -> float:

@@ -35,7 +35,7 @@ from synpref.shared import modeling, pairs, source_files, sources
 from synpref.shared.files import FileLock, fsync_tree, replace_durably
 from synpref.shared.pairs import conversation_key, held_out_positions
 from synpref.shared.tokenizer_hash import tokenizer_sha256
-from synpref.training import data, parallel_encoding, token_store
+from synpref.training import batching, data, parallel_encoding, token_store
 from synpref.training.parallel_encoding import PairEncoding, resolve_workers
 from synpref.training.token_store import EncodedSet, PairEncoder, PairStore
 
@@ -57,7 +57,8 @@ class TrainingData:
     Attributes:
         train: training pairs that fit, in input order, with their margins.
         eval: every eval pair (an unfit one as its left-token-truncated fallback), with its source.
-        report: train_pairs, train_unfit, train_truncated, eval_pairs, eval_unfit, unreadable_rows.
+        report: train_pairs, train_unfit, train_truncated, eval_pairs, eval_unfit, unreadable_rows, and
+            train_identical / eval_identical where pairs with the same chosen and rejected were left out.
         problems: the first unreadable rows, "file#row: why".
         folder: the cache folder the stores are mapped from; None when built in memory.
     """
@@ -89,6 +90,8 @@ def prepare_data(
         log.warning("skipped: %s", problem)
     if report["unreadable_rows"]:
         log.warning("%d unreadable training rows skipped", report["unreadable_rows"])
+    if report.get("train_identical"):
+        log.warning("%d training pairs have the same chosen and rejected and are skipped", report["train_identical"])
     if report["train_unfit"]:
         log.warning(
             "%d of %d training pairs do not fit max_length=%d under %s and are skipped",
@@ -157,7 +160,9 @@ def cache_key(
     import transformers
 
     code = hashlib.sha256()
-    for module in (modeling, pairs, sources, source_files, data, token_store, parallel_encoding, sys.modules[__name__]):
+    # batching: the margin and whether a pair's sides compare are decided there.
+    encoding = (modeling, pairs, sources, source_files, data, batching, token_store, parallel_encoding)
+    for module in (*encoding, sys.modules[__name__]):
         code.update(Path(str(module.__file__)).read_bytes())
     spec = {
         "version": CACHE_VERSION,
@@ -254,6 +259,9 @@ def _encode(
         "eval_unfit": eval_set.unfit,
         "unreadable_rows": unreadable,
     }
+    for name, encoded in (("train", train_set), ("eval", eval_set)):
+        if encoded.identical:  # only then: the report's fields stay what they were for the usual data
+            report[f"{name}_identical"] = encoded.identical
     return TrainingData(train_set, eval_set, report, problems[:PROBLEMS_KEPT], folder)
 
 
@@ -294,8 +302,9 @@ def _build(config: Any, tokenizer: Any, folder: Path, spec: dict[str, Any], list
 def _open(folder: Path) -> TrainingData:
     record = json.loads((folder / REPORT_FILE).read_text())
     report = record["report"]
-    train = EncodedSet(PairStore.open(folder / "train"), report["train_unfit"], report["train_truncated"])
-    evals = EncodedSet(PairStore.open(folder / "eval"), report["eval_unfit"], record["eval_truncated"])
+    same = report.get("train_identical", 0), report.get("eval_identical", 0)
+    train = EncodedSet(PairStore.open(folder / "train"), report["train_unfit"], report["train_truncated"], same[0])
+    evals = EncodedSet(PairStore.open(folder / "eval"), report["eval_unfit"], record["eval_truncated"], same[1])
     return TrainingData(train, evals, report, record["problems"], folder)
 
 

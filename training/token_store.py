@@ -20,7 +20,7 @@ from typing import Any, overload
 import numpy as np
 
 from synpref.shared.modeling import Encoded, encode_pair
-from synpref.training.batching import EncodedPair, pair_margin
+from synpref.training.batching import EncodedPair, compared_sides, pair_margin
 
 IDS_FILE = "ids.int32"
 ARRAYS = ("offsets", "margins", "widths", "tokens", "sources")
@@ -177,17 +177,20 @@ class EncodedSet:
         pairs: the encoded pairs, in input order (unfit ones left out unless kept).
         unfit: pairs with a side that does not fit under the policy.
         truncated: encoded pairs with at least one side cut.
+        identical: pairs left out because their chosen and rejected are the same.
     """
 
     pairs: PairStore
     unfit: int = 0
     truncated: int = 0
+    identical: int = 0
 
 
 class PairEncoder:
     """Encodes pair dicts one at a time into a PairStoreWriter, as batching.encode_pairs does:
     unfit pairs are counted and left out unless keep_unfit (then their left-token-truncated fallback
-    is kept); the margin is read from margin_column (0.0 without one)."""
+    is kept); pairs whose chosen and rejected are the same are counted and left out (batching.compared_sides);
+    the margin is read from margin_column (0.0 without one)."""
 
     def __init__(
         self,
@@ -203,6 +206,7 @@ class PairEncoder:
         self.writer = PairStoreWriter(folder)
         self.unfit = 0
         self.truncated = 0
+        self.identical = 0
 
     def add(self, pair: Mapping[str, Any]) -> None:
         """Encode one pair and append it (or count it as unfit)."""
@@ -210,7 +214,11 @@ class PairEncoder:
 
     def add_encoded(self, pair: Mapping[str, Any], sides: tuple[Encoded, Encoded]) -> None:
         """Append a pair encoded elsewhere (training/parallel_encoding.py) with this encoder's settings."""
-        chosen, rejected = sides
+        compared = compared_sides(self.tokenizer, pair, sides, self.max_length, self.keep_unfit)
+        if compared is None:
+            self.identical += 1
+            return
+        chosen, rejected = compared
         if not (chosen.fits and rejected.fits):
             self.unfit += 1
             if not self.keep_unfit:
@@ -221,7 +229,7 @@ class PairEncoder:
 
     def finish(self) -> EncodedSet:
         """The encoded set."""
-        return EncodedSet(self.writer.finish(), self.unfit, self.truncated)
+        return EncodedSet(self.writer.finish(), self.unfit, self.truncated, self.identical)
 
 
 def pair_widths(encoded: Sequence[EncodedPair]) -> Sequence[int]:
