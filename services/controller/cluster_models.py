@@ -4,12 +4,14 @@ cluster calls it makes (ClusterJobs)."""
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from synpref.services.controller import job_pods
 from synpref.services.controller.models import FullModels, ModelHandle, Pair, accuracy
 from synpref.services.controller.run_folders import claim_folder, run_id
 from synpref.shared.retry import backoff_pauses
@@ -280,5 +282,28 @@ class ClusterJobs:
         return job
 
     def wait(self, namespace: str, name: str, timeout_s: float) -> str:
-        """Wait up to timeout_s for Job `namespace/name` to end: "Complete" or "Failed" (TimeoutError after)."""
-        return self.backend.wait(namespace, name, timeout_s)
+        """Wait up to timeout_s for Job `namespace/name` to end: "Complete" or "Failed" (TimeoutError after).
+
+        Waited in slices of job_pods.CHECK_S: after each, a warning says why the Job's pod does not run, if it
+        does not (no node with a free GPU, an image that does not pull): the Job is neither Complete nor Failed
+        then, and the controller said nothing for days."""
+        from synpref.training.k8s_job import validate_timeout
+
+        timeout_s = validate_timeout(timeout_s)
+        start = time.monotonic()
+        pods = job_pods.JobPods(getattr(self.backend, "core", None), namespace, name)
+        last_error = ""
+        # Each slice lasts at least its length (JobBackend.wait's own clock): the count only bounds the loop.
+        for _ in range(math.ceil(timeout_s / job_pods.CHECK_S) + 1):
+            left = start + timeout_s - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                return self.backend.wait(namespace, name, min(job_pods.CHECK_S, left))
+            except TimeoutError as exc:
+                last_error = str(exc).partition("; last error:")[2]
+            now = time.monotonic()
+            if now - start < timeout_s:
+                pods.check(now, now - start)
+        last = f"; last error:{last_error}" if last_error else ""
+        raise TimeoutError(f"Job {namespace}/{name} did not finish within {timeout_s:g}s{last}")

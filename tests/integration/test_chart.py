@@ -304,9 +304,11 @@ def test_rbac_grants_the_controller_only_what_it_uses(renders: dict[str, list[di
         (g, r): sorted(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
     }
     assert granted == {
-        # What the code calls (training/k8s_job.py): no watch, no delete, no pods or their logs.
+        # What the code calls (training/k8s_job.py): no watch, no delete, no pod logs.
         ("batch", "jobs"): sorted(["create", "get", "list"]),
         ("", "configmaps"): ["create", "update"],
+        # services/controller/job_pods.py: why a waiting Job's pod does not run.
+        ("", "pods"): ["list"],
     }
     assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")
     binding = one(docs, "RoleBinding", f"{RELEASE}-synpref-controller")
