@@ -19,6 +19,9 @@ from prometheus_client import Counter as PromCounter
 from synpref.shared.files import write_text_atomic
 
 log = logging.getLogger(__name__)
+CACHE_WRITE_ERRORS = PromCounter(
+    "synpref_judge_cache_write_errors", "Answers not cached because the write failed (full or read-only volume)"
+)
 
 
 class AnswerCache:
@@ -37,6 +40,7 @@ class AnswerCache:
         self.ttl_s = ttl_days * 86400.0
         self.hits = 0
         self.misses = 0
+        self.write_errors = 0
         self.sweeper: CacheSweeper | None = None
 
     def _path(self, *key: str) -> Path | None:
@@ -60,11 +64,22 @@ class AnswerCache:
         return value
 
     def put(self, value: Any, *key: str) -> None:
-        """Store `value` under `key` atomically; does nothing when caching is off."""
+        """Store `value` under `key` atomically; does nothing when caching is off, or (logged) when the write fails."""
         path = self._path(*key)
         if path is None:
             return
-        write_text_atomic(path, json.dumps(value))
+        try:
+            write_text_atomic(path, json.dumps(value))
+        except OSError as exc:
+            # A full or read-only cache volume costs a replay its saved calls, never the answer in hand: raised,
+            # it failed the pair into the dead-letter topic. Logged on the first failure and every 1000th after.
+            if self.write_errors % 1000 == 0:
+                log.warning(
+                    "answer cache %s: %d writes failed so far, latest: %r", self.root, self.write_errors + 1, exc
+                )
+            self.write_errors += 1
+            CACHE_WRITE_ERRORS.inc()
+            return
         if self.sweeper is None and self.ttl_s > 0:
             self.sweeper = CacheSweeper.started(path.parent.parent, self.ttl_s)
 

@@ -9,7 +9,8 @@
 - LocalChat: a transformers causal LM in this process (sampling with `generate`).
 
 A backend returns one entry per sample: the answer text, or None when no answer came back
-(the request failed for good). Callers turn None and unparseable text into abstentions.
+(the request failed for good, or the answer was cut off at max_tokens). Callers turn None and
+unparseable text into abstentions.
 
 OpenAIChat counts its HTTP attempts and their time per model in Prometheus (JUDGE_ATTEMPTS,
 JUDGE_SECONDS, JUDGE_GAVE_UP), so an operator sees which judge endpoint is slow or failing.
@@ -156,7 +157,11 @@ class OpenAIChat:
         session = self._sessions.get(loop)
         if session is None or session.closed:
             self._forget_closed_loops()
-            session = self._sessions[loop] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+            # limit=0: the semaphore bounds the requests. aiohttp's default pool of 100 connections capped a larger
+            # max_concurrency, and a request queued for a connection spent its timeout_s there, then was retried.
+            session = self._sessions[loop] = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=self.timeout_s)
+            )
         return session
 
     def _forget_closed_loops(self) -> None:
@@ -197,6 +202,10 @@ class OpenAIChat:
         for choice in choices[:n] if isinstance(choices, list) else []:
             message = choice.get("message") if isinstance(choice, dict) else None
             content = message.get("content") if isinstance(message, dict) else None
+            # Cut off at max_tokens, an answer holds at best a draft of its verdict: no answer (an abstention), and
+            # never cached, so a replay with a larger max_tokens asks again.
+            if isinstance(choice, dict) and choice.get("finish_reason") == "length":
+                content = None
             texts.append(content if isinstance(content, str) else None)
         # A server that ignores `n` answers once: the missing samples are abstentions.
         return texts + [None] * (n - len(texts))

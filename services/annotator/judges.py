@@ -162,7 +162,7 @@ class LLMJudge(_CachedLLM):
         for answer in await self._answers(request):
             better, rationale = parse_judgement(answer["text"])
             if answer["text"] is None:
-                preference, rationale = PREFERENCE_ABSTAIN, "no answer (request failed)"
+                preference, rationale = PREFERENCE_ABSTAIN, "no answer (request failed, or cut off at max_tokens)"
             elif better is None:
                 preference = PREFERENCE_ABSTAIN
             else:

@@ -195,14 +195,19 @@ def _embedded_objects(text: str) -> list[dict[str, Any]]:
 def parse_json_object(text: str | None) -> dict[str, Any] | None:
     """The JSON object in an answer (bare, fenced, or embedded in prose), or None.
 
-    A reasoning model's `<think>` trace is dropped first (drafts and code in it are not the answer), and
-    of several objects the last one is the answer: a model that reasons in prose states its verdict last.
+    A reasoning model's `<think>` trace is dropped first (drafts and code in it are not the answer; an answer
+    that is a trace never closed has none), and of several objects the last one is the answer: a model
+    that reasons in prose states its verdict last.
     """
     if not text:
         return None
     text = _THINK.sub("", text)
     if "</think>" in text:  # the chat template opened the trace, so the answer holds only its end
         text = text.rsplit("</think>", 1)[1]
+    # A trace that opens the answer and never closes was cut off (max_tokens) before the verdict: a draft in it is
+    # not the answer. (A "<think>" further on may be the rationale quoting a candidate.)
+    if text.lstrip().startswith("<think>"):
+        return None
     candidates = [text.strip()]
     candidates += [m.group(1).strip() for m in reversed(list(_FENCE.finditer(text)))]
     for candidate in candidates:
