@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from synpref.services.controller.features import FeatureCache, _ids_key, _pair_digest  # noqa: F401 (importable here)
 from synpref.services.controller.run_folders import claim_folder, run_id
 from synpref.shared.files import fsync_tree, replace_durably, write_atomic
 
@@ -95,104 +96,6 @@ def default_backbone() -> str:
 
 
 # ---------------------------------------------------------------- frozen encoder + head
-
-
-class FeatureCache:
-    """[CLS] states of the frozen backbone per encoded sequence, cached on disk by backbone weights and token ids."""
-
-    def __init__(self, backbone: str, max_length: int, folder: Path, batch_size: int = 32) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self.backbone = backbone
-        self.max_length = max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(backbone)
-        model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1, dtype=torch.float32)
-        if not hasattr(model, "bert") or getattr(model.bert, "pooler", None) is None:
-            raise ValueError(f"trainer = head needs a BERT-family backbone with a pooler; {backbone} is not one")
-        self.model = model.eval()
-        self.batch_size = batch_size
-        key = hashlib.sha256(f"{backbone}:{max_length}".encode())
-        for tensor in model.state_dict().values():  # not the path alone: a checkpoint replaced there has other states
-            key.update(tensor.detach().contiguous().numpy())
-        self.path = folder / f"features-{key.hexdigest()[:12]}.npz"
-        self.cache: dict[str, np.ndarray] = {}
-        # Pair content digest -> its two sequences' cache keys. Scoring the same pairs again
-        # (every Stage-2 batch, every evaluation) then costs a hash, not a tokenizer pass,
-        # which was three quarters of a curation study's time. Held beside the features
-        # themselves (about 150 B a pair against 3 KB), so it grows no faster than the cache.
-        self._pair_keys: dict[str, tuple[str, str]] = {}
-        if self.path.exists():
-            data = np.load(self.path)
-            self.cache = dict(zip(data["keys"].tolist(), data["values"], strict=True))
-
-    def pooler_params(self) -> dict[str, np.ndarray]:
-        """A copy of the backbone's pooler dense layer: W (weight) and b (bias)."""
-        pooler = self.model.bert.pooler.dense
-        return {"W": pooler.weight.detach().numpy().copy(), "b": pooler.bias.detach().numpy().copy()}
-
-    def _encode(self, pairs: Sequence[Pair]) -> list[list[int]]:
-        from synpref.shared.modeling import encode_pair
-
-        seqs = []
-        for pair in pairs:
-            for enc in encode_pair(self.tokenizer, pair, self.max_length, "left_turns"):
-                seqs.append(enc.input_ids)
-        return seqs
-
-    def features(self, pairs: Sequence[Pair], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(chosen, rejected) [CLS] states, each (n, hidden)."""
-        import torch
-
-        from synpref.shared.modeling import length_batches, pad_batch
-
-        digests = [_pair_digest(pair) for pair in pairs]
-        known = [self._pair_keys.get(d) for d in digests]
-        misses = [i for i, k in enumerate(known) if k is None]  # a remembered pair's features are cached
-        seqs: list[list[int]] = [[] for _ in range(2 * len(pairs))]
-        keys = [key for k in known for key in (k or ("", ""))]
-        encoded = self._encode([pairs[i] for i in misses])
-        for j, i in enumerate(misses):
-            seqs[2 * i], seqs[2 * i + 1] = encoded[2 * j], encoded[2 * j + 1]
-            keys[2 * i], keys[2 * i + 1] = (_ids_key(seqs[2 * i]), _ids_key(seqs[2 * i + 1]))
-            self._pair_keys[digests[i]] = (keys[2 * i], keys[2 * i + 1])
-        todo = sorted({k: i for i, k in enumerate(keys) if k not in self.cache}.values())
-        if todo:
-            pad = int(self.tokenizer.pad_token_id or 0)
-            batches = length_batches([len(seqs[i]) for i in todo], self.batch_size)
-            if progress:
-                from tqdm import tqdm
-
-                batches = tqdm(batches, desc=f"encoding {len(todo)} sequences", unit="batch")
-            for batch in batches:
-                ids, mask = pad_batch([seqs[todo[j]] for j in batch], pad)
-                with torch.inference_mode():
-                    hidden = self.model.bert(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
-                for j, row in zip(batch, hidden.numpy(), strict=True):
-                    self.cache[keys[todo[j]]] = row
-            self._save()
-        stacked = np.stack([self.cache[k] for k in keys]) if keys else np.zeros((0, self.hidden))
-        return stacked[0::2], stacked[1::2]
-
-    @property
-    def hidden(self) -> int:
-        """The backbone's hidden size."""
-        return int(self.model.config.hidden_size)
-
-    def _save(self) -> None:
-        keys = np.array(list(self.cache))
-        values = np.stack(list(self.cache.values()))
-        save_npz(self.path, keys=keys, values=values)
-
-
-def _ids_key(ids: Sequence[int]) -> str:
-    return hashlib.sha1(np.asarray(ids, dtype=np.int32).tobytes()).hexdigest()
-
-
-def _pair_digest(pair: Pair) -> str:
-    """What encode_pair reads of a pair (conversation, chosen, rejected), hashed."""
-    content = [pair.get("conversation") or [], pair["chosen"], pair["rejected"]]
-    return hashlib.sha1(json.dumps(content, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
 def head_rewards(params: dict[str, np.ndarray], h: np.ndarray) -> np.ndarray:
@@ -289,9 +192,16 @@ class HeadModels:
         self.cache = FeatureCache(self.backbone, settings.max_length, workdir / "features")
         self.progress = progress
 
-    def prepare(self, pairs: Sequence[Pair]) -> None:
+    def prepare(self, pairs: Sequence[Pair], chunk: int = 4096) -> None:
         """Encode (and cache) every sequence the run will score, once, with a progress bar."""
-        self.cache.features(pairs, progress=self.progress)
+        # In chunks: `pairs` is the whole pool (a PairView), and one call would return all its states at once.
+        starts = range(0, len(pairs), chunk)
+        if self.progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc=f"encoding {len(pairs)} pairs", unit=f"{chunk} pairs")
+        for start in starts:
+            self.cache.features(pairs[start : start + chunk])
 
     def train(self, name: str, train: Sequence[Pair], valid: Sequence[Pair], out_dir: Path) -> ModelHandle:
         """Train the head on the cached features; saves `<name>.npz` in out_dir, version `<name>-<params digest>`."""
