@@ -25,6 +25,8 @@ import json
 import re
 import threading
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from aiohttp import web
@@ -189,6 +191,19 @@ async def chat_once_against(handler: Any, n: int = 1, **chat_kwargs: Any) -> tup
         seen.append(1)
         return handler(len(seen))
 
+    async with completions_served(completions) as base_url:
+        chat = OpenAIChat("m", base_url, **chat_kwargs)
+        try:
+            return await chat.chat([{"role": "user", "content": "x"}], n=n, temperature=0.0), len(seen)
+        finally:
+            await chat.close()
+
+
+@asynccontextmanager
+async def completions_served(
+    completions: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """`completions` served as POST /v1/chat/completions on a loopback port; yields the base URL (…/v1)."""
     app = web.Application()
     app.router.add_post("/v1/chat/completions", completions)
     runner = web.AppRunner(app)
@@ -196,9 +211,7 @@ async def chat_once_against(handler: Any, n: int = 1, **chat_kwargs: Any) -> tup
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    chat = OpenAIChat("m", f"http://127.0.0.1:{port}/v1", **chat_kwargs)
     try:
-        return await chat.chat([{"role": "user", "content": "x"}], n=n, temperature=0.0), len(seen)
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
-        await chat.close()
         await runner.cleanup()

@@ -29,3 +29,23 @@ class CharEncoder:
 
     def text(self, text: str, what: str) -> list[int]:
         return [ord(c) for c in text]
+
+
+async def char_count_shims(settings: Any = None) -> tuple[Any, int, Any]:
+    """The scorer's HTTP shims on its own HTTP runner (loopback, a free port), serving "best" whose rewards are the
+    texts' character counts: (the aiohttp runner, its port, the started Batcher). Stop both when done."""
+    from synpref.services.scorer.batcher import Batcher
+    from synpref.services.scorer.http import HttpShims
+    from synpref.services.scorer.metrics import ScorerMetrics
+    from synpref.services.scorer.registry import ModelRegistry, ServedModel
+    from synpref.services.scorer.server import _serve_http
+    from synpref.shared.config import ScorerSettings
+
+    metrics = ScorerMetrics()
+    registry = ModelRegistry(settings or ScorerSettings(), metrics)
+    runner, port = await _serve_http(HttpShims(registry, metrics, 16, timeout_s=10.0).app(), "127.0.0.1", 0)
+    b = Batcher(lambda ids: [float(len(x)) for x in ids], name="best", max_batch_tokens=1000, max_batch_items=16,
+                max_wait_ms=0.0, max_queue=64)  # fmt: skip
+    b.start()
+    registry.models["best"] = ServedModel("best", "/m/best", "v1", None, CharEncoder(), b)  # type: ignore[arg-type]
+    return runner, port, b

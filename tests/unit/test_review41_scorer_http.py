@@ -13,12 +13,11 @@ import pytest
 from aiohttp import web
 
 from synpref.services.scorer.admin import AdminApi
-from synpref.services.scorer.batcher import Batcher
 from synpref.services.scorer.metrics import ScorerMetrics
-from synpref.services.scorer.registry import ModelRegistry, ServedModel
+from synpref.services.scorer.registry import ModelRegistry
 from synpref.services.scorer.server import _serve_http
 from synpref.shared.config import ScorerSettings
-from testing.scorer_fakes import CharEncoder, LengthBackend
+from testing.scorer_fakes import LengthBackend, char_count_shims
 from testing.tiny import build_tiny_tokenizer
 
 TOKEN = "review41-admin-token"
@@ -224,19 +223,6 @@ def test_a_stalled_upload_frees_its_encode_slot_without_a_request_deadline(monke
 # --- 3. vLLM's activation fields: the first one set decides ---------------------------------------------------
 
 
-async def _shims_with_model() -> tuple[web.AppRunner, int, Batcher]:
-    from synpref.services.scorer.http import HttpShims
-
-    metrics = ScorerMetrics()
-    registry = ModelRegistry(ScorerSettings(), metrics)
-    runner, port = await _serve_http(HttpShims(registry, metrics, 16, timeout_s=10.0).app(), "127.0.0.1", 0)
-    b = Batcher(lambda ids: [float(len(x)) for x in ids], name="best", max_batch_tokens=1000, max_batch_items=16,
-                max_wait_ms=0.0, max_queue=64)  # fmt: skip
-    b.start()
-    registry.models["best"] = ServedModel("best", "/m/best", "v1", None, CharEncoder(), b)  # type: ignore[arg-type]
-    return runner, port, b
-
-
 @pytest.mark.parametrize(
     "fields",
     [
@@ -251,7 +237,7 @@ def test_classify_applies_the_activation_vllm_would(fields: dict[str, Any]) -> N
     from synpref.shared.pairs import sigmoid
 
     async def main() -> None:
-        runner, port, b = await _shims_with_model()
+        runner, port, b = await char_count_shims()
         try:
             body = json.dumps({"input": "abc", **fields}).encode()
             status, answer = await _exchange(port, "POST /classify HTTP/1.1\r\nHost: x\r\n", body)
@@ -266,7 +252,7 @@ def test_classify_applies_the_activation_vllm_would(fields: dict[str, Any]) -> N
 
 def test_classify_without_an_activation_field_stays_raw() -> None:
     async def main() -> None:
-        runner, port, b = await _shims_with_model()
+        runner, port, b = await char_count_shims()
         try:
             for fields in ({}, {"use_activation": None, "activation": None}, {"activation": False, "softmax": None}):
                 body = json.dumps({"input": "abc", **fields}).encode()
@@ -295,7 +281,7 @@ def test_classify_without_an_activation_field_stays_raw() -> None:
 )
 def test_malformed_bodies_are_400_not_500(headers: str, body: bytes) -> None:
     async def main() -> None:
-        runner, port, b = await _shims_with_model()
+        runner, port, b = await char_count_shims()
         try:
             status, answer = await _exchange(port, f"POST /get_reward HTTP/1.1\r\nHost: x\r\n{headers}", body)
             assert status == 400, answer  # before: 500 "internal error: ..."

@@ -13,6 +13,7 @@ from synpref.services.annotator.judges import AnswerCache, AttributeLabeller, Ju
 from synpref.services.annotator.prompts import parse_judgement
 from synpref.shared.pairs import new_pair, new_record
 from synpref.v1.pair_pb2 import PREFERENCE_ABSTAIN
+from testing.fake_judges import completions_served
 
 ATTRIBUTES = (
     '{"task_category": "science", "objectivity": "objective", "controversiality": "low", '
@@ -107,21 +108,14 @@ def test_max_concurrency_above_aiohttps_default_pool_is_what_the_server_sees():
             in_flight -= 1
             return web.json_response({"choices": [{"message": {"content": '{"better": 1}'}}]})
 
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", completions)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        chat = OpenAIChat("m", f"http://127.0.0.1:{port}/v1", max_concurrency=want, timeout_s=30, retries=0)
-        try:
-            answers = await asyncio.gather(
-                *(chat.chat([{"role": "user", "content": "x"}], n=1, temperature=0.0) for _ in range(want))
-            )
-        finally:
-            await chat.close()
-            await runner.cleanup()
+        async with completions_served(completions) as base_url:
+            chat = OpenAIChat("m", base_url, max_concurrency=want, timeout_s=30, retries=0)
+            try:
+                answers = await asyncio.gather(
+                    *(chat.chat([{"role": "user", "content": "x"}], n=1, temperature=0.0) for _ in range(want))
+                )
+            finally:
+                await chat.close()
         assert all(a == ['{"better": 1}'] for a in answers)
         return peak
 
@@ -144,20 +138,13 @@ def test_an_answer_cut_off_at_max_tokens_is_no_vote_and_is_asked_again(tmp_path)
             choice = {"message": {"role": "assistant", "content": draft}, "finish_reason": "length"}
             return web.json_response({"choices": [choice] * n})
 
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", completions)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        judge = LLMJudge(OpenAIChat("r1", f"http://127.0.0.1:{port}/v1"), samples=2, cache=AnswerCache(tmp_path))
-        try:
-            votes = await judge.judge(REQUEST)
-            await judge.judge(REQUEST)
-        finally:
-            await judge.backend.close()
-            await runner.cleanup()
+        async with completions_served(completions) as base_url:
+            judge = LLMJudge(OpenAIChat("r1", base_url), samples=2, cache=AnswerCache(tmp_path))
+            try:
+                votes = await judge.judge(REQUEST)
+                await judge.judge(REQUEST)
+            finally:
+                await judge.backend.close()
         return votes
 
     votes = asyncio.run(scenario())

@@ -9,36 +9,17 @@ import json
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from synpref.services.gold_scorer.scoring import ScorerFailed, ScoringModel, make_scoring_stage
-from synpref.services.scorer.batcher import Batcher
-from synpref.services.scorer.metrics import ScorerMetrics
-from synpref.services.scorer.registry import ModelRegistry, ServedModel
-from synpref.services.scorer.server import _serve_http
 from synpref.shared.config import ScorerSettings
 from synpref.shared.pairs import new_pair, new_record
 from synpref.shared.stage import StageUnavailable
 from synpref.v1.pair_pb2 import PairRecord
-from testing.scorer_fakes import CharEncoder
+from testing.scorer_fakes import char_count_shims
 
 
 def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 30))
-
-
-async def _shims(settings: ScorerSettings | None = None) -> tuple[web.AppRunner, int, Batcher]:
-    """The shims on the scorer's own HTTP runner, serving "best": rewards are the texts' character counts."""
-    from synpref.services.scorer.http import HttpShims
-
-    metrics = ScorerMetrics()
-    registry = ModelRegistry(settings or ScorerSettings(), metrics)
-    runner, port = await _serve_http(HttpShims(registry, metrics, 16, timeout_s=10.0).app(), "127.0.0.1", 0)
-    b = Batcher(lambda ids: [float(len(x)) for x in ids], name="best", max_batch_tokens=1000, max_batch_items=16,
-                max_wait_ms=0.0, max_queue=64)  # fmt: skip
-    b.start()
-    registry.models["best"] = ServedModel("best", "/m/best", "v1", None, CharEncoder(), b)  # type: ignore[arg-type]
-    return runner, port, b
 
 
 async def _request(
@@ -61,7 +42,7 @@ def test_get_reward_answers_an_empty_query_list_with_empty_rewards_as_openrlhf_d
     # An RL step with nothing to score posted {"query": []} and got 400 (serve_rm answers empty rewards): the
     # trainer's remote_rm_fn raised. A missing or non-list query is still the client's error.
     async def main() -> None:
-        runner, port, b = await _shims()
+        runner, port, b = await char_count_shims()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             status, _, empty = await _request(reader, writer, b'{"query": [], "prompts": [], "labels": []}')
@@ -143,7 +124,7 @@ def test_a_keep_alive_connection_older_than_max_connection_age_is_closed_after_i
     # requests.Session, verl's aiohttp session) kept its one connection, so through the ClusterIP Service it stayed
     # on the pod it first reached, and replicas the HPA added got none of its calls. 0 keeps connections open.
     async def main() -> None:
-        runner, port, b = await _shims(ScorerSettings(max_connection_age_s=age_s))
+        runner, port, b = await char_count_shims(ScorerSettings(max_connection_age_s=age_s))
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             status, headers, _ = await _request(reader, writer, b'{"query": ["abc"]}')
