@@ -44,7 +44,8 @@ def default_api_key_env(base_url: str) -> str:
 
 
 class JudgeSettings(Section):
-    """One LLM judge on an OpenAI-compatible endpoint: model name, URL, API-key variable, samples, temperature."""
+    """One LLM judge on an OpenAI-compatible endpoint: model name, URL, API-key variable, samples, temperature,
+    prompt budget."""
 
     name: str
     """Model name sent to the OpenAI-compatible endpoint; unique among the judges."""
@@ -54,6 +55,11 @@ class JudgeSettings(Section):
     for https://api.openai.com, no key for any other endpoint (name its variable there)."""
     samples: int = Field(default=3, ge=1)
     temperature: float = Field(default=0.7, ge=0.0)
+    max_prompt_chars: int = Field(default=0, ge=0)
+    """Most characters of a prompt (system + user messages) sent to this model; 0 = no limit. Over it, a judge drops
+    retrieved examples (least similar first) until it fits, and a pair that does not fit without any is not sent (a
+    server answers HTTP 400 past its context length): its samples abstain. An 8k-token judge: ~24,000 (English text
+    runs ~3.5-4 characters a token; leave room for max_tokens)."""
 
     @model_validator(mode="before")
     @classmethod

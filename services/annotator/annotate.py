@@ -13,9 +13,10 @@ such pair with max_examples examples, whatever its p.
 
 A batch has a deadline (`batch_deadline_s`; the service sets annotator.batch_deadline_s): judge
 and labeller calls still running when it passes are cancelled and their samples abstain, with the
-deadline as the rationale. The Kafka consumer must poll again within max.poll.interval.ms (10 min);
-a slow or hung judge would otherwise keep the batch past it, the consumer would leave its group,
-and the same batch would be read and overrun again for as long as the judge stays slow.
+deadline as the rationale (as do the judges of a pair whose examples are not retrieved by then).
+The Kafka consumer must poll again within max.poll.interval.ms (10 min); a slow or hung judge
+would otherwise keep the batch past it, the consumer would leave its group, and the same batch
+would be read and overrun again for as long as the judge stays slow.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import logging
 import math
 import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
 from prometheus_client import Counter
@@ -97,6 +99,10 @@ class Annotator:
         self.batch_deadline_s = batch_deadline_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+        # Retrieval (an encoder forward pass and an index search, tens of ms) runs here, off the event loop, so the
+        # batch's judge I/O goes on meanwhile. One thread: an example source need not be thread-safe (the encoder's
+        # fast tokenizer is not, and faiss_threads sets a process-wide OpenMP setting).
+        self._retrieval: ThreadPoolExecutor | None = None
 
     async def annotate_one(self, record: PairRecord, deadline: float | None = None) -> PairRecord:
         """An annotated copy of `record` (votes, aggregate and retrieved example ids replaced); calls still
@@ -125,12 +131,15 @@ class Annotator:
             # the swapped orientation): either would show the judges the very verdict they are asked for.
             twin = pair_id(request.conversation, request.rejected, request.chosen)
             own = {pair.id, out.lineage.original_id, twin} - {""}
-            found = self.examples.examples(request.conversation, attrs, k + 1)
-            examples = [e for e in found if e.id not in own]
-            if len(examples) < k and len(found) == k + 1:  # more than one of them was among the nearest
-                found = self.examples.examples(request.conversation, attrs, k + len(own))
-                examples = [e for e in found if e.id not in own]
-            examples = examples[:k]
+            if self._retrieval is None:
+                self._retrieval = ThreadPoolExecutor(1, thread_name_prefix="synpref-examples")
+            found = asyncio.get_running_loop().run_in_executor(
+                self._retrieval, self._nearest, request.conversation, attrs, k, own
+            )
+            try:
+                examples = await found if deadline is None else await asyncio.wait_for(found, _left(deadline))
+            except TimeoutError:  # past the deadline the judges abstain at once: no examples needed
+                examples = []
         request = JudgeRequest(
             pair.id, request.conversation, request.chosen, request.rejected, attrs, examples, dict(pair.meta)
         )
@@ -144,6 +153,16 @@ class Annotator:
         out.lineage.steps.append(STEP)
         out.lineage.updated_at.CopyFrom(now())
         return out
+
+    def _nearest(self, conversation: list[dict[str, str]], attrs: dict, k: int, own: set[str]) -> list[Example]:
+        """Up to `k` examples nearest to the pair, none of them with an id in `own` (in the retrieval thread)."""
+        assert self.examples is not None
+        found = self.examples.examples(conversation, attrs, k + 1)
+        examples = [e for e in found if e.id not in own]
+        if len(examples) < k and len(found) == k + 1:  # more than one of them was among the nearest
+            found = self.examples.examples(conversation, attrs, k + len(own))
+            examples = [e for e in found if e.id not in own]
+        return examples[:k]
 
     async def annotate(self, records: list[PairRecord]) -> list[PairRecord | BaseException]:
         """Annotate `records` concurrently; each entry is the annotated record or the exception it raised."""
@@ -212,9 +231,13 @@ class Annotator:
         return annotator
 
     def close(self) -> None:
-        """Close the judges' and labeller's backends on the annotator's event loop, then the loop itself."""
+        """Close the judges' and labeller's backends on the annotator's event loop, then the loop itself, and end
+        the retrieval thread."""
         with self._lock:
             self._close()
+            if self._retrieval is not None:
+                self._retrieval.shutdown(cancel_futures=True)
+                self._retrieval = None
 
     def _close(self) -> None:
         if self._loop is None or self._loop.is_closed():
@@ -231,12 +254,17 @@ class Annotator:
         self._loop.close()
 
 
+def _left(deadline: float) -> float:
+    """Seconds until `deadline` on the running event loop's clock; 0 once it has passed."""
+    return max(0.0, deadline - asyncio.get_running_loop().time())
+
+
 async def _until(call: Awaitable[T], deadline: float | None, name: str) -> T | None:
     """`await call`, or None (the call cancelled) once the event loop's clock passes `deadline`."""
     if deadline is None:
         return await call
     try:
-        return await asyncio.wait_for(call, max(0.0, deadline - asyncio.get_running_loop().time()))
+        return await asyncio.wait_for(call, _left(deadline))
     except TimeoutError:
         JUDGE_LATE.labels(name).inc()
         log.warning("%s: no answer before the batch deadline (annotator.batch_deadline_s)", name)

@@ -8,6 +8,10 @@ a human desk, ...) only need `name` and `judge`.
 Self-consistency: each judge is sampled n times and its votes reduced by majority; the
 per-judge results are then reduced by majority across judges. Abstentions never count as
 votes; a tie is an abstention.
+
+A model may have a prompt budget (`max_prompt_chars`, system + user message characters): a judge drops
+retrieved examples, the last (least similar) first, until its prompt fits; a pair that does not fit without
+any is not sent (a server answers HTTP 400 past its context length, on every replay): its samples abstain.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import hashlib
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
+
+from prometheus_client import Counter as PromCounter
 
 from synpref.services.annotator.answer_cache import AnswerCache as AnswerCache
 from synpref.services.annotator.chat import ChatBackend
@@ -42,6 +48,12 @@ from synpref.v1.pair_pb2 import (
 )
 
 Messages = list[dict[str, str]]
+PROMPT_TOO_LONG = PromCounter(
+    "synpref_judge_prompt_too_long_calls",
+    "Judge and labeller calls not sent: the pair's prompt, without examples, is over the model's max_prompt_chars "
+    "(a judge's samples abstain, a labeller gives no attributes)",
+    ["model"],
+)
 
 
 @dataclass(frozen=True)
@@ -77,7 +89,13 @@ class _CachedLLM:
     """A model behind a ChatBackend whose answers are cached per pair, model and prompt version."""
 
     def __init__(
-        self, backend: ChatBackend, cache: AnswerCache | None, prompt_version: str, json_mode: str, temperature: float
+        self,
+        backend: ChatBackend,
+        cache: AnswerCache | None,
+        prompt_version: str,
+        json_mode: str,
+        temperature: float,
+        max_prompt_chars: int = 0,
     ) -> None:
         self.backend = backend
         self.name = backend.name
@@ -85,6 +103,11 @@ class _CachedLLM:
         self.prompt_version = prompt_version
         self.json_mode = json_mode
         self.temperature = temperature
+        self.max_prompt_chars = max_prompt_chars
+
+    def too_long(self, messages: Messages) -> bool:
+        """Whether `messages` hold more characters than max_prompt_chars (0: no limit)."""
+        return 0 < self.max_prompt_chars < sum(len(m["content"]) for m in messages)
 
     def prompt_digest(self, prompt: Any) -> str:
         """A digest of everything a cached answer depends on beyond its key: the rendered prompt, the sampling
@@ -97,7 +120,8 @@ class LLMJudge(_CachedLLM):
     """A judge model behind a ChatBackend, sampled n times (grouped by candidate order).
 
     Its cached answers carry a digest of the prompt they answered: a replay with other examples,
-    attributes, temperature or JSON mode asks again instead of reusing them.
+    attributes, temperature or JSON mode asks again instead of reusing them. With `max_prompt_chars` the
+    examples that do not fit are dropped (the last first) and a pair that does not fit alone abstains unsent.
     """
 
     def __init__(
@@ -109,10 +133,22 @@ class LLMJudge(_CachedLLM):
         prompt_version: str = PROMPT_VERSION,
         json_mode: str = "json_schema",
         seed: int = 0,
+        max_prompt_chars: int = 0,
     ) -> None:
-        super().__init__(backend, cache, prompt_version, json_mode, temperature)
+        super().__init__(backend, cache, prompt_version, json_mode, temperature, max_prompt_chars)
         self.samples = samples
         self.seed = seed
+
+    def fitted(self, request: JudgeRequest) -> JudgeRequest | None:
+        """`request` with the most of its examples (in order) whose prompt fits max_prompt_chars; None when the pair
+        alone does not fit. Both candidate orders render to the same length."""
+        r = request
+        if self.max_prompt_chars <= 0:
+            return r
+        for n in range(len(r.examples), -1, -1):
+            if not self.too_long(judge_prompt(r.conversation, r.chosen, r.rejected, r.attributes, r.examples[:n])):
+                return r if n == len(r.examples) else replace(r, examples=r.examples[:n])
+        return None
 
     def _context(self, request: JudgeRequest) -> str:
         """The prompt digest of the request (attributes and retrieved examples included: D_gold grows every
@@ -156,10 +192,29 @@ class LLMJudge(_CachedLLM):
 
     async def judge(self, request: JudgeRequest) -> list[JudgeVote]:
         """One vote per sampled answer: which response won, mapped back through the candidate order;
-        a failed request or an unparseable answer abstains.
+        a failed request or an unparseable answer abstains, and so does every sample of a pair whose prompt is over
+        max_prompt_chars without examples (not sent: the server would refuse it).
         """
+        fitted = self.fitted(request)
+        if fitted is None:
+            PROMPT_TOO_LONG.labels(self.name).inc()
+            r = request
+            chars = sum(len(m["content"]) for m in judge_prompt(r.conversation, r.chosen, r.rejected, r.attributes))
+            rationale = f"not sent: {chars} chars without examples, over max_prompt_chars ({self.max_prompt_chars})"
+            orders = candidate_orders(request.pair_id, self.name, self.samples, self.seed)
+            return [
+                JudgeVote(
+                    judge=self.name,
+                    sample=i,
+                    preference=PREFERENCE_ABSTAIN,
+                    candidate_order_swapped=swapped,
+                    rationale=rationale,
+                    prompt_version=self.prompt_version,
+                )
+                for i, swapped in enumerate(orders)
+            ]
         votes = []
-        for answer in await self._answers(request):
+        for answer in await self._answers(fitted):
             better, rationale = parse_judgement(answer["text"])
             if answer["text"] is None:
                 preference, rationale = PREFERENCE_ABSTAIN, "no answer (request failed, or cut off at max_tokens)"
@@ -198,8 +253,9 @@ class AttributeLabeller(_CachedLLM):
         json_mode: str = "json_schema",
         temperature: float = 0.0,
         seed: int = 0,
+        max_prompt_chars: int = 0,
     ) -> None:
-        super().__init__(backend, cache, prompt_version, json_mode, temperature)
+        super().__init__(backend, cache, prompt_version, json_mode, temperature, max_prompt_chars)
         self.seed = seed
 
     def prompt(self, request: JudgeRequest) -> tuple[Messages, bool]:
@@ -210,9 +266,13 @@ class AttributeLabeller(_CachedLLM):
         return attribute_prompt(request.conversation, first, second), swapped
 
     async def label(self, request: JudgeRequest) -> Attributes | None:
-        """The pair's attribute 5-tuple from one (cached) answer, or None when it is not usable."""
+        """The pair's attribute 5-tuple from one (cached) answer, or None when it is not usable (or the prompt is over
+        max_prompt_chars: not sent)."""
         key = ("attributes", request.pair_id, self.name, self.prompt_version)
         messages, swapped = self.prompt(request)
+        if self.too_long(messages):
+            PROMPT_TOO_LONG.labels(self.name).inc()
+            return None
         context = self.prompt_digest(messages)
         cached = self.cache.get(*key)
         if isinstance(cached, dict) and "text" in cached and cached.get("context") == context:

@@ -42,13 +42,20 @@ def build_annotator(settings: Settings, examples=None) -> Annotator:
     cache = AnswerCache(cfg.cache_dir or None, cfg.cache_ttl_days)
     version = prompt_version(cfg)
     judges: list[Judge] = [
-        LLMJudge(chat_backend(j, cfg), j.samples, j.temperature, cache, version, cfg.json_mode, cfg.seed)
+        LLMJudge(
+            chat_backend(j, cfg), j.samples, j.temperature, cache, version, cfg.json_mode, cfg.seed, j.max_prompt_chars
+        )
         for j in cfg.judges
     ]
     labeller = None
     if cfg.attribute_model is not None:
         labeller = AttributeLabeller(
-            chat_backend(cfg.attribute_model, cfg), cache, version, cfg.json_mode, seed=cfg.seed
+            chat_backend(cfg.attribute_model, cfg),
+            cache,
+            version,
+            cfg.json_mode,
+            seed=cfg.seed,
+            max_prompt_chars=cfg.attribute_model.max_prompt_chars,
         )
     if examples is None and cfg.examples_index:
         from synpref.shared.examples import ReloadingExamples
