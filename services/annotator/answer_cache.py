@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 CACHE_WRITE_ERRORS = PromCounter(
     "synpref_judge_cache_write_errors", "Answers not cached because the write failed (full or read-only volume)"
 )
+CACHE_READ_ERRORS = PromCounter(
+    "synpref_judge_cache_read_errors",
+    "Cache entries that could not be read (I/O error, not JSON): treated as misses, the judge is asked again",
+)
 
 
 class AnswerCache:
@@ -41,6 +45,7 @@ class AnswerCache:
         self.hits = 0
         self.misses = 0
         self.write_errors = 0
+        self.read_errors = 0
         self.sweeper: CacheSweeper | None = None
 
     def _path(self, *key: str) -> Path | None:
@@ -52,13 +57,22 @@ class AnswerCache:
     def get(self, *key: str) -> Any:
         """The cached answer under `key`, or None (counted as a miss) when absent, unreadable or caching is off."""
         path = self._path(*key)
-        if path is None or not path.exists():
+        if path is None:
             self.misses += 1
             return None
         try:
-            value = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            value = json.loads(path.read_bytes())
+        except (FileNotFoundError, NotADirectoryError):  # never written, or swept since
             self.misses += 1
+            return None
+        except (OSError, ValueError) as exc:
+            # EIO, a stale NFS handle, or a torn or garbled entry (ValueError: not JSON, not even UTF-8): asking the
+            # judge again costs one call, raised it failed the pair into the dead-letter topic. Logged as put() logs.
+            if self.read_errors % 1000 == 0:
+                log.warning("answer cache %s: %d reads failed so far, latest: %r", self.root, self.read_errors + 1, exc)
+            self.read_errors += 1
+            self.misses += 1
+            CACHE_READ_ERRORS.inc()
             return None
         self.hits += 1
         return value

@@ -2,8 +2,8 @@
 
 - OpenAIChat: any OpenAI-compatible /v1/chat/completions server (vLLM, SGLang, most
   providers) over aiohttp, with a concurrency limit, a per-request timeout, retries with
-  exponential backoff on timeouts / connection errors / 429 / 5xx (never sooner than the server's
-  Retry-After, up to timeout_s), and JSON answers through `response_format`. The API key is
+  exponential backoff on timeouts / connection errors / 429 / 5xx / a 200 with no choices (never
+  sooner than the server's Retry-After, up to timeout_s), and JSON answers through `response_format`. The API key is
   read from the environment variable the settings name; none named: OPENAI_API_KEY for
   https://api.openai.com only, no key elsewhere (config_base.default_api_key_env).
 - LocalChat: a transformers causal LM in this process (sampling with `generate`).
@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 JUDGE_ATTEMPTS = Counter(
     "synpref_judge_http_attempts",
     "HTTP requests to a chat endpoint, by model and result: ok, retryable (timeout, connection error, "
-    "408/409/425/429/5xx, a 200 without JSON) or refused (another status: not retried)",
+    "408/409/425/429/5xx, a 200 without JSON), bad_body (a 200 whose JSON holds no choices list: retried) or "
+    "refused (another status: not retried)",
     ["model", "result"],
 )
 JUDGE_SECONDS = Histogram(
@@ -77,6 +78,11 @@ def retry_after_s(value: str | None) -> float | None:
         # An HTTP-date is GMT; "-0000" parses without a zone, which timestamp() would take as local time.
         seconds = when.replace(tzinfo=when.tzinfo or UTC).timestamp() - time.time()
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def has_choices(data: Any) -> bool:
+    """Whether a decoded 200 answer holds a non-empty `choices` list (its entries may still be of any shape)."""
+    return isinstance(data, dict) and isinstance(data.get("choices"), list) and len(data["choices"]) > 0
 
 
 class ChatBackend(Protocol):
@@ -219,6 +225,11 @@ class OpenAIChat:
                 data, error, retryable, wait_s = await self._attempt(session, body)
                 JUDGE_SECONDS.labels(self.name).observe(time.monotonic() - started)
             result = "ok" if error is None else "retryable" if retryable else "refused"
+            if error is None and not has_choices(data):
+                # null, a list, or a proxy's or provider's error object sent with status 200: counted ok, every sample
+                # abstained and no give-up was counted, so the endpoint looked healthy while it answered nothing.
+                # Often transient (a gateway's error page): asked again like a 5xx, within the same retries.
+                error, retryable, result = f"200 without choices: {str(data)[:200]}", True, "bad_body"
             JUDGE_ATTEMPTS.labels(self.name, result).inc()
             if error is None:
                 return data

@@ -174,6 +174,7 @@ def judge_prompt(
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _DECODER = json.JSONDecoder()
+VERDICT_KEYS = ("better", "choice", "winner")  # "better" is the schema's; some models answer with the others
 
 
 def _embedded_objects(text: str) -> list[dict[str, Any]]:
@@ -192,12 +193,14 @@ def _embedded_objects(text: str) -> list[dict[str, Any]]:
     return found
 
 
-def parse_json_object(text: str | None) -> dict[str, Any] | None:
+def parse_json_object(text: str | None, keys: tuple[str, ...] = ()) -> dict[str, Any] | None:
     """The JSON object in an answer (bare, fenced, or embedded in prose), or None.
 
     A reasoning model's `<think>` trace is dropped first (drafts and code in it are not the answer; an answer
     that is a trace never closed has none), and of several objects the last one is the answer: a model
-    that reasons in prose states its verdict last.
+    that reasons in prose states its verdict last. With `keys`, the answer is the first of the bare text, the
+    fences (last first) and the embedded objects (last first) that holds one of them (a note or a scratch object
+    after the verdict is not the answer), else the object chosen as without `keys`.
     """
     if not text:
         return None
@@ -210,23 +213,31 @@ def parse_json_object(text: str | None) -> dict[str, Any] | None:
         return None
     candidates = [text.strip()]
     candidates += [m.group(1).strip() for m in reversed(list(_FENCE.finditer(text)))]
+    parsed = []
     for candidate in candidates:
         try:
             value = json.loads(candidate)
         except (json.JSONDecodeError, ValueError):
             continue
         if isinstance(value, dict):
-            return value
-    objects = _embedded_objects(text)
-    return objects[-1] if objects else None
+            parsed.append(value)
+    keyed = [obj for obj in parsed if any(key in obj for key in keys)]
+    if keyed:
+        return keyed[0]
+    # Embedded objects only when needed: scanning a long answer's every "{" is the slow path.
+    embedded = _embedded_objects(text)[::-1] if keys or not parsed else []
+    keyed = [obj for obj in embedded if any(key in obj for key in keys)]
+    if keyed:
+        return keyed[0]
+    return (parsed or embedded or [None])[0]
 
 
 def parse_judgement(text: str | None) -> tuple[int | None, str]:
     """(1 or 2 = the better candidate, None = abstention; rationale)."""
-    obj = parse_json_object(text)
+    obj = parse_json_object(text, VERDICT_KEYS)
     if obj is None:
         return None, "unparseable answer"
-    better = obj.get("better", obj.get("choice", obj.get("winner")))
+    better = next((obj[key] for key in VERDICT_KEYS if key in obj), None)
     rationale = str(obj.get("rationale", ""))[:2000]
     if isinstance(better, str):
         digits = re.findall(r"[012]", better)
@@ -238,7 +249,7 @@ def parse_judgement(text: str | None) -> tuple[int | None, str]:
 
 def parse_attributes(text: str | None, model: str) -> Attributes | None:
     """The 5-tuple from an answer, or None when the answer is not usable."""
-    obj = parse_json_object(text)
+    obj = parse_json_object(text, ("task_category",))
     if obj is None:
         return None
     category = obj.get("task_category")
