@@ -35,6 +35,14 @@ from typing import Any, TypeVar
 
 import grpc
 
+# Re-exported: callers import these names from synpref.client.client, where they used to be defined.
+from synpref.client.channel import CHANNEL_OPTIONS as CHANNEL_OPTIONS
+from synpref.client.channel import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
+from synpref.client.channel import RETRYABLE as RETRYABLE
+from synpref.client.channel import SERVICE_CONFIG as SERVICE_CONFIG
+from synpref.client.channel import TOO_LARGE as TOO_LARGE
+from synpref.client.channel import retryable as retryable
+from synpref.client.channel import too_large as too_large
 from synpref.client.messages import (
     MAX_REQUEST_BYTES,
     Item,
@@ -46,30 +54,6 @@ from synpref.client.messages import (
 )
 from synpref.v1 import reward_pb2, reward_pb2_grpc
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
-TOO_LARGE = "message larger than max"
-"""In gRPC's own RESOURCE_EXHAUSTED for a message over a receive or send limit ("Received message larger
-than max (N vs. M)"): the same request fails again, so it is not retried."""
-
-
-def too_large(exc: grpc.RpcError) -> bool:
-    """Whether `exc` refused the request for its size, which no retry changes (a smaller request may pass)."""
-    return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and TOO_LARGE in (exc.details() or "")
-
-
-def retryable(exc: grpc.RpcError) -> bool:
-    """UNAVAILABLE (starting, restarting, draining) and RESOURCE_EXHAUSTED (queue full), not a size refusal."""
-    return exc.code() in RETRYABLE and not too_large(exc)
-
-
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # Calls go round every address the target resolves to (the scorer's headless Service: every pod); gRPC's default,
-    # pick_first, sends them all to one (and a ClusterIP Service is one address, balanced per connection only).
-    ("grpc.lb_policy_name", "round_robin"),
-]
 T = TypeVar("T")
 
 

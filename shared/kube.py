@@ -18,4 +18,8 @@ def api_client(kubeconfig: str | None = None, context: str | None = None) -> cli
         kube_config.load_incluster_config(client_configuration=configuration)
     except kube_config.ConfigException:
         kube_config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+    # One try per request: urllib3's default (3 retries of a failed connect or read, GET's read timeouts included)
+    # made one silent read take 4 request timeouts before the caller's own back-off (the controller's, `wait`'s poll)
+    # saw it; a failure now reaches it at once, as urllib3.exceptions.MaxRetryError (a transient HTTPError).
+    configuration.retries = 0
     return client.ApiClient(configuration)

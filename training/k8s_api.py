@@ -8,7 +8,7 @@ from typing import Any
 from kubernetes import client
 
 REQUEST_TIMEOUT_S = 30.0
-"""Longest one request may take (the client retries a read a few times within it)."""
+"""Longest one request may take; shared/kube.py's client tries each request once (callers ask again)."""
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
