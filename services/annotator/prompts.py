@@ -213,7 +213,7 @@ def parse_json_object(text: str | None, keys: tuple[str, ...] = ()) -> dict[str,
         return None
     candidates = [text.strip()]
     candidates += [m.group(1).strip() for m in reversed(list(_FENCE.finditer(text)))]
-    parsed = []
+    parsed: list[dict[str, Any]] = []
     for candidate in candidates:
         try:
             value = json.loads(candidate)
@@ -229,7 +229,8 @@ def parse_json_object(text: str | None, keys: tuple[str, ...] = ()) -> dict[str,
     keyed = [obj for obj in embedded if any(key in obj for key in keys)]
     if keyed:
         return keyed[0]
-    return (parsed or embedded or [None])[0]
+    rest = parsed or embedded
+    return rest[0] if rest else None
 
 
 def parse_judgement(text: str | None) -> tuple[int | None, str]:
