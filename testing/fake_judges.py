@@ -179,6 +179,25 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
+TIDES_ATTRIBUTES = (
+    '{"task_category": "science", "objectivity": "objective", "controversiality": "low", '
+    '"desired_attributes": ["correct"], "annotation_guideline": "Prefer correct physics."}'
+)
+"""A labeller's answer holding every attribute, for tests of the judges' HTTP path."""
+
+
+def tides_request() -> Any:
+    """A one-turn JudgeRequest (pair "p1": tides, the moon against wind), for tests of the judges' HTTP path."""
+    from synpref.services.annotator.judges import JudgeRequest
+
+    return JudgeRequest(
+        "p1",
+        [{"role": "user", "content": "Explain tides."}],
+        [{"role": "assistant", "content": "The moon's gravity."}],
+        [{"role": "assistant", "content": "Wind."}],
+    )
+
+
 async def chat_once_against(handler: Any, n: int = 1, **chat_kwargs: Any) -> tuple[list[str | None], int]:
     """One OpenAIChat call against an aiohttp `handler(attempt)` on a loopback port, where `attempt` counts the
     requests from 1; (the answers, how many requests the handler saw). For tests of a judge endpoint's odd

@@ -9,22 +9,14 @@ from aiohttp import web
 
 from synpref.services.annotator.annotate import Annotator
 from synpref.services.annotator.chat import OpenAIChat
-from synpref.services.annotator.judges import AnswerCache, AttributeLabeller, JudgeRequest, LLMJudge
+from synpref.services.annotator.judges import AnswerCache, AttributeLabeller, LLMJudge
 from synpref.services.annotator.prompts import parse_judgement
 from synpref.shared.pairs import new_pair, new_record
 from synpref.v1.pair_pb2 import PREFERENCE_ABSTAIN
-from testing.fake_judges import completions_served
+from testing.fake_judges import TIDES_ATTRIBUTES, completions_served, tides_request
 
-ATTRIBUTES = (
-    '{"task_category": "science", "objectivity": "objective", "controversiality": "low", '
-    '"desired_attributes": ["correct"], "annotation_guideline": "Prefer correct physics."}'
-)
-REQUEST = JudgeRequest(
-    "p1",
-    [{"role": "user", "content": "Explain tides."}],
-    [{"role": "assistant", "content": "The moon's gravity."}],
-    [{"role": "assistant", "content": "Wind."}],
-)
+ATTRIBUTES = TIDES_ATTRIBUTES
+REQUEST = tides_request()
 
 
 @pytest.mark.parametrize(

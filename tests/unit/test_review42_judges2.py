@@ -12,22 +12,14 @@ import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
-from synpref.services.annotator.judges import AnswerCache, AttributeLabeller, JudgeRequest, LLMJudge
+from synpref.services.annotator.judges import AnswerCache, AttributeLabeller, LLMJudge
 from synpref.services.annotator.prompts import parse_attributes, parse_judgement
 from synpref.v1.pair_pb2 import PREFERENCE_ABSTAIN
-from testing.fake_judges import chat_once_against
+from testing.fake_judges import TIDES_ATTRIBUTES, chat_once_against, tides_request
 
 VERDICT = '{"rationale": "r", "better": 1}'
-ATTRIBUTES = (
-    '{"task_category": "science", "objectivity": "objective", "controversiality": "low", '
-    '"desired_attributes": ["correct"], "annotation_guideline": "Prefer correct physics."}'
-)
-REQUEST = JudgeRequest(
-    "p1",
-    [{"role": "user", "content": "Explain tides."}],
-    [{"role": "assistant", "content": "The moon's gravity."}],
-    [{"role": "assistant", "content": "Wind."}],
-)
+ATTRIBUTES = TIDES_ATTRIBUTES
+REQUEST = tides_request()
 READ_ERRORS = "synpref_judge_cache_read_errors_total"
 
 

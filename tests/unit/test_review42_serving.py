@@ -5,7 +5,9 @@ a plain function as its pair scorer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,6 +22,22 @@ from testing.scorer_fakes import char_count_shims
 
 def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+@contextlib.asynccontextmanager
+async def _connected(
+    settings: ScorerSettings | None = None,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A raw connection to char_count_shims' HTTP port; the connection, runner and batcher are closed after."""
+    runner, port, b = await char_count_shims(settings)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        await writer.wait_closed()
+        await runner.cleanup()
+        await b.close()
 
 
 async def _request(
@@ -42,9 +60,7 @@ def test_get_reward_answers_an_empty_query_list_with_empty_rewards_as_openrlhf_d
     # An RL step with nothing to score posted {"query": []} and got 400 (serve_rm answers empty rewards): the
     # trainer's remote_rm_fn raised. A missing or non-list query is still the client's error.
     async def main() -> None:
-        runner, port, b = await char_count_shims()
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
+        async with _connected() as (reader, writer):
             status, _, empty = await _request(reader, writer, b'{"query": [], "prompts": [], "labels": []}')
             assert status == 200, empty
             _, _, full = await _request(reader, writer, b'{"query": ["abc"]}')
@@ -53,11 +69,6 @@ def test_get_reward_answers_an_empty_query_list_with_empty_rewards_as_openrlhf_d
             for bad in (b"{}", b'{"query": 5}', b'{"query": {"a": 1}}', b'{"query": [1]}'):
                 status, _, answer = await _request(reader, writer, bad)
                 assert status == 400 and "query" in answer["error"], (bad, answer)
-        finally:
-            writer.close()
-            await writer.wait_closed()
-            await runner.cleanup()
-            await b.close()
 
     run(main())
 
@@ -124,9 +135,7 @@ def test_a_keep_alive_connection_older_than_max_connection_age_is_closed_after_i
     # requests.Session, verl's aiohttp session) kept its one connection, so through the ClusterIP Service it stayed
     # on the pod it first reached, and replicas the HPA added got none of its calls. 0 keeps connections open.
     async def main() -> None:
-        runner, port, b = await char_count_shims(ScorerSettings(max_connection_age_s=age_s))
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
+        async with _connected(ScorerSettings(max_connection_age_s=age_s)) as (reader, writer):
             status, headers, _ = await _request(reader, writer, b'{"query": ["abc"]}')
             assert status == 200 and headers.get("connection") != "close"
             await asyncio.sleep(0.4)  # the connection's age, not a wait for an event
@@ -138,10 +147,5 @@ def test_a_keep_alive_connection_older_than_max_connection_age_is_closed_after_i
             else:
                 assert headers.get("connection") != "close"
                 assert (await _request(reader, writer, b'{"query": ["ab"]}'))[2]["rewards"] == [2.0]
-        finally:
-            writer.close()
-            await writer.wait_closed()
-            await runner.cleanup()
-            await b.close()
 
     run(main())
