@@ -149,6 +149,7 @@ def test_async_client_and_sessions_leave_a_scorer_in_its_shutdown_delay(
 
     before, during, streamed = asyncio.run(asyncio.wait_for(calls(), 60))
     first.loop.call_soon_threadsafe(first.loop.stop)
+    first._thread.join(10)  # else the fixture may find the loop still running and stop the stopped server again
     assert before == {1, 2} and during == {2} and streamed == {2}
 
 
