@@ -28,7 +28,8 @@ from kubernetes import client
 from kubernetes.config.config_exception import ConfigException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from synpref.training.k8s_api import REQUEST_TIMEOUT_S, TRANSIENT_STATUSES, JobError, bounded, to_manifest
+from synpref.training import k8s_api
+from synpref.training.k8s_api import TRANSIENT_STATUSES, JobError, bounded, to_manifest
 
 DEFAULT_SPEC_PATH = "/etc/synpref/train-job.yaml"
 """Where the chart mounts the spec file rendered from its `training` values."""
@@ -370,7 +371,7 @@ class JobBackend:
                 # grants; read_namespaced_job_status needs jobs/status as well (403 on the cluster).
                 # Bounded: without a request timeout a stalled connection blocks past any deadline.
                 job = self.batch.read_namespaced_job(
-                    name, namespace, _request_timeout=min(max(remaining, 1.0), REQUEST_TIMEOUT_S)
+                    name, namespace, _request_timeout=min(max(remaining, 1.0), k8s_api.REQUEST_TIMEOUT_S)
                 )
             except client.ApiException as exc:
                 if exc.status == 404:  # ttlSecondsAfterFinished 0, or a person: not a bare 404 and its JSON body
