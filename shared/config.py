@@ -410,11 +410,15 @@ class Settings(BaseSettings):
         return env_settings, init_settings
 
 
+def section_fields() -> dict[str, list[str]]:
+    """Each top-level section of Settings and its field names."""
+    fields = Settings.model_fields.items()
+    return {n: list(f.annotation.model_fields) for n, f in fields if hasattr(f.annotation, "model_fields")}
+
+
 def check_env_sections(environ: Mapping[str, str]) -> None:
     """ConfigError for a SYNPREF_<SECTION>__<FIELD> variable of no section (config_env.check_env_sections)."""
-    config_env.check_env_sections(
-        environ, [n for n, f in Settings.model_fields.items() if hasattr(f.annotation, "model_fields")]
-    )
+    config_env.check_env_sections(environ, list(section_fields()))
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
@@ -442,5 +446,5 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             lines.append(f"  {where}: {err['msg']}" + (f" ({came})" if came else ""))
         raise ConfigError("\n".join(lines)) from None
     keys = [j.api_key_env for j in settings.annotator.judges]  # an operator's own names, maybe SYNPREF_...
-    config_env.check_env_names(os.environ, list(Settings.model_fields), keys)
+    config_env.check_env_names(os.environ, list(Settings.model_fields), keys, section_fields())
     return settings

@@ -4,8 +4,10 @@ A variable with `__` (SYNPREF_<SECTION>__<FIELD>) can only be a setting, so one 
 variable without `__` is a setting only when it names a top-level field (SYNPREF_LOG_LEVEL, SYNPREF_KAFKA as
 JSON): the prefix is shared with the project's other variables (NOT_SETTINGS), with the Service links
 Kubernetes gives every pod of `helm install synpref` (SYNPREF_SCORER_SERVICE_HOST, ...) and with any variable
-an operator names for a judge's API key. So only a name close to a field (a typo: SYNPREF_LOG_LEVLE) is an
-error; any other unknown one is logged as ignored.
+an operator names for a judge's API key. So only a name close to a field (a typo: SYNPREF_LOG_LEVLE) or a
+section's field written with one `_` (SYNPREF_SCORER_PORT=50061 for SYNPREF_SCORER__PORT) is an error; any
+other unknown one is logged as ignored. A Service link can spell a section's field too (Kubernetes gives
+SYNPREF_SCORER_PORT=tcp://10.0.0.7:50060 for the Service synpref-scorer): its value tells it apart.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ NOT_SETTINGS = frozenset(
 # Kubernetes' Service links: <SERVICE>_SERVICE_HOST, _SERVICE_PORT[_<PORT NAME>], _PORT[_<N>_<PROTO>[_PROTO|PORT|ADDR]].
 _SERVICE_LINK = re.compile(r"(.*_)?(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)")
 
+# A bare <SERVICE>_PORT link (not _SERVICE_PORT, not _PORT_<N>_TCP_PORT) and its value: the first port as a URL.
+_BARE_PORT_LINK = re.compile(r"(?!.*(SERVICE|_TCP|_UDP|_SCTP)_PORT$)(.*_)?PORT")
+_PORT_LINK_VALUE = re.compile(r"(tcp|udp|sctp)://\S+")
+
 _TYPO_CUTOFF = 0.8
 """difflib ratio from which an unknown name is taken for a misspelt field: LOG_LEVLE (0.89), DESKS (0.89)."""
 
@@ -60,10 +66,16 @@ def check_env_sections(environ: Mapping[str, str], sections: Collection[str]) ->
         raise ConfigError(f"unknown section in environment variable(s) {', '.join(unknown)}; known sections: {known}")
 
 
-def check_env_names(environ: Mapping[str, str], fields: Collection[str], also: Collection[str] = ()) -> None:
+def check_env_names(
+    environ: Mapping[str, str],
+    fields: Collection[str],
+    also: Collection[str] = (),
+    sections: Mapping[str, Collection[str]] | None = None,
+) -> None:
     """ConfigError for a SYNPREF_<NAME> variable (no `__`) that looks like a misspelt top-level field of
-    `fields`; a warning for any other that is no field, not in NOT_SETTINGS or `also` (the judges' key
-    variables) and not a Kubernetes Service link. See the module docstring."""
+    `fields`, or like a field of one of `sections` (section name: its fields) with `_` for `__`; a warning for
+    any other that is no field, not in NOT_SETTINGS or `also` (the judges' key variables) and not a Kubernetes
+    Service link. See the module docstring."""
     others = NOT_SETTINGS | {name.upper() for name in also}
     typos: list[str] = []
     for name in sorted(environ):
@@ -71,7 +83,16 @@ def check_env_names(environ: Mapping[str, str], fields: Collection[str], also: C
         if not upper.startswith(ENV_PREFIX) or "__" in name or upper in others:
             continue
         rest = upper[len(ENV_PREFIX) :].lower()
-        if rest in fields or _SERVICE_LINK.fullmatch(rest.upper()):
+        if rest in fields:
+            continue
+        link = _SERVICE_LINK.fullmatch(rest.upper()) is not None
+        if link and _BARE_PORT_LINK.fullmatch(rest.upper()):
+            link = _PORT_LINK_VALUE.fullmatch(environ[name].strip()) is not None
+        nested = _nested_name(rest, sections or {})
+        if nested and not link:
+            typos.append(f"{name} (did you mean {ENV_PREFIX}{nested.upper()}?)")
+            continue
+        if link:
             continue
         ratio, closest = max((difflib.SequenceMatcher(None, rest, f).ratio(), f) for f in fields)
         if ratio >= _TYPO_CUTOFF:
@@ -85,3 +106,11 @@ def check_env_names(environ: Mapping[str, str], fields: Collection[str], also: C
             )
     if typos:
         raise ConfigError(f"unknown setting in environment variable(s) {', '.join(typos)}")
+
+
+def _nested_name(rest: str, sections: Mapping[str, Collection[str]]) -> str | None:
+    """`section__field` when `rest` (lower case) is a section's name and one of its fields joined by one `_`."""
+    for i, char in enumerate(rest):
+        if char == "_" and rest[i + 1 :] in sections.get(rest[:i], ()):
+            return f"{rest[:i]}__{rest[i + 1 :]}"
+    return None

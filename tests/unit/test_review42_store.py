@@ -130,8 +130,9 @@ def test_the_projects_other_variables_kubernetes_service_links_and_judge_keys_ar
     for name in NOT_SETTINGS:
         monkeypatch.setenv(name, "x")
     # `helm install synpref`: every pod gets the link variables of the release's Services (synpref-scorer, ...).
-    for name in ("SCORER_SERVICE_HOST", "SCORER_SERVICE_PORT", "SCORER_SERVICE_PORT_GRPC", "SCORER_PORT"):
+    for name in ("SCORER_SERVICE_HOST", "SCORER_SERVICE_PORT", "SCORER_SERVICE_PORT_GRPC"):
         monkeypatch.setenv(f"SYNPREF_{name}", "10.0.0.1")
+    monkeypatch.setenv("SYNPREF_SCORER_PORT", "tcp://10.0.0.1:50060")  # a bare _PORT link's value is a URL
     monkeypatch.setenv("SYNPREF_KAFKA_PORT_9092_TCP_ADDR", "10.0.0.2")
     monkeypatch.setenv("SYNPREF_SERVICE_HOST", "10.0.0.3")
     monkeypatch.setenv("SYNPREF_JUDGE_KEY", "sk-test")  # a judge's api_key_env

@@ -3,15 +3,26 @@ panel) and on its retrieval thread when a judge waits on I/O; the Job wait reads
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+
+import pytest
 
 from synpref.services.annotator.annotate import Annotator
 from synpref.services.annotator.chat import OpenAIChat
 from synpref.services.annotator.judges import LLMJudge
 from synpref.services.controller.simulated import TRUTH_KEY, SimulatedJudge, digest
-from synpref.shared.config import SimulatedJudgeSettings
+from synpref.shared.config import Settings, SimulatedJudgeSettings, load_settings
+from synpref.shared.config_base import ConfigError
 from synpref.shared.pairs import message_dicts, new_pair, new_record
 from synpref.shared.retrieval import Example
+
+
+@pytest.fixture
+def no_synpref_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.upper().startswith("SYNPREF_")]:
+        monkeypatch.delenv(name)
 
 
 class ThreadNoting:
@@ -80,3 +91,33 @@ def test_the_job_wait_reads_the_one_request_timeout_that_bounded_calls_use(monke
     with mock.patch.object(backend.batch, "read_namespaced_job", return_value=done) as read:
         assert backend.wait("ns", "job", timeout_s=60) == "Complete"
     assert read.call_args.kwargs["_request_timeout"] == 0.7
+
+
+@pytest.mark.usefixtures("no_synpref_env")
+def test_a_section_field_written_with_one_underscore_is_refused_with_the_nested_name(monkeypatch):
+    # SYNPREF_SCORER_PORT=50061 (for SYNPREF_SCORER__PORT) looked like a Kubernetes Service link and was skipped
+    # without a word: the scorer listened on 50051. SYNPREF_SCORER_DEFAULT_MODEL was only logged as ignored.
+    monkeypatch.setenv("SYNPREF_SCORER_PORT", "50061")
+    with pytest.raises(ConfigError, match=r"SYNPREF_SCORER_PORT \(did you mean SYNPREF_SCORER__PORT\?\)"):
+        load_settings()
+    monkeypatch.delenv("SYNPREF_SCORER_PORT")
+    monkeypatch.setenv("SYNPREF_SCORER_DEFAULT_MODEL", "best")
+    with pytest.raises(ConfigError, match=r"did you mean SYNPREF_SCORER__DEFAULT_MODEL\?"):
+        load_settings()
+
+
+@pytest.mark.usefixtures("no_synpref_env")
+def test_the_service_links_of_helm_install_synpref_are_still_left_alone(monkeypatch, caplog):
+    links = {
+        "SYNPREF_SCORER_PORT": "tcp://10.96.0.7:50060",  # spells scorer.port, but its value is a link's
+        "SYNPREF_SCORER_SERVICE_HOST": "10.96.0.7",
+        "SYNPREF_SCORER_SERVICE_PORT": "50060",
+        "SYNPREF_SCORER_PORT_50060_TCP_PORT": "50060",
+        "SYNPREF_SERVICE_HOST": "10.96.0.9",  # a Service named synpref: spells service.host
+        "SYNPREF_DESK_PORT": "tcp://10.96.0.8:8080",
+    }
+    for name, value in links.items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.WARNING, logger="synpref.shared.config_env"):
+        assert load_settings().scorer.port == Settings().scorer.port
+    assert caplog.records == []
