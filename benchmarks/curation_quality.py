@@ -512,6 +512,8 @@ def plots(rows: list[dict], curve: list[dict], out: Path) -> list[str]:
             fig.savefig(out / name, dpi=110)
             plt.close(fig)
             written.append(name)
+    if not curve:  # --no-curve with none to keep: no figure, rather than an empty one
+        return written
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for head in HEADS:
         sizes = sorted({c["pairs"] for c in curve})
@@ -601,6 +603,8 @@ def report(args, rows: list[dict], curve: list[dict], figures: list[str], pool: 
         "| pairs | mlp | linear |",
         "|---|---|---|",
     ]
+    if not curve:
+        lines.append("| not run (--no-curve) | | |")
     for n in sorted({c["pairs"] for c in curve}):
         m = [mean_sd([c[h] for c in curve if c["pairs"] == n]) for h in HEADS]
         lines.append(f"| {n} | {m[0][0]:.3f} ± {m[0][1]:.3f} | {m[1][0]:.3f} ± {m[1][1]:.3f} |")
@@ -614,7 +618,7 @@ def write_outputs(args, rows: list[dict], curve: list[dict]) -> str:
     results.json whole for --resume (a truncated one lost every row)."""
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "curve": curve}
     write_text_atomic(args.out / "results.json", json.dumps(results, indent=1))
-    figures = plots(rows, curve or [{"pairs": 0, "sample": 0, "mlp": 0.0, "linear": 0.0}], args.out)
+    figures = plots(rows, curve, args.out)
     text = report(args, rows, curve, figures, args.pool_size)
     write_text_atomic(args.out / "report.md", text)
     return text

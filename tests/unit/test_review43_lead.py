@@ -121,3 +121,22 @@ def test_the_service_links_of_helm_install_synpref_are_still_left_alone(monkeypa
     with caplog.at_level(logging.WARNING, logger="synpref.shared.config_env"):
         assert load_settings().scorer.port == Settings().scorer.port
     assert caplog.records == []
+
+
+def test_a_study_without_a_learning_curve_draws_no_empty_curve_figure(tmp_path):
+    # --no-curve (no --resume): write_outputs drew learning_curve.png from a made-up point at 0 pairs, accuracy 0
+    # (on a log axis: an empty figure), listed it under the report's figures, and the curve's table was empty.
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("curation_quality_r43", root / "benchmarks" / "curation_quality.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(out=tmp_path, heads=bench.HEADS, max_length=256, max_pairs=0, pool_size=100)
+    args.noise, args.error_modes, args.budgets, args.seeds = [0.3], ["length_correlated"], [], [0]
+    text = bench.write_outputs(args, [], [])
+    assert not (tmp_path / "learning_curve.png").exists()
+    assert "learning_curve.png" not in text and "not run (--no-curve)" in text
