@@ -6,14 +6,17 @@
 
 pairs: any pair file shared.sources reads (hh-rlhf, PandaLM, LLMBar, RM-Bench, Skywork-style
 chosen/rejected lists, ...); writes one JSON line per pair with reward_chosen,
-reward_rejected and p = sigmoid(r_chosen - r_rejected). Rows that are no pair are counted
-on stderr, never guessed at.
+reward_rejected, p = sigmoid(r_chosen - r_rejected), version (the served model's: a reload or rolling update during
+the run changes it, and stderr warns) and locator: `path#row`, plus `/sub` for one pair of a record of several
+(RM-Bench's "c0-r2"), row the 0-based record index (JSON lines: line number - 1). Rows that are no pair are counted
+on stderr under the same locator, never guessed at.
 items: JSON lines, each a message list, {"messages": [...]}, {"text": rendered text} or {"token_ids": [...]};
 writes {"reward": r} per line, in order.
 Both keep --concurrency requests in flight and write their results in input order: a file of any size runs in
 bounded memory, and a failure keeps the lines written before it (stderr says how many). --timeout bounds each
 request (retries included), not the run: a large file takes as long as it takes.
 The address defaults to scoring.scorer_address of the settings (--config / SYNPREF_*).
+An output that is the input (or one of the files of an input folder) is refused before either is opened.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -40,26 +44,41 @@ R = TypeVar("R")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Parse `synpref score` options and its subcommand (pairs, items or info)."""
+    """Parse `synpref score` options and its subcommand (pairs, items or info); the options go before or after it."""
     p = argparse.ArgumentParser(prog="synpref score", description="Score pairs or conversations with a running scorer.")
-    p.add_argument("--config", help="YAML settings file (for scoring.scorer_address)")
-    p.add_argument("--address", help="scorer host:port (default: scoring.scorer_address)")
-    p.add_argument("--model", default="", help="served model name (default: the server's default)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request, its retries included")
-    p.add_argument("--chunk-size", type=int, default=256, help="items per request")
-    p.add_argument(
-        "--concurrency", type=int, default=4, help="requests in flight at once (the server batches them together)"
-    )
+    _options(p, after=False)
     sub = p.add_subparsers(dest="what", required=True)
-    pairs = sub.add_parser("pairs", help="score preference pairs from a file")
+    after = argparse.ArgumentParser(add_help=False)
+    _options(after, after=True)
+    pairs = sub.add_parser("pairs", parents=[after], help="score preference pairs from a file")
     pairs.add_argument("path")
     pairs.add_argument("--format", default=None, help="force a shared.sources format (auto-detected otherwise)")
     pairs.add_argument("-o", "--output", default="-", help="JSON lines out (default stdout)")
-    items = sub.add_parser("items", help="score conversations or rendered texts from JSON lines")
+    items = sub.add_parser("items", parents=[after], help="score conversations or rendered texts from JSON lines")
     items.add_argument("path", help="JSON lines file, or - for stdin")
     items.add_argument("-o", "--output", default="-")
-    sub.add_parser("info", help="print the served models")
+    sub.add_parser("info", parents=[after], help="print the served models (with --model: that one)")
     return p.parse_args(argv)
+
+
+def _options(p: argparse.ArgumentParser, after: bool) -> None:
+    """The options of every subcommand. The docs write them after it too (`items x.jsonl --model gold`), which
+    argparse refused; there a default is SUPPRESS, so that it does not overwrite a value given before the name."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if after else value
+
+    p.add_argument("--config", default=default(None), help="YAML settings file (for scoring.scorer_address)")
+    p.add_argument("--address", default=default(None), help="scorer host:port (default: scoring.scorer_address)")
+    p.add_argument("--model", default=default(""), help="served model name (default: the server's default)")
+    p.add_argument("--timeout", type=float, default=default(600.0), help="seconds per request, its retries included")
+    p.add_argument("--chunk-size", type=int, default=default(256), help="items per request")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=default(4),
+        help="requests in flight at once (the server batches them together)",
+    )
 
 
 def read_items(stream: TextIO) -> Iterator[Item]:
@@ -125,6 +144,16 @@ def _in_order(
             future.cancel()
 
 
+def _refuse_overwrite(inputs: Iterable[Path], output: str) -> None:
+    """ValueError when `output` is one of `inputs` (by inode: a symlink or another spelling of the path too): opening
+    it for writing would truncate the input while it is being read."""
+    if output == "-" or not os.path.exists(output):
+        return
+    for path in inputs:
+        if os.path.samefile(path, output):
+            raise ValueError(f"output {output} is the input {path}: write the scores to another file")
+
+
 @contextmanager
 def _output(path: str, batches: Iterator[list[T]]) -> Iterator[tuple[TextIO, Iterator[list[T]]]]:
     """The output stream and the batches, the first read before the output is truncated (a missing or unreadable
@@ -152,7 +181,7 @@ def main(argv: list[str]) -> int:
     try:
         with RewardClient(address, model=args.model, timeout=args.timeout, chunk_size=args.chunk_size) as client:
             if args.what == "info":
-                for m in client.info().models:
+                for m in client.info(args.model).models:
                     print(
                         json.dumps(
                             {
@@ -183,22 +212,25 @@ def score_pairs(client: RewardClient, args: argparse.Namespace) -> int:
 
     Rows that are no pair are counted (the first ten printed) on stderr.
     """
+    from synpref.shared.source_files import source_files
     from synpref.shared.sources import iter_source
 
     bad = scored = agree = 0
+    versions: set[str] = set()
+    _refuse_overwrite(source_files(Path(args.path)), args.output)
 
-    def pairs() -> Iterator[PairDict]:
+    def pairs() -> Iterator[tuple[str, PairDict]]:
         nonlocal bad
         for r in iter_source(Path(args.path), fmt=args.format):
             if r.pair is not None:
-                yield r.pair
+                yield r.locator, r.pair
                 continue
             if bad < 10:
                 print(f"not a pair: {r.locator}: {r.error}", file=sys.stderr)
             bad += 1
 
-    def call(chunk: list[PairDict]) -> list[Any]:
-        return client.score_pairs(chunk, timeout=args.timeout)
+    def call(chunk: list[tuple[str, PairDict]]) -> list[Any]:
+        return client.score_pairs([pair for _, pair in chunk], timeout=args.timeout)
 
     try:
         with (
@@ -206,15 +238,22 @@ def score_pairs(client: RewardClient, args: argparse.Namespace) -> int:
             _pool(args.concurrency) as pool,
         ):
             for chunk, scores in _in_order(pool, call, chunks, args.concurrency):
-                for pair, s in zip(chunk, scores, strict=True):
+                for (locator, pair), s in zip(chunk, scores, strict=True):
                     meta = {k: pair[k] for k in ("source",) if k in pair}
-                    row = {**meta, "reward_chosen": s.reward_chosen, "reward_rejected": s.reward_rejected, "p": s.p}
+                    rewards = {"reward_chosen": s.reward_chosen, "reward_rejected": s.reward_rejected, "p": s.p}
+                    row = {**meta, **rewards, "version": s.version, "locator": locator}
+                    versions.add(s.version)
                     out.write(_json_line(row))
                 out.flush()
                 scored += len(scores)
                 agree += sum(s.p > 0.5 for s in scores)
     finally:  # on an error too: what was written, for a rerun on the rest
         print(f"scored {scored} pairs ({bad} rows were no pair); p > 0.5 on {agree}", file=sys.stderr)
+        if len(versions) > 1:  # the figures above mix models: say so, not only in each line
+            print(
+                f"warning: scored by several model versions {sorted(versions)}: see each line's version",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -239,6 +278,7 @@ def score_items(client: RewardClient, args: argparse.Namespace) -> int:
     """Score the items of a JSON lines file (or stdin) and write one `{"reward"}` line per item, batch by batch
     in input order: a failure keeps what was written before it."""
     scored = 0
+    _refuse_overwrite([] if args.path == "-" else [Path(args.path)], args.output)
 
     def call(chunk: list[Item]) -> list[float]:
         return client.score(chunk, timeout=args.timeout)

@@ -80,7 +80,9 @@ def test_score_pairs_streams_in_batches_and_keeps_what_was_written_before_a_fail
     assert cli.main(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["reward_chosen"] for r in rows] == [float(i) for i in range(40)]  # every pair, in input order
-    assert rows[3] == {"source": "hh", "reward_chosen": 3.0, "reward_rejected": -3.0, "p": 1 / (1 + math.exp(-6))}
+    p3 = 1 / (1 + math.exp(-6))
+    row3 = {"source": "hh", "reward_chosen": 3.0, "reward_rejected": -3.0, "p": p3, "version": ""}
+    assert rows[3] == {**row3, "locator": f"{src.as_posix()}#3"}
     assert max(fake.calls) <= 20 and sum(fake.calls) == 40  # chunk 4: requests of 2 pairs, a few at a time
     err = capsys.readouterr().err
     assert "not a pair: " in err and "scored 40 pairs (1 rows were no pair); p > 0.5 on 39" in err
