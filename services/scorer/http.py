@@ -14,6 +14,7 @@ scorer unchanged.
   with "activation": false and reads data[-1]["probs"][-1]. Rewards are raw logits unless the
   request asks for the activation explicitly (the first of "softmax", "activation",
   "use_activation" that is not null, as vLLM reads them; true gives sigmoid).
+- A reward that is not a finite number (a model that outputs NaN) is answered as null: JSON has no NaN.
 - `GET /health`, `GET /info`, `GET /metrics` (Prometheus). Reloading models is not here:
   it is on the admin port, behind a token (admin.py), so RL code cannot swap its own RM.
 
@@ -119,6 +120,13 @@ def _inputs(value: Any, max_items: int) -> Sequence[str | list[int]]:
     return _texts(value, "input", max_items, "a string, a list of strings, or token ids ([int] or [[int]])")
 
 
+def _json_floats(values: Sequence[float]) -> list[float | None]:
+    """Rewards for a JSON answer, a non-finite one (a model that outputs NaN) as null: json.dumps writes NaN and
+    Infinity bare, which is not JSON, so strict clients lost the request's every reward to one bad item. gRPC
+    carries such a reward as it is, also in place."""
+    return [v if math.isfinite(v) else None for v in values]
+
+
 def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -165,16 +173,19 @@ class HttpShims:
         self._first_request: weakref.WeakKeyDictionary[asyncio.BaseTransport, float] = weakref.WeakKeyDictionary()
         """Each open connection's first request time (aiohttp's protocol objects take no weak references)."""
 
-    async def _body(self, request: web.Request, deadline: float | None) -> dict[str, Any]:
-        """The JSON body, read while holding an encode-queue slot (429 when none is free), by the deadline and
-        within BODY_TIMEOUT_S: a client stalled mid-upload must not hold its slot (and with max_encode_queue of
-        them, the scorer) for good, also where requests have no deadline.
+    async def _body(self, request: web.Request, deadline: float | None) -> tuple[dict[str, Any], int]:
+        """The JSON body and its size once decompressed, read while holding an encode-queue slot (429 when none is
+        free), by the deadline and within BODY_TIMEOUT_S: a client stalled mid-upload must not hold its slot (and
+        with max_encode_queue of them, the scorer) for good, also where requests have no deadline. The size, not
+        Content-Length, decides whether the body is tokenized on the event loop: aiohttp inflates a gzip body of a
+        few KiB on the wire into up to max_body_bytes of text.
         """
         by = asyncio.get_running_loop().time() + BODY_TIMEOUT_S
         with self.registry.encode_queue.slot():
             try:
                 async with asyncio.timeout_at(by if deadline is None else min(deadline, by)):
-                    return await _json_body(request, self.max_body_bytes)
+                    body = await _json_body(request, self.max_body_bytes)
+                    return body, len(await request.read())  # the bytes json() read, kept by aiohttp
             except TimeoutError:
                 raise DeadlineExceeded(
                     f"the request body did not arrive before the request's deadline (or within {BODY_TIMEOUT_S:g} s)"
@@ -257,7 +268,7 @@ class HttpShims:
     async def get_reward(self, request: web.Request) -> web.Response:
         """OpenRLHF's `POST /get_reward`: raw rewards of the `query` texts, pad tokens around each stripped."""
         deadline = self._deadline(request)
-        body = await self._body(request, deadline)
+        body, size = await self._body(request, deadline)
         query = body.get("query")
         # An RL step with nothing to score posts an empty list: serve_rm answers empty rewards, and so do we.
         queries = [] if query == [] else _texts(query, "query", self.max_request_items)
@@ -273,15 +284,16 @@ class HttpShims:
                 ids.append(m.encoder.text(m.encoder.strip_padding(q), f"query {i}"))
             return ids
 
-        _, result = await self.registry.score(model.name, encode, deadline, request.content_length)
-        return web.json_response({"rewards": result.rewards, "scores": result.rewards, "extra_logs": {}})
+        _, result = await self.registry.score(model.name, encode, deadline, size)
+        rewards = _json_floats(result.rewards)
+        return web.json_response({"rewards": rewards, "scores": rewards, "extra_logs": {}})
 
     async def classify(self, request: web.Request) -> web.Response:
         """vLLM's `POST /classify`: rewards of `input` texts or token ids, or one `messages` conversation, as raw
         logits unless the request asks for the activation (sigmoid).
         """
         deadline = self._deadline(request)
-        body = await self._body(request, deadline)
+        body, size = await self._body(request, deadline)
         requested = str(body.get("model") or "")
         model = self._model(requested)
         request[MODEL_LABEL] = model.name
@@ -305,8 +317,8 @@ class HttpShims:
                     ids.append(m.encoder.text(x, what) if isinstance(x, str) else m.encoder.token_ids(x, what))
                 return ids
 
-        _, result = await self.registry.score(model.name, encode, deadline, request.content_length)
-        values = [sigmoid(r) if activation else r for r in result.rewards]
+        _, result = await self.registry.score(model.name, encode, deadline, size)
+        values = _json_floats([sigmoid(r) if activation else r for r in result.rewards])
         tokens = result.tokens
         return web.json_response(
             {

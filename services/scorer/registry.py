@@ -11,8 +11,8 @@ with NotReady (UNAVAILABLE: retry) while one is loading, else NoModel (FAILED_PR
 Tokenizing is bounded too: at most `max_encode_queue` requests are being read or tokenized at
 once (EncodeQueue; beyond it Overloaded), and an encode checks the request's deadline, and
 whether its caller is still waiting, before each item. A small request (at most
-INLINE_ENCODE_BYTES on the wire, the common single-item call of an RL rollout) is tokenized on
-the event loop itself: that takes a few hundred microseconds, less than the hand-off to an
+INLINE_ENCODE_BYTES of message, an HTTP body once inflated; the common single-item call of an RL
+rollout) is tokenized on the event loop itself: that takes a few hundred microseconds, less than the hand-off to an
 encoding thread and back cost in CPU (docs/scorer.md, serving overhead); while the model's
 forward runs, at its end, with the others that arrived meanwhile (Batcher.score_encoding).
 """
@@ -223,7 +223,7 @@ class ModelRegistry:
         self, name: str, encode: Encode, deadline: float | None = None, size: int | None = None
     ) -> tuple[ServedModel, BatchResult]:
         """Encode a request with a served model's tokenizer, then score it on that model's
-        batcher. A request of known `size` (bytes on the wire) up to INLINE_ENCODE_BYTES is
+        batcher. A request of known `size` (bytes of its message, an HTTP body inflated) up to INLINE_ENCODE_BYTES is
         encoded on the event loop, any other on the encoding threads. Should the name be
         swapped to a new version while the request was being encoded, it is encoded again
         for the new one, so a reload never fails a request. `deadline` is on the event
