@@ -31,7 +31,7 @@ from typing import Protocol, TypeVar
 
 from prometheus_client import Counter
 
-from synpref.services.annotator.judges import AttributeLabeller, Judge, JudgeRequest, aggregate
+from synpref.services.annotator.judges import AttributeLabeller, Judge, JudgeRequest, aggregate, examples_shown
 from synpref.services.annotator.prompts import Example, attributes_dict
 from synpref.shared.pairs import message_dicts, needs_annotation, now, pair_id, pair_problem
 from synpref.shared.roles import BEST
@@ -151,7 +151,8 @@ class Annotator:
             out.votes.extend(votes)
         out.judge_aggregate.CopyFrom(aggregate(list(out.votes)))
         del out.retrieved_example_ids[:]
-        out.retrieved_example_ids.extend(e.id for e in examples)
+        # Only those some judge's prompt held: a prompt budget (max_prompt_chars) drops the last ones.
+        out.retrieved_example_ids.extend(e.id for e in examples_shown(self.judges, request))
         out.lineage.steps.append(STEP)
         out.lineage.updated_at.CopyFrom(now())
         return out

@@ -30,6 +30,7 @@ from synpref.services.annotator.chat import ChatBackend
 from synpref.services.annotator.prompts import (
     ATTRIBUTE_SCHEMA,
     JUDGE_SCHEMA,
+    PROMPT_EXAMPLES,
     PROMPT_VERSION,
     Example,
     attribute_prompt,
@@ -149,6 +150,12 @@ class LLMJudge(_CachedLLM):
             if not self.too_long(judge_prompt(r.conversation, r.chosen, r.rejected, r.attributes, r.examples[:n])):
                 return r if n == len(r.examples) else replace(r, examples=r.examples[:n])
         return None
+
+    def shown_examples(self, request: JudgeRequest) -> list[Example]:
+        """The examples of `request` its prompt holds: those that fit max_prompt_chars, at most the PROMPT_EXAMPLES a
+        prompt renders; none when the pair is not sent."""
+        fitted = self.fitted(request)
+        return [] if fitted is None else fitted.examples[:PROMPT_EXAMPLES]
 
     def _context(self, request: JudgeRequest) -> str:
         """The prompt digest of the request (attributes and retrieved examples included: D_gold grows every
@@ -287,6 +294,21 @@ class AttributeLabeller(_CachedLLM):
             if answer is not None:
                 self.cache.put({"text": answer, "swapped": swapped, "context": context}, *key)
         return parse_attributes(answer, self.name)
+
+
+def examples_shown(judges: list[Judge], request: JudgeRequest) -> list[Example]:
+    """The examples of `request` that some judge's prompt held, in order: a judge over its prompt budget drops the
+    last ones, so this is the longest of the judges' prefixes. A judge without `shown_examples` (no prompt budget:
+    a simulated judge, a desk) counts as given them all.
+
+    A record's retrieved_example_ids lists these: the desk shows them as the examples the judges saw, and an example
+    a budget dropped was never shown to any.
+    """
+    shown: list[list[Example]] = []
+    for judge in judges:
+        held = getattr(judge, "shown_examples", None)
+        shown.append(held(request) if held is not None else request.examples)
+    return max(shown, key=len, default=[])
 
 
 def majority(preferences: list[int]) -> int:

@@ -30,6 +30,8 @@ from synpref.v1.pair_pb2 import Attributes
 PROMPT_VERSION = "p2"
 EXAMPLE_CHARS = 600
 """Each text of a few-shot example is cut to this many characters: 8 of them must fit a context."""
+PROMPT_EXAMPLES = 8
+"""Most verified examples a judge prompt shows; any further ones are not rendered."""
 
 Messages = list[dict[str, str]]
 
@@ -150,7 +152,7 @@ def judge_prompt(
             f"controversiality: {attributes.get('controversiality', '')}\n"
             f"Desired attributes: {', '.join(attributes.get('desired_attributes', []))}"
         )
-    for i, ex in enumerate(examples[:8], start=1):
+    for i, ex in enumerate(examples[:PROMPT_EXAMPLES], start=1):
         attrs = ex.attributes or {}
         parts.append(
             f"## Verified example {i} (labelled by humans)\n"
