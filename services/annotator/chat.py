@@ -313,8 +313,20 @@ class LocalChat:
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
             )
         prompt_len = enc["input_ids"].shape[1]
-        texts = [self.tokenizer.decode(seq[prompt_len:], skip_special_tokens=True) for seq in out]
+        stops = self._stop_ids()
+        texts: list[str | None] = []
+        for seq in out[:, prompt_len:].tolist():
+            # Without an end-of-sequence token in max_new_tokens the answer was cut off: no answer, as OpenAIChat's
+            # finish_reason "length", so the judge does not cache a draft and a larger max_new_tokens asks again.
+            ended = len(seq) < self.max_new_tokens or any(t in stops for t in seq)
+            texts.append(self.tokenizer.decode(seq, skip_special_tokens=True) if ended else None)
         return (texts * n)[:n] if not sample else texts
+
+    def _stop_ids(self) -> set[int]:
+        """The token ids that end a generation: the generation config's (one or a list) and the tokenizer's."""
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids = configured if isinstance(configured, list) else [configured]
+        return {int(i) for i in [*ids, self.tokenizer.eos_token_id] if i is not None}
 
     async def chat(
         self, messages: Messages, *, n: int, temperature: float, response_format: dict[str, Any] | None = None
