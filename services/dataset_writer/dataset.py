@@ -26,6 +26,8 @@ The row format (columns, conversion) is rows.py.
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -47,6 +49,7 @@ from synpref.shared.files import FileLock, write_atomic
 from synpref.shared.idset import DiskIdSet
 from synpref.v1.pair_pb2 import PairRecord
 
+log = logging.getLogger(__name__)
 __all__ = ["HELDOUT", "SCHEMA", "SPLITS", "TRAIN", "DatasetVersion", "record_row", "row_problem"]
 MANIFEST = "manifest.json"
 SHARD_GLOB = "part-*.parquet"
@@ -91,26 +94,31 @@ class IdIndex(DiskIdSet):
     """The pair ids of a version's first `shards` shards, on disk: membership without holding the ids.
 
     The manifest is the commit point, and this index follows it: ids are added after the manifest
-    lists their shard, in one transaction with the count of shards indexed. So a crash leaves the
-    index behind the manifest, never ahead of it, and opening catches up from the missing shards
-    (`shard_ids` reads one shard's ids). An index ahead of the manifest (a manifest restored by
-    hand) is rebuilt.
+    lists their shard, in one transaction with the count of shards indexed. So a crash, or an update
+    that failed, leaves the index behind the manifest, never ahead of it, and `catch_up` (on open and
+    before each append) indexes the missing shards (`shard_ids` reads one shard's ids). An index
+    ahead of the manifest (a manifest restored by hand) is rebuilt.
     """
 
     def __init__(self, path: Path, shard_files: Sequence[str], shard_ids: Callable[[str], list[str]]) -> None:
         super().__init__(path)
+        self.shard_ids = shard_ids
         try:
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-            row = self.db.execute("SELECT value FROM meta WHERE key = 'shards'").fetchone()
-            indexed = row[0] if row else 0
-            if indexed > len(shard_files):
-                self.db.execute("DELETE FROM ids")
-                indexed = 0
-            for number in range(indexed, len(shard_files)):
-                self.add_shard(shard_ids(shard_files[number]), number + 1)
+            self.catch_up(shard_files)
         except BaseException:
             self.close()  # a listed shard missing or unreadable: no connection left open behind the error
             raise
+
+    def catch_up(self, shard_files: Sequence[str]) -> None:
+        """Index the listed shards after the ones indexed (all of them again if more are indexed than listed)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'shards'").fetchone()
+        indexed = row[0] if row else 0
+        if indexed > len(shard_files):
+            self.db.execute("DELETE FROM ids")
+            indexed = 0
+        for number in range(indexed, len(shard_files)):
+            self.add_shard(self.shard_ids(shard_files[number]), number + 1)
 
     def add_shard(self, ids: Iterable[str], shards: int) -> None:
         """Add one shard's ids and record that the first `shards` shards are indexed, in one transaction."""
@@ -229,6 +237,10 @@ class DatasetVersion:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
         records = list(records)
+        if self.index is not None:
+            # An index update that failed after its manifest (below) left a shard out: without this its pairs were
+            # written again, and the next shard's update counted it as indexed, so no open caught up on it either.
+            self.index.catch_up([s["file"] for s in self.manifest["shards"]])
         known = self.index.known([r.pair.id for r in records]) if self.index is not None else set()
         new, duplicates, batch_ids = [], 0, set()
         for record in records:
@@ -264,7 +276,12 @@ class DatasetVersion:
         write_atomic(self.dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
         self.manifest = manifest
         if self.index is not None and shard_name:
-            self.index.add_shard(batch_ids, len(manifest["shards"]))
+            try:
+                self.index.add_shard(batch_ids, len(manifest["shards"]))
+            except sqlite3.Error as exc:
+                # The manifest (the commit point) lists the shard: its rows are written, and a caller told otherwise
+                # sends them again. The next append, or open, catches the index up from the shard.
+                log.warning("%s: %s is written, its ids not indexed yet (%s)", self.dir, shard_name, exc)
         return AppendResult(len(new), duplicates, shard_name)
 
 
