@@ -168,17 +168,18 @@ def _output(path: str, batches: Iterator[list[T]]) -> Iterator[tuple[TextIO, Ite
 
 
 def main(argv: list[str]) -> int:
-    """`synpref score`: run the subcommand against the scorer; 1 for a gRPC error, 2 for bad input."""
+    """`synpref score`: run the subcommand against the scorer; 1 for a gRPC error, 2 for bad input or settings,
+    141 when the reader of stdout closed it (`| head`)."""
     args = parse_args(argv)
     if args.concurrency < 1 or args.chunk_size < 1 or not args.timeout > 0:
         print("synpref score: --concurrency and --chunk-size must be >= 1 and --timeout > 0", file=sys.stderr)
         return 2
-    address = args.address
-    if not address:
-        from synpref.shared.config import load_settings
-
-        address = load_settings(args.config).scoring.scorer_address
     try:
+        address = args.address
+        if not address:
+            from synpref.shared.config import load_settings
+
+            address = load_settings(args.config).scoring.scorer_address  # a bad file: ConfigError, a ValueError
         with RewardClient(address, model=args.model, timeout=args.timeout, chunk_size=args.chunk_size) as client:
             if args.what == "info":
                 for m in client.info(args.model).models:
@@ -201,9 +202,24 @@ def main(argv: list[str]) -> int:
     except grpc.RpcError as exc:
         print(f"synpref score: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # `synpref score pairs x | head`: the reader has what it wanted. Exit as a process SIGPIPE ends does
+        # (128 + 13), and point stdout at /dev/null so that the interpreter's last flush of what is still
+        # buffered does not print "Exception ignored ... BrokenPipeError".
+        _quiet_stdout()
+        return 141
     except (ValueError, OSError) as exc:
         print(f"synpref score: {exc}", file=sys.stderr)
         return 2
+
+
+def _quiet_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # a stdout with no file descriptor (embedded, captured): nothing to flush there
+        pass
 
 
 def score_pairs(client: RewardClient, args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ import codecs
 import gzip
 import json
 import re
+import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -22,6 +24,10 @@ record larger than it widens it), so a file of 40M pairs is never held whole."""
 _SPACE = re.compile(r"[ \t\n\r]*")  # the white space JSON allows
 _CUT = 16  # a decode error this near the window's end may be a token the window cut, not bad JSON
 _ONE_LIST = "a JSON file must hold a list of records (or one list in an object)"
+_LEAD = 1024  # bytes enough to tell a JSON list from an object
+FIRST_LINE_BYTES = 1 << 26
+"""The most of a `.json` file's first line read to tell JSON lines from an object wrapping a list written on one line
+(read by the window then): a first record longer than this is taken for such an object."""
 
 
 class SourceError(ValueError):
@@ -55,9 +61,11 @@ def _is_json_lines(path: Path) -> bool:
     """Whether a `.json` file holds JSON lines, as `datasets`' Dataset.to_json and pandas' to_json(lines=True) write
     under that name: its first line is a whole object and another line follows, or that object is a pair."""
     with _open_binary(path) as fh:
-        first = fh.readline().removeprefix(codecs.BOM_UTF8)
+        first = fh.readline(_LEAD).removeprefix(codecs.BOM_UTF8)
         if not first.lstrip().startswith(b"{"):
-            return False
+            return False  # a list, which json.dump writes on one line: reading that line would read the whole file
+        if not first.endswith(b"\n"):
+            first += fh.readline(FIRST_LINE_BYTES)
         record, error = _json_line(first)
         if error is not None or not isinstance(record, dict):
             return False  # an object over several lines: one that wraps the list
@@ -65,7 +73,35 @@ def _is_json_lines(path: Path) -> bool:
 
 
 def iter_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(index, record, parse error) for each record of one file."""
+    """(index, record, parse error) for each record of one file.
+
+    Raises SourceError naming the file when it cannot be read on (a truncated or corrupt gzip, Parquet or Arrow
+    file, an I/O error), after the records before the damage: the bare error (EOFError, zlib.error, ArrowInvalid)
+    names no file, and the readers stop or skip the file only on a SourceError.
+    """
+    done = 0
+    try:
+        for record in _records(path):
+            yield record
+            done += 1
+    except SourceError:
+        raise
+    except Exception as exc:
+        if not _unreadable(exc):
+            raise
+        hint = " (truncated: an interrupted download or copy?)" if isinstance(exc, EOFError) else ""
+        raise SourceError(f"{path}: unreadable after {done} records{hint}: {type(exc).__name__}: {exc}") from exc
+
+
+def _unreadable(exc: Exception) -> bool:
+    """An error of the file's bytes or of reading them, not of the code."""
+    if isinstance(exc, OSError | EOFError | zlib.error):  # gzip.BadGzipFile is an OSError
+        return True
+    pa = sys.modules.get("pyarrow")  # imported by the Parquet and Arrow readers only, which raise its errors
+    return pa is not None and isinstance(exc, pa.ArrowException)
+
+
+def _records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     name = path.name.lower()
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
