@@ -138,8 +138,9 @@ def dead_letter(
     kind is "undecodable" (bad payload), "failed" (the stage rejected the record),
     "stage-error" (the stage raised on it), "bad-route" or "too-large" (an output over the
     limit). A copy over `max_bytes` would be refused by the broker, and a refused dead
-    letter stops the service on every restart: it is reduced to the key (when small), the
-    reason and the source position, with DLQ_DROPPED saying how many bytes were left out.
+    letter stops the service on every restart: it is reduced to the source position, with
+    DLQ_DROPPED saying how many bytes were left out, and the key (when small) and the reason
+    as far as they fit.
     """
     provenance = [
         (DLQ_KIND, kind.encode()),
@@ -155,8 +156,14 @@ def dead_letter(
     dropped = len(value or b"") + sum(len(v) for _, v in kept)
     reason = f"{reason}; the message ({dropped} bytes) is left out: its dead-letter copy is over {max_bytes} bytes"
     small_key = key if key is not None and len(key) <= MAX_KEPT_KEY_BYTES else None
-    reduced = [*provenance, (DLQ_DROPPED, str(dropped).encode()), (DLQ_REASON, _reason(reason))]
-    return Outgoing(topic, small_key, b"", reduced)
+    reduced = Outgoing(topic, small_key, b"", [*provenance, (DLQ_DROPPED, str(dropped).encode()), (DLQ_REASON, b"")])
+    # MAX_REASON_CHARS counts characters (up to 4 bytes each) and the key may be 1 KiB: under a small limit (the
+    # config allows 1 KiB) that alone is refused. The provenance is what must get through; key and reason yield.
+    room = max_bytes - reduced.size
+    if small_key is not None and room < len(_reason(reason)):
+        reduced, room = Outgoing(topic, None, b"", reduced.headers), room + len(small_key)
+    text = _reason(reason)[: max(0, room)].decode("utf-8", errors="ignore").encode()
+    return Outgoing(topic, reduced.key, b"", [*reduced.headers[:-1], (DLQ_REASON, text)])
 
 
 def dead_letter_for(
