@@ -3,14 +3,17 @@
 plan_batch turns polled messages into the messages to produce (outputs and dead letters) or the
 records for a sink; shared/kafka/runner.py does the polling, producing and committing around it.
 A stage that raises StageUnavailable (shared/stage.py) fails the whole batch instead: the runner
-reads it again later, since nothing is wrong with the records.
+reads it again later, since nothing is wrong with the records. A batch the stage raises on is
+retried one record at a time until a deadline; the records past it are left for the runner to
+read again (BatchPlan.left), so a slow stage cannot hold a batch past max.poll.interval.ms.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kafka.structs import OffsetAndMetadata, TopicPartition
@@ -41,6 +44,9 @@ class BatchPlan:
     """Inputs that went to the dead-letter topic, per kind: undecodable, failed, stage-error, bad-route, too-large."""
     dead_lettered: int = 0
     processed: int = 0
+    left: list[Message] = field(default_factory=list)
+    """Messages the retry's deadline left untouched (from the first on each partition on): nothing of theirs is in
+    the plan, and the runner reads them again rather than commit past them."""
 
 
 def call_stage(stage: Stage, batch: list[PairRecord]) -> StageResult:
@@ -59,14 +65,19 @@ def plan_batch(
     max_bytes: int | None = None,
     topic_limits: Mapping[str, int] | None = None,
     to_sink: bool = False,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> BatchPlan:
     """Decode, run the stage, and route: everything of a batch except the I/O.
+
+    A batch the stage raises on is retried one record at a time until `deadline` (a `clock()` time); the
+    records after it, and any message after them on their partition, are left out (`BatchPlan.left`).
 
     A message over the limit of its topic (`max_bytes`, or less where `topic_limits` says
     so) would be refused and stop the service on every restart: an output that large is
     dead-lettered as its input, and a dead letter that large keeps only its provenance.
     """
-    plan = BatchPlan(processed=len(messages))
+    plan = BatchPlan()
     limits = topic_limits or {}
 
     def limit(topic: str) -> int | None:
@@ -80,37 +91,30 @@ def plan_batch(
         plan.dead_lettered += 1
 
     decoded: list[tuple[Message, PairRecord]] = []
-    arrivals: dict[str, list[Message]] = {}
+    undecodable: list[tuple[Message, str]] = []
     for msg in messages:
         try:
             decoded.append((msg, decode_record(msg.value, msg.headers)))
         except PayloadError as exc:
-            to_dlq(msg, "undecodable", str(exc))
-    if not decoded:
-        return plan
+            undecodable.append((msg, str(exc)))
+    results, errors, cut = run_stage(stage, decoded, service, deadline, clock)
+    resume = first_offsets(cut)
+
+    def later(msg: Message) -> bool:
+        at = resume.get(TopicPartition(msg.topic, msg.partition))
+        return at is not None and msg.offset >= at
+
+    plan.left = [msg for msg in messages if later(msg)]
+    plan.processed = len(messages) - len(plan.left)
+    for msg, reason in undecodable:
+        if not later(msg):
+            to_dlq(msg, "undecodable", reason)
+    for msg, exc in errors:
+        to_dlq(msg, "stage-error", stage_error(exc))
+    decoded = [(msg, record) for msg, record in decoded if not later(msg)]
+    arrivals: dict[str, list[Message]] = {}
     for msg, record in decoded:
         arrivals.setdefault(record.pair.id, []).append(msg)
-
-    try:
-        results = [call_stage(stage, [record for _, record in decoded])]
-    except StageUnavailable:
-        raise
-    except Exception as exc:
-        results = []
-        if len(decoded) == 1:
-            log.warning("%s: stage raised on one record: %r", service, exc)
-            to_dlq(decoded[0][0], "stage-error", stage_error(exc))
-        else:
-            log.warning("%s: stage raised on a batch of %d (%r); retrying one record at a time",
-                        service, len(decoded), exc)  # fmt: skip
-            for msg, record in decoded:
-                try:
-                    results.append(call_stage(stage, [record]))
-                except StageUnavailable:
-                    raise
-                except Exception as one:
-                    log.warning("%s: stage raised on %s:%d@%d: %r", service, msg.topic, msg.partition, msg.offset, one)
-                    to_dlq(msg, "stage-error", stage_error(one))
 
     # Stage outputs name no source message; find it by pair id for the dead-letter headers.
     source = {record.pair.id: msg for msg, record in decoded}
@@ -141,6 +145,49 @@ def plan_batch(
     return plan
 
 
+def run_stage(
+    stage: Stage,
+    decoded: list[tuple[Message, PairRecord]],
+    service: str,
+    deadline: float | None,
+    clock: Callable[[], float],
+) -> tuple[list[StageResult], list[tuple[Message, Exception]], list[Message]]:
+    """Call `stage` on the decoded batch and, if it raises, on one record at a time until `deadline`.
+
+    Returns the results, the records it raised on alone, and those not retried by the deadline. At least one
+    record is retried, so that each read of a batch the stage keeps raising on gets further.
+    """
+    if not decoded:
+        return [], [], []
+    try:
+        return [call_stage(stage, [record for _, record in decoded])], [], []
+    except StageUnavailable:
+        raise
+    except Exception as exc:
+        if len(decoded) == 1:
+            log.warning("%s: stage raised on one record: %r", service, exc)
+            return [], [(decoded[0][0], exc)], []
+        log.warning("%s: stage raised on a batch of %d (%r); retrying one record at a time",
+                    service, len(decoded), exc)  # fmt: skip
+    results: list[StageResult] = []
+    errors: list[tuple[Message, Exception]] = []
+    for i, (msg, record) in enumerate(decoded):
+        if i and deadline is not None and clock() >= deadline:
+            # One at a time past max.poll.interval.ms, the group would drop this member, fail its commit and hand
+            # the whole batch out again: what is done is committed, the rest read again.
+            log.warning("%s: retried %d of %d records alone before the deadline; reading the rest again",
+                        service, i, len(decoded))  # fmt: skip
+            return results, errors, [m for m, _ in decoded[i:]]
+        try:
+            results.append(call_stage(stage, [record]))
+        except StageUnavailable:
+            raise
+        except Exception as one:
+            log.warning("%s: stage raised on %s:%d@%d: %r", service, msg.topic, msg.partition, msg.offset, one)
+            errors.append((msg, one))
+    return results, errors, []
+
+
 def stage_error(exc: Exception) -> str:
     """The failure reason recorded for a stage that raised `exc`."""
     return f"stage raised {type(exc).__name__}: {exc}"
@@ -153,6 +200,15 @@ def next_offsets(messages: Sequence[Message]) -> dict[TopicPartition, int]:
         tp = TopicPartition(msg.topic, msg.partition)
         last[tp] = max(last.get(tp, -1), msg.offset)
     return {tp: offset + 1 for tp, offset in last.items()}
+
+
+def first_offsets(messages: Iterable[Message]) -> dict[TopicPartition, int]:
+    """The first offset of each partition among `messages`: where a consumer reads them again."""
+    first: dict[TopicPartition, int] = {}
+    for msg in messages:
+        tp = TopicPartition(msg.topic, msg.partition)
+        first[tp] = min(first.get(tp, msg.offset), msg.offset)
+    return first
 
 
 def commit_offsets(messages: Sequence[Message]) -> dict[TopicPartition, OffsetAndMetadata]:

@@ -4,7 +4,8 @@ One iteration, in this order (the order is the guarantee):
   1. poll up to kafka.max_batch messages from the input topic;
   2. decode them; an undecodable message goes to the dead-letter topic with the error;
   3. call the stage on the decoded batch; if it raises, call it again one record at a
-     time, so only the records it raises on go to the dead-letter topic;
+     time, so only the records it raises on go to the dead-letter topic; past RETRY_SHARE
+     of max.poll.interval.ms since the poll, the records not yet retried are read again;
   4. send every routed record to its route's topic (or hand it to the sink, if the
      runner has one), every failure to the dead-letter topic; an output or dead letter
      the topic would refuse as too large is dead-lettered without its payload instead;
@@ -26,7 +27,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from kafka import ConsumerRebalanceListener
@@ -36,7 +37,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from synpref.shared.config import Settings
 from synpref.shared.kafka import metrics
 from synpref.shared.kafka.admin import message_limits
-from synpref.shared.kafka.batch import ROUTES, BatchPlan, next_offsets, plan_batch
+from synpref.shared.kafka.batch import ROUTES, BatchPlan, first_offsets, next_offsets, plan_batch
 from synpref.shared.kafka.clients import DeliveryError, Outbox, make_consumer, make_producer, poll_group
 from synpref.shared.kafka.codec import Message
 from synpref.shared.retry import capped_backoff
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 __all__ = ["ROUTES", "DeliveryError", "Message", "RunnerStats", "Sink", "StageRunner", "capped_backoff", "plan_batch"]
 # A stage whose dependency cannot serve (StageUnavailable) has its batch read again after 1, 2, 4 ... s.
 UNAVAILABLE_MAX_PAUSE_S = 30.0
+# A batch the stage raised on is retried one record at a time for at most this share of max.poll.interval.ms
+# from its poll; the rest is read again. The remainder of the interval is for sending, flushing and committing.
+RETRY_SHARE = 0.5
 
 
 class Sink(Protocol):
@@ -187,6 +191,8 @@ class StageRunner:
         """Next offsets of everything processed since the last checkpoint."""
         self._unavailable = 0
         """Batches in a row whose stage raised StageUnavailable."""
+        self.clock: Callable[[], float] = time.monotonic
+        """Times the per-record retry against max.poll.interval.ms (a test's fake clock replaces it)."""
 
     def open(self) -> None:
         """Connect: read the output topics' message limits, create the producer and outbox, subscribe the consumer.
@@ -236,12 +242,13 @@ class StageRunner:
 
     def run_once(self) -> int:
         """Poll one batch and take it through (to its commit, unless a sink is not due); returns its size."""
+        deadline = self._retry_deadline()
         polled = poll_group(self.consumer, self.settings.kafka.consumer_poll_ms, self.settings.kafka.max_batch)
         messages = [msg for batch in polled.values() for msg in batch]
         if messages:
             started = time.perf_counter()
             try:
-                plan = self._hand_over(messages)
+                plan = self._hand_over(messages, deadline)
             except StageUnavailable as exc:
                 self._read_again_later(messages, exc)
                 return 0
@@ -257,12 +264,19 @@ class StageRunner:
             self.checkpoint()
         return len(messages)
 
-    def _hand_over(self, messages: list[Message]) -> BatchPlan:
+    def _retry_deadline(self) -> float | None:
+        """When the per-record retry of a batch polled now must stop: RETRY_SHARE of the consumer's poll interval."""
+        config = getattr(self.consumer, "config", None)
+        interval_ms = config.get("max_poll_interval_ms") if isinstance(config, dict) else None
+        return self.clock() + RETRY_SHARE * interval_ms / 1000 if interval_ms else None
+
+    def _hand_over(self, messages: list[Message], deadline: float | None = None) -> BatchPlan:
         """Run the stage on a polled batch, send what it produced, hand the sink its records and note the
-        batch's offsets as pending; StageUnavailable (from the stage) before anything is sent."""
+        batch's offsets as pending; StageUnavailable (from the stage) before anything is sent. What the
+        retry's `deadline` left is sought back to, and only the offsets before it are pending."""
         plan = plan_batch(messages, self.stage, self.settings.topics, self.service,
                           self.settings.kafka.max_message_bytes, self.topic_limits,
-                          to_sink=self.sink is not None)  # fmt: skip
+                          to_sink=self.sink is not None, deadline=deadline, clock=self.clock)  # fmt: skip
         self._unavailable = 0
         assert self.outbox is not None
         self.outbox.send(plan.outgoing)
@@ -273,16 +287,15 @@ class StageRunner:
             else:
                 self.sink.write(plan.sunk)
         self._pending.update(next_offsets(messages))
+        if plan.left:
+            self._pending.update(first_offsets(plan.left))
+            self._rewind(plan.left)
         return plan
 
     def _rewind(self, messages: list[Message]) -> None:
         """Seek each partition of the batch that is still ours back to the batch's first offset on it."""
-        first: dict[TopicPartition, int] = {}
-        for msg in messages:
-            tp = TopicPartition(msg.topic, msg.partition)
-            first[tp] = min(first.get(tp, msg.offset), msg.offset)
         owned = self.consumer.assignment()
-        for tp, offset in first.items():
+        for tp, offset in first_offsets(messages).items():
             if tp in owned:  # a partition lost meanwhile is re-read by its new owner from the commit
                 self.consumer.seek(tp, offset)
 
