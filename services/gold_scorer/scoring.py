@@ -189,6 +189,15 @@ def score_batch(batch: list[PairRecord], models: list[ScoringModel]) -> list[Pai
     return out
 
 
+def device_failure(exc: BaseException) -> bool:
+    """Whether `exc` is the accelerator's failure rather than its pairs': torch >= 2.8 raises AcceleratorError for a
+    CUDA error, older versions a RuntimeError whose message says so."""
+    import torch
+
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(exc, accelerator_error)) or str(exc).startswith("CUDA error")
+
+
 def in_process_scorer(ref: ModelRef, settings: ScoringSettings, max_length: int | None = None) -> PairScorer:
     """Load the RM once and score batches with shared/modeling (no service needed)."""
     from synpref.shared import modeling
@@ -208,6 +217,12 @@ def in_process_scorer(ref: ModelRef, settings: ScoringSettings, max_length: int 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise ScorerFailed(f"{ref.path} ran out of memory scoring {len(pairs)} pair(s): {exc}") from exc
+        except RuntimeError as exc:
+            # A broken CUDA context (an illegal memory access, a lost GPU) fails every later forward whatever the
+            # pairs: as a pair's error it dead-lettered the whole stream until the pod was restarted.
+            if not device_failure(exc):
+                raise
+            raise ScorerFailed(f"{ref.path} failed on its device scoring {len(pairs)} pair(s): {exc}") from exc
 
     return score
 
