@@ -200,6 +200,23 @@ def example_view(example_id: str, record: PairRecord | None) -> dict[str, Any]:
     }
 
 
+def commit_point(open_offsets: dict[int, bool], polled_to: int | None = None) -> int | None:
+    """The offset to commit on a partition: the first still-open one, else where polling got to.
+
+    `open_offsets` maps each offset handed out and not yet committed to whether it is settled;
+    `polled_to` is one past the last message processed (dead letters included). Without it,
+    one past the last settled offset; None when nothing was handed out.
+    """
+    unsettled = [o for o, settled in open_offsets.items() if not settled]
+    if polled_to is not None:
+        # Never past polled_to: offsets read after it (a batch whose dead letters were not acknowledged) may
+        # hold a dead letter below their first open pair.
+        return min([polled_to, *unsettled])
+    if unsettled:
+        return min(unsettled)
+    return max(open_offsets) + 1 if open_offsets else None
+
+
 class DeskCore:
     """Pending pairs, assignments and verdicts. Not thread-safe: one event loop owns it."""
 

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from kafka.structs import TopicPartition
 
+from synpref.services.desk.core import commit_point
 from synpref.shared.config import DeskSettings, KafkaSettings, Settings, TopicSettings
 from synpref.shared.kafka.clients import DeliveryError, deliver
 from synpref.shared.kafka.codec import Message, encode_record
@@ -122,23 +123,6 @@ class KafkaHealth:
         return f"Kafka {operation} failing for {now - since:.0f}s ({kind}); see the desk's log"
 
 
-def commit_point(open_offsets: dict[int, bool], polled_to: int | None = None) -> int | None:
-    """The offset to commit on a partition: the first still-open one, else where polling got to.
-
-    `open_offsets` maps each offset handed out and not yet committed to whether it is settled;
-    `polled_to` is one past the last message processed (dead letters included). Without it,
-    one past the last settled offset; None when nothing was handed out.
-    """
-    unsettled = [o for o, settled in open_offsets.items() if not settled]
-    if polled_to is not None:
-        # Never past polled_to: offsets read after it (a batch whose dead letters were not acknowledged) may
-        # hold a dead letter below their first open pair.
-        return min([polled_to, *unsettled])
-    if unsettled:
-        return min(unsettled)
-    return max(open_offsets) + 1 if open_offsets else None
-
-
 def pass_through(batch: list[PairRecord]) -> StageResult:
     """The desk's stage: every review record goes to the desk (the inbox) as it is."""
     return StageResult(routed=[("review", record) for record in batch])
@@ -154,18 +138,27 @@ class ReviewInbox:
         self.open: dict[TopicPartition, dict[int, bool]] = {}
         self.polled_to: dict[TopicPartition, int] = {}
         self.committed: dict[TopicPartition, int] = {}
+        self.settled_below: dict[TopicPartition, int] = {}
+        """Per partition, the highest commit point reached: every record below it is settled."""
 
     def write(self, routed: list[tuple[str, PairRecord]]) -> None:
         """Take records without their offsets (unused: the runner calls write_sourced)."""
         self.write_sourced(routed, [None] * len(routed))
 
     def write_sourced(self, routed: list[tuple[str, PairRecord]], sources: list[Message | None]) -> None:
-        """Hold each record for the desk, its offset open until the desk settles it."""
+        """Hold each record for the desk, its offset open until the desk settles it; skip one read again."""
         for (_, record), msg in zip(routed, sources, strict=True):
             handle = None
             if msg is not None:
-                handle = (TopicPartition(msg.topic, msg.partition), msg.offset)
-                self.open.setdefault(handle[0], {})[msg.offset] = False
+                tp, offset = TopicPartition(msg.topic, msg.partition), msg.offset
+                handle = (tp, offset)
+                offsets = self.open.setdefault(tp, {})
+                if offset in offsets or offset < self.settled_below.get(tp, 0):
+                    # Read again from the group's offset (a rebalance, fresh clients): the desk holds the pair or
+                    # wrote its decision, so not again. The group's offset is behind ours (a commit failed): resend.
+                    self.committed.pop(tp, None)
+                    continue
+                offsets[offset] = False
             self.waiting.append((record, handle))
 
     def take(self, limit: int) -> list[tuple[PairRecord, Handle | None]]:
@@ -201,6 +194,7 @@ class ReviewInbox:
             if point is None or point == self.committed.get(tp):
                 continue
             moved[tp] = self.committed[tp] = point
+            self.settled_below[tp] = max(point, self.settled_below.get(tp, 0))
             for offset in [o for o in offsets if o < point]:
                 del offsets[offset]
         return moved
