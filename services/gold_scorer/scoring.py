@@ -20,11 +20,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
 from synpref.shared.config import ModelRef, ScorerSettings, ScoringSettings
-from synpref.shared.pairs import message_dicts, now, pair_problem, preference_probability
+from synpref.shared.pairs import message_dicts, now, pair_id, pair_problem, preference_probability
 from synpref.shared.roles import BEST, GOLD
 from synpref.shared.stage import Stage, StageResult, StageUnavailable
 from synpref.v1.pair_pb2 import STAGE_ONE, ModelScore, PairRecord
@@ -38,6 +39,20 @@ PairScorer = Callable[[list[dict]], Sequence[ScoredPair]]
 STEP = "gold-scorer"
 log = logging.getLogger("synpref.services.gold_scorer")
 
+STAGE_BUDGET_S = 300.0
+"""Seconds one call of the service's stage may spend scoring (ScoringModel.budget_s of models_from_settings'
+models): half of the consumer's 10-minute max.poll.interval.ms (shared/kafka/clients.py), as the runner's own retry
+(shared/kafka/runner.py RETRY_SHARE); the rest is for sending and committing. A batch past it is read again
+(StageUnavailable) and the scores got meanwhile are kept for that read, so a batch too slow for one call gets
+through in a few rather than outrunning the interval and being read and scored again for ever."""
+
+Scores = dict[str, dict[str, ScoredPair]]
+"""Role -> pair key (pair_key) -> that pair's row from the role's scorer."""
+_deadline: ContextVar[tuple[float, float] | None] = ContextVar("gold_scorer_deadline", default=None)
+"""(the time.monotonic() the stage call in progress must end by, its budget), where it has one."""
+_scored: ContextVar[dict[str, ScoredPair] | None] = ContextVar("gold_scorer_scored", default=None)
+"""Where the model being called keeps the rows of its partial answers (a gRPC batch scored in halves)."""
+
 
 @dataclass(frozen=True)
 class ScoringModel:
@@ -47,6 +62,9 @@ class ScoringModel:
     """GOLD or BEST (shared.roles): the ModelScore.model the filter reads."""
     version: str
     score: PairScorer
+    budget_s: float | None = None
+    """Most seconds a stage call scoring with this model may take (the least of its models'); None: no limit, as
+    in the controller's own process, where no poll interval runs."""
 
 
 def pair_dict(record: PairRecord) -> dict:
@@ -57,6 +75,23 @@ def pair_dict(record: PairRecord) -> dict:
         "chosen": message_dicts(pair.chosen),
         "rejected": message_dicts(pair.rejected),
     }
+
+
+def pair_key(pair: dict) -> str:
+    """What a scorer's answer for `pair` (a pair_dict) is kept under: its content's hash."""
+    return pair_id(pair["conversation"], pair["chosen"], pair["rejected"])
+
+
+def time_left() -> float | None:
+    """Seconds left to the stage call in progress (None: no limit); StageUnavailable once it has none."""
+    deadline = _deadline.get()
+    if deadline is None:
+        return None
+    left = deadline[0] - time.monotonic()
+    if left <= 0:
+        why = f"scoring the batch took its {deadline[1]:g}s (gold_scorer.scoring.STAGE_BUDGET_S)"
+        raise StageUnavailable(f"{why}: it is read again, and what is scored is kept for that read")
+    return left
 
 
 def model_version(ref: ModelRef) -> str:
@@ -81,14 +116,38 @@ def set_score(record: PairRecord, role: str, version: str, reward_chosen: float,
 def make_scoring_stage(models: list[ScoringModel]) -> Stage:
     """A stage that appends one ModelScore per model of the record's stage (replacing an older score of
     the same role): Stage-1 records only the BEST role's, the others every model's. A record with no
-    model to score it fails."""
+    model to score it fails. A call past its models' budget_s raises StageUnavailable, and the scores it got are
+    the next call's (the batch's re-read, within budget_s) to go on from."""
 
     def stage_models(record: PairRecord) -> list[ScoringModel]:
         if record.lineage.stage == STAGE_ONE:
             return [m for m in models if m.role in STAGE_ONE_ROLES]
         return models
 
+    budgets = [m.budget_s for m in models if m.budget_s is not None]
+    budget = min(budgets) if budgets else None
+    kept: tuple[Scores, float] = ({}, 0.0)
+    """The scores of the last call that ran out of time (or found the scorer unavailable), and when."""
+
     def gold_scorer(batch: list[PairRecord]) -> StageResult:
+        nonlocal kept
+        start = time.monotonic()
+        memo: Scores = {}
+        if budget is not None and kept[0] and start - kept[1] <= budget:
+            # The re-read of a batch that ran out of time goes on from where it stopped (bounded: this batch's).
+            keys = {pair_key(pair_dict(r)) for r in batch}
+            memo = {role: {k: v for k, v in rows.items() if k in keys} for role, rows in kept[0].items()}
+        token = _deadline.set(None if budget is None else (start + budget, budget))
+        try:
+            return score_stage(batch, memo)
+        except StageUnavailable:
+            if budget is not None:
+                kept = (memo, time.monotonic())
+            raise
+        finally:
+            _deadline.reset(token)
+
+    def score_stage(batch: list[PairRecord], memo: Scores) -> StageResult:
         result = StageResult()
         groups: dict[tuple[str, ...], list[PairRecord]] = {}
         for record in batch:
@@ -100,7 +159,7 @@ def make_scoring_stage(models: list[ScoringModel]) -> Stage:
             else:
                 result.fail(record, problem)
         for records in groups.values():
-            for record, error in score_each_alone_on_error(records, stage_models(records[0])):
+            for record, error in score_each_alone_on_error(records, stage_models(records[0]), memo):
                 if error is None:
                     result.emit("scored", record)
                 else:
@@ -121,7 +180,7 @@ class ScorerFailed(RuntimeError):
 
 
 def score_each_alone_on_error(
-    batch: list[PairRecord], models: list[ScoringModel]
+    batch: list[PairRecord], models: list[ScoringModel], memo: Scores | None = None
 ) -> list[tuple[PairRecord, str | None]]:
     """(scored copy, None) for each record of `batch`; where scoring the batch raises, each record is scored
     alone and one that still raises is (itself, the reason) instead: one pair a chat template or the scorer
@@ -130,9 +189,11 @@ def score_each_alone_on_error(
     StageUnavailable (ScoreCountError too) is no pair's fault and propagates. Where no pair scores, alone
     either, a ScorerFailed among the errors is the scorer's state and raises StageUnavailable: the runner
     reads the batch again later, whereas a lone pair's failure would be dead-lettered, and plan_batch retries
-    a raising stage one record at a time. Else the batch's error propagates (a broken in-process scorer)."""
+    a raising stage one record at a time. Else the batch's error propagates (a broken in-process scorer).
+    `memo` holds the scores got so far (score_batch): a pair scored in the batch by one model is not again."""
+    memo = {} if memo is None else memo
     try:
-        return [(record, None) for record in score_batch(batch, models)]
+        return [(record, None) for record in score_batch(batch, models, memo)]
     except StageUnavailable:
         raise
     except Exception as exc:
@@ -140,11 +201,11 @@ def score_each_alone_on_error(
             alone: list[tuple[PairRecord, Exception | None]] = [(batch[0], exc)]
         else:
             log.warning("scoring a batch of %d raised %r; scoring its pairs one at a time", len(batch), exc)
-            alone = [score_alone(record, models) for record in batch]
+            alone = [score_alone(record, models, memo) for record in batch]
             if any(error is None for _, error in alone):
                 # Others score meanwhile, so a pair the scorer failed (not refused) may be its own fault, or one
                 # transient failure (a CUDA hiccup): one more try alone before it is dead-lettered.
-                alone = [score_alone(r, models) if isinstance(e, ScorerFailed) else (r, e) for r, e in alone]
+                alone = [score_alone(r, models, memo) if isinstance(e, ScorerFailed) else (r, e) for r, e in alone]
         if all(error is not None for _, error in alone):
             failed = next((e for _, e in alone if isinstance(e, ScorerFailed)), None)
             if failed is not None:
@@ -155,25 +216,37 @@ def score_each_alone_on_error(
         return [(r, None if e is None else f"scoring raised {type(e).__name__}: {e}") for r, e in alone]
 
 
-def score_alone(record: PairRecord, models: list[ScoringModel]) -> tuple[PairRecord, Exception | None]:
+def score_alone(record: PairRecord, models: list[ScoringModel], memo: Scores) -> tuple[PairRecord, Exception | None]:
     """(scored copy, None), or (record, the error) where scoring it raises anything but StageUnavailable."""
     try:
-        return score_batch([record], models)[0], None
+        return score_batch([record], models, memo)[0], None
     except StageUnavailable:
         raise
     except Exception as exc:
         return record, exc
 
 
-def score_batch(batch: list[PairRecord], models: list[ScoringModel]) -> list[PairRecord]:
-    """Copies of `batch` with each model's score set; ScoreCountError when a scorer returns the wrong count."""
+def score_batch(batch: list[PairRecord], models: list[ScoringModel], memo: Scores) -> list[PairRecord]:
+    """Copies of `batch` with each model's score set; ScoreCountError when a scorer returns the wrong count.
+    Each model scores only the pairs `memo` has no row of its for, and its rows go into `memo`; StageUnavailable
+    when the stage call's time is up (time_left) before a model is called."""
     pairs = [pair_dict(r) for r in batch]
+    keys = [pair_key(p) for p in pairs]
     scored: dict[str, Sequence[ScoredPair]] = {}
     for model in models:
-        rewards = model.score(pairs)
-        if len(rewards) != len(batch):
-            raise ScoreCountError(f"{model.role} scorer returned {len(rewards)} scores for {len(batch)} pairs")
-        scored[model.role] = rewards
+        known = memo.setdefault(model.role, {})
+        missing = list({k: p for k, p in zip(keys, pairs, strict=True) if k not in known}.items())
+        if missing:
+            time_left()
+            token = _scored.set(known)
+            try:
+                rewards = model.score([p for _, p in missing])
+            finally:
+                _scored.reset(token)
+            if len(rewards) != len(missing):
+                raise ScoreCountError(f"{model.role} scorer returned {len(rewards)} scores for {len(missing)} pairs")
+            known.update(zip((k for k, _ in missing), rewards, strict=True))
+        scored[model.role] = [known[k] for k in keys]
     out = []
     for i, record in enumerate(batch):
         copy = PairRecord()
@@ -290,8 +363,11 @@ def grpc_scorer(
     the_pairs_own = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE})
 
     def call(pairs: list[dict], split_until: float) -> list[ScoredPair]:
+        left = time_left()  # within the stage call's budget too: Stage 2 calls two models one after the other
         try:
-            scored = client.score_pairs(pairs, model=model_name, timeout=timeout_s)
+            scored = client.score_pairs(
+                pairs, model=model_name, timeout=timeout_s if left is None else min(timeout_s, left)
+            )
         except grpc.RpcError as exc:
             code, size = exc.code(), too_large(exc)
             slow = code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() < split_until
@@ -309,16 +385,19 @@ def grpc_scorer(
             # too, so the caller sorts out (score_each_alone_on_error) whether a pair or the scorer is at fault.
             why = f"scorer {address} failed {len(pairs)} pair(s) with {model_name!r}: {code.name}: {exc.details()}"
             raise ScorerFailed(why) from exc
-        return [(s.reward_chosen, s.reward_rejected, s.version) for s in scored]
-
-    def score(pairs: list[dict]) -> list[ScoredPair]:
-        scored = call(pairs, time.monotonic() + SPLIT_TIMEOUTS * timeout_s)
+        rows: list[ScoredPair] = [(s.reward_chosen, s.reward_rejected, s.version) for s in scored]
         want = expected(model_name) if expected is not None else None
-        stale = sorted({v for row in scored if want and isinstance(v := row[-1], str) and v and v != want})
+        stale = sorted({v for row in rows if want and isinstance(v := row[-1], str) and v and v != want})
         if stale:
             why = f"scorer {address} served {model_name!r} as {stale}, scorer.models_file names {want!r}"
             raise StageUnavailable(f"{why}: a replica that has not loaded it yet")
-        return scored
+        keep = _scored.get()
+        if keep is not None and len(rows) == len(pairs):  # a half scored is not scored again on the batch's re-read
+            keep.update(zip(map(pair_key, pairs), rows, strict=True))
+        return rows
+
+    def score(pairs: list[dict]) -> list[ScoredPair]:
+        return call(pairs, time.monotonic() + SPLIT_TIMEOUTS * timeout_s)
 
     return score
 
@@ -351,7 +430,7 @@ def models_from_settings(settings: ScoringSettings, scorer: ScorerSettings | Non
         if client is not None:
             version = served_version(client, role, model_version(ref) or role)
             pair_scorer = grpc_scorer(settings.scorer_address, role, client, settings.timeout_s, expected)
-            out.append(ScoringModel(role, version, pair_scorer))
+            out.append(ScoringModel(role, version, pair_scorer, STAGE_BUDGET_S))
         elif ref.path:
-            out.append(ScoringModel(role, model_version(ref), in_process_scorer(ref, settings)))
+            out.append(ScoringModel(role, model_version(ref), in_process_scorer(ref, settings), STAGE_BUDGET_S))
     return out
