@@ -58,7 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(.txt, one per line, or a pair file); repeatable (default: rmbench)",
     )
     parser.add_argument("--no-decontaminate", action="store_true", help="check against no benchmark at all")
-    parser.add_argument("--ngram", type=int, default=13, help="n-gram size of the overlap check (default 13)")
+    parser.add_argument("--ngram", type=positive, default=13, help="n-gram size of the overlap check (default 13)")
     parser.add_argument(
         "--seen", help="file of pair ids published by earlier runs (one per line): dedup across runs; new ids appended"
     )
@@ -73,6 +73,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     elif args.decontaminate is None:
         args.decontaminate = ["rmbench"]
     return args
+
+
+def positive(text: str) -> int:
+    """An --ngram of at least 1: a 0-gram is in every text, so every pair was dropped as contaminated."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
 
 
 READ_ERRORS = (OSError, EOFError, ValueError, TypeError, RuntimeError, zlib.error)
@@ -103,10 +111,16 @@ class FileFailure:
 
 
 def read_rows(
-    paths: list[str], fmt: str | None, source: str | None, failures: list[FileFailure]
+    paths: list[str],
+    fmt: str | None,
+    source: str | None,
+    failures: list[FileFailure],
+    outputs: Iterable[str] = (),
 ) -> Iterator[SourceRow]:
     """The rows of every file, file by file; a file that fails part-way is noted in `failures`
-    (after the rows it gave) and the next one is read."""
+    (after the rows it gave) and the next one is read. The run's own `outputs` (--report, --seen) are skipped:
+    a report inside an input folder, read back, gave a line for each line read, and the run never ended."""
+    own = {Path(out).resolve() for out in outputs}
     for path in paths:
         try:
             files = source_files(Path(path))
@@ -114,6 +128,9 @@ def read_rows(
             failures.append(FileFailure(str(path), str(exc)))
             continue
         for file in files:
+            if file.resolve() in own:
+                log.warning("%s is an output of this run (--report or --seen): not read as input", file)
+                continue
             where, done = file.as_posix(), 0
             try:
                 for row in iter_source(file, fmt, source):
@@ -164,7 +181,8 @@ def main(argv: list[str]) -> int:
         print(f"--decontaminate: {exc}", file=sys.stderr)
         return 2
     failures: list[FileFailure] = []
-    rows: Iterator[SourceRow] = read_rows(args.paths, args.format, args.source, failures)
+    outputs = [out for out in (args.report, args.seen) if out]
+    rows: Iterator[SourceRow] = read_rows(args.paths, args.format, args.source, failures, outputs)
     if args.limit:
         rows = itertools.islice(rows, args.limit)
 
