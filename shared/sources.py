@@ -155,7 +155,7 @@ def _messages(value: Any, what: str) -> Messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise RowError(f"{what}[{i}] is not a {{role, content}} message")
         role = m["role"]
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or dict role: unhashable, not a RowError
             raise RowError(f"{what}[{i}] has unknown role {role!r}")
         out.append({"role": role, "content": _text(m["content"], f"{what}[{i}].content")})
     return out

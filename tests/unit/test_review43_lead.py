@@ -140,3 +140,23 @@ def test_a_study_without_a_learning_curve_draws_no_empty_curve_figure(tmp_path):
     text = bench.write_outputs(args, [], [])
     assert not (tmp_path / "learning_curve.png").exists()
     assert "learning_curve.png" not in text and "not run (--no-curve)" in text
+
+
+def test_a_message_whose_role_is_a_list_is_one_bad_row_not_a_failed_file(tmp_path):
+    # `role not in ROLES` raised TypeError (unhashable) for a list or dict role: the reader counted the whole file
+    # as failed, and every later row of it was lost on every rerun.
+    import json
+
+    from synpref.shared.sources import iter_source
+
+    message = {"role": "user", "content": "q"}
+    rows = [
+        {"chosen": [message, {"role": "assistant", "content": f"good {i}"}],
+         "rejected": [message, {"role": ["assistant"] if i == 1 else "assistant", "content": f"bad {i}"}]}
+        for i in range(3)
+    ]  # fmt: skip
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read = list(iter_source(path))
+    assert [r.pair is not None for r in read] == [True, False, True]
+    assert "unknown role ['assistant']" in (read[1].error or "")
