@@ -77,9 +77,6 @@ class Annotator:
         band: the margin around 0.5 used by `skip_confident`.
         batch_deadline_s: seconds a batch may take; calls still running then abstain. None: no deadline.
 
-    Retrieval runs on a thread of its own while judges wait on I/O; when every judge (and the labeller) says
-    `in_process = True` (the study's simulated judges) it runs inline, as there is nothing to overlap.
-
     Input records are never mutated: each result is a copy.
     """
 
@@ -106,10 +103,6 @@ class Annotator:
         # batch's judge I/O goes on meanwhile. One thread: an example source need not be thread-safe (the encoder's
         # fast tokenizer is not, and faiss_threads sets a process-wide OpenMP setting).
         self._retrieval: ThreadPoolExecutor | None = None
-        # With every judge in process (a study's simulated panel) there is no I/O to overlap: the thread's hops
-        # would only add time, so retrieval runs inline.
-        callers = [*judges, *([labeller] if labeller is not None else [])]
-        self._retrieval_inline = all(getattr(c, "in_process", False) for c in callers)
 
     async def annotate_one(self, record: PairRecord, deadline: float | None = None) -> PairRecord:
         """An annotated copy of `record` (votes, aggregate and retrieved example ids replaced); calls still
@@ -138,10 +131,15 @@ class Annotator:
             # the swapped orientation): either would show the judges the very verdict they are asked for.
             twin = pair_id(request.conversation, request.rejected, request.chosen)
             own = {pair.id, out.lineage.original_id, twin} - {""}
-            if self._retrieval_inline:
-                examples = self._nearest(request.conversation, attrs, k, own)
-            else:
-                examples = await self._nearest_off_loop(request.conversation, attrs, k, own, deadline)
+            if self._retrieval is None:
+                self._retrieval = ThreadPoolExecutor(1, thread_name_prefix="synpref-examples")
+            found = asyncio.get_running_loop().run_in_executor(
+                self._retrieval, self._nearest, request.conversation, attrs, k, own
+            )
+            try:
+                examples = await found if deadline is None else await asyncio.wait_for(found, _left(deadline))
+            except TimeoutError:  # past the deadline the judges abstain at once: no examples needed
+                examples = []
         request = JudgeRequest(
             pair.id, request.conversation, request.chosen, request.rejected, attrs, examples, dict(pair.meta)
         )
@@ -157,21 +155,8 @@ class Annotator:
         out.lineage.updated_at.CopyFrom(now())
         return out
 
-    async def _nearest_off_loop(
-        self, conversation: list[dict[str, str]], attrs: dict, k: int, own: set[str], deadline: float | None
-    ) -> list[Example]:
-        """`_nearest` on the retrieval thread; none once the batch deadline passes (the judges abstain then)."""
-        if self._retrieval is None:
-            self._retrieval = ThreadPoolExecutor(1, thread_name_prefix="synpref-examples")
-        found = asyncio.get_running_loop().run_in_executor(self._retrieval, self._nearest, conversation, attrs, k, own)
-        try:
-            return await found if deadline is None else await asyncio.wait_for(found, _left(deadline))
-        except TimeoutError:  # past the deadline the judges abstain at once: no examples needed
-            return []
-
     def _nearest(self, conversation: list[dict[str, str]], attrs: dict, k: int, own: set[str]) -> list[Example]:
-        """Up to `k` examples nearest to the pair, none of them with an id in `own` (on the retrieval thread unless
-        every judge is in process)."""
+        """Up to `k` examples nearest to the pair, none of them with an id in `own` (in the retrieval thread)."""
         assert self.examples is not None
         found = self.examples.examples(conversation, attrs, k + 1)
         examples = [e for e in found if e.id not in own]

@@ -80,8 +80,6 @@ class SimulatedJudge:
     cannot average the errors away, as it can with independent judges.
     """
 
-    in_process = True  # no I/O to wait on: the annotator retrieves examples inline for it (annotate.Annotator)
-
     def __init__(self, settings: SimulatedJudgeSettings, seed: int = 0) -> None:
         self.name = settings.name
         self.settings = settings

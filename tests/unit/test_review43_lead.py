@@ -1,78 +1,21 @@
-"""Review 43 (lead): the annotator retrieves examples inline when every judge is in process (a study's simulated
-panel) and on its retrieval thread when a judge waits on I/O; the Job wait reads k8s_api's one request timeout."""
+"""Review 43 (lead): the Job wait reads k8s_api's one request timeout; a section's field written with one
+underscore is refused; a study without a learning curve draws no curve; a list role is one bad row."""
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 
 import pytest
 
-from synpref.services.annotator.annotate import Annotator
-from synpref.services.annotator.chat import OpenAIChat
-from synpref.services.annotator.judges import LLMJudge
-from synpref.services.controller.simulated import TRUTH_KEY, SimulatedJudge, digest
-from synpref.shared.config import Settings, SimulatedJudgeSettings, load_settings
+from synpref.shared.config import Settings, load_settings
 from synpref.shared.config_base import ConfigError
-from synpref.shared.pairs import message_dicts, new_pair, new_record
-from synpref.shared.retrieval import Example
 
 
 @pytest.fixture
 def no_synpref_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [n for n in os.environ if n.upper().startswith("SYNPREF_")]:
         monkeypatch.delenv(name)
-
-
-class ThreadNoting:
-    """An example source that notes the thread each call ran on."""
-
-    def __init__(self) -> None:
-        self.threads: list[str] = []
-
-    def examples(self, conversation, attributes, k):
-        self.threads.append(threading.current_thread().name)
-        return [Example("ex0", [{"role": "user", "content": "q"}], "good", "bad")]
-
-
-def study_record():
-    pair = new_pair(
-        [{"role": "user", "content": "Explain tides."}],
-        [{"role": "assistant", "content": "The moon's gravity."}],
-        [{"role": "assistant", "content": "Wind."}],
-        "t",
-    )
-    pair.meta[TRUTH_KEY] = digest(message_dicts(pair.chosen))
-    return new_record(pair)
-
-
-def test_simulated_judges_get_their_examples_inline_on_the_calling_thread():
-    # Before, every annotator sent retrieval to its thread: with in-process judges there is no I/O to overlap, so
-    # the hops only cost time (the demo's ~2 s).
-    source = ThreadNoting()
-    panel = [SimulatedJudge(SimulatedJudgeSettings(name=f"sim{i}", accuracy=1.0)) for i in range(2)]
-    annotator = Annotator(panel, examples=source, max_examples=1)  # type: ignore[arg-type]
-    try:
-        (out,) = annotator.stage()([study_record()]).routed[0][1:]
-    finally:
-        annotator.close()
-    assert source.threads == [threading.current_thread().name]
-    assert list(out.retrieved_example_ids) == ["ex0"]
-    assert out.judge_aggregate.judges_voting == 2
-    assert annotator._retrieval is None  # no thread was started
-
-
-def test_a_judge_that_waits_on_io_keeps_retrieval_on_its_thread():
-    source = ThreadNoting()
-    llm = LLMJudge(OpenAIChat("unused", "http://127.0.0.1:9/v1", retries=0), samples=1)
-    sim = SimulatedJudge(SimulatedJudgeSettings(name="sim", accuracy=1.0))
-    annotator = Annotator([sim, llm], examples=source, max_examples=1)  # type: ignore[list-item]
-    try:
-        annotator.stage()([study_record()])
-    finally:
-        annotator.close()
-    assert len(source.threads) == 1 and source.threads[0].startswith("synpref-examples")
 
 
 def test_the_job_wait_reads_the_one_request_timeout_that_bounded_calls_use(monkeypatch):
