@@ -162,8 +162,8 @@ class ScoringSettings(Section):
     scorer_address: str = "127.0.0.1:50060"
     timeout_s: float = Field(default=60.0, gt=0, le=120)
     """Deadline of one call to the scorer service (grpc mode); a batch that misses it is retried in halves for at
-    most three deadlines (gold_scorer.scoring.SPLIT_TIMEOUTS), which with this bound stays within Kafka's
-    10-minute poll interval."""
+    most three deadlines (gold_scorer.scoring.SPLIT_TIMEOUTS); one stage call has 300 s in all (STAGE_BUDGET_S
+    there, half of Kafka's 10-minute poll interval), after which its batch is read again."""
     batch_size: int = Field(default=32, ge=1)
     max_length: int = Field(default=4096, ge=8)
     """Token limit of one scored sequence in process (the scorer service has its own)."""
