@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import TopicPartition
 
 from synpref.shared.config import KafkaSettings, Settings, TopicSettings
 from synpref.shared.kafka.batch import plan_batch
@@ -16,6 +15,7 @@ from synpref.shared.kafka.runner import StageRunner
 from synpref.shared.pairs import new_pair, new_record
 from synpref.shared.stage import StageResult
 from synpref.v1.pair_pb2 import PairRecord
+from testing.group_consumer import Clock, GroupConsumer, RecordingProducer
 
 TOPICS = TopicSettings(s2_raw="in", s2_annotated="out", dead_letter="dlq")
 TP = TopicPartition("in", 0)
@@ -34,14 +34,6 @@ def consumed(offset: int, value: bytes | None = None) -> ConsumerRecord:
     return ConsumerRecord("in", 0, 0, offset, 0, 0, out.key, value, out.headers, None, 0, len(value), 0)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def slow_stage(clock: Clock, poison: set[str], calls: list[int]) -> Any:
     """A judge-like stage: every call takes STAGE_CALL_S of the fake clock; raises on a batch holding a poison pair."""
 
@@ -55,76 +47,13 @@ def slow_stage(clock: Clock, poison: set[str], calls: list[int]) -> Any:
     return stage
 
 
-class GroupConsumer:
-    """One partition, as a group member sees it: a member that goes longer than max.poll.interval.ms between
-    polls is dropped (kafka-python's heartbeat thread leaves the group), its commit fails, and once it rejoins
-    it reads again from the committed offset."""
-
-    def __init__(self, messages: list[ConsumerRecord], clock: Clock) -> None:
-        self.config = {"max_poll_interval_ms": POLL_INTERVAL_MS}
-        self.messages, self.clock = messages, clock
-        self.committed = self.pos = 0
-        self.last_poll = clock()
-        self.failed_commits = 0
-
-    def _dropped(self) -> bool:
-        return self.clock() - self.last_poll > POLL_INTERVAL_MS / 1000
-
-    def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[ConsumerRecord]]:
-        if self._dropped():
-            self.pos = self.committed  # the rejoin: the position comes from the group's committed offset
-        self.last_poll = self.clock()
-        batch = [m for m in self.messages if m.offset >= self.pos][:max_records]
-        if batch:
-            self.pos = batch[-1].offset + 1
-        return {TP: batch} if batch else {}
-
-    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        if self._dropped():
-            self.failed_commits += 1
-            raise CommitFailedError("the consumer was kicked out of the group")
-        self.committed = offsets[TP].offset
-
-    def seek(self, tp: TopicPartition, offset: int) -> None:
-        self.pos = offset
-
-    def assignment(self) -> set[TopicPartition]:
-        return {TP}
-
-    def highwater(self, tp: TopicPartition) -> int:
-        return len(self.messages)
-
-    def position(self, tp: TopicPartition, timeout_ms: int = 0) -> int:
-        return self.pos
-
-
-class Acked:
-    is_done = True
-    exception = None
-
-    def failed(self) -> bool:
-        return False
-
-
-class Producer:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, Any]] = []
-
-    def send(self, topic: str, key: Any, value: bytes, headers: Any) -> Acked:
-        self.sent.append((topic, value, headers))
-        return Acked()
-
-    def flush(self, timeout: float) -> None:
-        pass
-
-
 def test_a_slow_stage_retried_one_record_at_a_time_still_moves_the_partition_on_without_duplicates() -> None:
     # Found in review: after a batch raised, all its records were retried alone with no time limit. 20 calls of 10 s
     # outran a 100 s poll interval: the member was dropped, the commit failed, and the batch was read, retried and
     # its outputs sent again, for ever. (In production: 256 records, a judge's seconds a call, 10 minutes.)
     clock, calls = Clock(), []
     messages = [consumed(i) for i in range(20)]
-    consumer, producer = GroupConsumer(messages, clock), Producer()
+    consumer, producer = GroupConsumer(messages, clock, TP, POLL_INTERVAL_MS), RecordingProducer()
     stage = slow_stage(clock, {record(3).pair.id}, calls)
     runner = StageRunner(Settings(kafka=KafkaSettings(max_batch=20), topics=TOPICS), stage, service="review43-retry")
     runner.consumer, runner.producer, runner.outbox = consumer, producer, Outbox(producer, 5)

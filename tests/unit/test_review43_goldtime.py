@@ -16,8 +16,7 @@ from typing import Any, ClassVar
 import grpc
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import TopicPartition
 
 import synpref.client
 from synpref.client.client import PairScore
@@ -28,6 +27,7 @@ from synpref.shared.kafka.codec import DLQ_OFFSET, decode_record, encode_record,
 from synpref.shared.kafka.runner import UNAVAILABLE_MAX_PAUSE_S, StageRunner
 from synpref.shared.pairs import new_pair, new_record
 from synpref.v1.pair_pb2 import PairRecord
+from testing.group_consumer import Clock, GroupConsumer, RecordingProducer
 
 TOPICS = TopicSettings(s2_raw="in", s2_scored="scored", dead_letter="dlq")
 TP = TopicPartition("in", 0)
@@ -39,14 +39,6 @@ BAD = "UNRENDERABLE"
 """A pair the scorer refuses (INVALID_ARGUMENT), whatever it is batched with."""
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def record(i: int, bad: frozenset[int] = frozenset()) -> PairRecord:
     answer = BAD if i in bad else f"answer {i}"
     chosen, rejected = [{"role": "assistant", "content": answer}], [{"role": "assistant", "content": "no"}]
@@ -56,69 +48,6 @@ def record(i: int, bad: frozenset[int] = frozenset()) -> PairRecord:
 def consumed(offset: int, bad: frozenset[int]) -> ConsumerRecord:
     out = encode_record(record(offset, bad), "in")
     return ConsumerRecord("in", 0, 0, offset, 0, 0, out.key, out.value, out.headers, None, 0, len(out.value), 0)
-
-
-class GroupConsumer:
-    """One partition as a group member sees it: a member that goes longer than max.poll.interval.ms between polls
-    is dropped, its commit fails, and once it rejoins it reads again from the committed offset."""
-
-    def __init__(self, messages: list[ConsumerRecord], clock: Clock) -> None:
-        self.config = {"max_poll_interval_ms": POLL_INTERVAL_MS}
-        self.messages, self.clock = messages, clock
-        self.committed = self.pos = 0
-        self.last_poll = clock()
-        self.failed_commits = 0
-        self.longest_gap = 0.0
-
-    def _dropped(self) -> bool:
-        return self.clock() - self.last_poll > POLL_INTERVAL_MS / 1000
-
-    def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[ConsumerRecord]]:
-        if self._dropped():
-            self.pos = self.committed
-        self.longest_gap = max(self.longest_gap, self.clock() - self.last_poll)
-        self.last_poll = self.clock()
-        batch = [m for m in self.messages if m.offset >= self.pos][:max_records]
-        if batch:
-            self.pos = batch[-1].offset + 1
-        return {TP: batch} if batch else {}
-
-    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        if self._dropped():
-            self.failed_commits += 1
-            raise CommitFailedError("the consumer was kicked out of the group")
-        self.committed = offsets[TP].offset
-
-    def seek(self, tp: TopicPartition, offset: int) -> None:
-        self.pos = offset
-
-    def assignment(self) -> set[TopicPartition]:
-        return {TP}
-
-    def highwater(self, tp: TopicPartition) -> int:
-        return len(self.messages)
-
-    def position(self, tp: TopicPartition, timeout_ms: int = 0) -> int:
-        return self.pos
-
-
-class Acked:
-    is_done, exception = True, None
-
-    def failed(self) -> bool:
-        return False
-
-
-class Producer:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, Any]] = []
-
-    def send(self, topic: str, key: Any, value: bytes, headers: Any) -> Acked:
-        self.sent.append((topic, value, headers))
-        return Acked()
-
-    def flush(self, timeout: float) -> None:
-        pass
 
 
 class Pauses(threading.Event):
@@ -173,13 +102,16 @@ def fake_client(clock: Clock, seconds: Any) -> type:
 
 def run_service(
     monkeypatch: pytest.MonkeyPatch, clock: Clock, client: type, timeout_s: float, bad: frozenset[int]
-) -> tuple[GroupConsumer, Producer]:
+) -> tuple[GroupConsumer, RecordingProducer]:
     """The gold-scorer service's stage and runner over one partition of BATCH pairs (those `bad` refused), for up to
     8 batches."""
     monkeypatch.setattr(scoring, "time", SimpleNamespace(monotonic=clock))
     monkeypatch.setattr(synpref.client, "RewardClient", client)
     models = scoring.models_from_settings(ScoringSettings(mode="grpc", scorer_address="x", timeout_s=timeout_s))
-    consumer, producer = GroupConsumer([consumed(i, bad) for i in range(BATCH)], clock), Producer()
+    consumer, producer = (
+        GroupConsumer([consumed(i, bad) for i in range(BATCH)], clock, TP, POLL_INTERVAL_MS),
+        RecordingProducer(),
+    )
     settings = Settings(kafka=KafkaSettings(max_batch=BATCH), topics=TOPICS)
     runner = StageRunner(settings, scoring.make_scoring_stage(models), service="review43-goldtime", stop=Pauses(clock))
     runner.consumer, runner.producer, runner.outbox = consumer, producer, Outbox(producer, 5)
@@ -191,7 +123,7 @@ def run_service(
     return consumer, producer
 
 
-def assert_each_pair_once(consumer: GroupConsumer, producer: Producer, bad: frozenset[int]) -> None:
+def assert_each_pair_once(consumer: GroupConsumer, producer: RecordingProducer, bad: frozenset[int]) -> None:
     assert consumer.failed_commits == 0, f"a batch outran max.poll.interval.ms ({consumer.longest_gap:.0f}s)"
     assert consumer.committed == BATCH, f"stuck at offset {consumer.committed}"
     # The stage's half of the interval, and a back-off before the batch's next read: the rest sends and commits.
