@@ -413,7 +413,7 @@ class Settings(BaseSettings):
 def section_fields() -> dict[str, list[str]]:
     """Each top-level section of Settings and its field names."""
     fields = Settings.model_fields.items()
-    return {n: list(f.annotation.model_fields) for n, f in fields if hasattr(f.annotation, "model_fields")}
+    return {n: list(sub) for n, f in fields if (sub := getattr(f.annotation, "model_fields", None)) is not None}
 
 
 def check_env_sections(environ: Mapping[str, str]) -> None:

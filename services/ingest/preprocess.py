@@ -327,8 +327,8 @@ class Preprocessor:
         for part in ("chosen", "rejected"):
             if pair[part] and pair[part][0]["role"] == "user":
                 # Not a comparison of answers: the sides answer different prompts, or each repeats the prompt.
-                reason = f"{part}[0] is a user turn: chosen and rejected must be answers to the conversation"
-                self._reject(row, "unreadable", reason)
+                why = f"{part}[0] is a user turn: chosen and rejected must be answers to the conversation"
+                self._reject(row, "unreadable", why)
                 return None
         if not pair["conversation"]:
             self._reject(row, "empty", "no conversation")

@@ -109,8 +109,8 @@ def plan_batch(
     for msg, reason in undecodable:
         if not later(msg):
             to_dlq(msg, "undecodable", reason)
-    for msg, exc in errors:
-        to_dlq(msg, "stage-error", stage_error(exc))
+    for msg, error in errors:
+        to_dlq(msg, "stage-error", stage_error(error))
     decoded = [(msg, record) for msg, record in decoded if not later(msg)]
     arrivals: dict[str, list[Message]] = {}
     for msg, record in decoded:
