@@ -11,9 +11,9 @@ Delivery, step by step (at-least-once, like every stage):
      first offset still open: a pair decided out of order waits for the older ones.
 A desk that stops or crashes re-reads every pair after the committed offset: undecided
 pairs come back (never lost), and a pair decided after an older, still-open one may
-come back too and be labelled again (a duplicate on the verified topic, which
-downstream deduplicates by pair id). Assignments live in memory, so run one desk
-replica per consumer group. A full desk (desk.max_pending) pauses its partitions and
+come back too and be labelled again (a duplicate on the verified topic: the controller keeps
+one verdict per ingest key, lineage.original_id, which a flip keeps). Assignments live in memory, so run one
+desk replica per consumer group. A full desk (desk.max_pending) pauses its partitions and
 only polls to stay in the group.
 
 kafka-python clients are not thread-safe, so every call on the runner runs on one worker thread; the

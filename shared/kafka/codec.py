@@ -91,7 +91,8 @@ def record_headers() -> Headers:
 
 
 def encode_record(record: PairRecord, topic: str) -> Outgoing:
-    """A PairRecord as a message keyed by its pair id, so all versions of a pair share a partition."""
+    """A PairRecord as a message keyed by its pair id, so the versions of a pair share a partition while they keep
+    its orientation (a flip makes a new id)."""
     key = record.pair.id.encode() if record.pair.id else None
     return Outgoing(topic=topic, key=key, value=record.SerializeToString(), headers=record_headers())
 
