@@ -18,7 +18,9 @@ Formats (auto-detected from the first record's keys; `fmt` overrides):
   the styles and the official slice (hard i<j, normal i=j, easy i>j).
 - "pairs": the common shapes: chosen/rejected as strings or message lists (Skywork-Reward-
   Preference: full message lists including the prompt, the shared prefix becomes the
-  conversation), with an optional prompt/conversation as a string or a message list.
+  conversation), with an optional prompt/conversation as a string or a message list. Scores
+  that state the label (SCORE_FIELDS: UltraFeedback's score_chosen/score_rejected, ...; also
+  read in "hh-rlhf") make a tie (equal) or a mislabelled row (chosen below) an error.
 Containers: a JSON list, JSON lines, Parquet (optionally .gz for the JSON ones), Arrow (a
 Hugging Face save_to_disk folder), or a directory, read recursively in sorted order.
 """
@@ -29,6 +31,8 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
+from numbers import Real
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -194,6 +198,7 @@ def read_hh_rlhf(record: Any, source: str) -> Iterator[tuple[str, dict]]:
     """
     if not isinstance(record, dict):
         raise RowError("record is not an object")
+    _check_scores(record)
     chosen, rejected = _text(record.get("chosen"), "chosen"), _text(record.get("rejected"), "rejected")
     marker = "\n\nAssistant:"
     ic, ir = chosen.rfind(marker), rejected.rfind(marker)
@@ -272,6 +277,38 @@ def read_rm_bench(record: Any, source: str) -> Iterator[tuple[str, dict]]:
             yield f"c{i}-r{j}", _pair(prompt, _assistant(c), _assistant(r), source, meta)
 
 
+# Score fields that state a row's label (UltraFeedback binarized; Argilla's DPO sets): equal scores are a tie, a chosen
+# score below the rejected one a mislabelled row; either read as a preference trains the model on noise.
+SCORE_FIELDS = (
+    ("score_chosen", "score_rejected"),
+    ("chosen_score", "rejected_score"),
+    ("chosen_rating", "rejected_rating"),
+    ("chosen-rating", "rejected-rating"),
+)
+
+
+def _score(value: Any, what: str) -> Any:
+    if value is None or value != value:  # a Parquet null or pandas' NaN: the row has no score
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real | Decimal):
+        raise RowError(f"{what} is a {type(value).__name__}, not a number")
+    return value  # compared as it is: float() of a 400-digit JSON integer overflows
+
+
+def _check_scores(record: dict[str, Any]) -> None:
+    """RowError when the record's own scores say its chosen response is not the better one."""
+    for chosen_key, rejected_key in SCORE_FIELDS:
+        good, bad = _score(record.get(chosen_key), chosen_key), _score(record.get(rejected_key), rejected_key)
+        if good is None or bad is None:
+            continue
+        if good == bad:
+            raise RowError(f"{chosen_key} equals {rejected_key} ({good}): a tie, no preference")
+        if good < bad:
+            raise RowError(
+                f"{chosen_key} {good} < {rejected_key} {bad}: the scores say rejected is better (mislabelled)"
+            )
+
+
 def _split_common_prefix(chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
     """Skywork-style full lists: the shared prefix is the conversation, each response keeps >= 1 message."""
     n = 0
@@ -292,6 +329,7 @@ def read_pairs(record: Any, source: str) -> Iterator[tuple[str, dict]]:
     for key in ("chosen", "rejected"):
         if key not in record:
             raise RowError(f"missing field {key!r}")
+    _check_scores(record)
     # `is not None`: in a Parquet/Arrow file (or pandas' JSON lines) every row has every column, null where it had
     # none; a null `conversation` must not hide the `prompt` its row holds.
     prompt_keys = ("conversation", "prompt", "history", "messages")
