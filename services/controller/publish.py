@@ -69,8 +69,10 @@ def write_registry(models_dir: Path, registry: dict[str, Any], max_length: int) 
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     # Relative to the link's folder, wherever the checkpoint is: the full trainer's and the k8s Jobs' final model is
-    # models/final/final, and a link to its last name alone pointed at models/final (no checkpoint there).
-    tmp.symlink_to(os.path.relpath(registry[BEST]["path"], models_dir))
+    # models/final/final, and a link to its last name alone pointed at models/final (no checkpoint there). Both sides
+    # resolved: the registry's paths are, and a relative target is followed from the folder's real place, so one made
+    # from a workdir reached through a link (macOS's /tmp, a linked volume) climbed out of it and dangled.
+    tmp.symlink_to(os.path.relpath(Path(registry[BEST]["path"]).resolve(), models_dir.resolve()))
     replace_durably(tmp, link)
     write_text_atomic(models_dir / "registry.json", json.dumps(registry, indent=1, sort_keys=True))
     scorer = {"scorer": {"models": registry, "default_model": BEST, "max_length": max_length}}

@@ -18,7 +18,6 @@ Secret) and compared in constant time; the chart admits only the controller to t
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 from pathlib import Path
@@ -70,8 +69,6 @@ class AdminApi:
         self.registry = registry
         self._token = token.encode()
         self.root = Path(model_root).resolve()
-        self._latest: dict[str, tuple[tuple[str, str], asyncio.Future[ServedModel]]] = {}
-        """Each name's last reload asked for here: its (checkpoint, version) and its load, until it ends."""
 
     def app(self) -> web.Application:
         """The aiohttp application with the token guard and both admin routes."""
@@ -113,24 +110,14 @@ class AdminApi:
         return web.json_response({"model": served.name, "version": served.version, "model_id": served.model_id})
 
     async def _reload_once(self, name: str, ref: ModelRef) -> ServedModel:
-        """`ref` served as `name`: by the load under way when it is the name's last one asked for; at once when it
-        is served and no load of the name is under way (one of another version would replace it after); else by a
-        new load, queued behind any under way."""
-        key = (ref.path, version_of(ref))
-        latest = self._latest.get(name)
-        if latest is not None and latest[0] == key and not latest[1].done():
-            return await latest[1]
+        """`ref` served as `name`: at once when it is served and no load of the name is under way (one of another
+        version would replace it after); else by the registry, which joins a load of it under way (this port's, or
+        the models file's) or queues a new one behind any under way."""
         served = self.registry.models.get(name)
+        key = (ref.path, version_of(ref))
         if served is not None and name not in self.registry.loading and (served.model_id, served.version) == key:
             return served
-        load = asyncio.ensure_future(self.registry.reload(name, ref))
-        self._latest[name] = (key, load)
-        load.add_done_callback(lambda _: self._forget(name, load))
-        return await load
-
-    def _forget(self, name: str, load: asyncio.Future[ServedModel]) -> None:
-        if name in self._latest and self._latest[name][1] is load:
-            del self._latest[name]
+        return await self.registry.reload(name, ref)
 
     async def unload(self, request: web.Request) -> web.Response:
         """`{"model"}`: stop serving the named model."""

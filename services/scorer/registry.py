@@ -163,6 +163,8 @@ class ModelRegistry:
         swap lock), and the first to finish must not make the name read "no model" while the other
         loads. While nothing is served, a request gets NotReady (retry) if one is coming, else NoModel."""
         self._swap_lock = asyncio.Lock()
+        self._asked: dict[str, tuple[tuple[str, str], asyncio.Future[ServedModel]]] = {}
+        """Each name's last load asked for, by (checkpoint, version), until it ends: a reload of the same joins it."""
         # Tokenizing of requests over INLINE_ENCODE_BYTES runs here, off the event loop, in
         # parallel with the forward thread and with request handling.
         self._encode_pool = ThreadPoolExecutor(max_workers=ENCODE_THREADS, thread_name_prefix="scorer-encode")
@@ -290,7 +292,37 @@ class ModelRegistry:
         return ServedModel(name, ref.path, version_of(ref), backend, encoder, batcher)
 
     async def reload(self, name: str, ref: ModelRef) -> ServedModel:
-        """Serve `ref` under `name`, replacing (and draining) whatever served it before."""
+        """Serve `ref` under `name`, replacing (and draining) whatever served it before. A reload of the checkpoint
+        and version the name's last load asked for is loading joins that load: the models file's watcher and the
+        controller's admin reload of one publish (or a retry of a timed-out one) must not load an 8B model twice."""
+        key = (ref.path, version_of(ref))
+        asked = self._asked.get(name)
+        if asked is not None and asked[0] == key and not asked[1].done():
+            try:
+                return await asyncio.shield(asked[1])  # this caller leaving does not cancel the other's load
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not asked[1].cancelled() or (current is not None and current.cancelling()):
+                    raise
+            # The load's own caller left, and took it with it: load it for this one.
+        outcome: asyncio.Future[ServedModel] = asyncio.get_running_loop().create_future()
+        outcome.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: joiners are optional
+        self._asked[name] = (key, outcome)
+        try:
+            served = await self._load(name, ref)
+        except asyncio.CancelledError:
+            outcome.cancel()
+            raise
+        except BaseException as exc:
+            outcome.set_exception(exc)
+            raise
+        finally:
+            if name in self._asked and self._asked[name][1] is outcome:
+                del self._asked[name]
+        outcome.set_result(served)
+        return served
+
+    async def _load(self, name: str, ref: ModelRef) -> ServedModel:
         self.begin_loading(name)
         try:
             async with self._swap_lock:
