@@ -85,15 +85,29 @@ def load_reward_model(path: str, device: str = "cpu", dtype: str = "float32", **
 
     A local folder loads with local_files_only: nothing it names (a remote-code hook, a tokenizer
     elsewhere) sends transformers to a hub. A hub id loads as transformers does.
+
+    Raises ValueError for a checkpoint that lacks weights of the model, such as a base LM or encoder
+    with no trained score head: transformers would fill them in at random, with only a log warning, and
+    every reward read from it would be noise. Training a head on a base model goes through the trainer.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     device = resolve_device(device)
     kwargs.setdefault("local_files_only", Path(path).is_dir())
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=kwargs["local_files_only"])
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=resolve_dtype(dtype, device), **kwargs
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=resolve_dtype(dtype, device), output_loading_info=True, **kwargs
     )
+    # Mismatched keys are reinitialised too (with ignore_mismatched_sizes); transformers 4 lists them as tuples.
+    fresh = [*info["missing_keys"], *info["mismatched_keys"]]
+    fresh = sorted({str(k[0] if isinstance(k, tuple) else k) for k in fresh})
+    if fresh:
+        names = ", ".join(fresh[:8]) + (f" and {len(fresh) - 8} more" if len(fresh) > 8 else "")
+        raise ValueError(
+            f"{path} is not a trained reward model: it has no weights for {names}, which transformers would "
+            "initialise at random (a base model without a trained score head?); load a checkpoint saved with "
+            "its head, or train one from this base with `synpref train`"
+        )
     ensure_pad_token(model, tokenizer)
     tokenizer.padding_side = "right"
     model.to(device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from synpref.shared.modeling import (
     encode_conversation,
@@ -149,8 +149,11 @@ def test_length_batches_respect_limits():
         assert len(b) <= 3 and max(lengths[i] for i in b) * len(b) <= max(150, max(lengths[i] for i in b))
 
 
-def test_real_minilm_loads_as_reward_model():
-    model, tok = load_reward_model(minilm_path())
+def test_real_minilm_loads_as_reward_model(tmp_path):
+    # The published MiniLM has no classifier (load_reward_model refuses it): give it one, as training does.
+    AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=1).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(tmp_path)
+    model, tok = load_reward_model(str(tmp_path))
     enc = encode_conversation(tok, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}], 512)
     assert enc.input_ids[0] == tok.cls_token_id and enc.input_ids.count(tok.cls_token_id) == 1
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id
@@ -164,7 +167,7 @@ TEXTS = ["hello", "", "  two  spaces\n\nand lines", "Ünïcödé ✓ 漢字 🙂
 @pytest.mark.parametrize("add_special_tokens", [False, True])
 def test_token_ids_from_the_rust_backend_are_the_tokenizer_calls(tiny, add_special_tokens):
     _, _, _, tok = tiny
-    minilm_tok = load_reward_model(minilm_path())[1]
+    minilm_tok = AutoTokenizer.from_pretrained(minilm_path())
     for t in (tok, minilm_tok):
         t("x")  # a call without truncation clears the backend's (MiniLM's tokenizer.json sets 128)
         assert t.backend_tokenizer.truncation is None  # else token_ids takes the call, and this test nothing
