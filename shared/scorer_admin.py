@@ -9,6 +9,7 @@ library for it.
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -58,9 +59,10 @@ def admin_post(base_url: str, route: str, body: dict[str, Any], token: str, time
         except (ValueError, AttributeError):
             message = raw.decode(errors="replace").strip() or str(exc.reason)
         raise ScorerAdminError(exc.code, message) from None
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        # HTTPException: a scorer pod that stops mid-answer (IncompleteRead, BadStatusLine) is no OSError.
         reason = getattr(exc, "reason", exc)
-        raise ScorerAdminError(0, f"cannot reach the scorer's admin port at {url}: {reason}") from None
+        raise ScorerAdminError(0, f"cannot reach the scorer's admin port at {url}: {reason!r}") from None
     return _json_object(url, raw_answer)
 
 

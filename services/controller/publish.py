@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ def reload_scorer(
     port, with the bearer token from token_file); ScorerAdminError with the scorer's words on a refusal.
 
     A call that timed out or found no scorer is made again, up to wait_s in all: the scorer answers a repeat
-    of a reload under way by waiting for that load (services/scorer/admin.py), so nothing is loaded twice."""
+    of a reload under way by waiting for that load (services/scorer/registry.py), so nothing is loaded twice."""
     token = read_admin_token(token_file) if token_file else ""
     deadline = time.monotonic() + wait_s
     for name, ref in registry.items():
@@ -44,8 +45,9 @@ def reload_scorer(
                 break
             except ScorerAdminError as exc:
                 # Status 0 is also a 200 that was not the scorer's JSON (a misrouted Service): only a failed
-                # connection or read (the OSError it was raised from) is worth asking again.
-                if exc.status not in RETRY_STATUSES and not (exc.status == 0 and isinstance(exc.__context__, OSError)):
+                # connection or read (the OSError or cut-off answer it was raised from) is worth asking again.
+                unreached = isinstance(exc.__context__, OSError | http.client.HTTPException)
+                if exc.status not in RETRY_STATUSES and not (exc.status == 0 and unreached):
                     raise
                 pause = next(pauses, None)
                 if pause is None:

@@ -103,3 +103,40 @@ def test_a_message_whose_role_is_a_list_is_one_bad_row_not_a_failed_file(tmp_pat
     read = list(iter_source(path))
     assert [r.pair is not None for r in read] == [True, False, True]
     assert "unknown role ['assistant']" in (read[1].error or "")
+
+
+def test_a_scorer_pod_that_stops_mid_answer_is_asked_again(monkeypatch):
+    # A scorer pod stopped (a rolling update) while answering a reload: the cut-off answer raised
+    # http.client.IncompleteRead, which is no OSError, so it escaped admin_post as a bare traceback and the
+    # controller's publish step died instead of asking the next pod again.
+    import json
+    import socket
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from synpref.services.controller import publish
+
+    answer = json.dumps({"model": "best", "version": "v1", "model_id": "/m"}).encode()
+    server = socket.create_server(("127.0.0.1", 0))
+    calls: list[int] = []
+
+    def serve() -> None:
+        for i in range(2):
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                calls.append(i)
+                head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(answer)}\r\n\r\n"
+                conn.sendall(head.encode() + (answer[:5] if i == 0 else answer))  # the first cut off, then closed
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    monkeypatch.setattr(publish, "time", SimpleNamespace(monotonic=time.monotonic, sleep=lambda s: None))
+    try:
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        publish.reload_scorer(url, {"best": {"path": "/m", "version": "v1"}}, timeout_s=5, wait_s=30)
+    finally:
+        thread.join(10)
+        server.close()
+    assert calls == [0, 1]
