@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -397,19 +398,30 @@ def score_pairs(
     batch_size: int = 32,
     truncation: Truncation = "left_turns",
     progress: bool = False,
+    counts: Counter[str] | None = None,
 ) -> list[tuple[float, float]]:
     """(r_chosen, r_rejected) for each pair dict {"conversation", "chosen", "rejected"}.
 
     A side that does not fit under the policy is scored on its left-token-truncated
-    fallback (the response end is kept) and counted in a warning.
+    fallback (the response end is kept) and counted in a warning, and in `counts`
+    ("unfit_pairs", "unfit_sequences") where given. Sides that only `right` made the
+    same tokens (both responses cut off a conversation over max_length) do not fit.
     """
     pad_id = ensure_pad_token(None, tokenizer) if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
     seqs: list[list[int]] = []
-    unfit = 0
+    unfit = unfit_pairs = 0
     for pair in pairs:
-        for enc in encode_pair(tokenizer, pair, max_length, truncation):
+        chosen, rejected = encode_pair(tokenizer, pair, max_length, truncation)
+        cut = chosen.truncated or rejected.truncated
+        if chosen.input_ids == rejected.input_ids and cut and pair["chosen"] != pair["rejected"]:
+            # Else a tie whatever the model: the trainer's evaluation (batching.compared_sides) scores these ends.
+            chosen, rejected = (replace(s, fits=False) for s in encode_pair(tokenizer, pair, max_length, "left_tokens"))
+        unfit_pairs += not (chosen.fits and rejected.fits)
+        for enc in (chosen, rejected):
             unfit += not enc.fits
             seqs.append(enc.input_ids)
+    if counts is not None:
+        counts.update(unfit_pairs=unfit_pairs, unfit_sequences=unfit)
     if unfit:
         log.warning(
             "%d sequences exceed max_length=%d under %s; scored their left-truncated ends",

@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 import zlib
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -166,9 +167,11 @@ def main(argv: list[str]) -> int:
     # file is not held, to score it whole or its first N.
     for (path, fmt), key in zip(inputs, keys, strict=True):
         reader = PairReader(path, fmt, args.limit)
+        unfit: Counter[str] = Counter()
 
-        def score(chunk: list[Mapping[str, Any]]) -> list[tuple[float, float]]:
-            return score_pairs(model, tokenizer, chunk, args.max_length, args.batch_size, args.truncation, False)
+        def score(chunk: list[Mapping[str, Any]], counts: Counter[str] = unfit) -> list[tuple[float, float]]:
+            length, batch, truncation = args.max_length, args.batch_size, args.truncation
+            return score_pairs(model, tokenizer, chunk, length, batch, truncation, False, counts)
 
         metrics = reward_metrics(*stream_rewards(score, reader, progress))
         if reader.error:
@@ -176,6 +179,9 @@ def main(argv: list[str]) -> int:
             metrics = {"error": reader.error, "pairs_scored": metrics["pairs"]}
             failed = True
         metrics["unreadable_rows"] = reader.problems
+        # Pairs with a side over --max-length, scored on its truncated end (RM-Bench's unfit_sequences; the
+        # trainer's eval_unfit_pairs): only a log warning counted them, so the accuracy looked whole.
+        metrics["unfit_pairs"], metrics["unfit_sequences"] = unfit["unfit_pairs"], unfit["unfit_sequences"]
         result[key] = metrics
         pending.remove(key)
         log.info("%s: %s", key, json.dumps(metrics))  # on stderr as it comes, for a run without --out

@@ -99,7 +99,8 @@ def test_eval_streams_a_pair_file_in_chunks_with_the_whole_file_figures(
     assert np.abs(np.stack([chosen, rejected], 1) - expect).max() <= tol
     assert names == ["src0", "src1", "src2"] and codes.tolist() == [i % 3 for i in range(n)]
     want = evaluation.pairwise_metrics(whole, [p["source"] for p in pairs])
-    assert list(got) == [*want, "unreadable_rows"] and got["unreadable_rows"] == 0
+    assert list(got) == [*want, "unreadable_rows", "unfit_pairs", "unfit_sequences"]
+    assert got["unreadable_rows"] == got["unfit_pairs"] == 0
     assert got["pairs"] == n and got["pairs_by_source"] == want["pairs_by_source"] == {
         f"src{k}": n // 3 for k in range(3)
     }
