@@ -28,6 +28,7 @@ from synpref.services.controller.models import ModelHandle, RewardModels
 from synpref.services.controller.state import RunState, key_of
 from synpref.services.gold_scorer.scoring import pair_dict, set_score
 from synpref.shared.config import ControllerSettings, Settings
+from synpref.shared.pairs import conversation_key, held_out_positions, message_dicts
 from synpref.shared.pairstore import PairStore
 from synpref.shared.retrieval import k_rule
 from synpref.shared.roles import BEST, GOLD
@@ -42,7 +43,7 @@ from synpref.v1.pair_pb2 import (
 )
 
 GOLD_PROBE_HELD_OUT = 0.2
-"""Share of D_gold the auto rule's probe gold RM is scored on, not trained on."""
+"""Share of D_gold's conversations the auto rule's probe gold RM is scored on, not trained on."""
 
 
 class CurationSteps:
@@ -166,11 +167,20 @@ class CurationSteps:
 
     def measure_gold(self) -> None:
         """For `filter.on_disagreement: auto`: how far a gold RM can be trusted to overrule labels. A probe
-        gold RM learns from D_gold less a held-out fifth (seeded) and is scored on that fifth; Stage 2 then
-        flips disagreements if its accuracy's lower bound reaches flip_min_gold_accuracy on at least
+        gold RM learns from D_gold less a held-out fifth of its conversations (seeded) and is scored on that fifth;
+        Stage 2 then flips disagreements if its accuracy's lower bound reaches flip_min_gold_accuracy on at least
         flip_min_held_out_pairs pairs, else discards them."""
-        rows = np.fromiter(self.pairstore.all_rows("gold"), dtype=np.int64)
-        held = np.random.default_rng(self.c.seed).random(len(rows)) < GOLD_PROBE_HELD_OUT
+        rows_of: list[int] = []
+        prompts: list[str] = []
+        for chunk in self.pairstore.scan("gold", batch=self.c.batch_pairs):
+            rows_of.extend(row for row, _ in chunk)
+            prompts.extend(conversation_key(message_dicts(r.pair.conversation)) for _, r in chunk)
+        # Held out by conversation, as the pool's held-out pairs are: pairs sharing a prompt (RM-Bench's style
+        # pairs, a pair and its flipped twin) on both sides let a probe that learned the prompt look accurate.
+        distinct = sorted(set(prompts))
+        held_prompts = {distinct[i] for i in held_out_positions(len(distinct), GOLD_PROBE_HELD_OUT, self.c.seed)}
+        rows = np.array(rows_of, dtype=np.int64)
+        held = np.array([k in held_prompts for k in prompts], dtype=bool)
         correct = n = 0
         if 0 < held.sum() < len(rows):
             probe = self.models.train("gold-probe", PairView(self.pairstore, rows[~held]), [], self.root / "models")
@@ -215,6 +225,11 @@ class CurationSteps:
             records = self.pairstore.get(rows)
             for record in records:
                 record.lineage.stage = STAGE_TWO
+                # Stage 1's judging of a pair it left here is not Stage 2's: kept, a pair Stage 2's annotator
+                # skips (the best RM is sure) would be counted, and explained, as judged by Stage 2.
+                del record.votes[:]
+                record.ClearField("judge_aggregate")
+                del record.retrieved_example_ids[:]
             row_of = {key_of(r): row for r, row in zip(records, rows, strict=True)}
             result = self.executor.run("stage2", records)
             result.routed = self.resolve_disagreements(result.routed)
