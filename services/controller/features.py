@@ -17,6 +17,7 @@ import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,22 @@ class _Stored(Mapping[str, np.ndarray]):
         return np.frombuffer(row[0], dtype=np.float32)
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' log lines below errors and its progress bars off inside the block, as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 class FeatureCache:
     """[CLS] states of the frozen backbone per encoded sequence, cached on disk by backbone weights and token ids."""
 
@@ -68,7 +85,8 @@ class FeatureCache:
         self.backbone = backbone
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(backbone)
-        model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1, dtype=torch.float32)
+        with quiet_transformers():  # its "classifier MISSING, consider training" report: training it is the point
+            model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1, dtype=torch.float32)
         if not hasattr(model, "bert") or getattr(model.bert, "pooler", None) is None:
             raise ValueError(f"trainer = head needs a BERT-family backbone with a pooler; {backbone} is not one")
         self.model = model.eval()
