@@ -53,6 +53,9 @@ class KafkaSettings(Section):
     """Most records a runner hands to its stage function at once."""
     request_timeout_ms: int = Field(default=30_000, ge=1000)
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_poll_interval_ms: int = Field(default=600_000, ge=10_000)
+    """max.poll.interval.ms: the most a batch (stage call, sends, commit) may take before the group drops the consumer
+    and its batch is read again: above the slowest batch. Half is the stage's (runner RETRY_SHARE, gold scorer)."""
 
     def client_kwargs(self) -> dict[str, Any]:
         """Connection settings shared by kafka-python producers, consumers and admins."""
@@ -68,10 +71,7 @@ class KafkaSettings(Section):
                 sasl_plain_username=self.sasl_username,
                 sasl_plain_password=None if self.sasl_password is None else self.sasl_password.get_secret_value(),
             )
-        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-            value = getattr(self, key)
-            if value:
-                kwargs[key] = value
+        kwargs.update({k: v for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile") if (v := getattr(self, k))})
         return kwargs
 
 
@@ -149,8 +149,8 @@ class AnnotatorSettings(Section):
     """First retry delay; doubled on each retry, with jitter."""
     seed: int = 0
     """Seeds the Candidate 1/2 order of each (pair, judge, sample); the same seed replays the same prompts."""
-    batch_deadline_s: float = Field(default=480.0, gt=0, le=570)
-    """The service's time for one batch; calls still running then abstain. Under Kafka's 10-min poll interval."""
+    batch_deadline_s: float = Field(default=480.0, gt=0)
+    """The service's time for one batch; calls still running then abstain. Under 95% of kafka.max_poll_interval_ms."""
 
 
 class ScoringSettings(Section):
@@ -162,8 +162,8 @@ class ScoringSettings(Section):
     scorer_address: str = "127.0.0.1:50060"
     timeout_s: float = Field(default=60.0, gt=0, le=120)
     """Deadline of one call to the scorer service (grpc mode); a batch that misses it is retried in halves for at
-    most three deadlines (gold_scorer.scoring.SPLIT_TIMEOUTS); one stage call has 300 s in all (STAGE_BUDGET_S
-    there, half of Kafka's 10-minute poll interval), after which its batch is read again."""
+    most three deadlines (gold_scorer.scoring.SPLIT_TIMEOUTS); one stage call has half of kafka.max_poll_interval_ms
+    in all (300 s by default: gold_scorer.scoring.stage_budget_s), after which its batch is read again."""
     batch_size: int = Field(default=32, ge=1)
     max_length: int = Field(default=4096, ge=8)
     """Token limit of one scored sequence in process (the scorer service has its own)."""

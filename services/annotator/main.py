@@ -16,6 +16,9 @@ from synpref.shared.config import AnnotatorSettings, JudgeSettings, Settings
 from synpref.shared.service import ServiceSpec, serve, service_parser
 from synpref.v1 import pipeline_pb2_grpc
 
+POLL_SHARE = 0.95
+"""Most of kafka.max_poll_interval_ms a batch's judging may take (annotator.batch_deadline_s): 570 s by default."""
+
 
 def prompt_version(settings: AnnotatorSettings) -> str:
     """The configured version and the code's prompt version: a change of either misses the cache."""
@@ -71,6 +74,13 @@ def build_annotator(settings: Settings, examples=None) -> Annotator:
 def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
     """The annotator service: the annotator stage, reading `--input-route` and writing each record's stage's
     annotated topic."""
+    interval_s = settings.kafka.max_poll_interval_ms / 1000
+    if settings.annotator.batch_deadline_s > POLL_SHARE * interval_s:
+        # A batch judged longer than the group waits is taken from this member, read again and judged again.
+        raise SystemExit(
+            f"annotator: annotator.batch_deadline_s ({settings.annotator.batch_deadline_s:g}) must be at most "
+            f"{POLL_SHARE:.0%} of kafka.max_poll_interval_ms ({interval_s:g} s), which leaves time to send and commit"
+        )
     annotator = build_annotator(settings)
     return ServiceSpec(
         name="annotator",

@@ -12,7 +12,7 @@ from synpref.v1 import pipeline_pb2_grpc
 
 def make_spec(settings: Settings, args: argparse.Namespace) -> ServiceSpec:
     """The gold-scorer service; exits when no scoring model is configured."""
-    models = models_from_settings(settings.scoring, settings.scorer)
+    models = models_from_settings(settings.scoring, settings.scorer, settings.kafka)
     if not models:
         raise SystemExit("gold-scorer: set scoring.gold.path (and scoring.best.path), or scoring.mode=grpc")
     return ServiceSpec(

@@ -24,7 +24,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
-from synpref.shared.config import ModelRef, ScorerSettings, ScoringSettings
+from synpref.shared.config import KafkaSettings, ModelRef, ScorerSettings, ScoringSettings
+from synpref.shared.kafka.runner import RETRY_SHARE
 from synpref.shared.pairs import message_dicts, now, pair_id, pair_problem, preference_probability
 from synpref.shared.roles import BEST, GOLD
 from synpref.shared.stage import Stage, StageResult, StageUnavailable
@@ -39,12 +40,18 @@ PairScorer = Callable[[list[dict]], Sequence[ScoredPair]]
 STEP = "gold-scorer"
 log = logging.getLogger("synpref.services.gold_scorer")
 
-STAGE_BUDGET_S = 300.0
-"""Seconds one call of the service's stage may spend scoring (ScoringModel.budget_s of models_from_settings'
-models): half of the consumer's 10-minute max.poll.interval.ms (shared/kafka/clients.py), as the runner's own retry
-(shared/kafka/runner.py RETRY_SHARE); the rest is for sending and committing. A batch past it is read again
-(StageUnavailable) and the scores got meanwhile are kept for that read, so a batch too slow for one call gets
-through in a few rather than outrunning the interval and being read and scored again for ever."""
+
+def stage_budget_s(kafka: KafkaSettings) -> float:
+    """Seconds one call of the service's stage may spend scoring (ScoringModel.budget_s of models_from_settings'
+    models): RETRY_SHARE (half) of the consumer's kafka.max_poll_interval_ms, as the runner's own retry
+    (shared/kafka/runner.py); the rest is for sending and committing. A batch past it is read again
+    (StageUnavailable) and the scores got meanwhile are kept for that read, so a batch too slow for one call gets
+    through in a few rather than outrunning the interval and being read and scored again for ever."""
+    return RETRY_SHARE * kafka.max_poll_interval_ms / 1000
+
+
+STAGE_BUDGET_S = stage_budget_s(KafkaSettings())
+"""The budget with the default kafka settings (300 s)."""
 
 Scores = dict[str, dict[str, ScoredPair]]
 """Role -> pair key (pair_key) -> that pair's row from the role's scorer."""
@@ -89,7 +96,7 @@ def time_left() -> float | None:
         return None
     left = deadline[0] - time.monotonic()
     if left <= 0:
-        why = f"scoring the batch took its {deadline[1]:g}s (gold_scorer.scoring.STAGE_BUDGET_S)"
+        why = f"scoring the batch took its {deadline[1]:g}s (half of kafka.max_poll_interval_ms)"
         raise StageUnavailable(f"{why}: it is read again, and what is scored is kept for that read")
     return left
 
@@ -413,14 +420,18 @@ def served_version(client, model_name: str, fallback: str) -> str:
     return next((m.version for m in info.models if m.name == model_name and m.version), fallback)
 
 
-def models_from_settings(settings: ScoringSettings, scorer: ScorerSettings | None = None) -> list[ScoringModel]:
-    """The gold and best RMs named in settings (in process, a role with an empty path is left out).
+def models_from_settings(
+    settings: ScoringSettings, scorer: ScorerSettings | None = None, kafka: KafkaSettings | None = None
+) -> list[ScoringModel]:
+    """The gold and best RMs named in settings (in process, a role with an empty path is left out), each with the
+    stage_budget_s of `kafka` (the default settings' where None).
 
     In grpc mode the roles are served model names ("gold", "best") of the scorer service; with `scorer`'s
     models_file, a score of another version than the file names is retried (see the module docstring).
     """
     out = []
     client = None
+    budget_s = STAGE_BUDGET_S if kafka is None else stage_budget_s(kafka)
     expected = ExpectedVersions.from_settings(scorer) if scorer is not None else None
     if settings.mode == "grpc":
         from synpref.client import RewardClient
@@ -430,7 +441,7 @@ def models_from_settings(settings: ScoringSettings, scorer: ScorerSettings | Non
         if client is not None:
             version = served_version(client, role, model_version(ref) or role)
             pair_scorer = grpc_scorer(settings.scorer_address, role, client, settings.timeout_s, expected)
-            out.append(ScoringModel(role, version, pair_scorer, STAGE_BUDGET_S))
+            out.append(ScoringModel(role, version, pair_scorer, budget_s))
         elif ref.path:
-            out.append(ScoringModel(role, model_version(ref), in_process_scorer(ref, settings), STAGE_BUDGET_S))
+            out.append(ScoringModel(role, model_version(ref), in_process_scorer(ref, settings), budget_s))
     return out

@@ -53,7 +53,7 @@ def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
 
 def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> dict[str, Any]:
     """kafka-python consumer settings for `group_id`: manual commits, earliest reset, read_committed,
-    10 minutes allowed per batch. `overrides` replace any of them.
+    kafka.max_poll_interval_ms allowed per batch. `overrides` replace any of them.
     """
     config: dict[str, Any] = {
         **kafka.client_kwargs(),
@@ -64,8 +64,8 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
         "max_poll_records": kafka.max_batch,
         "max_partition_fetch_bytes": max(kafka.max_message_bytes, 1024 * 1024),
         "fetch_max_bytes": max(kafka.max_message_bytes, 50 * 1024 * 1024),
-        # Stages may be slow (LLM judges, RM scoring): allow 10 minutes per batch before a rebalance.
-        "max_poll_interval_ms": 600_000,
+        # Stages may be slow (LLM judges, RM scoring): the time a batch may take before a rebalance is the operator's.
+        "max_poll_interval_ms": kafka.max_poll_interval_ms,
         "session_timeout_ms": kafka.session_timeout_ms,
         "heartbeat_interval_ms": max(100, min(3000, kafka.session_timeout_ms // 3)),
         # Don't read records of aborted or open transactions if anyone ever writes transactionally.

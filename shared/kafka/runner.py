@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from kafka import ConsumerRebalanceListener
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from synpref.shared.config import Settings
@@ -341,6 +341,12 @@ class StageRunner:
         except CommitFailedError as exc:
             # The group rebalanced while we worked: the new owner re-reads the batch (a duplicate, not a loss).
             log.warning("%s: commit failed after a rebalance, the batch will be re-delivered: %s", self.service, exc)
+        except KafkaTimeoutError as exc:
+            if self.sink is not None and not self.sink.keeps_offsets:
+                raise  # the desk offers these offsets again on its next commit and reports the failure (/readyz)
+            # Not a loss: the next checkpoint commits past these offsets, or the partitions' next owner reads them
+            # again. Exiting instead would restart the service, re-read the batch and rejoin the group all the same.
+            log.warning("%s: offset commit timed out, going on (committed later or read again): %s", self.service, exc)
         except KafkaError as exc:
             if self.sink is None or not self.sink.keeps_offsets:
                 raise
