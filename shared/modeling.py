@@ -321,6 +321,23 @@ def encode_pair(
     return chosen, rejected
 
 
+def compared_sides(
+    tokenizer: Any, pair: Mapping[str, Any], sides: tuple[Encoded, Encoded], max_length: int, keep_unfit: bool
+) -> tuple[Encoded, Encoded] | None:
+    """A pair's encoded sides, or None when chosen and rejected are the same: a Bradley-Terry loss of log 2
+    whatever the model and a held-out pair no model gets right (ingest drops them; files read here may hold
+    them). Sides that only truncation made equal (`right` cuts both responses off a conversation over
+    max_length) do not fit, and their fallback (built when keep_unfit) is the left-token-truncated ends."""
+    chosen, rejected = sides
+    if chosen.input_ids != rejected.input_ids:
+        return sides
+    if pair["chosen"] == pair["rejected"] or not (chosen.truncated or rejected.truncated):
+        return None
+    if keep_unfit:
+        chosen, rejected = encode_pair(tokenizer, pair, max_length, "left_tokens")
+    return replace(chosen, fits=False), replace(rejected, fits=False)
+
+
 # ---------------------------------------------------------------- scoring
 
 
@@ -411,11 +428,9 @@ def score_pairs(
     seqs: list[list[int]] = []
     unfit = unfit_pairs = 0
     for pair in pairs:
-        chosen, rejected = encode_pair(tokenizer, pair, max_length, truncation)
-        cut = chosen.truncated or rejected.truncated
-        if chosen.input_ids == rejected.input_ids and cut and pair["chosen"] != pair["rejected"]:
-            # Else a tie whatever the model: the trainer's evaluation (batching.compared_sides) scores these ends.
-            chosen, rejected = (replace(s, fits=False) for s in encode_pair(tokenizer, pair, max_length, "left_tokens"))
+        sides = encode_pair(tokenizer, pair, max_length, truncation)
+        # Same pair as the trainer's evaluation sees it; one whose sides are the same is scored as given (a tie).
+        chosen, rejected = compared_sides(tokenizer, pair, sides, max_length, keep_unfit=True) or sides
         unfit_pairs += not (chosen.fits and rejected.fits)
         for enc in (chosen, rejected):
             unfit += not enc.fits

@@ -11,14 +11,14 @@ import math
 import random
 from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synpref.shared.modeling import Encoded, encode_pair
+from synpref.shared.modeling import compared_sides, encode_pair
 
 # Below about a thousand tokens per forward, a CPU spends a visible share of its time outside
 # the matmuls (measured on the 5M-parameter benchmark model; see docs/training.md).
@@ -102,23 +102,6 @@ def encode_pairs(
         out.pairs.append(EncodedPair(chosen.input_ids, rejected.input_ids, pair_margin(pair, margin_column)))
         out.kept.append(i)
     return out
-
-
-def compared_sides(
-    tokenizer: Any, pair: Mapping[str, Any], sides: tuple[Encoded, Encoded], max_length: int, keep_unfit: bool
-) -> tuple[Encoded, Encoded] | None:
-    """A pair's encoded sides, or None when chosen and rejected are the same: a Bradley-Terry loss of log 2
-    whatever the model and a held-out pair no model gets right (ingest drops them; files read here may hold
-    them). Sides that only truncation made equal (`right` cuts both responses off a conversation over
-    max_length) do not fit, and their fallback (built when keep_unfit) is the left-token-truncated ends."""
-    chosen, rejected = sides
-    if chosen.input_ids != rejected.input_ids:
-        return sides
-    if pair["chosen"] == pair["rejected"] or not (chosen.truncated or rejected.truncated):
-        return None
-    if keep_unfit:
-        chosen, rejected = encode_pair(tokenizer, pair, max_length, "left_tokens")  # type: ignore[arg-type]
-    return replace(chosen, fits=False), replace(rejected, fits=False)
 
 
 def pair_margin(pair: Mapping[str, Any], column: str) -> float:

@@ -19,8 +19,8 @@ from typing import Any, overload
 
 import numpy as np
 
-from synpref.shared.modeling import Encoded, encode_pair
-from synpref.training.batching import EncodedPair, compared_sides, pair_margin
+from synpref.shared.modeling import Encoded, compared_sides, encode_pair
+from synpref.training.batching import EncodedPair, pair_margin
 
 IDS_FILE = "ids.int32"
 ARRAYS = ("offsets", "margins", "widths", "tokens", "sources")
@@ -189,7 +189,7 @@ class EncodedSet:
 class PairEncoder:
     """Encodes pair dicts one at a time into a PairStoreWriter, as batching.encode_pairs does:
     unfit pairs are counted and left out unless keep_unfit (then their left-token-truncated fallback
-    is kept); pairs whose chosen and rejected are the same are counted and left out (batching.compared_sides);
+    is kept); pairs whose chosen and rejected are the same are counted and left out (modeling.compared_sides);
     the margin is read from margin_column (0.0 without one)."""
 
     def __init__(
