@@ -199,6 +199,7 @@ bootstrap_servers: {{ $k.bootstrapServers | quote }}
 security_protocol: {{ $k.securityProtocol }}
 partitions: {{ $k.partitions }}
 replication_factor: {{ $k.replicationFactor }}
+max_poll_interval_ms: {{ $k.maxPollIntervalMs | default 600000 | int }}
 {{- if $k.sasl.mechanism }}
 sasl_mechanism: {{ $k.sasl.mechanism }}
 sasl_username: {{ $k.sasl.username | quote }}
