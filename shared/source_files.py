@@ -1,14 +1,17 @@
-"""Reading pair files as records: JSON, JSON lines (gzipped or not), Parquet and Arrow (a Hugging Face
-`Dataset.save_to_disk` folder), one record at a time.
+"""Reading pair files as records: JSON, JSON lines (plain or compressed: .gz, .bz2, .xz, .zst), Parquet and Arrow (a
+Hugging Face `Dataset.save_to_disk` folder), one record at a time.
 
 shared/sources.py turns these records into pairs, format by format.
 """
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import gzip
+import io
 import json
+import lzma
 import re
 import sys
 import zlib
@@ -16,7 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-FILE_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet", ".arrow")
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+"""The compressed forms of a JSON or JSON lines file read (by its name's last suffix, in any case)."""
+FILE_SUFFIXES = (
+    ".json",
+    ".jsonl",
+    *(f"{kind}{c}" for c in COMPRESSIONS for kind in (".json", ".jsonl")),
+    ".parquet",
+    ".arrow",
+)
 BATCH_ROWS = 1024
 JSON_WINDOW = 1 << 18
 """Characters of a JSON file read at a time: a JSON list is decoded record by record from such a window (one
@@ -36,12 +47,30 @@ class SourceError(ValueError):
 
 def _open_text(path: Path):
     # utf-8-sig: a file saved with a byte-order mark (Windows editors) would otherwise not parse at all.
-    gz = path.name.lower().endswith(".gz")  # lower: iter_records picks the reader by the lower-cased name
-    return gzip.open(path, "rt", encoding="utf-8-sig") if gz else path.open(encoding="utf-8-sig")
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig")
 
 
 def _open_binary(path: Path):
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb")
+    name = path.name.lower()  # lower: iter_records picks the reader by the lower-cased name
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    if name.endswith(".xz"):
+        return lzma.open(path, "rb")
+    if name.endswith(".zst"):
+        import pyarrow as pa  # the stdlib reads no zstd before Python 3.14; pyarrow is a dependency already
+
+        if not pa.Codec.is_available("zstd"):
+            raise SourceError(f"{path}: this pyarrow reads no zstd; decompress it or give it as .gz, .bz2 or .xz")
+        # Buffered: pyarrow's stream has no readline, which JSON lines are read by.
+        return io.BufferedReader(pa.input_stream(str(path), compression="zstd"))
+    return path.open("rb")
+
+
+def _plain_name(name: str) -> str:
+    """The name without its compression suffix: what the file holds decides how it is read."""
+    return next((name.removesuffix(c) for c in COMPRESSIONS if name.endswith(c)), name)
 
 
 def _json_line(raw: bytes) -> tuple[Any, str | None]:
@@ -95,9 +124,10 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
 
 def _unreadable(exc: Exception) -> bool:
     """An error of the file's bytes or of reading them, not of the code."""
-    if isinstance(exc, OSError | EOFError | zlib.error):  # gzip.BadGzipFile is an OSError
+    # gzip.BadGzipFile and a bad bz2 or zstd stream are OSErrors; a truncated gzip, bz2 or xz file an EOFError.
+    if isinstance(exc, OSError | EOFError | zlib.error | lzma.LZMAError):
         return True
-    pa = sys.modules.get("pyarrow")  # imported by the Parquet and Arrow readers only, which raise its errors
+    pa = sys.modules.get("pyarrow")  # imported by the Parquet, Arrow and zstd readers only, which raise its errors
     return pa is not None and isinstance(exc, pa.ArrowException)
 
 
@@ -121,7 +151,7 @@ def _records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                     yield index, record, None
                     index += 1
         return
-    if name.endswith((".jsonl", ".jsonl.gz")) or _is_json_lines(path):
+    if _plain_name(name).endswith(".jsonl") or _is_json_lines(path):
         with _open_binary(path) as raw_lines:
             for index, raw in enumerate(raw_lines):
                 if index == 0:

@@ -21,7 +21,7 @@ Formats (auto-detected from the first record's keys; `fmt` overrides):
   conversation), with an optional prompt/conversation as a string or a message list. Scores
   that state the label (SCORE_FIELDS: UltraFeedback's score_chosen/score_rejected, ...; also
   read in "hh-rlhf") make a tie (equal) or a mislabelled row (chosen below) an error.
-Containers: a JSON list, JSON lines, Parquet (optionally .gz for the JSON ones), Arrow (a
+Containers: a JSON list, JSON lines (either .gz, .bz2, .xz or .zst too), Parquet, Arrow (a
 Hugging Face save_to_disk folder), or a directory, read recursively in sorted order.
 """
 
@@ -383,10 +383,11 @@ def _iter_file(path: Path, fmt: str | None, source: str | None, keep: tuple[str,
     if first is None:
         return
     sample = first[1]
-    if fmt is None and first[2] is not None:
-        # A bad first line must not decide the format of the whole file (an hh-rlhf file read as "pairs" gives
-        # every row as "no conversation"): detect from the first record that parses.
-        sample = next((record for _, record, error in iter_records(path) if error is None), None)
+    if fmt is None and not _telling(first[1], first[2]):
+        # A bad first line, or an empty side (RM-Bench's lists of strings look like message lists then), must not
+        # decide the format of the whole file (an hh-rlhf file read as "pairs" gives every row as "no conversation",
+        # an RM-Bench one every row as "not a {role, content} message"): detect from the first record that tells.
+        sample = next((r for _, r, error in iter_records(path) if _telling(r, error)), None if first[2] else sample)
     file_fmt = fmt or detect_format(path, sample)
     if file_fmt not in READERS:
         raise SourceError(f"unknown format {file_fmt!r}; known: {', '.join(FORMATS)}")
@@ -408,6 +409,10 @@ def _iter_file(path: Path, fmt: str | None, source: str | None, keep: tuple[str,
                 if record.get(column) is not None:
                     pair[column] = record[column]
             yield SourceRow(where, index, pair=pair, sub=sub)
+
+
+def _telling(record: Any, error: str | None) -> bool:
+    return error is None and not (isinstance(record, dict) and [] in (record.get("chosen"), record.get("rejected")))
 
 
 def _chain(first: tuple[int, Any, str | None], rest: Iterable[tuple[int, Any, str | None]]):

@@ -4,13 +4,13 @@
     synpref eval --model artifacts/rm/final --rmbench ../shared/data/RM-Bench
     synpref eval --model ... --hh-rlhf ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz
 
-Prints one JSON object: "model", "max_length", each input's metrics under its file's name (its path where names
-repeat or the name is one of the result's own keys), and "rmbench". --out also writes it to a file, atomically, before
-scoring and again after each input and RM-Bench: until the run ends the file lists what is still to come under
-"pending", so a crash (RM-Bench out of memory after hours of pair scoring) keeps every input scored before it; the
-finished file is the printed result. An input that cannot be read on (a truncated gzip, invalid JSON), or an RM-Bench
-that fails while scored, gets {"error": ...} in place of its metrics, the rest is still scored, and the exit status
-is 1.
+Prints one JSON object: "model", "max_length", "truncation", "limit" (null: none), each input's metrics under its
+file's name (its path where names repeat or the name is one of the result's own keys), and "rmbench". --out also
+writes it to a file, atomically, before scoring and again after each input and RM-Bench: until the run ends the file
+lists what is still to come under "pending", so a crash (RM-Bench out of memory after hours of pair scoring) keeps
+every input scored before it; the finished file is the printed result. An input that cannot be read on (a truncated
+gzip, invalid JSON), or an RM-Bench that fails while scored, gets {"error": ...} in place of its metrics, the rest is
+still scored, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 log = logging.getLogger("synpref.eval")
 
-RESULT_FIELDS = ("model", "max_length", "rmbench", "pending")
+RESULT_FIELDS = ("model", "max_length", "truncation", "limit", "rmbench", "pending")
 """The result's own keys: no input is keyed by one of them."""
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error)
 """What a file that cannot be read on raises (SourceError, JSON and Arrow errors are ValueErrors; a truncated gzip
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         # >= 0: a -1 meant as "no limit" read every pair but cut RM-Bench's last item (items[:-1]), silently.
         type=whole_number(0),
         default=0,
-        help="read only the first N pairs of each input (unreadable_rows counts the rows read); RM-Bench: N items",
+        help="score only the first N pairs of each input (unreadable_rows, identical_pairs count those read on the "
+        "way); RM-Bench: N items",
     )
     parser.add_argument("--out", help="also write the JSON result here")
     parser.add_argument("--no-progress", action="store_true")
@@ -86,10 +87,12 @@ def result_key(path: str, paths: list[str], taken: Collection[str] = RESULT_FIEL
 
 class PairReader:
     """The pairs of `path` (the first `limit` when > 0, reading no further), streamed; `problems` counts the
-    unreadable rows read; `error` says why the file could not be read on, where it could not."""
+    unreadable rows read, `identical` the pairs left out for a chosen the same as the rejected; `error` says why
+    the file could not be read on, where it could not."""
 
     def __init__(self, path: str, fmt: str | None, limit: int) -> None:
         self.path, self.fmt, self.limit, self.problems, self.error = path, fmt, limit, 0, ""
+        self.identical = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from synpref.training.data import iter_pairs
@@ -99,6 +102,11 @@ class PairReader:
             for pair, _ in iter_pairs([self.path], fmt=self.fmt):
                 if pair is None:
                     self.problems += 1
+                    continue
+                if pair["chosen"] == pair["rejected"]:
+                    # A tie whatever the model, so counted wrong: the trainer's evaluation leaves these out
+                    # (modeling.compared_sides), and ingest drops them.
+                    self.identical += 1
                     continue
                 yield pair
                 read += 1
@@ -147,7 +155,14 @@ def main(argv: list[str]) -> int:
     except (ValueError, KeyError) as e:  # invalid JSON, a missing field, an item not 3 x 3
         print(f"synpref eval: {args.rmbench}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    result: dict[str, Any] = {"model": args.model, "max_length": args.max_length}
+    # --truncation and --limit change the figures: a result on the first 1,000 pairs, or cut another way, must not
+    # pass for one on the whole set as the trainer cuts it.
+    result: dict[str, Any] = {
+        "model": args.model,
+        "max_length": args.max_length,
+        "truncation": args.truncation,
+        "limit": args.limit or None,
+    }
     keys = [result_key(p, paths) for p in paths]
     pending = [*keys, *(["rmbench"] if args.rmbench else [])]
 
@@ -182,6 +197,8 @@ def main(argv: list[str]) -> int:
         # Pairs with a side over --max-length, scored on its truncated end (RM-Bench's unfit_sequences; the
         # trainer's eval_unfit_pairs): only a log warning counted them, so the accuracy looked whole.
         metrics["unfit_pairs"], metrics["unfit_sequences"] = unfit["unfit_pairs"], unfit["unfit_sequences"]
+        if reader.identical:  # only then, as the trainer's report: the metrics of the usual data stay as they were
+            metrics["identical_pairs"] = reader.identical
         result[key] = metrics
         pending.remove(key)
         log.info("%s: %s", key, json.dumps(metrics))  # on stderr as it comes, for a run without --out
