@@ -8,6 +8,7 @@ result means (silver label, human candidates, KEEP / FLIP) are in consistency_fi
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,7 +31,6 @@ from synpref.services.gold_scorer.scoring import pair_dict, set_score
 from synpref.shared.config import ControllerSettings, Settings
 from synpref.shared.pairs import conversation_key, held_out_positions, message_dicts
 from synpref.shared.pairstore import PairStore
-from synpref.shared.retrieval import k_rule
 from synpref.shared.roles import BEST, GOLD
 from synpref.v1.pair_pb2 import (
     DECISION_FLIP,
@@ -44,6 +44,20 @@ from synpref.v1.pair_pb2 import (
 
 GOLD_PROBE_HELD_OUT = 0.2
 """Share of D_gold's conversations the auto rule's probe gold RM is scored on, not trained on."""
+
+
+def k_rules(p: np.ndarray, k_max: int) -> np.ndarray:
+    """shared/retrieval.k_rule of every p at once (k_max where p <= 0.5 or NaN, else ceil(k_max (1 - p))
+    clipped to 0..k_max), as int32: 4 bytes a verified pair, not a list's 8 built by a Python loop over millions."""
+    p = np.asarray(p, dtype=np.float64)
+    k = np.clip(np.ceil(k_max * (1.0 - p)), 0, k_max)
+    return np.where(p > 0.5, k, k_max).astype(np.int32)
+
+
+def lowest_p(rows: np.ndarray, p: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `budget` entries of lowest p, ties by lower row (rules.human_candidates' order), in that order."""
+    order = np.lexsort((rows, p))[: max(budget, 0)]
+    return rows[order], p[order]
 
 
 class CurationSteps:
@@ -66,17 +80,18 @@ class CurationSteps:
     commit_batch: Callable[[dict[str, Any]], None]
     progress_of: Callable[[dict[str, Any]], dict[str, Any]]
 
-    def score_verified(self, handle: ModelHandle) -> tuple[list[int], list[float]]:
-        """Score D_gold and D_silver with `handle` (as BEST, written into the records); their rows and p."""
-        rows: list[int] = []
-        ps: list[float] = []
+    def score_verified(self, handle: ModelHandle) -> tuple[np.ndarray, np.ndarray]:
+        """Score D_gold and D_silver with `handle` (as BEST, written into the records); their rows (int64) and
+        p (float64, as set_score gives it: k_rule's ceil is taken of the same number), 16 bytes a pair."""
+        rows = array("q")
+        ps = array("d")
         for chunk in self.pairstore.scan(("gold", "silver"), batch=self.c.batch_pairs):
             rewards = self.models.score(handle, [pair_dict(r) for _, r in chunk])
             for (row, record), (rc, rr) in zip(chunk, rewards, strict=True):
                 rows.append(row)
                 ps.append(set_score(record, BEST, handle.version, rc, rr))
             self.pairstore.put(chunk)
-        return rows, ps
+        return np.frombuffer(rows, dtype=np.int64), np.frombuffer(ps, dtype=np.float64)
 
     def curate_stage1(self, t: int) -> None:
         """Stage-1 iteration t: retrieve, annotate and route unverified pairs.
@@ -89,37 +104,50 @@ class CurationSteps:
         """
         handle = self.handle(f"working-{t}")
         verified, p = self.score_verified(handle)
-        retrieved = sorted(self.retrieval().nearest(verified, [k_rule(x, self.c.k_max) for x in p]))
-        errors = sum(1 for x in p if x <= 0.5)
+        retrieved = self.retrieval().nearest_rows(verified, k_rules(p, self.c.k_max))
+        errors = int(np.count_nonzero(p <= 0.5))
         self.say(
             f"stage 1 iteration {t}: RM wrong on {errors}/{len(verified)} verified pairs; "
             f"retrieved {len(retrieved)} unverified pairs"
         )
         entry: dict[str, Any] = {"iteration": t, "rm_errors": errors, "retrieved": len(retrieved)}
-        if retrieved:
+        if len(retrieved):
             self.serve_models({BEST: handle})
             failed = self.run_batches("stage1", retrieved, t)
             # Scored by the working RM, judged, and decided by the stage-1 rule: pairs the RM gets
-            # wrong or is unsure of are gold candidates (REVIEW).
-            annotated: list[int] = []
-            review: dict[int, float] = {}
+            # wrong or is unsure of are gold candidates (REVIEW). Of those only the human_budget that
+            # human_candidates picks are kept (lowest p, ties by row), so memory is the budget plus a batch.
+            parts: list[np.ndarray] = []
+            best_rows, best_p = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
+            candidates = 0
             for start in range(0, len(retrieved), self.c.batch_pairs):
-                rows = retrieved[start : start + self.c.batch_pairs]
+                rows = retrieved[start : start + self.c.batch_pairs].tolist()
+                done: list[int] = []
+                review: dict[int, float] = {}
                 for row, record in zip(rows, self.pairstore.get(rows), strict=True):
                     if record.lineage.stage != STAGE_ONE or record.lineage.iteration != t:
                         continue  # failed in every attempt: not annotated this iteration
-                    annotated.append(row)
+                    done.append(row)
                     score = score_of(record, BEST)
                     if record.decision.decision == DECISION_REVIEW and score is not None:
                         review[row] = score.p
-            to_humans = human_candidates(review, self.c.human_budget)
+                parts.append(np.array(done, dtype=np.int64))
+                candidates += len(review)
+                best_rows, best_p = lowest_p(
+                    np.concatenate([best_rows, np.fromiter(review, dtype=np.int64, count=len(review))]),
+                    np.concatenate([best_p, np.fromiter(review.values(), dtype=np.float64, count=len(review))]),
+                    self.c.human_budget,
+                )
+            to_humans = human_candidates(
+                dict(zip(best_rows.tolist(), best_p.tolist(), strict=True)), self.c.human_budget
+            )
             gold_added, dropped = self.ask_humans(to_humans, t)
-            humans = set(to_humans)
-            silver, flipped, abstained = self.judge_labels([r for r in annotated if r not in humans])
+            annotated = np.concatenate(parts)
+            silver, flipped, abstained = self.judge_labels(annotated[~np.isin(annotated, to_humans)])
             entry.update(
                 annotated=len(annotated),
                 failed=failed,
-                gold_candidates=len(review),
+                gold_candidates=candidates,
                 to_humans=len(to_humans),
                 human_verified=len(gold_added),
                 human_discarded=len(dropped),
@@ -130,12 +158,12 @@ class CurationSteps:
         self.state.iteration = t
         self.state.results.setdefault("stage1", []).append(entry)
 
-    def run_batches(self, name: str, rows: list[int], t: int) -> int:
+    def run_batches(self, name: str, rows: np.ndarray, t: int) -> int:
         """Send `rows` through the executor's stage-1 chain a batch at a time, committing each batch's
         records; goes on after the last committed batch on a restart. Returns how many failed."""
         progress = self.progress_of({"next": 0, "failed": 0})
         for start in range(progress["next"], len(rows), self.c.batch_pairs):
-            batch = rows[start : start + self.c.batch_pairs]
+            batch = rows[start : start + self.c.batch_pairs].tolist()
             records = self.pairstore.get(batch)
             for record in records:
                 record.lineage.stage = STAGE_ONE
@@ -148,11 +176,11 @@ class CurationSteps:
             self.say(f"{name}: {progress['next']}/{len(rows)} pairs through score, annotate and filter")
         return int(progress["failed"])
 
-    def judge_labels(self, rows: list[int]) -> tuple[int, int, int]:
+    def judge_labels(self, rows: np.ndarray) -> tuple[int, int, int]:
         """D_silver gets the judges' label (rules.silver_label); an abstaining panel leaves the pair unverified."""
         counts: Counter[int] = Counter()
         for start in range(0, len(rows), self.c.batch_pairs):
-            batch = rows[start : start + self.c.batch_pairs]
+            batch = rows[start : start + self.c.batch_pairs].tolist()
             labelled = []
             for row, record in zip(batch, self.pairstore.get(batch), strict=True):
                 out = silver_label(record)

@@ -84,10 +84,10 @@ def test_the_controller_maps_the_filled_index_on_restart_without_reading_the_poo
     again = PoolRetrieval(store, FailingVectors(tmp_path / "v.f16"), trained, filled)
     assert again.live.count == 40 and all(r not in again.live for r in rows[:20])
     again.vectors = vf  # queries read their own vectors
-    hits = again.nearest(rows[20:25], [10] * 5)
+    hits = set(again.nearest_rows(rows[20:25], [10] * 5).tolist())
     assert hits and hits <= set(rows[20:])
     again.leave(rows[20:25])
-    assert not again.nearest(rows[25:30], [40] * 5) & set(rows[:25])
+    assert not set(again.nearest_rows(rows[25:30], [40] * 5).tolist()) & set(rows[:25])
     store.close()
 
 

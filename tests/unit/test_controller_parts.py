@@ -279,11 +279,11 @@ def test_retrieval_embeds_attributes_finds_only_unverified_rows_and_views_stream
     unverified = store.rows("unverified")
     assert len(retrieval.index) == len(unverified) == 32
     query = unverified[3]
-    hits = retrieval.nearest([query], [4])
+    hits = set(retrieval.nearest_rows([query], [4]).tolist())
     assert query in hits and len(hits) == 4 and hits <= set(unverified)
     store.move([query], "gold", step="test")
     retrieval.leave([query])
-    assert query not in retrieval.nearest([query], [4])
+    assert query not in retrieval.nearest_rows([query], [4])
 
     view = PairView(store, store.all_rows("unverified"), batch=5)
     assert len(view) == 31 and view[0]["chosen"][0]["content"].startswith("good")
