@@ -14,6 +14,7 @@ L2-normalised and compared by inner product (cosine).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -78,6 +79,40 @@ class VectorFile:
         self._map.flush()
         fsync_folder(self.path)
         fsync_folder(self.path.parent)
+
+
+def text_digest(text: str) -> int:
+    """A 64-bit digest of `text`, never 0 (0 marks a row whose text is not known)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") or 1
+
+
+class TextDigests:
+    """The digest of the text each row of a VectorFile embeds: `<vectors>.digests`, 8 bytes a row, memory-mapped."""
+
+    def __init__(self, path: Path, rows: int) -> None:
+        self.path = path
+        self._map = np.memmap(path, dtype=np.uint64, mode="r+", shape=(rows,))
+
+    @classmethod
+    def beside(cls, vectors: VectorFile, create: bool = False) -> TextDigests | None:
+        """The digests of `vectors`; a zero-filled file first when `create`; None when there is none (a workdir
+        prepared before digests were written: nothing is reused there)."""
+        path = vectors.path.with_name(vectors.path.name + ".digests")
+        if create:
+            with open(path, "wb") as fh:
+                fh.truncate(vectors.rows * 8)
+        elif not path.exists():
+            return None
+        return cls(path, vectors.rows)
+
+    def write(self, rows: np.ndarray, texts: Sequence[str]) -> None:
+        self._map[rows] = np.array([text_digest(t) for t in texts], dtype=np.uint64)
+
+    def read(self, rows: Sequence[int]) -> np.ndarray:
+        return np.asarray(self._map[np.asarray(rows, dtype=np.int64)])
+
+    def flush(self) -> None:
+        self._map.flush()
 
 
 def index_spec(n: int, dim: int) -> str:

@@ -25,6 +25,7 @@ from synpref.services.consistency_filter.rules import (
 )
 from synpref.services.controller.embeddings import PairView, PoolRetrieval
 from synpref.services.controller.executors import StageExecutor
+from synpref.services.controller.known_vectors import KnownVectors
 from synpref.services.controller.models import ModelHandle, RewardModels
 from synpref.services.controller.state import RunState, key_of
 from synpref.services.gold_scorer.scoring import pair_dict, set_score
@@ -70,6 +71,7 @@ class CurationSteps:
     pairstore: PairStore
     models: RewardModels
     executor: StageExecutor
+    known: KnownVectors
     current_step: str
     say: Callable[[str], None]
     handle: Callable[[str], ModelHandle]
@@ -169,7 +171,9 @@ class CurationSteps:
                 record.lineage.stage = STAGE_ONE
                 record.lineage.iteration = t
             row_of = {key_of(r): row for r, row in zip(records, batch, strict=True)}
+            self.known.note(batch, records)  # the in-process annotator then reads their vectors, not embeds them
             result = self.executor.run(name, records)
+            self.known.forget()
             self.pairstore.put((row_of[key_of(r)], r) for _, r in result.routed)
             progress = {"next": start + len(batch), "failed": progress["failed"] + len(result.failed)}
             self.commit_batch(progress)
@@ -259,7 +263,9 @@ class CurationSteps:
                 record.ClearField("judge_aggregate")
                 del record.retrieved_example_ids[:]
             row_of = {key_of(r): row for r, row in zip(records, rows, strict=True)}
+            self.known.note(rows, records)
             result = self.executor.run("stage2", records)
+            self.known.forget()
             result.routed = self.resolve_disagreements(result.routed)
             curated: list[int] = []
             dropped: list[int] = []

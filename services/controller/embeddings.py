@@ -22,7 +22,7 @@ import numpy as np
 
 from synpref.services.annotator.prompts import attributes_dict
 from synpref.services.gold_scorer.scoring import pair_dict
-from synpref.shared.ann import AnnIndex, LiveRows, VectorFile, training_rows
+from synpref.shared.ann import AnnIndex, LiveRows, TextDigests, VectorFile, training_rows
 from synpref.shared.pairs import message_dicts
 from synpref.shared.pairstore import PairStore
 from synpref.shared.retrieval import pair_text
@@ -63,28 +63,38 @@ def embed_pool(
 
     Every COMMIT_EVERY batches the file is flushed to disk and `commit(last row embedded, pairs embedded)` records
     the progress: a restart passes it back as `resume` and goes on from there in the same file (at 40M pairs the
-    pool takes hours to embed; a crash near the end re-embedded all of it)."""
+    pool takes hours to embed; a crash near the end re-embedded all of it). Each row's text digest goes beside
+    its vector (known_vectors.TextDigests), so the loop reuses the vector for that very text later."""
     total = sum(store.count(p) for p in pools)
     after, done = resume
     vectors = VectorFile(path) if after >= 0 and path.exists() else None
+    digests = TextDigests.beside(vectors) if vectors is not None else None
     if vectors is None:
         after, done = -1, 0
     say(f"prepare: embedding {total - done} of {total} conversations for retrieval")
     for n, chunk in enumerate(store.scan(pools, batch=batch, after=after), 1):
-        out = np.asarray(embed([retrieval_text(r) for _, r in chunk]), dtype=np.float32)
+        texts = [retrieval_text(r) for _, r in chunk]
+        out = np.asarray(embed(texts), dtype=np.float32)
         if vectors is None:
             vectors = VectorFile.create(path, store.max_row() + 1, out.shape[1])
+            digests = TextDigests.beside(vectors, create=True)
         # Rows of one scan batch are increasing but not always adjacent (other pools in between).
         rows = np.array([row for row, _ in chunk], dtype=np.int64)
         vectors.write_rows(rows, out)
+        if digests is not None:  # None: a prepare resumed from before digests were written (nothing is reused)
+            digests.write(rows, texts)
         done += len(chunk)
         if n % COMMIT_EVERY == 0:
+            if digests is not None:
+                digests.flush()
             vectors.flush()  # on disk before the progress that says so
             if commit is not None:
                 commit(int(rows[-1]), done)
             say(f"prepare: embedded {done}/{total}")
     if vectors is None:
         raise ValueError("nothing to embed: the pool is empty")
+    if digests is not None:
+        digests.flush()  # a digest lost to a crash is 0: that row's vector is not reused, never misused
     vectors.flush()
     return vectors
 

@@ -38,6 +38,7 @@ from synpref.services.controller.embeddings import (
 )
 from synpref.services.controller.executors import InProcessExecutor, StageExecutor, chain
 from synpref.services.controller.final_steps import FinalSteps
+from synpref.services.controller.known_vectors import KnownVectors
 from synpref.services.controller.models import ModelHandle, RewardModels, accuracy
 from synpref.services.controller.providers import HumanProvider
 from synpref.services.controller.publish import export_registry
@@ -105,6 +106,7 @@ class Controller(CurationSteps, FinalSteps):
         self.current_step = ""
         self._vectors: VectorFile | None = None
         self._retrieval: PoolRetrieval | None = None
+        self.known = KnownVectors(self.vectors, self._embed)  # prepare's vectors, for the judges and examples
         self._examples: Any = None
         self._stage_models: list[ScoringModel] = []
         """The RMs the scoring stage of the current stage uses (in the cluster the scorer serves them)."""
@@ -192,8 +194,7 @@ class Controller(CurationSteps, FinalSteps):
             from synpref.shared.retrieval import Embedder
 
             # MiniLM's own limit (256 word pieces): conversation and attributes are embedded whole where they fit.
-            embedder = Embedder(self.settings.annotator.embedding_model)
-            self.embed = embedder.embed
+            self.embed = Embedder(self.settings.annotator.embedding_model).embed
         return self.embed(texts)
 
     def vectors(self) -> VectorFile:
@@ -226,15 +227,13 @@ class Controller(CurationSteps, FinalSteps):
         if self._examples is None:
             from synpref.shared.examples import ReloadingExamples
 
-            self._examples = ReloadingExamples(self.examples_dir, self._embed)
+            self._examples = ReloadingExamples(self.examples_dir, self.known.embed)
         return self._examples
 
     def refresh_examples(self) -> None:
         """Rewrite the judges' example index from today's D_gold (with attributes), before the next batch."""
-        from synpref.shared.examples import write_example_index
-
-        gold = (record for chunk in self.pairstore.scan("gold") for _, record in chunk)
-        n = write_example_index(self.examples_dir, gold, self._embed, self.vectors().dim)
+        gold = (row_record for chunk in self.pairstore.scan("gold") for row_record in chunk)
+        n = self.known.write_examples(self.examples_dir, gold, self.vectors().dim)
         self.say(f"examples: {n} human-verified pairs indexed for the judges")
 
     # ------------------------------------------------------------ the loop

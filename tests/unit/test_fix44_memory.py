@@ -21,6 +21,7 @@ from synpref.services.consistency_filter.rules import human_candidates, make_fil
 from synpref.services.controller.curation import CurationSteps, k_rules, lowest_p
 from synpref.services.controller.embeddings import PoolRetrieval, embed_pool, fill_index, train_index
 from synpref.services.controller.executors import InProcessExecutor, chain
+from synpref.services.controller.known_vectors import KnownVectors
 from synpref.services.controller.state import RunState, key_of
 from synpref.services.gold_scorer.scoring import ScoringModel, make_scoring_stage
 from synpref.shared.config import FilterSettings
@@ -150,6 +151,7 @@ class Run:
         executor = InProcessExecutor(lambda _name: chain(make_scoring_stage(served), judges, make_filter_stage(rule)))
 
         steps = CurationSteps()
+        steps.known = KnownVectors(lambda: None, lambda texts: None)  # type: ignore[arg-type,return-value]  # no judge embeds
         steps.c = SimpleNamespace(batch_pairs=batch, k_max=8, human_budget=budget, seed=0)  # type: ignore[assignment]
         steps.state = RunState()
         steps.pairstore = self.store

@@ -10,6 +10,7 @@ from synpref.services.annotator.annotate import Annotator
 from synpref.services.consistency_filter.rules import make_filter_stage
 from synpref.services.controller.curation import CurationSteps
 from synpref.services.controller.executors import InProcessExecutor, chain
+from synpref.services.controller.known_vectors import KnownVectors
 from synpref.services.controller.state import RunState, key_of
 from synpref.services.gold_scorer.scoring import ScoringModel, make_scoring_stage
 from synpref.shared.config import FilterSettings
@@ -71,6 +72,7 @@ def curation_steps(tmp_path: Path, store: PairStore, models) -> CurationSteps:
     steps.c = SimpleNamespace(seed=0, batch_pairs=64)  # type: ignore[assignment]
     steps.settings = SimpleNamespace(filter=FilterSettings())  # type: ignore[assignment]
     steps.say = lambda _msg: None
+    steps.known = KnownVectors(lambda: None, lambda texts: None)  # type: ignore[arg-type,return-value]  # no judge embeds
     return steps
 
 
