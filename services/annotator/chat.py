@@ -3,7 +3,9 @@
 - OpenAIChat: any OpenAI-compatible /v1/chat/completions server (vLLM, SGLang, most
   providers) over aiohttp, with a concurrency limit, a per-request timeout, retries with
   exponential backoff on timeouts / connection errors / 429 / 5xx / a 200 with no choices (never
-  sooner than the server's Retry-After, up to timeout_s), and JSON answers through `response_format`. The API key is
+  sooner than the server's Retry-After, up to timeout_s), and JSON answers through `response_format`. A server
+  that refuses `max_tokens` for `max_completion_tokens` (OpenAI's reasoning models) is sent the latter, and a
+  server that answers fewer choices than `n` is asked for the missing samples one request each. The API key is
   read from the environment variable the settings name; none named: OPENAI_API_KEY for
   https://api.openai.com only, no key elsewhere (config_base.default_api_key_env).
 - LocalChat: a transformers causal LM in this process (sampling with `generate`).
@@ -55,6 +57,12 @@ JUDGE_GAVE_UP = Counter(
     "Chat calls that got no answer after their retries: every sample of the call abstains",
     ["model"],
 )
+JUDGE_MISSING_CHOICES = Counter(
+    "synpref_judge_missing_choices",
+    "Samples a chat endpoint left out of an answer to `n` (a server that ignores n): asked again one request each, "
+    "or at temperature 0 (another request would repeat the answer) left as abstentions",
+    ["model"],
+)
 
 Messages = list[dict[str, str]]
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -78,6 +86,39 @@ def retry_after_s(value: str | None) -> float | None:
         # An HTTP-date is GMT; "-0000" parses without a zone, which timestamp() would take as local time.
         seconds = when.replace(tzinfo=when.tzinfo or UTC).timestamp() - time.time()
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+# (chat/completions URL, model) pairs whose server refused `max_tokens` and asked for `max_completion_tokens`: later
+# requests, from any backend to that endpoint and model, send the latter directly.
+_COMPLETION_TOKENS: set[tuple[str, str]] = set()
+
+
+def refuses_max_tokens(status: int, text: str) -> bool:
+    """Whether an error answer refuses the `max_tokens` parameter and asks for `max_completion_tokens` (OpenAI's
+    o1/o3/o4-mini/gpt-5 models: "Unsupported parameter: 'max_tokens' ... Use 'max_completion_tokens' instead.").
+
+    "supported" tells it from vLLM's "'max_tokens' or 'max_completion_tokens' is too large" (a prompt over the context).
+    """
+    text = text.lower()
+    named = "max_tokens" in text.replace("max_completion_tokens", "")
+    return status == 400 and named and "max_completion_tokens" in text and "supported" in text
+
+
+def choice_texts(data: Any, n: int) -> list[str | None]:
+    """The texts of the first `n` choices of a decoded answer (None for one cut off at max_tokens or of another
+    shape); fewer than `n` when the answer holds fewer choices."""
+    # Any other shape (choices null beside an error, a message that is not an object) is no answer.
+    choices = data.get("choices") if isinstance(data, dict) else None
+    texts: list[str | None] = []
+    for choice in choices[:n] if isinstance(choices, list) else []:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        # Cut off at max_tokens, an answer holds at best a draft of its verdict: no answer (an abstention), and
+        # never cached, so a replay with a larger max_tokens asks again.
+        if isinstance(choice, dict) and choice.get("finish_reason") == "length":
+            content = None
+        texts.append(content if isinstance(content, str) else None)
+    return texts
 
 
 def has_choices(data: Any) -> bool:
@@ -188,32 +229,33 @@ class OpenAIChat:
     ) -> list[str | None]:
         """`n` answers from one chat/completions call; None for every sample when the call fails after retries.
 
-        Missing choices (a server that ignores `n`) are padded with None.
+        Samples a server leaves out (one that ignores `n`) are asked for one request each; at temperature 0 another
+        request would repeat the answer, so they are None.
         """
+        tokens_key = "max_completion_tokens" if (self.url, self.name) in _COMPLETION_TOKENS else "max_tokens"
         body: dict[str, Any] = {
             "model": self.name,
             "messages": messages,
             "n": n,
             "temperature": temperature,
-            "max_tokens": self.max_tokens,
+            tokens_key: self.max_tokens,
         }
         if response_format is not None:
             body["response_format"] = response_format
         data = await self._post(body)
         if data is None:
             return [None] * n
-        # Any other shape (choices null beside an error, a message that is not an object) is no answer.
-        choices = data.get("choices") if isinstance(data, dict) else None
-        texts: list[str | None] = []
-        for choice in choices[:n] if isinstance(choices, list) else []:
-            message = choice.get("message") if isinstance(choice, dict) else None
-            content = message.get("content") if isinstance(message, dict) else None
-            # Cut off at max_tokens, an answer holds at best a draft of its verdict: no answer (an abstention), and
-            # never cached, so a replay with a larger max_tokens asks again.
-            if isinstance(choice, dict) and choice.get("finish_reason") == "length":
-                content = None
-            texts.append(content if isinstance(content, str) else None)
-        # A server that ignores `n` answers once: the missing samples are abstentions.
+        texts = choice_texts(data, n)
+        missing = n - len(texts)
+        if missing:
+            # Padded with abstentions, the judge got one vote per candidate order whatever its `samples`, and never
+            # cached the call, so every replay asked again for the same short answer.
+            JUDGE_MISSING_CHOICES.labels(self.name).inc(missing)
+            if temperature > 0:
+                log.info("%s: %d of %d choices answered; asking for the rest one at a time", self.name, n - missing, n)
+                more = await asyncio.gather(*(self._post({**body, "n": 1}) for _ in range(missing)))
+                for answer in more:
+                    texts += choice_texts(answer, 1) if answer is not None else [None]
         return texts + [None] * (n - len(texts))
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -265,11 +307,19 @@ class OpenAIChat:
                     except (ValueError, aiohttp.ContentTypeError) as exc:
                         return None, f"invalid JSON body: {exc}", True, None
                 # errors="replace": a proxy's error page in another charset must not turn a 502 into an exception.
-                error = f"HTTP {resp.status}: {(await resp.text(errors='replace'))[:200]}"
+                status, text = resp.status, await resp.text(errors="replace")
                 wait_s = retry_after_s(resp.headers.get("Retry-After"))
-                return None, error, resp.status in RETRY_STATUS, wait_s
         except (TimeoutError, aiohttp.ClientError) as exc:
             return None, f"{type(exc).__name__}: {exc}", True, None
+        if "max_tokens" in body and refuses_max_tokens(status, text):
+            # Every call to the model was a 400 and every vote abstained. Sent again at once (the body now holds no
+            # max_tokens, so once), not counted as a retry; the endpoint and model keep the choice.
+            log.info("%s: the server takes max_completion_tokens, not max_tokens: sending that", self.name)
+            _COMPLETION_TOKENS.add((self.url, self.name))
+            body["max_completion_tokens"] = body.pop("max_tokens")
+            self.stats.requests += 1
+            return await self._attempt(session, body)
+        return None, f"HTTP {status}: {text[:200]}", status in RETRY_STATUS, wait_s
 
 
 class LocalChat:

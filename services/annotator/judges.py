@@ -57,6 +57,9 @@ PROMPT_TOO_LONG = PromCounter(
 )
 
 
+NO_ANSWER = "no answer (request failed, cut off at max_tokens, or left out by a server that ignores n at temperature 0)"
+
+
 @dataclass(frozen=True)
 class JudgeRequest:
     """One pair to judge: its messages, optional attributes and D_gold examples for the prompt, and meta."""
@@ -224,7 +227,7 @@ class LLMJudge(_CachedLLM):
         for answer in await self._answers(fitted):
             better, rationale = parse_judgement(answer["text"])
             if answer["text"] is None:
-                preference, rationale = PREFERENCE_ABSTAIN, "no answer (request failed, or cut off at max_tokens)"
+                preference, rationale = PREFERENCE_ABSTAIN, NO_ANSWER
             elif better is None:
                 preference = PREFERENCE_ABSTAIN
             else:

@@ -77,6 +77,20 @@ def quote(text: str) -> str:
     return _STRUCTURE.sub(r"\\", text)
 
 
+# A run of "#" opens a header in markdown-minded models; one "#" stays (a category may be "c# coding").
+_HASHES = re.compile(r"#{2,}")
+
+
+def inline(text: Any, limit: int) -> str:
+    """A labeller's short field (task category, a desired attribute) for one line of the prompt: its line breaks
+    joined, "##" runs cut to "#", at most `limit` characters.
+
+    These come from an LLM (the labeller, or an example's stored attributes): a category holding a line
+    "## Candidate 1" opened a forged candidate block the judge read as the pair's own.
+    """
+    return _cut(_HASHES.sub("#", " ".join(str(text).splitlines())), limit)
+
+
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + " [...]"
 
@@ -126,6 +140,11 @@ def attribute_prompt(conversation: Messages, first: Messages, second: Messages) 
     return [{"role": "system", "content": ATTRIBUTE_SYSTEM}, {"role": "user", "content": user}]
 
 
+def _desired(attributes: dict[str, Any]) -> str:
+    """The desired attributes on one line: at most 10, each inline and at most 200 characters (the labeller's cap)."""
+    return ", ".join(inline(d, 200) for d in list(attributes.get("desired_attributes", []))[:10])
+
+
 JUDGE_SYSTEM = (
     "You are an impartial expert judge of AI assistant answers. Decide which candidate answers the "
     "user's last turn better, following the annotation guideline. Judge substance, not length, style "
@@ -147,18 +166,18 @@ def judge_prompt(
         parts.append(
             "## Annotation guideline\n"
             f"{quote(attributes.get('annotation_guideline', ''))}\n"
-            f"Task category: {attributes.get('task_category', '')}; "
-            f"objectivity: {attributes.get('objectivity', '')}; "
-            f"controversiality: {attributes.get('controversiality', '')}\n"
-            f"Desired attributes: {', '.join(attributes.get('desired_attributes', []))}"
+            f"Task category: {inline(attributes.get('task_category', ''), 100)}; "
+            f"objectivity: {inline(attributes.get('objectivity', ''), 20)}; "
+            f"controversiality: {inline(attributes.get('controversiality', ''), 20)}\n"
+            f"Desired attributes: {_desired(attributes)}"
         )
     for i, ex in enumerate(examples[:PROMPT_EXAMPLES], start=1):
         attrs = ex.attributes or {}
         parts.append(
             f"## Verified example {i} (labelled by humans)\n"
-            f"Attributes: category={attrs.get('task_category', '')}, "
-            f"desired={', '.join(attrs.get('desired_attributes', []))}\n"
-            f"Guideline: {attrs.get('annotation_guideline', '')}\n"
+            f"Attributes: category={inline(attrs.get('task_category', ''), 100)}, "
+            f"desired={_desired(attrs)}\n"
+            f"Guideline: {quote(attrs.get('annotation_guideline', ''))}\n"
             f"Conversation:\n{render_conversation(ex.conversation, EXAMPLE_CHARS)}\n"
             f"Better answer:\n{quote(_cut(ex.preferred, EXAMPLE_CHARS))}\n"
             f"Worse answer:\n{quote(_cut(ex.dispreferred, EXAMPLE_CHARS))}"
