@@ -60,6 +60,10 @@ ROW_GROUP_ROWS = 1000
 held ~5x its text (Python rows, an Arrow table with the conversation three times, the encoded row group)..."""
 ROW_GROUP_BYTES = 32 * 1024 * 1024
 """...or fewer, once their records' serialized size reaches this: 1,000 pairs of 8 MiB would be 8 GB of text."""
+MAX_CATEGORIES = 100
+"""Task categories counted by name in the manifest's stats; the rest are summed under OTHER_CATEGORY. The labeller's
+categories are an LLM's free text, thousands of distinct strings, and the manifest is rewritten on every flush."""
+OTHER_CATEGORY = "other"
 
 
 def version_dir(root: str | Path, name: str, version: str) -> Path:
@@ -117,6 +121,13 @@ class IdIndex(DiskIdSet):
         if indexed > len(shard_files):
             self.db.execute("DELETE FROM ids")
             indexed = 0
+        if indexed == 0 and shard_files:
+            # A full rebuild (no index file, or one ahead of the manifest): inserted shard by shard, 40M ids went
+            # one random B-tree place at a time; bulk_load sorts them first. Its ids and the count are two
+            # transactions, so a crash between them leaves the count behind and the next open loads them again.
+            self.bulk_load(i for file in shard_files for i in self.shard_ids(file))
+            self.add_shard((), len(shard_files))
+            return
         for number in range(indexed, len(shard_files)):
             self.add_shard(self.shard_ids(shard_files[number]), number + 1)
 
@@ -147,6 +158,8 @@ class DatasetVersion:
         self.name, self.version = name, version
         self.lock = FileLock(self.dir / WRITER_LOCK, lock_timeout_s)
         self.index: IdIndex | None = None
+        self.uncommitted = False
+        """The in-memory manifest may be newer than the one on disk, or not yet durable (its write failed)."""
         try:
             self.manifest = self._load()
             self._check_schema()
@@ -237,6 +250,10 @@ class DatasetVersion:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
         records = list(records)
+        if self.uncommitted:
+            # The last manifest write failed, maybe after its rename: commit it again before anything relies on it
+            # (a retry's pairs found in it are answered as duplicates, which must not be lost to a machine crash).
+            self._commit(self.manifest)
         if self.index is not None:
             # An index update that failed after its manifest (below) left a shard out: without this its pairs were
             # written again, and the next shard's update counted it as indexed, so no open caught up on it either.
@@ -270,11 +287,11 @@ class DatasetVersion:
                 counts = manifest["stats"].setdefault(key, {})  # by_split is missing from older manifests
                 for value, n in counted.items():
                     counts[value] = counts.get(value, 0) + n
+            manifest["stats"]["by_category"] = top_counts(manifest["stats"]["by_category"], MAX_CATEGORIES)
         if offsets:
             manifest["offsets"].update(offsets)
         manifest["updated_at"] = _utc()
-        write_atomic(self.dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
-        self.manifest = manifest
+        self._commit(manifest)
         if self.index is not None and shard_name:
             try:
                 self.index.add_shard(batch_ids, len(manifest["shards"]))
@@ -283,6 +300,29 @@ class DatasetVersion:
                 # sends them again. The next append, or open, catches the index up from the shard.
                 log.warning("%s: %s is written, its ids not indexed yet (%s)", self.dir, shard_name, exc)
         return AppendResult(len(new), duplicates, shard_name)
+
+    def _commit(self, manifest: dict) -> None:
+        """Write `manifest` over the version's (the commit point); it is this object's manifest even if that fails.
+
+        Its shard is already written and durable, so listing it is safe whether or not the rename happened: kept
+        behind a rename whose folder fsync failed, the next append reused the shard's name (its committed rows
+        overwritten) or wrote a manifest without that shard. Until a write succeeds, appends commit it first.
+        """
+        self.manifest, self.uncommitted = manifest, True
+        write_atomic(self.dir / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
+        self.uncommitted = False
+
+
+def top_counts(counts: dict[str, int], keep: int) -> dict[str, int]:
+    """`counts` with at most `keep` keys: the largest keep - 1 (ties by name), the rest summed under OTHER_CATEGORY.
+
+    A name folded in stays there: if it grows later, only its new pairs are counted under its own name."""
+    if len(counts) <= keep:
+        return counts
+    named = sorted((k for k in counts if k != OTHER_CATEGORY), key=lambda k: (-counts[k], k))[: keep - 1]
+    out = {k: counts[k] for k in named}
+    out[OTHER_CATEGORY] = sum(counts.values()) - sum(out.values())
+    return out
 
 
 def size_bounded(records: Iterable[PairRecord], max_rows: int, max_bytes: int) -> Iterator[list[PairRecord]]:
