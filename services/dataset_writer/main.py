@@ -180,13 +180,17 @@ class WriterServicer:
         self.sink = sink
 
     def ProcessBatch(self, request: Any, context: grpc.ServicerContext) -> WriteBatchResponse:
-        """Write the request's writable records (writable_only) at once; answers the version, rows written and
-        duplicates."""
-        records = [r for _, r in writable_only(list(request.records)).routed]
+        """Write the request's writable records (writable_only) at once; answers the version, rows written,
+        duplicates and the pair ids of the records not written (a caller could not tell them from duplicates)."""
+        stage = writable_only(list(request.records))
+        records = [r for _, r in stage.routed]
         result = self.sink.write(records)
         self.service.count_grpc(len(request.records), len(request.records) - len(records))
         return WriteBatchResponse(
-            dataset_version=self.sink.dataset.version, written=result.written, duplicates=result.duplicates
+            dataset_version=self.sink.dataset.version,
+            written=result.written,
+            duplicates=result.duplicates,
+            failed_ids=[r.pair.id for r, _ in stage.failed],
         )
 
     def Status(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -1,5 +1,5 @@
-"""Dataset writer (fix 44): a manifest whose folder fsync failed after its rename, the id index's full rebuild, the
-bound on the manifest's task categories, and what ProcessBatch answers for records it does not write."""
+"""Dataset writer (fix 44): a manifest whose folder fsync failed after its rename, the id index's full rebuild and the
+bound on the manifest's task categories."""
 
 from __future__ import annotations
 

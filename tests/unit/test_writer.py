@@ -105,6 +105,8 @@ def test_grpc_process_batch_writes_only_curated_decisions(tmp_path):
     response = servicer.ProcessBatch(request, None)
     assert (response.dataset_version, response.written, response.duplicates) == ("v2", 2, 1)
     assert service.calls == [(4, 1)]
+    # The DISCARD was dropped: the answer names it (before: nothing told it from a duplicate or a write).
+    assert list(response.failed_ids) == [rec(2, DECISION_DISCARD).pair.id]
 
 
 def test_manifest_sink_writes_a_shard_with_its_offsets_when_due(tmp_path):
