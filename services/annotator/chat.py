@@ -91,6 +91,8 @@ def retry_after_s(value: str | None) -> float | None:
 # (chat/completions URL, model) pairs whose server refused `max_tokens` and asked for `max_completion_tokens`: later
 # requests, from any backend to that endpoint and model, send the latter directly.
 _COMPLETION_TOKENS: set[tuple[str, str]] = set()
+# ... and those whose server takes only its default temperature: later requests send none.
+_DEFAULT_TEMPERATURE: set[tuple[str, str]] = set()
 
 
 def refuses_max_tokens(status: int, text: str) -> bool:
@@ -102,6 +104,14 @@ def refuses_max_tokens(status: int, text: str) -> bool:
     text = text.lower()
     named = "max_tokens" in text.replace("max_completion_tokens", "")
     return status == 400 and named and "max_completion_tokens" in text and "supported" in text
+
+
+def refuses_temperature(status: int, text: str) -> bool:
+    """Whether an error answer refuses the request's temperature for the model's default (OpenAI's reasoning models:
+    "Unsupported value: 'temperature' does not support 0.7 with this model. Only the default (1) value is
+    supported.")."""
+    text = text.lower()
+    return status == 400 and "temperature" in text and "unsupported value" in text
 
 
 def choice_texts(data: Any, n: int) -> list[str | None]:
@@ -240,6 +250,8 @@ class OpenAIChat:
             "temperature": temperature,
             tokens_key: self.max_tokens,
         }
+        if (self.url, self.name) in _DEFAULT_TEMPERATURE:
+            del body["temperature"]
         if response_format is not None:
             body["response_format"] = response_format
         data = await self._post(body)
@@ -317,6 +329,14 @@ class OpenAIChat:
             log.info("%s: the server takes max_completion_tokens, not max_tokens: sending that", self.name)
             _COMPLETION_TOKENS.add((self.url, self.name))
             body["max_completion_tokens"] = body.pop("max_tokens")
+            self.stats.requests += 1
+            return await self._attempt(session, body)
+        if "temperature" in body and refuses_temperature(status, text):
+            # The same for a model that samples only at its default temperature (1 for OpenAI's reasoning models):
+            # its samples differ from one another all the same, which is what `samples` asks for.
+            refused = body.pop("temperature")
+            log.warning("%s: the server takes only its default temperature, not %s: sending none", self.name, refused)
+            _DEFAULT_TEMPERATURE.add((self.url, self.name))
             self.stats.requests += 1
             return await self._attempt(session, body)
         return None, f"HTTP {status}: {text[:200]}", status in RETRY_STATUS, wait_s

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from synpref.services.annotator.chat import OpenAIChat
+from synpref.services.annotator.chat import OpenAIChat, refuses_temperature
 from synpref.services.annotator.judges import AnswerCache, LLMJudge
 from synpref.services.annotator.prompts import judge_prompt
 from synpref.shared.retrieval import Example
@@ -209,3 +209,45 @@ def test_a_missing_sample_whose_request_fails_abstains_and_temperature_0_asks_no
     assert asyncio.run(_chat(handler, n=3, temperature=0.7)) == ([VERDICT, None, None], 3)
     # Greedy decoding would repeat the answer: no request is spent on it (the samples abstain, as before).
     assert asyncio.run(_chat(handler, n=3, temperature=0.0)) == ([VERDICT, None, None], 1)
+
+
+TEMPERATURE_REFUSED = {
+    "error": {
+        "message": "Unsupported value: 'temperature' does not support 0.7 with this model. Only the default (1) "
+        "value is supported.",
+        "type": "invalid_request_error",
+        "param": "temperature",
+        "code": "unsupported_value",
+    }
+}
+
+
+def test_a_model_that_takes_only_its_default_temperature_is_sent_none_and_remembered():
+    # The judges' default temperature (0.7) was a 400 on every call to o-series and gpt-5 models, after max_tokens.
+    bodies: list[dict[str, Any]] = []
+
+    async def reasoning(request: web.Request) -> web.Response:
+        body = await request.json()
+        bodies.append(body)
+        if "max_tokens" in body:
+            return web.json_response(REFUSED, status=400)
+        if body.get("temperature", 1) != 1:
+            return web.json_response(TEMPERATURE_REFUSED, status=400)
+        return answer(*[VERDICT] * int(body["n"]))
+
+    async def calls() -> tuple[list[str | None], list[str | None]]:
+        async with completions_served(reasoning) as base_url:
+            chat = OpenAIChat("gpt-5-mini", base_url, retries=0, max_tokens=700)
+            try:
+                first = await chat.chat([{"role": "user", "content": "x"}], n=2, temperature=0.7)
+                second = await chat.chat([{"role": "user", "content": "y"}], n=1, temperature=0.7)
+            finally:
+                await chat.close()
+            return first, second
+
+    first, second = asyncio.run(calls())
+    assert first == [VERDICT, VERDICT] and second == [VERDICT]
+    sent = [("max_tokens" in b, "temperature" in b) for b in bodies]
+    assert sent == [(True, True), (False, True), (False, False), (False, False)]
+    # A 400 about something else is still refused, not resent.
+    assert not refuses_temperature(400, "Invalid value for 'messages': expected an array")
