@@ -22,11 +22,11 @@ import time
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
 
+from synpref.services.gold_scorer.versions import ExpectedVersions, model_version
 from synpref.shared.config import KafkaSettings, ModelRef, ScorerSettings, ScoringSettings
 from synpref.shared.kafka.runner import RETRY_SHARE
-from synpref.shared.pairs import message_dicts, now, pair_id, pair_problem, preference_probability
+from synpref.shared.pairs import message_dicts, new_pair, new_record, now, pair_id, pair_problem, preference_probability
 from synpref.shared.roles import BEST, GOLD
 from synpref.shared.stage import Stage, StageResult, StageUnavailable
 from synpref.v1.pair_pb2 import STAGE_ONE, ModelScore, PairRecord
@@ -99,11 +99,6 @@ def time_left() -> float | None:
         why = f"scoring the batch took its {deadline[1]:g}s (half of kafka.max_poll_interval_ms)"
         raise StageUnavailable(f"{why}: it is read again, and what is scored is kept for that read")
     return left
-
-
-def model_version(ref: ModelRef) -> str:
-    """The checkpoint's version: `ref.version`, else the folder name, else the path."""
-    return ref.version or Path(ref.path.rstrip("/")).name or ref.path
 
 
 def set_score(record: PairRecord, role: str, version: str, reward_chosen: float, reward_rejected: float) -> float:
@@ -194,8 +189,8 @@ def score_each_alone_on_error(
     refuses must not fail its batch (in process, that stopped the controller on every restart). A pair the
     scorer failed alone (ScorerFailed) while others scored is tried alone once more first: that may be transient.
     StageUnavailable (ScoreCountError too) is no pair's fault and propagates. Where no pair scores, alone
-    either, a ScorerFailed among the errors is the scorer's state and raises StageUnavailable: the runner
-    reads the batch again later, whereas a lone pair's failure would be dead-lettered, and plan_batch retries
+    either, a ScorerFailed among the errors is the scorer's state unless it scores a small ordinary pair now
+    (scores_a_canary), and raises StageUnavailable: the runner reads the batch again later, and plan_batch retries
     a raising stage one record at a time. Else the batch's error propagates (a broken in-process scorer).
     `memo` holds the scores got so far (score_batch): a pair scored in the batch by one model is not again."""
     memo = {} if memo is None else memo
@@ -215,12 +210,35 @@ def score_each_alone_on_error(
                 alone = [score_alone(r, models, memo) if isinstance(e, ScorerFailed) else (r, e) for r, e in alone]
         if all(error is not None for _, error in alone):
             failed = next((e for _, e in alone if isinstance(e, ScorerFailed)), None)
-            if failed is not None:
-                why = f"every pair of a batch of {len(batch)} failed, alone too: {failed}"
-                raise StageUnavailable(f"{why}; nothing shows a pair is at fault") from failed
-            if len(batch) > 1:
+            if failed is None and len(batch) > 1:
                 raise
+            if failed is not None and not scores_a_canary(models):
+                why = f"every pair of a batch of {len(batch)} failed, alone too: {failed}"
+                raise StageUnavailable(f"{why}; a small ordinary pair fails as well") from failed
         return [(r, None if e is None else f"scoring raised {type(e).__name__}: {e}") for r, e in alone]
+
+
+CANARY = new_record(
+    new_pair(
+        [{"role": "user", "content": "Hello"}],
+        [{"role": "assistant", "content": "Hello! How can I help you today?"}],
+        [{"role": "assistant", "content": "Hi."}],
+        source="gold-scorer-canary",
+    )
+)
+
+
+def scores_a_canary(models: list[ScoringModel]) -> bool:
+    """Whether `models` score a small ordinary pair now. Where every pair of a batch failed alone, yes says the
+    pairs are at fault (dead-lettered): a batch of one pair too long for the device, the last of a stream, was read
+    again for ever, as was a batch of such pairs, since no other pair scored beside them to show the scorer works."""
+    try:
+        score_batch([CANARY], models, {})
+    except StageUnavailable:
+        raise
+    except Exception:
+        return False
+    return True
 
 
 def score_alone(record: PairRecord, models: list[ScoringModel], memo: Scores) -> tuple[PairRecord, Exception | None]:
@@ -309,35 +327,6 @@ def in_process_scorer(ref: ModelRef, settings: ScoringSettings, max_length: int 
 
 SPLIT_TIMEOUTS = 3
 """How many of its timeouts one batch may spend on halving itself before the scorer counts as too slow now."""
-
-
-class ExpectedVersions:
-    """The version scorer.models_file names for each served model, re-read when the file changes (its mtime or
-    size); None for a model it does not name, or while the file is missing or does not parse."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._stamp: tuple[int, int] | None = None
-        self._versions: dict[str, str] = {}
-
-    @classmethod
-    def from_settings(cls, scorer: ScorerSettings) -> ExpectedVersions | None:
-        path = scorer.models_file_path()
-        return cls(path) if path is not None else None
-
-    def __call__(self, model_name: str) -> str | None:
-        import yaml
-
-        try:
-            stat = self.path.stat()
-            stamp = (stat.st_mtime_ns, stat.st_size)
-            if stamp != self._stamp:
-                data = yaml.safe_load(self.path.read_bytes()) or {}
-                self._versions = {str(k): model_version(ModelRef.model_validate(v)) for k, v in data.items()}
-                self._stamp = stamp
-        except (OSError, ValueError, AttributeError, yaml.YAMLError):
-            self._stamp, self._versions = None, {}  # the scorers ignore such a file too
-        return self._versions.get(model_name)
 
 
 def grpc_scorer(

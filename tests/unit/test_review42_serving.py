@@ -121,9 +121,14 @@ def test_a_pair_that_keeps_failing_or_is_refused_for_itself_is_still_dead_letter
     assert [r.pair.id for _, r in result.routed] == [good.pair.id]
     assert sorted(r.pair.id for r, _ in result.failed) == sorted([flaky.pair.id, refused.pair.id])
     assert scorer.calls.count(["FLAKY"]) == 2 and scorer.calls.count(["REFUSED"]) == 1
-    # Where no pair scores, alone either, the scorer is at fault: the batch is read again, nothing dead-lettered.
+
+    # Where no pair scores, alone either, and no other pair does (gold_scorer.scores_a_canary), the scorer is at
+    # fault: the batch is read again, nothing dead-lettered (test_fix44_goldcanary: where others do, the pairs are).
+    def broken(pairs: list[dict]) -> list[tuple[float, float]]:
+        raise ScorerFailed("scorer failed with 'gold': INTERNAL: CUDA error: an illegal memory access")
+
     with pytest.raises(StageUnavailable):
-        make_scoring_stage([ScoringModel("gold", "g", Flaky(failures=100))])([_rec("FLAKY"), _rec("FLAKY")])
+        make_scoring_stage([ScoringModel("gold", "g", broken)])([_rec("FLAKY"), _rec("FLAKY")])
 
 
 # --- 4. HTTP keep-alive clients stayed on one scorer pod for ever --------------------------------------------------
