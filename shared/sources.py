@@ -20,7 +20,7 @@ Formats (auto-detected from the first record's keys; `fmt` overrides):
   Preference: full message lists including the prompt, the shared prefix becomes the
   conversation), with an optional prompt/conversation as a string or a message list. Scores
   that state the label (SCORE_FIELDS: UltraFeedback's score_chosen/score_rejected, ...; also
-  read in "hh-rlhf") make a tie (equal) or a mislabelled row (chosen below) an error.
+  read in "hh-rlhf") make a tie (equal) or a mislabelled row (chosen below) an error, as does `status: "tie"`.
 Containers: a JSON list, JSON lines (either .gz, .bz2, .xz or .zst too), Parquet, Arrow (a
 Hugging Face save_to_disk folder), or a directory, read recursively in sorted order.
 """
@@ -296,7 +296,11 @@ def _score(value: Any, what: str) -> Any:
 
 
 def _check_scores(record: dict[str, Any]) -> None:
-    """RowError when the record's own scores say its chosen response is not the better one."""
+    """RowError when the record's own scores (or status) say its chosen response is not the better one."""
+    status = record.get("status")
+    if isinstance(status, str) and status.strip().lower() == "tie":
+        # argilla's distilabel-intel-orca-dpo-pairs: rated alike (a "swapped" row is already in the new order).
+        raise RowError("status is 'tie': no preference")
     for chosen_key, rejected_key in SCORE_FIELDS:
         good, bad = _score(record.get(chosen_key), chosen_key), _score(record.get(rejected_key), rejected_key)
         if good is None or bad is None:
