@@ -11,7 +11,7 @@ the run changes it, and stderr warns) and locator: `path#row`, plus `/sub` for o
 (RM-Bench's "c0-r2"), row the 0-based record index (JSON lines: line number - 1). Rows that are no pair are counted
 on stderr under the same locator, never guessed at.
 items: JSON lines, each a message list, {"messages": [...]}, {"text": rendered text} or {"token_ids": [...]};
-writes {"reward": r} per line, in order.
+writes {"reward": r, "line": n} per item (n: its input line), in order.
 Both keep --concurrency requests in flight and write their results in input order: a file of any size runs in
 bounded memory, and a failure keeps the lines written before it (stderr says how many). --timeout bounds each
 request (retries included), not the run: a large file takes as long as it takes.
@@ -81,9 +81,9 @@ def _options(p: argparse.ArgumentParser, after: bool) -> None:
     )
 
 
-def read_items(stream: TextIO) -> Iterator[Item]:
-    """Items from JSON lines: a message list, `{"messages": [...]}`, `{"text": ...}` or `{"token_ids": [...]}` each;
-    ValueError otherwise."""
+def read_numbered_items(stream: TextIO) -> Iterator[tuple[int, Item]]:
+    """(line number, item) of each non-blank JSON line: a message list, `{"messages": [...]}`, `{"text": ...}` or
+    `{"token_ids": [...]}`; ValueError otherwise."""
     for n, line in enumerate(stream, 1):
         if not line.strip():
             continue
@@ -92,13 +92,13 @@ def read_items(stream: TextIO) -> Iterator[Item]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"line {n}: not JSON: {exc}") from None
         if isinstance(value, dict) and isinstance(value.get("text"), str):
-            yield value["text"]
+            yield n, value["text"]
         elif isinstance(value, dict) and isinstance(value.get("messages"), list):
-            yield _conversation(n, value["messages"])
+            yield n, _conversation(n, value["messages"])
         elif isinstance(value, dict) and _int_list(value.get("token_ids")):
-            yield TokenIds(value["token_ids"])
+            yield n, TokenIds(value["token_ids"])
         elif isinstance(value, list):
-            yield _conversation(n, value)
+            yield n, _conversation(n, value)
         else:
             raise ValueError(
                 f'line {n}: expected a message list, {{"messages": [...]}}, {{"text": "..."}} or {{"token_ids": [...]}}'
@@ -291,23 +291,24 @@ def _json_line(row: dict[str, Any]) -> str:
 
 
 def score_items(client: RewardClient, args: argparse.Namespace) -> int:
-    """Score the items of a JSON lines file (or stdin) and write one `{"reward"}` line per item, batch by batch
+    """Score the items of a JSON lines file (or stdin) and write one `{"reward", "line"}` line per item, batch by batch
     in input order: a failure keeps what was written before it."""
     scored = 0
     _refuse_overwrite([] if args.path == "-" else [Path(args.path)], args.output)
 
-    def call(chunk: list[Item]) -> list[float]:
-        return client.score(chunk, timeout=args.timeout)
+    def call(chunk: list[tuple[int, Item]]) -> list[float]:
+        return client.score([item for _, item in chunk], timeout=args.timeout)
 
     try:
         with (
             nullcontext(sys.stdin) if args.path == "-" else open(args.path, encoding="utf-8") as stream,
-            _output(args.output, _batches(read_items(stream), args.chunk_size)) as (out, chunks),
+            _output(args.output, _batches(read_numbered_items(stream), args.chunk_size)) as (out, chunks),
             _pool(args.concurrency) as pool,
         ):
             for chunk, rewards in _in_order(pool, call, chunks, args.concurrency):
-                for r in rewards:
-                    out.write(_json_line({"reward": r}))
+                # The input's line: blank lines are skipped, so the output's line number is not the input's.
+                for (line, _), r in zip(chunk, rewards, strict=True):
+                    out.write(_json_line({"reward": r, "line": line}))
                 out.flush()
                 scored += len(chunk)
     finally:

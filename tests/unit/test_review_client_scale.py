@@ -112,7 +112,9 @@ def test_score_items_reads_stdin_as_it_scores(
     monkeypatch.setattr(sys, "stdin", lines())
     out = tmp_path / "rewards.jsonl"
     assert cli.main(["--address", "x:1", "--chunk-size", "2", "items", "-", "-o", str(out)]) == 0
-    assert [json.loads(line) for line in out.read_text().splitlines()] == [{"reward": float(i)} for i in range(100)]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [
+        {"reward": float(i), "line": i + 1} for i in range(100)
+    ]
     assert seen[0] <= 50 and max(fake.calls) <= 50  # chunk 2: a few requests' worth at a time
 
 
@@ -175,9 +177,9 @@ def test_a_non_finite_reward_is_written_as_null_not_as_nan(
     assert cli.main(["--address", "x:1", "items", str(src), "-o", str(out)]) == 0
     lines = out.read_text().splitlines()
     assert [json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}")) for line in lines] == [
-        {"reward": None},
-        {"reward": None},
-        {"reward": 1.5},
+        {"reward": None, "line": 1},
+        {"reward": None, "line": 2},
+        {"reward": 1.5, "line": 3},
     ]
 
 

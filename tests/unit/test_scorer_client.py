@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from synpref.client.cli import read_items
+from synpref.client.cli import read_numbered_items
 from synpref.client.client import _pair_requests, _Policy, check_tokenizer
 from synpref.client.messages import TokenIds, to_item, to_pair
 from synpref.client.messages import chunks as _chunks
@@ -102,9 +102,12 @@ def test_cli_reads_the_four_item_shapes() -> None:
         '{"text": "rendered"}\n'
         '{"token_ids": [1, 5, 9]}\n'
     )
-    items = list(read_items(lines))
+    numbered = list(read_numbered_items(lines))
+    # Line numbers of the input (the blank line 2 is skipped): `score items` writes them beside each reward.
+    assert [n for n, _ in numbered] == [1, 3, 4, 5]
+    items = [item for _, item in numbered]
     assert items[0][1]["content"] == "a" and items[1][0]["content"] == "b" and items[2] == "rendered"
     assert items[3] == TokenIds([1, 5, 9])
     for bad in ('{"foo": 1}', '{"token_ids": [1, "2"]}', '{"token_ids": [true]}'):
         with pytest.raises(ValueError, match="line 1: expected"):
-            list(read_items(io.StringIO(bad + "\n")))
+            list(read_numbered_items(io.StringIO(bad + "\n")))
