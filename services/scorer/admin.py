@@ -12,7 +12,8 @@ Secret) and compared in constant time; the chart admits only the controller to t
   A new name beyond scorer.max_models is 409. A reload of the checkpoint and version the name
   serves already answers at once, and a repeat of a reload under way waits for that one: a
   caller that gave up on a long load (the controller after 120 s; an 8B model loads longer)
-  and asks again must not load it all over again, and time out again.
+  and asks again must not load it all over again, and time out again. A load past the registry's
+  LOAD_TIMEOUT_S is 504. A reload or unload here drops a models_file entry of the name waiting for a retry.
 - `POST /admin/unload {"model"}`: stop serving a name.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hmac
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -28,6 +30,9 @@ from synpref.services.scorer.errors import InvalidInput, ScorerError, Unauthoriz
 from synpref.services.scorer.http import Handler, _error, _json_body
 from synpref.services.scorer.registry import ModelRegistry, ServedModel, version_of
 from synpref.shared.config import ModelRef
+
+if TYPE_CHECKING:
+    from synpref.services.scorer.server import ModelsFile
 
 log = logging.getLogger(__name__)
 MAX_ADMIN_BODY = 64 * 1024
@@ -63,12 +68,16 @@ class AdminApi:
         registry: the served models.
         token: the admin token; a call without it gets 401.
         model_root: reload only accepts checkpoint folders inside this one.
+        models_file: the scorer.models_file watcher, if any: told of each reload and unload done here.
     """
 
-    def __init__(self, registry: ModelRegistry, token: str, model_root: str) -> None:
+    def __init__(
+        self, registry: ModelRegistry, token: str, model_root: str, models_file: ModelsFile | None = None
+    ) -> None:
         self.registry = registry
         self._token = token.encode()
         self.root = Path(model_root).resolve()
+        self.models_file = models_file
 
     def app(self) -> web.Application:
         """The aiohttp application with the token guard and both admin routes."""
@@ -107,6 +116,7 @@ class AdminApi:
         except Exception:  # not a loadable checkpoint: details go to the log, not the caller
             log.exception("reloading %s from %s failed", name, folder)
             raise InvalidInput("that checkpoint does not load; the scorer's log says why") from None
+        self._overridden(name)
         return web.json_response({"model": served.name, "version": served.version, "model_id": served.model_id})
 
     async def _reload_once(self, name: str, ref: ModelRef) -> ServedModel:
@@ -126,4 +136,11 @@ class AdminApi:
         if not isinstance(name, str) or not name:
             raise InvalidInput('unload needs {"model": name}')
         await self.registry.unload(name)
+        self._overridden(name)
         return web.json_response({"unloaded": name})
+
+    def _overridden(self, name: str) -> None:
+        """An operator's reload or unload wins over a models_file entry of the name that failed to load and waits for
+        a retry, until the file changes (else that retry loaded the file's version over a rollback)."""
+        if self.models_file is not None:
+            self.models_file.overridden(name)

@@ -24,9 +24,9 @@ so a client that reconnects may reach a replica the HPA added.
 
 Errors answer {"error": message, "code": status}: 400 bad input, 404 unknown model, 413 body
 over max_body_bytes, 429 queue full (with Retry-After), 503 no model loaded (the message says
-how models arrive), still loading or draining, 504 deadline. A body is read only once its
-request holds an encode-queue slot, so at most max_encode_queue bodies are in memory being
-parsed or tokenized, and must arrive by the deadline and within BODY_TIMEOUT_S.
+how models arrive), still loading or draining (Retry-After 10 s while no model is served, else 1),
+504 deadline. A body is read only once its request holds an encode-queue slot, so at most max_encode_queue bodies
+are in memory being parsed or tokenized, and must arrive by the deadline and within BODY_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -70,8 +70,14 @@ MODEL_LABEL = web.RequestKey("synpref_model", str)
 """Where a handler leaves the served name it resolved (from the body), for the metrics label."""
 
 
-def _error(status: int, message: str) -> web.Response:
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+UNSERVED_RETRY_AFTER_S = 10
+"""Retry-After of a 503 while no model is served (none yet, or a first load under way): a model arrives by a load,
+minutes at 8B, so a client that honours it asks every 10 s instead of every second; other 429s and 503s (a full
+queue, a swap, a drain) pass in about a second and keep 1."""
+
+
+def _error(status: int, message: str, retry_after_s: int = 1) -> web.Response:
+    headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
     return web.json_response({"error": message, "code": status}, status=status, headers=headers)
 
 
@@ -240,7 +246,7 @@ class HttpShims:
                 raise
             except ScorerError as exc:
                 status = exc.http_status
-                return _error(status, str(exc))
+                return _error(status, str(exc), 1 if self.registry.models else UNSERVED_RETRY_AFTER_S)
             except Exception as exc:  # answer JSON, not aiohttp's HTML page
                 log.exception("%s failed", method)
                 status = 500

@@ -57,6 +57,11 @@ Check = Callable[[], None]
 """Called by an encode before each item: raises DeadlineExceeded once the request expired or
 its caller stopped waiting, so the encoding threads drop abandoned work."""
 Encode = Callable[["ServedModel", Check], list[list[int]]]
+LOAD_TIMEOUT_S = 1200.0
+"""Longest one checkpoint load may take (weights read, device start, compile) before its reload fails with
+DeadlineExceeded: a hung load (a stalled network filesystem) held the swap lock, and every later reload waited
+behind it for ever. Minutes above an 8B load from a volume; under the controller's 1800 s of asking (RELOAD_WAIT_S),
+so its next try loads anew."""
 NO_MODEL = (
     "no model is loaded: models arrive by a reload on the scorer's admin port (POST /admin/reload; "
     "the controller sends one after training), by scorer.models_file (the controller writes it), or when a "
@@ -130,6 +135,13 @@ def overhead_tokens(settings: ScorerSettings, backend: Backend) -> int:
 def version_of(ref: ModelRef) -> str:
     """The ref's version label, else its checkpoint folder's name."""
     return ref.version or Path(ref.path.rstrip("/")).name
+
+
+def _close_late(load: asyncio.Future[Backend]) -> None:
+    """A load its reload gave up on ended after all: free the model, never serve it."""
+    if not load.cancelled() and load.exception() is None:
+        log.warning("a checkpoint load given up on earlier ended after all: freed, not served")
+        load.result().close()
 
 
 class ModelRegistry:
@@ -264,9 +276,21 @@ class ModelRegistry:
         s = self.settings
         loop = asyncio.get_running_loop()
         # Loading takes seconds to minutes: keep the event loop (and the old version) serving.
-        backend = await loop.run_in_executor(
+        load = loop.run_in_executor(
             None, self.backend_factory, s.backend, ref.path, s.device, s.dtype, s.max_length, s.compile
         )
+        try:
+            await asyncio.wait({load}, timeout=LOAD_TIMEOUT_S)
+        finally:
+            if not load.done():  # timed out or cancelled: a thread cannot be stopped, so free what it loads if it ends
+                load.add_done_callback(_close_late)
+        if not load.done():
+            log.error("loading %s from %s took over %g s: abandoned", name, ref.path, LOAD_TIMEOUT_S)
+            raise DeadlineExceeded(
+                f"loading model {name!r} took over {LOAD_TIMEOUT_S:g} s (a stalled read or device start?): abandoned "
+                "so that other reloads go on; the old version (if any) still serves"
+            )
+        backend = load.result()
         try:
             max_length = min(s.max_length, getattr(backend, "max_positions", None) or s.max_length)
             if max_length < s.max_length:

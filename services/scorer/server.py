@@ -126,6 +126,12 @@ class ModelsFile:
         self._retry_at.clear()
         log.info("scorer.models_file %s lists %s", self.path, sorted(wanted))
 
+    def overridden(self, name: str) -> None:
+        """An admin reload or unload of `name` succeeded: the operator's choice stands until the file changes."""
+        if self._failures.pop(name, None):  # its entry waits for a retry: dropped, so no retry loads over that choice
+            self.wanted.pop(name, None)
+            log.info("scorer.models_file: %r was set on the admin port; its failed entry waits for a new file", name)
+
     def _resolve(self, ref: ModelRef) -> ModelRef:
         """The entry with its checkpoint folder resolved as an admin reload resolves it (under model_root)."""
         if self.root is None:
@@ -232,7 +238,7 @@ class ScorerServer:
         )
         self._http, self.http_port = await _serve_http(shims.app(), s.host, s.http_port, drain_s=s.drain_s)
         if s.admin_enabled:
-            admin = AdminApi(self.registry, admin_token, s.model_root)
+            admin = AdminApi(self.registry, admin_token, s.model_root, self.models_file)
             # A reload goes on when its caller leaves (the controller gives up after 120 s; a large model loads
             # longer): cancelled, the loaded model was thrown away and the next try loaded it all again.
             self._admin_http, self.admin_port = await _serve_http(
