@@ -18,7 +18,8 @@ Formats (auto-detected from the first record's keys; `fmt` overrides):
   the styles and the official slice (hard i<j, normal i=j, easy i>j).
 - "pairs": the common shapes: chosen/rejected as strings or message lists (Skywork-Reward-
   Preference: full message lists including the prompt, the shared prefix becomes the
-  conversation), with an optional prompt/conversation as a string or a message list. Scores
+  conversation), with an optional prompt (PROMPT_KEYS: conversation/prompt/.../question/instruction/input) as a
+  string or a message list, a `system` string before a string prompt. String responses need a prompt. Scores
   that state the label (SCORE_FIELDS: UltraFeedback's score_chosen/score_rejected, ...; also
   read in "hh-rlhf") make a tie (equal) or a mislabelled row (chosen below) an error, as does `status: "tie"`.
 Containers: a JSON list, JSON lines (either .gz, .bz2, .xz or .zst too), Parquet, Arrow (a
@@ -28,22 +29,37 @@ Hugging Face save_to_disk folder), or a directory, read recursively in sorted or
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from decimal import Decimal
-from numbers import Real
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from synpref.shared.pairs import ROLES
 from synpref.shared.source_files import SourceError, iter_records, source_files
 
+# The per-format readers live apart (the size limit); every name stays importable from here.
+from synpref.shared.source_formats import (
+    RM_BENCH_STYLES,  # noqa: F401
+    SCORE_FIELDS,  # noqa: F401
+    Messages,
+    RowError,
+    _assistant,
+    _check_scores,
+    _pair,
+    _text,
+    _user,
+    read_hh_rlhf,
+    read_llmbar,
+    read_pandalm,
+    read_rm_bench,
+)
+
 SourceFormat = Literal["hh-rlhf", "pandalm", "llmbar", "rm-bench", "pairs"]
 FORMATS: tuple[str, ...] = get_args(SourceFormat)
-RM_BENCH_STYLES = ("concise", "detailed_plain", "detailed_markdown")
 
-Messages = list[dict[str, str]]
+# The prompt columns, first found first: conversation/prompt/history/messages, then the DPO sets' question
+# (Intel/orca_dpo_pairs), instruction (alpaca, a non-empty `input` its context) and input (argilla's orca pairs).
+PROMPT_KEYS = ("conversation", "prompt", "history", "messages", "question", "instruction", "input")
 
 
 @dataclass(frozen=True)
@@ -72,10 +88,6 @@ class SourceRow:
         return f"{self.path}#{self.row}" + (f"/{self.sub}" if self.sub else "")
 
 
-class RowError(ValueError):
-    """One record that is no pair; the message is the reason reported."""
-
-
 # ---------------------------------------------------------------- detection
 
 
@@ -92,7 +104,7 @@ def detect_format(path: Path, first: Any = None) -> str:
         return "llmbar"
     if "prompt" in keys and isinstance(chosen, list) and chosen and all(isinstance(c, str) for c in chosen):
         return "rm-bench"
-    no_prompt = not keys & {"prompt", "conversation", "history", "messages"}
+    no_prompt = not keys & set(PROMPT_KEYS)
     if no_prompt and isinstance(chosen, str) and "\n\nAssistant:" in chosen:
         return "hh-rlhf"
     return "pairs"
@@ -132,25 +144,6 @@ def _stem(path: Path) -> str:
 # ---------------------------------------------------------------- helpers
 
 
-def _text(value: Any, what: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        # PandaLM has a few JSON booleans where the model answered "True": keep the answer as text.
-        return str(value)
-    if value is None:
-        return ""
-    raise RowError(f"{what} is a {type(value).__name__}, not a string")
-
-
-def _user(text: str) -> Messages:
-    return [{"role": "user", "content": text}]
-
-
-def _assistant(text: str) -> Messages:
-    return [{"role": "assistant", "content": text}]
-
-
 def _messages(value: Any, what: str) -> Messages:
     if not isinstance(value, list):
         raise RowError(f"{what} is a {type(value).__name__}, not a message list")
@@ -165,154 +158,6 @@ def _messages(value: Any, what: str) -> Messages:
     return out
 
 
-def _pair(conversation: Messages, chosen: Messages, rejected: Messages, source: str, meta: dict[str, Any]):
-    return {
-        "conversation": conversation,
-        "chosen": chosen,
-        "rejected": rejected,
-        "source": source,
-        "meta": {k: str(v) for k, v in meta.items()},
-    }
-
-
-# ---------------------------------------------------------------- formats
-
-_TURN = re.compile(r"\n\n(Human|Assistant):")
-_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-
-
-def _hh_turns(prefix: str) -> Messages:
-    pieces = _TURN.split(prefix)
-    if pieces[0].strip():
-        raise RowError("transcript does not start with a Human/Assistant turn")
-    turns = []
-    for role, content in zip(pieces[1::2], pieces[2::2], strict=True):
-        turns.append({"role": _HH_ROLES[role], "content": content.strip()})
-    return turns
-
-
-def read_hh_rlhf(record: Any, source: str) -> Iterator[tuple[str, dict]]:
-    """One pair from an HH-RLHF record: the shared transcript before the last Assistant turn is the conversation.
-
-    Raises RowError when the two transcripts have no Assistant turn or different prefixes.
-    """
-    if not isinstance(record, dict):
-        raise RowError("record is not an object")
-    _check_scores(record)
-    chosen, rejected = _text(record.get("chosen"), "chosen"), _text(record.get("rejected"), "rejected")
-    marker = "\n\nAssistant:"
-    ic, ir = chosen.rfind(marker), rejected.rfind(marker)
-    if ic < 0 or ir < 0:
-        raise RowError("transcript has no Assistant turn")
-    if chosen[:ic] != rejected[:ir]:
-        raise RowError("chosen and rejected transcripts have different prefixes: cannot be paired")
-    conversation = _hh_turns(chosen[:ic])
-    yield (
-        "",
-        _pair(
-            conversation,
-            _assistant(chosen[ic + len(marker) :].strip()),
-            _assistant(rejected[ir + len(marker) :].strip()),
-            source,
-            {},
-        ),
-    )
-
-
-def read_pandalm(record: Any, source: str) -> Iterator[tuple[str, dict]]:
-    """One pair from a PandaLM record by majority of the annotator votes; a tie or no majority is a RowError."""
-    if not isinstance(record, dict):
-        raise RowError("record is not an object")
-    votes = [record.get(k) for k in sorted(record) if k.startswith("annotator")]
-    if not votes or not all(isinstance(v, int) and v in (0, 1, 2) for v in votes):
-        raise RowError(f"annotator votes {votes!r} are not all 0, 1 or 2")
-    label, count = Counter(votes).most_common(1)[0]
-    if count * 2 <= len(votes):
-        raise RowError(f"no majority among annotator votes {votes}")
-    if label == 0:
-        raise RowError(f"majority says tie (votes {votes}): no preference")
-    instruction = _text(record.get("instruction"), "instruction")
-    extra = _text(record.get("input"), "input")
-    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    r1, r2 = _text(record.get("response1"), "response1"), _text(record.get("response2"), "response2")
-    chosen, rejected = (r1, r2) if label == 1 else (r2, r1)
-    meta = {"idx": record.get("idx", ""), "cmp_key": record.get("cmp_key", ""), "votes": ",".join(map(str, votes))}
-    yield "", _pair(_user(prompt), _assistant(chosen), _assistant(rejected), source, meta)
-
-
-def read_llmbar(record: Any, source: str) -> Iterator[tuple[str, dict]]:
-    """One pair from an LLMBar record; `label` (1 or 2) names the preferred output."""
-    if not isinstance(record, dict):
-        raise RowError("record is not an object")
-    label = record.get("label")
-    if label not in (1, 2):
-        raise RowError(f"label {label!r} is neither 1 nor 2")
-    o1, o2 = _text(record.get("output_1"), "output_1"), _text(record.get("output_2"), "output_2")
-    chosen, rejected = (o1, o2) if label == 1 else (o2, o1)
-    yield "", _pair(_user(_text(record.get("input"), "input")), _assistant(chosen), _assistant(rejected), source, {})
-
-
-def _slice(i: int, j: int) -> str:
-    return "hard" if i < j else "normal" if i == j else "easy"
-
-
-def read_rm_bench(record: Any, source: str) -> Iterator[tuple[str, dict]]:
-    """All 9 pairs of an RM-Bench record (3 chosen x 3 rejected styles), keyed `c{i}-r{j}`, styles in meta."""
-    if not isinstance(record, dict):
-        raise RowError("record is not an object")
-    chosen, rejected = record.get("chosen"), record.get("rejected")
-    if not isinstance(chosen, list) or not isinstance(rejected, list) or len(chosen) != 3 or len(rejected) != 3:
-        raise RowError("chosen and rejected must each list 3 styled responses")
-    prompt = _user(_text(record.get("prompt"), "prompt"))
-    for i in range(3):
-        for j in range(3):
-            meta = {
-                "id": record.get("id", ""),
-                "subset": record.get("subset", ""),
-                "chosen_style": RM_BENCH_STYLES[i],
-                "rejected_style": RM_BENCH_STYLES[j],
-                "slice": _slice(i, j),
-            }
-            c, r = _text(chosen[i], f"chosen[{i}]"), _text(rejected[j], f"rejected[{j}]")
-            yield f"c{i}-r{j}", _pair(prompt, _assistant(c), _assistant(r), source, meta)
-
-
-# Score fields that state a row's label (UltraFeedback binarized; Argilla's DPO sets): equal scores are a tie, a chosen
-# score below the rejected one a mislabelled row; either read as a preference trains the model on noise.
-SCORE_FIELDS = (
-    ("score_chosen", "score_rejected"),
-    ("chosen_score", "rejected_score"),
-    ("chosen_rating", "rejected_rating"),
-    ("chosen-rating", "rejected-rating"),
-)
-
-
-def _score(value: Any, what: str) -> Any:
-    if value is None or value != value:  # a Parquet null or pandas' NaN: the row has no score
-        return None
-    if isinstance(value, bool) or not isinstance(value, Real | Decimal):
-        raise RowError(f"{what} is a {type(value).__name__}, not a number")
-    return value  # compared as it is: float() of a 400-digit JSON integer overflows
-
-
-def _check_scores(record: dict[str, Any]) -> None:
-    """RowError when the record's own scores (or status) say its chosen response is not the better one."""
-    status = record.get("status")
-    if isinstance(status, str) and status.strip().lower() == "tie":
-        # argilla's distilabel-intel-orca-dpo-pairs: rated alike (a "swapped" row is already in the new order).
-        raise RowError("status is 'tie': no preference")
-    for chosen_key, rejected_key in SCORE_FIELDS:
-        good, bad = _score(record.get(chosen_key), chosen_key), _score(record.get(rejected_key), rejected_key)
-        if good is None or bad is None:
-            continue
-        if good == bad:
-            raise RowError(f"{chosen_key} equals {rejected_key} ({good}): a tie, no preference")
-        if good < bad:
-            raise RowError(
-                f"{chosen_key} {good} < {rejected_key} {bad}: the scores say rejected is better (mislabelled)"
-            )
-
-
 def _split_common_prefix(chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
     """Skywork-style full lists: the shared prefix is the conversation, each response keeps >= 1 message."""
     n = 0
@@ -322,11 +167,40 @@ def _split_common_prefix(chosen: Messages, rejected: Messages) -> tuple[Messages
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def _strip_repeated(conversation: Messages, chosen: Messages, rejected: Messages) -> tuple[Messages, Messages]:
+    """Full lists that repeat the prompt (Skywork style with a prompt column) lose it; lists that repeat the user
+    turn of a prompt given with a `system` column lose that turn."""
+    heads = [conversation]
+    if conversation and conversation[0]["role"] == "system":
+        heads.append(conversation[1:])
+    for head in heads:
+        n = len(head)
+        if n and chosen[:n] == head and rejected[:n] == head and len(chosen) > n < len(rejected):
+            return chosen[n:], rejected[n:]
+    return chosen, rejected
+
+
+def _prompt(record: dict[str, Any]) -> Messages | None:
+    """The conversation from the row's prompt column, a non-empty `system` string first; None without one."""
+    # `is not None`: in a Parquet/Arrow file (or pandas' JSON lines) every row has every column, null where it had
+    # none; a null `conversation` must not hide the `prompt` its row holds.
+    key = next((k for k in PROMPT_KEYS if record.get(k) is not None), None)
+    if key is None:
+        return None
+    if isinstance(record[key], list):
+        return _messages(record[key], key)
+    text = _text(record[key], key)
+    if key == "instruction" and (context := _text(record.get("input"), "input")).strip():
+        text = f"{text}\n\n{context}"  # the alpaca prompt, as PandaLM's
+    system = _text(record.get("system"), "system")
+    return ([{"role": "system", "content": system}] if system.strip() else []) + _user(text)
+
+
 def read_pairs(record: Any, source: str) -> Iterator[tuple[str, dict]]:
     """One pair from the common chosen/rejected shapes (strings or message lists, optional prompt).
 
-    Without a prompt field the shared prefix of the two lists is the conversation; a prompt
-    that both lists repeat is stripped. The row's own `source` field overrides `source`.
+    Without a prompt field the shared prefix of the two lists is the conversation (string responses without one
+    are a RowError); a prompt that both lists repeat is stripped. The row's own `source` field overrides `source`.
     """
     if not isinstance(record, dict):
         raise RowError("record is not an object")
@@ -334,17 +208,7 @@ def read_pairs(record: Any, source: str) -> Iterator[tuple[str, dict]]:
         if key not in record:
             raise RowError(f"missing field {key!r}")
     _check_scores(record)
-    # `is not None`: in a Parquet/Arrow file (or pandas' JSON lines) every row has every column, null where it had
-    # none; a null `conversation` must not hide the `prompt` its row holds.
-    prompt_keys = ("conversation", "prompt", "history", "messages")
-    prompt_key = next((k for k in prompt_keys if record.get(k) is not None), None)
-    prompt_value = record.get(prompt_key) if prompt_key else None
-    if isinstance(prompt_value, list):
-        conversation: Messages | None = _messages(prompt_value, prompt_key or "prompt")
-    elif prompt_value is None:
-        conversation = None
-    else:
-        conversation = _user(_text(prompt_value, prompt_key or "prompt"))
+    conversation = _prompt(record)
 
     def response(key: str) -> Messages:
         value = record[key]
@@ -356,12 +220,12 @@ def read_pairs(record: Any, source: str) -> Iterator[tuple[str, dict]]:
     if not chosen or not rejected:
         raise RowError("chosen or rejected is an empty message list")
     if conversation is None:
+        if not (isinstance(record["chosen"], list) and isinstance(record["rejected"], list)):
+            # Only whole message lists carry their prompt; a pair of bare responses would train the model without it.
+            raise RowError(f"no prompt: no {'/'.join(PROMPT_KEYS)} column, and chosen/rejected are no message lists")
         conversation, chosen, rejected = _split_common_prefix(chosen, rejected)
     else:
-        n = len(conversation)
-        # Full lists that repeat the prompt (Skywork style with a prompt column): strip it.
-        if n and chosen[:n] == conversation and rejected[:n] == conversation and len(chosen) > n < len(rejected):
-            chosen, rejected = chosen[n:], rejected[n:]
+        chosen, rejected = _strip_repeated(conversation, chosen, rejected)
     if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
         raise RowError("the last chosen/rejected message is not an assistant turn")
     meta = {k: record[k] for k in ("id", "source", "subset") if k in record and isinstance(record[k], str | int)}
