@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,8 +21,12 @@ import numpy as np
 import torch
 
 from synpref.shared.files import fsync_tree, replace_durably
+from synpref.training.batching import EncodedPair
+from synpref.training.token_store import PairStore
 
 TRAINER_STATE = "trainer_state.pt"
+# write_checkpoint's temporary folders (path + ".tmp") of the trainer's saves: checkpoint-N and final.
+_TEMP = re.compile(r"(checkpoint-\d+|final)\.tmp")
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +85,50 @@ def remove_checkpoints(output_dir: Path, source: str = "") -> list[Path]:
     return stale
 
 
-def data_order(train_tokens: Sequence[int], config: Any) -> dict[str, Any]:
+def remove_partial_saves(output_dir: Path) -> list[Path]:
+    """Remove the temporary folders of saves killed mid-write (checkpoint-N.tmp, final.tmp) from output_dir;
+    returns them. Left alone, each (a whole model, maybe with its optimizer state) stayed until that step's save."""
+    found = [p for p in output_dir.glob("*.tmp") if _TEMP.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    for tmp in found:
+        log.warning("removing %s: a save that did not finish (its run was stopped while writing it)", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return found
+
+
+def check_source(source: str, output_dir: Path, save_steps: int) -> None:
+    """Raise ValueError when a run that saves checkpoints (save_steps) starts from a model inside one of
+    output_dir's checkpoint-N folders: this run's save of step N replaces it, save_total_limit's rotation removes
+    it, and a resume could take that other run's state for this run's. Both paths are resolved (links, relative
+    paths); a run that saves none (remove_checkpoints keeps its source) may start there."""
+    if save_steps <= 0 or not Path(source).exists():
+        return
+    start, root = Path(source).resolve(), output_dir.resolve()
+    if start == root or not start.is_relative_to(root):
+        return
+    folder = root / start.relative_to(root).parts[0]
+    if folder in _numbered(root):
+        raise ValueError(
+            f"model_name_or_path {start} is {folder.name} of output_dir {root}, where this run saves checkpoints "
+            f"(save_steps {save_steps}): a save of that step would replace it and save_total_limit's rotation "
+            "remove it. Use another output_dir (or copy the checkpoint out of this one), or set resume: true to "
+            "continue from output_dir's newest checkpoint"
+        )
+
+
+def data_order(train: Sequence[EncodedPair], config: Any) -> dict[str, Any]:
     """What decides the pairs of every step (so what a checkpoint's step number means): the training pairs,
-    fingerprinted by their token counts, and the order's config (seed, global batch, length grouping)."""
-    digest = hashlib.sha256(np.ascontiguousarray(train_tokens, dtype=np.int64).data).hexdigest()
-    order = {"pairs": len(train_tokens), "pair_tokens_sha256": digest, "seed": config.seed}
+    fingerprinted by every side's token ids and length in order, chosen before rejected (so a relabelled set,
+    some pairs' sides swapped, differs), and the order's config (seed, global batch, length grouping)."""
+    if isinstance(train, PairStore):
+        offsets, ids = train.offsets, train.ids
+    else:
+        sides = [side for pair in train for side in (pair.chosen, pair.rejected)]
+        offsets = np.zeros(len(sides) + 1, dtype=np.int64)
+        np.cumsum([len(side) for side in sides], out=offsets[1:])
+        ids = np.fromiter((t for side in sides for t in side), dtype=np.int32, count=int(offsets[-1]))
+    digest = hashlib.sha256(np.ascontiguousarray(offsets, dtype=np.int64).data)
+    digest.update(np.ascontiguousarray(ids, dtype=np.int32).data)
+    order = {"pairs": len(train), "pair_ids_sha256": digest.hexdigest(), "seed": config.seed}
     order.update(global_batch_size=config.global_batch_size, group_by_length=config.group_by_length)
     if config.group_by_length:
         order["group_window"] = config.group_window
@@ -97,6 +141,12 @@ def check_data_order(checkpoint: Path, saved: dict[str, Any] | None, now: dict[s
     Checkpoints written before the order was recorded (saved None) are taken as they are."""
     if saved is None:
         return
+    if "pair_ids_sha256" not in saved:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: pair_ids_sha256 not recorded, it was written by an earlier version "
+            "whose data fingerprint (token counts) did not tell a relabelled dataset (chosen and rejected swapped) "
+            "from this one; set resume: false to start over, or use another output_dir"
+        )
     changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
     if changed:
         raise ValueError(
@@ -145,6 +195,28 @@ def read_trainer_state(checkpoint: Path, mmap: bool = True, order: dict[str, Any
     if order is not None:
         check_data_order(checkpoint, state.get("order"), order)
     return state
+
+
+def restore_state(
+    path: Path,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    strategy: str,
+    rank: int,
+    *,
+    mmap: bool,
+    order: dict[str, Any],
+) -> int:
+    """Load a checkpoint's optimizer, scheduler and this rank's RNG states into a run; returns the checkpoint's
+    step. `mmap` and `order` as read_trainer_state takes them (a checkpoint of other data or order is refused)."""
+    state = read_trainer_state(path, mmap, order)
+    load_optimizer_state(model, optimizer, state["optimizer"], strategy)
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    set_rng_state(rng[rank] if rank < len(rng) and rng[rank] is not None else rng[0])
+    log.info("resumed from %s at step %d", path, int(state["step"]))
+    return int(state["step"])
 
 
 def write_checkpoint(

@@ -42,16 +42,16 @@ from synpref.training.batching import (
     step_order,
 )
 from synpref.training.checkpointing import (
+    check_source,
     data_order,
     full_state_dict,
     latest_checkpoint,
-    load_optimizer_state,
     optimizer_state,
     prune_checkpoints,
-    read_trainer_state,
     remove_checkpoints,
+    remove_partial_saves,
+    restore_state,
     rng_state,
-    set_rng_state,
     write_checkpoint,
 )
 from synpref.training.data_cache import prepare_data
@@ -108,7 +108,7 @@ class RewardTrainer:
                 f"{len(self.train_data)} usable training pairs < global_batch_size {config.global_batch_size}"
             )
         self.widths = pair_widths(self.train_data)
-        self.data_order = data_order(pair_tokens(self.train_data), config)
+        self.data_order = data_order(self.train_data, config)
         self.steps_per_epoch = len(self.train_data) // config.global_batch_size
         self.total_steps = (
             config.max_steps if config.max_steps > 0 else max(1, math.floor(config.num_epochs * self.steps_per_epoch))
@@ -128,6 +128,8 @@ class RewardTrainer:
     def _load_model(self) -> None:
         cfg = self.config
         self.resume_from = latest_checkpoint(self.out) if cfg.resume else None
+        if self.resume_from is None:
+            check_source(cfg.model_name_or_path, self.out, cfg.save_steps)
         source = str(self.resume_from) if self.resume_from else cfg.model_name_or_path
         loaded = load_for_training(cfg, source, self.device, self.world)
         self.model, self.wrapped, self.tokenizer = loaded.model, loaded.wrapped, loaded.tokenizer
@@ -261,11 +263,14 @@ class RewardTrainer:
         """
         cfg = self.config
         if self.resume_from is not None:
-            self._load_state(self.resume_from)
+            mmap = self.strategy == "fsdp" or self.device.type != "cpu"
+            run = (self.model, self.optimizer, self.scheduler, self.strategy, self.rank)
+            self.step = restore_state(self.resume_from, *run, mmap=mmap, order=self.data_order)
         elif self.is_main:
             remove_checkpoints(self.out, cfg.model_name_or_path)  # this run's must be the newest a resume finds
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_partial_saves(self.out)
             self._log(
                 {
                     "event": "start",
@@ -426,15 +431,6 @@ class RewardTrainer:
         if self.is_main and self.config.save_total_limit > 0:
             prune_checkpoints(self.out, self.config.save_total_limit)
         return path
-
-    def _load_state(self, path: Path) -> None:
-        state = read_trainer_state(path, self.strategy == "fsdp" or self.device.type != "cpu", self.data_order)
-        load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.strategy)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        rng = state["rng"]
-        set_rng_state(rng[self.rank] if self.rank < len(rng) and rng[self.rank] is not None else rng[0])
-        log.info("resumed from %s at step %d", path, self.step)
 
     def _log(self, record: dict[str, Any]) -> None:
         record = {"time": time.time(), **record}
