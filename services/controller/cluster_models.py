@@ -148,7 +148,9 @@ class K8sModels(FullModels):
             adopt = spec.name
         status = self.backend.wait(namespace, adopt, self.timeout_s)
         if status != "Complete":
-            raise RuntimeError(f"training job {namespace}/{adopt} ended {status}")
+            # Why, read from the cluster: "ended Failed" alone sent people to kubectl for an OOM or a bad image.
+            why = getattr(self.backend, "why_failed", lambda namespace, name: "")(namespace, adopt)
+            raise RuntimeError(f"training job {namespace}/{adopt} ended {status}{f': {why}' if why else ''}")
         handle = ModelHandle(name, str(folder / "final"), f"{name}-{adopt}")
         if valid:
             handle.metrics["valid_accuracy"] = accuracy(self.score(handle, valid))
@@ -280,6 +282,22 @@ class ClusterJobs:
             # The Job is running: a ConfigMap left behind is not worth failing the training for.
             log.warning("ConfigMap %s/%s not handed to its Job (left behind): %s", spec.namespace, spec.config_map, exc)
         return job
+
+    def why_failed(self, namespace: str, name: str) -> str:
+        """Why Job `namespace/name` failed: its Failed condition's reason and message, and each failed pod's
+        (OOMKilled, the exit code, Evicted); "" when none can be read (only a diagnosis: it raises nothing)."""
+        from synpref.training import k8s_api
+
+        said = []
+        try:
+            job = self.backend.batch.read_namespaced_job(name, namespace, _request_timeout=k8s_api.REQUEST_TIMEOUT_S)
+            for cond in (job.status and job.status.conditions) or []:
+                if cond.type == "Failed" and cond.status == "True":
+                    said.append(f"{cond.reason}: {cond.message}" if cond.message else str(cond.reason or "Failed"))
+        except Exception as exc:  # the Job's outcome is known: a failed read only leaves the reason out
+            log.info("cannot read Job %s/%s for why it failed: %s", namespace, name, exc)
+        said.extend(job_pods.JobPods(getattr(self.backend, "core", None), namespace, name).failures())
+        return "; ".join(said)
 
     def wait(self, namespace: str, name: str, timeout_s: float) -> str:
         """Wait up to timeout_s for Job `namespace/name` to end: "Complete" or "Failed" (TimeoutError after).

@@ -93,18 +93,30 @@ def route_of(record: PairRecord, topic_route: str) -> str:
     return ROUTE_OF[record.decision.decision] if topic_route in DECIDED else topic_route
 
 
+def dead_letter_key(msg, key_of_id: dict[str, str]) -> str:
+    """The key (key_of) of the record dead-letter message `msg` is about, "" for none: a dead letter reduced to its
+    provenance (its copy was too large for the topic) has no payload and names its pair by the message key only."""
+    from synpref.shared.kafka.codec import PayloadError, decode_record
+
+    try:
+        return key_of(decode_record(msg.value, msg.headers))
+    except PayloadError:
+        return key_of_id.get((msg.key or b"").decode("utf-8", errors="replace"), "")
+
+
 class KafkaExecutor:
     """Publishes a batch to the step's input topic and collects every result from its output topics.
 
     The consumer is assigned the output (and dead-letter) partitions and positioned at their
     ends before anything is published, so it sees exactly the results of this batch (or of
     an earlier, interrupted attempt at it, which are the same: stages are deterministic and
-    the key matches). A batch none of whose missing results comes back for `timeout_s` raises
-    TimeoutError; the loop's durable state makes the retry safe. The wait is since the last
-    result, not for the whole batch: a retry republishes the batch behind the first attempt's
-    backlog and needs as long again, so a pipeline slower than batch / timeout_s but working
-    would time out on every attempt, never finish the step, and pile a batch of duplicate work
-    onto the services each time.
+    the key matches). A batch none of whose missing results comes back for `timeout_s`, while
+    no other result does either, raises TimeoutError; the loop's durable state makes the retry
+    safe. The wait is since the last result, not for the whole batch: a retry republishes the
+    batch behind the first attempt's backlog and needs as long again, so a pipeline slower than
+    batch / timeout_s but working would time out on every attempt, never finish the step, and
+    pile a batch of duplicate work onto the services each time. Results not of this batch count
+    too: the next batch waits behind the retry's duplicate copies of this one.
 
     With a `journal` (the human review: state.StepVerdicts) results are not to be had again
     for free, so a retry neither skips nor repeats them: the first attempt notes the output
@@ -147,6 +159,7 @@ class KafkaExecutor:
         topics = self.settings.topics
         by_topic = {getattr(topics, r): r for r in (*outputs, "dead_letter")}
         pending = {key_of(r): r for r in records}
+        key_of_id = {**{r.pair.id: key_of(r) for r in records}, **{key: key for key in pending}}
         out = StageResult()
         if not pending:
             return out
@@ -178,6 +191,16 @@ class KafkaExecutor:
                 for tp, msgs in consumer.poll(timeout_ms=500).items():
                     route = by_topic[tp.topic]
                     for msg in msgs:
+                        if route == "dead_letter":
+                            key = dead_letter_key(msg, key_of_id)
+                            if key in pending:
+                                deadline = time.monotonic() + self.timeout_s  # still coming: wait on
+                                reason = header_map(msg.headers).get(DLQ_REASON, "dead-lettered")
+                                out.fail(pending.pop(key), reason)
+                            continue
+                        # Any result is the pipeline still coming: results of an earlier attempt's copies queued
+                        # ahead of this batch too, or a batch behind them would time out every time it waits.
+                        deadline = time.monotonic() + self.timeout_s
                         try:
                             record = decode_record(msg.value, msg.headers)
                         except PayloadError:
@@ -185,11 +208,7 @@ class KafkaExecutor:
                         key = key_of(record)
                         if key not in pending:
                             continue
-                        deadline = time.monotonic() + self.timeout_s  # still coming: wait on
-                        if route == "dead_letter":
-                            reason = header_map(msg.headers).get(DLQ_REASON, "dead-lettered")
-                            out.fail(pending.pop(key), reason)
-                        elif route in DECIDED and record.decision.decision not in ROUTE_OF:
+                        if route in DECIDED and record.decision.decision not in ROUTE_OF:
                             out.fail(pending.pop(key), f"no decision on {tp.topic}")
                         else:
                             pending.pop(key)

@@ -40,6 +40,19 @@ def problem(pod: Any) -> tuple[str, str] | None:
     return phase or "Pending", ""
 
 
+def failure(pod: Any) -> str | None:
+    """Why `pod` failed ("OOMKilled (exit code 137)", "Evicted: ..."); None unless it failed."""
+    status = pod.status
+    if status is None or status.phase != "Failed":
+        return None
+    said = [f"{status.reason}: {status.message}" if status.message else status.reason] if status.reason else []
+    for container in [*(status.init_container_statuses or []), *(status.container_statuses or [])]:
+        ended = container.state and container.state.terminated
+        if ended and ended.exit_code:
+            said.append(f"{container.name} {ended.reason or 'Error'} (exit code {ended.exit_code})")
+    return "; ".join(said) or "Failed"
+
+
 def duration(seconds: float) -> str:
     """`seconds` as 3d4h, 2h13m or 7m."""
     minutes = int(seconds // 60)
@@ -83,6 +96,10 @@ class JobPods:
             )
             self.list_failed = True
             return None
+
+    def failures(self) -> list[str]:
+        """Lines "pod <name>: <why>", one for each failed pod of the Job (none when they cannot be listed)."""
+        return sorted(f"pod {pod.metadata.name}: {why}" for pod in self.pods() or [] if (why := failure(pod)))
 
     def check(self, now: float, waited_s: float) -> str | None:
         """List the pods and warn why one does not run; the line warned, if any. `now`: the caller's clock."""
