@@ -95,6 +95,8 @@ FLUSH_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 10.0
 """The same after SIGTERM / SIGINT, plus STOP_CLOSE_S to close: well inside Kubernetes' 30 s grace period."""
 STOP_CLOSE_S = 2.0
+PROGRESS_S = 60.0
+"""How often a run logs how far it got: 40M pairs take hours, and a silent run cannot be told from a stuck one."""
 
 
 @dataclass(frozen=True)
@@ -300,7 +302,7 @@ def publish(
     HAND_OVER_S while rows are read and sent (or every HAND_OVER_IDS ids), and the rest at the end; only
     sends in flight are held. Before each row the finished sends at the head of those in flight are
     settled (no flush of the producer). When stop() says why (a signal), no row is read after it and
-    the sends in flight get STOP_TIMEOUT_S to be acknowledged.
+    the sends in flight get STOP_TIMEOUT_S to be acknowledged. Every PROGRESS_S it logs how far it got.
     """
     from kafka.errors import KafkaError, KafkaTimeoutError
 
@@ -308,17 +310,25 @@ def publish(
 
     in_flight: deque[tuple[str, Any]] = deque()
     acked: list[str] = []
-    unacked = 0
-    handed_at = time.monotonic()
+    unacked = acked_total = 0
+    handed_at = told_at = time.monotonic()
 
     def settle(everything: bool = False) -> None:
-        nonlocal unacked
+        nonlocal unacked, acked_total
         while in_flight and (everything or in_flight[0][1].is_done):
             pair_id, future = in_flight.popleft()
             if future.is_done and future.succeeded():
                 acked.append(pair_id)
+                acked_total += 1
             else:
                 unacked += 1
+
+    def tell() -> None:
+        nonlocal told_at
+        if (clock := time.monotonic()) - told_at >= PROGRESS_S:
+            told_at, c = clock, pre.counts
+            log.info("%d rows read: %d to publish, %d dropped; %d acknowledged, %d not, %d in flight",
+                     c.read, c.published, c.read - c.published, acked_total, unacked, len(in_flight))  # fmt: skip
 
     def hand_over(now: bool = False) -> None:
         nonlocal handed_at
@@ -334,6 +344,7 @@ def publish(
         while not stop():
             settle()
             hand_over()
+            tell()
             row = next(it, None)
             if row is None:
                 return
@@ -355,6 +366,7 @@ def publish(
                 producer.flush(timeout=min(1.0, deadline - clock))
             settle()
             hand_over()
+            tell()
 
     stopped = ""
     try:
