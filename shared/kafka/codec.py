@@ -159,9 +159,10 @@ def dead_letter(
     small_key = key if key is not None and len(key) <= MAX_KEPT_KEY_BYTES else None
     reduced = Outgoing(topic, small_key, b"", [*provenance, (DLQ_DROPPED, str(dropped).encode()), (DLQ_REASON, b"")])
     # MAX_REASON_CHARS counts characters (up to 4 bytes each) and the key may be 1 KiB: under a small limit (the
-    # config allows 1 KiB) that alone is refused. The provenance is what must get through; key and reason yield.
+    # config allows 1 KiB) that alone is refused. The provenance is what must get through, then the key (the pair id:
+    # the controller ends the record by it), and the reason takes what room is left.
     room = max_bytes - reduced.size
-    if small_key is not None and room < len(_reason(reason)):
+    if small_key is not None and room < 0:
         reduced, room = Outgoing(topic, None, b"", reduced.headers), room + len(small_key)
     text = _reason(reason)[: max(0, room)].decode("utf-8", errors="ignore").encode()
     return Outgoing(topic, reduced.key, b"", [*reduced.headers[:-1], (DLQ_REASON, text)])

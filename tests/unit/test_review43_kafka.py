@@ -33,3 +33,13 @@ def test_a_reduced_dead_letter_keeps_key_and_reason_where_they_fit():
     out = reduced("stage raised ValueError: bad pair", b"k" * 32, 2048)
     assert out.key == b"k" * 32 and out.value == b""
     assert header_map(out.headers)[DLQ_REASON].startswith("stage raised ValueError: bad pair; the message")
+
+
+def test_a_reduced_dead_letter_keeps_its_key_and_cuts_the_reason_to_the_room_left():
+    # Before, a reason longer than the room left dropped the key (the pair id) first: the controller then could not
+    # tell which of its records the dead letter ended (review 44: it ends them by that key when there is no payload).
+    pair_id = b"0123456789abcdef" * 4
+    for limit in (1024, 2048):
+        out = reduced("stage raised " + "x" * 5000, pair_id, limit)
+        assert out.size <= limit and out.key == pair_id
+        assert header_map(out.headers)[DLQ_REASON].startswith("stage raised xxx")
