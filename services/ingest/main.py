@@ -67,6 +67,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="count only; publish nothing")
     parser.add_argument("--config", help="YAML config file (default: $SYNPREF_CONFIG)")
     args = parser.parse_args(argv)
+    if args.limit < 0:
+        parser.error(f"--limit must be 0 (all rows) or more, not {args.limit}")
     # Decontamination is on unless turned off: a benchmark prompt in training data inflates every score.
     if args.no_decontaminate:
         args.decontaminate = []
@@ -151,7 +153,7 @@ def topic_message_limit(kafka: KafkaSettings, topic: str) -> int | None:
 
     from synpref.shared.kafka.clients import make_admin
 
-    admin = make_admin(kafka)
+    admin = make_admin(kafka)  # a broker it cannot reach raises: main says so
     try:
         resource = ConfigResource(ConfigResourceType.TOPIC, topic, configs=[MESSAGE_LIMIT])
         found = admin.describe_configs([resource], config_filter="all").get("topic", {}).get(topic, {})
@@ -192,10 +194,16 @@ def main(argv: list[str]) -> int:
     limit = settings.kafka.max_message_bytes
     producer = None
     if not args.dry_run:
+        from kafka.errors import KafkaError
+
         from synpref.shared.kafka.clients import make_producer
 
-        limit = min(limit, topic_message_limit(settings.kafka, topic) or limit)
-        producer = make_producer(settings.kafka, batch_size=min(256 * 1024, limit))
+        try:
+            limit = min(limit, topic_message_limit(settings.kafka, topic) or limit)
+            producer = make_producer(settings.kafka, batch_size=min(256 * 1024, limit))
+        except KafkaError as exc:  # no broker reachable (yet): worth another try, unlike a bad config (2)
+            print(f"synpref ingest: cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc!r}", file=sys.stderr)
+            return 1
     # Nothing here grows with the input: the seen ids are on disk, the report and the --seen file are
     # written as rows are dropped and sends acknowledged (a killed run keeps what was acknowledged up to
     # about HAND_OVER_S before; SIGTERM and SIGINT stop it with everything acknowledged recorded).
@@ -322,6 +330,8 @@ def publish(
                 acked_total += 1
             else:
                 unacked += 1
+                if unacked == 1 or unacked % 10_000 == 0:  # why, not only how many (the first, then now and then)
+                    log.warning("%d sends not acknowledged; %s: %r", unacked, pair_id, future.exception)
 
     def tell() -> None:
         nonlocal told_at

@@ -215,6 +215,7 @@ class Sent:
 
     def __init__(self, ok: bool = True, done: bool = True) -> None:
         self.is_done, self.ok = done, ok
+        self.exception = None if ok else RuntimeError("the broker refused the record")  # as kafka-python's futures
 
     def succeeded(self) -> bool:
         return self.is_done and self.ok
