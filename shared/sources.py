@@ -130,12 +130,18 @@ def default_source(path: Path, fmt: str) -> str:
 
 
 _SAVED_SHARD = re.compile(r"data-\d+-of-\d+\.arrow")
+_HUB_SHARD = re.compile(r"(?P<split>[\w.]+?)-\d{5}-of-\d{5}(?:-[0-9a-f]+)?\..+")
+"""A Hugging Face Hub data file: <dataset>/data/train-00000-of-00004.parquet (a content hash may follow)."""
 
 
 def _stem(path: Path) -> str:
     """The file's name before its suffixes; for a save_to_disk shard (all named data-0000n-of-0000m) the
-    dataset's folder, with the DatasetDict's folder before a split's."""
+    dataset's folder, with the DatasetDict's folder before a split's; for a Hub shard dataset/split (one source for
+    all shards of a split, where each shard was a source of its own)."""
     if not _SAVED_SHARD.fullmatch(path.name):
+        if hub := _HUB_SHARD.fullmatch(path.name):
+            dataset = path.parent.parent if path.parent.name == "data" else path.parent
+            return f"{dataset.name}/{hub['split']}"
         return path.name.split(".")[0]
     folder = path.parent
     return f"{folder.parent.name}/{folder.name}" if (folder.parent / "dataset_dict.json").is_file() else folder.name
