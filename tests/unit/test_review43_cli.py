@@ -113,7 +113,7 @@ def test_options_after_the_subcommand_keep_the_ones_before(tmp_path: Path, stub:
     assert cli.parse_args(["--model", "m", "info", "--model", "gold"]).model == "gold"
     out = tmp_path / "out.jsonl"
     assert cli.main(["--address", "127.0.0.1:1", "items", str(src), "--model", "gold", "-o", str(out)]) == 0
-    assert out.read_text() == '{"reward": 0.5}\n' and stub.score_models == ["gold"]
+    assert out.read_text() == '{"reward": 0.5, "line": 1}\n' and stub.score_models == ["gold"]
 
 
 def test_score_pairs_lines_name_the_input_row_and_pair(
