@@ -5,7 +5,7 @@
 
 const KEY = "synpref-desk-token";
 const POLL_MS = 3000;
-const state = { token: sessionStorage.getItem(KEY) || "", pair: null, choice: null, busy: false, poll: null };
+const state = { token: sessionStorage.getItem(KEY) || "", pair: null, choice: null, busy: false, poll: null, failed: false };
 
 const $ = (id) => document.getElementById(id);
 
@@ -146,12 +146,27 @@ function showPair(pair) {
   window.scrollTo(0, 0);
 }
 
+function checkAgain(fn) {
+  clearTimeout(state.poll);  // one timer at a time, even when two loads overlap
+  state.poll = setTimeout(fn, POLL_MS);
+}
+
 async function loadNext() {
-  const data = await api("/api/next");
+  clearTimeout(state.poll);
+  let data;
+  try {
+    data = await api("/api/next");
+  } catch (err) {
+    // The desk restarting, or a proxy's 502/503 while it is unready: check again, or the page (idle, or showing
+    // the pair just answered) waits forever. A refused token has logged out instead.
+    if (err.message !== "unauthorized") checkAgain(() => loadNext().catch(report));
+    state.failed = true;
+    throw err;
+  }
+  if (state.failed) { $("status").textContent = ""; state.failed = false; }
   renderProgress(data.progress);
   showPair(data.pair);
-  clearTimeout(state.poll);
-  if (data.pair === null) state.poll = setTimeout(() => loadNext().catch(report), POLL_MS);
+  if (data.pair === null) checkAgain(() => loadNext().catch(report));
 }
 
 function report(err) {
@@ -196,6 +211,7 @@ function onKey(event) {
 }
 
 async function login() {
+  clearTimeout(state.poll);
   $("login-error").textContent = "";
   try {
     const s = await api("/api/session");
@@ -205,10 +221,16 @@ async function login() {
     $("login").hidden = true;
     $("who").hidden = false;
     $("desk").hidden = false;
-    await loadNext();
   } catch (err) {
-    report(err);
+    if (err.message === "unauthorized") return;  // logout() said why
+    // Not a refused token (the desk restarting, throttled, unreachable): say so on the login form, which is
+    // otherwise hidden like the desk (a blank page), and try the token again.
+    $("login").hidden = false;
+    $("login-error").textContent = "Cannot reach the desk (" + err.message + "); trying again…";
+    checkAgain(login);
+    return;
   }
+  await loadNext().catch(report);
 }
 
 function logout(message) {
