@@ -42,6 +42,7 @@ from synpref.client.channel import RETRYABLE as RETRYABLE
 from synpref.client.channel import SERVICE_CONFIG as SERVICE_CONFIG
 from synpref.client.channel import TOO_LARGE as TOO_LARGE
 from synpref.client.channel import retryable as retryable
+from synpref.client.channel import timed_out
 from synpref.client.channel import too_large as too_large
 from synpref.client.messages import (
     MAX_REQUEST_BYTES,
@@ -151,7 +152,7 @@ class RewardClient:
         self.channel.close()
 
     def _call(self, method: Callable[..., T], request: Any, deadline: float) -> T:
-        attempt = 0
+        attempt, earlier = 0, None
         while True:
             remaining = deadline - time.monotonic()
             try:
@@ -160,7 +161,8 @@ class RewardClient:
                 attempt += 1
                 delay = self.policy.pause(attempt, deadline) if retryable(exc) else None
                 if delay is None:
-                    raise
+                    raise timed_out(exc, earlier, self.address)  # noqa: B904 (exc is its cause, or is raised again)
+                earlier = exc
                 time.sleep(delay)
 
     def score(self, items: Sequence[Item], *, model: str | None = None, timeout: float | None = None) -> list[float]:
@@ -237,7 +239,7 @@ class AsyncRewardClient:
         await self.channel.close()
 
     async def _call(self, method: Callable[..., Any], request: Any, deadline: float) -> Any:
-        attempt = 0
+        attempt, earlier = 0, None
         while True:
             remaining = deadline - time.monotonic()
             try:
@@ -246,7 +248,8 @@ class AsyncRewardClient:
                 attempt += 1
                 delay = self.policy.pause(attempt, deadline) if retryable(exc) else None
                 if delay is None:
-                    raise
+                    raise timed_out(exc, earlier, self.address)  # noqa: B904 (exc is its cause, or is raised again)
+                earlier = exc
                 await asyncio.sleep(delay)
 
     async def _gather(self, method: Callable[..., Any], requests: Iterator[Any], deadline: float) -> list[Any]:

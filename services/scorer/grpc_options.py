@@ -21,6 +21,9 @@ def server_options(settings: ScorerSettings) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", settings.max_body_bytes),
         ("grpc.max_send_message_length", MAX_SEND_BYTES),
+        # The RL clients ping every 20 s while calls are open (client/channel.py: a replica that vanished is found
+        # in ~30 s): allowed explicitly, where gRPC's default (one per 5 min without data) rests on strike counts.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
     if settings.max_connection_age_s > 0:  # gRPC reads 0 as "close at once", not "never"
         options += [
