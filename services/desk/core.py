@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -41,6 +43,7 @@ STEP = "desk"
 CHOICES = (0, 1, 2)
 """What an annotator may answer: candidate 1, candidate 2, or 0 for "cannot decide"."""
 MAX_NOTE = 2000
+PAIR_ID = re.compile(r"^[0-9A-Za-z_.:-]{1,128}$")
 
 
 class DeskError(Exception):
@@ -63,6 +66,9 @@ class Entry:
     seq: int
     leases: dict[str, float] = field(default_factory=dict)
     """annotator -> monotonic deadline of an open assignment."""
+    assignments: dict[str, str] = field(default_factory=dict)
+    """annotator -> the open assignment's id: a verdict names it, so one sent from a page shown before a restart
+    (which draws a new Candidate order) is refused (409, shown again) rather than mapped with the new order."""
     verdicts: dict[str, HumanVerdict] = field(default_factory=dict)
 
     @property
@@ -294,6 +300,7 @@ class DeskCore:
             if entry is None or entry.leases.get(who, t) <= t:
                 if entry is not None:
                     entry.leases.pop(who, None)
+                    entry.assignments.pop(who, None)
                 del self._holding[who]
 
     def _open_slots(self, entry: Entry) -> int:
@@ -308,6 +315,7 @@ class DeskCore:
         for entry in self._pending.values():
             if annotator not in entry.verdicts and self._open_slots(entry) > 0:
                 entry.leases[annotator] = self.clock() + self.lease_s
+                entry.assignments[annotator] = secrets.token_hex(8)
                 self._holding[annotator] = entry.pair_id
                 return entry
         return None
@@ -322,8 +330,11 @@ class DeskCore:
         )
 
     # -- verdicts ------------------------------------------------------------------------
-    def submit(self, annotator: str, pair_id: str, choice: int, note: str = "") -> Decided | None:
-        """Record a verdict on an assigned pair; the routed record once the pair is decided."""
+    def submit(
+        self, annotator: str, pair_id: str, choice: int, note: str = "", assignment: str | None = None
+    ) -> Decided | None:
+        """Record a verdict on an assigned pair (the open assignment `assignment`, where given); the routed record
+        once the pair is decided."""
         if choice not in CHOICES:
             raise DeskError(400, "choice must be 1, 2 or 0 (cannot decide)")
         if len(note) > MAX_NOTE:
@@ -332,7 +343,10 @@ class DeskCore:
         entry = self._pending.get(pair_id)
         if entry is None or annotator not in entry.leases:
             raise DeskError(409, "this pair is not assigned to you (already decided, or the assignment expired)")
+        if assignment is not None and assignment != entry.assignments.get(annotator):
+            raise DeskError(409, "this pair was assigned to you again since this page showed it: it is shown again")
         del entry.leases[annotator]
+        entry.assignments.pop(annotator, None)
         del self._holding[annotator]
         verdict = HumanVerdict(
             annotator=annotator,
@@ -367,6 +381,7 @@ class DeskCore:
         record = entry.record
         return {
             "pair_id": pair.id,
+            "assignment": entry.assignments.get(annotator, ""),
             "source": pair.source,
             "conversation": message_dicts(pair.conversation),
             "candidates": candidates,
@@ -399,3 +414,33 @@ class DeskCore:
                 ],
             },
         }
+
+
+def parse_verdict(body: Any) -> tuple[str, int, str, str | None]:
+    """Validate a verdict body; DeskError(400) naming the first problem."""
+    if not isinstance(body, dict):
+        raise DeskError(400, "body must be a JSON object")
+    unknown = set(body) - {"pair_id", "choice", "note", "assignment"}
+    if unknown:
+        raise DeskError(400, f"unknown fields: {', '.join(sorted(unknown))}")
+    pair_id = body.get("pair_id")
+    if not isinstance(pair_id, str) or not PAIR_ID.match(pair_id):
+        raise DeskError(400, "pair_id must be a pair id string")
+    choice = body.get("choice")
+    if isinstance(choice, bool) or not isinstance(choice, int) or choice not in (0, 1, 2):
+        raise DeskError(400, "choice must be the integer 1, 2 or 0 (cannot decide)")
+    note = body.get("note", "")
+    if not isinstance(note, str):
+        raise DeskError(400, "note must be a string")
+    if not note.isascii():
+        try:
+            note.encode("utf-8")
+        except UnicodeEncodeError:
+            # JSON may escape a lone surrogate ("\\ud800"), which no UTF-8 text, so no protobuf string, can hold.
+            raise DeskError(400, "note is not valid Unicode text (a lone surrogate)") from None
+    if len(note) > MAX_NOTE:
+        raise DeskError(400, f"note is longer than {MAX_NOTE} characters")
+    assignment = body.get("assignment")
+    if assignment is not None and not isinstance(assignment, str):
+        raise DeskError(400, "assignment must be the string /api/next gave")
+    return pair_id, choice, note, assignment

@@ -4,7 +4,7 @@ API (every /api route needs `Authorization: Bearer <token>`; 401 otherwise, and 
 Retry-After once a client address has failed too often, see FailedAuthThrottle and client_address):
   GET  /api/session   who am I, the general guideline, the overlap
   GET  /api/next      my current pair (or a new one) and my progress
-  POST /api/verdict   {"pair_id": str, "choice": 1 | 2 | 0, "note": str}
+  POST /api/verdict   {"pair_id": str, "assignment": str, "choice": 1 | 2 | 0, "note": str}
   GET  /api/progress  done / waiting per annotator, outcomes, agreement
 The page (/, /static/*) holds no data, so it is served without a token; it renders
 every pair field with textContent under a Content-Security-Policy that allows only
@@ -19,7 +19,6 @@ import contextlib
 import ipaddress
 import json
 import logging
-import re
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import IPvAnyNetwork
 
-from synpref.services.desk.core import MAX_NOTE, Decided, DeskCore, DeskError
+from synpref.services.desk.core import MAX_NOTE, Decided, DeskCore, DeskError, parse_verdict
 from synpref.services.desk.queues import ReviewSource, VerdictSink
 from synpref.services.desk.tokens import FailedAuthThrottle, TokenTable, check_overlap, load_tokens
 from synpref.shared.config import ConfigError, DeskSettings
@@ -38,7 +37,6 @@ log = logging.getLogger("synpref.desk")
 
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"desk.js": "text/javascript", "desk.css": "text/css"}
-PAIR_ID = re.compile(r"^[0-9A-Za-z_.:-]{1,128}$")
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
     "font-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -138,9 +136,9 @@ class ReviewDesk:
                     raise
             return len(batch)
 
-    async def submit(self, annotator: str, pair_id: str, choice: int, note: str) -> bool:
+    async def submit(self, annotator: str, pair_id: str, choice: int, note: str, assignment: str | None = None) -> bool:
         """Record a verdict; True when it decided the pair (and the decision was written)."""
-        decided = self.core.submit(annotator, pair_id, choice, note)
+        decided = self.core.submit(annotator, pair_id, choice, note, assignment)
         if decided is None:
             return False
         self._outbox.append(decided)
@@ -323,33 +321,6 @@ async def progress(request: web.Request) -> web.Response:
     return web.json_response(desk.core.progress(request[ANNOTATOR]))
 
 
-def parse_verdict(body: Any) -> tuple[str, int, str]:
-    """Validate a verdict body; DeskError(400) naming the first problem."""
-    if not isinstance(body, dict):
-        raise DeskError(400, "body must be a JSON object")
-    unknown = set(body) - {"pair_id", "choice", "note"}
-    if unknown:
-        raise DeskError(400, f"unknown fields: {', '.join(sorted(unknown))}")
-    pair_id = body.get("pair_id")
-    if not isinstance(pair_id, str) or not PAIR_ID.match(pair_id):
-        raise DeskError(400, "pair_id must be a pair id string")
-    choice = body.get("choice")
-    if isinstance(choice, bool) or not isinstance(choice, int) or choice not in (0, 1, 2):
-        raise DeskError(400, "choice must be the integer 1, 2 or 0 (cannot decide)")
-    note = body.get("note", "")
-    if not isinstance(note, str):
-        raise DeskError(400, "note must be a string")
-    if not note.isascii():
-        try:
-            note.encode("utf-8")
-        except UnicodeEncodeError:
-            # JSON may escape a lone surrogate ("\\ud800"), which no UTF-8 text, so no protobuf string, can hold.
-            raise DeskError(400, "note is not valid Unicode text (a lone surrogate)") from None
-    if len(note) > MAX_NOTE:
-        raise DeskError(400, f"note is longer than {MAX_NOTE} characters")
-    return pair_id, choice, note
-
-
 async def verdict(request: web.Request) -> web.Response:
     """POST /api/verdict: record a JSON verdict {pair_id, choice, note}; answers whether the pair is now decided."""
     desk = request.app[DESK]
@@ -362,9 +333,9 @@ async def verdict(request: web.Request) -> web.Response:
         raise DeskError(400, "body is not valid JSON") from None
     except RecursionError:
         raise DeskError(400, "body nests too deeply") from None
-    pair_id, choice, note = parse_verdict(body)
+    pair_id, choice, note, assignment = parse_verdict(body)
     who = request[ANNOTATOR]
-    decided = await desk.submit(who, pair_id, choice, note)
+    decided = await desk.submit(who, pair_id, choice, note, assignment)
     return web.json_response({"recorded": True, "decided": decided, "progress": desk.core.progress(who)})
 
 

@@ -181,7 +181,8 @@ async function submit() {
   try {
     const data = await api("/api/verdict", {
       method: "POST",
-      body: { pair_id: state.pair.pair_id, choice: state.choice, note: $("note").value },
+      // The assignment: a page shown before a desk restart is refused (409) and shown the pair again.
+      body: { pair_id: state.pair.pair_id, assignment: state.pair.assignment, choice: state.choice, note: $("note").value },
     });
     $("status").textContent = data.decided ? "Saved; pair decided." : "Saved; waiting for other annotators.";
     state.busy = false;
