@@ -3,6 +3,7 @@ step uses, mixed into Controller (loop.py) so that file holds the orchestration 
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from synpref.services.controller.simulated import SimulatedJudge, judges_majorit
 from synpref.services.controller.state import RunState
 from synpref.services.gold_scorer.scoring import pair_dict
 from synpref.shared.config import ControllerSettings, Settings
+from synpref.shared.files import replace_durably
 from synpref.shared.pairstore import PairStore
 from synpref.shared.roles import BEST, GOLD
 from synpref.shared.scorer_admin import write_models_file
@@ -22,6 +24,9 @@ from synpref.v1.pair_pb2 import DECISION_KEEP, PairRecord
 
 SHARD_ROWS = 20_000
 """Pairs per Parquet shard of a dataset version the loop writes."""
+
+STAGING = ".writing"
+"""Folder of workdir/datasets where final.dataset builds a version before it moves it into place."""
 
 CURATED = ("gold", "silver", "stage2")
 """The curated pools (kept + flipped): D_gold, D_silver and Stage 2's keeps and flips."""
@@ -72,22 +77,29 @@ class FinalSteps:
         }
 
     def write_datasets(self) -> None:
-        """Write the dataset versions (dataset_versions) under workdir/datasets/<name>/."""
+        """Write the dataset versions (dataset_versions) under workdir/datasets/<name>/, each whole or not at all."""
         from synpref.services.dataset_writer.dataset import DatasetVersion, size_bounded, version_dir
 
         root = self.root / "datasets"
+        staging = root / STAGING
         out = {}
         for version, (records, split) in self.dataset_versions().items():
-            # From empty, so a rerun after a kill does not append to the first attempt's shards; the store's
-            # pairs are unique, so the version keeps no set of its ids.
             # version_dir first: a dataset_name such as ".." is refused before anything is removed.
-            shutil.rmtree(version_dir(root, self.c.dataset_name, version), ignore_errors=True)
-            with DatasetVersion(root, self.c.dataset_name, version, dedup=False) as dv:
+            path = version_dir(root, self.c.dataset_name, version)
+            # Built aside and moved into place once complete: each shard commits a manifest, so a version written in
+            # place and killed part way read as a whole one with fewer rows. From empty, so a rerun after a kill does
+            # not append to the first attempt's shards; the store's pairs are unique, so no set of ids is kept.
+            building = version_dir(staging, self.c.dataset_name, version)
+            shutil.rmtree(building, ignore_errors=True)
+            with DatasetVersion(staging, self.c.dataset_name, version, dedup=False) as dv:
                 # One Parquet shard per SHARD_ROWS pairs or writer.shard_bytes of them: a shard's records are held
                 # before it is written (20,000 long pairs could be GBs).
                 for shard in size_bounded(records, SHARD_ROWS, self.settings.writer.shard_bytes):
                     dv.append(shard, split=split)
-                out[version] = {"dir": str(dv.dir), **dv.stats}
+                stats = dv.stats
+            swap_in(building, path)
+            out[version] = {"dir": str(path), **stats}
+        shutil.rmtree(staging, ignore_errors=True)
         self.state.results["datasets"] = out
 
     def train_final(self) -> None:
@@ -171,3 +183,15 @@ class FinalSteps:
 
         path = write_report(self.root, self.state, self.settings)
         self.state.results["report"] = str(path)
+
+
+def swap_in(built: Path, path: Path) -> None:
+    """Move the complete version folder `built` to `path`, over the one there: a reader finds the old version, the
+    new one or (between two renames) none, never part of one. Both folders are on the same file system."""
+    old = built.with_name(f"{built.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)  # os.replace cannot put a folder over a non-empty one
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_durably(built, path)
+    shutil.rmtree(old, ignore_errors=True)
