@@ -24,7 +24,7 @@ import logging
 import shutil
 import sys
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,9 +57,10 @@ class TrainingData:
     Attributes:
         train: training pairs that fit, in input order, with their margins.
         eval: every eval pair (an unfit one as its left-token-truncated fallback), with its source.
-        report: train_pairs, train_unfit, train_truncated, eval_pairs, eval_unfit, unreadable_rows, and
-            train_identical / eval_identical where pairs with the same chosen and rejected were left out.
-        problems: the first unreadable rows, "file#row: why".
+        report: train_pairs, train_unfit, train_truncated, eval_pairs, eval_unfit, unreadable_rows (train), and
+            train_identical / eval_identical where pairs with the same chosen and rejected were left out,
+            eval_unreadable_rows where eval files held rows that are no pair.
+        problems: the first unreadable rows (train, then eval), "file#row: why".
         folder: the cache folder the stores are mapped from; None when built in memory.
     """
 
@@ -90,6 +91,8 @@ def prepare_data(
         log.warning("skipped: %s", problem)
     if report["unreadable_rows"]:
         log.warning("%d unreadable training rows skipped", report["unreadable_rows"])
+    if report.get("eval_unreadable_rows"):
+        log.warning("%d unreadable eval rows skipped", report["eval_unreadable_rows"])
     if report.get("train_identical"):
         log.warning("%d training pairs have the same chosen and rejected and are skipped", report["train_identical"])
     if report["train_unfit"]:
@@ -117,13 +120,29 @@ def listing_of_rank0(config: Any) -> tuple[Listing, Listing]:
     """The train and eval files as rank 0 lists them, on every rank. Ranks that each listed on their own could
     see a shard a writer committed between them: other cache keys, two builds at once (each removing the
     other's folder), and ranks training on other data (other step counts: a hang)."""
+    return _of_rank0(lambda: (list_files(config.train_files), list_files(config.eval_files)))
+
+
+def key_of_rank0(config: Any, tokenizer: Any) -> tuple[tuple[Listing, Listing], str, dict[str, Any]]:
+    """(listing, key, spec) as rank 0 makes them, on every rank: a rank that statted the files itself could see
+    another size or mtime (a file written meanwhile) and so another key, with the hazards of listing_of_rank0."""
+
+    def make() -> tuple[tuple[Listing, Listing], str, dict[str, Any]]:
+        listing = (list_files(config.train_files), list_files(config.eval_files))
+        return (listing, *cache_key(config, tokenizer, listing))
+
+    return _of_rank0(make)
+
+
+def _of_rank0(make: Callable[[], Any]) -> Any:
+    """`make()` on rank 0, broadcast to every rank (when several); a SourceError there is raised on every rank."""
     import torch.distributed as dist
 
     many = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     box: list[Any] = [None]
     if not many or dist.get_rank() == 0:
         try:
-            box[0] = (list_files(config.train_files), list_files(config.eval_files))
+            box[0] = make()
         except source_files.SourceError as exc:
             box[0] = exc  # sent on, so the other ranks raise it too instead of waiting for a listing
     if many:
@@ -288,8 +307,21 @@ def _build(config: Any, tokenizer: Any, folder: Path, spec: dict[str, Any], list
                 problems.append(problem)
             yield pair
 
-    eval_rows = (pair for pair, _ in data.iter_pairs(eval_files, extra) if pair is not None)
-    built = _encode(config, tokenizer, folder, train_rows(), eval_rows, held, problems)
+    eval_unreadable = 0
+
+    def eval_rows() -> Iterable[Mapping[str, Any]]:
+        nonlocal eval_unreadable
+        for pair, problem in data.iter_pairs(eval_files, extra):
+            if pair is not None:
+                yield pair
+                continue
+            eval_unreadable += 1
+            if len(problems) < PROBLEMS_KEPT:
+                problems.append(problem)
+
+    built = _encode(config, tokenizer, folder, train_rows(), eval_rows(), held, problems)
+    if eval_unreadable:  # only then: the report's fields stay what they were for the usual data
+        built.report["eval_unreadable_rows"] = eval_unreadable
     record = {
         "report": built.report,
         "eval_truncated": built.eval.truncated,
@@ -310,14 +342,18 @@ def _open(folder: Path) -> TrainingData:
 
 def _cached(config: Any, tokenizer: Any, root: Path) -> TrainingData:
     root.mkdir(parents=True, exist_ok=True)
-    listing = listing_of_rank0(config)
-    key, spec = cache_key(config, tokenizer, listing)
+    listing, key, spec = key_of_rank0(config, tokenizer)
     folder = root / key
     lock = FileLock(root / f"{key}.lock")
     try:
         if (folder / REPORT_FILE).exists():
             log.info("token cache: reusing %s", folder)
         else:
+            for dead in root.glob(f".{key}.*.tmp"):
+                # A build of this key killed mid-way (OOM, preemption): we hold the key's lock, so no one writes it.
+                # Removed first, else the disk holds it and the new build at once (~2 x 320 GB at 40M pairs).
+                log.info("token cache: removing %s (a build that did not finish)", dead)
+                shutil.rmtree(dead, ignore_errors=True)
             tmp = root / f".{key}.{uuid.uuid4().hex[:12]}.tmp"
             try:
                 _build(config, tokenizer, tmp, spec, listing)
