@@ -308,8 +308,10 @@ def _arrow_batches(path: Path) -> Iterator[Any]:
             yield file_reader.get_batch(i)
 
 
-# The dataset writer's version folder (services/dataset_writer/dataset.py): its manifest lists the shards.
+# The dataset writer's version folder (services/dataset_writer/dataset.py): its manifest lists the shards; its lock
+# file is there from the writer's first open, before any manifest.
 DATASET_MANIFEST = "manifest.json"
+DATASET_WRITER_LOCK = ".writer.lock"
 
 
 def _manifest_shards(folder: Path) -> list[Path] | None:
@@ -376,6 +378,12 @@ def source_files(path: Path) -> list[Path]:
         # its manifest is no pair file and a shard not yet listed is not committed.
         found = ((m.parent, _manifest_shards(m.parent)) for m in path.rglob(DATASET_MANIFEST))
         versions = {folder: shards for folder, shards in found if shards is not None}
+        # A version whose first shard is renamed into place but not yet in a manifest (or whose writer died there)
+        # has committed nothing: read as loose files, that shard was trained on, then deleted and written again.
+        versions.update((lock.parent, []) for lock in path.rglob(DATASET_WRITER_LOCK) if lock.parent not in versions)
+        # A hidden folder's versions are not the user's either: the loop builds each version under
+        # datasets/.writing/ before moving it into place whole.
+        versions = {f: s for f, s in versions.items() if not any(p.startswith(".") for p in f.relative_to(path).parts)}
         saved = ((s.parent, _saved_dataset_files(s.parent)) for s in path.rglob(SAVED_STATE))
         versions.update((folder, files) for folder, files in saved if files is not None and folder not in versions)
         listed = [shard for shards in versions.values() for shard in shards]
