@@ -116,16 +116,11 @@ def list_files(paths: list[str]) -> Listing:
     return [(path, source_files.source_files(Path(path))) for path in paths]
 
 
-def listing_of_rank0(config: Any) -> tuple[Listing, Listing]:
-    """The train and eval files as rank 0 lists them, on every rank. Ranks that each listed on their own could
-    see a shard a writer committed between them: other cache keys, two builds at once (each removing the
-    other's folder), and ranks training on other data (other step counts: a hang)."""
-    return _of_rank0(lambda: (list_files(config.train_files), list_files(config.eval_files)))
-
-
 def key_of_rank0(config: Any, tokenizer: Any) -> tuple[tuple[Listing, Listing], str, dict[str, Any]]:
-    """(listing, key, spec) as rank 0 makes them, on every rank: a rank that statted the files itself could see
-    another size or mtime (a file written meanwhile) and so another key, with the hazards of listing_of_rank0."""
+    """(listing, key, spec) as rank 0 makes them, on every rank. Ranks that each listed or statted the files on
+    their own could see a shard a writer committed between them, or another size or mtime (a file written
+    meanwhile): other cache keys, two builds at once (each removing the other's folder), and ranks training on
+    other data (other step counts: a hang)."""
 
     def make() -> tuple[tuple[Listing, Listing], str, dict[str, Any]]:
         listing = (list_files(config.train_files), list_files(config.eval_files))

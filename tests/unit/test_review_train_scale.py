@@ -208,16 +208,19 @@ def test_the_token_cache_is_on_disk_before_it_is_published(tmp_path, monkeypatch
 RANKS_SCRIPT = """
 import json, os, sys
 import torch.distributed as dist
-from types import SimpleNamespace
+from transformers import AutoTokenizer
 from synpref.shared.source_files import SourceError
-from synpref.training.data_cache import listing_of_rank0
+from synpref.training.data_cache import key_of_rank0
+from synpref.training.reward_config import RewardConfig
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[4])
 os.chdir(sys.argv[rank + 1])  # each rank sees its own "data" folder: as if a shard landed between their listings
-config = SimpleNamespace(train_files=["data"], eval_files=[])
+config = RewardConfig(output_dir="out", train_files=["data"], max_length=64)
 try:
-    got = [[path, [str(f) for f in files]] for path, files in listing_of_rank0(config)[0]]
+    (train, _), key, _ = key_of_rank0(config, tokenizer)
+    got = {"train": [[path, [str(f) for f in files]] for path, files in train], "key": key}
 except SourceError as exc:
     got = f"SourceError: {exc}"
 with open(os.path.join(sys.argv[3], f"rank{rank}.json"), "w") as fh:
@@ -227,13 +230,16 @@ dist.destroy_process_group()
 
 
 def run_two_ranks(tmp_path: Path, seen_by_0: list[str] | None, seen_by_1: list[str]) -> list[object]:
-    """What listing_of_rank0 returns on each of 2 real gloo ranks whose `data` folders hold these files (None:
-    no folder); each result is the train listing or the SourceError's text."""
+    """What key_of_rank0 returns on each of 2 real gloo ranks whose `data` folders hold these files (None:
+    no folder); each result is {"train": the train listing, "key": the cache key} or the SourceError's text."""
     import subprocess
     import sys
 
+    from testing.tiny import build_tiny_tokenizer
+
     script = tmp_path / "ranks.py"
     script.write_text(RANKS_SCRIPT)
+    build_tiny_tokenizer(tmp_path / "tok", ["q good bad"], vocab_size=120)
     folders = []
     for rank, names in enumerate((seen_by_0, seen_by_1)):
         folder = tmp_path / f"rank{rank}"
@@ -243,7 +249,8 @@ def run_two_ranks(tmp_path: Path, seen_by_0: list[str] | None, seen_by_1: list[s
         folders.append(str(folder))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
-    proc = subprocess.run([*cmd, *folders, str(tmp_path)], capture_output=True, text=True, timeout=180, env=env)
+    args = [*cmd, *folders, str(tmp_path), str(tmp_path / "tok")]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -253,7 +260,8 @@ def test_every_rank_takes_rank_0s_file_listing(tmp_path: Path) -> None:
     # Before: each rank listed the train files itself; a shard committed between two ranks' listings gave them other
     # cache keys (two builds at once, each removing the other's folder) and other data (other step counts: a hang).
     got = run_two_ranks(tmp_path, ["a.jsonl"], ["a.jsonl", "b.jsonl"])
-    assert got[0] == got[1] == [["data", ["data/a.jsonl"]]]
+    assert got[0] == got[1], got  # the same listing and so the same cache key
+    assert isinstance(got[0], dict) and got[0]["train"] == [["data", ["data/a.jsonl"]]]
 
 
 @pytest.mark.integration
