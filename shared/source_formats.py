@@ -25,7 +25,8 @@ class RowError(ValueError):
 # ---------------------------------------------------------------- helpers
 
 
-def _text(value: Any, what: str) -> str:
+def field_text(value: Any, what: str) -> str:
+    """A record's field as text: a string as it is, a boolean as "True"/"False", a null as ""; else RowError."""
     if isinstance(value, str):
         return value
     if isinstance(value, bool):
@@ -36,15 +37,20 @@ def _text(value: Any, what: str) -> str:
     raise RowError(f"{what} is a {type(value).__name__}, not a string")
 
 
-def _user(text: str) -> Messages:
+def user_turn(text: str) -> Messages:
+    """`text` as a one-message user conversation."""
     return [{"role": "user", "content": text}]
 
 
-def _assistant(text: str) -> Messages:
+def assistant_turn(text: str) -> Messages:
+    """`text` as a one-message assistant response."""
     return [{"role": "assistant", "content": text}]
 
 
-def _pair(conversation: Messages, chosen: Messages, rejected: Messages, source: str, meta: dict[str, Any]):
+def pair_dict(
+    conversation: Messages, chosen: Messages, rejected: Messages, source: str, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """The pair dict a reader yields (shared/sources.py's module docstring), meta values as strings."""
     return {
         "conversation": conversation,
         "chosen": chosen,
@@ -77,8 +83,8 @@ def read_hh_rlhf(record: Any, source: str) -> Iterator[tuple[str, dict]]:
     """
     if not isinstance(record, dict):
         raise RowError("record is not an object")
-    _check_scores(record)
-    chosen, rejected = _text(record.get("chosen"), "chosen"), _text(record.get("rejected"), "rejected")
+    check_scores(record)
+    chosen, rejected = field_text(record.get("chosen"), "chosen"), field_text(record.get("rejected"), "rejected")
     marker = "\n\nAssistant:"
     ic, ir = chosen.rfind(marker), rejected.rfind(marker)
     if ic < 0 or ir < 0:
@@ -88,21 +94,25 @@ def read_hh_rlhf(record: Any, source: str) -> Iterator[tuple[str, dict]]:
     conversation = _hh_turns(chosen[:ic])
     yield (
         "",
-        _pair(
+        pair_dict(
             conversation,
-            _assistant(chosen[ic + len(marker) :].strip()),
-            _assistant(rejected[ir + len(marker) :].strip()),
+            assistant_turn(chosen[ic + len(marker) :].strip()),
+            assistant_turn(rejected[ir + len(marker) :].strip()),
             source,
             {},
         ),
     )
 
 
+# PandaLM's vote fields: annotator1, annotator2, annotator3 (0 a tie, 1 or 2 the better response).
+VOTE_PREFIX = "annotator"
+
+
 def read_pandalm(record: Any, source: str) -> Iterator[tuple[str, dict]]:
     """One pair from a PandaLM record by majority of the annotator votes; a tie or no majority is a RowError."""
     if not isinstance(record, dict):
         raise RowError("record is not an object")
-    votes = [record.get(k) for k in sorted(record) if k.startswith("annotator")]
+    votes = [record.get(k) for k in sorted(record) if k.startswith(VOTE_PREFIX)]
     if not votes or not all(isinstance(v, int) and v in (0, 1, 2) for v in votes):
         raise RowError(f"annotator votes {votes!r} are not all 0, 1 or 2")
     label, count = Counter(votes).most_common(1)[0]
@@ -110,13 +120,13 @@ def read_pandalm(record: Any, source: str) -> Iterator[tuple[str, dict]]:
         raise RowError(f"no majority among annotator votes {votes}")
     if label == 0:
         raise RowError(f"majority says tie (votes {votes}): no preference")
-    instruction = _text(record.get("instruction"), "instruction")
-    extra = _text(record.get("input"), "input")
+    instruction = field_text(record.get("instruction"), "instruction")
+    extra = field_text(record.get("input"), "input")
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    r1, r2 = _text(record.get("response1"), "response1"), _text(record.get("response2"), "response2")
+    r1, r2 = field_text(record.get("response1"), "response1"), field_text(record.get("response2"), "response2")
     chosen, rejected = (r1, r2) if label == 1 else (r2, r1)
     meta = {"idx": record.get("idx", ""), "cmp_key": record.get("cmp_key", ""), "votes": ",".join(map(str, votes))}
-    yield "", _pair(_user(prompt), _assistant(chosen), _assistant(rejected), source, meta)
+    yield "", pair_dict(user_turn(prompt), assistant_turn(chosen), assistant_turn(rejected), source, meta)
 
 
 def read_llmbar(record: Any, source: str) -> Iterator[tuple[str, dict]]:
@@ -126,9 +136,10 @@ def read_llmbar(record: Any, source: str) -> Iterator[tuple[str, dict]]:
     label = record.get("label")
     if label not in (1, 2):
         raise RowError(f"label {label!r} is neither 1 nor 2")
-    o1, o2 = _text(record.get("output_1"), "output_1"), _text(record.get("output_2"), "output_2")
+    o1, o2 = field_text(record.get("output_1"), "output_1"), field_text(record.get("output_2"), "output_2")
     chosen, rejected = (o1, o2) if label == 1 else (o2, o1)
-    yield "", _pair(_user(_text(record.get("input"), "input")), _assistant(chosen), _assistant(rejected), source, {})
+    prompt = user_turn(field_text(record.get("input"), "input"))
+    yield "", pair_dict(prompt, assistant_turn(chosen), assistant_turn(rejected), source, {})
 
 
 def _slice(i: int, j: int) -> str:
@@ -142,7 +153,7 @@ def read_rm_bench(record: Any, source: str) -> Iterator[tuple[str, dict]]:
     chosen, rejected = record.get("chosen"), record.get("rejected")
     if not isinstance(chosen, list) or not isinstance(rejected, list) or len(chosen) != 3 or len(rejected) != 3:
         raise RowError("chosen and rejected must each list 3 styled responses")
-    prompt = _user(_text(record.get("prompt"), "prompt"))
+    prompt = user_turn(field_text(record.get("prompt"), "prompt"))
     for i in range(3):
         for j in range(3):
             meta = {
@@ -152,8 +163,8 @@ def read_rm_bench(record: Any, source: str) -> Iterator[tuple[str, dict]]:
                 "rejected_style": RM_BENCH_STYLES[j],
                 "slice": _slice(i, j),
             }
-            c, r = _text(chosen[i], f"chosen[{i}]"), _text(rejected[j], f"rejected[{j}]")
-            yield f"c{i}-r{j}", _pair(prompt, _assistant(c), _assistant(r), source, meta)
+            c, r = field_text(chosen[i], f"chosen[{i}]"), field_text(rejected[j], f"rejected[{j}]")
+            yield f"c{i}-r{j}", pair_dict(prompt, assistant_turn(c), assistant_turn(r), source, meta)
 
 
 # Score fields that state a row's label (UltraFeedback binarized; Argilla's DPO sets): equal scores are a tie, a chosen
@@ -174,7 +185,7 @@ def _score(value: Any, what: str) -> Any:
     return value  # compared as it is: float() of a 400-digit JSON integer overflows
 
 
-def _check_scores(record: dict[str, Any]) -> None:
+def check_scores(record: dict[str, Any]) -> None:
     """RowError when the record's own scores (or status) say its chosen response is not the better one."""
     status = record.get("status")
     if isinstance(status, str) and status.strip().lower() == "tie":
@@ -190,3 +201,15 @@ def _check_scores(record: dict[str, Any]) -> None:
             raise RowError(
                 f"{chosen_key} {good} < {rejected_key} {bad}: the scores say rejected is better (mislabelled)"
             )
+
+
+def without_label(record: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `record` with what states its label neutralised, so that any reader reads it as the pair its
+    responses make: no `status` nor SCORE_FIELDS (check_scores), and PandaLM's votes all for response1.
+
+    For the prompts of a benchmark, where a tie or a mislabelled row asks its prompt all the same.
+    """
+    scores = {key for keys in SCORE_FIELDS for key in keys}
+    kept = {k: v for k, v in record.items() if k != "status" and k not in scores}
+    kept.update({k: 1 for k in kept if k.startswith(VOTE_PREFIX)})
+    return kept

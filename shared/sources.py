@@ -41,17 +41,19 @@ from synpref.shared.source_files import SourceError, iter_records, source_files
 from synpref.shared.source_formats import (
     RM_BENCH_STYLES,  # noqa: F401
     SCORE_FIELDS,  # noqa: F401
+    VOTE_PREFIX,
     Messages,
     RowError,
-    _assistant,
-    _check_scores,
-    _pair,
-    _text,
-    _user,
+    assistant_turn,
+    check_scores,
+    field_text,
+    pair_dict,
     read_hh_rlhf,
     read_llmbar,
     read_pandalm,
     read_rm_bench,
+    user_turn,
+    without_label,  # noqa: F401
 )
 
 SourceFormat = Literal["hh-rlhf", "pandalm", "llmbar", "rm-bench", "pairs"]
@@ -98,7 +100,7 @@ def detect_format(path: Path, first: Any = None) -> str:
         return next((fmt for fmt in ("hh-rlhf", "pandalm", "llmbar", "rm-bench") if fmt in text), "pairs")
     keys = set(first)
     chosen = first.get("chosen")
-    if {"response1", "response2"} <= keys and any(k.startswith("annotator") for k in keys):
+    if {"response1", "response2"} <= keys and any(k.startswith(VOTE_PREFIX) for k in keys):
         return "pandalm"
     if {"output_1", "output_2", "label"} <= keys:
         return "llmbar"
@@ -160,7 +162,7 @@ def _messages(value: Any, what: str) -> Messages:
         role = m["role"]
         if not isinstance(role, str) or role not in ROLES:  # a list or dict role: unhashable, not a RowError
             raise RowError(f"{what}[{i}] has unknown role {role!r}")
-        out.append({"role": role, "content": _text(m["content"], f"{what}[{i}].content")})
+        out.append({"role": role, "content": field_text(m["content"], f"{what}[{i}].content")})
     return out
 
 
@@ -195,11 +197,11 @@ def _prompt(record: dict[str, Any]) -> Messages | None:
         return None
     if isinstance(record[key], list):
         return _messages(record[key], key)
-    text = _text(record[key], key)
-    if key == "instruction" and (context := _text(record.get("input"), "input")).strip():
+    text = field_text(record[key], key)
+    if key == "instruction" and (context := field_text(record.get("input"), "input")).strip():
         text = f"{text}\n\n{context}"  # the alpaca prompt, as PandaLM's
-    system = _text(record.get("system"), "system")
-    return ([{"role": "system", "content": system}] if system.strip() else []) + _user(text)
+    system = field_text(record.get("system"), "system")
+    return ([{"role": "system", "content": system}] if system.strip() else []) + user_turn(text)
 
 
 def read_pairs(record: Any, source: str) -> Iterator[tuple[str, dict]]:
@@ -213,14 +215,14 @@ def read_pairs(record: Any, source: str) -> Iterator[tuple[str, dict]]:
     for key in ("chosen", "rejected"):
         if key not in record:
             raise RowError(f"missing field {key!r}")
-    _check_scores(record)
+    check_scores(record)
     conversation = _prompt(record)
 
     def response(key: str) -> Messages:
         value = record[key]
         if isinstance(value, list):
             return _messages(value, key)
-        return _assistant(_text(value, key))
+        return assistant_turn(field_text(value, key))
 
     chosen, rejected = response("chosen"), response("rejected")
     if not chosen or not rejected:
@@ -236,7 +238,7 @@ def read_pairs(record: Any, source: str) -> Iterator[tuple[str, dict]]:
         raise RowError("the last chosen/rejected message is not an assistant turn")
     meta = {k: record[k] for k in ("id", "source", "subset") if k in record and isinstance(record[k], str | int)}
     row_source = str(record["source"]) if isinstance(record.get("source"), str) and record["source"] else source
-    yield "", _pair(conversation, chosen, rejected, row_source, meta)
+    yield "", pair_dict(conversation, chosen, rejected, row_source, meta)
 
 
 READERS = {
@@ -251,7 +253,9 @@ READERS = {
 # ---------------------------------------------------------------- entry point
 
 
-def _iter_file(path: Path, fmt: str | None, source: str | None, keep: tuple[str, ...]) -> Iterator[SourceRow]:
+def _iter_file(
+    path: Path, fmt: str | None, source: str | None, keep: tuple[str, ...]
+) -> Iterator[tuple[Any, SourceRow]]:
     records = iter_records(path)
     first = next(records, None)
     if first is None:
@@ -270,19 +274,19 @@ def _iter_file(path: Path, fmt: str | None, source: str | None, keep: tuple[str,
     where = path.as_posix()
     for index, record, parse_error in _chain(first, records):
         if parse_error:
-            yield SourceRow(where, index, error=parse_error)
+            yield record, SourceRow(where, index, error=parse_error)
             continue
         try:
             # Materialize so that a bad 7th pair of an RM-Bench item fails the item, not half of it.
             produced = list(reader(record, name))
         except RowError as exc:
-            yield SourceRow(where, index, error=str(exc))
+            yield record, SourceRow(where, index, error=str(exc))
             continue
         for sub, pair in produced:
             for column in keep:
                 if record.get(column) is not None:
                     pair[column] = record[column]
-            yield SourceRow(where, index, pair=pair, sub=sub)
+            yield record, SourceRow(where, index, pair=pair, sub=sub)
 
 
 def _telling(record: Any, error: str | None) -> bool:
@@ -305,6 +309,15 @@ def iter_source(
     "margin"). Raises SourceError for a file that cannot be read at all; bad rows come back
     as SourceRow.error.
     """
+    for _, row in iter_source_records(path, fmt, source, keep):
+        yield row
+
+
+def iter_source_records(
+    path: str | Path, fmt: str | None = None, source: str | None = None, keep: tuple[str, ...] = ()
+) -> Iterator[tuple[Any, SourceRow]]:
+    """iter_source's rows, each with the record it was read from (each pair of a multi-pair record with the same
+    one; None for a line that does not parse): for a caller that reads a refused row again."""
     if fmt is not None and fmt not in READERS:
         raise SourceError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     for file in source_files(Path(path)):

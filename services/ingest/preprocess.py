@@ -36,8 +36,15 @@ from typing import Any, Protocol
 
 from synpref.shared.kafka.message_limit import MessageLimit
 from synpref.shared.pairs import new_pair, new_record, pair_id
-from synpref.shared.source_files import iter_records, source_files
-from synpref.shared.sources import READERS, SCORE_FIELDS, RowError, SourceRow, detect_format, iter_source
+from synpref.shared.sources import (
+    READERS,
+    RowError,
+    SourceRow,
+    detect_format,
+    iter_source,
+    iter_source_records,
+    without_label,
+)
 from synpref.v1.pair_pb2 import PairRecord
 
 BUCKETS = ("published", "empty", "identical", "duplicate", "contaminated", "unreadable", "oversized")
@@ -216,17 +223,15 @@ def benchmark_prompts(path: str | Path) -> list[str]:
             raise ValueError(f"{path}: no benchmark prompt (a .txt file holds one a line)")
         return prompts
     prompts, rows, error = [], 0, None
-    for file in source_files(path):
-        records = iter_records(file)  # read alongside, for the records of the rows that are no pair
-        for row in iter_source(file):
-            rows += 1
-            pair = row.pair if row.pair is not None else _unlabelled_pair(records, row.row)
-            if pair is None:
-                error = error or f"{row.locator}: {row.error}"
-                continue
-            first_user = next((m["content"] for m in pair["conversation"] if m["role"] == "user"), "")
-            if first_user:
-                prompts.append(first_user)
+    for record, row in iter_source_records(path):
+        rows += 1
+        pair = row.pair if row.pair is not None else _unlabelled_pair(record)
+        if pair is None:
+            error = error or f"{row.locator}: {row.error}"
+            continue
+        first_user = next((m["content"] for m in pair["conversation"] if m["role"] == "user"), "")
+        if first_user:
+            prompts.append(first_user)
     if not prompts:
         # Refused, not an empty set: a check against nothing passes every contaminated pair without a word.
         why = f"none of its {rows} rows is a pair with a user prompt ({error or 'no user turn'})" if rows else "empty"
@@ -234,17 +239,12 @@ def benchmark_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-_LABEL_KEYS = {"status", *(key for keys in SCORE_FIELDS for key in keys)}
-
-
-def _unlabelled_pair(records: Iterator[tuple[int, Any, str | None]], index: int) -> dict | None:
-    """The pair of record `index` (read on in `records`) once what states its label (scores, a status, PandaLM's
-    votes) is taken out, or None: a row no pair whatever its label (no responses, bad JSON)."""
-    record = next((r for i, r, _ in records if i == index), None)
+def _unlabelled_pair(record: Any) -> dict | None:
+    """The pair of a refused record once what states its label is neutralised (without_label), in the format its
+    own keys tell, or None: a row no pair whatever its label (no responses, bad JSON)."""
     if not isinstance(record, dict):
         return None
-    record = {k: v for k, v in record.items() if k not in _LABEL_KEYS}
-    record.update({k: 1 for k in record if k.startswith("annotator")})
+    record = without_label(record)
     try:
         return next(iter(READERS[detect_format(Path(), record)](record, "")))[1]
     except (RowError, StopIteration):
