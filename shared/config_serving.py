@@ -105,6 +105,12 @@ class ScorerSettings(Section):
     replica, including ones started later, serves what the one reached by an admin reload serves."""
     models_file_poll_s: float = Field(default=5.0, gt=0.0)
     """How often models_file is re-read."""
+    load_timeout_s: float = Field(default=1200.0, gt=0.0)
+    """Longest one checkpoint load may take (weights read, device start, compile). Past it the load is abandoned:
+    its reload fails (504 on the admin port, an error in the log), the old version (if any) keeps serving and the
+    reloads queued behind it go on; the thread cannot be stopped, and what it loads, should it end, is freed. Raise
+    it for a large model on slow storage (a 70B checkpoint from a network volume); the controller asks for up to
+    30 minutes (publish.RELOAD_WAIT_S), so a bound above that outlasts the controller's asking."""
 
     def models_file_path(self) -> Path | None:
         """models_file as a path (relative ones under model_root), or None when it is not set."""

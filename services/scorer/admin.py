@@ -12,8 +12,8 @@ Secret) and compared in constant time; the chart admits only the controller to t
   A new name beyond scorer.max_models is 409. A reload of the checkpoint and version the name
   serves already answers at once, and a repeat of a reload under way waits for that one: a
   caller that gave up on a long load (the controller after 120 s; an 8B model loads longer)
-  and asks again must not load it all over again, and time out again. A load past the registry's
-  LOAD_TIMEOUT_S is 504. A reload or unload here drops a models_file entry of the name waiting for a retry.
+  and asks again must not load it all over again, and time out again. A load past scorer.load_timeout_s
+  (20 minutes by default) is 504. A reload or unload here drops a models_file entry of the name waiting for a retry.
 - `POST /admin/unload {"model"}`: stop serving a name.
 """
 

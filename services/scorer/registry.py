@@ -57,11 +57,6 @@ Check = Callable[[], None]
 """Called by an encode before each item: raises DeadlineExceeded once the request expired or
 its caller stopped waiting, so the encoding threads drop abandoned work."""
 Encode = Callable[["ServedModel", Check], list[list[int]]]
-LOAD_TIMEOUT_S = 1200.0
-"""Longest one checkpoint load may take (weights read, device start, compile) before its reload fails with
-DeadlineExceeded: a hung load (a stalled network filesystem) held the swap lock, and every later reload waited
-behind it for ever. Minutes above an 8B load from a volume; under the controller's 1800 s of asking (RELOAD_WAIT_S),
-so its next try loads anew."""
 NO_MODEL = (
     "no model is loaded: models arrive by a reload on the scorer's admin port (POST /admin/reload; "
     "the controller sends one after training), by scorer.models_file (the controller writes it), or when a "
@@ -279,16 +274,20 @@ class ModelRegistry:
         load = loop.run_in_executor(
             None, self.backend_factory, s.backend, ref.path, s.device, s.dtype, s.max_length, s.compile
         )
+        # Bounded (scorer.load_timeout_s): a hung load (a stalled network filesystem) held the swap lock, and every
+        # later reload waited behind it for ever.
         try:
-            await asyncio.wait({load}, timeout=LOAD_TIMEOUT_S)
+            await asyncio.wait({load}, timeout=s.load_timeout_s)
         finally:
             if not load.done():  # timed out or cancelled: a thread cannot be stopped, so free what it loads if it ends
                 load.add_done_callback(_close_late)
         if not load.done():
-            log.error("loading %s from %s took over %g s: abandoned", name, ref.path, LOAD_TIMEOUT_S)
+            log.error(
+                "loading %s from %s took over %g s (scorer.load_timeout_s): abandoned", name, ref.path, s.load_timeout_s
+            )
             raise DeadlineExceeded(
-                f"loading model {name!r} took over {LOAD_TIMEOUT_S:g} s (a stalled read or device start?): abandoned "
-                "so that other reloads go on; the old version (if any) still serves"
+                f"loading model {name!r} took over {s.load_timeout_s:g} s (scorer.load_timeout_s; a stalled read or "
+                "device start?): abandoned so that other reloads go on; the old version (if any) still serves"
             )
         backend = load.result()
         try:

@@ -15,7 +15,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from synpref.services.scorer import registry as registry_module
 from synpref.services.scorer.batcher import Batcher
 from synpref.services.scorer.errors import DeadlineExceeded
 from synpref.services.scorer.http import HttpShims
@@ -78,21 +77,21 @@ class Loads:
 
 
 def test_a_hung_load_fails_after_the_bound_frees_the_lock_and_its_late_model_is_freed_not_served(
-    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+    tokenizer: Any,
 ) -> None:
     """The first reload's load never ends (until the test releases it): it must fail with DeadlineExceeded after
-    LOAD_TIMEOUT_S, the reload queued behind it must then load and serve, and the hung load's model, when it
+    scorer.load_timeout_s, the reload queued behind it must then load and serve, and the hung load's model, when it
     finally arrives, must be freed and never swapped in over the newer one."""
-    monkeypatch.setattr(registry_module, "LOAD_TIMEOUT_S", 0.5, raising=False)  # absent before the fix
     loads = Loads(tokenizer)
 
     async def scenario() -> None:
-        registry = ModelRegistry(ScorerSettings(device="cpu", max_wait_ms=0.0), ScorerMetrics(), loads)
+        settings = ScorerSettings(device="cpu", max_wait_ms=0.0, load_timeout_s=0.5)
+        registry = ModelRegistry(settings, ScorerMetrics(), loads)
         try:
             hung = asyncio.ensure_future(registry.reload("best", ModelRef(path=HUNG)))
             assert await asyncio.to_thread(loads.entered.wait, 10)
             later = asyncio.ensure_future(registry.reload("best", ModelRef(path="/m/v2")))
-            with pytest.raises(DeadlineExceeded, match=r"took over 0\.5 s"):
+            with pytest.raises(DeadlineExceeded, match=r"took over 0\.5 s \(scorer\.load_timeout_s"):
                 await asyncio.wait_for(asyncio.shield(hung), 5)  # old code: waits for ever (TimeoutError here)
             served = await asyncio.wait_for(later, 5)
             assert served.model_id == "/m/v2" and registry.get("best") is served
