@@ -9,6 +9,8 @@ A service is a pure stage plus a ServiceSpec naming its topics and its gRPC serv
   - the Kafka StageRunner loop on the input topic, until SIGTERM or SIGINT;
   - then: health NOT_SERVING, the runner finishes its batch and commits, gRPC drains
     for service.shutdown_grace_s, the process exits 0.
+A stage that raises StageBroken (its device broke: only a new process can do the stage) stops the service the
+same way, but at once and without committing its batch, and the process exits 1 so that Kubernetes restarts it.
 Port 0 picks a free port; the line "<name> ready: grpc=... metrics=..." names the real ones.
 
 Who may call (GrpcGuard): with service.grpc_token_file every RPC but grpc.health.v1 must carry
@@ -41,7 +43,7 @@ from prometheus_client import start_http_server
 
 from synpref.shared.config import ConfigError, ServiceSettings, Settings, load_settings
 from synpref.shared.kafka.runner import ROUTES, RunnerStats, Sink, StageRunner
-from synpref.shared.stage import Stage
+from synpref.shared.stage import Stage, StageBroken
 from synpref.v1.pipeline_pb2 import ProcessBatchRequest, ProcessBatchResponse, StatusRequest, StatusResponse
 
 log = logging.getLogger(__name__)
@@ -166,10 +168,13 @@ class StageServicer:
     def ProcessBatch(self, request: ProcessBatchRequest, context: grpc.ServicerContext) -> ProcessBatchResponse:
         """Run the stage on the request's records; answers the routed records and the ids that failed.
 
-        A stage that raises aborts the call with INTERNAL.
+        A stage that raises aborts the call with INTERNAL; StageBroken with UNAVAILABLE, and stops the service.
         """
         try:
             result = self.spec.stage(list(request.records))
+        except StageBroken as exc:
+            self.service.broke(exc)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.spec.name} is restarting: {exc}")
         except Exception as exc:
             log.exception("%s: ProcessBatch failed", self.spec.name)
             context.abort(grpc.StatusCode.INTERNAL, f"stage raised {type(exc).__name__}: {exc}")
@@ -203,6 +208,14 @@ class Service:
         self.serving = False
         self._grpc_lock = threading.Lock()
         self._grpc_counts = {"grpc.processed": 0, "grpc.failed": 0}
+        self.broken: StageBroken | None = None
+        """Set when a ProcessBatch call found the stage broken: run() stops and raises it."""
+
+    def broke(self, exc: StageBroken) -> None:
+        """The stage cannot run in this process any more (a ProcessBatch call found it): stop, and exit non-zero."""
+        log.error("%s: %s; stopping, so that the service is restarted", self.spec.name, exc)
+        self.broken = exc
+        self.stop.set()  # not on a signal handler's thread: set() cannot deadlock here
 
     def count_grpc(self, processed: int, failed: int) -> None:
         """Add `processed` and `failed` to the gRPC counters (thread-safe)."""
@@ -261,7 +274,8 @@ class Service:
         self.metrics_port = self.metrics_server.server_port
 
     def run(self) -> int:
-        """Serve until stop is set (SIGTERM in serve()); returns the process exit code."""
+        """Serve until stop is set (SIGTERM in serve()); returns the process exit code. StageBroken (the stage
+        cannot run in this process any more) is raised once the service has stopped: serve() exits 1 on it."""
         runner: StageRunner | None = None
         try:
             self.start()
@@ -281,9 +295,11 @@ class Service:
                 flush=True,
             )
             if runner:
-                runner.run()
+                runner.run()  # raises the stage's StageBroken of a batch it read
             else:
                 wait_for_stop(self.stop)
+            if self.broken is not None:
+                raise self.broken
             return 0
         finally:
             self.shutdown()
@@ -367,6 +383,11 @@ def serve(make_spec: Callable[[Settings, argparse.Namespace], ServiceSpec], args
     except ConfigError as exc:  # an unreadable or too short service.grpc_token_file
         print(f"synpref {spec.name}: {exc}", file=sys.stderr)
         return 2
+    except StageBroken as exc:
+        # A restart is what mends it (a fresh CUDA context): exit non-zero, and Kubernetes restarts the container;
+        # the batch it failed on was not committed, so the next consumer of its partitions reads it again.
+        print(f"synpref {spec.name}: exiting to be restarted: {exc}", file=sys.stderr)
+        return 1
     except KafkaError as exc:
         # Unreachable cluster, bad credentials, unacknowledged outputs: say so in one line and exit non-zero,
         # so the orchestrator restarts the service and the uncommitted batch is read again.

@@ -46,3 +46,11 @@ class StageUnavailable(RuntimeError):
     """A stage cannot run now for a reason outside its batch: a service it calls has no model loaded
     yet, is down or is shedding load. A Kafka runner reads the batch again after a pause instead of
     dead-lettering records that are not at fault."""
+
+
+class StageBroken(StageUnavailable):
+    """This process cannot do the stage any more, whatever the batch: its device is broken (a CUDA error leaves
+    the context failing every later forward until the process ends). A Kafka runner stops on it without
+    committing the batch, and the service exits non-zero (shared/service.py), so that Kubernetes restarts the
+    container and the batch is read again from the last commit. A StageUnavailable too: whatever knows only that
+    (the controller's in-process stages, plan_batch) reads the batch again rather than dead-lettering it."""

@@ -7,7 +7,8 @@ every configured model (gold and best).
 A PairScorer is any function from a list of pair dicts ({"conversation", "chosen",
 "rejected"} message lists) to [(reward_chosen, reward_rejected)]. Two come with the
 project: in process through shared/modeling (ScoringSettings.mode = "in_process") and over
-gRPC through the scorer service (mode = "grpc"). Tests and benchmarks pass their own.
+gRPC through the scorer service (mode = "grpc"). Tests and benchmarks pass their own. In process, a device failure
+that a small ordinary pair meets too (a broken CUDA context) is StageBroken: the service exits to be restarted.
 
 Over gRPC, with scorer.models_file set (the chart sets it in every pod's config), a score from a
 scorer replica that still serves another version than the file names is not recorded: the batch is
@@ -28,7 +29,7 @@ from synpref.shared.config import KafkaSettings, ModelRef, ScorerSettings, Scori
 from synpref.shared.kafka.runner import RETRY_SHARE
 from synpref.shared.pairs import message_dicts, new_pair, new_record, now, pair_id, pair_problem, preference_probability
 from synpref.shared.roles import BEST, GOLD
-from synpref.shared.stage import Stage, StageResult, StageUnavailable
+from synpref.shared.stage import Stage, StageBroken, StageResult, StageUnavailable
 from synpref.v1.pair_pb2 import STAGE_ONE, ModelScore, PairRecord
 
 STAGE_ONE_ROLES = (BEST,)
@@ -181,6 +182,11 @@ class ScorerFailed(RuntimeError):
     ...): a pair's fault only where the scorer scores others meanwhile, else the scorer's (see below)."""
 
 
+class DeviceFailed(ScorerFailed):
+    """A model in this process failed on its device (device_failure): where the canary fails so too, the CUDA
+    context is broken for good and only a new process mends it (StageBroken)."""
+
+
 def score_each_alone_on_error(
     batch: list[PairRecord], models: list[ScoringModel], memo: Scores | None = None
 ) -> list[tuple[PairRecord, str | None]]:
@@ -191,7 +197,8 @@ def score_each_alone_on_error(
     StageUnavailable (ScoreCountError too) is no pair's fault and propagates. Where no pair scores, alone
     either, a ScorerFailed among the errors is the scorer's state unless it scores a small ordinary pair now
     (scores_a_canary), and raises StageUnavailable: the runner reads the batch again later, and plan_batch retries
-    a raising stage one record at a time. Else the batch's error propagates (a broken in-process scorer).
+    a raising stage one record at a time; StageBroken where the canary failed on this process's own device. Else
+    the batch's error propagates (a broken in-process scorer).
     `memo` holds the scores got so far (score_batch): a pair scored in the batch by one model is not again."""
     memo = {} if memo is None else memo
     try:
@@ -231,11 +238,15 @@ CANARY = new_record(
 def scores_a_canary(models: list[ScoringModel]) -> bool:
     """Whether `models` score a small ordinary pair now. Where every pair of a batch failed alone, yes says the
     pairs are at fault (dead-lettered): a batch of one pair too long for the device, the last of a stream, was read
-    again for ever, as was a batch of such pairs, since no other pair scored beside them to show the scorer works."""
+    again for ever, as was a batch of such pairs, since no other pair scored beside them to show the scorer works.
+    StageBroken where the canary fails on this process's device (DeviceFailed): reading the batch again, as for a
+    scorer replica away over gRPC, failed it for ever, since only a new process clears a broken CUDA context."""
     try:
         score_batch([CANARY], models, {})
     except StageUnavailable:
         raise
+    except DeviceFailed as exc:
+        raise StageBroken(f"a small ordinary pair fails too, on this process's device: {exc}") from exc
     except Exception:
         return False
     return True
@@ -320,7 +331,7 @@ def in_process_scorer(ref: ModelRef, settings: ScoringSettings, max_length: int 
             # pairs: as a pair's error it dead-lettered the whole stream until the pod was restarted.
             if not device_failure(exc):
                 raise
-            raise ScorerFailed(f"{ref.path} failed on its device scoring {len(pairs)} pair(s): {exc}") from exc
+            raise DeviceFailed(f"{ref.path} failed on its device scoring {len(pairs)} pair(s): {exc}") from exc
 
     return score
 

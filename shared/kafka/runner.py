@@ -14,7 +14,8 @@ One iteration, in this order (the order is the guarantee):
      is off). Without a sink every batch is a checkpoint; with one, when the sink is due.
 A crash anywhere before 5 re-delivers the batch: at-least-once, never lost. A stop
 request (SIGTERM in a service, an Event in tests) is honoured between batches, so the
-current batch is finished and checkpointed before the clients close.
+current batch is finished and checkpointed before the clients close. A stage that raises
+StageBroken (this process cannot do it any more) stops the runner at once, its batch uncommitted.
 
 A sink that keeps the input offsets itself (the dataset writer's manifest) is a commit
 point rather than an output: it is flushed after the producer's acknowledgements, and on
@@ -41,7 +42,7 @@ from synpref.shared.kafka.batch import ROUTES, BatchPlan, first_offsets, next_of
 from synpref.shared.kafka.clients import DeliveryError, Outbox, make_consumer, make_producer, poll_group
 from synpref.shared.kafka.codec import Message
 from synpref.shared.retry import capped_backoff
-from synpref.shared.stage import Stage, StageUnavailable
+from synpref.shared.stage import Stage, StageBroken, StageUnavailable
 from synpref.v1.pair_pb2 import PairRecord
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,8 @@ class StageRunner:
         return smaller
 
     def run(self) -> None:
-        """Loop until stop is set, then checkpoint what is in hand and close the clients."""
+        """Loop until stop is set, then checkpoint what is in hand and close the clients. An error out of a batch
+        (a failed delivery, the stage's StageBroken) ends the loop at once and closes the clients uncommitted."""
         if self.consumer is None:
             self.open()
         try:
@@ -249,6 +251,13 @@ class StageRunner:
             started = time.perf_counter()
             try:
                 plan = self._hand_over(messages, deadline)
+            except StageBroken as exc:
+                # Reading the batch again here would fail it for ever: stop instead, with the batch uncommitted, so
+                # that it is read again from the last commit by whoever takes this process's place.
+                self._rewind(messages)
+                log.error("%s: %s; stopping without committing the batch of %d: it is read again after a restart",
+                          self.service, exc, len(messages))  # fmt: skip
+                raise
             except StageUnavailable as exc:
                 self._read_again_later(messages, exc)
                 return 0
