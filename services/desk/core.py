@@ -43,7 +43,13 @@ STEP = "desk"
 CHOICES = (0, 1, 2)
 """What an annotator may answer: candidate 1, candidate 2, or 0 for "cannot decide"."""
 MAX_NOTE = 2000
-PAIR_ID = re.compile(r"^[0-9A-Za-z_.:-]{1,128}$")
+# What a verdict may name (fullmatch), so the only ids taken in: a pair no verdict can name holds its commit point.
+PAIR_ID = re.compile(r"[0-9A-Za-z_.:-]{1,128}")
+
+
+def pair_id_problem(pair_id: str) -> str | None:
+    """Why the desk refuses a record with this pair id (not a PAIR_ID), or None."""
+    return None if PAIR_ID.fullmatch(pair_id) else f"pair id {pair_id[:64]!r} is not 1-128 chars of [0-9A-Za-z_.:-]"
 
 
 class DeskError(Exception):
@@ -51,15 +57,13 @@ class DeskError(Exception):
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
-        self.status = status
-        self.message = message
+        self.status, self.message = status, message
 
 
 @dataclass
 class Entry:
-    """A pair waiting at the desk: its record, the source handle to ack, arrival order, open
-    assignments and the verdicts collected so far (by annotator).
-    """
+    """A pair waiting at the desk: its record, the source handle to ack, arrival order, open assignments and the
+    verdicts collected so far (by annotator)."""
 
     record: PairRecord
     handle: Any
@@ -257,8 +261,8 @@ class DeskCore:
     def add(self, record: PairRecord, handle: Any = None) -> bool:
         """Queue a pair for review. False for a pair already pending or decided (see `replay`)."""
         pid = record.pair.id
-        if not pid:
-            raise DeskError(400, "record has no pair id")
+        if problem := pair_id_problem(pid):
+            raise DeskError(400, problem)
         if pid in self._pending or pid in self.decided:
             return False
         self._seq += 1
@@ -364,9 +368,8 @@ class DeskCore:
             self.add_example(out)
         outcome = "flipped" if out.decision.decision == Decision.DECISION_FLIP else route
         self.outcomes[outcome] += 1
-        self.decided[pair_id] = Summary(
-            pair_id, outcome, out.human_aggregate.agreement, len(entry.verdicts), route, out
-        )
+        agg = out.human_aggregate
+        self.decided[pair_id] = Summary(pair_id, outcome, agg.agreement, agg.verdicts, route, out)
         while len(self.decided) > self._remember:
             self.decided.popitem(last=False)
         return Decided(route=route, record=out, handle=entry.handle)
@@ -424,7 +427,7 @@ def parse_verdict(body: Any) -> tuple[str, int, str, str | None]:
     if unknown:
         raise DeskError(400, f"unknown fields: {', '.join(sorted(unknown))}")
     pair_id = body.get("pair_id")
-    if not isinstance(pair_id, str) or not PAIR_ID.match(pair_id):
+    if not isinstance(pair_id, str) or pair_id_problem(pair_id):
         raise DeskError(400, "pair_id must be a pair id string")
     choice = body.get("choice")
     if isinstance(choice, bool) or not isinstance(choice, int) or choice not in (0, 1, 2):

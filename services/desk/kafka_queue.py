@@ -1,26 +1,24 @@
 """The desk's Kafka backend: read the review topic, write the verified and discarded topics.
 
-The desk runs on the shared StageRunner (shared/kafka/runner.py) with a pass-through
-stage and a sink, ReviewInbox, that holds the records until the desk decides them.
-Delivery, step by step (at-least-once, like every stage):
-  1. the runner polls the review topic (auto-commit off); an undecodable message goes to
-     the dead-letter topic through the runner's dead-letter helper and counts as settled;
-  2. a pair stays open until its decision is produced through the runner's producer AND
-     acknowledged (acks=all);
-  3. only then is it settled, and the group's offset on its partition moves up to the
-     first offset still open: a pair decided out of order waits for the older ones.
-A desk that stops or crashes re-reads every pair after the committed offset: undecided
-pairs come back (never lost), and a pair decided after an older, still-open one may
-come back too and be labelled again (a duplicate on the verified topic: the controller keeps
-one verdict per ingest key, lineage.original_id, which a flip keeps). Assignments live in memory, so run one
-desk replica per consumer group. A full desk (desk.max_pending) pauses its partitions and
-only polls to stay in the group.
+The desk runs on the shared StageRunner (shared/kafka/runner.py) with a pass-through stage and a sink, ReviewInbox,
+that holds the records until the desk decides them. Delivery, step by step (at-least-once, like every stage):
+  1. the runner polls the review topic (auto-commit off); an undecodable message, or a pair whose id no verdict could
+     name (core.PAIR_ID), goes to the dead-letter topic through the runner's dead-letter helper and counts as settled;
+  2. a pair stays open until its decision is produced through the runner's producer AND acknowledged (acks=all); a
+     decision over its topic's message limit goes to the dead-letter topic instead, as the runner's outputs do;
+  3. only then is it settled, and the group's offset on its partition moves up to the first offset still open: a pair
+     decided out of order waits for the older ones.
+A desk that stops or crashes re-reads every pair after the committed offset: undecided pairs come back (never lost),
+and a pair decided after an older, still-open one may come back too and be labelled again (a duplicate on the verified
+topic: the controller keeps one verdict per ingest key, lineage.original_id, which a flip keeps). Assignments live in
+memory, so run one desk replica per consumer group. A full desk (desk.max_pending) pauses its partitions and only
+polls to stay in the group.
 
-kafka-python clients are not thread-safe, so every call on the runner runs on one worker thread; the
-event loop only awaits it. Clients closed after a failure are reopened after a back-off (1, 2, 4 ... 60 s,
-reset by a poll that succeeds); KafkaHealth records which operations fail and since when, for the desk's
-/readyz. An empty poll does not fail when the broker is gone: a desk that heard nothing from Kafka for
-probe_every_s asks it for metadata (_probe_if_quiet).
+kafka-python clients are not thread-safe, so every call on the runner runs on one worker thread; the event loop only
+awaits it. Clients closed after a failure are reopened after a back-off (1, 2, 4 ... 60 s, reset by a poll that
+succeeds); KafkaHealth records which operations fail and since when, for the desk's /readyz. An empty poll does not
+fail when the broker is gone: a desk that heard nothing from Kafka for probe_every_s asks it for metadata
+(_probe_if_quiet).
 """
 
 from __future__ import annotations
@@ -36,10 +34,10 @@ from typing import Any, TypeVar
 
 from kafka.structs import TopicPartition
 
-from synpref.services.desk.core import commit_point
+from synpref.services.desk.core import commit_point, pair_id_problem
 from synpref.shared.config import DeskSettings, KafkaSettings, Settings, TopicSettings
 from synpref.shared.kafka.clients import DeliveryError, deliver
-from synpref.shared.kafka.codec import Message, encode_record
+from synpref.shared.kafka.codec import Message, Outgoing, dead_letter_for, encode_record
 from synpref.shared.kafka.runner import StageRunner, capped_backoff
 from synpref.shared.stage import StageResult
 from synpref.v1.pair_pb2 import PairRecord
@@ -49,8 +47,7 @@ log = logging.getLogger("synpref.desk.kafka")
 SERVICE = "desk"
 T = TypeVar("T")
 Handle = tuple[TopicPartition, int]
-RECONNECT_FIRST_S = 1.0
-RECONNECT_MAX_S = 60.0
+RECONNECT_FIRST_S, RECONNECT_MAX_S = 1.0, 60.0
 PROBE_EVERY_MAX_S, PROBE_TIMEOUT_MAX_S = 15.0, 5.0  # an idle desk's metadata requests: interval, timeout
 
 
@@ -69,8 +66,7 @@ class ReconnectBackoff:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.first_s, self.max_s, self.clock = first_s, max_s, clock
-        self.failures = 0
-        self.not_before = 0.0
+        self.failures, self.not_before = 0, 0.0
 
     def failed(self) -> float:
         """Count a failure; returns the delay before the next attempt."""
@@ -88,10 +84,8 @@ class ReconnectBackoff:
 
 
 class KafkaHealth:
-    """Which of the desk's Kafka operations (read, write, commit) fail, since when, and with what.
-
-    Written on the worker thread, read by /readyz on the event loop, hence the lock.
-    """
+    """Which of the desk's Kafka operations (read, write, commit) fail, since when, and with what: written on the
+    worker thread, read by /readyz on the event loop, hence the lock."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
@@ -110,10 +104,8 @@ class KafkaHealth:
             self._failing.pop(operation, None)
 
     def problem(self, bound_s: float) -> str | None:
-        """Why the desk cannot work, when an operation has failed for longer than `bound_s`; else None.
-
-        Names the operation and the exception type only: /readyz answers anyone, the log has the details.
-        """
+        """Why the desk cannot work, when an operation has failed for longer than `bound_s`; else None. Names the
+        operation and the exception type only: /readyz answers anyone, the log has the details."""
         now = self.clock()
         with self._lock:
             late = sorted((since, op, kind) for op, (since, kind) in self._failing.items() if now - since > bound_s)
@@ -124,8 +116,13 @@ class KafkaHealth:
 
 
 def pass_through(batch: list[PairRecord]) -> StageResult:
-    """The desk's stage: every review record goes to the desk (the inbox) as it is."""
-    return StageResult(routed=[("review", record) for record in batch])
+    """The desk's stage: every review record goes to the desk (the inbox) as it is, but one whose pair id no verdict
+    could name: the runner dead-letters that one (and commits past it) rather than hold its partition for ever."""
+    problems = [(record, pair_id_problem(record.pair.id)) for record in batch]
+    return StageResult(
+        routed=[("review", record) for record, problem in problems if problem is None],
+        failed=[(record, f"the desk cannot take it: {problem}") for record, problem in problems if problem],
+    )
 
 
 class ReviewInbox:
@@ -230,15 +227,9 @@ class KafkaDeskQueues:
         # A poll takes no more than the desk may hold, so the inbox never runs far ahead of the desk.
         cap = DeskSettings().max_pending if max_pending is None else max_pending
         polled = kafka.model_copy(update={"max_batch": max(1, min(kafka.max_batch, cap))})
-        self.runner = StageRunner(
-            Settings(kafka=polled, topics=topics),
-            pass_through,
-            service=SERVICE,
-            input_route="review",
-            group_id=group_id,
-            flush_timeout_s=flush_timeout_s,
-            sink=self.inbox,
-        )
+        self.runner = StageRunner(Settings(kafka=polled, topics=topics), pass_through, service=SERVICE,
+                                  input_route="review", group_id=group_id, flush_timeout_s=flush_timeout_s,
+                                  sink=self.inbox)  # fmt: skip
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synpref-desk-kafka")
         self._closed = False
         self.source = KafkaReviewSource(self)
@@ -290,10 +281,10 @@ class KafkaDeskQueues:
         runner = self._opened()
         consumer = runner.consumer
         if len(self.inbox.waiting) >= limit:
-            # Full: keep polling so the group does not evict us, but read nothing new. A whole poll, not
-            # poll(0): kafka-python 3.0.12 can only finish a group join inside a poll that waits for it
-            # (a consumer polling with 0 stays REBALANCING and cannot commit). A rebalance that ends in
-            # this poll assigns the partitions afresh, unpaused: what it then reads goes to the inbox.
+            # Full: keep polling so the group does not evict us, but read nothing new. A whole poll, not poll(0):
+            # kafka-python 3.0.12 can only finish a group join inside a poll that waits for it (a consumer polling
+            # with 0 stays REBALANCING and cannot commit). A rebalance that ends in this poll assigns the
+            # partitions afresh, unpaused: what it then reads goes to the inbox.
             if consumer.assignment():
                 consumer.pause(*consumer.assignment())
         elif consumer.paused():
@@ -303,14 +294,14 @@ class KafkaDeskQueues:
         try:
             polled = self._committing(runner.run_once)
         except DeliveryError:
-            # The checkpoint flushes the inbox, which notes how far polling got, before it waits for the
-            # batch's dead letters; they were not acknowledged, so the commits of decided pairs (_ack) must stop
-            # where the last acknowledged batch ended, or they would move past the lost dead letters.
+            # The checkpoint flushes the inbox, which notes how far polling got, before it waits for the batch's
+            # dead letters; they were not acknowledged, so the commits of decided pairs (_ack) must stop where the
+            # last acknowledged batch ended, or they would move past the lost dead letters.
             self.inbox.polled_to = polled_to
-            # The runner's outbox fails for good after a loss, so every later poll would raise again: the desk
-            # would never read another pair while /healthz says ok. Fresh clients rejoin the group and read
-            # again from its committed offsets, which stop before the lost dead letters. A producer refused for
-            # good fails the same way after each reconnect: the back-off keeps that from happening every tick.
+            # The runner's outbox fails for good after a loss, so every later poll would raise again: the desk would
+            # never read another pair while /healthz says ok. Fresh clients rejoin the group and read again from its
+            # committed offsets, which stop before the lost dead letters. A producer refused for good fails the
+            # same way after each reconnect: the back-off keeps that from happening every tick.
             self._disconnect("dead letters were not acknowledged; reading them again on fresh clients")
             raise
         self._commit_settled(runner)
@@ -359,18 +350,30 @@ class KafkaDeskQueues:
         try:
             return step()
         except Exception:
-            # The inbox counts its offsets as committed before the commit is sent; after a failure it must
-            # offer them again, or they stay uncommitted until more pairs arrive and a restart re-reads
-            # pairs the annotators already decided.
+            # The inbox counts its offsets as committed before the commit is sent; after a failure it must offer
+            # them again, or they stay uncommitted until more pairs arrive and a restart re-reads decided pairs.
             self.inbox.committed.clear()
             raise
 
     def _write(self, routed: list[tuple[str, PairRecord]]) -> None:
         runner = self._opened(waits=False)
-        messages = [encode_record(record, getattr(self.topics, route)) for route, record in routed]
+        messages = [self._fitting(runner, route, record) for route, record in routed]
         deliver(runner.producer, messages, runner.flush_timeout_s)
         if messages:
             self._heard_from_kafka()
+
+    def _fitting(self, runner: StageRunner, route: str, record: PairRecord) -> Outgoing:
+        """The decision's message to its route's topic; one over that topic's limit, never writable, would hold the
+        desk's outbox for ever: it goes to the dead-letter topic instead (cut to fit), as the runner's outputs do."""
+        out, dlq = encode_record(record, getattr(self.topics, route)), self.topics.dead_letter
+        most = runner.settings.kafka.max_message_bytes  # the producer's own max_request_size too
+        cap, dlq_cap = (min(most, runner.topic_limits.get(topic, most)) for topic in (out.topic, dlq))
+        if out.size <= cap:
+            return out
+        why = f"{out.size} bytes, over the {cap}-byte message limit of topic {out.topic}"
+        log.error("desk: the decision on pair %s is %s: written to %s instead", record.pair.id, why, dlq)
+        return dead_letter_for(None, dlq, kind="too-large", reason=f"the desk's {route} decision is {why}",
+                               service=SERVICE, record=record, max_bytes=dlq_cap)  # fmt: skip
 
     def _ack(self, handles: list[Any]) -> None:
         runner = self._opened(waits=False)
@@ -406,15 +409,17 @@ class KafkaReviewSource:
         self.queues = queues
 
     async def fetch(self, limit: int) -> list[tuple[PairRecord, Any]]:
-        """Up to `limit` records from the review topic with their (partition, offset) handles.
-
-        Undecodable messages go to the dead-letter topic; limit 0 pauses the partitions and only polls (keep-alive).
-        Nothing while the clients wait out a reconnect back-off.
-        """
+        """Up to `limit` records from the review topic with their (partition, offset) handles. Undecodable messages go
+        to the dead-letter topic; limit 0 pauses the partitions and only polls (keep-alive). Nothing while the clients
+        wait out a reconnect back-off (`reconnecting`)."""
         try:
             return await self.queues._run(self.queues._tracked, "read", self.queues._fetch, limit)  # type: ignore[return-value]
         except ReconnectPending:
             return []
+
+    def reconnecting(self) -> bool:
+        """Whether the clients are closed after a failure (a fetch returns nothing until the back-off has run out)."""
+        return self.queues.runner.consumer is None
 
     def problem(self) -> str | None:
         """Why the desk cannot work: a Kafka operation failing for longer than desk.unready_after_s; None if none."""

@@ -3,7 +3,7 @@
 API (every /api route needs `Authorization: Bearer <token>`; 401 otherwise, and 429 with
 Retry-After once a client address has failed too often, see FailedAuthThrottle and client_address):
   GET  /api/session   who am I, the general guideline, the overlap
-  GET  /api/next      my current pair (or a new one) and my progress
+  GET  /api/next      my current pair (or a new one) and my progress; 503 + Retry-After while the queue is away
   POST /api/verdict   {"pair_id": str, "assignment": str, "choice": 1 | 2 | 0, "note": str}
   GET  /api/progress  done / waiting per annotator, outcomes, agreement
 The page (/, /static/*) holds no data, so it is served without a token; it renders
@@ -43,6 +43,13 @@ CSP = (
 )
 TICK_S = 0.5
 MAX_BODY = 16 * 1024
+QUEUE_RETRY_S = 5
+"""Retry-After of /api/next's 503 while the review queue cannot be read."""
+
+
+class QueueUnreachable(Exception):
+    """The review source cannot be read (a Kafka broker away, a fetch error): no fault of the desk, so /api/next
+    answers 503 with Retry-After, not 500."""
 
 
 class ReviewDesk:
@@ -79,14 +86,27 @@ class ReviewDesk:
         """Source handles settled without a write (duplicates), or whose ack failed: acked on the next flush."""
         self._io = asyncio.Lock()
         self._tick_error = ""
+        self._queue_down = False  # the source could not be read last time: an outage is logged once, at its start
 
     async def refill(self) -> int:
         """Pull new pairs up to the pending limit; returns how many were added."""
         async with self._io:
             # Measured under the lock: a refill from /api/next and one from the tick must not both fill the room.
             room = max(0, self.settings.max_pending - self.core.pending)
-            # A full desk still calls fetch(0): a Kafka source must keep polling to stay in its group.
-            items = await self.source.fetch(room)
+            try:
+                # A full desk still calls fetch(0): a Kafka source must keep polling to stay in its group.
+                items = await self.source.fetch(room)
+                if not items and getattr(self.source, "reconnecting", lambda: False)():
+                    raise ConnectionError("the Kafka clients are closed until the reconnect back-off runs out")
+            except Exception as exc:
+                # Once per outage, not per request: every open page asks every few seconds, the tick twice a second.
+                if not self._queue_down:
+                    log.error("review queue cannot be read (%r); /api/next answers 503 until it can", exc, exc_info=exc)
+                self._queue_down = True
+                raise QueueUnreachable("the review queue is unreachable; try again shortly") from exc
+            if self._queue_down:
+                log.info("review queue can be read again")
+                self._queue_down = False
             fresh, settled = 0, False
             for record, handle in items:
                 replay = self.core.replay(record.pair.id, handle)
@@ -97,7 +117,7 @@ class ReviewDesk:
                 try:
                     added = self.core.add(record, handle)
                 except DeskError as exc:
-                    # A record without an id cannot be shown or decided; the filter never emits one.
+                    # A record without an id a verdict can name cannot be decided; the filter never emits one.
                     log.warning("dropping review record: %s", exc.message)
                     added = False
                 if added:
@@ -155,6 +175,8 @@ class ReviewDesk:
             await self.flush()
             await self.refill()
             self._tick_error = ""
+        except QueueUnreachable:
+            pass  # refill logged it, once per outage
         except Exception as exc:
             # Every half second while Kafka is down: one traceback per distinct error, not 120 a minute.
             repeated, self._tick_error = repr(exc) == self._tick_error, repr(exc)
@@ -234,6 +256,10 @@ async def json_errors(
         return await handler(request)
     except web.HTTPException as exc:
         return _error(exc.status, exc.reason)
+    except QueueUnreachable as exc:
+        response = _error(503, str(exc))
+        response.headers["Retry-After"] = str(QUEUE_RETRY_S)
+        return response
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return _error(500, "internal error; the desk logged it")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from synpref.services.desk import MemoryReviewQueue, MemoryVerdictSink, ReviewDesk
+from synpref.services.desk import DeskCore, MemoryReviewQueue, MemoryVerdictSink, ReviewDesk
 from synpref.services.desk.web import DeskServer
 from synpref.shared.config import DeskSettings
 from synpref.shared.pairs import new_pair, new_record
@@ -36,7 +36,7 @@ def record(i: int) -> PairRecord:
 
 
 class BrokenSource(MemoryReviewQueue):
-    """A review source whose fetch fails, as a Kafka source may: the desk must answer 500 cleanly."""
+    """A review source whose fetch fails, as a Kafka source may: the desk must answer 503 cleanly."""
 
     async def fetch(self, limit: int) -> list[tuple[PairRecord, Any]]:
         raise RuntimeError("broker exploded: secret-internal-detail")
@@ -107,8 +107,27 @@ def test_a_non_ascii_authorization_header_is_a_401_not_a_500(server: DeskServer)
     assert b"Content-Security-Policy:" in head
 
 
-def test_an_internal_failure_is_a_json_500_with_security_headers_and_no_detail() -> None:
+def test_an_unreadable_queue_is_a_json_503_with_retry_after_security_headers_and_no_detail() -> None:
+    # Not the desk's own fault (a broker away): 503 and Retry-After, so a proxy or the page tries again later.
     desk = ReviewDesk(BrokenSource(), MemoryVerdictSink(), DeskSettings(), tokens={"alice": TOKEN})
+    with DeskServer(desk) as running:
+        status, headers, body = request(running.port, "GET", "/api/next")
+    assert_secure_error(status, headers, body, 503)
+    assert headers["Retry-After"] and "unreachable" in json.loads(body)["error"]
+    assert b"secret-internal-detail" not in body and b"Traceback" not in body
+
+
+class BrokenCore(DeskCore):
+    """A desk whose own bookkeeping fails: an internal error."""
+
+    def progress(self, annotator: str) -> dict[str, Any]:
+        raise RuntimeError("bookkeeping exploded: secret-internal-detail")
+
+
+def test_an_internal_failure_is_a_json_500_with_security_headers_and_no_detail() -> None:
+    desk = ReviewDesk(
+        MemoryReviewQueue(), MemoryVerdictSink(), DeskSettings(), tokens={"alice": TOKEN}, core=BrokenCore()
+    )
     with DeskServer(desk) as running:
         status, headers, body = request(running.port, "GET", "/api/next")
     assert_secure_error(status, headers, body, 500)
