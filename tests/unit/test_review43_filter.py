@@ -13,7 +13,7 @@ from synpref.shared.config import ModelRef, ScoringSettings, TopicSettings
 from synpref.shared.kafka.batch import plan_batch
 from synpref.shared.kafka.codec import encode_record
 from synpref.shared.pairs import new_pair, new_record
-from synpref.shared.stage import StageUnavailable
+from synpref.shared.stage import StageBroken
 from synpref.v1.pair_pb2 import PairRecord
 
 TOPICS = TopicSettings(s2_raw="in", s2_scored="scored", dead_letter="dlq")
@@ -59,7 +59,7 @@ def test_an_in_process_device_failure_has_the_batch_read_again_not_every_pair_de
         [ScoringModel("gold", "g1", in_process_scorer(ModelRef(path="/m/gold"), ScoringSettings()))]
     )
     messages = [consumed(record(i), i) for i in range(size)]
-    with pytest.raises(StageUnavailable, match="CUDA error"):
+    with pytest.raises(StageBroken, match="CUDA error"):  # the service exits and Kubernetes restarts it
         plan = plan_batch(messages, stage, TOPICS, "gold-scorer")
         pytest.fail(f"dead-lettered {plan.failed} of {size}")
     broken["device"] = False  # the device is back (the pod restarted on a good GPU): the same batch scores in full
