@@ -125,11 +125,14 @@ def needs_annotation(p_best: float, band: float) -> bool:
 
 def conversation_key(conversation: MessageDicts) -> str:
     """Content hash of a conversation's prompt: its messages up to its first user turn (all of them when it
-    has none), the unit that a train/held-out split never cuts. Conversations that open alike and go on
-    differently (hh-rlhf's multi-turn pairs) share it, so a held-out prompt never reaches training under
-    another history; a single-turn conversation's key is the hash of the whole, as it always was."""
-    first_user = next((i for i, m in enumerate(conversation) if m.get("role") == "user"), len(conversation) - 1)
-    text = json.dumps(list(conversation[: first_user + 1]), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    has none), system turns left out; the unit that a train/held-out split never cuts. Conversations that open
+    alike and go on differently (hh-rlhf's multi-turn pairs) share it, so a held-out prompt never reaches training
+    under another history; so do one prompt's askings under other system prompts, which would otherwise put the
+    prompt on both sides. A conversation without a system turn keeps the key it always had (a single-turn one:
+    the hash of the whole); one of system turns only is hashed whole, so such prompts stay apart."""
+    prompt = [m for m in conversation if m.get("role") != "system"] or list(conversation)
+    first_user = next((i for i, m in enumerate(prompt) if m.get("role") == "user"), len(prompt) - 1)
+    text = json.dumps(prompt[: first_user + 1], ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
