@@ -118,17 +118,23 @@ def check_source(source: str, output_dir: Path, save_steps: int) -> None:
 def data_order(train: Sequence[EncodedPair], config: Any) -> dict[str, Any]:
     """What decides the pairs of every step (so what a checkpoint's step number means): the training pairs,
     fingerprinted by every side's token ids and length in order, chosen before rejected (so a relabelled set,
-    some pairs' sides swapped, differs), and the order's config (seed, global batch, length grouping)."""
+    some pairs' sides swapped, differs), and the order's config (seed, global batch, length grouping).
+    With a margin_column and a non-zero margin, the margins too (margins_sha256): the loss subtracts them, so a
+    resume on other margins would mix two objectives. A margin-free set's fingerprint has no such entry, as
+    before margins were fingerprinted, so its earlier checkpoints still resume."""
     if isinstance(train, PairStore):
-        offsets, ids = train.offsets, train.ids
+        offsets, ids, margins = train.offsets, train.ids, train.margins
     else:
         sides = [side for pair in train for side in (pair.chosen, pair.rejected)]
         offsets = np.zeros(len(sides) + 1, dtype=np.int64)
         np.cumsum([len(side) for side in sides], out=offsets[1:])
         ids = np.fromiter((t for side in sides for t in side), dtype=np.int32, count=int(offsets[-1]))
+        margins = np.fromiter((pair.margin for pair in train), dtype=np.float64, count=len(train))
     digest = hashlib.sha256(np.ascontiguousarray(offsets, dtype=np.int64).data)
     digest.update(np.ascontiguousarray(ids, dtype=np.int32).data)
     order = {"pairs": len(train), "pair_ids_sha256": digest.hexdigest(), "seed": config.seed}
+    if config.margin_column and np.any(margins != 0):
+        order["margins_sha256"] = hashlib.sha256(np.ascontiguousarray(margins, dtype=np.float64).data).hexdigest()
     order.update(global_batch_size=config.global_batch_size, group_by_length=config.group_by_length)
     if config.group_by_length:
         order["group_window"] = config.group_window
@@ -147,7 +153,9 @@ def check_data_order(checkpoint: Path, saved: dict[str, Any] | None, now: dict[s
             "whose data fingerprint (token counts) did not tell a relabelled dataset (chosen and rejected swapped) "
             "from this one; set resume: false to start over, or use another output_dir"
         )
-    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+    # Over both sides' keys: a run that had an entry this one lacks (margins, a length grouping's window) differs.
+    keys = [*now, *(k for k in saved if k not in now)]
+    changed = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
     if changed:
         raise ValueError(
             f"cannot resume from {checkpoint}: it was trained on other data or in another order "
