@@ -317,7 +317,7 @@ class AsyncRewardClient:
 
     def stream(self, *, model: str | None = None) -> ScoreSession:
         """A ScoreSession on this client's channel: `async with client.stream() as s: await s.score(items)`."""
-        return ScoreSession(self.stub, model or self.model, self.policy)
+        return ScoreSession(self.stub, model or self.model, self.policy, address=self.address)
 
 
 def _stream_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -335,13 +335,15 @@ class ScoreSession:
     their items batch together on the server. `timeout` bounds each call, turn and retries included.
     A call that fails or times out drops the stream (a late answer must not be read as the
     next call's) and the next call opens a new one; UNAVAILABLE and RESOURCE_EXHAUSTED are
-    retried on a new stream, as the unary calls are.
+    retried on a new stream, as the unary calls are. A timeout, or an UNAVAILABLE or RESOURCE_EXHAUSTED left
+    after the retries, names `address` (the client's target): a caller of several scorers can tell which one.
     """
 
-    def __init__(self, stub: reward_pb2_grpc.RewardServiceStub, model: str, policy: _Policy) -> None:
+    def __init__(self, stub: reward_pb2_grpc.RewardServiceStub, model: str, policy: _Policy, *, address: str) -> None:
         self.stub = stub
         self.model = model
         self.policy = policy
+        self.address = address
         self._call: Any = None
         self._turn = asyncio.Lock()
 
@@ -411,24 +413,30 @@ class ScoreSession:
             else:
                 await self._turn.acquire()  # free: taken at once, without wait_for's task
         except TimeoutError:
-            raise _stream_error(grpc.StatusCode.DEADLINE_EXCEEDED, "waited past the timeout for its turn") from None
+            turn = f"waited past the timeout for its turn on the stream to {self.address}"
+            raise _stream_error(grpc.StatusCode.DEADLINE_EXCEEDED, turn) from None
         try:
-            attempt = 0
+            attempt, earlier = 0, None
             while True:
                 try:
                     response = await asyncio.wait_for(self._once(request), max(deadline - time.monotonic(), 0.001))
                     return list(response.rewards)
                 except TimeoutError:
                     self._drop()
-                    raise _stream_error(
-                        grpc.StatusCode.DEADLINE_EXCEEDED, "no answer on the stream within the timeout"
-                    ) from None
+                    details = f"no answer from {self.address} on the stream within the timeout"
+                    if earlier is not None:  # what the retries were waiting out, as the unary calls say
+                        details += f", waiting after {earlier.code().name}: {earlier.details()}"
+                    raise _stream_error(grpc.StatusCode.DEADLINE_EXCEEDED, details) from earlier
                 except grpc.aio.AioRpcError as exc:
                     self._drop()
                     attempt += 1
                     delay = self.policy.pause(attempt, deadline) if retryable(exc) else None
+                    if delay is None and (retryable(exc) or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED):
+                        # Out of retries or time: say which scorer, as the timeouts above do.
+                        raise _stream_error(exc.code(), f"{exc.details()} (stream to {self.address})") from exc
                     if delay is None:
                         raise
+                    earlier = exc
                     await asyncio.sleep(delay)
                 except BaseException:
                     self._drop()  # cancelled mid-call: the answer would arrive for the next one

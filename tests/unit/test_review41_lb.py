@@ -230,7 +230,7 @@ def test_session_reopens_a_stream_that_broke_while_it_idled() -> None:
     # INTERNAL, which is not retried: the RL caller's reward call failed although nothing was sent.
     async def calls() -> tuple[list[float], list[float], int]:
         stub = _Stub(1)  # the first stream answers once, then its transport is gone
-        session = ScoreSession(stub, "", _Policy(10.0, 4, 0.001, 0.01, 256))  # type: ignore[arg-type]
+        session = ScoreSession(stub, "", _Policy(10.0, 4, 0.001, 0.01, 256), address="test")  # type: ignore[arg-type]
         first = await session.score([TEXT])
         second = await session.score([TEXT])
         return first, second, len(stub.streams)
@@ -243,7 +243,7 @@ def test_session_still_raises_what_a_new_stream_fails_with() -> None:
     # Only a stream opened by an earlier call is retried for a failed write: a new one's failure is the caller's.
     async def call() -> None:
         stub = _Stub(0, 0, 0)
-        session = ScoreSession(stub, "", _Policy(10.0, 4, 0.001, 0.01, 256))  # type: ignore[arg-type]
+        session = ScoreSession(stub, "", _Policy(10.0, 4, 0.001, 0.01, 256), address="test")  # type: ignore[arg-type]
         await session.score([TEXT])
 
     with pytest.raises(grpc.aio.AioRpcError) as err:

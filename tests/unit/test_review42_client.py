@@ -118,7 +118,7 @@ def test_a_session_calls_timeout_bounds_its_wait_for_the_turn() -> None:
     # timeout, a call with a 0.2 s timeout returned after 5 s: an RL worker's reward deadline did not hold.
     async def calls() -> tuple[float, Any, list[float]]:
         stub = HungStub()
-        session = ScoreSession(stub, "", _Policy(10.0, 4, 0.001, 0.01, 256))  # type: ignore[arg-type]
+        session = ScoreSession(stub, "", _Policy(10.0, 4, 0.001, 0.01, 256), address="test")  # type: ignore[arg-type]
         first = asyncio.ensure_future(session.score(["slow"], timeout=5.0))
         await stub.sent.wait()  # the first call holds the turn, waiting for its answer
         t0 = time.monotonic()
