@@ -84,15 +84,27 @@ class CurationSteps:
 
     def score_verified(self, handle: ModelHandle) -> tuple[np.ndarray, np.ndarray]:
         """Score D_gold and D_silver with `handle` (as BEST, written into the records); their rows (int64) and
-        p (float64, as set_score gives it: k_rule's ceil is taken of the same number), 16 bytes a pair."""
+        p (float64, as set_score gives it: k_rule's ceil is taken of the same number), 16 bytes a pair.
+
+        A record already scored by this very model (its version) keeps that p: a restarted step finds the scores its
+        first attempt committed with its first batch, and scoring D_gold and D_silver again (millions of pairs at
+        40M, hours with a large RM) on every restart would give the same numbers."""
         rows = array("q")
         ps = array("d")
         for chunk in self.pairstore.scan(("gold", "silver"), batch=self.c.batch_pairs):
-            rewards = self.models.score(handle, [pair_dict(r) for _, r in chunk])
-            for (row, record), (rc, rr) in zip(chunk, rewards, strict=True):
+            known: dict[int, float] = {}
+            for row, record in chunk:
+                score = score_of(record, BEST)
+                if score is not None and score.version == handle.version:
+                    known[row] = score.p
+            todo = [(row, record) for row, record in chunk if row not in known]
+            rewards = self.models.score(handle, [pair_dict(r) for _, r in todo]) if todo else []
+            for (row, record), (rc, rr) in zip(todo, rewards, strict=True):
+                known[row] = set_score(record, BEST, handle.version, rc, rr)
+            for row, _ in chunk:
                 rows.append(row)
-                ps.append(set_score(record, BEST, handle.version, rc, rr))
-            self.pairstore.put(chunk)
+                ps.append(known[row])
+            self.pairstore.put(todo)
         return np.frombuffer(rows, dtype=np.int64), np.frombuffer(ps, dtype=np.float64)
 
     def curate_stage1(self, t: int) -> None:

@@ -209,17 +209,19 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
             f"| {_fmt(h['holdout_accuracy'])} | {h['gold']} | {h['silver']} | {h['unverified']} |"
         )
         lines.append(row + (f" {_fmt(h.get('label_accuracy'))} |" if study else ""))
+    # failed: retrieved pairs that never came back decided (dead-lettered), still unverified; without the column the
+    # row's counts did not add up to `retrieved` and those pairs went unmentioned.
     lines += [
         "",
-        "| iteration | RM errors | retrieved | to humans | verified | discarded | judges keep | judges flip "
+        "| iteration | RM errors | retrieved | failed | to humans | verified | discarded | judges keep | judges flip "
         "| judges abstain |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in r.get("stage1", []):
         lines.append(
-            f"| {e['iteration']} | {e['rm_errors']} | {e['retrieved']} | {e.get('to_humans', 0)} "
-            f"| {e.get('human_verified', 0)} | {e.get('human_discarded', 0)} | {e.get('silver_kept', 0)} "
-            f"| {e.get('silver_flipped', 0)} | {e.get('judges_abstained', 0)} |"
+            f"| {e['iteration']} | {e['rm_errors']} | {e['retrieved']} | {e.get('failed', 0)} "
+            f"| {e.get('to_humans', 0)} | {e.get('human_verified', 0)} | {e.get('human_discarded', 0)} "
+            f"| {e.get('silver_kept', 0)} | {e.get('silver_flipped', 0)} | {e.get('judges_abstained', 0)} |"
         )
     s2 = r.get("stage2", {})
     lines += [

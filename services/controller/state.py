@@ -31,6 +31,7 @@ published keys), committed at once as well.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -96,9 +97,23 @@ class StateStore:
         self.pairs.set_meta(_STATE_META, text)
 
     def mirror(self, state: RunState) -> None:
-        """Write the readable copy state.json atomically (temp file, fsync, rename)."""
-        text = json.dumps(asdict(state), indent=1, sort_keys=True)
+        """Write the readable copy state.json atomically (temp file, fsync, rename); NaN and infinities as null.
+
+        The store's copy keeps them (the loop computes with them), but a bare NaN token is not JSON: JSON.parse, Go
+        and serde refuse the whole file, and every run has one (the first working RM has no valid_accuracy)."""
+        text = json.dumps(_finite(asdict(state)), indent=1, sort_keys=True, allow_nan=False)
         write_atomic(self.path, lambda p: p.write_text(text))
+
+
+def _finite(value: Any) -> Any:
+    """`value` (plain JSON values) with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def read_pools(workdir: str | Path) -> dict[str, list[str]]:
