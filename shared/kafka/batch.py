@@ -145,6 +145,13 @@ def plan_batch(
     return plan
 
 
+def learned_limit(limits: Mapping[str, int], max_bytes: int, topic: str, size: int) -> int | None:
+    """The lower limit of `topic` that the broker's refusal of a `size`-byte message to it as too large teaches: one
+    byte under. None when the message was already over the topic's known limit (`max_bytes`, or less where `limits`
+    says so): plan_batch could not make it smaller, so reading its batch again would be refused all the same."""
+    return size - 1 if size <= min(max_bytes, limits.get(topic, max_bytes)) else None
+
+
 def run_stage(
     stage: Stage,
     decoded: list[tuple[Message, PairRecord]],

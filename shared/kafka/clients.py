@@ -9,12 +9,13 @@ deliver, for one batch) is the one place that checks those acknowledgements.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.coordinator.base import MemberState
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError, UnknownError
 
 from synpref.shared.config import KafkaSettings
 from synpref.shared.kafka.codec import Outgoing
@@ -22,8 +23,20 @@ from synpref.shared.kafka.codec import Outgoing
 log = logging.getLogger(__name__)
 
 
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+"""How a broker refuses a message over its topic's max.message.bytes (or its own message.max.bytes)."""
+
+
 class DeliveryError(KafkaError):
-    """Messages were not acknowledged: whatever they stand for must not be committed."""
+    """Messages were not acknowledged: whatever they stand for must not be committed.
+
+    `too_large` is (topic, size) when the first failure was the broker refusing a message as too large (its size
+    as Outgoing.size counts it): a limit under that size holds for that topic.
+    """
+
+    def __init__(self, message: str, too_large: tuple[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.too_large = too_large
 
 
 def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
@@ -130,15 +143,28 @@ class Outbox:
     def __init__(self, producer: Any, timeout_s: float) -> None:
         self.producer = producer
         self.timeout_s = timeout_s
-        self._futures: list[Any] = []
+        # (topic, size) of each message beside its future, not the message: the outbox must not hold the payloads.
+        self._futures: list[tuple[tuple[str, int], Any]] = []
         self._error: DeliveryError | None = None
+        self._first_failure: tuple[tuple[str, int], Exception] | None = None
 
     def send(self, outgoing: Iterable[Outgoing]) -> None:
         """Hand `outgoing` to the producer without waiting; raises the earlier DeliveryError if a flush failed."""
         if self._error is not None:
             raise self._error
         for out in outgoing:
-            self._futures.append(self.producer.send(out.topic, key=out.key, value=out.value, headers=out.headers))
+            future = self.producer.send(out.topic, key=out.key, value=out.value, headers=out.headers)
+            sent = (out.topic, out.size)
+            self._futures.append((sent, future))
+            # kafka-python's idempotent producer fails for good on a refused message and aborts every other send
+            # with the same exception: only the order the failures come in says which message the broker refused.
+            add_errback = getattr(future, "add_errback", None)  # a test's future may have none: then send order
+            if add_errback is not None:
+                add_errback(self._failed, sent)
+
+    def _failed(self, sent: tuple[str, int], error: Exception) -> None:
+        if self._first_failure is None:  # runs on the producer's IO thread, one callback at a time
+            self._first_failure = (sent, error)
 
     def flush(self) -> int:
         """Wait for every message sent so far; DeliveryError unless all were acknowledged. Returns how many."""
@@ -147,21 +173,42 @@ class Outbox:
         futures, self._futures = self._futures, []
         if not futures:
             return 0
+        deadline = time.monotonic() + self.timeout_s
         try:
-            self.producer.flush(timeout=self.timeout_s)
+            try:
+                self.producer.flush(timeout=self.timeout_s)
+            except UnknownError:
+                # kafka-python 3.0.12 raises "Future not done" from flush once it splits a batch the broker refused as
+                # too large, its records moved to the split batches: wait for them instead, as a split batch may pass.
+                for _, future in futures:
+                    try:
+                        future.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except KafkaError:
+                        if not future.is_done:
+                            raise  # timed out; a message that failed is counted below
         except KafkaError as exc:
             # kafka-python gives up after the timeout with messages still unacknowledged. Their futures are
             # dropped above, so this fails for good like any other loss: a later flush that waited only for
             # newer messages would let the caller commit past these.
-            self._error = DeliveryError(f"{len(futures)} messages not all acknowledged: {exc!r}")
-            raise self._error from exc
-        errors = [f.exception for f in futures if not f.is_done or f.failed()]
-        if errors:
             self._error = DeliveryError(
-                f"{len(errors)} of {len(futures)} messages not acknowledged; first: {errors[0]!r}"
+                f"{len(futures)} messages not all acknowledged: {exc!r}", self._refused(futures)
             )
+            raise self._error from exc
+        failed = [(sent, f.exception) for sent, f in futures if not f.is_done or f.failed()]
+        if failed:
+            self._error = DeliveryError(f"{len(failed)} of {len(futures)} messages not acknowledged; "
+                                        f"first: {failed[0][1]!r}", self._refused(futures))  # fmt: skip
             raise self._error
         return len(futures)
+
+    def _refused(self, futures: list[tuple[tuple[str, int], Any]]) -> tuple[str, int] | None:
+        """(topic, size) of the message the broker refused as too large, when that was the first failure."""
+        first = self._first_failure or next(
+            ((sent, f.exception) for sent, f in futures if f.is_done and f.failed()), None
+        )
+        if first is None or not isinstance(first[1], TOO_LARGE):
+            return None
+        return first[0]
 
 
 def deliver(producer: Any, outgoing: Iterable[Outgoing], timeout_s: float) -> int:

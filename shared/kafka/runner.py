@@ -12,7 +12,10 @@ One iteration, in this order (the order is the guarantee):
   5. checkpoint, quix-streams' order: flush the sink, flush the producer and check that
      every message was acknowledged (acks=all), then commit the input offsets (auto-commit
      is off). Without a sink every batch is a checkpoint; with one, when the sink is due.
-A crash anywhere before 5 re-delivers the batch: at-least-once, never lost. A stop
+A crash anywhere before 5 re-delivers the batch: at-least-once, never lost. A message the
+broker refuses as too large (a topic's limit lowered or unreadable) would do so after every
+restart: the runner notes a limit under its size instead and, on a fresh producer, reads the
+batch again, so that step 4 dead-letters it (no sink: its outbox holds only that batch). A stop
 request (SIGTERM in a service, an Event in tests) is honoured between batches, so the
 current batch is finished and checkpointed before the clients close. A stage that raises
 StageBroken (this process cannot do it any more) stops the runner at once, its batch uncommitted.
@@ -38,7 +41,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from synpref.shared.config import Settings
 from synpref.shared.kafka import metrics
 from synpref.shared.kafka.admin import message_limits
-from synpref.shared.kafka.batch import ROUTES, BatchPlan, first_offsets, next_offsets, plan_batch
+from synpref.shared.kafka.batch import ROUTES, BatchPlan, first_offsets, learned_limit, next_offsets, plan_batch
 from synpref.shared.kafka.clients import DeliveryError, Outbox, make_consumer, make_producer, poll_group
 from synpref.shared.kafka.codec import Message
 from synpref.shared.retry import capped_backoff
@@ -52,6 +55,9 @@ UNAVAILABLE_MAX_PAUSE_S = 30.0
 # A batch the stage raised on is retried one record at a time for at most this share of max.poll.interval.ms
 # from its poll; the rest is read again. The remainder of the interval is for sending, flushing and committing.
 RETRY_SHARE = 0.5
+# Each read of a batch refused as too large learns a lower limit from the one message the broker refused first (the
+# producer aborts the rest); more reads in a row than this stop the runner as any delivery failure does.
+MAX_REFUSED_READS = 16
 
 
 class Sink(Protocol):
@@ -192,6 +198,8 @@ class StageRunner:
         """Next offsets of everything processed since the last checkpoint."""
         self._unavailable = 0
         """Batches in a row whose stage raised StageUnavailable."""
+        self._refused = 0
+        """Reads in a row of a batch that the broker refused messages of as too large."""
         self.clock: Callable[[], float] = time.monotonic
         """Times the per-record retry against max.poll.interval.ms (a test's fake clock replaces it)."""
 
@@ -202,9 +210,7 @@ class StageRunner:
         """
         kafka = self.settings.kafka
         self.topic_limits = self._read_limits()
-        smallest = min([kafka.max_message_bytes, *self.topic_limits.values()])
-        self.producer = make_producer(kafka, batch_size=min(256 * 1024, smallest))
-        self.outbox = Outbox(self.producer, self.flush_timeout_s)
+        self._open_producer()
         static = {"group_instance_id": self.instance_id} if self.instance_id else {}
         self.consumer = make_consumer(kafka, self.group_id, **static)
         # Metadata first: a group leader that assigns before it knows the topics' partitions hands
@@ -214,6 +220,13 @@ class StageRunner:
         self.consumer.subscribe(self.input_topics, listener=_Rebalance(self))
         log.info("%s: consuming %s as group %s%s", self.service, ", ".join(self.input_topics), self.group_id,
                  f" (static member {self.instance_id})" if self.instance_id else "")  # fmt: skip
+
+    def _open_producer(self) -> None:
+        """A producer, and an outbox on it, whose batches stay within the smallest limit known."""
+        kafka = self.settings.kafka
+        smallest = min([kafka.max_message_bytes, *self.topic_limits.values()])
+        self.producer = make_producer(kafka, batch_size=min(256 * 1024, smallest))
+        self.outbox = Outbox(self.producer, self.flush_timeout_s)
 
     def _read_limits(self) -> dict[str, int]:
         """max.message.bytes of the topics this runner writes, where smaller than the config's."""
@@ -266,7 +279,18 @@ class StageRunner:
                 # caller that goes on (the desk's next tick) would poll the next batch and commit past this one.
                 self._rewind(messages)
                 raise
-            if self.sink is None or self.sink.due():
+            if self.sink is None:
+                try:
+                    self.checkpoint()
+                except DeliveryError as exc:
+                    if not self._learn_limits(exc, len(messages)):
+                        raise
+                    # Nothing was committed: read the whole batch again; what was acknowledged is sent again.
+                    self._pending = {}
+                    self._rewind(messages)
+                    return 0
+                self._refused = 0
+            elif self.sink.due():
                 self.checkpoint()
             self._observe(plan, time.perf_counter() - started)
         elif self.sink is not None and self.sink.due():
@@ -300,6 +324,38 @@ class StageRunner:
             self._pending.update(first_offsets(plan.left))
             self._rewind(plan.left)
         return plan
+
+    def _learn_limits(self, exc: DeliveryError, batch: int) -> bool:
+        """Whether the message the broker refused first as too large teaches its topic a lower limit, for reading the
+        batch again: then it is in topic_limits, with any lower one the broker reports, on a fresh producer."""
+        kafka = self.settings.kafka
+        self._refused += 1
+        if exc.too_large is None or self._refused > MAX_REFUSED_READS:
+            return False
+        topic, size = exc.too_large
+        limit = learned_limit(self.topic_limits, kafka.max_message_bytes, topic, size)
+        if limit is None:
+            return False
+        log.warning("%s: topic %s refused a %d-byte message as too large: its limit is taken as %d bytes from now on; "
+                    "reading the batch of %d again to dead-letter what is over it", self.service, topic, size, limit,
+                    batch)  # fmt: skip
+        self.topic_limits[topic] = limit
+        try:  # exact where readable (an operator lowered max.message.bytes); the refusals alone give an upper bound
+            found = message_limits(kafka, self.settings.topics.all(), timeout_s=kafka.request_timeout_ms / 1000)
+        except KafkaError as error:
+            found = {}
+            log.info("%s: cannot read the topics' max.message.bytes again (%s)", self.service, error)
+        for name, n in found.items():
+            if n < min(kafka.max_message_bytes, self.topic_limits.get(name, kafka.max_message_bytes)):
+                log.warning("%s: topic %s takes messages up to %d bytes now", self.service, name, n)
+                self.topic_limits[name] = n
+        old = self.producer
+        self._open_producer()
+        try:
+            old.close(timeout=self.flush_timeout_s)
+        except KafkaError as error:  # kafka-python 3.0.12: the flush in close can fail on the aborted sends again
+            log.info("%s: the producer that failed did not close cleanly: %r", self.service, error)
+        return True
 
     def _rewind(self, messages: list[Message]) -> None:
         """Seek each partition of the batch that is still ours back to the batch's first offset on it."""
