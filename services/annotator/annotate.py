@@ -27,10 +27,11 @@ import math
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import Counter
 
+from synpref.services.annotator.chat import ChatStats
 from synpref.services.annotator.judges import AttributeLabeller, Judge, JudgeRequest, aggregate, examples_shown
 from synpref.services.annotator.prompts import Example, attributes_dict
 from synpref.shared.pairs import message_dicts, needs_annotation, now, pair_id, pair_problem
@@ -103,10 +104,15 @@ class Annotator:
         # batch's judge I/O goes on meanwhile. One thread: an example source need not be thread-safe (the encoder's
         # fast tokenizer is not, and faiss_threads sets a process-wide OpenMP setting).
         self._retrieval: ThreadPoolExecutor | None = None
+        # Backends warned that most of a batch's answers were cut off at max_tokens; one warns again only after a
+        # batch where most were not (one warning per outage-like period, not one per batch).
+        self._cut_off_warned: set[int] = set()
 
-    async def annotate_one(self, record: PairRecord, deadline: float | None = None) -> PairRecord:
+    async def annotate_one(
+        self, record: PairRecord, deadline: float | None = None, late: dict[str, int] | None = None
+    ) -> PairRecord:
         """An annotated copy of `record` (votes, aggregate and retrieved example ids replaced); calls still
-        running at `deadline` (the event loop's clock) abstain."""
+        running at `deadline` (the event loop's clock) abstain, counted per model in `late` (else each logged)."""
         out = PairRecord()
         out.CopyFrom(record)
         pair = out.pair
@@ -114,7 +120,7 @@ class Annotator:
             pair.id, message_dicts(pair.conversation), message_dicts(pair.chosen), message_dicts(pair.rejected)
         )
         if self.labeller is not None and not out.attributes.task_category:
-            attributes = await _until(self.labeller.label(request), deadline, self.labeller.name)
+            attributes = await _until(self.labeller.label(request), deadline, self.labeller.name, late)
             if attributes is not None:
                 out.attributes.CopyFrom(attributes)
         attrs = attributes_dict(out.attributes) if out.attributes.task_category else {}
@@ -143,7 +149,7 @@ class Annotator:
         request = JudgeRequest(
             pair.id, request.conversation, request.chosen, request.rejected, attrs, examples, dict(pair.meta)
         )
-        results = await asyncio.gather(*(_votes(judge, request, deadline) for judge in self.judges))
+        results = await asyncio.gather(*(_votes(judge, request, deadline, late) for judge in self.judges))
         del out.votes[:]
         for votes in results:
             out.votes.extend(votes)
@@ -170,7 +176,47 @@ class Annotator:
         deadline = None
         if self.batch_deadline_s is not None:
             deadline = asyncio.get_running_loop().time() + self.batch_deadline_s
-        return await asyncio.gather(*(self.annotate_one(r, deadline) for r in records), return_exceptions=True)
+        before = self._answer_counts()
+        late: dict[str, int] = {}
+        results = await asyncio.gather(*(self.annotate_one(r, deadline, late) for r in records), return_exceptions=True)
+        # One line per model and batch: a hung judge misses the deadline on every pair of it at the same instant.
+        for name, calls in late.items():
+            log.warning(
+                "%s: %d calls had no answer before the batch deadline (annotator.batch_deadline_s)", name, calls
+            )
+        self._warn_cut_off(before)
+        return results
+
+    def _answer_counts(self) -> list[tuple[Any, int, int]]:
+        """(backend, answers, cut off) so far for each judge's and the labeller's backend that counts them."""
+        backends = [getattr(judge, "backend", None) for judge in self.judges]
+        backends += [self.labeller.backend] if self.labeller is not None else []
+        stats = [(b, getattr(b, "stats", None)) for b in backends]
+        return [(b, s.answers, s.cut_off) for b, s in stats if isinstance(s, ChatStats)]
+
+    def _warn_cut_off(self, before: list[tuple[Any, int, int]]) -> None:
+        """Warn, once per backend and period, when most of its answers since `before` were cut off at max_tokens.
+
+        Each such answer abstains, and silently: a reasoning model (its hidden reasoning counts against max_tokens)
+        abstained on every pair while the batches went on as if the judge had no opinion.
+        """
+        for backend, answers_before, cut_before in before:
+            answers = backend.stats.answers - answers_before
+            cut = backend.stats.cut_off - cut_before
+            if not answers:
+                continue
+            if 2 * cut <= answers:
+                self._cut_off_warned.discard(id(backend))
+            elif id(backend) not in self._cut_off_warned:
+                self._cut_off_warned.add(id(backend))
+                log.warning(
+                    '%s: %d of %d answers in this batch were cut off at max_tokens (%s; finish_reason "length") and '
+                    "abstained: a reasoning model's hidden reasoning counts against it; raise annotator.max_tokens",
+                    backend.name,
+                    cut,
+                    answers,
+                    getattr(backend, "max_tokens", "?"),
+                )
 
     def run(self, records: list[PairRecord]) -> list[PairRecord | BaseException]:
         """Annotate synchronously on the annotator's own event loop (kept between batches).
@@ -202,7 +248,10 @@ class Annotator:
                 return None
 
         async def all_of() -> list[Attributes | None]:
-            return list(await asyncio.gather(*(one(r) for r in records)))
+            before = self._answer_counts()
+            labels = list(await asyncio.gather(*(one(r) for r in records)))
+            self._warn_cut_off(before)
+            return labels
 
         with self._lock:
             if self._loop is None or self._loop.is_closed():
@@ -260,21 +309,27 @@ def _left(deadline: float) -> float:
     return max(0.0, deadline - asyncio.get_running_loop().time())
 
 
-async def _until(call: Awaitable[T], deadline: float | None, name: str) -> T | None:
-    """`await call`, or None (the call cancelled) once the event loop's clock passes `deadline`."""
+async def _until(call: Awaitable[T], deadline: float | None, name: str, late: dict[str, int] | None = None) -> T | None:
+    """`await call`, or None (the call cancelled) once the event loop's clock passes `deadline`: counted in `late` by
+    `name` when given (the caller logs the batch's count), else logged."""
     if deadline is None:
         return await call
     try:
         return await asyncio.wait_for(call, _left(deadline))
     except TimeoutError:
         JUDGE_LATE.labels(name).inc()
-        log.warning("%s: no answer before the batch deadline (annotator.batch_deadline_s)", name)
+        if late is None:
+            log.warning("%s: no answer before the batch deadline (annotator.batch_deadline_s)", name)
+        else:
+            late[name] = late.get(name, 0) + 1
         return None
 
 
-async def _votes(judge: Judge, request: JudgeRequest, deadline: float | None) -> list[JudgeVote]:
+async def _votes(
+    judge: Judge, request: JudgeRequest, deadline: float | None, late: dict[str, int] | None
+) -> list[JudgeVote]:
     """The judge's votes, or one abstention per sample naming the deadline when the call outlasts it."""
-    votes = await _until(judge.judge(request), deadline, judge.name)
+    votes = await _until(judge.judge(request), deadline, judge.name, late)
     if votes is not None:
         return votes
     version = getattr(judge, "prompt_version", "")

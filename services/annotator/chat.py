@@ -63,12 +63,21 @@ JUDGE_MISSING_CHOICES = Counter(
     "or at temperature 0 (another request would repeat the answer) left as abstentions",
     ["model"],
 )
+JUDGE_CUT_OFF = Counter(
+    "synpref_judge_cut_off_answers",
+    'Answers cut off at max_tokens (finish_reason "length"): each abstains. A reasoning model\'s hidden reasoning '
+    "counts against max_tokens: most of its answers cut off means annotator.max_tokens is too small for it",
+    ["model"],
+)
 
 Messages = list[dict[str, str]]
-RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+# Every 5xx but the two that never change (501 Not Implemented, 505 HTTP Version Not Supported): a provider behind
+# Cloudflare answers 520-524 for an origin that timed out or dropped, and some gateways 529 when overloaded.
+RETRY_STATUS = {408, 409, 425, 429, *range(500, 600)} - {501, 505}
 # Most seconds a server's Retry-After makes a judge wait before one retry: a provider's rate-limit window is
 # seconds to a minute, and an hour-long answer (or a bogus date) must not park a Stage 2 batch.
 MAX_RETRY_AFTER_S = 60.0
+GAVE_UP_LOG_S = 60.0  # at most one give-up WARNING a backend per this many seconds: an outage gives up every call
 
 
 def retry_after_s(value: str | None) -> float | None:
@@ -150,11 +159,14 @@ class ChatBackend(Protocol):
 
 @dataclass
 class ChatStats:
-    """Counts of HTTP requests sent, retries and calls given up on, per backend."""
+    """Counts of HTTP requests sent, retries and calls given up on, and of the answers (choices) that came back and
+    those of them cut off at max_tokens, per backend."""
 
     requests: int = 0
     retries: int = 0
     failures: int = 0
+    answers: int = 0
+    cut_off: int = 0
 
 
 class OpenAIChat:
@@ -183,6 +195,7 @@ class OpenAIChat:
         self.backoff_s = backoff_s
         self.max_tokens = max_tokens
         self.stats = ChatStats()
+        self._gave_up_logged: tuple[float, int] | None = None  # when the last give-up was logged, and failures then
         # A session and a semaphore belong to the event loop they were first used on, and one
         # backend is called from several loops (the controller runs an Annotator, each with its
         # own loop, per stage): one of each per loop.
@@ -258,6 +271,7 @@ class OpenAIChat:
         if data is None:
             return [None] * n
         texts = choice_texts(data, n)
+        self._count_answers(data, n)
         missing = n - len(texts)
         if missing:
             # Padded with abstentions, the judge got one vote per candidate order whatever its `samples`, and never
@@ -268,7 +282,19 @@ class OpenAIChat:
                 more = await asyncio.gather(*(self._post({**body, "n": 1}) for _ in range(missing)))
                 for answer in more:
                     texts += choice_texts(answer, 1) if answer is not None else [None]
+                    self._count_answers(answer, 1)
         return texts + [None] * (n - len(texts))
+
+    def _count_answers(self, data: Any, n: int) -> None:
+        """Count the first `n` choices of an answer and those cut off at max_tokens (the annotator warns when most
+        of a batch's are: each is an abstention, and a reasoning model may spend all of max_tokens reasoning)."""
+        choices = data.get("choices") if isinstance(data, dict) else None
+        choices = choices[:n] if isinstance(choices, list) else []
+        cut = sum(isinstance(c, dict) and c.get("finish_reason") == "length" for c in choices)
+        self.stats.answers += len(choices)
+        self.stats.cut_off += cut
+        if cut:
+            JUDGE_CUT_OFF.labels(self.name).inc(cut)
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any] | None:
         session = await self.session()
@@ -288,9 +314,7 @@ class OpenAIChat:
             if error is None:
                 return data
             if not retryable:
-                self.stats.failures += 1
-                JUDGE_GAVE_UP.labels(self.name).inc()
-                log.warning("%s: %s (not retried)", self.name, error)
+                self._give_up(f"{error} (not retried)")
                 return None
             if attempt < self.retries:
                 self.stats.retries += 1
@@ -301,10 +325,20 @@ class OpenAIChat:
                 delay = max(delay, min(wait_s or 0.0, self.timeout_s))
                 log.info("%s: %s; retry %d/%d in %.2fs", self.name, error, attempt + 1, self.retries, delay)
                 await asyncio.sleep(delay)
+        self._give_up(f"giving up after {self.retries + 1} attempts: {error}")
+        return None
+
+    def _give_up(self, why: str) -> None:
+        """Count a call given up on; log it unless another was logged in the last GAVE_UP_LOG_S (then the next one
+        logged says how many were not). An endpoint that is down fails every call of a batch, hundreds at once."""
         self.stats.failures += 1
         JUDGE_GAVE_UP.labels(self.name).inc()
-        log.warning("%s: giving up after %d attempts: %s", self.name, self.retries + 1, error)
-        return None
+        now, last = time.monotonic(), self._gave_up_logged
+        if last is None or now - last[0] >= GAVE_UP_LOG_S:
+            unlogged = self.stats.failures - last[1] - 1 if last else 0
+            more = f" ({unlogged} others given up since the last one logged)" if unlogged else ""
+            log.warning("%s: %s%s", self.name, why, more)
+            self._gave_up_logged = (now, self.stats.failures)
 
     async def _attempt(
         self, session: aiohttp.ClientSession, body: dict[str, Any]
