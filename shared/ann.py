@@ -46,8 +46,17 @@ class VectorFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        rows, dim = (int(x) for x in self.path.with_suffix(self.path.suffix + ".shape").read_text().split())
+        note = self.path.with_suffix(self.path.suffix + ".shape")
+        try:
+            rows, dim = (int(x) for x in note.read_text().split())
+        except ValueError:
+            raise ValueError(f"{note} is not a shape note (two integers, rows and dim)") from None
         self.rows, self.dim = rows, dim
+        # np.memmap in r+ mode silently extends a short file with zeros: a truncated or foreign file would read
+        # as zero vectors (retrieval then ties every pair) instead of failing.
+        size, wanted = self.path.stat().st_size, rows * dim * 2
+        if size != wanted:
+            raise ValueError(f"{self.path} holds {size} bytes, not the {wanted} of its shape note ({rows} x {dim})")
         self._map = np.memmap(self.path, dtype=np.float16, mode="r+", shape=(rows, dim))
 
     @classmethod
@@ -176,7 +185,8 @@ class LiveRows:
         """A FAISS selector over the bitmap; it reads the array in place, which must outlive the search."""
         import faiss
 
-        return faiss.IDSelectorBitmap(self.size, faiss.swig_ptr(self._bits))
+        # FAISS takes the bitmap's length in bytes: given the bits, it read past the array for ids beyond `size`.
+        return faiss.IDSelectorBitmap(len(self._bits), faiss.swig_ptr(self._bits))
 
 
 class AnnIndex:

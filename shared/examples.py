@@ -175,10 +175,16 @@ class ReloadingExamples:
                     return None
                 if self._loaded is not None and self._loaded[0] == version:
                     return self._loaded[1]
+                folder = self._version_folder(version)
                 try:
-                    index = VectorIndex.load(self._version_folder(version))
+                    index = VectorIndex.load(folder)
                 except FileNotFoundError:
                     continue  # a newer write removed this version while it loaded: read CURRENT again
+                except RuntimeError:
+                    # FAISS reports a missing index file as RuntimeError: removed after its items were read.
+                    if folder.exists():
+                        raise
+                    continue
                 self._loaded = (version, index)
                 return index
             raise RuntimeError(f"{self.folder}: no version could be loaded in {LOAD_TRIES} reads of {CURRENT_FILE}")

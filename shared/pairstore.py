@@ -112,13 +112,36 @@ class PairStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(f"PRAGMA journal_size_limit={_WAL_KEEP_BYTES}")
-        self._db.execute(f"PRAGMA cache_size=-{int(cache_mib) * 1024}")
-        self._db.executescript(_SCHEMA)
-        self._depth = 0
-        self._commits = int(self.meta(_COMMITS, "0"))
+        try:
+            self._check_foreign()  # first: journal_mode=WAL would rewrite a foreign file's header
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA journal_size_limit={_WAL_KEEP_BYTES}")
+            self._db.execute(f"PRAGMA cache_size=-{int(cache_mib) * 1024}")
+            self._db.executescript(_SCHEMA)
+            self._depth = 0
+            self._commits = int(self.meta(_COMMITS, "0"))
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            if isinstance(exc, sqlite3.OperationalError):
+                raise  # locked, I/O: the file may be a fine store
+            # sqlite3 says "file is not a database" or "database disk image is malformed", naming no file.
+            raise PairStoreError(f"{self.path} is not a readable PairStore: {exc}") from exc
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _check_foreign(self) -> None:
+        """Refuse another program's SQLite file (a wrong path): the schema would be added into it."""
+        tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return  # a new store
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(pairs)")}
+        if not {"row", "key", "pool", "given", "record"} <= columns:
+            raise PairStoreError(
+                f"{self.path} is an SQLite file of something else (tables {', '.join(sorted(tables))}), not a "
+                "PairStore: check the path"
+            )
 
     def close(self) -> None:
         """Close the SQLite connection."""
