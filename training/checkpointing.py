@@ -71,17 +71,20 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def remove_checkpoints(output_dir: Path, source: str = "") -> list[Path]:
-    """Remove every checkpoint-N folder (another run's, when a run starts without resuming) but the model this
-    run started from (`source`, its model_name_or_path); returns the removed ones.
+def remove_checkpoints(output_dir: Path) -> list[Path]:
+    """Remove every checkpoint-N folder (another run's, when a run starts without resuming); returns them.
+    check_source has refused a run that starts from one. A checkpoint-N that is a link loses the link only.
 
     Left in place they outlive this run's own: save_total_limit keeps the highest step numbers, so an old
     run's checkpoint-900 pruned this run's checkpoint-100 at once, and a later resume took the old run's."""
-    start = Path(source).resolve() if source else None
-    stale = [p for p in _numbered(output_dir) if p.resolve() != start] if output_dir.is_dir() else []
+    stale = _numbered(output_dir) if output_dir.is_dir() else []
     for old in stale:
         log.warning("removing %s: a checkpoint of an earlier run, and this run does not resume", old)
-        shutil.rmtree(old, ignore_errors=True)
+        # rmtree refuses a link (ignore_errors hid it): the link stayed for a later resume to take.
+        if old.is_symlink():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     return stale
 
 
@@ -95,23 +98,33 @@ def remove_partial_saves(output_dir: Path) -> list[Path]:
     return found
 
 
-def check_source(source: str, output_dir: Path, save_steps: int) -> None:
-    """Raise ValueError when a run that saves checkpoints (save_steps) starts from a model inside one of
-    output_dir's checkpoint-N folders: this run's save of step N replaces it, save_total_limit's rotation removes
-    it, and a resume could take that other run's state for this run's. Both paths are resolved (links, relative
-    paths); a run that saves none (remove_checkpoints keeps its source) may start there."""
-    if save_steps <= 0 or not Path(source).exists():
+def check_source(source: str, output_dir: Path) -> None:
+    """Raise ValueError when a run starts from a model that is (or lies in) one of output_dir's checkpoint-N
+    folders or its final folder, links resolved on both sides. Whether or not the run saves checkpoints:
+    - checkpoint-N: a save of step N replaces it, save_total_limit's rotation removes it, and kept (a run that
+      saves none), a later resume: true in output_dir took that other run's state for this run's;
+    - final: this run's end replaces it, so a rerun of the same config started from this run's model, and a kill
+      between deleting the old folder and renaming the new one in lost the model the config names."""
+    if not Path(source).exists():
         return
     start, root = Path(source).resolve(), output_dir.resolve()
-    if start == root or not start.is_relative_to(root):
-        return
-    folder = root / start.relative_to(root).parts[0]
-    if folder in _numbered(root):
+    for folder in [*_numbered(output_dir), output_dir / "final"]:
+        target = folder.resolve()
+        if start != target and not start.is_relative_to(target):
+            continue
+        where = "is" if start == target else "lies in"
+        if folder.name == "final":
+            why = "this run's final save replaces it (a rerun of this config would start from this run's model)"
+            instead = ""
+        else:
+            why = (
+                "this run's saves would replace it or save_total_limit's rotation remove it, and a later resume "
+                "would take that other run's state for this run's"
+            )
+            instead = ", or set resume: true to continue from output_dir's newest checkpoint"
         raise ValueError(
-            f"model_name_or_path {start} is {folder.name} of output_dir {root}, where this run saves checkpoints "
-            f"(save_steps {save_steps}): a save of that step would replace it and save_total_limit's rotation "
-            "remove it. Use another output_dir (or copy the checkpoint out of this one), or set resume: true to "
-            "continue from output_dir's newest checkpoint"
+            f"model_name_or_path {start} {where} {folder.name} of output_dir {root}: {why}. Copy it out of "
+            f"output_dir (or use another output_dir){instead}"
         )
 
 

@@ -129,7 +129,7 @@ class RewardTrainer:
         cfg = self.config
         self.resume_from = latest_checkpoint(self.out) if cfg.resume else None
         if self.resume_from is None:
-            check_source(cfg.model_name_or_path, self.out, cfg.save_steps)
+            check_source(cfg.model_name_or_path, self.out)
         source = str(self.resume_from) if self.resume_from else cfg.model_name_or_path
         loaded = load_for_training(cfg, source, self.device, self.world)
         self.model, self.wrapped, self.tokenizer = loaded.model, loaded.wrapped, loaded.tokenizer
@@ -267,7 +267,7 @@ class RewardTrainer:
             run = (self.model, self.optimizer, self.scheduler, self.strategy, self.rank)
             self.step = restore_state(self.resume_from, *run, mmap=mmap, order=self.data_order)
         elif self.is_main:
-            remove_checkpoints(self.out, cfg.model_name_or_path)  # this run's must be the newest a resume finds
+            remove_checkpoints(self.out)  # this run's must be the newest a resume finds
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             remove_partial_saves(self.out)

@@ -93,12 +93,19 @@ def test_a_run_saving_checkpoints_beside_its_starting_checkpoint_is_refused(
     assert (first_run / "checkpoint-3" / "model.safetensors").read_bytes() == weights
 
 
-def test_a_run_that_saves_no_checkpoints_still_starts_from_one_in_its_output_dir(first_run, tmp_path):
-    out = tmp_path / "o"
-    (out).mkdir()
-    os.symlink(first_run / "checkpoint-3", out / "checkpoint-3")
-    RewardTrainer(config(out / "checkpoint-3", out, max_steps=1, resume=False), make_pairs(40), []).train()
-    assert (out / "final" / "config.json").exists() and (first_run / "checkpoint-3" / TRAINER_STATE).exists()
+@pytest.mark.parametrize("linked", [False, True])
+def test_a_run_that_saves_no_checkpoints_is_refused_too(first_run, tmp_path, linked):
+    # Allowed before: it kept its source, and a later resume: true in that output_dir took the other run's
+    # checkpoint-3 (its optimizer, step 3) for this run's. Linked: output_dir's checkpoint-3 links to first_run's.
+    out = first_run
+    if linked:
+        out = tmp_path / "o"
+        out.mkdir()
+        os.symlink(first_run / "checkpoint-3", out / "checkpoint-3")
+    cfg = config(out / "checkpoint-3", out, max_steps=1, save_steps=0, resume=False)
+    with pytest.raises(ValueError, match=r"checkpoint-3 of output_dir .*Copy it out of output_dir"):
+        RewardTrainer(cfg, make_pairs(40), [])
+    assert (first_run / "checkpoint-3" / TRAINER_STATE).exists()
 
 
 @pytest.mark.parametrize("resume", [False, True])

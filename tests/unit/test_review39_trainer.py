@@ -93,9 +93,10 @@ def test_a_fresh_run_keeps_its_checkpoints_and_a_resume_finds_them(model_path, t
     fresh.train()
     assert checkpoints(out) == ["checkpoint-3"]
     assert latest_checkpoint(out) == out / "checkpoint-3"
-    # A fresh run that starts from one of them keeps it: it is the model it was told to start from.
+    # A fresh run may not start from one of them (a later resume would take it for that run's): refused, kept.
     onward = config(out / "checkpoint-3", out, max_steps=2, resume=False)
-    RewardTrainer(onward, make_pairs(48), []).train()
+    with pytest.raises(ValueError, match="checkpoint-3 of output_dir"):
+        RewardTrainer(onward, make_pairs(48), [])
     assert checkpoints(out) == ["checkpoint-3"] and (out / "checkpoint-3" / "config.json").exists()
 
 
