@@ -263,7 +263,8 @@ class PairStore:
         return moved
 
     def drop(self, rows: Iterable[int]) -> int:
-        """Delete rows (a sample taken at ingest); their row numbers are not reused. Returns rows deleted.
+        """Delete rows (a sample taken at ingest). Returns rows deleted. A new row is numbered max(row) + 1 (no
+        AUTOINCREMENT), so the numbers of dropped rows at the top are given again to rows added later.
 
         `rows` is read a chunk at a time: dropping most of a 40M-pair pool must not hold all its row numbers
         in a set (~60 B each); a row given twice is deleted once and counted once."""
@@ -301,7 +302,7 @@ class PairStore:
         return {pool: int(found.get(pool, 0)) for pool in POOLS}
 
     def max_row(self) -> int:
-        """The highest row ever stored (0 when empty): the size a by-row file needs, less one."""
+        """The highest row stored now (0 when empty): the size a by-row file needs, less one."""
         return int(self._db.execute("SELECT coalesce(max(row), 0) FROM pairs").fetchone()[0])
 
     def rows(self, pool: str | Sequence[str], after: int = -1, limit: int = 10_000) -> list[int]:
