@@ -25,8 +25,12 @@ from synpref.training.batching import EncodedPair
 from synpref.training.token_store import PairStore
 
 TRAINER_STATE = "trainer_state.pt"
-# write_checkpoint's temporary folders (path + ".tmp") of the trainer's saves: checkpoint-N and final.
-_TEMP = re.compile(r"(checkpoint-\d+|final)\.tmp")
+# write_checkpoint's folders next to a save (checkpoint-N or final): the new one being written, and the previous
+# one moved aside while the new one is renamed in.
+TMP_SUFFIX = ".tmp"
+OLD_SUFFIX = ".old"
+_NUMBERED = re.compile(r"checkpoint-[0-9]+")
+_ASIDE = re.compile(r"(checkpoint-[0-9]+|final)(\.tmp|\.old)")
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,16 @@ def _step_of(path: Path) -> int:
 
 
 def _numbered(root: Path) -> list[Path]:
-    return sorted((p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()), key=_step_of)
+    # Whole names only: checkpoint-N.tmp (unfinished) and checkpoint-N.old (being replaced) are no checkpoints.
+    return sorted((p for p in root.glob("checkpoint-*") if _NUMBERED.fullmatch(p.name)), key=_step_of)
+
+
+def _remove(folder: Path) -> None:
+    # rmtree refuses a link (ignore_errors hides it): the link would stay for a later resume to take.
+    if folder.is_symlink():
+        folder.unlink()
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -68,7 +81,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
     """Remove all but the newest `keep` checkpoint-N folders."""
     for old in _numbered(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
 
 
 def remove_checkpoints(output_dir: Path) -> list[Path]:
@@ -77,25 +90,52 @@ def remove_checkpoints(output_dir: Path) -> list[Path]:
 
     Left in place they outlive this run's own: save_total_limit keeps the highest step numbers, so an old
     run's checkpoint-900 pruned this run's checkpoint-100 at once, and a later resume took the old run's."""
-    stale = _numbered(output_dir) if output_dir.is_dir() else []
+    if not output_dir.is_dir():
+        return []
+    # Saves killed mid-replacement first: a checkpoint-N renamed in after this would outlive this run's own.
+    remove_partial_saves(output_dir)
+    stale = _numbered(output_dir)
     for old in stale:
         log.warning("removing %s: a checkpoint of an earlier run, and this run does not resume", old)
-        # rmtree refuses a link (ignore_errors hid it): the link stayed for a later resume to take.
-        if old.is_symlink():
-            old.unlink()
-        else:
-            shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return stale
 
 
-def remove_partial_saves(output_dir: Path) -> list[Path]:
-    """Remove the temporary folders of saves killed mid-write (checkpoint-N.tmp, final.tmp) from output_dir;
-    returns them. Left alone, each (a whole model, maybe with its optimizer state) stayed until that step's save."""
-    found = [p for p in output_dir.glob("*.tmp") if _TEMP.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
-    for tmp in found:
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _finish_replacement(path: Path) -> list[Path]:
+    """Bring a save `path` (checkpoint-N or final) killed in write_checkpoint to one whole folder; returns the
+    folders removed. path.old (the previous save moved aside) exists only once path.tmp is complete and fsynced,
+    so with no path, path.tmp is renamed in; a path.tmp with no path.old is unfinished and removed."""
+    tmp, old = path.with_name(path.name + TMP_SUFFIX), path.with_name(path.name + OLD_SUFFIX)
+    whole = tmp.is_dir() and not tmp.is_symlink()
+    aside = old.is_dir() or old.is_symlink()  # path moved aside: a folder, or a link to one
+    if aside and not _present(path):
+        # Killed between the two renames. Without its .tmp (removed by hand), the previous save is put back.
+        log.warning("renaming %s to %s: its save was stopped between the two renames", tmp if whole else old, path)
+        replace_durably(tmp if whole else old, path)
+        aside, whole = _present(old), False
+    removed = []
+    if aside:
+        log.warning("removing %s: the save it held was replaced", old)
+        _remove(old)
+        removed.append(old)
+    if whole:
         log.warning("removing %s: a save that did not finish (its run was stopped while writing it)", tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-    return found
+        removed.append(tmp)
+    return removed
+
+
+def remove_partial_saves(output_dir: Path) -> list[Path]:
+    """Finish or undo the saves (checkpoint-N, final) of output_dir killed in write_checkpoint; returns the
+    folders removed. An unfinished path.tmp is removed: left alone, each (a whole model, maybe with its optimizer
+    state) stayed until that step's save. A kill between moving the previous save aside and renaming the new one
+    in left no path: the new one (complete) is renamed in, else the next start removed it and the save was lost."""
+    bases = {m[1] for p in output_dir.iterdir() if (m := _ASIDE.fullmatch(p.name))} if output_dir.is_dir() else set()
+    return [gone for base in sorted(bases) for gone in _finish_replacement(output_dir / base)]
 
 
 def check_source(source: str, output_dir: Path) -> None:
@@ -243,14 +283,20 @@ def restore_state(
 def write_checkpoint(
     path: Path, model: Any, tokenizer: Any, weights: dict[str, Any], trainer_state: dict[str, Any] | None
 ) -> None:
-    """Write an HF folder (plus trainer_state.pt when given) to path.tmp, fsync it, then rename it to path,
-    so a kill or a power loss mid-write leaves the previous checkpoint whole and this one absent or whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write an HF folder (plus trainer_state.pt when given) to path.tmp and fsync it; then move the previous
+    path aside to path.old, rename path.tmp to path and remove path.old, each rename made durable. A kill or a
+    power loss at any point leaves the previous save or this one whole, and remove_partial_saves keeps it."""
+    tmp, old = path.with_name(path.name + TMP_SUFFIX), path.with_name(path.name + OLD_SUFFIX)
+    # An earlier replacement killed mid-way is finished first: path.old marks path.tmp complete, and this
+    # write would otherwise turn that path.tmp into a partial one.
+    _finish_replacement(path)
+    _remove(tmp)  # a link or file of that name: not written through
     model.save_pretrained(str(tmp), state_dict=weights)
     tokenizer.save_pretrained(str(tmp))
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER_STATE)
     fsync_tree(tmp)
-    shutil.rmtree(path, ignore_errors=True)
+    if _present(path):
+        replace_durably(path, old)
     replace_durably(tmp, path)
+    _remove(old)
