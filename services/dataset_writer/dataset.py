@@ -9,7 +9,10 @@ up to it. The manifest is the commit point:
   offsets in the manifest still point before its rows, so they are consumed again;
 - a crash after it loses nothing, and the consumer seeks to the stored offsets;
 - a pair id already in the version (re-delivery, or an upstream stage that produced twice
-  before crashing) is counted as a duplicate and not written again. The version's ids are kept
+  before crashing) is counted as a duplicate and not written again; so is the other orientation
+  of a written pair (dedup_keys: a flip changes the pair id and keeps the ingest id in
+  lineage.original_id), or an upstream re-run that decided KEEP once and FLIP once would put both
+  in the version. The version's ids are kept
   on disk (IdIndex, .dedup-ids.sqlite, updated after the manifest and caught up from the
   shards on open), not in memory: a 40M-pair version would need ~4 GB as a Python set.
 
@@ -55,6 +58,8 @@ MANIFEST = "manifest.json"
 SHARD_GLOB = "part-*.parquet"
 ID_INDEX = ".dedup-ids.sqlite"
 WRITER_LOCK = ".writer.lock"
+INDEX_FORMAT = 2
+"""What the id index holds: 2, each row's dedup_keys; 1 (no format noted), pair ids only, rebuilt on open."""
 ROW_GROUP_ROWS = 1000
 """Rows converted and written at a time (one Parquet row group each): a shard of 20,000 long pairs built whole
 held ~5x its text (Python rows, an Arrow table with the conversation three times, the encoded row group)..."""
@@ -75,6 +80,13 @@ def version_dir(root: str | Path, name: str, version: str) -> Path:
     return Path(root) / name / version
 
 
+def dedup_keys(record: PairRecord) -> tuple[str, ...]:
+    """The ids a pair is known by in a version: its pair id and, once flipped, its ingest id (lineage.original_id).
+    A pair sharing either with a written one is a duplicate: both orientations of one pair must not be rows."""
+    original = record.lineage.original_id
+    return (record.pair.id, original) if original and original != record.pair.id else (record.pair.id,)
+
+
 def _utc() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -85,7 +97,8 @@ class AppendResult:
 
     Attributes:
         written: new rows written (0 when the batch held none).
-        duplicates: records skipped because their pair id is already in the version or earlier in the batch.
+        duplicates: records skipped because their pair id or ingest id (dedup_keys) is already in the version or
+            earlier in the batch.
         shard: the file name of the shard written, or None when no rows were written.
     """
 
@@ -95,7 +108,7 @@ class AppendResult:
 
 
 class IdIndex(DiskIdSet):
-    """The pair ids of a version's first `shards` shards, on disk: membership without holding the ids.
+    """The dedup keys (dedup_keys) of a version's first `shards` shards, on disk: membership without holding them.
 
     The manifest is the commit point, and this index follows it: ids are added after the manifest
     lists their shard, in one transaction with the count of shards indexed. So a crash, or an update
@@ -109,10 +122,22 @@ class IdIndex(DiskIdSet):
         self.shard_ids = shard_ids
         try:
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            self._check_format()
             self.catch_up(shard_files)
         except BaseException:
             self.close()  # a listed shard missing or unreadable: no connection left open behind the error
             raise
+
+    def _check_format(self) -> None:
+        """Empty an index of another INDEX_FORMAT (an older build's, of pair ids only), so catch_up rebuilds it."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+        if row is not None and row[0] == INDEX_FORMAT:
+            return
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM ids")
+            self.db.execute("DELETE FROM meta")
+            self.db.execute("INSERT INTO meta VALUES ('format', ?)", (INDEX_FORMAT,))
 
     def catch_up(self, shard_files: Sequence[str]) -> None:
         """Index the listed shards after the ones indexed (all of them again if more are indexed than listed)."""
@@ -173,7 +198,10 @@ class DatasetVersion:
             raise
 
     def _shard_ids(self, file: str) -> list[str]:
-        return pq.read_table(self.dir / file, columns=["id"]).column("id").to_pylist()
+        """The dedup keys of one shard's rows: ids and the non-empty lineage.original_id."""
+        table = pq.read_table(self.dir / file, columns=["id", "lineage"])
+        originals = table.column("lineage").combine_chunks().field("original_id").to_pylist()
+        return table.column("id").to_pylist() + [o for o in originals if o]
 
     def close(self) -> None:
         """Close the id index and release the writer lock (the version stays readable; appending needs a new
@@ -258,13 +286,14 @@ class DatasetVersion:
             # An index update that failed after its manifest (below) left a shard out: without this its pairs were
             # written again, and the next shard's update counted it as indexed, so no open caught up on it either.
             self.index.catch_up([s["file"] for s in self.manifest["shards"]])
-        known = self.index.known([r.pair.id for r in records]) if self.index is not None else set()
-        new, duplicates, batch_ids = [], 0, set()
-        for record in records:
-            if record.pair.id in known or record.pair.id in batch_ids:
+        keys = [dedup_keys(r) for r in records]
+        known = self.index.known([k for ks in keys for k in ks]) if self.index is not None else set()
+        new, duplicates, batch_keys = [], 0, set[str]()
+        for record, record_keys in zip(records, keys, strict=True):
+            if any(k in known or k in batch_keys for k in record_keys):
                 duplicates += 1
                 continue
-            batch_ids.add(record.pair.id)
+            batch_keys.update(record_keys)
             new.append(record)
         stats: dict[str, Counter[str]] = {}
         shard_name = None
@@ -294,7 +323,7 @@ class DatasetVersion:
         self._commit(manifest)
         if self.index is not None and shard_name:
             try:
-                self.index.add_shard(batch_ids, len(manifest["shards"]))
+                self.index.add_shard(batch_keys, len(manifest["shards"]))
             except sqlite3.Error as exc:
                 # The manifest (the commit point) lists the shard: its rows are written, and a caller told otherwise
                 # sends them again. The next append, or open, catches the index up from the shard.
