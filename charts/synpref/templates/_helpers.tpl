@@ -166,6 +166,20 @@ flight on a rollout, node drain or HPA scale-down (its work redone, outputs alre
 {{- if $batch }}{{ add (ceil $batch | int) 50 }}{{ else }}30{{ end }}
 {{- end }}
 
+{{/* failureThreshold of a stage's startupProbe (every 5 s): 300 s for imports and Kafka. An in-process gold scorer
+(config.scoring.mode in_process, the Settings default) loads its gold and best RMs before it opens its gRPC port, on
+every start: the restart after its device broke (StageBroken, exit 1) included. Each load gets what the scorer service
+gives one, config.scorer.load_timeout_s (1200 s); 300 s in all killed a pod loading an 8B RM, and every restart again.
+(dict "ctx" $ "component" "gold-scorer") */}}
+{{- define "synpref.stageStartupFailures" -}}
+{{- $cfg := .ctx.Values.config }}
+{{- $loads := 0 }}
+{{- if and (eq .component "gold-scorer") (eq (dig "scoring" "mode" "in_process" $cfg) "in_process") }}
+{{- range $role := list "gold" "best" }}{{ if dig "scoring" $role "path" "" $cfg }}{{ $loads = add1 $loads }}{{ end }}{{ end }}
+{{- end }}
+{{- add 60 (ceil (divf (mulf $loads (dig "scorer" "load_timeout_s" 1200 $cfg)) 5) | int) }}
+{{- end }}
+
 {{/* The scorer's: first config.scorer.shutdown_delay_s (the chart's 5 s) not ready but still serving while the
 pod leaves the endpoints; then in-flight requests get config.scorer.drain_s (30 s) on gRPC and on the HTTP
 shims at once, then the models' batchers drain and close: 30 s beyond the drain for that (a grace of exactly
@@ -250,6 +264,15 @@ goes in it (kafka.sasl.existingSecret, desk.tokensSecret and secrets.apiKeys car
 {{- $writer := .Values.stages.writer }}
 {{- if and $writer.enabled (or $writer.autoscaling.enabled (gt (int $writer.replicaCount) 1)) }}
 {{- fail "stages.writer runs one pod per dataset version (its manifest has one author): set stages.writer.replicaCount=1 and stages.writer.autoscaling.enabled=false" }}
+{{- end }}
+{{- /* The schema checks each bound alone; the API server refuses an HPA whose minimum is above its maximum, so
+the install failed half applied. */}}
+{{- $scaled := dict "scorer" .Values.scorer }}
+{{- range $key, $stage := .Values.stages }}{{ $_ := set $scaled (printf "stages.%s" $key) $stage }}{{ end }}
+{{- range $path, $s := $scaled }}
+{{- if and $s.enabled $s.autoscaling.enabled (gt (int $s.autoscaling.minReplicas) (int $s.autoscaling.maxReplicas)) }}
+{{- fail (printf "%s.autoscaling.minReplicas (%d) is above %s.autoscaling.maxReplicas (%d): the API server refuses that HorizontalPodAutoscaler" $path (int $s.autoscaling.minReplicas) $path (int $s.autoscaling.maxReplicas)) }}
+{{- end }}
 {{- end }}
 {{- if and (gt (int .Values.training.nodes) 1) (lt (int .Values.training.gpusPerNode) 1) }}
 {{- fail "training.nodes > 1 runs torchrun across nodes and needs training.gpusPerNode >= 1" }}
