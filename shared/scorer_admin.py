@@ -53,7 +53,10 @@ def admin_post(base_url: str, route: str, body: dict[str, Any], token: str, time
         with urllib.request.urlopen(request, timeout=timeout_s) as resp:
             raw_answer = resp.read()
     except urllib.error.HTTPError as exc:
-        raw = exc.read()
+        try:
+            raw = exc.read()
+        except (OSError, http.client.HTTPException):  # cut off after its status (a pod stopping): the status stands
+            raw = b""
         try:
             message = str(json.loads(raw).get("error") or raw.decode(errors="replace"))
         except (ValueError, AttributeError):

@@ -68,7 +68,7 @@ def validate_messages(messages: Messages, what: str = "conversation") -> list[di
         if not isinstance(m, Mapping):
             raise InvalidInput(f"{what} message {i} is a {type(m).__name__}, not an object with role and content")
         role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or dict role: unhashable, a TypeError (500)
             raise InvalidInput(f"{what} message {i} has role {role!r}; expected one of {sorted(ROLES)}")
         if not isinstance(content, str):
             raise InvalidInput(f"{what} message {i} content must be a string, got {type(content).__name__}")

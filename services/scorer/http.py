@@ -88,6 +88,8 @@ async def _json_body(request: web.Request, limit: int) -> dict[str, Any]:
         body = await request.json(loads=json.loads)
     except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
         raise PayloadTooLarge(f"request body is larger than max_body_bytes={limit}") from None
+    except web.RequestPayloadError as exc:  # not in its Content-Encoding (gzip, deflate): the client's error, not a 500
+        raise InvalidInput(f"request body does not decode: {' '.join(str(exc).split())}"[:300]) from None
     except (ValueError, LookupError) as exc:  # not JSON (a number past int's digit limit too), or an unknown charset
         raise InvalidInput(f"request body is not valid JSON: {exc}"[:300]) from None
     except RecursionError:

@@ -25,11 +25,13 @@ import logging
 import os
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from synpref.services.scorer.backends import Backend, make_backend
 from synpref.services.scorer.batcher import Batcher, BatchResult
@@ -130,6 +132,23 @@ def overhead_tokens(settings: ScorerSettings, backend: Backend) -> int:
 def version_of(ref: ModelRef) -> str:
     """The ref's version label, else its checkpoint folder's name."""
     return ref.version or Path(ref.path.rstrip("/")).name
+
+
+def _load_backend(factory: BackendFactory, *args: Any) -> Backend:
+    """`factory(*args)`, run on a loader thread. A load that fails after building its model (a checkpoint without a
+    trained head fails once its weights are in) left that model in its traceback's frames, and the exception sits in
+    reference cycles (asyncio futures, the reload's frames) that only a full gc pass frees, possibly hours later, each
+    retry of a models_file entry adding a copy: the frames are cleared here, so the weights are freed at once."""
+    try:
+        return factory(*args)
+    except BaseException as exc:
+        seen: set[int] = set()
+        chained: BaseException | None = exc
+        while chained is not None and id(chained) not in seen:  # the causes' frames hold the model too
+            seen.add(id(chained))
+            traceback.clear_frames(chained.__traceback__)  # skips this frame, which is still running
+            chained = chained.__cause__ or chained.__context__
+        raise
 
 
 def _close_late(load: asyncio.Future[Backend]) -> None:
@@ -272,7 +291,7 @@ class ModelRegistry:
         loop = asyncio.get_running_loop()
         # Loading takes seconds to minutes: keep the event loop (and the old version) serving.
         load = loop.run_in_executor(
-            None, self.backend_factory, s.backend, ref.path, s.device, s.dtype, s.max_length, s.compile
+            None, _load_backend, self.backend_factory, s.backend, ref.path, s.device, s.dtype, s.max_length, s.compile
         )
         # Bounded (scorer.load_timeout_s): a hung load (a stalled network filesystem) held the swap lock, and every
         # later reload waited behind it for ever.
