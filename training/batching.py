@@ -199,6 +199,8 @@ def step_order(
     rows = _shuffled_range(n, rng)[: steps * global_batch].reshape(steps, global_batch)
     if lengths is None:
         return EpochOrder(rows)
+    if window < 1:  # a negative step left `grouped` as np.empty made it: garbage pair indices
+        raise ValueError(f"group_window must be >= 1, got {window}")
     widths = np.asarray(lengths)
     grouped = np.empty_like(rows)
     for start in range(0, steps, window):

@@ -9,6 +9,7 @@ Skywork-Reward-V2 recipes: `dev` (lr 4e-6, global batch 256, linear decay, 1 epo
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +57,10 @@ class RewardConfig:
         checkpoints, eval, logging: save_steps, save_total_limit, resume, eval_steps,
             eval_batch_size, logging_steps, progress.
 
-    Construction validates: Literal-typed fields hold one of their choices, batch sizes are
-    >= 1, max_tokens_per_micro_batch >= -1, eval_fraction and warmup_ratio are in [0, 1); a
-    single string for train_files or eval_files becomes a one-item list. Raises ValueError.
+    Construction validates: Literal-typed fields hold one of their choices, batch sizes, max_length
+    and group_window are >= 1, max_tokens_per_micro_batch >= -1, eval_fraction and warmup_ratio are
+    in [0, 1), num_epochs is finite and > 0 unless max_steps > 0; a single string for train_files or
+    eval_files becomes a one-item list. Raises ValueError.
     """
 
     # --- model
@@ -176,6 +178,17 @@ class RewardConfig:
             raise ValueError("global_batch_size and micro_batch_size must be >= 1")
         if not 0.0 <= self.eval_fraction < 1.0 or not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError("eval_fraction and warmup_ratio must be in [0, 1)")
+        if self.max_length < 1:
+            # "right" cut ids[:max_length]: a negative one silently dropped the end of every response.
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
+        if self.group_window < 1:
+            # A negative window left the epoch's order uninitialised (garbage pair indices), 0 failed at the first
+            # step, both only after the whole data set was encoded.
+            raise ValueError(f"group_window must be >= 1, got {self.group_window}")
+        if self.max_steps <= 0 and not (math.isfinite(self.num_epochs) and self.num_epochs > 0):
+            # 0 or a negative count trained one step and saved it as the final model; NaN or inf failed only after
+            # the data was encoded.
+            raise ValueError(f"num_epochs must be a finite number > 0 (or set max_steps > 0), got {self.num_epochs}")
         if isinstance(self.train_files, str):
             self.train_files = [self.train_files]
         if isinstance(self.eval_files, str):
