@@ -58,6 +58,14 @@ def reload_scorer(
                     ) from None
                 log.warning("scorer reload of %s not done yet (%s); asking again", name, exc.message)
                 time.sleep(pause)
+        # The scorer answers with the name and version it now serves. Any other 200 (`{}`, another service's JSON on a
+        # misrouted scorer_reload_url) loaded nothing: taken as success, the run went on scoring with the old model.
+        if (answer.get("model"), answer.get("version")) != (name, ref["version"] or answer.get("version")):
+            raise ScorerAdminError(
+                0,
+                f"{base_url} answered the reload of {name} (version {ref['version']}) with {json.dumps(answer)[:200]}:"
+                " not a scorer serving it; check controller.scorer_reload_url names the scorer's admin port",
+            )
         # As the scorer answered it (JSON): the cluster test and operators grep `"version": "final-`.
         log.info("scorer reloaded %s: %s", name, json.dumps(answer))
 
