@@ -21,7 +21,7 @@ import logging
 import sys
 import zlib
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=whole_number(0),
         default=0,
         help="score only the first N pairs of each input (unreadable_rows, identical_pairs count those read on the "
-        "way); RM-Bench: N items",
+        "way; identical_after_tokenizing pairs are among the N); RM-Bench: N items",
     )
     parser.add_argument("--out", help="also write the JSON result here")
     parser.add_argument("--no-progress", action="store_true")
@@ -131,7 +131,13 @@ def main(argv: list[str]) -> int:
     from synpref.shared.files import write_text_atomic
     from synpref.shared.modeling import load_reward_model, score_pairs
     from synpref.training.data import load_rmbench
-    from synpref.training.evaluation import check_rmbench_items, reward_metrics, rmbench_eval, stream_rewards
+    from synpref.training.evaluation import (
+        check_rmbench_items,
+        reward_metrics,
+        rmbench_eval,
+        score_compared_pairs,
+        stream_rewards,
+    )
 
     # Checked before any scoring: a mistyped last input would otherwise end the run with a traceback, and no result,
     # after hours spent on the inputs before it. RM-Bench is a few thousand items, read first for the same reason.
@@ -184,8 +190,11 @@ def main(argv: list[str]) -> int:
         reader = PairReader(path, fmt, args.limit)
         unfit: Counter[str] = Counter()
 
-        def score(chunk: list[Mapping[str, Any]], counts: Counter[str] = unfit) -> list[tuple[float, float]]:
+        def score(chunk: list[Mapping[str, Any]], counts: Counter[str] = unfit) -> Sequence[tuple[float, float] | None]:
             length, batch, truncation = args.max_length, args.batch_size, args.truncation
+            if callable(tokenizer):  # a Hugging Face tokenizer: the pairs as the trainer's evaluation compares them
+                return score_compared_pairs(model, tokenizer, chunk, length, batch, truncation, counts)
+            # No tokenizer to compare the sides with (a stand-in scorer): each pair scored as given.
             return score_pairs(model, tokenizer, chunk, length, batch, truncation, False, counts)
 
         metrics = reward_metrics(*stream_rewards(score, reader, progress))
@@ -199,6 +208,10 @@ def main(argv: list[str]) -> int:
         metrics["unfit_pairs"], metrics["unfit_sequences"] = unfit["unfit_pairs"], unfit["unfit_sequences"]
         if reader.identical:  # only then, as the trainer's report: the metrics of the usual data stay as they were
             metrics["identical_pairs"] = reader.identical
+        if unfit["identical_after_tokenizing"]:
+            # Chosen and rejected that differ as text but not as tokens (whitespace a chat template trims): a tie
+            # counted wrong, where the trainer's evaluation leaves them out as it does identical_pairs.
+            metrics["identical_after_tokenizing"] = unfit["identical_after_tokenizing"]
         result[key] = metrics
         pending.remove(key)
         log.info("%s: %s", key, json.dumps(metrics))  # on stderr as it comes, for a run without --out

@@ -6,13 +6,21 @@ import itertools
 import math
 import statistics
 from array import array
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from synpref.shared.modeling import Truncation, encode_conversation, score_sequences
+from synpref.shared.modeling import (
+    Encoded,
+    Truncation,
+    compared_sides,
+    encode_conversation,
+    encode_pair,
+    ensure_pad_token,
+    score_sequences,
+)
 
 EVAL_CHUNK_PAIRS = 16384
 """Pairs encoded and scored at a time by stream_rewards: the pair dicts and token lists an input holds at once."""
@@ -66,13 +74,44 @@ def reward_metrics(
     return out
 
 
+def score_compared_pairs(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[Mapping[str, Any]],
+    max_length: int,
+    batch_size: int,
+    truncation: Truncation,
+    counts: Counter[str],
+) -> list[tuple[float, float] | None]:
+    """(r_chosen, r_rejected) of each pair as score_pairs scores it, or None for a pair the trainer's evaluation
+    leaves out: chosen and rejected the same tokens (modeling.compared_sides), such as answers that differ only in
+    whitespace the chat template trims. score_pairs scores those as a tie, which accuracy counts wrong. `counts`
+    gains unfit_pairs, unfit_sequences (as score_pairs counts them) and identical_after_tokenizing."""
+    seqs: list[list[int]] = []
+    kept: list[bool] = []
+    for pair in pairs:
+        sides = encode_pair(tokenizer, pair, max_length, truncation)
+        compared = compared_sides(tokenizer, pair, sides, max_length, keep_unfit=True)
+        kept.append(compared is not None)
+        if compared is None:
+            counts["identical_after_tokenizing"] += 1
+            continue
+        counts["unfit_pairs"] += not all(side.fits for side in compared)
+        for side in compared:
+            counts["unfit_sequences"] += not side.fits
+            seqs.append(side.input_ids)
+    rewards = iter(score_sequences(model, seqs, ensure_pad_token(None, tokenizer), batch_size))
+    return [(next(rewards), next(rewards)) if k else None for k in kept]
+
+
 def stream_rewards(
-    score: Callable[[list[Mapping[str, Any]]], Sequence[tuple[float, float]]],
+    score: Callable[[list[Mapping[str, Any]]], Sequence[tuple[float, float] | None]],
     pairs: Iterable[Mapping[str, Any]],
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Any]]:
     """`score`'s (r_chosen, r_rejected) of `pairs` as reward_metrics takes them (chosen, rejected, source codes,
-    names), read and scored EVAL_CHUNK_PAIRS at a time: what stays is 20 bytes a pair, where holding a
+    names), less the pairs it gives None (left out, as score_compared_pairs does), read and scored
+    EVAL_CHUNK_PAIRS at a time: what stays is 20 bytes a pair, where holding a
     multi-million-pair file's dicts and token lists took several KB a pair. Length batches form within a chunk,
     so a reward differs from whole-input batching by the float rounding of its padding only."""
     chosen, rejected, coded = array("d"), array("d"), array("i")
@@ -87,9 +126,11 @@ def stream_rewards(
         rewards = score(chunk)
         if len(rewards) != len(chunk):
             raise ValueError(f"{len(rewards)} rewards for {len(chunk)} pairs")
-        coded.extend(codes.setdefault(p.get("source", "unknown"), len(codes)) for p in chunk)
-        chosen.extend(c for c, _ in rewards)
-        rejected.extend(r for _, r in rewards)
+        for pair, reward in zip(chunk, rewards, strict=True):
+            if reward is not None:
+                coded.append(codes.setdefault(pair.get("source", "unknown"), len(codes)))
+                chosen.append(reward[0])
+                rejected.append(reward[1])
         if bar is not None:
             bar.update(len(chunk))
         del chunk, rewards  # before the next chunk is read, not after
@@ -112,28 +153,36 @@ def _mean(x: np.ndarray) -> float:
         return float(np.mean(x))
 
 
-def rmbench_matrix(chosen: Sequence[float], rejected: Sequence[float]) -> list[list[float]]:
-    """3x3 grid for one item: cell (i, j) = 1 when chosen[i] beats rejected[j]."""
-    return [[1.0 if c > r else 0.0 for r in rejected] for c in chosen]
+Cell = tuple[int, int] | None
+"""An RM-Bench comparison: the indices of its chosen and rejected sequences, None where the two are the same
+tokens (modeling.compared_sides), a tie whatever the model, left out of the accuracies."""
 
 
-def rmbench_slices(matrices: Sequence[list[list[float]]]) -> dict[str, float]:
+def rmbench_matrix(rewards: Sequence[float], cells: Sequence[Sequence[Cell]]) -> list[list[float | None]]:
+    """3x3 grid for one item: cell (i, j) = 1 when chosen i's reward beats rejected j's, None where left out."""
+    return [[None if c is None else 1.0 if rewards[c[0]] > rewards[c[1]] else 0.0 for c in row] for row in cells]
+
+
+def rmbench_slices(matrices: Sequence[Sequence[Sequence[float | None]]]) -> dict[str, float]:
     """RM-Bench's hard (i < j), normal (i = j) and easy (i > j) accuracies over items.
 
     Index 0/1/2 = concise / detailed plain / detailed markdown. Hard cells pit a less
-    styled correct answer against a more styled wrong one.
+    styled correct answer against a more styled wrong one. A cell's mean is over the items
+    that compare it (None: left out); a slice with none of them is NaN.
     """
     k = len(matrices[0])
-    mean = [[sum(m[i][j] for m in matrices) / len(matrices) for j in range(k)] for i in range(k)]
-    hard = [mean[i][j] for i in range(k) for j in range(k) if i < j]
-    normal = [mean[i][i] for i in range(k)]
-    easy = [mean[i][j] for i in range(k) for j in range(k) if i > j]
-    return {
-        "hard": sum(hard) / len(hard),
-        "normal": sum(normal) / len(normal),
-        "easy": sum(easy) / len(easy),
-        "items": float(len(matrices)),
+
+    def share(values: Sequence[float | None]) -> float | None:
+        seen = [v for v in values if v is not None]
+        return sum(seen) / len(seen) if seen else None
+
+    mean = [[share([m[i][j] for m in matrices]) for j in range(k)] for i in range(k)]
+    slices = {
+        "hard": share([mean[i][j] for i in range(k) for j in range(k) if i < j]),
+        "normal": share([mean[i][i] for i in range(k)]),
+        "easy": share([mean[i][j] for i in range(k) for j in range(k) if i > j]),
     }
+    return {**{name: math.nan if v is None else v for name, v in slices.items()}, "items": float(len(matrices))}
 
 
 RMBENCH_STYLES = 3
@@ -154,6 +203,38 @@ def check_rmbench_items(items: Iterable[Mapping[str, Any]]) -> None:
             )
 
 
+def _rmbench_cells(
+    tokenizer: Any, item: Mapping[str, Any], max_length: int, truncation: Truncation, seqs: list[list[int]]
+) -> tuple[list[list[Cell]], int]:
+    """An item's 3x3 comparisons as cells into `seqs` (its sequences appended there), and how many of its
+    responses do not fit. Each is the pair the trainer would compare (compared_sides): sides that `right` cut
+    to the same tokens (a prompt over max_length) do not fit and are compared on their left-token-truncated
+    ends; sides that are the same tokens uncut are left out (None)."""
+    prompt = {"role": "user", "content": item["prompt"]}
+    answers = [{"role": "assistant", "content": str(r)} for r in [*item["chosen"], *item["rejected"]]]
+    encoded = [encode_conversation(tokenizer, [prompt, a], max_length, truncation=truncation) for a in answers]
+    unfit = {k for k, enc in enumerate(encoded) if not enc.fits}
+    index: dict[tuple[int, bool], int] = {}
+
+    def sequence(k: int, side: Encoded) -> int:
+        # A response is scored as encoded, or (not fitting) on its ends: one sequence each, whatever the cells.
+        if not side.fits:
+            unfit.add(k)
+        if (k, side.fits) not in index:
+            index[(k, side.fits)] = len(seqs)
+            seqs.append(side.input_ids)
+        return index[(k, side.fits)]
+
+    grid: list[list[Cell]] = []
+    for i in range(RMBENCH_STYLES):
+        grid.append([])
+        for j in range(RMBENCH_STYLES, 2 * RMBENCH_STYLES):
+            pair = {"conversation": [prompt], "chosen": [answers[i]], "rejected": [answers[j]]}
+            sides = compared_sides(tokenizer, pair, (encoded[i], encoded[j]), max_length, keep_unfit=True)
+            grid[i].append(None if sides is None else (sequence(i, sides[0]), sequence(j, sides[1])))
+    return grid, len(unfit)
+
+
 def rmbench_eval(
     model: Any,
     tokenizer: Any,
@@ -166,21 +247,25 @@ def rmbench_eval(
     """Score every item's 3 chosen and 3 rejected responses; slices overall and per domain.
 
     `<slice>_domain_average` is the mean of the domain accuracies, as RM-Bench's own table reports it.
+    Each comparison is the pair the trainer would compare (modeling.compared_sides): `unfit_sequences` counts
+    the responses scored on their left-token-truncated ends (over max_length, or cut by `right` to the same
+    tokens as the other side), `identical_comparisons` (present when there are some) the comparisons left out
+    for sides that are the same tokens uncut. Before, `right` made every comparison of an item whose prompt is
+    over max_length a tie, counted wrong and not unfit.
     """
     check_rmbench_items(items)
     seqs: list[list[int]] = []
-    unfit = 0
+    grids: list[list[list[Cell]]] = []
+    unfit = identical = 0
     for item in items:
-        for response in [*item["chosen"], *item["rejected"]]:
-            msgs = [{"role": "user", "content": item["prompt"]}, {"role": "assistant", "content": str(response)}]
-            enc = encode_conversation(tokenizer, msgs, max_length, truncation=truncation)
-            unfit += not enc.fits
-            seqs.append(enc.input_ids)
+        grid, item_unfit = _rmbench_cells(tokenizer, item, max_length, truncation, seqs)
+        grids.append(grid)
+        unfit += item_unfit
+        identical += sum(cell is None for row in grid for cell in row)
     rewards = score_sequences(model, seqs, int(tokenizer.pad_token_id), batch_size, progress=progress)
-    matrices: dict[str, list[list[list[float]]]] = defaultdict(list)
-    for n, item in enumerate(items):
-        r = rewards[6 * n : 6 * n + 6]
-        matrices[item["domain"]].append(rmbench_matrix(r[:3], r[3:]))
+    matrices: dict[str, list[list[list[float | None]]]] = defaultdict(list)
+    for item, grid in zip(items, grids, strict=True):
+        matrices[item["domain"]].append(rmbench_matrix(rewards, grid))
     per_domain = {d: rmbench_slices(m) for d, m in sorted(matrices.items())}
     overall = rmbench_slices([m for ms in matrices.values() for m in ms])
     out: dict[str, Any] = {**{k: v for k, v in overall.items() if k != "items"}, "items": len(items)}
@@ -188,4 +273,6 @@ def rmbench_eval(
     for key in ("hard", "normal", "easy"):
         out[f"{key}_domain_average"] = sum(d[key] for d in per_domain.values()) / len(per_domain)
     out["unfit_sequences"] = unfit
+    if identical:  # only then, as the pairs' identical_after_tokenizing: the usual figures stay as they were
+        out["identical_comparisons"] = identical
     return out
