@@ -53,7 +53,7 @@ class K8sModels(FullModels):
     Each attempt gets its own Job name (<model>-<run id>-a<n>), so a rerun never meets HTTP 409
     from a finished Job still inside its TTL. Jobs carry the run id and model in labels: a
     restarted controller adopts this run's Job for the model (waits for a running one, takes a
-    complete one) instead of training again; after a failed attempt it starts the next one,
+    complete one, never one being deleted) instead of training again; after a failed attempt it starts the next one,
     which resumes from the checkpoints the failed one left in the same output folder, up to
     MAX_FAILED_ATTEMPTS failed ones.
     """
@@ -104,6 +104,19 @@ class K8sModels(FullModels):
         still running would write its `final` where this run's model is read from."""
         return claim_folder(out_dir, name, self.run_id, adopting)
 
+    def adopted(self, namespace: str, job: str, name: str) -> str | None:
+        """How adopted Job `job` ended (wait), None when it is gone: a finished Job deleted after it was listed (its
+        TTL) is trained again; the 404 crashed the controller, whose restart then trained it again."""
+        from synpref.training.k8s_api import JobError
+
+        try:
+            return str(self.backend.wait(namespace, job, self.timeout_s))
+        except JobError as exc:
+            if exc.status != 404:
+                raise
+        log.warning("Job %s/%s was deleted before its outcome was read: training %s again", namespace, job, name)
+        return None
+
     def config_map(
         self, spec: Any, train_file: Path, valid_file: Path, out_dir: Path, role: str = ""
     ) -> dict[str, Any]:
@@ -138,19 +151,24 @@ class K8sModels(FullModels):
                 f" (kubectl logs job/<name>), fix the cause, and delete them to try again"
             )
         folder = self.output_dir(out_dir, name, adopting=adopt is not None)
-        if adopt is None:
+        status = None if adopt is None else self.adopted(namespace, adopt, name)
+        # This run's own files: a Job of an earlier run in a kept workdir, still running, never reads this run's pairs.
+        files = [out_dir / f"{name}-{self.run_id}.{part}.jsonl" for part in ("train", "valid")]
+        if status is None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            train_file = write_jsonl(train, out_dir / f"{name}.train.jsonl")
-            valid_file = write_jsonl(valid, out_dir / f"{name}.valid.jsonl")
+            train_file, valid_file = write_jsonl(train, files[0]), write_jsonl(valid, files[1])
             spec = self.job_spec(name, attempt=next_attempt(job for job, _ in jobs))
             self.backend.apply_config_map(self.config_map(spec, train_file, valid_file, folder, role_of(name)))
             self.backend.submit(spec)
             adopt = spec.name
-        status = self.backend.wait(namespace, adopt, self.timeout_s)
+            status = self.backend.wait(namespace, adopt, self.timeout_s)
         if status != "Complete":
             # Why, read from the cluster: "ended Failed" alone sent people to kubectl for an OOM or a bad image.
             why = getattr(self.backend, "why_failed", lambda namespace, name: "")(namespace, adopt)
             raise RuntimeError(f"training job {namespace}/{adopt} ended {status}{f': {why}' if why else ''}")
+        # Only a Job reads them and a new attempt writes them again: kept, a copy per model and run filled the workdir.
+        for path in files:
+            path.unlink(missing_ok=True)
         handle = ModelHandle(name, str(folder / "final"), f"{name}-{adopt}")
         if valid:
             handle.metrics["valid_accuracy"] = accuracy(self.score(handle, valid))
@@ -228,7 +246,7 @@ class ClusterJobs:
         self.pending[(meta["namespace"], meta["name"])] = manifest
 
     def find(self, namespace: str, labels: dict[str, str]) -> list[tuple[str, str]]:
-        """(name, "Active" | "Complete" | "Failed") of the Jobs carrying all `labels`, oldest first."""
+        """(name, "Active" | "Complete" | "Failed" | "Deleting") of the Jobs carrying all `labels`, oldest first."""
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
         found = self._asking_again(
             f"listing the Jobs {selector} in {namespace}",
@@ -239,7 +257,8 @@ class ClusterJobs:
         for job in found:
             done = [c.type for c in (job.status and job.status.conditions) or [] if c.status == "True"]
             status = next((t for t in done if t in ("Complete", "Failed")), "Active")
-            out.append((job.metadata.name, status))
+            # Listed until its pods are gone: a Job the TTL controller (or a person) deletes is not to be adopted.
+            out.append((job.metadata.name, "Deleting" if job.metadata.deletion_timestamp else status))
         return out
 
     def submit(self, spec: Any) -> Any:

@@ -145,6 +145,38 @@ class KafkaExecutor:
             log.warning("waiting for topics %s to be created", missing)
             time.sleep(5)
 
+    def _end_offsets(self, consumer, parts) -> dict[str, int]:
+        """Each of `parts`' positions ("topic:partition" -> offset) once seek_to_end has marked them, asking again up
+        to timeout_s while a look-up gets no answer in time (a partition without a leader); then TimeoutError.
+        Without a timeout_ms, kafka-python (3.0.12) retried the look-up for ever: the controller hung and said nothing.
+        """
+        from kafka.errors import KafkaTimeoutError
+
+        deadline = time.monotonic() + self.timeout_s
+        wait_ms = self.settings.kafka.request_timeout_ms
+        missing = {f"{tp.topic}:{tp.partition}": tp for tp in parts}
+        found: dict[str, int] = {}
+        while True:
+            for key, tp in list(missing.items()):
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                try:
+                    # 3.0.12 returns None when the time runs out in its offset look-up, raises in its coordinator's.
+                    at = consumer.position(tp, timeout_ms=max(1, min(wait_ms, left_ms)))
+                except KafkaTimeoutError:
+                    at = None
+                if at is not None:
+                    found[key] = at
+                    del missing[key]
+            if not missing:
+                return found
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"the end offsets of {sorted(missing)} are not known after {self.timeout_s:g}s:"
+                    " do their partitions have a leader, is the broker up?"
+                )
+            log.warning("waiting for the end offsets of %s: the broker did not answer in time", sorted(missing))
+            time.sleep(5)
+
     def run(self, name: str, records: list[PairRecord], journal: StepVerdicts | None = None) -> StageResult:
         """Publish `records` to the step's input topic and collect each one's result from its output or
         dead-letter topic; TimeoutError when some are not back and none came for timeout_s. `journal`: see
@@ -175,7 +207,7 @@ class KafkaExecutor:
             else:
                 consumer.seek_to_end(*parts)
                 # Resolve the end offsets now, before publishing.
-                started = {f"{tp.topic}:{tp.partition}": consumer.position(tp) for tp in parts}
+                started = self._end_offsets(consumer, parts)
                 if journal is not None:
                     journal.set_note("offsets", json.dumps(started, sort_keys=True))
             published = set(json.loads(journal.note("published") or "[]")) if journal is not None else set()

@@ -38,6 +38,10 @@ class FakeJobs:
 
     def wait(self, namespace, name, timeout_s):
         self.calls.append(("wait", (namespace, name)))
+        maps = [m for kind, m in self.calls if kind == "config_map"]
+        if maps:  # the pairs the Job reads while it runs: the controller removes them once it is Complete
+            config = yaml.safe_load(next(iter(maps[-1]["data"].values())))
+            self.read = [json.loads(line) for line in Path(config["train_files"][0]).read_text().splitlines()]
         return self.status
 
 
@@ -82,8 +86,8 @@ def test_k8s_training_writes_data_config_and_job(tmp_path):
     config = RewardConfig.from_dict(yaml.safe_load(manifest["data"][spec.config_key]))
     assert config.model_name_or_path == "/models/qwen3-0.6b" and config.learning_rate == 4e-6
     assert config.output_dir == str(tmp_path / "models" / "working-1")
-    train = [json.loads(line) for line in Path(config.train_files[0]).read_text().splitlines()]
-    assert [p["conversation"] for p in train] == [p["conversation"] for p in PAIRS]
+    assert [p["conversation"] for p in jobs.read] == [p["conversation"] for p in PAIRS]
+    assert Path(config.train_files[0]).name == f"working-1-{run}.train.jsonl"
     assert handle.path == str(tmp_path / "models" / "working-1" / "final")
     job = to_manifest(build_training_job(spec))
     assert job["kind"] == "Job" and job["metadata"]["name"] == spec.name

@@ -45,7 +45,7 @@ class IdleConsumer:
 
     def seek_to_end(self, *parts: Any) -> None: ...
 
-    def position(self, tp: Any) -> int:
+    def position(self, tp: Any, timeout_ms: int | None = None) -> int:
         return 0
 
     def poll(self, timeout_ms: int) -> dict:
@@ -138,7 +138,7 @@ class BrokerConsumer:
     def seek(self, tp: Any, offset: int) -> None:
         self.pos[tp] = offset
 
-    def position(self, tp: Any) -> int:
+    def position(self, tp: Any, timeout_ms: int | None = None) -> int:
         return self.pos[tp]
 
     def poll(self, timeout_ms: int) -> dict:

@@ -169,7 +169,7 @@ class SlowPipeline:
                 for tp in parts:
                     self.pos[tp] = len(pipeline.topics[tp.topic])
 
-            def position(self, tp):
+            def position(self, tp, timeout_ms=None):
                 return self.pos[tp]
 
             def poll(self, timeout_ms):

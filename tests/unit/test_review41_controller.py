@@ -173,9 +173,8 @@ class FlakyBatchApi:
 
 def k8s_job(name: str, condition: str | None) -> SimpleNamespace:
     conditions = [SimpleNamespace(type=condition, status="True")] if condition else []
-    return SimpleNamespace(
-        metadata=SimpleNamespace(name=name, creation_timestamp=None), status=SimpleNamespace(conditions=conditions)
-    )
+    metadata = SimpleNamespace(name=name, creation_timestamp=None, deletion_timestamp=None)
+    return SimpleNamespace(metadata=metadata, status=SimpleNamespace(conditions=conditions))
 
 
 def test_finding_jobs_outlasts_transient_api_errors(monkeypatch) -> None:

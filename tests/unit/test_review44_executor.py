@@ -91,7 +91,7 @@ class Pipeline:
                 for tp in parts:
                     self.pos[tp] = len(pipeline.topics.get(tp.topic, []))
 
-            def position(self, tp: Any) -> int:
+            def position(self, tp: Any, timeout_ms: int | None = None) -> int:
                 return self.pos[tp]
 
             def poll(self, timeout_ms: int) -> dict:
