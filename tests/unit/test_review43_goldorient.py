@@ -107,7 +107,7 @@ class Consumer:
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.pos[tp] = offset
 
-    def position(self, tp: TopicPartition) -> int:
+    def position(self, tp: TopicPartition, timeout_ms: int | None = None) -> int:
         return self.pos[tp]
 
     def poll(self, timeout_ms: int) -> dict[TopicPartition, list[Any]]:
