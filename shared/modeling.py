@@ -1,8 +1,8 @@
 """Reward-model loading, chat-template encoding and scoring: the one implementation.
 
 The trainer, the evaluator, the scorer service and the curation loop all encode through
-`encode_conversation` / `encode_text` and score through `reward_of`, so a checkpoint gives
-the same reward wherever it runs. A reward is `logits[0][0]` of an
+`encode_conversation` / `encode_text` and score through `batched_rewards.reward_of`, so a
+checkpoint gives the same reward wherever it runs. A reward is `logits[0][0]` of an
 AutoModelForSequenceClassification(num_labels=1), as Skywork-Reward-V2 reads it.
 """
 
@@ -14,9 +14,11 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
+
+from synpref.shared.batched_rewards import score_sequences
 
 log = logging.getLogger(__name__)
 
@@ -341,72 +343,31 @@ def compared_sides(
 # ---------------------------------------------------------------- scoring
 
 
-def pad_batch(
-    batch_input_ids: Sequence[Sequence[int]], pad_id: int, device: Any = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest row; returns (input_ids, attention_mask)."""
-    width = max(len(ids) for ids in batch_input_ids)
-    ids = torch.full((len(batch_input_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch_input_ids), width), dtype=torch.long)
-    for row, seq in enumerate(batch_input_ids):
-        ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def model_device(model: Any) -> torch.device:
-    """The device of the model's first parameter."""
-    return next(model.parameters()).device
-
-
-def reward_of(model: Any, batch_input_ids: Sequence[Sequence[int]], pad_id: int) -> list[float]:
-    """Rewards (logits[:, 0]) of a batch of id lists, padded on the right, without gradients."""
-    if not batch_input_ids:
-        return []
-    ids, mask = pad_batch(batch_input_ids, pad_id, model_device(model))
-    with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    return [float(x) for x in logits[:, 0].float().cpu()]
-
-
-def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
-    """Indices grouped by length (longest first) into batches of at most batch_size rows and
-    at most max_tokens padded tokens, so little compute goes to padding."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        width = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) >= batch_size or (max_tokens and width * (len(current) + 1) > max_tokens)):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def score_sequences(
+@overload
+def score_pairs(
     model: Any,
-    sequences: Sequence[Sequence[int]],
-    pad_id: int,
-    batch_size: int = 32,
-    max_tokens: int | None = None,
-    progress: bool = False,
-) -> list[float]:
-    """Rewards of many id lists, batched by length; results in input order."""
-    out = [0.0] * len(sequences)
-    batches = length_batches([len(s) for s in sequences], batch_size, max_tokens)
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc="scoring", unit="batch")
-    for batch in batches:
-        for i, r in zip(batch, reward_of(model, [sequences[i] for i in batch], pad_id), strict=True):
-            out[i] = r
-    return out
-
-
+    tokenizer: Any,
+    pairs: Iterable[Mapping[str, Any]],
+    max_length: int = ...,
+    batch_size: int = ...,
+    truncation: Truncation = ...,
+    progress: bool = ...,
+    counts: Counter[str] | None = ...,
+    leave_out_identical: Literal[False] = ...,
+) -> list[tuple[float, float]]: ...
+@overload
+def score_pairs(
+    model: Any,
+    tokenizer: Any,
+    pairs: Iterable[Mapping[str, Any]],
+    max_length: int = ...,
+    batch_size: int = ...,
+    truncation: Truncation = ...,
+    progress: bool = ...,
+    counts: Counter[str] | None = ...,
+    *,
+    leave_out_identical: Literal[True],
+) -> list[tuple[float, float] | None]: ...
 def score_pairs(
     model: Any,
     tokenizer: Any,
@@ -416,33 +377,40 @@ def score_pairs(
     truncation: Truncation = "left_turns",
     progress: bool = False,
     counts: Counter[str] | None = None,
-) -> list[tuple[float, float]]:
+    leave_out_identical: bool = False,
+) -> list[tuple[float, float]] | list[tuple[float, float] | None]:
     """(r_chosen, r_rejected) for each pair dict {"conversation", "chosen", "rejected"}.
 
-    A side that does not fit under the policy is scored on its left-token-truncated
-    fallback (the response end is kept) and counted in a warning, and in `counts`
-    ("unfit_pairs", "unfit_sequences") where given. Sides that only `right` made the
-    same tokens (both responses cut off a conversation over max_length) do not fit.
+    A side that does not fit under the policy is scored on its left-token-truncated fallback (the response end
+    is kept) and counted: in `counts` ("unfit_pairs", "unfit_sequences") where given (the caller reports them
+    once for a run scored in chunks), else in a warning. Sides that only `right` made the same tokens (both
+    responses cut off a conversation over max_length) do not fit. A pair whose sides are the same tokens (whitespace a chat template trims) is a tie as given; with
+    `leave_out_identical` (the trainer's evaluation: a tie that accuracy would count wrong) it is None, and
+    counted as "identical_after_tokenizing".
     """
     pad_id = ensure_pad_token(None, tokenizer) if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
     seqs: list[list[int]] = []
-    unfit = unfit_pairs = 0
+    kept: list[bool] = []
+    tally: Counter[str] = Counter(unfit_pairs=0, unfit_sequences=0)
     for pair in pairs:
         sides = encode_pair(tokenizer, pair, max_length, truncation)
-        # Same pair as the trainer's evaluation sees it; one whose sides are the same is scored as given (a tie).
-        chosen, rejected = compared_sides(tokenizer, pair, sides, max_length, keep_unfit=True) or sides
-        unfit_pairs += not (chosen.fits and rejected.fits)
-        for enc in (chosen, rejected):
-            unfit += not enc.fits
-            seqs.append(enc.input_ids)
+        compared = compared_sides(tokenizer, pair, sides, max_length, keep_unfit=True)
+        kept.append(compared is not None or not leave_out_identical)
+        if not kept[-1]:
+            tally["identical_after_tokenizing"] += 1
+            continue
+        tally["unfit_pairs"] += not all(side.fits for side in compared or sides)
+        for side in compared or sides:
+            tally["unfit_sequences"] += not side.fits
+            seqs.append(side.input_ids)
     if counts is not None:
-        counts.update(unfit_pairs=unfit_pairs, unfit_sequences=unfit)
-    if unfit:
+        counts.update(tally)
+    elif tally["unfit_sequences"]:
         log.warning(
             "%d sequences exceed max_length=%d under %s; scored their left-truncated ends",
-            unfit,
+            tally["unfit_sequences"],
             max_length,
             truncation,
         )
-    rewards = score_sequences(model, seqs, pad_id, batch_size, progress=progress)
-    return [(rewards[i], rewards[i + 1]) for i in range(0, len(rewards), 2)]
+    rewards = iter(score_sequences(model, seqs, pad_id, batch_size, progress=progress))
+    return [(next(rewards), next(rewards)) if k else None for k in kept]

@@ -135,7 +135,6 @@ def main(argv: list[str]) -> int:
         check_rmbench_items,
         reward_metrics,
         rmbench_eval,
-        score_compared_pairs,
         stream_rewards,
     )
 
@@ -193,7 +192,9 @@ def main(argv: list[str]) -> int:
         def score(chunk: list[Mapping[str, Any]], counts: Counter[str] = unfit) -> Sequence[tuple[float, float] | None]:
             length, batch, truncation = args.max_length, args.batch_size, args.truncation
             if callable(tokenizer):  # a Hugging Face tokenizer: the pairs as the trainer's evaluation compares them
-                return score_compared_pairs(model, tokenizer, chunk, length, batch, truncation, counts)
+                return score_pairs(
+                    model, tokenizer, chunk, length, batch, truncation, False, counts, leave_out_identical=True
+                )
             # No tokenizer to compare the sides with (a stand-in scorer): each pair scored as given.
             return score_pairs(model, tokenizer, chunk, length, batch, truncation, False, counts)
 

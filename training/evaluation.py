@@ -6,20 +6,18 @@ import itertools
 import math
 import statistics
 from array import array
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from synpref.shared.batched_rewards import score_sequences
 from synpref.shared.modeling import (
     Encoded,
     Truncation,
     compared_sides,
     encode_conversation,
-    encode_pair,
-    ensure_pad_token,
-    score_sequences,
 )
 
 EVAL_CHUNK_PAIRS = 16384
@@ -74,43 +72,13 @@ def reward_metrics(
     return out
 
 
-def score_compared_pairs(
-    model: Any,
-    tokenizer: Any,
-    pairs: Sequence[Mapping[str, Any]],
-    max_length: int,
-    batch_size: int,
-    truncation: Truncation,
-    counts: Counter[str],
-) -> list[tuple[float, float] | None]:
-    """(r_chosen, r_rejected) of each pair as score_pairs scores it, or None for a pair the trainer's evaluation
-    leaves out: chosen and rejected the same tokens (modeling.compared_sides), such as answers that differ only in
-    whitespace the chat template trims. score_pairs scores those as a tie, which accuracy counts wrong. `counts`
-    gains unfit_pairs, unfit_sequences (as score_pairs counts them) and identical_after_tokenizing."""
-    seqs: list[list[int]] = []
-    kept: list[bool] = []
-    for pair in pairs:
-        sides = encode_pair(tokenizer, pair, max_length, truncation)
-        compared = compared_sides(tokenizer, pair, sides, max_length, keep_unfit=True)
-        kept.append(compared is not None)
-        if compared is None:
-            counts["identical_after_tokenizing"] += 1
-            continue
-        counts["unfit_pairs"] += not all(side.fits for side in compared)
-        for side in compared:
-            counts["unfit_sequences"] += not side.fits
-            seqs.append(side.input_ids)
-    rewards = iter(score_sequences(model, seqs, ensure_pad_token(None, tokenizer), batch_size))
-    return [(next(rewards), next(rewards)) if k else None for k in kept]
-
-
 def stream_rewards(
     score: Callable[[list[Mapping[str, Any]]], Sequence[tuple[float, float] | None]],
     pairs: Iterable[Mapping[str, Any]],
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Any]]:
     """`score`'s (r_chosen, r_rejected) of `pairs` as reward_metrics takes them (chosen, rejected, source codes,
-    names), less the pairs it gives None (left out, as score_compared_pairs does), read and scored
+    names), less the pairs it gives None (left out, as score_pairs does with leave_out_identical), read and scored
     EVAL_CHUNK_PAIRS at a time: what stays is 20 bytes a pair, where holding a
     multi-million-pair file's dicts and token lists took several KB a pair. Length batches form within a chunk,
     so a reward differs from whole-input batching by the float rounding of its padding only."""

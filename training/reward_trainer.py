@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from synpref.shared.modeling import pad_batch, resolve_device
+from synpref.shared.batched_rewards import pad_batch
+from synpref.shared.modeling import resolve_device
 from synpref.training.batching import (
     EncodedPair,
     bt_loss,

@@ -216,7 +216,7 @@ class FeatureCache:
     def _forward(self, seqs: list[list[int]], progress: bool) -> list[np.ndarray]:
         import torch
 
-        from synpref.shared.modeling import length_batches, pad_batch
+        from synpref.shared.batched_rewards import length_batches, pad_batch
 
         rows: list[np.ndarray] = [np.empty(0, np.float32)] * len(seqs)
         if not seqs:

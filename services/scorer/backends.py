@@ -91,7 +91,7 @@ class TorchBackend:
         (bidirectional encoders such as BERT do see the padding), and a probe batch must
         then score the same with and without the mask.
         """
-        from synpref.shared.modeling import reward_of
+        from synpref.shared.batched_rewards import reward_of
 
         flags = [m.is_causal for m in self.model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
         if not flags or not all(flags):
@@ -136,7 +136,7 @@ class TorchBackend:
         return True
 
     def _forward_unmasked(self, batch: list[list[int]]) -> list[float]:
-        from synpref.shared.modeling import model_device, pad_batch
+        from synpref.shared.batched_rewards import model_device, pad_batch
 
         ids, _ = pad_batch(batch, self.pad_id, model_device(self.model))
         with self._torch.inference_mode():
@@ -145,7 +145,7 @@ class TorchBackend:
 
     def forward(self, batch: list[list[int]]) -> list[float]:
         """One raw reward per id list (unmasked right-padded batches when the model is causal)."""
-        from synpref.shared.modeling import reward_of
+        from synpref.shared.batched_rewards import reward_of
 
         if self.causal:
             return self._forward_unmasked(batch)

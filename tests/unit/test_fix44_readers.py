@@ -185,7 +185,8 @@ def test_eval_leaves_out_the_pairs_the_trainers_evaluation_leaves_out(
 ) -> None:
     import torch
 
-    from synpref.shared.modeling import load_reward_model, reward_of
+    from synpref.shared.batched_rewards import reward_of
+    from synpref.shared.modeling import load_reward_model
     from synpref.training.batching import encode_pairs
     from synpref.training.evaluation import pairwise_metrics
     from testing.tiny import build_tiny_reward_model

@@ -6,13 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from synpref.shared.batched_rewards import length_batches, reward_of
 from synpref.shared.modeling import (
     encode_conversation,
     encode_pair,
     encode_text,
-    length_batches,
     load_reward_model,
-    reward_of,
     score_pairs,
     token_ids,
 )

@@ -37,7 +37,8 @@ def reference(cache: FeatureCache, calls: list[list[dict]]) -> list[tuple[np.nda
     sequences, so the same float32 values, bit for bit."""
     import torch
 
-    from synpref.shared.modeling import encode_pair, length_batches, pad_batch
+    from synpref.shared.batched_rewards import length_batches, pad_batch
+    from synpref.shared.modeling import encode_pair
 
     memo: dict[bytes, np.ndarray] = {}
     out = []

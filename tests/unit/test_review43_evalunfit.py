@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from synpref.shared.modeling import encode_pair, load_reward_model, reward_of, score_pairs
+from synpref.shared.batched_rewards import reward_of
+from synpref.shared.modeling import encode_pair, load_reward_model, score_pairs
 from synpref.training import eval_cli
 from synpref.training.batching import encode_pairs
 from synpref.training.data import write_jsonl

@@ -15,7 +15,8 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from synpref.services.scorer.backends import make_backend
-from synpref.shared.modeling import load_reward_model, reward_of
+from synpref.shared.batched_rewards import reward_of
+from synpref.shared.modeling import load_reward_model
 from synpref.training.model_setup import load_for_training
 from synpref.training.reward_config import RewardConfig
 from testing.tiny import build_tiny_reward_model, minilm_path

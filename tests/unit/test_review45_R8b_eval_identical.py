@@ -4,13 +4,15 @@ under `--truncation right` compares responses cut off a long prompt on their end
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from synpref.shared.modeling import encode_conversation, load_reward_model, reward_of
+from synpref.shared.batched_rewards import reward_of
+from synpref.shared.modeling import encode_conversation, load_reward_model, score_pairs
 from synpref.training import eval_cli
 from synpref.training.batching import encode_pairs
 from synpref.training.data import write_jsonl
@@ -137,3 +139,18 @@ def test_rmbench_leaves_out_comparisons_whose_sides_are_the_same_tokens(model_di
     assert got["normal"] == (wins[1][1] + wins[2][2]) / 2
     assert got["hard"] == (wins[0][1] + wins[0][2] + wins[1][2]) / 3
     assert got["easy"] == (wins[1][0] + wins[2][0] + wins[2][1]) / 3
+
+
+def test_score_pairs_leaves_out_same_token_pairs_only_when_asked(model_dir: Path) -> None:
+    """One scoring path for both callers: the gold scorer and the loop take a same-token pair as the tie it is;
+    `synpref eval` (leave_out_identical) leaves it out and counts it, as the trainer's evaluation does."""
+    model, tok = load_reward_model(str(model_dir))
+    pairs = [pair(0), pair(1, same_tokens_rejected(1)), pair(2)]
+    as_given, counted = Counter[str](), Counter[str]()
+    tie = score_pairs(model, tok, pairs, 4096, 8, counts=as_given)
+    left_out = score_pairs(model, tok, pairs, 4096, 8, counts=counted, leave_out_identical=True)
+    assert tie[1][0] == pytest.approx(tie[1][1])
+    assert left_out[1] is None and counted["identical_after_tokenizing"] == 1
+    assert as_given["identical_after_tokenizing"] == 0
+    for i in (0, 2):
+        assert left_out[i] == pytest.approx(tie[i], abs=1e-5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from synpref.services.scorer.backends import TorchBackend, make_backend
-from synpref.shared.modeling import reward_of
+from synpref.shared.batched_rewards import reward_of
 from testing.numerics import approx_fp32_forward
 from testing.tiny import build_tiny_reward_model
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from synpref.shared.modeling import encode_pair, load_reward_model, pad_batch
+from synpref.shared.batched_rewards import pad_batch
+from synpref.shared.modeling import encode_pair, load_reward_model
 from synpref.training.batching import auto_token_budget, memory_token_cap, packed_micro_batches
 from synpref.training.model_setup import load_for_training
 from synpref.training.packing import ScoreCapture, pack_sequences, packed_rewards, packing_problem
@@ -135,7 +136,7 @@ def test_packed_rewards_are_read_where_padded_ones_are_when_eos_stands_in_for_pa
     import json
     import shutil
 
-    from synpref.shared.modeling import reward_of
+    from synpref.shared.batched_rewards import reward_of
 
     pairs = make_pairs(6, seed=4)
     path = build_tiny_reward_model(tmp_path / "llama", arch="llama", seed=2, texts=texts(pairs), vocab_size=400)
