@@ -128,6 +128,10 @@ class RewardTrainer:
 
     def _load_model(self) -> None:
         cfg = self.config
+        if self.is_main:  # a save a kill interrupted is finished before any rank lists the checkpoints
+            remove_partial_saves(self.out)
+        if self.world > 1:
+            dist.barrier()
         self.resume_from = latest_checkpoint(self.out) if cfg.resume else None
         if self.resume_from is None:
             check_source(cfg.model_name_or_path, self.out)
@@ -271,7 +275,6 @@ class RewardTrainer:
             remove_checkpoints(self.out)  # this run's must be the newest a resume finds
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            remove_partial_saves(self.out)
             self._log(
                 {
                     "event": "start",

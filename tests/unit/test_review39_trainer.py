@@ -5,6 +5,7 @@ run before it makes every weight NaN."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -148,3 +149,18 @@ def test_a_nan_margin_is_refused_when_the_pairs_are_encoded(model_path, tmp_path
     pairs[3]["id"] = "p3"
     with pytest.raises(ValueError, match="margin_column 'm' is nan for pair p3"):
         RewardTrainer(config(model_path, tmp_path, margin_column="m", max_steps=2), pairs, [])
+
+
+def test_a_resume_takes_the_save_a_kill_left_between_its_two_renames(model_path, tmp_path):
+    """write_checkpoint moves the previous checkpoint-N aside (.old), then renames the complete .tmp in. Killed in
+    between, the newest save is checkpoint-N.tmp: the trainer listed the checkpoints before finishing that swap,
+    so it resumed from the save before and redid its steps."""
+    out = tmp_path / "o"
+    RewardTrainer(config(model_path, out, max_steps=5, save_steps=2), make_pairs(48), []).train()
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
+    newest = out / "checkpoint-4"
+    shutil.copytree(newest, out / "checkpoint-4.old")  # the save it replaced, moved aside
+    newest.rename(out / "checkpoint-4.tmp")  # complete and fsynced, not yet renamed in
+    resumed = RewardTrainer(config(model_path, out, max_steps=6, save_steps=2, resume=True), make_pairs(48), [])
+    assert resumed.resume_from == newest
+    assert sorted(p.name for p in out.glob("checkpoint-4*")) == ["checkpoint-4"]
