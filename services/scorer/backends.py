@@ -207,8 +207,30 @@ class VllmBackend:
         return [float(o.outputs.probs[0]) for o in outputs]
 
     def close(self) -> None:
-        """Drop the vLLM engine."""
-        del self.llm
+        """Shut the vLLM engine down and free its GPU memory. Its engine core (a process of its own by default)
+        holds the weights and the KV cache until shut down: dropping the LLM alone left them reserved, and the
+        reload that replaced this model could run out of memory. `LLM.shutdown` where this vLLM has it, else the
+        engine core's own (vLLM >= 0.10's V1 engine)."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        shutdown = getattr(llm, "shutdown", None) or getattr(engine_core, "shutdown", None)
+        if shutdown is None:
+            log.warning("this vLLM has no engine shutdown: its GPU memory is freed only when it is collected")
+        else:
+            try:
+                shutdown()
+            except Exception:  # a failed teardown must not stop the reload or the shutdown that called it
+                log.exception("shutting the vLLM engine down failed; its GPU memory may stay reserved")
+        del llm, engine_core, shutdown
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _pooling_params_without_activation() -> Any:
