@@ -69,6 +69,8 @@ def wait_for_sources(
     is waited out (listing, sizes and mtimes unchanged for settle_s).
     """
     local = [s for s in sources if "://" not in s]
+    if not local:  # remote sources are read where they are: nothing here to wait for or to settle
+        return
     suffixes = ", ".join(FILE_SUFFIXES)
     deadline = clock() + wait_s
     said = -math.inf

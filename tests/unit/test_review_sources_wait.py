@@ -111,3 +111,11 @@ def test_a_run_that_does_not_wait_says_nothing_of_settling(tmp_path):
     said: list[str] = []
     wait_for_sources([str(tmp_path)], 0.0, said.append, sleep=lambda _s: None, settle_s=10.0)
     assert said == []
+
+
+def test_remote_sources_alone_are_not_waited_for():
+    # Every source remote: no local file to settle, yet the settle loop slept settle_s on an unchanging empty list.
+    clock = Clock()
+    said: list[str] = []
+    wait_for_sources(["s3://bucket/pairs.jsonl", "hf://org/set"], 600, said.append, clock.sleep, 30, clock)
+    assert clock.naps == [] and said == []
