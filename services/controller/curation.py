@@ -165,6 +165,7 @@ class CurationSteps:
                 to_humans=len(to_humans),
                 human_verified=len(gold_added),
                 human_discarded=len(dropped),
+                human_undecided=len(to_humans) - len(gold_added) - len(dropped),  # left in D_un, asked again later
                 silver_kept=silver,
                 silver_flipped=flipped,
                 judges_abstained=abstained,

@@ -335,7 +335,8 @@ class Controller(CurationSteps, FinalSteps):
         picked = sorted(random.Random(f"seed:{self.c.seed}").sample(pool, min(n, len(pool))))
         verified, dropped = self.ask_humans(picked, iteration=0)
         self.state.results["seed_gold"] = [key_of(r) for r in self.pairstore.get(verified)]
-        self.state.results["seed_human"] = {"verified": len(verified), "discarded": len(dropped)}
+        left = len(picked) - len(verified) - len(dropped)  # undecided by the provider: they stay in D_un
+        self.state.results["seed_human"] = {"verified": len(verified), "discarded": len(dropped), "undecided": left}
 
     def ask_humans(self, rows: list[int], iteration: int) -> tuple[list[int], list[int]]:
         """Humans decide `rows`: verified ones join D_gold (flipped if they preferred rejected), the rest are

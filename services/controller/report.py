@@ -210,18 +210,20 @@ def write_report(root: Path, state: RunState, settings: Settings) -> Path:
         )
         lines.append(row + (f" {_fmt(h.get('label_accuracy'))} |" if study else ""))
     # failed: retrieved pairs that never came back decided (dead-lettered), still unverified; without the column the
-    # row's counts did not add up to `retrieved` and those pairs went unmentioned.
+    # row's counts did not add up to `retrieved` and those pairs went unmentioned. undecided: sent to humans who left
+    # them undecided (a desk that timed out, a terminal session ended): they stay in D_un, as the failed ones do.
     lines += [
         "",
-        "| iteration | RM errors | retrieved | failed | to humans | verified | discarded | judges keep | judges flip "
-        "| judges abstain |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| iteration | RM errors | retrieved | failed | to humans | verified | discarded | undecided | judges keep "
+        "| judges flip | judges abstain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in r.get("stage1", []):
         lines.append(
             f"| {e['iteration']} | {e['rm_errors']} | {e['retrieved']} | {e.get('failed', 0)} "
             f"| {e.get('to_humans', 0)} | {e.get('human_verified', 0)} | {e.get('human_discarded', 0)} "
-            f"| {e.get('silver_kept', 0)} | {e.get('silver_flipped', 0)} | {e.get('judges_abstained', 0)} |"
+            f"| {e.get('human_undecided', 0)} | {e.get('silver_kept', 0)} | {e.get('silver_flipped', 0)} "
+            f"| {e.get('judges_abstained', 0)} |"
         )
     s2 = r.get("stage2", {})
     lines += [

@@ -102,4 +102,24 @@ def test_the_reports_stage1_table_accounts_for_every_retrieved_pair(tmp_path):
     counts = {name.strip(): int(value) for name, value in cells.items()}
     accounted = ("failed", "to humans", "judges keep", "judges flip", "judges abstain")
     assert sum(counts[name] for name in accounted) == counts["retrieved"]
-    assert counts["verified"] + counts["discarded"] == counts["to humans"]
+    assert counts["verified"] + counts["discarded"] + counts["undecided"] == counts["to humans"]
+
+
+def test_the_reports_stage1_table_counts_pairs_humans_left_undecided(tmp_path):
+    # A provider may leave candidates undecided (they stay in D_un and may be asked again); no count showed them, so
+    # verified + discarded fell short of "to humans" with nothing said.
+    from synpref.services.controller.report import write_report
+    from synpref.shared.config import load_settings
+
+    entry = {"iteration": 1, "rm_errors": 4, "retrieved": 20, "failed": 0, "to_humans": 7, "human_verified": 3}
+    entry.update(human_discarded=1, human_undecided=3, silver_kept=11, silver_flipped=1, judges_abstained=1)
+    state = RunState(done=["s1.1.curate"], iteration=1, results={"stage1": [entry]})
+    state.results["seed_human"] = {"verified": 5, "discarded": 0, "undecided": 2}
+    text = write_report(tmp_path, state, load_settings(controller={"workdir": str(tmp_path)})).read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| iteration | RM errors"))
+    row = next(line for line in text.splitlines() if line.startswith("| 1 | 4 | 20 |"))
+    cells = dict(zip(header.strip("|").split("|"), row.strip("|").split("|"), strict=True))
+    counts = {name.strip(): int(value) for name, value in cells.items()}
+    assert counts["undecided"] == 3
+    assert counts["verified"] + counts["discarded"] + counts["undecided"] == counts["to humans"]
+    assert '"undecided": 2' in text  # the seed's line
