@@ -86,3 +86,15 @@ def test_an_in_process_gold_scorer_has_its_model_loads_to_start(
     # Settings' default mode is in_process: a config that drops the chart's grpc gets the longer budget too.
     dropped = startup_budget_s(helm, "gold-scorer", "--set", f"config.scoring.mode=null,{settings}")
     assert dropped == budget
+
+
+def test_a_gold_scorer_rollout_outlasts_its_model_loads(helm: str) -> None:
+    # The stage Deployments kept Kubernetes' 600 s progress deadline: a gold scorer loading two RMs in process (up to
+    # 2 x 1200 s) was marked stalled mid-load, and `helm upgrade --wait` failed a rollout that was on its way.
+    settings = "config.scoring.mode=in_process,config.scoring.gold.path=/g,config.scoring.best.path=/b"
+    for component, args in (("gold-scorer", ("--set", settings)), ("filter", ())):
+        docs = render(helm, *args)
+        name = f"{RELEASE}-synpref-{component}"
+        (deploy,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == name]
+        deadline = int(deploy["spec"]["progressDeadlineSeconds"])
+        assert deadline >= max(600, startup_budget_s(helm, component, *args) + 300), component
