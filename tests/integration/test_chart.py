@@ -679,6 +679,14 @@ def test_notes_say_what_was_installed_and_how_to_reach_it(helm: str, tmp_path: P
     for stage in STAGES:
         assert f"{RELEASE}-synpref-{stage} (gRPC 50051, metrics 9100)" in text
     assert "secrets.apiKeys is empty" in text
+    assert "gold scorer scores over gRPC" not in text
+    # Without the scorer, a gold scorer over gRPC with no address waits for ever for the default one: say so.
+    proc = run_helm(helm, "--set", "scorer.enabled=false", chart=chart)
+    (cm,) = [d for d in yaml.safe_load_all(proc.stdout) if d and d["metadata"]["name"] == "notes"]
+    assert "scorer.enabled is false and the gold scorer scores over gRPC" in cm["data"]["notes"]
+    proc = run_helm(helm, "--set", "scorer.enabled=false,config.scoring.mode=in_process", chart=chart)
+    (cm,) = [d for d in yaml.safe_load_all(proc.stdout) if d and d["metadata"]["name"] == "notes"]
+    assert "gold scorer scores over gRPC" not in cm["data"]["notes"]
 
 
 def test_dev_kafka_config_is_accepted_by_kafka(renders: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
