@@ -323,7 +323,8 @@ class OpenAIChat:
                 # spends the retries, and the judge abstains while the provider is still refusing. No longer
                 # than one request may take, so a call stays within what timeout_s and retries promise.
                 delay = max(delay, min(wait_s or 0.0, self.timeout_s))
-                log.info("%s: %s; retry %d/%d in %.2fs", self.name, error, attempt + 1, self.retries, delay)
+                # DEBUG: a 429 storm retries every call of a batch (counted in synpref_judge_attempts_total).
+                log.debug("%s: %s; retry %d/%d in %.2fs", self.name, error, attempt + 1, self.retries, delay)
                 await asyncio.sleep(delay)
         self._give_up(f"giving up after {self.retries + 1} attempts: {error}")
         return None

@@ -182,3 +182,13 @@ def test_an_endpoint_that_is_down_is_one_give_up_warning_a_minute_not_one_per_ca
     assert len(said) == 2
     assert "giving up after 1 attempts: HTTP 503: down" in said[0] and "others" not in said[0]
     assert said[1].endswith("(19 others given up since the last one logged)")
+
+
+def test_retries_are_not_logged_at_info(caplog):
+    # A 429 storm retries every call of a batch: one INFO line per retry flooded the annotator's log (the attempts
+    # metric counts them; a call given up on is still warned about).
+    with caplog.at_level(logging.DEBUG, logger=chat_module.__name__):
+        texts, sent = ask([429, 503])
+    assert texts == [VERDICT] and sent == [429, 503, 200]
+    retries = [r for r in caplog.records if r.name == chat_module.__name__ and "retry" in r.getMessage()]
+    assert len(retries) == 2 and all(r.levelno == logging.DEBUG for r in retries)
