@@ -12,7 +12,8 @@ Judges see the conversation, the pair's annotation guideline and desired attribu
 8 human-verified examples (with their attributes and the preferred answer), and the two
 responses as "Candidate 1" / "Candidate 2" in an order the caller randomizes. They answer
 JSON {"rationale": str, "better": 1 | 2 | 0}; 0 (a tie), anything else, or text that is not
-such JSON is an abstention, never a vote.
+such JSON is an abstention, never a vote. A text "better" (no schema forces an integer in the json_object and none
+modes) counts by the number it leads with ("1 (Candidate 1)") or the only one it names ("Candidate 2").
 """
 
 from __future__ import annotations
@@ -262,8 +263,11 @@ def parse_judgement(text: str | None) -> tuple[int | None, str]:
     better = next((obj[key] for key in VERDICT_KEYS if key in obj), None)
     rationale = str(obj.get("rationale", ""))[:2000]
     if isinstance(better, str):
-        digits = re.findall(r"[012]", better)
-        better = int(digits[0]) if len(digits) == 1 else None
+        # "Candidate 2", "2", "1 (Candidate 1)", "2 is better": the number it leads with, or the only one it names.
+        # Two different numbers and no lead ("neither 1 nor 2") is no vote.
+        lead = re.match(r"\s*(?:(?:candidate|response|answer)\s*#?\s*)?([012])(?!\d)", better, re.IGNORECASE)
+        named = set(re.findall(r"(?<!\d)[012](?!\d)", better))
+        better = int(lead[1]) if lead else int(named.pop()) if len(named) == 1 else None
     if isinstance(better, bool) or better not in (1, 2):
         return None, rationale or f"no decision ({better!r})"
     return int(better), rationale

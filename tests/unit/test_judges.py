@@ -159,6 +159,13 @@ def test_attribute_labeller_parses_the_tuple(server, tmp_path):
         ('{"rationale": "r", "better": 2}', 2),
         ('Sure! ```json\n{"better": 1, "rationale": "x"}\n```', 1),
         ('prose {"better": "Candidate 2"} more prose', 2),
+        # Text verdicts (json_object / none modes, where no schema forces an integer): before, two digits abstained.
+        ('{"better": "1 (Candidate 1)"}', 1),
+        ('{"better": "2 is better than 1"}', 2),
+        ('{"better": "Response #2"}', 2),
+        ('{"better": "neither 1 nor 2"}', None),
+        ('{"better": "10"}', None),
+        ('{"better": "0 (tie)"}', None),
         ('{"better": 0}', None),
         ('{"better": true}', None),
         ('{"better": 3}', None),
