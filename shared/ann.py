@@ -14,8 +14,11 @@ L2-normalised and compared by inner product (cosine).
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import math
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,37 @@ EXACT_UP_TO = 20_000
 FLAT_LISTS_UP_TO = 2_000_000
 HITS_PER_SEARCH = 1 << 22
 """Most (id, score) hits one FAISS search call returns (48 MB): queries that tie widely are searched in parts."""
+NO_FALLOCATE = (errno.EOPNOTSUPP, errno.EINVAL)
+"""What posix_fallocate raises where the filesystem cannot allocate ahead (a sparse file is made there instead)."""
+
+log = logging.getLogger(__name__)
+
+
+def allocated_zeros(path: Path, size: int) -> None:
+    """Make `path` `size` zero bytes with their space allocated on disk, or raise OSError naming the path and the
+    bytes: a sparse file on a volume that filled while it was written killed the process with SIGBUS at the first
+    page the memory map could not get, hours into embedding. Where the filesystem cannot allocate ahead, the file
+    is sparse (a warning says so). On failure no file is left."""
+    with open(path, "wb") as fh:  # outside the try: a file that could not be opened is not ours to remove
+        try:
+            fh.truncate(size)
+            fallocate = getattr(os, "posix_fallocate", None)  # not on macOS
+            if size and fallocate is not None:
+                try:
+                    fallocate(fh.fileno(), 0, size)
+                except OSError as e:
+                    if e.errno not in NO_FALLOCATE:
+                        raise OSError(e.errno, f"cannot allocate the {size} bytes {path} needs: {e.strerror}") from e
+                    log.warning(
+                        "%s: sparse, the filesystem cannot allocate ahead (%s): a full volume ends "
+                        "the process with SIGBUS when a page of it is written",
+                        path,
+                        e.strerror,
+                    )
+        except BaseException:
+            fh.close()
+            path.unlink(missing_ok=True)
+            raise
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
@@ -61,11 +95,11 @@ class VectorFile:
 
     @classmethod
     def create(cls, path: str | Path, rows: int, dim: int) -> VectorFile:
-        """A zero-filled file for rows 0..rows-1 (sparse on disk until written)."""
+        """A zero-filled file for rows 0..rows-1, its space allocated (allocated_zeros: OSError where the volume
+        lacks it)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as fh:
-            fh.truncate(rows * dim * 2)
+        allocated_zeros(path, rows * dim * 2)
         # Durable (fsynced, with its folder): the prepare step that wrote it commits next, and a shape note
         # lost to a machine crash after that left a run that could neither go on nor redo the step.
         write_text_atomic(path.with_suffix(path.suffix + ".shape"), f"{rows} {dim}\n")
@@ -104,12 +138,11 @@ class TextDigests:
 
     @classmethod
     def beside(cls, vectors: VectorFile, create: bool = False) -> TextDigests | None:
-        """The digests of `vectors`; a zero-filled file first when `create`; None when there is none (a workdir
-        prepared before digests were written: nothing is reused there)."""
+        """The digests of `vectors`; a zero-filled file first when `create`, its space allocated (allocated_zeros);
+        None when there is none (a workdir prepared before digests were written: nothing is reused there)."""
         path = vectors.path.with_name(vectors.path.name + ".digests")
         if create:
-            with open(path, "wb") as fh:
-                fh.truncate(vectors.rows * 8)
+            allocated_zeros(path, vectors.rows * 8)
         elif not path.exists():
             return None
         return cls(path, vectors.rows)
@@ -258,7 +291,8 @@ class AnnIndex:
     def search(
         self, queries: np.ndarray, k: int, slack: int = 8, live: LiveRows | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, scores), each (len(queries), k), best first; ids are -1 where the index had fewer hits.
+        """(ids, scores), each (len(queries), k), best first; ids are -1 (and scores 0) where the index had fewer
+        hits.
         With `live`, only ids in it are returned (the index holds others).
 
         Equal scores are ordered by id: pairs that share a conversation embed identically, and an
@@ -308,11 +342,13 @@ class AnnIndex:
 
 def _best_by_id(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k best of FAISS's (ids, scores) rows, equal scores by id, -1 (and score 0) padded to k columns."""
-    # -1 pads sort last: their score is -inf for FAISS inner product; push them explicitly.
+    # -1 pads sort last: FAISS gives them -3.4e38 (-FLT_MAX) for inner product; push them explicitly.
     keyed_scores = np.where(ids < 0, -np.inf, scores)
     order = np.lexsort((ids, -keyed_scores), axis=1)[:, :k]
     ids = np.take_along_axis(ids, order, axis=1)
-    scores = np.take_along_axis(scores, order, axis=1)
+    # Score 0 at every -1, as where there are fewer than k columns and where search finds nothing: FAISS's
+    # -3.4e38 came through where it returned a -1 itself (an IVF probe short of hits).
+    scores = np.where(ids < 0, 0, np.take_along_axis(scores, order, axis=1))
     if ids.shape[1] < k:
         pad = k - ids.shape[1]
         ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)

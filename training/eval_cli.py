@@ -10,7 +10,8 @@ writes it to a file, atomically, before scoring and again after each input and R
 lists what is still to come under "pending", so a crash (RM-Bench out of memory after hours of pair scoring) keeps
 every input scored before it; the finished file is the printed result. An input that cannot be read on (a truncated
 gzip, invalid JSON), or an RM-Bench that fails while scored, gets {"error": ...} in place of its metrics, the rest is
-still scored, and the exit status is 1.
+still scored, and the exit status is 1. The result is strict JSON: a figure that is no finite number (a slice that
+compared nothing, a diverged model's NaN rewards) is null.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import zlib
 from collections import Counter
@@ -66,12 +68,31 @@ def build_parser() -> argparse.ArgumentParser:
         # >= 0: a -1 meant as "no limit" read every pair but cut RM-Bench's last item (items[:-1]), silently.
         type=whole_number(0),
         default=0,
-        help="score only the first N pairs of each input (unreadable_rows, identical_pairs count those read on the "
-        "way; identical_after_tokenizing pairs are among the N); RM-Bench: N items",
+        help="score only the first N compared pairs of each input, so its pairs is N where it holds that many: a "
+        "pair left out as a tie (identical_pairs, identical_after_tokenizing) is counted and the next one read in "
+        "its place, and unreadable_rows counts the bad rows read on the way; RM-Bench: the first N items",
     )
     parser.add_argument("--out", help="also write the JSON result here")
     parser.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` with each float that is not finite as None, in dicts and lists too: JSON has no NaN or Infinity,
+    and json.dumps's bare NaN (a slice that compared nothing, a diverged model's reward_mean) failed strict
+    parsers (Go, JavaScript, jq) on the whole result."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def to_json(value: Any, indent: int | None = None) -> str:
+    """`value` as strict JSON (finite_or_null; allow_nan=False raises on anything it missed)."""
+    return json.dumps(finite_or_null(value), indent=indent, allow_nan=False)
 
 
 def result_key(path: str, paths: list[str], taken: Collection[str] = RESULT_FIELDS) -> str:
@@ -86,18 +107,17 @@ def result_key(path: str, paths: list[str], taken: Collection[str] = RESULT_FIEL
 
 
 class PairReader:
-    """The pairs of `path` (the first `limit` when > 0, reading no further), streamed; `problems` counts the
-    unreadable rows read, `identical` the pairs left out for a chosen the same as the rejected; `error` says why
-    the file could not be read on, where it could not."""
+    """The pairs of `path`, streamed, read only as far as they are asked for (stream_rewards' limit); `problems`
+    counts the unreadable rows read, `identical` the pairs left out for a chosen the same as the rejected; `error`
+    says why the file could not be read on, where it could not."""
 
-    def __init__(self, path: str, fmt: str | None, limit: int) -> None:
-        self.path, self.fmt, self.limit, self.problems, self.error = path, fmt, limit, 0, ""
+    def __init__(self, path: str, fmt: str | None) -> None:
+        self.path, self.fmt, self.problems, self.error = path, fmt, 0, ""
         self.identical = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from synpref.training.data import iter_pairs
 
-        read = 0
         try:
             for pair, _ in iter_pairs([self.path], fmt=self.fmt):
                 if pair is None:
@@ -109,9 +129,6 @@ class PairReader:
                     self.identical += 1
                     continue
                 yield pair
-                read += 1
-                if read == self.limit:
-                    return
         except READ_ERRORS as e:
             # Ends this input only: raised out of main, it lost the results of every input scored before it
             # (hours of scoring), printed nothing and wrote no --out.
@@ -177,16 +194,16 @@ def main(argv: list[str]) -> int:
         # JSON in place of the previous result. Its folder is made here.
         if args.out:
             partial = {**result, "pending": pending} if pending else result
-            write_text_atomic(Path(args.out), json.dumps(partial, indent=2) + "\n")
+            write_text_atomic(Path(args.out), to_json(partial, indent=2) + "\n")
 
     save()  # before the model loads: an --out that cannot be written fails now, not after the scoring
     model, tokenizer = load_reward_model(args.model, device=args.device, dtype=args.dtype)
     progress = not args.no_progress
     failed = False
-    # One input at a time, streamed a chunk of pairs at a time and read no further than --limit pairs: a 40M-pair
-    # file is not held, to score it whole or its first N.
+    # One input at a time, streamed a chunk of pairs at a time and read no further than --limit compared pairs
+    # need: a 40M-pair file is not held, to score it whole or its first N.
     for (path, fmt), key in zip(inputs, keys, strict=True):
-        reader = PairReader(path, fmt, args.limit)
+        reader = PairReader(path, fmt)
         unfit: Counter[str] = Counter()
 
         def score(chunk: list[Mapping[str, Any]], counts: Counter[str] = unfit) -> Sequence[tuple[float, float] | None]:
@@ -198,7 +215,9 @@ def main(argv: list[str]) -> int:
             # No tokenizer to compare the sides with (a stand-in scorer): each pair scored as given.
             return score_pairs(model, tokenizer, chunk, length, batch, truncation, False, counts)
 
-        metrics = reward_metrics(*stream_rewards(score, reader, progress))
+        # --limit counts the pairs compared: a same-token pair left out among the first N read was not replaced, so
+        # a record of `--limit N` held fewer than N pairs, with no word of why beside identical_after_tokenizing.
+        metrics = reward_metrics(*stream_rewards(score, reader, progress, args.limit))
         if reader.error:
             # The metrics of the pairs read before it are not the file's: only their count is kept.
             metrics = {"error": reader.error, "pairs_scored": metrics["pairs"]}
@@ -215,7 +234,7 @@ def main(argv: list[str]) -> int:
             metrics["identical_after_tokenizing"] = unfit["identical_after_tokenizing"]
         result[key] = metrics
         pending.remove(key)
-        log.info("%s: %s", key, json.dumps(metrics))  # on stderr as it comes, for a run without --out
+        log.info("%s: %s", key, to_json(metrics))  # on stderr as it comes, for a run without --out
         save()
     if args.rmbench:
         # A JSON array per subset (a few thousand items) read whole: --limit cuts it after reading.
@@ -229,7 +248,7 @@ def main(argv: list[str]) -> int:
             result["rmbench"] = {"error": f"{type(e).__name__}: {e}"}
             failed = True
         pending.remove("rmbench")
-    print(json.dumps(result, indent=2))  # first: a final write that fails (a full disk) still leaves it printed
+    print(to_json(result, indent=2))  # first: a final write that fails (a full disk) still leaves it printed
     save()
     return 1 if failed else 0
 

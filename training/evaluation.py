@@ -76,12 +76,19 @@ def stream_rewards(
     score: Callable[[list[Mapping[str, Any]]], Sequence[tuple[float, float] | None]],
     pairs: Iterable[Mapping[str, Any]],
     progress: bool = False,
+    limit: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Any]]:
     """`score`'s (r_chosen, r_rejected) of `pairs` as reward_metrics takes them (chosen, rejected, source codes,
     names), less the pairs it gives None (left out, as score_pairs does with leave_out_identical), read and scored
     EVAL_CHUNK_PAIRS at a time: what stays is 20 bytes a pair, where holding a
     multi-million-pair file's dicts and token lists took several KB a pair. Length batches form within a chunk,
-    so a reward differs from whole-input batching by the float rounding of its padding only."""
+    so a reward differs from whole-input batching by the float rounding of its padding only.
+
+    `limit` > 0: the first `limit` rewards kept, `pairs` read no further than those need. A chunk is at most the
+    rewards still wanted, so a pair left out is replaced by the next one read (the first `limit` pairs read gave
+    fewer than `limit` rewards where some were left out)."""
+    if limit < 0:
+        raise ValueError(f"limit {limit} is below 0")
     chosen, rejected, coded = array("d"), array("d"), array("i")
     codes: dict[Any, int] = {}
     bar = None
@@ -90,7 +97,11 @@ def stream_rewards(
 
         bar = tqdm(desc="scoring", unit="pair")
     stream = iter(pairs)
-    while chunk := list(itertools.islice(stream, EVAL_CHUNK_PAIRS)):
+
+    def wanted() -> int:
+        return EVAL_CHUNK_PAIRS if not limit else min(EVAL_CHUNK_PAIRS, limit - len(chosen))
+
+    while (size := wanted()) > 0 and (chunk := list(itertools.islice(stream, size))):
         rewards = score(chunk)
         if len(rewards) != len(chunk):
             raise ValueError(f"{len(rewards)} rewards for {len(chunk)} pairs")
@@ -131,12 +142,13 @@ def rmbench_matrix(rewards: Sequence[float], cells: Sequence[Sequence[Cell]]) ->
     return [[None if c is None else 1.0 if rewards[c[0]] > rewards[c[1]] else 0.0 for c in row] for row in cells]
 
 
-def rmbench_slices(matrices: Sequence[Sequence[Sequence[float | None]]]) -> dict[str, float]:
+def rmbench_slices(matrices: Sequence[Sequence[Sequence[float | None]]]) -> dict[str, float | None]:
     """RM-Bench's hard (i < j), normal (i = j) and easy (i > j) accuracies over items.
 
     Index 0/1/2 = concise / detailed plain / detailed markdown. Hard cells pit a less
     styled correct answer against a more styled wrong one. A cell's mean is over the items
-    that compare it (None: left out); a slice with none of them is NaN.
+    that compare it (None: left out); a slice with none of them is None (null in the JSON result: a NaN there
+    was a bare `NaN`, which strict JSON parsers refuse).
     """
     k = len(matrices[0])
 
@@ -150,7 +162,7 @@ def rmbench_slices(matrices: Sequence[Sequence[Sequence[float | None]]]) -> dict
         "normal": share([mean[i][i] for i in range(k)]),
         "easy": share([mean[i][j] for i in range(k) for j in range(k) if i > j]),
     }
-    return {**{name: math.nan if v is None else v for name, v in slices.items()}, "items": float(len(matrices))}
+    return {**slices, "items": float(len(matrices))}
 
 
 RMBENCH_STYLES = 3
@@ -214,7 +226,8 @@ def rmbench_eval(
 ) -> dict[str, Any]:
     """Score every item's 3 chosen and 3 rejected responses; slices overall and per domain.
 
-    `<slice>_domain_average` is the mean of the domain accuracies, as RM-Bench's own table reports it.
+    `<slice>_domain_average` is the mean of the domain accuracies, as RM-Bench's own table reports it, over the
+    domains that compare the slice; a slice nothing compares is None.
     Each comparison is the pair the trainer would compare (modeling.compared_sides): `unfit_sequences` counts
     the responses scored on their left-token-truncated ends (over max_length, or cut by `right` to the same
     tokens as the other side), `identical_comparisons` (present when there are some) the comparisons left out
@@ -239,7 +252,9 @@ def rmbench_eval(
     out: dict[str, Any] = {**{k: v for k, v in overall.items() if k != "items"}, "items": len(items)}
     out["domains"] = per_domain
     for key in ("hard", "normal", "easy"):
-        out[f"{key}_domain_average"] = sum(d[key] for d in per_domain.values()) / len(per_domain)
+        # A domain whose slice compared nothing (None) has no accuracy to average: its NaN made the average NaN.
+        seen = [v for d in per_domain.values() if (v := d[key]) is not None]
+        out[f"{key}_domain_average"] = sum(seen) / len(seen) if seen else None
     out["unfit_sequences"] = unfit
     if identical:  # only then, as the pairs' identical_after_tokenizing: the usual figures stay as they were
         out["identical_comparisons"] = identical

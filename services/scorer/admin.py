@@ -5,9 +5,9 @@ by design), so the RL-facing HTTP port has no admin routes. Here every call need
 `Authorization: Bearer <token>`, the token read from scorer.admin_token_file (a mounted
 Secret) and compared in constant time; the chart admits only the controller to this port.
 
-- `POST /admin/reload {"model", "path", "version"}`: serve the checkpoint folder `path`
-  (relative to scorer.model_root, or absolute inside it) as `model`, draining the version it
-  replaces. Paths resolving outside the root (symlinks and `..` included), missing folders
+- `POST /admin/reload {"model", "path", "version"}` ("version" a string, optional; else 400): serve
+  the checkpoint folder `path` (relative to scorer.model_root, or absolute inside it) as `model`,
+  draining the version it replaces. Paths resolving outside the root (symlinks and `..` included), missing folders
   and hub ids are all refused with the same words, so answers do not tell which paths exist.
   A new name beyond scorer.max_models is 409. A reload of the checkpoint and version the name
   serves already answers at once, and a repeat of a reload under way waits for that one: a
@@ -107,8 +107,12 @@ class AdminApi:
         name, path = body.get("model"), body.get("path")
         if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
             raise InvalidInput('reload needs {"model": name, "path": checkpoint folder} (and optionally "version")')
+        version = body.get("version")
+        if version is not None and not isinstance(version, str):
+            # str() of it served 3 as "3", a list as "['v5']" and 0 or false as no version at all.
+            raise InvalidInput(f'reload\'s "version" must be a string (or left out), not {type(version).__name__}')
         folder = checkpoint_under(self.root, path)
-        ref = ModelRef(path=str(folder), version=str(body.get("version") or ""))
+        ref = ModelRef(path=str(folder), version=version or "")
         try:
             served = await self._reload_once(name, ref)
         except ScorerError:
