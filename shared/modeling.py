@@ -384,9 +384,9 @@ def score_pairs(
     A side that does not fit under the policy is scored on its left-token-truncated fallback (the response end
     is kept) and counted: in `counts` ("unfit_pairs", "unfit_sequences") where given (the caller reports them
     once for a run scored in chunks), else in a warning. Sides that only `right` made the same tokens (both
-    responses cut off a conversation over max_length) do not fit. A pair whose sides are the same tokens (whitespace a chat template trims) is a tie as given; with
-    `leave_out_identical` (the trainer's evaluation: a tie that accuracy would count wrong) it is None, and
-    counted as "identical_after_tokenizing".
+    responses cut off a conversation over max_length) do not fit. A pair whose sides are the same tokens
+    (whitespace a chat template trims) is a tie as given; with `leave_out_identical` (the trainer's evaluation:
+    a tie that accuracy would count wrong) it is None, and counted as "identical_after_tokenizing".
     """
     pad_id = ensure_pad_token(None, tokenizer) if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
     seqs: list[list[int]] = []
