@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import re
 import secrets
 import time
 from collections import OrderedDict
@@ -24,6 +23,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from synpref.services.desk.inbox import pair_id_problem
 from synpref.shared.pairs import flipped, message_dicts, now
 from synpref.v1.pair_pb2 import (
     Attributes,
@@ -43,13 +43,6 @@ STEP = "desk"
 CHOICES = (0, 1, 2)
 """What an annotator may answer: candidate 1, candidate 2, or 0 for "cannot decide"."""
 MAX_NOTE = 2000
-# What a verdict may name (fullmatch), so the only ids taken in: a pair no verdict can name holds its commit point.
-PAIR_ID = re.compile(r"[0-9A-Za-z_.:-]{1,128}")
-
-
-def pair_id_problem(pair_id: str) -> str | None:
-    """Why the desk refuses a record with this pair id (not a PAIR_ID), or None."""
-    return None if PAIR_ID.fullmatch(pair_id) else f"pair id {pair_id[:64]!r} is not 1-128 chars of [0-9A-Za-z_.:-]"
 
 
 class DeskError(Exception):
@@ -208,23 +201,6 @@ def example_view(example_id: str, record: PairRecord | None) -> dict[str, Any]:
         "other": message_dicts(record.pair.rejected),
         "attributes": _attributes(record.attributes) if record.HasField("attributes") else None,
     }
-
-
-def commit_point(open_offsets: dict[int, bool], polled_to: int | None = None) -> int | None:
-    """The offset to commit on a partition: the first still-open one, else where polling got to.
-
-    `open_offsets` maps each offset handed out and not yet committed to whether it is settled;
-    `polled_to` is one past the last message processed (dead letters included). Without it,
-    one past the last settled offset; None when nothing was handed out.
-    """
-    unsettled = [o for o, settled in open_offsets.items() if not settled]
-    if polled_to is not None:
-        # Never past polled_to: offsets read after it (a batch whose dead letters were not acknowledged) may
-        # hold a dead letter below their first open pair.
-        return min([polled_to, *unsettled])
-    if unsettled:
-        return min(unsettled)
-    return max(open_offsets) + 1 if open_offsets else None
 
 
 class DeskCore:

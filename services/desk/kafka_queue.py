@@ -3,9 +3,10 @@
 The desk runs on the shared StageRunner (shared/kafka/runner.py) with a pass-through stage and a sink, ReviewInbox,
 that holds the records until the desk decides them. Delivery, step by step (at-least-once, like every stage):
   1. the runner polls the review topic (auto-commit off); an undecodable message, or a pair whose id no verdict could
-     name (core.PAIR_ID), goes to the dead-letter topic through the runner's dead-letter helper and counts as settled;
+     name (inbox.PAIR_ID), goes to the dead-letter topic through the runner's dead-letter helper and counts as settled;
   2. a pair stays open until its decision is produced through the runner's producer AND acknowledged (acks=all); a
-     decision over its topic's message limit goes to the dead-letter topic instead, as the runner's outputs do;
+     decision over its topic's message limit goes to the dead-letter topic instead, as the runner's outputs do (a
+     limit lowered while the desk runs is learnt from the broker's refusal, StageRunner.learn_limit, for the retry);
   3. only then is it settled, and the group's offset on its partition moves up to the first offset still open: a pair
      decided out of order waits for the older ones.
 A desk that stops or crashes re-reads every pair after the committed offset: undecided pairs come back (never lost),
@@ -27,26 +28,24 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from kafka.structs import TopicPartition
 
-from synpref.services.desk.core import commit_point, pair_id_problem
+from synpref.services.desk.inbox import Handle, ReviewInbox, pass_through
 from synpref.shared.config import DeskSettings, KafkaSettings, Settings, TopicSettings
+from synpref.shared.kafka.batch import fit_to_topic
 from synpref.shared.kafka.clients import DeliveryError, deliver
-from synpref.shared.kafka.codec import Message, Outgoing, dead_letter_for, encode_record
+from synpref.shared.kafka.codec import Outgoing
 from synpref.shared.kafka.runner import StageRunner, capped_backoff
-from synpref.shared.stage import StageResult
 from synpref.v1.pair_pb2 import PairRecord
 
 log = logging.getLogger("synpref.desk.kafka")
 
 SERVICE = "desk"
 T = TypeVar("T")
-Handle = tuple[TopicPartition, int]
 RECONNECT_FIRST_S, RECONNECT_MAX_S = 1.0, 60.0
 PROBE_EVERY_MAX_S, PROBE_TIMEOUT_MAX_S = 15.0, 5.0  # an idle desk's metadata requests: interval, timeout
 
@@ -113,92 +112,6 @@ class KafkaHealth:
             return None
         since, operation, kind = late[0]
         return f"Kafka {operation} failing for {now - since:.0f}s ({kind}); see the desk's log"
-
-
-def pass_through(batch: list[PairRecord]) -> StageResult:
-    """The desk's stage: every review record goes to the desk (the inbox) as it is, but one whose pair id no verdict
-    could name: the runner dead-letters that one (and commits past it) rather than hold its partition for ever."""
-    problems = [(record, pair_id_problem(record.pair.id)) for record in batch]
-    return StageResult(
-        routed=[("review", record) for record, problem in problems if problem is None],
-        failed=[(record, f"the desk cannot take it: {problem}") for record, problem in problems if problem],
-    )
-
-
-class ReviewInbox:
-    """The runner's sink for the desk: records wait here until fetched, offsets until settled."""
-
-    keeps_offsets = False
-
-    def __init__(self) -> None:
-        self.waiting: deque[tuple[PairRecord, Handle | None]] = deque()
-        self.open: dict[TopicPartition, dict[int, bool]] = {}
-        self.polled_to: dict[TopicPartition, int] = {}
-        self.committed: dict[TopicPartition, int] = {}
-        self.settled_below: dict[TopicPartition, int] = {}
-        """Per partition, the highest commit point reached: every record below it is settled."""
-
-    def write(self, routed: list[tuple[str, PairRecord]]) -> None:
-        """Take records without their offsets (unused: the runner calls write_sourced)."""
-        self.write_sourced(routed, [None] * len(routed))
-
-    def write_sourced(self, routed: list[tuple[str, PairRecord]], sources: list[Message | None]) -> None:
-        """Hold each record for the desk, its offset open until the desk settles it; skip one read again."""
-        for (_, record), msg in zip(routed, sources, strict=True):
-            handle = None
-            if msg is not None:
-                tp, offset = TopicPartition(msg.topic, msg.partition), msg.offset
-                handle = (tp, offset)
-                offsets = self.open.setdefault(tp, {})
-                if offset in offsets or offset < self.settled_below.get(tp, 0):
-                    # Read again from the group's offset (a rebalance, fresh clients): the desk holds the pair or
-                    # wrote its decision, so not again. The group's offset is behind ours (a commit failed): resend.
-                    self.committed.pop(tp, None)
-                    continue
-                offsets[offset] = False
-            self.waiting.append((record, handle))
-
-    def take(self, limit: int) -> list[tuple[PairRecord, Handle | None]]:
-        """Up to `limit` held records, oldest first."""
-        return [self.waiting.popleft() for _ in range(min(limit, len(self.waiting)))]
-
-    def settle(self, handles: list[Any]) -> None:
-        """Mark these (partition, offset) handles settled; unknown ones are ignored."""
-        for handle in handles:
-            if handle is None:
-                continue
-            tp, offset = handle
-            offsets = self.open.get(tp)
-            if offsets is not None and offset in offsets:
-                offsets[offset] = True
-
-    def due(self) -> bool:
-        """Every batch is a checkpoint: dead letters are acknowledged and settled offsets committed at once."""
-        return True
-
-    def flush(self, offsets: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
-        """Nothing to write; note how far polling got and return what is safe to commit."""
-        for tp, offset in offsets.items():
-            self.polled_to[tp] = max(self.polled_to.get(tp, 0), offset)
-        return self.safe_offsets()
-
-    def safe_offsets(self) -> dict[TopicPartition, int]:
-        """Per partition, the first offset still open (or where polling got to), where it moved since the last call."""
-        moved: dict[TopicPartition, int] = {}
-        for tp, polled in self.polled_to.items():
-            offsets = self.open.get(tp, {})
-            point = commit_point(offsets, polled)
-            if point is None or point == self.committed.get(tp):
-                continue
-            moved[tp] = self.committed[tp] = point
-            self.settled_below[tp] = max(point, self.settled_below.get(tp, 0))
-            for offset in [o for o in offsets if o < point]:
-                del offsets[offset]
-        return moved
-
-    def stored_offsets(self) -> Mapping[TopicPartition, int]:
-        """None of its own: the group's committed offsets are where the desk resumes."""
-        return {}
 
 
 class KafkaDeskQueues:
@@ -358,22 +271,27 @@ class KafkaDeskQueues:
     def _write(self, routed: list[tuple[str, PairRecord]]) -> None:
         runner = self._opened(waits=False)
         messages = [self._fitting(runner, route, record) for route, record in routed]
-        deliver(runner.producer, messages, runner.flush_timeout_s)
+        try:
+            deliver(runner.producer, messages, runner.flush_timeout_s)
+        except DeliveryError as exc:
+            # A topic's max.message.bytes lowered while the desk runs: a decision the broker refuses as too large
+            # would be refused on every retry. Learnt as the runner learns it for its own outputs, the lower limit
+            # has the retry dead-letter it (_fitting); what was acknowledged is written again.
+            runner.learn_limit(exc, f"writing the {len(messages)} decisions again dead-letters what is over it")
+            raise
         if messages:
             self._heard_from_kafka()
 
     def _fitting(self, runner: StageRunner, route: str, record: PairRecord) -> Outgoing:
-        """The decision's message to its route's topic; one over that topic's limit, never writable, would hold the
-        desk's outbox for ever: it goes to the dead-letter topic instead (cut to fit), as the runner's outputs do."""
-        out, dlq = encode_record(record, getattr(self.topics, route)), self.topics.dead_letter
-        most = runner.settings.kafka.max_message_bytes  # the producer's own max_request_size too
-        cap, dlq_cap = (min(most, runner.topic_limits.get(topic, most)) for topic in (out.topic, dlq))
-        if out.size <= cap:
-            return out
-        why = f"{out.size} bytes, over the {cap}-byte message limit of topic {out.topic}"
-        log.error("desk: the decision on pair %s is %s: written to %s instead", record.pair.id, why, dlq)
-        return dead_letter_for(None, dlq, kind="too-large", reason=f"the desk's {route} decision is {why}",
-                               service=SERVICE, record=record, max_bytes=dlq_cap)  # fmt: skip
+        """The decision's message to its route's topic, or its dead letter where it is over that topic's limit (as the
+        runner's outputs are): never writable, it would hold the desk's outbox for ever."""
+        dlq, most = self.topics.dead_letter, runner.settings.kafka.max_message_bytes  # the producer's max_request_size
+        message, too_large = fit_to_topic(record, getattr(self.topics, route), max_bytes=most, service=SERVICE,
+                                          topic_limits=runner.topic_limits, dead_letter_topic=dlq,
+                                          what=f"the desk's {route} decision")  # fmt: skip
+        if too_large is not None:
+            log.error("desk: the decision on pair %s is %s: written to %s instead", record.pair.id, too_large, dlq)
+        return message
 
     def _ack(self, handles: list[Any]) -> None:
         runner = self._opened(waits=False)

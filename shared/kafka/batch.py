@@ -80,13 +80,13 @@ def plan_batch(
     plan = BatchPlan()
     limits = topic_limits or {}
 
-    def limit(topic: str) -> int | None:
-        return min(max_bytes, limits.get(topic, max_bytes)) if max_bytes is not None else limits.get(topic)
-
     def to_dlq(msg: Message | None, kind: str, reason: str, record: PairRecord | None = None) -> None:
         dlq = topics.dead_letter
-        plan.outgoing.append(dead_letter_for(msg, dlq, kind=kind, reason=reason, service=service, record=record,
-                                             max_bytes=limit(dlq)))  # fmt: skip
+        dead_lettered(dead_letter_for(msg, dlq, kind=kind, reason=reason, service=service, record=record,
+                                      max_bytes=topic_limit(max_bytes, limits, dlq)), kind)  # fmt: skip
+
+    def dead_lettered(letter: Outgoing, kind: str) -> None:
+        plan.outgoing.append(letter)
         plan.failed[kind] += 1
         plan.dead_lettered += 1
 
@@ -129,20 +129,53 @@ def plan_batch(
                 plan.sunk_from.append(same_id.pop(0) if same_id else None)
                 plan.emitted[route] += 1
             else:
-                encoded = encode_record(record, topics.stage_topic(route, record.lineage.stage))
-                cap = limit(encoded.topic)
-                if cap is None or encoded.size <= cap:
-                    plan.outgoing.append(encoded)
+                message, too_large = fit_to_topic(
+                    record, topics.stage_topic(route, record.lineage.stage), max_bytes=max_bytes, topic_limits=limits,
+                    dead_letter_topic=topics.dead_letter, service=service, what=f"output for route {route!r}",
+                    source=source.get(record.pair.id) or source.get(record.lineage.original_id),
+                )  # fmt: skip
+                if too_large is None:
+                    plan.outgoing.append(message)
                     plan.emitted[route] += 1
-                    continue
-                reason = f"output for route {route!r} is {encoded.size} bytes, over the {cap} of topic {encoded.topic}"
-                source_msg = source.get(record.pair.id) or source.get(record.lineage.original_id)
-                # With no source message found (a stage that changed the id without original_id) the output
-                # itself is dead-lettered, cut to what the dead-letter topic takes, rather than lost.
-                to_dlq(source_msg, "too-large", reason, None if source_msg is not None else record)
+                else:
+                    dead_lettered(message, "too-large")
         for record, reason in result.failed:
             to_dlq(source.get(record.pair.id), "failed", reason, record)
     return plan
+
+
+def topic_limit(max_bytes: int | None, limits: Mapping[str, int], topic: str) -> int | None:
+    """The message limit of `topic`: `max_bytes`, or less where `limits` says so; None when neither sets one."""
+    return min(max_bytes, limits.get(topic, max_bytes)) if max_bytes is not None else limits.get(topic)
+
+
+def fit_to_topic(
+    record: PairRecord,
+    topic: str,
+    *,
+    max_bytes: int | None,
+    topic_limits: Mapping[str, int],
+    dead_letter_topic: str,
+    service: str,
+    what: str,
+    source: Message | None = None,
+) -> tuple[Outgoing, str | None]:
+    """`record`'s message to `topic`, and None; or, when that is over the topic's limit (topic_limit), its too-large
+    dead letter and why (its size, the limit and the topic).
+
+    A message over its topic's limit is never writable: produced, it would hold the outbox (and a restart) for ever.
+    The dead letter's reason is "<what> is <why>"; it carries `source`, the consumed message the record came from, or
+    without one the record itself, cut to what the dead-letter topic takes, rather than lose it.
+    """
+    out = encode_record(record, topic)
+    cap = topic_limit(max_bytes, topic_limits, topic)
+    if cap is None or out.size <= cap:
+        return out, None
+    over = f"{out.size} bytes, over the {cap}-byte message limit of topic {topic}"
+    letter = dead_letter_for(source, dead_letter_topic, kind="too-large", reason=f"{what} is {over}", service=service,
+                             record=None if source is not None else record,
+                             max_bytes=topic_limit(max_bytes, topic_limits, dead_letter_topic))  # fmt: skip
+    return letter, over
 
 
 def learned_limit(limits: Mapping[str, int], max_bytes: int, topic: str, size: int) -> int | None:

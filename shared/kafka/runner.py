@@ -326,19 +326,20 @@ class StageRunner:
         return plan
 
     def _learn_limits(self, exc: DeliveryError, batch: int) -> bool:
-        """Whether the message the broker refused first as too large teaches its topic a lower limit, for reading the
-        batch again: then it is in topic_limits, with any lower one the broker reports, on a fresh producer."""
-        kafka = self.settings.kafka
+        """learn_limit, for reading the batch again; False past MAX_REFUSED_READS reads in a row."""
         self._refused += 1
-        if exc.too_large is None or self._refused > MAX_REFUSED_READS:
+        then = f"reading the batch of {batch} again to dead-letter what is over it"
+        return self._refused <= MAX_REFUSED_READS and self.learn_limit(exc, then)
+
+    def learn_limit(self, exc: DeliveryError, then: str) -> bool:
+        """Whether the message the broker refused first as too large teaches its topic a lower limit (logged with what
+        is done `then`): then it is in topic_limits, with any lower one the broker reports, on a fresh producer."""
+        kafka, refused = self.settings.kafka, exc.too_large
+        if refused is None or (limit := learned_limit(self.topic_limits, kafka.max_message_bytes, *refused)) is None:
             return False
-        topic, size = exc.too_large
-        limit = learned_limit(self.topic_limits, kafka.max_message_bytes, topic, size)
-        if limit is None:
-            return False
+        topic, size = refused
         log.warning("%s: topic %s refused a %d-byte message as too large: its limit is taken as %d bytes from now on; "
-                    "reading the batch of %d again to dead-letter what is over it", self.service, topic, size, limit,
-                    batch)  # fmt: skip
+                    "%s", self.service, topic, size, limit, then)  # fmt: skip
         self.topic_limits[topic] = limit
         try:  # exact where readable (an operator lowered max.message.bytes); the refusals alone give an upper bound
             found = message_limits(kafka, self.settings.topics.all(), timeout_s=kafka.request_timeout_ms / 1000)

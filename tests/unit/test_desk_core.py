@@ -217,7 +217,7 @@ def test_view_carries_attributes_and_examples() -> None:
 
 
 def test_kafka_commit_point_waits_for_the_oldest_open_pair() -> None:
-    from synpref.services.desk.kafka_queue import commit_point
+    from synpref.services.desk.inbox import commit_point
 
     assert commit_point({}) is None
     assert commit_point({5: False, 6: True}) == 5

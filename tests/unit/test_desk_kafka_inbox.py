@@ -5,7 +5,7 @@ from __future__ import annotations
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
-from synpref.services.desk.kafka_queue import ReviewInbox, pass_through
+from synpref.services.desk.inbox import ReviewInbox, pass_through
 from synpref.shared.config import TopicSettings
 from synpref.shared.kafka.batch import plan_batch
 from synpref.shared.kafka.codec import encode_record

@@ -194,7 +194,7 @@ def test_an_output_over_the_message_limit_is_dead_lettered_as_its_input():
     (dlq,) = [o for o in plan.outgoing if o.topic == "dlq"]
     assert dlq.value == msgs[1].value, "the input, which the broker accepted, not the oversized output"
     h = header_map(dlq.headers)
-    assert h[DLQ_KIND] == "too-large" and "over the 32768 of topic out-a" in h[DLQ_REASON]
+    assert h[DLQ_KIND] == "too-large" and "over the 32768-byte message limit of topic out-a" in h[DLQ_REASON]
     assert (h[DLQ_PARTITION], h[DLQ_OFFSET]) == ("2", "5")
 
 
@@ -241,7 +241,7 @@ def test_a_dead_letter_over_the_limit_keeps_its_provenance_but_not_its_payload()
     h = header_map(dlq.headers)
     assert (h[DLQ_KIND], h[DLQ_TOPIC], h[DLQ_PARTITION], h[DLQ_OFFSET]) == ("too-large", "in", "1", "9")
     assert h[DLQ_DROPPED] == str(len(out.value) + sum(len(v) for _, v in out.headers))
-    assert "over the 30000 of topic out-a" in h[DLQ_REASON] and "left out" in h[DLQ_REASON]
+    assert "over the 30000-byte message limit of topic out-a" in h[DLQ_REASON] and "left out" in h[DLQ_REASON]
 
 
 def test_stage_is_not_called_when_nothing_decodes():

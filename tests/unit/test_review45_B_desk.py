@@ -11,11 +11,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaConnectionError, KafkaTimeoutError, MessageSizeTooLargeError
+from kafka.future import Future
 from kafka.structs import TopicPartition
 
 from synpref.services.desk import MemoryReviewQueue, MemoryVerdictSink, ReviewDesk, make_app, web
 from synpref.services.desk.core import DeskCore, DeskError, parse_verdict
-from synpref.services.desk.kafka_queue import KafkaDeskQueues, ReviewInbox, pass_through
+from synpref.services.desk.inbox import ReviewInbox, pass_through
+from synpref.services.desk.kafka_queue import KafkaDeskQueues
 from synpref.shared.config import DeskSettings, KafkaSettings, TopicSettings
 from synpref.shared.kafka.batch import plan_batch
 from synpref.shared.kafka.clients import DeliveryError
@@ -226,14 +228,6 @@ def test_the_embedded_desk_logs_and_settles_a_record_it_refuses(caplog: pytest.L
 # -- 3. a decision too large for its topic ----------------------------------------------------------------------------
 
 
-class Future:
-    def __init__(self, error: Exception | None = None) -> None:
-        self.is_done, self.exception = True, error
-
-    def failed(self) -> bool:
-        return self.exception is not None
-
-
 class SizedProducer:
     """kafka-python's producer as far as the desk's sink sees it: send() refuses a message over max_request_size
     at once (MessageSizeTooLargeError), and acknowledges the rest unless `failing` (a broker away: a timeout)."""
@@ -248,7 +242,7 @@ class SizedProducer:
         if size > self.max_request_size:
             raise MessageSizeTooLargeError(f"The message is {size} bytes when serialized")
         self.sent.append((topic, key, value, headers))
-        return Future(KafkaTimeoutError("expired") if self.failing else None)
+        return Future().failure(KafkaTimeoutError("expired")) if self.failing else Future().success(None)
 
     def flush(self, timeout: float | None = None) -> None:
         return None

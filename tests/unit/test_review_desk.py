@@ -11,7 +11,8 @@ from kafka.errors import KafkaTimeoutError
 from kafka.structs import TopicPartition
 
 from synpref.services.desk import MemoryVerdictSink, ReviewDesk
-from synpref.services.desk.kafka_queue import KafkaDeskQueues, ReviewInbox, pass_through
+from synpref.services.desk.inbox import ReviewInbox, pass_through
+from synpref.services.desk.kafka_queue import KafkaDeskQueues
 from synpref.shared.config import DeskSettings, KafkaSettings, TopicSettings
 from synpref.shared.kafka.batch import plan_batch
 from synpref.shared.kafka.codec import encode_record
