@@ -158,9 +158,7 @@ class Outbox:
             self._futures.append((sent, future))
             # kafka-python's idempotent producer fails for good on a refused message and aborts every other send
             # with the same exception: only the order the failures come in says which message the broker refused.
-            add_errback = getattr(future, "add_errback", None)  # a test's future may have none: then send order
-            if add_errback is not None:
-                add_errback(self._failed, sent)
+            future.add_errback(self._failed, sent)
 
     def _failed(self, sent: tuple[str, int], error: Exception) -> None:
         if self._first_failure is None:  # runs on the producer's IO thread, one callback at a time
@@ -203,6 +201,9 @@ class Outbox:
 
     def _refused(self, futures: list[tuple[tuple[str, int], Any]]) -> tuple[str, int] | None:
         """(topic, size) of the message the broker refused as too large, when that was the first failure."""
+        # kafka-python's IO thread marks a future done and failed before it runs its errbacks (kafka/future.py,
+        # failure()): after a flush that gave up, or a get() that returned once is_done was set, a failed future's
+        # errback may not have run yet. Then the first failed future in send order is the best guess.
         first = self._first_failure or next(
             ((sent, f.exception) for sent, f in futures if f.is_done and f.failed()), None
         )

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from kafka.errors import KafkaTimeoutError, NotEnoughReplicasError
 
 from synpref.services.ingest.preprocess import (
     Decontaminator,
@@ -22,6 +23,8 @@ from synpref.services.ingest.preprocess import (
 )
 from synpref.shared.pairs import pair_id
 from synpref.shared.sources import SourceRow
+from testing import REPO_ROOT
+from testing.group_consumer import RecordingProducer
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 BENCH = "Write a short poem about the sea and the moon in the style of an old English sailor song please now"
@@ -210,47 +213,29 @@ def test_cli_decontaminates_with_the_builtin_set(tmp_path, capsys):
     assert "holds 13-grams" in capsys.readouterr().err
 
 
-class Sent:
-    """A finished send: acknowledged unless `ok` is False; `is_done` False until flushed (`at_flush`)."""
-
-    def __init__(self, ok: bool = True, done: bool = True) -> None:
-        self.is_done, self.ok = done, ok
-        self.exception = None if ok else RuntimeError("the broker refused the record")  # as kafka-python's futures
-
-    def succeeded(self) -> bool:
-        return self.is_done and self.ok
-
-
-class Producer:
-    """Sends acknowledged at once, or (at_flush) only when flushed, as a real producer's lingering batches;
-    never, if `hang` (a broker that stopped answering). Send number `stop_at` sets `stop` (as a SIGTERM would)."""
+class Producer(RecordingProducer):
+    """Sends acknowledged at once, or (at_flush) only when flushed, as a real producer's lingering batches; never, if
+    `hang` (a broker that stopped answering: a flush times out). Sends whose key is in `fail` are refused. Send number
+    `stop_at` sets `stop` (as a SIGTERM would)."""
 
     def __init__(
         self, fail: set[str] = frozenset(), at_flush: bool = False, hang: bool = False, stop_at: int = 0
     ) -> None:
-        self.fail, self.at_flush, self.hang, self.stop_at = fail, at_flush, hang, stop_at
-        self.sent, self.flushes, self.pending, self.stop = 0, 0, [], ""
+        refused = NotEnoughReplicasError("the broker refused the record")
+        super().__init__(fail=lambda topic, key: refused if key.decode() in fail else None, at_flush=at_flush or hang)
+        self.hang, self.stop_at, self.stop = hang, stop_at, ""
 
-    def send(self, topic, key, value, headers):
-        self.sent += 1
-        if self.sent == self.stop_at:
+    def send(self, topic, value=None, key=None, headers=None, partition=None, timestamp_ms=None):
+        if len(self.sent) + 1 == self.stop_at:
             self.stop = "SIGTERM received"
-        future = Sent(key.decode() not in self.fail, done=not (self.at_flush or self.hang))
-        self.pending.append(future)
-        return future
+        return super().send(topic, value, key, headers, partition, timestamp_ms)
 
-    def flush(self, timeout):
-        from kafka.errors import KafkaTimeoutError
-
+    def flush(self, timeout=None):
+        if not self.hang:
+            return super().flush(timeout)
         self.flushes += 1
-        if self.hang:
-            time.sleep(timeout)
-            raise KafkaTimeoutError("Timeout waiting for future")
-        for future in self.pending:
-            future.is_done = True
-
-    def close(self, timeout):
-        pass
+        time.sleep(timeout)
+        raise KafkaTimeoutError("Timeout waiting for future")
 
 
 def pairs(n: int, dropped_at: dict[int, float], snapshot):
@@ -276,7 +261,7 @@ def test_publish_hands_over_acknowledged_ids_in_groups_as_they_complete(monkeypa
     producer = Producer(fail={records[4].pair.id})
     handed: list[list[str]] = []
     unacked, stopped = ingest.publish(Preprocessor(), iter(rows), producer, "t", handed.append)
-    assert (unacked, stopped, producer.sent) == (1, "", 8)
+    assert (unacked, stopped, len(producer.sent)) == (1, "", 8)
     assert [len(h) for h in handed] == [3, 3, 1], handed  # every 3 acknowledged, then the rest at the end
     assert [i for h in handed for i in h] == [r.pair.id for r in records if r.pair.id != records[4].pair.id]
 
@@ -304,14 +289,15 @@ def test_publish_stops_on_request_and_waits_a_bounded_time(monkeypatch):
     pre, handed, producer = Preprocessor(), [], Producer(at_flush=True, stop_at=300)
     rows = (row(i, f"prompt {i}") for i in range(1000))
     unacked, stopped = ingest.publish(pre, rows, producer, "t", handed.extend, lambda: producer.stop)
-    assert (unacked, stopped, producer.sent, len(handed), pre.counts.read) == (0, "SIGTERM received", 300, 300, 300)
+    sent = len(producer.sent)
+    assert (unacked, stopped, sent, len(handed), pre.counts.read) == (0, "SIGTERM received", 300, 300, 300)
     assert producer.flushes == 1 and pre.counts.reconciles()
     # A broker that no longer answers: the stop still ends within STOP_TIMEOUT_S (and STOP_CLOSE_S).
     monkeypatch.setattr(ingest, "STOP_TIMEOUT_S", 0.5)
     producer, started = Producer(hang=True, stop_at=300), time.monotonic()
     rows = (row(i, f"prompt {i}") for i in range(1000))
     unacked, stopped = ingest.publish(Preprocessor(), rows, producer, "t", handed.extend, lambda: producer.stop)
-    assert (unacked, stopped, producer.sent, producer.flushes) == (300, "SIGTERM received", 300, 1)
+    assert (unacked, stopped, len(producer.sent), producer.flushes) == (300, "SIGTERM received", 300, 1)
     assert time.monotonic() - started < 5
 
 
@@ -359,37 +345,26 @@ CHILD = """
 import os, signal, sys, time
 import synpref.services.ingest.main as ingest
 import synpref.shared.kafka.clients as clients
+from testing.group_consumer import RecordingProducer
 
 MODE, AT = os.environ["FAKE_MODE"], int(os.environ["FAKE_AT"])
 
-class Future:
-    def __init__(self, done):
-        self.is_done = done
-    def succeeded(self):
-        return self.is_done
-
-class Producer:
+class Producer(RecordingProducer):
     def __init__(self):
-        self.sent, self.pending = 0, []
-    def send(self, topic, key, value, headers):
-        self.sent += 1
+        super().__init__(at_flush=MODE == "term")
+    def send(self, topic, value=None, key=None, headers=None, partition=None, timestamp_ms=None):
+        n = len(self.sent) + 1
         if MODE == "kill":
-            if self.sent == AT + 1:
+            if n == AT + 1:
                 os.kill(os.getpid(), signal.SIGKILL)
-            if self.sent == AT:
+            if n == AT:
                 time.sleep(ingest.HAND_OVER_S + 0.3 if hasattr(ingest, "HAND_OVER_S") else 1.3)
-            return Future(True)
-        if self.sent == AT:
-            print("READY", flush=True)
-        if self.sent > AT:
-            time.sleep(0.02)
-        self.pending.append(Future(False))
-        return self.pending[-1]
-    def flush(self, timeout):
-        for future in self.pending:
-            future.is_done = True
-    def close(self, timeout):
-        pass
+        else:
+            if n == AT:
+                print("READY", flush=True)
+            if n > AT:
+                time.sleep(0.02)
+        return super().send(topic, value, key, headers, partition, timestamp_ms)
 
 clients.make_producer = lambda *a, **k: Producer()
 ingest.topic_message_limit = lambda *a: None
@@ -400,7 +375,8 @@ sys.exit(ingest.main(sys.argv[1:]))
 def ingest_child(tmp_path: Path, mode: str, at: int, n: int) -> tuple[subprocess.Popen, Path]:
     src, seen = tmp_path / "pairs.jsonl", tmp_path / "seen.txt"
     src.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "x", "rejected": "y"}) + "\n" for i in range(n)))
-    env = {**os.environ, "FAKE_MODE": mode, "FAKE_AT": str(at)}
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))  # for testing/
+    env = {**os.environ, "FAKE_MODE": mode, "FAKE_AT": str(at), "PYTHONPATH": path}
     env.pop("SYNPREF_CONFIG", None)
     argv = [sys.executable, "-c", CHILD, str(src), "--no-decontaminate", "--seen", str(seen)]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), seen

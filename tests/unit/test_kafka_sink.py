@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import TopicPartition
 
 from synpref.shared.config import Settings, TopicSettings
 from synpref.shared.kafka import metrics
@@ -17,6 +17,7 @@ from synpref.shared.kafka.runner import StageRunner
 from synpref.shared.pairs import new_pair, new_record
 from synpref.shared.stage import StageResult
 from synpref.v1.pair_pb2 import PairRecord
+from testing.group_consumer import Clock, GroupConsumer, Offsets, RecordingProducer
 
 TOPICS = TopicSettings(s2_raw="in", curated="out", dead_letter="dlq")
 TP = TopicPartition("in", 0)
@@ -34,45 +35,34 @@ def consumed(i: int, offset: int, value: bytes | None = None) -> ConsumerRecord:
     return ConsumerRecord("in", 0, 0, offset, 0, 0, out.key, value, out.headers, None, 0, len(value), 0)
 
 
-class Future:
-    def __init__(self, ok: bool) -> None:
-        self.is_done, self.ok = True, ok
-        self.exception = None if ok else RuntimeError("not acknowledged")
+class FakeProducer(RecordingProducer):
+    """Fails every send to a topic in `refuse`; each flush goes to `log` with the number of sends so far."""
 
-    def failed(self) -> bool:
-        return not self.ok
-
-
-class FakeProducer:
     def __init__(self, log: list[str], refuse: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-        self.log, self.refuse, self.sent = log, refuse, []
+        super().__init__(fail=lambda topic, key: KafkaError("not acknowledged") if topic in self.refuse else None)
+        self.log, self.refuse = log, refuse
 
-    def send(self, topic: str, key: Any, value: bytes, headers: Any) -> Future:
-        self.sent.append(topic)
-        return Future(topic not in self.refuse)
-
-    def flush(self, timeout: float) -> None:
+    def flush(self, timeout: float | None = None) -> None:
+        super().flush(timeout)
         self.log.append(f"producer.flush({len(self.sent)})")
 
 
-class FakeConsumer:
+class FakeConsumer(GroupConsumer):
+    """Hands out `batches`, one a poll; each commit goes to `log` too."""
+
     def __init__(self, log: list[str], batches: list[list[ConsumerRecord]]) -> None:
-        self.log, self.batches = log, batches
+        super().__init__([m for batch in batches for m in batch], Clock(), TP, 600_000)
+        self.log, self.sizes = log, [len(batch) for batch in batches]
 
-    def poll(self, timeout_ms: int, max_records: int) -> dict:
-        return {TP: self.batches.pop(0)} if self.batches else {}
+    def poll(
+        self, timeout_ms: int = 0, max_records: int | None = None, update_offsets: bool = True
+    ) -> dict[TopicPartition, list[ConsumerRecord]]:
+        size = self.sizes.pop(0) if self.sizes else 0
+        return super().poll(timeout_ms, size if max_records is None else min(size, max_records), update_offsets)
 
-    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        self.log.append("commit " + ",".join(f"{tp.partition}:{o.offset}" for tp, o in offsets.items()))
-
-    def assignment(self) -> set[TopicPartition]:
-        return {TP}
-
-    def highwater(self, tp: TopicPartition) -> int:
-        return 10
-
-    def position(self, tp: TopicPartition, timeout_ms: int = 0) -> int:
-        return 4
+    def commit(self, offsets: Offsets | None = None, timeout_ms: int | None = None) -> None:
+        super().commit(offsets, timeout_ms)
+        self.log.append("commit " + ",".join(f"{tp.partition}:{o.offset}" for tp, o in (offsets or {}).items()))
 
 
 class ListSink:
@@ -121,7 +111,7 @@ def test_a_sink_gets_the_routed_records_and_is_flushed_before_the_producer_and_t
     assert log == [] and sink.buffer == [record(0).pair.id, record(1).pair.id], "not due: nothing flushed"
     runner.run_once()
     assert sink.flushed == [[record(i).pair.id for i in range(3)]]
-    assert runner.producer.sent == ["dlq"], "records went to the sink, only the dead letter to Kafka"
+    assert runner.producer.sent_topics == ["dlq"], "records went to the sink, only the dead letter to Kafka"
     assert log == ["sink.flush {0: 4}", "producer.flush(1)", "commit 0:4"]
 
 
@@ -148,9 +138,9 @@ def test_an_unacknowledged_dead_letter_stops_the_checkpoint_before_the_sink_and_
 
 def test_without_a_sink_every_batch_is_checkpointed_and_lag_is_reported():
     log: list[str] = []
-    runner = runner_with([[consumed(0, 0), consumed(1, 1)]], None, log)
+    runner = runner_with([[consumed(0, 0), consumed(1, 1)], [consumed(i, i) for i in range(2, 8)]], None, log)
     runner.run_once()
-    assert runner.producer.sent == ["out", "out"] and log == ["producer.flush(2)", "commit 0:2"]
+    assert runner.producer.sent_topics == ["out", "out"] and log == ["producer.flush(2)", "commit 0:2"]
     lag = {s.labels["partition"]: s.value for f in metrics.CONSUMER_LAG.collect() for s in f.samples
            if s.labels["service"] == "sink-test"}  # fmt: skip
     assert lag == {"0": 6}

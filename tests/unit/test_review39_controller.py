@@ -9,6 +9,7 @@ import pytest
 from synpref.services.controller.cluster_models import K8sModels
 from synpref.shared.config import load_settings
 from synpref.training.k8s_job import JobError
+from testing.group_consumer import RecordingProducer, Topics, TopicsConsumer
 
 PAIRS = [
     {
@@ -107,15 +108,13 @@ def test_a_new_run_in_a_kept_workdir_trains_its_own_models(tmp_path):
     assert handle.version != f"working-1-{old.backend.submitted[0]}"
 
 
-class SlowPipeline:
-    """Topics as lists and a Stage-2 pipeline that decides `per_poll` input messages per consumer poll, each
-    poll taking a second of a fake clock; the executor's consumer and producer over them."""
+class SlowPipeline(Topics):
+    """Topics and a Stage-2 pipeline that decides `per_poll` input messages per consumer poll, each poll taking a
+    second of a fake clock; the executor's consumer and producer over them."""
 
     def __init__(self, topics, per_poll: int) -> None:
-        from collections import defaultdict
-
+        super().__init__()
         self.names, self.per_poll, self.now, self.done = topics, per_poll, 0.0, 0
-        self.topics: dict[str, list] = defaultdict(list)
 
     def monotonic(self) -> float:
         return self.now
@@ -123,65 +122,23 @@ class SlowPipeline:
     def sleep(self, seconds: float) -> None:
         self.now += seconds
 
-    def work(self) -> None:
-        from types import SimpleNamespace
-
+    def work(self, poll: int) -> None:
         from synpref.shared.kafka.codec import decode_record, encode_record
         from synpref.v1.pair_pb2 import DECISION_KEEP
 
-        for msg in self.topics[self.names.s2_raw][self.done : self.done + self.per_poll]:
+        self.now += 1.0
+        for msg in self.messages(self.names.s2_raw)[self.done : self.done + self.per_poll]:
             record = decode_record(msg.value, msg.headers)
             record.decision.decision = DECISION_KEEP
             sent = encode_record(record, self.names.s2_decided)
-            self.topics[self.names.s2_decided].append(SimpleNamespace(value=sent.value, headers=sent.headers))
+            self.append(sent.topic, sent.key, sent.value, sent.headers)
             self.done += 1
 
     def producer(self):
-        from types import SimpleNamespace
-
-        pipeline = self
-
-        class Producer:
-            def send(self, topic, key, value, headers):
-                pipeline.topics[topic].append(SimpleNamespace(value=value, headers=headers))
-                return SimpleNamespace(is_done=True, exception=None, failed=lambda: False)
-
-            def flush(self, timeout): ...
-
-            def close(self): ...
-
-        return Producer()
+        return RecordingProducer(self)
 
     def consumer(self):
-        pipeline = self
-
-        class Consumer:
-            def __init__(self) -> None:
-                self.pos: dict = {}
-
-            def partitions_for_topic(self, topic):
-                return {0}
-
-            def assign(self, parts):
-                self.pos = dict.fromkeys(parts, 0)
-
-            def seek_to_end(self, *parts):
-                for tp in parts:
-                    self.pos[tp] = len(pipeline.topics[tp.topic])
-
-            def position(self, tp, timeout_ms=None):
-                return self.pos[tp]
-
-            def poll(self, timeout_ms):
-                pipeline.now += 1.0
-                pipeline.work()
-                out = {tp: pipeline.topics[tp.topic][at:] for tp, at in self.pos.items()}
-                self.pos = {tp: len(pipeline.topics[tp.topic]) for tp in self.pos}
-                return out
-
-            def close(self): ...
-
-        return Consumer()
+        return TopicsConsumer(self, self.work)
 
 
 def stage2_records(n: int) -> list:
@@ -217,7 +174,7 @@ def test_a_batch_still_coming_back_is_waited_for_and_a_stalled_one_times_out(mon
     result = executor.run("stage2", records)
     assert sorted(r.pair.id for _, r in result.routed) == sorted(r.pair.id for r in records)
     assert {route for route, _ in result.routed} == {"curated"} and not result.failed
-    assert len(pipeline.topics[topics.s2_raw]) == 30, "published once"
+    assert len(pipeline.messages(topics.s2_raw)) == 30, "published once"
 
 
 if __name__ == "__main__":

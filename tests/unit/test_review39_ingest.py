@@ -10,6 +10,7 @@ import pytest
 
 from synpref.services.ingest.preprocess import Decontaminator, Preprocessor, benchmark_prompts, words
 from synpref.shared.sources import SourceRow, iter_source
+from testing.group_consumer import RecordingProducer
 
 BENCH = "Write a short poem about the sea and the moon in the style of an old English sailor song please now"
 
@@ -114,26 +115,11 @@ def test_a_send_that_raises_counts_its_record_as_unacknowledged():
 
     from synpref.services.ingest.main import publish
 
-    class Done:
-        is_done = True
-
-        def succeeded(self) -> bool:
-            return True
-
-    class Producer:
-        sent = 0
-
-        def send(self, topic, key, value, headers):
-            self.sent += 1
-            if self.sent == 3:
+    class Producer(RecordingProducer):
+        def send(self, topic, value=None, key=None, headers=None, partition=None, timestamp_ms=None):
+            if len(self.sent) == 2:  # the third send
                 raise KafkaTimeoutError("Failed to allocate memory within the configured max blocking time")
-            return Done()
-
-        def flush(self, timeout):
-            pass
-
-        def close(self, timeout):
-            pass
+            return super().send(topic, value, key, headers, partition, timestamp_ms)
 
     rows = [pair_row([{"role": "user", "content": f"q{i}"}], [{"role": "assistant", "content": "a"}],
                      [{"role": "assistant", "content": "b"}]) for i in range(5)]  # fmt: skip

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import TopicPartition
 
 from synpref.services.gold_scorer.scoring import ScoringModel, make_scoring_stage, models_from_settings
 from synpref.services.scorer.server import BackgroundScorer
@@ -26,6 +26,7 @@ from synpref.shared.kafka.runner import StageRunner
 from synpref.shared.pairs import new_pair, new_record
 from synpref.shared.stage import Stage, StageUnavailable
 from synpref.v1.pair_pb2 import PairRecord
+from testing.group_consumer import Clock, GroupConsumer, RecordingProducer
 from testing.scorer_fakes import LengthBackend
 from testing.tiny import build_tiny_tokenizer
 
@@ -101,53 +102,6 @@ def test_a_scorer_failing_every_forward_has_the_batch_read_again_not_dead_letter
     assert plan.emitted == {"scored": size} and plan.dead_lettered == 0
 
 
-class FakeConsumer:
-    """Hands out the same batch from wherever it was sought back to; records seeks and commits."""
-
-    def __init__(self, messages: list[ConsumerRecord]) -> None:
-        self.messages, self.position_at, self.seeks, self.commits = messages, 0, [], []
-
-    def poll(self, timeout_ms: int, max_records: int) -> dict:
-        out = [m for m in self.messages if m.offset >= self.position_at][:max_records]
-        self.position_at = out[-1].offset + 1 if out else self.position_at
-        return {TP: out} if out else {}
-
-    def seek(self, tp: TopicPartition, offset: int) -> None:
-        self.seeks.append(offset)
-        self.position_at = offset
-
-    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        self.commits.append({tp.partition: o.offset for tp, o in offsets.items()})
-
-    def assignment(self) -> set[TopicPartition]:
-        return {TP}
-
-    def highwater(self, tp: TopicPartition) -> int:
-        return len(self.messages)
-
-    def position(self, tp: TopicPartition, timeout_ms: int = 0) -> int:
-        return self.position_at
-
-
-class Acked:
-    is_done, exception = True, None
-
-    def failed(self) -> bool:
-        return False
-
-
-class FakeProducer:
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-
-    def send(self, topic: str, key: Any, value: bytes, headers: Any) -> Acked:
-        self.sent.append(topic)
-        return Acked()
-
-    def flush(self, timeout: float) -> None:
-        pass
-
-
 class RecordedPauses(threading.Event):
     """The runner's stop event: records each back-off instead of waiting it out."""
 
@@ -165,8 +119,8 @@ def test_the_runner_backs_off_on_a_broken_scorer_and_sends_nothing_until_it_reco
 ) -> None:
     records = [record(i) for i in range(3)]
     consumer, producer, stop = (
-        FakeConsumer([consumed(r, i) for i, r in enumerate(records)]),
-        FakeProducer(),
+        GroupConsumer([consumed(r, i) for i, r in enumerate(records)], Clock(), TP, 600_000),
+        RecordingProducer(),
         RecordedPauses(),
     )
     runner = StageRunner(Settings(topics=TOPICS), grpc_stage(scorer), service="review41-gold", stop=stop)
@@ -180,7 +134,7 @@ def test_the_runner_backs_off_on_a_broken_scorer_and_sends_nothing_until_it_reco
     assert stop.pauses == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     MarkedBackend.broken = False
     assert runner.run_once() == 3
-    assert producer.sent == ["scored"] * 3 and consumer.commits == [{0: 3}]
+    assert producer.sent_topics == ["scored"] * 3 and consumer.commits == [3]
 
 
 # --- scores stay on their pairs when a batch is split; one pair's own failure is dead-lettered alone ----------

@@ -10,7 +10,6 @@ pair id as the codec's message key spreads them).
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,31 +34,17 @@ from synpref.v1.pair_pb2 import (
     HumanVerdict,
     PairRecord,
 )
+from testing.group_consumer import RecordingProducer, Topics, TopicsConsumer
 
 TOPICS = TopicSettings()
 PARTS = 3
 
 
-class Acked:
-    is_done = True
-    exception = None
-
-    def failed(self) -> bool:
-        return False
-
-
-class Broker:
+class Broker(Topics):
     """Topics of PARTS partitions; a message goes to the partition of its key (the pair id), as Kafka's does."""
 
     def __init__(self) -> None:
-        self.parts: dict[tuple[str, int], list[Any]] = {}
-
-    def append(self, topic: str, key: bytes | None, value: bytes, headers: Any) -> None:
-        part = zlib.crc32(key or b"") % PARTS
-        self.parts.setdefault((topic, part), []).append(SimpleNamespace(value=value, headers=headers))
-
-    def messages(self, topic: str) -> list[Any]:
-        return [m for p in range(PARTS) for m in self.parts.get((topic, p), [])]
+        super().__init__(PARTS)
 
     def desk_labels(self, *prefs: int) -> None:
         """The desk labels every pair of the review topic once per preference given: a second one is a desk that
@@ -72,62 +57,21 @@ class Broker:
                 self.append(sent.topic, sent.key, sent.value, sent.headers)
 
 
-class Producer:
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-
-    def send(self, topic: str, key: Any, value: bytes, headers: Any) -> Acked:
-        self.broker.append(topic, key, value, headers)
-        return Acked()
-
-    def flush(self, timeout: float) -> None: ...
-
-    def close(self) -> None: ...
+def consumer(broker: Broker, desk: Any = None, reverse: bool = False) -> TopicsConsumer:
+    """Reads its assigned partitions; `desk` runs at the first poll (the humans answering meanwhile); `reverse` hands
+    partitions over in the other order (which orientation comes first is up to the broker)."""
+    return TopicsConsumer(broker, lambda poll: desk() if desk is not None and poll == 1 else None, reverse)
 
 
-class Consumer:
-    """Reads its assigned partitions; `desk` runs once at the first poll (the humans answering meanwhile);
-    `reverse` hands partitions over in the other order (which orientation comes first is up to the broker);
-    `die`: the first poll hands over one message and the next one raises (the controller killed)."""
+class Dying(TopicsConsumer):
+    """The first poll hands over one message and the next one raises (the controller killed)."""
 
-    def __init__(self, broker: Broker, desk: Any = None, reverse: bool = False, die: bool = False) -> None:
-        self.broker, self.desk, self.reverse, self.die = broker, desk, reverse, die
-        self.pos: dict[TopicPartition, int] = {}
-
-    def partitions_for_topic(self, topic: str) -> set[int]:
-        return set(range(PARTS))
-
-    def assign(self, parts: list[TopicPartition]) -> None:
-        self.pos = dict.fromkeys(parts, 0)
-
-    def seek_to_end(self, *parts: TopicPartition) -> None:
-        for tp in parts:
-            self.pos[tp] = len(self.broker.parts.get((tp.topic, tp.partition), []))
-
-    def seek(self, tp: TopicPartition, offset: int) -> None:
-        self.pos[tp] = offset
-
-    def position(self, tp: TopicPartition, timeout_ms: int | None = None) -> int:
-        return self.pos[tp]
-
-    def poll(self, timeout_ms: int) -> dict[TopicPartition, list[Any]]:
-        if self.desk is None and self.die:
+    def poll(
+        self, timeout_ms: int = 0, max_records: int | None = None, update_offsets: bool = True
+    ) -> dict[TopicPartition, list[Any]]:
+        if self.polls:
             raise RuntimeError("controller killed while it waits for the desk")
-        if self.desk is not None:
-            self.desk()
-            self.desk = None
-            if self.die:  # hand over one message only, then die on the next poll
-                tp = next(t for t in sorted(self.pos, key=str) if self.broker.parts.get((t.topic, t.partition)))
-                self.pos[tp] += 1
-                return {tp: self.broker.parts[(tp.topic, tp.partition)][self.pos[tp] - 1 : self.pos[tp]]}
-        out = {}
-        for tp in sorted(self.pos, key=lambda t: (t.topic, t.partition), reverse=self.reverse):
-            msgs = self.broker.parts.get((tp.topic, tp.partition), [])
-            out[tp] = msgs[self.pos[tp] :]
-            self.pos[tp] = len(msgs)
-        return out
-
-    def close(self) -> None: ...
+        return super().poll(timeout_ms, 1, update_offsets)
 
 
 def records(n: int) -> list[PairRecord]:
@@ -155,9 +99,9 @@ def controller(tmp_path: Path, store: PairStore, humans: Any) -> Any:
 @pytest.mark.parametrize("reverse", [False, True], ids=["kept-first", "flipped-first"])
 def test_a_pair_the_desk_labels_twice_the_other_way_round_is_in_d_gold_once(monkeypatch, tmp_path, reverse) -> None:
     broker = Broker()
-    monkeypatch.setattr(clients, "make_producer", lambda kafka: Producer(broker))
+    monkeypatch.setattr(clients, "make_producer", lambda kafka: RecordingProducer(broker))
     desk = lambda: broker.desk_labels(PREFERENCE_CHOSEN, PREFERENCE_REJECTED)  # noqa: E731
-    monkeypatch.setattr(clients, "make_consumer", lambda kafka, group, **kw: Consumer(broker, desk, reverse))
+    monkeypatch.setattr(clients, "make_consumer", lambda kafka, group, **kw: consumer(broker, desk, reverse))
     asked = records(4)
     with PairStore(tmp_path / "pairs.sqlite") as store:
         store.add((key_of(r), "unverified", r) for r in asked)
@@ -191,8 +135,9 @@ def test_a_retried_step_keeps_the_verdict_it_recorded_when_the_desk_answers_agai
     # The controller dies after it kept the desk's first verdict on one pair; the desk restarts and publishes a
     # flipped copy of every pair; the retried step reads the topics back from where the first attempt started.
     broker = Broker()
-    monkeypatch.setattr(clients, "make_producer", lambda kafka: Producer(broker))
-    consumers = iter([Consumer(broker, lambda: broker.desk_labels(PREFERENCE_CHOSEN), die=True), Consumer(broker)])
+    monkeypatch.setattr(clients, "make_producer", lambda kafka: RecordingProducer(broker))
+    first = Dying(broker, lambda poll: broker.desk_labels(PREFERENCE_CHOSEN))
+    consumers = iter([first, consumer(broker)])
     monkeypatch.setattr(clients, "make_consumer", lambda kafka, group, **kw: next(consumers))
     asked = records(3)
     with PairStore(tmp_path / "pairs.sqlite") as store:

@@ -19,15 +19,16 @@ from synpref.shared.kafka import clients
 from synpref.shared.kafka.codec import dead_letter, decode_record, encode_record
 from synpref.shared.pairs import new_pair, new_record
 from synpref.v1.pair_pb2 import DECISION_KEEP, PairRecord
+from testing.group_consumer import RecordingProducer, Topics, TopicsConsumer
 
 
-class Pipeline:
-    """Topics as lists; each poll decides `per_poll` Stage-2 inputs (KEEP), or dead-letters those whose pair id
-    is in `too_large` the way the stage services do when the dead-letter copy is over the topic's limit."""
+class Pipeline(Topics):
+    """Topics; each poll decides `per_poll` Stage-2 inputs (KEEP), or dead-letters those whose pair id is in
+    `too_large` the way the stage services do when the dead-letter copy is over the topic's limit."""
 
     def __init__(self, topics: TopicSettings, per_poll: int, too_large: frozenset[str] = frozenset()) -> None:
+        super().__init__()
         self.names, self.per_poll, self.too_large = topics, per_poll, too_large
-        self.topics: dict[str, list[Any]] = {}
         self.now, self.done = 0.0, 0
 
     def monotonic(self) -> float:
@@ -36,11 +37,8 @@ class Pipeline:
     def sleep(self, seconds: float) -> None:
         self.now += seconds
 
-    def append(self, topic: str, key: bytes | None, value: bytes, headers: Any) -> None:
-        self.topics.setdefault(topic, []).append(SimpleNamespace(key=key, value=value, headers=headers))
-
     def work(self) -> None:
-        inputs = self.topics.get(self.names.s2_raw, [])
+        inputs = self.messages(self.names.s2_raw)
         for msg in inputs[self.done : self.done + self.per_poll]:
             record = decode_record(msg.value, msg.headers)
             if record.pair.id in self.too_large:
@@ -60,50 +58,16 @@ class Pipeline:
             sent = encode_record(record, self.names.s2_raw)
             self.append(sent.topic, sent.key, sent.value, sent.headers)
 
-    def producer(self) -> Any:
-        pipeline = self
+    def tick(self, poll: int) -> None:
+        """A poll: a second passes while the pipeline works."""
+        self.now += 1.0
+        self.work()
 
-        class Producer:
-            def send(self, topic: str, key: Any, value: bytes, headers: Any) -> Any:
-                pipeline.append(topic, key, value, headers)
-                return SimpleNamespace(is_done=True, exception=None, failed=lambda: False)
+    def producer(self) -> RecordingProducer:
+        return RecordingProducer(self)
 
-            def flush(self, timeout: float) -> None: ...
-
-            def close(self) -> None: ...
-
-        return Producer()
-
-    def consumer(self) -> Any:
-        pipeline = self
-
-        class Consumer:
-            def __init__(self) -> None:
-                self.pos: dict[Any, int] = {}
-
-            def partitions_for_topic(self, topic: str) -> set[int]:
-                return {0}
-
-            def assign(self, parts: Any) -> None:
-                self.pos = dict.fromkeys(parts, 0)
-
-            def seek_to_end(self, *parts: Any) -> None:
-                for tp in parts:
-                    self.pos[tp] = len(pipeline.topics.get(tp.topic, []))
-
-            def position(self, tp: Any, timeout_ms: int | None = None) -> int:
-                return self.pos[tp]
-
-            def poll(self, timeout_ms: int) -> dict:
-                pipeline.now += 1.0
-                pipeline.work()
-                out = {tp: pipeline.topics.get(tp.topic, [])[at:] for tp, at in self.pos.items()}
-                self.pos = {tp: len(pipeline.topics.get(tp.topic, [])) for tp in self.pos}
-                return out
-
-            def close(self) -> None: ...
-
-        return Consumer()
+    def consumer(self) -> TopicsConsumer:
+        return TopicsConsumer(self, self.tick)
 
 
 GOOD = [{"role": "assistant", "content": "good"}]
@@ -139,7 +103,7 @@ def test_a_dead_letter_left_without_its_payload_still_ends_its_record(monkeypatc
     assert [r.pair.id for r, _ in result.failed] == [batch[1].pair.id]
     assert "left out" in result.failed[0][1], "the dead letter's reason is kept"
     assert sorted(r.pair.id for _, r in result.routed) == sorted(r.pair.id for r in (batch[0], batch[2]))
-    assert len(pipeline.topics[topics.s2_raw]) == 3, "published once"
+    assert len(pipeline.messages(topics.s2_raw)) == 3, "published once"
 
 
 def test_a_batch_behind_an_earlier_attempts_copies_waits_while_they_come_back(monkeypatch, topics) -> None:
@@ -152,7 +116,7 @@ def test_a_batch_behind_an_earlier_attempts_copies_waits_while_they_come_back(mo
     batch = records(5, "next")
     result = executor_over(pipeline, monkeypatch, timeout_s=10).run("stage2", batch)
     assert sorted(r.pair.id for _, r in result.routed) == sorted(r.pair.id for r in batch)
-    assert len(pipeline.topics[topics.s2_raw]) == 35, "published once"
+    assert len(pipeline.messages(topics.s2_raw)) == 35, "published once"
 
 
 def test_a_pipeline_that_stops_still_times_out(monkeypatch, topics) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import TopicPartition
 
 from synpref.services.gold_scorer.scoring import ScorerFailed, ScoringModel, in_process_scorer, make_scoring_stage
 from synpref.shared import modeling
@@ -33,6 +33,7 @@ from synpref.shared.service import Service, ServiceSpec
 from synpref.shared.stage import Stage, StageBroken, StageUnavailable
 from synpref.v1 import pipeline_pb2, pipeline_pb2_grpc
 from synpref.v1.pair_pb2 import PairRecord
+from testing.group_consumer import Clock, GroupConsumer, RecordingProducer
 
 TOPICS = TopicSettings(s2_raw="in", s2_scored="scored", dead_letter="dlq")
 TP = TopicPartition("in", 0)
@@ -112,66 +113,6 @@ def test_a_scorer_replica_failing_over_grpc_or_out_of_memory_stays_unavailable_n
     assert not isinstance(full.value, StageBroken)  # memory another process holds may come free: no restart
 
 
-class FakeConsumer:
-    """Hands out the messages from wherever it was sought back to; records seeks, commits and how it closed."""
-
-    def __init__(self, messages: list[ConsumerRecord]) -> None:
-        self.messages, self.position_at = messages, 0
-        self.seeks: list[int] = []
-        self.commits: list[dict[int, int]] = []
-        self.closed: list[bool] = []
-
-    def poll(self, timeout_ms: int, max_records: int) -> dict:
-        out = [m for m in self.messages if m.offset >= self.position_at][:max_records]
-        self.position_at = out[-1].offset + 1 if out else self.position_at
-        return {TP: out} if out else {}
-
-    def seek(self, tp: TopicPartition, offset: int) -> None:
-        self.seeks.append(offset)
-        self.position_at = offset
-
-    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        self.commits.append({tp.partition: o.offset for tp, o in offsets.items()})
-
-    def commit_async(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        self.commit(offsets)
-
-    def assignment(self) -> set[TopicPartition]:
-        return {TP}
-
-    def highwater(self, tp: TopicPartition) -> int:
-        return len(self.messages)
-
-    def position(self, tp: TopicPartition, timeout_ms: int = 0) -> int:
-        return self.position_at
-
-    def close(self, autocommit: bool = True) -> None:
-        self.closed.append(autocommit)
-
-
-class Acked:
-    is_done, exception = True, None
-
-    def failed(self) -> bool:
-        return False
-
-
-class FakeProducer:
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-        self.closed = False
-
-    def send(self, topic: str, key: Any, value: bytes, headers: Any) -> Acked:
-        self.sent.append(topic)
-        return Acked()
-
-    def flush(self, timeout: float) -> None:
-        pass
-
-    def close(self, timeout: float) -> None:
-        self.closed = True
-
-
 def breaks_after_first_batch(monkeypatch: pytest.MonkeyPatch) -> Stage:
     """The real gold-scorer stage, in process, whose device breaks after its first forward."""
     calls = {"n": 0}
@@ -188,8 +129,8 @@ def breaks_after_first_batch(monkeypatch: pytest.MonkeyPatch) -> Stage:
     return make_scoring_stage([ScoringModel("gold", "g1", scorer)])
 
 
-def fakes(n: int) -> tuple[FakeConsumer, FakeProducer]:
-    return FakeConsumer([consumed(record(i), i) for i in range(n)]), FakeProducer()
+def fakes(n: int) -> tuple[GroupConsumer, RecordingProducer]:
+    return GroupConsumer([consumed(record(i), i) for i in range(n)], Clock(), TP, 600_000), RecordingProducer()
 
 
 def test_stage_broken_stops_the_runner_without_committing_its_batch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,9 +150,9 @@ def test_stage_broken_stops_the_runner_without_committing_its_batch(monkeypatch:
         runner.run()
     # The first batch went through and was committed; the broken one was neither sent nor committed, the
     # position was put back to its first offset, and the clients closed without an auto-commit.
-    assert producer.sent == ["scored", "scored"] and consumer.commits == [{0: 2}]
-    assert consumer.seeks == [2] and consumer.position_at == 2 and waits == []
-    assert consumer.closed == [False] and producer.closed and runner.consumer is None
+    assert producer.sent_topics == ["scored", "scored"] and consumer.commits == [2]
+    assert consumer.seeks == [2] and consumer.pos == 2 and waits == []
+    assert consumer.closes == [False] and producer.closed and runner.consumer is None
 
 
 @pytest.fixture
@@ -258,7 +199,7 @@ def test_the_gold_scorer_service_exits_1_on_a_broken_device_with_the_batch_uncom
     served.join(timeout=20)  # old code: the service went on reading the batch again, and never exited
     assert codes == [1]
     assert "synpref gold-scorer: exiting to be restarted" in capsys.readouterr().err
-    assert consumer.commits == [{0: 2}] and consumer.closed == [False] and producer.sent == ["scored", "scored"]
+    assert consumer.commits == [2] and consumer.closes == [False] and producer.sent_topics == ["scored", "scored"]
 
 
 @pytest.mark.usefixtures("no_synpref_env")

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import yaml
 from kafka.errors import KafkaTimeoutError
+from kafka.structs import TopicPartition
 
 from synpref.services.controller import executors
 from synpref.services.controller.cluster_models import ClusterJobs, K8sModels
@@ -23,17 +23,18 @@ from synpref.shared.kafka.codec import decode_record, encode_record
 from synpref.shared.pairs import new_pair, new_record
 from synpref.training.k8s_job import JobBackend
 from synpref.v1.pair_pb2 import DECISION_KEEP
+from testing.group_consumer import RecordingProducer, Topics, TopicsConsumer
 
 
-class Broker:
-    """Stage 2 as topics of lists, on a fake clock; the s2_decided partition has no leader for `leaderless` look-ups
-    of its end offset, each answered the way kafka-python 3.0.12 does when its timeout_ms runs out (`answer`)."""
+class Broker(Topics):
+    """Stage 2 as topics, on a fake clock; the s2_decided partition has no leader for `leaderless` look-ups of its end
+    offset, each answered the way kafka-python 3.0.12 does when its timeout_ms runs out (`answer`)."""
 
     def __init__(self, leaderless: int, answer: str) -> None:
+        super().__init__()
         self.names = TopicSettings()
-        self.topics: dict[str, list[Any]] = {}
         self.leaderless, self.answer = leaderless, answer
-        self.now, self.lookups = 0.0, 0
+        self.now, self.lookups, self.decided = 0.0, 0, 0
 
     def monotonic(self) -> float:
         return self.now
@@ -41,35 +42,21 @@ class Broker:
     def sleep(self, seconds: float) -> None:
         self.now += seconds
 
-    def producer(self) -> Any:
+    def decide(self) -> None:
+        for msg in self.messages(self.names.s2_raw)[self.decided :]:
+            record = decode_record(msg.value, msg.headers)
+            record.decision.decision = DECISION_KEEP
+            sent = encode_record(record, self.names.s2_decided)
+            self.append(sent.topic, sent.key, sent.value, sent.headers)
+            self.decided += 1
+
+    def consumer(self) -> TopicsConsumer:
         broker = self
 
-        class Producer:
-            def send(self, topic: str, key: Any, value: bytes, headers: Any) -> Any:
-                broker.topics.setdefault(topic, []).append(SimpleNamespace(key=key, value=value, headers=headers))
-                return SimpleNamespace(is_done=True, exception=None, failed=lambda: False)
-
-            def flush(self, timeout: float) -> None: ...
-
-            def close(self) -> None: ...
-
-        return Producer()
-
-    def consumer(self) -> Any:
-        broker = self
-
-        class Consumer:
-            def partitions_for_topic(self, topic: str) -> set[int]:
-                return {0}
-
-            def assign(self, parts: Any) -> None:
-                self.parts = list(parts)
-
-            def seek_to_end(self, *parts: Any) -> None: ...
-
-            def position(self, tp: Any, timeout_ms: int | None = None) -> int | None:
-                if tp.topic != broker.names.s2_decided or broker.lookups >= broker.leaderless:
-                    return 0
+        class Consumer(TopicsConsumer):
+            def position(self, partition: TopicPartition, timeout_ms: int | None = None) -> int | None:
+                if partition.topic != broker.names.s2_decided or broker.lookups >= broker.leaderless:
+                    return super().position(partition, timeout_ms)
                 if timeout_ms is None:  # what 3.0.12 does then: ask again for ever, and say nothing
                     raise RuntimeError("the end offset look-up has no timeout: it blocks while there is no leader")
                 broker.lookups += 1
@@ -78,24 +65,19 @@ class Broker:
                     raise KafkaTimeoutError("Failed to get offsets by timestamps in 30000 ms")
                 return None
 
-            def poll(self, timeout_ms: int) -> dict:
+            def poll(
+                self, timeout_ms: int = 0, max_records: int | None = None, update_offsets: bool = True
+            ) -> dict[TopicPartition, list[Any]]:
                 broker.now += timeout_ms / 1000
-                decided = []
-                for msg in broker.topics.pop(broker.names.s2_raw, []):
-                    record = decode_record(msg.value, msg.headers)
-                    record.decision.decision = DECISION_KEEP
-                    sent = encode_record(record, broker.names.s2_decided)
-                    decided.append(SimpleNamespace(key=sent.key, value=sent.value, headers=sent.headers))
-                return {tp: decided for tp in self.parts if tp.topic == broker.names.s2_decided and decided}
+                broker.decide()
+                return super().poll(timeout_ms, max_records, update_offsets)
 
-            def close(self) -> None: ...
-
-        return Consumer()
+        return Consumer(self)
 
 
 def run_stage2(broker: Broker, monkeypatch: pytest.MonkeyPatch, n: int = 2) -> tuple[list[Any], Any]:
     monkeypatch.setattr(executors, "time", broker)
-    monkeypatch.setattr(clients, "make_producer", lambda kafka: broker.producer())
+    monkeypatch.setattr(clients, "make_producer", lambda kafka: RecordingProducer(broker))
     monkeypatch.setattr(clients, "make_consumer", lambda kafka, group, **kw: broker.consumer())
     good, bad = [{"role": "assistant", "content": "good"}], [{"role": "assistant", "content": "bad"}]
     batch = [new_record(new_pair([{"role": "user", "content": f"q{i}"}], good, bad, source="unit")) for i in range(n)]
