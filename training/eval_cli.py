@@ -17,15 +17,15 @@ compared nothing, a diverged model's NaN rewards) is null.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import sys
 import zlib
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from synpref.shared.strict_json import strict_dumps
 
 log = logging.getLogger("synpref.eval")
 
@@ -75,24 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="also write the JSON result here")
     parser.add_argument("--no-progress", action="store_true")
     return parser
-
-
-def finite_or_null(value: Any) -> Any:
-    """`value` with each float that is not finite as None, in dicts and lists too: JSON has no NaN or Infinity,
-    and json.dumps's bare NaN (a slice that compared nothing, a diverged model's reward_mean) failed strict
-    parsers (Go, JavaScript, jq) on the whole result."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite_or_null(v) for v in value]
-    return value
-
-
-def to_json(value: Any, indent: int | None = None) -> str:
-    """`value` as strict JSON (finite_or_null; allow_nan=False raises on anything it missed)."""
-    return json.dumps(finite_or_null(value), indent=indent, allow_nan=False)
 
 
 def result_key(path: str, paths: list[str], taken: Collection[str] = RESULT_FIELDS) -> str:
@@ -194,7 +176,7 @@ def main(argv: list[str]) -> int:
         # JSON in place of the previous result. Its folder is made here.
         if args.out:
             partial = {**result, "pending": pending} if pending else result
-            write_text_atomic(Path(args.out), to_json(partial, indent=2) + "\n")
+            write_text_atomic(Path(args.out), strict_dumps(partial, indent=2) + "\n")
 
     save()  # before the model loads: an --out that cannot be written fails now, not after the scoring
     model, tokenizer = load_reward_model(args.model, device=args.device, dtype=args.dtype)
@@ -234,7 +216,7 @@ def main(argv: list[str]) -> int:
             metrics["identical_after_tokenizing"] = unfit["identical_after_tokenizing"]
         result[key] = metrics
         pending.remove(key)
-        log.info("%s: %s", key, to_json(metrics))  # on stderr as it comes, for a run without --out
+        log.info("%s: %s", key, strict_dumps(metrics))  # on stderr as it comes, for a run without --out
         save()
     if args.rmbench:
         # A JSON array per subset (a few thousand items) read whole: --limit cuts it after reading.
@@ -248,7 +230,7 @@ def main(argv: list[str]) -> int:
             result["rmbench"] = {"error": f"{type(e).__name__}: {e}"}
             failed = True
         pending.remove("rmbench")
-    print(to_json(result, indent=2))  # first: a final write that fails (a full disk) still leaves it printed
+    print(strict_dumps(result, indent=2))  # first: a final write that fails (a full disk) still leaves it printed
     save()
     return 1 if failed else 0
 

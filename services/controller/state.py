@@ -31,7 +31,6 @@ published keys), committed at once as well.
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,7 @@ from typing import Any
 
 from synpref.shared.files import write_atomic
 from synpref.shared.pairstore import PairStore
+from synpref.shared.strict_json import strict_dumps
 from synpref.v1.pair_pb2 import PairRecord
 
 STATE_FILE = "state.json"
@@ -101,19 +101,8 @@ class StateStore:
 
         The store's copy keeps them (the loop computes with them), but a bare NaN token is not JSON: JSON.parse, Go
         and serde refuse the whole file, and every run has one (the first working RM has no valid_accuracy)."""
-        text = json.dumps(_finite(asdict(state)), indent=1, sort_keys=True, allow_nan=False)
+        text = strict_dumps(asdict(state), indent=1, sort_keys=True)
         write_atomic(self.path, lambda p: p.write_text(text))
-
-
-def _finite(value: Any) -> Any:
-    """`value` (plain JSON values) with every non-finite float replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def read_pools(workdir: str | Path) -> dict[str, list[str]]:

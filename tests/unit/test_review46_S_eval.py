@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from synpref.shared import modeling
+from synpref.shared.strict_json import finite_or_null
 from synpref.training import eval_cli, evaluation
 
 
@@ -159,7 +160,7 @@ def test_a_diverged_models_nan_rewards_print_as_null(
     got = strict(capsys.readouterr().out)["eval.jsonl"]
     assert got["reward_mean"] is None and got["chosen_mean"] is None and got["reward_std"] is None
     assert (got["accuracy"], got["rejected_mean"]) == (0.0, 0.0)
-    assert eval_cli.finite_or_null({"a": [math.inf, -math.inf, 1.5], "b": (math.nan,)}) == {
+    assert finite_or_null({"a": [math.inf, -math.inf, 1.5], "b": (math.nan,)}) == {
         "a": [None, None, 1.5],
         "b": [None],
     }
