@@ -210,8 +210,9 @@ class Annotator:
             elif id(backend) not in self._cut_off_warned:
                 self._cut_off_warned.add(id(backend))
                 log.warning(
-                    '%s: %d of %d answers in this batch were cut off at max_tokens (%s; finish_reason "length") and '
-                    "abstained: a reasoning model's hidden reasoning counts against it; raise annotator.max_tokens",
+                    "%s: %d of %d answers in this batch were cut off at max_tokens (%s; no end of answer) and "
+                    "abstained: a reasoning model's hidden reasoning counts against it; raise annotator.max_tokens "
+                    "(max_new_tokens for a LocalChat)",
                     backend.name,
                     cut,
                     answers,

@@ -8,14 +8,15 @@
   server that answers fewer choices than `n` is asked for the missing samples one request each. The API key is
   read from the environment variable the settings name; none named: OPENAI_API_KEY for
   https://api.openai.com only, no key elsewhere (config_base.default_api_key_env).
-- LocalChat: a transformers causal LM in this process (sampling with `generate`).
+- LocalChat (local_chat.py): a transformers causal LM in this process (sampling with `generate`).
 
 A backend returns one entry per sample: the answer text, or None when no answer came back
 (the request failed for good, or the answer was cut off at max_tokens). Callers turn None and
 unparseable text into abstentions.
 
 OpenAIChat counts its HTTP attempts and their time per model in Prometheus (JUDGE_ATTEMPTS,
-JUDGE_SECONDS, JUDGE_GAVE_UP), so an operator sees which judge endpoint is slow or failing.
+JUDGE_SECONDS, JUDGE_GAVE_UP), so an operator sees which judge endpoint is slow or failing. Both backends count
+their answers and those cut off (ChatStats, JUDGE_CUT_OFF), for the annotator's cut-off warning.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import asyncio
 import logging
 import os
 import random
-import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC
@@ -65,8 +65,9 @@ JUDGE_MISSING_CHOICES = Counter(
 )
 JUDGE_CUT_OFF = Counter(
     "synpref_judge_cut_off_answers",
-    'Answers cut off at max_tokens (finish_reason "length"): each abstains. A reasoning model\'s hidden reasoning '
-    "counts against max_tokens: most of its answers cut off means annotator.max_tokens is too small for it",
+    'Answers cut off at max_tokens (finish_reason "length"; a local judge: no end token within max_new_tokens): '
+    "each abstains. A reasoning model's hidden reasoning counts against max_tokens: most of its answers cut off "
+    "means annotator.max_tokens is too small for it",
     ["model"],
 )
 
@@ -160,7 +161,7 @@ class ChatBackend(Protocol):
 @dataclass
 class ChatStats:
     """Counts of HTTP requests sent, retries and calls given up on, and of the answers (choices) that came back and
-    those of them cut off at max_tokens, per backend."""
+    those of them cut off at max_tokens, per backend (LocalChat counts only the answers and cut-off ones)."""
 
     requests: int = 0
     retries: int = 0
@@ -375,75 +376,3 @@ class OpenAIChat:
             self.stats.requests += 1
             return await self._attempt(session, body)
         return None, f"HTTP {status}: {text[:200]}", status in RETRY_STATUS, wait_s
-
-
-class LocalChat:
-    """A transformers causal LM as a chat backend (sampling happens in a worker thread)."""
-
-    def __init__(self, model: Any, tokenizer: Any, name: str = "local", max_new_tokens: int = 64, seed: int = 0):
-        self.name = name
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.seed = seed
-        # A thread lock taken in the worker thread: an asyncio.Lock binds to the first event loop that waits on it,
-        # and one backend serves several (an annotator per stage), possibly from several threads at once.
-        self._lock = threading.Lock()
-
-    @classmethod
-    def from_pretrained(cls, path: str, name: str | None = None, **kwargs: Any) -> LocalChat:
-        """A LocalChat over the causal LM and tokenizer at `path`; `name` defaults to the path."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        return cls(
-            AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), name or path, **kwargs
-        )
-
-    def _generate(self, messages: Messages, n: int, temperature: float) -> list[str | None]:
-        import torch
-
-        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        enc = self.tokenizer(rendered, return_tensors="pt", add_special_tokens=False)
-        torch.manual_seed(self.seed)
-        sample = temperature > 0
-        with torch.no_grad():
-            out = self.model.generate(
-                **enc,
-                do_sample=sample,
-                temperature=temperature if sample else None,
-                top_p=None,
-                top_k=None,
-                num_return_sequences=n if sample else 1,
-                max_new_tokens=self.max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-            )
-        prompt_len = enc["input_ids"].shape[1]
-        stops = self._stop_ids()
-        texts: list[str | None] = []
-        for seq in out[:, prompt_len:].tolist():
-            # Without an end-of-sequence token in max_new_tokens the answer was cut off: no answer, as OpenAIChat's
-            # finish_reason "length", so the judge does not cache a draft and a larger max_new_tokens asks again.
-            ended = len(seq) < self.max_new_tokens or any(t in stops for t in seq)
-            texts.append(self.tokenizer.decode(seq, skip_special_tokens=True) if ended else None)
-        return (texts * n)[:n] if not sample else texts
-
-    def _stop_ids(self) -> set[int]:
-        """The token ids that end a generation: the generation config's (one or a list) and the tokenizer's."""
-        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids = configured if isinstance(configured, list) else [configured]
-        return {int(i) for i in [*ids, self.tokenizer.eos_token_id] if i is not None}
-
-    async def chat(
-        self, messages: Messages, *, n: int, temperature: float, response_format: dict[str, Any] | None = None
-    ) -> list[str | None]:
-        """`n` sampled answers generated in a worker thread, one generation at a time; response_format is ignored."""
-        # response_format is not enforced locally: the parser decides, and junk abstains.
-        return await asyncio.to_thread(self._generate_one_at_a_time, messages, n, temperature)
-
-    def _generate_one_at_a_time(self, messages: Messages, n: int, temperature: float) -> list[str | None]:
-        with self._lock:
-            return self._generate(messages, n, temperature)
-
-    async def close(self) -> None:
-        """Nothing to release."""
-        return None

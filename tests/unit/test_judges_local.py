@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from synpref.services.annotator.chat import LocalChat
 from synpref.services.annotator.judges import AnswerCache, JudgeRequest, LLMJudge, aggregate
+from synpref.services.annotator.local_chat import LocalChat
 from synpref.v1.pair_pb2 import PREFERENCE_ABSTAIN, PREFERENCE_CHOSEN, PREFERENCE_REJECTED
 
 torch = pytest.importorskip("torch")

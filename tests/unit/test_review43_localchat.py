@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import torch
 
-from synpref.services.annotator.chat import LocalChat
 from synpref.services.annotator.judges import AnswerCache, JudgeRequest, LLMJudge
+from synpref.services.annotator.local_chat import LocalChat
 
 EOS, PAD = 1, 0
 VOCAB = {i + 10: c for i, c in enumerate('{}":, rationalebtr12')}

@@ -123,7 +123,7 @@ def test_a_local_judge_answers_for_two_annotators_on_their_own_event_loops():
     # concurrent requests raised RuntimeError and every pair of its batch was dead-lettered.
     import time
 
-    from synpref.services.annotator.chat import LocalChat
+    from synpref.services.annotator.local_chat import LocalChat
 
     class Model:
         def eval(self) -> Model:
