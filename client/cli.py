@@ -36,11 +36,13 @@ from typing import Any, TextIO, TypeVar
 
 import grpc
 
+from synpref.client.channel import MAX_TIMEOUT_S
 from synpref.client.client import RewardClient
 from synpref.client.messages import Item, PairDict, TokenIds, to_item
 
 T = TypeVar("T")
 R = TypeVar("R")
+ItemT = TypeVar("ItemT", bound=Item)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -94,25 +96,26 @@ def read_numbered_items(stream: TextIO) -> Iterator[tuple[int, Item]]:
         if isinstance(value, dict) and isinstance(value.get("text"), str):
             yield n, value["text"]
         elif isinstance(value, dict) and isinstance(value.get("messages"), list):
-            yield n, _conversation(n, value["messages"])
+            yield n, _checked(n, value["messages"])
         elif isinstance(value, dict) and _int_list(value.get("token_ids")):
-            yield n, TokenIds(value["token_ids"])
+            yield n, _checked(n, TokenIds(value["token_ids"]))
         elif isinstance(value, list):
-            yield n, _conversation(n, value)
+            yield n, _checked(n, value)
         else:
             raise ValueError(
                 f'line {n}: expected a message list, {{"messages": [...]}}, {{"text": "..."}} or {{"token_ids": [...]}}'
             )
 
 
-def _conversation(n: int, messages: list[Any]) -> list[Any]:
-    """`messages`, or ValueError naming line `n` when one is no {role, content} of strings (found when the line is
-    read: from the request it failed in a worker thread, without the line)."""
+def _checked(n: int, item: ItemT) -> ItemT:
+    """`item`, or ValueError naming line `n` when no request can hold it: a message that is no {role, content} of
+    strings, an id outside int32 (found when the line is read: from the request it failed in a worker thread, without
+    the line, after the requests before it were scored)."""
     try:
-        to_item(messages)
-    except ValueError as exc:
+        to_item(item)
+    except (ValueError, TypeError) as exc:
         raise ValueError(f"line {n}: {exc}") from None
-    return messages
+    return item
 
 
 def _int_list(value: object) -> bool:
@@ -171,8 +174,12 @@ def main(argv: list[str]) -> int:
     """`synpref score`: run the subcommand against the scorer; 1 for a gRPC error, 2 for bad input or settings,
     141 when the reader of stdout closed it (`| head`)."""
     args = parse_args(argv)
-    if args.concurrency < 1 or args.chunk_size < 1 or not args.timeout > 0:
-        print("synpref score: --concurrency and --chunk-size must be >= 1 and --timeout > 0", file=sys.stderr)
+    # NaN and inf passed `> 0`, and then every request failed at once as DEADLINE_EXCEEDED, "no answer" (exit 1).
+    if args.concurrency < 1 or args.chunk_size < 1 or not 0 < args.timeout <= MAX_TIMEOUT_S:
+        print(
+            f"synpref score: --concurrency and --chunk-size must be >= 1 and --timeout > 0 and <= {MAX_TIMEOUT_S:g}",
+            file=sys.stderr,
+        )
         return 2
     try:
         address = args.address

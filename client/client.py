@@ -18,7 +18,8 @@ of at most `chunk_size` items (the server refuses more than its max_request_item
 default; a single larger item goes alone); UNAVAILABLE (server starting, restarting or
 draining) and RESOURCE_EXHAUSTED (queue full) are retried with capped exponential backoff
 and jitter, at most `retries` times per chunk and never past the deadline. Other errors
-raise grpc.RpcError at once.
+raise grpc.RpcError at once. Bad input (a text or one conversation given as the items, a bad item,
+a timeout that is not seconds in (0, 1e9]) is a ValueError, naming the item's index, before it is sent.
 
 `address` is any gRPC target: in Kubernetes, `dns:///<release>-synpref-scorer-headless:50060`
 (the chart's headless Service) spreads the calls over every scorer pod (docs/scorer.md).
@@ -27,7 +28,6 @@ raise grpc.RpcError at once.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,15 +41,18 @@ from synpref.client.channel import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
 from synpref.client.channel import RETRYABLE as RETRYABLE
 from synpref.client.channel import SERVICE_CONFIG as SERVICE_CONFIG
 from synpref.client.channel import TOO_LARGE as TOO_LARGE
+from synpref.client.channel import Policy as _Policy
+from synpref.client.channel import answered, located, request_size, rpc_error, timed_out
 from synpref.client.channel import retryable as retryable
-from synpref.client.channel import timed_out
 from synpref.client.channel import too_large as too_large
 from synpref.client.messages import (
     MAX_REQUEST_BYTES,
     Item,
     PairDict,
+    check_batch,
     check_tokenizer,
     chunks,
+    converted,
     to_item,
     to_pair,
 )
@@ -71,48 +74,15 @@ class PairScore:
 
 
 def _score_requests(items: Sequence[Item], model: str, policy: _Policy) -> Iterator[reward_pb2.ScoreRequest]:
-    for run in chunks((to_item(x) for x in items), policy.chunk_size, policy.max_request_bytes):
+    for run in chunks(converted(to_item, items, "item"), policy.chunk_size, policy.max_request_bytes):
         yield reward_pb2.ScoreRequest(model=model, items=run)
 
 
 def _pair_requests(pairs: Sequence[PairDict], model: str, policy: _Policy) -> Iterator[reward_pb2.ScorePairsRequest]:
     # A pair is two items on the server: keep each request within chunk_size items.
-    runs = chunks((to_pair(p) for p in pairs), max(1, policy.chunk_size // 2), policy.max_request_bytes)
+    runs = chunks(converted(to_pair, pairs, "pair"), max(1, policy.chunk_size // 2), policy.max_request_bytes)
     for run in runs:
         yield reward_pb2.ScorePairsRequest(model=model, pairs=run)
-
-
-class _Policy:
-    def __init__(
-        self,
-        timeout: float,
-        retries: int,
-        backoff_s: float,
-        max_backoff_s: float,
-        chunk_size: int,
-        max_request_bytes: int = MAX_REQUEST_BYTES,
-    ) -> None:
-        if chunk_size < 1 or retries < 0 or timeout <= 0 or max_request_bytes < 1:
-            raise ValueError("chunk_size >= 1, retries >= 0, timeout > 0 and max_request_bytes >= 1 are required")
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.chunk_size = chunk_size
-        self.max_request_bytes = max_request_bytes
-
-    def deadline(self, timeout: float | None) -> float:
-        """The monotonic time by which a call with `timeout` (None: the client's) must end."""
-        return time.monotonic() + (timeout or self.timeout)
-
-    def pause(self, attempt: int, deadline: float) -> float | None:
-        """Seconds to wait before retry `attempt` (1-based), or None when out of retries/time."""
-        if attempt > self.retries:
-            return None
-        delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-        if time.monotonic() + delay >= deadline:
-            return None
-        return delay
 
 
 def _pair_scores(response: reward_pb2.ScorePairsResponse) -> list[PairScore]:
@@ -151,17 +121,20 @@ class RewardClient:
         """Close the gRPC channel."""
         self.channel.close()
 
-    def _call(self, method: Callable[..., T], request: Any, deadline: float) -> T:
+    def _call(self, method: Callable[..., T], request: Any, deadline: float, first: int = 0) -> T:
+        """method(request), retried; `first`: the index in the call of the request's first item (or pair)."""
         attempt, earlier = 0, None
         while True:
             remaining = deadline - time.monotonic()
             try:
-                return method(request, timeout=max(remaining, 0.001), wait_for_ready=attempt > 0)
+                return answered(
+                    request, method(request, timeout=max(remaining, 0.001), wait_for_ready=attempt > 0), self.address
+                )
             except grpc.RpcError as exc:
                 attempt += 1
                 delay = self.policy.pause(attempt, deadline) if retryable(exc) else None
-                if delay is None:
-                    raise timed_out(exc, earlier, self.address)  # noqa: B904 (exc is its cause, or is raised again)
+                if delay is None:  # B904: exc is the cause of what is raised, or is raised itself
+                    raise located(timed_out(exc, earlier, self.address), request, first)  # noqa: B904
                 earlier = exc
                 time.sleep(delay)
 
@@ -171,24 +144,26 @@ class RewardClient:
         Items are sent in chunks (chunk_size, max_request_bytes); `timeout` (default the client's) bounds the
         whole call.
         """
+        check_batch(items, "items")
         if not items:
             return []
         deadline = self.policy.deadline(timeout)
         out: list[float] = []
         for request in _score_requests(items, model or self.model, self.policy):
-            out.extend(self._call(self.stub.Score, request, deadline).rewards)
+            out.extend(self._call(self.stub.Score, request, deadline, len(out)).rewards)
         return out
 
     def score_pairs(
         self, pairs: Sequence[PairDict], *, model: str | None = None, timeout: float | None = None
     ) -> list[PairScore]:
         """One PairScore per pair, in order; chunks of chunk_size // 2 pairs (two items each on the server)."""
+        check_batch(pairs, "pairs")
         if not pairs:
             return []
         deadline = self.policy.deadline(timeout)
         out: list[PairScore] = []
         for request in _pair_requests(pairs, model or self.model, self.policy):
-            out.extend(_pair_scores(self._call(self.stub.ScorePairs, request, deadline)))
+            out.extend(_pair_scores(self._call(self.stub.ScorePairs, request, deadline, len(out))))
         return out
 
     def info(self, model: str = "", timeout: float | None = None) -> reward_pb2.InfoResponse:
@@ -225,8 +200,32 @@ class AsyncRewardClient:
         if concurrency < 1:  # no call could ever start: score() would wait forever, past any timeout
             raise ValueError("concurrency >= 1 is required")
         self.concurrency = concurrency
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
+        self.channel: grpc.aio.Channel | None = None
+        self._stub: reward_pb2_grpc.RewardServiceStub | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def stub(self) -> reward_pb2_grpc.RewardServiceStub:
+        """The stub on the client's channel, made on first use in the running event loop: grpc.aio binds a channel
+        to the loop it is made in, so a client made in sync code (then `asyncio.run`) failed every call with
+        "attached to a different loop". Used from another loop later, it says so."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("AsyncRewardClient is for coroutines: from sync code use RewardClient") from None
+        if self._stub is None:
+            self.channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._stub, self._loop = reward_pb2_grpc.RewardServiceStub(self.channel), loop
+        elif self._loop is not None and loop is not self._loop:
+            raise RuntimeError(
+                f"this AsyncRewardClient of {self.address} serves the event loop of its first call, not this one "
+                "(a second asyncio.run?): make one client per event loop, inside it"
+            )
+        return self._stub
+
+    @stub.setter
+    def stub(self, stub: reward_pb2_grpc.RewardServiceStub) -> None:
+        self._stub, self._loop = stub, None
 
     async def __aenter__(self) -> AsyncRewardClient:
         return self
@@ -235,20 +234,22 @@ class AsyncRewardClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the gRPC channel."""
-        await self.channel.close()
+        """Close the gRPC channel, if a call made it."""
+        if self.channel is not None:
+            await self.channel.close()
 
-    async def _call(self, method: Callable[..., Any], request: Any, deadline: float) -> Any:
+    async def _call(self, method: Callable[..., Any], request: Any, deadline: float, first: int = 0) -> Any:
         attempt, earlier = 0, None
         while True:
             remaining = deadline - time.monotonic()
             try:
-                return await method(request, timeout=max(remaining, 0.001), wait_for_ready=attempt > 0)
+                response = await method(request, timeout=max(remaining, 0.001), wait_for_ready=attempt > 0)
+                return answered(request, response, self.address)
             except grpc.aio.AioRpcError as exc:
                 attempt += 1
                 delay = self.policy.pause(attempt, deadline) if retryable(exc) else None
-                if delay is None:
-                    raise timed_out(exc, earlier, self.address)  # noqa: B904 (exc is its cause, or is raised again)
+                if delay is None:  # B904: exc is the cause of what is raised, or is raised itself
+                    raise located(timed_out(exc, earlier, self.address), request, first)  # noqa: B904
                 earlier = exc
                 await asyncio.sleep(delay)
 
@@ -257,12 +258,14 @@ class AsyncRewardClient:
         call can start, so a call of millions of items holds `concurrency` requests, not all of them at once."""
         responses: list[Any] = []
         running: dict[asyncio.Task[Any], int] = {}
+        first = 0  # the index in the call of the next request's first item
         try:
             for request in requests:
                 if len(running) >= self.concurrency:
                     await self._collect(running, responses)
-                running[asyncio.ensure_future(self._call(method, request, deadline))] = len(responses)
+                running[asyncio.ensure_future(self._call(method, request, deadline, first))] = len(responses)
                 responses.append(None)
+                first += request_size(request)
             while running:
                 await self._collect(running, responses)
             return responses
@@ -287,6 +290,7 @@ class AsyncRewardClient:
         self, items: Sequence[Item], *, model: str | None = None, timeout: float | None = None
     ) -> list[float]:
         """One reward per item, in order; chunks run concurrently, at most `concurrency` at a time."""
+        check_batch(items, "items")
         if not items:
             return []
         deadline = self.policy.deadline(timeout)
@@ -298,6 +302,7 @@ class AsyncRewardClient:
         self, pairs: Sequence[PairDict], *, model: str | None = None, timeout: float | None = None
     ) -> list[PairScore]:
         """One PairScore per pair, in order; chunks run concurrently, at most `concurrency` at a time."""
+        check_batch(pairs, "pairs")
         if not pairs:
             return []
         deadline = self.policy.deadline(timeout)
@@ -318,11 +323,6 @@ class AsyncRewardClient:
     def stream(self, *, model: str | None = None) -> ScoreSession:
         """A ScoreSession on this client's channel: `async with client.stream() as s: await s.score(items)`."""
         return ScoreSession(self.stub, model or self.model, self.policy, address=self.address)
-
-
-def _stream_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    """The error a unary call would raise, for what the session detects on its stream itself."""
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
 class ScoreSession:
@@ -392,21 +392,22 @@ class ScoreSession:
                 raise
             # An earlier call's stream broke while idle (the scorer's max_connection_age grace, a restart) and gRPC
             # failed this write, with INTERNAL: the request never left, so it is retried on a new stream.
-            raise _stream_error(grpc.StatusCode.UNAVAILABLE, f"the stream broke: {exc.details()}") from exc
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"the stream broke: {exc.details()}") from exc
         else:
             response = await call.read()
         if response is grpc.aio.EOF:
             # The server ended the stream with OK: it is draining. Retry on a new stream, which the
             # channel opens on a server that is not (as a new unary call would).
-            raise _stream_error(grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
         return response
 
     async def score(self, items: Sequence[Item], *, timeout: float | None = None) -> list[float]:
         """One reward per item, in order, as one message (at most the server's max_request_items items)."""
+        check_batch(items, "items")
         if not items:
             return []
         deadline = self.policy.deadline(timeout)
-        request = reward_pb2.ScoreRequest(model=self.model, items=[to_item(x) for x in items])
+        request = reward_pb2.ScoreRequest(model=self.model, items=list(converted(to_item, items, "item")))
         try:  # the wait for the turn counts: a slow or hung call before this one must not hold it past its timeout
             if self._turn.locked():
                 await asyncio.wait_for(self._turn.acquire(), max(deadline - time.monotonic(), 0.001))
@@ -414,26 +415,26 @@ class ScoreSession:
                 await self._turn.acquire()  # free: taken at once, without wait_for's task
         except TimeoutError:
             turn = f"waited past the timeout for its turn on the stream to {self.address}"
-            raise _stream_error(grpc.StatusCode.DEADLINE_EXCEEDED, turn) from None
+            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, turn) from None
         try:
             attempt, earlier = 0, None
             while True:
                 try:
                     response = await asyncio.wait_for(self._once(request), max(deadline - time.monotonic(), 0.001))
-                    return list(response.rewards)
+                    return list(answered(request, response, self.address).rewards)
                 except TimeoutError:
                     self._drop()
                     details = f"no answer from {self.address} on the stream within the timeout"
                     if earlier is not None:  # what the retries were waiting out, as the unary calls say
                         details += f", waiting after {earlier.code().name}: {earlier.details()}"
-                    raise _stream_error(grpc.StatusCode.DEADLINE_EXCEEDED, details) from earlier
+                    raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, details) from earlier
                 except grpc.aio.AioRpcError as exc:
                     self._drop()
                     attempt += 1
                     delay = self.policy.pause(attempt, deadline) if retryable(exc) else None
                     if delay is None and (retryable(exc) or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED):
                         # Out of retries or time: say which scorer, as the timeouts above do.
-                        raise _stream_error(exc.code(), f"{exc.details()} (stream to {self.address})") from exc
+                        raise rpc_error(exc.code(), f"{exc.details()} (stream to {self.address})") from exc
                     if delay is None:
                         raise
                     earlier = exc

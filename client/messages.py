@@ -3,7 +3,7 @@ TokenIds items were made with the served model's tokenizer."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -13,6 +13,7 @@ from synpref.shared.tokenizer_hash import tokenizer_sha256
 from synpref.v1 import pair_pb2, reward_pb2
 
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 Conversation = Sequence[Mapping[str, str]]
 
@@ -34,6 +35,8 @@ PairDict = Mapping[str, Any]
 def _messages(value: Conversation | str, role: str = "assistant") -> list[pair_pb2.Message]:
     if isinstance(value, str):
         return [pair_pb2.Message(role=role, content=value)]
+    if isinstance(value, Mapping):  # iterated, it gave its keys: "message 0 is a str"
+        raise ValueError(f"expected a message list or a text, got a {type(value).__name__}")
     return [_message(i, m) for i, m in enumerate(value)]
 
 
@@ -59,12 +62,41 @@ def to_item(item: Item) -> reward_pb2.ScoreItem:
 
 
 def to_pair(pair: PairDict) -> reward_pb2.PairItem:
-    """{"conversation": messages, "chosen": messages | str, "rejected": messages | str}."""
+    """{"conversation": messages | str, "chosen": messages | str, "rejected": messages | str}: a text conversation
+    is the user's turn (it was sent as the assistant's, so the prompt was scored as a response), a text side the
+    assistant's."""
+    if not isinstance(pair, Mapping) or "chosen" not in pair or "rejected" not in pair:
+        raise ValueError(f"a pair is a mapping with chosen and rejected (and a conversation), got {_shape(pair)}")
     return reward_pb2.PairItem(
-        conversation=_messages(pair.get("conversation") or []),
+        conversation=_messages(pair.get("conversation") or [], role="user"),
         chosen=_messages(pair["chosen"]),
         rejected=_messages(pair["rejected"]),
     )
+
+
+def _shape(value: object) -> str:
+    return f"one with keys {sorted(map(str, value))}" if isinstance(value, Mapping) else f"a {type(value).__name__}"
+
+
+def check_batch(values: object, what: str) -> None:
+    """ValueError when `values`, the `what` ("items" or "pairs") of a call, is one item or pair, not a list of them:
+    a text was scored letter by letter (a reward per character, no error), and one conversation failed on its first
+    message as "message 0 is a str"."""
+    if isinstance(values, str | bytes | TokenIds | Mapping):
+        raise ValueError(f"{what} must be a list of {what}, got a {type(values).__name__}: wrap one in a list")
+    first = values[0] if isinstance(values, Sequence) and values else None
+    if what == "items" and isinstance(first, Mapping) and "role" in first:
+        raise ValueError("items is one conversation (a list of messages), not a list of items: pass [conversation]")
+
+
+def converted(convert: Callable[[T], M], values: Iterable[T], what: str) -> Iterator[M]:
+    """convert(value) of each value, in order; a bad one raises ValueError naming its index in the call: the errors
+    of to_item and to_pair (and protobuf's) name at most a message within it, and the call may hold thousands."""
+    for i, value in enumerate(values):
+        try:
+            yield convert(value)
+        except (ValueError, TypeError) as exc:  # protobuf: TypeError for a float id, ValueError past int32
+            raise ValueError(f"{what} {i}: {exc}") from exc
 
 
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
