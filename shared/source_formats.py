@@ -76,6 +76,19 @@ def _hh_turns(prefix: str) -> Messages:
     return turns
 
 
+def hh_prompt(text: str) -> Messages | None:
+    """The turns of a prompt that is an HH-RLHF transcript up to its answer, "\\n\\nHuman: ...\\n\\nAssistant:" (the
+    `prompt` column of Dahoas/rm-static and full-hh-rlhf, DeepSpeed-Chat's default data), or None for other text.
+
+    As one user turn, a multi-turn conversation reached the chat template with its roles as literal text.
+    """
+    marker = "\n\nAssistant:"
+    body = "\n\n" + text.lstrip()
+    if not body.startswith("\n\nHuman:") or not body.rstrip().endswith(marker):
+        return None
+    return _hh_turns(body.rstrip()[: -len(marker)])
+
+
 def read_hh_rlhf(record: Any, source: str) -> Iterator[tuple[str, dict]]:
     """One pair from an HH-RLHF record: the shared transcript before the last Assistant turn is the conversation.
 

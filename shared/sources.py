@@ -19,7 +19,8 @@ Formats (auto-detected from the first record's keys; `fmt` overrides):
 - "pairs": the common shapes: chosen/rejected as strings or message lists (Skywork-Reward-
   Preference: full message lists including the prompt, the shared prefix becomes the
   conversation), with an optional prompt (PROMPT_KEYS: conversation/prompt/.../question/instruction/input) as a
-  string or a message list, a `system` string before a string prompt. String responses need a prompt. Scores
+  string or a message list (an empty one gives way to the next), a `system` string before a string prompt; a
+  string prompt that is an HH transcript is read as its turns. String responses need a prompt. Scores
   that state the label (SCORE_FIELDS: UltraFeedback's score_chosen/score_rejected, ...; also
   read in "hh-rlhf") make a tie (equal) or a mislabelled row (chosen below) an error, as does `status: "tie"`.
 Containers: a JSON list, JSON lines (either .gz, .bz2, .xz or .zst too), Parquet, Arrow (a
@@ -47,6 +48,7 @@ from synpref.shared.source_formats import (
     assistant_turn,
     check_scores,
     field_text,
+    hh_prompt,
     pair_dict,
     read_hh_rlhf,
     read_llmbar,
@@ -175,33 +177,43 @@ def _split_common_prefix(chosen: Messages, rejected: Messages) -> tuple[Messages
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def _strip_repeated(conversation: Messages, chosen: Messages, rejected: Messages) -> tuple[Messages, Messages]:
+def _strip_repeated(
+    conversation: Messages, chosen: Messages, rejected: Messages
+) -> tuple[Messages, Messages, Messages]:
     """Full lists that repeat the prompt (Skywork style with a prompt column) lose it; lists that repeat the user
-    turn of a prompt given with a `system` column lose that turn."""
+    turn of a prompt given with a `system` column lose that turn; lists that open with a system turn the prompt
+    column lacks, then repeat the prompt, lose both, the system turn joining the conversation."""
     heads = [conversation]
     if conversation and conversation[0]["role"] == "system":
         heads.append(conversation[1:])
+    elif chosen and chosen[0]["role"] == "system" and chosen[0] == rejected[0]:
+        # Else the prompt stayed in both responses, behind the system turn, and no check saw it (a user turn first).
+        heads.append(chosen[:1] + conversation)
     for head in heads:
         n = len(head)
         if n and chosen[:n] == head and rejected[:n] == head and len(chosen) > n < len(rejected):
-            return chosen[n:], rejected[n:]
-    return chosen, rejected
+            return (head if len(head) > len(conversation) else conversation), chosen[n:], rejected[n:]
+    return conversation, chosen, rejected
 
 
-def _prompt(record: dict[str, Any]) -> Messages | None:
-    """The conversation from the row's prompt column, a non-empty `system` string first; None without one."""
+def _prompt(record: dict[str, Any]) -> tuple[Messages | None, bool]:
+    """The conversation from the row's prompt column, a non-empty `system` string first (None without one), and
+    whether that column is an HH-RLHF transcript (hh_prompt: its turns are the conversation)."""
     # `is not None`: in a Parquet/Arrow file (or pandas' JSON lines) every row has every column, null where it had
-    # none; a null `conversation` must not hide the `prompt` its row holds.
-    key = next((k for k in PROMPT_KEYS if record.get(k) is not None), None)
+    # none; a null `conversation` must not hide the `prompt` its row holds. Nor may an empty list (alpaca-style
+    # preference files carry `"history": []` beside the `instruction`): the row was dropped as "no conversation".
+    key = next((k for k in PROMPT_KEYS if record.get(k) is not None and record[k] != []), None)
     if key is None:
-        return None
+        return None, False
     if isinstance(record[key], list):
-        return _messages(record[key], key)
+        return _messages(record[key], key), False
     text = field_text(record[key], key)
-    if key == "instruction" and (context := field_text(record.get("input"), "input")).strip():
+    turns = hh_prompt(text)
+    if turns is None and key == "instruction" and (context := field_text(record.get("input"), "input")).strip():
         text = f"{text}\n\n{context}"  # the alpaca prompt, as PandaLM's
     system = field_text(record.get("system"), "system")
-    return ([{"role": "system", "content": system}] if system.strip() else []) + user_turn(text)
+    head = [{"role": "system", "content": system}] if system.strip() else []
+    return head + (user_turn(text) if turns is None else turns), turns is not None
 
 
 def read_pairs(record: Any, source: str) -> Iterator[tuple[str, dict]]:
@@ -216,13 +228,16 @@ def read_pairs(record: Any, source: str) -> Iterator[tuple[str, dict]]:
         if key not in record:
             raise RowError(f"missing field {key!r}")
     check_scores(record)
-    conversation = _prompt(record)
+    conversation, hh = _prompt(record)
 
     def response(key: str) -> Messages:
         value = record[key]
         if isinstance(value, list):
             return _messages(value, key)
-        return assistant_turn(field_text(value, key))
+        text = field_text(value, key)
+        # After an HH transcript prompt, the answer as read_hh_rlhf reads it (" Sure..." stripped): the same pair
+        # from an hh-rlhf file and a Dahoas copy has one content id, so dedup drops the second.
+        return assistant_turn(text.strip() if hh else text)
 
     chosen, rejected = response("chosen"), response("rejected")
     if not chosen or not rejected:
@@ -233,7 +248,7 @@ def read_pairs(record: Any, source: str) -> Iterator[tuple[str, dict]]:
             raise RowError(f"no prompt: no {'/'.join(PROMPT_KEYS)} column, and chosen/rejected are no message lists")
         conversation, chosen, rejected = _split_common_prefix(chosen, rejected)
     else:
-        chosen, rejected = _strip_repeated(conversation, chosen, rejected)
+        conversation, chosen, rejected = _strip_repeated(conversation, chosen, rejected)
     if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
         raise RowError("the last chosen/rejected message is not an assistant turn")
     meta = {k: record[k] for k in ("id", "source", "subset") if k in record and isinstance(record[k], str | int)}

@@ -10,7 +10,8 @@ FLIP (recycle with chosen and rejected swapped, as SynPref-40M did for 14M pairs
 DISCARD, per FilterSettings.on_disagreement. Under `auto` the filter discards, and the
 controller recycles those pairs (`recycle`) once it has measured the gold RM strong enough
 (`disagreement_rule`): a flip overrules the label on the gold RM's word, which pays only
-where that word is more often right than the label.
+where that word is more often right than the label. A gold tie (p_gold exactly 0.5) is DISCARDed whatever
+on_disagreement says, and never recycled: the gold RM prefers neither side, so a flip would rest on nothing.
 
 Routes: KEEP/FLIP -> "curated", REVIEW -> "review", DISCARD/SKIP -> "discarded" (kept for
 audit). A record missing a score the rule needs is a failure (dead-letter), not a guess; so is one
@@ -118,8 +119,9 @@ def human_candidates(p_best: dict[Key, float], budget: int) -> list[Key]:
 
 def stage2(record: PairRecord, settings: FilterSettings) -> PairRecord:
     """Stage 2, consistency: KEEP when the gold RM agrees with the label and so do the judges or the best RM;
-    otherwise FLIP (recycled with the sides swapped) or DISCARD, as settings.on_disagreement says.
-    MissingScore without the gold RM's score, or where the best RM's would decide and its p is not finite.
+    otherwise FLIP (recycled with the sides swapped) or DISCARD, as settings.on_disagreement says; DISCARD when the
+    gold RM ties (p_gold == 0.5). MissingScore without the gold RM's score, or where the best RM's would decide and
+    its p is not finite.
     """
     gold = score_of(record, GOLD)
     if gold is None:
@@ -134,7 +136,7 @@ def stage2(record: PairRecord, settings: FilterSettings) -> PairRecord:
         raise MissingScore("stage 2 needs the best RM's score here (gold agrees, judges do not); its p is not finite")
     best_agrees = best is not None and best.p > 0.5
     facts = [
-        f"gold {'agrees' if gold_agrees else 'disagrees'} (p_gold={gold.p:.3f})",
+        f"gold {'agrees' if gold_agrees else 'ties' if gold.p == 0.5 else 'disagrees'} (p_gold={gold.p:.3f})",
         "judges agree"
         if judges_agree
         else "judges disagree"
@@ -145,6 +147,10 @@ def stage2(record: PairRecord, settings: FilterSettings) -> PairRecord:
     reason = "; ".join(facts)
     if gold_agrees and (judges_agree or best_agrees):
         return _decided(record, DECISION_KEEP, STAGE2_RULE, reason, STAGE_TWO)
+    if gold.p == 0.5:
+        # A tie (equal rewards: a bf16 RM rounds close ones alike) backs neither side: swapped, the pair would take
+        # the label that the judges and the best RM may both reject, on no word of the gold RM's.
+        return _decided(record, DECISION_DISCARD, STAGE2_RULE, reason + "; not recycled", STAGE_TWO)
     if settings.on_disagreement == "flip":
         return _decided(flipped(record), DECISION_FLIP, STAGE2_RULE, reason + "; recycled swapped", STAGE_TWO)
     return _decided(record, DECISION_DISCARD, STAGE2_RULE, reason, STAGE_TWO)
@@ -181,10 +187,11 @@ def disagreement_rule(
 
 def recycle(record: PairRecord, why: str) -> PairRecord:
     """A pair Stage 2 discarded for disagreement (under auto), recycled instead: the FLIP the flip rule makes,
-    its reason extended by `why`. Other records are returned unchanged."""
+    its reason extended by `why`. Other records (a gold tie's discard too) are returned unchanged."""
     d = record.decision
-    if d.decision != DECISION_DISCARD or d.rule != STAGE2_RULE:
-        return record
+    gold = score_of(record, GOLD)
+    if d.decision != DECISION_DISCARD or d.rule != STAGE2_RULE or (gold is not None and gold.p == 0.5):
+        return record  # a gold tie is no disagreement (stage2): nothing to recycle
     out = flipped(record)
     reason = f"{d.reason}; recycled swapped ({why})"
     out.decision.CopyFrom(DecisionRecord(decision=DECISION_FLIP, rule=STAGE2_RULE, reason=reason))

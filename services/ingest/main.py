@@ -10,7 +10,8 @@ read before the damage, and the other files are still read. The counts, the repo
 --seen file (the ids Kafka acknowledged, appended within about a second of their
 acknowledgement) are written whatever failed, so a rerun publishes none of them again. SIGTERM or
 SIGINT stops sending, waits up to STOP_TIMEOUT_S for the sends in flight and records them. Exit
-status: 0, 1 if a send was not acknowledged or publishing stopped, 2 if a file could not be read.
+status: 0, 1 if a send was not acknowledged or publishing stopped, 2 if a file could not be read (or the
+--report or --seen file cannot be written).
 With --dry-run nothing is published.
 """
 
@@ -49,7 +50,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="synpref ingest", description=__doc__)
     parser.add_argument("paths", nargs="+", help="pair files or folders")
     parser.add_argument("--format", choices=FORMATS, help="input format (default: detected per file)")
-    parser.add_argument("--source", help="source name recorded on every pair (default: from the path)")
+    parser.add_argument(
+        "--source", help="source name of the pairs whose row names none in a `source` field (default: from the path)"
+    )
     parser.add_argument(
         "--decontaminate",
         action="append",
@@ -169,7 +172,7 @@ def topic_message_limit(kafka: KafkaSettings, topic: str) -> int | None:
 def main(argv: list[str]) -> int:
     """`synpref ingest`: preprocess the files, publish to the raw topic and print the counts as one
     JSON line; 0, 1 if a send was not acknowledged (or publishing stopped), 2 for a bad config or
-    --decontaminate source, or a file that could not be read.
+    --decontaminate source, a file that could not be read, or a --report / --seen file it cannot write.
     """
     args = parse_args(argv)
     try:
@@ -193,29 +196,35 @@ def main(argv: list[str]) -> int:
     topic = settings.topics.s2_raw  # a stream with no controller is Stage 2: the automatic stage
     limit = settings.kafka.max_message_bytes
     producer = None
-    if not args.dry_run:
-        from kafka.errors import KafkaError
-
-        from synpref.shared.kafka.clients import make_producer
-
-        try:
-            limit = min(limit, topic_message_limit(settings.kafka, topic) or limit)
-            producer = make_producer(settings.kafka, batch_size=min(256 * 1024, limit))
-        except KafkaError as exc:  # no broker reachable (yet): worth another try, unlike a bad config (2)
-            print(f"synpref ingest: cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc!r}", file=sys.stderr)
-            return 1
     # Nothing here grows with the input: the seen ids are on disk, the report and the --seen file are
     # written as rows are dropped and sends acknowledged (a killed run keeps what was acknowledged up to
     # about HAND_OVER_S before; SIGTERM and SIGINT stop it with everything acknowledged recorded).
     with ExitStack() as stack:
         seen = stack.enter_context(DiskIdSet())
-        if args.seen and Path(args.seen).exists():
-            with Path(args.seen).open() as fh:
-                seen.bulk_load(stripped for line in fh if (stripped := line.strip()))
-        report = stack.enter_context(Path(args.report).open("w")) if args.report else None
-        acked_file = stack.enter_context(open_seen(Path(args.seen))) if args.seen else None
+        try:
+            report = stack.enter_context(Path(args.report).open("w")) if args.report else None
+            acked_file = stack.enter_context(open_seen(Path(args.seen))) if args.seen else None
+        except OSError as exc:  # a bad path is a bad command (2), said before any producer is made: not a traceback
+            option = "--report" if args.report and exc.filename == args.report else "--seen"
+            print(f"synpref ingest: {option}: {exc.strerror or exc}: {exc.filename}", file=sys.stderr)
+            return 2
         if acked_file is not None:
             stack.callback(sync, acked_file)  # before it closes: on disk, not only with the kernel
+        if not args.dry_run:
+            from kafka.errors import KafkaError
+
+            from synpref.shared.kafka.clients import make_producer
+
+            try:
+                limit = min(limit, topic_message_limit(settings.kafka, topic) or limit)
+                producer = make_producer(settings.kafka, batch_size=min(256 * 1024, limit))
+            except KafkaError as exc:  # no broker reachable (yet): worth another try, unlike a bad config (2)
+                servers = settings.kafka.bootstrap_servers
+                print(f"synpref ingest: cannot reach Kafka at {servers}: {exc!r}", file=sys.stderr)
+                return 1
+        if args.seen:  # after Kafka answered: 40M ids take minutes to load, a retried Job finds an absent broker first
+            with Path(args.seen).open() as fh:
+                seen.bulk_load(stripped for line in fh if (stripped := line.strip()))
 
         def on_reject(r: Rejection) -> None:
             if report is not None:

@@ -4,9 +4,9 @@ Each SourceRow ends in exactly one bucket, so the counts always reconcile:
 read = published + empty + identical + duplicate + contaminated + unreadable + oversized.
 
 - unreadable: the reader could not make a pair of the row (reason from shared/sources.py), a response opens
-  with a user turn (full message lists that part at a user turn answer two different prompts; lists that repeat
-  a prompt other than the prompt field's hold the question twice), or its text holds a lone surrogate (a JSON
-  "\\ud800" escape) that no protobuf string can.
+  with a user or system turn (full message lists that part at a user turn, or at their system turn, answer two
+  different prompts; lists that repeat a prompt other than the prompt field's hold the question twice), or its text
+  holds a lone surrogate (a JSON "\\ud800" escape) that no protobuf string can.
 - empty: a message with empty or whitespace-only content, or no conversation at all.
 - identical: chosen and rejected are the same messages: no preference to learn (a Bradley-Terry loss of
   log 2 whatever the model, a held-out pair no model gets right), and a flip keeps its id.
@@ -263,8 +263,8 @@ class IngestCounts:
         duplicate: rows with the same content id as an earlier pair (or one in `seen`), or the same comparison swapped.
         swapped: of `duplicate`, the rows whose swapped pair (chosen and rejected exchanged) was seen.
         contaminated: rows whose user turns share an n-gram with a benchmark prompt.
-        unreadable: rows that are no pair, with a response opening with a user turn, or whose text holds a lone
-            surrogate.
+        unreadable: rows that are no pair, with a response opening with a user or system turn, or whose text holds
+            a lone surrogate.
         oversized: rows whose record `too_large` refused (larger than the raw topic takes).
         by_source: published pairs per source.
     """
@@ -350,9 +350,10 @@ class Preprocessor:
             return None
         pair = row.pair
         for part in ("chosen", "rejected"):
-            if pair[part] and pair[part][0]["role"] == "user":
-                # Not a comparison of answers: the sides answer different prompts, or each repeats the prompt.
-                why = f"{part}[0] is a user turn: chosen and rejected must be answers to the conversation"
+            if pair[part] and (role := pair[part][0]["role"]) in ("user", "system"):
+                # Not a comparison of answers: the sides answer different prompts (under different system prompts),
+                # or each repeats the prompt.
+                why = f"{part}[0] is a {role} turn: chosen and rejected must be answers to the conversation"
                 self._reject(row, "unreadable", why)
                 return None
         if not pair["conversation"]:
