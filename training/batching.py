@@ -106,8 +106,16 @@ def encode_pairs(
 
 def pair_margin(pair: Mapping[str, Any], column: str) -> float:
     """The pair's margin from `column` (0.0 without a column or a value); ValueError for a NaN or infinite one,
-    which would make the first step that trains on it NaN, hours into a run."""
-    margin = float(pair.get(column, 0.0) or 0.0) if column else 0.0
+    which would make the first step that trains on it NaN, hours into a run, and for one that is no number."""
+    if not column:
+        return 0.0
+    value = pair.get(column)
+    try:
+        margin = float(value or 0.0)
+    except (TypeError, ValueError):  # float()'s own message names neither the column nor the pair
+        raise ValueError(
+            f"margin_column {column!r} is {value!r} for pair {pair.get('id', '?')}: not a number; fix or drop the pair"
+        ) from None
     if not math.isfinite(margin):
         raise ValueError(f"margin_column {column!r} is {margin} for pair {pair.get('id', '?')}: fix or drop the pair")
     return margin

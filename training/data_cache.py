@@ -4,11 +4,12 @@ No pair dict outlives its encoding. With `train_files` the pairs are read one at
 (training/data.py `iter_pairs`), encoded (training/token_store.py) and appended to memory-mapped
 arrays under output_dir/token_cache/<key>/ (train/, eval/, report.json). The key hashes what
 decides the token ids and the split: the files' paths, sizes and mtimes, the tokenizer's
-fingerprint (shared/tokenizer_hash.py), max_length, truncation, margin_column, eval_fraction and
-split_seed, the source files of the reading, splitting and encoding code, and the transformers /
-tokenizers versions. A rerun or resume with the same key maps the cache instead of encoding again;
-the ranks of one run take a file lock, so one of them encodes and the others map its files (one
-page cache for all). Building a new key removes the other keys' folders.
+fingerprint (shared/tokenizer_hash.py) and named special tokens, max_length, truncation,
+margin_column, eval_fraction and split_seed, the source files of the reading, splitting and
+encoding code, and the transformers / tokenizers versions. A rerun or resume with the same key
+maps the cache (when whole) instead of encoding again; the ranks of one run take a file lock, so
+one of them encodes and the others map its files (one page cache for all). Building a new key
+removes the other keys' folders.
 
 With `eval_fraction` (no eval_files) a first pass reads only the conversations' keys (32 bytes a
 pair, ~50 with their sort order at the peak: 2 GB at 40M pairs) and makes the split of
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from synpref.shared import modeling, pairs, source_files, sources
+from synpref.shared import modeling, pairs, source_files, source_formats, sources
 from synpref.shared.files import FileLock, fsync_tree, replace_durably
 from synpref.shared.pairs import conversation_key, held_out_positions
 from synpref.shared.tokenizer_hash import tokenizer_sha256
@@ -59,7 +60,8 @@ class TrainingData:
         eval: every eval pair (an unfit one as its left-token-truncated fallback), with its source.
         report: train_pairs, train_unfit, train_truncated, eval_pairs, eval_unfit, unreadable_rows (train), and
             train_identical / eval_identical where pairs with the same chosen and rejected were left out,
-            eval_unreadable_rows where eval files held rows that are no pair.
+            eval_unreadable_rows where eval files held rows that are no pair, train_margin_missing where training
+            pairs had no margin_column value (margin 0).
         problems: the first unreadable rows (train, then eval), "file#row: why".
         folder: the cache folder the stores are mapped from; None when built in memory.
     """
@@ -95,6 +97,13 @@ def prepare_data(
         log.warning("%d unreadable eval rows skipped", report["eval_unreadable_rows"])
     if report.get("train_identical"):
         log.warning("%d training pairs have the same chosen and rejected and are skipped", report["train_identical"])
+    if report.get("train_margin_missing"):
+        log.warning(
+            "%d of %d training pairs have no %r value and train with margin 0",
+            report["train_margin_missing"],
+            report["train_pairs"],
+            config.margin_column,
+        )
     if report["train_unfit"]:
         log.warning(
             "%d of %d training pairs do not fit max_length=%d under %s and are skipped",
@@ -112,8 +121,17 @@ Listing = list[tuple[str, list[Path]]]
 
 def list_files(paths: list[str]) -> Listing:
     """`paths` with their files now: the key and every pass of a build read this one listing, so a shard a
-    dataset writer commits meanwhile is in neither (the next run's key sees it)."""
-    return [(path, source_files.source_files(Path(path))) for path in paths]
+    dataset writer commits meanwhile is in neither (the next run's key sees it). SourceError for a path with no
+    pair file: a folder of other files (.csv) or a version with nothing committed added no pair and no word, so
+    training went on from the other paths, or without eval, or failed as "0 usable training pairs"."""
+    listing = [(path, source_files.source_files(Path(path))) for path in paths]
+    for path, found in listing:
+        if not found:
+            suffixes = ", ".join(source_files.FILE_SUFFIXES)
+            raise source_files.SourceError(
+                f"{path}: no pair files in it (none ending {suffixes}, nor a dataset version's committed shards)"
+            )
+    return listing
 
 
 def key_of_rank0(config: Any, tokenizer: Any) -> tuple[tuple[Listing, Listing], str, dict[str, Any]]:
@@ -174,8 +192,9 @@ def cache_key(
     import transformers
 
     code = hashlib.sha256()
-    # batching: the margin and whether a pair's sides compare are decided there.
-    encoding = (modeling, pairs, sources, source_files, data, batching, token_store, parallel_encoding)
+    # batching: the margin and whether a pair's sides compare are decided there. source_formats: the per-format
+    # readers (hh-rlhf, PandaLM, ...) that sources.py calls, so which rows are pairs and what they hold.
+    encoding = (modeling, pairs, sources, source_formats, source_files, data, batching, token_store, parallel_encoding)
     for module in (*encoding, sys.modules[__name__]):
         code.update(Path(str(module.__file__)).read_bytes())
     spec = {
@@ -188,11 +207,22 @@ def cache_key(
         "max_length": config.max_length,
         "truncation": config.truncation,
         "tokenizer": tokenizer_sha256(tokenizer),
+        "special_tokens": special_tokens(tokenizer),
         "code": code.hexdigest(),
         "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32], spec
+
+
+def special_tokens(tokenizer: Any) -> dict[str, Any]:
+    """The tokenizer's named special tokens, which tokenizer_sha256 leaves out: the chat template writes
+    `bos_token` / `eos_token` by name and encoding prepends or collapses BOS by its id, so a tokenizer_config.json
+    that names another BOS or EOS over the same vocabulary and template gives other ids. The pad token is left
+    out: no cached id is padding, and the trainer sets one where the tokenizer has none."""
+    named = dict(getattr(tokenizer, "special_tokens_map", None) or {})
+    named.pop("pad_token", None)
+    return {name: value if isinstance(value, str) else [str(v) for v in value] for name, value in sorted(named.items())}
 
 
 def _listed_by(file: Path, root: Path) -> str:
@@ -276,6 +306,8 @@ def _encode(
     for name, encoded in (("train", train_set), ("eval", eval_set)):
         if encoded.identical:  # only then: the report's fields stay what they were for the usual data
             report[f"{name}_identical"] = encoded.identical
+    if train.margin_missing:  # likewise
+        report["train_margin_missing"] = train.margin_missing
     return TrainingData(train_set, eval_set, report, problems[:PROBLEMS_KEPT], folder)
 
 
@@ -335,36 +367,51 @@ def _open(folder: Path) -> TrainingData:
     return TrainingData(train, evals, report, record["problems"], folder)
 
 
+def _reusable(folder: Path) -> TrainingData | None:
+    """The cache in `folder`, or None where there is none or only part of one. A published folder can lose files
+    after the fact: a kill during the removal of a finished run's cache (the trainer's, or this module's of another
+    key's) leaves report.json beside missing or cut stores, and taking it as whole failed every later run in this
+    output_dir until someone removed it by hand."""
+    if not (folder / REPORT_FILE).exists():
+        return None
+    try:
+        return _open(folder)
+    except (OSError, ValueError, KeyError) as exc:  # a file missing, cut short, or that does not parse
+        log.warning("token cache: %s is incomplete (%s); building it again", folder, exc)
+        return None
+
+
 def _cached(config: Any, tokenizer: Any, root: Path) -> TrainingData:
     root.mkdir(parents=True, exist_ok=True)
     listing, key, spec = key_of_rank0(config, tokenizer)
     folder = root / key
     lock = FileLock(root / f"{key}.lock")
     try:
-        if (folder / REPORT_FILE).exists():
+        reused = _reusable(folder)
+        if reused is not None:
             log.info("token cache: reusing %s", folder)
-        else:
-            for dead in root.glob(f".{key}.*.tmp"):
-                # A build of this key killed mid-way (OOM, preemption): we hold the key's lock, so no one writes it.
-                # Removed first, else the disk holds it and the new build at once (~2 x 320 GB at 40M pairs).
-                log.info("token cache: removing %s (a build that did not finish)", dead)
-                shutil.rmtree(dead, ignore_errors=True)
-            tmp = root / f".{key}.{uuid.uuid4().hex[:12]}.tmp"
-            try:
-                _build(config, tokenizer, tmp, spec, listing)
-                # report.json and the store folders' entries too: after a power loss a published folder with an
-                # empty report would fail every later attempt (they resume in this output_dir) until removed.
-                fsync_tree(tmp)
-                shutil.rmtree(folder, ignore_errors=True)
-                replace_durably(tmp, folder)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            for other in root.iterdir():
-                # Other keys' folders (and folders left by a killed build) go; lock files stay.
-                if other.is_dir() and other.name != key:
-                    log.info("token cache: removing %s (other inputs)", other)
-                    shutil.rmtree(other, ignore_errors=True)
-            log.info("token cache: built %s", folder)
+            return reused
+        for dead in root.glob(f".{key}.*.tmp"):
+            # A build of this key killed mid-way (OOM, preemption): we hold the key's lock, so no one writes it.
+            # Removed first, else the disk holds it and the new build at once (~2 x 320 GB at 40M pairs).
+            log.info("token cache: removing %s (a build that did not finish)", dead)
+            shutil.rmtree(dead, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)  # an incomplete one: the same disk reason
+        tmp = root / f".{key}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            _build(config, tokenizer, tmp, spec, listing)
+            # report.json and the store folders' entries too: after a power loss a published folder with an
+            # empty report would fail every later attempt (they resume in this output_dir) until removed.
+            fsync_tree(tmp)
+            replace_durably(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for other in root.iterdir():
+            # Other keys' folders (and folders left by a killed build) go; lock files stay.
+            if other.is_dir() and other.name != key:
+                log.info("token cache: removing %s (other inputs)", other)
+                shutil.rmtree(other, ignore_errors=True)
+        log.info("token cache: built %s", folder)
         return _open(folder)
     finally:
         lock.release()

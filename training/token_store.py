@@ -88,6 +88,11 @@ class PairStore(Sequence[EncodedPair]):
         count = int(meta["ids"])
         ids = np.memmap(folder / IDS_FILE, dtype=np.int32, mode="r", shape=(count,)) if count else _empty(np.int32)
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+        # Files cut or swapped after the fact (a removal killed part way) would index past the ids or mix pairs.
+        pairs, offsets = int(meta["pairs"]), arrays["offsets"]
+        sizes = [len(offsets), *(len(arrays[name]) for name in ARRAYS if name != "offsets")]
+        if sizes != [2 * pairs + 1, *[pairs] * (len(ARRAYS) - 1)] or int(offsets[-1]) != count:
+            raise ValueError(f"{folder}: the arrays do not match {META_FILE} ({pairs} pairs, {count} ids)")
         return cls(ids, source_names=meta["source_names"], **arrays)
 
 
@@ -190,7 +195,7 @@ class PairEncoder:
     """Encodes pair dicts one at a time into a PairStoreWriter, as batching.encode_pairs does:
     unfit pairs are counted and left out unless keep_unfit (then their left-token-truncated fallback
     is kept); pairs whose chosen and rejected are the same are counted and left out (modeling.compared_sides);
-    the margin is read from margin_column (0.0 without one)."""
+    the margin is read from margin_column (0.0 without one, and for a pair without a value: counted)."""
 
     def __init__(
         self,
@@ -207,6 +212,8 @@ class PairEncoder:
         self.unfit = 0
         self.truncated = 0
         self.identical = 0
+        # Stored pairs whose margin_column holds no value: a misspelt column trained every pair without its margin.
+        self.margin_missing = 0
 
     def add(self, pair: Mapping[str, Any]) -> None:
         """Encode one pair and append it (or count it as unfit)."""
@@ -225,6 +232,7 @@ class PairEncoder:
                 return
         self.truncated += chosen.truncated or rejected.truncated
         margin = pair_margin(pair, self.margin_column)
+        self.margin_missing += bool(self.margin_column) and pair.get(self.margin_column) is None
         self.writer.add(chosen.input_ids, rejected.input_ids, margin, pair.get("source", "unknown"))
 
     def finish(self) -> EncodedSet:
