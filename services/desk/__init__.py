@@ -5,7 +5,7 @@ Embedded use (no Kafka), e.g. from `synpref run`:
     queue, sink = MemoryReviewQueue(), MemoryVerdictSink()
     desk = ReviewDesk(queue, sink, settings.desk)
     with DeskServer(desk, settings.desk.host, settings.desk.port) as server:
-        queue.push(review_records)            # from the consistency filter's "review" route
+        queue.push(review_records)            # the pairs the controller sends humans (route "review")
         result = sink.drain()                 # StageResult: ("verified" | "discarded", record)
 
 With Kafka, `synpref desk` reads the review topic and writes the verified and discarded
