@@ -5,7 +5,8 @@ kafka-python drops a member that goes longer than max.poll.interval.ms between p
 the group): its commit then fails, and once it rejoins it reads again from the committed offset. GroupConsumer plays
 that on one partition. Topics holds topics as lists, as a broker does; TopicsConsumer reads them with its partitions
 assigned by hand (the controller's executor). RecordingProducer acknowledges each send at once or at the next flush,
-or fails the sends a test chooses; its futures are kafka-python's own.
+or fails the sends a test chooses; its futures are kafka-python's own. LimitedProducer is one on a Broker whose topics
+take messages up to a size, refused as kafka-python 3.0.12's idempotent producer meets a refusal.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, IllegalStateError, KafkaTimeoutError
+from kafka.errors import CommitFailedError, IllegalStateError, KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 from kafka.future import Future
 from kafka.producer.future import RecordMetadata
+from kafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 Offsets = dict[TopicPartition, OffsetAndMetadata]
@@ -211,11 +213,18 @@ Refusal = Callable[[str, bytes | None], BaseException | None]
 class RecordingProducer:
     """A producer that keeps every send in `sent` (topic, value, headers) and acknowledges it at once, or at the next
     flush when `at_flush` (a batch lingering in a real producer), appending it to `topics`; `fail` chooses the sends
-    that fail instead, and how. `flushes` counts the flushes."""
+    that fail instead, and how. send() refuses at once a message over `max_request_size` by kafka-python's own estimate,
+    as kafka-python does. `flushes` counts the flushes."""
 
-    def __init__(self, topics: Topics | None = None, fail: Refusal | None = None, at_flush: bool = False) -> None:
+    def __init__(
+        self,
+        topics: Topics | None = None,
+        fail: Refusal | None = None,
+        at_flush: bool = False,
+        max_request_size: int | None = None,
+    ) -> None:
         self.topics = Topics() if topics is None else topics
-        self.fail, self.at_flush = fail, at_flush
+        self.fail, self.at_flush, self.max_request_size = fail, at_flush, max_request_size
         self.sent: list[tuple[str, bytes | None, Any]] = []
         self.pending: list[tuple[Sent, str, bytes | None, bytes | None, Any]] = []
         self.flushes, self.closed = 0, False
@@ -235,6 +244,12 @@ class RecordingProducer:
     ) -> Sent:
         if self.closed:
             raise IllegalStateError("KafkaProducer already closed!")
+        if self.max_request_size is not None:
+            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers or [])
+            if size > self.max_request_size:
+                raise MessageSizeTooLargeError(f"The message is {size} bytes when serialized which is larger than the "
+                                               "maximum request size you have configured with the max_request_size "
+                                               "configuration")  # fmt: skip
         self.sent.append((topic, value, headers))
         future = Sent(self.deliver)
         self.pending.append((future, topic, key, value, headers or []))
@@ -261,3 +276,53 @@ class RecordingProducer:
 
     def close(self, timeout: float | None = None, null_logger: bool = False) -> None:
         self.closed = True
+
+
+class Broker:
+    """Topics that take at most `limits[topic]` bytes a message (the broker's own count: key, value and headers); one
+    over it is refused with `refusal`. `error`, when set, fails every send instead (a broker away: the delivery timed
+    out). What it acknowledged is in `topics`, and in `acked` (topic, value, headers) in the order acknowledged;
+    `events` lists ("ack", topic) as each is, where a test adds its commits to see what came first."""
+
+    def __init__(self, limits: dict[str, int], refusal: type[KafkaError] = MessageSizeTooLargeError) -> None:
+        self.limits, self.refusal = limits, refusal
+        self.error: KafkaError | None = None
+        self.topics = Topics()
+        self.acked: list[tuple[str, bytes | None, Any]] = []
+        self.events: list[tuple[str, Any]] = []
+
+    def refuses(self, topic: str, key: bytes | None, value: bytes | None, headers: list[Any]) -> bool:
+        size = len(key or b"") + len(value or b"") + sum(len(name) + len(v) for name, v in headers)
+        return size > self.limits.get(topic, size)
+
+
+class LimitedProducer(RecordingProducer):
+    """A RecordingProducer on `broker`, its sends acknowledged at the flush (or in a future's get(), as the IO thread
+    goes on). As kafka-python 3.0.12's idempotent producer, once the broker refuses a message the producer fails for
+    good: the refused send fails first and every other send of the flush with the same exception, sent before it or
+    not. `flush_error` is raised by every flush before any result (3.0.12 once it split a refused batch)."""
+
+    def __init__(
+        self, broker: Broker, flush_error: KafkaError | None = None, max_request_size: int | None = None
+    ) -> None:
+        super().__init__(broker.topics, at_flush=True, max_request_size=max_request_size)
+        self.broker, self.flush_error = broker, flush_error
+
+    def deliver(self) -> None:
+        pending, broker = self.pending, self.broker
+        refused = next((p for p in pending if broker.refuses(*p[1:])), None)
+        error = broker.error or (broker.refusal() if refused is not None else None)
+        if error is None:
+            super().deliver()
+            for _, topic, _, value, headers in pending:
+                broker.acked.append((topic, value, headers))
+                broker.events.append(("ack", topic))
+            return
+        self.pending = []
+        for future, *_ in sorted(pending, key=lambda p: p is not refused):  # the refused one fails first
+            future.failure(error)
+
+    def flush(self, timeout: float | None = None) -> None:
+        if self.flush_error is not None:
+            raise self.flush_error
+        super().flush(timeout)

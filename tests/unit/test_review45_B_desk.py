@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaConnectionError, KafkaTimeoutError, MessageSizeTooLargeError
-from kafka.future import Future
+from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 from kafka.structs import TopicPartition
 
 from synpref.services.desk import MemoryReviewQueue, MemoryVerdictSink, ReviewDesk, make_app, web
@@ -24,6 +23,7 @@ from synpref.shared.kafka.clients import DeliveryError
 from synpref.shared.kafka.codec import DLQ_KIND, DLQ_REASON, Outgoing, decode_record, encode_record, header_map
 from synpref.shared.pairs import new_pair, new_record
 from synpref.v1.pair_pb2 import PairRecord
+from testing.group_consumer import Broker, LimitedProducer
 
 TOKEN = "alice-token-0123456789"
 TOKENS = {"alice": TOKEN}
@@ -228,37 +228,15 @@ def test_the_embedded_desk_logs_and_settles_a_record_it_refuses(caplog: pytest.L
 # -- 3. a decision too large for its topic ----------------------------------------------------------------------------
 
 
-class SizedProducer:
-    """kafka-python's producer as far as the desk's sink sees it: send() refuses a message over max_request_size
-    at once (MessageSizeTooLargeError), and acknowledges the rest unless `failing` (a broker away: a timeout)."""
-
-    def __init__(self, max_request_size: int) -> None:
-        self.max_request_size = max_request_size
-        self.sent: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = []
-        self.failing = False
-
-    def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> Future:
-        size = len(key or b"") + len(value) + sum(len(n) + len(v) for n, v in headers) + 61
-        if size > self.max_request_size:
-            raise MessageSizeTooLargeError(f"The message is {size} bytes when serialized")
-        self.sent.append((topic, key, value, headers))
-        return Future().failure(KafkaTimeoutError("expired")) if self.failing else Future().success(None)
-
-    def flush(self, timeout: float | None = None) -> None:
-        return None
-
-    def close(self, timeout: float | None = None) -> None:
-        return None
-
-
 class Consumer(ClosingRunner.Consumer):
     def close(self, autocommit: bool = True) -> None:
         return None
 
 
-def sized_queues(max_bytes: int, topic_limits: dict[str, int] | None = None) -> tuple[KafkaDeskQueues, SizedProducer]:
+def sized_queues(max_bytes: int, topic_limits: dict[str, int] | None = None) -> tuple[KafkaDeskQueues, LimitedProducer]:
+    """The desk's queues on a producer that refuses at send() a message over its max_request_size, as kafka-python's."""
     queues = KafkaDeskQueues(KafkaSettings(max_message_bytes=max_bytes), TopicSettings(), "g")
-    producer = SizedProducer(max_bytes)
+    producer = LimitedProducer(Broker({}), max_request_size=max_bytes)
     queues.runner.producer = producer
     queues.runner.consumer = Consumer()  # connected: no broker is asked for anything
     queues.runner.topic_limits = topic_limits or {}
@@ -269,7 +247,7 @@ def test_a_decision_over_the_message_limit_goes_to_the_dead_letter_topic_and_lea
     topics = TopicSettings()
     big, small = record(1, "x" * 6000), record(2)
 
-    async def main() -> tuple[ReviewDesk, MemoryReviewQueue, SizedProducer]:
+    async def main() -> tuple[ReviewDesk, MemoryReviewQueue, LimitedProducer]:
         queues, producer = sized_queues(4096)
         queue = MemoryReviewQueue()
         queue.push([big, small])
@@ -288,7 +266,8 @@ def test_a_decision_over_the_message_limit_goes_to_the_dead_letter_topic_and_lea
 
     desk, queue, producer = asyncio.run(main())
     assert desk._outbox == [] and queue.acked == 2  # before: the big one stayed in the outbox, retried on every tick
-    by_topic = {topic: (key, value, header_map(headers)) for topic, key, value, headers in producer.sent}
+    acked = [m for log in producer.topics.logs.values() for m in log]
+    by_topic = {m.topic: (m.key, m.value, header_map(m.headers)) for m in acked}
     assert set(by_topic) == {topics.discarded, topics.dead_letter} and len(producer.sent) == 2
     key, _, headers = by_topic[topics.dead_letter]
     assert key == big.pair.id.encode() and headers[DLQ_KIND] == "too-large"
@@ -299,12 +278,12 @@ def test_a_decision_over_the_message_limit_goes_to_the_dead_letter_topic_and_lea
 def test_a_topic_limit_below_the_config_counts_and_a_transient_failure_still_raises() -> None:
     topics = TopicSettings()
 
-    async def main() -> SizedProducer:
+    async def main() -> LimitedProducer:
         queues, producer = sized_queues(1 << 20, {topics.discarded: 2048})
         try:
             await queues.sink.write([("discarded", record(1, "y" * 3000)), ("verified", record(2, "y" * 3000))])
             assert [t for t, *_ in producer.sent] == [topics.dead_letter, topics.verified]
-            producer.failing = True
+            producer.broker.error = KafkaTimeoutError("expired")
             with pytest.raises(DeliveryError):  # a broker away: the desk keeps the decision and retries
                 await queues.sink.write([("verified", record(3))])
         finally:

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError, RecordListTooLargeError, UnknownError
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.errors import KafkaError, KafkaTimeoutError, RecordListTooLargeError, UnknownError
+from kafka.structs import TopicPartition
 
 from synpref.shared.config import KafkaSettings, Settings, TopicSettings
 from synpref.shared.kafka import runner as runner_module
@@ -26,7 +26,7 @@ from synpref.shared.kafka.codec import DLQ_KIND, DLQ_OFFSET, Outgoing, decode_re
 from synpref.shared.kafka.runner import MAX_REFUSED_READS, StageRunner
 from synpref.shared.pairs import new_pair, new_record
 from synpref.v1.pair_pb2 import PairRecord
-from testing.group_consumer import Clock, GroupConsumer
+from testing.group_consumer import Broker, Clock, GroupConsumer, LimitedProducer, Offsets
 from testing.passthrough import passthrough
 
 TOPICS = TopicSettings(s2_raw="in", s2_annotated="out", dead_letter="dlq")
@@ -49,78 +49,6 @@ def consumed(rec: PairRecord, offset: int) -> ConsumerRecord:
     return ConsumerRecord("in", 0, 0, offset, 0, 0, out.key, out.value, out.headers, None, 0, len(out.value), 0)
 
 
-class Future:
-    """A send's future as kafka-python's: done at the flush, and calling its errbacks as it fails."""
-
-    def __init__(self, producer: Producer) -> None:
-        self.producer, self.is_done, self.exception = producer, False, None
-        self.errbacks: list[Any] = []
-
-    def get(self, timeout: float) -> None:
-        self.producer.deliver()  # the IO thread goes on after a flush that raised
-        if self.exception is not None:
-            raise self.exception
-
-    def add_errback(self, fn: Any, *args: Any) -> None:
-        self.errbacks.append(lambda error: fn(*args, error))
-
-    def failed(self) -> bool:
-        return self.exception is not None
-
-    def fail(self, error: Exception) -> None:
-        self.is_done, self.exception = True, error
-        for errback in self.errbacks:
-            errback(error)
-
-
-class Broker:
-    """What the broker acknowledged (`acked`: topic, value, headers) and when, in `events` with the commits.
-
-    It refuses a message over `limits[topic]` bytes (its own count: key, value and headers) with `refusal`; as
-    kafka-python's idempotent producer, the first refusal fails it for good and every other send of the flush fails
-    with the same exception, sent before the refused one or not. `error`, when set, fails every send instead (a broker
-    away: the delivery timed out)."""
-
-    def __init__(self, limits: dict[str, int], refusal: type[KafkaError] = MessageSizeTooLargeError) -> None:
-        self.limits, self.refusal = limits, refusal
-        self.error: Exception | None = None
-        self.acked: list[tuple[str, bytes, Any]] = []
-        self.events: list[tuple[str, Any]] = []
-
-
-class Producer:
-    def __init__(self, broker: Broker, flush_error: KafkaError | None = None) -> None:
-        self.broker, self.flush_error, self.closed = broker, flush_error, False
-        self.pending: list[tuple[str, bytes, Any, int, Future]] = []
-
-    def send(self, topic: str, key: bytes | None, value: bytes, headers: Any) -> Future:
-        assert not self.closed, "a closed producer sends nothing"
-        size = len(key or b"") + len(value) + sum(len(name) + len(v) for name, v in headers)
-        self.pending.append((topic, value, headers, size, Future(self)))
-        return self.pending[-1][-1]
-
-    def flush(self, timeout: float) -> None:
-        if self.flush_error is not None:  # kafka-python 3.0.12 after it split a refused batch: before any result
-            raise self.flush_error
-        self.deliver()
-
-    def deliver(self) -> None:
-        broker, pending, self.pending = self.broker, self.pending, []
-        refused = next((p for p in pending if p[3] > broker.limits.get(p[0], p[3])), None)
-        error = broker.error or (broker.refusal() if refused else None)
-        if error is not None:
-            for *_, future in sorted(pending, key=lambda p: p is not refused):  # the refused one fails first
-                future.fail(error)
-            return
-        for topic, value, headers, _, future in pending:
-            future.is_done = True
-            broker.acked.append((topic, value, headers))
-            broker.events.append(("ack", topic))
-
-    def close(self, timeout: float) -> None:
-        self.closed = True
-
-
 class Consumer(GroupConsumer):
     """One partition; the runner is stopped once a poll finds nothing left."""
 
@@ -129,34 +57,36 @@ class Consumer(GroupConsumer):
         self.stop, self.broker, self.closed = stop, broker, False
         self.reads: list[list[int]] = []
 
-    def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[ConsumerRecord]]:
-        polled = super().poll(timeout_ms, max_records)
+    def poll(
+        self, timeout_ms: int = 0, max_records: int | None = None, update_offsets: bool = True
+    ) -> dict[TopicPartition, list[ConsumerRecord]]:
+        polled = super().poll(timeout_ms, max_records, update_offsets)
         self.reads.append([m.offset for m in polled.get(TP, [])])
         if not polled:
             self.stop.set()
         return polled
 
-    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        super().commit(offsets)
-        self.broker.events.append(("commit", offsets[TP].offset))
+    def commit(self, offsets: Offsets | None = None, timeout_ms: int | None = None) -> None:
+        super().commit(offsets, timeout_ms)
+        self.broker.events.append(("commit", self.committed))
 
-    def close(self, autocommit: bool = True) -> None:
+    def close(self, autocommit: bool = True, timeout_ms: int | None = None) -> None:
         self.closed = True
 
 
 def stage_runner(
     monkeypatch: pytest.MonkeyPatch, broker: Broker, n: int, readable: dict[str, int] | None = None
-) -> tuple[StageRunner, Consumer, list[Producer]]:
+) -> tuple[StageRunner, Consumer, list[LimitedProducer]]:
     """A runner on the fakes: `readable` is what DescribeConfigs answers, None when it is refused."""
     stop = threading.Event()
     settings = Settings(kafka=KafkaSettings(max_batch=4), topics=TOPICS)
     runner = StageRunner(settings, passthrough("annotated"), service="review45-e", stop=stop)
     consumer = Consumer([consumed(rec, i) for i, rec in enumerate(records(n))], stop, broker)
-    producers = [Producer(broker)]
+    producers = [LimitedProducer(broker)]
     runner.consumer, runner.producer, runner.outbox = consumer, producers[0], Outbox(producers[0], 5)
 
-    def make_producer(kafka: KafkaSettings, **overrides: Any) -> Producer:
-        producers.append(Producer(broker))
+    def make_producer(kafka: KafkaSettings, **overrides: Any) -> LimitedProducer:
+        producers.append(LimitedProducer(broker))
         return producers[-1]
 
     def message_limits(kafka: KafkaSettings, topics: Any, timeout_s: float) -> dict[str, int]:
@@ -226,7 +156,7 @@ def test_a_refusal_no_lower_limit_can_fix_stops_the_runner_uncommitted(monkeypat
 def test_the_outbox_names_the_message_refused_first_not_those_aborted_after_it(flush_error: KafkaError | None) -> None:
     broker = Broker({"out": 200})
     small, big = Outgoing("out", b"k", b"v" * 10, []), Outgoing("out", b"k", b"v" * 300, [])
-    outbox = Outbox(Producer(broker, flush_error), 5)
+    outbox = Outbox(LimitedProducer(broker, flush_error), 5)
     outbox.send([small, big, small])  # old code: no too_large; by send order it would have been the small one
     with pytest.raises(DeliveryError) as raised:
         outbox.flush()
@@ -236,7 +166,7 @@ def test_the_outbox_names_the_message_refused_first_not_those_aborted_after_it(f
 def test_the_outbox_names_no_refusal_when_the_first_failure_was_a_timeout() -> None:
     broker = Broker({"out": 200})
     broker.error = KafkaTimeoutError("expired")
-    outbox = Outbox(Producer(broker), 5)
+    outbox = Outbox(LimitedProducer(broker), 5)
     outbox.send([Outgoing("out", b"k", b"v" * 300, [])])
     with pytest.raises(DeliveryError) as raised:
         outbox.flush()
@@ -253,6 +183,6 @@ def test_a_learned_limit_is_a_byte_under_the_refusal_and_none_past_the_known_lim
 def test_a_flush_that_kafka_python_cut_short_on_a_split_waits_for_the_split_batches() -> None:
     # kafka-python 3.0.12's flush raises "Future not done" once it splits a batch; the split halves may all pass.
     broker = Broker({"out": 200})
-    outbox = Outbox(Producer(broker, UnknownError("Future not done")), 5)
+    outbox = Outbox(LimitedProducer(broker, UnknownError("Future not done")), 5)
     outbox.send([Outgoing("out", b"k", b"v" * 10, [])] * 3)
     assert outbox.flush() == 3 and len(broker.acked) == 3  # old code: DeliveryError, the service exited

@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 import pytest
-from kafka.errors import KafkaError, MessageSizeTooLargeError
+from kafka.errors import KafkaError
 
 from synpref.services.desk.kafka_queue import KafkaDeskQueues
 from synpref.shared.config import KafkaSettings, TopicSettings
@@ -18,6 +18,7 @@ from synpref.shared.kafka.clients import DeliveryError
 from synpref.shared.kafka.codec import DLQ_KIND, DLQ_REASON, decode_record, encode_record, header_map
 from synpref.shared.pairs import new_pair, new_record
 from synpref.v1.pair_pb2 import PairRecord
+from testing.group_consumer import Broker, LimitedProducer
 
 TOPICS = TopicSettings()
 
@@ -28,52 +29,6 @@ def record(i: int, chars: int = 10) -> PairRecord:
                                [{"role": "assistant", "content": f"b{i}"}], source="unit"))  # fmt: skip
 
 
-class Future:
-    def __init__(self) -> None:
-        self.is_done = False
-        self.exception: Exception | None = None
-        self.errbacks: list[Any] = []
-
-    def add_errback(self, fn: Any, *args: Any) -> None:
-        self.errbacks.append(lambda error: fn(*args, error))
-
-    def failed(self) -> bool:
-        return self.exception is not None
-
-    def fail(self, error: Exception) -> None:
-        self.is_done, self.exception = True, error
-        for errback in self.errbacks:
-            errback(error)
-
-
-class Producer:
-    """kafka-python's idempotent producer on a broker whose topics take at most `limits[topic]` bytes: at the flush,
-    the refused message fails first (MessageSizeTooLargeError) and every other send of the flush with it."""
-
-    def __init__(self, limits: dict[str, int], acked: list[tuple[str, bytes, Any]]) -> None:
-        self.limits, self.acked, self.closed = limits, acked, False
-        self.pending: list[tuple[str, bytes, Any, int, Future]] = []
-
-    def send(self, topic: str, key: bytes | None, value: bytes, headers: Any) -> Future:
-        assert not self.closed, "a closed producer sends nothing"
-        size = len(key or b"") + len(value) + sum(len(name) + len(v) for name, v in headers)
-        self.pending.append((topic, value, headers, size, Future()))
-        return self.pending[-1][-1]
-
-    def flush(self, timeout: float) -> None:
-        pending, self.pending = self.pending, []
-        refused = next((p for p in pending if p[3] > self.limits.get(p[0], p[3])), None)
-        for topic, value, headers, _, future in sorted(pending, key=lambda p: p is not refused):
-            if refused is not None:
-                future.fail(MessageSizeTooLargeError("the broker refused it"))
-            else:
-                future.is_done = True
-                self.acked.append((topic, value, headers))
-
-    def close(self, timeout: float | None = None) -> None:
-        self.closed = True
-
-
 class Consumer:
     def assignment(self) -> set[Any]:
         return set()
@@ -82,15 +37,17 @@ class Consumer:
         return None
 
 
-def desk_on(monkeypatch: pytest.MonkeyPatch, limits: dict[str, int]) -> tuple[KafkaDeskQueues, list[Producer], list]:
+def desk_on(
+    monkeypatch: pytest.MonkeyPatch, limits: dict[str, int]
+) -> tuple[KafkaDeskQueues, list[LimitedProducer], list[tuple[str, bytes | None, Any]]]:
     """The desk's queues connected to the fake broker; DescribeConfigs refused, as without the permission."""
-    acked: list[tuple[str, bytes, Any]] = []
-    producers = [Producer(limits, acked)]
+    broker = Broker(limits)
+    producers = [LimitedProducer(broker)]
     queues = KafkaDeskQueues(KafkaSettings(), TOPICS, "g")
     queues.runner.consumer, queues.runner.producer = Consumer(), producers[0]
 
-    def make_producer(kafka: KafkaSettings, **overrides: Any) -> Producer:
-        producers.append(Producer(limits, acked))
+    def make_producer(kafka: KafkaSettings, **overrides: Any) -> LimitedProducer:
+        producers.append(LimitedProducer(broker))
         return producers[-1]
 
     def message_limits(kafka: KafkaSettings, topics: Any, timeout_s: float) -> dict[str, int]:
@@ -98,7 +55,7 @@ def desk_on(monkeypatch: pytest.MonkeyPatch, limits: dict[str, int]) -> tuple[Ka
 
     monkeypatch.setattr(runner_module, "make_producer", make_producer)
     monkeypatch.setattr(runner_module, "message_limits", message_limits)
-    return queues, producers, acked
+    return queues, producers, broker.acked
 
 
 def test_a_decision_refused_as_too_large_is_dead_lettered_on_the_retry(
@@ -131,12 +88,8 @@ def test_a_decision_refused_as_too_large_is_dead_lettered_on_the_retry(
 
 
 def test_a_failure_that_is_no_refusal_teaches_nothing_and_still_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Away(Producer):
-        def flush(self, timeout: float) -> None:
-            raise KafkaError("broker away: the delivery timed out")
-
     queues, producers, acked = desk_on(monkeypatch, {})
-    producers[0] = queues.runner.producer = Away({}, acked)
+    producers[0].flush_error = KafkaError("broker away: the delivery timed out")
 
     async def main() -> None:
         try:
