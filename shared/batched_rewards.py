@@ -43,18 +43,25 @@ def reward_of(model: Any, batch_input_ids: Sequence[Sequence[int]], pad_id: int)
 def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
     """Indices grouped by length (longest first) into batches of at most batch_size rows and
     at most max_tokens padded tokens, so little compute goes to padding."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
+    return cut_in_order(sorted(range(len(lengths)), key=lambda i: -lengths[i]), lengths, batch_size, max_tokens)
+
+
+def cut_in_order(
+    order: Sequence[int], widths: Sequence[int], size: int, max_tokens: int | None, rows: int = 1
+) -> list[list[int]]:
+    """`order` (widest first) cut, in order, into runs of at most `size` indices whose padded tokens (`rows` rows an
+    index, each as wide as the run's first) stay within max_tokens; a run always takes its first index."""
+    runs: list[list[int]] = []
     current: list[int] = []
     for i in order:
-        width = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) >= batch_size or (max_tokens and width * (len(current) + 1) > max_tokens)):
-            batches.append(current)
+        width = widths[current[0]] if current else widths[i]
+        if current and (len(current) >= size or (max_tokens and rows * width * (len(current) + 1) > max_tokens)):
+            runs.append(current)
             current = []
         current.append(i)
     if current:
-        batches.append(current)
-    return batches
+        runs.append(current)
+    return runs
 
 
 def score_sequences(

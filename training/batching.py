@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from synpref.shared.batched_rewards import cut_in_order
 from synpref.shared.modeling import compared_sides, encode_pair
 
 # Below about a thousand tokens per forward, a CPU spends a visible share of its time outside
@@ -228,19 +229,9 @@ def rank_share(batch: Sequence[int], widths: Sequence[int], rank: int, world: in
 
 
 def micro_batches(share: Sequence[int], widths: Sequence[int], size: int, max_tokens: int) -> list[list[int]]:
-    """Cut a length-sorted share into micro-batches of <= size pairs and <= max_tokens padded tokens."""
-    out: list[list[int]] = []
-    current: list[int] = []
-    for i in share:
-        width = widths[current[0]] if current else widths[i]
-        too_many = len(current) >= size or (max_tokens and 2 * width * (len(current) + 1) > max_tokens)
-        if current and too_many:
-            out.append(current)
-            current = []
-        current.append(i)
-    if current:
-        out.append(current)
-    return out
+    """Cut a length-sorted share into micro-batches of <= size pairs and <= max_tokens padded tokens (two rows, chosen
+    and rejected, a pair)."""
+    return cut_in_order(share, widths, size, max_tokens, rows=2)
 
 
 def packed_micro_batches(
