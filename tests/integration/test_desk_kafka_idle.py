@@ -76,7 +76,11 @@ def test_an_idle_desk_is_unready_while_its_broker_is_gone() -> None:
             # before it went; the broker's shutdown, the ticks and a loaded machine add to that.
             assert UNREADY_AFTER_S - 2 <= noticed_s <= UNREADY_AFTER_S + 5, noticed_s
             reason = readyz(server.url)[1]["reason"]
-            assert reason.startswith("Kafka metadata failing for ") and "KafkaTimeoutError" in reason, reason
+            # The idle desk's metadata probe times out; on a loaded machine kafka-python's poll may meet the dropped
+            # connection first (KafkaConnectionError from `read`): either names the broker as the cause.
+            metadata = reason.startswith("Kafka metadata failing for ") and "KafkaTimeoutError" in reason
+            read = reason.startswith("Kafka read failing for ") and "KafkaConnectionError" in reason
+            assert metadata or read, reason
             broker.restart()
             wait_until(lambda: readyz(server.url)[0] == 200, 30, "/readyz to answer 200 again")
     finally:
