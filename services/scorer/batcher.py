@@ -56,7 +56,8 @@ class BatchResult:
 
     rewards: list[float]
     queue_ms: float
-    """From submit until the first of the request's items started computing."""
+    """From the request's arrival (a wait for the running forward's end to be tokenized included) until the first
+    of its items started computing."""
     compute_ms: float
     """From that start until the request's last item finished."""
     tokens: int
@@ -64,17 +65,21 @@ class BatchResult:
     """Largest forward any of the request's items rode in."""
 
 
+Answer = asyncio.Future[BatchResult]  # what a request's caller awaits
+
+
 class _Job:
     """One request's items and the future its caller awaits."""
 
-    __slots__ = ("batch_size", "future", "remaining", "rewards", "started", "submitted", "timer", "tokens")
+    __slots__ = ("arrived", "batch_size", "future", "remaining", "rewards", "started", "submitted", "timer", "tokens")
 
-    def __init__(self, future: asyncio.Future[BatchResult], n: int, tokens: int, submitted: float) -> None:
+    def __init__(self, future: Answer, n: int, tokens: int, submitted: float, arrived: float) -> None:
         self.future = future
         self.rewards: list[float] = [0.0] * n
         self.remaining = n
         self.tokens = tokens
-        self.submitted = submitted
+        self.submitted = submitted  # queued: max_wait_ms counts from here; queue_ms from arrival (a deferral's too)
+        self.arrived = arrived
         self.started: float | None = None
         self.batch_size = 0
         self.timer: asyncio.TimerHandle | None = None
@@ -90,7 +95,7 @@ class _Job:
             self.future.set_result(
                 BatchResult(
                     rewards=self.rewards,
-                    queue_ms=(started - self.submitted) * 1000.0,
+                    queue_ms=(started - self.arrived) * 1000.0,
                     compute_ms=(now - started) * 1000.0,
                     tokens=self.tokens,
                     batch_size=self.batch_size,
@@ -172,8 +177,8 @@ class Batcher:
         self._backlog_tokens = 0
         self._cost = ForwardCost()
         self._computing = False
-        self._deferred: list[tuple[Encode, float | None, asyncio.Future[BatchResult]]] = []
-        """Requests waiting for the running forward's end to be tokenized (score_encoding)."""
+        self._deferred: list[tuple[Encode, float | None, asyncio.Future[BatchResult], float]] = []
+        """Requests waiting for the running forward's end to be tokenized (score_encoding), with their arrival."""
         self._purge_soon = False
 
     @property
@@ -213,7 +218,7 @@ class Batcher:
         if deadline is not None:
             timer = loop.call_at(deadline, _expire, future)
             future.add_done_callback(lambda _: timer.cancel())
-        self._deferred.append((encode, deadline, future))
+        self._deferred.append((encode, deadline, future, loop.time()))
         future.add_done_callback(self._abandoned)
         return await future
 
@@ -222,9 +227,10 @@ class Batcher:
             raise NotReady(f"model {self.name!r} is not accepting work (loading, replaced or draining)")
 
     def _submit(
-        self, ids: Sequence[list[int]], deadline: float | None, future: asyncio.Future[BatchResult] | None = None
-    ) -> asyncio.Future[BatchResult]:
-        """Queue `ids` as one job (admission checks first); the future (`future`, or a new one) of its result."""
+        self, ids: Sequence[list[int]], deadline: float | None, future: Answer | None = None, arrived: float = 0.0
+    ) -> Answer:
+        """Queue `ids` as one job (admission checks first); the future (`future`, or a new one) of its result.
+        `arrived`: when a deferred request reached the batcher (queue_ms counts from it; 0: now)."""
         loop = asyncio.get_running_loop()
         future = future or loop.create_future()
         if not ids:
@@ -236,7 +242,8 @@ class Batcher:
                 f"model {self.name!r} has {self.depth} items queued; {len(ids)} more would exceed "
                 f"max_queue={self.max_queue}: retry later"
             )
-        job = _Job(future, len(ids), sum(len(x) for x in ids), loop.time())
+        now = loop.time()
+        job = _Job(future, len(ids), sum(len(x) for x in ids), now, arrived or now)
         if deadline is not None:
             if deadline <= job.submitted:
                 raise DeadlineExceeded("deadline already passed on arrival")
@@ -285,11 +292,11 @@ class Batcher:
         """Tokenize and queue, back to back, the requests that arrived during the forward just ended.
         Requests accepted before a drain began are queued while it runs: the drain finishes them."""
         deferred, self._deferred = self._deferred, []
-        for encode, deadline, outer in deferred:
+        for encode, deadline, outer, arrived in deferred:
             if outer.done():  # the caller stopped waiting
                 continue
             try:
-                self._submit(encode(), deadline, outer)
+                self._submit(encode(), deadline, outer, arrived)
             except Exception as exc:  # the request's own error (bad input, deadline, overload)
                 outer.set_exception(exc)
 
@@ -297,7 +304,7 @@ class Batcher:
         """Stop accepting; with drain, finish everything queued first, else fail it."""
         self._closing = True
         if not drain:
-            for _, _, future in self._deferred:
+            for _, _, future, _ in self._deferred:
                 if not future.done():
                     future.set_exception(NotReady("server shutting down"))
             self._deferred = []
@@ -414,14 +421,23 @@ class Batcher:
         seconds = time.perf_counter() - t0
         self.forwards += 1
         self._cost.observe(sum(len(x) for x in ids), seconds)
-        if len(rewards) != len(batch):
-            err = ScorerError(f"backend returned {len(rewards)} rewards for {len(batch)} items")
+        now = loop.time()
+        try:
+            answered = len(rewards)
+            if answered == len(batch):
+                for it, reward in zip(batch, rewards, strict=True):
+                    it.job.deliver(it.index, float(reward), len(batch), now)
+            problem = None if answered == len(batch) else f"{answered} rewards for {len(batch)} items"
+        except (TypeError, ValueError) as exc:
+            # Not one number per item (None, a row per item): its callers fail, not the worker task, whose death
+            # left every request for the model, queued or to come, waiting for ever.
+            problem = f"an answer that is not one number per item ({type(exc).__name__}: {exc})"[:300]
+        if problem is not None:
+            log.error("forward of %d items on model %s: backend returned %s", len(batch), self.name, problem)
+            err = ScorerError(f"backend returned {problem}")
             for it in batch:
                 it.job.fail(err)
             return
-        now = loop.time()
-        for it, reward in zip(batch, rewards, strict=True):
-            it.job.deliver(it.index, float(reward), len(batch), now)
         if self.metrics is not None:
             tokens = sum(len(x) for x in ids)
             padded = len(ids) * max(len(x) for x in ids)

@@ -76,7 +76,14 @@ minutes at 8B, so a client that honours it asks every 10 s instead of every seco
 queue, a swap, a drain) pass in about a second and keep 1."""
 
 
+MAX_ERROR_CHARS = 2048
+"""An error message is cut to this many characters: messages name what the client sent (a model name, a role), and
+a 404 for a body's 30 MB "model" answered those 30 MB back, escaped."""
+
+
 def _error(status: int, message: str, retry_after_s: int = 1) -> web.Response:
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS] + " [...]"
     headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
     return web.json_response({"error": message, "code": status}, status=status, headers=headers)
 
@@ -259,7 +266,19 @@ class HttpShims:
 
         return wrapped
 
-    def _model(self, name: str) -> ServedModel:
+    def _model(self, request: web.Request, name: str) -> ServedModel:
+        """`_find(name)`, whose name labels the request's metrics: a name served by no model as "unknown", as gRPC
+        counts it (the default model's label took the 404s of a client's typo)."""
+        try:
+            model = self._find(name)
+        except ScorerError:
+            if name:
+                request[MODEL_LABEL] = "unknown"
+            raise
+        request[MODEL_LABEL] = model.name
+        return model
+
+    def _find(self, name: str) -> ServedModel:
         """A served model by name; clients that send a checkpoint path (verl sends its
         reward_model.model.path) also match on the served model_id or its folder name. A name that matches
         nothing served while models load is NotReady (503: it may be one of them), as the gRPC service answers."""
@@ -280,8 +299,7 @@ class HttpShims:
         query = body.get("query")
         # An RL step with nothing to score posts an empty list: serve_rm answers empty rewards, and so do we.
         queries = [] if query == [] else _texts(query, "query", self.max_request_items)
-        model = self._model(str(body.get("model") or request.query.get("model", "")))
-        request[MODEL_LABEL] = model.name
+        model = self._model(request, str(body.get("model") or request.query.get("model", "")))
         if not queries:
             return web.json_response({"rewards": [], "scores": [], "extra_logs": {}})
 
@@ -303,8 +321,7 @@ class HttpShims:
         deadline = self._deadline(request)
         body, size = await self._body(request, deadline)
         requested = str(body.get("model") or "")
-        model = self._model(requested)
-        request[MODEL_LABEL] = model.name
+        model = self._model(request, requested)
         activation = _activation(body)
         messages = body.get("messages")
         if messages is not None:

@@ -277,9 +277,14 @@ class ModelRegistry:
             check()
             with self.encode_queue.slot():
                 try:
-                    ids = await loop.run_in_executor(self._encode_pool, encode, model, check)
-                except asyncio.CancelledError:
-                    abandoned.set()  # the thread stops at its next item
+                    # The deadline bounds the wait for a free encoding thread too: only gRPC cancels a call at its
+                    # deadline, and an HTTP request queued behind large ones was answered 504 once a thread took it.
+                    async with asyncio.timeout_at(deadline):
+                        ids = await loop.run_in_executor(self._encode_pool, encode, model, check)
+                except (asyncio.CancelledError, TimeoutError) as exc:
+                    abandoned.set()  # the thread stops at its next item, or skips the request
+                    if isinstance(exc, TimeoutError):
+                        raise DeadlineExceeded("deadline passed before the request was tokenized") from None
                     raise
             if model.name in self.models and self.models[model.name] is not model:
                 continue  # swapped meanwhile

@@ -33,6 +33,10 @@ STREAM_IN_FLIGHT = 32
 beyond it the stream stops reading and HTTP/2 flow control holds the client's writes, so a client
 that writes without reading (or faster than the model scores) cannot grow the server's memory and
 the model's queue without bound."""
+MAX_DETAILS_BYTES = 2048
+"""Most UTF-8 bytes of an error message sent as a status's details. Messages name what the client sent (a model
+name, a role); details travel percent-encoded in a trailer, and one over gRPC's metadata limit (16 KiB) failed at
+the client as RESOURCE_EXHAUSTED, which clients retry as an overload, instead of the error's own code."""
 
 
 class CorruptRequest:
@@ -56,6 +60,15 @@ def _parser(message_type: type[Message]) -> Callable[[bytes], Message | CorruptR
 def _valid(request: object) -> None:
     if isinstance(request, CorruptRequest):
         raise InvalidInput(request.message)
+
+
+def details(exc: ScorerError) -> str:
+    """The error's message as status details, cut to MAX_DETAILS_BYTES of UTF-8."""
+    text = str(exc)
+    if len(text) * 4 <= MAX_DETAILS_BYTES:  # short enough whatever its characters: no encoding on the way
+        return text
+    data = text.encode("utf-8", "replace")
+    return text if len(data) <= MAX_DETAILS_BYTES else data[:MAX_DETAILS_BYTES].decode("utf-8", "ignore") + " [...]"
 
 
 def encode_items(model: ServedModel, items: list[reward_pb2.ScoreItem], check: Check) -> list[list[int]]:
@@ -147,7 +160,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             return await work()
         except ScorerError as exc:
             code = exc.code
-            await context.abort(exc.code, str(exc))
+            await context.abort(exc.code, details(exc))
             raise  # unreachable: abort raises
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -237,7 +250,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                     response = await task
                 except ScorerError as exc:
                     code = exc.code
-                    await context.abort(exc.code, str(exc))
+                    await context.abort(exc.code, details(exc))
                 yield response
                 in_flight.release()
         except asyncio.CancelledError:
