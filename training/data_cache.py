@@ -4,7 +4,7 @@ No pair dict outlives its encoding. With `train_files` the pairs are read one at
 (training/data.py `iter_pairs`), encoded (training/token_store.py) and appended to memory-mapped
 arrays under output_dir/token_cache/<key>/ (train/, eval/, report.json). The key hashes what
 decides the token ids and the split: the files' paths, sizes and mtimes, the tokenizer's
-fingerprint (shared/tokenizer_hash.py) and named special tokens, max_length, truncation,
+fingerprint (shared/tokenizer_hash.py: its named special tokens too), max_length, truncation,
 margin_column, eval_fraction and split_seed, the source files of the reading, splitting and
 encoding code, and the transformers / tokenizers versions. A rerun or resume with the same key
 maps the cache (when whole) instead of encoding again; the ranks of one run take a file lock, so
@@ -207,22 +207,11 @@ def cache_key(
         "max_length": config.max_length,
         "truncation": config.truncation,
         "tokenizer": tokenizer_sha256(tokenizer),
-        "special_tokens": special_tokens(tokenizer),
         "code": code.hexdigest(),
         "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32], spec
-
-
-def special_tokens(tokenizer: Any) -> dict[str, Any]:
-    """The tokenizer's named special tokens, which tokenizer_sha256 leaves out: the chat template writes
-    `bos_token` / `eos_token` by name and encoding prepends or collapses BOS by its id, so a tokenizer_config.json
-    that names another BOS or EOS over the same vocabulary and template gives other ids. The pad token is left
-    out: no cached id is padding, and the trainer sets one where the tokenizer has none."""
-    named = dict(getattr(tokenizer, "special_tokens_map", None) or {})
-    named.pop("pad_token", None)
-    return {name: value if isinstance(value, str) else [str(v) for v in value] for name, value in sorted(named.items())}
 
 
 def _listed_by(file: Path, root: Path) -> str:

@@ -58,7 +58,7 @@ def test_the_cache_key_covers_the_per_format_readers(tokenizer, tmp_path, monkey
 
 
 def test_the_cache_key_covers_the_named_bos_and_eos(tmp_path):
-    # The template writes bos_token by name and encoding prepends BOS by id; tokenizer_sha256 hashes neither name.
+    # The template writes bos_token by name and encoding prepends BOS by id; tokenizer_sha256 hashed neither name.
     # A tokenizer_config.json naming another BOS over the same vocabulary gave other ids under the same key.
     folder = tmp_path / "tok"
     before = build_tiny_tokenizer(folder, TEXTS, style="llama", vocab_size=120)
